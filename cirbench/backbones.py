@@ -1,0 +1,314 @@
+"""CLIP backbones through open_clip, with an identity that every cache key and result file records.
+
+A backbone is named by ``--backbone`` and ``--pretrained``:
+
+* ``--backbone``: an open_clip model name (``ViT-L-14``), or a path to an open_clip model-config JSON
+  (registered under the file's stem), or ``cirbench-shapes-clip`` (the small CLIP bundled with cirbench).
+* ``--pretrained``: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``), a path to a weights
+  file (``.safetensors``, ``.pt``, ``.bin``), ``bundled`` (the weights shipped with cirbench), or
+  ``none`` (random initialisation from ``--seed``; for tests and timing only).
+
+Downloads go through open_clip's real paths (OpenAI URLs, Hugging Face hub). Offline, cirbench checks
+reachability first and fails at once with a clear message instead of minutes of retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, CirbenchError, UnknownNameError
+from .preprocess import Preprocessor
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED_MODEL = "cirbench-shapes-clip"
+BUNDLED_DIR = ASSETS / BUNDLED_MODEL
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CirbenchError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise UnknownNameError("precision", precision, PRECISIONS)
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device):
+    """Autocast for bf16/fp16 runs; a no-op for fp32."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return nullcontext()
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised by (path, size, mtime) so big weights are hashed once per process."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    for host in ("huggingface.co", "openaipublic.azureedge.net"):
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _register_config(model: str) -> str:
+    """Register a model-config JSON (or the bundled model) with open_clip; return the model name."""
+    import open_clip
+
+    if model == BUNDLED_MODEL:
+        config = BUNDLED_DIR / f"{BUNDLED_MODEL}.json"
+        if not config.exists():
+            raise CirbenchError(f"the bundled backbone is missing from this installation ({config})")
+        open_clip.add_model_config(str(config))
+        return BUNDLED_MODEL
+    if model.endswith(".json"):
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise CirbenchError(f"backbone config {path} does not exist")
+        try:
+            json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CirbenchError(f"backbone config {path} is not valid JSON: {exc}") from None
+        open_clip.add_model_config(str(path))
+        return path.stem
+    if model not in open_clip.list_models():
+        raise UnknownNameError("backbone", model, ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14",
+                               BUNDLED_MODEL, "<path/to/config.json>", "(any name in open_clip.list_models())"])
+    return model
+
+
+@dataclass
+class Backbone:
+    """An open_clip model, its tokenizer, device, precision, preprocessing and identity.
+
+    ``encode_image`` and ``encode_text`` return L2-normalised float32 features. Text features are
+    memoised by string for the life of the backbone (alpha sweeps and methods sharing a run reuse them).
+    """
+
+    model_name: str
+    pretrained: str
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    precision: str
+    preprocess_cfg: dict
+    weights_identity: dict
+    config_sha256: str = ""
+    seed: int = 0
+    _text_memo: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    # -- identity ------------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """What identifies this backbone's features (goes into cache keys and result files)."""
+        return {"model": self.model_name, "config_sha256": self.config_sha256, "pretrained": self.pretrained,
+                "weights": self.weights_identity}
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe short name, e.g. ``ViT-L-14-openai``."""
+        pre = Path(self.pretrained).stem if ("/" in self.pretrained or "." in self.pretrained) else self.pretrained
+        return f"{self.model_name}-{pre}".replace("/", "_").replace(" ", "_")
+
+    def preprocessor(self, kind: str) -> Preprocessor:
+        size = self.preprocess_cfg.get("size", 224)
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return Preprocessor(kind=kind, size=int(size), mean=tuple(self.preprocess_cfg.get("mean")),
+                            std=tuple(self.preprocess_cfg.get("std")))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") and \
+            self.model.text_projection is not None else int(self.encode_text(["a"]).shape[-1])
+
+    def autocast(self):
+        return autocast_context(self.precision, self.device)
+
+    # -- encoding --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device, non_blocking=True)
+        with self.autocast():
+            feats = self.model.encode_image(pixels)
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], batch_size: int = 512) -> torch.Tensor:
+        """Normalised text features for ``texts`` (memoised per string), on the backbone's device."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self._text_memo]
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            with self.autocast():
+                feats = self.model.encode_text(self.tokenize(chunk))
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+            for text, feat in zip(chunk, feats, strict=True):
+                self._text_memo[text] = feat
+        if not texts:
+            return torch.empty(0, self.embed_dim, device=self.device)
+        return torch.stack([self._text_memo[t] for t in texts])
+
+
+def load_backbone(
+    model: str,
+    pretrained: str | None,
+    device: str = "auto",
+    precision: str = "auto",
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> Backbone:
+    """Build a :class:`Backbone`; raise :class:`CirbenchError` with a clear message on any failure."""
+    import open_clip
+
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    model_name = _register_config(model)
+    pre = (pretrained or "none").strip()
+    if model == BUNDLED_MODEL and pre in ("", "bundled"):
+        pre = "bundled"
+    torch.manual_seed(seed)
+    weights_identity: dict[str, Any]
+    try:
+        if pre.lower() in ("none", "random"):
+            clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
+            weights_identity = {"kind": "random-init", "seed": seed}
+        elif pre == "bundled":
+            weights = BUNDLED_DIR / "model.safetensors"
+            if model != BUNDLED_MODEL:
+                raise CirbenchError(f"--pretrained bundled is only available for --backbone {BUNDLED_MODEL}")
+            clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
+            _load_weights_file(clip, weights)
+            weights_identity = {"kind": "bundled", "sha256": file_sha256(weights)}
+        elif os.path.sep in pre or pre.endswith((".safetensors", ".pt", ".bin", ".pth")) or Path(pre).exists():
+            path = Path(pre).expanduser()
+            if not path.exists():
+                raise CheckpointError(f"weights file {path} does not exist")
+            clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
+            _load_weights_file(clip, path)
+            weights_identity = {"kind": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            if pre not in tags:
+                raise UnknownNameError(f"pretrained tag for {model_name}", pre,
+                                       tags + ["none", "<path/to/weights>"])
+            cfg = open_clip.get_pretrained_cfg(model_name, pre)
+            source = cfg.get("hf_hub") or cfg.get("url") or ""
+            if not _weights_cached(cfg, cache_dir) and not _hub_reachable():
+                raise CirbenchError(
+                    f"cannot download pretrained weights '{pre}' for {model_name} ({source}): no network. "
+                    "Download them on a connected machine (they land in the Hugging Face cache) or pass "
+                    "--pretrained /path/to/weights"
+                )
+            clip = open_clip.create_model(model_name, pretrained=pre, device="cpu", cache_dir=cache_dir,
+                                          require_pretrained=True)
+            weights_identity = {"kind": "open_clip-tag", "tag": pre, "source": source}
+    except CirbenchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - open_clip/hub raise many kinds; give one clear line
+        raise CirbenchError(f"could not build backbone {model_name} with weights '{pre}': "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    clip = clip.to(dev).eval()
+    for p in clip.parameters():
+        p.requires_grad_(False)
+    preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
+    preprocess_cfg.setdefault("size", getattr(clip.visual, "image_size", 224))
+    preprocess_cfg.setdefault("mean", (0.48145466, 0.4578275, 0.40821073))
+    preprocess_cfg.setdefault("std", (0.26862954, 0.26130258, 0.27577711))
+    tokenizer = open_clip.get_tokenizer(model_name)
+    config = open_clip.get_model_config(model_name) or {}
+    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return Backbone(model_name=model_name, pretrained=pre, model=clip, tokenizer=tokenizer, device=dev,
+                    precision=prec, preprocess_cfg=preprocess_cfg, weights_identity=weights_identity,
+                    config_sha256=config_sha, seed=seed)
+
+
+def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:
+    hub = cfg.get("hf_hub")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            repo = hub.rstrip("/")
+            for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+                hit = try_to_load_from_cache(repo, fname, cache_dir=cache_dir)
+                if isinstance(hit, str):
+                    return True
+        except Exception:  # noqa: BLE001
+            return False
+    url = cfg.get("url")
+    if url:
+        root = Path(cache_dir or os.path.expanduser("~/.cache/clip"))
+        return (root / os.path.basename(url)).exists()
+    return False
+
+
+def _load_weights_file(clip: Any, path: Path) -> None:
+    """Load a state dict from safetensors (preferred) or a torch file (weights only, no pickled code)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+    model_state = clip.state_dict()
+    missing = [k for k in model_state if k not in state]
+    unexpected = [k for k in state if k not in model_state]
+    mismatched = [k for k, v in state.items() if k in model_state and v.shape != model_state[k].shape]
+    if not (missing or unexpected or mismatched):
+        clip.load_state_dict({k: v.to(model_state[k].dtype) for k, v in state.items()})
+    else:
+        raise CheckpointError(
+            f"weights {path} do not fit this backbone: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(mismatched)} mismatched tensors (first: {(missing + unexpected + mismatched)[:3]})"
+        )
+
+
+@contextmanager
+def eval_mode(module: Any):
+    """Temporarily put ``module`` in eval mode."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)

@@ -1,0 +1,332 @@
+"""The ``cirbench`` command line (click). Heavy libraries (torch, open_clip) are imported inside commands,
+so ``cirbench --help`` and the listing commands stay fast."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import CirbenchError
+
+EPILOG_RUN = """\b
+Examples:
+  cirbench run                                      # slerp on the embedded shapes benchmark
+  cirbench run --method fti4cir --dataset circo --split val --data-root data/CIRCO
+  cirbench run --method slerp --dataset cirr --alpha 0.5:1.0:0.05   # alpha sweep, one encoding pass
+  cirbench run --method image-only --dataset fashioniq --category dress --allow-missing
+"""
+
+
+class CirbenchGroup(click.Group):
+    """A click group that turns :class:`CirbenchError` into one line on stderr and its exit code, and
+    adds the commands that plugins register (``register_commands`` hook) on first use."""
+
+    _plugin_commands_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if not self._plugin_commands_loaded:
+            self._plugin_commands_loaded = True
+            for module_name in BUILTIN_COMMAND_MODULES:
+                module = importlib.import_module(module_name)
+                self.add_command(module.command)
+            from .plugins import register_commands
+
+            register_commands(self)
+
+    def list_commands(self, ctx):
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name not in self.commands:
+            self._load_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+
+# Core commands that live in their own modules (each defines a click command named ``command`` and
+# imports torch only inside the command body).
+BUILTIN_COMMAND_MODULES: tuple[str, ...] = ()
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CirbenchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - never a traceback for the user; opt-in for developers
+            if os.environ.get("CIRBENCH_DEBUG"):
+                traceback.print_exc()
+            else:
+                click.echo(f"internal error: {type(exc).__name__}: {exc} (set CIRBENCH_DEBUG=1 for the traceback)",
+                           err=True)
+            ctx.exit(1)
+
+
+def parse_extra_options(args: list[str]) -> dict[str, str]:
+    """Turn ``--name value`` / ``--name=value`` extra arguments into a dict (method/dataset options)."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise CirbenchError(f"unexpected argument {arg!r}")
+        name = arg[2:]
+        if "=" in name:
+            name, value = name.split("=", 1)
+        else:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise CirbenchError(f"option --{name} needs a value")
+            value = args[i + 1]
+            i += 1
+        out[name.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def split_plugin_options(extra: dict[str, str], method_spec, dataset_spec) -> tuple[dict[str, str], dict[str, str]]:
+    """Route extra options to the method or the dataset by name (unknown ones go to the method, which
+    then reports them with the list of valid options)."""
+    dataset_names = {o.name for o in dataset_spec.options}
+    method_names = {o.name for o in method_spec.options}
+    m_opts, d_opts = {}, {}
+    for key, value in extra.items():
+        if key in dataset_names and key not in method_names:
+            d_opts[key] = value
+        else:
+            m_opts[key] = value
+    return m_opts, d_opts
+
+
+@click.group(cls=CirbenchGroup, epilog="\b\nExamples:\n  cirbench run\n  cirbench methods\n  "
+             "cirbench leaderboard results/")
+@click.version_option(__version__, prog_name="cirbench")
+def cli() -> None:
+    """cirbench: evaluate zero-shot composed image retrieval methods on CIR benchmarks, one loop for all."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, epilog=EPILOG_RUN)
+@click.option("--method", "-m", default="slerp", show_default=True, help="Method name (see `cirbench methods`).")
+@click.option("--dataset", "-d", default="shapes", show_default=True, help="Dataset name (see `cirbench datasets`).")
+@click.option("--split", "-s", default=None, help="Split (default: the dataset's default split).")
+@click.option("--backbone", default=None, help="open_clip model name or config JSON (default: dataset's or method's).")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag, weights file, 'bundled' or 'none'.")
+@click.option("--preprocess", type=click.Choice(["targetpad", "clip"]), default=None,
+              help="Image preprocessing (default: the method's official choice).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto = bf16 on CUDA, fp32 on CPU.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Dataset root folder.")
+@click.option("--output", "-o", type=click.Path(file_okay=False), default="results", show_default=True,
+              help="Results folder.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Feature cache folder (default: $CIRBENCH_CACHE or ~/.cache/cirbench).")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache.")
+@click.option("--label", default=None, help="Name of this run in result files and leaderboards (default: method).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--workers", default=None, type=int, help="Image-reading workers (default: min(8, CPUs)).")
+@click.option("--allow-missing", is_flag=True, help="Skip missing images and record how many were used.")
+@click.option("--retrieval", "retrieval_backend", type=click.Choice(["auto", "torch", "faiss"]), default="auto",
+              show_default=True, help="Ranking backend (auto: faiss for very large galleries).")
+@click.option("--no-leaderboard", is_flag=True, help="Do not print the leaderboard after the run.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.pass_context
+def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision, device, data_root, output,
+        cache_dir, no_cache, label, seed, batch_size, workers, allow_missing, retrieval_backend, no_leaderboard,
+        quiet):
+    """Evaluate METHOD on DATASET/SPLIT and write results/<dataset>/<split>/<run>__<backbone>.json.
+
+    Method and dataset options are given as extra --name value pairs (e.g. --alpha 0.8, --category dress);
+    `cirbench methods` and `cirbench datasets` list them.
+    """
+    from .evaluate import RunConfig, evaluate
+    from .plugins import get_registry
+
+    reg = get_registry()
+    mspec, dspec = reg.method(method), reg.dataset(dataset)
+    m_opts, d_opts = split_plugin_options(parse_extra_options(ctx.args), mspec, dspec)
+    cfg = RunConfig(method=method, dataset=dataset, split=split, backbone=backbone, pretrained=pretrained,
+                    preprocess=preprocess, precision=precision, device=device, data_root=data_root,
+                    output=output, cache_dir=cache_dir, use_cache=not no_cache, method_options=m_opts,
+                    dataset_options=d_opts, label=label, seed=seed, batch_size=batch_size, workers=workers,
+                    allow_missing=allow_missing, retrieval_backend=retrieval_backend, progress=not quiet)
+    outcomes = evaluate(cfg, reg)
+    for out in outcomes:
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in list(out.metrics.items())[:8])
+        click.echo(f"{out.label}: {shown or 'no metrics (hidden targets)'}")
+        click.echo(f"  result: {out.result_path}")
+        for sub in out.submissions:
+            click.echo(f"  submission: {sub}")
+    if not no_leaderboard and outcomes:
+        from .leaderboard import build_tables, render_markdown
+
+        split_name = outcomes[0].record["dataset"]["split"]
+        tables = build_tables(Path(output), datasets=[(dspec.name, split_name)])
+        if tables:
+            click.echo("")
+            click.echo(render_markdown(tables))
+
+
+@cli.command(epilog="\b\nExamples:\n  cirbench leaderboard\n  cirbench leaderboard results/ --no-paper\n"
+             "  cirbench leaderboard results/ --dataset circo --format csv")
+@click.argument("results_dir", type=click.Path(file_okay=False), default="results")
+@click.option("--dataset", default=None, help="Only this dataset.")
+@click.option("--no-paper", is_flag=True, help="Leave out the published numbers.")
+@click.option("--write/--no-write", default=True, show_default=True,
+              help="Write leaderboard.md, CSV files and leaderboard.html into RESULTS_DIR/leaderboard/.")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "html"]), default="markdown",
+              show_default=True, help="What to print.")
+def leaderboard(results_dir, dataset, no_paper, write, fmt):
+    """Tables of all results under RESULTS_DIR: one per dataset/split, methods as rows, metrics as columns.
+
+    The best value of each column is marked (bold in markdown and HTML, '*' in CSV). Published numbers
+    from the papers appear as separate rows tagged "paper".
+    """
+    from .leaderboard import build_tables, render_csv, render_html, render_markdown, write_tables
+
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise CirbenchError(f"results folder {root} does not exist")
+    tables = build_tables(root, include_paper=not no_paper,
+                          datasets=None if dataset is None else [(dataset, None)])
+    if not tables:
+        raise CirbenchError(f"no result files under {root}")
+    if write:
+        for path in write_tables(tables, root / "leaderboard"):
+            click.echo(f"wrote {path}", err=True)
+    click.echo({"markdown": render_markdown, "csv": render_csv, "html": render_html}[fmt](tables))
+
+
+def _option_rows(options) -> list[str]:
+    rows = []
+    for o in options:
+        choices = f" [{'|'.join(o.choices)}]" if o.choices else ""
+        sweep = " (sweepable: a:b:step or a,b,c)" if o.sweepable else ""
+        rows.append(f"    --{o.name.replace('_', '-')} ({o.type}{choices}, default {o.describe_default()}): {o.help}{sweep}")
+    return rows
+
+
+@cli.command(epilog="\b\nExamples:\n  cirbench methods\n  cirbench methods --json")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def methods(as_json):
+    """List the registered methods with their descriptions and options."""
+    from .plugins import get_registry
+
+    reg = get_registry()
+    if as_json:
+        click.echo(json.dumps({n: {"description": s.description, "plugin": s.plugin, "trainable": s.trainer is not None,
+                                   "default_backbone": s.default_backbone, "default_preprocess": s.default_preprocess,
+                                   "options": {o.name: {"type": o.type, "default": o.default, "per_dataset": o.per_dataset,
+                                                        "help": o.help} for o in s.options}}
+                               for n, s in sorted(reg.methods.items())}, indent=2, default=str))
+        return
+    for name, spec in sorted(reg.methods.items()):
+        extra = " [trainable: cirbench train --method " + name + "]" if spec.trainer else ""
+        click.echo(f"{name}  ({spec.plugin}){extra}\n  {spec.description}")
+        if spec.default_backbone:
+            click.echo(f"  default backbone: {spec.default_backbone[0]} / {spec.default_backbone[1]}, "
+                       f"preprocessing: {spec.default_preprocess}")
+        for row in _option_rows(spec.options):
+            click.echo(row)
+
+
+@cli.command(epilog="\b\nExamples:\n  cirbench datasets\n  cirbench datasets --json")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def datasets(as_json):
+    """List the registered datasets with their splits and options."""
+    from .plugins import get_registry
+
+    reg = get_registry()
+    if as_json:
+        click.echo(json.dumps({n: {"description": s.description, "plugin": s.plugin, "splits": s.splits,
+                                   "hidden_splits": s.hidden_splits,
+                                   "options": {o.name: {"type": o.type, "default": o.default, "help": o.help}
+                                               for o in s.options}}
+                               for n, s in sorted(reg.datasets.items())}, indent=2, default=str))
+        return
+    for name, spec in sorted(reg.datasets.items()):
+        hidden = f" (hidden targets: {', '.join(spec.hidden_splits)})" if spec.hidden_splits else ""
+        click.echo(f"{name}  ({spec.plugin})\n  {spec.description}\n  splits: {', '.join(spec.splits)}{hidden}")
+        for row in _option_rows(spec.options):
+            click.echo(row)
+
+
+@cli.command(epilog="\b\nExamples:\n  cirbench plugins\n  CIRBENCH_LOAD_PLUGINS= cirbench plugins   # built-ins only")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins(as_json):
+    """List loaded plugins: name, version, hooks, and what each registered."""
+    from .plugins import get_registry
+
+    rows = get_registry().plugin_rows()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']}  {row['version']}")
+        if row.get("error"):
+            click.echo(f"  FAILED: {row['error']}")
+            continue
+        click.echo(f"  hooks: {', '.join(row['hooks']) or '-'}")
+        if row["methods"]:
+            click.echo(f"  methods: {', '.join(row['methods'])}")
+        if row["datasets"]:
+            click.echo(f"  datasets: {', '.join(row['datasets'])}")
+
+
+@cli.command(epilog="\b\nExamples:\n  cirbench score --dataset circo --split val submission_val.json\n"
+             "  cirbench score --dataset cirr --split val recall.json --subset recall_subset.json --json")
+@click.option("--dataset", "-d", required=True, help="Dataset name.")
+@click.option("--split", "-s", required=True, help="Split whose annotations score the file.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Dataset root folder.")
+@click.option("--subset", "subset_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="CIRR: the recall_subset submission file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+def score(dataset, split, data_root, subset_file, as_json, file):
+    """Score a ranking FILE made by any code (official submission format, or per-query rankings).
+
+    Only the annotation files are needed, not the images.
+    """
+    from .plugins import get_registry
+    from .types import resolve_options
+
+    spec = get_registry().dataset(dataset)
+    if split not in spec.splits:
+        from .errors import UnknownNameError
+
+        raise UnknownNameError(f"split of {dataset}", split, spec.splits)
+    opts = resolve_options(spec.options, {}, spec.name, f"dataset {spec.name}")[0]
+    ds = spec.load()(Path(data_root or spec.default_data_root or "."), opts)
+    extra = {"subset": Path(subset_file)} if subset_file else None
+    metrics = ds.score_file(split, Path(file), extra)
+    if as_json:
+        click.echo(json.dumps(metrics))
+        return
+    width = max((len(k) for k in metrics), default=6)
+    for key, value in metrics.items():
+        click.echo(f"{key:<{width}}  {value:8.4f}")
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        cli(prog_name="cirbench")
+    except CirbenchError as exc:  # raised while loading plugins in strict mode
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

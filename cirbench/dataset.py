@@ -1,0 +1,88 @@
+"""The base class of a dataset plugin: what the queries, gallery, metrics and submission files are.
+
+A dataset plugin subclasses :class:`Dataset` and registers a :class:`~cirbench.types.DatasetSpec`
+whose ``factory`` points at the subclass. The evaluation loop calls, in order:
+
+1. ``load(split)`` -> a list of :class:`~cirbench.types.EvalSet` (one per gallery; FashionIQ has three);
+2. ``metrics(evalset, ranking)`` -> ``{metric name: value}`` for sets with visible targets;
+3. ``aggregate({set name: metrics})`` -> the metrics of the whole split (default: the single set's
+   metrics, or every set's metrics prefixed with its name plus their mean);
+4. ``write_submission(evalset, ranking, out_dir, stem)`` for hidden-target sets -> files written.
+
+``score_file(split, path, extra)`` lets ``cirbench score`` score rankings made by any other code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import AnnotationError, CirbenchError, UnknownNameError
+from .types import EvalSet
+
+
+class Dataset:
+    """Base class for dataset plugins (see the module docstring)."""
+
+    name = "dataset"
+    splits: tuple[str, ...] = ()
+
+    def __init__(self, data_root: Path | str, options: dict[str, Any] | None = None):
+        self.data_root = Path(data_root).expanduser()
+        self.options = dict(options or {})
+
+    # -- to implement --------------------------------------------------------------------------------
+    def load(self, split: str) -> list[EvalSet]:
+        raise NotImplementedError
+
+    def metrics(self, evalset: EvalSet, ranking: Any) -> dict[str, float]:
+        raise NotImplementedError
+
+    # -- sensible defaults ---------------------------------------------------------------------------
+    def aggregate(self, per_set: dict[str, dict[str, float]]) -> dict[str, float]:
+        """Combine per-set metrics: one set -> its metrics; several -> prefixed metrics plus the mean."""
+        if len(per_set) == 1:
+            return dict(next(iter(per_set.values())))
+        out: dict[str, float] = {}
+        names = list(per_set)
+        for set_name, metrics in per_set.items():
+            for metric, value in metrics.items():
+                out[f"{set_name}/{metric}"] = value
+        common = set.intersection(*(set(m) for m in per_set.values())) if per_set else set()
+        for metric in sorted(common):
+            out[f"avg/{metric}"] = sum(per_set[n][metric] for n in names) / len(names)
+        return out
+
+    def write_submission(self, evalset: EvalSet, ranking: Any, out_dir: Path, stem: str) -> list[Path]:
+        """Write test-server files for a hidden-target set; datasets without a server write nothing."""
+        return []
+
+    def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
+        """Score a ranking file made elsewhere (official submission format or per-query rankings)."""
+        raise CirbenchError(f"dataset '{self.name}' cannot score ranking files")
+
+    # -- helpers for subclasses ----------------------------------------------------------------------
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise UnknownNameError(f"split of {self.name}", split, self.splits)
+
+    def read_json(self, path: Path) -> Any:
+        """Read an annotation JSON file; AnnotationError naming the file if missing or malformed."""
+        path = Path(path)
+        if not path.is_file():
+            raise AnnotationError(f"annotation file {path} is missing (is --data-root {self.data_root} right?)")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise AnnotationError(f"annotation file {path} is malformed or truncated: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AnnotationError(f"cannot read annotation file {path}: {exc}") from None
+
+    def require_fields(self, record: Any, fields: tuple[str, ...], path: Path, index: int) -> None:
+        if not isinstance(record, dict):
+            raise AnnotationError(f"annotation file {path}: record {index} is not an object")
+        missing = [f for f in fields if f not in record]
+        if missing:
+            raise AnnotationError(f"annotation file {path}: record {index} lacks field(s) {', '.join(missing)}")

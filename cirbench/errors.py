@@ -1,0 +1,43 @@
+"""Errors that the CLI turns into a one-line message and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+
+class CirbenchError(Exception):
+    """A user-facing error: bad input, missing files, unknown names, offline downloads.
+
+    ``exit_code`` is what the CLI exits with (2 for bad input, as click does for usage errors).
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UnknownNameError(CirbenchError):
+    """An unknown method, dataset, split, option or backbone name."""
+
+    def __init__(self, kind: str, name: str, valid: list[str] | tuple[str, ...]):
+        valid_list = ", ".join(sorted(valid)) or "(none)"
+        super().__init__(f"unknown {kind} '{name}'; valid: {valid_list}")
+        self.name = name
+        self.valid = list(valid)
+
+
+class AnnotationError(CirbenchError):
+    """A missing, malformed or truncated annotation file."""
+
+
+class ImageError(CirbenchError):
+    """A missing or corrupt image, or an image path that escapes the data root."""
+
+
+class CheckpointError(CirbenchError):
+    """A checkpoint that does not exist, is corrupt, or does not fit the chosen backbone/method."""
+
+
+class PluginError(CirbenchError):
+    """A plugin that failed to load or registered a duplicate name (raised only in strict mode)."""

@@ -1,0 +1,227 @@
+"""Encoding image sets in batches, and the on-disk feature cache that makes encoding happen once.
+
+Cache layout (``--cache-dir``, default ``$CIRBENCH_CACHE`` or ``~/.cache/cirbench``)::
+
+    features/<key hash>/key.json                   the full key (manifest) of every feature in the folder
+    features/<key hash>/shard-<id>.safetensors     rows of features + metadata: key hash, image identities
+
+The key covers everything that changes a feature: backbone name, weights identity (hash or tag),
+preprocessing recipe, precision, and the feature kind (gallery global feature, a method's own reference
+feature with its checkpoint hash, ...). Each row is keyed by its image identity (resolved path, size,
+mtime), so a changed image file is a miss. A folder whose ``key.json`` does not match, or a shard whose
+metadata does not, is rebuilt, never served. Writes go to a temporary file first and are renamed into
+place, so an interrupted run never leaves a shard that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .errors import ImageError
+from .images import decode_bytes, read_bytes
+from .preprocess import Preprocessor
+from .types import ImageRef
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CIRBENCH_CACHE", Path.home() / ".cache" / "cirbench"))
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def image_identity(ref: ImageRef) -> str:
+    """What identifies an image file's content cheaply: resolved path, size and mtime."""
+    path = Path(ref.path)
+    try:
+        st = path.stat()
+    except OSError:
+        return f"{path.resolve()}|missing"
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FeatureCache:
+    """Identity-keyed feature store on disk (see the module docstring)."""
+
+    def __init__(self, root: Path | None = None, enabled: bool = True):
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.enabled = enabled
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}
+        self.stats = {"hits": 0, "misses": 0}
+
+    def _folder(self, key: dict) -> Path:
+        return self.root / "features" / key_hash(key)[:24]
+
+    def _load_folder(self, key: dict) -> dict[str, torch.Tensor]:
+        h = key_hash(key)
+        if h in self._memory:
+            return self._memory[h]
+        rows: dict[str, torch.Tensor] = {}
+        self._memory[h] = rows
+        if not self.enabled:
+            return rows
+        folder = self._folder(key)
+        manifest = folder / "key.json"
+        if folder.exists():
+            try:
+                stored = json.loads(manifest.read_text())
+            except (OSError, json.JSONDecodeError):
+                stored = None
+            if stored != json.loads(json.dumps(key, sort_keys=True, default=str)):
+                warnings.warn(f"feature cache {folder} does not match its key; rebuilding it", stacklevel=2)
+                shutil.rmtree(folder, ignore_errors=True)
+        for shard in sorted(folder.glob("shard-*.safetensors")) if folder.exists() else []:
+            try:
+                with safe_open(str(shard), framework="pt") as fh:
+                    meta = fh.metadata() or {}
+                    if meta.get("key_hash") != h:
+                        raise ValueError("shard key does not match")
+                    names = json.loads(meta["images"])
+                    feats = fh.get_tensor("features")
+                if feats.shape[0] != len(names):
+                    raise ValueError("row count does not match")
+            except Exception as exc:  # noqa: BLE001 - a bad shard is dropped, never served
+                warnings.warn(f"dropping unreadable feature-cache shard {shard.name}: {exc}", stacklevel=2)
+                shard.unlink(missing_ok=True)
+                continue
+            for name, row in zip(names, feats, strict=True):
+                rows[name] = row
+        return rows
+
+    def _write_shard(self, key: dict, names: list[str], feats: torch.Tensor) -> None:
+        if not self.enabled or not names:
+            return
+        folder = self._folder(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = folder / "key.json"
+        if not manifest.exists():
+            atomic_write_bytes(manifest, json.dumps(key, sort_keys=True, default=str, indent=1).encode())
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".shard-", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"features": feats.contiguous().cpu()}, tmp,
+                      metadata={"key_hash": key_hash(key), "images": json.dumps(names)})
+            os.replace(tmp, folder / f"shard-{uuid.uuid4().hex[:12]}.safetensors")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_or_compute(
+        self,
+        key: dict,
+        images: Sequence[ImageRef],
+        compute: Callable[[list[ImageRef]], torch.Tensor],
+    ) -> torch.Tensor:
+        """Features for ``images`` (in order): cached rows where the key and image identity match,
+        ``compute(missing_images)`` for the rest (then stored)."""
+        rows = self._load_folder(key)
+        names = [image_identity(im) for im in images]
+        missing_idx = [i for i, n in enumerate(dict.fromkeys(names)) if n not in rows]
+        unique_names = list(dict.fromkeys(names))
+        first_index = {}
+        for i, n in enumerate(names):
+            first_index.setdefault(n, i)
+        todo = [images[first_index[unique_names[i]]] for i in missing_idx]
+        self.stats["hits"] += len(unique_names) - len(todo)
+        self.stats["misses"] += len(todo)
+        if todo:
+            new = compute(todo).float().cpu()
+            new_names = [unique_names[i] for i in missing_idx]
+            self._write_shard(key, new_names, new)
+            for n, row in zip(new_names, new, strict=True):
+                rows[n] = row
+        if not names:
+            return torch.empty(0)
+        return torch.stack([rows[n] for n in names])
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Reads, decodes and preprocesses images in DataLoader workers; errors come back as text."""
+
+    def __init__(self, images: Sequence[ImageRef], preprocessor: Preprocessor):
+        self.images = list(images)
+        self.preprocessor = preprocessor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        ref = self.images[index]
+        try:
+            return index, self.preprocessor(decode_bytes(read_bytes(ref.path), str(ref.path)))
+        except ImageError as exc:
+            return index, str(exc)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is reported with the file name
+            return index, f"corrupt or unreadable image {ref.path}: {type(exc).__name__}: {exc}"
+
+
+def _collate(batch: list[tuple[int, Any]]) -> tuple[list[int], Any]:
+    indices = [i for i, _ in batch]
+    errors = [x for _, x in batch if isinstance(x, str)]
+    if errors:
+        return indices, errors
+    return indices, torch.stack([x for _, x in batch])
+
+
+def encode_images(
+    images: Sequence[ImageRef],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    preprocessor: Preprocessor,
+    batch_size: int = 64,
+    workers: int = 2,
+    desc: str = "encoding images",
+    progress: bool = True,
+    pin_memory: bool = False,
+) -> torch.Tensor:
+    """Encode ``images`` in order with ``encode(pixels)``; a corrupt image raises ImageError naming it."""
+    if not images:
+        return torch.empty(0)
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(images, preprocessor),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+    outputs: list[torch.Tensor] = []
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for _indices, batch in loader:
+            if isinstance(batch, list):
+                raise ImageError(batch[0] + (f" (and {len(batch) - 1} more in this batch)" if len(batch) > 1 else ""))
+            with torch.no_grad():
+                outputs.append(encode(batch).float().cpu())
+            bar.update(len(_indices))
+    return torch.cat(outputs)

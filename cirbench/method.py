@@ -1,0 +1,87 @@
+"""The base class of a method plugin: how query and gallery features are made.
+
+A method subclasses :class:`Method` and registers a :class:`~cirbench.types.MethodSpec` whose
+``factory`` points at the subclass. The evaluation loop, for each eval set:
+
+1. encodes the gallery with :meth:`Method.encode_gallery` (cached under :meth:`gallery_feature_kind`);
+2. encodes the distinct reference images with :meth:`Method.encode_references` (cached under
+   :meth:`reference_feature_kind`; by default the same kind as the gallery, so they are reused);
+3. calls :meth:`Method.compose` on batches of queries with their reference features, and ranks the
+   returned (normalised) query features against the gallery.
+
+A method never sees a dataset's files or metrics; it only knows the dataset's name (for per-dataset
+defaults) and the queries' texts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backbones import Backbone
+from .types import Query
+
+
+class Method:
+    """Base class for method plugins (see the module docstring)."""
+
+    name = "method"
+
+    def __init__(self, backbone: Backbone, options: dict[str, Any], dataset: str | None = None):
+        self.backbone = backbone
+        self.options = dict(options)
+        self.dataset = dataset
+
+    # -- gallery ---------------------------------------------------------------------------------
+    def gallery_feature_kind(self) -> dict:
+        """What, besides backbone, preprocessing and precision, identifies the gallery features.
+
+        Methods that change the image encoder (LoRA, fine-tuning) must include their weights' hash.
+        """
+        return {"kind": "image-global"}
+
+    def encode_gallery(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised gallery features ``[B, D]`` for a preprocessed batch."""
+        return self.backbone.encode_image(pixels)
+
+    # -- references ------------------------------------------------------------------------------
+    def reference_feature_kind(self) -> dict:
+        """What identifies the reference-image features (default: the gallery features, reused)."""
+        return self.gallery_feature_kind()
+
+    def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Reference-image features ``[B, ...]`` (any trailing shape) for a preprocessed batch."""
+        return self.encode_gallery(pixels)
+
+    # -- queries ---------------------------------------------------------------------------------
+    def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
+        """Normalised query features ``[B, D]`` from reference features ``[B, ...]`` and the queries."""
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        """Extra identity for the result file (checkpoint path and hash, ...)."""
+        return {}
+
+
+def caption_variants(texts: tuple[str, ...] | list[str]) -> list[str]:
+    """The texts a query's modification is encoded as.
+
+    One text: itself. Two texts (FashionIQ): the SEARLE convention, forward ``"{c1} and {c2}"`` and
+    reverse ``"{c2} and {c1}"``, captions stripped of ``.?, `` at both ends; the caller encodes both and
+    averages the normalised features.
+    """
+    if len(texts) == 1:
+        return [texts[0]]
+    caps = [t.strip(".?, ") for t in texts[:2]]
+    return [f"{caps[0]} and {caps[1]}", f"{caps[1]} and {caps[0]}"]
+
+
+def average_variants(features: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Average consecutive groups of normalised features (``counts`` per query) and renormalise."""
+    out = []
+    start = 0
+    for n in counts:
+        out.append(features[start : start + n].mean(0))
+        start += n
+    return torch.nn.functional.normalize(torch.stack(out), dim=-1)

