@@ -24,6 +24,11 @@ Examples:
 """
 
 
+# Core commands that live in their own modules (each defines a click command named ``command`` and
+# imports torch only inside the command body).
+BUILTIN_COMMAND_MODULES: tuple[str, ...] = ()
+
+
 class CirbenchGroup(click.Group):
     """A click group that turns :class:`CirbenchError` into one line on stderr and its exit code, and
     adds the commands that plugins register (``register_commands`` hook) on first use."""
@@ -49,10 +54,6 @@ class CirbenchGroup(click.Group):
             self._load_plugin_commands()
         return super().get_command(ctx, cmd_name)
 
-
-# Core commands that live in their own modules (each defines a click command named ``command`` and
-# imports torch only inside the command body).
-BUILTIN_COMMAND_MODULES: tuple[str, ...] = ()
 
     def invoke(self, ctx: click.Context):
         try:
