@@ -1,0 +1,50 @@
+"""torch.distributed helpers shared by training (DDP) and sharded gallery encoding.
+
+Runs started with ``torchrun`` set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``;
+:func:`init_from_env` joins the process group (NCCL on CUDA, gloo on CPU). Single-process runs need no setup:
+every helper here degrades to the identity when the world size is 1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str = "auto") -> torch.device:
+    """Join the process group if launched by torchrun; return this rank's device."""
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if launched_by_torchrun() and not is_distributed():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
