@@ -88,7 +88,7 @@ def choose_backbone(cfg: RunConfig, mspec: MethodSpec, dspec) -> tuple[str, str]
 def _run_label(cfg: RunConfig, mspec: MethodSpec, opts: dict, swept: list[str]) -> str:
     base = cfg.label or mspec.name
     if swept:
-        base += "[" + ",".join(f"{k}={opts[k]}" for k in swept) + "]"
+        base += "@" + ",".join(f"{k}={opts[k]}" for k in swept)
     return base
 
 

@@ -66,6 +66,7 @@ class Registry:
         self.datasets: dict[str, DatasetSpec] = {}
         self.failed: dict[str, str] = {}
         self.distributions: dict[str, str] = {}  # plugin name -> "dist version"
+        self._order: list[Any] = []  # registration order: built-ins first, so a clash keeps the built-in
 
     # -- loading ---------------------------------------------------------------------------------
     def load_builtins(self) -> None:
@@ -77,6 +78,7 @@ class Registry:
                 _problem(f"built-in plugin {module_name} failed to load: {exc}", exc)
                 continue
             self.pm.register(module, name=module_name)
+            self._order.append(module)
 
     def load_entry_points(self) -> None:
         selected = os.environ.get("CIRBENCH_LOAD_PLUGINS")
@@ -94,6 +96,7 @@ class Registry:
                 continue
             try:
                 self.pm.register(plugin, name=ep.name)
+                self._order.append(plugin)
             except Exception as exc:  # noqa: BLE001
                 self.failed[ep.name] = f"{type(exc).__name__}: {exc}"
                 _problem(f"plugin '{ep.name}' could not be registered: {exc}", exc)
@@ -108,12 +111,13 @@ class Registry:
     def register_plugin(self, plugin: Any, name: str | None = None) -> None:
         """Register an in-process plugin object (tests, notebooks) and collect what it registers."""
         self.pm.register(plugin, name=name)
+        self._order.append(plugin)
         self.pm.check_pending()
         self._collect(only=plugin)
 
     # -- collecting what plugins register -----------------------------------------------------------
     def _collect(self, only: Any = None) -> None:
-        plugins = [only] if only is not None else self.pm.get_plugins()
+        plugins = [only] if only is not None else list(self._order)
         for plugin in plugins:
             pname = self.pm.get_name(plugin) or repr(plugin)
             for hook_name, store, kind in (
@@ -159,7 +163,7 @@ class Registry:
     def plugin_rows(self) -> list[dict[str, Any]]:
         """One row per loaded plugin: name, version, hooks, and what it registered."""
         rows = []
-        for plugin in self.pm.get_plugins():
+        for plugin in self._order:
             name = self.pm.get_name(plugin)
             hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
             rows.append(
@@ -200,7 +204,7 @@ def reset_registry() -> None:
 def register_commands(cli: Any) -> None:
     """Let every plugin add its click commands to ``cli``."""
     reg = get_registry()
-    for plugin in reg.pm.get_plugins():
+    for plugin in reg._order:
         impl = getattr(plugin, "register_commands", None)
         if impl is None:
             continue

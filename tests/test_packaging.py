@@ -1,0 +1,48 @@
+"""Packaging: every plugin subpackage is listed in pyproject.toml, and the wheel carries plugins and assets
+under the cirbench namespace (never a top-level `datasets` package)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FOLDERS = {"cirbench": REPO / "cirbench", "cirbench.methods": REPO / "methods", "cirbench.datasets": REPO / "datasets"}
+
+
+def _declared_packages() -> set[str]:
+    return set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+
+
+def _packages_on_disk() -> set[str]:
+    found = set()
+    for name, folder in FOLDERS.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder)
+            if "__pycache__" in rel.parts or "assets" in rel.parts:
+                continue
+            found.add(".".join([name, *rel.parts]) if rel.parts else name)
+    return found
+
+
+def test_every_subpackage_is_declared():
+    missing = _packages_on_disk() - _declared_packages()
+    assert not missing, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(missing)}"
+
+
+def test_wheel_installs_plugins_under_the_cirbench_namespace(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = tmp_path.glob("cirbench-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "cirbench/methods/basic/__init__.py" in names
+    assert not any(n.startswith(("datasets/", "methods/")) for n in names), "top-level datasets/methods leaked"
+    for package in _declared_packages():
+        assert package.replace(".", "/") + "/__init__.py" in names
+    bundled = [n for n in names if n.startswith("cirbench/assets/")]
+    if (REPO / "cirbench" / "assets").exists():
+        assert bundled, "bundled assets missing from the wheel"

@@ -1,0 +1,185 @@
+"""The plugin system: hooks documented, entry points loaded, broken plugins isolated, listings fast."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cirbench import hookspecs, plugins
+from cirbench.cli import cli
+from cirbench.hookspecs import hookimpl
+from cirbench.types import MethodSpec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _hookspecs():
+    return [(n, f) for n, f in inspect.getmembers(hookspecs, inspect.isfunction)
+            if hasattr(f, "cirbench_spec")]
+
+
+def test_every_hookspec_is_documented_with_its_signature():
+    specs = _hookspecs()
+    assert {n for n, _ in specs} == {"register_methods", "register_datasets", "register_commands"}
+    readme = (REPO / "README.md").read_text()
+    for name, func in specs:
+        assert func.__doc__ and len(func.__doc__.strip()) > 80, f"{name} needs a real docstring"
+        signature = f"{name}{inspect.signature(func)}"
+        assert signature in readme, f"README.md must document the hook as `{signature}`"
+
+
+@pytest.fixture
+def fake_entry_points(tmp_path, monkeypatch):
+    """Install entry-point plugins from source written by the test (a dist-info folder on sys.path)."""
+
+    def install(name: str, module_source: str) -> None:
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(module_source))
+        dist = tmp_path / f"{name}-0.1.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+        (dist / "entry_points.txt").write_text(f"[cirbench]\n{name} = {name}\n")
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.reset_registry()
+    yield install
+    plugins.reset_registry()
+
+
+GOOD = """
+from cirbench.hookspecs import hookimpl
+from cirbench.types import MethodSpec
+
+@hookimpl
+def register_methods(register):
+    register(MethodSpec(name="good-method", description="from a plugin", factory="x:y"))
+"""
+BROKEN = "raise ImportError('this plugin is broken on purpose')\n"
+DUPLICATE = """
+from cirbench.hookspecs import hookimpl
+from cirbench.types import MethodSpec
+
+@hookimpl
+def register_methods(register):
+    register(MethodSpec(name="image-only", description="a clash", factory="x:y"))
+    register(MethodSpec(name="dup-survivor", description="still registered", factory="x:y"))
+"""
+MISSPELLED = """
+from cirbench.hookspecs import hookimpl
+
+@hookimpl
+def register_method(register):
+    pass
+"""
+
+
+def test_entry_point_plugin_is_loaded_and_listed(fake_entry_points):
+    fake_entry_points("goodplugin", GOOD)
+    res = CliRunner().invoke(cli, ["plugins", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.output)}
+    assert rows["goodplugin"]["methods"] == ["good-method"]
+    assert rows["goodplugin"]["version"] == "goodplugin 0.1"
+    assert rows["goodplugin"]["hooks"] == ["register_methods"]
+    assert "image-only" in rows["cirbench.methods.basic"]["methods"]
+
+
+def test_broken_plugin_warns_and_everything_else_works(fake_entry_points):
+    fake_entry_points("brokenplugin", BROKEN)
+    fake_entry_points("goodplugin", GOOD)
+    with pytest.warns(plugins.PluginWarning, match="brokenplugin.*broken on purpose"):
+        reg = plugins.get_registry()
+    assert "good-method" in reg.methods and "image-only" in reg.methods
+    plugins.reset_registry()
+    res = CliRunner().invoke(cli, ["methods"])
+    assert res.exit_code == 0 and "good-method" in res.output
+
+
+def test_strict_mode_makes_a_broken_plugin_an_error(fake_entry_points, monkeypatch):
+    fake_entry_points("brokenplugin", BROKEN)
+    monkeypatch.setenv("CIRBENCH_STRICT_PLUGINS", "1")
+    res = CliRunner().invoke(cli, ["methods"])
+    assert res.exit_code == 2
+    assert "brokenplugin" in res.output and "Traceback" not in res.output
+
+
+def test_duplicate_name_is_refused_with_a_warning(fake_entry_points):
+    fake_entry_points("dupplugin", DUPLICATE)
+    with pytest.warns(plugins.PluginWarning, match="dupplugin.*image-only.*already registered"):
+        reg = plugins.get_registry()
+    assert reg.methods["image-only"].plugin == "cirbench.methods.basic"
+    assert "dup-survivor" in reg.methods
+
+
+def test_misspelled_hook_is_reported(fake_entry_points):
+    fake_entry_points("typoplugin", MISSPELLED)
+    with pytest.warns(plugins.PluginWarning, match="unknown hook"):
+        plugins.get_registry()
+
+
+def test_load_plugins_env_selects_third_party_plugins(fake_entry_points, monkeypatch):
+    fake_entry_points("goodplugin", GOOD)
+    monkeypatch.setenv("CIRBENCH_LOAD_PLUGINS", "")
+    reg = plugins.get_registry()
+    assert "good-method" not in reg.methods and "image-only" in reg.methods
+    plugins.reset_registry()
+    monkeypatch.setenv("CIRBENCH_LOAD_PLUGINS", "goodplugin")
+    assert "good-method" in plugins.get_registry().methods
+
+
+def test_in_process_plugin_and_builtins_share_the_hooks():
+    class Local:
+        @hookimpl
+        def register_methods(self, register):
+            register(MethodSpec(name="local-method", description="d", factory="x:y"))
+
+    reg = plugins.get_registry()
+    try:
+        reg.register_plugin(Local(), name="local")
+        assert reg.methods["local-method"].plugin == "local"
+        assert all(s.plugin.startswith("cirbench.") for n, s in reg.methods.items()
+                   if n in ("image-only", "text-only"))
+    finally:
+        plugins.reset_registry()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["methods"], ["datasets"], ["plugins"], ["run", "--help"]])
+def test_listing_commands_do_not_import_torch(args):
+    code = (
+        "import sys\n"
+        "from cirbench.cli import cli\n"
+        f"try:\n    cli.main({args!r}, prog_name='cirbench', standalone_mode=False)\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'open_clip', 'pandas') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout[-2000:]
+
+
+def test_example_plugin_is_installed_and_runs_through_the_loop(tmp_path, tiny_config, toy_root):
+    """The tutorial plugin in examples/ (installed by .ci/run) is listed and runs through `cirbench run`."""
+    pytest.importorskip("cirbench_example_plugin", reason="examples/cirbench-example-plugin is not installed")
+    from helpers import registered
+    from toy_plugin import ToyPlugin
+
+    runner = CliRunner()
+    with registered(ToyPlugin(), "toy"):
+        res = runner.invoke(cli, ["plugins"])
+        assert "weighted-sum" in res.output
+        res = runner.invoke(cli, ["run", "--method", "weighted-sum", "--dataset", "toy", "--split", "val",
+                                  "--backbone", str(tiny_config), "--pretrained", "none", "--data-root",
+                                  str(toy_root), "--output", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"),
+                                  "--workers", "0", "--quiet", "--weight", "0,1"])
+        assert res.exit_code == 0, res.output
+    files = sorted(p.name for p in (tmp_path / "r" / "toy" / "val").glob("*.json"))
+    assert files == ["weighted-sum@weight=0.0__cirbench-tiny-test-none.json",
+                     "weighted-sum@weight=1.0__cirbench-tiny-test-none.json"]
+    assert CliRunner().invoke(cli, ["hello-plugin"]).output.strip() == "hello from cirbench-example-plugin"
