@@ -25,8 +25,17 @@ from .features import FeatureCache, encode_images
 from .images import describe_missing, find_missing
 from .plugins import Registry, get_registry
 from .preprocess import PREPROCESS_KINDS, Preprocessor
-from .results import (PREDICTIONS_SUFFIX, RESULT_SUFFIX, SUBMISSIONS_DIR, ensure_writable, environment_info,
-                      result_stem, utc_now, write_predictions, write_result)
+from .results import (
+    PREDICTIONS_SUFFIX,
+    RESULT_SUFFIX,
+    SUBMISSIONS_DIR,
+    ensure_writable,
+    environment_info,
+    result_stem,
+    utc_now,
+    write_predictions,
+    write_result,
+)
 from .retrieval import Ranking, rank, rank_candidates
 from .types import EvalSet, MethodSpec, Query, resolve_options
 

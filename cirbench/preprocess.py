@@ -32,11 +32,11 @@ def targetpad_amounts(width: int, height: int, ratio: float) -> tuple[int, int, 
     long_side, short_side = max(width, height), min(width, height)
     if short_side == 0 or long_side / short_side < ratio:
         return (0, 0, 0, 0)
-    pad_total = int(long_side / ratio - short_side)
-    half = pad_total // 2
+    # the official TargetPad: each side gets int((long / ratio - short) / 2), the same on both sides
+    half = max(int((long_side / ratio - short_side) / 2), 0)
     if width < height:
-        return (half, 0, pad_total - half, 0)
-    return (0, half, 0, pad_total - half)
+        return (half, 0, half, 0)
+    return (0, half, 0, half)
 
 
 @dataclass(frozen=True)

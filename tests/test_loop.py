@@ -6,13 +6,13 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from helpers import registered
+from toy_plugin import ToyPlugin
 
 from cirbench.cli import cli
 from cirbench.errors import CirbenchError
 from cirbench.evaluate import RunConfig, evaluate
 from cirbench.results import SCHEMA_VERSION
-from helpers import registered
-from toy_plugin import ToyPlugin
 
 
 def _cfg(tmp_path, tiny_config, toy_root, **kw):
@@ -62,7 +62,6 @@ def test_cache_is_reused_and_keyed_by_identity(tmp_path, tiny_config, toy_root):
         assert third.record["cache"]["misses"] == 12  # other preprocessing: never the stale features
         (fourth,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, seed=1), reg)
         assert fourth.record["cache"]["misses"] == 12  # other (random) weights: never the stale features
-    assert first.metrics == json.loads(first.result_path.read_text())["metrics"] or True
 
 
 def test_changed_backbone_config_never_reuses_cache(tmp_path, tiny_config, toy_root):

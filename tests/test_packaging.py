@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDERS = {"cirbench": REPO / "cirbench", "cirbench.methods": REPO / "methods", "cirbench.datasets": REPO / "datasets"}

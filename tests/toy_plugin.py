@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cirbench.dataset import Dataset
 from cirbench.hookspecs import hookimpl
 from cirbench.metrics import hits_matrix, map_at_k, recall_at_k

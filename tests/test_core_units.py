@@ -1,0 +1,116 @@
+"""Core building blocks: options and sweeps, preprocessing, metrics, chunked ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cirbench.errors import CirbenchError
+from cirbench.metrics import hits_matrix, map_at_k, recall_at_k
+from cirbench.preprocess import Preprocessor, targetpad_amounts
+from cirbench.retrieval import rank, rank_candidates
+from cirbench.types import OptionSpec, expand_sweep, resolve_options
+
+ALPHA = OptionSpec("alpha", "weight", "float", 0.5, per_dataset={"cirr": 0.9}, sweepable=True)
+
+
+def test_options_defaults_per_dataset_and_sweeps():
+    assert resolve_options([ALPHA], {}, "cirr", "m") == [{"alpha": 0.9}]
+    assert resolve_options([ALPHA], {}, "circo", "m") == [{"alpha": 0.5}]
+    assert resolve_options([ALPHA], {"alpha": "0.7"}, "cirr", "m") == [{"alpha": 0.7}]
+    assert [o["alpha"] for o in resolve_options([ALPHA], {"alpha": "0.5:0.7:0.1"}, None, "m")] == [0.5, 0.6, 0.7]
+    assert expand_sweep(ALPHA, "0.1,0.3") == [0.1, 0.3]
+    with pytest.raises(CirbenchError, match="unknown option --beta.*--alpha"):
+        resolve_options([ALPHA], {"beta": "1"}, None, "method m")
+    with pytest.raises(CirbenchError, match="not a valid float"):
+        resolve_options([ALPHA], {"alpha": "high"}, None, "m")
+    with pytest.raises(CirbenchError, match="step > 0"):
+        resolve_options([ALPHA], {"alpha": "0.9:0.1:0.1"}, None, "m")
+
+
+def _official_targetpad(img: Image.Image, ratio: float = 1.25) -> Image.Image:
+    """The PIL padding step as the official SEARLE/FTI4CIR TargetPad describes it: pad each side of the
+    short dimension by int((max(w, h) / ratio - short) / 2)."""
+    w, h = img.size
+    if max(w, h) / min(w, h) < ratio:
+        return img
+    hp = max(int((max(w, h) / ratio - w) / 2), 0)
+    vp = max(int((max(w, h) / ratio - h) / 2), 0)
+    padding = (hp, vp, hp, vp)
+    out = Image.new("RGB", (w + padding[0] + padding[2], h + padding[1] + padding[3]))
+    out.paste(img, (padding[0], padding[1]))
+    return out
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 100), (100, 300), (500, 500), (123, 97)])
+def test_targetpad_amounts_reach_the_ratio(size):
+    w, h = size
+    left, top, right, bottom = targetpad_amounts(w, h, 1.25)
+    nw, nh = w + left + right, h + top + bottom
+    if max(w, h) / min(w, h) < 1.25:
+        assert (left, top, right, bottom) == (0, 0, 0, 0)
+    else:
+        assert max(nw, nh) / min(nw, nh) == pytest.approx(1.25, abs=0.02)
+        assert left == right and top == bottom  # symmetric
+
+
+def test_preprocessing_matches_pil_bicubic():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (90, 300, 3), dtype=np.uint8)
+    pil = Image.fromarray(arr)
+    for kind in ("clip", "targetpad"):
+        pre = Preprocessor(kind=kind, size=64)
+        ours = pre(torch.from_numpy(arr).permute(2, 0, 1))
+        ref_img = _official_targetpad(pil) if kind == "targetpad" else pil
+        w, h = ref_img.size
+        scale = 64 / min(w, h)
+        ref_img = ref_img.resize((max(64, round(w * scale)), max(64, round(h * scale))), Image.BICUBIC)
+        left, top = (ref_img.size[0] - 64) // 2, (ref_img.size[1] - 64) // 2
+        ref = torch.from_numpy(np.array(ref_img.crop((left, top, left + 64, top + 64)))).permute(2, 0, 1)
+        ref = pre.normalize(ref.float())
+        assert ours.shape == (3, 64, 64)
+        # PIL rounds to uint8 after resizing; differences stay at rounding level on average
+        assert (ours - ref).abs().mean() < 0.05, kind
+
+
+def test_batched_preprocessing_equals_per_image():
+    pre = Preprocessor(kind="targetpad", size=32)
+    imgs = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((40, 90), (64, 64), (120, 50))]
+    assert torch.allclose(pre.batch(imgs), torch.stack([pre(i) for i in imgs]))
+
+
+def test_recall_and_map_hand_worked():
+    ranked = torch.tensor([[3, 1, 2, 0], [0, 1, 2, 3]])
+    targets = [[1, 0], [3]]
+    hits = hits_matrix(ranked, targets)
+    assert hits.tolist() == [[False, True, False, True], [False, False, False, True]]
+    assert recall_at_k(hits, (1, 2, 4)) == {1: 0.0, 2: 50.0, 4: 100.0}
+    # query 0: AP@4 = (1/2 + 2/4) / min(2, 4) = 0.5 ; query 1: AP@4 = (1/4) / 1 = 0.25
+    assert map_at_k(hits, [2, 1], (4,))[4] == pytest.approx(37.5)
+    # AP@2: q0 = (1/2)/min(2,2) = 0.25 ; q1 = 0
+    assert map_at_k(hits, [2, 1], (2,))[2] == pytest.approx(12.5)
+
+
+def test_chunked_ranking_equals_full_sort_and_excludes():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(37, 16), dim=-1)
+    g = torch.nn.functional.normalize(torch.randn(101, 16), dim=-1)
+    exclude = torch.randint(0, 101, (37,))
+    idx, scores = rank(q, g, 10, exclude=exclude, query_chunk=8, gallery_chunk=13)
+    sims = q @ g.T
+    sims[torch.arange(37), exclude] = float("-inf")
+    ref_scores, ref_idx = sims.topk(10, dim=1)
+    assert torch.equal(idx, ref_idx) and torch.allclose(scores, ref_scores)
+    assert not (idx == exclude[:, None]).any()
+    cand = rank_candidates(q[:2], g, [[5, 7, 9], []])
+    assert sorted(cand[0]) == [5, 7, 9] and cand[1] == []
+    assert (g[cand[0]] @ q[0]).diff().le(0).all()
+
+
+def test_ties_keep_gallery_order():
+    q = torch.tensor([[1.0, 0.0]])
+    g = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    idx, _ = rank(q, g, 3, gallery_chunk=2)
+    assert idx.tolist() == [[1, 2, 3]]

@@ -1,0 +1,69 @@
+"""Leaderboards: tables per dataset/split, best marked, paper rows beside ours, CSV/HTML written."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from cirbench.cli import cli
+from cirbench.leaderboard import build_tables, render_csv, render_markdown
+from cirbench.results import write_result
+
+
+def _result(root, dataset, split, label, metrics, backbone="ViT-B-32", created="2026-01-01T00:00:00"):
+    path = root / dataset / split / f"{label}__{backbone}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_result(path, {"created": created, "method": {"name": label, "label": label, "options": {}},
+                        "dataset": {"name": dataset, "split": split}, "backbone": {"model": backbone,
+                        "pretrained": "openai"}, "precision": "fp32", "counts": {"queries": 220, "gallery": 9},
+                        "metrics": metrics})
+    return path
+
+
+def test_tables_mark_the_best_and_show_paper_rows(tmp_path):
+    _result(tmp_path, "circo", "val", "slerp", {"mAP@5": 30.0, "mAP@10": 31.0, "mAP@25": 33.0, "mAP@50": 34.0})
+    _result(tmp_path, "circo", "val", "image-only", {"mAP@5": 3.0, "mAP@10": 40.0, "mAP@25": 4.0, "mAP@50": 4.5})
+    (table,) = build_tables(tmp_path)
+    assert (table.dataset, table.split) == ("circo", "val")
+    assert table.metric_columns == ["mAP@5", "mAP@10", "mAP@25", "mAP@50"]
+    frame = table.frame
+    paper = frame[frame["source"].str.startswith("paper")]
+    assert len(paper) == 6 and set(paper["source"]) == {"paper (test)"}  # CIRCO papers report test
+    assert frame.loc["fti4cir · ViT-L/14 [paper (test)]", "mAP@5"] == 15.05
+    md = render_markdown([table])
+    assert "**30.00**" in md and "**40.00**" in md  # best per column, ours may win
+    assert "**3.00**" not in md
+    csv = render_csv([table])
+    assert csv.splitlines()[0].startswith("run,dataset,split,source,backbone")
+
+
+def test_hidden_split_and_no_paper(tmp_path):
+    _result(tmp_path, "cirr", "val", "slerp", {"R@1": 20.0, "R@5": 50.0, "R@10": 60.0, "R@50": 80.0,
+                                              "Rs@1": 50.0, "Rs@2": 70.0, "Rs@3": 85.0})
+    (table,) = build_tables(tmp_path, include_paper=False)
+    assert list(table.frame.index) == ["slerp · ViT-B-32/openai"]
+    assert table.metric_columns == ["R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3"]
+
+
+def test_cli_leaderboard_writes_files_and_skips_bad_results(tmp_path):
+    _result(tmp_path, "fashioniq", "val", "slerp", {"dress/R@10": 10.0, "dress/R@50": 20.0, "avg/R@10": 12.0,
+                                                   "avg/R@50": 22.0})
+    bad = tmp_path / "fashioniq" / "val" / "broken__x.json"
+    bad.write_text("{not json")
+    old = tmp_path / "fashioniq" / "val" / "old__x.json"
+    old.write_text(json.dumps({"schema_version": 999}))
+    res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "fashioniq / val" in res.output and "avg/R@10" in res.output
+    assert "searle · ViT-B/32 [paper]" in res.output  # FashionIQ papers report val: same split
+    out = tmp_path / "leaderboard"
+    assert (out / "leaderboard.md").exists() and (out / "fashioniq_val.csv").exists()
+    assert "<b>" in (out / "leaderboard.html").read_text()
+
+
+def test_cli_leaderboard_errors(tmp_path):
+    res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path)])
+    assert res.exit_code == 2 and "no result files" in res.output
