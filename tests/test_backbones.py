@@ -1,0 +1,68 @@
+"""Backbones: identity, weights files, offline downloads fail fast and clearly."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cirbench import backbones
+from cirbench.backbones import load_backbone
+from cirbench.errors import CheckpointError, CirbenchError
+
+
+def test_random_init_identity_and_encoders(tiny_config):
+    bb = load_backbone(str(tiny_config), "none", device="cpu", seed=3)
+    ident = bb.identity()
+    assert ident["model"] == "cirbench-tiny-test" and ident["weights"] == {"kind": "random-init", "seed": 3}
+    assert len(ident["config_sha256"]) == 64
+    feats = bb.encode_text(["make it red", "make it blue", "make it red"])
+    assert feats.shape == (3, 32) and torch.allclose(feats.norm(dim=-1), torch.ones(3))
+    assert torch.equal(feats[0], feats[2])
+    img = bb.encode_image(torch.randn(2, 3, 32, 32))
+    assert img.shape == (2, 32)
+    assert bb.precision == "fp32" and bb.slug == "cirbench-tiny-test-none"
+
+
+def test_weights_file_round_trip_and_mismatch(tmp_path, tiny_config):
+    src = load_backbone(str(tiny_config), "none", device="cpu", seed=1)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(weights))
+    loaded = load_backbone(str(tiny_config), str(weights), device="cpu", seed=99)
+    assert loaded.identity()["weights"]["kind"] == "file"
+    assert len(loaded.identity()["weights"]["sha256"]) == 64
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(src.encode_image(x), loaded.encode_image(x))
+
+    other_cfg = tmp_path / "cirbench-tiny-other.json"
+    cfg = json.loads(tiny_config.read_text())
+    cfg["vision_cfg"]["width"] = 48
+    other_cfg.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not fit this backbone"):
+        load_backbone(str(other_cfg), str(weights), device="cpu")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_backbone(str(tiny_config), str(tmp_path / "nope.safetensors"), device="cpu")
+    (tmp_path / "junk.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        load_backbone(str(tiny_config), str(tmp_path / "junk.safetensors"), device="cpu")
+
+
+def test_offline_pretrained_tag_fails_fast_with_a_clear_message(monkeypatch):
+    monkeypatch.setattr(backbones, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(backbones, "_weights_cached", lambda cfg, cache_dir: False)
+    start = time.perf_counter()
+    with pytest.raises(CirbenchError, match="cannot download pretrained weights 'openai' for ViT-B-32.*no network"):
+        load_backbone("ViT-B-32", "openai", device="cpu")
+    assert time.perf_counter() - start < 30
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(CirbenchError, match="unknown pretrained tag for ViT-B-32 'nosuchtag'.*openai"):
+        load_backbone("ViT-B-32", "nosuchtag", device="cpu")
+    with pytest.raises(CirbenchError, match="unknown backbone 'ViT-Q-99'"):
+        load_backbone("ViT-Q-99", "none", device="cpu")
+    with pytest.raises(CirbenchError, match="unknown precision"):
+        load_backbone("ViT-B-32", "none", device="cpu", precision="fp8")
