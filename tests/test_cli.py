@@ -1,0 +1,45 @@
+"""The CLI surface: every command's help ends with an example; errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from cirbench.cli import cli, parse_extra_options
+from cirbench.errors import CirbenchError
+
+
+def _all_commands():
+    ctx = cli.make_context("cirbench", [], resilient_parsing=True)
+    return cli.list_commands(ctx)
+
+
+def test_core_commands_are_present():
+    assert {"run", "leaderboard", "methods", "datasets", "plugins", "score"} <= set(_all_commands())
+
+
+@pytest.mark.parametrize("command", [None, *_all_commands()])
+def test_every_help_ends_with_an_example(command):
+    args = ["--help"] if command is None else [command, "--help"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    tail = res.output.strip().splitlines()
+    example_at = max(i for i, line in enumerate(tail) if line.strip().startswith("Example"))
+    assert all(line.strip().startswith("cirbench") or not line.strip() or line.startswith("    ")
+               for line in tail[example_at + 1:]), res.output
+    assert any("cirbench" in line for line in tail[example_at + 1:])
+
+
+def test_extra_options_parsing():
+    assert parse_extra_options(["--alpha", "0.8", "--category=dress"]) == {"alpha": "0.8", "category": "dress"}
+    assert parse_extra_options(["--lora-rank", "8"]) == {"lora_rank": "8"}
+    with pytest.raises(CirbenchError, match="needs a value"):
+        parse_extra_options(["--alpha"])
+    with pytest.raises(CirbenchError, match="unexpected argument"):
+        parse_extra_options(["stray"])
+
+
+def test_unknown_dataset_is_one_line_exit_2():
+    res = CliRunner().invoke(cli, ["run", "--method", "image-only", "--dataset", "nope"])
+    assert res.exit_code == 2
+    assert res.output.strip().count("\n") == 0 and "unknown dataset 'nope'; valid:" in res.output
