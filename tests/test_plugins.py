@@ -97,7 +97,8 @@ def test_broken_plugin_warns_and_everything_else_works(fake_entry_points):
         reg = plugins.get_registry()
     assert "good-method" in reg.methods and "image-only" in reg.methods
     plugins.reset_registry()
-    res = CliRunner().invoke(cli, ["methods"])
+    with pytest.warns(plugins.PluginWarning, match="brokenplugin"):
+        res = CliRunner().invoke(cli, ["methods"])
     assert res.exit_code == 0 and "good-method" in res.output
 
 
