@@ -309,7 +309,8 @@ def score(dataset, split, data_root, subset_file, as_json, file):
 
         raise UnknownNameError(f"split of {dataset}", split, spec.splits)
     opts = resolve_options(spec.options, {}, spec.name, f"dataset {spec.name}")[0]
-    ds = spec.load()(Path(data_root or spec.default_data_root or "."), opts)
+    root = data_root or spec.default_data_root
+    ds = spec.load()(Path(root) if root else None, opts)
     extra = {"subset": Path(subset_file)} if subset_file else None
     metrics = ds.score_file(split, Path(file), extra)
     if as_json:

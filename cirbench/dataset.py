@@ -28,8 +28,11 @@ class Dataset:
     name = "dataset"
     splits: tuple[str, ...] = ()
 
-    def __init__(self, data_root: Path | str, options: dict[str, Any] | None = None):
-        self.data_root = Path(data_root).expanduser()
+    def __init__(self, data_root: Path | str | None, options: dict[str, Any] | None = None):
+        #: whether the user (or the spec's default) named a data root; datasets that generate their data
+        #: (shapes) use their own cache folder otherwise
+        self.data_root_given = data_root is not None
+        self.data_root = Path(data_root if data_root is not None else ".").expanduser()
         self.options = dict(options or {})
 
     # -- to implement --------------------------------------------------------------------------------

@@ -166,8 +166,8 @@ class Evaluator:
 
         out_dir = ensure_writable(Path(cfg.output) / dspec.name / split)
 
-        data_root = cfg.data_root or dspec.default_data_root or "."
-        dataset = dspec.load()(Path(data_root), dataset_options[0])
+        data_root = cfg.data_root or dspec.default_data_root
+        dataset = dspec.load()(Path(data_root) if data_root else None, dataset_options[0])
         evalsets = dataset.load(split)
         set_counts = {es.name: _drop_missing(es, cfg.allow_missing) for es in evalsets}
 
@@ -213,7 +213,7 @@ class Evaluator:
                 "method": {"name": mspec.name, "plugin": mspec.plugin, "label": label, "options": opts,
                            "info": method.info()},
                 "dataset": {"name": dspec.name, "plugin": dspec.plugin, "split": split,
-                            "options": dataset_options[0], "data_root": str(Path(data_root).resolve())},
+                            "options": dataset_options[0], "data_root": str(dataset.data_root.resolve())},
                 "backbone": backbone.identity(),
                 "preprocess": preprocessor.identity(),
                 "precision": backbone.precision,

@@ -1,0 +1,28 @@
+"""Built-in plugin: ``shapes``, an embedded, procedurally generated composed-retrieval benchmark.
+
+It needs no download: images are generated (deterministically from ``--seed``) into the cirbench cache on
+first use, and every method runs on the small CLIP bundled with cirbench unless ``--backbone`` says
+otherwise. See ``generator.py`` for the attribute world and ``dataset.py`` for the splits and metrics.
+"""
+
+from cirbench.hookspecs import hookimpl
+from cirbench.types import DatasetSpec, OptionSpec
+
+
+@hookimpl
+def register_datasets(register):
+    register(DatasetSpec(
+        name="shapes",
+        description="Embedded synthetic CIR benchmark (shapes x colours x sizes x positions x backgrounds); "
+                    "offline, deterministic, several ground truths per query (mAP@K and R@K).",
+        factory="cirbench.datasets.shapes.dataset:Shapes",
+        splits=("val", "test", "train"),
+        default_split="val",
+        options=(
+            OptionSpec("seed", "Generator seed (same seed, same images and queries).", "int", 0),
+            OptionSpec("queries", "Number of queries per evaluation split.", "int", 400),
+            OptionSpec("instances", "Rendered instances of every attribute combination in a gallery.", "int", 3),
+            OptionSpec("train_size", "Image-caption pairs in the train corpus.", "int", 5000),
+        ),
+        default_backbone=("cirbench-shapes-clip", "bundled"),
+    ))

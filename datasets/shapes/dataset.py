@@ -1,0 +1,132 @@
+"""The ``shapes`` dataset: generation on first use (atomic, deterministic), splits, metrics."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from cirbench.dataset import Dataset
+from cirbench.errors import CirbenchError
+from cirbench.features import default_cache_dir
+from cirbench.metrics import hits_matrix, map_at_k, recall_at_k
+from cirbench.types import EvalSet, ImageRef, Query
+
+from . import generator as G
+
+FORMAT_VERSION = "v1"
+COMPLETE = ".complete"  # written last: a folder without it is regenerated, never trusted
+SPLIT_SALT = {"val": 1, "test": 2, "train": 3}
+MAP_KS = (5, 10, 25)
+RECALL_KS = (1, 5, 10)
+
+
+class Shapes(Dataset):
+    """Generated CIR benchmark; ``val``/``test`` are query splits, ``train`` an image-caption corpus."""
+
+    name = "shapes"
+    splits = ("val", "test", "train")
+
+    @property
+    def folder(self) -> Path:
+        if self.data_root_given:
+            return self.data_root
+        return default_cache_dir() / "shapes" / f"{FORMAT_VERSION}-seed{self.options.get('seed', 0)}"
+
+    def _rng(self, split: str, *parts: object) -> random.Random:
+        return random.Random("-".join(map(str, (self.options.get("seed", 0), SPLIT_SALT[split], *parts))))
+
+    # -- generation ------------------------------------------------------------------------------------
+    def ensure(self, split: str) -> Path:
+        """Generate ``split`` into its folder if it is not complete; return the folder."""
+        target = self.folder / split
+        if (target / COMPLETE).exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=target.parent))
+        try:
+            (self._write_corpus if split == "train" else self._write_queries)(split, tmp)
+            (tmp / COMPLETE).write_text(json.dumps({"version": FORMAT_VERSION, "options": self.options}))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    def _save(self, img, path: Path) -> None:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", optimize=False)
+        path.write_bytes(buf.getvalue())
+
+    def _write_queries(self, split: str, out: Path) -> None:
+        (out / "images").mkdir()
+        gallery = []
+        for combo in G.all_combinations():
+            for inst in range(int(self.options.get("instances", 3))):
+                name = f"{combo.key()}-{inst}"
+                self._save(G.render(combo, self._rng(split, name)), out / "images" / f"{name}.png")
+                gallery.append({"id": name, "attributes": combo.__dict__})
+        rng = self._rng(split, "queries")
+        by_key: dict[str, list[str]] = {}
+        for g in gallery:
+            by_key.setdefault(G.Attributes(**g["attributes"]).key(), []).append(g["id"])
+        queries = []
+        for qi in range(int(self.options.get("queries", 400))):
+            ref = rng.choice(gallery)
+            ref_attrs = G.Attributes(**ref["attributes"])
+            target, text = G.make_query(ref_attrs, rng)
+            queries.append({"id": f"{split}-{qi}", "reference": ref["id"], "text": text,
+                            "targets": by_key[target.key()], "reference_attributes": ref_attrs.__dict__,
+                            "target_attributes": target.__dict__})
+        (out / "gallery.json").write_text(json.dumps(gallery))
+        (out / "queries.json").write_text(json.dumps(queries, indent=0))
+
+    def _write_corpus(self, split: str, out: Path) -> None:
+        (out / "images").mkdir()
+        rng = self._rng(split, "corpus")
+        combos = G.all_combinations()
+        rows = []
+        for i in range(int(self.options.get("train_size", 5000))):
+            attrs = rng.choice(combos)
+            name = f"images/train-{i:06d}.png"
+            self._save(G.render(attrs, rng), out / name)
+            subject, attribute = G.subject_attribute(attrs)
+            rows.append({"image": name, "caption": G.caption(attrs, rng), "subject": subject, "attribute": attribute})
+        with open(out / "train.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["image", "caption", "subject", "attribute"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    # -- the Dataset API -------------------------------------------------------------------------------
+    def corpus_path(self) -> Path:
+        """The training corpus CSV (image, caption, subject, attribute), generated if needed."""
+        return self.ensure("train") / "train.csv"
+
+    def load(self, split: str) -> list[EvalSet]:
+        self.check_split(split)
+        if split == "train":
+            raise CirbenchError(f"shapes/train is a training corpus, not a query split: use it with "
+                                f"`cirbench train --corpus {self.corpus_path()}`")
+        folder = self.ensure(split)
+        gallery = [ImageRef(g["id"], folder / "images" / f"{g['id']}.png")
+                   for g in self.read_json(folder / "gallery.json")]
+        queries = [Query(q["id"], q["reference"], (q["text"],), tuple(q["targets"]),
+                         extra={"reference_attributes": q["reference_attributes"],
+                                "target_attributes": q["target_attributes"]})
+                   for q in self.read_json(folder / "queries.json")]
+        return [EvalSet(split, gallery, queries, {g.id: g for g in gallery}, exclude_reference=True,
+                        topk=max(MAP_KS + RECALL_KS))]
+
+    def metrics(self, evalset: EvalSet, ranking) -> dict[str, float]:
+        targets = ranking.target_positions([q.targets for q in evalset.queries])
+        hits = hits_matrix(ranking.indices, targets)
+        out = {f"mAP@{k}": v for k, v in map_at_k(hits, [len(q.targets) for q in evalset.queries], MAP_KS).items()}
+        out.update({f"R@{k}": v for k, v in recall_at_k(hits, RECALL_KS).items()})
+        return out
