@@ -65,6 +65,61 @@ class Dataset:
         """Score a ranking file made elsewhere (official submission format or per-query rankings)."""
         raise CirbenchError(f"dataset '{self.name}' cannot score ranking files")
 
+    # -- scoring rankings made elsewhere ---------------------------------------------------------------
+    def ranking_from_ids(self, evalset: EvalSet, ranked: dict[str, list[str]],
+                         subsets: dict[str, list[str]] | None = None, source: Path | None = None):
+        """A :class:`~cirbench.retrieval.Ranking` from ranked image ids per query id, so that files made by
+        other code are scored by the very same ``metrics`` as live runs. Every query must be present;
+        ids outside the gallery are kept (they can never be relevant) so ranks stay where the file put them.
+        """
+        import torch
+
+        from .retrieval import Ranking
+
+        where = f" in {source}" if source else ""
+        missing = [q.id for q in evalset.queries if q.id not in ranked]
+        if missing:
+            raise AnnotationError(f"{len(missing)} queries have no ranking{where} (first: {missing[:3]})")
+        gallery_ids = list(evalset.gallery_ids)
+        position = {g: i for i, g in enumerate(gallery_ids)}
+        width = max((len(ranked[q.id]) for q in evalset.queries), default=0)
+        indices = torch.full((len(evalset.queries), width), -1, dtype=torch.long)
+        for qi, q in enumerate(evalset.queries):
+            row = []
+            for image_id in ranked[q.id]:
+                if image_id not in position:
+                    position[image_id] = len(gallery_ids)
+                    gallery_ids.append(image_id)
+                row.append(position[image_id])
+            indices[qi, : len(row)] = torch.tensor(row, dtype=torch.long)
+        candidate_order = None
+        if subsets is not None:
+            candidate_order = [list(subsets.get(q.id, [])) for q in evalset.queries]
+        return Ranking([q.id for q in evalset.queries], gallery_ids, indices, torch.zeros(indices.shape),
+                       candidate_order)
+
+    def read_predictions(self, path: Path) -> dict[str, dict[str, list[str]]]:
+        """Read a per-query ranking file (``*.predictions.jsonl`` as ``cirbench run`` writes it:
+        one JSON object per line with ``query``, ``top`` (ranked ids) and optionally ``set`` and
+        ``subset``). Returns ``{set name or "": {query id: ids}}`` and subsets under key ``"subset:"+set``."""
+        out: dict[str, dict[str, list[str]]] = {}
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise AnnotationError(f"cannot read ranking file {path}: {exc}") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                set_name = str(row.get("set", ""))
+                out.setdefault(set_name, {})[str(row["query"])] = [str(x) for x in row["top"]]
+                if "subset" in row:
+                    out.setdefault("subset:" + set_name, {})[str(row["query"])] = [str(x) for x in row["subset"]]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise AnnotationError(f"ranking file {path}, line {n}: not a ranking row ({exc})") from None
+        return out
+
     # -- helpers for subclasses ----------------------------------------------------------------------
     def check_split(self, split: str) -> None:
         if split not in self.splits:

@@ -206,6 +206,8 @@ class Evaluator:
                            "top": ranking.top_ids(qi, k), "scores": [round(s, 6) for s in ranking.scores[qi, :k].tolist()]}
                     if q.targets:
                         row["targets"] = list(q.targets)
+                    if ranking.candidate_order is not None:
+                        row["subset"] = ranking.candidate_order[qi]
                     predictions.append(row)
             metrics = dataset.aggregate(per_set) if per_set else {}
             record = {

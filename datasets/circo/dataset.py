@@ -1,0 +1,144 @@
+"""CIRCO: the official annotation files, the COCO unlabeled gallery, the official metrics and server file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from cirbench.dataset import Dataset
+from cirbench.errors import AnnotationError, CirbenchError
+from cirbench.features import atomic_write_bytes
+from cirbench.metrics import hits_matrix, map_at_k
+from cirbench.types import EvalSet, ImageRef, Query
+
+KS = (5, 10, 25, 50)
+SUBMISSION_LENGTH = 50
+ASPECTS = ("cardinality", "addition", "negation", "direct_addressing", "compare_change", "comparative_statement",
+           "statement_with_conjunction", "spatial_relations_background", "viewpoint")
+
+
+class CIRCO(Dataset):
+    """The official layout under ``--data-root``: ``annotations/{val,test}.json``,
+    ``COCO2017_unlabeled/unlabeled2017/<id:012d>.jpg`` and, optionally,
+    ``COCO2017_unlabeled/annotations/image_info_unlabeled2017.json`` (the gallery list; without it the
+    gallery is every ``*.jpg`` in the image folder)."""
+
+    name = "circo"
+    splits = ("val", "test")
+
+    @property
+    def image_dir(self) -> Path:
+        return self.data_root / "COCO2017_unlabeled" / "unlabeled2017"
+
+    def gallery(self) -> list[ImageRef]:
+        info = self.data_root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
+        if info.is_file():
+            data = self.read_json(info)
+            try:
+                entries = [(int(im["id"]), im["file_name"]) for im in data["images"]]
+            except (KeyError, TypeError, ValueError):
+                raise AnnotationError(f"annotation file {info}: expected images[{{id, file_name}}]") from None
+            return [ImageRef(str(i), self.image_dir / Path(name).name) for i, name in entries]
+        if not self.image_dir.is_dir():
+            raise AnnotationError(f"CIRCO gallery not found: neither {info} nor the image folder {self.image_dir} "
+                                  f"exists (is --data-root {self.data_root} right?)")
+        ids = []
+        with os.scandir(self.image_dir) as it:
+            for entry in it:
+                stem, ext = os.path.splitext(entry.name)
+                if ext.lower() == ".jpg" and stem.isdigit():
+                    ids.append(int(stem))
+        return [ImageRef(str(i), self.image_dir / f"{i:012d}.jpg") for i in sorted(ids)]
+
+    def load(self, split: str) -> list[EvalSet]:
+        self.check_split(split)
+        return [self._evalset(split, self.gallery())]
+
+    def _evalset(self, split: str, gallery: list[ImageRef]) -> EvalSet:
+        path = self.data_root / "annotations" / f"{split}.json"
+        records = self.read_json(path)
+        if not isinstance(records, list):
+            raise AnnotationError(f"annotation file {path}: expected a list of queries")
+        hidden = split == "test"
+        fields = ("id", "reference_img_id", "relative_caption", "shared_concept") + \
+            (() if hidden else ("target_img_id", "gt_img_ids"))
+        queries = []
+        for i, rec in enumerate(records):
+            self.require_fields(rec, fields, path, i)
+            targets: tuple[str, ...] = ()
+            if not hidden:
+                # the official evaluator scores mAP against gt_img_ids and Recall against target_img_id
+                targets = tuple(str(g) for g in rec["gt_img_ids"])
+            queries.append(Query(
+                id=str(rec["id"]), reference=str(rec["reference_img_id"]), texts=(rec["relative_caption"],),
+                targets=targets,
+                extra={"shared_concept": rec["shared_concept"],
+                       "target_img_id": None if hidden else str(rec["target_img_id"]),
+                       "semantic_aspects": rec.get("semantic_aspects", [])},
+            ))
+        images = {g.id: g for g in gallery}
+        for q in queries:  # references are COCO unlabeled images; keep them even if the gallery list lacks one
+            images.setdefault(q.reference, ImageRef(q.reference, self.image_dir / f"{int(q.reference):012d}.jpg"))
+        return EvalSet(split, gallery, queries, images, exclude_reference=False, hidden_targets=hidden,
+                       topk=SUBMISSION_LENGTH)
+
+    def metrics(self, evalset: EvalSet, ranking) -> dict[str, float]:
+        queries = evalset.queries
+        gt = ranking.target_positions([q.targets for q in queries])
+        hits = hits_matrix(ranking.indices, gt)
+        n_gt = [len(q.targets) for q in queries]
+        out = {f"mAP@{k}": v for k, v in map_at_k(hits, n_gt, KS).items()}
+        # Recall@K as officially: the count of the single target among the first K predictions, averaged
+        target = ranking.target_positions([(q.extra["target_img_id"],) for q in queries])
+        target_hits = hits_matrix(ranking.indices, target).float()
+        for k in KS:
+            out[f"R@{k}"] = float(target_hits[:, :k].sum(dim=1).mean() * 100) if len(queries) else 0.0
+        ap10 = _ap_at(hits, n_gt, 10)
+        for aspect in ASPECTS:
+            mask = torch.tensor([aspect in q.extra.get("semantic_aspects", []) for q in queries])
+            if mask.any():
+                out[f"aspect/{aspect}/mAP@10"] = float(ap10[mask].mean() * 100)
+        return out
+
+    # -- test server -----------------------------------------------------------------------------------
+    def write_submission(self, evalset: EvalSet, ranking, out_dir: Path, stem: str) -> list[Path]:
+        submission = {q.id: [int(x) for x in ranking.top_ids(qi, SUBMISSION_LENGTH)]
+                      for qi, q in enumerate(evalset.queries)}
+        self.validate_submission(evalset, submission)
+        path = Path(out_dir) / f"{stem}.circo-{evalset.name}.json"
+        atomic_write_bytes(path, json.dumps(submission).encode())
+        return [path]
+
+    def validate_submission(self, evalset: EvalSet, submission: dict) -> None:
+        for q in evalset.queries:
+            ids = submission.get(q.id)
+            if ids is None:
+                raise CirbenchError(f"CIRCO submission: query {q.id} is missing")
+            if len(ids) != SUBMISSION_LENGTH or len(set(ids)) != len(ids):
+                raise CirbenchError(f"CIRCO submission: query {q.id} needs {SUBMISSION_LENGTH} unique image ids")
+
+    # -- scoring files made elsewhere --------------------------------------------------------------
+    def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
+        self.check_split(split)
+        evalset = self._evalset(split, [])  # scoring needs only the annotation files, not the gallery
+        if evalset.hidden_targets:
+            raise CirbenchError("CIRCO test targets are hidden: submit the file to the CIRCO evaluation server")
+        if str(path).endswith(".jsonl"):
+            rows = self.read_predictions(path)
+            ranked = rows.get(evalset.name) or rows.get("", {})
+        else:
+            data = self.read_json(path)
+            if not isinstance(data, dict):
+                raise AnnotationError(f"{path} is not a CIRCO submission (expected {{query id: [image ids]}})")
+            ranked = {str(k): [str(x) for x in v] for k, v in data.items()}
+        return self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
+
+
+def _ap_at(hits: torch.Tensor, n_relevant: list[int], k: int) -> torch.Tensor:
+    h = hits[:, :k].double()
+    precision = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=torch.float64)
+    return (precision * h).sum(1) / torch.clamp(torch.minimum(torch.tensor(n_relevant, dtype=torch.float64),
+                                                              torch.tensor(float(k))), min=1)

@@ -1,0 +1,140 @@
+"""CIRR: loading the official rc2 files, the official metrics, and the test-server files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cirbench.dataset import Dataset
+from cirbench.errors import AnnotationError, CirbenchError
+from cirbench.features import atomic_write_bytes
+from cirbench.images import check_inside
+from cirbench.metrics import hits_matrix, recall_at_k
+from cirbench.types import EvalSet, ImageRef, Query
+
+RECALL_KS = (1, 5, 10, 50)
+SUBSET_KS = (1, 2, 3)
+VERSION = "rc2"
+
+
+class CIRR(Dataset):
+    """The official layout under ``--data-root``: ``cirr/captions/cap.rc2.<split>.json``,
+    ``cirr/image_splits/split.rc2.<split>.json`` (or ``captions/``/``image_splits/`` at the root), and the
+    images where the split file says (``./dev/<name>.png``, ``./test1/<name>.png``), relative to the root."""
+
+    name = "cirr"
+    splits = ("val", "test1")
+
+    def _annotation_dir(self) -> Path:
+        for candidate in (self.data_root / "cirr", self.data_root):
+            if (candidate / "captions").is_dir():
+                return candidate
+        return self.data_root / "cirr"
+
+    def load(self, split: str) -> list[EvalSet]:
+        self.check_split(split)
+        ann = self._annotation_dir()
+        split_path = ann / "image_splits" / f"split.{VERSION}.{split}.json"
+        caption_path = ann / "captions" / f"cap.{VERSION}.{split}.json"
+        names = self.read_json(split_path)
+        if not isinstance(names, dict):
+            raise AnnotationError(f"annotation file {split_path}: expected an object mapping names to paths")
+        gallery = [ImageRef(name, check_inside(self.data_root, Path(rel))) for name, rel in names.items()]
+        records = self.read_json(caption_path)
+        if not isinstance(records, list):
+            raise AnnotationError(f"annotation file {caption_path}: expected a list of queries")
+        hidden = split == "test1"
+        fields = ("pairid", "reference", "caption", "img_set") + (() if hidden else ("target_hard",))
+        queries = []
+        for i, rec in enumerate(records):
+            self.require_fields(rec, fields, caption_path, i)
+            members = rec["img_set"].get("members") if isinstance(rec["img_set"], dict) else None
+            if not isinstance(members, list):
+                raise AnnotationError(f"annotation file {caption_path}: record {i} has no img_set.members")
+            for image_id in [rec["reference"], *([] if hidden else [rec["target_hard"]])]:
+                if image_id not in names:
+                    raise AnnotationError(f"annotation file {caption_path}: record {i} names image {image_id!r}, "
+                                          f"which is not in {split_path.name}")
+            queries.append(Query(
+                id=str(rec["pairid"]),
+                reference=rec["reference"],
+                texts=(rec["caption"],),
+                targets=() if hidden else (rec["target_hard"],),  # target_soft is ignored, as officially
+                candidates=tuple(members),
+            ))
+        images = {g.id: g for g in gallery}
+        return [EvalSet(split, gallery, queries, images, exclude_reference=True, hidden_targets=hidden,
+                        topk=max(RECALL_KS))]
+
+    def metrics(self, evalset: EvalSet, ranking) -> dict[str, float]:
+        targets = ranking.target_positions([q.targets for q in evalset.queries])
+        out = {f"R@{k}": v for k, v in recall_at_k(hits_matrix(ranking.indices, targets), RECALL_KS).items()}
+        if ranking.candidate_order is not None:
+            import torch
+
+            width = max(SUBSET_KS)
+            subset = torch.full((len(evalset.queries), width), -1, dtype=torch.long)
+            subset_ids: dict[str, int] = {}
+            for qi, row in enumerate(ranking.candidate_order):
+                ids = [subset_ids.setdefault(x, len(subset_ids)) for x in row[:width]]
+                subset[qi, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            sub_targets = [[subset_ids[t] for t in q.targets if t in subset_ids] for q in evalset.queries]
+            out.update({f"Rs@{k}": v for k, v in recall_at_k(hits_matrix(subset, sub_targets), SUBSET_KS).items()})
+        return out
+
+    # -- test server -----------------------------------------------------------------------------------
+    def submission_dicts(self, evalset: EvalSet, ranking) -> tuple[dict, dict]:
+        """The two official server files as dicts, validated."""
+        recall = {"version": VERSION, "metric": "recall"}
+        subset = {"version": VERSION, "metric": "recall_subset"}
+        for qi, q in enumerate(evalset.queries):
+            top = ranking.top_ids(qi, max(RECALL_KS))
+            members = ranking.candidate_order[qi][: max(SUBSET_KS)] if ranking.candidate_order else []
+            recall[q.id] = top
+            subset[q.id] = members
+        self.validate_submission(evalset, recall, subset)
+        return recall, subset
+
+    def validate_submission(self, evalset: EvalSet, recall: dict, subset: dict) -> None:
+        for q in evalset.queries:
+            top, members = recall.get(q.id), subset.get(q.id)
+            if top is None or members is None:
+                raise CirbenchError(f"CIRR submission: query {q.id} is missing")
+            if len(top) != max(RECALL_KS) or len(set(top)) != len(top) or q.reference in top:
+                raise CirbenchError(f"CIRR submission: query {q.id} needs {max(RECALL_KS)} unique names "
+                                    "without the reference")
+            allowed = set(q.candidates or ()) - {q.reference}
+            if len(members) != max(SUBSET_KS) or len(set(members)) != len(members) or not set(members) <= allowed:
+                raise CirbenchError(f"CIRR submission: query {q.id} needs {max(SUBSET_KS)} unique img_set members "
+                                    "without the reference")
+
+    def write_submission(self, evalset: EvalSet, ranking, out_dir: Path, stem: str) -> list[Path]:
+        recall, subset = self.submission_dicts(evalset, ranking)
+        paths = []
+        for metric, data in (("recall", recall), ("recall_subset", subset)):
+            path = Path(out_dir) / f"{stem}.cirr-{evalset.name}-{metric}.json"
+            atomic_write_bytes(path, json.dumps(data).encode())
+            paths.append(path)
+        return paths
+
+    # -- scoring files made elsewhere --------------------------------------------------------------
+    def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
+        (evalset,) = self.load(split)
+        if evalset.hidden_targets:
+            raise CirbenchError("CIRR test1 targets are hidden: submit the files to the CIRR test server")
+        subset_path = (extra or {}).get("subset")
+        if str(path).endswith(".jsonl"):
+            rows = self.read_predictions(path)
+            ranked = rows.get(evalset.name) or rows.get("", {})
+            subsets = rows.get("subset:" + evalset.name) or rows.get("subset:")
+        else:
+            ranked = self._read_server_file(path, "recall")
+            subsets = self._read_server_file(subset_path, "recall_subset") if subset_path else None
+        ranking = self.ranking_from_ids(evalset, ranked, subsets, source=path)
+        return self.metrics(evalset, ranking)
+
+    def _read_server_file(self, path: Path, metric: str) -> dict[str, list[str]]:
+        data = self.read_json(path)
+        if not isinstance(data, dict) or data.get("metric") not in (None, metric):
+            raise AnnotationError(f"{path} is not a CIRR '{metric}' file (its metric is {data.get('metric')!r})")
+        return {k: [str(x) for x in v] for k, v in data.items() if k not in ("version", "metric")}

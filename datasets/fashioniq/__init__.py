@@ -1,0 +1,25 @@
+"""Built-in plugin: FashionIQ (dress, shirt, toptee).
+
+Each category is ranked against its own gallery (``image_splits/split.<category>.<split>.json``); the
+reference is not removed; Recall@10 and Recall@50 per category and their mean, as the literature reports on
+``val``. ``test`` has hidden targets and no public server: the run writes per-query rankings only.
+"""
+
+from cirbench.hookspecs import hookimpl
+from cirbench.types import DatasetSpec, OptionSpec
+
+CATEGORIES = ("dress", "shirt", "toptee")
+
+
+@hookimpl
+def register_datasets(register):
+    register(DatasetSpec(
+        name="fashioniq",
+        description="FashionIQ: fashion products, two relative captions per query; R@10/50 per category and mean.",
+        factory="cirbench.datasets.fashioniq.dataset:FashionIQ",
+        splits=("val", "test"),
+        hidden_splits=("test",),
+        default_split="val",
+        options=(OptionSpec("category", "Evaluate one category only, or 'all' (each against its own gallery, "
+                            "then averaged).", "str", "all", choices=("all", *CATEGORIES)),),
+    ))

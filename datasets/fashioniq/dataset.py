@@ -1,0 +1,108 @@
+"""FashionIQ: official caption/split files, per-category galleries, Recall@{10,50}."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cirbench.dataset import Dataset
+from cirbench.errors import AnnotationError, CirbenchError
+from cirbench.metrics import hits_matrix, recall_at_k
+from cirbench.types import EvalSet, ImageRef, Query
+
+from . import CATEGORIES
+
+KS = (10, 50)
+EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class FashionIQ(Dataset):
+    """The official layout under ``--data-root``: ``captions/cap.<cat>.<split>.json``,
+    ``image_splits/split.<cat>.<split>.json`` and the images, found in the first of these folders that holds
+    them: ``images/<asin>.{png,jpg}`` (SEARLE, FTI4CIR), ``images/<cat>/<asin>.*``, ``image_data/<cat>/<asin>.*``
+    (the original per-category download)."""
+
+    name = "fashioniq"
+    splits = ("val", "test")
+
+    def categories(self) -> tuple[str, ...]:
+        chosen = self.options.get("category", "all")
+        return CATEGORIES if chosen in (None, "all") else (chosen,)
+
+    def _image_locator(self, category: str):
+        folders = [self.data_root / "images", self.data_root / "images" / category,
+                   self.data_root / "image_data" / category]
+        listing: dict[Path, set[str]] = {}
+        for folder in folders:
+            if folder.is_dir():
+                with os.scandir(folder) as it:
+                    listing[folder] = {e.name for e in it if e.is_file()}
+
+        def locate(asin: str) -> Path:
+            for folder, names in listing.items():
+                for ext in EXTENSIONS:
+                    if asin + ext in names:
+                        return folder / (asin + ext)
+            return self.data_root / "images" / f"{asin}.png"  # reported as missing by the loop
+
+        return locate
+
+    def load(self, split: str) -> list[EvalSet]:
+        self.check_split(split)
+        return [self._category(split, cat) for cat in self.categories()]
+
+    def _category(self, split: str, category: str) -> EvalSet:
+        hidden = split == "test"
+        split_path = self.data_root / "image_splits" / f"split.{category}.{split}.json"
+        caption_path = self.data_root / "captions" / f"cap.{category}.{split}.json"
+        names = self.read_json(split_path)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise AnnotationError(f"annotation file {split_path}: expected a list of image names")
+        for n in names:
+            if "/" in n or "\\" in n or n.startswith(".."):
+                raise AnnotationError(f"annotation file {split_path}: image name {n!r} escapes the image folder")
+        locate = self._image_locator(category)
+        gallery = [ImageRef(n, locate(n)) for n in dict.fromkeys(names)]
+        records = self.read_json(caption_path)
+        if not isinstance(records, list):
+            raise AnnotationError(f"annotation file {caption_path}: expected a list of queries")
+        fields = ("candidate", "captions") + (() if hidden else ("target",))
+        images = {g.id: g for g in gallery}
+        queries = []
+        for i, rec in enumerate(records):
+            self.require_fields(rec, fields, caption_path, i)
+            caps = rec["captions"]
+            if not isinstance(caps, list) or len(caps) != 2:
+                raise AnnotationError(f"annotation file {caption_path}: record {i} needs two captions")
+            if not isinstance(rec["candidate"], str) or "/" in rec["candidate"]:
+                raise AnnotationError(f"annotation file {caption_path}: record {i} has a bad candidate name")
+            images.setdefault(rec["candidate"], ImageRef(rec["candidate"], locate(rec["candidate"])))
+            queries.append(Query(
+                id=f"{category}-{i}",  # FashionIQ has no query ids: category and position in the file
+                reference=rec["candidate"],
+                texts=(str(caps[0]), str(caps[1])),  # empty captions are kept, as in the official files
+                targets=() if hidden else (rec["target"],),
+                category=category,
+            ))
+        return EvalSet(category, gallery, queries, images, exclude_reference=False, hidden_targets=hidden,
+                       topk=max(KS))
+
+    def metrics(self, evalset: EvalSet, ranking) -> dict[str, float]:
+        targets = ranking.target_positions([q.targets for q in evalset.queries])
+        return {f"R@{k}": v for k, v in recall_at_k(hits_matrix(ranking.indices, targets), KS).items()}
+
+    def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
+        self.check_split(split)
+        if split == "test":
+            raise CirbenchError("FashionIQ test targets are not public")
+        if not str(path).endswith(".jsonl"):
+            raise CirbenchError("FashionIQ has no official submission format: score a per-query ranking file "
+                                "(*.predictions.jsonl rows with set, query and top)")
+        rows = self.read_predictions(path)
+        per_set = {}
+        for evalset in self.load(split):
+            ranked = rows.get(evalset.name)
+            if ranked is None:
+                raise AnnotationError(f"{path} has no rankings for category {evalset.name}")
+            per_set[evalset.name] = self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
+        return self.aggregate(per_set)
