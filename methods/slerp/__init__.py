@@ -26,8 +26,9 @@ TAT_TRAIN_OPTIONS = (
     OptionSpec("lora_alpha", "LoRA alpha (scaling = lora_alpha / lora_rank).", "float", 16.0),
     OptionSpec("lora_dropout", "LoRA dropout.", "float", 0.1),
     OptionSpec("lora_targets", "Comma-separated module-name suffixes of the image tower to adapt "
-               "(not stated by the paper; default: attention output and both MLP projections of every block).",
-               "str", "attn.out_proj,mlp.c_fc,mlp.c_proj"),
+               "(not stated by the paper; default: both MLP projections of every block; 'attn' adds the attention "
+               "in/out projections through peft's MultiheadAttention adapter, which merges into the base weights "
+               "at each forward and so moves them by float round-off).", "str", "mlp.c_fc,mlp.c_proj"),
     OptionSpec("temperature", "Fixed temperature of the symmetric image-text contrastive loss "
                "(the paper fixes it; value unstated: default 0.01, CLIP's learned scale of 100).", "float", 0.01),
 )
@@ -42,4 +43,14 @@ def register_methods(register):
         options=(ALPHA,),
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="clip",
+    ))
+    register(MethodSpec(
+        name="slerp-tat",
+        description="Slerp with a Text-Anchored-Tuned image encoder (LoRA on the image tower, text tower frozen).",
+        factory="cirbench.methods.slerp.model:SlerpTAT",
+        options=(ALPHA, CHECKPOINT),
+        default_backbone=("ViT-L-14", "openai"),
+        default_preprocess="clip",
+        trainer="cirbench.methods.slerp.tat:TATTrainable",
+        train_options=TAT_TRAIN_OPTIONS,
     ))

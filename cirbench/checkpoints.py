@@ -1,0 +1,81 @@
+"""Checkpoints of trained method parts: ``model.safetensors`` + ``config.json`` in one folder.
+
+``config.json`` records the method, the backbone identity it was trained on, the method's training options
+and the training configuration. Loading checks the method and the backbone, so weights are never applied to
+a model they were not trained for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from .errors import CheckpointError
+from .features import atomic_write_bytes
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """Write ``tensors`` and ``config`` into ``folder`` (atomically, weights first, config last)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(folder / WEIGHTS, save(clean, metadata={"method": str(config.get("method", ""))}))
+    atomic_write_bytes(folder / CONFIG, (json.dumps(config, indent=2, default=str) + "\n").encode())
+    return folder
+
+
+def _weights_key(weights: dict[str, Any]) -> Any:
+    # a weights file is identified by its hash wherever it lives; tags and random init by what made them
+    return weights.get("sha256") or (weights.get("kind"), weights.get("tag"), weights.get("seed"))
+
+
+def backbone_matches(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    return (saved.get("model") == current.get("model") and saved.get("config_sha256") == current.get("config_sha256")
+            and _weights_key(saved.get("weights") or {}) == _weights_key(current.get("weights") or {}))
+
+
+def describe_backbone(identity: dict[str, Any]) -> str:
+    weights = identity.get("weights", {})
+    tag = weights.get("tag") or weights.get("path") or weights.get("kind")
+    return f"{identity.get('model')} / {identity.get('pretrained')} ({tag})"
+
+
+def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dict[str, Any] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint folder (or its ``model.safetensors``); check its method and backbone."""
+    if path is None:
+        raise CheckpointError(f"method '{method}' needs --checkpoint (a folder written by `cirbench train`)")
+    path = Path(path).expanduser()
+    folder = path.parent if path.suffix == ".safetensors" else path
+    if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
+        raise CheckpointError(f"checkpoint {path} not found (expected {WEIGHTS} and {CONFIG} in {folder})")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        tensors = load_file(str(folder / WEIGHTS))
+    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint {folder} is corrupt: {exc}") from None
+    if config.get("method") != method:
+        raise CheckpointError(f"checkpoint {folder} is for method '{config.get('method')}', not '{method}'")
+    saved = config.get("backbone") or {}
+    if backbone_identity is not None and not backbone_matches(saved, backbone_identity):
+        raise CheckpointError(
+            f"checkpoint {folder} was trained on {describe_backbone(saved)}, this run uses "
+            f"{describe_backbone(backbone_identity)}: pass --backbone {saved.get('model')} "
+            f"--pretrained {saved.get('pretrained')}")
+    return tensors, config
+
+
+def checkpoint_sha256(path: Path | str) -> str:
+    from .backbones import file_sha256
+
+    path = Path(path)
+    folder = path.parent if path.suffix == ".safetensors" else path
+    return file_sha256(folder / WEIGHTS)

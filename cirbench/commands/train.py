@@ -1,0 +1,80 @@
+"""``cirbench train``: train a method's trainable part with the shared training loop."""
+
+from __future__ import annotations
+
+import click
+
+EPILOG = """\b
+Examples:
+  cirbench train --method slerp-tat --corpus laion/{00000..00199}.tar --max-steps 2000 --output runs/tat
+  cirbench train --method pic2word --corpus cc3m.csv --output runs/pic2word --epochs 30
+  torchrun --nproc-per-node 8 -m cirbench train --method slerp-tat --corpus pairs.csv --output runs/tat
+  cirbench train --method slerp-tat --backbone cirbench-shapes-clip --pretrained bundled \\
+      --corpus ~/.cache/cirbench/shapes/v1-seed0/train/train.csv --output runs/tat-shapes --batch-size 128
+"""
+
+
+@click.command(name="train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+               epilog=EPILOG)
+@click.option("--method", "-m", required=True, help="A trainable method (see `cirbench methods`).")
+@click.option("--corpus", required=True, help="CSV/TSV of image,caption; a folder with .txt sidecars; or .tar shards.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Checkpoint folder.")
+@click.option("--backbone", default=None, help="open_clip model name or config JSON (default: the method's).")
+@click.option("--pretrained", default=None, help="open_clip tag, weights file, 'bundled' or 'none'.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: the method's).")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
+@click.option("--batch-size", type=int, default=None, help="Global batch size (default: the method's).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default: the method's).")
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--warmup-steps", type=int, default=None)
+@click.option("--schedule", type=click.Choice(["cosine", "constant", "step"]), default=None)
+@click.option("--accum-steps", type=int, default=1, show_default=True, help="Gradient accumulation steps.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--save-every", type=int, default=500, show_default=True, help="Checkpoint every N steps.")
+@click.option("--no-resume", is_flag=True, help="Start over even if OUTPUT holds an interrupted run.")
+@click.option("--quiet", "-q", is_flag=True)
+@click.pass_context
+def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps, batch_size, lr, weight_decay,
+            warmup_steps, schedule, accum_steps, precision, device, seed, workers, save_every, no_resume, quiet):
+    """Train METHOD on an image-caption CORPUS; resumable; torchrun for several GPUs or nodes.
+
+    Method training options follow as --name value (e.g. --lora-rank 8); `cirbench methods` lists them.
+    """
+    from pathlib import Path
+
+    from cirbench import distributed
+    from cirbench.backbones import load_backbone
+    from cirbench.cli import parse_extra_options
+    from cirbench.evaluate import DEFAULT_BACKBONE
+    from cirbench.plugins import get_registry
+    from cirbench.training import TrainConfig, check_not_resumable_elsewhere, train
+    from cirbench.types import resolve_options
+
+    spec = get_registry().method(method)
+    trainer_cls = spec.load_trainer()
+    options = resolve_options(spec.train_options, parse_extra_options(ctx.args), None, f"training of {method}")
+    if len(options) != 1:
+        from cirbench.errors import CirbenchError
+
+        raise CirbenchError("training options cannot be swept")
+    check_not_resumable_elsewhere(Path(output), method)
+    dev = distributed.init_from_env(device)
+    default = spec.default_backbone or DEFAULT_BACKBONE
+    model_name = backbone or default[0]
+    weights = pretrained or ("none" if model_name.endswith(".json") else
+                             ("bundled" if backbone == "cirbench-shapes-clip" else default[1]))
+    bb = load_backbone(model_name, weights, device=str(dev), precision=precision, seed=seed)
+    given = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
+             "weight_decay": weight_decay, "warmup_steps": warmup_steps, "schedule": schedule}
+    values = {**trainer_cls.defaults, **{k: v for k, v in given.items() if v is not None}}
+    cfg = TrainConfig(output=Path(output), accum_steps=accum_steps, precision=precision, device=str(dev), seed=seed,
+                      workers=workers, save_every=save_every, resume=not no_resume, progress=not quiet, **values)
+    trainable = trainer_cls(bb, options[0])
+    out = train(trainable, corpus, cfg)
+    if distributed.is_main():
+        click.echo(f"trained {method}: {out / 'model.safetensors'}")
+        click.echo(f"use it: cirbench run --method {method} --checkpoint {out} --backbone {model_name} "
+                   f"--pretrained {weights}")

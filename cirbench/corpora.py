@@ -1,0 +1,193 @@
+"""Training corpora as users hold them: CSV/TSV files, folders with sidecar captions, webdataset shards.
+
+``open_corpus(spec, preprocessor)`` picks the reader from ``spec``:
+
+* ``pairs.csv`` / ``pairs.tsv``: a header row with an image column (``image``, ``filepath``, ``path`` or
+  ``file``) and a caption column (``caption``, ``title``, ``text``); paths are relative to the file's
+  folder; any other columns (e.g. ``subject``, ``attribute``) are passed to the method as ``extra``.
+* a folder: every image (``.jpg .jpeg .png .webp``) with a sidecar caption file of the same stem
+  (``.txt``), searched recursively.
+* ``shards-{000..099}.tar`` / ``a.tar`` / a folder of ``.tar`` files passed with a glob: webdataset shards
+  whose samples carry an image (``jpg``/``jpeg``/``png``/``webp``) and a caption (``txt``/``caption``/
+  ``json`` with a ``caption`` field).
+
+Unreadable samples (missing or corrupt image, empty caption) are skipped and counted: collated batches
+carry ``skipped``, and the training loop reports the total. An empty corpus is a one-line error.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CirbenchError, ImageError
+from .images import decode_bytes
+from .preprocess import Preprocessor
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_COLUMNS = ("image", "filepath", "path", "file")
+CAPTION_COLUMNS = ("caption", "title", "text")
+
+
+@dataclass
+class Batch:
+    """A collated training batch: preprocessed ``pixels``, their ``captions``, extra corpus columns."""
+
+    pixels: torch.Tensor
+    captions: list[str]
+    extra: dict[str, list[Any]] = field(default_factory=dict)
+    skipped: int = 0
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.pixels.to(device, non_blocking=True), self.captions, self.extra, self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def collate(samples: list[dict[str, Any] | None]) -> Batch | None:
+    """Stack good samples; count the ``None`` (skipped) ones."""
+    good = [s for s in samples if s is not None]
+    skipped = len(samples) - len(good)
+    if not good:
+        return Batch(torch.empty(0), [], {}, skipped)
+    keys = [k for k in good[0]["extra"]]
+    return Batch(torch.stack([s["pixels"] for s in good]), [s["caption"] for s in good],
+                 {k: [s["extra"].get(k) for s in good] for k in keys}, skipped)
+
+
+def _sample(image_bytes: bytes | None, caption: Any, name: str, preprocessor: Preprocessor,
+            extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    if image_bytes is None or not isinstance(caption, str) or not caption.strip():
+        return None
+    try:
+        pixels = preprocessor(decode_bytes(image_bytes, name))
+    except ImageError:
+        return None
+    return {"pixels": pixels, "caption": caption.strip(), "extra": extra or {}}
+
+
+class PairsCorpus(torch.utils.data.Dataset):
+    """A map-style corpus of (image path, caption, extra) rows; bad rows come back as ``None``."""
+
+    def __init__(self, rows: list[tuple[Path, str, dict[str, Any]]], preprocessor: Preprocessor, source: str):
+        self.rows = rows
+        self.preprocessor = preprocessor
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        path, caption, extra = self.rows[index]
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            return None
+        return _sample(data, caption, str(path), self.preprocessor, extra)
+
+
+def _read_table(path: Path) -> list[tuple[Path, str, dict[str, Any]]]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh, delimiter=delimiter)
+            header = reader.fieldnames or []
+            image_col = next((c for c in IMAGE_COLUMNS if c in header), None)
+            caption_col = next((c for c in CAPTION_COLUMNS if c in header), None)
+            if image_col is None or caption_col is None:
+                raise CirbenchError(f"corpus {path}: needs an image column ({'/'.join(IMAGE_COLUMNS)}) and a caption "
+                                    f"column ({'/'.join(CAPTION_COLUMNS)}); found {header}")
+            rows = []
+            for row in reader:
+                extra = {k: v for k, v in row.items() if k not in (image_col, caption_col) and k is not None}
+                rows.append((path.parent / (row.get(image_col) or ""), row.get(caption_col) or "", extra))
+            return rows
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CirbenchError(f"corpus {path} is unreadable: {exc}") from None
+
+
+def _read_folder(folder: Path) -> list[tuple[Path, str, dict[str, Any]]]:
+    rows = []
+    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        sidecar = image.with_suffix(".txt")
+        caption = sidecar.read_text(encoding="utf-8", errors="replace") if sidecar.is_file() else ""
+        rows.append((image, caption, {}))
+    return rows
+
+
+class ShardCorpus(torch.utils.data.IterableDataset):
+    """webdataset tar shards, split across ranks and DataLoader workers by webdataset."""
+
+    def __init__(self, urls: list[str], preprocessor: Preprocessor, skip: int = 0):
+        self.urls = urls
+        self.preprocessor = preprocessor
+        self.skip = skip  # samples to skip at the start (resume); approximate across workers
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        import webdataset as wds
+
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.urls),
+            wds.split_by_node,
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        )
+        info = torch.utils.data.get_worker_info()
+        skip = self.skip // (info.num_workers if info else 1)
+        for i, raw in enumerate(pipeline):
+            if i < skip:
+                continue
+            image = next((raw[k] for k in ("jpg", "jpeg", "png", "webp") if k in raw), None)
+            caption = raw.get("txt") or raw.get("caption")
+            if caption is None and "json" in raw:
+                try:
+                    caption = json.loads(raw["json"]).get("caption")
+                except (ValueError, AttributeError):
+                    caption = None
+            if isinstance(caption, bytes):
+                caption = caption.decode("utf-8", errors="replace")
+            yield _sample(image, caption, raw.get("__key__", "?"), self.preprocessor)
+
+
+def _shard_urls(spec: str) -> list[str]:
+    import braceexpand
+
+    urls = []
+    for part in braceexpand.braceexpand(spec):
+        urls.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
+    missing = [u for u in urls if "://" not in u and not os.path.exists(u)]
+    if missing:
+        raise CirbenchError(f"corpus shard {missing[0]} does not exist ({len(missing)} of {len(urls)} missing)")
+    return urls
+
+
+def open_corpus(spec: str | Path, preprocessor: Preprocessor) -> torch.utils.data.Dataset:
+    """The corpus reader for ``spec`` (see the module docstring); CirbenchError if it is empty or absent."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if text.endswith(".tar") or "{" in text or (("*" in text or "?" in text) and ".tar" in text):
+        urls = _shard_urls(text)
+        if not urls:
+            raise CirbenchError(f"corpus {text}: no shards match")
+        return ShardCorpus(urls, preprocessor)
+    if path.is_dir():
+        rows = _read_folder(path)
+    elif path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
+        rows = _read_table(path)
+    elif not path.exists():
+        raise CirbenchError(f"corpus {path} does not exist")
+    else:
+        raise CirbenchError(f"corpus {path}: expected a .csv/.tsv file, a folder of images with .txt captions, "
+                            "or webdataset .tar shards")
+    if not rows:
+        raise CirbenchError(f"corpus {path} is empty")
+    return PairsCorpus(rows, preprocessor, text)

@@ -1,0 +1,315 @@
+"""The one training loop that every trainable method uses (TAT, Pic2Word, FTI4CIR, ...).
+
+A method plugs in by subclassing :class:`TrainableMethod` (what to train, the loss of one batch, what to
+save) and naming it as ``MethodSpec.trainer``; ``cirbench train --method NAME`` then runs :func:`train`:
+
+* AdamW over ``trainable_parameters()``, linear warm-up then cosine / constant / step schedule;
+* bf16 autocast on CUDA (fp32 on CPU), gradient accumulation, optional gradient clipping;
+* ``torchrun`` data parallelism: each rank reads its shard of the corpus, :func:`contrastive_loss` gathers
+  features from all ranks (with gradients) so the contrastive batch is the global batch, and gradients are
+  averaged across ranks, so N processes compute what one process with the same global batch computes;
+* a tqdm bar with loss and throughput, checkpoints every ``save_every`` steps into
+  ``<output>/checkpoint-latest/`` (trained weights, optimizer, scheduler, step, data position, RNG states),
+  and resume from there after an interruption, continuing exactly where the run stopped;
+* the final trained weights as ``<output>/model.safetensors`` + ``config.json`` (see
+  :mod:`cirbench.checkpoints`), which the method's ``--checkpoint`` option loads.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import distributed as dist_utils
+from .backbones import Backbone, autocast_context
+from .checkpoints import load_checkpoint, save_checkpoint
+from .corpora import Batch, collate, open_corpus
+from .errors import CheckpointError, CirbenchError
+from .features import atomic_write_bytes
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters (``batch_size`` is the global batch, over ranks and accumulation steps)."""
+
+    output: Path
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | constant | step
+    step_epochs: tuple[int, ...] = ()  # schedule "step": multiply lr by step_gamma after each of these epochs
+    step_gamma: float = 0.1
+    accum_steps: int = 1
+    max_grad_norm: float | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 2
+    save_every: int = 500
+    resume: bool = True
+    log_every: int = 10
+    progress: bool = True
+
+
+class TrainableMethod:
+    """Base class of a method's trainable part.
+
+    Subclasses set ``name`` (the method name its checkpoints are for), ``preprocess_kind``, and
+    ``defaults`` (TrainConfig fields the method's paper uses, e.g. ``{"lr": 4e-5}``), and implement the
+    four methods below. ``self.backbone`` is the frozen CLIP; ``self.options`` the method's training
+    options (``MethodSpec.train_options``).
+    """
+
+    name = "method"
+    preprocess_kind = "clip"
+    defaults: dict[str, Any] = {}
+
+    def __init__(self, backbone: Backbone, options: dict[str, Any]):
+        self.backbone = backbone
+        self.options = dict(options)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates (everything else stays frozen)."""
+        raise NotImplementedError
+
+    def train_mode(self, training: bool) -> None:
+        """Switch the trained modules between train and eval mode (dropout)."""
+
+    def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one (per-rank) batch, and numbers to show in the progress bar."""
+        raise NotImplementedError
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        """The trained weights only (saved as safetensors)."""
+        raise NotImplementedError
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load weights produced by :meth:`state_to_save`."""
+        raise NotImplementedError
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """Method-specific facts for ``config.json`` (architecture sizes, prompts, ...)."""
+        return {}
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between L2-normalised image and text features of the GLOBAL batch.
+
+    Under torchrun the features of every rank are gathered with gradients, and every rank computes the
+    loss of the whole global batch, as open_clip does with ``gather_with_grad``.
+    """
+    image = dist_utils.all_gather_with_grad(F.normalize(image.float(), dim=-1))
+    text = dist_utils.all_gather_with_grad(F.normalize(text.float(), dim=-1))
+    logits = image @ text.T / temperature
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A seeded permutation per epoch, dealt to ranks in chunks of ``per_rank_batch`` so that the global
+    batch of every step is the same set, in the same order, whatever the number of ranks; it can start
+    part-way through an epoch (resume)."""
+
+    def __init__(self, size: int, seed: int, rank: int, world: int, per_rank_batch: int):
+        self.size, self.seed, self.rank, self.world, self.chunk = size, seed, rank, world, per_rank_batch
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _mine(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        return [x for i, x in enumerate(order) if (i // self.chunk) % self.world == self.rank]
+
+    def __iter__(self):
+        return iter(self._mine()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, len(self._mine()) - self.start)
+
+
+def _lr_factor(cfg: TrainConfig, step: int, epoch: int, total_steps: int) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** sum(1 for e in cfg.step_epochs if epoch >= e)
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    raise CirbenchError(f"unknown schedule {cfg.schedule!r}; valid: cosine, constant, step")
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def train(trainable: TrainableMethod, corpus_spec: str | Path, cfg: TrainConfig) -> Path:
+    """Train ``trainable`` on the corpus; return the output folder (with model.safetensors + config.json)."""
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    device = trainable.backbone.device
+    per_step = cfg.batch_size // (world * cfg.accum_steps)
+    if per_step < 1 or per_step * world * cfg.accum_steps != cfg.batch_size:
+        raise CirbenchError(f"--batch-size {cfg.batch_size} must be a multiple of world size ({world}) x "
+                            f"--accum-steps ({cfg.accum_steps})")
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+
+    corpus = open_corpus(corpus_spec, trainable.backbone.preprocessor(trainable.preprocess_kind))
+    map_style = hasattr(corpus, "__len__")
+    params = trainable.trainable_parameters()
+    if not params:
+        raise CirbenchError(f"method '{trainable.name}' has nothing to train")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = (len(corpus) // world) // (per_step * cfg.accum_steps) if map_style else None
+    if map_style and steps_per_epoch == 0:
+        raise CirbenchError(f"corpus {corpus_spec} has {len(corpus)} samples, fewer than one global batch "
+                            f"({cfg.batch_size})")
+    total_steps = cfg.max_steps or (steps_per_epoch * cfg.epochs if steps_per_epoch else None)
+    if total_steps is None:
+        raise CirbenchError("a webdataset corpus has no length: pass --max-steps")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # lr set by hand each step
+
+    output = Path(cfg.output)
+    latest = output / "checkpoint-latest"
+    step, epoch, epoch_step, skipped_total = 0, 0, 0, 0
+    if cfg.resume and (latest / "model.safetensors").is_file():
+        tensors, saved = load_checkpoint(latest, trainable.name, trainable.backbone.identity())
+        trainable.load_state(tensors)
+        state = torch.load(latest / "train_state.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        skipped_total = state.get("skipped", 0)
+        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        if rank == 0:
+            tqdm.write(f"resuming from {latest} at step {step} (epoch {epoch})")
+
+    def save(folder: Path, final: bool) -> None:
+        rngs = dist_utils.all_gather_object(_rng_state())
+        if rank != 0:
+            return
+        config = {"method": trainable.name, "backbone": trainable.backbone.identity(),
+                  "options": trainable.options, "train": {**asdict(cfg), "output": str(cfg.output)},
+                  "step": step, "skipped_samples": skipped_total, **trainable.checkpoint_config()}
+        save_checkpoint(folder, trainable.state_to_save(), config)
+        if not final:
+            import io
+
+            buf = io.BytesIO()
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                        "epoch": epoch, "epoch_step": epoch_step, "skipped": skipped_total, "rng": rngs}, buf)
+            atomic_write_bytes(folder / "train_state.pt", buf.getvalue())
+
+    trainable.train_mode(True)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {trainable.name}", unit="step",
+               disable=not cfg.progress or rank != 0)
+    start, seen = time.perf_counter(), 0
+    while step < total_steps:
+        loader = _loader(corpus, map_style, per_step, cfg, rank, world, epoch, epoch_step, device)
+        steps_before, micro = step, []
+        for batch in loader:
+            skipped_total += batch.skipped
+            if len(batch) == 0:
+                continue
+            micro.append(batch)
+            if len(micro) < cfg.accum_steps:
+                continue
+            factor = _lr_factor(cfg, step, epoch, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * factor
+            optimizer.zero_grad(set_to_none=True)
+            logs: dict[str, float] = {}
+            loss_sum = 0.0
+            for mb in micro:
+                with autocast_context(trainable.backbone.precision, device):
+                    loss, logs = trainable.training_step(mb.to(device))
+                (loss / cfg.accum_steps).backward()
+                loss_sum += float(loss.detach()) / cfg.accum_steps
+            dist_utils.average_gradients(params)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            seen += sum(len(mb) for mb in micro) * world
+            micro = []
+            step += 1
+            epoch_step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                rate = seen / max(1e-9, time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{cfg.lr * factor:.2e}", img_s=f"{rate:.0f}",
+                                **{k: f"{v:.3f}" for k, v in logs.items()})
+            if step % cfg.save_every == 0 and step < total_steps:
+                save(latest, final=False)
+            if step >= total_steps:
+                break
+        if step >= total_steps:
+            break
+        if step == steps_before:
+            raise CirbenchError(f"corpus {corpus_spec} yielded no usable batch ({skipped_total} samples skipped)")
+        epoch, epoch_step = epoch + 1, 0
+    bar.close()
+    trainable.train_mode(False)
+    save(latest, final=False)
+    save(output, final=True)
+    dist_utils.barrier()
+    if rank == 0 and skipped_total:
+        tqdm.write(f"skipped {skipped_total} unreadable samples (missing or corrupt image, or empty caption)")
+    return output
+
+
+def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int, world: int, epoch: int,
+            epoch_step: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """This epoch's batches for this rank, starting after the ``epoch_step`` steps already done."""
+    done = epoch_step * per_step * cfg.accum_steps
+    # the loader's own generator: creating an iterator must not draw from the global RNG (dropout), or a
+    # resumed run would diverge from an uninterrupted one
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 104729 + rank)
+    if map_style:
+        sampler = EpochSampler(len(corpus), cfg.seed, rank, world, per_step)
+        sampler.set_position(epoch, done)
+        return torch.utils.data.DataLoader(corpus, batch_size=per_step, sampler=sampler, collate_fn=collate,
+                                           num_workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda",
+                                           generator=generator)
+    corpus.skip = done
+    return torch.utils.data.DataLoader(corpus, batch_size=per_step, collate_fn=collate, num_workers=cfg.workers,
+                                       generator=generator)
+
+
+def check_not_resumable_elsewhere(output: Path, method: str) -> None:
+    """Refuse to write a method's checkpoints over another method's."""
+    cfg = Path(output) / "config.json"
+    if cfg.is_file():
+        import json
+
+        try:
+            saved = json.loads(cfg.read_text()).get("method")
+        except (OSError, ValueError):
+            return
+        if saved and saved != method:
+            raise CheckpointError(f"{output} holds a '{saved}' checkpoint; choose another --output for '{method}'")

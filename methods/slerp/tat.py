@@ -1,0 +1,101 @@
+"""Text-Anchored-Tuning (TAT): LoRA (peft) on the image tower, text tower frozen, symmetric contrastive loss.
+
+No official TAT code or weights exist; this follows the paper notes: rank 16, LoRA-alpha 16, dropout 0.1,
+image encoder only, fixed temperature, AdamW lr 1e-4, 1 epoch, batch 1024. The LoRA target modules are not
+stated by the paper: the default adapts both MLP projections of every block (plain ``nn.Linear`` LoRA, which
+never touches the base weights). ``--lora-targets attn,mlp.c_fc,mlp.c_proj`` adds attention through peft's
+``MultiheadAttention`` adapter; that adapter merges LoRA into the base projection weights for each forward
+and unmerges after, which changes them by float round-off (~1e-8 per step).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+
+from cirbench.backbones import Backbone
+from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
+from cirbench.errors import CheckpointError
+from cirbench.training import TrainableMethod, contrastive_loss
+
+DEFAULT_TARGETS = "mlp.c_fc,mlp.c_proj"
+
+
+def lora_config(options: dict[str, Any]) -> LoraConfig:
+    """The peft LoraConfig for the image tower from the method's training options."""
+    targets = [t.strip() for t in str(options.get("lora_targets") or DEFAULT_TARGETS).split(",") if t.strip()]
+    pattern = r".*\.(" + "|".join(re.escape(t) for t in targets) + r")$"
+    return LoraConfig(r=int(options.get("lora_rank", 16)), lora_alpha=float(options.get("lora_alpha", 16.0)),
+                      lora_dropout=float(options.get("lora_dropout", 0.1)), target_modules=pattern, bias="none")
+
+
+def adapted_visual(backbone: Backbone, options: dict[str, Any]) -> torch.nn.Module:
+    """A copy of the backbone's image tower with LoRA adapters injected (only adapters trainable)."""
+    visual = inject_adapter_in_model(lora_config(options), copy.deepcopy(backbone.model.visual))
+    for name, param in visual.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return visual
+
+
+class TATTrainable(TrainableMethod):
+    """TAT: adapt the image tower so its features align with the frozen text tower's."""
+
+    name = "slerp-tat"
+    preprocess_kind = "clip"
+    defaults = {"lr": 1e-4, "weight_decay": 0.01, "batch_size": 1024, "epochs": 1}
+
+    def __init__(self, backbone: Backbone, options: dict[str, Any]):
+        super().__init__(backbone, options)
+        self.visual = adapted_visual(backbone, options).to(backbone.device)
+        self.temperature = float(options.get("temperature", 0.01))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.visual.parameters() if p.requires_grad]
+
+    def train_mode(self, training: bool) -> None:
+        self.visual.train(training)
+
+    def training_step(self, batch):
+        image = self.visual(batch.pixels)
+        with torch.no_grad():
+            text = self.backbone.model.encode_text(self.backbone.tokenize(batch.captions))
+        loss = contrastive_loss(image, text, self.temperature)
+        return loss, {}
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return get_peft_model_state_dict(self.visual)
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        result = set_peft_model_state_dict(self.visual, tensors)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise CheckpointError(f"TAT checkpoint has tensors this adapter does not: {unexpected[:3]}")
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        n_train = sum(p.numel() for p in self.trainable_parameters())
+        n_total = sum(p.numel() for p in self.visual.parameters())
+        return {"lora": {k: self.options.get(k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")},
+                "trainable_parameters": n_train, "image_tower_parameters": n_total}
+
+
+def load_tat_image_encoder(backbone: Backbone, checkpoint) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The backbone's image tower with a trained TAT adapter merged in, and the checkpoint's identity."""
+    tensors, config = load_checkpoint(checkpoint, "slerp-tat", backbone.identity())
+    options = config.get("options", {})
+    visual = adapted_visual(backbone, options)
+    model_keys = set(get_peft_model_state_dict(visual))
+    if set(tensors) != model_keys:
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit this image tower: "
+                              f"{len(set(tensors) - model_keys)} unexpected, {len(model_keys - set(tensors))} missing "
+                              "LoRA tensors")
+    set_peft_model_state_dict(visual, tensors)
+    visual = visual.to(backbone.device).eval()
+    for p in visual.parameters():
+        p.requires_grad_(False)
+    info = {"path": str(checkpoint), "sha256": checkpoint_sha256(checkpoint), "step": config.get("step"),
+            "lora": config.get("lora")}
+    return visual, info

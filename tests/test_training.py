@@ -1,0 +1,208 @@
+"""The shared training loop through TAT: corpora, what changes, checkpoints, resume, torchrun DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from cirbench.backbones import load_backbone
+from cirbench.cli import cli
+from cirbench.corpora import collate, open_corpus
+from cirbench.errors import CirbenchError
+from cirbench.preprocess import Preprocessor
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_corpus(root: Path, n: int = 32, bad: bool = False) -> Path:
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = list(COLOURS)[i % 4]
+        Image.new("RGB", (24 + i % 5, 20), COLOURS[name]).save(root / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "caption": f"a {name} square", "subject": "square", "attribute": name})
+    if bad:
+        rows.append({"image": "img/missing.png", "caption": "gone", "subject": "", "attribute": ""})
+        (root / "img" / "corrupt.png").write_bytes(b"\x89PNG broken")
+        rows.append({"image": "img/corrupt.png", "caption": "corrupt", "subject": "", "attribute": ""})
+        rows.append({"image": "img/0.png", "caption": "   ", "subject": "", "attribute": ""})
+    with open(root / "pairs.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["image", "caption", "subject", "attribute"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "pairs.csv"
+
+
+def test_corpus_readers_count_bad_samples(tmp_path):
+    pre = Preprocessor("clip", size=32)
+    csv_path = make_corpus(tmp_path / "c", n=4, bad=True)
+    corpus = open_corpus(csv_path, pre)
+    batch = collate([corpus[i] for i in range(len(corpus))])
+    assert len(batch) == 4 and batch.skipped == 3
+    assert batch.extra["attribute"] == ["red", "green", "blue", "yellow"]
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i, name in enumerate(["red", "blue"]):
+        Image.new("RGB", (20, 20), COLOURS[name]).save(folder / f"{i}.jpg")
+        (folder / f"{i}.txt").write_text(f"a {name} thing")
+    Image.new("RGB", (20, 20)).save(folder / "nocaption.jpg")
+    corpus = open_corpus(folder, pre)
+    batch = collate([corpus[i] for i in range(len(corpus))])
+    assert batch.captions == ["a red thing", "a blue thing"] and batch.skipped == 1
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, name in enumerate(["red", "green", "blue"]):
+            for ext, data in (("png", (tmp_path / "c" / "img" / f"{i}.png").read_bytes()), ("txt", name.encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                import io
+
+                tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("0003.jpg")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"junk"))
+    samples = list(open_corpus(str(tmp_path / "shard-{000..000}.tar"), pre))
+    assert [s["caption"] for s in samples if s] == ["red", "green", "blue"] and samples.count(None) == 1
+    with pytest.raises(CirbenchError, match="is empty"):
+        empty = tmp_path / "empty.csv"
+        empty.write_text("image,caption\n")
+        open_corpus(empty, pre)
+
+
+def _train_args(tiny_config, corpus, out, *extra):
+    return ["train", "--method", "slerp-tat", "--corpus", str(corpus), "--output", str(out), "--backbone",
+            str(tiny_config), "--pretrained", "none", "--batch-size", "8", "--workers", "0", "--quiet",
+            "--lora-rank", "4", "--lr", "1e-2", "--schedule", "constant", *extra]
+
+
+def test_tat_changes_only_lora_and_round_trips(tmp_path, tiny_config):
+    corpus = make_corpus(tmp_path / "c", bad=True)
+    res = CliRunner().invoke(cli, _train_args(tiny_config, corpus, tmp_path / "tat", "--max-steps", "6"))
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "tat"
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "slerp-tat" and config["step"] == 6 and config["skipped_samples"] >= 3
+    assert config["backbone"]["weights"] == {"kind": "random-init", "seed": 0}
+    lora = load_file(str(out / "model.safetensors"))
+    assert lora and all("lora_" in k for k in lora)
+    assert any(float(v.abs().sum()) > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at zero: it moved
+    assert config["trainable_parameters"] < 0.5 * config["image_tower_parameters"]
+
+    from cirbench.methods.slerp.tat import load_tat_image_encoder
+
+    base = load_backbone(str(tiny_config), "none", device="cpu")
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    visual, info = load_tat_image_encoder(base, out)
+    after = base.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # text tower and base image weights untouched
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(visual(x), base.model.visual(x))
+    assert len(info["sha256"]) == 64
+
+
+def test_training_leaves_frozen_weights_bit_identical(tmp_path, tiny_config):
+    from cirbench.methods.slerp.tat import TATTrainable
+    from cirbench.training import TrainConfig, train
+
+    corpus = make_corpus(tmp_path / "c")
+    bb = load_backbone(str(tiny_config), "none", device="cpu")
+    frozen = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    trainable = TATTrainable(bb, {"lora_rank": 4, "lora_alpha": 4, "lora_dropout": 0.0,
+                                  "lora_targets": "mlp.c_fc,mlp.c_proj", "temperature": 0.05})
+    base_visual = {k: v.clone() for k, v in trainable.visual.state_dict().items() if "lora_" not in k}
+    losses = []
+    orig = trainable.training_step
+
+    def spy(batch):
+        loss, logs = orig(batch)
+        losses.append(float(loss.detach()))
+        return loss, logs
+
+    trainable.training_step = spy
+    train(trainable, corpus, TrainConfig(output=tmp_path / "o", max_steps=12, batch_size=16, lr=5e-3,
+                                         schedule="constant", workers=0, progress=False))
+    assert all(torch.equal(frozen[k], v) for k, v in bb.model.state_dict().items())
+    assert all(torch.equal(base_visual[k], v) for k, v in trainable.visual.state_dict().items() if "lora_" not in k)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss goes down
+
+
+def test_resume_continues_where_it_stopped(tmp_path, tiny_config):
+    corpus = make_corpus(tmp_path / "c")
+    runner = CliRunner()
+    straight = _train_args(tiny_config, corpus, tmp_path / "straight", "--max-steps", "6", "--lora-dropout", "0.1")
+    assert runner.invoke(cli, straight).exit_code == 0
+    first = _train_args(tiny_config, corpus, tmp_path / "resumed", "--max-steps", "3", "--lora-dropout", "0.1")
+    assert runner.invoke(cli, first).exit_code == 0
+    second = _train_args(tiny_config, corpus, tmp_path / "resumed", "--max-steps", "6", "--lora-dropout", "0.1")
+    res = runner.invoke(cli, second)
+    assert res.exit_code == 0, res.output
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["step"] == 6
+
+
+def test_torchrun_two_processes_match_one(tmp_path, tiny_config):
+    corpus = make_corpus(tmp_path / "c")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIRBENCH_LOAD_PLUGINS": ""}
+    common = ["-m", "cirbench", *_train_args(tiny_config, corpus, "OUT", "--max-steps", "3", "--lora-dropout", "0",
+                                             "--device", "cpu")]
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        args = [a if a != "OUT" else str(out) for a in common]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[n] = load_file(str(out / "model.safetensors"))
+    assert all(torch.allclose(outs[1][k], outs[2][k], atol=1e-5) for k in outs[1])
+    assert any(float(v.abs().sum()) > 0 for k, v in outs[2].items() if "lora_B" in k)
+
+
+def test_slerp_tat_runs_and_caches_under_its_own_identity(tmp_path, tiny_config, toy_root):
+    from helpers import registered
+    from toy_plugin import ToyPlugin
+
+    corpus = make_corpus(tmp_path / "c")
+    runner = CliRunner()
+    assert runner.invoke(cli, _train_args(tiny_config, corpus, tmp_path / "tat", "--max-steps", "2")).exit_code == 0
+    common = ["--dataset", "toy", "--split", "val", "--backbone", str(tiny_config), "--pretrained", "none",
+              "--data-root", str(toy_root), "--output", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "cache"),
+              "--workers", "0", "--quiet", "--no-leaderboard"]
+    with registered(ToyPlugin(), "toy"):
+        assert runner.invoke(cli, ["run", "--method", "slerp", *common]).exit_code == 0
+        res = runner.invoke(cli, ["run", "--method", "slerp-tat", "--checkpoint", str(tmp_path / "tat"), *common])
+        assert res.exit_code == 0, res.output
+        rec = json.loads(next((tmp_path / "r" / "toy" / "val").glob("slerp-tat__*.json")).read_text())
+        assert rec["cache"]["misses"] == 12  # never the base encoder's cached features
+        assert rec["method"]["info"]["checkpoint"]["sha256"]
+        # a checkpoint for another backbone is one line, exit 2
+        other = ["--backbone", str(tiny_config), "--pretrained", "none", "--seed", "5"]
+        res = runner.invoke(cli, ["run", "--method", "slerp-tat", "--checkpoint", str(tmp_path / "tat"),
+                                  *common[:4], *other, *common[8:]])
+        assert res.exit_code == 2 and "was trained on" in res.output and "Traceback" not in res.output
+        res = runner.invoke(cli, ["run", "--method", "slerp-tat", *common])
+        assert res.exit_code == 2 and "needs --checkpoint" in res.output
+
+
+def test_bad_training_input(tmp_path, tiny_config):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("image,caption\n")
+    res = CliRunner().invoke(cli, _train_args(tiny_config, empty, tmp_path / "o", "--max-steps", "1"))
+    assert res.exit_code == 2 and "is empty" in res.output
+    res = CliRunner().invoke(cli, _train_args(tiny_config, tmp_path / "nope.csv", tmp_path / "o"))
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = CliRunner().invoke(cli, ["train", "--method", "slerp", "--corpus", str(empty), "--output", str(tmp_path)])
+    assert res.exit_code == 2 and "needs no training" in res.output
