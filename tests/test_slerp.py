@@ -1,0 +1,78 @@
+"""Slerp: the formula against float64, its limits, and alpha sweeps that encode once."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import registered
+from toy_plugin import ToyPlugin
+
+from cirbench.evaluate import RunConfig, evaluate
+from cirbench.methods.slerp.compose import slerp
+
+
+def _reference(v, w, alpha):
+    v = v / np.linalg.norm(v, axis=-1, keepdims=True)
+    w = w / np.linalg.norm(w, axis=-1, keepdims=True)
+    out = []
+    for a, b in zip(v, w, strict=True):
+        dot = float(np.clip(a @ b, -1, 1))
+        if abs(dot) > 0.9995:
+            c = a + alpha * (b - a)
+        else:
+            theta = np.arccos(dot)
+            c = np.sin((1 - alpha) * theta) / np.sin(theta) * a + np.sin(alpha * theta) / np.sin(theta) * b
+        out.append(c / np.linalg.norm(c))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8, 0.9, 1.0])
+def test_slerp_matches_float64_reference(alpha):
+    rng = np.random.default_rng(0)
+    v, w = rng.normal(size=(64, 32)), rng.normal(size=(64, 32))
+    w[:4] = v[:4] * 3 + 1e-4 * rng.normal(size=(4, 32))  # nearly parallel rows take the linear fallback
+    ours = slerp(torch.tensor(v, dtype=torch.float32), torch.tensor(w, dtype=torch.float32), alpha).double().numpy()
+    np.testing.assert_allclose(ours, _reference(v, w, alpha), atol=2e-5)
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
+
+
+def test_slerp_endpoints_and_midpoint():
+    v = torch.tensor([[1.0, 0.0]])
+    w = torch.tensor([[0.0, 1.0]])
+    assert torch.allclose(slerp(v, w, 0.0), v) and torch.allclose(slerp(v, w, 1.0), w, atol=1e-6)
+    mid = slerp(v, w, 0.5)
+    assert torch.allclose(mid, torch.tensor([[2**-0.5, 2**-0.5]]), atol=1e-6)
+
+
+def _cfg(tmp_path, tiny_config, toy_root, method, **kw):
+    return RunConfig(method=method, dataset="toy", split="val", backbone=str(tiny_config), pretrained="none",
+                     data_root=toy_root, output=tmp_path / "results", cache_dir=tmp_path / "cache", workers=0,
+                     progress=False, **kw)
+
+
+def _top(outcome):
+    return [json.loads(line)["top"] for line in outcome.predictions_path.read_text().splitlines()]
+
+
+def test_alpha_limits_rank_like_image_only_and_text_only(tmp_path, tiny_config, toy_root):
+    with registered(ToyPlugin(), "toy") as reg:
+        (img,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, "image-only"), reg)
+        (txt,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, "text-only"), reg)
+        zero, one = evaluate(_cfg(tmp_path, tiny_config, toy_root, "slerp", method_options={"alpha": "0,1"}), reg)
+    assert _top(zero) == _top(img)
+    assert _top(one) == _top(txt)
+    assert zero.label == "slerp@alpha=0.0" and one.label == "slerp@alpha=1.0"
+
+
+def test_alpha_sweep_encodes_once(tmp_path, tiny_config, toy_root):
+    with registered(ToyPlugin(), "toy") as reg:
+        outs = evaluate(_cfg(tmp_path, tiny_config, toy_root, "slerp", method_options={"alpha": "0.5:1.0:0.1"}), reg)
+    assert [o.record["method"]["options"]["alpha"] for o in outs] == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert len({o.result_path for o in outs}) == 6
+    # the first value encodes the 12 images once; later values hit the cache for every image
+    assert outs[0].record["cache"]["misses"] == 12
+    assert all(o.record["cache"]["misses"] == 12 for o in outs)  # cumulative counter: nothing new encoded
+    assert outs[-1].record["cache"]["hits"] > outs[0].record["cache"]["hits"]
