@@ -1,0 +1,141 @@
+"""Pic2Word: mapping network, prompts, checkpoint loading (cirbench and official layouts), training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cirbench.backbones import Backbone
+from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
+from cirbench.errors import CheckpointError
+from cirbench.method import Method
+from cirbench.textinv import (
+    clean_text,
+    encode_with_pseudo_tokens,
+    load_module_weights,
+    raw_image_features,
+    token_width,
+)
+from cirbench.training import TrainableMethod, contrastive_loss
+from cirbench.types import Query
+
+PLACEHOLDER = "*"
+
+
+class Img2Text(torch.nn.Module):
+    """``Linear(d, m)-Dropout-ReLU-Linear(m, m)-Dropout-ReLU`` then ``fc_out: Linear(m, token width)``.
+
+    Names follow the official module (``layers.0.0``, ``layers.1.0``, ``fc_out``) so its weights load as is.
+    """
+
+    def __init__(self, embed_dim: int, middle_dim: int, output_dim: int, dropout: float = 0.1, n_layer: int = 2):
+        super().__init__()
+        blocks, dim = [], embed_dim
+        for _ in range(n_layer):
+            blocks.append(torch.nn.Sequential(torch.nn.Linear(dim, middle_dim), torch.nn.Dropout(dropout),
+                                              torch.nn.ReLU()))
+            dim = middle_dim
+        self.layers = torch.nn.Sequential(*blocks)
+        self.fc_out = torch.nn.Linear(middle_dim, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.layers(x))
+
+
+def build_net(backbone: Backbone, options: dict[str, Any]) -> Img2Text:
+    embed_dim = int(backbone.model.text_projection.shape[1]) if hasattr(backbone.model, "text_projection") \
+        else backbone.embed_dim
+    return Img2Text(embed_dim, int(options.get("middle_dim", 512)), token_width(backbone),
+                    float(options.get("dropout", 0.1)))
+
+
+def prompt(query: Query, dataset: str | None) -> str:
+    """The official prompts: CIRR/CIRCO "a photo of * , {caption}"; FashionIQ "... {cap2} and {cap1}"."""
+    caps = [clean_text(t, PLACEHOLDER) for t in query.texts]
+    text = f"{caps[1]} and {caps[0]}" if len(caps) == 2 else caps[0]
+    return f"a photo of {PLACEHOLDER} , {text}"
+
+
+def load_official_or_cirbench(path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """Tensors and options from a cirbench folder, or from the official checkpoint layout."""
+    if path is not None and Path(path).is_file() and Path(path).suffix in (".pt", ".pth", ".bin"):
+        try:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {path} is unreadable: {type(exc).__name__}: {exc}") from None
+        state = raw.get("state_dict_img2text") if isinstance(raw, dict) else None
+        if state is None:
+            raise CheckpointError(f"checkpoint {path} has no 'state_dict_img2text' (not a Pic2Word checkpoint)")
+        tensors = {k.removeprefix("module."): v for k, v in state.items()}
+        middle = tensors["layers.0.0.weight"].shape[0] if "layers.0.0.weight" in tensors else 512
+        from cirbench.backbones import file_sha256
+
+        return tensors, {"middle_dim": middle, "dropout": 0.1}, file_sha256(Path(path))
+    tensors, config = load_checkpoint(path, "pic2word", backbone.identity())
+    return tensors, config.get("options", {}), checkpoint_sha256(path)
+
+
+class Pic2Word(Method):
+    """Retrieve with the text feature of the prompt holding the image's pseudo-word."""
+
+    name = "pic2word"
+
+    def __init__(self, backbone, options, dataset=None):
+        super().__init__(backbone, options, dataset)
+        tensors, net_options, self.sha256 = load_official_or_cirbench(options.get("checkpoint"), backbone)
+        self.net = build_net(backbone, net_options)
+        load_module_weights(self.net, tensors, str(options.get("checkpoint")))
+        self.net = self.net.to(backbone.device).eval()
+
+    def reference_feature_kind(self) -> dict:
+        return {"kind": "image-global-raw"}
+
+    def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
+        return raw_image_features(self.backbone, pixels)
+
+    @torch.no_grad()
+    def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
+        tokens = self.net(references.to(self.backbone.device).float())
+        return encode_with_pseudo_tokens(self.backbone, [prompt(q, self.dataset) for q in queries], tokens,
+                                         PLACEHOLDER)
+
+    def info(self) -> dict:
+        return {"checkpoint": str(self.options.get("checkpoint")), "sha256": self.sha256}
+
+
+class Pic2WordTrainable(TrainableMethod):
+    """Train the mapping so that "a photo of *" with the image's pseudo-word matches the image (CLIP frozen)."""
+
+    name = "pic2word"
+    preprocess_kind = "clip"
+    defaults = {"lr": 1e-4, "weight_decay": 0.1, "batch_size": 128, "epochs": 30, "warmup_steps": 10000,
+                "schedule": "cosine"}
+
+    def __init__(self, backbone: Backbone, options: dict[str, Any]):
+        super().__init__(backbone, options)
+        self.net = build_net(backbone, options).to(backbone.device)
+
+    def trainable_parameters(self):
+        return list(self.net.parameters())
+
+    def train_mode(self, training: bool) -> None:
+        self.net.train(training)
+
+    def training_step(self, batch):
+        image = raw_image_features(self.backbone, batch.pixels)
+        tokens = self.net(image)
+        text = encode_with_pseudo_tokens(self.backbone, [f"a photo of {PLACEHOLDER}"] * len(batch), tokens,
+                                         PLACEHOLDER, normalize=False)
+        temperature = 1.0 / float(self.backbone.model.logit_scale.exp())
+        return contrastive_loss(image, text, temperature), {}
+
+    def state_to_save(self):
+        return self.net.state_dict()
+
+    def load_state(self, tensors):
+        load_module_weights(self.net, tensors, "resume")
+
+    def checkpoint_config(self):
+        return {"architecture": {"middle_dim": self.options.get("middle_dim"), "token_width": token_width(self.backbone)}}

@@ -1,0 +1,200 @@
+"""Textual inversion: pseudo-word substitution, Pic2Word, SEARLE, FTI4CIR, safe loading of pickled modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cirbench.backbones import load_backbone
+from cirbench.checkpoints import save_checkpoint
+from cirbench.cli import cli
+from cirbench.errors import CheckpointError
+from cirbench.safe_unpickle import load_pickled_module_tensors
+from cirbench.textinv import encode_with_pseudo_tokens, token_embedding_module
+from cirbench.types import Query
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_config):
+    return load_backbone(str(tiny_config), "none", device="cpu", seed=0)
+
+
+def test_substituting_a_real_word_embedding_equals_encoding_the_word(backbone):
+    words = ["dog", "red", "umbrella"]
+    emb = token_embedding_module(backbone.model)
+    ids = [backbone.tokenizer([w])[0][1] for w in words]
+    pseudo = [emb.weight[i].unsqueeze(0) for i in ids]
+    ours = encode_with_pseudo_tokens(backbone, [f"a photo of * that is {w}" for w in words], pseudo, "*")
+    real = backbone.encode_text([f"a photo of {w} that is {w}" for w in words])
+    assert torch.allclose(ours, real, atol=1e-5)
+    # several placeholders per prompt, different counts per prompt
+    two = [torch.stack([emb.weight[ids[0]], emb.weight[ids[1]]]), emb.weight[ids[2]].unsqueeze(0)]
+    ours = encode_with_pseudo_tokens(backbone, ["a * and a * thing", "a * thing"], two, "*")
+    real = backbone.encode_text(["a dog and a red thing", "a umbrella thing"])
+    assert torch.allclose(ours, real, atol=1e-5)
+    with pytest.raises(ValueError, match="placeholders"):
+        encode_with_pseudo_tokens(backbone, ["no placeholder here"], [emb.weight[ids[0]].unsqueeze(0)], "*")
+
+
+def test_gradients_flow_into_pseudo_words(backbone):
+    pseudo = torch.randn(2, backbone.model.token_embedding.weight.shape[1], requires_grad=True)
+    encode_with_pseudo_tokens(backbone, ["a photo of *", "a photo of * ,  red"], pseudo, "*").sum().backward()
+    assert pseudo.grad is not None and pseudo.grad.abs().sum() > 0
+
+
+# -- Pic2Word --------------------------------------------------------------------------------------------
+def test_pic2word_official_layout_loads_and_matches(tmp_path, backbone):
+    from cirbench.methods.pic2word.model import Pic2Word, build_net
+
+    net = build_net(backbone, {"middle_dim": 16, "dropout": 0.1})
+    save_checkpoint(tmp_path / "ours", net.state_dict(), {"method": "pic2word", "backbone": backbone.identity(),
+                                                         "options": {"middle_dim": 16, "dropout": 0.1}})
+    official = tmp_path / "pic2word_model.pt"
+    torch.save({"state_dict_img2text": {f"module.{k}": v for k, v in net.state_dict().items()}, "epoch": 30}, official)
+    queries = [Query("0", "r", ("make it red",)), Query("1", "r", ("is longer", "has stripes"))]
+    refs = torch.randn(2, 32)
+    a = Pic2Word(backbone, {"checkpoint": tmp_path / "ours"}, "cirr").compose(refs, queries)
+    b = Pic2Word(backbone, {"checkpoint": official}, "cirr").compose(refs, queries)
+    assert a.shape == (2, 32) and torch.allclose(a, b, atol=1e-6)
+
+
+def test_pic2word_trains_and_mismatch_is_one_line(tmp_path, tiny_config):
+    from test_training import make_corpus
+
+    corpus = make_corpus(tmp_path / "c")
+    common = ["--backbone", str(tiny_config), "--pretrained", "none", "--workers", "0", "--quiet",
+              "--batch-size", "8", "--warmup-steps", "0", "--lr", "1e-3", "--schedule", "constant", "--middle-dim", "16"]
+    res = CliRunner().invoke(cli, ["train", "--method", "pic2word", "--corpus", str(corpus), "--output",
+                                   str(tmp_path / "p2w"), "--max-steps", "3", *common])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "p2w" / "config.json").read_text())["method"] == "pic2word"
+    # a checkpoint whose tensors do not fit the backbone: one line naming the mismatch, exit 2
+    bad = tmp_path / "bad.pt"
+    torch.save({"state_dict_img2text": {"layers.0.0.weight": torch.zeros(16, 99)}}, bad)
+    from cirbench.methods.pic2word.model import Pic2Word
+
+    with pytest.raises(CheckpointError, match="does not fit this backbone.*layers.0.0.weight"):
+        Pic2Word(load_backbone(str(tiny_config), "none", device="cpu"), {"checkpoint": bad}, "cirr")
+
+
+# -- SEARLE ---------------------------------------------------------------------------------------------
+def test_searle_official_weights_file_and_fashioniq_averaging(tmp_path, backbone):
+    from cirbench.methods.searle.model import Searle
+    from cirbench.textinv import Phi
+
+    phi = Phi(32, 128, 32)
+    official = tmp_path / "SEARLE_tiny.pt"
+    torch.save({"Phi": phi.state_dict()}, official)
+    method = Searle(backbone, {"checkpoint": official}, "fashioniq")
+    refs = torch.randn(1, 32)
+    two = method.compose(refs, [Query("0", "r", ("is red.", "has short sleeves"))])
+    fwd = method.compose(refs, [Query("0", "r", ("is red and has short sleeves",))])
+    rev = method.compose(refs, [Query("0", "r", ("has short sleeves and is red",))])
+    assert torch.allclose(two, torch.nn.functional.normalize(fwd + rev, dim=-1), atol=1e-5)
+
+
+def test_searle_without_weights_offline_is_a_clear_error(backbone, monkeypatch):
+    from cirbench.methods.searle import model
+
+    with pytest.raises(CheckpointError, match="ViT-B-32 and ViT-L-14"):
+        model.Searle(backbone, {"checkpoint": None}, "cirr")
+
+
+# -- FTI4CIR ----------------------------------------------------------------------------------------------
+def test_fti4cir_forward_shapes_and_token_bounds(backbone):
+    from cirbench.methods.fti4cir.model import build_net, pseudo_words
+
+    net = build_net(backbone, {"num_queries": 24, "max_attributes": 12, "threshold": 0.05, "layers": 3}).eval()
+    pixels = torch.randn(5, 3, 32, 32)
+    subject, attrs, counts, global_feat, selected = pseudo_words(net, backbone, pixels)
+    assert subject.shape == (5, 32) and attrs.shape == (5, 24, 32) and selected.shape == (5, 24, 32)
+    assert all(1 <= r <= 12 for r in counts)
+    net.threshold = 0.0  # everything passes: capped at 12
+    assert pseudo_words(net, backbone, pixels)[2] == [12] * 5
+    net.threshold = 1.0  # nothing passes: at least 1
+    assert pseudo_words(net, backbone, pixels)[2] == [1] * 5
+
+
+def _official_module(net):
+    """Rebuild the official FTI4CIR module layout (classes from modules named like the official ones)."""
+    i2t = types.ModuleType("i2t_model")
+    mht = types.ModuleType("MHTransformer")
+    sys.modules["i2t_model"], sys.modules["MHTransformer"] = i2t, mht
+
+    class Transformer(torch.nn.Module):
+        pass
+
+    class IMG2TEXT(torch.nn.Module):
+        pass
+
+    Transformer.__module__, IMG2TEXT.__module__ = "MHTransformer", "i2t_model"
+    Transformer.__qualname__, IMG2TEXT.__qualname__ = "Transformer", "IMG2TEXT"
+    mht.Transformer, i2t.IMG2TEXT = Transformer, IMG2TEXT
+    module = IMG2TEXT()
+    module.templates = net.templates
+    module.transformer = Transformer()
+    module.transformer.layers = net.transformer.layers
+    module.local_atte_fc, module.phi_s, module.phi_a = net.local_atte_fc, net.phi_s, net.phi_a
+    module.criterion_target = torch.as_tensor([1])
+    return module
+
+
+def test_fti4cir_official_pickled_module_loads_without_its_code(tmp_path, backbone):
+    from cirbench.methods.fti4cir.model import FTI4CIR, build_net
+
+    net = build_net(backbone, {"layers": 2})
+    official = tmp_path / "fti4cir_official.pt"
+    torch.save(_official_module(net), official)
+    del sys.modules["i2t_model"], sys.modules["MHTransformer"]  # the official code is not importable
+    save_checkpoint(tmp_path / "ours", net.state_dict(), {"method": "fti4cir", "backbone": backbone.identity(),
+                                                         "options": {"layers": 2}})
+    a = FTI4CIR(backbone, {"checkpoint": tmp_path / "ours"}, "circo")
+    b = FTI4CIR(backbone, {"checkpoint": official}, "circo")
+    pixels = torch.randn(3, 3, 32, 32)
+    ra, rb = a.encode_references(pixels), b.encode_references(pixels)
+    assert torch.allclose(ra, rb, atol=1e-6)
+    queries = [Query(str(i), "r", ("make it red",)) for i in range(3)]
+    assert torch.allclose(a.compose(ra, queries), b.compose(rb, queries), atol=1e-6)
+
+
+class _Malicious:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['CIRBENCH_SENTINEL']}",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
+    sentinel = tmp_path / "pwned"
+    monkeypatch.setenv("CIRBENCH_SENTINEL", str(sentinel))
+    bad = tmp_path / "evil.pt"
+    torch.save({"weights": torch.zeros(2), "payload": _Malicious()}, bad)
+    assert pickle.dumps  # (the file holds a REDUCE of os.system)
+    with pytest.raises(CheckpointError, match="refusing to unpickle.*system"):
+        load_pickled_module_tensors(bad)
+    assert not sentinel.exists()
+
+
+def test_fti4cir_trains_and_loss_goes_down(tmp_path, tiny_config):
+    from test_training import make_corpus
+
+    from cirbench.methods.fti4cir.model import FTI4CIRTrainable, split_subject_attribute
+    from cirbench.training import TrainConfig, train
+
+    assert split_subject_attribute("a dog sitting on a red couch") == ("a dog", "sitting on a red couch")
+    corpus = make_corpus(tmp_path / "c")
+    bb = load_backbone(str(tiny_config), "none", device="cpu")
+    trainable = FTI4CIRTrainable(bb, {"num_queries": 24, "max_attributes": 12, "threshold": 0.05, "layers": 1,
+                                      "temperature": 0.2, "reg_weight": 1.4})
+    losses = []
+    step = trainable.training_step
+    trainable.training_step = lambda b: (lambda out: (losses.append(float(out[0].detach())), out)[1])(step(b))
+    train(trainable, corpus, TrainConfig(output=tmp_path / "o", max_steps=10, batch_size=16, lr=1e-3,
+                                         schedule="constant", workers=0, progress=False))
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert (tmp_path / "o" / "model.safetensors").exists()
