@@ -183,6 +183,19 @@ class Backbone:
         return torch.stack([self._text_memo[t] for t in texts])
 
 
+@contextmanager
+def _quiet_random_init():
+    """open_clip warns "No pretrained weights loaded" when it builds a model that cirbench fills itself."""
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def load_backbone(
     model: str,
     pretrained: str | None,
@@ -204,20 +217,23 @@ def load_backbone(
     weights_identity: dict[str, Any]
     try:
         if pre.lower() in ("none", "random"):
-            clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
+            with _quiet_random_init():
+                clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
             weights_identity = {"kind": "random-init", "seed": seed}
         elif pre == "bundled":
             weights = BUNDLED_DIR / "model.safetensors"
             if model != BUNDLED_MODEL:
                 raise CirbenchError(f"--pretrained bundled is only available for --backbone {BUNDLED_MODEL}")
-            clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
+            with _quiet_random_init():
+                clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
             _load_weights_file(clip, weights)
             weights_identity = {"kind": "bundled", "sha256": file_sha256(weights)}
         elif os.path.sep in pre or pre.endswith((".safetensors", ".pt", ".bin", ".pth")) or Path(pre).exists():
             path = Path(pre).expanduser()
             if not path.exists():
                 raise CheckpointError(f"weights file {path} does not exist")
-            clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
+            with _quiet_random_init():
+                clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
             _load_weights_file(clip, path)
             weights_identity = {"kind": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
         else:

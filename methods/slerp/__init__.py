@@ -15,7 +15,7 @@ ALPHA = OptionSpec(
     "against the paper's code.",
     "float",
     0.8,
-    per_dataset={"cirr": 0.9, "circo": 0.8, "fashioniq": 0.8, "shapes": 0.6},
+    per_dataset={"cirr": 0.9, "circo": 0.8, "fashioniq": 0.8, "shapes": 0.7},
     sweepable=True,
 )
 CHECKPOINT = OptionSpec("checkpoint", "Folder (or .safetensors file) of a `cirbench train --method slerp-tat` run.",

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Reproduce the README's shapes table: train the trainable methods on the shapes train corpus with the
+# bundled backbone (small CPU budgets), then evaluate every method on shapes val and test.
+#   bash benchmarks/shapes_methods.sh [OUTPUT_DIR]
+set -euo pipefail
+OUT=${1:-runs/shapes}
+CB=${CIRBENCH:-cirbench}
+BB=(--backbone cirbench-shapes-clip --pretrained bundled)
+CORPUS=$($CB run --dataset shapes --split train --quiet 2>&1 | sed -n 's/.*--corpus \(\S*train.csv\).*/\1/p')
+echo "corpus: $CORPUS"
+$CB train --method slerp-tat --corpus "$CORPUS" --output "$OUT/slerp-tat" "${BB[@]}" --max-steps 300 \
+    --batch-size 128 --lr 5e-4 --workers 1 --quiet
+$CB train --method pic2word --corpus "$CORPUS" --output "$OUT/pic2word" "${BB[@]}" --max-steps 600 \
+    --batch-size 128 --lr 1e-3 --warmup-steps 50 --workers 1 --quiet
+$CB train --method fti4cir --corpus "$CORPUS" --output "$OUT/fti4cir" "${BB[@]}" --max-steps 300 \
+    --batch-size 64 --lr 2e-4 --schedule cosine --workers 1 --quiet
+for split in val test; do
+  for m in image-only text-only slerp; do $CB run -m $m -s $split --quiet --no-leaderboard --output "$OUT/results"; done
+  for m in slerp-tat pic2word fti4cir; do
+    $CB run -m $m -s $split --checkpoint "$OUT/$m" --quiet --no-leaderboard --output "$OUT/results"
+  done
+done
+$CB leaderboard "$OUT/results" --no-paper
