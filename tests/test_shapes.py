@@ -1,0 +1,118 @@
+"""The embedded shapes benchmark and the bundled backbone: deterministic, meaningful, offline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cirbench.backbones import load_backbone
+from cirbench.cli import cli
+from cirbench.errors import CirbenchError
+from cirbench.features import encode_images
+from cirbench.plugins import get_registry
+
+
+def shapes(root, **options):
+    spec = get_registry().dataset("shapes")
+    opts = {o.name: o.default for o in spec.options}
+    opts.update(options)
+    return spec.load()(root, opts)
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def val_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    shapes(root).load("val")
+    return root
+
+
+def test_generation_is_deterministic_and_seeded(tmp_path, val_root):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for root, seed in ((a, 0), (b, 0), (c, 1)):
+        shapes(root, seed=seed, queries=20, instances=1).load("test")
+    assert _digest(a / "test") == _digest(b / "test")
+    assert _digest(a / "test") != _digest(c / "test")
+    assert not list(tmp_path.glob("a/.test-*"))  # no half-written folders left behind
+
+
+def test_queries_change_one_or_two_attributes_and_have_distractors(val_root):
+    (es,) = shapes(val_root).load("val")
+    gallery = {g["id"]: tuple(g["attributes"].values())
+               for g in json.loads((val_root / "val" / "gallery.json").read_text())}
+    combos = set(gallery.values())
+    assert len(es.gallery) == 432 * 3 and len(es.queries) == 400
+    for q in es.queries:
+        ref, tgt = q.extra["reference_attributes"], q.extra["target_attributes"]
+        changed = [k for k in ref if ref[k] != tgt[k]]
+        assert 1 <= len(changed) <= 2
+        assert len(q.targets) == 3 and all(gallery[t] == tuple(tgt.values()) for t in q.targets)
+        # every attribute of the target has a distractor that differs in that attribute only
+        tv = tuple(tgt.values())
+        for i in range(5):
+            assert any(c[i] != tv[i] and all(c[j] == tv[j] for j in range(5) if j != i) for c in combos)
+
+
+def test_train_split_is_a_corpus(tmp_path):
+    ds = shapes(tmp_path, train_size=10)
+    with pytest.raises(CirbenchError, match="training corpus.*train.csv"):
+        ds.load("train")
+    rows = (tmp_path / "train" / "train.csv").read_text().splitlines()
+    assert rows[0] == "image,caption,subject,attribute" and len(rows) == 11
+
+
+def test_bundled_backbone_loads_offline_and_retrieves_captions(val_root):
+    bb = load_backbone("cirbench-shapes-clip", "bundled", device="cpu")
+    assert bb.identity()["weights"]["kind"] == "bundled"
+    (es,) = shapes(val_root).load("val")
+    attrs = {g["id"]: g["attributes"] for g in json.loads((val_root / "val" / "gallery.json").read_text())}
+    images = encode_images(es.gallery, bb.encode_image, bb.preprocessor("clip"), batch_size=256, workers=0,
+                           progress=False)
+    combos = {}
+    for g in es.gallery:
+        combos.setdefault(tuple(attrs[g.id].values()), g.id)
+    captions = [f"a {s} {c} {sh} on the {p} on a {b} background" for sh, c, s, p, b in combos]
+    top1 = (bb.encode_text(captions) @ images.T).argmax(dim=1)
+    hits = sum(tuple(attrs[es.gallery[int(i)].id].values()) == key for i, key in zip(top1, combos, strict=True))
+    chance = 3 / len(es.gallery)
+    assert hits / len(combos) > 40 * chance  # measured: 32.6% against 0.23% chance
+
+
+def test_slerp_clearly_beats_both_baselines_and_is_repeatable(tmp_path, val_root):
+    runner = CliRunner()
+    common = ["--dataset", "shapes", "--data-root", str(val_root), "--output", str(tmp_path / "r"), "--cache-dir",
+              str(tmp_path / "c"), "--workers", "0", "--quiet", "--no-leaderboard"]
+    metrics = {}
+    for method in ("image-only", "text-only", "slerp"):
+        res = runner.invoke(cli, ["run", "--method", method, *common])
+        assert res.exit_code == 0, res.output
+        path = tmp_path / "r" / "shapes" / "val" / f"{method}__cirbench-shapes-clip-bundled.json"
+        metrics[method] = json.loads(path.read_text())["metrics"]
+    assert metrics["slerp"]["mAP@5"] > 3 * metrics["image-only"]["mAP@5"]
+    assert metrics["slerp"]["mAP@5"] > 10 * metrics["text-only"]["mAP@5"]
+    assert metrics["slerp"]["R@10"] > metrics["image-only"]["R@10"] + 30
+    res = runner.invoke(cli, ["run", "--method", "slerp", "--no-cache", *common])
+    again = json.loads((tmp_path / "r" / "shapes" / "val" / "slerp__cirbench-shapes-clip-bundled.json").read_text())
+    assert again["metrics"] == metrics["slerp"]  # identical across runs (and with a cold cache)
+
+
+def test_plain_cirbench_run_is_slerp_on_shapes_with_the_bundled_backbone(tmp_path, val_root, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CIRBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("cirbench.datasets.shapes.dataset.Shapes.folder", property(lambda self: val_root))
+    res = CliRunner().invoke(cli, ["run", "--quiet", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "results" / "shapes" / "val" / "slerp__cirbench-shapes-clip-bundled.json").read_text())
+    assert rec["method"]["options"] == {"alpha": 0.7}
+    assert rec["backbone"]["weights"]["kind"] == "bundled" and rec["preprocess"]["size"] == 64
+    assert "### shapes / val" in res.output  # the leaderboard is printed
