@@ -141,12 +141,15 @@ def cli() -> None:
 @click.option("--allow-missing", is_flag=True, help="Skip missing images and record how many were used.")
 @click.option("--retrieval", "retrieval_backend", type=click.Choice(["auto", "torch", "faiss"]), default="auto",
               show_default=True, help="Ranking backend (auto: faiss for very large galleries).")
+@click.option("--encode-path", type=click.Choice(["auto", "workers", "batched"]), default="auto", show_default=True,
+              help="batched: workers read bytes, decoding (GPU JPEG) and preprocessing run on whole batches on the "
+                   "device; workers: per-image CPU decode. auto: batched on CUDA.")
 @click.option("--no-leaderboard", is_flag=True, help="Do not print the leaderboard after the run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.pass_context
 def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision, device, data_root, output,
-        cache_dir, no_cache, label, seed, batch_size, workers, allow_missing, retrieval_backend, no_leaderboard,
-        quiet):
+        cache_dir, no_cache, label, seed, batch_size, workers, allow_missing, retrieval_backend, encode_path,
+        no_leaderboard, quiet):
     """Evaluate METHOD on DATASET/SPLIT and write results/<dataset>/<split>/<run>__<backbone>.json.
 
     Method and dataset options are given as extra --name value pairs (e.g. --alpha 0.8, --category dress);
@@ -162,7 +165,8 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
                     preprocess=preprocess, precision=precision, device=device, data_root=data_root,
                     output=output, cache_dir=cache_dir, use_cache=not no_cache, method_options=m_opts,
                     dataset_options=d_opts, label=label, seed=seed, batch_size=batch_size, workers=workers,
-                    allow_missing=allow_missing, retrieval_backend=retrieval_backend, progress=not quiet)
+                    allow_missing=allow_missing, retrieval_backend=retrieval_backend, encode_path=encode_path,
+                    progress=not quiet)
     outcomes = evaluate(cfg, reg)
     for out in outcomes:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in list(out.metrics.items())[:8])

@@ -67,6 +67,7 @@ class RunConfig:
     allow_missing: bool = False
     retrieval_backend: str = "auto"
     save_topk: int = 50
+    encode_path: str = "auto"  # auto | workers | batched (see cirbench.features.encode_images)
     progress: bool = True
 
 
@@ -139,8 +140,8 @@ class Evaluator:
         return cache.get_or_compute(
             key, images,
             lambda todo: encode_images(todo, encode, preprocessor, batch_size=cfg.batch_size, workers=workers,
-                                       desc=desc, progress=cfg.progress,
-                                       pin_memory=str(cfg.device).startswith("cuda")),
+                                       desc=desc, progress=cfg.progress, pin_memory=self.device.type == "cuda",
+                                       path=cfg.encode_path, device=self.device),
         )
 
     def run(self) -> list[RunOutcome]:
@@ -174,6 +175,7 @@ class Evaluator:
         model_name, pretrained = choose_backbone(cfg, mspec, dspec)
         torch.manual_seed(cfg.seed)
         backbone = load_backbone(model_name, pretrained, device=cfg.device, precision=cfg.precision, seed=cfg.seed)
+        self.device = backbone.device
         preprocessor = backbone.preprocessor(preprocess_kind)
         cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else None, enabled=cfg.use_cache)
         factory = mspec.load()

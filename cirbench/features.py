@@ -195,6 +195,67 @@ def _collate(batch: list[tuple[int, Any]]) -> tuple[list[int], Any]:
     return indices, torch.stack([x for _, x in batch])
 
 
+class _ImageBytes(torch.utils.data.Dataset):
+    """Workers only read file bytes (the decode and preprocessing happen batched, on the device)."""
+
+    def __init__(self, images: Sequence[ImageRef]):
+        self.images = list(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        ref = self.images[index]
+        try:
+            data = Path(ref.path).read_bytes()
+        except OSError as exc:
+            return index, f"cannot read image {ref.path}: {exc.strerror or exc}"
+        return index, torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else f"image {ref.path} is empty"
+
+
+def _collate_bytes(batch: list[tuple[int, Any]]) -> tuple[list[int], list[Any]]:
+    return [i for i, _ in batch], [x for _, x in batch]
+
+
+def decode_batch(datas: list[torch.Tensor], names: list[str], device: torch.device) -> list[torch.Tensor]:
+    """Decode a batch of encoded images to uint8 RGB tensors on ``device``: JPEGs together through
+    ``torchvision.io.decode_jpeg`` (on the GPU when ``device`` is CUDA), anything else, or a JPEG the
+    batched decoder rejects, one by one on the CPU; a corrupt file raises ImageError naming it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list[torch.Tensor | None] = [None] * len(datas)
+    jpeg = [i for i, d in enumerate(datas) if d.numel() > 3 and d[0] == 0xFF and d[1] == 0xD8]
+    if jpeg:
+        try:
+            decoded = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+            for i, img in zip(jpeg, decoded, strict=True):
+                out[i] = img
+        except RuntimeError:
+            pass  # one bad file fails the whole batch: fall back to one by one, which names it
+    for i, d in enumerate(datas):
+        if out[i] is None:
+            out[i] = decode_bytes(d, names[i]).to(device, non_blocking=True)
+    return out  # type: ignore[return-value]
+
+
+def _encode_batched(images, encode, preprocessor, batch_size, workers, desc, progress, device) -> torch.Tensor:
+    loader = torch.utils.data.DataLoader(_ImageBytes(images), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=_collate_bytes, prefetch_factor=4 if workers else None,
+                                         persistent_workers=False)
+    outputs: list[torch.Tensor] = []
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for indices, datas in loader:
+            errors = [x for x in datas if isinstance(x, str)]
+            if errors:
+                raise ImageError(errors[0] + (f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""))
+            names = [str(images[i].path) for i in indices]
+            pixels = preprocessor.batch(decode_batch(datas, names, device))
+            with torch.no_grad():
+                outputs.append(encode(pixels).float().cpu())
+            bar.update(len(indices))
+    return torch.cat(outputs)
+
+
 def encode_images(
     images: Sequence[ImageRef],
     encode: Callable[[torch.Tensor], torch.Tensor],
@@ -204,10 +265,24 @@ def encode_images(
     desc: str = "encoding images",
     progress: bool = True,
     pin_memory: bool = False,
+    path: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Encode ``images`` in order with ``encode(pixels)``; a corrupt image raises ImageError naming it."""
+    """Encode ``images`` in order with ``encode(pixels)``; a corrupt image raises ImageError naming it.
+
+    ``path="workers"``: DataLoader workers read, decode and preprocess each image on the CPU (the official
+    scripts' way). ``path="batched"``: workers only read bytes; JPEG decoding and preprocessing run on whole
+    batches on ``device`` (the GPU path). ``"auto"`` picks ``batched`` on CUDA, ``workers`` otherwise.
+    """
     if not images:
         return torch.empty(0)
+    device = torch.device(device)
+    if path == "auto":
+        path = "batched" if device.type == "cuda" else "workers"
+    if path == "batched":
+        return _encode_batched(images, encode, preprocessor, batch_size, workers, desc, progress, device)
+    if path != "workers":
+        raise ValueError(f"unknown encode path {path!r}")
     loader = torch.utils.data.DataLoader(
         _ImageFiles(images, preprocessor),
         batch_size=batch_size,

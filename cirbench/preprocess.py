@@ -67,23 +67,7 @@ class Preprocessor:
         """
         if image.ndim != 3:
             raise ValueError(f"expected a [C,H,W] image, got shape {tuple(image.shape)}")
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        elif image.shape[0] == 4:
-            image = image[:3]
-        height, width = image.shape[-2:]
-        if self.kind == "targetpad":
-            left, top, right, bottom = targetpad_amounts(width, height, self.ratio)
-            if left or top or right or bottom:
-                image = F.pad(image, (left, right, top, bottom), value=0)
-                height, width = image.shape[-2:]
-        scale = self.size / min(height, width)
-        new_h = max(self.size, round(height * scale))
-        new_w = max(self.size, round(width * scale))
-        img = image.float().unsqueeze(0)
-        img = TF.resize(img, [new_h, new_w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        img = TF.center_crop(img, [self.size, self.size])
-        return img.squeeze(0).clamp_(0, 255)
+        return self._geometry_batch(image.unsqueeze(0)).squeeze(0)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """Scale [0,255] floats to [0,1] and apply mean/std (works on ``[C,H,W]`` or ``[B,C,H,W]``)."""
@@ -96,5 +80,36 @@ class Preprocessor:
         return self.normalize(self.geometry(image))
 
     def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Preprocess a list of uint8 images (any device) to one normalised ``[B,3,size,size]`` batch."""
-        return self.normalize(torch.stack([self.geometry(im) for im in images]))
+        """Preprocess a list of uint8 images (any device) to one normalised ``[B,3,size,size]`` batch.
+
+        Images of the same size are padded, resized and cropped together (one kernel launch per size group
+        instead of one per image: COCO-like galleries have few distinct sizes).
+        """
+        if not images:
+            return torch.empty(0, 3, self.size, self.size)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(tuple(im.shape), []).append(i)
+        for idx in groups.values():
+            stacked = torch.stack([images[i] for i in idx])
+            for i, geo in zip(idx, self._geometry_batch(stacked), strict=True):
+                out[i] = geo
+        return self.normalize(torch.stack(out))  # type: ignore[arg-type]
+
+    def _geometry_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """:meth:`geometry` for a ``[B,C,H,W]`` batch of same-size images."""
+        if batch.shape[1] == 1:
+            batch = batch.expand(-1, 3, -1, -1)
+        elif batch.shape[1] == 4:
+            batch = batch[:, :3]
+        height, width = batch.shape[-2:]
+        if self.kind == "targetpad":
+            left, top, right, bottom = targetpad_amounts(width, height, self.ratio)
+            if left or top or right or bottom:
+                batch = F.pad(batch, (left, right, top, bottom), value=0)
+                height, width = batch.shape[-2:]
+        scale = self.size / min(height, width)
+        new_h, new_w = max(self.size, round(height * scale)), max(self.size, round(width * scale))
+        img = TF.resize(batch.float(), [new_h, new_w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        return TF.center_crop(img, [self.size, self.size]).clamp_(0, 255)

@@ -1,0 +1,50 @@
+"""The faiss backend ranks exactly like the torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cirbench.retrieval import rank
+
+pytest.importorskip("faiss")
+
+
+def _features(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_faiss_equals_torch(exclude):
+    queries, gallery = _features(300, 48, 0), _features(5000, 48, 1)
+    ex = torch.randint(-1, 5000, (300,), generator=torch.Generator().manual_seed(2)) if exclude else None
+    if exclude:  # make sure the excluded item would otherwise rank first for some queries
+        ex[:20] = (queries[:20] @ gallery.T).argmax(dim=1)
+    t_idx, t_scores = rank(queries, gallery, 50, exclude=ex, backend="torch", gallery_chunk=1000)
+    f_idx, f_scores = rank(queries, gallery, 50, exclude=ex, backend="faiss")
+    # random Gaussian features have no exact ties, so the orders must agree item for item
+    assert torch.equal(t_idx, f_idx)
+    assert torch.allclose(t_scores, f_scores, atol=1e-5)
+    if exclude:
+        assert not (f_idx == ex.view(-1, 1)).any()
+
+
+def test_faiss_breaks_ties_by_gallery_order():
+    q = torch.tensor([[1.0, 0.0]])
+    g = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    idx, _ = rank(q, g, 3, backend="faiss")
+    assert idx.tolist() == [[1, 2, 3]]
+
+
+def test_auto_backend_switches_past_the_threshold(monkeypatch):
+    import cirbench.retrieval as retrieval
+
+    calls = []
+    monkeypatch.setattr(retrieval, "FAISS_AUTO_THRESHOLD", 100)
+    import cirbench.faiss_search as fs
+
+    original = fs.faiss_rank
+    monkeypatch.setattr(fs, "faiss_rank", lambda *a, **k: calls.append(1) or original(*a, **k))
+    rank(_features(3, 8, 0), _features(150, 8, 1), 5)
+    assert calls == [1]
