@@ -92,3 +92,28 @@ def all_gather_object(obj):
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shard(items: list, rank_: int | None = None, world: int | None = None) -> list:
+    """This rank's strided share of ``items`` (``items[rank::world]``)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    return items[r::w]
+
+
+def gather_sharded_rows(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Reassemble rows encoded as strided shards (:func:`shard`) on every rank into the original order."""
+    w = world_size()
+    if w == 1:
+        return local
+    per_rank = -(-total // w)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((total, *local.shape[1:]), dtype=local.dtype)
+    for r, part in enumerate(parts):
+        n = len(range(r, total, w))
+        out[r::w] = part[:n].cpu()
+    return out

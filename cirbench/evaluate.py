@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .backbones import Backbone, load_backbone
 from .errors import CirbenchError, ImageError
 from .features import FeatureCache, encode_images
@@ -137,12 +138,18 @@ class Evaluator:
     def _features(self, cache: FeatureCache, key: dict, images, encode, preprocessor, desc: str) -> torch.Tensor:
         cfg = self.cfg
         workers = cfg.workers if cfg.workers is not None else _default_workers()
-        return cache.get_or_compute(
-            key, images,
-            lambda todo: encode_images(todo, encode, preprocessor, batch_size=cfg.batch_size, workers=workers,
-                                       desc=desc, progress=cfg.progress, pin_memory=self.device.type == "cuda",
-                                       path=cfg.encode_path, device=self.device),
-        )
+
+        def compute(todo):
+            # under torchrun every rank encodes a strided shard; the rows are gathered back in order
+            mine = distributed.shard(list(todo))
+            local = encode_images(mine, encode, preprocessor, batch_size=cfg.batch_size, workers=workers,
+                                  desc=desc, progress=cfg.progress and distributed.is_main(),
+                                  pin_memory=self.device.type == "cuda", path=cfg.encode_path, device=self.device)
+            if not mine:
+                local = torch.empty(0)
+            return distributed.gather_sharded_rows(local, len(todo))
+
+        return cache.get_or_compute(key, images, compute)
 
     def run(self) -> list[RunOutcome]:
         cfg = self.cfg
@@ -174,10 +181,13 @@ class Evaluator:
 
         model_name, pretrained = choose_backbone(cfg, mspec, dspec)
         torch.manual_seed(cfg.seed)
-        backbone = load_backbone(model_name, pretrained, device=cfg.device, precision=cfg.precision, seed=cfg.seed)
+        device = str(distributed.init_from_env(cfg.device)) if distributed.launched_by_torchrun() else cfg.device
+        backbone = load_backbone(model_name, pretrained, device=device, precision=cfg.precision, seed=cfg.seed)
         self.device = backbone.device
         preprocessor = backbone.preprocessor(preprocess_kind)
-        cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else None, enabled=cfg.use_cache)
+        cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else None, enabled=cfg.use_cache,
+                             writer=distributed.is_main())
+        main = distributed.is_main()  # under torchrun only rank 0 writes cache, results and submissions
         factory = mspec.load()
 
         outcomes = []
@@ -197,9 +207,10 @@ class Evaluator:
                 counts["gallery"] += n_gallery
                 counts["sets"][es.name] = {"queries": len(es.queries), "gallery": n_gallery, **set_counts[es.name]}
                 if es.hidden_targets:
-                    sub_dir = out_dir / SUBMISSIONS_DIR
-                    sub_dir.mkdir(parents=True, exist_ok=True)
-                    submissions += dataset.write_submission(es, ranking, sub_dir, stem)
+                    if main:
+                        sub_dir = out_dir / SUBMISSIONS_DIR
+                        sub_dir.mkdir(parents=True, exist_ok=True)
+                        submissions += dataset.write_submission(es, ranking, sub_dir, stem)
                 else:
                     per_set[es.name] = dataset.metrics(es, ranking)
                 k = min(cfg.save_topk, ranking.indices.shape[1])
@@ -223,6 +234,7 @@ class Evaluator:
                 "precision": backbone.precision,
                 "seed": cfg.seed,
                 "device": str(backbone.device),
+                "world_size": distributed.world_size(),
                 "counts": counts,
                 "metrics": metrics,
                 "per_set_metrics": per_set,
@@ -233,8 +245,9 @@ class Evaluator:
             }
             result_path = out_dir / (stem + RESULT_SUFFIX)
             pred_path = out_dir / (stem + PREDICTIONS_SUFFIX)
-            write_predictions(pred_path, predictions)
-            write_result(result_path, record)
+            if main:
+                write_predictions(pred_path, predictions)
+                write_result(result_path, record)
             outcomes.append(RunOutcome(label, result_path, pred_path, metrics, submissions, record))
         return outcomes
 

@@ -75,9 +75,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 class FeatureCache:
     """Identity-keyed feature store on disk (see the module docstring)."""
 
-    def __init__(self, root: Path | None = None, enabled: bool = True):
+    def __init__(self, root: Path | None = None, enabled: bool = True, writer: bool = True):
         self.root = Path(root) if root is not None else default_cache_dir()
         self.enabled = enabled
+        self.writer = writer  # under torchrun only rank 0 writes; every rank reads
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
         self.stats = {"hits": 0, "misses": 0}
 
@@ -99,7 +100,7 @@ class FeatureCache:
                 stored = json.loads(manifest.read_text())
             except (OSError, json.JSONDecodeError):
                 stored = None
-            if stored != json.loads(json.dumps(key, sort_keys=True, default=str)):
+            if stored != json.loads(json.dumps(key, sort_keys=True, default=str)) and self.writer:
                 warnings.warn(f"feature cache {folder} does not match its key; rebuilding it", stacklevel=2)
                 shutil.rmtree(folder, ignore_errors=True)
         for shard in sorted(folder.glob("shard-*.safetensors")) if folder.exists() else []:
@@ -121,7 +122,7 @@ class FeatureCache:
         return rows
 
     def _write_shard(self, key: dict, names: list[str], feats: torch.Tensor) -> None:
-        if not self.enabled or not names:
+        if not self.enabled or not self.writer or not names:
             return
         folder = self._folder(key)
         folder.mkdir(parents=True, exist_ok=True)
