@@ -47,3 +47,23 @@ def test_batched_decode_names_a_corrupt_jpeg(image_files, tmp_path):
     with pytest.raises(ImageError, match="bad.jpg"):
         encode_images(refs, lambda x: x.mean(dim=(2, 3)), Preprocessor("clip", 32),
                       batch_size=8, workers=0, progress=False, path="batched")
+
+
+def test_bench_command_reports_every_figure(tiny_config):
+    import json
+
+    from click.testing import CliRunner
+
+    from cirbench.cli import cli
+
+    res = CliRunner().invoke(cli, ["bench", "--model", str(tiny_config), "--images", "10", "--batch-size", "4",
+                                   "--workers", "0", "--queries", "20", "--gallery", "300", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["model_alone_img_s"] > 0 and out["full_path_img_s"] > 0
+    assert out["ratio"] == pytest.approx(out["full_path_img_s"] / out["model_alone_img_s"], rel=1e-2)
+    assert out["rank_queries"] == 20 and out["rank_gallery"] == 300 and out["rank_seconds"] > 0
+    assert out["encode_path"] == "workers" and out["peak_gpu_mem_gib"] is None
+    res = CliRunner().invoke(cli, ["bench", "--model", str(tiny_config), "--images", "6", "--batch-size", "3",
+                                   "--workers", "0", "--gallery", "100", "--encode-path", "batched"])
+    assert res.exit_code == 0 and "full path" in res.output and "batched" in res.output
