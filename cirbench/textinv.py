@@ -119,6 +119,19 @@ def raw_image_features(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor
         return backbone.model.encode_image(pixels).float()
 
 
+class RawImageReferences:
+    """Method mixin: reference images are encoded as raw (unnormalised) CLIP embeddings, the input of the
+    mapping networks of Pic2Word and SEARLE; every method using it shares those cached features."""
+
+    backbone: Backbone
+
+    def reference_feature_kind(self) -> dict:
+        return {"kind": "image-global-raw"}
+
+    def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
+        return raw_image_features(self.backbone, pixels)
+
+
 def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Load ``tensors`` into ``module`` strictly; a CheckpointError names the first mismatch."""
     from .errors import CheckpointError

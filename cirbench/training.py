@@ -104,6 +104,27 @@ class TrainableMethod:
         return {}
 
 
+class NetTrainable(TrainableMethod):
+    """A :class:`TrainableMethod` whose trained part is one module, ``self.net`` (set it in ``__init__``):
+    it trains all of ``self.net``'s parameters and saves exactly its state dict."""
+
+    net: torch.nn.Module
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.net.parameters())
+
+    def train_mode(self, training: bool) -> None:
+        self.net.train(training)
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return self.net.state_dict()
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        from .textinv import load_module_weights
+
+        load_module_weights(self.net, tensors, "resume checkpoint")
+
+
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE between L2-normalised image and text features of the GLOBAL batch.
 

@@ -16,7 +16,7 @@ from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
 from cirbench.method import Method, average_variants
 from cirbench.safe_unpickle import load_pickled_module_tensors
 from cirbench.textinv import Phi, clean_text, encode_with_pseudo_tokens, load_module_weights, token_width
-from cirbench.training import TrainableMethod
+from cirbench.training import NetTrainable
 from cirbench.types import Query
 
 PLACEHOLDER = "*"
@@ -254,7 +254,7 @@ def nt_xent(v1: torch.Tensor, v2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(logits, targets)
 
 
-class FTI4CIRTrainable(TrainableMethod):
+class FTI4CIRTrainable(NetTrainable):
     """Contrastive(global, pseudo sentence) + orthogonality + reg_weight x (three caption regularisers)."""
 
     name = "fti4cir"
@@ -265,12 +265,6 @@ class FTI4CIRTrainable(TrainableMethod):
     def __init__(self, backbone: Backbone, options: dict[str, Any]):
         super().__init__(backbone, options)
         self.net = build_net(backbone, options).to(backbone.device)
-
-    def trainable_parameters(self):
-        return list(self.net.parameters())
-
-    def train_mode(self, training: bool) -> None:
-        self.net.train(training)
 
     def training_step(self, batch):
         subject, attrs, counts, global_feat, selected = pseudo_words(self.net, self.backbone, batch.pixels)
@@ -302,12 +296,6 @@ class FTI4CIRTrainable(TrainableMethod):
             return list(batch.extra["subject"]), list(batch.extra["attribute"])
         pairs = [split_subject_attribute(c) for c in batch.captions]
         return [p[0] for p in pairs], [p[1] for p in pairs]
-
-    def state_to_save(self):
-        return self.net.state_dict()
-
-    def load_state(self, tensors):
-        load_module_weights(self.net, tensors, "resume")
 
     def checkpoint_config(self):
         return {"architecture": {k: self.options.get(k) for k in DEFAULTS}}

@@ -12,13 +12,14 @@ from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
 from cirbench.errors import CheckpointError
 from cirbench.method import Method
 from cirbench.textinv import (
+    RawImageReferences,
     clean_text,
     encode_with_pseudo_tokens,
     load_module_weights,
     raw_image_features,
     token_width,
 )
-from cirbench.training import TrainableMethod, contrastive_loss
+from cirbench.training import NetTrainable, contrastive_loss
 from cirbench.types import Query
 
 PLACEHOLDER = "*"
@@ -77,7 +78,7 @@ def load_official_or_cirbench(path, backbone: Backbone) -> tuple[dict[str, torch
     return tensors, config.get("options", {}), checkpoint_sha256(path)
 
 
-class Pic2Word(Method):
+class Pic2Word(RawImageReferences, Method):
     """Retrieve with the text feature of the prompt holding the image's pseudo-word."""
 
     name = "pic2word"
@@ -89,12 +90,6 @@ class Pic2Word(Method):
         load_module_weights(self.net, tensors, str(options.get("checkpoint")))
         self.net = self.net.to(backbone.device).eval()
 
-    def reference_feature_kind(self) -> dict:
-        return {"kind": "image-global-raw"}
-
-    def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
-        return raw_image_features(self.backbone, pixels)
-
     @torch.no_grad()
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         tokens = self.net(references.to(self.backbone.device).float())
@@ -105,7 +100,7 @@ class Pic2Word(Method):
         return {"checkpoint": str(self.options.get("checkpoint")), "sha256": self.sha256}
 
 
-class Pic2WordTrainable(TrainableMethod):
+class Pic2WordTrainable(NetTrainable):
     """Train the mapping so that "a photo of *" with the image's pseudo-word matches the image (CLIP frozen)."""
 
     name = "pic2word"
@@ -117,12 +112,6 @@ class Pic2WordTrainable(TrainableMethod):
         super().__init__(backbone, options)
         self.net = build_net(backbone, options).to(backbone.device)
 
-    def trainable_parameters(self):
-        return list(self.net.parameters())
-
-    def train_mode(self, training: bool) -> None:
-        self.net.train(training)
-
     def training_step(self, batch):
         image = raw_image_features(self.backbone, batch.pixels)
         tokens = self.net(image)
@@ -130,12 +119,6 @@ class Pic2WordTrainable(TrainableMethod):
                                          PLACEHOLDER, normalize=False)
         temperature = 1.0 / float(self.backbone.model.logit_scale.exp())
         return contrastive_loss(image, text, temperature), {}
-
-    def state_to_save(self):
-        return self.net.state_dict()
-
-    def load_state(self, tensors):
-        load_module_weights(self.net, tensors, "resume")
 
     def checkpoint_config(self):
         return {"architecture": {"middle_dim": self.options.get("middle_dim"), "token_width": token_width(self.backbone)}}

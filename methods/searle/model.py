@@ -13,10 +13,10 @@ from cirbench.errors import CheckpointError, CirbenchError
 from cirbench.method import Method, average_variants, caption_variants
 from cirbench.textinv import (
     Phi,
+    RawImageReferences,
     clean_text,
     encode_with_pseudo_tokens,
     load_module_weights,
-    raw_image_features,
     token_width,
 )
 from cirbench.types import Query
@@ -48,7 +48,7 @@ def prompt(text: str) -> str:
     return f"a photo of {PLACEHOLDER} that {clean_text(text, PLACEHOLDER)}"
 
 
-class Searle(Method):
+class Searle(RawImageReferences, Method):
     """Query feature = text feature of "a photo of $ that {caption}" with $ = Phi(image embedding)."""
 
     name = "searle"
@@ -72,12 +72,6 @@ class Searle(Method):
         load_module_weights(self.phi, tensors, str(path))
         self.phi = self.phi.to(backbone.device).eval()
         self.checkpoint = str(path)
-
-    def reference_feature_kind(self) -> dict:
-        return {"kind": "image-global-raw"}
-
-    def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
-        return raw_image_features(self.backbone, pixels)
 
     @torch.no_grad()
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
