@@ -120,7 +120,7 @@ def run_bench(model: str = "ViT-B-32", pretrained: str = "none", images: int = 2
             tmp.cleanup()
     path = encode_path if encode_path != "auto" else ("batched" if dev.type == "cuda" else "workers")
     return BenchResult(model, str(dev), bb.precision, batch_size, images, round(model_alone, 1), round(full, 1),
-                       round(full / model_alone, 3), None if peak is None else round(peak, 2), queries, gallery,
+                       full / model_alone, None if peak is None else round(peak, 2), queries, gallery,
                        round(rank_s, 4), path)
 
 

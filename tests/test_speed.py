@@ -61,7 +61,7 @@ def test_bench_command_reports_every_figure(tiny_config):
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     assert out["model_alone_img_s"] > 0 and out["full_path_img_s"] > 0
-    assert out["ratio"] == pytest.approx(out["full_path_img_s"] / out["model_alone_img_s"], rel=1e-2)
+    assert out["ratio"] == pytest.approx(out["full_path_img_s"] / out["model_alone_img_s"], rel=0.05, abs=1e-3)
     assert out["rank_queries"] == 20 and out["rank_gallery"] == 300 and out["rank_seconds"] > 0
     assert out["encode_path"] == "workers" and out["peak_gpu_mem_gib"] is None
     res = CliRunner().invoke(cli, ["bench", "--model", str(tiny_config), "--images", "6", "--batch-size", "3",
