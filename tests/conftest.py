@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -22,21 +21,6 @@ def tiny_config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "cirbench-tiny-test.json"
     path.write_text(json.dumps(TINY_CLIP))
     return path
-
-
-def make_images(root: Path, names: list[str], size=(40, 30), seed: int = 0) -> None:
-    """Write small placeholder PNG/JPEG images (solid colours with noise) for the given relative names."""
-    from PIL import Image
-
-    rng = random.Random(seed)
-    for name in names:
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        colour = tuple(rng.randrange(256) for _ in range(3))
-        img = Image.new("RGB", size, colour)
-        for _ in range(20):
-            img.putpixel((rng.randrange(size[0]), rng.randrange(size[1])), (255, 255, 255))
-        img.save(path)
 
 
 @pytest.fixture
