@@ -6,7 +6,9 @@ set -euo pipefail
 OUT=${1:-runs/shapes}
 CB=${CIRBENCH:-cirbench}
 BB=(--backbone cirbench-shapes-clip --pretrained bundled)
-CORPUS=$($CB run --dataset shapes --split train --quiet 2>&1 | sed -n 's/.*--corpus \(\S*train.csv\).*/\1/p')
+# `run --split train` generates the corpus and answers (exit 2) with its path
+CORPUS=$({ $CB run --dataset shapes --split train --quiet 2>&1 || true; } | sed -n 's/.*--corpus \(\S*train.csv\).*/\1/p')
+[ -n "$CORPUS" ] || { echo "could not locate the shapes train corpus" >&2; exit 1; }
 echo "corpus: $CORPUS"
 $CB train --method slerp-tat --corpus "$CORPUS" --output "$OUT/slerp-tat" "${BB[@]}" --max-steps 300 \
     --batch-size 128 --lr 5e-4 --workers 1 --quiet
