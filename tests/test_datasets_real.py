@@ -272,3 +272,16 @@ def test_full_run_fashioniq_one_category_with_missing_images(tmp_path, tiny_conf
     sets = rec["counts"]["sets"]["dress"]
     assert sets["missing_images"] >= 10 and sets["gallery"] == 3807
     assert set(rec["metrics"]) == {"R@10", "R@50"}
+
+
+def test_circo_gallery_from_coco_image_info(tmp_path):
+    root = copy_tree(ANNOTATIONS / "circo", tmp_path / "circo")
+    info = root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
+    info.parent.mkdir(parents=True)
+    info.write_text(json.dumps({"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (5, 7, 11)]}))
+    (es,) = dataset("circo", root).load("val")
+    assert es.gallery_ids == ["5", "7", "11"]
+    assert es.gallery[0].path == root / "COCO2017_unlabeled" / "unlabeled2017" / "000000000005.jpg"
+    info.write_text('{"images": [{"id": 1}]}')
+    with pytest.raises(AnnotationError, match="image_info_unlabeled2017.json"):
+        dataset("circo", root).load("val")

@@ -65,6 +65,21 @@ def test_pic2word_official_layout_loads_and_matches(tmp_path, backbone):
     assert a.shape == (2, 32) and torch.allclose(a, b, atol=1e-6)
 
 
+def test_pic2word_training_lowers_the_loss(tmp_path, tiny_config):
+    from test_training import make_corpus
+
+    from cirbench.methods.pic2word.model import Pic2WordTrainable
+    from cirbench.training import TrainConfig, train
+
+    trainable = Pic2WordTrainable(load_backbone(str(tiny_config), "none", device="cpu"),
+                                  {"middle_dim": 16, "dropout": 0.0})
+    losses, step = [], trainable.training_step
+    trainable.training_step = lambda b: (lambda out: (losses.append(float(out[0].detach())), out)[1])(step(b))
+    train(trainable, make_corpus(tmp_path / "c"), TrainConfig(output=tmp_path / "o", max_steps=12, batch_size=16,
+                                                              lr=3e-3, schedule="constant", workers=0, progress=False))
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
 def test_pic2word_trains_and_mismatch_is_one_line(tmp_path, tiny_config):
     from test_training import make_corpus
 
