@@ -193,7 +193,8 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
               help="Write leaderboard.md, CSV files and leaderboard.html into RESULTS_DIR/leaderboard/.")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "html"]), default="markdown",
               show_default=True, help="What to print.")
-def leaderboard(results_dir, dataset, no_paper, write, fmt):
+@click.option("--all-metrics", is_flag=True, help="Also show breakdown metrics (e.g. CIRCO's per-aspect mAP@10).")
+def leaderboard(results_dir, dataset, no_paper, write, fmt, all_metrics):
     """Tables of all results under RESULTS_DIR: one per dataset/split, methods as rows, metrics as columns.
 
     The best value of each column is marked (bold in markdown and HTML, '*' in CSV). Published numbers
@@ -204,7 +205,7 @@ def leaderboard(results_dir, dataset, no_paper, write, fmt):
     root = Path(results_dir)
     if not root.is_dir():
         raise CirbenchError(f"results folder {root} does not exist")
-    tables = build_tables(root, include_paper=not no_paper,
+    tables = build_tables(root, include_paper=not no_paper, all_metrics=all_metrics,
                           datasets=None if dataset is None else [(dataset, None)])
     if not tables:
         raise CirbenchError(f"no result files under {root}")

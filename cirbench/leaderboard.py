@@ -44,11 +44,15 @@ def _metric_sort_key(name: str) -> tuple:
     return (prefix == "avg", prefix, order, kval, metric)
 
 
+DETAIL_PREFIXES = ("aspect/",)  # per-aspect breakdowns (CIRCO): in result files, in tables only on request
+
+
 def build_tables(root: Path, include_paper: bool = True,
-                 datasets: list[tuple[str, str | None]] | None = None) -> list[Table]:
+                 datasets: list[tuple[str, str | None]] | None = None, all_metrics: bool = False) -> list[Table]:
     """Read every result under ``root`` and build one :class:`Table` per dataset/split.
 
-    Unreadable result files are skipped with a warning line on stderr, never fatal.
+    Unreadable result files are skipped with a warning line on stderr, never fatal. Breakdown metrics
+    (``aspect/...``) are left out unless ``all_metrics``.
     """
     import sys
 
@@ -84,7 +88,8 @@ def build_tables(root: Path, include_paper: bool = True,
                 rows[f"{r['method']} · {r['backbone']} [{tag}]"] = {"source": tag, "backbone": r["backbone"],
                                                                      **r["metrics"]}
         frame = pd.DataFrame.from_dict(rows, orient="index")
-        ours = set().union(*(rec.get("metrics", {}).keys() for rec in recs))
+        ours = {m for rec in recs for m in rec.get("metrics", {})
+                if all_metrics or not m.startswith(DETAIL_PREFIXES)}
         metric_cols = sorted((c for c in frame.columns if c in ours), key=_metric_sort_key)
         if not metric_cols:  # hidden-target split: nothing to compare
             metric_cols = sorted((c for c in frame.columns if c not in ("source", "backbone", "precision", "queries")),

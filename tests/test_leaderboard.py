@@ -22,7 +22,8 @@ def _result(root, dataset, split, label, metrics, backbone="ViT-B-32", created="
 
 
 def test_tables_mark_the_best_and_show_paper_rows(tmp_path):
-    _result(tmp_path, "circo", "val", "slerp", {"mAP@5": 30.0, "mAP@10": 31.0, "mAP@25": 33.0, "mAP@50": 34.0})
+    _result(tmp_path, "circo", "val", "slerp", {"mAP@5": 30.0, "mAP@10": 31.0, "mAP@25": 33.0, "mAP@50": 34.0,
+                                               "aspect/negation/mAP@10": 12.0})
     _result(tmp_path, "circo", "val", "image-only", {"mAP@5": 3.0, "mAP@10": 40.0, "mAP@25": 4.0, "mAP@50": 4.5})
     (table,) = build_tables(tmp_path)
     assert (table.dataset, table.split) == ("circo", "val")
@@ -30,6 +31,8 @@ def test_tables_mark_the_best_and_show_paper_rows(tmp_path):
     frame = table.frame
     paper = frame[frame["source"].str.startswith("paper")]
     assert len(paper) == 6 and set(paper["source"]) == {"paper (test)"}  # CIRCO papers report test
+    (detailed,) = build_tables(tmp_path, all_metrics=True)
+    assert "aspect/negation/mAP@10" in detailed.metric_columns
     assert frame.loc["fti4cir · ViT-L/14 [paper (test)]", "mAP@5"] == 15.05
     md = render_markdown([table])
     assert "**30.00**" in md and "**40.00**" in md  # best per column, ours may win
