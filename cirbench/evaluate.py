@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .backbones import Backbone, load_backbone
-from .errors import CirbenchError, ImageError
+from .errors import CirbenchError, ImageError, UnknownNameError
 from .features import FeatureCache, encode_images
 from .images import describe_missing, find_missing
 from .plugins import Registry, get_registry
@@ -158,8 +158,6 @@ class Evaluator:
         dspec = self.registry.dataset(cfg.dataset)
         split = cfg.split or dspec.default_split or dspec.splits[0]
         if split not in dspec.splits:
-            from .errors import UnknownNameError
-
             raise UnknownNameError(f"split of {dspec.name}", split, dspec.splits)
         option_sets = resolve_options(mspec.options, cfg.method_options, dspec.name, f"method {mspec.name}")
         swept = [k for k in (option_sets[0] if option_sets else {}) if len({str(o[k]) for o in option_sets}) > 1]
@@ -168,8 +166,6 @@ class Evaluator:
             raise CirbenchError("dataset options cannot be swept")
         preprocess_kind = cfg.preprocess or mspec.default_preprocess
         if preprocess_kind not in PREPROCESS_KINDS:
-            from .errors import UnknownNameError
-
             raise UnknownNameError("preprocessing", preprocess_kind, PREPROCESS_KINDS)
 
         out_dir = ensure_writable(Path(cfg.output) / dspec.name / split)

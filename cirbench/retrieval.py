@@ -100,14 +100,20 @@ def rank_candidates(
     gallery: torch.Tensor,
     candidate_indices: list[list[int]],
 ) -> list[list[int]]:
-    """For each query, its candidate gallery indices sorted by similarity (best first, stable)."""
-    out = []
-    for q, cands in zip(queries, candidate_indices, strict=True):
-        if not cands:
-            out.append([])
-            continue
-        idx = torch.tensor(cands, dtype=torch.long, device=gallery.device)
-        scores = gallery[idx].float() @ q.float().to(gallery.device)
-        order = torch.sort(scores, descending=True, stable=True).indices
-        out.append(idx[order].tolist())
-    return out
+    """For each query, its candidate gallery indices sorted by similarity (best first, stable), in one
+    batched gather and product over a padded ``[Q, C]`` candidate matrix."""
+    width = max((len(c) for c in candidate_indices), default=0)
+    if width == 0:
+        return [[] for _ in candidate_indices]
+    device = gallery.device
+    cands = torch.full((len(candidate_indices), width), -1, dtype=torch.long)
+    for qi, row in enumerate(candidate_indices):
+        cands[qi, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    cands = cands.to(device)
+    valid = cands >= 0
+    feats = gallery[cands.clamp(min=0)].float()  # [Q, C, D]
+    scores = torch.einsum("qcd,qd->qc", feats, queries.float().to(device)).masked_fill(~valid, float("-inf"))
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    ranked = torch.gather(cands, 1, order).cpu()
+    counts = valid.sum(dim=1).tolist()
+    return [ranked[qi, :n].tolist() for qi, n in enumerate(counts)]
