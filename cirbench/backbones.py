@@ -150,8 +150,13 @@ class Backbone:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") and \
-            self.model.text_projection is not None else int(self.encode_text(["a"]).shape[-1])
+        """Width of the joint image-text embedding."""
+        proj = getattr(self.model, "text_projection", None)
+        if isinstance(proj, torch.nn.Linear):
+            return int(proj.out_features)
+        if isinstance(proj, torch.Tensor):
+            return int(proj.shape[1])
+        return int(self.encode_text(["a"]).shape[-1])
 
     def autocast(self):
         return autocast_context(self.precision, self.device)
@@ -317,14 +322,3 @@ def _load_weights_file(clip: Any, path: Path) -> None:
             f"weights {path} do not fit this backbone: {len(missing)} missing, {len(unexpected)} unexpected, "
             f"{len(mismatched)} mismatched tensors (first: {(missing + unexpected + mismatched)[:3]})"
         )
-
-
-@contextmanager
-def eval_mode(module: Any):
-    """Temporarily put ``module`` in eval mode."""
-    was = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was)

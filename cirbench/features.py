@@ -149,17 +149,13 @@ class FeatureCache:
         ``compute(missing_images)`` for the rest (then stored)."""
         rows = self._load_folder(key)
         names = [image_identity(im) for im in images]
-        missing_idx = [i for i, n in enumerate(dict.fromkeys(names)) if n not in rows]
-        unique_names = list(dict.fromkeys(names))
-        first_index = {}
-        for i, n in enumerate(names):
-            first_index.setdefault(n, i)
-        todo = [images[first_index[unique_names[i]]] for i in missing_idx]
-        self.stats["hits"] += len(unique_names) - len(todo)
+        first = dict(zip(reversed(names), reversed(images), strict=True))  # identity -> its first image
+        new_names = [n for n in dict.fromkeys(names) if n not in rows]
+        todo = [first[n] for n in new_names]
+        self.stats["hits"] += len(first) - len(todo)
         self.stats["misses"] += len(todo)
         if todo:
             new = compute(todo).float().cpu()
-            new_names = [unique_names[i] for i in missing_idx]
             self._write_shard(key, new_names, new)
             for n, row in zip(new_names, new, strict=True):
                 rows[n] = row
@@ -186,6 +182,12 @@ class _ImageFiles(torch.utils.data.Dataset):
             return index, str(exc)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is reported with the file name
             return index, f"corrupt or unreadable image {ref.path}: {type(exc).__name__}: {exc}"
+
+
+def _batch_error(errors: list[str]) -> ImageError:
+    """One error for a batch with unreadable images: the first by name, and how many more."""
+    more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
+    return ImageError(errors[0] + more)
 
 
 def _collate(batch: list[tuple[int, Any]]) -> tuple[list[int], Any]:
@@ -248,7 +250,7 @@ def _encode_batched(images, encode, preprocessor, batch_size, workers, desc, pro
         for indices, datas in loader:
             errors = [x for x in datas if isinstance(x, str)]
             if errors:
-                raise ImageError(errors[0] + (f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""))
+                raise _batch_error(errors)
             names = [str(images[i].path) for i in indices]
             pixels = preprocessor.batch(decode_batch(datas, names, device))
             with torch.no_grad():
@@ -296,7 +298,7 @@ def encode_images(
     with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for _indices, batch in loader:
             if isinstance(batch, list):
-                raise ImageError(batch[0] + (f" (and {len(batch) - 1} more in this batch)" if len(batch) > 1 else ""))
+                raise _batch_error(batch)
             with torch.no_grad():
                 outputs.append(encode(batch).float().cpu())
             bar.update(len(_indices))

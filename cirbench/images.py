@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
@@ -33,7 +34,7 @@ def decode_bytes(data: bytes | torch.Tensor, name: str = "<bytes>") -> torch.Ten
         with Image.open(io.BytesIO(buf.numpy().tobytes())) as im:
             rgb = im.convert("RGB")
             rgb.load()
-        return torch.from_numpy(__import__("numpy").asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
         raise ImageError(f"corrupt or unreadable image {name}: {type(exc).__name__}: {exc}") from None
 
@@ -45,11 +46,6 @@ def read_bytes(path: Path) -> bytes:
         raise ImageError(f"missing image {path}") from None
     except OSError as exc:
         raise ImageError(f"cannot read image {path}: {exc}") from None
-
-
-def read_image(path: Path) -> torch.Tensor:
-    """Read and decode one image file to uint8 RGB ``[3,H,W]``."""
-    return decode_bytes(read_bytes(path), str(path))
 
 
 def find_missing(images: Iterable[ImageRef]) -> list[ImageRef]:

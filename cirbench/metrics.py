@@ -48,10 +48,3 @@ def map_at_k(hits: torch.Tensor, n_relevant: torch.Tensor | Sequence[int], ks: S
         ap = (precision_at_i[:, :k] * h[:, :k]).sum(dim=1) / torch.clamp(torch.minimum(n_rel, torch.tensor(float(k))), min=1)
         out[k] = float(ap.mean() * 100) if ap.numel() else 0.0
     return out
-
-
-def first_hit_rank(hits: torch.Tensor) -> torch.Tensor:
-    """0-based rank of the first relevant item per query, or ``hits.shape[1]`` if none."""
-    any_hit = hits.any(dim=1)
-    first = hits.float().argmax(dim=1)
-    return torch.where(any_hit, first, torch.full_like(first, hits.shape[1]))

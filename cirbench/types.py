@@ -95,9 +95,6 @@ class MethodSpec:
             raise CirbenchError(f"method '{self.name}' needs no training (it has no trainer)")
         return _resolve_factory(self.trainer)
 
-    def option(self, name: str) -> OptionSpec | None:
-        return next((o for o in self.options if o.name == name), None)
-
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -125,9 +122,6 @@ class DatasetSpec:
     def load(self) -> Callable[..., Any]:
         """Import and return the dataset's factory."""
         return _resolve_factory(self.factory)
-
-    def option(self, name: str) -> OptionSpec | None:
-        return next((o for o in self.options if o.name == name), None)
 
 
 @dataclass(frozen=True)

@@ -129,8 +129,7 @@ def patch_tokens(backbone: Backbone, pixels: torch.Tensor) -> tuple[torch.Tensor
 
 def build_net(backbone: Backbone, options: dict[str, Any]) -> FTI4CIRNet:
     patch_dim = int(backbone.model.visual.transformer.width)
-    embed_dim = int(backbone.model.text_projection.shape[1])
-    return FTI4CIRNet(patch_dim, embed_dim, token_width(backbone), options)
+    return FTI4CIRNet(patch_dim, backbone.embed_dim, token_width(backbone), options)
 
 
 def pseudo_words(net: FTI4CIRNet, backbone: Backbone, pixels: torch.Tensor):

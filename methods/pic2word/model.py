@@ -46,9 +46,7 @@ class Img2Text(torch.nn.Module):
 
 
 def build_net(backbone: Backbone, options: dict[str, Any]) -> Img2Text:
-    embed_dim = int(backbone.model.text_projection.shape[1]) if hasattr(backbone.model, "text_projection") \
-        else backbone.embed_dim
-    return Img2Text(embed_dim, int(options.get("middle_dim", 512)), token_width(backbone),
+    return Img2Text(backbone.embed_dim, int(options.get("middle_dim", 512)), token_width(backbone),
                     float(options.get("dropout", 0.1)))
 
 

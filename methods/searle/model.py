@@ -55,7 +55,7 @@ class Searle(RawImageReferences, Method):
 
     def __init__(self, backbone, options, dataset=None):
         super().__init__(backbone, options, dataset)
-        embed = int(backbone.model.text_projection.shape[1])
+        embed = backbone.embed_dim
         self.phi = Phi(embed, 4 * embed, token_width(backbone), dropout=0.5)
         path = options.get("checkpoint") or official_weights(backbone)
         if Path(path).is_file() and Path(path).suffix in (".pt", ".pth"):
