@@ -1,115 +1,366 @@
-"""Image preprocessing on tensors: ``targetpad`` (SEARLE, FTI4CIR) and ``clip`` (the backbone's own).
+"""Image preprocessing equal to the official pipelines: ``targetpad`` (SEARLE, FTI4CIR) and ``clip`` (the
+backbone's own, as CLIP's ``_transform`` and open_clip's ``image_transform`` compose it).
 
-Both work on uint8 ``[3, H, W]`` tensors (one image, CPU workers) or on a list of them (a batch, on any
-device, e.g. straight after GPU JPEG decoding). The steps follow the official PIL pipelines:
+The official pipelines are PIL pipelines composed with torchvision transforms::
 
-* ``targetpad``: if ``max(w, h) / min(w, h) >= ratio`` (1.25), zero-pad the short side symmetrically until
-  the ratio is exactly ``ratio``; then resize the short side to ``size`` (bicubic), center-crop, normalise.
-* ``clip``: resize the short side to ``size`` (bicubic), center-crop, normalise (open_clip's default).
+    targetpad:  TargetPad(1.25) -> Resize(224, BICUBIC) -> CenterCrop(224) -> convert("RGB") -> ToTensor -> Normalize
+    clip:                          Resize(224, BICUBIC) -> CenterCrop(224) -> convert("RGB") -> ToTensor -> Normalize
 
-Resizing uses torchvision's antialiased bicubic, which follows PIL's filter; values differ from PIL by
-rounding only (PIL rounds to uint8 after resizing, this keeps float).
+cirbench reproduces them in two ways that give the same bytes:
+
+* :meth:`Preprocessor.pil_uint8` runs that very composition on a PIL image (torchvision's functional ops on
+  PIL, RGB conversion *after* pad/resize/crop, so palette and RGBA images are handled as officially). The
+  per-image CPU path uses it.
+* :meth:`Preprocessor.batch` reproduces PIL's 8-bit resampling exactly on whole batches of decoded RGB images
+  on any device. PIL resizes in two passes (horizontal, then vertical), each a sum of pixels times fixed-point
+  coefficients (22 fractional bits) rounded to uint8. Both passes are integer matrix products here: the
+  coefficients of every output pixel are computed exactly as PIL computes them (:func:`axis_taps`), padding
+  (targetpad) and the centre crop are folded into the matrices, and the products are exact (float64 on the
+  CPU; on CUDA, three bf16 products of 8-bit coefficient digits, exact because every partial sum is an integer
+  below 2**24). One pair of batched products serves a batch of images of any mix of sizes.
+
+Given the same decoded pixels, both produce identical uint8 values, and :meth:`Preprocessor.normalize` then
+applies ``ToTensor`` and ``Normalize`` with the same float32 operations as torchvision.
+
+Resize geometry follows torchvision: the short side becomes ``size`` and the long side
+``int(size * long / short)`` (floored); the crop offsets are ``int(round((side - size) / 2))``.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
-from .errors import UnknownNameError
+from .errors import ImageError, UnknownNameError
 
 PREPROCESS_KINDS = ("targetpad", "clip")
+INTERPOLATIONS = ("bicubic", "bilinear")
+RESIZE_MODES = ("shortest", "squash")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
+
+PRECISION_BITS = 22  # PIL: 32 - 8 - 2
 
 
 def targetpad_amounts(width: int, height: int, ratio: float) -> tuple[int, int, int, int]:
-    """Padding (left, top, right, bottom) that brings an image to aspect ratio ``ratio`` (or none)."""
+    """Padding (left, top, right, bottom) of SEARLE's ``TargetPad``: if ``max/min >= ratio``, each side of the
+    short dimension gets ``int((max / ratio - short) / 2)``; otherwise nothing."""
     long_side, short_side = max(width, height), min(width, height)
     if short_side == 0 or long_side / short_side < ratio:
         return (0, 0, 0, 0)
-    # the official TargetPad: each side gets int((long / ratio - short) / 2), the same on both sides
-    half = max(int((long_side / ratio - short_side) / 2), 0)
-    if width < height:
-        return (half, 0, half, 0)
-    return (0, half, 0, half)
+    scaled = long_side / ratio
+    hp = max(int((scaled - width) / 2), 0)
+    vp = max(int((scaled - height) / 2), 0)
+    return (hp, vp, hp, vp)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where one image's pixels go: padding (left, top, right, bottom), size after resizing ``(w, h)``, and
+    the top-left corner of the centre crop in the resized image."""
+
+    width: int
+    height: int
+    pad: tuple[int, int, int, int]
+    resized: tuple[int, int]
+    crop: tuple[int, int]
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        left, top, right, bottom = self.pad
+        return self.width + left + right, self.height + top + bottom
+
+
+# -- PIL's resampling coefficients ----------------------------------------------------------------------
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    # PIL's bicubic_filter with a = -0.5, evaluated in the same order (float64, no fused multiply-add)
+    x = np.abs(x)
+    near = ((1.5 * x - 2.5) * x) * x + 1.0
+    far = ((((x - 5.0) * x) + 8.0) * x - 4.0) * -0.5
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _bilinear(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+_FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0)}
+
+
+@lru_cache(maxsize=8192)
+def axis_taps(real_len: int, pad_before: int, pad_after: int, out_len: int, start: int, count: int,
+              interpolation: str = "bicubic") -> tuple[np.ndarray, np.ndarray]:
+    """PIL's fixed-point resampling taps for one axis, with padding and crop folded in.
+
+    The axis is ``real_len`` pixels, padded with ``pad_before``/``pad_after`` zeros, resized to ``out_len``;
+    output pixels ``start .. start + count - 1`` are kept (the crop). Returns ``first[count]`` (the real-image
+    index of each output's first tap, possibly negative) and ``coef[count, K]`` (int64 coefficients scaled by
+    2**22, zero for taps that fall on padding or past the filter's window), exactly as Pillow's
+    ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` compute them.
+    """
+    filt, base_support = _FILTERS[interpolation]
+    in_len = real_len + pad_before + pad_after
+    scale = in_len / out_len
+    filterscale = max(scale, 1.0)
+    support = base_support * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    xx = np.arange(start, start + count, dtype=np.float64)
+    center = (xx + 0.5) * scale
+    ss = 1.0 / filterscale
+    xmin = np.trunc(center - support + 0.5).astype(np.int64)
+    xmin = np.maximum(xmin, 0)
+    xmax = np.trunc(center + support + 0.5).astype(np.int64)
+    xmax = np.minimum(xmax, in_len) - xmin
+    taps = np.arange(ksize, dtype=np.int64)
+    inside = taps[None, :] < xmax[:, None]
+    w = filt(((taps[None, :] + xmin[:, None]).astype(np.float64) - center[:, None] + 0.5) * ss)
+    w = np.where(inside, w, 0.0)
+    ww = np.zeros(count, dtype=np.float64)
+    for t in range(ksize):  # PIL sums the weights one tap after another: keep that order
+        ww = ww + w[:, t]
+    w = np.where(ww[:, None] != 0.0, w / np.where(ww == 0.0, 1.0, ww)[:, None], w)
+    scaled = w * float(1 << PRECISION_BITS)
+    coef = np.where(w < 0, np.trunc(-0.5 + scaled), np.trunc(0.5 + scaled)).astype(np.int64)
+    first = xmin - pad_before
+    real_index = first[:, None] + taps[None, :]
+    coef = np.where(inside & (real_index >= 0) & (real_index < real_len), coef, 0)
+    return first, coef
+
+
+def resample_matrix(real_len: int, pad_before: int, pad_after: int, out_len: int, start: int, count: int,
+                    interpolation: str = "bicubic") -> np.ndarray:
+    """The dense ``[count, real_len]`` int64 matrix of :func:`axis_taps` (for tests and small images)."""
+    first, coef = axis_taps(real_len, pad_before, pad_after, out_len, start, count, interpolation)
+    dense = np.zeros((count, real_len), dtype=np.int64)
+    for t in range(coef.shape[1]):
+        idx = first + t
+        ok = (idx >= 0) & (idx < real_len) & (coef[:, t] != 0)
+        dense[np.nonzero(ok)[0], idx[ok]] = coef[ok, t]
+    return dense
+
+
+def _round_fixed(values: torch.Tensor) -> torch.Tensor:
+    """PIL's ``clip8``: (sum + 2**21) >> 22, clamped to 0..255 (float64 holds the exact integers)."""
+    return torch.floor((values + float(1 << (PRECISION_BITS - 1))) / float(1 << PRECISION_BITS)).clamp_(0, 255)
+
+
+def _digits(coef: torch.Tensor) -> torch.Tensor:
+    """Split int64 coefficients into three signed base-256 digits (each in [-128, 127], exact in bf16),
+    stacked on a new leading axis: ``coef = d0 * 65536 + d1 * 256 + d2``."""
+    d2 = torch.remainder(coef + 128, 256) - 128
+    rest = torch.div(coef - d2, 256, rounding_mode="floor")
+    d1 = torch.remainder(rest + 128, 256) - 128
+    d0 = torch.div(rest - d1, 256, rounding_mode="floor")
+    return torch.stack([d0, d1, d2])
+
+
+def _combine(parts: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+    """Recombine the three digit products laid side by side along ``axis`` (each ``n`` wide), exactly."""
+    a, b, c = (parts.narrow(axis, i * n, n).double() for i in range(3))
+    return a * 65536.0 + b * 256.0 + c
+
+
+_EXACT_BF16: dict[str, bool] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def bf16_products_are_exact(device: torch.device) -> bool:
+    """Whether this device's bf16 matrix products with float32 accumulation sum small integers exactly (checked
+    once per device on random data, against float64); if not, the batched path uses float64 products."""
+    key = str(device)
+    with _PROBE_LOCK:
+        if key not in _EXACT_BF16:
+            gen = torch.Generator().manual_seed(1234)
+            x = torch.randint(0, 256, (4, 96, 700), generator=gen, dtype=torch.int64)
+            w = torch.randint(-128, 128, (4, 700, 64), generator=gen, dtype=torch.int64)
+            w[:, :, ::3] = 127  # a dense, worst-case block: sums approach 2**23
+            ref = torch.bmm(x.double(), w.double())
+            got = torch.bmm(x.to(device, torch.bfloat16), w.to(device, torch.bfloat16)).double().cpu()
+            _EXACT_BF16[key] = bool(torch.equal(ref, got))
+            if not _EXACT_BF16[key]:
+                warnings.warn(f"bf16 matrix products on {device} are not exact for integers; preprocessing uses "
+                              "float64 products there (same result, slower)", stacklevel=2)
+        return _EXACT_BF16[key]
 
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """A preprocessing recipe; its :meth:`identity` goes into every feature-cache key."""
+    """A preprocessing recipe (see the module docstring); :meth:`identity` goes into every feature-cache key.
+
+    ``max_pixels`` bounds what one image may cost: an image whose declared size, or whose size after padding
+    and resizing, exceeds it is refused with an :class:`~cirbench.errors.ImageError` before anything is
+    decoded or allocated (a 30000x1 image would otherwise be resized to 6,720,000x224).
+    """
 
     kind: str = "clip"
     size: int = 224
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     ratio: float = 1.25
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.kind not in PREPROCESS_KINDS:
             raise UnknownNameError("preprocessing", self.kind, PREPROCESS_KINDS)
+        if self.interpolation not in INTERPOLATIONS:
+            raise UnknownNameError("interpolation", self.interpolation, INTERPOLATIONS)
+        if self.resize_mode not in RESIZE_MODES:
+            raise UnknownNameError("resize mode", self.resize_mode, RESIZE_MODES)
 
     def identity(self) -> dict:
         ident = {"kind": self.kind, "size": self.size, "mean": list(self.mean), "std": list(self.std),
-                 "interpolation": "bicubic-antialias", "crop": "center"}
+                 "interpolation": f"pil-{self.interpolation}", "resize": self.resize_mode,
+                 "long_side": "floor", "crop": "center", "rgb": "after-crop"}
         if self.kind == "targetpad":
             ident["ratio"] = self.ratio
         return ident
 
-    def geometry(self, image: torch.Tensor) -> torch.Tensor:
-        """Pad (targetpad), resize short side to ``size`` and center-crop one uint8 ``[C,H,W]`` image.
+    # -- geometry --------------------------------------------------------------------------------------
+    def plan(self, width: int, height: int) -> Plan:
+        """The official geometry for a ``width`` x ``height`` image; ImageError if it exceeds ``max_pixels``."""
+        if width <= 0 or height <= 0:
+            raise ImageError(f"image has no pixels ({width}x{height})")
+        if width * height > self.max_pixels:
+            raise ImageError(f"image of {width}x{height} pixels exceeds the pixel limit of {self.max_pixels:,} "
+                             "(--max-image-pixels)")
+        pad = targetpad_amounts(width, height, self.ratio) if self.kind == "targetpad" else (0, 0, 0, 0)
+        pw, ph = width + pad[0] + pad[2], height + pad[1] + pad[3]
+        if self.resize_mode == "squash":
+            rw, rh = self.size, self.size
+        else:
+            short, long = (pw, ph) if pw <= ph else (ph, pw)
+            new_long = int(self.size * long / short)
+            rw, rh = (self.size, new_long) if pw <= ph else (new_long, self.size)
+        if rw * rh > self.max_pixels:
+            raise ImageError(f"image of {width}x{height} pixels would be resized to {rw}x{rh}, over the pixel "
+                             f"limit of {self.max_pixels:,} (--max-image-pixels)")
+        crop = (int(round((rw - self.size) / 2.0)), int(round((rh - self.size) / 2.0)))
+        return Plan(width, height, pad, (rw, rh), crop)
 
-        Returns float32 in [0, 255] (not yet normalised).
-        """
-        if image.ndim != 3:
-            raise ValueError(f"expected a [C,H,W] image, got shape {tuple(image.shape)}")
-        return self._geometry_batch(image.unsqueeze(0)).squeeze(0)
+    # -- the official per-image path (PIL) ---------------------------------------------------------------
+    def pil_uint8(self, image) -> torch.Tensor:
+        """The official composition on a PIL image: uint8 ``[3, size, size]`` (before ToTensor/Normalize)."""
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import InterpolationMode
 
-    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """Scale [0,255] floats to [0,1] and apply mean/std (works on ``[C,H,W]`` or ``[B,C,H,W]``)."""
-        mean = torch.tensor(self.mean, device=batch.device, dtype=batch.dtype).view(-1, 1, 1)
-        std = torch.tensor(self.std, device=batch.device, dtype=batch.dtype).view(-1, 1, 1)
-        return (batch / 255.0 - mean) / std
+        plan = self.plan(*image.size)
+        if any(plan.pad):
+            image = TF.pad(image, list(plan.pad), 0, "constant")
+        mode = InterpolationMode.BICUBIC if self.interpolation == "bicubic" else InterpolationMode.BILINEAR
+        target = [self.size, self.size] if self.resize_mode == "squash" else self.size
+        image = TF.resize(image, target, interpolation=mode)
+        image = TF.center_crop(image, [self.size, self.size])
+        rgb = np.asarray(image.convert("RGB"))
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """Preprocess one uint8 ``[C,H,W]`` image to a normalised float32 ``[3,size,size]`` tensor."""
-        return self.normalize(self.geometry(image))
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``ToTensor`` then ``Normalize``, in float32, on uint8-valued ``[..., 3, H, W]`` pixels."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+        return (pixels.to(torch.float32).div(255) - mean) / std
 
-    def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Preprocess a list of uint8 images (any device) to one normalised ``[B,3,size,size]`` batch.
+    def from_pil(self, image) -> torch.Tensor:
+        """A normalised float32 ``[3, size, size]`` tensor from a PIL image (the official pipeline)."""
+        return self.normalize(self.pil_uint8(image))
 
-        Images of the same size are padded, resized and cropped together (one kernel launch per size group
-        instead of one per image: COCO-like galleries have few distinct sizes).
+    def __call__(self, image) -> torch.Tensor:
+        """Preprocess one image (a PIL image, or a uint8 ``[C, H, W]`` RGB tensor) to normalised float32."""
+        if isinstance(image, torch.Tensor):
+            return self.normalize(self.batch_uint8([image])[0])
+        return self.from_pil(image)
+
+    # -- the batched path (any device) --------------------------------------------------------------------
+    def batch_uint8(self, images: Sequence[torch.Tensor], chunk: int = 64, products: str = "auto") -> torch.Tensor:
+        """Resize and crop a list of uint8 RGB ``[3, H, W]`` tensors (any sizes, one device) exactly as PIL
+        would: a uint8-valued float32 ``[B, 3, size, size]`` batch on the images' device.
+
+        ``products``: ``"float64"``, or ``"bf16"`` (three products of 8-bit coefficient digits); ``"auto"`` takes
+        bf16 on CUDA when the device sums integers exactly in bf16 products (:func:`bf16_products_are_exact`),
+        float64 otherwise. ``"digits-float64"`` runs the digit layout in float64 (to test it on any machine).
         """
         if not images:
             return torch.empty(0, 3, self.size, self.size)
-        out: list[torch.Tensor | None] = [None] * len(images)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault(tuple(im.shape), []).append(i)
-        for idx in groups.values():
-            stacked = torch.stack([images[i] for i in idx])
-            for i, geo in zip(idx, self._geometry_batch(stacked), strict=True):
-                out[i] = geo
-        return self.normalize(torch.stack(out))  # type: ignore[arg-type]
+        outs = [self._batch_chunk(list(images[s : s + chunk]), products) for s in range(0, len(images), chunk)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _geometry_batch(self, batch: torch.Tensor) -> torch.Tensor:
-        """:meth:`geometry` for a ``[B,C,H,W]`` batch of same-size images."""
-        if batch.shape[1] == 1:
-            batch = batch.expand(-1, 3, -1, -1)
-        elif batch.shape[1] == 4:
-            batch = batch[:, :3]
-        height, width = batch.shape[-2:]
-        if self.kind == "targetpad":
-            left, top, right, bottom = targetpad_amounts(width, height, self.ratio)
-            if left or top or right or bottom:
-                batch = F.pad(batch, (left, right, top, bottom), value=0)
-                height, width = batch.shape[-2:]
-        scale = self.size / min(height, width)
-        new_h, new_w = max(self.size, round(height * scale)), max(self.size, round(width * scale))
-        img = TF.resize(batch.float(), [new_h, new_w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        return TF.center_crop(img, [self.size, self.size]).clamp_(0, 255)
+    def batch(self, images: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """:meth:`batch_uint8` then :meth:`normalize`, cast to ``dtype``."""
+        return self.normalize(self.batch_uint8(images)).to(dtype)
+
+    def _batch_chunk(self, images: list[torch.Tensor], products: str = "auto") -> torch.Tensor:
+        device = images[0].device
+        images = [im if im.shape[0] == 3 else im[:1].expand(3, -1, -1) for im in images]
+        plans = [self.plan(int(im.shape[-1]), int(im.shape[-2])) for im in images]
+        s = self.size
+        hmax = max(int(im.shape[-2]) for im in images)
+        wmax = max(int(im.shape[-1]) for im in images)
+        h_first, h_coef = self._taps(plans, horizontal=True)
+        v_first, v_coef = self._taps(plans, horizontal=False)
+        if products == "auto":
+            products = "bf16" if device.type == "cuda" and bf16_products_are_exact(device) else "float64"
+        if products not in ("bf16", "float64", "digits-float64"):
+            raise ValueError(f"unknown products {products!r}")
+        use_digits = products != "float64"  # digits-float64: the bf16 layout in float64 (tests it on any CPU)
+        compute = torch.bfloat16 if products == "bf16" else torch.float64
+        wh = _dense(h_first, h_coef, wmax, device)  # [B, S, Wmax] int64
+        wv = _dense(v_first, v_coef, hmax, device)  # [B, S, Hmax]
+        canvas = torch.zeros(len(images), hmax, 3, wmax, dtype=torch.uint8, device=device)
+        for b, im in enumerate(images):
+            canvas[b, : im.shape[-2], :, : im.shape[-1]] = im.permute(1, 0, 2)
+        x = canvas.view(len(images), hmax * 3, wmax).to(compute)
+        if use_digits:
+            hd = _digits(wh).permute(1, 0, 2, 3).reshape(len(images), 3 * s, wmax).to(compute)
+            rows = _combine(torch.bmm(x, hd.transpose(1, 2)), 2, s)  # [B, 3*Hmax, S]
+        else:
+            rows = torch.bmm(x, wh.to(compute).transpose(1, 2))
+        rows = _round_fixed(rows.double()).view(len(images), hmax, 3 * s).to(compute)
+        if use_digits:
+            vd = _digits(wv).permute(1, 0, 2, 3).reshape(len(images), 3 * s, hmax).to(compute)
+            out = _combine(torch.bmm(vd, rows), 1, s)  # [B, S, 3*S]
+        else:
+            out = torch.bmm(wv.to(compute), rows)
+        out = _round_fixed(out.double()).view(len(images), s, 3, s).permute(0, 2, 1, 3)
+        return out.to(torch.float32).contiguous()
+
+    def _taps(self, plans: list[Plan], horizontal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for p in plans:
+            if horizontal:
+                rows.append(axis_taps(p.width, p.pad[0], p.pad[2], p.resized[0], p.crop[0], self.size,
+                                      self.interpolation))
+            else:
+                rows.append(axis_taps(p.height, p.pad[1], p.pad[3], p.resized[1], p.crop[1], self.size,
+                                      self.interpolation))
+        k = max(c.shape[1] for _, c in rows)
+        first = np.stack([f for f, _ in rows])
+        coef = np.zeros((len(rows), self.size, k), dtype=np.int64)
+        for i, (_, c) in enumerate(rows):
+            coef[i, :, : c.shape[1]] = c
+        return torch.from_numpy(first), torch.from_numpy(coef)
+
+
+def _dense(first: torch.Tensor, coef: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+    """Scatter compact taps ``first[B, S]``, ``coef[B, S, K]`` into dense ``[B, S, length]`` int64 matrices
+    on ``device`` (invalid taps go to a dummy column that is dropped)."""
+    if device.type == "cuda":
+        first, coef = first.pin_memory().to(device, non_blocking=True), coef.pin_memory().to(device, non_blocking=True)
+    else:
+        first, coef = first.to(device), coef.to(device)
+    k = coef.shape[-1]
+    idx = first.unsqueeze(-1) + torch.arange(k, device=device)
+    valid = (idx >= 0) & (idx < length) & (coef != 0)
+    idx = torch.where(valid, idx, torch.full_like(idx, length))
+    dense = torch.zeros(coef.shape[0], coef.shape[1], length + 1, dtype=torch.int64, device=device)
+    dense.scatter_(2, idx, torch.where(valid, coef, torch.zeros_like(coef)))
+    return dense[..., :length]

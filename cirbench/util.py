@@ -1,0 +1,94 @@
+"""Generic helpers every part of cirbench uses: atomic writes, hashing, the cache folder, one-line errors.
+
+Nothing here knows about methods, datasets or torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def default_cache_dir() -> Path:
+    """``$CIRBENCH_CACHE``, else ``~/.cache/cirbench``."""
+    return Path(os.environ.get("CIRBENCH_CACHE", Path.home() / ".cache" / "cirbench"))
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers see the old file or the new
+    one, never half of one. The file gets the user's umask (``mkstemp`` alone would leave it 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: Path, obj: Any, indent: int | None = 2) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=indent, default=str) + "\n").encode())
+
+
+def sha256_bytes(*parts: bytes | memoryview) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
+
+
+_FILE_HASHES: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_sha256(path: Path | str) -> str:
+    """sha256 of a file, memoised by (path, size, mtime, inode) so big weights are hashed once per process."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def json_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def one_line(exc: BaseException | str, limit: int = 400) -> str:
+    """The first meaningful line of an error message (library errors such as torch's weights-only refusal span
+    dozens of lines); the full text is shown with ``CIRBENCH_DEBUG=1``."""
+    text = str(exc) if not isinstance(exc, str) else exc
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    first = lines[0] if lines else (type(exc).__name__ if isinstance(exc, BaseException) else "")
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return first
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("CIRBENCH_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
