@@ -1,51 +1,128 @@
-"""Reading images: bytes from disk, decoded with torchvision.io (PIL as a fallback for odd files).
+"""Reading images safely: bytes from disk inside the data root, headers probed before anything is decoded,
+decoding with PIL (the official pipelines' decoder) or torchvision.io (batched, GPU JPEG).
 
-Errors are :class:`~cirbench.errors.ImageError` naming the file, raised in the main process (workers
-return the error text rather than crashing deep inside a DataLoader).
+Errors are :class:`~cirbench.errors.ImageError` naming the file. Reader workers return the error text rather
+than crashing deep inside a DataLoader; the main process raises it.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
 from .errors import ImageError
 from .types import ImageRef
 
+JPEG_MODES = ("RGB", "L")  # JPEGs the batched decoder turns into the same RGB pixels as PIL's convert("RGB")
 
-def decode_bytes(data: bytes | torch.Tensor, name: str = "<bytes>") -> torch.Tensor:
-    """Decode encoded image bytes to a uint8 RGB ``[3,H,W]`` tensor; ImageError if they are not an image."""
-    buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    if buf.numel() == 0:
-        raise ImageError(f"image {name} is empty (0 bytes)")
-    try:
-        return decode_image(buf, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        pass
-    try:
-        from PIL import Image
 
-        with Image.open(io.BytesIO(buf.numpy().tobytes())) as im:
-            rgb = im.convert("RGB")
-            rgb.load()
-        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
+@lru_cache(maxsize=4096)
+def _real_dir(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _inside(root: str, real: str) -> bool:
+    if os.environ.get("CIRBENCH_ALLOW_OUTSIDE_ROOT", "").strip() in ("1", "true", "yes"):
+        return True
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+OUTSIDE_HINT = ("point --data-root at the real folder, or set CIRBENCH_ALLOW_OUTSIDE_ROOT=1 to follow links "
+                "you trust")
+
+
+def read_image_bytes(ref: ImageRef) -> bytes:
+    """The file's bytes; ImageError if it is missing, unreadable, empty, or (when ``ref.root`` is set) if it
+    or its folder is a link that leads outside the data root."""
+    path = os.fspath(ref.path)
+    root = os.fspath(ref.root) if ref.root is not None else None
+    if root is not None:
+        real_root = _real_dir(root)
+        if not _inside(real_root, _real_dir(os.path.dirname(os.path.abspath(path)))):
+            raise ImageError(f"image {path} is in a folder that links outside the data root {root}; {OUTSIDE_HINT}")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise ImageError(f"missing image {path}") from None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise ImageError(f"cannot read image {path}: {exc.strerror or exc}") from None
+        # the file itself is a symbolic link: allowed only if it stays inside the data root
+        real = os.path.realpath(path)
+        if root is not None and not _inside(_real_dir(root), real):
+            raise ImageError(f"image {path} is a link that leads outside the data root {root}; "
+                             f"{OUTSIDE_HINT}") from None
+        try:
+            fd = os.open(real, os.O_RDONLY)
+        except OSError as exc2:
+            raise ImageError(f"cannot read image {path}: {exc2.strerror or exc2}") from None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ImageError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    if not data:
+        raise ImageError(f"image {path} is empty (0 bytes)")
+    return data
+
+
+def probe(data: bytes, name: str) -> tuple[str, str, int, int]:
+    """(format, mode, width, height) from the header alone, nothing decoded; ImageError if not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return str(im.format), str(im.mode), int(im.size[0]), int(im.size[1])
+    except Image.DecompressionBombError as exc:  # PIL's own check (twice its MAX_IMAGE_PIXELS) fired first
+        raise ImageError(f"image {name} exceeds the pixel limit: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"corrupt or unreadable image {name}: {type(exc).__name__}: {exc}") from None
+
+
+def open_pil(data: bytes, name: str, max_pixels: int):
+    """A fully loaded PIL image, refused before decoding if its header declares more than ``max_pixels``."""
+    from PIL import Image
+
+    _, _, width, height = probe(data, name)
+    if width * height > max_pixels:
+        raise ImageError(f"image {name} declares {width}x{height} pixels, over the pixel limit of {max_pixels:,} "
+                         "(--max-image-pixels)")
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        return im
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
         raise ImageError(f"corrupt or unreadable image {name}: {type(exc).__name__}: {exc}") from None
 
 
-def read_bytes(path: Path) -> bytes:
+def decode_bytes(data: bytes | torch.Tensor, name: str = "<bytes>", max_pixels: int | None = None) -> torch.Tensor:
+    """Decode encoded image bytes to a uint8 RGB ``[3, H, W]`` tensor on the CPU (torchvision.io, PIL for
+    formats it lacks); ImageError if they are not an image or exceed ``max_pixels``."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if buf.numel() == 0:
+        raise ImageError(f"image {name} is empty (0 bytes)")
+    raw = buf.numpy().tobytes()
+    if max_pixels is not None:
+        _, _, width, height = probe(raw, name)
+        if width * height > max_pixels:
+            raise ImageError(f"image {name} declares {width}x{height} pixels, over the pixel limit of "
+                             f"{max_pixels:,} (--max-image-pixels)")
     try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"missing image {path}") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read image {path}: {exc}") from None
+        return decode_image(buf, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        pass
+    im = open_pil(raw, name, max_pixels or (1 << 62))
+    rgb = np.array(im.convert("RGB"))
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
 def find_missing(images: Iterable[ImageRef]) -> list[ImageRef]:
@@ -59,10 +136,17 @@ def describe_missing(missing: Sequence[ImageRef], total: int, first: int = 5) ->
     return f"{len(missing)} of {total} images are missing: {names}{more}"
 
 
-def check_inside(root: Path, path: Path, what: str = "image") -> Path:
-    """Resolve ``path`` and make sure it stays inside ``root`` (no ``..`` or absolute escapes)."""
-    root_resolved = Path(root).resolve()
-    resolved = (root_resolved / path).resolve()
-    if resolved != root_resolved and root_resolved not in resolved.parents:
-        raise ImageError(f"{what} path {path} escapes the data root {root}")
-    return resolved
+def check_inside(root: Path, path: Path | str, what: str = "image") -> Path:
+    """``root / path`` (absolute, normalised), refusing names that leave ``root`` (``..``, absolute paths) and
+    folders that are links leading outside it. Files that are links are checked when they are read."""
+    root_abs = os.path.abspath(root)
+    text = os.fspath(path)
+    if "\x00" in text:
+        raise ImageError(f"{what} path {text!r} contains a NUL character")
+    joined = os.path.normpath(os.path.join(root_abs, text))
+    if not (joined == root_abs or joined.startswith(root_abs.rstrip(os.sep) + os.sep)):
+        raise ImageError(f"{what} path {text} escapes the data root {root}")
+    if not _inside(_real_dir(root_abs), _real_dir(os.path.dirname(joined))):
+        raise ImageError(f"{what} path {text} is in a folder that links outside the data root {root}; "
+                         f"{OUTSIDE_HINT}")
+    return Path(joined)

@@ -126,10 +126,15 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image: a dataset-unique ``id`` (e.g. CIRR name, CIRCO/COCO id, FashionIQ asin) and its file."""
+    """One image: a dataset-unique ``id`` (e.g. CIRR name, CIRCO/COCO id, FashionIQ asin) and its file.
+
+    ``root`` is the data root the file must stay inside (a link leading elsewhere is refused when the file is
+    read); datasets set it, generated or ad-hoc images may leave it ``None``.
+    """
 
     id: str
     path: Path
+    root: Path | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
