@@ -1,0 +1,248 @@
+"""The on-disk feature cache that makes encoding happen once.
+
+Layout (``--cache-dir``, default ``$CIRBENCH_CACHE`` or ``~/.cache/cirbench``)::
+
+    features/<key hash>/key.json                 the full key of every feature in the folder
+    features/<key hash>/shard-<id>.safetensors   rows: "features" [n, ...] float32 and "identities" (UTF-8 lines)
+
+**The key** covers everything that changes a feature: backbone name, architecture-config hash, activation
+and weights identity, preprocessing recipe, precision, and the feature kind (gallery feature, a method's own
+reference feature with its checkpoint hash, ...). A folder whose ``key.json`` does not match is rebuilt.
+
+**A row's identity** is the image file's absolute path, size, modification time, inode and status-change
+time (one ``stat``): an in-place rewrite changes mtime and ctime (ctime cannot be set back by tools such as
+``touch -d`` or ``rsync -t``), a rename-over changes the inode. The trade-off: ``chmod``/``chown``, copying the
+data to another disk or restoring a backup also change inode/ctime and cost a re-encode, never a wrong row.
+With ``identity="content"`` (``--cache-identity content``) a row is keyed by the sha256 of the file's bytes
+instead: robust to anything, and features survive moving the data, but every file is read and hashed on
+every run (about 10 s per 10 GB from the page cache, disk speed otherwise).
+
+**Integrity**: each shard records the sha256 of its payload; a shard whose payload, key or shape does not
+match is deleted and its rows recomputed, never served. Shards are written (temporary file, then rename) as
+encoding proceeds, so a killed run resumes where it stopped. If the cache cannot be written (read-only
+folder, full disk), the run goes on with a warning and still produces its result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .types import ImageRef
+from .util import atomic_write_bytes, default_cache_dir, file_sha256, json_hash, sha256_bytes
+
+CACHE_FORMAT = 2
+IDENTITIES = ("stat", "content")
+COMPACT_ABOVE = 64  # shards in one folder before they are merged into one on the next load
+
+
+class CacheWarning(UserWarning):
+    """The feature cache could not be read or written; the run goes on without it."""
+
+
+def image_identity(ref: ImageRef, mode: str = "stat") -> str:
+    """What identifies an image file's content (see the module docstring)."""
+    path = os.path.abspath(ref.path)
+    if mode == "content":
+        try:
+            return "sha256:" + file_sha256(path)
+        except OSError:
+            return f"{path}|missing"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{path}|missing"
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
+
+
+def key_hash(key: dict) -> str:
+    return json_hash(key)
+
+
+class _Folder:
+    """The rows of one key, in memory: shard tensors and ``identity -> (shard, row)``."""
+
+    def __init__(self) -> None:
+        self.shards: list[torch.Tensor] = []
+        self.where: dict[str, tuple[int, int]] = {}
+
+    def add(self, identities: Sequence[str], feats: torch.Tensor) -> None:
+        s = len(self.shards)
+        self.shards.append(feats)
+        for r, ident in enumerate(identities):
+            self.where[ident] = (s, r)
+
+    def gather(self, identities: Sequence[str]) -> torch.Tensor:
+        if not identities:
+            return torch.empty(0)
+        locs = np.array([self.where[i] for i in identities], dtype=np.int64).reshape(-1, 2)
+        sample = self.shards[int(locs[0, 0])]
+        out = torch.empty((len(identities), *sample.shape[1:]), dtype=sample.dtype)
+        for s in np.unique(locs[:, 0]):
+            sel = np.nonzero(locs[:, 0] == s)[0]
+            out[torch.from_numpy(sel)] = self.shards[int(s)][torch.from_numpy(locs[sel, 1])]
+        return out
+
+
+class FeatureCache:
+    """Identity-keyed feature store on disk (see the module docstring)."""
+
+    def __init__(self, root: Path | None = None, enabled: bool = True, writer: bool = True, identity: str = "stat"):
+        if identity not in IDENTITIES:
+            raise ValueError(f"unknown cache identity {identity!r}; valid: {', '.join(IDENTITIES)}")
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.enabled = enabled
+        self.writer = writer  # under torchrun only rank 0 writes; every rank reads
+        self.identity = identity
+        self._memory: dict[str, _Folder] = {}
+        self._lock = threading.Lock()
+        self.stats = {"hits": 0, "misses": 0}
+        self.write_error: str | None = None
+
+    # -- folders and shards ---------------------------------------------------------------------------------
+    def _folder(self, key: dict) -> Path:
+        return self.root / "features" / key_hash(key)[:24]
+
+    def _warn_write(self, exc: BaseException) -> None:
+        if self.write_error is None:
+            self.write_error = f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}"
+            warnings.warn(f"the feature cache in {self.root} cannot be written ({self.write_error}); this run goes "
+                          "on without caching", CacheWarning, stacklevel=3)
+
+    def _load(self, key: dict) -> _Folder:
+        h = key_hash(key)
+        if h in self._memory:
+            return self._memory[h]
+        rows = self._memory[h] = _Folder()
+        if not self.enabled:
+            return rows
+        folder = self._folder(key)
+        if not folder.is_dir():
+            return rows
+        try:
+            stored = json.loads((folder / "key.json").read_text())
+        except (OSError, ValueError):
+            stored = None
+        if stored != json.loads(json.dumps(key, sort_keys=True, default=str)):
+            if self.writer:
+                warnings.warn(f"feature cache {folder} does not match its key; rebuilding it", CacheWarning,
+                              stacklevel=3)
+                shutil.rmtree(folder, ignore_errors=True)
+            return rows
+        shards = sorted(folder.glob("shard-*.safetensors"))
+        good: list[Path] = []
+        for shard in shards:
+            loaded = self._read_shard(shard, h)
+            if loaded is None:
+                continue
+            rows.add(*loaded)
+            good.append(shard)
+        if self.writer and len(good) > COMPACT_ABOVE:
+            self._compact(key, rows, good)
+        return rows
+
+    def _read_shard(self, shard: Path, h: str) -> tuple[list[str], torch.Tensor] | None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(shard), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                if meta.get("format") != str(CACHE_FORMAT) or meta.get("key_hash") != h:
+                    raise ValueError("shard key or format does not match")
+                feats = fh.get_tensor("features")
+                names = fh.get_tensor("identities")
+            if sha256_bytes(_raw(feats), _raw(names)) != meta.get("sha256"):
+                raise ValueError("payload checksum mismatch")
+            identities = names.numpy().tobytes().decode("utf-8").split("\n") if names.numel() else []
+            if feats.shape[0] != len(identities) or str(feats.shape[0]) != meta.get("rows"):
+                raise ValueError("row count does not match")
+            if feats.dtype != torch.float32:
+                raise ValueError(f"unexpected dtype {feats.dtype}")
+        except Exception as exc:  # noqa: BLE001 - a bad shard is dropped and recomputed, never served
+            warnings.warn(f"dropping feature-cache shard {shard.name} ({exc}); its rows will be recomputed",
+                          CacheWarning, stacklevel=4)
+            if self.writer:
+                shard.unlink(missing_ok=True)
+            return None
+        return identities, feats
+
+    def _write_shard(self, key: dict, identities: list[str], feats: torch.Tensor) -> Path | None:
+        if not self.enabled or not self.writer or not identities or self.write_error is not None:
+            return None
+        from safetensors.torch import save
+
+        folder = self._folder(key)
+        feats = feats.detach().to(torch.float32).contiguous().cpu()
+        names = torch.frombuffer(bytearray("\n".join(identities).encode("utf-8")), dtype=torch.uint8)
+        meta = {"format": str(CACHE_FORMAT), "key_hash": key_hash(key), "rows": str(feats.shape[0]),
+                "sha256": sha256_bytes(_raw(feats), _raw(names))}
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            manifest = folder / "key.json"
+            if not manifest.exists():
+                atomic_write_bytes(manifest, json.dumps(key, sort_keys=True, default=str, indent=1).encode())
+            path = folder / f"shard-{uuid.uuid4().hex[:16]}.safetensors"
+            atomic_write_bytes(path, save({"features": feats, "identities": names}, metadata=meta), fsync=False)
+            return path
+        except OSError as exc:
+            self._warn_write(exc)
+            return None
+
+    def _compact(self, key: dict, rows: _Folder, shards: list[Path]) -> None:
+        identities = list(rows.where)
+        merged = self._write_shard(key, identities, rows.gather(identities))
+        if merged is not None:
+            for shard in shards:
+                shard.unlink(missing_ok=True)
+
+    # -- the API ----------------------------------------------------------------------------------------
+    def get_or_compute(
+        self,
+        key: dict,
+        images: Sequence[ImageRef],
+        compute: Callable[..., torch.Tensor],
+    ) -> torch.Tensor:
+        """Features for ``images`` (in order): cached rows where the key and identity match, and
+        ``compute(missing_images, on_chunk)`` for the rest. ``compute`` may call ``on_chunk(positions,
+        features)`` as rows finish (they are stored at once); rows it returns without reporting are stored
+        when it returns."""
+        rows = self._load(key)
+        identities = [image_identity(im, self.identity) for im in images]
+        first: dict[str, ImageRef] = {}
+        for ident, im in zip(identities, images, strict=True):
+            first.setdefault(ident, im)
+        todo_ids = [i for i in first if i not in rows.where]
+        self.stats["hits"] += len(first) - len(todo_ids)
+        self.stats["misses"] += len(todo_ids)
+        if todo_ids:
+            todo = [first[i] for i in todo_ids]
+            stored = np.zeros(len(todo), dtype=bool)
+
+            def on_chunk(positions: torch.Tensor, feats: torch.Tensor) -> None:
+                pos = positions.tolist()
+                names = [todo_ids[p] for p in pos]
+                with self._lock:
+                    self._write_shard(key, names, feats)
+                    rows.add(names, feats.detach().to(torch.float32).cpu())
+                    stored[pos] = True
+
+            new = compute(todo, on_chunk)
+            if not stored.all():
+                left = np.nonzero(~stored)[0]
+                if new is None or new.shape[0] != len(todo):
+                    raise RuntimeError("compute returned a wrong number of rows")
+                on_chunk(torch.from_numpy(left), new[torch.from_numpy(left)])
+        return rows.gather(identities)
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
