@@ -1,9 +1,10 @@
-"""Exact inner-product search with faiss, for galleries too large for one similarity matrix.
+"""Exact inner-product search with faiss (``IndexFlatIP``), for large galleries on the CPU, or on the GPU when
+the installed faiss has GPU support and the gallery lives on CUDA.
 
-``faiss_rank`` mirrors :func:`cirbench.retrieval.rank`: an ``IndexFlatIP`` (exact; on the GPU when the
-installed faiss has GPU support and the features live on CUDA), top-``k`` per query, and ``exclude`` (a
-gallery index per query, or -1) removed from that query's ranking by searching one item deeper. Ties are
-broken by the lower gallery index, as in the torch path.
+:func:`faiss_rank` mirrors :func:`cirbench.retrieval.rank`: top-``k`` per query, ``exclude`` (a gallery
+position per query, or -1) removed from that query's ranking, equal scores ordered by gallery position. faiss
+does not promise an order among equal scores, so it is asked for two extra places: rows whose k-th place is
+tied with the next one are re-ranked exactly by the torch backend.
 """
 
 from __future__ import annotations
@@ -22,30 +23,45 @@ def _index(dim: int, on_gpu: bool):
     return index, None
 
 
+def gpu_faiss_available() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
 def faiss_rank(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
                query_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` gallery indices and scores per query by exact inner product (features L2-normalised)."""
+    """Top-``k`` gallery positions and scores per query by exact inner product (features L2-normalised)."""
+    from .retrieval import _lexicographic, rank
+
     n_queries, n_gallery = queries.shape[0], gallery.shape[0]
     if n_queries == 0 or n_gallery == 0 or k == 0:
         return torch.empty(n_queries, 0, dtype=torch.long), torch.empty(n_queries, 0)
     index, _resources = _index(gallery.shape[1], gallery.is_cuda)
     index.add(np.ascontiguousarray(gallery.float().cpu().numpy()))
-    depth = min(n_gallery, k + (1 if exclude is not None else 0))
-    all_idx, all_scores = [], []
+    extra = 1 if exclude is not None else 0
+    depth = min(n_gallery, k + extra + 1)
+    out_idx, out_scores = [], []
     for start in range(0, n_queries, query_chunk):
         q = np.ascontiguousarray(queries[start : start + query_chunk].float().cpu().numpy())
         scores, idx = index.search(q, depth)
-        scores_t, idx_t = torch.from_numpy(scores), torch.from_numpy(idx).long()
+        s, i = torch.from_numpy(scores), torch.from_numpy(idx).long()
         if exclude is not None:
             ex = exclude[start : start + query_chunk].view(-1, 1).cpu()
-            keep = idx_t != ex
-            # drop the excluded item (or the last one when it was not retrieved), keeping order
-            drop_last = keep.all(dim=1, keepdim=True)
-            keep = keep & ~(drop_last & (torch.arange(depth) == depth - 1))
-            idx_t = idx_t[keep].view(-1, depth - 1)[:, :k]
-            scores_t = scores_t[keep].view(-1, depth - 1)[:, :k]
-        # stable order among equal scores: lower gallery index first (faiss does not promise it)
-        order = torch.from_numpy(np.lexsort((idx_t.numpy(), -scores_t.numpy()), axis=1))
-        all_idx.append(torch.gather(idx_t, 1, order))
-        all_scores.append(torch.gather(scores_t, 1, order))
-    return torch.cat(all_idx), torch.cat(all_scores)
+            s = s.masked_fill(i == ex, float("-inf"))
+        s, i = _lexicographic(s, i, depth)
+        tied = torch.zeros(s.shape[0], dtype=torch.bool)
+        if depth > k:
+            tied = s[:, k - 1] == s[:, k]
+        s, i = s[:, :k].clone(), i[:, :k].clone()
+        rows = torch.nonzero(tied).squeeze(1)
+        if rows.numel():  # re-rank exactly where faiss's choice among equal scores decides the k-th place
+            sub_ex = exclude[start : start + query_chunk][rows] if exclude is not None else None
+            ei, es = rank(queries[start : start + query_chunk][rows].cpu(), gallery.cpu(), k, exclude=sub_ex,
+                          backend="torch")
+            i[rows], s[rows] = ei, es
+        out_idx.append(i)
+        out_scores.append(s)
+    return torch.cat(out_idx), torch.cat(out_scores)
