@@ -8,6 +8,16 @@ A backbone is named by ``--backbone`` and ``--pretrained``:
   file (``.safetensors``, ``.pt``, ``.bin``), ``bundled`` (the weights shipped with cirbench), or
   ``none`` (random initialisation from ``--seed``; for tests and timing only).
 
+**Activation.** OpenAI's CLIP weights were trained with QuickGELU; open_clip 3.x builds ``nn.GELU`` for
+``ViT-L-14`` unless told otherwise (it only warns). cirbench builds the activation the weights need: QuickGELU
+when the pretrained tag's config says ``quick_gelu`` (every ``openai`` tag), or the model config does
+(``*-quickgelu`` names); the activation is part of the backbone identity and so of every cache key. A weights
+*file* cannot say which it needs: name the ``-quickgelu`` variant of the model for OpenAI weights files.
+
+**Precision.** ``fp32`` (the default) is what the official evaluators run and what reproduces the papers.
+``bf16``/``fp16`` cast the weights once (open_clip's ``convert_weights_to_lp``; layer norms stay fp32) and
+feed the model pixels of that type; training uses autocast over fp32 weights instead.
+
 Downloads go through open_clip's real paths (OpenAI URLs, Hugging Face hub). Offline, cirbench checks
 reachability first and fails at once with a clear message instead of minutes of retries.
 """
@@ -27,26 +37,43 @@ import torch
 
 from .errors import CheckpointError, CirbenchError, UnknownNameError
 from .preprocess import Preprocessor
+from .util import file_sha256, one_line
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_MODEL = "cirbench-shapes-clip"
 BUNDLED_DIR = ASSETS / BUNDLED_MODEL
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
+    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``; CirbenchError for anything else."""
+    text = str(device).strip()
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CirbenchError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CirbenchError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CirbenchError(f"unsupported device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CirbenchError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CirbenchError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return dev
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, training: bool = False) -> str:
+    """``auto`` is fp32 for evaluation (what the official evaluators run) and bf16 autocast for training on
+    CUDA; ``fp16`` needs CUDA."""
     if precision not in PRECISIONS:
         raise UnknownNameError("precision", precision, PRECISIONS)
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if training and device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise CirbenchError("--precision fp16 needs a CUDA device (use fp32 or bf16 on the CPU)")
     return precision
 
 
@@ -56,22 +83,6 @@ def autocast_context(precision: str, device: torch.device):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device_type=device.type, dtype=dtype)
     return nullcontext()
-
-
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, memoised by (path, size, mtime) so big weights are hashed once per process."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        _FILE_HASHES[key] = h.hexdigest()
-    return _FILE_HASHES[key]
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -128,13 +139,15 @@ class Backbone:
     weights_identity: dict
     config_sha256: str = ""
     seed: int = 0
+    activation: str = "gelu"
+    weights_cast: bool = False
     _text_memo: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     # -- identity ------------------------------------------------------------------------------------
     def identity(self) -> dict:
         """What identifies this backbone's features (goes into cache keys and result files)."""
         return {"model": self.model_name, "config_sha256": self.config_sha256, "pretrained": self.pretrained,
-                "weights": self.weights_identity}
+                "weights": self.weights_identity, "activation": self.activation}
 
     @property
     def slug(self) -> str:
@@ -142,11 +155,30 @@ class Backbone:
         pre = Path(self.pretrained).stem if ("/" in self.pretrained or "." in self.pretrained) else self.pretrained
         return f"{self.model_name}-{pre}".replace("/", "_").replace(" ", "_")
 
-    def preprocessor(self, kind: str) -> Preprocessor:
+    def preprocessor(self, kind: str, max_pixels: int | None = None) -> Preprocessor:
+        """``targetpad`` (SEARLE's: bicubic, shortest side) or ``clip`` (this backbone's own resize mode and
+        interpolation), at the backbone's input size, mean and std."""
+        from .preprocess import DEFAULT_MAX_PIXELS, INTERPOLATIONS, RESIZE_MODES
+
         size = self.preprocess_cfg.get("size", 224)
         size = size[0] if isinstance(size, (tuple, list)) else size
+        interpolation, resize_mode = "bicubic", "shortest"
+        if kind == "clip":
+            interpolation = str(self.preprocess_cfg.get("interpolation", "bicubic"))
+            resize_mode = str(self.preprocess_cfg.get("resize_mode", "shortest"))
+            if interpolation not in INTERPOLATIONS or resize_mode not in RESIZE_MODES:
+                raise CirbenchError(f"backbone {self.model_name} preprocesses with {interpolation} interpolation and "
+                                    f"'{resize_mode}' resizing, which cirbench does not reproduce (it supports "
+                                    f"{'/'.join(INTERPOLATIONS)} and {'/'.join(RESIZE_MODES)})")
         return Preprocessor(kind=kind, size=int(size), mean=tuple(self.preprocess_cfg.get("mean")),
-                            std=tuple(self.preprocess_cfg.get("std")))
+                            std=tuple(self.preprocess_cfg.get("std")), interpolation=interpolation,
+                            resize_mode=resize_mode, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the image tower takes (the weights' dtype: float32, or bf16/fp16 after a cast)."""
+        return LOW_PRECISION.get(self.precision, torch.float32) if self.weights_cast else torch.float32
+
 
     @property
     def embed_dim(self) -> int:
@@ -164,7 +196,7 @@ class Backbone:
     # -- encoding --------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(self.device, non_blocking=True)
+        pixels = pixels.to(self.device, dtype=self.input_dtype, non_blocking=True)
         with self.autocast():
             feats = self.model.encode_image(pixels)
         return torch.nn.functional.normalize(feats.float(), dim=-1)
@@ -201,6 +233,32 @@ def _quiet_random_init():
         logging.disable(previous)
 
 
+def needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
+    """Whether the weights named by ``pretrained`` were trained with QuickGELU: the pretrained tag's config
+    says so (every ``openai`` tag), or the model config does (``*-quickgelu`` models)."""
+    import open_clip
+
+    config = open_clip.get_model_config(model_name) or {}
+    if config.get("quick_gelu"):
+        return True
+    tag = (pretrained or "").strip()
+    if tag.lower() == "openai":
+        return True
+    if tag and tag in open_clip.list_pretrained_tags_by_model(model_name):
+        return bool(open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
+    return False
+
+
+def activation_of(model: Any) -> str:
+    """``quick_gelu`` or ``gelu`` (or the class name of another activation) used by the model's MLPs."""
+    names = {type(m).__name__ for m in model.modules()}
+    if "QuickGELU" in names:
+        return "quick_gelu"
+    if "GELU" in names:
+        return "gelu"
+    return next((n for n in sorted(names) if n.lower().endswith("gelu") or n.lower() in ("relu", "silu")), "unknown")
+
+
 def load_backbone(
     model: str,
     pretrained: str | None,
@@ -208,29 +266,35 @@ def load_backbone(
     precision: str = "auto",
     seed: int = 0,
     cache_dir: str | None = None,
+    training: bool = False,
 ) -> Backbone:
-    """Build a :class:`Backbone`; raise :class:`CirbenchError` with a clear message on any failure."""
+    """Build a :class:`Backbone`; raise :class:`CirbenchError` with a clear message on any failure.
+
+    For evaluation (``training=False``) a bf16/fp16 precision casts the weights once; for training they stay
+    fp32 under autocast.
+    """
     import open_clip
 
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev, training=training)
     model_name = _register_config(model)
     pre = (pretrained or "none").strip()
     if model == BUNDLED_MODEL and pre in ("", "bundled"):
         pre = "bundled"
+    quick_gelu = needs_quick_gelu(model_name, pre)
     torch.manual_seed(seed)
     weights_identity: dict[str, Any]
     try:
         if pre.lower() in ("none", "random"):
             with _quiet_random_init():
-                clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
+                clip = open_clip.create_model(model_name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu)
             weights_identity = {"kind": "random-init", "seed": seed}
         elif pre == "bundled":
             weights = BUNDLED_DIR / "model.safetensors"
             if model != BUNDLED_MODEL:
                 raise CirbenchError(f"--pretrained bundled is only available for --backbone {BUNDLED_MODEL}")
             with _quiet_random_init():
-                clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
+                clip = open_clip.create_model(model_name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu)
             _load_weights_file(clip, weights)
             weights_identity = {"kind": "bundled", "sha256": file_sha256(weights)}
         elif os.path.sep in pre or pre.endswith((".safetensors", ".pt", ".bin", ".pth")) or Path(pre).exists():
@@ -238,7 +302,7 @@ def load_backbone(
             if not path.exists():
                 raise CheckpointError(f"weights file {path} does not exist")
             with _quiet_random_init():
-                clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
+                clip = open_clip.create_model(model_name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu)
             _load_weights_file(clip, path)
             weights_identity = {"kind": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
         else:
@@ -255,16 +319,22 @@ def load_backbone(
                     "--pretrained /path/to/weights"
                 )
             clip = open_clip.create_model(model_name, pretrained=pre, device="cpu", cache_dir=cache_dir,
-                                          require_pretrained=True)
+                                          require_pretrained=True, force_quick_gelu=quick_gelu)
             weights_identity = {"kind": "open_clip-tag", "tag": pre, "source": source}
     except CirbenchError:
         raise
     except Exception as exc:  # noqa: BLE001 - open_clip/hub raise many kinds; give one clear line
         raise CirbenchError(f"could not build backbone {model_name} with weights '{pre}': "
-                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+                            f"{type(exc).__name__}: {one_line(exc)}") from None
+    _check_finite_weights(clip, f"{model_name} / {pre}")
     clip = clip.to(dev).eval()
     for p in clip.parameters():
         p.requires_grad_(False)
+    cast = not training and prec in LOW_PRECISION
+    if cast:
+        from open_clip.model import convert_weights_to_lp
+
+        convert_weights_to_lp(clip, dtype=LOW_PRECISION[prec])
     preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
     preprocess_cfg.setdefault("size", getattr(clip.visual, "image_size", 224))
     preprocess_cfg.setdefault("mean", (0.48145466, 0.4578275, 0.40821073))
@@ -274,7 +344,13 @@ def load_backbone(
     config_sha = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
     return Backbone(model_name=model_name, pretrained=pre, model=clip, tokenizer=tokenizer, device=dev,
                     precision=prec, preprocess_cfg=preprocess_cfg, weights_identity=weights_identity,
-                    config_sha256=config_sha, seed=seed)
+                    config_sha256=config_sha, seed=seed, activation=activation_of(clip), weights_cast=cast)
+
+
+def _check_finite_weights(model: Any, what: str) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"weights of {what} hold non-finite values (NaN or Inf) in {name}")
 
 
 def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:

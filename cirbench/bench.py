@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .backbones import load_backbone
-from .features import encode_images
+from .encode import encode_images
 from .retrieval import rank
 from .types import ImageRef
 

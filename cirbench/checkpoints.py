@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .errors import CheckpointError
-from .features import atomic_write_bytes
+from .util import atomic_write_bytes
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

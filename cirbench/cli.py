@@ -125,8 +125,9 @@ def cli() -> None:
 @click.option("--pretrained", default=None, help="open_clip pretrained tag, weights file, 'bundled' or 'none'.")
 @click.option("--preprocess", type=click.Choice(["targetpad", "clip"]), default=None,
               help="Image preprocessing (default: the method's official choice).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="auto = bf16 on CUDA, fp32 on CPU.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default="fp32", show_default=True,
+              help="fp32 is what the official evaluators run (and reproduces the papers); bf16/fp16 cast the weights "
+                   "once and are faster on GPUs (agreement with fp32: see README). auto = fp32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Dataset root folder.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="results", show_default=True,
@@ -134,22 +135,32 @@ def cli() -> None:
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Feature cache folder (default: $CIRBENCH_CACHE or ~/.cache/cirbench).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache.")
+@click.option("--cache-identity", type=click.Choice(["stat", "content"]), default="stat", show_default=True,
+              help="What identifies a cached image: path+size+mtime+inode+ctime (stat), or the sha256 of its bytes "
+                   "(content: robust to in-place rewrites and moves, but reads every file each run).")
 @click.option("--label", default=None, help="Name of this run in result files and leaderboards (default: method).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--workers", default=None, type=int, help="Image-reading workers (default: min(8, CPUs)).")
-@click.option("--allow-missing", is_flag=True, help="Skip missing images and record how many were used.")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1),
+              help="Images per batch (default: 256 on CUDA, 64 on the CPU).")
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help="Image-reading worker processes (default: min(16, CPUs) on CUDA, min(8, CPUs) on the CPU).")
+@click.option("--max-image-pixels", default=89_478_485, show_default=True, type=click.IntRange(min=1),
+              help="Refuse images whose header declares, or whose resized size needs, more pixels than this.")
+@click.option("--allow-missing", is_flag=True,
+              help="Skip missing images as the official loaders do (a query goes when its reference or a target is "
+                   "missing) and record the counts.")
 @click.option("--retrieval", "retrieval_backend", type=click.Choice(["auto", "torch", "faiss"]), default="auto",
-              show_default=True, help="Ranking backend (auto: faiss for very large galleries).")
+              show_default=True, help="Ranking backend (auto: torch on CUDA; faiss for large problems on the CPU).")
 @click.option("--encode-path", type=click.Choice(["auto", "workers", "batched"]), default="auto", show_default=True,
-              help="batched: workers read bytes, decoding (GPU JPEG) and preprocessing run on whole batches on the "
-                   "device; workers: per-image CPU decode. auto: batched on CUDA.")
+              help="workers: per-image PIL pipeline in reader processes (the official one, byte for byte); batched: "
+                   "readers pass JPEG bytes, decoding (GPU JPEG) and PIL-exact resizing run on whole batches on the "
+                   "device. auto: batched on CUDA, workers on the CPU.")
 @click.option("--no-leaderboard", is_flag=True, help="Do not print the leaderboard after the run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.pass_context
 def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision, device, data_root, output,
-        cache_dir, no_cache, label, seed, batch_size, workers, allow_missing, retrieval_backend, encode_path,
-        no_leaderboard, quiet):
+        cache_dir, no_cache, cache_identity, label, seed, batch_size, workers, max_image_pixels, allow_missing,
+        retrieval_backend, encode_path, no_leaderboard, quiet):
     """Evaluate METHOD on DATASET/SPLIT and write results/<dataset>/<split>/<run>__<backbone>.json.
 
     Method and dataset options are given as extra --name value pairs (e.g. --alpha 0.8, --category dress);
@@ -163,10 +174,10 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     m_opts, d_opts = split_plugin_options(parse_extra_options(ctx.args), mspec, dspec)
     cfg = RunConfig(method=method, dataset=dataset, split=split, backbone=backbone, pretrained=pretrained,
                     preprocess=preprocess, precision=precision, device=device, data_root=data_root,
-                    output=output, cache_dir=cache_dir, use_cache=not no_cache, method_options=m_opts,
-                    dataset_options=d_opts, label=label, seed=seed, batch_size=batch_size, workers=workers,
-                    allow_missing=allow_missing, retrieval_backend=retrieval_backend, encode_path=encode_path,
-                    progress=not quiet)
+                    output=output, cache_dir=cache_dir, use_cache=not no_cache, cache_identity=cache_identity,
+                    method_options=m_opts, dataset_options=d_opts, label=label, seed=seed, batch_size=batch_size,
+                    workers=workers, max_image_pixels=max_image_pixels, allow_missing=allow_missing,
+                    retrieval_backend=retrieval_backend, encode_path=encode_path, progress=not quiet)
     outcomes = evaluate(cfg, reg)
     for out in outcomes:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in list(out.metrics.items())[:8])

@@ -101,18 +101,30 @@ def shard(items: list, rank_: int | None = None, world: int | None = None) -> li
     return items[r::w]
 
 
-def gather_sharded_rows(local: torch.Tensor, total: int) -> torch.Tensor:
-    """Reassemble rows encoded as strided shards (:func:`shard`) on every rank into the original order."""
+def gather_sharded_rows(local: torch.Tensor | None, total: int) -> torch.Tensor:
+    """Reassemble rows encoded as strided shards (:func:`shard`) on every rank into the original order.
+
+    A rank that had nothing to encode (fewer images than ranks) passes ``None``; the row shape and dtype are
+    taken from the ranks that did, so every rank joins the same collective with same-shaped tensors.
+    """
     w = world_size()
     if w == 1:
-        return local
+        return local if local is not None else torch.empty(0)
+    described = all_gather_object(None if local is None else (tuple(local.shape[1:]), str(local.dtype)))
+    known = next((d for d in described if d is not None), None)
+    if known is None:
+        return torch.empty(0)
+    trailing, dtype_name = known
+    dtype = getattr(torch, dtype_name.removeprefix("torch."))
+    if local is None:
+        local = torch.empty((0, *trailing), dtype=dtype)
     per_rank = -(-total // w)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded = torch.zeros((per_rank, *trailing), dtype=dtype, device=device)
     padded[: local.shape[0]] = local.to(device)
     parts = [torch.empty_like(padded) for _ in range(w)]
     dist.all_gather(parts, padded)
-    out = torch.empty((total, *local.shape[1:]), dtype=local.dtype)
+    out = torch.empty((total, *trailing), dtype=dtype)
     for r, part in enumerate(parts):
         n = len(range(r, total, w))
         out[r::w] = part[:n].cpu()

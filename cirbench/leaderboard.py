@@ -148,7 +148,7 @@ def render_html(tables: list[Table]) -> str:
 
 def write_tables(tables: list[Table], out_dir: Path) -> list[Path]:
     """Write ``leaderboard.md``, ``leaderboard.html`` and one CSV per table (atomically)."""
-    from .features import atomic_write_bytes
+    from .util import atomic_write_bytes
 
     out_dir = Path(out_dir)
     written = []

@@ -37,9 +37,15 @@ class Method:
     def gallery_feature_kind(self) -> dict:
         """What, besides backbone, preprocessing and precision, identifies the gallery features.
 
-        Methods that change the image encoder (LoRA, fine-tuning) must include their weights' hash.
+        The default is the plain CLIP image feature, shared by every method that does not override
+        :meth:`encode_gallery`. A class that overrides it gets its own kind, named after the class, so its
+        features can never be served to another method (or another method's to it); methods whose encoder
+        has weights (LoRA, fine-tuning) should add their checkpoint hash.
         """
-        return {"kind": "image-global"}
+        owner = _owner(type(self), "encode_gallery")
+        if owner is Method:
+            return {"kind": "image-global"}
+        return {"kind": "image-global", "encoder": f"{owner.__module__}.{owner.__qualname__}"}
 
     def encode_gallery(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised gallery features ``[B, D]`` for a preprocessed batch."""
@@ -47,8 +53,12 @@ class Method:
 
     # -- references ------------------------------------------------------------------------------
     def reference_feature_kind(self) -> dict:
-        """What identifies the reference-image features (default: the gallery features, reused)."""
-        return self.gallery_feature_kind()
+        """What identifies the reference-image features (default: the gallery features, reused when
+        :meth:`encode_references` is not overridden; otherwise a kind named after the overriding class)."""
+        owner = _owner(type(self), "encode_references")
+        if owner is Method:
+            return self.gallery_feature_kind()
+        return {"kind": "references", "encoder": f"{owner.__module__}.{owner.__qualname__}"}
 
     def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
         """Reference-image features ``[B, ...]`` (any trailing shape) for a preprocessed batch."""
@@ -62,6 +72,14 @@ class Method:
     def info(self) -> dict:
         """Extra identity for the result file (checkpoint path and hash, ...)."""
         return {}
+
+
+def _owner(cls: type, name: str) -> type:
+    """The class in ``cls``'s MRO that defines ``name``."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return klass
+    return Method
 
 
 def caption_variants(texts: tuple[str, ...] | list[str]) -> list[str]:

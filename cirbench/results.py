@@ -3,6 +3,12 @@
 Layout: ``<output>/<dataset>/<split>/<run label>__<backbone slug>.json`` and ``...predictions.jsonl``.
 Every file carries ``schema_version``; readers refuse versions they do not know. Files are written
 through a temporary file and a rename, so an interrupted run never corrupts a result already written.
+
+A result and its predictions are one unit: the predictions are written first, and the result records their
+file name, row count and sha256; :func:`read_predictions_of` refuses predictions that do not match. A run's
+**fingerprint** hashes what determines its numbers (method, options and checkpoint, dataset, split and
+options, backbone identity, preprocessing, precision, seed): a rerun of the same configuration replaces its
+own files, a different configuration never does; it is written beside them under ``<stem>~<fingerprint>``.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from typing import Any
 
 from . import __version__
 from .errors import CirbenchError
-from .features import atomic_write_bytes
+from .util import atomic_write_bytes, json_hash, sha256_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 RESULT_SUFFIX = ".json"
 PREDICTIONS_SUFFIX = ".predictions.jsonl"
 SUBMISSIONS_DIR = "submissions"  # test-server files live in <output>/<dataset>/<split>/submissions/
@@ -86,28 +93,117 @@ def result_stem(run_label: str, backbone_slug: str) -> str:
     return f"{safe_name(run_label)}__{safe_name(backbone_slug)}"
 
 
+FINGERPRINT_FIELDS = ("method", "dataset", "backbone", "preprocess", "precision", "seed")
+
+
+def run_fingerprint(record: dict[str, Any]) -> str:
+    """A short hash of what determines a run's numbers (see the module docstring)."""
+    method = record.get("method", {})
+    dataset = record.get("dataset", {})
+    core = {"method": {k: method.get(k) for k in ("name", "options", "info")},
+            "dataset": {k: dataset.get(k) for k in ("name", "split", "options")},
+            **{k: record.get(k) for k in FINGERPRINT_FIELDS[2:]}}
+    return json_hash(core)[:12]
+
+
 def write_result(path: Path, record: dict[str, Any]) -> Path:
     record = {"schema_version": SCHEMA_VERSION, **record}
     atomic_write_bytes(Path(path), (json.dumps(record, indent=2, sort_keys=False, default=str) + "\n").encode())
     return Path(path)
 
 
-def write_predictions(path: Path, rows: list[dict[str, Any]]) -> Path:
+def write_predictions(path: Path, rows: list[dict[str, Any]]) -> tuple[Path, str]:
+    """Write the rows as JSON Lines; return the path and the sha256 of the bytes written."""
     data = "".join(json.dumps(r, default=str) + "\n" for r in rows).encode()
     atomic_write_bytes(Path(path), data)
-    return Path(path)
+    return Path(path), sha256_bytes(data)
+
+
+class ResultWriter:
+    """Writes one split's results into ``directory`` (see the module docstring for names and units)."""
+
+    def __init__(self, directory: Path, enabled: bool = True):
+        self.directory = Path(directory)
+        self.enabled = enabled
+        if enabled:
+            ensure_writable(self.directory)
+
+    def stem(self, label: str, slug: str, fingerprint: str | None = None) -> str:
+        """``<label>__<slug>``, or ``<label>__<slug>~<fingerprint>`` when a result of another configuration
+        already holds the plain name."""
+        base = result_stem(label, slug)
+        if fingerprint is None:
+            return base
+        existing = self.directory / (base + RESULT_SUFFIX)
+        if existing.exists():
+            try:
+                old = json.loads(existing.read_text())
+                old_fp = old.get("fingerprint") if isinstance(old, dict) else None
+            except (OSError, ValueError):
+                old_fp = None
+            if old_fp != fingerprint:
+                return f"{base}~{fingerprint[:8]}"
+        return base
+
+    def submissions_dir(self) -> Path:
+        path = self.directory / SUBMISSIONS_DIR
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write(self, stem: str, record: dict[str, Any], predictions: list[dict[str, Any]]) -> tuple[Path, Path]:
+        result_path = self.directory / (stem + RESULT_SUFFIX)
+        pred_path = self.directory / (stem + PREDICTIONS_SUFFIX)
+        if self.enabled:
+            _, digest = write_predictions(pred_path, predictions)
+            record["predictions"] = {"file": pred_path.name, "rows": len(predictions), "sha256": digest}
+            write_result(result_path, record)
+        return result_path, pred_path
 
 
 def read_result(path: Path) -> dict[str, Any]:
     """Read one result file; CirbenchError if it is malformed or of an unknown schema version."""
     try:
         record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CirbenchError(f"result file {path} is unreadable: {exc}") from None
-    if not isinstance(record, dict) or record.get("schema_version") != SCHEMA_VERSION:
-        raise CirbenchError(f"result file {path} has schema_version {record.get('schema_version')!r} "
-                            f"(this cirbench reads {SCHEMA_VERSION})")
+    version = record.get("schema_version") if isinstance(record, dict) else None
+    if version not in READABLE_VERSIONS:
+        raise CirbenchError(f"result file {path} has schema_version {version!r} "
+                            f"(this cirbench reads {', '.join(map(str, READABLE_VERSIONS))})")
+    for name in ("method", "dataset", "backbone"):
+        if not isinstance(record.get(name), dict):
+            raise CirbenchError(f"result file {path} lacks its '{name}' section")
+    if not isinstance(record.get("metrics", {}), dict):
+        raise CirbenchError(f"result file {path}: 'metrics' is not an object")
     return record
+
+
+def predictions_path_of(result_path: Path) -> Path:
+    name = Path(result_path).name
+    return Path(result_path).with_name(name[: -len(RESULT_SUFFIX)] + PREDICTIONS_SUFFIX)
+
+
+def read_predictions_of(result_path: Path, record: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The predictions that belong to a result file; CirbenchError if they are missing or belong to another run
+    (their sha256 differs from the one the result recorded)."""
+    record = record if record is not None else read_result(result_path)
+    link = record.get("predictions") or {}
+    path = Path(result_path).with_name(link["file"]) if link.get("file") else predictions_path_of(result_path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CirbenchError(f"predictions of {result_path} are unreadable: {exc.strerror or exc}") from None
+    if link.get("sha256") and sha256_bytes(data) != link["sha256"]:
+        raise CirbenchError(f"predictions file {path} does not belong to {Path(result_path).name} (its checksum "
+                            "differs: it was overwritten by another run)")
+    rows = []
+    for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise CirbenchError(f"predictions file {path}, line {n}: not JSON") from None
+    return rows
 
 
 def find_results(root: Path) -> list[Path]:

@@ -34,7 +34,7 @@ from .backbones import Backbone, autocast_context
 from .checkpoints import load_checkpoint, save_checkpoint
 from .corpora import Batch, collate, open_corpus
 from .errors import CheckpointError, CirbenchError
-from .features import atomic_write_bytes
+from .util import atomic_write_bytes
 
 
 @dataclass

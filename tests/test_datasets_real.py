@@ -228,7 +228,7 @@ def test_full_run_cirr_val_and_test1(tmp_path, tiny_config):
             write_placeholder(root / rel, i)
     res = _run(["-m", "slerp", "-d", "cirr", "-s", "val", "--data-root", str(root)], tmp_path, tiny_config)
     assert res.exit_code == 0, res.output
-    rec = json.loads(next((tmp_path / "results" / "cirr" / "val").glob("slerp__*.json")).read_text())
+    rec = json.loads(next((tmp_path / "results" / "cirr" / "val").glob("slerp@alpha=0.9__*.json")).read_text())
     assert rec["counts"]["queries"] == 4181 and rec["counts"]["gallery"] == 2297
     assert set(rec["metrics"]) == {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3"}
     res = _run(["-m", "slerp", "-d", "cirr", "-s", "test1", "--data-root", str(root)], tmp_path, tiny_config)
@@ -238,7 +238,7 @@ def test_full_run_cirr_val_and_test1(tmp_path, tiny_config):
     recall = json.loads(subs[0].read_text())
     assert recall["version"] == "rc2" and recall["metric"] == "recall" and len(recall) == 4148 + 2
     # the predictions written by the val run score identically through `cirbench score`
-    preds = next((tmp_path / "results" / "cirr" / "val").glob("slerp__*.predictions.jsonl"))
+    preds = next((tmp_path / "results" / "cirr" / "val").glob("slerp@alpha=0.9__*.predictions.jsonl"))
     res = CliRunner().invoke(cli, ["score", "-d", "cirr", "-s", "val", "--data-root", str(root), "--json", str(preds)])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output) == pytest.approx(rec["metrics"])

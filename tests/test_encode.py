@@ -1,6 +1,9 @@
-"""The batched (GPU-style) encode path: same features as the per-image worker path, same error handling."""
+"""The encode pipeline: the batched path equals the official per-image path, bad files are named, nothing is
+lost when a run fails part-way, and workers, threads and chunks behave."""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
@@ -8,45 +11,143 @@ import torch
 from PIL import Image
 
 from cirbench.backbones import load_backbone
-from cirbench.errors import ImageError
-from cirbench.features import decode_batch, encode_images
+from cirbench.encode import BatchFiles, decode_jpegs, encode_images
+from cirbench.errors import CirbenchError, ImageError
 from cirbench.preprocess import Preprocessor
 from cirbench.types import ImageRef
 
 
+def _image(w, h, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], axis=-1)
+    return np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+
+
 @pytest.fixture
 def image_files(tmp_path):
-    rng = np.random.default_rng(0)
+    """JPEGs (colour and grey) and PNGs (RGB, palette, RGBA) of odd sizes."""
     refs = []
-    for i, (w, h) in enumerate([(64, 48), (48, 64), (64, 48), (50, 50), (80, 30), (64, 48)]):
-        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        path = tmp_path / (f"{i}.jpg" if i % 3 else f"{i}.png")
-        Image.fromarray(arr).save(path, quality=90)
+    specs = [(64, 48, "jpg", "RGB"), (48, 64, "jpg", "RGB"), (61, 45, "png", "RGB"), (50, 50, "jpg", "L"),
+             (80, 30, "png", "P"), (33, 70, "png", "RGBA"), (64, 48, "jpg", "RGB")]
+    for i, (w, h, ext, mode) in enumerate(specs):
+        img = Image.fromarray(_image(w, h, i))
+        if mode == "L":
+            img = img.convert("L")
+        elif mode == "P":
+            img = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+        elif mode == "RGBA":
+            img = img.convert("RGBA")
+            img.putalpha(Image.fromarray((_image(w, h, 99)[..., 0] // 2 + 60).astype(np.uint8)))
+        path = tmp_path / f"{i}.{ext}"
+        img.save(path, quality=90)
         refs.append(ImageRef(str(i), path))
     return refs
 
 
+def _pixels(x):
+    return x.reshape(x.shape[0], -1)  # an "encoder" that returns the preprocessed pixels themselves
+
+
 @pytest.mark.parametrize("kind", ["clip", "targetpad"])
-def test_batched_path_matches_worker_path(image_files, tiny_config, kind):
+def test_batched_path_gives_the_official_pixels(image_files, kind):
+    """Same bytes as the per-image PIL pipeline: CPU JPEG decoding is libjpeg-turbo in both, and the
+    batched resize reproduces PIL's integer arithmetic exactly."""
+    pre = Preprocessor(kind, 24)
+    slow = encode_images(image_files, _pixels, pre, batch_size=3, workers=0, progress=False, path="workers")
+    fast = encode_images(image_files, _pixels, pre, batch_size=3, workers=0, progress=False, path="batched")
+    assert slow.shape == (7, 3 * 24 * 24)
+    assert torch.equal(fast, slow)
+
+
+def test_worker_processes_and_threads_keep_the_order(image_files, tiny_config):
     bb = load_backbone(str(tiny_config), "none", device="cpu")
-    pre = bb.preprocessor(kind)
-    slow = encode_images(image_files, bb.encode_image, pre, batch_size=4, workers=0, progress=False, path="workers")
-    fast = encode_images(image_files, bb.encode_image, pre, batch_size=4, workers=0, progress=False, path="batched")
-    assert fast.shape == slow.shape == (6, 32)
-    assert torch.allclose(fast, slow, atol=1e-5)
+    pre = bb.preprocessor("targetpad")
+    one = encode_images(image_files, bb.encode_image, pre, batch_size=2, workers=0, progress=False)
+    many = encode_images(image_files, bb.encode_image, pre, batch_size=2, workers=2, progress=False,
+                         prefetch_threads=3, path="batched")
+    assert torch.allclose(one, many, atol=1e-6)
 
 
-def test_batched_decode_names_a_corrupt_jpeg(image_files, tmp_path):
+def test_packed_batches_are_a_few_tensors(image_files):
+    pre = Preprocessor("clip", 24)
+    packed = BatchFiles(image_files, pre, batch_size=7, batched=True)[0]
+    jpegs = [i for i, r in enumerate(image_files) if r.path.suffix == ".jpg"]
+    assert packed["jpeg_index"].tolist() == jpegs
+    assert packed["jpeg_data"].numel() == sum(image_files[i].path.stat().st_size for i in jpegs)
+    assert packed["done"].shape == (3, 3, 24, 24) and packed["done"].dtype == torch.uint8
+    assert packed["errors"] == []
+
+
+def test_corrupt_jpeg_is_named(image_files, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
-    datas = [torch.frombuffer(bytearray(r.path.read_bytes()), dtype=torch.uint8) for r in image_files[:2]]
-    datas.append(torch.frombuffer(bytearray(bad.read_bytes()), dtype=torch.uint8))
-    with pytest.raises(ImageError, match="bad.jpg"):
-        decode_batch(datas, ["a", "b", str(bad)], torch.device("cpu"))
     refs = [*image_files, ImageRef("bad", bad)]
-    with pytest.raises(ImageError, match="bad.jpg"):
-        encode_images(refs, lambda x: x.mean(dim=(2, 3)), Preprocessor("clip", 32),
-                      batch_size=8, workers=0, progress=False, path="batched")
+    for path in ("batched", "workers"):
+        with pytest.raises(ImageError, match="bad.jpg"):
+            encode_images(refs, _pixels, Preprocessor("clip", 24), batch_size=8, workers=0, progress=False,
+                          path=path)
+
+
+def test_decoder_falls_back_and_names_the_file(image_files, tmp_path):
+    good = torch.frombuffer(bytearray(image_files[0].path.read_bytes()), dtype=torch.uint8)
+    out = decode_jpegs([good, good], ["a", "b"], torch.device("cpu"))
+    assert [tuple(o.shape) for o in out] == [(3, 48, 64)] * 2
+    broken = torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0" + b"\x00" * 40), dtype=torch.uint8)
+    with pytest.raises(ImageError, match="broken.jpg"):
+        decode_jpegs([good, broken], ["a", "broken.jpg"], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("size", [(40000, 40000), (30000, 1)])
+def test_pixel_bombs_are_refused_before_decoding(tmp_path, size):
+    """A tiny PNG whose header declares a huge (or extremely thin) image: refused from the header alone."""
+    path = tmp_path / "bomb.png"
+    Image.new("1", size).save(path, optimize=True)
+    assert path.stat().st_size < 200_000
+    with pytest.raises(ImageError, match="pixel limit"):
+        encode_images([ImageRef("b", path)], _pixels, Preprocessor("clip", 24, max_pixels=10_000_000),
+                      batch_size=1, workers=0, progress=False, path="batched")
+
+
+def test_failure_part_way_keeps_finished_chunks(image_files, tmp_path):
+    bad = tmp_path / "late.png"
+    bad.write_bytes(b"not an image")
+    refs = [*image_files, ImageRef("late", bad)]
+    seen = []
+    with pytest.raises(ImageError, match="late.png"):
+        encode_images(refs, _pixels, Preprocessor("clip", 24), batch_size=2, workers=0, progress=False,
+                      prefetch_threads=1, chunk_rows=2, on_chunk=lambda pos, f: seen.extend(pos.tolist()))
+    # every batch before the bad file's batch (6 and the bad 7) was handed over
+    assert sorted(seen) == list(range(6))
+
+
+def test_non_finite_features_are_refused(image_files):
+    with pytest.raises(CirbenchError, match="not finite"):
+        encode_images(image_files, lambda x: torch.full((x.shape[0], 4), float("nan")), Preprocessor("clip", 24),
+                      batch_size=4, workers=0, progress=False)
+
+
+def test_bad_batch_size_and_workers_are_errors(image_files):
+    with pytest.raises(CirbenchError, match="batch size"):
+        encode_images(image_files, _pixels, Preprocessor("clip", 24), batch_size=0, workers=0, progress=False)
+    with pytest.raises(CirbenchError, match="workers"):
+        encode_images(image_files, _pixels, Preprocessor("clip", 24), batch_size=2, workers=-1, progress=False)
+
+
+def test_symlink_leaving_the_root_is_refused(tmp_path, image_files):
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    (root / "link.png").symlink_to(outside)
+    (root / "inside.png").symlink_to(image_files[2].path)  # a link inside tmp but outside root
+    Image.new("RGB", (8, 8)).save(root / "real.png")
+    (root / "ok.png").symlink_to(root / "real.png")
+    pre = Preprocessor("clip", 24)
+    ok = encode_images([ImageRef("ok", root / "ok.png", root=root)], _pixels, pre, workers=0, progress=False)
+    assert ok.shape[0] == 1
+    with pytest.raises(ImageError, match="outside the data root"):
+        encode_images([ImageRef("x", root / "link.png", root=root)], _pixels, pre, workers=0, progress=False)
 
 
 def test_bench_command_reports_every_figure(tiny_config):
@@ -64,6 +165,9 @@ def test_bench_command_reports_every_figure(tiny_config):
     assert out["ratio"] == pytest.approx(out["full_path_img_s"] / out["model_alone_img_s"], rel=0.05, abs=1e-3)
     assert out["rank_queries"] == 20 and out["rank_gallery"] == 300 and out["rank_seconds"] > 0
     assert out["encode_path"] == "workers" and out["peak_gpu_mem_gib"] is None
-    res = CliRunner().invoke(cli, ["bench", "--model", str(tiny_config), "--images", "6", "--batch-size", "3",
-                                   "--workers", "0", "--gallery", "100", "--encode-path", "batched"])
-    assert res.exit_code == 0 and "full path" in res.output and "batched" in res.output
+
+
+def test_pil_bytes_roundtrip_helper():
+    buf = io.BytesIO()
+    Image.fromarray(_image(10, 10, 0)).save(buf, format="PNG")
+    assert buf.getvalue()[:4] == b"\x89PNG"

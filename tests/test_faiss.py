@@ -41,7 +41,7 @@ def test_auto_backend_switches_past_the_threshold(monkeypatch):
     import cirbench.retrieval as retrieval
 
     calls = []
-    monkeypatch.setattr(retrieval, "FAISS_AUTO_THRESHOLD", 100)
+    monkeypatch.setattr(retrieval, "FAISS_CPU_MIN_WORK", 100)
     import cirbench.faiss_search as fs
 
     original = fs.faiss_rank

@@ -82,7 +82,7 @@ def test_corrupt_cache_shard_is_rebuilt(tmp_path, tiny_config, toy_root):
         shards = list((tmp_path / "cache").rglob("shard-*.safetensors"))
         assert shards
         shards[0].write_bytes(shards[0].read_bytes()[:50])  # truncated
-        with pytest.warns(UserWarning, match="dropping unreadable"):
+        with pytest.warns(UserWarning, match="dropping feature-cache shard"):
             (second,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
     assert second.record["cache"]["misses"] == 12
     assert second.metrics == first.metrics
@@ -100,9 +100,26 @@ def test_missing_images_stop_or_are_counted(tmp_path, tiny_config, toy_root):
         with pytest.raises(CirbenchError, match="1 of 12 images are missing.*img_red_0.png"):
             evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
         (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, allow_missing=True), reg)
-    assert out.record["counts"]["queries"] == 11
-    assert out.record["counts"]["gallery"] == 11
-    assert out.record["counts"]["sets"]["all"]["missing_images"] == 1
+    # the official rule: a query goes when its reference (1 query) or one of its targets (the 3 "make it
+    # red" queries) is missing; never scored as a miss
+    sets = out.record["counts"]["sets"]["all"]
+    assert sets["missing_images"] == 1 and sets["gallery_dropped"] == 1
+    assert sets["queries_dropped_missing_reference"] == 1 and sets["queries_dropped_missing_target"] == 3
+    assert out.record["counts"]["queries"] == 8 and out.record["counts"]["gallery"] == 11
+    preds = [json.loads(line) for line in out.predictions_path.read_text().splitlines()]
+    assert all("img_red_0.png" not in p["targets"] and p["reference"] != "img_red_0.png" for p in preds)
+
+
+def test_nothing_left_to_score_is_refused(tmp_path, tiny_config, toy_root):
+    for p in (toy_root / "images").glob("img_red_*.png"):
+        p.unlink()
+    for p in (toy_root / "images").glob("img_blue_*.png"):
+        p.unlink()
+    for p in (toy_root / "images").glob("img_green_*.png"):
+        p.unlink()
+    with registered(ToyPlugin(), "toy") as reg:
+        with pytest.raises(CirbenchError, match="no query is left to score"):
+            evaluate(_cfg(tmp_path, tiny_config, toy_root, allow_missing=True), reg)
 
 
 def test_corrupt_image_is_named(tmp_path, tiny_config, toy_root):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from cirbench.backbones import load_backbone
 from cirbench.cli import cli
 from cirbench.errors import CirbenchError
-from cirbench.features import encode_images
+from cirbench.encode import encode_images
 from cirbench.plugins import get_registry
 
 
@@ -96,13 +96,16 @@ def test_slerp_clearly_beats_both_baselines_and_is_repeatable(tmp_path, val_root
     for method in ("image-only", "text-only", "slerp"):
         res = runner.invoke(cli, ["run", "--method", method, *common])
         assert res.exit_code == 0, res.output
-        path = tmp_path / "r" / "shapes" / "val" / f"{method}__cirbench-shapes-clip-bundled.json"
+        label = "slerp@alpha=0.7" if method == "slerp" else method
+        path = tmp_path / "r" / "shapes" / "val" / f"{label}__cirbench-shapes-clip-bundled.json"
         metrics[method] = json.loads(path.read_text())["metrics"]
     assert metrics["slerp"]["mAP@5"] > 3 * metrics["image-only"]["mAP@5"]
     assert metrics["slerp"]["mAP@5"] > 10 * metrics["text-only"]["mAP@5"]
     assert metrics["slerp"]["R@10"] > metrics["image-only"]["R@10"] + 30
     res = runner.invoke(cli, ["run", "--method", "slerp", "--no-cache", *common])
-    again = json.loads((tmp_path / "r" / "shapes" / "val" / "slerp__cirbench-shapes-clip-bundled.json").read_text())
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "r" / "shapes" / "val" / "slerp@alpha=0.7__cirbench-shapes-clip-bundled.json").read_text())
+    assert again["cache"]["enabled"] is False and again["cache"]["misses"] == again["counts"]["gallery"]  # encoded again
     assert again["metrics"] == metrics["slerp"]  # identical across runs (and with a cold cache)
 
 
@@ -112,7 +115,7 @@ def test_plain_cirbench_run_is_slerp_on_shapes_with_the_bundled_backbone(tmp_pat
     monkeypatch.setattr("cirbench.datasets.shapes.dataset.Shapes.folder", property(lambda self: val_root))
     res = CliRunner().invoke(cli, ["run", "--quiet", "--workers", "0"])
     assert res.exit_code == 0, res.output
-    rec = json.loads((tmp_path / "results" / "shapes" / "val" / "slerp__cirbench-shapes-clip-bundled.json").read_text())
+    rec = json.loads((tmp_path / "results" / "shapes" / "val" / "slerp@alpha=0.7__cirbench-shapes-clip-bundled.json").read_text())
     assert rec["method"]["options"] == {"alpha": 0.7}
     assert rec["backbone"]["weights"]["kind"] == "bundled" and rec["preprocess"]["size"] == 64
     assert "### shapes / val" in res.output  # the leaderboard is printed

@@ -185,7 +185,7 @@ def test_slerp_tat_runs_and_caches_under_its_own_identity(tmp_path, tiny_config,
         assert runner.invoke(cli, ["run", "--method", "slerp", *common]).exit_code == 0
         res = runner.invoke(cli, ["run", "--method", "slerp-tat", "--checkpoint", str(tmp_path / "tat"), *common])
         assert res.exit_code == 0, res.output
-        rec = json.loads(next((tmp_path / "r" / "toy" / "val").glob("slerp-tat__*.json")).read_text())
+        rec = json.loads(next((tmp_path / "r" / "toy" / "val").glob("slerp-tat@alpha=*__*.json")).read_text())
         assert rec["cache"]["misses"] == 12  # never the base encoder's cached features
         assert rec["method"]["info"]["checkpoint"]["sha256"]
         # a checkpoint for another backbone is one line, exit 2

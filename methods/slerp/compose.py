@@ -12,10 +12,15 @@ def slerp(v: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
 
     ``theta = acos(v . w)``; ``c = sin((1 - alpha) theta) / sin theta * v + sin(alpha theta) / sin theta * w``.
     Rows whose ``|v . w| > 0.9995`` (nearly parallel, where ``sin theta`` vanishes) use the linear
-    interpolation ``v + alpha (w - v)`` instead. Inputs are normalised here; the result is normalised.
+    interpolation ``v + alpha (w - v)`` instead. Inputs are normalised here; the result is normalised; at
+    ``alpha`` 0 and 1 it is exactly the normalised ``v`` and ``w``.
     """
     v = torch.nn.functional.normalize(v.float(), dim=-1)
     w = torch.nn.functional.normalize(w.float(), dim=-1)
+    if alpha == 0:  # the endpoints are the inputs themselves, exactly (not a float round-off away)
+        return v
+    if alpha == 1:
+        return w
     dot = (v * w).sum(-1, keepdim=True).clamp(-1.0, 1.0)
     theta = torch.acos(dot)
     sin_theta = torch.sin(theta)
