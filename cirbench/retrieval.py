@@ -9,7 +9,9 @@ The gallery stays on the device it is given on (move it once, rank many times).
 dataset lists its gallery), on every backend, device and chunking, including ties that straddle the k-th
 place (the tied items with the lowest positions are kept). The official evaluators rank with
 ``torch.argsort``/``torch.topk``, whose order among exactly equal scores is unspecified and can change with
-the device or library version; on real data exact ties come from duplicate gallery images.
+the device or library version; on real data exact ties come from duplicate gallery images. (A tie is an
+equality of computed scores: matrix products of different shapes may round a dot product differently in the
+last bit, which is why the default chunking keeps a gallery in one product.)
 
 ``backend="faiss"`` uses an exact inner-product index (``IndexFlatIP``; on the GPU when the installed faiss has
 GPU support and the gallery is on CUDA). ``"auto"`` picks faiss on the CPU for large problems, where it was
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 FAISS_CPU_MIN_WORK = 20_000_000  # queries x gallery from which "auto" uses faiss on the CPU
+SCORE_BLOCK = 1 << 28  # scores held at once (1 GiB of float32): galleries up to 262,144 are one product
 RANK_BACKENDS = ("auto", "torch", "faiss")
 
 
@@ -79,7 +82,7 @@ def _chunk_topk(sims: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, 
         exact = torch.sort(sims[rows], dim=1, descending=True, stable=True)
         values[rows] = exact.values[:, :k]
         idx[rows] = exact.indices[:, :k] + offset
-    return values, idx
+    return _lexicographic(values, idx, k)  # topk's order among equal scores inside the top k is arbitrary too
 
 
 def rank(
@@ -88,7 +91,7 @@ def rank(
     k: int,
     exclude: torch.Tensor | None = None,
     query_chunk: int = 1024,
-    gallery_chunk: int = 65536,
+    gallery_chunk: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` gallery positions and scores for each query, on the gallery's device; results on the CPU.
@@ -110,6 +113,7 @@ def rank(
 
         return faiss_rank(queries, gallery, k, exclude)
     device = gallery.device
+    gallery_chunk = gallery_chunk or max(4096, SCORE_BLOCK // max(1, min(query_chunk, n_queries)))
     out_idx, out_scores = [], []
     for qs in range(0, n_queries, query_chunk):
         q = queries[qs : qs + query_chunk].to(device=device, dtype=torch.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,24 @@ def test_two_ranks_match_one(tmp_path):
     assert len(shards2) == len(shards1) == 1  # cached once, by rank 0, gallery order kept
     f1, f2 = load_file(str(shards1[0]))["features"], load_file(str(shards2[0]))["features"]
     assert f1.shape == (432, 128) and torch.allclose(f1, f2, atol=1e-6)
+
+
+def test_a_rank_with_nothing_to_encode_joins_the_gather(tmp_path):
+    """Fewer images than ranks: rank 1 encodes nothing, yet the gather completes with the right rows."""
+    script = tmp_path / "gather.py"
+    script.write_text(
+        "import json, sys, torch, torch.distributed as dist\n"
+        "from cirbench import distributed as d\n"
+        "dist.init_process_group('gloo')\n"
+        "items = d.shard(['only-image'])\n"
+        "local = torch.full((len(items), 3), 7.0) if items else None\n"
+        "out = d.gather_sharded_rows(local, 1)\n"
+        "print(json.dumps({'rank': d.rank(), 'shape': list(out.shape), 'sum': float(out.sum())}))\n"
+        "dist.destroy_process_group()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", proc.stdout)]  # the ranks' lines may interleave
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    assert all(r["shape"] == [1, 3] and r["sum"] == 21.0 for r in rows)

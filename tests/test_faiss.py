@@ -48,3 +48,14 @@ def test_auto_backend_switches_past_the_threshold(monkeypatch):
     monkeypatch.setattr(fs, "faiss_rank", lambda *a, **k: calls.append(1) or original(*a, **k))
     rank(_features(3, 8, 0), _features(150, 8, 1), 5)
     assert calls == [1]
+
+
+def test_faiss_ties_straddling_k_equal_the_stable_sort():
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randint(-1, 2, (40, 8), generator=gen).float() * 0.25  # exact dot products: real ties
+    gallery = torch.cat([base, base, base[:13]])
+    queries = base[:15]
+    for k in (1, 4, 9, 30):
+        idx, _ = rank(queries, gallery, k, backend="faiss")
+        expected = torch.sort(queries @ gallery.T, dim=1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(idx, expected), k

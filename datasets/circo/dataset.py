@@ -10,7 +10,7 @@ import torch
 
 from cirbench.dataset import Dataset
 from cirbench.errors import AnnotationError, CirbenchError
-from cirbench.features import atomic_write_bytes
+from cirbench.util import atomic_write_bytes
 from cirbench.metrics import hits_matrix, map_at_k
 from cirbench.types import EvalSet, ImageRef, Query
 

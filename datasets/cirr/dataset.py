@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cirbench.dataset import Dataset
 from cirbench.errors import AnnotationError, CirbenchError
-from cirbench.features import atomic_write_bytes
+from cirbench.util import atomic_write_bytes
 from cirbench.images import check_inside
 from cirbench.metrics import hits_matrix, recall_at_k
 from cirbench.types import EvalSet, ImageRef, Query

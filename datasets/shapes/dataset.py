@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cirbench.dataset import Dataset
 from cirbench.errors import CirbenchError
-from cirbench.features import default_cache_dir
+from cirbench.util import default_cache_dir
 from cirbench.metrics import hits_matrix, map_at_k, recall_at_k
 from cirbench.types import EvalSet, ImageRef, Query
 

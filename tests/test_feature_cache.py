@@ -1,0 +1,168 @@
+"""The feature cache: never serves a wrong row, keeps what was computed, survives an unwritable folder."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+import pytest
+import torch
+
+import cirbench.feature_cache as fc
+from cirbench.feature_cache import CacheWarning, FeatureCache, image_identity
+from cirbench.types import ImageRef
+
+KEY = {"format": 2, "backbone": {"model": "m"}, "feature": {"kind": "test"}}
+
+
+@pytest.fixture
+def files(tmp_path):
+    refs = []
+    for i in range(10):
+        p = tmp_path / "img" / f"{i}.bin"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(bytes([i]) * (100 + i))
+        refs.append(ImageRef(str(i), p))
+    return refs
+
+
+def _content_features(todo, on_chunk=None):
+    """A 'model' whose feature is a function of the file's bytes, so stale rows are detectable."""
+    rows = torch.stack([torch.tensor([float(r.path.read_bytes()[0]), float(len(r.path.read_bytes()))])
+                        for r in todo])
+    if on_chunk is not None:
+        on_chunk(torch.arange(len(todo)), rows)
+    return rows
+
+
+def _expected(refs):
+    return _content_features(refs)
+
+
+def test_rows_are_reused_and_written_as_shards(tmp_path, files):
+    cache = FeatureCache(tmp_path / "c")
+    first = cache.get_or_compute(KEY, files, _content_features)
+    assert torch.equal(first, _expected(files)) and cache.stats == {"hits": 0, "misses": 10}
+    again = FeatureCache(tmp_path / "c")
+    assert torch.equal(again.get_or_compute(KEY, files, _content_features), first)
+    assert again.stats == {"hits": 10, "misses": 0}
+    shard = next((tmp_path / "c").rglob("shard-*.safetensors"))
+    assert stat.S_IMODE(shard.stat().st_mode) == 0o666 & ~_umask()  # the user's umask, not 0600
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_shard_whose_payload_changed_is_recomputed(tmp_path, files):
+    FeatureCache(tmp_path / "c").get_or_compute(KEY, files, _content_features)
+    shard = next((tmp_path / "c").rglob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-30] ^= 0xFF  # a flipped bit inside the feature payload: the header still parses
+    shard.write_bytes(bytes(data))
+    cache = FeatureCache(tmp_path / "c")
+    with pytest.warns(CacheWarning, match="checksum"):
+        out = cache.get_or_compute(KEY, files, _content_features)
+    assert torch.equal(out, _expected(files)) and cache.stats["misses"] == 10
+
+
+def test_in_place_rewrite_with_restored_mtime_is_a_miss(tmp_path, files):
+    FeatureCache(tmp_path / "c").get_or_compute(KEY, files, _content_features)
+    target = files[3].path
+    st = target.stat()
+    time.sleep(0.01)
+    target.write_bytes(bytes([200]) * st.st_size)  # same size
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back, as rsync -t or touch -d would
+    cache = FeatureCache(tmp_path / "c")
+    out = cache.get_or_compute(KEY, files, _content_features)
+    assert cache.stats["misses"] == 1 and out[3, 0] == 200.0
+
+
+def test_rename_over_is_a_miss(tmp_path, files):
+    FeatureCache(tmp_path / "c").get_or_compute(KEY, files, _content_features)
+    target = files[4].path
+    st = target.stat()
+    replacement = target.with_name("new.bin")
+    replacement.write_bytes(bytes([77]) * st.st_size)
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(replacement, target)  # same path, size and mtime; another inode
+    cache = FeatureCache(tmp_path / "c")
+    out = cache.get_or_compute(KEY, files, _content_features)
+    assert cache.stats["misses"] == 1 and out[4, 0] == 77.0
+
+
+def test_content_identity_survives_moving_the_data(tmp_path, files):
+    FeatureCache(tmp_path / "c", identity="content").get_or_compute(KEY, files, _content_features)
+    moved = tmp_path / "moved"
+    os.rename(files[0].path.parent, moved)
+    refs = [ImageRef(r.id, moved / r.path.name) for r in files]
+    cache = FeatureCache(tmp_path / "c", identity="content")
+    assert torch.equal(cache.get_or_compute(KEY, refs, _content_features), _expected(refs))
+    assert cache.stats["misses"] == 0
+    assert image_identity(refs[0], "content").startswith("sha256:")
+
+
+def test_rows_finished_before_a_failure_are_kept(tmp_path, files):
+    def dies_half_way(todo, on_chunk):
+        rows = _content_features(todo)
+        on_chunk(torch.arange(5), rows[:5])
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        FeatureCache(tmp_path / "c").get_or_compute(KEY, files, dies_half_way)
+    cache = FeatureCache(tmp_path / "c")
+    out = cache.get_or_compute(KEY, files, _content_features)
+    assert cache.stats == {"hits": 5, "misses": 5} and torch.equal(out, _expected(files))
+
+
+def test_unwritable_cache_warns_and_still_computes(tmp_path, files):
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o500)
+    try:
+        if os.access(root, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        cache = FeatureCache(root)
+        with pytest.warns(CacheWarning, match="cannot be written"):
+            out = cache.get_or_compute(KEY, files, _content_features)
+        assert torch.equal(out, _expected(files)) and cache.write_error
+    finally:
+        root.chmod(0o700)
+
+
+def test_full_disk_warns_and_still_computes(tmp_path, files, monkeypatch):
+    def full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fc, "atomic_write_bytes", full)
+    cache = FeatureCache(tmp_path / "c")
+    with pytest.warns(CacheWarning, match="No space left"):
+        out = cache.get_or_compute(KEY, files, _content_features)
+    assert torch.equal(out, _expected(files))
+
+
+def test_many_shards_are_compacted(tmp_path, files, monkeypatch):
+    monkeypatch.setattr(fc, "COMPACT_ABOVE", 3)
+
+    def one_row_chunks(todo, on_chunk):
+        rows = _content_features(todo)
+        for i in range(len(todo)):
+            on_chunk(torch.tensor([i]), rows[i : i + 1])
+        return rows
+
+    FeatureCache(tmp_path / "c").get_or_compute(KEY, files, one_row_chunks)
+    assert len(list((tmp_path / "c").rglob("shard-*.safetensors"))) == 10
+    cache = FeatureCache(tmp_path / "c")
+    assert torch.equal(cache.get_or_compute(KEY, files, _content_features), _expected(files))
+    assert len(list((tmp_path / "c").rglob("shard-*.safetensors"))) == 1 and cache.stats["misses"] == 0
+
+
+def test_a_changed_key_never_serves_rows(tmp_path, files):
+    FeatureCache(tmp_path / "c").get_or_compute(KEY, files, _content_features)
+    other = {**KEY, "precision": "bf16"}
+    cache = FeatureCache(tmp_path / "c")
+    cache.get_or_compute(other, files, _content_features)
+    assert cache.stats["misses"] == 10

@@ -1,0 +1,154 @@
+"""Parity with the official code, as tested properties.
+
+The oracles below are transcriptions of the official compositions (SEARLE ``data_utils.targetpad_transform``
+with its ``TargetPad``, and CLIP's ``_transform``), built from torchvision and PIL exactly as those files do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+from torchvision.transforms import functional as FT
+
+from cirbench.encode import encode_images
+from cirbench.preprocess import CLIP_MEAN, CLIP_STD, Preprocessor
+from cirbench.types import ImageRef
+
+
+# -- oracles (transcribed) ----------------------------------------------------------------------------------
+class OfficialTargetPad:
+    def __init__(self, target_ratio, size):
+        self.size, self.target_ratio = size, target_ratio
+
+    def __call__(self, image):
+        w, h = image.size
+        actual_ratio = max(w, h) / min(w, h)
+        if actual_ratio < self.target_ratio:
+            return image
+        scaled_max_wh = max(w, h) / self.target_ratio
+        hp = max(int((scaled_max_wh - w) / 2), 0)
+        vp = max(int((scaled_max_wh - h) / 2), 0)
+        return FT.pad(image, [hp, vp, hp, vp], 0, "constant")
+
+
+def _convert_image_to_rgb(image):
+    return image.convert("RGB")
+
+
+def official_targetpad_transform(target_ratio, dim):
+    return Compose([OfficialTargetPad(target_ratio, dim), Resize(dim, interpolation=InterpolationMode.BICUBIC),
+                    CenterCrop(dim), _convert_image_to_rgb, ToTensor(), Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def official_clip_transform(n_px):
+    return Compose([Resize(n_px, interpolation=InterpolationMode.BICUBIC), CenterCrop(n_px), _convert_image_to_rgb,
+                    ToTensor(), Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+# -- real-sized images of each mode -----------------------------------------------------------------------
+REAL_SIZES = [(640, 427), (500, 375), (640, 480), (1024, 683), (480, 640), (612, 612), (375, 500), (800, 533),
+              (1000, 200), (333, 500)]
+MODES = ["RGB-jpg", "L-jpg", "CMYK-jpg", "RGB-png", "P-png", "RGBA-png", "LA-png"]
+
+
+def _make(path, w, h, mode, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx * 3 + yy) * 100 / (w + h)], axis=-1)
+    rgb = Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+    kind, ext = mode.split("-")
+    if kind == "P":
+        img = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=200)
+        palette = img.getpalette()
+        palette[:3] = [250, 20, 120]  # index 0 is not black: the official pad fills with index 0
+        img.putpalette(palette)
+    elif kind in ("RGBA", "LA"):
+        img = rgb.convert(kind)
+        alpha = np.clip((xx * 255 / w) + rng.normal(0, 40, (h, w)), 0, 255).astype(np.uint8)
+        img.putalpha(Image.fromarray(alpha))
+    else:
+        img = rgb.convert(kind)
+    img.save(path, quality=92) if ext == "jpg" else img.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    refs = []
+    for i, mode in enumerate(MODES):
+        for j, (w, h) in enumerate(REAL_SIZES[i % 3 :: 3] if mode not in ("RGB-jpg",) else REAL_SIZES):
+            path = _make(root / f"{mode}-{w}x{h}.{mode.split('-')[1]}", w, h, mode, i * 100 + j)
+            refs.append(ImageRef(path.stem, path))
+    return refs
+
+
+def _ours(refs, kind, path):
+    pre = Preprocessor(kind, 224)
+    return encode_images(refs, lambda x: x.reshape(x.shape[0], -1), pre, batch_size=8, workers=0, progress=False,
+                         path=path).view(-1, 3, 224, 224)
+
+
+@pytest.mark.parametrize("kind", ["targetpad", "clip"])
+@pytest.mark.parametrize("path", ["workers", "batched"])
+def test_preprocessing_equals_the_official_pipelines(real_images, kind, path):
+    oracle = official_targetpad_transform(1.25, 224) if kind == "targetpad" else official_clip_transform(224)
+    expected = torch.stack([oracle(Image.open(r.path)) for r in real_images])
+    got = _ours(real_images, kind, path)
+    diff = (got - expected).abs()
+    # bounded by zero: the per-image path runs the same PIL operations, the batched one reproduces PIL's
+    # integer resampling exactly and libjpeg-turbo decodes JPEGs identically on the CPU
+    assert float(diff.max()) == 0.0, {r.id: float(d.max()) for r, d in zip(real_images, diff, strict=True)
+                                      if float(d.max()) > 0}
+
+
+def test_old_preprocessing_would_have_differed(real_images):
+    """The audit's two findings are real on these files: rounding the long side and converting palette/RGBA
+    images to RGB before resizing both change pixels (so the test above can fail)."""
+    ref = next(r for r in real_images if r.id == "RGB-jpg-640x427")
+    img = Image.open(ref.path)
+    floor = FT.resize(img, 224, interpolation=InterpolationMode.BICUBIC).size
+    rounded = (round(640 * 224 / 427), 224)
+    assert floor == (335, 224) and rounded == (336, 224)
+    pal = next(r for r in real_images if r.id.startswith("P-png"))
+    official = official_clip_transform(224)(Image.open(pal.path))
+    rgb_first = official_clip_transform(224)(Image.open(pal.path).convert("RGB"))
+    assert float((official - rgb_first).abs().max()) > 0.1
+
+
+def test_quick_gelu_for_openai_tags_offline():
+    """OpenAI weights need QuickGELU; open_clip 3.x builds GELU for ViT-B-32 unless told. Built here with the
+    tag's config and no weights (offline)."""
+    import open_clip
+
+    from cirbench.backbones import activation_of, needs_quick_gelu
+
+    assert needs_quick_gelu("ViT-B-32", "openai") and needs_quick_gelu("ViT-L-14", "openai")
+    assert not needs_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")
+    assert needs_quick_gelu("ViT-B-32-quickgelu", "none")
+    plain = open_clip.create_model("ViT-B-32", pretrained=None)
+    assert activation_of(plain) == "gelu"  # what a bare create_model builds: the bug
+    fixed = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=needs_quick_gelu("ViT-B-32", "openai"))
+    assert activation_of(fixed) == "quick_gelu"
+
+
+def test_activation_is_part_of_the_identity(tiny_config):
+    from cirbench.backbones import load_backbone
+
+    bb = load_backbone(str(tiny_config), "none", device="cpu")
+    assert bb.identity()["activation"] == "gelu"
+    assert load_backbone(str(tiny_config), "none", device="cpu").identity() == bb.identity()
+
+
+def test_bf16_casts_weights_once_and_records_precision(tiny_config):
+    from cirbench.backbones import load_backbone
+
+    bb = load_backbone(str(tiny_config), "none", device="cpu", precision="bf16")
+    assert bb.precision == "bf16" and bb.input_dtype == torch.bfloat16
+    assert bb.model.visual.conv1.weight.dtype == torch.bfloat16
+    feats = bb.encode_image(torch.randn(2, 3, 32, 32))
+    assert feats.dtype == torch.float32 and torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert load_backbone(str(tiny_config), "none", device="cpu").precision == "fp32"  # the default

@@ -1,0 +1,87 @@
+"""Ranking: equal to a full stable sort, whatever the chunking; ties by gallery position; bf16 galleries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cirbench.retrieval import rank, rank_candidates
+
+
+def _unit(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+
+
+def _oracle(q, g, k, exclude=None):
+    """A full stable descending sort: ties keep gallery order (lower position first)."""
+    sims = q @ g.T
+    if exclude is not None:
+        rows = torch.nonzero(exclude >= 0).squeeze(1)
+        sims[rows, exclude[rows]] = float("-inf")
+    order = torch.sort(sims, dim=1, descending=True, stable=True)
+    return order.indices[:, :k], order.values[:, :k]
+
+
+def _exact(n, d, seed):
+    """Vectors of 0 and +-1/4: every dot product is exact in float32 whatever the summation order, so ties
+    are ties for any kernel (BLAS rounds products of different shapes differently otherwise)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-1, 2, (n, d), generator=g).float() * 0.25
+
+
+@pytest.mark.parametrize("gallery_chunk", [7, 50, None])
+@pytest.mark.parametrize("query_chunk", [3, 64])
+def test_rank_equals_a_full_stable_sort_with_duplicates(gallery_chunk, query_chunk):
+    """Duplicate gallery rows and coarse values give many exact ties, some straddling the k-th place and
+    chunk borders."""
+    base = _exact(60, 8, 0)
+    gallery = torch.cat([base, base[:30], base[5:25], base[:10]])  # 120 rows, many exact duplicates
+    queries = torch.cat([_exact(20, 8, 1), base[:10]])
+    exclude = torch.randint(-1, 120, (30,), generator=torch.Generator().manual_seed(3))
+    for k in (1, 5, 17, 50):
+        for ex in (None, exclude):
+            idx, scores = rank(queries, gallery, k, exclude=ex, backend="torch", gallery_chunk=gallery_chunk,
+                               query_chunk=query_chunk)
+            o_idx, o_scores = _oracle(queries, gallery, k, ex)
+            assert torch.equal(idx, o_idx), (k, ex is None)
+            assert torch.allclose(scores, o_scores)
+
+
+@pytest.mark.parametrize("gallery_chunk", [13, 400, None])
+def test_rank_equals_a_full_stable_sort_on_random_features(gallery_chunk):
+    q, g = _unit(50, 24, 7), _unit(1000, 24, 8)
+    idx, _ = rank(q, g, 30, backend="torch", gallery_chunk=gallery_chunk)
+    assert torch.equal(idx, _oracle(q, g, 30)[0])
+
+
+def test_ties_at_the_kth_place_keep_the_lowest_positions():
+    q = torch.tensor([[1.0, 0.0]])
+    g = torch.tensor([[0.6, 0.8]] + [[1.0, 0.0]] * 6 + [[0.0, 1.0]])
+    for chunk in (2, 3, 100):
+        idx, _ = rank(q, g, 3, backend="torch", gallery_chunk=chunk)
+        assert idx.tolist() == [[1, 2, 3]]
+
+
+def test_bf16_gallery_is_ranked_from_its_own_values():
+    q, g = _unit(40, 32, 4), _unit(3000, 32, 5)
+    gb = g.to(torch.bfloat16)
+    idx, scores = rank(q, gb, 20, backend="torch", gallery_chunk=500)
+    o_idx, o_scores = _oracle(q, gb.float(), 20)
+    assert torch.equal(idx, o_idx) and torch.allclose(scores, o_scores)
+
+
+def test_empty_and_small_inputs():
+    idx, scores = rank(torch.empty(0, 4), _unit(10, 4, 0), 5)
+    assert idx.shape == (0, 5)
+    idx, _ = rank(_unit(2, 4, 0), _unit(3, 4, 1), 50)
+    assert idx.shape == (2, 3)
+    idx, _ = rank(_unit(2, 4, 0), _unit(3, 4, 1), 50, exclude=torch.tensor([0, -1]))
+    assert idx.shape == (2, 2) and 0 not in idx[0].tolist()
+
+
+def test_candidates_ties_by_gallery_position():
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    q = torch.tensor([[1.0, 0.0]])
+    assert rank_candidates(q, g, [[3, 2, 0, 1]]) == [[0, 2, 3, 1]]
+    assert rank_candidates(q, g, [[]]) == [[]]
