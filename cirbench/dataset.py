@@ -66,6 +66,31 @@ class Dataset:
         raise CirbenchError(f"dataset '{self.name}' cannot score ranking files")
 
     # -- scoring rankings made elsewhere ---------------------------------------------------------------
+    @staticmethod
+    def check_ranked(query_id: str, ids: Any, source: Path | str, *, min_length: int = 0,
+                     reference: str | None = None, allowed: set[str] | None = None, what: str = "ranking") -> list[str]:
+        """Validate one query's ranked ids from a file made elsewhere, as the official scorers would: a list,
+        no duplicates (the CIRCO evaluator refuses them), at least ``min_length`` entries, never the query's
+        ``reference`` (CIRR), only ids from ``allowed``. AnnotationError with a one-line reason otherwise."""
+        where = f"{source}, query {query_id}"
+        if not isinstance(ids, list):
+            raise AnnotationError(f"{where}: the {what} is a {type(ids).__name__}, not a list of ids")
+        ids = [str(x) for x in ids]
+        if len(set(ids)) != len(ids):
+            dup = next(x for i, x in enumerate(ids) if x in ids[:i])
+            raise AnnotationError(f"{where}: '{dup}' appears twice in the {what} (the official scorer refuses "
+                                  "duplicate predictions)")
+        if len(ids) < min_length:
+            raise AnnotationError(f"{where}: the {what} has {len(ids)} ids, at least {min_length} are needed")
+        if reference is not None and reference in ids:
+            raise AnnotationError(f"{where}: the {what} contains the reference image {reference}, which the "
+                                  "protocol removes from every ranking")
+        if allowed is not None:
+            unknown = next((x for x in ids if x not in allowed), None)
+            if unknown is not None:
+                raise AnnotationError(f"{where}: '{unknown}' is not an image of this {what}'s gallery")
+        return ids
+
     def ranking_from_ids(self, evalset: EvalSet, ranked: dict[str, list[str]],
                          subsets: dict[str, list[str]] | None = None, source: Path | None = None):
         """A :class:`~cirbench.retrieval.Ranking` from ranked image ids per query id, so that files made by
@@ -80,6 +105,10 @@ class Dataset:
         missing = [q.id for q in evalset.queries if q.id not in ranked]
         if missing:
             raise AnnotationError(f"{len(missing)} queries have no ranking{where} (first: {missing[:3]})")
+        extra = sorted(set(ranked) - {q.id for q in evalset.queries})
+        if extra:
+            raise AnnotationError(f"{len(extra)} rankings{where} are for queries this split does not have "
+                                  f"(first: {extra[:3]})")
         gallery_ids = list(evalset.gallery_ids)
         position = {g: i for i, g in enumerate(gallery_ids)}
         width = max((len(ranked[q.id]) for q in evalset.queries), default=0)
@@ -112,12 +141,19 @@ class Dataset:
                 continue
             try:
                 row = json.loads(line)
-                set_name = str(row.get("set", ""))
-                out.setdefault(set_name, {})[str(row["query"])] = [str(x) for x in row["top"]]
-                if "subset" in row:
-                    out.setdefault("subset:" + set_name, {})[str(row["query"])] = [str(x) for x in row["subset"]]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise AnnotationError(f"ranking file {path}, line {n}: not a ranking row ({exc})") from None
+            except json.JSONDecodeError as exc:
+                raise AnnotationError(f"ranking file {path}, line {n}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or "query" not in row or "top" not in row:
+                raise AnnotationError(f"ranking file {path}, line {n}: not a ranking row (needs 'query' and 'top')")
+            if not isinstance(row["top"], list) or ("subset" in row and not isinstance(row["subset"], list)):
+                raise AnnotationError(f"ranking file {path}, line {n}: 'top' and 'subset' must be lists of ids")
+            set_name, query = str(row.get("set", "")), str(row["query"])
+            rows = out.setdefault(set_name, {})
+            if query in rows:
+                raise AnnotationError(f"ranking file {path}, line {n}: query {query} is ranked twice")
+            rows[query] = list(row["top"])
+            if "subset" in row:
+                out.setdefault("subset:" + set_name, {})[query] = list(row["subset"])
         return out
 
     # -- helpers for subclasses ----------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 
 
 def hits_matrix(ranked: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``hits[q, r] = ranked[q, r] in targets[q]`` for ranked gallery indices ``[Q, K]``."""
+    """``hits[q, r] = ranked[q, r] in targets[q]`` for ranked gallery indices ``[Q, K]``; negative entries
+    (empty slots of a short ranking) are never hits."""
     n_q = ranked.shape[0]
     width = max((len(t) for t in targets), default=0)
     if width == 0:
@@ -21,14 +22,14 @@ def hits_matrix(ranked: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch
     for q, t in enumerate(targets):
         if t:
             padded[q, : len(t)] = torch.as_tensor(list(t), dtype=torch.long)
-    return (ranked.unsqueeze(-1) == padded.unsqueeze(1)).any(-1)
+    return (ranked.unsqueeze(-1) == padded.unsqueeze(1)).any(-1) & (ranked >= 0)
 
 
 def recall_at_k(hits: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
     """Percentage of queries with at least one relevant item in the top ``k`` (x100)."""
     out = {}
     for k in ks:
-        found = hits[:, :k].any(dim=1).float()
+        found = hits[:, :k].any(dim=1).double()
         out[k] = float(found.mean() * 100) if found.numel() else 0.0
     return out
 

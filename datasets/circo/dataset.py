@@ -93,7 +93,7 @@ class CIRCO(Dataset):
         out = {f"mAP@{k}": v for k, v in map_at_k(hits, n_gt, KS).items()}
         # Recall@K as officially: the count of the single target among the first K predictions, averaged
         target = ranking.target_positions([(q.extra["target_img_id"],) for q in queries])
-        target_hits = hits_matrix(ranking.indices, target).float()
+        target_hits = hits_matrix(ranking.indices, target).double()
         for k in KS:
             out[f"R@{k}"] = float(target_hits[:, :k].sum(dim=1).mean() * 100) if len(queries) else 0.0
         ap10 = _ap_at(hits, n_gt, 10)
@@ -122,19 +122,40 @@ class CIRCO(Dataset):
 
     # -- scoring files made elsewhere --------------------------------------------------------------
     def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
+        """Score a submission as the official evaluator (miccunifi/CIRCO ``src/evaluation.py``) does: query ids
+        and image ids are integers (``"00042"`` is 42), every query must be present and no other, a list with
+        a duplicate id is refused, and a list of any length is scored as it is (ranks it lacks are misses)."""
         self.check_split(split)
         evalset = self._evalset(split, [])  # scoring needs only the annotation files, not the gallery
         if evalset.hidden_targets:
             raise CirbenchError("CIRCO test targets are hidden: submit the file to the CIRCO evaluation server")
         if str(path).endswith(".jsonl"):
             rows = self.read_predictions(path)
-            ranked = rows.get(evalset.name) or rows.get("", {})
+            data = rows.get(evalset.name) or rows.get("", {})
         else:
             data = self.read_json(path)
             if not isinstance(data, dict):
                 raise AnnotationError(f"{path} is not a CIRCO submission (expected {{query id: [image ids]}})")
-            ranked = {str(k): [str(x) for x in v] for k, v in data.items()}
+        ranked: dict[str, list[str]] = {}
+        for key, ids in data.items():
+            qid = _as_int(key, f"{path}: key {key!r} is not a query id (an integer)")
+            if not isinstance(ids, list):
+                raise AnnotationError(f"{path}, query {qid}: expected a list of image ids")
+            ints = [str(_as_int(x, f"{path}, query {qid}: {x!r} is not an image id (an integer)")) for x in ids]
+            if str(qid) in ranked:
+                raise AnnotationError(f"{path}: query {qid} appears twice (as {key!r})")
+            ranked[str(qid)] = self.check_ranked(str(qid), ints, path, what="prediction list")
         return self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
+
+
+def _as_int(value, message: str) -> int:
+    """An integer id as numpy's ``int`` conversion reads it (ints and strings of digits; not floats or bools)."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise AnnotationError(message)
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise AnnotationError(message) from None
 
 
 def _ap_at(hits: torch.Tensor, n_relevant: list[int], k: int) -> torch.Tensor:

@@ -119,6 +119,10 @@ class CIRR(Dataset):
 
     # -- scoring files made elsewhere --------------------------------------------------------------
     def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
+        """Score rankings made elsewhere with the official val protocol (SEARLE ``validate.py``): each list
+        holds at least 50 unique names of the split's images without the query's reference (the protocol
+        removes it; a list that still holds it is refused rather than silently shortened), and a subset list
+        at least 3 unique ``img_set`` members, the reference excluded."""
         (evalset,) = self.load(split)
         if evalset.hidden_targets:
             raise CirbenchError("CIRR test1 targets are hidden: submit the files to the CIRR test server")
@@ -130,11 +134,26 @@ class CIRR(Dataset):
         else:
             ranked = self._read_server_file(path, "recall")
             subsets = self._read_server_file(subset_path, "recall_subset") if subset_path else None
+        gallery = set(evalset.gallery_ids)
+        by_id = {q.id: q for q in evalset.queries}
+        for qid, ids in ranked.items():
+            q = by_id.get(qid)
+            ranked[qid] = self.check_ranked(qid, ids, path, min_length=max(RECALL_KS),
+                                            reference=q.reference if q else None, allowed=gallery)
+        for qid, ids in (subsets or {}).items():
+            q = by_id.get(qid)
+            allowed = set(q.candidates or ()) - {q.reference} if q else set()
+            subsets[qid] = self.check_ranked(qid, ids, subset_path or path, min_length=max(SUBSET_KS),
+                                             reference=q.reference if q else None, allowed=allowed,
+                                             what="subset ranking")
         ranking = self.ranking_from_ids(evalset, ranked, subsets, source=path)
         return self.metrics(evalset, ranking)
 
-    def _read_server_file(self, path: Path, metric: str) -> dict[str, list[str]]:
+    def _read_server_file(self, path: Path, metric: str) -> dict[str, list]:
         data = self.read_json(path)
         if not isinstance(data, dict) or data.get("metric") not in (None, metric):
-            raise AnnotationError(f"{path} is not a CIRR '{metric}' file (its metric is {data.get('metric')!r})")
-        return {k: [str(x) for x in v] for k, v in data.items() if k not in ("version", "metric")}
+            got = data.get("metric") if isinstance(data, dict) else type(data).__name__
+            raise AnnotationError(f"{path} is not a CIRR '{metric}' file (its metric is {got!r})")
+        if data.get("version") not in (None, VERSION):
+            raise AnnotationError(f"{path} is for CIRR version {data.get('version')!r}, not {VERSION}")
+        return {str(k): v for k, v in data.items() if k not in ("version", "metric")}

@@ -92,6 +92,8 @@ class FashionIQ(Dataset):
         return {f"R@{k}": v for k, v in recall_at_k(hits_matrix(ranking.indices, targets), KS).items()}
 
     def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
+        """Score per-query rankings (``*.predictions.jsonl`` rows with ``set``, ``query`` and ``top``): at least
+        50 unique ids of the category's gallery per query, every query of every category present."""
         self.check_split(split)
         if split == "test":
             raise CirbenchError("FashionIQ test targets are not public")
@@ -104,5 +106,8 @@ class FashionIQ(Dataset):
             ranked = rows.get(evalset.name)
             if ranked is None:
                 raise AnnotationError(f"{path} has no rankings for category {evalset.name}")
+            gallery = set(evalset.gallery_ids)
+            ranked = {qid: self.check_ranked(qid, ids, path, min_length=max(KS), allowed=gallery)
+                      for qid, ids in ranked.items()}
             per_set[evalset.name] = self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
         return self.aggregate(per_set)

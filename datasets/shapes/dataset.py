@@ -124,6 +124,20 @@ class Shapes(Dataset):
         return [EvalSet(split, gallery, queries, {g.id: g for g in gallery}, exclude_reference=True,
                         topk=max(MAP_KS + RECALL_KS))]
 
+    def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
+        """Score per-query rankings (``*.predictions.jsonl``): at least 25 unique gallery ids per query, the
+        query's reference excluded (the protocol removes it)."""
+        (evalset,) = self.load(split)
+        if not str(path).endswith(".jsonl"):
+            raise CirbenchError("shapes scores per-query ranking files (*.predictions.jsonl rows with query and top)")
+        rows = self.read_predictions(path)
+        ranked = rows.get(evalset.name) or rows.get("", {})
+        by_id, gallery = {q.id: q for q in evalset.queries}, set(evalset.gallery_ids)
+        ranked = {qid: self.check_ranked(qid, ids, path, min_length=max(MAP_KS + RECALL_KS), allowed=gallery,
+                                         reference=by_id[qid].reference if qid in by_id else None)
+                  for qid, ids in ranked.items()}
+        return self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
+
     def metrics(self, evalset: EvalSet, ranking) -> dict[str, float]:
         targets = ranking.target_positions([q.targets for q in evalset.queries])
         hits = hits_matrix(ranking.indices, targets)

@@ -1,0 +1,247 @@
+"""`cirbench score` behaves as the official scorers, or refuses with a one-line reason (exit 2).
+
+Oracles: transcriptions of miccunifi/CIRCO ``src/evaluation.py`` (compute_metrics) and of SEARLE's
+``validate.py`` (cirr_compute_val_metrics, fiq_compute_val_metrics), in numpy, on full rankings.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from annotations import ANNOTATIONS, needs_annotations
+from click.testing import CliRunner
+
+from cirbench.cli import cli
+
+pytestmark = needs_annotations
+CIRCO_VAL = ANNOTATIONS / "circo" / "annotations" / "val.json"
+
+
+def _score(args):
+    return CliRunner().invoke(cli, ["score", *args, "--json"])
+
+
+# -- oracles --------------------------------------------------------------------------------------------
+def official_circo(annotations, predictions_dict, ranks=(5, 10, 25, 50)):
+    aps, recalls = {r: [] for r in ranks}, {r: [] for r in ranks}
+    assert np.all(np.sort(np.array(list(predictions_dict.keys()), dtype=int)) == np.arange(len(predictions_dict)))
+    for query_id, predictions in predictions_dict.items():
+        ann = annotations[int(query_id)]
+        gt_img_ids, target_img_id = ann["gt_img_ids"], ann["target_img_id"]
+        if len(set(predictions)) != len(predictions):
+            raise ValueError("duplicate predictions")
+        predictions = np.array(predictions, dtype=int)
+        ap_labels = np.isin(predictions, gt_img_ids)
+        precisions = np.cumsum(ap_labels, axis=0) * ap_labels
+        precisions = precisions / np.arange(1, ap_labels.shape[0] + 1)
+        for rank in ranks:
+            aps[rank].append(float(np.sum(precisions[:rank]) / min(len(gt_img_ids), rank)))
+        recall_labels = predictions == target_img_id
+        for rank in ranks:
+            recalls[rank].append(float(np.sum(recall_labels[:rank])))
+    return ({r: float(np.mean(v)) * 100 for r, v in aps.items()}, {r: float(np.mean(v)) * 100 for r, v in recalls.items()})
+
+
+def official_cirr(sorted_index_names, reference_names, target_names, group_members):
+    n_index = sorted_index_names.shape[1]
+    reference_mask = sorted_index_names != np.repeat(np.array(reference_names), n_index).reshape(len(target_names), -1)
+    sorted_index_names = sorted_index_names[reference_mask].reshape(sorted_index_names.shape[0], n_index - 1)
+    labels = sorted_index_names == np.repeat(np.array(target_names), n_index - 1).reshape(len(target_names), -1)
+    group_members = np.array(group_members)
+    group_mask = (sorted_index_names[..., None] == group_members[:, None, :]).sum(-1).astype(bool)
+    group_labels = labels[group_mask].reshape(labels.shape[0], -1)
+    out = {f"R@{k}": labels[:, :k].sum() / len(labels) * 100 for k in (1, 5, 10, 50)}
+    out.update({f"Rs@{k}": group_labels[:, :k].sum() / len(group_labels) * 100 for k in (1, 2, 3)})
+    return out
+
+
+def official_fiq(sorted_index_names, target_names):
+    n_index = sorted_index_names.shape[1]
+    labels = sorted_index_names == np.repeat(np.array(target_names), n_index).reshape(len(target_names), -1)
+    assert (labels.sum(-1) == 1).all()
+    return {"R@10": labels[:, :10].sum() / len(labels) * 100, "R@50": labels[:, :50].sum() / len(labels) * 100}
+
+
+# -- CIRCO ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def circo_ann():
+    return json.loads(CIRCO_VAL.read_text())
+
+
+def _circo_run(tmp_path, sub):
+    path = tmp_path / "sub.json"
+    path.write_text(json.dumps(sub))
+    return _score(["-d", "circo", "-s", "val", "--data-root", str(ANNOTATIONS / "circo"), str(path)])
+
+
+def _random_circo(ann, length, seed):
+    rng = random.Random(seed)
+    sub = {}
+    for q in ann:
+        pool = rng.sample(range(1, 500000), length)
+        for g in q["gt_img_ids"][: rng.randrange(0, 4)]:
+            pool[rng.randrange(length)] = g
+        sub[str(q["id"])] = list(dict.fromkeys(pool))
+    return sub
+
+
+@pytest.mark.parametrize("length", [50, 12, 3, 80])
+def test_circo_scores_any_length_as_the_official_evaluator(tmp_path, circo_ann, length):
+    """Short lists are scored as a prefix (ranks they lack are misses); never padded into hits."""
+    sub = _random_circo(circo_ann, length, seed=length)
+    res = _circo_run(tmp_path, sub)
+    assert res.exit_code == 0, res.output
+    ours = json.loads(res.output)
+    maps, recalls = official_circo(circo_ann, sub)
+    for k in (5, 10, 25, 50):
+        assert ours[f"mAP@{k}"] == pytest.approx(maps[k], abs=1e-6)
+        assert ours[f"R@{k}"] == pytest.approx(recalls[k], abs=1e-6)
+        assert 0 <= ours[f"mAP@{k}"] <= 100
+
+
+def test_circo_ids_are_integers(tmp_path, circo_ann):
+    sub = _random_circo(circo_ann, 50, seed=1)
+    padded = {f"{int(k):03d}": [f"{x:012d}" for x in v] for k, v in sub.items()}  # "007" is query 7
+    res = _circo_run(tmp_path, padded)
+    assert res.exit_code == 0, res.output
+    maps, _ = official_circo(circo_ann, sub)
+    assert json.loads(res.output)["mAP@10"] == pytest.approx(maps[10], abs=1e-6)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda s: s["3"].append(s["3"][0]), "appears twice"),
+    (lambda s: s.pop("7"), "have no ranking"),
+    (lambda s: s.__setitem__("220", [1, 2, 3]), "does not have"),
+    (lambda s: s.__setitem__("x", [1]), "not a query id"),
+    (lambda s: s["4"].__setitem__(0, "abc"), "not an image id"),
+    (lambda s: s.__setitem__("5", 17), "expected a list"),
+])
+def test_circo_refuses_what_the_official_evaluator_refuses(tmp_path, circo_ann, damage, reason):
+    sub = _random_circo(circo_ann, 50, seed=2)
+    damage(sub)
+    res = _circo_run(tmp_path, sub)
+    assert res.exit_code == 2 and reason in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+# -- CIRR -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cirr_val():
+    from cirbench.plugins import get_registry
+
+    ds = get_registry().dataset("cirr").load()(ANNOTATIONS / "cirr", {})
+    (es,) = ds.load("val")
+    return es
+
+
+def _full_cirr_rankings(es, seed):
+    """A full permutation of the gallery per query, the target moved up half of the time."""
+    rng = np.random.default_rng(seed)
+    gallery = np.array(es.gallery_ids)
+    rows = []
+    for q in es.queries:
+        perm = list(gallery[rng.permutation(len(gallery))])
+        if rng.random() < 0.6:
+            perm.remove(q.targets[0])
+            perm.insert(int(rng.integers(0, 60)), q.targets[0])
+        rows.append(perm)
+    return np.array(rows)
+
+
+def test_cirr_scores_as_the_official_val_evaluator(tmp_path, cirr_val):
+    es = cirr_val
+    full = _full_cirr_rankings(es, seed=3)
+    expected = official_cirr(full, [q.reference for q in es.queries], [q.targets[0] for q in es.queries],
+                             [list(q.candidates) for q in es.queries])
+    lines = []
+    for q, row in zip(es.queries, full, strict=True):
+        ranked = [x for x in row if x != q.reference]
+        members = set(q.candidates) - {q.reference}
+        lines.append(json.dumps({"query": q.id, "top": ranked[:50], "subset": [x for x in ranked if x in members]}))
+    path = tmp_path / "cirr.predictions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    res = _score(["-d", "cirr", "-s", "val", "--data-root", str(ANNOTATIONS / "cirr"), str(path)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("reference", "contains the reference image"),
+    ("short", "at least 50 are needed"),
+    ("duplicate", "appears twice"),
+    ("unknown", "is not an image of this ranking's gallery"),
+    ("subset-outsider", "is not an image of this subset ranking's gallery"),
+])
+def test_cirr_refuses_lists_the_protocol_cannot_score(tmp_path, cirr_val, damage, reason):
+    es = cirr_val
+    pool = es.gallery_ids
+    recall = {"version": "rc2", "metric": "recall"}
+    subset = {"version": "rc2", "metric": "recall_subset"}
+    for q in es.queries:
+        recall[q.id] = [g for g in pool[:60] if g != q.reference][:50]
+        subset[q.id] = [m for m in q.candidates if m != q.reference][:3]
+    q0 = es.queries[0]
+    if damage == "reference":
+        recall[q0.id][5] = q0.reference
+    elif damage == "short":
+        recall[q0.id] = recall[q0.id][:20]
+    elif damage == "duplicate":
+        recall[q0.id][7] = recall[q0.id][8]
+    elif damage == "unknown":
+        recall[q0.id][0] = recall[q0.id][0] + ".png"
+    else:
+        subset[q0.id][0] = next(g for g in pool if g not in q0.candidates)
+    (tmp_path / "r.json").write_text(json.dumps(recall))
+    (tmp_path / "s.json").write_text(json.dumps(subset))
+    res = _score(["-d", "cirr", "-s", "val", "--data-root", str(ANNOTATIONS / "cirr"), "--subset",
+                  str(tmp_path / "s.json"), str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and reason in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+# -- FashionIQ ---------------------------------------------------------------------------------------------
+def test_fashioniq_scores_as_the_official_val_evaluator(tmp_path):
+    from cirbench.plugins import get_registry
+
+    ds = get_registry().dataset("fashioniq").load()(ANNOTATIONS / "fashioniq", {"category": "all"})
+    lines, expected = [], {}
+    rng = np.random.default_rng(4)
+    for es in ds.load("val"):  # every val target is in its category's gallery (the official code asserts it)
+        gallery = np.array(es.gallery_ids)
+        full = []
+        for q in es.queries:
+            perm = list(gallery[rng.permutation(len(gallery))])
+            if rng.random() < 0.5:
+                perm.remove(q.targets[0])
+                perm.insert(int(rng.integers(0, 70)), q.targets[0])
+            full.append(perm)
+            lines.append(json.dumps({"set": es.name, "query": q.id, "top": perm[:50]}))
+        expected[es.name] = official_fiq(np.array(full), [q.targets[0] for q in es.queries])
+    path = tmp_path / "fiq.predictions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    res = _score(["-d", "fashioniq", "-s", "val", "--data-root", str(ANNOTATIONS / "fashioniq"), str(path)])
+    assert res.exit_code == 0, res.output
+    ours = json.loads(res.output)
+    for cat, exp in expected.items():
+        assert ours[f"{cat}/R@10"] == pytest.approx(exp["R@10"], abs=1e-6)
+        assert ours[f"{cat}/R@50"] == pytest.approx(exp["R@50"], abs=1e-6)
+    assert ours["avg/R@10"] == pytest.approx(np.mean([e["R@10"] for e in expected.values()]), abs=1e-6)
+    first = json.loads(lines[0])
+    first["top"] = [first["top"][0], *first["top"]]
+    path.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    res = _score(["-d", "fashioniq", "-s", "val", "--data-root", str(ANNOTATIONS / "fashioniq"), str(path)])
+    assert res.exit_code == 2 and "appears twice" in res.output
+
+
+def test_no_file_ever_scores_above_100(tmp_path, circo_ann):
+    """The bug the audit found: short lists padded with -1 matched targets padded with -1 (572 % mAP@50)."""
+    sub = {str(q["id"]): [q["gt_img_ids"][0]] for q in circo_ann}  # one correct id per query
+    res = _circo_run(tmp_path, sub)
+    assert res.exit_code == 0
+    out = json.loads(res.output)
+    assert all(0 <= v <= 100 for k, v in out.items() if not k.startswith("aspect/"))
+    maps, _ = official_circo(circo_ann, sub)
+    assert out["mAP@50"] == pytest.approx(maps[50], abs=1e-6)
