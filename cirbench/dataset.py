@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AnnotationError, CirbenchError, UnknownNameError
-from .types import EvalSet
+from .images import check_inside
+from .types import EvalSet, ImageRef
 
 
 class Dataset:
@@ -157,6 +158,16 @@ class Dataset:
         return out
 
     # -- helpers for subclasses ----------------------------------------------------------------------
+    def image(self, image_id: str, relative: str | Path) -> ImageRef:
+        """An :class:`ImageRef` for a file named relative to the data root: a name that leaves the root
+        (``..``, an absolute path, a folder linked elsewhere) is refused here, a file that is a link leading
+        outside it when it is read."""
+        return ImageRef(image_id, check_inside(self.data_root, relative), root=self.data_root)
+
+    def folder(self, relative: str | Path) -> Path:
+        """A folder under the data root, checked once (for datasets that list many files in one folder)."""
+        return check_inside(self.data_root, Path(relative) / "_").parent
+
     def check_split(self, split: str) -> None:
         if split not in self.splits:
             raise UnknownNameError(f"split of {self.name}", split, self.splits)

@@ -17,6 +17,7 @@ save) and naming it as ``MethodSpec.trainer``; ``cirbench train --method NAME`` 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -34,6 +35,7 @@ from .backbones import Backbone, autocast_context
 from .checkpoints import load_checkpoint, save_checkpoint
 from .corpora import Batch, collate, open_corpus
 from .errors import CheckpointError, CirbenchError
+from .train_state import load_train_state, rng_state, save_train_state
 from .util import atomic_write_bytes
 
 
@@ -75,14 +77,23 @@ class TrainableMethod:
     name = "method"
     preprocess_kind = "clip"
     defaults: dict[str, Any] = {}
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # torch's AdamW defaults unless the official code says otherwise
+    adam_eps: float = 1e-8
 
     def __init__(self, backbone: Backbone, options: dict[str, Any]):
         self.backbone = backbone
         self.options = dict(options)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters the optimizer updates (everything else stays frozen)."""
+    def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """``(name, parameter)`` pairs the optimizer updates (everything else stays frozen)."""
         raise NotImplementedError
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def decays(self, name: str, param: torch.nn.Parameter) -> bool:
+        """Whether weight decay applies to a parameter (default: matrices, not biases and norms)."""
+        return param.ndim >= 2
 
     def train_mode(self, training: bool) -> None:
         """Switch the trained modules between train and eval mode (dropout)."""
@@ -110,8 +121,8 @@ class NetTrainable(TrainableMethod):
 
     net: torch.nn.Module
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.net.parameters())
+    def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(self.net.named_parameters())
 
     def train_mode(self, training: bool) -> None:
         self.net.train(training)
@@ -175,37 +186,69 @@ def _lr_factor(cfg: TrainConfig, step: int, epoch: int, total_steps: int) -> flo
     raise CirbenchError(f"unknown schedule {cfg.schedule!r}; valid: cosine, constant, step")
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+def build_optimizer(trainable: TrainableMethod, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the method's betas/eps, weight decay on the parameters its :meth:`decays` selects."""
+    named = trainable.named_trainable_parameters()
+    if not named:
+        raise CirbenchError(f"method '{trainable.name}' has nothing to train")
+    decay = [p for n, p in named if trainable.decays(n, p)]
+    no_decay = [p for n, p in named if not trainable.decays(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                             betas=trainable.adam_betas, eps=trainable.adam_eps)
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+LOG_FILE = "train_log.jsonl"
 
 
-def train(trainable: TrainableMethod, corpus_spec: str | Path, cfg: TrainConfig) -> Path:
-    """Train ``trainable`` on the corpus; return the output folder (with model.safetensors + config.json)."""
-    rank, world = dist_utils.rank(), dist_utils.world_size()
-    device = trainable.backbone.device
+class TrainLog:
+    """``<output>/train_log.jsonl``: one JSON object per logged step (step, epoch, loss, lr, the method's own
+    numbers, images/s). On resume, entries past the resumed step (work redone after the last checkpoint) are
+    dropped first, so the file always describes one continuous run."""
+
+    def __init__(self, output: Path, resumed_step: int, enabled: bool):
+        self.path = Path(output) / LOG_FILE
+        self.enabled = enabled
+        if not enabled:
+            return
+        kept = []
+        if resumed_step and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resumed_step:
+                        kept.append(line)
+                except ValueError:
+                    continue
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
+
+    def write(self, entry: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+
+@dataclass
+class _Run:
+    """The mutable state of one training run."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    skipped: int = 0
+    seen: int = 0
+
+    def position(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "skipped": self.skipped}
+
+
+def _setup(trainable: TrainableMethod, corpus_spec, cfg: TrainConfig, world: int):
     per_step = cfg.batch_size // (world * cfg.accum_steps)
     if per_step < 1 or per_step * world * cfg.accum_steps != cfg.batch_size:
         raise CirbenchError(f"--batch-size {cfg.batch_size} must be a multiple of world size ({world}) x "
                             f"--accum-steps ({cfg.accum_steps})")
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-
     corpus = open_corpus(corpus_spec, trainable.backbone.preprocessor(trainable.preprocess_kind))
     map_style = hasattr(corpus, "__len__")
-    params = trainable.trainable_parameters()
-    if not params:
-        raise CirbenchError(f"method '{trainable.name}' has nothing to train")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     steps_per_epoch = (len(corpus) // world) // (per_step * cfg.accum_steps) if map_style else None
     if map_style and steps_per_epoch == 0:
         raise CirbenchError(f"corpus {corpus_spec} has {len(corpus)} samples, fewer than one global batch "
@@ -213,94 +256,114 @@ def train(trainable: TrainableMethod, corpus_spec: str | Path, cfg: TrainConfig)
     total_steps = cfg.max_steps or (steps_per_epoch * cfg.epochs if steps_per_epoch else None)
     if total_steps is None:
         raise CirbenchError("a webdataset corpus has no length: pass --max-steps")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # lr set by hand each step
+    return corpus, map_style, per_step, total_steps
 
+
+def _resume(trainable, optimizer, scheduler, latest: Path, rank: int) -> _Run:
+    tensors, _ = load_checkpoint(latest, trainable.name, trainable.backbone.identity())
+    trainable.load_state(tensors)
+    position = load_train_state(latest, optimizer, scheduler, rank)
+    run = _Run(position["step"], position["epoch"], position["epoch_step"], position.get("skipped", 0))
+    if rank == 0:
+        tqdm.write(f"resuming from {latest} at step {run.step} (epoch {run.epoch})")
+    return run
+
+
+def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, factor: float, params,
+                    device) -> tuple[float, dict[str, float]]:
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * factor
+    optimizer.zero_grad(set_to_none=True)
+    logs: dict[str, float] = {}
+    loss_sum = 0.0
+    for mb in micro:
+        with autocast_context(trainable.backbone.precision, device):
+            loss, logs = trainable.training_step(mb.to(device))
+        if not bool(torch.isfinite(loss.detach())):
+            raise CirbenchError(f"the {trainable.name} loss became {float(loss)}: training diverged (lower --lr?)")
+        (loss / cfg.accum_steps).backward()
+        loss_sum += float(loss.detach()) / cfg.accum_steps
+    dist_utils.average_gradients(params)
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return loss_sum, logs
+
+
+def train(trainable: TrainableMethod, corpus_spec: str | Path, cfg: TrainConfig) -> Path:
+    """Train ``trainable`` on the corpus; return the output folder (with model.safetensors + config.json)."""
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    device = trainable.backbone.device
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    corpus, map_style, per_step, total_steps = _setup(trainable, corpus_spec, cfg, world)
+    optimizer = build_optimizer(trainable, cfg)
+    params = trainable.trainable_parameters()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # lr set by hand each step
     output = Path(cfg.output)
     latest = output / "checkpoint-latest"
-    step, epoch, epoch_step, skipped_total = 0, 0, 0, 0
+    run = _Run()
     if cfg.resume and (latest / "model.safetensors").is_file():
-        tensors, saved = load_checkpoint(latest, trainable.name, trainable.backbone.identity())
-        trainable.load_state(tensors)
-        state = torch.load(latest / "train_state.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
-        skipped_total = state.get("skipped", 0)
-        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        if rank == 0:
-            tqdm.write(f"resuming from {latest} at step {step} (epoch {epoch})")
+        run = _resume(trainable, optimizer, scheduler, latest, rank)
+    log = TrainLog(output, run.step, enabled=rank == 0)
 
     def save(folder: Path, final: bool) -> None:
-        rngs = dist_utils.all_gather_object(_rng_state())
+        rngs = dist_utils.all_gather_object(rng_state())
         if rank != 0:
             return
         config = {"method": trainable.name, "backbone": trainable.backbone.identity(),
                   "options": trainable.options, "train": {**asdict(cfg), "output": str(cfg.output)},
-                  "step": step, "skipped_samples": skipped_total, **trainable.checkpoint_config()}
+                  "optimizer": {"betas": list(trainable.adam_betas), "eps": trainable.adam_eps},
+                  "step": run.step, "skipped_samples": run.skipped, **trainable.checkpoint_config()}
         save_checkpoint(folder, trainable.state_to_save(), config)
         if not final:
-            import io
-
-            buf = io.BytesIO()
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                        "epoch": epoch, "epoch_step": epoch_step, "skipped": skipped_total, "rng": rngs}, buf)
-            atomic_write_bytes(folder / "train_state.pt", buf.getvalue())
+            save_train_state(folder, optimizer, scheduler, run.position(), rngs)
 
     trainable.train_mode(True)
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {trainable.name}", unit="step",
+    bar = tqdm(total=total_steps, initial=run.step, desc=f"train {trainable.name}", unit="step",
                disable=not cfg.progress or rank != 0)
-    start, seen = time.perf_counter(), 0
-    while step < total_steps:
-        loader = _loader(corpus, map_style, per_step, cfg, rank, world, epoch, epoch_step, device)
-        steps_before, micro = step, []
+    start = time.perf_counter()
+    while run.step < total_steps:
+        loader = _loader(corpus, map_style, per_step, cfg, rank, world, run.epoch, run.epoch_step, device)
+        steps_before, micro = run.step, []
         for batch in loader:
-            skipped_total += batch.skipped
+            run.skipped += batch.skipped
             if len(batch) == 0:
                 continue
             micro.append(batch)
             if len(micro) < cfg.accum_steps:
                 continue
-            factor = _lr_factor(cfg, step, epoch, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * factor
-            optimizer.zero_grad(set_to_none=True)
-            logs: dict[str, float] = {}
-            loss_sum = 0.0
-            for mb in micro:
-                with autocast_context(trainable.backbone.precision, device):
-                    loss, logs = trainable.training_step(mb.to(device))
-                (loss / cfg.accum_steps).backward()
-                loss_sum += float(loss.detach()) / cfg.accum_steps
-            dist_utils.average_gradients(params)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            seen += sum(len(mb) for mb in micro) * world
+            factor = _lr_factor(cfg, run.step, run.epoch, total_steps)
+            loss, logs = _optimizer_step(trainable, optimizer, scheduler, micro, cfg, factor, params, device)
+            run.seen += sum(len(mb) for mb in micro) * world
             micro = []
-            step += 1
-            epoch_step += 1
+            run.step += 1
+            run.epoch_step += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                rate = seen / max(1e-9, time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{cfg.lr * factor:.2e}", img_s=f"{rate:.0f}",
+            if run.step % cfg.log_every == 0 or run.step == total_steps:
+                rate = run.seen / max(1e-9, time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{cfg.lr * factor:.2e}", img_s=f"{rate:.0f}",
                                 **{k: f"{v:.3f}" for k, v in logs.items()})
-            if step % cfg.save_every == 0 and step < total_steps:
+                log.write({"step": run.step, "epoch": run.epoch, "loss": loss, "lr": cfg.lr * factor,
+                           "img_s": round(rate, 1), **logs})
+            if run.step % cfg.save_every == 0 and run.step < total_steps:
                 save(latest, final=False)
-            if step >= total_steps:
+            if run.step >= total_steps:
                 break
-        if step >= total_steps:
+        if run.step >= total_steps:
             break
-        if step == steps_before:
-            raise CirbenchError(f"corpus {corpus_spec} yielded no usable batch ({skipped_total} samples skipped)")
-        epoch, epoch_step = epoch + 1, 0
+        if run.step == steps_before:
+            raise CirbenchError(f"corpus {corpus_spec} yielded no usable batch ({run.skipped} samples skipped)")
+        run.epoch, run.epoch_step = run.epoch + 1, 0
     bar.close()
     trainable.train_mode(False)
     save(latest, final=False)
     save(output, final=True)
     dist_utils.barrier()
-    if rank == 0 and skipped_total:
-        tqdm.write(f"skipped {skipped_total} unreadable samples (missing or corrupt image, or empty caption)")
+    if rank == 0 and run.skipped:
+        tqdm.write(f"skipped {run.skipped} unreadable samples (missing or corrupt image, or empty caption)")
     return output
 
 

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from cirbench.backbones import load_backbone
 from cirbench.cli import cli
-from cirbench.errors import CirbenchError
 from cirbench.encode import encode_images
+from cirbench.errors import CirbenchError
 from cirbench.plugins import get_registry
 
 

@@ -129,12 +129,66 @@ def test_fti4cir_forward_shapes_and_token_bounds(backbone):
     net = build_net(backbone, {"num_queries": 24, "max_attributes": 12, "threshold": 0.05, "layers": 3}).eval()
     pixels = torch.randn(5, 3, 32, 32)
     subject, attrs, counts, global_feat, selected = pseudo_words(net, backbone, pixels)
-    assert subject.shape == (5, 32) and attrs.shape == (5, 24, 32) and selected.shape == (5, 24, 32)
+    # the official module keeps the 12 highest-weighted of the 24 queries (the orthogonality loss sees these)
+    assert subject.shape == (5, 32) and attrs.shape == (5, 12, 32) and selected.shape == (5, 12, 32)
     assert all(1 <= r <= 12 for r in counts)
     net.threshold = 0.0  # everything passes: capped at 12
     assert pseudo_words(net, backbone, pixels)[2] == [12] * 5
     net.threshold = 1.0  # nothing passes: at least 1
     assert pseudo_words(net, backbone, pixels)[2] == [1] * 5
+
+
+def _official_selection(latent_local_feats, img_global_feat, topk, epsilon):
+    """Transcription of FTI4CIR's ``IMG2TEXT.get_img_local_attr_feats`` (i2t_model.py) after the transformer."""
+    attention_weights = torch.matmul(latent_local_feats, img_global_feat.unsqueeze(dim=2)).squeeze(dim=2)
+    attention_weights = torch.nn.functional.softmax(attention_weights, dim=1)
+    local_attr_num = []
+    sorted_indices = torch.argsort(attention_weights, dim=1, descending=True)
+    sorted_indices = sorted_indices[:, :topk]
+    selected_local_feats = []
+    for i in range(latent_local_feats.shape[0]):
+        mask = attention_weights[i] > epsilon
+        non_indices = torch.nonzero(mask).squeeze()
+        num_r = non_indices.numel() if non_indices.numel() < topk else topk
+        if num_r < 1:
+            num_r = 1
+        select_indices = sorted_indices[i][:num_r]
+        select_indices = torch.sort(select_indices, dim=0).values
+        select_id = torch.cat((select_indices, sorted_indices[i][num_r:]), dim=0)
+        local_attr_num.append(num_r)
+        selected_local_feats.append(latent_local_feats[i, select_id, :])
+    return torch.nn.functional.normalize(torch.stack(selected_local_feats, dim=0), dim=-1), local_attr_num
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])
+def test_fti4cir_selection_equals_the_official_code(backbone, scale):
+    from cirbench.methods.fti4cir.model import build_net
+
+    net = build_net(backbone, {"num_queries": 24, "max_attributes": 12, "threshold": 0.05, "layers": 1})
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    local = torch.rand(6, 24, 32, generator=gen)
+    global_feat = torch.randn(6, 32, generator=gen) * scale  # small scale: many kept; large: few
+    ours, counts = net.select(local, global_feat)
+    official, official_counts = _official_selection(local, global_feat, 12, 0.05)
+    assert counts == official_counts and torch.equal(ours, official)
+
+
+def test_optimizers_follow_the_official_settings(backbone, tmp_path):
+    from cirbench.methods.fti4cir.model import FTI4CIRTrainable
+    from cirbench.methods.pic2word.model import Pic2WordTrainable
+    from cirbench.training import TrainConfig, build_optimizer
+
+    cfg = TrainConfig(output=tmp_path, weight_decay=0.1)
+    p2w = build_optimizer(Pic2WordTrainable(backbone, {"middle_dim": 16, "dropout": 0.1}), cfg)
+    assert p2w.defaults["betas"] == (0.9, 0.98) and p2w.defaults["eps"] == 1e-6
+    decayed, plain = p2w.param_groups
+    assert all(p.ndim == 2 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])  # biases
+    assert plain["weight_decay"] == 0.0
+    fti = FTI4CIRTrainable(backbone, {"num_queries": 4, "max_attributes": 2, "threshold": 0.05, "layers": 1})
+    opt = build_optimizer(fti, cfg)
+    assert sum(p.numel() for p in opt.param_groups[0]["params"]) == sum(p.numel() for p in fti.net.parameters())
+    assert opt.param_groups[1]["params"] == [] and opt.defaults["betas"] == (0.9, 0.999)
+    assert FTI4CIRTrainable.defaults["epochs"] == 80
 
 
 def _official_module(net):

@@ -145,13 +145,41 @@ def test_resume_continues_where_it_stopped(tmp_path, tiny_config):
     assert runner.invoke(cli, straight).exit_code == 0
     first = _train_args(tiny_config, corpus, tmp_path / "resumed", "--max-steps", "3", "--lora-dropout", "0.1")
     assert runner.invoke(cli, first).exit_code == 0
-    second = _train_args(tiny_config, corpus, tmp_path / "resumed", "--max-steps", "6", "--lora-dropout", "0.1")
+    latest = tmp_path / "resumed" / "checkpoint-latest"
+    assert {p.name for p in latest.iterdir()} >= {"train_state.safetensors", "train_state.json"}
+    assert not list(latest.glob("*.pt"))  # nothing pickled: resuming can never run code
+    second = _train_args(tiny_config, corpus, tmp_path / "resumed", "--max-steps", "6", "--lora-dropout", "0.1",
+                         "--log-every", "1")
     res = runner.invoke(cli, second)
     assert res.exit_code == 0, res.output
+    assert "resuming from" in res.output and "at step 3" in res.output  # not a restart from step 0
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [3, 4, 5, 6]  # the second run did steps 4..6 only
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert json.loads((tmp_path / "resumed" / "config.json").read_text())["step"] == 6
+
+
+def test_a_pickled_training_state_is_never_loaded(tmp_path, tiny_config):
+    corpus = make_corpus(tmp_path / "c")
+    runner = CliRunner()
+    assert runner.invoke(cli, _train_args(tiny_config, corpus, tmp_path / "o", "--max-steps", "2")).exit_code == 0
+    latest = tmp_path / "o" / "checkpoint-latest"
+    for name in ("train_state.safetensors", "train_state.json"):
+        (latest / name).unlink()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"optimizer": Evil()}, latest / "train_state.pt")
+    res = runner.invoke(cli, _train_args(tiny_config, corpus, tmp_path / "o", "--max-steps", "4"))
+    assert res.exit_code == 2 and "not read" in res.output and "--no-resume" in res.output
+    assert not marker.exists()
+    state = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert state["step"] == 2
 
 
 def test_torchrun_two_processes_match_one(tmp_path, tiny_config):

@@ -21,24 +21,28 @@ Examples:
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Checkpoint folder.")
 @click.option("--backbone", default=None, help="open_clip model name or config JSON (default: the method's).")
 @click.option("--pretrained", default=None, help="open_clip tag, weights file, 'bundled' or 'none'.")
-@click.option("--epochs", type=int, default=None, help="Epochs (default: the method's).")
-@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
-@click.option("--batch-size", type=int, default=None, help="Global batch size (default: the method's).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default: the method's).")
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--warmup-steps", type=int, default=None)
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the method's).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Global batch size (default: the method's).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=10), default=None, help="Peak learning rate (default: the method's).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None)
 @click.option("--schedule", type=click.Choice(["cosine", "constant", "step"]), default=None)
-@click.option("--accum-steps", type=int, default=1, show_default=True, help="Gradient accumulation steps.")
+@click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True, help="Gradient accumulation steps.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--save-every", type=int, default=500, show_default=True, help="Checkpoint every N steps.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Checkpoint every N steps.")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Write the loss to OUTPUT/train_log.jsonl every N steps.")
 @click.option("--no-resume", is_flag=True, help="Start over even if OUTPUT holds an interrupted run.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
 def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps, batch_size, lr, weight_decay,
-            warmup_steps, schedule, accum_steps, precision, device, seed, workers, save_every, no_resume, quiet):
+            warmup_steps, schedule, accum_steps, precision, device, seed, workers, save_every, log_every, no_resume,
+            quiet):
     """Train METHOD on an image-caption CORPUS; resumable; torchrun for several GPUs or nodes.
 
     Method training options follow as --name value (e.g. --lora-rank 8); `cirbench methods` lists them.
@@ -66,12 +70,13 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     model_name = backbone or default[0]
     weights = pretrained or ("none" if model_name.endswith(".json") else
                              ("bundled" if backbone == "cirbench-shapes-clip" else default[1]))
-    bb = load_backbone(model_name, weights, device=str(dev), precision=precision, seed=seed)
+    bb = load_backbone(model_name, weights, device=str(dev), precision=precision, seed=seed, training=True)
     given = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
              "weight_decay": weight_decay, "warmup_steps": warmup_steps, "schedule": schedule}
     values = {**trainer_cls.defaults, **{k: v for k, v in given.items() if v is not None}}
     cfg = TrainConfig(output=Path(output), accum_steps=accum_steps, precision=precision, device=str(dev), seed=seed,
-                      workers=workers, save_every=save_every, resume=not no_resume, progress=not quiet, **values)
+                      workers=workers, save_every=save_every, log_every=log_every, resume=not no_resume,
+                      progress=not quiet, **values)
     trainable = trainer_cls(bb, options[0])
     out = train(trainable, corpus, cfg)
     if distributed.is_main():

@@ -7,14 +7,28 @@ import os
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from cirbench.dataset import Dataset
 from cirbench.errors import AnnotationError, CirbenchError
-from cirbench.util import atomic_write_bytes
 from cirbench.metrics import hits_matrix, map_at_k
+from cirbench.schema import Record, validate_records
 from cirbench.types import EvalSet, ImageRef, Query
+from cirbench.util import atomic_write_bytes
 
 KS = (5, 10, 25, 50)
+
+
+class CIRCOQuery(Record):
+    """One record of ``annotations/<split>.json`` (test has no target fields)."""
+
+    id: int = Field(ge=0)
+    reference_img_id: int = Field(ge=0)
+    relative_caption: str
+    shared_concept: str
+    target_img_id: int | None = Field(default=None, ge=0)
+    gt_img_ids: list[int] | None = Field(default=None, min_length=1)
+    semantic_aspects: list[str] = []
 SUBMISSION_LENGTH = 50
 ASPECTS = ("cardinality", "addition", "negation", "direct_addressing", "compare_change", "comparative_statement",
            "statement_with_conjunction", "spatial_relations_background", "viewpoint")
@@ -31,17 +45,21 @@ class CIRCO(Dataset):
 
     @property
     def image_dir(self) -> Path:
-        return self.data_root / "COCO2017_unlabeled" / "unlabeled2017"
+        return self.folder(Path("COCO2017_unlabeled") / "unlabeled2017")
+
+    def _ref(self, image_id: int | str, folder: Path, name: str | None = None) -> ImageRef:
+        return ImageRef(str(image_id), folder / (name or f"{int(image_id):012d}.jpg"), root=self.data_root)
 
     def gallery(self) -> list[ImageRef]:
         info = self.data_root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
         if info.is_file():
             data = self.read_json(info)
             try:
-                entries = [(int(im["id"]), im["file_name"]) for im in data["images"]]
+                entries = [(int(im["id"]), Path(str(im["file_name"])).name) for im in data["images"]]
             except (KeyError, TypeError, ValueError):
                 raise AnnotationError(f"annotation file {info}: expected images[{{id, file_name}}]") from None
-            return [ImageRef(str(i), self.image_dir / Path(name).name) for i, name in entries]
+            folder = self.image_dir
+            return [self._ref(i, folder, name) for i, name in entries]
         if not self.image_dir.is_dir():
             raise AnnotationError(f"CIRCO gallery not found: neither {info} nor the image folder {self.image_dir} "
                                   f"exists (is --data-root {self.data_root} right?)")
@@ -51,7 +69,8 @@ class CIRCO(Dataset):
                 stem, ext = os.path.splitext(entry.name)
                 if ext.lower() == ".jpg" and stem.isdigit():
                     ids.append(int(stem))
-        return [ImageRef(str(i), self.image_dir / f"{i:012d}.jpg") for i in sorted(ids)]
+        folder = self.image_dir
+        return [self._ref(i, folder) for i in sorted(ids)]
 
     def load(self, split: str) -> list[EvalSet]:
         self.check_split(split)
@@ -59,29 +78,29 @@ class CIRCO(Dataset):
 
     def _evalset(self, split: str, gallery: list[ImageRef]) -> EvalSet:
         path = self.data_root / "annotations" / f"{split}.json"
-        records = self.read_json(path)
-        if not isinstance(records, list):
-            raise AnnotationError(f"annotation file {path}: expected a list of queries")
         hidden = split == "test"
-        fields = ("id", "reference_img_id", "relative_caption", "shared_concept") + \
-            (() if hidden else ("target_img_id", "gt_img_ids"))
+        records = validate_records(CIRCOQuery, self.read_json(path), path, id_field="id",
+                                   required=() if hidden else ("target_img_id", "gt_img_ids"))
         queries = []
         for i, rec in enumerate(records):
-            self.require_fields(rec, fields, path, i)
+            if rec.id != i:  # the official evaluator looks a query up as annotations[id]
+                raise AnnotationError(f"annotation file {path}, record {i}: its id is {rec.id}, but CIRCO ids index "
+                                      "the list (record i has id i)")
             targets: tuple[str, ...] = ()
             if not hidden:
                 # the official evaluator scores mAP against gt_img_ids and Recall against target_img_id
-                targets = tuple(str(g) for g in rec["gt_img_ids"])
+                targets = tuple(str(g) for g in rec.gt_img_ids)
             queries.append(Query(
-                id=str(rec["id"]), reference=str(rec["reference_img_id"]), texts=(rec["relative_caption"],),
+                id=str(rec.id), reference=str(rec.reference_img_id), texts=(rec.relative_caption,),
                 targets=targets,
-                extra={"shared_concept": rec["shared_concept"],
-                       "target_img_id": None if hidden else str(rec["target_img_id"]),
-                       "semantic_aspects": rec.get("semantic_aspects", [])},
+                extra={"shared_concept": rec.shared_concept,
+                       "target_img_id": None if hidden else str(rec.target_img_id),
+                       "semantic_aspects": list(rec.semantic_aspects)},
             ))
         images = {g.id: g for g in gallery}
+        folder = self.image_dir
         for q in queries:  # references are COCO unlabeled images; keep them even if the gallery list lacks one
-            images.setdefault(q.reference, ImageRef(q.reference, self.image_dir / f"{int(q.reference):012d}.jpg"))
+            images.setdefault(q.reference, self._ref(q.reference, folder))
         return EvalSet(split, gallery, queries, images, exclude_reference=False, hidden_targets=hidden,
                        topk=SUBMISSION_LENGTH)
 

@@ -5,14 +5,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydantic import Field
+
 from cirbench.dataset import Dataset
 from cirbench.errors import AnnotationError, CirbenchError
-from cirbench.util import atomic_write_bytes
-from cirbench.images import check_inside
 from cirbench.metrics import hits_matrix, recall_at_k
-from cirbench.types import EvalSet, ImageRef, Query
+from cirbench.schema import ImageName, Record, validate_records, validate_value
+from cirbench.types import EvalSet, Query
+from cirbench.util import atomic_write_bytes
 
 RECALL_KS = (1, 5, 10, 50)
+
+
+class ImgSet(Record):
+    id: int
+    members: list[ImageName] = Field(min_length=1)
+
+
+class CIRRQuery(Record):
+    """One record of ``captions/cap.rc2.<split>.json`` (test1 has no target fields)."""
+
+    pairid: int
+    reference: ImageName
+    caption: str
+    img_set: ImgSet
+    target_hard: ImageName | None = None
 SUBSET_KS = (1, 2, 3)
 VERSION = "rc2"
 
@@ -36,31 +53,24 @@ class CIRR(Dataset):
         ann = self._annotation_dir()
         split_path = ann / "image_splits" / f"split.{VERSION}.{split}.json"
         caption_path = ann / "captions" / f"cap.{VERSION}.{split}.json"
-        names = self.read_json(split_path)
-        if not isinstance(names, dict):
-            raise AnnotationError(f"annotation file {split_path}: expected an object mapping names to paths")
-        gallery = [ImageRef(name, check_inside(self.data_root, Path(rel))) for name, rel in names.items()]
-        records = self.read_json(caption_path)
-        if not isinstance(records, list):
-            raise AnnotationError(f"annotation file {caption_path}: expected a list of queries")
+        names = validate_value(dict[ImageName, str], self.read_json(split_path), split_path,
+                               "expected an object mapping image names to paths")
+        gallery = [self.image(name, rel) for name, rel in names.items()]
         hidden = split == "test1"
-        fields = ("pairid", "reference", "caption", "img_set") + (() if hidden else ("target_hard",))
+        records = validate_records(CIRRQuery, self.read_json(caption_path), caption_path, id_field="pairid",
+                                   required=() if hidden else ("target_hard",))
         queries = []
         for i, rec in enumerate(records):
-            self.require_fields(rec, fields, caption_path, i)
-            members = rec["img_set"].get("members") if isinstance(rec["img_set"], dict) else None
-            if not isinstance(members, list):
-                raise AnnotationError(f"annotation file {caption_path}: record {i} has no img_set.members")
-            for image_id in [rec["reference"], *([] if hidden else [rec["target_hard"]])]:
+            for image_id in [rec.reference, *rec.img_set.members, *([] if hidden else [rec.target_hard])]:
                 if image_id not in names:
-                    raise AnnotationError(f"annotation file {caption_path}: record {i} names image {image_id!r}, "
-                                          f"which is not in {split_path.name}")
+                    raise AnnotationError(f"annotation file {caption_path}, record {i} (pairid {rec.pairid}): image "
+                                          f"{image_id!r} is not in {split_path.name}")
             queries.append(Query(
-                id=str(rec["pairid"]),
-                reference=rec["reference"],
-                texts=(rec["caption"],),
-                targets=() if hidden else (rec["target_hard"],),  # target_soft is ignored, as officially
-                candidates=tuple(members),
+                id=str(rec.pairid),
+                reference=rec.reference,
+                texts=(rec.caption,),
+                targets=() if hidden else (rec.target_hard,),  # target_soft is ignored, as officially
+                candidates=tuple(rec.img_set.members),
             ))
         images = {g.id: g for g in gallery}
         return [EvalSet(split, gallery, queries, images, exclude_reference=True, hidden_targets=hidden,

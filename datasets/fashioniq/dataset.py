@@ -5,22 +5,34 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pydantic import Field
+
 from cirbench.dataset import Dataset
 from cirbench.errors import AnnotationError, CirbenchError
 from cirbench.metrics import hits_matrix, recall_at_k
+from cirbench.schema import ImageName, Record, validate_records, validate_value
 from cirbench.types import EvalSet, ImageRef, Query
 
 from . import CATEGORIES
 
 KS = (10, 50)
+
+
+class FashionIQQuery(Record):
+    """One record of ``captions/cap.<category>.<split>.json`` (test has no target)."""
+
+    candidate: ImageName
+    target: ImageName | None = None
+    captions: list[str] = Field(min_length=2, max_length=2)
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 class FashionIQ(Dataset):
     """The official layout under ``--data-root``: ``captions/cap.<cat>.<split>.json``,
-    ``image_splits/split.<cat>.<split>.json`` and the images, found in the first of these folders that holds
-    them: ``images/<asin>.{png,jpg}`` (SEARLE, FTI4CIR), ``images/<cat>/<asin>.*``, ``image_data/<cat>/<asin>.*``
-    (the original per-category download)."""
+    ``image_splits/split.<cat>.<split>.json``, and the images in any of the layouts the official code reads,
+    as ``.png``, ``.jpg`` or ``.jpeg``: ``images/<asin>`` (SEARLE reads ``.jpg``, Pic2Word ``.png``),
+    ``<category>/<asin>`` (FTI4CIR), ``resized_images/<category>/<asin>`` (the starter kit), or
+    ``images/<category>/<asin>``. Each image is looked up in those folders in that order."""
 
     name = "fashioniq"
     splits = ("val", "test")
@@ -30,8 +42,8 @@ class FashionIQ(Dataset):
         return CATEGORIES if chosen in (None, "all") else (chosen,)
 
     def _image_locator(self, category: str):
-        folders = [self.data_root / "images", self.data_root / "images" / category,
-                   self.data_root / "image_data" / category]
+        folders = [self.folder(rel) for rel in ("images", category, f"resized_images/{category}",
+                                                  f"images/{category}")]
         listing: dict[Path, set[str]] = {}
         for folder in folders:
             if folder.is_dir():
@@ -43,7 +55,7 @@ class FashionIQ(Dataset):
                 for ext in EXTENSIONS:
                     if asin + ext in names:
                         return folder / (asin + ext)
-            return self.data_root / "images" / f"{asin}.png"  # reported as missing by the loop
+            return folders[0] / f"{asin}.png"  # reported as missing by the loop
 
         return locate
 
@@ -55,33 +67,21 @@ class FashionIQ(Dataset):
         hidden = split == "test"
         split_path = self.data_root / "image_splits" / f"split.{category}.{split}.json"
         caption_path = self.data_root / "captions" / f"cap.{category}.{split}.json"
-        names = self.read_json(split_path)
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise AnnotationError(f"annotation file {split_path}: expected a list of image names")
-        for n in names:
-            if "/" in n or "\\" in n or n.startswith(".."):
-                raise AnnotationError(f"annotation file {split_path}: image name {n!r} escapes the image folder")
+        names = validate_value(list[ImageName], self.read_json(split_path), split_path,
+                               "expected a list of image names")
         locate = self._image_locator(category)
-        gallery = [ImageRef(n, locate(n)) for n in dict.fromkeys(names)]
-        records = self.read_json(caption_path)
-        if not isinstance(records, list):
-            raise AnnotationError(f"annotation file {caption_path}: expected a list of queries")
-        fields = ("candidate", "captions") + (() if hidden else ("target",))
+        gallery = [ImageRef(n, locate(n), root=self.data_root) for n in dict.fromkeys(names)]
+        records = validate_records(FashionIQQuery, self.read_json(caption_path), caption_path,
+                                   required=() if hidden else ("target",))
         images = {g.id: g for g in gallery}
         queries = []
         for i, rec in enumerate(records):
-            self.require_fields(rec, fields, caption_path, i)
-            caps = rec["captions"]
-            if not isinstance(caps, list) or len(caps) != 2:
-                raise AnnotationError(f"annotation file {caption_path}: record {i} needs two captions")
-            if not isinstance(rec["candidate"], str) or "/" in rec["candidate"]:
-                raise AnnotationError(f"annotation file {caption_path}: record {i} has a bad candidate name")
-            images.setdefault(rec["candidate"], ImageRef(rec["candidate"], locate(rec["candidate"])))
+            images.setdefault(rec.candidate, ImageRef(rec.candidate, locate(rec.candidate), root=self.data_root))
             queries.append(Query(
                 id=f"{category}-{i}",  # FashionIQ has no query ids: category and position in the file
-                reference=rec["candidate"],
-                texts=(str(caps[0]), str(caps[1])),  # empty captions are kept, as in the official files
-                targets=() if hidden else (rec["target"],),
+                reference=rec.candidate,
+                texts=tuple(rec.captions),  # empty captions are kept, as in the official files
+                targets=() if hidden else (rec.target,),
                 category=category,
             ))
         return EvalSet(category, gallery, queries, images, exclude_reference=False, hidden_targets=hidden,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from cirbench.dataset import Dataset
 from cirbench.errors import CirbenchError
-from cirbench.util import default_cache_dir
 from cirbench.metrics import hits_matrix, map_at_k, recall_at_k
 from cirbench.types import EvalSet, ImageRef, Query
+from cirbench.util import default_cache_dir
 
 from . import generator as G
 
@@ -115,7 +115,7 @@ class Shapes(Dataset):
             raise CirbenchError(f"shapes/train is a training corpus, not a query split: use it with "
                                 f"`cirbench train --corpus {self.corpus_path()}`")
         folder = self.ensure(split)
-        gallery = [ImageRef(g["id"], folder / "images" / f"{g['id']}.png")
+        gallery = [ImageRef(g["id"], folder / "images" / f"{g['id']}.png", root=folder)
                    for g in self.read_json(folder / "gallery.json")]
         queries = [Query(q["id"], q["reference"], (q["text"],), tuple(q["targets"]),
                          extra={"reference_attributes": q["reference_attributes"],

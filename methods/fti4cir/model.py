@@ -99,10 +99,12 @@ class FTI4CIRNet(torch.nn.Module):
         return self.local_atte_fc(out)
 
     def select(self, local: torch.Tensor, global_feat: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """Order the queries: the kept ones (weight > threshold, 1..max, original order) first, then the rest
-        by weight. Returns normalised features ``[B, Q, D]`` in that order and the kept count per image."""
+        """As the official ``get_img_local_attr_feats``: take the ``max_attributes`` (12) queries of highest
+        softmax weight; the kept ones (weight > threshold, at least 1) come first in their original order, then
+        the rest of the 12 by weight. Returns normalised features ``[B, max_attributes, D]`` and the kept
+        counts (the orthogonality loss sees these 12, not all 24)."""
         weights = torch.softmax((local @ global_feat.unsqueeze(-1)).squeeze(-1), dim=1)
-        by_weight = torch.argsort(weights, dim=1, descending=True)
+        by_weight = torch.argsort(weights, dim=1, descending=True)[:, : self.max_attributes]
         counts = (weights > self.threshold).sum(dim=1).clamp(1, self.max_attributes).tolist()
         rows = []
         for i, r in enumerate(counts):
@@ -258,8 +260,13 @@ class FTI4CIRTrainable(NetTrainable):
 
     name = "fti4cir"
     preprocess_kind = "targetpad"
-    defaults = {"lr": 4e-5, "weight_decay": 0.01, "batch_size": 256, "epochs": 20, "schedule": "step",
+    # the official train.py defaults: AdamW(all parameters, lr 4e-5, weight decay 0.01), batch 256, 80 epochs
+    # (--num_epochs; the README's command says 60 with flags its parser does not accept), lr x0.1 from epoch 10
+    defaults = {"lr": 4e-5, "weight_decay": 0.01, "batch_size": 256, "epochs": 80, "schedule": "step",
                 "step_epochs": (10,), "step_gamma": 0.1}
+
+    def decays(self, name, param):
+        return True  # the official optimizer decays every parameter, biases and norms included
 
     def __init__(self, backbone: Backbone, options: dict[str, Any]):
         super().__init__(backbone, options)

@@ -53,8 +53,8 @@ class TATTrainable(TrainableMethod):
         self.visual = adapted_visual(backbone, options).to(backbone.device)
         self.temperature = float(options.get("temperature", 0.01))
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.visual.parameters() if p.requires_grad]
+    def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.visual.named_parameters() if p.requires_grad]
 
     def train_mode(self, training: bool) -> None:
         self.visual.train(training)

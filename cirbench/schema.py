@@ -1,0 +1,81 @@
+"""Validating annotation records with pydantic: one-line errors naming the file, the record and the field.
+
+Dataset plugins describe their record formats as pydantic models (strict types: a number where a name is
+expected is an error, not a silent conversion) and call :func:`validate_records`; duplicate query ids are
+refused too. Nothing here knows any dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+
+from .errors import AnnotationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _image_name(value: str) -> str:
+    if not value or value.strip() != value or "/" in value or "\\" in value or value in (".", "..") or "\x00" in value:
+        raise ValueError(f"{value!r} is not an image name (no paths, no surrounding spaces)")
+    return value
+
+
+ImageName = Annotated[str, AfterValidator(_image_name)]
+
+
+class Record(BaseModel):
+    """Base of annotation-record models: strict types, extra fields kept (official files carry more)."""
+
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+
+def describe(error: ValidationError) -> str:
+    """The first problem of a pydantic error as ``field 'a.b.2': message``."""
+    first = error.errors()[0]
+    loc = ".".join(str(x) for x in first.get("loc", ()))
+    msg = first.get("msg", "invalid")
+    return f"field '{loc}': {msg}" if loc else msg
+
+
+def validate_records(model: type[M], records: Any, path: Path | str, id_field: str | None = None,
+                     required: Sequence[str] = ()) -> list[M]:
+    """Validate a JSON list of records against ``model``; ``required`` fields must be present and not null
+    (fields a split needs that the model leaves optional, e.g. targets on a visible split)."""
+    if not isinstance(records, list):
+        raise AnnotationError(f"annotation file {path}: expected a list of records, found {type(records).__name__}")
+    out: list[M] = []
+    seen: dict[Any, int] = {}
+    for i, raw in enumerate(records):
+        where = f"annotation file {path}, record {i}"
+        if not isinstance(raw, dict):
+            raise AnnotationError(f"{where}: not an object")
+        if id_field is not None and id_field in raw:
+            where += f" ({id_field} {raw[id_field]!r})"
+        for name in required:
+            if raw.get(name) is None:
+                raise AnnotationError(f"{where}: field '{name}' is missing or null")
+        try:
+            rec = model.model_validate(raw)
+        except ValidationError as exc:
+            raise AnnotationError(f"{where}: {describe(exc)}") from None
+        if id_field is not None:
+            key = getattr(rec, id_field)
+            if key in seen:
+                raise AnnotationError(f"{where}: duplicate {id_field} (also record {seen[key]})")
+            seen[key] = i
+        out.append(rec)
+    return out
+
+
+def validate_value(model_type: Any, value: Any, path: Path | str, what: str) -> Any:
+    """Validate one JSON value (e.g. a split file) against a type; one-line AnnotationError otherwise."""
+    from pydantic import TypeAdapter
+
+    try:
+        return TypeAdapter(model_type, config=ConfigDict(strict=True)).validate_python(value)
+    except ValidationError as exc:
+        raise AnnotationError(f"annotation file {path}: {what}: {describe(exc)}") from None
