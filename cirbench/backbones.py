@@ -381,12 +381,15 @@ def _load_weights_file(clip: Any, path: Path) -> None:
 
             state = load_file(str(path))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-            state = {k.removeprefix("module."): v for k, v in state.items()}
+            from .safe_unpickle import load_state_dict, load_torch_file
+
+            raw = load_torch_file(path)
+            key = "state_dict" if isinstance(raw, dict) and "state_dict" in raw else None
+            state = {k.removeprefix("module."): v for k, v in load_state_dict(path, key, raw).items()}
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"cannot read weights {path}: {type(exc).__name__}: {one_line(exc)}") from None
     model_state = clip.state_dict()
     missing = [k for k in model_state if k not in state]
     unexpected = [k for k in state if k not in model_state]

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .errors import CheckpointError
-from .util import atomic_write_bytes
+from .util import atomic_write_bytes, one_line
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -60,8 +60,13 @@ def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dic
     try:
         config = json.loads((folder / CONFIG).read_text())
         tensors = load_file(str(folder / WEIGHTS))
-    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint {folder} is corrupt: {exc}") from None
+    except (OSError, json.JSONDecodeError, SafetensorError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {folder} is corrupt: {one_line(exc)}") from None
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {folder} holds non-finite values (NaN or Inf) in {bad}")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {folder}: {CONFIG} is not an object")
     if config.get("method") != method:
         raise CheckpointError(f"checkpoint {folder} is for method '{config.get('method')}', not '{method}'")
     saved = config.get("backbone") or {}
@@ -74,7 +79,7 @@ def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dic
 
 
 def checkpoint_sha256(path: Path | str) -> str:
-    from .backbones import file_sha256
+    from .util import file_sha256
 
     path = Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path

@@ -30,8 +30,25 @@ BUILTIN_COMMAND_MODULES: tuple[str, ...] = ("cirbench.commands.train", "cirbench
 
 
 class CirbenchGroup(click.Group):
-    """A click group that turns :class:`CirbenchError` into one line on stderr and its exit code, and
-    adds the commands that plugins register (``register_commands`` hook) on first use."""
+    """A click group that turns :class:`CirbenchError` and click's usage errors into one line on stderr and
+    their exit code, and adds the commands that plugins register (``register_commands`` hook) on first use."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        from .util import one_line
+
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.ClickException as exc:  # usage errors: one line, with where to look
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            click.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     _plugin_commands_loaded = False
 
@@ -56,10 +73,12 @@ class CirbenchGroup(click.Group):
 
 
     def invoke(self, ctx: click.Context):
+        from .util import debug_enabled, one_line
+
         try:
             return super().invoke(ctx)
         except CirbenchError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {exc if debug_enabled() else one_line(exc)}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -67,11 +86,11 @@ class CirbenchGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:  # noqa: BLE001 - never a traceback for the user; opt-in for developers
-            if os.environ.get("CIRBENCH_DEBUG"):
+            if debug_enabled():
                 traceback.print_exc()
             else:
-                click.echo(f"internal error: {type(exc).__name__}: {exc} (set CIRBENCH_DEBUG=1 for the traceback)",
-                           err=True)
+                click.echo(f"internal error: {type(exc).__name__}: {one_line(exc)} (set CIRBENCH_DEBUG=1 for the "
+                           "traceback)", err=True)
             ctx.exit(1)
 
 

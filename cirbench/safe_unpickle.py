@@ -1,17 +1,32 @@
-"""Reading tensors out of a checkpoint saved with ``torch.save(module)`` without executing pickled code.
+"""Reading torch checkpoints (``torch.save`` zip files) without executing anything from the file.
 
-Official FTI4CIR checkpoints pickle the whole module, whose classes live in that project's own source.
-``torch.load`` would import and run them (and anything else the pickle names). This reader parses torch's
-zip format itself: every global the pickle names resolves to an inert stand-in, except a short allow-list
-of tensor-rebuilding functions and plain containers; a pickle that tries to *call* anything else (the
-``__reduce__`` trick behind malicious checkpoints) is refused before the call happens. The result is a flat
-``{dotted.name: tensor}`` dict of the module tree's parameters and buffers.
+Official FTI4CIR checkpoints pickle the whole module, whose classes live in that project's own source;
+SEARLE and Pic2Word checkpoints are dicts of state dicts. ``torch.load`` would import and run whatever the
+pickle names. This reader parses torch's zip format itself, with a pure-Python unpickler whose every door is
+guarded:
+
+* every global the pickle names resolves to an inert stand-in, except a short allow-list of tensor-rebuilding
+  functions (cirbench's own, validating versions) and plain containers; *calling* anything else (the
+  ``__reduce__`` trick behind malicious checkpoints) is refused before the call happens;
+* ``BUILD`` (which sets attributes) only applies to the stand-ins and fresh ``OrderedDict``s, never to an
+  allow-listed function or class (a pickle could otherwise set attributes on torch functions in the running
+  process);
+* nesting is bounded (no recursion bombs); the pickle and every storage are size-checked from the zip
+  directory *before* they are read: storages must be stored uncompressed (torch never compresses them) and
+  exactly as long as their header claims (a shorter storage would be silently resized and read uninitialised
+  memory); a tensor view may not reach past its storage nor have more elements than it (stride-0 views that
+  turn a few bytes into gigabytes); the byte order must be little-endian.
+
+:func:`load_torch_file` returns the unpickled object (tensors, containers, stand-ins);
+:func:`load_state_dict` a flat ``{name: tensor}``; :func:`load_pickled_module_tensors` the parameters and
+buffers of a pickled module tree.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -21,26 +36,31 @@ import torch
 
 from .errors import CheckpointError
 
+MAX_PICKLE_BYTES = 256 << 20  # data.pkl of a checkpoint (module structure and names, not tensors)
+MAX_DEPTH = 64  # nesting of containers/modules when collecting tensors
+MAX_ENTRIES = 1_000_000
+
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
     "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
-_CALLABLE = {
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("__builtin__", "set"): set,  # protocol-2 pickles name builtins this way
-    ("__builtin__", "frozenset"): frozenset,
-    ("torch", "Size"): torch.Size,
-}
+
+
+class RefusedPickle(CheckpointError):
+    """The pickle tried to do something outside what a checkpoint needs."""
 
 
 class _StorageType:
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
+
+
+class _Storage:
+    """A storage read from the archive: its bytes and the element type its header names."""
+
+    def __init__(self, untyped: torch.UntypedStorage, dtype: torch.dtype, numel: int):
+        self.untyped, self.dtype, self.numel = untyped, dtype, numel
 
 
 class _Inert:
@@ -55,10 +75,6 @@ class _Inert:
         self.__dict__["_state"] = state
 
 
-class RefusedPickle(CheckpointError):
-    """The pickle tried to call something outside the allow-list."""
-
-
 def _stub(module: str, name: str) -> type:
     origin = f"{module}.{name}"
 
@@ -66,17 +82,78 @@ def _stub(module: str, name: str) -> type:
         _origin = origin
 
         def __init__(self, *args, **kwargs):
-            raise RefusedPickle(f"refusing to unpickle: the checkpoint calls {origin}{args!r:.80} (not a tensor "
-                                "or module state); it may be malicious")
+            raise RefusedPickle(f"refusing to unpickle: the checkpoint calls {origin} (not a tensor or module "
+                                "state); it may be malicious")
 
     Stub.__name__ = name
     return Stub
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
+def _as_index_tuple(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list, torch.Size)) or len(value) > 64:
+        raise RefusedPickle(f"tensor {what} {value!r:.60} is not a short tuple of integers")
+    out = tuple(value)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in out):
+        raise RefusedPickle(f"tensor {what} {out!r:.60} holds negative or non-integer values")
+    return out
+
+
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_rest: Any) -> torch.Tensor:
+    """torch's ``_rebuild_tensor_v2``, refusing views that reach past their storage or repeat its elements."""
+    if not isinstance(storage, _Storage):
+        raise RefusedPickle("a tensor's storage is not a storage")
+    if not isinstance(storage_offset, int) or isinstance(storage_offset, bool) or storage_offset < 0:
+        raise RefusedPickle(f"tensor storage offset {storage_offset!r:.40} is not a non-negative integer")
+    size, stride = _as_index_tuple(size, "size"), _as_index_tuple(stride, "stride")
+    if len(size) != len(stride):
+        raise RefusedPickle(f"tensor size {size} and stride {stride} differ in length")
+    available = storage.numel
+    numel = math.prod(size)
+    if numel:
+        extent = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
+        if extent > available:
+            raise CheckpointError(f"a tensor of size {size} reaches element {extent} of a storage of {available}: "
+                                  "the checkpoint is truncated or corrupt")
+        if numel > available:
+            raise CheckpointError(f"a tensor of size {size} has more elements than its storage ({available}); "
+                                  "repeating (stride-0) views are refused")
+    tensor = torch.empty((0,), dtype=storage.dtype)
+    return tensor.set_(storage.untyped, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data: Any, *_rest: Any) -> Any:
+    if not isinstance(data, torch.Tensor):
+        raise RefusedPickle("a parameter's data is not a tensor")
+    return data
+
+
+def _rebuild_from_type_v2(func: Any, _new_type: Any, args: Any, _state: Any) -> Any:
+    if func not in (_rebuild_tensor, _rebuild_parameter) or not isinstance(args, tuple):
+        raise RefusedPickle("a tensor subclass is rebuilt with a function outside the allow-list")
+    return func(*args)
+
+
+_CALLABLE = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "set"): set,  # protocol-2 pickles name builtins this way
+    ("__builtin__", "frozenset"): frozenset,
+    ("torch", "Size"): torch.Size,
+}
+
+
+class _Unpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcodes can be guarded one by one
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, source: Path):
         super().__init__(io.BytesIO(data))
-        self.archive, self.prefix = archive, prefix
+        self.archive, self.prefix, self.source = archive, prefix, source
+        self.storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str):
         if (module, name) in _CALLABLE:
@@ -85,17 +162,95 @@ class _Unpickler(pickle.Unpickler):
             return _StorageType(_STORAGE_DTYPES[name])
         return _stub(module, name)
 
+    def load_build(self):
+        inst = self.stack[-2] if len(self.stack) >= 2 else None
+        if not isinstance(inst, (_Inert, collections.OrderedDict)):
+            raise RefusedPickle(f"refusing to unpickle: the checkpoint sets attributes on {type(inst).__name__} "
+                                f"{getattr(inst, '__qualname__', '')}; it may be malicious")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
     def persistent_load(self, pid):
-        if not isinstance(pid, tuple) or pid[0] != "storage":
-            raise CheckpointError(f"unsupported persistent id in checkpoint: {pid!r:.80}")
+        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
+            raise RefusedPickle(f"unsupported persistent id in checkpoint: {pid!r:.60}")
         _, storage_type, key, _location, numel = pid
-        dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else torch.float32
-        raw = self.archive.read(f"{self.prefix}data/{key}")
+        if not isinstance(storage_type, _StorageType):
+            raise RefusedPickle(f"unsupported storage type in checkpoint: {storage_type!r:.60}")
+        if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+            raise RefusedPickle("malformed storage reference in checkpoint")
+        if key in self.storages:
+            return self.storages[key]
+        name = f"{self.prefix}data/{key}"
+        try:
+            info = self.archive.getinfo(name)
+        except KeyError:
+            raise CheckpointError(f"checkpoint {self.source} lacks storage {key}: it is truncated or corrupt") from None
+        itemsize = torch.empty((), dtype=storage_type.dtype).element_size()
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"checkpoint {self.source}: storage {key} is compressed (torch never compresses "
+                                  "storages); refused")
+        if info.file_size != numel * itemsize:
+            raise CheckpointError(f"checkpoint {self.source}: storage {key} holds {info.file_size} bytes but its header "
+                                  f"claims {numel} x {itemsize}; the file is truncated or corrupt")
+        raw = self.archive.read(name)
         untyped = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
-        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        storage = _Storage(untyped, storage_type.dtype, numel)
+        self.storages[key] = storage
+        return storage
 
 
-def _walk(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -> None:
+def _open(path: Path) -> tuple[zipfile.ZipFile, str]:
+    try:
+        archive = zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except (OSError, zipfile.BadZipFile) as exc:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if head[:1] == b"\x80":
+            raise CheckpointError(f"checkpoint {path} is in torch's legacy (pre-1.6) format, which cirbench does not "
+                                  "read; re-save it with a current torch") from None
+        raise CheckpointError(f"checkpoint {path} is not a torch checkpoint: {exc}") from None
+    names = archive.namelist()
+    if len(names) > MAX_ENTRIES:
+        raise CheckpointError(f"checkpoint {path} has {len(names)} entries; refused")
+    pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
+    if pkl is None:
+        hint = " (a TorchScript archive: pass an open_clip tag such as --pretrained openai)" if any(
+            n.endswith("constants.pkl") for n in names) else ""
+        raise CheckpointError(f"checkpoint {path} has no data.pkl{hint}")
+    prefix = pkl[: -len("data.pkl")]
+    order = f"{prefix}byteorder"
+    if order in names and archive.read(order).strip() not in (b"little", b""):
+        raise CheckpointError(f"checkpoint {path} was saved big-endian; refused")
+    return archive, pkl
+
+
+def load_torch_file(path: Path | str) -> Any:
+    """The object a ``torch.save`` zip file holds, rebuilt without running anything from it (see above)."""
+    path = Path(path)
+    archive, pkl = _open(path)
+    with archive:
+        info = archive.getinfo(pkl)
+        if info.file_size > MAX_PICKLE_BYTES or info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"checkpoint {path}: data.pkl is {info.file_size} bytes"
+                                  f"{' and compressed' if info.compress_type != zipfile.ZIP_STORED else ''}; refused")
+        data = archive.read(pkl)
+        try:
+            return _Unpickler(data, archive, pkl[: -len("data.pkl")], path).load()
+        except CheckpointError:
+            raise
+        except RecursionError:
+            raise CheckpointError(f"checkpoint {path} nests objects too deeply; refused") from None
+        except Exception as exc:  # noqa: BLE001 - anything odd in the pickle is a bad checkpoint
+            raise CheckpointError(f"checkpoint {path} could not be read safely: {type(exc).__name__}: "
+                                  f"{str(exc)[:200]}") from None
+
+
+def _walk(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int], depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise CheckpointError(f"checkpoint nests modules or containers deeper than {MAX_DEPTH} levels; refused")
     if id(obj) in seen:
         return
     seen.add(id(obj))
@@ -108,35 +263,41 @@ def _walk(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int]) -
             for group in ("_parameters", "_buffers"):
                 for name, value in (state.get(group) or {}).items():
                     if isinstance(value, torch.Tensor):
-                        out[prefix + name] = value.detach().clone()
+                        out[prefix + str(name)] = value.detach().clone()
             for name, child in (state.get("_modules") or {}).items():
-                _walk(child, f"{prefix}{name}.", out, seen)
+                _walk(child, f"{prefix}{name}.", out, seen, depth + 1)
         return
     if isinstance(obj, dict):
         for name, value in obj.items():
-            _walk(value, f"{prefix}{name}.", out, seen)
+            _walk(value, f"{prefix}{name}.", out, seen, depth + 1)
+
+
+def _tensors(root: Any, path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    _walk(root, "", tensors, set(), 0)
+    if not tensors:
+        raise CheckpointError(f"checkpoint {path} holds no tensors")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"checkpoint {path} holds non-finite values (NaN or Inf) in {name}")
+    return tensors
 
 
 def load_pickled_module_tensors(path: Path | str) -> dict[str, torch.Tensor]:
     """The parameters and buffers of a module saved with ``torch.save(module)`` (or a state dict)."""
+    return _tensors(load_torch_file(path), Path(path))
+
+
+def load_state_dict(path: Path | str, key: str | None = None, obj: Any = None) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` from a ``torch.save`` file holding a state dict, or a dict holding one under
+    ``key`` (SEARLE's ``"Phi"``, Pic2Word's ``"state_dict_img2text"``); CheckpointError naming what is wrong.
+    ``obj`` is the file's content when :func:`load_torch_file` already read it."""
     path = Path(path)
-    try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"checkpoint {path} is not a torch zip checkpoint: {exc}") from None
-    with archive:
-        pkl = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
-        if pkl is None:
-            raise CheckpointError(f"checkpoint {path} has no data.pkl")
-        prefix = pkl[: -len("data.pkl")]
-        try:
-            root = _Unpickler(archive.read(pkl), archive, prefix).load()
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - anything odd in the pickle is a bad checkpoint
-            raise CheckpointError(f"checkpoint {path} could not be read safely: {type(exc).__name__}: {exc}") from None
-    tensors: dict[str, torch.Tensor] = {}
-    _walk(root, "", tensors, set())
-    if not tensors:
-        raise CheckpointError(f"checkpoint {path} holds no tensors")
-    return tensors
+    obj = load_torch_file(path) if obj is None else obj
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            raise CheckpointError(f"checkpoint {path} has no '{key}' entry")
+        obj = obj[key]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict")
+    return _tensors(obj, path)

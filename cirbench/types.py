@@ -11,6 +11,7 @@ These are plain dataclasses with no torch dependency, so that listing plugins st
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,19 @@ class OptionSpec:
     choices: tuple[str, ...] | None = None
     per_dataset: dict[str, Any] = field(default_factory=dict)
     sweepable: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def check(self, value: Any) -> Any:
+        """``value`` if it is within this option's bounds (and finite, for numbers); CirbenchError otherwise."""
+        if self.type in ("int", "float") and value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise CirbenchError(f"option --{self.name}: {value!r} is not a finite {self.type}")
+            if self.minimum is not None and value < self.minimum:
+                raise CirbenchError(f"option --{self.name}: {value} is below its minimum {self.minimum}")
+            if self.maximum is not None and value > self.maximum:
+                raise CirbenchError(f"option --{self.name}: {value} is above its maximum {self.maximum}")
+        return value
 
     def default_for(self, dataset: str | None) -> Any:
         """The default value of this option when evaluating on ``dataset``."""
@@ -220,7 +234,7 @@ def parse_option_value(spec: OptionSpec, raw: Any) -> Any:
         raise CirbenchError(f"option --{spec.name}: {raw!r} is not a valid {spec.type}") from None
     if spec.choices and value not in spec.choices:
         raise CirbenchError(f"option --{spec.name}: {raw!r} is not one of {', '.join(spec.choices)}")
-    return value
+    return spec.check(value)
 
 
 def expand_sweep(spec: OptionSpec, raw: str) -> list[Any]:
@@ -234,11 +248,15 @@ def expand_sweep(spec: OptionSpec, raw: str) -> list[Any]:
             start, stop, step = (float(p) for p in parts)
         except ValueError:
             raise CirbenchError(f"option --{spec.name}: sweep {raw!r} must be numbers start:stop:step") from None
+        if not all(math.isfinite(x) for x in (start, stop, step)):
+            raise CirbenchError(f"option --{spec.name}: sweep {raw!r} must be finite numbers")
         if step <= 0 or stop < start:
             raise CirbenchError(f"option --{spec.name}: sweep {raw!r} needs step > 0 and stop >= start")
         n = int(round((stop - start) / step))
+        if n > 10_000:
+            raise CirbenchError(f"option --{spec.name}: sweep {raw!r} has {n + 1} values (at most 10,001)")
         values = [round(start + i * step, 10) for i in range(n + 1)]
-        return [v for v in values if v <= stop + 1e-9]
+        return [spec.check(v) for v in values if v <= stop + 1e-9]
     if "," in text:
         return [parse_option_value(spec, p) for p in text.split(",") if p.strip()]
     return [parse_option_value(spec, text)]

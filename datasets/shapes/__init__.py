@@ -20,9 +20,9 @@ def register_datasets(register):
         default_split="val",
         options=(
             OptionSpec("seed", "Generator seed (same seed, same images and queries).", "int", 0),
-            OptionSpec("queries", "Number of queries per evaluation split.", "int", 400),
-            OptionSpec("instances", "Rendered instances of every attribute combination in a gallery.", "int", 3),
-            OptionSpec("train_size", "Image-caption pairs in the train corpus.", "int", 5000),
+            OptionSpec("queries", "Number of queries per evaluation split.", "int", 400, minimum=1),
+            OptionSpec("instances", "Rendered instances of every attribute combination in a gallery.", "int", 3, minimum=1),
+            OptionSpec("train_size", "Image-caption pairs in the train corpus.", "int", 5000, minimum=1),
         ),
         default_backbone=("cirbench-shapes-clip", "bundled"),
     ))

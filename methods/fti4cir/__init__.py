@@ -11,10 +11,11 @@ from cirbench.hookspecs import hookimpl
 from cirbench.types import MethodSpec, OptionSpec
 
 ARCH = (
-    OptionSpec("num_queries", "Learned attribute queries.", "int", 24),
-    OptionSpec("max_attributes", "At most this many attribute words per image.", "int", 12),
-    OptionSpec("threshold", "Keep attribute queries whose softmax weight exceeds this.", "float", 0.05),
-    OptionSpec("layers", "Layers of the attribute transformer.", "int", 3),
+    OptionSpec("num_queries", "Learned attribute queries.", "int", 24, minimum=1),
+    OptionSpec("max_attributes", "At most this many attribute words per image.", "int", 12, minimum=1),
+    OptionSpec("threshold", "Keep attribute queries whose softmax weight exceeds this.", "float", 0.05, minimum=0.0,
+               maximum=1.0),
+    OptionSpec("layers", "Layers of the attribute transformer.", "int", 3, minimum=1),
 )
 
 
@@ -30,7 +31,7 @@ def register_methods(register):
         default_preprocess="targetpad",
         trainer="cirbench.methods.fti4cir.model:FTI4CIRTrainable",
         train_options=ARCH + (
-            OptionSpec("temperature", "Temperature of the image/pseudo-sentence contrastive loss.", "float", 0.2),
-            OptionSpec("reg_weight", "Weight of the three caption-based regularisers.", "float", 1.4),
+            OptionSpec("temperature", "Temperature of the image/pseudo-sentence contrastive loss.", "float", 0.2, minimum=1e-6),
+            OptionSpec("reg_weight", "Weight of the three caption-based regularisers.", "float", 1.4, minimum=0.0),
         ),
     ))

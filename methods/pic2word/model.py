@@ -9,8 +9,8 @@ import torch
 
 from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
-from cirbench.errors import CheckpointError
 from cirbench.method import Method
+from cirbench.safe_unpickle import load_state_dict
 from cirbench.textinv import (
     RawImageReferences,
     clean_text,
@@ -21,6 +21,7 @@ from cirbench.textinv import (
 )
 from cirbench.training import NetTrainable, contrastive_loss
 from cirbench.types import Query
+from cirbench.util import file_sha256
 
 PLACEHOLDER = "*"
 
@@ -60,17 +61,9 @@ def prompt(query: Query, dataset: str | None) -> str:
 def load_official_or_cirbench(path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """Tensors and options from a cirbench folder, or from the official checkpoint layout."""
     if path is not None and Path(path).is_file() and Path(path).suffix in (".pt", ".pth", ".bin"):
-        try:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {path} is unreadable: {type(exc).__name__}: {exc}") from None
-        state = raw.get("state_dict_img2text") if isinstance(raw, dict) else None
-        if state is None:
-            raise CheckpointError(f"checkpoint {path} has no 'state_dict_img2text' (not a Pic2Word checkpoint)")
+        state = load_state_dict(path, "state_dict_img2text")
         tensors = {k.removeprefix("module."): v for k, v in state.items()}
         middle = tensors["layers.0.0.weight"].shape[0] if "layers.0.0.weight" in tensors else 512
-        from cirbench.backbones import file_sha256
-
         return tensors, {"middle_dim": middle, "dropout": 0.1}, file_sha256(Path(path))
     tensors, config = load_checkpoint(path, "pic2word", backbone.identity())
     return tensors, config.get("options", {}), checkpoint_sha256(path)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from cirbench.backbones import Backbone, file_sha256
+from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
 from cirbench.errors import CheckpointError, CirbenchError
 from cirbench.method import Method, average_variants, caption_variants
+from cirbench.safe_unpickle import load_state_dict
 from cirbench.textinv import (
     Phi,
     RawImageReferences,
@@ -20,6 +21,7 @@ from cirbench.textinv import (
     token_width,
 )
 from cirbench.types import Query
+from cirbench.util import file_sha256
 
 PLACEHOLDER = "$"
 RELEASE = "https://github.com/miccunifi/SEARLE/releases/download/weights/SEARLE_{tag}.pt"
@@ -59,13 +61,7 @@ class Searle(RawImageReferences, Method):
         self.phi = Phi(embed, 4 * embed, token_width(backbone), dropout=0.5)
         path = options.get("checkpoint") or official_weights(backbone)
         if Path(path).is_file() and Path(path).suffix in (".pt", ".pth"):
-            try:
-                raw = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001
-                raise CheckpointError(f"checkpoint {path} is unreadable: {type(exc).__name__}: {exc}") from None
-            if not isinstance(raw, dict) or "Phi" not in raw:
-                raise CheckpointError(f"checkpoint {path} has no 'Phi' entry (not a SEARLE checkpoint)")
-            tensors, self.sha256 = raw["Phi"], file_sha256(Path(path))
+            tensors, self.sha256 = load_state_dict(path, "Phi"), file_sha256(Path(path))
         else:
             tensors, _ = load_checkpoint(path, "searle", backbone.identity())
             self.sha256 = checkpoint_sha256(path)

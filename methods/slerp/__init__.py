@@ -17,20 +17,22 @@ ALPHA = OptionSpec(
     0.8,
     per_dataset={"cirr": 0.9, "circo": 0.8, "fashioniq": 0.8, "shapes": 0.7},
     sweepable=True,
+    minimum=0.0,
+    maximum=1.0,
 )
 CHECKPOINT = OptionSpec("checkpoint", "Folder (or .safetensors file) of a `cirbench train --method slerp-tat` run.",
                         "path", None)
 
 TAT_TRAIN_OPTIONS = (
-    OptionSpec("lora_rank", "LoRA rank.", "int", 16),
-    OptionSpec("lora_alpha", "LoRA alpha (scaling = lora_alpha / lora_rank).", "float", 16.0),
-    OptionSpec("lora_dropout", "LoRA dropout.", "float", 0.1),
+    OptionSpec("lora_rank", "LoRA rank.", "int", 16, minimum=1),
+    OptionSpec("lora_alpha", "LoRA alpha (scaling = lora_alpha / lora_rank).", "float", 16.0, minimum=0.0),
+    OptionSpec("lora_dropout", "LoRA dropout.", "float", 0.1, minimum=0.0, maximum=1.0),
     OptionSpec("lora_targets", "Comma-separated module-name suffixes of the image tower to adapt "
                "(not stated by the paper; default: both MLP projections of every block; 'attn' adds the attention "
                "in/out projections through peft's MultiheadAttention adapter, which merges into the base weights "
                "at each forward and so moves them by float round-off).", "str", "mlp.c_fc,mlp.c_proj"),
     OptionSpec("temperature", "Fixed temperature of the symmetric image-text contrastive loss "
-               "(the paper fixes it; value unstated: default 0.01, CLIP's learned scale of 100).", "float", 0.01),
+               "(the paper fixes it; value unstated: default 0.01, CLIP's learned scale of 100).", "float", 0.01, minimum=1e-6),
 )
 
 

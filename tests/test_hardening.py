@@ -1,0 +1,213 @@
+"""Hostile checkpoints and bad values: nothing executed, nothing silently wrong, bounded cost, one-line errors.
+
+One regression test per class found by the attack run (issue: "Nothing executed, nothing silent, nothing
+lost").
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cirbench.safe_unpickle as su
+from cirbench.cli import cli
+from cirbench.errors import CheckpointError, CirbenchError
+from cirbench.safe_unpickle import RefusedPickle, load_pickled_module_tensors, load_state_dict, load_torch_file
+
+
+def _torch_zip(path, pickle_bytes: bytes, storages: dict[str, bytes] | None = None, compress=None,
+               byteorder=b"little"):
+    """A zip laid out as torch.save lays it out, with the given data.pkl and storages."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle_bytes)
+        zf.writestr("archive/byteorder", byteorder)
+        for key, raw in (storages or {}).items():
+            zf.writestr(f"archive/data/{key}", raw, compress_type=compress or zipfile.ZIP_STORED)
+    return path
+
+
+def _rewrite(src, dst, change):
+    """Copy a torch zip, passing every entry through ``change(name, bytes) -> (bytes, compress_type)``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data, compress = change(info.filename, zin.read(info.filename))
+            zout.writestr(info.filename, data, compress_type=compress)
+    return dst
+
+
+def test_reduce_is_never_called(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"Phi": {"w": torch.zeros(2)}, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(RefusedPickle, match="calls io.open"):
+        load_torch_file(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_build_on_an_allow_listed_function_is_refused(tmp_path):
+    """GLOBAL torch._utils._rebuild_tensor_v2, then BUILD {'pwned': 1}: would set an attribute on a function."""
+    payload = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n}X\x05\x00\x00\x00pwnedK\x01sb.")
+    path = _torch_zip(tmp_path / "build.pt", payload)
+    with pytest.raises(RefusedPickle, match="sets attributes"):
+        load_torch_file(path)
+    assert not hasattr(su._rebuild_tensor, "pwned") and not hasattr(torch._utils._rebuild_tensor_v2, "pwned")
+    payload = b"\x80\x02ctorch\nSize\n}X\x05\x00\x00\x00pwnedK\x01sb."  # a class, this time
+    with pytest.raises(RefusedPickle):
+        load_torch_file(_torch_zip(tmp_path / "build2.pt", payload))
+    assert not hasattr(torch.Size, "pwned")
+
+
+def test_deep_nesting_is_bounded(tmp_path):
+    deep: dict = {"w": torch.ones(1)}
+    for _ in range(150):
+        deep = {"x": deep}
+    torch.save(deep, tmp_path / "deep.pt")
+    with pytest.raises(CheckpointError, match="deeper than"):
+        load_pickled_module_tensors(tmp_path / "deep.pt")
+
+
+def test_a_storage_shorter_than_its_header_is_refused(tmp_path):
+    torch.save({"w": torch.arange(1000, dtype=torch.float32)}, tmp_path / "ok.pt")
+    assert torch.equal(load_state_dict(tmp_path / "ok.pt")["w"], torch.arange(1000, dtype=torch.float32))
+    cut = _rewrite(tmp_path / "ok.pt", tmp_path / "cut.pt",
+                   lambda n, d: (d[:100] if "/data/" in n else d, zipfile.ZIP_STORED))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_state_dict(cut)
+
+
+def test_compressed_storages_are_refused_before_inflating(tmp_path):
+    """A small file whose deflated storage would inflate to hundreds of MB: refused from the zip directory."""
+    torch.save({"w": torch.zeros(50_000_000, dtype=torch.uint8)}, tmp_path / "big.pt")
+    bomb = _rewrite(tmp_path / "big.pt", tmp_path / "bomb.pt",
+                    lambda n, d: (d, zipfile.ZIP_DEFLATED if "/data/" in n else zipfile.ZIP_STORED))
+    (tmp_path / "big.pt").unlink()
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(CheckpointError, match="compressed"):
+        load_state_dict(bomb)
+
+
+def test_stride_zero_views_are_refused(tmp_path):
+    """torch.save of an expanded tensor: 4 bytes of storage, a billion elements once cloned."""
+    torch.save({"w": torch.zeros(1).expand(1_000_000_000)}, tmp_path / "expand.pt")
+    assert (tmp_path / "expand.pt").stat().st_size < 10_000
+    with pytest.raises(CheckpointError, match="stride-0"):
+        load_state_dict(tmp_path / "expand.pt")
+
+
+def test_views_past_their_storage_are_refused(tmp_path):
+    storage = {"0": torch.zeros(4).numpy().tobytes()}
+    payload = _dumps_with_storage({"w": _FakeTensor((10,), (1,))})
+    path = _torch_zip(tmp_path / "past.pt", payload, storage)
+    with pytest.raises(CheckpointError, match="reaches element"):
+        load_state_dict(path)
+
+
+class _FakeTensor:
+    def __init__(self, size, stride):
+        self.size, self.stride = size, stride
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, (_PersistentRef(), 0, self.size, self.stride, False, {}))
+
+
+class _PersistentRef:
+    """Pickles as torch's persistent storage reference (FloatStorage, key "0", 4 elements)."""
+
+
+def _persistent_id(obj):
+    if isinstance(obj, _PersistentRef):
+        return ("storage", torch.FloatStorage, "0", "cpu", 4)
+    return None
+
+
+def _dumps_with_storage(obj) -> bytes:
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf, protocol=2)
+    pickler.persistent_id = _persistent_id
+    pickler.dump(obj)
+    return buf.getvalue()
+
+
+def test_big_endian_checkpoints_are_refused(tmp_path):
+    torch.save({"w": torch.ones(3)}, tmp_path / "le.pt")
+    be = _rewrite(tmp_path / "le.pt", tmp_path / "be.pt",
+                  lambda n, d: (b"big" if n.endswith("byteorder") else d, zipfile.ZIP_STORED))
+    with pytest.raises(CheckpointError, match="big-endian"):
+        load_state_dict(be)
+
+
+def test_non_finite_weights_are_refused(tmp_path, tiny_config):
+    torch.save({"Phi": {"layers.0.weight": torch.tensor([[float("nan")]])}}, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_state_dict(tmp_path / "nan.pt", "Phi")
+    from cirbench.backbones import load_backbone
+
+    bb = load_backbone(str(tiny_config), "none", device="cpu")
+    state = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    state["logit_scale"] = torch.tensor(float("inf"))
+    torch.save(state, tmp_path / "inf.pt")
+    with pytest.raises(CirbenchError, match="non-finite"):
+        load_backbone(str(tiny_config), str(tmp_path / "inf.pt"), device="cpu")
+
+
+def test_nan_in_a_cirbench_checkpoint_is_refused(tmp_path):
+    from cirbench.checkpoints import load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path / "ck", {"w": torch.tensor([1.0, float("nan")])}, {"method": "m", "backbone": {}})
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_checkpoint(tmp_path / "ck", "m")
+
+
+def test_legacy_and_torchscript_files_get_a_clear_reason(tmp_path):
+    torch.save({"w": torch.ones(1)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="legacy"):
+        load_torch_file(tmp_path / "old.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"hello")
+    with pytest.raises(CheckpointError, match="not a torch checkpoint"):
+        load_torch_file(tmp_path / "garbage.pt")
+
+
+# -- bad values --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--alpha", "1.5"], "alpha"),
+    (["--alpha", "nan"], "alpha"),
+    (["--alpha", "-0.1"], "alpha"),
+    (["--alpha", "0.9:0.1:0.1"], "stop >= start"),
+    (["--alpha", "0:1:0"], "step > 0"),
+    (["--alpha", "0:1:nan"], "alpha"),
+    (["--batch-size", "0"], "batch-size"),
+    (["--workers", "-2"], "workers"),
+    (["--device", "tpu:7"], "device"),
+    (["--device", "cuda:99"], "device"),
+])
+def test_bad_values_are_one_line_errors(tmp_path, args, message):
+    res = CliRunner().invoke(cli, ["run", "--output", str(tmp_path / "o"), "--quiet", *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output and "internal error" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_multi_line_library_errors_are_reduced_to_one_line(monkeypatch):
+    from cirbench.errors import CheckpointError as CE
+
+    @cli.command("explode-test")
+    def explode():
+        raise CE("first line of a long story\nsecond line\nthird line")
+
+    try:
+        res = CliRunner().invoke(cli, ["explode-test"])
+        assert res.exit_code == 2 and res.output.strip() == "error: first line of a long story"
+        monkeypatch.setenv("CIRBENCH_DEBUG", "1")
+        res = CliRunner().invoke(cli, ["explode-test"])
+        assert "third line" in res.output
+    finally:
+        cli.commands.pop("explode-test", None)
