@@ -108,8 +108,8 @@ def drop_missing(es: EvalSet, allow_missing: bool) -> dict[str, int]:
     if not missing:
         return counts
     if not allow_missing:
-        raise ImageError(f"{es.name}: " + describe_missing(missing, len(es.images))
-                         + " (pass --allow-missing to skip them as the official loaders do)")
+        raise ImageError(f"{es.name}: {describe_missing(missing, len(es.images))}; pass --allow-missing to skip them "
+                         "as the official loaders do")
     gone = {m.id for m in missing}
     kept: list[Query] = []
     for q in es.queries:

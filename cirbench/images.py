@@ -131,7 +131,10 @@ def find_missing(images: Iterable[ImageRef]) -> list[ImageRef]:
 
 
 def describe_missing(missing: Sequence[ImageRef], total: int, first: int = 5) -> str:
-    names = ", ".join(str(m.path) for m in missing[:first])
+    """``"3 of 100 images are missing: /full/path/first.jpg, second.jpg, third.jpg"``."""
+    if not missing:
+        return f"0 of {total} images are missing"
+    names = ", ".join([str(missing[0].path)] + [Path(m.path).name for m in missing[1:first]])
     more = f" (and {len(missing) - first} more)" if len(missing) > first else ""
     return f"{len(missing)} of {total} images are missing: {names}{more}"
 

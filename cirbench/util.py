@@ -79,7 +79,7 @@ def json_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def one_line(exc: BaseException | str, limit: int = 400) -> str:
+def one_line(exc: BaseException | str, limit: int = 800) -> str:
     """The first meaningful line of an error message (library errors such as torch's weights-only refusal span
     dozens of lines); the full text is shown with ``CIRBENCH_DEBUG=1``."""
     text = str(exc) if not isinstance(exc, str) else exc

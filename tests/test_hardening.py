@@ -17,7 +17,12 @@ from click.testing import CliRunner
 import cirbench.safe_unpickle as su
 from cirbench.cli import cli
 from cirbench.errors import CheckpointError, CirbenchError
-from cirbench.safe_unpickle import RefusedPickle, load_pickled_module_tensors, load_state_dict, load_torch_file
+from cirbench.safe_unpickle import (
+    RefusedPickle,
+    load_pickled_module_tensors,
+    load_state_dict,
+    load_torch_file,
+)
 
 
 def _torch_zip(path, pickle_bytes: bytes, storages: dict[str, bytes] | None = None, compress=None,
