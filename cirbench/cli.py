@@ -49,11 +49,12 @@ class CirbenchGroup(click.Group):
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
-    _plugin_commands_loaded = False
+    _builtin_commands_loaded = False
+    _third_party_commands_loaded = False
 
-    def _load_plugin_commands(self) -> None:
-        if not self._plugin_commands_loaded:
-            self._plugin_commands_loaded = True
+    def _load_builtin_commands(self) -> None:
+        if not self._builtin_commands_loaded:
+            self._builtin_commands_loaded = True
             for module_name in BUILTIN_COMMAND_MODULES:
                 module = importlib.import_module(module_name)
                 self.add_command(module.command)
@@ -61,13 +62,29 @@ class CirbenchGroup(click.Group):
 
             register_commands(self)
 
+    def _load_third_party_commands(self) -> None:
+        """Commands of entry-point plugins: only when a command name is not one of cirbench's own, so that a
+        broken plugin never stands between the user and the built-in commands (or ``--help``)."""
+        if not self._third_party_commands_loaded:
+            self._third_party_commands_loaded = True
+            from .plugins import get_registry
+
+            reg = get_registry()
+            before = list(reg._order)
+            reg.load_third_party()
+            for plugin in reg._order:
+                if plugin not in before:
+                    reg.call(plugin, "register_commands", cli=self)
+
     def list_commands(self, ctx):
-        self._load_plugin_commands()
+        self._load_builtin_commands()
         return super().list_commands(ctx)
 
     def get_command(self, ctx, cmd_name):
         if cmd_name not in self.commands:
-            self._load_plugin_commands()
+            self._load_builtin_commands()
+        if cmd_name not in self.commands:
+            self._load_third_party_commands()
         return super().get_command(ctx, cmd_name)
 
 
@@ -132,7 +149,10 @@ def split_plugin_options(extra: dict[str, str], method_spec, dataset_spec) -> tu
              "cirbench leaderboard results/")
 @click.version_option(__version__, prog_name="cirbench")
 def cli() -> None:
-    """cirbench: evaluate zero-shot composed image retrieval methods on CIR benchmarks, one loop for all."""
+    """cirbench: evaluate zero-shot composed image retrieval methods on CIR benchmarks, one loop for all.
+
+    Plugins can add methods, datasets and commands; `cirbench plugins` lists them.
+    """
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, epilog=EPILOG_RUN)
@@ -259,7 +279,7 @@ def methods(as_json):
     """List the registered methods with their descriptions and options."""
     from .plugins import get_registry
 
-    reg = get_registry()
+    reg = get_registry(third_party=True)
     if as_json:
         click.echo(json.dumps({n: {"description": s.description, "plugin": s.plugin, "trainable": s.trainer is not None,
                                    "default_backbone": s.default_backbone, "default_preprocess": s.default_preprocess,
@@ -283,7 +303,7 @@ def datasets(as_json):
     """List the registered datasets with their splits and options."""
     from .plugins import get_registry
 
-    reg = get_registry()
+    reg = get_registry(third_party=True)
     if as_json:
         click.echo(json.dumps({n: {"description": s.description, "plugin": s.plugin, "splits": s.splits,
                                    "hidden_splits": s.hidden_splits,
@@ -344,7 +364,7 @@ def score(dataset, split, data_root, subset_file, as_json, file):
         raise UnknownNameError(f"split of {dataset}", split, spec.splits)
     opts = resolve_options(spec.options, {}, spec.name, f"dataset {spec.name}")[0]
     root = data_root or spec.default_data_root
-    ds = spec.load()(Path(root) if root else None, opts)
+    ds = spec.create(Path(root) if root else None, opts)
     extra = {"subset": Path(subset_file)} if subset_file else None
     metrics = ds.score_file(split, Path(file), extra)
     if as_json:

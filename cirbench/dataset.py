@@ -24,10 +24,29 @@ from .types import EvalSet, ImageRef
 
 
 class Dataset:
-    """Base class for dataset plugins (see the module docstring)."""
+    """Base class for dataset plugins (see the module docstring).
 
-    name = "dataset"
-    splits: tuple[str, ...] = ()
+    The dataset's name, splits and hidden splits come from its registered
+    :class:`~cirbench.types.DatasetSpec` (bound by the loop when it builds the dataset): declare them once,
+    on the spec.
+    """
+
+    spec: Any = None
+
+    def bind_spec(self, spec: Any) -> None:
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name if self.spec is not None else type(self).__name__.lower()
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.spec.splits) if self.spec is not None else ()
+
+    @property
+    def hidden_splits(self) -> tuple[str, ...]:
+        return tuple(self.spec.hidden_splits) if self.spec is not None else ()
 
     def __init__(self, data_root: Path | str | None, options: dict[str, Any] | None = None):
         #: whether the user (or the spec's default) named a data root; datasets that generate their data
@@ -169,7 +188,7 @@ class Dataset:
         return check_inside(self.data_root, Path(relative) / "_").parent
 
     def check_split(self, split: str) -> None:
-        if split not in self.splits:
+        if self.spec is not None and split not in self.splits:
             raise UnknownNameError(f"split of {self.name}", split, self.splits)
 
     def read_json(self, path: Path) -> Any:

@@ -191,13 +191,15 @@ class Evaluator:
         dataset_options = resolve_options(dspec.options, cfg.dataset_options, dspec.name, f"dataset {dspec.name}")
         if len(dataset_options) != 1:
             raise CirbenchError("dataset options cannot be swept")
+        mspec.load()  # a plugin that cannot be imported fails here, before any data or model is loaded
+        dspec.load()
         preprocess_kind = cfg.preprocess or mspec.default_preprocess
         if preprocess_kind not in PREPROCESS_KINDS:
             raise UnknownNameError("preprocessing", preprocess_kind, PREPROCESS_KINDS)
         writer = ResultWriter(Path(cfg.output) / dspec.name / split, enabled=distributed.is_main())
 
         data_root = cfg.data_root or dspec.default_data_root
-        dataset = dspec.load()(Path(data_root) if data_root else None, dataset_options[0])
+        dataset = dspec.create(Path(data_root) if data_root else None, dataset_options[0])
         evalsets = dataset.load(split)
         set_counts = {es.name: drop_missing(es, cfg.allow_missing) for es in evalsets}
         if not any(es.queries for es in evalsets):
@@ -213,12 +215,11 @@ class Evaluator:
         preprocessor = backbone.preprocessor(preprocess_kind, cfg.max_image_pixels)
         cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else None, enabled=cfg.use_cache,
                              writer=distributed.is_main(), identity=cfg.cache_identity)
-        factory = mspec.load()
 
         outcomes = []
         for opts in option_sets:
             t0 = time.perf_counter()
-            method = factory(backbone, opts, dspec.name)
+            method = mspec.create(backbone, opts, dspec.name)
             label = run_label(cfg, mspec, opts)
             record = self._record(cfg, mspec, dspec, dataset, split, method, label, opts, dataset_options[0],
                                   backbone, preprocessor)

@@ -24,9 +24,17 @@ from .types import Query
 
 
 class Method:
-    """Base class for method plugins (see the module docstring)."""
+    """Base class for method plugins (see the module docstring). The method's name comes from its registered
+    :class:`~cirbench.types.MethodSpec` (bound by the loop when it builds the method)."""
 
-    name = "method"
+    spec: Any = None
+
+    def bind_spec(self, spec: Any) -> None:
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name if self.spec is not None else type(self).__name__.lower()
 
     def __init__(self, backbone: Backbone, options: dict[str, Any], dataset: str | None = None):
         self.backbone = backbone

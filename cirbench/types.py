@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CirbenchError
+from .errors import CirbenchError, PluginError
 
 
 @dataclass(frozen=True)
@@ -65,17 +65,45 @@ class OptionSpec:
         return text
 
 
-def _resolve_factory(factory: str | Callable[..., Any]) -> Callable[..., Any]:
+# Options of `cirbench run` itself: a plugin option of the same name would be hidden by them.
+RESERVED_OPTION_NAMES = frozenset({
+    "method", "dataset", "split", "backbone", "pretrained", "preprocess", "precision", "device", "data_root",
+    "output", "cache_dir", "no_cache", "cache_identity", "label", "seed", "batch_size", "workers",
+    "max_image_pixels", "allow_missing", "retrieval", "encode_path", "no_leaderboard", "quiet", "help",
+    "method_option", "dataset_option", "checkpoint_dir",
+})
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def _resolve_factory(factory: str | Callable[..., Any], plugin: str = "") -> Callable[..., Any]:
     if callable(factory):
         return factory
     module_name, _, attr = factory.partition(":")
+    who = f"plugin '{plugin}': " if plugin else ""
     if not module_name or not attr:
-        raise CirbenchError(f"bad plugin factory string {factory!r}: expected 'module:attribute'")
-    module = importlib.import_module(module_name)
+        raise PluginError(f"{who}bad factory string {factory!r}: expected 'module:attribute'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - a plugin's missing dependency is the plugin's error, one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise PluginError(f"{who}cannot import {module_name} ({type(exc).__name__}: {first})") from None
     try:
         return getattr(module, attr)
-    except AttributeError as exc:
-        raise CirbenchError(f"plugin factory {factory!r}: module has no attribute {attr!r}") from exc
+    except AttributeError:
+        raise PluginError(f"{who}factory {factory!r}: module has no attribute {attr!r}") from None
+
+
+def _validate_common(kind: str, name: Any, options: Any, plugin: str) -> None:
+    if not isinstance(name, str) or not name or not set(name.lower()) <= _NAME_CHARS:
+        raise PluginError(f"plugin '{plugin}' registers a {kind} with an invalid name {name!r} (letters, digits, "
+                          "'-', '_', '.')")
+    names = [o.name for o in options]
+    if len(set(names)) != len(names):
+        raise PluginError(f"plugin '{plugin}': {kind} '{name}' declares an option twice")
+    clash = sorted(set(names) & RESERVED_OPTION_NAMES)
+    if clash:
+        raise PluginError(f"plugin '{plugin}': {kind} '{name}' option --{clash[0]} is an option of `cirbench run` "
+                          "itself and would be hidden; rename it")
 
 
 @dataclass(frozen=True)
@@ -99,15 +127,29 @@ class MethodSpec:
     train_options: tuple[OptionSpec, ...] = ()
     plugin: str = ""
 
+    def validate(self, plugin: str = "") -> None:
+        """Refuse a malformed spec (bad name, duplicate or reserved option names) with a PluginError."""
+        _validate_common("method", self.name, self.options, plugin)
+        if self.default_preprocess not in ("targetpad", "clip"):
+            raise PluginError(f"plugin '{plugin}': method '{self.name}' has an unknown default_preprocess "
+                              f"{self.default_preprocess!r}")
+
     def load(self) -> Callable[..., Any]:
         """Import and return the method's factory (this may import torch)."""
-        return _resolve_factory(self.factory)
+        return _resolve_factory(self.factory, self.plugin)
+
+    def create(self, backbone: Any, options: dict[str, Any], dataset: str | None) -> Any:
+        """Build the method and bind this spec to it (the spec is the one source of its name)."""
+        method = self.load()(backbone, options, dataset)
+        if hasattr(method, "bind_spec"):
+            method.bind_spec(self)
+        return method
 
     def load_trainer(self) -> Callable[..., Any]:
         """Import and return the method's trainer factory."""
         if self.trainer is None:
             raise CirbenchError(f"method '{self.name}' needs no training (it has no trainer)")
-        return _resolve_factory(self.trainer)
+        return _resolve_factory(self.trainer, self.plugin)
 
 
 @dataclass(frozen=True)
@@ -133,9 +175,27 @@ class DatasetSpec:
     default_backbone: tuple[str, str] | None = None
     plugin: str = ""
 
+    def validate(self, plugin: str = "") -> None:
+        """Refuse a malformed spec (bad name or splits, duplicate or reserved option names) with a PluginError."""
+        _validate_common("dataset", self.name, self.options, plugin)
+        if not self.splits or not all(isinstance(x, str) and x for x in self.splits):
+            raise PluginError(f"plugin '{plugin}': dataset '{self.name}' declares no splits")
+        if self.default_split is not None and self.default_split not in self.splits:
+            raise PluginError(f"plugin '{plugin}': dataset '{self.name}' default split {self.default_split!r} is "
+                              "not one of its splits")
+        if not set(self.hidden_splits) <= set(self.splits):
+            raise PluginError(f"plugin '{plugin}': dataset '{self.name}' hides splits it does not have")
+
     def load(self) -> Callable[..., Any]:
         """Import and return the dataset's factory."""
-        return _resolve_factory(self.factory)
+        return _resolve_factory(self.factory, self.plugin)
+
+    def create(self, data_root: Path | None, options: dict[str, Any]) -> Any:
+        """Build the dataset and bind this spec to it (the spec is the one source of its name and splits)."""
+        dataset = self.load()(data_root, options)
+        if hasattr(dataset, "bind_spec"):
+            dataset.bind_spec(self)
+        return dataset
 
 
 @dataclass(frozen=True)

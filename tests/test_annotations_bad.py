@@ -22,7 +22,7 @@ def _load(name, root, split, **opts):
     spec = get_registry().dataset(name)
     options = {o.name: o.default for o in spec.options}
     options.update(opts)
-    return spec.load()(root, options).load(split)
+    return spec.create(root, options).load(split)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def dataset(name, root, **options):
     spec = get_registry().dataset(name)
     opts = {o.name: o.default for o in spec.options}
     opts.update(options)
-    return spec.load()(root, opts)
+    return spec.create(root, opts)
 
 
 # -- the official query and gallery sets ---------------------------------------------------------------

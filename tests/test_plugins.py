@@ -70,6 +70,14 @@ def register_methods(register):
     register(MethodSpec(name="image-only", description="a clash", factory="x:y"))
     register(MethodSpec(name="dup-survivor", description="still registered", factory="x:y"))
 """
+EXITS = "import sys\nsys.exit(3)\n"
+HANGS = "import time\ntime.sleep(600)\n"
+UNDECORATED = """
+from cirbench.types import MethodSpec
+
+def register_methods(register):  # no @hookimpl: pluggy must not call it
+    register(MethodSpec(name="sneaky", description="d", factory="x:y"))
+"""
 MISSPELLED = """
 from cirbench.hookspecs import hookimpl
 
@@ -94,7 +102,7 @@ def test_broken_plugin_warns_and_everything_else_works(fake_entry_points):
     fake_entry_points("brokenplugin", BROKEN)
     fake_entry_points("goodplugin", GOOD)
     with pytest.warns(plugins.PluginWarning, match="brokenplugin.*broken on purpose"):
-        reg = plugins.get_registry()
+        reg = plugins.get_registry(third_party=True)
     assert "good-method" in reg.methods and "image-only" in reg.methods
     plugins.reset_registry()
     with pytest.warns(plugins.PluginWarning, match="brokenplugin"):
@@ -113,7 +121,7 @@ def test_strict_mode_makes_a_broken_plugin_an_error(fake_entry_points, monkeypat
 def test_duplicate_name_is_refused_with_a_warning(fake_entry_points):
     fake_entry_points("dupplugin", DUPLICATE)
     with pytest.warns(plugins.PluginWarning, match="dupplugin.*image-only.*already registered"):
-        reg = plugins.get_registry()
+        reg = plugins.get_registry(third_party=True)
     assert reg.methods["image-only"].plugin == "cirbench.methods.basic"
     assert "dup-survivor" in reg.methods
 
@@ -121,17 +129,17 @@ def test_duplicate_name_is_refused_with_a_warning(fake_entry_points):
 def test_misspelled_hook_is_reported(fake_entry_points):
     fake_entry_points("typoplugin", MISSPELLED)
     with pytest.warns(plugins.PluginWarning, match="unknown hook"):
-        plugins.get_registry()
+        plugins.get_registry(third_party=True)
 
 
 def test_load_plugins_env_selects_third_party_plugins(fake_entry_points, monkeypatch):
     fake_entry_points("goodplugin", GOOD)
     monkeypatch.setenv("CIRBENCH_LOAD_PLUGINS", "")
-    reg = plugins.get_registry()
+    reg = plugins.get_registry(third_party=True)
     assert "good-method" not in reg.methods and "image-only" in reg.methods
     plugins.reset_registry()
     monkeypatch.setenv("CIRBENCH_LOAD_PLUGINS", "goodplugin")
-    assert "good-method" in plugins.get_registry().methods
+    assert "good-method" in plugins.get_registry(third_party=True).methods
 
 
 def test_in_process_plugin_and_builtins_share_the_hooks():
@@ -184,3 +192,74 @@ def test_example_plugin_is_installed_and_runs_through_the_loop(tmp_path, tiny_co
     assert files == ["weighted-sum@weight=0.0__cirbench-tiny-test-none.json",
                      "weighted-sum@weight=1.0__cirbench-tiny-test-none.json"]
     assert CliRunner().invoke(cli, ["hello-plugin"]).output.strip() == "hello from cirbench-example-plugin"
+
+
+def test_option_names_of_cirbench_run_cannot_be_taken_by_plugins():
+    """`run --seed` would hide a plugin option called seed (as it once hid the shapes generator seed)."""
+
+    class Clash:
+        @hookimpl
+        def register_datasets(self, register):
+            from cirbench.types import DatasetSpec, OptionSpec
+
+            register(DatasetSpec(name="clash", description="d", factory="x:y", splits=("val",),
+                                 options=(OptionSpec("seed", "hidden by run --seed", "int", 0),)))
+
+    reg = plugins.get_registry()
+    try:
+        with pytest.warns(plugins.PluginWarning, match="--seed is an option of `cirbench run`"):
+            reg.register_plugin(Clash(), name="clash")
+        assert "clash" not in reg.datasets
+        shapes_options = {o.name for o in reg.dataset("shapes").options}
+        assert "generator_seed" in shapes_options and "seed" not in shapes_options
+    finally:
+        plugins.reset_registry()
+
+
+def test_third_party_plugins_load_only_when_needed(fake_entry_points):
+    fake_entry_points("goodplugin", GOOD)
+    reg = plugins.get_registry()
+    assert "good-method" not in reg.methods and not reg.third_party_loaded  # built-ins only so far
+    assert reg.method("image-only").name == "image-only" and not reg.third_party_loaded
+    assert reg.method("good-method").plugin == "goodplugin" and reg.third_party_loaded  # loaded on a miss
+
+
+def test_a_plugin_that_exits_or_hangs_cannot_take_the_cli_down(fake_entry_points, monkeypatch):
+    fake_entry_points("exitplugin", EXITS)
+    fake_entry_points("hangplugin", HANGS)
+    fake_entry_points("goodplugin", GOOD)
+    monkeypatch.setenv("CIRBENCH_PLUGIN_TIMEOUT", "2")
+    res = CliRunner().invoke(cli, ["--help"])
+    assert res.exit_code == 0 and "run" in res.output  # never imported for --help
+    with pytest.warns(plugins.PluginWarning) as caught:
+        res = CliRunner().invoke(cli, ["methods"])
+    assert res.exit_code == 0 and "good-method" in res.output and "image-only" in res.output
+    messages = " ".join(str(w.message) for w in caught)
+    assert "exitplugin" in messages and "sys.exit(3)" in messages
+    assert "hangplugin" in messages and "did not finish within 2 s" in messages
+
+
+def test_undecorated_hook_functions_are_not_called(fake_entry_points):
+    fake_entry_points("undecorated", UNDECORATED)
+    reg = plugins.get_registry(third_party=True)
+    assert "sneaky" not in reg.methods
+
+
+def test_plugin_import_errors_name_the_plugin(tmp_path):
+    from cirbench.errors import PluginError
+    from cirbench.types import MethodSpec
+
+    spec = MethodSpec(name="needs-dep", description="d", factory="a_module_that_is_not_installed:Thing",
+                      plugin="someplugin")
+    with pytest.raises(PluginError, match="plugin 'someplugin': cannot import a_module_that_is_not_installed"):
+        spec.load()
+
+
+def test_hook_calls_can_be_traced(monkeypatch, capsys):
+    monkeypatch.setenv("CIRBENCH_TRACE_PLUGINS", "1")
+    plugins.reset_registry()
+    try:
+        plugins.get_registry()
+    finally:
+        plugins.reset_registry()
+    assert "register_methods" in capsys.readouterr().err

@@ -132,7 +132,7 @@ def test_circo_refuses_what_the_official_evaluator_refuses(tmp_path, circo_ann, 
 def cirr_val():
     from cirbench.plugins import get_registry
 
-    ds = get_registry().dataset("cirr").load()(ANNOTATIONS / "cirr", {})
+    ds = get_registry().dataset("cirr").create(ANNOTATIONS / "cirr", {})
     (es,) = ds.load("val")
     return es
 
@@ -206,7 +206,7 @@ def test_cirr_refuses_lists_the_protocol_cannot_score(tmp_path, cirr_val, damage
 def test_fashioniq_scores_as_the_official_val_evaluator(tmp_path):
     from cirbench.plugins import get_registry
 
-    ds = get_registry().dataset("fashioniq").load()(ANNOTATIONS / "fashioniq", {"category": "all"})
+    ds = get_registry().dataset("fashioniq").create(ANNOTATIONS / "fashioniq", {"category": "all"})
     lines, expected = [], {}
     rng = np.random.default_rng(4)
     for es in ds.load("val"):  # every val target is in its category's gallery (the official code asserts it)

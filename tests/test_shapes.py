@@ -19,7 +19,7 @@ def shapes(root, **options):
     spec = get_registry().dataset("shapes")
     opts = {o.name: o.default for o in spec.options}
     opts.update(options)
-    return spec.load()(root, opts)
+    return spec.create(root, opts)
 
 
 def _digest(folder):
@@ -40,7 +40,7 @@ def val_root(tmp_path_factory):
 def test_generation_is_deterministic_and_seeded(tmp_path, val_root):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for root, seed in ((a, 0), (b, 0), (c, 1)):
-        shapes(root, seed=seed, queries=20, instances=1).load("test")
+        shapes(root, generator_seed=seed, queries=20, instances=1).load("test")
     assert _digest(a / "test") == _digest(b / "test")
     assert _digest(a / "test") != _digest(c / "test")
     assert not list(tmp_path.glob("a/.test-*"))  # no half-written folders left behind

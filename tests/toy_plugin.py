@@ -9,8 +9,6 @@ from cirbench.types import DatasetSpec, EvalSet, ImageRef, OptionSpec, Query
 
 
 class ToyDataset(Dataset):
-    name = "toy"
-    splits = ("val", "test")
 
     def load(self, split):
         self.check_split(split)
@@ -19,7 +17,7 @@ class ToyDataset(Dataset):
         queries = [Query(q["id"], q["reference"], (q["text"],), tuple(q["targets"]) if split == "val" else ())
                    for q in data["queries"]]
         return [EvalSet("all", list(images.values()), queries, dict(images), exclude_reference=True,
-                        hidden_targets=split == "test", topk=10)]
+                        hidden_targets=split in self.hidden_splits, topk=10)]
 
     def metrics(self, evalset, ranking):
         targets = ranking.target_positions([q.targets for q in evalset.queries])

@@ -78,6 +78,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
                       workers=workers, save_every=save_every, log_every=log_every, resume=not no_resume,
                       progress=not quiet, **values)
     trainable = trainer_cls(bb, options[0])
+    trainable.name = spec.name  # the registered name is the one source of truth (checkpoints record it)
     out = train(trainable, corpus, cfg)
     if distributed.is_main():
         click.echo(f"trained {method}: {out / 'model.safetensors'}")

@@ -40,9 +40,6 @@ class CIRCO(Dataset):
     ``COCO2017_unlabeled/annotations/image_info_unlabeled2017.json`` (the gallery list; without it the
     gallery is every ``*.jpg`` in the image folder)."""
 
-    name = "circo"
-    splits = ("val", "test")
-
     @property
     def image_dir(self) -> Path:
         return self.folder(Path("COCO2017_unlabeled") / "unlabeled2017")
@@ -78,7 +75,7 @@ class CIRCO(Dataset):
 
     def _evalset(self, split: str, gallery: list[ImageRef]) -> EvalSet:
         path = self.data_root / "annotations" / f"{split}.json"
-        hidden = split == "test"
+        hidden = split in self.hidden_splits
         records = validate_records(CIRCOQuery, self.read_json(path), path, id_field="id",
                                    required=() if hidden else ("target_img_id", "gt_img_ids"))
         queries = []

@@ -39,9 +39,6 @@ class CIRR(Dataset):
     ``cirr/image_splits/split.rc2.<split>.json`` (or ``captions/``/``image_splits/`` at the root), and the
     images where the split file says (``./dev/<name>.png``, ``./test1/<name>.png``), relative to the root."""
 
-    name = "cirr"
-    splits = ("val", "test1")
-
     def _annotation_dir(self) -> Path:
         for candidate in (self.data_root / "cirr", self.data_root):
             if (candidate / "captions").is_dir():
@@ -56,7 +53,7 @@ class CIRR(Dataset):
         names = validate_value(dict[ImageName, str], self.read_json(split_path), split_path,
                                "expected an object mapping image names to paths")
         gallery = [self.image(name, rel) for name, rel in names.items()]
-        hidden = split == "test1"
+        hidden = split in self.hidden_splits
         records = validate_records(CIRRQuery, self.read_json(caption_path), caption_path, id_field="pairid",
                                    required=() if hidden else ("target_hard",))
         queries = []

@@ -34,9 +34,6 @@ class FashionIQ(Dataset):
     ``<category>/<asin>`` (FTI4CIR), ``resized_images/<category>/<asin>`` (the starter kit), or
     ``images/<category>/<asin>``. Each image is looked up in those folders in that order."""
 
-    name = "fashioniq"
-    splits = ("val", "test")
-
     def categories(self) -> tuple[str, ...]:
         chosen = self.options.get("category", "all")
         return CATEGORIES if chosen in (None, "all") else (chosen,)
@@ -64,7 +61,7 @@ class FashionIQ(Dataset):
         return [self._category(split, cat) for cat in self.categories()]
 
     def _category(self, split: str, category: str) -> EvalSet:
-        hidden = split == "test"
+        hidden = split in self.hidden_splits
         split_path = self.data_root / "image_splits" / f"split.{category}.{split}.json"
         caption_path = self.data_root / "captions" / f"cap.{category}.{split}.json"
         names = validate_value(list[ImageName], self.read_json(split_path), split_path,
@@ -95,7 +92,7 @@ class FashionIQ(Dataset):
         """Score per-query rankings (``*.predictions.jsonl`` rows with ``set``, ``query`` and ``top``): at least
         50 unique ids of the category's gallery per query, every query of every category present."""
         self.check_split(split)
-        if split == "test":
+        if split in self.hidden_splits:
             raise CirbenchError("FashionIQ test targets are not public")
         if not str(path).endswith(".jsonl"):
             raise CirbenchError("FashionIQ has no official submission format: score a per-query ranking file "

@@ -1,6 +1,6 @@
 """Built-in plugin: ``shapes``, an embedded, procedurally generated composed-retrieval benchmark.
 
-It needs no download: images are generated (deterministically from ``--seed``) into the cirbench cache on
+It needs no download: images are generated (deterministically from ``--generator-seed``) into the cirbench cache on
 first use, and every method runs on the small CLIP bundled with cirbench unless ``--backbone`` says
 otherwise. See ``generator.py`` for the attribute world and ``dataset.py`` for the splits and metrics.
 """
@@ -19,7 +19,8 @@ def register_datasets(register):
         splits=("val", "test", "train"),
         default_split="val",
         options=(
-            OptionSpec("seed", "Generator seed (same seed, same images and queries).", "int", 0),
+            OptionSpec("generator_seed", "Generator seed (same seed, same images and queries; `run --seed` seeds "
+                       "the run, not the data).", "int", 0),
             OptionSpec("queries", "Number of queries per evaluation split.", "int", 400, minimum=1),
             OptionSpec("instances", "Rendered instances of every attribute combination in a gallery.", "int", 3, minimum=1),
             OptionSpec("train_size", "Image-caption pairs in the train corpus.", "int", 5000, minimum=1),

@@ -29,17 +29,14 @@ RECALL_KS = (1, 5, 10)
 class Shapes(Dataset):
     """Generated CIR benchmark; ``val``/``test`` are query splits, ``train`` an image-caption corpus."""
 
-    name = "shapes"
-    splits = ("val", "test", "train")
-
     @property
     def folder(self) -> Path:
         if self.data_root_given:
             return self.data_root
-        return default_cache_dir() / "shapes" / f"{FORMAT_VERSION}-seed{self.options.get('seed', 0)}"
+        return default_cache_dir() / "shapes" / f"{FORMAT_VERSION}-seed{self.options.get('generator_seed', 0)}"
 
     def _rng(self, split: str, *parts: object) -> random.Random:
-        return random.Random("-".join(map(str, (self.options.get("seed", 0), SPLIT_SALT[split], *parts))))
+        return random.Random("-".join(map(str, (self.options.get("generator_seed", 0), SPLIT_SALT[split], *parts))))
 
     # -- generation ------------------------------------------------------------------------------------
     def ensure(self, split: str) -> Path:

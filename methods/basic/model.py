@@ -11,16 +11,12 @@ from cirbench.types import Query
 class ImageOnly(Method):
     """Query feature = reference image feature."""
 
-    name = "image-only"
-
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         return torch.nn.functional.normalize(references.float(), dim=-1)
 
 
 class TextOnly(Method):
     """Query feature = text feature of the raw modification text (FashionIQ: both caption orders averaged)."""
-
-    name = "text-only"
 
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         variants = [caption_variants(q.texts) for q in queries]

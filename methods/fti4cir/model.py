@@ -172,8 +172,6 @@ def load_weights(path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dic
 class FTI4CIR(Method):
     """Query feature = text feature of "a photo of * with * .. * but {caption}" with the image's words."""
 
-    name = "fti4cir"
-
     def __init__(self, backbone, options, dataset=None):
         super().__init__(backbone, options, dataset)
         tensors, self.arch, self.sha256 = load_weights(options.get("checkpoint"), backbone)

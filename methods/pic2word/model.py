@@ -72,8 +72,6 @@ def load_official_or_cirbench(path, backbone: Backbone) -> tuple[dict[str, torch
 class Pic2Word(RawImageReferences, Method):
     """Retrieve with the text feature of the prompt holding the image's pseudo-word."""
 
-    name = "pic2word"
-
     def __init__(self, backbone, options, dataset=None):
         super().__init__(backbone, options, dataset)
         tensors, net_options, self.sha256 = load_official_or_cirbench(options.get("checkpoint"), backbone)

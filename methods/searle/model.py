@@ -53,8 +53,6 @@ def prompt(text: str) -> str:
 class Searle(RawImageReferences, Method):
     """Query feature = text feature of "a photo of $ that {caption}" with $ = Phi(image embedding)."""
 
-    name = "searle"
-
     def __init__(self, backbone, options, dataset=None):
         super().__init__(backbone, options, dataset)
         embed = backbone.embed_dim

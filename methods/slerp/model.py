@@ -18,8 +18,6 @@ class Slerp(Method):
     renormalised.
     """
 
-    name = "slerp"
-
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         variants = [caption_variants(q.texts) for q in queries]
         counts = [len(v) for v in variants]
@@ -33,8 +31,6 @@ class Slerp(Method):
 
 class SlerpTAT(Slerp):
     """Slerp with the image tower adapted by a TAT LoRA checkpoint; texts use the frozen text tower."""
-
-    name = "slerp-tat"
 
     def __init__(self, backbone, options, dataset=None):
         super().__init__(backbone, options, dataset)

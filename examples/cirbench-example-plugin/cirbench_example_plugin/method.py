@@ -10,8 +10,6 @@ from cirbench.method import Method, average_variants, caption_variants
 class WeightedSum(Method):
     """Query = normalize((1 - w) * reference image feature + w * text feature)."""
 
-    name = "weighted-sum"
-
     def compose(self, references, queries):
         variants = [caption_variants(q.texts) for q in queries]
         text = average_variants(self.backbone.encode_text([t for v in variants for t in v]), [len(v) for v in variants])
