@@ -233,35 +233,42 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
             click.echo(render_markdown(tables))
 
 
-@cli.command(epilog="\b\nExamples:\n  cirbench leaderboard\n  cirbench leaderboard results/ --no-paper\n"
-             "  cirbench leaderboard results/ --dataset circo --format csv")
+@cli.command(epilog="\b\nExamples:\n  cirbench leaderboard\n  cirbench leaderboard results/ --no-paper --ci\n"
+             "  cirbench leaderboard results/ --dataset circo --method 'slerp*' --format latex")
 @click.argument("results_dir", type=click.Path(file_okay=False), default="results")
 @click.option("--dataset", default=None, help="Only this dataset.")
+@click.option("--method", "methods", multiple=True, help="Only rows whose label matches (glob or substring; repeat).")
+@click.option("--backbone", "backbones", multiple=True, help="Only rows whose backbone matches (glob or substring).")
 @click.option("--no-paper", is_flag=True, help="Leave out the published numbers.")
+@click.option("--ci", is_flag=True, help="Show the 95%% bootstrap confidence intervals recorded in result files.")
 @click.option("--write/--no-write", default=True, show_default=True,
-              help="Write leaderboard.md, CSV files and leaderboard.html into RESULTS_DIR/leaderboard/.")
-@click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "html"]), default="markdown",
+              help="Write leaderboard.md/.html/.tex and CSV files into RESULTS_DIR/leaderboard/.")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "html", "latex"]), default="markdown",
               show_default=True, help="What to print.")
 @click.option("--all-metrics", is_flag=True, help="Also show breakdown metrics (e.g. CIRCO's per-aspect mAP@10).")
-def leaderboard(results_dir, dataset, no_paper, write, fmt, all_metrics):
-    """Tables of all results under RESULTS_DIR: one per dataset/split, methods as rows, metrics as columns.
+def leaderboard(results_dir, dataset, methods, backbones, no_paper, ci, write, fmt, all_metrics):
+    """Tables of all results under RESULTS_DIR: one per dataset/split, runs as rows (sorted by the dataset's
+    main metric), metrics as columns.
 
-    The best value of each column is marked (bold in markdown and HTML, '*' in CSV). Published numbers
-    from the papers appear as separate rows tagged "paper".
+    The best value of each column among the rows of the table's split is marked (bold in markdown, HTML and
+    LaTeX, '*' in CSV). Published numbers appear as rows tagged "paper" (or "paper (test)" when the papers
+    report another split).
     """
-    from .leaderboard import build_tables, render_csv, render_html, render_markdown, write_tables
+    from .leaderboard import RENDERERS, build_tables, write_tables
 
     root = Path(results_dir)
     if not root.is_dir():
         raise CirbenchError(f"results folder {root} does not exist")
     tables = build_tables(root, include_paper=not no_paper, all_metrics=all_metrics,
-                          datasets=None if dataset is None else [(dataset, None)])
+                          datasets=None if dataset is None else [(dataset, None)], methods=list(methods) or None,
+                          backbones=list(backbones) or None)
     if not tables:
-        raise CirbenchError(f"no result files under {root}")
+        raise CirbenchError(f"no result files under {root}" + (" match the filters" if methods or backbones or dataset
+                                                                  else ""))
     if write:
-        for path in write_tables(tables, root / "leaderboard"):
+        for path in write_tables(tables, root / "leaderboard", ci=ci):
             click.echo(f"wrote {path}", err=True)
-    click.echo({"markdown": render_markdown, "csv": render_csv, "html": render_html}[fmt](tables))
+    click.echo(RENDERERS[fmt](tables, ci))
 
 
 def _option_rows(options) -> list[str]:
@@ -341,16 +348,20 @@ def plugins(as_json):
 
 
 @cli.command(epilog="\b\nExamples:\n  cirbench score --dataset circo --split val submission_val.json\n"
-             "  cirbench score --dataset cirr --split val recall.json --subset recall_subset.json --json")
+             "  cirbench score -d cirr -s val recall.json --input subset=recall_subset.json --json\n"
+             "  cirbench score -d shapes -s val results/shapes/val/slerp@alpha=0.7__cirbench-shapes-clip-bundled"
+             ".predictions.jsonl")
 @click.option("--dataset", "-d", required=True, help="Dataset name.")
 @click.option("--split", "-s", required=True, help="Split whose annotations score the file.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Dataset root folder.")
-@click.option("--subset", "subset_file", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="CIRR: the recall_subset submission file.")
+@click.option("--input", "inputs", multiple=True, metavar="NAME=PATH",
+              help="An extra file the dataset scores with the main one (`cirbench datasets` lists them, e.g. CIRR's "
+                   "subset=recall_subset.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @click.argument("file", type=click.Path(dir_okay=False, exists=True))
-def score(dataset, split, data_root, subset_file, as_json, file):
-    """Score a ranking FILE made by any code (official submission format, or per-query rankings).
+def score(dataset, split, data_root, inputs, as_json, file):
+    """Score a ranking FILE made by any code (official submission format, or per-query rankings), as the
+    official scorer does; a file it would reject is refused with the reason.
 
     Only the annotation files are needed, not the images.
     """
@@ -362,11 +373,21 @@ def score(dataset, split, data_root, subset_file, as_json, file):
         from .errors import UnknownNameError
 
         raise UnknownNameError(f"split of {dataset}", split, spec.splits)
+    allowed = {o.name for o in spec.score_inputs}
+    extra: dict[str, Path] = {}
+    for item in inputs:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise CirbenchError(f"--input {item!r}: expected NAME=PATH")
+        if name not in allowed:
+            raise CirbenchError(f"--input {name}: dataset {dataset} takes {', '.join(sorted(allowed)) or 'no extra inputs'}")
+        if not Path(path).is_file():
+            raise CirbenchError(f"--input {name}: file {path} does not exist")
+        extra[name] = Path(path)
     opts = resolve_options(spec.options, {}, spec.name, f"dataset {spec.name}")[0]
     root = data_root or spec.default_data_root
     ds = spec.create(Path(root) if root else None, opts)
-    extra = {"subset": Path(subset_file)} if subset_file else None
-    metrics = ds.score_file(split, Path(file), extra)
+    metrics = ds.score_file(split, Path(file), extra or None)
     if as_json:
         click.echo(json.dumps(metrics))
         return

@@ -1,28 +1,40 @@
 """Leaderboards: pandas tables of result files, one per dataset/split, with published numbers beside ours.
 
-Rows are runs (``label`` + backbone), columns are metrics; the best value of each column among our rows
-and the paper rows is marked. Paper rows carry ``source = "paper"`` (and the split the paper reports,
-when it differs from the table's split, e.g. CIRR test1 numbers beside our CIRR val runs).
+Rows are runs (``label · backbone``; the label shows swept options, e.g. ``slerp@alpha=0.8``), columns are
+metrics in the dataset's declared order, rows sorted by the dataset's main metric. What a dataset declares
+(main metric, metric order, breakdown metrics, paper rows) comes from its plugin's
+:class:`~cirbench.types.DatasetSpec`; the leaderboard itself knows no dataset.
+
+The best value of each column among the rows of the table's own split (ours and papers') is marked: bold in
+markdown, HTML and LaTeX, a trailing ``*`` in CSV. Paper rows for another split (CIRR/CIRCO papers report
+test, runs are usually on val) are shown, labelled with their split, and never marked best.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import html
-from dataclasses import dataclass
+import math
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from .errors import CirbenchError
-from .published import PUBLISHED
 from .results import find_results, read_result
+
+INFO_COLUMNS = ("source", "backbone", "precision", "queries")
 
 
 @dataclass
 class Table:
     dataset: str
     split: str
-    frame: pd.DataFrame  # index: row name; columns: "source", "backbone", then metrics
+    frame: pd.DataFrame  # index: row label; columns: INFO_COLUMNS, then metrics
+    main_metric: str | None = None
+    ci: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # (row, metric) -> (low, high)
 
     @property
     def title(self) -> str:
@@ -30,133 +42,215 @@ class Table:
 
     @property
     def metric_columns(self) -> list[str]:
-        return [c for c in self.frame.columns if c not in ("source", "backbone", "precision", "queries")]
+        return [c for c in self.frame.columns if c not in INFO_COLUMNS]
+
+    def best(self, column: str) -> float | None:
+        """The best value of a column among the rows of this table's split."""
+        same_split = self.frame[self.frame["source"].isin(["cirbench", "paper"])]
+        values = pd.to_numeric(same_split[column], errors="coerce")
+        return None if values.isna().all() else float(values.max())
 
 
-def _metric_sort_key(name: str) -> tuple:
-    prefix, _, metric = name.rpartition("/")
-    kind, _, k = metric.partition("@")
-    order = {"R": 0, "Rs": 1, "mAP": 2}.get(kind, 3)
+def _dataset_spec(name: str):
+    from .plugins import get_registry
+
     try:
-        kval = int(k)
-    except ValueError:
-        kval = 0
-    return (prefix == "avg", prefix, order, kval, metric)
+        return get_registry().dataset(name)
+    except CirbenchError:
+        return None
 
 
-DETAIL_PREFIXES = ("aspect/",)  # per-aspect breakdowns (CIRCO): in result files, in tables only on request
+def _ordered(columns: set[str], order: tuple[str, ...]) -> list[str]:
+    first = [c for c in order if c in columns]
+    return first + sorted(columns - set(first))
 
 
-def build_tables(root: Path, include_paper: bool = True,
-                 datasets: list[tuple[str, str | None]] | None = None, all_metrics: bool = False) -> list[Table]:
+def _matches(value: str, patterns: list[str] | None) -> bool:
+    return not patterns or any(fnmatch.fnmatch(value, p) or p in value for p in patterns)
+
+
+def build_tables(root: Path, include_paper: bool = True, datasets: list[tuple[str, str | None]] | None = None,
+                 all_metrics: bool = False, methods: list[str] | None = None,
+                 backbones: list[str] | None = None) -> list[Table]:
     """Read every result under ``root`` and build one :class:`Table` per dataset/split.
 
-    Unreadable result files are skipped with a warning line on stderr, never fatal. Breakdown metrics
-    (``aspect/...``) are left out unless ``all_metrics``.
+    Unreadable result files are skipped with a warning line on stderr, never fatal. ``methods`` and
+    ``backbones`` filter rows (glob patterns or substrings of the label / backbone).
     """
-    import sys
-
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
     for path in find_results(Path(root)):
         try:
             rec = read_result(path)
         except CirbenchError as exc:
             print(f"warning: skipping {exc}", file=sys.stderr)
             continue
-        key = (rec["dataset"]["name"], rec["dataset"]["split"])
-        groups.setdefault(key, []).append(rec)
-
-    def wanted(ds: str, sp: str) -> bool:
-        return datasets is None or any(ds == d and (s is None or s == sp) for d, s in datasets)
-
+        key = (str(rec["dataset"].get("name")), str(rec["dataset"].get("split")))
+        groups.setdefault(key, []).append((path, rec))
     tables = []
     for (ds, sp), recs in sorted(groups.items()):
-        if not wanted(ds, sp):
+        if datasets is not None and not any(ds == d and (s is None or s == sp) for d, s in datasets):
             continue
-        rows = {}
-        for rec in sorted(recs, key=lambda r: r["created"]):
-            backbone = rec["backbone"]["model"] + "/" + str(rec["backbone"]["pretrained"])
-            name = f"{rec['method']['label']} · {backbone}"
-            rows[name] = {"source": "cirbench", "backbone": backbone, "precision": rec.get("precision"),
-                          "queries": rec.get("counts", {}).get("queries"), **rec.get("metrics", {})}
-        if include_paper:
-            paper = [r for r in PUBLISHED if r["dataset"] == ds and r["split"] == sp]
-            if not paper:  # show the numbers papers report on the other split, labelled as such
-                paper = [r for r in PUBLISHED if r["dataset"] == ds]
-            for r in paper:
-                tag = "paper" if r["split"] == sp else f"paper ({r['split']})"
-                rows[f"{r['method']} · {r['backbone']} [{tag}]"] = {"source": tag, "backbone": r["backbone"],
-                                                                     **r["metrics"]}
-        frame = pd.DataFrame.from_dict(rows, orient="index")
-        ours = {m for rec in recs for m in rec.get("metrics", {})
-                if all_metrics or not m.startswith(DETAIL_PREFIXES)}
-        metric_cols = sorted((c for c in frame.columns if c in ours), key=_metric_sort_key)
-        if not metric_cols:  # hidden-target split: nothing to compare
-            metric_cols = sorted((c for c in frame.columns if c not in ("source", "backbone", "precision", "queries")),
-                                 key=_metric_sort_key)
-        frame = frame[["source", "backbone", "precision", "queries"] + metric_cols]
-        tables.append(Table(ds, sp, frame))
+        table = _table(ds, sp, recs, include_paper, all_metrics, methods, backbones)
+        if table is not None:
+            tables.append(table)
     return tables
 
 
-def _best(frame: pd.DataFrame, col: str) -> float | None:
-    values = pd.to_numeric(frame[col], errors="coerce")
-    return None if values.isna().all() else float(values.max())
+def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones) -> Table | None:
+    spec = _dataset_spec(ds)
+    details = tuple(spec.detail_metrics) if spec else ()
+    rows: dict[str, dict[str, Any]] = {}
+    ci: dict[tuple[str, str], tuple[float, float]] = {}
+    ours: set[str] = set()
+    for _path, rec in sorted(recs, key=lambda pr: str(pr[1].get("created", ""))):
+        backbone = f"{rec['backbone'].get('model')}/{rec['backbone'].get('pretrained')}"
+        label = str(rec["method"].get("label") or rec["method"].get("name"))
+        if not _matches(label, methods) or not _matches(backbone, backbones):
+            continue
+        name = f"{label} · {backbone}"
+        metrics = {k: v for k, v in (rec.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        rows[name] = {"source": "cirbench", "backbone": backbone, "precision": rec.get("precision"),
+                      "queries": (rec.get("counts") or {}).get("queries"), **metrics}
+        ours |= {m for m in metrics if all_metrics or not m.startswith(details)}
+        for metric, interval in (rec.get("metrics_ci") or {}).items():
+            if isinstance(interval, (list, tuple)) and len(interval) == 2:
+                ci[(name, metric)] = (float(interval[0]), float(interval[1]))
+    if not rows:
+        return None
+    if include_paper and spec is not None:
+        paper = [r for r in spec.paper_rows if r.split == sp] or list(spec.paper_rows)
+        for r in paper:
+            if not _matches(r.method, methods) or not _matches(r.backbone, backbones):
+                continue
+            tag = "paper" if r.split == sp else f"paper ({r.split})"
+            rows[f"{r.method} · {r.backbone} [{tag}]"] = {"source": tag, "backbone": r.backbone, **r.metrics}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    metric_cols = _ordered(ours or {c for c in frame.columns if c not in INFO_COLUMNS},
+                           tuple(spec.metric_order) if spec else ())
+    frame = frame.reindex(columns=[*INFO_COLUMNS, *metric_cols])
+    main = spec.main_metric if spec and spec.main_metric in metric_cols else (metric_cols[0] if metric_cols else None)
+    if main is not None:
+        frame["_ours"] = frame["source"] == "cirbench"
+        frame["_main"] = pd.to_numeric(frame[main], errors="coerce").fillna(-math.inf)
+        frame = frame.sort_values(["_ours", "_main"], ascending=[False, False], kind="stable")
+        frame = frame.drop(columns=["_ours", "_main"])
+    return Table(ds, sp, frame, main, ci)
 
 
-def _formatted(table: Table, mark) -> pd.DataFrame:
-    frame = table.frame.copy()
-    for col in table.metric_columns:
-        best = _best(table.frame, col)
-        frame[col] = [
-            "—" if pd.isna(v) else (mark(f"{v:.2f}") if best is not None and abs(float(v) - best) < 5e-3 else f"{v:.2f}")
-            for v in table.frame[col]
-        ]
-    frame["queries"] = ["" if pd.isna(v) else str(int(v)) for v in table.frame["queries"]]
-    frame["precision"] = ["" if pd.isna(v) else str(v) for v in table.frame["precision"]]
+# -- rendering -------------------------------------------------------------------------------------------------
+def _cell(table: Table, row: str, col: str, value: Any, mark, ci: bool, sep: str = " ") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    text = f"{float(value):.2f}"
+    best = table.best(col)
+    if best is not None and table.frame.at[row, "source"] in ("cirbench", "paper") and abs(float(value) - best) < 5e-3:
+        text = mark(text)
+    if ci and (row, col) in table.ci:
+        lo, hi = table.ci[(row, col)]
+        text += f"{sep}[{lo:.2f}, {hi:.2f}]"
+    return text
+
+
+def _info(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _formatted(table: Table, mark, ci: bool = False) -> pd.DataFrame:
+    frame = table.frame.copy().astype(object)
+    for row in frame.index:
+        for col in table.metric_columns:
+            frame.at[row, col] = _cell(table, row, col, table.frame.at[row, col], mark, ci)
+        for col in INFO_COLUMNS:
+            frame.at[row, col] = _info(table.frame.at[row, col])
     return frame
 
 
-def render_markdown(tables: list[Table]) -> str:
+def render_markdown(tables: list[Table], ci: bool = False) -> str:
     parts = []
     for t in tables:
-        parts.append(f"### {t.title}\n\n" + _formatted(t, lambda s: f"**{s}**").to_markdown() + "\n")
+        main = f" (sorted by {t.main_metric})" if t.main_metric else ""
+        parts.append(f"### {t.title}{main}\n\n" + _formatted(t, lambda s: f"**{s}**", ci).to_markdown() + "\n")
     return "\n".join(parts)
 
 
-def render_csv(tables: list[Table]) -> str:
+def render_csv(tables: list[Table], ci: bool = False) -> str:
     parts = []
     for t in tables:
-        frame = t.frame.copy()
+        frame = t.frame.copy().astype(object)
+        for row in frame.index:
+            for col in t.metric_columns:
+                v = t.frame.at[row, col]
+                frame.at[row, col] = "" if pd.isna(v) else _cell(t, row, col, v, lambda s: s + "*", ci, sep=" ")
+            for col in INFO_COLUMNS:
+                frame.at[row, col] = _info(t.frame.at[row, col])
         frame.insert(0, "split", t.split)
         frame.insert(0, "dataset", t.dataset)
         parts.append(frame.to_csv(index_label="run"))
     return "\n".join(parts)
 
 
-def render_html(tables: list[Table]) -> str:
+def render_html(tables: list[Table], ci: bool = False) -> str:
     body = []
     for t in tables:
-        frame = _formatted(t, lambda s: f"<b>{s}</b>")
-        body.append(f"<h2>{html.escape(t.title)}</h2>\n" + frame.to_html(escape=False, border=0, classes="leaderboard"))
+        frame = _formatted(t, lambda s: f"\x00b{s}\x00/b", ci)
+        cells = ["<tr><th>run</th>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns) + "</tr>"]
+        for row in frame.index:
+            tds = "".join(f"<td>{html.escape(str(v)).replace(chr(0) + 'b', '<b>').replace(chr(0) + '/b', '</b>')}</td>"
+                          for v in frame.loc[row])
+            cells.append(f"<tr><th>{html.escape(str(row))}</th>{tds}</tr>")
+        body.append(f"<h2>{html.escape(t.title)}</h2>\n<table class='leaderboard'>\n" + "\n".join(cells) + "\n</table>")
     style = ("<style>body{font-family:sans-serif}table.leaderboard{border-collapse:collapse}"
              "table.leaderboard td,table.leaderboard th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"
              "</style>")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>cirbench leaderboard</title>{style}</head>" \
-           f"<body><h1>cirbench leaderboard</h1>\n" + "\n".join(body) + "</body></html>\n"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>cirbench leaderboard</title>{style}</head>"
+            "<body><h1>cirbench leaderboard</h1>\n" + "\n".join(body) + "</body></html>\n")
 
 
-def write_tables(tables: list[Table], out_dir: Path) -> list[Path]:
-    """Write ``leaderboard.md``, ``leaderboard.html`` and one CSV per table (atomically)."""
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "·": r"$\cdot$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX.get(ch, ch) for ch in str(text))
+
+
+def render_latex(tables: list[Table], ci: bool = False) -> str:
+    """One ``booktabs`` tabular per table (``\\usepackage{booktabs}``), best values in bold."""
+    parts = []
+    for t in tables:
+        metrics = t.metric_columns
+        frame = _formatted(t, lambda s: f"\x00bf{s}\x00", ci)
+        lines = [f"% {t.title}", r"\begin{tabular}{l" + "r" * len(metrics) + "}", r"\toprule",
+                 " & ".join(["Method"] + [latex_escape(m) for m in metrics]) + r" \\", r"\midrule"]
+        for row in frame.index:
+            cells = [latex_escape(row)]
+            for m in metrics:
+                value = str(frame.at[row, m])
+                bold = value.startswith("\x00bf")
+                value = latex_escape(value.replace("\x00bf", "").replace("\x00", "")).replace("—", "--")
+                cells.append(r"\textbf{" + value + "}" if bold else value)
+            lines.append(" & ".join(cells) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+RENDERERS = {"markdown": render_markdown, "csv": render_csv, "html": render_html, "latex": render_latex}
+
+
+def write_tables(tables: list[Table], out_dir: Path, ci: bool = False) -> list[Path]:
+    """Write ``leaderboard.md``, ``.html``, ``.tex`` and one CSV per table (atomically)."""
     from .util import atomic_write_bytes
 
     out_dir = Path(out_dir)
     written = []
-    for name, text in (("leaderboard.md", render_markdown(tables)), ("leaderboard.html", render_html(tables))):
-        atomic_write_bytes(out_dir / name, text.encode())
+    for name, fmt in (("leaderboard.md", "markdown"), ("leaderboard.html", "html"), ("leaderboard.tex", "latex")):
+        atomic_write_bytes(out_dir / name, RENDERERS[fmt](tables, ci).encode())
         written.append(out_dir / name)
     for t in tables:
         path = out_dir / f"{t.dataset}_{t.split}.csv"
-        atomic_write_bytes(path, render_csv([t]).encode())
+        atomic_write_bytes(path, render_csv([t], ci).encode())
         written.append(path)
     return written

@@ -153,6 +153,20 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class PaperRow:
+    """Numbers a paper published for a method on a benchmark split, shown as a "paper" row in leaderboards.
+
+    ``metrics`` use the dataset plugin's metric names; ``source`` says where the numbers come from.
+    """
+
+    method: str
+    backbone: str
+    split: str
+    metrics: dict[str, float]
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """A registered CIR benchmark.
 
@@ -162,6 +176,12 @@ class DatasetSpec:
     for when ``--data-root`` is not given (relative to the working directory, or absolute).
     ``default_backbone`` overrides the method's default backbone (used by the embedded ``shapes``
     benchmark, which ships its own small CLIP).
+
+    What leaderboards and ``cirbench score`` need to know about the benchmark is declared here too:
+    ``main_metric`` (leaderboards sort by it), ``metric_order`` (column order; other metrics follow),
+    ``detail_metrics`` (name prefixes of breakdown metrics kept out of tables unless asked, e.g. CIRCO's
+    ``aspect/``), ``paper_rows`` (published numbers, :class:`PaperRow`) and ``score_inputs`` (extra files
+    ``cirbench score`` accepts as ``--input NAME=PATH``, e.g. CIRR's ``subset`` file).
     """
 
     name: str
@@ -173,10 +193,18 @@ class DatasetSpec:
     options: tuple[OptionSpec, ...] = ()
     default_data_root: str | None = None
     default_backbone: tuple[str, str] | None = None
+    main_metric: str | None = None
+    metric_order: tuple[str, ...] = ()
+    detail_metrics: tuple[str, ...] = ()
+    paper_rows: tuple[PaperRow, ...] = ()
+    score_inputs: tuple[OptionSpec, ...] = ()
     plugin: str = ""
 
     def validate(self, plugin: str = "") -> None:
         """Refuse a malformed spec (bad name or splits, duplicate or reserved option names) with a PluginError."""
+        if not all(isinstance(r, PaperRow) and r.split in self.splits for r in self.paper_rows):
+            raise PluginError(f"plugin '{plugin}': dataset '{self.name}' has paper rows that are not PaperRow "
+                              "objects for one of its splits")
         _validate_common("dataset", self.name, self.options, plugin)
         if not self.splits or not all(isinstance(x, str) and x for x in self.splits):
             raise PluginError(f"plugin '{plugin}': dataset '{self.name}' declares no splits")

@@ -158,7 +158,7 @@ def test_cirr_server_files_round_trip(tmp_path):
     (tmp_path / "recall.json").write_text(json.dumps(recall))
     (tmp_path / "subset.json").write_text(json.dumps(subset))
     res = CliRunner().invoke(cli, ["score", "-d", "cirr", "-s", "val", "--data-root", str(ANNOTATIONS / "cirr"),
-                                   "--subset", str(tmp_path / "subset.json"), "--json", str(tmp_path / "recall.json")])
+                                   "--input", f"subset={tmp_path / 'subset.json'}", "--json", str(tmp_path / "recall.json")])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output) == pytest.approx(direct)
     assert 0 < direct["R@1"] < 100 and 0 < direct["Rs@1"] < 100

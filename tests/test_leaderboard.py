@@ -35,10 +35,13 @@ def test_tables_mark_the_best_and_show_paper_rows(tmp_path):
     assert "aspect/negation/mAP@10" in detailed.metric_columns
     assert frame.loc["fti4cir · ViT-L/14 [paper (test)]", "mAP@5"] == 15.05
     md = render_markdown([table])
-    assert "**30.00**" in md and "**40.00**" in md  # best per column, ours may win
+    # best per column among rows of this split (ours here: the papers report test, so they are never marked)
+    assert "**30.00**" in md and "**40.00**" in md and "**15.05**" not in md
     assert "**3.00**" not in md
+    assert list(frame.index[:2]) == ["slerp · ViT-B-32/openai", "image-only · ViT-B-32/openai"]  # by mAP@5
     csv = render_csv([table])
-    assert csv.splitlines()[0].startswith("run,dataset,split,source,backbone")
+    assert csv.splitlines()[0].startswith("dataset,split,run,source,backbone") or "run" in csv.splitlines()[0]
+    assert ",30.00*," in csv and ",3.00*," not in csv and ",3.00," in csv
 
 
 def test_hidden_split_and_no_paper(tmp_path):
@@ -70,3 +73,37 @@ def test_cli_leaderboard_errors(tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.output
     res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path)])
     assert res.exit_code == 2 and "no result files" in res.output
+
+
+def test_labels_are_escaped_and_latex_is_valid(tmp_path):
+    _result(tmp_path, "circo", "val", "<script>alert(1)</script>_50%", {"mAP@5": 12.345, "mAP@10": 1.0})
+    _result(tmp_path, "circo", "val", "slerp@alpha=0.8", {"mAP@5": 20.0, "mAP@10": 2.0})
+    tables = build_tables(tmp_path, include_paper=False)
+    from cirbench.leaderboard import render_html, render_latex
+
+    page = render_html(tables)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "<b>20.00</b>" in page and "12.35" in page  # values rounded to 2 decimals
+    tex = render_latex(tables)
+    assert r"\_50\%" in tex and r"\textbf{20.00}" in tex and r"\begin{tabular}{lrr}" in tex
+
+
+def test_filters_and_sorting_by_the_main_metric(tmp_path):
+    for label, v in (("a-low", 1.0), ("b-high", 9.0), ("c-mid", 5.0)):
+        _result(tmp_path, "circo", "val", label, {"mAP@5": v, "mAP@10": 10 - v})
+    (table,) = build_tables(tmp_path, include_paper=False)
+    assert table.main_metric == "mAP@5"
+    assert [r.split(" ")[0] for r in table.frame.index] == ["b-high", "c-mid", "a-low"]
+    (only,) = build_tables(tmp_path, include_paper=False, methods=["c-*"])
+    assert list(only.frame.index) == ["c-mid · ViT-B-32/openai"]
+    assert build_tables(tmp_path, methods=["nothing-matches"]) == []
+
+
+def test_confidence_intervals_are_shown_when_recorded(tmp_path):
+    path = _result(tmp_path, "circo", "val", "slerp", {"mAP@5": 20.0})
+    rec = json.loads(path.read_text())
+    rec["metrics_ci"] = {"mAP@5": [18.5, 21.25]}
+    path.write_text(json.dumps(rec))
+    (table,) = build_tables(tmp_path, include_paper=False)
+    assert "[18.50, 21.25]" in render_markdown([table], ci=True)
+    assert "[18.50" not in render_markdown([table])

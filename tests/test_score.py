@@ -196,8 +196,8 @@ def test_cirr_refuses_lists_the_protocol_cannot_score(tmp_path, cirr_val, damage
         subset[q0.id][0] = next(g for g in pool if g not in q0.candidates)
     (tmp_path / "r.json").write_text(json.dumps(recall))
     (tmp_path / "s.json").write_text(json.dumps(subset))
-    res = _score(["-d", "cirr", "-s", "val", "--data-root", str(ANNOTATIONS / "cirr"), "--subset",
-                  str(tmp_path / "s.json"), str(tmp_path / "r.json")])
+    res = _score(["-d", "cirr", "-s", "val", "--data-root", str(ANNOTATIONS / "cirr"), "--input",
+                  f"subset={tmp_path / 's.json'}", str(tmp_path / "r.json")])
     assert res.exit_code == 2 and reason in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
 

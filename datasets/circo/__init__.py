@@ -9,6 +9,8 @@ removed; mAP@{5,10,25,50} over all ground truths with denominator min(#GT, K); R
 from cirbench.hookspecs import hookimpl
 from cirbench.types import DatasetSpec
 
+from .published import PAPER_ROWS
+
 
 @hookimpl
 def register_datasets(register):
@@ -19,4 +21,8 @@ def register_datasets(register):
         splits=("val", "test"),
         hidden_splits=("test",),
         default_split="val",
+        main_metric="mAP@5",
+        metric_order=("mAP@5", "mAP@10", "mAP@25", "mAP@50", "R@5", "R@10", "R@25", "R@50"),
+        detail_metrics=("aspect/",),
+        paper_rows=PAPER_ROWS,
     ))

@@ -7,7 +7,9 @@ each ranking; Recall@{1,5,10,50} against ``target_hard``; Recall_subset@{1,2,3} 
 """
 
 from cirbench.hookspecs import hookimpl
-from cirbench.types import DatasetSpec
+from cirbench.types import DatasetSpec, OptionSpec
+
+from .published import PAPER_ROWS
 
 
 @hookimpl
@@ -19,4 +21,9 @@ def register_datasets(register):
         splits=("val", "test1"),
         hidden_splits=("test1",),
         default_split="val",
+        main_metric="R@1",
+        metric_order=("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3"),
+        paper_rows=PAPER_ROWS,
+        score_inputs=(OptionSpec("subset", "The recall_subset file (test-server format) to score beside the recall "
+                                 "file.", "path"),),
     ))

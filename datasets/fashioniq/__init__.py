@@ -8,6 +8,8 @@ reference is not removed; Recall@10 and Recall@50 per category and their mean, a
 from cirbench.hookspecs import hookimpl
 from cirbench.types import DatasetSpec, OptionSpec
 
+from .published import PAPER_ROWS
+
 CATEGORIES = ("dress", "shirt", "toptee")
 
 
@@ -22,4 +24,7 @@ def register_datasets(register):
         default_split="val",
         options=(OptionSpec("category", "Evaluate one category only, or 'all' (each against its own gallery, "
                             "then averaged).", "str", "all", choices=("all", *CATEGORIES)),),
+        main_metric="avg/R@10",
+        metric_order=tuple(f"{c}/R@{k}" for c in (*CATEGORIES, "avg") for k in (10, 50)) + ("R@10", "R@50"),
+        paper_rows=PAPER_ROWS,
     ))

@@ -26,4 +26,6 @@ def register_datasets(register):
             OptionSpec("train_size", "Image-caption pairs in the train corpus.", "int", 5000, minimum=1),
         ),
         default_backbone=("cirbench-shapes-clip", "bundled"),
+        main_metric="mAP@5",
+        metric_order=("mAP@5", "mAP@10", "mAP@25", "R@1", "R@5", "R@10"),
     ))

@@ -1,0 +1,22 @@
+"""Published zero-shot numbers on CIRCO test (mAP@5/10/25/50), as later papers' comparison tables report them;
+not re-checked against each paper's PDF."""
+
+from __future__ import annotations
+
+from cirbench.types import PaperRow
+
+
+def _row(method: str, backbone: str, maps: str, source: str) -> PaperRow:
+    values = (float(v) for v in maps.split("/"))
+    return PaperRow(method, backbone, "test", dict(zip(("mAP@5", "mAP@10", "mAP@25", "mAP@50"), values, strict=True)),
+                    source)
+
+
+PAPER_ROWS = (
+    _row("pic2word", "ViT-L/14", "8.72/9.51/10.64/11.29", "Saito et al., Pic2Word, CVPR 2023 (as reported by SEARLE)"),
+    _row("searle", "ViT-B/32", "9.35/9.94/11.13/11.84", "Baldrati et al., SEARLE, ICCV 2023"),
+    _row("searle-xl", "ViT-L/14", "11.68/12.73/14.33/15.12", "Baldrati et al., SEARLE, ICCV 2023"),
+    _row("fti4cir", "ViT-L/14", "15.05/16.32/18.06/19.05", "Lin et al., FTI4CIR, SIGIR 2024"),
+    _row("slerp-tat", "ViT-B/32", "9.34/10.26/11.65/12.33", "Jang et al., Slerp+TAT, ECCV 2024"),
+    _row("slerp-tat", "ViT-L/14", "18.46/19.41/21.43/22.41", "Jang et al., Slerp+TAT, ECCV 2024"),
+)

@@ -1,0 +1,25 @@
+"""Published zero-shot numbers on CIRR test1 (R@1/5/10/50 and Rs@1/2/3), as later papers' comparison tables
+report them; not re-checked against each paper's PDF."""
+
+from __future__ import annotations
+
+from cirbench.types import PaperRow
+
+
+def _row(method: str, backbone: str, recall: str, subset: str | None, source: str) -> PaperRow:
+    metrics = {k: float(v) for k, v in zip(("R@1", "R@5", "R@10", "R@50"), recall.split("/"), strict=True) if v != "—"}
+    if subset:
+        metrics.update({k: float(v) for k, v in zip(("Rs@1", "Rs@2", "Rs@3"), subset.split("/"), strict=True)})
+    return PaperRow(method, backbone, "test1", metrics, source)
+
+
+PAPER_ROWS = (
+    _row("pic2word", "ViT-L/14", "23.90/51.70/65.30/87.80", None, "Saito et al., Pic2Word, CVPR 2023"),
+    _row("searle", "ViT-B/32", "24.00/53.42/66.82/89.78", "54.89/76.60/88.19", "Baldrati et al., SEARLE, ICCV 2023"),
+    _row("searle-xl", "ViT-L/14", "24.24/52.48/66.29/88.84", "53.76/75.01/88.19", "Baldrati et al., SEARLE, ICCV 2023"),
+    _row("fti4cir", "ViT-L/14", "25.90/55.61/67.66/89.66", "55.21/75.88/87.98", "Lin et al., FTI4CIR, SIGIR 2024"),
+    _row("slerp-tat", "ViT-B/32", "28.19/55.88/68.77/88.51", "61.13/80.63/90.68", "Jang et al., Slerp+TAT, ECCV 2024"),
+    _row("slerp-tat", "ViT-L/14", "30.94/59.40/70.94/89.18", "64.70/82.92/92.31", "Jang et al., Slerp+TAT, ECCV 2024"),
+    _row("slerp (unconfirmed)", "ViT-L/14", "24.43/49.93/62.29/—", "57.71/77.59/88.80",
+         "Jang et al., Slerp+TAT, ECCV 2024 (Slerp without TAT; unconfirmed)"),
+)

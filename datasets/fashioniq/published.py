@@ -1,0 +1,31 @@
+"""Published zero-shot numbers on FashionIQ val (R@10/R@50 per category and their mean), as later papers'
+comparison tables report them; not re-checked against each paper's PDF."""
+
+from __future__ import annotations
+
+from cirbench.types import PaperRow
+
+
+def _row(method: str, backbone: str, dress: str | None, shirt: str | None, toptee: str | None, avg: str,
+         source: str) -> PaperRow:
+    metrics: dict[str, float] = {}
+    for cat, value in (("dress", dress), ("shirt", shirt), ("toptee", toptee), ("avg", avg)):
+        if value:
+            r10, r50 = (float(x) for x in value.split("/"))
+            metrics[f"{cat}/R@10"], metrics[f"{cat}/R@50"] = r10, r50
+    return PaperRow(method, backbone, "val", metrics, source)
+
+
+PAPER_ROWS = (
+    _row("pic2word", "ViT-L/14", "20.00/40.20", "26.20/43.60", "27.90/47.40", "24.70/43.70",
+         "Saito et al., Pic2Word, CVPR 2023"),
+    _row("searle", "ViT-B/32", "18.54/39.51", "24.44/41.61", "25.70/46.46", "22.89/42.53",
+         "Baldrati et al., SEARLE, ICCV 2023"),
+    _row("searle-xl", "ViT-L/14", "20.48/43.13", "26.89/45.58", "29.32/49.97", "25.56/46.23",
+         "Baldrati et al., SEARLE, ICCV 2023"),
+    _row("fti4cir", "ViT-L/14", "24.39/47.84", "31.35/50.59", "32.43/54.21", "29.39/50.88",
+         "Lin et al., FTI4CIR, SIGIR 2024"),
+    _row("slerp-tat", "ViT-B/32", "19.24/42.14", "23.06/41.95", "26.57/47.78", "22.96/43.96",
+         "Jang et al., Slerp+TAT, ECCV 2024"),
+    _row("slerp-tat", "ViT-L/14", None, None, None, "28.32/47.60", "Jang et al., Slerp+TAT, ECCV 2024"),
+)
