@@ -84,3 +84,21 @@ def checkpoint_sha256(path: Path | str) -> str:
     path = Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path
     return file_sha256(folder / WEIGHTS)
+
+
+def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``tensors`` into ``module`` strictly; a CheckpointError names the first mismatch."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in tensors and tensors[k].shape != own[k].shape]
+    nonfinite = next((k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()
+                      and not bool(torch.isfinite(v).all())), None)
+    if nonfinite is not None:
+        raise CheckpointError(f"checkpoint {source} holds non-finite values (NaN or Inf) in {nonfinite}")
+    if missing or unexpected or wrong:
+        first = (wrong + [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected])[0]
+        raise CheckpointError(f"checkpoint {source} does not fit this backbone: {len(wrong)} mismatched, "
+                              f"{len(missing)} missing, {len(unexpected)} unexpected tensors (first: {first})")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})

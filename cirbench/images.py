@@ -13,12 +13,13 @@ import os
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ImageError
 from .types import ImageRef
+
+if TYPE_CHECKING:
+    import torch
 
 JPEG_MODES = ("RGB", "L")  # JPEGs the batched decoder turns into the same RGB pixels as PIL's convert("RGB")
 
@@ -105,6 +106,8 @@ def open_pil(data: bytes, name: str, max_pixels: int):
 def decode_bytes(data: bytes | torch.Tensor, name: str = "<bytes>", max_pixels: int | None = None) -> torch.Tensor:
     """Decode encoded image bytes to a uint8 RGB ``[3, H, W]`` tensor on the CPU (torchvision.io, PIL for
     formats it lacks); ImageError if they are not an image or exceed ``max_pixels``."""
+    import numpy as np
+    import torch
     from torchvision.io import ImageReadMode, decode_image
 
     buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)

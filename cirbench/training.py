@@ -131,7 +131,7 @@ class NetTrainable(TrainableMethod):
         return self.net.state_dict()
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        from .textinv import load_module_weights
+        from .checkpoints import load_module_weights
 
         load_module_weights(self.net, tensors, "resume checkpoint")
 

@@ -16,8 +16,8 @@ from cirbench.backbones import load_backbone
 from cirbench.checkpoints import save_checkpoint
 from cirbench.cli import cli
 from cirbench.errors import CheckpointError
+from cirbench.methods._shared.textinv import encode_with_pseudo_tokens, token_embedding_module
 from cirbench.safe_unpickle import load_pickled_module_tensors
-from cirbench.textinv import encode_with_pseudo_tokens, token_embedding_module
 from cirbench.types import Query
 
 
@@ -101,8 +101,8 @@ def test_pic2word_trains_and_mismatch_is_one_line(tmp_path, tiny_config):
 
 # -- SEARLE ---------------------------------------------------------------------------------------------
 def test_searle_official_weights_file_and_fashioniq_averaging(tmp_path, backbone):
+    from cirbench.methods._shared.textinv import Phi
     from cirbench.methods.searle.model import Searle
-    from cirbench.textinv import Phi
 
     phi = Phi(32, 128, 32)
     official = tmp_path / "SEARLE_tiny.pt"

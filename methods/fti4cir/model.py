@@ -11,13 +11,20 @@ import torch
 import torch.nn.functional as F
 
 from cirbench import distributed as dist_utils
-from cirbench.backbones import Backbone, file_sha256
+from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
 from cirbench.method import Method, average_variants
+from cirbench.methods._shared.textinv import (
+    Phi,
+    clean_text,
+    encode_with_pseudo_tokens,
+    load_module_weights,
+    token_width,
+)
 from cirbench.safe_unpickle import load_pickled_module_tensors
-from cirbench.textinv import Phi, clean_text, encode_with_pseudo_tokens, load_module_weights, token_width
 from cirbench.training import NetTrainable
 from cirbench.types import Query
+from cirbench.util import file_sha256
 
 PLACEHOLDER = "*"
 DEFAULTS = {"num_queries": 24, "max_attributes": 12, "threshold": 0.05, "layers": 3}

@@ -10,8 +10,7 @@ import torch
 from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
 from cirbench.method import Method
-from cirbench.safe_unpickle import load_state_dict
-from cirbench.textinv import (
+from cirbench.methods._shared.textinv import (
     RawImageReferences,
     clean_text,
     encode_with_pseudo_tokens,
@@ -19,6 +18,7 @@ from cirbench.textinv import (
     raw_image_features,
     token_width,
 )
+from cirbench.safe_unpickle import load_state_dict
 from cirbench.training import NetTrainable, contrastive_loss
 from cirbench.types import Query
 from cirbench.util import file_sha256

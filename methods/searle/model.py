@@ -11,8 +11,7 @@ from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
 from cirbench.errors import CheckpointError, CirbenchError
 from cirbench.method import Method, average_variants, caption_variants
-from cirbench.safe_unpickle import load_state_dict
-from cirbench.textinv import (
+from cirbench.methods._shared.textinv import (
     Phi,
     RawImageReferences,
     clean_text,
@@ -20,6 +19,7 @@ from cirbench.textinv import (
     load_module_weights,
     token_width,
 )
+from cirbench.safe_unpickle import load_state_dict
 from cirbench.types import Query
 from cirbench.util import file_sha256
 

@@ -7,8 +7,7 @@ a lazy "module:Class" string, so ``cirbench methods`` does not import torch.
 
 import click
 
-from cirbench.hookspecs import hookimpl
-from cirbench.types import MethodSpec, OptionSpec
+from cirbench import MethodSpec, OptionSpec, hookimpl
 
 
 @hookimpl
@@ -18,7 +17,7 @@ def register_methods(register):
         description="normalize((1 - w) * image + w * text): the vector-arithmetic baseline (example plugin).",
         factory="cirbench_example_plugin.method:WeightedSum",
         options=(OptionSpec("weight", "Weight of the text feature (0 = image-only, 1 = text-only).", "float", 0.5,
-                            sweepable=True),),
+                            sweepable=True, minimum=0.0, maximum=1.0),),
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="clip",
     ))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cirbench.method import Method, average_variants, caption_variants
+from cirbench import Method, average_variants, caption_variants
 
 
 class WeightedSum(Method):

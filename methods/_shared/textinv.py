@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .backbones import Backbone
-from .errors import CirbenchError
+from cirbench.backbones import Backbone
+from cirbench.checkpoints import load_module_weights  # noqa: F401 - re-exported for methods
+from cirbench.errors import CirbenchError
 
 PLACEHOLDERS = ("*", "$")
 
@@ -130,23 +131,3 @@ class RawImageReferences:
 
     def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
         return raw_image_features(self.backbone, pixels)
-
-
-def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``tensors`` into ``module`` strictly; a CheckpointError names the first mismatch."""
-    from .errors import CheckpointError
-
-    own = module.state_dict()
-    missing = [k for k in own if k not in tensors]
-    unexpected = [k for k in tensors if k not in own]
-    wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in tensors and tensors[k].shape != own[k].shape]
-    nonfinite = next((k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()
-                      and not bool(torch.isfinite(v).all())), None)
-    if nonfinite is not None:
-        raise CheckpointError(f"checkpoint {source} holds non-finite values (NaN or Inf) in {nonfinite}")
-    if missing or unexpected or wrong:
-        first = (wrong + [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected])[0]
-        raise CheckpointError(f"checkpoint {source} does not fit this backbone: {len(wrong)} mismatched, "
-                              f"{len(missing)} missing, {len(unexpected)} unexpected tensors (first: {first})")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})

@@ -1,0 +1,145 @@
+"""Testing helpers for plugin authors (and cirbench's own tests).
+
+Installed as a pytest plugin (entry point ``pytest11``), so a plugin's test suite gets these fixtures with no
+set-up:
+
+* ``cirbench_tiny_config``: path to a tiny open_clip model config (``--backbone PATH --pretrained none``
+  builds a random, fast model; no download);
+* ``cirbench_toy_root``: a tiny composed-retrieval dataset on disk (coloured squares, "make it <colour>");
+* ``cirbench_register``: ``cirbench_register(plugin, name)`` registers an in-process plugin for the current
+  test only (the registry is reset afterwards);
+* ``cirbench_toy``: registers the toy dataset plugin (dataset ``toy``) for the test and returns the registry.
+
+Outside pytest: :func:`write_tiny_config`, :func:`write_toy_dataset`, :func:`registered` and
+:class:`ToyDatasetPlugin`. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .dataset import Dataset
+from .hookspecs import hookimpl
+from .types import DatasetSpec, EvalSet, OptionSpec, Query
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TOY_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def write_tiny_config(folder: Path, name: str = "cirbench-tiny-test") -> Path:
+    """Write the tiny open_clip config as ``<folder>/<name>.json`` (the model is registered under ``name``)."""
+    path = Path(folder) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(TINY_CLIP))
+    return path
+
+
+def write_toy_dataset(root: Path) -> Path:
+    """Twelve coloured images (three per colour, slightly different sizes) and twelve queries "make it <next
+    colour>" whose targets are the three images of that colour; returns ``root``."""
+    from PIL import Image
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    items = []
+    for i, (cname, rgb) in enumerate(TOY_COLOURS.items()):
+        for j in range(3):
+            name = f"img_{cname}_{j}.png"
+            Image.new("RGB", (36 + 4 * j, 28 + 2 * i), rgb).save(root / "images" / name)
+            items.append((name, cname))
+    colours = list(TOY_COLOURS)
+    queries = []
+    for qi, (name, cname) in enumerate(items):
+        target = colours[(colours.index(cname) + 1) % len(colours)]
+        queries.append({"id": str(qi), "reference": name, "text": f"make it {target}",
+                        "targets": [n for n, c in items if c == target]})
+    (root / "queries.json").write_text(json.dumps({"gallery": [n for n, _ in items], "queries": queries}))
+    return root
+
+
+class ToyDataset(Dataset):
+    """The toy dataset: one evaluation set, reference excluded (CIRR-style), R@1/5 and mAP@5."""
+
+    def load(self, split: str) -> list[EvalSet]:
+        self.check_split(split)
+        data = self.read_json(self.data_root / "queries.json")
+        images = {n: self.image(n, Path("images") / n) for n in data["gallery"]}
+        hidden = split in self.hidden_splits
+        queries = [Query(q["id"], q["reference"], (q["text"],), () if hidden else tuple(q["targets"]))
+                   for q in data["queries"]]
+        return [EvalSet("all", list(images.values()), queries, dict(images), exclude_reference=True,
+                        hidden_targets=hidden, topk=10)]
+
+    def metrics(self, evalset: EvalSet, ranking: Any) -> dict[str, float]:
+        from .metrics import hits_matrix, map_at_k, recall_at_k
+
+        hits = hits_matrix(ranking.indices, ranking.target_positions([q.targets for q in evalset.queries]))
+        out = {f"R@{k}": v for k, v in recall_at_k(hits, (1, 5)).items()}
+        out.update({f"mAP@{k}": v for k, v in map_at_k(hits, [len(q.targets) for q in evalset.queries], (5,)).items()})
+        return out
+
+
+class ToyDatasetPlugin:
+    """A plugin registering the toy dataset as ``toy`` (splits ``val`` and hidden ``test``)."""
+
+    @hookimpl
+    def register_datasets(self, register):
+        register(DatasetSpec(name="toy", description="tiny test dataset (cirbench.testing)", factory=ToyDataset,
+                             splits=("val", "test"), hidden_splits=("test",), main_metric="R@1",
+                             options=(OptionSpec("unused", "an option for tests", "int", 0),)))
+
+
+@contextlib.contextmanager
+def registered(plugin: Any, name: str) -> Iterator[Any]:
+    """Register ``plugin`` in the process-wide registry for the duration of the block; yields the registry."""
+    from . import plugins
+
+    reg = plugins.get_registry()
+    reg.register_plugin(plugin, name=name)
+    try:
+        yield reg
+    finally:
+        plugins.reset_registry()
+
+
+# -- pytest fixtures -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def cirbench_tiny_config(tmp_path_factory) -> Path:
+    """Path to a tiny open_clip model config (random weights with ``--pretrained none``)."""
+    return write_tiny_config(tmp_path_factory.mktemp("cirbench-cfg"))
+
+
+@pytest.fixture
+def cirbench_toy_root(tmp_path) -> Path:
+    """A tiny composed-retrieval dataset on disk (see :func:`write_toy_dataset`)."""
+    return write_toy_dataset(tmp_path / "toy")
+
+
+@pytest.fixture
+def cirbench_register():
+    """``cirbench_register(plugin, name)``: register an in-process plugin for this test only."""
+    from . import plugins
+
+    def register(plugin: Any, name: str):
+        reg = plugins.get_registry()
+        reg.register_plugin(plugin, name=name)
+        return reg
+
+    yield register
+    plugins.reset_registry()
+
+
+@pytest.fixture
+def cirbench_toy(cirbench_register):
+    """The toy dataset plugin registered for this test; returns the registry."""
+    return cirbench_register(ToyDatasetPlugin(), "toy")
