@@ -51,7 +51,40 @@ _EXPORTS = {
     "RunConfig": "cirbench.evaluate",
 }  # (the loop itself is cirbench.evaluate.evaluate: a function cannot share its module's name here)
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "hookimpl",
+    "hookspec",
+    "MethodSpec",
+    "DatasetSpec",
+    "OptionSpec",
+    "PaperRow",
+    "ImageRef",
+    "Query",
+    "EvalSet",
+    "CirbenchError",
+    "AnnotationError",
+    "CheckpointError",
+    "ImageError",
+    "PluginError",
+    "UnknownNameError",
+    "Dataset",
+    "Method",
+    "caption_variants",
+    "average_variants",
+    "Ranking",
+    "rank",
+    "Backbone",
+    "load_backbone",
+    "Preprocessor",
+    "hits_matrix",
+    "recall_at_k",
+    "map_at_k",
+    "TrainableMethod",
+    "NetTrainable",
+    "contrastive_loss",
+    "RunConfig",
+]
 
 
 def __getattr__(name: str) -> Any:
