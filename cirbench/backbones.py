@@ -281,46 +281,9 @@ def load_backbone(
     pre = (pretrained or "none").strip()
     if model == BUNDLED_MODEL and pre in ("", "bundled"):
         pre = "bundled"
-    quick_gelu = needs_quick_gelu(model_name, pre)
     torch.manual_seed(seed)
-    weights_identity: dict[str, Any]
     try:
-        if pre.lower() in ("none", "random"):
-            with _quiet_random_init():
-                clip = open_clip.create_model(model_name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu)
-            weights_identity = {"kind": "random-init", "seed": seed}
-        elif pre == "bundled":
-            weights = BUNDLED_DIR / "model.safetensors"
-            if model != BUNDLED_MODEL:
-                raise CirbenchError(f"--pretrained bundled is only available for --backbone {BUNDLED_MODEL}")
-            with _quiet_random_init():
-                clip = open_clip.create_model(model_name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu)
-            _load_weights_file(clip, weights)
-            weights_identity = {"kind": "bundled", "sha256": file_sha256(weights)}
-        elif os.path.sep in pre or pre.endswith((".safetensors", ".pt", ".bin", ".pth")) or Path(pre).exists():
-            path = Path(pre).expanduser()
-            if not path.exists():
-                raise CheckpointError(f"weights file {path} does not exist")
-            with _quiet_random_init():
-                clip = open_clip.create_model(model_name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu)
-            _load_weights_file(clip, path)
-            weights_identity = {"kind": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
-        else:
-            tags = open_clip.list_pretrained_tags_by_model(model_name)
-            if pre not in tags:
-                raise UnknownNameError(f"pretrained tag for {model_name}", pre,
-                                       tags + ["none", "<path/to/weights>"])
-            cfg = open_clip.get_pretrained_cfg(model_name, pre)
-            source = cfg.get("hf_hub") or cfg.get("url") or ""
-            if not _weights_cached(cfg, cache_dir) and not _hub_reachable():
-                raise CirbenchError(
-                    f"cannot download pretrained weights '{pre}' for {model_name} ({source}): no network. "
-                    "Download them on a connected machine (they land in the Hugging Face cache) or pass "
-                    "--pretrained /path/to/weights"
-                )
-            clip = open_clip.create_model(model_name, pretrained=pre, device="cpu", cache_dir=cache_dir,
-                                          require_pretrained=True, force_quick_gelu=quick_gelu)
-            weights_identity = {"kind": "open_clip-tag", "tag": pre, "source": source}
+        clip, weights_identity = _build(model, model_name, pre, needs_quick_gelu(model_name, pre), seed, cache_dir)
     except CirbenchError:
         raise
     except Exception as exc:  # noqa: BLE001 - open_clip/hub raise many kinds; give one clear line
@@ -335,16 +298,56 @@ def load_backbone(
         from open_clip.model import convert_weights_to_lp
 
         convert_weights_to_lp(clip, dtype=LOW_PRECISION[prec])
-    preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
-    preprocess_cfg.setdefault("size", getattr(clip.visual, "image_size", 224))
-    preprocess_cfg.setdefault("mean", (0.48145466, 0.4578275, 0.40821073))
-    preprocess_cfg.setdefault("std", (0.26862954, 0.26130258, 0.27577711))
-    tokenizer = open_clip.get_tokenizer(model_name)
     config = open_clip.get_model_config(model_name) or {}
-    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-    return Backbone(model_name=model_name, pretrained=pre, model=clip, tokenizer=tokenizer, device=dev,
-                    precision=prec, preprocess_cfg=preprocess_cfg, weights_identity=weights_identity,
-                    config_sha256=config_sha, seed=seed, activation=activation_of(clip), weights_cast=cast)
+    return Backbone(model_name=model_name, pretrained=pre, model=clip, tokenizer=open_clip.get_tokenizer(model_name),
+                    device=dev, precision=prec, preprocess_cfg=_preprocess_cfg(clip), weights_identity=weights_identity,
+                    config_sha256=hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+                    seed=seed, activation=activation_of(clip), weights_cast=cast)
+
+
+def _build(model: str, model_name: str, pre: str, quick_gelu: bool, seed: int, cache_dir: str | None):
+    """The open_clip model (on the CPU) and the identity of its weights, for each kind of ``--pretrained``."""
+    import open_clip
+
+    def empty():
+        with _quiet_random_init():
+            return open_clip.create_model(model_name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu)
+
+    if pre.lower() in ("none", "random"):
+        return empty(), {"kind": "random-init", "seed": seed}
+    if pre == "bundled":
+        if model != BUNDLED_MODEL:
+            raise CirbenchError(f"--pretrained bundled is only available for --backbone {BUNDLED_MODEL}")
+        clip, weights = empty(), BUNDLED_DIR / "model.safetensors"
+        _load_weights_file(clip, weights)
+        return clip, {"kind": "bundled", "sha256": file_sha256(weights)}
+    if os.path.sep in pre or pre.endswith((".safetensors", ".pt", ".bin", ".pth")) or Path(pre).exists():
+        path = Path(pre).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"weights file {path} does not exist")
+        clip = empty()
+        _load_weights_file(clip, path)
+        return clip, {"kind": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pre not in tags:
+        raise UnknownNameError(f"pretrained tag for {model_name}", pre, tags + ["none", "<path/to/weights>"])
+    cfg = open_clip.get_pretrained_cfg(model_name, pre)
+    source = cfg.get("hf_hub") or cfg.get("url") or ""
+    if not _weights_cached(cfg, cache_dir) and not _hub_reachable():
+        raise CirbenchError(f"cannot download pretrained weights '{pre}' for {model_name} ({source}): no network. "
+                            "Download them on a connected machine (they land in the Hugging Face cache) or pass "
+                            "--pretrained /path/to/weights")
+    clip = open_clip.create_model(model_name, pretrained=pre, device="cpu", cache_dir=cache_dir,
+                                  require_pretrained=True, force_quick_gelu=quick_gelu)
+    return clip, {"kind": "open_clip-tag", "tag": pre, "source": source}
+
+
+def _preprocess_cfg(clip: Any) -> dict:
+    cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
+    cfg.setdefault("size", getattr(clip.visual, "image_size", 224))
+    cfg.setdefault("mean", (0.48145466, 0.4578275, 0.40821073))
+    cfg.setdefault("std", (0.26862954, 0.26130258, 0.27577711))
+    return cfg
 
 
 def _check_finite_weights(model: Any, what: str) -> None:

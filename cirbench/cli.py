@@ -25,7 +25,8 @@ Examples:
 
 # Core commands that live in their own modules (each defines a click command named ``command`` and
 # imports torch only inside the command body).
-BUILTIN_COMMAND_MODULES: tuple[str, ...] = ("cirbench.commands.train", "cirbench.commands.bench")
+BUILTIN_COMMAND_MODULES: tuple[str, ...] = ("cirbench.commands.train", "cirbench.commands.bench",
+                                             "cirbench.commands.compare")
 
 
 class CirbenchGroup(click.Group):
@@ -193,12 +194,14 @@ def cli() -> None:
               help="workers: per-image PIL pipeline in reader processes (the official one, byte for byte); batched: "
                    "readers pass JPEG bytes, decoding (GPU JPEG) and PIL-exact resizing run on whole batches on the "
                    "device. auto: batched on CUDA, workers on the CPU.")
+@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Bootstrap replicates for the 95% confidence intervals recorded with every metric (0: none).")
 @click.option("--no-leaderboard", is_flag=True, help="Do not print the leaderboard after the run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.pass_context
 def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision, device, data_root, output,
         cache_dir, no_cache, cache_identity, label, seed, batch_size, workers, max_image_pixels, allow_missing,
-        retrieval_backend, encode_path, no_leaderboard, quiet):
+        retrieval_backend, encode_path, bootstrap, no_leaderboard, quiet):
     """Evaluate METHOD on DATASET/SPLIT and write results/<dataset>/<split>/<run>__<backbone>.json.
 
     Method and dataset options are given as extra --name value pairs (e.g. --alpha 0.8, --category dress);
@@ -215,7 +218,8 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
                     output=output, cache_dir=cache_dir, use_cache=not no_cache, cache_identity=cache_identity,
                     method_options=m_opts, dataset_options=d_opts, label=label, seed=seed, batch_size=batch_size,
                     workers=workers, max_image_pixels=max_image_pixels, allow_missing=allow_missing,
-                    retrieval_backend=retrieval_backend, encode_path=encode_path, progress=not quiet)
+                    retrieval_backend=retrieval_backend, encode_path=encode_path, bootstrap=bootstrap,
+                    progress=not quiet)
     outcomes = evaluate(cfg, reg)
     for out in outcomes:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in list(out.metrics.items())[:8])

@@ -4,7 +4,8 @@ A dataset plugin subclasses :class:`Dataset` and registers a :class:`~cirbench.t
 whose ``factory`` points at the subclass. The evaluation loop calls, in order:
 
 1. ``load(split)`` -> a list of :class:`~cirbench.types.EvalSet` (one per gallery; FashionIQ has three);
-2. ``metrics(evalset, ranking)`` -> ``{metric name: value}`` for sets with visible targets;
+2. ``per_query_metrics(evalset, ranking)`` -> ``{metric name: per-query values}`` for sets with visible
+   targets (``metrics`` averages them; confidence intervals are bootstrapped from them);
 3. ``aggregate({set name: metrics})`` -> the metrics of the whole split (default: the single set's
    metrics, or every set's metrics prefixed with its name plus their mean);
 4. ``write_submission(evalset, ranking, out_dir, stem)`` for hidden-target sets -> files written.
@@ -59,8 +60,17 @@ class Dataset:
     def load(self, split: str) -> list[EvalSet]:
         raise NotImplementedError
 
-    def metrics(self, evalset: EvalSet, ranking: Any) -> dict[str, float]:
+    def per_query_metrics(self, evalset: EvalSet, ranking: Any) -> dict[str, Any]:
+        """``{metric: tensor[Q]}``: each metric's value for every query (x100; ``nan`` where a metric does not
+        count a query). Implement this (the reported metrics are their means, and the loop bootstraps
+        confidence intervals from them), or override :meth:`metrics` directly (then no intervals)."""
         raise NotImplementedError
+
+    def metrics(self, evalset: EvalSet, ranking: Any) -> dict[str, float]:
+        """``{metric: value}`` for one evaluation set (default: the means of :meth:`per_query_metrics`)."""
+        from .metrics import means
+
+        return means(self.per_query_metrics(evalset, ranking))
 
     # -- sensible defaults ---------------------------------------------------------------------------
     def aggregate(self, per_set: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -21,14 +21,17 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .backbones import Backbone, load_backbone
+from .dataset import Dataset
 from .encode import encode_images
 from .errors import CirbenchError, ImageError, UnknownNameError
 from .feature_cache import FeatureCache
 from .images import describe_missing, find_missing
+from .metrics import means
 from .plugins import Registry, get_registry
 from .preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_KINDS, Preprocessor
 from .results import ResultWriter, environment_info, run_fingerprint, utc_now
 from .retrieval import Ranking, rank, rank_candidates
+from .stats import DEFAULT_REPLICATES, bootstrap_ci
 from .types import EvalSet, MethodSpec, Query, resolve_options
 
 DEFAULT_BACKBONE = ("ViT-L-14", "openai")
@@ -62,6 +65,7 @@ class RunConfig:
     save_topk: int = 50
     encode_path: str = "auto"  # auto | workers | batched (see cirbench.encode)
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    bootstrap: int = DEFAULT_REPLICATES  # bootstrap replicates for confidence intervals (0: none)
     progress: bool = True
 
 
@@ -148,6 +152,24 @@ def check_composed(features: Any, n: int, dim: int, mspec: MethodSpec) -> torch.
     return features
 
 
+@dataclass
+class _Context:
+    """What every option value of one run shares."""
+
+    mspec: MethodSpec
+    dspec: Any
+    split: str
+    option_sets: list[dict[str, Any]]
+    dataset_options: dict[str, Any]
+    dataset: Any
+    evalsets: list[EvalSet]
+    set_counts: dict[str, dict[str, int]]
+    backbone: Backbone
+    preprocessor: Preprocessor
+    cache: FeatureCache
+    writer: ResultWriter
+
+
 class Evaluator:
     """Runs a :class:`RunConfig`; holds the backbone and feature cache so sweeps encode only once."""
 
@@ -180,8 +202,17 @@ class Evaluator:
 
     # -- the run ----------------------------------------------------------------------------------------
     def run(self) -> list[RunOutcome]:
-        cfg = self.cfg
+        """Prepare once (specs, data, backbone, cache), then evaluate every swept option value."""
         start = time.perf_counter()
+        ctx = self._prepare()
+        outcomes = []
+        for opts in ctx.option_sets:
+            t0 = time.perf_counter()
+            outcomes.append(self._evaluate(ctx, opts, time_origin=start if not outcomes else t0))
+        return outcomes
+
+    def _prepare(self) -> _Context:
+        cfg = self.cfg
         mspec = self.registry.method(cfg.method)
         dspec = self.registry.dataset(cfg.dataset)
         split = cfg.split or dspec.default_split or dspec.splits[0]
@@ -197,7 +228,6 @@ class Evaluator:
         if preprocess_kind not in PREPROCESS_KINDS:
             raise UnknownNameError("preprocessing", preprocess_kind, PREPROCESS_KINDS)
         writer = ResultWriter(Path(cfg.output) / dspec.name / split, enabled=distributed.is_main())
-
         data_root = cfg.data_root or dspec.default_data_root
         dataset = dspec.create(Path(data_root) if data_root else None, dataset_options[0])
         evalsets = dataset.load(split)
@@ -206,55 +236,59 @@ class Evaluator:
             dropped = sum(c["queries_dropped"] for c in set_counts.values())
             raise CirbenchError(f"{dspec.name}/{split}: no query is left to score ({dropped} dropped because their "
                                 "reference or target image is missing)")
-
         model_name, pretrained = choose_backbone(cfg, mspec, dspec)
         torch.manual_seed(cfg.seed)
         device = str(distributed.init_from_env(cfg.device)) if distributed.launched_by_torchrun() else cfg.device
         backbone = load_backbone(model_name, pretrained, device=device, precision=cfg.precision, seed=cfg.seed)
         self.backbone, self.device = backbone, backbone.device
-        preprocessor = backbone.preprocessor(preprocess_kind, cfg.max_image_pixels)
         cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else None, enabled=cfg.use_cache,
                              writer=distributed.is_main(), identity=cfg.cache_identity)
+        return _Context(mspec, dspec, split, option_sets, dataset_options[0], dataset, evalsets, set_counts,
+                        backbone, backbone.preprocessor(preprocess_kind, cfg.max_image_pixels), cache, writer)
 
-        outcomes = []
-        for opts in option_sets:
-            t0 = time.perf_counter()
-            method = mspec.create(backbone, opts, dspec.name)
-            label = run_label(cfg, mspec, opts)
-            record = self._record(cfg, mspec, dspec, dataset, split, method, label, opts, dataset_options[0],
-                                  backbone, preprocessor)
-            stem = writer.stem(label, backbone.slug, record["fingerprint"])
-            per_set, submissions, predictions = {}, [], []
-            counts: dict[str, Any] = {"queries": 0, "gallery": 0, "sets": {}}
-            for es in evalsets:
-                ranking = self._rank_set(es, method, mspec, backbone, preprocessor, cache)
-                counts["queries"] += len(es.queries)
-                counts["gallery"] += len(es.gallery)
-                counts["sets"][es.name] = {"queries": len(es.queries), "gallery": len(es.gallery),
-                                           **set_counts[es.name]}
-                if es.hidden_targets:
-                    if distributed.is_main():
-                        submissions += dataset.write_submission(es, ranking, writer.submissions_dir(), stem)
-                else:
-                    per_set[es.name] = dataset.metrics(es, ranking)
-                predictions += _prediction_rows(es, ranking, cfg.save_topk)
-            metrics = dataset.aggregate(per_set) if per_set else {}
-            record.update({
-                "counts": counts, "metrics": metrics, "per_set_metrics": per_set,
-                "submissions": [str(p) for p in submissions],
-                "wall_time_s": round(time.perf_counter() - (start if not outcomes else t0), 3),
-                "cache": {"enabled": cache.enabled, "identity": cache.identity, **cache.stats,
-                          **({"write_error": cache.write_error} if cache.write_error else {})},
-                "environment": environment_info(str(backbone.device)),
-            })
-            result_path, pred_path = writer.write(stem, record, predictions)
-            note = None
-            if stem != writer.stem(label, backbone.slug):
-                note = (f"note: {writer.directory / writer.stem(label, backbone.slug)}.json holds a result of another "
-                        f"configuration and is kept; this run wrote {result_path}")
-                self.log(note)
-            outcomes.append(RunOutcome(label, result_path, pred_path, metrics, submissions, record, note))
-        return outcomes
+    def _evaluate(self, ctx: _Context, opts: dict[str, Any], time_origin: float) -> RunOutcome:
+        """One option value: compose, rank, score every set; write the result and its predictions."""
+        cfg = self.cfg
+        method = ctx.mspec.create(ctx.backbone, opts, ctx.dspec.name)
+        label = run_label(cfg, ctx.mspec, opts)
+        record = self._record(cfg, ctx.mspec, ctx.dspec, ctx.dataset, ctx.split, method, label, opts,
+                              ctx.dataset_options, ctx.backbone, ctx.preprocessor)
+        stem = ctx.writer.stem(label, ctx.backbone.slug, record["fingerprint"])
+        per_set, per_query, submissions, predictions = {}, {}, [], []
+        counts: dict[str, Any] = {"queries": 0, "gallery": 0, "sets": {}}
+        for es in ctx.evalsets:
+            ranking = self._rank_set(es, method, ctx.mspec, ctx.backbone, ctx.preprocessor, ctx.cache)
+            counts["queries"] += len(es.queries)
+            counts["gallery"] += len(es.gallery)
+            counts["sets"][es.name] = {"queries": len(es.queries), "gallery": len(es.gallery), **ctx.set_counts[es.name]}
+            query_metrics = None
+            if es.hidden_targets:
+                if distributed.is_main():
+                    submissions += ctx.dataset.write_submission(es, ranking, ctx.writer.submissions_dir(), stem)
+            else:
+                per_set[es.name], query_metrics = _score_set(ctx.dataset, es, ranking)
+                if query_metrics is not None:
+                    per_query[es.name] = query_metrics
+            predictions += _prediction_rows(es, ranking, cfg.save_topk, query_metrics)
+        metrics = ctx.dataset.aggregate(per_set) if per_set else {}
+        record.update({
+            "counts": counts, "metrics": metrics, "per_set_metrics": per_set,
+            "metrics_ci": bootstrap_ci(per_query, ctx.dataset.aggregate, cfg.bootstrap, seed=cfg.seed),
+            "ci": {"method": "percentile bootstrap over queries", "replicates": cfg.bootstrap, "level": 0.95},
+            "submissions": [str(p) for p in submissions],
+            "wall_time_s": round(time.perf_counter() - time_origin, 3),
+            "cache": {"enabled": ctx.cache.enabled, "identity": ctx.cache.identity, **ctx.cache.stats,
+                      **({"write_error": ctx.cache.write_error} if ctx.cache.write_error else {})},
+            "environment": environment_info(str(ctx.backbone.device)),
+        })
+        result_path, pred_path = ctx.writer.write(stem, record, predictions)
+        note = None
+        plain = ctx.writer.stem(label, ctx.backbone.slug)
+        if stem != plain:
+            note = (f"note: {ctx.writer.directory / plain}.json holds a result of another configuration and is kept; "
+                    f"this run wrote {result_path}")
+            self.log(note)
+        return RunOutcome(label, result_path, pred_path, metrics, submissions, record, note)
 
     def _record(self, cfg, mspec, dspec, dataset, split, method, label, opts, dataset_opts, backbone,
                 preprocessor) -> dict[str, Any]:
@@ -318,8 +352,20 @@ class Evaluator:
         return torch.cat(out) if out else torch.empty(0, dim)
 
 
-def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int) -> list[dict[str, Any]]:
+def _score_set(dataset, es: EvalSet, ranking: Ranking) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """The set's metrics, and its per-query metrics when the dataset provides them."""
+    try:
+        per_query = dataset.per_query_metrics(es, ranking)
+    except NotImplementedError:
+        return dataset.metrics(es, ranking), None
+    metrics = dataset.metrics(es, ranking) if type(dataset).metrics is not Dataset.metrics else means(per_query)
+    return metrics, per_query
+
+
+def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int,
+                     per_query: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     k = min(save_topk, ranking.indices.shape[1])
+    table = {m: (v.tolist() if hasattr(v, "tolist") else list(v)) for m, v in (per_query or {}).items()}
     rows = []
     for qi, q in enumerate(es.queries):
         row = {"set": es.name, "query": q.id, "reference": q.reference, "top": ranking.top_ids(qi, k),
@@ -328,6 +374,8 @@ def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int) -> list[dict
             row["targets"] = list(q.targets)
         if ranking.candidate_order is not None:
             row["subset"] = ranking.candidate_order[qi]
+        if table:
+            row["metrics"] = {m: round(v[qi], 4) for m, v in table.items() if v[qi] == v[qi]}  # nan: not counted
         rows.append(row)
     return rows
 

@@ -1,5 +1,11 @@
 """Vectorised retrieval metrics (torch), reported x100 as the official evaluators do.
 
+Every metric here is a mean over queries of a per-query value, so the functions come in two forms: the
+per-query tensors (``*_per_query``: one value per query, x100, ``nan`` for a query a metric does not count,
+e.g. a CIRCO aspect the query lacks) and their means. Datasets return the per-query form from
+``Dataset.per_query_metrics``; the loop averages them into the reported metrics and bootstraps confidence
+intervals from them.
+
 All functions take a boolean ``hits[q, r]`` matrix: whether the rank-``r`` item of query ``q`` is
 relevant. Build it with :func:`hits_matrix` from ranked gallery indices and target indices.
 """
@@ -25,27 +31,46 @@ def hits_matrix(ranked: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch
     return (ranked.unsqueeze(-1) == padded.unsqueeze(1)).any(-1) & (ranked >= 0)
 
 
-def recall_at_k(hits: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """Percentage of queries with at least one relevant item in the top ``k`` (x100)."""
+def recall_per_query(hits: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """100 if a relevant item is in the top ``k``, else 0, per query (float64)."""
+    return {k: hits[:, :k].any(dim=1).double() * 100 for k in ks}
+
+
+def hit_count_per_query(hits: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """100 x the number of relevant items in the top ``k`` (CIRCO's Recall@K counts the target's hits)."""
+    return {k: hits[:, :k].double().sum(dim=1) * 100 for k in ks}
+
+
+def ap_per_query(hits: torch.Tensor, n_relevant: torch.Tensor | Sequence[int], ks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Average precision at ``k`` per query (x100), CIRCO's definition:
+    ``AP@k = sum_{i<=k} P(i) * rel(i) / min(n_relevant, k)``."""
+    n_rel = torch.as_tensor(n_relevant, dtype=torch.float64)
+    h = hits.double()
+    precision_at_i = h.cumsum(dim=1) / torch.arange(1, h.shape[1] + 1, dtype=torch.float64)
     out = {}
     for k in ks:
-        found = hits[:, :k].any(dim=1).double()
-        out[k] = float(found.mean() * 100) if found.numel() else 0.0
+        denom = torch.clamp(torch.minimum(n_rel, torch.tensor(float(k))), min=1)
+        out[k] = (precision_at_i[:, :k] * h[:, :k]).sum(dim=1) / denom * 100
     return out
+
+
+def mean(values: torch.Tensor) -> float:
+    """The mean of a per-query tensor, ignoring ``nan`` (queries a metric does not count); 0 if empty."""
+    values = values.double()
+    kept = values[~torch.isnan(values)]
+    return float(kept.mean()) if kept.numel() else 0.0
+
+
+def recall_at_k(hits: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """Percentage of queries with at least one relevant item in the top ``k`` (x100)."""
+    return {k: mean(v) for k, v in recall_per_query(hits, ks).items()}
 
 
 def map_at_k(hits: torch.Tensor, n_relevant: torch.Tensor | Sequence[int], ks: Sequence[int]) -> dict[int, float]:
-    """Mean average precision at ``k`` (x100), CIRCO's definition:
+    """Mean average precision at ``k`` (x100), CIRCO's definition (see :func:`ap_per_query`)."""
+    return {k: mean(v) for k, v in ap_per_query(hits, n_relevant, ks).items()}
 
-    ``AP@k = sum_{i<=k} P(i) * rel(i) / min(n_relevant, k)``.
-    """
-    n_rel = torch.as_tensor(n_relevant, dtype=torch.float64)
-    h = hits.double()
-    cum = h.cumsum(dim=1)
-    ranks = torch.arange(1, h.shape[1] + 1, dtype=torch.float64)
-    precision_at_i = cum / ranks
-    out = {}
-    for k in ks:
-        ap = (precision_at_i[:, :k] * h[:, :k]).sum(dim=1) / torch.clamp(torch.minimum(n_rel, torch.tensor(float(k))), min=1)
-        out[k] = float(ap.mean() * 100) if ap.numel() else 0.0
-    return out
+
+def means(per_query: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``{metric: mean}`` of per-query metrics (the numbers a result file reports)."""
+    return {name: mean(values) for name, values in per_query.items()}

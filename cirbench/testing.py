@@ -80,12 +80,12 @@ class ToyDataset(Dataset):
         return [EvalSet("all", list(images.values()), queries, dict(images), exclude_reference=True,
                         hidden_targets=hidden, topk=10)]
 
-    def metrics(self, evalset: EvalSet, ranking: Any) -> dict[str, float]:
-        from .metrics import hits_matrix, map_at_k, recall_at_k
+    def per_query_metrics(self, evalset: EvalSet, ranking: Any) -> dict[str, Any]:
+        from .metrics import ap_per_query, hits_matrix, recall_per_query
 
         hits = hits_matrix(ranking.indices, ranking.target_positions([q.targets for q in evalset.queries]))
-        out = {f"R@{k}": v for k, v in recall_at_k(hits, (1, 5)).items()}
-        out.update({f"mAP@{k}": v for k, v in map_at_k(hits, [len(q.targets) for q in evalset.queries], (5,)).items()})
+        out = {f"R@{k}": v for k, v in recall_per_query(hits, (1, 5)).items()}
+        out.update({f"mAP@{k}": v for k, v in ap_per_query(hits, [len(q.targets) for q in evalset.queries], (5,)).items()})
         return out
 
 

@@ -165,3 +165,35 @@ def test_results_survive_a_failed_rerun(tmp_path, tiny_config, toy_root):
         with pytest.raises(CirbenchError):
             evaluate(_cfg(tmp_path, tiny_config, toy_root, use_cache=False), reg)
     assert out.result_path.read_bytes() == before
+
+
+def test_results_carry_confidence_intervals_and_per_query_metrics(tmp_path, tiny_config, toy_root):
+    with registered(ToyPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, bootstrap=300), reg)
+    ci = out.record["metrics_ci"]
+    assert set(ci) == set(out.metrics)
+    for metric, value in out.metrics.items():
+        low, high = ci[metric]
+        assert low <= value <= high and 0 <= low and high <= 100
+    rows = [json.loads(line) for line in out.predictions_path.read_text().splitlines()]
+    per_query = [r["metrics"]["R@1"] for r in rows]
+    assert sum(per_query) / len(per_query) == pytest.approx(out.metrics["R@1"])
+
+
+def test_compare_two_runs(tmp_path, tiny_config, toy_root):
+    with registered(ToyPlugin(), "toy") as reg:
+        (img,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+        (txt,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="text-only"), reg)
+    res = CliRunner().invoke(cli, ["compare", str(img.result_path), str(txt.result_path), "--json",
+                                   "--replicates", "500"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    r1 = out["comparisons"]["R@1"]
+    assert r1["difference"] == pytest.approx(img.metrics["R@1"] - txt.metrics["R@1"])
+    assert r1["low"] <= r1["difference"] <= r1["high"] and 0 < r1["p_value"] <= 1 and r1["queries"] == 12
+    same = CliRunner().invoke(cli, ["compare", str(img.result_path), str(img.result_path), "--json"])
+    assert json.loads(same.output)["comparisons"]["R@1"]["p_value"] == 1.0  # a run never differs from itself
+    preds = img.predictions_path
+    preds.write_text(preds.read_text().replace('"query": "0"', '"query": "zero"', 1))
+    res = CliRunner().invoke(cli, ["compare", str(img.result_path), str(txt.result_path)])
+    assert res.exit_code == 2 and "does not belong" in res.output  # predictions no longer match their result

@@ -47,3 +47,16 @@ def test_wheel_installs_plugins_under_the_cirbench_namespace(tmp_path):
     bundled = [n for n in names if n.startswith("cirbench/assets/")]
     if (REPO / "cirbench" / "assets").exists():
         assert bundled, "bundled assets missing from the wheel"
+
+
+def test_public_namespace_is_lazy_and_complete():
+    code = ("import sys, cirbench\n"
+            "assert 'torch' not in sys.modules\n"
+            "from cirbench import hookimpl, MethodSpec, DatasetSpec, OptionSpec, Query, ImageRef, PaperRow\n"
+            "assert 'torch' not in sys.modules, 'specs must not import torch'\n"
+            "missing = [n for n in cirbench.__all__ if getattr(cirbench, n, None) is None]\n"
+            "assert not missing, missing\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    assert (REPO / "cirbench" / "py.typed").exists()

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from cirbench.dataset import Dataset
 from cirbench.errors import AnnotationError, CirbenchError
-from cirbench.metrics import hits_matrix, map_at_k
+from cirbench.metrics import ap_per_query, hit_count_per_query, hits_matrix
 from cirbench.schema import Record, validate_records
 from cirbench.types import EvalSet, ImageRef, Query
 from cirbench.util import atomic_write_bytes
@@ -101,22 +101,20 @@ class CIRCO(Dataset):
         return EvalSet(split, gallery, queries, images, exclude_reference=False, hidden_targets=hidden,
                        topk=SUBMISSION_LENGTH)
 
-    def metrics(self, evalset: EvalSet, ranking) -> dict[str, float]:
+    def per_query_metrics(self, evalset: EvalSet, ranking) -> dict:
         queries = evalset.queries
-        gt = ranking.target_positions([q.targets for q in queries])
-        hits = hits_matrix(ranking.indices, gt)
+        hits = hits_matrix(ranking.indices, ranking.target_positions([q.targets for q in queries]))
         n_gt = [len(q.targets) for q in queries]
-        out = {f"mAP@{k}": v for k, v in map_at_k(hits, n_gt, KS).items()}
-        # Recall@K as officially: the count of the single target among the first K predictions, averaged
+        aps = ap_per_query(hits, n_gt, sorted({*KS, 10}))
+        out = {f"mAP@{k}": aps[k] for k in KS}
+        # Recall@K as officially: the count of the single target among the first K predictions
         target = ranking.target_positions([(q.extra["target_img_id"],) for q in queries])
-        target_hits = hits_matrix(ranking.indices, target).double()
-        for k in KS:
-            out[f"R@{k}"] = float(target_hits[:, :k].sum(dim=1).mean() * 100) if len(queries) else 0.0
-        ap10 = _ap_at(hits, n_gt, 10)
-        for aspect in ASPECTS:
-            mask = torch.tensor([aspect in q.extra.get("semantic_aspects", []) for q in queries])
+        out.update({f"R@{k}": v for k, v in hit_count_per_query(hits_matrix(ranking.indices, target), KS).items()})
+        for aspect in ASPECTS:  # mAP@10 over the queries that have the aspect (nan for the others)
+            mask = torch.tensor([aspect in q.extra.get("semantic_aspects", []) for q in queries], dtype=torch.bool)
             if mask.any():
-                out[f"aspect/{aspect}/mAP@10"] = float(ap10[mask].mean() * 100)
+                out[f"aspect/{aspect}/mAP@10"] = torch.where(mask, aps[10], torch.tensor(float("nan"),
+                                                                                        dtype=torch.float64))
         return out
 
     # -- test server -----------------------------------------------------------------------------------
@@ -172,10 +170,3 @@ def _as_int(value, message: str) -> int:
         return int(str(value).strip())
     except ValueError:
         raise AnnotationError(message) from None
-
-
-def _ap_at(hits: torch.Tensor, n_relevant: list[int], k: int) -> torch.Tensor:
-    h = hits[:, :k].double()
-    precision = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=torch.float64)
-    return (precision * h).sum(1) / torch.clamp(torch.minimum(torch.tensor(n_relevant, dtype=torch.float64),
-                                                              torch.tensor(float(k))), min=1)

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from cirbench.dataset import Dataset
 from cirbench.errors import AnnotationError, CirbenchError
-from cirbench.metrics import hits_matrix, recall_at_k
+from cirbench.metrics import hits_matrix, recall_per_query
 from cirbench.schema import ImageName, Record, validate_records, validate_value
 from cirbench.types import EvalSet, Query
 from cirbench.util import atomic_write_bytes
@@ -73,9 +73,9 @@ class CIRR(Dataset):
         return [EvalSet(split, gallery, queries, images, exclude_reference=True, hidden_targets=hidden,
                         topk=max(RECALL_KS))]
 
-    def metrics(self, evalset: EvalSet, ranking) -> dict[str, float]:
+    def per_query_metrics(self, evalset: EvalSet, ranking) -> dict:
         targets = ranking.target_positions([q.targets for q in evalset.queries])
-        out = {f"R@{k}": v for k, v in recall_at_k(hits_matrix(ranking.indices, targets), RECALL_KS).items()}
+        out = {f"R@{k}": v for k, v in recall_per_query(hits_matrix(ranking.indices, targets), RECALL_KS).items()}
         if ranking.candidate_order is not None:
             import torch
 
@@ -86,7 +86,8 @@ class CIRR(Dataset):
                 ids = [subset_ids.setdefault(x, len(subset_ids)) for x in row[:width]]
                 subset[qi, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             sub_targets = [[subset_ids[t] for t in q.targets if t in subset_ids] for q in evalset.queries]
-            out.update({f"Rs@{k}": v for k, v in recall_at_k(hits_matrix(subset, sub_targets), SUBSET_KS).items()})
+            out.update({f"Rs@{k}": v for k, v in
+                        recall_per_query(hits_matrix(subset, sub_targets), SUBSET_KS).items()})
         return out
 
     # -- test server -----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from cirbench.dataset import Dataset
 from cirbench.errors import AnnotationError, CirbenchError
-from cirbench.metrics import hits_matrix, recall_at_k
+from cirbench.metrics import hits_matrix, recall_per_query
 from cirbench.schema import ImageName, Record, validate_records, validate_value
 from cirbench.types import EvalSet, ImageRef, Query
 
@@ -84,9 +84,9 @@ class FashionIQ(Dataset):
         return EvalSet(category, gallery, queries, images, exclude_reference=False, hidden_targets=hidden,
                        topk=max(KS))
 
-    def metrics(self, evalset: EvalSet, ranking) -> dict[str, float]:
+    def per_query_metrics(self, evalset: EvalSet, ranking) -> dict:
         targets = ranking.target_positions([q.targets for q in evalset.queries])
-        return {f"R@{k}": v for k, v in recall_at_k(hits_matrix(ranking.indices, targets), KS).items()}
+        return {f"R@{k}": v for k, v in recall_per_query(hits_matrix(ranking.indices, targets), KS).items()}
 
     def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
         """Score per-query rankings (``*.predictions.jsonl`` rows with ``set``, ``query`` and ``top``): at least

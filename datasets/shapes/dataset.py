@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cirbench.dataset import Dataset
 from cirbench.errors import CirbenchError
-from cirbench.metrics import hits_matrix, map_at_k, recall_at_k
+from cirbench.metrics import ap_per_query, hits_matrix, recall_per_query
 from cirbench.types import EvalSet, ImageRef, Query
 from cirbench.util import default_cache_dir
 
@@ -135,9 +135,9 @@ class Shapes(Dataset):
                   for qid, ids in ranked.items()}
         return self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
 
-    def metrics(self, evalset: EvalSet, ranking) -> dict[str, float]:
+    def per_query_metrics(self, evalset: EvalSet, ranking) -> dict:
         targets = ranking.target_positions([q.targets for q in evalset.queries])
         hits = hits_matrix(ranking.indices, targets)
-        out = {f"mAP@{k}": v for k, v in map_at_k(hits, [len(q.targets) for q in evalset.queries], MAP_KS).items()}
-        out.update({f"R@{k}": v for k, v in recall_at_k(hits, RECALL_KS).items()})
+        out = {f"mAP@{k}": v for k, v in ap_per_query(hits, [len(q.targets) for q in evalset.queries], MAP_KS).items()}
+        out.update({f"R@{k}": v for k, v in recall_per_query(hits, RECALL_KS).items()})
         return out

@@ -1,0 +1,78 @@
+"""Uncertainty of benchmark numbers: bootstrap confidence intervals over queries, and paired tests.
+
+**Intervals.** Every metric a dataset reports is a mean of per-query values (``Dataset.per_query_metrics``).
+A percentile bootstrap resamples the queries of each evaluation set with replacement (``replicates`` times,
+seeded), recomputes each set's means, combines the sets with the dataset's own ``aggregate`` (so FashionIQ's
+average over categories gets an interval too), and reports the 2.5th and 97.5th percentiles.
+
+**Paired comparison** of two runs on the same queries (``cirbench compare A B``): the per-query differences
+``d`` of a metric; the mean difference, its paired-bootstrap interval, and a two-sided p-value from a
+sign-flip permutation test (under "no difference" each ``d`` is equally likely to have either sign).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+DEFAULT_REPLICATES = 1000
+
+
+def _as_array(values: Any) -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def bootstrap_ci(per_set: dict[str, dict[str, Any]],
+                 aggregate: Callable[[dict[str, dict[str, float]]], dict[str, float]],
+                 replicates: int = DEFAULT_REPLICATES, seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
+    """``{metric: [low, high]}`` for every metric ``aggregate`` reports (see the module docstring)."""
+    if replicates <= 0 or not per_set:
+        return {}
+    rng = np.random.default_rng(seed)
+    reps: dict[str, dict[str, np.ndarray]] = {}
+    for set_name, metrics in per_set.items():
+        arrays = {m: _as_array(v) for m, v in metrics.items()}
+        n = len(next(iter(arrays.values()))) if arrays else 0
+        if n == 0:
+            continue
+        idx = rng.integers(0, n, size=(replicates, n))
+        reps[set_name] = {}
+        for metric, values in arrays.items():
+            sampled = values[idx]
+            with np.errstate(invalid="ignore"):
+                counted = (~np.isnan(sampled)).sum(axis=1)
+                reps[set_name][metric] = np.where(counted > 0, np.nansum(sampled, axis=1) / np.maximum(counted, 1), 0.0)
+    if not reps:
+        return {}
+    samples: dict[str, list[float]] = {}
+    for b in range(replicates):
+        combined = aggregate({s: {m: float(v[b]) for m, v in metrics.items()} for s, metrics in reps.items()})
+        for metric, value in combined.items():
+            samples.setdefault(metric, []).append(value)
+    tail = (1 - level) / 2 * 100
+    return {m: [round(float(np.percentile(v, tail)), 4), round(float(np.percentile(v, 100 - tail)), 4)]
+            for m, v in samples.items()}
+
+
+def paired_comparison(a: Any, b: Any, replicates: int = 10000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Mean difference ``a - b`` of paired per-query values, its bootstrap interval and a sign-flip p-value."""
+    a, b = _as_array(a), _as_array(b)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    d = a[keep] - b[keep]
+    n = len(d)
+    if n == 0:
+        return {"queries": 0, "difference": float("nan"), "low": float("nan"), "high": float("nan"), "p_value": 1.0}
+    rng = np.random.default_rng(seed)
+    observed = float(d.mean())
+    boot = d[rng.integers(0, n, size=(replicates, n))].mean(axis=1)
+    signs = rng.choice(np.array([-1.0, 1.0]), size=(replicates, n))
+    null = np.abs((signs * d).mean(axis=1))
+    p = (1 + int((null >= abs(observed) - 1e-12).sum())) / (replicates + 1)
+    tail = (1 - level) / 2 * 100
+    return {"queries": n, "difference": observed, "low": float(np.percentile(boot, tail)),
+            "high": float(np.percentile(boot, 100 - tail)), "p_value": float(min(1.0, p)),
+            "a_wins": int((d > 0).sum()), "b_wins": int((d < 0).sum()), "ties": int((d == 0).sum())}
