@@ -350,38 +350,41 @@ def encode_images(
     files = BatchFiles(images, preprocessor, batch_size, batched=path == "batched")
     loader = torch.utils.data.DataLoader(files, batch_size=None, shuffle=False, num_workers=workers,
                                          prefetch_factor=2 if workers else None, persistent_workers=False)
-    stager = Stager(images, preprocessor, device, dtype)
-    threads = prefetch_threads or (2 if device.type == "cuda" else 1)
+    stages = Prefetcher(iter(loader), Stager(images, preprocessor, device, dtype), device,
+                        prefetch_threads or (2 if device.type == "cuda" else 1))
     writer = ChunkWriter(len(images), lambda i: str(images[i].path), on_chunk, device)
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        return _run_model(stages, encode, writer, chunk_rows, bar)
+
+
+def _run_model(stages: Prefetcher, encode: Callable, writer: ChunkWriter, chunk_rows: int, bar) -> torch.Tensor:
+    """Stage 3: the model over the prefetched batches, finished rows handed to ``writer`` every ``chunk_rows``;
+    rows finished before a failure still reach it (the cache keeps them, so a rerun resumes)."""
     pending: list[tuple[int, torch.Tensor]] = []
     pending_rows = 0
 
     def flush() -> None:
         nonlocal pending, pending_rows
-        if not pending:
-            return
-        positions = torch.cat([torch.arange(s, s + f.shape[0]) for s, f in pending])
-        feats = torch.cat([f for _, f in pending]) if len(pending) > 1 else pending[0][1]
-        writer.submit(positions, feats)
-        pending, pending_rows = [], 0
+        if pending:
+            positions = torch.cat([torch.arange(s, s + f.shape[0]) for s, f in pending])
+            writer.submit(positions, torch.cat([f for _, f in pending]) if len(pending) > 1 else pending[0][1])
+            pending, pending_rows = [], 0
 
     failed = True
     try:
-        with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-            for start, pixels in Prefetcher(iter(loader), stager, device, threads):
-                with torch.no_grad():
-                    feats = encode(pixels)
-                if feats.shape[0] != pixels.shape[0]:
-                    raise CirbenchError(f"the image encoder returned {feats.shape[0]} rows for a batch of "
-                                        f"{pixels.shape[0]} images")
-                pending.append((start, feats.detach().float()))
-                pending_rows += feats.shape[0]
-                bar.update(feats.shape[0])
-                if pending_rows >= chunk_rows:
-                    flush()
+        for start, pixels in stages:
+            with torch.no_grad():
+                feats = encode(pixels)
+            if feats.shape[0] != pixels.shape[0]:
+                raise CirbenchError(f"the image encoder returned {feats.shape[0]} rows for a batch of "
+                                    f"{pixels.shape[0]} images")
+            pending.append((start, feats.detach().float()))
+            pending_rows += feats.shape[0]
+            bar.update(feats.shape[0])
+            if pending_rows >= chunk_rows:
+                flush()
         failed = False
     finally:
-        # rows finished before a failure still reach on_chunk (the cache keeps them: a rerun resumes)
         try:
             flush()
             out = writer.close()

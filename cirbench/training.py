@@ -293,41 +293,72 @@ def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, fa
 
 def train(trainable: TrainableMethod, corpus_spec: str | Path, cfg: TrainConfig) -> Path:
     """Train ``trainable`` on the corpus; return the output folder (with model.safetensors + config.json)."""
-    rank, world = dist_utils.rank(), dist_utils.world_size()
-    device = trainable.backbone.device
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    corpus, map_style, per_step, total_steps = _setup(trainable, corpus_spec, cfg, world)
-    optimizer = build_optimizer(trainable, cfg)
-    params = trainable.trainable_parameters()
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # lr set by hand each step
-    output = Path(cfg.output)
-    latest = output / "checkpoint-latest"
-    run = _Run()
-    if cfg.resume and (latest / "model.safetensors").is_file():
-        run = _resume(trainable, optimizer, scheduler, latest, rank)
-    log = TrainLog(output, run.step, enabled=rank == 0)
+    return _Trainer(trainable, corpus_spec, cfg).run()
 
-    def save(folder: Path, final: bool) -> None:
+
+class _Trainer:
+    """One training run: set-up and resume (``__init__``), the loop (:meth:`run`), checkpoints (:meth:`save`)."""
+
+    def __init__(self, trainable: TrainableMethod, corpus_spec: str | Path, cfg: TrainConfig):
+        self.trainable, self.corpus_spec, self.cfg = trainable, corpus_spec, cfg
+        self.rank_, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.device = trainable.backbone.device
+        torch.manual_seed(cfg.seed + self.rank_)
+        random.seed(cfg.seed + self.rank_)
+        np.random.seed(cfg.seed + self.rank_)
+        self.corpus, self.map_style, self.per_step, self.total_steps = _setup(trainable, corpus_spec, cfg, self.world)
+        self.optimizer = build_optimizer(trainable, cfg)
+        self.params = trainable.trainable_parameters()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)  # lr set by hand
+        self.output = Path(cfg.output)
+        self.latest = self.output / "checkpoint-latest"
+        self.state = _Run()
+        if cfg.resume and (self.latest / "model.safetensors").is_file():
+            self.state = _resume(trainable, self.optimizer, self.scheduler, self.latest, self.rank_)
+        self.log = TrainLog(self.output, self.state.step, enabled=self.rank_ == 0)
+
+    def save(self, folder: Path, final: bool) -> None:
         rngs = dist_utils.all_gather_object(rng_state())
-        if rank != 0:
+        if self.rank_ != 0:
             return
-        config = {"method": trainable.name, "backbone": trainable.backbone.identity(),
-                  "options": trainable.options, "train": {**asdict(cfg), "output": str(cfg.output)},
-                  "optimizer": {"betas": list(trainable.adam_betas), "eps": trainable.adam_eps},
-                  "step": run.step, "skipped_samples": run.skipped, **trainable.checkpoint_config()}
-        save_checkpoint(folder, trainable.state_to_save(), config)
+        t, cfg = self.trainable, self.cfg
+        config = {"method": t.name, "backbone": t.backbone.identity(), "options": t.options,
+                  "train": {**asdict(cfg), "output": str(cfg.output)},
+                  "optimizer": {"betas": list(t.adam_betas), "eps": t.adam_eps},
+                  "step": self.state.step, "skipped_samples": self.state.skipped, **t.checkpoint_config()}
+        save_checkpoint(folder, t.state_to_save(), config)
         if not final:
-            save_train_state(folder, optimizer, scheduler, run.position(), rngs)
+            save_train_state(folder, self.optimizer, self.scheduler, self.state.position(), rngs)
 
-    trainable.train_mode(True)
-    bar = tqdm(total=total_steps, initial=run.step, desc=f"train {trainable.name}", unit="step",
-               disable=not cfg.progress or rank != 0)
-    start = time.perf_counter()
-    while run.step < total_steps:
-        loader = _loader(corpus, map_style, per_step, cfg, rank, world, run.epoch, run.epoch_step, device)
-        steps_before, micro = run.step, []
+    def run(self) -> Path:
+        cfg, run = self.cfg, self.state
+        self.trainable.train_mode(True)
+        bar = tqdm(total=self.total_steps, initial=run.step, desc=f"train {self.trainable.name}", unit="step",
+                   disable=not cfg.progress or self.rank_ != 0)
+        self.start = time.perf_counter()
+        while run.step < self.total_steps:
+            steps_before = run.step
+            self._epoch(bar)
+            if run.step >= self.total_steps:
+                break
+            if run.step == steps_before:
+                raise CirbenchError(f"corpus {self.corpus_spec} yielded no usable batch ({run.skipped} samples "
+                                    "skipped)")
+            run.epoch, run.epoch_step = run.epoch + 1, 0
+        bar.close()
+        self.trainable.train_mode(False)
+        self.save(self.latest, final=False)
+        self.save(self.output, final=True)
+        dist_utils.barrier()
+        if self.rank_ == 0 and run.skipped:
+            tqdm.write(f"skipped {run.skipped} unreadable samples (missing or corrupt image, or empty caption)")
+        return self.output
+
+    def _epoch(self, bar) -> None:
+        cfg, run = self.cfg, self.state
+        loader = _loader(self.corpus, self.map_style, self.per_step, cfg, self.rank_, self.world, run.epoch,
+                         run.epoch_step, self.device)
+        micro = []
         for batch in loader:
             run.skipped += batch.skipped
             if len(batch) == 0:
@@ -335,36 +366,24 @@ def train(trainable: TrainableMethod, corpus_spec: str | Path, cfg: TrainConfig)
             micro.append(batch)
             if len(micro) < cfg.accum_steps:
                 continue
-            factor = _lr_factor(cfg, run.step, run.epoch, total_steps)
-            loss, logs = _optimizer_step(trainable, optimizer, scheduler, micro, cfg, factor, params, device)
-            run.seen += sum(len(mb) for mb in micro) * world
+            factor = _lr_factor(cfg, run.step, run.epoch, self.total_steps)
+            loss, logs = _optimizer_step(self.trainable, self.optimizer, self.scheduler, micro, cfg, factor,
+                                         self.params, self.device)
+            run.seen += sum(len(mb) for mb in micro) * self.world
             micro = []
             run.step += 1
             run.epoch_step += 1
             bar.update(1)
-            if run.step % cfg.log_every == 0 or run.step == total_steps:
-                rate = run.seen / max(1e-9, time.perf_counter() - start)
+            if run.step % cfg.log_every == 0 or run.step == self.total_steps:
+                rate = run.seen / max(1e-9, time.perf_counter() - self.start)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{cfg.lr * factor:.2e}", img_s=f"{rate:.0f}",
                                 **{k: f"{v:.3f}" for k, v in logs.items()})
-                log.write({"step": run.step, "epoch": run.epoch, "loss": loss, "lr": cfg.lr * factor,
-                           "img_s": round(rate, 1), **logs})
-            if run.step % cfg.save_every == 0 and run.step < total_steps:
-                save(latest, final=False)
-            if run.step >= total_steps:
-                break
-        if run.step >= total_steps:
-            break
-        if run.step == steps_before:
-            raise CirbenchError(f"corpus {corpus_spec} yielded no usable batch ({run.skipped} samples skipped)")
-        run.epoch, run.epoch_step = run.epoch + 1, 0
-    bar.close()
-    trainable.train_mode(False)
-    save(latest, final=False)
-    save(output, final=True)
-    dist_utils.barrier()
-    if rank == 0 and run.skipped:
-        tqdm.write(f"skipped {run.skipped} unreadable samples (missing or corrupt image, or empty caption)")
-    return output
+                self.log.write({"step": run.step, "epoch": run.epoch, "loss": loss, "lr": cfg.lr * factor,
+                                "img_s": round(rate, 1), **logs})
+            if run.step % cfg.save_every == 0 and run.step < self.total_steps:
+                self.save(self.latest, final=False)
+            if run.step >= self.total_steps:
+                return
 
 
 def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int, world: int, epoch: int,
