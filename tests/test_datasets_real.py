@@ -285,3 +285,55 @@ def test_circo_gallery_from_coco_image_info(tmp_path):
     info.write_text('{"images": [{"id": 1}]}')
     with pytest.raises(AnnotationError, match="image_info_unlabeled2017.json"):
         dataset("circo", root).load("val")
+
+
+def test_fashioniq_aggregates_categories_by_their_mean():
+    d = dataset("fashioniq", ANNOTATIONS / "fashioniq")
+    per_set = {es.name: d.metrics(es, _random_ranking(es, seed=i)) for i, es in enumerate(d.load("val"))}
+    agg = d.aggregate(per_set)
+    assert set(agg) == {f"{c}/R@{k}" for c in ("dress", "shirt", "toptee", "avg") for k in (10, 50)}
+    for k in (10, 50):
+        assert agg[f"avg/R@{k}"] == pytest.approx(np.mean([per_set[c][f"R@{k}"] for c in per_set]))
+        assert agg[f"dress/R@{k}"] == per_set["dress"][f"R@{k}"]
+
+
+def test_circo_aspect_map_is_over_the_queries_with_the_aspect(tmp_path):
+    root = copy_tree(ANNOTATIONS / "circo", tmp_path / "circo")
+    (root / "COCO2017_unlabeled" / "unlabeled2017").mkdir(parents=True)
+    d = dataset("circo", root)
+    (es,) = d.load("val")
+    ann = {q["id"]: q for q in json.loads((ANNOTATIONS / "circo" / "annotations" / "val.json").read_text())}
+    gallery = sorted({str(g) for q in ann.values() for g in q["gt_img_ids"]} | {str(i) for i in range(1, 200)})
+    pos = {g: i for i, g in enumerate(gallery)}
+    rows = []
+    for q in es.queries:  # a perfect ranking for queries with "negation", none of the targets otherwise
+        if "negation" in q.extra["semantic_aspects"]:
+            row = list(q.targets)[:50]
+        else:
+            row = []
+        row += [g for g in gallery if g not in q.targets][: 50 - len(row)]
+        rows.append([pos[g] for g in row])
+    ranking = Ranking([q.id for q in es.queries], gallery, torch.tensor(rows), torch.zeros(len(rows), 50))
+    m = d.metrics(es, ranking)
+    assert m["aspect/negation/mAP@10"] == pytest.approx(100.0)
+    n_neg = sum("negation" in q.extra["semantic_aspects"] for q in es.queries)
+    assert 0 < n_neg < len(es.queries)
+    assert m["mAP@10"] == pytest.approx(100.0 * n_neg / len(es.queries))
+    others = [a for a in m if a.startswith("aspect/") and "negation" not in a]
+    assert all(m[a] < 100 for a in others)
+
+
+def test_circo_submission_files_are_what_the_server_takes(tmp_path):
+    root = copy_tree(ANNOTATIONS / "circo", tmp_path / "circo")
+    (root / "COCO2017_unlabeled" / "unlabeled2017").mkdir(parents=True)
+    d = dataset("circo", root)
+    (test,) = d.load("test")
+    gallery = [str(i) for i in range(1, 400)]
+    idx = torch.stack([torch.randperm(len(gallery), generator=torch.Generator().manual_seed(i))[:50]
+                       for i in range(len(test.queries))])
+    ranking = Ranking([q.id for q in test.queries], gallery, idx, torch.zeros(idx.shape))
+    (path,) = d.write_submission(test, ranking, tmp_path, "run")
+    sub = json.loads(path.read_text())
+    assert set(sub) == {q.id for q in test.queries} and len(sub) == 800
+    assert all(len(v) == 50 == len(set(v)) and all(isinstance(x, int) for x in v) for v in sub.values())
+    assert sub[test.queries[3].id] == [int(gallery[i]) for i in idx[3].tolist()]

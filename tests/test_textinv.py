@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import pickletools
 import sys
 import types
+import zipfile
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from cirbench.backbones import load_backbone
 from cirbench.checkpoints import save_checkpoint
 from cirbench.cli import cli
-from cirbench.errors import CheckpointError
+from cirbench.errors import CheckpointError, CirbenchError
 from cirbench.methods._shared.textinv import encode_with_pseudo_tokens, token_embedding_module
 from cirbench.safe_unpickle import load_pickled_module_tensors
 from cirbench.types import Query
@@ -115,11 +116,28 @@ def test_searle_official_weights_file_and_fashioniq_averaging(tmp_path, backbone
     assert torch.allclose(two, torch.nn.functional.normalize(fwd + rev, dim=-1), atol=1e-5)
 
 
-def test_searle_without_weights_offline_is_a_clear_error(backbone, monkeypatch):
+def test_searle_without_weights_offline_is_a_clear_error(backbone, monkeypatch, tmp_path):
     from cirbench.methods.searle import model
 
     with pytest.raises(CheckpointError, match="ViT-B-32 and ViT-L-14"):
-        model.Searle(backbone, {"checkpoint": None}, "cirr")
+        model.Searle(backbone, {"checkpoint": None}, "cirr")  # no official weights for this backbone at all
+    # an OpenAI ViT-B-32 whose official weights are not cached, with no network: the offline branch
+    official = types.SimpleNamespace(model_name="ViT-B-32", pretrained="openai")
+    monkeypatch.setattr(model.torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append(args)
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(model.socket, "create_connection", offline)
+    with pytest.raises(CirbenchError, match="no network.*--checkpoint"):
+        model.official_weights(official)
+    assert calls and calls[0][0] == ("github.com", 443)
+    cached = tmp_path / "hub" / "checkpoints" / "SEARLE_ViT-B32.pt"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert model.official_weights(official) == cached  # a cached file needs no network
 
 
 # -- FTI4CIR ----------------------------------------------------------------------------------------------
@@ -243,7 +261,10 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
     monkeypatch.setenv("CIRBENCH_SENTINEL", str(sentinel))
     bad = tmp_path / "evil.pt"
     torch.save({"weights": torch.zeros(2), "payload": _Malicious()}, bad)
-    assert pickle.dumps  # (the file holds a REDUCE of os.system)
+    with zipfile.ZipFile(bad) as zf:  # the file really holds a call of os.system (so the test can fail)
+        data = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
+    assert ("GLOBAL", f"{os.system.__module__} system") in ops and any(name == "REDUCE" for name, _ in ops)
     with pytest.raises(CheckpointError, match="refusing to unpickle.*system"):
         load_pickled_module_tensors(bad)
     assert not sentinel.exists()
