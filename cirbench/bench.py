@@ -1,70 +1,61 @@
-"""``cirbench bench``: throughput of the encode path against the model alone, and ranking time.
+"""``cirbench bench``: measured throughput of every piece of the pipeline, side by side, in one run.
 
-It writes synthetic JPEG files of COCO-like sizes (640x480, 480x640, 640x427, 500x375, 612x612), then
-measures, in one process:
+Sections (each optional):
 
-* **model alone**: images/s of ``encode_image`` on random, already-preprocessed tensors (the ceiling);
-* **full path**: images/s from files on disk to normalised features through ``encode_images`` (batched
-  path on CUDA: bytes-only workers, batched ``decode_jpeg`` on the GPU, size-grouped preprocessing);
-* their **ratio**, the **peak GPU memory**, and the time to **rank** a query set against a gallery of
-  random normalised features (torch path, and faiss when asked).
+* **encode**: images/s of the model alone on random, already-preprocessed tensors (the ceiling); of the
+  full path, files on disk to features (:func:`cirbench.encode.encode_images`); of the official scripts' way
+  (fp32, PIL decode + targetpad + bicubic in DataLoader workers, batch 32, ``ToTensor``/``Normalize`` in the
+  workers); their ratios; the pieces alone (readers only, decoding only, preprocessing only); peak GPU memory.
+  Synthetic JPEGs of COCO-like sizes, written once per folder.
+* **rank**: seconds to rank ``queries`` x ``gallery`` (top 50): cirbench's torch backend, a plain
+  ``torch.topk(q @ g.T)`` on the same data (the bound to approach), faiss, and a bf16 gallery.
+* **cache**: warm-run overhead of the feature cache at ``cache_rows`` images: identifying the images (one
+  ``stat`` each), writing the features as a shard, reading them back (checksum verified), beside the I/O
+  floor (a bare ``os.stat`` loop, a bare ``safetensors`` save and load of the same tensor).
+* **agreement**: fp32 vs bf16 features of the same images (cosine) and rank agreement.
+
+Results are a JSON-able dict; :func:`format_report` renders it as a table.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .backbones import load_backbone
-from .encode import encode_images
-from .retrieval import rank
 from .types import ImageRef
 
 COCO_SIZES = ((640, 480), (480, 640), (640, 427), (500, 375), (612, 612))
+OFFICIAL_BATCH = 32
 
 
 @dataclass
-class BenchResult:
-    model: str
-    device: str
-    precision: str
-    batch_size: int
-    images: int
-    model_alone_img_s: float
-    full_path_img_s: float
-    ratio: float
-    peak_gpu_mem_gib: float | None
-    rank_queries: int
-    rank_gallery: int
-    rank_seconds: float
-    encode_path: str
-
-
-def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[ImageRef]:
-    """``n`` JPEG files (quality 90) of COCO-like sizes with smooth content plus noise (~50-100 KB each)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    templates = []
-    for w, h in COCO_SIZES:
-        yy, xx = np.mgrid[0:h, 0:w]
-        base = np.stack([(xx * 255 / w), (yy * 255 / h), ((xx + yy) * 127 / (w + h))], axis=-1)
-        templates.append(base)
-    refs = []
-    for i in range(n):
-        base = templates[i % len(templates)]
-        arr = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-        path = folder / f"{i:07d}.jpg"
-        Image.fromarray(arr).save(path, quality=90)
-        refs.append(ImageRef(str(i), path))
-    return refs
+class BenchConfig:
+    model: str = "ViT-B-32"
+    pretrained: str = "none"
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on the CPU (the throughput goals are stated in bf16)
+    images: int = 128
+    batch_size: int = 32
+    workers: int = 2
+    reps: int = 3
+    official: bool = True
+    pieces: bool = True
+    queries: int = 800
+    gallery: int = 20000
+    dim: int = 768
+    cache_rows: int = 0
+    agreement: bool = False
+    folder: str | None = None
+    sections: tuple[str, ...] = ("encode", "rank")
 
 
 def _sync(device: torch.device) -> None:
@@ -72,67 +63,283 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_bench(model: str = "ViT-B-32", pretrained: str = "none", images: int = 256, batch_size: int = 64,
-              precision: str = "auto", device: str = "auto", workers: int = 4, queries: int = 800,
-              gallery: int = 20000, encode_path: str = "auto", retrieval: str = "torch", folder: Path | None = None,
-              progress: bool = True) -> BenchResult:
-    """Measure and return a :class:`BenchResult` (see the module docstring)."""
-    bb = load_backbone(model, pretrained, device=device, precision=precision)
+def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> dict[str, Any]:
+    """Median of ``reps`` timed calls after one warm-up call."""
+    fn()
+    _sync(device)
+    runs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        runs.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(runs), "runs_s": [round(r, 5) for r in runs]}
+
+
+def _write_jpeg(path: Path, index: int, seed: int) -> None:
+    from PIL import Image
+
+    w, h = COCO_SIZES[index % len(COCO_SIZES)]
+    rng = np.random.default_rng(seed * 100_003 + index)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], axis=-1)
+    arr = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    tmp = path.with_suffix(".tmp")
+    Image.fromarray(arr).save(tmp, format="JPEG", quality=90)
+    os.replace(tmp, path)
+
+
+def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[ImageRef]:
+    """``n`` JPEG files (quality 90) of COCO-like sizes with smooth content plus noise (~60-100 KB each);
+    files already there are reused."""
+    folder.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for i in range(n):
+        path = folder / f"{i:07d}.jpg"
+        if not path.exists():
+            _write_jpeg(path, i, seed)
+        refs.append(ImageRef(str(i), path))
+    return refs
+
+
+# -- the official scripts' way (a replica for timing and agreement) ------------------------------------------
+class OfficialStyleFiles(torch.utils.data.Dataset):
+    """SEARLE's ``targetpad_transform`` composition applied in DataLoader workers, float tensors handed over."""
+
+    def __init__(self, refs: list[ImageRef], size: int):
+        from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+        from .preprocess import CLIP_MEAN, CLIP_STD, Preprocessor
+
+        pad = Preprocessor("targetpad", size)
+        self.paths = [str(r.path) for r in refs]
+        self.transform = Compose([lambda im: _pad(im, pad), Resize(size, interpolation=InterpolationMode.BICUBIC),
+                                  CenterCrop(size), lambda im: im.convert("RGB"), ToTensor(),
+                                  Normalize(CLIP_MEAN, CLIP_STD)])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        return self.transform(Image.open(self.paths[i]))
+
+
+def _pad(image, pre):
+    import torchvision.transforms.functional as TF
+
+    plan = pre.plan(*image.size)
+    return TF.pad(image, list(plan.pad), 0, "constant") if any(plan.pad) else image
+
+
+def official_style_encode(refs: list[ImageRef], model_encode: Callable, size: int, device: torch.device,
+                          workers: int) -> torch.Tensor:
+    loader = torch.utils.data.DataLoader(OfficialStyleFiles(refs, size), batch_size=OFFICIAL_BATCH,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    out = []
+    with torch.no_grad():
+        for batch in loader:
+            out.append(model_encode(batch.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+# -- sections ----------------------------------------------------------------------------------------------
+def bench_encode(cfg: BenchConfig, folder: Path) -> dict[str, Any]:
+    from .backbones import load_backbone
+    from .encode import BatchFiles, Stager, decode_jpegs, encode_images
+
+    bb = load_backbone(cfg.model, cfg.pretrained, device=cfg.device, precision=_precision(cfg))
     dev = bb.device
     pre = bb.preprocessor("clip")
-    tmp = tempfile.TemporaryDirectory() if folder is None else None
-    root = Path(tmp.name) if tmp else Path(folder)
+    refs = make_jpegs(folder, cfg.images)
+    pixels = torch.randn(cfg.batch_size, 3, pre.size, pre.size, device=dev)
+    iters = max(2, cfg.images // cfg.batch_size)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    alone = timed(lambda: [bb.encode_image(pixels) for _ in range(iters)], dev, cfg.reps)
+    r: dict[str, Any] = {"model": bb.model_name, "device": str(dev), "precision": bb.precision,
+                         "batch_size": cfg.batch_size, "workers": cfg.workers, "images": len(refs),
+                         "model_alone_img_s": iters * cfg.batch_size / alone["seconds"]}
+
+    def full(path: str, kind: str = "clip"):
+        return encode_images(refs, bb.encode_image, bb.preprocessor(kind), batch_size=cfg.batch_size,
+                             workers=cfg.workers, progress=False, path=path, device=dev, dtype=bb.input_dtype)
+
+    path = "batched" if dev.type == "cuda" else "workers"
+    for kind in ("clip", "targetpad"):
+        t = timed(lambda kind=kind: full(path, kind), dev, cfg.reps)
+        r[f"full_path_{kind}_img_s"] = len(refs) / t["seconds"]
+    r["encode_path"] = path
+    r["ratio_full_over_model"] = r["full_path_clip_img_s"] / r["model_alone_img_s"]
+    if cfg.official:
+        bb32 = load_backbone(cfg.model, cfg.pretrained, device=cfg.device, precision="fp32")
+        t = timed(lambda: official_style_encode(refs, bb32.encode_image, pre.size, dev, cfg.workers), dev, 1)
+        r["official_style_img_s"] = len(refs) / t["seconds"]
+        r["speedup_over_official_style"] = r["full_path_targetpad_img_s"] / r["official_style_img_s"]
+    if cfg.pieces:
+        files = BatchFiles(refs, pre, cfg.batch_size, batched=True)
+        loader = lambda: list(torch.utils.data.DataLoader(files, batch_size=None, num_workers=cfg.workers))  # noqa: E731
+        r["piece_readers_img_s"] = len(refs) / timed(loader, dev, cfg.reps)["seconds"]
+        packed = loader()
+        batches = [list(torch.split(p["jpeg_data"], p["jpeg_lengths"].tolist())) for p in packed]
+        decode = lambda: [decode_jpegs(b, ["x"] * len(b), dev) for b in batches]  # noqa: E731
+        r["piece_decode_img_s"] = len(refs) / timed(decode, dev, cfg.reps)["seconds"]
+        decoded = decode()
+        r["piece_preprocess_img_s"] = len(refs) / timed(lambda: [pre.batch_uint8(d) for d in decoded], dev,
+                                                         cfg.reps)["seconds"]
+        stager = Stager(refs, pre, dev, bb.input_dtype)
+        r["piece_stage_img_s"] = len(refs) / timed(lambda: [stager(p) for p in packed], dev, cfg.reps)["seconds"]
+    if dev.type == "cuda":
+        r["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
+    if cfg.agreement:
+        r["agreement"] = bench_agreement(cfg, refs)
+    return r
+
+
+def bench_agreement(cfg: BenchConfig, refs: list[ImageRef]) -> dict[str, Any]:
+    """fp32 vs bf16 features of the same images through the same path: cosine and top-10 rank overlap."""
+    from .backbones import load_backbone
+    from .encode import encode_images
+
+    feats = {}
+    for prec in ("fp32", "bf16"):
+        bb = load_backbone(cfg.model, cfg.pretrained, device=cfg.device, precision=prec)
+        feats[prec] = encode_images(refs, bb.encode_image, bb.preprocessor("clip"), batch_size=cfg.batch_size,
+                                    workers=cfg.workers, progress=False, device=bb.device, dtype=bb.input_dtype)
+    cos = (feats["fp32"] * feats["bf16"]).sum(-1)
+    k = min(10, len(refs) - 1)
+    top32 = torch.topk(feats["fp32"] @ feats["fp32"].T, k + 1, dim=1).indices[:, 1:]
+    top16 = torch.topk(feats["bf16"] @ feats["bf16"].T, k + 1, dim=1).indices[:, 1:]
+    overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(top32, top16, strict=True)])
+    return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), f"top{k}_overlap": float(overlap)}
+
+
+def bench_rank(cfg: BenchConfig) -> dict[str, Any]:
+    from .backbones import resolve_device
+    from .retrieval import _faiss_available, rank
+
+    dev = resolve_device(cfg.device)
+    gen = torch.Generator().manual_seed(0)
+    g = torch.nn.functional.normalize(torch.randn(cfg.gallery, cfg.dim, generator=gen), dim=-1).to(dev)
+    q = torch.nn.functional.normalize(torch.randn(cfg.queries, cfg.dim, generator=gen), dim=-1).to(dev)
+    r: dict[str, Any] = {"queries": cfg.queries, "gallery": cfg.gallery, "dim": cfg.dim, "k": 50, "device": str(dev)}
+    r["cirbench_torch_s"] = timed(lambda: rank(q, g, 50, backend="torch"), dev, cfg.reps)["seconds"]
+    r["plain_topk_s"] = timed(lambda: [x.cpu() for x in torch.topk(q @ g.T, 50, dim=1)], dev, cfg.reps)["seconds"]
+    r["ratio_cirbench_over_topk"] = r["cirbench_torch_s"] / r["plain_topk_s"]
+    gb = g.to(torch.bfloat16)
+    r["cirbench_bf16_gallery_s"] = timed(lambda: rank(q, gb, 50, backend="torch"), dev, cfg.reps)["seconds"]
+    if _faiss_available():
+        r["faiss_s"] = timed(lambda: rank(q, g, 50, backend="faiss"), dev, cfg.reps)["seconds"]
+    r["auto_s"] = timed(lambda: rank(q, g, 50, backend="auto"), dev, cfg.reps)["seconds"]
+    return r
+
+
+def bench_cache(cfg: BenchConfig, folder: Path) -> dict[str, Any]:
+    """Warm-run overhead at ``cache_rows`` images (empty files: only their identity matters here)."""
+    from safetensors.torch import load_file, save_file
+
+    from .feature_cache import FeatureCache
+
+    n = cfg.cache_rows
+    files = folder / f"cache-files-{n}"
+    files.mkdir(parents=True, exist_ok=True)
+    refs = [ImageRef(str(i), files / f"{i:012d}.jpg") for i in range(n)]
+    if not (files / f"{n - 1:012d}.jpg").exists():
+        for ref in refs:
+            ref.path.touch()
+    feats = torch.nn.functional.normalize(torch.randn(n, cfg.dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    key = {"format": 2, "bench": cfg.dim}
+    r: dict[str, Any] = {"rows": n, "dim": cfg.dim}
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        t0 = time.perf_counter()
+        for ref in refs:
+            os.stat(ref.path)
+        r["floor_stat_loop_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        save_file({"features": feats}, f"{tmp}/plain.safetensors")
+        r["floor_safetensors_save_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        load_file(f"{tmp}/plain.safetensors")
+        r["floor_safetensors_load_s"] = time.perf_counter() - t0
+        cache = FeatureCache(Path(tmp) / "cache")
+        t0 = time.perf_counter()
+        out = cache.get_or_compute(key, refs, lambda todo, on_chunk=None: feats)
+        r["cold_identify_and_write_s"] = time.perf_counter() - t0
+        assert torch.equal(out, feats)
+        t0 = time.perf_counter()
+        warm = FeatureCache(Path(tmp) / "cache").get_or_compute(key, refs, _never)
+        r["warm_identify_read_verify_s"] = time.perf_counter() - t0
+        assert torch.equal(warm, feats)
+    return r
+
+
+def _never(todo, on_chunk=None):
+    raise AssertionError(f"{len(todo)} rows were not served from the cache")
+
+
+def _precision(cfg: BenchConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    from .backbones import resolve_device
+
+    return "bf16" if resolve_device(cfg.device).type == "cuda" else "fp32"
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the asked sections; a JSON-able dict of figures."""
+    out: dict[str, Any] = {"config": asdict(cfg), "torch": torch.__version__}
+    tmp = tempfile.TemporaryDirectory() if cfg.folder is None else None
+    folder = Path(tmp.name if tmp else cfg.folder)
     try:
-        refs = make_jpegs(root, images)
-        pixels = torch.randn(batch_size, 3, pre.size, pre.size, device=dev)
-        bb.encode_image(pixels)  # warm-up (kernels, autotuning)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        _sync(dev)
-        reps = max(2, images // batch_size)
-        start = time.perf_counter()
-        for _ in range(reps):
-            bb.encode_image(pixels)
-        _sync(dev)
-        model_alone = reps * batch_size / (time.perf_counter() - start)
-
-        encode_images(refs[: min(len(refs), batch_size)], bb.encode_image, pre, batch_size=batch_size,
-                      workers=workers, progress=False, path=encode_path, device=dev)  # warm-up (workers, decoder)
-        _sync(dev)
-        start = time.perf_counter()
-        encode_images(refs, bb.encode_image, pre, batch_size=batch_size, workers=workers, progress=progress,
-                      pin_memory=dev.type == "cuda", path=encode_path, device=dev, desc="full path")
-        _sync(dev)
-        full = len(refs) / (time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-
-        dim = bb.encode_text(["a"]).shape[-1]
-        g = torch.nn.functional.normalize(torch.randn(gallery, dim, device=dev), dim=-1)
-        q = torch.nn.functional.normalize(torch.randn(queries, dim, device=dev), dim=-1)
-        rank(q[:8], g, 50, backend=retrieval)  # warm-up
-        _sync(dev)
-        start = time.perf_counter()
-        rank(q, g, 50, backend=retrieval)
-        _sync(dev)
-        rank_s = time.perf_counter() - start
+        if "encode" in cfg.sections:
+            out["encode"] = bench_encode(cfg, folder / "jpegs")
+        if "rank" in cfg.sections:
+            out["rank"] = bench_rank(cfg)
+        if "cache" in cfg.sections and cfg.cache_rows:
+            out["cache"] = bench_cache(cfg, folder)
     finally:
         if tmp:
             tmp.cleanup()
-    path = encode_path if encode_path != "auto" else ("batched" if dev.type == "cuda" else "workers")
-    return BenchResult(model, str(dev), bb.precision, batch_size, images, round(model_alone, 1), round(full, 1),
-                       full / model_alone, None if peak is None else round(peak, 2), queries, gallery,
-                       round(rank_s, 4), path)
+    return out
 
 
-def format_result(result: BenchResult) -> str:
-    rows = [("model", f"{result.model} ({result.precision}, {result.device}, batch {result.batch_size})"),
-            ("model alone", f"{result.model_alone_img_s:,.1f} img/s"),
-            ("full path", f"{result.full_path_img_s:,.1f} img/s ({result.encode_path}, {result.images} JPEG files)"),
-            ("ratio", f"{result.ratio:.1%}"),
-            ("peak GPU memory", "n/a (CPU)" if result.peak_gpu_mem_gib is None else f"{result.peak_gpu_mem_gib} GiB"),
-            ("rank", f"{result.rank_queries} queries x {result.rank_gallery:,} gallery: {result.rank_seconds:.3f} s")]
-    return "\n".join(f"{k:<16} {v}" for k, v in rows)
-
-
-def to_json(result: BenchResult) -> str:
-    return json.dumps(asdict(result))
+def format_report(result: dict[str, Any]) -> str:
+    lines = []
+    e = result.get("encode")
+    if e:
+        lines.append(f"encode  {e['model']} ({e['precision']}, {e['device']}, batch {e['batch_size']}, "
+                     f"{e['workers']} workers, {e['images']} JPEGs, path {e['encode_path']})")
+        lines.append(f"  model alone          {e['model_alone_img_s']:10,.1f} img/s")
+        lines.append(f"  full path (clip)     {e['full_path_clip_img_s']:10,.1f} img/s   "
+                     f"{e['ratio_full_over_model']:.1%} of the model alone")
+        lines.append(f"  full path (targetpad){e['full_path_targetpad_img_s']:10,.1f} img/s")
+        if "official_style_img_s" in e:
+            lines.append(f"  official-style       {e['official_style_img_s']:10,.1f} img/s   "
+                         f"(fp32, PIL in workers, batch 32; cirbench x{e['speedup_over_official_style']:.2f})")
+        for key in ("readers", "decode", "preprocess", "stage"):
+            if f"piece_{key}_img_s" in e:
+                lines.append(f"  piece: {key:<13} {e[f'piece_{key}_img_s']:10,.1f} img/s")
+        if "peak_gpu_mem_gib" in e:
+            lines.append(f"  peak GPU memory      {e['peak_gpu_mem_gib']} GiB")
+        if "agreement" in e:
+            a = e["agreement"]
+            lines.append(f"  fp32 vs bf16         cosine min {a['cosine_min']:.5f}, mean {a['cosine_mean']:.5f}; "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in a.items() if k.startswith("top")))
+    r = result.get("rank")
+    if r:
+        lines.append(f"rank  {r['queries']} x {r['gallery']:,} (dim {r['dim']}, top {r['k']}, {r['device']})")
+        lines.append(f"  cirbench (torch)     {r['cirbench_torch_s']:.4f} s   x{r['ratio_cirbench_over_topk']:.2f} of a "
+                     f"plain topk ({r['plain_topk_s']:.4f} s)")
+        lines.append(f"  bf16 gallery         {r['cirbench_bf16_gallery_s']:.4f} s")
+        if "faiss_s" in r:
+            lines.append(f"  faiss                {r['faiss_s']:.4f} s")
+        lines.append(f"  auto                 {r['auto_s']:.4f} s")
+    c = result.get("cache")
+    if c:
+        lines.append(f"cache  {c['rows']:,} rows x {c['dim']}")
+        lines.append(f"  cold: identify + write  {c['cold_identify_and_write_s']:.3f} s   (floor: stat loop "
+                     f"{c['floor_stat_loop_s']:.3f} s + safetensors save {c['floor_safetensors_save_s']:.3f} s)")
+        lines.append(f"  warm: identify + read   {c['warm_identify_read_verify_s']:.3f} s   (floor: stat loop "
+                     f"{c['floor_stat_loop_s']:.3f} s + safetensors load {c['floor_safetensors_load_s']:.3f} s)")
+    return "\n".join(lines)

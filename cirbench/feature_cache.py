@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .types import ImageRef
-from .util import atomic_write_bytes, default_cache_dir, file_sha256, json_hash, sha256_bytes
+from .util import _UMASK, atomic_write_bytes, default_cache_dir, file_sha256, json_hash, sha256_bytes
 
 CACHE_FORMAT = 2
 IDENTITIES = ("stat", "content")
@@ -51,7 +51,9 @@ class CacheWarning(UserWarning):
 
 def image_identity(ref: ImageRef, mode: str = "stat") -> str:
     """What identifies an image file's content (see the module docstring)."""
-    path = os.path.abspath(ref.path)
+    path = ref.path if isinstance(ref.path, str) else str(ref.path)
+    if not path.startswith(os.sep):  # dataset paths are absolute already: no normalisation for 100k+ images
+        path = os.path.abspath(path)
     if mode == "content":
         try:
             return "sha256:" + file_sha256(path)
@@ -69,27 +71,29 @@ def key_hash(key: dict) -> str:
 
 
 class _Folder:
-    """The rows of one key, in memory: shard tensors and ``identity -> (shard, row)``."""
+    """The rows of one key, in memory: shard tensors and ``identity -> shard << 32 | row``."""
 
     def __init__(self) -> None:
         self.shards: list[torch.Tensor] = []
-        self.where: dict[str, tuple[int, int]] = {}
+        self.where: dict[str, int] = {}
 
     def add(self, identities: Sequence[str], feats: torch.Tensor) -> None:
-        s = len(self.shards)
+        base = len(self.shards) << 32
         self.shards.append(feats)
-        for r, ident in enumerate(identities):
-            self.where[ident] = (s, r)
+        self.where.update(zip(identities, range(base, base + len(identities)), strict=True))
 
     def gather(self, identities: Sequence[str]) -> torch.Tensor:
         if not identities:
             return torch.empty(0)
-        locs = np.array([self.where[i] for i in identities], dtype=np.int64).reshape(-1, 2)
-        sample = self.shards[int(locs[0, 0])]
+        codes = np.fromiter(map(self.where.__getitem__, identities), dtype=np.int64, count=len(identities))
+        shard_of, row_of = codes >> 32, codes & 0xFFFFFFFF
+        sample = self.shards[int(shard_of[0])]
+        if (shard_of[0] == shard_of).all() and len(codes) == len(sample) and (row_of == np.arange(len(codes))).all():
+            return sample.clone()  # one shard, in order (a warm rerun of the same list): a plain copy
         out = torch.empty((len(identities), *sample.shape[1:]), dtype=sample.dtype)
-        for s in np.unique(locs[:, 0]):
-            sel = np.nonzero(locs[:, 0] == s)[0]
-            out[torch.from_numpy(sel)] = self.shards[int(s)][torch.from_numpy(locs[sel, 1])]
+        for s in np.unique(shard_of):
+            sel = np.nonzero(shard_of == s)[0]
+            out[torch.from_numpy(sel)] = self.shards[int(s)][torch.from_numpy(row_of[sel])]
         return out
 
 
@@ -178,7 +182,7 @@ class FeatureCache:
     def _write_shard(self, key: dict, identities: list[str], feats: torch.Tensor) -> Path | None:
         if not self.enabled or not self.writer or not identities or self.write_error is not None:
             return None
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
         folder = self._folder(key)
         feats = feats.detach().to(torch.float32).contiguous().cpu()
@@ -191,9 +195,15 @@ class FeatureCache:
             if not manifest.exists():
                 atomic_write_bytes(manifest, json.dumps(key, sort_keys=True, default=str, indent=1).encode())
             path = folder / f"shard-{uuid.uuid4().hex[:16]}.safetensors"
-            atomic_write_bytes(path, save({"features": feats, "identities": names}, metadata=meta), fsync=False)
+            tmp = folder / f".{path.name}.tmp"
+            try:  # written straight to a file (serialising to bytes first costs another copy), then renamed
+                save_file({"features": feats, "identities": names}, str(tmp), metadata=meta)
+                os.chmod(tmp, 0o666 & ~_UMASK)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
             return path
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             self._warn_write(exc)
             return None
 
@@ -217,10 +227,9 @@ class FeatureCache:
         when it returns."""
         rows = self._load(key)
         identities = [image_identity(im, self.identity) for im in images]
-        first: dict[str, ImageRef] = {}
-        for ident, im in zip(identities, images, strict=True):
-            first.setdefault(ident, im)
-        todo_ids = [i for i in first if i not in rows.where]
+        first: dict[str, ImageRef] = dict(zip(reversed(identities), reversed(images), strict=True))
+        where = rows.where
+        todo_ids = [i for i in dict.fromkeys(identities) if i not in where]
         self.stats["hits"] += len(first) - len(todo_ids)
         self.stats["misses"] += len(todo_ids)
         if todo_ids:

@@ -42,6 +42,7 @@ def test_auto_backend_switches_past_the_threshold(monkeypatch):
 
     calls = []
     monkeypatch.setattr(retrieval, "FAISS_CPU_MIN_WORK", 100)
+    monkeypatch.setattr(retrieval, "FAISS_CPU_MIN_QUERIES", 2)
     import cirbench.faiss_search as fs
 
     original = fs.faiss_rank

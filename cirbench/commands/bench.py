@@ -1,4 +1,5 @@
-"""``cirbench bench``: encode-path throughput against the model alone, peak memory, ranking time."""
+"""``cirbench bench``: throughput of the encode path against the model alone and the official scripts' way,
+ranking against a plain topk, and the feature cache's warm-run overhead (see :mod:`cirbench.bench`)."""
 
 from __future__ import annotations
 
@@ -7,38 +8,55 @@ import click
 EPILOG = """\b
 Examples:
   cirbench bench                                          # small CPU-friendly defaults
-  cirbench bench --model ViT-L-14 --images 6144 --batch-size 256 --gallery 123403 --workers 16   # on a GPU
-  cirbench bench --model ViT-B-32 --images 20000 --batch-size 512 --json
+  cirbench bench --model ViT-L-14 --images 6144 --batch-size 256 --workers 16 --gallery 123403   # a GPU
+  cirbench bench --section rank --gallery 123403 --queries 800
+  cirbench bench --section cache --cache-rows 123403
+  cirbench bench --model ViT-B-32 --agreement --json
 """
 
 
 @click.command(name="bench", epilog=EPILOG)
 @click.option("--model", default="ViT-B-32", show_default=True, help="open_clip model name or config JSON.")
 @click.option("--pretrained", default="none", show_default=True, help="Weights (random weights time the same).")
-@click.option("--images", type=int, default=None, help="Synthetic JPEG files (default: 6144 on CUDA, 128 on CPU).")
-@click.option("--batch-size", type=int, default=None, help="Default: 256 on CUDA, 32 on CPU.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--section", "sections", multiple=True, type=click.Choice(["encode", "rank", "cache"]),
+              help="What to measure (repeat; default: encode and rank, plus cache when --cache-rows is given).")
+@click.option("--images", type=click.IntRange(min=1), default=None,
+              help="Synthetic JPEG files (default: 6144 on CUDA, 128 on CPU).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 256 on CUDA, 32 on CPU.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16 on CUDA (the throughput goals are bf16), fp32 on the CPU.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--workers", type=int, default=None, help="Reader workers (default: min(16, CPUs)).")
-@click.option("--queries", type=int, default=800, show_default=True, help="Queries to rank.")
-@click.option("--gallery", type=int, default=None, help="Gallery size to rank against (default: 123403 on CUDA, "
-              "20000 on CPU).")
-@click.option("--encode-path", type=click.Choice(["auto", "workers", "batched"]), default="auto", show_default=True)
-@click.option("--retrieval", type=click.Choice(["torch", "faiss"]), default="torch", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Reader workers (default: min(16, CPUs)).")
+@click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True, help="Timed repetitions (median).")
+@click.option("--no-official", is_flag=True, help="Skip the official-style pipeline (slow on large models).")
+@click.option("--queries", type=click.IntRange(min=1), default=800, show_default=True, help="Queries to rank.")
+@click.option("--gallery", type=click.IntRange(min=1), default=None,
+              help="Gallery size to rank against (default: 123403 on CUDA, 20000 on CPU).")
+@click.option("--dim", type=click.IntRange(min=1), default=768, show_default=True, help="Feature width for rank/cache.")
+@click.option("--cache-rows", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Measure the feature cache at this many images (CIRCO: 123403).")
+@click.option("--agreement", is_flag=True, help="Also measure fp32 vs bf16 feature agreement.")
+@click.option("--folder", type=click.Path(file_okay=False), default=None,
+              help="Keep the synthetic files here (reused by later runs) instead of a temporary folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def command(model, pretrained, images, batch_size, precision, device, workers, queries, gallery, encode_path,
-            retrieval, as_json):
-    """Measure images/s of the full encode path (files -> features) and of the model alone, their ratio,
-    peak GPU memory, and the time to rank a query set against a gallery."""
+def command(model, pretrained, sections, images, batch_size, precision, device, workers, reps, no_official, queries,
+            gallery, dim, cache_rows, agreement, folder, as_json):
+    """Measure images/s of the model alone, of the full encode path (files -> features) and of the official
+    scripts' pipeline, each piece alone, peak GPU memory, ranking time against a plain topk, and the feature
+    cache's warm-run overhead."""
+    import json
     import os
 
     from cirbench.backbones import resolve_device
-    from cirbench.bench import format_result, run_bench, to_json
+    from cirbench.bench import BenchConfig, format_report, run_bench
 
     cuda = resolve_device(device).type == "cuda"
-    result = run_bench(model=model, pretrained=pretrained, images=images or (6144 if cuda else 128),
-                       batch_size=batch_size or (256 if cuda else 32), precision=precision, device=device,
-                       workers=workers if workers is not None else min(16, os.cpu_count() or 1), queries=queries,
-                       gallery=gallery or (123403 if cuda else 20000), encode_path=encode_path, retrieval=retrieval,
-                       progress=not as_json)
-    click.echo(to_json(result) if as_json else format_result(result))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    chosen = tuple(sections) or (("encode", "rank") + (("cache",) if cache_rows else ()))
+    cfg = BenchConfig(model=model, pretrained=pretrained, device=device, precision=precision,
+                      images=images or (6144 if cuda else 128), batch_size=batch_size or (256 if cuda else 32),
+                      workers=workers if workers is not None else min(16, cpus), reps=reps, official=not no_official,
+                      queries=queries, gallery=gallery or (123403 if cuda else 20000), dim=dim, cache_rows=cache_rows,
+                      agreement=agreement, folder=folder, sections=chosen)
+    result = run_bench(cfg)
+    click.echo(json.dumps(result) if as_json else format_report(result))
