@@ -11,6 +11,10 @@
   whose samples carry an image (``jpg``/``jpeg``/``png``/``webp``) and a caption (``txt``/``caption``/
   ``json`` with a ``caption`` field).
 
+Language-only methods (LinCIR) open a corpus without a preprocessor: images are then neither needed nor
+read, a CSV/TSV needs only its caption column, a ``.txt`` file is one caption per line, a folder's ``.txt``
+files are one caption each, and shards only need their captions; batches carry empty ``pixels``.
+
 Unreadable samples (missing or corrupt image, empty caption) are skipped and counted: collated batches
 carry ``skipped``, and the training loop reports the total. An empty corpus is a one-line error.
 """
@@ -64,9 +68,16 @@ def collate(samples: list[dict[str, Any] | None]) -> Batch | None:
                  {k: [s["extra"].get(k) for s in good] for k in keys}, skipped)
 
 
-def _sample(image_bytes: bytes | None, caption: Any, name: str, preprocessor: Preprocessor,
+NO_PIXELS = torch.empty(0)
+
+
+def _sample(image_bytes: bytes | None, caption: Any, name: str, preprocessor: Preprocessor | None,
             extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    if image_bytes is None or not isinstance(caption, str) or not caption.strip():
+    if not isinstance(caption, str) or not caption.strip():
+        return None
+    if preprocessor is None:  # language-only training
+        return {"pixels": NO_PIXELS, "caption": caption.strip(), "extra": extra or {}}
+    if image_bytes is None:
         return None
     try:
         pixels = preprocessor(decode_bytes(image_bytes, name))
@@ -78,7 +89,8 @@ def _sample(image_bytes: bytes | None, caption: Any, name: str, preprocessor: Pr
 class PairsCorpus(torch.utils.data.Dataset):
     """A map-style corpus of (image path, caption, extra) rows; bad rows come back as ``None``."""
 
-    def __init__(self, rows: list[tuple[Path, str, dict[str, Any]]], preprocessor: Preprocessor, source: str):
+    def __init__(self, rows: list[tuple[Path | None, str, dict[str, Any]]], preprocessor: Preprocessor | None,
+                 source: str):
         self.rows = rows
         self.preprocessor = preprocessor
         self.source = source
@@ -88,6 +100,8 @@ class PairsCorpus(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         path, caption, extra = self.rows[index]
+        if self.preprocessor is None or path is None:
+            return _sample(None, caption, str(path), self.preprocessor, extra)
         try:
             data = Path(path).read_bytes()
         except OSError:
@@ -95,7 +109,7 @@ class PairsCorpus(torch.utils.data.Dataset):
         return _sample(data, caption, str(path), self.preprocessor, extra)
 
 
-def _read_table(path: Path) -> list[tuple[Path, str, dict[str, Any]]]:
+def _read_table(path: Path, images: bool = True) -> list[tuple[Path | None, str, dict[str, Any]]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
         with open(path, newline="", encoding="utf-8") as fh:
@@ -103,13 +117,15 @@ def _read_table(path: Path) -> list[tuple[Path, str, dict[str, Any]]]:
             header = reader.fieldnames or []
             image_col = next((c for c in IMAGE_COLUMNS if c in header), None)
             caption_col = next((c for c in CAPTION_COLUMNS if c in header), None)
-            if image_col is None or caption_col is None:
-                raise CirbenchError(f"corpus {path}: needs an image column ({'/'.join(IMAGE_COLUMNS)}) and a caption "
-                                    f"column ({'/'.join(CAPTION_COLUMNS)}); found {header}")
+            if (images and image_col is None) or caption_col is None:
+                need = f"an image column ({'/'.join(IMAGE_COLUMNS)}) and " if images else ""
+                raise CirbenchError(f"corpus {path}: needs {need}a caption column ({'/'.join(CAPTION_COLUMNS)}); "
+                                    f"found {header}")
             rows = []
             for row in reader:
                 extra = {k: v for k, v in row.items() if k not in (image_col, caption_col) and k is not None}
-                rows.append((path.parent / (row.get(image_col) or ""), row.get(caption_col) or "", extra))
+                image = path.parent / (row.get(image_col) or "") if images and image_col else None
+                rows.append((image, row.get(caption_col) or "", extra))
             return rows
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CirbenchError(f"corpus {path} is unreadable: {exc}") from None
@@ -127,7 +143,7 @@ def _read_folder(folder: Path) -> list[tuple[Path, str, dict[str, Any]]]:
 class ShardCorpus(torch.utils.data.IterableDataset):
     """webdataset tar shards, split across ranks and DataLoader workers by webdataset."""
 
-    def __init__(self, urls: list[str], preprocessor: Preprocessor, skip: int = 0):
+    def __init__(self, urls: list[str], preprocessor: Preprocessor | None, skip: int = 0):
         self.urls = urls
         self.preprocessor = preprocessor
         self.skip = skip  # samples to skip at the start (resume); approximate across workers
@@ -170,8 +186,20 @@ def _shard_urls(spec: str) -> list[str]:
     return urls
 
 
-def open_corpus(spec: str | Path, preprocessor: Preprocessor) -> torch.utils.data.Dataset:
-    """The corpus reader for ``spec`` (see the module docstring); CirbenchError if it is empty or absent."""
+def _read_captions(path: Path) -> list[tuple[Path | None, str, dict[str, Any]]]:
+    """A language-only corpus: one caption per line of a ``.txt`` file, or one per ``.txt`` file of a folder."""
+    try:
+        if path.is_dir():
+            return [(None, p.read_text(encoding="utf-8", errors="replace"), {}) for p in sorted(path.rglob("*.txt"))]
+        return [(None, line, {}) for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if line.strip()]
+    except OSError as exc:
+        raise CirbenchError(f"corpus {path} is unreadable: {exc}") from None
+
+
+def open_corpus(spec: str | Path, preprocessor: Preprocessor | None) -> torch.utils.data.Dataset:
+    """The corpus reader for ``spec`` (see the module docstring); CirbenchError if it is empty or absent.
+    ``preprocessor=None`` opens it language-only (captions, no images)."""
     text = str(spec)
     path = Path(text).expanduser()
     if text.endswith(".tar") or "{" in text or (("*" in text or "?" in text) and ".tar" in text):
@@ -179,15 +207,19 @@ def open_corpus(spec: str | Path, preprocessor: Preprocessor) -> torch.utils.dat
         if not urls:
             raise CirbenchError(f"corpus {text}: no shards match")
         return ShardCorpus(urls, preprocessor)
+    text_only = preprocessor is None
     if path.is_dir():
-        rows = _read_folder(path)
+        rows = _read_captions(path) if text_only else _read_folder(path)
     elif path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
-        rows = _read_table(path)
+        rows = _read_table(path, images=not text_only)
+    elif text_only and path.is_file() and path.suffix.lower() == ".txt":
+        rows = _read_captions(path)
     elif not path.exists():
         raise CirbenchError(f"corpus {path} does not exist")
     else:
-        raise CirbenchError(f"corpus {path}: expected a .csv/.tsv file, a folder of images with .txt captions, "
-                            "or webdataset .tar shards")
+        lines = ", a .txt file of captions" if text_only else ""
+        raise CirbenchError(f"corpus {path}: expected a .csv/.tsv file{lines}, a folder of images with .txt "
+                            "captions, or webdataset .tar shards")
     if not rows:
         raise CirbenchError(f"corpus {path} is empty")
     return PairsCorpus(rows, preprocessor, text)

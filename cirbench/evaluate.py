@@ -90,12 +90,13 @@ def choose_backbone(cfg: RunConfig, mspec: MethodSpec, dspec) -> tuple[str, str]
     return default[0], cfg.pretrained or default[1]
 
 
-def run_label(cfg: RunConfig, mspec: MethodSpec, opts: dict) -> str:
-    """The method name plus the values of its sweepable options (``slerp@alpha=0.8``), or ``--label``."""
+def run_label(cfg: RunConfig, mspec: MethodSpec, opts: dict, tag: str | None = None) -> str:
+    """The method name (with the method's tag: ``lincir+demo-weights``) plus the values of its sweepable options
+    (``slerp@alpha=0.8``), or ``--label``."""
     if cfg.label:
         base = cfg.label
     else:
-        base = mspec.name
+        base = mspec.name + (f"+{tag}" if tag else "")
     shown = [o.name for o in mspec.options if o.sweepable]
     if shown:
         base += "@" + ",".join(f"{k}={opts[k]}" for k in shown)
@@ -250,7 +251,7 @@ class Evaluator:
         """One option value: compose, rank, score every set; write the result and its predictions."""
         cfg = self.cfg
         method = ctx.mspec.create(ctx.backbone, opts, ctx.dspec.name)
-        label = run_label(cfg, ctx.mspec, opts)
+        label = run_label(cfg, ctx.mspec, opts, method.label_tag() if hasattr(method, "label_tag") else None)
         record = self._record(cfg, ctx.mspec, ctx.dspec, ctx.dataset, ctx.split, method, label, opts,
                               ctx.dataset_options, ctx.backbone, ctx.preprocessor)
         stem = ctx.writer.stem(label, ctx.backbone.slug, record["fingerprint"])

@@ -81,6 +81,10 @@ class Method:
         """Extra identity for the result file (checkpoint path and hash, ...)."""
         return {}
 
+    def label_tag(self) -> str | None:
+        """A tag the run's label carries (``lincir+demo-weights``), for results that must not pass for others."""
+        return None
+
 
 def _owner(cls: type, name: str) -> type:
     """The class in ``cls``'s MRO that defines ``name``."""

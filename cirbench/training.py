@@ -76,6 +76,7 @@ class TrainableMethod:
 
     name = "method"
     preprocess_kind = "clip"
+    needs_images = True  # False: a language-only method (LinCIR); its corpus is read for captions alone
     defaults: dict[str, Any] = {}
     adam_betas: tuple[float, float] = (0.9, 0.999)  # torch's AdamW defaults unless the official code says otherwise
     adam_eps: float = 1e-8
@@ -247,7 +248,8 @@ def _setup(trainable: TrainableMethod, corpus_spec, cfg: TrainConfig, world: int
     if per_step < 1 or per_step * world * cfg.accum_steps != cfg.batch_size:
         raise CirbenchError(f"--batch-size {cfg.batch_size} must be a multiple of world size ({world}) x "
                             f"--accum-steps ({cfg.accum_steps})")
-    corpus = open_corpus(corpus_spec, trainable.backbone.preprocessor(trainable.preprocess_kind))
+    preprocessor = trainable.backbone.preprocessor(trainable.preprocess_kind) if trainable.needs_images else None
+    corpus = open_corpus(corpus_spec, preprocessor)
     map_style = hasattr(corpus, "__len__")
     steps_per_epoch = (len(corpus) // world) // (per_step * cfg.accum_steps) if map_style else None
     if map_style and steps_per_epoch == 0:

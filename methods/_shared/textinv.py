@@ -15,8 +15,10 @@ from collections.abc import Sequence
 import torch
 
 from cirbench.backbones import Backbone
-from cirbench.checkpoints import load_module_weights  # noqa: F401 - re-exported for methods
+from cirbench.checkpoints import checkpoint_sha256, load_checkpoint, load_module_weights
 from cirbench.errors import CirbenchError
+from cirbench.method import Method, average_variants, caption_variants
+from cirbench.types import Query
 
 PLACEHOLDERS = ("*", "$")
 
@@ -131,3 +133,54 @@ class RawImageReferences:
 
     def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
         return raw_image_features(self.backbone, pixels)
+
+
+def load_phi_weights(path, method: str, backbone: Backbone) -> tuple[dict[str, torch.Tensor], str]:
+    """Phi's tensors and the file's sha256: an official ``.pt``/``.pth`` (a dict holding the state dict under
+    ``"Phi"``, as SEARLE and LinCIR release them, read by the safe reader) or a ``cirbench train`` folder."""
+    from pathlib import Path
+
+    from cirbench.safe_unpickle import load_state_dict
+    from cirbench.util import file_sha256
+
+    if Path(path).is_file() and Path(path).suffix in (".pt", ".pth"):
+        return load_state_dict(path, "Phi"), file_sha256(Path(path))
+    tensors, _ = load_checkpoint(path, method, backbone.identity())
+    return tensors, checkpoint_sha256(path)
+
+
+def searle_prompt(text: str, placeholder: str = "$") -> str:
+    """The SEARLE protocol's prompt, which LinCIR evaluates with too."""
+    return f"a photo of {placeholder} that {clean_text(text, placeholder)}"
+
+
+class SearleProtocol(RawImageReferences, Method):
+    """The SEARLE evaluation protocol, shared by SEARLE and LinCIR: a Phi network maps the raw CLIP image
+    embedding to ``$`` in "a photo of $ that {caption}"; with two captions (FashionIQ) the forward ("c1 and
+    c2") and reverse ("c2 and c1") prompts are encoded and their normalised features averaged. Subclasses
+    build ``self.phi`` (:meth:`build_phi`) and load its weights."""
+
+    placeholder = "$"
+    phi: torch.nn.Module
+    checkpoint: str = ""
+    sha256: str = ""
+
+    def build_phi(self, tensors: dict[str, torch.Tensor], source: str, dropout: float = 0.5) -> None:
+        """``self.phi`` (input: the image embedding, hidden 4x, output: the token width) with ``tensors``."""
+        embed = self.backbone.embed_dim
+        phi = Phi(embed, 4 * embed, token_width(self.backbone), dropout=dropout)
+        load_module_weights(phi, tensors, source)
+        self.phi = phi.to(self.backbone.device).eval()
+
+    @torch.no_grad()
+    def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
+        tokens = self.phi(references.to(self.backbone.device).float())
+        variants = [caption_variants(q.texts) for q in queries]
+        counts = [len(v) for v in variants]
+        prompts = [searle_prompt(t, self.placeholder) for v in variants for t in v]
+        repeated = tokens.repeat_interleave(torch.tensor(counts, device=tokens.device), dim=0)
+        feats = encode_with_pseudo_tokens(self.backbone, prompts, repeated, self.placeholder)
+        return average_variants(feats, counts)
+
+    def info(self) -> dict:
+        return {"checkpoint": self.checkpoint, "sha256": self.sha256}
