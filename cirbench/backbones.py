@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, CirbenchError, UnknownNameError
+from .hub import host_reachable, hub_reachable
 from .preprocess import Preprocessor
 from .util import file_sha256, one_line
 
@@ -85,14 +85,9 @@ def autocast_context(precision: str, device: torch.device):
     return nullcontext()
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    for host in ("huggingface.co", "openaipublic.azureedge.net"):
-        try:
-            with socket.create_connection((host, 443), timeout=timeout):
-                return True
-        except OSError:
-            continue
-    return False
+def _weights_reachable() -> bool:
+    """open_clip tags download from the Hugging Face hub or OpenAI's own host."""
+    return hub_reachable() or host_reachable("openaipublic.azureedge.net")
 
 
 def _register_config(model: str) -> str:
@@ -333,7 +328,7 @@ def _build(model: str, model_name: str, pre: str, quick_gelu: bool, seed: int, c
         raise UnknownNameError(f"pretrained tag for {model_name}", pre, tags + ["none", "<path/to/weights>"])
     cfg = open_clip.get_pretrained_cfg(model_name, pre)
     source = cfg.get("hf_hub") or cfg.get("url") or ""
-    if not _weights_cached(cfg, cache_dir) and not _hub_reachable():
+    if not _weights_cached(cfg, cache_dir) and not _weights_reachable():
         raise CirbenchError(f"cannot download pretrained weights '{pre}' for {model_name} ({source}): no network. "
                             "Download them on a connected machine (they land in the Hugging Face cache) or pass "
                             "--pretrained /path/to/weights")

@@ -102,22 +102,3 @@ def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor
         raise CheckpointError(f"checkpoint {source} does not fit this backbone: {len(wrong)} mismatched, "
                               f"{len(missing)} missing, {len(unexpected)} unexpected tensors (first: {first})")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
-
-
-def hub_file(repo_id: str, filename: str, what: str) -> Path:
-    """A file of a Hugging Face hub model repository: from the local hub cache when it is there, downloaded
-    otherwise; CheckpointError naming the file and how to supply it when neither works (offline, no access)."""
-    try:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    except ImportError:
-        raise CheckpointError(f"{what} come from the Hugging Face hub ({repo_id}/{filename}): pip install "
-                              "huggingface_hub, or download the file and pass --checkpoint PATH") from None
-    cached = try_to_load_from_cache(repo_id, filename)
-    if isinstance(cached, str) and Path(cached).is_file():
-        return Path(cached)
-    try:
-        return Path(hf_hub_download(repo_id, filename))
-    except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: every failure is the same one line
-        raise CheckpointError(f"cannot get {what} (https://huggingface.co/{repo_id}/blob/main/{filename}): "
-                              f"{type(exc).__name__}: {one_line(exc)[:160]}. Download the file on a connected "
-                              "machine and pass --checkpoint PATH") from None

@@ -10,6 +10,7 @@ The loop knows no method or dataset by name: it talks to them only through
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .encode import encode_images
 from .errors import CirbenchError, ImageError, UnknownNameError
 from .feature_cache import FeatureCache
 from .images import describe_missing, find_missing
+from .method import QuerySet
 from .metrics import means
 from .plugins import Registry, get_registry
 from .preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_KINDS, Preprocessor
@@ -134,14 +136,15 @@ def drop_missing(es: EvalSet, allow_missing: bool) -> dict[str, int]:
     return counts
 
 
-def check_composed(features: Any, n: int, dim: int, mspec: MethodSpec) -> torch.Tensor:
-    """What ``compose`` returned must be ``[n, dim]``, finite and L2-normalised; a CirbenchError names the
-    method and its plugin otherwise."""
+def check_composed(features: Any, n: int, dim: int, mspec: MethodSpec, vectors: int = 1) -> torch.Tensor:
+    """What ``compose`` returned must be ``[n, dim]`` (``[n, vectors, dim]`` for a method with several vectors
+    per query), finite and L2-normalised; a CirbenchError names the method and its plugin otherwise."""
     who = f"method '{mspec.name}' (plugin {mspec.plugin or '?'})"
     if not isinstance(features, torch.Tensor):
         raise CirbenchError(f"{who}: compose returned {type(features).__name__}, not a tensor")
-    if features.ndim != 2 or tuple(features.shape) != (n, dim):
-        raise CirbenchError(f"{who}: compose returned shape {tuple(features.shape)}, expected ({n}, {dim}) "
+    expected = (n, dim) if vectors == 1 else (n, vectors, dim)
+    if tuple(features.shape) != expected:
+        raise CirbenchError(f"{who}: compose returned shape {tuple(features.shape)}, expected {expected} "
                             "to match the gallery features")
     features = features.float()
     if not bool(torch.isfinite(features).all()):
@@ -258,7 +261,7 @@ class Evaluator:
         per_set, per_query, submissions, predictions = {}, {}, [], []
         counts: dict[str, Any] = {"queries": 0, "gallery": 0, "sets": {}}
         for es in ctx.evalsets:
-            ranking = self._rank_set(es, method, ctx.mspec, ctx.backbone, ctx.preprocessor, ctx.cache)
+            ranking = self._rank_set(ctx, es, method)
             counts["queries"] += len(es.queries)
             counts["gallery"] += len(es.gallery)
             counts["sets"][es.name] = {"queries": len(es.queries), "gallery": len(es.gallery), **ctx.set_counts[es.name]}
@@ -270,8 +273,11 @@ class Evaluator:
                 per_set[es.name], query_metrics = _score_set(ctx.dataset, es, ranking)
                 if query_metrics is not None:
                     per_query[es.name] = query_metrics
-            predictions += _prediction_rows(es, ranking, cfg.save_topk, query_metrics)
+            predictions += _prediction_rows(es, ranking, cfg.save_topk, query_metrics, method.query_details)
         metrics = ctx.dataset.aggregate(per_set) if per_set else {}
+        summary = method.summary() if hasattr(method, "summary") else {}
+        if summary:
+            record["method"]["summary"] = summary
         record.update({
             "counts": counts, "metrics": metrics, "per_set_metrics": per_set,
             "metrics_ci": bootstrap_ci(per_query, ctx.dataset.aggregate, cfg.bootstrap, seed=cfg.seed),
@@ -313,28 +319,40 @@ class Evaluator:
         record["fingerprint"] = run_fingerprint(record)
         return record
 
-    def _rank_set(self, es: EvalSet, method, mspec: MethodSpec, backbone: Backbone, preprocessor: Preprocessor,
-                  cache: FeatureCache) -> Ranking:
-        cfg = self.cfg
+    def _rank_set(self, ctx: _Context, es: EvalSet, method) -> Ranking:
+        cfg, mspec, backbone, preprocessor, cache = self.cfg, ctx.mspec, ctx.backbone, ctx.preprocessor, ctx.cache
         gkey = self._feature_key(backbone, preprocessor, method.gallery_feature_kind())
         gallery = self._features(cache, gkey, es.gallery, method.encode_gallery, preprocessor, f"{es.name}: gallery")
         refs = es.reference_images()
-        rkey = self._feature_key(backbone, preprocessor, method.reference_feature_kind())
-        ref_feats = self._features(cache, rkey, refs, method.encode_references, preprocessor,
-                                   f"{es.name}: references")
+        rkind = method.reference_feature_kind()
+        if rkind is None:  # the method reads its references itself (in prepare)
+            ref_feats = torch.empty(len(refs), 0)
+        else:
+            rkey = self._feature_key(backbone, preprocessor, rkind)
+            ref_feats = self._features(cache, rkey, refs, method.encode_references, preprocessor,
+                                       f"{es.name}: references")
+        method.prepare(QuerySet(ctx.dspec.name, ctx.split, es.name,
+                                [dataclasses.replace(q, targets=(), candidates=None) for q in es.queries],
+                                {r.id: r for r in refs}, Path(cfg.cache_dir) if cfg.cache_dir else None,
+                                cfg.progress))
         queries = self._compose(es, method, mspec, backbone, refs, ref_feats, gallery.shape[-1] if gallery.ndim == 2
                                 else 0)
+        combine = method.combine_scores if queries.ndim == 3 else None
         gallery_dev = gallery.to(backbone.device)  # once: every ranking below reuses it
         gindex = {g.id: i for i, g in enumerate(es.gallery)}
         exclude = None
         if es.exclude_reference:
             exclude = torch.tensor([gindex.get(q.reference, -1) for q in es.queries], dtype=torch.long)
-        idx, scores = rank(queries, gallery_dev, es.topk, exclude=exclude, backend=cfg.retrieval_backend)
+        backend = cfg.retrieval_backend
+        if combine is not None and backend == "faiss":
+            raise CirbenchError(f"method '{mspec.name}' scores {queries.shape[1]} vectors per query, which only the "
+                                "torch backend ranks: use --retrieval torch (or auto)")
+        idx, scores = rank(queries, gallery_dev, es.topk, exclude=exclude, backend=backend, combine=combine)
         candidate_order = None
         if any(q.candidates for q in es.queries):
             cand_idx = [[gindex[c] for c in dict.fromkeys(q.candidates or ()) if c in gindex
                          and not (es.exclude_reference and c == q.reference)] for q in es.queries]
-            ordered = rank_candidates(queries, gallery_dev, cand_idx)
+            ordered = rank_candidates(queries, gallery_dev, cand_idx, combine=combine)
             candidate_order = [[es.gallery[i].id for i in row] for row in ordered]
         return Ranking([q.id for q in es.queries], [g.id for g in es.gallery], idx, scores, candidate_order)
 
@@ -348,7 +366,8 @@ class Evaluator:
                 chunk: list[Query] = es.queries[s : s + batch]
                 r = ref_feats[[ref_pos[q.reference] for q in chunk]].to(backbone.device)
                 with torch.no_grad():
-                    out.append(check_composed(method.compose(r, chunk), len(chunk), dim, mspec))
+                    out.append(check_composed(method.compose(r, chunk), len(chunk), dim, mspec,
+                                              getattr(method, "query_vectors", 1)))
                 bar.update(len(chunk))
         return torch.cat(out) if out else torch.empty(0, dim)
 
@@ -363,8 +382,8 @@ def _score_set(dataset, es: EvalSet, ranking: Ranking) -> tuple[dict[str, float]
     return metrics, per_query
 
 
-def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int,
-                     per_query: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int, per_query: dict[str, Any] | None = None,
+                     details: Callable[[Query], dict[str, Any] | None] | None = None) -> list[dict[str, Any]]:
     k = min(save_topk, ranking.indices.shape[1])
     table = {m: (v.tolist() if hasattr(v, "tolist") else list(v)) for m, v in (per_query or {}).items()}
     rows = []
@@ -377,6 +396,9 @@ def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int,
             row["subset"] = ranking.candidate_order[qi]
         if table:
             row["metrics"] = {m: round(v[qi], 4) for m, v in table.items() if v[qi] == v[qi]}  # nan: not counted
+        extra = details(q) if details is not None else None
+        if extra:
+            row["method"] = extra
         rows.append(row)
     return rows
 

@@ -5,22 +5,43 @@ A method subclasses :class:`Method` and registers a :class:`~cirbench.types.Meth
 
 1. encodes the gallery with :meth:`Method.encode_gallery` (cached under :meth:`gallery_feature_kind`);
 2. encodes the distinct reference images with :meth:`Method.encode_references` (cached under
-   :meth:`reference_feature_kind`; by default the same kind as the gallery, so they are reused);
-3. calls :meth:`Method.compose` on batches of queries with their reference features, and ranks the
-   returned (normalised) query features against the gallery.
+   :meth:`reference_feature_kind`; by default the same kind as the gallery, so they are reused; a method
+   whose kind is ``None`` needs no reference features and gets ``[B, 0]`` tensors);
+3. calls :meth:`Method.prepare` once with the set's queries and reference images (targets removed): methods
+   that work per query set, such as captioning the references and rewriting captions with a language model,
+   do it there;
+4. calls :meth:`Method.compose` on batches of queries with their reference features, and ranks the
+   returned (normalised) query features against the gallery. A method with ``query_vectors = K > 1``
+   returns ``[B, K, D]`` and scores them with :meth:`Method.combine_scores`.
 
-A method never sees a dataset's files or metrics; it only knows the dataset's name (for per-dataset
-defaults) and the queries' texts.
+A method never sees a dataset's metrics, targets or gallery files; it knows the dataset's name (for
+per-dataset defaults), the queries' texts and their reference images.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .backbones import Backbone
-from .types import Query
+from .types import ImageRef, Query
+
+
+@dataclass
+class QuerySet:
+    """What :meth:`Method.prepare` sees of an evaluation set: its queries with targets and candidate subsets
+    removed, their reference images by id, where the run caches things, and whether to show progress."""
+
+    dataset: str
+    split: str
+    name: str
+    queries: list[Query]
+    references: dict[str, ImageRef]
+    cache_dir: Path | None = None
+    progress: bool = True
 
 
 class Method:
@@ -28,6 +49,7 @@ class Method:
     :class:`~cirbench.types.MethodSpec` (bound by the loop when it builds the method)."""
 
     spec: Any = None
+    query_vectors: int = 1  # K > 1: compose returns [B, K, D], scored by combine_scores
 
     def bind_spec(self, spec: Any) -> None:
         self.spec = spec
@@ -60,9 +82,10 @@ class Method:
         return self.backbone.encode_image(pixels)
 
     # -- references ------------------------------------------------------------------------------
-    def reference_feature_kind(self) -> dict:
+    def reference_feature_kind(self) -> dict | None:
         """What identifies the reference-image features (default: the gallery features, reused when
-        :meth:`encode_references` is not overridden; otherwise a kind named after the overriding class)."""
+        :meth:`encode_references` is not overridden; otherwise a kind named after the overriding class).
+        ``None``: the method needs no reference features (it reads its reference images in :meth:`prepare`)."""
         owner = _owner(type(self), "encode_references")
         if owner is Method:
             return self.gallery_feature_kind()
@@ -73,12 +96,31 @@ class Method:
         return self.encode_gallery(pixels)
 
     # -- queries ---------------------------------------------------------------------------------
+    def prepare(self, query_set: QuerySet) -> None:
+        """Work done once per evaluation set before any :meth:`compose` (default: nothing)."""
+
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         """Normalised query features ``[B, D]`` from reference features ``[B, ...]`` and the queries."""
         raise NotImplementedError
 
+    def combine_scores(self, sims: torch.Tensor) -> torch.Tensor:
+        """One score per gallery item ``[..., G]`` from the cosine similarities ``[..., K, G]`` of a query's K
+        vectors (only used when ``query_vectors > 1``)."""
+        raise NotImplementedError
+
+    def query_details(self, query: Query) -> dict[str, Any] | None:
+        """What the method made for one query that a reader of the predictions wants to see (generated
+        captions, rewritten texts); written into the predictions file. Default: nothing."""
+        return None
+
     def info(self) -> dict:
-        """Extra identity for the result file (checkpoint path and hash, ...)."""
+        """Extra identity for the result file (checkpoint path and hash, ...): configuration only, known when
+        the method is built (the run's fingerprint includes it)."""
+        return {}
+
+    def summary(self) -> dict:
+        """What the method did during the run, for the result file (e.g. generations made, replayed or
+        imported, and a digest of the generated texts). Default: nothing."""
         return {}
 
     def label_tag(self) -> str | None:

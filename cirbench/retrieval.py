@@ -20,10 +20,16 @@ faiss was measured faster (2 cores, dim 768, top 50: 4,000 x 123,403: faiss 3.16
 dominating). The torch backend itself runs within 1.01x of a plain ``torch.topk(q @ g.T)``.
 faiss computes scores with its own summation order, so items whose scores differ by float rounding may be
 ordered differently than by the torch backend.
+
+**Several vectors per query.** A method may describe each query by ``K`` vectors (``queries`` of shape
+``[Q, K, D]``) and a ``combine`` rule that turns the ``[..., K, G]`` cosine similarities into one score per
+gallery item (SEIZE scores by the edited caption's similarity plus weighted parts of its difference to the
+reference caption's). Only the torch backend ranks such queries.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,14 +102,23 @@ def rank(
     query_chunk: int = 1024,
     gallery_chunk: int | None = None,
     backend: str = "auto",
+    combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` gallery positions and scores for each query, on the gallery's device; results on the CPU.
 
     ``exclude[q]`` is a gallery position removed from query ``q``'s ranking (or -1): CIRR removes the
-    reference image. See the module docstring for tie order and backends.
+    reference image. ``queries`` of shape ``[Q, K, D]`` are scored by ``combine`` (see the module docstring,
+    which also covers tie order and backends).
     """
     if backend not in RANK_BACKENDS:
         raise ValueError(f"unknown retrieval backend {backend!r}")
+    vectors = queries.shape[1] if queries.ndim == 3 else 1
+    if queries.ndim == 3:
+        if combine is None:
+            raise ValueError("queries with several vectors each need a combine rule")
+        if backend == "faiss":
+            raise ValueError("the faiss backend ranks one vector per query")
+        backend = "torch"
     n_queries, n_gallery = queries.shape[0], gallery.shape[0]
     k = max(0, min(k, n_gallery - (1 if exclude is not None else 0)))
     if n_queries == 0 or k == 0:
@@ -116,7 +131,7 @@ def rank(
 
         return faiss_rank(queries, gallery, k, exclude)
     device = gallery.device
-    gallery_chunk = gallery_chunk or max(4096, SCORE_BLOCK // max(1, min(query_chunk, n_queries)))
+    gallery_chunk = gallery_chunk or max(4096, SCORE_BLOCK // max(1, min(query_chunk, n_queries) * vectors))
     out_idx, out_scores = [], []
     for qs in range(0, n_queries, query_chunk):
         q = queries[qs : qs + query_chunk].to(device=device, dtype=torch.float32)
@@ -124,7 +139,7 @@ def rank(
         best_s = best_i = None
         for gs in range(0, n_gallery, gallery_chunk):
             g = gallery[gs : gs + gallery_chunk]
-            sims = q @ (g if g.dtype == torch.float32 else g.float()).T
+            sims = _scores(q, g if g.dtype == torch.float32 else g.float(), combine)
             if ex is not None:
                 local = ex - gs
                 hit = (local >= 0) & (local < g.shape[0])
@@ -139,6 +154,12 @@ def rank(
     return torch.cat(out_idx), torch.cat(out_scores)
 
 
+def _scores(q: torch.Tensor, g: torch.Tensor, combine) -> torch.Tensor:
+    if q.ndim == 2:
+        return q @ g.T
+    return combine(torch.einsum("qkd,gd->qkg", q, g))
+
+
 def _faiss_available() -> bool:
     try:
         import faiss  # noqa: F401
@@ -151,9 +172,11 @@ def rank_candidates(
     queries: torch.Tensor,
     gallery: torch.Tensor,
     candidate_indices: list[list[int]],
+    combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """For each query, its candidate gallery positions sorted by similarity (best first; equal scores by
-    gallery position), in one batched gather and product over a padded ``[Q, C]`` candidate matrix."""
+    gallery position), in one batched gather and product over a padded ``[Q, C]`` candidate matrix
+    (``[Q, K, D]`` queries are scored by ``combine``)."""
     width = max((len(c) for c in candidate_indices), default=0)
     if width == 0:
         return [[] for _ in candidate_indices]
@@ -166,7 +189,11 @@ def rank_candidates(
     cands = cands.to(device)
     valid = cands < big
     feats = gallery[cands.clamp(max=big - 1)].float()  # [Q, C, D]
-    scores = torch.einsum("qcd,qd->qc", feats, queries.float().to(device)).masked_fill(~valid, float("-inf"))
+    if queries.ndim == 3:
+        scores = combine(torch.einsum("qcd,qkd->qkc", feats, queries.float().to(device)))
+    else:
+        scores = torch.einsum("qcd,qd->qc", feats, queries.float().to(device))
+    scores = scores.masked_fill(~valid, float("-inf"))
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     ranked = torch.gather(cands, 1, order).cpu()
     counts = valid.sum(dim=1).tolist()

@@ -51,7 +51,7 @@ def test_weights_file_round_trip_and_mismatch(tmp_path, tiny_config):
 
 
 def test_offline_pretrained_tag_fails_fast_with_a_clear_message(monkeypatch):
-    monkeypatch.setattr(backbones, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(backbones, "_weights_reachable", lambda: False)
     monkeypatch.setattr(backbones, "_weights_cached", lambda cfg, cache_dir: False)
     start = time.perf_counter()
     with pytest.raises(CirbenchError, match="cannot download pretrained weights 'openai' for ViT-B-32.*no network"):

@@ -129,7 +129,7 @@ def test_demo_weights_are_labelled_and_offline_is_one_clear_line(tmp_path, backb
         lincir.LinCIR(backbone, {"checkpoint": None}, "cirr")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
-    from cirbench.checkpoints import hub_file
+    from cirbench.hub import hub_file
 
     with pytest.raises(CheckpointError) as info:
         hub_file(lincir.DEMO_REPO, lincir.DEMO_FILE, "LinCIR's demo weights")

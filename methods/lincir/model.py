@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from cirbench.backbones import Backbone
-from cirbench.checkpoints import hub_file
 from cirbench.errors import CheckpointError, CirbenchError
+from cirbench.hub import hub_file
 from cirbench.methods._shared.textinv import (
     Phi,
     SearleProtocol,

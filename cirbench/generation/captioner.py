@@ -1,0 +1,84 @@
+"""Image captioners through transformers (BLIP-2 and any other image-to-text model it loads).
+
+``build_captioner("hf:Salesforce/blip2-flan-t5-xxl")`` loads the processor and the model
+(``AutoModelForImageTextToText``, else ``AutoModelForVision2Seq``). Decoding follows LAVIS's BLIP-2
+``generate`` defaults, which CIReVL and LDRE used: beam search with 5 beams, at most 30 new tokens, at least
+1; ``n > 1`` captions per image (LDRE's dense captions) use nucleus sampling (top-p 0.9) with a seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import CirbenchError
+from ..hub import local_files_only
+from ..util import one_line
+
+
+class TransformersCaptioner:
+    def __init__(self, path: str, prompt: str = "", n: int = 1, num_beams: int = 5, max_new_tokens: int = 30,
+                 top_p: float = 0.9, seed: int = 0, device: str = "cpu", batch_size: int = 8):
+        try:
+            import transformers
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # cirbench shows its own progress
+            from transformers import AutoProcessor
+
+            auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+            local = local_files_only(path)
+            self.processor = AutoProcessor.from_pretrained(path, local_files_only=local)
+            self.model = auto.from_pretrained(path, local_files_only=local).to(device).eval()
+        except (OSError, ValueError, KeyError) as exc:
+            raise CirbenchError(f"cannot load the captioner {path!r} ({one_line(exc)[:160]}): pass a local folder "
+                                "or a cached hub id (e.g. hf:Salesforce/blip2-flan-t5-xl)") from None
+        self.path, self.prompt, self.n, self.num_beams = path, prompt, n, num_beams
+        self.max_new_tokens, self.top_p, self.seed = max_new_tokens, top_p, seed
+        self.device, self.batch_size = device, batch_size
+
+    @property
+    def id(self) -> str:
+        return f"hf:{self.path}"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"n": self.n, "num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens,
+                "sampling": {"top_p": self.top_p, "seed": self.seed} if self.n > 1 else None}
+
+    def source(self) -> str:
+        return f"live:{self.id}"
+
+    def caption(self, images: list[Any]) -> list[list[str]]:
+        """``n`` captions for each PIL image."""
+        import torch
+
+        out: list[list[str]] = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start : start + self.batch_size]
+            kwargs: dict[str, Any] = {"images": batch, "return_tensors": "pt"}
+            if self.prompt:
+                kwargs["text"] = [self.prompt] * len(batch)
+            inputs = self.processor(**kwargs).to(self.device)
+            generate: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": 1,
+                                        "num_beams": self.num_beams, "num_return_sequences": self.n}
+            if self.n > 1:
+                torch.manual_seed(self.seed)
+                generate.update(do_sample=True, top_p=self.top_p)
+            with torch.no_grad():
+                ids = self.model.generate(**inputs, **generate)
+            if "input_ids" in inputs and not self.model.config.is_encoder_decoder:
+                prompt_len = inputs["input_ids"].shape[1]
+                if ids.shape[1] > prompt_len and bool((ids[:, :prompt_len] == inputs["input_ids"].repeat_interleave(
+                        self.n, 0)).all()):
+                    ids = ids[:, prompt_len:]  # decoder-only models return the prompt first
+            texts = [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+            out += [texts[i * self.n : (i + 1) * self.n] for i in range(len(batch))]
+        return out
+
+
+def build_captioner(spec: str, *, prompt: str = "", n: int = 1, seed: int = 0, device: str = "cpu"):
+    kind, _, name = spec.partition(":")
+    if kind == "hf" and name:
+        return TransformersCaptioner(name, prompt=prompt, n=n, seed=seed, device=device)
+    raise CirbenchError(f"unknown captioner {spec!r}: use hf:PATH_OR_REPO (a transformers image-to-text model such "
+                        "as hf:Salesforce/blip2-opt-2.7b)")

@@ -1,0 +1,182 @@
+"""Language models that rewrite text: any OpenAI-compatible chat endpoint, or a local transformers model.
+
+``build_llm("openai:gpt-4o-mini")`` talks to ``--llm-url`` (default ``$OPENAI_BASE_URL`` or the OpenAI API)
+with the key in ``$OPENAI_API_KEY`` (never written anywhere); vLLM, llama.cpp's server, Ollama and the like
+serve the same protocol locally. ``build_llm("hf:PATH_OR_REPO")`` runs a causal language model with
+transformers (its chat template when it has one). Both take a list of chat messages per prompt and return
+one text per prompt; a stop string ends the text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..errors import CirbenchError
+from ..hub import local_files_only
+from ..util import one_line
+
+Messages = list[dict[str, str]]
+DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+class OpenAIChat:
+    """Chat completions over HTTP (``POST {url}/chat/completions``), several requests in flight."""
+
+    def __init__(self, model: str, url: str | None = None, temperature: float = 0.0, max_tokens: int = 700,
+                 stop: tuple[str, ...] = ("\n\n",), seed: int | None = None, timeout: float = 60.0,
+                 retries: int = 4, parallel: int = 8, api_key_env: str = "OPENAI_API_KEY"):
+        self.model = model
+        self.url = (url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_OPENAI_URL).rstrip("/")
+        self.temperature, self.max_tokens, self.stop, self.seed = temperature, max_tokens, tuple(stop), seed
+        self.timeout, self.retries, self.parallel = timeout, retries, parallel
+        self.api_key = os.environ.get(api_key_env)
+        self.api_key_env = api_key_env
+
+    @property
+    def id(self) -> str:
+        return f"openai:{self.model}"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "max_tokens": self.max_tokens, "stop": list(self.stop),
+                "seed": self.seed}
+
+    def source(self) -> str:
+        return f"live:{self.url}"
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(f"{self.url}/chat/completions", data=json.dumps(body).encode(),
+                                         headers=headers, method="POST")
+        delay = 1.0
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - user's URL
+                    return json.loads(response.read().decode("utf-8"))
+            except urllib.error.HTTPError as exc:
+                if exc.code in (401, 403):
+                    raise CirbenchError(f"LLM endpoint {self.url} refused the request (HTTP {exc.code}): set "
+                                        f"${self.api_key_env} to a valid key") from None
+                if exc.code in (429, 500, 502, 503, 504) and attempt < self.retries:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                detail = one_line(exc.read().decode("utf-8", errors="replace") or str(exc))[:200]
+                raise CirbenchError(f"LLM endpoint {self.url} answered HTTP {exc.code} for model {self.model}: "
+                                    f"{detail}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                if attempt < self.retries and isinstance(reason, TimeoutError):
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                raise CirbenchError(f"LLM endpoint {self.url} is unreachable ({one_line(str(reason))}): start it or "
+                                    "pass --llm-url; or replay cached generations with --generation replay") from None
+            except ValueError:
+                raise CirbenchError(f"LLM endpoint {self.url} did not answer with JSON") from None
+        raise CirbenchError(f"LLM endpoint {self.url} kept failing after {self.retries + 1} attempts")
+
+    def _one(self, messages: Messages) -> str:
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                                "max_tokens": self.max_tokens}
+        if self.stop:
+            body["stop"] = list(self.stop)
+        if self.seed is not None:
+            body["seed"] = self.seed
+        answer = self._post(body)
+        try:
+            text = answer["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise CirbenchError(f"LLM endpoint {self.url} answered without choices[0].message.content") from None
+        return cut_at_stop(text or "", self.stop)
+
+    def generate(self, prompts: list[Messages]) -> list[str]:
+        if len(prompts) <= 1 or self.parallel <= 1:
+            return [self._one(p) for p in prompts]
+        with ThreadPoolExecutor(self.parallel) as pool:
+            return list(pool.map(self._one, prompts))
+
+
+class TransformersLM:
+    """A local causal language model (transformers): greedy at temperature 0, seeded sampling otherwise."""
+
+    def __init__(self, path: str, temperature: float = 0.0, max_tokens: int = 700, stop: tuple[str, ...] = ("\n\n",),
+                 seed: int | None = 0, device: str = "cpu", batch_size: int = 8):
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # cirbench shows its own progress
+
+            local = local_files_only(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+            self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local).to(device).eval()
+        except (OSError, ValueError) as exc:
+            raise CirbenchError(f"cannot load the language model {path!r} ({one_line(exc)[:160]}): pass a local "
+                                "folder or a cached hub id") from None
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"
+        self.path, self.device, self.batch_size = path, device, batch_size
+        self.temperature, self.max_tokens, self.stop, self.seed = temperature, max_tokens, tuple(stop), seed
+
+    @property
+    def id(self) -> str:
+        return f"hf:{self.path}"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "max_tokens": self.max_tokens, "stop": list(self.stop),
+                "seed": self.seed}
+
+    def source(self) -> str:
+        return f"live:{self.id}"
+
+    def _text(self, messages: Messages) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "\n\n".join(m["content"] for m in messages)
+
+    def generate(self, prompts: list[Messages]) -> list[str]:
+        import torch
+
+        out: list[str] = []
+        for start in range(0, len(prompts), self.batch_size):
+            texts = [self._text(m) for m in prompts[start : start + self.batch_size]]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+            kwargs: dict[str, Any] = {"max_new_tokens": self.max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+            if self.temperature > 0:
+                torch.manual_seed(self.seed or 0)
+                kwargs.update(do_sample=True, temperature=self.temperature)
+            else:
+                kwargs.update(do_sample=False)
+            with torch.no_grad():
+                ids = self.model.generate(**enc, **kwargs)
+            new = ids[:, enc["input_ids"].shape[1]:]
+            out += [cut_at_stop(t, self.stop) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return out
+
+
+def build_llm(spec: str, *, url: str | None = None, temperature: float = 0.0, max_tokens: int = 700,
+              stop: tuple[str, ...] = ("\n\n",), seed: int | None = None, device: str = "cpu"):
+    """``openai:MODEL`` (an OpenAI-compatible endpoint) or ``hf:PATH_OR_REPO`` (local transformers)."""
+    kind, _, name = spec.partition(":")
+    if kind == "openai" and name:
+        return OpenAIChat(name, url, temperature, max_tokens, stop, seed)
+    if kind == "hf" and name:
+        return TransformersLM(name, temperature, max_tokens, stop, seed, device)
+    raise CirbenchError(f"unknown language model {spec!r}: use openai:MODEL (any OpenAI-compatible endpoint, "
+                        "--llm-url) or hf:PATH_OR_REPO (a local transformers model)")

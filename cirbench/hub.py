@@ -1,0 +1,64 @@
+"""The Hugging Face hub and other download hosts, answered fast when the machine is offline.
+
+Model loaders (open_clip tags, transformers models, hub checkpoints) retry for minutes before they give up
+on a machine without a network. cirbench probes the host once per process instead and fails in seconds with
+a line that says how to supply the file. No torch here: the listing and error paths stay light.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+
+from .errors import CheckpointError
+from .util import one_line
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@functools.cache
+def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``timeout`` seconds (probed once per process)."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT`` when set) can be reached; False under HF_HUB_OFFLINE."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return host_reachable(url.hostname or "huggingface.co", url.port or 443)
+
+
+def local_files_only(path: str) -> bool:
+    """``local_files_only`` for a transformers ``from_pretrained(path)``: True for a local folder or when the
+    hub cannot be reached (a cached hub model still loads; an uncached one fails at once)."""
+    return Path(path).is_dir() or not hub_reachable()
+
+
+def hub_file(repo_id: str, filename: str, what: str) -> Path:
+    """A file of a Hugging Face hub model repository: from the local hub cache when it is there, downloaded
+    otherwise; CheckpointError naming the file and how to supply it when neither works (offline, no access)."""
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    except ImportError:
+        raise CheckpointError(f"{what} come from the Hugging Face hub ({repo_id}/{filename}): pip install "
+                              "huggingface_hub, or download the file and pass --checkpoint PATH") from None
+    cached = try_to_load_from_cache(repo_id, filename)
+    if isinstance(cached, str) and Path(cached).is_file():
+        return Path(cached)
+    try:
+        if not hub_reachable():
+            raise ConnectionError("the hub is not reachable from this machine")
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: every failure is the same one line
+        raise CheckpointError(f"cannot get {what} (https://huggingface.co/{repo_id}/blob/main/{filename}): "
+                              f"{type(exc).__name__}: {one_line(exc)[:160]}. Download the file on a connected "
+                              "machine and pass --checkpoint PATH") from None

@@ -1,0 +1,85 @@
+"""Built-in plugin: the caption-rewrite-retrieve family (CIReVL, LDRE, SEIZE).
+
+A captioner describes the reference image, a language model rewrites the description with the modification,
+and the CLIP text embedding of the rewrite is ranked against the gallery's image embeddings. The captioner
+is any transformers image-to-text model (``hf:...``, BLIP-2 by default); the language model any
+OpenAI-compatible endpoint (``openai:MODEL`` with ``--llm-url``) or a local transformers model (``hf:...``).
+
+* ``cirevl`` (Karthik et al., ICLR 2024): one caption (BLIP-2 FLAN-T5 XXL, beam search, CIReVL's captioning
+  prompt), one rewrite at temperature 0, normalised text feature.
+* ``ldre`` (Yang et al., SIGIR 2024): 15 sampled captions (BLIP-2 OPT-6.7b COCO), one rewrite each, the
+  normalised mean of their raw text features.
+* ``seize`` (Yang et al., ACM MM 2024): LDRE's rewrites and captions, scored by the semantic editing
+  increment (``--pos-factor``, ``--neg-factor``).
+
+Every generation is cached by content under ``<cache>/generations``; ``--generation replay`` reruns without
+any model, and ``--import-generations FILE`` reads the texts CIReVL, LDRE or SEIZE published (with
+``--prompt name:ID`` naming the prompt that made them). The built-in rewriting prompt is cirbench's own; pass
+the authors' prompt as a file (``--prompt prompt.txt``) for their exact wording.
+"""
+
+from cirbench.hookspecs import hookimpl
+from cirbench.types import MethodSpec, OptionSpec
+
+CIREVL_CAPTION_PROMPT = ("Describe the image in complete detail. You must especially focus on all the objects in "
+                         "the image")  # CIReVL's prompts.blip_prompt
+
+
+def _options(captioner: str, caption_prompt: str, captions: int, temperature: float, extra=()) -> tuple:
+    return (
+        OptionSpec("captioner", "Image captioner: hf:PATH_OR_REPO (a transformers image-to-text model).", "str",
+                   captioner),
+        OptionSpec("caption_prompt", "Prompt given to the captioner ('' for plain captioning).", "str", caption_prompt),
+        OptionSpec("captions", "Captions per reference image (each rewritten; several are sampled).", "int", captions,
+                   minimum=1, maximum=64),
+        OptionSpec("llm", "Language model: openai:MODEL (an OpenAI-compatible endpoint) or hf:PATH_OR_REPO.", "str",
+                   "openai:gpt-3.5-turbo"),
+        OptionSpec("llm_url", "Base URL of the OpenAI-compatible endpoint (default $OPENAI_BASE_URL or the OpenAI "
+                   "API); the key is read from $OPENAI_API_KEY.", "str", None),
+        OptionSpec("prompt", "Rewriting prompt: builtin, a .toml/.txt file, or name:ID (recorded generations only).",
+                   "str", "builtin"),
+        OptionSpec("temperature", "Sampling temperature of the language model.", "float", temperature, minimum=0.0,
+                   maximum=2.0),
+        OptionSpec("max_tokens", "Most tokens the language model may answer with.", "int", 700, minimum=1),
+        OptionSpec("sampling_seed", "Seed for sampled captions and answers.", "int", 0),
+        OptionSpec("generation", "auto: use recorded generations, generate the rest; replay: recorded only (no "
+                   "model is loaded); refresh: generate everything again.", "str", "auto",
+                   choices=("auto", "replay", "refresh")),
+        OptionSpec("import_generations", "Published generations to record first (CIReVL mods JSON, LDRE/SEIZE "
+                   "annotation JSON); several files separated by commas.", "str", None),
+        OptionSpec("import_fields", "Record fields holding captions and rewrites in LDRE/SEIZE files.", "str",
+                   "multi_caption_opt,multi_gpt-3.5_opt"),
+    ) + tuple(extra)
+
+
+@hookimpl
+def register_methods(register):
+    register(MethodSpec(
+        name="cirevl",
+        description="CIReVL: caption the reference (BLIP-2), rewrite it with an LLM, retrieve by text.",
+        factory="cirbench.methods.llm_rewrite.pipeline:CIReVL",
+        options=_options("hf:Salesforce/blip2-flan-t5-xxl", CIREVL_CAPTION_PROMPT, 1, 0.0),
+        default_backbone=("ViT-L-14", "openai"),
+        default_preprocess="targetpad",
+    ))
+    register(MethodSpec(
+        name="ldre",
+        description="LDRE: 15 sampled captions, one LLM rewrite each, mean of their text features.",
+        factory="cirbench.methods.llm_rewrite.pipeline:LDRE",
+        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0),
+        default_backbone=("ViT-L-14", "openai"),
+        default_preprocess="targetpad",
+    ))
+    register(MethodSpec(
+        name="seize",
+        description="SEIZE: LDRE's rewrites scored by their semantic editing increment over the captions.",
+        factory="cirbench.methods.llm_rewrite.pipeline:SEIZE",
+        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, (
+            OptionSpec("pos_factor", "Weight of the similarity the rewrite gains over the caption.", "float", 0.13,
+                       minimum=0.0, sweepable=True),
+            OptionSpec("neg_factor", "Weight of the similarity the rewrite loses against the caption.", "float", 2.1,
+                       minimum=0.0, sweepable=True),
+        )),
+        default_backbone=("ViT-L-14", "openai"),
+        default_preprocess="targetpad",
+    ))

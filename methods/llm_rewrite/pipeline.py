@@ -1,0 +1,272 @@
+"""Caption the reference, rewrite the caption with the modification, retrieve with the CLIP text embedding.
+
+For each query set, :meth:`CaptionRewrite.prepare`:
+
+1. captions every distinct reference image ``captions`` times (one request per image, keyed by the image's
+   sha256, the captioner, its prompt and decoding);
+2. asks the language model to rewrite each caption with the query's instruction (one request per caption,
+   keyed by the caption and instruction, the model, the prompt's hash and the sampling parameters);
+3. parses each answer (the instruction stands in when the answer has no rewritten text, as in CIReVL).
+
+Every generation goes through the :class:`~cirbench.generation.GenerationCache`: a second run, or a run with
+``--generation replay`` on a machine without the models, uses exactly the same texts. Models are loaded only
+when something is missing. Published generations are imported with ``--import-generations``.
+
+:meth:`compose` encodes the rewritten texts. CIReVL: the normalised text feature of its one rewrite. LDRE:
+the normalised mean of the raw text features of its rewrites (its divergent-caption ensemble with equal
+weights). SEIZE: two vectors per query, the LDRE feature and the same ensemble over the captions themselves;
+:meth:`combine_scores` then scores ``a + neg * min(a - b, 0) + pos * max(a - b, 0)`` with ``a``/``b`` the
+cosine similarities of the two (the semantic editing increment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from cirbench import distributed
+from cirbench.errors import CirbenchError, ImageError
+from cirbench.generation import GenerationCache, ReplayMiss
+from cirbench.images import open_pil, read_image_bytes
+from cirbench.method import Method, QuerySet
+from cirbench.types import Query
+from cirbench.util import default_cache_dir, sha256_bytes
+
+from .importers import import_generations
+from .prompts import Prompt, instruction_of, load_prompt
+
+ENSEMBLES = ("single", "mean", "increment")
+
+
+class CaptionRewrite(Method):
+    """The caption-rewrite-retrieve family (see the module docstring); ``ensemble`` picks the member."""
+
+    ensemble = "single"
+
+    def __init__(self, backbone, options, dataset=None):
+        super().__init__(backbone, options, dataset)
+        o = self.options
+        self.n = int(o.get("captions") or 1)
+        if self.ensemble == "single" and self.n != 1:
+            raise CirbenchError(f"{type(self).__name__.lower()} rewrites one caption per query (--captions 1)")
+        self.prompt: Prompt = load_prompt(str(o.get("prompt") or "builtin"))
+        self.mode = str(o.get("generation") or "auto")
+        self.caption_request = {"task": "caption", "model": str(o["captioner"]),
+                                "prompt": sha256_bytes(str(o.get("caption_prompt") or "").encode()),
+                                "params": self._caption_params()}
+        self.rewrite_request = {"task": "rewrite", "model": str(o["llm"]), "prompt": self.prompt.identity,
+                                "params": self._llm_params()}
+        self.texts: dict[str, dict[str, Any]] = {}  # query id -> captions, answers, rewrites, fallbacks
+        self.stats = {"cached": 0, "generated": 0, "imported": 0, "fallback_to_instruction": 0}
+        self._captioner = self._llm = None
+
+    # -- identity -------------------------------------------------------------------------------------
+    def _caption_params(self) -> dict[str, Any]:
+        return {"n": self.n, "num_beams": 5, "max_new_tokens": 30,
+                "sampling": {"top_p": 0.9, "seed": int(self.options.get("sampling_seed") or 0)} if self.n > 1 else None}
+
+    def _llm_params(self) -> dict[str, Any]:
+        o = self.options
+        seed = o.get("sampling_seed")
+        return {"temperature": float(o.get("temperature") or 0.0), "max_tokens": int(o.get("max_tokens") or 700),
+                "stop": ["\n\n"], "seed": int(seed) if seed is not None else None}
+
+    def gallery_feature_kind(self) -> dict:
+        return {"kind": "image-global"}  # the plain CLIP image feature, shared with every other method
+
+    def reference_feature_kind(self) -> None:
+        return None  # references are captioned from their files in prepare
+
+    def info(self) -> dict:
+        return {"captioner": self.caption_request["model"], "caption_prompt": self.options.get("caption_prompt") or "",
+                "captions": self.n, "caption_decoding": self.caption_request["params"],
+                "llm": self.rewrite_request["model"], "prompt": self.prompt.identity, "prompt_parse": self.prompt.parse,
+                "llm_params": self.rewrite_request["params"], "ensemble": self.ensemble}
+
+    def summary(self) -> dict:
+        digest = hashlib.sha256()
+        for qid in sorted(self.texts):
+            digest.update(qid.encode() + b"\0" + "\0".join(self.texts[qid]["rewrites"]).encode() + b"\n")
+        return {"generations": dict(self.stats), "rewritten_texts_sha256": digest.hexdigest(),
+                "queries": len(self.texts)}
+
+    def query_details(self, query: Query) -> dict[str, Any] | None:
+        t = self.texts.get(query.id)
+        return None if t is None else {"captions": t["captions"], "rewrites": t["rewrites"],
+                                       "fallbacks": t["fallbacks"]}
+
+    # -- generation -------------------------------------------------------------------------------------
+    def _cache(self, qs: QuerySet) -> GenerationCache:
+        folder = (qs.cache_dir or default_cache_dir()) / "generations"
+        return GenerationCache(folder, self.mode)
+
+    def prepare(self, query_set: QuerySet) -> None:
+        if distributed.world_size() > 1 and not distributed.is_main():
+            distributed.barrier()  # rank 0 generates what is missing; the others replay what it recorded
+            self._prepare(query_set, GenerationCache(self._cache(query_set).folder, "replay"))
+            return
+        self._prepare(query_set, self._cache(query_set))
+        if distributed.world_size() > 1:
+            distributed.barrier()
+
+    def _prepare(self, qs: QuerySet, cache: GenerationCache) -> None:
+        image_sha = {rid: _image_sha256(ref) for rid, ref in qs.references.items()}
+        imports = [p for p in str(self.options.get("import_generations") or "").split(",") if p.strip()]
+        if imports:
+            if self.prompt.user is not None:
+                raise CirbenchError("--import-generations records texts another prompt made: name that prompt with "
+                                    "--prompt name:ID (e.g. name:cirevl-simple) so the records say so")
+            import_generations([Path(p.strip()).expanduser() for p in imports], qs, image_sha, self, cache)
+        captions = self._captions(qs, cache, image_sha)
+        self._rewrites(qs, cache, captions)
+        for key in ("cached", "generated", "imported"):
+            self.stats[key] += cache.stats.get(key, 0)
+
+    def caption_key(self, sha: str) -> dict[str, Any]:
+        return {**self.caption_request, "image": sha}
+
+    def rewrite_key(self, caption: str, instruction: str) -> dict[str, Any]:
+        return {**self.rewrite_request, "caption": caption, "instruction": instruction}
+
+    def _captions(self, qs: QuerySet, cache: GenerationCache, image_sha: dict[str, str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        todo = []
+        for rid, sha in image_sha.items():
+            hit = cache.lookup(self.caption_key(sha))
+            if hit is not None and len(hit) == self.n:
+                out[rid] = hit
+            else:
+                todo.append(rid)
+        if todo:
+            first = next(q for q in qs.queries if q.reference == todo[0])
+            cache.require_live(f"query {first.id} (caption of reference image {todo[0]} by "
+                               f"{self.caption_request['model']}; {len(todo)} images in all)")
+            captioner = self._build_captioner()
+            batch = 8
+            for start in tqdm(range(0, len(todo), batch), desc=f"{qs.name}: captioning", unit="batch",
+                              disable=not qs.progress, leave=False):
+                ids = todo[start : start + batch]
+                images = [_load_image(qs.references[rid]) for rid in ids]
+                for rid, caps in zip(ids, captioner.caption(images), strict=True):
+                    cache.put(self.caption_key(image_sha[rid]), caps, captioner.source())
+                    out[rid] = caps
+        return out
+
+    def _rewrites(self, qs: QuerySet, cache: GenerationCache, captions: dict[str, list[str]]) -> None:
+        answers: dict[tuple[str, str], str] = {}
+        missing: dict[tuple[str, str], Query] = {}
+        for q in qs.queries:
+            instruction = instruction_of(q)
+            for caption in captions[q.reference]:
+                pair = (caption, instruction)
+                if pair in answers or pair in missing:
+                    continue
+                hit = cache.lookup(self.rewrite_key(caption, instruction))
+                if hit:
+                    answers[pair] = hit[0]
+                else:
+                    missing[pair] = q
+        if missing:
+            first = next(iter(missing.values()))
+            cache.require_live(f"query {first.id} (rewrite of its caption by {self.rewrite_request['model']} with "
+                               f"prompt {self.prompt.identity[:19]}; {len(missing)} rewrites in all)")
+            llm = self._build_llm()
+            pairs, batch = list(missing), 32
+            for start in tqdm(range(0, len(pairs), batch), desc=f"{qs.name}: rewriting", unit="batch",
+                              disable=not qs.progress, leave=False):
+                chunk = pairs[start : start + batch]
+                texts = llm.generate([self.prompt.messages(c, i) for c, i in chunk])
+                for (c, i), text in zip(chunk, texts, strict=True):
+                    cache.put(self.rewrite_key(c, i), [text], llm.source())
+                    answers[(c, i)] = text
+        for q in qs.queries:
+            instruction = instruction_of(q)
+            caps = captions[q.reference]
+            raw = [answers[(c, instruction)] for c in caps]
+            parsed = [self.prompt.parse_answer(a, instruction) for a in raw]
+            fallbacks = sum(1 for _, fell in parsed if fell)
+            self.stats["fallback_to_instruction"] += fallbacks
+            self.texts[q.id] = {"captions": caps, "rewrites": [t for t, _ in parsed], "fallbacks": fallbacks}
+
+    def _build_captioner(self):
+        if self._captioner is None:
+            from cirbench.generation.captioner import build_captioner
+
+            self._captioner = build_captioner(self.caption_request["model"],
+                                              prompt=str(self.options.get("caption_prompt") or ""), n=self.n,
+                                              seed=int(self.options.get("sampling_seed") or 0),
+                                              device=str(self.backbone.device))
+        return self._captioner
+
+    def _build_llm(self):
+        if self._llm is None:
+            from cirbench.generation.llm import build_llm
+
+            p = self._llm_params()
+            self._llm = build_llm(self.rewrite_request["model"], url=self.options.get("llm_url"),
+                                  temperature=p["temperature"], max_tokens=p["max_tokens"], stop=tuple(p["stop"]),
+                                  seed=p["seed"], device=str(self.backbone.device))
+        return self._llm
+
+    # -- retrieval ----------------------------------------------------------------------------------------
+    def _raw_text(self, texts: list[str]) -> torch.Tensor:
+        with torch.no_grad(), self.backbone.autocast():
+            return self.backbone.model.encode_text(self.backbone.tokenize(texts)).float()
+
+    def _ensemble(self, groups: list[list[str]]) -> torch.Tensor:
+        """Normalised mean of the raw text features of each group."""
+        flat = [t for g in groups for t in g]
+        feats = self._raw_text(flat)
+        sizes = torch.tensor([len(g) for g in groups], device=feats.device)
+        owner = torch.repeat_interleave(torch.arange(len(groups), device=feats.device), sizes)
+        sums = torch.zeros(len(groups), feats.shape[1], device=feats.device).index_add_(0, owner, feats)
+        return torch.nn.functional.normalize(sums / sizes.unsqueeze(1), dim=-1)
+
+    def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
+        try:
+            rows = [self.texts[q.id] for q in queries]
+        except KeyError as exc:
+            raise CirbenchError(f"query {exc.args[0]} was not prepared (compose called before prepare)") from None
+        after = self._ensemble([r["rewrites"] for r in rows])
+        if self.ensemble != "increment":
+            return after
+        before = self._ensemble([r["captions"] for r in rows])
+        return torch.stack([after, before], dim=1)
+
+    def combine_scores(self, sims: torch.Tensor) -> torch.Tensor:
+        after, before = sims[..., 0, :], sims[..., 1, :]
+        diff = after - before
+        pos, neg = float(self.options.get("pos_factor", 0.13)), float(self.options.get("neg_factor", 2.1))
+        return after + neg * diff.clamp(max=0) + pos * diff.clamp(min=0)
+
+
+class CIReVL(CaptionRewrite):
+    ensemble = "single"
+
+
+class LDRE(CaptionRewrite):
+    ensemble = "mean"
+
+
+class SEIZE(CaptionRewrite):
+    ensemble = "increment"
+    query_vectors = 2
+
+
+def _image_sha256(ref) -> str:
+    try:
+        return sha256_bytes(read_image_bytes(ref))
+    except ImageError as exc:
+        raise CirbenchError(str(exc)) from None
+
+
+def _load_image(ref):
+    data = read_image_bytes(ref)
+    return open_pil(data, str(ref.path), 1 << 28).convert("RGB")
+
+
+__all__ = ["CIReVL", "LDRE", "SEIZE", "CaptionRewrite", "instruction_of", "ReplayMiss"]

@@ -1,0 +1,120 @@
+"""Tiny local generation models and a fake OpenAI-compatible endpoint on the loopback address (no network).
+
+* :func:`write_tiny_blip2` / :func:`write_tiny_lm`: randomly initialised BLIP-2 (OPT) and GPT-2 models with a
+  small byte-level BPE tokenizer trained here, saved as transformers folders (``hf:PATH``);
+* :class:`FakeChatEndpoint`: ``POST /v1/chat/completions`` answering "Edited Description: ..." made from the
+  prompt's instruction, recording every request; it can be told to fail.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "</s>", "<unk>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["a red dog on the grass", "a photo of a green cat", "edited description: make it blue",
+                             "yellow square image content instruction"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def write_tiny_blip2(folder: Path) -> Path:
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+    )
+
+    tok = _tokenizer()
+    vision = Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8)
+    qformer = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 encoder_hidden_size=32, vocab_size=tok.vocab_size)
+    text = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
+                     max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=0, eos_token_id=1,
+                     bos_token_id=1)
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                         num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    import torch
+
+    torch.manual_seed(0)
+    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok,
+                   num_query_tokens=4).save_pretrained(folder)
+    return Path(folder)
+
+
+def write_tiny_lm(folder: Path) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=32, n_layer=1, n_head=2,
+                               bos_token_id=1, eos_token_id=1, pad_token_id=0)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return Path(folder)
+
+
+class FakeChatEndpoint:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 (a random free port)."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.fail_next: list[int] = []  # HTTP codes to answer the next requests with
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                endpoint.requests.append(body)
+                endpoint.headers.append(dict(self.headers))
+                if endpoint.fail_next:
+                    self.send_response(endpoint.fail_next.pop(0))
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "nope"}')
+                    return
+                user = body["messages"][-1]["content"]
+                caption = re.search(r"Image Content: (.*)", user)
+                instruction = re.search(r"Instruction: (.*)", user)
+                inst = instruction.group(1) if instruction else ""
+                if "nomarker" in inst:
+                    content = "I am not sure what to do."
+                else:
+                    content = (f"Here you go.\nEdited Description: {inst.replace('make it ', 'a ')} picture "
+                               f"(from {len(caption.group(1)) if caption else 0} chars)\n\nExtra text")
+                answer = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

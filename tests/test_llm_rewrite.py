@@ -1,0 +1,292 @@
+"""The caption-rewrite-retrieve family (CIReVL, LDRE, SEIZE): prompts and answer parsing against CIReVL's code,
+the generation cache and exact offline replay, an OpenAI-compatible endpoint (a fake one on the loopback
+address), tiny local transformers captioner and language model, importers of published generations, and the
+SEIZE score through the ranking code."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+from generation_models import FakeChatEndpoint, write_tiny_blip2, write_tiny_lm
+
+from cirbench.errors import CirbenchError
+from cirbench.evaluate import RunConfig, evaluate
+from cirbench.generation import GenerationCache, ReplayMiss
+from cirbench.generation.llm import OpenAIChat, build_llm
+from cirbench.methods.llm_rewrite.prompts import BUILTIN_USER, load_prompt
+from cirbench.testing import ToyDatasetPlugin, registered
+
+
+@pytest.fixture(scope="module")
+def blip2(tmp_path_factory):
+    return write_tiny_blip2(tmp_path_factory.mktemp("blip2"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return write_tiny_lm(tmp_path_factory.mktemp("lm"))
+
+
+@pytest.fixture
+def endpoint():
+    server = FakeChatEndpoint()
+    yield server
+    server.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- CIReVL's answer parsing, transcribed from src/utils.py (generate_predictions) ------------------------------
+def cirevl_parse(resp: str, instruction: str) -> str:
+    resp = resp.split("\n")
+    for line in resp:
+        if line.strip().startswith("Edited Description:"):
+            description = line.split(":")[1].strip()
+            return instruction if description == "" else description
+    return instruction
+
+
+@pytest.mark.parametrize("answer", [
+    "Edited Description: a red car",
+    "Sure!\n  Edited Description: a dog: running\nmore",
+    "Edited Description:",
+    "Edited Description:   \nEdited Description: second",
+    "no marker here",
+    "",
+    "edited description: lower case is not the marker",
+])
+def test_answer_parsing_is_cirevls(answer):
+    prompt = load_prompt("builtin")
+    text, fell = prompt.parse_answer(answer, "make it blue")
+    assert text == cirevl_parse(answer, "make it blue")
+    assert fell == (text == "make it blue")
+
+
+def test_prompt_files(tmp_path):
+    base = tmp_path / "cirevl_style.txt"
+    base.write_text("I have an image. Rewrite it.")
+    p = load_prompt(str(base))
+    # CIReVL: base_prompt + '\n' + "Image Content: " + caption + '\n' + 'Instruction: ' + instruction
+    assert p.messages("a {dog}", "make it {blue}") == [
+        {"role": "user", "content": "I have an image. Rewrite it.\nImage Content: a {dog}\nInstruction: make it {blue}"}]
+    toml = tmp_path / "ldre.toml"
+    toml.write_text('system = "sys"\nuser = "Image Content: {caption}\\nInstruction: {instruction}\\nEdited Description:"\n'
+                    'parse = "raw"\n')
+    p2 = load_prompt(str(toml))
+    assert p2.messages("c", "i")[0] == {"role": "system", "content": "sys"}
+    assert p2.parse_answer("  a blue dog \n", "i") == ("a blue dog", False)
+    assert p.identity != p2.identity != load_prompt("builtin").identity and p.identity.startswith("sha256:")
+    assert load_prompt("name:cirevl-simple").identity == "name:cirevl-simple"
+    with pytest.raises(CirbenchError, match="known only by name"):
+        load_prompt("name:x").messages("c", "i")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('user = "no placeholders"\n')
+    with pytest.raises(CirbenchError, match="holding \\{caption\\}"):
+        load_prompt(str(bad))
+    with pytest.raises(CirbenchError, match="does not exist"):
+        load_prompt(str(tmp_path / "nope.txt"))
+    assert "{caption}" in BUILTIN_USER and "{instruction}" in BUILTIN_USER
+
+
+# -- the generation cache -----------------------------------------------------------------------------------------
+def test_generation_cache_records_replays_and_survives_a_torn_line(tmp_path):
+    cache = GenerationCache(tmp_path)
+    request = {"task": "rewrite", "model": "openai:m", "prompt": "sha256:x", "params": {"temperature": 0},
+               "caption": "a dog", "instruction": "make it red"}
+    assert cache.lookup(request) is None
+    cache.put(request, ["Edited Description: a red dog"], "live:test")
+    with open(cache.path, "a") as fh:
+        fh.write('{"key": "torn')  # a run killed mid-line
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        again = GenerationCache(tmp_path, "replay")
+    assert again.lookup(request) == ["Edited Description: a red dog"]
+    assert again.lookup({**request, "params": {"temperature": 0.7}}) is None  # the key covers every parameter
+    with pytest.raises(ReplayMiss, match="query 7"):
+        again.require_live("query 7 (rewrite)")
+    with pytest.warns(UserWarning):
+        assert GenerationCache(tmp_path, "refresh").lookup(request) is None
+    with pytest.raises(CirbenchError, match="unknown generation mode"):
+        GenerationCache(tmp_path, "sometimes")
+
+
+# -- the OpenAI-compatible client -------------------------------------------------------------------------------
+def test_openai_client_sends_cirevls_request_and_cuts_at_the_stop(endpoint, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    llm = OpenAIChat("gpt-test", endpoint.url, temperature=0.0, max_tokens=700, stop=("\n\n",))
+    prompt = load_prompt("builtin")
+    out = llm.generate([prompt.messages("a photo of a cat", "make it red"), prompt.messages("x", "make it blue")])
+    assert out[0] == "Here you go.\nEdited Description: a red picture (from 16 chars)"
+    body = endpoint.requests[0]
+    assert body["model"] == "gpt-test" and body["temperature"] == 0.0 and body["max_tokens"] == 700
+    assert body["stop"] == ["\n\n"] and body["messages"][0]["role"] == "system"
+    assert endpoint.headers[0]["Authorization"] == "Bearer sk-test"
+    endpoint.fail_next = [503]  # retried
+    assert llm.generate([prompt.messages("x", "make it green")])[0].endswith("(from 1 chars)")
+    endpoint.fail_next = [401]
+    with pytest.raises(CirbenchError, match="HTTP 401.*OPENAI_API_KEY"):
+        llm.generate([prompt.messages("x", "y")])
+
+
+def test_unreachable_endpoint_is_one_line(tmp_path):
+    llm = build_llm("openai:gpt-test", url=f"http://127.0.0.1:{free_port()}/v1")
+    with pytest.raises(CirbenchError) as info:
+        llm.generate([[{"role": "user", "content": "hi"}]])
+    message = str(info.value)
+    assert "unreachable" in message and "--llm-url" in message and "\n" not in message
+    with pytest.raises(CirbenchError, match="unknown language model"):
+        build_llm("gpt-4")
+
+
+# -- whole runs ---------------------------------------------------------------------------------------------
+def _cfg(tmp_path, tiny_config, toy_root, method="cirevl", **options):
+    return RunConfig(method=method, dataset="toy", split="val", backbone=str(tiny_config), pretrained="none",
+                     data_root=toy_root, output=tmp_path / "results", cache_dir=tmp_path / "cache", workers=0,
+                     progress=False, bootstrap=0, method_options={k: str(v) for k, v in options.items()})
+
+
+def _predictions(outcome):
+    return [json.loads(line) for line in outcome.predictions_path.read_text().splitlines()]
+
+
+def test_cirevl_runs_live_then_replays_offline_exactly(tmp_path, tiny_config, toy_root, blip2, endpoint, monkeypatch):
+    live = dict(captioner=f"hf:{blip2}", llm="openai:gpt-test", llm_url=endpoint.url)
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (first,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **live), reg)
+    rows = _predictions(first)
+    texts = {q["id"]: q["text"] for q in json.loads((toy_root / "queries.json").read_text())["queries"]}
+    pairs = {(r["method"]["captions"][0], texts[r["query"]]) for r in rows}
+    assert len(endpoint.requests) == len(pairs)  # one rewrite per distinct (caption, instruction)
+    assert rows[0]["method"]["rewrites"][0].startswith("a ") and rows[0]["method"]["fallbacks"] == 0
+    summary = first.record["method"]["summary"]
+    assert summary["generations"]["generated"] == 12 + len(pairs)  # 12 images captioned, then the rewrites
+    # replay: the endpoint is gone and no model may be loaded at all
+    endpoint.close()
+    from cirbench.generation import captioner
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a replay run loaded a model")
+
+    monkeypatch.setattr(captioner, "build_captioner", no_model)
+    offline = dict(captioner=f"hf:{blip2}", llm="openai:gpt-test", llm_url=f"http://127.0.0.1:{free_port()}/v1",
+                   generation="replay")
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (second,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **offline), reg)
+    assert [r["top"] for r in _predictions(second)] == [r["top"] for r in rows]
+    assert second.record["method"]["summary"]["rewritten_texts_sha256"] == summary["rewritten_texts_sha256"]
+    assert second.record["method"]["summary"]["generations"]["generated"] == 0
+    # a different prompt has no recorded generations: replay names the query it is missing
+    other = tmp_path / "other.txt"
+    other.write_text("Rewrite.")
+    with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(ReplayMiss, match="query 0 .*rewrite"):
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, prompt=other, **offline), reg)
+    # and auto mode with the endpoint gone is one line naming it
+    monkeypatch.undo()
+    with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="unreachable"):
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, prompt=other, **{**offline, "generation": "auto"}), reg)
+
+
+def test_answers_without_a_rewrite_fall_back_to_the_instruction(tmp_path, tiny_config, toy_root, blip2, endpoint):
+    data = json.loads((toy_root / "queries.json").read_text())
+    data["queries"][0]["text"] = "nomarker please"
+    (toy_root / "queries.json").write_text(json.dumps(data))
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, captioner=f"hf:{blip2}", llm_url=endpoint.url), reg)
+    row = _predictions(out)[0]
+    assert row["method"]["rewrites"] == ["nomarker please"] and row["method"]["fallbacks"] == 1
+    assert out.record["method"]["summary"]["generations"]["fallback_to_instruction"] == 1
+
+
+def test_ldre_and_seize_with_local_models(tmp_path, tiny_config, toy_root, blip2, tiny_lm):
+    local = dict(captioner=f"hf:{blip2}", llm=f"hf:{tiny_lm}", captions=3, max_tokens=8, temperature=0.7)
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (ldre,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", **local), reg)
+        (seize,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="seize", **local, generation="replay"), reg)
+    rows = _predictions(ldre)
+    assert all(len(r["method"]["captions"]) == 3 and len(r["method"]["rewrites"]) == 3 for r in rows)
+    assert ldre.record["method"]["info"]["caption_decoding"]["sampling"] == {"top_p": 0.9, "seed": 0}
+    assert seize.record["method"]["summary"]["generations"]["generated"] == 0  # SEIZE reuses LDRE's generations
+    assert seize.record["method"]["summary"]["rewritten_texts_sha256"] == ldre.record["method"]["summary"][
+        "rewritten_texts_sha256"]
+
+
+def test_seize_score_is_the_semantic_editing_increment():
+    from cirbench.methods.llm_rewrite.pipeline import SEIZE
+    from cirbench.retrieval import rank
+
+    method = SEIZE.__new__(SEIZE)
+    method.options = {"pos_factor": 0.13, "neg_factor": 2.1}
+    torch.manual_seed(0)
+    after, before = (torch.nn.functional.normalize(torch.randn(5, 16), dim=-1) for _ in range(2))
+    gallery = torch.nn.functional.normalize(torch.randn(40, 16), dim=-1)
+    # SEIZE's code: diff = after - before; similarity = after + neg * diff[diff<0] + pos * diff[diff>0]
+    sa, sb = after @ gallery.T, before @ gallery.T
+    diff_pos, diff_neg = (sa - sb).clone(), (sa - sb).clone()
+    diff_pos[diff_pos < 0] = 0
+    diff_neg[diff_neg > 0] = 0
+    official = sa + 2.1 * diff_neg + 0.13 * diff_pos
+    idx, scores = rank(torch.stack([after, before], 1), gallery, 10, combine=method.combine_scores)
+    want = torch.topk(official, 10, dim=1)
+    assert torch.equal(idx, want.indices) and torch.allclose(scores, want.values, atol=1e-6)
+
+
+def test_importers_record_published_generations(tmp_path, tiny_config, toy_root):
+    data = json.loads((toy_root / "queries.json").read_text())
+    cirevl = {"base_caption": [f"caption {q['reference']}" for q in data["queries"]],
+              "instruction": [q["text"] for q in data["queries"]],
+              "modified_captions": [q["text"].replace("make it", "a") + " image" for q in data["queries"]]}
+    path = tmp_path / "toy_mods.json"
+    path.write_text(json.dumps(cirevl))
+    nothing = dict(captioner="hf:/nonexistent", llm_url=f"http://127.0.0.1:{free_port()}/v1")
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        with pytest.raises(CirbenchError, match="--prompt name:ID"):
+            evaluate(_cfg(tmp_path, tiny_config, toy_root, import_generations=path, **nothing), reg)
+        (imported,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, import_generations=path, prompt="name:cirevl",
+                                    generation="replay", **nothing), reg)
+        (replayed,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, prompt="name:cirevl", generation="replay",
+                                    **nothing), reg)
+    rows = _predictions(imported)
+    assert rows[0]["method"]["rewrites"] == [cirevl["modified_captions"][0]]
+    assert imported.record["method"]["summary"]["generations"]["imported"] == 12 + 12
+    assert [r["top"] for r in _predictions(replayed)] == [r["top"] for r in rows]
+    # LDRE/SEIZE records, matched by id, first n of each list
+    records = [{"id": int(q["id"]), "relative_caption": q["text"],
+                "multi_caption_opt": [f"c{i} {q['reference']}" for i in range(4)],
+                "multi_gpt-3.5_opt": [f"r{i} {q['text']}" for i in range(4)]} for q in data["queries"]][::-1]
+    ldre_file = tmp_path / "test.json"
+    ldre_file.write_text(json.dumps(records))
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (ldre,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", captions=2, import_generations=ldre_file,
+                                prompt="name:ldre", generation="replay", **nothing), reg)
+    row = _predictions(ldre)[0]
+    assert row["method"]["rewrites"] == ["r0 make it green", "r1 make it green"]
+    # a file for other queries is refused with the reason
+    records[0]["relative_caption"] = "something else"
+    ldre_file.write_text(json.dumps(records))
+    with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="no file matches.*is not query"):
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", captions=2, import_generations=ldre_file,
+                      prompt="name:ldre2", **nothing), reg)
+
+
+def test_uncached_hub_models_fail_at_once_when_the_hub_is_unreachable(monkeypatch, tmp_path):
+    import time
+
+    from cirbench import hub
+    from cirbench.generation.captioner import build_captioner
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what hub_reachable() answers on a machine without a network
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
+    hub.host_reachable.cache_clear()
+    start = time.monotonic()
+    with pytest.raises(CirbenchError, match="cannot load the captioner 'Salesforce/blip2-opt-2.7b'") as info:
+        build_captioner("hf:Salesforce/blip2-opt-2.7b")
+    assert "\n" not in str(info.value) and time.monotonic() - start < 20
+    with pytest.raises(CirbenchError, match="cannot load the language model"):
+        build_llm("hf:Qwen/Qwen2.5-0.5B-Instruct")
+    hub.host_reachable.cache_clear()
