@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CirbenchError, ImageError
-from .images import JPEG_MODES, decode_bytes, open_pil, probe, read_image_bytes
+from .images import JPEG_MODES, decode_bytes, load_image, open_pil, probe, read_image_bytes
 from .preprocess import Preprocessor
 from .types import ImageRef
 
@@ -83,6 +83,10 @@ class BatchFiles(torch.utils.data.Dataset):
         for i, ref in enumerate(refs):
             name = str(ref.path)
             try:
+                if ref.view is not None:  # a region of the file: the PIL path, as the benchmark's code
+                    done.append(pre.pil_uint8(load_image(ref, pre.max_pixels)))
+                    done_index.append(i)
+                    continue
                 data = read_image_bytes(ref)
                 fmt, mode, width, height = probe(data, name)
                 pre.plan(width, height)  # the pixel limit, before anything is decoded

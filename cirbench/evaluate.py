@@ -347,6 +347,11 @@ class Evaluator:
         if combine is not None and backend == "faiss":
             raise CirbenchError(f"method '{mspec.name}' scores {queries.shape[1]} vectors per query, which only the "
                                 "torch backend ranks: use --retrieval torch (or auto)")
+        ids = [q.id for q in es.queries]
+        if es.query_galleries:  # each query ranks its own small gallery (GeneCIS)
+            cand_idx = [[gindex[c] for c in dict.fromkeys(q.candidates or ()) if c in gindex] for q in es.queries]
+            _, idx, scores = rank_candidates(queries, gallery_dev, cand_idx, combine=combine, with_scores=True)
+            return Ranking(ids, [g.id for g in es.gallery], idx, scores)
         idx, scores = rank(queries, gallery_dev, es.topk, exclude=exclude, backend=backend, combine=combine)
         candidate_order = None
         if any(q.candidates for q in es.queries):
@@ -354,7 +359,7 @@ class Evaluator:
                          and not (es.exclude_reference and c == q.reference)] for q in es.queries]
             ordered = rank_candidates(queries, gallery_dev, cand_idx, combine=combine)
             candidate_order = [[es.gallery[i].id for i in row] for row in ordered]
-        return Ranking([q.id for q in es.queries], [g.id for g in es.gallery], idx, scores, candidate_order)
+        return Ranking(ids, [g.id for g in es.gallery], idx, scores, candidate_order)
 
     def _compose(self, es, method, mspec, backbone, refs, ref_feats, dim) -> torch.Tensor:
         ref_pos = {r.id: i for i, r in enumerate(refs)}
@@ -388,8 +393,9 @@ def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int, per_query: d
     table = {m: (v.tolist() if hasattr(v, "tolist") else list(v)) for m, v in (per_query or {}).items()}
     rows = []
     for qi, q in enumerate(es.queries):
-        row = {"set": es.name, "query": q.id, "reference": q.reference, "top": ranking.top_ids(qi, k),
-               "scores": [round(s, 6) for s in ranking.scores[qi, :k].tolist()]}
+        top = ranking.top_ids(qi, k)
+        row = {"set": es.name, "query": q.id, "reference": q.reference, "top": top,
+               "scores": [round(s, 6) for s in ranking.scores[qi, : len(top)].tolist()]}
         if q.targets:
             row["targets"] = list(q.targets)
         if ranking.candidate_order is not None:

@@ -54,16 +54,17 @@ def image_identity(ref: ImageRef, mode: str = "stat") -> str:
     path = ref.path if isinstance(ref.path, str) else str(ref.path)
     if not path.startswith(os.sep):  # dataset paths are absolute already: no normalisation for 100k+ images
         path = os.path.abspath(path)
+    view = "" if ref.view is None else f"|view:{ref.view.key}"
     if mode == "content":
         try:
-            return "sha256:" + file_sha256(path)
+            return "sha256:" + file_sha256(path) + view
         except OSError:
             return f"{path}|missing"
     try:
         st = os.stat(path)
     except OSError:
         return f"{path}|missing"
-    return f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}{view}"
 
 
 def key_hash(key: dict) -> str:

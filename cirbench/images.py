@@ -128,6 +128,19 @@ def decode_bytes(data: bytes | torch.Tensor, name: str = "<bytes>", max_pixels: 
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
+def load_image(ref: ImageRef, max_pixels: int = 1 << 28):
+    """The PIL image a benchmark means by ``ref``: the file read safely and decoded, then its ``view``
+    applied when it has one (mode as the file has it: callers convert)."""
+    name = str(ref.path)
+    image = open_pil(read_image_bytes(ref), name, max_pixels)
+    if ref.view is None:
+        return image
+    try:
+        return ref.view.apply(image)
+    except Exception as exc:  # noqa: BLE001 - a bad box is the image's error, named
+        raise ImageError(f"cannot take the view {ref.view.key} of image {name}: {type(exc).__name__}: {exc}") from None
+
+
 def find_missing(images: Iterable[ImageRef]) -> list[ImageRef]:
     """The images whose files do not exist."""
     return [im for im in images if not os.path.isfile(im.path)]

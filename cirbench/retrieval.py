@@ -173,13 +173,19 @@ def rank_candidates(
     gallery: torch.Tensor,
     candidate_indices: list[list[int]],
     combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> list[list[int]]:
+    with_scores: bool = False,
+):
     """For each query, its candidate gallery positions sorted by similarity (best first; equal scores by
     gallery position), in one batched gather and product over a padded ``[Q, C]`` candidate matrix
-    (``[Q, K, D]`` queries are scored by ``combine``)."""
+    (``[Q, K, D]`` queries are scored by ``combine``). ``with_scores`` also returns the ``[Q, C]`` sorted
+    scores and positions as tensors, ``-inf``/``-1`` past each query's candidates."""
     width = max((len(c) for c in candidate_indices), default=0)
     if width == 0:
-        return [[] for _ in candidate_indices]
+        empty = [[] for _ in candidate_indices]
+        if with_scores:
+            return empty, torch.full((len(candidate_indices), 0), -1, dtype=torch.long), torch.zeros(
+                len(candidate_indices), 0)
+        return empty
     device = gallery.device
     big = gallery.shape[0]
     cands = torch.full((len(candidate_indices), width), big, dtype=torch.long)
@@ -194,7 +200,11 @@ def rank_candidates(
     else:
         scores = torch.einsum("qcd,qd->qc", feats, queries.float().to(device))
     scores = scores.masked_fill(~valid, float("-inf"))
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    sorted_scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
     ranked = torch.gather(cands, 1, order).cpu()
     counts = valid.sum(dim=1).tolist()
-    return [ranked[qi, :n].tolist() for qi, n in enumerate(counts)]
+    rows = [ranked[qi, :n].tolist() for qi, n in enumerate(counts)]
+    if with_scores:
+        padded = ranked.masked_fill(ranked >= big, -1)
+        return rows, padded, sorted_scores.cpu()
+    return rows

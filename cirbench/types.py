@@ -227,16 +227,32 @@ class DatasetSpec:
 
 
 @dataclass(frozen=True)
+class ImageView:
+    """A region of an image file that a benchmark evaluates instead of the whole file (GeneCIS's dilated,
+    square-padded Visual Genome crops).
+
+    ``apply`` takes the decoded PIL image and returns the view (it must be picklable, e.g. a module-level
+    function or a ``functools.partial`` of one, since reader workers call it); ``key`` says what the view is
+    and enters the feature-cache identity of the image, so two views of one file never share features.
+    """
+
+    key: str
+    apply: Callable[[Any], Any] = field(compare=False)
+
+
+@dataclass(frozen=True)
 class ImageRef:
     """One image: a dataset-unique ``id`` (e.g. CIRR name, CIRCO/COCO id, FashionIQ asin) and its file.
 
     ``root`` is the data root the file must stay inside (a link leading elsewhere is refused when the file is
-    read); datasets set it, generated or ad-hoc images may leave it ``None``.
+    read); datasets set it, generated or ad-hoc images may leave it ``None``. ``view``, when set, is the part
+    of the file the benchmark uses (read through the official PIL path, never the batched decoder).
     """
 
     id: str
     path: Path
     root: Path | None = field(default=None, compare=False)
+    view: ImageView | None = None
 
 
 @dataclass(frozen=True)
@@ -272,6 +288,9 @@ class EvalSet:
     dataset's ``aggregate`` combines their metrics. ``exclude_reference`` removes each query's reference
     image from its ranking (CIRR's protocol). ``images`` holds every image needed, gallery and references
     alike, by id. ``topk`` is how many ranked gallery items the metrics and predictions need.
+    ``query_galleries`` makes each query's ``candidates`` its whole gallery (GeneCIS: the target and 14
+    distractors): the loop ranks each query among its own candidates only, and ``gallery`` is their union
+    (every image is encoded once).
     """
 
     name: str
@@ -282,6 +301,7 @@ class EvalSet:
     hidden_targets: bool = False
     topk: int = 50
     info: dict[str, Any] = field(default_factory=dict)
+    query_galleries: bool = False
 
     def __post_init__(self) -> None:
         for ref in self.gallery:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from cirbench import distributed
 from cirbench.errors import CirbenchError, ImageError
 from cirbench.generation import GenerationCache, ReplayMiss
-from cirbench.images import open_pil, read_image_bytes
+from cirbench.images import load_image, read_image_bytes
 from cirbench.method import Method, QuerySet
 from cirbench.types import Query
 from cirbench.util import default_cache_dir, sha256_bytes
@@ -258,15 +258,16 @@ class SEIZE(CaptionRewrite):
 
 
 def _image_sha256(ref) -> str:
+    """What the captioner sees: the file's bytes, and the view of it when the benchmark takes one."""
     try:
-        return sha256_bytes(read_image_bytes(ref))
+        digest = sha256_bytes(read_image_bytes(ref))
     except ImageError as exc:
         raise CirbenchError(str(exc)) from None
+    return digest if ref.view is None else f"{digest}|view:{ref.view.key}"
 
 
 def _load_image(ref):
-    data = read_image_bytes(ref)
-    return open_pil(data, str(ref.path), 1 << 28).convert("RGB")
+    return load_image(ref).convert("RGB")
 
 
 __all__ = ["CIReVL", "LDRE", "SEIZE", "CaptionRewrite", "instruction_of", "ReplayMiss"]
