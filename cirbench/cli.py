@@ -26,7 +26,8 @@ Examples:
 # Core commands that live in their own modules (each defines a click command named ``command`` and
 # imports torch only inside the command body).
 BUILTIN_COMMAND_MODULES: tuple[str, ...] = ("cirbench.commands.train", "cirbench.commands.bench",
-                                             "cirbench.commands.compare")
+                                             "cirbench.commands.compare", "cirbench.commands.data",
+                                             "cirbench.commands.report")
 
 
 class CirbenchGroup(click.Group):

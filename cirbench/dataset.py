@@ -33,6 +33,8 @@ class Dataset:
     """
 
     spec: Any = None
+    #: sha256 of the official annotation files, by file name (``cirbench data check`` compares them)
+    OFFICIAL_SHA256: dict[str, str] = {}
 
     def bind_spec(self, spec: Any) -> None:
         self.spec = spec
@@ -86,6 +88,11 @@ class Dataset:
         for metric in sorted(common):
             out[f"avg/{metric}"] = sum(per_set[n][metric] for n in names) / len(names)
         return out
+
+    def annotation_files(self, split: str) -> list[Path]:
+        """The annotation files ``load(split)`` reads: their checksums go into every result file (and
+        ``cirbench data check`` compares them with the official ones)."""
+        return []
 
     def write_submission(self, evalset: EvalSet, ranking: Any, out_dir: Path, stem: str) -> list[Path]:
         """Write test-server files for a hidden-target set; datasets without a server write nothing."""
@@ -220,3 +227,19 @@ class Dataset:
         missing = [f for f in fields if f not in record]
         if missing:
             raise AnnotationError(f"annotation file {path}: record {index} lacks field(s) {', '.join(missing)}")
+
+
+def annotation_checksums(dataset: Dataset, split: str) -> dict[str, str]:
+    """``{file: sha256}`` of the annotation files a split reads (named relative to the data root when inside
+    it); ``"missing"`` for a file that is not there."""
+    from .util import file_sha256
+
+    out = {}
+    for path in dataset.annotation_files(split):
+        path = Path(path)
+        try:
+            name = str(path.resolve().relative_to(dataset.data_root.resolve()))
+        except ValueError:
+            name = str(path)
+        out[name] = file_sha256(path) if path.is_file() else "missing"
+    return out

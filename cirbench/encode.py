@@ -23,6 +23,7 @@ libjpeg-turbo by a grey level on some pixels).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import threading
@@ -84,7 +85,9 @@ class BatchFiles(torch.utils.data.Dataset):
             name = str(ref.path)
             try:
                 if ref.view is not None:  # a region of the file: the PIL path, as the benchmark's code
-                    done.append(pre.pil_uint8(load_image(ref, pre.max_pixels)))
+                    view_pre = pre if ref.view.resize is None else dataclasses.replace(
+                        pre, kind="clip", resize_mode=ref.view.resize)
+                    done.append(view_pre.pil_uint8(load_image(ref, pre.max_pixels)))
                     done_index.append(i)
                     continue
                 data = read_image_bytes(ref)

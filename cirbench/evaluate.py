@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .backbones import Backbone, load_backbone
-from .dataset import Dataset
+from .dataset import Dataset, annotation_checksums
 from .encode import encode_images
 from .errors import CirbenchError, ImageError, UnknownNameError
 from .feature_cache import FeatureCache
@@ -264,7 +264,8 @@ class Evaluator:
             ranking = self._rank_set(ctx, es, method)
             counts["queries"] += len(es.queries)
             counts["gallery"] += len(es.gallery)
-            counts["sets"][es.name] = {"queries": len(es.queries), "gallery": len(es.gallery), **ctx.set_counts[es.name]}
+            counts["sets"][es.name] = {"queries": len(es.queries), "gallery": len(es.gallery), **ctx.set_counts[es.name],
+                                       **({"info": es.info} if es.info else {})}
             query_metrics = None
             if es.hidden_targets:
                 if distributed.is_main():
@@ -305,7 +306,8 @@ class Evaluator:
             "method": {"name": mspec.name, "plugin": mspec.plugin, "label": label, "options": opts,
                        "info": method.info()},
             "dataset": {"name": dspec.name, "plugin": dspec.plugin, "split": split, "options": dataset_opts,
-                        "data_root": str(dataset.data_root.resolve())},
+                        "data_root": str(dataset.data_root.resolve()),
+                        "annotations": annotation_checksums(dataset, split)},
             "backbone": backbone.identity(),
             "preprocess": preprocessor.identity(),
             "precision": backbone.precision,

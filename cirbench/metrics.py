@@ -13,13 +13,17 @@ relevant. Build it with :func:`hits_matrix` from ranked gallery indices and targ
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported when a metric is computed: dataset modules load without it
+    import torch
 
 
 def hits_matrix(ranked: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch.Tensor:
     """``hits[q, r] = ranked[q, r] in targets[q]`` for ranked gallery indices ``[Q, K]``; negative entries
     (empty slots of a short ranking) are never hits."""
+    import torch
+
     n_q = ranked.shape[0]
     width = max((len(t) for t in targets), default=0)
     if width == 0:
@@ -33,17 +37,21 @@ def hits_matrix(ranked: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch
 
 def recall_per_query(hits: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
     """100 if a relevant item is in the top ``k``, else 0, per query (float64)."""
+
     return {k: hits[:, :k].any(dim=1).double() * 100 for k in ks}
 
 
 def hit_count_per_query(hits: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
     """100 x the number of relevant items in the top ``k`` (CIRCO's Recall@K counts the target's hits)."""
+
     return {k: hits[:, :k].double().sum(dim=1) * 100 for k in ks}
 
 
 def ap_per_query(hits: torch.Tensor, n_relevant: torch.Tensor | Sequence[int], ks: Sequence[int]) -> dict[int, torch.Tensor]:
     """Average precision at ``k`` per query (x100), CIRCO's definition:
     ``AP@k = sum_{i<=k} P(i) * rel(i) / min(n_relevant, k)``."""
+    import torch
+
     n_rel = torch.as_tensor(n_relevant, dtype=torch.float64)
     h = hits.double()
     precision_at_i = h.cumsum(dim=1) / torch.arange(1, h.shape[1] + 1, dtype=torch.float64)
@@ -56,6 +64,8 @@ def ap_per_query(hits: torch.Tensor, n_relevant: torch.Tensor | Sequence[int], k
 
 def mean(values: torch.Tensor) -> float:
     """The mean of a per-query tensor, ignoring ``nan`` (queries a metric does not count); 0 if empty."""
+    import torch
+
     values = values.double()
     kept = values[~torch.isnan(values)]
     return float(kept.mean()) if kept.numel() else 0.0
@@ -63,14 +73,17 @@ def mean(values: torch.Tensor) -> float:
 
 def recall_at_k(hits: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
     """Percentage of queries with at least one relevant item in the top ``k`` (x100)."""
+
     return {k: mean(v) for k, v in recall_per_query(hits, ks).items()}
 
 
 def map_at_k(hits: torch.Tensor, n_relevant: torch.Tensor | Sequence[int], ks: Sequence[int]) -> dict[int, float]:
     """Mean average precision at ``k`` (x100), CIRCO's definition (see :func:`ap_per_query`)."""
+
     return {k: mean(v) for k, v in ap_per_query(hits, n_relevant, ks).items()}
 
 
 def means(per_query: dict[str, torch.Tensor]) -> dict[str, float]:
     """``{metric: mean}`` of per-query metrics (the numbers a result file reports)."""
+
     return {name: mean(values) for name, values in per_query.items()}

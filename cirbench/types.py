@@ -234,10 +234,13 @@ class ImageView:
     ``apply`` takes the decoded PIL image and returns the view (it must be picklable, e.g. a module-level
     function or a ``functools.partial`` of one, since reader workers call it); ``key`` says what the view is
     and enters the feature-cache identity of the image, so two views of one file never share features.
+    ``resize="squash"`` resizes the view to the square input without keeping its aspect ratio and without a
+    crop, whatever the run's preprocessing (Pic2Word's object-composition queries); put it in ``key`` too.
     """
 
     key: str
     apply: Callable[[Any], Any] = field(compare=False)
+    resize: str | None = None
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,10 @@ class Query:
     has two); ``targets`` the ids of the ground-truth images, empty on hidden-target splits (CIRCO has
     several); ``candidates`` an optional candidate subset for subset metrics (CIRR ``img_set``);
     ``category`` a sub-domain tag (FashionIQ dress/shirt/toptee); ``extra`` anything else a dataset
-    wants to keep (e.g. CIRCO's shared concept).
+    wants to keep (e.g. CIRCO's shared concept). ``prompt``, when a benchmark's protocol fixes one, is its
+    sentence with ``*`` where the reference image goes (Pic2Word's domain conversion: "a cartoon of *"):
+    methods that write the image as pseudo-words put them there instead of building their own prompt around
+    ``texts``; every other method reads ``texts`` (there the protocol's text-only sentence).
     """
 
     id: str
@@ -273,6 +279,7 @@ class Query:
     candidates: tuple[str, ...] | None = None
     category: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    prompt: str | None = None
 
     @property
     def text(self) -> str:

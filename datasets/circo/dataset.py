@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from pydantic import Field
 
 from cirbench.dataset import Dataset
@@ -35,6 +34,10 @@ ASPECTS = ("cardinality", "addition", "negation", "direct_addressing", "compare_
 
 
 class CIRCO(Dataset):
+    OFFICIAL_SHA256 = {  # the official repository's annotations/
+        "val.json": "6b31a1dbc3c85627501d9a250f87708f24a27d74d6a65360b6ddd2537a154d04",
+        "test.json": "2f7c37e89220c990b6b0525d6f3ed63d3fc02e03ce336aa42a3b822841b14886",
+    }
     """The official layout under ``--data-root``: ``annotations/{val,test}.json``,
     ``COCO2017_unlabeled/unlabeled2017/<id:012d>.jpg`` and, optionally,
     ``COCO2017_unlabeled/annotations/image_info_unlabeled2017.json`` (the gallery list; without it the
@@ -46,6 +49,10 @@ class CIRCO(Dataset):
 
     def _ref(self, image_id: int | str, folder: Path, name: str | None = None) -> ImageRef:
         return ImageRef(str(image_id), folder / (name or f"{int(image_id):012d}.jpg"), root=self.data_root)
+
+    def annotation_files(self, split: str) -> list[Path]:
+        info = self.data_root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
+        return [self.data_root / "annotations" / f"{split}.json", *([info] if info.is_file() else [])]
 
     def gallery(self) -> list[ImageRef]:
         info = self.data_root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
@@ -102,6 +109,8 @@ class CIRCO(Dataset):
                        topk=SUBMISSION_LENGTH)
 
     def per_query_metrics(self, evalset: EvalSet, ranking) -> dict:
+        import torch
+
         queries = evalset.queries
         hits = hits_matrix(ranking.indices, ranking.target_positions([q.targets for q in queries]))
         n_gt = [len(q.targets) for q in queries]

@@ -39,11 +39,22 @@ class CIRR(Dataset):
     ``cirr/image_splits/split.rc2.<split>.json`` (or ``captions/``/``image_splits/`` at the root), and the
     images where the split file says (``./dev/<name>.png``, ``./test1/<name>.png``), relative to the root."""
 
+    OFFICIAL_SHA256 = {  # the rc2 files of the official repository (cirr_dataset branch)
+        "cap.rc2.val.json": "a85c3a1aa464f1af7229918e8018d08b8b20ce5dab479ffdf39d61113140f919",
+        "cap.rc2.test1.json": "26a2b2e7a5c96c903491aefc7d5f237f03d3cca97712e1b6bb3b231db5ff8001",
+        "split.rc2.val.json": "de36f7a7219c8bb06347a67748cfc68405be7dad62853a1e31846c98e491235b",
+        "split.rc2.test1.json": "bf2bb9ed0659c4aae35de72350652b9ab75d36a060211f826bec15c58ec12566",
+    }
+
     def _annotation_dir(self) -> Path:
         for candidate in (self.data_root / "cirr", self.data_root):
             if (candidate / "captions").is_dir():
                 return candidate
         return self.data_root / "cirr"
+
+    def annotation_files(self, split: str) -> list[Path]:
+        ann = self._annotation_dir()
+        return [ann / "image_splits" / f"split.{VERSION}.{split}.json", ann / "captions" / f"cap.{VERSION}.{split}.json"]
 
     def load(self, split: str) -> list[EvalSet]:
         self.check_split(split)

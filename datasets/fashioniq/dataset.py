@@ -28,6 +28,20 @@ EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 class FashionIQ(Dataset):
+    OFFICIAL_SHA256 = {  # the official repository's captions/ and image_splits/
+        "cap.dress.val.json": "5e5117d45695df9c3ca91fac3e0bc49e6422ae9c8b3793f0ac9b3ab83adb7de9",
+        "cap.shirt.val.json": "7b7ca3797b85dddfd83e74cdb4454cb63e3e7c09acef2590155efbacea6d7feb",
+        "cap.toptee.val.json": "b4e09f428e6c255cc4b4ec46e77908305ab83075d82840c960be81af15cdc5eb",
+        "cap.dress.test.json": "190240b3b4d115cd4f80de65ab78ca18a3f8581c041cbeea6f5a1f57ee4f5a48",
+        "cap.shirt.test.json": "27c7551b005d4befa53135a7ddee5e31c97821eafd3ceb3fec514e7ac0ad83a7",
+        "cap.toptee.test.json": "db822aa52340ce1f09c3000064f79b60b6c476b50b98bf34200dd2996c06e146",
+        "split.dress.val.json": "21ff91d53c23859da91bfd49f3acc139b7f3a3dc944fc4e4a80194468cf14bab",
+        "split.shirt.val.json": "b82effbf7352a6f828b38c45eb32e53d726bd4d6fd81d6290c81eeb2c68e3234",
+        "split.toptee.val.json": "ee42b2505275dd7a19b11ddb88c9264aab2d77f4e59b075fb1c7c3095d02f412",
+        "split.dress.test.json": "1d1d3af24b9ec4ed3f7805c53a870148df9b51e232b32912505d8ae54718353d",
+        "split.shirt.test.json": "8d243830e80e77c23c8dc9a85db87813230d38da146f0706082db812f591968b",
+        "split.toptee.test.json": "25a30d4f4013a04026585399b10980db7cba39dfaad0d97a0671a62e2125ddbf",
+    }
     """The official layout under ``--data-root``: ``captions/cap.<cat>.<split>.json``,
     ``image_splits/split.<cat>.<split>.json``, and the images in any of the layouts the official code reads,
     as ``.png``, ``.jpg`` or ``.jpeg``: ``images/<asin>`` (SEARLE reads ``.jpg``, Pic2Word ``.png``),
@@ -55,6 +69,10 @@ class FashionIQ(Dataset):
             return folders[0] / f"{asin}.png"  # reported as missing by the loop
 
         return locate
+
+    def annotation_files(self, split: str) -> list[Path]:
+        return [self.data_root / folder / f"{kind}.{cat}.{split}.json" for cat in self.categories()
+                for folder, kind in (("image_splits", "split"), ("captions", "cap"))]
 
     def load(self, split: str) -> list[EvalSet]:
         self.check_split(split)

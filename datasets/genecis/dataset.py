@@ -79,6 +79,7 @@ def _number(v: float) -> str:
 
 
 class GeneCIS(Dataset):
+    OFFICIAL_SHA256 = {f"{task}.json": sha for task, (_, sha) in OFFICIAL_FILES.items() if sha}
     """The official layout under ``--data-root`` (see datasets/README.md): the template files as the official
     repository ships them (``genecis/<task>.json``, or ``<task>.json`` at the root), COCO 2017 val images
     (``coco/val2017/<id:012d>.jpg`` or ``val2017/``) and Visual Genome 1.2 images (``<image_id>.jpg`` in
@@ -94,6 +95,9 @@ class GeneCIS(Dataset):
             if candidate.is_file():
                 return candidate
         return self.data_root / "genecis" / f"{task}.json"
+
+    def annotation_files(self, split: str) -> list[Path]:
+        return [self.template_path(task) for task in self.tasks()]
 
     def load(self, split: str) -> list[EvalSet]:
         self.check_split(split)
@@ -170,8 +174,8 @@ class GeneCIS(Dataset):
             queries.append(Query(id=str(i), reference=reference.id, texts=(t.condition,), targets=(target.id,),
                                  candidates=tuple(im.id for im in candidates), category=task))
         return EvalSet(task, list(gallery.values()), queries, images, topk=max(KS), query_galleries=True,
-                       info={"templates": len(templates), "official": dict(zip(("templates", "sha256"),
-                                                                               OFFICIAL_FILES[task]))})
+                       info={"templates": len(templates),
+                             "official": dict(zip(("templates", "sha256"), OFFICIAL_FILES[task], strict=True))})
 
     # -- metrics ------------------------------------------------------------------------------------------
     def per_query_metrics(self, evalset: EvalSet, ranking) -> dict:

@@ -101,6 +101,12 @@ class Shapes(Dataset):
             writer.writeheader()
             writer.writerows(rows)
 
+    def prepare(self, progress: bool = True) -> str:
+        """Generate every split now (``cirbench data prepare shapes``): val and test queries, and the train
+        corpus that ``cirbench train`` reads (``train/train.csv``)."""
+        folders = [self.ensure(split) for split in self.splits]
+        return "shapes: " + ", ".join(str(f) for f in folders) + f" (training corpus: {self.corpus_path()})"
+
     # -- the Dataset API -------------------------------------------------------------------------------
     def corpus_path(self) -> Path:
         """The training corpus CSV (image, caption, subject, attribute), generated if needed."""

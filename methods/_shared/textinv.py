@@ -149,6 +149,20 @@ def load_phi_weights(path, method: str, backbone: Backbone) -> tuple[dict[str, t
     return tensors, checkpoint_sha256(path)
 
 
+BENCHMARK_IMAGE = "*"  # where the reference image goes in a benchmark's own prompt (Query.prompt)
+
+
+def benchmark_prompt(query: Query, image_words: str) -> str | None:
+    """The benchmark's own prompt (``Query.prompt``) with its ``*`` replaced by ``image_words`` (a method's
+    placeholder(s) for the image), or None when the benchmark fixes no prompt."""
+    if query.prompt is None:
+        return None
+    before, sep, after = query.prompt.partition(BENCHMARK_IMAGE)
+    if not sep:
+        raise ValueError(f"query {query.id}: the benchmark prompt {query.prompt!r} has no '*' for the image")
+    return before + image_words + after
+
+
 def searle_prompt(text: str, placeholder: str = "$") -> str:
     """The SEARLE protocol's prompt, which LinCIR evaluates with too."""
     return f"a photo of {placeholder} that {clean_text(text, placeholder)}"
@@ -177,7 +191,8 @@ class SearleProtocol(RawImageReferences, Method):
         tokens = self.phi(references.to(self.backbone.device).float())
         variants = [caption_variants(q.texts) for q in queries]
         counts = [len(v) for v in variants]
-        prompts = [searle_prompt(t, self.placeholder) for v in variants for t in v]
+        prompts = [benchmark_prompt(q, self.placeholder) or searle_prompt(t, self.placeholder)
+                   for q, v in zip(queries, variants, strict=True) for t in v]
         repeated = tokens.repeat_interleave(torch.tensor(counts, device=tokens.device), dim=0)
         feats = encode_with_pseudo_tokens(self.backbone, prompts, repeated, self.placeholder)
         return average_variants(feats, counts)

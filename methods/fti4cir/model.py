@@ -16,6 +16,7 @@ from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
 from cirbench.method import Method, average_variants
 from cirbench.methods._shared.textinv import (
     Phi,
+    benchmark_prompt,
     clean_text,
     encode_with_pseudo_tokens,
     load_module_weights,
@@ -210,8 +211,12 @@ class FTI4CIR(Method):
             r = int(packed[m + 1, 0])
             variants = caption_variants_fti4cir(q.texts)
             counts.append(len(variants))
+            own = benchmark_prompt(q, f"{PLACEHOLDER} with " + " ".join([PLACEHOLDER] * r))
+            if own is not None:  # the benchmark's prompt: the image's subject and attribute words at its '*'
+                variants = [own]
+                counts[-1] = 1
             for text in variants:
-                prompts.append(inference_prompt(r, text))
+                prompts.append(text if own is not None else inference_prompt(r, text))
                 words.append(packed[: 1 + r])
         return average_variants(encode_with_pseudo_tokens(self.backbone, prompts, words, PLACEHOLDER), counts)
 

@@ -12,6 +12,7 @@ from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
 from cirbench.method import Method
 from cirbench.methods._shared.textinv import (
     RawImageReferences,
+    benchmark_prompt,
     clean_text,
     encode_with_pseudo_tokens,
     load_module_weights,
@@ -52,7 +53,11 @@ def build_net(backbone: Backbone, options: dict[str, Any]) -> Img2Text:
 
 
 def prompt(query: Query, dataset: str | None) -> str:
-    """The official prompts: CIRR/CIRCO "a photo of * , {caption}"; FashionIQ "... {cap2} and {cap1}"."""
+    """The official prompts: CIRR/CIRCO "a photo of * , {caption}"; FashionIQ "... {cap2} and {cap1}"; the
+    benchmark's own prompt where it fixes one (its domain-conversion and object-composition tasks)."""
+    own = benchmark_prompt(query, PLACEHOLDER)
+    if own is not None:
+        return own
     caps = [clean_text(t, PLACEHOLDER) for t in query.texts]
     text = f"{caps[1]} and {caps[0]}" if len(caps) == 2 else caps[0]
     return f"a photo of {PLACEHOLDER} , {text}"

@@ -1,0 +1,80 @@
+"""``cirbench data``: what a dataset needs on disk. ``prepare`` writes files a benchmark derives from its
+sources (coco-object's masked queries); ``check`` says what is present and missing (see that command)."""
+
+from __future__ import annotations
+
+import click
+
+EPILOG_GROUP = """\b
+Examples:
+  cirbench data check --dataset cirr --data-root data/CIRR
+  cirbench data prepare coco-object --data-root data/coco
+"""
+
+EPILOG_CHECK = """\b
+Examples:
+  cirbench data check --dataset cirr --split val --data-root data/CIRR
+  cirbench data check --dataset fashioniq --data-root data/FashionIQ --category dress --json
+"""
+
+EPILOG_PREPARE = """\b
+Examples:
+  cirbench data prepare coco-object --data-root data/coco     # val2017_masked/ from instances_val2017.json
+  cirbench data prepare shapes                                # generate the embedded benchmark now
+"""
+
+
+@click.group("data", epilog=EPILOG_GROUP)
+def command() -> None:
+    """Prepare and check benchmark data on disk."""
+
+
+def build_dataset(name: str, data_root: str | None, extra: list[str]):
+    """The dataset plugin ``name`` with its options from ``--name value`` extra arguments."""
+    from cirbench.cli import parse_extra_options
+    from cirbench.plugins import get_registry
+    from cirbench.types import resolve_options
+
+    spec = get_registry().dataset(name)
+    (options,) = resolve_options(spec.options, parse_extra_options(extra), spec.name, f"dataset {spec.name}")
+    root = data_root or spec.default_data_root
+    return spec, spec.create(root, options)
+
+
+@command.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                 epilog=EPILOG_PREPARE)
+@click.argument("dataset")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Dataset root folder.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def prepare(ctx, dataset, data_root, quiet):
+    """Write the files DATASET derives from its sources (dataset options as --name value)."""
+    from cirbench.errors import CirbenchError
+
+    spec, ds = build_dataset(dataset, data_root, ctx.args)
+    if not hasattr(ds, "prepare"):
+        raise CirbenchError(f"dataset '{spec.name}' needs no preparation: its files are used as distributed")
+    click.echo(ds.prepare(progress=not quiet))
+
+
+@command.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, epilog=EPILOG_CHECK)
+@click.option("--dataset", "-d", required=True, help="Dataset name (see `cirbench datasets`).")
+@click.option("--split", "-s", default=None, help="Split (default: the dataset's default split).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Dataset root folder.")
+@click.option("--sample", default=200, show_default=True, type=click.IntRange(min=0),
+              help="How many image headers to read for sizes and modes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def check(ctx, dataset, split, data_root, sample, as_json):
+    """What DATASET/SPLIT finds under the data root: annotation files against the official checksums, images
+    present and missing, image sizes and modes. Exit 1 when something is missing or unreadable. Needs no
+    torch and decodes no image."""
+    import json
+
+    from cirbench.datacheck import check as run_check
+    from cirbench.datacheck import healthy, render
+
+    spec, ds = build_dataset(dataset, data_root, ctx.args)
+    report = run_check(ds, split or spec.default_split or spec.splits[0], sample=sample)
+    click.echo(json.dumps(report, indent=1) if as_json else render(report))
+    return 0 if healthy(report) else 1

@@ -1,0 +1,94 @@
+"""Plots (matplotlib, headless): a metric against a swept option, a leaderboard bar chart, a training loss curve.
+Each is written as PNG and SVG; the functions return the PNG path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
+    fig.savefig(path.with_suffix(".svg"))
+    _pyplot().close(fig)
+    return path.with_suffix(".png")
+
+
+def sweep_plot(points: dict[str, list[tuple[float, float]]], option: str, metric: str, path: Path,
+               title: str = "") -> Path:
+    """``points[label] = [(option value, metric value), ...]``: one line per method/backbone."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, pts in sorted(points.items()):
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel(option)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"{metric} against {option}")
+    if len(points) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def bar_plot(rows: list[tuple[str, float, tuple[float, float] | None]], metric: str, path: Path,
+             title: str = "", highlight: set[str] | None = None) -> Path:
+    """Horizontal bars, best at the top; ``rows = [(label, value, (low, high) or None)]`` (error bars from the
+    95% bootstrap intervals where known)."""
+    plt = _pyplot()
+    rows = sorted(rows, key=lambda r: r[1])
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(rows) + 1.2))
+    values = [r[1] for r in rows]
+    err = [[max(0.0, r[1] - r[2][0]) if r[2] else 0.0 for r in rows],
+           [max(0.0, r[2][1] - r[1]) if r[2] else 0.0 for r in rows]]
+    colours = ["#d9822b" if highlight and r[0] in highlight else "#4c72b0" for r in rows]
+    ax.barh(range(len(rows)), values, xerr=err if any(r[2] for r in rows) else None, color=colours, capsize=2)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.set_xlabel(metric)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title or metric)
+    return _save(fig, path)
+
+
+def read_train_log(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by an interrupted run
+        if isinstance(row, dict) and "step" in row and "loss" in row:
+            rows.append(row)
+    return rows
+
+
+def loss_plot(log: Path, path: Path, title: str = "training loss") -> Path | None:
+    """The loss (and any validation metric logged beside it) against the step, from ``train_log.jsonl``."""
+    rows = read_train_log(log)
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    val = [(r["step"], v) for r in rows for k, v in r.items() if k.startswith("val/") and isinstance(v, (int, float))]
+    if val:
+        twin = ax.twinx()
+        twin.plot([s for s, _ in val], [v for _, v in val], color="#d9822b", marker="o", label="validation")
+        twin.set_ylabel("validation")
+    ax.set_title(title)
+    return _save(fig, path)

@@ -1,0 +1,186 @@
+"""COCO object composition: the frozen query file, masked query regions, and the masked-image preparation."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+from pathlib import Path
+from typing import NamedTuple
+
+from cirbench.dataset import Dataset
+from cirbench.errors import AnnotationError, CirbenchError
+from cirbench.metrics import hits_matrix, recall_per_query
+from cirbench.types import EvalSet, ImageRef, ImageView, Query
+
+from . import KS
+
+FROZEN = Path(__file__).resolve().parent / "lists" / "coco_eval.csv"
+FROZEN_SHA256 = "3bad6e345ba018985df423ab1f3ab8998e08886a18ffbf399ab02d229d024c75"
+FROZEN_QUERIES = 4765
+HEADER = ["id", "query_regions", "query_class", "classes"]
+MASKED = "val2017_masked"
+
+
+class Row(NamedTuple):
+    file: str  # 000000000139.jpg
+    region: tuple[float, float, float, float]  # x1 y1 x2 y2 as written (floats)
+    region_text: tuple[str, ...]
+    query_class: str
+    others: tuple[str, ...]
+
+
+def read_queries(path: Path) -> list[Row]:
+    """The official ``coco_eval.csv``: ``id,query_regions,query_class,classes`` with ``x1;y1;x2;y2`` regions
+    and ``;``-separated other classes (empty: none, read as one empty class as pandas' NaN is officially)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnnotationError(f"cannot read query file {path}: {exc}") from None
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header != HEADER:
+        raise AnnotationError(f"query file {path}: expected the header {','.join(HEADER)}, found {header}")
+    rows, seen = [], set()
+    for n, fields in enumerate(reader, 2):
+        if not fields:
+            continue
+        if len(fields) != 4:
+            raise AnnotationError(f"query file {path}, line {n}: expected 4 fields, found {len(fields)}")
+        file, region, query_class, classes = fields
+        parts = region.split(";")
+        try:
+            box = tuple(float(x) for x in parts)
+        except ValueError:
+            box = ()
+        if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
+            raise AnnotationError(f"query file {path}, line {n}: query_regions {region!r} is not x1;y1;x2;y2 with "
+                                  "x2 > x1 and y2 > y1")
+        if not file.endswith(".jpg") or "/" in file or file in seen or not query_class:
+            raise AnnotationError(f"query file {path}, line {n}: bad or repeated image {file!r} or empty class")
+        seen.add(file)
+        rows.append(Row(file, box, tuple(p.strip() for p in parts), query_class,
+                        tuple(classes.split(";")) if classes else ("",)))
+    if not rows:
+        raise AnnotationError(f"query file {path} holds no queries")
+    return rows
+
+
+def region_crop(image, box: tuple[int, int, int, int]):
+    """The official query region: the masked image cropped to the integer box (``int(float(x))``)."""
+    return image.crop(box)
+
+
+def int_box(region: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    return tuple(int(v) for v in region)  # type: ignore[return-value]
+
+
+class CocoObject(Dataset):
+    OFFICIAL_SHA256 = {"coco_eval.csv": FROZEN_SHA256}
+    """Under ``--data-root`` (Pic2Word's ``data/coco``): ``val2017/<id:012d>.jpg`` (COCO 2017 val, the targets),
+    ``val2017_masked/<id:012d>.jpg`` (made by ``cirbench data prepare coco-object``, the queries) and, for
+    that preparation only, ``annotations/instances_val2017.json``."""
+
+    def query_file(self) -> Path:
+        return Path(self.options.get("queries") or FROZEN)
+
+    def annotation_files(self, split: str) -> list[Path]:
+        return [self.query_file()]
+
+    def rows(self) -> list[Row]:
+        path = self.query_file()
+        rows = read_queries(path)
+        if path == FROZEN:
+            from cirbench.util import file_sha256
+
+            if file_sha256(path) != FROZEN_SHA256 or len(rows) != FROZEN_QUERIES:
+                raise CirbenchError(f"the shipped query file {path} was modified (its sha256 is not {FROZEN_SHA256}): "
+                                    "reinstall cirbench, or pass your own file with --queries")
+        return rows
+
+    def load(self, split: str) -> list[EvalSet]:
+        self.check_split(split)
+        rows = self.rows()
+        targets = self.folder("val2017")
+        masked = self.folder(MASKED)
+        gallery = [ImageRef(r.file.removesuffix(".jpg"), targets / r.file, root=self.data_root) for r in rows]
+        images, queries = {}, []
+        for i, (r, target) in enumerate(zip(rows, gallery, strict=True)):
+            box = int_box(r.region)
+            view = ImageView(f"coco-object-region:{','.join(map(str, box))}:resize=squash",
+                             functools.partial(region_crop, box=box), resize="squash")
+            ref = ImageRef(f"{target.id}@masked", masked / r.file, root=self.data_root, view=view)
+            images[ref.id] = ref
+            others = " and ".join(r.others)
+            queries.append(Query(id=str(i), reference=ref.id, texts=(f"a photo of {r.query_class} and {others}",),
+                                 prompt=f"a photo of * and {r.query_class} and {others}", targets=(target.id,),
+                                 extra={"query_class": r.query_class}))
+        return [EvalSet("val", gallery, queries, images, topk=max(KS))]
+
+    def per_query_metrics(self, evalset: EvalSet, ranking) -> dict:
+        targets = ranking.target_positions([q.targets for q in evalset.queries])
+        return {f"R@{k}": v for k, v in recall_per_query(hits_matrix(ranking.indices, targets), KS).items()}
+
+    # -- preparation: the masked query images ------------------------------------------------------------
+    def prepare(self, progress: bool = True) -> str:
+        """Write ``val2017_masked/<file>`` for every query: the image with everything outside the query object's
+        segmentation mask set to white (255), saved as JPEG with PIL's defaults, as Pic2Word's
+        ``prepare_data.py``. The query's object is the annotation of its image whose class and box are the ones
+        the query file names."""
+        try:
+            from pycocotools.coco import COCO
+        except ImportError:
+            raise CirbenchError("preparing coco-object needs pycocotools: pip install 'cirbench[coco]'") from None
+        import numpy as np
+        from PIL import Image
+        from tqdm import tqdm
+
+        from cirbench.images import read_image_bytes
+        from cirbench.util import atomic_write_bytes
+
+        ann_path = self.data_root / "annotations" / "instances_val2017.json"
+        if not ann_path.is_file():
+            raise AnnotationError(f"{ann_path} is missing: download COCO 2017's annotations (instances_val2017.json)")
+        import contextlib
+
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            try:
+                coco = COCO(str(ann_path))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise AnnotationError(f"annotation file {ann_path} is malformed: {type(exc).__name__}: {exc}") from None
+        names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+        out_dir = self.folder(MASKED)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = skipped = 0
+        for r in tqdm(self.rows(), desc="coco-object: masked queries", unit="img", disable=not progress):
+            dest = out_dir / r.file
+            if dest.is_file():
+                skipped += 1
+                continue
+            ann = self._annotation(coco, names, r)
+            source = ImageRef(r.file, self.folder("val2017") / r.file, root=self.data_root)
+            image = np.array(Image.open(io.BytesIO(read_image_bytes(source))))
+            mask = coco.annToMask(ann)
+            h, w = mask.shape
+            mask = mask.reshape(h, w, 1)
+            if image.ndim == 2:
+                image = image.reshape(h, w, 1)
+            masked = image * mask + (1 - mask) * 255
+            if masked.shape[2] == 1:
+                masked = masked[:, :, 0]
+            buf = io.BytesIO()
+            Image.fromarray(masked).save(buf, format="JPEG")
+            atomic_write_bytes(dest, buf.getvalue())
+            written += 1
+        return f"coco-object: wrote {written} masked query images to {out_dir} ({skipped} already there)"
+
+    @staticmethod
+    def _annotation(coco, names: dict[int, str], r: Row) -> dict:
+        image_id = int(r.file.removesuffix(".jpg"))
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None)):
+            x, y, w, h = ann["bbox"]
+            if names.get(ann["category_id"]) == r.query_class and all(
+                    abs(a - b) < 1e-6 for a, b in zip((x, y, x + w, y + h), r.region, strict=True)):
+                return ann
+        raise AnnotationError(f"no annotation of image {r.file} is a {r.query_class} with box {';'.join(r.region_text)} "
+                              "(is annotations/instances_val2017.json COCO 2017's?)")

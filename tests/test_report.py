@@ -1,0 +1,159 @@
+"""`cirbench report` in a real headless browser (Chromium from Debian's packages through Selenium), plots, and
+`cirbench data check` (which must not import torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cirbench.cli import cli
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+IN_CI = bool(os.environ.get("CI"))
+
+
+def browser():
+    """A headless Chromium driven by Selenium; in CI a missing browser is a failure, elsewhere a skip."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        if IN_CI:
+            raise
+        pytest.skip("selenium is not installed")
+    if not (CHROMIUM and CHROMEDRIVER):
+        if IN_CI:
+            pytest.fail("CI needs Chromium and its driver (apt-get install chromium chromium-driver)")
+        pytest.skip("Chromium or chromedriver not found")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--allow-file-access-from-files"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """slerp at three alphas and the image-only baseline on the embedded shapes benchmark."""
+    out = tmp_path_factory.mktemp("runs")
+    env = {"CIRBENCH_CACHE": str(out / "cache")}
+    runner = CliRunner(env=env)
+    res = runner.invoke(cli, ["run", "-o", str(out / "results"), "-q", "--no-leaderboard", "--bootstrap", "200",
+                              "--alpha", "0.5,0.7,0.9"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["run", "-m", "image-only", "-o", str(out / "results"), "-q", "--no-leaderboard",
+                              "--bootstrap", "200"])
+    assert res.exit_code == 0, res.output
+    folder = out / "results" / "shapes" / "val"
+    return next(folder.glob("slerp@alpha=0.7__*.json")), next(folder.glob("image-only__*.json")), env
+
+
+def test_report_in_a_headless_browser(two_runs, tmp_path):
+    slerp, image_only, env = two_runs
+    res = CliRunner(env=env).invoke(cli, ["report", str(slerp), str(image_only), "-o", str(tmp_path / "rep"),
+                                          "--limit", "0", "--top", "5"])
+    assert res.exit_code == 0, res.output
+    page = tmp_path / "rep" / "report.html"
+    text = page.read_text()
+    assert "<script src=" not in text and "http" not in text.split("<h2>Provenance")[0]  # self-contained
+    assert {p.name for p in (tmp_path / "rep" / "plots").iterdir()} >= {"leaderboard.png", "leaderboard.svg",
+                                                                       "sweep-slerp-alpha.png"}
+    rows = [json.loads(line) for line in slerp.with_suffix(".predictions.jsonl").read_text().splitlines()]
+    hits = sum(1 for r in rows if set(r["targets"]) & set(r["top"][:5]))
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver = browser()
+    try:
+        driver.get(page.as_uri())
+        assert "slerp@alpha=0.7 vs image-only" in driver.title
+        queries = driver.find_elements(By.CSS_SELECTOR, ".q")
+        assert len(queries) == 400
+        # the thumbnails load (natural width > 0), targets are framed
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        first_images = queries[0].find_elements(By.TAG_NAME, "img")[:6]
+        assert len(first_images) == 6
+        driver.execute_script("arguments[0].scrollIntoView()", queries[0])  # thumbnails load lazily
+        WebDriverWait(driver, 20).until(lambda d: all(d.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth > 0", im) for im in first_images))
+        assert queries[0].find_elements(By.CSS_SELECTOR, "figure.tgt img")
+
+        def visible():
+            return sum(1 for q in driver.find_elements(By.CSS_SELECTOR, ".q") if q.is_displayed())
+
+        show = Select(driver.find_element(By.ID, "show"))
+        show.select_by_value("hits")
+        assert visible() == hits
+        assert driver.find_element(By.ID, "count").text == f"{hits} of 400 queries"
+        show.select_by_value("misses")
+        assert visible() == 400 - hits
+        show.select_by_value("a-only")
+        a_only = visible()
+        show.select_by_value("b-only")
+        assert a_only > visible()  # slerp beats the image-only baseline on shapes
+        show.select_by_value("all")
+        assert visible() == 400
+        # the disagreeing queries come first: the first shown query has different ranks in the two runs
+        ranks = queries[0].find_element(By.CSS_SELECTOR, ".meta").text
+        assert ranks.count("target rank") == 2
+    finally:
+        driver.quit()
+
+
+def test_single_run_report_without_images_and_with_a_bad_pair(two_runs, tmp_path):
+    slerp, _, env = two_runs
+    res = CliRunner(env=env).invoke(cli, ["report", str(slerp), "-o", str(tmp_path / "one"), "--no-thumbnails"])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "one" / "report.html").read_text()
+    assert "thumbnails switched off" in text and not (tmp_path / "one" / "thumbs").exists()
+    other = tmp_path / "other.json"
+    record = json.loads(slerp.read_text())
+    record["dataset"]["split"] = "test"
+    other.write_text(json.dumps(record))
+    res = CliRunner(env=env).invoke(cli, ["report", str(slerp), str(other)])
+    assert res.exit_code == 2 and "same split" in res.output
+
+
+def test_loss_plot_from_a_training_log(tmp_path):
+    from cirbench.plots import loss_plot
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("\n".join(json.dumps({"step": s, "loss": 2.0 / (s + 1)}) for s in range(20)) + "\n{torn")
+    png = loss_plot(log, tmp_path / "loss")
+    assert png is not None and png.stat().st_size > 1000 and (tmp_path / "loss.svg").is_file()
+    log.write_text("")
+    assert loss_plot(log, tmp_path / "none") is None
+
+
+def test_data_check_answers_without_torch(tmp_path):
+    from annotations import ANNOTATIONS, copy_tree, write_placeholder
+
+    if not (ANNOTATIONS / "cirr").is_dir():
+        pytest.skip("official annotation files not found")
+    root = copy_tree(ANNOTATIONS / "cirr", tmp_path / "CIRR")
+    names = json.loads((root / "image_splits" / "split.rc2.val.json").read_text())
+    for i, rel in enumerate(list(names.values())[:-3]):
+        write_placeholder(root / rel, i)
+    (root / "captions" / "cap.rc2.val.json").write_text((root / "captions" / "cap.rc2.val.json").read_text() + " ")
+    code = ("import sys, cirbench.cli as c\n"
+            "try:\n    c.cli(['data', 'check', '-d', 'cirr', '--data-root', sys.argv[1], '--json'], prog_name='cirbench')\n"
+            "except SystemExit as e:\n    print('EXIT', e.code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120)
+    report = json.loads(out.stdout[: out.stdout.rindex("EXIT")])
+    assert out.stdout.strip().endswith("EXIT 1 False"), out.stdout[-300:] + out.stderr[-500:]  # missing: exit 1
+    assert report["images"] == {"referenced": 2297, "present": 2294, "missing": 3,
+                                "first_missing": report["images"]["first_missing"]}
+    assert len(report["images"]["first_missing"]) == 3
+    status = {Path(a["file"]).name: a["status"] for a in report["annotations"]}
+    assert status == {"split.rc2.val.json": "official", "cap.rc2.val.json": "differs from the official file"}
+    assert report["sample"]["modes"] == {"RGB": 200} and report["sample"]["width"]["max"] == 12
