@@ -16,7 +16,7 @@ from .errors import CirbenchError
 
 EPILOG_RUN = """\b
 Examples:
-  cirbench run                                      # slerp on the embedded shapes benchmark
+  cirbench run                                      # slerp and both baselines on the embedded shapes benchmark
   cirbench run --method fti4cir --dataset circo --split val --data-root data/CIRCO
   cirbench run --method slerp --dataset cirr --alpha 0.5:1.0:0.05   # alpha sweep, one encoding pass
   cirbench run --method image-only --dataset fashioniq --category dress --allow-missing
@@ -158,7 +158,9 @@ def cli() -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, epilog=EPILOG_RUN)
-@click.option("--method", "-m", default="slerp", show_default=True, help="Method name (see `cirbench methods`).")
+@click.option("--method", "-m", default="slerp,image-only,text-only", show_default=True,
+              help="Method name, or several separated by commas (see `cirbench methods`). The default runs Slerp "
+                   "beside the image-only and text-only baselines.")
 @click.option("--dataset", "-d", default="shapes", show_default=True, help="Dataset name (see `cirbench datasets`).")
 @click.option("--split", "-s", default=None, help="Split (default: the dataset's default split).")
 @click.option("--backbone", default=None, help="open_clip model name or config JSON (default: dataset's or method's).")
@@ -210,24 +212,44 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     """
     from .evaluate import RunConfig, evaluate
     from .plugins import get_registry
+    from .types import resolve_options
 
     reg = get_registry()
-    mspec, dspec = reg.method(method), reg.dataset(dataset)
-    m_opts, d_opts = split_plugin_options(parse_extra_options(ctx.args), mspec, dspec)
-    cfg = RunConfig(method=method, dataset=dataset, split=split, backbone=backbone, pretrained=pretrained,
-                    preprocess=preprocess, precision=precision, device=device, data_root=data_root,
-                    output=output, cache_dir=cache_dir, use_cache=not no_cache, cache_identity=cache_identity,
-                    method_options=m_opts, dataset_options=d_opts, label=label, seed=seed, batch_size=batch_size,
-                    workers=workers, max_image_pixels=max_image_pixels, allow_missing=allow_missing,
-                    retrieval_backend=retrieval_backend, encode_path=encode_path, bootstrap=bootstrap,
-                    progress=not quiet)
-    outcomes = evaluate(cfg, reg)
+    names = list(dict.fromkeys(m.strip() for m in method.split(",") if m.strip()))
+    if not names:
+        raise CirbenchError("--method names no method")
+    specs, dspec = [reg.method(n) for n in names], reg.dataset(dataset)
+    if label and len(specs) > 1:
+        raise CirbenchError("--label names one run: give it with a single --method")
+    extra = parse_extra_options(ctx.args)
+    if len(specs) > 1:  # each method takes the options it declares; one no method (or dataset) knows is an error
+        known = {o.name for s in specs for o in s.options} | {o.name for o in dspec.options}
+        unknown = {k: v for k, v in extra.items() if k not in known}
+        if unknown:
+            split_plugin_options(unknown, specs[0], dspec)
+            resolve_options(specs[0].options, unknown, dspec.name, f"methods {', '.join(names)}")
+    outcomes = []
+    for mspec in specs:
+        mine = extra if len(specs) == 1 else {k: v for k, v in extra.items()
+                                               if k in {o.name for o in mspec.options} | {o.name for o in dspec.options}}
+        m_opts, d_opts = split_plugin_options(mine, mspec, dspec)
+        cfg = RunConfig(method=mspec.name, dataset=dataset, split=split, backbone=backbone, pretrained=pretrained,
+                        preprocess=preprocess, precision=precision, device=device, data_root=data_root,
+                        output=output, cache_dir=cache_dir, use_cache=not no_cache, cache_identity=cache_identity,
+                        method_options=m_opts, dataset_options=d_opts, label=label, seed=seed, batch_size=batch_size,
+                        workers=workers, max_image_pixels=max_image_pixels, allow_missing=allow_missing,
+                        retrieval_backend=retrieval_backend, encode_path=encode_path, bootstrap=bootstrap,
+                        progress=not quiet)
+        outcomes += evaluate(cfg, reg)
     for out in outcomes:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in list(out.metrics.items())[:8])
         click.echo(f"{out.label}: {shown or 'no metrics (hidden targets)'}")
         click.echo(f"  result: {out.result_path}")
         for sub in out.submissions:
             click.echo(f"  submission: {sub}")
+    scored = [str(o.result_path) for o in outcomes if o.metrics]
+    if scored:
+        click.echo(f"look at the queries: cirbench report {' '.join(scored[:2])}")
     if not no_leaderboard and outcomes:
         from .leaderboard import build_tables, render_markdown
 
@@ -245,7 +267,7 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
 @click.option("--method", "methods", multiple=True, help="Only rows whose label matches (glob or substring; repeat).")
 @click.option("--backbone", "backbones", multiple=True, help="Only rows whose backbone matches (glob or substring).")
 @click.option("--no-paper", is_flag=True, help="Leave out the published numbers.")
-@click.option("--ci", is_flag=True, help="Show the 95%% bootstrap confidence intervals recorded in result files.")
+@click.option("--ci", is_flag=True, help="Show the 95% bootstrap confidence intervals recorded in result files.")
 @click.option("--write/--no-write", default=True, show_default=True,
               help="Write leaderboard.md/.html/.tex and CSV files into RESULTS_DIR/leaderboard/.")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "html", "latex"]), default="markdown",
@@ -296,7 +318,9 @@ def methods(as_json):
         click.echo(json.dumps({n: {"description": s.description, "plugin": s.plugin, "trainable": s.trainer is not None,
                                    "default_backbone": s.default_backbone, "default_preprocess": s.default_preprocess,
                                    "options": {o.name: {"type": o.type, "default": o.default, "per_dataset": o.per_dataset,
-                                                        "help": o.help} for o in s.options}}
+                                                        "help": o.help} for o in s.options},
+                                   "train_options": {o.name: {"type": o.type, "default": o.default, "help": o.help}
+                                                     for o in s.train_options}}
                                for n, s in sorted(reg.methods.items())}, indent=2, default=str))
         return
     for name, spec in sorted(reg.methods.items()):
@@ -307,6 +331,10 @@ def methods(as_json):
                        f"preprocessing: {spec.default_preprocess}")
         for row in _option_rows(spec.options):
             click.echo(row)
+        if spec.train_options:
+            click.echo(f"  training options (cirbench train --method {name}):")
+            for row in _option_rows(spec.train_options):
+                click.echo("  " + row)
 
 
 @cli.command(epilog="\b\nExamples:\n  cirbench datasets\n  cirbench datasets --json")

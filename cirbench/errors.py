@@ -21,8 +21,12 @@ class UnknownNameError(CirbenchError):
     """An unknown method, dataset, split, option or backbone name."""
 
     def __init__(self, kind: str, name: str, valid: list[str] | tuple[str, ...]):
+        import difflib
+
         valid_list = ", ".join(sorted(valid)) or "(none)"
-        super().__init__(f"unknown {kind} '{name}'; valid: {valid_list}")
+        close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        super().__init__(f"unknown {kind} '{name}'{hint}; valid: {valid_list}")
         self.name = name
         self.valid = list(valid)
 

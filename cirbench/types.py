@@ -388,7 +388,11 @@ def resolve_options(
     for key in given:
         if key not in by_name:
             valid = [f"--{n}" for n in by_name] or ["(this " + what + " takes no options)"]
-            raise CirbenchError(f"unknown option --{key} for {what}; valid: {', '.join(valid)}")
+            import difflib
+
+            close = difflib.get_close_matches(key, list(by_name), n=1, cutoff=0.6)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise CirbenchError(f"unknown option --{key} for {what}{hint}; valid: {', '.join(valid)}")
     base: dict[str, Any] = {}
     sweeps: list[tuple[str, list[Any]]] = []
     for spec in specs:

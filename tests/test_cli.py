@@ -43,3 +43,10 @@ def test_unknown_dataset_is_one_line_exit_2():
     res = CliRunner().invoke(cli, ["run", "--method", "image-only", "--dataset", "nope"])
     assert res.exit_code == 2
     assert res.output.strip().count("\n") == 0 and "unknown dataset 'nope'; valid:" in res.output
+
+
+def test_unknown_names_suggest_the_closest_one():
+    res = CliRunner().invoke(cli, ["run", "--method", "slerpp"])
+    assert res.exit_code == 2 and "unknown method 'slerpp' (did you mean 'slerp'?); valid:" in res.output
+    res = CliRunner().invoke(cli, ["data", "check", "--dataset", "cir"])
+    assert res.exit_code == 2 and "did you mean 'cirr'?" in res.output
