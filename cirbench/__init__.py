@@ -25,6 +25,7 @@ _EXPORTS = {
     "OptionSpec": "cirbench.types",
     "PaperRow": "cirbench.types",
     "ImageRef": "cirbench.types",
+    "ImageView": "cirbench.types",
     "Query": "cirbench.types",
     "EvalSet": "cirbench.types",
     "CirbenchError": "cirbench.errors",
@@ -60,6 +61,7 @@ __all__ = [
     "OptionSpec",
     "PaperRow",
     "ImageRef",
+    "ImageView",
     "Query",
     "EvalSet",
     "CirbenchError",
@@ -118,4 +120,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .preprocess import Preprocessor
     from .retrieval import Ranking, rank
     from .training import NetTrainable, TrainableMethod, contrastive_loss
-    from .types import DatasetSpec, EvalSet, ImageRef, MethodSpec, OptionSpec, PaperRow, Query
+    from .types import DatasetSpec, EvalSet, ImageRef, ImageView, MethodSpec, OptionSpec, PaperRow, Query

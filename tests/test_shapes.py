@@ -109,7 +109,7 @@ def test_slerp_clearly_beats_both_baselines_and_is_repeatable(tmp_path, val_root
     assert again["metrics"] == metrics["slerp"]  # identical across runs (and with a cold cache)
 
 
-def test_plain_cirbench_run_is_slerp_on_shapes_with_the_bundled_backbone(tmp_path, val_root, monkeypatch):
+def test_plain_cirbench_run_is_slerp_and_baselines_on_shapes_with_the_bundled_backbone(tmp_path, val_root, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CIRBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("cirbench.datasets.shapes.dataset.Shapes.folder", property(lambda self: val_root))
@@ -119,3 +119,10 @@ def test_plain_cirbench_run_is_slerp_on_shapes_with_the_bundled_backbone(tmp_pat
     assert rec["method"]["options"] == {"alpha": 0.7}
     assert rec["backbone"]["weights"]["kind"] == "bundled" and rec["preprocess"]["size"] == 64
     assert "### shapes / val" in res.output  # the leaderboard is printed
+    # beside the two baselines, so the first table shows what composing image and text buys
+    folder = tmp_path / "results" / "shapes" / "val"
+    baselines = {m: json.loads((folder / f"{m}__cirbench-shapes-clip-bundled.json").read_text())["metrics"]["mAP@5"]
+                 for m in ("image-only", "text-only")}
+    assert rec["metrics"]["mAP@5"] > max(baselines.values())
+    board = res.output[res.output.index("### shapes / val"):]
+    assert board.index("slerp@alpha=0.7") < board.index("image-only") < board.index("text-only")
