@@ -306,7 +306,7 @@ class Evaluator:
             "method": {"name": mspec.name, "plugin": mspec.plugin, "label": label, "options": opts,
                        "info": method.info()},
             "dataset": {"name": dspec.name, "plugin": dspec.plugin, "split": split, "options": dataset_opts,
-                        "data_root": str(dataset.data_root.resolve()),
+                        "data_root": str(dataset.data_root.resolve()), "data_root_given": dataset.data_root_given,
                         "annotations": annotation_checksums(dataset, split)},
             "backbone": backbone.identity(),
             "preprocess": preprocessor.identity(),

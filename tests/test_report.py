@@ -59,10 +59,15 @@ def two_runs(tmp_path_factory):
 
 def test_report_in_a_headless_browser(two_runs, tmp_path):
     slerp, image_only, env = two_runs
+    # the runs named no data root (their record holds the working folder): the report must not generate shapes
+    # there, but read them where the runs did (the cache)
+    run_folder = Path(json.loads(slerp.read_text())["dataset"]["data_root"])
+    had_val = (run_folder / "val").exists()
     res = CliRunner(env=env).invoke(cli, ["report", str(slerp), str(image_only), "-o", str(tmp_path / "rep"),
                                           "--limit", "0", "--top", "5"])
     assert res.exit_code == 0, res.output
     page = tmp_path / "rep" / "report.html"
+    assert (run_folder / "val").exists() == had_val
     text = page.read_text()
     assert "<script src=" not in text and "http" not in text.split("<h2>Provenance")[0]  # self-contained
     assert {p.name for p in (tmp_path / "rep" / "plots").iterdir()} >= {"leaderboard.png", "leaderboard.svg",
