@@ -128,6 +128,27 @@ class Dataset:
                 raise AnnotationError(f"{where}: '{unknown}' is not an image of this {what}'s gallery")
         return ids
 
+    def score_predictions_by_set(self, split: str, path: Path, *, label: str, unit: str, min_length: int,
+                                 allowed: Any, what: str = "ranking") -> dict[str, float]:
+        """Score a ``*.predictions.jsonl`` file (rows with ``set``, ``query`` and ``top``) set by set, for datasets
+        without an official submission format: every set of the split must have rankings (``unit`` names a set
+        in the error), each checked by :meth:`check_ranked` against ``allowed(evalset)(query id)``, and the sets'
+        metrics combined by :meth:`aggregate`. ``label`` is the dataset's name in the error for other files."""
+        if not str(path).endswith(".jsonl"):
+            raise CirbenchError(f"{label} has no official submission format: score a per-query ranking file "
+                                "(*.predictions.jsonl rows with set, query and top)")
+        rows = self.read_predictions(path)
+        per_set = {}
+        for evalset in self.load(split):
+            ranked = rows.get(evalset.name)
+            if ranked is None:
+                raise AnnotationError(f"{path} has no rankings for {unit} {evalset.name}")
+            allowed_for = allowed(evalset)
+            ranked = {qid: self.check_ranked(qid, ids, path, min_length=min_length, allowed=allowed_for(qid), what=what)
+                      for qid, ids in ranked.items()}
+            per_set[evalset.name] = self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
+        return self.aggregate(per_set)
+
     def ranking_from_ids(self, evalset: EvalSet, ranked: dict[str, list[str]],
                          subsets: dict[str, list[str]] | None = None, source: Path | None = None):
         """A :class:`~cirbench.retrieval.Ranking` from ranked image ids per query id, so that files made by

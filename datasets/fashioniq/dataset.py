@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field
 
 from cirbench.dataset import Dataset
-from cirbench.errors import AnnotationError, CirbenchError
+from cirbench.errors import CirbenchError
 from cirbench.metrics import hits_matrix, recall_per_query
 from cirbench.schema import ImageName, Record, validate_records, validate_value
 from cirbench.types import EvalSet, ImageRef, Query
@@ -112,17 +112,9 @@ class FashionIQ(Dataset):
         self.check_split(split)
         if split in self.hidden_splits:
             raise CirbenchError("FashionIQ test targets are not public")
-        if not str(path).endswith(".jsonl"):
-            raise CirbenchError("FashionIQ has no official submission format: score a per-query ranking file "
-                                "(*.predictions.jsonl rows with set, query and top)")
-        rows = self.read_predictions(path)
-        per_set = {}
-        for evalset in self.load(split):
-            ranked = rows.get(evalset.name)
-            if ranked is None:
-                raise AnnotationError(f"{path} has no rankings for category {evalset.name}")
+        def category_gallery(evalset: EvalSet):
             gallery = set(evalset.gallery_ids)
-            ranked = {qid: self.check_ranked(qid, ids, path, min_length=max(KS), allowed=gallery)
-                      for qid, ids in ranked.items()}
-            per_set[evalset.name] = self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
-        return self.aggregate(per_set)
+            return lambda qid: gallery
+
+        return self.score_predictions_by_set(split, path, label="FashionIQ", unit="category", min_length=max(KS),
+                                             allowed=category_gallery)

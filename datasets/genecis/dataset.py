@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import Field
 
 from cirbench.dataset import Dataset
-from cirbench.errors import AnnotationError, CirbenchError
+from cirbench.errors import AnnotationError
 from cirbench.metrics import hits_matrix, recall_per_query
 from cirbench.schema import Record, validate_records
 from cirbench.types import EvalSet, ImageRef, ImageView, Query
@@ -195,18 +195,9 @@ class GeneCIS(Dataset):
         ``query`` (the template's position in its file) and ``top``: the template's gallery ids, best first,
         at least 3 of them)."""
         self.check_split(split)
-        if not str(path).endswith(".jsonl"):
-            raise CirbenchError("GeneCIS has no official submission format: score a per-query ranking file "
-                                "(*.predictions.jsonl rows with set, query and top)")
-        rows = self.read_predictions(path)
-        per_set = {}
-        for evalset in self.load(split):
-            ranked = rows.get(evalset.name)
-            if ranked is None:
-                raise AnnotationError(f"{path} has no rankings for task {evalset.name}")
-            allowed = {q.id: set(q.candidates or ()) for q in evalset.queries}
-            ranked = {qid: self.check_ranked(qid, ids, path, min_length=max(KS), allowed=allowed.get(qid, set()),
-                                             what="ranking of the template's gallery")
-                      for qid, ids in ranked.items()}
-            per_set[evalset.name] = self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
-        return self.aggregate(per_set)
+        def template_gallery(evalset: EvalSet):
+            galleries = {q.id: set(q.candidates or ()) for q in evalset.queries}
+            return lambda qid: galleries.get(qid, set())
+
+        return self.score_predictions_by_set(split, path, label="GeneCIS", unit="task", min_length=max(KS),
+                                             allowed=template_gallery, what="ranking of the template's gallery")

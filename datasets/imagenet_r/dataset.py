@@ -76,6 +76,7 @@ class ImageNetR(Dataset):
                 raise AnnotationError(f"image list {LISTS / QUERY_LIST}: query {rel} has label {label}, not a class "
                                       f"(0-{CLASSES - 1})")
         images = {r.id: r for r in refs}
+        lists = {n: file_sha256(LISTS / n) for n in (QUERY_LIST, TARGET_LIST)}
         sets = []
         for domain in self.domains():
             d = DOMAINS.index(domain)
@@ -83,7 +84,7 @@ class ImageNetR(Dataset):
                              targets=tuple(by_label.get(label + CLASSES * d, ())), category=domain)
                        for i, (ref, (_, label)) in enumerate(zip(refs, queries_list, strict=True))]
             sets.append(EvalSet(domain, list(gallery), queries, dict(images), topk=max(KS),
-                                info={"lists": {n: file_sha256(LISTS / n) for n in (QUERY_LIST, TARGET_LIST)}}))
+                                info={"lists": lists}))
         return sets
 
     def per_query_metrics(self, evalset: EvalSet, ranking) -> dict:
