@@ -15,9 +15,15 @@ cirbench reproduces them in two ways that give the same bytes:
   on any device. PIL resizes in two passes (horizontal, then vertical), each a sum of pixels times fixed-point
   coefficients (22 fractional bits) rounded to uint8. Both passes are integer matrix products here: the
   coefficients of every output pixel are computed exactly as PIL computes them (:func:`axis_taps`), padding
-  (targetpad) and the centre crop are folded into the matrices, and the products are exact (float64 on the
-  CPU; on CUDA, three bf16 products of 8-bit coefficient digits, exact because every partial sum is an integer
-  below 2**24). One pair of batched products serves a batch of images of any mix of sizes.
+  (targetpad) and the centre crop are folded into the matrices, and the products are exact: float64 on the
+  CPU; on a GPU, three products of the coefficients' signed 8-bit digits (:func:`_digits`) accumulated in
+  float32: on bf16 tensor cores with float32 output where that kernel exists and a probe finds it exact, else
+  in float32. Both are exact because every operand has at most 8 significant bits (bf16, TF32 and float32 hold
+  it whole) and every partial sum is an integer below 2**24 (checked on the host for each batch,
+  :func:`digit_sum_bound`; only an extreme downscale, a side of tens of thousands of pixels, exceeds it, and
+  that batch takes float64). (bf16 products with bf16 output, as a plain ``torch.bmm`` of bf16 tensors
+  returns, round sums to 8 significant bits and are never exact here.) One pair of batched products serves a
+  batch of images of any mix of sizes.
 
 Given the same decoded pixels, both produce identical uint8 values, and :meth:`Preprocessor.normalize` then
 applies ``ToTensor`` and ``Normalize`` with the same float32 operations as torchvision.
@@ -30,7 +36,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -154,7 +159,8 @@ def _round_fixed(values: torch.Tensor) -> torch.Tensor:
 
 
 def _digits(coef: torch.Tensor) -> torch.Tensor:
-    """Split int64 coefficients into three signed base-256 digits (each in [-128, 127], exact in bf16),
+    """Split int64 coefficients into three signed base-256 digits (each in [-128, 127], exact in bf16, TF32 and
+    float32),
     stacked on a new leading axis: ``coef = d0 * 65536 + d1 * 256 + d2``."""
     d2 = torch.remainder(coef + 128, 256) - 128
     rest = torch.div(coef - d2, 256, rounding_mode="floor")
@@ -169,27 +175,67 @@ def _combine(parts: torch.Tensor, axis: int, n: int) -> torch.Tensor:
     return a * 65536.0 + b * 256.0 + c
 
 
-_EXACT_BF16: dict[str, bool] = {}
+PRODUCTS = ("auto", "float64", "digits-float32", "digits-bf16", "digits-float64")
+FLOAT32_EXACT = 1 << 24  # every integer up to here is exact in float32, and so in a float32 accumulator
+_OPERANDS = {"float64": torch.float64, "digits-float32": torch.float32, "digits-bf16": torch.bfloat16,
+             "digits-float64": torch.float64}
+
+
+def digit_sum_bound(coef: torch.Tensor) -> int:
+    """The largest magnitude a partial sum of the digit products can reach for these taps (``coef[..., K]``,
+    int64): 255 (the largest pixel) times the largest sum of digit magnitudes over one output's taps. The
+    float32-accumulated digit products are exact while it stays below 2**24 (about 2**20 for a 4,000-pixel
+    side)."""
+    if coef.numel() == 0:
+        return 0
+    return 255 * int(_digits(coef).abs().sum(dim=-1).max())
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A batched product; bf16 operands are accumulated into and returned as float32 (``out_dtype``)."""
+    if a.dtype == torch.bfloat16:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a, b)
+
+
+_BF16_EXACT: dict[str, bool] = {}
 _PROBE_LOCK = threading.Lock()
 
 
-def bf16_products_are_exact(device: torch.device) -> bool:
-    """Whether this device's bf16 matrix products with float32 accumulation sum small integers exactly (checked
-    once per device on random data, against float64); if not, the batched path uses float64 products."""
+def bf16_digit_products_are_exact(device: torch.device) -> bool:
+    """Whether bf16 products with float32 output (``torch.bmm(..., out_dtype=torch.float32)``, bf16 tensor
+    cores) run on ``device`` and sum the digit products exactly: checked once per device on the batched path's
+    own shapes and worst-case values, against float64 products on the same device. The CPU has no such kernel."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return False
     key = str(device)
     with _PROBE_LOCK:
-        if key not in _EXACT_BF16:
-            gen = torch.Generator().manual_seed(1234)
-            x = torch.randint(0, 256, (4, 96, 700), generator=gen, dtype=torch.int64)
-            w = torch.randint(-128, 128, (4, 700, 64), generator=gen, dtype=torch.int64)
-            w[:, :, ::3] = 127  # a dense, worst-case block: sums approach 2**23
-            ref = torch.bmm(x.double(), w.double())
-            got = torch.bmm(x.to(device, torch.bfloat16), w.to(device, torch.bfloat16)).double().cpu()
-            _EXACT_BF16[key] = bool(torch.equal(ref, got))
-            if not _EXACT_BF16[key]:
-                warnings.warn(f"bf16 matrix products on {device} are not exact for integers; preprocessing uses "
-                              "float64 products there (same result, slower)", stacklevel=2)
-        return _EXACT_BF16[key]
+        if key not in _BF16_EXACT:
+            _BF16_EXACT[key] = _probe_bf16_digits(device)
+        return _BF16_EXACT[key]
+
+
+def _probe_bf16_digits(device: torch.device) -> bool:
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randint(0, 256, (4, 1920, 640), generator=gen)
+    w = torch.randint(-128, 128, (4, 640, 672), generator=gen)
+    w[:, 13:, :] = 0  # one output's taps are a window (13 of them here), as in the real matrices
+    w[:, :13, ::5] = -128  # the largest magnitudes: sums reach 255 * 128 * 13, about 2**19
+    x, w = x.to(device), w.to(device)
+    try:
+        got = _bmm(x.to(torch.bfloat16), w.to(torch.bfloat16))
+    except (RuntimeError, TypeError, NotImplementedError):  # no out_dtype kernel in this torch or on this device
+        return False
+    return got.dtype == torch.float32 and bool(torch.equal(got.double(), torch.bmm(x.double(), w.double())))
+
+
+def auto_products(device: torch.device) -> str:
+    """float64 on the CPU (as fast as the digits there, which triple the work); on a GPU, the bf16 digits where
+    they are exact (:func:`bf16_digit_products_are_exact`), else the float32 digits (exact on any GPU)."""
+    if torch.device(device).type == "cpu":
+        return "float64"
+    return "digits-bf16" if bf16_digit_products_are_exact(device) else "digits-float32"
 
 
 @dataclass(frozen=True)
@@ -285,9 +331,12 @@ class Preprocessor:
         """Resize and crop a list of uint8 RGB ``[3, H, W]`` tensors (any sizes, one device) exactly as PIL
         would: a uint8-valued float32 ``[B, 3, size, size]`` batch on the images' device.
 
-        ``products``: ``"float64"``, or ``"bf16"`` (three products of 8-bit coefficient digits); ``"auto"`` takes
-        bf16 on CUDA when the device sums integers exactly in bf16 products (:func:`bf16_products_are_exact`),
-        float64 otherwise. ``"digits-float64"`` runs the digit layout in float64 (to test it on any machine).
+        ``products``: ``"float64"`` (one exact float64 product per pass); ``"digits-float32"`` (three float32
+        products of 8-bit coefficient digits per pass, exact on any device, see the module docstring);
+        ``"digits-bf16"`` (the same digits on bf16 tensor cores with float32 output, where
+        :func:`bf16_digit_products_are_exact`); ``"digits-float64"`` (the digit layout in float64, for tests);
+        ``"auto"``: :func:`auto_products`. A batch whose float32 sums could exceed 2**24 (an extreme downscale)
+        takes float64 whatever was asked.
         """
         if not images:
             return torch.empty(0, 3, self.size, self.size)
@@ -299,6 +348,8 @@ class Preprocessor:
         return self.normalize(self.batch_uint8(images)).to(dtype)
 
     def _batch_chunk(self, images: list[torch.Tensor], products: str = "auto") -> torch.Tensor:
+        if products not in PRODUCTS:
+            raise ValueError(f"unknown products {products!r}; valid: {', '.join(PRODUCTS)}")
         device = images[0].device
         images = [im if im.shape[0] == 3 else im[:1].expand(3, -1, -1) for im in images]
         plans = [self.plan(int(im.shape[-1]), int(im.shape[-2])) for im in images]
@@ -308,11 +359,11 @@ class Preprocessor:
         h_first, h_coef = self._taps(plans, horizontal=True)
         v_first, v_coef = self._taps(plans, horizontal=False)
         if products == "auto":
-            products = "bf16" if device.type == "cuda" and bf16_products_are_exact(device) else "float64"
-        if products not in ("bf16", "float64", "digits-float64"):
-            raise ValueError(f"unknown products {products!r}")
-        use_digits = products != "float64"  # digits-float64: the bf16 layout in float64 (tests it on any CPU)
-        compute = torch.bfloat16 if products == "bf16" else torch.float64
+            products = auto_products(device)
+        if products.startswith("digits-") and max(digit_sum_bound(h_coef), digit_sum_bound(v_coef)) >= FLOAT32_EXACT:
+            products = "float64"  # an extreme downscale: float32 sums could round, float64 cannot
+        use_digits = products != "float64"
+        compute = _OPERANDS[products]
         wh = _dense(h_first, h_coef, wmax, device)  # [B, S, Wmax] int64
         wv = _dense(v_first, v_coef, hmax, device)  # [B, S, Hmax]
         canvas = torch.zeros(len(images), hmax, 3, wmax, dtype=torch.uint8, device=device)
@@ -321,15 +372,15 @@ class Preprocessor:
         x = canvas.view(len(images), hmax * 3, wmax).to(compute)
         if use_digits:
             hd = _digits(wh).permute(1, 0, 2, 3).reshape(len(images), 3 * s, wmax).to(compute)
-            rows = _combine(torch.bmm(x, hd.transpose(1, 2)), 2, s)  # [B, 3*Hmax, S]
+            rows = _combine(_bmm(x, hd.transpose(1, 2)), 2, s)  # [B, 3*Hmax, S]
         else:
-            rows = torch.bmm(x, wh.to(compute).transpose(1, 2))
+            rows = _bmm(x, wh.to(compute).transpose(1, 2))
         rows = _round_fixed(rows.double()).view(len(images), hmax, 3 * s).to(compute)
         if use_digits:
             vd = _digits(wv).permute(1, 0, 2, 3).reshape(len(images), 3 * s, hmax).to(compute)
-            out = _combine(torch.bmm(vd, rows), 1, s)  # [B, S, 3*S]
+            out = _combine(_bmm(vd, rows), 1, s)  # [B, S, 3*S]
         else:
-            out = torch.bmm(wv.to(compute), rows)
+            out = _bmm(wv.to(compute), rows)
         out = _round_fixed(out.double()).view(len(images), s, 3, s).permute(0, 2, 1, 3)
         return out.to(torch.float32).contiguous()
 

@@ -152,3 +152,70 @@ def test_bf16_casts_weights_once_and_records_precision(tiny_config):
     feats = bb.encode_image(torch.randn(2, 3, 32, 32))
     assert feats.dtype == torch.float32 and torch.allclose(feats.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert load_backbone(str(tiny_config), "none", device="cpu").precision == "fp32"  # the default
+
+
+# -- the batched path's exact integer products on every device ---------------------------------------------
+def _emulated_bf16_tensor_cores(a, b):
+    """bf16 operands, float32 accumulation and output: what ``torch.bmm(..., out_dtype=torch.float32)`` does on
+    a GPU's tensor cores (the CPU has no such kernel, so the operands are widened, losslessly, to float32)."""
+    if a.dtype == torch.bfloat16:
+        return torch.bmm(a.float(), b.float())
+    return torch.bmm(a, b)
+
+
+def _decoded_rgb(refs):
+    from torchvision.io import ImageReadMode, decode_image
+
+    return [decode_image(str(r.path), mode=ImageReadMode.RGB) for r in refs if r.id.startswith(("RGB-jpg", "L-jpg"))]
+
+
+@pytest.mark.parametrize("kind", ["targetpad", "clip"])
+@pytest.mark.parametrize("products", ["digits-float32", "digits-bf16", "digits-float64"])
+def test_every_product_layout_gives_pils_pixels(real_images, kind, products, monkeypatch):
+    import cirbench.preprocess as P
+
+    monkeypatch.setattr(P, "_bmm", _emulated_bf16_tensor_cores)
+    images = _decoded_rgb(real_images)
+    pre = Preprocessor(kind, 224)
+    oracle = torch.stack([pre.pil_uint8(Image.fromarray(im.permute(1, 2, 0).numpy())) for im in images]).float()
+    assert torch.equal(pre.batch_uint8(images, products="float64"), oracle)
+    assert torch.equal(pre.batch_uint8(images, products=products), oracle)
+
+
+def test_bf16_products_with_bf16_output_are_never_exact(monkeypatch):
+    """The GPU default is chosen by a probe: bf16 operands pass only with float32 accumulation *and* output.
+    A plain bf16 ``torch.bmm`` (bf16 output, what the batched path once used) rounds sums to 8 bits and fails."""
+    import cirbench.preprocess as P
+
+    monkeypatch.setattr(P, "_bmm", _emulated_bf16_tensor_cores)
+    assert P._probe_bf16_digits(torch.device("cpu"))
+    monkeypatch.setattr(P, "_bmm", torch.bmm)
+    assert not P._probe_bf16_digits(torch.device("cpu"))
+    assert P.auto_products(torch.device("cpu")) == "float64"  # and the CPU never probes
+    assert not P.bf16_digit_products_are_exact(torch.device("cpu"))
+
+
+def test_float32_digit_sums_stay_exact_or_fall_back(monkeypatch):
+    """Digit products are exact while every partial sum is below 2**24: true up to sides of tens of thousands of
+    pixels; past that (a 65,535-pixel JPEG side) the batch is computed in float64 instead."""
+    import cirbench.preprocess as P
+
+    for side, exact in ((640, True), (4000, True), (20000, True), (65535, False)):
+        _, coef = P.axis_taps(side, 0, 0, 224, 0, 224)
+        assert (P.digit_sum_bound(torch.from_numpy(coef)) < P.FLOAT32_EXACT) is exact, side
+    seen = []
+
+    def spy(a, b):
+        seen.append(a.dtype)
+        return torch.bmm(a, b)
+
+    monkeypatch.setattr(P, "_bmm", spy)
+    pre = Preprocessor("clip", 8, resize_mode="squash")  # squashed, as COCO object regions are
+    small = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
+    pre.batch_uint8([small], products="digits-float32")
+    assert seen == [torch.float32, torch.float32]
+    seen.clear()
+    wide = torch.randint(0, 256, (3, 2, 40000), dtype=torch.uint8)  # 40,000 -> 8 columns: a 5,000x downscale
+    got = pre.batch_uint8([wide], products="digits-float32")
+    assert seen == [torch.float64, torch.float64]
+    assert torch.equal(got, pre.batch_uint8([wide], products="float64"))
