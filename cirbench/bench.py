@@ -48,6 +48,7 @@ class BenchConfig:
     workers: int = 2
     reps: int = 3
     official: bool = True
+    official_images: int = 0  # time the official-style pipeline on the first N files only (0: all of them)
     pieces: bool = True
     queries: int = 800
     gallery: int = 20000
@@ -159,6 +160,7 @@ def official_style_encode(refs: list[ImageRef], model_encode: Callable, size: in
 def bench_encode(cfg: BenchConfig, folder: Path) -> dict[str, Any]:
     from .backbones import load_backbone
     from .encode import BatchFiles, Stager, decode_jpegs, encode_images
+    from .preprocess import auto_products, bf16_digit_products_are_exact
 
     bb = load_backbone(cfg.model, cfg.pretrained, device=cfg.device, precision=_precision(cfg))
     dev = bb.device
@@ -185,9 +187,12 @@ def bench_encode(cfg: BenchConfig, folder: Path) -> dict[str, Any]:
     r["ratio_full_over_model"] = r["full_path_clip_img_s"] / r["model_alone_img_s"]
     if cfg.official:
         bb32 = load_backbone(cfg.model, cfg.pretrained, device=cfg.device, precision="fp32")
-        t = timed(lambda: official_style_encode(refs, bb32.encode_image, pre.size, dev, cfg.workers), dev, 1)
-        r["official_style_img_s"] = len(refs) / t["seconds"]
+        subset = refs[: cfg.official_images] if cfg.official_images else refs
+        t = timed(lambda: official_style_encode(subset, bb32.encode_image, pre.size, dev, cfg.workers), dev, 1)
+        r["official_style_img_s"] = len(subset) / t["seconds"]
+        r["official_style_images"] = len(subset)
         r["speedup_over_official_style"] = r["full_path_targetpad_img_s"] / r["official_style_img_s"]
+        del bb32
     if cfg.pieces:
         files = BatchFiles(refs, pre, cfg.batch_size, batched=True)
         loader = lambda: list(torch.utils.data.DataLoader(files, batch_size=None, num_workers=cfg.workers))  # noqa: E731
@@ -197,8 +202,13 @@ def bench_encode(cfg: BenchConfig, folder: Path) -> dict[str, Any]:
         decode = lambda: [decode_jpegs(b, ["x"] * len(b), dev) for b in batches]  # noqa: E731
         r["piece_decode_img_s"] = len(refs) / timed(decode, dev, cfg.reps)["seconds"]
         decoded = decode()
+        r["preprocess_products"] = auto_products(dev)
         r["piece_preprocess_img_s"] = len(refs) / timed(lambda: [pre.batch_uint8(d) for d in decoded], dev,
                                                          cfg.reps)["seconds"]
+        modes = ["float64", "digits-float32"] + (["digits-bf16"] if bf16_digit_products_are_exact(dev) else [])
+        r["piece_preprocess_by_products_img_s"] = {
+            m: len(refs) / timed(lambda m=m: [pre.batch_uint8(d, products=m) for d in decoded], dev,
+                                 cfg.reps)["seconds"] for m in modes}
         stager = Stager(refs, pre, dev, bb.input_dtype)
         r["piece_stage_img_s"] = len(refs) / timed(lambda: [stager(p) for p in packed], dev, cfg.reps)["seconds"]
     if dev.type == "cuda":
@@ -330,7 +340,10 @@ def format_report(result: dict[str, Any]) -> str:
                          f"(fp32, PIL in workers, batch 32; cirbench x{e['speedup_over_official_style']:.2f})")
         for key in ("readers", "decode", "preprocess", "stage"):
             if f"piece_{key}_img_s" in e:
-                lines.append(f"  piece: {key:<13} {e[f'piece_{key}_img_s']:10,.1f} img/s")
+                note = f"   ({e['preprocess_products']} products)" if key == "preprocess" else ""
+                lines.append(f"  piece: {key:<13} {e[f'piece_{key}_img_s']:10,.1f} img/s{note}")
+        for mode, rate in e.get("piece_preprocess_by_products_img_s", {}).items():
+            lines.append(f"    preprocess, {mode:<14}{rate:10,.1f} img/s")
         if "peak_gpu_mem_gib" in e:
             lines.append(f"  peak GPU memory      {e['peak_gpu_mem_gib']} GiB")
         if "agreement" in e:

@@ -29,6 +29,8 @@ Examples:
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Reader workers (default: min(16, CPUs)).")
 @click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True, help="Timed repetitions (median).")
 @click.option("--no-official", is_flag=True, help="Skip the official-style pipeline (slow on large models).")
+@click.option("--official-images", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Time the official-style pipeline on the first N files only (0: all; it runs ~10x slower).")
 @click.option("--queries", type=click.IntRange(min=1), default=800, show_default=True, help="Queries to rank.")
 @click.option("--gallery", type=click.IntRange(min=1), default=None,
               help="Gallery size to rank against (default: 123403 on CUDA, 20000 on CPU).")
@@ -39,8 +41,8 @@ Examples:
 @click.option("--folder", type=click.Path(file_okay=False), default=None,
               help="Keep the synthetic files here (reused by later runs) instead of a temporary folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def command(model, pretrained, sections, images, batch_size, precision, device, workers, reps, no_official, queries,
-            gallery, dim, cache_rows, agreement, folder, as_json):
+def command(model, pretrained, sections, images, batch_size, precision, device, workers, reps, no_official,
+            official_images, queries, gallery, dim, cache_rows, agreement, folder, as_json):
     """Measure images/s of the model alone, of the full encode path (files -> features) and of the official
     scripts' pipeline, each piece alone, peak GPU memory, ranking time against a plain topk, and the feature
     cache's warm-run overhead."""
@@ -56,6 +58,7 @@ def command(model, pretrained, sections, images, batch_size, precision, device, 
     cfg = BenchConfig(model=model, pretrained=pretrained, device=device, precision=precision,
                       images=images or (6144 if cuda else 128), batch_size=batch_size or (256 if cuda else 32),
                       workers=workers if workers is not None else min(16, cpus), reps=reps, official=not no_official,
+                      official_images=official_images,
                       queries=queries, gallery=gallery or (123403 if cuda else 20000), dim=dim, cache_rows=cache_rows,
                       agreement=agreement, folder=folder, sections=chosen)
     result = run_bench(cfg)
