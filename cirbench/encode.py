@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .errors import CirbenchError, ImageError
 from .images import JPEG_MODES, decode_bytes, load_image, open_pil, probe, read_image_bytes
-from .preprocess import Preprocessor
+from .preprocess import Preprocessor, host_to_device
 from .types import ImageRef
 
 ENCODE_PATHS = ("auto", "workers", "batched")
@@ -172,19 +172,13 @@ class Stager:
                 if tuple(img.shape[-2:]) != (h, w):
                     raise ImageError(f"image {name}: decoded size {tuple(img.shape[-2:])} differs from its header "
                                      f"({h}, {w})")
-            pixels[_index(jpeg_index, dev)] = pre.batch_uint8(decoded)
+            pixels[host_to_device(jpeg_index, dev)] = pre.batch_uint8(decoded)
         if packed["done_index"].numel():
             done = packed["done"]
             if dev.type == "cuda":
                 done = done.pin_memory()
-            pixels[_index(packed["done_index"], dev)] = done.to(dev, non_blocking=True).to(torch.float32)
+            pixels[host_to_device(packed["done_index"], dev)] = done.to(dev, non_blocking=True).to(torch.float32)
         return start, pre.normalize(pixels).to(self.dtype)
-
-
-def _index(index: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return index.pin_memory().to(device, non_blocking=True)
-    return index
 
 
 class _Done:

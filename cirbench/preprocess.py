@@ -340,8 +340,17 @@ class Preprocessor:
         """
         if not images:
             return torch.empty(0, 3, self.size, self.size)
-        outs = [self._batch_chunk(list(images[s : s + chunk]), products) for s in range(0, len(images), chunk)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        if len(images) <= chunk:
+            return self._batch_chunk(list(images), products)
+        # chunks of like sizes: each chunk's products run over its largest image, so a mixed chunk pays for
+        # every image as if it were the tallest and widest
+        order = sorted(range(len(images)), key=lambda i: (int(images[i].shape[-2]), int(images[i].shape[-1])))
+        outs = [self._batch_chunk([images[i] for i in order[s : s + chunk]], products)
+                for s in range(0, len(images), chunk)]
+        by_size = torch.cat(outs)
+        result = torch.empty_like(by_size)
+        result[host_to_device(torch.tensor(order), by_size.device)] = by_size
+        return result
 
     def batch(self, images: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """:meth:`batch_uint8` then :meth:`normalize`, cast to ``dtype``."""
@@ -401,13 +410,17 @@ class Preprocessor:
         return torch.from_numpy(first), torch.from_numpy(coef)
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A (small) host tensor on ``device``; on CUDA through pinned memory, without waiting for the device."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _dense(first: torch.Tensor, coef: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
     """Scatter compact taps ``first[B, S]``, ``coef[B, S, K]`` into dense ``[B, S, length]`` int64 matrices
     on ``device`` (invalid taps go to a dummy column that is dropped)."""
-    if device.type == "cuda":
-        first, coef = first.pin_memory().to(device, non_blocking=True), coef.pin_memory().to(device, non_blocking=True)
-    else:
-        first, coef = first.to(device), coef.to(device)
+    first, coef = host_to_device(first, device), host_to_device(coef, device)
     k = coef.shape[-1]
     idx = first.unsqueeze(-1) + torch.arange(k, device=device)
     valid = (idx >= 0) & (idx < length) & (coef != 0)

@@ -219,3 +219,14 @@ def test_float32_digit_sums_stay_exact_or_fall_back(monkeypatch):
     got = pre.batch_uint8([wide], products="digits-float32")
     assert seen == [torch.float64, torch.float64]
     assert torch.equal(got, pre.batch_uint8([wide], products="float64"))
+
+
+def test_chunks_group_like_sizes_and_keep_the_order(real_images):
+    """Past one chunk, images are processed in chunks of like sizes (less padding in each product) and put
+    back in their own order: the same pixels as image by image."""
+    images = _decoded_rgb(real_images)
+    assert len({tuple(im.shape) for im in images}) > 3
+    pre = Preprocessor("targetpad", 32)
+    alone = torch.cat([pre.batch_uint8([im]) for im in images])
+    assert torch.equal(pre.batch_uint8(images, chunk=3), alone)
+    assert torch.equal(pre.batch_uint8(images[::-1], chunk=4), alone.flip(0))
