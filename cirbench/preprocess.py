@@ -23,7 +23,8 @@ cirbench reproduces them in two ways that give the same bytes:
   :func:`digit_sum_bound`; only an extreme downscale, a side of tens of thousands of pixels, exceeds it, and
   that batch takes float64). (bf16 products with bf16 output, as a plain ``torch.bmm`` of bf16 tensors
   returns, round sums to 8 significant bits and are never exact here.) One pair of batched products serves a
-  batch of images of any mix of sizes.
+  chunk of images of any mix of sizes, each padded to the chunk's largest; a batch larger than one chunk is
+  split into chunks of like sizes.
 
 Given the same decoded pixels, both produce identical uint8 values, and :meth:`Preprocessor.normalize` then
 applies ``ToTensor`` and ``Normalize`` with the same float32 operations as torchvision.

@@ -178,3 +178,40 @@ def test_pil_bytes_roundtrip_helper():
     buf = io.BytesIO()
     Image.fromarray(_image(10, 10, 0)).save(buf, format="PNG")
     assert buf.getvalue()[:4] == b"\x89PNG"
+
+
+def test_staging_runs_ahead_of_the_model_and_is_bounded(image_files, monkeypatch):
+    """Overlap without timing: while the model still holds batch 0, the prefetch thread decodes and preprocesses
+    the next batches (up to the queue's depth, then it waits), so reading, staging and the model run at once."""
+    import threading
+    import time
+
+    import cirbench.encode as enc
+
+    staged, ahead = [], threading.Event()
+    real_call = enc.Stager.__call__
+
+    def counting(self, packed):
+        result = real_call(self, packed)
+        staged.append(int(packed["start"]))
+        if len(staged) >= 3:
+            ahead.set()
+        return result
+
+    monkeypatch.setattr(enc.Stager, "__call__", counting)
+    seen_while_busy = []
+
+    def model(x):
+        if not seen_while_busy:
+            assert ahead.wait(timeout=30), f"only {len(staged)} batch(es) staged while the model held batch 0"
+            time.sleep(0.5)  # time for an unbounded prefetcher to run further ahead (and fail below)
+        seen_while_busy.append(len(staged))
+        return x.reshape(x.shape[0], -1)
+
+    refs = image_files * 2  # 14 images, batches of 2: 7 batches
+    out = encode_images(refs, model, Preprocessor("clip", 16), batch_size=2, workers=0, progress=False,
+                        path="batched", prefetch_threads=1)
+    assert out.shape[0] == 14 and sorted(staged) == list(range(0, 14, 2))
+    # at the model's i-th batch: batch i, two waiting in the queue, one more staged and waiting to be queued
+    assert seen_while_busy[0] >= 3
+    assert all(n <= i + 4 for i, n in enumerate(seen_while_busy)), seen_while_busy
