@@ -161,8 +161,7 @@ def _round_fixed(values: torch.Tensor) -> torch.Tensor:
 
 def _digits(coef: torch.Tensor) -> torch.Tensor:
     """Split int64 coefficients into three signed base-256 digits (each in [-128, 127], exact in bf16, TF32 and
-    float32),
-    stacked on a new leading axis: ``coef = d0 * 65536 + d1 * 256 + d2``."""
+    float32), stacked on a new leading axis: ``coef = d0 * 65536 + d1 * 256 + d2``."""
     d2 = torch.remainder(coef + 128, 256) - 128
     rest = torch.div(coef - d2, 256, rounding_mode="floor")
     d1 = torch.remainder(rest + 128, 256) - 128
