@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -104,18 +106,41 @@ class BatchFiles(torch.utils.data.Dataset):
                 errors.append((i, _with_name(str(exc), name)))
             except Exception as exc:  # noqa: BLE001 - any decoder failure is reported with the file name
                 errors.append((i, f"corrupt or unreadable image {name}: {type(exc).__name__}: {exc}"))
-        blob = b"".join(jpeg_bytes)
+        done_pixels = handover_tensor((len(done), 3, pre.size, pre.size))
+        if done:
+            torch.stack(done, out=done_pixels)
         return {
             "start": start,
             "count": len(refs),
             "errors": errors,
             "done_index": torch.tensor(done_index, dtype=torch.int64),
-            "done": torch.stack(done) if done else torch.empty(0, 3, pre.size, pre.size, dtype=torch.uint8),
+            "done": done_pixels,
             "jpeg_index": torch.tensor(jpeg_index, dtype=torch.int64),
             "jpeg_lengths": torch.tensor([len(x) for x in jpeg_bytes], dtype=torch.int64),
             "jpeg_sizes": torch.tensor(jpeg_sizes, dtype=torch.int64).view(-1, 2),
-            "jpeg_data": torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8),
+            "jpeg_data": pack_bytes(jpeg_bytes),
         }
+
+
+def handover_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty uint8 tensor to hand to the main process: in a DataLoader worker it is allocated in shared
+    memory, so the hand-off passes it without the copy into shared memory it would otherwise make."""
+    numel = math.prod(shape)
+    if numel and torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(numel)
+        return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    return torch.empty(shape, dtype=torch.uint8)
+
+
+def pack_bytes(chunks: Sequence[bytes]) -> torch.Tensor:
+    """``chunks`` back to back in one uint8 tensor, copied once (see :func:`handover_tensor`); joining them
+    first and converting the result cost two more copies, about half of a reader's time per JPEG."""
+    out = handover_tensor((sum(len(c) for c in chunks),))
+    flat, offset = out.numpy(), 0
+    for chunk in chunks:
+        flat[offset : offset + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        offset += len(chunk)
+    return out
 
 
 def _with_name(message: str, name: str) -> str:

@@ -79,6 +79,34 @@ def test_packed_batches_are_a_few_tensors(image_files):
     assert packed["errors"] == []
 
 
+
+class _SharedInWorker(torch.utils.data.Dataset):
+    """Reports, from inside the worker, whether the packed tensors were built in shared memory."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, b):
+        packed = self.files[b]
+        return {**packed, "shared": [packed["jpeg_data"].is_shared(), packed["done"].is_shared()]}
+
+
+def test_worker_batches_are_built_in_shared_memory(image_files):
+    """A worker writes each batch's bytes straight into shared memory (one copy), so handing it to the main
+    process copies nothing more; the bytes are the files' own, back to back."""
+    pre = Preprocessor("clip", 24)
+    files = BatchFiles(image_files, pre, batch_size=7, batched=True)
+    loader = torch.utils.data.DataLoader(_SharedInWorker(files), batch_size=None, num_workers=1)
+    (packed,) = list(loader)
+    assert packed["shared"] == [True, True]
+    jpegs = [image_files[i].path.read_bytes() for i in packed["jpeg_index"].tolist()]
+    assert packed["jpeg_data"].numpy().tobytes() == b"".join(jpegs)
+    assert torch.equal(packed["done"], files[0]["done"])
+    assert not files[0]["jpeg_data"].is_shared()  # in the main process a plain tensor
+
 def test_corrupt_jpeg_is_named(image_files, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
