@@ -54,9 +54,16 @@ def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dic
     if path is None:
         raise CheckpointError(f"method '{method}' needs --checkpoint (a folder written by `cirbench train`)")
     path = Path(path).expanduser()
-    folder = path.parent if path.suffix == ".safetensors" else path
-    if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
-        raise CheckpointError(f"checkpoint {path} not found (expected {WEIGHTS} and {CONFIG} in {folder})")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found")
+    if path.is_file() and path.name != WEIGHTS:
+        raise CheckpointError(f"checkpoint {path} is not a cirbench checkpoint: pass the folder written by "
+                              f"`cirbench train` (it holds {WEIGHTS} and {CONFIG})")
+    folder = _folder(path)
+    missing = [name for name in (WEIGHTS, CONFIG) if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a cirbench checkpoint: {folder} has no "
+                              f"{' and no '.join(missing)} (a checkpoint is a folder written by `cirbench train`)")
     try:
         config = json.loads((folder / CONFIG).read_text())
         tensors = load_file(str(folder / WEIGHTS))
@@ -81,9 +88,12 @@ def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dic
 def checkpoint_sha256(path: Path | str) -> str:
     from .util import file_sha256
 
-    path = Path(path)
-    folder = path.parent if path.suffix == ".safetensors" else path
-    return file_sha256(folder / WEIGHTS)
+    return file_sha256(_folder(Path(path).expanduser()) / WEIGHTS)
+
+
+def _folder(path: Path) -> Path:
+    """The checkpoint folder of ``path``: the folder itself, or the folder of its ``model.safetensors``."""
+    return path.parent if path.is_file() else path
 
 
 def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

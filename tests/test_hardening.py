@@ -172,6 +172,25 @@ def test_nan_in_a_cirbench_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path / "ck", "m")
 
 
+def test_a_checkpoint_path_that_is_not_a_checkpoint_folder_says_why(tmp_path):
+    from cirbench.checkpoints import load_checkpoint, save_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"checkpoint \S+nowhere not found$"):
+        load_checkpoint(tmp_path / "nowhere", "m")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"xx")  # exists, but beside no config.json
+    with pytest.raises(CheckpointError, match="is not a cirbench checkpoint: .* has no config.json "):
+        load_checkpoint(tmp_path / "weights" / "model.safetensors", "m")
+    with pytest.raises(CheckpointError, match="has no model.safetensors and no config.json"):
+        load_checkpoint(tmp_path, "m")
+    # a weights file of another name is never swapped for the model.safetensors beside it
+    save_checkpoint(tmp_path / "ck", {"w": torch.ones(1)}, {"method": "m", "backbone": {}})
+    (tmp_path / "ck" / "other.safetensors").write_bytes(b"xx")
+    with pytest.raises(CheckpointError, match="other.safetensors is not a cirbench checkpoint: pass the folder"):
+        load_checkpoint(tmp_path / "ck" / "other.safetensors", "m")
+    assert torch.equal(load_checkpoint(tmp_path / "ck" / "model.safetensors", "m")[0]["w"], torch.ones(1))
+
+
 def test_legacy_and_torchscript_files_get_a_clear_reason(tmp_path):
     torch.save({"w": torch.ones(1)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
     with pytest.raises(CheckpointError, match="legacy"):
