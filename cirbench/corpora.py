@@ -197,16 +197,34 @@ def _read_captions(path: Path) -> list[tuple[Path | None, str, dict[str, Any]]]:
         raise CirbenchError(f"corpus {path} is unreadable: {exc}") from None
 
 
+def _names_shards(text: str) -> bool:
+    return text.endswith(".tar") or "{" in text or (("*" in text or "?" in text) and ".tar" in text)
+
+
+def _existing_shards(text: str) -> list[str]:
+    urls = _shard_urls(text)
+    if not urls:
+        raise CirbenchError(f"corpus {text}: no shards match")
+    return urls
+
+
+def check_corpus_exists(spec: str | Path) -> None:
+    """CirbenchError if ``spec`` names no file, folder or shard: checked before a backbone is loaded (or
+    downloaded), which :func:`open_corpus` needs for its preprocessing."""
+    text = str(spec)
+    if _names_shards(text):
+        _existing_shards(text)
+    elif not Path(text).expanduser().exists():
+        raise CirbenchError(f"corpus {Path(text).expanduser()} does not exist")
+
+
 def open_corpus(spec: str | Path, preprocessor: Preprocessor | None) -> torch.utils.data.Dataset:
     """The corpus reader for ``spec`` (see the module docstring); CirbenchError if it is empty or absent.
     ``preprocessor=None`` opens it language-only (captions, no images)."""
     text = str(spec)
     path = Path(text).expanduser()
-    if text.endswith(".tar") or "{" in text or (("*" in text or "?" in text) and ".tar" in text):
-        urls = _shard_urls(text)
-        if not urls:
-            raise CirbenchError(f"corpus {text}: no shards match")
-        return ShardCorpus(urls, preprocessor)
+    if _names_shards(text):
+        return ShardCorpus(_existing_shards(text), preprocessor)
     text_only = preprocessor is None
     if path.is_dir():
         rows = _read_captions(path) if text_only else _read_folder(path)

@@ -234,3 +234,8 @@ def test_bad_training_input(tmp_path, tiny_config):
     assert res.exit_code == 2 and "does not exist" in res.output
     res = CliRunner().invoke(cli, ["train", "--method", "slerp", "--corpus", str(empty), "--output", str(tmp_path)])
     assert res.exit_code == 2 and "needs no training" in res.output
+    # a missing corpus is found before the backbone is loaded (or downloaded: offline here, that would fail first)
+    for corpus in (tmp_path / "nope.csv", tmp_path / "shards-{000..003}.tar"):
+        res = CliRunner().invoke(cli, ["train", "--method", "pic2word", "--corpus", str(corpus), "--output",
+                                       str(tmp_path / "o"), "--backbone", "ViT-B-32", "--pretrained", "openai"])
+        assert res.exit_code == 2 and "does not exist" in res.output and "download" not in res.output, res.output

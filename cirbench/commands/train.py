@@ -52,6 +52,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     from cirbench import distributed
     from cirbench.backbones import load_backbone
     from cirbench.cli import parse_extra_options
+    from cirbench.corpora import check_corpus_exists
     from cirbench.evaluate import DEFAULT_BACKBONE
     from cirbench.plugins import get_registry
     from cirbench.training import TrainConfig, check_not_resumable_elsewhere, train
@@ -65,6 +66,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
 
         raise CirbenchError("training options cannot be swept")
     check_not_resumable_elsewhere(Path(output), method)
+    check_corpus_exists(corpus)
     dev = distributed.init_from_env(device)
     default = spec.default_backbone or DEFAULT_BACKBONE
     model_name = backbone or default[0]
