@@ -299,6 +299,11 @@ def goal_table(out: dict) -> str:
              "| goal | target | cirbench | official-style | verdict |", "|---|---|---|---|---|"]
     verdict = {True: "PASS", False: "FAIL", None: "n/a"}
     lines += [f"| {a} | {b} | {c} | {d} | {verdict[ok]} |" for a, b, c, d, ok in rows]
+    syncs = eB.get("host_syncs")
+    if syncs:
+        lines.append(f"\nhost syncs in one B/32 full pass: {syncs['calling_thread']} in the model's thread, "
+                     f"{syncs['other_threads']} in staging/writing threads; most frequent: "
+                     + "; ".join(f"{place} x{n}" for place, n in list(syncs["places"].items())[:4]))
     return "\n".join(lines)
 
 

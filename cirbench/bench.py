@@ -14,6 +14,9 @@ Sections (each optional):
   floor (a bare ``os.stat`` loop, a bare ``safetensors`` save and load of the same tensor).
 * **agreement**: fp32 vs bf16 features of the same images (cosine) and rank agreement.
 
+On CUDA the encode section also counts the host-device synchronisations of one full pass, by thread and place
+(:func:`audit_syncs`): the model's thread should make none.
+
 Results are a JSON-able dict; :func:`format_report` renders it as a table.
 """
 
@@ -75,6 +78,41 @@ def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> dict[str, A
         _sync(device)
         runs.append(time.perf_counter() - t0)
     return {"seconds": statistics.median(runs), "runs_s": [round(r, 5) for r in runs]}
+
+
+SYNC_WARNING = "synchronizing CUDA operation"  # what torch warns in CUDA's sync debug mode
+
+
+def audit_syncs(run: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``run`` once with CUDA's sync debug mode set to warn: the host-device synchronisations it made in
+    the calling thread (the model's, in the encode path) and in the others (staging, writing), and where: the
+    thread and the ``file:line`` of the Python call that made each, most frequent first."""
+    import threading
+    import warnings
+    from collections import Counter
+
+    places: Counter = Counter()
+    caller = threading.current_thread().name
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if SYNC_WARNING in str(message):
+            places[(threading.current_thread().name, f"{os.path.basename(filename)}:{lineno}")] += 1
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    in_caller = sum(n for (thread, _), n in places.items() if thread == caller)
+    return {"calling_thread": in_caller, "other_threads": sum(places.values()) - in_caller,
+            "places": {f"{thread} {place}": n for (thread, place), n in places.most_common(12)}}
 
 
 def _write_jpeg(path: Path, index: int, seed: int) -> None:
@@ -185,6 +223,8 @@ def bench_encode(cfg: BenchConfig, folder: Path) -> dict[str, Any]:
         r[f"full_path_{kind}_img_s"] = len(refs) / t["seconds"]
     r["encode_path"] = path
     r["ratio_full_over_model"] = r["full_path_clip_img_s"] / r["model_alone_img_s"]
+    if dev.type == "cuda":  # the loop should never wait for the device in the model's thread
+        r["host_syncs"] = audit_syncs(lambda: full(path))
     if cfg.official:
         bb32 = load_backbone(cfg.model, cfg.pretrained, device=cfg.device, precision="fp32")
         subset = refs[: cfg.official_images] if cfg.official_images else refs
@@ -344,6 +384,10 @@ def format_report(result: dict[str, Any]) -> str:
                 lines.append(f"  piece: {key:<13} {e[f'piece_{key}_img_s']:10,.1f} img/s{note}")
         for mode, rate in e.get("piece_preprocess_by_products_img_s", {}).items():
             lines.append(f"    preprocess, {mode:<14}{rate:10,.1f} img/s")
+        if "host_syncs" in e:
+            h = e["host_syncs"]
+            lines.append(f"  host syncs, one pass {h['calling_thread']} in the model's thread, {h['other_threads']} in "
+                         "the others" + "".join(f"\n    {n:6d}  {place}" for place, n in h["places"].items()))
         if "peak_gpu_mem_gib" in e:
             lines.append(f"  peak GPU memory      {e['peak_gpu_mem_gib']} GiB")
         if "agreement" in e:

@@ -243,3 +243,36 @@ def test_staging_runs_ahead_of_the_model_and_is_bounded(image_files, monkeypatch
     # at the model's i-th batch: batch i, two waiting in the queue, one more staged and waiting to be queued
     assert seen_while_busy[0] >= 3
     assert all(n <= i + 4 for i, n in enumerate(seen_while_busy)), seen_while_busy
+
+
+def test_sync_audit_counts_synchronisations_by_thread_and_place(monkeypatch):
+    """CUDA's sync debug mode warns from whichever thread synchronised; the audit tells the calling (model)
+    thread from the others, names each place, restores the mode, and lets other warnings through."""
+    import threading
+    import warnings
+
+    from cirbench.bench import SYNC_WARNING, audit_syncs
+
+    mode = {"now": 0}
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["now"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode",
+                        lambda m: mode.update(now={"warn": 1, "default": 0}.get(m, m)))
+
+    def staging():
+        for _ in range(3):
+            warnings.warn(f"called a {SYNC_WARNING}", UserWarning, stacklevel=1)  # as torch's TORCH_WARN arrives in Python
+
+    def run():
+        assert mode["now"] == 1
+        thread = threading.Thread(target=staging, name="cirbench-prefetch-0")
+        thread.start()
+        thread.join()
+        warnings.warn(f"called a {SYNC_WARNING}", UserWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+
+    with pytest.warns(UserWarning, match="something else"):
+        audit = audit_syncs(run)
+    assert mode["now"] == 0
+    assert audit["calling_thread"] == 1 and audit["other_threads"] == 3
+    assert list(audit["places"].values()) == [3, 1]
+    assert next(iter(audit["places"])).startswith("cirbench-prefetch-0 test_encode.py:")

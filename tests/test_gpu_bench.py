@@ -79,3 +79,15 @@ def test_gallery_shrinks_to_the_budget(monkeypatch, tmp_path, rate, expect_n):
         assert len(list((tmp_path / "work" / "gallery").iterdir())) == 40
     else:
         assert r["skipped"].startswith("budget:") and r["extrapolated_cold_s"] == pytest.approx(40 / rate)
+
+
+def test_the_table_reports_host_syncs_of_the_encode_pass(monkeypatch, tmp_path):
+    bench = _load(monkeypatch, tmp_path)
+    encode_b = {"full_path_clip_img_s": 16000.0, "ratio_full_over_model": 0.6,
+                "host_syncs": {"calling_thread": 0, "other_threads": 24,
+                               "places": {"cirbench-prefetch-0 encode.py:151": 12, "cirbench-prefetch-1 encode.py:151": 12}}}
+    table = bench.goal_table({"encode_B": encode_b})
+    assert "| 16,000 img/s (60.0% of model alone) | - | PASS |" in table
+    assert ("host syncs in one B/32 full pass: 0 in the model's thread, 24 in staging/writing threads; most "
+            "frequent: cirbench-prefetch-0 encode.py:151 x12; cirbench-prefetch-1 encode.py:151 x12") in table
+    assert "host syncs" not in bench.goal_table({"encode_B": {**encode_b, "host_syncs": None}})
