@@ -154,11 +154,6 @@ def resample_matrix(real_len: int, pad_before: int, pad_after: int, out_len: int
     return dense
 
 
-def _round_fixed(values: torch.Tensor) -> torch.Tensor:
-    """PIL's ``clip8``: (sum + 2**21) >> 22, clamped to 0..255 (float64 holds the exact integers)."""
-    return torch.floor((values + float(1 << (PRECISION_BITS - 1))) / float(1 << PRECISION_BITS)).clamp_(0, 255)
-
-
 def _digits(coef: torch.Tensor) -> torch.Tensor:
     """Split int64 coefficients into three signed base-256 digits (each in [-128, 127], exact in bf16, TF32 and
     float32), stacked on a new leading axis: ``coef = d0 * 65536 + d1 * 256 + d2``."""
@@ -169,10 +164,18 @@ def _digits(coef: torch.Tensor) -> torch.Tensor:
     return torch.stack([d0, d1, d2])
 
 
-def _combine(parts: torch.Tensor, axis: int, n: int) -> torch.Tensor:
-    """Recombine the three digit products laid side by side along ``axis`` (each ``n`` wide), exactly."""
-    a, b, c = (parts.narrow(axis, i * n, n).double() for i in range(3))
-    return a * 65536.0 + b * 256.0 + c
+def _combine_round(parts: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+    """PIL's ``clip8`` of the sums in ``parts``: ``(sum + 2**21) >> 22`` clamped to 0..255, as float64 (which
+    holds every sum exactly). ``parts`` holds the whole sums (``n`` wide along ``axis``) or the three digit
+    products side by side (``3 * n`` wide), recombined as ``a * 65536 + b * 256 + c``. One float64 tensor,
+    updated in place: the digit products are read where they lie, never widened into copies of their own."""
+    if parts.shape[axis] == n:
+        total = parts.double()  # a product's own output: updated in place when it is float64 already
+    else:
+        a, b, c = (parts.narrow(axis, i * n, n) for i in range(3))
+        total = c.to(torch.float64, copy=True).add_(b, alpha=256.0).add_(a, alpha=65536.0)
+    return total.add_(float(1 << (PRECISION_BITS - 1))).div_(float(1 << PRECISION_BITS), rounding_mode="floor"
+                                                             ).clamp_(0, 255)
 
 
 PRODUCTS = ("auto", "float64", "digits-float32", "digits-bf16", "digits-float64")
@@ -371,27 +374,24 @@ class Preprocessor:
             products = auto_products(device)
         if products.startswith("digits-") and max(digit_sum_bound(h_coef), digit_sum_bound(v_coef)) >= FLOAT32_EXACT:
             products = "float64"  # an extreme downscale: float32 sums could round, float64 cannot
-        use_digits = products != "float64"
         compute = _OPERANDS[products]
-        wh = _dense(h_first, h_coef, wmax, device)  # [B, S, Wmax] int64
-        wv = _dense(v_first, v_coef, hmax, device)  # [B, S, Hmax]
-        canvas = torch.zeros(len(images), hmax, 3, wmax, dtype=torch.uint8, device=device)
+        if products != "float64":  # the coefficients' digits, planes stacked along the rows
+            h_coef, v_coef = _digits(h_coef), _digits(v_coef)
+        wh = _dense(h_first, h_coef, wmax, device, compute)  # [B, P*S, Wmax], P = 1 or 3 planes
+        wv = _dense(v_first, v_coef, hmax, device, compute)  # [B, P*S, Hmax]
+        x = torch.empty(len(images), hmax, 3, wmax, dtype=compute, device=device)
         for b, im in enumerate(images):
-            canvas[b, : im.shape[-2], :, : im.shape[-1]] = im.permute(1, 0, 2)
-        x = canvas.view(len(images), hmax * 3, wmax).to(compute)
-        if use_digits:
-            hd = _digits(wh).permute(1, 0, 2, 3).reshape(len(images), 3 * s, wmax).to(compute)
-            rows = _combine(_bmm(x, hd.transpose(1, 2)), 2, s)  # [B, 3*Hmax, S]
-        else:
-            rows = _bmm(x, wh.to(compute).transpose(1, 2))
-        rows = _round_fixed(rows.double()).view(len(images), hmax, 3 * s).to(compute)
-        if use_digits:
-            vd = _digits(wv).permute(1, 0, 2, 3).reshape(len(images), 3 * s, hmax).to(compute)
-            out = _combine(_bmm(vd, rows), 1, s)  # [B, S, 3*S]
-        else:
-            out = _bmm(wv.to(compute), rows)
-        out = _round_fixed(out.double()).view(len(images), s, 3, s).permute(0, 2, 1, 3)
-        return out.to(torch.float32).contiguous()
+            h, w = int(im.shape[-2]), int(im.shape[-1])
+            x[b, :h, :, :w] = im.permute(1, 0, 2)
+            if h < hmax:  # the margins of a smaller image: their coefficients are 0, and 0 * NaN is not
+                x[b, h:] = 0
+            if w < wmax:
+                x[b, :h, :, w:] = 0
+        rows = _combine_round(_bmm(x.view(len(images), hmax * 3, wmax), wh.transpose(1, 2)), 2, s)  # [B, 3*Hmax, S]
+        rows = rows.reshape(len(images), hmax, 3 * s).to(compute)
+        out = _combine_round(_bmm(wv, rows), 1, s)  # [B, S, 3*S]
+        return out.reshape(len(images), s, 3, s).permute(0, 2, 1, 3).to(torch.float32,
+                                                                        memory_format=torch.contiguous_format)
 
     def _taps(self, plans: list[Plan], horizontal: bool) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
@@ -417,14 +417,21 @@ def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def _dense(first: torch.Tensor, coef: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
-    """Scatter compact taps ``first[B, S]``, ``coef[B, S, K]`` into dense ``[B, S, length]`` int64 matrices
-    on ``device`` (invalid taps go to a dummy column that is dropped)."""
-    first, coef = host_to_device(first, device), host_to_device(coef, device)
-    k = coef.shape[-1]
+def _dense(first: torch.Tensor, coef: torch.Tensor, length: int, device: torch.device, dtype: torch.dtype
+           ) -> torch.Tensor:
+    """Scatter compact taps ``first[B, S]`` and ``coef[B, S, K]`` (or ``coef[P, B, S, K]``: ``P`` digit planes)
+    into dense ``[B, P*S, length]`` matrices of ``dtype`` on ``device``, the planes stacked along the rows
+    (invalid taps go to a dummy column that is dropped). The values are exact in ``dtype``: whole coefficients in
+    float64, digits in any of the operand types."""
+    if coef.dim() == 3:
+        coef = coef.unsqueeze(0)
+    planes, batch, rows, k = coef.shape
+    coef = coef.permute(1, 0, 2, 3).reshape(batch, planes * rows, k)
+    first = host_to_device(first.repeat(1, planes), device)
+    coef = host_to_device(coef.to(dtype), device)
     idx = first.unsqueeze(-1) + torch.arange(k, device=device)
     valid = (idx >= 0) & (idx < length) & (coef != 0)
     idx = torch.where(valid, idx, torch.full_like(idx, length))
-    dense = torch.zeros(coef.shape[0], coef.shape[1], length + 1, dtype=torch.int64, device=device)
+    dense = torch.zeros(batch, planes * rows, length + 1, dtype=dtype, device=device)
     dense.scatter_(2, idx, torch.where(valid, coef, torch.zeros_like(coef)))
     return dense[..., :length]

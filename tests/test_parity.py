@@ -230,3 +230,20 @@ def test_chunks_group_like_sizes_and_keep_the_order(real_images):
     alone = torch.cat([pre.batch_uint8([im]) for im in images])
     assert torch.equal(pre.batch_uint8(images, chunk=3), alone)
     assert torch.equal(pre.batch_uint8(images[::-1], chunk=4), alone.flip(0))
+
+
+@pytest.mark.parametrize("products", ["float64", "digits-float32"])
+def test_a_mixed_chunk_is_exact_whatever_its_scratch_memory_held(real_images, products, monkeypatch):
+    """Smaller images in a chunk leave margins in its scratch canvas; their coefficients are zero, but 0 * NaN
+    is NaN, so the margins must be cleared: scratch memory filled with NaN changes nothing."""
+    real_empty = torch.empty
+
+    def nan_empty(*shape, dtype=None, **kw):
+        out = real_empty(*shape, dtype=dtype, **kw)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    images = _decoded_rgb(real_images)
+    pre = Preprocessor("targetpad", 32)
+    alone = torch.cat([pre.batch_uint8([im], products=products) for im in images])
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    assert torch.equal(pre.batch_uint8(images, products=products), alone)
