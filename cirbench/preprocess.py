@@ -208,7 +208,8 @@ _PROBE_LOCK = threading.Lock()
 def bf16_digit_products_are_exact(device: torch.device) -> bool:
     """Whether bf16 products with float32 output (``torch.bmm(..., out_dtype=torch.float32)``, bf16 tensor
     cores) run on ``device`` and sum the digit products exactly: checked once per device on the batched path's
-    own shapes and worst-case values, against float64 products on the same device. The CPU has no such kernel."""
+    own shapes and worst-case values against float64 products, then on a real mixed-size chunk (its operands'
+    layouts) against the float64 pixels. The CPU has no such kernel."""
     device = torch.device(device)
     if device.type == "cpu":
         return False
@@ -230,7 +231,14 @@ def _probe_bf16_digits(device: torch.device) -> bool:
         got = _bmm(x.to(torch.bfloat16), w.to(torch.bfloat16))
     except (RuntimeError, TypeError, NotImplementedError):  # no out_dtype kernel in this torch or on this device
         return False
-    return got.dtype == torch.float32 and bool(torch.equal(got.double(), torch.bmm(x.double(), w.double())))
+    if got.dtype != torch.float32 or not bool(torch.equal(got.double(), torch.bmm(x.double(), w.double()))):
+        return False
+    # and on the real operands (transposed, sliced matrices of mixed-size chunks) through the real code: the same
+    # pixels as float64 products, which a kernel that mishandled those strides would not give
+    images = [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8).to(device)
+              for h, w in ((480, 640), (640, 427), (375, 500))]
+    pre = Preprocessor("targetpad", 224)
+    return bool(torch.equal(pre._batch_chunk(images, "digits-bf16"), pre._batch_chunk(images, "float64")))
 
 
 def auto_products(device: torch.device) -> str:

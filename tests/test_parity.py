@@ -195,6 +195,22 @@ def test_bf16_products_with_bf16_output_are_never_exact(monkeypatch):
     assert not P.bf16_digit_products_are_exact(torch.device("cpu"))
 
 
+def test_the_probe_runs_the_real_operand_layouts(monkeypatch):
+    """A bf16 kernel exact on contiguous operands but misreading a transposed, sliced one (as the horizontal
+    pass passes it) would give wrong pixels silently: the probe runs a real chunk and refuses it."""
+    import cirbench.preprocess as P
+
+    def misreads_strides(a, b):
+        if a.dtype == torch.bfloat16 and not b.is_contiguous():
+            b = b.contiguous().view(b.shape[0], b.shape[2], b.shape[1]).transpose(1, 2)  # ignores the layout
+        return _emulated_bf16_tensor_cores(a, b)
+
+    monkeypatch.setattr(P, "_bmm", misreads_strides)
+    assert not P._probe_bf16_digits(torch.device("cpu"))
+    monkeypatch.setattr(P, "_bmm", _emulated_bf16_tensor_cores)
+    assert P._probe_bf16_digits(torch.device("cpu"))
+
+
 def test_float32_digit_sums_stay_exact_or_fall_back(monkeypatch):
     """Digit products are exact while every partial sum is below 2**24: true up to sides of tens of thousands of
     pixels; past that (a 65,535-pixel JPEG side) the batch is computed in float64 instead."""
