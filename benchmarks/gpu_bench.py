@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from cirbench.bench import BenchConfig, bench_encode, bench_rank, make_jpegs, timed
+from cirbench.bench import BenchConfig, bench_encode, bench_rank, describe_pixels, make_jpegs, timed
 from cirbench.testing import write_tiny_config
 from cirbench.types import ImageRef
 
@@ -299,6 +299,10 @@ def goal_table(out: dict) -> str:
              "| goal | target | cirbench | official-style | verdict |", "|---|---|---|---|---|"]
     verdict = {True: "PASS", False: "FAIL", None: "n/a"}
     lines += [f"| {a} | {b} | {c} | {d} | {verdict[ok]} |" for a, b, c, d, ok in rows]
+    pixels = eB.get("agreement", {}).get("pixels_batched_vs_official")
+    if pixels:
+        lines.append("\nbatched path (JPEGs decoded on the device) vs the official PIL path, targetpad: "
+                     + describe_pixels(pixels))
     syncs = eB.get("host_syncs")
     if syncs:
         lines.append(f"\nhost syncs in one B/32 full pass: {syncs['calling_thread']} in the model's thread, "

@@ -12,7 +12,8 @@ Sections (each optional):
 * **cache**: warm-run overhead of the feature cache at ``cache_rows`` images: identifying the images (one
   ``stat`` each), writing the features as a shard, reading them back (checksum verified), beside the I/O
   floor (a bare ``os.stat`` loop, a bare ``safetensors`` save and load of the same tensor).
-* **agreement**: fp32 vs bf16 features of the same images (cosine) and rank agreement.
+* **agreement**: fp32 vs bf16 features of the same images (cosine) and rank agreement; the batched path's
+  pixels (the GPU JPEG decoder on CUDA) beside the official PIL path's, in uint8 levels.
 
 On CUDA the encode section also counts the host-device synchronisations of one full pass, by thread and place
 (:func:`audit_syncs`): the model's thread should make none.
@@ -273,7 +274,31 @@ def bench_agreement(cfg: BenchConfig, refs: list[ImageRef]) -> dict[str, Any]:
     top32 = torch.topk(feats["fp32"] @ feats["fp32"].T, k + 1, dim=1).indices[:, 1:]
     top16 = torch.topk(feats["bf16"] @ feats["bf16"].T, k + 1, dim=1).indices[:, 1:]
     overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(top32, top16, strict=True)])
-    return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), f"top{k}_overlap": float(overlap)}
+    return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), f"top{k}_overlap": float(overlap),
+            "pixels_batched_vs_official": pixel_agreement(refs[:512], bb.preprocessor("targetpad"), bb.device,
+                                                          cfg.batch_size, cfg.workers)}
+
+
+def pixel_agreement(refs: list[ImageRef], pre, device: torch.device, batch_size: int, workers: int
+                    ) -> dict[str, Any]:
+    """The batched path's preprocessed pixels (on CUDA: the GPU JPEG decoder) beside the official per-image PIL
+    path's, on the same files, in uint8 levels: how many values and images differ, and by how much. The
+    resampling is exact, so on the CPU (the same libjpeg-turbo decoding) nothing differs."""
+    from .encode import encode_images
+
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+
+    def levels(pixels: torch.Tensor) -> torch.Tensor:  # normalised input back to its uint8 values
+        return ((pixels.float() * std + mean) * 255).round().to(torch.int16).flatten(1)
+
+    got = {path: encode_images(refs, levels, pre, batch_size=batch_size, workers=workers, progress=False, path=path,
+                               device=device, dtype=torch.float32).to(torch.int16)
+           for path in ("batched", "workers")}
+    diff = (got["batched"] - got["workers"]).abs()
+    return {"images": len(refs), "values_differing": float((diff > 0).float().mean()),
+            "images_differing": float((diff > 0).any(dim=1).float().mean()), "max_levels": int(diff.max()),
+            "mean_levels": float(diff.float().mean())}
 
 
 def bench_rank(cfg: BenchConfig) -> dict[str, Any]:
@@ -365,6 +390,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return out
 
 
+def describe_pixels(p: dict[str, Any]) -> str:
+    """One line for :func:`pixel_agreement`'s figures."""
+    return (f"pixels of {p['images']} images: {p['values_differing']:.2%} of values differ in "
+            f"{p['images_differing']:.0%} of images, by at most {p['max_levels']} levels (mean {p['mean_levels']:.3f})")
+
+
 def format_report(result: dict[str, Any]) -> str:
     lines = []
     e = result.get("encode")
@@ -394,6 +425,7 @@ def format_report(result: dict[str, Any]) -> str:
             a = e["agreement"]
             lines.append(f"  fp32 vs bf16         cosine min {a['cosine_min']:.5f}, mean {a['cosine_mean']:.5f}; "
                          + ", ".join(f"{k} {v:.3f}" for k, v in a.items() if k.startswith("top")))
+            lines.append(f"  batched vs official  {describe_pixels(a['pixels_batched_vs_official'])}")
     r = result.get("rank")
     if r:
         lines.append(f"rank  {r['queries']} x {r['gallery']:,} (dim {r['dim']}, top {r['k']}, {r['device']})")

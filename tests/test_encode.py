@@ -197,6 +197,8 @@ def test_bench_measures_every_section(tiny_config, tmp_path):
     assert e["ratio_full_over_model"] == pytest.approx(e["full_path_clip_img_s"] / e["model_alone_img_s"])
     assert all(e[f"piece_{p}_img_s"] > 0 for p in ("readers", "decode", "preprocess", "stage"))
     assert 0.9 < e["agreement"]["cosine_mean"] <= 1.0 + 1e-6 and "peak_gpu_mem_gib" not in e
+    pixels = e["agreement"]["pixels_batched_vs_official"]  # the CPU decodes as PIL does: nothing may differ
+    assert pixels["images"] == 10 and pixels["max_levels"] == 0 and pixels["values_differing"] == 0
     assert r["ratio_cirbench_over_topk"] == pytest.approx(r["cirbench_torch_s"] / r["plain_topk_s"])
     assert c["rows"] == 50 and c["warm_identify_read_verify_s"] > 0
     assert len(list(tmp_path.glob("jpegs/*.jpg"))) == 10  # the synthetic files are kept for the next run

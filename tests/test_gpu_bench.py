@@ -81,13 +81,19 @@ def test_gallery_shrinks_to_the_budget(monkeypatch, tmp_path, rate, expect_n):
         assert r["skipped"].startswith("budget:") and r["extrapolated_cold_s"] == pytest.approx(40 / rate)
 
 
-def test_the_table_reports_host_syncs_of_the_encode_pass(monkeypatch, tmp_path):
+def test_the_table_reports_host_syncs_and_decoder_pixels(monkeypatch, tmp_path):
     bench = _load(monkeypatch, tmp_path)
     encode_b = {"full_path_clip_img_s": 16000.0, "ratio_full_over_model": 0.6,
                 "host_syncs": {"calling_thread": 0, "other_threads": 24,
-                               "places": {"cirbench-prefetch-0 encode.py:151": 12, "cirbench-prefetch-1 encode.py:151": 12}}}
+                               "places": {"cirbench-prefetch-0 encode.py:151": 12,
+                                          "cirbench-prefetch-1 encode.py:151": 12}}}
     table = bench.goal_table({"encode_B": encode_b})
     assert "| 16,000 img/s (60.0% of model alone) | - | PASS |" in table
     assert ("host syncs in one B/32 full pass: 0 in the model's thread, 24 in staging/writing threads; most "
             "frequent: cirbench-prefetch-0 encode.py:151 x12; cirbench-prefetch-1 encode.py:151 x12") in table
     assert "host syncs" not in bench.goal_table({"encode_B": {**encode_b, "host_syncs": None}})
+    pixels = {"images": 512, "values_differing": 0.0123, "images_differing": 0.5, "max_levels": 3,
+              "mean_levels": 0.0125}
+    table = bench.goal_table({"encode_B": {**encode_b, "agreement": {"pixels_batched_vs_official": pixels}}})
+    assert ("batched path (JPEGs decoded on the device) vs the official PIL path, targetpad: pixels of 512 images: "
+            "1.23% of values differ in 50% of images, by at most 3 levels (mean 0.013)") in table
