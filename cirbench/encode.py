@@ -63,6 +63,24 @@ def resolve_path(path: str, device: torch.device) -> str:
     return path
 
 
+def jpeg_decoder(path: str, device: torch.device | str) -> str:
+    """The decoder that turns JPEGs into pixels: ``"nvjpeg"`` (the GPU's, through torchvision.io) on the batched
+    path on CUDA; else ``"libjpeg-turbo"``, the official pipelines' (PIL on the workers path, torchvision.io on
+    the CPU: the same pixels, tested)."""
+    device = torch.device(device)
+    return "nvjpeg" if device.type == "cuda" and resolve_path(path, device) == "batched" else "libjpeg-turbo"
+
+
+def pixels_identity(preprocessor: Preprocessor, path: str, device: torch.device | str) -> dict[str, Any]:
+    """What determines the pixels a model sees, as results and the feature cache record it: the preprocessing
+    recipe, and the JPEG decoder where it is not the official one (GPU decoding may move some pixels; features
+    made from them are never served to a run that asked for the official pipeline, and its results are told
+    apart). The official decoder adds nothing, so keys and fingerprints made before this field stay valid."""
+    ident = preprocessor.identity()
+    decoder = jpeg_decoder(path, device)
+    return ident if decoder == "libjpeg-turbo" else {**ident, "jpeg_decoder": decoder}
+
+
 # -- stage 1: readers ------------------------------------------------------------------------------------
 class BatchFiles(torch.utils.data.Dataset):
     """Item ``b`` is batch ``b`` of ``images``, read by one worker and packed (see the module docstring)."""

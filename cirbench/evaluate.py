@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .backbones import Backbone, load_backbone
 from .dataset import Dataset, annotation_checksums
-from .encode import encode_images
+from .encode import encode_images, jpeg_decoder, pixels_identity, resolve_path
 from .errors import CirbenchError, ImageError, UnknownNameError
 from .feature_cache import FeatureCache
 from .images import describe_missing, find_missing
@@ -184,7 +184,8 @@ class Evaluator:
 
     # -- features ---------------------------------------------------------------------------------------
     def _feature_key(self, backbone: Backbone, preprocessor: Preprocessor, kind: dict) -> dict:
-        return {"format": 2, "backbone": backbone.identity(), "preprocess": preprocessor.identity(),
+        return {"format": 2, "backbone": backbone.identity(),
+                "preprocess": pixels_identity(preprocessor, self.cfg.encode_path, backbone.device),
                 "precision": backbone.precision, "feature": kind}
 
     def _features(self, cache: FeatureCache, key: dict, images, encode, preprocessor, desc: str) -> torch.Tensor:
@@ -309,13 +310,15 @@ class Evaluator:
                         "data_root": str(dataset.data_root.resolve()), "data_root_given": dataset.data_root_given,
                         "annotations": annotation_checksums(dataset, split)},
             "backbone": backbone.identity(),
-            "preprocess": preprocessor.identity(),
+            "preprocess": pixels_identity(preprocessor, cfg.encode_path, backbone.device),
             "precision": backbone.precision,
             "seed": cfg.seed,
             "device": str(backbone.device),
             "world_size": distributed.world_size(),
             "retrieval": {"backend": cfg.retrieval_backend, "ties": "equal scores ordered by gallery position"},
-            "encode": {"path": cfg.encode_path, "batch_size": cfg.batch_size, "workers": cfg.workers,
+            "encode": {"path": resolve_path(cfg.encode_path, backbone.device), "requested_path": cfg.encode_path,
+                       "jpeg_decoder": jpeg_decoder(cfg.encode_path, backbone.device),
+                       "batch_size": cfg.batch_size, "workers": cfg.workers,
                        "max_image_pixels": cfg.max_image_pixels},
         }
         record["fingerprint"] = run_fingerprint(record)

@@ -34,6 +34,8 @@ def test_run_writes_result_with_provenance(tmp_path, tiny_config, toy_root):
         assert field in rec
     assert rec["counts"]["queries"] == 12 and rec["counts"]["gallery"] == 12
     assert rec["environment"]["torch"] and rec["environment"]["open_clip"]
+    assert rec["encode"]["path"] == "workers" and rec["encode"]["requested_path"] == "auto"
+    assert rec["encode"]["jpeg_decoder"] == "libjpeg-turbo" and "jpeg_decoder" not in rec["preprocess"]
     assert set(rec["metrics"]) == {"R@1", "R@5", "mAP@5"}
     preds = [json.loads(line) for line in out.predictions_path.read_text().splitlines()]
     assert len(preds) == 12
@@ -62,6 +64,33 @@ def test_cache_is_reused_and_keyed_by_identity(tmp_path, tiny_config, toy_root):
         assert third.record["cache"]["misses"] == 12  # other preprocessing: never the stale features
         (fourth,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, seed=1), reg)
         assert fourth.record["cache"]["misses"] == 12  # other (random) weights: never the stale features
+        (fifth,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="text-only", encode_path="batched"), reg)
+        assert fifth.record["cache"]["misses"] == 0  # on the CPU both paths decode with libjpeg-turbo: same pixels
+
+
+def test_gpu_decoded_features_have_a_key_and_fingerprint_of_their_own(tiny_config):
+    """nvJPEG may move pixels: on CUDA the batched path's features and results carry the decoder, so a run that
+    asks for the official pipeline (workers) is never served them, and its results are told apart. The official
+    decoder adds nothing: keys and fingerprints made before stay valid."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cirbench.encode import pixels_identity
+    from cirbench.evaluate import Evaluator
+    from cirbench.preprocess import Preprocessor
+
+    pre = Preprocessor("targetpad", 224)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert pixels_identity(pre, "auto", cpu) == pixels_identity(pre, "batched", cpu) == pre.identity()
+    assert pixels_identity(pre, "workers", cuda) == pre.identity()
+    assert pixels_identity(pre, "auto", cuda) == {**pre.identity(), "jpeg_decoder": "nvjpeg"}
+
+    def key(path, device):
+        fake = SimpleNamespace(identity=lambda: {"model": "m"}, precision="bf16", device=device)
+        return Evaluator(RunConfig("m", "d", encode_path=path))._feature_key(fake, pre, {"kind": "image"})
+
+    assert key("auto", cuda) != key("workers", cuda) == key("auto", cpu)
 
 
 def test_changed_backbone_config_never_reuses_cache(tmp_path, tiny_config, toy_root):
