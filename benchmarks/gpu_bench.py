@@ -141,13 +141,14 @@ def stage_gallery(out: dict) -> dict:
     encode_L measured (or, without it, a short calibration pass) says the whole gallery would not fit the
     budget: as many images as fit, and the time extrapolated."""
     from cirbench.backbones import load_backbone
-    from cirbench.encode import encode_images
+    from cirbench.encode import encode_images, pixels_identity
     from cirbench.feature_cache import FeatureCache
 
     bb = load_backbone(models()["L"], E.get("PRETRAINED", "none"), device=DEVICE,
                        precision="bf16" if DEVICE != "cpu" else "fp32")
     pre = bb.preprocessor("targetpad")
-    key = {"format": 2, "backbone": bb.identity(), "preprocess": pre.identity(), "precision": bb.precision}
+    key = {"format": 2, "backbone": bb.identity(), "preprocess": pixels_identity(pre, "auto", bb.device),
+           "precision": bb.precision}
     root = WORK / "feature-cache"
     shutil.rmtree(root, ignore_errors=True)
 
