@@ -16,6 +16,7 @@ import fnmatch
 import html
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,12 +103,16 @@ def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones) -> Tabl
     rows: dict[str, dict[str, Any]] = {}
     ci: dict[tuple[str, str], tuple[float, float]] = {}
     ours: set[str] = set()
+    latest: dict[tuple[str, Any], tuple[str, dict]] = {}
     for _path, rec in sorted(recs, key=lambda pr: str(pr[1].get("created", ""))):
         backbone = f"{rec['backbone'].get('model')}/{rec['backbone'].get('pretrained')}"
         label = str(rec["method"].get("label") or rec["method"].get("name"))
-        if not _matches(label, methods) or not _matches(backbone, backbones):
-            continue
-        name = f"{label} · {backbone}"
+        if _matches(label, methods) and _matches(backbone, backbones):  # a configuration run again: its newest
+            latest[(f"{label} · {backbone}", rec.get("fingerprint"))] = (backbone, rec)
+    configurations = Counter(name for name, _ in latest)
+    for (name, fingerprint), (backbone, rec) in latest.items():
+        if configurations[name] > 1:  # one label, several configurations (e.g. fp32 and bf16): each shown, told
+            name = f"{name} ~{fingerprint}"  # apart as their result files are
         metrics = {k: v for k, v in (rec.get("metrics") or {}).items() if isinstance(v, (int, float))}
         rows[name] = {"source": "cirbench", "backbone": backbone, "precision": rec.get("precision"),
                       "queries": (rec.get("counts") or {}).get("queries"), **metrics}

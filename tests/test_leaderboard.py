@@ -107,3 +107,24 @@ def test_confidence_intervals_are_shown_when_recorded(tmp_path):
     (table,) = build_tables(tmp_path, include_paper=False)
     assert "[18.50, 21.25]" in render_markdown([table], ci=True)
     assert "[18.50" not in render_markdown([table])
+
+
+def test_one_label_run_in_several_configurations_shows_each(tmp_path):
+    """A re-run of one configuration replaces its row (the newest wins); the same label run in another
+    configuration (here bf16, a GPU-decoded run would be the same) is a row of its own, never hidden."""
+    def run(name, fingerprint, precision, map5, created):
+        path = _result(tmp_path, "circo", "val", "slerp", {"mAP@5": map5}, created=created)
+        rec = json.loads(path.read_text())
+        rec.update(fingerprint=fingerprint, precision=precision)
+        path.with_name(name).write_text(json.dumps(rec))
+        path.unlink()
+
+    run("slerp__a.json", "aaaa", "fp32", 20.0, "2026-01-01T00:00:00")
+    run("slerp__a2.json", "aaaa", "fp32", 21.0, "2026-01-02T00:00:00")  # the same configuration, run again
+    (table,) = build_tables(tmp_path, include_paper=False)
+    assert list(table.frame.index) == ["slerp · ViT-B-32/openai"] and table.frame.iloc[0]["mAP@5"] == 21.0
+    run("slerp__b.json", "bbbb", "bf16", 19.0, "2026-01-03T00:00:00")
+    (table,) = build_tables(tmp_path, include_paper=False)
+    frame = table.frame
+    assert list(frame.index) == ["slerp · ViT-B-32/openai ~aaaa", "slerp · ViT-B-32/openai ~bbbb"]
+    assert list(frame["precision"]) == ["fp32", "bf16"] and list(frame["mAP@5"]) == [21.0, 19.0]
