@@ -393,7 +393,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 def describe_pixels(p: dict[str, Any]) -> str:
     """One line for :func:`pixel_agreement`'s figures."""
     return (f"pixels of {p['images']} images: {p['values_differing']:.2%} of values differ in "
-            f"{p['images_differing']:.0%} of images, by at most {p['max_levels']} levels (mean {p['mean_levels']:.3f})")
+            f"{p['images_differing']:.0%} of images, by at most {p['max_levels']} levels "
+            f"(mean {p['mean_levels']:.3f})")
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -417,7 +418,7 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"    preprocess, {mode:<14}{rate:10,.1f} img/s")
         if "host_syncs" in e:
             h = e["host_syncs"]
-            lines.append(f"  host syncs, one pass {h['calling_thread']} in the model's thread, {h['other_threads']} in "
+            lines.append(f"  host syncs (1 pass)  {h['calling_thread']} in the model's thread, {h['other_threads']} in "
                          "the others" + "".join(f"\n    {n:6d}  {place}" for place, n in h["places"].items()))
         if "peak_gpu_mem_gib" in e:
             lines.append(f"  peak GPU memory      {e['peak_gpu_mem_gib']} GiB")
