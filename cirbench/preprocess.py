@@ -387,7 +387,20 @@ class Preprocessor:
             h_coef, v_coef = _digits(h_coef), _digits(v_coef)
         wh = _dense(h_first, h_coef, wmax, device, compute)  # [B, P*S, Wmax], P = 1 or 3 planes
         wv = _dense(v_first, v_coef, hmax, device, compute)  # [B, P*S, Hmax]
-        x = torch.empty(len(images), hmax, 3, wmax, dtype=compute, device=device)
+        if all(im.shape[-2:] == images[0].shape[-2:] for im in images):  # one size (the usual chunk): one copy
+            x = torch.stack(images).permute(0, 2, 1, 3).to(compute, memory_format=torch.contiguous_format)
+        else:
+            x = self._canvas(images, hmax, wmax, compute)
+        rows = _combine_round(_bmm(x.view(len(images), hmax * 3, wmax), wh.transpose(1, 2)), 2, s)  # [B, 3*Hmax, S]
+        rows = rows.reshape(len(images), hmax, 3 * s).to(compute)
+        out = _combine_round(_bmm(wv, rows), 1, s)  # [B, S, 3*S]
+        return out.reshape(len(images), s, 3, s).permute(0, 2, 1, 3).to(torch.float32,
+                                                                        memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def _canvas(images: list[torch.Tensor], hmax: int, wmax: int, dtype: torch.dtype) -> torch.Tensor:
+        """Images of several sizes on one ``[B, Hmax, 3, Wmax]`` canvas, top-left aligned, margins zero."""
+        x = torch.empty(len(images), hmax, 3, wmax, dtype=dtype, device=images[0].device)
         for b, im in enumerate(images):
             h, w = int(im.shape[-2]), int(im.shape[-1])
             x[b, :h, :, :w] = im.permute(1, 0, 2)
@@ -395,11 +408,7 @@ class Preprocessor:
                 x[b, h:] = 0
             if w < wmax:
                 x[b, :h, :, w:] = 0
-        rows = _combine_round(_bmm(x.view(len(images), hmax * 3, wmax), wh.transpose(1, 2)), 2, s)  # [B, 3*Hmax, S]
-        rows = rows.reshape(len(images), hmax, 3 * s).to(compute)
-        out = _combine_round(_bmm(wv, rows), 1, s)  # [B, S, 3*S]
-        return out.reshape(len(images), s, 3, s).permute(0, 2, 1, 3).to(torch.float32,
-                                                                        memory_format=torch.contiguous_format)
+        return x
 
     def _taps(self, plans: list[Plan], horizontal: bool) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []

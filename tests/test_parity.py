@@ -263,3 +263,18 @@ def test_a_mixed_chunk_is_exact_whatever_its_scratch_memory_held(real_images, pr
     alone = torch.cat([pre.batch_uint8([im], products=products) for im in images])
     monkeypatch.setattr(torch, "empty", nan_empty)
     assert torch.equal(pre.batch_uint8(images, products=products), alone)
+
+
+@pytest.mark.parametrize("products", ["float64", "digits-float32"])
+def test_a_chunk_of_one_size_is_stacked_and_exact(real_images, products):
+    """The usual chunk (like sizes, grey JPEGs among colour ones) is stacked in one copy: the same pixels as
+    one image at a time."""
+    images = _decoded_rgb(real_images)
+    shape = max({tuple(im.shape) for im in images}, key=lambda s: sum(tuple(im.shape) == s for im in images))
+    same = [im for im in images if tuple(im.shape) == shape]
+    grey = same[0][:1].clone()  # a one-channel image of the same size, as a grey JPEG decodes with mode L
+    same = [*same, grey]
+    assert len(same) >= 3
+    pre = Preprocessor("targetpad", 32)
+    alone = torch.cat([pre.batch_uint8([im], products=products) for im in same])
+    assert torch.equal(pre.batch_uint8(same, products=products), alone)
