@@ -204,24 +204,29 @@ class Stager:
             more = f" (and {len(packed['errors']) - 1} more in this batch)" if len(packed["errors"]) > 1 else ""
             raise ImageError(first + more)
         pre, dev = self.preprocessor, self.device
+        jpeg_index, done_index = packed["jpeg_index"], packed["done_index"]
+        jpegs = self._jpegs(packed, start) if jpeg_index.numel() else None
+        if jpegs is not None and jpeg_index.numel() == count:  # every file a JPEG (the usual batch)
+            return start, pre.normalize(jpegs).to(self.dtype)
         pixels = torch.empty(count, 3, pre.size, pre.size, dtype=torch.float32, device=dev)
-        jpeg_index = packed["jpeg_index"]
-        if jpeg_index.numel():
-            lengths = packed["jpeg_lengths"].tolist()
-            datas = list(torch.split(packed["jpeg_data"], lengths))
-            names = [str(self.images[start + i].path) for i in jpeg_index.tolist()]
-            decoded = decode_jpegs(datas, names, dev, pre.max_pixels)
-            for img, (h, w), name in zip(decoded, packed["jpeg_sizes"].tolist(), names, strict=True):
-                if tuple(img.shape[-2:]) != (h, w):
-                    raise ImageError(f"image {name}: decoded size {tuple(img.shape[-2:])} differs from its header "
-                                     f"({h}, {w})")
-            pixels[host_to_device(jpeg_index, dev)] = pre.batch_uint8(decoded)
-        if packed["done_index"].numel():
-            done = packed["done"]
-            if dev.type == "cuda":
-                done = done.pin_memory()
-            pixels[host_to_device(packed["done_index"], dev)] = done.to(dev, non_blocking=True).to(torch.float32)
+        if jpegs is not None:
+            pixels[host_to_device(jpeg_index, dev)] = jpegs
+        if done_index.numel():
+            done = packed["done"].pin_memory() if dev.type == "cuda" else packed["done"]
+            pixels[host_to_device(done_index, dev)] = done.to(dev, non_blocking=True).to(torch.float32)
         return start, pre.normalize(pixels).to(self.dtype)
+
+    def _jpegs(self, packed: dict[str, Any], start: int) -> torch.Tensor:
+        """The batch's JPEGs decoded on the device and resized: uint8-valued ``[J, 3, size, size]``."""
+        lengths = packed["jpeg_lengths"].tolist()
+        datas = list(torch.split(packed["jpeg_data"], lengths))
+        names = [str(self.images[start + i].path) for i in packed["jpeg_index"].tolist()]
+        decoded = decode_jpegs(datas, names, self.device, self.preprocessor.max_pixels)
+        for img, (h, w), name in zip(decoded, packed["jpeg_sizes"].tolist(), names, strict=True):
+            if tuple(img.shape[-2:]) != (h, w):
+                raise ImageError(f"image {name}: decoded size {tuple(img.shape[-2:])} differs from its header "
+                                 f"({h}, {w})")
+        return self.preprocessor.batch_uint8(decoded)
 
 
 class _Done:
