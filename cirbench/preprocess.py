@@ -323,9 +323,8 @@ class Preprocessor:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """``ToTensor`` then ``Normalize``, in float32, on uint8-valued ``[..., 3, H, W]`` pixels."""
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
-        return (pixels.to(torch.float32).div(255) - mean) / std
+        mean, std = _per_channel(self.mean, pixels.device), _per_channel(self.std, pixels.device)
+        return pixels.to(torch.float32).div(255).sub_(mean).div_(std)  # torchvision's operations, in its order
 
     def from_pil(self, image) -> torch.Tensor:
         """A normalised float32 ``[3, size, size]`` tensor from a PIL image (the official pipeline)."""
@@ -425,6 +424,13 @@ class Preprocessor:
         for i, (_, c) in enumerate(rows):
             coef[i, :, : c.shape[1]] = c
         return torch.from_numpy(first), torch.from_numpy(coef)
+
+
+@lru_cache(maxsize=64)
+def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as a float32 ``[C, 1, 1]`` tensor on ``device``, made once: building it from a list for every
+    batch is a copy from pageable memory, which waits for everything queued on the stream."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -278,3 +278,19 @@ def test_a_chunk_of_one_size_is_stacked_and_exact(real_images, products):
     pre = Preprocessor("targetpad", 32)
     alone = torch.cat([pre.batch_uint8([im], products=products) for im in same])
     assert torch.equal(pre.batch_uint8(same, products=products), alone)
+
+
+def test_normalising_a_batch_builds_no_tensor_from_host_lists(monkeypatch):
+    """Mean and std are made once per device: a tensor built from a Python list on a GPU is a copy from pageable
+    memory, which waits for all the work queued on the stream (every batch, in the staging threads)."""
+    import cirbench.preprocess as P
+
+    pre = Preprocessor("clip", 8)
+    pixels = torch.randint(0, 256, (2, 3, 8, 8)).float()
+    first = pre.normalize(pixels)
+
+    def no_host_lists(*args, **kwargs):
+        raise AssertionError("torch.tensor called while normalising a batch")
+
+    monkeypatch.setattr(P.torch, "tensor", no_host_lists)
+    assert torch.equal(pre.normalize(pixels), first)
