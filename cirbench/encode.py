@@ -206,7 +206,7 @@ class Stager:
         pre, dev = self.preprocessor, self.device
         jpeg_index, done_index = packed["jpeg_index"], packed["done_index"]
         jpegs = self._jpegs(packed, start) if jpeg_index.numel() else None
-        if jpegs is not None and jpeg_index.numel() == count:  # every file a JPEG (the usual batch)
+        if jpeg_index.numel() == count:  # every file a JPEG (the usual batch)
             return start, pre.normalize(jpegs).to(self.dtype)
         pixels = torch.empty(count, 3, pre.size, pre.size, dtype=torch.float32, device=dev)
         if jpegs is not None:

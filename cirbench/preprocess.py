@@ -189,9 +189,12 @@ def digit_sum_bound(coef: torch.Tensor) -> int:
     int64): 255 (the largest pixel) times the largest sum of digit magnitudes over one output's taps. The
     float32-accumulated digit products are exact while it stays below 2**24 (about 2**20 for a 4,000-pixel
     side)."""
-    if coef.numel() == 0:
-        return 0
-    return 255 * int(_digits(coef).abs().sum(dim=-1).max())
+    return _digits_bound(_digits(coef))
+
+
+def _digits_bound(digits: torch.Tensor) -> int:
+    """:func:`digit_sum_bound` of taps already split into digits (``[3, ..., K]``)."""
+    return 255 * int(digits.abs().sum(dim=-1).max()) if digits.numel() else 0
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -379,11 +382,13 @@ class Preprocessor:
         v_first, v_coef = self._taps(plans, horizontal=False)
         if products == "auto":
             products = auto_products(device)
-        if products.startswith("digits-") and max(digit_sum_bound(h_coef), digit_sum_bound(v_coef)) >= FLOAT32_EXACT:
-            products = "float64"  # an extreme downscale: float32 sums could round, float64 cannot
+        if products.startswith("digits-"):  # the coefficients' digits, planes stacked along the rows
+            h_digits, v_digits = _digits(h_coef), _digits(v_coef)
+            if max(_digits_bound(h_digits), _digits_bound(v_digits)) >= FLOAT32_EXACT:
+                products = "float64"  # an extreme downscale: float32 sums could round, float64 cannot
+            else:
+                h_coef, v_coef = h_digits, v_digits
         compute = _OPERANDS[products]
-        if products != "float64":  # the coefficients' digits, planes stacked along the rows
-            h_coef, v_coef = _digits(h_coef), _digits(v_coef)
         wh = _dense(h_first, h_coef, wmax, device, compute)  # [B, P*S, Wmax], P = 1 or 3 planes
         wv = _dense(v_first, v_coef, hmax, device, compute)  # [B, P*S, Hmax]
         if all(im.shape[-2:] == images[0].shape[-2:] for im in images):  # one size (the usual chunk): one copy
