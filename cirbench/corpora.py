@@ -11,7 +11,7 @@
   whose samples carry an image (``jpg``/``jpeg``/``png``/``webp``) and a caption (``txt``/``caption``/
   ``json`` with a ``caption`` field).
 
-Language-only methods (LinCIR) open a corpus without a preprocessor: images are then neither needed nor
+Language-only methods (LinCIR) open a corpus with ``images=False``: images are then neither needed nor
 read, a CSV/TSV needs only its caption column, a ``.txt`` file is one caption per line, a folder's ``.txt``
 files are one caption each, and shards only need their captions; batches carry empty ``pixels``.
 
@@ -71,12 +71,14 @@ def collate(samples: list[dict[str, Any] | None]) -> Batch | None:
 NO_PIXELS = torch.empty(0)
 
 
-def _sample(image_bytes: bytes | None, caption: Any, name: str, preprocessor: Preprocessor | None,
+def _sample(image_bytes: bytes | None, caption: Any, name: str, images: bool, preprocessor: Preprocessor | None,
             extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
     if not isinstance(caption, str) or not caption.strip():
         return None
-    if preprocessor is None:  # language-only training
+    if not images:  # language-only training
         return {"pixels": NO_PIXELS, "caption": caption.strip(), "extra": extra or {}}
+    if preprocessor is None:
+        raise RuntimeError("an image corpus is read before its preprocessor was set (corpus.preprocessor = ...)")
     if image_bytes is None:
         return None
     try:
@@ -89,24 +91,25 @@ def _sample(image_bytes: bytes | None, caption: Any, name: str, preprocessor: Pr
 class PairsCorpus(torch.utils.data.Dataset):
     """A map-style corpus of (image path, caption, extra) rows; bad rows come back as ``None``."""
 
-    def __init__(self, rows: list[tuple[Path | None, str, dict[str, Any]]], preprocessor: Preprocessor | None,
-                 source: str):
+    def __init__(self, rows: list[tuple[Path | None, str, dict[str, Any]]], source: str, images: bool,
+                 preprocessor: Preprocessor | None):
         self.rows = rows
-        self.preprocessor = preprocessor
         self.source = source
+        self.images = images
+        self.preprocessor = preprocessor
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         path, caption, extra = self.rows[index]
-        if self.preprocessor is None or path is None:
-            return _sample(None, caption, str(path), self.preprocessor, extra)
+        if not self.images or path is None:
+            return _sample(None, caption, str(path), self.images, self.preprocessor, extra)
         try:
             data = Path(path).read_bytes()
         except OSError:
             return None
-        return _sample(data, caption, str(path), self.preprocessor, extra)
+        return _sample(data, caption, str(path), self.images, self.preprocessor, extra)
 
 
 def _read_table(path: Path, images: bool = True) -> list[tuple[Path | None, str, dict[str, Any]]]:
@@ -143,8 +146,11 @@ def _read_folder(folder: Path) -> list[tuple[Path, str, dict[str, Any]]]:
 class ShardCorpus(torch.utils.data.IterableDataset):
     """webdataset tar shards, split across ranks and DataLoader workers by webdataset."""
 
-    def __init__(self, urls: list[str], preprocessor: Preprocessor | None, skip: int = 0):
+    def __init__(self, urls: list[str], source: str, images: bool, preprocessor: Preprocessor | None,
+                 skip: int = 0):
         self.urls = urls
+        self.source = source
+        self.images = images
         self.preprocessor = preprocessor
         self.skip = skip  # samples to skip at the start (resume); approximate across workers
 
@@ -171,7 +177,7 @@ class ShardCorpus(torch.utils.data.IterableDataset):
                     caption = None
             if isinstance(caption, bytes):
                 caption = caption.decode("utf-8", errors="replace")
-            yield _sample(image, caption, raw.get("__key__", "?"), self.preprocessor)
+            yield _sample(image, caption, raw.get("__key__", "?"), self.images, self.preprocessor)
 
 
 def _shard_urls(spec: str) -> list[str]:
@@ -208,24 +214,17 @@ def _existing_shards(text: str) -> list[str]:
     return urls
 
 
-def check_corpus_exists(spec: str | Path) -> None:
-    """CirbenchError if ``spec`` names no file, folder or shard: checked before a backbone is loaded (or
-    downloaded), which :func:`open_corpus` needs for its preprocessing."""
-    text = str(spec)
-    if _names_shards(text):
-        _existing_shards(text)
-    elif not Path(text).expanduser().exists():
-        raise CirbenchError(f"corpus {Path(text).expanduser()} does not exist")
-
-
-def open_corpus(spec: str | Path, preprocessor: Preprocessor | None) -> torch.utils.data.Dataset:
-    """The corpus reader for ``spec`` (see the module docstring); CirbenchError if it is empty or absent.
-    ``preprocessor=None`` opens it language-only (captions, no images)."""
+def open_corpus(spec: str | Path, preprocessor: Preprocessor | None = None, *,
+                images: bool = True) -> PairsCorpus | ShardCorpus:
+    """The corpus reader for ``spec`` (see the module docstring); CirbenchError if it is absent, malformed or
+    empty. ``images=False`` opens it language-only (captions, no images). An image corpus may be opened before
+    its backbone exists (so that a bad corpus fails before a backbone is loaded or downloaded); its
+    ``preprocessor`` is then set before it is read."""
     text = str(spec)
     path = Path(text).expanduser()
     if _names_shards(text):
-        return ShardCorpus(_existing_shards(text), preprocessor)
-    text_only = preprocessor is None
+        return ShardCorpus(_existing_shards(text), text, images, preprocessor)
+    text_only = not images
     if path.is_dir():
         rows = _read_captions(path) if text_only else _read_folder(path)
     elif path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
@@ -240,4 +239,4 @@ def open_corpus(spec: str | Path, preprocessor: Preprocessor | None) -> torch.ut
                             "captions, or webdataset .tar shards")
     if not rows:
         raise CirbenchError(f"corpus {path} is empty")
-    return PairsCorpus(rows, preprocessor, text)
+    return PairsCorpus(rows, text, images, preprocessor)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist_utils
 from .backbones import Backbone, autocast_context
 from .checkpoints import load_checkpoint, save_checkpoint
-from .corpora import Batch, collate, open_corpus
+from .corpora import Batch, PairsCorpus, ShardCorpus, collate, open_corpus
 from .errors import CheckpointError, CirbenchError
 from .train_state import load_train_state, rng_state, save_train_state
 from .util import atomic_write_bytes
@@ -243,17 +243,23 @@ class _Run:
         return {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "skipped": self.skipped}
 
 
-def _setup(trainable: TrainableMethod, corpus_spec, cfg: TrainConfig, world: int):
+def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardCorpus, cfg: TrainConfig, world: int):
     per_step = cfg.batch_size // (world * cfg.accum_steps)
     if per_step < 1 or per_step * world * cfg.accum_steps != cfg.batch_size:
         raise CirbenchError(f"--batch-size {cfg.batch_size} must be a multiple of world size ({world}) x "
                             f"--accum-steps ({cfg.accum_steps})")
-    preprocessor = trainable.backbone.preprocessor(trainable.preprocess_kind) if trainable.needs_images else None
-    corpus = open_corpus(corpus_spec, preprocessor)
+    if isinstance(corpus, (PairsCorpus, ShardCorpus)):
+        if corpus.images != trainable.needs_images:
+            raise ValueError(f"corpus opened with images={corpus.images} for a method with "
+                             f"needs_images={trainable.needs_images}")
+    else:
+        corpus = open_corpus(corpus, images=trainable.needs_images)
+    if corpus.images:
+        corpus.preprocessor = trainable.backbone.preprocessor(trainable.preprocess_kind)
     map_style = hasattr(corpus, "__len__")
     steps_per_epoch = (len(corpus) // world) // (per_step * cfg.accum_steps) if map_style else None
     if map_style and steps_per_epoch == 0:
-        raise CirbenchError(f"corpus {corpus_spec} has {len(corpus)} samples, fewer than one global batch "
+        raise CirbenchError(f"corpus {corpus.source} has {len(corpus)} samples, fewer than one global batch "
                             f"({cfg.batch_size})")
     total_steps = cfg.max_steps or (steps_per_epoch * cfg.epochs if steps_per_epoch else None)
     if total_steps is None:
@@ -293,22 +299,23 @@ def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, fa
     return loss_sum, logs
 
 
-def train(trainable: TrainableMethod, corpus_spec: str | Path, cfg: TrainConfig) -> Path:
-    """Train ``trainable`` on the corpus; return the output folder (with model.safetensors + config.json)."""
-    return _Trainer(trainable, corpus_spec, cfg).run()
+def train(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardCorpus, cfg: TrainConfig) -> Path:
+    """Train ``trainable`` on the corpus (a spec, or a corpus :func:`~cirbench.corpora.open_corpus` opened
+    with ``images=trainable.needs_images``); return the output folder (with model.safetensors + config.json)."""
+    return _Trainer(trainable, corpus, cfg).run()
 
 
 class _Trainer:
     """One training run: set-up and resume (``__init__``), the loop (:meth:`run`), checkpoints (:meth:`save`)."""
 
-    def __init__(self, trainable: TrainableMethod, corpus_spec: str | Path, cfg: TrainConfig):
-        self.trainable, self.corpus_spec, self.cfg = trainable, corpus_spec, cfg
+    def __init__(self, trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardCorpus, cfg: TrainConfig):
+        self.trainable, self.cfg = trainable, cfg
         self.rank_, self.world = dist_utils.rank(), dist_utils.world_size()
         self.device = trainable.backbone.device
         torch.manual_seed(cfg.seed + self.rank_)
         random.seed(cfg.seed + self.rank_)
         np.random.seed(cfg.seed + self.rank_)
-        self.corpus, self.map_style, self.per_step, self.total_steps = _setup(trainable, corpus_spec, cfg, self.world)
+        self.corpus, self.map_style, self.per_step, self.total_steps = _setup(trainable, corpus, cfg, self.world)
         self.optimizer = build_optimizer(trainable, cfg)
         self.params = trainable.trainable_parameters()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)  # lr set by hand
@@ -344,7 +351,7 @@ class _Trainer:
             if run.step >= self.total_steps:
                 break
             if run.step == steps_before:
-                raise CirbenchError(f"corpus {self.corpus_spec} yielded no usable batch ({run.skipped} samples "
+                raise CirbenchError(f"corpus {self.corpus.source} yielded no usable batch ({run.skipped} samples "
                                     "skipped)")
             run.epoch, run.epoch_step = run.epoch + 1, 0
         bar.close()

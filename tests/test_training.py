@@ -234,8 +234,17 @@ def test_bad_training_input(tmp_path, tiny_config):
     assert res.exit_code == 2 and "does not exist" in res.output
     res = CliRunner().invoke(cli, ["train", "--method", "slerp", "--corpus", str(empty), "--output", str(tmp_path)])
     assert res.exit_code == 2 and "needs no training" in res.output
-    # a missing corpus is found before the backbone is loaded (or downloaded: offline here, that would fail first)
-    for corpus in (tmp_path / "nope.csv", tmp_path / "shards-{000..003}.tar"):
-        res = CliRunner().invoke(cli, ["train", "--method", "pic2word", "--corpus", str(corpus), "--output",
+    # a missing, malformed or empty corpus is found before the backbone is loaded (or downloaded: offline here,
+    # that would fail first), for image and language-only methods
+    no_caption = tmp_path / "no_caption.csv"
+    no_caption.write_text("image,label\na.jpg,x\n")
+    empty_folder = tmp_path / "empty_folder"
+    empty_folder.mkdir()
+    cases = [("pic2word", tmp_path / "nope.csv", "does not exist"),
+             ("pic2word", tmp_path / "shards-{000..003}.tar", "does not exist"),
+             ("pic2word", no_caption, "needs an image column"), ("lincir", no_caption, "a caption column"),
+             ("pic2word", empty, "is empty"), ("lincir", empty_folder, "is empty")]
+    for method, corpus, message in cases:
+        res = CliRunner().invoke(cli, ["train", "--method", method, "--corpus", str(corpus), "--output",
                                        str(tmp_path / "o"), "--backbone", "ViT-B-32", "--pretrained", "openai"])
-        assert res.exit_code == 2 and "does not exist" in res.output and "download" not in res.output, res.output
+        assert res.exit_code == 2 and message in res.output and "download" not in res.output, res.output

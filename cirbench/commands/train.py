@@ -52,7 +52,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     from cirbench import distributed
     from cirbench.backbones import load_backbone
     from cirbench.cli import parse_extra_options
-    from cirbench.corpora import check_corpus_exists
+    from cirbench.corpora import open_corpus
     from cirbench.evaluate import DEFAULT_BACKBONE
     from cirbench.plugins import get_registry
     from cirbench.training import TrainConfig, check_not_resumable_elsewhere, train
@@ -66,7 +66,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
 
         raise CirbenchError("training options cannot be swept")
     check_not_resumable_elsewhere(Path(output), method)
-    check_corpus_exists(corpus)
+    corpus_data = open_corpus(corpus, images=trainer_cls.needs_images)  # a bad corpus fails before the backbone
     dev = distributed.init_from_env(device)
     default = spec.default_backbone or DEFAULT_BACKBONE
     model_name = backbone or default[0]
@@ -81,7 +81,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
                       progress=not quiet, **values)
     trainable = trainer_cls(bb, options[0])
     trainable.name = spec.name  # the registered name is the one source of truth (checkpoints record it)
-    out = train(trainable, corpus, cfg)
+    out = train(trainable, corpus_data, cfg)
     if distributed.is_main():
         click.echo(f"trained {method}: {out / 'model.safetensors'}")
         click.echo(f"use it: cirbench run --method {method} --checkpoint {out} --backbone {model_name} "
