@@ -133,6 +133,13 @@ def parse_extra_options(args: list[str]) -> dict[str, str]:
     return out
 
 
+def command_option_names(ctx: click.Context) -> list[str]:
+    """The option names of ``ctx``'s command (``batch_size`` for ``--batch-size``): the "did you mean" hints of
+    an unknown extra option."""
+    return [opt.lstrip("-").replace("-", "_") for p in ctx.command.params if isinstance(p, click.Option)
+            for opt in p.opts if opt.startswith("--")]
+
+
 def split_plugin_options(extra: dict[str, str], method_spec, dataset_spec) -> tuple[dict[str, str], dict[str, str]]:
     """Route extra options to the method or the dataset by name (unknown ones go to the method, which
     then reports them with the list of valid options)."""
@@ -222,12 +229,12 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     if label and len(specs) > 1:
         raise CirbenchError("--label names one run: give it with a single --method")
     extra = parse_extra_options(ctx.args)
-    if len(specs) > 1:  # each method takes the options it declares; one no method (or dataset) knows is an error
-        known = {o.name for s in specs for o in s.options} | {o.name for o in dspec.options}
-        unknown = {k: v for k, v in extra.items() if k not in known}
-        if unknown:
-            split_plugin_options(unknown, specs[0], dspec)
-            resolve_options(specs[0].options, unknown, dspec.name, f"methods {', '.join(names)}")
+    # each method takes the options it declares; one that no method (or the dataset) declares is an error
+    plugin_options = {o.name: o for s in [*specs, dspec] for o in s.options}
+    unknown = {k: v for k, v in extra.items() if k not in plugin_options}
+    if unknown:
+        what = f"method{'s' if len(names) > 1 else ''} {', '.join(names)} or dataset {dspec.name}"
+        resolve_options(list(plugin_options.values()), unknown, dspec.name, what, command_option_names(ctx))
     outcomes = []
     for mspec in specs:
         mine = extra if len(specs) == 1 else {k: v for k, v in extra.items()

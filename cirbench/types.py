@@ -20,6 +20,11 @@ from typing import Any
 from .errors import CirbenchError, PluginError
 
 
+def option_flag(name: str) -> str:
+    """How an option named ``name`` (``lora_rank``) is spelled on the command line (``--lora-rank``)."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class OptionSpec:
     """One option of a method or a dataset.
@@ -44,11 +49,11 @@ class OptionSpec:
         """``value`` if it is within this option's bounds (and finite, for numbers); CirbenchError otherwise."""
         if self.type in ("int", "float") and value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise CirbenchError(f"option --{self.name}: {value!r} is not a finite {self.type}")
+                raise CirbenchError(f"option {option_flag(self.name)}: {value!r} is not a finite {self.type}")
             if self.minimum is not None and value < self.minimum:
-                raise CirbenchError(f"option --{self.name}: {value} is below its minimum {self.minimum}")
+                raise CirbenchError(f"option {option_flag(self.name)}: {value} is below its minimum {self.minimum}")
             if self.maximum is not None and value > self.maximum:
-                raise CirbenchError(f"option --{self.name}: {value} is above its maximum {self.maximum}")
+                raise CirbenchError(f"option {option_flag(self.name)}: {value} is above its maximum {self.maximum}")
         return value
 
     def default_for(self, dataset: str | None) -> Any:
@@ -69,7 +74,7 @@ class OptionSpec:
 RESERVED_OPTION_NAMES = frozenset({
     "method", "dataset", "split", "backbone", "pretrained", "preprocess", "precision", "device", "data_root",
     "output", "cache_dir", "no_cache", "cache_identity", "label", "seed", "batch_size", "workers",
-    "max_image_pixels", "allow_missing", "retrieval", "encode_path", "no_leaderboard", "quiet", "help",
+    "max_image_pixels", "allow_missing", "retrieval", "encode_path", "bootstrap", "no_leaderboard", "quiet", "help",
     "method_option", "dataset_option", "checkpoint_dir",
 })
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -102,8 +107,8 @@ def _validate_common(kind: str, name: Any, options: Any, plugin: str) -> None:
         raise PluginError(f"plugin '{plugin}': {kind} '{name}' declares an option twice")
     clash = sorted(set(names) & RESERVED_OPTION_NAMES)
     if clash:
-        raise PluginError(f"plugin '{plugin}': {kind} '{name}' option --{clash[0]} is an option of `cirbench run` "
-                          "itself and would be hidden; rename it")
+        raise PluginError(f"plugin '{plugin}': {kind} '{name}' option {option_flag(clash[0])} is an option of "
+                          "`cirbench run` itself and would be hidden; rename it")
 
 
 @dataclass(frozen=True)
@@ -346,9 +351,9 @@ def parse_option_value(spec: OptionSpec, raw: Any) -> Any:
         else:
             value = raw
     except ValueError:
-        raise CirbenchError(f"option --{spec.name}: {raw!r} is not a valid {spec.type}") from None
+        raise CirbenchError(f"option {option_flag(spec.name)}: {raw!r} is not a valid {spec.type}") from None
     if spec.choices and value not in spec.choices:
-        raise CirbenchError(f"option --{spec.name}: {raw!r} is not one of {', '.join(spec.choices)}")
+        raise CirbenchError(f"option {option_flag(spec.name)}: {raw!r} is not one of {', '.join(spec.choices)}")
     return spec.check(value)
 
 
@@ -358,18 +363,18 @@ def expand_sweep(spec: OptionSpec, raw: str) -> list[Any]:
     if ":" in text:
         parts = text.split(":")
         if len(parts) != 3:
-            raise CirbenchError(f"option --{spec.name}: sweep {raw!r} must be start:stop:step")
+            raise CirbenchError(f"option {option_flag(spec.name)}: sweep {raw!r} must be start:stop:step")
         try:
             start, stop, step = (float(p) for p in parts)
         except ValueError:
-            raise CirbenchError(f"option --{spec.name}: sweep {raw!r} must be numbers start:stop:step") from None
+            raise CirbenchError(f"option {option_flag(spec.name)}: sweep {raw!r} must be numbers start:stop:step") from None
         if not all(math.isfinite(x) for x in (start, stop, step)):
-            raise CirbenchError(f"option --{spec.name}: sweep {raw!r} must be finite numbers")
+            raise CirbenchError(f"option {option_flag(spec.name)}: sweep {raw!r} must be finite numbers")
         if step <= 0 or stop < start:
-            raise CirbenchError(f"option --{spec.name}: sweep {raw!r} needs step > 0 and stop >= start")
+            raise CirbenchError(f"option {option_flag(spec.name)}: sweep {raw!r} needs step > 0 and stop >= start")
         n = int(round((stop - start) / step))
         if n > 10_000:
-            raise CirbenchError(f"option --{spec.name}: sweep {raw!r} has {n + 1} values (at most 10,001)")
+            raise CirbenchError(f"option {option_flag(spec.name)}: sweep {raw!r} has {n + 1} values (at most 10,001)")
         values = [round(start + i * step, 10) for i in range(n + 1)]
         return [spec.check(v) for v in values if v <= stop + 1e-9]
     if "," in text:
@@ -378,21 +383,23 @@ def expand_sweep(spec: OptionSpec, raw: str) -> list[Any]:
 
 
 def resolve_options(
-    specs: Sequence[OptionSpec], given: dict[str, str], dataset: str | None, what: str
+    specs: Sequence[OptionSpec], given: dict[str, str], dataset: str | None, what: str,
+    command_options: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Validate ``given`` raw options against ``specs``, fill defaults, expand sweeps.
 
-    Returns one options dict per sweep point (a single dict when nothing is swept).
+    Returns one options dict per sweep point (a single dict when nothing is swept). ``command_options``
+    (the command's own option names) only feed the "did you mean" hint of an unknown option.
     """
     by_name = {s.name: s for s in specs}
     for key in given:
         if key not in by_name:
-            valid = [f"--{n}" for n in by_name] or ["(this " + what + " takes no options)"]
+            valid = [option_flag(n) for n in by_name] or ["(this " + what + " takes no options)"]
             import difflib
 
-            close = difflib.get_close_matches(key, list(by_name), n=1, cutoff=0.6)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
-            raise CirbenchError(f"unknown option --{key} for {what}{hint}; valid: {', '.join(valid)}")
+            close = difflib.get_close_matches(key, [*by_name, *command_options], n=1, cutoff=0.6)
+            hint = f" (did you mean {option_flag(close[0])}?)" if close else ""
+            raise CirbenchError(f"unknown option {option_flag(key)} for {what}{hint}; valid: {', '.join(valid)}")
     base: dict[str, Any] = {}
     sweeps: list[tuple[str, list[Any]]] = []
     for spec in specs:

@@ -50,3 +50,21 @@ def test_unknown_names_suggest_the_closest_one():
     assert res.exit_code == 2 and "unknown method 'slerpp' (did you mean 'slerp'?); valid:" in res.output
     res = CliRunner().invoke(cli, ["data", "check", "--dataset", "cir"])
     assert res.exit_code == 2 and "did you mean 'cirr'?" in res.output
+
+
+def test_an_unknown_option_names_the_closest_option_of_the_command_or_its_plugins(tmp_path):
+    """Every extra option is checked against the methods' and the dataset's before anything runs, and a
+    misspelt option of the command itself gets a hint; options are shown as typed (dashes)."""
+    runner = CliRunner()
+    cases = [(["run", "--batchsize", "3"], "unknown option --batchsize for methods slerp, image-only, text-only or "
+              "dataset shapes (did you mean --batch-size?); valid: --alpha, --generator-seed"),
+             (["run", "--method", "slerp", "--alpa", "0.5"], "(did you mean --alpha?)"),
+             (["run", "--dataset", "fashioniq", "--categry", "dress"], "(did you mean --category?)"),
+             (["train", "--method", "slerp-tat", "--corpus", str(tmp_path), "-o", str(tmp_path / "o"),
+               "--lora_rnk", "2"], "unknown option --lora-rnk for training of slerp-tat (did you mean --lora-rank?)"),
+             (["train", "--method", "slerp-tat", "--corpus", str(tmp_path), "-o", str(tmp_path / "o"),
+               "--max-step", "2"], "(did you mean --max-steps?)"),
+             (["data", "check", "--dataset", "circo", "--data-roots", str(tmp_path)], "(did you mean --data-root?)")]
+    for args, message in cases:
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 2 and message in res.output, res.output

@@ -263,3 +263,16 @@ def test_hook_calls_can_be_traced(monkeypatch, capsys):
     finally:
         plugins.reset_registry()
     assert "register_methods" in capsys.readouterr().err
+
+
+def test_reserved_option_names_cover_every_option_of_cirbench_run():
+    """The reserved list is written out (plugins are validated without importing the CLI); it must not fall
+    behind the run command, or a plugin option would again be silently hidden by one of run's."""
+    import click
+
+    from cirbench.cli import run
+    from cirbench.types import RESERVED_OPTION_NAMES
+
+    own = {opt.lstrip("-").replace("-", "_") for p in run.params if isinstance(p, click.Option) for opt in p.opts
+           if opt.startswith("--")}
+    assert own <= RESERVED_OPTION_NAMES, sorted(own - RESERVED_OPTION_NAMES)

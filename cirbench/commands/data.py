@@ -29,14 +29,15 @@ def command() -> None:
     """Prepare and check benchmark data on disk."""
 
 
-def build_dataset(name: str, data_root: str | None, extra: list[str]):
-    """The dataset plugin ``name`` with its options from ``--name value`` extra arguments."""
-    from cirbench.cli import parse_extra_options
+def build_dataset(ctx: click.Context, name: str, data_root: str | None):
+    """The dataset plugin ``name`` with its options from the command's ``--name value`` extra arguments."""
+    from cirbench.cli import command_option_names, parse_extra_options
     from cirbench.plugins import get_registry
     from cirbench.types import resolve_options
 
     spec = get_registry().dataset(name)
-    (options,) = resolve_options(spec.options, parse_extra_options(extra), spec.name, f"dataset {spec.name}")
+    (options,) = resolve_options(spec.options, parse_extra_options(ctx.args), spec.name, f"dataset {spec.name}",
+                                 command_option_names(ctx))
     root = data_root or spec.default_data_root
     return spec, spec.create(root, options)
 
@@ -51,7 +52,7 @@ def prepare(ctx, dataset, data_root, quiet):
     """Write the files DATASET derives from its sources (dataset options as --name value)."""
     from cirbench.errors import CirbenchError
 
-    spec, ds = build_dataset(dataset, data_root, ctx.args)
+    spec, ds = build_dataset(ctx, dataset, data_root)
     if not hasattr(ds, "prepare"):
         raise CirbenchError(f"dataset '{spec.name}' needs no preparation: its files are used as distributed")
     click.echo(ds.prepare(progress=not quiet))
@@ -74,7 +75,7 @@ def check(ctx, dataset, split, data_root, sample, as_json):
     from cirbench.datacheck import check as run_check
     from cirbench.datacheck import healthy, render
 
-    spec, ds = build_dataset(dataset, data_root, ctx.args)
+    spec, ds = build_dataset(ctx, dataset, data_root)
     report = run_check(ds, split or spec.default_split or spec.splits[0], sample=sample)
     click.echo(json.dumps(report, indent=1) if as_json else render(report))
     return 0 if healthy(report) else 1

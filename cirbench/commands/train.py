@@ -51,7 +51,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
 
     from cirbench import distributed
     from cirbench.backbones import load_backbone
-    from cirbench.cli import parse_extra_options
+    from cirbench.cli import command_option_names, parse_extra_options
     from cirbench.corpora import open_corpus
     from cirbench.evaluate import DEFAULT_BACKBONE
     from cirbench.plugins import get_registry
@@ -60,7 +60,8 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
 
     spec = get_registry().method(method)
     trainer_cls = spec.load_trainer()
-    options = resolve_options(spec.train_options, parse_extra_options(ctx.args), None, f"training of {method}")
+    options = resolve_options(spec.train_options, parse_extra_options(ctx.args), None, f"training of {method}",
+                              command_option_names(ctx))
     if len(options) != 1:
         from cirbench.errors import CirbenchError
 
