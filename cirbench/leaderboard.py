@@ -83,7 +83,7 @@ def build_tables(root: Path, include_paper: bool = True, datasets: list[tuple[st
         try:
             rec = read_result(path)
         except CirbenchError as exc:
-            print(f"warning: skipping {exc}", file=sys.stderr)
+            print(f"warning: {exc}; skipped", file=sys.stderr)
             continue
         key = (str(rec["dataset"].get("name")), str(rec["dataset"].get("split")))
         groups.setdefault(key, []).append((path, rec))

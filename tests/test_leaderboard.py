@@ -62,6 +62,8 @@ def test_cli_leaderboard_writes_files_and_skips_bad_results(tmp_path):
     res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "fashioniq / val" in res.output and "avg/R@10" in res.output
+    assert f"warning: result file {bad} is unreadable: " in res.output
+    assert f"warning: result file {old} has schema_version 999 (this cirbench reads 1, 2); skipped" in res.output
     assert "searle · ViT-B/32 [paper]" in res.output  # FashionIQ papers report val: same split
     out = tmp_path / "leaderboard"
     assert (out / "leaderboard.md").exists() and (out / "fashioniq_val.csv").exists()
