@@ -42,3 +42,51 @@ def test_paired_comparison():
 @pytest.mark.parametrize("replicates", [0, -1])
 def test_no_replicates_no_interval(replicates):
     assert bootstrap_ci({"all": {"R@1": np.ones(3)}}, Dataset(None).aggregate, replicates) == {}
+
+
+def _exact_sign_flip_p(d: np.ndarray) -> float:
+    """The permutation p-value by enumerating all 2^n sign patterns (the oracle of the sampled test)."""
+    n = len(d)
+    signs = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) * 2.0 - 1.0
+    return float((np.abs((signs * d).mean(axis=1)) >= abs(d.mean()) - 1e-9).mean())
+
+
+@pytest.mark.parametrize("kind", ["continuous", "recall"])
+def test_sign_flip_p_value_matches_exact_enumeration(kind):
+    """Recall differences (-100, 0, 100) tie with the observed mean under many flips: ties count as extreme."""
+    rng = np.random.default_rng(5)
+    if kind == "continuous":
+        a, b = rng.normal(50, 10, 12) + 2, rng.normal(50, 10, 12)
+    else:
+        a = np.array([100.0] * 6 + [0.0] * 2 + [100.0, 0.0] * 3)  # 6 wins, 2 losses, 6 ties: exact p = 74/256
+        b = np.array([0.0] * 6 + [100.0] * 2 + [100.0, 0.0] * 3)
+    exact = _exact_sign_flip_p(a - b)
+    sampled = paired_comparison(a, b, replicates=40000, seed=3)["p_value"]
+    assert 0.02 < exact < 0.98 and abs(sampled - exact) < 0.015, (sampled, exact)
+
+
+def test_paired_comparison_does_not_depend_on_the_block_size(monkeypatch):
+    """Replicates are drawn in blocks (memory stays bounded for any number of queries); the numbers are the
+    same whatever the block size, and the bootstrap interval is the mean's normal interval at this size."""
+    import cirbench.stats as stats
+
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(50, 10, 3001), rng.normal(49, 10, 3001)
+    whole = paired_comparison(a, b, replicates=4000, seed=7)
+    monkeypatch.setattr(stats, "BLOCK_VALUES", 3001 * 7 + 5)  # blocks of 7 replicates, the last one short
+    assert stats._blocks(4000, 3001)[-1] == 4000 % 7
+    assert paired_comparison(a, b, replicates=4000, seed=7) == whole
+    d = a - b
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    assert abs(whole["low"] - (d.mean() - half)) < 0.1 * half and abs(whole["high"] - (d.mean() + half)) < 0.1 * half
+
+
+def test_bootstrap_ci_in_small_blocks_agrees_with_the_normal_interval(monkeypatch):
+    import cirbench.stats as stats
+
+    rng = np.random.default_rng(8)
+    values = rng.choice([0.0, 100.0], 5000, p=[0.6, 0.4])
+    monkeypatch.setattr(stats, "BLOCK_VALUES", 5000 * 3)
+    ((low, high),) = bootstrap_ci({"all": {"R@1": values}}, Dataset(None).aggregate, 3000, seed=2).values()
+    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
+    assert abs(low - (values.mean() - half)) < 0.1 * half and abs(high - (values.mean() + half)) < 0.1 * half
