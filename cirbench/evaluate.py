@@ -136,22 +136,24 @@ def drop_missing(es: EvalSet, allow_missing: bool) -> dict[str, int]:
     return counts
 
 
-def check_composed(features: Any, n: int, dim: int, mspec: MethodSpec, vectors: int = 1) -> torch.Tensor:
-    """What ``compose`` returned must be ``[n, dim]`` (``[n, vectors, dim]`` for a method with several vectors
-    per query), finite and L2-normalised; a CirbenchError names the method and its plugin otherwise."""
+def check_composed(features: Any, n: int, dim: int, mspec: MethodSpec, vectors: int = 1,
+                   hook: str = "compose") -> torch.Tensor:
+    """What ``compose`` (or ``hook``) returned must be ``[n, dim]`` (``[n, vectors, dim]`` for a method with
+    several vectors per query), finite and L2-normalised; a CirbenchError names the method and its plugin
+    otherwise."""
     who = f"method '{mspec.name}' (plugin {mspec.plugin or '?'})"
     if not isinstance(features, torch.Tensor):
-        raise CirbenchError(f"{who}: compose returned {type(features).__name__}, not a tensor")
+        raise CirbenchError(f"{who}: {hook} returned {type(features).__name__}, not a tensor")
     expected = (n, dim) if vectors == 1 else (n, vectors, dim)
     if tuple(features.shape) != expected:
-        raise CirbenchError(f"{who}: compose returned shape {tuple(features.shape)}, expected {expected} "
+        raise CirbenchError(f"{who}: {hook} returned shape {tuple(features.shape)}, expected {expected} "
                             "to match the gallery features")
     features = features.float()
     if not bool(torch.isfinite(features).all()):
-        raise CirbenchError(f"{who}: compose returned non-finite values (NaN or Inf)")
+        raise CirbenchError(f"{who}: {hook} returned non-finite values (NaN or Inf)")
     norms = features.norm(dim=-1)
     if n and not bool(((norms - 1).abs() < 1e-3).all()):
-        raise CirbenchError(f"{who}: compose returned features that are not L2-normalised (norms "
+        raise CirbenchError(f"{who}: {hook} returned features that are not L2-normalised (norms "
                             f"{float(norms.min()):.4g}..{float(norms.max()):.4g}); ranking would be by dot product")
     return features
 
@@ -336,14 +338,16 @@ class Evaluator:
             rkey = self._feature_key(backbone, preprocessor, rkind)
             ref_feats = self._features(cache, rkey, refs, method.encode_references, preprocessor,
                                        f"{es.name}: references")
-        method.prepare(QuerySet(ctx.dspec.name, ctx.split, es.name,
-                                [dataclasses.replace(q, targets=(), candidates=None) for q in es.queries],
-                                {r.id: r for r in refs}, Path(cfg.cache_dir) if cfg.cache_dir else None,
-                                cfg.progress))
-        queries = self._compose(es, method, mspec, backbone, refs, ref_feats, gallery.shape[-1] if gallery.ndim == 2
-                                else 0)
-        combine = method.combine_scores if queries.ndim == 3 else None
+        blind = [dataclasses.replace(q, targets=(), candidates=None) for q in es.queries]  # what a method sees
+        method.prepare(QuerySet(ctx.dspec.name, ctx.split, es.name, blind, {r.id: r for r in refs},
+                                Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.progress))
+        dim = gallery.shape[-1] if gallery.ndim == 2 else 0
+        queries = self._compose(es, method, mspec, backbone, refs, ref_feats, dim)
         gallery_dev = gallery.to(backbone.device)  # once: every ranking below reuses it
+        with torch.no_grad():
+            queries = check_composed(method.finalize_queries(blind, queries.to(backbone.device), gallery_dev),
+                                     len(blind), dim, mspec, getattr(method, "query_vectors", 1), "finalize_queries")
+        combine = method.combine_scores if queries.ndim == 3 else None
         gindex = {g.id: i for i, g in enumerate(es.gallery)}
         exclude = None
         if es.exclude_reference:

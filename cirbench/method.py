@@ -10,12 +10,16 @@ A method subclasses :class:`Method` and registers a :class:`~cirbench.types.Meth
 3. calls :meth:`Method.prepare` once with the set's queries and reference images (targets removed): methods
    that work per query set, such as captioning the references and rewriting captions with a language model,
    do it there;
-4. calls :meth:`Method.compose` on batches of queries with their reference features, and ranks the
-   returned (normalised) query features against the gallery. A method with ``query_vectors = K > 1``
-   returns ``[B, K, D]`` and scores them with :meth:`Method.combine_scores`.
+4. calls :meth:`Method.compose` on batches of queries with their reference features. A method with
+   ``query_vectors = K > 1`` returns ``[B, K, D]`` and scores them with :meth:`Method.combine_scores`;
+5. calls :meth:`Method.finalize_queries` once with all the set's query features and the gallery features
+   (the default returns them unchanged; a method whose official protocol weighs its queries by statistics of
+   the whole query set against the gallery, as LDRE does on CIRCO, does it there), and ranks the returned
+   (normalised) query features against the gallery.
 
 A method never sees a dataset's metrics, targets or gallery files; it knows the dataset's name (for
-per-dataset defaults), the queries' texts and their reference images.
+per-dataset defaults), the queries' texts, their reference images and (in :meth:`finalize_queries`) the
+gallery's features.
 """
 
 from __future__ import annotations
@@ -102,6 +106,12 @@ class Method:
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         """Normalised query features ``[B, D]`` from reference features ``[B, ...]`` and the queries."""
         raise NotImplementedError
+
+    def finalize_queries(self, queries: list[Query], features: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+        """The query features to rank, from what :meth:`compose` returned for every query of the set
+        (``features``, in the order of ``queries``, whose targets are removed) and the set's gallery features
+        ``[G, D]`` (on the device, in the run's precision); same shape, normalised. Default: unchanged."""
+        return features
 
     def combine_scores(self, sims: torch.Tensor) -> torch.Tensor:
         """One score per gallery item ``[..., G]`` from the cosine similarities ``[..., K, G]`` of a query's K

@@ -10,6 +10,7 @@ import socket
 
 import pytest
 import torch
+from annotations import ANNOTATIONS, copy_tree, needs_annotations, write_placeholder
 from generation_models import FakeChatEndpoint, write_tiny_blip2, write_tiny_lm
 
 from cirbench.errors import CirbenchError
@@ -290,3 +291,88 @@ def test_uncached_hub_models_fail_at_once_when_the_hub_is_unreachable(monkeypatc
     with pytest.raises(CirbenchError, match="cannot load the language model"):
         build_llm("hf:Qwen/Qwen2.5-0.5B-Instruct")
     hub.host_reachable.cache_clear()
+
+
+def _official_ldre_circo(gpt: list[torch.Tensor], blip: list[torch.Tensor], index: torch.Tensor, topk: int,
+                         temperature: float) -> torch.Tensor:
+    """LDRE's CIRCO ranking with ``use_adaptive_ensemble``, transcribed from src/divergent_caption_ensemble.py
+    (circo_generate_test_dict): per caption slot, normalised rewrite (gpt) and caption (blip) features."""
+    neg_diff_val = []
+    for i in range(len(gpt)):
+        similarity_after = gpt[i] @ index.T
+        similarity_before = blip[i] @ index.T
+        diff = similarity_after - similarity_before
+        diff[diff > 0] = 0
+        diff = -diff
+        diff = torch.topk(diff, dim=-1, k=topk).values
+        neg_diff_val.append(torch.sum(diff).item())
+    neg = torch.tensor(neg_diff_val).float()
+    weight = torch.softmax(neg / torch.max(neg) / temperature, 0)
+    features = torch.sum(torch.stack(gpt) * weight.unsqueeze(1).unsqueeze(2), dim=0)
+    return torch.topk(features @ index.T, dim=-1, k=50).indices
+
+
+def test_ldre_adaptive_ensemble_ranks_as_the_official_circo_code():
+    from cirbench.methods.llm_rewrite.pipeline import LDRE, adaptive_weights
+    from cirbench.retrieval import rank
+    from cirbench.types import Query
+
+    torch.manual_seed(0)
+    n, n_queries, dim = 6, 40, 24
+    norm = torch.nn.functional.normalize
+    gallery = norm(torch.randn(700, dim), dim=-1)
+    captions = norm(torch.randn(n, n_queries, dim), dim=-1)
+    # slots differ in how far their rewrites move from the captions, so the weights are far from equal
+    rewrites = norm(captions + torch.linspace(0.2, 3.0, n).view(n, 1, 1) * torch.randn(n, n_queries, dim), dim=-1)
+    method = LDRE.__new__(LDRE)
+    method.options, method.adaptive, method.weights, method._set = {"adaptive_topk": 5,
+                                                                    "adaptive_temperature": 0.04}, True, {}, "val"
+    queries = [Query(str(q), "r", ("t",)) for q in range(n_queries)]
+    method._slots = {str(q): (rewrites[:, q], captions[:, q]) for q in range(n_queries)}
+    finals = method.finalize_queries(queries, torch.zeros(n_queries, dim), gallery)
+    idx, _ = rank(finals, gallery, 50)
+    official = _official_ldre_circo(list(rewrites), list(captions), gallery, 5, 0.04)
+    assert torch.equal(idx, official)
+    weights = torch.tensor(method.weights["val"])
+    assert abs(float(weights.sum()) - 1) < 1e-5 and float(weights.max()) > 3 * float(weights.min())
+    # blocks of queries (any gallery size in bounded memory) give the same weights; no loss at all: equal weights
+    small = adaptive_weights(rewrites, captions, gallery, 5, 0.04, block=3 * 700 + 1)
+    assert torch.allclose(small, adaptive_weights(rewrites, captions, gallery, 5, 0.04), atol=1e-9)
+    assert torch.equal(adaptive_weights(captions, captions, gallery, 5, 0.04), torch.full((n,), 1 / n,
+                                                                                           dtype=torch.float64))
+
+
+@needs_annotations
+def test_ldre_on_circo_weighs_its_rewrites_by_default(tmp_path, tiny_config):
+    """The adaptive ensemble is LDRE's default on CIRCO only; run end to end on the real val annotations with
+    published-format generations, it records one weight per caption slot and changes the ranking."""
+    root = copy_tree(ANNOTATIONS / "circo", tmp_path / "CIRCO")
+    ann = json.loads((root / "annotations" / "val.json").read_text())
+    ids = sorted({q["reference_img_id"] for q in ann} | {g for q in ann for g in q["gt_img_ids"]} | set(range(1, 200)))
+    for i in ids:
+        write_placeholder(root / "COCO2017_unlabeled" / "unlabeled2017" / f"{i:012d}.jpg", i)
+    words = ["red", "small", "wooden", "two", "night", "snowy"]
+    records = [{"id": q["id"], "relative_caption": q["relative_caption"],
+                "multi_caption_opt": [f"a photo of {words[(q['id'] + s) % 6]} thing {s}" for s in range(3)],
+                "multi_gpt-3.5_opt": [f"{words[(q['id'] * s) % 6]} {q['shared_concept']} {s}" for s in range(3)]}
+               for q in ann]
+    gens = tmp_path / "val_ldre.json"
+    gens.write_text(json.dumps(records))
+    options = {"captions": "3", "import_generations": str(gens), "prompt": "name:ldre", "generation": "replay",
+               "captioner": "hf:/nonexistent", "llm_url": f"http://127.0.0.1:{free_port()}/v1"}
+
+    def run(label, **extra):
+        cfg = RunConfig(method="ldre", dataset="circo", split="val", backbone=str(tiny_config), pretrained="none",
+                        data_root=root, output=tmp_path / "results", cache_dir=tmp_path / "cache", workers=0,
+                        progress=False, bootstrap=0, label=label, method_options={**options, **extra})
+        (out,) = evaluate(cfg)
+        return out
+
+    adaptive, mean = run("adaptive"), run("mean", adaptive_ensemble="false")
+    method = adaptive.record["method"]
+    assert method["options"]["adaptive_ensemble"] is True and method["info"]["adaptive_ensemble"] == {
+        "topk": 5, "temperature": 0.04}
+    (weights,) = method["summary"]["adaptive_weights"].values()
+    assert len(weights) == 3 and abs(sum(weights) - 1) < 1e-5
+    assert "adaptive_weights" not in mean.record["method"]["summary"]
+    assert [r["top"] for r in _predictions(adaptive)] != [r["top"] for r in _predictions(mean)]

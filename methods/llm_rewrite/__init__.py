@@ -8,7 +8,10 @@ OpenAI-compatible endpoint (``openai:MODEL`` with ``--llm-url``) or a local tran
 * ``cirevl`` (Karthik et al., ICLR 2024): one caption (BLIP-2 FLAN-T5 XXL, beam search, CIReVL's captioning
   prompt), one rewrite at temperature 0, normalised text feature.
 * ``ldre`` (Yang et al., SIGIR 2024): 15 sampled captions (BLIP-2 OPT-6.7b COCO), one rewrite each, the
-  normalised mean of their raw text features.
+  normalised mean of their raw text features; on CIRCO, as its official code there, a weighted sum of the
+  normalised rewrite features with one weight per caption slot, from how much each slot's rewrites lose
+  against its captions over the gallery (``--adaptive-ensemble``, ``--adaptive-topk``,
+  ``--adaptive-temperature``).
 * ``seize`` (Yang et al., ACM MM 2024): LDRE's rewrites and captions, scored by the semantic editing
   increment (``--pos-factor``, ``--neg-factor``).
 
@@ -66,7 +69,15 @@ def register_methods(register):
         name="ldre",
         description="LDRE: 15 sampled captions, one LLM rewrite each, mean of their text features.",
         factory="cirbench.methods.llm_rewrite.pipeline:LDRE",
-        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0),
+        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, (
+            OptionSpec("adaptive_ensemble", "Weigh the rewrites by caption slot over the whole query set against the "
+                       "gallery (LDRE's official CIRCO code) instead of averaging them (its CIRR code).", "bool", False,
+                       per_dataset={"circo": True}),
+            OptionSpec("adaptive_topk", "Adaptive ensemble: the largest similarity drops counted per query.", "int",
+                       5, minimum=1),
+            OptionSpec("adaptive_temperature", "Adaptive ensemble: softmax temperature of the slot weights.",
+                       "float", 0.04, minimum=1e-6),
+        )),
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="targetpad",
     ))

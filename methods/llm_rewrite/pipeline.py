@@ -14,7 +14,9 @@ when something is missing. Published generations are imported with ``--import-ge
 
 :meth:`compose` encodes the rewritten texts. CIReVL: the normalised text feature of its one rewrite. LDRE:
 the normalised mean of the raw text features of its rewrites (its divergent-caption ensemble with equal
-weights). SEIZE: two vectors per query, the LDRE feature and the same ensemble over the captions themselves;
+weights, as its official CIRR code); with ``--adaptive-ensemble`` (the default on CIRCO, as its official CIRCO
+code) the ensemble is weighted instead, once per query set, by :func:`adaptive_weights` (see
+:meth:`LDRE.finalize_queries`). SEIZE: two vectors per query, the LDRE feature and the same ensemble over the captions themselves;
 :meth:`combine_scores` then scores ``a + neg * min(a - b, 0) + pos * max(a - b, 0)`` with ``a``/``b`` the
 cosine similarities of the two (the semantic editing increment).
 """
@@ -226,11 +228,14 @@ class CaptionRewrite(Method):
         sums = torch.zeros(len(groups), feats.shape[1], device=feats.device).index_add_(0, owner, feats)
         return torch.nn.functional.normalize(sums / sizes.unsqueeze(1), dim=-1)
 
-    def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
+    def _rows(self, queries: list[Query]) -> list[dict[str, Any]]:
         try:
-            rows = [self.texts[q.id] for q in queries]
+            return [self.texts[q.id] for q in queries]
         except KeyError as exc:
             raise CirbenchError(f"query {exc.args[0]} was not prepared (compose called before prepare)") from None
+
+    def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
+        rows = self._rows(queries)
         after = self._ensemble([r["rewrites"] for r in rows])
         if self.ensemble != "increment":
             return after
@@ -249,7 +254,81 @@ class CIReVL(CaptionRewrite):
 
 
 class LDRE(CaptionRewrite):
+    """LDRE; with ``adaptive_ensemble`` its official CIRCO protocol (``src/divergent_caption_ensemble.py``,
+    ``use_adaptive_ensemble``): the rewrites are weighted by caption slot rather than averaged."""
+
     ensemble = "mean"
+
+    def __init__(self, backbone, options, dataset=None):
+        super().__init__(backbone, options, dataset)
+        self.adaptive = bool(self.options.get("adaptive_ensemble"))
+        self._slots: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # query id -> (rewrites, captions) [n, D]
+        self.weights: dict[str, list[float]] = {}  # query set -> slot weights
+        self._set = ""
+
+    def info(self) -> dict:
+        out = super().info()
+        if self.adaptive:
+            out["adaptive_ensemble"] = {"topk": int(self.options.get("adaptive_topk") or 5),
+                                        "temperature": float(self.options.get("adaptive_temperature") or 0.04)}
+        return out
+
+    def summary(self) -> dict:
+        return {**super().summary(), **({"adaptive_weights": self.weights} if self.adaptive else {})}
+
+    def prepare(self, query_set: QuerySet) -> None:
+        super().prepare(query_set)
+        self._set = query_set.name
+
+    def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
+        if not self.adaptive:
+            return super().compose(references, queries)
+        rows = self._rows(queries)
+        for q, row in zip(queries, rows, strict=True):
+            if len(row["rewrites"]) != self.n or len(row["captions"]) != self.n:
+                raise CirbenchError(f"query {q.id} has {len(row['captions'])} captions and {len(row['rewrites'])} "
+                                    f"rewrites; the adaptive ensemble pairs {self.n} of each (--captions)")
+        raw = self._raw_text([t for r in rows for t in r["rewrites"]]).view(len(rows), self.n, -1)
+        captions = self._raw_text([t for r in rows for t in r["captions"]]).view(len(rows), self.n, -1)
+        rewrites, captions = (torch.nn.functional.normalize(x, dim=-1) for x in (raw, captions))
+        for i, q in enumerate(queries):  # each slot's rewrite and caption, for finalize_queries
+            self._slots[q.id] = (rewrites[i], captions[i])
+        return torch.nn.functional.normalize(raw.mean(dim=1), dim=-1)  # the equal-weight ensemble until then
+
+    def finalize_queries(self, queries: list[Query], features: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+        if not self.adaptive:
+            return features
+        rewrites = torch.stack([self._slots[q.id][0] for q in queries], dim=1)  # [n, Q, D]
+        captions = torch.stack([self._slots[q.id][1] for q in queries], dim=1)
+        weights = adaptive_weights(rewrites, captions, gallery, int(self.options.get("adaptive_topk") or 5),
+                                   float(self.options.get("adaptive_temperature") or 0.04))
+        self.weights[self._set] = [round(float(w), 6) for w in weights]
+        self._slots.clear()
+        ensemble = (weights.to(rewrites.dtype).view(-1, 1, 1) * rewrites).sum(dim=0)
+        return torch.nn.functional.normalize(ensemble, dim=-1).to(features.device)
+
+
+def adaptive_weights(rewrites: torch.Tensor, captions: torch.Tensor, gallery: torch.Tensor, topk: int,
+                     temperature: float, block: int = 1 << 25) -> torch.Tensor:
+    """LDRE's weight of each caption slot ``i`` over a whole query set (official CIRCO code): the similarity
+    the slot's rewrites lose against its captions, ``s_i = sum over queries of the topk largest
+    max(caption_i . g - rewrite_i . g, 0)`` over gallery items ``g``, then ``softmax(s / max(s) / temperature)``.
+    ``rewrites``/``captions``: normalised ``[n, Q, D]``; ``gallery``: ``[G, D]``. Where no rewrite loses
+    anything (``max(s) = 0``, a division by zero in the official code) the weights are equal."""
+    n, n_queries = rewrites.shape[0], rewrites.shape[1]
+    k = min(topk, gallery.shape[0])
+    rows = max(1, block // max(1, gallery.shape[0]))  # queries per block: bounded memory for any gallery
+    lost = torch.zeros(n, dtype=torch.float64)
+    for i in range(n):
+        for start in range(0, n_queries, rows):
+            after = rewrites[i, start : start + rows].to(gallery.dtype) @ gallery.T
+            before = captions[i, start : start + rows].to(gallery.dtype) @ gallery.T
+            drop = (before.float() - after.float()).clamp_(min=0)
+            lost[i] += float(torch.topk(drop, k, dim=1).values.double().sum())
+    top = float(lost.max()) if n else 0.0
+    if top <= 0:
+        return torch.full((n,), 1.0 / max(n, 1), dtype=torch.float64)
+    return torch.softmax(lost / top / temperature, dim=0)
 
 
 class SEIZE(CaptionRewrite):
@@ -270,4 +349,4 @@ def _load_image(ref):
     return load_image(ref).convert("RGB")
 
 
-__all__ = ["CIReVL", "LDRE", "SEIZE", "CaptionRewrite", "instruction_of", "ReplayMiss"]
+__all__ = ["CIReVL", "LDRE", "SEIZE", "CaptionRewrite", "adaptive_weights", "instruction_of", "ReplayMiss"]
