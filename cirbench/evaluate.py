@@ -345,8 +345,10 @@ class Evaluator:
         queries = self._compose(es, method, mspec, backbone, refs, ref_feats, dim)
         gallery_dev = gallery.to(backbone.device)  # once: every ranking below reuses it
         with torch.no_grad():
-            queries = check_composed(method.finalize_queries(blind, queries.to(backbone.device), gallery_dev),
-                                     len(blind), dim, mspec, getattr(method, "query_vectors", 1), "finalize_queries")
+            final = method.finalize_queries(blind, queries, gallery_dev)
+        if final is not queries:  # a method that adjusts its queries against the gallery (LDRE on CIRCO)
+            queries = check_composed(final, len(blind), dim, mspec, getattr(method, "query_vectors", 1),
+                                     "finalize_queries")
         combine = method.combine_scores if queries.ndim == 3 else None
         gindex = {g.id: i for i, g in enumerate(es.gallery)}
         exclude = None

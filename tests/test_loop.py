@@ -226,3 +226,38 @@ def test_compare_two_runs(tmp_path, tiny_config, toy_root):
     preds.write_text(preds.read_text().replace('"query": "0"', '"query": "zero"', 1))
     res = CliRunner().invoke(cli, ["compare", str(img.result_path), str(txt.result_path)])
     assert res.exit_code == 2 and "does not belong" in res.output  # predictions no longer match their result
+
+
+def test_what_a_method_returns_is_checked_and_the_plugin_named(tmp_path, tiny_config, toy_root):
+    """compose and finalize_queries must return [Q, D] finite, L2-normalised tensors; anything else is a
+    one-line error naming the method, its plugin and the hook, never a ranking by garbage."""
+    import torch
+
+    from cirbench import Method, MethodSpec, OptionSpec, hookimpl
+
+    class Broken(Method):
+        def compose(self, references, queries):
+            feats = torch.nn.functional.normalize(torch.ones(len(queries), self.backbone.embed_dim), dim=-1)
+            return {"shape": feats[:, :-1], "nan": feats * float("nan"), "scale": feats * 2,
+                    "type": feats.tolist()}.get(self.options["mode"], feats)
+
+        def finalize_queries(self, queries, features, gallery):
+            return features * 3 if self.options["mode"] == "finalize" else features
+
+    class BrokenPlugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(MethodSpec(name="broken", description="returns what it is told", factory=Broken,
+                                options=(OptionSpec("mode", "what to get wrong", "str", "ok"),)))
+
+    cases = {"shape": "compose returned shape (12, 31), expected (12, 32)", "nan": "compose returned non-finite",
+             "scale": "compose returned features that are not L2-normalised", "type": "compose returned list",
+             "finalize": "finalize_queries returned features that are not L2-normalised (norms 3..3)"}
+    with registered(ToyPlugin(), "toy") as reg:
+        reg.register_plugin(BrokenPlugin(), name="broken-plugin")
+        (ok,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="broken", bootstrap=0), reg)
+        assert ok.metrics
+        for mode, message in cases.items():
+            with pytest.raises(CirbenchError, match=r"method 'broken' \(plugin broken-plugin\): ") as err:
+                evaluate(_cfg(tmp_path, tiny_config, toy_root, method="broken", method_options={"mode": mode}), reg)
+            assert message in str(err.value), str(err.value)
