@@ -67,7 +67,8 @@ def register_methods(register):
     ))
     register(MethodSpec(
         name="ldre",
-        description="LDRE: 15 sampled captions, one LLM rewrite each, mean of their text features.",
+        description="LDRE: 15 sampled captions, one LLM rewrite each, mean of their text features (on CIRCO weighted "
+                    "per caption slot, as its official code).",
         factory="cirbench.methods.llm_rewrite.pipeline:LDRE",
         options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, (
             OptionSpec("adaptive_ensemble", "Weigh the rewrites by caption slot over the whole query set against the "
