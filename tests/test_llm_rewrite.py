@@ -376,3 +376,25 @@ def test_ldre_on_circo_weighs_its_rewrites_by_default(tmp_path, tiny_config):
     assert len(weights) == 3 and abs(sum(weights) - 1) < 1e-5
     assert "adaptive_weights" not in mean.record["method"]["summary"]
     assert [r["top"] for r in _predictions(adaptive)] != [r["top"] for r in _predictions(mean)]
+
+
+def test_imported_queries_of_one_image_keep_their_own_captions(tmp_path, tiny_config, toy_root):
+    """LDRE/SEIZE files caption every query apart: two queries of one reference image (CIRCO test has two such
+    pairs, CIRR many) keep the captions their rewrites were made from, which SEIZE and LDRE's CIRCO ensemble
+    compare them with."""
+    data = json.loads((toy_root / "queries.json").read_text())
+    data["queries"][1]["reference"] = data["queries"][0]["reference"]
+    (toy_root / "queries.json").write_text(json.dumps(data))
+    records = [{"id": int(q["id"]), "relative_caption": q["text"],
+                "multi_caption_opt": [f"c{i} of query {q['id']}" for i in range(2)],
+                "multi_gpt-3.5_opt": [f"r{i} of query {q['id']}" for i in range(2)]} for q in data["queries"]]
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps(records))
+    nothing = dict(captioner="hf:/nonexistent", llm_url=f"http://127.0.0.1:{free_port()}/v1")
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (seize,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="seize", captions=2, import_generations=path,
+                                 prompt="name:seize", generation="replay", **nothing), reg)
+    rows = {r["query"]: r["method"] for r in _predictions(seize)}
+    for qid in ("0", "1"):
+        assert rows[qid]["captions"] == [f"c0 of query {qid}", f"c1 of query {qid}"]
+        assert rows[qid]["rewrites"] == [f"r0 of query {qid}", f"r1 of query {qid}"]

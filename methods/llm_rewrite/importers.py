@@ -133,9 +133,11 @@ def _record(rows, qs: QuerySet, image_sha: dict[str, str], method, cache: Genera
                                 f"rewrites; this run uses --captions {method.n}")
         captions, rewrites = captions[: method.n], rewrites[: method.n]
         sha = image_sha[q.reference]
+        instruction = instruction_of(q)
         if sha not in kept:
             kept[sha] = captions
             cache.put(method.caption_key(sha), captions, source, count_as="imported")
-        instruction = instruction_of(q)
-        for caption, rewrite in zip(kept[sha], rewrites, strict=True):
+        elif captions != kept[sha]:  # another query of this image, captioned apart: its rewrites go with these
+            cache.put(method.query_caption_key(sha, q), captions, source, count_as="imported")
+        for caption, rewrite in zip(captions, rewrites, strict=True):
             cache.put(method.rewrite_key(caption, instruction), [rewrite], source, count_as="imported")

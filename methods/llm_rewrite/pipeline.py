@@ -124,12 +124,18 @@ class CaptionRewrite(Method):
                                     "--prompt name:ID (e.g. name:cirevl-simple) so the records say so")
             import_generations([Path(p.strip()).expanduser() for p in imports], qs, image_sha, self, cache)
         captions = self._captions(qs, cache, image_sha)
-        self._rewrites(qs, cache, captions)
+        self._rewrites(qs, cache, self._query_captions(qs, cache, image_sha, captions))
         for key in ("cached", "generated", "imported"):
             self.stats[key] += cache.stats.get(key, 0)
 
     def caption_key(self, sha: str) -> dict[str, Any]:
         return {**self.caption_request, "image": sha}
+
+    def query_caption_key(self, sha: str, query: Query) -> dict[str, Any]:
+        """The captions of one query's reference image where they are the query's own: a published file (LDRE,
+        SEIZE) captions every query apart, and two queries of one image may differ; their rewrites were made
+        from their own captions, and the pairs stay together."""
+        return {**self.caption_key(sha), "query": query.id, "instruction": instruction_of(query)}
 
     def rewrite_key(self, caption: str, instruction: str) -> dict[str, Any]:
         return {**self.rewrite_request, "caption": caption, "instruction": instruction}
@@ -158,12 +164,23 @@ class CaptionRewrite(Method):
                     out[rid] = caps
         return out
 
+    def _query_captions(self, qs: QuerySet, cache: GenerationCache, image_sha: dict[str, str],
+                        captions: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Each query's captions (query id -> list): its own where recorded (see :meth:`query_caption_key`),
+        else its reference image's."""
+        out = {}
+        for q in qs.queries:
+            own = cache.lookup(self.query_caption_key(image_sha[q.reference], q))
+            out[q.id] = own if own is not None and len(own) == self.n else captions[q.reference]
+        return out
+
     def _rewrites(self, qs: QuerySet, cache: GenerationCache, captions: dict[str, list[str]]) -> None:
+        """Rewrite every query's captions (``captions``: query id -> list) with its instruction."""
         answers: dict[tuple[str, str], str] = {}
         missing: dict[tuple[str, str], Query] = {}
         for q in qs.queries:
             instruction = instruction_of(q)
-            for caption in captions[q.reference]:
+            for caption in captions[q.id]:
                 pair = (caption, instruction)
                 if pair in answers or pair in missing:
                     continue
@@ -187,7 +204,7 @@ class CaptionRewrite(Method):
                     answers[(c, i)] = text
         for q in qs.queries:
             instruction = instruction_of(q)
-            caps = captions[q.reference]
+            caps = captions[q.id]
             raw = [answers[(c, instruction)] for c in caps]
             parsed = [self.prompt.parse_answer(a, instruction) for a in raw]
             fallbacks = sum(1 for _, fell in parsed if fell)
