@@ -83,7 +83,10 @@ def probe(data: bytes, name: str) -> tuple[str, str, int, int]:
             return str(im.format), str(im.mode), int(im.size[0]), int(im.size[1])
     except Image.DecompressionBombError as exc:  # PIL's own check (twice its MAX_IMAGE_PIXELS) fired first
         raise ImageError(f"image {name} exceeds the pixel limit: {exc}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:  # PIL's message names its BytesIO object, not the file
+        raise ImageError(f"corrupt or unreadable image {name}: not an image format PIL reads (it starts with "
+                         f"{data[:8]!r}, {len(data):,} bytes)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"corrupt or unreadable image {name}: {type(exc).__name__}: {exc}") from None
 
 

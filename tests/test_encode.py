@@ -115,6 +115,13 @@ def test_corrupt_jpeg_is_named(image_files, tmp_path):
         with pytest.raises(ImageError, match="bad.jpg"):
             encode_images(refs, _pixels, Preprocessor("clip", 24), batch_size=8, workers=0, progress=False,
                           path=path)
+    bad.write_bytes(b"junk\n")  # not an image at all: the file and its first bytes, not PIL's BytesIO object
+    for path in ("batched", "workers"):
+        with pytest.raises(ImageError) as err:
+            encode_images(refs, _pixels, Preprocessor("clip", 24), batch_size=8, workers=0, progress=False,
+                          path=path)
+        assert str(err.value) == (f"corrupt or unreadable image {bad}: not an image format PIL reads (it starts with "
+                                  "b'junk\\n', 5 bytes)"), str(err.value)
 
 
 def test_decoder_falls_back_and_names_the_file(image_files, tmp_path):
