@@ -16,8 +16,8 @@ when something is missing. Published generations are imported with ``--import-ge
 the normalised mean of the raw text features of its rewrites (its divergent-caption ensemble with equal
 weights, as its official CIRR code); with ``--adaptive-ensemble`` (the default on CIRCO, as its official CIRCO
 code) the ensemble is weighted instead, once per query set, by :func:`adaptive_weights` (see
-:meth:`LDRE.finalize_queries`). SEIZE: two vectors per query, the LDRE feature and the same ensemble over the captions themselves;
-:meth:`combine_scores` then scores ``a + neg * min(a - b, 0) + pos * max(a - b, 0)`` with ``a``/``b`` the
+:meth:`LDRE.finalize_queries`). SEIZE: two vectors per query, the LDRE feature and the same ensemble over the
+captions themselves; :meth:`combine_scores` then scores ``a + neg * min(a - b, 0) + pos * max(a - b, 0)`` with ``a``/``b`` the
 cosine similarities of the two (the semantic editing increment).
 """
 
@@ -335,13 +335,14 @@ def adaptive_weights(rewrites: torch.Tensor, captions: torch.Tensor, gallery: to
     n, n_queries = rewrites.shape[0], rewrites.shape[1]
     k = min(topk, gallery.shape[0])
     rows = max(1, block // max(1, gallery.shape[0]))  # queries per block: bounded memory for any gallery
-    lost = torch.zeros(n, dtype=torch.float64)
+    lost = torch.zeros(n, dtype=torch.float64, device=gallery.device)  # summed where computed: one sync at the end
     for i in range(n):
         for start in range(0, n_queries, rows):
             after = rewrites[i, start : start + rows].to(gallery.dtype) @ gallery.T
             before = captions[i, start : start + rows].to(gallery.dtype) @ gallery.T
             drop = (before.float() - after.float()).clamp_(min=0)
-            lost[i] += float(torch.topk(drop, k, dim=1).values.double().sum())
+            lost[i] += torch.topk(drop, k, dim=1).values.double().sum()
+    lost = lost.cpu()
     top = float(lost.max()) if n else 0.0
     if top <= 0:
         return torch.full((n,), 1.0 / max(n, 1), dtype=torch.float64)
