@@ -17,8 +17,8 @@ the normalised mean of the raw text features of its rewrites (its divergent-capt
 weights, as its official CIRR code); with ``--adaptive-ensemble`` (the default on CIRCO, as its official CIRCO
 code) the ensemble is weighted instead, once per query set, by :func:`adaptive_weights` (see
 :meth:`LDRE.finalize_queries`). SEIZE: two vectors per query, the LDRE feature and the same ensemble over the
-captions themselves; :meth:`combine_scores` then scores ``a + neg * min(a - b, 0) + pos * max(a - b, 0)`` with ``a``/``b`` the
-cosine similarities of the two (the semantic editing increment).
+captions themselves; :meth:`combine_scores` then scores ``a + neg * min(a - b, 0) + pos * max(a - b, 0)``
+with ``a``/``b`` the cosine similarities of the two (the semantic editing increment).
 """
 
 from __future__ import annotations
