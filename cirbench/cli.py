@@ -133,10 +133,10 @@ def parse_extra_options(args: list[str]) -> dict[str, str]:
     return out
 
 
-def command_option_names(ctx: click.Context) -> list[str]:
-    """The option names of ``ctx``'s command (``batch_size`` for ``--batch-size``): the "did you mean" hints of
-    an unknown extra option."""
-    return [opt.lstrip("-").replace("-", "_") for p in ctx.command.params if isinstance(p, click.Option)
+def command_option_names(command: click.Command) -> list[str]:
+    """The option names of ``command`` (``batch_size`` for ``--batch-size``): the "did you mean" hints of an
+    unknown extra option, and the names ``run``'s keeps from plugins."""
+    return [opt.lstrip("-").replace("-", "_") for p in command.params if isinstance(p, click.Option)
             for opt in p.opts if opt.startswith("--")]
 
 
@@ -234,7 +234,7 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     unknown = {k: v for k, v in extra.items() if k not in plugin_options}
     if unknown:
         what = f"method{'s' if len(names) > 1 else ''} {', '.join(names)} or dataset {dspec.name}"
-        resolve_options(list(plugin_options.values()), unknown, dspec.name, what, command_option_names(ctx))
+        resolve_options(list(plugin_options.values()), unknown, dspec.name, what, command_option_names(ctx.command))
     outcomes = []
     for mspec in specs:
         mine = extra if len(specs) == 1 else {k: v for k, v in extra.items()

@@ -367,7 +367,8 @@ def expand_sweep(spec: OptionSpec, raw: str) -> list[Any]:
         try:
             start, stop, step = (float(p) for p in parts)
         except ValueError:
-            raise CirbenchError(f"option {option_flag(spec.name)}: sweep {raw!r} must be numbers start:stop:step") from None
+            raise CirbenchError(f"option {option_flag(spec.name)}: sweep {raw!r} must be numbers "
+                                "start:stop:step") from None
         if not all(math.isfinite(x) for x in (start, stop, step)):
             raise CirbenchError(f"option {option_flag(spec.name)}: sweep {raw!r} must be finite numbers")
         if step <= 0 or stop < start:

@@ -61,7 +61,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     spec = get_registry().method(method)
     trainer_cls = spec.load_trainer()
     options = resolve_options(spec.train_options, parse_extra_options(ctx.args), None, f"training of {method}",
-                              command_option_names(ctx))
+                              command_option_names(ctx.command))
     if len(options) != 1:
         from cirbench.errors import CirbenchError
 
