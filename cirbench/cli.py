@@ -389,6 +389,7 @@ def plugins(as_json):
 
 @cli.command(epilog="\b\nExamples:\n  cirbench score --dataset circo --split val submission_val.json\n"
              "  cirbench score -d cirr -s val recall.json --input subset=recall_subset.json --json\n"
+             "  cirbench score -d circo -s test run.circo-test.json   # checks a test-server file\n"
              "  cirbench score -d shapes -s val results/shapes/val/slerp@alpha=0.7__cirbench-shapes-clip-bundled"
              ".predictions.jsonl")
 @click.option("--dataset", "-d", required=True, help="Dataset name.")
@@ -402,6 +403,9 @@ def plugins(as_json):
 def score(dataset, split, data_root, inputs, as_json, file):
     """Score a ranking FILE made by any code (official submission format, or per-query rankings), as the
     official scorer does; a file it would reject is refused with the reason.
+
+    On a split whose targets are hidden (CIRCO test, CIRR test1) nothing can be scored here: the file is checked
+    as the test server takes it, so that a submission is not wasted on a malformed file.
 
     Only the annotation files are needed, not the images.
     """
@@ -428,6 +432,11 @@ def score(dataset, split, data_root, inputs, as_json, file):
     root = data_root or spec.default_data_root
     ds = spec.create(Path(root) if root else None, opts)
     metrics = ds.score_file(split, Path(file), extra or None)
+    if not metrics and split in spec.hidden_splits and not as_json:
+        checked = " and ".join([file, *map(str, extra.values())])
+        click.echo(f"{checked}: well-formed for the {dataset} test server ({split} targets are hidden, so only "
+                   "the server can score it)")
+        return
     if as_json:
         click.echo(json.dumps(metrics))
         return

@@ -16,6 +16,7 @@ whose ``factory`` points at the subclass. The evaluation loop calls, in order:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +105,12 @@ class Dataset:
 
     # -- scoring rankings made elsewhere ---------------------------------------------------------------
     @staticmethod
-    def check_ranked(query_id: str, ids: Any, source: Path | str, *, min_length: int = 0,
+    def check_ranked(query_id: str, ids: Any, source: Path | str, *, min_length: int = 0, max_length: int | None = None,
                      reference: str | None = None, allowed: set[str] | None = None, what: str = "ranking") -> list[str]:
         """Validate one query's ranked ids from a file made elsewhere, as the official scorers would: a list,
-        no duplicates (the CIRCO evaluator refuses them), at least ``min_length`` entries, never the query's
-        ``reference`` (CIRR), only ids from ``allowed``. AnnotationError with a one-line reason otherwise."""
+        no duplicates (the CIRCO evaluator refuses them), at least ``min_length`` entries (and at most
+        ``max_length``: a test server takes lists of one length), never the query's ``reference`` (CIRR), only ids
+        from ``allowed``. AnnotationError with a one-line reason otherwise."""
         where = f"{source}, query {query_id}"
         if not isinstance(ids, list):
             raise AnnotationError(f"{where}: the {what} is a {type(ids).__name__}, not a list of ids")
@@ -117,8 +119,11 @@ class Dataset:
             dup = next(x for i, x in enumerate(ids) if x in ids[:i])
             raise AnnotationError(f"{where}: '{dup}' appears twice in the {what} (the official scorer refuses "
                                   "duplicate predictions)")
-        if len(ids) < min_length:
-            raise AnnotationError(f"{where}: the {what} has {len(ids)} ids, at least {min_length} are needed")
+        if len(ids) < min_length or (max_length is not None and len(ids) > max_length):
+            need = (f"the test server takes exactly {max_length}" if min_length == max_length else
+                    f"at least {min_length} are needed" if len(ids) < min_length else
+                    f"the test server takes at most {max_length}")
+            raise AnnotationError(f"{where}: the {what} has {len(ids)} ids, {need}")
         if reference is not None and reference in ids:
             raise AnnotationError(f"{where}: the {what} contains the reference image {reference}, which the "
                                   "protocol removes from every ranking")
@@ -149,6 +154,21 @@ class Dataset:
             per_set[evalset.name] = self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
         return self.aggregate(per_set)
 
+    @staticmethod
+    def check_query_ids(evalset: EvalSet, query_ids: Iterable[str], source: Path | str | None = None) -> None:
+        """Every query of ``evalset`` has a ranking among ``query_ids`` and no other query does; AnnotationError
+        naming ``source`` and the first few offenders otherwise."""
+        where = f" in {source}" if source else ""
+        given = set(query_ids)
+        missing = [q.id for q in evalset.queries if q.id not in given]
+        if missing:
+            raise AnnotationError(f"{len(missing)} of {len(evalset.queries)} queries have no ranking{where} "
+                                  f"(first: {missing[:3]})")
+        extra = sorted(given - {q.id for q in evalset.queries})
+        if extra:
+            raise AnnotationError(f"{len(extra)} rankings{where} are for queries this split does not have "
+                                  f"(first: {extra[:3]})")
+
     def ranking_from_ids(self, evalset: EvalSet, ranked: dict[str, list[str]],
                          subsets: dict[str, list[str]] | None = None, source: Path | None = None):
         """A :class:`~cirbench.retrieval.Ranking` from ranked image ids per query id, so that files made by
@@ -159,14 +179,7 @@ class Dataset:
 
         from .retrieval import Ranking
 
-        where = f" in {source}" if source else ""
-        missing = [q.id for q in evalset.queries if q.id not in ranked]
-        if missing:
-            raise AnnotationError(f"{len(missing)} queries have no ranking{where} (first: {missing[:3]})")
-        extra = sorted(set(ranked) - {q.id for q in evalset.queries})
-        if extra:
-            raise AnnotationError(f"{len(extra)} rankings{where} are for queries this split does not have "
-                                  f"(first: {extra[:3]})")
+        self.check_query_ids(evalset, ranked, source)
         gallery_ids = list(evalset.gallery_ids)
         position = {g: i for i, g in enumerate(gallery_ids)}
         width = max((len(ranked[q.id]) for q in evalset.queries), default=0)

@@ -202,6 +202,88 @@ def test_cirr_refuses_lists_the_protocol_cannot_score(tmp_path, cirr_val, damage
     assert len(res.output.strip().splitlines()) == 1
 
 
+# -- hidden-target splits: the file is checked as the test server takes it ---------------------------------
+CIRCO_TEST_EXAMPLE = ANNOTATIONS / "circo" / "submission_examples" / "submission_test.json"
+CIRR_DEMO = ANNOTATIONS / "cirr" / "_main_branch" / "demo_files"
+
+
+def _check_hidden(args):
+    return CliRunner().invoke(cli, ["score", *args])
+
+
+def test_official_server_examples_are_well_formed():
+    res = _check_hidden(["-d", "circo", "-s", "test", "--data-root", str(ANNOTATIONS / "circo"),
+                         str(CIRCO_TEST_EXAMPLE)])
+    assert res.exit_code == 0 and "well-formed for the circo test server" in res.output, res.output
+    res = _check_hidden(["-d", "cirr", "-s", "test1", "--data-root", str(ANNOTATIONS / "cirr"), "--input",
+                         f"subset={CIRR_DEMO / 'test1_pred_ranks_recall_subset.json'}",
+                         str(CIRR_DEMO / "test1_pred_ranks_recall.json")])
+    assert res.exit_code == 0 and "well-formed for the cirr test server" in res.output, res.output
+    assert "test1_pred_ranks_recall_subset.json" in res.output  # both files were checked
+    assert json.loads(_score(["-d", "circo", "-s", "test", "--data-root", str(ANNOTATIONS / "circo"),
+                              str(CIRCO_TEST_EXAMPLE)]).output) == {}
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("short", "query 5: the prediction list has 49 ids, the test server takes exactly 50"),
+    ("long", "query 5: the prediction list has 51 ids, the test server takes exactly 50"),
+    ("missing", "1 of 800 queries have no ranking"),
+    ("duplicate", "appears twice in the prediction list"),
+    ("extra", "are for queries this split does not have"),
+])
+def test_circo_test_files_the_server_would_refuse(tmp_path, damage, reason):
+    sub = json.loads(CIRCO_TEST_EXAMPLE.read_text())
+    if damage == "short":
+        sub["5"] = sub["5"][:49]
+    elif damage == "long":
+        sub["5"] = sub["5"] + [max(sub["5"]) + 1]
+    elif damage == "missing":
+        del sub["7"]
+    elif damage == "duplicate":
+        sub["5"][3] = sub["5"][4]
+    else:
+        sub["800"] = sub["5"]
+    (tmp_path / "sub.json").write_text(json.dumps(sub))
+    res = _check_hidden(["-d", "circo", "-s", "test", "--data-root", str(ANNOTATIONS / "circo"),
+                         str(tmp_path / "sub.json")])
+    assert res.exit_code == 2 and reason in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("no-version", "lacks 'version': the test server needs"),
+    ("reference", "contains the reference image"),
+    ("not-in-test1", "is not an image of this ranking's gallery"),
+    ("subset-long", "the subset ranking has 4 ids, the test server takes exactly 3"),
+    ("subset-outsider", "is not an image of this subset ranking's gallery"),
+    ("predictions", "check the two server files"),
+])
+def test_cirr_test1_files_the_server_would_refuse(tmp_path, damage, reason):
+    recall = json.loads((CIRR_DEMO / "test1_pred_ranks_recall.json").read_text())
+    subset = json.loads((CIRR_DEMO / "test1_pred_ranks_recall_subset.json").read_text())
+    first = next(k for k in recall if k not in ("version", "metric"))
+    if damage == "no-version":
+        del recall["version"]
+    elif damage == "reference":  # the demo file's first query: its reference, from the official annotations
+        cap = json.loads((ANNOTATIONS / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
+        recall[first][0] = next(r["reference"] for r in cap if str(r["pairid"]) == first)
+    elif damage == "not-in-test1":
+        recall[first][0] = "dev-0-0-img0"
+    elif damage == "subset-long":
+        subset[first] = subset[first] + ["x"]
+    elif damage == "subset-outsider":
+        subset[first][0] = recall[first][-1] if recall[first][-1] not in subset[first] else recall[first][-2]
+    (tmp_path / "r.json").write_text(json.dumps(recall))
+    (tmp_path / "s.json").write_text(json.dumps(subset))
+    main = tmp_path / ("r.predictions.jsonl" if damage == "predictions" else "r.json")
+    if damage == "predictions":
+        main.write_text("")
+    res = _check_hidden(["-d", "cirr", "-s", "test1", "--data-root", str(ANNOTATIONS / "cirr"), "--input",
+                         f"subset={tmp_path / 's.json'}", str(main)])
+    assert res.exit_code == 2 and reason in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
 # -- FashionIQ ---------------------------------------------------------------------------------------------
 def test_fashioniq_scores_as_the_official_val_evaluator(tmp_path):
     from cirbench.plugins import get_registry

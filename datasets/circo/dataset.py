@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import Field
 
 from cirbench.dataset import Dataset
-from cirbench.errors import AnnotationError, CirbenchError
+from cirbench.errors import AnnotationError
 from cirbench.metrics import ap_per_query, hit_count_per_query, hits_matrix
 from cirbench.schema import Record, validate_records
 from cirbench.types import EvalSet, ImageRef, Query
@@ -135,23 +135,23 @@ class CIRCO(Dataset):
         atomic_write_bytes(path, json.dumps(submission).encode())
         return [path]
 
-    def validate_submission(self, evalset: EvalSet, submission: dict) -> None:
+    def validate_submission(self, evalset: EvalSet, submission: dict, source: Path | str = "CIRCO submission") -> None:
+        """What the server takes: every query and no other, each with exactly 50 unique image ids."""
+        self.check_query_ids(evalset, submission, source)
         for q in evalset.queries:
-            ids = submission.get(q.id)
-            if ids is None:
-                raise CirbenchError(f"CIRCO submission: query {q.id} is missing")
-            if len(ids) != SUBMISSION_LENGTH or len(set(ids)) != len(ids):
-                raise CirbenchError(f"CIRCO submission: query {q.id} needs {SUBMISSION_LENGTH} unique image ids")
+            self.check_ranked(q.id, submission[q.id], source, min_length=SUBMISSION_LENGTH,
+                              max_length=SUBMISSION_LENGTH, what="prediction list")
 
     # -- scoring files made elsewhere --------------------------------------------------------------
     def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
         """Score a submission as the official evaluator (miccunifi/CIRCO ``src/evaluation.py``) does: query ids
         and image ids are integers (``"00042"`` is 42), every query must be present and no other, a list with
-        a duplicate id is refused, and a list of any length is scored as it is (ranks it lacks are misses)."""
+        a duplicate id is refused, and a list of any length is scored as it is (ranks it lacks are misses).
+
+        On the test split, whose targets are hidden, the file is checked as the server takes it (every query,
+        50 unique ids each) and nothing is scored: an empty dict."""
         self.check_split(split)
         evalset = self._evalset(split, [])  # scoring needs only the annotation files, not the gallery
-        if evalset.hidden_targets:
-            raise CirbenchError("CIRCO test targets are hidden: submit the file to the CIRCO evaluation server")
         if str(path).endswith(".jsonl"):
             rows = self.read_predictions(path)
             data = rows.get(evalset.name) or rows.get("", {})
@@ -168,6 +168,9 @@ class CIRCO(Dataset):
             if str(qid) in ranked:
                 raise AnnotationError(f"{path}: query {qid} appears twice (as {key!r})")
             ranked[str(qid)] = self.check_ranked(str(qid), ints, path, what="prediction list")
+        if evalset.hidden_targets:
+            self.validate_submission(evalset, ranked, path)
+            return {}
         return self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
 
 

@@ -114,18 +114,23 @@ class CIRR(Dataset):
         self.validate_submission(evalset, recall, subset)
         return recall, subset
 
-    def validate_submission(self, evalset: EvalSet, recall: dict, subset: dict) -> None:
+    def validate_submission(self, evalset: EvalSet, recall: dict, subset: dict | None,
+                            sources: tuple[Path | str, Path | str] = ("CIRR recall file", "CIRR recall_subset file")
+                            ) -> None:
+        """What the server takes: in the recall file, every query and no other with exactly 50 unique names of the
+        split's images, the reference left out; in the recall_subset file (when given), exactly 3 unique
+        ``img_set`` members, the reference left out."""
+        gallery = set(evalset.gallery_ids)
+        for data, source in zip((recall, subset), sources, strict=True):
+            if data is not None:
+                self.check_query_ids(evalset, (k for k in data if k not in ("version", "metric")), source)
         for q in evalset.queries:
-            top, members = recall.get(q.id), subset.get(q.id)
-            if top is None or members is None:
-                raise CirbenchError(f"CIRR submission: query {q.id} is missing")
-            if len(top) != max(RECALL_KS) or len(set(top)) != len(top) or q.reference in top:
-                raise CirbenchError(f"CIRR submission: query {q.id} needs {max(RECALL_KS)} unique names "
-                                    "without the reference")
-            allowed = set(q.candidates or ()) - {q.reference}
-            if len(members) != max(SUBSET_KS) or len(set(members)) != len(members) or not set(members) <= allowed:
-                raise CirbenchError(f"CIRR submission: query {q.id} needs {max(SUBSET_KS)} unique img_set members "
-                                    "without the reference")
+            self.check_ranked(q.id, recall[q.id], sources[0], min_length=max(RECALL_KS), max_length=max(RECALL_KS),
+                              reference=q.reference, allowed=gallery)
+            if subset is not None:
+                self.check_ranked(q.id, subset[q.id], sources[1], min_length=max(SUBSET_KS),
+                                  max_length=max(SUBSET_KS), reference=q.reference,
+                                  allowed=set(q.candidates or ()) - {q.reference}, what="subset ranking")
 
     def write_submission(self, evalset: EvalSet, ranking, out_dir: Path, stem: str) -> list[Path]:
         recall, subset = self.submission_dicts(evalset, ranking)
@@ -141,11 +146,20 @@ class CIRR(Dataset):
         """Score rankings made elsewhere with the official val protocol (SEARLE ``validate.py``): each list
         holds at least 50 unique names of the split's images without the query's reference (the protocol
         removes it; a list that still holds it is refused rather than silently shortened), and a subset list
-        at least 3 unique ``img_set`` members, the reference excluded."""
+        at least 3 unique ``img_set`` members, the reference excluded.
+
+        On test1, whose targets are hidden, the files are checked as the server takes them (see
+        :meth:`validate_submission`; both carry ``version`` and ``metric``) and nothing is scored: an empty dict."""
         (evalset,) = self.load(split)
-        if evalset.hidden_targets:
-            raise CirbenchError("CIRR test1 targets are hidden: submit the files to the CIRR test server")
         subset_path = (extra or {}).get("subset")
+        if evalset.hidden_targets:
+            if str(path).endswith(".jsonl"):
+                raise CirbenchError("CIRR test1 targets are hidden: check the two server files (recall, and "
+                                    "recall_subset with --input subset=PATH), not per-query rankings")
+            recall = self._read_server_file(path, "recall", for_server=True)
+            subset = self._read_server_file(subset_path, "recall_subset", for_server=True) if subset_path else None
+            self.validate_submission(evalset, recall, subset, (path, subset_path))
+            return {}
         if str(path).endswith(".jsonl"):
             rows = self.read_predictions(path)
             ranked = rows.get(evalset.name) or rows.get("", {})
@@ -168,11 +182,17 @@ class CIRR(Dataset):
         ranking = self.ranking_from_ids(evalset, ranked, subsets, source=path)
         return self.metrics(evalset, ranking)
 
-    def _read_server_file(self, path: Path, metric: str) -> dict[str, list]:
+    def _read_server_file(self, path: Path, metric: str, *, for_server: bool = False) -> dict[str, list]:
+        """A server file's rankings by pair id; ``version`` and ``metric`` must be right when present, and
+        present at all ``for_server`` (the server needs them)."""
         data = self.read_json(path)
         if not isinstance(data, dict) or data.get("metric") not in (None, metric):
             got = data.get("metric") if isinstance(data, dict) else type(data).__name__
             raise AnnotationError(f"{path} is not a CIRR '{metric}' file (its metric is {got!r})")
         if data.get("version") not in (None, VERSION):
             raise AnnotationError(f"{path} is for CIRR version {data.get('version')!r}, not {VERSION}")
+        missing = [key for key in ("version", "metric") if key not in data]
+        if for_server and missing:
+            raise AnnotationError(f"{path} lacks {' and '.join(repr(k) for k in missing)}: the test server needs "
+                                  f'"version": "{VERSION}", "metric": "{metric}"')
         return {str(k): v for k, v in data.items() if k not in ("version", "metric")}
