@@ -48,17 +48,28 @@ def describe_backbone(identity: dict[str, Any]) -> str:
     return f"{identity.get('model')} / {identity.get('pretrained')} ({tag})"
 
 
-def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dict[str, Any] | None = None
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint folder (or its ``model.safetensors``); check its method and backbone."""
+def is_official_file(path: Path | str | None, suffixes: tuple[str, ...]) -> bool:
+    """Whether ``path`` is a file with one of ``suffixes``: an official release's checkpoint, read by the method
+    itself, rather than a ``cirbench train`` folder."""
+    return path is not None and Path(path).is_file() and Path(path).suffix in suffixes
+
+
+def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dict[str, Any] | None = None,
+                    official_suffixes: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint folder (or its ``model.safetensors``); check its method and backbone.
+    ``official_suffixes``: the official checkpoint files the method also takes, named in the error for others."""
     if path is None:
         raise CheckpointError(f"method '{method}' needs --checkpoint (a folder written by `cirbench train`)")
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found")
     if path.is_file() and path.name != WEIGHTS:
-        raise CheckpointError(f"checkpoint {path} is not a cirbench checkpoint: pass the folder written by "
-                              f"`cirbench train` (it holds {WEIGHTS} and {CONFIG})")
+        what, official = "not a cirbench checkpoint", ""
+        if official_suffixes:
+            what = f"neither a cirbench checkpoint nor an official {'/'.join(official_suffixes)} file"
+            official = " or the official checkpoint"
+        raise CheckpointError(f"checkpoint {path} is {what}: pass the folder written by `cirbench train` (it holds "
+                              f"{WEIGHTS} and {CONFIG}){official}")
     folder = _folder(path)
     missing = [name for name in (WEIGHTS, CONFIG) if not (folder / name).is_file()]
     if missing:

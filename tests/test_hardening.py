@@ -189,6 +189,21 @@ def test_a_checkpoint_path_that_is_not_a_checkpoint_folder_says_why(tmp_path):
     with pytest.raises(CheckpointError, match="other.safetensors is not a cirbench checkpoint: pass the folder"):
         load_checkpoint(tmp_path / "ck" / "other.safetensors", "m")
     assert torch.equal(load_checkpoint(tmp_path / "ck" / "model.safetensors", "m")[0]["w"], torch.ones(1))
+    # a method that also reads its official release's file says so
+    with pytest.raises(CheckpointError, match=r"other.safetensors is neither a cirbench checkpoint nor an official "
+                                              r"\.pt/\.pth file: pass the folder .* or the official checkpoint$"):
+        load_checkpoint(tmp_path / "ck" / "other.safetensors", "m", official_suffixes=(".pt", ".pth"))
+
+
+@pytest.mark.parametrize("method", ["fti4cir", "pic2word", "searle"])
+def test_a_wrong_checkpoint_file_names_what_the_method_takes(tmp_path, method):
+    (tmp_path / "notes.txt").write_text("not weights")
+    res = CliRunner().invoke(cli, ["run", "-m", method, "-d", "shapes", "--checkpoint", str(tmp_path / "notes.txt"),
+                                   "--output", str(tmp_path / "o"), "--quiet"])
+    assert res.exit_code == 2, res.output
+    assert "notes.txt is neither a cirbench checkpoint nor an official .pt/.pth" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not [p for p in (tmp_path / "o").rglob("*") if p.is_file()]  # no result written
 
 
 def test_legacy_and_torchscript_files_get_a_clear_reason(tmp_path):

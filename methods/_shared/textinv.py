@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from cirbench.backbones import Backbone
-from cirbench.checkpoints import checkpoint_sha256, load_checkpoint, load_module_weights
+from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint, load_module_weights
 from cirbench.errors import CirbenchError
 from cirbench.method import Method, average_variants, caption_variants
 from cirbench.types import Query
@@ -143,9 +143,9 @@ def load_phi_weights(path, method: str, backbone: Backbone) -> tuple[dict[str, t
     from cirbench.safe_unpickle import load_state_dict
     from cirbench.util import file_sha256
 
-    if Path(path).is_file() and Path(path).suffix in (".pt", ".pth"):
+    if is_official_file(path, (".pt", ".pth")):
         return load_state_dict(path, "Phi"), file_sha256(Path(path))
-    tensors, _ = load_checkpoint(path, method, backbone.identity())
+    tensors, _ = load_checkpoint(path, method, backbone.identity(), (".pt", ".pth"))
     return tensors, checkpoint_sha256(path)
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cirbench import distributed as dist_utils
 from cirbench.backbones import Backbone
-from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
+from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint
 from cirbench.method import Method, average_variants
 from cirbench.methods._shared.textinv import (
     Phi,
@@ -29,6 +29,8 @@ from cirbench.util import file_sha256
 
 PLACEHOLDER = "*"
 DEFAULTS = {"num_queries": 24, "max_attributes": 12, "threshold": 0.05, "layers": 3}
+
+OFFICIAL_SUFFIXES = (".pt", ".pth", ".bin")  # the official release's checkpoint, read by the safe unpickler
 
 
 class _Attention(torch.nn.Module):
@@ -165,15 +167,15 @@ def caption_variants_fti4cir(texts: tuple[str, ...]) -> list[str]:
 
 def load_weights(path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """Tensors, architecture options and sha256 from a cirbench folder or the official pickled module."""
-    p = Path(path) if path is not None else None
-    if p is not None and p.is_file() and p.suffix in (".pt", ".pth", ".bin"):
+    if is_official_file(path, OFFICIAL_SUFFIXES):
+        p = Path(path)
         tensors = {k.removeprefix("module."): v for k, v in load_pickled_module_tensors(p).items()}
         options = dict(DEFAULTS)
         if "templates" in tensors:
             options["num_queries"] = int(tensors["templates"].shape[1])
         options["layers"] = len({m.group(1) for k in tensors if (m := re.match(r"transformer\.layers\.(\d+)\.", k))})
         return tensors, options, file_sha256(p)
-    tensors, config = load_checkpoint(path, "fti4cir", backbone.identity())
+    tensors, config = load_checkpoint(path, "fti4cir", backbone.identity(), OFFICIAL_SUFFIXES)
     return tensors, {**DEFAULTS, **config.get("options", {})}, checkpoint_sha256(path)
 
 

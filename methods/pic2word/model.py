@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from cirbench.backbones import Backbone
-from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
+from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint
 from cirbench.method import Method
 from cirbench.methods._shared.textinv import (
     RawImageReferences,
@@ -25,6 +25,8 @@ from cirbench.types import Query
 from cirbench.util import file_sha256
 
 PLACEHOLDER = "*"
+
+OFFICIAL_SUFFIXES = (".pt", ".pth", ".bin")  # the official release's checkpoint, read by the safe unpickler
 
 
 class Img2Text(torch.nn.Module):
@@ -65,12 +67,12 @@ def prompt(query: Query, dataset: str | None) -> str:
 
 def load_official_or_cirbench(path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """Tensors and options from a cirbench folder, or from the official checkpoint layout."""
-    if path is not None and Path(path).is_file() and Path(path).suffix in (".pt", ".pth", ".bin"):
+    if is_official_file(path, OFFICIAL_SUFFIXES):
         state = load_state_dict(path, "state_dict_img2text")
         tensors = {k.removeprefix("module."): v for k, v in state.items()}
         middle = tensors["layers.0.0.weight"].shape[0] if "layers.0.0.weight" in tensors else 512
         return tensors, {"middle_dim": middle, "dropout": 0.1}, file_sha256(Path(path))
-    tensors, config = load_checkpoint(path, "pic2word", backbone.identity())
+    tensors, config = load_checkpoint(path, "pic2word", backbone.identity(), OFFICIAL_SUFFIXES)
     return tensors, config.get("options", {}), checkpoint_sha256(path)
 
 
