@@ -217,6 +217,33 @@ def test_ldre_and_seize_with_local_models(tmp_path, tiny_config, toy_root, blip2
         "rewritten_texts_sha256"]
 
 
+def test_ldre_captions_each_query_apart_as_its_official_script(tmp_path, tiny_config, toy_root, blip2, tiny_lm):
+    """LDRE's dense_caption_generator.py samples captions in its loop over the queries: two queries of one
+    reference image (CIRR has about 1.9 per image) get their own captions. --caption-per image shares them."""
+    data = json.loads((toy_root / "queries.json").read_text())
+    data["queries"][5]["reference"] = data["queries"][0]["reference"]
+    (toy_root / "queries.json").write_text(json.dumps(data))
+    local = dict(captioner=f"hf:{blip2}", llm=f"hf:{tiny_lm}", captions=3, max_tokens=4, temperature=0.7)
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (per_query,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", **local), reg)
+        (replayed,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", generation="replay", **local), reg)
+        (per_image,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", caption_per="image", **local), reg)
+    q0, q5 = (data["queries"][i]["id"] for i in (0, 5))
+    own = {r["query"]: r["method"]["captions"] for r in _predictions(per_query)}
+    shared = {r["query"]: r["method"]["captions"] for r in _predictions(per_image)}
+    assert own[q0] != own[q5] and shared[q0] == shared[q5]
+    assert per_query.record["method"]["info"]["caption_per"] == "query"
+    assert replayed.record["method"]["summary"]["rewritten_texts_sha256"] == per_query.record["method"]["summary"][
+        "rewritten_texts_sha256"]
+    assert {r["query"]: r["method"]["captions"] for r in _predictions(replayed)} == own
+    recorded = [json.loads(line)["request"] for line in
+                (tmp_path / "cache" / "generations" / "generations.jsonl").read_text().splitlines()]
+    captioned = [r for r in recorded if r["task"] == "caption"]
+    n_queries, n_images = len(data["queries"]), len({q["reference"] for q in data["queries"]})
+    assert sum("query" in r for r in captioned) == n_queries and n_images == n_queries - 1
+    assert sum("query" not in r for r in captioned) == n_images
+
+
 def test_seize_score_is_the_semantic_editing_increment():
     from cirbench.methods.llm_rewrite.pipeline import SEIZE
     from cirbench.retrieval import rank
@@ -391,10 +418,12 @@ def test_imported_queries_of_one_image_keep_their_own_captions(tmp_path, tiny_co
     path = tmp_path / "test.json"
     path.write_text(json.dumps(records))
     nothing = dict(captioner="hf:/nonexistent", llm_url=f"http://127.0.0.1:{free_port()}/v1")
-    with registered(ToyDatasetPlugin(), "toy") as reg:
-        (seize,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="seize", captions=2, import_generations=path,
-                                 prompt="name:seize", generation="replay", **nothing), reg)
-    rows = {r["query"]: r["method"] for r in _predictions(seize)}
-    for qid in ("0", "1"):
-        assert rows[qid]["captions"] == [f"c0 of query {qid}", f"c1 of query {qid}"]
-        assert rows[qid]["rewrites"] == [f"r0 of query {qid}", f"r1 of query {qid}"]
+    for per in ("query", "image"):  # published per-query captions are kept whatever live captioning would do
+        with registered(ToyDatasetPlugin(), "toy") as reg:
+            (seize,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="seize", captions=2,
+                                     import_generations=path, prompt="name:seize", generation="replay",
+                                     caption_per=per, **nothing), reg)
+        rows = {r["query"]: r["method"] for r in _predictions(seize)}
+        for qid in ("0", "1"):
+            assert rows[qid]["captions"] == [f"c0 of query {qid}", f"c1 of query {qid}"]
+            assert rows[qid]["rewrites"] == [f"r0 of query {qid}", f"r1 of query {qid}"]

@@ -7,6 +7,6 @@
 Nothing here imports torch or transformers until a model is built.
 """
 
-from .cache import GENERATION_MODES, GenerationCache, ReplayMiss, request_key
+from .cache import GENERATION_MODES, IMPORTED, GenerationCache, ReplayMiss, request_key
 
-__all__ = ["GENERATION_MODES", "GenerationCache", "ReplayMiss", "request_key"]
+__all__ = ["GENERATION_MODES", "IMPORTED", "GenerationCache", "ReplayMiss", "request_key"]

@@ -27,6 +27,7 @@ from ..errors import CirbenchError
 from ..util import default_cache_dir, json_hash
 
 GENERATION_MODES = ("auto", "replay", "refresh")
+IMPORTED = "import:"  # the source of texts read from a published file: "import:<file name>"
 FILE = "generations.jsonl"
 
 
@@ -74,12 +75,13 @@ class GenerationCache:
         self.entries.clear()
         self._load()
 
-    def lookup(self, request: dict[str, Any]) -> list[str] | None:
-        """The cached outputs of ``request`` (``None`` in refresh mode or when absent)."""
+    def lookup(self, request: dict[str, Any], source_prefix: str = "") -> list[str] | None:
+        """The cached outputs of ``request`` (``None`` in refresh mode or when absent, or when their ``source``
+        does not start with ``source_prefix``: ``IMPORTED`` asks for published texts only)."""
         if self.mode == "refresh":
             return None
         entry = self.entries.get(request_key(request))
-        if entry is not None:
+        if entry is not None and str(entry.get("source", "")).startswith(source_prefix):
             self.stats["cached"] += 1
             return list(entry["outputs"])
         return None

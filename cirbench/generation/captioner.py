@@ -48,8 +48,12 @@ class TransformersCaptioner:
     def source(self) -> str:
         return f"live:{self.id}"
 
-    def caption(self, images: list[Any]) -> list[list[str]]:
-        """``n`` captions for each PIL image."""
+    def caption(self, images: list[Any], salt: str = "") -> list[list[str]]:
+        """``n`` captions for each PIL image. Sampling is seeded per batch with the seed, mixed with ``salt`` when
+        given: the caller's name for the batch, so that two batches holding the same image at the same place (two
+        queries of one reference, captioned apart) draw different captions."""
+        import hashlib
+
         import torch
 
         out: list[list[str]] = []
@@ -62,7 +66,11 @@ class TransformersCaptioner:
             generate: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": 1,
                                         "num_beams": self.num_beams, "num_return_sequences": self.n}
             if self.n > 1:
-                torch.manual_seed(self.seed)
+                seed = self.seed
+                if salt:
+                    digest = hashlib.sha256(f"{self.seed}\0{salt}\0{start}".encode()).digest()
+                    seed = int.from_bytes(digest[:8], "little") >> 1
+                torch.manual_seed(seed)
                 generate.update(do_sample=True, top_p=self.top_p)
             with torch.no_grad():
                 ids = self.model.generate(**inputs, **generate)

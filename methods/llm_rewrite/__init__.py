@@ -7,7 +7,7 @@ OpenAI-compatible endpoint (``openai:MODEL`` with ``--llm-url``) or a local tran
 
 * ``cirevl`` (Karthik et al., ICLR 2024): one caption (BLIP-2 FLAN-T5 XXL, beam search, CIReVL's captioning
   prompt), one rewrite at temperature 0, normalised text feature.
-* ``ldre`` (Yang et al., SIGIR 2024): 15 sampled captions (BLIP-2 OPT-6.7b COCO), one rewrite each, the
+* ``ldre`` (Yang et al., SIGIR 2024): 15 sampled captions (BLIP-2 OPT-6.7b COCO) per query, one rewrite each, the
   normalised mean of their raw text features; on CIRCO, as its official code there, a weighted sum of the
   normalised rewrite features with one weight per caption slot, from how much each slot's rewrites lose
   against its captions over the gallery (``--adaptive-ensemble``, ``--adaptive-topk``,
@@ -28,13 +28,18 @@ CIREVL_CAPTION_PROMPT = ("Describe the image in complete detail. You must especi
                          "the image")  # CIReVL's prompts.blip_prompt
 
 
-def _options(captioner: str, caption_prompt: str, captions: int, temperature: float, extra=()) -> tuple:
+def _options(captioner: str, caption_prompt: str, captions: int, temperature: float, caption_per: str,
+             extra=()) -> tuple:
     return (
         OptionSpec("captioner", "Image captioner: hf:PATH_OR_REPO (a transformers image-to-text model).", "str",
                    captioner),
         OptionSpec("caption_prompt", "Prompt given to the captioner ('' for plain captioning).", "str", caption_prompt),
         OptionSpec("captions", "Captions per reference image (each rewritten; several are sampled).", "int", captions,
                    minimum=1, maximum=64),
+        OptionSpec("caption_per", "query: caption each query's reference apart, so that queries of one image get "
+                   "their own sampled captions (LDRE's official script); image: caption each reference image once "
+                   "for all its queries (cheaper: CIRR has about 1.9 queries per reference; the same result with "
+                   "greedy or beam decoding).", "str", caption_per, choices=("query", "image")),
         OptionSpec("llm", "Language model: openai:MODEL (an OpenAI-compatible endpoint) or hf:PATH_OR_REPO.", "str",
                    "openai:gpt-3.5-turbo"),
         OptionSpec("llm_url", "Base URL of the OpenAI-compatible endpoint (default $OPENAI_BASE_URL or the OpenAI "
@@ -61,7 +66,7 @@ def register_methods(register):
         name="cirevl",
         description="CIReVL: caption the reference (BLIP-2), rewrite it with an LLM, retrieve by text.",
         factory="cirbench.methods.llm_rewrite.pipeline:CIReVL",
-        options=_options("hf:Salesforce/blip2-flan-t5-xxl", CIREVL_CAPTION_PROMPT, 1, 0.0),
+        options=_options("hf:Salesforce/blip2-flan-t5-xxl", CIREVL_CAPTION_PROMPT, 1, 0.0, "image"),
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="targetpad",
     ))
@@ -70,7 +75,7 @@ def register_methods(register):
         description="LDRE: 15 sampled captions, one LLM rewrite each, mean of their text features (on CIRCO weighted "
                     "per caption slot, as its official code).",
         factory="cirbench.methods.llm_rewrite.pipeline:LDRE",
-        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, (
+        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, "query", (
             OptionSpec("adaptive_ensemble", "Weigh the rewrites by caption slot over the whole query set against the "
                        "gallery (LDRE's official CIRCO code) instead of averaging them (its CIRR code).", "bool", False,
                        per_dataset={"circo": True}),
@@ -86,7 +91,7 @@ def register_methods(register):
         name="seize",
         description="SEIZE: LDRE's rewrites scored by their semantic editing increment over the captions.",
         factory="cirbench.methods.llm_rewrite.pipeline:SEIZE",
-        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, (
+        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, "query", (
             OptionSpec("pos_factor", "Weight of the similarity the rewrite gains over the caption.", "float", 0.13,
                        minimum=0.0, sweepable=True),
             OptionSpec("neg_factor", "Weight of the similarity the rewrite loses against the caption.", "float", 2.1,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cirbench.errors import CirbenchError
-from cirbench.generation import GenerationCache
+from cirbench.generation import IMPORTED, GenerationCache
 from cirbench.method import QuerySet
 
 from .prompts import instruction_of, join_instruction
@@ -118,26 +118,21 @@ def import_generations(paths: list[Path], qs: QuerySet, image_sha: dict[str, str
         except _Mismatch as exc:
             reasons.append(f"{path.name}: {exc}")
             continue
-        _record(rows, qs, image_sha, method, cache, f"import:{path.name}")
+        _record(rows, qs, image_sha, method, cache, f"{IMPORTED}{path.name}")
         return len(rows)
     raise CirbenchError(f"--import-generations: no file matches the {len(qs.queries)} queries of "
                         f"{qs.dataset}/{qs.split} set {qs.name} ({reasons[0]})")
 
 
 def _record(rows, qs: QuerySet, image_sha: dict[str, str], method, cache: GenerationCache, source: str) -> None:
-    kept: dict[str, list[str]] = {}
     for qi, captions, rewrites in rows:
         q = qs.queries[qi]
         if len(captions) < method.n or len(rewrites) < method.n:
             raise CirbenchError(f"--import-generations: query {q.id} has {len(captions)} captions and {len(rewrites)} "
                                 f"rewrites; this run uses --captions {method.n}")
         captions, rewrites = captions[: method.n], rewrites[: method.n]
-        sha = image_sha[q.reference]
         instruction = instruction_of(q)
-        if sha not in kept:
-            kept[sha] = captions
-            cache.put(method.caption_key(sha), captions, source, count_as="imported")
-        elif captions != kept[sha]:  # another query of this image, captioned apart: its rewrites go with these
-            cache.put(method.query_caption_key(sha, q), captions, source, count_as="imported")
+        # every query's own captions (LDRE/SEIZE caption each query apart): its rewrites go with these
+        cache.put(method.query_caption_key(image_sha[q.reference], q), captions, source, count_as="imported")
         for caption, rewrite in zip(captions, rewrites, strict=True):
             cache.put(method.rewrite_key(caption, instruction), [rewrite], source, count_as="imported")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from cirbench import distributed
 from cirbench.errors import CirbenchError, ImageError
-from cirbench.generation import GenerationCache, ReplayMiss
+from cirbench.generation import IMPORTED, GenerationCache, ReplayMiss
 from cirbench.images import load_image, read_image_bytes
 from cirbench.method import Method, QuerySet
 from cirbench.types import Query
@@ -57,6 +57,7 @@ class CaptionRewrite(Method):
             raise CirbenchError(f"{type(self).__name__.lower()} rewrites one caption per query (--captions 1)")
         self.prompt: Prompt = load_prompt(str(o.get("prompt") or "builtin"))
         self.mode = str(o.get("generation") or "auto")
+        self.caption_per = str(o.get("caption_per") or "image")
         self.caption_request = {"task": "caption", "model": str(o["captioner"]),
                                 "prompt": sha256_bytes(str(o.get("caption_prompt") or "").encode()),
                                 "params": self._caption_params()}
@@ -85,7 +86,7 @@ class CaptionRewrite(Method):
 
     def info(self) -> dict:
         return {"captioner": self.caption_request["model"], "caption_prompt": self.options.get("caption_prompt") or "",
-                "captions": self.n, "caption_decoding": self.caption_request["params"],
+                "captions": self.n, "caption_per": self.caption_per, "caption_decoding": self.caption_request["params"],
                 "llm": self.rewrite_request["model"], "prompt": self.prompt.identity, "prompt_parse": self.prompt.parse,
                 "llm_params": self.rewrite_request["params"], "ensemble": self.ensemble}
 
@@ -123,8 +124,7 @@ class CaptionRewrite(Method):
                 raise CirbenchError("--import-generations records texts another prompt made: name that prompt with "
                                     "--prompt name:ID (e.g. name:cirevl-simple) so the records say so")
             import_generations([Path(p.strip()).expanduser() for p in imports], qs, image_sha, self, cache)
-        captions = self._captions(qs, cache, image_sha)
-        self._rewrites(qs, cache, self._query_captions(qs, cache, image_sha, captions))
+        self._rewrites(qs, cache, self._captions(qs, cache, image_sha))
         for key in ("cached", "generated", "imported"):
             self.stats[key] += cache.stats.get(key, 0)
 
@@ -132,46 +132,51 @@ class CaptionRewrite(Method):
         return {**self.caption_request, "image": sha}
 
     def query_caption_key(self, sha: str, query: Query) -> dict[str, Any]:
-        """The captions of one query's reference image where they are the query's own: a published file (LDRE,
-        SEIZE) captions every query apart, and two queries of one image may differ; their rewrites were made
-        from their own captions, and the pairs stay together."""
+        """The captions of one query's reference image made for that query alone (``--caption-per query``, and
+        every imported LDRE/SEIZE file: their script captions each query apart, so two queries of one image may
+        differ, and each query's rewrites were made from its own captions)."""
         return {**self.caption_key(sha), "query": query.id, "instruction": instruction_of(query)}
 
     def rewrite_key(self, caption: str, instruction: str) -> dict[str, Any]:
         return {**self.rewrite_request, "caption": caption, "instruction": instruction}
 
     def _captions(self, qs: QuerySet, cache: GenerationCache, image_sha: dict[str, str]) -> dict[str, list[str]]:
+        """Each query's captions (query id -> list): its own where recorded (:meth:`query_caption_key`; with
+        ``--caption-per image`` only published ones, which its rewrites were made from), else its reference
+        image's; what is missing is generated, per query or per image."""
+        per_query = self.caption_per == "query"
         out: dict[str, list[str]] = {}
+        units: dict[str, tuple[str, dict[str, Any], list[str]]] = {}  # unit -> (reference id, cache key, query ids)
+        for q in qs.queries:
+            sha = image_sha[q.reference]
+            own = cache.lookup(self.query_caption_key(sha, q), "" if per_query else IMPORTED)
+            if own is not None and len(own) == self.n:
+                out[q.id] = own
+                continue
+            unit, key = (q.id, self.query_caption_key(sha, q)) if per_query else (q.reference, self.caption_key(sha))
+            units.setdefault(unit, (q.reference, key, []))[2].append(q.id)
         todo = []
-        for rid, sha in image_sha.items():
-            hit = cache.lookup(self.caption_key(sha))
+        for unit, (rid, key, qids) in units.items():
+            hit = None if per_query else cache.lookup(key)  # a query's own key was looked up above
             if hit is not None and len(hit) == self.n:
-                out[rid] = hit
+                out.update(dict.fromkeys(qids, hit))
             else:
-                todo.append(rid)
+                todo.append((unit, rid, key, qids))
         if todo:
-            first = next(q for q in qs.queries if q.reference == todo[0])
-            cache.require_live(f"query {first.id} (caption of reference image {todo[0]} by "
-                               f"{self.caption_request['model']}; {len(todo)} images in all)")
+            unit, rid = todo[0][:2]
+            cache.require_live(f"query {todo[0][3][0]} (caption of reference image {rid} by "
+                               f"{self.caption_request['model']}; {len(todo)} {'queries' if per_query else 'images'} "
+                               "in all)")
             captioner = self._build_captioner()
             batch = 8
             for start in tqdm(range(0, len(todo), batch), desc=f"{qs.name}: captioning", unit="batch",
                               disable=not qs.progress, leave=False):
-                ids = todo[start : start + batch]
-                images = [_load_image(qs.references[rid]) for rid in ids]
-                for rid, caps in zip(ids, captioner.caption(images), strict=True):
-                    cache.put(self.caption_key(image_sha[rid]), caps, captioner.source())
-                    out[rid] = caps
-        return out
-
-    def _query_captions(self, qs: QuerySet, cache: GenerationCache, image_sha: dict[str, str],
-                        captions: dict[str, list[str]]) -> dict[str, list[str]]:
-        """Each query's captions (query id -> list): its own where recorded (see :meth:`query_caption_key`),
-        else its reference image's."""
-        out = {}
-        for q in qs.queries:
-            own = cache.lookup(self.query_caption_key(image_sha[q.reference], q))
-            out[q.id] = own if own is not None and len(own) == self.n else captions[q.reference]
+                chunk = todo[start : start + batch]
+                images = [_load_image(qs.references[rid]) for _, rid, _, _ in chunk]
+                # seeded by the batch's first unit: two queries of one image never share their draws
+                for (_, _, key, qids), caps in zip(chunk, captioner.caption(images, salt=chunk[0][0]), strict=True):
+                    cache.put(key, caps, captioner.source())
+                    out.update(dict.fromkeys(qids, caps))
         return out
 
     def _rewrites(self, qs: QuerySet, cache: GenerationCache, captions: dict[str, list[str]]) -> None:
