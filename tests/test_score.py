@@ -137,23 +137,23 @@ def cirr_val():
     return es
 
 
-def _full_cirr_rankings(es, seed):
-    """A full permutation of the gallery per query, the target moved up half of the time."""
-    rng = np.random.default_rng(seed)
+def _full_rankings(es, rng, moved=0.6, within=60):
+    """A full permutation of the gallery per query, the target moved into the first ``within`` places for a
+    ``moved`` share of the queries."""
     gallery = np.array(es.gallery_ids)
     rows = []
     for q in es.queries:
         perm = list(gallery[rng.permutation(len(gallery))])
-        if rng.random() < 0.6:
+        if rng.random() < moved:
             perm.remove(q.targets[0])
-            perm.insert(int(rng.integers(0, 60)), q.targets[0])
+            perm.insert(int(rng.integers(0, within)), q.targets[0])
         rows.append(perm)
     return np.array(rows)
 
 
 def test_cirr_scores_as_the_official_val_evaluator(tmp_path, cirr_val):
     es = cirr_val
-    full = _full_cirr_rankings(es, seed=3)
+    full = _full_rankings(es, np.random.default_rng(3))
     expected = official_cirr(full, [q.reference for q in es.queries], [q.targets[0] for q in es.queries],
                              [list(q.candidates) for q in es.queries])
     lines = []
@@ -292,16 +292,10 @@ def test_fashioniq_scores_as_the_official_val_evaluator(tmp_path):
     lines, expected = [], {}
     rng = np.random.default_rng(4)
     for es in ds.load("val"):  # every val target is in its category's gallery (the official code asserts it)
-        gallery = np.array(es.gallery_ids)
-        full = []
-        for q in es.queries:
-            perm = list(gallery[rng.permutation(len(gallery))])
-            if rng.random() < 0.5:
-                perm.remove(q.targets[0])
-                perm.insert(int(rng.integers(0, 70)), q.targets[0])
-            full.append(perm)
-            lines.append(json.dumps({"set": es.name, "query": q.id, "top": perm[:50]}))
-        expected[es.name] = official_fiq(np.array(full), [q.targets[0] for q in es.queries])
+        full = _full_rankings(es, rng, moved=0.5, within=70)
+        lines += [json.dumps({"set": es.name, "query": q.id, "top": list(row[:50])})
+                  for q, row in zip(es.queries, full, strict=True)]
+        expected[es.name] = official_fiq(full, [q.targets[0] for q in es.queries])
     path = tmp_path / "fiq.predictions.jsonl"
     path.write_text("\n".join(lines) + "\n")
     res = _score(["-d", "fashioniq", "-s", "val", "--data-root", str(ANNOTATIONS / "fashioniq"), str(path)])
