@@ -149,11 +149,12 @@ class CaptionRewrite(Method):
         units: dict[str, tuple[str, dict[str, Any], list[str]]] = {}  # unit -> (reference id, cache key, query ids)
         for q in qs.queries:
             sha = image_sha[q.reference]
-            own = cache.lookup(self.query_caption_key(sha, q), "" if per_query else IMPORTED)
+            own_key = self.query_caption_key(sha, q)
+            own = cache.lookup(own_key, "" if per_query else IMPORTED)
             if own is not None and len(own) == self.n:
                 out[q.id] = own
                 continue
-            unit, key = (q.id, self.query_caption_key(sha, q)) if per_query else (q.reference, self.caption_key(sha))
+            unit, key = (q.id, own_key) if per_query else (q.reference, self.caption_key(sha))
             units.setdefault(unit, (q.reference, key, []))[2].append(q.id)
         todo = []
         for unit, (rid, key, qids) in units.items():
@@ -163,8 +164,8 @@ class CaptionRewrite(Method):
             else:
                 todo.append((unit, rid, key, qids))
         if todo:
-            unit, rid = todo[0][:2]
-            cache.require_live(f"query {todo[0][3][0]} (caption of reference image {rid} by "
+            _, rid, _, qids = todo[0]
+            cache.require_live(f"query {qids[0]} (caption of reference image {rid} by "
                                f"{self.caption_request['model']}; {len(todo)} {'queries' if per_query else 'images'} "
                                "in all)")
             captioner = self._build_captioner()
