@@ -106,11 +106,12 @@ class Dataset:
     # -- scoring rankings made elsewhere ---------------------------------------------------------------
     @staticmethod
     def check_ranked(query_id: str, ids: Any, source: Path | str, *, min_length: int = 0, max_length: int | None = None,
-                     reference: str | None = None, allowed: set[str] | None = None, what: str = "ranking") -> list[str]:
+                     reference: str | None = None, allowed: set[str] | None = None,
+                     allowed_name: str = "an image of the split's gallery", what: str = "ranking") -> list[str]:
         """Validate one query's ranked ids from a file made elsewhere, as the official scorers would: a list,
         no duplicates (the CIRCO evaluator refuses them), at least ``min_length`` entries (and at most
         ``max_length``: a test server takes lists of one length), never the query's ``reference`` (CIRR), only ids
-        from ``allowed``. AnnotationError with a one-line reason otherwise."""
+        from ``allowed`` (``allowed_name`` says what they are). AnnotationError with a one-line reason otherwise."""
         where = f"{source}, query {query_id}"
         if not isinstance(ids, list):
             raise AnnotationError(f"{where}: the {what} is a {type(ids).__name__}, not a list of ids")
@@ -130,11 +131,12 @@ class Dataset:
         if allowed is not None:
             unknown = next((x for x in ids if x not in allowed), None)
             if unknown is not None:
-                raise AnnotationError(f"{where}: '{unknown}' is not an image of this {what}'s gallery")
+                raise AnnotationError(f"{where}: '{unknown}' in the {what} is not {allowed_name}")
         return ids
 
     def score_predictions_by_set(self, split: str, path: Path, *, label: str, unit: str, min_length: int,
-                                 allowed: Any, what: str = "ranking") -> dict[str, float]:
+                                 allowed: Any, allowed_name: str = "an image of the split's gallery"
+                                 ) -> dict[str, float]:
         """Score a ``*.predictions.jsonl`` file (rows with ``set``, ``query`` and ``top``) set by set, for datasets
         without an official submission format: every set of the split must have rankings (``unit`` names a set
         in the error), each checked by :meth:`check_ranked` against ``allowed(evalset)(query id)``, and the sets'
@@ -149,8 +151,8 @@ class Dataset:
             if ranked is None:
                 raise AnnotationError(f"{path} has no rankings for {unit} {evalset.name}")
             allowed_for = allowed(evalset)
-            ranked = {qid: self.check_ranked(qid, ids, path, min_length=min_length, allowed=allowed_for(qid), what=what)
-                      for qid, ids in ranked.items()}
+            ranked = {qid: self.check_ranked(qid, ids, path, min_length=min_length, allowed=allowed_for(qid),
+                                             allowed_name=allowed_name) for qid, ids in ranked.items()}
             per_set[evalset.name] = self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
         return self.aggregate(per_set)
 

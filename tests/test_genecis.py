@@ -197,6 +197,13 @@ def test_full_run_all_tasks_averages_them_and_scores_its_own_predictions(tmp_pat
                                    str(out.predictions_path)])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output) == pytest.approx(metrics)
+    other = next(r for r in rows if r["set"] != rows[0]["set"] or r["query"] != rows[0]["query"])
+    stray = next(g for g in other["top"] if g not in rows[0]["top"])  # an image of another template's gallery
+    bad = [{**rows[0], "top": [stray, *rows[0]["top"][1:]]}, *rows[1:]]
+    (tmp_path / "bad.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    res = CliRunner().invoke(cli, ["score", "-d", "genecis", "-s", "test", "--data-root", str(root),
+                                   str(tmp_path / "bad.predictions.jsonl")])
+    assert res.exit_code == 2 and f"'{stray}' in the ranking is not in the template's gallery" in res.output
     # the crops are cached per view: a second run encodes nothing and ranks identically
     (again,) = evaluate(cfg)
     assert again.record["metrics"] == metrics

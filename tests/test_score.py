@@ -172,8 +172,8 @@ def test_cirr_scores_as_the_official_val_evaluator(tmp_path, cirr_val):
     ("reference", "contains the reference image"),
     ("short", "at least 50 are needed"),
     ("duplicate", "appears twice"),
-    ("unknown", "is not an image of this ranking's gallery"),
-    ("subset-outsider", "is not an image of this subset ranking's gallery"),
+    ("unknown", "in the ranking is not an image of the split's gallery"),
+    ("subset-outsider", "in the subset ranking is not in the query's img_set"),
 ])
 def test_cirr_refuses_lists_the_protocol_cannot_score(tmp_path, cirr_val, damage, reason):
     es = cirr_val
@@ -253,9 +253,9 @@ def test_circo_test_files_the_server_would_refuse(tmp_path, damage, reason):
 @pytest.mark.parametrize("damage, reason", [
     ("no-version", "lacks 'version': the test server needs"),
     ("reference", "contains the reference image"),
-    ("not-in-test1", "is not an image of this ranking's gallery"),
+    ("not-in-test1", "'dev-0-0-img0' in the ranking is not an image of the split's gallery"),
     ("subset-long", "the subset ranking has 4 ids, the test server takes exactly 3"),
-    ("subset-outsider", "is not an image of this subset ranking's gallery"),
+    ("subset-outsider", "in the subset ranking is not in the query's img_set"),
     ("predictions", "check the two server files"),
 ])
 def test_cirr_test1_files_the_server_would_refuse(tmp_path, damage, reason):
@@ -310,6 +310,10 @@ def test_fashioniq_scores_as_the_official_val_evaluator(tmp_path):
     path.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
     res = _score(["-d", "fashioniq", "-s", "val", "--data-root", str(ANNOTATIONS / "fashioniq"), str(path)])
     assert res.exit_code == 2 and "appears twice" in res.output
+    first["top"] = ["B00NOTANASIN", *json.loads(lines[0])["top"][1:]]  # an image of no category's gallery
+    path.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    res = _score(["-d", "fashioniq", "-s", "val", "--data-root", str(ANNOTATIONS / "fashioniq"), str(path)])
+    assert res.exit_code == 2 and "'B00NOTANASIN' in the ranking is not an image of its category's gallery" in res.output
 
 
 def test_no_file_ever_scores_above_100(tmp_path, circo_ann):

@@ -120,17 +120,30 @@ class CIRR(Dataset):
         """What the server takes: in the recall file, every query and no other with exactly 50 unique names of the
         split's images, the reference left out; in the recall_subset file (when given), exactly 3 unique
         ``img_set`` members, the reference left out."""
-        gallery = set(evalset.gallery_ids)
-        for data, source in zip((recall, subset), sources, strict=True):
+        for is_subset, data, source in zip((False, True), (recall, subset), sources, strict=True):
             if data is not None:
-                self.check_query_ids(evalset, (k for k in data if k not in ("version", "metric")), source)
-        for q in evalset.queries:
-            self.check_ranked(q.id, recall[q.id], sources[0], min_length=max(RECALL_KS), max_length=max(RECALL_KS),
-                              reference=q.reference, allowed=gallery)
-            if subset is not None:
-                self.check_ranked(q.id, subset[q.id], sources[1], min_length=max(SUBSET_KS),
-                                  max_length=max(SUBSET_KS), reference=q.reference,
-                                  allowed=set(q.candidates or ()) - {q.reference}, what="subset ranking")
+                lists = {k: v for k, v in data.items() if k not in ("version", "metric")}
+                self.check_query_ids(evalset, lists, source)
+                self._check_lists(evalset, lists, source, subset=is_subset, exact=True)
+
+    def _check_lists(self, evalset: EvalSet, lists: dict, source: Path | str, *, subset: bool, exact: bool
+                     ) -> dict[str, list[str]]:
+        """Each list checked by :meth:`check_ranked`: a recall list holds at least (``exact``: exactly) 50 unique
+        names of the split's images, a subset list 3 unique ``img_set`` members; neither the query's reference."""
+        length = max(SUBSET_KS) if subset else max(RECALL_KS)
+        gallery = set(evalset.gallery_ids)
+        by_id = {q.id: q for q in evalset.queries}
+        out = {}
+        for qid, ids in lists.items():
+            q = by_id.get(qid)
+            if subset:
+                allowed, name = set(q.candidates or ()) - {q.reference} if q else set(), "in the query's img_set"
+            else:
+                allowed, name = gallery, "an image of the split's gallery"
+            out[qid] = self.check_ranked(qid, ids, source, min_length=length, max_length=length if exact else None,
+                                         reference=q.reference if q else None, allowed=allowed, allowed_name=name,
+                                         what="subset ranking" if subset else "ranking")
+        return out
 
     def write_submission(self, evalset: EvalSet, ranking, out_dir: Path, stem: str) -> list[Path]:
         recall, subset = self.submission_dicts(evalset, ranking)
@@ -167,18 +180,9 @@ class CIRR(Dataset):
         else:
             ranked = self._read_server_file(path, "recall")
             subsets = self._read_server_file(subset_path, "recall_subset") if subset_path else None
-        gallery = set(evalset.gallery_ids)
-        by_id = {q.id: q for q in evalset.queries}
-        for qid, ids in ranked.items():
-            q = by_id.get(qid)
-            ranked[qid] = self.check_ranked(qid, ids, path, min_length=max(RECALL_KS),
-                                            reference=q.reference if q else None, allowed=gallery)
-        for qid, ids in (subsets or {}).items():
-            q = by_id.get(qid)
-            allowed = set(q.candidates or ()) - {q.reference} if q else set()
-            subsets[qid] = self.check_ranked(qid, ids, subset_path or path, min_length=max(SUBSET_KS),
-                                             reference=q.reference if q else None, allowed=allowed,
-                                             what="subset ranking")
+        ranked = self._check_lists(evalset, ranked, path, subset=False, exact=False)
+        if subsets is not None:
+            subsets = self._check_lists(evalset, subsets, subset_path or path, subset=True, exact=False)
         ranking = self.ranking_from_ids(evalset, ranked, subsets, source=path)
         return self.metrics(evalset, ranking)
 

@@ -200,4 +200,4 @@ class GeneCIS(Dataset):
             return lambda qid: galleries.get(qid, set())
 
         return self.score_predictions_by_set(split, path, label="GeneCIS", unit="task", min_length=max(KS),
-                                             allowed=template_gallery, what="ranking of the template's gallery")
+                                             allowed=template_gallery, allowed_name="in the template's gallery")
