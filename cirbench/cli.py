@@ -434,8 +434,9 @@ def score(dataset, split, data_root, inputs, as_json, file):
     metrics = ds.score_file(split, Path(file), extra or None)
     if not metrics and split in spec.hidden_splits and not as_json:
         checked = " and ".join([file, *map(str, extra.values())])
+        unchecked = [f"--input {o.name}=PATH" for o in spec.score_inputs if o.name not in extra]
         click.echo(f"{checked}: well-formed for the {dataset} test server ({split} targets are hidden, so only "
-                   "the server can score it)")
+                   "the server can score it)" + (f"; not checked: {', '.join(unchecked)}" if unchecked else ""))
         return
     if as_json:
         click.echo(json.dumps(metrics))

@@ -219,7 +219,10 @@ def test_official_server_examples_are_well_formed():
                          f"subset={CIRR_DEMO / 'test1_pred_ranks_recall_subset.json'}",
                          str(CIRR_DEMO / "test1_pred_ranks_recall.json")])
     assert res.exit_code == 0 and "well-formed for the cirr test server" in res.output, res.output
-    assert "test1_pred_ranks_recall_subset.json" in res.output  # both files were checked
+    assert "test1_pred_ranks_recall_subset.json" in res.output and "not checked" not in res.output  # both checked
+    res = _check_hidden(["-d", "cirr", "-s", "test1", "--data-root", str(ANNOTATIONS / "cirr"),
+                         str(CIRR_DEMO / "test1_pred_ranks_recall.json")])
+    assert res.exit_code == 0 and res.output.rstrip().endswith("not checked: --input subset=PATH"), res.output
     assert json.loads(_score(["-d", "circo", "-s", "test", "--data-root", str(ANNOTATIONS / "circo"),
                               str(CIRCO_TEST_EXAMPLE)]).output) == {}
 
