@@ -77,11 +77,18 @@ def environment_info(device: str | None = None) -> dict[str, Any]:
 
 
 def ensure_writable(directory: Path) -> Path:
-    """Create ``directory`` and check that it is writable; CirbenchError (exit 2) otherwise."""
+    """Check, before any work, that ``directory`` can be created and written; CirbenchError (exit 2) otherwise.
+
+    Nothing is created: the probe goes into the deepest folder that exists already, so a run that fails later
+    leaves no empty results folders behind. ``ResultWriter`` creates the folder when it writes."""
     directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CirbenchError(f"results directory {directory} is not writable: {existing} is not a folder")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
@@ -154,6 +161,7 @@ class ResultWriter:
         result_path = self.directory / (stem + RESULT_SUFFIX)
         pred_path = self.directory / (stem + PREDICTIONS_SUFFIX)
         if self.enabled:
+            self.directory.mkdir(parents=True, exist_ok=True)
             _, digest = write_predictions(pred_path, predictions)
             record["predictions"] = {"file": pred_path.name, "rows": len(predictions), "sha256": digest}
             write_result(result_path, record)

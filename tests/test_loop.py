@@ -186,6 +186,14 @@ def test_unwritable_results_dir_fails_before_encoding(tmp_path, tiny_config, toy
     assert not (tmp_path / "cache").exists()  # nothing was encoded
 
 
+def test_failed_run_leaves_no_empty_results_folder(tmp_path, tiny_config, toy_root):
+    (toy_root / "images" / "img_blue_1.png").write_bytes(b"broken")
+    with registered(ToyPlugin(), "toy") as reg:
+        with pytest.raises(CirbenchError):
+            evaluate(_cfg(tmp_path, tiny_config, toy_root, output=tmp_path / "fresh" / "results"), reg)
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_results_survive_a_failed_rerun(tmp_path, tiny_config, toy_root):
     with registered(ToyPlugin(), "toy") as reg:
         (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
