@@ -346,11 +346,13 @@ class _Trainer:
                    disable=not cfg.progress or self.rank_ != 0)
         self.start = time.perf_counter()
         while run.step < self.total_steps:
-            steps_before = run.step
+            # a run resumed at the end of an epoch finds that epoch's rest empty: only a whole epoch that gives
+            # no step means the corpus has no usable batch
+            steps_before, whole_epoch = run.step, run.epoch_step == 0
             self._epoch(bar)
             if run.step >= self.total_steps:
                 break
-            if run.step == steps_before:
+            if run.step == steps_before and whole_epoch:
                 raise CirbenchError(f"corpus {self.corpus.source} yielded no usable batch ({run.skipped} samples "
                                     "skipped)")
             run.epoch, run.epoch_step = run.epoch + 1, 0

@@ -138,12 +138,13 @@ def test_training_leaves_frozen_weights_bit_identical(tmp_path, tiny_config):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss goes down
 
 
-def test_resume_continues_where_it_stopped(tmp_path, tiny_config):
+@pytest.mark.parametrize("stop", [3, 4])  # 4: the last step of an epoch (32 pairs, 8 a step)
+def test_resume_continues_where_it_stopped(tmp_path, tiny_config, stop):
     corpus = make_corpus(tmp_path / "c")
     runner = CliRunner()
     straight = _train_args(tiny_config, corpus, tmp_path / "straight", "--max-steps", "6", "--lora-dropout", "0.1")
     assert runner.invoke(cli, straight).exit_code == 0
-    first = _train_args(tiny_config, corpus, tmp_path / "resumed", "--max-steps", "3", "--lora-dropout", "0.1")
+    first = _train_args(tiny_config, corpus, tmp_path / "resumed", "--max-steps", str(stop), "--lora-dropout", "0.1")
     assert runner.invoke(cli, first).exit_code == 0
     latest = tmp_path / "resumed" / "checkpoint-latest"
     assert {p.name for p in latest.iterdir()} >= {"train_state.safetensors", "train_state.json"}
@@ -152,9 +153,9 @@ def test_resume_continues_where_it_stopped(tmp_path, tiny_config):
                          "--log-every", "1")
     res = runner.invoke(cli, second)
     assert res.exit_code == 0, res.output
-    assert "resuming from" in res.output and "at step 3" in res.output  # not a restart from step 0
+    assert "resuming from" in res.output and f"at step {stop}" in res.output  # not a restart from step 0
     log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log] == [3, 4, 5, 6]  # the second run did steps 4..6 only
+    assert [e["step"] for e in log] == list(range(stop, 7))  # the second run did steps stop+1..6 only
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
