@@ -45,7 +45,16 @@ def backbone_matches(saved: dict[str, Any], current: dict[str, Any]) -> bool:
 def describe_backbone(identity: dict[str, Any]) -> str:
     weights = identity.get("weights", {})
     tag = weights.get("tag") or weights.get("path") or weights.get("kind")
-    return f"{identity.get('model')} / {identity.get('pretrained')} ({tag})"
+    seed = f", seed {weights['seed']}" if weights.get("kind") == "random-init" else ""
+    return f"{identity.get('model')} / {identity.get('pretrained')} ({tag}{seed})"
+
+
+def backbone_flags(identity: dict[str, Any], model: str | None = None) -> str:
+    """The ``cirbench run``/``train`` options that load the backbone ``identity`` describes (``model``: the
+    name or config file as given, where known; random weights are made from ``--seed``)."""
+    weights = identity.get("weights", {})
+    seed = f" --seed {weights['seed']}" if weights.get("kind") == "random-init" else ""
+    return f"--backbone {model or identity.get('model')} --pretrained {identity.get('pretrained')}{seed}"
 
 
 def is_official_file(path: Path | str | None, suffixes: tuple[str, ...]) -> bool:
@@ -91,8 +100,7 @@ def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dic
     if backbone_identity is not None and not backbone_matches(saved, backbone_identity):
         raise CheckpointError(
             f"checkpoint {folder} was trained on {describe_backbone(saved)}, this run uses "
-            f"{describe_backbone(backbone_identity)}: pass --backbone {saved.get('model')} "
-            f"--pretrained {saved.get('pretrained')}")
+            f"{describe_backbone(backbone_identity)}: pass {backbone_flags(saved)}")
     return tensors, config
 
 

@@ -10,7 +10,9 @@ save) and naming it as ``MethodSpec.trainer``; ``cirbench train --method NAME`` 
   averaged across ranks, so N processes compute what one process with the same global batch computes;
 * a tqdm bar with loss and throughput, checkpoints every ``save_every`` steps into
   ``<output>/checkpoint-latest/`` (trained weights, optimizer, scheduler, step, data position, RNG states),
-  and resume from there after an interruption, continuing exactly where the run stopped;
+  and resume from there after an interruption, continuing exactly where the run stopped (or, with a larger
+  ``--epochs``/``--max-steps``, running on); a resume with other settings (:data:`RESUME_FIXED`, the method's
+  options, the corpus's size) is refused;
 * the final trained weights as ``<output>/model.safetensors`` + ``config.json`` (see
   :mod:`cirbench.checkpoints`), which the method's ``--checkpoint`` option loads.
 """
@@ -267,8 +269,52 @@ def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardC
     return corpus, map_style, per_step, total_steps
 
 
-def _resume(trainable, optimizer, scheduler, latest: Path, rank: int) -> _Run:
-    tensors, _ = load_checkpoint(latest, trainable.name, trainable.backbone.identity())
+# What a resumed run must share with the run it continues: the settings that decide which samples each step
+# sees and how a step changes the weights. The length (--epochs, --max-steps) may grow, and how the run is
+# carried out (device, workers, world size, logging) may change: the global batch of each step is the same
+# whatever the number of ranks (EpochSampler).
+RESUME_FIXED = ("batch_size", "lr", "weight_decay", "warmup_steps", "schedule", "step_epochs", "step_gamma",
+                "max_grad_norm", "precision", "seed")
+
+
+def _corpus_identity(corpus) -> dict[str, Any]:
+    """What a checkpoint records of its corpus; ``samples`` (or ``shards``) must not change on resume."""
+    source = str(corpus.source)
+    local = Path(source).expanduser()
+    if isinstance(corpus, PairsCorpus) and local.exists():
+        source = str(local.resolve())
+    if isinstance(corpus, ShardCorpus):
+        return {"source": source, "shards": len(corpus.urls)}
+    return {"source": source, "samples": len(corpus)}
+
+
+def _resume_differences(saved: dict[str, Any], run: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(flag, saved value, this run's value)`` for each fixed setting in which a checkpoint's config and
+    this run differ (settings an older checkpoint did not record are not compared)."""
+    def norm(value):
+        return json.loads(json.dumps(value, default=str))
+
+    out = []
+    for section, keys in (("train", RESUME_FIXED), ("options", tuple(run["options"]))):
+        old = saved.get(section) or {}
+        for key in keys:
+            if key in old and norm(old[key]) != norm(run[section].get(key)):
+                out.append(("--" + key.replace("_", "-"), old[key], run[section].get(key)))
+    old_corpus = saved.get("corpus") or {}
+    for key in ("samples", "shards"):
+        if key in old_corpus and old_corpus[key] != run["corpus"].get(key):
+            out.append(("a corpus of", f"{old_corpus[key]} {key}", f"{run['corpus'].get(key)} {key}"))
+    return out
+
+
+def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config: dict[str, Any]) -> _Run:
+    tensors, saved = load_checkpoint(latest, trainable.name, trainable.backbone.identity())
+    differences = _resume_differences(saved, run_config)
+    if differences:
+        was = ", ".join(f"{flag} {old}" for flag, old, _ in differences)
+        now = ", ".join(f"{flag} {new}" for flag, _, new in differences)
+        raise CheckpointError(f"{latest} was trained with {was}; this run asks {now}: pass the same to resume it, "
+                              "--no-resume to start over, or another --output")
     trainable.load_state(tensors)
     position = load_train_state(latest, optimizer, scheduler, rank)
     run = _Run(position["step"], position["epoch"], position["epoch_step"], position.get("skipped", 0))
@@ -323,16 +369,22 @@ class _Trainer:
         self.latest = self.output / "checkpoint-latest"
         self.state = _Run()
         if cfg.resume and (self.latest / "model.safetensors").is_file():
-            self.state = _resume(trainable, self.optimizer, self.scheduler, self.latest, self.rank_)
+            self.state = _resume(trainable, self.optimizer, self.scheduler, self.latest, self.rank_,
+                                 self.run_config())
         self.log = TrainLog(self.output, self.state.step, enabled=self.rank_ == 0)
+
+    def run_config(self) -> dict[str, Any]:
+        """The method options, training settings and corpus that a checkpoint records (and a resume checks)."""
+        cfg = self.cfg
+        return {"options": self.trainable.options, "train": {**asdict(cfg), "output": str(cfg.output)},
+                "corpus": _corpus_identity(self.corpus)}
 
     def save(self, folder: Path, final: bool) -> None:
         rngs = dist_utils.all_gather_object(rng_state())
         if self.rank_ != 0:
             return
-        t, cfg = self.trainable, self.cfg
-        config = {"method": t.name, "backbone": t.backbone.identity(), "options": t.options,
-                  "train": {**asdict(cfg), "output": str(cfg.output)},
+        t = self.trainable
+        config = {"method": t.name, "backbone": t.backbone.identity(), **self.run_config(),
                   "optimizer": {"betas": list(t.adam_betas), "eps": t.adam_eps},
                   "step": self.state.step, "skipped_samples": self.state.skipped, **t.checkpoint_config()}
         save_checkpoint(folder, t.state_to_save(), config)

@@ -162,6 +162,35 @@ def test_resume_continues_where_it_stopped(tmp_path, tiny_config, stop):
     assert json.loads((tmp_path / "resumed" / "config.json").read_text())["step"] == 6
 
 
+def test_resume_refuses_other_settings_and_allows_a_longer_run(tmp_path, tiny_config):
+    corpus = make_corpus(tmp_path / "c")
+    out = tmp_path / "run"
+    runner = CliRunner()
+    assert runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "2")).exit_code == 0
+    before = (out / "model.safetensors").read_bytes()
+    # what decides the samples of a step or the update it makes: refused, naming the saved and the asked values
+    for extra, said in [(("--lr", "2e-2"), "--lr 0.01; this run asks --lr 0.02: pass the same to resume it, "
+                                           "--no-resume to start over, or another --output"),
+                        (("--batch-size", "16"), "--batch-size 8; this run asks --batch-size 16"),
+                        (("--lora-rank", "8"), "--lora-rank 4; this run asks --lora-rank 8"),
+                        # random weights are made from the seed: the backbone differs, and the hint says so
+                        (("--seed", "3"), "(random-init, seed 0), this run uses cirbench-tiny-test / none "
+                                          "(random-init, seed 3): pass --backbone cirbench-tiny-test --pretrained "
+                                          "none --seed 0")]:
+        # a later value of an option given twice counts (_train_args gives --lr and --batch-size)
+        res = runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "4", *extra))
+        assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
+    smaller = make_corpus(tmp_path / "c2", n=24)
+    res = runner.invoke(cli, _train_args(tiny_config, smaller, out, "--max-steps", "4"))
+    assert res.exit_code == 2 and "a corpus of 32 samples; this run asks a corpus of 24 samples" in res.output
+    assert (out / "model.safetensors").read_bytes() == before  # the refused runs wrote nothing
+    # the length and how the run is carried out may change
+    res = runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "3", "--log-every", "1"))
+    assert res.exit_code == 0 and "at step 2" in res.output, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["step"] == 3 and config["corpus"] == {"source": str(corpus.resolve()), "samples": 32}
+
+
 def test_a_pickled_training_state_is_never_loaded(tmp_path, tiny_config):
     corpus = make_corpus(tmp_path / "c")
     runner = CliRunner()

@@ -37,7 +37,9 @@ Examples:
               help="Checkpoint every N steps.")
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="Write the loss to OUTPUT/train_log.jsonl every N steps.")
-@click.option("--no-resume", is_flag=True, help="Start over even if OUTPUT holds an interrupted run.")
+@click.option("--no-resume", is_flag=True, help="Start over even if OUTPUT holds a run. Without it a run in OUTPUT "
+              "continues, if its settings are the same (batch size, lr, schedule, seed, method options, corpus "
+              "size); --epochs and --max-steps may grow.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
 def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps, batch_size, lr, weight_decay,
@@ -51,6 +53,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
 
     from cirbench import distributed
     from cirbench.backbones import load_backbone
+    from cirbench.checkpoints import backbone_flags
     from cirbench.cli import command_option_names, parse_extra_options
     from cirbench.corpora import open_corpus
     from cirbench.evaluate import DEFAULT_BACKBONE
@@ -85,5 +88,5 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     out = train(trainable, corpus_data, cfg)
     if distributed.is_main():
         click.echo(f"trained {method}: {out / 'model.safetensors'}")
-        click.echo(f"use it: cirbench run --method {method} --checkpoint {out} --backbone {model_name} "
-                   f"--pretrained {weights}")
+        click.echo(f"use it: cirbench run --method {method} --checkpoint {out} "
+                   f"{backbone_flags(bb.identity(), model_name)}")
