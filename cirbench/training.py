@@ -207,28 +207,33 @@ LOG_FILE = "train_log.jsonl"
 class TrainLog:
     """``<output>/train_log.jsonl``: one JSON object per logged step (step, epoch, loss, lr, the method's own
     numbers, images/s). On resume, entries past the resumed step (work redone after the last checkpoint) are
-    dropped first, so the file always describes one continuous run."""
+    dropped, so the file always describes one continuous run. Nothing is written before the first entry: a
+    run that fails before its first step leaves the folder as it was."""
 
     def __init__(self, output: Path, resumed_step: int, enabled: bool):
         self.path = Path(output) / LOG_FILE
         self.enabled = enabled
+        self.kept: list[str] | None = None  # the entries to keep, until the first write
         if not enabled:
             return
-        kept = []
+        self.kept = []
         if resumed_step and self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
                     if json.loads(line).get("step", 0) <= resumed_step:
-                        kept.append(line)
+                        self.kept.append(line)
                 except ValueError:
                     continue
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
 
     def write(self, entry: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry) + "\n")
+        if not self.enabled:
+            return
+        if self.kept is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, "".join(line + "\n" for line in self.kept).encode())
+            self.kept = None
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
 
 
 @dataclass

@@ -264,6 +264,11 @@ def test_bad_training_input(tmp_path, tiny_config):
     assert res.exit_code == 2 and "does not exist" in res.output
     res = CliRunner().invoke(cli, ["train", "--method", "slerp", "--corpus", str(empty), "--output", str(tmp_path)])
     assert res.exit_code == 2 and "needs no training" in res.output
+    unusable = make_corpus(tmp_path / "bad", n=0, bad=True)  # three rows, none of them usable
+    res = CliRunner().invoke(cli, _train_args(tiny_config, unusable, tmp_path / "never", "--max-steps", "1",
+                                              "--batch-size", "2"))
+    assert res.exit_code == 2 and "yielded no usable batch" in res.output, res.output
+    assert not (tmp_path / "never").exists()  # a run that fails before its first step leaves nothing
     # a missing, malformed or empty corpus is found before the backbone is loaded (or downloaded: offline here,
     # that would fail first), for image and language-only methods
     no_caption = tmp_path / "no_caption.csv"
