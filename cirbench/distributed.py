@@ -3,11 +3,17 @@
 Runs started with ``torchrun`` set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``;
 :func:`init_from_env` joins the process group (NCCL on CUDA, gloo on CPU). Single-process runs need no setup:
 every helper here degrades to the identity when the world size is 1.
+
+Timeouts: collectives keep torch's default (``CIRBENCH_DIST_TIMEOUT_S`` sets another), so that a hung rank
+is found; :func:`wait_for_main`, where the other ranks wait while rank 0 alone does long work (an LLM method
+generating its captions and rewrites), runs on a gloo group whose timeout is ``CIRBENCH_DIST_WAIT_S``
+(default 24 hours), so that NCCL's watchdog does not abort the waiting ranks.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,11 +39,29 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+_wait_group = None  # the gloo group of wait_for_main
+
+
+def _seconds(variable: str, default: float | None) -> timedelta | None:
+    value = os.environ.get(variable)
+    if not value:
+        return None if default is None else timedelta(seconds=default)
+    try:
+        return timedelta(seconds=float(value))
+    except ValueError:
+        from .errors import CirbenchError
+
+        raise CirbenchError(f"{variable}={value!r} is not a number of seconds") from None
+
+
 def init_from_env(device: str = "auto") -> torch.device:
     """Join the process group if launched by torchrun; return this rank's device."""
+    global _wait_group
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if launched_by_torchrun() and not is_distributed():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        timeout = _seconds("CIRBENCH_DIST_TIMEOUT_S", None)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", **({"timeout": timeout} if timeout else {}))
+        _wait_group = dist.new_group(backend="gloo", timeout=_seconds("CIRBENCH_DIST_WAIT_S", 24 * 3600))
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -48,6 +72,13 @@ def init_from_env(device: str = "auto") -> torch.device:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def wait_for_main() -> None:
+    """A barrier for ranks that wait while rank 0 alone works for long (see the module docstring); every rank
+    calls it, rank 0 when its work is done."""
+    if is_distributed():
+        dist.barrier(group=_wait_group)  # a process group joined elsewhere: its default group and timeout
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -328,9 +328,13 @@ class Evaluator:
 
     def _rank_set(self, ctx: _Context, es: EvalSet, method) -> Ranking:
         cfg, mspec, backbone, preprocessor, cache = self.cfg, ctx.mspec, ctx.backbone, ctx.preprocessor, ctx.cache
+        refs = es.reference_images()
+        blind = [dataclasses.replace(q, targets=(), candidates=None) for q in es.queries]  # what a method sees
+        # before any encoding: what a method fetches or generates per query set (captions, rewrites) fails fast
+        method.prepare(QuerySet(ctx.dspec.name, ctx.split, es.name, blind, {r.id: r for r in refs},
+                                Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.progress))
         gkey = self._feature_key(backbone, preprocessor, method.gallery_feature_kind())
         gallery = self._features(cache, gkey, es.gallery, method.encode_gallery, preprocessor, f"{es.name}: gallery")
-        refs = es.reference_images()
         rkind = method.reference_feature_kind()
         if rkind is None:  # the method reads its references itself (in prepare)
             ref_feats = torch.empty(len(refs), 0)
@@ -338,9 +342,6 @@ class Evaluator:
             rkey = self._feature_key(backbone, preprocessor, rkind)
             ref_feats = self._features(cache, rkey, refs, method.encode_references, preprocessor,
                                        f"{es.name}: references")
-        blind = [dataclasses.replace(q, targets=(), candidates=None) for q in es.queries]  # what a method sees
-        method.prepare(QuerySet(ctx.dspec.name, ctx.split, es.name, blind, {r.id: r for r in refs},
-                                Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.progress))
         dim = gallery.shape[-1] if gallery.ndim == 2 else 0
         queries = self._compose(es, method, mspec, backbone, refs, ref_feats, dim)
         gallery_dev = gallery.to(backbone.device)  # once: every ranking below reuses it

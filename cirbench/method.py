@@ -3,13 +3,14 @@
 A method subclasses :class:`Method` and registers a :class:`~cirbench.types.MethodSpec` whose
 ``factory`` points at the subclass. The evaluation loop, for each eval set:
 
-1. encodes the gallery with :meth:`Method.encode_gallery` (cached under :meth:`gallery_feature_kind`);
-2. encodes the distinct reference images with :meth:`Method.encode_references` (cached under
+1. calls :meth:`Method.prepare` once with the set's queries and reference images (targets removed): methods
+   that work per query set, such as captioning the references and rewriting captions with a language model,
+   do it there; it comes first, so that a model that cannot be loaded or a generation that cannot be
+   replayed fails before the gallery is encoded;
+2. encodes the gallery with :meth:`Method.encode_gallery` (cached under :meth:`gallery_feature_kind`);
+3. encodes the distinct reference images with :meth:`Method.encode_references` (cached under
    :meth:`reference_feature_kind`; by default the same kind as the gallery, so they are reused; a method
    whose kind is ``None`` needs no reference features and gets ``[B, 0]`` tensors);
-3. calls :meth:`Method.prepare` once with the set's queries and reference images (targets removed): methods
-   that work per query set, such as captioning the references and rewriting captions with a language model,
-   do it there;
 4. calls :meth:`Method.compose` on batches of queries with their reference features. A method with
    ``query_vectors = K > 1`` returns ``[B, K, D]`` and scores them with :meth:`Method.combine_scores`;
 5. calls :meth:`Method.finalize_queries` once with all the set's query features and the gallery features
@@ -101,7 +102,8 @@ class Method:
 
     # -- queries ---------------------------------------------------------------------------------
     def prepare(self, query_set: QuerySet) -> None:
-        """Work done once per evaluation set before any :meth:`compose` (default: nothing)."""
+        """Work done once per evaluation set, before its images are encoded and before any :meth:`compose`
+        (default: nothing)."""
 
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         """Normalised query features ``[B, D]`` from reference features ``[B, ...]`` and the queries."""

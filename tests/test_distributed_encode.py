@@ -61,3 +61,24 @@ def test_a_rank_with_nothing_to_encode_joins_the_gather(tmp_path):
     rows = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", proc.stdout)]  # the ranks' lines may interleave
     assert sorted(r["rank"] for r in rows) == [0, 1]
     assert all(r["shape"] == [1, 3] and r["sum"] == 21.0 for r in rows)
+
+
+def test_ranks_waiting_for_rank_0_outlast_the_collective_timeout(tmp_path):
+    """Rank 0 works alone (an LLM method generating) longer than the collectives' timeout: the others wait on
+    wait_for_main's long-timeout group, while a plain barrier in the same setting times out."""
+    script = tmp_path / "wait.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "from cirbench import distributed as d\n"
+        "d.init_from_env('cpu')\n"
+        "if d.rank() == 0:\n"
+        "    time.sleep(4)\n"
+        "(d.wait_for_main if sys.argv[1] == 'wait' else d.barrier)()\n"
+        "print(json.dumps({'rank': d.rank()}))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIRBENCH_DIST_TIMEOUT_S": "1.5", "CIRBENCH_DIST_WAIT_S": "120"}
+    procs = {mode: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc-per-node=2", str(script), mode], capture_output=True, text=True,
+                                  timeout=120, env=env, cwd=REPO) for mode in ("wait", "barrier")}
+    assert procs["wait"].returncode == 0, procs["wait"].stderr[-2000:]
+    assert sorted(json.loads(m)["rank"] for m in re.findall(r"\{[^{}]*\}", procs["wait"].stdout)) == [0, 1]
+    assert procs["barrier"].returncode != 0 and "Timed out" in procs["barrier"].stderr

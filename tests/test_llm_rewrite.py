@@ -5,6 +5,7 @@ SEIZE score through the ranking code."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 
@@ -187,6 +188,11 @@ def test_cirevl_runs_live_then_replays_offline_exactly(tmp_path, tiny_config, to
     other.write_text("Rewrite.")
     with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(ReplayMiss, match="query 0 .*rewrite"):
         evaluate(_cfg(tmp_path, tiny_config, toy_root, prompt=other, **offline), reg)
+    # a generation that cannot be made fails before the gallery is encoded (a fresh feature cache stays empty)
+    with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(ReplayMiss):
+        evaluate(dataclasses.replace(_cfg(tmp_path, tiny_config, toy_root, prompt=other, **offline),
+                                     cache_dir=tmp_path / "fresh-cache"), reg)
+    assert not list((tmp_path / "fresh-cache").glob("features/*/shard-*.safetensors"))
     # and auto mode with the endpoint gone is one line naming it
     monkeypatch.undo()
     with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="unreachable"):

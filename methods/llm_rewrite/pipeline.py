@@ -109,12 +109,12 @@ class CaptionRewrite(Method):
 
     def prepare(self, query_set: QuerySet) -> None:
         if distributed.world_size() > 1 and not distributed.is_main():
-            distributed.barrier()  # rank 0 generates what is missing; the others replay what it recorded
+            distributed.wait_for_main()  # rank 0 generates what is missing; the others replay what it recorded
             self._prepare(query_set, GenerationCache(self._cache(query_set).folder, "replay"))
             return
         self._prepare(query_set, self._cache(query_set))
         if distributed.world_size() > 1:
-            distributed.barrier()
+            distributed.wait_for_main()
 
     def _prepare(self, qs: QuerySet, cache: GenerationCache) -> None:
         image_sha = {rid: _image_sha256(ref) for rid, ref in qs.references.items()}
