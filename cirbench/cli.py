@@ -103,6 +103,13 @@ class CirbenchGroup(click.Group):
             ctx.exit(130)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except OSError as exc:  # a file the user named or the disk (unwritable, not a folder, full): not a bug
+            if debug_enabled():
+                traceback.print_exc()
+            else:
+                where = ": ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+                click.echo(f"error: {where + ': ' if where else ''}{exc.strerror or one_line(exc)}", err=True)
+            ctx.exit(2)
         except Exception as exc:  # noqa: BLE001 - never a traceback for the user; opt-in for developers
             if debug_enabled():
                 traceback.print_exc()

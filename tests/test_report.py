@@ -127,6 +127,11 @@ def test_single_run_report_without_images_and_with_a_bad_pair(two_runs, tmp_path
     other.write_text(json.dumps(record))
     res = CliRunner(env=env).invoke(cli, ["report", str(slerp), str(other)])
     assert res.exit_code == 2 and "same split" in res.output
+    # an output path that cannot be a folder is the user's file-system error, not an internal one
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    res = CliRunner(env=env).invoke(cli, ["report", str(slerp), "-o", str(blocker / "rep"), "--no-thumbnails"])
+    assert res.exit_code == 2 and res.output.strip() == f"error: {blocker / 'rep'}: Not a directory", res.output
 
 
 def test_loss_plot_from_a_training_log(tmp_path):
