@@ -37,7 +37,7 @@ import torch
 from .errors import CheckpointError, CirbenchError, UnknownNameError
 from .hub import host_reachable, hub_reachable
 from .preprocess import Preprocessor
-from .util import file_sha256, one_line
+from .util import file_sha256, json_loads, one_line
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_MODEL = "cirbench-shapes-clip"
@@ -105,7 +105,7 @@ def _register_config(model: str) -> str:
         if not path.exists():
             raise CirbenchError(f"backbone config {path} does not exist")
         try:
-            json.loads(path.read_text())
+            json_loads(path.read_bytes())
         except json.JSONDecodeError as exc:
             raise CirbenchError(f"backbone config {path} is not valid JSON: {exc}") from None
         open_clip.add_model_config(str(path))

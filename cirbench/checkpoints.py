@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .errors import CheckpointError
-from .util import atomic_write_bytes, one_line
+from .util import atomic_write_bytes, json_loads, one_line
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -85,7 +85,7 @@ def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dic
         raise CheckpointError(f"checkpoint {path} is not a cirbench checkpoint: {folder} has no "
                               f"{' and no '.join(missing)} (a checkpoint is a folder written by `cirbench train`)")
     try:
-        config = json.loads((folder / CONFIG).read_text())
+        config = json_loads((folder / CONFIG).read_bytes())
         tensors = load_file(str(folder / WEIGHTS))
     except (OSError, json.JSONDecodeError, SafetensorError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {folder} is corrupt: {one_line(exc)}") from None

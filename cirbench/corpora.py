@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import torch
 from .errors import CirbenchError, ImageError
 from .images import decode_bytes
 from .preprocess import Preprocessor
+from .util import json_loads
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 IMAGE_COLUMNS = ("image", "filepath", "path", "file")
@@ -172,7 +172,7 @@ class ShardCorpus(torch.utils.data.IterableDataset):
             caption = raw.get("txt") or raw.get("caption")
             if caption is None and "json" in raw:
                 try:
-                    caption = json.loads(raw["json"]).get("caption")
+                    caption = json_loads(raw["json"]).get("caption")
                 except (ValueError, AttributeError):
                     caption = None
             if isinstance(caption, bytes):

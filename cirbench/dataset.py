@@ -23,6 +23,7 @@ from typing import Any
 from .errors import AnnotationError, CirbenchError, UnknownNameError
 from .images import check_inside
 from .types import EvalSet, ImageRef
+from .util import json_loads
 
 
 class Dataset:
@@ -207,13 +208,13 @@ class Dataset:
         out: dict[str, dict[str, list[str]]] = {}
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise AnnotationError(f"cannot read ranking file {path}: {exc}") from None
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json_loads(line)
             except json.JSONDecodeError as exc:
                 raise AnnotationError(f"ranking file {path}, line {n}: not JSON ({exc.msg})") from None
             if not isinstance(row, dict) or "query" not in row or "top" not in row:
@@ -244,18 +245,19 @@ class Dataset:
         if self.spec is not None and split not in self.splits:
             raise UnknownNameError(f"split of {self.name}", split, self.splits)
 
-    def read_json(self, path: Path) -> Any:
-        """Read an annotation JSON file; AnnotationError naming the file if missing or malformed."""
+    def read_json(self, path: Path, what: str = "annotation file") -> Any:
+        """Read a JSON file (``what`` names it in errors: an annotation file, a ranking file); AnnotationError
+        naming the file if it is missing or malformed."""
         path = Path(path)
         if not path.is_file():
-            raise AnnotationError(f"annotation file {path} is missing (is --data-root {self.data_root} right?)")
+            hint = f" (is --data-root {self.data_root} right?)" if what == "annotation file" else ""
+            raise AnnotationError(f"{what} {path} is missing{hint}")
         try:
-            with open(path, encoding="utf-8") as fh:
-                return json.load(fh)
+            return json_loads(path.read_bytes())
         except json.JSONDecodeError as exc:
-            raise AnnotationError(f"annotation file {path} is malformed or truncated: {exc}") from None
+            raise AnnotationError(f"{what} {path} is malformed or truncated: {exc}") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise AnnotationError(f"cannot read annotation file {path}: {exc}") from None
+            raise AnnotationError(f"cannot read {what} {path}: {exc}") from None
 
     def require_fields(self, record: Any, fields: tuple[str, ...], path: Path, index: int) -> None:
         if not isinstance(record, dict):

@@ -38,7 +38,15 @@ import numpy as np
 import torch
 
 from .types import ImageRef
-from .util import _UMASK, atomic_write_bytes, default_cache_dir, file_sha256, json_hash, sha256_bytes
+from .util import (
+    _UMASK,
+    atomic_write_bytes,
+    default_cache_dir,
+    file_sha256,
+    json_hash,
+    json_loads,
+    sha256_bytes,
+)
 
 CACHE_FORMAT = 2
 IDENTITIES = ("stat", "content")
@@ -134,7 +142,7 @@ class FeatureCache:
         if not folder.is_dir():
             return rows
         try:
-            stored = json.loads((folder / "key.json").read_text())
+            stored = json_loads((folder / "key.json").read_bytes())
         except (OSError, ValueError):
             stored = None
         if stored != json.loads(json.dumps(key, sort_keys=True, default=str)):

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .util import json_loads
+
 
 def _pyplot():
     import matplotlib
@@ -66,7 +68,7 @@ def read_train_log(path: Path) -> list[dict[str, Any]]:
     rows = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            row = json.loads(line)
+            row = json_loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by an interrupted run
         if isinstance(row, dict) and "step" in row and "loss" in row:

@@ -25,7 +25,7 @@ from typing import Any
 
 from . import __version__
 from .errors import CirbenchError
-from .util import atomic_write_bytes, json_hash, sha256_bytes
+from .util import atomic_write_bytes, json_hash, json_loads, sha256_bytes
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -144,7 +144,7 @@ class ResultWriter:
         existing = self.directory / (base + RESULT_SUFFIX)
         if existing.exists():
             try:
-                old = json.loads(existing.read_text())
+                old = json_loads(existing.read_bytes())
                 old_fp = old.get("fingerprint") if isinstance(old, dict) else None
             except (OSError, ValueError):
                 old_fp = None
@@ -171,7 +171,7 @@ class ResultWriter:
 def read_result(path: Path) -> dict[str, Any]:
     """Read one result file; CirbenchError if it is malformed or of an unknown schema version."""
     try:
-        record = json.loads(Path(path).read_text())
+        record = json_loads(Path(path).read_bytes())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CirbenchError(f"result file {path} is unreadable: {exc}") from None
     version = record.get("schema_version") if isinstance(record, dict) else None
@@ -208,7 +208,7 @@ def read_predictions_of(result_path: Path, record: dict[str, Any] | None = None)
     for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append(json_loads(line))
             except ValueError:
                 raise CirbenchError(f"predictions file {path}, line {n}: not JSON") from None
     return rows

@@ -8,7 +8,6 @@ come from different saves is refused rather than half-applied.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-from .util import atomic_write_bytes, atomic_write_json, sha256_bytes
+from .util import atomic_write_bytes, atomic_write_json, json_loads, sha256_bytes
 
 TENSORS = "train_state.safetensors"
 META = "train_state.json"
@@ -84,7 +83,7 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: 
                                   "read (a pickle can run code). Start over with --no-resume")
         raise CheckpointError(f"{folder} has no {META}: cannot resume (start over with --no-resume)")
     try:
-        meta = json.loads((folder / META).read_text())
+        meta = json_loads((folder / META).read_bytes())
         blob = (folder / TENSORS).read_bytes()
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"training state in {folder} is unreadable: {exc}") from None

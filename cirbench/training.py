@@ -38,7 +38,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .corpora import Batch, PairsCorpus, ShardCorpus, collate, open_corpus
 from .errors import CheckpointError, CirbenchError
 from .train_state import load_train_state, rng_state, save_train_state
-from .util import atomic_write_bytes
+from .util import atomic_write_bytes, json_loads
 
 
 @dataclass
@@ -220,7 +220,7 @@ class TrainLog:
         if resumed_step and self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= resumed_step:
+                    if json_loads(line).get("step", 0) <= resumed_step:
                         self.kept.append(line)
                 except ValueError:
                     continue
@@ -476,10 +476,9 @@ def check_not_resumable_elsewhere(output: Path, method: str) -> None:
     """Refuse to write a method's checkpoints over another method's."""
     cfg = Path(output) / "config.json"
     if cfg.is_file():
-        import json
 
         try:
-            saved = json.loads(cfg.read_text()).get("method")
+            saved = json_loads(cfg.read_bytes()).get("method")
         except (OSError, ValueError):
             return
         if saved and saved != method:

@@ -74,6 +74,16 @@ def file_sha256(path: Path | str) -> str:
     return _FILE_HASHES[key]
 
 
+def json_loads(text: str | bytes) -> Any:
+    """``json.loads`` for files a user or another program wrote: data nested too deeply for the parser (a
+    corrupt or hostile file) is a ``json.JSONDecodeError`` like any other malformed JSON, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        doc = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
+        raise json.JSONDecodeError("nested too deeply", doc[:100], 0) from None
+
+
 def json_hash(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj`` (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

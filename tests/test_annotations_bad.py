@@ -157,3 +157,28 @@ def test_any_circo_ranking_file_scores_within_0_100_or_is_refused(tmp_path_facto
         assert all(0 <= v <= 100 for v in json.loads(res.output).values())
     else:
         assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "internal" not in res.output
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("deep.json", b"[" * 100_000, "ranking file {path} is malformed or truncated: nested too deeply"),
+    ("binary.json", bytes(range(0x80, 0xFF)), "cannot read ranking file {path}"),
+    ("deep.jsonl", b'{"query": ' + b"[" * 100_000 + b"\n", "ranking file {path}, line 1: not JSON (nested too deeply)"),
+    ("binary.jsonl", bytes(range(0x80, 0xFF)), "cannot read ranking file {path}"),
+])
+def test_unparseable_ranking_files_are_one_line_errors(tmp_path, name, content, message):
+    """Files no JSON parser reads (nested past the parser's recursion limit, not text) are refused by name."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    for dataset in ("circo", "cirr"):
+        res = CliRunner().invoke(cli, ["score", "-d", dataset, "-s", "val", "--data-root", str(ANNOTATIONS / dataset),
+                                       str(path)])
+        assert res.exit_code == 2 and res.output.startswith("error: " + message.format(path=path)), res.output
+        assert len(res.output.strip().splitlines()) == 1
+
+
+def test_an_annotation_file_nested_too_deeply_is_malformed(tmp_path):
+    root = copy_tree(ANNOTATIONS / "circo", tmp_path / "circo")
+    (root / "COCO2017_unlabeled" / "unlabeled2017").mkdir(parents=True)
+    (root / "annotations" / "val.json").write_bytes(b"[" * 100_000)
+    with pytest.raises(AnnotationError, match="val.json is malformed or truncated: nested too deeply"):
+        _load("circo", root, "val")

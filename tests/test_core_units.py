@@ -114,3 +114,20 @@ def test_ties_keep_gallery_order():
     g = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     idx, _ = rank(q, g, 3, gallery_chunk=2)
     assert idx.tolist() == [[1, 2, 3]]
+
+
+def test_files_nested_past_the_parser_limit_are_malformed_not_a_crash(tmp_path):
+    from cirbench.checkpoints import load_checkpoint
+    from cirbench.errors import CheckpointError
+    from cirbench.results import read_result
+
+    deep = tmp_path / "deep.json"
+    deep.write_bytes(b"[" * 100_000)
+    with pytest.raises(CirbenchError, match="is unreadable: nested too deeply"):
+        read_result(deep)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "config.json").write_bytes(b"{\"a\": " + b"[" * 100_000)
+    with pytest.raises(CheckpointError, match="is corrupt: nested too deeply"):
+        load_checkpoint(folder, "slerp-tat")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CirbenchError
-from ..util import default_cache_dir, json_hash
+from ..util import default_cache_dir, json_hash, json_loads
 
 GENERATION_MODES = ("auto", "replay", "refresh")
 IMPORTED = "import:"  # the source of texts read from a published file: "import:<file name>"
@@ -60,7 +60,7 @@ class GenerationCache:
         with open(self.path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 try:
-                    entry = json.loads(line)
+                    entry = json_loads(line)
                     key, outputs = entry["key"], entry["outputs"]
                     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
                         raise ValueError

@@ -156,7 +156,7 @@ class CIRCO(Dataset):
             rows = self.read_predictions(path)
             data = rows.get(evalset.name) or rows.get("", {})
         else:
-            data = self.read_json(path)
+            data = self.read_json(path, "ranking file")
             if not isinstance(data, dict):
                 raise AnnotationError(f"{path} is not a CIRCO submission (expected {{query id: [image ids]}})")
         ranked: dict[str, list[str]] = {}

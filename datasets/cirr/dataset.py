@@ -189,7 +189,7 @@ class CIRR(Dataset):
     def _read_server_file(self, path: Path, metric: str, *, for_server: bool = False) -> dict[str, list]:
         """A server file's rankings by pair id; ``version`` and ``metric`` must be right when present, and
         present at all ``for_server`` (the server needs them)."""
-        data = self.read_json(path)
+        data = self.read_json(path, "ranking file")
         if not isinstance(data, dict) or data.get("metric") not in (None, metric):
             got = data.get("metric") if isinstance(data, dict) else type(data).__name__
             raise AnnotationError(f"{path} is not a CIRR '{metric}' file (its metric is {got!r})")

@@ -24,6 +24,7 @@ from typing import Any
 from cirbench.errors import CirbenchError
 from cirbench.generation import IMPORTED, GenerationCache
 from cirbench.method import QuerySet
+from cirbench.util import json_loads
 
 from .prompts import instruction_of, join_instruction
 
@@ -38,7 +39,7 @@ class _Mismatch(Exception):
 
 def _read(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json_loads(path.read_bytes())
     except FileNotFoundError:
         raise CirbenchError(f"--import-generations: {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
