@@ -105,9 +105,15 @@ def _register_config(model: str) -> str:
         if not path.exists():
             raise CirbenchError(f"backbone config {path} does not exist")
         try:
-            json_loads(path.read_bytes())
-        except json.JSONDecodeError as exc:
+            config = json_loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CirbenchError(f"backbone config {path} is not valid JSON: {exc}") from None
+        except OSError as exc:
+            raise CirbenchError(f"backbone config {path} is unreadable: {exc.strerror or exc}") from None
+        needed = ("embed_dim", "vision_cfg", "text_cfg")  # what open_clip.add_model_config registers
+        if not isinstance(config, dict) or not all(k in config for k in needed):
+            raise CirbenchError(f"backbone config {path} is not an open_clip model config (it needs "
+                                f"{', '.join(needed)})")
         open_clip.add_model_config(str(path))
         return path.stem
     if model not in open_clip.list_models():

@@ -66,3 +66,17 @@ def test_unknown_names_list_the_valid_ones():
         load_backbone("ViT-Q-99", "none", device="cpu")
     with pytest.raises(CirbenchError, match="unknown precision"):
         load_backbone("ViT-B-32", "none", device="cpu", precision="fp8")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x93\x00binary", "is not valid JSON"),
+    (b"[" * 100_000, "is not valid JSON: nested too deeply"),
+    (b"[]", "is not an open_clip model config (it needs embed_dim, vision_cfg, text_cfg)"),
+    (json.dumps({"embed_dim": 64, "vision_cfg": {}}).encode(), "is not an open_clip model config"),
+])
+def test_a_bad_backbone_config_file_says_what_is_wrong(tmp_path, content, message):
+    """Not the list of every open_clip model (what open_clip says of a config it silently did not register)."""
+    path = tmp_path / "model.json"
+    path.write_bytes(content)
+    with pytest.raises(CirbenchError, match=f"backbone config {path} {message}".replace("(", r"\(").replace(")", r"\)")):
+        load_backbone(str(path), "none", device="cpu")
