@@ -114,6 +114,11 @@ def drop_missing(es: EvalSet, allow_missing: bool) -> dict[str, int]:
               "queries_dropped_missing_target": 0, "gallery_dropped": 0}
     if not missing:
         return counts
+    if len(missing) == len(es.images):  # nothing to skip: the images are elsewhere
+        root = missing[0].root
+        where = f"is --data-root {root} right?" if root is not None else "are the images where they should be?"
+        raise ImageError(f"{es.name}: none of its {len(es.images)} images exist (the first: {missing[0].path}); "
+                         f"{where}")
     if not allow_missing:
         raise ImageError(f"{es.name}: {describe_missing(missing, len(es.images))}; pass --allow-missing to skip them "
                          "as the official loaders do")

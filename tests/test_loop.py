@@ -151,6 +151,17 @@ def test_nothing_left_to_score_is_refused(tmp_path, tiny_config, toy_root):
             evaluate(_cfg(tmp_path, tiny_config, toy_root, allow_missing=True), reg)
 
 
+def test_no_image_found_points_at_the_data_root(tmp_path, tiny_config, toy_root):
+    for p in (toy_root / "images").glob("*.png"):
+        p.unlink()
+    with registered(ToyPlugin(), "toy") as reg:
+        for allow in (False, True):  # nothing to skip: --allow-missing is no advice here
+            with pytest.raises(CirbenchError) as info:
+                evaluate(_cfg(tmp_path, tiny_config, toy_root, allow_missing=allow), reg)
+            assert "none of its 12 images exist" in str(info.value) and f"is --data-root {toy_root} right?" in str(
+                info.value) and "--allow-missing" not in str(info.value)
+
+
 def test_corrupt_image_is_named(tmp_path, tiny_config, toy_root):
     (toy_root / "images" / "img_blue_1.png").write_bytes(b"not an image at all")
     with registered(ToyPlugin(), "toy") as reg:
