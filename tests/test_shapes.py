@@ -41,9 +41,24 @@ def test_generation_is_deterministic_and_seeded(tmp_path, val_root):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for root, seed in ((a, 0), (b, 0), (c, 1)):
         shapes(root, generator_seed=seed, queries=20, instances=1).load("test")
-    assert _digest(a / "test") == _digest(b / "test")
-    assert _digest(a / "test") != _digest(c / "test")
+    folder = "test-queries20-instances1"  # not the defaults: a folder of their own
+    assert _digest(a / folder) == _digest(b / folder)
+    assert _digest(a / folder) != _digest(c / folder)
     assert not list(tmp_path.glob("a/.test-*"))  # no half-written folders left behind
+
+
+def test_other_generation_options_are_never_served_from_anothers_folder(tmp_path):
+    """A run that asks 20 queries gets 20, whatever was generated before under the same seed; a folder
+    stamped with other options (an older cirbench kept one folder per seed) is made again."""
+    (small,) = shapes(tmp_path, queries=20, instances=1).load("val")
+    (other,) = shapes(tmp_path, queries=30, instances=1).load("val")
+    (again,) = shapes(tmp_path, queries=20, instances=1).load("val")
+    assert (len(small.queries), len(other.queries), len(again.queries)) == (20, 30, 20)
+    assert len(small.gallery) == 432
+    stale = tmp_path / "val-queries20-instances1" / ".complete"
+    stale.write_text(json.dumps({"version": "v1", "options": {"generator_seed": 0, "queries": 7, "instances": 1}}))
+    (remade,) = shapes(tmp_path, queries=20, instances=1).load("val")
+    assert len(remade.queries) == 20 and json.loads(stale.read_text())["options"]["queries"] == 20
 
 
 def test_queries_change_one_or_two_attributes_and_have_distractors(val_root):
@@ -67,7 +82,8 @@ def test_train_split_is_a_corpus(tmp_path):
     ds = shapes(tmp_path, train_size=10)
     with pytest.raises(CirbenchError, match="training corpus.*train.csv"):
         ds.load("train")
-    rows = (tmp_path / "train" / "train.csv").read_text().splitlines()
+    rows = (tmp_path / "train-trainsize10" / "train.csv").read_text().splitlines()
+    assert ds.corpus_path() == tmp_path / "train-trainsize10" / "train.csv"
     assert rows[0] == "image,caption,subject,attribute" and len(rows) == 11
 
 

@@ -8,6 +8,10 @@ otherwise. See ``generator.py`` for the attribute world and ``dataset.py`` for t
 from cirbench.hookspecs import hookimpl
 from cirbench.types import DatasetSpec, OptionSpec
 
+# what each split is generated from, with the defaults (a split made with other values gets its own folder)
+QUERY_SPLIT_OPTIONS = {"queries": 400, "instances": 3}
+CORPUS_OPTIONS = {"train_size": 5000}
+
 
 @hookimpl
 def register_datasets(register):
@@ -21,9 +25,12 @@ def register_datasets(register):
         options=(
             OptionSpec("generator_seed", "Generator seed (same seed, same images and queries; `run --seed` seeds "
                        "the run, not the data).", "int", 0),
-            OptionSpec("queries", "Number of queries per evaluation split.", "int", 400, minimum=1),
-            OptionSpec("instances", "Rendered instances of every attribute combination in a gallery.", "int", 3, minimum=1),
-            OptionSpec("train_size", "Image-caption pairs in the train corpus.", "int", 5000, minimum=1),
+            OptionSpec("queries", "Number of queries per evaluation split.", "int", QUERY_SPLIT_OPTIONS["queries"],
+                       minimum=1),
+            OptionSpec("instances", "Rendered instances of every attribute combination in a gallery.", "int",
+                       QUERY_SPLIT_OPTIONS["instances"], minimum=1),
+            OptionSpec("train_size", "Image-caption pairs in the train corpus.", "int", CORPUS_OPTIONS["train_size"],
+                       minimum=1),
         ),
         default_backbone=("cirbench-shapes-clip", "bundled"),
         main_metric="mAP@5",
