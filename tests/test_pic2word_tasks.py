@@ -272,6 +272,36 @@ def test_coco_object_prepare_matches_the_official_masking_and_runs(tmp_path, tin
     assert "wrote 0 masked" in res.output and "12 already there" in res.output
 
 
+def test_coco_object_masked_images_follow_the_query_file(tmp_path):
+    """A query file that picks another object of an image: the masked image made for the first file is refused
+    by name, and preparing again remakes exactly that image."""
+    root = tmp_path / "coco"
+    queries = write_coco(root)
+    prepare = ["data", "prepare", "coco-object", "--data-root", str(root), "-q", "--queries"]
+    assert CliRunner().invoke(cli, [*prepare, str(queries)]).exit_code == 0
+    data = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    by_image = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    image_id, anns = next((i, a) for i, a in by_image.items() if len(a) >= 2)
+    x, y, w, h = anns[1]["bbox"]
+    file = f"{image_id:012d}.jpg"
+    lines = [f"{file},{x};{y};{x + w};{y + h} ,{names[anns[1]['category_id']]},{names[anns[0]['category_id']]}"
+             if line.startswith(file) else line for line in queries.read_text().splitlines()]
+    other = tmp_path / "other.csv"
+    other.write_text("\n".join(lines) + "\n")
+    before = (root / "val2017_masked" / file).read_bytes()
+    with pytest.raises(AnnotationError, match=f"1 masked query images .* show another object .*first: {file}"):
+        dataset("coco-object", root, queries=other).load("val")
+    res = CliRunner().invoke(cli, [*prepare, str(other)])
+    assert res.exit_code == 0 and "wrote 1 masked" in res.output and "11 already there" in res.output, res.output
+    assert (root / "val2017_masked" / file).read_bytes() != before
+    assert len(dataset("coco-object", root, queries=other).load("val")[0].queries) == 12
+    with pytest.raises(AnnotationError, match="show another object"):  # and now the first file is the stale one
+        dataset("coco-object", root, queries=queries).load("val")
+
+
 def test_coco_object_recall_matches_the_official_formula():
     from cirbench.datasets.coco_object.dataset import CocoObject
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,6 +67,26 @@ def read_queries(path: Path) -> list[Row]:
     return rows
 
 
+MADE_FOR = ".made-for.json"  # in val2017_masked/: which object each masked image shows (written by prepare)
+
+
+def object_key(r: Row) -> str:
+    """The object a masked query image shows: its class and region as the query file writes them."""
+    return f"{r.query_class}|{';'.join(r.region_text)}"
+
+
+def read_made_for(folder: Path) -> dict[str, str]:
+    """``{file: object_key}`` of the masked images ``cirbench data prepare`` wrote ({} for images it did not
+    write, e.g. those of the official script)."""
+    from cirbench.util import json_loads
+
+    try:
+        data = json_loads((folder / MADE_FOR).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
 def region_crop(image, box: tuple[int, int, int, int]):
     """The official query region: the masked image cropped to the integer box (``int(float(x))``)."""
     return image.crop(box)
@@ -103,6 +124,12 @@ class CocoObject(Dataset):
         rows = self.rows()
         targets = self.folder("val2017")
         masked = self.folder(MASKED)
+        made_for = read_made_for(masked)
+        stale = [r.file for r in rows if made_for.get(r.file, object_key(r)) != object_key(r)]
+        if stale:
+            raise AnnotationError(f"{len(stale)} masked query images in {masked} show another object than "
+                                  f"{self.query_file()} asks (first: {stale[0]}): run `cirbench data prepare "
+                                  f"coco-object --data-root {self.data_root} --queries {self.query_file()}` again")
         gallery = [ImageRef(r.file.removesuffix(".jpg"), targets / r.file, root=self.data_root) for r in rows]
         images, queries = {}, []
         for i, (r, target) in enumerate(zip(rows, gallery, strict=True)):
@@ -151,11 +178,12 @@ class CocoObject(Dataset):
         names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
         out_dir = self.folder(MASKED)
         out_dir.mkdir(parents=True, exist_ok=True)
+        made_for = read_made_for(out_dir)
         written = skipped = 0
         for r in tqdm(self.rows(), desc="coco-object: masked queries", unit="img", disable=not progress):
             dest = out_dir / r.file
-            if dest.is_file():
-                skipped += 1
+            if dest.is_file() and made_for.get(r.file, object_key(r)) == object_key(r):
+                skipped += 1  # made for this object (or by the official script: kept as it is)
                 continue
             ann = self._annotation(coco, names, r)
             source = ImageRef(r.file, self.folder("val2017") / r.file, root=self.data_root)
@@ -171,7 +199,12 @@ class CocoObject(Dataset):
             buf = io.BytesIO()
             Image.fromarray(masked).save(buf, format="JPEG")
             atomic_write_bytes(dest, buf.getvalue())
+            made_for[r.file] = object_key(r)
             written += 1
+            if written % 500 == 0:  # an interrupted preparation keeps what it says of the images it wrote
+                atomic_write_bytes(out_dir / MADE_FOR, json.dumps(made_for).encode())
+        if written:
+            atomic_write_bytes(out_dir / MADE_FOR, json.dumps(made_for).encode())
         return f"coco-object: wrote {written} masked query images to {out_dir} ({skipped} already there)"
 
     @staticmethod
