@@ -278,6 +278,10 @@ class Evaluator:
             if es.hidden_targets:
                 if distributed.is_main():
                     submissions += ctx.dataset.write_submission(es, ranking, ctx.writer.submissions_dir(), stem)
+                    dropped = ctx.set_counts[es.name]["queries_dropped"]
+                    if dropped:
+                        self.log(f"warning: {es.name}: the test-server files lack the {dropped} queries dropped for "
+                                 "missing images (--allow-missing); the server expects every query")
             else:
                 per_set[es.name], query_metrics = _score_set(ctx.dataset, es, ranking)
                 if query_metrics is not None:

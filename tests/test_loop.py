@@ -11,7 +11,7 @@ from toy_plugin import ToyPlugin
 
 from cirbench.cli import cli
 from cirbench.errors import CirbenchError
-from cirbench.evaluate import RunConfig, evaluate
+from cirbench.evaluate import Evaluator, RunConfig, evaluate
 from cirbench.results import SCHEMA_VERSION
 
 
@@ -121,6 +121,16 @@ def test_hidden_split_has_no_metrics(tmp_path, tiny_config, toy_root):
     with registered(ToyPlugin(), "toy") as reg:
         (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, split="test"), reg)
     assert out.metrics == {}
+
+
+def test_a_server_file_short_of_queries_is_announced(tmp_path, tiny_config, toy_root):
+    (toy_root / "images" / "img_red_0.png").unlink()
+    said = []
+    with registered(ToyPlugin(), "toy") as reg:
+        (out,) = Evaluator(_cfg(tmp_path, tiny_config, toy_root, split="test", allow_missing=True), reg,
+                           log=said.append).run()
+    assert out.record["counts"]["sets"]["all"]["queries_dropped"] == 1
+    assert any("lack the 1 queries dropped for missing images" in line for line in said), said
 
 
 def test_missing_images_stop_or_are_counted(tmp_path, tiny_config, toy_root):
