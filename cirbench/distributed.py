@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .errors import CirbenchError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -49,8 +51,6 @@ def _seconds(variable: str, default: float | None) -> timedelta | None:
     try:
         return timedelta(seconds=float(value))
     except ValueError:
-        from .errors import CirbenchError
-
         raise CirbenchError(f"{variable}={value!r} is not a number of seconds") from None
 
 

@@ -15,7 +15,7 @@ from cirbench.dataset import Dataset
 from cirbench.errors import CirbenchError
 from cirbench.metrics import ap_per_query, hits_matrix, recall_per_query
 from cirbench.types import EvalSet, ImageRef, Query
-from cirbench.util import default_cache_dir
+from cirbench.util import default_cache_dir, json_loads
 
 from . import CORPUS_OPTIONS, QUERY_SPLIT_OPTIONS
 from . import generator as G
@@ -40,30 +40,31 @@ class Shapes(Dataset):
         return random.Random("-".join(map(str, (self.options.get("generator_seed", 0), SPLIT_SALT[split], *parts))))
 
     # -- generation ------------------------------------------------------------------------------------
-    def _made_from(self, split: str) -> dict[str, int]:
-        """The options ``split`` is generated from (besides the seed, which names the folder above it)."""
+    def _made_from(self, split: str) -> dict[str, tuple[int, int]]:
+        """``{option: (value, default)}`` of the options ``split`` is generated from (besides the seed, which
+        names the folder above it)."""
         defaults = CORPUS_OPTIONS if split == "train" else QUERY_SPLIT_OPTIONS
-        return {k: int(self.options.get(k, default)) for k, default in defaults.items()}
+        return {k: (int(self.options.get(k, default)), default) for k, default in defaults.items()}
 
     def split_folder(self, split: str) -> Path:
         """``<folder>/<split>``, or ``<folder>/<split>-queries100-instances1`` for options other than the
         defaults, so that data generated with other options is never served under these."""
-        defaults = CORPUS_OPTIONS if split == "train" else QUERY_SPLIT_OPTIONS
         made = self._made_from(split)
-        return self.folder / (split + "".join(f"-{k.replace('_', '')}{v}" for k, v in made.items()
-                                               if v != defaults[k]))
+        return self.folder / (split + "".join(f"-{k.replace('_', '')}{v}" for k, (v, default) in made.items()
+                                               if v != default))
 
     def _is_complete(self, target: Path, split: str) -> bool:
         """The folder was generated to the end, by this format, from these options."""
         try:
-            stamp = json.loads((target / COMPLETE).read_text())
+            stamp = json_loads((target / COMPLETE).read_bytes())
         except (OSError, ValueError):
             return False
-        stored = stamp.get("options") if isinstance(stamp, dict) else None
+        if not isinstance(stamp, dict) or not isinstance(stored := stamp.get("options"), dict):
+            return False
         seed = int(self.options.get("generator_seed", 0))
-        return (stamp.get("version") == FORMAT_VERSION and isinstance(stored, dict)
-                and int(stored.get("generator_seed", 0)) == seed
-                and all(stored.get(k) == v for k, v in self._made_from(split).items()))
+        return (stamp.get("version") == FORMAT_VERSION
+                and stored.get("generator_seed", 0) == seed
+                and all(stored.get(k) == v for k, (v, _) in self._made_from(split).items()))
 
     def ensure(self, split: str) -> Path:
         """Generate ``split`` into its folder unless it holds a complete generation from the same options
