@@ -378,8 +378,8 @@ def expand_sweep(spec: OptionSpec, raw: str) -> list[Any]:
             raise CirbenchError(f"option {option_flag(spec.name)}: sweep {raw!r} has {n + 1} values (at most 10,001)")
         values = [round(start + i * step, 10) for i in range(n + 1)]
         return [spec.check(v) for v in values if v <= stop + 1e-9]
-    if "," in text:
-        return [parse_option_value(spec, p) for p in text.split(",") if p.strip()]
+    if "," in text:  # a value given twice is run once
+        return list(dict.fromkeys(parse_option_value(spec, p) for p in text.split(",") if p.strip()))
     return [parse_option_value(spec, text)]
 
 

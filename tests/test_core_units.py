@@ -22,6 +22,7 @@ def test_options_defaults_per_dataset_and_sweeps():
     assert resolve_options([ALPHA], {"alpha": "0.7"}, "cirr", "m") == [{"alpha": 0.7}]
     assert [o["alpha"] for o in resolve_options([ALPHA], {"alpha": "0.5:0.7:0.1"}, None, "m")] == [0.5, 0.6, 0.7]
     assert expand_sweep(ALPHA, "0.1,0.3") == [0.1, 0.3]
+    assert expand_sweep(ALPHA, "0.3,0.1,0.30,0.3") == [0.3, 0.1]  # a value given twice runs once, in order
     with pytest.raises(CirbenchError, match="unknown option --beta.*--alpha"):
         resolve_options([ALPHA], {"beta": "1"}, None, "method m")
     with pytest.raises(CirbenchError, match="not a valid float"):
