@@ -1,6 +1,7 @@
 """Leaderboards: pandas tables of result files, one per dataset/split, with published numbers beside ours.
 
-Rows are runs (``label · backbone``; the label shows swept options, e.g. ``slerp@alpha=0.8``), columns are
+Rows are runs (``label · backbone``; the label shows swept options, e.g. ``slerp@alpha=0.8``, and dataset
+options set to other than their defaults, e.g. ``searle (category=dress)``), columns are
 metrics in the dataset's declared order, rows sorted by the dataset's main metric. What a dataset declares
 (main metric, metric order, breakdown metrics, paper rows) comes from its plugin's
 :class:`~cirbench.types.DatasetSpec`; the leaderboard itself knows no dataset.
@@ -66,6 +67,19 @@ def _ordered(columns: set[str], order: tuple[str, ...]) -> list[str]:
     return first + sorted(columns - set(first))
 
 
+def _dataset_tag(spec, options: Any) -> str:
+    """`` (category=dress)``: the dataset options a run set to other than their defaults (a subset of the
+    benchmark, another query file), so that its row says what it was scored on; "" for the defaults."""
+    if spec is None or not isinstance(options, dict):
+        return ""
+    shown = []
+    for o in spec.options:
+        value = options.get(o.name)
+        if value is not None and value != o.default:
+            shown.append(f"{o.name}={Path(str(value)).name if o.type == 'path' else value}")
+    return f" ({', '.join(shown)})" if shown else ""
+
+
 def _matches(value: str, patterns: list[str] | None) -> bool:
     return not patterns or any(fnmatch.fnmatch(value, p) or p in value for p in patterns)
 
@@ -108,7 +122,8 @@ def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones) -> Tabl
         backbone = f"{rec['backbone'].get('model')}/{rec['backbone'].get('pretrained')}"
         label = str(rec["method"].get("label") or rec["method"].get("name"))
         if _matches(label, methods) and _matches(backbone, backbones):  # a configuration run again: its newest
-            latest[(f"{label} · {backbone}", rec.get("fingerprint"))] = (backbone, rec)
+            name = f"{label}{_dataset_tag(spec, rec['dataset'].get('options'))} · {backbone}"
+            latest[(name, rec.get("fingerprint"))] = (backbone, rec)
     configurations = Counter(name for name, _ in latest)
     for (name, fingerprint), (backbone, rec) in latest.items():
         if configurations[name] > 1:  # one label, several configurations (e.g. fp32 and bf16): each shown, told

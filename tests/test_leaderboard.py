@@ -130,3 +130,27 @@ def test_one_label_run_in_several_configurations_shows_each(tmp_path):
     frame = table.frame
     assert list(frame.index) == ["slerp · ViT-B-32/openai ~aaaa", "slerp · ViT-B-32/openai ~bbbb"]
     assert list(frame["precision"]) == ["fp32", "bf16"] and list(frame["mAP@5"]) == [21.0, 19.0]
+
+
+def test_a_run_on_part_of_a_benchmark_says_which_part(tmp_path):
+    """Dataset options set to other than their defaults (one FashionIQ category, another coco-object query
+    file) are named in the row, so a one-category R@10 is not read as the benchmark's."""
+    def run(name, options, metrics):
+        path = _result(tmp_path, "fashioniq", "val", "searle", metrics)
+        rec = json.loads(path.read_text())
+        rec["dataset"]["options"] = options
+        rec["fingerprint"] = name
+        path.with_name(f"searle__{name}.json").write_text(json.dumps(rec))
+        path.unlink()
+
+    run("all", {"category": "all"}, {"avg/R@10": 22.9, "dress/R@10": 18.5})
+    run("dress", {"category": "dress"}, {"R@10": 18.5})
+    (table,) = build_tables(tmp_path, include_paper=False)
+    assert sorted(table.frame.index) == ["searle (category=dress) · ViT-B-32/openai", "searle · ViT-B-32/openai"]
+    _result(tmp_path, "coco-object", "val", "slerp", {"R@1": 9.0})
+    rec_path = tmp_path / "coco-object" / "val" / "slerp__ViT-B-32.json"
+    rec = json.loads(rec_path.read_text())
+    rec["dataset"]["options"] = {"queries": "/data/lists/my_eval.csv"}
+    rec_path.write_text(json.dumps(rec))
+    tables = {t.dataset: t for t in build_tables(tmp_path, include_paper=False)}
+    assert list(tables["coco-object"].frame.index) == ["slerp (queries=my_eval.csv) · ViT-B-32/openai"]
