@@ -30,7 +30,8 @@ def _tokenizer():
                                    unk_token="<unk>")
 
 
-def write_tiny_blip2(folder: Path) -> Path:
+def write_tiny_blip2(folder: Path, dtype=None) -> Path:
+    """``dtype``: the dtype the weights are saved in (default fp32)."""
     from transformers import (
         Blip2Config,
         Blip2ForConditionalGeneration,
@@ -54,20 +55,22 @@ def write_tiny_blip2(folder: Path) -> Path:
     import torch
 
     torch.manual_seed(0)
-    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    Blip2ForConditionalGeneration(config).to(dtype or torch.float32).save_pretrained(folder)
     Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok,
                    num_query_tokens=4).save_pretrained(folder)
     return Path(folder)
 
 
-def write_tiny_lm(folder: Path) -> Path:
+def write_tiny_lm(folder: Path, dtype=None) -> Path:
+    """``dtype``: the dtype the weights are saved in (default fp32)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = _tokenizer()
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=32, n_layer=1, n_head=2,
-                               bos_token_id=1, eos_token_id=1, pad_token_id=0)).save_pretrained(folder)
+                               bos_token_id=1, eos_token_id=1, pad_token_id=0)).to(dtype or torch.float32).save_pretrained(
+        folder)
     tok.save_pretrained(folder)
     return Path(folder)
 

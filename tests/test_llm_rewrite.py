@@ -223,6 +223,57 @@ def test_ldre_and_seize_with_local_models(tmp_path, tiny_config, toy_root, blip2
         "rewritten_texts_sha256"]
 
 
+def test_generation_models_load_in_the_precision_asked_and_are_dropped_after_use(tmp_path, tiny_config, toy_root,
+                                                                                 monkeypatch):
+    """transformers 5 would load a checkpoint saved in bf16 as bf16 and transformers 4 as fp32: the precision is
+    cirbench's option, recorded with the texts. The captioner is gone before the language model loads, and the
+    language model before the gallery is encoded (a BLIP-2 and an LLM together may not fit a GPU)."""
+    import gc
+    import weakref
+
+    from cirbench import evaluate as evaluate_module
+    from cirbench.generation import captioner, llm
+
+    blip2_bf16 = write_tiny_blip2(tmp_path / "blip2-bf16", dtype=torch.bfloat16)
+    lm_bf16 = write_tiny_lm(tmp_path / "lm-bf16", dtype=torch.bfloat16)
+    built: list[tuple[str, torch.dtype, weakref.ref]] = []
+    alive_at: dict[str, list[str]] = {}
+
+    def alive() -> list[str]:
+        gc.collect()
+        return [name for name, _, ref in built if ref() is not None]
+
+    def recording(name, build):
+        def wrapped(*args, **kwargs):
+            alive_at[name] = alive()
+            model = build(*args, **kwargs)
+            built.append((name, model.model.dtype, weakref.ref(model)))
+            return model
+        return wrapped
+
+    monkeypatch.setattr(captioner, "build_captioner", recording("captioner", captioner.build_captioner))
+    monkeypatch.setattr(llm, "build_llm", recording("llm", llm.build_llm))
+    encode_features = evaluate_module.encode_images
+
+    def encode_images(*args, **kwargs):
+        alive_at.setdefault("encode", alive())
+        return encode_features(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "encode_images", encode_images)
+    local = dict(captioner=f"hf:{blip2_bf16}", llm=f"hf:{lm_bf16}", captions=2, max_tokens=4, temperature=0.7)
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (fp32,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", **local), reg)
+        assert [(name, dtype) for name, dtype, _ in built] == [("captioner", torch.float32), ("llm", torch.float32)]
+        assert alive_at == {"captioner": [], "llm": [], "encode": []}
+        built.clear()
+        (bf16,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", generation_precision="bf16",
+                                **local), reg)
+    assert [(name, dtype) for name, dtype, _ in built] == [("captioner", torch.bfloat16), ("llm", torch.bfloat16)]
+    assert bf16.record["method"]["summary"]["generations"]["cached"] == 0  # fp32 texts are not bf16 texts
+    assert fp32.record["method"]["info"]["caption_decoding"]["precision"] == "fp32"
+    assert bf16.record["method"]["info"]["llm_params"]["precision"] == "bf16"
+
+
 def test_ldre_captions_each_query_apart_as_its_official_script(tmp_path, tiny_config, toy_root, blip2, tiny_lm):
     """LDRE's dense_caption_generator.py samples captions in its loop over the queries: two queries of one
     reference image (CIRR has about 1.9 per image) get their own captions. --caption-per image shares them."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import CirbenchError
-from ..hub import local_files_only
 from ..util import one_line
+from .hf import from_pretrained_kwargs
 
 
 class TransformersCaptioner:
     def __init__(self, path: str, prompt: str = "", n: int = 1, num_beams: int = 5, max_new_tokens: int = 30,
-                 top_p: float = 0.9, seed: int = 0, device: str = "cpu", batch_size: int = 8):
+                 top_p: float = 0.9, seed: int = 0, device: str = "cpu", batch_size: int = 8,
+                 precision: str = "fp32"):
         try:
             import transformers
             from transformers.utils import logging as hf_logging
@@ -26,15 +27,15 @@ class TransformersCaptioner:
             from transformers import AutoProcessor
 
             auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
-            local = local_files_only(path)
-            self.processor = AutoProcessor.from_pretrained(path, local_files_only=local)
-            self.model = auto.from_pretrained(path, local_files_only=local).to(device).eval()
+            load = from_pretrained_kwargs(path, precision)
+            self.processor = AutoProcessor.from_pretrained(path, local_files_only=load["local_files_only"])
+            self.model = auto.from_pretrained(path, **load).to(device).eval()
         except (OSError, ValueError, KeyError) as exc:
             raise CirbenchError(f"cannot load the captioner {path!r} ({one_line(exc)[:160]}): pass a local folder "
                                 "or a cached hub id (e.g. hf:Salesforce/blip2-flan-t5-xl)") from None
         self.path, self.prompt, self.n, self.num_beams = path, prompt, n, num_beams
         self.max_new_tokens, self.top_p, self.seed = max_new_tokens, top_p, seed
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.precision = device, batch_size, precision
 
     @property
     def id(self) -> str:
@@ -43,7 +44,8 @@ class TransformersCaptioner:
     @property
     def params(self) -> dict[str, Any]:
         return {"n": self.n, "num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens,
-                "sampling": {"top_p": self.top_p, "seed": self.seed} if self.n > 1 else None}
+                "sampling": {"top_p": self.top_p, "seed": self.seed} if self.n > 1 else None,
+                "precision": self.precision}
 
     def source(self) -> str:
         return f"live:{self.id}"
@@ -63,6 +65,8 @@ class TransformersCaptioner:
             if self.prompt:
                 kwargs["text"] = [self.prompt] * len(batch)
             inputs = self.processor(**kwargs).to(self.device)
+            if "pixel_values" in inputs:  # the processor makes fp32 pixels; the vision tower takes its own dtype
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
             generate: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": 1,
                                         "num_beams": self.num_beams, "num_return_sequences": self.n}
             if self.n > 1:
@@ -84,9 +88,10 @@ class TransformersCaptioner:
         return out
 
 
-def build_captioner(spec: str, *, prompt: str = "", n: int = 1, seed: int = 0, device: str = "cpu"):
+def build_captioner(spec: str, *, prompt: str = "", n: int = 1, seed: int = 0, device: str = "cpu",
+                    precision: str = "fp32"):
     kind, _, name = spec.partition(":")
     if kind == "hf" and name:
-        return TransformersCaptioner(name, prompt=prompt, n=n, seed=seed, device=device)
+        return TransformersCaptioner(name, prompt=prompt, n=n, seed=seed, device=device, precision=precision)
     raise CirbenchError(f"unknown captioner {spec!r}: use hf:PATH_OR_REPO (a transformers image-to-text model such "
                         "as hf:Salesforce/blip2-opt-2.7b)")

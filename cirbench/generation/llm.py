@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import CirbenchError
-from ..hub import local_files_only
 from ..util import one_line
+from .hf import from_pretrained_kwargs
 
 Messages = list[dict[str, str]]
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
@@ -114,23 +114,23 @@ class TransformersLM:
     """A local causal language model (transformers): greedy at temperature 0, seeded sampling otherwise."""
 
     def __init__(self, path: str, temperature: float = 0.0, max_tokens: int = 700, stop: tuple[str, ...] = ("\n\n",),
-                 seed: int | None = 0, device: str = "cpu", batch_size: int = 8):
+                 seed: int | None = 0, device: str = "cpu", batch_size: int = 8, precision: str = "fp32"):
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # cirbench shows its own progress
 
-            local = local_files_only(path)
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-            self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local).to(device).eval()
+            load = from_pretrained_kwargs(path, precision)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=load["local_files_only"])
+            self.model = AutoModelForCausalLM.from_pretrained(path, **load).to(device).eval()
         except (OSError, ValueError) as exc:
             raise CirbenchError(f"cannot load the language model {path!r} ({one_line(exc)[:160]}): pass a local "
                                 "folder or a cached hub id") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        self.path, self.device, self.batch_size = path, device, batch_size
+        self.path, self.device, self.batch_size, self.precision = path, device, batch_size, precision
         self.temperature, self.max_tokens, self.stop, self.seed = temperature, max_tokens, tuple(stop), seed
 
     @property
@@ -140,7 +140,7 @@ class TransformersLM:
     @property
     def params(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "max_tokens": self.max_tokens, "stop": list(self.stop),
-                "seed": self.seed}
+                "seed": self.seed, "precision": self.precision}
 
     def source(self) -> str:
         return f"live:{self.id}"
@@ -171,12 +171,12 @@ class TransformersLM:
 
 
 def build_llm(spec: str, *, url: str | None = None, temperature: float = 0.0, max_tokens: int = 700,
-              stop: tuple[str, ...] = ("\n\n",), seed: int | None = None, device: str = "cpu"):
+              stop: tuple[str, ...] = ("\n\n",), seed: int | None = None, device: str = "cpu", precision: str = "fp32"):
     """``openai:MODEL`` (an OpenAI-compatible endpoint) or ``hf:PATH_OR_REPO`` (local transformers)."""
     kind, _, name = spec.partition(":")
     if kind == "openai" and name:
         return OpenAIChat(name, url, temperature, max_tokens, stop, seed)
     if kind == "hf" and name:
-        return TransformersLM(name, temperature, max_tokens, stop, seed, device)
+        return TransformersLM(name, temperature, max_tokens, stop, seed, device, precision=precision)
     raise CirbenchError(f"unknown language model {spec!r}: use openai:MODEL (any OpenAI-compatible endpoint, "
                         "--llm-url) or hf:PATH_OR_REPO (a local transformers model)")

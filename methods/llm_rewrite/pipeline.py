@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from cirbench import distributed
 from cirbench.errors import CirbenchError, ImageError
 from cirbench.generation import IMPORTED, GenerationCache, ReplayMiss
+from cirbench.generation.hf import free_memory
 from cirbench.images import load_image, read_image_bytes
 from cirbench.method import Method, QuerySet
 from cirbench.types import Query
@@ -65,18 +66,24 @@ class CaptionRewrite(Method):
                                 "params": self._llm_params()}
         self.texts: dict[str, dict[str, Any]] = {}  # query id -> captions, answers, rewrites, fallbacks
         self.stats = {"cached": 0, "generated": 0, "imported": 0, "fallback_to_instruction": 0}
-        self._captioner = self._llm = None
 
     # -- identity -------------------------------------------------------------------------------------
+    def _precision(self) -> str:
+        return str(self.options.get("generation_precision") or "fp32")
+
     def _caption_params(self) -> dict[str, Any]:
         return {"n": self.n, "num_beams": 5, "max_new_tokens": 30,
-                "sampling": {"top_p": 0.9, "seed": int(self.options.get("sampling_seed") or 0)} if self.n > 1 else None}
+                "sampling": {"top_p": 0.9, "seed": int(self.options.get("sampling_seed") or 0)} if self.n > 1 else None,
+                "precision": self._precision()}
 
     def _llm_params(self) -> dict[str, Any]:
         o = self.options
         seed = o.get("sampling_seed")
-        return {"temperature": float(o.get("temperature") or 0.0), "max_tokens": int(o.get("max_tokens") or 700),
-                "stop": ["\n\n"], "seed": int(seed) if seed is not None else None}
+        params = {"temperature": float(o.get("temperature") or 0.0), "max_tokens": int(o.get("max_tokens") or 700),
+                  "stop": ["\n\n"], "seed": int(seed) if seed is not None else None}
+        if str(o["llm"]).startswith("hf:"):  # an endpoint's precision is the server's, not ours to record
+            params["precision"] = self._precision()
+        return params
 
     def gallery_feature_kind(self) -> dict:
         return {"kind": "image-global"}  # the plain CLIP image feature, shared with every other method
@@ -178,6 +185,8 @@ class CaptionRewrite(Method):
                 for (_, _, key, qids), caps in zip(chunk, captioner.caption(images, salt=chunk[0][0]), strict=True):
                     cache.put(key, caps, captioner.source())
                     out.update(dict.fromkeys(qids, caps))
+            del captioner
+            free_memory()  # before the language model loads: both at once may not fit a GPU
         return out
 
     def _rewrites(self, qs: QuerySet, cache: GenerationCache, captions: dict[str, list[str]]) -> None:
@@ -208,6 +217,8 @@ class CaptionRewrite(Method):
                 for (c, i), text in zip(chunk, texts, strict=True):
                     cache.put(self.rewrite_key(c, i), [text], llm.source())
                     answers[(c, i)] = text
+            del llm
+            free_memory()  # before the gallery is encoded
         for q in qs.queries:
             instruction = instruction_of(q)
             caps = captions[q.id]
@@ -218,24 +229,21 @@ class CaptionRewrite(Method):
             self.texts[q.id] = {"captions": caps, "rewrites": [t for t, _ in parsed], "fallbacks": fallbacks}
 
     def _build_captioner(self):
-        if self._captioner is None:
-            from cirbench.generation.captioner import build_captioner
+        """The captioner, loaded for one evaluation set's missing captions and dropped after them."""
+        from cirbench.generation.captioner import build_captioner
 
-            self._captioner = build_captioner(self.caption_request["model"],
-                                              prompt=str(self.options.get("caption_prompt") or ""), n=self.n,
-                                              seed=int(self.options.get("sampling_seed") or 0),
-                                              device=str(self.backbone.device))
-        return self._captioner
+        return build_captioner(self.caption_request["model"], prompt=str(self.options.get("caption_prompt") or ""),
+                               n=self.n, seed=int(self.options.get("sampling_seed") or 0),
+                               device=str(self.backbone.device), precision=self._precision())
 
     def _build_llm(self):
-        if self._llm is None:
-            from cirbench.generation.llm import build_llm
+        """The language model, loaded for one evaluation set's missing rewrites and dropped after them."""
+        from cirbench.generation.llm import build_llm
 
-            p = self._llm_params()
-            self._llm = build_llm(self.rewrite_request["model"], url=self.options.get("llm_url"),
-                                  temperature=p["temperature"], max_tokens=p["max_tokens"], stop=tuple(p["stop"]),
-                                  seed=p["seed"], device=str(self.backbone.device))
-        return self._llm
+        p = self._llm_params()
+        return build_llm(self.rewrite_request["model"], url=self.options.get("llm_url"), temperature=p["temperature"],
+                         max_tokens=p["max_tokens"], stop=tuple(p["stop"]), seed=p["seed"],
+                         device=str(self.backbone.device), precision=self._precision())
 
     # -- retrieval ----------------------------------------------------------------------------------------
     def _raw_text(self, texts: list[str]) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""Loading and unloading the local transformers models that generate text (captioners, language models).
+
+The weights' dtype is always passed explicitly: transformers 4 loads fp32 unless told otherwise, transformers
+5 loads the checkpoint's own dtype (``dtype="auto"``), so leaving it out would make the same cache key hold
+texts generated at different precisions depending on the installed version.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from ..errors import UnknownNameError
+from ..hub import local_files_only
+
+GENERATION_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def from_pretrained_kwargs(path: str, precision: str) -> dict[str, Any]:
+    """Keyword arguments for ``from_pretrained(path, ...)``: where to look, and the weights' dtype."""
+    import torch
+    import transformers
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise UnknownNameError("generation precision", precision, GENERATION_PRECISIONS)
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56; the old name warns in 5
+    return {"local_files_only": local_files_only(path), key: dtypes[precision]}
+
+
+def free_memory() -> None:
+    """Return what dropped generation models held (their GPU memory above all): call it after the last
+    reference to a model is gone, before the next model loads or the images are encoded."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
