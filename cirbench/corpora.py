@@ -16,7 +16,9 @@ read, a CSV/TSV needs only its caption column, a ``.txt`` file is one caption pe
 files are one caption each, and shards only need their captions; batches carry empty ``pixels``.
 
 Unreadable samples (missing or corrupt image, empty caption) are skipped and counted: collated batches
-carry ``skipped``, and the training loop reports the total. An empty corpus is a one-line error.
+carry ``skipped``, and the training loop reports the total. A shard that cannot be read (not a tar file, cut
+short) is skipped from where it breaks and named: batches carry ``unreadable_shards`` ((path, reason) pairs), which
+the training loop reports once each and records in the checkpoint. An empty corpus is a one-line error.
 """
 
 from __future__ import annotations
@@ -49,23 +51,29 @@ class Batch:
     captions: list[str]
     extra: dict[str, list[Any]] = field(default_factory=dict)
     skipped: int = 0
+    unreadable_shards: list[tuple[str, str]] = field(default_factory=list)  # (shard, why)
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.pixels.to(device, non_blocking=True), self.captions, self.extra, self.skipped)
+        return Batch(self.pixels.to(device, non_blocking=True), self.captions, self.extra, self.skipped,
+                     self.unreadable_shards)
 
     def __len__(self) -> int:
         return len(self.captions)
 
 
+UNREADABLE_SHARD = "unreadable_shard"  # the key of the item a shard reader yields for a shard it cannot read
+
+
 def collate(samples: list[dict[str, Any] | None]) -> Batch | None:
-    """Stack good samples; count the ``None`` (skipped) ones."""
-    good = [s for s in samples if s is not None]
-    skipped = len(samples) - len(good)
+    """Stack good samples; count the ``None`` (skipped) ones; pass on the shards found unreadable."""
+    shards = [s[UNREADABLE_SHARD] for s in samples if s is not None and UNREADABLE_SHARD in s]
+    good = [s for s in samples if s is not None and UNREADABLE_SHARD not in s]
+    skipped = len(samples) - len(good) - len(shards)
     if not good:
-        return Batch(torch.empty(0), [], {}, skipped)
+        return Batch(torch.empty(0), [], {}, skipped, shards)
     keys = [k for k in good[0]["extra"]]
     return Batch(torch.stack([s["pixels"] for s in good]), [s["caption"] for s in good],
-                 {k: [s["extra"].get(k) for s in good] for k in keys}, skipped)
+                 {k: [s["extra"].get(k) for s in good] for k in keys}, skipped, shards)
 
 
 NO_PIXELS = torch.empty(0)
@@ -157,15 +165,23 @@ class ShardCorpus(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         import webdataset as wds
 
+        broken: list[tuple[str, str]] = []
+
+        def shard_error(exn: Exception) -> bool:
+            broken.append(_shard_error(exn))
+            return True  # go on with the next shard
+
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(self.urls),
             wds.split_by_node,
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            wds.tarfile_to_samples(handler=shard_error),
         )
         info = torch.utils.data.get_worker_info()
         skip = self.skip // (info.num_workers if info else 1)
         for i, raw in enumerate(pipeline):
+            while broken:
+                yield {UNREADABLE_SHARD: broken.pop(0)}
             if i < skip:
                 continue
             image = next((raw[k] for k in ("jpg", "jpeg", "png", "webp") if k in raw), None)
@@ -178,6 +194,17 @@ class ShardCorpus(torch.utils.data.IterableDataset):
             if isinstance(caption, bytes):
                 caption = caption.decode("utf-8", errors="replace")
             yield _sample(image, caption, raw.get("__key__", "?"), self.images, self.preprocessor)
+        while broken:
+            yield {UNREADABLE_SHARD: broken.pop(0)}
+
+
+def _shard_error(exn: Exception) -> tuple[str, str]:
+    """``(path, reason)`` for an error webdataset met reading a shard (it appends the shard's url to the
+    exception's arguments)."""
+    args = exn.args or ("",)
+    url = args[-1] if len(args) > 1 and isinstance(args[-1], str) else "(a shard)"
+    reason = str(args[0]).split(" @ <", 1)[0]  # webdataset appends the file object to some messages
+    return url, f"{type(exn).__name__}: {reason}"[:200]
 
 
 def _shard_urls(spec: str) -> list[str]:

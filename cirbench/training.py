@@ -23,7 +23,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -245,9 +245,11 @@ class _Run:
     epoch_step: int = 0
     skipped: int = 0
     seen: int = 0
+    unreadable_shards: dict[str, str] = field(default_factory=dict)  # shard -> why (every epoch meets it again)
 
-    def position(self) -> dict[str, int]:
-        return {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "skipped": self.skipped}
+    def position(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "skipped": self.skipped,
+                "unreadable_shards": self.unreadable_shards}
 
 
 def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardCorpus, cfg: TrainConfig, world: int):
@@ -322,7 +324,8 @@ def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config
                               "--no-resume to start over, or another --output")
     trainable.load_state(tensors)
     position = load_train_state(latest, optimizer, scheduler, rank)
-    run = _Run(position["step"], position["epoch"], position["epoch_step"], position.get("skipped", 0))
+    run = _Run(position["step"], position["epoch"], position["epoch_step"], position.get("skipped", 0),
+               unreadable_shards=dict(position.get("unreadable_shards") or {}))
     if rank == 0:
         tqdm.write(f"resuming from {latest} at step {run.step} (epoch {run.epoch})")
     return run
@@ -391,7 +394,8 @@ class _Trainer:
         t = self.trainable
         config = {"method": t.name, "backbone": t.backbone.identity(), **self.run_config(),
                   "optimizer": {"betas": list(t.adam_betas), "eps": t.adam_eps},
-                  "step": self.state.step, "skipped_samples": self.state.skipped, **t.checkpoint_config()}
+                  "step": self.state.step, "skipped_samples": self.state.skipped,
+                  "unreadable_shards": self.state.unreadable_shards, **t.checkpoint_config()}
         save_checkpoint(folder, t.state_to_save(), config)
         if not final:
             save_train_state(folder, self.optimizer, self.scheduler, self.state.position(), rngs)
@@ -410,8 +414,9 @@ class _Trainer:
             if run.step >= self.total_steps:
                 break
             if run.step == steps_before and whole_epoch:
+                shards = "".join(f"; unreadable shard {s}: {why}" for s, why in list(run.unreadable_shards.items())[:3])
                 raise CirbenchError(f"corpus {self.corpus.source} yielded no usable batch ({run.skipped} samples "
-                                    "skipped)")
+                                    f"skipped{shards})")
             run.epoch, run.epoch_step = run.epoch + 1, 0
         bar.close()
         self.trainable.train_mode(False)
@@ -420,6 +425,9 @@ class _Trainer:
         dist_utils.barrier()
         if self.rank_ == 0 and run.skipped:
             tqdm.write(f"skipped {run.skipped} unreadable samples (missing or corrupt image, or empty caption)")
+        if self.rank_ == 0 and run.unreadable_shards:
+            tqdm.write(f"skipped {len(run.unreadable_shards)} unreadable shards (named above and in "
+                       f"{self.output / 'config.json'})")
         return self.output
 
     def _epoch(self, bar) -> None:
@@ -429,6 +437,10 @@ class _Trainer:
         micro = []
         for batch in loader:
             run.skipped += batch.skipped
+            for shard, why in batch.unreadable_shards:
+                if shard not in run.unreadable_shards:
+                    run.unreadable_shards[shard] = why
+                    tqdm.write(f"warning: corpus shard {shard} is unreadable ({why}); the rest of it is skipped")
             if len(batch) == 0:
                 continue
             micro.append(batch)

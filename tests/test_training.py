@@ -45,6 +45,19 @@ def make_corpus(root: Path, n: int = 32, bad: bool = False) -> Path:
     return root / "pairs.csv"
 
 
+def make_shard(path: Path, corpus_root: Path) -> Path:
+    """A webdataset shard of the images and captions of a corpus made by :func:`make_corpus`."""
+    import io
+
+    with open(corpus_root / "pairs.csv", newline="") as fh, tarfile.open(path, "w") as tar:
+        for i, row in enumerate(csv.DictReader(fh)):
+            for ext, data in (("png", (corpus_root / row["image"]).read_bytes()), ("txt", row["caption"].encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def test_corpus_readers_count_bad_samples(tmp_path):
     pre = Preprocessor("clip", size=32)
     csv_path = make_corpus(tmp_path / "c", n=4, bad=True)
@@ -269,6 +282,19 @@ def test_bad_training_input(tmp_path, tiny_config):
                                               "--batch-size", "2"))
     assert res.exit_code == 2 and "yielded no usable batch" in res.output, res.output
     assert not (tmp_path / "never").exists()  # a run that fails before its first step leaves nothing
+    # a shard that is no tar file: named with its reason (not webdataset's warning), skipped, recorded
+    (tmp_path / "bad-000.tar").write_bytes(bytes(range(256)) * 20)
+    res = CliRunner().invoke(cli, _train_args(tiny_config, tmp_path / "bad-{000..000}.tar", tmp_path / "never",
+                                              "--max-steps", "1", "--batch-size", "2"))
+    assert res.exit_code == 2 and f"unreadable shard {tmp_path / 'bad-000.tar'}: ReadError" in res.output, res.output
+    assert "UserWarning" not in res.output
+    shard = make_shard(tmp_path / "good-000.tar", make_corpus(tmp_path / "g", n=4).parent)
+    res = CliRunner().invoke(cli, _train_args(tiny_config, f"{tmp_path}/{{bad,good}}-000.tar", tmp_path / "mixed",
+                                              "--max-steps", "5", "--batch-size", "2"))  # three epochs
+    assert res.exit_code == 0, res.output
+    assert res.output.count(f"corpus shard {tmp_path / 'bad-000.tar'} is unreadable") == 1  # once, not per epoch
+    recorded = json.loads((tmp_path / "mixed" / "config.json").read_text())["unreadable_shards"]
+    assert list(recorded) == [str(tmp_path / "bad-000.tar")] and shard.is_file()
     # a missing, malformed or empty corpus is found before the backbone is loaded (or downloaded: offline here,
     # that would fail first), for image and language-only methods
     no_caption = tmp_path / "no_caption.csv"
