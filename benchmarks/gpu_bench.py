@@ -238,6 +238,7 @@ def save(out: dict) -> None:
     (WORK / "results.json").write_text(json.dumps(out, indent=1))
     (WORK / "results.md").write_text(goal_table(out) + "\n")
     if E.get("OUT"):
+        Path(E["OUT"]).mkdir(parents=True, exist_ok=True)
         for name in ("results.json", "results.md"):
             shutil.copy(WORK / name, Path(E["OUT"]) / name)
 
