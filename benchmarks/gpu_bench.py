@@ -83,11 +83,13 @@ def pool() -> list[ImageRef]:
 def stage_env(out: dict) -> dict:
     import torchvision
 
+    from cirbench.encode import image_library
     from cirbench.preprocess import auto_products
 
     r = {"device": DEVICE, "quick": QUICK, "torch": torch.__version__, "torchvision": torchvision.__version__,
          "python": sys.version.split()[0], "cpus": CPUS, "workers": WORKERS, "batch_size": BATCH, "reps": REPS,
          "budget_s": BUDGET_S}
+    r["image_library"] = image_library()  # the library the batched path decodes JPEGs with
     try:
         import open_clip
 

@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CirbenchError, ImageError
-from .images import JPEG_MODES, decode_bytes, load_image, open_pil, probe, read_image_bytes
+from .images import JPEG_MODES, decode_bytes, load_image, open_pil, probe, read_image_bytes, tensor_decoder
 from .preprocess import Preprocessor, host_to_device
 from .types import ImageRef
 
@@ -64,11 +64,23 @@ def resolve_path(path: str, device: torch.device) -> str:
 
 
 def jpeg_decoder(path: str, device: torch.device | str) -> str:
-    """The decoder that turns JPEGs into pixels: ``"nvjpeg"`` (the GPU's, through torchvision.io) on the batched
-    path on CUDA; else ``"libjpeg-turbo"``, the official pipelines' (PIL on the workers path, torchvision.io on
-    the CPU: the same pixels, tested)."""
+    """The decoder that turns JPEGs into pixels: nvJPEG (the GPU's) on the batched path on CUDA, ``"nvjpeg"``
+    through torchvision.io and ``"nvjpeg/torchcodec"`` through TorchCodec (which may pick the GPU's hardware
+    JPEG engine); else ``"libjpeg-turbo"``, the official pipelines' (PIL on the workers path, the tensor decoder
+    on the CPU: the same pixels, tested)."""
     device = torch.device(device)
-    return "nvjpeg" if device.type == "cuda" and resolve_path(path, device) == "batched" else "libjpeg-turbo"
+    if device.type != "cuda" or resolve_path(path, device) != "batched":
+        return "libjpeg-turbo"
+    decoder = tensor_decoder()
+    if decoder is None:
+        return "libjpeg-turbo"  # no tensor decoder: PIL decodes on the CPU, the pixels go to the GPU
+    return "nvjpeg" if decoder.name == "torchvision" else f"nvjpeg/{decoder.name}"
+
+
+def image_library() -> str:
+    """The library and version that decodes images into tensors, as results record it (``pil`` when none)."""
+    decoder = tensor_decoder()
+    return "pil" if decoder is None else f"{decoder.name} {decoder.version}"
 
 
 def pixels_identity(preprocessor: Preprocessor, path: str, device: torch.device | str) -> dict[str, Any]:
@@ -168,23 +180,27 @@ def _with_name(message: str, name: str) -> str:
 # -- stage 2: decoding and preprocessing -------------------------------------------------------------------
 def decode_jpegs(datas: list[torch.Tensor], names: list[str], device: torch.device,
                  max_pixels: int | None = None) -> list[torch.Tensor]:
-    """Decode JPEG byte tensors to uint8 RGB ``[3, H, W]`` tensors on ``device``: all at once through
-    ``torchvision.io.decode_jpeg`` (the GPU decoder on CUDA); if the batch fails, one by one, falling back to
-    the CPU decoder for a file the GPU decoder rejects; ImageError names a file no decoder can read."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    """Decode JPEG byte tensors to uint8 RGB ``[3, H, W]`` tensors on ``device``: all at once through the
+    tensor decoder (:func:`~cirbench.images.tensor_decoder`; nvJPEG on CUDA); if the batch fails, one by one,
+    falling back to the CPU decoders for a file the GPU decoder rejects; ImageError names a file no decoder can
+    read."""
     if not datas:
         return []
-    if device.type == "cuda":
+    decoder = tensor_decoder()
+    if decoder is not None and device.type == "cuda":
         try:
-            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:
+            return list(decoder.jpeg(list(datas), device))
+        except (RuntimeError, ValueError):
             pass
     out = []
     for data, name in zip(datas, names, strict=True):
-        try:
-            img = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
+        img = None
+        if decoder is not None:
+            try:
+                img = decoder.jpeg(data, device)
+            except (RuntimeError, ValueError):
+                pass
+        if img is None:
             img = decode_bytes(data, name, max_pixels).to(device, non_blocking=True)
         out.append(img)
     return out

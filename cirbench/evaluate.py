@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .backbones import Backbone, load_backbone
 from .dataset import Dataset, annotation_checksums
-from .encode import encode_images, jpeg_decoder, pixels_identity, resolve_path
+from .encode import encode_images, image_library, jpeg_decoder, pixels_identity, resolve_path
 from .errors import CirbenchError, ImageError, UnknownNameError
 from .feature_cache import FeatureCache
 from .images import describe_missing, find_missing
@@ -329,6 +329,7 @@ class Evaluator:
             "retrieval": {"backend": cfg.retrieval_backend, "ties": "equal scores ordered by gallery position"},
             "encode": {"path": resolve_path(cfg.encode_path, backbone.device), "requested_path": cfg.encode_path,
                        "jpeg_decoder": jpeg_decoder(cfg.encode_path, backbone.device),
+                       "image_library": image_library(),
                        "batch_size": cfg.batch_size, "workers": cfg.workers,
                        "max_image_pixels": cfg.max_image_pixels},
         }

@@ -1,5 +1,7 @@
 """Reading images safely: bytes from disk inside the data root, headers probed before anything is decoded,
-decoding with PIL (the official pipelines' decoder) or torchvision.io (batched, GPU JPEG).
+decoding with PIL (the official pipelines' decoder) or a tensor decoder (batched, GPU JPEG): TorchCodec where
+it is installed and loads (torchvision deprecated its image decoders in 0.29 in its favour), else
+torchvision.io; both decode JPEGs with libjpeg-turbo on the CPU and nvJPEG on CUDA (:func:`tensor_decoder`).
 
 Errors are :class:`~cirbench.errors.ImageError` naming the file. Reader workers return the error text rather
 than crashing deep inside a DataLoader; the main process raises it.
@@ -8,12 +10,14 @@ than crashing deep inside a DataLoader; the main process raises it.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import ImageError
 from .types import ImageRef
@@ -106,12 +110,87 @@ def open_pil(data: bytes, name: str, max_pixels: int):
         raise ImageError(f"corrupt or unreadable image {name}: {type(exc).__name__}: {exc}") from None
 
 
+IMAGE_DECODERS = ("auto", "torchcodec", "torchvision", "pil")
+
+
+@dataclass(frozen=True)
+class TensorDecoder:
+    """A library that decodes encoded bytes (1-D uint8 CPU tensors) into uint8 RGB ``[3, H, W]`` tensors.
+    ``jpeg(data_or_list, device)`` decodes one JPEG or a list (one batched nvJPEG call on CUDA); ``image(data)``
+    any format the library knows, on the CPU. Both raise RuntimeError or ValueError on bytes they cannot
+    decode."""
+
+    name: str
+    version: str
+    jpeg: Callable[[Any, Any], Any]
+    image: Callable[[Any], Any]
+
+
+def _torchcodec() -> TensorDecoder:
+    import torchcodec
+    from torchcodec.decoders import decode_image, decode_jpeg
+
+    return TensorDecoder("torchcodec", torchcodec.__version__, lambda d, device: decode_jpeg(d, mode="RGB", device=device),
+                         lambda d: decode_image(d, mode="RGB"))
+
+
+def _torchvision() -> TensorDecoder:
+    import warnings
+
+    import torchvision
+
+    with warnings.catch_warnings():  # deprecated since 0.29 (see the module docstring); still what 2.4-2.11 have
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    rgb = ImageReadMode.RGB
+    return TensorDecoder("torchvision", torchvision.__version__,
+                         lambda d, device: decode_jpeg(d, mode=rgb, device=device), lambda d: decode_image(d, mode=rgb))
+
+
+@functools.cache
+def tensor_decoder() -> TensorDecoder | None:
+    """The tensor decoder this process uses: ``$CIRBENCH_IMAGE_DECODER`` (``torchcodec``, ``torchvision`` or
+    ``pil``: none) or, by default, TorchCodec when it imports and decodes, else torchvision.io while it has its
+    decoders, else none (every image through PIL)."""
+    import torch
+
+    from .errors import CirbenchError, UnknownNameError
+
+    wanted = os.environ.get("CIRBENCH_IMAGE_DECODER", "").strip().lower() or "auto"
+    if wanted not in IMAGE_DECODERS:
+        raise UnknownNameError("image decoder (CIRBENCH_IMAGE_DECODER)", wanted, IMAGE_DECODERS)
+    if wanted == "pil":
+        return None
+    makers = {"torchcodec": _torchcodec, "torchvision": _torchvision}
+    tiny_jpeg = torch.frombuffer(bytearray(_tiny_jpeg()), dtype=torch.uint8)
+    failures = []
+    for name in (wanted,) if wanted != "auto" else ("torchcodec", "torchvision"):
+        try:
+            decoder = makers[name]()
+            if tuple(decoder.jpeg(tiny_jpeg, "cpu").shape) != (3, 1, 2):
+                raise RuntimeError("decoded a 2x1 JPEG to the wrong shape")
+            return decoder
+        except Exception as exc:  # noqa: BLE001 - missing, built for another torch, decoders removed: all the same
+            failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+    if wanted != "auto":
+        raise CirbenchError(f"CIRBENCH_IMAGE_DECODER={wanted} cannot decode here ({failures[0]})")
+    return None
+
+
+def _tiny_jpeg() -> bytes:
+    """A 2x1 JPEG: what :func:`tensor_decoder` decodes to check that a library works in this process."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 1), (200, 30, 60)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
 def decode_bytes(data: bytes | torch.Tensor, name: str = "<bytes>", max_pixels: int | None = None) -> torch.Tensor:
-    """Decode encoded image bytes to a uint8 RGB ``[3, H, W]`` tensor on the CPU (torchvision.io, PIL for
+    """Decode encoded image bytes to a uint8 RGB ``[3, H, W]`` tensor on the CPU (the tensor decoder, PIL for
     formats it lacks); ImageError if they are not an image or exceed ``max_pixels``."""
     import numpy as np
     import torch
-    from torchvision.io import ImageReadMode, decode_image
 
     buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
     if buf.numel() == 0:
@@ -122,10 +201,12 @@ def decode_bytes(data: bytes | torch.Tensor, name: str = "<bytes>", max_pixels: 
         if width * height > max_pixels:
             raise ImageError(f"image {name} declares {width}x{height} pixels, over the pixel limit of "
                              f"{max_pixels:,} (--max-image-pixels)")
-    try:
-        return decode_image(buf, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        pass
+    decoder = tensor_decoder()
+    if decoder is not None:
+        try:
+            return decoder.image(buf)
+        except (RuntimeError, ValueError):
+            pass
     im = open_pil(raw, name, max_pixels or (1 << 62))
     rgb = np.array(im.convert("RGB"))
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()

@@ -62,11 +62,16 @@ def environment_info(device: str | None = None) -> dict[str, Any]:
         oc_version = getattr(open_clip, "__version__", "unknown")
     except ImportError:  # pragma: no cover
         oc_version = None
+    import PIL
+    import torchvision
+
     info = {
         "cirbench": __version__,
         "git": git_revision(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pillow": PIL.__version__,  # decodes and resizes on the official path: its version can move pixels
         "open_clip": oc_version,
         "platform": platform.platform(),
         "device": device,

@@ -34,6 +34,8 @@ def test_run_writes_result_with_provenance(tmp_path, tiny_config, toy_root):
         assert field in rec
     assert rec["counts"]["queries"] == 12 and rec["counts"]["gallery"] == 12
     assert rec["environment"]["torch"] and rec["environment"]["open_clip"]
+    assert rec["environment"]["torchvision"] and rec["environment"]["pillow"]
+    assert rec["encode"]["image_library"].split()[0] in ("torchcodec", "torchvision", "pil")
     assert rec["encode"]["path"] == "workers" and rec["encode"]["requested_path"] == "auto"
     assert rec["encode"]["jpeg_decoder"] == "libjpeg-turbo" and "jpeg_decoder" not in rec["preprocess"]
     assert set(rec["metrics"]) == {"R@1", "R@5", "mAP@5"}
@@ -68,14 +70,17 @@ def test_cache_is_reused_and_keyed_by_identity(tmp_path, tiny_config, toy_root):
         assert fifth.record["cache"]["misses"] == 0  # on the CPU both paths decode with libjpeg-turbo: same pixels
 
 
-def test_gpu_decoded_features_have_a_key_and_fingerprint_of_their_own(tiny_config):
+def test_gpu_decoded_features_have_a_key_and_fingerprint_of_their_own(tiny_config, monkeypatch):
     """nvJPEG may move pixels: on CUDA the batched path's features and results carry the decoder, so a run that
     asks for the official pipeline (workers) is never served them, and its results are told apart. The official
-    decoder adds nothing: keys and fingerprints made before stay valid."""
+    decoder adds nothing: keys and fingerprints made before stay valid. TorchCodec (which may use the GPU's
+    hardware JPEG engine) is told apart from torchvision's nvJPEG; with neither, PIL decodes on the CPU."""
+    import importlib.util
     from types import SimpleNamespace
 
     import torch
 
+    from cirbench import images
     from cirbench.encode import pixels_identity
     from cirbench.evaluate import Evaluator
     from cirbench.preprocess import Preprocessor
@@ -84,13 +89,23 @@ def test_gpu_decoded_features_have_a_key_and_fingerprint_of_their_own(tiny_confi
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert pixels_identity(pre, "auto", cpu) == pixels_identity(pre, "batched", cpu) == pre.identity()
     assert pixels_identity(pre, "workers", cuda) == pre.identity()
-    assert pixels_identity(pre, "auto", cuda) == {**pre.identity(), "jpeg_decoder": "nvjpeg"}
+    expected = {"torchvision": {"jpeg_decoder": "nvjpeg"}, "torchcodec": {"jpeg_decoder": "nvjpeg/torchcodec"},
+                "pil": {}}
+    for library, extra in expected.items():
+        if library == "torchcodec" and importlib.util.find_spec("torchcodec") is None:
+            continue  # not installed
+        monkeypatch.setenv("CIRBENCH_IMAGE_DECODER", library)
+        images.tensor_decoder.cache_clear()
+        assert pixels_identity(pre, "auto", cuda) == {**pre.identity(), **extra}, library
+    monkeypatch.setenv("CIRBENCH_IMAGE_DECODER", "torchvision")
+    images.tensor_decoder.cache_clear()
 
     def key(path, device):
         fake = SimpleNamespace(identity=lambda: {"model": "m"}, precision="bf16", device=device)
         return Evaluator(RunConfig("m", "d", encode_path=path))._feature_key(fake, pre, {"kind": "image"})
 
     assert key("auto", cuda) != key("workers", cuda) == key("auto", cpu)
+    images.tensor_decoder.cache_clear()  # the next test decodes with this process's default again
 
 
 def test_changed_backbone_config_never_reuses_cache(tmp_path, tiny_config, toy_root):

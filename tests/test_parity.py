@@ -105,6 +105,50 @@ def test_preprocessing_equals_the_official_pipelines(real_images, kind, path):
                                       if float(d.max()) > 0}
 
 
+@pytest.mark.parametrize("library", ["torchcodec", "torchvision", "pil"])
+def test_every_image_decoder_gives_the_official_pixels(real_images, library, monkeypatch):
+    """The batched path decodes with TorchCodec where it loads, else torchvision.io (deprecated since 0.29), else
+    PIL: each gives the official pipeline's pixels, and the result records which one ran."""
+    from cirbench import images
+    from cirbench.encode import image_library
+
+    if library == "torchcodec":
+        pytest.importorskip("torchcodec.decoders", reason="TorchCodec is not installed (pip install cirbench[codec])")
+    monkeypatch.setenv("CIRBENCH_IMAGE_DECODER", library)
+    images.tensor_decoder.cache_clear()
+    try:
+        assert image_library().split()[0] == library
+        oracle = official_targetpad_transform(1.25, 224)
+        expected = torch.stack([oracle(Image.open(r.path)) for r in real_images])
+        assert float((_ours(real_images, "targetpad", "batched") - expected).abs().max()) == 0.0
+    finally:
+        images.tensor_decoder.cache_clear()
+
+
+def test_image_decoder_choice_fails_clearly(monkeypatch):
+    from cirbench import images
+    from cirbench.errors import CirbenchError, UnknownNameError
+
+    def missing():
+        raise ImportError("No module named 'torchcodec'")
+
+    try:
+        monkeypatch.setenv("CIRBENCH_IMAGE_DECODER", "torchcodc")
+        images.tensor_decoder.cache_clear()
+        with pytest.raises(UnknownNameError, match="did you mean 'torchcodec'"):
+            images.tensor_decoder()
+        monkeypatch.setattr(images, "_torchcodec", missing)
+        monkeypatch.setenv("CIRBENCH_IMAGE_DECODER", "torchcodec")
+        images.tensor_decoder.cache_clear()
+        with pytest.raises(CirbenchError, match="CIRBENCH_IMAGE_DECODER=torchcodec cannot decode here.*ImportError"):
+            images.tensor_decoder()
+        monkeypatch.delenv("CIRBENCH_IMAGE_DECODER")  # by default a library that does not load is passed over
+        images.tensor_decoder.cache_clear()
+        assert images.tensor_decoder().name == "torchvision"
+    finally:
+        images.tensor_decoder.cache_clear()
+
+
 def test_old_preprocessing_would_have_differed(real_images):
     """The audit's two findings are real on these files: rounding the long side and converting palette/RGBA
     images to RGB before resizing both change pixels (so the test above can fail)."""
