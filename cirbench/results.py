@@ -76,9 +76,28 @@ def environment_info(device: str | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": device,
     }
+    info.update(_optional_versions())
     if device and device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+# installed packages that change numbers when a run uses them: decoding, generation (LLM methods), LoRA, faiss
+OPTIONAL_PACKAGES = ("numpy", "torchcodec", "transformers", "peft", "safetensors", "faiss-cpu", "faiss-gpu",
+                     "faiss-gpu-cu12")
+
+
+def _optional_versions() -> dict[str, str]:
+    """Versions of the :data:`OPTIONAL_PACKAGES` installed here (read from their metadata, nothing imported)."""
+    from importlib import metadata
+
+    out = {}
+    for name in OPTIONAL_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
 
 
 def ensure_writable(directory: Path) -> Path:

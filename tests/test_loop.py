@@ -34,7 +34,7 @@ def test_run_writes_result_with_provenance(tmp_path, tiny_config, toy_root):
         assert field in rec
     assert rec["counts"]["queries"] == 12 and rec["counts"]["gallery"] == 12
     assert rec["environment"]["torch"] and rec["environment"]["open_clip"]
-    assert rec["environment"]["torchvision"] and rec["environment"]["pillow"]
+    assert rec["environment"]["torchvision"] and rec["environment"]["pillow"] and rec["environment"]["numpy"]
     assert rec["encode"]["image_library"].split()[0] in ("torchcodec", "torchvision", "pil")
     assert rec["encode"]["path"] == "workers" and rec["encode"]["requested_path"] == "auto"
     assert rec["encode"]["jpeg_decoder"] == "libjpeg-turbo" and "jpeg_decoder" not in rec["preprocess"]
