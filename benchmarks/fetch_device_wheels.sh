@@ -7,6 +7,9 @@
 #
 #   bash benchmarks/fetch_device_wheels.sh            # open_clip and its few missing needs, pydantic (~6 MB)
 #   WITH_FAISS=1 bash benchmarks/fetch_device_wheels.sh   # also faiss-cpu (~30 MB): the CPU faiss timings there
+#   WITH_TORCHCODEC=0.16.0 bash benchmarks/fetch_device_wheels.sh   # also TorchCodec (the batched path then
+#       decodes with it; env.decoder_ceilings_img_s compares it with torchvision's). Opt-in: its wheels are
+#       built for one torch release, and the GPU image's torch may not be the one this version was built for
 #   PYVER=3.11 bash benchmarks/fetch_device_wheels.sh     # for another Python (a local rehearsal)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +25,7 @@ for name in "${NAMES[@]}"; do
   fi
   specs+=("${name}${version:+==$version}")
 done
+[[ -n "${WITH_TORCHCODEC:-}" ]] && specs+=("torchcodec==${WITH_TORCHCODEC}")
 rm -rf .whl && mkdir -p .whl
 platforms=()
 for n in 17 24 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done

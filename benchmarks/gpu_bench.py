@@ -107,19 +107,36 @@ def stage_env(out: dict) -> dict:
             r["nvidia_smi"] = subprocess.run(
                 [smi, "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit",
                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
-        r["decoder_ceiling_img_s"] = decoder_ceiling(dev)
+        r["decoder_ceiling_img_s"] = decoder_ceiling(dev)  # the library the batched path uses
+        r["decoder_ceilings_img_s"] = decoder_ceilings(dev)  # every library that loads here, side by side
     return r
 
 
-def decoder_ceiling(dev: torch.device) -> float:
-    """The GPU JPEG decoder alone on bytes already in memory (batches of BATCH): its own ceiling."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+def decoder_ceiling(dev: torch.device, decoder=None) -> float | None:
+    """A GPU JPEG decoder alone on bytes already in memory (batches of BATCH): its own ceiling. ``decoder``: a
+    cirbench.images.TensorDecoder (default: the one the batched path uses)."""
+    from cirbench.images import tensor_decoder
 
+    decoder = decoder or tensor_decoder()
+    if decoder is None:
+        return None  # no tensor decoder loads: the batched path decodes with PIL
     refs = pool()[:2048]
     datas = [torch.frombuffer(bytearray(r.path.read_bytes()), dtype=torch.uint8) for r in refs]
     batches = [datas[i : i + BATCH] for i in range(0, len(datas), BATCH)]
-    t = timed(lambda: [decode_jpeg(b, mode=ImageReadMode.RGB, device=dev) for b in batches], dev, max(REPS, 2))
+    t = timed(lambda: [decoder.jpeg(b, dev) for b in batches], dev, max(REPS, 2))
     return len(datas) / t["seconds"]
+
+
+def decoder_ceilings(dev: torch.device) -> dict[str, float | str | None]:
+    from cirbench import images
+
+    out: dict[str, float | str | None] = {}
+    for name, make in (("torchvision", images._torchvision), ("torchcodec", images._torchcodec)):
+        try:
+            out[name] = decoder_ceiling(dev, make())
+        except Exception as exc:  # noqa: BLE001 - not installed or not loadable here: say so, go on
+            out[name] = f"unavailable: {type(exc).__name__}: {str(exc)[:100]}"
+    return out
 
 
 def stage_rank(out: dict) -> dict:
@@ -299,8 +316,13 @@ def goal_table(out: dict) -> str:
                      f"{rc['plain_topk_s']:.3f} s)", "-", rc["ratio_cirbench_over_topk"] <= 1.2))
     device = env.get("gpu", env.get("device", DEVICE))
     lines = [f"device: {device}, torch {env.get('torch', torch.__version__)}, {WORKERS} reader workers, "
-             f"batch {BATCH}, preprocessing products {env.get('preprocess_products', '?')}",
-             "| goal | target | cirbench | official-style | verdict |", "|---|---|---|---|---|"]
+             f"batch {BATCH}, preprocessing products {env.get('preprocess_products', '?')}, "
+             f"images decoded by {env.get('image_library', '?')}"]
+    ceilings = env.get("decoder_ceilings_img_s") or {}
+    if ceilings:
+        lines.append("JPEG decoder alone: " + ", ".join(
+            f"{k} {_rate(v)}" if isinstance(v, float) else f"{k} {v}" for k, v in ceilings.items()))
+    lines += ["", "| goal | target | cirbench | official-style | verdict |", "|---|---|---|---|---|"]
     verdict = {True: "PASS", False: "FAIL", None: "n/a"}
     lines += [f"| {a} | {b} | {c} | {d} | {verdict[ok]} |" for a, b, c, d, ok in rows]
     pixels = eB.get("agreement", {}).get("pixels_batched_vs_official")
