@@ -7,9 +7,9 @@
 #
 #   bash benchmarks/fetch_device_wheels.sh            # open_clip and its few missing needs, pydantic (~6 MB)
 #   WITH_FAISS=1 bash benchmarks/fetch_device_wheels.sh   # also faiss-cpu (~30 MB): the CPU faiss timings there
-#   WITH_TORCHCODEC=0.16.0 bash benchmarks/fetch_device_wheels.sh   # also TorchCodec (the batched path then
-#       decodes with it; env.decoder_ceilings_img_s compares it with torchvision's). Opt-in: its wheels are
-#       built for one torch release, and the GPU image's torch may not be the one this version was built for
+#   WITH_TORCHCODEC=0.16.0 bash benchmarks/fetch_device_wheels.sh   # also TorchCodec (env.decoder_ceilings_img_s
+#       compares its GPU decoder with torchvision's; CIRBENCH_IMAGE_DECODER=torchcodec runs the goals with it).
+#       Opt-in: its wheels are built for one torch release, which may not be the GPU image's
 #   PYVER=3.11 bash benchmarks/fetch_device_wheels.sh     # for another Python (a local rehearsal)
 set -euo pipefail
 cd "$(dirname "$0")/.."

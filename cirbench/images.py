@@ -1,7 +1,7 @@
 """Reading images safely: bytes from disk inside the data root, headers probed before anything is decoded,
-decoding with PIL (the official pipelines' decoder) or a tensor decoder (batched, GPU JPEG): TorchCodec where
-it is installed and loads (torchvision deprecated its image decoders in 0.29 in its favour), else
-torchvision.io; both decode JPEGs with libjpeg-turbo on the CPU and nvJPEG on CUDA (:func:`tensor_decoder`).
+decoding with PIL (the official pipelines' decoder) or a tensor decoder (batched, GPU JPEG): torchvision.io
+while it has its decoders (deprecated since torchvision 0.29), else TorchCodec, their successor, where it is
+installed and loads; both decode JPEGs with libjpeg-turbo on the CPU and nvJPEG on CUDA (:func:`tensor_decoder`).
 
 Errors are :class:`~cirbench.errors.ImageError` naming the file. Reader workers return the error text rather
 than crashing deep inside a DataLoader; the main process raises it.
@@ -150,8 +150,9 @@ def _torchvision() -> TensorDecoder:
 @functools.cache
 def tensor_decoder() -> TensorDecoder | None:
     """The tensor decoder this process uses: ``$CIRBENCH_IMAGE_DECODER`` (``torchcodec``, ``torchvision`` or
-    ``pil``: none) or, by default, TorchCodec when it imports and decodes, else torchvision.io while it has its
-    decoders, else none (every image through PIL)."""
+    ``pil``: none) or, by default, torchvision.io while it has its decoders (the path whose GPU behaviour
+    cirbench's stream handling was written for), else TorchCodec when it imports and decodes (its wheels are
+    built for one torch release), else none (every image through PIL)."""
     import torch
 
     from .errors import CirbenchError, UnknownNameError
@@ -164,7 +165,7 @@ def tensor_decoder() -> TensorDecoder | None:
     makers = {"torchcodec": _torchcodec, "torchvision": _torchvision}
     tiny_jpeg = torch.frombuffer(bytearray(_tiny_jpeg()), dtype=torch.uint8)
     failures = []
-    for name in (wanted,) if wanted != "auto" else ("torchcodec", "torchvision"):
+    for name in (wanted,) if wanted != "auto" else ("torchvision", "torchcodec"):
         try:
             decoder = makers[name]()
             if tuple(decoder.jpeg(tiny_jpeg, "cpu").shape) != (3, 1, 2):

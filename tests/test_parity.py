@@ -107,8 +107,8 @@ def test_preprocessing_equals_the_official_pipelines(real_images, kind, path):
 
 @pytest.mark.parametrize("library", ["torchcodec", "torchvision", "pil"])
 def test_every_image_decoder_gives_the_official_pixels(real_images, library, monkeypatch):
-    """The batched path decodes with TorchCodec where it loads, else torchvision.io (deprecated since 0.29), else
-    PIL: each gives the official pipeline's pixels, and the result records which one ran."""
+    """The batched path decodes with torchvision.io (deprecated since 0.29), else TorchCodec, else PIL: each
+    gives the official pipeline's pixels, and the result records which one ran."""
     from cirbench import images
     from cirbench.encode import image_library
 
@@ -145,6 +145,27 @@ def test_image_decoder_choice_fails_clearly(monkeypatch):
         monkeypatch.delenv("CIRBENCH_IMAGE_DECODER")  # by default a library that does not load is passed over
         images.tensor_decoder.cache_clear()
         assert images.tensor_decoder().name == "torchvision"
+        monkeypatch.setattr(images, "_torchvision", missing)  # a torchvision without its decoders, and no TorchCodec
+        images.tensor_decoder.cache_clear()
+        assert images.tensor_decoder() is None
+    finally:
+        images.tensor_decoder.cache_clear()
+
+
+def test_torchcodec_takes_over_once_torchvision_lacks_its_decoders(monkeypatch):
+    pytest.importorskip("torchcodec.decoders", reason="TorchCodec is not installed (pip install cirbench[codec])")
+    from cirbench import images
+    from cirbench.encode import image_library
+
+    def removed():
+        raise ImportError("cannot import name 'decode_jpeg' from 'torchvision.io'")
+
+    monkeypatch.setattr(images, "_torchvision", removed)
+    monkeypatch.delenv("CIRBENCH_IMAGE_DECODER", raising=False)
+    images.tensor_decoder.cache_clear()
+    try:
+        assert image_library().startswith("torchcodec ")
+        assert images.decode_bytes(images._tiny_jpeg()).shape == (3, 1, 2)
     finally:
         images.tensor_decoder.cache_clear()
 
