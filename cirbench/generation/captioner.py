@@ -41,12 +41,6 @@ class TransformersCaptioner:
     def id(self) -> str:
         return f"hf:{self.path}"
 
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"n": self.n, "num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens,
-                "sampling": {"top_p": self.top_p, "seed": self.seed} if self.n > 1 else None,
-                "precision": self.precision}
-
     def source(self) -> str:
         return f"live:{self.id}"
 

@@ -47,11 +47,6 @@ class OpenAIChat:
     def id(self) -> str:
         return f"openai:{self.model}"
 
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "max_tokens": self.max_tokens, "stop": list(self.stop),
-                "seed": self.seed}
-
     def source(self) -> str:
         return f"live:{self.url}"
 
@@ -136,11 +131,6 @@ class TransformersLM:
     @property
     def id(self) -> str:
         return f"hf:{self.path}"
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "max_tokens": self.max_tokens, "stop": list(self.stop),
-                "seed": self.seed, "precision": self.precision}
 
     def source(self) -> str:
         return f"live:{self.id}"
