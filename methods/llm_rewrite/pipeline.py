@@ -175,6 +175,8 @@ class CaptionRewrite(Method):
             cache.require_live(f"query {qids[0]} (caption of reference image {rid} by "
                                f"{self.caption_request['model']}; {len(todo)} {'queries' if per_query else 'images'} "
                                "in all)")
+            self._say(qs, f"loading the captioner {self.caption_request['model']} ({self._precision()}) for "
+                          f"{len(todo)} {'queries' if per_query else 'images'}")
             captioner = self._build_captioner()
             batch = 8
             for start in tqdm(range(0, len(todo), batch), desc=f"{qs.name}: captioning", unit="batch",
@@ -208,6 +210,9 @@ class CaptionRewrite(Method):
             first = next(iter(missing.values()))
             cache.require_live(f"query {first.id} (rewrite of its caption by {self.rewrite_request['model']} with "
                                f"prompt {self.prompt.identity[:19]}; {len(missing)} rewrites in all)")
+            model = self.rewrite_request["model"]
+            if model.startswith("hf:"):
+                self._say(qs, f"loading the language model {model} ({self._precision()}) for {len(missing)} rewrites")
             llm = self._build_llm()
             pairs, batch = list(missing), 32
             for start in tqdm(range(0, len(pairs), batch), desc=f"{qs.name}: rewriting", unit="batch",
@@ -227,6 +232,12 @@ class CaptionRewrite(Method):
             fallbacks = sum(1 for _, fell in parsed if fell)
             self.stats["fallback_to_instruction"] += fallbacks
             self.texts[q.id] = {"captions": caps, "rewrites": [t for t, _ in parsed], "fallbacks": fallbacks}
+
+    @staticmethod
+    def _say(qs: QuerySet, message: str) -> None:
+        """One line before a step that shows no bar of its own for a while (loading a model of many GB)."""
+        if qs.progress and distributed.is_main():
+            tqdm.write(f"{qs.name}: {message}")
 
     def _build_captioner(self):
         """The captioner, loaded for one evaluation set's missing captions and dropped after them."""
