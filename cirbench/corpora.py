@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .errors import CirbenchError, ImageError
-from .images import decode_bytes
+from .images import decode_bytes, tensor_decoder
 from .preprocess import Preprocessor
 from .util import json_loads
 
@@ -249,6 +249,8 @@ def open_corpus(spec: str | Path, preprocessor: Preprocessor | None = None, *,
     ``preprocessor`` is then set before it is read."""
     text = str(spec)
     path = Path(text).expanduser()
+    if images:
+        tensor_decoder()  # a bad CIRBENCH_IMAGE_DECODER fails here, not in a reader process
     if _names_shards(text):
         return ShardCorpus(_existing_shards(text), text, images, preprocessor)
     text_only = not images

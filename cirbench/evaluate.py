@@ -26,7 +26,7 @@ from .dataset import Dataset, annotation_checksums
 from .encode import encode_images, image_library, jpeg_decoder, pixels_identity, resolve_path
 from .errors import CirbenchError, ImageError, UnknownNameError
 from .feature_cache import FeatureCache
-from .images import describe_missing, find_missing
+from .images import describe_missing, find_missing, tensor_decoder
 from .method import QuerySet
 from .metrics import means
 from .plugins import Registry, get_registry
@@ -249,6 +249,7 @@ class Evaluator:
             raise CirbenchError(f"{dspec.name}/{split}: no query is left to score ({dropped} dropped because their "
                                 "reference or target image is missing)")
         model_name, pretrained = choose_backbone(cfg, mspec, dspec)
+        tensor_decoder()  # a bad CIRBENCH_IMAGE_DECODER fails here, not in a reader process
         torch.manual_seed(cfg.seed)
         device = str(distributed.init_from_env(cfg.device)) if distributed.launched_by_torchrun() else cfg.device
         backbone = load_backbone(model_name, pretrained, device=device, precision=cfg.precision, seed=cfg.seed)

@@ -295,6 +295,16 @@ def test_bad_training_input(tmp_path, tiny_config):
     assert res.output.count(f"corpus shard {tmp_path / 'bad-000.tar'} is unreadable") == 1  # once, not per epoch
     recorded = json.loads((tmp_path / "mixed" / "config.json").read_text())["unreadable_shards"]
     assert list(recorded) == [str(tmp_path / "bad-000.tar")] and shard.is_file()
+    # a bad decoder setting is one line from the main process, not an error caught in a reader process
+    from cirbench import images
+
+    images.tensor_decoder.cache_clear()
+    try:
+        res = CliRunner(env={"CIRBENCH_IMAGE_DECODER": "torchcodc"}).invoke(
+            cli, _train_args(tiny_config, shard, tmp_path / "never", "--max-steps", "1", "--workers", "2"))
+    finally:
+        images.tensor_decoder.cache_clear()
+    assert res.exit_code == 2 and "unknown image decoder (CIRBENCH_IMAGE_DECODER) 'torchcodc'" in res.output, res.output
     # a missing, malformed or empty corpus is found before the backbone is loaded (or downloaded: offline here,
     # that would fail first), for image and language-only methods
     no_caption = tmp_path / "no_caption.csv"
