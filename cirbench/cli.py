@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import CirbenchError
+from .errors import CirbenchError, from_reader_process
 
 EPILOG_RUN = """\b
 Examples:
@@ -96,6 +96,7 @@ class CirbenchGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CirbenchError as exc:
+            exc = from_reader_process(exc) or exc
             click.echo(f"error: {exc if debug_enabled() else one_line(exc)}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
@@ -111,6 +112,10 @@ class CirbenchGroup(click.Group):
                 click.echo(f"error: {where + ': ' if where else ''}{exc.strerror or one_line(exc)}", err=True)
             ctx.exit(2)
         except Exception as exc:  # noqa: BLE001 - never a traceback for the user; opt-in for developers
+            inner = from_reader_process(exc)
+            if inner is not None and not debug_enabled():  # a cirbench error raised in a DataLoader worker
+                click.echo(f"error: {one_line(inner)}", err=True)
+                ctx.exit(inner.exit_code)
             if debug_enabled():
                 traceback.print_exc()
             else:

@@ -45,3 +45,23 @@ class CheckpointError(CirbenchError):
 
 class PluginError(CirbenchError):
     """A plugin that failed to load or registered a duplicate name (raised only in strict mode)."""
+
+
+def from_reader_process(exc: BaseException) -> CirbenchError | None:
+    """The cirbench error that a DataLoader worker raised, from the exception torch re-raises for it in the
+    main process ("Caught UnknownNameError in DataLoader worker process 0. Original Traceback ..."; a
+    RuntimeError when the original cannot be rebuilt from one string); None for anything else."""
+    text = str(exc)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return None
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    qualified, _, message = last.partition(": ")
+    name = qualified.rsplit(".", 1)[-1]
+    known: dict[str, type[CirbenchError]] = {}
+    todo: list[type[CirbenchError]] = [CirbenchError]
+    while todo:
+        cls = todo.pop()
+        known[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    cls = known.get(name)
+    return None if cls is None or not message else CirbenchError(message, exit_code=cls.exit_code)

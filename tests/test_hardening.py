@@ -250,3 +250,38 @@ def test_multi_line_library_errors_are_reduced_to_one_line(monkeypatch):
         assert "third line" in res.output
     finally:
         cli.commands.pop("explode-test", None)
+
+
+class _FailingReads(torch.utils.data.Dataset):
+    """Item 0 raises an error whose constructor takes several arguments (torch re-raises a RuntimeError for
+    it), item 1 one it rebuilds from its message (re-raised as itself, with the worker's traceback as text)."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from cirbench.errors import ImageError, UnknownNameError
+
+        if i == 0:
+            raise UnknownNameError("image decoder", "torchcodc", ["torchcodec", "pil"])
+        raise ImageError("corrupt or unreadable image a.jpg: broken data stream")
+
+
+@pytest.mark.parametrize("item, message", [
+    (0, "error: unknown image decoder 'torchcodc' (did you mean 'torchcodec'?); valid: pil, torchcodec"),
+    (1, "error: corrupt or unreadable image a.jpg: broken data stream")])
+def test_errors_raised_in_reader_processes_are_one_line_errors(item, message):
+    """A cirbench error raised in a DataLoader worker reaches the CLI as torch's "Caught X in DataLoader worker
+    process 0. Original Traceback ..." text: the user sees the original line and exit code 2, not an internal
+    error or the first line of torch's wrapper."""
+
+    @cli.command("reader-test")
+    def reader():
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(_FailingReads(), [item]), num_workers=1)
+        list(loader)
+
+    try:
+        res = CliRunner().invoke(cli, ["reader-test"])
+        assert res.exit_code == 2 and res.output.strip() == message, res.output
+    finally:
+        cli.commands.pop("reader-test", None)
