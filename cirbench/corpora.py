@@ -89,8 +89,8 @@ def _sample(image_bytes: bytes | None, caption: Any, name: str, images: bool, pr
         raise RuntimeError("an image corpus is read before its preprocessor was set (corpus.preprocessor = ...)")
     if image_bytes is None:
         return None
-    try:
-        pixels = preprocessor(decode_bytes(image_bytes, name))
+    try:  # an image over the pixel limit is refused from its header, before anything is decoded
+        pixels = preprocessor(decode_bytes(image_bytes, name, preprocessor.max_pixels))
     except ImageError:
         return None
     return {"pixels": pixels, "caption": caption.strip(), "extra": extra or {}}

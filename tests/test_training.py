@@ -58,6 +58,25 @@ def make_shard(path: Path, corpus_root: Path) -> Path:
     return path
 
 
+def test_corpus_images_over_the_pixel_limit_are_skipped_before_decoding(tmp_path, monkeypatch):
+    """LAION-sized corpora hold a few enormous images: their declared size is checked from the header, as
+    evaluation does, so no decoder allocates them."""
+    import dataclasses
+
+    from cirbench import images
+
+    decoded = []
+    real = images.tensor_decoder()
+    monkeypatch.setattr(images, "tensor_decoder", lambda: dataclasses.replace(
+        real, image=lambda data: decoded.append(1) or real.image(data)))
+    Image.new("RGB", (40, 30), COLOURS["red"]).save(tmp_path / "big.png")
+    Image.new("RGB", (8, 8), COLOURS["blue"]).save(tmp_path / "small.png")
+    (tmp_path / "pairs.csv").write_text("image,caption\nbig.png,a big one\nsmall.png,a small one\n")
+    corpus = open_corpus(tmp_path / "pairs.csv", Preprocessor("clip", size=8, max_pixels=1000))
+    assert corpus[0] is None and corpus[1]["caption"] == "a small one"
+    assert len(decoded) == 1  # the small image only
+
+
 def test_corpus_readers_count_bad_samples(tmp_path):
     pre = Preprocessor("clip", size=32)
     csv_path = make_corpus(tmp_path / "c", n=4, bad=True)
