@@ -112,6 +112,13 @@ def test_generation_cache_records_replays_and_survives_a_torn_line(tmp_path):
     assert again.lookup({**request, "params": {"temperature": 0.7}}) is None  # the key covers every parameter
     with pytest.raises(ReplayMiss, match="query 7"):
         again.require_live("query 7 (rewrite)")
+    # the next record after the torn line starts on a line of its own: it is not lost with the torn one
+    other = {**request, "caption": "a cat"}
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        writer = GenerationCache(tmp_path)
+    writer.put(other, ["Edited Description: a red cat"], "live:test")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        assert GenerationCache(tmp_path).lookup(other) == ["Edited Description: a red cat"]
     with pytest.warns(UserWarning):
         assert GenerationCache(tmp_path, "refresh").lookup(request) is None
     with pytest.raises(CirbenchError, match="unknown generation mode"):

@@ -51,12 +51,14 @@ class GenerationCache:
         self.entries: dict[str, dict[str, Any]] = {}
         self.stats = {"cached": 0, "generated": 0, "imported": 0}
         self._lock = threading.Lock()
+        self._torn = False  # the file ends inside a line (a run killed mid-write): the next append starts anew
         self._load()
 
     def _load(self) -> None:
         if not self.path.is_file():
             return
         bad = 0
+        line = "\n"
         with open(self.path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 try:
@@ -68,6 +70,7 @@ class GenerationCache:
                     bad += 1
                     continue
                 self.entries[key] = entry  # later lines win (refresh, re-import)
+        self._torn = not line.endswith("\n")
         if bad:
             warnings.warn(f"{self.path}: skipped {bad} unreadable line(s)", stacklevel=2)
 
@@ -98,7 +101,8 @@ class GenerationCache:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "a", encoding="utf-8") as fh:
-                    fh.write(line)
+                    fh.write("\n" + line if self._torn else line)  # never glued to a torn last line
+                    self._torn = False
                     fh.flush()
                     os.fsync(fh.fileno())
             except OSError as exc:
