@@ -82,6 +82,7 @@ class FakeChatEndpoint:
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.fail_next: list[int] = []  # HTTP codes to answer the next requests with
+        self.fail_headers: dict[str, str] = {}  # headers sent with those answers (e.g. Retry-After)
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -94,6 +95,8 @@ class FakeChatEndpoint:
                 endpoint.headers.append(dict(self.headers))
                 if endpoint.fail_next:
                     self.send_response(endpoint.fail_next.pop(0))
+                    for name, value in endpoint.fail_headers.items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(b'{"error": "nope"}')
                     return

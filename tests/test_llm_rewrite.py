@@ -138,6 +138,22 @@ def test_openai_client_sends_cirevls_request_and_cuts_at_the_stop(endpoint, monk
     assert endpoint.headers[0]["Authorization"] == "Bearer sk-test"
     endpoint.fail_next = [503]  # retried
     assert llm.generate([prompt.messages("x", "make it green")])[0].endswith("(from 1 chars)")
+    # a rate limit's own wait is honoured (OpenAI's retry-after-ms first), else the backoff doubles
+    from cirbench.generation import llm as llm_module
+
+    waits: list[float] = []
+    monkeypatch.setattr(llm_module.time, "sleep", waits.append)
+    endpoint.fail_next, endpoint.fail_headers = [429, 429, 429], {"Retry-After": "7", "retry-after-ms": "250"}
+    assert llm.generate([prompt.messages("x", "make it green")])[0].endswith("(from 1 chars)")
+    endpoint.fail_next, endpoint.fail_headers = [429, 503], {"Retry-After": "3"}
+    llm.generate([prompt.messages("x", "make it green")])
+    endpoint.fail_next, endpoint.fail_headers = [503, 503], {}
+    llm.generate([prompt.messages("x", "make it green")])
+    assert waits == [0.25, 0.25, 0.25, 3.0, 3.0, 1.0, 2.0]
+    endpoint.fail_next = [429] * 7  # more than the retries: one line with the code
+    with pytest.raises(CirbenchError, match="HTTP 429"):
+        llm.generate([prompt.messages("x", "y")])
+    endpoint.fail_headers = {}
     endpoint.fail_next = [401]
     with pytest.raises(CirbenchError, match="HTTP 401.*OPENAI_API_KEY"):
         llm.generate([prompt.messages("x", "y")])

@@ -25,6 +25,27 @@ Messages = list[dict[str, str]]
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 
 
+MAX_RETRY_WAIT_S = 60.0
+
+
+def retry_after(headers: Any) -> float | None:
+    """How long an endpoint asked to wait before the next request: OpenAI's ``retry-after-ms``, else the
+    standard ``Retry-After`` in seconds (an HTTP date is not honoured); capped at :data:`MAX_RETRY_WAIT_S`."""
+    if headers is None:
+        return None
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            continue
+        if seconds >= 0:
+            return min(seconds, MAX_RETRY_WAIT_S)
+    return None
+
+
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
     return text[:cut] if cut >= 0 else text
@@ -35,7 +56,7 @@ class OpenAIChat:
 
     def __init__(self, model: str, url: str | None = None, temperature: float = 0.0, max_tokens: int = 700,
                  stop: tuple[str, ...] = ("\n\n",), seed: int | None = None, timeout: float = 60.0,
-                 retries: int = 4, parallel: int = 8, api_key_env: str = "OPENAI_API_KEY"):
+                 retries: int = 6, parallel: int = 8, api_key_env: str = "OPENAI_API_KEY"):
         self.model = model
         self.url = (url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_OPENAI_URL).rstrip("/")
         self.temperature, self.max_tokens, self.stop, self.seed = temperature, max_tokens, tuple(stop), seed
@@ -66,8 +87,8 @@ class OpenAIChat:
                     raise CirbenchError(f"LLM endpoint {self.url} refused the request (HTTP {exc.code}): set "
                                         f"${self.api_key_env} to a valid key") from None
                 if exc.code in (429, 500, 502, 503, 504) and attempt < self.retries:
-                    time.sleep(delay)
-                    delay *= 2
+                    time.sleep(retry_after(exc.headers) or delay)  # a rate limit says how long it lasts
+                    delay = min(2 * delay, MAX_RETRY_WAIT_S)
                     continue
                 detail = one_line(exc.read().decode("utf-8", errors="replace") or str(exc))[:200]
                 raise CirbenchError(f"LLM endpoint {self.url} answered HTTP {exc.code} for model {self.model}: "
@@ -76,7 +97,7 @@ class OpenAIChat:
                 reason = getattr(exc, "reason", exc)
                 if attempt < self.retries and isinstance(reason, TimeoutError):
                     time.sleep(delay)
-                    delay *= 2
+                    delay = min(2 * delay, MAX_RETRY_WAIT_S)
                     continue
                 raise CirbenchError(f"LLM endpoint {self.url} is unreachable ({one_line(str(reason))}): start it or "
                                     "pass --llm-url; or replay cached generations with --generation replay") from None
