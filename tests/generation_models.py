@@ -83,6 +83,7 @@ class FakeChatEndpoint:
         self.headers: list[dict] = []
         self.fail_next: list[int] = []  # HTTP codes to answer the next requests with
         self.fail_headers: dict[str, str] = {}  # headers sent with those answers (e.g. Retry-After)
+        self.fail_from: int | None = None  # answer HTTP 400 from this many requests on (an outage midway)
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -93,6 +94,8 @@ class FakeChatEndpoint:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 endpoint.requests.append(body)
                 endpoint.headers.append(dict(self.headers))
+                if endpoint.fail_from is not None and len(endpoint.requests) > endpoint.fail_from:
+                    endpoint.fail_next.append(400)
                 if endpoint.fail_next:
                     self.send_response(endpoint.fail_next.pop(0))
                     for name, value in endpoint.fail_headers.items():

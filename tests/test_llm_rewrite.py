@@ -222,6 +222,26 @@ def test_cirevl_runs_live_then_replays_offline_exactly(tmp_path, tiny_config, to
         evaluate(_cfg(tmp_path, tiny_config, toy_root, prompt=other, **{**offline, "generation": "auto"}), reg)
 
 
+def test_generation_stopped_midway_keeps_what_it_made(tmp_path, tiny_config, toy_root, blip2, endpoint, monkeypatch):
+    from cirbench.methods.llm_rewrite.pipeline import CaptionRewrite
+
+    monkeypatch.setattr(CaptionRewrite, "rewrite_batch", 1)
+    endpoint.fail_from = 1  # the endpoint goes down after the first batch
+    live = dict(captioner=f"hf:{blip2}", llm="openai:gpt-test", llm_url=endpoint.url)
+    with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(CirbenchError) as info:
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, **live), reg)
+    message = str(info.value)
+    assert "HTTP 400" in message and "(1 of the " in message and "running again goes on from there" in message
+    assert "\n" not in message
+    endpoint.fail_from, endpoint.fail_next = None, []
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **live), reg)
+    generations = out.record["method"]["summary"]["generations"]
+    rewrites = int(message.split("(1 of the ")[1].split()[0])
+    assert rewrites >= 2 and generations["generated"] == rewrites - 1  # the 12 captions and the first rewrite kept
+    assert generations["cached"] == 12 + 1
+
+
 def test_answers_without_a_rewrite_fall_back_to_the_instruction(tmp_path, tiny_config, toy_root, blip2, endpoint):
     data = json.loads((toy_root / "queries.json").read_text())
     data["queries"][0]["text"] = "nomarker please"

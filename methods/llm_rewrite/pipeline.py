@@ -23,7 +23,9 @@ with ``a``/``b`` the cosine similarities of the two (the semantic editing increm
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from cirbench.generation.hf import free_memory
 from cirbench.images import load_image, read_image_bytes
 from cirbench.method import Method, QuerySet
 from cirbench.types import Query
-from cirbench.util import default_cache_dir, sha256_bytes
+from cirbench.util import default_cache_dir, one_line, sha256_bytes
 
 from .importers import import_generations
 from .prompts import Prompt, instruction_of, load_prompt
@@ -49,6 +51,7 @@ class CaptionRewrite(Method):
     """The caption-rewrite-retrieve family (see the module docstring); ``ensemble`` picks the member."""
 
     ensemble = "single"
+    rewrite_batch = 32  # rewrites asked for at once (an endpoint answers them in parallel)
 
     def __init__(self, backbone, options, dataset=None):
         super().__init__(backbone, options, dataset)
@@ -179,14 +182,17 @@ class CaptionRewrite(Method):
                           f"{len(todo)} {'queries' if per_query else 'images'}")
             captioner = self._build_captioner()
             batch = 8
-            for start in tqdm(range(0, len(todo), batch), desc=f"{qs.name}: captioning", unit="batch",
-                              disable=not qs.progress, leave=False):
-                chunk = todo[start : start + batch]
-                images = [_load_image(qs.references[rid]) for _, rid, _, _ in chunk]
-                # seeded by the batch's first unit: two queries of one image never share their draws
-                for (_, _, key, qids), caps in zip(chunk, captioner.caption(images, salt=chunk[0][0]), strict=True):
-                    cache.put(key, caps, captioner.source())
-                    out.update(dict.fromkeys(qids, caps))
+            with _resumable(cache, len(todo), "captions") as made:
+                for start in tqdm(range(0, len(todo), batch), desc=f"{qs.name}: captioning", unit="batch",
+                                  disable=not qs.progress, leave=False):
+                    chunk = todo[start : start + batch]
+                    images = [_load_image(qs.references[rid]) for _, rid, _, _ in chunk]
+                    # seeded by the batch's first unit: two queries of one image never share their draws
+                    captions = captioner.caption(images, salt=chunk[0][0])
+                    for (_, _, key, qids), caps in zip(chunk, captions, strict=True):
+                        cache.put(key, caps, captioner.source())
+                        out.update(dict.fromkeys(qids, caps))
+                        made[0] += 1
             del captioner
             free_memory()  # before the language model loads: both at once may not fit a GPU
         return out
@@ -214,14 +220,16 @@ class CaptionRewrite(Method):
             if model.startswith("hf:"):
                 self._say(qs, f"loading the language model {model} ({self._precision()}) for {len(missing)} rewrites")
             llm = self._build_llm()
-            pairs, batch = list(missing), 32
-            for start in tqdm(range(0, len(pairs), batch), desc=f"{qs.name}: rewriting", unit="batch",
-                              disable=not qs.progress, leave=False):
-                chunk = pairs[start : start + batch]
-                texts = llm.generate([self.prompt.messages(c, i) for c, i in chunk])
-                for (c, i), text in zip(chunk, texts, strict=True):
-                    cache.put(self.rewrite_key(c, i), [text], llm.source())
-                    answers[(c, i)] = text
+            pairs, batch = list(missing), self.rewrite_batch
+            with _resumable(cache, len(pairs), "rewrites") as made:
+                for start in tqdm(range(0, len(pairs), batch), desc=f"{qs.name}: rewriting", unit="batch",
+                                  disable=not qs.progress, leave=False):
+                    chunk = pairs[start : start + batch]
+                    texts = llm.generate([self.prompt.messages(c, i) for c, i in chunk])
+                    for (c, i), text in zip(chunk, texts, strict=True):
+                        cache.put(self.rewrite_key(c, i), [text], llm.source())
+                        answers[(c, i)] = text
+                        made[0] += 1
             del llm
             free_memory()  # before the gallery is encoded
         for q in qs.queries:
@@ -386,6 +394,20 @@ def _image_sha256(ref) -> str:
     except ImageError as exc:
         raise CirbenchError(str(exc)) from None
     return digest if ref.view is None else f"{digest}|view:{ref.view.key}"
+
+
+@contextlib.contextmanager
+def _resumable(cache: GenerationCache, total: int, what: str) -> Iterator[list[int]]:
+    """Count what a generation loop records (``made[0]``); an error that stops it midway says that those texts
+    are kept and that running again goes on from there."""
+    made = [0]
+    try:
+        yield made
+    except CirbenchError as exc:
+        if not made[0]:
+            raise
+        raise CirbenchError(f"{one_line(exc)} ({made[0]} of the {total} {what} are recorded in {cache.path}: "
+                            "running again goes on from there)", exit_code=exc.exit_code) from None
 
 
 def _load_image(ref):
