@@ -15,7 +15,6 @@ import io
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
 JPEG_MODES = ("RGB", "L")  # JPEGs the batched decoder turns into the same RGB pixels as PIL's convert("RGB")
 
 
-@lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096)
 def _real_dir(path: str) -> str:
     return os.path.realpath(path)
 
@@ -130,8 +129,10 @@ def _torchcodec() -> TensorDecoder:
     import torchcodec
     from torchcodec.decoders import decode_image, decode_jpeg
 
-    return TensorDecoder("torchcodec", torchcodec.__version__, lambda d, device: decode_jpeg(d, mode="RGB", device=device),
-                         lambda d: decode_image(d, mode="RGB"))
+    def jpeg(data, device):
+        return decode_jpeg(data, mode="RGB", device=device)
+
+    return TensorDecoder("torchcodec", torchcodec.__version__, jpeg, lambda data: decode_image(data, mode="RGB"))
 
 
 def _torchvision() -> TensorDecoder:
@@ -139,7 +140,7 @@ def _torchvision() -> TensorDecoder:
 
     import torchvision
 
-    with warnings.catch_warnings():  # deprecated since 0.29 (see the module docstring); still what 2.4-2.11 have
+    with warnings.catch_warnings():  # deprecated since 0.29 (see the module docstring), yet what 0.19-0.28 have
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     rgb = ImageReadMode.RGB
@@ -156,6 +157,7 @@ def tensor_decoder() -> TensorDecoder | None:
     import torch
 
     from .errors import CirbenchError, UnknownNameError
+    from .util import one_line
 
     wanted = os.environ.get("CIRBENCH_IMAGE_DECODER", "").strip().lower() or "auto"
     if wanted not in IMAGE_DECODERS:
@@ -172,7 +174,7 @@ def tensor_decoder() -> TensorDecoder | None:
                 raise RuntimeError("decoded a 2x1 JPEG to the wrong shape")
             return decoder
         except Exception as exc:  # noqa: BLE001 - missing, built for another torch, decoders removed: all the same
-            failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+            failures.append(f"{name}: {type(exc).__name__}: {one_line(exc)[:120]}")
     if wanted != "auto":
         raise CirbenchError(f"CIRBENCH_IMAGE_DECODER={wanted} cannot decode here ({failures[0]})")
     return None

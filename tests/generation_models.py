@@ -68,9 +68,9 @@ def write_tiny_lm(folder: Path, dtype=None) -> Path:
 
     tok = _tokenizer()
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=32, n_layer=1, n_head=2,
-                               bos_token_id=1, eos_token_id=1, pad_token_id=0)).to(dtype or torch.float32).save_pretrained(
-        folder)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=32, n_layer=1, n_head=2,
+                                       bos_token_id=1, eos_token_id=1, pad_token_id=0))
+    model.to(dtype or torch.float32).save_pretrained(folder)
     tok.save_pretrained(folder)
     return Path(folder)
 

@@ -35,7 +35,7 @@ class TransformersCaptioner:
                                 "or a cached hub id (e.g. hf:Salesforce/blip2-flan-t5-xl)") from None
         self.path, self.prompt, self.n, self.num_beams = path, prompt, n, num_beams
         self.max_new_tokens, self.top_p, self.seed = max_new_tokens, top_p, seed
-        self.device, self.batch_size, self.precision = device, batch_size, precision
+        self.device, self.batch_size = device, batch_size
 
     @property
     def id(self) -> str:

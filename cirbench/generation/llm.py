@@ -146,7 +146,7 @@ class TransformersLM:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        self.path, self.device, self.batch_size, self.precision = path, device, batch_size, precision
+        self.path, self.device, self.batch_size = path, device, batch_size
         self.temperature, self.max_tokens, self.stop, self.seed = temperature, max_tokens, tuple(stop), seed
 
     @property

@@ -52,7 +52,8 @@ def _options(captioner: str, caption_prompt: str, captions: int, temperature: fl
         OptionSpec("sampling_seed", "Seed for sampled captions and answers.", "int", 0),
         OptionSpec("generation_precision", "Weights dtype of the local (hf:) captioner and language model: fp32, "
                    "or bf16/fp16 for half the GPU memory (LAVIS, which CIReVL and LDRE used, runs BLIP-2's FlanT5 in "
-                   "bf16 and its OPT in fp16). Recorded with every generated text.", "str", "fp32", choices=("fp32", "bf16", "fp16")),
+                   "bf16 and its OPT in fp16). Recorded with every generated text.", "str", "fp32",
+                   choices=("fp32", "bf16", "fp16")),
         OptionSpec("generation", "auto: use recorded generations, generate the rest; replay: recorded only (no "
                    "model is loaded); refresh: generate everything again.", "str", "auto",
                    choices=("auto", "replay", "refresh")),
