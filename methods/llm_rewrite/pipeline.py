@@ -182,7 +182,7 @@ class CaptionRewrite(Method):
                           f"{len(todo)} {'queries' if per_query else 'images'}")
             captioner = self._build_captioner()
             batch = 8
-            with _resumable(cache, len(todo), "captions") as made:
+            with _resumable(cache, len(todo), f"{'queries' if per_query else 'images'}' captions") as made:
                 for start in tqdm(range(0, len(todo), batch), desc=f"{qs.name}: captioning", unit="batch",
                                   disable=not qs.progress, leave=False):
                     chunk = todo[start : start + batch]
