@@ -188,6 +188,9 @@ def test_cirevl_runs_live_then_replays_offline_exactly(tmp_path, tiny_config, to
     texts = {q["id"]: q["text"] for q in json.loads((toy_root / "queries.json").read_text())["queries"]}
     pairs = {(r["method"]["captions"][0], texts[r["query"]]) for r in rows}
     assert len(endpoint.requests) == len(pairs)  # one rewrite per distinct (caption, instruction)
+    # what CIReVL's src/openai_api.py sends: temperature 0, max_tokens 700, stopping at a blank line
+    sent = endpoint.requests[0]
+    assert (sent["temperature"], sent["max_tokens"], sent["stop"]) == (0.0, 700, ["\n\n"])
     assert rows[0]["method"]["rewrites"][0].startswith("a ") and rows[0]["method"]["fallbacks"] == 0
     summary = first.record["method"]["summary"]
     assert summary["generations"]["generated"] == 12 + len(pairs)  # 12 images captioned, then the rewrites
@@ -240,6 +243,22 @@ def test_generation_stopped_midway_keeps_what_it_made(tmp_path, tiny_config, toy
     rewrites = int(message.split("(1 of the ")[1].split()[0])
     assert rewrites >= 2 and generations["generated"] == rewrites - 1  # the 12 captions and the first rewrite kept
     assert generations["cached"] == 12 + 1
+
+
+def test_ldre_asks_the_endpoint_as_its_official_script(tmp_path, tiny_config, toy_root, blip2, endpoint):
+    """LDRE's src/reasoning_and_editing.py sends neither max_tokens nor stop, at the default temperature (1.0),
+    --max-tokens and --stop ask otherwise, under their own cache key."""
+    live = dict(captioner=f"hf:{blip2}", llm="openai:gpt-test", llm_url=endpoint.url, captions=2)
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", **live), reg)
+        sent = endpoint.requests[0]
+        assert "max_tokens" not in sent and "stop" not in sent and sent["temperature"] == 1.0
+        assert out.record["method"]["info"]["llm_params"]["max_tokens"] is None
+        before = len(endpoint.requests)
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", max_tokens=50, stop="\\n", **live), reg)
+    asked = endpoint.requests[before]
+    assert asked["max_tokens"] == 50 and asked["stop"] == ["\n"]
+    assert len(endpoint.requests) - before == before  # other parameters: generated again, nothing replayed
 
 
 def test_answers_without_a_rewrite_fall_back_to_the_instruction(tmp_path, tiny_config, toy_root, blip2, endpoint):

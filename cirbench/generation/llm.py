@@ -54,7 +54,7 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
 class OpenAIChat:
     """Chat completions over HTTP (``POST {url}/chat/completions``), several requests in flight."""
 
-    def __init__(self, model: str, url: str | None = None, temperature: float = 0.0, max_tokens: int = 700,
+    def __init__(self, model: str, url: str | None = None, temperature: float = 0.0, max_tokens: int | None = 700,
                  stop: tuple[str, ...] = ("\n\n",), seed: int | None = None, timeout: float = 60.0,
                  retries: int = 6, parallel: int = 8, api_key_env: str = "OPENAI_API_KEY"):
         self.model = model
@@ -106,8 +106,9 @@ class OpenAIChat:
         raise CirbenchError(f"LLM endpoint {self.url} kept failing after {self.retries + 1} attempts")
 
     def _one(self, messages: Messages) -> str:
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                                "max_tokens": self.max_tokens}
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature}
+        if self.max_tokens is not None:  # LDRE's script sends none: the model's own limit
+            body["max_tokens"] = self.max_tokens
         if self.stop:
             body["stop"] = list(self.stop)
         if self.seed is not None:
@@ -181,13 +182,13 @@ class TransformersLM:
         return out
 
 
-def build_llm(spec: str, *, url: str | None = None, temperature: float = 0.0, max_tokens: int = 700,
+def build_llm(spec: str, *, url: str | None = None, temperature: float = 0.0, max_tokens: int | None = 700,
               stop: tuple[str, ...] = ("\n\n",), seed: int | None = None, device: str = "cpu", precision: str = "fp32"):
     """``openai:MODEL`` (an OpenAI-compatible endpoint) or ``hf:PATH_OR_REPO`` (local transformers)."""
     kind, _, name = spec.partition(":")
     if kind == "openai" and name:
         return OpenAIChat(name, url, temperature, max_tokens, stop, seed)
     if kind == "hf" and name:
-        return TransformersLM(name, temperature, max_tokens, stop, seed, device, precision=precision)
+        return TransformersLM(name, temperature, max_tokens or 700, stop, seed, device, precision=precision)
     raise CirbenchError(f"unknown language model {spec!r}: use openai:MODEL (any OpenAI-compatible endpoint, "
                         "--llm-url) or hf:PATH_OR_REPO (a local transformers model)")

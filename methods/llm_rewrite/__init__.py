@@ -29,7 +29,7 @@ CIREVL_CAPTION_PROMPT = ("Describe the image in complete detail. You must especi
 
 
 def _options(captioner: str, caption_prompt: str, captions: int, temperature: float, caption_per: str,
-             extra=()) -> tuple:
+             max_tokens: int, stop: str, extra=()) -> tuple:
     return (
         OptionSpec("captioner", "Image captioner: hf:PATH_OR_REPO (a transformers image-to-text model).", "str",
                    captioner),
@@ -48,7 +48,11 @@ def _options(captioner: str, caption_prompt: str, captions: int, temperature: fl
                    "str", "builtin"),
         OptionSpec("temperature", "Sampling temperature of the language model.", "float", temperature, minimum=0.0,
                    maximum=2.0),
-        OptionSpec("max_tokens", "Most tokens the language model may answer with.", "int", 700, minimum=1),
+        OptionSpec("max_tokens", "Most tokens the language model may answer with; 0: none sent to an endpoint "
+                   "(LDRE's script sends none, CIReVL's 700; a local model then stops at 700).", "int", max_tokens,
+                   minimum=0),
+        OptionSpec("stop", "Text that ends the answer, \\n for a newline, '' for none (CIReVL's code stops at a "
+                   "blank line, LDRE's at none).", "str", stop),
         OptionSpec("sampling_seed", "Seed for sampled captions and answers.", "int", 0),
         OptionSpec("generation_precision", "Weights dtype of the local (hf:) captioner and language model: fp32, "
                    "or bf16/fp16 for half the GPU memory (LAVIS, which CIReVL and LDRE used, runs BLIP-2's FlanT5 in "
@@ -70,7 +74,7 @@ def register_methods(register):
         name="cirevl",
         description="CIReVL: caption the reference (BLIP-2), rewrite it with an LLM, retrieve by text.",
         factory="cirbench.methods.llm_rewrite.pipeline:CIReVL",
-        options=_options("hf:Salesforce/blip2-flan-t5-xxl", CIREVL_CAPTION_PROMPT, 1, 0.0, "image"),
+        options=_options("hf:Salesforce/blip2-flan-t5-xxl", CIREVL_CAPTION_PROMPT, 1, 0.0, "image", 700, "\\n\\n"),
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="targetpad",
     ))
@@ -79,7 +83,7 @@ def register_methods(register):
         description="LDRE: 15 sampled captions, one LLM rewrite each, mean of their text features (on CIRCO weighted "
                     "per caption slot, as its official code).",
         factory="cirbench.methods.llm_rewrite.pipeline:LDRE",
-        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, "query", (
+        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, "query", 0, "", (
             OptionSpec("adaptive_ensemble", "Weigh the rewrites by caption slot over the whole query set against the "
                        "gallery (LDRE's official CIRCO code) instead of averaging them (its CIRR code).", "bool", False,
                        per_dataset={"circo": True}),
@@ -95,7 +99,7 @@ def register_methods(register):
         name="seize",
         description="SEIZE: LDRE's rewrites scored by their semantic editing increment over the captions.",
         factory="cirbench.methods.llm_rewrite.pipeline:SEIZE",
-        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, "query", (
+        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, "query", 0, "", (
             OptionSpec("pos_factor", "Weight of the similarity the rewrite gains over the caption.", "float", 0.13,
                        minimum=0.0, sweepable=True),
             OptionSpec("neg_factor", "Weight of the similarity the rewrite loses against the caption.", "float", 2.1,

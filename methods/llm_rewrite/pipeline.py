@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from .importers import import_generations
 from .prompts import Prompt, instruction_of, load_prompt
 
 ENSEMBLES = ("single", "mean", "increment")
+LOCAL_MAX_TOKENS = 700  # a local model's answer length when --max-tokens 0 leaves it open
 
 
 class CaptionRewrite(Method):
@@ -80,11 +82,16 @@ class CaptionRewrite(Method):
                 "precision": self._precision()}
 
     def _llm_params(self) -> dict[str, Any]:
+        """What the language model is asked with (every value is part of the rewrites' cache key)."""
         o = self.options
         seed = o.get("sampling_seed")
-        params = {"temperature": float(o.get("temperature") or 0.0), "max_tokens": int(o.get("max_tokens") or 700),
-                  "stop": ["\n\n"], "seed": int(seed) if seed is not None else None}
-        if str(o["llm"]).startswith("hf:"):  # an endpoint's precision is the server's, not ours to record
+        local = str(o["llm"]).startswith("hf:")
+        stop = _unescape(str(o.get("stop") or ""))
+        params = {"temperature": float(o.get("temperature") or 0.0),
+                  # 0: none sent to an endpoint; a local model must stop somewhere
+                  "max_tokens": int(o.get("max_tokens") or 0) or (LOCAL_MAX_TOKENS if local else None),
+                  "stop": [stop] if stop else [], "seed": int(seed) if seed is not None else None}
+        if local:  # an endpoint's precision is the server's, not ours to record
             params["precision"] = self._precision()
         return params
 
@@ -394,6 +401,11 @@ def _image_sha256(ref) -> str:
     except ImageError as exc:
         raise CirbenchError(str(exc)) from None
     return digest if ref.view is None else f"{digest}|view:{ref.view.key}"
+
+
+def _unescape(text: str) -> str:
+    """``--stop`` as typed on a command line: ``\\n`` and ``\\t`` stand for a newline and a tab."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 @contextlib.contextmanager
