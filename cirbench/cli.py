@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import CirbenchError, from_reader_process
+from .errors import CirbenchError, from_reader_process, reader_process_origin
 
 EPILOG_RUN = """\b
 Examples:
@@ -119,8 +119,10 @@ class CirbenchGroup(click.Group):
             if debug_enabled():
                 traceback.print_exc()
             else:
-                click.echo(f"internal error: {type(exc).__name__}: {one_line(exc)} (set CIRBENCH_DEBUG=1 for the "
-                           "traceback)", err=True)
+                origin = reader_process_origin(exc)  # a worker's error: its own type and line, not torch's wrapper
+                what = (f"{origin[0]}: {one_line(origin[1])} (in a DataLoader worker)" if origin
+                        else f"{type(exc).__name__}: {one_line(exc)}")
+                click.echo(f"internal error: {what} (set CIRBENCH_DEBUG=1 for the traceback)", err=True)
             ctx.exit(1)
 
 

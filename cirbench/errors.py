@@ -47,16 +47,25 @@ class PluginError(CirbenchError):
     """A plugin that failed to load or registered a duplicate name (raised only in strict mode)."""
 
 
-def from_reader_process(exc: BaseException) -> CirbenchError | None:
-    """The cirbench error that a DataLoader worker raised, from the exception torch re-raises for it in the
-    main process ("Caught UnknownNameError in DataLoader worker process 0. Original Traceback ..."; a
-    RuntimeError when the original cannot be rebuilt from one string); None for anything else."""
+def reader_process_origin(exc: BaseException) -> tuple[str, str] | None:
+    """``(type name, message)`` of the exception a DataLoader worker raised, read from the one torch re-raises
+    for it in the main process ("Caught ValueError in DataLoader worker process 0. Original Traceback ...", a
+    RuntimeError when the original cannot be rebuilt from one string); None for any other exception."""
     text = str(exc)
     if not text.startswith("Caught ") or "Original Traceback" not in text:
         return None
     last = [line.strip() for line in text.splitlines() if line.strip()][-1]
     qualified, _, message = last.partition(": ")
-    name = qualified.rsplit(".", 1)[-1]
+    return qualified.rsplit(".", 1)[-1], message
+
+
+def from_reader_process(exc: BaseException) -> CirbenchError | None:
+    """The cirbench error that a DataLoader worker raised (see :func:`reader_process_origin`); None for any
+    other exception."""
+    origin = reader_process_origin(exc)
+    if origin is None:
+        return None
+    name, message = origin
     known: dict[str, type[CirbenchError]] = {}
     todo: list[type[CirbenchError]] = [CirbenchError]
     while todo:
