@@ -61,12 +61,18 @@ def write_tiny_blip2(folder: Path, dtype=None) -> Path:
     return Path(folder)
 
 
-def write_tiny_lm(folder: Path, dtype=None) -> Path:
-    """``dtype``: the dtype the weights are saved in (default fp32)."""
+def write_tiny_lm(folder: Path, dtype=None, chat: bool = False) -> Path:
+    """``dtype``: the dtype the weights are saved in (default fp32); ``chat``: a tokenizer that adds a BOS token
+    to what it encodes and a chat template that writes one too (as Llama's)."""
     import torch
+    from tokenizers.processors import TemplateProcessing
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = _tokenizer()
+    if chat:
+        bos = tok.convert_tokens_to_ids("</s>")
+        tok._tokenizer.post_processor = TemplateProcessing(single="</s> $A", special_tokens=[("</s>", bos)])
+        tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=32, n_layer=1, n_head=2,
                                        bos_token_id=1, eos_token_id=1, pad_token_id=0))

@@ -159,6 +159,27 @@ def test_openai_client_sends_cirevls_request_and_cuts_at_the_stop(endpoint, monk
         llm.generate([prompt.messages("x", "y")])
 
 
+def test_a_chat_template_s_bos_token_is_not_doubled(tmp_path):
+    """apply_chat_template writes the BOS token itself; encoding its text with the tokenizer's special tokens
+    would put a second one in front (as for Llama 3), which changes what the model answers."""
+    lm = build_llm(f"hf:{write_tiny_lm(tmp_path / 'chat-lm', chat=True)}", max_tokens=2)
+    bos = lm.tokenizer.bos_token_id
+    assert lm.tokenizer("a red dog")["input_ids"][0] == bos  # the tokenizer adds one to plain text
+    seen = []
+    generate = lm.model.generate
+
+    def recording(**kwargs):
+        seen.append((kwargs["input_ids"], kwargs["attention_mask"]))
+        return generate(**kwargs)
+
+    lm.model.generate = recording
+    lm.generate([[{"role": "user", "content": "a red dog"}], [{"role": "user", "content": "a green cat on grass"}]])
+    ids, mask = seen[0]
+    for row, keep in zip(ids.tolist(), mask.bool().tolist(), strict=True):
+        tokens = [t for t, k in zip(row, keep, strict=True) if k]  # left padding dropped
+        assert tokens[0] == bos and tokens[1] != bos, tokens
+
+
 def test_unreachable_endpoint_is_one_line(tmp_path):
     llm = build_llm("openai:gpt-test", url=f"http://127.0.0.1:{free_port()}/v1")
     with pytest.raises(CirbenchError) as info:

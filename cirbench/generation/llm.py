@@ -168,7 +168,10 @@ class TransformersLM:
         out: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             texts = [self._text(m) for m in prompts[start : start + self.batch_size]]
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+            # a chat template writes the special tokens itself (BOS above all): the tokenizer must not add them again
+            templated = bool(getattr(self.tokenizer, "chat_template", None))
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated).to(
+                self.device)
             kwargs: dict[str, Any] = {"max_new_tokens": self.max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
             if self.temperature > 0:
                 torch.manual_seed(self.seed or 0)
