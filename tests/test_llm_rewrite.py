@@ -159,7 +159,7 @@ def test_openai_client_sends_cirevls_request_and_cuts_at_the_stop(endpoint, monk
         llm.generate([prompt.messages("x", "y")])
 
 
-def test_a_chat_template_s_bos_token_is_not_doubled(tmp_path):
+def test_local_llm_requests_one_bos_token_and_plain_temperature_sampling(tmp_path):
     """apply_chat_template writes the BOS token itself; encoding its text with the tokenizer's special tokens
     would put a second one in front (as for Llama 3), which changes what the model answers."""
     lm = build_llm(f"hf:{write_tiny_lm(tmp_path / 'chat-lm', chat=True)}", max_tokens=2)
@@ -169,15 +169,21 @@ def test_a_chat_template_s_bos_token_is_not_doubled(tmp_path):
     generate = lm.model.generate
 
     def recording(**kwargs):
-        seen.append((kwargs["input_ids"], kwargs["attention_mask"]))
+        seen.append((kwargs["input_ids"], kwargs["attention_mask"], kwargs))
         return generate(**kwargs)
 
     lm.model.generate = recording
     lm.generate([[{"role": "user", "content": "a red dog"}], [{"role": "user", "content": "a green cat on grass"}]])
-    ids, mask = seen[0]
+    ids, mask = seen[0][:2]
     for row, keep in zip(ids.tolist(), mask.bool().tolist(), strict=True):
         tokens = [t for t, k in zip(row, keep, strict=True) if k]  # left padding dropped
         assert tokens[0] == bos and tokens[1] != bos, tokens
+    # sampling is plain temperature sampling, whatever the model's generation_config holds
+    lm.model.generation_config.top_k, lm.model.generation_config.top_p = 5, 0.5
+    lm.temperature = 0.7
+    lm.generate([[{"role": "user", "content": "a red dog"}]])
+    assert {k: seen[-1][2][k] for k in ("do_sample", "temperature", "top_k", "top_p")} == {
+        "do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
 
 
 def test_unreachable_endpoint_is_one_line(tmp_path):

@@ -175,7 +175,9 @@ class TransformersLM:
             kwargs: dict[str, Any] = {"max_new_tokens": self.max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
             if self.temperature > 0:
                 torch.manual_seed(self.seed or 0)
-                kwargs.update(do_sample=True, temperature=self.temperature)
+                # plain temperature sampling, as an endpoint's: not the top-k 50 / top-p a model's own
+                # generation_config would add (Llama's: top-p 0.9) without being asked or recorded
+                kwargs.update(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
             else:
                 kwargs.update(do_sample=False)
             with torch.no_grad():
