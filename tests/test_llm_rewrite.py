@@ -186,6 +186,32 @@ def test_local_llm_requests_one_bos_token_and_plain_temperature_sampling(tmp_pat
         "do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
 
 
+def test_captioner_decodes_with_lavis_arguments_whatever_the_checkpoint_config(blip2):
+    """LAVIS's Blip2*.generate passes beams 5, no repetition or length penalty and, for LDRE's nucleus
+    sampling, top-p 0.9 at temperature 1 with transformers' default top-k 50: a checkpoint's generation_config
+    must not change any of them."""
+    from PIL import Image
+
+    from cirbench.generation.captioner import build_captioner
+
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    for n, expected in ((1, {"num_beams": 5, "do_sample": False, "repetition_penalty": 1.0, "length_penalty": 1.0}),
+                        (3, {"num_beams": 5, "do_sample": True, "top_p": 0.9, "top_k": 50, "temperature": 1.0,
+                             "num_return_sequences": 3})):
+        cap = build_captioner(f"hf:{blip2}", n=n)
+        cap.model.generation_config.top_k, cap.model.generation_config.repetition_penalty = 5, 1.3
+        seen = []
+        generate = cap.model.generate
+
+        def recording(seen=seen, generate=generate, **kwargs):
+            seen.append(kwargs)
+            return generate(**kwargs)
+
+        cap.model.generate = recording
+        assert len(cap.caption([image])[0]) == n
+        assert {k: seen[0][k] for k in expected} == expected
+
+
 def test_unreachable_endpoint_is_one_line(tmp_path):
     llm = build_llm("openai:gpt-test", url=f"http://127.0.0.1:{free_port()}/v1")
     with pytest.raises(CirbenchError) as info:
@@ -306,7 +332,7 @@ def test_ldre_and_seize_with_local_models(tmp_path, tiny_config, toy_root, blip2
         (seize,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="seize", **local, generation="replay"), reg)
     rows = _predictions(ldre)
     assert all(len(r["method"]["captions"]) == 3 and len(r["method"]["rewrites"]) == 3 for r in rows)
-    assert ldre.record["method"]["info"]["caption_decoding"]["sampling"] == {"top_p": 0.9, "seed": 0}
+    assert ldre.record["method"]["info"]["caption_decoding"]["sampling"] == {"top_p": 0.9, "top_k": 50, "seed": 0}
     assert seize.record["method"]["summary"]["generations"]["generated"] == 0  # SEIZE reuses LDRE's generations
     assert seize.record["method"]["summary"]["rewritten_texts_sha256"] == ldre.record["method"]["summary"][
         "rewritten_texts_sha256"]

@@ -3,7 +3,8 @@
 ``build_captioner("hf:Salesforce/blip2-flan-t5-xxl")`` loads the processor and the model
 (``AutoModelForImageTextToText``, else ``AutoModelForVision2Seq``). Decoding follows LAVIS's BLIP-2
 ``generate`` defaults, which CIReVL and LDRE used: beam search with 5 beams, at most 30 new tokens, at least
-1; ``n > 1`` captions per image (LDRE's dense captions) use nucleus sampling (top-p 0.9) with a seed.
+1, no repetition or length penalty; ``n > 1`` captions per image (LDRE's dense captions) use nucleus sampling
+(top-p 0.9, with transformers' default top-k 50 that LAVIS ran with, temperature 1) with a seed.
 """
 
 from __future__ import annotations
@@ -61,15 +62,18 @@ class TransformersCaptioner:
             inputs = self.processor(**kwargs).to(self.device)
             if "pixel_values" in inputs:  # the processor makes fp32 pixels; the vision tower takes its own dtype
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            # LAVIS's Blip2*.generate arguments, all of them: a checkpoint's generation_config must not add its own
             generate: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": 1,
-                                        "num_beams": self.num_beams, "num_return_sequences": self.n}
+                                        "num_beams": self.num_beams, "num_return_sequences": self.n,
+                                        "repetition_penalty": 1.0, "length_penalty": 1.0, "do_sample": False}
             if self.n > 1:
                 seed = self.seed
                 if salt:
                     digest = hashlib.sha256(f"{self.seed}\0{salt}\0{start}".encode()).digest()
                     seed = int.from_bytes(digest[:8], "little") >> 1
                 torch.manual_seed(seed)
-                generate.update(do_sample=True, top_p=self.top_p)
+                # top-k 50: transformers' default, which LAVIS's nucleus sampling ran with (it passes none)
+                generate.update(do_sample=True, top_p=self.top_p, top_k=50, temperature=1.0)
             with torch.no_grad():
                 ids = self.model.generate(**inputs, **generate)
             if "input_ids" in inputs and not self.model.config.is_encoder_decoder:

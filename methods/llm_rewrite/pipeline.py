@@ -78,7 +78,8 @@ class CaptionRewrite(Method):
 
     def _caption_params(self) -> dict[str, Any]:
         return {"n": self.n, "num_beams": 5, "max_new_tokens": 30,
-                "sampling": {"top_p": 0.9, "seed": int(self.options.get("sampling_seed") or 0)} if self.n > 1 else None,
+                "sampling": {"top_p": 0.9, "top_k": 50, "seed": int(self.options.get("sampling_seed") or 0)}
+                if self.n > 1 else None,
                 "precision": self._precision()}
 
     def _llm_params(self) -> dict[str, Any]:
