@@ -14,7 +14,8 @@ import os
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from ..errors import CirbenchError
@@ -22,6 +23,7 @@ from ..util import one_line
 from .hf import from_pretrained_kwargs
 
 Messages = list[dict[str, str]]
+OnResult = Callable[[int, str], None]  # (index of the prompt, its answer), called as each answer arrives
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 
 
@@ -120,11 +122,26 @@ class OpenAIChat:
             raise CirbenchError(f"LLM endpoint {self.url} answered without choices[0].message.content") from None
         return cut_at_stop(text or "", self.stop)
 
-    def generate(self, prompts: list[Messages]) -> list[str]:
-        if len(prompts) <= 1 or self.parallel <= 1:
-            return [self._one(p) for p in prompts]
-        with ThreadPoolExecutor(self.parallel) as pool:
-            return list(pool.map(self._one, prompts))
+    def generate(self, prompts: list[Messages], on_result: OnResult | None = None) -> list[str]:
+        """One answer per prompt, ``parallel`` requests in flight. ``on_result(i, text)`` is called (in this
+        thread) as each answer arrives; when a request fails for good, the answers of the others still come in
+        and are passed on before its error is raised, so that no paid-for answer is lost."""
+        out: list[str | None] = [None] * len(prompts)
+        first_error: BaseException | None = None
+        with ThreadPoolExecutor(max(1, min(self.parallel, len(prompts)))) as pool:
+            futures = {pool.submit(self._one, p): i for i, p in enumerate(prompts)}
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    out[i] = future.result()
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are kept
+                    first_error = first_error or exc
+                    continue
+                if on_result is not None:
+                    on_result(i, out[i])
+        if first_error is not None:
+            raise first_error
+        return [text or "" for text in out]
 
 
 class TransformersLM:
@@ -162,7 +179,8 @@ class TransformersLM:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n\n".join(m["content"] for m in messages)
 
-    def generate(self, prompts: list[Messages]) -> list[str]:
+    def generate(self, prompts: list[Messages], on_result: OnResult | None = None) -> list[str]:
+        """One answer per prompt, ``batch_size`` at a time; ``on_result(i, text)`` as each batch is done."""
         import torch
 
         out: list[str] = []
@@ -183,7 +201,10 @@ class TransformersLM:
             with torch.no_grad():
                 ids = self.model.generate(**enc, **kwargs)
             new = ids[:, enc["input_ids"].shape[1]:]
-            out += [cut_at_stop(t, self.stop) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+            for text in self.tokenizer.batch_decode(new, skip_special_tokens=True):
+                out.append(cut_at_stop(text, self.stop))
+                if on_result is not None:
+                    on_result(len(out) - 1, out[-1])
         return out
 
 

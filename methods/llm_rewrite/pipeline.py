@@ -233,11 +233,14 @@ class CaptionRewrite(Method):
                 for start in tqdm(range(0, len(pairs), batch), desc=f"{qs.name}: rewriting", unit="batch",
                                   disable=not qs.progress, leave=False):
                     chunk = pairs[start : start + batch]
-                    texts = llm.generate([self.prompt.messages(c, i) for c, i in chunk])
-                    for (c, i), text in zip(chunk, texts, strict=True):
+
+                    def keep(k: int, text: str, chunk=chunk) -> None:  # as each answer arrives: none is lost
+                        c, i = chunk[k]
                         cache.put(self.rewrite_key(c, i), [text], llm.source())
                         answers[(c, i)] = text
                         made[0] += 1
+
+                    llm.generate([self.prompt.messages(c, i) for c, i in chunk], on_result=keep)
             del llm
             free_memory()  # before the gallery is encoded
         for q in qs.queries:
