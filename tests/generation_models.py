@@ -90,6 +90,7 @@ class FakeChatEndpoint:
         self.fail_next: list[int] = []  # HTTP codes to answer the next requests with
         self.fail_headers: dict[str, str] = {}  # headers sent with those answers (e.g. Retry-After)
         self.fail_from: int | None = None  # answer HTTP 400 from this many requests on (an outage midway)
+        self.drop_next = 0  # requests to answer by closing the connection (a proxy or server dropping it)
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -98,6 +99,10 @@ class FakeChatEndpoint:
 
             def do_POST(self):  # noqa: N802 - http.server's naming
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if endpoint.drop_next:
+                    endpoint.drop_next -= 1
+                    self.close_connection = True
+                    return  # no answer at all: the client sees the connection closed
                 endpoint.requests.append(body)
                 endpoint.headers.append(dict(self.headers))
                 if endpoint.fail_from is not None and len(endpoint.requests) > endpoint.fail_from:

@@ -149,7 +149,9 @@ def test_openai_client_sends_cirevls_request_and_cuts_at_the_stop(endpoint, monk
     llm.generate([prompt.messages("x", "make it green")])
     endpoint.fail_next, endpoint.fail_headers = [503, 503], {}
     llm.generate([prompt.messages("x", "make it green")])
-    assert waits == [0.25, 0.25, 0.25, 3.0, 3.0, 1.0, 2.0]
+    endpoint.drop_next = 1  # a dropped connection is retried too
+    assert llm.generate([prompt.messages("x", "make it green")])[0].endswith("(from 1 chars)")
+    assert waits == [0.25, 0.25, 0.25, 3.0, 3.0, 1.0, 2.0, 1.0]
     endpoint.fail_next = [429] * 7  # more than the retries: one line with the code
     with pytest.raises(CirbenchError, match="HTTP 429"):
         llm.generate([prompt.messages("x", "y")])

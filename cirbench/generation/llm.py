@@ -97,7 +97,8 @@ class OpenAIChat:
                                     f"{detail}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
-                if attempt < self.retries and isinstance(reason, TimeoutError):
+                # a timeout or a dropped connection is retried; a refused one (nothing listening) is not
+                if attempt < self.retries and isinstance(reason, (TimeoutError, ConnectionResetError)):
                     time.sleep(delay)
                     delay = min(2 * delay, MAX_RETRY_WAIT_S)
                     continue
