@@ -105,6 +105,17 @@ def test_preprocessing_equals_the_official_pipelines(real_images, kind, path):
                                       if float(d.max()) > 0}
 
 
+def _skip_without_torchcodec() -> None:
+    """Skip where TorchCodec is not installed, or its wheel was built for another torch and does not load."""
+    from cirbench import images
+
+    try:
+        images._torchcodec()
+    except Exception as exc:  # noqa: BLE001 - ImportError, or the native library's own error
+        pytest.skip(f"TorchCodec does not load here ({type(exc).__name__}: {str(exc)[:80]}); "
+                    "pip install cirbench[codec]")
+
+
 @pytest.mark.parametrize("library", ["torchcodec", "torchvision", "pil"])
 def test_every_image_decoder_gives_the_official_pixels(real_images, library, monkeypatch):
     """The batched path decodes with torchvision.io (deprecated since 0.29), else TorchCodec, else PIL: each
@@ -113,7 +124,7 @@ def test_every_image_decoder_gives_the_official_pixels(real_images, library, mon
     from cirbench.encode import image_library
 
     if library == "torchcodec":
-        pytest.importorskip("torchcodec.decoders", reason="TorchCodec is not installed (pip install cirbench[codec])")
+        _skip_without_torchcodec()
     monkeypatch.setenv("CIRBENCH_IMAGE_DECODER", library)
     images.tensor_decoder.cache_clear()
     try:
@@ -153,7 +164,7 @@ def test_image_decoder_choice_fails_clearly(monkeypatch):
 
 
 def test_torchcodec_takes_over_once_torchvision_lacks_its_decoders(monkeypatch):
-    pytest.importorskip("torchcodec.decoders", reason="TorchCodec is not installed (pip install cirbench[codec])")
+    _skip_without_torchcodec()
     from cirbench import images
     from cirbench.encode import image_library
 
