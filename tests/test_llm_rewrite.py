@@ -334,6 +334,9 @@ def test_ldre_and_seize_with_local_models(tmp_path, tiny_config, toy_root, blip2
     rows = _predictions(ldre)
     assert all(len(r["method"]["captions"]) == 3 and len(r["method"]["rewrites"]) == 3 for r in rows)
     assert ldre.record["method"]["info"]["caption_decoding"]["sampling"] == {"top_p": 0.9, "top_k": 50, "seed": 0}
+    # LAVIS's caption_coco_opt6.7b, which LDRE loads, prompts with "a photo of": the caption is what follows
+    assert ldre.record["method"]["info"]["caption_prompt"] == "a photo of"
+    assert not any(c.startswith("a photo of") for r in rows for c in r["method"]["captions"])
     assert seize.record["method"]["summary"]["generations"]["generated"] == 0  # SEIZE reuses LDRE's generations
     assert seize.record["method"]["summary"]["rewritten_texts_sha256"] == ldre.record["method"]["summary"][
         "rewritten_texts_sha256"]

@@ -26,6 +26,8 @@ from cirbench.types import MethodSpec, OptionSpec
 
 CIREVL_CAPTION_PROMPT = ("Describe the image in complete detail. You must especially focus on all the objects in "
                          "the image")  # CIReVL's prompts.blip_prompt
+# LDRE loads LAVIS's blip2_opt "caption_coco_opt6.7b", whose config prompts with this; the caption is what follows
+LDRE_CAPTION_PROMPT = "a photo of"
 
 
 def _options(captioner: str, caption_prompt: str, captions: int, temperature: float, caption_per: str,
@@ -83,7 +85,7 @@ def register_methods(register):
         description="LDRE: 15 sampled captions, one LLM rewrite each, mean of their text features (on CIRCO weighted "
                     "per caption slot, as its official code).",
         factory="cirbench.methods.llm_rewrite.pipeline:LDRE",
-        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, "query", 0, "", (
+        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", LDRE_CAPTION_PROMPT, 15, 1.0, "query", 0, "", (
             OptionSpec("adaptive_ensemble", "Weigh the rewrites by caption slot over the whole query set against the "
                        "gallery (LDRE's official CIRCO code) instead of averaging them (its CIRR code).", "bool", False,
                        per_dataset={"circo": True}),
@@ -99,7 +101,7 @@ def register_methods(register):
         name="seize",
         description="SEIZE: LDRE's rewrites scored by their semantic editing increment over the captions.",
         factory="cirbench.methods.llm_rewrite.pipeline:SEIZE",
-        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", "", 15, 1.0, "query", 0, "", (
+        options=_options("hf:Salesforce/blip2-opt-6.7b-coco", LDRE_CAPTION_PROMPT, 15, 1.0, "query", 0, "", (
             OptionSpec("pos_factor", "Weight of the similarity the rewrite gains over the caption.", "float", 0.13,
                        minimum=0.0, sweepable=True),
             OptionSpec("neg_factor", "Weight of the similarity the rewrite loses against the caption.", "float", 2.1,
