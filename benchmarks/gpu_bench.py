@@ -107,33 +107,27 @@ def stage_env(out: dict) -> dict:
             r["nvidia_smi"] = subprocess.run(
                 [smi, "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit",
                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
-        r["decoder_ceiling_img_s"] = decoder_ceiling(dev)  # the library the batched path uses
-        r["decoder_ceilings_img_s"] = decoder_ceilings(dev)  # every library that loads here, side by side
+        ceilings = decoder_ceilings(dev)  # every library that loads here, side by side
+        r["decoder_ceilings_img_s"] = ceilings
+        in_use = ceilings.get(r["image_library"].split()[0])  # the library the batched path uses (none: PIL)
+        r["decoder_ceiling_img_s"] = in_use if isinstance(in_use, float) else None
     return r
 
 
-def decoder_ceiling(dev: torch.device, decoder=None) -> float | None:
-    """A GPU JPEG decoder alone on bytes already in memory (batches of BATCH): its own ceiling. ``decoder``: a
-    cirbench.images.TensorDecoder (default: the one the batched path uses)."""
-    from cirbench.images import tensor_decoder
+def decoder_ceilings(dev: torch.device) -> dict[str, float | str]:
+    """Each GPU JPEG decoder alone on the same bytes already in memory (batches of BATCH): its own ceiling
+    in img/s, or why that library is unavailable here."""
+    from cirbench import images
 
-    decoder = decoder or tensor_decoder()
-    if decoder is None:
-        return None  # no tensor decoder loads: the batched path decodes with PIL
     refs = pool()[:2048]
     datas = [torch.frombuffer(bytearray(r.path.read_bytes()), dtype=torch.uint8) for r in refs]
     batches = [datas[i : i + BATCH] for i in range(0, len(datas), BATCH)]
-    t = timed(lambda: [decoder.jpeg(b, dev) for b in batches], dev, max(REPS, 2))
-    return len(datas) / t["seconds"]
-
-
-def decoder_ceilings(dev: torch.device) -> dict[str, float | str | None]:
-    from cirbench import images
-
-    out: dict[str, float | str | None] = {}
+    out: dict[str, float | str] = {}
     for name, make in (("torchvision", images._torchvision), ("torchcodec", images._torchcodec)):
         try:
-            out[name] = decoder_ceiling(dev, make())
+            jpeg = make().jpeg
+            seconds = timed(lambda jpeg=jpeg: [jpeg(b, dev) for b in batches], dev, max(REPS, 2))["seconds"]
+            out[name] = len(datas) / seconds
         except Exception as exc:  # noqa: BLE001 - not installed or not loadable here: say so, go on
             out[name] = f"unavailable: {type(exc).__name__}: {str(exc)[:100]}"
     return out
