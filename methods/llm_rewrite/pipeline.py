@@ -163,6 +163,7 @@ class CaptionRewrite(Method):
         ``--caption-per image`` only published ones, which its rewrites were made from), else its reference
         image's; what is missing is generated, per query or per image."""
         per_query = self.caption_per == "query"
+        unit_name = "queries" if per_query else "images"
         out: dict[str, list[str]] = {}
         units: dict[str, tuple[str, dict[str, Any], list[str]]] = {}  # unit -> (reference id, cache key, query ids)
         for q in qs.queries:
@@ -184,13 +185,13 @@ class CaptionRewrite(Method):
         if todo:
             _, rid, _, qids = todo[0]
             cache.require_live(f"query {qids[0]} (caption of reference image {rid} by "
-                               f"{self.caption_request['model']}; {len(todo)} {'queries' if per_query else 'images'} "
+                               f"{self.caption_request['model']}; {len(todo)} {unit_name} "
                                "in all)")
             self._say(qs, f"loading the captioner {self.caption_request['model']} ({self._precision()}) for "
-                          f"{len(todo)} {'queries' if per_query else 'images'}")
+                          f"{len(todo)} {unit_name}")
             captioner = self._build_captioner()
             batch = 8
-            with _resumable(cache, len(todo), f"{'queries' if per_query else 'images'}' captions") as made:
+            with _resumable(cache, len(todo), f"{unit_name}' captions") as made:
                 for start in tqdm(range(0, len(todo), batch), desc=f"{qs.name}: captioning", unit="batch",
                                   disable=not qs.progress, leave=False):
                     chunk = todo[start : start + batch]
@@ -270,7 +271,7 @@ class CaptionRewrite(Method):
         """The language model, loaded for one evaluation set's missing rewrites and dropped after them."""
         from cirbench.generation.llm import build_llm
 
-        p = self._llm_params()
+        p = self.rewrite_request["params"]
         return build_llm(self.rewrite_request["model"], url=self.options.get("llm_url"), temperature=p["temperature"],
                          max_tokens=p["max_tokens"], stop=tuple(p["stop"]), seed=p["seed"],
                          device=str(self.backbone.device), precision=self._precision())
