@@ -5,6 +5,7 @@ Nothing here knows about methods, datasets or torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,6 +46,25 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` block: processes that
+    make the same files (torchrun ranks, parallel jobs sharing a cache) take turns, and the later ones find the
+    work done. A no-op where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def atomic_write_json(path: Path, obj: Any, indent: int | None = 2) -> Path:

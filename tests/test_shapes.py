@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -59,6 +60,40 @@ def test_other_generation_options_are_never_served_from_anothers_folder(tmp_path
     stale.write_text(json.dumps({"version": "v1", "options": {"generator_seed": 0, "queries": 7, "instances": 1}}))
     (remade,) = shapes(tmp_path, queries=20, instances=1).load("val")
     assert len(remade.queries) == 20 and json.loads(stale.read_text())["options"]["queries"] == 20
+
+
+def test_processes_generating_at_once_take_turns(tmp_path, monkeypatch):
+    """torchrun ranks (or parallel jobs on one cache) that ask for the same split at once: one generates, the
+    others wait and read its folder; none deletes the folder another is reading."""
+    import threading
+    import time
+
+    from cirbench.datasets.shapes.dataset import Shapes
+
+    made, write = [], Shapes._write_queries
+
+    def slow_write(self, split, folder):
+        made.append(folder)
+        time.sleep(0.5)  # long enough for the other maker to arrive while this one writes
+        write(self, split, folder)
+
+    monkeypatch.setattr(Shapes, "_write_queries", slow_write)
+    start, results, errors = threading.Barrier(3), [], []
+
+    def load():
+        start.wait()
+        try:
+            results.append(shapes(tmp_path, queries=10, instances=1).load("val")[0])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(made) == 1
+    assert all(len(r.queries) == 10 and all(Path(g.path).is_file() for g in r.gallery) for r in results)
 
 
 def test_queries_change_one_or_two_attributes_and_have_distractors(val_root):

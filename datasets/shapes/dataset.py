@@ -15,7 +15,7 @@ from cirbench.dataset import Dataset
 from cirbench.errors import CirbenchError
 from cirbench.metrics import ap_per_query, hits_matrix, recall_per_query
 from cirbench.types import EvalSet, ImageRef, Query
-from cirbench.util import default_cache_dir, json_loads
+from cirbench.util import default_cache_dir, exclusive_lock, json_loads
 
 from . import CORPUS_OPTIONS, QUERY_SPLIT_OPTIONS
 from . import generator as G
@@ -72,17 +72,21 @@ class Shapes(Dataset):
         target = self.split_folder(split)
         if self._is_complete(target, split):
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=target.parent))
-        try:
-            (self._write_corpus if split == "train" else self._write_queries)(split, tmp)
-            (tmp / COMPLETE).write_text(json.dumps({"version": FORMAT_VERSION, "options": self.options}))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        # one maker at a time: a second process (another torchrun rank, a parallel job on the same cache) waits
+        # and then finds the folder complete, instead of deleting it under the first one's readers
+        with exclusive_lock(target.parent / f".lock-{target.name}"):
+            if self._is_complete(target, split):
+                return target
+            tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=target.parent))
+            try:
+                (self._write_corpus if split == "train" else self._write_queries)(split, tmp)
+                (tmp / COMPLETE).write_text(json.dumps({"version": FORMAT_VERSION, "options": self.options}))
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return target
 
     def _save(self, img, path: Path) -> None:
