@@ -231,11 +231,13 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     Method and dataset options are given as extra --name value pairs (e.g. --alpha 0.8, --category dress);
     `cirbench methods` and `cirbench datasets` list them.
     """
+    from . import distributed
     from .evaluate import RunConfig, evaluate
     from .plugins import get_registry
     from .types import resolve_options
 
     reg = get_registry()
+    speaks = distributed.speaks()  # under torchrun, rank 0 alone shows progress and results
     names = list(dict.fromkeys(m.strip() for m in method.split(",") if m.strip()))
     if not names:
         raise CirbenchError("--method names no method")
@@ -260,8 +262,11 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
                         method_options=m_opts, dataset_options=d_opts, label=label, seed=seed, batch_size=batch_size,
                         workers=workers, max_image_pixels=max_image_pixels, allow_missing=allow_missing,
                         retrieval_backend=retrieval_backend, encode_path=encode_path, bootstrap=bootstrap,
-                        progress=not quiet)
+                        progress=speaks and not quiet)
         outcomes += evaluate(cfg, reg)
+    distributed.shutdown()
+    if not speaks:
+        return
     for out in outcomes:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in list(out.metrics.items())[:8])
         click.echo(f"{out.label}: {shown or 'no metrics (hidden targets)'}")

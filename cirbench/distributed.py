@@ -41,6 +41,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def speaks() -> bool:
+    """Whether this process prints progress and results: a plain process, or rank 0 of a torchrun launch.
+    Known from the launcher's environment, before the process group is joined."""
+    return not launched_by_torchrun() or int(os.environ["RANK"]) == 0
+
+
 _wait_group = None  # the gloo group of wait_for_main
 
 
@@ -79,6 +85,17 @@ def wait_for_main() -> None:
     calls it, rank 0 when its work is done."""
     if is_distributed():
         dist.barrier(group=_wait_group)  # a process group joined elsewhere: its default group and timeout
+
+
+def shutdown() -> None:
+    """Leave the process group at the end of a command that succeeded: the ranks wait for each other on the
+    long-timeout group (rank 0 may still be writing results), then the group is destroyed, so that no rank tears
+    its connections down under another's last collective and NCCL has nothing to warn about at exit."""
+    global _wait_group
+    if is_distributed():
+        wait_for_main()
+        dist.destroy_process_group()
+        _wait_group = None
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -187,7 +187,7 @@ class Evaluator:
     def __init__(self, cfg: RunConfig, registry: Registry | None = None, log: Callable[[str], None] = print):
         self.cfg = cfg
         self.registry = registry or get_registry()
-        self.log = log
+        self.log = log if distributed.speaks() else (lambda _message: None)  # rank 0 says it for all
 
     # -- features ---------------------------------------------------------------------------------------
     def _feature_key(self, backbone: Backbone, preprocessor: Preprocessor, kind: dict) -> dict:

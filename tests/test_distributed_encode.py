@@ -20,18 +20,20 @@ def _run(n: int, tmp_path: Path) -> tuple[dict, list, Path]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CIRBENCH_LOAD_PLUGINS": "", "CIRBENCH_CACHE": str(tmp_path / "gen")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "cirbench",
            "run", "--method", "slerp", "--dataset", "shapes", "--queries", "40", "--instances", "1", "--device", "cpu",
-           "--output", str(out), "--cache-dir", str(cache), "--workers", "0", "--quiet", "--no-leaderboard",
-           "--batch-size", "50"]
+           "--output", str(out), "--cache-dir", str(cache), "--workers", "0", "--batch-size", "50"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0 alone reports: one result line, one leaderboard, one progress bar per encoding pass
+    assert proc.stdout.count("result:") == 1 and proc.stdout.count("### shapes / val") == 1, proc.stdout
+    assert proc.stderr.count("val: queries:   0%") == 1, proc.stderr[-3000:]
     (result,) = (out / "shapes" / "val").glob("*__*.json")
     preds = [json.loads(line) for line in next((out / "shapes" / "val").glob("*.jsonl")).read_text().splitlines()]
     return json.loads(result.read_text()), preds, cache
 
 
 def test_two_ranks_match_one(tmp_path):
+    two, preds2, cache2 = _run(2, tmp_path)  # first: both ranks meet a cold cache and generate `shapes` at once
     one, preds1, cache1 = _run(1, tmp_path)
-    two, preds2, cache2 = _run(2, tmp_path)
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["metrics"] == one["metrics"]
     assert [p["top"] for p in preds2] == [p["top"] for p in preds1]
@@ -53,7 +55,7 @@ def test_a_rank_with_nothing_to_encode_joins_the_gather(tmp_path):
         "local = torch.full((len(items), 3), 7.0) if items else None\n"
         "out = d.gather_sharded_rows(local, 1)\n"
         "print(json.dumps({'rank': d.rank(), 'shape': list(out.shape), 'sum': float(out.sum())}))\n"
-        "dist.destroy_process_group()\n")
+        "d.shutdown()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)

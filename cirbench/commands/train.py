@@ -86,7 +86,8 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     trainable = trainer_cls(bb, options[0])
     trainable.name = spec.name  # the registered name is the one source of truth (checkpoints record it)
     out = train(trainable, corpus_data, cfg)
-    if distributed.is_main():
+    distributed.shutdown()
+    if distributed.speaks():
         click.echo(f"trained {method}: {out / 'model.safetensors'}")
         click.echo(f"use it: cirbench run --method {method} --checkpoint {out} "
                    f"{backbone_flags(bb.identity(), model_name)}")
