@@ -85,17 +85,13 @@ def stage_env(out: dict) -> dict:
 
     from cirbench.encode import image_library
     from cirbench.preprocess import auto_products
+    from cirbench.results import installed_version
 
     r = {"device": DEVICE, "quick": QUICK, "torch": torch.__version__, "torchvision": torchvision.__version__,
          "python": sys.version.split()[0], "cpus": CPUS, "workers": WORKERS, "batch_size": BATCH, "reps": REPS,
          "budget_s": BUDGET_S}
     r["image_library"] = image_library()  # the library the batched path decodes JPEGs with
-    try:
-        import open_clip
-
-        r["open_clip"] = open_clip.__version__
-    except ImportError as exc:
-        r["open_clip"] = f"missing: {exc}"
+    r["open_clip"] = installed_version("open_clip_torch") or "missing"
     dev = torch.device(DEVICE)
     r["preprocess_products"] = auto_products(dev)
     if dev.type == "cuda":

@@ -54,15 +54,8 @@ def git_revision() -> dict[str, Any] | None:
 
 def environment_info(device: str | None = None) -> dict[str, Any]:
     """Versions of everything that changes a number, and the machine."""
-    import torch
-
-    try:
-        import open_clip
-
-        oc_version = getattr(open_clip, "__version__", "unknown")
-    except ImportError:  # pragma: no cover
-        oc_version = None
     import PIL
+    import torch
     import torchvision
 
     info = {
@@ -72,7 +65,7 @@ def environment_info(device: str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "pillow": PIL.__version__,  # decodes and resizes on the official path: its version can move pixels
-        "open_clip": oc_version,
+        "open_clip": installed_version("open_clip_torch"),  # its metadata: open_clip < 2.25 has no __version__
         "platform": platform.platform(),
         "device": device,
     }
@@ -87,17 +80,19 @@ OPTIONAL_PACKAGES = ("numpy", "torchcodec", "transformers", "peft", "safetensors
                      "faiss-gpu-cu12")
 
 
-def _optional_versions() -> dict[str, str]:
-    """Versions of the :data:`OPTIONAL_PACKAGES` installed here (read from their metadata, nothing imported)."""
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution`` (a pip name), from its metadata; None if it is not installed."""
     from importlib import metadata
 
-    out = {}
-    for name in OPTIONAL_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _optional_versions() -> dict[str, str]:
+    """Versions of the :data:`OPTIONAL_PACKAGES` installed here (read from their metadata, nothing imported)."""
+    return {name: v for name in OPTIONAL_PACKAGES if (v := installed_version(name)) is not None}
 
 
 def ensure_writable(directory: Path) -> Path:

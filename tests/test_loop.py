@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import metadata
 
 import pytest
 from click.testing import CliRunner
@@ -23,6 +24,16 @@ def _cfg(tmp_path, tiny_config, toy_root, **kw):
     return RunConfig(**base)
 
 
+def test_open_clip_version_is_recorded_from_its_metadata(monkeypatch):
+    """open_clip before 2.25 has no __version__: the result must still name the installed release."""
+    import open_clip
+
+    from cirbench.results import environment_info
+
+    monkeypatch.delattr(open_clip, "__version__", raising=False)
+    assert environment_info("cpu")["open_clip"] == metadata.version("open_clip_torch")
+
+
 def test_run_writes_result_with_provenance(tmp_path, tiny_config, toy_root):
     with registered(ToyPlugin(), "toy") as reg:
         (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
@@ -33,7 +44,7 @@ def test_run_writes_result_with_provenance(tmp_path, tiny_config, toy_root):
     for field in ("backbone", "preprocess", "precision", "seed", "device", "counts", "environment", "wall_time_s"):
         assert field in rec
     assert rec["counts"]["queries"] == 12 and rec["counts"]["gallery"] == 12
-    assert rec["environment"]["torch"] and rec["environment"]["open_clip"]
+    assert rec["environment"]["torch"] and rec["environment"]["open_clip"] == metadata.version("open_clip_torch")
     assert rec["environment"]["torchvision"] and rec["environment"]["pillow"] and rec["environment"]["numpy"]
     assert rec["encode"]["image_library"].split()[0] in ("torchcodec", "torchvision", "pil")
     assert rec["encode"]["path"] == "workers" and rec["encode"]["requested_path"] == "auto"
