@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint test-torch test-lowest
 
 $(VENV)/.installed: pyproject.toml examples/cirbench-example-plugin/pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,3 +21,23 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check cirbench methods datasets tests examples scripts benchmarks
+
+# The suite on another torch release, in a virtual environment of its own (.venv-torch<version>): the floor that
+# pyproject.toml declares (the default) or a GPU image's, e.g. make test-torch TORCH=2.11.0 TORCHVISION=0.26.0
+TORCH ?= 2.6.0
+TORCHVISION ?= 0.21.0
+test-torch:
+	python3 -m venv .venv-torch$(TORCH)
+	.venv-torch$(TORCH)/bin/python -m pip install --quiet --upgrade pip
+	.venv-torch$(TORCH)/bin/python -m pip install --quiet 'torch==$(TORCH)' 'torchvision==$(TORCHVISION)' \
+		-e '.[test]' -e examples/cirbench-example-plugin
+	.venv-torch$(TORCH)/bin/python -m pytest
+
+# The suite with every dependency pyproject.toml names at the lowest version it admits (uv's lowest-direct
+# resolution), in .venv-lowest: checks that the declared floors are true
+test-lowest:
+	python3 -m venv .venv-lowest
+	.venv-lowest/bin/python -m pip install --quiet uv
+	.venv-lowest/bin/python -m uv pip install --quiet --python .venv-lowest/bin/python --resolution lowest-direct \
+		--compile-bytecode -e '.[test]' -e examples/cirbench-example-plugin
+	.venv-lowest/bin/python -m pytest
