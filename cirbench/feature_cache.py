@@ -21,10 +21,16 @@ every run (about 10 s per 10 GB from the page cache, disk speed otherwise).
 match is deleted and its rows recomputed, never served. Shards are written (temporary file, then rename) as
 encoding proceeds, so a killed run resumes where it stopped. If the cache cannot be written (read-only
 folder, full disk), the run goes on with a warning and still produces its result.
+
+**Parallel jobs** on one cache (a sweep run as a job array) take turns per key through a lock file beside the
+folder (``features/.<key hash>.lock``, ``flock``): the first encodes what is missing, the others wait, with a
+line saying so, and read its shards instead of encoding the same images again. Under torchrun the ranks do not
+take turns (rank 0 alone writes, and every rank must see the same missing rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,11 +43,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .types import ImageRef
 from .util import (
     _UMASK,
     atomic_write_bytes,
     default_cache_dir,
+    exclusive_lock,
     file_sha256,
     json_hash,
     json_loads,
@@ -85,6 +93,7 @@ class _Folder:
     def __init__(self) -> None:
         self.shards: list[torch.Tensor] = []
         self.where: dict[str, int] = {}
+        self.files: set[str] = set()  # the shard files read or written: a later look reads only new ones
 
     def add(self, identities: Sequence[str], feats: torch.Tensor) -> None:
         base = len(self.shards) << 32
@@ -151,17 +160,40 @@ class FeatureCache:
                               stacklevel=3)
                 shutil.rmtree(folder, ignore_errors=True)
             return rows
-        shards = sorted(folder.glob("shard-*.safetensors"))
+        good = self._read_new_shards(folder, h, rows)
+        if self.writer and len(good) > COMPACT_ABOVE:
+            self._compact(key, rows, good)
+        return rows
+
+    def _read_new_shards(self, folder: Path, h: str, rows: _Folder) -> list[Path]:
+        """Add the rows of the shards in ``folder`` that ``rows`` has not read yet; return those shards."""
         good: list[Path] = []
-        for shard in shards:
+        for shard in sorted(folder.glob("shard-*.safetensors")):
+            if shard.name in rows.files:
+                continue
             loaded = self._read_shard(shard, h)
             if loaded is None:
                 continue
             rows.add(*loaded)
+            rows.files.add(shard.name)
             good.append(shard)
-        if self.writer and len(good) > COMPACT_ABOVE:
-            self._compact(key, rows, good)
-        return rows
+        return good
+
+    @contextlib.contextmanager
+    def _encoding_turn(self, key: dict, rows: _Folder, identities: Sequence[str]):
+        """Held while this process finds and encodes what the cache lacks: another process encoding the same
+        key (a parallel job on this cache) finishes first, and the rows it stored are read instead of encoded
+        again. Only a lone writer takes turns: torchrun ranks must all see the same missing rows."""
+        if (not self.enabled or not self.writer or self.write_error is not None or distributed.is_distributed()
+                or all(i in rows.where for i in identities)):
+            yield
+            return
+        folder = self._folder(key)
+        with exclusive_lock(folder.parent / f".{folder.name}.lock", waiting=(
+                f"waiting for another process that is encoding these features ({folder}); its rows will be used")):
+            if folder.is_dir():
+                self._read_new_shards(folder, key_hash(key), rows)
+            yield
 
     def _read_shard(self, shard: Path, h: str) -> tuple[list[str], torch.Tensor] | None:
         from safetensors import safe_open
@@ -220,6 +252,7 @@ class FeatureCache:
         identities = list(rows.where)
         merged = self._write_shard(key, identities, rows.gather(identities))
         if merged is not None:
+            rows.files.add(merged.name)
             for shard in shards:
                 shard.unlink(missing_ok=True)
 
@@ -236,6 +269,13 @@ class FeatureCache:
         when it returns."""
         rows = self._load(key)
         identities = [image_identity(im, self.identity) for im in images]
+        with self._encoding_turn(key, rows, identities):
+            self._fill(key, rows, images, identities, compute)
+        return rows.gather(identities)
+
+    def _fill(self, key: dict, rows: _Folder, images: Sequence[ImageRef], identities: list[str],
+              compute: Callable[..., torch.Tensor]) -> None:
+        """Compute and store the rows of ``images`` that ``rows`` lacks."""
         first: dict[str, ImageRef] = dict(zip(reversed(identities), reversed(images), strict=True))
         where = rows.where
         todo_ids = [i for i in dict.fromkeys(identities) if i not in where]
@@ -249,8 +289,10 @@ class FeatureCache:
                 pos = positions.tolist()
                 names = [todo_ids[p] for p in pos]
                 with self._lock:
-                    self._write_shard(key, names, feats)
+                    written = self._write_shard(key, names, feats)
                     rows.add(names, feats.detach().to(torch.float32).cpu())
+                    if written is not None:
+                        rows.files.add(written.name)
                     stored[pos] = True
 
             new = compute(todo, on_chunk)
@@ -259,7 +301,6 @@ class FeatureCache:
                 if new is None or new.shape[0] != len(todo):
                     raise RuntimeError("compute returned a wrong number of rows")
                 on_chunk(torch.from_numpy(left), new[torch.from_numpy(left)])
-        return rows.gather(identities)
 
 
 def _raw(t: torch.Tensor) -> memoryview:

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,11 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path):
+def exclusive_lock(path: Path, waiting: str | None = None):
     """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` block: processes that
     make the same files (torchrun ranks, parallel jobs sharing a cache) take turns, and the later ones find the
-    work done. A no-op where ``fcntl`` is missing (Windows)."""
+    work done. ``waiting`` is printed (stderr) when another process holds the lock. A no-op where ``fcntl`` is
+    missing (Windows)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on POSIX
@@ -60,7 +62,12 @@ def exclusive_lock(path: Path):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -51,6 +51,37 @@ def test_rows_are_reused_and_written_as_shards(tmp_path, files):
     assert stat.S_IMODE(shard.stat().st_mode) == 0o666 & ~_umask()  # the user's umask, not 0600
 
 
+def test_parallel_jobs_on_one_cache_encode_a_gallery_once(tmp_path, files, capsys):
+    """Jobs sharing a cache (a sweep run as a job array) that need the same features at once: one encodes, the
+    others wait, then read its rows; one shard is written, not one per job."""
+    import threading
+
+    calls, start, results = [], threading.Barrier(3), []
+
+    def slow(todo, on_chunk=None):
+        calls.append(len(todo))
+        time.sleep(0.5)  # the other jobs arrive while this one encodes
+        return _content_features(todo, on_chunk)
+
+    def job():
+        start.wait()
+        results.append(FeatureCache(tmp_path / "c").get_or_compute(KEY, files, slow))  # each job its own cache
+
+    threads = [threading.Thread(target=job) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [10] and len(results) == 3 and all(torch.equal(r, _expected(files)) for r in results)
+    assert len(list((tmp_path / "c").rglob("shard-*.safetensors"))) == 1
+    assert "waiting for another process that is encoding these features" in capsys.readouterr().err
+    # a later job finds every row in that one shard
+    more = FeatureCache(tmp_path / "c")
+    calls.clear()
+    more.get_or_compute(KEY, files[:4], slow)
+    assert calls == [] and more.stats == {"hits": 4, "misses": 0}
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
