@@ -23,7 +23,7 @@ encoding proceeds, so a killed run resumes where it stopped. If the cache cannot
 folder, full disk), the run goes on with a warning and still produces its result.
 
 **Parallel jobs** on one cache (a sweep run as a job array) take turns per key through a lock file beside the
-folder (``features/.<key hash>.lock``, ``flock``): the first encodes what is missing, the others wait, with a
+folder (``features/.lock-<key hash>``, ``flock``): the first encodes what is missing, the others wait, with a
 line saying so, and read its shards instead of encoding the same images again. Under torchrun the ranks do not
 take turns (rank 0 alone writes, and every rank must see the same missing rows).
 """
@@ -49,10 +49,10 @@ from .util import (
     _UMASK,
     atomic_write_bytes,
     default_cache_dir,
-    exclusive_lock,
     file_sha256,
     json_hash,
     json_loads,
+    making,
     sha256_bytes,
 )
 
@@ -189,7 +189,7 @@ class FeatureCache:
             yield
             return
         folder = self._folder(key)
-        with exclusive_lock(folder.parent / f".{folder.name}.lock", waiting=(
+        with making(folder, waiting=(
                 f"waiting for another process that is encoding these features ({folder}); its rows will be used")):
             if folder.is_dir():
                 self._read_new_shards(folder, key_hash(key), rows)

@@ -50,28 +50,31 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, waiting: str | None = None):
-    """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` block: processes that
-    make the same files (torchrun ranks, parallel jobs sharing a cache) take turns, and the later ones find the
-    work done. ``waiting`` is printed (stderr) when another process holds the lock. A no-op where ``fcntl`` is
-    missing (Windows)."""
+def making(target: Path, waiting: str | None = None):
+    """Hold, for the ``with`` block, the exclusive lock on making ``target`` (an advisory ``flock`` on
+    ``.lock-<name>`` beside it): processes that make the same files (torchrun ranks, parallel jobs sharing a
+    cache) take turns, and the later ones find the work done. ``waiting`` is printed (stderr) when another
+    process holds the lock. The lock only saves work: where it cannot be taken (no ``fcntl``, a folder this
+    process cannot write) the block runs without it."""
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(target.parent / f".lock-{target.name}", "a+b")  # noqa: SIM115 - closed below
+    except (ImportError, OSError):
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
+    with fh:  # closing it releases the lock
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting:
-                print(waiting, file=sys.stderr, flush=True)
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting:
+                    print(waiting, file=sys.stderr, flush=True)
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): unlocked
+            pass
+        yield
 
 
 def atomic_write_json(path: Path, obj: Any, indent: int | None = 2) -> Path:

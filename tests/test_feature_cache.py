@@ -197,3 +197,24 @@ def test_a_changed_key_never_serves_rows(tmp_path, files):
     cache = FeatureCache(tmp_path / "c")
     cache.get_or_compute(other, files, _content_features)
     assert cache.stats["misses"] == 10
+
+
+def test_without_locks_the_cache_still_works(tmp_path, files, monkeypatch):
+    """The lock only saves work: a file system without flock (some network mounts) or a lock file that cannot
+    be created leaves the run unlocked, never failed."""
+    import errno
+    import fcntl
+
+    from cirbench.util import making
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cache = FeatureCache(tmp_path / "c")
+    assert torch.equal(cache.get_or_compute(KEY, files, _content_features), _expected(files))
+    (tmp_path / "file").write_text("")
+    ran = []
+    with making(tmp_path / "file" / "folder"):  # its parent is a file: no lock file can be made there
+        ran.append(True)
+    assert ran == [True]

@@ -15,7 +15,7 @@ from cirbench.dataset import Dataset
 from cirbench.errors import CirbenchError
 from cirbench.metrics import ap_per_query, hits_matrix, recall_per_query
 from cirbench.types import EvalSet, ImageRef, Query
-from cirbench.util import default_cache_dir, exclusive_lock, json_loads
+from cirbench.util import default_cache_dir, json_loads, making
 
 from . import CORPUS_OPTIONS, QUERY_SPLIT_OPTIONS
 from . import generator as G
@@ -74,7 +74,8 @@ class Shapes(Dataset):
             return target
         # one maker at a time: a second process (another torchrun rank, a parallel job on the same cache) waits
         # and then finds the folder complete, instead of deleting it under the first one's readers
-        with exclusive_lock(target.parent / f".lock-{target.name}"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with making(target):
             if self._is_complete(target, split):
                 return target
             tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=target.parent))
