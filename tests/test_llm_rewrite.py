@@ -280,6 +280,39 @@ def test_cirevl_runs_live_then_replays_offline_exactly(tmp_path, tiny_config, to
         evaluate(_cfg(tmp_path, tiny_config, toy_root, prompt=other, **{**offline, "generation": "auto"}), reg)
 
 
+def test_parallel_jobs_pay_for_each_text_once(tmp_path, tiny_config, toy_root, blip2, endpoint, capsys):
+    """Two jobs on one cache that need the same captions and rewrites (a job array over CLIP settings): one
+    generates, the other waits and reads them; the endpoint is asked once per distinct rewrite, not twice."""
+    import threading
+
+    live = dict(captioner=f"hf:{blip2}", llm="openai:gpt-test", llm_url=endpoint.url)
+    start, outcomes, errors = threading.Barrier(2), [], []
+
+    def job(i):
+        cfg = dataclasses.replace(_cfg(tmp_path, tiny_config, toy_root, **live), output=tmp_path / f"results{i}")
+        start.wait()
+        try:
+            outcomes.extend(evaluate(cfg, reg))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors and len(outcomes) == 2
+    texts = {q["id"]: q["text"] for q in json.loads((toy_root / "queries.json").read_text())["queries"]}
+    pairs = {(r["method"]["captions"][0], texts[r["query"]]) for r in _predictions(outcomes[0])}
+    assert len(endpoint.requests) == len(pairs)
+    generated = sorted(o.record["method"]["summary"]["generations"]["generated"] for o in outcomes)
+    assert generated == [0, 12 + len(pairs)]  # the waiting job generated nothing
+    rewrites = [{r["query"]: r["method"]["rewrites"] for r in _predictions(o)} for o in outcomes]
+    assert rewrites[0] == rewrites[1]  # (the rankings differ: threads share torch's RNG for the random weights)
+    assert "waiting for another process that is generating the same captions and rewrites" in capsys.readouterr().err
+
+
 def test_generation_stopped_midway_keeps_what_it_made(tmp_path, tiny_config, toy_root, blip2, endpoint):
     """Answers are recorded as they arrive: when one request of a batch fails for good, the answers the
     endpoint gave to the others in flight are kept, and a rerun asks only for the rest."""

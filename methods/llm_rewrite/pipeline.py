@@ -40,7 +40,7 @@ from cirbench.generation.hf import free_memory
 from cirbench.images import load_image, read_image_bytes
 from cirbench.method import Method, QuerySet
 from cirbench.types import Query
-from cirbench.util import default_cache_dir, one_line, sha256_bytes
+from cirbench.util import default_cache_dir, json_hash, making, one_line, sha256_bytes
 
 from .importers import import_generations
 from .prompts import Prompt, instruction_of, load_prompt
@@ -121,18 +121,32 @@ class CaptionRewrite(Method):
                                        "fallbacks": t["fallbacks"]}
 
     # -- generation -------------------------------------------------------------------------------------
-    def _cache(self, qs: QuerySet) -> GenerationCache:
-        folder = (qs.cache_dir or default_cache_dir()) / "generations"
-        return GenerationCache(folder, self.mode)
+    @staticmethod
+    def _cache_folder(qs: QuerySet) -> Path:
+        return (qs.cache_dir or default_cache_dir()) / "generations"
 
     def prepare(self, query_set: QuerySet) -> None:
         if distributed.world_size() > 1 and not distributed.is_main():
             distributed.wait_for_main()  # rank 0 generates what is missing; the others replay what it recorded
-            self._prepare(query_set, GenerationCache(self._cache(query_set).folder, "replay"))
+            self._prepare(query_set, GenerationCache(self._cache_folder(query_set), "replay"))
             return
-        self._prepare(query_set, self._cache(query_set))
+        with self._generation_turn(query_set):
+            self._prepare(query_set, GenerationCache(self._cache_folder(query_set), self.mode))  # read in turn
         if distributed.world_size() > 1:
             distributed.wait_for_main()
+
+    def _generation_turn(self, qs: QuerySet):
+        """Jobs on one cache that would generate the same texts (a job array sweeping CLIP backbones for one LLM
+        method, say) take turns: the first generates, the others wait, then read its texts from the cache, so no
+        text is paid for twice. Jobs that would generate other texts never wait on each other."""
+        if self.mode == "replay":
+            return contextlib.nullcontext()
+        same = json_hash({"caption": self.caption_request, "rewrite": self.rewrite_request, "per": self.caption_per,
+                          "n": self.n, "set": [qs.dataset, qs.split, qs.name],
+                          "queries": [(q.id, q.reference) for q in qs.queries]})
+        return making(self._cache_folder(qs) / f"turn-{same[:24]}", waiting=(
+            f"{qs.name}: waiting for another process that is generating the same captions and rewrites; "
+            "its texts will be used"))
 
     def _prepare(self, qs: QuerySet, cache: GenerationCache) -> None:
         image_sha = {rid: _image_sha256(ref) for rid, ref in qs.references.items()}
