@@ -142,8 +142,7 @@ class CaptionRewrite(Method):
         if self.mode == "replay":
             return contextlib.nullcontext()
         same = json_hash({"caption": self.caption_request, "rewrite": self.rewrite_request, "per": self.caption_per,
-                          "n": self.n, "set": [qs.dataset, qs.split, qs.name],
-                          "queries": [(q.id, q.reference) for q in qs.queries]})
+                          "set": [qs.dataset, qs.split, qs.name], "queries": [(q.id, q.reference) for q in qs.queries]})
         return making(self._cache_folder(qs) / f"turn-{same[:24]}", waiting=(
             f"{qs.name}: waiting for another process that is generating the same captions and rewrites; "
             "its texts will be used"))
