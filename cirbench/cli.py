@@ -37,8 +37,10 @@ class CirbenchGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        from .errors import show_warnings_as_lines
         from .util import one_line
 
+        show_warnings_as_lines()
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
         except click.ClickException as exc:  # usage errors: one line, with where to look

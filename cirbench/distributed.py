@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CirbenchError
+from .util import launched_by_torchrun, speaks  # noqa: F401  (torch-free, so that the CLI can ask early)
 
 
 def is_distributed() -> bool:
@@ -35,16 +36,6 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def speaks() -> bool:
-    """Whether this process prints progress and results: a plain process, or rank 0 of a torchrun launch.
-    Known from the launcher's environment, before the process group is joined."""
-    return not launched_by_torchrun() or int(os.environ["RANK"]) == 0
 
 
 _wait_group = None  # the gloo group of wait_for_main

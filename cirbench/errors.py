@@ -47,6 +47,34 @@ class PluginError(CirbenchError):
     """A plugin that failed to load or registered a duplicate name (raised only in strict mode)."""
 
 
+class CirbenchWarning(UserWarning):
+    """Something the run worked around (a dropped cache shard, a plugin that did not load): the command line
+    shows it as one ``warning: ...`` line (:func:`show_warnings_as_lines`)."""
+
+
+def show_warnings_as_lines() -> None:
+    """Show :class:`CirbenchWarning` as one ``warning: <message>`` line on stderr, not Python's two lines with a
+    source path, and under torchrun on rank 0 only: every rank reads the same cache and plugins, so the other
+    ranks would repeat it word for word. Other warnings (torch's, a library's) keep Python's format. Only the
+    text is changed (``warnings.formatwarning``): filters and recorders (``catch_warnings``, ``pytest.warns``)
+    see every warning as before."""
+    import warnings
+
+    default = warnings.formatwarning
+    if getattr(default, "cirbench", False):
+        return
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if not issubclass(category, CirbenchWarning):
+            return default(message, category, filename, lineno, line)
+        from .util import one_line, speaks
+
+        return f"warning: {one_line(str(message))}\n" if speaks() else ""
+
+    format_warning.cirbench = True  # type: ignore[attr-defined]
+    warnings.formatwarning = format_warning
+
+
 def reader_process_origin(exc: BaseException) -> tuple[str, str] | None:
     """``(type name, message)`` of the exception a DataLoader worker raised, read from the one torch re-raises
     for it in the main process ("Caught ValueError in DataLoader worker process 0. Original Traceback ...", a

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .errors import CirbenchWarning
 from .types import ImageRef
 from .util import (
     _UMASK,
@@ -61,7 +62,7 @@ IDENTITIES = ("stat", "content")
 COMPACT_ABOVE = 64  # shards in one folder before they are merged into one on the next load
 
 
-class CacheWarning(UserWarning):
+class CacheWarning(CirbenchWarning):
     """The feature cache could not be read or written; the run goes on without it."""
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UnknownNameError
+from .errors import CirbenchWarning, PluginError, UnknownNameError
 from .types import DatasetSpec, MethodSpec
 
 ENTRY_POINT_GROUP = "cirbench"
@@ -57,7 +57,7 @@ def builtin_plugin_modules() -> list[str]:
     return sorted(names)
 
 
-class PluginWarning(UserWarning):
+class PluginWarning(CirbenchWarning):
     """A plugin failed to load or registered a name that was taken; the rest still works."""
 
 

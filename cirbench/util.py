@@ -119,6 +119,16 @@ def json_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def speaks() -> bool:
+    """Whether this process prints progress, warnings and results: a plain process, or rank 0 of a torchrun
+    launch. Known from the launcher's environment, before the process group is joined."""
+    return not launched_by_torchrun() or int(os.environ["RANK"]) == 0
+
+
 def one_line(exc: BaseException | str, limit: int = 800) -> str:
     """The first meaningful line of an error message (library errors such as torch's weights-only refusal span
     dozens of lines); the full text is shown with ``CIRBENCH_DEBUG=1``."""

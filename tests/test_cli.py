@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 from click.testing import CliRunner
 
 from cirbench.cli import cli, parse_extra_options
-from cirbench.errors import CirbenchError
+from cirbench.errors import CirbenchError, show_warnings_as_lines
+from cirbench.feature_cache import CacheWarning
+from cirbench.plugins import PluginWarning
 
 
 def _all_commands():
@@ -37,6 +41,28 @@ def test_extra_options_parsing():
         parse_extra_options(["--alpha"])
     with pytest.raises(CirbenchError, match="unexpected argument"):
         parse_extra_options(["stray"])
+
+
+def test_cirbench_warnings_are_one_line_said_by_rank_0_alone(monkeypatch):
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # put back after the test
+    show_warnings_as_lines()
+    show_warnings_as_lines()  # installed once, however often the CLI starts in one process
+    said = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("dropping shard x (bad header\nsecond line); recomputed", CacheWarning, stacklevel=1)
+        warnings.warn("a library's own", UserWarning, stacklevel=1)
+        said.append(warnings.formatwarning(caught[-2].message, CacheWarning, "f.py", 1))
+        said.append(warnings.formatwarning(caught[-1].message, UserWarning, "f.py", 1))
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        said.append(warnings.formatwarning(PluginWarning("said by every rank"), PluginWarning, "f.py", 1))
+        monkeypatch.setenv("RANK", "0")
+        said.append(warnings.formatwarning(PluginWarning("rank 0 says it"), PluginWarning, "f.py", 1))
+    assert len(caught) == 2  # recorders (pytest.warns) still see every warning
+    assert said[0] == "warning: dropping shard x (bad header\n"
+    assert said[1].startswith("f.py:1: UserWarning: a library's own")  # other warnings keep Python's format
+    assert said[2] == "" and said[3] == "warning: rank 0 says it\n"
 
 
 def test_unknown_dataset_is_one_line_exit_2():

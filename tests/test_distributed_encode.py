@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(n: int, tmp_path: Path) -> tuple[dict, list, Path]:
-    out, cache = tmp_path / f"out{n}", tmp_path / f"cache{n}"
+def _run(n: int, tmp_path: Path, cache: Path | None = None) -> tuple[dict, list, Path, str]:
+    out, cache = tmp_path / f"out{n}", cache or tmp_path / f"cache{n}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CIRBENCH_LOAD_PLUGINS": "", "CIRBENCH_CACHE": str(tmp_path / "gen")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "cirbench",
            "run", "--method", "slerp", "--dataset", "shapes", "--queries", "40", "--instances", "1", "--device", "cpu",
@@ -28,12 +28,12 @@ def _run(n: int, tmp_path: Path) -> tuple[dict, list, Path]:
     assert proc.stderr.count("val: queries:   0%") == 1, proc.stderr[-3000:]
     (result,) = (out / "shapes" / "val").glob("*__*.json")
     preds = [json.loads(line) for line in next((out / "shapes" / "val").glob("*.jsonl")).read_text().splitlines()]
-    return json.loads(result.read_text()), preds, cache
+    return json.loads(result.read_text()), preds, cache, proc.stderr
 
 
 def test_two_ranks_match_one(tmp_path):
-    two, preds2, cache2 = _run(2, tmp_path)  # first: both ranks meet a cold cache and generate `shapes` at once
-    one, preds1, cache1 = _run(1, tmp_path)
+    two, preds2, cache2, _ = _run(2, tmp_path)  # first: both ranks meet a cold cache and generate `shapes` at once
+    one, preds1, cache1, _ = _run(1, tmp_path)
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["metrics"] == one["metrics"]
     assert [p["top"] for p in preds2] == [p["top"] for p in preds1]
@@ -42,6 +42,14 @@ def test_two_ranks_match_one(tmp_path):
     assert len(shards2) == len(shards1) == 1  # cached once, by rank 0, gallery order kept
     f1, f2 = load_file(str(shards1[0]))["features"], load_file(str(shards2[0]))["features"]
     assert f1.shape == (432, 128) and torch.allclose(f1, f2, atol=1e-6)
+
+    # a damaged shard: every rank reads the cache and drops it, but the warning is printed once, as one line
+    (shards2[0].parent / "shard-damaged.safetensors").write_bytes(b"not a safetensors file")
+    again, _, _, stderr = _run(2, tmp_path, cache2)
+    assert again["metrics"] == two["metrics"]
+    (said,) = [line for line in stderr.splitlines() if "dropping" in line]
+    assert said.startswith("warning: dropping feature-cache shard shard-damaged.safetensors (") and said.endswith(
+        "); its rows will be recomputed"), stderr[-3000:]
 
 
 def test_a_rank_with_nothing_to_encode_joins_the_gather(tmp_path):

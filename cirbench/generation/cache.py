@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import CirbenchError
+from ..errors import CirbenchError, CirbenchWarning
 from ..util import default_cache_dir, json_hash, json_loads
 
 GENERATION_MODES = ("auto", "replay", "refresh")
@@ -72,7 +72,7 @@ class GenerationCache:
                 self.entries[key] = entry  # later lines win (refresh, re-import)
         self._torn = not line.endswith("\n")
         if bad:
-            warnings.warn(f"{self.path}: skipped {bad} unreadable line(s)", stacklevel=2)
+            warnings.warn(f"{self.path}: skipped {bad} unreadable line(s)", CirbenchWarning, stacklevel=2)
 
     def reload(self) -> None:
         self.entries.clear()
