@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import CirbenchError, from_reader_process, reader_process_origin
+from .util import SEED_MAX
 
 EPILOG_RUN = """\b
 Examples:
@@ -204,7 +205,8 @@ def cli() -> None:
               help="What identifies a cached image: path+size+mtime+inode+ctime (stat), or the sha256 of its bytes "
                    "(content: robust to in-place rewrites and moves, but reads every file each run).")
 @click.option("--label", default=None, help="Name of this run in result files and leaderboards (default: method).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
+              help="Seeds torch, the bootstrap and any random step of a method.")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
               help="Images per batch (default: 256 on CUDA, 64 on the CPU).")
 @click.option("--workers", default=None, type=click.IntRange(min=0),

@@ -119,6 +119,10 @@ def json_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# the largest --seed: training seeds numpy (which takes < 2**32) with the seed plus the rank
+SEED_MAX = 2**31 - 1
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 

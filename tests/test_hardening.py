@@ -227,6 +227,9 @@ def test_legacy_and_torchscript_files_get_a_clear_reason(tmp_path):
     (["--workers", "-2"], "workers"),
     (["--device", "tpu:7"], "device"),
     (["--device", "cuda:99"], "device"),
+    (["--seed", "-5"], "seed"),
+    (["--seed", str(2**40)], "seed"),
+    (["--method", "cirevl", "--sampling-seed", "-1"], "sampling-seed"),
 ])
 def test_bad_values_are_one_line_errors(tmp_path, args, message):
     res = CliRunner().invoke(cli, ["run", "--output", str(tmp_path / "o"), "--quiet", *args])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..util import SEED_MAX
+
 EPILOG = """\b
 Examples:
   cirbench train --method slerp-tat --corpus laion/{00000..00199}.tar --max-steps 2000 --output runs/tat
@@ -31,7 +33,8 @@ Examples:
 @click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True, help="Gradient accumulation steps.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
+              help="Seeds initialisation, data order and augmentation (each rank adds its rank).")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Checkpoint every N steps.")

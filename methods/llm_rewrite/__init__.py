@@ -55,7 +55,7 @@ def _options(captioner: str, caption_prompt: str, captions: int, temperature: fl
                    minimum=0),
         OptionSpec("stop", "Text that ends the answer, \\n for a newline, '' for none (CIReVL's code stops at a "
                    "blank line, LDRE's at none).", "str", stop),
-        OptionSpec("sampling_seed", "Seed for sampled captions and answers.", "int", 0),
+        OptionSpec("sampling_seed", "Seed for sampled captions and answers.", "int", 0, minimum=0),
         OptionSpec("generation_precision", "Weights dtype of the local (hf:) captioner and language model: fp32, "
                    "or bf16/fp16 for half the GPU memory (LAVIS, which CIReVL and LDRE used, runs BLIP-2's FlanT5 in "
                    "bf16 and its OPT in fp16). Recorded with every generated text.", "str", "fp32",
