@@ -22,16 +22,20 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check cirbench methods datasets tests examples scripts benchmarks
 
-# The suite on another torch release, in a virtual environment of its own (.venv-torch<version>): the floor that
-# pyproject.toml declares (the default) or a GPU image's, e.g. make test-torch TORCH=2.11.0 TORCHVISION=0.26.0
+# The suite on another torch release and Python, in a virtual environment of its own (.venv-torch<version>-<python>):
+# the floor that pyproject.toml declares (the default) or a GPU image's, e.g.
+#   make test-torch TORCH=2.11.0 TORCHVISION=0.26.0 PYTHON=python3.12
+#   make test-torch TORCH=2.14.1 TORCHVISION=0.29.1 PYTHON=python3.10   (the oldest Python pyproject.toml admits)
 TORCH ?= 2.6.0
 TORCHVISION ?= 0.21.0
+PYTHON ?= python3
+TORCH_VENV = .venv-torch$(TORCH)-$(notdir $(PYTHON))
 test-torch:
-	python3 -m venv .venv-torch$(TORCH)
-	.venv-torch$(TORCH)/bin/python -m pip install --quiet --upgrade pip
-	.venv-torch$(TORCH)/bin/python -m pip install --quiet 'torch==$(TORCH)' 'torchvision==$(TORCHVISION)' \
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TORCH_VENV)/bin/python -m pip install --quiet 'torch==$(TORCH)' 'torchvision==$(TORCHVISION)' \
 		-e '.[test]' -e examples/cirbench-example-plugin
-	.venv-torch$(TORCH)/bin/python -m pytest
+	$(TORCH_VENV)/bin/python -m pytest
 
 # The suite with every dependency pyproject.toml names at the lowest version it admits (uv's lowest-direct
 # resolution), in .venv-lowest: checks that the declared floors are true

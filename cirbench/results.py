@@ -219,7 +219,8 @@ def read_predictions_of(result_path: Path, record: dict[str, Any] | None = None)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise CirbenchError(f"predictions of {result_path} are unreadable: {exc.strerror or exc}") from None
+        raise CirbenchError(f"predictions of {result_path} are unreadable: {path}: {exc.strerror or exc} (a result "
+                            "file reads its per-query rankings from the file beside it)") from None
     if link.get("sha256") and sha256_bytes(data) != link["sha256"]:
         raise CirbenchError(f"predictions file {path} does not belong to {Path(result_path).name} (its checksum "
                             "differs: it was overwritten by another run)")

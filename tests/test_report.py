@@ -132,6 +132,13 @@ def test_single_run_report_without_images_and_with_a_bad_pair(two_runs, tmp_path
     blocker.write_text("x")
     res = CliRunner(env=env).invoke(cli, ["report", str(slerp), "-o", str(blocker / "rep"), "--no-thumbnails"])
     assert res.exit_code == 2 and res.output.strip() == f"error: {blocker / 'rep'}: Not a directory", res.output
+    # a result file copied away from its predictions names the file it looked for
+    alone = tmp_path / "alone" / slerp.name
+    alone.parent.mkdir()
+    alone.write_bytes(slerp.read_bytes())
+    res = CliRunner(env=env).invoke(cli, ["report", str(alone), "-o", str(tmp_path / "r"), "--no-thumbnails"])
+    wanted = json.loads(slerp.read_text())["predictions"]["file"]
+    assert res.exit_code == 2 and f"unreadable: {alone.parent / wanted}: No such file" in res.output, res.output
 
 
 def test_loss_plot_from_a_training_log(tmp_path):
