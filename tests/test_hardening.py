@@ -53,7 +53,7 @@ def test_reduce_is_never_called(tmp_path):
             return (open, (str(marker), "w"))
 
     torch.save({"Phi": {"w": torch.zeros(2)}, "x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(RefusedPickle, match="calls io.open"):
+    with pytest.raises(RefusedPickle, match=r"calls _?io\.open"):  # _io.open from Python 3.12 on
         load_torch_file(tmp_path / "evil.pt")
     assert not marker.exists()
 
