@@ -78,3 +78,14 @@ def test_make_test_torch_defaults_to_the_declared_floor():
     floors = {m[1]: m[2] for d in deps if (m := re.fullmatch(r"(torch|torchvision)>=([\d.]+)", d))}
     make = dict(re.findall(r"^(TORCH|TORCHVISION) \?= (\S+)$", (REPO / "Makefile").read_text(), re.M))
     assert floors and all(make[name.upper()].startswith(floor) for name, floor in floors.items()), (floors, make)
+
+
+def test_the_code_passes_the_linter():
+    """`make lint` in the test suite, so that CI holds every change to it: the folders are the Makefile's."""
+    import re
+
+    pytest.importorskip("ruff")
+    (folders,) = re.findall(r"/ruff check (.+)$", (REPO / "Makefile").read_text(), re.M)
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", *folders.split()], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
