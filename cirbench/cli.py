@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from .errors import CirbenchError, from_reader_process, reader_process_origin
-from .util import SEED_MAX
+from .util import MAX_REPLICATES, SEED_MAX
 
 EPILOG_RUN = """\b
 Examples:
@@ -222,7 +222,7 @@ def cli() -> None:
               help="workers: per-image PIL pipeline in reader processes (the official one, byte for byte); batched: "
                    "readers pass JPEG bytes, decoding (GPU JPEG) and PIL-exact resizing run on whole batches on the "
                    "device. auto: batched on CUDA, workers on the CPU.")
-@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
+@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(0, MAX_REPLICATES),
               help="Bootstrap replicates for the 95% confidence intervals recorded with every metric (0: none).")
 @click.option("--no-leaderboard", is_flag=True, help="Do not print the leaderboard after the run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")

@@ -121,6 +121,9 @@ def json_hash(obj: Any) -> str:
 
 # the largest --seed: training seeds numpy (which takes < 2**32) with the seed plus the rank
 SEED_MAX = 2**31 - 1
+# the most bootstrap/permutation replicates a command takes: their memory and time grow with the count, and 10,000
+# already pins a 95% interval far below a metric's printed precision
+MAX_REPLICATES = 100_000
 
 
 def launched_by_torchrun() -> bool:

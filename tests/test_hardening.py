@@ -229,6 +229,7 @@ def test_legacy_and_torchscript_files_get_a_clear_reason(tmp_path):
     (["--device", "cuda:99"], "device"),
     (["--seed", "-5"], "seed"),
     (["--seed", str(2**40)], "seed"),
+    (["--bootstrap", "99999999999999999999"], "bootstrap"),  # used to allocate until the machine ran out
     (["--method", "cirevl", "--sampling-seed", "-1"], "sampling-seed"),
 ])
 def test_bad_values_are_one_line_errors(tmp_path, args, message):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..util import MAX_REPLICATES
+
 EPILOG = """\b
 Examples:
   cirbench compare results/circo/val/slerp@alpha=0.8__ViT-L-14-openai.json \\
@@ -52,7 +54,7 @@ def paired_rows(path_a: Path, path_b: Path) -> tuple[dict, dict, dict[str, tuple
 @click.argument("result_a", type=click.Path(dir_okay=False, exists=True))
 @click.argument("result_b", type=click.Path(dir_okay=False, exists=True))
 @click.option("--metric", "metrics", multiple=True, help="Only these metrics (default: all shared ones).")
-@click.option("--replicates", type=click.IntRange(min=100), default=10000, show_default=True,
+@click.option("--replicates", type=click.IntRange(100, MAX_REPLICATES), default=10000, show_default=True,
               help="Bootstrap and permutation samples.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def command(result_a, result_b, metrics, replicates, as_json):
