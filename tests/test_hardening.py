@@ -230,6 +230,8 @@ def test_legacy_and_torchscript_files_get_a_clear_reason(tmp_path):
     (["--seed", "-5"], "seed"),
     (["--seed", str(2**40)], "seed"),
     (["--bootstrap", "99999999999999999999"], "bootstrap"),  # used to allocate until the machine ran out
+    (["--queries", "99999999999999999999"], "queries"),  # used to generate until the disk or memory ran out
+    (["--instances", "1000"], "instances"),
     (["--method", "cirevl", "--sampling-seed", "-1"], "sampling-seed"),
 ])
 def test_bad_values_are_one_line_errors(tmp_path, args, message):

@@ -25,12 +25,13 @@ def register_datasets(register):
         options=(
             OptionSpec("generator_seed", "Generator seed (same seed, same images and queries; `run --seed` seeds "
                        "the run, not the data).", "int", 0),
-            OptionSpec("queries", "Number of queries per evaluation split.", "int", QUERY_SPLIT_OPTIONS["queries"],
-                       minimum=1),
-            OptionSpec("instances", "Rendered instances of every attribute combination in a gallery.", "int",
-                       QUERY_SPLIT_OPTIONS["instances"], minimum=1),
-            OptionSpec("train_size", "Image-caption pairs in the train corpus.", "int", CORPUS_OPTIONS["train_size"],
-                       minimum=1),
+            # the ceilings keep a mistyped value from filling the disk with generated images
+            OptionSpec("queries", "Number of queries per evaluation split (at most 100,000).", "int",
+                       QUERY_SPLIT_OPTIONS["queries"], minimum=1, maximum=100_000),
+            OptionSpec("instances", "Rendered instances of every attribute combination in a gallery (432 "
+                       "combinations; at most 100).", "int", QUERY_SPLIT_OPTIONS["instances"], minimum=1, maximum=100),
+            OptionSpec("train_size", "Image-caption pairs in the train corpus (at most 1,000,000).", "int",
+                       CORPUS_OPTIONS["train_size"], minimum=1, maximum=1_000_000),
         ),
         default_backbone=("cirbench-shapes-clip", "bundled"),
         main_metric="mAP@5",
