@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import CirbenchError, from_reader_process, reader_process_origin
+from .errors import CirbenchError, from_reader_process, out_of_memory, reader_process_origin
 from .util import MAX_REPLICATES, SEED_MAX
 
 EPILOG_RUN = """\b
@@ -115,6 +115,10 @@ class CirbenchGroup(click.Group):
                 click.echo(f"error: {where + ': ' if where else ''}{exc.strerror or one_line(exc)}", err=True)
             ctx.exit(2)
         except Exception as exc:  # noqa: BLE001 - never a traceback for the user; opt-in for developers
+            if out_of_memory(exc) and not debug_enabled():  # the machine's limit, not a bug
+                click.echo(f"error: out of memory: {one_line(exc)} (a smaller --batch-size, fewer --workers or "
+                           "--precision bf16 needs less)", err=True)
+                ctx.exit(1)
             inner = from_reader_process(exc)
             if inner is not None and not debug_enabled():  # a cirbench error raised in a DataLoader worker
                 click.echo(f"error: {one_line(inner)}", err=True)

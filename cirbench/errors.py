@@ -75,6 +75,17 @@ def show_warnings_as_lines() -> None:
     warnings.formatwarning = format_warning
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the host or a GPU ran out of memory (``MemoryError``, torch's ``OutOfMemoryError``, the
+    CPU allocator's refusal), also when a DataLoader worker raised it. Known without importing torch."""
+    if isinstance(exc, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__):
+        return True
+    origin = reader_process_origin(exc)
+    text = str(exc)
+    return (origin is not None and origin[0] in {"MemoryError", "OutOfMemoryError"}) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "CUDA out of memory" in text))
+
+
 def reader_process_origin(exc: BaseException) -> tuple[str, str] | None:
     """``(type name, message)`` of the exception a DataLoader worker raised, read from the one torch re-raises
     for it in the main process ("Caught ValueError in DataLoader worker process 0. Original Traceback ...", a

@@ -258,6 +258,27 @@ def test_multi_line_library_errors_are_reduced_to_one_line(monkeypatch):
         cli.commands.pop("explode-test", None)
 
 
+@pytest.mark.parametrize("exc", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 3377699720527872 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("Caught MemoryError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                 "  File ...\nMemoryError"),
+])
+def test_running_out_of_memory_is_the_machines_limit_not_an_internal_error(exc):
+    @cli.command("oom-test")
+    def oom():
+        raise exc
+
+    try:
+        res = CliRunner().invoke(cli, ["oom-test"])
+    finally:
+        cli.commands.pop("oom-test", None)
+    assert res.exit_code == 1 and res.output.startswith("error: out of memory") and "internal" not in res.output
+    assert "--batch-size" in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
 class _FailingReads(torch.utils.data.Dataset):
     """Item 0 raises an error whose constructor takes several arguments (torch re-raises a RuntimeError for
     it), item 1 one it rebuilds from its message (re-raised as itself, with the worker's traceback as text),

@@ -273,3 +273,13 @@ def test_reserved_option_names_cover_every_option_of_cirbench_run():
 
     own = set(command_option_names(run))
     assert {"bootstrap", "batch_size", "retrieval"} <= own <= RESERVED_OPTION_NAMES, sorted(own - RESERVED_OPTION_NAMES)
+
+
+def test_every_built_in_integer_option_has_a_ceiling():
+    """A size option without one took any value: '--layers 99999999999999999999' built layers until the memory ran
+    out, '--num-queries' of that size overflowed inside torch. Seeds stop at the largest numpy accepts."""
+    reg = plugins.get_registry()
+    unbounded = [f"{spec.name} --{o.name}" for spec in [*reg.methods.values(), *reg.datasets.values()]
+                 for o in [*spec.options, *(getattr(spec, "train_options", ()) or ())]
+                 if o.type == "int" and (o.maximum is None or o.minimum is None)]
+    assert unbounded == []

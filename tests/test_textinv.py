@@ -156,6 +156,24 @@ def test_fti4cir_forward_shapes_and_token_bounds(backbone):
     assert pseudo_words(net, backbone, pixels)[2] == [1] * 5
 
 
+def test_fti4cir_words_that_do_not_fit_the_text_context_are_one_line_errors(tmp_path):
+    """A short text context (here 24 tokens) cannot hold 'a photo of * with' and 32 attribute words: refused when the
+    network is built, with the largest count that fits; a prompt cut short later says so instead of a ValueError."""
+    import json
+
+    from cirbench.methods.fti4cir.model import build_net
+    from cirbench.testing import TINY_CLIP
+
+    short = {**TINY_CLIP, "text_cfg": {**TINY_CLIP["text_cfg"], "context_length": 24}}
+    (tmp_path / "cirbench-tiny-short.json").write_text(json.dumps(short))
+    backbone = load_backbone(str(tmp_path / "cirbench-tiny-short.json"), "none", device="cpu", seed=0)
+    with pytest.raises(CirbenchError, match=r"--max-attributes 32: .* keeps 18 of its 33 .* --max-attributes 17 or"):
+        build_net(backbone, {"max_attributes": 32})
+    assert build_net(backbone, {"max_attributes": 17}).max_attributes == 17
+    with pytest.raises(CirbenchError, match=r"keeps 1 of its 2 pseudo-words .* text context of 24 tokens"):
+        encode_with_pseudo_tokens(backbone, ["word " * 21 + "* *"], [torch.zeros(2, 32)])
+
+
 def _official_selection(latent_local_feats, img_global_feat, topk, epsilon):
     """Transcription of FTI4CIR's ``IMG2TEXT.get_img_local_attr_feats`` (i2t_model.py) after the transformer."""
     attention_weights = torch.matmul(latent_local_feats, img_global_feat.unsqueeze(dim=2)).squeeze(dim=2)

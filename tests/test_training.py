@@ -287,6 +287,24 @@ def test_slerp_tat_runs_and_caches_under_its_own_identity(tmp_path, tiny_config,
         assert res.exit_code == 2 and "needs --checkpoint" in res.output
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "nan"], "'nan' is not a finite number"),
+    (["--weight-decay", "inf"], "'inf' is not a finite number"),
+    (["--lora-rank", "99999999999999999999"], "above its maximum 1024"),
+    (["--lora-targets", "nothing.here"], "'nothing.here' matches no module of the image tower; the adaptable "
+                                         "modules of a block are: attn, mlp.c_fc, mlp.c_proj"),
+    (["--lora-targets", "ln_1"], "ln_1 is a LayerNorm, which LoRA does not adapt here"),
+    (["--lora-targets", "attn.out_proj"], "attn.out_proj sits inside a MultiheadAttention"),
+])
+def test_bad_training_values_are_one_line_errors(tmp_path, tiny_config, extra, message):
+    """Each used to end in an internal error (a ValueError of torch or peft, an overflow), or for attn.out_proj in
+    a failed backward: the fused attention call never reads the adapter, so nothing had a gradient."""
+    corpus = make_corpus(tmp_path / "c")
+    res = CliRunner().invoke(cli, _train_args(tiny_config, corpus, tmp_path / "o", "--max-steps", "1", *extra))
+    assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_training_input(tmp_path, tiny_config):
     empty = tmp_path / "empty.csv"
     empty.write_text("image,caption\n")

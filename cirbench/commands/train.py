@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..util import SEED_MAX
+from . import FiniteFloatRange
 
 EPILOG = """\b
 Examples:
@@ -26,8 +27,8 @@ Examples:
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the method's).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Global batch size (default: the method's).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True, max=10), default=None, help="Peak learning rate (default: the method's).")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=None)
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True, max=10), default=None, help="Peak learning rate (default: the method's).")
+@click.option("--weight-decay", type=FiniteFloatRange(min=0), default=None)
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None)
 @click.option("--schedule", type=click.Choice(["cosine", "constant", "step"]), default=None)
 @click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True, help="Gradient accumulation steps.")

@@ -7,6 +7,7 @@ otherwise. See ``generator.py`` for the attribute world and ``dataset.py`` for t
 
 from cirbench.hookspecs import hookimpl
 from cirbench.types import DatasetSpec, OptionSpec
+from cirbench.util import SEED_MAX
 
 # what each split is generated from, with the defaults (a split made with other values gets its own folder)
 QUERY_SPLIT_OPTIONS = {"queries": 400, "instances": 3}
@@ -24,7 +25,7 @@ def register_datasets(register):
         default_split="val",
         options=(
             OptionSpec("generator_seed", "Generator seed (same seed, same images and queries; `run --seed` seeds "
-                       "the run, not the data).", "int", 0),
+                       "the run, not the data).", "int", 0, minimum=0, maximum=SEED_MAX),
             # the ceilings keep a mistyped value from filling the disk with generated images
             OptionSpec("queries", "Number of queries per evaluation split (at most 100,000).", "int",
                        QUERY_SPLIT_OPTIONS["queries"], minimum=1, maximum=100_000),

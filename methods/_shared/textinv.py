@@ -73,9 +73,13 @@ def encode_with_pseudo_tokens(
         raise ValueError(f"{len(prompts)} prompts but {len(rows)} pseudo-token rows")
     counts = mask.sum(dim=1).tolist()
     for i, (row, n) in enumerate(zip(rows, counts, strict=True)):
+        if row.shape[0] > n:  # the backbone's text context cut the prompt short
+            raise CirbenchError(f"the prompt {prompts[i]!r} keeps {n} of its {row.shape[0]} pseudo-words "
+                                f"'{placeholder}' within this backbone's text context of {tokens.shape[1]} tokens: "
+                                "fewer pseudo-words (e.g. --max-attributes) or a backbone with a longer context")
         if row.shape[0] != n:
-            raise ValueError(f"prompt {i} has {n} placeholders '{placeholder}' (after truncation) but "
-                             f"{row.shape[0]} pseudo-words were given: {prompts[i]!r}")
+            raise ValueError(f"prompt {i} has {n} placeholders '{placeholder}' but {row.shape[0]} pseudo-words were "
+                             f"given: {prompts[i]!r}")
     flat = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows]) if rows else None
     module = token_embedding_module(backbone.model)
 

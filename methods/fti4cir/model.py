@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from cirbench import distributed as dist_utils
 from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint
+from cirbench.errors import CirbenchError
 from cirbench.method import Method, average_variants
 from cirbench.methods._shared.textinv import (
     Phi,
@@ -20,6 +21,7 @@ from cirbench.methods._shared.textinv import (
     clean_text,
     encode_with_pseudo_tokens,
     load_module_weights,
+    placeholder_id,
     token_width,
 )
 from cirbench.safe_unpickle import load_pickled_module_tensors
@@ -140,6 +142,12 @@ def patch_tokens(backbone: Backbone, pixels: torch.Tensor) -> tuple[torch.Tensor
 
 
 def build_net(backbone: Backbone, options: dict[str, Any]) -> FTI4CIRNet:
+    most = int(options.get("max_attributes", 12))
+    kept = int((backbone.tokenize([inference_prompt(most, "")]) == placeholder_id(backbone, PLACEHOLDER)).sum())
+    if kept < most + 1:  # the prompt's pseudo-words must all fit in the text context
+        raise CirbenchError(f"--max-attributes {most}: the prompt {inference_prompt(most, '')!r} does not fit in "
+                            f"the text context of this backbone, which keeps {kept} of its {most + 1} pseudo-words; "
+                            f"use --max-attributes {max(kept - 1, 1)} or less")
     patch_dim = int(backbone.model.visual.transformer.width)
     return FTI4CIRNet(patch_dim, backbone.embed_dim, token_width(backbone), options)
 

@@ -23,6 +23,7 @@ the authors' prompt as a file (``--prompt prompt.txt``) for their exact wording.
 
 from cirbench.hookspecs import hookimpl
 from cirbench.types import MethodSpec, OptionSpec
+from cirbench.util import SEED_MAX
 
 CIREVL_CAPTION_PROMPT = ("Describe the image in complete detail. You must especially focus on all the objects in "
                          "the image")  # CIReVL's prompts.blip_prompt
@@ -52,10 +53,10 @@ def _options(captioner: str, caption_prompt: str, captions: int, temperature: fl
                    maximum=2.0),
         OptionSpec("max_tokens", "Most tokens the language model may answer with; 0: none sent to an endpoint "
                    "(LDRE's script sends none, CIReVL's 700; a local model then stops at 700).", "int", max_tokens,
-                   minimum=0),
+                   minimum=0, maximum=32_768),
         OptionSpec("stop", "Text that ends the answer, \\n for a newline, '' for none (CIReVL's code stops at a "
                    "blank line, LDRE's at none).", "str", stop),
-        OptionSpec("sampling_seed", "Seed for sampled captions and answers.", "int", 0, minimum=0),
+        OptionSpec("sampling_seed", "Seed for sampled captions and answers.", "int", 0, minimum=0, maximum=SEED_MAX),
         OptionSpec("generation_precision", "Weights dtype of the local (hf:) captioner and language model: fp32, "
                    "or bf16/fp16 for half the GPU memory (LAVIS, which CIReVL and LDRE used, runs BLIP-2's FlanT5 in "
                    "bf16 and its OPT in fp16). Recorded with every generated text.", "str", "fp32",
@@ -90,7 +91,7 @@ def register_methods(register):
                        "gallery (LDRE's official CIRCO code) instead of averaging them (its CIRR code).", "bool", False,
                        per_dataset={"circo": True}),
             OptionSpec("adaptive_topk", "Adaptive ensemble: the largest similarity drops counted per query.", "int",
-                       5, minimum=1),
+                       5, minimum=1, maximum=1000),
             OptionSpec("adaptive_temperature", "Adaptive ensemble: softmax temperature of the slot weights.",
                        "float", 0.04, minimum=1e-6),
         )),

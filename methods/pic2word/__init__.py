@@ -20,6 +20,7 @@ def register_methods(register):
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="clip",
         trainer="cirbench.methods.pic2word.model:Pic2WordTrainable",
-        train_options=(OptionSpec("middle_dim", "Hidden width of the mapping network.", "int", 512, minimum=1),
+        train_options=(OptionSpec("middle_dim", "Hidden width of the mapping network.", "int", 512, minimum=1,
+                                  maximum=65_536),
                        OptionSpec("dropout", "Dropout of the mapping network.", "float", 0.1, minimum=0.0, maximum=1.0)),
     ))

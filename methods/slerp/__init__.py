@@ -24,7 +24,7 @@ CHECKPOINT = OptionSpec("checkpoint", "Folder (or .safetensors file) of a `cirbe
                         "path", None)
 
 TAT_TRAIN_OPTIONS = (
-    OptionSpec("lora_rank", "LoRA rank.", "int", 16, minimum=1),
+    OptionSpec("lora_rank", "LoRA rank.", "int", 16, minimum=1, maximum=1024),
     OptionSpec("lora_alpha", "LoRA alpha (scaling = lora_alpha / lora_rank).", "float", 16.0, minimum=0.0),
     OptionSpec("lora_dropout", "LoRA dropout.", "float", 0.1, minimum=0.0, maximum=1.0),
     OptionSpec("lora_targets", "Comma-separated module-name suffixes of the image tower to adapt "

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 
 from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
-from cirbench.errors import CheckpointError
+from cirbench.errors import CheckpointError, CirbenchError
 from cirbench.training import TrainableMethod, contrastive_loss
 
 DEFAULT_TARGETS = "mlp.c_fc,mlp.c_proj"
@@ -33,9 +33,36 @@ def lora_config(options: dict[str, Any]) -> LoraConfig:
                       lora_dropout=float(options.get("lora_dropout", 0.1)), target_modules=pattern, bias="none")
 
 
+def _check_targets(visual: torch.nn.Module, options: dict[str, Any], pattern: str) -> None:
+    """CirbenchError unless ``--lora-targets`` names modules that LoRA adapts here: plain ``nn.Linear`` layers
+    the block calls, or a whole ``nn.MultiheadAttention`` (peft's adapter). A projection inside a
+    MultiheadAttention is refused: the fused attention call reads its weight directly, past the adapter."""
+    modules = dict(visual.named_modules())
+    inside_attention = {f"{name}.{child}" for name, module in modules.items()
+                        if isinstance(module, torch.nn.MultiheadAttention) for child, _ in module.named_modules() if child}
+
+    def adaptable(name: str) -> bool:
+        return isinstance(modules[name], (torch.nn.Linear, torch.nn.MultiheadAttention)) and name not in inside_attention
+
+    block = next((name for name in modules if name.endswith(".0")), "")
+    offered = sorted({n[len(block) + 1:] for n in modules if block and n.startswith(block + ".") and adaptable(n)})
+    said = f"--lora-targets {options.get('lora_targets') or DEFAULT_TARGETS!r}"
+    hint = f"the adaptable modules of a block are: {', '.join(offered) or '(none found)'}"
+    matched = [name for name in modules if re.fullmatch(pattern, name)]
+    if not matched:
+        raise CirbenchError(f"{said} matches no module of the image tower; {hint}")
+    refused = next((name for name in matched if not adaptable(name)), None)
+    if refused is not None:
+        why = ("sits inside a MultiheadAttention, whose fused call bypasses a LoRA on it (adapt the attention "
+               "itself)" if refused in inside_attention else f"is a {type(modules[refused]).__name__}, which LoRA does not adapt here")
+        raise CirbenchError(f"{said}: {refused} {why}; {hint}")
+
+
 def adapted_visual(backbone: Backbone, options: dict[str, Any]) -> torch.nn.Module:
     """A copy of the backbone's image tower with LoRA adapters injected (only adapters trainable)."""
-    visual = inject_adapter_in_model(lora_config(options), copy.deepcopy(backbone.model.visual))
+    config = lora_config(options)
+    _check_targets(backbone.model.visual, options, config.target_modules)
+    visual = inject_adapter_in_model(config, copy.deepcopy(backbone.model.visual))
     for name, param in visual.named_parameters():
         param.requires_grad_("lora_" in name)
     return visual
