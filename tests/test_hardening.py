@@ -241,6 +241,18 @@ def test_bad_values_are_one_line_errors(tmp_path, args, message):
     assert len(res.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--section", "rank", "--gallery", "99999999999999999999"], "--gallery"),  # overflowed inside torch
+    (["bench", "--section", "rank", "--dim", "99999999999999999999"], "--dim"),
+    (["bench", "--section", "rank", "--reps", "99999999999999999999"], "--reps"),  # ran until stopped
+    (["compare", "a.json", "b.json", "--replicates", "10000000"], "--replicates"),
+])
+def test_sizes_of_other_commands_have_ceilings(args, message):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2 and message in res.output and "is not in the range" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
 def test_multi_line_library_errors_are_reduced_to_one_line(monkeypatch):
     from cirbench.errors import CheckpointError as CE
 

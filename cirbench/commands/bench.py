@@ -20,22 +20,23 @@ Examples:
 @click.option("--pretrained", default="none", show_default=True, help="Weights (random weights time the same).")
 @click.option("--section", "sections", multiple=True, type=click.Choice(["encode", "rank", "cache"]),
               help="What to measure (repeat; default: encode and rank, plus cache when --cache-rows is given).")
-@click.option("--images", type=click.IntRange(min=1), default=None,
+@click.option("--images", type=click.IntRange(1, 10_000_000), default=None,
               help="Synthetic JPEG files (default: 6144 on CUDA, 128 on CPU).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 256 on CUDA, 32 on CPU.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 on CUDA (the throughput goals are bf16), fp32 on the CPU.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Reader workers (default: min(16, CPUs)).")
-@click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True, help="Timed repetitions (median).")
+@click.option("--reps", type=click.IntRange(1, 1000), default=3, show_default=True, help="Timed repetitions (median).")
 @click.option("--no-official", is_flag=True, help="Skip the official-style pipeline (slow on large models).")
-@click.option("--official-images", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--official-images", type=click.IntRange(0, 10_000_000), default=0, show_default=True,
               help="Time the official-style pipeline on the first N files only (0: all; it runs ~10x slower).")
-@click.option("--queries", type=click.IntRange(min=1), default=800, show_default=True, help="Queries to rank.")
-@click.option("--gallery", type=click.IntRange(min=1), default=None,
+@click.option("--queries", type=click.IntRange(1, 1_000_000), default=800, show_default=True, help="Queries to rank.")
+@click.option("--gallery", type=click.IntRange(1, 100_000_000), default=None,
               help="Gallery size to rank against (default: 123403 on CUDA, 20000 on CPU).")
-@click.option("--dim", type=click.IntRange(min=1), default=768, show_default=True, help="Feature width for rank/cache.")
-@click.option("--cache-rows", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--dim", type=click.IntRange(1, 16_384), default=768, show_default=True,
+              help="Feature width for rank/cache.")
+@click.option("--cache-rows", type=click.IntRange(0, 100_000_000), default=0, show_default=True,
               help="Measure the feature cache at this many images (CIRCO: 123403).")
 @click.option("--agreement", is_flag=True, help="Also measure fp32 vs bf16 feature agreement.")
 @click.option("--folder", type=click.Path(file_okay=False), default=None,
