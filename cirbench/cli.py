@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from .errors import CirbenchError, from_reader_process, out_of_memory, reader_process_origin
-from .util import MAX_REPLICATES, SEED_MAX
+from .util import MAX_REPLICATES, MAX_WORKERS, SEED_MAX
 
 EPILOG_RUN = """\b
 Examples:
@@ -213,7 +213,7 @@ def cli() -> None:
               help="Seeds torch, the bootstrap and any random step of a method.")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
               help="Images per batch (default: 256 on CUDA, 64 on the CPU).")
-@click.option("--workers", default=None, type=click.IntRange(min=0),
+@click.option("--workers", default=None, type=click.IntRange(0, MAX_WORKERS),
               help="Image-reading worker processes (default: min(16, CPUs) on CUDA, min(8, CPUs) on the CPU).")
 @click.option("--max-image-pixels", default=89_478_485, show_default=True, type=click.IntRange(min=1),
               help="Refuse images whose header declares, or whose resized size needs, more pixels than this.")

@@ -124,6 +124,8 @@ SEED_MAX = 2**31 - 1
 # the most bootstrap/permutation replicates a command takes: their memory and time grow with the count, and 10,000
 # already pins a 95% interval far below a metric's printed precision
 MAX_REPLICATES = 100_000
+# the most image-reading worker processes a command starts (a node has far fewer cores)
+MAX_WORKERS = 256
 
 
 def launched_by_torchrun() -> bool:

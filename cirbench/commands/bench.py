@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from ..util import MAX_WORKERS
+
 EPILOG = """\b
 Examples:
   cirbench bench                                          # small CPU-friendly defaults
@@ -26,7 +28,8 @@ Examples:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 on CUDA (the throughput goals are bf16), fp32 on the CPU.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Reader workers (default: min(16, CPUs)).")
+@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=None,
+              help="Reader workers (default: min(16, CPUs)).")
 @click.option("--reps", type=click.IntRange(1, 1000), default=3, show_default=True, help="Timed repetitions (median).")
 @click.option("--no-official", is_flag=True, help="Skip the official-style pipeline (slow on large models).")
 @click.option("--official-images", type=click.IntRange(0, 10_000_000), default=0, show_default=True,

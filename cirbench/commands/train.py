@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..util import SEED_MAX
+from ..util import MAX_WORKERS, SEED_MAX
 from . import FiniteFloatRange
 
 EPILOG = """\b
@@ -36,7 +36,7 @@ Examples:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
               help="Seeds initialisation, data order and augmentation (each rank adds its rank).")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=2, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Checkpoint every N steps.")
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
