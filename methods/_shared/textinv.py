@@ -73,7 +73,7 @@ def encode_with_pseudo_tokens(
         raise ValueError(f"{len(prompts)} prompts but {len(rows)} pseudo-token rows")
     counts = mask.sum(dim=1).tolist()
     for i, (row, n) in enumerate(zip(rows, counts, strict=True)):
-        if row.shape[0] > n:  # the backbone's text context cut the prompt short
+        if row.shape[0] > n and int(tokens[i, -1]) != 0:  # the prompt fills the text context: it was cut short
             raise CirbenchError(f"the prompt {prompts[i]!r} keeps {n} of its {row.shape[0]} pseudo-words "
                                 f"'{placeholder}' within this backbone's text context of {tokens.shape[1]} tokens: "
                                 "fewer pseudo-words (e.g. --max-attributes) or a backbone with a longer context")
