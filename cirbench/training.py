@@ -19,10 +19,15 @@ save) and naming it as ``MethodSpec.trainer``; ``cirbench train --method NAME`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
+import signal
+import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .corpora import Batch, PairsCorpus, ShardCorpus, collate, open_corpus
 from .errors import CheckpointError, CirbenchError
 from .train_state import load_train_state, rng_state, save_train_state
-from .util import atomic_write_bytes, json_loads
+from .util import atomic_write_bytes, json_loads, recover_folder, replace_folder
 
 
 @dataclass
@@ -375,7 +380,11 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)  # lr set by hand
         self.output = Path(cfg.output)
         self.latest = self.output / "checkpoint-latest"
+        if self.rank_ == 0:  # a save that an interrupt cut short leaves the previous checkpoint, complete
+            recover_folder(self.latest, "model.safetensors")
+        dist_utils.barrier()
         self.state = _Run()
+        self.interrupted = False
         if cfg.resume and (self.latest / "model.safetensors").is_file():
             self.state = _resume(trainable, self.optimizer, self.scheduler, self.latest, self.rank_,
                                  self.run_config())
@@ -396,9 +405,15 @@ class _Trainer:
                   "optimizer": {"betas": list(t.adam_betas), "eps": t.adam_eps},
                   "step": self.state.step, "skipped_samples": self.state.skipped,
                   "unreadable_shards": self.state.unreadable_shards, **t.checkpoint_config()}
-        save_checkpoint(folder, t.state_to_save(), config)
-        if not final:
-            save_train_state(folder, self.optimizer, self.scheduler, self.state.position(), rngs)
+        if final:
+            save_checkpoint(folder, t.state_to_save(), config)
+            return
+        # the resumable state is written whole into a new folder, then put in place: weights, config and
+        # optimizer state always belong to one step, whenever the run is stopped
+        partial = folder.with_name(f"{folder.name}.partial-{uuid.uuid4().hex[:8]}")
+        save_checkpoint(partial, t.state_to_save(), config)
+        save_train_state(partial, self.optimizer, self.scheduler, self.state.position(), rngs)
+        replace_folder(partial, folder)
 
     def run(self) -> Path:
         cfg, run = self.cfg, self.state
@@ -406,18 +421,8 @@ class _Trainer:
         bar = tqdm(total=self.total_steps, initial=run.step, desc=f"train {self.trainable.name}", unit="step",
                    disable=not cfg.progress or self.rank_ != 0)
         self.start = time.perf_counter()
-        while run.step < self.total_steps:
-            # a run resumed at the end of an epoch finds that epoch's rest empty: only a whole epoch that gives
-            # no step means the corpus has no usable batch
-            steps_before, whole_epoch = run.step, run.epoch_step == 0
-            self._epoch(bar)
-            if run.step >= self.total_steps:
-                break
-            if run.step == steps_before and whole_epoch:
-                shards = "".join(f"; unreadable shard {s}: {why}" for s, why in list(run.unreadable_shards.items())[:3])
-                raise CirbenchError(f"corpus {self.corpus.source} yielded no usable batch ({run.skipped} samples "
-                                    f"skipped{shards})")
-            run.epoch, run.epoch_step = run.epoch + 1, 0
+        with self._stop_at_a_step_on_ctrl_c():
+            self._steps(bar)
         bar.close()
         self.trainable.train_mode(False)
         self.save(self.latest, final=False)
@@ -430,12 +435,54 @@ class _Trainer:
                        f"{self.output / 'config.json'})")
         return self.output
 
+    @contextlib.contextmanager
+    def _stop_at_a_step_on_ctrl_c(self):
+        """In a single process, Ctrl-C lets the step under way finish, saves checkpoint-latest and stops (a second
+        Ctrl-C stops at once): the same command resumes from there. Under torchrun the ranks would not agree on
+        the step, so Ctrl-C stops at once and the run resumes from the last periodic checkpoint."""
+        if self.world > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_ctrl_c(_signum, _frame):
+            if os.getpid() != main_pid:  # a reader process forked with this handler: the main process decides
+                return
+            self.interrupted = True
+            signal.signal(signal.SIGINT, before)
+            tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again stops at once)")
+
+        main_pid = os.getpid()
+        before = signal.signal(signal.SIGINT, on_ctrl_c)
+        try:
+            yield
+        except _Interrupted:
+            self.save(self.latest, final=False)
+            tqdm.write(f"interrupted at step {self.state.step}: saved {self.latest}; the same command resumes")
+            raise KeyboardInterrupt from None
+        finally:
+            signal.signal(signal.SIGINT, before)
+
+    def _steps(self, bar) -> None:
+        run = self.state
+        while run.step < self.total_steps:
+            # a run resumed at the end of an epoch finds that epoch's rest empty: only a whole epoch that gives
+            # no step means the corpus has no usable batch
+            steps_before, whole_epoch = run.step, run.epoch_step == 0
+            self._epoch(bar)
+            if run.step >= self.total_steps:
+                break
+            if run.step == steps_before and whole_epoch:
+                shards = "".join(f"; unreadable shard {s}: {why}" for s, why in list(run.unreadable_shards.items())[:3])
+                raise CirbenchError(f"corpus {self.corpus.source} yielded no usable batch ({run.skipped} samples "
+                                    f"skipped{shards})")
+            run.epoch, run.epoch_step = run.epoch + 1, 0
+
     def _epoch(self, bar) -> None:
         cfg, run = self.cfg, self.state
         loader = _loader(self.corpus, self.map_style, self.per_step, cfg, self.rank_, self.world, run.epoch,
                          run.epoch_step, self.device)
         micro = []
-        for batch in loader:
+        for batch in self._batches(loader):
             run.skipped += batch.skipped
             for shard, why in batch.unreadable_shards:
                 if shard not in run.unreadable_shards:
@@ -464,6 +511,27 @@ class _Trainer:
                 self.save(self.latest, final=False)
             if run.step >= self.total_steps:
                 return
+            if self.interrupted:
+                raise _Interrupted
+
+    def _batches(self, loader):
+        """The loader's batches; after Ctrl-C, reader processes that the signal ended stop the epoch between
+        two steps (their error is expected then, not reported)."""
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception:
+                if self.interrupted:
+                    raise _Interrupted from None
+                raise
+            yield batch
+
+
+class _Interrupted(Exception):
+    """Ctrl-C arrived; raised between two steps so that the saved state is one step's."""
 
 
 def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int, world: int, epoch: int,

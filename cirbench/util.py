@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +28,33 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+def replace_folder(new: Path, folder: Path) -> Path:
+    """Put the finished folder ``new`` in the place of ``folder`` by renames: at every moment ``folder`` or, for
+    the instant between the two renames, ``<folder>.previous`` holds a complete set of files
+    (:func:`recover_folder` puts that one back). A checkpoint written file by file in place could be left with
+    new weights beside an old optimizer state by an interrupt."""
+    new, folder = Path(new), Path(folder)
+    previous = folder.with_name(folder.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if folder.exists():
+        os.rename(folder, previous)
+    os.rename(new, folder)
+    shutil.rmtree(previous, ignore_errors=True)
+    return folder
+
+
+def recover_folder(folder: Path, complete: str) -> None:
+    """Undo what an interrupted :func:`replace_folder` left: the previous folder back if ``folder`` lacks the file
+    ``complete``, and unfinished ``<folder>.partial-*`` folders removed."""
+    folder = Path(folder)
+    previous = folder.with_name(folder.name + ".previous")
+    if not (folder / complete).is_file() and (previous / complete).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(previous, folder)
+    for partial in folder.parent.glob(folder.name + ".partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> Path:

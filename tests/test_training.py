@@ -194,6 +194,66 @@ def test_resume_continues_where_it_stopped(tmp_path, tiny_config, stop):
     assert json.loads((tmp_path / "resumed" / "config.json").read_text())["step"] == 6
 
 
+def test_ctrl_c_finishes_the_step_saves_and_the_same_command_resumes(tmp_path, tiny_config, monkeypatch):
+    import os
+    import signal
+
+    from cirbench import training
+
+    corpus = make_corpus(tmp_path / "c")
+    runner = CliRunner()
+    straight = _train_args(tiny_config, corpus, tmp_path / "straight", "--max-steps", "6")
+    assert runner.invoke(cli, straight).exit_code == 0
+    real_step, calls = training._optimizer_step, []
+
+    def step_then_ctrl_c(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while step 3 is still being counted
+        return out
+
+    monkeypatch.setattr(training, "_optimizer_step", step_then_ctrl_c)
+    args = _train_args(tiny_config, corpus, tmp_path / "cut", "--max-steps", "6")
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 130 and "interrupted at step 3: saved" in res.output, res.output
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    monkeypatch.setattr(training, "_optimizer_step", real_step)
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 0 and "at step 3" in res.output, res.output
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # as if never interrupted
+
+
+def test_a_save_cut_short_keeps_the_previous_checkpoint_whole(tmp_path, tiny_config, monkeypatch):
+    """checkpoint-latest is written into a new folder and renamed into place: stopped half-way (here, between its
+    weights and its optimizer state), the previous step's checkpoint stays, whole; stopped between the two
+    renames, the next run puts the previous one back."""
+    from cirbench import training
+
+    corpus = make_corpus(tmp_path / "c")
+    out = tmp_path / "run"
+    runner = CliRunner()
+    assert runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "2")).exit_code == 0
+    latest = out / "checkpoint-latest"
+    before = {p.name: p.read_bytes() for p in latest.iterdir()}
+
+    def cut(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_train_state", cut)
+    res = runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "4", "--save-every", "1"))
+    assert res.exit_code == 130
+    assert {p.name: p.read_bytes() for p in latest.iterdir()} == before  # step 2's files, all of them
+    monkeypatch.undo()
+    latest.rename(out / "checkpoint-latest.previous")  # as if stopped between the two renames
+    (out / "checkpoint-latest.partial-0123abcd").mkdir()
+    res = runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "4"))
+    assert res.exit_code == 0 and "at step 2" in res.output, res.output
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-latest"]
+
+
 def test_resume_refuses_other_settings_and_allows_a_longer_run(tmp_path, tiny_config):
     corpus = make_corpus(tmp_path / "c")
     out = tmp_path / "run"
