@@ -12,8 +12,8 @@ from cirbench.types import MethodSpec, OptionSpec
 
 ARCH = (
     OptionSpec("num_queries", "Learned attribute queries.", "int", 24, minimum=1, maximum=1024),
-    OptionSpec("max_attributes", "At most this many attribute words per image (the prompt holds 32 at most).", "int", 12,
-               minimum=1, maximum=32),
+    OptionSpec("max_attributes", "At most this many attribute words per image (at most 32, and what the "
+               "backbone's text context holds).", "int", 12, minimum=1, maximum=32),
     OptionSpec("threshold", "Keep attribute queries whose softmax weight exceeds this.", "float", 0.05, minimum=0.0,
                maximum=1.0),
     OptionSpec("layers", "Layers of the attribute transformer.", "int", 3, minimum=1, maximum=48),

@@ -38,11 +38,12 @@ def _check_targets(visual: torch.nn.Module, options: dict[str, Any], pattern: st
     the block calls, or a whole ``nn.MultiheadAttention`` (peft's adapter). A projection inside a
     MultiheadAttention is refused: the fused attention call reads its weight directly, past the adapter."""
     modules = dict(visual.named_modules())
-    inside_attention = {f"{name}.{child}" for name, module in modules.items()
-                        if isinstance(module, torch.nn.MultiheadAttention) for child, _ in module.named_modules() if child}
+    attention = torch.nn.MultiheadAttention
+    inside_attention = {f"{name}.{child}" for name, module in modules.items() if isinstance(module, attention)
+                        for child, _ in module.named_modules() if child}
 
     def adaptable(name: str) -> bool:
-        return isinstance(modules[name], (torch.nn.Linear, torch.nn.MultiheadAttention)) and name not in inside_attention
+        return isinstance(modules[name], (torch.nn.Linear, attention)) and name not in inside_attention
 
     block = next((name for name in modules if name.endswith(".0")), "")
     offered = sorted({n[len(block) + 1:] for n in modules if block and n.startswith(block + ".") and adaptable(n)})
@@ -53,8 +54,9 @@ def _check_targets(visual: torch.nn.Module, options: dict[str, Any], pattern: st
         raise CirbenchError(f"{said} matches no module of the image tower; {hint}")
     refused = next((name for name in matched if not adaptable(name)), None)
     if refused is not None:
-        why = ("sits inside a MultiheadAttention, whose fused call bypasses a LoRA on it (adapt the attention "
-               "itself)" if refused in inside_attention else f"is a {type(modules[refused]).__name__}, which LoRA does not adapt here")
+        kind = type(modules[refused]).__name__
+        why = ("sits inside a MultiheadAttention, whose fused call bypasses a LoRA on it (adapt the attention itself)"
+               if refused in inside_attention else f"is a {kind}, which LoRA does not adapt here")
         raise CirbenchError(f"{said}: {refused} {why}; {hint}")
 
 
