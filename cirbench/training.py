@@ -27,7 +27,6 @@ import random
 import signal
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .corpora import Batch, PairsCorpus, ShardCorpus, collate, open_corpus
 from .errors import CheckpointError, CirbenchError
 from .train_state import load_train_state, rng_state, save_train_state
-from .util import atomic_write_bytes, json_loads, recover_folder, replace_folder
+from .util import atomic_write_bytes, json_loads, partial_folder, recover_folder, replace_folder
 
 
 @dataclass
@@ -410,7 +409,7 @@ class _Trainer:
             return
         # the resumable state is written whole into a new folder, then put in place: weights, config and
         # optimizer state always belong to one step, whenever the run is stopped
-        partial = folder.with_name(f"{folder.name}.partial-{uuid.uuid4().hex[:8]}")
+        partial = partial_folder(folder)
         save_checkpoint(partial, t.state_to_save(), config)
         save_train_state(partial, self.optimizer, self.scheduler, self.state.position(), rngs)
         replace_folder(partial, folder)

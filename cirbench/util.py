@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,13 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+def partial_folder(folder: Path) -> Path:
+    """A new name beside ``folder`` to write its next version into, for :func:`replace_folder` (and one that
+    :func:`recover_folder` removes if the writing never finished)."""
+    folder = Path(folder)
+    return folder.with_name(f"{folder.name}.partial-{uuid.uuid4().hex[:8]}")
 
 
 def replace_folder(new: Path, folder: Path) -> Path:

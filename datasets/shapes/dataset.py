@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -15,7 +14,7 @@ from cirbench.dataset import Dataset
 from cirbench.errors import CirbenchError
 from cirbench.metrics import ap_per_query, hits_matrix, recall_per_query
 from cirbench.types import EvalSet, ImageRef, Query
-from cirbench.util import default_cache_dir, json_loads, making
+from cirbench.util import default_cache_dir, json_loads, making, replace_folder
 
 from . import CORPUS_OPTIONS, QUERY_SPLIT_OPTIONS
 from . import generator as G
@@ -82,9 +81,7 @@ class Shapes(Dataset):
             try:
                 (self._write_corpus if split == "train" else self._write_queries)(split, tmp)
                 (tmp / COMPLETE).write_text(json.dumps({"version": FORMAT_VERSION, "options": self.options}))
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
+                replace_folder(tmp, target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
