@@ -94,7 +94,7 @@ class CirbenchGroup(click.Group):
 
 
     def invoke(self, ctx: click.Context):
-        from .util import debug_enabled, one_line
+        from .util import debug_enabled, one_line, speaks
 
         try:
             return super().invoke(ctx)
@@ -103,7 +103,8 @@ class CirbenchGroup(click.Group):
             click.echo(f"error: {exc if debug_enabled() else one_line(exc)}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            if speaks():  # under torchrun every rank is interrupted: one line says it
+                click.echo("interrupted", err=True)
             ctx.exit(130)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise

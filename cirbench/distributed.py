@@ -114,14 +114,33 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
-def average_gradients(params) -> None:
-    """Average the gradients of ``params`` over ranks (what DDP does, without bucketing)."""
+def average_gradients(params, stop: bool = False) -> bool:
+    """Average the gradients of ``params`` over ranks (what DDP does) in one all-reduce per dtype and device
+    rather than one per tensor; return whether any rank asked to ``stop``. The flag rides on the same
+    all-reduce, so every rank learns at the same step that one of them was interrupted, for free."""
     if world_size() == 1:
-        return
+        return stop
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world_size()
+            groups.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    flag = torch.tensor([float(stop)], device=next(iter(groups))[1] if groups else "cpu")
+    if not groups:
+        groups[(flag.dtype, flag.device)] = []
+    asked = None
+    for i, ((dtype, _device), grads) in enumerate(groups.items()):
+        parts = [g.reshape(-1) for g in grads] + ([flag.to(dtype)] if i == 0 else [])
+        flat = torch.cat(parts)
+        dist.all_reduce(flat)
+        if i == 0:
+            asked = flat[-1:]
+            flat = flat[:-1]
+        flat /= world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    return bool(asked is not None and asked.item() > 0)
 
 
 def all_gather_object(obj):

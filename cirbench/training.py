@@ -336,7 +336,8 @@ def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config
 
 
 def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, factor: float, params,
-                    device) -> tuple[float, dict[str, float]]:
+                    device, stop: bool = False) -> tuple[float, dict[str, float], bool]:
+    """One optimizer step over the micro-batches; also return whether any rank asked to ``stop`` (Ctrl-C)."""
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * factor
     optimizer.zero_grad(set_to_none=True)
@@ -349,12 +350,12 @@ def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, fa
             raise CirbenchError(f"the {trainable.name} loss became {float(loss)}: training diverged (lower --lr?)")
         (loss / cfg.accum_steps).backward()
         loss_sum += float(loss.detach()) / cfg.accum_steps
-    dist_utils.average_gradients(params)
+    stop = dist_utils.average_gradients(params, stop)
     if cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
-    return loss_sum, logs
+    return loss_sum, logs, stop
 
 
 def train(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardCorpus, cfg: TrainConfig) -> Path:
@@ -436,10 +437,11 @@ class _Trainer:
 
     @contextlib.contextmanager
     def _stop_at_a_step_on_ctrl_c(self):
-        """In a single process, Ctrl-C lets the step under way finish, saves checkpoint-latest and stops (a second
-        Ctrl-C stops at once): the same command resumes from there. Under torchrun the ranks would not agree on
-        the step, so Ctrl-C stops at once and the run resumes from the last periodic checkpoint."""
-        if self.world > 1 or threading.current_thread() is not threading.main_thread():
+        """Ctrl-C lets the step under way finish, saves checkpoint-latest and stops (a second Ctrl-C stops at
+        once): the same command resumes from there. Under torchrun (which forwards the signal to every worker
+        and kills them 30 s later) the ranks learn of it through the step's gradient all-reduce, so they all
+        stop after the same step, whichever of them the signal reached first."""
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
 
@@ -448,7 +450,8 @@ class _Trainer:
                 return
             self.interrupted = True
             signal.signal(signal.SIGINT, before)
-            tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again stops at once)")
+            if self.rank_ == 0:
+                tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again stops at once)")
 
         main_pid = os.getpid()
         before = signal.signal(signal.SIGINT, on_ctrl_c)
@@ -456,7 +459,8 @@ class _Trainer:
             yield
         except _Interrupted:
             self.save(self.latest, final=False)
-            tqdm.write(f"interrupted at step {self.state.step}: saved {self.latest}; the same command resumes")
+            if self.rank_ == 0:
+                tqdm.write(f"interrupted at step {self.state.step}: saved {self.latest}; the same command resumes")
             raise KeyboardInterrupt from None
         finally:
             signal.signal(signal.SIGINT, before)
@@ -493,8 +497,8 @@ class _Trainer:
             if len(micro) < cfg.accum_steps:
                 continue
             factor = _lr_factor(cfg, run.step, run.epoch, self.total_steps)
-            loss, logs = _optimizer_step(self.trainable, self.optimizer, self.scheduler, micro, cfg, factor,
-                                         self.params, self.device)
+            loss, logs, stop = _optimizer_step(self.trainable, self.optimizer, self.scheduler, micro, cfg, factor,
+                                               self.params, self.device, self.interrupted)
             run.seen += sum(len(mb) for mb in micro) * self.world
             micro = []
             run.step += 1
@@ -510,7 +514,8 @@ class _Trainer:
                 self.save(self.latest, final=False)
             if run.step >= self.total_steps:
                 return
-            if self.interrupted:
+            # under torchrun only the flag the ranks agreed on counts, so that they all stop at the same step
+            if stop or (self.world == 1 and self.interrupted):
                 raise _Interrupted
 
     def _batches(self, loader):
@@ -523,7 +528,7 @@ class _Trainer:
             except StopIteration:
                 return
             except Exception:
-                if self.interrupted:
+                if self.interrupted and self.world == 1:  # under torchrun the others would wait for this rank
                     raise _Interrupted from None
                 raise
             yield batch

@@ -92,3 +92,36 @@ def test_ranks_waiting_for_rank_0_outlast_the_collective_timeout(tmp_path):
     assert procs["wait"].returncode == 0, procs["wait"].stderr[-2000:]
     assert sorted(json.loads(m)["rank"] for m in re.findall(r"\{[^{}]*\}", procs["wait"].stdout)) == [0, 1]
     assert procs["barrier"].returncode != 0 and "Timed out" in procs["barrier"].stderr
+
+
+def test_gradients_are_averaged_in_one_reduce_per_dtype_and_carry_the_stop_flag(tmp_path):
+    """average_gradients packs the gradients (mixed dtypes, a parameter without one) into one all-reduce per
+    dtype and device; each comes back averaged into its own tensor, and a stop asked by one rank reaches all."""
+    script = tmp_path / "grads.py"
+    script.write_text(
+        "import json, torch, torch.distributed as dist\n"
+        "from cirbench import distributed as d\n"
+        "d.init_from_env('cpu')\n"
+        "r = d.rank()\n"
+        "calls = []\n"
+        "real = dist.all_reduce\n"
+        "dist.all_reduce = lambda t, *a, **k: (calls.append(t.dtype), real(t, *a, **k))[1]\n"
+        "ps = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)),\n"
+        "      torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(5))]\n"
+        "for i, p in enumerate(ps[:3]):\n"
+        "    p.grad = torch.full_like(p, float(r + 1) * (i + 1))\n"
+        "stops = [d.average_gradients(ps, stop=(r == 1 and k == 1)) for k in range(3)]\n"
+        "print(json.dumps({'rank': r, 'stops': stops, 'calls': len(calls), 'none': ps[3].grad is None,\n"
+        "                  'grads': [p.grad.tolist() for p in ps[:3]]}))\n"
+        "d.shutdown()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = sorted((json.loads(m) for m in re.findall(r"\{[^{}]*\}", proc.stdout)), key=lambda row: row["rank"])
+    assert [row["rank"] for row in rows] == [0, 1]
+    for row in rows:
+        assert row["stops"] == [False, True, False]  # rank 1 asked at the second step; both ranks learn it
+        assert row["calls"] == 6 and row["none"]  # two dtypes: two all-reduces a step, not one per tensor
+        # ranks hold (r + 1) * (i + 1): averaged three times over, each tensor keeps 1.5 * (i + 1)
+        assert row["grads"] == [[[1.5] * 3] * 2, [3.0] * 4, [4.5]]

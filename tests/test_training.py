@@ -321,6 +321,88 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_config):
     assert any(float(v.abs().sum()) > 0 for k, v in outs[2].items() if "lora_B" in k)
 
 
+def _torchrun(tmp_path, tiny_config, corpus, out, *extra, script=None):
+    """``torchrun --nproc-per-node=2`` of ``cirbench train`` (or of ``script``, which runs the CLI itself)."""
+    args = [*(["-m", "cirbench"] if script is None else [str(script)]),
+            *_train_args(tiny_config, corpus, out, "--lora-dropout", "0", "--device", "cpu", *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIRBENCH_LOAD_PLUGINS": ""}
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args], env
+
+
+RANK_1_CTRL_C = """
+import os, signal, sys
+from cirbench import training
+from cirbench.cli import main
+
+real_step, calls = training._optimizer_step, []
+
+def step_then_ctrl_c(*args, **kwargs):
+    out = real_step(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGINT)  # rank 1 alone, after step 2's all-reduce
+    return out
+
+training._optimizer_step = step_then_ctrl_c
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_and_resumes(tmp_path, tiny_config):
+    """Only rank 1 is interrupted, after step 2 has been agreed: rank 0 learns it through step 3's all-reduce,
+    both save step 3's state together, and the same command resumes as if never stopped."""
+    corpus = make_corpus(tmp_path / "c")
+    straight = _train_args(tiny_config, corpus, tmp_path / "straight", "--max-steps", "5", "--lora-dropout", "0",
+                           "--device", "cpu")
+    assert CliRunner().invoke(cli, straight).exit_code == 0
+    script = tmp_path / "rank1_ctrl_c.py"
+    script.write_text(RANK_1_CTRL_C)
+    out = tmp_path / "cut"
+    cmd, env = _torchrun(tmp_path, tiny_config, corpus, out, "--max-steps", "5", script=script)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert said.count("interrupted at step 3: saved") == 1, said[-3000:]  # said once, by rank 0
+    assert json.loads((out / "checkpoint-latest" / "config.json").read_text())["step"] == 3
+    cmd, env = _torchrun(tmp_path, tiny_config, corpus, out, "--max-steps", "5")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0 and "at step 3" in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(out / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # as if never interrupted
+
+
+def test_ctrl_c_to_torchrun_saves_and_stops_every_rank(tmp_path, tiny_config):
+    """The real signal path: torchrun forwards SIGINT to each worker's process group (readers included) and
+    kills what is left 30 s later; the workers agree on a step, save it whole and stop within that time."""
+    import signal
+    import time
+
+    corpus = make_corpus(tmp_path / "c")
+    out = tmp_path / "run"
+    cmd, env = _torchrun(tmp_path, tiny_config, corpus, out, "--max-steps", "100000", "--log-every", "1",
+                         "--workers", "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        log = out / "train_log.jsonl"
+        deadline = time.monotonic() + 240
+        while not (log.is_file() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    said = [line for line in (stdout + stderr).splitlines() if "interrupted at step" in line]
+    assert len(said) == 1 and "saved" in said[0], (stdout + stderr)[-3000:]
+    step = int(said[0].split("interrupted at step ")[1].split(":")[0])
+    assert "forcefully exiting" not in stderr  # stopped by itself, not killed
+    saved = json.loads((out / "checkpoint-latest" / "config.json").read_text())
+    assert saved["step"] == step >= 2
+    assert (out / "checkpoint-latest" / "train_state.safetensors").is_file()
+
+
 def test_slerp_tat_runs_and_caches_under_its_own_identity(tmp_path, tiny_config, toy_root):
     from helpers import registered
     from toy_plugin import ToyPlugin
