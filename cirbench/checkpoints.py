@@ -1,34 +1,41 @@
 """Checkpoints of trained method parts: ``model.safetensors`` + ``config.json`` in one folder.
 
 ``config.json`` records the method, the backbone identity it was trained on, the method's training options
-and the training configuration. Loading checks the method and the backbone, so weights are never applied to
-a model they were not trained for.
+and the training configuration. The weights file carries the same record in its own metadata, so that the
+weights and the record that describes them are written in one rename: a save cut short between the two files
+leaves a ``config.json`` from another save, which loading notices and overrides with the weights' own record.
+Loading checks the method and the backbone, so weights are never applied to a model they were not trained for.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CirbenchWarning
 from .util import atomic_write_bytes, json_loads, one_line
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+OWN_CONFIG = "cirbench_config"  # the key of the record in the weights file's metadata
 
 
 def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write ``tensors`` and ``config`` into ``folder`` (atomically, weights first, config last)."""
+    """Write ``tensors`` and ``config`` into ``folder`` (each file atomically, weights with their own copy of
+    ``config`` first, ``config.json`` last)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(folder / WEIGHTS, save(clean, metadata={"method": str(config.get("method", ""))}))
-    atomic_write_bytes(folder / CONFIG, (json.dumps(config, indent=2, default=str) + "\n").encode())
+    record = json.dumps(config, default=str)
+    metadata = {"method": str(config.get("method", "")), OWN_CONFIG: record}
+    atomic_write_bytes(folder / WEIGHTS, save(clean, metadata=metadata))
+    atomic_write_bytes(folder / CONFIG, (json.dumps(json.loads(record), indent=2) + "\n").encode())
     return folder
 
 
@@ -86,9 +93,16 @@ def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dic
                               f"{' and no '.join(missing)} (a checkpoint is a folder written by `cirbench train`)")
     try:
         config = json_loads((folder / CONFIG).read_bytes())
-        tensors = load_file(str(folder / WEIGHTS))
+        with safe_open(str(folder / WEIGHTS), framework="pt") as fh:
+            own = (fh.metadata() or {}).get(OWN_CONFIG)
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+        own = None if own is None else json_loads(own)
     except (OSError, json.JSONDecodeError, SafetensorError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {folder} is corrupt: {one_line(exc)}") from None
+    if own is not None and own != config:
+        warnings.warn(f"checkpoint {folder}: {CONFIG} is not the record of these weights (a save was cut short "
+                      f"between the two files); using the record the weights carry", CirbenchWarning, stacklevel=2)
+        config = own
     bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise CheckpointError(f"checkpoint {folder} holds non-finite values (NaN or Inf) in {bad}")

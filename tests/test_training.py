@@ -254,6 +254,29 @@ def test_a_save_cut_short_keeps_the_previous_checkpoint_whole(tmp_path, tiny_con
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-latest"]
 
 
+def test_weights_carry_their_own_record_so_a_cut_final_save_is_harmless(tmp_path, tiny_config):
+    """The final model.safetensors + config.json pair is written file by file: cut between the two, the folder
+    holds new weights beside the previous save's config.json. The weights' own record wins, with a warning;
+    weights written before they carried a record still load from config.json."""
+    from safetensors.torch import save_file
+
+    from cirbench.checkpoints import load_checkpoint
+
+    corpus = make_corpus(tmp_path / "c")
+    out = tmp_path / "run"
+    runner = CliRunner()
+    assert runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "2")).exit_code == 0
+    old_config = (out / "config.json").read_bytes()
+    assert runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "3")).exit_code == 0
+    (out / "config.json").write_bytes(old_config)  # as if stopped after the weights' rename
+    with pytest.warns(UserWarning, match="config.json is not the record of these weights") as said:
+        tensors, config = load_checkpoint(out, "slerp-tat")
+    assert len(said) == 1 and config["step"] == 3 and config["train"]["max_steps"] == 3
+    save_file(tensors, str(out / "model.safetensors"), metadata={"method": "slerp-tat"})  # an older cirbench's
+    _, config = load_checkpoint(out, "slerp-tat")
+    assert config["step"] == 2  # no record in the weights: config.json is all there is
+
+
 def test_resume_refuses_other_settings_and_allows_a_longer_run(tmp_path, tiny_config):
     corpus = make_corpus(tmp_path / "c")
     out = tmp_path / "run"
