@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import CirbenchError, from_reader_process, out_of_memory, reader_process_origin
+from .types import PREPROCESS_KINDS
 from .util import MAX_REPLICATES, MAX_WORKERS, SEED_MAX
 
 EPILOG_RUN = """\b
@@ -194,8 +195,9 @@ def cli() -> None:
 @click.option("--split", "-s", default=None, help="Split (default: the dataset's default split).")
 @click.option("--backbone", default=None, help="open_clip model name or config JSON (default: dataset's or method's).")
 @click.option("--pretrained", default=None, help="open_clip pretrained tag, weights file, 'bundled' or 'none'.")
-@click.option("--preprocess", type=click.Choice(["targetpad", "clip"]), default=None,
-              help="Image preprocessing (default: the method's official choice).")
+@click.option("--preprocess", type=click.Choice(PREPROCESS_KINDS), default=None,
+              help="Image preprocessing (default: the method's official choice): targetpad (SEARLE's), clip (the "
+                   "backbone's own, as CLIP/open_clip), hf-clip (transformers' CLIPImageProcessor, as LinCIR).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default="fp32", show_default=True,
               help="fp32 is what the official evaluators run (and reproduces the papers); bf16/fp16 cast the weights "
                    "once and are faster on GPUs (agreement with fp32: see README). auto = fp32.")

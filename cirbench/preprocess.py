@@ -1,10 +1,19 @@
-"""Image preprocessing equal to the official pipelines: ``targetpad`` (SEARLE, FTI4CIR) and ``clip`` (the
-backbone's own, as CLIP's ``_transform`` and open_clip's ``image_transform`` compose it).
+"""Image preprocessing equal to the official pipelines: ``targetpad`` (SEARLE, FTI4CIR), ``clip`` (the
+backbone's own, as CLIP's ``_transform`` and open_clip's ``image_transform`` compose it) and ``hf-clip``
+(transformers' ``CLIPImageProcessor``, which LinCIR's evaluation uses).
 
-The official pipelines are PIL pipelines composed with torchvision transforms::
+The official pipelines are PIL pipelines composed with torchvision transforms, or transformers' own::
 
     targetpad:  TargetPad(1.25) -> Resize(224, BICUBIC) -> CenterCrop(224) -> convert("RGB") -> ToTensor -> Normalize
     clip:                          Resize(224, BICUBIC) -> CenterCrop(224) -> convert("RGB") -> ToTensor -> Normalize
+    hf-clip:    convert("RGB") ->  resize(224, BICUBIC) -> center_crop(224) -> rescale(1/255)  -> normalize
+
+``hf-clip`` differs from ``clip`` in two places only: the RGB conversion comes first (a palette image is then
+resized bicubically, not with the nearest neighbour PIL forces on palette images), and the crop offsets are
+floored, ``(side - size) // 2``, where torchvision rounds them (one pixel apart for a 640x427 COCO image). Its
+resize is PIL's very resize, and its rescale and normalisation give torchvision's float32 values. It follows
+the ``CLIPImageProcessor`` of LinCIR's time (transformers 4.36: a plain ``convert("RGB")``); transformers 5
+composites transparent images onto white before converting.
 
 cirbench reproduces them in two ways that give the same bytes:
 
@@ -30,7 +39,8 @@ Given the same decoded pixels, both produce identical uint8 values, and :meth:`P
 applies ``ToTensor`` and ``Normalize`` with the same float32 operations as torchvision.
 
 Resize geometry follows torchvision: the short side becomes ``size`` and the long side
-``int(size * long / short)`` (floored); the crop offsets are ``int(round((side - size) / 2))``.
+``int(size * long / short)`` (floored); the crop offsets are ``int(round((side - size) / 2))`` (``hf-clip``:
+``(side - size) // 2``).
 """
 
 from __future__ import annotations
@@ -45,8 +55,8 @@ import numpy as np
 import torch
 
 from .errors import ImageError, UnknownNameError
+from .types import PREPROCESS_KINDS
 
-PREPROCESS_KINDS = ("targetpad", "clip")
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "squash")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -279,9 +289,11 @@ class Preprocessor:
             raise UnknownNameError("resize mode", self.resize_mode, RESIZE_MODES)
 
     def identity(self) -> dict:
+        hf = self.kind == "hf-clip"
         ident = {"kind": self.kind, "size": self.size, "mean": list(self.mean), "std": list(self.std),
                  "interpolation": f"pil-{self.interpolation}", "resize": self.resize_mode,
-                 "long_side": "floor", "crop": "center", "rgb": "after-crop"}
+                 "long_side": "floor", "crop": "center-floor" if hf else "center",
+                 "rgb": "first" if hf else "after-crop"}
         if self.kind == "targetpad":
             ident["ratio"] = self.ratio
         return ident
@@ -305,7 +317,10 @@ class Preprocessor:
         if rw * rh > self.max_pixels:
             raise ImageError(f"image of {width}x{height} pixels would be resized to {rw}x{rh}, over the pixel "
                              f"limit of {self.max_pixels:,} (--max-image-pixels)")
-        crop = (int(round((rw - self.size) / 2.0)), int(round((rh - self.size) / 2.0)))
+        if self.kind == "hf-clip":  # transformers' center_crop floors the offsets
+            crop = ((rw - self.size) // 2, (rh - self.size) // 2)
+        else:  # torchvision's CenterCrop rounds them
+            crop = (int(round((rw - self.size) / 2.0)), int(round((rh - self.size) / 2.0)))
         return Plan(width, height, pad, (rw, rh), crop)
 
     # -- the official per-image path (PIL) ---------------------------------------------------------------
@@ -315,12 +330,14 @@ class Preprocessor:
         from torchvision.transforms import InterpolationMode
 
         plan = self.plan(*image.size)
+        if self.kind == "hf-clip":
+            image = image.convert("RGB")
         if any(plan.pad):
             image = TF.pad(image, list(plan.pad), 0, "constant")
         mode = InterpolationMode.BICUBIC if self.interpolation == "bicubic" else InterpolationMode.BILINEAR
         target = [self.size, self.size] if self.resize_mode == "squash" else self.size
         image = TF.resize(image, target, interpolation=mode)
-        image = TF.center_crop(image, [self.size, self.size])
+        image = TF.crop(image, plan.crop[1], plan.crop[0], self.size, self.size)
         rgb = np.asarray(image.convert("RGB"))
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 

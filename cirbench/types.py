@@ -19,6 +19,9 @@ from typing import Any
 
 from .errors import CirbenchError, PluginError
 
+# image preprocessing recipes (cirbench.preprocess reproduces each one): named here, without torch, for the CLI
+PREPROCESS_KINDS = ("targetpad", "clip", "hf-clip")
+
 
 def option_flag(name: str) -> str:
     """How an option named ``name`` (``lora_rank``) is spelled on the command line (``--lora-rank``)."""
@@ -117,9 +120,9 @@ class MethodSpec:
 
     ``factory`` builds a :class:`cirbench.method.Method` with ``factory(backbone, options, dataset)``.
     ``default_backbone`` is an ``(open_clip model name, pretrained tag)`` pair used when neither the run
-    nor the dataset names one. ``default_preprocess`` is the method's official image preprocessing
-    (``"targetpad"`` or ``"clip"``). ``trainer``, when set, is a lazy factory of the method's trainer,
-    which ``cirbench train --method NAME`` runs through the shared training loop.
+    nor the dataset names one. ``default_preprocess`` is the method's official image preprocessing (one of
+    ``PREPROCESS_KINDS``: ``"targetpad"``, ``"clip"``, ``"hf-clip"``). ``trainer``, when set, is a lazy factory
+    of the method's trainer, which ``cirbench train --method NAME`` runs through the shared training loop.
     """
 
     name: str
@@ -135,7 +138,7 @@ class MethodSpec:
     def validate(self, plugin: str = "") -> None:
         """Refuse a malformed spec (bad name, duplicate or reserved option names) with a PluginError."""
         _validate_common("method", self.name, self.options, plugin)
-        if self.default_preprocess not in ("targetpad", "clip"):
+        if self.default_preprocess not in PREPROCESS_KINDS:
             raise PluginError(f"plugin '{plugin}': method '{self.name}' has an unknown default_preprocess "
                               f"{self.default_preprocess!r}")
 

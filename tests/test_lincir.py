@@ -211,6 +211,29 @@ def test_language_only_training_lowers_the_loss_and_loads_back(tiny_config, tmp_
     assert res.exit_code == 0, res.output
 
 
+def test_lincir_runs_with_its_own_preprocessing(tiny_config, tmp_path, toy_root):
+    """By default LinCIR's images go through its own preprocessing (transformers' CLIPImageProcessor, ``hf-clip``),
+    recorded in the result and kept apart from other recipes in the feature cache."""
+    from helpers import registered
+    from toy_plugin import ToyPlugin
+
+    corpus = _captions(tmp_path / "captions.txt")
+    assert _train(tiny_config, corpus, tmp_path / "phi", "--keywords", "random", "--max-steps", "2").exit_code == 0
+    common = ["--method", "lincir", "--checkpoint", str(tmp_path / "phi"), "--dataset", "toy", "--split", "val",
+              "--backbone", str(tiny_config), "--pretrained", "none", "--data-root", str(toy_root), "--workers", "0",
+              "--cache-dir", str(tmp_path / "cache"), "--quiet", "--no-leaderboard"]
+    runner = CliRunner()
+    with registered(ToyPlugin(), "toy"):
+        for kind, out in ((None, "own"), ("clip", "clip")):
+            extra = ["--preprocess", kind] if kind else []
+            res = runner.invoke(cli, ["run", *common, "--output", str(tmp_path / out), *extra])
+            assert res.exit_code == 0, res.output
+    own, clip = (json.loads(next((tmp_path / out / "toy" / "val").glob("lincir*.json")).read_text())
+                 for out in ("own", "clip"))
+    assert own["preprocess"]["kind"] == "hf-clip" and own["preprocess"]["crop"] == "center-floor"
+    assert clip["preprocess"]["kind"] == "clip" and clip["cache"]["misses"] == own["cache"]["misses"] > 0
+
+
 def test_training_input_errors_are_one_line(tiny_config, tmp_path):
     corpus = _captions(tmp_path / "captions.txt")
     res = _train(tiny_config, corpus, tmp_path / "a", "--keywords", "column", "--max-steps", "1")

@@ -1,7 +1,9 @@
 """Parity with the official code, as tested properties.
 
 The oracles below are transcriptions of the official compositions (SEARLE ``data_utils.targetpad_transform``
-with its ``TargetPad``, and CLIP's ``_transform``), built from torchvision and PIL exactly as those files do.
+with its ``TargetPad``, and CLIP's ``_transform``), built from torchvision and PIL exactly as those files do,
+and of transformers 4.36's ``CLIPImageProcessor.preprocess`` as LinCIR's ``models.build_text_encoder`` builds it
+(numpy and PIL, as ``image_transforms`` does).
 """
 
 from __future__ import annotations
@@ -46,6 +48,24 @@ def official_targetpad_transform(target_ratio, dim):
 def official_clip_transform(n_px):
     return Compose([Resize(n_px, interpolation=InterpolationMode.BICUBIC), CenterCrop(n_px), _convert_image_to_rgb,
                     ToTensor(), Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def official_hf_clip_processor(image, size=224, crop=224):
+    """transformers 4.36 ``CLIPImageProcessor(size={'shortest_edge': 224}, crop_size=224x224, resample=3,
+    do_convert_rgb=True, ...)`` on one PIL image: ``convert_to_rgb`` (a plain ``convert("RGB")``),
+    ``get_resize_output_image_size`` + PIL ``resize``, ``center_crop`` (floored offsets), ``rescale`` (float64
+    product, cast to float32) and ``normalize`` (float32), channels last until the end."""
+    image = image.convert("RGB")
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_h, new_w = (new_long, new_short) if w <= h else (new_short, new_long)
+    arr = np.array(image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC, reducing_gap=None))
+    top, left = (new_h - crop) // 2, (new_w - crop) // 2
+    arr = arr[top : top + crop, left : left + crop]
+    arr = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
+    arr = (arr - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 # -- real-sized images of each mode -----------------------------------------------------------------------
@@ -103,6 +123,35 @@ def test_preprocessing_equals_the_official_pipelines(real_images, kind, path):
     # integer resampling exactly and libjpeg-turbo decodes JPEGs identically on the CPU
     assert float(diff.max()) == 0.0, {r.id: float(d.max()) for r, d in zip(real_images, diff, strict=True)
                                       if float(d.max()) > 0}
+
+
+@pytest.mark.parametrize("path", ["workers", "batched"])
+def test_hf_clip_preprocessing_equals_the_transformers_processor_lincir_uses(real_images, path):
+    expected = torch.stack([official_hf_clip_processor(Image.open(r.path)) for r in real_images])
+    got = _ours(real_images, "hf-clip", path)
+    diff = (got - expected).abs()
+    assert float(diff.max()) == 0.0, {r.id: float(d.max()) for r, d in zip(real_images, diff, strict=True)
+                                      if float(d.max()) > 0}
+    # and it is a recipe of its own: the floored crop moves a 640x427 image by one pixel, and palette images are
+    # resized after their conversion to RGB
+    clip = _ours(real_images, "clip", path)
+    moved = {r.id for r, a, b in zip(real_images, got, clip, strict=True) if not torch.equal(a, b)}
+    assert {"RGB-jpg-640x427", "RGB-png-1024x683", "P-png-500x375"} <= moved and "RGB-jpg-640x480" not in moved
+
+
+def test_the_installed_transformers_processor_agrees(real_images):
+    """The same against the installed transformers' own CLIP processor (its PIL backend). transformers 5
+    composites transparent images onto white before converting them, so the images with alpha are left out."""
+    import transformers
+
+    processor_class = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    processor = processor_class(crop_size={"height": 224, "width": 224}, do_center_crop=True, do_convert_rgb=True,
+                                do_normalize=True, do_rescale=True, do_resize=True, image_mean=list(CLIP_MEAN),
+                                image_std=list(CLIP_STD), resample=3, size={"shortest_edge": 224})
+    opaque = [r for r in real_images if not r.id.startswith(("RGBA", "LA"))]
+    expected = torch.stack([torch.as_tensor(np.asarray(processor(Image.open(r.path))["pixel_values"][0]))
+                            for r in opaque])
+    assert torch.equal(_ours(opaque, "hf-clip", "workers"), expected)
 
 
 def _skip_without_torchcodec() -> None:
@@ -245,7 +294,7 @@ def _decoded_rgb(refs):
     return [decode_image(str(r.path), mode=ImageReadMode.RGB) for r in refs if r.id.startswith(("RGB-jpg", "L-jpg"))]
 
 
-@pytest.mark.parametrize("kind", ["targetpad", "clip"])
+@pytest.mark.parametrize("kind", ["targetpad", "clip", "hf-clip"])
 @pytest.mark.parametrize("products", ["digits-float32", "digits-bf16", "digits-float64"])
 def test_every_product_layout_gives_pils_pixels(real_images, kind, products, monkeypatch):
     import cirbench.preprocess as P

@@ -1,7 +1,7 @@
 """Built-in plugin: LinCIR (language-only training of zero-shot CIR, navervision/lincir, CVPR 2024).
 
 Evaluation is the SEARLE protocol ("a photo of $ that {caption}", FashionIQ forward/reverse averaged) with a
-SEARLE-shaped Phi and plain CLIP preprocessing. Weights: a ``cirbench train --method lincir`` folder, a
+SEARLE-shaped Phi and LinCIR's own preprocessing, transformers' ``CLIPImageProcessor`` (``hf-clip``). Weights: a ``cirbench train --method lincir`` folder, a
 LinCIR ``.pt`` (dict with ``Phi``), or, by default on ViT-L/14 (OpenAI), the authors' *demo* weights from the
 Hugging Face hub (``navervision/zeroshot-cir-models``, ``lincir_large.pt``). The paper's own weights were not
 released: results from the demo weights are labelled ``lincir+demo-weights``.
@@ -25,7 +25,7 @@ def register_methods(register):
                             "'Phi'); default: the authors' demo weights for ViT-L-14/openai from the HF hub.",
                             "path", None),),
         default_backbone=("ViT-L-14", "openai"),
-        default_preprocess="clip",
+        default_preprocess="hf-clip",  # models.build_text_encoder: CLIPImageProcessor, used by validate.py
         trainer="cirbench.methods.lincir.model:LinCIRTrainable",
         train_options=(
             OptionSpec("keywords", "How keywords to mask are found: 'spacy' (the official rule: runs of NOUN, "
