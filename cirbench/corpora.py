@@ -15,6 +15,10 @@ Language-only methods (LinCIR) open a corpus with ``images=False``: images are t
 read, a CSV/TSV needs only its caption column, a ``.txt`` file is one caption per line, a folder's ``.txt``
 files are one caption each, and shards only need their captions; batches carry empty ``pixels``.
 
+Images go through the method's training preprocessing: its evaluation recipe, or a random augmentation
+(:class:`~cirbench.preprocess.RandomResizedCrop`) whose draw for each sample is named by the epoch the training
+loop sets (``corpus.epoch``) and the sample's place in the corpus (row index; shard url and key).
+
 Unreadable samples (missing or corrupt image, empty caption) are skipped and counted: collated batches
 carry ``skipped``, and the training loop reports the total. A shard that cannot be read (not a tar file, cut
 short) is skipped from where it breaks and named: batches carry ``unreadable_shards`` ((path, reason) pairs), which
@@ -34,8 +38,8 @@ from typing import Any
 import torch
 
 from .errors import CirbenchError, ImageError
-from .images import decode_bytes, tensor_decoder
-from .preprocess import Preprocessor
+from .images import decode_bytes, open_pil, tensor_decoder
+from .preprocess import Preprocessor, RandomResizedCrop
 from .util import json_loads
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -79,8 +83,11 @@ def collate(samples: list[dict[str, Any] | None]) -> Batch | None:
 NO_PIXELS = torch.empty(0)
 
 
-def _sample(image_bytes: bytes | None, caption: Any, name: str, images: bool, preprocessor: Preprocessor | None,
-            extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def _sample(image_bytes: bytes | None, caption: Any, name: str, images: bool,
+            preprocessor: Preprocessor | RandomResizedCrop | None, extra: dict[str, Any] | None = None,
+            key: str = "") -> dict[str, Any] | None:
+    """One training sample, or ``None`` when it is unusable; ``key`` names the sample's draw of a random
+    augmentation (its epoch and place in the corpus)."""
     if not isinstance(caption, str) or not caption.strip():
         return None
     if not images:  # language-only training
@@ -90,7 +97,10 @@ def _sample(image_bytes: bytes | None, caption: Any, name: str, images: bool, pr
     if image_bytes is None:
         return None
     try:  # an image over the pixel limit is refused from its header, before anything is decoded
-        pixels = preprocessor(decode_bytes(image_bytes, name, preprocessor.max_pixels))
+        if isinstance(preprocessor, RandomResizedCrop):  # a training augmentation runs on PIL, as officially
+            pixels = preprocessor(open_pil(image_bytes, name, preprocessor.max_pixels), key)
+        else:
+            pixels = preprocessor(decode_bytes(image_bytes, name, preprocessor.max_pixels))
     except ImageError:
         return None
     return {"pixels": pixels, "caption": caption.strip(), "extra": extra or {}}
@@ -100,11 +110,12 @@ class PairsCorpus(torch.utils.data.Dataset):
     """A map-style corpus of (image path, caption, extra) rows; bad rows come back as ``None``."""
 
     def __init__(self, rows: list[tuple[Path | None, str, dict[str, Any]]], source: str, images: bool,
-                 preprocessor: Preprocessor | None):
+                 preprocessor: Preprocessor | RandomResizedCrop | None):
         self.rows = rows
         self.source = source
         self.images = images
         self.preprocessor = preprocessor
+        self.epoch = 0  # set by the training loop: part of each sample's augmentation draw
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -117,7 +128,7 @@ class PairsCorpus(torch.utils.data.Dataset):
             data = Path(path).read_bytes()
         except OSError:
             return None
-        return _sample(data, caption, str(path), self.images, self.preprocessor, extra)
+        return _sample(data, caption, str(path), self.images, self.preprocessor, extra, f"{self.epoch}:{index}")
 
 
 def _read_table(path: Path, images: bool = True) -> list[tuple[Path | None, str, dict[str, Any]]]:
@@ -154,13 +165,14 @@ def _read_folder(folder: Path) -> list[tuple[Path, str, dict[str, Any]]]:
 class ShardCorpus(torch.utils.data.IterableDataset):
     """webdataset tar shards, split across ranks and DataLoader workers by webdataset."""
 
-    def __init__(self, urls: list[str], source: str, images: bool, preprocessor: Preprocessor | None,
-                 skip: int = 0):
+    def __init__(self, urls: list[str], source: str, images: bool,
+                 preprocessor: Preprocessor | RandomResizedCrop | None, skip: int = 0):
         self.urls = urls
         self.source = source
         self.images = images
         self.preprocessor = preprocessor
         self.skip = skip  # samples to skip at the start (resume); approximate across workers
+        self.epoch = 0  # set by the training loop: part of each sample's augmentation draw
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         import webdataset as wds
@@ -193,7 +205,9 @@ class ShardCorpus(torch.utils.data.IterableDataset):
                     caption = None
             if isinstance(caption, bytes):
                 caption = caption.decode("utf-8", errors="replace")
-            yield _sample(image, caption, raw.get("__key__", "?"), self.images, self.preprocessor)
+            key = raw.get("__key__", "?")
+            yield _sample(image, caption, key, self.images, self.preprocessor, None,
+                          f"{self.epoch}:{raw.get('__url__', '')}:{key}")
         while broken:
             yield {UNREADABLE_SHARD: broken.pop(0)}
 

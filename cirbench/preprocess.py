@@ -448,6 +448,52 @@ class Preprocessor:
         return torch.from_numpy(first), torch.from_numpy(coef)
 
 
+@dataclass(frozen=True)
+class RandomResizedCrop:
+    """The training-time transform of CLIP-style training code (Pic2Word's ``_transform(is_train=True)``, as
+    open_clip's): torchvision's ``RandomResizedCrop(size, scale, ratio=(3/4, 4/3), BICUBIC)`` on the PIL image,
+    then ``convert("RGB")``, ``ToTensor`` and ``Normalize`` with ``base``'s size, mean and std.
+
+    Where the official code draws each crop from the DataLoader worker's global random state, each sample's crop
+    here comes from that same torchvision code run under a seed made from ``seed`` and the sample's ``key`` (its
+    epoch and place in the corpus): the crops then depend neither on the number of readers or ranks nor on
+    whether the run was stopped and resumed, while every epoch and every sample draws its own."""
+
+    base: Preprocessor
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    seed: int = 0
+
+    @property
+    def max_pixels(self) -> int:
+        return self.base.max_pixels
+
+    def identity(self) -> dict:
+        return {"kind": "random-resized-crop", "size": self.base.size, "scale": list(self.scale),
+                "ratio": list(self.ratio), "mean": list(self.base.mean), "std": list(self.base.std),
+                "interpolation": "pil-bicubic", "rgb": "after-crop", "seed": self.seed}
+
+    def sample_seed(self, key: str) -> int:
+        import hashlib
+
+        digest = hashlib.sha256(f"{self.seed}\0{key}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+    def __call__(self, image, key: str) -> torch.Tensor:
+        """The normalised float32 ``[3, size, size]`` tensor of a PIL ``image``, cropped as ``key`` draws."""
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import RandomResizedCrop as Crop
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.sample_seed(key))
+            top, left, height, width = Crop.get_params(image, list(self.scale), list(self.ratio))
+        size = self.base.size
+        image = TF.resized_crop(image, top, left, height, width, [size, size], InterpolationMode.BICUBIC)
+        rgb = np.asarray(image.convert("RGB"))
+        return self.base.normalize(torch.from_numpy(rgb.copy()).permute(2, 0, 1))
+
+
 @lru_cache(maxsize=64)
 def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """``values`` as a float32 ``[C, 1, 1]`` tensor on ``device``, made once: building it from a list for every

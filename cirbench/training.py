@@ -41,6 +41,7 @@ from .backbones import Backbone, autocast_context
 from .checkpoints import load_checkpoint, save_checkpoint
 from .corpora import Batch, PairsCorpus, ShardCorpus, collate, open_corpus
 from .errors import CheckpointError, CirbenchError
+from .preprocess import Preprocessor, RandomResizedCrop
 from .train_state import load_train_state, rng_state, save_train_state
 from .util import atomic_write_bytes, json_loads, partial_folder, recover_folder, replace_folder
 
@@ -120,6 +121,12 @@ class TrainableMethod:
     def checkpoint_config(self) -> dict[str, Any]:
         """Method-specific facts for ``config.json`` (architecture sizes, prompts, ...)."""
         return {}
+
+    def train_preprocessor(self, seed: int) -> Preprocessor | RandomResizedCrop:
+        """How training images are preprocessed: by default as at evaluation (``preprocess_kind``); a method
+        whose official training augments its images returns that transform (e.g. :class:`RandomResizedCrop`,
+        drawn from ``seed``)."""
+        return self.backbone.preprocessor(self.preprocess_kind)
 
 
 class NetTrainable(TrainableMethod):
@@ -268,7 +275,7 @@ def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardC
     else:
         corpus = open_corpus(corpus, images=trainable.needs_images)
     if corpus.images:
-        corpus.preprocessor = trainable.backbone.preprocessor(trainable.preprocess_kind)
+        corpus.preprocessor = trainable.train_preprocessor(cfg.seed)
     map_style = hasattr(corpus, "__len__")
     steps_per_epoch = (len(corpus) // world) // (per_step * cfg.accum_steps) if map_style else None
     if map_style and steps_per_epoch == 0:
@@ -405,6 +412,8 @@ class _Trainer:
                   "optimizer": {"betas": list(t.adam_betas), "eps": t.adam_eps},
                   "step": self.state.step, "skipped_samples": self.state.skipped,
                   "unreadable_shards": self.state.unreadable_shards, **t.checkpoint_config()}
+        if self.corpus.images:
+            config["train_preprocess"] = self.corpus.preprocessor.identity()
         if final:
             save_checkpoint(folder, t.state_to_save(), config)
             return
@@ -545,6 +554,7 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
     # the loader's own generator: creating an iterator must not draw from the global RNG (dropout), or a
     # resumed run would diverge from an uninterrupted one
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 104729 + rank)
+    corpus.epoch = epoch  # each epoch draws its own augmentation (RandomResizedCrop)
     if map_style:
         sampler = EpochSampler(len(corpus), cfg.seed, rank, world, per_step)
         sampler.set_position(epoch, done)

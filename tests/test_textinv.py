@@ -100,6 +100,77 @@ def test_pic2word_trains_and_mismatch_is_one_line(tmp_path, tiny_config):
         Pic2Word(load_backbone(str(tiny_config), "none", device="cpu"), {"checkpoint": bad}, "cirr")
 
 
+def official_pic2word_train_transform(n_px=224):
+    """Pic2Word's ``model/clip.py`` ``_transform(n_px, is_train=True)``, transcribed."""
+    from torchvision.transforms import Compose, InterpolationMode, Normalize, RandomResizedCrop, ToTensor
+
+    from cirbench.preprocess import CLIP_MEAN, CLIP_STD
+
+    return Compose([RandomResizedCrop(n_px, scale=(0.9, 1.0), interpolation=InterpolationMode.BICUBIC),
+                    lambda image: image.convert("RGB"), ToTensor(), Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def test_pic2word_training_crops_are_the_official_transform_drawn_per_sample(tmp_path):
+    """Each sample's crop is torchvision's RandomResizedCrop as Pic2Word's training transform composes it, drawn
+    under a seed of its own: the same (seed, epoch, sample) gives the same crop, another epoch or sample another,
+    and the global random state (dropout's) is left as it was."""
+    from PIL import Image
+    from test_parity import MODES, _make
+
+    from cirbench.preprocess import Preprocessor, RandomResizedCrop
+
+    aug = RandomResizedCrop(Preprocessor("clip", 224), scale=(0.9, 1.0), seed=3)
+    official = official_pic2word_train_transform()
+    varied = []
+    for i, (mode, (w, h)) in enumerate(zip(MODES, [(640, 427), (500, 375), (480, 640), (1024, 683), (612, 612),
+                                                    (375, 500), (800, 533)], strict=True)):
+        image = Image.open(_make(tmp_path / f"{i}.{mode.split('-')[1]}", w, h, mode, i))
+        torch.manual_seed(aug.sample_seed(f"0:{i}"))
+        expected = official(image)
+        state = torch.get_rng_state()
+        assert torch.equal(aug(image, f"0:{i}"), expected), mode
+        assert torch.equal(torch.get_rng_state(), state)
+        assert torch.equal(aug(image, f"0:{i}"), expected)
+        varied.append(not torch.equal(aug(image, f"1:{i}"), expected)  # the next epoch
+                      and not torch.equal(aug(image, f"0:{i + 100}"), expected))  # another row of the same image
+    # not every image: many draws end in RandomResizedCrop's fallback, one centre crop whatever was drawn (with a
+    # scale of at least 0.9 and a ratio of at most 4:3 few boxes fit a 3:2 image), as in the official training
+    assert sum(varied) >= 3, varied
+
+
+def test_pic2word_augmented_training_does_not_depend_on_readers_or_resuming(tmp_path, tiny_config):
+    from test_parity import _make
+    from test_training import make_corpus
+
+    corpus = make_corpus(tmp_path / "c")
+    for i, image in enumerate(sorted((tmp_path / "c" / "img").glob("*.png"))):  # textured, so that crops differ
+        _make(image, 40 + i % 7, 36, "RGB-png", i)
+    common = ["--backbone", str(tiny_config), "--pretrained", "none", "--quiet", "--batch-size", "8",
+              "--warmup-steps", "0", "--lr", "1e-3", "--schedule", "constant", "--middle-dim", "16", "--dropout", "0"]
+    runner = CliRunner()
+
+    def train(out, *extra):
+        res = runner.invoke(cli, ["train", "--method", "pic2word", "--corpus", str(corpus), "--output",
+                                  str(tmp_path / out), *common, *extra])
+        assert res.exit_code == 0, res.output
+        return load_file(str(tmp_path / out / "model.safetensors"))
+
+    from safetensors.torch import load_file
+
+    straight = train("straight", "--max-steps", "6", "--workers", "0")  # 4 steps an epoch: two epochs
+    readers = train("readers", "--max-steps", "6", "--workers", "2")
+    train("resumed", "--max-steps", "3", "--workers", "0")
+    resumed = train("resumed", "--max-steps", "6", "--workers", "2")
+    plain = train("plain", "--max-steps", "6", "--workers", "0", "--augment", "none")
+    for other in (readers, resumed):
+        assert all(torch.allclose(straight[k], other[k], atol=1e-6) for k in straight)
+    assert not all(torch.allclose(straight[k], plain[k], atol=1e-6) for k in straight)
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert config["train_preprocess"]["kind"] == "random-resized-crop" and config["train_preprocess"]["scale"] == [
+        0.9, 1.0]
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["train_preprocess"]["kind"] == "clip"
+
+
 # -- SEARLE ---------------------------------------------------------------------------------------------
 def test_searle_official_weights_file_and_fashioniq_averaging(tmp_path, backbone):
     from cirbench.methods._shared.textinv import Phi

@@ -22,5 +22,9 @@ def register_methods(register):
         trainer="cirbench.methods.pic2word.model:Pic2WordTrainable",
         train_options=(OptionSpec("middle_dim", "Hidden width of the mapping network.", "int", 512, minimum=1,
                                   maximum=65_536),
-                       OptionSpec("dropout", "Dropout of the mapping network.", "float", 0.1, minimum=0.0, maximum=1.0)),
+                       OptionSpec("dropout", "Dropout of the mapping network.", "float", 0.1, minimum=0.0, maximum=1.0),
+                       OptionSpec("augment", "Training images: 'random-resized-crop' (the official training transform: "
+                                  "RandomResizedCrop(scale 0.9-1.0, bicubic) then RGB) or 'none' (the evaluation "
+                                  "preprocessing).", "str", "random-resized-crop",
+                                  choices=("random-resized-crop", "none"))),
     ))

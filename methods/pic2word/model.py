@@ -19,6 +19,7 @@ from cirbench.methods._shared.textinv import (
     raw_image_features,
     token_width,
 )
+from cirbench.preprocess import RandomResizedCrop
 from cirbench.safe_unpickle import load_state_dict
 from cirbench.training import NetTrainable, contrastive_loss
 from cirbench.types import Query
@@ -125,3 +126,10 @@ class Pic2WordTrainable(NetTrainable):
 
     def checkpoint_config(self):
         return {"architecture": {"middle_dim": self.options.get("middle_dim"), "token_width": token_width(self.backbone)}}
+
+    def train_preprocessor(self, seed):
+        # the official training images go through model/clip.py's _transform(is_train=True)
+        base = super().train_preprocessor(seed)
+        if self.options.get("augment", "random-resized-crop") == "none":
+            return base
+        return RandomResizedCrop(base, scale=(0.9, 1.0), seed=seed)
