@@ -11,6 +11,7 @@ import zipfile
 
 import pytest
 import torch
+from annotations import ANNOTATIONS, needs_annotations
 from click.testing import CliRunner
 
 from cirbench.backbones import load_backbone
@@ -212,6 +213,23 @@ def test_searle_without_weights_offline_is_a_clear_error(backbone, monkeypatch, 
 
 
 # -- FTI4CIR ----------------------------------------------------------------------------------------------
+@needs_annotations
+def test_fti4cir_fashioniq_captions_are_the_official_strings():
+    """FTI4CIR's evaluate.py joins the two captions forward (the first through ``str.capitalize``) and reversed;
+    on the real FashionIQ captions (136 of them hold capitals past their first letter) the strings are equal."""
+    from cirbench.methods.fti4cir.model import caption_variants_fti4cir
+
+    def official(c1, c2):  # transcribed from FTI4CIR src/evaluate.py
+        return [f"{c1.strip('.?, ').capitalize()} and {c2.strip('.?, ')}",
+                f"{c2.strip('.?, ')} and {c1.strip('.?, ')}"]
+
+    records = [r for f in sorted((ANNOTATIONS / "fashioniq" / "captions").glob("cap.*.val.json"))
+               for r in json.loads(f.read_text())]
+    assert len(records) == 6016
+    for r in records:
+        assert caption_variants_fti4cir(tuple(r["captions"])) == official(*r["captions"]), r["captions"]
+
+
 def test_fti4cir_forward_shapes_and_token_bounds(backbone):
     from cirbench.methods.fti4cir.model import build_net, pseudo_words
 

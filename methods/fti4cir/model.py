@@ -166,11 +166,12 @@ def inference_prompt(count: int, caption: str) -> str:
 
 
 def caption_variants_fti4cir(texts: tuple[str, ...]) -> list[str]:
-    """One caption as is; FashionIQ: SEARLE's forward/reverse with the forward first caption capitalised."""
+    """One caption as is; FashionIQ: SEARLE's forward/reverse with the forward first caption through Python's
+    ``str.capitalize`` (which also lowercases the rest of it), as FTI4CIR's ``evaluate.py`` writes it."""
     if len(texts) == 1:
         return [texts[0]]
     c1, c2 = (t.strip(".?, ") for t in texts[:2])
-    return [f"{c1[:1].upper() + c1[1:]} and {c2}", f"{c2} and {c1}"]
+    return [f"{c1.capitalize()} and {c2}", f"{c2} and {c1}"]
 
 
 def load_weights(path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
