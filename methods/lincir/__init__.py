@@ -1,10 +1,11 @@
 """Built-in plugin: LinCIR (language-only training of zero-shot CIR, navervision/lincir, CVPR 2024).
 
 Evaluation is the SEARLE protocol ("a photo of $ that {caption}", FashionIQ forward/reverse averaged) with a
-SEARLE-shaped Phi and LinCIR's own preprocessing, transformers' ``CLIPImageProcessor`` (``hf-clip``). Weights: a ``cirbench train --method lincir`` folder, a
-LinCIR ``.pt`` (dict with ``Phi``), or, by default on ViT-L/14 (OpenAI), the authors' *demo* weights from the
-Hugging Face hub (``navervision/zeroshot-cir-models``, ``lincir_large.pt``). The paper's own weights were not
-released: results from the demo weights are labelled ``lincir+demo-weights``.
+SEARLE-shaped Phi and LinCIR's own preprocessing, transformers' ``CLIPImageProcessor`` (``hf-clip``).
+Weights: a ``cirbench train --method lincir`` folder, a LinCIR ``.pt`` (dict with ``Phi``), or, by default on
+ViT-L/14 (OpenAI), the authors' *demo* weights from the Hugging Face hub (``navervision/zeroshot-cir-models``,
+``lincir_large.pt``). The paper's own weights were not released: results from the demo weights are labelled
+``lincir+demo-weights``.
 
 Training is language-only: ``cirbench train --method lincir --corpus captions.txt`` masks the keywords of each
 caption with ``$`` and teaches Phi to map the caption's (noised) text embedding to the pseudo-word that makes

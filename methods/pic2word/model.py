@@ -125,7 +125,8 @@ class Pic2WordTrainable(NetTrainable):
         return contrastive_loss(image, text, temperature), {}
 
     def checkpoint_config(self):
-        return {"architecture": {"middle_dim": self.options.get("middle_dim"), "token_width": token_width(self.backbone)}}
+        return {"architecture": {"middle_dim": self.options.get("middle_dim"),
+                                 "token_width": token_width(self.backbone)}}
 
     def train_preprocessor(self, seed):
         # the official training images go through model/clip.py's _transform(is_train=True)
