@@ -31,6 +31,20 @@ def _run(n: int, tmp_path: Path, cache: Path | None = None) -> tuple[dict, list,
     return json.loads(result.read_text()), preds, cache, proc.stderr
 
 
+def _torchrun_script(script: Path, *args: str, env: dict | None = None, succeeds: bool = True
+                     ) -> tuple[subprocess.CompletedProcess, list]:
+    """Run ``script`` as 2 torchrun processes; also return the JSON objects the ranks printed, in rank order (their
+    lines may interleave). ``succeeds``: check that both ranks finished and printed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), *args], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    rows = sorted((json.loads(m) for m in re.findall(r"\{[^{}]*\}", proc.stdout)), key=lambda row: row["rank"])
+    if succeeds:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert [row["rank"] for row in rows] == [0, 1], proc.stdout
+    return proc, rows
+
+
 def test_two_ranks_match_one(tmp_path):
     two, preds2, cache2, _ = _run(2, tmp_path)  # first: both ranks meet a cold cache and generate `shapes` at once
     one, preds1, cache1, _ = _run(1, tmp_path)
@@ -64,12 +78,7 @@ def test_a_rank_with_nothing_to_encode_joins_the_gather(tmp_path):
         "out = d.gather_sharded_rows(local, 1)\n"
         "print(json.dumps({'rank': d.rank(), 'shape': list(out.shape), 'sum': float(out.sum())}))\n"
         "d.shutdown()\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", proc.stdout)]  # the ranks' lines may interleave
-    assert sorted(r["rank"] for r in rows) == [0, 1]
+    _, rows = _torchrun_script(script)
     assert all(r["shape"] == [1, 3] and r["sum"] == 21.0 for r in rows)
 
 
@@ -85,13 +94,10 @@ def test_ranks_waiting_for_rank_0_outlast_the_collective_timeout(tmp_path):
         "    time.sleep(4)\n"
         "(d.wait_for_main if sys.argv[1] == 'wait' else d.barrier)()\n"
         "print(json.dumps({'rank': d.rank()}))\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIRBENCH_DIST_TIMEOUT_S": "1.5", "CIRBENCH_DIST_WAIT_S": "120"}
-    procs = {mode: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   "--nproc-per-node=2", str(script), mode], capture_output=True, text=True,
-                                  timeout=120, env=env, cwd=REPO) for mode in ("wait", "barrier")}
-    assert procs["wait"].returncode == 0, procs["wait"].stderr[-2000:]
-    assert sorted(json.loads(m)["rank"] for m in re.findall(r"\{[^{}]*\}", procs["wait"].stdout)) == [0, 1]
-    assert procs["barrier"].returncode != 0 and "Timed out" in procs["barrier"].stderr
+    env = {"CIRBENCH_DIST_TIMEOUT_S": "1.5", "CIRBENCH_DIST_WAIT_S": "120"}
+    _torchrun_script(script, "wait", env=env)
+    barrier, _ = _torchrun_script(script, "barrier", env=env, succeeds=False)
+    assert barrier.returncode != 0 and "Timed out" in barrier.stderr
 
 
 def test_gradients_are_averaged_in_one_reduce_per_dtype_and_carry_the_stop_flag(tmp_path):
@@ -114,12 +120,7 @@ def test_gradients_are_averaged_in_one_reduce_per_dtype_and_carry_the_stop_flag(
         "print(json.dumps({'rank': r, 'stops': stops, 'calls': len(calls), 'none': ps[3].grad is None,\n"
         "                  'grads': [p.grad.tolist() for p in ps[:3]]}))\n"
         "d.shutdown()\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = sorted((json.loads(m) for m in re.findall(r"\{[^{}]*\}", proc.stdout)), key=lambda row: row["rank"])
-    assert [row["rank"] for row in rows] == [0, 1]
+    _, rows = _torchrun_script(script)
     for row in rows:
         assert row["stops"] == [False, True, False]  # rank 1 asked at the second step; both ranks learn it
         assert row["calls"] == 6 and row["none"]  # two dtypes: two all-reduces a step, not one per tensor
