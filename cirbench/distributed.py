@@ -124,7 +124,11 @@ def average_gradients(params, stop: bool = False) -> bool:
     for p in params:
         if p.grad is not None:
             groups.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
-    flag = torch.tensor([float(stop)], device=next(iter(groups))[1] if groups else "cpu")
+    if groups:
+        device = next(iter(groups))[1]
+    else:  # no gradient anywhere this step: the flag alone, on a device the backend can reduce
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([float(stop)], device=device)
     if not groups:
         groups[(flag.dtype, flag.device)] = []
     asked = None

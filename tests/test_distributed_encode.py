@@ -117,12 +117,13 @@ def test_gradients_are_averaged_in_one_reduce_per_dtype_and_carry_the_stop_flag(
         "for i, p in enumerate(ps[:3]):\n"
         "    p.grad = torch.full_like(p, float(r + 1) * (i + 1))\n"
         "stops = [d.average_gradients(ps, stop=(r == 1 and k == 1)) for k in range(3)]\n"
-        "print(json.dumps({'rank': r, 'stops': stops, 'calls': len(calls), 'none': ps[3].grad is None,\n"
+        "alone = d.average_gradients([ps[3]], stop=(r == 0))  # no gradient at all: the flag is reduced alone\n"
+        "print(json.dumps({'rank': r, 'stops': stops + [alone], 'calls': len(calls), 'none': ps[3].grad is None,\n"
         "                  'grads': [p.grad.tolist() for p in ps[:3]]}))\n"
         "d.shutdown()\n")
     _, rows = _torchrun_script(script)
     for row in rows:
-        assert row["stops"] == [False, True, False]  # rank 1 asked at the second step; both ranks learn it
-        assert row["calls"] == 6 and row["none"]  # two dtypes: two all-reduces a step, not one per tensor
+        assert row["stops"] == [False, True, False, True]  # rank 1 asked at the second step; both ranks learn it
+        assert row["calls"] == 7 and row["none"]  # two dtypes: two all-reduces a step, not one per tensor
         # ranks hold (r + 1) * (i + 1): averaged three times over, each tensor keeps 1.5 * (i + 1)
         assert row["grads"] == [[[1.5] * 3] * 2, [3.0] * 4, [4.5]]
