@@ -124,6 +124,23 @@ def test_lincir_weights_follow_the_searle_protocol(tmp_path, backbone):
     assert torch.allclose(fiq, torch.nn.functional.normalize(fwd + rev, dim=-1), atol=1e-5)
 
 
+def test_reference_pixels_reach_the_image_tower_as_fp16_as_officially(tmp_path, backbone):
+    """LinCIR's evaluation feeds reference images as ``images.half()`` to its float32 vision tower (which casts
+    them back): the reference embedding is that of fp16-rounded pixels, cached apart from SEARLE's."""
+    from cirbench.methods._shared.textinv import raw_image_features
+
+    path = tmp_path / "lincir_tiny.pt"
+    torch.save({"Phi": Phi(32, 128, 32).state_dict()}, path)
+    method = lincir.LinCIR(backbone, {"checkpoint": path}, "circo")
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        official = backbone.model.encode_image(pixels.half().to(torch.float32))  # transformers casts to the weights'
+    got = method.encode_references(pixels)
+    assert torch.equal(got, official.float())
+    assert not torch.equal(got, raw_image_features(backbone, pixels))
+    assert method.reference_feature_kind() == {"kind": "image-global-raw", "pixels": "fp16"}
+
+
 def test_demo_weights_are_labelled_and_offline_is_one_clear_line(tmp_path, backbone, monkeypatch):
     with pytest.raises(CheckpointError, match="demo weights are for ViT-L-14/openai.*--checkpoint"):
         lincir.LinCIR(backbone, {"checkpoint": None}, "cirr")

@@ -18,6 +18,7 @@ from cirbench.methods._shared.textinv import (
     encode_with_pseudo_tokens,
     load_phi_weights,
     placeholder_id,
+    raw_image_features,
     token_width,
 )
 from cirbench.training import NetTrainable
@@ -47,6 +48,14 @@ class LinCIR(SearleProtocol):
 
     def label_tag(self) -> str | None:
         return "demo-weights" if self.demo else None
+
+    def reference_feature_kind(self) -> dict:
+        return {**super().reference_feature_kind(), "pixels": "fp16"}
+
+    def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
+        # LinCIR's utils.extract_pseudo_tokens_with_phi hands the reference pixels to its float32 vision tower as
+        # images.half(): they are rounded to fp16 on the way in (the gallery's are not)
+        return raw_image_features(self.backbone, pixels.to(self.backbone.device).half().float())
 
     def info(self) -> dict:
         weights = ("demo weights (navervision/zeroshot-cir-models lincir_large.pt), not the paper's, which were "
