@@ -34,6 +34,26 @@ def test_every_help_ends_with_an_example(command):
     assert any("cirbench" in line for line in tail[example_at + 1:])
 
 
+def test_every_option_of_every_command_says_what_it_does():
+    import click
+
+    ctx = cli.make_context("cirbench", [], resilient_parsing=True)
+    silent = []
+
+    def walk(command, path):
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                walk(command.get_command(ctx, name), [*path, name])
+            return
+        silent.extend(f"{' '.join(path)} {p.opts[0]}" for p in command.params
+                      if isinstance(p, click.Option) and not (p.help or "").strip())
+        if not (command.help or "").strip():
+            silent.append(" ".join(path))
+
+    walk(cli, ["cirbench"])
+    assert not silent, silent
+
+
 def test_extra_options_parsing():
     assert parse_extra_options(["--alpha", "0.8", "--category=dress"]) == {"alpha": "0.8", "category": "dress"}
     assert parse_extra_options(["--lora-rank", "8"]) == {"lora_rank": "8"}

@@ -27,7 +27,7 @@ Examples:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 256 on CUDA, 32 on CPU.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 on CUDA (the throughput goals are bf16), fp32 on the CPU.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=None,
               help="Reader workers (default: min(16, CPUs)).")
 @click.option("--reps", type=click.IntRange(1, 1000), default=3, show_default=True, help="Timed repetitions (median).")

@@ -28,15 +28,21 @@ Examples:
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Global batch size (default: the method's).")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True, max=10), default=None, help="Peak learning rate (default: the method's).")
-@click.option("--weight-decay", type=FiniteFloatRange(min=0), default=None)
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=None)
-@click.option("--schedule", type=click.Choice(["cosine", "constant", "step"]), default=None)
+@click.option("--weight-decay", type=FiniteFloatRange(min=0), default=None,
+              help="AdamW weight decay (default: the method's).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
+              help="Linear warm-up steps (default: the method's).")
+@click.option("--schedule", type=click.Choice(["cosine", "constant", "step"]), default=None,
+              help="Learning-rate schedule after the warm-up (default: the method's).")
 @click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True, help="Gradient accumulation steps.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Autocast over fp32 weights; auto = bf16 on a GPU, fp32 on the CPU.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
-              help="Seeds initialisation, data order and augmentation (each rank adds its rank).")
-@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=2, show_default=True)
+              help="Seeds initialisation and dropout (each rank adds its rank), the data order and each sample's "
+                   "augmentation (the same on any number of ranks).")
+@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=2, show_default=True,
+              help="Reader processes per rank.")
 @click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Checkpoint every N steps.")
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
@@ -44,7 +50,7 @@ Examples:
 @click.option("--no-resume", is_flag=True, help="Start over even if OUTPUT holds a run. Without it a run in OUTPUT "
               "continues, if its settings are the same (batch size, lr, schedule, seed, method options, corpus "
               "size); --epochs and --max-steps may grow.")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps, batch_size, lr, weight_decay,
             warmup_steps, schedule, accum_steps, precision, device, seed, workers, save_every, log_every, no_resume,
