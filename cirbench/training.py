@@ -547,6 +547,12 @@ class _Interrupted(Exception):
     """Ctrl-C arrived; raised between two steps so that the saved state is one step's."""
 
 
+def _reader_ignores_ctrl_c(_worker_id: int) -> None:
+    """A reader process leaves Ctrl-C to the main process, which finishes its step and saves (the terminal, and
+    torchrun, send the signal to the whole process group), whatever way the readers were started."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int, world: int, epoch: int,
             epoch_step: int, device: torch.device) -> torch.utils.data.DataLoader:
     """This epoch's batches for this rank, starting after the ``epoch_step`` steps already done."""
@@ -560,10 +566,10 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
         sampler.set_position(epoch, done)
         return torch.utils.data.DataLoader(corpus, batch_size=per_step, sampler=sampler, collate_fn=collate,
                                            num_workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda",
-                                           generator=generator)
+                                           generator=generator, worker_init_fn=_reader_ignores_ctrl_c)
     corpus.skip = done
     return torch.utils.data.DataLoader(corpus, batch_size=per_step, collate_fn=collate, num_workers=cfg.workers,
-                                       generator=generator)
+                                       generator=generator, worker_init_fn=_reader_ignores_ctrl_c)
 
 
 def check_not_resumable_elsewhere(output: Path, method: str) -> None:
