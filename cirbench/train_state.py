@@ -25,16 +25,22 @@ FORMAT = 1
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states as tensors and JSON values."""
+    """This process's RNG states as tensors and JSON values; with CUDA in use, also its device's generator
+    (dropout on a GPU draws from it)."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    state = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
     n = state["numpy"]
@@ -43,8 +49,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any, position: dict[str, Any],
-                     rngs: list[dict[str, Any]]) -> None:
-    """Write the state of an interrupted run (see the module docstring)."""
+                     rngs: list[dict[str, Any]], scaler: torch.amp.GradScaler | None = None) -> None:
+    """Write the state of an interrupted run (see the module docstring); ``scaler``: fp16 training's loss
+    scale, which a resumed run must start from."""
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
@@ -63,17 +70,22 @@ def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: 
     for r, state in enumerate(rngs):
         tensors[f"rng.{r}.torch"] = state["torch"].contiguous()
         tensors[f"rng.{r}.numpy_keys"] = state["numpy"]["keys"].contiguous()
+        if state.get("cuda") is not None:
+            tensors[f"rng.{r}.cuda"] = state["cuda"].contiguous()
         rng_meta.append({"python": state["python"],
                          "numpy": {k: v for k, v in state["numpy"].items() if k != "keys"}})
     blob = save(tensors)
     atomic_write_bytes(Path(folder) / TENSORS, blob)
     meta = {"format": FORMAT, "tensors_sha256": sha256_bytes(blob), "position": position, "optimizer": opt_meta,
-            "scheduler": scheduler.state_dict(), "rng": rng_meta}
+            "scheduler": scheduler.state_dict(), "rng": rng_meta,
+            "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     atomic_write_json(Path(folder) / META, meta)
 
 
-def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int) -> dict[str, Any]:
-    """Restore optimizer, scheduler and this rank's RNG; return the saved position (step, epoch, ...)."""
+def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int,
+                     scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """Restore optimizer, scheduler, loss scale and this rank's RNG; return the saved position (step, epoch,
+    ...)."""
     from safetensors.torch import load
 
     folder = Path(folder)
@@ -103,11 +115,14 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: 
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
         scheduler.load_state_dict(meta["scheduler"])
+        if scaler is not None and scaler.is_enabled() and meta.get("grad_scaler"):
+            scaler.load_state_dict(meta["grad_scaler"])
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"training state in {folder} does not fit this run ({exc}); start over with "
                               "--no-resume") from None
     rngs = meta["rng"]
     r = rank if rank < len(rngs) else 0
     set_rng_state({"torch": tensors[f"rng.{r}.torch"], "python": rngs[r]["python"],
-                   "numpy": {**rngs[r]["numpy"], "keys": tensors[f"rng.{r}.numpy_keys"]}})
+                   "numpy": {**rngs[r]["numpy"], "keys": tensors[f"rng.{r}.numpy_keys"]},
+                   "cuda": tensors.get(f"rng.{r}.cuda")})
     return meta["position"]

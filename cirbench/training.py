@@ -24,9 +24,11 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,7 +327,8 @@ def _resume_differences(saved: dict[str, Any], run: dict[str, Any]) -> list[tupl
     return out
 
 
-def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config: dict[str, Any]) -> _Run:
+def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config: dict[str, Any],
+            scaler: torch.amp.GradScaler | None = None) -> _Run:
     tensors, saved = load_checkpoint(latest, trainable.name, trainable.backbone.identity())
     differences = _resume_differences(saved, run_config)
     if differences:
@@ -334,7 +337,7 @@ def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config
         raise CheckpointError(f"{latest} was trained with {was}; this run asks {now}: pass the same to resume it, "
                               "--no-resume to start over, or another --output")
     trainable.load_state(tensors)
-    position = load_train_state(latest, optimizer, scheduler, rank)
+    position = load_train_state(latest, optimizer, scheduler, rank, scaler)
     run = _Run(position["step"], position["epoch"], position["epoch_step"], position.get("skipped", 0),
                unreadable_shards=dict(position.get("unreadable_shards") or {}))
     if rank == 0:
@@ -343,8 +346,12 @@ def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config
 
 
 def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, factor: float, params,
-                    device, stop: bool = False) -> tuple[float, dict[str, float], bool]:
-    """One optimizer step over the micro-batches; also return whether any rank asked to ``stop`` (Ctrl-C)."""
+                    device, stop: bool = False, scaler: torch.amp.GradScaler | None = None
+                    ) -> tuple[float, dict[str, float], bool]:
+    """One optimizer step over the micro-batches; also return whether any rank asked to ``stop`` (Ctrl-C).
+    ``scaler`` (fp16 training) scales the loss so that small gradients survive fp16, and skips a step whose
+    gradients overflowed, lowering the scale, as torch's AMP recipe does."""
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * factor
     optimizer.zero_grad(set_to_none=True)
@@ -355,13 +362,17 @@ def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, fa
             loss, logs = trainable.training_step(mb.to(device))
         if not bool(torch.isfinite(loss.detach())):
             raise CirbenchError(f"the {trainable.name} loss became {float(loss)}: training diverged (lower --lr?)")
-        (loss / cfg.accum_steps).backward()
+        scaler.scale(loss / cfg.accum_steps).backward()
         loss_sum += float(loss.detach()) / cfg.accum_steps
-    stop = dist_utils.average_gradients(params, stop)
+    stop = dist_utils.average_gradients(params, stop)  # every rank then holds the same (scaled) gradients
+    scaler.unscale_(optimizer)
     if cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
+    scaler.step(optimizer)
+    scaler.update()
+    with warnings.catch_warnings():  # a step the scaler skipped is no misuse of the (counting-only) scheduler
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+        scheduler.step()
     return loss_sum, logs, stop
 
 
@@ -385,6 +396,8 @@ class _Trainer:
         self.optimizer = build_optimizer(trainable, cfg)
         self.params = trainable.trainable_parameters()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)  # lr set by hand
+        # fp16 autocast loses small gradients without loss scaling (the official AMP training scales too)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=trainable.backbone.precision == "fp16")
         self.output = Path(cfg.output)
         self.latest = self.output / "checkpoint-latest"
         if self.rank_ == 0:  # a save that an interrupt cut short leaves the previous checkpoint, complete
@@ -394,7 +407,7 @@ class _Trainer:
         self.interrupted = False
         if cfg.resume and (self.latest / "model.safetensors").is_file():
             self.state = _resume(trainable, self.optimizer, self.scheduler, self.latest, self.rank_,
-                                 self.run_config())
+                                 self.run_config(), self.scaler)
         self.log = TrainLog(self.output, self.state.step, enabled=self.rank_ == 0)
 
     def run_config(self) -> dict[str, Any]:
@@ -421,7 +434,7 @@ class _Trainer:
         # optimizer state always belong to one step, whenever the run is stopped
         partial = partial_folder(folder)
         save_checkpoint(partial, t.state_to_save(), config)
-        save_train_state(partial, self.optimizer, self.scheduler, self.state.position(), rngs)
+        save_train_state(partial, self.optimizer, self.scheduler, self.state.position(), rngs, self.scaler)
         replace_folder(partial, folder)
 
     def run(self) -> Path:
@@ -507,7 +520,7 @@ class _Trainer:
                 continue
             factor = _lr_factor(cfg, run.step, run.epoch, self.total_steps)
             loss, logs, stop = _optimizer_step(self.trainable, self.optimizer, self.scheduler, micro, cfg, factor,
-                                               self.params, self.device, self.interrupted)
+                                               self.params, self.device, self.interrupted, self.scaler)
             run.seen += sum(len(mb) for mb in micro) * self.world
             micro = []
             run.step += 1

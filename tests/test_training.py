@@ -277,6 +277,32 @@ def test_weights_carry_their_own_record_so_a_cut_final_save_is_harmless(tmp_path
     assert config["step"] == 2  # no record in the weights: config.json is all there is
 
 
+def test_fp16_training_scales_its_loss_and_a_resume_keeps_the_scale(tmp_path, tiny_config):
+    """fp16 autocast runs under a GradScaler (small gradients survive fp16; a step whose gradients overflow is
+    skipped and the scale lowered); checkpoint-latest keeps the scale, so a resumed run continues exactly. fp16
+    needs CUDA from the command line: here the backbone is switched to fp16 autocast on the CPU."""
+    from cirbench.methods.pic2word.model import Pic2WordTrainable
+    from cirbench.training import TrainConfig, train
+
+    corpus = make_corpus(tmp_path / "c")
+
+    def run(out, steps):
+        backbone = load_backbone(str(tiny_config), "none", device="cpu", seed=0, training=True)
+        backbone.precision = "fp16"
+        trainable = Pic2WordTrainable(backbone, {"middle_dim": 16, "dropout": 0.0, "augment": "none"})
+        train(trainable, corpus, TrainConfig(output=tmp_path / out, max_steps=steps, batch_size=8, lr=1e-3,
+                                             schedule="constant", workers=0, progress=False, precision="fp16"))
+        state = json.loads((tmp_path / out / "checkpoint-latest" / "train_state.json").read_text())
+        return load_file(str(tmp_path / out / "model.safetensors")), state["grad_scaler"]
+
+    straight, scale = run("straight", 5)
+    assert scale is not None and scale["scale"] <= 65536.0  # torch's initial scale, lowered after an overflow
+    run("resumed", 2)
+    resumed, resumed_scale = run("resumed", 5)
+    assert resumed_scale == scale
+    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
+
+
 def test_resume_refuses_other_settings_and_allows_a_longer_run(tmp_path, tiny_config):
     corpus = make_corpus(tmp_path / "c")
     out = tmp_path / "run"
