@@ -101,7 +101,7 @@ def _sample(image_bytes: bytes | None, caption: Any, name: str, images: bool,
             pixels = preprocessor(open_pil(image_bytes, name, preprocessor.max_pixels), key)
         else:
             pixels = preprocessor(decode_bytes(image_bytes, name, preprocessor.max_pixels))
-    except ImageError:
+    except (ImageError, ValueError, OSError):  # PIL refuses some modes' resampling with ValueError
         return None
     return {"pixels": pixels, "caption": caption.strip(), "extra": extra or {}}
 
