@@ -77,12 +77,29 @@ def test_corpus_images_over_the_pixel_limit_are_skipped_before_decoding(tmp_path
     assert len(decoded) == 1  # the small image only
 
 
-def test_corpus_readers_count_bad_samples(tmp_path):
+def test_corpus_readers_count_bad_samples(tmp_path, monkeypatch):
+    from cirbench.preprocess import RandomResizedCrop
+
     pre = Preprocessor("clip", size=32)
     csv_path = make_corpus(tmp_path / "c", n=4, bad=True)
     corpus = open_corpus(csv_path, pre)
     batch = collate([corpus[i] for i in range(len(corpus))])
     assert len(batch) == 4 and batch.skipped == 3
+    # the same through the training augmentation, and an image PIL opens but will not resample (a mode it
+    # cannot resize) is skipped as well
+    corpus.preprocessor = RandomResizedCrop(pre)
+    assert collate([corpus[i] for i in range(len(corpus))]).skipped == 3
+    real = RandomResizedCrop.__call__
+
+    def refuse_green(self, image, key):
+        if image.getpixel((0, 0))[:3] == COLOURS["green"]:
+            raise ValueError("image has wrong mode")
+        return real(self, image, key)
+
+    monkeypatch.setattr(RandomResizedCrop, "__call__", refuse_green)
+    refused = collate([corpus[i] for i in range(len(corpus))])
+    assert refused.skipped == 4 and "a green square" not in refused.captions
+    monkeypatch.undo()
     assert batch.extra["attribute"] == ["red", "green", "blue", "yellow"]
     folder = tmp_path / "f"
     folder.mkdir()
