@@ -387,7 +387,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_config):
     assert any(float(v.abs().sum()) > 0 for k, v in outs[2].items() if "lora_B" in k)
 
 
-def _torchrun(tmp_path, tiny_config, corpus, out, *extra, script=None):
+def _torchrun(tiny_config, corpus, out, *extra, script=None):
     """``torchrun --nproc-per-node=2`` of ``cirbench train`` (or of ``script``, which runs the CLI itself)."""
     args = [*(["-m", "cirbench"] if script is None else [str(script)]),
             *_train_args(tiny_config, corpus, out, "--lora-dropout", "0", "--device", "cpu", *extra)]
@@ -424,13 +424,13 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_and_resumes(tmp_p
     script = tmp_path / "rank1_ctrl_c.py"
     script.write_text(RANK_1_CTRL_C)
     out = tmp_path / "cut"
-    cmd, env = _torchrun(tmp_path, tiny_config, corpus, out, "--max-steps", "5", script=script)
+    cmd, env = _torchrun(tiny_config, corpus, out, "--max-steps", "5", script=script)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode != 0, proc.stderr[-3000:]
     said = proc.stdout + proc.stderr
     assert said.count("interrupted at step 3: saved") == 1, said[-3000:]  # said once, by rank 0
     assert json.loads((out / "checkpoint-latest" / "config.json").read_text())["step"] == 3
-    cmd, env = _torchrun(tmp_path, tiny_config, corpus, out, "--max-steps", "5")
+    cmd, env = _torchrun(tiny_config, corpus, out, "--max-steps", "5")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0 and "at step 3" in proc.stderr + proc.stdout, proc.stderr[-3000:]
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
@@ -446,7 +446,7 @@ def test_ctrl_c_to_torchrun_saves_and_stops_every_rank(tmp_path, tiny_config):
 
     corpus = make_corpus(tmp_path / "c")
     out = tmp_path / "run"
-    cmd, env = _torchrun(tmp_path, tiny_config, corpus, out, "--max-steps", "100000", "--log-every", "1",
+    cmd, env = _torchrun(tiny_config, corpus, out, "--max-steps", "100000", "--log-every", "1",
                          "--workers", "1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:
