@@ -12,7 +12,9 @@ ViT-L/14 in < 60 s (cold cache, through FeatureCache + encode_images as `cirbenc
 
 Stages run in this order, each on its own: ``env`` (versions, GPU, the JPEG decoder's ceiling, which exact
 product mode the batched preprocessing takes), ``rank`` (goal 4, on the device and on the CPU), ``encode_B``
-(goal 2, with the pipeline's pieces and fp32/bf16 agreement), ``encode_L`` (goal 1), ``gallery`` (goal 3). A
+(goal 2, with the pipeline's pieces and fp32/bf16 agreement), ``encode_L`` (goal 1), ``gallery`` (goal 3),
+``train`` (no goal: checks of training that only a GPU can make, fp16 under the loss scaler and a resume that
+ends where an uninterrupted run does, against the device's own run-to-run spread). A
 stage that fails is recorded (one line and the traceback) and the next one runs; results.json and results.md
 are rewritten after every stage, into $WORK and into $OUT when set, so a run cut short still returns what it
 measured. ``BUDGET_S`` bounds the whole run: a stage that no longer fits is skipped and says so, and the
@@ -54,10 +56,10 @@ GALLERY_N = int(E.get("GALLERY_N", 300 if QUICK else 123403))
 BATCH = int(E.get("BATCH", 16 if QUICK else 256))
 REPS = int(E.get("REPS", 1 if QUICK else 2))
 BUDGET_S = float(E.get("BUDGET_S", 420))
-STAGES = [s for s in E.get("STAGES", "env,rank,encode_B,encode_L,gallery").split(",") if s]
+STAGES = [s for s in E.get("STAGES", "env,rank,encode_B,encode_L,gallery,train").split(",") if s]
 T0 = time.monotonic()
 # the least time a stage needs to be worth starting (model loads, file writing, one timed pass)
-MIN_S = {"env": 5, "rank": 20, "encode_B": 45, "encode_L": 75, "gallery": 45}
+MIN_S = {"env": 5, "rank": 20, "encode_B": 45, "encode_L": 75, "gallery": 45, "train": 40}
 
 
 def log(*parts) -> None:
@@ -207,9 +209,73 @@ def gallery_files(src: list[ImageRef], n: int) -> list[ImageRef]:
     return refs
 
 
+def _probe_trainable(backbone):
+    """A small mapping network over the frozen image tower, trained contrastively against the image embeddings
+    (cirbench's built-in methods are not importable from a bare checkout): enough to run the whole training loop,
+    autocast, loss scaler, dropout and the RandomResizedCrop augmentation included."""
+    from cirbench.preprocess import RandomResizedCrop
+    from cirbench.training import NetTrainable, contrastive_loss
+
+    class Probe(NetTrainable):
+        name = "gpu-bench-probe"
+
+        def __init__(self, backbone):
+            super().__init__(backbone, {})
+            width = backbone.embed_dim
+            self.net = torch.nn.Sequential(torch.nn.Linear(width, 512), torch.nn.GELU(), torch.nn.Dropout(0.1),
+                                           torch.nn.Linear(512, width)).to(backbone.device)
+
+        def training_step(self, batch):
+            with torch.no_grad():
+                image = self.backbone.model.encode_image(batch.pixels)
+            return contrastive_loss(self.net(image), image, 0.07), {}
+
+        def train_preprocessor(self, seed):
+            return RandomResizedCrop(super().train_preprocessor(seed), seed=seed)
+
+    return Probe(backbone)
+
+
+def stage_train(out: dict) -> dict:
+    """Training at B/32 on the device, 6 steps, dropout and augmentation on: fp16 autocast under the loss scaler
+    (the scale it ends at), and three runs' weights: straight, straight again (the device's run-to-run spread:
+    atomics in backward kernels may differ) and stopped after 3 steps then resumed (equal to the straight run's
+    within that spread when the GPU's random state and the scale are restored)."""
+    from safetensors.torch import load_file
+
+    from cirbench.backbones import load_backbone
+    from cirbench.training import TrainConfig, train
+
+    precision = "fp16" if DEVICE.startswith("cuda") else "fp32"
+    corpus = WORK / "train-corpus.csv"
+    corpus.write_text("image,caption\n" + "".join(f"{r.path},a photo\n" for r in pool()[:64]))
+
+    def run(name: str, steps: int) -> tuple[dict, dict | None]:
+        backbone = load_backbone(models()["B"], E.get("PRETRAINED", "none"), device=DEVICE, precision=precision,
+                                 seed=0, training=True)
+        folder = WORK / "train" / name
+        train(_probe_trainable(backbone), corpus, TrainConfig(
+            output=folder, max_steps=steps, batch_size=16, lr=1e-4, schedule="constant", workers=min(WORKERS, 4),
+            progress=False, precision=precision))
+        state = json.loads((folder / "checkpoint-latest" / "train_state.json").read_text())
+        return load_file(str(folder / "model.safetensors")), state.get("grad_scaler")
+
+    shutil.rmtree(WORK / "train", ignore_errors=True)
+    straight, scaler = run("straight", 6)
+    again, _ = run("again", 6)
+    run("resumed", 3)
+    resumed, _ = run("resumed", 6)
+
+    def max_diff(a: dict, b: dict) -> float:
+        return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+    return {"precision": precision, "grad_scaler": scaler, "repeat_max_abs_diff": max_diff(straight, again),
+            "resume_max_abs_diff": max_diff(straight, resumed)}
+
+
 STAGE_FUNCS: dict[str, Callable[[dict], dict]] = {
     "env": stage_env, "rank": stage_rank, "encode_B": _encode("B", pieces=True),
-    "encode_L": _encode("L", pieces=False), "gallery": stage_gallery}
+    "encode_L": _encode("L", pieces=False), "gallery": stage_gallery, "train": stage_train}
 
 
 # -- the run --------------------------------------------------------------------------------------------------
@@ -319,6 +385,14 @@ def goal_table(out: dict) -> str:
     if pixels:
         lines.append("\nbatched path (JPEGs decoded on the device) vs the official PIL path, targetpad: "
                      + describe_pixels(pixels))
+    t = out.get("train", {})
+    if t and "repeat_max_abs_diff" in t:
+        scale = (t.get("grad_scaler") or {}).get("scale")
+        lines.append(f"\ntraining ({t['precision']}{f', loss scale {scale:g}' if scale else ''}): a resumed run ends "
+                     f"{t['resume_max_abs_diff']:.2e} from an uninterrupted one (max abs weight difference; two "
+                     f"uninterrupted runs: {t['repeat_max_abs_diff']:.2e})")
+    elif t:
+        lines.append(f"\ntraining: {t.get('error') or t.get('skipped')}")
     syncs = eB.get("host_syncs")
     if syncs:
         lines.append(f"\nhost syncs in one B/32 full pass: {syncs['calling_thread']} in the model's thread, "
