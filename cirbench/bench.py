@@ -430,8 +430,8 @@ def format_report(result: dict[str, Any]) -> str:
     r = result.get("rank")
     if r:
         lines.append(f"rank  {r['queries']} x {r['gallery']:,} (dim {r['dim']}, top {r['k']}, {r['device']})")
-        lines.append(f"  cirbench (torch)     {r['cirbench_torch_s']:.4f} s   x{r['ratio_cirbench_over_topk']:.2f} of a "
-                     f"plain topk ({r['plain_topk_s']:.4f} s)")
+        lines.append(f"  cirbench (torch)     {r['cirbench_torch_s']:.4f} s   "
+                     f"x{r['ratio_cirbench_over_topk']:.2f} of a plain topk ({r['plain_topk_s']:.4f} s)")
         lines.append(f"  bf16 gallery         {r['cirbench_bf16_gallery_s']:.4f} s")
         if "faiss_s" in r:
             lines.append(f"  faiss                {r['faiss_s']:.4f} s")

@@ -264,8 +264,8 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
         resolve_options(list(plugin_options.values()), unknown, dspec.name, what, command_option_names(ctx.command))
     outcomes = []
     for mspec in specs:
-        mine = extra if len(specs) == 1 else {k: v for k, v in extra.items()
-                                               if k in {o.name for o in mspec.options} | {o.name for o in dspec.options}}
+        declared = {o.name for o in mspec.options} | {o.name for o in dspec.options}
+        mine = extra if len(specs) == 1 else {k: v for k, v in extra.items() if k in declared}
         m_opts, d_opts = split_plugin_options(mine, mspec, dspec)
         cfg = RunConfig(method=mspec.name, dataset=dataset, split=split, backbone=backbone, pretrained=pretrained,
                         preprocess=preprocess, precision=precision, device=device, data_root=data_root,
@@ -340,7 +340,8 @@ def _option_rows(options) -> list[str]:
     for o in options:
         choices = f" [{'|'.join(o.choices)}]" if o.choices else ""
         sweep = " (sweepable: a:b:step or a,b,c)" if o.sweepable else ""
-        rows.append(f"    --{o.name.replace('_', '-')} ({o.type}{choices}, default {o.describe_default()}): {o.help}{sweep}")
+        flag = "--" + o.name.replace("_", "-")
+        rows.append(f"    {flag} ({o.type}{choices}, default {o.describe_default()}): {o.help}{sweep}")
     return rows
 
 
@@ -354,8 +355,9 @@ def methods(as_json):
     if as_json:
         click.echo(json.dumps({n: {"description": s.description, "plugin": s.plugin, "trainable": s.trainer is not None,
                                    "default_backbone": s.default_backbone, "default_preprocess": s.default_preprocess,
-                                   "options": {o.name: {"type": o.type, "default": o.default, "per_dataset": o.per_dataset,
-                                                        "help": o.help} for o in s.options},
+                                   "options": {o.name: {"type": o.type, "default": o.default,
+                                                        "per_dataset": o.per_dataset, "help": o.help}
+                                               for o in s.options},
                                    "train_options": {o.name: {"type": o.type, "default": o.default, "help": o.help}
                                                      for o in s.train_options}}
                                for n, s in sorted(reg.methods.items())}, indent=2, default=str))
@@ -454,7 +456,8 @@ def score(dataset, split, data_root, inputs, as_json, file):
         if not sep or not path:
             raise CirbenchError(f"--input {item!r}: expected NAME=PATH")
         if name not in allowed:
-            raise CirbenchError(f"--input {name}: dataset {dataset} takes {', '.join(sorted(allowed)) or 'no extra inputs'}")
+            takes = ", ".join(sorted(allowed)) or "no extra inputs"
+            raise CirbenchError(f"--input {name}: dataset {dataset} takes {takes}")
         if not Path(path).is_file():
             raise CirbenchError(f"--input {name}: file {path} does not exist")
         extra[name] = Path(path)

@@ -74,7 +74,8 @@ def check(dataset: Dataset, split: str, sample: int = 200, seed: int = 0) -> dic
 def render(report: dict[str, Any]) -> str:
     """The report as the text ``cirbench data check`` prints."""
     lines = [f"{report['dataset']}/{report['split']} under {report['data_root']}"]
-    sets = ", ".join(f"{name}: {c['queries']:,} queries, {c['gallery']:,} gallery" for name, c in report["sets"].items())
+    sets = ", ".join(f"{name}: {c['queries']:,} queries, {c['gallery']:,} gallery"
+                     for name, c in report["sets"].items())
     lines.append(f"  sets        {sets}")
     for a in report["annotations"]:
         lines.append(f"  annotation  {a['file']}: {a['status']}" + (f" (sha256 {a['sha256'][:12]}...)"

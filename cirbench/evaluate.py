@@ -273,8 +273,8 @@ class Evaluator:
             ranking = self._rank_set(ctx, es, method)
             counts["queries"] += len(es.queries)
             counts["gallery"] += len(es.gallery)
-            counts["sets"][es.name] = {"queries": len(es.queries), "gallery": len(es.gallery), **ctx.set_counts[es.name],
-                                       **({"info": es.info} if es.info else {})}
+            counts["sets"][es.name] = {"queries": len(es.queries), "gallery": len(es.gallery),
+                                       **ctx.set_counts[es.name], **({"info": es.info} if es.info else {})}
             query_metrics = None
             if es.hidden_targets:
                 if distributed.is_main():

@@ -47,7 +47,8 @@ def hit_count_per_query(hits: torch.Tensor, ks: Sequence[int]) -> dict[int, torc
     return {k: hits[:, :k].double().sum(dim=1) * 100 for k in ks}
 
 
-def ap_per_query(hits: torch.Tensor, n_relevant: torch.Tensor | Sequence[int], ks: Sequence[int]) -> dict[int, torch.Tensor]:
+def ap_per_query(hits: torch.Tensor, n_relevant: torch.Tensor | Sequence[int],
+                 ks: Sequence[int]) -> dict[int, torch.Tensor]:
     """Average precision at ``k`` per query (x100), CIRCO's definition:
     ``AP@k = sum_{i<=k} P(i) * rel(i) / min(n_relevant, k)``."""
     import torch

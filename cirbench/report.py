@@ -173,7 +173,7 @@ def make_plots(result_paths: list[Path], records: list[dict], out: Path) -> list
         if len(recs) < 3:
             continue
         options = [r["method"].get("options") or {} for r in recs]
-        varying = [k for k in options[0] if isinstance(options[0][k], (int, float)) and not isinstance(options[0][k], bool)
+        varying = [k for k, v in options[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and len({o.get(k) for o in options}) > 2]
         for option in varying:
             rest = [{k: v for k, v in o.items() if k != option} for o in options]
@@ -199,7 +199,8 @@ table{border-collapse:collapse}td,th{padding:3px 8px;border-bottom:1px solid #dd
 .num{text-align:right;font-variant-numeric:tabular-nums}.prov td:first-child{color:#666;white-space:nowrap}
 .q{border-bottom:1px solid #ccc;padding:8px 0}.q .meta{color:#555;font-size:12px}.strip{display:flex;gap:4px;
 flex-wrap:wrap;align-items:flex-start}.strip figure{margin:0;text-align:center;font-size:11px;color:#555}
-.strip img{display:block;max-width:112px;max-height:112px;border:3px solid transparent}.strip .tgt img{border-color:#2a9d43}
+.strip img{display:block;max-width:112px;max-height:112px;border:3px solid transparent}
+.strip .tgt img{border-color:#2a9d43}
 .ref img{border-color:#999}.hit{color:#2a9d43;font-weight:600}.miss{color:#c0392b;font-weight:600}
 .noimg{width:60px;height:60px;background:#eee;display:flex;align-items:center;justify-content:center}
 .controls{position:sticky;top:0;background:#fff;padding:6px 0;border-bottom:2px solid #ddd}.plots img{max-width:48%}
@@ -324,8 +325,9 @@ def build_report(result_paths: list[Path], output: Path | None = None, top: int 
             raise CirbenchError(f"{result_paths[0].name} is {a.get('name')}/{a.get('split')} but {result_paths[1].name}"
                                 f" is {b.get('name')}/{b.get('split')}: a report compares runs on the same split")
     runs = [(r, read_predictions_of(p, r)) for p, r in zip(result_paths, records, strict=True)]
+    other = "-vs-" + Path(result_paths[1]).stem if len(result_paths) == 2 else ""
     out = Path(output) if output else Path(result_paths[0]).with_suffix("").with_name(
-        Path(result_paths[0]).stem + ("-vs-" + Path(result_paths[1]).stem if len(result_paths) == 2 else "") + ".report")
+        Path(result_paths[0]).stem + other + ".report")
     out.mkdir(parents=True, exist_ok=True)
     images, queries, why = _load_images(records[0]) if thumbnails else ({}, {}, "thumbnails switched off")
     labels = [r["method"].get("label") or "run" for r in records]
@@ -367,16 +369,22 @@ def build_report(result_paths: list[Path], output: Path | None = None, top: int 
         notes.append(why)
     if thumb.failed:
         notes.append(f"{thumb.failed} thumbnails could not be made (missing or unreadable images)")
+    paired = "; A &minus; B: paired bootstrap, p from a sign-flip permutation test" if comparison else ""
+    figures = "".join(f'<figure><img src="{_e(src)}" alt="{_e(t)}"><figcaption>{_e(t)}</figcaption></figure>'
+                      for t, src in plot_list)
+    plots = f'<h2>Plots</h2><div class="plots">{figures}</div>' if plot_list else ""
+    provenance = "".join(f"<h3>{_e(label)}</h3>" + _provenance(r) for label, r in zip(labels, records, strict=True))
+    order = " (those whose target ranks differ most first)" if len(records) == 2 else ""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title><style>{CSS}</style></head><body>
 <h1>{_e(title)}</h1>
 {''.join(f'<p class="meta">{_e(n)}</p>' for n in notes)}
 <h2>Metrics</h2>{_metrics_table(records, comparison)}
-<p class="meta">95% percentile-bootstrap intervals over queries{'; A &minus; B: paired bootstrap, p from a sign-flip permutation test' if comparison else ''}.</p>
-{'<h2>Plots</h2><div class="plots">' + ''.join(f'<figure><img src="{_e(src)}" alt="{_e(t)}"><figcaption>{_e(t)}</figcaption></figure>' for t, src in plot_list) + '</div>' if plot_list else ''}
-<h2>Provenance</h2>{''.join(f'<h3>{_e(label)}</h3>' + _provenance(r) for label, r in zip(labels, records, strict=True))}
+<p class="meta">95% percentile-bootstrap intervals over queries{paired}.</p>
+{plots}
+<h2>Provenance</h2>{provenance}
 <h2>Queries</h2>
-<p class="meta">{len(rows)} queries shown{' (those whose target ranks differ most first)' if len(records) == 2 else ''}; top {top} per run; green frames mark targets.</p>
+<p class="meta">{len(rows)} queries shown{order}; top {top} per run; green frames mark targets.</p>
 {controls}
 <div id="queries">{query_html}</div>
 <script type="application/json" id="cirbench-data">{data}</script>

@@ -191,8 +191,8 @@ class _Unpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcodes c
             raise CheckpointError(f"checkpoint {self.source}: storage {key} is compressed (torch never compresses "
                                   "storages); refused")
         if info.file_size != numel * itemsize:
-            raise CheckpointError(f"checkpoint {self.source}: storage {key} holds {info.file_size} bytes but its header "
-                                  f"claims {numel} x {itemsize}; the file is truncated or corrupt")
+            raise CheckpointError(f"checkpoint {self.source}: storage {key} holds {info.file_size} bytes but its "
+                                  f"header claims {numel} x {itemsize}; the file is truncated or corrupt")
         raw = self.archive.read(name)
         untyped = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
         storage = _Storage(untyped, storage_type.dtype, numel)

@@ -85,7 +85,8 @@ class ToyDataset(Dataset):
 
         hits = hits_matrix(ranking.indices, ranking.target_positions([q.targets for q in evalset.queries]))
         out = {f"R@{k}": v for k, v in recall_per_query(hits, (1, 5)).items()}
-        out.update({f"mAP@{k}": v for k, v in ap_per_query(hits, [len(q.targets) for q in evalset.queries], (5,)).items()})
+        relevant = [len(q.targets) for q in evalset.queries]
+        out.update({f"mAP@{k}": v for k, v in ap_per_query(hits, relevant, (5,)).items()})
         return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -78,5 +79,5 @@ def test_a_bad_backbone_config_file_says_what_is_wrong(tmp_path, content, messag
     """Not the list of every open_clip model (what open_clip says of a config it silently did not register)."""
     path = tmp_path / "model.json"
     path.write_bytes(content)
-    with pytest.raises(CirbenchError, match=f"backbone config {path} {message}".replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(CirbenchError, match=re.escape(f"backbone config {path} {message}")):
         load_backbone(str(path), "none", device="cpu")

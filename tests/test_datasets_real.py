@@ -49,7 +49,8 @@ def test_circo_and_fashioniq_sets(tmp_path):
     sets = {es.name: es for es in fiq.load("val")}
     assert {n: (len(s.queries), len(s.gallery)) for n, s in sets.items()} == {
         "dress": (2017, 3817), "shirt": (2038, 6346), "toptee": (1961, 5373)}
-    assert [es.name for es in dataset("fashioniq", ANNOTATIONS / "fashioniq", category="shirt").load("val")] == ["shirt"]
+    shirts = dataset("fashioniq", ANNOTATIONS / "fashioniq", category="shirt").load("val")
+    assert [es.name for es in shirts] == ["shirt"]
     assert any(not t.strip() for es in sets.values() for q in es.queries for t in q.texts)  # empty captions kept
 
 
@@ -158,7 +159,8 @@ def test_cirr_server_files_round_trip(tmp_path):
     (tmp_path / "recall.json").write_text(json.dumps(recall))
     (tmp_path / "subset.json").write_text(json.dumps(subset))
     res = CliRunner().invoke(cli, ["score", "-d", "cirr", "-s", "val", "--data-root", str(ANNOTATIONS / "cirr"),
-                                   "--input", f"subset={tmp_path / 'subset.json'}", "--json", str(tmp_path / "recall.json")])
+                                   "--input", f"subset={tmp_path / 'subset.json'}",
+                                   "--json", str(tmp_path / "recall.json")])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output) == pytest.approx(direct)
     assert 0 < direct["R@1"] < 100 and 0 < direct["Rs@1"] < 100

@@ -269,7 +269,8 @@ def test_sync_audit_counts_synchronisations_by_thread_and_place(monkeypatch):
 
     def staging():
         for _ in range(3):
-            warnings.warn(f"called a {SYNC_WARNING}", UserWarning, stacklevel=1)  # as torch's TORCH_WARN arrives in Python
+            # as torch's TORCH_WARN arrives in Python
+            warnings.warn(f"called a {SYNC_WARNING}", UserWarning, stacklevel=1)
 
     def run():
         assert mode["now"] == 1

@@ -77,9 +77,11 @@ def test_prompt_files(tmp_path):
     p = load_prompt(str(base))
     # CIReVL: base_prompt + '\n' + "Image Content: " + caption + '\n' + 'Instruction: ' + instruction
     assert p.messages("a {dog}", "make it {blue}") == [
-        {"role": "user", "content": "I have an image. Rewrite it.\nImage Content: a {dog}\nInstruction: make it {blue}"}]
+        {"role": "user",
+         "content": "I have an image. Rewrite it.\nImage Content: a {dog}\nInstruction: make it {blue}"}]
     toml = tmp_path / "ldre.toml"
-    toml.write_text('system = "sys"\nuser = "Image Content: {caption}\\nInstruction: {instruction}\\nEdited Description:"\n'
+    toml.write_text('system = "sys"\n'
+                    'user = "Image Content: {caption}\\nInstruction: {instruction}\\nEdited Description:"\n'
                     'parse = "raw"\n')
     p2 = load_prompt(str(toml))
     assert p2.messages("c", "i")[0] == {"role": "system", "content": "sys"}
@@ -499,14 +501,15 @@ def test_importers_record_published_generations(tmp_path, tiny_config, toy_root)
     ldre_file = tmp_path / "test.json"
     ldre_file.write_text(json.dumps(records))
     with registered(ToyDatasetPlugin(), "toy") as reg:
-        (ldre,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", captions=2, import_generations=ldre_file,
-                                prompt="name:ldre", generation="replay", **nothing), reg)
+        (ldre,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", captions=2,
+                                import_generations=ldre_file, prompt="name:ldre", generation="replay", **nothing), reg)
     row = _predictions(ldre)[0]
     assert row["method"]["rewrites"] == ["r0 make it green", "r1 make it green"]
     # a file for other queries is refused with the reason
     records[0]["relative_caption"] = "something else"
     ldre_file.write_text(json.dumps(records))
-    with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="no file matches.*is not query"):
+    refused = pytest.raises(CirbenchError, match="no file matches.*is not query")
+    with registered(ToyDatasetPlugin(), "toy") as reg, refused:
         evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", captions=2, import_generations=ldre_file,
                       prompt="name:ldre2", **nothing), reg)
 

@@ -163,7 +163,8 @@ def test_data_check_answers_without_torch(tmp_path):
         write_placeholder(root / rel, i)
     (root / "captions" / "cap.rc2.val.json").write_text((root / "captions" / "cap.rc2.val.json").read_text() + " ")
     code = ("import sys, cirbench.cli as c\n"
-            "try:\n    c.cli(['data', 'check', '-d', 'cirr', '--data-root', sys.argv[1], '--json'], prog_name='cirbench')\n"
+            "try:\n"
+            "    c.cli(['data', 'check', '-d', 'cirr', '--data-root', sys.argv[1], '--json'], prog_name='cirbench')\n"
             "except SystemExit as e:\n    print('EXIT', e.code, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120)
     report = json.loads(out.stdout[: out.stdout.rindex("EXIT")])

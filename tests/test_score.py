@@ -42,7 +42,8 @@ def official_circo(annotations, predictions_dict, ranks=(5, 10, 25, 50)):
         recall_labels = predictions == target_img_id
         for rank in ranks:
             recalls[rank].append(float(np.sum(recall_labels[:rank])))
-    return ({r: float(np.mean(v)) * 100 for r, v in aps.items()}, {r: float(np.mean(v)) * 100 for r, v in recalls.items()})
+    return ({r: float(np.mean(v)) * 100 for r, v in aps.items()},
+            {r: float(np.mean(v)) * 100 for r, v in recalls.items()})
 
 
 def official_cirr(sorted_index_names, reference_names, target_names, group_members):
@@ -316,7 +317,8 @@ def test_fashioniq_scores_as_the_official_val_evaluator(tmp_path):
     first["top"] = ["B00NOTANASIN", *json.loads(lines[0])["top"][1:]]  # an image of no category's gallery
     path.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
     res = _score(["-d", "fashioniq", "-s", "val", "--data-root", str(ANNOTATIONS / "fashioniq"), str(path)])
-    assert res.exit_code == 2 and "'B00NOTANASIN' in the ranking is not an image of its category's gallery" in res.output
+    assert res.exit_code == 2
+    assert "'B00NOTANASIN' in the ranking is not an image of its category's gallery" in res.output
 
 
 def test_no_file_ever_scores_above_100(tmp_path, circo_ann):

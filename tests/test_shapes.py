@@ -15,6 +15,8 @@ from cirbench.encode import encode_images
 from cirbench.errors import CirbenchError
 from cirbench.plugins import get_registry
 
+SLERP_RESULT = "slerp@alpha=0.7__cirbench-shapes-clip-bundled.json"  # `cirbench run`'s default Slerp result
+
 
 def shapes(root, **options):
     spec = get_registry().dataset("shapes")
@@ -155,8 +157,9 @@ def test_slerp_clearly_beats_both_baselines_and_is_repeatable(tmp_path, val_root
     assert metrics["slerp"]["R@10"] > metrics["image-only"]["R@10"] + 30
     res = runner.invoke(cli, ["run", "--method", "slerp", "--no-cache", *common])
     assert res.exit_code == 0, res.output
-    again = json.loads((tmp_path / "r" / "shapes" / "val" / "slerp@alpha=0.7__cirbench-shapes-clip-bundled.json").read_text())
-    assert again["cache"]["enabled"] is False and again["cache"]["misses"] == again["counts"]["gallery"]  # encoded again
+    again = json.loads((tmp_path / "r" / "shapes" / "val" / SLERP_RESULT).read_text())
+    assert again["cache"]["enabled"] is False
+    assert again["cache"]["misses"] == again["counts"]["gallery"]  # encoded again
     assert again["metrics"] == metrics["slerp"]  # identical across runs (and with a cold cache)
 
 
@@ -166,7 +169,7 @@ def test_plain_cirbench_run_is_slerp_and_baselines_on_shapes_with_the_bundled_ba
     monkeypatch.setattr("cirbench.datasets.shapes.dataset.Shapes.folder", property(lambda self: val_root))
     res = CliRunner().invoke(cli, ["run", "--quiet", "--workers", "0"])
     assert res.exit_code == 0, res.output
-    rec = json.loads((tmp_path / "results" / "shapes" / "val" / "slerp@alpha=0.7__cirbench-shapes-clip-bundled.json").read_text())
+    rec = json.loads((tmp_path / "results" / "shapes" / "val" / SLERP_RESULT).read_text())
     assert rec["method"]["options"] == {"alpha": 0.7}
     assert rec["backbone"]["weights"]["kind"] == "bundled" and rec["preprocess"]["size"] == 64
     assert "### shapes / val" in res.output  # the leaderboard is printed

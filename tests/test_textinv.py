@@ -86,8 +86,8 @@ def test_pic2word_trains_and_mismatch_is_one_line(tmp_path, tiny_config):
     from test_training import make_corpus
 
     corpus = make_corpus(tmp_path / "c")
-    common = ["--backbone", str(tiny_config), "--pretrained", "none", "--workers", "0", "--quiet",
-              "--batch-size", "8", "--warmup-steps", "0", "--lr", "1e-3", "--schedule", "constant", "--middle-dim", "16"]
+    common = ["--backbone", str(tiny_config), "--pretrained", "none", "--workers", "0", "--quiet", "--batch-size", "8",
+              "--warmup-steps", "0", "--lr", "1e-3", "--schedule", "constant", "--middle-dim", "16"]
     res = CliRunner().invoke(cli, ["train", "--method", "pic2word", "--corpus", str(corpus), "--output",
                                    str(tmp_path / "p2w"), "--max-steps", "3", *common])
     assert res.exit_code == 0, res.output

@@ -26,15 +26,18 @@ Examples:
 @click.option("--pretrained", default=None, help="open_clip tag, weights file, 'bundled' or 'none'.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the method's).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Global batch size (default: the method's).")
-@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True, max=10), default=None, help="Peak learning rate (default: the method's).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Global batch size (default: the method's).")
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True, max=10), default=None,
+              help="Peak learning rate (default: the method's).")
 @click.option("--weight-decay", type=FiniteFloatRange(min=0), default=None,
               help="AdamW weight decay (default: the method's).")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
               help="Linear warm-up steps (default: the method's).")
 @click.option("--schedule", type=click.Choice(["cosine", "constant", "step"]), default=None,
               help="Learning-rate schedule after the warm-up (default: the method's).")
-@click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True, help="Gradient accumulation steps.")
+@click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Gradient accumulation steps.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Autocast over fp32 weights; auto = bf16 on a GPU, fp32 on the CPU.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")

@@ -54,7 +54,8 @@ class CIRR(Dataset):
 
     def annotation_files(self, split: str) -> list[Path]:
         ann = self._annotation_dir()
-        return [ann / "image_splits" / f"split.{VERSION}.{split}.json", ann / "captions" / f"cap.{VERSION}.{split}.json"]
+        return [ann / "image_splits" / f"split.{VERSION}.{split}.json",
+                ann / "captions" / f"cap.{VERSION}.{split}.json"]
 
     def load(self, split: str) -> list[EvalSet]:
         self.check_split(split)

@@ -215,5 +215,5 @@ class CocoObject(Dataset):
             if names.get(ann["category_id"]) == r.query_class and all(
                     abs(a - b) < 1e-6 for a, b in zip((x, y, x + w, y + h), r.region, strict=True)):
                 return ann
-        raise AnnotationError(f"no annotation of image {r.file} is a {r.query_class} with box {';'.join(r.region_text)} "
-                              "(is annotations/instances_val2017.json COCO 2017's?)")
+        raise AnnotationError(f"no annotation of image {r.file} is a {r.query_class} with box "
+                              f"{';'.join(r.region_text)} (is annotations/instances_val2017.json COCO 2017's?)")

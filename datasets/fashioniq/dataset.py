@@ -117,4 +117,5 @@ class FashionIQ(Dataset):
             return lambda qid: gallery
 
         return self.score_predictions_by_set(split, path, label="FashionIQ", unit="category", min_length=max(KS),
-                                             allowed=category_gallery, allowed_name="an image of its category's gallery")
+                                             allowed=category_gallery,
+                                             allowed_name="an image of its category's gallery")

@@ -108,7 +108,8 @@ def describe_change(ref: Attributes, attr: str, new: str, rng: random.Random) ->
     if attr == "colour":
         return rng.choice((f"make it {new}", f"change the colour to {new}", f"turn it {new}"))
     if attr == "shape":
-        return rng.choice((f"change the {ref.shape} to a {new}", f"make it a {new}", f"replace the {ref.shape} with a {new}"))
+        return rng.choice((f"change the {ref.shape} to a {new}", f"make it a {new}",
+                           f"replace the {ref.shape} with a {new}"))
     if attr == "size":
         return rng.choice(("make it larger", "make it bigger")) if new == "large" else \
             rng.choice(("make it smaller", "shrink it"))

@@ -32,7 +32,8 @@ def register_methods(register):
         default_preprocess="targetpad",
         trainer="cirbench.methods.fti4cir.model:FTI4CIRTrainable",
         train_options=ARCH + (
-            OptionSpec("temperature", "Temperature of the image/pseudo-sentence contrastive loss.", "float", 0.2, minimum=1e-6),
+            OptionSpec("temperature", "Temperature of the image/pseudo-sentence contrastive loss.", "float", 0.2,
+                       minimum=1e-6),
             OptionSpec("reg_weight", "Weight of the three caption-based regularisers.", "float", 1.4, minimum=0.0),
         ),
     ))

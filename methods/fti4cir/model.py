@@ -91,7 +91,8 @@ class _Transformer(torch.nn.Module):
 
 
 class FTI4CIRNet(torch.nn.Module):
-    """The trained parts: ``templates`` (attribute queries), ``transformer``, ``local_atte_fc``, ``phi_s``, ``phi_a``."""
+    """The trained parts: ``templates`` (attribute queries), ``transformer``, ``local_atte_fc``, ``phi_s``,
+    ``phi_a``."""
 
     def __init__(self, patch_dim: int, embed_dim: int, token_dim: int, options: dict[str, Any]):
         super().__init__()

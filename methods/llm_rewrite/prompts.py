@@ -59,7 +59,8 @@ class Prompt:
                                 "generations (--generation replay)")
         values = {"caption": caption, "instruction": instruction}
         user = re.sub(r"\{(caption|instruction)\}", lambda m: values[m.group(1)], self.user)  # one pass
-        return ([{"role": "system", "content": self.system}] if self.system else []) + [{"role": "user", "content": user}]
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [{"role": "user", "content": user}]
 
     def parse_answer(self, answer: str, instruction: str) -> tuple[str, bool]:
         """The rewritten text, and whether the instruction had to stand in for it."""
@@ -105,7 +106,8 @@ def load_prompt(spec: str) -> Prompt:
         return Prompt(path.stem, system, user, parse)
     if "{caption}" in text:
         return Prompt(path.stem, None, text, "edited-description")
-    return Prompt(path.stem, None, text + "\nImage Content: {caption}\nInstruction: {instruction}", "edited-description")
+    return Prompt(path.stem, None, text + "\nImage Content: {caption}\nInstruction: {instruction}",
+                  "edited-description")
 
 
 def join_instruction(texts) -> str:

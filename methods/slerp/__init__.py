@@ -32,7 +32,8 @@ TAT_TRAIN_OPTIONS = (
                "in/out projections through peft's MultiheadAttention adapter, which merges into the base weights "
                "at each forward and so moves them by float round-off).", "str", "mlp.c_fc,mlp.c_proj"),
     OptionSpec("temperature", "Fixed temperature of the symmetric image-text contrastive loss "
-               "(the paper fixes it; value unstated: default 0.01, CLIP's learned scale of 100).", "float", 0.01, minimum=1e-6),
+               "(the paper fixes it; value unstated: default 0.01, CLIP's learned scale of 100).", "float", 0.01,
+               minimum=1e-6),
 )
 
 
