@@ -42,7 +42,7 @@ from . import distributed as dist_utils
 from .backbones import Backbone, autocast_context
 from .checkpoints import load_checkpoint, save_checkpoint
 from .corpora import Batch, PairsCorpus, ShardCorpus, collate, open_corpus
-from .errors import CheckpointError, CirbenchError
+from .errors import CheckpointError, CirbenchError, CirbenchWarning
 from .preprocess import Preprocessor, RandomResizedCrop
 from .train_state import load_train_state, rng_state, save_train_state
 from .util import atomic_write_bytes, json_loads, partial_folder, recover_folder, replace_folder
@@ -286,6 +286,11 @@ def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardC
     total_steps = cfg.max_steps or (steps_per_epoch * cfg.epochs if steps_per_epoch else None)
     if total_steps is None:
         raise CirbenchError("a webdataset corpus has no length: pass --max-steps")
+    if cfg.warmup_steps >= total_steps:
+        warnings.warn(f"the warm-up (--warmup-steps {cfg.warmup_steps}) is as long as the whole run ({total_steps} "
+                      f"steps): the learning rate never reaches --lr {cfg.lr:g} (it ends at "
+                      f"{cfg.lr * total_steps / cfg.warmup_steps:.3g}); pass a shorter --warmup-steps",
+                      CirbenchWarning, stacklevel=2)
     return corpus, map_style, per_step, total_steps
 
 

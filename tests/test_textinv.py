@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import pickletools
+import re
 import sys
 import types
+import warnings
 import zipfile
 
 import pytest
@@ -17,7 +19,7 @@ from click.testing import CliRunner
 from cirbench.backbones import load_backbone
 from cirbench.checkpoints import save_checkpoint
 from cirbench.cli import cli
-from cirbench.errors import CheckpointError, CirbenchError
+from cirbench.errors import CheckpointError, CirbenchError, CirbenchWarning
 from cirbench.methods._shared.textinv import encode_with_pseudo_tokens, token_embedding_module
 from cirbench.safe_unpickle import load_pickled_module_tensors
 from cirbench.types import Query
@@ -88,9 +90,22 @@ def test_pic2word_trains_and_mismatch_is_one_line(tmp_path, tiny_config):
     corpus = make_corpus(tmp_path / "c")
     common = ["--backbone", str(tiny_config), "--pretrained", "none", "--workers", "0", "--quiet", "--batch-size", "8",
               "--warmup-steps", "0", "--lr", "1e-3", "--schedule", "constant", "--middle-dim", "16"]
-    res = CliRunner().invoke(cli, ["train", "--method", "pic2word", "--corpus", str(corpus), "--output",
-                                   str(tmp_path / "p2w"), "--max-steps", "3", *common])
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        res = CliRunner().invoke(cli, ["train", "--method", "pic2word", "--corpus", str(corpus), "--output",
+                                       str(tmp_path / "p2w"), "--max-steps", "3", *common])
     assert res.exit_code == 0, res.output
+    assert not [w for w in quiet if "warm-up" in str(w.message)]  # --warmup-steps 0
+    # Pic2Word's own warm-up (10,000 steps) in a 3-step run: said, in one line, with what the lr ends at
+    at = common.index("--warmup-steps")
+    short = common[:at] + common[at + 2:]
+    said = re.escape("the warm-up (--warmup-steps 10000) is as long as the whole run (3 steps): the learning rate "
+                     "never reaches --lr 0.001 (it ends at 3e-07)")
+    with pytest.warns(CirbenchWarning, match=said) as warned:
+        res = CliRunner().invoke(cli, ["train", "--method", "pic2word", "--corpus", str(corpus), "--output",
+                                       str(tmp_path / "warm"), "--max-steps", "3", *short])
+    assert res.exit_code == 0, res.output
+    assert len([w for w in warned if "warm-up" in str(w.message)]) == 1
     assert json.loads((tmp_path / "p2w" / "config.json").read_text())["method"] == "pic2word"
     # a checkpoint whose tensors do not fit the backbone: one line naming the mismatch, exit 2
     bad = tmp_path / "bad.pt"
