@@ -442,8 +442,22 @@ class _Trainer:
         save_train_state(partial, self.optimizer, self.scheduler, self.state.position(), rngs, self.scaler)
         replace_folder(partial, folder)
 
+    def plan(self) -> str:
+        """What this run will do, in one line (printed at its start)."""
+        cfg, t = self.cfg, self.trainable
+        corpus = f"{len(self.corpus):,} samples" if self.map_style else f"{len(self.corpus.urls)} shards"
+        ranks = f" ({self.per_step} a rank x {self.world} ranks)" if self.world > 1 else ""
+        warmup = f", {cfg.warmup_steps:,} warm-up steps" if cfg.warmup_steps else ""
+        images = (f"; images: {self.corpus.preprocessor.identity()['kind']}" if self.corpus.images
+                  else "; captions only")
+        return (f"train {t.name} on {corpus}: {self.total_steps:,} steps of {cfg.batch_size}{ranks}, lr {cfg.lr:g} "
+                f"{cfg.schedule}{warmup}, {t.backbone.precision}{images}; checkpoint every {cfg.save_every:,} "
+                f"steps in {self.latest}")
+
     def run(self) -> Path:
         cfg, run = self.cfg, self.state
+        if cfg.progress and self.rank_ == 0:
+            tqdm.write(self.plan())
         self.trainable.train_mode(True)
         bar = tqdm(total=self.total_steps, initial=run.step, desc=f"train {self.trainable.name}", unit="step",
                    disable=not cfg.progress or self.rank_ != 0)

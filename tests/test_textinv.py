@@ -98,7 +98,7 @@ def test_pic2word_trains_and_mismatch_is_one_line(tmp_path, tiny_config):
     assert not [w for w in quiet if "warm-up" in str(w.message)]  # --warmup-steps 0
     # Pic2Word's own warm-up (10,000 steps) in a 3-step run: said, in one line, with what the lr ends at
     at = common.index("--warmup-steps")
-    short = common[:at] + common[at + 2:]
+    short = [a for a in common[:at] + common[at + 2:] if a != "--quiet"]
     said = re.escape("the warm-up (--warmup-steps 10000) is as long as the whole run (3 steps): the learning rate "
                      "never reaches --lr 0.001 (it ends at 3e-07)")
     with pytest.warns(CirbenchWarning, match=said) as warned:
@@ -106,6 +106,10 @@ def test_pic2word_trains_and_mismatch_is_one_line(tmp_path, tiny_config):
                                        str(tmp_path / "warm"), "--max-steps", "3", *short])
     assert res.exit_code == 0, res.output
     assert len([w for w in warned if "warm-up" in str(w.message)]) == 1
+    # without --quiet the run first says what it will do
+    plan = (f"train pic2word on 32 samples: 3 steps of 8, lr 0.001 constant, 10,000 warm-up steps, fp32; images: "
+            f"random-resized-crop; checkpoint every 500 steps in {tmp_path / 'warm' / 'checkpoint-latest'}")
+    assert plan in res.output
     assert json.loads((tmp_path / "p2w" / "config.json").read_text())["method"] == "pic2word"
     # a checkpoint whose tensors do not fit the backbone: one line naming the mismatch, exit 2
     bad = tmp_path / "bad.pt"
