@@ -226,7 +226,7 @@ class DatasetSpec:
         """Import and return the dataset's factory."""
         return _resolve_factory(self.factory, self.plugin)
 
-    def create(self, data_root: Path | None, options: dict[str, Any]) -> Any:
+    def create(self, data_root: Path | str | None, options: dict[str, Any]) -> Any:
         """Build the dataset and bind this spec to it (the spec is the one source of its name and splits)."""
         dataset = self.load()(data_root, options)
         if hasattr(dataset, "bind_spec"):
