@@ -192,7 +192,6 @@ def _tiny_jpeg() -> bytes:
 def decode_bytes(data: bytes | torch.Tensor, name: str = "<bytes>", max_pixels: int | None = None) -> torch.Tensor:
     """Decode encoded image bytes to a uint8 RGB ``[3, H, W]`` tensor on the CPU (the tensor decoder, PIL for
     formats it lacks); ImageError if they are not an image or exceed ``max_pixels``."""
-    import numpy as np
     import torch
 
     buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -210,9 +209,15 @@ def decode_bytes(data: bytes | torch.Tensor, name: str = "<bytes>", max_pixels: 
             return decoder.image(buf)
         except (RuntimeError, ValueError):
             pass
-    im = open_pil(raw, name, max_pixels or (1 << 62))
-    rgb = np.array(im.convert("RGB"))
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+    return rgb_tensor(open_pil(raw, name, max_pixels or (1 << 62)))
+
+
+def rgb_tensor(image) -> torch.Tensor:
+    """A PIL image as a uint8 RGB ``[3, H, W]`` tensor (``convert("RGB")``, then channels first)."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def load_image(ref: ImageRef, max_pixels: int = 1 << 28):

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from .errors import ImageError, UnknownNameError
+from .images import rgb_tensor
 from .types import PREPROCESS_KINDS
 
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -337,9 +338,7 @@ class Preprocessor:
         mode = InterpolationMode.BICUBIC if self.interpolation == "bicubic" else InterpolationMode.BILINEAR
         target = [self.size, self.size] if self.resize_mode == "squash" else self.size
         image = TF.resize(image, target, interpolation=mode)
-        image = TF.crop(image, plan.crop[1], plan.crop[0], self.size, self.size)
-        rgb = np.asarray(image.convert("RGB"))
-        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+        return rgb_tensor(TF.crop(image, plan.crop[1], plan.crop[0], self.size, self.size))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """``ToTensor`` then ``Normalize``, in float32, on uint8-valued ``[..., 3, H, W]`` pixels."""
@@ -490,8 +489,7 @@ class RandomResizedCrop:
             top, left, height, width = Crop.get_params(image, list(self.scale), list(self.ratio))
         size = self.base.size
         image = TF.resized_crop(image, top, left, height, width, [size, size], InterpolationMode.BICUBIC)
-        rgb = np.asarray(image.convert("RGB"))
-        return self.base.normalize(torch.from_numpy(rgb.copy()).permute(2, 0, 1))
+        return self.base.normalize(rgb_tensor(image))
 
 
 @lru_cache(maxsize=64)
