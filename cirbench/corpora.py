@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .errors import CirbenchError, ImageError
-from .images import decode_bytes, open_pil, tensor_decoder
+from .images import tensor_decoder
 from .preprocess import Preprocessor, RandomResizedCrop
 from .util import json_loads
 
@@ -97,10 +97,7 @@ def _sample(image_bytes: bytes | None, caption: Any, name: str, images: bool,
     if image_bytes is None:
         return None
     try:  # an image over the pixel limit is refused from its header, before anything is decoded
-        if isinstance(preprocessor, RandomResizedCrop):  # a training augmentation runs on PIL, as officially
-            pixels = preprocessor(open_pil(image_bytes, name, preprocessor.max_pixels), key)
-        else:
-            pixels = preprocessor(decode_bytes(image_bytes, name, preprocessor.max_pixels))
+        pixels = preprocessor.from_bytes(image_bytes, name, key)
     except (ImageError, ValueError, OSError):  # PIL refuses some modes' resampling with ValueError
         return None
     return {"pixels": pixels, "caption": caption.strip(), "extra": extra or {}}

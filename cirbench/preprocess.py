@@ -349,6 +349,13 @@ class Preprocessor:
         """A normalised float32 ``[3, size, size]`` tensor from a PIL image (the official pipeline)."""
         return self.normalize(self.pil_uint8(image))
 
+    def from_bytes(self, data: bytes, name: str, key: str = "") -> torch.Tensor:
+        """The normalised float32 tensor of one encoded image (``key``, a random augmentation's draw, is unused
+        here); ImageError if it is not an image or exceeds ``max_pixels``."""
+        from .images import decode_bytes
+
+        return self(decode_bytes(data, name, self.max_pixels))
+
     def __call__(self, image) -> torch.Tensor:
         """Preprocess one image (a PIL image, or a uint8 ``[C, H, W]`` RGB tensor) to normalised float32."""
         if isinstance(image, torch.Tensor):
@@ -477,6 +484,13 @@ class RandomResizedCrop:
 
         digest = hashlib.sha256(f"{self.seed}\0{key}".encode()).digest()
         return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+    def from_bytes(self, data: bytes, name: str, key: str) -> torch.Tensor:
+        """:meth:`__call__` on one encoded image, decoded with PIL as the official training transform reads it;
+        ImageError if it is not an image or exceeds ``max_pixels``."""
+        from .images import open_pil
+
+        return self(open_pil(data, name, self.max_pixels), key)
 
     def __call__(self, image, key: str) -> torch.Tensor:
         """The normalised float32 ``[3, size, size]`` tensor of a PIL ``image``, cropped as ``key`` draws."""
