@@ -560,8 +560,9 @@ class _Trainer:
                 raise _Interrupted
 
     def _batches(self, loader):
-        """The loader's batches; after Ctrl-C, reader processes that the signal ended stop the epoch between
-        two steps (their error is expected then, not reported)."""
+        """The loader's batches; after Ctrl-C, a reader process that the signal ended before it could ignore it
+        (one still starting up, see :func:`_reader_ignores_ctrl_c`) stops the epoch between two steps (its error
+        is expected then, not reported)."""
         batches = iter(loader)
         while True:
             try:
