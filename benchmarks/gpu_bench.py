@@ -250,10 +250,12 @@ def stage_train(out: dict) -> dict:
     corpus = WORK / "train-corpus.csv"
     corpus.write_text("image,caption\n" + "".join(f"{r.path},a photo\n" for r in pool()[:64]))
 
+    backbone = load_backbone(models()["B"], E.get("PRETRAINED", "none"), device=DEVICE, precision=precision,
+                             seed=0, training=True)  # frozen: one load serves every run
+
     def run(name: str, steps: int) -> tuple[dict, dict | None]:
-        backbone = load_backbone(models()["B"], E.get("PRETRAINED", "none"), device=DEVICE, precision=precision,
-                                 seed=0, training=True)
         folder = WORK / "train" / name
+        torch.manual_seed(0)  # every run's probe starts from the same weights
         train(_probe_trainable(backbone), corpus, TrainConfig(
             output=folder, max_steps=steps, batch_size=16, lr=1e-4, schedule="constant", workers=min(WORKERS, 4),
             progress=False, precision=precision))
