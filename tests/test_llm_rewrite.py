@@ -71,6 +71,16 @@ def test_answer_parsing_is_cirevls(answer):
     assert fell == (text == "make it blue")
 
 
+def test_stop_option_takes_one_text_or_a_json_list():
+    from cirbench.methods.llm_rewrite.pipeline import parse_stops
+
+    assert parse_stops("\\n\\n") == ["\n\n"] and parse_stops("END\\t") == ["END\t"] and parse_stops("") == []
+    assert parse_stops('["\\n\\n", "<|endoftext|>", ""]') == ["\n\n", "<|endoftext|>"]
+    for bad in ('["\\n\\n", 3]', '["unterminated'):
+        with pytest.raises(CirbenchError, match="--stop .* JSON list of texts"):
+            parse_stops(bad)
+
+
 def test_prompt_files(tmp_path):
     base = tmp_path / "cirevl_style.txt"
     base.write_text("I have an image. Rewrite it.")
@@ -245,9 +255,9 @@ def test_cirevl_runs_live_then_replays_offline_exactly(tmp_path, tiny_config, to
     texts = {q["id"]: q["text"] for q in json.loads((toy_root / "queries.json").read_text())["queries"]}
     pairs = {(r["method"]["captions"][0], texts[r["query"]]) for r in rows}
     assert len(endpoint.requests) == len(pairs)  # one rewrite per distinct (caption, instruction)
-    # what CIReVL's src/openai_api.py sends: temperature 0, max_tokens 700, stopping at a blank line
+    # what CIReVL's src/openai_api.py sends: temperature 0, max_tokens 700, stop=["\n\n", "<|endoftext|>"]
     sent = endpoint.requests[0]
-    assert (sent["temperature"], sent["max_tokens"], sent["stop"]) == (0.0, 700, ["\n\n"])
+    assert (sent["temperature"], sent["max_tokens"], sent["stop"]) == (0.0, 700, ["\n\n", "<|endoftext|>"])
     assert rows[0]["method"]["rewrites"][0].startswith("a ") and rows[0]["method"]["fallbacks"] == 0
     summary = first.record["method"]["summary"]
     assert summary["generations"]["generated"] == 12 + len(pairs)  # 12 images captioned, then the rewrites

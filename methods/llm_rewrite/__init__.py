@@ -54,8 +54,8 @@ def _options(captioner: str, caption_prompt: str, captions: int, temperature: fl
         OptionSpec("max_tokens", "Most tokens the language model may answer with; 0: none sent to an endpoint "
                    "(LDRE's script sends none, CIReVL's 700; a local model then stops at 700).", "int", max_tokens,
                    minimum=0, maximum=32_768),
-        OptionSpec("stop", "Text that ends the answer, \\n for a newline, '' for none (CIReVL's code stops at a "
-                   "blank line, LDRE's at none).", "str", stop),
+        OptionSpec("stop", "Text that ends the answer (\\n for a newline), several as a JSON list, '' for none "
+                   "(CIReVL's code stops at a blank line or <|endoftext|>, LDRE's at none).", "str", stop),
         OptionSpec("sampling_seed", "Seed for sampled captions and answers.", "int", 0, minimum=0, maximum=SEED_MAX),
         OptionSpec("generation_precision", "Weights dtype of the local (hf:) captioner and language model: fp32, "
                    "or bf16/fp16 for half the GPU memory (LAVIS, which CIReVL and LDRE used, runs BLIP-2's FlanT5 in "
@@ -77,7 +77,8 @@ def register_methods(register):
         name="cirevl",
         description="CIReVL: caption the reference (BLIP-2), rewrite it with an LLM, retrieve by text.",
         factory="cirbench.methods.llm_rewrite.pipeline:CIReVL",
-        options=_options("hf:Salesforce/blip2-flan-t5-xxl", CIREVL_CAPTION_PROMPT, 1, 0.0, "image", 700, "\\n\\n"),
+        options=_options("hf:Salesforce/blip2-flan-t5-xxl", CIREVL_CAPTION_PROMPT, 1, 0.0, "image", 700,
+                         r'["\n\n", "<|endoftext|>"]'),  # CIReVL's src/openai_api.py
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="targetpad",
     ))

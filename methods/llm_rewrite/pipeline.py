@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,11 +88,11 @@ class CaptionRewrite(Method):
         o = self.options
         seed = o.get("sampling_seed")
         local = str(o["llm"]).startswith("hf:")
-        stop = _unescape(str(o.get("stop") or ""))
+        stop = parse_stops(str(o.get("stop") or ""))
         params = {"temperature": float(o.get("temperature") or 0.0),
                   # 0: none sent to an endpoint; a local model must stop somewhere
                   "max_tokens": int(o.get("max_tokens") or 0) or (LOCAL_MAX_TOKENS if local else None),
-                  "stop": [stop] if stop else [], "seed": int(seed) if seed is not None else None}
+                  "stop": stop, "seed": int(seed) if seed is not None else None}
         if local:  # an endpoint's precision is the server's, not ours to record
             params["precision"] = self._precision()
         return params
@@ -421,9 +422,19 @@ def _image_sha256(ref) -> str:
     return digest if ref.view is None else f"{digest}|view:{ref.view.key}"
 
 
-def _unescape(text: str) -> str:
-    """``--stop`` as typed on a command line: ``\\n`` and ``\\t`` stand for a newline and a tab."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+def parse_stops(text: str) -> list[str]:
+    """``--stop`` as typed on a command line: one text, where ``\\n`` and ``\\t`` stand for a newline and a
+    tab, or several as a JSON list (``["\\n\\n", "<|endoftext|>"]``, CIReVL's two); '' for none."""
+    if text.lstrip().startswith("["):
+        try:
+            stops = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CirbenchError(f"--stop {text!r} is not a JSON list of texts: {exc.msg}") from None
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise CirbenchError(f"--stop {text!r} is not a JSON list of texts")
+        return [s for s in stops if s]
+    text = re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+    return [text] if text else []
 
 
 @contextlib.contextmanager
