@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
+from cirbench import training
 from cirbench.backbones import load_backbone
 from cirbench.cli import cli
 from cirbench.corpora import collate, open_corpus
@@ -212,11 +214,6 @@ def test_resume_continues_where_it_stopped(tmp_path, tiny_config, stop):
 
 
 def test_ctrl_c_finishes_the_step_saves_and_the_same_command_resumes(tmp_path, tiny_config, monkeypatch):
-    import os
-    import signal
-
-    from cirbench import training
-
     corpus = make_corpus(tmp_path / "c")
     runner = CliRunner()
     straight = _train_args(tiny_config, corpus, tmp_path / "straight", "--max-steps", "6")
@@ -247,8 +244,6 @@ def test_a_save_cut_short_keeps_the_previous_checkpoint_whole(tmp_path, tiny_con
     """checkpoint-latest is written into a new folder and renamed into place: stopped half-way (here, between its
     weights and its optimizer state), the previous step's checkpoint stays, whole; stopped between the two
     renames, the next run puts the previous one back."""
-    from cirbench import training
-
     corpus = make_corpus(tmp_path / "c")
     out = tmp_path / "run"
     runner = CliRunner()
@@ -441,7 +436,6 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_and_resumes(tmp_p
 def test_ctrl_c_to_torchrun_saves_and_stops_every_rank(tmp_path, tiny_config):
     """The real signal path: torchrun forwards SIGINT to each worker's process group (readers included) and
     kills what is left 30 s later; the workers agree on a step, save it whole and stop within that time."""
-    import signal
     import time
 
     corpus = make_corpus(tmp_path / "c")
@@ -564,3 +558,30 @@ def test_bad_training_input(tmp_path, tiny_config):
         res = CliRunner().invoke(cli, ["train", "--method", method, "--corpus", str(corpus), "--output",
                                        str(tmp_path / "o"), "--backbone", "ViT-B-32", "--pretrained", "openai"])
         assert res.exit_code == 2 and message in res.output and "download" not in res.output, res.output
+
+
+class _CtrlCInReader(torch.utils.data.Dataset):
+    """Eight samples; reading the third sends Ctrl-C to the reader process itself, as a terminal's Ctrl-C (sent
+    to the whole process group) reaches every reader."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"pixels": torch.full((1,), float(i)), "caption": str(i), "extra": {}}
+
+
+def test_readers_leave_ctrl_c_to_the_main_process(tmp_path):
+    """The main process finishes its step and saves after Ctrl-C; the readers must go on reading meanwhile,
+    not die with the signal (which the loader would report as a crashed worker)."""
+    cfg = training.TrainConfig(output=tmp_path, workers=1, seed=0)
+    loader = training._loader(_CtrlCInReader(), True, 2, cfg, 0, 1, 0, 0, torch.device("cpu"))
+    seen = sorted(c for batch in loader for c in batch.captions)
+    assert seen == [str(i) for i in range(8)]
+    # the same readers without the guard: the signal ends the reader, and the loader fails (how depends on
+    # when: "worker exited unexpectedly", or a tensor it sent that can no longer be fetched)
+    loader.worker_init_fn = None
+    with pytest.raises((RuntimeError, OSError)):
+        list(loader)
