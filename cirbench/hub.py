@@ -62,3 +62,25 @@ def hub_file(repo_id: str, filename: str, what: str) -> Path:
         raise CheckpointError(f"cannot get {what} (https://huggingface.co/{repo_id}/blob/main/{filename}): "
                               f"{type(exc).__name__}: {one_line(exc)[:160]}. Download the file on a connected "
                               "machine and pass --checkpoint PATH") from None
+
+
+def url_file(url: str, what: str, option: str) -> Path:
+    """A file published at ``url`` (a release asset, a data file in a repository): from torch's hub cache
+    (``<torch hub dir>/checkpoints/<name>``) when it is there, downloaded into it otherwise; CheckpointError
+    naming the URL and ``--option PATH`` when the host cannot be reached or the download fails."""
+    import torch  # only on the path that needs the file
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+    if cached.is_file():
+        return cached
+    host = urllib.parse.urlparse(url).hostname or ""
+    if not host_reachable(host):
+        raise CheckpointError(f"cannot download {what} ({url}): no network. Download the file on a connected "
+                              f"machine and pass --{option} PATH")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(cached), progress=True)  # writes a temporary file, then renames
+    except Exception as exc:  # noqa: BLE001 - a moved asset, a proxy: every failure is the same one line
+        raise CheckpointError(f"cannot download {what} ({url}): {type(exc).__name__}: {one_line(exc)[:160]}. "
+                              f"Download the file on a connected machine and pass --{option} PATH") from None
+    return cached

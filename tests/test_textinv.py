@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickletools
@@ -214,14 +215,18 @@ def test_searle_without_weights_offline_is_a_clear_error(backbone, monkeypatch, 
         model.Searle(backbone, {"checkpoint": None}, "cirr")  # no official weights for this backbone at all
     # an OpenAI ViT-B-32 whose official weights are not cached, with no network: the offline branch
     official = types.SimpleNamespace(model_name="ViT-B-32", pretrained="openai")
-    monkeypatch.setattr(model.torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    from cirbench import hub
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     calls = []
 
     def offline(*args, **kwargs):
         calls.append(args)
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(model.socket, "create_connection", offline)
+    monkeypatch.setattr(hub.socket, "create_connection", offline)
+    hub.host_reachable.cache_clear()
+    monkeypatch.setattr(hub, "host_reachable", functools.cache(hub.host_reachable.__wrapped__))
     with pytest.raises(CirbenchError, match="no network.*--checkpoint"):
         model.official_weights(official)
     assert calls and calls[0][0] == ("github.com", 443)

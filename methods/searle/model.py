@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
-import torch
-
 from cirbench.backbones import Backbone
-from cirbench.errors import CheckpointError, CirbenchError
+from cirbench.errors import CheckpointError
+from cirbench.hub import url_file
 from cirbench.methods._shared.textinv import SearleProtocol, load_phi_weights, searle_prompt
 
 PLACEHOLDER = "$"
@@ -22,16 +20,7 @@ def official_weights(backbone: Backbone) -> Path:
     if tag is None:
         raise CheckpointError(f"SEARLE publishes weights for ViT-B-32 and ViT-L-14 with OpenAI weights only; "
                               f"for {backbone.model_name}/{backbone.pretrained} pass --checkpoint")
-    url = RELEASE.format(tag=tag)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-    if not cached.exists():
-        try:
-            socket.create_connection(("github.com", 443), timeout=3).close()
-        except OSError:
-            raise CirbenchError(f"cannot download the official SEARLE weights ({url}): no network. Download the "
-                                "file on a connected machine and pass --checkpoint PATH") from None
-        torch.hub.download_url_to_file(url, str(cached), progress=True)
-    return cached
+    return url_file(RELEASE.format(tag=tag), "the official SEARLE weights", "checkpoint")
 
 
 def prompt(text: str) -> str:
