@@ -353,6 +353,13 @@ class Evaluator:
             rkey = self._feature_key(backbone, preprocessor, rkind)
             ref_feats = self._features(cache, rkey, refs, method.encode_references, preprocessor,
                                        f"{es.name}: references")
+        with torch.enable_grad():  # a method may optimise something per reference (SEARLE-OTI)
+            prepared = method.prepare_references([r.id for r in refs], ref_feats)
+        if not isinstance(prepared, torch.Tensor) or prepared.shape[:1] != (len(refs),):
+            got = tuple(prepared.shape) if isinstance(prepared, torch.Tensor) else type(prepared).__name__
+            raise CirbenchError(f"method '{mspec.name}' (plugin {mspec.plugin or '?'}): prepare_references returned "
+                                f"{got}, not one row for each of the {len(refs)} reference images")
+        ref_feats = prepared.detach()
         dim = gallery.shape[-1] if gallery.ndim == 2 else 0
         queries = self._compose(es, method, mspec, backbone, refs, ref_feats, dim)
         gallery_dev = gallery.to(backbone.device)  # once: every ranking below reuses it

@@ -10,7 +10,9 @@ A method subclasses :class:`Method` and registers a :class:`~cirbench.types.Meth
 2. encodes the gallery with :meth:`Method.encode_gallery` (cached under :meth:`gallery_feature_kind`);
 3. encodes the distinct reference images with :meth:`Method.encode_references` (cached under
    :meth:`reference_feature_kind`; by default the same kind as the gallery, so they are reused; a method
-   whose kind is ``None`` needs no reference features and gets ``[B, 0]`` tensors);
+   whose kind is ``None`` needs no reference features and gets ``[B, 0]`` tensors), and passes them all to
+   :meth:`Method.prepare_references` (work per reference image over the whole set, such as optimising a
+   pseudo-word for each; by default nothing);
 4. calls :meth:`Method.compose` on batches of queries with their reference features. A method with
    ``query_vectors = K > 1`` returns ``[B, K, D]`` and scores them with :meth:`Method.combine_scores`;
 5. calls :meth:`Method.finalize_queries` once with all the set's query features and the gallery features
@@ -99,6 +101,14 @@ class Method:
     def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
         """Reference-image features ``[B, ...]`` (any trailing shape) for a preprocessed batch."""
         return self.encode_gallery(pixels)
+
+    def prepare_references(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
+        """Work done once per evaluation set on the features of all its distinct reference images (``ids``, in
+        first-use order, with ``features`` from :meth:`encode_references`), after they are encoded and before
+        any :meth:`compose`; returns what :meth:`compose` receives for them, one row per reference (any
+        trailing shape). Gradients are enabled. Default: the features unchanged. SEARLE-OTI optimises one
+        pseudo-word per reference image here."""
+        return features
 
     # -- queries ---------------------------------------------------------------------------------
     def prepare(self, query_set: QuerySet) -> None:

@@ -294,12 +294,22 @@ def test_what_a_method_returns_is_checked_and_the_plugin_named(tmp_path, tiny_co
 
     class Broken(Method):
         def compose(self, references, queries):
+            if self.options["mode"] == "prepared":  # compose gets what prepare_references made, row for row
+                ids = [self.prepared_ids.index(q.reference) for q in queries]
+                assert references.shape[1] == 2 and references[:, 0].tolist() == ids, references
             feats = torch.nn.functional.normalize(torch.ones(len(queries), self.backbone.embed_dim), dim=-1)
             return {"shape": feats[:, :-1], "nan": feats * float("nan"), "scale": feats * 2,
                     "type": feats.tolist()}.get(self.options["mode"], feats)
 
         def finalize_queries(self, queries, features, gallery):
             return features * 3 if self.options["mode"] == "finalize" else features
+
+        def prepare_references(self, ids, features):
+            self.prepared_ids = ids
+            if self.options["mode"] == "prepared":
+                assert torch.is_grad_enabled()
+                return torch.stack([torch.arange(len(ids)), torch.zeros(len(ids), dtype=torch.long)], dim=1).float()
+            return features[1:] if self.options["mode"] == "references" else features
 
     class BrokenPlugin:
         @hookimpl
@@ -309,11 +319,13 @@ def test_what_a_method_returns_is_checked_and_the_plugin_named(tmp_path, tiny_co
 
     cases = {"shape": "compose returned shape (12, 31), expected (12, 32)", "nan": "compose returned non-finite",
              "scale": "compose returned features that are not L2-normalised", "type": "compose returned list",
-             "finalize": "finalize_queries returned features that are not L2-normalised (norms 3..3)"}
+             "finalize": "finalize_queries returned features that are not L2-normalised (norms 3..3)",
+             "references": "prepare_references returned (11, 32), not one row for each of the 12 reference images"}
     with registered(ToyPlugin(), "toy") as reg:
         reg.register_plugin(BrokenPlugin(), name="broken-plugin")
         (ok,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="broken", bootstrap=0), reg)
         assert ok.metrics
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, method="broken", method_options={"mode": "prepared"}), reg)
         for mode, message in cases.items():
             with pytest.raises(CirbenchError, match=r"method 'broken' \(plugin broken-plugin\): ") as err:
                 evaluate(_cfg(tmp_path, tiny_config, toy_root, method="broken", method_options={"mode": mode}), reg)
