@@ -301,3 +301,29 @@ def load_state_dict(path: Path | str, key: str | None = None, obj: Any = None) -
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict")
     return _tensors(obj, path)
+
+
+class _DataUnpickler(pickle._Unpickler):
+    """Plain data only (dicts, lists, strings, numbers): a pickle that names any global is refused."""
+
+    def find_class(self, module: str, name: str):
+        raise RefusedPickle(f"refusing to unpickle: the file names {module}.{name}, but plain data needs no class; "
+                            "it may be malicious")
+
+    def persistent_load(self, pid):
+        raise RefusedPickle("refusing to unpickle: the file references external objects")
+
+
+def load_data_pickle(data: bytes, source: str) -> Any:
+    """The plain data (containers, strings, numbers) a pickle holds, e.g. a dict of generated phrases, read
+    without resolving or calling anything it names."""
+    if len(data) > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{source} is {len(data)} bytes; refused")
+    try:
+        return _DataUnpickler(io.BytesIO(data)).load()
+    except CheckpointError:
+        raise
+    except RecursionError:
+        raise CheckpointError(f"{source} nests objects too deeply; refused") from None
+    except Exception as exc:  # noqa: BLE001 - anything odd is a bad file
+        raise CheckpointError(f"{source} is not a readable pickle: {type(exc).__name__}: {str(exc)[:200]}") from None

@@ -56,15 +56,20 @@ def encode_with_pseudo_tokens(
     pseudo: torch.Tensor | Sequence[torch.Tensor],
     placeholder: str = "*",
     normalize: bool = True,
+    first_only: bool = False,
 ) -> torch.Tensor:
     """Text features of ``prompts`` with the k-th ``placeholder`` of prompt i replaced by ``pseudo[i][k]``.
 
     ``pseudo`` is a ``[B, P, width]`` tensor (every prompt has P placeholders), a ``[B, width]`` tensor (one
     each), or a list of ``[n_i, width]`` tensors (any number per prompt). Gradients flow into ``pseudo``.
+    ``first_only``: only the first placeholder of each prompt is replaced, later ones stay the plain word (as
+    SEARLE's own ``encode_with_pseudo_tokens`` does for text that has its own ``$``, such as generated phrases).
     """
     tokens = backbone.tokenize(list(prompts))
     pid = placeholder_id(backbone, placeholder)
     mask = tokens == pid
+    if first_only:
+        mask &= mask.cumsum(dim=1) == 1
     if isinstance(pseudo, torch.Tensor):
         rows = list(pseudo.unsqueeze(1) if pseudo.ndim == 2 else pseudo)
     else:
@@ -190,9 +195,13 @@ class SearleProtocol(RawImageReferences, Method):
         load_module_weights(phi, tensors, source)
         self.phi = phi.to(self.backbone.device).eval()
 
+    def pseudo_words(self, references: torch.Tensor) -> torch.Tensor:
+        """One pseudo-word ``[B, width]`` per reference (what :meth:`compose` receives for it)."""
+        return self.phi(references.to(self.backbone.device).float())
+
     @torch.no_grad()
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
-        tokens = self.phi(references.to(self.backbone.device).float())
+        tokens = self.pseudo_words(references)
         variants = [caption_variants(q.texts) for q in queries]
         counts = [len(v) for v in variants]
         prompts = [benchmark_prompt(q, self.placeholder) or searle_prompt(t, self.placeholder)

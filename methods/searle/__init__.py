@@ -4,10 +4,15 @@ Phi maps the CLIP image embedding to the pseudo-word ``$`` in "a photo of $ that
 forward ("c1 and c2") and reverse ("c2 and c1") prompts are encoded and their normalised features averaged.
 The official weights for ViT-B/32 and ViT-L/14 (OpenAI CLIP) are downloaded from the SEARLE releases when no
 ``--checkpoint`` is given.
+
+``searle-oti`` (SEARLE-OTI; with ``--backbone ViT-L-14`` SEARLE-XL-OTI) needs no network: it optimises one
+pseudo-word per reference image against the image and against GPT-Neo phrases about the image's concepts
+(SEARLE's optimisation-based textual inversion, see :mod:`.oti`).
 """
 
 from cirbench.hookspecs import hookimpl
 from cirbench.types import MethodSpec, OptionSpec
+from cirbench.util import SEED_MAX
 
 
 @hookimpl
@@ -18,6 +23,34 @@ def register_methods(register):
         factory="cirbench.methods.searle.model:Searle",
         options=(OptionSpec("checkpoint", "Official SEARLE .pt (dict with 'Phi') or a folder with model.safetensors "
                             "+ config.json; default: download the official weights for the backbone.", "path", None),),
+        default_backbone=("ViT-B-32", "openai"),
+        default_preprocess="targetpad",
+    ))
+    register(MethodSpec(
+        name="searle-oti",
+        description="SEARLE-OTI: a pseudo-word optimised for each reference image (no network), SEARLE's prompt.",
+        factory="cirbench.methods.searle.oti:SearleOTI",
+        options=(
+            OptionSpec("concepts", "Concept names: Open Images' oidv7-class-descriptions.csv (DisplayName column) or "
+                       "a text file, one per line; default: download the one in SEARLE's repository.", "path", None),
+            OptionSpec("phrases", "GPT phrases per concept: SEARLE's GPTNeo27B.zip release, its "
+                       "concept_to_phrases.pkl, or a JSON {concept: [phrase, ...]}; default: download the release.",
+                       "path", None),
+            OptionSpec("oti_steps", "Optimisation steps per batch of reference images.", "int", 350, minimum=1,
+                       maximum=100_000),
+            OptionSpec("oti_lr", "AdamW learning rate of the pseudo-words.", "float", 2e-2, minimum=0.0),
+            OptionSpec("oti_weight_decay", "AdamW weight decay.", "float", 0.01, minimum=0.0),
+            OptionSpec("oti_batch_size", "Reference images optimised together (their losses are averaged).", "int",
+                       32, minimum=1, maximum=4096),
+            OptionSpec("top_k", "Concepts per image whose phrases regularise its pseudo-word.", "int", 15, minimum=1,
+                       maximum=250),
+            OptionSpec("lambda_cos", "Weight of the template/image cosine loss.", "float", 1.0, minimum=0.0),
+            OptionSpec("lambda_gpt", "Weight of the phrase regularisation loss.", "float", 0.5, minimum=0.0),
+            OptionSpec("ema_decay", "Decay of the moving average of the pseudo-words (what is evaluated).", "float",
+                       0.99, minimum=0.0, maximum=1.0),
+            OptionSpec("oti_seed", "Seed of the pseudo-words' initialisation and of the sampled templates and "
+                       "phrases (each batch derives its own).", "int", 42, minimum=0, maximum=SEED_MAX),
+        ),
         default_backbone=("ViT-B-32", "openai"),
         default_preprocess="targetpad",
     ))

@@ -1,0 +1,300 @@
+"""SEARLE-OTI: optimisation-based textual inversion of each reference image (Baldrati et al., ICCV 2023).
+
+No network maps the image to its pseudo-word: for every reference image a pseudo-word ``$`` is optimised so
+that "a photo of a $" (one of 24 templates, sampled per step) encodes close to the image, while a phrase
+written by GPT-Neo about one of the image's concepts, with the concept replaced by ``$``, stays close to the
+original phrase. Transcribed from the official ``src/image_concepts_association.py`` and
+``src/oti_inversion.py``:
+
+* concepts: the Open Images V7 class names; each is embedded as the normalised mean of its 24 template
+  prompts' normalised text features; an image's concepts are its 250 nearest by cosine, stripped,
+  de-duplicated, the first ``--top-k`` (15) kept; concepts any of whose phrases do not contain them are left
+  out;
+* phrases: SEARLE's released GPT-Neo 2.7B phrases (256 per concept, ``concept_to_phrases.pkl``);
+* optimisation, per batch of ``--oti-batch-size`` (32) reference images: pseudo-words drawn from N(0, 0.02),
+  AdamW (lr 2e-2, weight decay 0.01), 350 steps of ``(1 * cos + 0.5 * gpt) / 1.5`` where ``cos`` is the mean
+  cosine distance between the template's text feature and the raw image feature and ``gpt`` the one between
+  the phrase with ``$`` and the phrase itself; an exponential moving average (decay 0.99) of the pseudo-words
+  is what is evaluated, in SEARLE's prompt "a photo of $ that {caption}".
+
+The pseudo-words are cached per batch under ``<cache>/oti`` (a stopped run goes on from the last batch done),
+keyed by everything that changes them; the concept embeddings under ``<cache>/oti-concepts``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from cirbench.errors import CirbenchError
+from cirbench.hub import url_file
+from cirbench.method import QuerySet
+from cirbench.methods._shared.textinv import SearleProtocol, encode_with_pseudo_tokens, token_width
+from cirbench.safe_unpickle import load_data_pickle
+from cirbench.util import default_cache_dir, file_sha256, json_hash, making, sha256_bytes
+
+CONCEPTS_URL = "https://raw.githubusercontent.com/miccunifi/SEARLE/main/data/oidv7-class-descriptions.csv"
+PHRASES_URL = "https://github.com/miccunifi/SEARLE/releases/download/weights/GPTNeo27B.zip"
+CONCEPTS_PER_IMAGE = 250  # image_concepts_association.py: the nearest concepts kept per image
+# SEARLE's utils.get_templates (the PALAVRA templates)
+TEMPLATES = (
+    "This is a photo of a {}", "This photo contains a {}", "A photo of a {}", "This is an illustration of a {}",
+    "This illustration contains a {}", "An illustrations of a {}", "This is a sketch of a {}",
+    "This sketch contains a {}", "A sketch of a {}", "This is a diagram of a {}", "This diagram contains a {}",
+    "A diagram of a {}", "A {}", "We see a {}", "{}", "We see a {} in this photo", "We see a {} in this image",
+    "We see a {} in this illustration", "We see a {} photo", "We see a {} image", "We see a {} illustration",
+    "{} photo", "{} image", "{} illustration",
+)
+PLACEHOLDER = "$"
+SLOT = f" {PLACEHOLDER} "  # what a template's {} and a phrase's concept become
+
+
+# -- the concept vocabulary and the phrases ---------------------------------------------------------------
+def load_concepts(path: Path) -> list[str]:
+    """Concept names: a CSV with a ``DisplayName`` column (Open Images' class descriptions), or a text file
+    with one name per line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CirbenchError(f"cannot read the concepts file {path}: {exc}") from None
+    if Path(path).suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if "DisplayName" not in (reader.fieldnames or ()):
+            raise CirbenchError(f"concepts file {path} has no DisplayName column (Open Images' "
+                                "oidv7-class-descriptions.csv has LabelName,DisplayName)")
+        names = [row["DisplayName"] or "" for row in reader]
+    else:
+        names = [line for line in text.splitlines() if line.strip()]
+    if not names:
+        raise CirbenchError(f"concepts file {path} lists no concept")
+    return names
+
+
+def load_phrases(path: Path) -> dict[str, list[str]]:
+    """Phrases per concept: SEARLE's release (``GPTNeo27B.zip``, or the ``concept_to_phrases.pkl`` in it, read
+    without running anything from it) or a JSON object ``{concept: [phrase, ...]}``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".zip":
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("concept_to_phrases.pkl")), None)
+                if member is None:
+                    raise CirbenchError(f"phrases archive {path} holds no concept_to_phrases.pkl")
+                data = load_data_pickle(archive.read(member), f"{path}:{member}")
+        elif suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            data = load_data_pickle(path.read_bytes(), str(path))
+    except (OSError, zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CirbenchError(f"cannot read the phrases file {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(p, str) for p in v) for k, v in data.items()):
+        raise CirbenchError(f"phrases file {path} is not a mapping of concept -> list of phrases")
+    return data
+
+
+def usable_concepts(phrases: dict[str, list[str]]) -> set[str]:
+    """Concepts whose every phrase contains the concept, so that it can be replaced by ``$`` (the official
+    filter; a concept without phrases cannot be used either)."""
+    return {k for k, v in phrases.items() if v and all(PLACEHOLDER in p.replace(k, SLOT, 1) for p in v)}
+
+
+# -- concept association ----------------------------------------------------------------------------------
+def _plain_text_features(backbone, texts: list[str]) -> torch.Tensor:
+    """Normalised text features, not memoised (hundreds of thousands of prompts pass through here)."""
+    with torch.no_grad(), backbone.autocast():
+        feats = backbone.model.encode_text(backbone.tokenize(texts))
+    return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+
+def concept_embeddings(backbone, names: list[str], batch_concepts: int = 64, progress: bool = True) -> torch.Tensor:
+    """``[N, D]``: per concept the normalised mean of its template prompts' normalised text features."""
+    unique = list(dict.fromkeys(names))
+    rows = []
+    for start in tqdm(range(0, len(unique), batch_concepts), desc="OTI: concept embeddings", unit="batch",
+                      disable=not progress, leave=False):
+        chunk = unique[start : start + batch_concepts]
+        prompts = [t.format(f" {name} ") for name in chunk for t in TEMPLATES]
+        feats = _plain_text_features(backbone, prompts).view(len(chunk), len(TEMPLATES), -1)
+        rows.append(torch.nn.functional.normalize(feats.mean(dim=1), dim=-1))
+    table = torch.cat(rows)
+    index = {name: i for i, name in enumerate(unique)}
+    return table[[index[n] for n in names]]
+
+
+def associate(image_features: torch.Tensor, embeddings: torch.Tensor, names: list[str], top_k: int) -> list[list[str]]:
+    """Each image's ``top_k`` concepts: its 250 nearest concept names (cosine), stripped, first occurrences."""
+    sims = torch.nn.functional.normalize(image_features.float(), dim=-1) @ embeddings.T.to(image_features.device)
+    nearest = torch.topk(sims, min(CONCEPTS_PER_IMAGE, len(names)), dim=-1).indices.cpu().tolist()
+    return [list(dict.fromkeys(str(names[i]).strip() for i in row))[:top_k] for row in nearest]
+
+
+# -- the optimisation -------------------------------------------------------------------------------------
+def invert_batch(backbone, image_features: torch.Tensor, phrase_pools: list[list[tuple[str, str]]],
+                 params: dict[str, Any], seed: int) -> tuple[torch.Tensor, float]:
+    """The EMA pseudo-words ``[B, width]`` of one batch of images, and the last step's loss.
+
+    ``phrase_pools[i]`` lists image i's (concept, phrase) pairs; an image with none is optimised on the
+    template loss alone (the official script would stop there with an error)."""
+    device = backbone.device
+    n = image_features.shape[0]
+    draws = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.empty(n, token_width(backbone)).normal_(0.0, 0.02, generator=generator).to(device)
+    tokens = torch.nn.Parameter(tokens)
+    ema = tokens.detach().clone()
+    optimizer = torch.optim.AdamW([tokens], lr=params["lr"], weight_decay=params["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=backbone.precision == "fp16" and device.type == "cuda")
+    images = image_features.to(device).float()
+    with_phrases = [i for i, pool in enumerate(phrase_pools) if pool]
+    lam_cos, lam_gpt = params["lambda_cos"], params["lambda_gpt"]
+    loss_value = float("nan")
+    for _ in range(params["steps"]):
+        optimizer.zero_grad(set_to_none=True)
+        templates = [TEMPLATES[i].format(SLOT) for i in draws.choices(range(len(TEMPLATES)), k=n)]
+        picks = [phrase_pools[i][draws.randrange(len(phrase_pools[i]))] for i in with_phrases]
+        feats = encode_with_pseudo_tokens(backbone, templates, tokens, PLACEHOLDER, normalize=False, first_only=True)
+        loss = lam_cos * (1 - torch.nn.functional.cosine_similarity(feats, images)).mean()
+        if picks:
+            inverted = [phrase.replace(concept, SLOT, 1) for concept, phrase in picks]
+            with torch.no_grad():
+                original = _plain_text_features(backbone, [phrase for _, phrase in picks])
+            reg = encode_with_pseudo_tokens(backbone, inverted, tokens[with_phrases], PLACEHOLDER, normalize=False,
+                                            first_only=True)
+            loss = loss + lam_gpt * (1 - torch.nn.functional.cosine_similarity(reg, original)).mean()
+        loss = loss / (lam_cos + lam_gpt)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():
+            ema.mul_(params["ema_decay"]).add_(tokens.detach(), alpha=1 - params["ema_decay"])
+        loss_value = float(loss.detach())
+    return ema.cpu(), loss_value
+
+
+class SearleOTI(SearleProtocol):
+    """SEARLE's prompt with a pseudo-word optimised for each reference image (see the module docstring)."""
+
+    def __init__(self, backbone, options, dataset=None):
+        super().__init__(backbone, options, dataset)
+        o = self.options
+        self.params = {"steps": int(o.get("oti_steps", 350)), "lr": float(o.get("oti_lr", 2e-2)),
+                       "weight_decay": float(o.get("oti_weight_decay", 0.01)),
+                       "batch_size": int(o.get("oti_batch_size", 32)), "top_k": int(o.get("top_k", 15)),
+                       "lambda_cos": float(o.get("lambda_cos", 1.0)), "lambda_gpt": float(o.get("lambda_gpt", 0.5)),
+                       "ema_decay": float(o.get("ema_decay", 0.99)), "seed": int(o.get("oti_seed", 42))}
+        if self.params["lambda_cos"] + self.params["lambda_gpt"] <= 0:
+            raise CirbenchError("--lambda-cos plus --lambda-gpt must be above 0")
+        # fetched and read now: a missing file or an offline download fails before any image is encoded
+        concepts = Path(o["concepts"]) if o.get("concepts") else url_file(CONCEPTS_URL, "SEARLE's concept list",
+                                                                           "concepts")
+        phrases = Path(o["phrases"]) if o.get("phrases") else url_file(PHRASES_URL, "SEARLE's GPT-Neo phrases",
+                                                                        "phrases")
+        self.concept_names = load_concepts(concepts)
+        self.phrases = load_phrases(phrases)
+        self.usable = usable_concepts(self.phrases)
+        self.sources = {"concepts": {"path": str(concepts), "sha256": file_sha256(concepts)},
+                        "phrases": {"path": str(phrases), "sha256": file_sha256(phrases)}}
+        self.cache_root: Path | None = None
+        self.progress = True
+        self.stats = {"references": 0, "batches_optimised": 0, "batches_cached": 0, "images_without_phrases": 0,
+                      "concepts_usable": len(self.usable), "concepts": len(self.concept_names)}
+
+    def prepare(self, query_set: QuerySet) -> None:
+        self.cache_root = query_set.cache_dir or default_cache_dir()
+        self.progress = query_set.progress
+
+    def pseudo_words(self, references: torch.Tensor) -> torch.Tensor:
+        return references.to(self.backbone.device).float()  # prepare_references made them
+
+    # -- the work over the set --------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {"backbone": self.backbone.identity(), "precision": self.backbone.precision,
+                "device": self.backbone.device.type, "concepts": self.sources["concepts"]["sha256"]}
+
+    def _embeddings(self) -> torch.Tensor:
+        root = (self.cache_root or default_cache_dir()) / "oti-concepts"
+        path = root / f"{json_hash({'v': 1, **self._identity(), 'templates': TEMPLATES})}.safetensors"
+        with making(path, "OTI: waiting for another process embedding the same concepts"):
+            if path.is_file():
+                try:
+                    return load_file(str(path))["embeddings"].to(self.backbone.device)
+                except Exception:  # noqa: BLE001 - a torn or foreign file is made again
+                    path.unlink(missing_ok=True)
+            table = concept_embeddings(self.backbone, self.concept_names, progress=self.progress)
+            _save(path, {"embeddings": table.cpu()})
+        return table
+
+    def _phrase_pools(self, features: torch.Tensor) -> list[list[tuple[str, str]]]:
+        """Each image's (concept, phrase) pairs: the phrases of its usable top-k concepts."""
+        concepts = associate(features, self._embeddings(), self.concept_names, self.params["top_k"])
+        pools = [[(c, phrase) for c in row if c in self.usable for phrase in self.phrases[c]] for row in concepts]
+        self.stats["images_without_phrases"] += sum(1 for pool in pools if not pool)
+        return pools
+
+    def prepare_references(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        size = p["batch_size"]
+        self.stats["references"] += len(ids)
+        key = json_hash({"v": 1, **self._identity(), "phrases": self.sources["phrases"]["sha256"],
+                         "params": p, "ids": ids, "features": sha256_bytes(_bytes(features))})
+        folder = (self.cache_root or default_cache_dir()) / "oti" / key
+        pools: list[list[tuple[str, str]]] | None = None  # made when a batch has to be optimised
+        out = []
+        bar = tqdm(range(0, len(ids), size), desc="OTI: reference images", unit="batch", disable=not self.progress,
+                   leave=False)
+        for start in bar:
+            index = start // size
+            path = folder / f"batch-{index:06d}.safetensors"
+            rows = min(size, len(ids) - start)
+            with making(path, "OTI: waiting for another process inverting the same images"):
+                tokens = _load(path, rows)
+                if tokens is None:
+                    pools = pools if pools is not None else self._phrase_pools(features)
+                    tokens, loss = invert_batch(self.backbone, features[start : start + rows],
+                                                pools[start : start + rows], p, p["seed"] * 1_000_003 + index)
+                    _save(path, {"tokens": tokens})
+                    self.stats["batches_optimised"] += 1
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                else:
+                    self.stats["batches_cached"] += 1
+            out.append(tokens)
+        return torch.cat(out) if out else torch.empty(0, token_width(self.backbone))
+
+    def info(self) -> dict:
+        return {"oti": self.params, **self.sources}
+
+    def summary(self) -> dict:
+        return {"oti": dict(self.stats)}
+
+
+def _bytes(features: torch.Tensor) -> bytes:
+    return features.detach().float().cpu().contiguous().numpy().tobytes()
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _load(path: Path, rows: int) -> torch.Tensor | None:
+    """A batch's cached pseudo-words, or None (absent, torn or of another shape: made again)."""
+    if not path.is_file():
+        return None
+    try:
+        tokens = load_file(str(path))["tokens"]
+    except Exception:  # noqa: BLE001
+        return None
+    return tokens if tokens.shape[0] == rows else None
