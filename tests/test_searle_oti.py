@@ -254,3 +254,16 @@ def test_missing_sources_offline_are_one_line_errors(tmp_path, tiny_config, toy_
                                        "--output", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert "cannot download SEARLE's concept list" in res.output and "--concepts PATH" in res.output
+
+
+def test_an_image_without_usable_phrases_is_optimised_on_the_template_loss(backbone):
+    """The official script stops with an error there; cirbench optimises it toward the image alone."""
+    images = torch.randn(2, backbone.embed_dim)
+    pools = [[], [("dog", "a photo of dog that runs")]]
+    start, _ = oti.invert_batch(backbone, images, pools, {**PARAMS, "steps": 0}, seed=3)
+    tokens, loss = oti.invert_batch(backbone, images, pools, PARAMS, seed=3)
+    assert torch.isfinite(tokens).all() and loss == loss
+    assert not torch.allclose(tokens[0], start[0]) and not torch.allclose(tokens[1], start[1])
+    # with no phrase at all, only the template loss is left
+    alone, _ = oti.invert_batch(backbone, images, [[], []], PARAMS, seed=3)
+    assert torch.isfinite(alone).all()

@@ -235,12 +235,11 @@ class SearleOTI(SearleProtocol):
             _save(path, {"embeddings": table.cpu()})
         return table
 
-    def _phrase_pools(self, features: torch.Tensor) -> list[list[tuple[str, str]]]:
-        """Each image's (concept, phrase) pairs: the phrases of its usable top-k concepts."""
-        concepts = associate(features, self._embeddings(), self.concept_names, self.params["top_k"])
-        pools = [[(c, phrase) for c in row if c in self.usable for phrase in self.phrases[c]] for row in concepts]
-        self.stats["images_without_phrases"] += sum(1 for pool in pools if not pool)
-        return pools
+    def _pool(self, concepts: list[str]) -> list[tuple[str, str]]:
+        """One image's (concept, phrase) pairs: the phrases of its usable concepts, in their order."""
+        pool = [(c, phrase) for c in concepts if c in self.usable for phrase in self.phrases[c]]
+        self.stats["images_without_phrases"] += not pool
+        return pool
 
     def prepare_references(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
         p = self.params
@@ -249,7 +248,7 @@ class SearleOTI(SearleProtocol):
         key = json_hash({"v": 1, **self._identity(), "phrases": self.sources["phrases"]["sha256"],
                          "params": p, "ids": ids, "features": sha256_bytes(_bytes(features))})
         folder = (self.cache_root or default_cache_dir()) / "oti" / key
-        pools: list[list[tuple[str, str]]] | None = None  # made when a batch has to be optimised
+        concepts: list[list[str]] | None = None  # associated when a batch has to be optimised
         out = []
         bar = tqdm(range(0, len(ids), size), desc="OTI: reference images", unit="batch", disable=not self.progress,
                    leave=False)
@@ -260,9 +259,11 @@ class SearleOTI(SearleProtocol):
             with making(path, "OTI: waiting for another process inverting the same images"):
                 tokens = _load(path, rows)
                 if tokens is None:
-                    pools = pools if pools is not None else self._phrase_pools(features)
-                    tokens, loss = invert_batch(self.backbone, features[start : start + rows],
-                                                pools[start : start + rows], p, p["seed"] * 1_000_003 + index)
+                    if concepts is None:
+                        concepts = associate(features, self._embeddings(), self.concept_names, p["top_k"])
+                    pools = [self._pool(row) for row in concepts[start : start + rows]]
+                    tokens, loss = invert_batch(self.backbone, features[start : start + rows], pools, p,
+                                                p["seed"] * 1_000_003 + index)
                     _save(path, {"tokens": tokens})
                     self.stats["batches_optimised"] += 1
                     bar.set_postfix(loss=f"{loss:.4f}")
