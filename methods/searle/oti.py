@@ -158,28 +158,27 @@ def invert_batch(backbone, image_features: torch.Tensor, phrase_pools: list[list
     images = image_features.to(device).float()
     with_phrases = [i for i, pool in enumerate(phrase_pools) if pool]
     lam_cos, lam_gpt = params["lambda_cos"], params["lambda_gpt"]
-    loss_value = float("nan")
+    loss = torch.tensor(float("nan"))
     for _ in range(params["steps"]):
         optimizer.zero_grad(set_to_none=True)
         templates = [TEMPLATES[i].format(SLOT) for i in draws.choices(range(len(TEMPLATES)), k=n)]
         picks = [phrase_pools[i][draws.randrange(len(phrase_pools[i]))] for i in with_phrases]
-        feats = encode_with_pseudo_tokens(backbone, templates, tokens, PLACEHOLDER, normalize=False, first_only=True)
-        loss = lam_cos * (1 - torch.nn.functional.cosine_similarity(feats, images)).mean()
+        inverted = [phrase.replace(concept, SLOT, 1) for concept, phrase in picks]
+        # the template prompts and the phrases with $ in one pass of the text tower (rows are independent)
+        feats = encode_with_pseudo_tokens(backbone, templates + inverted, torch.cat([tokens, tokens[with_phrases]]),
+                                          PLACEHOLDER, normalize=False, first_only=True)
+        loss = lam_cos * (1 - torch.nn.functional.cosine_similarity(feats[:n], images)).mean()
         if picks:
-            inverted = [phrase.replace(concept, SLOT, 1) for concept, phrase in picks]
             with torch.no_grad():
                 original = _plain_text_features(backbone, [phrase for _, phrase in picks])
-            reg = encode_with_pseudo_tokens(backbone, inverted, tokens[with_phrases], PLACEHOLDER, normalize=False,
-                                            first_only=True)
-            loss = loss + lam_gpt * (1 - torch.nn.functional.cosine_similarity(reg, original)).mean()
+            loss = loss + lam_gpt * (1 - torch.nn.functional.cosine_similarity(feats[n:], original)).mean()
         loss = loss / (lam_cos + lam_gpt)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():
             ema.mul_(params["ema_decay"]).add_(tokens.detach(), alpha=1 - params["ema_decay"])
-        loss_value = float(loss.detach())
-    return ema.cpu(), loss_value
+    return ema.cpu(), float(loss.detach())  # the last step's loss: one host sync per batch, not per step
 
 
 class SearleOTI(SearleProtocol):
