@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from cirbench.errors import CirbenchError
@@ -40,7 +40,7 @@ from cirbench.hub import url_file
 from cirbench.method import QuerySet
 from cirbench.methods._shared.textinv import SearleProtocol, encode_with_pseudo_tokens, token_width
 from cirbench.safe_unpickle import load_data_pickle
-from cirbench.util import default_cache_dir, file_sha256, json_hash, making, sha256_bytes
+from cirbench.util import atomic_write_bytes, default_cache_dir, file_sha256, json_hash, making, sha256_bytes
 
 CONCEPTS_URL = "https://raw.githubusercontent.com/miccunifi/SEARLE/main/data/oidv7-class-descriptions.csv"
 PHRASES_URL = "https://github.com/miccunifi/SEARLE/releases/download/weights/GPTNeo27B.zip"
@@ -284,9 +284,7 @@ def _bytes(features: torch.Tensor) -> bytes:
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
 
 
 def _load(path: Path, rows: int) -> torch.Tensor | None:
