@@ -73,8 +73,8 @@ def url_file(url: str, what: str, option: str) -> Path:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
     if cached.is_file():
         return cached
-    host = urllib.parse.urlparse(url).hostname or ""
-    if not host_reachable(host):
+    parts = urllib.parse.urlparse(url)
+    if not host_reachable(parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)):
         raise CheckpointError(f"cannot download {what} ({url}): no network. Download the file on a connected "
                               f"machine and pass --{option} PATH")
     cached.parent.mkdir(parents=True, exist_ok=True)

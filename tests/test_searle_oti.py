@@ -267,3 +267,35 @@ def test_an_image_without_usable_phrases_is_optimised_on_the_template_loss(backb
     # with no phrase at all, only the template loss is left
     alone, _ = oti.invert_batch(backbone, images, [[], []], PARAMS, seed=3)
     assert torch.isfinite(alone).all()
+
+
+def test_published_files_download_once_into_the_hub_cache(tmp_path, monkeypatch):
+    """The real download path (here from a loopback server): fetched once into torch's hub cache, then read
+    from there; a failed download is one line naming the URL and the option, and leaves no file behind."""
+    import functools
+    import http.server
+    import threading
+
+    from cirbench import hub
+    from cirbench.errors import CheckpointError
+
+    served = tmp_path / "site"
+    served.mkdir()
+    (served / "concepts.csv").write_text("LabelName,DisplayName\n/m/1,dog\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        got = hub.url_file(f"{base}/concepts.csv", "a concept list", "concepts")
+        assert got == tmp_path / "hub" / "checkpoints" / "concepts.csv" and oti.load_concepts(got) == ["dog"]
+        (served / "concepts.csv").unlink()
+        assert hub.url_file(f"{base}/concepts.csv", "a concept list", "concepts") == got  # cached: no request
+        with pytest.raises(CheckpointError, match=r"cannot download a phrase file \(http.*/gone.zip\): "
+                                                  r"HTTPError.*--phrases PATH"):
+            hub.url_file(f"{base}/gone.zip", "a phrase file", "phrases")
+        assert not (tmp_path / "hub" / "checkpoints" / "gone.zip").exists()
+    finally:
+        server.shutdown()
