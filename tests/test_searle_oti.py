@@ -229,6 +229,9 @@ def test_run_inverts_each_reference_once_caches_and_resumes(tmp_path, tiny_confi
         assert summary["images_without_phrases"] == 0 and summary["concepts_usable"] == 11
         info = first.record["method"]["info"]
         assert info["oti"]["steps"] == 3 and len(info["phrases"]["sha256"]) == 64
+        rows = [json.loads(line) for line in first.predictions_path.read_text().splitlines()]
+        concepts = [r["method"]["concepts"] for r in rows]  # what regularised each reference, for the report
+        assert all(1 <= len(c) <= 3 and "house" not in c and set(c) <= set(phrases_for(CONCEPTS)) for c in concepts)
         batches = sorted((tmp_path / "cache" / "oti").glob("*/batch-*.safetensors"))
         assert len(batches) == 3
         # stopped after two batches: the next run optimises only the third, and ranks exactly the same

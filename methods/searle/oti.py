@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
@@ -205,6 +206,7 @@ class SearleOTI(SearleProtocol):
         self.sources = {"concepts": {"path": str(concepts), "sha256": file_sha256(concepts)},
                         "phrases": {"path": str(phrases), "sha256": file_sha256(phrases)}}
         self.cache_root: Path | None = None
+        self.concepts_of: dict[str, list[str]] = {}  # reference id -> the concepts its phrases came from
         self.progress = True
         self.stats = {"references": 0, "batches_optimised": 0, "batches_cached": 0, "images_without_phrases": 0,
                       "concepts_usable": len(self.usable), "concepts": len(self.concept_names)}
@@ -236,7 +238,7 @@ class SearleOTI(SearleProtocol):
 
     def _pool(self, concepts: list[str]) -> list[tuple[str, str]]:
         """One image's (concept, phrase) pairs: the phrases of its usable concepts, in their order."""
-        pool = [(c, phrase) for c in concepts if c in self.usable for phrase in self.phrases[c]]
+        pool = [(c, phrase) for c in concepts for phrase in self.phrases[c]]
         self.stats["images_without_phrases"] += not pool
         return pool
 
@@ -256,20 +258,27 @@ class SearleOTI(SearleProtocol):
             path = folder / f"batch-{index:06d}.safetensors"
             rows = min(size, len(ids) - start)
             with making(path, "OTI: waiting for another process inverting the same images"):
-                tokens = _load(path, rows)
+                tokens, used = _load(path, rows)
                 if tokens is None:
                     if concepts is None:
                         concepts = associate(features, self._embeddings(), self.concept_names, p["top_k"])
-                    pools = [self._pool(row) for row in concepts[start : start + rows]]
+                    used = [[c for c in row if c in self.usable] for row in concepts[start : start + rows]]
+                    pools = [self._pool(row) for row in used]
                     tokens, loss = invert_batch(self.backbone, features[start : start + rows], pools, p,
                                                 p["seed"] * 1_000_003 + index)
-                    _save(path, {"tokens": tokens})
+                    _save(path, {"tokens": tokens}, {"concepts": json.dumps(used)})
                     self.stats["batches_optimised"] += 1
                     bar.set_postfix(loss=f"{loss:.4f}")
                 else:
                     self.stats["batches_cached"] += 1
+            self.concepts_of.update(zip(ids[start : start + rows], used, strict=True))
             out.append(tokens)
         return torch.cat(out) if out else torch.empty(0, token_width(self.backbone))
+
+    def query_details(self, query) -> dict[str, Any] | None:
+        """The concepts whose phrases regularised the query's reference pseudo-word."""
+        used = self.concepts_of.get(query.reference)
+        return None if used is None else {"concepts": used}
 
     def info(self) -> dict:
         return {"oti": self.params, **self.sources}
@@ -282,17 +291,20 @@ def _bytes(features: torch.Tensor) -> bytes:
     return features.detach().float().cpu().contiguous().numpy().tobytes()
 
 
-def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
-def _load(path: Path, rows: int) -> torch.Tensor | None:
-    """A batch's cached pseudo-words, or None (absent, torn or of another shape: made again)."""
+def _load(path: Path, rows: int) -> tuple[torch.Tensor | None, list[list[str]]]:
+    """A batch's cached pseudo-words and each image's concepts, or None (absent, torn or of another shape:
+    made again)."""
     if not path.is_file():
-        return None
+        return None, []
     try:
-        tokens = load_file(str(path))["tokens"]
+        with safe_open(str(path), "pt") as fh:
+            tokens = fh.get_tensor("tokens")
+            used = json.loads((fh.metadata() or {})["concepts"])
     except Exception:  # noqa: BLE001
-        return None
-    return tokens if tokens.shape[0] == rows else None
+        return None, []
+    return (tokens, used) if tokens.shape[0] == rows == len(used) else (None, [])
