@@ -209,7 +209,7 @@ class SearleOTI(SearleProtocol):
         self.concepts_of: dict[str, list[str]] = {}  # reference id -> the concepts its phrases came from
         self.progress = True
         self.stats = {"references": 0, "batches_optimised": 0, "batches_cached": 0, "images_without_phrases": 0,
-                      "concepts_usable": len(self.usable), "concepts": len(self.concept_names)}
+                      "concepts_usable": len(self.usable), "concepts_listed": len(self.concept_names)}
 
     def prepare(self, query_set: QuerySet) -> None:
         self.cache_root = query_set.cache_dir or default_cache_dir()
