@@ -60,6 +60,7 @@ def official_association(image_feats, table, texts, top_k):
 
 
 def official_encode_with_pseudo_tokens(model, text, pseudo_tokens, dollar):
+    """SEARLE's encode_with_pseudo_tokens (first '$' of each row replaced), on an open_clip text tower."""
     x = model.token_embedding(text)
     _, counts = torch.unique((text == dollar).nonzero(as_tuple=True)[0], return_counts=True)
     cum_sum = torch.cat((torch.zeros(1).int(), torch.cumsum(counts, dim=0)[:-1]))
@@ -67,7 +68,10 @@ def official_encode_with_pseudo_tokens(model, text, pseudo_tokens, dollar):
     x = x.clone()
     x[torch.arange(x.shape[0]), first_tokens_indexes] = pseudo_tokens.to(x.dtype)
     x = x + model.positional_embedding
+    lnd = not getattr(model.transformer, "batch_first", False)  # open_clip before 2.26, as OpenAI's CLIP: LND
+    x = x.permute(1, 0, 2) if lnd else x
     x = model.transformer(x, attn_mask=model.attn_mask)
+    x = x.permute(1, 0, 2) if lnd else x
     x = model.ln_final(x)
     return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ model.text_projection
 
