@@ -135,9 +135,12 @@ class CirbenchGroup(click.Group):
             ctx.exit(1)
 
 
-def parse_extra_options(args: list[str]) -> dict[str, str]:
-    """Turn ``--name value`` / ``--name=value`` extra arguments into a dict (method/dataset options)."""
-    out: dict[str, str] = {}
+def parse_extra_options(args: list[str]) -> dict[str, str | None]:
+    """Turn ``--name value`` / ``--name=value`` extra arguments into a dict (method/dataset options); a bare
+    ``--name`` (the last argument, or one followed by another option) maps to None, which a bool option reads
+    as true and any other as a missing value, once the option is known (an unknown name is reported as such,
+    with its closest match)."""
+    out: dict[str, str | None] = {}
     i = 0
     while i < len(args):
         arg = args[i]
@@ -148,9 +151,10 @@ def parse_extra_options(args: list[str]) -> dict[str, str]:
             name, value = name.split("=", 1)
         else:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise CirbenchError(f"option --{name} needs a value")
-            value = args[i + 1]
-            i += 1
+                value = None
+            else:
+                value = args[i + 1]
+                i += 1
         out[name.replace("-", "_")] = value
         i += 1
     return out

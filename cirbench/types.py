@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,7 +387,7 @@ def expand_sweep(spec: OptionSpec, raw: str) -> list[Any]:
 
 
 def resolve_options(
-    specs: Sequence[OptionSpec], given: dict[str, str], dataset: str | None, what: str,
+    specs: Sequence[OptionSpec], given: Mapping[str, str | None], dataset: str | None, what: str,
     command_options: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Validate ``given`` raw options against ``specs``, fill defaults, expand sweeps.
@@ -409,6 +409,10 @@ def resolve_options(
     for spec in specs:
         if spec.name in given:
             raw = given[spec.name]
+            if raw is None:  # a bare --name: a switch for a bool option
+                if spec.type != "bool":
+                    raise CirbenchError(f"option {option_flag(spec.name)} needs a value")
+                raw = "true"
             if spec.sweepable and isinstance(raw, str) and (":" in raw or "," in raw):
                 sweeps.append((spec.name, expand_sweep(spec, raw)))
                 continue

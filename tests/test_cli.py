@@ -11,6 +11,7 @@ from cirbench.cli import cli, parse_extra_options
 from cirbench.errors import CirbenchError, show_warnings_as_lines
 from cirbench.feature_cache import CacheWarning
 from cirbench.plugins import PluginWarning
+from cirbench.types import OptionSpec, resolve_options
 
 
 def _all_commands():
@@ -57,10 +58,22 @@ def test_every_option_of_every_command_says_what_it_does():
 def test_extra_options_parsing():
     assert parse_extra_options(["--alpha", "0.8", "--category=dress"]) == {"alpha": "0.8", "category": "dress"}
     assert parse_extra_options(["--lora-rank", "8"]) == {"lora_rank": "8"}
-    with pytest.raises(CirbenchError, match="needs a value"):
-        parse_extra_options(["--alpha"])
+    assert parse_extra_options(["--alpha", "--category", "dress"]) == {"alpha": None, "category": "dress"}
     with pytest.raises(CirbenchError, match="unexpected argument"):
         parse_extra_options(["stray"])
+
+
+def test_a_bare_option_is_a_switch_for_bool_options_and_a_missing_value_otherwise():
+    """A bare --name: true for a bool option; 'needs a value' for another known option; an unknown name is
+    reported as unknown, with its closest match (a mistyped command option too), not as a missing value."""
+    runner = CliRunner()
+    res = runner.invoke(cli, ["run", "--dataset", "shapes", "--alpha"])
+    assert res.exit_code == 2 and "error: option --alpha needs a value" in res.output, res.output
+    res = runner.invoke(cli, ["run", "--dataset", "shapes", "--quiett"])
+    assert res.exit_code == 2 and "unknown option --quiett" in res.output and "did you mean --quiet?" in res.output
+    spec = OptionSpec("adaptive_ensemble", "a switch", "bool", False)
+    assert resolve_options([spec], {"adaptive_ensemble": None}, None, "x") == [{"adaptive_ensemble": True}]
+    assert resolve_options([spec], {"adaptive_ensemble": "false"}, None, "x") == [{"adaptive_ensemble": False}]
 
 
 def test_cirbench_warnings_are_one_line_said_by_rank_0_alone(monkeypatch):
