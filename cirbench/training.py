@@ -351,12 +351,10 @@ def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config
 
 
 def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, factor: float, params,
-                    device, stop: bool = False, scaler: torch.amp.GradScaler | None = None
-                    ) -> tuple[float, dict[str, float], bool]:
+                    device, stop: bool, scaler: torch.amp.GradScaler) -> tuple[float, dict[str, float], bool]:
     """One optimizer step over the micro-batches; also return whether any rank asked to ``stop`` (Ctrl-C).
-    ``scaler`` (fp16 training) scales the loss so that small gradients survive fp16, and skips a step whose
-    gradients overflowed, lowering the scale, as torch's AMP recipe does."""
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    ``scaler`` (enabled for fp16 training, a pass-through otherwise) scales the loss so that small gradients
+    survive fp16, and skips a step whose gradients overflowed, lowering the scale, as torch's AMP recipe does."""
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * factor
     optimizer.zero_grad(set_to_none=True)
