@@ -55,6 +55,7 @@ from .util import (
     json_loads,
     making,
     sha256_bytes,
+    tensor_bytes,
 )
 
 CACHE_FORMAT = 2
@@ -206,7 +207,7 @@ class FeatureCache:
                     raise ValueError("shard key or format does not match")
                 feats = fh.get_tensor("features")
                 names = fh.get_tensor("identities")
-            if sha256_bytes(_raw(feats), _raw(names)) != meta.get("sha256"):
+            if sha256_bytes(tensor_bytes(feats), tensor_bytes(names)) != meta.get("sha256"):
                 raise ValueError("payload checksum mismatch")
             identities = names.numpy().tobytes().decode("utf-8").split("\n") if names.numel() else []
             if feats.shape[0] != len(identities) or str(feats.shape[0]) != meta.get("rows"):
@@ -230,7 +231,7 @@ class FeatureCache:
         feats = feats.detach().to(torch.float32).contiguous().cpu()
         names = torch.frombuffer(bytearray("\n".join(identities).encode("utf-8")), dtype=torch.uint8)
         meta = {"format": str(CACHE_FORMAT), "key_hash": key_hash(key), "rows": str(feats.shape[0]),
-                "sha256": sha256_bytes(_raw(feats), _raw(names))}
+                "sha256": sha256_bytes(tensor_bytes(feats), tensor_bytes(names))}
         try:
             folder.mkdir(parents=True, exist_ok=True)
             manifest = folder / "key.json"
@@ -302,7 +303,3 @@ class FeatureCache:
                 if new is None or new.shape[0] != len(todo):
                     raise RuntimeError("compute returned a wrong number of rows")
                 on_chunk(torch.from_numpy(left), new[torch.from_numpy(left)])
-
-
-def _raw(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().view(torch.uint8).numpy()) if t.numel() else memoryview(b"")

@@ -14,7 +14,10 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 def default_cache_dir() -> Path:
@@ -122,6 +125,13 @@ def sha256_bytes(*parts: bytes | memoryview) -> str:
     for part in parts:
         h.update(part)
     return h.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor, for :func:`sha256_bytes` (no copy when it is contiguous)."""
+    import torch
+
+    return memoryview(t.contiguous().view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 _FILE_HASHES: dict[tuple[str, int, int, int], str] = {}

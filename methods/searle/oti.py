@@ -41,7 +41,15 @@ from cirbench.hub import url_file
 from cirbench.method import QuerySet
 from cirbench.methods._shared.textinv import SearleProtocol, encode_with_pseudo_tokens, token_width
 from cirbench.safe_unpickle import load_data_pickle
-from cirbench.util import atomic_write_bytes, default_cache_dir, file_sha256, json_hash, making, sha256_bytes
+from cirbench.util import (
+    atomic_write_bytes,
+    default_cache_dir,
+    file_sha256,
+    json_hash,
+    making,
+    sha256_bytes,
+    tensor_bytes,
+)
 
 CONCEPTS_URL = "https://raw.githubusercontent.com/miccunifi/SEARLE/main/data/oidv7-class-descriptions.csv"
 PHRASES_URL = "https://github.com/miccunifi/SEARLE/releases/download/weights/GPTNeo27B.zip"
@@ -247,7 +255,7 @@ class SearleOTI(SearleProtocol):
         size = p["batch_size"]
         self.stats["references"] += len(ids)
         key = json_hash({"v": 1, **self._identity(), "phrases": self.sources["phrases"]["sha256"],
-                         "params": p, "ids": ids, "features": sha256_bytes(_bytes(features))})
+                         "params": p, "ids": ids, "features": sha256_bytes(tensor_bytes(features.detach().cpu()))})
         folder = (self.cache_root or default_cache_dir()) / "oti" / key
         concepts: list[list[str]] | None = None  # associated when a batch has to be optimised
         out = []
@@ -285,10 +293,6 @@ class SearleOTI(SearleProtocol):
 
     def summary(self) -> dict:
         return {"oti": dict(self.stats)}
-
-
-def _bytes(features: torch.Tensor) -> bytes:
-    return features.detach().float().cpu().contiguous().numpy().tobytes()
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
