@@ -119,13 +119,6 @@ def usable_concepts(phrases: dict[str, list[str]]) -> set[str]:
 
 
 # -- concept association ----------------------------------------------------------------------------------
-def _plain_text_features(backbone, texts: list[str]) -> torch.Tensor:
-    """Normalised text features, not memoised (hundreds of thousands of prompts pass through here)."""
-    with torch.no_grad(), backbone.autocast():
-        feats = backbone.model.encode_text(backbone.tokenize(texts))
-    return torch.nn.functional.normalize(feats.float(), dim=-1)
-
-
 def concept_embeddings(backbone, names: list[str], batch_concepts: int = 64, progress: bool = True) -> torch.Tensor:
     """``[N, D]``: per concept the normalised mean of its template prompts' normalised text features."""
     unique = list(dict.fromkeys(names))
@@ -134,7 +127,8 @@ def concept_embeddings(backbone, names: list[str], batch_concepts: int = 64, pro
                       disable=not progress, leave=False):
         chunk = unique[start : start + batch_concepts]
         prompts = [t.format(f" {name} ") for name in chunk for t in TEMPLATES]
-        feats = _plain_text_features(backbone, prompts).view(len(chunk), len(TEMPLATES), -1)
+        feats = backbone.encode_text(prompts, batch_size=len(prompts), memoize=False)
+        feats = feats.view(len(chunk), len(TEMPLATES), -1)
         rows.append(torch.nn.functional.normalize(feats.mean(dim=1), dim=-1))
     table = torch.cat(rows)
     index = {name: i for i, name in enumerate(unique)}
@@ -178,8 +172,7 @@ def invert_batch(backbone, image_features: torch.Tensor, phrase_pools: list[list
                                           PLACEHOLDER, normalize=False, first_only=True)
         loss = lam_cos * (1 - torch.nn.functional.cosine_similarity(feats[:n], images)).mean()
         if picks:
-            with torch.no_grad():
-                original = _plain_text_features(backbone, [phrase for _, phrase in picks])
+            original = backbone.encode_text([phrase for _, phrase in picks], batch_size=len(picks), memoize=False)
             loss = loss + lam_gpt * (1 - torch.nn.functional.cosine_similarity(feats[n:], original)).mean()
         loss = loss / (lam_cos + lam_gpt)
         scaler.scale(loss).backward()
