@@ -63,6 +63,10 @@ TEMPLATES = (
     "We see a {} in this illustration", "We see a {} photo", "We see a {} image", "We see a {} illustration",
     "{} photo", "{} image", "{} illustration",
 )
+# the optimisation's parameters, and the options (resolved with their defaults by the loop) that set them
+PARAM_OPTIONS = {"steps": "oti_steps", "lr": "oti_lr", "weight_decay": "oti_weight_decay",
+                 "batch_size": "oti_batch_size", "top_k": "top_k", "lambda_cos": "lambda_cos",
+                 "lambda_gpt": "lambda_gpt", "ema_decay": "ema_decay", "seed": "oti_seed"}
 PLACEHOLDER = "$"
 SLOT = f" {PLACEHOLDER} "  # what a template's {} and a phrase's concept become
 
@@ -189,11 +193,7 @@ class SearleOTI(SearleProtocol):
     def __init__(self, backbone, options, dataset=None):
         super().__init__(backbone, options, dataset)
         o = self.options
-        self.params = {"steps": int(o.get("oti_steps", 350)), "lr": float(o.get("oti_lr", 2e-2)),
-                       "weight_decay": float(o.get("oti_weight_decay", 0.01)),
-                       "batch_size": int(o.get("oti_batch_size", 32)), "top_k": int(o.get("top_k", 15)),
-                       "lambda_cos": float(o.get("lambda_cos", 1.0)), "lambda_gpt": float(o.get("lambda_gpt", 0.5)),
-                       "ema_decay": float(o.get("ema_decay", 0.99)), "seed": int(o.get("oti_seed", 42))}
+        self.params = {param: o[option] for param, option in PARAM_OPTIONS.items()}
         if self.params["lambda_cos"] + self.params["lambda_gpt"] <= 0:
             raise CirbenchError("--lambda-cos plus --lambda-gpt must be above 0")
         # fetched and read now: a missing file or an offline download fails before any image is encoded
@@ -206,7 +206,8 @@ class SearleOTI(SearleProtocol):
         self.usable = usable_concepts(self.phrases)
         self.sources = {"concepts": {"path": str(concepts), "sha256": file_sha256(concepts)},
                         "phrases": {"path": str(phrases), "sha256": file_sha256(phrases)}}
-        self.cache_root: Path | None = None
+        self.cache_root = default_cache_dir()  # the run's --cache-dir, once prepare has seen it
+        self._table: torch.Tensor | None = None  # the concept embeddings, once made or read
         self.concepts_of: dict[str, list[str]] = {}  # reference id -> the concepts its phrases came from
         self.progress = True
         self.stats = {"references": 0, "batches_optimised": 0, "batches_cached": 0, "images_without_phrases": 0,
@@ -225,8 +226,14 @@ class SearleOTI(SearleProtocol):
                 "device": self.backbone.device.type, "concepts": self.sources["concepts"]["sha256"]}
 
     def _embeddings(self) -> torch.Tensor:
-        root = (self.cache_root or default_cache_dir()) / "oti-concepts"
-        path = root / f"{json_hash({'v': 1, **self._identity(), 'templates': TEMPLATES})}.safetensors"
+        """The concept table: made once per process (every evaluation set uses it), cached on disk."""
+        if self._table is None:
+            self._table = self._stored_embeddings()
+        return self._table
+
+    def _stored_embeddings(self) -> torch.Tensor:
+        path = (self.cache_root / "oti-concepts"
+                / f"{json_hash({'v': 1, **self._identity(), 'templates': TEMPLATES})}.safetensors")
         with making(path, "OTI: waiting for another process embedding the same concepts"):
             if path.is_file():
                 try:
@@ -234,7 +241,7 @@ class SearleOTI(SearleProtocol):
                 except Exception:  # noqa: BLE001 - a torn or foreign file is made again
                     path.unlink(missing_ok=True)
             table = concept_embeddings(self.backbone, self.concept_names, progress=self.progress)
-            _save(path, {"embeddings": table.cpu()})
+            atomic_write_bytes(path, save({"embeddings": table.cpu()}))
         return table
 
     def _pool(self, concepts: list[str]) -> list[tuple[str, str]]:
@@ -249,7 +256,7 @@ class SearleOTI(SearleProtocol):
         self.stats["references"] += len(ids)
         key = json_hash({"v": 1, **self._identity(), "phrases": self.sources["phrases"]["sha256"],
                          "params": p, "ids": ids, "features": sha256_bytes(tensor_bytes(features.detach().cpu()))})
-        folder = (self.cache_root or default_cache_dir()) / "oti" / key
+        folder = self.cache_root / "oti" / key
         concepts: list[list[str]] | None = None  # associated when a batch has to be optimised
         out = []
         bar = tqdm(range(0, len(ids), size), desc="OTI: reference images", unit="batch", disable=not self.progress,
@@ -267,7 +274,7 @@ class SearleOTI(SearleProtocol):
                     pools = [self._pool(row) for row in used]
                     tokens, loss = invert_batch(self.backbone, features[start : start + rows], pools, p,
                                                 p["seed"] * 1_000_003 + index)
-                    _save(path, {"tokens": tokens}, {"concepts": json.dumps(used)})
+                    atomic_write_bytes(path, save({"tokens": tokens}, metadata={"concepts": json.dumps(used)}))
                     self.stats["batches_optimised"] += 1
                     bar.set_postfix(loss=f"{loss:.4f}")
                 else:
@@ -286,11 +293,6 @@ class SearleOTI(SearleProtocol):
 
     def summary(self) -> dict:
         return {"oti": dict(self.stats)}
-
-
-def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def _load(path: Path, rows: int) -> tuple[torch.Tensor | None, list[list[str]]]:
