@@ -245,6 +245,12 @@ def test_run_inverts_each_reference_once_caches_and_resumes(tmp_path, tiny_confi
                                                                   "batches_cached": 2}
         assert again.record["metrics"] == first.record["metrics"]
         assert again.predictions_path.read_text() == first.predictions_path.read_text()
+        # served from the cache whole, a run does not even read the phrases
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(oti, "load_phrases", lambda path: pytest.fail("phrases read for a cached run"))
+            (cached,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **opts), reg)
+        assert cached.record["method"]["summary"]["oti"]["batches_cached"] == 3
+        assert cached.predictions_path.read_text() == first.predictions_path.read_text()
         # another seed is another cache entry, and other pseudo-words
         (other,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, oti_seed=1, **opts), reg)
         assert other.record["method"]["summary"]["oti"]["batches_optimised"] == 3

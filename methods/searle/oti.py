@@ -196,14 +196,18 @@ class SearleOTI(SearleProtocol):
         self.params = {param: o[option] for param, option in PARAM_OPTIONS.items()}
         if self.params["lambda_cos"] + self.params["lambda_gpt"] <= 0:
             raise CirbenchError("--lambda-cos plus --lambda-gpt must be above 0")
-        # fetched and read now: a missing file or an offline download fails before any image is encoded
+        # fetched now: a missing file or an offline download fails before any image is encoded
         concepts = Path(o["concepts"]) if o.get("concepts") else url_file(CONCEPTS_URL, "SEARLE's concept list",
                                                                            "concepts")
         phrases = Path(o["phrases"]) if o.get("phrases") else url_file(PHRASES_URL, "SEARLE's GPT-Neo phrases",
                                                                         "phrases")
+        for path, option in ((concepts, "concepts"), (phrases, "phrases")):
+            if not path.is_file():
+                raise CirbenchError(f"--{option} {path} is not a file")
         self.concept_names = load_concepts(concepts)
-        self.phrases = load_phrases(phrases)
-        self.usable = usable_concepts(self.phrases)
+        # millions of phrases: read when a batch has to be optimised, not for a run served from the cache
+        self.phrases_path = phrases
+        self._phrases: tuple[dict[str, list[str]], set[str]] | None = None
         self.sources = {"concepts": {"path": str(concepts), "sha256": file_sha256(concepts)},
                         "phrases": {"path": str(phrases), "sha256": file_sha256(phrases)}}
         self.cache_root = default_cache_dir()  # the run's --cache-dir, once prepare has seen it
@@ -211,7 +215,7 @@ class SearleOTI(SearleProtocol):
         self.concepts_of: dict[str, list[str]] = {}  # reference id -> the concepts its phrases came from
         self.progress = True
         self.stats = {"references": 0, "batches_optimised": 0, "batches_cached": 0, "images_without_phrases": 0,
-                      "concepts_usable": len(self.usable), "concepts_listed": len(self.concept_names)}
+                      "concepts_listed": len(self.concept_names)}
 
     def prepare(self, query_set: QuerySet) -> None:
         self.cache_root = query_set.cache_dir or default_cache_dir()
@@ -244,9 +248,18 @@ class SearleOTI(SearleProtocol):
             atomic_write_bytes(path, save({"embeddings": table.cpu()}))
         return table
 
+    def _phrase_data(self) -> tuple[dict[str, list[str]], set[str]]:
+        """The phrases per concept and the usable concepts, read on first use."""
+        if self._phrases is None:
+            phrases = load_phrases(self.phrases_path)
+            self._phrases = phrases, usable_concepts(phrases)
+            self.stats["concepts_usable"] = len(self._phrases[1])
+        return self._phrases
+
     def _pool(self, concepts: list[str]) -> list[tuple[str, str]]:
         """One image's (concept, phrase) pairs: the phrases of its usable concepts, in their order."""
-        pool = [(c, phrase) for c in concepts for phrase in self.phrases[c]]
+        phrases = self._phrase_data()[0]
+        pool = [(c, phrase) for c in concepts for phrase in phrases[c]]
         self.stats["images_without_phrases"] += not pool
         return pool
 
@@ -270,7 +283,8 @@ class SearleOTI(SearleProtocol):
                 if tokens is None:
                     if concepts is None:
                         concepts = associate(features, self._embeddings(), self.concept_names, p["top_k"])
-                    used = [[c for c in row if c in self.usable] for row in concepts[start : start + rows]]
+                    usable = self._phrase_data()[1]
+                    used = [[c for c in row if c in usable] for row in concepts[start : start + rows]]
                     pools = [self._pool(row) for row in used]
                     tokens, loss = invert_batch(self.backbone, features[start : start + rows], pools, p,
                                                 p["seed"] * 1_000_003 + index)
