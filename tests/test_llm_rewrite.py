@@ -76,7 +76,7 @@ def test_stop_option_takes_one_text_or_a_json_list():
 
     assert parse_stops("\\n\\n") == ["\n\n"] and parse_stops("END\\t") == ["END\t"] and parse_stops("") == []
     assert parse_stops('["\\n\\n", "<|endoftext|>", ""]') == ["\n\n", "<|endoftext|>"]
-    for bad in ('["\\n\\n", 3]', '["unterminated'):
+    for bad in ('["\\n\\n", 3]', '["unterminated', "[" * 100_000):  # the last nests past the parser's depth
         with pytest.raises(CirbenchError, match="--stop .* JSON list of texts"):
             parse_stops(bad)
 

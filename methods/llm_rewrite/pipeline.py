@@ -41,7 +41,7 @@ from cirbench.generation.hf import free_memory
 from cirbench.images import load_image, read_image_bytes
 from cirbench.method import Method, QuerySet
 from cirbench.types import Query
-from cirbench.util import default_cache_dir, json_hash, making, one_line, sha256_bytes
+from cirbench.util import default_cache_dir, json_hash, json_loads, making, one_line, sha256_bytes
 
 from .importers import import_generations
 from .prompts import Prompt, instruction_of, load_prompt
@@ -427,7 +427,7 @@ def parse_stops(text: str) -> list[str]:
     tab, or several as a JSON list (``["\\n\\n", "<|endoftext|>"]``, CIReVL's two); '' for none."""
     if text.lstrip().startswith("["):
         try:
-            stops = json.loads(text)
+            stops = json_loads(text)
         except json.JSONDecodeError as exc:
             raise CirbenchError(f"--stop {text!r} is not a JSON list of texts: {exc.msg}") from None
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):

@@ -46,6 +46,7 @@ from cirbench.util import (
     default_cache_dir,
     file_sha256,
     json_hash,
+    json_loads,
     making,
     sha256_bytes,
     tensor_bytes,
@@ -105,7 +106,7 @@ def load_phrases(path: Path) -> dict[str, list[str]]:
                     raise CirbenchError(f"phrases archive {path} holds no concept_to_phrases.pkl")
                 data = load_data_pickle(archive.read(member), f"{path}:{member}")
         elif suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json_loads(path.read_bytes())
         else:
             data = load_data_pickle(path.read_bytes(), str(path))
     except (OSError, zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError) as exc:
