@@ -15,6 +15,16 @@ Language-only methods (LinCIR) open a corpus with ``images=False``: images are t
 read, a CSV/TSV needs only its caption column, a ``.txt`` file is one caption per line, a folder's ``.txt``
 files are one caption each, and shards only need their captions; batches carry empty ``pixels``.
 
+Methods that learn from images alone (SEARLE's Phi, trained on unlabelled ImageNet images) open it with
+``captions=False``: a CSV/TSV then needs only its image column, a folder's images need no sidecar, shards no
+caption. Opened with neither (``images=False, captions=False``) a corpus lists its images without reading
+them, and batches carry only each sample's ``keys``: a method that computed what it trains on from the
+images once, before its first step (:meth:`~cirbench.training.TrainableMethod.prepare`), reads no image again.
+
+Every sample has a ``key``, its identity in the corpus whatever the order it is read in: the image's path
+relative to the CSV's folder or the corpus folder, ``shard-url#sample-key`` in shards, the row number for
+captions without images.
+
 Images go through the method's training preprocessing: its evaluation recipe, or a random augmentation
 (:class:`~cirbench.preprocess.RandomResizedCrop`) whose draw for each sample is named by the epoch the training
 loop sets (``corpus.epoch``) and the sample's place in the corpus (row index; shard url and key).
@@ -49,17 +59,19 @@ CAPTION_COLUMNS = ("caption", "title", "text")
 
 @dataclass
 class Batch:
-    """A collated training batch: preprocessed ``pixels``, their ``captions``, extra corpus columns."""
+    """A collated training batch: preprocessed ``pixels``, their ``captions``, extra corpus columns, and each
+    sample's ``keys`` (its identity in the corpus)."""
 
     pixels: torch.Tensor
     captions: list[str]
     extra: dict[str, list[Any]] = field(default_factory=dict)
     skipped: int = 0
     unreadable_shards: list[tuple[str, str]] = field(default_factory=list)  # (shard, why)
+    keys: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device) -> Batch:
         return Batch(self.pixels.to(device, non_blocking=True), self.captions, self.extra, self.skipped,
-                     self.unreadable_shards)
+                     self.unreadable_shards, self.keys)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -75,60 +87,79 @@ def collate(samples: list[dict[str, Any] | None]) -> Batch | None:
     skipped = len(samples) - len(good) - len(shards)
     if not good:
         return Batch(torch.empty(0), [], {}, skipped, shards)
-    keys = [k for k in good[0]["extra"]]
+    columns = [k for k in good[0]["extra"]]
     return Batch(torch.stack([s["pixels"] for s in good]), [s["caption"] for s in good],
-                 {k: [s["extra"].get(k) for s in good] for k in keys}, skipped, shards)
+                 {k: [s["extra"].get(k) for s in good] for k in columns}, skipped, shards, [s["key"] for s in good])
 
 
 NO_PIXELS = torch.empty(0)
 
 
-def _sample(image_bytes: bytes | None, caption: Any, name: str, images: bool,
-            preprocessor: Preprocessor | RandomResizedCrop | None, extra: dict[str, Any] | None = None,
-            key: str = "") -> dict[str, Any] | None:
-    """One training sample, or ``None`` when it is unusable; ``key`` names the sample's draw of a random
-    augmentation (its epoch and place in the corpus)."""
-    if not isinstance(caption, str) or not caption.strip():
-        return None
-    if not images:  # language-only training
-        return {"pixels": NO_PIXELS, "caption": caption.strip(), "extra": extra or {}}
-    if preprocessor is None:
+def _sample(corpus: PairsCorpus | ShardCorpus, image_bytes: bytes | None, caption: Any, name: str,
+            extra: dict[str, Any] | None, draw: str, key: str) -> dict[str, Any] | None:
+    """One training sample of ``corpus``, or ``None`` when it is unusable; ``draw`` names the sample's draw of a
+    random augmentation (its epoch and place in the corpus), ``key`` its identity."""
+    if corpus.captions:
+        if not isinstance(caption, str) or not caption.strip():
+            return None
+        caption = caption.strip()
+    else:
+        caption = caption.strip() if isinstance(caption, str) else ""
+    if not corpus.images:  # language-only training, or the keys alone
+        return {"pixels": NO_PIXELS, "caption": caption, "extra": extra or {}, "key": key}
+    if corpus.preprocessor is None:
         raise RuntimeError("an image corpus is read before its preprocessor was set (corpus.preprocessor = ...)")
     if image_bytes is None:
         return None
     try:  # an image over the pixel limit is refused from its header, before anything is decoded
-        pixels = preprocessor.from_bytes(image_bytes, name, key)
+        pixels = corpus.preprocessor.from_bytes(image_bytes, name, draw)
     except (ImageError, ValueError, OSError):  # PIL refuses some modes' resampling with ValueError
         return None
-    return {"pixels": pixels, "caption": caption.strip(), "extra": extra or {}}
+    return {"pixels": pixels, "caption": caption, "extra": extra or {}, "key": key}
 
 
 class PairsCorpus(torch.utils.data.Dataset):
     """A map-style corpus of (image path, caption, extra) rows; bad rows come back as ``None``."""
 
     def __init__(self, rows: list[tuple[Path | None, str, dict[str, Any]]], source: str, images: bool,
-                 preprocessor: Preprocessor | RandomResizedCrop | None):
+                 preprocessor: Preprocessor | RandomResizedCrop | None, captions: bool = True,
+                 root: Path | None = None):
         self.rows = rows
         self.source = source
         self.images = images
+        self.captions = captions
         self.preprocessor = preprocessor
+        self.root = root  # image keys are paths relative to it
         self.epoch = 0  # set by the training loop: part of each sample's augmentation draw
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def key(self, index: int) -> str:
+        path = self.rows[index][0]
+        if path is None:
+            return str(index)
+        return Path(os.path.relpath(path, self.root)).as_posix() if self.root is not None else Path(path).as_posix()
+
+    def with_images(self, preprocessor: Preprocessor | RandomResizedCrop) -> PairsCorpus:
+        """The same samples with their images read and preprocessed (captions as this corpus needs them)."""
+        return PairsCorpus(self.rows, self.source, True, preprocessor, self.captions, self.root)
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         path, caption, extra = self.rows[index]
         if not self.images or path is None:
-            return _sample(None, caption, str(path), self.images, self.preprocessor, extra)
+            return _sample(self, None, caption, str(path), extra, "", self.key(index))
         try:
             data = Path(path).read_bytes()
         except OSError:
             return None
-        return _sample(data, caption, str(path), self.images, self.preprocessor, extra, f"{self.epoch}:{index}")
+        return _sample(self, data, caption, str(path), extra, f"{self.epoch}:{index}", self.key(index))
 
 
-def _read_table(path: Path, images: bool = True) -> list[tuple[Path | None, str, dict[str, Any]]]:
+Rows = list[tuple[Path | None, str, dict[str, Any]]]  # (image path, caption, extra columns)
+
+
+def _read_table(path: Path, images: bool = True, captions: bool = True) -> Rows:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
         with open(path, newline="", encoding="utf-8") as fh:
@@ -136,15 +167,15 @@ def _read_table(path: Path, images: bool = True) -> list[tuple[Path | None, str,
             header = reader.fieldnames or []
             image_col = next((c for c in IMAGE_COLUMNS if c in header), None)
             caption_col = next((c for c in CAPTION_COLUMNS if c in header), None)
-            if (images and image_col is None) or caption_col is None:
-                need = f"an image column ({'/'.join(IMAGE_COLUMNS)}) and " if images else ""
-                raise CirbenchError(f"corpus {path}: needs {need}a caption column ({'/'.join(CAPTION_COLUMNS)}); "
-                                    f"found {header}")
+            if (images and image_col is None) or (captions and caption_col is None):
+                needs = ([f"an image column ({'/'.join(IMAGE_COLUMNS)})"] if images and image_col is None else []) + (
+                    [f"a caption column ({'/'.join(CAPTION_COLUMNS)})"] if captions and caption_col is None else [])
+                raise CirbenchError(f"corpus {path}: needs {' and '.join(needs)}; found {header}")
             rows = []
             for row in reader:
                 extra = {k: v for k, v in row.items() if k not in (image_col, caption_col) and k is not None}
                 image = path.parent / (row.get(image_col) or "") if images and image_col else None
-                rows.append((image, row.get(caption_col) or "", extra))
+                rows.append((image, (row.get(caption_col) or "") if caption_col else "", extra))
             return rows
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CirbenchError(f"corpus {path} is unreadable: {exc}") from None
@@ -163,13 +194,18 @@ class ShardCorpus(torch.utils.data.IterableDataset):
     """webdataset tar shards, split across ranks and DataLoader workers by webdataset."""
 
     def __init__(self, urls: list[str], source: str, images: bool,
-                 preprocessor: Preprocessor | RandomResizedCrop | None, skip: int = 0):
+                 preprocessor: Preprocessor | RandomResizedCrop | None, skip: int = 0, captions: bool = True):
         self.urls = urls
         self.source = source
         self.images = images
+        self.captions = captions
         self.preprocessor = preprocessor
         self.skip = skip  # samples to skip at the start (resume); approximate across workers
         self.epoch = 0  # set by the training loop: part of each sample's augmentation draw
+
+    def with_images(self, preprocessor: Preprocessor | RandomResizedCrop) -> ShardCorpus:
+        """The same samples with their images read and preprocessed (captions as this corpus needs them)."""
+        return ShardCorpus(self.urls, self.source, True, preprocessor, captions=self.captions)
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         import webdataset as wds
@@ -202,9 +238,8 @@ class ShardCorpus(torch.utils.data.IterableDataset):
                     caption = None
             if isinstance(caption, bytes):
                 caption = caption.decode("utf-8", errors="replace")
-            key = raw.get("__key__", "?")
-            yield _sample(image, caption, key, self.images, self.preprocessor, None,
-                          f"{self.epoch}:{raw.get('__url__', '')}:{key}")
+            key, url = raw.get("__key__", "?"), raw.get("__url__", "")
+            yield _sample(self, image, caption, key, None, f"{self.epoch}:{url}:{key}", f"{url}#{key}")
         while broken:
             yield {UNREADABLE_SHARD: broken.pop(0)}
 
@@ -253,22 +288,22 @@ def _existing_shards(text: str) -> list[str]:
 
 
 def open_corpus(spec: str | Path, preprocessor: Preprocessor | None = None, *,
-                images: bool = True) -> PairsCorpus | ShardCorpus:
+                images: bool = True, captions: bool = True) -> PairsCorpus | ShardCorpus:
     """The corpus reader for ``spec`` (see the module docstring); CirbenchError if it is absent, malformed or
-    empty. ``images=False`` opens it language-only (captions, no images). An image corpus may be opened before
-    its backbone exists (so that a bad corpus fails before a backbone is loaded or downloaded); its
-    ``preprocessor`` is then set before it is read."""
+    empty. ``images=False`` opens it language-only (captions, no images); ``captions=False`` for images alone;
+    neither, for the keys of its images. An image corpus may be opened before its backbone exists (so that a bad
+    corpus fails before a backbone is loaded or downloaded); its ``preprocessor`` is then set before it is read."""
     text = str(spec)
     path = Path(text).expanduser()
     if images:
         tensor_decoder()  # a bad CIRBENCH_IMAGE_DECODER fails here, not in a reader process
     if _names_shards(text):
-        return ShardCorpus(_existing_shards(text), text, images, preprocessor)
-    text_only = not images
+        return ShardCorpus(_existing_shards(text), text, images, preprocessor, captions=captions)
+    text_only = not images and captions  # captions without images; otherwise the corpus lists its images
     if path.is_dir():
         rows = _read_captions(path) if text_only else _read_folder(path)
     elif path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
-        rows = _read_table(path, images=not text_only)
+        rows = _read_table(path, images=not text_only, captions=captions)
     elif text_only and path.is_file() and path.suffix.lower() == ".txt":
         rows = _read_captions(path)
     elif not path.exists():
@@ -279,4 +314,5 @@ def open_corpus(spec: str | Path, preprocessor: Preprocessor | None = None, *,
                             "captions, or webdataset .tar shards")
     if not rows:
         raise CirbenchError(f"corpus {path} is empty")
-    return PairsCorpus(rows, text, images, preprocessor)
+    root = None if text_only else (path if path.is_dir() else path.parent)
+    return PairsCorpus(rows, text, images, preprocessor, captions, root)

@@ -86,6 +86,7 @@ class TrainableMethod:
     name = "method"
     preprocess_kind = "clip"
     needs_images = True  # False: a language-only method (LinCIR); its corpus is read for captions alone
+    needs_captions = True  # False: images alone; with needs_images False too, each step reads only the sample keys
     defaults: dict[str, Any] = {}
     adam_betas: tuple[float, float] = (0.9, 0.999)  # torch's AdamW defaults unless the official code says otherwise
     adam_eps: float = 1e-8
@@ -123,6 +124,10 @@ class TrainableMethod:
     def checkpoint_config(self) -> dict[str, Any]:
         """Method-specific facts for ``config.json`` (architecture sizes, prompts, ...)."""
         return {}
+
+    def prepare(self, corpus: PairsCorpus | ShardCorpus, cfg: TrainConfig) -> None:
+        """Work over the whole corpus before the first step (and again on resume): a teacher pass, features
+        computed once. Every rank calls it; by default it does nothing."""
 
     def train_preprocessor(self, seed: int) -> Preprocessor | RandomResizedCrop:
         """How training images are preprocessed: by default as at evaluation (``preprocess_kind``); a method
@@ -271,11 +276,11 @@ def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardC
         raise CirbenchError(f"--batch-size {cfg.batch_size} must be a multiple of world size ({world}) x "
                             f"--accum-steps ({cfg.accum_steps})")
     if isinstance(corpus, (PairsCorpus, ShardCorpus)):
-        if corpus.images != trainable.needs_images:
-            raise ValueError(f"corpus opened with images={corpus.images} for a method with "
-                             f"needs_images={trainable.needs_images}")
+        if (corpus.images, corpus.captions) != (trainable.needs_images, trainable.needs_captions):
+            raise ValueError(f"corpus opened with images={corpus.images}, captions={corpus.captions} for a method "
+                             f"with needs_images={trainable.needs_images}, needs_captions={trainable.needs_captions}")
     else:
-        corpus = open_corpus(corpus, images=trainable.needs_images)
+        corpus = open_corpus(corpus, images=trainable.needs_images, captions=trainable.needs_captions)
     if corpus.images:
         corpus.preprocessor = trainable.train_preprocessor(cfg.seed)
     map_style = hasattr(corpus, "__len__")
@@ -446,8 +451,10 @@ class _Trainer:
         corpus = f"{len(self.corpus):,} samples" if self.map_style else f"{len(self.corpus.urls)} shards"
         ranks = f" ({self.per_step} a rank x {self.world} ranks)" if self.world > 1 else ""
         warmup = f", {cfg.warmup_steps:,} warm-up steps" if cfg.warmup_steps else ""
-        images = (f"; images: {self.corpus.preprocessor.identity()['kind']}" if self.corpus.images
-                  else "; captions only")
+        if self.corpus.images:
+            images = f"; images: {self.corpus.preprocessor.identity()['kind']}"
+        else:
+            images = "; captions only" if self.corpus.captions else "; sample keys only"
         return (f"train {t.name} on {corpus}: {self.total_steps:,} steps of {cfg.batch_size}{ranks}, lr {cfg.lr:g} "
                 f"{cfg.schedule}{warmup}, {t.backbone.precision}{images}; checkpoint every {cfg.save_every:,} "
                 f"steps in {self.latest}")
@@ -456,6 +463,7 @@ class _Trainer:
         cfg, run = self.cfg, self.state
         if cfg.progress and self.rank_ == 0:
             tqdm.write(self.plan())
+        self.trainable.prepare(self.corpus, cfg)
         self.trainable.train_mode(True)
         bar = tqdm(total=self.total_steps, initial=run.step, desc=f"train {self.trainable.name}", unit="step",
                    disable=not cfg.progress or self.rank_ != 0)

@@ -552,7 +552,7 @@ def test_bad_training_input(tmp_path, tiny_config):
     empty_folder.mkdir()
     cases = [("pic2word", tmp_path / "nope.csv", "does not exist"),
              ("pic2word", tmp_path / "shards-{000..003}.tar", "does not exist"),
-             ("pic2word", no_caption, "needs an image column"), ("lincir", no_caption, "a caption column"),
+             ("pic2word", no_caption, "needs a caption column"), ("lincir", no_caption, "a caption column"),
              ("pic2word", empty, "is empty"), ("lincir", empty_folder, "is empty")]
     for method, corpus, message in cases:
         res = CliRunner().invoke(cli, ["train", "--method", method, "--corpus", str(corpus), "--output",
@@ -570,7 +570,7 @@ class _CtrlCInReader(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if i == 2:
             os.kill(os.getpid(), signal.SIGINT)
-        return {"pixels": torch.full((1,), float(i)), "caption": str(i), "extra": {}}
+        return {"pixels": torch.full((1,), float(i)), "caption": str(i), "extra": {}, "key": str(i)}
 
 
 def test_readers_leave_ctrl_c_to_the_main_process(tmp_path):

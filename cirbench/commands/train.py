@@ -11,6 +11,7 @@ EPILOG = """\b
 Examples:
   cirbench train --method slerp-tat --corpus laion/{00000..00199}.tar --max-steps 2000 --output runs/tat
   cirbench train --method pic2word --corpus cc3m.csv --output runs/pic2word --epochs 30
+  cirbench train --method searle --corpus imagenet/test --output runs/searle-b32   # images, no captions
   torchrun --nproc-per-node 8 -m cirbench train --method slerp-tat --corpus pairs.csv --output runs/tat
   cirbench train --method slerp-tat --backbone cirbench-shapes-clip --pretrained bundled \\
       --corpus ~/.cache/cirbench/shapes/v1-seed0/train/train.csv --output runs/tat-shapes --batch-size 128
@@ -20,7 +21,8 @@ Examples:
 @click.command(name="train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
                epilog=EPILOG)
 @click.option("--method", "-m", required=True, help="A trainable method (see `cirbench methods`).")
-@click.option("--corpus", required=True, help="CSV/TSV of image,caption; a folder with .txt sidecars; or .tar shards.")
+@click.option("--corpus", required=True, help="CSV/TSV of image,caption; a folder with .txt sidecars; or .tar shards "
+              "(a method that trains on images alone, like searle, needs no caption).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Checkpoint folder.")
 @click.option("--backbone", default=None, help="open_clip model name or config JSON (default: the method's).")
 @click.option("--pretrained", default=None, help="open_clip tag, weights file, 'bundled' or 'none'.")
@@ -58,7 +60,7 @@ Examples:
 def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps, batch_size, lr, weight_decay,
             warmup_steps, schedule, accum_steps, precision, device, seed, workers, save_every, log_every, no_resume,
             quiet):
-    """Train METHOD on an image-caption CORPUS; resumable; torchrun for several GPUs or nodes.
+    """Train METHOD on a CORPUS of images and/or captions; resumable; torchrun for several GPUs or nodes.
 
     Method training options follow as --name value (e.g. --lora-rank 8); `cirbench methods` lists them.
     """
@@ -83,7 +85,8 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
 
         raise CirbenchError("training options cannot be swept")
     check_not_resumable_elsewhere(Path(output), method)
-    corpus_data = open_corpus(corpus, images=trainer_cls.needs_images)  # a bad corpus fails before the backbone
+    # a bad corpus fails before the backbone is loaded
+    corpus_data = open_corpus(corpus, images=trainer_cls.needs_images, captions=trainer_cls.needs_captions)
     dev = distributed.init_from_env(device)
     default = spec.default_backbone or DEFAULT_BACKBONE
     model_name = backbone or default[0]
