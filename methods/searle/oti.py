@@ -140,10 +140,21 @@ def concept_embeddings(backbone, names: list[str], batch_concepts: int = 64, pro
     return table[[index[n] for n in names]]
 
 
+def nearest_concepts(image_features: torch.Tensor, embeddings: torch.Tensor, k: int,
+                     chunk: int = 1024) -> torch.Tensor:
+    """``[N, k]`` the indices of each image's ``k`` nearest concepts by cosine, nearest first (in chunks of
+    images: a 100k-image set against 20k concepts never makes the whole similarity matrix)."""
+    table = embeddings.T.float()
+    out = []
+    for start in range(0, image_features.shape[0], chunk):
+        rows = torch.nn.functional.normalize(image_features[start : start + chunk].float().to(table.device), dim=-1)
+        out.append(torch.topk(rows @ table, min(k, table.shape[1]), dim=-1).indices.cpu())
+    return torch.cat(out) if out else torch.empty(0, min(k, table.shape[1]), dtype=torch.long)
+
+
 def associate(image_features: torch.Tensor, embeddings: torch.Tensor, names: list[str], top_k: int) -> list[list[str]]:
     """Each image's ``top_k`` concepts: its 250 nearest concept names (cosine), stripped, first occurrences."""
-    sims = torch.nn.functional.normalize(image_features.float(), dim=-1) @ embeddings.T.to(image_features.device)
-    nearest = torch.topk(sims, min(CONCEPTS_PER_IMAGE, len(names)), dim=-1).indices.cpu().tolist()
+    nearest = nearest_concepts(image_features, embeddings, CONCEPTS_PER_IMAGE).tolist()
     return [list(dict.fromkeys(str(names[i]).strip() for i in row))[:top_k] for row in nearest]
 
 
@@ -188,49 +199,45 @@ def invert_batch(backbone, image_features: torch.Tensor, phrase_pools: list[list
     return ema.cpu(), float(loss.detach())  # the last step's loss: one host sync per batch, not per step
 
 
-class SearleOTI(SearleProtocol):
-    """SEARLE's prompt with a pseudo-word optimised for each reference image (see the module docstring)."""
+def source_files(options: dict[str, Any]) -> tuple[Path, Path]:
+    """The concepts and phrases files: ``--concepts``/``--phrases``, or SEARLE's, downloaded (once) now, so that
+    a missing file or an offline download fails before any image is encoded."""
+    concepts = Path(options["concepts"]) if options.get("concepts") else url_file(
+        CONCEPTS_URL, "SEARLE's concept list", "concepts")
+    phrases = Path(options["phrases"]) if options.get("phrases") else url_file(
+        PHRASES_URL, "SEARLE's GPT-Neo phrases", "phrases")
+    for path, option in ((concepts, "concepts"), (phrases, "phrases")):
+        if not path.is_file():
+            raise CirbenchError(f"--{option} {path} is not a file")
+    return concepts, phrases
 
-    def __init__(self, backbone, options, dataset=None):
-        super().__init__(backbone, options, dataset)
-        o = self.options
-        self.params = {param: o[option] for param, option in PARAM_OPTIONS.items()}
-        if self.params["lambda_cos"] + self.params["lambda_gpt"] <= 0:
+
+class Inversion:
+    """SEARLE's OTI over a set of images: the concept table, the phrases, the per-batch optimisation and its
+    cache under ``<cache_root>/oti``. ``searle-oti`` evaluates the pseudo-words it makes for reference images;
+    the training of SEARLE's Phi distils those it makes for the training images."""
+
+    def __init__(self, backbone, params: dict[str, Any], concepts: Path, phrases: Path, cache_root: Path,
+                 progress: bool = True):
+        self.backbone, self.params, self.cache_root, self.progress = backbone, params, cache_root, progress
+        if params["lambda_cos"] + params["lambda_gpt"] <= 0:
             raise CirbenchError("--lambda-cos plus --lambda-gpt must be above 0")
-        # fetched now: a missing file or an offline download fails before any image is encoded
-        concepts = Path(o["concepts"]) if o.get("concepts") else url_file(CONCEPTS_URL, "SEARLE's concept list",
-                                                                           "concepts")
-        phrases = Path(o["phrases"]) if o.get("phrases") else url_file(PHRASES_URL, "SEARLE's GPT-Neo phrases",
-                                                                        "phrases")
-        for path, option in ((concepts, "concepts"), (phrases, "phrases")):
-            if not path.is_file():
-                raise CirbenchError(f"--{option} {path} is not a file")
         self.concept_names = load_concepts(concepts)
-        # millions of phrases: read when a batch has to be optimised, not for a run served from the cache
+        # millions of phrases: read when a batch has to be optimised, not for a set served from the cache
         self.phrases_path = phrases
         self._phrases: tuple[dict[str, list[str]], set[str]] | None = None
         self.sources = {"concepts": {"path": str(concepts), "sha256": file_sha256(concepts)},
                         "phrases": {"path": str(phrases), "sha256": file_sha256(phrases)}}
-        self.cache_root = default_cache_dir()  # the run's --cache-dir, once prepare has seen it
         self._table: torch.Tensor | None = None  # the concept embeddings, once made or read
-        self.concepts_of: dict[str, list[str]] = {}  # reference id -> the concepts its phrases came from
-        self.progress = True
+        self.concepts_of: dict[str, list[str]] = {}  # image id -> the concepts its phrases came from
         self.stats = {"references": 0, "batches_optimised": 0, "batches_cached": 0, "images_without_phrases": 0,
                       "concepts_listed": len(self.concept_names)}
 
-    def prepare(self, query_set: QuerySet) -> None:
-        self.cache_root = query_set.cache_dir or default_cache_dir()
-        self.progress = query_set.progress
-
-    def pseudo_words(self, references: torch.Tensor) -> torch.Tensor:
-        return references.to(self.backbone.device).float()  # prepare_references made them
-
-    # -- the work over the set --------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
         return {"backbone": self.backbone.identity(), "precision": self.backbone.precision,
                 "device": self.backbone.device.type, "concepts": self.sources["concepts"]["sha256"]}
 
-    def _embeddings(self) -> torch.Tensor:
+    def embeddings(self) -> torch.Tensor:
         """The concept table: made once per process (every evaluation set uses it), cached on disk."""
         if self._table is None:
             self._table = self._stored_embeddings()
@@ -249,7 +256,7 @@ class SearleOTI(SearleProtocol):
             atomic_write_bytes(path, save({"embeddings": table.cpu()}))
         return table
 
-    def _phrase_data(self) -> tuple[dict[str, list[str]], set[str]]:
+    def phrase_data(self) -> tuple[dict[str, list[str]], set[str]]:
         """The phrases per concept and the usable concepts, read on first use."""
         if self._phrases is None:
             phrases = load_phrases(self.phrases_path)
@@ -259,21 +266,25 @@ class SearleOTI(SearleProtocol):
 
     def _pool(self, concepts: list[str]) -> list[tuple[str, str]]:
         """One image's (concept, phrase) pairs: the phrases of its usable concepts, in their order."""
-        phrases = self._phrase_data()[0]
+        phrases = self.phrase_data()[0]
         pool = [(c, phrase) for c in concepts for phrase in phrases[c]]
         self.stats["images_without_phrases"] += not pool
         return pool
 
-    def prepare_references(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
+    def invert(self, ids: list[str], features: torch.Tensor, only: set[int] | None = None) -> torch.Tensor | None:
+        """The EMA pseudo-words ``[N, width]`` of the images ``ids`` with raw CLIP ``features``, optimised in
+        batches of ``batch_size`` (each cached as it is done: a stopped run goes on from the last batch done).
+        With ``only``, just those batch numbers are optimised (the others only read from the cache: a rank's
+        share of the work), and the result is None unless every batch was there."""
         p = self.params
         size = p["batch_size"]
-        self.stats["references"] += len(ids)
         key = json_hash({"v": 1, **self._identity(), "phrases": self.sources["phrases"]["sha256"],
                          "params": p, "ids": ids, "features": sha256_bytes(tensor_bytes(features.detach().cpu()))})
         folder = self.cache_root / "oti" / key
         concepts: list[list[str]] | None = None  # associated when a batch has to be optimised
-        out = []
-        bar = tqdm(range(0, len(ids), size), desc="OTI: reference images", unit="batch", disable=not self.progress,
+        out: list[torch.Tensor] = []
+        missing = False
+        bar = tqdm(range(0, len(ids), size), desc="OTI: images", unit="batch", disable=not self.progress,
                    leave=False)
         for start in bar:
             index = start // size
@@ -281,10 +292,13 @@ class SearleOTI(SearleProtocol):
             rows = min(size, len(ids) - start)
             with making(path, "OTI: waiting for another process inverting the same images"):
                 tokens, used = _load(path, rows)
+                if tokens is None and only is not None and index not in only:
+                    missing = True
+                    continue
                 if tokens is None:
                     if concepts is None:
-                        concepts = associate(features, self._embeddings(), self.concept_names, p["top_k"])
-                    usable = self._phrase_data()[1]
+                        concepts = associate(features, self.embeddings(), self.concept_names, p["top_k"])
+                    usable = self.phrase_data()[1]
                     used = [[c for c in row if c in usable] for row in concepts[start : start + rows]]
                     pools = [self._pool(row) for row in used]
                     tokens, loss = invert_batch(self.backbone, features[start : start + rows], pools, p,
@@ -296,18 +310,48 @@ class SearleOTI(SearleProtocol):
                     self.stats["batches_cached"] += 1
             self.concepts_of.update(zip(ids[start : start + rows], used, strict=True))
             out.append(tokens)
+        if missing:
+            return None
+        self.stats["references"] += len(ids)
         return torch.cat(out) if out else torch.empty(0, token_width(self.backbone))
+
+
+def oti_params(options: dict[str, Any]) -> dict[str, Any]:
+    """The optimisation's parameters from the options named in :data:`PARAM_OPTIONS`."""
+    return {param: options[option] for param, option in PARAM_OPTIONS.items()}
+
+
+class SearleOTI(SearleProtocol):
+    """SEARLE's prompt with a pseudo-word optimised for each reference image (see the module docstring)."""
+
+    def __init__(self, backbone, options, dataset=None):
+        super().__init__(backbone, options, dataset)
+        concepts, phrases = source_files(self.options)
+        self.oti = Inversion(backbone, oti_params(self.options), concepts, phrases, default_cache_dir())
+        self.params = self.oti.params
+
+    def prepare(self, query_set: QuerySet) -> None:
+        self.oti.cache_root = query_set.cache_dir or default_cache_dir()  # the run's --cache-dir
+        self.oti.progress = query_set.progress
+
+    def pseudo_words(self, references: torch.Tensor) -> torch.Tensor:
+        return references.to(self.backbone.device).float()  # prepare_references made them
+
+    def prepare_references(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
+        tokens = self.oti.invert(ids, features)
+        assert tokens is not None  # every batch is optimised when ``only`` is not given
+        return tokens
 
     def query_details(self, query) -> dict[str, Any] | None:
         """The concepts whose phrases regularised the query's reference pseudo-word."""
-        used = self.concepts_of.get(query.reference)
+        used = self.oti.concepts_of.get(query.reference)
         return None if used is None else {"concepts": used}
 
     def info(self) -> dict:
-        return {"oti": self.params, **self.sources}
+        return {"oti": self.params, **self.oti.sources}
 
     def summary(self) -> dict:
-        return {"oti": dict(self.stats)}
+        return {"oti": dict(self.oti.stats)}
 
 
 def _load(path: Path, rows: int) -> tuple[torch.Tensor | None, list[list[str]]]:
