@@ -5,6 +5,9 @@ forward ("c1 and c2") and reverse ("c2 and c1") prompts are encoded and their no
 The official weights for ViT-B/32 and ViT-L/14 (OpenAI CLIP) are downloaded from the SEARLE releases when no
 ``--checkpoint`` is given.
 
+``cirbench train --method searle --corpus IMAGES`` trains Phi as the official ``train_phi.py`` does: it
+distils the SEARLE-OTI pseudo-words of the corpus's images (captions are not needed), see :mod:`.train`.
+
 ``searle-oti`` (SEARLE-OTI; with ``--backbone ViT-L-14`` SEARLE-XL-OTI) needs no network: it optimises one
 pseudo-word per reference image against the image and against GPT-Neo phrases about the image's concepts
 (SEARLE's optimisation-based textual inversion, see :mod:`.oti`).
@@ -14,6 +17,11 @@ from cirbench.hookspecs import hookimpl
 from cirbench.types import MethodSpec, OptionSpec
 from cirbench.util import SEED_MAX
 
+CONCEPTS = OptionSpec("concepts", "Concept names: Open Images' oidv7-class-descriptions.csv (DisplayName column) or "
+                      "a text file, one per line; default: download the one in SEARLE's repository.", "path", None)
+PHRASES = OptionSpec("phrases", "GPT phrases per concept: SEARLE's GPTNeo27B.zip release, its concept_to_phrases.pkl, "
+                     "or a JSON {concept: [phrase, ...]}; default: download the release.", "path", None)
+
 
 @hookimpl
 def register_methods(register):
@@ -21,21 +29,32 @@ def register_methods(register):
         name="searle",
         description="SEARLE textual inversion: 'a photo of $ that {caption}' (official weights).",
         factory="cirbench.methods.searle.model:Searle",
-        options=(OptionSpec("checkpoint", "Official SEARLE .pt (dict with 'Phi') or a folder with model.safetensors "
-                            "+ config.json; default: download the official weights for the backbone.", "path", None),),
+        options=(OptionSpec("checkpoint", "Official SEARLE .pt (dict with 'Phi') or a `cirbench train --method "
+                            "searle` folder; default: download the official weights for the backbone.", "path", None),),
         default_backbone=("ViT-B-32", "openai"),
         default_preprocess="targetpad",
+        trainer="cirbench.methods.searle.train:SearleTrainable",
+        train_options=(
+            CONCEPTS, PHRASES,
+            OptionSpec("oti_steps", "OTI steps per batch of the teacher pass (the official 350).", "int", 350,
+                       minimum=1, maximum=100_000),
+            OptionSpec("oti_batch_size", "Images optimised together in the teacher pass.", "int", 32, minimum=1,
+                       maximum=4096),
+            OptionSpec("top_k_concepts", "Nearest concepts per image whose phrases regularise Phi.", "int", 150,
+                       minimum=1, maximum=100_000),
+            OptionSpec("lambda_distil", "Weight of the distillation (contrastive) loss.", "float", 1.0, minimum=0.0),
+            OptionSpec("lambda_gpt", "Weight of the GPT-phrase loss (the teacher's OTI keeps its own 0.5).", "float",
+                       0.75, minimum=0.0),
+            OptionSpec("temperature", "Temperature of the distillation loss.", "float", 0.25, minimum=1e-6),
+            OptionSpec("dropout", "Dropout of Phi.", "float", 0.5, minimum=0.0, maximum=1.0),
+        ),
     ))
     register(MethodSpec(
         name="searle-oti",
         description="SEARLE-OTI: a pseudo-word optimised for each reference image (no network), SEARLE's prompt.",
         factory="cirbench.methods.searle.oti:SearleOTI",
         options=(
-            OptionSpec("concepts", "Concept names: Open Images' oidv7-class-descriptions.csv (DisplayName column) or "
-                       "a text file, one per line; default: download the one in SEARLE's repository.", "path", None),
-            OptionSpec("phrases", "GPT phrases per concept: SEARLE's GPTNeo27B.zip release, its "
-                       "concept_to_phrases.pkl, or a JSON {concept: [phrase, ...]}; default: download the release.",
-                       "path", None),
+            CONCEPTS, PHRASES,
             OptionSpec("oti_steps", "Optimisation steps per batch of reference images.", "int", 350, minimum=1,
                        maximum=100_000),
             OptionSpec("oti_lr", "AdamW learning rate of the pseudo-words.", "float", 2e-2, minimum=0.0),
