@@ -241,3 +241,27 @@ def test_phrase_whose_placeholder_is_cut_off_is_left_out(backbone, tmp_path):
     loss, logs = trainable.training_step(collate([{"pixels": torch.empty(0), "caption": "", "extra": {}, "key": k}
                                                   for k in ("a", "b")]))
     assert logs["gpt"] == 0.0 and torch.isfinite(loss)
+
+
+def test_torchrun_ranks_share_the_teacher(tmp_path, tiny_config, monkeypatch):
+    """Two ranks encode half the images each, gather them, optimise their share of the OTI batches and train;
+    a one-process run afterwards finds the whole teacher in the cache."""
+    import os
+    import subprocess
+    import sys
+
+    sources = write_sources(tmp_path)
+    make_corpus(tmp_path / "c", n=12)
+    folder = tmp_path / "c" / "img"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIRBENCH_LOAD_PLUGINS": "", "CIRBENCH_CACHE": str(tmp_path / "cache")}
+    args = _train(tiny_config, folder, tmp_path / "two", sources, "--max-steps", "2", "--device", "cpu")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "cirbench", *args], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["teacher"]["images"] == 12 and config["step"] == 2
+    assert len(list((tmp_path / "cache" / "oti").glob("*/batch-*.safetensors"))) == 3
+    monkeypatch.setenv("CIRBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(oti, "invert_batch", lambda *a, **k: pytest.fail("the teacher was optimised again"))
+    res = CliRunner().invoke(cli, _train(tiny_config, folder, tmp_path / "one", sources, "--max-steps", "2"))
+    assert res.exit_code == 0, res.output
