@@ -78,6 +78,12 @@ def wait_for_main() -> None:
         dist.barrier(group=_wait_group)  # a process group joined elsewhere: its default group and timeout
 
 
+def wait_for_all() -> None:
+    """A barrier after long work on every rank that may end unevenly (shares of SEARLE's OTI): the same
+    long-timeout group as :func:`wait_for_main`."""
+    wait_for_main()
+
+
 def shutdown() -> None:
     """Leave the process group at the end of a command that succeeded: the ranks wait for each other on the
     long-timeout group (rank 0 may still be writing results), then the group is destroyed, so that no rank tears

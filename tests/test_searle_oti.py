@@ -312,3 +312,36 @@ def test_published_files_download_once_into_the_hub_cache(tmp_path, monkeypatch)
         assert not (tmp_path / "hub" / "checkpoints" / "gone.zip").exists()
     finally:
         server.shutdown()
+
+
+def test_torchrun_ranks_share_the_batches(tmp_path, monkeypatch):
+    """Two ranks optimise alternate batches and read the others' from the cache: the result counts every batch
+    once, and a one-process run afterwards finds them all and ranks the same."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    csv_path, release = write_sources(tmp_path)
+    args = ["run", "--method", "searle-oti", "--dataset", "shapes", "--queries", "40", "--instances", "1",
+            "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--concepts", str(csv_path),
+            "--phrases", str(release), "--oti-steps", "2", "--oti-batch-size", "8", "--top-k", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIRBENCH_LOAD_PLUGINS": "", "CIRBENCH_CACHE": str(tmp_path / "gen")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                           "cirbench", *args, "--output", str(tmp_path / "two")], capture_output=True, text=True,
+                          timeout=400, env=env, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (two,) = (tmp_path / "two" / "shapes" / "val").glob("*__*.json")
+    two = json.loads(two.read_text())
+    summary = two["method"]["summary"]["oti"]
+    batches = -(-summary["references"] // 8)
+    assert batches >= 2 and summary["batches_optimised"] == batches and summary["batches_cached"] == 0, summary
+    assert len(list((tmp_path / "cache" / "oti").glob("*/batch-*.safetensors"))) == batches
+    monkeypatch.setenv("CIRBENCH_CACHE", str(tmp_path / "gen"))
+    monkeypatch.setattr(oti, "invert_batch", lambda *a, **k: pytest.fail("a batch was optimised again"))
+    res = CliRunner().invoke(cli, [*args, "--output", str(tmp_path / "one"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    (one,) = (tmp_path / "one" / "shapes" / "val").glob("*__*.json")
+    one = json.loads(one.read_text())
+    assert one["method"]["summary"]["oti"]["batches_cached"] == batches
+    assert one["metrics"] == two["metrics"]

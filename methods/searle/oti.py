@@ -18,7 +18,8 @@ original phrase. Transcribed from the official ``src/image_concepts_association.
   is what is evaluated, in SEARLE's prompt "a photo of $ that {caption}".
 
 The pseudo-words are cached per batch under ``<cache>/oti`` (a stopped run goes on from the last batch done),
-keyed by everything that changes them; the concept embeddings under ``<cache>/oti-concepts``.
+keyed by everything that changes them; the concept embeddings under ``<cache>/oti-concepts``. Under torchrun
+the ranks share the batches.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from cirbench import distributed as dist_utils
 from cirbench.errors import CirbenchError
 from cirbench.hub import url_file
 from cirbench.method import QuerySet
@@ -316,6 +318,28 @@ class Inversion:
         return torch.cat(out) if out else torch.empty(0, token_width(self.backbone))
 
 
+    def invert_shared(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
+        """:meth:`invert` with the batches shared by the torchrun ranks (every rank calls it with the same
+        images): each optimises its own, waits for the others, then reads theirs from the cache. The stats
+        then count the batches every rank optimised."""
+        world = dist_utils.world_size()
+        if world == 1:
+            tokens = self.invert(ids, features)
+            assert tokens is not None  # every batch is optimised when ``only`` is not given
+            return tokens
+        batches = -(-len(ids) // self.params["batch_size"])
+        before = dict(self.stats)
+        self.invert(ids, features, only={i for i in range(batches) if i % world == dist_utils.rank()})
+        dist_utils.wait_for_all()
+        tokens = self.invert(ids, features)  # every batch is in the cache now (one left missing is made here)
+        assert tokens is not None
+        optimised = sum(dist_utils.all_gather_object(self.stats["batches_optimised"] - before["batches_optimised"]))
+        self.stats["batches_optimised"] = before["batches_optimised"] + optimised
+        self.stats["batches_cached"] = before["batches_cached"] + batches - optimised
+        self.stats["references"] = before["references"] + len(ids)  # the first pass may have counted them too
+        return tokens
+
+
 def oti_params(options: dict[str, Any]) -> dict[str, Any]:
     """The optimisation's parameters from the options named in :data:`PARAM_OPTIONS`."""
     return {param: options[option] for param, option in PARAM_OPTIONS.items()}
@@ -338,9 +362,7 @@ class SearleOTI(SearleProtocol):
         return references.to(self.backbone.device).float()  # prepare_references made them
 
     def prepare_references(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
-        tokens = self.oti.invert(ids, features)
-        assert tokens is not None  # every batch is optimised when ``only`` is not given
-        return tokens
+        return self.oti.invert_shared(ids, features)  # under torchrun the ranks share the batches
 
     def query_details(self, query) -> dict[str, Any] | None:
         """The concepts whose phrases regularised the query's reference pseudo-word."""

@@ -150,13 +150,7 @@ class SearleTrainable(NetTrainable):
         if not keys:
             raise CirbenchError(f"corpus {corpus.source}: no image could be read for SEARLE's teacher pass")
         inversion = Inversion(self.backbone, self.oti_params, self.concepts_path, self.phrases_path, cache, progress)
-        size, rank, world = self.oti_params["batch_size"], dist_utils.rank(), dist_utils.world_size()
-        batches = -(-len(keys) // size)
-        tokens = inversion.invert(keys, features, only={i for i in range(batches) if i % world == rank})
-        dist_utils.barrier()
-        if tokens is None:  # the other ranks' batches, from the cache
-            tokens = inversion.invert(keys, features)
-        assert tokens is not None
+        tokens = inversion.invert_shared(keys, features)  # under torchrun the ranks share the batches
         nearest = nearest_concepts(features, inversion.embeddings(), int(self.options.get("top_k_concepts", 150)))
         phrases, usable = inversion.phrase_data()
         self.phrases = phrases
@@ -165,7 +159,7 @@ class SearleTrainable(NetTrainable):
                              **inversion.sources}
         if progress:
             tqdm.write(f"searle teacher: {len(keys):,} images inverted ({inversion.stats['batches_optimised']} "
-                       f"batches optimised here, {inversion.stats['batches_cached']} from the cache)"
+                       f"batches optimised, {inversion.stats['batches_cached']} from the cache)"
                        + (f"; {unreadable} unreadable images left out" if unreadable else ""))
 
     def _features(self, corpus, cfg: TrainConfig, cache: Path, progress: bool) -> tuple[list[str], torch.Tensor, int]:
