@@ -14,7 +14,11 @@ save) and naming it as ``MethodSpec.trainer``; ``cirbench train --method NAME`` 
   ``--epochs``/``--max-steps``, running on); a resume with other settings (:data:`RESUME_FIXED`, the method's
   options, the corpus's size) is refused;
 * the final trained weights as ``<output>/model.safetensors`` + ``config.json`` (see
-  :mod:`cirbench.checkpoints`), which the method's ``--checkpoint`` option loads.
+  :mod:`cirbench.checkpoints`), which the method's ``--checkpoint`` option loads;
+* optionally (``--validate cirr:val``), the method evaluated on a benchmark with the weights of the step, as
+  ``cirbench run --checkpoint`` would (the official scripts validate on CIRR val each epoch): every
+  ``validate_every`` steps and at the end, results under ``<output>/validation/``, metrics in the training log;
+  the random states are put back afterwards, so validating changes nothing in the training.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .corpora import Batch, PairsCorpus, ShardCorpus, collate, open_corpus
 from .errors import CheckpointError, CirbenchError, CirbenchWarning
 from .preprocess import Preprocessor, RandomResizedCrop
-from .train_state import load_train_state, rng_state, save_train_state
+from .train_state import load_train_state, rng_state, save_train_state, set_rng_state
 from .util import atomic_write_bytes, json_loads, partial_folder, recover_folder, replace_folder
 
 
@@ -72,6 +76,11 @@ class TrainConfig:
     resume: bool = True
     log_every: int = 10
     progress: bool = True
+    # validation during training: a benchmark ("cirr" or "cirr:val") evaluated with the weights of the step,
+    # every ``validate_every`` steps (default: at each checkpoint) and at the end
+    validate: str | None = None
+    validate_data_root: str | None = None
+    validate_every: int | None = None
 
 
 class TrainableMethod:
@@ -445,6 +454,35 @@ class _Trainer:
         save_train_state(partial, self.optimizer, self.scheduler, self.state.position(), rngs, self.scaler)
         replace_folder(partial, folder)
 
+    @property
+    def validate_every(self) -> int:
+        return self.cfg.validate_every or self.cfg.save_every
+
+    def validate(self, checkpoint: Path) -> None:
+        """Evaluate the weights in ``checkpoint`` on ``cfg.validate`` (every rank takes part, as in ``cirbench
+        run`` under torchrun); log the metrics; leave the random states as they were."""
+        from .evaluate import RunConfig, evaluate
+
+        cfg, t = self.cfg, self.trainable
+        dataset, _, split = cfg.validate.partition(":")
+        saved = rng_state()  # the evaluation seeds torch; the training's own draws must go on as they were
+        try:
+            outcomes = evaluate(RunConfig(
+                method=t.name, dataset=dataset, split=split or None, backbone=t.backbone.model_name,
+                pretrained=t.backbone.pretrained, device=str(self.device), data_root=cfg.validate_data_root,
+                output=self.output / "validation", method_options={"checkpoint": str(checkpoint)},
+                label=f"{t.name}@step{self.state.step}", seed=cfg.seed, workers=cfg.workers, bootstrap=0,
+                progress=cfg.progress))
+        finally:
+            set_rng_state(saved)
+        if self.rank_ != 0:
+            return
+        metrics = {o.label: {k: round(v, 4) for k, v in o.metrics.items()} for o in outcomes}
+        self.log.write({"step": self.state.step, "epoch": self.state.epoch, "validation": metrics})
+        for label, values in metrics.items():
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in list(values.items())[:4])
+            tqdm.write(f"validation at step {self.state.step} on {cfg.validate}: {shown} ({label})")
+
     def plan(self) -> str:
         """What this run will do, in one line (printed at its start)."""
         cfg, t = self.cfg, self.trainable
@@ -475,6 +513,8 @@ class _Trainer:
         self.save(self.latest, final=False)
         self.save(self.output, final=True)
         dist_utils.barrier()
+        if cfg.validate:
+            self.validate(self.output)
         if self.rank_ == 0 and run.skipped:
             tqdm.write(f"skipped {run.skipped} unreadable samples (missing or corrupt image, or empty caption)")
         if self.rank_ == 0 and run.unreadable_shards:
@@ -559,6 +599,10 @@ class _Trainer:
                                 "img_s": round(rate, 1), **logs})
             if run.step % cfg.save_every == 0 and run.step < self.total_steps:
                 self.save(self.latest, final=False)
+            if cfg.validate and run.step % self.validate_every == 0 and run.step < self.total_steps:
+                if run.step % cfg.save_every:
+                    self.save(self.latest, final=False)
+                self.validate(self.latest)
             if run.step >= self.total_steps:
                 return
             # under torchrun only the flag the ranks agreed on counts, so that they all stop at the same step
@@ -609,6 +653,24 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
     corpus.skip = done
     return torch.utils.data.DataLoader(corpus, batch_size=per_step, collate_fn=collate, num_workers=cfg.workers,
                                        generator=generator, worker_init_fn=_reader_ignores_ctrl_c)
+
+
+def check_validation(spec, validate: str) -> None:
+    """Refuse, before anything is loaded, a ``--validate`` benchmark that does not exist (or a split it lacks) and
+    a method whose trained weights cannot be evaluated (no ``checkpoint`` option)."""
+    from .plugins import get_registry
+
+    if not any(o.name == "checkpoint" for o in spec.options):
+        raise CirbenchError(f"method '{spec.name}' has no --checkpoint option to evaluate its weights with: "
+                            "it cannot be validated during training")
+    dataset, _, split = validate.partition(":")
+    dspec = get_registry().dataset(dataset)
+    if split and split not in dspec.splits:
+        raise CirbenchError(f"--validate {validate}: dataset '{dataset}' has no split '{split}' "
+                            f"(splits: {', '.join(dspec.splits)})")
+    if split in dspec.hidden_splits:
+        raise CirbenchError(f"--validate {validate}: the targets of '{split}' are hidden (a test server scores it); "
+                            "validate on a split with targets")
 
 
 def check_not_resumable_elsewhere(output: Path, method: str) -> None:

@@ -585,3 +585,36 @@ def test_readers_leave_ctrl_c_to_the_main_process(tmp_path):
     loader.worker_init_fn = None
     with pytest.raises((RuntimeError, OSError)):
         list(loader)
+
+
+def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, tiny_config, toy_root):
+    """--validate evaluates the weights of the step through the method's --checkpoint (every --validate-every
+    steps and at the end); the training's random draws (LoRA dropout here) go on as without it."""
+    from cirbench.testing import ToyDatasetPlugin, registered
+
+    corpus = make_corpus(tmp_path / "c", n=16)
+    with registered(ToyDatasetPlugin(), "toy"):
+        res = CliRunner().invoke(cli, _train_args(tiny_config, corpus, tmp_path / "plain", "--max-steps", "4",
+                                                  "--lora-dropout", "0.5"))
+        assert res.exit_code == 0, res.output
+        validating = _train_args(tiny_config, corpus, tmp_path / "val", "--max-steps", "4", "--lora-dropout", "0.5",
+                                 "--validate", "toy:val", "--validate-data-root", str(toy_root), "--validate-every",
+                                 "3")
+        res = CliRunner().invoke(cli, validating)
+        assert res.exit_code == 0, res.output
+        for args, message in ((["--validate", "nosuch"], "unknown dataset 'nosuch'"),
+                              (["--validate", "toy:train"], "has no split 'train'"),
+                              (["--validate", "toy:test"], "are hidden")):
+            res = CliRunner().invoke(cli, _train_args(tiny_config, corpus, tmp_path / "bad", *args))
+            assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "bad").exists()
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    validated = load_file(str(tmp_path / "val" / "model.safetensors"))
+    assert plain.keys() == validated.keys() and all(torch.equal(plain[k], validated[k]) for k in plain)
+    log = [json.loads(line) for line in (tmp_path / "val" / "train_log.jsonl").read_text().splitlines()]
+    checks = [entry for entry in log if "validation" in entry]
+    assert [e["step"] for e in checks] == [3, 4]
+    (label,) = checks[0]["validation"]  # the method's sweep label follows (slerp-tat@step3@alpha=0.8)
+    assert label.startswith("slerp-tat@step3") and "R@1" in checks[0]["validation"][label]
+    results = sorted(p.name for p in (tmp_path / "val" / "validation" / "toy" / "val").glob("*.json"))
+    assert len(results) == 2 and any("step3" in r for r in results) and any("step4" in r for r in results)

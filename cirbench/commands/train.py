@@ -12,6 +12,8 @@ Examples:
   cirbench train --method slerp-tat --corpus laion/{00000..00199}.tar --max-steps 2000 --output runs/tat
   cirbench train --method pic2word --corpus cc3m.csv --output runs/pic2word --epochs 30
   cirbench train --method searle --corpus imagenet/test --output runs/searle-b32   # images, no captions
+  cirbench train --method pic2word --corpus cc3m.csv --output runs/p2w --validate cirr:val \
+      --validate-data-root data/CIRR --validate-every 1000
   torchrun --nproc-per-node 8 -m cirbench train --method slerp-tat --corpus pairs.csv --output runs/tat
   cirbench train --method slerp-tat --backbone cirbench-shapes-clip --pretrained bundled \\
       --corpus ~/.cache/cirbench/shapes/v1-seed0/train/train.csv --output runs/tat-shapes --batch-size 128
@@ -55,11 +57,17 @@ Examples:
 @click.option("--no-resume", is_flag=True, help="Start over even if OUTPUT holds a run. Without it a run in OUTPUT "
               "continues, if its settings are the same (batch size, lr, schedule, seed, method options, corpus "
               "size); --epochs and --max-steps may grow.")
+@click.option("--validate", "validate", default=None, metavar="DATASET[:SPLIT]",
+              help="Evaluate the method on this benchmark with the weights of the step (e.g. cirr:val), every "
+                   "--validate-every steps and at the end; results in OUTPUT/validation, metrics in the log.")
+@click.option("--validate-data-root", default=None, type=click.Path(), help="The --validate benchmark's data root.")
+@click.option("--validate-every", type=click.IntRange(min=1), default=None,
+              help="Validate every N steps (default: at each checkpoint, --save-every).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps, batch_size, lr, weight_decay,
             warmup_steps, schedule, accum_steps, precision, device, seed, workers, save_every, log_every, no_resume,
-            quiet):
+            validate, validate_data_root, validate_every, quiet):
     """Train METHOD on a CORPUS of images and/or captions; resumable; torchrun for several GPUs or nodes.
 
     Method training options follow as --name value (e.g. --lora-rank 8); `cirbench methods` lists them.
@@ -73,7 +81,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     from cirbench.corpora import open_corpus
     from cirbench.evaluate import DEFAULT_BACKBONE
     from cirbench.plugins import get_registry
-    from cirbench.training import TrainConfig, check_not_resumable_elsewhere, train
+    from cirbench.training import TrainConfig, check_not_resumable_elsewhere, check_validation, train
     from cirbench.types import resolve_options
 
     spec = get_registry().method(method)
@@ -85,6 +93,8 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
 
         raise CirbenchError("training options cannot be swept")
     check_not_resumable_elsewhere(Path(output), method)
+    if validate:
+        check_validation(spec, validate)
     # a bad corpus fails before the backbone is loaded
     corpus_data = open_corpus(corpus, images=trainer_cls.needs_images, captions=trainer_cls.needs_captions)
     dev = distributed.init_from_env(device)
@@ -98,7 +108,8 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     values = {**trainer_cls.defaults, **{k: v for k, v in given.items() if v is not None}}
     cfg = TrainConfig(output=Path(output), accum_steps=accum_steps, precision=precision, device=str(dev), seed=seed,
                       workers=workers, save_every=save_every, log_every=log_every, resume=not no_resume,
-                      progress=not quiet, **values)
+                      progress=not quiet, validate=validate, validate_data_root=validate_data_root,
+                      validate_every=validate_every, **values)
     trainable = trainer_cls(bb, options[0])
     trainable.name = spec.name  # the registered name is the one source of truth (checkpoints record it)
     out = train(trainable, corpus_data, cfg)
