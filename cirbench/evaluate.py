@@ -240,14 +240,8 @@ class Evaluator:
         if preprocess_kind not in PREPROCESS_KINDS:
             raise UnknownNameError("preprocessing", preprocess_kind, PREPROCESS_KINDS)
         writer = ResultWriter(Path(cfg.output) / dspec.name / split, enabled=distributed.is_main())
-        data_root = cfg.data_root or dspec.default_data_root
-        dataset = dspec.create(Path(data_root) if data_root else None, dataset_options[0])
-        evalsets = dataset.load(split)
-        set_counts = {es.name: drop_missing(es, cfg.allow_missing) for es in evalsets}
-        if not any(es.queries for es in evalsets):
-            dropped = sum(c["queries_dropped"] for c in set_counts.values())
-            raise CirbenchError(f"{dspec.name}/{split}: no query is left to score ({dropped} dropped because their "
-                                "reference or target image is missing)")
+        dataset, evalsets, set_counts = load_eval_sets(dspec, split, cfg.data_root, dataset_options[0],
+                                                       cfg.allow_missing)
         model_name, pretrained = choose_backbone(cfg, mspec, dspec)
         tensor_decoder()  # a bad CIRBENCH_IMAGE_DECODER fails here, not in a reader process
         torch.manual_seed(cfg.seed)
@@ -437,6 +431,21 @@ def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int, per_query: d
             row["method"] = extra
         rows.append(row)
     return rows
+
+
+def load_eval_sets(dspec, split: str, data_root, options: dict[str, Any], allow_missing: bool = False):
+    """The dataset, its evaluation sets of ``split`` read from ``data_root`` (default: the dataset's), and what
+    each set dropped for missing images; CirbenchError for bad annotations, missing images (unless
+    ``allow_missing``) or no query left."""
+    root = data_root or dspec.default_data_root
+    dataset = dspec.create(Path(root) if root else None, options)
+    evalsets = dataset.load(split)
+    set_counts = {es.name: drop_missing(es, allow_missing) for es in evalsets}
+    if not any(es.queries for es in evalsets):
+        dropped = sum(c["queries_dropped"] for c in set_counts.values())
+        raise CirbenchError(f"{dspec.name}/{split}: no query is left to score ({dropped} dropped because their "
+                            "reference or target image is missing)")
+    return dataset, evalsets, set_counts
 
 
 def evaluate(cfg: RunConfig, registry: Registry | None = None) -> list[RunOutcome]:

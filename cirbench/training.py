@@ -655,22 +655,33 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
                                        generator=generator, worker_init_fn=_reader_ignores_ctrl_c)
 
 
-def check_validation(spec, validate: str) -> None:
-    """Refuse, before anything is loaded, a ``--validate`` benchmark that does not exist (or a split it lacks) and
-    a method whose trained weights cannot be evaluated (no ``checkpoint`` option)."""
+def check_validation(spec, validate: str, data_root: str | None = None) -> None:
+    """Refuse, before anything is trained, a ``--validate`` benchmark that does not exist, a split it lacks or
+    whose targets are hidden, annotations or images that cannot be read from ``data_root``, and a method whose
+    trained weights cannot be evaluated (no ``checkpoint`` option)."""
+    from .evaluate import load_eval_sets
     from .plugins import get_registry
+    from .types import resolve_options
 
     if not any(o.name == "checkpoint" for o in spec.options):
         raise CirbenchError(f"method '{spec.name}' has no --checkpoint option to evaluate its weights with: "
                             "it cannot be validated during training")
     dataset, _, split = validate.partition(":")
     dspec = get_registry().dataset(dataset)
-    if split and split not in dspec.splits:
+    split = split or dspec.default_split or dspec.splits[0]
+    if split not in dspec.splits:
         raise CirbenchError(f"--validate {validate}: dataset '{dataset}' has no split '{split}' "
                             f"(splits: {', '.join(dspec.splits)})")
     if split in dspec.hidden_splits:
         raise CirbenchError(f"--validate {validate}: the targets of '{split}' are hidden (a test server scores it); "
                             "validate on a split with targets")
+    dspec.load()
+    (options,) = resolve_options(dspec.options, {}, dspec.name, f"dataset {dspec.name}")
+    try:  # bad annotations or missing images: now, not after hours of training
+        load_eval_sets(dspec, split, data_root, options)
+    except CirbenchError as exc:
+        reason = str(exc).replace("--data-root", "--validate-data-root")
+        raise CirbenchError(f"--validate {validate}: {reason}") from None
 
 
 def check_not_resumable_elsewhere(output: Path, method: str) -> None:

@@ -604,7 +604,9 @@ def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, t
         assert res.exit_code == 0, res.output
         for args, message in ((["--validate", "nosuch"], "unknown dataset 'nosuch'"),
                               (["--validate", "toy:train"], "has no split 'train'"),
-                              (["--validate", "toy:test"], "are hidden")):
+                              (["--validate", "toy:test"], "are hidden"),
+                              (["--validate", "toy", "--validate-data-root", str(tmp_path / "nowhere")],
+                               "--validate toy: annotation file")):
             res = CliRunner().invoke(cli, _train_args(tiny_config, corpus, tmp_path / "bad", *args))
             assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "bad").exists()

@@ -94,7 +94,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
         raise CirbenchError("training options cannot be swept")
     check_not_resumable_elsewhere(Path(output), method)
     if validate:
-        check_validation(spec, validate)
+        check_validation(spec, validate, validate_data_root)
     # a bad corpus fails before the backbone is loaded
     corpus_data = open_corpus(corpus, images=trainer_cls.needs_images, captions=trainer_cls.needs_captions)
     dev = distributed.init_from_env(device)
