@@ -136,7 +136,8 @@ class TrainableMethod:
 
     def prepare(self, corpus: PairsCorpus | ShardCorpus, cfg: TrainConfig) -> None:
         """Work over the whole corpus before the first step (and again on resume): a teacher pass, features
-        computed once. Every rank calls it; by default it does nothing."""
+        computed once. Every rank calls it; by default it does nothing. The loop puts the random states back
+        afterwards, so that a run whose prepare found its work cached draws what one that did the work draws."""
 
     def train_preprocessor(self, seed: int) -> Preprocessor | RandomResizedCrop:
         """How training images are preprocessed: by default as at evaluation (``preprocess_kind``); a method
@@ -501,7 +502,9 @@ class _Trainer:
         cfg, run = self.cfg, self.state
         if cfg.progress and self.rank_ == 0:
             tqdm.write(self.plan())
+        before = rng_state()  # whether prepare's work comes from a cache must not change the training's draws
         self.trainable.prepare(self.corpus, cfg)
+        set_rng_state(before)
         self.trainable.train_mode(True)
         bar = tqdm(total=self.total_steps, initial=run.step, desc=f"train {self.trainable.name}", unit="step",
                    disable=not cfg.progress or self.rank_ != 0)

@@ -265,3 +265,21 @@ def test_torchrun_ranks_share_the_teacher(tmp_path, tiny_config, monkeypatch):
     monkeypatch.setattr(oti, "invert_batch", lambda *a, **k: pytest.fail("the teacher was optimised again"))
     res = CliRunner().invoke(cli, _train(tiny_config, folder, tmp_path / "one", sources, "--max-steps", "2"))
     assert res.exit_code == 0, res.output
+
+
+def test_a_resumed_run_trains_what_an_uninterrupted_one_does(tmp_path, tiny_config, monkeypatch):
+    """The phrase draws come from the random state the checkpoint saves: 2 steps, then 2 more on resume, give
+    the weights of 4 steps in one go (dropout on)."""
+    monkeypatch.setenv("CIRBENCH_CACHE", str(tmp_path / "cache"))
+    sources = write_sources(tmp_path)
+    make_corpus(tmp_path / "c", n=12)
+    folder = tmp_path / "c" / "img"
+    for out, steps in (("whole", "4"), ("parts", "2"), ("parts", "4")):
+        res = CliRunner().invoke(cli, _train(tiny_config, folder, tmp_path / out, sources, "--max-steps", steps,
+                                             "--lr", "1e-2"))
+        assert res.exit_code == 0, res.output
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    parts = load_file(str(tmp_path / "parts" / "model.safetensors"))
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    log = [json.loads(line) for line in (tmp_path / "parts" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [2, 4] and all(e["gpt"] > 0 for e in log)
