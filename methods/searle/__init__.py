@@ -21,6 +21,32 @@ CONCEPTS = OptionSpec("concepts", "Concept names: Open Images' oidv7-class-descr
                       "a text file, one per line; default: download the one in SEARLE's repository.", "path", None)
 PHRASES = OptionSpec("phrases", "GPT phrases per concept: SEARLE's GPTNeo27B.zip release, its concept_to_phrases.pkl, "
                      "or a JSON {concept: [phrase, ...]}; default: download the release.", "path", None)
+# SEARLE-OTI's optimisation, with the official oti_inversion.py defaults (SEARLE's Phi training inverts its
+# images with them too)
+OTI_OPTIONS = (
+    OptionSpec("oti_steps", "Optimisation steps per batch of reference images.", "int", 350, minimum=1,
+               maximum=100_000),
+    OptionSpec("oti_lr", "AdamW learning rate of the pseudo-words.", "float", 2e-2, minimum=0.0),
+    OptionSpec("oti_weight_decay", "AdamW weight decay.", "float", 0.01, minimum=0.0),
+    OptionSpec("oti_batch_size", "Reference images optimised together (their losses are averaged).", "int",
+               32, minimum=1, maximum=4096),
+    OptionSpec("top_k", "Concepts per image whose phrases regularise its pseudo-word.", "int", 15, minimum=1,
+               maximum=250),
+    OptionSpec("lambda_cos", "Weight of the template/image cosine loss.", "float", 1.0, minimum=0.0),
+    OptionSpec("lambda_gpt", "Weight of the phrase regularisation loss.", "float", 0.5, minimum=0.0),
+    OptionSpec("ema_decay", "Decay of the moving average of the pseudo-words (what is evaluated).", "float",
+               0.99, minimum=0.0, maximum=1.0),
+    OptionSpec("oti_seed", "Seed of the pseudo-words' initialisation and of the sampled templates and "
+               "phrases (each batch derives its own).", "int", 42, minimum=0, maximum=SEED_MAX),
+)
+
+
+
+def oti_option(name: str, description: str) -> OptionSpec:
+    """One of :data:`OTI_OPTIONS` with another description (the training's teacher pass uses it too)."""
+    import dataclasses
+
+    return dataclasses.replace(next(o for o in OTI_OPTIONS if o.name == name), help=description)
 
 
 @hookimpl
@@ -36,10 +62,9 @@ def register_methods(register):
         trainer="cirbench.methods.searle.train:SearleTrainable",
         train_options=(
             CONCEPTS, PHRASES,
-            OptionSpec("oti_steps", "OTI steps per batch of the teacher pass (the official 350).", "int", 350,
-                       minimum=1, maximum=100_000),
-            OptionSpec("oti_batch_size", "Images optimised together in the teacher pass.", "int", 32, minimum=1,
-                       maximum=4096),
+            oti_option("oti_steps", "OTI steps per batch of the teacher pass (the others of the official OTI "
+                       "settings are fixed)."),
+            oti_option("oti_batch_size", "Images optimised together in the teacher pass."),
             OptionSpec("top_k_concepts", "Nearest concepts per image whose phrases regularise Phi.", "int", 150,
                        minimum=1, maximum=100_000),
             OptionSpec("lambda_distil", "Weight of the distillation (contrastive) loss.", "float", 1.0, minimum=0.0),
@@ -55,20 +80,7 @@ def register_methods(register):
         factory="cirbench.methods.searle.oti:SearleOTI",
         options=(
             CONCEPTS, PHRASES,
-            OptionSpec("oti_steps", "Optimisation steps per batch of reference images.", "int", 350, minimum=1,
-                       maximum=100_000),
-            OptionSpec("oti_lr", "AdamW learning rate of the pseudo-words.", "float", 2e-2, minimum=0.0),
-            OptionSpec("oti_weight_decay", "AdamW weight decay.", "float", 0.01, minimum=0.0),
-            OptionSpec("oti_batch_size", "Reference images optimised together (their losses are averaged).", "int",
-                       32, minimum=1, maximum=4096),
-            OptionSpec("top_k", "Concepts per image whose phrases regularise its pseudo-word.", "int", 15, minimum=1,
-                       maximum=250),
-            OptionSpec("lambda_cos", "Weight of the template/image cosine loss.", "float", 1.0, minimum=0.0),
-            OptionSpec("lambda_gpt", "Weight of the phrase regularisation loss.", "float", 0.5, minimum=0.0),
-            OptionSpec("ema_decay", "Decay of the moving average of the pseudo-words (what is evaluated).", "float",
-                       0.99, minimum=0.0, maximum=1.0),
-            OptionSpec("oti_seed", "Seed of the pseudo-words' initialisation and of the sampled templates and "
-                       "phrases (each batch derives its own).", "int", 42, minimum=0, maximum=SEED_MAX),
+            *OTI_OPTIONS,
         ),
         default_backbone=("ViT-B-32", "openai"),
         default_preprocess="targetpad",

@@ -53,6 +53,7 @@ from cirbench.methods._shared.textinv import (
     raw_image_features,
     token_width,
 )
+from cirbench.methods.searle import OTI_OPTIONS
 from cirbench.methods.searle.oti import (
     PARAM_OPTIONS,
     PLACEHOLDER,
@@ -64,9 +65,8 @@ from cirbench.methods.searle.oti import (
 from cirbench.training import NetTrainable, TrainConfig
 from cirbench.util import atomic_write_bytes, default_cache_dir, json_hash, making
 
-# the official OTI settings (oti_inversion.py's defaults) that the teacher pass uses
-TEACHER_OTI = {"oti_steps": 350, "oti_lr": 2e-2, "oti_weight_decay": 0.01, "oti_batch_size": 32, "top_k": 15,
-               "lambda_cos": 1.0, "lambda_gpt": 0.5, "ema_decay": 0.99, "oti_seed": 42}
+# the official OTI settings (oti_inversion.py's defaults, searle-oti's) that the teacher pass uses
+TEACHER_OTI = {o.name: o.default for o in OTI_OPTIONS}
 FEATURE_BATCH = 64  # images per batch of the teacher features pass
 
 
@@ -139,6 +139,7 @@ class SearleTrainable(NetTrainable):
         teacher = {**TEACHER_OTI, **{k: options[k] for k in ("oti_steps", "oti_batch_size") if k in options}}
         self.oti_params = {param: teacher[option] for param, option in PARAM_OPTIONS.items()}
         self.teacher: Teacher | None = None
+        self.phrases: dict[str, list[str]] = {}  # the phrases per concept, read by prepare
         self.placeholder = placeholder_id(backbone, PLACEHOLDER)
         self.teacher_info: dict[str, Any] = {}
 
