@@ -18,6 +18,7 @@ from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint, load_module_weights
 from cirbench.errors import CirbenchError
 from cirbench.method import Method, average_variants, caption_variants
+from cirbench.training import NetTrainable
 from cirbench.types import Query
 
 PLACEHOLDERS = ("*", "$")
@@ -122,6 +123,26 @@ class Phi(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+
+class PhiTrainable(NetTrainable):
+    """The trainer of a SEARLE-shaped :class:`Phi` (SEARLE, LinCIR): ``self.net`` maps the frozen CLIP's image
+    (or text) embedding to a pseudo-word, with the ``dropout`` option; both official optimizers decay every
+    Phi parameter."""
+
+    def __init__(self, backbone: Backbone, options: dict):
+        super().__init__(backbone, options)
+        embed = backbone.embed_dim
+        self.net = Phi(embed, 4 * embed, token_width(backbone), dropout=float(options.get("dropout", 0.5)))
+        self.net = self.net.to(backbone.device)
+        for p in backbone.model.parameters():
+            p.requires_grad_(False)
+
+    def decays(self, name, param):
+        return True
+
+    def checkpoint_config(self) -> dict:
+        return {"architecture": {"phi": "SEARLE (4x hidden, GELU, dropout)", "token_width": token_width(self.backbone)}}
 
 
 def raw_image_features(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:

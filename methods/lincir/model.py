@@ -13,15 +13,13 @@ from cirbench.backbones import Backbone
 from cirbench.errors import CheckpointError, CirbenchError
 from cirbench.hub import hub_file
 from cirbench.methods._shared.textinv import (
-    Phi,
+    PhiTrainable,
     SearleProtocol,
     encode_with_pseudo_tokens,
     load_phi_weights,
     placeholder_id,
     raw_image_features,
-    token_width,
 )
-from cirbench.training import NetTrainable
 
 PLACEHOLDER = "$"
 DEMO_REPO, DEMO_FILE = "navervision/zeroshot-cir-models", "lincir_large.pt"
@@ -123,7 +121,7 @@ class SpacyTagger:
         return [keyword_runs([(t.text, t.pos_) for t in doc]) for doc in self.nlp.pipe(captions)]
 
 
-class LinCIRTrainable(NetTrainable):
+class LinCIRTrainable(PhiTrainable):
     """Self-masking projection: Phi(text embedding of a caption + noise) must be the pseudo-word that makes
     the caption with its keywords masked by ``$`` embed as the caption does (MSE of unnormalised embeddings).
     """
@@ -135,19 +133,11 @@ class LinCIRTrainable(NetTrainable):
     defaults = {"lr": 1e-4, "weight_decay": 0.01, "batch_size": 512, "max_steps": 20000, "warmup_steps": 0,
                 "schedule": "constant"}
 
-    def decays(self, name, param):
-        return True  # the official optimizer decays every Phi parameter
-
     def __init__(self, backbone: Backbone, options: dict[str, Any]):
         super().__init__(backbone, options)
-        embed = backbone.embed_dim
-        self.net = Phi(embed, 4 * embed, token_width(backbone), dropout=float(options.get("dropout", 0.5)))
-        self.net = self.net.to(backbone.device)
         self.mode = options.get("keywords", "spacy")
         self.tagger = SpacyTagger() if self.mode == "spacy" else None
         self.placeholder = placeholder_id(backbone, PLACEHOLDER)
-        for p in backbone.model.parameters():
-            p.requires_grad_(False)
 
     def keywords(self, captions: list[str], extra: dict[str, list[Any]]) -> list[list[str]]:
         if self.mode == "spacy":
@@ -184,5 +174,4 @@ class LinCIRTrainable(NetTrainable):
         return F.mse_loss(masked.float(), original), {"masked_by_keywords": rate}
 
     def checkpoint_config(self):
-        return {"architecture": {"phi": "SEARLE (4x hidden, GELU, dropout)", "token_width": token_width(self.backbone)},
-                "keywords": self.mode}
+        return {**super().checkpoint_config(), "keywords": self.mode}

@@ -47,11 +47,10 @@ from cirbench.backbones import Backbone
 from cirbench.corpora import Batch, PairsCorpus, ShardCorpus, collate
 from cirbench.errors import CirbenchError
 from cirbench.methods._shared.textinv import (
-    Phi,
+    PhiTrainable,
     encode_with_pseudo_tokens,
     placeholder_id,
     raw_image_features,
-    token_width,
 )
 from cirbench.methods.searle import OTI_OPTIONS
 from cirbench.methods.searle.oti import (
@@ -62,7 +61,7 @@ from cirbench.methods.searle.oti import (
     nearest_concepts,
     source_files,
 )
-from cirbench.training import NetTrainable, TrainConfig
+from cirbench.training import TrainConfig
 from cirbench.util import atomic_write_bytes, default_cache_dir, json_hash, making
 
 # the official OTI settings (oti_inversion.py's defaults, searle-oti's) that the teacher pass uses
@@ -115,7 +114,7 @@ def _listing(corpus: PairsCorpus | ShardCorpus) -> list[Any]:
     return [[corpus.key(i), *stat(str(row[0]))[1:]] for i, row in enumerate(corpus.rows)]
 
 
-class SearleTrainable(NetTrainable):
+class SearleTrainable(PhiTrainable):
     """Phi distilled from OTI pseudo-words with GPT-phrase regularisation (see the module docstring)."""
 
     name = "searle"
@@ -125,16 +124,8 @@ class SearleTrainable(NetTrainable):
     defaults = {"lr": 1e-4, "weight_decay": 0.01, "batch_size": 256, "epochs": 100, "warmup_steps": 0,
                 "schedule": "constant"}
 
-    def decays(self, name, param):
-        return True  # the official AdamW decays every Phi parameter
-
     def __init__(self, backbone: Backbone, options: dict[str, Any]):
         super().__init__(backbone, options)
-        embed = backbone.embed_dim
-        self.net = Phi(embed, 4 * embed, token_width(backbone), dropout=float(options.get("dropout", 0.5))).to(
-            backbone.device)
-        for p in backbone.model.parameters():
-            p.requires_grad_(False)
         self.concepts_path, self.phrases_path = source_files(options)  # fails now when offline
         teacher = {**TEACHER_OTI, **{k: options[k] for k in ("oti_steps", "oti_batch_size") if k in options}}
         self.oti_params = {param: teacher[option] for param, option in PARAM_OPTIONS.items()}
@@ -240,5 +231,4 @@ class SearleTrainable(NetTrainable):
         return loss, {"distil": float(distil.detach()), "gpt": float(gpt.detach())}
 
     def checkpoint_config(self):
-        return {"architecture": {"phi": "SEARLE (4x hidden, GELU, dropout)", "token_width": token_width(self.backbone)},
-                "teacher": self.teacher_info}
+        return {**super().checkpoint_config(), "teacher": self.teacher_info}
