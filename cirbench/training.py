@@ -473,7 +473,7 @@ class _Trainer:
                 pretrained=t.backbone.pretrained, device=str(self.device), data_root=cfg.validate_data_root,
                 output=self.output / "validation", method_options={"checkpoint": str(checkpoint)},
                 label=f"{t.name}@step{self.state.step}", seed=cfg.seed, workers=cfg.workers, bootstrap=0,
-                progress=cfg.progress))
+                progress=cfg.progress and self.rank_ == 0))
         finally:
             set_rng_state(saved)
         if self.rank_ != 0:
