@@ -16,10 +16,16 @@ $CB train --method pic2word --corpus "$CORPUS" --output "$OUT/pic2word" "${BB[@]
     --batch-size 128 --lr 1e-3 --warmup-steps 50 --workers 1 --quiet
 $CB train --method fti4cir --corpus "$CORPUS" --output "$OUT/fti4cir" "${BB[@]}" --max-steps 300 \
     --batch-size 64 --lr 2e-4 --schedule cosine --workers 1 --quiet
+# SEARLE needs a concept list and phrases: shapes' own stand-ins for Open Images and GPT-Neo's
+"${PYTHON:-python}" "$(dirname "$0")/shapes_concepts.py" "$OUT/concepts"
+SOURCES=(--concepts "$OUT/concepts/concepts.txt" --phrases "$OUT/concepts/phrases.json")
+$CB train --method searle --corpus "$CORPUS" --output "$OUT/searle" "${BB[@]}" "${SOURCES[@]}" --oti-steps 50 \
+    --epochs 20 --workers 1 --quiet
 for split in val test; do
   for m in image-only text-only slerp; do $CB run -m $m -s $split --quiet --no-leaderboard --output "$OUT/results"; done
-  for m in slerp-tat pic2word fti4cir; do
+  for m in slerp-tat pic2word fti4cir searle; do
     $CB run -m $m -s $split --checkpoint "$OUT/$m" --quiet --no-leaderboard --output "$OUT/results"
   done
+  $CB run -m searle-oti -s $split "${SOURCES[@]}" --quiet --no-leaderboard --output "$OUT/results"
 done
 $CB leaderboard "$OUT/results" --no-paper
