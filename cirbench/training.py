@@ -17,8 +17,9 @@ save) and naming it as ``MethodSpec.trainer``; ``cirbench train --method NAME`` 
   :mod:`cirbench.checkpoints`), which the method's ``--checkpoint`` option loads;
 * optionally (``--validate cirr:val``), the method evaluated on a benchmark with the weights of the step, as
   ``cirbench run --checkpoint`` would (the official scripts validate on CIRR val each epoch): every
-  ``validate_every`` steps and at the end, results under ``<output>/validation/``, metrics in the training log;
-  the random states are put back afterwards, so validating changes nothing in the training.
+  ``validate_every`` steps and at the end, results under ``<output>/validation/``, metrics in the training log,
+  the best-scoring weights (the benchmark's main metric) copied to ``<output>/best``; the random states are put
+  back afterwards, so validating changes nothing in the training.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import threading
 import time
@@ -420,6 +422,7 @@ class _Trainer:
         self.latest = self.output / "checkpoint-latest"
         if self.rank_ == 0:  # a save that an interrupt cut short leaves the previous checkpoint, complete
             recover_folder(self.latest, "model.safetensors")
+            recover_folder(self.output / "best", "model.safetensors")
         dist_utils.barrier()
         self.state = _Run()
         self.interrupted = False
@@ -483,6 +486,31 @@ class _Trainer:
         for label, values in metrics.items():
             shown = ", ".join(f"{k} {v:.2f}" for k, v in list(values.items())[:4])
             tqdm.write(f"validation at step {self.state.step} on {cfg.validate}: {shown} ({label})")
+        self.keep_if_best(checkpoint, dataset, outcomes)
+
+    def keep_if_best(self, checkpoint: Path, dataset: str, outcomes) -> None:
+        """Copy ``checkpoint``'s weights to ``<output>/best`` when they score above every earlier validation of
+        this output (by the benchmark's main metric; ``best/validation.json`` says which step and score)."""
+        from .plugins import get_registry
+
+        main = get_registry().dataset(dataset).main_metric
+        scores = [o.metrics[main] for o in outcomes if main in o.metrics] if main else []
+        if not scores:
+            return
+        best, record = self.output / "best", self.output / "best" / "validation.json"
+        try:
+            previous = json_loads(record.read_bytes())["value"] if record.is_file() else None
+        except (OSError, ValueError, KeyError):
+            previous = None
+        if previous is not None and max(scores) <= previous:
+            return
+        partial = partial_folder(best)
+        partial.mkdir(parents=True)
+        for name in ("model.safetensors", "config.json"):
+            shutil.copy2(checkpoint / name, partial / name)
+        entry = {"validate": self.cfg.validate, "metric": main, "value": max(scores), "step": self.state.step}
+        atomic_write_bytes(partial / "validation.json", (json.dumps(entry, indent=2) + "\n").encode())
+        replace_folder(partial, best)
 
     def plan(self) -> str:
         """What this run will do, in one line (printed at its start)."""

@@ -620,3 +620,16 @@ def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, t
     assert label.startswith("slerp-tat@step3") and "R@1" in checks[0]["validation"][label]
     results = sorted(p.name for p in (tmp_path / "val" / "validation" / "toy" / "val").glob("*.json"))
     assert len(results) == 2 and any("step3" in r for r in results) and any("step4" in r for r in results)
+    # the best-scoring weights (toy's main metric, R@1) are kept apart, with the step and score they had
+    best = json.loads((tmp_path / "val" / "best" / "validation.json").read_text())
+    scores = {e["step"]: next(iter(e["validation"].values()))["R@1"] for e in checks}
+    assert best["metric"] == "R@1" and best["value"] == max(scores.values())
+    assert best["step"] == min(step for step, score in scores.items() if score == best["value"])
+    with registered(ToyDatasetPlugin(), "toy"):  # evaluated again, the kept weights score what was recorded
+        res = CliRunner().invoke(cli, ["run", "--method", "slerp-tat", "--checkpoint", str(tmp_path / "val" / "best"),
+                                       "--dataset", "toy", "--data-root", str(toy_root), "--backbone", str(tiny_config),
+                                       "--pretrained", "none", "--output", str(tmp_path / "again"), "--workers", "0",
+                                       "--quiet", "--bootstrap", "0"])
+    assert res.exit_code == 0, res.output
+    (again,) = (tmp_path / "again" / "toy" / "val").glob("*.json")
+    assert json.loads(again.read_text())["metrics"]["R@1"] == pytest.approx(best["value"], abs=1e-4)
