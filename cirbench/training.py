@@ -430,6 +430,7 @@ class _Trainer:
             self.state = _resume(trainable, self.optimizer, self.scheduler, self.latest, self.rank_,
                                  self.run_config(), self.scaler)
         self.log = TrainLog(self.output, self.state.step, enabled=self.rank_ == 0)
+        self.best_score = self._best_so_far()
 
     def run_config(self) -> dict[str, Any]:
         """The method options, training settings and corpus that a checkpoint records (and a resume checks)."""
@@ -457,6 +458,16 @@ class _Trainer:
         save_checkpoint(partial, t.state_to_save(), config)
         save_train_state(partial, self.optimizer, self.scheduler, self.state.position(), rngs, self.scaler)
         replace_folder(partial, folder)
+
+    def _best_so_far(self) -> float | None:
+        """The score of ``<output>/best``, if this run continues the run that validated it on the same benchmark
+        (a run started over, or validated on another benchmark, replaces it at its first validation)."""
+        try:
+            record = json_loads((self.output / "best" / "validation.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+        same = record.get("validate") == self.cfg.validate and 0 < record.get("step", 0) <= self.state.step
+        return float(record["value"]) if same and isinstance(record.get("value"), (int, float)) else None
 
     @property
     def validate_every(self) -> int:
@@ -497,13 +508,10 @@ class _Trainer:
         scores = [o.metrics[main] for o in outcomes if main in o.metrics] if main else []
         if not scores:
             return
-        best, record = self.output / "best", self.output / "best" / "validation.json"
-        try:
-            previous = json_loads(record.read_bytes())["value"] if record.is_file() else None
-        except (OSError, ValueError, KeyError):
-            previous = None
-        if previous is not None and max(scores) <= previous:
+        best = self.output / "best"
+        if self.best_score is not None and max(scores) <= self.best_score:
             return
+        self.best_score = max(scores)
         partial = partial_folder(best)
         partial.mkdir(parents=True)
         for name in ("model.safetensors", "config.json"):

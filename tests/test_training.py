@@ -633,3 +633,8 @@ def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, t
     assert res.exit_code == 0, res.output
     (again,) = (tmp_path / "again" / "toy" / "val").glob("*.json")
     assert json.loads(again.read_text())["metrics"]["R@1"] == pytest.approx(best["value"], abs=1e-4)
+    # a run started over (--no-resume) does not compete with the weights of the run it replaces
+    with registered(ToyDatasetPlugin(), "toy"):
+        res = CliRunner().invoke(cli, [*validating[:-2], "--validate-every", "1", "--max-steps", "1", "--no-resume"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "val" / "best" / "validation.json").read_text())["step"] == 1
