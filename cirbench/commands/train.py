@@ -12,7 +12,7 @@ Examples:
   cirbench train --method slerp-tat --corpus laion/{00000..00199}.tar --max-steps 2000 --output runs/tat
   cirbench train --method pic2word --corpus cc3m.csv --output runs/pic2word --epochs 30
   cirbench train --method searle --corpus imagenet/test --output runs/searle-b32   # images, no captions
-  cirbench train --method pic2word --corpus cc3m.csv --output runs/p2w --validate cirr:val \
+  cirbench train --method pic2word --corpus cc3m.csv --output runs/p2w --validate cirr:val \\
       --validate-data-root data/CIRR --validate-every 1000
   torchrun --nproc-per-node 8 -m cirbench train --method slerp-tat --corpus pairs.csv --output runs/tat
   cirbench train --method slerp-tat --backbone cirbench-shapes-clip --pretrained bundled \\
