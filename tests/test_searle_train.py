@@ -283,3 +283,18 @@ def test_a_resumed_run_trains_what_an_uninterrupted_one_does(tmp_path, tiny_conf
     assert all(torch.equal(whole[k], parts[k]) for k in whole)
     log = [json.loads(line) for line in (tmp_path / "parts" / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [2, 4] and all(e["gpt"] > 0 for e in log)
+
+
+def test_a_torn_features_cache_is_made_again(tmp_path, tiny_config, monkeypatch):
+    monkeypatch.setenv("CIRBENCH_CACHE", str(tmp_path / "cache"))
+    sources = write_sources(tmp_path)
+    make_corpus(tmp_path / "c", n=8)
+    folder = tmp_path / "c" / "img"
+    res = CliRunner().invoke(cli, _train(tiny_config, folder, tmp_path / "a", sources, "--max-steps", "1"))
+    assert res.exit_code == 0, res.output
+    (features,) = (tmp_path / "cache" / "searle-teacher").glob("*.safetensors")
+    whole = load_file(str(features))["features"]
+    features.write_bytes(features.read_bytes()[:100])  # cut short
+    res = CliRunner().invoke(cli, _train(tiny_config, folder, tmp_path / "b", sources, "--max-steps", "1"))
+    assert res.exit_code == 0, res.output
+    assert torch.equal(load_file(str(features))["features"], whole)

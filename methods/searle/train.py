@@ -161,14 +161,17 @@ class SearleTrainable(PhiTrainable):
                          "device": self.backbone.device.type, "preprocess": pre.identity(),
                          "source": str(corpus.source), "listing": _listing(corpus)})
         path = cache / "searle-teacher" / f"{key}.safetensors"
-        cached = dist_utils.all_gather_object(path.is_file())[0]  # rank 0 decides, every rank follows
-        if cached:
+        loaded = None
+        if dist_utils.all_gather_object(path.is_file())[0]:  # rank 0 decides whether to read it
             try:
                 with safe_open(str(path), "pt") as fh:
                     meta = fh.metadata() or {}
-                    return json.loads(meta["keys"]), fh.get_tensor("features"), int(meta["unreadable"])
-            except Exception:  # noqa: BLE001 - torn or foreign: made again (the ranks agree on the file)
-                pass
+                    loaded = json.loads(meta["keys"]), fh.get_tensor("features"), int(meta["unreadable"])
+            except Exception:  # noqa: BLE001 - torn or foreign: made again
+                loaded = None
+        # every rank uses the file, or every rank makes the features again (the encoding below is collective)
+        if all(dist_utils.all_gather_object(loaded is not None)):
+            return loaded
         images = corpus.with_images(pre)
         if isinstance(images, PairsCorpus):  # ShardCorpus splits its shards by rank itself
             images = torch.utils.data.Subset(images, dist_utils.shard(list(range(len(images)))))
