@@ -6,8 +6,9 @@ test images; any image corpus works (captions are not needed). Before the first 
 from the corpus, each cached (under ``$CIRBENCH_CACHE``) so that a stopped run goes on where it stopped and
 another training on the same images (other Phi settings, another ``--output``) reuses them:
 
-1. the teacher features: every image's raw CLIP embedding, SEARLE's ``targetpad`` preprocessing, computed once
-   (as the official script does: it trains on stored features, without augmentation);
+1. the teacher features: every image's raw CLIP embedding, SEARLE's ``targetpad`` preprocessing, in fp32
+   whatever ``--precision`` (the official script's CLIP is cast to fp32), computed once (the official script
+   trains on stored features too, without augmentation);
 2. the teacher pseudo-words: SEARLE-OTI of every image with the official OTI settings (350 steps, batches of
    32, 15 concepts, lambda_cos 1, lambda_gpt 0.5, EMA 0.99, seed 42; ``--oti-steps``/``--oti-batch-size``
    change the first two); under torchrun the ranks share the batches;
@@ -50,7 +51,6 @@ from cirbench.methods._shared.textinv import (
     PhiTrainable,
     encode_with_pseudo_tokens,
     placeholder_id,
-    raw_image_features,
 )
 from cirbench.methods.searle import OTI_OPTIONS
 from cirbench.methods.searle.oti import (
@@ -157,8 +157,8 @@ class SearleTrainable(PhiTrainable):
     def _features(self, corpus, cfg: TrainConfig, cache: Path, progress: bool) -> tuple[list[str], torch.Tensor, int]:
         """Every readable image's key and raw CLIP features (sorted by key), cached; and the unreadable count."""
         pre = self.backbone.preprocessor(self.preprocess_kind)
-        key = json_hash({"v": 1, "backbone": self.backbone.identity(), "precision": self.backbone.precision,
-                         "device": self.backbone.device.type, "preprocess": pre.identity(),
+        key = json_hash({"v": 2, "backbone": self.backbone.identity(), "device": self.backbone.device.type,
+                         "preprocess": pre.identity(),
                          "source": str(corpus.source), "listing": _listing(corpus)})
         path = cache / "searle-teacher" / f"{key}.safetensors"
         loaded = None
@@ -185,7 +185,8 @@ class SearleTrainable(PhiTrainable):
             unreadable += batch.skipped
             if len(batch):
                 keys.extend(batch.keys)
-                rows.append(raw_image_features(self.backbone, batch.pixels).cpu())
+                with torch.no_grad():  # fp32, no autocast: the official extract_image_features (a .float() CLIP)
+                    rows.append(self.backbone.model.encode_image(batch.pixels.to(self.backbone.device)).float().cpu())
         local = (keys, torch.cat(rows) if rows else torch.empty(0, self.backbone.embed_dim), unreadable)
         parts = dist_utils.all_gather_object(local)
         order: dict[str, torch.Tensor] = {}
