@@ -158,8 +158,7 @@ class SearleTrainable(PhiTrainable):
         """Every readable image's key and raw CLIP features (sorted by key), cached; and the unreadable count."""
         pre = self.backbone.preprocessor(self.preprocess_kind)
         key = json_hash({"v": 2, "backbone": self.backbone.identity(), "device": self.backbone.device.type,
-                         "preprocess": pre.identity(),
-                         "source": str(corpus.source), "listing": _listing(corpus)})
+                         "preprocess": pre.identity(), "source": str(corpus.source), "listing": _listing(corpus)})
         path = cache / "searle-teacher" / f"{key}.safetensors"
         loaded = None
         if dist_utils.all_gather_object(path.is_file())[0]:  # rank 0 decides whether to read it
