@@ -25,8 +25,8 @@ Each step then reads only the batch's sample keys (no image is decoded again) an
 * loss = ``--lambda-distil`` (1) x distil + ``--lambda-gpt`` (0.75) x gpt.
 
 Official defaults: batch 256, AdamW lr 1e-4 (weight decay 0.01 on every parameter, torch's betas), 100 epochs,
-constant learning rate, Phi dropout 0.5. The official script's per-epoch CIRR validation is not part of the
-loop: evaluate a checkpoint with ``cirbench run --method searle --checkpoint OUTPUT``.
+constant learning rate, Phi dropout 0.5. The official script's per-epoch CIRR validation is the loop's
+``--validate cirr:val`` (the best weights kept in ``OUTPUT/best``).
 """
 
 from __future__ import annotations
