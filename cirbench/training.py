@@ -532,7 +532,8 @@ class _Trainer:
             images = "; captions only" if self.corpus.captions else "; sample keys only"
         return (f"train {t.name} on {corpus}: {self.total_steps:,} steps of {cfg.batch_size}{ranks}, lr {cfg.lr:g} "
                 f"{cfg.schedule}{warmup}, {t.backbone.precision}{images}; checkpoint every {cfg.save_every:,} "
-                f"steps in {self.latest}")
+                f"steps in {self.latest}"
+                + (f"; validate on {cfg.validate} every {self.validate_every:,} steps" if cfg.validate else ""))
 
     def run(self) -> Path:
         cfg, run = self.cfg, self.state

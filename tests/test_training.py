@@ -600,8 +600,9 @@ def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, t
         validating = _train_args(tiny_config, corpus, tmp_path / "val", "--max-steps", "4", "--lora-dropout", "0.5",
                                  "--validate", "toy:val", "--validate-data-root", str(toy_root), "--validate-every",
                                  "3")
-        res = CliRunner().invoke(cli, validating)
+        res = CliRunner().invoke(cli, [a for a in validating if a != "--quiet"])
         assert res.exit_code == 0, res.output
+        assert "validate on toy:val every 3 steps" in res.output
         for args, message in ((["--validate", "nosuch"], "unknown dataset 'nosuch'"),
                               (["--validate", "toy:train"], "has no split 'train'"),
                               (["--validate", "toy:test"], "are hidden"),
