@@ -299,3 +299,27 @@ def test_a_torn_features_cache_is_made_again(tmp_path, tiny_config, monkeypatch)
     res = CliRunner().invoke(cli, _train(tiny_config, folder, tmp_path / "b", sources, "--max-steps", "1"))
     assert res.exit_code == 0, res.output
     assert torch.equal(load_file(str(features))["features"], whole)
+
+
+def test_train_on_webdataset_shards(tmp_path, tiny_config, monkeypatch):
+    """Shards without any caption: the teacher reads their images once, the steps only their keys."""
+    import io
+    import tarfile
+
+    monkeypatch.setenv("CIRBENCH_CACHE", str(tmp_path / "cache"))
+    sources = write_sources(tmp_path)
+    make_corpus(tmp_path / "c", n=10)
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(10):
+            data = (tmp_path / "c" / "img" / f"{i}.png").read_bytes()
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    res = CliRunner().invoke(cli, _train(tiny_config, str(tmp_path / "shard-{000..000}.tar"), tmp_path / "out",
+                                         sources, "--max-steps", "3"))
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["teacher"]["images"] == 10 and config["step"] == 3
+    corpus = open_corpus(str(tmp_path / "shard-{000..000}.tar"), images=False, captions=False)
+    assert [s["key"] for s in corpus] == [f"{shard}#{i:04d}" for i in range(10)]
