@@ -283,3 +283,19 @@ def test_every_built_in_integer_option_has_a_ceiling():
                  for o in [*spec.options, *(getattr(spec, "train_options", ()) or ())]
                  if o.type == "int" and (o.maximum is None or o.minimum is None)]
     assert unbounded == []
+
+
+def test_every_builtin_plugin_registers_without_a_warning():
+    """A built-in plugin that fails to register is only a warning for users (the CLI goes on without it): here
+    it is a failure."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", plugins.PluginWarning)
+        reg = plugins.Registry()
+        reg.load_builtins()
+        reg._collect()
+    assert {"image-only", "text-only", "slerp", "slerp-tat", "pic2word", "searle", "searle-oti", "fti4cir", "lincir",
+            "cirevl", "ldre", "seize"} <= set(reg.methods)
+    assert {"cirr", "circo", "fashioniq", "genecis", "imagenet-r", "coco-object", "shapes"} <= set(reg.datasets)
+    assert reg.methods["searle"].trainer and reg.methods["lincir"].trainer
