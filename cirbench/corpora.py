@@ -118,10 +118,13 @@ def _sample(corpus: PairsCorpus | ShardCorpus, image_bytes: bytes | None, captio
     return {"pixels": pixels, "caption": caption, "extra": extra or {}, "key": key}
 
 
+Rows = list[tuple[Path | None, str, dict[str, Any]]]  # (image path, caption, extra columns)
+
+
 class PairsCorpus(torch.utils.data.Dataset):
     """A map-style corpus of (image path, caption, extra) rows; bad rows come back as ``None``."""
 
-    def __init__(self, rows: list[tuple[Path | None, str, dict[str, Any]]], source: str, images: bool,
+    def __init__(self, rows: Rows, source: str, images: bool,
                  preprocessor: Preprocessor | RandomResizedCrop | None, captions: bool = True,
                  root: Path | None = None):
         self.rows = rows
@@ -156,9 +159,6 @@ class PairsCorpus(torch.utils.data.Dataset):
         return _sample(self, data, caption, str(path), extra, f"{self.epoch}:{index}", self.key(index))
 
 
-Rows = list[tuple[Path | None, str, dict[str, Any]]]  # (image path, caption, extra columns)
-
-
 def _read_table(path: Path, images: bool = True, captions: bool = True) -> Rows:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
@@ -181,8 +181,8 @@ def _read_table(path: Path, images: bool = True, captions: bool = True) -> Rows:
         raise CirbenchError(f"corpus {path} is unreadable: {exc}") from None
 
 
-def _read_folder(folder: Path) -> list[tuple[Path, str, dict[str, Any]]]:
-    rows = []
+def _read_folder(folder: Path) -> Rows:
+    rows: Rows = []
     for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
         sidecar = image.with_suffix(".txt")
         caption = sidecar.read_text(encoding="utf-8", errors="replace") if sidecar.is_file() else ""
@@ -265,7 +265,7 @@ def _shard_urls(spec: str) -> list[str]:
     return urls
 
 
-def _read_captions(path: Path) -> list[tuple[Path | None, str, dict[str, Any]]]:
+def _read_captions(path: Path) -> Rows:
     """A language-only corpus: one caption per line of a ``.txt`` file, or one per ``.txt`` file of a folder."""
     try:
         if path.is_dir():

@@ -479,6 +479,7 @@ class _Trainer:
         from .evaluate import RunConfig, evaluate
 
         cfg, t = self.cfg, self.trainable
+        assert cfg.validate is not None
         dataset, _, split = cfg.validate.partition(":")
         saved = rng_state()  # the evaluation seeds torch; the training's own draws must go on as they were
         try:

@@ -170,6 +170,7 @@ class SearleTrainable(PhiTrainable):
                 loaded = None
         # every rank uses the file, or every rank makes the features again (the encoding below is collective)
         if all(dist_utils.all_gather_object(loaded is not None)):
+            assert loaded is not None
             return loaded
         images = corpus.with_images(pre)
         if isinstance(images, PairsCorpus):  # ShardCorpus splits its shards by rank itself
