@@ -96,21 +96,28 @@ def shutdown() -> None:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward hands each rank the summed gradient of its own slice."""
+    """all_gather whose backward hands each rank the summed gradient of its own slice. The ranks may hold
+    different numbers of rows (a batch that lost an unreadable sample): the rows are padded to the largest
+    count for the collective and cut back after it."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.size = tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(world_size())]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
+        count = torch.tensor([tensor.shape[0]], device=tensor.device)
+        counts = [torch.empty_like(count) for _ in range(world_size())]
+        dist.all_gather(counts, count)
+        ctx.sizes = [int(c.item()) for c in counts]
+        padded = tensor.new_zeros((max(ctx.sizes), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world_size())]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[:size] for part, size in zip(parts, ctx.sizes, strict=True)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        start = rank() * ctx.size
-        return grad[start : start + ctx.size]
+        start = sum(ctx.sizes[: rank()])
+        return grad[start : start + ctx.sizes[rank()]]
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -127,3 +127,28 @@ def test_gradients_are_averaged_in_one_reduce_per_dtype_and_carry_the_stop_flag(
         assert row["calls"] == 7 and row["none"]  # two dtypes: two all-reduces a step, not one per tensor
         # ranks hold (r + 1) * (i + 1): averaged three times over, each tensor keeps 1.5 * (i + 1)
         assert row["grads"] == [[[1.5] * 3] * 2, [3.0] * 4, [4.5]]
+
+
+GATHER_UNEVEN = """
+import json, torch
+from cirbench import distributed as d
+d.init_from_env("cpu")
+r = d.rank()
+x = (torch.arange((r + 1) * 2, dtype=torch.float32).reshape(r + 1, 2) + 10 * r).requires_grad_(True)
+out = d.all_gather_with_grad(x)
+w = torch.arange(out.numel(), dtype=torch.float32).reshape(out.shape)
+(out * w).sum().backward()
+print(json.dumps({"rank": r, "out": out.tolist(), "grad": x.grad.tolist()}))
+d.shutdown()
+"""
+
+
+def test_gather_with_grad_takes_ranks_with_different_row_counts(tmp_path):
+    """A contrastive batch that lost an unreadable sample on one rank only: the gather pads and cuts back, and
+    each rank gets the summed gradient of its own rows (here 2 x the weights of its rows)."""
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_UNEVEN)
+    _, rows = _torchrun_script(script)
+    expected = [[0.0, 1.0], [10.0, 11.0], [12.0, 13.0]]
+    assert rows[0]["out"] == rows[1]["out"] == expected
+    assert rows[0]["grad"] == [[0.0, 2.0]] and rows[1]["grad"] == [[4.0, 6.0], [8.0, 10.0]]
