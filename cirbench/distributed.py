@@ -160,6 +160,16 @@ def average_gradients(params, stop: bool = False) -> bool:
     return bool(asked is not None and asked.item() > 0)
 
 
+def all_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` holds on every rank (``flag`` itself when not distributed); ``device``: where the
+    collective's tensor lives (the rank's GPU under NCCL)."""
+    if world_size() == 1:
+        return flag
+    agreed = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return bool(agreed.item())
+
+
 def all_gather_object(obj):
     """Every rank's ``obj``, in rank order (a one-element list when not distributed)."""
     if world_size() == 1:

@@ -639,3 +639,53 @@ def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, t
         res = CliRunner().invoke(cli, [*validating[:-2], "--validate-every", "1", "--max-steps", "1", "--no-resume"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "val" / "best" / "validation.json").read_text())["step"] == 1
+
+
+SKIP_TOGETHER = """
+import json, sys, types
+import torch
+from cirbench import distributed as d, training
+
+d.init_from_env("cpu")
+
+class Recorder(training.NetTrainable):
+    name = "recorder"
+    needs_images = False
+
+    def __init__(self):
+        backbone = types.SimpleNamespace(precision="fp32", device=torch.device("cpu"), identity=lambda: {})
+        super().__init__(backbone, {})
+        self.net = torch.nn.Linear(1, 1)
+        self.steps = []
+
+    def training_step(self, batch):
+        self.steps.append(batch.captions)
+        return self.net(torch.ones(len(batch), 1)).pow(2).mean(), {}
+
+t = Recorder()
+training.train(t, sys.argv[1], training.TrainConfig(output=sys.argv[2], max_steps=7, batch_size=2, workers=0,
+                                                     progress=False, precision="fp32", device="cpu", seed=0))
+print(json.dumps({"rank": d.rank(), "steps": t.steps}))
+d.shutdown()
+"""
+
+
+def test_torchrun_ranks_skip_an_empty_batch_together(tmp_path):
+    """One sample a rank, one blank caption in the corpus: the rank that draws it has an empty batch, and every rank
+    skips that place in the epoch, so each step pairs the ranks' batches of one place (before, the other rank
+    went on alone and the ranks' batches drifted apart by one place from then on)."""
+    from test_distributed_encode import _torchrun_script
+
+    rows = ["caption"] + [f"c{i}" if i != 5 else " " for i in range(16)]
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    script = tmp_path / "skip.py"
+    script.write_text(SKIP_TOGETHER)
+    _, ranks = _torchrun_script(script, str(tmp_path / "captions.csv"), str(tmp_path / "out"),
+                                env={"CIRBENCH_LOAD_PLUGINS": ""})
+    # where each rank's samples sit in its share of the epoch (the EpochSampler's order, 1 a rank)
+    share = {r: [f"c{i}" for i in training.EpochSampler(16, 0, r, 2, 1)._mine()] for r in (0, 1)}
+    blank = next(r for r in (0, 1) if "c5" in share[r])
+    assert "c5" in share[blank] and share[blank].index("c5") < 7  # the blank falls inside the 7 steps
+    places = {r: [share[r].index(step[0]) for step in ranks[r]["steps"]] for r in (0, 1)}
+    assert len(places[0]) == len(places[1]) == 7 and places[0] == places[1]
+    assert share[blank].index("c5") not in places[0]
