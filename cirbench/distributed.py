@@ -140,7 +140,7 @@ def average_gradients(params, stop: bool = False) -> bool:
     if groups:
         device = next(iter(groups))[1]
     else:  # no gradient anywhere this step: the flag alone, on a device the backend can reduce
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        device = collective_device()
     flag = torch.tensor([float(stop)], device=device)
     if not groups:
         groups[(flag.dtype, flag.device)] = []
@@ -160,12 +160,16 @@ def average_gradients(params, stop: bool = False) -> bool:
     return bool(asked is not None and asked.item() > 0)
 
 
-def all_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """Whether ``flag`` holds on every rank (``flag`` itself when not distributed); ``device``: where the
-    collective's tensor lives (the rank's GPU under NCCL)."""
+def collective_device() -> torch.device:
+    """Where a tensor made only for a collective must live: this rank's GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (``flag`` itself when not distributed)."""
     if world_size() == 1:
         return flag
-    agreed = torch.tensor([1 if flag else 0], device=device)
+    agreed = torch.tensor([1 if flag else 0], device=collective_device())
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
     return bool(agreed.item())
 
@@ -204,7 +208,7 @@ def gather_sharded_rows(local: torch.Tensor | None, total: int) -> torch.Tensor:
     if local is None:
         local = torch.empty((0, *trailing), dtype=dtype)
     per_rank = -(-total // w)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = collective_device()
     padded = torch.zeros((per_rank, *trailing), dtype=dtype, device=device)
     padded[: local.shape[0]] = local.to(device)
     parts = [torch.empty_like(padded) for _ in range(w)]

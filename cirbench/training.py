@@ -621,7 +621,7 @@ class _Trainer:
                     tqdm.write(f"warning: corpus shard {shard} is unreadable ({why}); the rest of it is skipped")
             # a rank whose batch lost every sample (unreadable) skips it, and the other ranks with it, so that each
             # step's global batch is the ranks' batches of one place in the epoch, as its saved position says
-            if not dist_utils.all_ranks(len(batch) > 0, self.device):
+            if not dist_utils.all_ranks(len(batch) > 0):
                 continue
             micro.append(batch)
             if len(micro) < cfg.accum_steps:
