@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import os
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as dist_utils
 from .errors import CirbenchError, ImageError
 from .images import tensor_decoder
 from .preprocess import Preprocessor, RandomResizedCrop
@@ -190,8 +193,17 @@ def _read_folder(folder: Path) -> Rows:
     return rows
 
 
+SHUFFLE_BUFFER = 1000  # samples (still encoded) each reader shuffles among when training on shards
+SHUFFLE_INITIAL = 100  # samples it gathers before the first one comes out
+
+
 class ShardCorpus(torch.utils.data.IterableDataset):
-    """webdataset tar shards, split across ranks and DataLoader workers by webdataset."""
+    """webdataset tar shards: whole shards to each rank (webdataset's ``split_by_node``), then to each reader.
+
+    Read in order, or, with ``shuffle_seed`` set (training), as ``open_clip``'s webdataset training reads them:
+    the shard list shuffled for each epoch (the same order on every rank, then split), and the samples through
+    a shuffle buffer of :data:`SHUFFLE_BUFFER` samples per reader. Both draws are named by the seed, the epoch,
+    the rank and the reader, so that a resumed epoch (``skip``) meets the same samples in the same places."""
 
     def __init__(self, urls: list[str], source: str, images: bool,
                  preprocessor: Preprocessor | RandomResizedCrop | None, skip: int = 0, captions: bool = True):
@@ -200,8 +212,10 @@ class ShardCorpus(torch.utils.data.IterableDataset):
         self.images = images
         self.captions = captions
         self.preprocessor = preprocessor
-        self.skip = skip  # samples to skip at the start (resume); approximate across workers
+        self.skip = skip  # samples of this epoch this rank has already trained on (resume)
+        self.batch_size: int | None = None  # the loader's batch size, which tells each reader its part of ``skip``
         self.epoch = 0  # set by the training loop: part of each sample's augmentation draw
+        self.shuffle_seed: int | None = None  # set by the training loop: shuffle shards and samples per epoch
 
     def with_images(self, preprocessor: Preprocessor | RandomResizedCrop) -> ShardCorpus:
         """The same samples with their images read and preprocessed (captions as this corpus needs them)."""
@@ -210,24 +224,39 @@ class ShardCorpus(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         import webdataset as wds
 
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info else 1
+        # The loader takes batch i from reader i % workers (while every reader has samples). A resumed epoch
+        # (``skip``: the first ``done`` batches trained on) starts at reader 0 with batch ``done``: reader r
+        # takes the part of the reader that gave batch ``done + r``, so that the rest of the epoch is as if
+        # never interrupted.
+        done = self.skip // self.batch_size if self.batch_size else 0
+        part = ((info.id if info else 0) + done) % workers
+        skip = self.batch_size * len(range(part, done, workers)) if self.batch_size else self.skip // workers
         broken: list[tuple[str, str]] = []
 
         def shard_error(exn: Exception) -> bool:
             broken.append(_shard_error(exn))
             return True  # go on with the next shard
 
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            wds.split_by_node,
-            wds.split_by_worker,
-            wds.tarfile_to_samples(handler=shard_error),
-        )
-        info = torch.utils.data.get_worker_info()
-        skip = self.skip // (info.num_workers if info else 1)
-        for i, raw in enumerate(pipeline):
+        stages: list[Any] = [wds.SimpleShardList(self.urls, seed=self._draw("shards")), wds.split_by_node,
+                             lambda shards: itertools.islice(shards, part, None, workers),
+                             wds.tarfile_to_samples(handler=shard_error)]
+        if self.shuffle_seed is not None:
+            stages.append(wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_INITIAL,
+                                      rng=random.Random(self._draw(f"samples:{dist_utils.rank()}:{part}"))))
+
+        def items():  # the samples, and a marker for each shard found unreadable, as they come
+            for raw in wds.DataPipeline(*stages):
+                while broken:
+                    yield {UNREADABLE_SHARD: broken.pop(0)}
+                yield raw
             while broken:
                 yield {UNREADABLE_SHARD: broken.pop(0)}
-            if i < skip:
+
+        for raw in itertools.islice(items(), skip, None):  # a marker fills a batch place as a sample does
+            if UNREADABLE_SHARD in raw:
+                yield raw
                 continue
             image = next((raw[k] for k in ("jpg", "jpeg", "png", "webp") if k in raw), None)
             caption = raw.get("txt") or raw.get("caption")
@@ -240,8 +269,10 @@ class ShardCorpus(torch.utils.data.IterableDataset):
                 caption = caption.decode("utf-8", errors="replace")
             key, url = raw.get("__key__", "?"), raw.get("__url__", "")
             yield _sample(self, image, caption, key, None, f"{self.epoch}:{url}:{key}", f"{url}#{key}")
-        while broken:
-            yield {UNREADABLE_SHARD: broken.pop(0)}
+
+    def _draw(self, what: str) -> str | None:
+        """The seed of one of this epoch's shuffles (``None``: read in order)."""
+        return None if self.shuffle_seed is None else f"{self.shuffle_seed}:{self.epoch}:{what}"
 
 
 def _shard_error(exn: Exception) -> tuple[str, str]:

@@ -167,11 +167,16 @@ def collective_device() -> torch.device:
 
 def all_ranks(flag: bool) -> bool:
     """Whether ``flag`` holds on every rank (``flag`` itself when not distributed)."""
+    return all_ranks_each(flag)[0]
+
+
+def all_ranks_each(*flags: bool) -> tuple[bool, ...]:
+    """For each of ``flags``, whether it holds on every rank: one collective for all of them."""
     if world_size() == 1:
-        return flag
-    agreed = torch.tensor([1 if flag else 0], device=collective_device())
+        return tuple(bool(f) for f in flags)
+    agreed = torch.tensor([1 if f else 0 for f in flags], device=collective_device())
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    return bool(agreed.item())
+    return tuple(bool(v) for v in agreed.tolist())
 
 
 def all_gather_object(obj):

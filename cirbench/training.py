@@ -7,7 +7,8 @@ save) and naming it as ``MethodSpec.trainer``; ``cirbench train --method NAME`` 
 * bf16 autocast on CUDA (fp32 on CPU), gradient accumulation, optional gradient clipping;
 * ``torchrun`` data parallelism: each rank reads its shard of the corpus, :func:`contrastive_loss` gathers
   features from all ranks (with gradients) so the contrastive batch is the global batch, and gradients are
-  averaged across ranks, so N processes compute what one process with the same global batch computes;
+  averaged across ranks, so N processes compute what one process with the same global batch computes; the
+  ranks step through each epoch together (one whose webdataset shards ran out ends it for all);
 * a tqdm bar with loss and throughput, checkpoints every ``save_every`` steps into
   ``<output>/checkpoint-latest/`` (trained weights, optimizer, scheduler, step, data position, RNG states),
   and resume from there after an interruption, continuing exactly where the run stopped (or, with a larger
@@ -296,6 +297,10 @@ def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardC
     if corpus.images:
         corpus.preprocessor = trainable.train_preprocessor(cfg.seed)
     map_style = hasattr(corpus, "__len__")
+    if not map_style and len(corpus.urls) < world:
+        raise CirbenchError(f"corpus {corpus.source} has {len(corpus.urls)} shard(s) for {world} ranks: each rank "
+                            f"reads whole shards, so split it into at least {world} (more keep the ranks' epochs "
+                            "even)")
     steps_per_epoch = (len(corpus) // world) // (per_step * cfg.accum_steps) if map_style else None
     if map_style and steps_per_epoch == 0:
         raise CirbenchError(f"corpus {corpus.source} has {len(corpus)} samples, fewer than one global batch "
@@ -568,8 +573,11 @@ class _Trainer:
         """Ctrl-C lets the step under way finish, saves checkpoint-latest and stops (a second Ctrl-C stops at
         once): the same command resumes from there. Under torchrun (which forwards the signal to every worker
         and kills them 30 s later) the ranks learn of it through the step's gradient all-reduce, so they all
-        stop after the same step, whichever of them the signal reached first."""
-        if threading.current_thread() is not threading.main_thread():
+        stop after the same step, whichever of them the signal reached first. A run started with Ctrl-C ignored
+        (``nohup``, or ``&`` in a script: the shell's way of keeping a terminal's Ctrl-C from a background job)
+        keeps ignoring it."""
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
             yield
             return
 
@@ -614,14 +622,20 @@ class _Trainer:
                          run.epoch_step, self.device)
         micro = []
         for batch in self._batches(loader):
-            run.skipped += batch.skipped
-            for shard, why in batch.unreadable_shards:
-                if shard not in run.unreadable_shards:
-                    run.unreadable_shards[shard] = why
-                    tqdm.write(f"warning: corpus shard {shard} is unreadable ({why}); the rest of it is skipped")
-            # a rank whose batch lost every sample (unreadable) skips it, and the other ranks with it, so that each
-            # step's global batch is the ranks' batches of one place in the epoch, as its saved position says
-            if not dist_utils.all_ranks(len(batch) > 0):
+            if batch is not None:
+                run.skipped += batch.skipped
+                for shard, why in batch.unreadable_shards:
+                    if shard not in run.unreadable_shards:
+                        run.unreadable_shards[shard] = why
+                        tqdm.write(f"warning: corpus shard {shard} is unreadable ({why}); the rest of it is skipped")
+            # the ranks go on together, so that each step's global batch is the ranks' batches of one place in the
+            # epoch, as its saved position says: the epoch ends for all when one rank's shards ran out (the others'
+            # rest is dropped, as drop_last drops a partial batch), and a batch that lost every sample (unreadable)
+            # on one rank is skipped by all
+            going, usable = dist_utils.all_ranks_each(batch is not None, batch is not None and len(batch) > 0)
+            if not going:
+                return
+            if not usable:
                 continue
             micro.append(batch)
             if len(micro) < cfg.accum_steps:
@@ -653,14 +667,15 @@ class _Trainer:
                 raise _Interrupted
 
     def _batches(self, loader):
-        """The loader's batches; after Ctrl-C, a reader process that the signal ended before it could ignore it
-        (one still starting up, see :func:`_reader_ignores_ctrl_c`) stops the epoch between two steps (its error
-        is expected then, not reported)."""
+        """The loader's batches, then ``None`` (this rank's epoch is over); after Ctrl-C, a reader process that
+        the signal ended before it could ignore it (one still starting up, see :func:`_reader_ignores_ctrl_c`)
+        stops the epoch between two steps (its error is expected then, not reported)."""
         batches = iter(loader)
         while True:
             try:
                 batch = next(batches)
             except StopIteration:
+                yield None
                 return
             except Exception:
                 if self.interrupted and self.world == 1:  # under torchrun the others would wait for this rank
@@ -693,7 +708,7 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
         return torch.utils.data.DataLoader(corpus, batch_size=per_step, sampler=sampler, collate_fn=collate,
                                            num_workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda",
                                            generator=generator, worker_init_fn=_reader_ignores_ctrl_c)
-    corpus.skip = done
+    corpus.skip, corpus.batch_size, corpus.shuffle_seed = done, per_step, cfg.seed
     return torch.utils.data.DataLoader(corpus, batch_size=per_step, collate_fn=collate, num_workers=cfg.workers,
                                        generator=generator, worker_init_fn=_reader_ignores_ctrl_c)
 

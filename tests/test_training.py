@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import types
 from pathlib import Path
 
 import pytest
@@ -213,7 +214,17 @@ def test_resume_continues_where_it_stopped(tmp_path, tiny_config, stop):
     assert json.loads((tmp_path / "resumed" / "config.json").read_text())["step"] == 6
 
 
-def test_ctrl_c_finishes_the_step_saves_and_the_same_command_resumes(tmp_path, tiny_config, monkeypatch):
+@pytest.fixture
+def terminal_ctrl_c():
+    """Ctrl-C as a terminal's foreground job has it, even when the suite itself runs in the background (the shell
+    then starts it with SIGINT ignored, which the training loop respects)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_the_same_command_resumes(tmp_path, tiny_config, monkeypatch,
+                                                                     terminal_ctrl_c):
     corpus = make_corpus(tmp_path / "c")
     runner = CliRunner()
     straight = _train_args(tiny_config, corpus, tmp_path / "straight", "--max-steps", "6")
@@ -238,6 +249,13 @@ def test_ctrl_c_finishes_the_step_saves_and_the_same_command_resumes(tmp_path, t
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # as if never interrupted
+    # started with Ctrl-C ignored (nohup, a script's background job): a Ctrl-C changes nothing
+    monkeypatch.setattr(training, "_optimizer_step", step_then_ctrl_c)
+    calls.clear()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    res = runner.invoke(cli, _train_args(tiny_config, corpus, tmp_path / "background", "--max-steps", "6"))
+    assert res.exit_code == 0 and len(calls) == 6 and "interrupted" not in res.output, res.output
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_a_save_cut_short_keeps_the_previous_checkpoint_whole(tmp_path, tiny_config, monkeypatch):
@@ -573,7 +591,7 @@ class _CtrlCInReader(torch.utils.data.Dataset):
         return {"pixels": torch.full((1,), float(i)), "caption": str(i), "extra": {}, "key": str(i)}
 
 
-def test_readers_leave_ctrl_c_to_the_main_process(tmp_path):
+def test_readers_leave_ctrl_c_to_the_main_process(tmp_path, terminal_ctrl_c):
     """The main process finishes its step and saves after Ctrl-C; the readers must go on reading meanwhile,
     not die with the signal (which the loader would report as a crashed worker)."""
     cfg = training.TrainConfig(output=tmp_path, workers=1, seed=0)
@@ -690,3 +708,90 @@ def test_torchrun_ranks_skip_an_empty_batch_together(tmp_path):
     places = {r: [share[r].index(step[0]) for step in ranks[r]["steps"]] for r in (0, 1)}
     assert len(places[0]) == len(places[1]) == 7 and places[0] == places[1]
     assert share[blank].index("c5") not in places[0]
+
+
+def _shards(tmp_path: Path, sizes: list[int]) -> str:
+    """Shards ``shard-000.tar``... of ``sizes`` samples each; their brace spec."""
+    for i, n in enumerate(sizes):
+        make_shard(tmp_path / f"shard-{i:03d}.tar", make_corpus(tmp_path / f"part{i}", n=n).parent)
+    return str(tmp_path / f"shard-{{000..{len(sizes) - 1:03d}}}.tar")
+
+
+def test_shards_are_shuffled_each_epoch_and_a_resumed_epoch_goes_on_in_place(tmp_path):
+    """Training reads shards as open_clip does (shard order and a sample buffer shuffled per epoch), and a run
+    resumed after an odd number of batches with two readers meets the rest of the epoch in the same order."""
+    spec = _shards(tmp_path, [5, 5, 5, 5])
+    corpus = open_corpus(spec, images=False, captions=False)
+    in_order = [s["key"] for s in corpus]
+    assert len(in_order) == 20 and in_order == sorted(in_order)  # outside training: read in order
+    cfg = training.TrainConfig(output=tmp_path, workers=2, seed=0)
+
+    def keys(epoch, epoch_step=0, seed=0):
+        cfg.seed = seed
+        loader = training._loader(corpus, False, 2, cfg, 0, 1, epoch, epoch_step, torch.device("cpu"))
+        return [k for batch in loader for k in batch.keys]
+
+    first = keys(0)
+    assert sorted(first) == in_order and first != in_order  # every sample once, shuffled
+    assert keys(0) == first and keys(1) != first and keys(0, seed=1) != first  # named by seed and epoch
+    assert sorted(keys(1)) == in_order
+    for done in (1, 3, 4):  # batches trained on before the stop (odd: the readers' turns are rotated)
+        assert keys(0, done) == first[2 * done:], done
+
+
+def test_too_few_shards_for_the_ranks_is_refused(tmp_path):
+    """Each rank reads whole shards: one shard for two ranks would leave a rank with nothing to read."""
+    spec = _shards(tmp_path, [4])
+    language_only = types.SimpleNamespace(needs_images=False, needs_captions=True)
+    cfg = training.TrainConfig(output=tmp_path, batch_size=2, max_steps=1)
+    assert training._setup(language_only, spec, cfg, 1)[3] == 1
+    with pytest.raises(CirbenchError, match=r"has 1 shard\(s\) for 2 ranks: .* at least 2"):
+        training._setup(language_only, spec, cfg, 2)
+
+
+UNEVEN_EPOCHS = """
+import json, os, sys
+from cirbench import training
+from cirbench.cli import main
+
+events, real_step, real_loader = [], training._optimizer_step, training._loader
+
+def loader(*args):
+    events.append(["epoch", args[6]])
+    return real_loader(*args)
+
+def step(trainable, optimizer, scheduler, micro, *args):
+    events.append(["step", [k for batch in micro for k in batch.keys]])
+    return real_step(trainable, optimizer, scheduler, micro, *args)
+
+training._loader, training._optimizer_step = loader, step
+try:
+    sys.exit(main())
+finally:
+    with open(os.environ["EVENTS"] + os.environ["RANK"], "w") as fh:
+        json.dump(events, fh)
+"""
+
+
+def test_torchrun_ranks_with_uneven_shards_end_each_epoch_together(tmp_path, tiny_config):
+    """Two ranks, three shards of 12, 4 and 4 samples: one rank has more batches per epoch than the other. The
+    epoch ends for both when the shorter one runs out, so that every step's global batch is one place of one
+    epoch (as the checkpoint's position says), and no rank starts its next epoch while the other is in the last."""
+    spec = _shards(tmp_path, [12, 4, 4])
+    script = tmp_path / "record.py"
+    script.write_text(UNEVEN_EPOCHS)
+    cmd, env = _torchrun(tiny_config, spec, tmp_path / "out", "--max-steps", "5", script=script)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**env, "EVENTS": str(tmp_path / "events")}, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"events{r}").read_text()) for r in (0, 1)]
+    shape = [[kind if kind == "step" else value for kind, value in events] for events in ranks]
+    assert shape[0] == shape[1], shape  # the same epochs, begun at the same steps
+    epochs = [v for v in shape[0] if v != "step"]
+    assert epochs == list(range(len(epochs))) and len(epochs) >= 2 and shape[0].count("step") == 5
+    for events in ranks:  # per step 4 samples of each rank; within an epoch no sample twice
+        seen: list[str] = []
+        for kind, value in events:
+            seen = [] if kind == "epoch" else seen + value
+            assert kind == "epoch" or len(value) == 4
+            assert len(seen) == len(set(seen))
