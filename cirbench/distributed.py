@@ -102,15 +102,9 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        count = torch.tensor([tensor.shape[0]], device=tensor.device)
-        counts = [torch.empty_like(count) for _ in range(world_size())]
-        dist.all_gather(counts, count)
-        ctx.sizes = [int(c.item()) for c in counts]
-        padded = tensor.new_zeros((max(ctx.sizes), *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in range(world_size())]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.cat([part[:size] for part, size in zip(parts, ctx.sizes, strict=True)])
+        parts = all_gather_rows(tensor)
+        ctx.sizes = [part.shape[0] for part in parts]
+        return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -118,6 +112,23 @@ class _GatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad)
         start = sum(ctx.sizes[: rank()])
         return grad[start : start + ctx.sizes[rank()]]
+
+
+def all_gather_rows(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (rank order; a one-element list when not distributed), on ``tensor``'s device. The
+    ranks may hold different numbers of rows, zero included: the rows are padded to the largest count for the
+    collective and cut back after it. Trailing shape and dtype must be the same on every rank."""
+    if world_size() == 1:
+        return [tensor]
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.empty_like(count) for _ in range(world_size())]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded.contiguous())
+    return [part[:size] for part, size in zip(parts, sizes, strict=True)]
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

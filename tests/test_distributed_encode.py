@@ -138,7 +138,8 @@ x = (torch.arange((r + 1) * 2, dtype=torch.float32).reshape(r + 1, 2) + 10 * r).
 out = d.all_gather_with_grad(x)
 w = torch.arange(out.numel(), dtype=torch.float32).reshape(out.shape)
 (out * w).sum().backward()
-print(json.dumps({"rank": r, "out": out.tolist(), "grad": x.grad.tolist()}))
+empty = [p.tolist() for p in d.all_gather_rows(torch.full((r, 2), float(r)))]  # rank 0 has no row at all
+print(json.dumps({"rank": r, "out": out.tolist(), "grad": x.grad.tolist(), "empty": empty}))
 d.shutdown()
 """
 
@@ -152,3 +153,4 @@ def test_gather_with_grad_takes_ranks_with_different_row_counts(tmp_path):
     expected = [[0.0, 1.0], [10.0, 11.0], [12.0, 13.0]]
     assert rows[0]["out"] == rows[1]["out"] == expected
     assert rows[0]["grad"] == [[0.0, 2.0]] and rows[1]["grad"] == [[4.0, 6.0], [8.0, 10.0]]
+    assert rows[0]["empty"] == rows[1]["empty"] == [[], [[1.0, 1.0]]]

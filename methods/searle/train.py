@@ -187,15 +187,18 @@ class SearleTrainable(PhiTrainable):
                 keys.extend(batch.keys)
                 with torch.no_grad():  # fp32, no autocast: the official extract_image_features (a .float() CLIP)
                     rows.append(self.backbone.model.encode_image(batch.pixels.to(self.backbone.device)).float().cpu())
-        local = (keys, torch.cat(rows) if rows else torch.empty(0, self.backbone.embed_dim), unreadable)
-        parts = dist_utils.all_gather_object(local)
+        local = torch.cat(rows) if rows else torch.empty(0, self.backbone.embed_dim)
+        if dist_utils.is_distributed():  # the rows through the backend's own collective, the keys as objects
+            local = local.to(dist_utils.collective_device())
+        parts = [part.cpu() for part in dist_utils.all_gather_rows(local)]
+        listed = dist_utils.all_gather_object((keys, unreadable))
         order: dict[str, torch.Tensor] = {}
-        for part_keys, part_rows, _ in parts:
+        for (part_keys, _), part_rows in zip(listed, parts, strict=True):
             for k, row in zip(part_keys, part_rows, strict=True):
                 order.setdefault(k, row)  # a CSV may list one image twice: one row for it
         keys = sorted(order)
         features = torch.stack([order[k] for k in keys]) if keys else torch.empty(0, self.backbone.embed_dim)
-        unreadable = sum(p[2] for p in parts)
+        unreadable = sum(n for _, n in listed)
         if dist_utils.is_main() and keys:
             with making(path):
                 atomic_write_bytes(path, save({"features": features.contiguous()},
