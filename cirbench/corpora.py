@@ -43,7 +43,7 @@ import itertools
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +73,12 @@ class Batch:
     keys: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.pixels.to(device, non_blocking=True), self.captions, self.extra, self.skipped,
-                     self.unreadable_shards, self.keys)
+        return replace(self, pixels=self.pixels.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked pixels (the DataLoader's pinning thread calls this under ``pin_memory=True``), so that
+        :meth:`to` copies them to the GPU asynchronously; without it the loader hands the batch on unpinned."""
+        return replace(self, pixels=self.pixels.pin_memory())
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -710,7 +710,8 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
                                            generator=generator, worker_init_fn=_reader_ignores_ctrl_c)
     corpus.skip, corpus.batch_size, corpus.shuffle_seed = done, per_step, cfg.seed
     return torch.utils.data.DataLoader(corpus, batch_size=per_step, collate_fn=collate, num_workers=cfg.workers,
-                                       generator=generator, worker_init_fn=_reader_ignores_ctrl_c)
+                                       pin_memory=device.type == "cuda", generator=generator,
+                                       worker_init_fn=_reader_ignores_ctrl_c)
 
 
 def check_validation(spec, validate: str, data_root: str | None = None) -> None:

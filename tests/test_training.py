@@ -80,6 +80,25 @@ def test_corpus_images_over_the_pixel_limit_are_skipped_before_decoding(tmp_path
     assert len(decoded) == 1  # the small image only
 
 
+def test_batches_are_pinned_by_the_loaders_pinning_thread(tmp_path, monkeypatch):
+    """On a GPU the training loaders pin their batches (torch's pinning calls ``Batch.pin_memory``; without it a
+    Batch would pass unpinned and each copy to the GPU would be synchronous). Pinning is faked: no GPU here."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t.clone())
+    corpus = open_corpus(make_corpus(tmp_path / "c", n=4), Preprocessor("clip", size=32))
+    batch = collate([corpus[i] for i in range(len(corpus))])
+    out = pin_memory(batch)
+    assert isinstance(out, type(batch)) and len(pinned) == 1 and pinned[0] is batch.pixels
+    assert torch.equal(out.pixels, batch.pixels) and out.captions == batch.captions and out.keys == batch.keys
+    cfg = training.TrainConfig(output=tmp_path, workers=0)
+    for source in (corpus, open_corpus(_shards(tmp_path / "s", [4, 4]), Preprocessor("clip", size=32))):
+        map_style = hasattr(source, "__len__")
+        assert training._loader(source, map_style, 2, cfg, 0, 1, 0, 0, torch.device("cuda")).pin_memory
+        assert not training._loader(source, map_style, 2, cfg, 0, 1, 0, 0, torch.device("cpu")).pin_memory
+
+
 def test_corpus_readers_count_bad_samples(tmp_path, monkeypatch):
     from cirbench.preprocess import RandomResizedCrop
 
