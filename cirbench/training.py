@@ -324,6 +324,9 @@ RESUME_FIXED = ("batch_size", "lr", "weight_decay", "warmup_steps", "schedule", 
                 "max_grad_norm", "precision", "seed")
 
 
+SHARD_READING = "shuffled per epoch"  # how shards are read (recorded; earlier versions read them in order)
+
+
 def _corpus_identity(corpus) -> dict[str, Any]:
     """What a checkpoint records of its corpus; ``samples`` (or ``shards``) must not change on resume."""
     source = str(corpus.source)
@@ -331,7 +334,7 @@ def _corpus_identity(corpus) -> dict[str, Any]:
     if isinstance(corpus, PairsCorpus) and local.exists():
         source = str(local.resolve())
     if isinstance(corpus, ShardCorpus):
-        return {"source": source, "shards": len(corpus.urls)}
+        return {"source": source, "shards": len(corpus.urls), "read": SHARD_READING}
     return {"source": source, "samples": len(corpus)}
 
 
@@ -369,6 +372,10 @@ def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config
                unreadable_shards=dict(position.get("unreadable_shards") or {}))
     if rank == 0:
         tqdm.write(f"resuming from {latest} at step {run.step} (epoch {run.epoch})")
+        corpus = saved.get("corpus") or {}
+        if "shards" in corpus and corpus.get("read", "in order") != SHARD_READING and run.epoch_step:
+            tqdm.write(f"warning: {latest} read its shards {corpus.get('read', 'in order')}, this version reads "
+                       f"them {SHARD_READING}: the rest of epoch {run.epoch} may repeat or miss samples")
     return run
 
 

@@ -758,6 +758,27 @@ def test_shards_are_shuffled_each_epoch_and_a_resumed_epoch_goes_on_in_place(tmp
         assert keys(0, done) == first[2 * done:], done
 
 
+def test_a_checkpoint_that_read_shards_in_order_is_resumed_with_a_warning(tmp_path, tiny_config):
+    """The checkpoint records how its shards were read; one from a version that read them in order resumes
+    (its weights are good) but says that the rest of its epoch is read another way."""
+    spec = _shards(tmp_path, [8, 8])
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, _train_args(tiny_config, spec, out, "--max-steps", "1"))
+    assert res.exit_code == 0, res.output
+    config = out / "checkpoint-latest" / "config.json"
+    saved = json.loads(config.read_text())
+    assert saved["corpus"]["read"] == training.SHARD_READING
+    res = CliRunner().invoke(cli, _train_args(tiny_config, spec, out, "--max-steps", "2"))
+    assert res.exit_code == 0 and "resuming" in res.output and "warning" not in res.output, res.output
+    from cirbench.checkpoints import save_checkpoint
+
+    saved = json.loads(config.read_text())
+    del saved["corpus"]["read"]  # as an earlier version wrote it (weights and config.json agreeing)
+    save_checkpoint(config.parent, load_file(str(config.parent / "model.safetensors")), saved)
+    res = CliRunner().invoke(cli, _train_args(tiny_config, spec, out, "--max-steps", "3"))
+    assert res.exit_code == 0 and "read its shards in order, this version reads them shuffled per epoch" in res.output
+
+
 def test_too_few_shards_for_the_ranks_is_refused(tmp_path):
     """Each rank reads whole shards: one shard for two ranks would leave a rank with nothing to read."""
     spec = _shards(tmp_path, [4])
