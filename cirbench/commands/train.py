@@ -24,7 +24,8 @@ Examples:
                epilog=EPILOG)
 @click.option("--method", "-m", required=True, help="A trainable method (see `cirbench methods`).")
 @click.option("--corpus", required=True, help="CSV/TSV of image,caption; a folder with .txt sidecars; or .tar shards "
-              "(a method that trains on images alone, like searle, needs no caption).")
+              "(read shuffled per epoch; need --max-steps and at least one shard per rank). A method that trains "
+              "on images alone, like searle, needs no caption.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Checkpoint folder.")
 @click.option("--backbone", default=None, help="open_clip model name or config JSON (default: the method's).")
 @click.option("--pretrained", default=None, help="open_clip tag, weights file, 'bundled' or 'none'.")
@@ -47,7 +48,7 @@ Examples:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
               help="Seeds initialisation and dropout (each rank adds its rank), the data order and each sample's "
-                   "augmentation (the same on any number of ranks).")
+                   "augmentation (for a CSV or folder, the same on any number of ranks).")
 @click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=2, show_default=True,
               help="Reader processes per rank.")
 @click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True,
