@@ -207,17 +207,20 @@ class ShardCorpus(torch.utils.data.IterableDataset):
     Read in order, or, with ``shuffle_seed`` set (training), as ``open_clip``'s webdataset training reads them:
     the shard list shuffled for each epoch (the same order on every rank, then split), and the samples through
     a shuffle buffer of :data:`SHUFFLE_BUFFER` samples per reader. Both draws are named by the seed, the epoch,
-    the rank and the reader, so that a resumed epoch (``skip``) meets the same samples in the same places."""
+    the rank and the reader, so that a resumed epoch (``batches_done``) meets the same samples in the same
+    places."""
 
     def __init__(self, urls: list[str], source: str, images: bool,
-                 preprocessor: Preprocessor | RandomResizedCrop | None, skip: int = 0, captions: bool = True):
+                 preprocessor: Preprocessor | RandomResizedCrop | None, captions: bool = True):
         self.urls = urls
         self.source = source
         self.images = images
         self.captions = captions
         self.preprocessor = preprocessor
-        self.skip = skip  # samples of this epoch this rank has already trained on (resume)
-        self.batch_size: int | None = None  # the loader's batch size, which tells each reader its part of ``skip``
+        # set by the training loop: the loader's batches of this epoch this rank already trained on (resume), and
+        # their size, which tell each reader how many of its samples to pass over
+        self.batches_done = 0
+        self.batch_size = 0
         self.epoch = 0  # set by the training loop: part of each sample's augmentation draw
         self.shuffle_seed: int | None = None  # set by the training loop: shuffle shards and samples per epoch
 
@@ -231,12 +234,11 @@ class ShardCorpus(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         workers = info.num_workers if info else 1
         # The loader takes batch i from reader i % workers (while every reader has samples). A resumed epoch
-        # (``skip``: the first ``done`` batches trained on) starts at reader 0 with batch ``done``: reader r
-        # takes the part of the reader that gave batch ``done + r``, so that the rest of the epoch is as if
-        # never interrupted.
-        done = self.skip // self.batch_size if self.batch_size else 0
+        # (its first ``done`` batches trained on) starts at reader 0 with batch ``done``: reader r takes the part
+        # of the reader that gave batch ``done + r``, so that the rest of the epoch is as if never interrupted.
+        done = self.batches_done
         part = ((info.id if info else 0) + done) % workers
-        skip = self.batch_size * len(range(part, done, workers)) if self.batch_size else self.skip // workers
+        skip = self.batch_size * len(range(part, done, workers))
         broken: list[tuple[str, str]] = []
 
         def shard_error(exn: Exception) -> bool:

@@ -715,7 +715,7 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
         return torch.utils.data.DataLoader(corpus, batch_size=per_step, sampler=sampler, collate_fn=collate,
                                            num_workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda",
                                            generator=generator, worker_init_fn=_reader_ignores_ctrl_c)
-    corpus.skip, corpus.batch_size, corpus.shuffle_seed = done, per_step, cfg.seed
+    corpus.batches_done, corpus.batch_size, corpus.shuffle_seed = epoch_step * cfg.accum_steps, per_step, cfg.seed
     return torch.utils.data.DataLoader(corpus, batch_size=per_step, collate_fn=collate, num_workers=cfg.workers,
                                        pin_memory=device.type == "cuda", generator=generator,
                                        worker_init_fn=_reader_ignores_ctrl_c)
