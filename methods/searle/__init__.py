@@ -41,7 +41,6 @@ OTI_OPTIONS = (
 )
 
 
-
 def oti_option(name: str, description: str) -> OptionSpec:
     """One of :data:`OTI_OPTIONS` with another description (the training's teacher pass uses it too)."""
     import dataclasses

@@ -317,7 +317,6 @@ class Inversion:
         self.stats["references"] += len(ids)
         return torch.cat(out) if out else torch.empty(0, token_width(self.backbone))
 
-
     def invert_shared(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
         """:meth:`invert` with the batches shared by the torchrun ranks (every rank calls it with the same
         images): each optimises its own, waits for the others, then reads theirs from the cache. The stats

@@ -54,11 +54,11 @@ from cirbench.methods._shared.textinv import (
 )
 from cirbench.methods.searle import OTI_OPTIONS
 from cirbench.methods.searle.oti import (
-    PARAM_OPTIONS,
     PLACEHOLDER,
     SLOT,
     Inversion,
     nearest_concepts,
+    oti_params,
     source_files,
 )
 from cirbench.training import TrainConfig
@@ -127,8 +127,8 @@ class SearleTrainable(PhiTrainable):
     def __init__(self, backbone: Backbone, options: dict[str, Any]):
         super().__init__(backbone, options)
         self.concepts_path, self.phrases_path = source_files(options)  # fails now when offline
-        teacher = {**TEACHER_OTI, **{k: options[k] for k in ("oti_steps", "oti_batch_size") if k in options}}
-        self.oti_params = {param: teacher[option] for param, option in PARAM_OPTIONS.items()}
+        self.oti_params = oti_params({**TEACHER_OTI, **{k: options[k] for k in ("oti_steps", "oti_batch_size")
+                                                        if k in options}})
         self.teacher: Teacher | None = None
         self.phrases: dict[str, list[str]] = {}  # the phrases per concept, read by prepare
         self.placeholder = placeholder_id(backbone, PLACEHOLDER)
