@@ -70,10 +70,10 @@ def url_file(url: str, what: str, option: str) -> Path:
     naming the URL and ``--option PATH`` when the host cannot be reached or the download fails."""
     import torch  # only on the path that needs the file
 
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+    parts = urllib.parse.urlparse(url)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(parts.path).name
     if cached.is_file():
         return cached
-    parts = urllib.parse.urlparse(url)
     if not host_reachable(parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)):
         raise CheckpointError(f"cannot download {what} ({url}): no network. Download the file on a connected "
                               f"machine and pass --{option} PATH")

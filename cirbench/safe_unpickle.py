@@ -237,15 +237,20 @@ def load_torch_file(path: Path | str) -> Any:
             raise CheckpointError(f"checkpoint {path}: data.pkl is {info.file_size} bytes"
                                   f"{' and compressed' if info.compress_type != zipfile.ZIP_STORED else ''}; refused")
         data = archive.read(pkl)
-        try:
-            return _Unpickler(data, archive, pkl[: -len("data.pkl")], path).load()
-        except CheckpointError:
-            raise
-        except RecursionError:
-            raise CheckpointError(f"checkpoint {path} nests objects too deeply; refused") from None
-        except Exception as exc:  # noqa: BLE001 - anything odd in the pickle is a bad checkpoint
-            raise CheckpointError(f"checkpoint {path} could not be read safely: {type(exc).__name__}: "
-                                  f"{str(exc)[:200]}") from None
+        return _load(_Unpickler(data, archive, pkl[: -len("data.pkl")], path), f"checkpoint {path}",
+                     "could not be read safely")
+
+
+def _load(unpickler: pickle._Unpickler, source: str, unreadable: str) -> Any:
+    """What ``unpickler`` holds; CheckpointError naming ``source`` for a refused, too deep or broken pickle."""
+    try:
+        return unpickler.load()
+    except CheckpointError:
+        raise
+    except RecursionError:
+        raise CheckpointError(f"{source} nests objects too deeply; refused") from None
+    except Exception as exc:  # noqa: BLE001 - anything odd in the pickle is a bad file
+        raise CheckpointError(f"{source} {unreadable}: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def _walk(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int], depth: int) -> None:
@@ -319,11 +324,4 @@ def load_data_pickle(data: bytes, source: str) -> Any:
     without resolving or calling anything it names."""
     if len(data) > MAX_PICKLE_BYTES:
         raise CheckpointError(f"{source} is {len(data)} bytes; refused")
-    try:
-        return _DataUnpickler(io.BytesIO(data)).load()
-    except CheckpointError:
-        raise
-    except RecursionError:
-        raise CheckpointError(f"{source} nests objects too deeply; refused") from None
-    except Exception as exc:  # noqa: BLE001 - anything odd is a bad file
-        raise CheckpointError(f"{source} is not a readable pickle: {type(exc).__name__}: {str(exc)[:200]}") from None
+    return _load(_DataUnpickler(io.BytesIO(data)), source, "is not a readable pickle")
