@@ -449,10 +449,7 @@ def score(dataset, split, data_root, inputs, as_json, file):
     from .types import resolve_options
 
     spec = get_registry().dataset(dataset)
-    if split not in spec.splits:
-        from .errors import UnknownNameError
-
-        raise UnknownNameError(f"split of {dataset}", split, spec.splits)
+    split = spec.resolve_split(split)
     allowed = {o.name for o in spec.score_inputs}
     extra: dict[str, Path] = {}
     for item in inputs:

@@ -227,9 +227,7 @@ class Evaluator:
         cfg = self.cfg
         mspec = self.registry.method(cfg.method)
         dspec = self.registry.dataset(cfg.dataset)
-        split = cfg.split or dspec.default_split or dspec.splits[0]
-        if split not in dspec.splits:
-            raise UnknownNameError(f"split of {dspec.name}", split, dspec.splits)
+        split = dspec.resolve_split(cfg.split)
         option_sets = resolve_options(mspec.options, cfg.method_options, dspec.name, f"method {mspec.name}")
         dataset_options = resolve_options(dspec.options, cfg.dataset_options, dspec.name, f"dataset {dspec.name}")
         if len(dataset_options) != 1:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CirbenchError, PluginError
+from .errors import CirbenchError, PluginError, UnknownNameError
 
 # image preprocessing recipes (cirbench.preprocess reproduces each one): named here, without torch, for the CLI
 PREPROCESS_KINDS = ("targetpad", "clip", "hf-clip")
@@ -221,6 +221,13 @@ class DatasetSpec:
                               "not one of its splits")
         if not set(self.hidden_splits) <= set(self.splits):
             raise PluginError(f"plugin '{plugin}': dataset '{self.name}' hides splits it does not have")
+
+    def resolve_split(self, split: str | None) -> str:
+        """``split``, or the dataset's default split when it is ``None``; UnknownNameError for one it lacks."""
+        split = split or self.default_split or self.splits[0]
+        if split not in self.splits:
+            raise UnknownNameError(f"split of {self.name}", split, self.splits)
+        return split
 
     def load(self) -> Callable[..., Any]:
         """Import and return the dataset's factory."""

@@ -224,6 +224,13 @@ def test_cli_run_and_bad_input(tmp_path, tiny_config, toy_root):
         assert res.exit_code == 2 and "unknown option --bogus" in res.output
         res = runner.invoke(cli, ["run", "--method", "text-only", *common[:2], "--split", "train", *common[4:]])
         assert res.exit_code == 2 and "unknown split of toy 'train'" in res.output
+        ranking = tmp_path / "ranking.json"
+        ranking.write_text("{}")
+        for args in (["score", "--dataset", "toy", "--split", "train", str(ranking)],  # one message everywhere
+                     ["data", "check", "--dataset", "toy", "--split", "train", "--data-root", str(toy_root)]):
+            res = runner.invoke(cli, args)
+            assert res.exit_code == 2 and "unknown split of toy 'train'; valid: test, val" \
+                in res.output.strip().splitlines()[-1], res.output
 
 
 def test_unwritable_results_dir_fails_before_encoding(tmp_path, tiny_config, toy_root):

@@ -76,6 +76,6 @@ def check(ctx, dataset, split, data_root, sample, as_json):
     from cirbench.datacheck import healthy, render
 
     spec, ds = build_dataset(ctx, dataset, data_root)
-    report = run_check(ds, split or spec.default_split or spec.splits[0], sample=sample)
+    report = run_check(ds, spec.resolve_split(split), sample=sample)
     click.echo(json.dumps(report, indent=1) if as_json else render(report))
     return 0 if healthy(report) else 1
