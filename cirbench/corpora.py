@@ -37,6 +37,7 @@ the training loop reports once each and records in the checkpoint. An empty corp
 
 from __future__ import annotations
 
+import ast
 import csv
 import glob
 import itertools
@@ -211,9 +212,12 @@ class ShardCorpus(torch.utils.data.IterableDataset):
     places."""
 
     def __init__(self, urls: list[str], source: str, images: bool,
-                 preprocessor: Preprocessor | RandomResizedCrop | None, captions: bool = True):
+                 preprocessor: Preprocessor | RandomResizedCrop | None, captions: bool = True,
+                 num_samples: int | None = None):
         self.urls = urls
         self.source = source
+        # the samples the shards hold, as the files beside them say (:func:`shard_sizes`); None: unknown
+        self.num_samples = num_samples
         self.images = images
         self.captions = captions
         self.preprocessor = preprocessor
@@ -226,7 +230,8 @@ class ShardCorpus(torch.utils.data.IterableDataset):
 
     def with_images(self, preprocessor: Preprocessor | RandomResizedCrop) -> ShardCorpus:
         """The same samples with their images read and preprocessed (captions as this corpus needs them)."""
-        return ShardCorpus(self.urls, self.source, True, preprocessor, captions=self.captions)
+        return ShardCorpus(self.urls, self.source, True, preprocessor, captions=self.captions,
+                           num_samples=self.num_samples)
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         import webdataset as wds
@@ -313,6 +318,39 @@ def _read_captions(path: Path) -> Rows:
         raise CirbenchError(f"corpus {path} is unreadable: {exc}") from None
 
 
+def shard_sizes(urls: list[str]) -> int | None:
+    """The number of samples in the shards ``urls``, as open_clip reads it from the files in the first shard's
+    folder: ``sizes.json`` (shard file name -> samples, as webdataset's and img2dataset's tools write it) or
+    ``__len__`` (the total); ``None`` when neither is there (remote shards included)."""
+    folder = Path(urls[0]).parent if "://" not in urls[0] else None
+    if folder is None:
+        return None
+    sizes_file, len_file = folder / "sizes.json", folder / "__len__"
+    try:
+        if sizes_file.is_file():
+            sizes = json_loads(sizes_file.read_bytes())
+            if not isinstance(sizes, dict):
+                raise ValueError("not an object of shard name -> samples")
+            missing = [os.path.basename(u) for u in urls if os.path.basename(u) not in sizes]
+            if missing:
+                raise ValueError(f"no size for {missing[0]} ({len(missing)} of {len(urls)} shards missing)")
+            counts = [sizes[os.path.basename(u)] for u in urls]
+            where = sizes_file
+        elif len_file.is_file():
+            counts = [ast.literal_eval(len_file.read_text().strip())]
+            where = len_file
+        else:
+            return None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise CirbenchError(f"corpus {sizes_file if sizes_file.is_file() else len_file}: {exc}") from None
+    def count(value: Any) -> int:  # open_clip takes int(value): a number, or a string of one
+        if not isinstance(value, bool) and isinstance(value, (int, str)) and str(value).strip().isdigit():
+            return int(value)
+        raise CirbenchError(f"corpus {where}: {value!r} is not a sample count")
+
+    return sum(count(c) for c in counts)
+
+
 def _names_shards(text: str) -> bool:
     return text.endswith(".tar") or "{" in text or (("*" in text or "?" in text) and ".tar" in text)
 
@@ -335,7 +373,8 @@ def open_corpus(spec: str | Path, preprocessor: Preprocessor | None = None, *,
     if images:
         tensor_decoder()  # a bad CIRBENCH_IMAGE_DECODER fails here, not in a reader process
     if _names_shards(text):
-        return ShardCorpus(_existing_shards(text), text, images, preprocessor, captions=captions)
+        urls = _existing_shards(text)
+        return ShardCorpus(urls, text, images, preprocessor, captions=captions, num_samples=shard_sizes(urls))
     text_only = not images and captions  # captions without images; otherwise the corpus lists its images
     if path.is_dir():
         rows = _read_captions(path) if text_only else _read_folder(path)

@@ -62,6 +62,9 @@ class TrainConfig:
     output: Path
     epochs: int = 1
     max_steps: int | None = None
+    # webdataset shards: the samples of one epoch (open_clip's --train-num-samples); default: the shards' sizes.json
+    # or __len__. An epoch then ends after this many samples (global batches of them), or when the shards run out
+    train_num_samples: int | None = None
     batch_size: int = 256
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -283,11 +286,49 @@ class _Run:
                 "unreadable_shards": self.unreadable_shards}
 
 
-def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardCorpus, cfg: TrainConfig, world: int):
+@dataclass(frozen=True)
+class StepPlan:
+    """How a corpus divides into steps: ``per_step`` samples a rank in each micro-batch, ``total_steps`` optimizer
+    steps in the run, ``epoch_steps`` in an epoch (``None``: an epoch is one pass over shards of unknown size)."""
+
+    per_step: int
+    total_steps: int
+    epoch_steps: int | None
+
+
+def plan_steps(corpus: PairsCorpus | ShardCorpus, cfg: TrainConfig, world: int) -> StepPlan:
+    """The run's steps, or a one-line error for a batch the ranks cannot share, too few shards for the ranks, or
+    a length that cannot be known (checked before a backbone is loaded). A shard corpus's ``num_samples`` becomes
+    the samples of one epoch (``--train-num-samples`` over its ``sizes.json``), which its checkpoints record."""
     per_step = cfg.batch_size // (world * cfg.accum_steps)
     if per_step < 1 or per_step * world * cfg.accum_steps != cfg.batch_size:
         raise CirbenchError(f"--batch-size {cfg.batch_size} must be a multiple of world size ({world}) x "
                             f"--accum-steps ({cfg.accum_steps})")
+    if isinstance(corpus, ShardCorpus):
+        if len(corpus.urls) < world:
+            raise CirbenchError(f"corpus {corpus.source} has {len(corpus.urls)} shard(s) for {world} ranks: each "
+                                f"rank reads whole shards, so split it into at least {world} (more keep the ranks' "
+                                "epochs even)")
+        samples = corpus.num_samples = cfg.train_num_samples or corpus.num_samples
+        epoch_steps = None if samples is None else samples // cfg.batch_size
+    else:
+        if cfg.train_num_samples is not None:
+            raise CirbenchError(f"--train-num-samples is for webdataset shards; corpus {corpus.source} has "
+                                f"{len(corpus):,} samples")
+        samples = len(corpus)
+        epoch_steps = (samples // world) // (per_step * cfg.accum_steps)
+    if epoch_steps == 0:
+        raise CirbenchError(f"corpus {corpus.source} has {samples:,} samples, fewer than one global batch "
+                            f"({cfg.batch_size})")
+    total_steps = cfg.max_steps or (epoch_steps * cfg.epochs if epoch_steps else None)
+    if total_steps is None:
+        raise CirbenchError(f"corpus {corpus.source}: the number of samples in its shards is unknown (no sizes.json "
+                            "or __len__ beside them): pass --max-steps, or --train-num-samples for --epochs")
+    return StepPlan(per_step, total_steps, epoch_steps)
+
+
+def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardCorpus, cfg: TrainConfig,
+           world: int) -> tuple[PairsCorpus | ShardCorpus, StepPlan]:
     if isinstance(corpus, (PairsCorpus, ShardCorpus)):
         if (corpus.images, corpus.captions) != (trainable.needs_images, trainable.needs_captions):
             raise ValueError(f"corpus opened with images={corpus.images}, captions={corpus.captions} for a method "
@@ -296,24 +337,13 @@ def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardC
         corpus = open_corpus(corpus, images=trainable.needs_images, captions=trainable.needs_captions)
     if corpus.images:
         corpus.preprocessor = trainable.train_preprocessor(cfg.seed)
-    map_style = hasattr(corpus, "__len__")
-    if not map_style and len(corpus.urls) < world:
-        raise CirbenchError(f"corpus {corpus.source} has {len(corpus.urls)} shard(s) for {world} ranks: each rank "
-                            f"reads whole shards, so split it into at least {world} (more keep the ranks' epochs "
-                            "even)")
-    steps_per_epoch = (len(corpus) // world) // (per_step * cfg.accum_steps) if map_style else None
-    if map_style and steps_per_epoch == 0:
-        raise CirbenchError(f"corpus {corpus.source} has {len(corpus)} samples, fewer than one global batch "
-                            f"({cfg.batch_size})")
-    total_steps = cfg.max_steps or (steps_per_epoch * cfg.epochs if steps_per_epoch else None)
-    if total_steps is None:
-        raise CirbenchError("a webdataset corpus has no length: pass --max-steps")
-    if cfg.warmup_steps >= total_steps:
-        warnings.warn(f"the warm-up (--warmup-steps {cfg.warmup_steps}) is as long as the whole run ({total_steps} "
-                      f"steps): the learning rate never reaches --lr {cfg.lr:g} (it ends at "
-                      f"{cfg.lr * total_steps / cfg.warmup_steps:.3g}); pass a shorter --warmup-steps",
+    plan = plan_steps(corpus, cfg, world)
+    if cfg.warmup_steps >= plan.total_steps:
+        warnings.warn(f"the warm-up (--warmup-steps {cfg.warmup_steps}) is as long as the whole run "
+                      f"({plan.total_steps} steps): the learning rate never reaches --lr {cfg.lr:g} (it ends at "
+                      f"{cfg.lr * plan.total_steps / cfg.warmup_steps:.3g}); pass a shorter --warmup-steps",
                       CirbenchWarning, stacklevel=2)
-    return corpus, map_style, per_step, total_steps
+    return corpus, plan
 
 
 # What a resumed run must share with the run it continues: the settings that decide which samples each step
@@ -334,7 +364,8 @@ def _corpus_identity(corpus) -> dict[str, Any]:
     if isinstance(corpus, PairsCorpus) and local.exists():
         source = str(local.resolve())
     if isinstance(corpus, ShardCorpus):
-        return {"source": source, "shards": len(corpus.urls), "read": SHARD_READING}
+        known = {"samples": corpus.num_samples} if corpus.num_samples is not None else {}
+        return {"source": source, "shards": len(corpus.urls), "read": SHARD_READING, **known}
     return {"source": source, "samples": len(corpus)}
 
 
@@ -353,7 +384,9 @@ def _resume_differences(saved: dict[str, Any], run: dict[str, Any]) -> list[tupl
     old_corpus = saved.get("corpus") or {}
     for key in ("samples", "shards"):
         if key in old_corpus and old_corpus[key] != run["corpus"].get(key):
-            out.append(("a corpus of", f"{old_corpus[key]} {key}", f"{run['corpus'].get(key)} {key}"))
+            now = run["corpus"].get(key)
+            out.append(("a corpus of", f"{old_corpus[key]} {key}", f"{'an unknown number of' if now is None else now} "
+                                                                     f"{key}"))
     return out
 
 
@@ -424,7 +457,9 @@ class _Trainer:
         torch.manual_seed(cfg.seed + self.rank_)
         random.seed(cfg.seed + self.rank_)
         np.random.seed(cfg.seed + self.rank_)
-        self.corpus, self.map_style, self.per_step, self.total_steps = _setup(trainable, corpus, cfg, self.world)
+        self.corpus, plan = _setup(trainable, corpus, cfg, self.world)
+        self.map_style = isinstance(self.corpus, PairsCorpus)
+        self.per_step, self.total_steps, self.epoch_steps = plan.per_step, plan.total_steps, plan.epoch_steps
         self.optimizer = build_optimizer(trainable, cfg)
         self.params = trainable.trainable_parameters()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)  # lr set by hand
@@ -536,16 +571,21 @@ class _Trainer:
     def plan(self) -> str:
         """What this run will do, in one line (printed at its start)."""
         cfg, t = self.cfg, self.trainable
-        corpus = f"{len(self.corpus):,} samples" if self.map_style else f"{len(self.corpus.urls)} shards"
+        if self.map_style:
+            corpus = f"{len(self.corpus):,} samples"
+        else:
+            known = self.corpus.num_samples
+            corpus = f"{len(self.corpus.urls)} shards" + (f" ({known:,} samples an epoch)" if known else "")
+        epochs = f" ({cfg.epochs} epochs)" if cfg.max_steps is None else ""
         ranks = f" ({self.per_step} a rank x {self.world} ranks)" if self.world > 1 else ""
         warmup = f", {cfg.warmup_steps:,} warm-up steps" if cfg.warmup_steps else ""
         if self.corpus.images:
             images = f"; images: {self.corpus.preprocessor.identity()['kind']}"
         else:
             images = "; captions only" if self.corpus.captions else "; sample keys only"
-        return (f"train {t.name} on {corpus}: {self.total_steps:,} steps of {cfg.batch_size}{ranks}, lr {cfg.lr:g} "
-                f"{cfg.schedule}{warmup}, {t.backbone.precision}{images}; checkpoint every {cfg.save_every:,} "
-                f"steps in {self.latest}"
+        return (f"train {t.name} on {corpus}: {self.total_steps:,} steps{epochs} of {cfg.batch_size}{ranks}, "
+                f"lr {cfg.lr:g} {cfg.schedule}{warmup}, {t.backbone.precision}{images}; checkpoint every "
+                f"{cfg.save_every:,} steps in {self.latest}"
                 + (f"; validate on {cfg.validate} every {self.validate_every:,} steps" if cfg.validate else ""))
 
     def run(self) -> Path:
@@ -622,9 +662,13 @@ class _Trainer:
                 raise CirbenchError(f"corpus {self.corpus.source} yielded no usable batch ({run.skipped} samples "
                                     f"skipped{shards})")
             run.epoch, run.epoch_step = run.epoch + 1, 0
+            if self.cfg.max_steps is None and run.epoch >= self.cfg.epochs:
+                break  # shards that ran out before their stated size end the run after --epochs all the same
 
     def _epoch(self, bar) -> None:
         cfg, run = self.cfg, self.state
+        if self.epoch_steps and run.epoch_step >= self.epoch_steps:
+            return  # resumed at the end of an epoch
         loader = _loader(self.corpus, self.map_style, self.per_step, cfg, self.rank_, self.world, run.epoch,
                          run.epoch_step, self.device)
         micro = []
@@ -641,6 +685,11 @@ class _Trainer:
             # on one rank is skipped by all
             going, usable = dist_utils.all_ranks_each(batch is not None, batch is not None and len(batch) > 0)
             if not going:
+                if not self.map_style and self.epoch_steps and run.epoch_step < self.epoch_steps and self.rank_ == 0:
+                    tqdm.write(f"warning: epoch {run.epoch} ended after {run.epoch_step:,} of its {self.epoch_steps:,} "
+                               f"steps: the shards hold fewer than the {self.corpus.num_samples:,} samples stated "
+                               + ("(or one rank's share ran out first)" if self.world > 1 else "")
+                               + ("; the run ends after --epochs all the same" if cfg.max_steps is None else ""))
                 return
             if not usable:
                 continue
@@ -672,6 +721,8 @@ class _Trainer:
             # under torchrun only the flag the ranks agreed on counts, so that they all stop at the same step
             if stop or (self.world == 1 and self.interrupted):
                 raise _Interrupted
+            if run.epoch_step == self.epoch_steps:
+                return  # an epoch of a stated number of samples is over (open_clip's with_epoch)
 
     def _batches(self, loader):
         """The loader's batches, then ``None`` (this rank's epoch is over); after Ctrl-C, a reader process that
@@ -734,10 +785,10 @@ def check_validation(spec, validate: str, data_root: str | None = None) -> None:
                             "it cannot be validated during training")
     dataset, _, split = validate.partition(":")
     dspec = get_registry().dataset(dataset)
-    split = split or dspec.default_split or dspec.splits[0]
-    if split not in dspec.splits:
-        raise CirbenchError(f"--validate {validate}: dataset '{dataset}' has no split '{split}' "
-                            f"(splits: {', '.join(dspec.splits)})")
+    try:
+        split = dspec.resolve_split(split or None)
+    except CirbenchError as exc:
+        raise CirbenchError(f"--validate {validate}: {exc}") from None
     if split in dspec.hidden_splits:
         raise CirbenchError(f"--validate {validate}: the targets of '{split}' are hidden (a test server scores it); "
                             "validate on a split with targets")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -642,7 +643,7 @@ def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, t
         assert res.exit_code == 0, res.output
         assert "validate on toy:val every 3 steps" in res.output
         for args, message in ((["--validate", "nosuch"], "unknown dataset 'nosuch'"),
-                              (["--validate", "toy:train"], "has no split 'train'"),
+                              (["--validate", "toy:train"], "--validate toy:train: unknown split of toy 'train'"),
                               (["--validate", "toy:test"], "are hidden"),
                               (["--validate", "toy", "--validate-data-root", str(tmp_path / "nowhere")],
                                "--validate toy: annotation file")):
@@ -784,7 +785,7 @@ def test_too_few_shards_for_the_ranks_is_refused(tmp_path):
     spec = _shards(tmp_path, [4])
     language_only = types.SimpleNamespace(needs_images=False, needs_captions=True)
     cfg = training.TrainConfig(output=tmp_path, batch_size=2, max_steps=1)
-    assert training._setup(language_only, spec, cfg, 1)[3] == 1
+    assert training._setup(language_only, spec, cfg, 1)[1].total_steps == 1
     with pytest.raises(CirbenchError, match=r"has 1 shard\(s\) for 2 ranks: .* at least 2"):
         training._setup(language_only, spec, cfg, 2)
 
@@ -835,3 +836,95 @@ def test_torchrun_ranks_with_uneven_shards_end_each_epoch_together(tmp_path, tin
             seen = [] if kind == "epoch" else seen + value
             assert kind == "epoch" or len(value) == 4
             assert len(seen) == len(set(seen))
+
+
+def test_shard_sizes_are_read_as_open_clip_reads_them(tmp_path):
+    """``sizes.json`` (shard name -> samples, numbers or strings of them) or ``__len__`` beside the shards gives
+    an epoch's length; a file that cannot say it is a one-line error, not a guess."""
+    from cirbench.corpora import shard_sizes
+
+    spec = _shards(tmp_path, [3, 2])
+    urls = [str(tmp_path / "shard-000.tar"), str(tmp_path / "shard-001.tar")]
+    assert open_corpus(spec, images=False).num_samples is None and shard_sizes(urls) is None
+    (tmp_path / "__len__").write_text("5\n")
+    assert shard_sizes(urls) == 5
+    (tmp_path / "sizes.json").write_text(json.dumps({"shard-000.tar": 3, "shard-001.tar": "2", "other.tar": 9}))
+    assert shard_sizes(urls) == 5 and shard_sizes(urls[:1]) == 3  # sizes.json first; only the shards named
+    assert open_corpus(spec, images=False).num_samples == 5
+    assert shard_sizes(["https://host/data/shard-000.tar"]) is None  # nothing to read beside remote shards
+    for text, message in [('{"shard-000.tar": 3}', "no size for shard-001.tar (1 of 2 shards missing)"),
+                          ('{"shard-000.tar": 3, "shard-001.tar": -2}', "-2 is not a sample count"),
+                          ('{"shard-000.tar": 3, "shard-001.tar": null}', "None is not a sample count"),
+                          ("[3, 2]", "not an object"), ("{3: 2", "sizes.json")]:
+        (tmp_path / "sizes.json").write_text(text)
+        with pytest.raises(CirbenchError, match=re.escape(message)):
+            shard_sizes(urls)
+    (tmp_path / "sizes.json").unlink()
+    (tmp_path / "__len__").write_text("import os")
+    with pytest.raises(CirbenchError, match="__len__"):
+        shard_sizes(urls)
+
+
+def _record_epochs(tmp_path, monkeypatch, args) -> tuple[list[list[int]], str]:
+    """Run ``cirbench train args`` in this process; the keys of the samples of each step, grouped by epoch."""
+    events: list[list] = []
+    real_step, real_loader = training._optimizer_step, training._loader
+
+    def loader(*a):
+        events.append(["epoch", a[6]])
+        return real_loader(*a)
+
+    def step(trainable, optimizer, scheduler, micro, *a):
+        events.append(["step", [k for batch in micro for k in batch.keys]])
+        return real_step(trainable, optimizer, scheduler, micro, *a)
+
+    monkeypatch.setattr(training, "_optimizer_step", step)
+    monkeypatch.setattr(training, "_loader", loader)
+    res = CliRunner().invoke(cli, args)
+    epochs: dict[int, list] = {}
+    current = None
+    for kind, value in events:
+        if kind == "epoch":
+            current = value
+            epochs.setdefault(current, [])
+        else:
+            epochs[current].append(value)
+    return [epochs[e] for e in sorted(epochs)], f"exit {res.exit_code}: {res.output}"
+
+
+def test_shards_of_a_stated_size_train_for_epochs(tmp_path, tiny_config, monkeypatch):
+    """With the shards' size known (sizes.json, or --train-num-samples as in open_clip) --epochs works on shards:
+    an epoch is that many samples (a smaller count cuts each epoch short, each epoch reshuffled), or one pass when
+    the shards turn out to hold fewer, which is said, and the run still ends after --epochs."""
+    spec = _shards(tmp_path, [8, 8])
+    out = tmp_path / "o"
+    base = _train_args(tiny_config, spec, out, "--no-resume")
+    res = CliRunner().invoke(cli, [*base, "--epochs", "2"])
+    assert res.exit_code == 2 and "pass --max-steps, or --train-num-samples for --epochs" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not out.exists()
+
+    (tmp_path / "sizes.json").write_text(json.dumps({"shard-000.tar": 8, "shard-001.tar": 8}))
+    epochs, output = _record_epochs(tmp_path, monkeypatch, [*base, "--epochs", "2"])
+    assert [len(e) for e in epochs] == [2, 2], output  # 16 samples a pass, batch 8
+    for steps in epochs:
+        keys = [k for step in steps for k in step]
+        assert len(keys) == len(set(keys)) == 16
+    assert json.loads((out / "config.json").read_text())["corpus"]["samples"] == 16
+
+    epochs, output = _record_epochs(tmp_path, monkeypatch, [*base, "--epochs", "3", "--train-num-samples", "8"])
+    assert [len(e) for e in epochs] == [1, 1, 1], output  # each epoch cut after 8 samples
+    assert len({tuple(e[0]) for e in epochs}) == 3  # not the same first 8 each time
+    assert json.loads((out / "config.json").read_text())["step"] == 3
+
+    epochs, output = _record_epochs(tmp_path, monkeypatch, [*base, "--epochs", "2", "--train-num-samples", "40"])
+    assert [len(e) for e in epochs] == [2, 2], output  # the shards ran out after 2 of the stated 5 steps
+    assert output.count("ended after 2 of its 5 steps: the shards hold fewer than the 40 samples stated") == 2
+    assert json.loads((out / "config.json").read_text())["step"] == 4
+
+    # the stated size fixes the epochs' places: a resume with another one is refused
+    res = CliRunner().invoke(cli, _train_args(tiny_config, spec, out, "--epochs", "3", "--train-num-samples", "24"))
+    assert res.exit_code == 2 and "a corpus of 40 samples; this run asks a corpus of 24 samples" in res.output, \
+        res.output
+    csv_corpus = make_corpus(tmp_path / "c", n=8)
+    res = CliRunner().invoke(cli, _train_args(tiny_config, csv_corpus, tmp_path / "p", "--train-num-samples", "8"))
+    assert res.exit_code == 2 and "--train-num-samples is for webdataset shards" in res.output

@@ -10,6 +10,8 @@ from . import FiniteFloatRange
 EPILOG = """\b
 Examples:
   cirbench train --method slerp-tat --corpus laion/{00000..00199}.tar --max-steps 2000 --output runs/tat
+  cirbench train --method pic2word --corpus cc3m/{00000..00331}.tar --train-num-samples 2905954 --epochs 2 \
+      --output runs/p2w   # sizes.json beside the shards makes --train-num-samples unnecessary
   cirbench train --method pic2word --corpus cc3m.csv --output runs/pic2word --epochs 30
   cirbench train --method searle --corpus imagenet/test --output runs/searle-b32   # images, no captions
   cirbench train --method pic2word --corpus cc3m.csv --output runs/p2w --validate cirr:val \\
@@ -24,13 +26,16 @@ Examples:
                epilog=EPILOG)
 @click.option("--method", "-m", required=True, help="A trainable method (see `cirbench methods`).")
 @click.option("--corpus", required=True, help="CSV/TSV of image,caption; a folder with .txt sidecars; or .tar shards "
-              "(read shuffled per epoch; need --max-steps and at least one shard per rank). A method that trains "
-              "on images alone, like searle, needs no caption.")
+              "(read shuffled per epoch, whole shards to each rank: at least one shard per rank). A method that "
+              "trains on images alone, like searle, needs no caption.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Checkpoint folder.")
 @click.option("--backbone", default=None, help="open_clip model name or config JSON (default: the method's).")
 @click.option("--pretrained", default=None, help="open_clip tag, weights file, 'bundled' or 'none'.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the method's).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps.")
+@click.option("--train-num-samples", type=click.IntRange(min=1), default=None,
+              help="Shards: the samples of one epoch (as open_clip's flag). Default: the sizes.json or __len__ beside "
+                   "the shards; with neither, pass this or --max-steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Global batch size (default: the method's).")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True, max=10), default=None,
@@ -66,9 +71,9 @@ Examples:
               help="Validate every N steps (default: at each checkpoint, --save-every).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
-def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps, batch_size, lr, weight_decay,
-            warmup_steps, schedule, accum_steps, precision, device, seed, workers, save_every, log_every, no_resume,
-            validate, validate_data_root, validate_every, quiet):
+def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps, train_num_samples, batch_size, lr,
+            weight_decay, warmup_steps, schedule, accum_steps, precision, device, seed, workers, save_every,
+            log_every, no_resume, validate, validate_data_root, validate_every, quiet):
     """Train METHOD on a CORPUS of images and/or captions; resumable; torchrun for several GPUs or nodes.
 
     Method training options follow as --name value (e.g. --lora-rank 8); `cirbench methods` lists them.
@@ -82,7 +87,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     from cirbench.corpora import open_corpus
     from cirbench.evaluate import DEFAULT_BACKBONE
     from cirbench.plugins import get_registry
-    from cirbench.training import TrainConfig, check_not_resumable_elsewhere, check_validation, train
+    from cirbench.training import TrainConfig, check_not_resumable_elsewhere, check_validation, plan_steps, train
     from cirbench.types import resolve_options
 
     spec = get_registry().method(method)
@@ -99,18 +104,20 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     # a bad corpus fails before the backbone is loaded
     corpus_data = open_corpus(corpus, images=trainer_cls.needs_images, captions=trainer_cls.needs_captions)
     dev = distributed.init_from_env(device)
-    default = spec.default_backbone or DEFAULT_BACKBONE
-    model_name = backbone or default[0]
-    weights = pretrained or ("none" if model_name.endswith(".json") else
-                             ("bundled" if backbone == "cirbench-shapes-clip" else default[1]))
-    bb = load_backbone(model_name, weights, device=str(dev), precision=precision, seed=seed, training=True)
-    given = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
-             "weight_decay": weight_decay, "warmup_steps": warmup_steps, "schedule": schedule}
+    given = {"epochs": epochs, "max_steps": max_steps, "train_num_samples": train_num_samples,
+             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+             "schedule": schedule}
     values = {**trainer_cls.defaults, **{k: v for k, v in given.items() if v is not None}}
     cfg = TrainConfig(output=Path(output), accum_steps=accum_steps, precision=precision, device=str(dev), seed=seed,
                       workers=workers, save_every=save_every, log_every=log_every, resume=not no_resume,
                       progress=not quiet, validate=validate, validate_data_root=validate_data_root,
                       validate_every=validate_every, **values)
+    plan_steps(corpus_data, cfg, distributed.world_size())  # a length it cannot know fails before the backbone loads
+    default = spec.default_backbone or DEFAULT_BACKBONE
+    model_name = backbone or default[0]
+    weights = pretrained or ("none" if model_name.endswith(".json") else
+                             ("bundled" if backbone == "cirbench-shapes-clip" else default[1]))
+    bb = load_backbone(model_name, weights, device=str(dev), precision=precision, seed=seed, training=True)
     trainable = trainer_cls(bb, options[0])
     trainable.name = spec.name  # the registered name is the one source of truth (checkpoints record it)
     out = train(trainable, corpus_data, cfg)
