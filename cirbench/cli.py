@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -14,7 +15,7 @@ import click
 from . import __version__
 from .errors import CirbenchError, from_reader_process, out_of_memory, reader_process_origin
 from .types import PREPROCESS_KINDS
-from .util import MAX_REPLICATES, MAX_WORKERS, SEED_MAX
+from .util import MAX_REPLICATES, MAX_WORKERS, SEED_MAX, launched_by_torchrun
 
 EPILOG_RUN = """\b
 Examples:
@@ -30,6 +31,12 @@ Examples:
 BUILTIN_COMMAND_MODULES: tuple[str, ...] = ("cirbench.commands.train", "cirbench.commands.bench",
                                              "cirbench.commands.compare", "cirbench.commands.data",
                                              "cirbench.commands.report")
+
+
+def _error(line: str) -> None:
+    """An error line on stderr; under torchrun prefixed with the rank that says it (every rank meets the error, or
+    only the one that read a bad file: the prefix tells which)."""
+    click.echo(f"[rank {os.environ['RANK']}] {line}" if launched_by_torchrun() else line, err=True)
 
 
 class CirbenchGroup(click.Group):
@@ -48,7 +55,7 @@ class CirbenchGroup(click.Group):
         except click.ClickException as exc:  # usage errors: one line, with where to look
             ctx = getattr(exc, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            click.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
+            _error(f"error: {one_line(exc.format_message())}{hint}")
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("aborted", err=True)
@@ -101,7 +108,7 @@ class CirbenchGroup(click.Group):
             return super().invoke(ctx)
         except CirbenchError as exc:
             exc = from_reader_process(exc) or exc
-            click.echo(f"error: {exc if debug_enabled() else one_line(exc)}", err=True)
+            _error(f"error: {exc if debug_enabled() else one_line(exc)}")
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             if speaks():  # under torchrun every rank is interrupted: one line says it
@@ -114,16 +121,16 @@ class CirbenchGroup(click.Group):
                 traceback.print_exc()
             else:
                 where = ": ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
-                click.echo(f"error: {where + ': ' if where else ''}{exc.strerror or one_line(exc)}", err=True)
+                _error(f"error: {where + ': ' if where else ''}{exc.strerror or one_line(exc)}")
             ctx.exit(2)
         except Exception as exc:  # noqa: BLE001 - never a traceback for the user; opt-in for developers
             if out_of_memory(exc) and not debug_enabled():  # the machine's limit, not a bug
-                click.echo(f"error: out of memory: {one_line(exc)} (a smaller --batch-size, fewer --workers or "
-                           "--precision bf16 needs less)", err=True)
+                _error(f"error: out of memory: {one_line(exc)} (a smaller --batch-size, fewer --workers or "
+                       "--precision bf16 needs less)")
                 ctx.exit(1)
             inner = from_reader_process(exc)
             if inner is not None and not debug_enabled():  # a cirbench error raised in a DataLoader worker
-                click.echo(f"error: {one_line(inner)}", err=True)
+                _error(f"error: {one_line(inner)}")
                 ctx.exit(inner.exit_code)
             if debug_enabled():
                 traceback.print_exc()
@@ -131,7 +138,7 @@ class CirbenchGroup(click.Group):
                 origin = reader_process_origin(exc)  # a worker's error: its own type and line, not torch's wrapper
                 what = (f"{origin[0]}: {one_line(origin[1])} (in a DataLoader worker)" if origin
                         else f"{type(exc).__name__}: {one_line(exc)}")
-                click.echo(f"internal error: {what} (set CIRBENCH_DEBUG=1 for the traceback)", err=True)
+                _error(f"internal error: {what} (set CIRBENCH_DEBUG=1 for the traceback)")
             ctx.exit(1)
 
 
@@ -485,7 +492,7 @@ def main() -> None:
     try:
         cli(prog_name="cirbench")
     except CirbenchError as exc:  # raised while loading plugins in strict mode
-        click.echo(f"error: {exc}", err=True)
+        _error(f"error: {exc}")
         sys.exit(exc.exit_code)
 
 

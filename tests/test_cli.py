@@ -104,6 +104,14 @@ def test_unknown_dataset_is_one_line_exit_2():
     assert res.output.strip().count("\n") == 0 and "unknown dataset 'nope'; valid:" in res.output
 
 
+def test_errors_under_torchrun_say_which_rank_met_them():
+    """Every rank that meets an error says it (a bad file may reach one rank alone): each line names its rank."""
+    for env, prefix in (({"RANK": "1", "WORLD_SIZE": "2"}, "[rank 1] error: "), ({}, "error: ")):
+        for args in (["run", "--method", "image-only", "--dataset", "nope"], ["run", "--workers", "-1"]):
+            res = CliRunner(env=env).invoke(cli, args)
+            assert res.exit_code == 2 and res.output.startswith(prefix) and res.output.count("\n") == 1, res.output
+
+
 def test_unknown_names_suggest_the_closest_one():
     res = CliRunner().invoke(cli, ["run", "--method", "slerpp"])
     assert res.exit_code == 2 and "unknown method 'slerpp' (did you mean 'slerp'?); valid:" in res.output
