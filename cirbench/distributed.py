@@ -5,9 +5,10 @@ Runs started with ``torchrun`` set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``M
 every helper here degrades to the identity when the world size is 1.
 
 Timeouts: collectives keep torch's default (``CIRBENCH_DIST_TIMEOUT_S`` sets another), so that a hung rank
-is found; :func:`wait_for_main`, where the other ranks wait while rank 0 alone does long work (an LLM method
-generating its captions and rewrites), runs on a gloo group whose timeout is ``CIRBENCH_DIST_WAIT_S``
-(default 24 hours), so that NCCL's watchdog does not abort the waiting ranks.
+is found; :func:`long_barrier`, where ranks wait for long work that is not theirs (rank 0 alone: an LLM method
+generating its captions and rewrites; every rank, ending unevenly: shares of SEARLE's OTI), runs on a gloo
+group whose timeout is ``CIRBENCH_DIST_WAIT_S`` (default 24 hours), so that NCCL's watchdog does not abort the
+waiting ranks.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def is_main() -> bool:
     return rank() == 0
 
 
-_wait_group = None  # the gloo group of wait_for_main
+_wait_group = None  # the gloo group of long_barrier
 
 
 def _seconds(variable: str, default: float | None) -> timedelta | None:
@@ -71,17 +72,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wait_for_main() -> None:
-    """A barrier for ranks that wait while rank 0 alone works for long (see the module docstring); every rank
-    calls it, rank 0 when its work is done."""
+def long_barrier() -> None:
+    """A barrier that may wait for hours (see the module docstring): where the other ranks wait while rank 0 alone
+    works (every rank calls it, rank 0 when its work is done), and after work on every rank that may end unevenly."""
     if is_distributed():
         dist.barrier(group=_wait_group)  # a process group joined elsewhere: its default group and timeout
-
-
-def wait_for_all() -> None:
-    """A barrier after long work on every rank that may end unevenly (shares of SEARLE's OTI): the same
-    long-timeout group as :func:`wait_for_main`."""
-    wait_for_main()
 
 
 def shutdown() -> None:
@@ -90,7 +85,7 @@ def shutdown() -> None:
     its connections down under another's last collective and NCCL has nothing to warn about at exit."""
     global _wait_group
     if is_distributed():
-        wait_for_main()
+        long_barrier()
         dist.destroy_process_group()
         _wait_group = None
 

@@ -84,7 +84,7 @@ def test_a_rank_with_nothing_to_encode_joins_the_gather(tmp_path):
 
 def test_ranks_waiting_for_rank_0_outlast_the_collective_timeout(tmp_path):
     """Rank 0 works alone (an LLM method generating) longer than the collectives' timeout: the others wait on
-    wait_for_main's long-timeout group, while a plain barrier in the same setting times out."""
+    long_barrier's long-timeout group, while a plain barrier in the same setting times out."""
     script = tmp_path / "wait.py"
     script.write_text(
         "import json, sys, time\n"
@@ -92,7 +92,7 @@ def test_ranks_waiting_for_rank_0_outlast_the_collective_timeout(tmp_path):
         "d.init_from_env('cpu')\n"
         "if d.rank() == 0:\n"
         "    time.sleep(4)\n"
-        "(d.wait_for_main if sys.argv[1] == 'wait' else d.barrier)()\n"
+        "(d.long_barrier if sys.argv[1] == 'wait' else d.barrier)()\n"
         "print(json.dumps({'rank': d.rank()}))\n")
     env = {"CIRBENCH_DIST_TIMEOUT_S": "1.5", "CIRBENCH_DIST_WAIT_S": "120"}
     _torchrun_script(script, "wait", env=env)

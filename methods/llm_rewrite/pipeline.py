@@ -128,13 +128,13 @@ class CaptionRewrite(Method):
 
     def prepare(self, query_set: QuerySet) -> None:
         if distributed.world_size() > 1 and not distributed.is_main():
-            distributed.wait_for_main()  # rank 0 generates what is missing; the others replay what it recorded
+            distributed.long_barrier()  # rank 0 generates what is missing; the others replay what it recorded
             self._prepare(query_set, GenerationCache(self._cache_folder(query_set), "replay"))
             return
         with self._generation_turn(query_set):
             self._prepare(query_set, GenerationCache(self._cache_folder(query_set), self.mode))  # read in turn
         if distributed.world_size() > 1:
-            distributed.wait_for_main()
+            distributed.long_barrier()
 
     def _generation_turn(self, qs: QuerySet):
         """Jobs on one cache that would generate the same texts (a job array sweeping CLIP backbones for one LLM

@@ -329,7 +329,7 @@ class Inversion:
         batches = -(-len(ids) // self.params["batch_size"])
         before = dict(self.stats)
         self.invert(ids, features, only={i for i in range(batches) if i % world == dist_utils.rank()})
-        dist_utils.wait_for_all()
+        dist_utils.long_barrier()
         tokens = self.invert(ids, features)  # every batch is in the cache now (one left missing is made here)
         assert tokens is not None
         optimised = sum(dist_utils.all_gather_object(self.stats["batches_optimised"] - before["batches_optimised"]))
