@@ -84,6 +84,12 @@ class Batch:
     def __len__(self) -> int:
         return len(self.captions)
 
+    @property
+    def places(self) -> int:
+        """The corpus items its reader put in it: its samples, the unreadable ones, and a marker per unreadable
+        shard (fewer than the batch size: the reader's last, short batch)."""
+        return len(self) + self.skipped + len(self.unreadable_shards)
+
 
 UNREADABLE_SHARD = "unreadable_shard"  # the key of the item a shard reader yields for a shard it cannot read
 

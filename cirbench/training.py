@@ -659,8 +659,11 @@ class _Trainer:
                 break
             if run.step == steps_before and whole_epoch:
                 shards = "".join(f"; unreadable shard {s}: {why}" for s, why in list(run.unreadable_shards.items())[:3])
+                short = "" if self.map_style else (
+                    f"; each of the {max(1, self.cfg.workers)} reader(s) of a rank drops its last batch short of "
+                    f"{self.per_step} samples: fewer --workers or a smaller --batch-size leaves fewer out")
                 raise CirbenchError(f"corpus {self.corpus.source} yielded no usable batch ({run.skipped} samples "
-                                    f"skipped{shards})")
+                                    f"skipped{shards}{short})")
             run.epoch, run.epoch_step = run.epoch + 1, 0
             if self.cfg.max_steps is None and run.epoch >= self.cfg.epochs:
                 break  # shards that ran out before their stated size end the run after --epochs all the same
@@ -679,6 +682,11 @@ class _Trainer:
                     if shard not in run.unreadable_shards:
                         run.unreadable_shards[shard] = why
                         tqdm.write(f"warning: corpus shard {shard} is unreadable ({why}); the rest of it is skipped")
+                if batch.places < self.per_step:
+                    # a shard reader's last, short batch: dropped, as open_clip's training drops it (partial=False),
+                    # so that every step is --batch-size samples read (unreadable ones aside); what it says of
+                    # unreadable samples and shards is kept above
+                    continue
             # the ranks go on together, so that each step's global batch is the ranks' batches of one place in the
             # epoch, as its saved position says: the epoch ends for all when one rank's shards ran out (the others'
             # rest is dropped, as drop_last drops a partial batch), and a batch that lost every sample (unreadable)
@@ -767,6 +775,7 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
                                            num_workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda",
                                            generator=generator, worker_init_fn=_reader_ignores_ctrl_c)
     corpus.batches_done, corpus.batch_size, corpus.shuffle_seed = epoch_step * cfg.accum_steps, per_step, cfg.seed
+    # each reader's last batch may be short: the training loop drops it (see _Trainer._epoch)
     return torch.utils.data.DataLoader(corpus, batch_size=per_step, collate_fn=collate, num_workers=cfg.workers,
                                        pin_memory=device.type == "cuda", generator=generator,
                                        worker_init_fn=_reader_ignores_ctrl_c)

@@ -759,6 +759,19 @@ def test_shards_are_shuffled_each_epoch_and_a_resumed_epoch_goes_on_in_place(tmp
         assert keys(0, done) == first[2 * done:], done
 
 
+def test_shard_readers_drop_their_last_partial_batch(tmp_path, tiny_config, monkeypatch):
+    """As open_clip batches shards for training (partial=False), each reader's short last batch is dropped, so that
+    every step is a whole --batch-size; a corpus left with no whole batch says why."""
+    spec = _shards(tmp_path, [5, 4])
+    epochs, output = _record_epochs(tmp_path, monkeypatch, _train_args(tiny_config, spec, tmp_path / "r", "--max-steps",
+                                                                       "8", "--batch-size", "2", "--workers", "2"))
+    assert [[len(step) for step in steps] for steps in epochs] == [[2] * 4] * 2, output  # the 5th sample's batch: out
+    res = CliRunner().invoke(cli, _train_args(tiny_config, spec, tmp_path / "o", "--max-steps", "1", "--batch-size",
+                                              "6", "--workers", "2"))
+    assert res.exit_code == 2 and "no usable batch (0 samples skipped; each of the 2 reader(s) of a rank drops its " \
+        "last batch short of 6 samples" in res.output, res.output
+
+
 def test_a_checkpoint_that_read_shards_in_order_is_resumed_with_a_warning(tmp_path, tiny_config):
     """The checkpoint records how its shards were read; one from a version that read them in order resumes
     (its weights are good) but says that the rest of its epoch is read another way."""
