@@ -349,6 +349,7 @@ def shard_sizes(urls: list[str]) -> int | None:
             return None
     except (OSError, ValueError, SyntaxError) as exc:
         raise CirbenchError(f"corpus {sizes_file if sizes_file.is_file() else len_file}: {exc}") from None
+
     def count(value: Any) -> int:  # open_clip takes int(value): a number, or a string of one
         if not isinstance(value, bool) and isinstance(value, (int, str)) and str(value).strip().isdigit():
             return int(value)

@@ -664,9 +664,16 @@ class _Trainer:
                     f"{self.per_step} samples: fewer --workers or a smaller --batch-size leaves fewer out")
                 raise CirbenchError(f"corpus {self.corpus.source} yielded no usable batch ({run.skipped} samples "
                                     f"skipped{shards}{short})")
+            self.log.write({"step": run.step, "epoch": run.epoch, "epoch_steps": run.epoch_step})
             run.epoch, run.epoch_step = run.epoch + 1, 0
             if self.cfg.max_steps is None and run.epoch >= self.cfg.epochs:
-                break  # shards that ran out before their stated size end the run after --epochs all the same
+                # shards whose epochs ended before their stated size (a reader's short last batch is dropped, a
+                # rank's share may run out first) end the run after --epochs all the same, short of the plan
+                if self.rank_ == 0:
+                    tqdm.write(f"--epochs {self.cfg.epochs} ended at step {run.step:,} of the {self.total_steps:,} "
+                               f"planned from {self.corpus.num_samples:,} samples an epoch: an epoch ends when a "
+                               f"rank's shards run out ({LOG_FILE} has each epoch's steps)")
+                break
 
     def _epoch(self, bar) -> None:
         cfg, run = self.cfg, self.state
@@ -693,11 +700,6 @@ class _Trainer:
             # on one rank is skipped by all
             going, usable = dist_utils.all_ranks_each(batch is not None, batch is not None and len(batch) > 0)
             if not going:
-                if not self.map_style and self.epoch_steps and run.epoch_step < self.epoch_steps and self.rank_ == 0:
-                    tqdm.write(f"warning: epoch {run.epoch} ended after {run.epoch_step:,} of its {self.epoch_steps:,} "
-                               f"steps: the shards hold fewer than the {self.corpus.num_samples:,} samples stated "
-                               + ("(or one rank's share ran out first)" if self.world > 1 else "")
-                               + ("; the run ends after --epochs all the same" if cfg.max_steps is None else ""))
                 return
             if not usable:
                 continue
