@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test lint test-torch test-lowest
+.PHONY: setup run test lint typecheck test-torch test-lowest
 
 $(VENV)/.installed: pyproject.toml examples/cirbench-example-plugin/pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,9 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check cirbench methods datasets tests examples scripts benchmarks
+
+typecheck: setup
+	$(PY) -m mypy
 
 # The suite on another torch release and Python, in a virtual environment of its own (.venv-torch<version>-<python>):
 # the floor that pyproject.toml declares (the default) or a GPU image's, e.g.

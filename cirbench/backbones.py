@@ -171,8 +171,8 @@ class Backbone:
                 raise CirbenchError(f"backbone {self.model_name} preprocesses with {interpolation} interpolation and "
                                     f"'{resize_mode}' resizing, which cirbench does not reproduce (it supports "
                                     f"{'/'.join(INTERPOLATIONS)} and {'/'.join(RESIZE_MODES)})")
-        return Preprocessor(kind=kind, size=int(size), mean=tuple(self.preprocess_cfg.get("mean")),
-                            std=tuple(self.preprocess_cfg.get("std")), interpolation=interpolation,
+        return Preprocessor(kind=kind, size=int(size), mean=tuple(self.preprocess_cfg["mean"]),
+                            std=tuple(self.preprocess_cfg["std"]), interpolation=interpolation,
                             resize_mode=resize_mode, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
 
     @property

@@ -23,6 +23,7 @@ Results are a JSON-able dict; :func:`format_report` renders it as a table.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import tempfile
@@ -220,7 +221,7 @@ def bench_encode(cfg: BenchConfig, folder: Path) -> dict[str, Any]:
 
     path = "batched" if dev.type == "cuda" else "workers"
     for kind in ("clip", "targetpad"):
-        t = timed(lambda kind=kind: full(path, kind), dev, cfg.reps)
+        t = timed(functools.partial(full, path, kind), dev, cfg.reps)
         r[f"full_path_{kind}_img_s"] = len(refs) / t["seconds"]
     r["encode_path"] = path
     r["ratio_full_over_model"] = r["full_path_clip_img_s"] / r["model_alone_img_s"]
@@ -246,10 +247,12 @@ def bench_encode(cfg: BenchConfig, folder: Path) -> dict[str, Any]:
         r["preprocess_products"] = auto_products(dev)
         r["piece_preprocess_img_s"] = len(refs) / timed(lambda: [pre.batch_uint8(d) for d in decoded], dev,
                                                          cfg.reps)["seconds"]
+        def preprocess_all(products: str) -> list:
+            return [pre.batch_uint8(d, products=products) for d in decoded]
+
         modes = ["float64", "digits-float32"] + (["digits-bf16"] if bf16_digit_products_are_exact(dev) else [])
         r["piece_preprocess_by_products_img_s"] = {
-            m: len(refs) / timed(lambda m=m: [pre.batch_uint8(d, products=m) for d in decoded], dev,
-                                 cfg.reps)["seconds"] for m in modes}
+            m: len(refs) / timed(functools.partial(preprocess_all, m), dev, cfg.reps)["seconds"] for m in modes}
         stager = Stager(refs, pre, dev, bb.input_dtype)
         r["piece_stage_img_s"] = len(refs) / timed(lambda: [stager(p) for p in packed], dev, cfg.reps)["seconds"]
     if dev.type == "cuda":
@@ -376,7 +379,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the asked sections; a JSON-able dict of figures."""
     out: dict[str, Any] = {"config": asdict(cfg), "torch": torch.__version__}
     tmp = tempfile.TemporaryDirectory() if cfg.folder is None else None
-    folder = Path(tmp.name if tmp else cfg.folder)
+    folder = Path(tmp.name) if tmp is not None else Path(str(cfg.folder))
     try:
         if "encode" in cfg.sections:
             out["encode"] = bench_encode(cfg, folder / "jpegs")

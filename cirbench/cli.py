@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .errors import CirbenchError, from_reader_process, out_of_memory, reader_process_origin
-from .types import PREPROCESS_KINDS
+from .types import PREPROCESS_KINDS, DatasetSpec, MethodSpec, OptionSpec
 from .util import MAX_REPLICATES, MAX_WORKERS, SEED_MAX, launched_by_torchrun
 
 EPILOG_RUN = """\b
@@ -174,12 +174,14 @@ def command_option_names(command: click.Command) -> list[str]:
             for opt in p.opts if opt.startswith("--")]
 
 
-def split_plugin_options(extra: dict[str, str], method_spec, dataset_spec) -> tuple[dict[str, str], dict[str, str]]:
+def split_plugin_options(extra: dict[str, str | None], method_spec,
+                         dataset_spec) -> tuple[dict[str, str | None], dict[str, str | None]]:
     """Route extra options to the method or the dataset by name (unknown ones go to the method, which
     then reports them with the list of valid options)."""
     dataset_names = {o.name for o in dataset_spec.options}
     method_names = {o.name for o in method_spec.options}
-    m_opts, d_opts = {}, {}
+    m_opts: dict[str, str | None] = {}
+    d_opts: dict[str, str | None] = {}
     for key, value in extra.items():
         if key in dataset_names and key not in method_names:
             d_opts[key] = value
@@ -268,7 +270,8 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
         raise CirbenchError("--label names one run: give it with a single --method")
     extra = parse_extra_options(ctx.args)
     # each method takes the options it declares; one that no method (or the dataset) declares is an error
-    plugin_options = {o.name: o for s in [*specs, dspec] for o in s.options}
+    declaring: list[MethodSpec | DatasetSpec] = [*specs, dspec]
+    plugin_options: dict[str, OptionSpec] = {o.name: o for s in declaring for o in s.options}
     unknown = {k: v for k, v in extra.items() if k not in plugin_options}
     if unknown:
         what = f"method{'s' if len(names) > 1 else ''} {', '.join(names)} or dataset {dspec.name}"

@@ -39,7 +39,7 @@ def is_main() -> bool:
     return rank() == 0
 
 
-_wait_group = None  # the gloo group of long_barrier
+_wait_group: dist.ProcessGroup | None = None  # the gloo group of long_barrier
 
 
 def _seconds(variable: str, default: float | None) -> timedelta | None:
@@ -58,8 +58,9 @@ def init_from_env(device: str = "auto") -> torch.device:
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if launched_by_torchrun() and not is_distributed():
         timeout = _seconds("CIRBENCH_DIST_TIMEOUT_S", None)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", **({"timeout": timeout} if timeout else {}))
-        _wait_group = dist.new_group(backend="gloo", timeout=_seconds("CIRBENCH_DIST_WAIT_S", 24 * 3600))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)  # None: torch's default
+        group = dist.new_group(backend="gloo", timeout=_seconds("CIRBENCH_DIST_WAIT_S", 24 * 3600))
+        _wait_group = group if isinstance(group, dist.ProcessGroup) else None  # every rank is a member
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

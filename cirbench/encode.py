@@ -222,7 +222,7 @@ class Stager:
         pre, dev = self.preprocessor, self.device
         jpeg_index, done_index = packed["jpeg_index"], packed["done_index"]
         jpegs = self._jpegs(packed, start) if jpeg_index.numel() else None
-        if jpeg_index.numel() == count:  # every file a JPEG (the usual batch)
+        if jpegs is not None and jpeg_index.numel() == count:  # every file a JPEG (the usual batch)
             return start, pre.normalize(jpegs).to(self.dtype)
         pixels = torch.empty(count, 3, pre.size, pre.size, dtype=torch.float32, device=dev)
         if jpegs is not None:
@@ -256,7 +256,8 @@ class Prefetcher:
 
     def __init__(self, iterator, stage: Callable, device: torch.device, threads: int = 2, depth: int = 2):
         self.iterator, self.stage, self.device = iterator, stage, device
-        self.threads, self.queue = max(1, threads), queue.Queue(maxsize=max(1, depth))
+        self.threads = max(1, threads)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.workers: list[threading.Thread] = []
 

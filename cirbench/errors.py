@@ -111,5 +111,5 @@ def from_reader_process(exc: BaseException) -> CirbenchError | None:
         cls = todo.pop()
         known[cls.__name__] = cls
         todo.extend(cls.__subclasses__())
-    cls = known.get(name)
-    return None if cls is None or not message else CirbenchError(message, exit_code=cls.exit_code)
+    found = known.get(name)
+    return None if found is None or not message else CirbenchError(message, exit_code=found.exit_code)

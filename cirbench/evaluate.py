@@ -56,8 +56,9 @@ class RunConfig:
     cache_dir: str | Path | None = None
     use_cache: bool = True
     cache_identity: str = "stat"
-    method_options: dict[str, str] = field(default_factory=dict)
-    dataset_options: dict[str, str] = field(default_factory=dict)
+    # as given on the command line (a string, or None for a bare flag) or from code (a value of the option's type)
+    method_options: dict[str, Any] = field(default_factory=dict)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
     seed: int = 0
     batch_size: int | None = None
@@ -217,7 +218,7 @@ class Evaluator:
         """Prepare once (specs, data, backbone, cache), then evaluate every swept option value."""
         start = time.perf_counter()
         ctx = self._prepare()
-        outcomes = []
+        outcomes: list[RunOutcome] = []
         for opts in ctx.option_sets:
             t0 = time.perf_counter()
             outcomes.append(self._evaluate(ctx, opts, time_origin=start if not outcomes else t0))
@@ -416,7 +417,7 @@ def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int, per_query: d
     rows = []
     for qi, q in enumerate(es.queries):
         top = ranking.top_ids(qi, k)
-        row = {"set": es.name, "query": q.id, "reference": q.reference, "top": top,
+        row: dict[str, Any] = {"set": es.name, "query": q.id, "reference": q.reference, "top": top,
                "scores": [round(s, 6) for s in ranking.scores[qi, : len(top)].tolist()]}
         if q.targets:
             row["targets"] = list(q.targets)

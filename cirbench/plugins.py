@@ -228,7 +228,7 @@ class Registry:
         self.load_third_party()
         rows = []
         for plugin in self._order:
-            name = self.pm.get_name(plugin)
+            name = self.pm.get_name(plugin) or repr(plugin)
             hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
             rows.append(
                 {

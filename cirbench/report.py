@@ -103,8 +103,9 @@ def query_rows(runs: list[tuple[dict, list[dict]]], queries: dict, top: int, lim
     out = []
     for row in first:
         key = (row.get("set", ""), str(row["query"]))
-        per_run = [row] + [o.get(key) for o in others]
-        if any(r is None for r in per_run):
+        found = [o.get(key) for o in others]
+        per_run = [row] + [r for r in found if r is not None]
+        if len(per_run) != len(runs):  # a query some run did not answer
             continue
         q = queries.get(key)
         ranks = [_rank(r) for r in per_run]
@@ -184,11 +185,11 @@ def make_plots(result_paths: list[Path], records: list[dict], out: Path) -> list
             made.append((f"{name}: {metric} against {option}", f"plots/{png.name}"))
     for rec in records:
         ckpt = (rec["method"].get("options") or {}).get("checkpoint")
-        log = Path(str(ckpt)) / "train_log.jsonl" if ckpt else None
-        if log is not None and log.is_file():
-            png = plots.loss_plot(log, plots_dir / f"loss-{rec['method'].get('label')}")
-            if png is not None:
-                made.append((f"Training loss of {rec['method'].get('label')}", f"plots/{png.name}"))
+        train_log = Path(str(ckpt)) / "train_log.jsonl" if ckpt else None
+        if train_log is not None and train_log.is_file():
+            loss_png = plots.loss_plot(train_log, plots_dir / f"loss-{rec['method'].get('label')}")
+            if loss_png is not None:
+                made.append((f"Training loss of {rec['method'].get('label')}", f"plots/{loss_png.name}"))
     return made
 
 
@@ -369,7 +370,7 @@ def build_report(result_paths: list[Path], output: Path | None = None, top: int 
         notes.append(why)
     if thumb.failed:
         notes.append(f"{thumb.failed} thumbnails could not be made (missing or unreadable images)")
-    paired = "; A &minus; B: paired bootstrap, p from a sign-flip permutation test" if comparison else ""
+    paired_note = "; A &minus; B: paired bootstrap, p from a sign-flip permutation test" if comparison else ""
     figures = "".join(f'<figure><img src="{_e(src)}" alt="{_e(t)}"><figcaption>{_e(t)}</figcaption></figure>'
                       for t, src in plot_list)
     plots = f'<h2>Plots</h2><div class="plots">{figures}</div>' if plot_list else ""
@@ -380,7 +381,7 @@ def build_report(result_paths: list[Path], output: Path | None = None, top: int 
 <h1>{_e(title)}</h1>
 {''.join(f'<p class="meta">{_e(n)}</p>' for n in notes)}
 <h2>Metrics</h2>{_metrics_table(records, comparison)}
-<p class="meta">95% percentile-bootstrap intervals over queries{paired}.</p>
+<p class="meta">95% percentile-bootstrap intervals over queries{paired_note}.</p>
 {plots}
 <h2>Provenance</h2>{provenance}
 <h2>Queries</h2>

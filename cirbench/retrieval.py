@@ -145,10 +145,11 @@ def rank(
                 hit = (local >= 0) & (local < g.shape[0])
                 sims[hit, local[hit]] = float("-inf")
             s, i = _chunk_topk(sims, k, gs)
-            if best_s is None:
+            if best_s is None or best_i is None:
                 best_s, best_i = s, i
             else:
                 best_s, best_i = _lexicographic(torch.cat([best_s, s], 1), torch.cat([best_i, i], 1), k)
+        assert best_s is not None and best_i is not None  # the gallery has at least one chunk (k > 0)
         out_idx.append(best_i.cpu())
         out_scores.append(best_s.cpu())
     return torch.cat(out_idx), torch.cat(out_scores)
@@ -181,7 +182,7 @@ def rank_candidates(
     scores and positions as tensors, ``-inf``/``-1`` past each query's candidates."""
     width = max((len(c) for c in candidate_indices), default=0)
     if width == 0:
-        empty = [[] for _ in candidate_indices]
+        empty: list[list[int]] = [[] for _ in candidate_indices]
         if with_scores:
             return empty, torch.full((len(candidate_indices), 0), -1, dtype=torch.long), torch.zeros(
                 len(candidate_indices), 0)
@@ -196,6 +197,8 @@ def rank_candidates(
     valid = cands < big
     feats = gallery[cands.clamp(max=big - 1)].float()  # [Q, C, D]
     if queries.ndim == 3:
+        if combine is None:
+            raise ValueError("queries of several vectors ([Q, K, D]) need a combine function")
         scores = combine(torch.einsum("qcd,qkd->qkc", feats, queries.float().to(device)))
     else:
         scores = torch.einsum("qcd,qd->qc", feats, queries.float().to(device))

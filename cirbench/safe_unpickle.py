@@ -163,13 +163,14 @@ class _Unpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcodes c
         return _stub(module, name)
 
     def load_build(self):
-        inst = self.stack[-2] if len(self.stack) >= 2 else None
+        stack = self.stack  # type: ignore[attr-defined]  # the pure-Python unpickler's own state
+        inst = stack[-2] if len(stack) >= 2 else None
         if not isinstance(inst, (_Inert, collections.OrderedDict)):
             raise RefusedPickle(f"refusing to unpickle: the checkpoint sets attributes on {type(inst).__name__} "
                                 f"{getattr(inst, '__qualname__', '')}; it may be malicious")
-        super().load_build()
+        super().load_build()  # type: ignore[misc]
 
-    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]  # pickle's own table, typed for its class
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":

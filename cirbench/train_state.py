@@ -28,7 +28,8 @@ def rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and JSON values; with CUDA in use, also its device's generator
     (dropout on a GPU draws from it)."""
     version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    assert isinstance(keys, np.ndarray)  # the legacy form: (kind, keys, pos, has_gauss, cached_gaussian)
     state = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}

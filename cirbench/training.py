@@ -459,6 +459,8 @@ class _Trainer:
         np.random.seed(cfg.seed + self.rank_)
         self.corpus, plan = _setup(trainable, corpus, cfg, self.world)
         self.map_style = isinstance(self.corpus, PairsCorpus)
+        preprocessor = self.corpus.preprocessor if self.corpus.images else None
+        self.train_preprocess = preprocessor.identity() if preprocessor is not None else None  # what checkpoints record
         self.per_step, self.total_steps, self.epoch_steps = plan.per_step, plan.total_steps, plan.epoch_steps
         self.optimizer = build_optimizer(trainable, cfg)
         self.params = trainable.trainable_parameters()
@@ -494,8 +496,8 @@ class _Trainer:
                   "optimizer": {"betas": list(t.adam_betas), "eps": t.adam_eps},
                   "step": self.state.step, "skipped_samples": self.state.skipped,
                   "unreadable_shards": self.state.unreadable_shards, **t.checkpoint_config()}
-        if self.corpus.images:
-            config["train_preprocess"] = self.corpus.preprocessor.identity()
+        if self.train_preprocess is not None:
+            config["train_preprocess"] = self.train_preprocess
         if final:
             save_checkpoint(folder, t.state_to_save(), config)
             return
@@ -571,7 +573,7 @@ class _Trainer:
     def plan(self) -> str:
         """What this run will do, in one line (printed at its start)."""
         cfg, t = self.cfg, self.trainable
-        if self.map_style:
+        if isinstance(self.corpus, PairsCorpus):
             corpus = f"{len(self.corpus):,} samples"
         else:
             known = self.corpus.num_samples
@@ -579,8 +581,8 @@ class _Trainer:
         epochs = f" ({cfg.epochs} epochs)" if cfg.max_steps is None else ""
         ranks = f" ({self.per_step} a rank x {self.world} ranks)" if self.world > 1 else ""
         warmup = f", {cfg.warmup_steps:,} warm-up steps" if cfg.warmup_steps else ""
-        if self.corpus.images:
-            images = f"; images: {self.corpus.preprocessor.identity()['kind']}"
+        if self.train_preprocess is not None:
+            images = f"; images: {self.train_preprocess['kind']}"
         else:
             images = "; captions only" if self.corpus.captions else "; sample keys only"
         return (f"train {t.name} on {corpus}: {self.total_steps:,} steps{epochs} of {cfg.batch_size}{ranks}, "
@@ -669,7 +671,7 @@ class _Trainer:
             if self.cfg.max_steps is None and run.epoch >= self.cfg.epochs:
                 # shards whose epochs ended before their stated size (a reader's short last batch is dropped, a
                 # rank's share may run out first) end the run after --epochs all the same, short of the plan
-                if self.rank_ == 0:
+                if self.rank_ == 0 and isinstance(self.corpus, ShardCorpus):
                     tqdm.write(f"--epochs {self.cfg.epochs} ended at step {run.step:,} of the {self.total_steps:,} "
                                f"planned from {self.corpus.num_samples:,} samples an epoch: an epoch ends when a "
                                f"rank's shards run out ({LOG_FILE} has each epoch's steps)")

@@ -15,9 +15,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CirbenchError, PluginError, UnknownNameError
+
+if TYPE_CHECKING:  # torch stays out of `cirbench --help`
+    from .training import TrainableMethod
 
 # image preprocessing recipes (cirbench.preprocess reproduces each one): named here, without torch, for the CLI
 PREPROCESS_KINDS = ("targetpad", "clip", "hf-clip")
@@ -153,11 +156,12 @@ class MethodSpec:
             method.bind_spec(self)
         return method
 
-    def load_trainer(self) -> Callable[..., Any]:
+    def load_trainer(self) -> type[TrainableMethod]:
         """Import and return the method's trainer factory."""
         if self.trainer is None:
             raise CirbenchError(f"method '{self.name}' needs no training (it has no trainer)")
-        return _resolve_factory(self.trainer, self.plugin)
+        trainer: type[TrainableMethod] = _resolve_factory(self.trainer, self.plugin)  # type: ignore[assignment]
+        return trainer
 
 
 @dataclass(frozen=True)

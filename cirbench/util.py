@@ -131,7 +131,9 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a CPU tensor, for :func:`sha256_bytes` (no copy when it is contiguous)."""
     import torch
 
-    return memoryview(t.contiguous().view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    if not t.numel():
+        return memoryview(b"")
+    return memoryview(t.contiguous().view(torch.uint8).numpy())  # type: ignore[arg-type]  # an ndarray is a buffer
 
 
 _FILE_HASHES: dict[tuple[str, int, int, int], str] = {}

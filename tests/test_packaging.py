@@ -80,6 +80,15 @@ def test_make_test_torch_defaults_to_the_declared_floor():
     assert floors and all(make[name.upper()].startswith(floor) for name, floor in floors.items()), (floors, make)
 
 
+def test_the_code_passes_the_type_checker(tmp_path):
+    """`make typecheck` (mypy, configured in pyproject.toml: the core, the plugins and the example plugin) in the
+    suite: plugin authors type-check against cirbench's types (py.typed), which must hold."""
+    pytest.importorskip("mypy")
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache")], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "Success" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-1000:]
+
+
 def test_the_code_passes_the_linter():
     """`make lint` in the test suite, so that CI holds every change to it: the folders are the Makefile's."""
     import re

@@ -166,7 +166,7 @@ def test_slerp_clearly_beats_both_baselines_and_is_repeatable(tmp_path, val_root
 def test_plain_cirbench_run_is_slerp_and_baselines_on_shapes_with_the_bundled_backbone(tmp_path, val_root, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CIRBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("cirbench.datasets.shapes.dataset.Shapes.folder", property(lambda self: val_root))
+    monkeypatch.setattr("cirbench.datasets.shapes.dataset.Shapes.generation_root", property(lambda self: val_root))
     res = CliRunner().invoke(cli, ["run", "--quiet", "--workers", "0"])
     assert res.exit_code == 0, res.output
     rec = json.loads((tmp_path / "results" / "shapes" / "val" / SLERP_RESULT).read_text())

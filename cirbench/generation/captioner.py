@@ -27,7 +27,9 @@ class TransformersCaptioner:
             hf_logging.disable_progress_bar()  # cirbench shows its own progress
             from transformers import AutoProcessor
 
-            auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+            # AutoModelForVision2Seq before transformers 4.46 (since deprecated, then removed)
+            auto = (getattr(transformers, "AutoModelForImageTextToText", None)
+                    or transformers.AutoModelForVision2Seq)  # type: ignore[attr-defined]
             load = from_pretrained_kwargs(path, precision)
             self.processor = AutoProcessor.from_pretrained(path, local_files_only=load["local_files_only"])
             self.model = auto.from_pretrained(path, **load).to(device).eval()

@@ -134,12 +134,12 @@ class OpenAIChat:
             for future in as_completed(futures):
                 i = futures[future]
                 try:
-                    out[i] = future.result()
+                    text = out[i] = future.result()
                 except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are kept
                     first_error = first_error or exc
                     continue
                 if on_result is not None:
-                    on_result(i, out[i])
+                    on_result(i, text)
         if first_error is not None:
             raise first_error
         return [text or "" for text in out]
@@ -158,7 +158,8 @@ class TransformersLM:
 
             load = from_pretrained_kwargs(path, precision)
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=load["local_files_only"])
-            self.model = AutoModelForCausalLM.from_pretrained(path, **load).to(device).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, **load)
+            self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
         except (OSError, ValueError) as exc:
             raise CirbenchError(f"cannot load the language model {path!r} ({one_line(exc)[:160]}): pass a local "
                                 "folder or a cached hub id") from None
@@ -177,7 +178,7 @@ class TransformersLM:
 
     def _text(self, messages: Messages) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         return "\n\n".join(m["content"] for m in messages)
 
     def generate(self, prompts: list[Messages], on_result: OnResult | None = None) -> list[str]:

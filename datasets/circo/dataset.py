@@ -93,7 +93,7 @@ class CIRCO(Dataset):
             targets: tuple[str, ...] = ()
             if not hidden:
                 # the official evaluator scores mAP against gt_img_ids and Recall against target_img_id
-                targets = tuple(str(g) for g in rec.gt_img_ids)
+                targets = tuple(str(g) for g in rec.gt_img_ids or ())  # required on visible splits
             queries.append(Query(
                 id=str(rec.id), reference=str(rec.reference_img_id), texts=(rec.relative_caption,),
                 targets=targets,

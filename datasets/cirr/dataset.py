@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
@@ -78,7 +79,8 @@ class CIRR(Dataset):
                 id=str(rec.pairid),
                 reference=rec.reference,
                 texts=(rec.caption,),
-                targets=() if hidden else (rec.target_hard,),  # target_soft is ignored, as officially
+                # target_soft is ignored, as officially (a visible split's records have target_hard: required)
+                targets=() if hidden or rec.target_hard is None else (rec.target_hard,),
                 candidates=tuple(rec.img_set.members),
             ))
         images = {g.id: g for g in gallery}
@@ -105,8 +107,8 @@ class CIRR(Dataset):
     # -- test server -----------------------------------------------------------------------------------
     def submission_dicts(self, evalset: EvalSet, ranking) -> tuple[dict, dict]:
         """The two official server files as dicts, validated."""
-        recall = {"version": VERSION, "metric": "recall"}
-        subset = {"version": VERSION, "metric": "recall_subset"}
+        recall: dict[str, Any] = {"version": VERSION, "metric": "recall"}
+        subset: dict[str, Any] = {"version": VERSION, "metric": "recall_subset"}
         for qi, q in enumerate(evalset.queries):
             top = ranking.top_ids(qi, max(RECALL_KS))
             members = ranking.candidate_order[qi][: max(SUBSET_KS)] if ranking.candidate_order else []
@@ -172,7 +174,7 @@ class CIRR(Dataset):
                                     "recall_subset with --input subset=PATH), not per-query rankings")
             recall = self._read_server_file(path, "recall", for_server=True)
             subset = self._read_server_file(subset_path, "recall_subset", for_server=True) if subset_path else None
-            self.validate_submission(evalset, recall, subset, (path, subset_path))
+            self.validate_submission(evalset, recall, subset, (path, subset_path or "CIRR recall_subset file"))
             return {}
         if str(path).endswith(".jsonl"):
             rows = self.read_predictions(path)

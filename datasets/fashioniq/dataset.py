@@ -96,7 +96,7 @@ class FashionIQ(Dataset):
                 id=f"{category}-{i}",  # FashionIQ has no query ids: category and position in the file
                 reference=rec.candidate,
                 texts=tuple(rec.captions),  # empty captions are kept, as in the official files
-                targets=() if hidden else (rec.target,),
+                targets=() if hidden or rec.target is None else (rec.target,),  # required on visible splits
                 category=category,
             ))
         return EvalSet(category, gallery, queries, images, exclude_reference=False, hidden_targets=hidden,

@@ -134,7 +134,8 @@ class GeneCIS(Dataset):
         locate = self._locator(VG_FOLDERS)
 
         def ref(item: VGInstance) -> ImageRef:
-            box = tuple(float(v) for v in item.instance_bbox)
+            x, y, w, h = (float(v) for v in item.instance_bbox)
+            box = (x, y, w, h)
             key = f"{item.image_id}@{','.join(_number(v) for v in box)}"
             view = ImageView(f"genecis-crop:{','.join(_number(v) for v in box)}:dilation={DILATION}",
                              functools.partial(dilated_square_crop, box=box))
@@ -145,8 +146,13 @@ class GeneCIS(Dataset):
     # -- templates --------------------------------------------------------------------------------------
     def _task(self, task: str) -> EvalSet:
         path = self.template_path(task)
-        model = AttributeTemplate if task.endswith("attribute") else ObjectTemplate
-        templates = validate_records(model, self.read_json(path), path)
+        templates: list[AttributeTemplate | ObjectTemplate]
+        if task.endswith("attribute"):
+            attribute = validate_records(AttributeTemplate, self.read_json(path), path)
+            templates, ref = list(attribute), self._attribute_images(attribute)
+        else:
+            objects = validate_records(ObjectTemplate, self.read_json(path), path)
+            templates, ref = list(objects), self._object_images(objects)
         if not templates:
             raise AnnotationError(f"annotation file {path} holds no templates")
         for i, t in enumerate(templates):
@@ -154,7 +160,6 @@ class GeneCIS(Dataset):
                 if isinstance(item, VGInstance) and (item.instance_bbox[2] <= 0 or item.instance_bbox[3] <= 0):
                     raise AnnotationError(f"annotation file {path}, record {i}: a box of image {item.image_id} has "
                                           f"no area ({item.instance_bbox})")
-        ref = (self._attribute_images if model is AttributeTemplate else self._object_images)(templates)
         images: dict[str, ImageRef] = {}
         gallery: dict[str, ImageRef] = {}
         queries = []

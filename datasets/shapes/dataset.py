@@ -9,6 +9,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from cirbench.dataset import Dataset
 from cirbench.errors import CirbenchError
@@ -30,7 +31,7 @@ class Shapes(Dataset):
     """Generated CIR benchmark; ``val``/``test`` are query splits, ``train`` an image-caption corpus."""
 
     @property
-    def folder(self) -> Path:
+    def generation_root(self) -> Path:
         if self.data_root_given:
             return self.data_root
         return default_cache_dir() / "shapes" / f"{FORMAT_VERSION}-seed{self.options.get('generator_seed', 0)}"
@@ -49,7 +50,7 @@ class Shapes(Dataset):
         """``<folder>/<split>``, or ``<folder>/<split>-queries100-instances1`` for options other than the
         defaults, so that data generated with other options is never served under these."""
         made = self._made_from(split)
-        return self.folder / (split + "".join(f"-{k.replace('_', '')}{v}" for k, (v, default) in made.items()
+        return self.generation_root / (split + "".join(f"-{k.replace('_', '')}{v}" for k, (v, default) in made.items()
                                                if v != default))
 
     def _is_complete(self, target: Path, split: str) -> bool:
@@ -94,7 +95,7 @@ class Shapes(Dataset):
 
     def _write_queries(self, split: str, out: Path) -> None:
         (out / "images").mkdir()
-        gallery = []
+        gallery: list[dict[str, Any]] = []
         for combo in G.all_combinations():
             for inst in range(int(self.options.get("instances", 3))):
                 name = f"{combo.key()}-{inst}"

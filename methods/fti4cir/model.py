@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -295,7 +295,8 @@ class FTI4CIRTrainable(NetTrainable):
         self.net = build_net(backbone, options).to(backbone.device)
 
     def training_step(self, batch):
-        subject, attrs, counts, global_feat, selected = pseudo_words(self.net, self.backbone, batch.pixels)
+        subject, attrs, counts, global_feat, selected = pseudo_words(cast(FTI4CIRNet, self.net), self.backbone,
+                                                                     batch.pixels)
         words = [torch.cat([subject[i : i + 1], attrs[i, :r]]) for i, r in enumerate(counts)]
         templates = [f"a photo of {PLACEHOLDER} with " + " ".join([PLACEHOLDER] * r) for r in counts]
         sentence = encode_with_pseudo_tokens(self.backbone, templates, words, PLACEHOLDER, normalize=False)
@@ -313,8 +314,8 @@ class FTI4CIRTrainable(NetTrainable):
             self.backbone, [f"a photo of {clean_text(s, PLACEHOLDER)} with " + " ".join([PLACEHOLDER] * r)
                             for s, r in zip(subjects, counts, strict=True)],
             [attrs[i, :r] for i, r in enumerate(counts)], PLACEHOLDER)
-        reg = sum((1 - F.cosine_similarity(f, both_real, dim=-1)).mean()
-                  for f in (subj_pseudo, attr_pseudo, F.normalize(sentence, dim=-1)))
+        reg = cast(torch.Tensor, sum((1 - F.cosine_similarity(f, both_real, dim=-1)).mean()
+                                     for f in (subj_pseudo, attr_pseudo, F.normalize(sentence, dim=-1))))
         loss = contrast + ortho + float(self.options.get("reg_weight", 1.4)) * reg
         return loss, {"contrast": float(contrast.detach()), "ortho": float(ortho.detach()), "reg": float(reg.detach()),
                       "words": sum(counts) / len(counts)}

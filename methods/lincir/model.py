@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -76,7 +77,7 @@ def keyword_runs(tagged: Sequence[tuple[str, str]]) -> list[str]:
     return runs
 
 
-def mask_caption(caption: str, keywords: Sequence[str], rng: random.Random) -> str:
+def mask_caption(caption: str, keywords: Sequence[str], rng: random.Random | ModuleType) -> str:
     """The official masking loop: every keyword found in the caption becomes ``$`` (plain substring
     replacement, as the official code does); at the first keyword not found (or when there are none) one
     random space-separated word is replaced instead and the loop stops. ``$`` is written with spaces around
@@ -140,7 +141,7 @@ class LinCIRTrainable(PhiTrainable):
         self.placeholder = placeholder_id(backbone, PLACEHOLDER)
 
     def keywords(self, captions: list[str], extra: dict[str, list[Any]]) -> list[list[str]]:
-        if self.mode == "spacy":
+        if self.tagger is not None:  # --keywords spacy
             return self.tagger(captions)
         if self.mode == "column":
             if "keywords" not in extra:

@@ -58,10 +58,10 @@ def _texts(value: Any, where: str) -> list[str]:
 
 def _cirevl_rows(data: dict, qs: QuerySet, path: Path) -> list[tuple[int, list[str], list[str]]]:
     lists = [data.get(k) for k in ("base_caption", "instruction", "modified_captions")]
-    if not all(isinstance(v, list) for v in lists) or len({len(v) for v in lists}) != 1:
+    if not all(isinstance(v, list) for v in lists) or len({len(v) for v in lists if v is not None}) != 1:
         raise CirbenchError(f"--import-generations: {path} is not a CIReVL file (three lists of equal length: "
                             "base_caption, instruction, modified_captions)")
-    base, instructions, modified = lists
+    base, instructions, modified = (v or [] for v in lists)
     if len(base) != len(qs.queries):
         raise _Mismatch(f"{len(base)} entries for {len(qs.queries)} queries")
     for i, q in enumerate(qs.queries):

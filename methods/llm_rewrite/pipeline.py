@@ -65,11 +65,11 @@ class CaptionRewrite(Method):
         self.prompt: Prompt = load_prompt(str(o.get("prompt") or "builtin"))
         self.mode = str(o.get("generation") or "auto")
         self.caption_per = str(o.get("caption_per") or "image")
-        self.caption_request = {"task": "caption", "model": str(o["captioner"]),
-                                "prompt": sha256_bytes(str(o.get("caption_prompt") or "").encode()),
-                                "params": self._caption_params()}
-        self.rewrite_request = {"task": "rewrite", "model": str(o["llm"]), "prompt": self.prompt.identity,
-                                "params": self._llm_params()}
+        self.caption_request: dict[str, Any] = {"task": "caption", "model": str(o["captioner"]),
+                                                "prompt": sha256_bytes(str(o.get("caption_prompt") or "").encode()),
+                                                "params": self._caption_params()}
+        self.rewrite_request: dict[str, Any] = {"task": "rewrite", "model": str(o["llm"]),
+                                                "prompt": self.prompt.identity, "params": self._llm_params()}
         self.texts: dict[str, dict[str, Any]] = {}  # query id -> captions, answers, rewrites, fallbacks
         self.stats = {"cached": 0, "generated": 0, "imported": 0, "fallback_to_instruction": 0}
 
@@ -89,7 +89,7 @@ class CaptionRewrite(Method):
         seed = o.get("sampling_seed")
         local = str(o["llm"]).startswith("hf:")
         stop = parse_stops(str(o.get("stop") or ""))
-        params = {"temperature": float(o.get("temperature") or 0.0),
+        params: dict[str, Any] = {"temperature": float(o.get("temperature") or 0.0),
                   # 0: none sent to an endpoint; a local model must stop somewhere
                   "max_tokens": int(o.get("max_tokens") or 0) or (LOCAL_MAX_TOKENS if local else None),
                   "stop": stop, "seed": int(seed) if seed is not None else None}

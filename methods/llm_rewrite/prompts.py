@@ -25,7 +25,7 @@ from cirbench.util import json_hash
 try:
     import tomllib
 except ImportError:  # Python 3.10
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[no-redef]
 
 MARKER = "Edited Description:"
 PARSE_RULES = ("edited-description", "raw")

@@ -19,7 +19,7 @@ from cirbench.methods._shared.textinv import (
     raw_image_features,
     token_width,
 )
-from cirbench.preprocess import RandomResizedCrop
+from cirbench.preprocess import Preprocessor, RandomResizedCrop
 from cirbench.safe_unpickle import load_state_dict
 from cirbench.training import NetTrainable, contrastive_loss
 from cirbench.types import Query
@@ -131,6 +131,7 @@ class Pic2WordTrainable(NetTrainable):
     def train_preprocessor(self, seed):
         # the official training images go through model/clip.py's _transform(is_train=True)
         base = super().train_preprocessor(seed)
+        assert isinstance(base, Preprocessor)  # the evaluation recipe, which the crop draws from
         if self.options.get("augment", "random-resized-crop") == "none":
             return base
         return RandomResizedCrop(base, scale=(0.9, 1.0), seed=seed)

@@ -29,7 +29,8 @@ def lora_config(options: dict[str, Any]) -> LoraConfig:
     """The peft LoraConfig for the image tower from the method's training options."""
     targets = [t.strip() for t in str(options.get("lora_targets") or DEFAULT_TARGETS).split(",") if t.strip()]
     pattern = r".*\.(" + "|".join(re.escape(t) for t in targets) + r")$"
-    return LoraConfig(r=int(options.get("lora_rank", 16)), lora_alpha=float(options.get("lora_alpha", 16.0)),
+    # peft types lora_alpha as int; it scales by lora_alpha / r, so a float alpha is taken as given
+    return LoraConfig(r=int(options.get("lora_rank", 16)), lora_alpha=float(options.get("lora_alpha", 16.0)),  # type: ignore[arg-type]
                       lora_dropout=float(options.get("lora_dropout", 0.1)), target_modules=pattern, bias="none")
 
 
@@ -63,7 +64,7 @@ def _check_targets(visual: torch.nn.Module, options: dict[str, Any], pattern: st
 def adapted_visual(backbone: Backbone, options: dict[str, Any]) -> torch.nn.Module:
     """A copy of the backbone's image tower with LoRA adapters injected (only adapters trainable)."""
     config = lora_config(options)
-    _check_targets(backbone.model.visual, options, config.target_modules)
+    _check_targets(backbone.model.visual, options, str(config.target_modules))
     visual = inject_adapter_in_model(config, copy.deepcopy(backbone.model.visual))
     for name, param in visual.named_parameters():
         param.requires_grad_("lora_" in name)
