@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import record_training
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -804,22 +805,14 @@ def test_too_few_shards_for_the_ranks_is_refused(tmp_path):
         training._setup(language_only, spec, cfg, 2)
 
 
-UNEVEN_EPOCHS = """
+UNEVEN_EPOCHS = f"""
 import json, os, sys
-from cirbench import training
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from helpers import record_training
 from cirbench.cli import main
 
-events, real_step, real_loader = [], training._optimizer_step, training._loader
-
-def loader(*args):
-    events.append(["epoch", args[6]])
-    return real_loader(*args)
-
-def step(trainable, optimizer, scheduler, micro, *args):
-    events.append(["step", [k for batch in micro for k in batch.keys]])
-    return real_step(trainable, optimizer, scheduler, micro, *args)
-
-training._loader, training._optimizer_step = loader, step
+events = []
+record_training(events)
 try:
     sys.exit(main())
 finally:
@@ -882,18 +875,7 @@ def test_shard_sizes_are_read_as_open_clip_reads_them(tmp_path):
 def _record_epochs(tmp_path, monkeypatch, args) -> tuple[list[list[int]], str]:
     """Run ``cirbench train args`` in this process; the keys of the samples of each step, grouped by epoch."""
     events: list[list] = []
-    real_step, real_loader = training._optimizer_step, training._loader
-
-    def loader(*a):
-        events.append(["epoch", a[6]])
-        return real_loader(*a)
-
-    def step(trainable, optimizer, scheduler, micro, *a):
-        events.append(["step", [k for batch in micro for k in batch.keys]])
-        return real_step(trainable, optimizer, scheduler, micro, *a)
-
-    monkeypatch.setattr(training, "_optimizer_step", step)
-    monkeypatch.setattr(training, "_loader", loader)
+    record_training(events, monkeypatch.setattr)
     res = CliRunner().invoke(cli, args)
     epochs: dict[int, list] = {}
     current = None
