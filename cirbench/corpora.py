@@ -72,6 +72,7 @@ class Batch:
     skipped: int = 0
     unreadable_shards: list[tuple[str, str]] = field(default_factory=list)  # (shard, why)
     keys: list[str] = field(default_factory=list)
+    reader: int = 0  # the loader's reader process that made it (its worker id; 0 without reader processes)
 
     def to(self, device: torch.device) -> Batch:
         return replace(self, pixels=self.pixels.to(device, non_blocking=True))
@@ -99,11 +100,14 @@ def collate(samples: list[dict[str, Any] | None]) -> Batch | None:
     shards = [s[UNREADABLE_SHARD] for s in samples if s is not None and UNREADABLE_SHARD in s]
     good = [s for s in samples if s is not None and UNREADABLE_SHARD not in s]
     skipped = len(samples) - len(good) - len(shards)
+    info = torch.utils.data.get_worker_info()  # collate runs in the reader process that read the samples
+    reader = info.id if info is not None else 0
     if not good:
-        return Batch(torch.empty(0), [], {}, skipped, shards)
+        return Batch(torch.empty(0), [], {}, skipped, shards, reader=reader)
     columns = [k for k in good[0]["extra"]]
     return Batch(torch.stack([s["pixels"] for s in good]), [s["caption"] for s in good],
-                 {k: [s["extra"].get(k) for s in good] for k in columns}, skipped, shards, [s["key"] for s in good])
+                 {k: [s["extra"].get(k) for s in good] for k in columns}, skipped, shards, [s["key"] for s in good],
+                 reader)
 
 
 NO_PIXELS = torch.empty(0)
@@ -228,9 +232,11 @@ class ShardCorpus(torch.utils.data.IterableDataset):
         self.captions = captions
         self.preprocessor = preprocessor
         # set by the training loop: the loader's batches of this epoch this rank already trained on (resume), and
-        # their size, which tell each reader how many of its samples to pass over
+        # their size, which tell each reader how many of its samples to pass over; and, when known, how many of
+        # them each reader gave (``reader_batches[part]``: exact even after some readers ran out)
         self.batches_done = 0
         self.batch_size = 0
+        self.reader_batches: list[int] | None = None
         self.epoch = 0  # set by the training loop: part of each sample's augmentation draw
         self.shuffle_seed: int | None = None  # set by the training loop: shuffle shards and samples per epoch
 
@@ -247,9 +253,13 @@ class ShardCorpus(torch.utils.data.IterableDataset):
         # The loader takes batch i from reader i % workers (while every reader has samples). A resumed epoch
         # (its first ``done`` batches trained on) starts at reader 0 with batch ``done``: reader r takes the part
         # of the reader that gave batch ``done + r``, so that the rest of the epoch is as if never interrupted.
+        # Each part passes over the batches it gave: counted by the training loop, or, from a checkpoint without
+        # the counts, as the turns it had while every reader had samples.
         done = self.batches_done
         part = ((info.id if info else 0) + done) % workers
-        skip = self.batch_size * len(range(part, done, workers))
+        given = self.reader_batches
+        skip = self.batch_size * (given[part] if given is not None and len(given) == workers
+                                  else len(range(part, done, workers)))
         broken: list[tuple[str, str]] = []
 
         def shard_error(exn: Exception) -> bool:

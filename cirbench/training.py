@@ -280,6 +280,8 @@ class _Run:
     skipped: int = 0
     seen: int = 0
     unreadable_shards: dict[str, str] = field(default_factory=dict)  # shard -> why (every epoch meets it again)
+    # shards: the batches each reader part gave this rank in this epoch (where a resumed epoch's readers go on)
+    reader_batches: list[int] = field(default_factory=list)
 
     def position(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "skipped": self.skipped,
@@ -403,6 +405,9 @@ def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config
     position = load_train_state(latest, optimizer, scheduler, rank, scaler)
     run = _Run(position["step"], position["epoch"], position["epoch_step"], position.get("skipped", 0),
                unreadable_shards=dict(position.get("unreadable_shards") or {}))
+    ranks = position.get("reader_batches")  # one list a rank; kept when the ranks read the same shards as before
+    if isinstance(ranks, list) and len(ranks) == dist_utils.world_size() and isinstance(ranks[rank], list):
+        run.reader_batches = [int(n) for n in ranks[rank]]
     if rank == 0:
         tqdm.write(f"resuming from {latest} at step {run.step} (epoch {run.epoch})")
         corpus = saved.get("corpus") or {}
@@ -488,9 +493,11 @@ class _Trainer:
                 "corpus": _corpus_identity(self.corpus)}
 
     def save(self, folder: Path, final: bool) -> None:
-        rngs = dist_utils.all_gather_object(rng_state())
+        gathered = dist_utils.all_gather_object((rng_state(), list(self.state.reader_batches)))
         if self.rank_ != 0:
             return
+        rngs = [rng for rng, _ in gathered]
+        position = {**self.state.position(), "reader_batches": [readers for _, readers in gathered]}
         t = self.trainable
         config = {"method": t.name, "backbone": t.backbone.identity(), **self.run_config(),
                   "optimizer": {"betas": list(t.adam_betas), "eps": t.adam_eps},
@@ -505,7 +512,7 @@ class _Trainer:
         # optimizer state always belong to one step, whenever the run is stopped
         partial = partial_folder(folder)
         save_checkpoint(partial, t.state_to_save(), config)
-        save_train_state(partial, self.optimizer, self.scheduler, self.state.position(), rngs, self.scaler)
+        save_train_state(partial, self.optimizer, self.scheduler, position, rngs, self.scaler)
         replace_folder(partial, folder)
 
     def _best_so_far(self) -> float | None:
@@ -667,7 +674,7 @@ class _Trainer:
                 raise CirbenchError(f"corpus {self.corpus.source} yielded no usable batch ({run.skipped} samples "
                                     f"skipped{shards}{short})")
             self.log.write({"step": run.step, "epoch": run.epoch, "epoch_steps": run.epoch_step})
-            run.epoch, run.epoch_step = run.epoch + 1, 0
+            run.epoch, run.epoch_step, run.reader_batches = run.epoch + 1, 0, []
             if self.cfg.max_steps is None and run.epoch >= self.cfg.epochs:
                 # shards whose epochs ended before their stated size (a reader's short last batch is dropped, a
                 # rank's share may run out first) end the run after --epochs all the same, short of the plan
@@ -681,10 +688,19 @@ class _Trainer:
         cfg, run = self.cfg, self.state
         if self.epoch_steps and run.epoch_step >= self.epoch_steps:
             return  # resumed at the end of an epoch
+        readers = max(1, cfg.workers)
+        if not self.map_style and len(run.reader_batches) != readers:
+            # a new epoch, or a checkpoint without the counts (or with another --workers): each reader's turns
+            # while every reader had samples
+            done = run.epoch_step * cfg.accum_steps
+            run.reader_batches = [len(range(part, done, readers)) for part in range(readers)]
         loader = _loader(self.corpus, self.map_style, self.per_step, cfg, self.rank_, self.world, run.epoch,
-                         run.epoch_step, self.device)
+                         run.epoch_step, self.device, run.reader_batches)
+        rotation = sum(run.reader_batches)  # reader r of this loader reads part (r + rotation) % readers
         micro = []
         for batch in self._batches(loader):
+            if batch is not None and not self.map_style:
+                run.reader_batches[(batch.reader + rotation) % readers] += 1
             if batch is not None:
                 run.skipped += batch.skipped
                 for shard, why in batch.unreadable_shards:
@@ -765,8 +781,10 @@ def _reader_ignores_ctrl_c(_worker_id: int) -> None:
 
 
 def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int, world: int, epoch: int,
-            epoch_step: int, device: torch.device) -> torch.utils.data.DataLoader:
-    """This epoch's batches for this rank, starting after the ``epoch_step`` steps already done."""
+            epoch_step: int, device: torch.device,
+            reader_batches: list[int] | None = None) -> torch.utils.data.DataLoader:
+    """This epoch's batches for this rank, starting after the ``epoch_step`` steps already done (shards: after the
+    ``reader_batches`` each reader part already gave, when known)."""
     done = epoch_step * per_step * cfg.accum_steps
     # the loader's own generator: creating an iterator must not draw from the global RNG (dropout), or a
     # resumed run would diverge from an uninterrupted one
@@ -778,7 +796,9 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
         return torch.utils.data.DataLoader(corpus, batch_size=per_step, sampler=sampler, collate_fn=collate,
                                            num_workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda",
                                            generator=generator, worker_init_fn=_reader_ignores_ctrl_c)
-    corpus.batches_done, corpus.batch_size, corpus.shuffle_seed = epoch_step * cfg.accum_steps, per_step, cfg.seed
+    corpus.batch_size, corpus.shuffle_seed = per_step, cfg.seed
+    corpus.reader_batches = list(reader_batches) if reader_batches is not None else None
+    corpus.batches_done = sum(reader_batches) if reader_batches is not None else epoch_step * cfg.accum_steps
     # each reader's last batch may be short: the training loop drops it (see _Trainer._epoch)
     return torch.utils.data.DataLoader(corpus, batch_size=per_step, collate_fn=collate, num_workers=cfg.workers,
                                        pin_memory=device.type == "cuda", generator=generator,

@@ -761,6 +761,38 @@ def test_shards_are_shuffled_each_epoch_and_a_resumed_epoch_goes_on_in_place(tmp
         assert keys(0, done) == first[2 * done:], done
 
 
+def test_a_resumed_epoch_goes_on_where_each_reader_was_after_one_ran_out(tmp_path, tiny_config):
+    """Two readers of uneven shards: the short one runs out first, and the long one then gives every batch. A
+    resume after that neither repeats nor misses a sample, because the checkpoint counts the batches each reader
+    gave (the turns used to be assumed to alternate, so the long reader passed over too few of its samples)."""
+    spec = _shards(tmp_path, [10, 2])
+    corpus = open_corpus(spec, images=False, captions=False)
+    cfg = training.TrainConfig(output=tmp_path, workers=2, seed=0)
+
+    def batches(stop=0, counts=None):
+        loader = training._loader(corpus, False, 2, cfg, 0, 1, 0, stop, torch.device("cpu"), counts)
+        return [(b.reader, b.keys) for b in loader]
+
+    whole = batches()
+    assert sorted(reader for reader, _ in whole) in ([0] * 5 + [1], [0] + [1] * 5)
+    old_way_repeats = False
+    for stop in range(1, len(whole)):
+        counts = [0, 0]
+        for reader, _ in whole[:stop]:  # an epoch's first loader: reader r reads part r
+            counts[reader] += 1
+        rest = sorted(k for _, keys in whole[stop:] for k in keys)
+        assert sorted(k for _, keys in batches(stop, counts) for k in keys) == rest, stop
+        old_way_repeats |= sorted(k for _, keys in batches(stop) for k in keys) != rest
+    assert old_way_repeats  # the turns-alternate guess goes wrong once a reader ran out
+    # the counts a checkpoint keeps: one list a rank, a count a reader
+    res = CliRunner().invoke(cli, _train_args(tiny_config, spec, tmp_path / "o", "--max-steps", "3", "--batch-size",
+                                              "2", "--workers", "2"))
+    assert res.exit_code == 0, res.output
+    position = json.loads((tmp_path / "o" / "checkpoint-latest" / "train_state.json").read_text())["position"]
+    (counts,) = position["reader_batches"]
+    assert len(counts) == 2 and sum(counts) == 3
+
+
 def test_shard_readers_drop_their_last_partial_batch(tmp_path, tiny_config, monkeypatch):
     """As open_clip batches shards for training (partial=False), each reader's short last batch is dropped, so that
     every step is a whole --batch-size; a corpus left with no whole batch says why."""
