@@ -245,12 +245,19 @@ class Dataset:
         if self.spec is not None and split not in self.splits:
             raise UnknownNameError(f"split of {self.name}", split, self.splits)
 
+    def root_hint(self) -> str:
+        """What to check when the data is not found: the data root given, or that none was."""
+        if self.data_root_given:
+            return f"is --data-root {self.data_root} right?"
+        return (f"no --data-root was given, so it was looked for in {self.data_root.resolve()}: pass the dataset's "
+                "folder")
+
     def read_json(self, path: Path, what: str = "annotation file") -> Any:
         """Read a JSON file (``what`` names it in errors: an annotation file, a ranking file); AnnotationError
         naming the file if it is missing or malformed."""
         path = Path(path)
         if not path.is_file():
-            hint = f" (is --data-root {self.data_root} right?)" if what == "annotation file" else ""
+            hint = f" ({self.root_hint()})" if what == "annotation file" else ""
             raise AnnotationError(f"{what} {path} is missing{hint}")
         try:
             return json_loads(path.read_bytes())

@@ -106,7 +106,7 @@ def run_label(cfg: RunConfig, mspec: MethodSpec, opts: dict, tag: str | None = N
     return base
 
 
-def drop_missing(es: EvalSet, allow_missing: bool) -> dict[str, int]:
+def drop_missing(es: EvalSet, allow_missing: bool, root_hint: str | None = None) -> dict[str, int]:
     """Check image files; stop with the list of missing ones, or (``--allow-missing``) drop them as the
     official loaders do: a query goes when its reference *or* one of its targets is missing, a gallery image
     when its file is. Returns the counts the result file records."""
@@ -117,7 +117,8 @@ def drop_missing(es: EvalSet, allow_missing: bool) -> dict[str, int]:
         return counts
     if len(missing) == len(es.images):  # nothing to skip: the images are elsewhere
         root = missing[0].root
-        where = f"is --data-root {root} right?" if root is not None else "are the images where they should be?"
+        where = root_hint or (f"is --data-root {root} right?" if root is not None
+                              else "are the images where they should be?")
         raise ImageError(f"{es.name}: none of its {len(es.images)} images exist (the first: {missing[0].path}); "
                          f"{where}")
     if not allow_missing:
@@ -439,7 +440,8 @@ def load_eval_sets(dspec, split: str, data_root, options: dict[str, Any], allow_
     root = data_root or dspec.default_data_root
     dataset = dspec.create(Path(root) if root else None, options)
     evalsets = dataset.load(split)
-    set_counts = {es.name: drop_missing(es, allow_missing) for es in evalsets}
+    hint = dataset.root_hint() if hasattr(dataset, "root_hint") else None
+    set_counts = {es.name: drop_missing(es, allow_missing, hint) for es in evalsets}
     if not any(es.queries for es in evalsets):
         dropped = sum(c["queries_dropped"] for c in set_counts.values())
         raise CirbenchError(f"{dspec.name}/{split}: no query is left to score ({dropped} dropped because their "

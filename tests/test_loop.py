@@ -200,6 +200,14 @@ def test_no_image_found_points_at_the_data_root(tmp_path, tiny_config, toy_root)
                 info.value) and "--allow-missing" not in str(info.value)
 
 
+def test_data_not_found_without_a_data_root_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    said = f"(no --data-root was given, so it was looked for in {tmp_path.resolve()}: pass the dataset's folder)"
+    for args in (["run", "--method", "image-only", "--dataset", "cirr"], ["data", "check", "--dataset", "circo"]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2 and said in res.output and "is --data-root" not in res.output, res.output
+
+
 def test_corrupt_image_is_named(tmp_path, tiny_config, toy_root):
     (toy_root / "images" / "img_blue_1.png").write_bytes(b"not an image at all")
     with registered(ToyPlugin(), "toy") as reg:

@@ -66,7 +66,7 @@ class CIRCO(Dataset):
             return [self._ref(i, folder, name) for i, name in entries]
         if not self.image_dir.is_dir():
             raise AnnotationError(f"CIRCO gallery not found: neither {info} nor the image folder {self.image_dir} "
-                                  f"exists (is --data-root {self.data_root} right?)")
+                                  f"exists ({self.root_hint()})")
         ids = []
         with os.scandir(self.image_dir) as it:
             for entry in it:
