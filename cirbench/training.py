@@ -320,7 +320,9 @@ def plan_steps(corpus: PairsCorpus | ShardCorpus, cfg: TrainConfig, world: int) 
         samples = len(corpus)
         epoch_steps = (samples // world) // (per_step * cfg.accum_steps)
     if epoch_steps == 0:
-        raise CirbenchError(f"corpus {corpus.source} has {samples:,} samples, fewer than one global batch "
+        stated = (" (--train-num-samples)" if cfg.train_num_samples else " (its sizes.json or __len__)") \
+            if isinstance(corpus, ShardCorpus) else ""
+        raise CirbenchError(f"corpus {corpus.source} has {samples:,} samples{stated}, fewer than one global batch "
                             f"({cfg.batch_size})")
     total_steps = cfg.max_steps or (epoch_steps * cfg.epochs if epoch_steps else None)
     if total_steps is None:

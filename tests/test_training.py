@@ -955,6 +955,8 @@ def test_shards_of_a_stated_size_train_for_epochs(tmp_path, tiny_config, monkeyp
     res = CliRunner().invoke(cli, _train_args(tiny_config, spec, out, "--epochs", "3", "--train-num-samples", "24"))
     assert res.exit_code == 2 and "a corpus of 40 samples; this run asks a corpus of 24 samples" in res.output, \
         res.output
+    res = CliRunner().invoke(cli, [*base, "--train-num-samples", "4"])
+    assert res.exit_code == 2 and "has 4 samples (--train-num-samples), fewer than one global batch (8)" in res.output
     csv_corpus = make_corpus(tmp_path / "c", n=8)
     res = CliRunner().invoke(cli, _train_args(tiny_config, csv_corpus, tmp_path / "p", "--train-num-samples", "8"))
     assert res.exit_code == 2 and "--train-num-samples is for webdataset shards" in res.output
