@@ -587,7 +587,7 @@ class _Trainer:
         else:
             known = self.corpus.num_samples
             corpus = f"{len(self.corpus.urls)} shards" + (f" ({known:,} samples an epoch)" if known else "")
-        epochs = f" ({cfg.epochs} epochs)" if cfg.max_steps is None else ""
+        epochs = f" ({cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''})" if cfg.max_steps is None else ""
         ranks = f" ({self.per_step} a rank x {self.world} ranks)" if self.world > 1 else ""
         warmup = f", {cfg.warmup_steps:,} warm-up steps" if cfg.warmup_steps else ""
         if self.train_preprocess is not None:
