@@ -233,10 +233,12 @@ class ShardCorpus(torch.utils.data.IterableDataset):
         self.preprocessor = preprocessor
         # set by the training loop: the loader's batches of this epoch this rank already trained on (resume), and
         # their size, which tell each reader how many of its samples to pass over; and, when known, how many of
-        # them each reader gave (``reader_batches[part]``: exact even after some readers ran out)
+        # them each reader gave (``reader_batches[part]``: exact even after some readers ran out) and which part
+        # gives the next batch (``first_part``, read by reader 0)
         self.batches_done = 0
         self.batch_size = 0
         self.reader_batches: list[int] | None = None
+        self.first_part: int | None = None
         self.epoch = 0  # set by the training loop: part of each sample's augmentation draw
         self.shuffle_seed: int | None = None  # set by the training loop: shuffle shards and samples per epoch
 
@@ -250,13 +252,15 @@ class ShardCorpus(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         workers = info.num_workers if info else 1
-        # The loader takes batch i from reader i % workers (while every reader has samples). A resumed epoch
-        # (its first ``done`` batches trained on) starts at reader 0 with batch ``done``: reader r takes the part
-        # of the reader that gave batch ``done + r``, so that the rest of the epoch is as if never interrupted.
-        # Each part passes over the batches it gave: counted by the training loop, or, from a checkpoint without
-        # the counts, as the turns it had while every reader had samples.
+        # The loader takes its batches from readers 0, 1, ... in turn, passing over the readers that ran out. A
+        # resumed epoch (its first ``done`` batches trained on) starts at reader 0: reader r takes part
+        # ``first + r``, where ``first`` is the part whose turn came next (batch ``done``'s while every reader had
+        # samples), so that the rest of the epoch comes in the order it would have, never interrupted. Each part
+        # passes over the batches it gave: counted by the training loop, or, from a checkpoint without the
+        # counts, as the turns it had while every reader had samples.
         done = self.batches_done
-        part = ((info.id if info else 0) + done) % workers
+        first = self.first_part if self.first_part is not None else done
+        part = ((info.id if info else 0) + first) % workers
         given = self.reader_batches
         skip = self.batch_size * (given[part] if given is not None and len(given) == workers
                                   else len(range(part, done, workers)))

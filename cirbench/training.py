@@ -280,8 +280,10 @@ class _Run:
     skipped: int = 0
     seen: int = 0
     unreadable_shards: dict[str, str] = field(default_factory=dict)  # shard -> why (every epoch meets it again)
-    # shards: the batches each reader part gave this rank in this epoch (where a resumed epoch's readers go on)
+    # shards: the batches each reader part gave this rank in this epoch, and the part whose turn comes next (where
+    # and in which order a resumed epoch's readers go on)
     reader_batches: list[int] = field(default_factory=list)
+    next_reader: int = 0
 
     def position(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "skipped": self.skipped,
@@ -410,6 +412,9 @@ def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config
     ranks = position.get("reader_batches")  # one list a rank; kept when the ranks read the same shards as before
     if isinstance(ranks, list) and len(ranks) == dist_utils.world_size() and isinstance(ranks[rank], list):
         run.reader_batches = [int(n) for n in ranks[rank]]
+        turns = position.get("next_reader")
+        run.next_reader = int(turns[rank]) if isinstance(turns, list) and len(turns) == len(ranks) \
+            else sum(run.reader_batches) % max(1, len(run.reader_batches))
     if rank == 0:
         tqdm.write(f"resuming from {latest} at step {run.step} (epoch {run.epoch})")
         corpus = saved.get("corpus") or {}
@@ -495,11 +500,13 @@ class _Trainer:
                 "corpus": _corpus_identity(self.corpus)}
 
     def save(self, folder: Path, final: bool) -> None:
-        gathered = dist_utils.all_gather_object((rng_state(), list(self.state.reader_batches)))
+        run = self.state
+        gathered = dist_utils.all_gather_object((rng_state(), list(run.reader_batches), run.next_reader))
         if self.rank_ != 0:
             return
-        rngs = [rng for rng, _ in gathered]
-        position = {**self.state.position(), "reader_batches": [readers for _, readers in gathered]}
+        rngs = [rng for rng, _, _ in gathered]
+        position = {**run.position(), "reader_batches": [counts for _, counts, _ in gathered],
+                    "next_reader": [turn for _, _, turn in gathered]}
         t = self.trainable
         config = {"method": t.name, "backbone": t.backbone.identity(), **self.run_config(),
                   "optimizer": {"betas": list(t.adam_betas), "eps": t.adam_eps},
@@ -676,7 +683,7 @@ class _Trainer:
                 raise CirbenchError(f"corpus {self.corpus.source} yielded no usable batch ({run.skipped} samples "
                                     f"skipped{shards}{short})")
             self.log.write({"step": run.step, "epoch": run.epoch, "epoch_steps": run.epoch_step})
-            run.epoch, run.epoch_step, run.reader_batches = run.epoch + 1, 0, []
+            run.epoch, run.epoch_step, run.reader_batches, run.next_reader = run.epoch + 1, 0, [], 0
             if self.cfg.max_steps is None and run.epoch >= self.cfg.epochs:
                 # shards whose epochs ended before their stated size (a reader's short last batch is dropped, a
                 # rank's share may run out first) end the run after --epochs all the same, short of the plan
@@ -696,13 +703,16 @@ class _Trainer:
             # while every reader had samples
             done = run.epoch_step * cfg.accum_steps
             run.reader_batches = [len(range(part, done, readers)) for part in range(readers)]
+            run.next_reader = done % readers
         loader = _loader(self.corpus, self.map_style, self.per_step, cfg, self.rank_, self.world, run.epoch,
-                         run.epoch_step, self.device, run.reader_batches)
-        rotation = sum(run.reader_batches)  # reader r of this loader reads part (r + rotation) % readers
+                         run.epoch_step, self.device, run.reader_batches, run.next_reader)
+        rotation = run.next_reader  # reader r of this loader reads part (r + rotation) % readers
         micro = []
         for batch in self._batches(loader):
             if batch is not None and not self.map_style:
-                run.reader_batches[(batch.reader + rotation) % readers] += 1
+                part = (batch.reader + rotation) % readers
+                run.reader_batches[part] += 1
+                run.next_reader = (part + 1) % readers
             if batch is not None:
                 run.skipped += batch.skipped
                 for shard, why in batch.unreadable_shards:
@@ -784,9 +794,9 @@ def _reader_ignores_ctrl_c(_worker_id: int) -> None:
 
 def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int, world: int, epoch: int,
             epoch_step: int, device: torch.device,
-            reader_batches: list[int] | None = None) -> torch.utils.data.DataLoader:
+            reader_batches: list[int] | None = None, next_reader: int | None = None) -> torch.utils.data.DataLoader:
     """This epoch's batches for this rank, starting after the ``epoch_step`` steps already done (shards: after the
-    ``reader_batches`` each reader part already gave, when known)."""
+    ``reader_batches`` each reader part already gave, from part ``next_reader`` on, when known)."""
     done = epoch_step * per_step * cfg.accum_steps
     # the loader's own generator: creating an iterator must not draw from the global RNG (dropout), or a
     # resumed run would diverge from an uninterrupted one
@@ -801,6 +811,7 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
     corpus.batch_size, corpus.shuffle_seed = per_step, cfg.seed
     corpus.reader_batches = list(reader_batches) if reader_batches is not None else None
     corpus.batches_done = sum(reader_batches) if reader_batches is not None else epoch_step * cfg.accum_steps
+    corpus.first_part = next_reader
     # each reader's last batch may be short: the training loop drops it (see _Trainer._epoch)
     return torch.utils.data.DataLoader(corpus, batch_size=per_step, collate_fn=collate, num_workers=cfg.workers,
                                        pin_memory=device.type == "cuda", generator=generator,

@@ -761,36 +761,39 @@ def test_shards_are_shuffled_each_epoch_and_a_resumed_epoch_goes_on_in_place(tmp
         assert keys(0, done) == first[2 * done:], done
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # three readers on two cores
 def test_a_resumed_epoch_goes_on_where_each_reader_was_after_one_ran_out(tmp_path, tiny_config):
-    """Two readers of uneven shards: the short one runs out first, and the long one then gives every batch. A
-    resume after that neither repeats nor misses a sample, because the checkpoint counts the batches each reader
-    gave (the turns used to be assumed to alternate, so the long reader passed over too few of its samples)."""
-    spec = _shards(tmp_path, [10, 2])
+    """Three readers of uneven shards: the short ones run out first, and the long one then gives every batch. A
+    resume after that meets the rest of the epoch in the order it would have met it, because the checkpoint counts
+    the batches each reader gave and whose turn came next (the turns used to be assumed to go round all readers,
+    so the long reader passed over too few of its samples and repeated some)."""
+    spec = _shards(tmp_path, [10, 2, 4])
     corpus = open_corpus(spec, images=False, captions=False)
-    cfg = training.TrainConfig(output=tmp_path, workers=2, seed=0)
+    cfg = training.TrainConfig(output=tmp_path, workers=3, seed=0)
 
-    def batches(stop=0, counts=None):
-        loader = training._loader(corpus, False, 2, cfg, 0, 1, 0, stop, torch.device("cpu"), counts)
+    def batches(stop=0, counts=None, turn=None):
+        loader = training._loader(corpus, False, 2, cfg, 0, 1, 0, stop, torch.device("cpu"), counts, turn)
         return [(b.reader, b.keys) for b in loader]
 
     whole = batches()
-    assert sorted(reader for reader, _ in whole) in ([0] * 5 + [1], [0] + [1] * 5)
-    old_way_repeats = False
+    assert sorted(len([r for r, _ in whole if r == reader]) for reader in range(3)) == [1, 2, 5]
+    old_way_differs = False
     for stop in range(1, len(whole)):
-        counts = [0, 0]
+        counts = [0, 0, 0]
         for reader, _ in whole[:stop]:  # an epoch's first loader: reader r reads part r
             counts[reader] += 1
-        rest = sorted(k for _, keys in whole[stop:] for k in keys)
-        assert sorted(k for _, keys in batches(stop, counts) for k in keys) == rest, stop
-        old_way_repeats |= sorted(k for _, keys in batches(stop) for k in keys) != rest
-    assert old_way_repeats  # the turns-alternate guess goes wrong once a reader ran out
-    # the counts a checkpoint keeps: one list a rank, a count a reader
+        rest = [k for _, keys in whole[stop:] for k in keys]
+        turn = (whole[stop - 1][0] + 1) % 3
+        assert [k for _, keys in batches(stop, counts, turn) for k in keys] == rest, stop
+        old_way_differs |= [k for _, keys in batches(stop) for k in keys] != rest
+    assert old_way_differs  # the turns-go-round guess goes wrong once a reader ran out
+    # what a checkpoint keeps: for each rank, a count a reader and the reader whose turn is next
     res = CliRunner().invoke(cli, _train_args(tiny_config, spec, tmp_path / "o", "--max-steps", "3", "--batch-size",
-                                              "2", "--workers", "2"))
+                                              "2", "--workers", "3"))
     assert res.exit_code == 0, res.output
     position = json.loads((tmp_path / "o" / "checkpoint-latest" / "train_state.json").read_text())["position"]
-    (counts,) = position["reader_batches"]
-    assert len(counts) == 2 and sum(counts) == 3
+    (counts,), (turn,) = position["reader_batches"], position["next_reader"]
+    assert len(counts) == 3 and sum(counts) == 3 and turn in range(3)
 
 
 def test_shard_readers_drop_their_last_partial_batch(tmp_path, tiny_config, monkeypatch):
