@@ -796,6 +796,29 @@ def test_a_resumed_epoch_goes_on_where_each_reader_was_after_one_ran_out(tmp_pat
     assert len(counts) == 3 and sum(counts) == 3 and turn in range(3)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_a_shard_run_resumed_after_a_reader_ran_out_trains_the_same_weights(tmp_path, tiny_config, monkeypatch):
+    """The whole chain (counts saved, read back, handed to the readers): stopped after step 6, once two of the three
+    readers ran out, and resumed, a run meets the same samples at the same steps and ends with the same weights."""
+    spec = _shards(tmp_path, [10, 2, 4])
+
+    def train(out, steps):
+        events: list[list] = []
+        with monkeypatch.context() as patch:
+            record_training(events, patch.setattr)
+            res = CliRunner().invoke(cli, _train_args(tiny_config, spec, out, "--max-steps", str(steps), "--batch-size",
+                                                      "2", "--workers", "3", "--lora-dropout", "0.1"))
+        assert res.exit_code == 0, res.output
+        return [value for kind, value in events if kind == "step"]
+
+    straight = train(tmp_path / "straight", 8)
+    resumed = train(tmp_path / "resumed", 6) + train(tmp_path / "resumed", 8)
+    assert resumed == straight and len(straight) == 8
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_shard_readers_drop_their_last_partial_batch(tmp_path, tiny_config, monkeypatch):
     """As open_clip batches shards for training (partial=False), each reader's short last batch is dropped, so that
     every step is a whole --batch-size; a corpus left with no whole batch says why."""
