@@ -708,11 +708,10 @@ class _Trainer:
                          run.epoch_step, self.device, run.reader_batches, run.next_reader)
         rotation = run.next_reader  # reader r of this loader reads part (r + rotation) % readers
         micro = []
+        taken: list[int] = []  # the parts of the batches read since the last step, counted when a step is made
         for batch in self._batches(loader):
             if batch is not None and not self.map_style:
-                part = (batch.reader + rotation) % readers
-                run.reader_batches[part] += 1
-                run.next_reader = (part + 1) % readers
+                taken.append((batch.reader + rotation) % readers)
             if batch is not None:
                 run.skipped += batch.skipped
                 for shard, why in batch.unreadable_shards:
@@ -743,6 +742,10 @@ class _Trainer:
             micro = []
             run.step += 1
             run.epoch_step += 1
+            for part in taken:  # the position a checkpoint of this step holds (a resume reads again what follows)
+                run.reader_batches[part] += 1
+                run.next_reader = (part + 1) % readers
+            taken = []
             bar.update(1)
             if run.step % cfg.log_every == 0 or run.step == self.total_steps:
                 rate = run.seen / max(1e-9, time.perf_counter() - self.start)
