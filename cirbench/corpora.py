@@ -7,7 +7,8 @@
   folder; any other columns (e.g. ``subject``, ``attribute``) are passed to the method as ``extra``.
 * a folder: every image (``.jpg .jpeg .png .webp``) with a sidecar caption file of the same stem
   (``.txt``), searched recursively.
-* ``shards-{000..099}.tar`` / ``a.tar`` / a folder of ``.tar`` files passed with a glob: webdataset shards
+* ``shards-{000..099}.tar`` / ``a.tar`` / ``folder/*.tar`` / a folder that holds ``.tar`` files and no image
+  or ``.txt`` file: webdataset shards
   whose samples carry an image (``jpg``/``jpeg``/``png``/``webp``) and a caption (``txt``/``caption``/
   ``json`` with a ``caption`` field).
 
@@ -383,6 +384,16 @@ def _existing_shards(text: str) -> list[str]:
     return urls
 
 
+def _shard_folder(path: Path) -> list[str] | None:
+    """The ``.tar`` files of a folder that holds shards alone (no image or caption file of its own), in order."""
+    if not path.is_dir():
+        return None
+    tars = sorted(str(p) for p in path.glob("*.tar") if p.is_file())
+    if not tars or any(p.suffix.lower() in (*IMAGE_EXTENSIONS, ".txt") for p in path.rglob("*")):
+        return None
+    return tars
+
+
 def open_corpus(spec: str | Path, preprocessor: Preprocessor | None = None, *,
                 images: bool = True, captions: bool = True) -> PairsCorpus | ShardCorpus:
     """The corpus reader for ``spec`` (see the module docstring); CirbenchError if it is absent, malformed or
@@ -393,8 +404,8 @@ def open_corpus(spec: str | Path, preprocessor: Preprocessor | None = None, *,
     path = Path(text).expanduser()
     if images:
         tensor_decoder()  # a bad CIRBENCH_IMAGE_DECODER fails here, not in a reader process
-    if _names_shards(text):
-        urls = _existing_shards(text)
+    urls = _existing_shards(text) if _names_shards(text) else _shard_folder(path)
+    if urls:
         return ShardCorpus(urls, text, images, preprocessor, captions=captions, num_samples=shard_sizes(urls))
     text_only = not images and captions  # captions without images; otherwise the corpus lists its images
     if path.is_dir():

@@ -930,6 +930,26 @@ def test_shard_sizes_are_read_as_open_clip_reads_them(tmp_path):
         shard_sizes(urls)
 
 
+def test_a_folder_of_shards_is_read_as_shards(tmp_path):
+    """A folder that holds .tar shards alone is a shard corpus (with its sizes.json); one with images of its own
+    stays a folder of images and captions."""
+    from cirbench.corpora import PairsCorpus, ShardCorpus
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    _shards(tmp_path, [3, 2])
+    for shard in tmp_path.glob("*.tar"):
+        shard.rename(folder / shard.name)
+    (folder / "sizes.json").write_text(json.dumps({"shard-000.tar": 3, "shard-001.tar": 2}))
+    for mode in ({}, {"images": False}, {"captions": False}):
+        corpus = open_corpus(folder, **mode)
+        assert isinstance(corpus, ShardCorpus) and corpus.num_samples == 5, mode
+        assert [Path(u).name for u in corpus.urls] == ["shard-000.tar", "shard-001.tar"]
+    assert len(list(open_corpus(folder, images=False, captions=False))) == 5
+    Image.new("RGB", (8, 8)).save(folder / "extra.png")
+    assert isinstance(open_corpus(folder, captions=False), PairsCorpus)
+
+
 def _record_epochs(tmp_path, monkeypatch, args) -> tuple[list[list[int]], str]:
     """Run ``cirbench train args`` in this process; the keys of the samples of each step, grouped by epoch."""
     events: list[list] = []
