@@ -26,8 +26,8 @@ Examples:
                epilog=EPILOG)
 @click.option("--method", "-m", required=True, help="A trainable method (see `cirbench methods`).")
 @click.option("--corpus", required=True, help="CSV/TSV of image,caption; a folder with .txt sidecars; or .tar shards, "
-              "as a brace/glob pattern or a folder of them (read shuffled per epoch, whole shards to each rank: at least one shard per rank). A method that "
-              "trains on images alone, like searle, needs no caption.")
+              "as a brace/glob pattern or a folder of them (read shuffled per epoch, whole shards to each rank: at "
+              "least one shard per rank). A method that trains on images alone, like searle, needs no caption.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Checkpoint folder.")
 @click.option("--backbone", default=None, help="open_clip model name or config JSON (default: the method's).")
 @click.option("--pretrained", default=None, help="open_clip tag, weights file, 'bundled' or 'none'.")
