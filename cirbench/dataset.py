@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import AnnotationError, CirbenchError, UnknownNameError
+from .errors import AnnotationError, CirbenchError
 from .images import check_inside
 from .types import EvalSet, ImageRef
 from .util import json_loads
@@ -242,8 +242,9 @@ class Dataset:
         return check_inside(self.data_root, Path(relative) / "_").parent
 
     def check_split(self, split: str) -> None:
-        if self.spec is not None and split not in self.splits:
-            raise UnknownNameError(f"split of {self.name}", split, self.splits)
+        """UnknownNameError for a split the dataset's spec does not declare."""
+        if self.spec is not None:
+            self.spec.resolve_split(split)
 
     def root_hint(self) -> str:
         """What to check when the data is not found: the data root given, or that none was."""
