@@ -219,8 +219,8 @@ class ShardCorpus(torch.utils.data.IterableDataset):
     Read in order, or, with ``shuffle_seed`` set (training), as ``open_clip``'s webdataset training reads them:
     the shard list shuffled for each epoch (the same order on every rank, then split), and the samples through
     a shuffle buffer of :data:`SHUFFLE_BUFFER` samples per reader. Both draws are named by the seed, the epoch,
-    the rank and the reader, so that a resumed epoch (``batches_done``) meets the same samples in the same
-    places."""
+    the rank and the reader, so that a resumed epoch (``reader_batches``, ``first_part``) meets the same samples
+    in the same places."""
 
     def __init__(self, urls: list[str], source: str, images: bool,
                  preprocessor: Preprocessor | RandomResizedCrop | None, captions: bool = True,
@@ -232,14 +232,12 @@ class ShardCorpus(torch.utils.data.IterableDataset):
         self.images = images
         self.captions = captions
         self.preprocessor = preprocessor
-        # set by the training loop: the loader's batches of this epoch this rank already trained on (resume), and
-        # their size, which tell each reader how many of its samples to pass over; and, when known, how many of
-        # them each reader gave (``reader_batches[part]``: exact even after some readers ran out) and which part
-        # gives the next batch (``first_part``, read by reader 0)
-        self.batches_done = 0
+        # set by the training loop (resume): the batch size, the batches of this epoch each reader part already
+        # gave (``reader_batches[part]``; None: none), which tell it how many of its samples to pass over, and
+        # the part whose turn comes next (``first_part``, read by reader 0)
         self.batch_size = 0
         self.reader_batches: list[int] | None = None
-        self.first_part: int | None = None
+        self.first_part = 0
         self.epoch = 0  # set by the training loop: part of each sample's augmentation draw
         self.shuffle_seed: int | None = None  # set by the training loop: shuffle shards and samples per epoch
 
@@ -254,17 +252,13 @@ class ShardCorpus(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         workers = info.num_workers if info else 1
         # The loader takes its batches from readers 0, 1, ... in turn, passing over the readers that ran out. A
-        # resumed epoch (its first ``done`` batches trained on) starts at reader 0: reader r takes part
-        # ``first + r``, where ``first`` is the part whose turn came next (batch ``done``'s while every reader had
-        # samples), so that the rest of the epoch comes in the order it would have, never interrupted. Each part
-        # passes over the batches it gave: counted by the training loop, or, from a checkpoint without the
-        # counts, as the turns it had while every reader had samples.
-        done = self.batches_done
-        first = self.first_part if self.first_part is not None else done
-        part = ((info.id if info else 0) + first) % workers
+        # resumed epoch starts at reader 0: reader r takes part ``first_part + r``, so that the rest of the epoch
+        # comes in the order it would have, never interrupted, and each part passes over the batches it gave.
+        part = ((info.id if info else 0) + self.first_part) % workers
         given = self.reader_batches
-        skip = self.batch_size * (given[part] if given is not None and len(given) == workers
-                                  else len(range(part, done, workers)))
+        if given is not None and len(given) != workers:
+            raise ValueError(f"reader_batches counts {len(given)} readers; the loader has {workers}")
+        skip = self.batch_size * given[part] if given is not None else 0
         broken: list[tuple[str, str]] = []
 
         def shard_error(exn: Exception) -> bool:
@@ -305,6 +299,12 @@ class ShardCorpus(torch.utils.data.IterableDataset):
     def _draw(self, what: str) -> str | None:
         """The seed of one of this epoch's shuffles (``None``: read in order)."""
         return None if self.shuffle_seed is None else f"{self.shuffle_seed}:{self.epoch}:{what}"
+
+
+def reader_turns(batches: int, readers: int) -> tuple[list[int], int]:
+    """Where the first ``batches`` batches of an epoch leave its readers while every reader has samples (they take
+    turns): the batches each reader part gave, and the part whose turn is next."""
+    return [len(range(part, batches, readers)) for part in range(readers)], batches % readers
 
 
 def _shard_error(exn: Exception) -> tuple[str, str]:

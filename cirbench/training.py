@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist_utils
 from .backbones import Backbone, autocast_context
 from .checkpoints import load_checkpoint, save_checkpoint
-from .corpora import Batch, PairsCorpus, ShardCorpus, collate, open_corpus
+from .corpora import Batch, PairsCorpus, ShardCorpus, collate, open_corpus, reader_turns
 from .errors import CheckpointError, CirbenchError, CirbenchWarning
 from .preprocess import Preprocessor, RandomResizedCrop
 from .train_state import load_train_state, rng_state, save_train_state, set_rng_state
@@ -409,12 +409,10 @@ def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config
     position = load_train_state(latest, optimizer, scheduler, rank, scaler)
     run = _Run(position["step"], position["epoch"], position["epoch_step"], position.get("skipped", 0),
                unreadable_shards=dict(position.get("unreadable_shards") or {}))
-    ranks = position.get("reader_batches")  # one list a rank; kept when the ranks read the same shards as before
-    if isinstance(ranks, list) and len(ranks) == dist_utils.world_size() and isinstance(ranks[rank], list):
-        run.reader_batches = [int(n) for n in ranks[rank]]
-        turns = position.get("next_reader")
-        run.next_reader = int(turns[rank]) if isinstance(turns, list) and len(turns) == len(ranks) \
-            else sum(run.reader_batches) % max(1, len(run.reader_batches))
+    # one entry a rank; kept when the ranks read the same shards as before (otherwise _epoch guesses the turns)
+    counts, turns = position.get("reader_batches"), position.get("next_reader")
+    if isinstance(counts, list) and isinstance(turns, list) and len(counts) == len(turns) == dist_utils.world_size():
+        run.reader_batches, run.next_reader = [int(n) for n in counts[rank]], int(turns[rank])
     if rank == 0:
         tqdm.write(f"resuming from {latest} at step {run.step} (epoch {run.epoch})")
         corpus = saved.get("corpus") or {}
@@ -701,9 +699,7 @@ class _Trainer:
         if not self.map_style and len(run.reader_batches) != readers:
             # a new epoch, or a checkpoint without the counts (or with another --workers): each reader's turns
             # while every reader had samples
-            done = run.epoch_step * cfg.accum_steps
-            run.reader_batches = [len(range(part, done, readers)) for part in range(readers)]
-            run.next_reader = done % readers
+            run.reader_batches, run.next_reader = reader_turns(run.epoch_step * cfg.accum_steps, readers)
         loader = _loader(self.corpus, self.map_style, self.per_step, cfg, self.rank_, self.world, run.epoch,
                          run.epoch_step, self.device, run.reader_batches, run.next_reader)
         rotation = run.next_reader  # reader r of this loader reads part (r + rotation) % readers
@@ -812,9 +808,9 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
                                            num_workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda",
                                            generator=generator, worker_init_fn=_reader_ignores_ctrl_c)
     corpus.batch_size, corpus.shuffle_seed = per_step, cfg.seed
-    corpus.reader_batches = list(reader_batches) if reader_batches is not None else None
-    corpus.batches_done = sum(reader_batches) if reader_batches is not None else epoch_step * cfg.accum_steps
-    corpus.first_part = next_reader
+    if reader_batches is None or next_reader is None:
+        reader_batches, next_reader = reader_turns(epoch_step * cfg.accum_steps, max(1, cfg.workers))
+    corpus.reader_batches, corpus.first_part = list(reader_batches), next_reader
     # each reader's last batch may be short: the training loop drops it (see _Trainer._epoch)
     return torch.utils.data.DataLoader(corpus, batch_size=per_step, collate_fn=collate, num_workers=cfg.workers,
                                        pin_memory=device.type == "cuda", generator=generator,
