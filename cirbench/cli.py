@@ -473,8 +473,7 @@ def score(dataset, split, data_root, inputs, as_json, file):
             raise CirbenchError(f"--input {name}: file {path} does not exist")
         extra[name] = Path(path)
     opts = resolve_options(spec.options, {}, spec.name, f"dataset {spec.name}")[0]
-    root = data_root or spec.default_data_root
-    ds = spec.create(Path(root) if root else None, opts)
+    ds = spec.create(data_root, opts)
     metrics = ds.score_file(split, Path(file), extra or None)
     if not metrics and split in spec.hidden_splits and not as_json:
         checked = " and ".join([file, *map(str, extra.values())])

@@ -172,11 +172,6 @@ def collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def all_ranks(flag: bool) -> bool:
-    """Whether ``flag`` holds on every rank (``flag`` itself when not distributed)."""
-    return all_ranks_each(flag)[0]
-
-
 def all_ranks_each(*flags: bool) -> tuple[bool, ...]:
     """For each of ``flags``, whether it holds on every rank: one collective for all of them."""
     if world_size() == 1:

@@ -419,7 +419,7 @@ def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int, per_query: d
     for qi, q in enumerate(es.queries):
         top = ranking.top_ids(qi, k)
         row: dict[str, Any] = {"set": es.name, "query": q.id, "reference": q.reference, "top": top,
-               "scores": [round(s, 6) for s in ranking.scores[qi, : len(top)].tolist()]}
+                               "scores": [round(s, 6) for s in ranking.scores[qi, : len(top)].tolist()]}
         if q.targets:
             row["targets"] = list(q.targets)
         if ranking.candidate_order is not None:
@@ -437,8 +437,7 @@ def load_eval_sets(dspec, split: str, data_root, options: dict[str, Any], allow_
     """The dataset, its evaluation sets of ``split`` read from ``data_root`` (default: the dataset's), and what
     each set dropped for missing images; CirbenchError for bad annotations, missing images (unless
     ``allow_missing``) or no query left."""
-    root = data_root or dspec.default_data_root
-    dataset = dspec.create(Path(root) if root else None, options)
+    dataset = dspec.create(data_root, options)
     evalsets = dataset.load(split)
     hint = dataset.root_hint() if hasattr(dataset, "root_hint") else None
     set_counts = {es.name: drop_missing(es, allow_missing, hint) for es in evalsets}

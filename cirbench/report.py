@@ -42,8 +42,8 @@ def _load_images(record: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple[str
     try:
         spec = get_registry().dataset(ds["name"])
         # a run that named no data root used the dataset's own default (shapes: its cache folder), so must this
-        root = ds.get("data_root") if ds.get("data_root_given", True) else spec.default_data_root
-        dataset = spec.create(root, dict(ds.get("options") or {}))
+        dataset = spec.create(ds.get("data_root") if ds.get("data_root_given", True) else None,
+                              dict(ds.get("options") or {}))
         sets = dataset.load(ds["split"])
     except CirbenchError as exc:
         return {}, {}, f"images unavailable ({one_line(exc)})"

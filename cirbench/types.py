@@ -238,8 +238,10 @@ class DatasetSpec:
         return _resolve_factory(self.factory, self.plugin)
 
     def create(self, data_root: Path | str | None, options: dict[str, Any]) -> Any:
-        """Build the dataset and bind this spec to it (the spec is the one source of its name and splits)."""
-        dataset = self.load()(data_root, options)
+        """Build the dataset from ``data_root`` (none given: ``default_data_root``, or None) and bind this spec to it
+        (the spec is the one source of its name and splits)."""
+        root = data_root or self.default_data_root
+        dataset = self.load()(Path(root) if root else None, options)
         if hasattr(dataset, "bind_spec"):
             dataset.bind_spec(self)
         return dataset

@@ -38,8 +38,7 @@ def build_dataset(ctx: click.Context, name: str, data_root: str | None):
     spec = get_registry().dataset(name)
     (options,) = resolve_options(spec.options, parse_extra_options(ctx.args), spec.name, f"dataset {spec.name}",
                                  command_option_names(ctx.command))
-    root = data_root or spec.default_data_root
-    return spec, spec.create(root, options)
+    return spec, spec.create(data_root, options)
 
 
 @command.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
