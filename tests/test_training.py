@@ -803,13 +803,11 @@ def test_a_shard_run_resumed_after_a_reader_ran_out_trains_the_same_weights(tmp_
     spec = _shards(tmp_path, [10, 2, 4])
 
     def train(out, steps):
-        events: list[list] = []
-        with monkeypatch.context() as patch:
-            record_training(events, patch.setattr)
-            res = CliRunner().invoke(cli, _train_args(tiny_config, spec, out, "--max-steps", str(steps), "--batch-size",
-                                                      "2", "--workers", "3", "--lora-dropout", "0.1"))
-        assert res.exit_code == 0, res.output
-        return [value for kind, value in events if kind == "step"]
+        epochs, output = _record_epochs(monkeypatch, _train_args(tiny_config, spec, out, "--max-steps", str(steps),
+                                                                 "--batch-size", "2", "--workers", "3",
+                                                                 "--lora-dropout", "0.1"))
+        assert output.startswith("exit 0:"), output
+        return [step for epoch in epochs for step in epoch]
 
     straight = train(tmp_path / "straight", 8)
     resumed = train(tmp_path / "resumed", 6) + train(tmp_path / "resumed", 8)
@@ -823,7 +821,7 @@ def test_shard_readers_drop_their_last_partial_batch(tmp_path, tiny_config, monk
     """As open_clip batches shards for training (partial=False), each reader's short last batch is dropped, so that
     every step is a whole --batch-size; a corpus left with no whole batch says why."""
     spec = _shards(tmp_path, [5, 4])
-    epochs, output = _record_epochs(tmp_path, monkeypatch, _train_args(tiny_config, spec, tmp_path / "r", "--max-steps",
+    epochs, output = _record_epochs(monkeypatch, _train_args(tiny_config, spec, tmp_path / "r", "--max-steps",
                                                                        "8", "--batch-size", "2", "--workers", "2"))
     assert [[len(step) for step in steps] for steps in epochs] == [[2] * 4] * 2, output  # the 5th sample's batch: out
     res = CliRunner().invoke(cli, _train_args(tiny_config, spec, tmp_path / "o", "--max-steps", "1", "--batch-size",
@@ -950,11 +948,13 @@ def test_a_folder_of_shards_is_read_as_shards(tmp_path):
     assert isinstance(open_corpus(folder, captions=False), PairsCorpus)
 
 
-def _record_epochs(tmp_path, monkeypatch, args) -> tuple[list[list[int]], str]:
-    """Run ``cirbench train args`` in this process; the keys of the samples of each step, grouped by epoch."""
+def _record_epochs(monkeypatch, args) -> tuple[list[list[int]], str]:
+    """Run ``cirbench train args`` in this process; the keys of the samples of each step, grouped by epoch, and
+    ``exit CODE: OUTPUT``."""
     events: list[list] = []
-    record_training(events, monkeypatch.setattr)
-    res = CliRunner().invoke(cli, args)
+    with monkeypatch.context() as patch:  # the loop as it was after each run, however many a test makes
+        record_training(events, patch.setattr)
+        res = CliRunner().invoke(cli, args)
     epochs: dict[int, list] = {}
     current = None
     for kind, value in events:
@@ -978,19 +978,19 @@ def test_shards_of_a_stated_size_train_for_epochs(tmp_path, tiny_config, monkeyp
     assert len(res.output.strip().splitlines()) == 1 and not out.exists()
 
     (tmp_path / "sizes.json").write_text(json.dumps({"shard-000.tar": 8, "shard-001.tar": 8}))
-    epochs, output = _record_epochs(tmp_path, monkeypatch, [*base, "--epochs", "2"])
+    epochs, output = _record_epochs(monkeypatch, [*base, "--epochs", "2"])
     assert [len(e) for e in epochs] == [2, 2], output  # 16 samples a pass, batch 8
     for steps in epochs:
         keys = [k for step in steps for k in step]
         assert len(keys) == len(set(keys)) == 16
     assert json.loads((out / "config.json").read_text())["corpus"]["samples"] == 16
 
-    epochs, output = _record_epochs(tmp_path, monkeypatch, [*base, "--epochs", "3", "--train-num-samples", "8"])
+    epochs, output = _record_epochs(monkeypatch, [*base, "--epochs", "3", "--train-num-samples", "8"])
     assert [len(e) for e in epochs] == [1, 1, 1], output  # each epoch cut after 8 samples
     assert len({tuple(e[0]) for e in epochs}) == 3  # not the same first 8 each time
     assert json.loads((out / "config.json").read_text())["step"] == 3
 
-    epochs, output = _record_epochs(tmp_path, monkeypatch, [*base, "--epochs", "2", "--train-num-samples", "40"])
+    epochs, output = _record_epochs(monkeypatch, [*base, "--epochs", "2", "--train-num-samples", "40"])
     assert [len(e) for e in epochs] == [2, 2], output  # the shards ran out after 2 of the stated 5 steps
     assert "--epochs 2 ended at step 4 of the 10 planned from 40 samples an epoch" in output
     assert json.loads((out / "config.json").read_text())["step"] == 4
