@@ -419,3 +419,4 @@ def test_fti4cir_trains_and_loss_goes_down(tmp_path, tiny_config):
                                          schedule="constant", workers=0, progress=False))
     assert sum(losses[-3:]) < sum(losses[:3])
     assert (tmp_path / "o" / "model.safetensors").exists()
+    assert not bb._text_memo  # the corpus's phrases are not kept on the device for the run

@@ -305,8 +305,11 @@ class FTI4CIRTrainable(NetTrainable):
         ortho = F.mse_loss(cos, torch.eye(cos.shape[1], device=cos.device).expand_as(cos))
         subjects, attributes = self._subjects_attributes(batch)
         with torch.no_grad():
+            # memoize=False: each caption's phrase is met once an epoch; memoised, a corpus's phrases would pile up
+            # on the device for the whole run
             both_real = self.backbone.encode_text([f"a photo of {s} with {a}" for s, a in zip(subjects, attributes,
-                                                                                              strict=True)])
+                                                                                              strict=True)],
+                                                  memoize=False)
         subj_pseudo = encode_with_pseudo_tokens(
             self.backbone, [f"a photo of {PLACEHOLDER} with {clean_text(a, PLACEHOLDER)}" for a in attributes],
             subject, PLACEHOLDER)
