@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,14 @@ class Backbone:
         """The dtype the image tower takes (the weights' dtype: float32, or bf16/fp16 after a cast)."""
         return LOW_PRECISION.get(self.precision, torch.float32) if self.weights_cast else torch.float32
 
+
+    def fp32_view(self) -> Backbone:
+        """The same model (not a copy) run in fp32 with a text memo of its own (memoised features depend on the
+        precision): what a training run validates through, as ``cirbench run`` at its default precision would
+        evaluate, without a second copy of the weights on the device."""
+        if self.weights_cast:
+            raise ValueError("a backbone whose weights were cast to low precision has no fp32 view")
+        return replace(self, precision="fp32", _text_memo={})
 
     @property
     def embed_dim(self) -> int:

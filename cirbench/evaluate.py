@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .backbones import Backbone, load_backbone
+from .backbones import Backbone, load_backbone, resolve_precision
 from .dataset import Dataset, annotation_checksums
 from .encode import encode_images, image_library, jpeg_decoder, pixels_identity, resolve_path
 from .errors import CirbenchError, ImageError, UnknownNameError
@@ -186,9 +186,13 @@ class _Context:
 class Evaluator:
     """Runs a :class:`RunConfig`; holds the backbone and feature cache so sweeps encode only once."""
 
-    def __init__(self, cfg: RunConfig, registry: Registry | None = None, log: Callable[[str], None] = print):
+    def __init__(self, cfg: RunConfig, registry: Registry | None = None, log: Callable[[str], None] = print,
+                 backbone: Backbone | None = None):
+        """``backbone``: one already on the device (a training run's validation), used in place of loading the
+        one ``cfg`` names; it must be that one, at ``cfg``'s precision."""
         self.cfg = cfg
         self.registry = registry or get_registry()
+        self.given_backbone = backbone
         self.log = log if distributed.speaks() else (lambda _message: None)  # rank 0 says it for all
 
     # -- features ---------------------------------------------------------------------------------------
@@ -246,7 +250,12 @@ class Evaluator:
         tensor_decoder()  # a bad CIRBENCH_IMAGE_DECODER fails here, not in a reader process
         torch.manual_seed(cfg.seed)
         device = str(distributed.init_from_env(cfg.device)) if distributed.launched_by_torchrun() else cfg.device
-        backbone = load_backbone(model_name, pretrained, device=device, precision=cfg.precision, seed=cfg.seed)
+        backbone = self.given_backbone or load_backbone(model_name, pretrained, device=device,
+                                                        precision=cfg.precision, seed=cfg.seed)
+        if backbone is self.given_backbone:
+            wanted = (model_name, pretrained, resolve_precision(cfg.precision, backbone.device))
+            if (backbone.model_name, backbone.pretrained, backbone.precision) != wanted:
+                raise ValueError(f"the given backbone is not the run's {wanted}")
         self.backbone, self.device = backbone, backbone.device
         cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else None, enabled=cfg.use_cache,
                              writer=distributed.is_main(), identity=cfg.cache_identity)
@@ -448,6 +457,7 @@ def load_eval_sets(dspec, split: str, data_root, options: dict[str, Any], allow_
     return dataset, evalsets, set_counts
 
 
-def evaluate(cfg: RunConfig, registry: Registry | None = None) -> list[RunOutcome]:
-    """Run one ``cirbench run`` configuration; returns one outcome per swept option value."""
-    return Evaluator(cfg, registry).run()
+def evaluate(cfg: RunConfig, registry: Registry | None = None, backbone: Backbone | None = None) -> list[RunOutcome]:
+    """Run one ``cirbench run`` configuration; returns one outcome per swept option value. ``backbone``: see
+    :class:`Evaluator`."""
+    return Evaluator(cfg, registry, backbone=backbone).run()

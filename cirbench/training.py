@@ -94,8 +94,9 @@ class TrainableMethod:
 
     Subclasses set ``name`` (the method name its checkpoints are for), ``preprocess_kind``, and
     ``defaults`` (TrainConfig fields the method's paper uses, e.g. ``{"lr": 4e-5}``), and implement the
-    four methods below. ``self.backbone`` is the frozen CLIP; ``self.options`` the method's training
-    options (``MethodSpec.train_options``).
+    four methods below. ``self.backbone`` is the frozen CLIP, which ``--validate`` evaluates through too: never
+    change it in place (copy what is adapted, as TAT copies the image tower); ``self.options`` the method's
+    training options (``MethodSpec.train_options``).
     """
 
     name = "method"
@@ -490,6 +491,7 @@ class _Trainer:
                                  self.run_config(), self.scaler)
         self.log = TrainLog(self.output, self.state.step, enabled=self.rank_ == 0)
         self.best_score = self._best_so_far()
+        self.validation_backbone: Backbone | None = None
 
     def run_config(self) -> dict[str, Any]:
         """The method options, training settings and corpus that a checkpoint records (and a resume checks)."""
@@ -544,6 +546,8 @@ class _Trainer:
         cfg, t = self.cfg, self.trainable
         assert cfg.validate is not None
         dataset, _, split = cfg.validate.partition(":")
+        if self.validation_backbone is None:  # the training's frozen backbone, in fp32, not a second copy
+            self.validation_backbone = t.backbone.fp32_view()
         saved = rng_state()  # the evaluation seeds torch; the training's own draws must go on as they were
         try:
             outcomes = evaluate(RunConfig(
@@ -551,7 +555,7 @@ class _Trainer:
                 pretrained=t.backbone.pretrained, device=str(self.device), data_root=cfg.validate_data_root,
                 output=self.output / "validation", method_options={"checkpoint": str(checkpoint)},
                 label=f"{t.name}@step{self.state.step}", seed=cfg.seed, workers=cfg.workers, bootstrap=0,
-                progress=cfg.progress and self.rank_ == 0))
+                progress=cfg.progress and self.rank_ == 0), backbone=self.validation_backbone)
         finally:
             set_rng_state(saved)
         if self.rank_ != 0:

@@ -81,3 +81,28 @@ def test_a_bad_backbone_config_file_says_what_is_wrong(tmp_path, content, messag
     path.write_bytes(content)
     with pytest.raises(CirbenchError, match=re.escape(f"backbone config {path} {message}")):
         load_backbone(str(path), "none", device="cpu")
+
+
+def test_fp32_view_shares_the_weights_and_evaluates_as_a_fresh_fp32_backbone(tiny_config, toy_root, tmp_path):
+    """What a training run (bf16 autocast over fp32 weights) validates through: its own model, not a copy, in
+    fp32 with a text memo of its own; features equal those of the same backbone loaded for ``cirbench run``."""
+    from cirbench.evaluate import Evaluator, RunConfig
+    from cirbench.testing import ToyDatasetPlugin, registered
+
+    training = load_backbone(str(tiny_config), "none", device="cpu", precision="bf16", seed=3, training=True)
+    training.encode_text(["a red cube"])  # a bf16 feature in the training backbone's memo
+    view = training.fp32_view()
+    assert view.model is training.model and view.precision == "fp32" and not view._text_memo
+    fresh = load_backbone(str(tiny_config), "none", device="cpu", precision="fp32", seed=3)
+    assert torch.equal(view.encode_text(["a red cube"]), fresh.encode_text(["a red cube"]))
+    assert not torch.equal(view.encode_text(["a red cube"]), training.encode_text(["a red cube"]))
+    pixels = torch.rand(2, 3, 32, 32)
+    assert torch.equal(view.encode_image(pixels), fresh.encode_image(pixels))
+    with pytest.raises(ValueError, match="no fp32 view"):
+        load_backbone(str(tiny_config), "none", device="cpu", precision="bf16").fp32_view()
+    # an evaluation handed a backbone other than the one its configuration names refuses it
+    cfg = RunConfig(method="slerp", dataset="toy", data_root=str(toy_root), backbone=str(tiny_config),
+                    pretrained="none", precision="bf16", output=str(tmp_path / "out"), use_cache=False,
+                    progress=False)
+    with registered(ToyDatasetPlugin(), "toy"), pytest.raises(ValueError, match="not the run's"):
+        Evaluator(cfg, backbone=view).run()

@@ -628,10 +628,15 @@ def test_readers_leave_ctrl_c_to_the_main_process(tmp_path, terminal_ctrl_c):
         list(loader)
 
 
-def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, tiny_config, toy_root):
+def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, tiny_config, toy_root, monkeypatch):
     """--validate evaluates the weights of the step through the method's --checkpoint (every --validate-every
-    steps and at the end); the training's random draws (LoRA dropout here) go on as without it."""
+    steps and at the end), with the training's own backbone in fp32 (no second copy is loaded), scoring what
+    `cirbench run` scores; the training's random draws (LoRA dropout here) go on as without it."""
+    from cirbench import evaluate
     from cirbench.testing import ToyDatasetPlugin, registered
+
+    def second_copy(*_args, **_kwargs):
+        raise AssertionError("validation loaded a second backbone")
 
     corpus = make_corpus(tmp_path / "c", n=16)
     with registered(ToyDatasetPlugin(), "toy"):
@@ -641,7 +646,9 @@ def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, t
         validating = _train_args(tiny_config, corpus, tmp_path / "val", "--max-steps", "4", "--lora-dropout", "0.5",
                                  "--validate", "toy:val", "--validate-data-root", str(toy_root), "--validate-every",
                                  "3")
-        res = CliRunner().invoke(cli, [a for a in validating if a != "--quiet"])
+        with monkeypatch.context() as patched:
+            patched.setattr(evaluate, "load_backbone", second_copy)
+            res = CliRunner().invoke(cli, [a for a in validating if a != "--quiet"])
         assert res.exit_code == 0, res.output
         assert "validate on toy:val every 3 steps" in res.output
         for args, message in ((["--validate", "nosuch"], "unknown dataset 'nosuch'"),
