@@ -256,7 +256,7 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     `cirbench methods` and `cirbench datasets` list them.
     """
     from . import distributed
-    from .evaluate import RunConfig, evaluate
+    from .evaluate import Loaded, RunConfig, evaluate
     from .plugins import get_registry
     from .types import resolve_options
 
@@ -276,7 +276,7 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     if unknown:
         what = f"method{'s' if len(names) > 1 else ''} {', '.join(names)} or dataset {dspec.name}"
         resolve_options(list(plugin_options.values()), unknown, dspec.name, what, command_option_names(ctx.command))
-    outcomes = []
+    outcomes, loaded = [], Loaded()  # the methods share one backbone, the data and the features in memory
     for mspec in specs:
         declared = {o.name for o in mspec.options} | {o.name for o in dspec.options}
         mine = extra if len(specs) == 1 else {k: v for k, v in extra.items() if k in declared}
@@ -288,7 +288,7 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
                         workers=workers, max_image_pixels=max_image_pixels, allow_missing=allow_missing,
                         retrieval_backend=retrieval_backend, encode_path=encode_path, bootstrap=bootstrap,
                         progress=speaks and not quiet)
-        outcomes += evaluate(cfg, reg)
+        outcomes += evaluate(cfg, reg, loaded)
     distributed.shutdown()
     if not speaks:
         return

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .backbones import Backbone, load_backbone, resolve_precision
+from .backbones import Backbone, load_backbone
 from .dataset import Dataset, annotation_checksums
 from .encode import encode_images, image_library, jpeg_decoder, pixels_identity, resolve_path
 from .errors import CirbenchError, ImageError, UnknownNameError
@@ -35,6 +35,7 @@ from .results import ResultWriter, environment_info, run_fingerprint, utc_now
 from .retrieval import Ranking, rank, rank_candidates
 from .stats import DEFAULT_REPLICATES, bootstrap_ci
 from .types import EvalSet, MethodSpec, Query, resolve_options
+from .util import json_hash
 
 DEFAULT_BACKBONE = ("ViT-L-14", "openai")
 
@@ -183,16 +184,33 @@ class _Context:
     writer: ResultWriter
 
 
+def backbone_key(model_name: str, pretrained: str, precision: str, device: str, seed: int) -> tuple:
+    """What a loaded backbone is found again by in :class:`Loaded` (the names as given: ``auto`` stays ``auto``)."""
+    return (model_name, pretrained, precision, device, seed)
+
+
+@dataclass
+class Loaded:
+    """What the runs of one command load once and share: ``cirbench run`` with several methods, a training's
+    validations. Backbones (frozen: a method never changes one), benchmark data (a method sees copies of the
+    queries), and feature caches with the features they hold in memory (``keep_features``), so the methods of a
+    ``--no-cache`` run encode a gallery once too."""
+
+    keep_features: bool = True
+    backbones: dict[tuple, Backbone] = field(default_factory=dict)
+    data: dict[tuple, tuple[Dataset, list[EvalSet], dict[str, dict[str, int]]]] = field(default_factory=dict)
+    caches: dict[tuple, FeatureCache] = field(default_factory=dict)
+
+
 class Evaluator:
-    """Runs a :class:`RunConfig`; holds the backbone and feature cache so sweeps encode only once."""
+    """Runs a :class:`RunConfig`; holds the backbone and feature cache so sweeps encode only once (and, given a
+    :class:`Loaded`, so the runs of one command load each only once)."""
 
     def __init__(self, cfg: RunConfig, registry: Registry | None = None, log: Callable[[str], None] = print,
-                 backbone: Backbone | None = None):
-        """``backbone``: one already on the device (a training run's validation), used in place of loading the
-        one ``cfg`` names; it must be that one, at ``cfg``'s precision."""
+                 loaded: Loaded | None = None):
         self.cfg = cfg
         self.registry = registry or get_registry()
-        self.given_backbone = backbone
+        self.loaded = loaded if loaded is not None else Loaded()
         self.log = log if distributed.speaks() else (lambda _message: None)  # rank 0 says it for all
 
     # -- features ---------------------------------------------------------------------------------------
@@ -244,27 +262,36 @@ class Evaluator:
         if preprocess_kind not in PREPROCESS_KINDS:
             raise UnknownNameError("preprocessing", preprocess_kind, PREPROCESS_KINDS)
         writer = ResultWriter(Path(cfg.output) / dspec.name / split, enabled=distributed.is_main())
-        dataset, evalsets, set_counts = load_eval_sets(dspec, split, cfg.data_root, dataset_options[0],
-                                                       cfg.allow_missing)
+        loaded = self.loaded
+        data_key = (dspec.name, split, str(cfg.data_root), json_hash(dataset_options[0]), cfg.allow_missing)
+        if data_key not in loaded.data:
+            loaded.data[data_key] = load_eval_sets(dspec, split, cfg.data_root, dataset_options[0],
+                                                   cfg.allow_missing)
+        dataset, evalsets, set_counts = loaded.data[data_key]
         model_name, pretrained = choose_backbone(cfg, mspec, dspec)
         tensor_decoder()  # a bad CIRBENCH_IMAGE_DECODER fails here, not in a reader process
         torch.manual_seed(cfg.seed)
         device = str(distributed.init_from_env(cfg.device)) if distributed.launched_by_torchrun() else cfg.device
-        backbone = self.given_backbone or load_backbone(model_name, pretrained, device=device,
-                                                        precision=cfg.precision, seed=cfg.seed)
-        if backbone is self.given_backbone:
-            wanted = (model_name, pretrained, resolve_precision(cfg.precision, backbone.device))
-            if (backbone.model_name, backbone.pretrained, backbone.precision) != wanted:
-                raise ValueError(f"the given backbone is not the run's {wanted}")
+        bkey = backbone_key(model_name, pretrained, cfg.precision, device, cfg.seed)
+        if bkey not in loaded.backbones:
+            loaded.backbones[bkey] = load_backbone(model_name, pretrained, device=device, precision=cfg.precision,
+                                                   seed=cfg.seed)
+        backbone = loaded.backbones[bkey]
         self.backbone, self.device = backbone, backbone.device
-        cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else None, enabled=cfg.use_cache,
-                             writer=distributed.is_main(), identity=cfg.cache_identity)
+        ckey = (str(cfg.cache_dir), cfg.use_cache, cfg.cache_identity)
+        cache = loaded.caches.get(ckey) if loaded.keep_features else None
+        if cache is None:
+            cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else None, enabled=cfg.use_cache,
+                                 writer=distributed.is_main(), identity=cfg.cache_identity)
+            if loaded.keep_features:
+                loaded.caches[ckey] = cache
         return _Context(mspec, dspec, split, option_sets, dataset_options[0], dataset, evalsets, set_counts,
                         backbone, backbone.preprocessor(preprocess_kind, cfg.max_image_pixels), cache, writer)
 
     def _evaluate(self, ctx: _Context, opts: dict[str, Any], time_origin: float) -> RunOutcome:
         """One option value: compose, rank, score every set; write the result and its predictions."""
         cfg = self.cfg
+        stats_before = dict(ctx.cache.stats)  # the cache may serve earlier runs too: this run's hits and misses
         method = ctx.mspec.create(ctx.backbone, opts, ctx.dspec.name)
         label = run_label(cfg, ctx.mspec, opts, method.label_tag() if hasattr(method, "label_tag") else None)
         record = self._record(cfg, ctx.mspec, ctx.dspec, ctx.dataset, ctx.split, method, label, opts,
@@ -301,7 +328,8 @@ class Evaluator:
             "ci": {"method": "percentile bootstrap over queries", "replicates": cfg.bootstrap, "level": 0.95},
             "submissions": [str(p) for p in submissions],
             "wall_time_s": round(time.perf_counter() - time_origin, 3),
-            "cache": {"enabled": ctx.cache.enabled, "identity": ctx.cache.identity, **ctx.cache.stats,
+            "cache": {"enabled": ctx.cache.enabled, "identity": ctx.cache.identity,
+                      **{k: v - stats_before.get(k, 0) for k, v in ctx.cache.stats.items()},
                       **({"write_error": ctx.cache.write_error} if ctx.cache.write_error else {})},
             "environment": environment_info(str(ctx.backbone.device)),
         })
@@ -457,7 +485,7 @@ def load_eval_sets(dspec, split: str, data_root, options: dict[str, Any], allow_
     return dataset, evalsets, set_counts
 
 
-def evaluate(cfg: RunConfig, registry: Registry | None = None, backbone: Backbone | None = None) -> list[RunOutcome]:
-    """Run one ``cirbench run`` configuration; returns one outcome per swept option value. ``backbone``: see
-    :class:`Evaluator`."""
-    return Evaluator(cfg, registry, backbone=backbone).run()
+def evaluate(cfg: RunConfig, registry: Registry | None = None, loaded: Loaded | None = None) -> list[RunOutcome]:
+    """Run one ``cirbench run`` configuration; returns one outcome per swept option value. ``loaded``: what
+    earlier runs of the same command loaded (see :class:`Loaded`)."""
+    return Evaluator(cfg, registry, loaded=loaded).run()

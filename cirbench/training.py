@@ -38,7 +38,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from .errors import CheckpointError, CirbenchError, CirbenchWarning
 from .preprocess import Preprocessor, RandomResizedCrop
 from .train_state import load_train_state, rng_state, save_train_state, set_rng_state
 from .util import atomic_write_bytes, json_loads, partial_folder, recover_folder, replace_folder
+
+if TYPE_CHECKING:
+    from .evaluate import Loaded
 
 
 @dataclass
@@ -491,7 +494,7 @@ class _Trainer:
                                  self.run_config(), self.scaler)
         self.log = TrainLog(self.output, self.state.step, enabled=self.rank_ == 0)
         self.best_score = self._best_so_far()
-        self.validation_backbone: Backbone | None = None
+        self.validation: Loaded | None = None
 
     def run_config(self) -> dict[str, Any]:
         """The method options, training settings and corpus that a checkpoint records (and a resume checks)."""
@@ -541,13 +544,15 @@ class _Trainer:
     def validate(self, checkpoint: Path) -> None:
         """Evaluate the weights in ``checkpoint`` on ``cfg.validate`` (every rank takes part, as in ``cirbench
         run`` under torchrun); log the metrics; leave the random states as they were."""
-        from .evaluate import RunConfig, evaluate
+        from .evaluate import Loaded, RunConfig, backbone_key, evaluate
 
         cfg, t = self.cfg, self.trainable
         assert cfg.validate is not None
         dataset, _, split = cfg.validate.partition(":")
-        if self.validation_backbone is None:  # the training's frozen backbone, in fp32, not a second copy
-            self.validation_backbone = t.backbone.fp32_view()
+        if self.validation is None:  # the training's frozen backbone in fp32, not a second copy; the data read once
+            self.validation = Loaded(keep_features=False)  # (each step's adapted gallery would pile up in memory)
+            key = backbone_key(t.backbone.model_name, t.backbone.pretrained, "fp32", str(self.device), cfg.seed)
+            self.validation.backbones[key] = t.backbone.fp32_view()
         saved = rng_state()  # the evaluation seeds torch; the training's own draws must go on as they were
         try:
             outcomes = evaluate(RunConfig(
@@ -555,7 +560,7 @@ class _Trainer:
                 pretrained=t.backbone.pretrained, device=str(self.device), data_root=cfg.validate_data_root,
                 output=self.output / "validation", method_options={"checkpoint": str(checkpoint)},
                 label=f"{t.name}@step{self.state.step}", seed=cfg.seed, workers=cfg.workers, bootstrap=0,
-                progress=cfg.progress and self.rank_ == 0), backbone=self.validation_backbone)
+                progress=cfg.progress and self.rank_ == 0), loaded=self.validation)
         finally:
             set_rng_state(saved)
         if self.rank_ != 0:

@@ -86,7 +86,7 @@ def test_a_bad_backbone_config_file_says_what_is_wrong(tmp_path, content, messag
 def test_fp32_view_shares_the_weights_and_evaluates_as_a_fresh_fp32_backbone(tiny_config, toy_root, tmp_path):
     """What a training run (bf16 autocast over fp32 weights) validates through: its own model, not a copy, in
     fp32 with a text memo of its own; features equal those of the same backbone loaded for ``cirbench run``."""
-    from cirbench.evaluate import Evaluator, RunConfig
+    from cirbench.evaluate import Evaluator, Loaded, RunConfig, backbone_key
     from cirbench.testing import ToyDatasetPlugin, registered
 
     training = load_backbone(str(tiny_config), "none", device="cpu", precision="bf16", seed=3, training=True)
@@ -100,9 +100,14 @@ def test_fp32_view_shares_the_weights_and_evaluates_as_a_fresh_fp32_backbone(tin
     assert torch.equal(view.encode_image(pixels), fresh.encode_image(pixels))
     with pytest.raises(ValueError, match="no fp32 view"):
         load_backbone(str(tiny_config), "none", device="cpu", precision="bf16").fp32_view()
-    # an evaluation handed a backbone other than the one its configuration names refuses it
-    cfg = RunConfig(method="slerp", dataset="toy", data_root=str(toy_root), backbone=str(tiny_config),
-                    pretrained="none", precision="bf16", output=str(tmp_path / "out"), use_cache=False,
-                    progress=False)
-    with registered(ToyDatasetPlugin(), "toy"), pytest.raises(ValueError, match="not the run's"):
-        Evaluator(cfg, backbone=view).run()
+    # an evaluation finds a loaded backbone by what its configuration names, and loads another for anything else
+    loaded = Loaded()
+    loaded.backbones[backbone_key(str(tiny_config), "none", "fp32", "cpu", 3)] = view
+    for precision, reused in (("fp32", True), ("bf16", False)):
+        cfg = RunConfig(method="slerp", dataset="toy", data_root=str(toy_root), backbone=str(tiny_config),
+                        pretrained="none", precision=precision, device="cpu", seed=3, output=str(tmp_path / "out"),
+                        use_cache=False, progress=False, bootstrap=0)
+        evaluator = Evaluator(cfg, loaded=loaded)
+        with registered(ToyDatasetPlugin(), "toy"):
+            evaluator.run()
+        assert (evaluator.backbone is view) == reused and evaluator.backbone.precision == precision

@@ -81,6 +81,48 @@ def test_cache_is_reused_and_keyed_by_identity(tmp_path, tiny_config, toy_root):
         assert fifth.record["cache"]["misses"] == 0  # on the CPU both paths decode with libjpeg-turbo: same pixels
 
 
+def test_the_methods_of_one_run_load_once_and_encode_once(tmp_path, tiny_config, toy_root, monkeypatch):
+    """`cirbench run --method a,b,c` loads the backbone and the benchmark data once, and encodes each image once
+    even with --no-cache (the features stay in memory between the methods); the numbers are those of separate
+    runs, and each result counts its own cache hits and misses."""
+    from cirbench import evaluate as loop
+
+    calls = {"backbones": 0, "data": 0, "images": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += len(args[0]) if name == "images" else 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    for attr, name in (("load_backbone", "backbones"), ("load_eval_sets", "data"), ("encode_images", "images")):
+        monkeypatch.setattr(loop, attr, counting(name, getattr(loop, attr)))
+
+    def run(methods, out):
+        with registered(ToyPlugin(), "toy"):
+            res = CliRunner().invoke(cli, ["run", "--method", methods, "--dataset", "toy", "--split", "val",
+                                           "--backbone", str(tiny_config), "--pretrained", "none", "--data-root",
+                                           str(toy_root), "--output", str(tmp_path / out), "--no-cache",
+                                           "--workers", "0", "--quiet", "--bootstrap", "0", "--no-leaderboard"])
+        assert res.exit_code == 0, res.output
+        return {p.name: json.loads(p.read_text()) for p in (tmp_path / out / "toy" / "val").glob("*.json")}
+
+    alone = {}
+    for method in ("image-only", "text-only", "slerp"):
+        alone.update(run(method, "alone"))
+    separate = dict(calls)
+    assert separate["backbones"] == separate["data"] == 3 and separate["images"] > 0
+    calls.update({"backbones": 0, "data": 0, "images": 0})
+    together = run("image-only,text-only,slerp", "together")
+    assert calls["backbones"] == calls["data"] == 1
+    assert calls["images"] == 12 and separate["images"] == 3 * 12  # the toy gallery holds the references
+    assert together.keys() == alone.keys() and len(together) == 3
+    for name, record in together.items():
+        assert record["metrics"] == alone[name]["metrics"], name
+    misses = {r["method"]["name"]: r["cache"]["misses"] for r in together.values()}
+    assert misses == {"image-only": 12, "text-only": 0, "slerp": 0}
+
+
 def test_gpu_decoded_features_have_a_key_and_fingerprint_of_their_own(tiny_config, monkeypatch):
     """nvJPEG may move pixels: on CUDA the batched path's features and results carry the decoder, so a run that
     asks for the official pipeline (workers) is never served them, and its results are told apart. The official
