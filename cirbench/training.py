@@ -548,7 +548,7 @@ class _Trainer:
 
         cfg, t = self.cfg, self.trainable
         assert cfg.validate is not None
-        dataset, _, split = cfg.validate.partition(":")
+        dataset, split = validation_benchmark(cfg.validate)
         if self.validation is None:  # the training's frozen backbone in fp32, not a second copy; the data read once
             self.validation = Loaded(keep_features=False)  # (each step's adapted gallery would pile up in memory)
             key = backbone_key(t.backbone.model_name, t.backbone.pretrained, "fp32", str(self.device), cfg.seed)
@@ -556,7 +556,7 @@ class _Trainer:
         saved = rng_state()  # the evaluation seeds torch; the training's own draws must go on as they were
         try:
             outcomes = evaluate(RunConfig(
-                method=t.name, dataset=dataset, split=split or None, backbone=t.backbone.model_name,
+                method=t.name, dataset=dataset, split=split, backbone=t.backbone.model_name,
                 pretrained=t.backbone.pretrained, device=str(self.device), data_root=cfg.validate_data_root,
                 output=self.output / "validation", method_options={"checkpoint": str(checkpoint)},
                 label=f"{t.name}@step{self.state.step}", seed=cfg.seed, workers=cfg.workers, bootstrap=0,
@@ -826,6 +826,12 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
                                        worker_init_fn=_reader_ignores_ctrl_c)
 
 
+def validation_benchmark(validate: str) -> tuple[str, str | None]:
+    """``--validate cirr:val`` -> ``("cirr", "val")``; no split named -> ``None`` (the dataset's default)."""
+    dataset, _, split = validate.partition(":")
+    return dataset, split or None
+
+
 def check_validation(spec, validate: str, data_root: str | None = None) -> None:
     """Refuse, before anything is trained, a ``--validate`` benchmark that does not exist, a split it lacks or
     whose targets are hidden, annotations or images that cannot be read from ``data_root``, and a method whose
@@ -837,10 +843,10 @@ def check_validation(spec, validate: str, data_root: str | None = None) -> None:
     if not any(o.name == "checkpoint" for o in spec.options):
         raise CirbenchError(f"method '{spec.name}' has no --checkpoint option to evaluate its weights with: "
                             "it cannot be validated during training")
-    dataset, _, split = validate.partition(":")
+    dataset, asked = validation_benchmark(validate)
     dspec = get_registry().dataset(dataset)
     try:
-        split = dspec.resolve_split(split or None)
+        split = dspec.resolve_split(asked)
     except CirbenchError as exc:
         raise CirbenchError(f"--validate {validate}: {exc}") from None
     if split in dspec.hidden_splits:
