@@ -80,5 +80,5 @@ def test_alpha_sweep_encodes_once(tmp_path, tiny_config, toy_root):
     assert len({o.result_path for o in outs}) == 6
     # the first value encodes the 12 images once; later values hit the cache for every image
     assert outs[0].record["cache"]["misses"] == 12
-    assert all(o.record["cache"]["misses"] == 12 for o in outs)  # cumulative counter: nothing new encoded
-    assert outs[-1].record["cache"]["hits"] > outs[0].record["cache"]["hits"]
+    # each result counts its own: the later values encode nothing and find every image
+    assert all(o.record["cache"]["misses"] == 0 and o.record["cache"]["hits"] >= 12 for o in outs[1:])
