@@ -12,6 +12,16 @@ from cirbench.testing import TINY_CLIP, TOY_COLOURS, write_tiny_config, write_to
 COLOURS = TOY_COLOURS
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _a_cache_of_the_suites_own(tmp_path_factory):
+    """Features, generated benchmarks and generations go to a cache of the suite's own (the processes it starts
+    inherit it), never into the user's ~/.cache/cirbench; a test may still set another for itself."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CIRBENCH_CACHE", str(tmp_path_factory.mktemp("cirbench-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory) -> Path:
     """Path to a tiny open_clip model config (random weights with --pretrained none)."""
