@@ -30,7 +30,7 @@ Examples:
 # imports torch only inside the command body).
 BUILTIN_COMMAND_MODULES: tuple[str, ...] = ("cirbench.commands.train", "cirbench.commands.bench",
                                              "cirbench.commands.compare", "cirbench.commands.data",
-                                             "cirbench.commands.report")
+                                             "cirbench.commands.report", "cirbench.commands.cache")
 
 
 def _error(line: str) -> None:

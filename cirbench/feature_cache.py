@@ -163,6 +163,9 @@ class FeatureCache:
                 shutil.rmtree(folder, ignore_errors=True)
             return rows
         good = self._read_new_shards(folder, h, rows)
+        if self.writer:  # marks the entry used (`cirbench cache clear --unused-for` leaves it)
+            with contextlib.suppress(OSError):
+                os.utime(folder / "key.json")
         if self.writer and len(good) > COMPACT_ABOVE:
             self._compact(key, rows, good)
         return rows

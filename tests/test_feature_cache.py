@@ -218,3 +218,72 @@ def test_without_locks_the_cache_still_works(tmp_path, files, monkeypatch):
     with making(tmp_path / "file" / "folder"):  # its parent is a file: no lock file can be made there
         ran.append(True)
     assert ran == [True]
+
+
+def test_cache_list_and_clear(tmp_path, files):
+    """`cirbench cache list` shows each key's backbone, preprocessing, feature kind, rows and size (a damaged
+    shard is named) without importing torch; `cirbench cache clear` removes what a filter selects (a backbone,
+    entries no run has read for N days, or --all), asks first unless --yes, and leaves other folders alone; a
+    run that reads an entry marks it used; a run after a clear encodes again."""
+    import json
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from cirbench.cli import cli
+
+    root = tmp_path / "c"
+    keys = {name: {"format": 2, "backbone": {"model": model, "pretrained": "openai"}, "precision": "fp32",
+                   "preprocess": {"kind": "targetpad", "size": 224}, "feature": {"kind": "image-global"}}
+            for name, model in (("l14", "ViT-L-14"), ("b32", "ViT-B-32"))}
+    for key in keys.values():
+        FeatureCache(root).get_or_compute(key, files, _content_features)
+    (root / "generations").mkdir()
+    (root / "generations" / "paid.jsonl").write_text("an LLM's answers\n")
+    folders = {name: root / "features" / fc.key_hash(key)[:24] for name, key in keys.items()}
+
+    def cache(*args, **kwargs):
+        return CliRunner().invoke(cli, ["cache", *args, "--cache-dir", str(root)], **kwargs)
+
+    listed = json.loads(cache("list", "--json").output)
+    assert {(e["backbone"], e["rows"], e["preprocess"], e["feature"]) for e in listed["features"]} == {
+        ("ViT-L-14/openai", 10, "targetpad 224px", "image-global"), ("ViT-B-32/openai", 10, "targetpad 224px",
+                                                                      "image-global")}
+    assert listed["other_folders"] == {"generations": len("an LLM's answers\n")}
+    (folders["b32"] / "shard-0000000000000000.safetensors").write_bytes(b"not a shard")
+    code = ("import sys\nfrom cirbench.cli import cli\n"
+            f"try:\n    cli.main(['cache', 'list', '--cache-dir', {str(root)!r}], prog_name='cirbench')\n"
+            "except SystemExit:\n    pass\nprint('TORCH', 'torch' in sys.modules)\n")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "TORCH False" in shown.stdout and "ViT-L-14/openai" in shown.stdout, shown.stdout + shown.stderr
+    assert "2 entries, 20 rows" in shown.stdout and f"unreadable key or shard (the next run that needs one " \
+        f"rebuilds it): {folders['b32'].name}" in shown.stdout.replace("\n", " ")
+
+    res = cache("clear")
+    assert res.exit_code == 2 and "say what to remove" in res.output
+    # a month unused: only the entry no run has read since goes; a run reading the other marked it used
+    month_ago = time.time() - 40 * 86400
+    for folder in folders.values():
+        os.utime(folder / "key.json", (month_ago, month_ago))
+    FeatureCache(root).get_or_compute(keys["l14"], files, _content_features)
+    res = cache("clear", "--unused-for", "30", "--dry-run")
+    assert res.exit_code == 0 and "would remove 1 entry" in res.output and folders["b32"].is_dir()
+    res = cache("clear", "--unused-for", "30", input="n\n")
+    assert res.exit_code == 1 and folders["b32"].is_dir()  # declined
+    res = cache("clear", "--unused-for", "30", "--yes")
+    assert res.exit_code == 0 and "removed 1 entry" in res.output
+    assert not folders["b32"].exists() and folders["l14"].is_dir()
+    res = cache("clear", "--backbone", "ViT-H*", "--yes")
+    assert res.exit_code == 0 and "no entry matches" in res.output and folders["l14"].is_dir()
+    res = cache("clear", "--backbone", "ViT-L-14*", "--yes")
+    assert res.exit_code == 0 and not folders["l14"].exists()
+    assert (root / "generations" / "paid.jsonl").is_file()
+    again = FeatureCache(root)
+    again.get_or_compute(keys["l14"], files, _content_features)
+    assert again.stats == {"hits": 0, "misses": 10}
+    res = cache("clear", "--all", "--yes")
+    assert res.exit_code == 0 and "removed 1 entry" in res.output
+    assert "0 entries, 0 rows" in cache("list").output
+    assert "no cache there yet" in CliRunner().invoke(cli, ["cache", "list", "--cache-dir",
+                                                            str(tmp_path / "none")]).output
