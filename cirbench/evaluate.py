@@ -192,9 +192,9 @@ def backbone_key(model_name: str, pretrained: str, precision: str, device: str, 
 @dataclass
 class Loaded:
     """What the runs of one command load once and share: ``cirbench run`` with several methods, a training's
-    validations. Backbones (frozen: a method never changes one), benchmark data (a method sees copies of the
-    queries), and feature caches with the features they hold in memory (``keep_features``), so the methods of a
-    ``--no-cache`` run encode a gallery once too."""
+    validations. The backbone (frozen: a method never changes one; the last one loaded), benchmark data (a
+    method sees copies of the queries), and feature caches with the features they hold in memory
+    (``keep_features``), so the methods of a ``--no-cache`` run encode a gallery once too."""
 
     keep_features: bool = True
     backbones: dict[tuple, Backbone] = field(default_factory=dict)
@@ -274,6 +274,7 @@ class Evaluator:
         device = str(distributed.init_from_env(cfg.device)) if distributed.launched_by_torchrun() else cfg.device
         bkey = backbone_key(model_name, pretrained, cfg.precision, device, cfg.seed)
         if bkey not in loaded.backbones:
+            loaded.backbones.clear()  # one at a time on the device: methods with other backbones follow each other
             loaded.backbones[bkey] = load_backbone(model_name, pretrained, device=device, precision=cfg.precision,
                                                    seed=cfg.seed)
         backbone = loaded.backbones[bkey]
