@@ -23,6 +23,7 @@ Examples:
   cirbench run --method fti4cir --dataset circo --split val --data-root data/CIRCO
   cirbench run --method slerp --dataset cirr --alpha 0.5:1.0:0.05   # alpha sweep, one encoding pass
   cirbench run --method image-only --dataset fashioniq --category dress --allow-missing
+  cirbench run --method slerp --dataset circo:test,cirr:test1 --data-root circo=data/CIRCO --data-root cirr=data/CIRR
 """
 
 
@@ -167,6 +168,48 @@ def parse_extra_options(args: list[str]) -> dict[str, str | None]:
     return out
 
 
+def run_benchmarks(reg, datasets: str, split: str | None) -> list[tuple[DatasetSpec, str]]:
+    """``--dataset circo:test,cirr:test1,fashioniq`` with ``--split``: each dataset with its split resolved (one
+    named in ``--dataset`` wins over ``--split``), in order, without repeats; any unknown name or split is an
+    error before anything runs."""
+    from .types import benchmark_split
+
+    out: list[tuple[DatasetSpec, str]] = []
+    for item in datasets.split(","):
+        if not item.strip():
+            continue
+        name, named_split = benchmark_split(item)
+        spec = reg.dataset(name)
+        pair = (spec, spec.resolve_split(named_split or split))
+        if all((s.name, sp) != (spec.name, pair[1]) for s, sp in out):
+            out.append(pair)
+    if not out:
+        raise CirbenchError("--dataset names no dataset")
+    return out
+
+
+def data_root_per_dataset(values: tuple[str, ...], datasets: list[str]) -> dict[str, str]:
+    """``--data-root DIR`` (one dataset) or ``--data-root NAME=DIR`` for each of several: the root of each dataset
+    given one. A file, a name that ``--dataset`` does not name, or a bare folder among several datasets is a
+    one-line error."""
+    roots: dict[str, str] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or name not in datasets:  # a bare folder (whose name may hold a '=')
+            if len(datasets) > 1:
+                raise CirbenchError(f"--data-root {value}: '{name}' is not one of the datasets run "
+                                    f"({', '.join(datasets)})" if sep else
+                                    f"--data-root {value}: with several datasets ({', '.join(datasets)}) give each "
+                                    "its folder as --data-root NAME=DIR")
+            name, folder = datasets[0], value
+        if Path(folder).is_file():
+            raise CirbenchError(f"--data-root {value}: {folder} is a file, not a dataset folder")
+        if name in roots and roots[name] != folder:
+            raise CirbenchError(f"--data-root: dataset '{name}' is given two folders ({roots[name]}, {folder})")
+        roots[name] = folder
+    return roots
+
+
 def command_option_names(command: click.Command) -> list[str]:
     """The option names of ``command`` (``batch_size`` for ``--batch-size``): the "did you mean" hints of an
     unknown extra option, and the names ``run``'s keeps from plugins."""
@@ -204,8 +247,11 @@ def cli() -> None:
 @click.option("--method", "-m", default="slerp,image-only,text-only", show_default=True,
               help="Method name, or several separated by commas (see `cirbench methods`). The default runs Slerp "
                    "beside the image-only and text-only baselines.")
-@click.option("--dataset", "-d", default="shapes", show_default=True, help="Dataset name (see `cirbench datasets`).")
-@click.option("--split", "-s", default=None, help="Split (default: the dataset's default split).")
+@click.option("--dataset", "-d", default="shapes", show_default=True,
+              help="Dataset name (see `cirbench datasets`), or several separated by commas, each with its split if "
+                   "wanted (circo:test,cirr:test1,fashioniq): one backbone load serves them all.")
+@click.option("--split", "-s", default=None,
+              help="Split (default: the dataset's default split); a split named in --dataset wins.")
 @click.option("--backbone", default=None, help="open_clip model name or config JSON (default: dataset's or method's).")
 @click.option("--pretrained", default=None, help="open_clip pretrained tag, weights file, 'bundled' or 'none'.")
 @click.option("--preprocess", type=click.Choice(PREPROCESS_KINDS), default=None,
@@ -215,7 +261,8 @@ def cli() -> None:
               help="fp32 is what the official evaluators run (and reproduces the papers); bf16/fp16 cast the weights "
                    "once and are faster on GPUs (agreement with fp32: see README). auto = fp32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Dataset root folder.")
+@click.option("--data-root", "data_roots", multiple=True, metavar="[NAME=]DIR",
+              help="Dataset root folder; with several datasets, NAME=DIR for each (repeat).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="results", show_default=True,
               help="Results folder.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
@@ -247,7 +294,7 @@ def cli() -> None:
 @click.option("--no-leaderboard", is_flag=True, help="Do not print the leaderboard after the run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.pass_context
-def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision, device, data_root, output,
+def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision, device, data_roots, output,
         cache_dir, no_cache, cache_identity, label, seed, batch_size, workers, max_image_pixels, allow_missing,
         retrieval_backend, encode_path, bootstrap, no_leaderboard, quiet):
     """Evaluate METHOD on DATASET/SPLIT and write results/<dataset>/<split>/<run>__<backbone>.json.
@@ -265,30 +312,37 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     names = list(dict.fromkeys(m.strip() for m in method.split(",") if m.strip()))
     if not names:
         raise CirbenchError("--method names no method")
-    specs, dspec = [reg.method(n) for n in names], reg.dataset(dataset)
+    specs = [reg.method(n) for n in names]
+    benchmarks = run_benchmarks(reg, dataset, split)
+    dspecs = list({d.name: d for d, _ in benchmarks}.values())
+    roots = data_root_per_dataset(data_roots, [d.name for d in dspecs])
     if label and len(specs) > 1:
         raise CirbenchError("--label names one run: give it with a single --method")
     extra = parse_extra_options(ctx.args)
-    # each method takes the options it declares; one that no method (or the dataset) declares is an error
-    declaring: list[MethodSpec | DatasetSpec] = [*specs, dspec]
+    # each method and dataset takes the options it declares; one that none declares is an error
+    declaring: list[MethodSpec | DatasetSpec] = [*specs, *dspecs]
     plugin_options: dict[str, OptionSpec] = {o.name: o for s in declaring for o in s.options}
     unknown = {k: v for k, v in extra.items() if k not in plugin_options}
     if unknown:
-        what = f"method{'s' if len(names) > 1 else ''} {', '.join(names)} or dataset {dspec.name}"
-        resolve_options(list(plugin_options.values()), unknown, dspec.name, what, command_option_names(ctx.command))
-    outcomes, loaded = [], Loaded()  # the methods share one backbone, the data and the features in memory
-    for mspec in specs:
-        declared = {o.name for o in mspec.options} | {o.name for o in dspec.options}
-        mine = extra if len(specs) == 1 else {k: v for k, v in extra.items() if k in declared}
-        m_opts, d_opts = split_plugin_options(mine, mspec, dspec)
-        cfg = RunConfig(method=mspec.name, dataset=dataset, split=split, backbone=backbone, pretrained=pretrained,
-                        preprocess=preprocess, precision=precision, device=device, data_root=data_root,
-                        output=output, cache_dir=cache_dir, use_cache=not no_cache, cache_identity=cache_identity,
-                        method_options=m_opts, dataset_options=d_opts, label=label, seed=seed, batch_size=batch_size,
-                        workers=workers, max_image_pixels=max_image_pixels, allow_missing=allow_missing,
-                        retrieval_backend=retrieval_backend, encode_path=encode_path, bootstrap=bootstrap,
-                        progress=speaks and not quiet)
-        outcomes += evaluate(cfg, reg, loaded)
+        what = (f"method{'s' if len(names) > 1 else ''} {', '.join(names)} or "
+                f"dataset{'s' if len(dspecs) > 1 else ''} {', '.join(d.name for d in dspecs)}")
+        resolve_options(list(plugin_options.values()), unknown, dspecs[0].name, what,
+                        command_option_names(ctx.command))
+    outcomes, loaded = [], Loaded()  # one backbone, each benchmark read once, features kept in memory between runs
+    for dspec, dsplit in benchmarks:
+        for mspec in specs:
+            declared = {o.name for o in mspec.options} | {o.name for o in dspec.options}
+            mine = extra if len(specs) == len(dspecs) == 1 else {k: v for k, v in extra.items() if k in declared}
+            m_opts, d_opts = split_plugin_options(mine, mspec, dspec)
+            cfg = RunConfig(method=mspec.name, dataset=dspec.name, split=dsplit, backbone=backbone,
+                            pretrained=pretrained, preprocess=preprocess, precision=precision, device=device,
+                            data_root=roots.get(dspec.name), output=output, cache_dir=cache_dir,
+                            use_cache=not no_cache, cache_identity=cache_identity, method_options=m_opts,
+                            dataset_options=d_opts, label=label, seed=seed, batch_size=batch_size, workers=workers,
+                            max_image_pixels=max_image_pixels, allow_missing=allow_missing,
+                            retrieval_backend=retrieval_backend, encode_path=encode_path, bootstrap=bootstrap,
+                            progress=speaks and not quiet)
+            outcomes += evaluate(cfg, reg, loaded)
     distributed.shutdown()
     if not speaks:
         return
@@ -304,8 +358,8 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     if not no_leaderboard and outcomes:
         from .leaderboard import build_tables, render_markdown
 
-        split_name = outcomes[0].record["dataset"]["split"]
-        tables = build_tables(Path(output), datasets=[(dspec.name, split_name)])
+        pairs = list(dict.fromkeys((o.record["dataset"]["name"], o.record["dataset"]["split"]) for o in outcomes))
+        tables = build_tables(Path(output), datasets=pairs)
         if tables:
             click.echo("")
             click.echo(render_markdown(tables))

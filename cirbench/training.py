@@ -545,10 +545,11 @@ class _Trainer:
         """Evaluate the weights in ``checkpoint`` on ``cfg.validate`` (every rank takes part, as in ``cirbench
         run`` under torchrun); log the metrics; leave the random states as they were."""
         from .evaluate import Loaded, RunConfig, backbone_key, evaluate
+        from .types import benchmark_split
 
         cfg, t = self.cfg, self.trainable
         assert cfg.validate is not None
-        dataset, split = validation_benchmark(cfg.validate)
+        dataset, split = benchmark_split(cfg.validate)
         if self.validation is None:  # the training's frozen backbone in fp32, not a second copy; the data read once
             self.validation = Loaded(keep_features=False)  # (each step's adapted gallery would pile up in memory)
             key = backbone_key(t.backbone.model_name, t.backbone.pretrained, "fp32", str(self.device), cfg.seed)
@@ -826,24 +827,18 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
                                        worker_init_fn=_reader_ignores_ctrl_c)
 
 
-def validation_benchmark(validate: str) -> tuple[str, str | None]:
-    """``--validate cirr:val`` -> ``("cirr", "val")``; no split named -> ``None`` (the dataset's default)."""
-    dataset, _, split = validate.partition(":")
-    return dataset, split or None
-
-
 def check_validation(spec, validate: str, data_root: str | None = None) -> None:
     """Refuse, before anything is trained, a ``--validate`` benchmark that does not exist, a split it lacks or
     whose targets are hidden, annotations or images that cannot be read from ``data_root``, and a method whose
     trained weights cannot be evaluated (no ``checkpoint`` option)."""
     from .evaluate import load_eval_sets
     from .plugins import get_registry
-    from .types import resolve_options
+    from .types import benchmark_split, resolve_options
 
     if not any(o.name == "checkpoint" for o in spec.options):
         raise CirbenchError(f"method '{spec.name}' has no --checkpoint option to evaluate its weights with: "
                             "it cannot be validated during training")
-    dataset, asked = validation_benchmark(validate)
+    dataset, asked = benchmark_split(validate)
     dspec = get_registry().dataset(dataset)
     try:
         split = dspec.resolve_split(asked)

@@ -247,6 +247,13 @@ class DatasetSpec:
         return dataset
 
 
+def benchmark_split(text: str) -> tuple[str, str | None]:
+    """``cirr:test1`` -> ``("cirr", "test1")``; ``circo`` -> ``("circo", None)`` (the dataset's default split), as
+    ``cirbench run --dataset`` and ``cirbench train --validate`` name a benchmark."""
+    dataset, _, split = text.strip().partition(":")
+    return dataset.strip(), split.strip() or None
+
+
 @dataclass(frozen=True)
 class ImageView:
     """A region of an image file that a benchmark evaluates instead of the whole file (GeneCIS's dilated,

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from helpers import registered
 from toy_plugin import ToyPlugin
 
+from cirbench import hookimpl
 from cirbench.cli import cli
 from cirbench.errors import CirbenchError
 from cirbench.evaluate import Evaluator, RunConfig, evaluate
@@ -121,6 +122,58 @@ def test_the_methods_of_one_run_load_once_and_encode_once(tmp_path, tiny_config,
         assert record["metrics"] == alone[name]["metrics"], name
     misses = {r["method"]["name"]: r["cache"]["misses"] for r in together.values()}
     assert misses == {"image-only": 12, "text-only": 0, "slerp": 0}
+
+
+def test_one_run_covers_several_benchmarks(tmp_path, tiny_config, monkeypatch):
+    """`--dataset toy,toy2:val` runs every method on each benchmark with one backbone load; each dataset gets its
+    --data-root NAME=DIR and the options it declares; a leaderboard per benchmark; bad names, splits and roots
+    are one-line errors before anything runs."""
+    from cirbench import evaluate as loop
+    from cirbench.testing import ToyDataset, write_toy_dataset
+    from cirbench.types import DatasetSpec, OptionSpec
+
+    class Toy2:
+        @hookimpl
+        def register_datasets(self, register):
+            register(DatasetSpec(name="toy2", description="the toy data again", factory=ToyDataset,
+                                 splits=("val",), main_metric="R@1",
+                                 options=(OptionSpec("level", "an option of toy2 alone", "int", 0),)))
+
+    loads = []
+    real_load = loop.load_backbone
+    monkeypatch.setattr(loop, "load_backbone", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    first, second = write_toy_dataset(tmp_path / "a"), write_toy_dataset(tmp_path / "b")
+    common = ["--backbone", str(tiny_config), "--pretrained", "none", "--output", str(tmp_path / "out"),
+              "--no-cache", "--workers", "0", "--quiet", "--bootstrap", "0"]
+
+    def run(*args):
+        with registered(ToyPlugin(), "toy") as reg:
+            reg.register_plugin(Toy2(), name="toy2")
+            return CliRunner().invoke(cli, ["run", "--method", "image-only,slerp", *args, *common])
+
+    for args, message in (
+            (["--dataset", "toy,nosuch"], "unknown dataset 'nosuch'"),
+            (["--dataset", "toy:train,toy2"], "unknown split of toy 'train'"),
+            (["--dataset", "toy,toy2", "--data-root", str(first)], "give each its folder as --data-root NAME=DIR"),
+            (["--dataset", "toy,toy2", "--data-root", f"toy3={first}"], "'toy3' is not one of the datasets run"),
+            (["--dataset", "toy,toy2", "--data-root", f"toy={first / 'queries.json'}"], "is a file"),
+            (["--dataset", "toy", "--data-root", str(first), "--level", "3"], "--level")):
+        res = run(*args)
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)
+    assert not (tmp_path / "out").exists() and not loads
+    res = run("--dataset", "toy,toy2:val", "--data-root", f"toy={first}", "--data-root", f"toy2={second}",
+              "--level", "3")
+    assert res.exit_code == 0, res.output
+    assert len(loads) == 1
+    assert "### toy / val" in res.output and "### toy2 / val" in res.output
+    records = {(p.parent.parent.name, p.name): json.loads(p.read_text())
+               for p in (tmp_path / "out").glob("*/val/*.json")}
+    assert len(records) == 4
+    for (dataset, _), record in records.items():
+        assert record["dataset"]["options"] == ({"level": 3} if dataset == "toy2" else {"unused": 0})
+        assert record["dataset"]["data_root"] == str((first if dataset == "toy" else second).resolve())
+    for name in {name for _, name in records}:  # the same data in both folders: the same numbers
+        assert records["toy", name]["metrics"] == records["toy2", name]["metrics"]
 
 
 def test_gpu_decoded_features_have_a_key_and_fingerprint_of_their_own(tiny_config, monkeypatch):
