@@ -555,23 +555,40 @@ class _Trainer:
             key = backbone_key(t.backbone.model_name, t.backbone.pretrained, "fp32", str(self.device), cfg.seed)
             self.validation.backbones[key] = t.backbone.fp32_view()
         saved = rng_state()  # the evaluation seeds torch; the training's own draws must go on as they were
+        started = time.time()
         try:
             outcomes = evaluate(RunConfig(
                 method=t.name, dataset=dataset, split=split, backbone=t.backbone.model_name,
                 pretrained=t.backbone.pretrained, device=str(self.device), data_root=cfg.validate_data_root,
                 output=self.output / "validation", method_options={"checkpoint": str(checkpoint)},
                 label=f"{t.name}@step{self.state.step}", seed=cfg.seed, workers=cfg.workers, bootstrap=0,
-                progress=cfg.progress and self.rank_ == 0), loaded=self.validation)
+                cache_dir=self.validation_cache, progress=cfg.progress and self.rank_ == 0), loaded=self.validation)
         finally:
             set_rng_state(saved)
         if self.rank_ != 0:
             return
+        self.prune_validation_cache(started)
         metrics = {o.label: {k: round(v, 4) for k, v in o.metrics.items()} for o in outcomes}
         self.log.write({"step": self.state.step, "epoch": self.state.epoch, "validation": metrics})
         for label, values in metrics.items():
             shown = ", ".join(f"{k} {v:.2f}" for k, v in list(values.items())[:4])
             tqdm.write(f"validation at step {self.state.step} on {cfg.validate}: {shown} ({label})")
         self.keep_if_best(checkpoint, dataset, outcomes)
+
+    @property
+    def validation_cache(self) -> Path:
+        """The features validation encodes, kept with the run (a method that adapts the image tower makes a gallery
+        per step: in the shared cache they would pile up for good)."""
+        return self.output / "validation" / "cache"
+
+    def prune_validation_cache(self, started: float) -> None:
+        """Drop the features the validation that began at ``started`` did not read or write (earlier steps' adapted
+        galleries); those of the frozen backbone are read by every validation and stay."""
+        from .cache_inventory import feature_entries, remove
+
+        for entry in feature_entries(self.validation_cache):
+            if entry.used < started:  # (a coarse file-system clock may drop one in use too: it is encoded again)
+                remove(entry)
 
     def keep_if_best(self, checkpoint: Path, dataset: str, outcomes) -> None:
         """Copy ``checkpoint``'s weights to ``<output>/best`` when they score above every earlier validation of

@@ -633,6 +633,8 @@ def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, t
     steps and at the end), with the training's own backbone in fp32 (no second copy is loaded), scoring what
     `cirbench run` scores; the training's random draws (LoRA dropout here) go on as without it."""
     from cirbench import evaluate
+    from cirbench.cache_inventory import feature_entries
+    from cirbench.checkpoints import checkpoint_sha256
     from cirbench.testing import ToyDatasetPlugin, registered
 
     def second_copy(*_args, **_kwargs):
@@ -646,11 +648,18 @@ def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, t
         validating = _train_args(tiny_config, corpus, tmp_path / "val", "--max-steps", "4", "--lora-dropout", "0.5",
                                  "--validate", "toy:val", "--validate-data-root", str(toy_root), "--validate-every",
                                  "3")
+        shared_cache = Path(os.environ["CIRBENCH_CACHE"]) / "features"
+        before = sorted(shared_cache.glob("*")) if shared_cache.is_dir() else []
         with monkeypatch.context() as patched:
             patched.setattr(evaluate, "load_backbone", second_copy)
             res = CliRunner().invoke(cli, [a for a in validating if a != "--quiet"])
         assert res.exit_code == 0, res.output
         assert "validate on toy:val every 3 steps" in res.output
+        # the features validation encodes stay with the run, the last validation's alone (TAT adapts the gallery)
+        assert (sorted(shared_cache.glob("*")) if shared_cache.is_dir() else []) == before
+        final = checkpoint_sha256(tmp_path / "val")
+        kept = feature_entries(tmp_path / "val" / "validation" / "cache")
+        assert kept and all(e.key["feature"]["tat_lora_sha256"] == final for e in kept)
         for args, message in ((["--validate", "nosuch"], "unknown dataset 'nosuch'"),
                               (["--validate", "toy:train"], "--validate toy:train: unknown split of toy 'train'"),
                               (["--validate", "toy:test"], "are hidden"),
