@@ -303,7 +303,7 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     `cirbench methods` and `cirbench datasets` list them.
     """
     from . import distributed
-    from .evaluate import Loaded, RunConfig, evaluate
+    from .evaluate import Evaluator, Loaded, RunConfig
     from .plugins import get_registry
     from .types import resolve_options
 
@@ -328,7 +328,7 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
                 f"dataset{'s' if len(dspecs) > 1 else ''} {', '.join(d.name for d in dspecs)}")
         resolve_options(list(plugin_options.values()), unknown, dspecs[0].name, what,
                         command_option_names(ctx.command))
-    outcomes, loaded = [], Loaded()  # one backbone, each benchmark read once, features kept in memory between runs
+    runs, loaded = [], Loaded()  # one backbone, each benchmark read once, features kept in memory between runs
     for dspec, dsplit in benchmarks:
         for mspec in specs:
             declared = {o.name for o in mspec.options} | {o.name for o in dspec.options}
@@ -342,7 +342,10 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
                             max_image_pixels=max_image_pixels, allow_missing=allow_missing,
                             retrieval_backend=retrieval_backend, encode_path=encode_path, bootstrap=bootstrap,
                             progress=speaks and not quiet)
-            outcomes += evaluate(cfg, reg, loaded)
+            runs.append(Evaluator(cfg, reg, loaded=loaded))
+    for planned in runs:  # every benchmark's data and every plugin, before the first model is loaded
+        planned.check()
+    outcomes = [outcome for planned in runs for outcome in planned.run()]
     distributed.shutdown()
     if not speaks:
         return

@@ -167,8 +167,8 @@ def check_composed(features: Any, n: int, dim: int, mspec: MethodSpec, vectors: 
 
 
 @dataclass
-class _Context:
-    """What every option value of one run shares."""
+class _Checked:
+    """A run's names, options and benchmark data, checked before any model is loaded."""
 
     mspec: MethodSpec
     dspec: Any
@@ -178,6 +178,13 @@ class _Context:
     dataset: Any
     evalsets: list[EvalSet]
     set_counts: dict[str, dict[str, int]]
+    preprocess_kind: str
+
+
+@dataclass
+class _Context(_Checked):
+    """What every option value of one run shares."""
+
     backbone: Backbone
     preprocessor: Preprocessor
     cache: FeatureCache
@@ -211,6 +218,7 @@ class Evaluator:
         self.cfg = cfg
         self.registry = registry or get_registry()
         self.loaded = loaded if loaded is not None else Loaded()
+        self._checked: _Checked | None = None
         self.log = log if distributed.speaks() else (lambda _message: None)  # rank 0 says it for all
 
     # -- features ---------------------------------------------------------------------------------------
@@ -247,7 +255,11 @@ class Evaluator:
             outcomes.append(self._evaluate(ctx, opts, time_origin=start if not outcomes else t0))
         return outcomes
 
-    def _prepare(self) -> _Context:
+    def check(self) -> _Checked:
+        """Everything but the model: names, options, plugins that import, the benchmark's data read (once per
+        :class:`Loaded`). ``cirbench run`` checks every run of a command this way before the first one starts."""
+        if self._checked is not None:
+            return self._checked
         cfg = self.cfg
         mspec = self.registry.method(cfg.method)
         dspec = self.registry.dataset(cfg.dataset)
@@ -261,13 +273,21 @@ class Evaluator:
         preprocess_kind = cfg.preprocess or mspec.default_preprocess
         if preprocess_kind not in PREPROCESS_KINDS:
             raise UnknownNameError("preprocessing", preprocess_kind, PREPROCESS_KINDS)
-        writer = ResultWriter(Path(cfg.output) / dspec.name / split, enabled=distributed.is_main())
         loaded = self.loaded
         data_key = (dspec.name, split, str(cfg.data_root), json_hash(dataset_options[0]), cfg.allow_missing)
         if data_key not in loaded.data:
             loaded.data[data_key] = load_eval_sets(dspec, split, cfg.data_root, dataset_options[0],
                                                    cfg.allow_missing)
         dataset, evalsets, set_counts = loaded.data[data_key]
+        self._checked = _Checked(mspec, dspec, split, option_sets, dataset_options[0], dataset, evalsets, set_counts,
+                                 preprocess_kind)
+        return self._checked
+
+    def _prepare(self) -> _Context:
+        cfg, loaded = self.cfg, self.loaded
+        ctx = self.check()
+        mspec, dspec = ctx.mspec, ctx.dspec
+        writer = ResultWriter(Path(cfg.output) / dspec.name / ctx.split, enabled=distributed.is_main())
         model_name, pretrained = choose_backbone(cfg, mspec, dspec)
         tensor_decoder()  # a bad CIRBENCH_IMAGE_DECODER fails here, not in a reader process
         torch.manual_seed(cfg.seed)
@@ -286,8 +306,8 @@ class Evaluator:
                                  writer=distributed.is_main(), identity=cfg.cache_identity)
             if loaded.keep_features:
                 loaded.caches[ckey] = cache
-        return _Context(mspec, dspec, split, option_sets, dataset_options[0], dataset, evalsets, set_counts,
-                        backbone, backbone.preprocessor(preprocess_kind, cfg.max_image_pixels), cache, writer)
+        return _Context(**vars(ctx), backbone=backbone, cache=cache, writer=writer,
+                        preprocessor=backbone.preprocessor(ctx.preprocess_kind, cfg.max_image_pixels))
 
     def _evaluate(self, ctx: _Context, opts: dict[str, Any], time_origin: float) -> RunOutcome:
         """One option value: compose, rank, score every set; write the result and its predictions."""

@@ -157,7 +157,10 @@ def test_one_run_covers_several_benchmarks(tmp_path, tiny_config, monkeypatch):
             (["--dataset", "toy,toy2", "--data-root", str(first)], "give each its folder as --data-root NAME=DIR"),
             (["--dataset", "toy,toy2", "--data-root", f"toy3={first}"], "'toy3' is not one of the datasets run"),
             (["--dataset", "toy,toy2", "--data-root", f"toy={first / 'queries.json'}"], "is a file"),
-            (["--dataset", "toy", "--data-root", str(first), "--level", "3"], "--level")):
+            (["--dataset", "toy", "--data-root", str(first), "--level", "3"], "--level"),
+            # the second benchmark's data is checked before the first is run
+            (["--dataset", "toy,toy2", "--data-root", f"toy={first}", "--data-root", f"toy2={tmp_path / 'none'}"],
+             "annotation file")):
         res = run(*args)
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)
     assert not (tmp_path / "out").exists() and not loads
