@@ -355,9 +355,10 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
         click.echo(f"  result: {out.result_path}")
         for sub in out.submissions:
             click.echo(f"  submission: {sub}")
-    scored = [str(o.result_path) for o in outcomes if o.metrics]
-    if scored:
-        click.echo(f"look at the queries: cirbench report {' '.join(scored[:2])}")
+    scored = [o for o in outcomes if o.metrics]
+    if scored:  # a report compares two runs of one benchmark
+        same = [str(o.result_path) for o in scored if o.result_path.parent == scored[0].result_path.parent]
+        click.echo(f"look at the queries: cirbench report {' '.join(same[:2])}")
     if not no_leaderboard and outcomes:
         from .leaderboard import build_tables, render_markdown
 
