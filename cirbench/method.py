@@ -23,6 +23,10 @@ A method subclasses :class:`Method` and registers a :class:`~cirbench.types.Meth
 A method never sees a dataset's metrics, targets or gallery files; it knows the dataset's name (for
 per-dataset defaults), the queries' texts, their reference images and (in :meth:`finalize_queries`) the
 gallery's features.
+
+The backbone a method gets is shared: by the other methods and benchmarks of a ``cirbench run`` and, in
+training, by the training itself. Never change it in place (weights, hooks left behind, merged adapters):
+copy what the method adapts, as Slerp+TAT copies the image tower.
 """
 
 from __future__ import annotations
