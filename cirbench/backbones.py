@@ -189,6 +189,17 @@ class Backbone:
             raise ValueError("a backbone whose weights were cast to low precision has no fp32 view")
         return replace(self, precision="fp32", _text_memo={})
 
+    @torch.no_grad()
+    def state_token(self) -> tuple:
+        """What changes when code changes the model in place, cheaply (no full pass over the weights): each parameter
+        and buffer's identity, storage and torch's count of in-place writes, a strided sample of its values (an
+        edit through ``.data``, such as merging an adapter, escapes the count), and the hooks on its modules."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        samples = [t.reshape(-1)[:: max(1, t.numel() // 64)].double().sum() for t in tensors if t.numel()]
+        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.model.modules())
+        return (tuple((id(t), t.data_ptr(), t._version) for t in tensors), hooks,
+                tuple(torch.stack(samples).cpu().tolist()) if samples else ())
+
     @property
     def embed_dim(self) -> int:
         """Width of the joint image-text embedding."""

@@ -313,6 +313,7 @@ class Evaluator:
         """One option value: compose, rank, score every set; write the result and its predictions."""
         cfg = self.cfg
         stats_before = dict(ctx.cache.stats)  # the cache may serve earlier runs too: this run's hits and misses
+        backbone_before = ctx.backbone.state_token()
         method = ctx.mspec.create(ctx.backbone, opts, ctx.dspec.name)
         label = run_label(cfg, ctx.mspec, opts, method.label_tag() if hasattr(method, "label_tag") else None)
         record = self._record(cfg, ctx.mspec, ctx.dspec, ctx.dataset, ctx.split, method, label, opts,
@@ -354,6 +355,11 @@ class Evaluator:
                       **({"write_error": ctx.cache.write_error} if ctx.cache.write_error else {})},
             "environment": environment_info(str(ctx.backbone.device)),
         })
+        if ctx.backbone.state_token() != backbone_before:
+            self.loaded.backbones.clear()  # no later run may use it
+            raise CirbenchError(f"method '{ctx.mspec.name}' (plugin {ctx.mspec.plugin or '?'}) changed the backbone "
+                                "in place (its weights, or hooks left on it), which the run's other methods and "
+                                "benchmarks share: it must copy what it adapts; its result was not written")
         result_path, pred_path = ctx.writer.write(stem, record, predictions)
         note = None
         plain = ctx.writer.stem(label, ctx.backbone.slug)

@@ -400,6 +400,56 @@ def test_compare_two_runs(tmp_path, tiny_config, toy_root):
     assert res.exit_code == 2 and "does not belong" in res.output  # predictions no longer match their result
 
 
+def test_a_method_that_changes_the_shared_backbone_is_stopped(tmp_path, tiny_config, toy_root):
+    """The backbone is shared by a run's methods and benchmarks (and by training in --validate): a method that
+    changes it in place (an edit through .data as an adapter merge does, a replaced parameter, an in-place write,
+    a hook left on it) is a one-line error naming it, its result unwritten; a method that copies what it adapts
+    runs."""
+    import copy
+
+    import torch
+
+    from cirbench import Method, MethodSpec, OptionSpec, hookimpl
+
+    class Adapting(Method):
+        def __init__(self, backbone, options, dataset=None):
+            super().__init__(backbone, options, dataset)
+            visual, mode = backbone.model.visual, options["mode"]
+            if mode == "merge":
+                visual.proj.data += 0.01
+            elif mode == "replace":
+                visual.proj = torch.nn.Parameter(visual.proj.detach().clone())
+            elif mode == "write":
+                with torch.no_grad():
+                    backbone.model.logit_scale.mul_(1.0)
+            elif mode == "hook":
+                visual.register_forward_hook(lambda _module, _inputs, output: output)
+            elif mode == "copy":
+                self.visual = copy.deepcopy(visual)
+                self.visual.proj.data += 0.01
+
+        def compose(self, references, queries):
+            return references
+
+    class AdaptingPlugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(MethodSpec(name="adapting", description="changes the backbone as told", factory=Adapting,
+                                options=(OptionSpec("mode", "how", "str", "copy"),)))
+
+    with registered(ToyPlugin(), "toy") as reg:
+        reg.register_plugin(AdaptingPlugin(), name="adapting-plugin")
+        for mode in ("merge", "replace", "write", "hook"):
+            out = tmp_path / mode
+            with pytest.raises(CirbenchError, match=r"method 'adapting' \(plugin adapting-plugin\) changed the "
+                                                    "backbone in place"):
+                evaluate(_cfg(tmp_path, tiny_config, toy_root, method="adapting", method_options={"mode": mode},
+                              output=out, bootstrap=0), reg)
+            assert not list(out.rglob("*.json")), mode
+        (ok,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="adapting", bootstrap=0), reg)
+    assert ok.result_path.is_file()
+
+
 def test_what_a_method_returns_is_checked_and_the_plugin_named(tmp_path, tiny_config, toy_root):
     """compose and finalize_queries must return [Q, D] finite, L2-normalised tensors; anything else is a
     one-line error naming the method, its plugin and the hook, never a ranking by garbage."""
