@@ -129,10 +129,17 @@ def select(entries: list[Entry], backbones: tuple[str, ...] = (), unused_for_day
     return [e for e in entries if matches(e)]
 
 
-def remove(entry: Entry) -> None:
-    """Delete ``entry``'s folder, after any run that is encoding into it has written its shard."""
+def remove(entry: Entry) -> str | None:
+    """Delete ``entry``'s folder, after any run that is encoding into it has written its shard; why it could not
+    be deleted (all of it), or None."""
     with making(entry.folder, waiting=f"waiting for a run that is encoding into {entry.folder}"):
-        shutil.rmtree(entry.folder, ignore_errors=True)
+        try:
+            shutil.rmtree(entry.folder)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc.strerror or exc}"
+    return None
 
 
 def human_size(size: float) -> str:

@@ -220,7 +220,7 @@ def test_without_locks_the_cache_still_works(tmp_path, files, monkeypatch):
     assert ran == [True]
 
 
-def test_cache_list_and_clear(tmp_path, files):
+def test_cache_list_and_clear(tmp_path, files, monkeypatch):
     """`cirbench cache list` shows each key's backbone, preprocessing, feature kind, rows and size (a damaged
     shard is named) without importing torch; `cirbench cache clear` removes what a filter selects (a backbone,
     entries no run has read for N days, or --all), asks first unless --yes, and leaves other folders alone; a
@@ -276,6 +276,16 @@ def test_cache_list_and_clear(tmp_path, files):
     assert not folders["b32"].exists() and folders["l14"].is_dir()
     res = cache("clear", "--backbone", "ViT-H*", "--yes")
     assert res.exit_code == 0 and "no entry matches" in res.output and folders["l14"].is_dir()
+    import cirbench.cache_inventory as inventory
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with monkeypatch.context() as patched:  # a folder that cannot be deleted: said, and a non-zero exit
+        patched.setattr(inventory.shutil, "rmtree", denied)
+        res = cache("clear", "--backbone", "ViT-L-14*", "--yes")
+    assert res.exit_code == 2 and "removed 0 entries" in res.output and "1 entry could not be removed" in res.output
+    assert "Permission denied" in res.output and folders["l14"].is_dir()
     res = cache("clear", "--backbone", "ViT-L-14*", "--yes")
     assert res.exit_code == 0 and not folders["l14"].exists()
     assert (root / "generations" / "paid.jsonl").is_file()

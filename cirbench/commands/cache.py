@@ -114,6 +114,9 @@ def clear(cache_dir, backbones, unused_for, everything, dry_run, yes):
         return
     if not yes:
         click.confirm(f"remove these {_entries(len(chosen))} ({size})?", abort=True)
-    for entry in chosen:
-        remove(entry)
-    click.echo(f"removed {_entries(len(chosen))} ({size}) from {root}/features")
+    failed = [(entry, why) for entry in chosen if (why := remove(entry)) is not None]
+    gone = [entry for entry in chosen if all(entry is not f for f, _ in failed)]
+    click.echo(f"removed {_entries(len(gone))} ({human_size(sum(e.size for e in gone))}) from {root}/features")
+    if failed:
+        entry, why = failed[0]
+        raise CirbenchError(f"{_entries(len(failed))} could not be removed, e.g. {entry.folder} ({why})")
