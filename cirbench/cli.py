@@ -360,17 +360,20 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
         same = [str(o.result_path) for o in scored if o.result_path.parent == scored[0].result_path.parent]
         click.echo(f"look at the queries: cirbench report {' '.join(same[:2])}")
     if not no_leaderboard and outcomes:
-        from .leaderboard import build_tables, render_markdown
+        from .leaderboard import build_tables, render_markdown, summary_table
 
         pairs = list(dict.fromkeys((o.record["dataset"]["name"], o.record["dataset"]["split"]) for o in outcomes))
         tables = build_tables(Path(output), datasets=pairs)
+        if len(tables) > 1:  # several benchmarks: also the table across them
+            tables.append(summary_table(tables))
         if tables:
             click.echo("")
             click.echo(render_markdown(tables))
 
 
 @cli.command(epilog="\b\nExamples:\n  cirbench leaderboard\n  cirbench leaderboard results/ --no-paper --ci\n"
-             "  cirbench leaderboard results/ --dataset circo --method 'slerp*' --format latex")
+             "  cirbench leaderboard results/ --dataset circo --method 'slerp*' --format latex\n"
+             "  cirbench leaderboard results/ --summary --format latex   # one table across benchmarks")
 @click.argument("results_dir", type=click.Path(file_okay=False), default="results")
 @click.option("--dataset", default=None, help="Only this dataset.")
 @click.option("--method", "methods", multiple=True, help="Only rows whose label matches (glob or substring; repeat).")
@@ -382,7 +385,10 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
 @click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "html", "latex"]), default="markdown",
               show_default=True, help="What to print.")
 @click.option("--all-metrics", is_flag=True, help="Also show breakdown metrics (e.g. CIRCO's per-aspect mAP@10).")
-def leaderboard(results_dir, dataset, methods, backbones, no_paper, ci, write, fmt, all_metrics):
+@click.option("--summary", is_flag=True,
+              help="One table across benchmarks, as a paper's main table: each benchmark's published metrics as "
+                   "columns (written as summary.md/.html/.tex/.csv).")
+def leaderboard(results_dir, dataset, methods, backbones, no_paper, ci, write, fmt, all_metrics, summary):
     """Tables of all results under RESULTS_DIR: one per dataset/split, runs as rows (sorted by the dataset's
     main metric), metrics as columns.
 
@@ -390,7 +396,7 @@ def leaderboard(results_dir, dataset, methods, backbones, no_paper, ci, write, f
     LaTeX, '*' in CSV). Published numbers appear as rows tagged "paper" (or "paper (test)" when the papers
     report another split).
     """
-    from .leaderboard import RENDERERS, build_tables, write_tables
+    from .leaderboard import RENDERERS, build_tables, summary_table, write_tables
 
     root = Path(results_dir)
     if not root.is_dir():
@@ -401,8 +407,10 @@ def leaderboard(results_dir, dataset, methods, backbones, no_paper, ci, write, f
     if not tables:
         raise CirbenchError(f"no result files under {root}" + (" match the filters" if methods or backbones or dataset
                                                                   else ""))
+    if summary:
+        tables = [summary_table(tables)]
     if write:
-        for path in write_tables(tables, root / "leaderboard", ci=ci):
+        for path in write_tables(tables, root / "leaderboard", ci=ci, stem="summary" if summary else "leaderboard"):
             click.echo(f"wrote {path}", err=True)
     click.echo(RENDERERS[fmt](tables, ci))
 

@@ -37,14 +37,19 @@ class Table:
     frame: pd.DataFrame  # index: row label; columns: INFO_COLUMNS, then metrics
     main_metric: str | None = None
     ci: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # (row, metric) -> (low, high)
+    heading: str | None = None  # the title, where it is not "dataset / split" (the summary)
 
     @property
     def title(self) -> str:
-        return f"{self.dataset} / {self.split}"
+        return self.heading or f"{self.dataset} / {self.split}"
 
     @property
     def metric_columns(self) -> list[str]:
         return [c for c in self.frame.columns if c not in INFO_COLUMNS]
+
+    @property
+    def info_columns(self) -> list[str]:
+        return [c for c in INFO_COLUMNS if c in self.frame.columns]
 
     def best(self, column: str) -> float | None:
         """The best value of a column among the rows of this table's split."""
@@ -157,6 +162,41 @@ def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones) -> Tabl
     return Table(ds, sp, frame, main, ci)
 
 
+def summary_table(tables: list[Table]) -> Table:
+    """One table across benchmarks, as a paper's main table: a row per run (or published row), for each benchmark
+    the metrics its published rows report (its main metric where it has none), headed ``dataset/split metric``.
+    Rows keep their per-benchmark names, so a published row of another split stays a row of its own; the best of
+    each column is marked as in the benchmark's own table."""
+    frames, ci = [], {}
+    for t in tables:
+        spec = _dataset_spec(t.dataset)
+        published = {m for r in (spec.paper_rows if spec else ()) for m in r.metrics}
+        metrics = [m for m in t.metric_columns if m in published] or ([t.main_metric] if t.main_metric else [])
+        columns = {m: f"{t.dataset}/{t.split} {m}" for m in metrics}
+        part = t.frame[["source", "backbone", "precision", *metrics]].rename(columns=columns)
+        frames.append(part)
+        ci.update({(row, columns[m]): v for (row, m), v in t.ci.items() if m in columns})
+    if not frames:
+        raise CirbenchError("no table to summarise")
+    frame = frames[0]
+    for part in frames[1:]:
+        frame = _outer(frame, part)
+    ours = frame["source"] == "cirbench"
+    frame = pd.concat([frame[ours], frame[~ours]])
+    return Table("summary", "all", frame, None, ci, heading="summary: each benchmark's published metrics")
+
+
+def _outer(left: pd.DataFrame, right: pd.DataFrame) -> pd.DataFrame:
+    """Rows of both, in order of first appearance; a row's source, backbone and precision from whichever has
+    them."""
+    shared = ["source", "backbone", "precision"]
+    order = list(dict.fromkeys([*left.index, *right.index]))
+    joined = left.join(right.drop(columns=shared), how="outer", sort=False).reindex(order)
+    for col in shared:
+        joined[col] = joined[col].fillna(right[col].reindex(order))
+    return joined
+
+
 # -- rendering -------------------------------------------------------------------------------------------------
 def _cell(table: Table, row: str, col: str, value: Any, mark, ci: bool, sep: str = " ") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -182,7 +222,7 @@ def _formatted(table: Table, mark, ci: bool = False) -> pd.DataFrame:
     for row in frame.index:
         for col in table.metric_columns:
             frame.at[row, col] = _cell(table, row, col, table.frame.at[row, col], mark, ci)
-        for col in INFO_COLUMNS:
+        for col in table.info_columns:
             frame.at[row, col] = _info(table.frame.at[row, col])
     return frame
 
@@ -203,7 +243,7 @@ def render_csv(tables: list[Table], ci: bool = False) -> str:
             for col in t.metric_columns:
                 v = t.frame.at[row, col]
                 frame.at[row, col] = "" if pd.isna(v) else _cell(t, row, col, v, lambda s: s + "*", ci, sep=" ")
-            for col in INFO_COLUMNS:
+            for col in t.info_columns:
                 frame.at[row, col] = _info(t.frame.at[row, col])
         frame.insert(0, "split", t.split)
         frame.insert(0, "dataset", t.dataset)
@@ -260,15 +300,15 @@ def render_latex(tables: list[Table], ci: bool = False) -> str:
 RENDERERS = {"markdown": render_markdown, "csv": render_csv, "html": render_html, "latex": render_latex}
 
 
-def write_tables(tables: list[Table], out_dir: Path, ci: bool = False) -> list[Path]:
-    """Write ``leaderboard.md``, ``.html``, ``.tex`` and one CSV per table (atomically)."""
+def write_tables(tables: list[Table], out_dir: Path, ci: bool = False, stem: str = "leaderboard") -> list[Path]:
+    """Write ``<stem>.md``, ``.html``, ``.tex`` and one CSV per table (atomically)."""
     from .util import atomic_write_bytes
 
     out_dir = Path(out_dir)
     written = []
-    for name, fmt in (("leaderboard.md", "markdown"), ("leaderboard.html", "html"), ("leaderboard.tex", "latex")):
-        atomic_write_bytes(out_dir / name, RENDERERS[fmt](tables, ci).encode())
-        written.append(out_dir / name)
+    for suffix, fmt in ((".md", "markdown"), (".html", "html"), (".tex", "latex")):
+        atomic_write_bytes(out_dir / f"{stem}{suffix}", RENDERERS[fmt](tables, ci).encode())
+        written.append(out_dir / f"{stem}{suffix}")
     for t in tables:
         path = out_dir / f"{t.dataset}_{t.split}.csv"
         atomic_write_bytes(path, render_csv([t], ci).encode())

@@ -154,3 +154,33 @@ def test_a_run_on_part_of_a_benchmark_says_which_part(tmp_path):
     rec_path.write_text(json.dumps(rec))
     tables = {t.dataset: t for t in build_tables(tmp_path, include_paper=False)}
     assert list(tables["coco-object"].frame.index) == ["slerp (queries=my_eval.csv) · ViT-B-32/openai"]
+
+
+def test_summary_puts_each_benchmarks_published_metrics_side_by_side(tmp_path):
+    """`cirbench leaderboard --summary`: one row per run across benchmarks, each benchmark's published metrics as
+    `dataset/split metric` columns, published rows merged across benchmarks, the best of each column marked as in
+    the benchmark's own table; written as summary.md/.html/.tex/.csv."""
+    from cirbench.leaderboard import summary_table
+
+    _result(tmp_path, "circo", "test", "slerp", {"mAP@5": 30.0, "mAP@10": 31.0, "mAP@25": 33.0, "mAP@50": 34.0,
+                                                "R@5": 1.0}, backbone="ViT-L-14")
+    _result(tmp_path, "circo", "test", "image-only", {"mAP@5": 3.0, "mAP@10": 4.0, "mAP@25": 4.0, "mAP@50": 4.5},
+            backbone="ViT-L-14")
+    _result(tmp_path, "cirr", "test1", "slerp", {"R@1": 20.0, "R@5": 50.0, "R@10": 60.0, "R@50": 80.0, "Rs@1": 50.0,
+                                                "Rs@2": 70.0, "Rs@3": 85.0}, backbone="ViT-L-14")
+    table = summary_table(build_tables(tmp_path))
+    frame = table.frame
+    assert table.metric_columns[:5] == ["circo/test mAP@5", "circo/test mAP@10", "circo/test mAP@25",
+                                        "circo/test mAP@50", "cirr/test1 R@1"]
+    assert "circo/test R@5" not in frame.columns  # no paper reports it: not a column of the paper's table
+    assert list(frame.index[:2]) == ["slerp · ViT-L-14/openai", "image-only · ViT-L-14/openai"]
+    slerp, fti = frame.loc["slerp · ViT-L-14/openai"], frame.loc["fti4cir · ViT-L/14 [paper]"]
+    assert slerp["circo/test mAP@5"] == 30.0 and slerp["cirr/test1 Rs@3"] == 85.0 and slerp["precision"] == "fp32"
+    assert fti["circo/test mAP@5"] == 15.05 and fti["cirr/test1 R@1"] == 25.90 and fti["source"] == "paper"
+    assert frame.loc["image-only · ViT-L-14/openai"].isna()["cirr/test1 R@1"]
+    md = render_markdown([table])
+    assert md.startswith("### summary") and "**30.00**" in md and "**30.94**" in md and "| 20.00 " in md
+    res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path), "--summary", "--format", "latex"])
+    assert res.exit_code == 0 and r"circo/test mAP@5" in res.output and r"\textbf{30.00}" in res.output
+    assert {p.name for p in (tmp_path / "leaderboard").iterdir()} == {"summary.md", "summary.html", "summary.tex",
+                                                                      "summary_all.csv"}

@@ -169,6 +169,8 @@ def test_one_run_covers_several_benchmarks(tmp_path, tiny_config, monkeypatch):
     assert res.exit_code == 0, res.output
     assert len(loads) == 1
     assert "### toy / val" in res.output and "### toy2 / val" in res.output
+    summary = res.output[res.output.index("### summary"):]  # the table across them: each main metric
+    assert "toy/val R@1" in summary and "toy2/val R@1" in summary and "image-only · cirbench-tiny-test/none" in summary
     (report,) = [line for line in res.output.splitlines() if line.startswith("look at the queries")]
     assert report.count(str(tmp_path / "out" / "toy" / "val")) == 2  # two runs of one benchmark
     records = {(p.parent.parent.name, p.name): json.loads(p.read_text())
