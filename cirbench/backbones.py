@@ -180,7 +180,6 @@ class Backbone:
         """The dtype the image tower takes (the weights' dtype: float32, or bf16/fp16 after a cast)."""
         return LOW_PRECISION.get(self.precision, torch.float32) if self.weights_cast else torch.float32
 
-
     def fp32_view(self) -> Backbone:
         """The same model (not a copy) run in fp32 with a text memo of its own (memoised features depend on the
         precision): what a training run validates through, as ``cirbench run`` at its default precision would
