@@ -345,7 +345,12 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
             runs.append(Evaluator(cfg, reg, loaded=loaded))
     for planned in runs:  # every benchmark's data and every plugin, before the first model is loaded
         planned.check()
-    outcomes = [outcome for planned in runs for outcome in planned.run()]
+    outcomes = []
+    for number, planned in enumerate(runs, 1):
+        if len(runs) > 1 and speaks and not quiet:  # which run the progress bars below belong to
+            checked = planned.check()
+            click.echo(f"[{number}/{len(runs)}] {checked.mspec.name} on {checked.dspec.name}/{checked.split}", err=True)
+        outcomes += planned.run()
     distributed.shutdown()
     if not speaks:
         return

@@ -146,10 +146,11 @@ def test_one_run_covers_several_benchmarks(tmp_path, tiny_config, monkeypatch):
     common = ["--backbone", str(tiny_config), "--pretrained", "none", "--output", str(tmp_path / "out"),
               "--no-cache", "--workers", "0", "--quiet", "--bootstrap", "0"]
 
-    def run(*args):
+    def run(*args, quiet=True):
         with registered(ToyPlugin(), "toy") as reg:
             reg.register_plugin(Toy2(), name="toy2")
-            return CliRunner().invoke(cli, ["run", "--method", "image-only,slerp", *args, *common])
+            return CliRunner().invoke(cli, ["run", "--method", "image-only,slerp", *args,
+                                            *[a for a in common if quiet or a != "--quiet"]])
 
     for args, message in (
             (["--dataset", "toy,nosuch"], "unknown dataset 'nosuch'"),
@@ -165,8 +166,9 @@ def test_one_run_covers_several_benchmarks(tmp_path, tiny_config, monkeypatch):
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)
     assert not (tmp_path / "out").exists() and not loads
     res = run("--dataset", "toy,toy2:val", "--data-root", f"toy={first}", "--data-root", f"toy2={second}",
-              "--level", "3")
+              "--level", "3", quiet=False)
     assert res.exit_code == 0, res.output
+    assert "[1/4] image-only on toy/val" in res.output and "[4/4] slerp on toy2/val" in res.output
     assert len(loads) == 1
     assert "### toy / val" in res.output and "### toy2 / val" in res.output
     summary = res.output[res.output.index("### summary"):]  # the table across them: each main metric
