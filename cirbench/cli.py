@@ -31,7 +31,8 @@ Examples:
 # imports torch only inside the command body).
 BUILTIN_COMMAND_MODULES: tuple[str, ...] = ("cirbench.commands.train", "cirbench.commands.bench",
                                              "cirbench.commands.compare", "cirbench.commands.data",
-                                             "cirbench.commands.report", "cirbench.commands.cache")
+                                             "cirbench.commands.report", "cirbench.commands.cache",
+                                             "cirbench.commands.reproduce")
 
 
 def _error(line: str) -> None:

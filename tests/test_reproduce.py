@@ -1,0 +1,63 @@
+"""`cirbench reproduce`: a result file run again from what it records, and compared."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from click.testing import CliRunner
+from helpers import registered
+from toy_plugin import ToyPlugin
+
+from cirbench.cli import cli
+
+
+def test_reproduce_runs_a_result_again_and_says_what_differs(tmp_path, tiny_config, toy_root):
+    """The same configuration gives identical metrics and rankings (exit 0), wherever the data now lies; another
+    option value is named as a configuration difference, a metric that moved beyond --tolerance is named with
+    its difference (exit 1); --json and --output keep what they promise; a file that is no result is a one-line
+    error."""
+    def invoke(*args):
+        with registered(ToyPlugin(), "toy"):
+            return CliRunner().invoke(cli, list(args))
+
+    res = invoke("run", "--method", "slerp", "--alpha", "0.8", "--dataset", "toy", "--data-root", str(toy_root),
+                 "--backbone", str(tiny_config), "--pretrained", "none", "--output", str(tmp_path / "out"),
+                 "--workers", "0", "--quiet", "--bootstrap", "0", "--no-leaderboard")
+    assert res.exit_code == 0, res.output
+    (result,) = (tmp_path / "out" / "toy" / "val").glob("*.json")
+    again = ("reproduce", str(result), "--backbone", str(tiny_config), "--quiet")
+
+    res = invoke(*again)
+    assert res.exit_code == 0, res.output
+    assert "reproduced: same configuration, every metric within 0 (identical)" in res.output
+    assert "100.00% of 12 queries have identical saved top lists" in res.output
+    moved = shutil.copytree(toy_root, tmp_path / "moved")
+    shutil.rmtree(toy_root)
+    res = invoke(*again, "--data-root", str(moved))
+    assert res.exit_code == 0 and "(identical)" in res.output, res.output
+
+    res = invoke(*again, "--data-root", str(moved), "--alpha", "0.5")
+    assert res.exit_code == 1, res.output
+    assert "configuration differs: method.options.alpha: recorded 0.8, now 0.5" in res.output
+    assert "not reproduced: the configuration differs" in res.output
+
+    record = json.loads(result.read_text())
+    record["metrics"]["R@1"] += 1.5
+    result.write_text(json.dumps(record))
+    res = invoke(*again, "--data-root", str(moved))
+    assert res.exit_code == 1 and "not reproduced: a metric differs by 1.5000 (tolerance 0)" in res.output
+    res = invoke(*again, "--data-root", str(moved), "--tolerance", "2", "--json", "--output", str(tmp_path / "re"))
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["reproduced"] and report["rankings"]["identical"] == 1.0
+    assert (tmp_path / "re" / "toy" / "val").is_dir() and report["result"].startswith(str(tmp_path / "re"))
+
+    not_a_result = tmp_path / "x.json"
+    not_a_result.write_text("[1, 2]")
+    res = invoke("reproduce", str(not_a_result))
+    assert res.exit_code == 2 and "schema_version" in res.output and "Traceback" not in res.output
+    record["method"]["name"] = "nosuch"
+    result.write_text(json.dumps(record))
+    res = invoke(*again)
+    assert res.exit_code == 2 and "unknown method 'nosuch'" in res.output and "Traceback" not in res.output
