@@ -49,9 +49,21 @@ def test_reproduce_runs_a_result_again_and_says_what_differs(tmp_path, tiny_conf
     assert res.exit_code == 1 and "not reproduced: a metric differs by 1.5000 (tolerance 0)" in res.output
     res = invoke(*again, "--data-root", str(moved), "--tolerance", "2", "--json", "--output", str(tmp_path / "re"))
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    (report,) = json.loads(res.output)
     assert report["reproduced"] and report["rankings"]["identical"] == 1.0
     assert (tmp_path / "re" / "toy" / "val").is_dir() and report["result"].startswith(str(tmp_path / "re"))
+
+    # several results at once: each compared, one verdict each, the exit says whether all held
+    res = invoke("run", "--method", "image-only", "--dataset", "toy", "--data-root", str(moved), "--backbone",
+                 str(tiny_config), "--pretrained", "none", "--output", str(tmp_path / "out"), "--workers", "0",
+                 "--quiet", "--bootstrap", "0", "--no-leaderboard")
+    assert res.exit_code == 0, res.output
+    both = sorted(str(p) for p in (tmp_path / "out" / "toy" / "val").glob("*.json"))
+    res = invoke("reproduce", *both, "--backbone", str(tiny_config), "--quiet", "--data-root", str(moved))
+    assert res.exit_code == 1 and "1 of 2 reproduced" in res.output  # the tampered R@1 is still there
+    res = invoke("reproduce", *both, "--backbone", str(tiny_config), "--quiet", "--data-root", str(moved),
+                 "--tolerance", "2")
+    assert res.exit_code == 0 and "2 of 2 reproduced" in res.output
 
     not_a_result = tmp_path / "x.json"
     not_a_result.write_text("[1, 2]")
