@@ -282,8 +282,18 @@ def render_latex(tables: list[Table], ci: bool = False) -> str:
     for t in tables:
         metrics = t.metric_columns
         frame = _formatted(t, lambda s: f"\x00bf{s}\x00", ci)
-        lines = [f"% {t.title}", r"\begin{tabular}{l" + "r" * len(metrics) + "}", r"\toprule",
-                 " & ".join(["Method"] + [latex_escape(m) for m in metrics]) + r" \\", r"\midrule"]
+        lines = [f"% {t.title}", r"\begin{tabular}{l" + "r" * len(metrics) + "}", r"\toprule"]
+        groups = _column_groups(metrics) if t.dataset == "summary" else None
+        if groups:  # the summary: a header row of benchmarks over their metrics, as papers set them
+            lines.append(" & ".join([""] + [rf"\multicolumn{{{n}}}{{c}}{{{latex_escape(g)}}}" for g, n in groups])
+                         + r" \\")
+            first, rules = 2, []
+            for _, n in groups:
+                rules.append(rf"\cmidrule(lr){{{first}-{first + n - 1}}}")
+                first += n
+            lines.append(" ".join(rules))
+        shown = [m.split(" ", 1)[1] if groups else m for m in metrics]
+        lines += [" & ".join(["Method"] + [latex_escape(m) for m in shown]) + r" \\", r"\midrule"]
         for row in frame.index:
             cells = [latex_escape(row)]
             for m in metrics:
@@ -295,6 +305,21 @@ def render_latex(tables: list[Table], ci: bool = False) -> str:
         lines += [r"\bottomrule", r"\end{tabular}"]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _column_groups(columns: list[str]) -> list[tuple[str, int]] | None:
+    """``["circo/test mAP@5", "circo/test mAP@10", "cirr/test1 R@1"]`` -> ``[("circo/test", 2), ("cirr/test1",
+    1)]``: the summary's benchmarks with their column counts (None when a column names no benchmark)."""
+    groups: list[tuple[str, int]] = []
+    for column in columns:
+        if " " not in column:
+            return None
+        group = column.split(" ", 1)[0]
+        if groups and groups[-1][0] == group:
+            groups[-1] = (group, groups[-1][1] + 1)
+        else:
+            groups.append((group, 1))
+    return groups
 
 
 RENDERERS = {"markdown": render_markdown, "csv": render_csv, "html": render_html, "latex": render_latex}

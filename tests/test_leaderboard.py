@@ -181,6 +181,9 @@ def test_summary_puts_each_benchmarks_published_metrics_side_by_side(tmp_path):
     md = render_markdown([table])
     assert md.startswith("### summary") and "**30.00**" in md and "**30.94**" in md and "| 20.00 " in md
     res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path), "--summary", "--format", "latex"])
-    assert res.exit_code == 0 and r"circo/test mAP@5" in res.output and r"\textbf{30.00}" in res.output
+    assert res.exit_code == 0 and r"\textbf{30.00}" in res.output
+    # LaTeX groups each benchmark's columns under its name, as a paper's table does
+    assert r"& \multicolumn{4}{c}{circo/test} & \multicolumn{7}{c}{cirr/test1} \\" in res.output
+    assert r"\cmidrule(lr){2-5} \cmidrule(lr){6-12}" in res.output and "\nMethod & mAP@5 & mAP@10" in res.output
     assert {p.name for p in (tmp_path / "leaderboard").iterdir()} == {"summary.md", "summary.html", "summary.tex",
                                                                       "summary_all.csv"}
