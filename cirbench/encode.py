@@ -414,8 +414,11 @@ def encode_images(
     if workers < 0:
         raise CirbenchError(f"workers must be 0 or more (got {workers})")
     files = BatchFiles(images, preprocessor, batch_size, batched=path == "batched")
+    # a generator of its own: the loader's seed draw leaves torch's global random state alone, so a method that
+    # draws from it meets the same state whether its images were encoded or found in the cache
     loader = torch.utils.data.DataLoader(files, batch_size=None, shuffle=False, num_workers=workers,
-                                         prefetch_factor=2 if workers else None, persistent_workers=False)
+                                         prefetch_factor=2 if workers else None, persistent_workers=False,
+                                         generator=torch.Generator())
     stages = Prefetcher(iter(loader), Stager(images, preprocessor, device, dtype), device,
                         prefetch_threads or (2 if device.type == "cuda" else 1))
     writer = ChunkWriter(len(images), lambda i: str(images[i].path), on_chunk, device)

@@ -314,6 +314,9 @@ class Evaluator:
         cfg = self.cfg
         stats_before = dict(ctx.cache.stats)  # the cache may serve earlier runs too: this run's hits and misses
         backbone_before = ctx.backbone.state_token()
+        # each option value, and each method of a command, meets the same random state, whatever ran or loaded
+        # before it: a value of a sweep gives what it gives run alone
+        torch.manual_seed(cfg.seed)
         method = ctx.mspec.create(ctx.backbone, opts, ctx.dspec.name)
         label = run_label(cfg, ctx.mspec, opts, method.label_tag() if hasattr(method, "label_tag") else None)
         record = self._record(cfg, ctx.mspec, ctx.dspec, ctx.dataset, ctx.split, method, label, opts,

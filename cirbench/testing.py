@@ -11,7 +11,8 @@ set-up:
 * ``cirbench_toy``: registers the toy dataset plugin (dataset ``toy``) for the test and returns the registry.
 
 Outside pytest: :func:`write_tiny_config`, :func:`write_toy_dataset`, :func:`registered` and
-:class:`ToyDatasetPlugin`. Importing this module does not import torch.
+:class:`ToyDatasetPlugin`. :func:`check_method` checks a method plugin against what the loop asks of one, in a
+single call. Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -111,6 +112,50 @@ def registered(plugin: Any, name: str) -> Iterator[Any]:
         yield reg
     finally:
         plugins.reset_registry()
+
+
+def check_method(method: str, folder: Path, options: dict[str, Any] | None = None, registry: Any = None) -> list:
+    """What cirbench asks of a method plugin, checked on the toy dataset with the tiny backbone (in ``folder``):
+
+    * it runs through the loop, which checks what it returns (shapes, finite and L2-normalised features) and
+      that it leaves the shared backbone as it found it;
+    * it is deterministic: a second run gives the same metrics and the same rankings;
+    * it shares well: run after and before another method in one command (one backbone, features kept in
+      memory), it gives what it gives alone, and the other method gives what it gives alone.
+
+    ``options`` are the method's options (a checkpoint, say), as in ``RunConfig.method_options``. Returns the
+    first run's outcomes; raises AssertionError saying what does not hold."""
+    import dataclasses
+
+    from . import plugins
+    from .evaluate import Evaluator, Loaded, RunConfig
+    from .results import read_predictions_of
+
+    reg = registry or plugins.get_registry()
+    if "toy" not in reg.datasets:
+        reg.register_plugin(ToyDatasetPlugin(), name="toy")
+    folder = Path(folder)
+    cfg = RunConfig(method=method, dataset="toy", split="val", backbone=str(write_tiny_config(folder / "cfg")),
+                    pretrained="none", data_root=write_toy_dataset(folder / "toy"), output=folder / "alone",
+                    use_cache=False, method_options=dict(options or {}), workers=0, bootstrap=0, progress=False)
+    other = dataclasses.replace(cfg, method="text-only" if method != "text-only" else "image-only",
+                                method_options={})  # text-only reads the backbone's texts and the gallery
+
+    def seen(outcomes) -> list[tuple[str, dict, list]]:
+        return [(o.label, o.metrics, [r.get("top") for r in read_predictions_of(o.result_path)]) for o in outcomes]
+
+    alone = Evaluator(cfg, reg).run()
+    again = Evaluator(dataclasses.replace(cfg, output=folder / "again"), reg).run()
+    assert seen(again) == seen(alone), f"method '{method}' is not deterministic: a second run ranks differently"
+    other_alone = seen(Evaluator(dataclasses.replace(other, output=folder / "other"), reg).run())
+    loaded = Loaded()
+    runs = [dataclasses.replace(c, output=folder / "together" / str(i)) for i, c in enumerate((other, cfg, other))]
+    before, mine, after = (seen(Evaluator(c, reg, loaded=loaded).run()) for c in runs)
+    assert mine == seen(alone), (f"method '{method}' gives other numbers when it follows method '{other.method}' in "
+                                 "one command (sharing the backbone and features)")
+    assert before == after == other_alone, (f"method '{other.method}' gives other numbers after method '{method}' "
+                                            "ran in the same command: it changed something they share")
+    return alone
 
 
 # -- pytest fixtures -----------------------------------------------------------------------------------------

@@ -299,3 +299,54 @@ def test_every_builtin_plugin_registers_without_a_warning():
             "cirevl", "ldre", "seize"} <= set(reg.methods)
     assert {"cirr", "circo", "fashioniq", "genecis", "imagenet-r", "coco-object", "shapes"} <= set(reg.datasets)
     assert reg.methods["searle"].trainer and reg.methods["lincir"].trainer
+
+
+def test_check_method_holds_for_the_built_in_methods_and_catches_what_breaks_the_contract(tmp_path):
+    """cirbench.testing.check_method: the offline built-in methods pass, and so does a method that draws from
+    torch's random state (the loop seeds it before each method, and encoding leaves it alone, so a draw does not
+    depend on what ran or was cached before); a method whose rankings change from run to run, or that changes
+    what methods share (here: the backbone's memoised text features), is caught and named."""
+    import os
+
+    import torch
+
+    from cirbench import Method, MethodSpec, hookimpl
+    from cirbench.testing import check_method
+
+    class Seeded(Method):
+        def compose(self, references, queries):
+            return torch.nn.functional.normalize(torch.randn(len(queries), references.shape[1]), dim=-1)
+
+    class Restless(Method):
+        def compose(self, references, queries):
+            unseeded = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+            return torch.nn.functional.normalize(torch.randn(len(queries), references.shape[1], generator=unseeded),
+                                                 dim=-1)
+
+    class Poisoning(Method):
+        def compose(self, references, queries):
+            texts = [q.texts[0] for q in queries]
+            feats = self.backbone.encode_text(texts)
+            for text, feat in zip(texts, feats, strict=True):
+                self.backbone._text_memo[text] = -feat  # what another method will read as this text's feature
+            return references
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(MethodSpec(name="seeded", description="random queries, seeded", factory=Seeded))
+            register(MethodSpec(name="restless", description="random queries", factory=Restless))
+            register(MethodSpec(name="poisoning", description="spoils shared features", factory=Poisoning))
+
+    reg = plugins.get_registry()
+    try:
+        reg.register_plugin(Plugin(), name="contract-breakers")
+        for name in ("image-only", "text-only", "slerp", "seeded"):
+            (outcome,) = check_method(name, tmp_path / name, registry=reg)
+            assert outcome.metrics
+        with pytest.raises(AssertionError, match="method 'restless' is not deterministic"):
+            check_method("restless", tmp_path / "restless", registry=reg)
+        with pytest.raises(AssertionError, match="method 'text-only' gives other numbers after method 'poisoning'"):
+            check_method("poisoning", tmp_path / "poisoning", registry=reg)
+    finally:
+        plugins.reset_registry()

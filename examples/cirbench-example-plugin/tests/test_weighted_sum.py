@@ -42,3 +42,13 @@ def test_the_command_is_added_and_bad_weights_are_refused(cirbench_toy, cirbench
                                    str(cirbench_tiny_config), "--pretrained", "none", "--data-root",
                                    str(cirbench_toy_root), "--output", str(tmp_path / "r"), "--weight", "1.5"])
     assert res.exit_code == 2 and "--weight" in res.output and "maximum" in res.output
+
+
+def test_the_method_meets_what_cirbench_asks_of_a_plugin(cirbench_toy, tmp_path):
+    """One call checks the contract: valid features, the shared backbone left alone, deterministic, and the same
+    numbers alone as beside another method in one command."""
+    from cirbench.testing import check_method
+
+    cirbench_toy.register_plugin(cirbench_example_plugin, name="example")
+    (outcome,) = check_method("weighted-sum", tmp_path, options={"weight": 0.5}, registry=cirbench_toy)
+    assert outcome.label == "weighted-sum@weight=0.5"
