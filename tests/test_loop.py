@@ -185,6 +185,37 @@ def test_one_run_covers_several_benchmarks(tmp_path, tiny_config, monkeypatch):
         assert records["toy", name]["metrics"] == records["toy2", name]["metrics"]
 
 
+def test_data_check_takes_several_benchmarks_as_run_does(tmp_path):
+    """`cirbench data check --dataset toy,toy2 --data-root NAME=DIR ...`: a report for each, exit 1 when one of them
+    lacks an image, a JSON list with --json; the names and roots are checked as `run` checks them."""
+    from cirbench.testing import ToyDataset, write_toy_dataset
+    from cirbench.types import DatasetSpec
+
+    class Toy2:
+        @hookimpl
+        def register_datasets(self, register):
+            register(DatasetSpec(name="toy2", description="the toy data again", factory=ToyDataset, splits=("val",)))
+
+    first, second = write_toy_dataset(tmp_path / "a"), write_toy_dataset(tmp_path / "b")
+
+    def check(*args):
+        with registered(ToyPlugin(), "toy") as reg:
+            reg.register_plugin(Toy2(), name="toy2")
+            return CliRunner().invoke(cli, ["data", "check", "--dataset", "toy,toy2", "--data-root", f"toy={first}",
+                                            "--data-root", f"toy2={second}", *args])
+
+    res = check()
+    assert res.exit_code == 0, res.output
+    assert f"toy/val under {first}" in res.output and f"toy2/val under {second}" in res.output
+    (second / "images" / "img_red_0.png").unlink()
+    res = check("--json")
+    assert res.exit_code == 1, res.output
+    reports = json.loads(res.output)
+    assert [(r["dataset"], r["images"]["missing"]) for r in reports] == [("toy", 0), ("toy2", 1)]
+    res = check("--unused", "1", "--bogus", "2")
+    assert res.exit_code == 2 and "unknown option --bogus" in res.output and "Traceback" not in res.output
+
+
 def test_gpu_decoded_features_have_a_key_and_fingerprint_of_their_own(tiny_config, monkeypatch):
     """nvJPEG may move pixels: on CUDA the batched path's features and results carry the decoder, so a run that
     asks for the official pipeline (workers) is never served them, and its results are told apart. The official

@@ -15,6 +15,7 @@ EPILOG_CHECK = """\b
 Examples:
   cirbench data check --dataset cirr --split val --data-root data/CIRR
   cirbench data check --dataset fashioniq --data-root data/FashionIQ --category dress --json
+  cirbench data check --dataset circo:test,cirr:test1 --data-root circo=data/CIRCO --data-root cirr=data/CIRR
 """
 
 EPILOG_PREPARE = """\b
@@ -58,23 +59,46 @@ def prepare(ctx, dataset, data_root, quiet):
 
 
 @command.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, epilog=EPILOG_CHECK)
-@click.option("--dataset", "-d", required=True, help="Dataset name (see `cirbench datasets`).")
-@click.option("--split", "-s", default=None, help="Split (default: the dataset's default split).")
-@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Dataset root folder.")
+@click.option("--dataset", "-d", required=True,
+              help="Dataset name (see `cirbench datasets`), or several separated by commas, each with its split if "
+                   "wanted (circo:test,cirr:test1), as `cirbench run` takes them.")
+@click.option("--split", "-s", default=None,
+              help="Split (default: the dataset's default split); a split named in --dataset wins.")
+@click.option("--data-root", "data_roots", multiple=True, metavar="[NAME=]DIR",
+              help="Dataset root folder; with several datasets, NAME=DIR for each (repeat).")
 @click.option("--sample", default=200, show_default=True, type=click.IntRange(min=0),
               help="How many image headers to read for sizes and modes.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (a list with several datasets).")
 @click.pass_context
-def check(ctx, dataset, split, data_root, sample, as_json):
+def check(ctx, dataset, split, data_roots, sample, as_json):
     """What DATASET/SPLIT finds under the data root: annotation files against the official checksums, images
     present and missing, image sizes and modes. Exit 1 when something is missing or unreadable. Needs no
     torch and decodes no image."""
     import json
 
+    from cirbench.cli import command_option_names, data_root_per_dataset, parse_extra_options, run_benchmarks
     from cirbench.datacheck import check as run_check
     from cirbench.datacheck import healthy, render
+    from cirbench.plugins import get_registry
+    from cirbench.types import resolve_options
 
-    spec, ds = build_dataset(ctx, dataset, data_root)
-    report = run_check(ds, spec.resolve_split(split), sample=sample)
-    click.echo(json.dumps(report, indent=1) if as_json else render(report))
-    return 0 if healthy(report) else 1
+    benchmarks = run_benchmarks(get_registry(), dataset, split)
+    specs = list({spec.name: spec for spec, _ in benchmarks}.values())
+    roots = data_root_per_dataset(data_roots, [spec.name for spec in specs])
+    extra = parse_extra_options(ctx.args)
+    declared = {o.name for spec in specs for o in spec.options}
+    unknown = {k: v for k, v in extra.items() if k not in declared}
+    if unknown and len(specs) > 1:  # named by none of them (one dataset reports it itself, below)
+        resolve_options([o for spec in specs for o in spec.options], unknown, specs[0].name,
+                        f"datasets {', '.join(spec.name for spec in specs)}", command_option_names(ctx.command))
+    reports = []
+    for spec, sp in benchmarks:
+        mine = extra if len(specs) == 1 else {k: v for k, v in extra.items() if k in {o.name for o in spec.options}}
+        (options,) = resolve_options(spec.options, mine, spec.name, f"dataset {spec.name}",
+                                     command_option_names(ctx.command))
+        reports.append(run_check(spec.create(roots.get(spec.name), options), sp, sample=sample))
+    if as_json:
+        click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
+    else:
+        click.echo("\n\n".join(render(report) for report in reports))
+    return 0 if all(healthy(report) for report in reports) else 1
