@@ -99,6 +99,10 @@ def compare(original: dict[str, Any], original_path: Path, again: dict[str, Any]
         a, b = ((record.get("counts") or {}).get(key) for record in (original, again))
         if a != b:
             out.configuration.append((f"counts.{key}", a, b))
+    before, now = ((record.get("preprocess") or {}).get("jpeg_decoder") or "libjpeg-turbo"
+                   for record in (original, again))
+    if before != now:  # the GPU's decoder may move a pixel by a grey level: --tolerance decides
+        out.environment.append(("jpeg decoder", before, now))
     env_a, env_b = original.get("environment") or {}, again.get("environment") or {}
     for name in ("cirbench", "git", "torch", "torchvision", "open_clip", "pillow", "numpy", "device"):
         if env_a.get(name) != env_b.get(name):
@@ -118,6 +122,8 @@ def _what_counts(section: str, record: dict[str, Any]) -> Any:
     from .plugins import get_registry
 
     value = record.get(section)
+    if section == "preprocess" and isinstance(value, dict):  # the JPEG decoder comes with the device: see compare
+        return {k: v for k, v in value.items() if k != "jpeg_decoder"}
     if section not in ("method", "dataset") or not isinstance(value, dict):
         return value
     reg, name = get_registry(), str(value.get("name"))

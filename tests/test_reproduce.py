@@ -37,6 +37,15 @@ def test_reproduce_runs_a_result_again_and_says_what_differs(tmp_path, tiny_conf
     res = invoke(*again, "--data-root", str(moved))
     assert res.exit_code == 0 and "(identical)" in res.output, res.output
 
+    # made on a GPU's batched path: the decoder is the device's, said, and --tolerance decides
+    original_text = result.read_text()
+    record = json.loads(original_text)
+    record["preprocess"]["jpeg_decoder"] = "nvjpeg"
+    result.write_text(json.dumps(record))
+    res = invoke(*again, "--data-root", str(moved))
+    assert res.exit_code == 0 and "environment: jpeg decoder nvjpeg -> libjpeg-turbo" in res.output, res.output
+    result.write_text(original_text)
+
     res = invoke(*again, "--data-root", str(moved), "--alpha", "0.5")
     assert res.exit_code == 1, res.output
     assert "configuration differs: method.options.alpha: recorded 0.8, now 0.5" in res.output
