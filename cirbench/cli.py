@@ -8,13 +8,15 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
 from . import __version__
 from .errors import CirbenchError, from_reader_process, out_of_memory, reader_process_origin
-from .types import PREPROCESS_KINDS, DatasetSpec, MethodSpec, OptionSpec
+from .types import PREPROCESS_KINDS, DatasetSpec, MethodSpec, OptionSpec, split_plugin_options
 from .util import MAX_REPLICATES, MAX_WORKERS, SEED_MAX, launched_by_torchrun
 
 EPILOG_RUN = """\b
@@ -211,27 +213,33 @@ def data_root_per_dataset(values: tuple[str, ...], datasets: list[str]) -> dict[
     return roots
 
 
+def refuse_undeclared(extra: dict[str, Any], specs: Sequence[MethodSpec | DatasetSpec], command: click.Command) -> None:
+    """A one-line error (with a "did you mean") for an extra ``--name value`` that none of ``specs``, the methods
+    and datasets a command runs, declares."""
+    from .types import resolve_options
+
+    declared: dict[str, OptionSpec] = {o.name: o for s in specs for o in s.options}
+    unknown = {k: v for k, v in extra.items() if k not in declared}
+    if not unknown:
+        return
+    kinds = [(kind, [s.name for s in specs if isinstance(s, cls)]) for kind, cls in (("method", MethodSpec),
+                                                                                     ("dataset", DatasetSpec))]
+    what = " or ".join(f"{kind}{'s' if len(names) > 1 else ''} {', '.join(names)}" for kind, names in kinds if names)
+    dataset = next((s.name for s in specs if isinstance(s, DatasetSpec)), specs[0].name)
+    resolve_options(list(declared.values()), unknown, dataset, what, command_option_names(command))
+
+
+def declared_by(extra: dict[str, Any], *specs: MethodSpec | DatasetSpec) -> dict[str, Any]:
+    """The extra options that one of ``specs`` declares."""
+    names = {o.name for s in specs for o in s.options}
+    return {k: v for k, v in extra.items() if k in names}
+
+
 def command_option_names(command: click.Command) -> list[str]:
     """The option names of ``command`` (``batch_size`` for ``--batch-size``): the "did you mean" hints of an
     unknown extra option, and the names ``run``'s keeps from plugins."""
     return [opt.lstrip("-").replace("-", "_") for p in command.params if isinstance(p, click.Option)
             for opt in p.opts if opt.startswith("--")]
-
-
-def split_plugin_options(extra: dict[str, str | None], method_spec,
-                         dataset_spec) -> tuple[dict[str, str | None], dict[str, str | None]]:
-    """Route extra options to the method or the dataset by name (unknown ones go to the method, which
-    then reports them with the list of valid options)."""
-    dataset_names = {o.name for o in dataset_spec.options}
-    method_names = {o.name for o in method_spec.options}
-    m_opts: dict[str, str | None] = {}
-    d_opts: dict[str, str | None] = {}
-    for key, value in extra.items():
-        if key in dataset_names and key not in method_names:
-            d_opts[key] = value
-        else:
-            m_opts[key] = value
-    return m_opts, d_opts
 
 
 @click.group(cls=CirbenchGroup, epilog="\b\nExamples:\n  cirbench run\n  cirbench methods\n  "
@@ -306,7 +314,6 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     from . import distributed
     from .evaluate import Evaluator, Loaded, RunConfig
     from .plugins import get_registry
-    from .types import resolve_options
 
     reg = get_registry()
     speaks = distributed.speaks()  # under torchrun, rank 0 alone shows progress and results
@@ -320,21 +327,11 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     if label and len(specs) > 1:
         raise CirbenchError("--label names one run: give it with a single --method")
     extra = parse_extra_options(ctx.args)
-    # each method and dataset takes the options it declares; one that none declares is an error
-    declaring: list[MethodSpec | DatasetSpec] = [*specs, *dspecs]
-    plugin_options: dict[str, OptionSpec] = {o.name: o for s in declaring for o in s.options}
-    unknown = {k: v for k, v in extra.items() if k not in plugin_options}
-    if unknown:
-        what = (f"method{'s' if len(names) > 1 else ''} {', '.join(names)} or "
-                f"dataset{'s' if len(dspecs) > 1 else ''} {', '.join(d.name for d in dspecs)}")
-        resolve_options(list(plugin_options.values()), unknown, dspecs[0].name, what,
-                        command_option_names(ctx.command))
+    refuse_undeclared(extra, [*specs, *dspecs], ctx.command)  # each method and dataset takes those it declares
     runs, loaded = [], Loaded()  # one backbone, each benchmark read once, features kept in memory between runs
     for dspec, dsplit in benchmarks:
         for mspec in specs:
-            declared = {o.name for o in mspec.options} | {o.name for o in dspec.options}
-            mine = extra if len(specs) == len(dspecs) == 1 else {k: v for k, v in extra.items() if k in declared}
-            m_opts, d_opts = split_plugin_options(mine, mspec, dspec)
+            m_opts, d_opts = split_plugin_options(declared_by(extra, mspec, dspec), mspec, dspec)
             cfg = RunConfig(method=mspec.name, dataset=dspec.name, split=dsplit, backbone=backbone,
                             pretrained=pretrained, preprocess=preprocess, precision=precision, device=device,
                             data_root=roots.get(dspec.name), output=output, cache_dir=cache_dir,

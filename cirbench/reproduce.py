@@ -26,6 +26,7 @@ def config_of(record: dict[str, Any], *, output: Path, data_root: str | None = N
     where given and ``options`` (as on the command line) over the recorded method and dataset options."""
     from .evaluate import RunConfig
     from .plugins import get_registry
+    from .types import split_plugin_options
 
     method, dataset = record["method"], record["dataset"]
     name = method.get("name")
@@ -33,12 +34,10 @@ def config_of(record: dict[str, Any], *, output: Path, data_root: str | None = N
         raise CirbenchError("the result file names no method or dataset")
     reg = get_registry()
     mspec, dspec = reg.method(str(name)), reg.dataset(str(dataset["name"]))
-    method_options = dict(method.get("options") or {})
-    dataset_options = dict(dataset.get("options") or {})
-    declared = {o.name for o in dspec.options}
-    for key, value in (options or {}).items():  # given on the command line: they win over the recorded values
-        (dataset_options if key in declared and key not in {o.name for o in mspec.options} else
-         method_options)[key] = value
+    given_method, given_dataset = split_plugin_options(options or {}, mspec, dspec)
+    # given on the command line: they win over the recorded values
+    method_options = {**(method.get("options") or {}), **given_method}
+    dataset_options = {**(dataset.get("options") or {}), **given_dataset}
     sets = ((record.get("counts") or {}).get("sets") or {}).values()
     dropped = any(s.get("queries_dropped") or s.get("gallery_dropped") for s in sets if isinstance(s, dict))
     encode = record.get("encode") or {}

@@ -443,3 +443,19 @@ def resolve_options(
     for name, values in sweeps:
         combos = [{**c, name: v} for c in combos for v in values]
     return combos
+
+
+def split_plugin_options(extra: dict[str, Any], method_spec: MethodSpec,
+                         dataset_spec: DatasetSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Route extra options to the method or the dataset by name (unknown ones go to the method, which
+    then reports them with the list of valid options)."""
+    dataset_names = {o.name for o in dataset_spec.options}
+    method_names = {o.name for o in method_spec.options}
+    m_opts: dict[str, Any] = {}
+    d_opts: dict[str, Any] = {}
+    for key, value in extra.items():
+        if key in dataset_names and key not in method_names:
+            d_opts[key] = value
+        else:
+            m_opts[key] = value
+    return m_opts, d_opts

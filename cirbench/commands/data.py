@@ -76,26 +76,20 @@ def check(ctx, dataset, split, data_roots, sample, as_json):
     torch and decodes no image."""
     import json
 
-    from cirbench.cli import command_option_names, data_root_per_dataset, parse_extra_options, run_benchmarks
+    from cirbench import cli
     from cirbench.datacheck import check as run_check
     from cirbench.datacheck import healthy, render
     from cirbench.plugins import get_registry
     from cirbench.types import resolve_options
 
-    benchmarks = run_benchmarks(get_registry(), dataset, split)
+    benchmarks = cli.run_benchmarks(get_registry(), dataset, split)
     specs = list({spec.name: spec for spec, _ in benchmarks}.values())
-    roots = data_root_per_dataset(data_roots, [spec.name for spec in specs])
-    extra = parse_extra_options(ctx.args)
-    declared = {o.name for spec in specs for o in spec.options}
-    unknown = {k: v for k, v in extra.items() if k not in declared}
-    if unknown and len(specs) > 1:  # named by none of them (one dataset reports it itself, below)
-        resolve_options([o for spec in specs for o in spec.options], unknown, specs[0].name,
-                        f"datasets {', '.join(spec.name for spec in specs)}", command_option_names(ctx.command))
+    roots = cli.data_root_per_dataset(data_roots, [spec.name for spec in specs])
+    extra = cli.parse_extra_options(ctx.args)
+    cli.refuse_undeclared(extra, specs, ctx.command)  # each dataset takes the options it declares
     reports = []
     for spec, sp in benchmarks:
-        mine = extra if len(specs) == 1 else {k: v for k, v in extra.items() if k in {o.name for o in spec.options}}
-        (options,) = resolve_options(spec.options, mine, spec.name, f"dataset {spec.name}",
-                                     command_option_names(ctx.command))
+        (options,) = resolve_options(spec.options, cli.declared_by(extra, spec), spec.name, f"dataset {spec.name}")
         reports.append(run_check(spec.create(roots.get(spec.name), options), sp, sample=sample))
     if as_json:
         click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
