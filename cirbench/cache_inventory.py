@@ -10,7 +10,6 @@ are listed with their sizes and left alone: an LLM's outputs may have cost money
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import shutil
 import time
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .util import json_loads, making
+from .util import json_loads, making, matches_any
 
 
 @dataclass
@@ -122,9 +121,8 @@ def select(entries: list[Entry], backbones: tuple[str, ...] = (), unused_for_day
     now = time.time() if now is None else now
 
     def matches(entry: Entry) -> bool:
-        if backbones and not any(fnmatch.fnmatch(entry.backbone, b) or b in entry.backbone for b in backbones):
-            return False
-        return unused_for_days is None or now - entry.used >= unused_for_days * 86400
+        unused = unused_for_days is None or now - entry.used >= unused_for_days * 86400
+        return unused and matches_any(entry.backbone, backbones)
 
     return [e for e in entries if matches(e)]
 

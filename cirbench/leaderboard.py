@@ -13,7 +13,6 @@ test, runs are usually on val) are shown, labelled with their split, and never m
 
 from __future__ import annotations
 
-import fnmatch
 import html
 import math
 import sys
@@ -26,6 +25,7 @@ import pandas as pd
 
 from .errors import CirbenchError
 from .results import find_results, read_result
+from .util import matches_any
 
 INFO_COLUMNS = ("source", "backbone", "precision", "queries")
 
@@ -85,10 +85,6 @@ def _dataset_tag(spec, options: Any) -> str:
     return f" ({', '.join(shown)})" if shown else ""
 
 
-def _matches(value: str, patterns: list[str] | None) -> bool:
-    return not patterns or any(fnmatch.fnmatch(value, p) or p in value for p in patterns)
-
-
 def build_tables(root: Path, include_paper: bool = True, datasets: list[tuple[str, str | None]] | None = None,
                  all_metrics: bool = False, methods: list[str] | None = None,
                  backbones: list[str] | None = None) -> list[Table]:
@@ -126,7 +122,7 @@ def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones) -> Tabl
     for _path, rec in sorted(recs, key=lambda pr: str(pr[1].get("created", ""))):
         backbone = f"{rec['backbone'].get('model')}/{rec['backbone'].get('pretrained')}"
         label = str(rec["method"].get("label") or rec["method"].get("name"))
-        if _matches(label, methods) and _matches(backbone, backbones):  # a configuration run again: its newest
+        if matches_any(label, methods) and matches_any(backbone, backbones):  # a configuration run again: its newest
             name = f"{label}{_dataset_tag(spec, rec['dataset'].get('options'))} · {backbone}"
             latest[(name, rec.get("fingerprint"))] = (backbone, rec)
     configurations = Counter(name for name, _ in latest)
@@ -145,7 +141,7 @@ def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones) -> Tabl
     if include_paper and spec is not None:
         paper = [r for r in spec.paper_rows if r.split == sp] or list(spec.paper_rows)
         for r in paper:
-            if not _matches(r.method, methods) or not _matches(r.backbone, backbones):
+            if not matches_any(r.method, methods) or not matches_any(r.backbone, backbones):
                 continue
             tag = "paper" if r.split == sp else f"paper ({r.split})"
             rows[f"{r.method} · {r.backbone} [{tag}]"] = {"source": tag, "backbone": r.backbone, **r.metrics}

@@ -6,6 +6,7 @@ Nothing here knows about methods, datasets or torch.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -18,6 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+
+def matches_any(value: str, patterns: list[str] | tuple[str, ...] | None) -> bool:
+    """Whether ``value`` matches one of ``patterns`` (a glob, or a substring); no pattern matches everything."""
+    return not patterns or any(fnmatch.fnmatch(value, p) or p in value for p in patterns)
 
 
 def default_cache_dir() -> Path:
