@@ -26,6 +26,7 @@ def config_of(record: dict[str, Any], *, output: Path, data_root: str | None = N
     where given and ``options`` (as on the command line) over the recorded method and dataset options."""
     from .evaluate import RunConfig
     from .plugins import get_registry
+    from .preprocess import DEFAULT_MAX_PIXELS
     from .types import split_plugin_options
 
     method, dataset = record["method"], record["dataset"]
@@ -51,7 +52,7 @@ def config_of(record: dict[str, Any], *, output: Path, data_root: str | None = N
         dataset_options=dataset_options, seed=int(record.get("seed") or 0), allow_missing=dropped,
         retrieval_backend=str((record.get("retrieval") or {}).get("backend") or "auto"),
         encode_path=str(encode.get("requested_path") or "auto"),
-        max_image_pixels=int(encode.get("max_image_pixels") or 89_478_485),
+        max_image_pixels=int(encode.get("max_image_pixels") or DEFAULT_MAX_PIXELS),
         bootstrap=int((record.get("ci") or {}).get("replicates") or 0), progress=progress)
 
 
@@ -147,6 +148,7 @@ def _rankings(path_a: Path, rec_a: dict, path_b: Path, rec_b: dict) -> dict[str,
         rows_a, rows_b = read_predictions_of(path_a, rec_a), read_predictions_of(path_b, rec_b)
     except CirbenchError as exc:
         return {"unavailable": str(exc)}
+
     def key(row: dict[str, Any]) -> tuple[str, str]:
         return row.get("set", ""), str(row.get("query"))
 
