@@ -38,6 +38,8 @@ class Table:
     main_metric: str | None = None
     ci: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # (row, metric) -> (low, high)
     heading: str | None = None  # the title, where it is not "dataset / split" (the summary)
+    # the summary's benchmarks over their metric columns, in order: (``dataset/split``, how many columns)
+    column_groups: list[tuple[str, int]] | None = None
 
     @property
     def title(self) -> str:
@@ -163,12 +165,13 @@ def summary_table(tables: list[Table]) -> Table:
     the metrics its published rows report (its main metric where it has none), headed ``dataset/split metric``.
     Rows keep their per-benchmark names, so a published row of another split stays a row of its own; the best of
     each column is marked as in the benchmark's own table."""
-    frames, ci = [], {}
+    frames, ci, groups = [], {}, []
     for t in tables:
         spec = _dataset_spec(t.dataset)
         published = {m for r in (spec.paper_rows if spec else ()) for m in r.metrics}
         metrics = [m for m in t.metric_columns if m in published] or ([t.main_metric] if t.main_metric else [])
         columns = {m: f"{t.dataset}/{t.split} {m}" for m in metrics}
+        groups.append((f"{t.dataset}/{t.split}", len(metrics)))
         part = t.frame[["source", "backbone", "precision", *metrics]].rename(columns=columns)
         frames.append(part)
         ci.update({(row, columns[m]): v for (row, m), v in t.ci.items() if m in columns})
@@ -179,7 +182,8 @@ def summary_table(tables: list[Table]) -> Table:
         frame = _outer(frame, part)
     ours = frame["source"] == "cirbench"
     frame = pd.concat([frame[ours], frame[~ours]])
-    return Table("summary", "all", frame, None, ci, heading="summary: each benchmark's published metrics")
+    return Table("summary", "all", frame, None, ci, heading="summary: each benchmark's published metrics",
+                 column_groups=[g for g in groups if g[1]])
 
 
 def _outer(left: pd.DataFrame, right: pd.DataFrame) -> pd.DataFrame:
@@ -279,16 +283,17 @@ def render_latex(tables: list[Table], ci: bool = False) -> str:
         metrics = t.metric_columns
         frame = _formatted(t, lambda s: f"\x00bf{s}\x00", ci)
         lines = [f"% {t.title}", r"\begin{tabular}{l" + "r" * len(metrics) + "}", r"\toprule"]
-        groups = _column_groups(metrics) if t.dataset == "summary" else None
+        groups = t.column_groups or []
+        shown = list(metrics)
         if groups:  # the summary: a header row of benchmarks over their metrics, as papers set them
             lines.append(" & ".join([""] + [rf"\multicolumn{{{n}}}{{c}}{{{latex_escape(g)}}}" for g, n in groups])
                          + r" \\")
-            first, rules = 2, []
-            for _, n in groups:
+            first, rules, shown = 2, [], []
+            for g, n in groups:
                 rules.append(rf"\cmidrule(lr){{{first}-{first + n - 1}}}")
+                shown += [m[len(g) + 1:] for m in metrics[first - 2: first - 2 + n]]
                 first += n
             lines.append(" ".join(rules))
-        shown = [m.split(" ", 1)[1] if groups else m for m in metrics]
         lines += [" & ".join(["Method"] + [latex_escape(m) for m in shown]) + r" \\", r"\midrule"]
         for row in frame.index:
             cells = [latex_escape(row)]
@@ -301,21 +306,6 @@ def render_latex(tables: list[Table], ci: bool = False) -> str:
         lines += [r"\bottomrule", r"\end{tabular}"]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
-
-
-def _column_groups(columns: list[str]) -> list[tuple[str, int]] | None:
-    """``["circo/test mAP@5", "circo/test mAP@10", "cirr/test1 R@1"]`` -> ``[("circo/test", 2), ("cirr/test1",
-    1)]``: the summary's benchmarks with their column counts (None when a column names no benchmark)."""
-    groups: list[tuple[str, int]] = []
-    for column in columns:
-        if " " not in column:
-            return None
-        group = column.split(" ", 1)[0]
-        if groups and groups[-1][0] == group:
-            groups[-1] = (group, groups[-1][1] + 1)
-        else:
-            groups.append((group, 1))
-    return groups
 
 
 RENDERERS = {"markdown": render_markdown, "csv": render_csv, "html": render_html, "latex": render_latex}
