@@ -145,13 +145,14 @@ def check_method(method: str, folder: Path, options: dict[str, Any] | None = Non
         return [(o.label, o.metrics, [r.get("top") for r in read_predictions_of(o.result_path)]) for o in outcomes]
 
     alone = Evaluator(cfg, reg).run()
+    expected = seen(alone)
     again = Evaluator(dataclasses.replace(cfg, output=folder / "again"), reg).run()
-    assert seen(again) == seen(alone), f"method '{method}' is not deterministic: a second run ranks differently"
+    assert seen(again) == expected, f"method '{method}' is not deterministic: a second run ranks differently"
     other_alone = seen(Evaluator(dataclasses.replace(other, output=folder / "other"), reg).run())
     loaded = Loaded()
     runs = [dataclasses.replace(c, output=folder / "together" / str(i)) for i, c in enumerate((other, cfg, other))]
     before, mine, after = (seen(Evaluator(c, reg, loaded=loaded).run()) for c in runs)
-    assert mine == seen(alone), (f"method '{method}' gives other numbers when it follows method '{other.method}' in "
+    assert mine == expected, (f"method '{method}' gives other numbers when it follows method '{other.method}' in "
                                  "one command (sharing the backbone and features)")
     assert before == after == other_alone, (f"method '{other.method}' gives other numbers after method '{method}' "
                                             "ran in the same command: it changed something they share")

@@ -114,8 +114,13 @@ def clear(cache_dir, backbones, unused_for, everything, dry_run, yes):
         return
     if not yes:
         click.confirm(f"remove these {_entries(len(chosen))} ({size})?", abort=True)
-    failed = [(entry, why) for entry in chosen if (why := remove(entry)) is not None]
-    gone = [entry for entry in chosen if all(entry is not f for f, _ in failed)]
+    gone, failed = [], []
+    for entry in chosen:
+        why = remove(entry)
+        if why is None:
+            gone.append(entry)
+        else:
+            failed.append((entry, why))
     click.echo(f"removed {_entries(len(gone))} ({human_size(sum(e.size for e in gone))}) from {root}/features")
     if failed:
         entry, why = failed[0]
