@@ -290,7 +290,6 @@ class Evaluator:
         writer = ResultWriter(Path(cfg.output) / dspec.name / ctx.split, enabled=distributed.is_main())
         model_name, pretrained = choose_backbone(cfg, mspec, dspec)
         tensor_decoder()  # a bad CIRBENCH_IMAGE_DECODER fails here, not in a reader process
-        torch.manual_seed(cfg.seed)
         device = str(distributed.init_from_env(cfg.device)) if distributed.launched_by_torchrun() else cfg.device
         bkey = backbone_key(model_name, pretrained, cfg.precision, device, cfg.seed)
         if bkey not in loaded.backbones:
