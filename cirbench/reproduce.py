@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import CirbenchError
 from .results import FINGERPRINT_FIELDS, read_predictions_of
+from .types import DatasetSpec, MethodSpec
 
 
 def config_of(record: dict[str, Any], *, output: Path, data_root: str | None = None, backbone: str | None = None,
@@ -128,7 +129,7 @@ def _what_counts(section: str, record: dict[str, Any]) -> Any:
         return value
     reg, name = get_registry(), str(value.get("name"))
     try:
-        spec = reg.method(name) if section == "method" else reg.dataset(name)
+        spec: MethodSpec | DatasetSpec = reg.method(name) if section == "method" else reg.dataset(name)
         paths = {o.name for o in spec.options if o.type == "path"}
     except CirbenchError:
         paths = set()
