@@ -322,8 +322,10 @@ def test_fashioniq_scores_as_the_official_val_evaluator(tmp_path):
 
 
 def test_no_file_ever_scores_above_100(tmp_path, circo_ann):
-    """The bug the audit found: short lists padded with -1 matched targets padded with -1 (572 % mAP@50)."""
-    sub = {str(q["id"]): [q["gt_img_ids"][0]] for q in circo_ann}  # one correct id per query
+    """The bug the audit found: short lists padded with -1 matched targets padded with -1 (572 % mAP@50). The
+    lists differ in length (one correct id, then 0 to 49 ids of no gallery image), so the shorter ones are padded."""
+    sub = {str(q["id"]): [q["gt_img_ids"][0], *range(900_000_000, 900_000_000 + i % 50)]
+           for i, q in enumerate(circo_ann)}
     res = _circo_run(tmp_path, sub)
     assert res.exit_code == 0
     out = json.loads(res.output)
