@@ -34,6 +34,8 @@ def test_slerp_matches_float64_reference(alpha):
     rng = np.random.default_rng(0)
     v, w = rng.normal(size=(64, 32)), rng.normal(size=(64, 32))
     w[:4] = v[:4] * 3 + 1e-4 * rng.normal(size=(4, 32))  # nearly parallel rows take the linear fallback
+    w[4:8] = -v[4:8] * 2 + 1e-4 * rng.normal(size=(4, 32))  # nearly opposite rows too (|v . w| > 0.9995, as
+    # in the official slerp.py), where the spherical formula divides by a vanishing sine
     ours = slerp(torch.tensor(v, dtype=torch.float32), torch.tensor(w, dtype=torch.float32), alpha).double().numpy()
     np.testing.assert_allclose(ours, _reference(v, w, alpha), atol=2e-5)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
