@@ -192,6 +192,34 @@ def test_pic2word_augmented_training_does_not_depend_on_readers_or_resuming(tmp_
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["train_preprocess"]["kind"] == "clip"
 
 
+@needs_annotations
+@pytest.mark.parametrize("name", ["cirr", "fashioniq"])
+def test_pic2word_prompts_tokenize_as_the_official_strings(name):
+    """Pic2Word's data.py: CIRR "a photo of * , {caption}", FashionIQ "a photo of * , {cap2} and {cap1}" (the
+    second caption first); on every val query of the real annotation files, read through the dataset plugin, the
+    prompts give the official tokens."""
+    import open_clip
+
+    from cirbench.methods.pic2word.model import prompt
+    from cirbench.plugins import get_registry
+
+    spec = get_registry().dataset(name)
+    data = spec.create(ANNOTATIONS / name, {o.name: o.default for o in spec.options})
+    queries = [(q, set_.name) for set_ in data.load("val") for q in set_.queries]
+    raw = {"cirr": lambda r: [r["caption"]], "fashioniq": lambda r: r["captions"]}[name]
+    files = sorted((ANNOTATIONS / name / "captions").glob("cap.*val.json"))
+    official = {}
+    for f in files:
+        for r in json.loads(f.read_text()):
+            caps = raw(r)  # official: 'a photo of * , {}'.format(cap), '... , {} and {}'.format(cap2, cap1)
+            official[tuple(caps)] = f"a photo of * , {caps[0]}" if len(caps) == 1 else \
+                f"a photo of * , {caps[1]} and {caps[0]}"
+    assert len(queries) == {"cirr": 4181, "fashioniq": 6016}[name]
+    ours = [prompt(q, name) for q, _ in queries]
+    theirs = [official[tuple(q.texts)] for q, _ in queries]
+    assert torch.equal(open_clip.tokenize(ours), open_clip.tokenize(theirs))
+
+
 # -- SEARLE ---------------------------------------------------------------------------------------------
 def test_searle_official_weights_file_and_fashioniq_averaging(tmp_path, backbone):
     from cirbench.methods._shared.textinv import Phi
