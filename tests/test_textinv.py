@@ -236,6 +236,28 @@ def test_searle_official_weights_file_and_fashioniq_averaging(tmp_path, backbone
     assert torch.allclose(two, torch.nn.functional.normalize(fwd + rev, dim=-1), atol=1e-5)
 
 
+@needs_annotations
+def test_searle_fashioniq_prompts_are_the_official_strings():
+    """SEARLE's validate.py: each caption stripped of '.?, ' at both ends, joined forward and reversed, each in
+    "a photo of $ that {}"; on every real FashionIQ val query the prompts give the official tokens (the strings
+    differ only in whitespace, which CLIP's tokenizer collapses, where a caption is empty)."""
+    import open_clip
+
+    from cirbench.method import caption_variants
+    from cirbench.methods._shared.textinv import searle_prompt
+
+    def official(c1, c2):  # transcribed from SEARLE src/validate.py
+        return [f"a photo of $ that {c1.strip('.?, ')} and {c2.strip('.?, ')}",
+                f"a photo of $ that {c2.strip('.?, ')} and {c1.strip('.?, ')}"]
+
+    records = [r for f in sorted((ANNOTATIONS / "fashioniq" / "captions").glob("cap.*.val.json"))
+               for r in json.loads(f.read_text())]
+    assert len(records) == 6016
+    ours = [searle_prompt(v) for r in records for v in caption_variants(tuple(r["captions"]))]
+    theirs = [s for r in records for s in official(*r["captions"])]
+    assert torch.equal(open_clip.tokenize(ours), open_clip.tokenize(theirs))
+
+
 def test_searle_without_weights_offline_is_a_clear_error(backbone, monkeypatch, tmp_path):
     from cirbench.methods.searle import model
 
