@@ -265,15 +265,21 @@ def test_full_run_fashioniq_one_category_with_missing_images(tmp_path, tiny_conf
     names = json.loads((root / "image_splits" / "split.dress.val.json").read_text())
     for i, n in enumerate(names[:-10]):  # the last 10 gallery images are missing, as in real copies
         write_placeholder(root / "images" / f"{n}.png", i)
-    args = ["-m", "text-only", "-d", "fashioniq", "-s", "val", "--data-root", str(root), "--category", "dress"]
+    args = ["-m", "text-only,image-only", "-d", "fashioniq", "-s", "val", "--data-root", str(root), "--category",
+            "dress"]
     res = _run(args, tmp_path, tiny_config)
     assert res.exit_code == 2 and "10 of" in res.output and "--allow-missing" in res.output
     res = _run([*args, "--allow-missing"], tmp_path, tiny_config)
     assert res.exit_code == 0, res.output
-    rec = json.loads(next((tmp_path / "results" / "fashioniq" / "val").glob("*.json")).read_text())
+    out = tmp_path / "results" / "fashioniq" / "val"
+    rec = json.loads(next(out.glob("text-only__*.json")).read_text())
     sets = rec["counts"]["sets"]["dress"]
     assert sets["missing_images"] >= 10 and sets["gallery"] == 3807
     assert set(rec["metrics"]) == {"R@10", "R@50"}
+    # the reference stays in the gallery (as in the official evaluators, unlike CIRR): ranking by the reference
+    # image alone retrieves it among the first (only its duplicates, placeholders of the same colour, tie with it)
+    rows = [json.loads(line) for line in next(out.glob("image-only__*.predictions.jsonl")).read_text().splitlines()]
+    assert rows and all(r["reference"] in r["top"][:20] for r in rows)
 
 
 def test_circo_gallery_from_coco_image_info(tmp_path):
