@@ -80,6 +80,8 @@ def test_cache_is_reused_and_keyed_by_identity(tmp_path, tiny_config, toy_root):
         assert fourth.record["cache"]["misses"] == 12  # other (random) weights: never the stale features
         (fifth,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="text-only", encode_path="batched"), reg)
         assert fifth.record["cache"]["misses"] == 0  # on the CPU both paths decode with libjpeg-turbo: same pixels
+        (sixth,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, precision="bf16"), reg)
+        assert sixth.record["cache"]["misses"] == 12  # bf16 features are not the fp32 ones
 
 
 def test_the_methods_of_one_run_load_once_and_encode_once(tmp_path, tiny_config, toy_root, monkeypatch):
