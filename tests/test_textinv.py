@@ -304,6 +304,21 @@ def test_fti4cir_fashioniq_captions_are_the_official_strings():
         assert caption_variants_fti4cir(tuple(r["captions"])) == official(*r["captions"]), r["captions"]
 
 
+@needs_annotations
+def test_fti4cir_prompts_tokenize_as_the_official_strings():
+    """FTI4CIR's i2t_model.py composes f"a photo of * with {'* ' * n}but " + caption (n attribute words); on every
+    real CIRR val caption, with 0 to 12 attribute words, the prompts give the official tokens."""
+    import open_clip
+
+    from cirbench.methods.fti4cir.model import inference_prompt
+
+    captions = [r["caption"] for r in json.loads((ANNOTATIONS / "cirr" / "captions" / "cap.rc2.val.json").read_text())]
+    counts = [i % 13 for i in range(len(captions))]
+    ours = [inference_prompt(n, c) for n, c in zip(counts, captions, strict=True)]
+    theirs = [f"a photo of * with {'* ' * n}but " + c for n, c in zip(counts, captions, strict=True)]
+    assert torch.equal(open_clip.tokenize(ours), open_clip.tokenize(theirs))
+
+
 def test_fti4cir_forward_shapes_and_token_bounds(backbone):
     from cirbench.methods.fti4cir.model import build_net, pseudo_words
 
