@@ -70,6 +70,47 @@ def test_pic2word_official_layout_loads_and_matches(tmp_path, backbone):
     assert a.shape == (2, 32) and torch.allclose(a, b, atol=1e-6)
 
 
+def test_pic2word_loss_is_the_official_one():
+    """Pic2Word's trainer.py get_loss_img2text (one process): features normalised, logits scaled by CLIP's
+    logit_scale.exp() both ways, the two cross-entropies averaged; cirbench's contrastive loss with temperature
+    1 / logit_scale.exp() (as Pic2WordTrainable passes it) is that number."""
+    from cirbench.training import contrastive_loss
+
+    def official(image_features, text_features, logit_scale):  # transcribed, the non-distributed branch
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        ground_truth = torch.arange(len(image_features)).long()
+        logits_per_image = logit_scale * image_features @ text_features.t()
+        loss_img_val = torch.nn.CrossEntropyLoss()(logits_per_image, ground_truth)
+        logits_per_text = logit_scale * text_features @ image_features.t()
+        loss_txt_val = torch.nn.CrossEntropyLoss()(logits_per_text, ground_truth)
+        return (loss_img_val + loss_txt_val) / 2
+
+    gen = torch.Generator().manual_seed(0)
+    image, text = torch.randn(8, 16, generator=gen) * 3, torch.randn(8, 16, generator=gen)
+    text[:4] += 2 * image[:4]  # some pairs close, so that the two directions differ
+    scale = torch.tensor(4.6052).exp()  # CLIP's trained logit scale, 100
+    torch.testing.assert_close(contrastive_loss(image, text, 1.0 / float(scale)), official(image, text, scale))
+
+
+def test_pic2word_step_takes_its_temperature_from_the_backbones_logit_scale(tiny_config, monkeypatch):
+    """The step's temperature is 1 / logit_scale.exp() of the CLIP it trains on (100 for a trained CLIP; a random
+    initialisation's 1 / 0.07 would hide a fixed 0.07)."""
+    from cirbench.corpora import Batch
+    from cirbench.methods.pic2word import model as p2w
+
+    bb = load_backbone(str(tiny_config), "none", device="cpu", seed=0, training=True)
+    with torch.no_grad():
+        bb.model.logit_scale.fill_(4.6052)
+    seen, real = [], p2w.contrastive_loss
+    monkeypatch.setattr(p2w, "contrastive_loss", lambda i, t, temperature: seen.append(temperature) or real(
+        i, t, temperature))
+    trainable = p2w.Pic2WordTrainable(bb, {"middle_dim": 32, "dropout": 0.0})
+    size = bb.preprocessor("clip").size
+    loss, _ = trainable.training_step(Batch(torch.randn(4, 3, size, size), [""] * 4))
+    assert torch.isfinite(loss) and seen == [pytest.approx(1 / torch.tensor(4.6052).exp().item())]
+
+
 def test_pic2word_training_lowers_the_loss(tmp_path, tiny_config):
     from test_training import make_corpus
 
