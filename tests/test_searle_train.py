@@ -19,7 +19,7 @@ from cirbench.backbones import load_backbone
 from cirbench.cli import cli
 from cirbench.corpora import collate, open_corpus
 from cirbench.errors import CirbenchError
-from cirbench.methods._shared.textinv import encode_with_pseudo_tokens, token_width
+from cirbench.methods._shared.textinv import encode_with_pseudo_tokens, nt_xent, token_width
 from cirbench.methods.searle import oti
 from cirbench.methods.searle import train as searle_train
 from cirbench.preprocess import Preprocessor
@@ -28,7 +28,7 @@ from cirbench.testing import ToyDatasetPlugin, registered
 
 # -- transcriptions of the official code --------------------------------------------------------------------
 def official_contrastive_loss(v1, v2, temperature):
-    """SEARLE src/utils.py contrastive_loss (device: the CPU)."""
+    """SEARLE src/utils.py contrastive_loss (device: the CPU); FTI4CIR src/utils.py has the same function."""
     v1 = torch.nn.functional.normalize(v1, dim=1)
     v2 = torch.nn.functional.normalize(v2, dim=1)
     numerator = torch.exp(torch.diag(torch.inner(v1, v2)) / temperature)
@@ -65,10 +65,11 @@ def backbone(tiny_config):
 
 @pytest.mark.parametrize("temperature", [0.25, 1.0, 0.05])
 def test_contrastive_loss_is_the_official_one(temperature):
+    """SEARLE's utils.contrastive_loss, which FTI4CIR's utils.py repeats line for line: both methods train with it."""
     g = torch.Generator().manual_seed(3)
     v1, v2 = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
     v2[:4] = v1[:4] + 0.01 * v2[:4]  # some near-identical pairs
-    ours = searle_train.searle_contrastive_loss(v1, v2, temperature)
+    ours = nt_xent(v1, v2, temperature)
     torch.testing.assert_close(ours, official_contrastive_loss(v1, v2, temperature), rtol=1e-5, atol=1e-5)
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
+from cirbench import distributed as dist_utils
 from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint, load_module_weights
 from cirbench.errors import CirbenchError
@@ -44,6 +46,21 @@ def placeholder_id(backbone: Backbone, placeholder: str) -> int:
     if len(inner) != 1:
         raise CirbenchError(f"placeholder {placeholder!r} is not a single token for this tokenizer")
     return inner[0]
+
+
+def nt_xent(v1: torch.Tensor, v2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The contrastive loss SEARLE and FTI4CIR train with (their ``utils.contrastive_loss``, after PALAVRA's NT-Xent):
+    over the 2B normalised rows of ``v1`` and ``v2``, ``-mean log(exp(s_ii'/t) / sum_{j != i} exp(s_ij/t))``, where
+    i' is row i's partner in the other set (intra- and cross-modal negatives; the positive pair is in the
+    denominator too). Computed with log-sum-exp (the same value, without overflow at low temperatures). Under
+    torchrun the rows of every rank are gathered with gradients (the global batch)."""
+    v1 = dist_utils.all_gather_with_grad(F.normalize(v1.float(), dim=1))
+    v2 = dist_utils.all_gather_with_grad(F.normalize(v2.float(), dim=1))
+    positive = (v1 * v2).sum(dim=1) / temperature
+    joint = torch.cat([v1, v2])
+    logits = joint @ joint.T / temperature
+    logits = logits.masked_fill(torch.eye(joint.shape[0], dtype=torch.bool, device=joint.device), float("-inf"))
+    return -(torch.cat([positive, positive]) - torch.logsumexp(logits, dim=0)).mean()
 
 
 def clean_text(text: str, placeholder: str) -> str:

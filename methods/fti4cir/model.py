@@ -10,7 +10,6 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from cirbench import distributed as dist_utils
 from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint
 from cirbench.errors import CirbenchError
@@ -21,6 +20,7 @@ from cirbench.methods._shared.textinv import (
     clean_text,
     encode_with_pseudo_tokens,
     load_module_weights,
+    nt_xent,
     placeholder_id,
     token_width,
 )
@@ -263,18 +263,6 @@ def split_subject_attribute(caption: str) -> tuple[str, str]:
 
 
 _SPACY: dict[str, Any] = {}
-
-
-def nt_xent(v1: torch.Tensor, v2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The PALAVRA-style NT-Xent FTI4CIR trains with (intra- and cross-modal negatives), global batch."""
-    v1 = dist_utils.all_gather_with_grad(F.normalize(v1.float(), dim=1))
-    v2 = dist_utils.all_gather_with_grad(F.normalize(v2.float(), dim=1))
-    joint = torch.cat([v1, v2])
-    logits = joint @ joint.T / temperature
-    logits = logits.masked_fill(torch.eye(joint.shape[0], dtype=torch.bool, device=joint.device), float("-inf"))
-    n = v1.shape[0]
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(joint.device)
-    return F.cross_entropy(logits, targets)
 
 
 class FTI4CIRTrainable(NetTrainable):

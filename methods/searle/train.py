@@ -50,6 +50,7 @@ from cirbench.errors import CirbenchError
 from cirbench.methods._shared.textinv import (
     PhiTrainable,
     encode_with_pseudo_tokens,
+    nt_xent,
     placeholder_id,
 )
 from cirbench.methods.searle import OTI_OPTIONS
@@ -67,20 +68,6 @@ from cirbench.util import atomic_write_bytes, default_cache_dir, json_hash, maki
 # the official OTI settings (oti_inversion.py's defaults, searle-oti's) that the teacher pass uses
 TEACHER_OTI = {o.name: o.default for o in OTI_OPTIONS}
 FEATURE_BATCH = 64  # images per batch of the teacher features pass
-
-
-def searle_contrastive_loss(v1: torch.Tensor, v2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SEARLE's ``utils.contrastive_loss`` (after PALAVRA): over the 2B normalised rows of ``v1`` and ``v2``,
-    ``-mean log(exp(s_ii'/t) / sum_{j != i} exp(s_ij/t))``, where i' is row i's partner in the other set; the
-    positive pair is in the denominator too. Computed with log-sum-exp (the same value, without overflow at
-    low temperatures). Under torchrun the rows of every rank are gathered with gradients."""
-    v1 = dist_utils.all_gather_with_grad(F.normalize(v1.float(), dim=1))
-    v2 = dist_utils.all_gather_with_grad(F.normalize(v2.float(), dim=1))
-    positive = (v1 * v2).sum(dim=1) / temperature
-    joint = torch.cat([v1, v2])
-    logits = joint @ joint.T / temperature
-    logits = logits.masked_fill(torch.eye(joint.shape[0], dtype=torch.bool, device=joint.device), float("-inf"))
-    return -(torch.cat([positive, positive]) - torch.logsumexp(logits, dim=0)).mean()
 
 
 class Teacher:
@@ -216,7 +203,7 @@ class SearleTrainable(PhiTrainable):
         estimated = self.net(t.features[rows].to(device))
         lam_distil = float(self.options.get("lambda_distil", 1.0))
         lam_gpt = float(self.options.get("lambda_gpt", 0.75))
-        distil = searle_contrastive_loss(t.tokens[rows].to(device), estimated,
+        distil = nt_xent(t.tokens[rows].to(device), estimated,
                                          float(self.options.get("temperature", 0.25)))
         gpt = torch.zeros((), device=device)
         # as officially: first a concept for every image, then a phrase for each (the order of the draws)
