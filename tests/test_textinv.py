@@ -507,6 +507,53 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, monkeypatch):
     assert not sentinel.exists()
 
 
+def test_fti4cir_training_step_is_the_official_loss(tiny_config):
+    """FTI4CIR's i2t_model.py getLoss, transcribed over cirbench's pseudo words (their selection is checked against
+    the official code above, the token replacement in test_searle_oti): the contrastive loss between the global
+    image feature and the pseudo sentence, the orthogonality of the kept local features, and reg_weight times the
+    three cosine regularisers against the real caption "a photo of {subject} with {attribute}"."""
+    from test_searle_train import official_contrastive_loss
+
+    from cirbench.corpora import Batch
+    from cirbench.methods.fti4cir.model import FTI4CIRTrainable, pseudo_words
+
+    bb = load_backbone(str(tiny_config), "none", device="cpu", seed=0, training=True)
+    trainable = FTI4CIRTrainable(bb, {"num_queries": 24, "max_attributes": 12, "threshold": 0.05, "layers": 1,
+                                      "temperature": 0.2, "reg_weight": 1.4})
+    size = bb.preprocessor("targetpad").size
+    pixels = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(1))
+    subjects = ["a dog", "two cups", "a red car", "a cat", "the sky", "a man"]
+    attributes = ["on a couch", "of tea", "in the rain", "asleep", "at dusk", "with a hat"]
+    batch = Batch(pixels, [f"{s} {a}" for s, a in zip(subjects, attributes, strict=True)],
+                  extra={"subject": subjects, "attribute": attributes})
+    torch.manual_seed(5)
+    loss, _ = trainable.training_step(batch)
+
+    def cosine_loss(x, y):  # nn.CosineEmbeddingLoss with target 1
+        return torch.nn.CosineEmbeddingLoss()(y, x, torch.ones(len(x)))
+
+    torch.manual_seed(5)
+    subject, attrs, counts, global_feat, selected = pseudo_words(trainable.net, bb, pixels)
+    words = [torch.cat([subject[i : i + 1], attrs[i, :r]]) for i, r in enumerate(counts)]
+    pseudo_word_based_feat = encode_with_pseudo_tokens(bb, [f"a photo of * with {'* ' * r}" for r in counts], words,
+                                                       "*", normalize=False)
+    img_text_loss = official_contrastive_loss(global_feat, pseudo_word_based_feat, 0.2)
+    feats = torch.nn.functional.normalize(selected, p=2, dim=-1)
+    cosine_score = feats @ feats.permute(0, 2, 1)
+    ortho_loss = torch.nn.MSELoss()(cosine_score, torch.eye(feats.shape[1]).unsqueeze(0).repeat(len(feats), 1, 1))
+    with torch.no_grad():
+        t_both_feat = bb.model.encode_text(bb.tokenize([f"a photo of {s} with {a}" for s, a in zip(
+            subjects, attributes, strict=True)]))
+    t_subject_feat = encode_with_pseudo_tokens(bb, [f"a photo of * with {a}" for a in attributes], subject, "*",
+                                               normalize=False)
+    t_attribute_feat = encode_with_pseudo_tokens(
+        bb, [f"a photo of {s} with {'* ' * r}" for s, r in zip(subjects, counts, strict=True)],
+        [attrs[i, :r] for i, r in enumerate(counts)], "*", normalize=False)
+    reg_loss = (cosine_loss(t_subject_feat, t_both_feat) + cosine_loss(t_attribute_feat, t_both_feat)
+                + cosine_loss(pseudo_word_based_feat, t_both_feat))
+    torch.testing.assert_close(loss, img_text_loss + ortho_loss + 1.4 * reg_loss, rtol=1e-5, atol=1e-5)
+
+
 def test_fti4cir_trains_and_loss_goes_down(tmp_path, tiny_config):
     from test_training import make_corpus
 
