@@ -185,6 +185,26 @@ def test_tat_changes_only_lora_and_round_trips(tmp_path, tiny_config):
     assert len(info["sha256"]) == 64
 
 
+def test_tat_lora_options_reach_every_adapter(tiny_config):
+    """--lora-rank/--lora-alpha/--lora-dropout set every injected adapter (peft scales by alpha / rank); the
+    plugin's defaults are the paper's rank 16, alpha 16, dropout 0.1."""
+    from peft.tuners.lora import LoraLayer
+
+    from cirbench.methods.slerp.tat import TATTrainable
+    from cirbench.plugins import get_registry
+
+    bb = load_backbone(str(tiny_config), "none", device="cpu")
+    defaults = {o.name: o.default for o in get_registry().method("slerp-tat").train_options}
+    for given, (rank, scaling, dropout) in [({}, (16, 1.0, 0.1)),
+                                            ({"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.25},
+                                             (4, 2.0, 0.25))]:
+        visual = TATTrainable(bb, {**defaults, **given}).visual
+        layers = [m for m in visual.modules() if isinstance(m, LoraLayer)]
+        assert layers
+        for m in layers:
+            assert (m.r["default"], m.scaling["default"], m.lora_dropout["default"].p) == (rank, scaling, dropout)
+
+
 def test_training_leaves_frozen_weights_bit_identical(tmp_path, tiny_config):
     from cirbench.methods.slerp.tat import TATTrainable
     from cirbench.training import TrainConfig, train
