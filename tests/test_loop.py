@@ -82,6 +82,9 @@ def test_cache_is_reused_and_keyed_by_identity(tmp_path, tiny_config, toy_root):
         assert fifth.record["cache"]["misses"] == 0  # on the CPU both paths decode with libjpeg-turbo: same pixels
         (sixth,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, precision="bf16"), reg)
         assert sixth.record["cache"]["misses"] == 12  # bf16 features are not the fp32 ones
+    # each configuration of image-only keeps a result file of its own: none overwrote another
+    paths = {out.result_path for out in (first, third, fourth, sixth)}
+    assert len(paths) == 4 and all(p.is_file() for p in paths)
 
 
 def test_the_methods_of_one_run_load_once_and_encode_once(tmp_path, tiny_config, toy_root, monkeypatch):
