@@ -203,8 +203,7 @@ class SearleTrainable(PhiTrainable):
         estimated = self.net(t.features[rows].to(device))
         lam_distil = float(self.options.get("lambda_distil", 1.0))
         lam_gpt = float(self.options.get("lambda_gpt", 0.75))
-        distil = nt_xent(t.tokens[rows].to(device), estimated,
-                                         float(self.options.get("temperature", 0.25)))
+        distil = nt_xent(t.tokens[rows].to(device), estimated, float(self.options.get("temperature", 0.25)))
         gpt = torch.zeros((), device=device)
         # as officially: first a concept for every image, then a phrase for each (the order of the draws)
         picks = [(i, random.choice(c)) for i, c in enumerate(t.candidates(row) for row in rows) if c]
