@@ -26,6 +26,14 @@ from cirbench.safe_unpickle import load_pickled_module_tensors
 from cirbench.types import Query
 
 
+def fashioniq_val_records() -> list[dict]:
+    """Every FashionIQ val query of the real annotation files (the three categories)."""
+    records = [r for f in sorted((ANNOTATIONS / "fashioniq" / "captions").glob("cap.*.val.json"))
+               for r in json.loads(f.read_text())]
+    assert len(records) == 6016
+    return records
+
+
 @pytest.fixture(scope="module")
 def backbone(tiny_config):
     return load_backbone(str(tiny_config), "none", device="cpu", seed=0)
@@ -291,9 +299,7 @@ def test_searle_fashioniq_prompts_are_the_official_strings():
         return [f"a photo of $ that {c1.strip('.?, ')} and {c2.strip('.?, ')}",
                 f"a photo of $ that {c2.strip('.?, ')} and {c1.strip('.?, ')}"]
 
-    records = [r for f in sorted((ANNOTATIONS / "fashioniq" / "captions").glob("cap.*.val.json"))
-               for r in json.loads(f.read_text())]
-    assert len(records) == 6016
+    records = fashioniq_val_records()
     ours = [searle_prompt(v) for r in records for v in caption_variants(tuple(r["captions"]))]
     theirs = [s for r in records for s in official(*r["captions"])]
     assert torch.equal(open_clip.tokenize(ours), open_clip.tokenize(theirs))
@@ -338,9 +344,7 @@ def test_fti4cir_fashioniq_captions_are_the_official_strings():
         return [f"{c1.strip('.?, ').capitalize()} and {c2.strip('.?, ')}",
                 f"{c2.strip('.?, ')} and {c1.strip('.?, ')}"]
 
-    records = [r for f in sorted((ANNOTATIONS / "fashioniq" / "captions").glob("cap.*.val.json"))
-               for r in json.loads(f.read_text())]
-    assert len(records) == 6016
+    records = fashioniq_val_records()
     for r in records:
         assert caption_variants_fti4cir(tuple(r["captions"])) == official(*r["captions"]), r["captions"]
 
