@@ -63,6 +63,38 @@ def test_gradients_flow_into_pseudo_words(backbone):
 
 
 # -- Pic2Word --------------------------------------------------------------------------------------------
+def test_mapping_networks_compute_as_the_official_modules():
+    """Released weights load by name into cirbench's mapping networks; the names alone do not fix what runs
+    between the layers. Loaded with random weights in the official names, each computes what the official
+    forward does: SEARLE's Phi (phi.py, which FTI4CIR and LinCIR copy) Linear-GELU-Dropout-Linear-GELU-Dropout-
+    Linear; Pic2Word's IM2TEXT (model/model.py) Linear-Dropout-ReLU twice, then fc_out. Dropout is off in
+    evaluation."""
+    from torch.nn.functional import gelu, linear, relu
+
+    from cirbench.methods._shared.textinv import Phi
+    from cirbench.methods.pic2word.model import Img2Text
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=gen)
+
+    def weights(module):
+        return {k: torch.randn(v.shape, generator=gen) for k, v in module.state_dict().items()}
+
+    phi = Phi(16, 64, 24)
+    w = weights(phi)
+    phi.load_state_dict(w)
+    hidden = gelu(linear(gelu(linear(x, w["layers.0.weight"], w["layers.0.bias"])), w["layers.3.weight"],
+                         w["layers.3.bias"]))
+    torch.testing.assert_close(phi.eval()(x), linear(hidden, w["layers.6.weight"], w["layers.6.bias"]))
+
+    im2text = Img2Text(16, 32, 24)
+    w = weights(im2text)
+    im2text.load_state_dict(w)
+    hidden = relu(linear(relu(linear(x, w["layers.0.0.weight"], w["layers.0.0.bias"])), w["layers.1.0.weight"],
+                         w["layers.1.0.bias"]))
+    torch.testing.assert_close(im2text.eval()(x), linear(hidden, w["fc_out.weight"], w["fc_out.bias"]))
+
+
 def test_pic2word_official_layout_loads_and_matches(tmp_path, backbone):
     from cirbench.methods.pic2word.model import Pic2Word, build_net
 
