@@ -464,6 +464,49 @@ def test_fti4cir_selection_equals_the_official_code(backbone, scale):
     assert counts == official_counts and torch.equal(ours, official)
 
 
+def _official_latent_local_features(sd, patches, num_k, layers, heads=1):
+    """IMG2TEXT.get_latent_local_attributes_feats over MHTransformer.Transformer (FTI4CIR src/), transcribed as
+    functions of the state dict: pre-LN layers, attention without q/kv biases scaled by head_dim ** -0.5, ReLU
+    MLP, then Linear + Sigmoid on the first num_k outputs."""
+    F = torch.nn.functional
+
+    def ln(x, p):
+        return F.layer_norm(x, (x.shape[-1],), sd[p + ".weight"], sd[p + ".bias"])
+
+    def attn(x, p):
+        b, n, c = x.shape
+        queries = F.linear(x, sd[p + ".to_queries.weight"]).reshape(b, n, heads, c // heads)
+        keys_values = F.linear(x, sd[p + ".to_keys_values.weight"]).reshape(b, n, 2, heads, c // heads)
+        keys, values = keys_values[:, :, 0], keys_values[:, :, 1]
+        attention = torch.einsum("bnhd,bmhd->bnmh", queries, keys) * (c // heads) ** -0.5
+        attention = attention.softmax(dim=2)
+        out = torch.einsum("bnmh,bmhd->bnhd", attention, values).reshape(b, n, c)
+        return F.linear(out, sd[p + ".project.weight"], sd[p + ".project.bias"])
+
+    def mlp(x, p):
+        hidden = F.relu(F.linear(x, sd[p + ".fc1.weight"], sd[p + ".fc1.bias"]))
+        return F.linear(hidden, sd[p + ".fc2.weight"], sd[p + ".fc2.bias"])
+
+    x = torch.cat([sd["templates"].expand(patches.shape[0], num_k, patches.shape[2]), patches], dim=1)
+    for i in range(layers):
+        x = x + attn(ln(x, f"transformer.layers.{i}.norm1"), f"transformer.layers.{i}.attn")
+        x = x + mlp(ln(x, f"transformer.layers.{i}.norm2"), f"transformer.layers.{i}.mlp")
+    return torch.sigmoid(F.linear(x[:, :num_k], sd["local_atte_fc.0.weight"], sd["local_atte_fc.0.bias"]))
+
+
+def test_fti4cir_local_features_equal_the_official_transformer(backbone):
+    """The attribute queries through the 3-layer transformer and the sigmoid projection, as the official module
+    computes them from the same weights (the names are the official ones: its checkpoint loads by name)."""
+    from cirbench.methods.fti4cir.model import build_net
+
+    net = build_net(backbone, {"num_queries": 24, "max_attributes": 12, "threshold": 0.05, "layers": 3}).eval()
+    width = net.templates.shape[-1]
+    patches = torch.randn(3, 17, width, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(net.local_features(patches),
+                                   _official_latent_local_features(net.state_dict(), patches, 24, 3))
+
+
 def test_optimizers_follow_the_official_settings(backbone, tmp_path):
     from cirbench.methods.fti4cir.model import FTI4CIRTrainable
     from cirbench.methods.pic2word.model import Pic2WordTrainable
