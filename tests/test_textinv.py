@@ -62,7 +62,6 @@ def test_gradients_flow_into_pseudo_words(backbone):
     assert pseudo.grad is not None and pseudo.grad.abs().sum() > 0
 
 
-# -- Pic2Word --------------------------------------------------------------------------------------------
 def test_mapping_networks_compute_as_the_official_modules():
     """Released weights load by name into cirbench's mapping networks; the names alone do not fix what runs
     between the layers. Loaded with random weights in the official names, each computes what the official
@@ -95,6 +94,7 @@ def test_mapping_networks_compute_as_the_official_modules():
     torch.testing.assert_close(im2text.eval()(x), linear(hidden, w["fc_out.weight"], w["fc_out.bias"]))
 
 
+# -- Pic2Word --------------------------------------------------------------------------------------------
 def test_pic2word_official_layout_loads_and_matches(tmp_path, backbone):
     from cirbench.methods.pic2word.model import Pic2Word, build_net
 
@@ -286,7 +286,7 @@ def test_pic2word_prompts_tokenize_as_the_official_strings(name):
 
     spec = get_registry().dataset(name)
     data = spec.create(ANNOTATIONS / name, {o.name: o.default for o in spec.options})
-    queries = [(q, set_.name) for set_ in data.load("val") for q in set_.queries]
+    queries = [q for set_ in data.load("val") for q in set_.queries]
     raw = {"cirr": lambda r: [r["caption"]], "fashioniq": lambda r: r["captions"]}[name]
     files = sorted((ANNOTATIONS / name / "captions").glob("cap.*val.json"))
     official = {}
@@ -296,8 +296,8 @@ def test_pic2word_prompts_tokenize_as_the_official_strings(name):
             official[tuple(caps)] = f"a photo of * , {caps[0]}" if len(caps) == 1 else \
                 f"a photo of * , {caps[1]} and {caps[0]}"
     assert len(queries) == {"cirr": 4181, "fashioniq": 6016}[name]
-    ours = [prompt(q, name) for q, _ in queries]
-    theirs = [official[tuple(q.texts)] for q, _ in queries]
+    ours = [prompt(q, name) for q in queries]
+    theirs = [official[tuple(q.texts)] for q in queries]
     assert torch.equal(open_clip.tokenize(ours), open_clip.tokenize(theirs))
 
 
