@@ -76,22 +76,18 @@ def test_mapping_networks_compute_as_the_official_modules():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 16, generator=gen)
 
-    def weights(module):
-        return {k: torch.randn(v.shape, generator=gen) for k, v in module.state_dict().items()}
+    def load_random_weights(module):
+        """Random weights under the module's (the official) names; a Linear layer of them by name."""
+        w = {k: torch.randn(v.shape, generator=gen) for k, v in module.state_dict().items()}
+        module.load_state_dict(w)
+        return lambda h, name: linear(h, w[f"{name}.weight"], w[f"{name}.bias"])
 
     phi = Phi(16, 64, 24)
-    w = weights(phi)
-    phi.load_state_dict(w)
-    hidden = gelu(linear(gelu(linear(x, w["layers.0.weight"], w["layers.0.bias"])), w["layers.3.weight"],
-                         w["layers.3.bias"]))
-    torch.testing.assert_close(phi.eval()(x), linear(hidden, w["layers.6.weight"], w["layers.6.bias"]))
-
+    fc = load_random_weights(phi)
+    torch.testing.assert_close(phi.eval()(x), fc(gelu(fc(gelu(fc(x, "layers.0")), "layers.3")), "layers.6"))
     im2text = Img2Text(16, 32, 24)
-    w = weights(im2text)
-    im2text.load_state_dict(w)
-    hidden = relu(linear(relu(linear(x, w["layers.0.0.weight"], w["layers.0.0.bias"])), w["layers.1.0.weight"],
-                         w["layers.1.0.bias"]))
-    torch.testing.assert_close(im2text.eval()(x), linear(hidden, w["fc_out.weight"], w["fc_out.bias"]))
+    fc = load_random_weights(im2text)
+    torch.testing.assert_close(im2text.eval()(x), fc(relu(fc(relu(fc(x, "layers.0.0")), "layers.1.0")), "fc_out"))
 
 
 # -- Pic2Word --------------------------------------------------------------------------------------------
