@@ -4,10 +4,12 @@ A method plugs in by subclassing :class:`TrainableMethod` (what to train, the lo
 save) and naming it as ``MethodSpec.trainer``; ``cirbench train --method NAME`` then runs :func:`train`:
 
 * AdamW over ``trainable_parameters()``, linear warm-up then cosine / constant / step schedule;
-* bf16 autocast on CUDA (fp32 on CPU), gradient accumulation, optional gradient clipping;
-* ``torchrun`` data parallelism: each rank reads its shard of the corpus, :func:`contrastive_loss` gathers
-  features from all ranks (with gradients) so the contrastive batch is the global batch, and gradients are
-  averaged across ranks, so N processes compute what one process with the same global batch computes; the
+* bf16 autocast on CUDA (fp32 on CPU), optional gradient clipping;
+* ``torchrun`` data parallelism and gradient accumulation: each rank reads its shard of the corpus, and the loss
+  terms that compare samples (:func:`contrastive_loss`, :func:`~cirbench.methods._shared.textinv.nt_xent`) take
+  the features of all ranks and all micro-batches (:mod:`cirbench.global_batch`), so the contrastive batch is
+  the global batch; gradients are averaged across ranks, so N processes, or K micro-batches, compute what one
+  process with the same global batch at once computes; the
   ranks step through each epoch together (one whose webdataset shards ran out ends it for all);
 * a tqdm bar with loss and throughput, checkpoints every ``save_every`` steps into
   ``<output>/checkpoint-latest/`` (trained weights, optimizer, scheduler, step, data position, RNG states),
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
+from . import global_batch
 from .backbones import Backbone, autocast_context
 from .checkpoints import load_checkpoint, save_checkpoint
 from .corpora import Batch, PairsCorpus, ShardCorpus, collate, open_corpus, reader_turns
@@ -129,7 +132,10 @@ class TrainableMethod:
         """Switch the trained modules between train and eval mode (dropout)."""
 
     def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one (per-rank) batch, and numbers to show in the progress bar."""
+        """The loss of one (per-rank) batch, and numbers to show in the progress bar. A term that compares
+        samples with each other (contrastive negatives) takes its rows from :func:`cirbench.global_batch.gather`
+        (the global batch). Under ``--accum-steps`` a batch runs twice, first without gradients: draw randomness
+        from the global generators and change no state here."""
         raise NotImplementedError
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
@@ -180,11 +186,12 @@ class NetTrainable(TrainableMethod):
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE between L2-normalised image and text features of the GLOBAL batch.
 
-    Under torchrun the features of every rank are gathered with gradients, and every rank computes the
-    loss of the whole global batch, as open_clip does with ``gather_with_grad``.
+    The features of every rank (under torchrun, with gradients) and of every micro-batch (``--accum-steps``) are
+    gathered by :func:`cirbench.global_batch.gather`, and every rank computes the loss of the whole global batch,
+    as open_clip does with ``gather_with_grad`` and ``--accum-freq``.
     """
-    image = dist_utils.all_gather_with_grad(F.normalize(image.float(), dim=-1))
-    text = dist_utils.all_gather_with_grad(F.normalize(text.float(), dim=-1))
+    image = global_batch.gather(F.normalize(image.float(), dim=-1))
+    text = global_batch.gather(F.normalize(text.float(), dim=-1))
     logits = image @ text.T / temperature
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -436,13 +443,22 @@ def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, fa
     optimizer.zero_grad(set_to_none=True)
     logs: dict[str, float] = {}
     loss_sum = 0.0
-    for mb in micro:
+    micro = [mb.to(device) for mb in micro]
+
+    def run(j: int) -> tuple[torch.Tensor, dict[str, float]]:
         with autocast_context(trainable.backbone.precision, device):
-            loss, logs = trainable.training_step(mb.to(device))
+            return trainable.training_step(micro[j])
+
+    # the loss terms that compare samples see the whole global batch, whatever --accum-steps (see global_batch)
+    accumulation = global_batch.Accumulation(len(micro))
+    accumulation.first_pass(run)
+    for j in range(len(micro)):
+        with accumulation.second_pass(j):
+            loss, logs = run(j)
         if not bool(torch.isfinite(loss.detach())):
             raise CirbenchError(f"the {trainable.name} loss became {float(loss)}: training diverged (lower --lr?)")
-        scaler.scale(loss / cfg.accum_steps).backward()
-        loss_sum += float(loss.detach()) / cfg.accum_steps
+        scaler.scale(loss / len(micro)).backward()
+        loss_sum += float(loss.detach()) / len(micro)
     stop = dist_utils.average_gradients(params, stop)  # every rank then holds the same (scaled) gradients
     scaler.unscale_(optimizer)
     if cfg.max_grad_norm:

@@ -426,20 +426,41 @@ def test_a_pickled_training_state_is_never_loaded(tmp_path, tiny_config):
 
 
 def test_torchrun_two_processes_match_one(tmp_path, tiny_config):
+    """The same global batch of 8, as 1 process, as 2 ranks of 4, and as 2 ranks of 2 micro-batches of 2: the
+    contrastive loss sees all 8 samples each time, so the weights trained are the same."""
     corpus = make_corpus(tmp_path / "c")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CIRBENCH_LOAD_PLUGINS": ""}
     common = ["-m", "cirbench", *_train_args(tiny_config, corpus, "OUT", "--max-steps", "3", "--lora-dropout", "0",
                                              "--device", "cpu")]
     outs = {}
-    for n in (1, 2):
-        out = tmp_path / f"n{n}"
-        args = [a if a != "OUT" else str(out) for a in common]
+    for n, accum in ((1, 1), (2, 1), (2, 2)):
+        out = tmp_path / f"n{n}-accum{accum}"
+        args = [a if a != "OUT" else str(out) for a in common] + ["--accum-steps", str(accum)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        outs[n] = load_file(str(out / "model.safetensors"))
-    assert all(torch.allclose(outs[1][k], outs[2][k], atol=1e-5) for k in outs[1])
-    assert any(float(v.abs().sum()) > 0 for k, v in outs[2].items() if "lora_B" in k)
+        outs[n, accum] = load_file(str(out / "model.safetensors"))
+    for run in ((2, 1), (2, 2)):
+        assert all(torch.allclose(outs[1, 1][k], outs[run][k], atol=1e-5) for k in outs[1, 1]), run
+    assert any(float(v.abs().sum()) > 0 for k, v in outs[2, 1].items() if "lora_B" in k)
+
+
+def test_accumulated_micro_batches_train_what_the_whole_batch_trains(tmp_path, tiny_config):
+    """--accum-steps 4 (micro-batches of 2) against one batch of 8: the same losses and weights (the contrastive loss
+    compares the 8 samples either way: over micro-batches of 2 alone its value would be far lower)."""
+    corpus = make_corpus(tmp_path / "c")
+    runner = CliRunner()
+    weights, logs = {}, {}
+    for accum in (1, 4):
+        out = tmp_path / f"accum{accum}"
+        res = runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "3", "--lora-dropout", "0",
+                                             "--accum-steps", str(accum), "--log-every", "1"))
+        assert res.exit_code == 0, res.output
+        weights[accum] = load_file(str(out / "model.safetensors"))
+        logs[accum] = [e["loss"] for e in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())
+                       if "loss" in e]
+    assert len(logs[1]) == 3 and logs[1] == pytest.approx(logs[4], rel=1e-4)
+    assert all(torch.allclose(weights[1][k], weights[4][k], atol=1e-5) for k in weights[1])
 
 
 def _torchrun(tiny_config, corpus, out, *extra, script=None):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from cirbench import distributed as dist_utils
+from cirbench import global_batch
 from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint, load_module_weights
 from cirbench.errors import CirbenchError
@@ -54,8 +54,8 @@ def nt_xent(v1: torch.Tensor, v2: torch.Tensor, temperature: float) -> torch.Ten
     i' is row i's partner in the other set (intra- and cross-modal negatives; the positive pair is in the
     denominator too). Computed with log-sum-exp (the same value, without overflow at low temperatures). Under
     torchrun the rows of every rank are gathered with gradients (the global batch)."""
-    v1 = dist_utils.all_gather_with_grad(F.normalize(v1.float(), dim=1))
-    v2 = dist_utils.all_gather_with_grad(F.normalize(v2.float(), dim=1))
+    v1 = global_batch.gather(F.normalize(v1.float(), dim=1))
+    v2 = global_batch.gather(F.normalize(v2.float(), dim=1))
     positive = (v1 * v2).sum(dim=1) / temperature
     joint = torch.cat([v1, v2])
     logits = joint @ joint.T / temperature

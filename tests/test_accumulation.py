@@ -1,0 +1,132 @@
+"""Gradient accumulation is exact: a step of K micro-batches has the gradient of the whole global batch, for the
+loss terms that compare samples (their negatives come from every micro-batch) as for the terms of each sample."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from cirbench import global_batch, training
+from cirbench.corpora import Batch
+from cirbench.errors import CirbenchError
+from cirbench.methods._shared.textinv import nt_xent
+
+
+class Toy(training.NetTrainable):
+    """A loss with every kind of term the built-in methods have: symmetric InfoNCE (TAT, Pic2Word), NT-Xent
+    (SEARLE, FTI4CIR), a per-sample regulariser (FTI4CIR), and, with ``dropout``/``noise``, random draws."""
+
+    name = "toy"
+
+    def __init__(self, dropout: float = 0.0, noise: float = 0.0, contrast: bool = True):
+        backbone = types.SimpleNamespace(precision="fp32", device=torch.device("cpu"), identity=lambda: {})
+        super().__init__(backbone, {})
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Dropout(dropout), torch.nn.Linear(5, 4))
+        self.noise, self.contrast = noise, contrast
+        self.text = torch.randn(64, 4)
+
+    def training_step(self, batch):
+        rows = [int(k) for k in batch.keys]
+        inputs = batch.pixels + self.noise * torch.randn(batch.pixels.shape)
+        out = self.net(inputs)
+        regulariser = (out - 1).pow(2).sum(dim=1).mean()
+        if not self.contrast:
+            return regulariser, {}
+        text = self.text[rows]
+        return training.contrastive_loss(out, text, 0.1) + nt_xent(out, text, 0.25) + 0.3 * regulariser, {}
+
+
+def _batches(n: int = 8, parts: int = 1) -> list[Batch]:
+    torch.manual_seed(1)
+    pixels = torch.randn(n, 6)
+    size = n // parts
+    return [Batch(pixels=pixels[i : i + size], captions=[""] * size, keys=[str(k) for k in range(i, i + size)])
+            for i in range(0, n, size)]
+
+
+def _step(toy: Toy, micro: list[Batch], seed: int = 5) -> tuple[float, dict[str, torch.Tensor]]:
+    """One optimizer step through the loop's own code; the loss and the gradients it left."""
+    toy.train_mode(True)
+    params = toy.trainable_parameters()
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _s: 1.0)
+    cfg = training.TrainConfig(output="unused", accum_steps=len(micro), batch_size=8)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(seed)
+    loss, _logs, _stop = training._optimizer_step(toy, optimizer, scheduler, micro, cfg, 1.0, params,
+                                                  torch.device("cpu"), False, scaler)
+    return loss, {n: p.grad.clone() for n, p in toy.named_trainable_parameters()}
+
+
+@pytest.mark.parametrize("parts", [2, 4, 8])
+def test_an_accumulated_step_has_the_whole_batchs_loss_and_gradient(parts):
+    whole_loss, whole = _step(Toy(), _batches())
+    loss, grads = _step(Toy(), _batches(parts=parts))
+    assert loss == pytest.approx(whole_loss, rel=1e-6)
+    for name, grad in whole.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_micro_batch_runs_again_with_the_draws_of_its_first_run():
+    """With dropout and noise, the second run of each micro-batch must draw what its first run drew: the step is
+    then the gradient of the whole-batch loss over the rows the micro-batches drew one after the other."""
+    micro = _batches(parts=2)
+    loss, grads = _step(Toy(dropout=0.5, noise=0.1), micro, seed=5)
+    next_draw = torch.rand(1)  # the step leaves the generators where drawing once for each micro-batch leaves them
+
+    toy = Toy(dropout=0.5, noise=0.1)
+    toy.train_mode(True)
+    torch.manual_seed(5)
+    outs = [toy.net(mb.pixels + 0.1 * torch.randn(mb.pixels.shape)) for mb in micro]
+    assert torch.equal(torch.rand(1), next_draw)
+    out = torch.cat(outs)
+    text = toy.text[:8]
+    regulariser = sum((o - 1).pow(2).sum(dim=1).mean() for o in outs) / 2
+    expected = training.contrastive_loss(out, text, 0.1) + nt_xent(out, text, 0.25) + 0.3 * regulariser
+    expected.backward()
+    assert loss == pytest.approx(float(expected.detach()), rel=1e-6)
+    for name, p in toy.named_trainable_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_step_that_compares_nothing_runs_each_micro_batch_once_more_at_most():
+    """Terms of each sample alone need no first pass: it stops after the first micro-batch, whose draws are put
+    back, so the step is plain accumulation (each micro-batch's mean loss over K)."""
+    calls = []
+    toy = Toy(noise=0.1, contrast=False)
+    real = toy.training_step
+    toy.training_step = lambda batch: calls.append(torch.is_grad_enabled()) or real(batch)
+    micro = _batches(parts=4)
+    loss, grads = _step(toy, micro)
+    assert calls == [False, True, True, True, True]
+
+    ref = Toy(noise=0.1, contrast=False)
+    torch.manual_seed(5)
+    total = sum(ref.training_step(mb)[0] for mb in micro) / 4
+    total.backward()
+    assert loss == pytest.approx(float(total.detach()), rel=1e-6)
+    for name, p in ref.named_trainable_parameters():
+        torch.testing.assert_close(grads[name], p.grad)
+
+
+def test_a_step_that_computes_something_else_the_second_time_is_a_one_line_error():
+    toy = Toy()
+    real, seen = toy.training_step, []
+
+    def fickle(batch):  # keeps state between calls: its second run of a batch gathers fewer rows
+        seen.append(1)
+        if len(seen) > 2:
+            batch = Batch(pixels=batch.pixels[:2], captions=batch.captions[:2], keys=batch.keys[:2])
+        return real(batch)
+
+    toy.training_step = fickle
+    with pytest.raises(CirbenchError, match="micro-batch 0 .* shape \\(4, 4\\) the first time and \\(2, 4\\)"):
+        _step(toy, _batches(parts=2))
+
+
+def test_gather_is_the_identity_outside_a_step():
+    rows = torch.randn(3, 2)
+    assert global_batch.gather(rows) is rows
