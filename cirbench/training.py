@@ -443,11 +443,11 @@ def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, fa
     optimizer.zero_grad(set_to_none=True)
     logs: dict[str, float] = {}
     loss_sum = 0.0
-    micro = [mb.to(device) for mb in micro]
 
     def run(j: int) -> tuple[torch.Tensor, dict[str, float]]:
+        # moved on each use: only one micro-batch's pixels are on the device at a time, as without accumulation
         with autocast_context(trainable.backbone.precision, device):
-            return trainable.training_step(micro[j])
+            return trainable.training_step(micro[j].to(device))
 
     # the loss terms that compare samples see the whole global batch, whatever --accum-steps (see global_batch)
     accumulation = global_batch.Accumulation(len(micro))
@@ -636,7 +636,9 @@ class _Trainer:
             known = self.corpus.num_samples
             corpus = f"{len(self.corpus.urls)} shards" + (f" ({known:,} samples an epoch)" if known else "")
         epochs = f" ({cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''})" if cfg.max_steps is None else ""
-        ranks = f" ({self.per_step} a rank x {self.world} ranks)" if self.world > 1 else ""
+        parts = ([f"{self.per_step * cfg.accum_steps} a rank x {self.world} ranks"] if self.world > 1 else []) + \
+            ([f"in {cfg.accum_steps} micro-batches of {self.per_step}"] if cfg.accum_steps > 1 else [])
+        ranks = f" ({', '.join(parts)})" if parts else ""
         warmup = f", {cfg.warmup_steps:,} warm-up steps" if cfg.warmup_steps else ""
         if self.train_preprocess is not None:
             images = f"; images: {self.train_preprocess['kind']}"

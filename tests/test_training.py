@@ -453,9 +453,11 @@ def test_accumulated_micro_batches_train_what_the_whole_batch_trains(tmp_path, t
     weights, logs = {}, {}
     for accum in (1, 4):
         out = tmp_path / f"accum{accum}"
-        res = runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "3", "--lora-dropout", "0",
-                                             "--accum-steps", str(accum), "--log-every", "1"))
+        args = [a for a in _train_args(tiny_config, corpus, out, "--max-steps", "3", "--lora-dropout", "0",
+                                       "--accum-steps", str(accum), "--log-every", "1") if a != "--quiet"]
+        res = runner.invoke(cli, args)
         assert res.exit_code == 0, res.output
+        assert ("3 steps of 8 (in 4 micro-batches of 2)," in res.output) == (accum == 4)
         weights[accum] = load_file(str(out / "model.safetensors"))
         logs[accum] = [e["loss"] for e in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())
                        if "loss" in e]
