@@ -3,6 +3,7 @@ loss terms that compare samples (their negatives come from every micro-batch) as
 
 from __future__ import annotations
 
+import random
 import types
 
 import pytest
@@ -47,15 +48,17 @@ def _batches(n: int = 8, parts: int = 1) -> list[Batch]:
             for i in range(0, n, size)]
 
 
-def _step(toy: Toy, micro: list[Batch], seed: int = 5) -> tuple[float, dict[str, torch.Tensor]]:
+def _step(toy: training.TrainableMethod, micro: list[Batch], seed: int = 5,
+          dropout: bool = True) -> tuple[float, dict[str, torch.Tensor]]:
     """One optimizer step through the loop's own code; the loss and the gradients it left."""
-    toy.train_mode(True)
+    toy.train_mode(dropout)
     params = toy.trainable_parameters()
     optimizer = torch.optim.SGD(params, lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _s: 1.0)
-    cfg = training.TrainConfig(output="unused", accum_steps=len(micro), batch_size=8)
+    cfg = training.TrainConfig(output="unused", accum_steps=len(micro), batch_size=8, lr=0.0)  # weights stay put
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(seed)
+    random.seed(seed)
     loss, _logs, _stop = training._optimizer_step(toy, optimizer, scheduler, micro, cfg, 1.0, params,
                                                   torch.device("cpu"), False, scaler)
     return loss, {n: p.grad.clone() for n, p in toy.named_trainable_parameters()}
@@ -130,3 +133,77 @@ def test_a_step_that_computes_something_else_the_second_time_is_a_one_line_error
 def test_gather_is_the_identity_outside_a_step():
     rows = torch.randn(3, 2)
     assert global_batch.gather(rows) is rows
+
+
+def _split(batch: Batch, parts: int) -> list[Batch]:
+    size = len(batch) // parts
+    return [Batch(pixels=batch.pixels[i : i + size], captions=batch.captions[i : i + size],
+                  extra={k: v[i : i + size] for k, v in batch.extra.items()}, keys=batch.keys[i : i + size])
+            for i in range(0, len(batch), size)]
+
+
+def _searle(backbone, tmp_path):
+    from test_searle_oti import write_sources
+
+    from cirbench.methods._shared.textinv import token_width
+    from cirbench.methods.searle import oti
+    from cirbench.methods.searle import train as searle_train
+
+    concepts_csv, release = write_sources(tmp_path)
+    # lambda_gpt 0: the phrases are drawn batch by batch (as officially), so they differ between 1 and 2 batches
+    trainable = searle_train.SearleTrainable(backbone, {"concepts": concepts_csv, "phrases": release,
+                                                        "lambda_gpt": 0.0, "top_k_concepts": 4})
+    names, phrases = oti.load_concepts(concepts_csv), oti.load_phrases(release)
+    g = torch.Generator().manual_seed(0)
+    keys = [f"img{i}.png" for i in range(8)]
+    trainable.teacher = searle_train.Teacher(keys, torch.randn(8, backbone.embed_dim, generator=g),
+                                             torch.randn(8, token_width(backbone), generator=g),
+                                             torch.arange(32).reshape(8, 4) % len(names), names,
+                                             oti.usable_concepts(phrases))
+    trainable.phrases = phrases
+    return trainable
+
+
+def _trainable(name: str, tiny_config, tmp_path) -> training.TrainableMethod:
+    from cirbench.backbones import load_backbone
+
+    backbone = load_backbone(str(tiny_config), "none", device="cpu", seed=0, training=True)
+    if name == "slerp-tat":
+        from cirbench.methods.slerp.tat import TATTrainable
+
+        return TATTrainable(backbone, {"lora_rank": 4, "lora_alpha": 4, "lora_dropout": 0.0,
+                                       "lora_targets": "mlp.c_fc,mlp.c_proj", "temperature": 0.05})
+    if name == "pic2word":
+        from cirbench.methods.pic2word.model import Pic2WordTrainable
+
+        return Pic2WordTrainable(backbone, {"middle_dim": 16, "dropout": 0.0})
+    if name == "fti4cir":
+        from cirbench.methods.fti4cir.model import FTI4CIRTrainable
+
+        return FTI4CIRTrainable(backbone, {"num_queries": 24, "max_attributes": 12, "threshold": 0.05, "layers": 1,
+                                           "temperature": 0.2, "reg_weight": 1.4})
+    if name == "lincir":
+        from cirbench.methods.lincir.model import LinCIRTrainable
+
+        return LinCIRTrainable(backbone, {"keywords": "random", "noise": 0.0, "dropout": 0.0})
+    return _searle(backbone, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["slerp-tat", "pic2word", "fti4cir", "searle", "lincir"])
+def test_every_built_in_trainer_accumulates_to_the_whole_batch(name, tiny_config, tmp_path):
+    """Each built-in loss, one batch of 8 against 2 micro-batches of 4: the same loss and gradients. Its terms that
+    compare samples must take their rows from global_batch.gather (a method that compared its samples among
+    themselves would see 4 where the whole batch has 8)."""
+    trainable = _trainable(name, tiny_config, tmp_path)
+    size = trainable.backbone.preprocessor(trainable.preprocess_kind).size
+    subjects = ["a dog", "two cups", "a red car", "a cat", "the sky", "a man", "a boat", "three birds"]
+    attributes = ["on a couch", "of tea", "in the rain", "asleep", "at dusk", "with a hat", "at sea", "in a tree"]
+    whole = Batch(pixels=torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1)),
+                  captions=[f"{s} {a}" for s, a in zip(subjects, attributes, strict=True)],
+                  extra={"subject": subjects, "attribute": attributes}, keys=[f"img{i}.png" for i in range(8)])
+    results = [_step(trainable, micro, dropout=False) for micro in ([whole], _split(whole, 2))]
+    (loss, grads), (acc_loss, acc_grads) = results
+    assert acc_loss == pytest.approx(loss, rel=1e-5)
+    assert any(float(g.abs().sum()) > 0 for g in grads.values())
+    for key, grad in grads.items():
+        torch.testing.assert_close(acc_grads[key], grad, rtol=1e-4, atol=1e-6)
