@@ -103,7 +103,9 @@ class Pic2WordTrainable(NetTrainable):
     name = "pic2word"
     preprocess_kind = "clip"
     # the official README's training command (lr 1e-4, wd 0.1, 30 epochs, 10k warm-up, batch 128) and its code's
-    # AdamW settings for ViT models (betas 0.9/0.98, eps 1e-6; no decay on "bn"/"ln"/"bias"/"logit_scale" params)
+    # AdamW settings for ViT models (betas 0.9/0.98, eps 1e-6; no decay on "bn"/"ln"/"bias"/"logit_scale" params).
+    # The official --batch-size is per GPU (main.py spawns a process per visible GPU and trainer.py gathers their
+    # features for the loss); ours is the global batch, so 128 is the official command on one GPU.
     defaults = {"lr": 1e-4, "weight_decay": 0.1, "batch_size": 128, "epochs": 30, "warmup_steps": 10000,
                 "schedule": "cosine"}
     adam_betas = (0.9, 0.98)
