@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import signal
@@ -158,6 +159,60 @@ def _train_args(tiny_config, corpus, out, *extra):
     return ["train", "--method", "slerp-tat", "--corpus", str(corpus), "--output", str(out), "--backbone",
             str(tiny_config), "--pretrained", "none", "--batch-size", "8", "--workers", "0", "--quiet",
             "--lora-rank", "4", "--lr", "1e-2", "--schedule", "constant", *extra]
+
+
+def official_cosine_lr(base_lr, warmup_length, steps):
+    """Pic2Word's third_party/open_clip/scheduler.py cosine_lr (called with each step's index before the step)."""
+    def _lr_adjuster(step):
+        if step < warmup_length:
+            return base_lr * (step + 1) / warmup_length
+        e = step - warmup_length
+        es = steps - warmup_length
+        return 0.5 * (1 + math.cos(math.pi * e / es)) * base_lr
+    return _lr_adjuster
+
+
+def official_fti4cir_lrs(lr, lr_decay, lr_div, epochs, steps_per_epoch):
+    """FTI4CIR src/train.py: at the start of epoch ``lr_decay`` every group's lr is multiplied by ``lr_div``."""
+    lrs = []
+    for epoch in range(epochs):
+        if epoch == lr_decay:
+            lr *= lr_div
+        lrs += [lr] * steps_per_epoch
+    return lrs
+
+
+def test_learning_rate_schedules_are_the_official_ones(tmp_path, tiny_config):
+    """Each step's learning rate, as the run logs it and gives it to the optimizer: Pic2Word's warm-up and cosine
+    (from its scheduler, over the run's steps), FTI4CIR's tenfold drop at epoch 10, and a constant rate."""
+    cosine = official_cosine_lr(1e-2, 3, 8)
+    cfg = training.TrainConfig(output=tmp_path, lr=1e-2, warmup_steps=3, schedule="cosine")
+    assert [1e-2 * training._lr_factor(cfg, s, 0, 8) for s in range(8)] == pytest.approx([cosine(s) for s in range(8)])
+    cfg = training.TrainConfig(output=tmp_path, lr=4e-5, schedule="step", step_epochs=(10,), step_gamma=0.1)
+    steps = [(epoch, epoch * 2 + i) for epoch in range(13) for i in range(2)]
+    assert [4e-5 * training._lr_factor(cfg, s, e, 26) for e, s in steps] == \
+        pytest.approx(official_fti4cir_lrs(4e-5, 10, 0.1, 13, 2))
+    cfg = training.TrainConfig(output=tmp_path, lr=1e-4, schedule="constant")
+    assert {training._lr_factor(cfg, s, s // 3, 9) for s in range(9)} == {1.0}
+
+    # the loop: the rate it logs for each step is the one the optimizer stepped with
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    corpus = make_corpus(tmp_path / "c")
+    args = [a if a != "constant" else "cosine" for a in _train_args(tiny_config, corpus, tmp_path / "o", "--max-steps",
+                                                                     "8", "--warmup-steps", "3", "--log-every", "1")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", spy)
+        res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    logged = [e["lr"] for e in map(json.loads, (tmp_path / "o" / "train_log.jsonl").read_text().splitlines())
+              if "lr" in e]
+    assert logged == pytest.approx([cosine(s) for s in range(8)]) and seen == pytest.approx(logged)
 
 
 def test_tat_changes_only_lora_and_round_trips(tmp_path, tiny_config):
