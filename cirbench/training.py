@@ -408,7 +408,10 @@ def _resume_differences(saved: dict[str, Any], run: dict[str, Any]) -> list[tupl
 
 
 def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config: dict[str, Any],
-            scaler: torch.amp.GradScaler | None = None) -> _Run:
+            scaler: torch.amp.GradScaler | None = None, reader_batch: int | None = None) -> _Run:
+    """The run stopped at ``latest``, put back. ``reader_batch``: this run's samples a reader batch (a rank's
+    micro-batch), into which the shard readers' saved batch counts are converted when they were of another size
+    (another --accum-steps)."""
     tensors, saved = load_checkpoint(latest, trainable.name, trainable.backbone.identity())
     differences = _resume_differences(saved, run_config)
     if differences:
@@ -424,6 +427,15 @@ def _resume(trainable, optimizer, scheduler, latest: Path, rank: int, run_config
     counts, turns = position.get("reader_batches"), position.get("next_reader")
     if isinstance(counts, list) and isinstance(turns, list) and len(counts) == len(turns) == dist_utils.world_size():
         run.reader_batches, run.next_reader = [int(n) for n in counts[rank]], int(turns[rank])
+        saved_batch = position.get("reader_batch")
+        if reader_batch and isinstance(saved_batch, int) and saved_batch != reader_batch and run.reader_batches:
+            # the same samples passed over, counted in this run's batches (a rest short of one is read again)
+            given = [n * saved_batch for n in run.reader_batches]
+            run.reader_batches = [n // reader_batch for n in given]
+            again = sum(n % reader_batch for n in given)
+            if again and rank == 0:
+                tqdm.write(f"warning: the checkpoint's readers gave batches of {saved_batch}, this run's are of "
+                           f"{reader_batch}: {again} sample(s) of epoch {run.epoch} on rank 0 are read again")
     if rank == 0:
         tqdm.write(f"resuming from {latest} at step {run.step} (epoch {run.epoch})")
         corpus = saved.get("corpus") or {}
@@ -507,7 +519,7 @@ class _Trainer:
         self.interrupted = False
         if cfg.resume and (self.latest / "model.safetensors").is_file():
             self.state = _resume(trainable, self.optimizer, self.scheduler, self.latest, self.rank_,
-                                 self.run_config(), self.scaler)
+                                 self.run_config(), self.scaler, self.per_step)
         self.log = TrainLog(self.output, self.state.step, enabled=self.rank_ == 0)
         self.best_score = self._best_so_far()
         self.validation: Loaded | None = None
@@ -525,7 +537,7 @@ class _Trainer:
             return
         rngs = [rng for rng, _, _ in gathered]
         position = {**run.position(), "reader_batches": [counts for _, counts, _ in gathered],
-                    "next_reader": [turn for _, _, turn in gathered]}
+                    "next_reader": [turn for _, _, turn in gathered], "reader_batch": self.per_step}
         t = self.trainable
         config = {"method": t.name, "backbone": t.backbone.identity(), **self.run_config(),
                   "optimizer": {"betas": list(t.adam_betas), "eps": t.adam_eps},

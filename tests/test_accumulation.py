@@ -48,14 +48,15 @@ def _batches(n: int = 8, parts: int = 1) -> list[Batch]:
             for i in range(0, n, size)]
 
 
-def _step(toy: training.TrainableMethod, micro: list[Batch], seed: int = 5,
-          dropout: bool = True) -> tuple[float, dict[str, torch.Tensor]]:
+def _step(toy: training.TrainableMethod, micro: list[Batch], seed: int = 5, dropout: bool = True,
+          **settings) -> tuple[float, dict[str, torch.Tensor]]:
     """One optimizer step through the loop's own code; the loss and the gradients it left."""
     toy.train_mode(dropout)
     params = toy.trainable_parameters()
     optimizer = torch.optim.SGD(params, lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _s: 1.0)
-    cfg = training.TrainConfig(output="unused", accum_steps=len(micro), batch_size=8, lr=0.0)  # weights stay put
+    cfg = training.TrainConfig(output="unused", accum_steps=len(micro), batch_size=8, lr=0.0,  # weights stay put
+                               **settings)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(seed)
     random.seed(seed)
@@ -71,6 +72,14 @@ def test_an_accumulated_step_has_the_whole_batchs_loss_and_gradient(parts):
     assert loss == pytest.approx(whole_loss, rel=1e-6)
     for name, grad in whole.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_max_grad_norm_clips_the_global_norm_of_the_steps_gradients():
+    _, free = _step(Toy(), _batches(parts=2))
+    norm = float(torch.cat([g.flatten() for g in free.values()]).norm())
+    _, clipped = _step(Toy(), _batches(parts=2), max_grad_norm=norm / 4)
+    for name, grad in free.items():  # the same direction, a quarter of the length
+        torch.testing.assert_close(clipped[name], grad / 4, rtol=1e-4, atol=1e-7)
 
 
 def test_a_micro_batch_runs_again_with_the_draws_of_its_first_run():

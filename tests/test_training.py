@@ -217,11 +217,13 @@ def test_learning_rate_schedules_are_the_official_ones(tmp_path, tiny_config):
 
 def test_tat_changes_only_lora_and_round_trips(tmp_path, tiny_config):
     corpus = make_corpus(tmp_path / "c", bad=True)
-    res = CliRunner().invoke(cli, _train_args(tiny_config, corpus, tmp_path / "tat", "--max-steps", "6"))
+    res = CliRunner().invoke(cli, _train_args(tiny_config, corpus, tmp_path / "tat", "--max-steps", "6",
+                                              "--max-grad-norm", "5"))
     assert res.exit_code == 0, res.output
     out = tmp_path / "tat"
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "slerp-tat" and config["step"] == 6 and config["skipped_samples"] >= 3
+    assert config["train"]["max_grad_norm"] == 5
     assert config["backbone"]["weights"] == {"kind": "random-init", "seed": 0}
     lora = load_file(str(out / "model.safetensors"))
     assert lora and all("lora_" in k for k in lora)
@@ -929,6 +931,23 @@ def test_a_shard_run_resumed_after_a_reader_ran_out_trains_the_same_weights(tmp_
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 2 worker processes")
+def test_a_shard_run_resumed_with_other_micro_batches_reads_each_sample_once(tmp_path, tiny_config, monkeypatch):
+    """Resumed on a smaller machine with --accum-steps 2, the readers' batches are half as large: the batches each
+    reader gave are counted again in the new size, so the rest of the epoch is each sample not yet met, once."""
+    spec = _shards(tmp_path, [8, 8])
+
+    def train(steps, accum):
+        epochs, output = _record_epochs(monkeypatch, _train_args(tiny_config, spec, tmp_path / "o", "--max-steps",
+                                                                 str(steps), "--batch-size", "4", "--workers", "2",
+                                                                 "--accum-steps", str(accum)))
+        assert output.startswith("exit 0:"), output
+        return [key for epoch in epochs for step in epoch for key in step]
+
+    keys = train(2, 1) + train(4, 2)
+    assert len(keys) == 16 and len(set(keys)) == 16
 
 
 def test_shard_readers_drop_their_last_partial_batch(tmp_path, tiny_config, monkeypatch):

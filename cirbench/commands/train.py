@@ -47,7 +47,12 @@ Examples:
 @click.option("--schedule", type=click.Choice(["cosine", "constant", "step"]), default=None,
               help="Learning-rate schedule after the warm-up (default: the method's).")
 @click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Gradient accumulation steps.")
+              help="Run each rank's batch as N micro-batches, one after another (less memory). Contrastive negatives "
+                   "still come from the whole --batch-size, as open_clip's --accum-freq: each micro-batch runs once "
+                   "more, without gradients.")
+@click.option("--max-grad-norm", type=FiniteFloatRange(min=0, min_open=True), default=None,
+              help="Clip the gradients' global norm to this before each step (open_clip's --grad-clip-norm); "
+                   "default: no clipping, as the official trainers.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Autocast over fp32 weights; auto = bf16 on a GPU, fp32 on the CPU.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
@@ -72,8 +77,8 @@ Examples:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps, train_num_samples, batch_size, lr,
-            weight_decay, warmup_steps, schedule, accum_steps, precision, device, seed, workers, save_every,
-            log_every, no_resume, validate, validate_data_root, validate_every, quiet):
+            weight_decay, warmup_steps, schedule, accum_steps, max_grad_norm, precision, device, seed, workers,
+            save_every, log_every, no_resume, validate, validate_data_root, validate_every, quiet):
     """Train METHOD on a CORPUS of images and/or captions; resumable; torchrun for several GPUs or nodes.
 
     Method training options follow as --name value (e.g. --lora-rank 8); `cirbench methods` lists them.
@@ -108,10 +113,10 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
              "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
              "schedule": schedule}
     values = {**trainer_cls.defaults, **{k: v for k, v in given.items() if v is not None}}
-    cfg = TrainConfig(output=Path(output), accum_steps=accum_steps, precision=precision, device=str(dev), seed=seed,
-                      workers=workers, save_every=save_every, log_every=log_every, resume=not no_resume,
-                      progress=not quiet, validate=validate, validate_data_root=validate_data_root,
-                      validate_every=validate_every, **values)
+    cfg = TrainConfig(output=Path(output), accum_steps=accum_steps, max_grad_norm=max_grad_norm, precision=precision,
+                      device=str(dev), seed=seed, workers=workers, save_every=save_every, log_every=log_every,
+                      resume=not no_resume, progress=not quiet, validate=validate,
+                      validate_data_root=validate_data_root, validate_every=validate_every, **values)
     plan_steps(corpus_data, cfg, distributed.world_size())  # a length it cannot know fails before the backbone loads
     default = spec.default_backbone or DEFAULT_BACKBONE
     model_name = backbone or default[0]
