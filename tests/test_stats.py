@@ -34,6 +34,9 @@ def test_paired_comparison():
     assert same["difference"] == 0 and same["p_value"] == 1.0 and same["ties"] == 400
     better = paired_comparison(a + 3 + rng.normal(0, 1, 400), a, replicates=2000)
     assert better["p_value"] < 0.01 and better["low"] > 2 and better["a_wins"] > 350
+    # no sign pattern of 2,000 is as extreme: a sampled permutation test says p = 1 / (replicates + 1), never 0
+    # (the observed pattern counts as one of the draws)
+    assert better["p_value"] == 1 / 2001
     noise = paired_comparison(a + rng.normal(0, 1, 400), a, replicates=2000)
     assert noise["p_value"] > 0.01 and noise["low"] < 0 < noise["high"]
     assert paired_comparison([1.0, np.nan], [np.nan, 2.0])["queries"] == 0
