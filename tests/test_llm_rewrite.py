@@ -543,7 +543,7 @@ def test_uncached_hub_models_fail_at_once_when_the_hub_is_unreachable(monkeypatc
 
 
 def _official_ldre_circo(gpt: list[torch.Tensor], blip: list[torch.Tensor], index: torch.Tensor, topk: int,
-                         temperature: float) -> torch.Tensor:
+                         temperature: float, weights_only: bool = False) -> torch.Tensor:
     """LDRE's CIRCO ranking with ``use_adaptive_ensemble``, transcribed from src/divergent_caption_ensemble.py
     (circo_generate_test_dict): per caption slot, normalised rewrite (gpt) and caption (blip) features."""
     neg_diff_val = []
@@ -557,8 +557,28 @@ def _official_ldre_circo(gpt: list[torch.Tensor], blip: list[torch.Tensor], inde
         neg_diff_val.append(torch.sum(diff).item())
     neg = torch.tensor(neg_diff_val).float()
     weight = torch.softmax(neg / torch.max(neg) / temperature, 0)
+    if weights_only:
+        return weight
     features = torch.sum(torch.stack(gpt) * weight.unsqueeze(1).unsqueeze(2), dim=0)
     return torch.topk(features @ index.T, dim=-1, k=50).indices
+
+
+def test_ldre_ensemble_is_the_normalised_mean_of_raw_text_features(tiny_config):
+    """LDRE's multi-caption ensemble (src/divergent_caption_ensemble.py, multi_caption): each rewrite through
+    encode_text, the raw features averaged, then F.normalize; its SEIZE feature the same over the captions."""
+    from cirbench.backbones import load_backbone
+    from cirbench.methods.llm_rewrite.pipeline import LDRE
+
+    backbone = load_backbone(str(tiny_config), "none", device="cpu", seed=0)
+    method = LDRE.__new__(LDRE)
+    method.backbone = backbone
+    groups = [["a red dog", "a dog that is red", "the dog, now red"], ["two cups of tea"],
+              ["a cat asleep", "a sleeping cat"]]
+    with torch.no_grad():
+        official = [torch.nn.functional.normalize(
+            torch.mean(torch.stack([backbone.model.encode_text(backbone.tokenize([c])) for c in group]), dim=0))
+            for group in groups]
+    torch.testing.assert_close(method._ensemble(groups), torch.cat(official), rtol=1e-5, atol=1e-6)
 
 
 def test_ldre_adaptive_ensemble_ranks_as_the_official_circo_code():
@@ -589,6 +609,10 @@ def test_ldre_adaptive_ensemble_ranks_as_the_official_circo_code():
     assert torch.allclose(small, adaptive_weights(rewrites, captions, gallery, 5, 0.04), atol=1e-9)
     assert torch.equal(adaptive_weights(captions, captions, gallery, 5, 0.04), torch.full((n,), 1 / n,
                                                                                            dtype=torch.float64))
+    # a gallery of 4 and top 4: every item counts, so only the drops (never the gains) may be summed
+    small = gallery[:4]
+    want = _official_ldre_circo(list(rewrites), list(captions), small, 4, 0.04, weights_only=True)
+    assert torch.allclose(adaptive_weights(rewrites, captions, small, 4, 0.04).float(), want, atol=1e-5)
 
 
 @needs_annotations
