@@ -563,6 +563,20 @@ def _official_ldre_circo(gpt: list[torch.Tensor], blip: list[torch.Tensor], inde
     return torch.topk(features @ index.T, dim=-1, k=50).indices
 
 
+def test_seize_and_ldre_defaults_are_their_official_args():
+    """SEIZE's src/args.py (pos_factor 0.13, neg_factor 2.1) and LDRE's (nums_caption 15, adaptive_topk 5,
+    adaptive_temperature 0.04, the adaptive ensemble on CIRCO only: its CIRR code averages)."""
+    from cirbench.plugins import get_registry
+
+    reg = get_registry()
+    seize = {o.name: o for o in reg.method("seize").options}
+    ldre = {o.name: o for o in reg.method("ldre").options}
+    assert (seize["pos_factor"].default, seize["neg_factor"].default) == (0.13, 2.1)
+    assert (ldre["captions"].default, ldre["adaptive_topk"].default, ldre["adaptive_temperature"].default) == \
+        (15, 5, 0.04)
+    assert ldre["adaptive_ensemble"].default is False and ldre["adaptive_ensemble"].per_dataset == {"circo": True}
+
+
 def test_ldre_ensemble_is_the_normalised_mean_of_raw_text_features(tiny_config):
     """LDRE's multi-caption ensemble (src/divergent_caption_ensemble.py, multi_caption): each rewrite through
     encode_text, the raw features averaged, then F.normalize; its SEIZE feature the same over the captions."""
