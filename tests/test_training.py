@@ -827,6 +827,29 @@ d.shutdown()
 """
 
 
+def test_a_csv_corpus_is_reshuffled_each_epoch_and_steps_are_the_same_on_any_ranks():
+    """The EpochSampler: a new permutation each epoch (seeded by --seed and the epoch), dealt to ranks so that step s
+    is the same set of samples on 1, 2 or 4 ranks, and a resume part-way through an epoch goes on in place."""
+    def steps(world, per_rank, epoch):
+        shares = []
+        for rank in range(world):
+            sampler = training.EpochSampler(48, 3, rank, world, per_rank)
+            sampler.set_position(epoch, 0)
+            shares.append(list(sampler))
+        return [sorted(x for share in shares for x in share[s * per_rank : (s + 1) * per_rank])
+                for s in range(48 // (world * per_rank))]
+
+    first, second = steps(1, 8, 0), steps(1, 8, 1)
+    assert sorted(x for step in first for x in step) == list(range(48)) == sorted(x for step in second for x in step)
+    assert first != second  # another order in the next epoch
+    assert steps(2, 4, 1) == steps(4, 2, 1) == second
+    sampler = training.EpochSampler(48, 3, 0, 1, 8)
+    sampler.set_position(1, 0)
+    whole = list(sampler)
+    sampler.set_position(1, 16)
+    assert list(sampler) == whole[16:] and len(sampler) == 32
+
+
 def test_torchrun_ranks_skip_an_empty_batch_together(tmp_path):
     """One sample a rank, one blank caption in the corpus: the rank that draws it has an empty batch, and every rank
     skips that place in the epoch, so each step pairs the ranks' batches of one place (before, the other rank
