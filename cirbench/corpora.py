@@ -209,8 +209,9 @@ def _read_folder(folder: Path) -> Rows:
     return rows
 
 
-SHUFFLE_BUFFER = 1000  # samples (still encoded) each reader shuffles among when training on shards
-SHUFFLE_INITIAL = 100  # samples it gathers before the first one comes out
+# open_clip_train/data.py's _SAMPLE_SHUFFLE_SIZE and _SAMPLE_SHUFFLE_INITIAL
+SHUFFLE_BUFFER = 5000  # samples (still encoded) each reader shuffles among when training on shards
+SHUFFLE_INITIAL = 1000  # samples it gathers before the first one comes out
 
 
 class ShardCorpus(torch.utils.data.IterableDataset):
