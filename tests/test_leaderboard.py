@@ -44,6 +44,40 @@ def test_tables_mark_the_best_and_show_paper_rows(tmp_path):
     assert ",30.00*," in csv and ",3.00*," not in csv and ",3.00," in csv
 
 
+def test_published_rows_of_another_split_are_never_the_best(tmp_path):
+    """Ours on CIRCO val below every published test number: the mark goes to ours, the only val row."""
+    _result(tmp_path, "circo", "val", "weak", {"mAP@5": 1.0, "mAP@10": 1.5, "mAP@25": 2.0, "mAP@50": 2.5})
+    (table,) = build_tables(tmp_path)
+    assert table.best("mAP@5") == 1.0
+    md = render_markdown([table])
+    assert "**1.00**" in md and md.count("**") == 2 * 4  # one mark a column, all ours
+
+
+def test_a_table_shows_the_published_rows_of_its_own_split(tmp_path):
+    """A benchmark with published numbers for two splits: each table shows its split's (and marks the best among
+    them and ours); a split without any shows the others, labelled with their split."""
+    from cirbench.hookspecs import hookimpl
+    from cirbench.testing import ToyDataset, registered
+    from cirbench.types import DatasetSpec, PaperRow
+
+    class TwoSplits:
+        @hookimpl
+        def register_datasets(self, register):
+            register(DatasetSpec(name="toy2", description="two splits with paper rows", factory=ToyDataset,
+                                 splits=("val", "test", "extra"), main_metric="R@1", paper_rows=(
+                                     PaperRow("m", "ViT-B/32", "val", {"R@1": 50.0}),
+                                     PaperRow("m", "ViT-B/32", "test", {"R@1": 60.0}))))
+
+    with registered(TwoSplits(), "two-splits"):
+        for split in ("val", "test", "extra"):
+            _result(tmp_path, "toy2", split, "ours", {"R@1": 55.0})
+        tables = {t.split: t for t in build_tables(tmp_path)}
+    sources = {split: sorted(set(t.frame["source"])) for split, t in tables.items()}
+    assert sources == {"val": ["cirbench", "paper"], "test": ["cirbench", "paper"],
+                       "extra": ["cirbench", "paper (test)", "paper (val)"]}
+    assert (tables["val"].best("R@1"), tables["test"].best("R@1"), tables["extra"].best("R@1")) == (55.0, 60.0, 55.0)
+
+
 def test_hidden_split_and_no_paper(tmp_path):
     _result(tmp_path, "cirr", "val", "slerp", {"R@1": 20.0, "R@5": 50.0, "R@10": 60.0, "R@50": 80.0,
                                               "Rs@1": 50.0, "Rs@2": 70.0, "Rs@3": 85.0})
