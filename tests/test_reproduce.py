@@ -82,3 +82,46 @@ def test_reproduce_runs_a_result_again_and_says_what_differs(tmp_path, tiny_conf
     result.write_text(json.dumps(record))
     res = invoke(*again)
     assert res.exit_code == 2 and "unknown method 'nosuch'" in res.output and "Traceback" not in res.output
+
+
+def test_reproduce_holds_the_data_and_the_rankings_to_the_record(tmp_path, tiny_config, toy_root):
+    """Other annotation files or another gallery size are configuration differences, whatever the metrics; a
+    result without metrics (a hidden split: rankings only) is reproduced when its rankings are, and not otherwise."""
+    from cirbench.util import sha256_bytes
+
+    def invoke(*args):
+        with registered(ToyPlugin(), "toy"):
+            return CliRunner().invoke(cli, list(args))
+
+    common = ("--dataset", "toy", "--data-root", str(toy_root), "--backbone", str(tiny_config), "--pretrained",
+              "none", "--workers", "0", "--quiet", "--bootstrap", "0", "--no-leaderboard")
+    for split in ("val", "test"):
+        res = invoke("run", "--method", "slerp", "--split", split, "--output", str(tmp_path / "out"), *common)
+        assert res.exit_code == 0, res.output
+    (val,) = (tmp_path / "out" / "toy" / "val").glob("*.json")
+    (test,) = (tmp_path / "out" / "toy" / "test").glob("*.json")
+    again = ("--backbone", str(tiny_config), "--quiet", "--output", str(tmp_path / "again"))
+    record = json.loads(val.read_text())
+    assert record["counts"]["gallery"]
+    for tamper, said in ((lambda r: r["dataset"].update(annotations={"queries.json": "0" * 64}),
+                          "dataset.annotations.queries.json"),
+                         (lambda r: r["counts"].update(gallery=r["counts"]["gallery"] + 1), "counts.gallery")):
+        changed = json.loads(json.dumps(record))
+        tamper(changed)
+        val.write_text(json.dumps(changed))
+        res = invoke("reproduce", str(val), *again)
+        assert res.exit_code == 1 and f"configuration differs: {said}" in res.output, res.output
+
+    hidden = json.loads(test.read_text())
+    assert not hidden.get("metrics")
+    res = invoke("reproduce", str(test), *again)
+    assert res.exit_code == 0 and "100.00% of" in res.output, res.output
+    predictions = test.with_name(hidden["predictions"]["file"])
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    rows[0]["top"] = rows[0]["top"][::-1]  # one query ranked otherwise
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    predictions.write_bytes(data)
+    hidden["predictions"]["sha256"] = sha256_bytes(data)
+    test.write_text(json.dumps(hidden))
+    res = invoke("reproduce", str(test), *again)
+    assert res.exit_code == 1 and "not reproduced" in res.output, res.output
