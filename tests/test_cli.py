@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -33,6 +34,8 @@ def test_every_help_ends_with_an_example(command):
     assert all(line.strip().startswith("cirbench") or not line.strip() or line.startswith("    ")
                for line in tail[example_at + 1:]), res.output
     assert any("cirbench" in line for line in tail[example_at + 1:])
+    # a line continuation written as one backslash in an epilog string joins two example lines, indentation and all
+    assert not [line for line in tail[example_at + 1:] if re.search(r"\S {3,}--", line.strip())], res.output
 
 
 def test_every_option_of_every_command_says_what_it_does():

@@ -10,13 +10,16 @@ from . import FiniteFloatRange
 EPILOG = """\b
 Examples:
   cirbench train --method slerp-tat --corpus laion/{00000..00199}.tar --max-steps 2000 --output runs/tat
-  cirbench train --method pic2word --corpus cc3m/{00000..00331}.tar --train-num-samples 2905954 --epochs 2 \
+  cirbench train --method pic2word --corpus cc3m/{00000..00331}.tar --train-num-samples 2905954 --epochs 2 \\
       --output runs/p2w   # sizes.json beside the shards makes --train-num-samples unnecessary
   cirbench train --method pic2word --corpus cc3m.csv --output runs/pic2word --epochs 30
   cirbench train --method searle --corpus imagenet/test --output runs/searle-b32   # images, no captions
   cirbench train --method pic2word --corpus cc3m.csv --output runs/p2w --validate cirr:val \\
       --validate-data-root data/CIRR --validate-every 1000
   torchrun --nproc-per-node 8 -m cirbench train --method slerp-tat --corpus pairs.csv --output runs/tat
+  cirbench train --method slerp-tat --corpus pairs.csv --output runs/tat \\
+      --batch-size 1024 --accum-steps 8   # on one GPU: 8 micro-batches of 128, still 1024 negatives
+  cirbench data prepare shapes   # writes the offline shapes benchmark's training corpus and prints its path
   cirbench train --method slerp-tat --backbone cirbench-shapes-clip --pretrained bundled \\
       --corpus ~/.cache/cirbench/shapes/v1-seed0/train/train.csv --output runs/tat-shapes --batch-size 128
 """
