@@ -75,7 +75,7 @@ class Accumulation:
     @property
     def exact(self) -> bool:
         """Whether the second pass substitutes rows (several micro-batches whose step gathers)."""
-        return self.count > 1 and bool(self.rows) and len(self.rows) == self.count and bool(self.rows[0])
+        return len(self.rows) == self.count > 1 and bool(self.rows[0])
 
     def first_pass(self, run_micro: Callable[[int], object]) -> None:
         if self.count == 1:
