@@ -54,6 +54,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .corpora import Batch, PairsCorpus, ShardCorpus, collate, open_corpus, reader_turns
 from .errors import CheckpointError, CirbenchError, CirbenchWarning
 from .preprocess import Preprocessor, RandomResizedCrop
+from .results import environment_info
 from .train_state import load_train_state, rng_state, save_train_state, set_rng_state
 from .util import atomic_write_bytes, json_loads, partial_folder, recover_folder, replace_folder
 
@@ -504,6 +505,8 @@ class _Trainer:
         preprocessor = self.corpus.preprocessor if self.corpus.images else None
         self.train_preprocess = preprocessor.identity() if preprocessor is not None else None  # what checkpoints record
         self.per_step, self.total_steps, self.epoch_steps = plan.per_step, plan.total_steps, plan.epoch_steps
+        # what each save records of the machine and versions that trained it (a resumed run: the latest's)
+        self.environment = {**environment_info(str(self.device)), "world_size": self.world}
         self.optimizer = build_optimizer(trainable, cfg)
         self.params = trainable.trainable_parameters()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)  # lr set by hand
@@ -541,7 +544,7 @@ class _Trainer:
         t = self.trainable
         config = {"method": t.name, "backbone": t.backbone.identity(), **self.run_config(),
                   "optimizer": {"betas": list(t.adam_betas), "eps": t.adam_eps},
-                  "step": self.state.step, "skipped_samples": self.state.skipped,
+                  "step": self.state.step, "skipped_samples": self.state.skipped, "environment": self.environment,
                   "unreadable_shards": self.state.unreadable_shards, **t.checkpoint_config()}
         if self.train_preprocess is not None:
             config["train_preprocess"] = self.train_preprocess

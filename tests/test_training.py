@@ -224,6 +224,8 @@ def test_tat_changes_only_lora_and_round_trips(tmp_path, tiny_config):
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "slerp-tat" and config["step"] == 6 and config["skipped_samples"] >= 3
     assert config["train"]["max_grad_norm"] == 5
+    env = config["environment"]  # which versions and machine trained these weights
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["world_size"] == 1 and "git" in env
     assert config["backbone"]["weights"] == {"kind": "random-init", "seed": 0}
     lora = load_file(str(out / "model.safetensors"))
     assert lora and all("lora_" in k for k in lora)
