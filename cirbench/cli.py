@@ -191,24 +191,25 @@ def run_benchmarks(reg, datasets: str, split: str | None) -> list[tuple[DatasetS
     return out
 
 
-def data_root_per_dataset(values: tuple[str, ...], datasets: list[str]) -> dict[str, str]:
+def data_root_per_dataset(values: tuple[str, ...], datasets: list[str], flag: str = "--data-root",
+                          what: str = "datasets run") -> dict[str, str]:
     """``--data-root DIR`` (one dataset) or ``--data-root NAME=DIR`` for each of several: the root of each dataset
     given one. A file, a name that ``--dataset`` does not name, or a bare folder among several datasets is a
-    one-line error."""
+    one-line error. ``flag``/``what``: the option and its datasets, as errors name them."""
     roots: dict[str, str] = {}
     for value in values:
         name, sep, folder = value.partition("=")
         if not sep or name not in datasets:  # a bare folder (whose name may hold a '=')
             if len(datasets) > 1:
-                raise CirbenchError(f"--data-root {value}: '{name}' is not one of the datasets run "
-                                    f"({', '.join(datasets)})" if sep else
-                                    f"--data-root {value}: with several datasets ({', '.join(datasets)}) give each "
-                                    "its folder as --data-root NAME=DIR")
+                raise CirbenchError(f"{flag} {value}: '{name}' is not one of the {what} ({', '.join(datasets)})"
+                                    if sep else
+                                    f"{flag} {value}: with several datasets ({', '.join(datasets)}) give each "
+                                    f"its folder as {flag} NAME=DIR")
             name, folder = datasets[0], value
         if Path(folder).is_file():
-            raise CirbenchError(f"--data-root {value}: {folder} is a file, not a dataset folder")
+            raise CirbenchError(f"{flag} {value}: {folder} is a file, not a dataset folder")
         if name in roots and roots[name] != folder:
-            raise CirbenchError(f"--data-root: dataset '{name}' is given two folders ({roots[name]}, {folder})")
+            raise CirbenchError(f"{flag}: dataset '{name}' is given two folders ({roots[name]}, {folder})")
         roots[name] = folder
     return roots
 

@@ -89,10 +89,11 @@ class TrainConfig:
     resume: bool = True
     log_every: int = 10
     progress: bool = True
-    # validation during training: a benchmark ("cirr" or "cirr:val") evaluated with the weights of the step,
-    # every ``validate_every`` steps (default: at each checkpoint) and at the end
+    # validation during training: benchmarks ("cirr", "cirr:val", or several: "cirr:val,fashioniq:val") evaluated
+    # with the weights of the step, every ``validate_every`` steps (default: at each checkpoint) and at the end;
+    # the best weights are those of the first benchmark's main metric. ``validate_data_roots``: dataset -> folder
     validate: str | None = None
-    validate_data_root: str | None = None
+    validate_data_roots: dict[str, str] = field(default_factory=dict)
     validate_every: int | None = None
 
 
@@ -576,35 +577,41 @@ class _Trainer:
         """Evaluate the weights in ``checkpoint`` on ``cfg.validate`` (every rank takes part, as in ``cirbench
         run`` under torchrun); log the metrics; leave the random states as they were."""
         from .evaluate import Loaded, RunConfig, backbone_key, evaluate
-        from .types import benchmark_split
 
         cfg, t = self.cfg, self.trainable
         assert cfg.validate is not None
-        dataset, split = benchmark_split(cfg.validate)
+        benchmarks = validation_benchmarks(cfg.validate)
         if self.validation is None:  # the training's frozen backbone in fp32, not a second copy; the data read once
             self.validation = Loaded(keep_features=False)  # (each step's adapted gallery would pile up in memory)
             key = backbone_key(t.backbone.model_name, t.backbone.pretrained, "fp32", str(self.device), cfg.seed)
             self.validation.backbones[key] = t.backbone.fp32_view()
         saved = rng_state()  # the evaluation seeds torch; the training's own draws must go on as they were
         started = time.time()
+        results = []
         try:
-            outcomes = evaluate(RunConfig(
-                method=t.name, dataset=dataset, split=split, backbone=t.backbone.model_name,
-                pretrained=t.backbone.pretrained, device=str(self.device), data_root=cfg.validate_data_root,
-                output=self.output / "validation", method_options={"checkpoint": str(checkpoint)},
-                label=f"{t.name}@step{self.state.step}", seed=cfg.seed, workers=cfg.workers, bootstrap=0,
-                cache_dir=self.validation_cache, progress=cfg.progress and self.rank_ == 0), loaded=self.validation)
+            for dataset, split in benchmarks:
+                results.append((dataset, split, evaluate(RunConfig(
+                    method=t.name, dataset=dataset, split=split, backbone=t.backbone.model_name,
+                    pretrained=t.backbone.pretrained, device=str(self.device),
+                    data_root=cfg.validate_data_roots.get(dataset), output=self.output / "validation",
+                    method_options={"checkpoint": str(checkpoint)}, label=f"{t.name}@step{self.state.step}",
+                    seed=cfg.seed, workers=cfg.workers, bootstrap=0, cache_dir=self.validation_cache,
+                    progress=cfg.progress and self.rank_ == 0), loaded=self.validation)))
         finally:
             set_rng_state(saved)
         if self.rank_ != 0:
             return
         self.prune_validation_cache(started)
-        metrics = {o.label: {k: round(v, 4) for k, v in o.metrics.items()} for o in outcomes}
+        metrics: dict[str, dict[str, dict[str, float]]] = {}  # benchmark -> run label -> metric -> value
+        for dataset, split, outcomes in results:
+            name = f"{dataset}:{split}" if split else dataset
+            for o in outcomes:
+                values = metrics.setdefault(name, {})[o.label] = {k: round(v, 4) for k, v in o.metrics.items()}
+                shown = ", ".join(f"{k} {v:.2f}" for k, v in list(values.items())[:4])
+                tqdm.write(f"validation at step {self.state.step} on {name}: {shown} ({o.label})")
         self.log.write({"step": self.state.step, "epoch": self.state.epoch, "validation": metrics})
-        for label, values in metrics.items():
-            shown = ", ".join(f"{k} {v:.2f}" for k, v in list(values.items())[:4])
-            tqdm.write(f"validation at step {self.state.step} on {cfg.validate}: {shown} ({label})")
-        self.keep_if_best(checkpoint, dataset, outcomes)
+        first_dataset, _, first_outcomes = results[0]
+        self.keep_if_best(checkpoint, first_dataset, first_outcomes)
 
     @property
     def validation_cache(self) -> Path:
@@ -877,33 +884,44 @@ def _loader(corpus, map_style: bool, per_step: int, cfg: TrainConfig, rank: int,
                                        worker_init_fn=_reader_ignores_ctrl_c)
 
 
-def check_validation(spec, validate: str, data_root: str | None = None) -> None:
+def validation_benchmarks(validate: str) -> list[tuple[str, str | None]]:
+    """``cirr:val,fashioniq:val`` -> ``[("cirr", "val"), ("fashioniq", "val")]`` (each named once, in order)."""
+    from .types import benchmark_split
+
+    out = list(dict.fromkeys(benchmark_split(item) for item in validate.split(",") if item.strip()))
+    if not out:
+        raise CirbenchError("--validate names no benchmark")
+    return out
+
+
+def check_validation(spec, validate: str, data_roots: dict[str, str] | None = None) -> None:
     """Refuse, before anything is trained, a ``--validate`` benchmark that does not exist, a split it lacks or
-    whose targets are hidden, annotations or images that cannot be read from ``data_root``, and a method whose
-    trained weights cannot be evaluated (no ``checkpoint`` option)."""
+    whose targets are hidden, annotations or images that cannot be read from its folder in ``data_roots``, and a
+    method whose trained weights cannot be evaluated (no ``checkpoint`` option)."""
     from .evaluate import load_eval_sets
     from .plugins import get_registry
-    from .types import benchmark_split, resolve_options
+    from .types import resolve_options
 
     if not any(o.name == "checkpoint" for o in spec.options):
         raise CirbenchError(f"method '{spec.name}' has no --checkpoint option to evaluate its weights with: "
                             "it cannot be validated during training")
-    dataset, asked = benchmark_split(validate)
-    dspec = get_registry().dataset(dataset)
-    try:
-        split = dspec.resolve_split(asked)
-    except CirbenchError as exc:
-        raise CirbenchError(f"--validate {validate}: {exc}") from None
-    if split in dspec.hidden_splits:
-        raise CirbenchError(f"--validate {validate}: the targets of '{split}' are hidden (a test server scores it); "
-                            "validate on a split with targets")
-    dspec.load()
-    (options,) = resolve_options(dspec.options, {}, dspec.name, f"dataset {dspec.name}")
-    try:  # bad annotations or missing images: now, not after hours of training
-        load_eval_sets(dspec, split, data_root, options)
-    except CirbenchError as exc:
-        reason = str(exc).replace("--data-root", "--validate-data-root")
-        raise CirbenchError(f"--validate {validate}: {reason}") from None
+    for dataset, asked in validation_benchmarks(validate):
+        named = f"{dataset}:{asked}" if asked else dataset
+        dspec = get_registry().dataset(dataset)
+        try:
+            split = dspec.resolve_split(asked)
+        except CirbenchError as exc:
+            raise CirbenchError(f"--validate {named}: {exc}") from None
+        if split in dspec.hidden_splits:
+            raise CirbenchError(f"--validate {named}: the targets of '{split}' are hidden (a test server scores "
+                                "it); validate on a split with targets")
+        dspec.load()
+        (options,) = resolve_options(dspec.options, {}, dspec.name, f"dataset {dspec.name}")
+        try:  # bad annotations or missing images: now, not after hours of training
+            load_eval_sets(dspec, split, (data_roots or {}).get(dspec.name), options)
+        except CirbenchError as exc:
+            reason = str(exc).replace("--data-root", "--validate-data-root")
+            raise CirbenchError(f"--validate {named}: {reason}") from None
 
 
 def check_not_resumable_elsewhere(output: Path, method: str) -> None:

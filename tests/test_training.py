@@ -776,13 +776,15 @@ def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, t
     log = [json.loads(line) for line in (tmp_path / "val" / "train_log.jsonl").read_text().splitlines()]
     checks = [entry for entry in log if "validation" in entry]
     assert [e["step"] for e in checks] == [3, 4]
-    (label,) = checks[0]["validation"]  # the method's sweep label follows (slerp-tat@step3@alpha=0.8)
-    assert label.startswith("slerp-tat@step3") and "R@1" in checks[0]["validation"][label]
+    (benchmark,) = checks[0]["validation"]
+    (label,) = checks[0]["validation"][benchmark]  # the method's sweep label follows (slerp-tat@step3@alpha=0.8)
+    assert benchmark == "toy:val" and label.startswith("slerp-tat@step3") and "R@1" in checks[0]["validation"][
+        benchmark][label]
     results = sorted(p.name for p in (tmp_path / "val" / "validation" / "toy" / "val").glob("*.json"))
     assert len(results) == 2 and any("step3" in r for r in results) and any("step4" in r for r in results)
     # the best-scoring weights (toy's main metric, R@1) are kept apart, with the step and score they had
     best = json.loads((tmp_path / "val" / "best" / "validation.json").read_text())
-    scores = {e["step"]: next(iter(e["validation"].values()))["R@1"] for e in checks}
+    scores = {e["step"]: next(iter(e["validation"]["toy:val"].values()))["R@1"] for e in checks}
     assert best["metric"] == "R@1" and best["value"] == max(scores.values())
     assert best["step"] == min(step for step, score in scores.items() if score == best["value"])
     with registered(ToyDatasetPlugin(), "toy"):  # evaluated again, the kept weights score what was recorded
@@ -798,6 +800,51 @@ def test_validation_during_training_logs_metrics_and_changes_nothing(tmp_path, t
         res = CliRunner().invoke(cli, [*validating[:-2], "--validate-every", "1", "--max-steps", "1", "--no-resume"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "val" / "best" / "validation.json").read_text())["step"] == 1
+
+
+def test_validation_on_several_benchmarks(tmp_path, tiny_config):
+    """--validate toy:val,toy2:val with a --validate-data-root NAME=DIR each: every validation evaluates both (a
+    result file each, both in the log); the best weights follow the first benchmark's main metric. Roots that do
+    not say which benchmark is theirs, or a root without --validate, are one-line errors before training."""
+    from cirbench.hookspecs import hookimpl
+    from cirbench.testing import ToyDataset, ToyDatasetPlugin, registered, write_toy_dataset
+    from cirbench.types import DatasetSpec
+
+    class Toy2:
+        @hookimpl
+        def register_datasets(self, register):
+            register(DatasetSpec(name="toy2", description="the toy data again", factory=ToyDataset, splits=("val",),
+                                 main_metric="mAP@5"))
+
+    first, second = write_toy_dataset(tmp_path / "a"), write_toy_dataset(tmp_path / "b")
+    corpus = make_corpus(tmp_path / "c", n=16)
+
+    def train(out, *args):
+        with registered(ToyDatasetPlugin(), "toy") as reg:
+            reg.register_plugin(Toy2(), name="toy2")
+            return CliRunner().invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "2", *args))
+
+    roots = ["--validate-data-root", f"toy={first}", "--validate-data-root", f"toy2={second}"]
+    res = train(tmp_path / "o", "--validate", "toy:val,toy2:val", *roots, "--validate-every", "1")
+    assert res.exit_code == 0, res.output
+    log = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
+    checks = [e for e in log if "validation" in e]
+    assert [e["step"] for e in checks] == [1, 2] and all(set(e["validation"]) == {"toy:val", "toy2:val"}
+                                                         for e in checks)
+    for name in ("toy", "toy2"):
+        assert len(list((tmp_path / "o" / "validation" / name / "val").glob("*.json"))) == 2
+    best = json.loads((tmp_path / "o" / "best" / "validation.json").read_text())
+    assert best["validate"] == "toy:val,toy2:val" and best["metric"] == "R@1"
+
+    for args, message in ((["--validate", "toy:val,toy2:val", "--validate-data-root", str(first)],
+                           "give each its folder as --validate-data-root NAME=DIR"),
+                          (["--validate", "toy:val,toy2:val", "--validate-data-root", f"toy={first}"],
+                           "--validate toy2:val: "),
+                          (["--validate-data-root", str(first)], "give --validate too")):
+        res = train(tmp_path / "bad", *args)
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "bad").exists()
+
 
 
 SKIP_TOGETHER = """

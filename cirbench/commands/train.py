@@ -71,17 +71,20 @@ Examples:
 @click.option("--no-resume", is_flag=True, help="Start over even if OUTPUT holds a run. Without it a run in OUTPUT "
               "continues, if its settings are the same (batch size, lr, schedule, seed, method options, corpus "
               "size); --epochs and --max-steps may grow.")
-@click.option("--validate", "validate", default=None, metavar="DATASET[:SPLIT]",
-              help="Evaluate the method on this benchmark with the weights of the step (e.g. cirr:val), every "
-                   "--validate-every steps and at the end; results in OUTPUT/validation, metrics in the log.")
-@click.option("--validate-data-root", default=None, type=click.Path(), help="The --validate benchmark's data root.")
+@click.option("--validate", "validate", default=None, metavar="DATASET[:SPLIT][,...]",
+              help="Evaluate the method with the weights of the step on this benchmark (e.g. cirr:val) or these "
+                   "(cirr:val,fashioniq:val), every --validate-every steps and at the end; results in "
+                   "OUTPUT/validation, metrics in the log, and in OUTPUT/best the weights that score best on the "
+                   "first benchmark's main metric.")
+@click.option("--validate-data-root", "validate_data_roots", multiple=True, metavar="[NAME=]DIR",
+              help="The --validate benchmark's data root; with several, NAME=DIR for each (repeat).")
 @click.option("--validate-every", type=click.IntRange(min=1), default=None,
               help="Validate every N steps (default: at each checkpoint, --save-every).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps, train_num_samples, batch_size, lr,
             weight_decay, warmup_steps, schedule, accum_steps, max_grad_norm, precision, device, seed, workers,
-            save_every, log_every, no_resume, validate, validate_data_root, validate_every, quiet):
+            save_every, log_every, no_resume, validate, validate_data_roots, validate_every, quiet):
     """Train METHOD on a CORPUS of images and/or captions; resumable; torchrun for several GPUs or nodes.
 
     Method training options follow as --name value (e.g. --lora-rank 8); `cirbench methods` lists them.
@@ -91,11 +94,19 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     from cirbench import distributed
     from cirbench.backbones import load_backbone
     from cirbench.checkpoints import backbone_flags
-    from cirbench.cli import command_option_names, parse_extra_options
+    from cirbench.cli import command_option_names, data_root_per_dataset, parse_extra_options
     from cirbench.corpora import open_corpus
+    from cirbench.errors import CirbenchError
     from cirbench.evaluate import DEFAULT_BACKBONE
     from cirbench.plugins import get_registry
-    from cirbench.training import TrainConfig, check_not_resumable_elsewhere, check_validation, plan_steps, train
+    from cirbench.training import (
+        TrainConfig,
+        check_not_resumable_elsewhere,
+        check_validation,
+        plan_steps,
+        train,
+        validation_benchmarks,
+    )
     from cirbench.types import resolve_options
 
     spec = get_registry().method(method)
@@ -103,12 +114,15 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     options = resolve_options(spec.train_options, parse_extra_options(ctx.args), None, f"training of {method}",
                               command_option_names(ctx.command))
     if len(options) != 1:
-        from cirbench.errors import CirbenchError
-
         raise CirbenchError("training options cannot be swept")
     check_not_resumable_elsewhere(Path(output), method)
+    roots: dict[str, str] = {}
     if validate:
-        check_validation(spec, validate, validate_data_root)
+        roots = data_root_per_dataset(validate_data_roots, list(dict.fromkeys(
+            name for name, _ in validation_benchmarks(validate))), "--validate-data-root", "benchmarks validated")
+        check_validation(spec, validate, roots)
+    elif validate_data_roots:
+        raise CirbenchError("--validate-data-root is the folder of a --validate benchmark: give --validate too")
     # a bad corpus fails before the backbone is loaded
     corpus_data = open_corpus(corpus, images=trainer_cls.needs_images, captions=trainer_cls.needs_captions)
     dev = distributed.init_from_env(device)
@@ -119,7 +133,7 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     cfg = TrainConfig(output=Path(output), accum_steps=accum_steps, max_grad_norm=max_grad_norm, precision=precision,
                       device=str(dev), seed=seed, workers=workers, save_every=save_every, log_every=log_every,
                       resume=not no_resume, progress=not quiet, validate=validate,
-                      validate_data_root=validate_data_root, validate_every=validate_every, **values)
+                      validate_data_roots=roots, validate_every=validate_every, **values)
     plan_steps(corpus_data, cfg, distributed.world_size())  # a length it cannot know fails before the backbone loads
     default = spec.default_backbone or DEFAULT_BACKBONE
     model_name = backbone or default[0]
