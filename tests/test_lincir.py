@@ -222,6 +222,13 @@ def test_language_only_training_lowers_the_loss_and_loads_back(tiny_config, tmp_
     assert config["method"] == "lincir" and config["keywords"] == "column" and config["train"]["schedule"] == "constant"
     method = lincir.LinCIR(backbone, {"checkpoint": out}, "cirr")  # same tiny backbone (seed 0)
     assert method.compose(torch.randn(1, 32), [Query("0", "r", ("is red",))]).shape == (1, 32)
+    # LinCIR's Phi is SEARLE's, tensor for tensor: its weights would load into searle, and give numbers labelled
+    # searle; the checkpoint's record refuses that
+    from cirbench.errors import CheckpointError
+    from cirbench.methods.searle.model import Searle
+
+    with pytest.raises(CheckpointError, match="is for method 'lincir', not 'searle'"):
+        Searle(backbone, {"checkpoint": out}, "cirr")
     # a plain caption file (one per line) trains too, with the random-word rule
     res = _train(tiny_config, _captions(tmp_path / "captions.txt"), tmp_path / "txt", "--keywords", "random",
                  "--max-steps", "2")
