@@ -64,20 +64,51 @@ def bar_plot(rows: list[tuple[str, float, tuple[float, float] | None]], metric: 
     return _save(fig, path)
 
 
-def read_train_log(path: Path) -> list[dict[str, Any]]:
+def _log_entries(path: Path) -> list[dict[str, Any]]:
     rows = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
             row = json_loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by an interrupted run
-        if isinstance(row, dict) and "step" in row and "loss" in row:
+        if isinstance(row, dict) and "step" in row:
             rows.append(row)
     return rows
 
 
+def read_train_log(path: Path) -> list[dict[str, Any]]:
+    """The loss entries of a ``train_log.jsonl``."""
+    return [row for row in _log_entries(path) if "loss" in row]
+
+
+def read_validation(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{"cirr:val R@1": [(step, value), ...]}``: each validated benchmark's main metric (its first metric when
+    the benchmark is not registered here) against the step, from the validation entries of ``train_log.jsonl``
+    (``{"validation": {benchmark: {run label: {metric: value}}}}``)."""
+    from .plugins import get_registry
+    from .types import benchmark_split
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in _log_entries(path):
+        for benchmark, runs in (row.get("validation") or {}).items():
+            if not isinstance(runs, dict) or not runs:
+                continue
+            metrics = next(iter(runs.values()))
+            if not isinstance(metrics, dict) or not metrics:
+                continue
+            try:
+                main = get_registry().dataset(benchmark_split(benchmark)[0]).main_metric
+            except Exception:  # noqa: BLE001 - a plugin no longer installed: plot what the log holds
+                main = None
+            metric = main if main in metrics else next(iter(metrics))
+            if isinstance(metrics.get(metric), (int, float)):
+                series.setdefault(f"{benchmark} {metric}", []).append((int(row["step"]), float(metrics[metric])))
+    return series
+
+
 def loss_plot(log: Path, path: Path, title: str = "training loss") -> Path | None:
-    """The loss (and any validation metric logged beside it) against the step, from ``train_log.jsonl``."""
+    """The loss and, on a second axis, each validated benchmark's main metric against the step, from
+    ``train_log.jsonl``."""
     rows = read_train_log(log)
     if not rows:
         return None
@@ -87,10 +118,14 @@ def loss_plot(log: Path, path: Path, title: str = "training loss") -> Path | Non
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    val = [(r["step"], v) for r in rows for k, v in r.items() if k.startswith("val/") and isinstance(v, (int, float))]
-    if val:
+    validation = read_validation(log)
+    if validation:
         twin = ax.twinx()
-        twin.plot([s for s, _ in val], [v for _, v in val], color="#d9822b", marker="o", label="validation")
+        colours = ["#d9822b", "#55a868", "#c44e52", "#8172b2"]
+        for i, (name, points) in enumerate(validation.items()):
+            twin.plot([s for s, _ in points], [v for _, v in points], color=colours[i % len(colours)], marker="o",
+                      label=name)
         twin.set_ylabel("validation")
+        twin.legend(fontsize=7, loc="upper right")
     ax.set_title(title)
     return _save(fig, path)

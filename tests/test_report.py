@@ -152,6 +152,24 @@ def test_loss_plot_from_a_training_log(tmp_path):
     assert loss_plot(log, tmp_path / "none") is None
 
 
+def test_loss_plot_shows_each_validated_benchmarks_main_metric(tmp_path):
+    """The validation entries the training loop writes ({benchmark: {run: metrics}}) give one curve per benchmark,
+    of its main metric (CIRR: R@1, FashionIQ: the mean R@10), beside the loss."""
+    from cirbench.plots import loss_plot, read_validation
+
+    log = tmp_path / "train_log.jsonl"
+    entries = [{"step": s, "loss": 2.0 / s} for s in range(1, 7)]
+    for step, r1 in ((3, 20.0), (6, 25.0)):
+        entries.append({"step": step, "epoch": 0, "validation": {
+            "cirr:val": {f"pic2word@step{step}": {"R@5": 50.0, "R@1": r1}},
+            "fashioniq:val": {f"pic2word@step{step}": {"dress/R@10": 9.0, "avg/R@10": r1 / 2, "avg/R@50": 30.0}}}})
+    log.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    assert read_validation(log) == {"cirr:val R@1": [(3, 20.0), (6, 25.0)],
+                                    "fashioniq:val avg/R@10": [(3, 10.0), (6, 12.5)]}
+    png = loss_plot(log, tmp_path / "loss")
+    assert png is not None and png.stat().st_size > 1000
+
+
 def test_data_check_answers_without_torch(tmp_path):
     from annotations import ANNOTATIONS, copy_tree, write_placeholder
 

@@ -835,6 +835,13 @@ def test_validation_on_several_benchmarks(tmp_path, tiny_config):
         assert len(list((tmp_path / "o" / "validation" / name / "val").glob("*.json"))) == 2
     best = json.loads((tmp_path / "o" / "best" / "validation.json").read_text())
     assert best["validate"] == "toy:val,toy2:val" and best["metric"] == "R@1"
+    from cirbench.plots import read_validation  # what `cirbench report` plots beside the loss: each main metric
+
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        reg.register_plugin(Toy2(), name="toy2")
+        curves = read_validation(tmp_path / "o" / "train_log.jsonl")
+    assert {name: [s for s, _ in points] for name, points in curves.items()} == {"toy:val R@1": [1, 2],
+                                                                                 "toy2:val mAP@5": [1, 2]}
 
     for args, message in ((["--validate", "toy:val,toy2:val", "--validate-data-root", str(first)],
                            "give each its folder as --validate-data-root NAME=DIR"),
