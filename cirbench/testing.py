@@ -174,8 +174,11 @@ def cirbench_toy_root(tmp_path) -> Path:
 
 @pytest.fixture
 def cirbench_register():
-    """``cirbench_register(plugin, name)``: register an in-process plugin for this test only."""
+    """``cirbench_register(plugin, name)``: register an in-process plugin for this test only, in a registry of its
+    own (an earlier test's command may have loaded the installed plugins, the one under test among them)."""
     from . import plugins
+
+    plugins.reset_registry()
 
     def register(plugin: Any, name: str):
         reg = plugins.get_registry()
