@@ -76,31 +76,37 @@ def _log_entries(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_train_log(path: Path) -> list[dict[str, Any]]:
-    """The loss entries of a ``train_log.jsonl``."""
-    return [row for row in _log_entries(path) if "loss" in row]
-
-
 def read_validation(path: Path) -> dict[str, list[tuple[int, float]]]:
     """``{"cirr:val R@1": [(step, value), ...]}``: each validated benchmark's main metric (its first metric when
     the benchmark is not registered here) against the step, from the validation entries of ``train_log.jsonl``
     (``{"validation": {benchmark: {run label: {metric: value}}}}``)."""
+    return _validation_series(_log_entries(path))
+
+
+def _main_metric(benchmark: str) -> str | None:
+    from .errors import CirbenchError
     from .plugins import get_registry
     from .types import benchmark_split
 
+    try:
+        return get_registry().dataset(benchmark_split(benchmark)[0]).main_metric
+    except CirbenchError:  # a plugin no longer installed: plot what the log holds
+        return None
+
+
+def _validation_series(entries: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = {}
-    for row in _log_entries(path):
+    mains: dict[str, str | None] = {}  # benchmark -> main metric, looked up once
+    for row in entries:
         for benchmark, runs in (row.get("validation") or {}).items():
             if not isinstance(runs, dict) or not runs:
                 continue
             metrics = next(iter(runs.values()))
             if not isinstance(metrics, dict) or not metrics:
                 continue
-            try:
-                main = get_registry().dataset(benchmark_split(benchmark)[0]).main_metric
-            except Exception:  # noqa: BLE001 - a plugin no longer installed: plot what the log holds
-                main = None
-            metric = main if main in metrics else next(iter(metrics))
+            if benchmark not in mains:
+                mains[benchmark] = _main_metric(benchmark)
+            metric = mains[benchmark] if mains[benchmark] in metrics else next(iter(metrics))
             if isinstance(metrics.get(metric), (int, float)):
                 series.setdefault(f"{benchmark} {metric}", []).append((int(row["step"]), float(metrics[metric])))
     return series
@@ -109,7 +115,8 @@ def read_validation(path: Path) -> dict[str, list[tuple[int, float]]]:
 def loss_plot(log: Path, path: Path, title: str = "training loss") -> Path | None:
     """The loss and, on a second axis, each validated benchmark's main metric against the step, from
     ``train_log.jsonl``."""
-    rows = read_train_log(log)
+    entries = _log_entries(log)  # read once: the loss and the validation entries
+    rows = [row for row in entries if "loss" in row]
     if not rows:
         return None
     plt = _pyplot()
@@ -118,7 +125,7 @@ def loss_plot(log: Path, path: Path, title: str = "training loss") -> Path | Non
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    validation = read_validation(log)
+    validation = _validation_series(entries)
     if validation:
         twin = ax.twinx()
         colours = ["#d9822b", "#55a868", "#c44e52", "#8172b2"]
