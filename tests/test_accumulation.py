@@ -42,10 +42,15 @@ class Toy(training.NetTrainable):
 
 def _batches(n: int = 8, parts: int = 1) -> list[Batch]:
     torch.manual_seed(1)
-    pixels = torch.randn(n, 6)
-    size = n // parts
-    return [Batch(pixels=pixels[i : i + size], captions=[""] * size, keys=[str(k) for k in range(i, i + size)])
-            for i in range(0, n, size)]
+    return _split(Batch(pixels=torch.randn(n, 6), captions=[""] * n, keys=[str(k) for k in range(n)]), parts)
+
+
+def _split(batch: Batch, parts: int) -> list[Batch]:
+    """``batch`` as ``parts`` micro-batches of equal size, in order."""
+    size = len(batch) // parts
+    return [Batch(pixels=batch.pixels[i : i + size], captions=batch.captions[i : i + size],
+                  extra={k: v[i : i + size] for k, v in batch.extra.items()}, keys=batch.keys[i : i + size])
+            for i in range(0, len(batch), size)]
 
 
 def _step(toy: training.TrainableMethod, micro: list[Batch], seed: int = 5, dropout: bool = True,
@@ -142,13 +147,6 @@ def test_a_step_that_computes_something_else_the_second_time_is_a_one_line_error
 def test_gather_is_the_identity_outside_a_step():
     rows = torch.randn(3, 2)
     assert global_batch.gather(rows) is rows
-
-
-def _split(batch: Batch, parts: int) -> list[Batch]:
-    size = len(batch) // parts
-    return [Batch(pixels=batch.pixels[i : i + size], captions=batch.captions[i : i + size],
-                  extra={k: v[i : i + size] for k, v in batch.extra.items()}, keys=batch.keys[i : i + size])
-            for i in range(0, len(batch), size)]
 
 
 def _searle(backbone, tmp_path):
