@@ -28,6 +28,7 @@ save) and naming it as ``MethodSpec.trainer``; ``cirbench train --method NAME`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -506,8 +507,6 @@ class _Trainer:
         preprocessor = self.corpus.preprocessor if self.corpus.images else None
         self.train_preprocess = preprocessor.identity() if preprocessor is not None else None  # what checkpoints record
         self.per_step, self.total_steps, self.epoch_steps = plan.per_step, plan.total_steps, plan.epoch_steps
-        # what each save records of the machine and versions that trained it (a resumed run: the latest's)
-        self.environment = {**environment_info(str(self.device)), "world_size": self.world}
         self.optimizer = build_optimizer(trainable, cfg)
         self.params = trainable.trainable_parameters()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)  # lr set by hand
@@ -527,6 +526,12 @@ class _Trainer:
         self.log = TrainLog(self.output, self.state.step, enabled=self.rank_ == 0)
         self.best_score = self._best_so_far()
         self.validation: Loaded | None = None
+
+    @functools.cached_property
+    def environment(self) -> dict[str, Any]:
+        """What each save records of the machine and versions that trained it (a resumed run: the latest's);
+        made once, by rank 0, which alone saves."""
+        return {**environment_info(str(self.device)), "world_size": self.world}
 
     def run_config(self) -> dict[str, Any]:
         """The method options, training settings and corpus that a checkpoint records (and a resume checks)."""
