@@ -94,6 +94,22 @@ def test_recall_and_map_hand_worked():
     assert map_at_k(hits, [2, 1], (2,))[2] == pytest.approx(12.5)
 
 
+def test_metric_edge_cases_stay_finite():
+    from cirbench.metrics import ap_per_query, mean
+
+    # a short ranking's empty slots (-1) are never hits, even for a target list padded with -1
+    ranked = torch.tensor([[2, -1, -1], [-1, -1, -1]])
+    hits = hits_matrix(ranked, [[2], [5, 6]])
+    assert hits.tolist() == [[True, False, False], [False, False, False]]
+    # a query with no relevant item scores AP 0, not 0/0 (which would drop it from the mean as nan)
+    ap = ap_per_query(torch.tensor([[False, False]]), [0], (2,))[2]
+    assert ap.tolist() == [0.0]
+    # nan marks a query a metric does not count; a metric no query counts reports 0, never nan in a result file
+    assert mean(torch.tensor([float("nan"), 50.0, 100.0])) == 75.0
+    assert mean(torch.tensor([float("nan")])) == 0.0
+    assert mean(torch.tensor([])) == 0.0
+
+
 def test_chunked_ranking_equals_full_sort_and_excludes():
     torch.manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(37, 16), dim=-1)
