@@ -124,6 +124,10 @@ def test_chunked_ranking_equals_full_sort_and_excludes():
     cand = rank_candidates(q[:2], g, [[5, 7, 9], []])
     assert sorted(cand[0]) == [5, 7, 9] and cand[1] == []
     assert (g[cand[0]] @ q[0]).diff().le(0).all()
+    # the tensor form pads a query with fewer candidates with -1 / -inf (never a gallery position)
+    rows, idx, scores = rank_candidates(q[:2], g, [[5, 7, 9], [4]], with_scores=True)
+    assert idx[0].tolist() == rows[0] and idx[1].tolist() == [4, -1, -1]
+    assert scores[1, 1:].eq(float("-inf")).all() and scores[1, 0] == g[4] @ q[1]
 
 
 def test_ties_keep_gallery_order():

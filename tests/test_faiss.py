@@ -49,6 +49,9 @@ def test_auto_backend_switches_past_the_threshold(monkeypatch):
     monkeypatch.setattr(fs, "faiss_rank", lambda *a, **k: calls.append(1) or original(*a, **k))
     rank(_features(3, 8, 0), _features(150, 8, 1), 5)
     assert calls == [1]
+    rank(_features(3, 8, 0), _features(30, 8, 1), 5)  # enough queries, too little work: torch
+    rank(_features(1, 8, 0), _features(150, 8, 1), 5)  # enough work, too few queries: torch
+    assert calls == [1]
 
 
 def test_faiss_ties_straddling_k_equal_the_stable_sort():
