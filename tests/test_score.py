@@ -256,6 +256,8 @@ def test_circo_test_files_the_server_would_refuse(tmp_path, damage, reason):
 
 @pytest.mark.parametrize("damage, reason", [
     ("no-version", "lacks 'version': the test server needs"),
+    ("other-version", "is for CIRR version 'rc1', not rc2"),
+    ("swapped-metric", "is not a CIRR 'recall' file (its metric is 'recall_subset')"),
     ("reference", "contains the reference image"),
     ("not-in-test1", "'dev-0-0-img0' in the ranking is not an image of the split's gallery"),
     ("subset-long", "the subset ranking has 4 ids, the test server takes exactly 3"),
@@ -268,6 +270,10 @@ def test_cirr_test1_files_the_server_would_refuse(tmp_path, damage, reason):
     first = next(k for k in recall if k not in ("version", "metric"))
     if damage == "no-version":
         del recall["version"]
+    elif damage == "other-version":
+        recall["version"] = "rc1"
+    elif damage == "swapped-metric":
+        recall["metric"] = "recall_subset"
     elif damage == "reference":  # the demo file's first query: its reference, from the official annotations
         cap = json.loads((ANNOTATIONS / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
         recall[first][0] = next(r["reference"] for r in cap if str(r["pairid"]) == first)
