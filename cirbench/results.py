@@ -6,9 +6,10 @@ through a temporary file and a rename, so an interrupted run never corrupts a re
 
 A result and its predictions are one unit: the predictions are written first, and the result records their
 file name, row count and sha256; :func:`read_predictions_of` refuses predictions that do not match. A run's
-**fingerprint** hashes what determines its numbers (method, options and checkpoint, dataset, split and
-options, backbone identity, preprocessing, precision, seed): a rerun of the same configuration replaces its
-own files, a different configuration never does; it is written beside them under ``<stem>~<fingerprint>``.
+**fingerprint** hashes what determines its numbers (method, options and checkpoint, dataset, split, options
+and annotation checksums, backbone identity, preprocessing, precision, seed): a rerun of the same configuration
+replaces its own files, a different configuration (annotation files edited or updated included) never does; it
+is written beside them under ``<stem>~<fingerprint>``.
 """
 
 from __future__ import annotations
@@ -124,10 +125,9 @@ FINGERPRINT_FIELDS = ("method", "dataset", "backbone", "preprocess", "precision"
 
 def run_fingerprint(record: dict[str, Any]) -> str:
     """A short hash of what determines a run's numbers (see the module docstring)."""
-    method = record.get("method", {})
-    dataset = record.get("dataset", {})
+    method, dataset = (part if isinstance(part := record.get(k), dict) else {} for k in ("method", "dataset"))
     core = {"method": {k: method.get(k) for k in ("name", "options", "info")},
-            "dataset": {k: dataset.get(k) for k in ("name", "split", "options")},
+            "dataset": {k: dataset.get(k) for k in ("name", "split", "options", "annotations")},
             **{k: record.get(k) for k in FINGERPRINT_FIELDS[2:]}}
     return json_hash(core)[:12]
 
@@ -156,7 +156,8 @@ class ResultWriter:
 
     def stem(self, label: str, slug: str, fingerprint: str | None = None) -> str:
         """``<label>__<slug>``, or ``<label>__<slug>~<fingerprint>`` when a result of another configuration
-        already holds the plain name."""
+        already holds the plain name (its fingerprint is computed again from its record, so that one written
+        before the fingerprint covered what it covers now is still recognised)."""
         base = result_stem(label, slug)
         if fingerprint is None:
             return base
@@ -164,7 +165,7 @@ class ResultWriter:
         if existing.exists():
             try:
                 old = json_loads(existing.read_bytes())
-                old_fp = old.get("fingerprint") if isinstance(old, dict) else None
+                old_fp = run_fingerprint(old) if isinstance(old, dict) else None
             except (OSError, ValueError):
                 old_fp = None
             if old_fp != fingerprint:

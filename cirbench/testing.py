@@ -81,6 +81,9 @@ class ToyDataset(Dataset):
         return [EvalSet("all", list(images.values()), queries, dict(images), exclude_reference=True,
                         hidden_targets=hidden, topk=10)]
 
+    def annotation_files(self, split: str) -> list[Path]:
+        return [self.data_root / "queries.json"]
+
     def per_query_metrics(self, evalset: EvalSet, ranking: Any) -> dict[str, Any]:
         from .metrics import ap_per_query, hits_matrix, recall_per_query
 

@@ -15,6 +15,7 @@ from cirbench.cli import cli
 from cirbench.errors import CirbenchError
 from cirbench.evaluate import Evaluator, RunConfig, evaluate
 from cirbench.results import SCHEMA_VERSION
+from cirbench.util import file_sha256
 
 
 def _cfg(tmp_path, tiny_config, toy_root, **kw):
@@ -406,6 +407,32 @@ def test_results_survive_a_failed_rerun(tmp_path, tiny_config, toy_root):
         with pytest.raises(CirbenchError):
             evaluate(_cfg(tmp_path, tiny_config, toy_root, use_cache=False), reg)
     assert out.result_path.read_bytes() == before
+
+
+def test_a_rerun_replaces_its_own_result_and_never_one_of_other_annotations(tmp_path, tiny_config, toy_root):
+    """The fingerprint covers the annotation files' checksums: a rerun on edited annotations writes beside the
+    result of the old ones; a rerun of the same configuration replaces its own file, also one whose recorded
+    fingerprint was computed before the fingerprint covered the annotations."""
+    results = tmp_path / "results" / "toy" / "val"
+    with registered(ToyPlugin(), "toy") as reg:
+        (first,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+        rec = json.loads(first.result_path.read_text())
+        assert rec["dataset"]["annotations"] == {"queries.json": file_sha256(toy_root / "queries.json")}
+        rec["fingerprint"] = "0123456789ab"  # as an older cirbench recorded it
+        first.result_path.write_text(json.dumps(rec))
+        (again,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+        assert again.result_path == first.result_path and sorted(p.name for p in results.glob("*.json")) == [
+            first.result_path.name]
+        kept = first.result_path.read_bytes()
+        data = json.loads((toy_root / "queries.json").read_text())
+        data["queries"] = data["queries"][:6]
+        (toy_root / "queries.json").write_text(json.dumps(data))
+        (edited,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+        fingerprint = json.loads(edited.result_path.read_text())["fingerprint"]
+        assert edited.result_path.name == first.result_path.name.replace(".json", f"~{fingerprint[:8]}.json")
+        assert first.result_path.read_bytes() == kept and edited.record["counts"]["queries"] == 6
+        evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+    assert len(list(results.glob("*.json"))) == 2 and first.result_path.read_bytes() == kept
 
 
 def test_results_carry_confidence_intervals_and_per_query_metrics(tmp_path, tiny_config, toy_root):
