@@ -126,8 +126,12 @@ FINGERPRINT_FIELDS = ("method", "dataset", "backbone", "preprocess", "precision"
 def run_fingerprint(record: dict[str, Any]) -> str:
     """A short hash of what determines a run's numbers (see the module docstring)."""
     method, dataset = (part if isinstance(part := record.get(k), dict) else {} for k in ("method", "dataset"))
+    annotations = dataset.get("annotations")
     core = {"method": {k: method.get(k) for k in ("name", "options", "info")},
-            "dataset": {k: dataset.get(k) for k in ("name", "split", "options", "annotations")},
+            "dataset": {**{k: dataset.get(k) for k in ("name", "split", "options")},
+                        # their contents, wherever the files lie (a name is absolute outside the data root)
+                        "annotations": sorted(map(str, annotations.values())) if isinstance(annotations, dict)
+                        else annotations},
             **{k: record.get(k) for k in FINGERPRINT_FIELDS[2:]}}
     return json_hash(core)[:12]
 

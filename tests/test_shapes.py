@@ -180,3 +180,16 @@ def test_plain_cirbench_run_is_slerp_and_baselines_on_shapes_with_the_bundled_ba
     assert rec["metrics"]["mAP@5"] > max(baselines.values())
     board = res.output[res.output.index("### shapes / val"):]
     assert board.index("slerp@alpha=0.7") < board.index("image-only") < board.index("text-only")
+    # the generated files' checksums are recorded; the same data named through --data-root is the same
+    # configuration (the fingerprint covers their contents, not where they lie): the rerun replaces the result
+    digests = {hashlib.sha256((val_root / "val" / f).read_bytes()).hexdigest() for f in ("gallery.json",
+                                                                                        "queries.json")}
+    assert set(rec["dataset"]["annotations"].values()) == digests
+    assert all(Path(name).is_absolute() for name in rec["dataset"]["annotations"])  # outside the (unset) data root
+    res = CliRunner().invoke(cli, ["run", "--quiet", "--workers", "0", "--method", "slerp", "--data-root",
+                                   str(val_root), "--no-leaderboard"])
+    assert res.exit_code == 0, res.output
+    again = json.loads((folder / SLERP_RESULT).read_text())
+    assert sorted(again["dataset"]["annotations"]) == ["val/gallery.json", "val/queries.json"]
+    assert again["fingerprint"] == rec["fingerprint"] and again["created"] != rec["created"]
+    assert sorted(p.name for p in folder.glob("slerp*.json")) == [SLERP_RESULT]

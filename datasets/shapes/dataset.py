@@ -143,6 +143,11 @@ class Shapes(Dataset):
         """The training corpus CSV (image, caption, subject, attribute), generated if needed."""
         return self.ensure("train") / "train.csv"
 
+    def annotation_files(self, split: str) -> list[Path]:
+        """The generated files a split is read from (their checksums go into result files)."""
+        folder = self.split_folder(split)
+        return [folder / "train.csv"] if split == "train" else [folder / "gallery.json", folder / "queries.json"]
+
     def load(self, split: str) -> list[EvalSet]:
         self.check_split(split)
         if split == "train":
