@@ -277,15 +277,18 @@ class Dataset:
 
 def annotation_checksums(dataset: Dataset, split: str) -> dict[str, str]:
     """``{file: sha256}`` of the annotation files a split reads (named relative to the data root when inside
-    it); ``"missing"`` for a file that is not there."""
+    it, a folder linked into it included; else by their absolute path); ``"missing"`` for a file that is not
+    there."""
     from .util import file_sha256
 
     out = {}
-    for path in dataset.annotation_files(split):
-        path = Path(path)
-        try:
-            name = str(path.resolve().relative_to(dataset.data_root.resolve()))
-        except ValueError:
-            name = str(path)
+    for path in map(Path, dataset.annotation_files(split)):
+        root = dataset.data_root.absolute()
+        for inside, under in ((path.absolute(), root), (path.resolve(), root.resolve())):
+            if inside.is_relative_to(under):
+                name = inside.relative_to(under).as_posix()
+                break
+        else:
+            name = str(path.resolve())
         out[name] = file_sha256(path) if path.is_file() else "missing"
     return out

@@ -435,6 +435,27 @@ def test_a_rerun_replaces_its_own_result_and_never_one_of_other_annotations(tmp_
     assert len(list(results.glob("*.json"))) == 2 and first.result_path.read_bytes() == kept
 
 
+def test_annotation_files_are_named_inside_the_data_root_and_fingerprinted_by_content(tmp_path, tiny_config,
+                                                                                     toy_root):
+    from cirbench.results import run_fingerprint
+
+    # an annotation file linked into the data root from elsewhere is named as the dataset reads it
+    elsewhere = tmp_path / "downloads" / "queries.json"
+    elsewhere.parent.mkdir()
+    (toy_root / "queries.json").rename(elsewhere)
+    (toy_root / "queries.json").symlink_to(elsewhere)
+    with registered(ToyPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+    record = out.record
+    assert record["dataset"]["annotations"] == {"queries.json": file_sha256(elsewhere)}
+    # the fingerprint takes the files' contents, wherever they lie (a name is absolute outside the data root)
+    moved = json.loads(json.dumps(record))
+    moved["dataset"]["annotations"] = {str(elsewhere): file_sha256(elsewhere)}
+    assert run_fingerprint(moved) == record["fingerprint"]
+    moved["dataset"]["annotations"] = {"queries.json": "0" * 64}
+    assert run_fingerprint(moved) != record["fingerprint"]
+
+
 def test_results_carry_confidence_intervals_and_per_query_metrics(tmp_path, tiny_config, toy_root):
     with registered(ToyPlugin(), "toy") as reg:
         (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, bootstrap=300), reg)

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from cirbench.backbones import load_backbone
 from cirbench.cli import cli
+from cirbench.datasets.shapes.dataset import FORMAT_VERSION
 from cirbench.encode import encode_images
 from cirbench.errors import CirbenchError
 from cirbench.plugins import get_registry
@@ -166,7 +167,9 @@ def test_slerp_clearly_beats_both_baselines_and_is_repeatable(tmp_path, val_root
 def test_plain_cirbench_run_is_slerp_and_baselines_on_shapes_with_the_bundled_backbone(tmp_path, val_root, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CIRBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("cirbench.datasets.shapes.dataset.Shapes.generation_root", property(lambda self: val_root))
+    # the default data root, in the cache, is the folder generated once for this module
+    (tmp_path / "cache" / "shapes").mkdir(parents=True)
+    (tmp_path / "cache" / "shapes" / f"{FORMAT_VERSION}-seed0").symlink_to(val_root)
     res = CliRunner().invoke(cli, ["run", "--quiet", "--workers", "0"])
     assert res.exit_code == 0, res.output
     rec = json.loads((tmp_path / "results" / "shapes" / "val" / SLERP_RESULT).read_text())
@@ -181,11 +184,12 @@ def test_plain_cirbench_run_is_slerp_and_baselines_on_shapes_with_the_bundled_ba
     board = res.output[res.output.index("### shapes / val"):]
     assert board.index("slerp@alpha=0.7") < board.index("image-only") < board.index("text-only")
     # the generated files' checksums are recorded; the same data named through --data-root is the same
-    # configuration (the fingerprint covers their contents, not where they lie): the rerun replaces the result
+    # configuration: the rerun replaces the result
     digests = {hashlib.sha256((val_root / "val" / f).read_bytes()).hexdigest() for f in ("gallery.json",
                                                                                         "queries.json")}
     assert set(rec["dataset"]["annotations"].values()) == digests
-    assert all(Path(name).is_absolute() for name in rec["dataset"]["annotations"])  # outside the (unset) data root
+    assert sorted(rec["dataset"]["annotations"]) == ["val/gallery.json", "val/queries.json"]
+    assert rec["dataset"]["data_root"] == str(val_root.resolve())  # where the data was generated
     res = CliRunner().invoke(cli, ["run", "--quiet", "--workers", "0", "--method", "slerp", "--data-root",
                                    str(val_root), "--no-leaderboard"])
     assert res.exit_code == 0, res.output

@@ -30,11 +30,11 @@ RECALL_KS = (1, 5, 10)
 class Shapes(Dataset):
     """Generated CIR benchmark; ``val``/``test`` are query splits, ``train`` an image-caption corpus."""
 
-    @property
-    def generation_root(self) -> Path:
-        if self.data_root_given:
-            return self.data_root
-        return default_cache_dir() / "shapes" / f"{FORMAT_VERSION}-seed{self.options.get('generator_seed', 0)}"
+    def __init__(self, data_root: Path | str | None, options: dict[str, Any] | None = None):
+        super().__init__(data_root, options)
+        if not self.data_root_given:  # generated into the cache, and read (and its files named) from there
+            seed = self.options.get("generator_seed", 0)
+            self.data_root = default_cache_dir() / "shapes" / f"{FORMAT_VERSION}-seed{seed}"
 
     def _rng(self, split: str, *parts: object) -> random.Random:
         return random.Random("-".join(map(str, (self.options.get("generator_seed", 0), SPLIT_SALT[split], *parts))))
@@ -50,7 +50,7 @@ class Shapes(Dataset):
         """``<folder>/<split>``, or ``<folder>/<split>-queries100-instances1`` for options other than the
         defaults, so that data generated with other options is never served under these."""
         made = self._made_from(split)
-        return self.generation_root / (split + "".join(f"-{k.replace('_', '')}{v}" for k, (v, default) in made.items()
+        return self.data_root / (split + "".join(f"-{k.replace('_', '')}{v}" for k, (v, default) in made.items()
                                                if v != default))
 
     def _is_complete(self, target: Path, split: str) -> bool:
