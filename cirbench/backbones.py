@@ -224,26 +224,30 @@ class Backbone:
         return self.tokenizer(list(texts)).to(self.device)
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str], batch_size: int = 512, memoize: bool = True) -> torch.Tensor:
-        """Normalised text features for ``texts``, on the backbone's device; memoised per string unless
-        ``memoize`` is False (texts met once, such as SEARLE-OTI's half a million concept prompts, would only
-        fill the memo)."""
+    def encode_text(self, texts: list[str], batch_size: int = 512, memoize: bool = True,
+                    normalize: bool = True) -> torch.Tensor:
+        """Normalised text features for ``texts`` (``normalize=False``: the raw embeddings, which methods that
+        weigh image and text embeddings before normalising combine), on the backbone's device; memoised per
+        string unless ``memoize`` is False (texts met once, such as SEARLE-OTI's half a million concept prompts,
+        would only fill the memo)."""
         if not texts:
             return torch.empty(0, self.embed_dim, device=self.device)
         if not memoize:
-            return torch.cat([self._encode_texts(texts[start : start + batch_size])
-                              for start in range(0, len(texts), batch_size)])
-        todo = [t for t in dict.fromkeys(texts) if t not in self._text_memo]
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            for text, feat in zip(chunk, self._encode_texts(chunk), strict=True):
-                self._text_memo[text] = feat
-        return torch.stack([self._text_memo[t] for t in texts])
+            feats = torch.cat([self._encode_texts(texts[start : start + batch_size])
+                               for start in range(0, len(texts), batch_size)])
+        else:
+            todo = [t for t in dict.fromkeys(texts) if t not in self._text_memo]
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                for text, feat in zip(chunk, self._encode_texts(chunk), strict=True):
+                    self._text_memo[text] = feat
+            feats = torch.stack([self._text_memo[t] for t in texts])
+        return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
 
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Raw (unnormalised) float32 text embeddings."""
         with self.autocast():
-            feats = self.model.encode_text(self.tokenize(texts))
-        return torch.nn.functional.normalize(feats.float(), dim=-1)
+            return self.model.encode_text(self.tokenize(texts)).float()
 
 
 @contextmanager

@@ -154,8 +154,8 @@ def check_composed(features: Any, n: int, dim: int, mspec: MethodSpec, vectors: 
         raise CirbenchError(f"{who}: {hook} returned {type(features).__name__}, not a tensor")
     expected = (n, dim) if vectors == 1 else (n, vectors, dim)
     if tuple(features.shape) != expected:
-        raise CirbenchError(f"{who}: {hook} returned shape {tuple(features.shape)}, expected {expected} "
-                            "to match the gallery features")
+        meant = "one row per gallery image" if hook == "prepare_gallery" else "to match the gallery features"
+        raise CirbenchError(f"{who}: {hook} returned shape {tuple(features.shape)}, expected {expected} ({meant})")
     features = features.float()
     if not bool(torch.isfinite(features).all()):
         raise CirbenchError(f"{who}: {hook} returned non-finite values (NaN or Inf)")
@@ -406,6 +406,10 @@ class Evaluator:
                                 Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.progress))
         gkey = self._feature_key(backbone, preprocessor, method.gallery_feature_kind())
         gallery = self._features(cache, gkey, es.gallery, method.encode_gallery, preprocessor, f"{es.name}: gallery")
+        prepared_gallery = method.prepare_gallery([g.id for g in es.gallery], gallery)
+        if prepared_gallery is not gallery:
+            width = prepared_gallery.shape[-1] if isinstance(prepared_gallery, torch.Tensor) else 0
+            gallery = check_composed(prepared_gallery, len(es.gallery), width, mspec, hook="prepare_gallery")
         rkind = method.reference_feature_kind()
         if rkind is None:  # the method reads its references itself (in prepare)
             ref_feats = torch.empty(len(refs), 0)

@@ -7,7 +7,10 @@ A method subclasses :class:`Method` and registers a :class:`~cirbench.types.Meth
    that work per query set, such as captioning the references and rewriting captions with a language model,
    do it there; it comes first, so that a model that cannot be loaded or a generation that cannot be
    replayed fails before the gallery is encoded;
-2. encodes the gallery with :meth:`Method.encode_gallery` (cached under :meth:`gallery_feature_kind`);
+2. encodes the gallery with :meth:`Method.encode_gallery` (cached under :meth:`gallery_feature_kind`) and
+   passes the features with the images' ids to :meth:`Method.prepare_gallery`, whose return is the gallery
+   the queries are ranked against (by default the features unchanged; WeiMoCIR appends the text features of
+   captions of each gallery image);
 3. encodes the distinct reference images with :meth:`Method.encode_references` (cached under
    :meth:`reference_feature_kind`; by default the same kind as the gallery, so they are reused; a method
    whose kind is ``None`` needs no reference features and gets ``[B, 0]`` tensors), and passes them all to
@@ -21,8 +24,8 @@ A method subclasses :class:`Method` and registers a :class:`~cirbench.types.Meth
    (normalised) query features against the gallery.
 
 A method never sees a dataset's metrics, targets or gallery files; it knows the dataset's name (for
-per-dataset defaults), the queries' texts, their reference images and (in :meth:`finalize_queries`) the
-gallery's features.
+per-dataset defaults), the queries' texts, their reference images and (in :meth:`prepare_gallery` and
+:meth:`finalize_queries`) the gallery's features, and the gallery images' ids.
 
 The backbone a method gets is shared: by the other methods and benchmarks of a ``cirbench run`` and, in
 training, by the training itself. Never change it in place (weights, hooks left behind, merged adapters):
@@ -91,6 +94,15 @@ class Method:
     def encode_gallery(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised gallery features ``[B, D]`` for a preprocessed batch."""
         return self.backbone.encode_image(pixels)
+
+    def prepare_gallery(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
+        """The gallery the queries are ranked against, from the encoded gallery ``features`` ``[G, D]`` (cached,
+        in the run's precision) of the images ``ids`` (gallery order); called once per evaluation set, after
+        :meth:`prepare` and before any :meth:`compose`. One L2-normalised row per image, of any width:
+        :meth:`compose` returns that width. A method that scores a gallery image by more than its image
+        feature puts it here (WeiMoCIR appends the text features of captions of each image, so that one inner
+        product weighs image and caption similarities). Default: the features unchanged."""
+        return features
 
     # -- references ------------------------------------------------------------------------------
     def reference_feature_kind(self) -> dict | None:

@@ -1,0 +1,117 @@
+"""WeiMoCIR: weighted modality fusion of raw embeddings, and weighted image and caption similarities.
+
+Scoring is one inner product in a product space: a gallery row is ``[image, caption_1, .., caption_K]`` (each
+block normalised, the row scaled to unit norm) and a query ``[(1 - beta) q_image, beta/K q_1, .., beta/K q_K]``
+(normalised), so that ``query . row`` is the official ``beta * mean_j(q_j . caption_j) + (1 - beta) q_image .
+image`` up to a positive factor per query, which leaves every ranking as it is; either retrieval backend ranks
+it, and the image features stay the shared, cached ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from cirbench.errors import CirbenchError
+from cirbench.method import Method
+from cirbench.methods._shared.textinv import RawImageReferences
+from cirbench.types import Query
+from cirbench.util import file_sha256, json_loads
+
+F = torch.nn.functional
+
+
+def fashioniq_text(texts: tuple[str, ...] | list[str]) -> str:
+    """The modification text of a query: its one caption, or FashionIQ's two as WeiMoCIR's ``validate_clip.py``
+    joins them (stripped of ``.?, ``, the first through ``str.capitalize``, forward order only)."""
+    if len(texts) == 1:
+        return texts[0]
+    c1, c2 = (t.strip(".?, ") for t in texts[:2])
+    return f"{c1.capitalize()} and {c2}"
+
+
+def read_captions(path: Path, per_image: int) -> dict[str, list[str]]:
+    """``{image id: its first per_image captions}`` from the official captions file; a one-line error for a
+    file that is missing, malformed, or gives an image fewer captions than are used."""
+    where = f"--captions {path}"
+    try:
+        data = json_loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise CirbenchError(f"{where} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CirbenchError(f"{where} cannot be read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise CirbenchError(f"{where} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, list):
+        raise CirbenchError(f"{where}: expected a list of {{\"candidate\": id, \"captions\": [...]}} records, "
+                            f"found {type(data).__name__}")
+    out: dict[str, list[str]] = {}
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or "candidate" not in item or "captions" not in item:
+            continue  # the official reader skips records without both fields
+        name, captions = item["candidate"], item["captions"]
+        if not isinstance(name, str) or not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise CirbenchError(f"{where}, record {i}: 'candidate' must be an image id and 'captions' a list of texts")
+        if len(captions) < per_image:
+            raise CirbenchError(f"{where}, record {i}: image {name!r} has {len(captions)} captions; "
+                                f"--captions-per-image is {per_image}")
+        out[name] = captions[:per_image]  # a later record of the same image wins, as in the official dict
+    return out
+
+
+class WeiMoCIR(RawImageReferences, Method):
+    """See the plugin docstring and the module docstring for the formulas and how they are ranked."""
+
+    def __init__(self, backbone, options, dataset=None):
+        super().__init__(backbone, options, dataset)
+        self.alpha = float(self.options["alpha"])
+        self.beta = float(self.options["beta"])
+        self.per_image = int(self.options.get("captions_per_image") or 3)
+        path = self.options.get("captions")
+        self.captions: dict[str, list[str]] = {}
+        self.captions_info: dict[str, str | int] | None = None
+        if self.beta > 0:
+            if not path:
+                raise CirbenchError(f"weimocir scores gallery images by their captions too (--beta {self.beta:g}): "
+                                    "pass --captions FILE (captions of the benchmark's images), or --beta 0 for the "
+                                    "image similarity alone")
+            self.captions = read_captions(Path(path).expanduser(), self.per_image)
+            self.captions_info = {"path": str(path), "sha256": file_sha256(Path(path).expanduser()),
+                                  "images": len(self.captions)}
+
+    def info(self) -> dict:
+        return {"captions": self.captions_info} if self.captions_info else {}
+
+    def _raw_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.backbone.encode_text(texts, normalize=False)
+
+    def _caption_features(self, ids: list[str], j: int) -> torch.Tensor:
+        """Raw text features of caption ``j`` of each image (the empty caption for an image the file lacks)."""
+        return self._raw_texts([self.captions[i][j] if i in self.captions else "" for i in ids])
+
+    def prepare_gallery(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
+        if self.beta == 0:
+            return features
+        blocks = [F.normalize(features.float().to(self.backbone.device), dim=-1)]
+        blocks += [F.normalize(self._caption_features(ids, j), dim=-1) for j in range(self.per_image)]
+        return F.normalize(torch.cat(blocks, dim=-1), dim=-1)
+
+    def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
+        text = self._raw_texts([fashioniq_text(q.texts) for q in queries])
+        image = references.to(text.device).float()
+        query = F.normalize((1 - self.alpha) * image + self.alpha * text, dim=-1)
+        if self.beta == 0:
+            return query
+        refs = [q.reference for q in queries]
+        parts = [(1 - self.beta) * query]
+        for j in range(self.per_image):
+            fused = F.normalize((1 - self.alpha) * self._caption_features(refs, j) + self.alpha * text, dim=-1)
+            parts.append(self.beta / self.per_image * fused)
+        return F.normalize(torch.cat(parts, dim=-1), dim=-1)
+
+    def query_details(self, query: Query) -> dict | None:
+        if self.beta == 0:
+            return None
+        return {"reference_captions": self.captions.get(query.reference, [""] * self.per_image)}

@@ -1,0 +1,145 @@
+"""WeiMoCIR against its official scoring (whats2000/WeiMoCIR src/validate_clip.py), transcribed as an oracle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import registered
+from toy_plugin import ToyPlugin
+
+from cirbench.backbones import load_backbone
+from cirbench.cli import cli
+from cirbench.encode import encode_images
+from cirbench.errors import CirbenchError
+from cirbench.evaluate import RunConfig, evaluate
+from cirbench.methods.weimocir.model import fashioniq_text
+
+
+def _cfg(tmp_path, tiny_config, toy_root, **options):
+    return RunConfig(method="weimocir", dataset="toy", split="val", backbone=str(tiny_config), pretrained="none",
+                     data_root=toy_root, output=tmp_path / "results", cache_dir=tmp_path / "cache", workers=0,
+                     progress=False, method_options=options)
+
+
+def _captions_file(tmp_path, toy_root, skip=()):
+    """Three (or, for one image, five) captions of every toy image but those in ``skip``."""
+    data = json.loads((toy_root / "queries.json").read_text())
+    rows = []
+    for i, name in enumerate(data["gallery"]):
+        if name in skip:
+            continue
+        colour = name.split("_")[1]
+        count = 5 if i == 0 else 3
+        rows.append({"candidate": name, "captions": [f"a {colour} picture, take {j}, number {i % 5}"
+                                                     for j in range(count)]})
+    rows.append({"caption": "a record without a candidate, skipped as officially"})
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(rows))
+    return path, {r["candidate"]: r["captions"] for r in rows if "candidate" in r}
+
+
+def _official(tiny_config, toy_root, captions, alpha, beta, per_image=3):
+    """The official CIRR-style scoring in float64: ``beta * mean_j(sim_j) + (1 - beta) * image_sim`` with the
+    queries fused from *raw* embeddings, each side normalised, the reference removed after sorting."""
+    from cirbench.types import ImageRef
+
+    bb = load_backbone(str(tiny_config), "none", device="cpu", precision="fp32")
+    data = json.loads((toy_root / "queries.json").read_text())
+    names = data["gallery"]
+    refs = [ImageRef(n, toy_root / "images" / n, root=toy_root) for n in names]
+    with torch.no_grad():
+        image_raw = encode_images(refs, lambda px: bb.model.encode_image(px).float(), bb.preprocessor("hf-clip"),
+                                  workers=0, progress=False).double().numpy()
+
+        def text_raw(texts):
+            return bb.model.encode_text(bb.tokenize(texts)).double().numpy()
+
+        caption_raw = [text_raw([captions[n][j] if n in captions else "" for n in names]) for j in range(per_image)]
+        queries = data["queries"]
+        mod_raw = text_raw([q["text"] for q in queries])
+
+    def normalize(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    pos = {n: i for i, n in enumerate(names)}
+    ref_idx = [pos[q["reference"]] for q in queries]
+    image_sim = normalize((1 - alpha) * image_raw[ref_idx] + alpha * mod_raw) @ normalize(image_raw).T
+    text_sims = [normalize(normalize((1 - alpha) * cap[ref_idx] + alpha * mod_raw)) @ normalize(cap).T
+                 for cap in caption_raw]
+    merged = beta * np.mean(np.stack(text_sims), axis=0) + (1 - beta) * image_sim
+    return names, queries, merged
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.8, 0.1), (0.5, 0.6), (0.3, 0.0)])
+def test_rankings_equal_the_official_scoring(tmp_path, tiny_config, toy_root, alpha, beta):
+    path, captions = _captions_file(tmp_path, toy_root, skip=("img_blue_2.png",))  # no captions: "" as officially
+    options = {"alpha": alpha, "beta": beta, "captions": str(path)}
+    with registered(ToyPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **options), reg)
+    names, queries, merged = _official(tiny_config, toy_root, captions, alpha, beta)
+    rows = {r["query"]: r for r in map(json.loads, out.predictions_path.read_text().splitlines())}
+    pos = {n: i for i, n in enumerate(names)}
+    for qi, q in enumerate(queries):
+        scores = merged[qi].copy()
+        scores[pos[q["reference"]]] = -np.inf  # removed, as the official code removes it from the sorted list
+        expected = np.sort(scores)[::-1][:10]
+        ours = np.array([scores[pos[n]] for n in rows[q["id"]]["top"]])
+        # the same images in the same order, up to float round-off among equal official scores
+        np.testing.assert_allclose(ours, expected, atol=1e-6)
+        # scores are the official ones up to a positive factor per query (the product space's normalisation)
+        ratio = np.array(rows[q["id"]]["scores"]) / ours
+        assert np.allclose(ratio, ratio[0], rtol=1e-4) and ratio[0] > 0
+    record = json.loads(out.result_path.read_text())
+    if beta:
+        assert record["method"]["info"]["captions"]["images"] == len(captions)
+        assert rows[queries[0]["id"]]["method"]["reference_captions"] == captions[queries[0]["reference"]][:3]
+    else:
+        assert record["method"]["info"] == {}  # no captions read: the file is not part of the configuration
+
+
+def test_without_captions_beta_must_be_zero(tmp_path, tiny_config, toy_root):
+    with registered(ToyPlugin(), "toy"):
+        res = CliRunner().invoke(cli, ["run", "-m", "weimocir", "-d", "toy", "--data-root", str(toy_root),
+                                       "--backbone", str(tiny_config), "--pretrained", "none", "--output",
+                                       str(tmp_path / "r"), "--no-cache", "--workers", "0", "--quiet"])
+    assert res.exit_code == 2 and "pass --captions FILE" in res.output and "--beta 0" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content, said", [
+    ("{", "is not valid JSON"),
+    ('{"candidate": "x"}', "expected a list of"),
+    ('[{"candidate": 3, "captions": ["a", "b", "c"]}]', "record 0: 'candidate' must be an image id"),
+    ('[{"candidate": "img_red_0.png", "captions": ["a", "b"]}]', "has 2 captions; --captions-per-image is 3"),
+    (None, "does not exist"),
+])
+def test_bad_captions_files_are_one_line_errors(tmp_path, tiny_config, toy_root, content, said):
+    path = tmp_path / "captions.json"
+    if content is not None:
+        path.write_text(content)
+    with registered(ToyPlugin(), "toy") as reg, pytest.raises(CirbenchError, match=said):
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, captions=str(path)), reg)
+
+
+def test_fashioniq_captions_are_one_forward_text():
+    assert fashioniq_text(("Is darker.", " has LONG sleeves ")) == "Is darker and has LONG sleeves"
+    assert fashioniq_text(("IS DARKER", "has long sleeves?")) == "Is darker and has long sleeves"
+    assert fashioniq_text(("make it red",)) == "make it red"
+
+
+def test_a_gallery_that_is_not_one_normalised_row_per_image_is_refused(tmp_path, tiny_config, toy_root,
+                                                                       monkeypatch):
+    from cirbench.methods.weimocir.model import WeiMoCIR
+
+    monkeypatch.setattr(WeiMoCIR, "prepare_gallery", lambda self, ids, feats: feats[:-1])
+    with registered(ToyPlugin(), "toy") as reg, pytest.raises(CirbenchError, match=r"method 'weimocir' \(plugin "
+                                                              r".*\): prepare_gallery returned shape \(11, \d+\), "
+                                                              r"expected \(12, \d+\) \(one row per gallery image\)"):
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, beta=0.0), reg)
+    monkeypatch.setattr(WeiMoCIR, "prepare_gallery", lambda self, ids, feats: feats * 2)
+    with registered(ToyPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="not L2-normalised"):
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, beta=0.0), reg)
