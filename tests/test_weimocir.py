@@ -37,6 +37,7 @@ def _captions_file(tmp_path, toy_root, skip=()):
         rows.append({"candidate": name, "captions": [f"a {colour} picture, take {j}, number {i % 5}"
                                                      for j in range(count)]})
     rows.append({"caption": "a record without a candidate, skipped as officially"})
+    rows.insert(0, {"candidate": rows[3]["candidate"], "captions": ["overridden by the image's later record"] * 3})
     path = tmp_path / "captions.json"
     path.write_text(json.dumps(rows))
     return path, {r["candidate"]: r["captions"] for r in rows if "candidate" in r}

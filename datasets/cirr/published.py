@@ -1,5 +1,6 @@
 """Published zero-shot numbers on CIRR test1 (R@1/5/10/50 and Rs@1/2/3), as later papers' comparison tables
-report them; not re-checked against each paper's PDF."""
+report them (not re-checked against each paper's PDF), or as a method's official repository shows its test-server
+result."""
 
 from __future__ import annotations
 
@@ -22,4 +23,7 @@ PAPER_ROWS = (
     _row("slerp-tat", "ViT-L/14", "30.94/59.40/70.94/89.18", "64.70/82.92/92.31", "Jang et al., Slerp+TAT, ECCV 2024"),
     _row("slerp (unconfirmed)", "ViT-L/14", "24.43/49.93/62.29/—", "57.71/77.59/88.80",
          "Jang et al., Slerp+TAT, ECCV 2024 (Slerp without TAT; unconfirmed)"),
+    # the test server's page for alpha 0.8, beta 0.1, as the official repository shows it (submission/CLIP-L14-01.png)
+    _row("weimocir", "ViT-L/14 (LAION-2B)", "30.94/60.867/73.084/91.614", "58.554/79.06/90.072",
+         "Wu et al., WeiMoCIR, TAAI 2024 (github.com/whats2000/WeiMoCIR, CIRR server result)"),
 )
