@@ -168,6 +168,21 @@ def json_loads(text: str | bytes) -> Any:
         raise json.JSONDecodeError("nested too deeply", doc[:100], 0) from None
 
 
+def read_json_file(path: Path | str, option: str) -> Any:
+    """The JSON file a user passed with ``option`` (e.g. ``--captions``); a one-line CirbenchError naming both
+    when it is missing, unreadable or not valid JSON."""
+    from .errors import CirbenchError
+
+    try:
+        return json_loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise CirbenchError(f"{option}: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CirbenchError(f"{option}: cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise CirbenchError(f"{option}: {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
 def json_hash(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj`` (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -16,7 +16,7 @@ from cirbench.cli import cli
 from cirbench.encode import encode_images
 from cirbench.errors import CirbenchError
 from cirbench.evaluate import RunConfig, evaluate
-from cirbench.methods.weimocir.model import fashioniq_text
+from cirbench.methods.weimocir.model import modification_text
 
 
 def _cfg(tmp_path, tiny_config, toy_root, **options):
@@ -127,9 +127,9 @@ def test_bad_captions_files_are_one_line_errors(tmp_path, tiny_config, toy_root,
 
 
 def test_fashioniq_captions_are_one_forward_text():
-    assert fashioniq_text(("Is darker.", " has LONG sleeves ")) == "Is darker and has LONG sleeves"
-    assert fashioniq_text(("IS DARKER", "has long sleeves?")) == "Is darker and has long sleeves"
-    assert fashioniq_text(("make it red",)) == "make it red"
+    assert modification_text(("Is darker.", " has LONG sleeves ")) == "Is darker and has LONG sleeves"
+    assert modification_text(("IS DARKER", "has long sleeves?")) == "Is darker and has long sleeves"
+    assert modification_text(("make it red",)) == "make it red"
 
 
 def test_a_gallery_that_is_not_one_normalised_row_per_image_is_refused(tmp_path, tiny_config, toy_root,

@@ -17,14 +17,13 @@ query keeps its own published rewrite.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from cirbench.errors import CirbenchError
 from cirbench.generation import IMPORTED, GenerationCache
 from cirbench.method import QuerySet
-from cirbench.util import json_loads
+from cirbench.util import read_json_file
 
 from .prompts import instruction_of, join_instruction
 
@@ -35,17 +34,6 @@ ID_FIELDS = ("id", "pairid")
 
 class _Mismatch(Exception):
     pass
-
-
-def _read(path: Path) -> Any:
-    try:
-        return json_loads(path.read_bytes())
-    except FileNotFoundError:
-        raise CirbenchError(f"--import-generations: {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CirbenchError(f"--import-generations: cannot read {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise CirbenchError(f"--import-generations: {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
 
 
 def _texts(value: Any, where: str) -> list[str]:
@@ -108,7 +96,7 @@ def import_generations(paths: list[Path], qs: QuerySet, image_sha: dict[str, str
         raise CirbenchError("--import-fields takes CAPTIONS,REWRITES (two field names)")
     reasons = []
     for path in paths:
-        data = _read(path)
+        data = read_json_file(path, "--import-generations")
         try:
             if isinstance(data, dict) and "modified_captions" in data:
                 rows = _cirevl_rows(data, qs, path)

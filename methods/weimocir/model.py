@@ -9,7 +9,6 @@ it, and the image features stay the shared, cached ones.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,12 +17,12 @@ from cirbench.errors import CirbenchError
 from cirbench.method import Method
 from cirbench.methods._shared.textinv import RawImageReferences
 from cirbench.types import Query
-from cirbench.util import file_sha256, json_loads
+from cirbench.util import file_sha256, read_json_file
 
 F = torch.nn.functional
 
 
-def fashioniq_text(texts: tuple[str, ...] | list[str]) -> str:
+def modification_text(texts: tuple[str, ...] | list[str]) -> str:
     """The modification text of a query: its one caption, or FashionIQ's two as WeiMoCIR's ``validate_clip.py``
     joins them (stripped of ``.?, ``, the first through ``str.capitalize``, forward order only)."""
     if len(texts) == 1:
@@ -36,14 +35,7 @@ def read_captions(path: Path, per_image: int) -> dict[str, list[str]]:
     """``{image id: its first per_image captions}`` from the official captions file; a one-line error for a
     file that is missing, malformed, or gives an image fewer captions than are used."""
     where = f"--captions {path}"
-    try:
-        data = json_loads(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise CirbenchError(f"{where} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CirbenchError(f"{where} cannot be read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise CirbenchError(f"{where} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    data = read_json_file(path, "--captions")
     if not isinstance(data, list):
         raise CirbenchError(f"{where}: expected a list of {{\"candidate\": id, \"captions\": [...]}} records, "
                             f"found {type(data).__name__}")
@@ -68,7 +60,7 @@ class WeiMoCIR(RawImageReferences, Method):
         super().__init__(backbone, options, dataset)
         self.alpha = float(self.options["alpha"])
         self.beta = float(self.options["beta"])
-        self.per_image = int(self.options.get("captions_per_image") or 3)
+        self.per_image = int(self.options["captions_per_image"])
         path = self.options.get("captions")
         self.captions: dict[str, list[str]] = {}
         self.captions_info: dict[str, str | int] | None = None
@@ -88,8 +80,10 @@ class WeiMoCIR(RawImageReferences, Method):
         return self.backbone.encode_text(texts, normalize=False)
 
     def _caption_features(self, ids: list[str], j: int) -> torch.Tensor:
-        """Raw text features of caption ``j`` of each image (the empty caption for an image the file lacks)."""
-        return self._raw_texts([self.captions[i][j] if i in self.captions else "" for i in ids])
+        """Raw text features of caption ``j`` of each image (the empty caption for an image the file lacks); not
+        memoised on the backbone (a gallery's captions, hundreds of thousands on CIRCO, would fill it)."""
+        return self.backbone.encode_text([self.captions[i][j] if i in self.captions else "" for i in ids],
+                                         memoize=False, normalize=False)
 
     def prepare_gallery(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
         if self.beta == 0:
@@ -99,7 +93,7 @@ class WeiMoCIR(RawImageReferences, Method):
         return F.normalize(torch.cat(blocks, dim=-1), dim=-1)
 
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
-        text = self._raw_texts([fashioniq_text(q.texts) for q in queries])
+        text = self._raw_texts([modification_text(q.texts) for q in queries])
         image = references.to(text.device).float()
         query = F.normalize((1 - self.alpha) * image + self.alpha * text, dim=-1)
         if self.beta == 0:
