@@ -144,6 +144,29 @@ def test_a_step_that_computes_something_else_the_second_time_is_a_one_line_error
         _step(toy, _batches(parts=2))
 
 
+@pytest.mark.parametrize("when, said", [
+    # the second run of micro-batch 0 gathers once where its first run gathered twice
+    ("second", "micro-batch 0 gathered 2 tensor\\(s\\) the first time and 1 the second"),
+    # micro-batch 1 gathers once where micro-batch 0 gathered twice
+    ("first", "micro-batches of a step gathered different numbers of tensors \\(\\[2, 1\\]\\)"),
+])
+def test_a_step_that_gathers_a_different_number_of_tensors_is_a_one_line_error(when, said):
+    toy = Toy()
+    runs = []
+
+    def uneven(batch):
+        runs.append(batch.keys[0])
+        out = toy.net(batch.pixels)
+        rows = global_batch.gather(out)
+        again = len(runs) == 1 if when == "first" else len(runs) != 3  # the 3rd run: micro-batch 0's second
+        extra = global_batch.gather(out * 2).sum() if again else 0.0
+        return rows.pow(2).mean() + extra, {}
+
+    toy.training_step = uneven
+    with pytest.raises(CirbenchError, match=said):
+        _step(toy, _batches(parts=2))
+
+
 def test_gather_is_the_identity_outside_a_step():
     rows = torch.randn(3, 2)
     assert global_batch.gather(rows) is rows
