@@ -49,6 +49,11 @@ def test_rows_are_reused_and_written_as_shards(tmp_path, files):
     assert again.stats == {"hits": 10, "misses": 0}
     shard = next((tmp_path / "c").rglob("shard-*.safetensors"))
     assert stat.S_IMODE(shard.stat().st_mode) == 0o666 & ~_umask()  # the user's umask, not 0600
+    # what the cache serves is the caller's to change: the rows it holds in memory stay as computed
+    for refs in (files, files[3:7]):  # one whole shard in order, and a selection of it
+        served = again.get_or_compute(KEY, refs, _content_features)
+        served.mul_(-1)
+        assert torch.equal(again.get_or_compute(KEY, refs, _content_features), _expected(refs))
 
 
 def test_parallel_jobs_on_one_cache_encode_a_gallery_once(tmp_path, files, capsys):
