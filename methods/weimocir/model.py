@@ -67,8 +67,9 @@ class WeiMoCIR(RawImageReferences, Method):
         if self.beta > 0:
             if not path:
                 raise CirbenchError(f"weimocir scores gallery images by their captions too (--beta {self.beta:g}): "
-                                    "pass --captions FILE (captions of the benchmark's images), or --beta 0 for the "
-                                    "image similarity alone")
+                                    "pass --captions FILE (captions of the benchmark's images; WeiMoCIR's repository "
+                                    "ships CIRR's, cirr_dataset/cirr_labeled_images_cir_cleaned.json), or --beta 0 "
+                                    "for the image similarity alone")
             self.captions = read_captions(Path(path).expanduser(), self.per_image)
             self.captions_info = {"path": str(path), "sha256": file_sha256(Path(path).expanduser()),
                                   "images": len(self.captions)}
