@@ -76,7 +76,8 @@ def _official(tiny_config, toy_root, captions, alpha, beta, per_image=3):
 
 
 @pytest.mark.parametrize("alpha, beta", [(0.8, 0.1), (0.5, 0.6), (0.3, 0.0)])
-def test_rankings_equal_the_official_scoring(tmp_path, tiny_config, toy_root, alpha, beta):
+def test_rankings_equal_the_official_scoring(tmp_path, tiny_config, toy_root, alpha, beta, monkeypatch):
+    monkeypatch.setattr("cirbench.methods.weimocir.model.CAPTION_CHUNK", 5)  # a gallery's captions in 3 chunks
     path, captions = _captions_file(tmp_path, toy_root, skip=("img_blue_2.png",))  # no captions: "" as officially
     options = {"alpha": alpha, "beta": beta, "captions": str(path)}
     with registered(ToyPlugin(), "toy") as reg:

@@ -12,14 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from cirbench.errors import CirbenchError
-from cirbench.method import Method
+from cirbench.method import Method, QuerySet
 from cirbench.methods._shared.textinv import RawImageReferences
 from cirbench.types import Query
 from cirbench.util import file_sha256, read_json_file
 
 F = torch.nn.functional
+CAPTION_CHUNK = 8192  # captions encoded between two updates of the progress bar
 
 
 def modification_text(texts: tuple[str, ...] | list[str]) -> str:
@@ -64,6 +66,7 @@ class WeiMoCIR(RawImageReferences, Method):
         path = self.options.get("captions")
         self.captions: dict[str, list[str]] = {}
         self.captions_info: dict[str, str | int] | None = None
+        self.set_name, self.progress = "gallery", True  # what prepare() says of the evaluation set
         if self.beta > 0:
             if not path:
                 raise CirbenchError(f"weimocir scores gallery images by their captions too (--beta {self.beta:g}): "
@@ -80,17 +83,27 @@ class WeiMoCIR(RawImageReferences, Method):
     def _raw_texts(self, texts: list[str]) -> torch.Tensor:
         return self.backbone.encode_text(texts, normalize=False)
 
-    def _caption_features(self, ids: list[str], j: int) -> torch.Tensor:
+    def _caption_features(self, ids: list[str], j: int, bar=None) -> torch.Tensor:
         """Raw text features of caption ``j`` of each image (the empty caption for an image the file lacks); not
         memoised on the backbone (a gallery's captions, hundreds of thousands on CIRCO, would fill it)."""
-        return self.backbone.encode_text([self.captions[i][j] if i in self.captions else "" for i in ids],
-                                         memoize=False, normalize=False)
+        texts = [self.captions[i][j] if i in self.captions else "" for i in ids]
+        out = []
+        for start in range(0, len(texts), CAPTION_CHUNK):
+            out.append(self.backbone.encode_text(texts[start : start + CAPTION_CHUNK], memoize=False, normalize=False))
+            if bar is not None:
+                bar.update(len(out[-1]))
+        return torch.cat(out) if out else self.backbone.encode_text([], normalize=False)
+
+    def prepare(self, query_set: QuerySet) -> None:
+        self.set_name, self.progress = query_set.name, query_set.progress
 
     def prepare_gallery(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
         if self.beta == 0:
             return features
         blocks = [F.normalize(features.float().to(self.backbone.device), dim=-1)]
-        blocks += [F.normalize(self._caption_features(ids, j), dim=-1) for j in range(self.per_image)]
+        with tqdm(total=len(ids) * self.per_image, desc=f"{self.set_name}: gallery captions",
+                  unit="text", disable=not self.progress, leave=False) as bar:
+            blocks += [F.normalize(self._caption_features(ids, j, bar), dim=-1) for j in range(self.per_image)]
         return F.normalize(torch.cat(blocks, dim=-1), dim=-1)
 
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
