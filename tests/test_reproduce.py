@@ -111,6 +111,12 @@ def test_reproduce_holds_the_data_and_the_rankings_to_the_record(tmp_path, tiny_
         val.write_text(json.dumps(changed))
         res = invoke("reproduce", str(val), *again)
         assert res.exit_code == 1 and f"configuration differs: {said}" in res.output, res.output
+    # a result that recorded no annotation checksums (an older cirbench's) is not refused for it, and told so
+    val.write_text(json.dumps({**record, "dataset": {**record["dataset"], "annotations": {}}}))
+    res = invoke("reproduce", str(val), *again)
+    assert res.exit_code == 0 and "environment: annotation checksums not recorded -> 1 file(s)" in res.output, \
+        res.output
+    val.write_text(json.dumps(record))
 
     hidden = json.loads(test.read_text())
     assert not hidden.get("metrics")
