@@ -320,7 +320,7 @@ class Evaluator:
         label = run_label(cfg, ctx.mspec, opts, method.label_tag() if hasattr(method, "label_tag") else None)
         record = self._record(cfg, ctx.mspec, ctx.dspec, ctx.dataset, ctx.split, method, label, opts,
                               ctx.dataset_options, ctx.backbone, ctx.preprocessor)
-        stem = ctx.writer.stem(label, ctx.backbone.slug, record["fingerprint"])
+        stem = ctx.writer.stem(label, ctx.backbone.slug, record)
         per_set, per_query, submissions, predictions = {}, {}, [], []
         counts: dict[str, Any] = {"queries": 0, "gallery": 0, "sets": {}}
         for es in ctx.evalsets:

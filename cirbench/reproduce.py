@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CirbenchError
-from .results import FINGERPRINT_FIELDS, read_predictions_of
+from .results import FINGERPRINT_FIELDS, comparable, read_predictions_of
 from .types import DatasetSpec, MethodSpec
 
 
@@ -93,14 +93,12 @@ def compare(original: dict[str, Any], original_path: Path, again: dict[str, Any]
             tolerance: float) -> Comparison:
     """``original`` (read from ``original_path``) against its reproduction ``again``."""
     out = Comparison(tolerance=tolerance)
+    recorded, reproduced = comparable(original, again)
+    if recorded is not original and (files := (again.get("dataset") or {}).get("annotations")):
+        # the result cannot say whether the files are the same: told, not counted as a difference
+        out.environment.append(("annotation checksums", "not recorded", f"{len(files)} file(s)"))
     for section in FINGERPRINT_FIELDS:
-        a, b = (_what_counts(section, record) for record in (original, again))
-        if section == "dataset" and isinstance(a, dict) and isinstance(b, dict) and not a.get("annotations"):
-            # a result that recorded no annotation checksums (an older cirbench's shapes result) cannot say whether
-            # the files are the same: told, not counted as a difference
-            if b.get("annotations"):
-                out.environment.append(("annotation checksums", "not recorded", f"{len(b['annotations'])} file(s)"))
-            a, b = {**a, "annotations": None}, {**b, "annotations": None}
+        a, b = (_what_counts(section, record) for record in (recorded, reproduced))
         out.configuration += _differences(section, a, b)
     for key in ("queries", "gallery"):
         a, b = ((record.get("counts") or {}).get(key) for record in (original, again))

@@ -136,6 +136,25 @@ def run_fingerprint(record: dict[str, Any]) -> str:
     return json_hash(core)[:12]
 
 
+def comparable(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two result records as far as they can be compared: when either recorded no annotation checksums (an older
+    cirbench's shapes result), neither's are compared."""
+    def dataset(record: dict[str, Any]) -> dict[str, Any]:
+        return part if isinstance(part := record.get("dataset"), dict) else {}
+
+    if dataset(a).get("annotations") and dataset(b).get("annotations"):
+        return a, b
+    return {**a, "dataset": {**dataset(a), "annotations": None}}, {**b, "dataset": {**dataset(b), "annotations": None}}
+
+
+def same_configuration(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two result records are of one configuration: their fingerprints, computed again from the records
+    (so a result written before the fingerprint covered what it covers now still matches), on what both record
+    (see :func:`comparable`)."""
+    a, b = comparable(a, b)
+    return run_fingerprint(a) == run_fingerprint(b)
+
+
 def write_result(path: Path, record: dict[str, Any]) -> Path:
     record = {"schema_version": SCHEMA_VERSION, **record}
     atomic_write_bytes(Path(path), (json.dumps(record, indent=2, sort_keys=False, default=str) + "\n").encode())
@@ -158,22 +177,21 @@ class ResultWriter:
         if enabled:
             ensure_writable(self.directory)
 
-    def stem(self, label: str, slug: str, fingerprint: str | None = None) -> str:
-        """``<label>__<slug>``, or ``<label>__<slug>~<fingerprint>`` when a result of another configuration
-        already holds the plain name (its fingerprint is computed again from its record, so that one written
-        before the fingerprint covered what it covers now is still recognised)."""
+    def stem(self, label: str, slug: str, record: dict[str, Any] | None = None) -> str:
+        """``<label>__<slug>``, or ``<label>__<slug>~<fingerprint>`` when a result of another configuration than
+        ``record``'s already holds the plain name (see :func:`same_configuration`)."""
         base = result_stem(label, slug)
-        if fingerprint is None:
+        if record is None:
             return base
         existing = self.directory / (base + RESULT_SUFFIX)
         if existing.exists():
             try:
                 old = json_loads(existing.read_bytes())
-                old_fp = run_fingerprint(old) if isinstance(old, dict) else None
+                same = isinstance(old, dict) and same_configuration(old, record)
             except (OSError, ValueError):
-                old_fp = None
-            if old_fp != fingerprint:
-                return f"{base}~{fingerprint[:8]}"
+                same = False
+            if not same:
+                return f"{base}~{record['fingerprint'][:8]}"
         return base
 
     def submissions_dir(self) -> Path:

@@ -411,14 +411,15 @@ def test_results_survive_a_failed_rerun(tmp_path, tiny_config, toy_root):
 
 def test_a_rerun_replaces_its_own_result_and_never_one_of_other_annotations(tmp_path, tiny_config, toy_root):
     """The fingerprint covers the annotation files' checksums: a rerun on edited annotations writes beside the
-    result of the old ones; a rerun of the same configuration replaces its own file, also one whose recorded
-    fingerprint was computed before the fingerprint covered the annotations."""
+    result of the old ones; a rerun of the same configuration replaces its own file, also one an older cirbench
+    wrote (another fingerprint recorded, no annotation checksums)."""
     results = tmp_path / "results" / "toy" / "val"
     with registered(ToyPlugin(), "toy") as reg:
         (first,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
         rec = json.loads(first.result_path.read_text())
         assert rec["dataset"]["annotations"] == {"queries.json": file_sha256(toy_root / "queries.json")}
-        rec["fingerprint"] = "0123456789ab"  # as an older cirbench recorded it
+        # as an older cirbench recorded it: another fingerprint formula, no annotation checksums
+        rec["fingerprint"], rec["dataset"]["annotations"] = "0123456789ab", {}
         first.result_path.write_text(json.dumps(rec))
         (again,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
         assert again.result_path == first.result_path and sorted(p.name for p in results.glob("*.json")) == [
