@@ -133,6 +133,12 @@ def test_filters_and_sorting_by_the_main_metric(tmp_path):
     (only,) = build_tables(tmp_path, include_paper=False, methods=["c-*"])
     assert list(only.frame.index) == ["c-mid · ViT-B-32/openai"]
     assert build_tables(tmp_path, methods=["nothing-matches"]) == []
+    # published rows are filtered too, by method and by backbone
+    (both,) = build_tables(tmp_path, methods=["c-*", "searle*"])
+    assert list(both.frame.index) == ["c-mid · ViT-B-32/openai", "searle-xl · ViT-L/14 [paper (test)]",
+                                      "searle · ViT-B/32 [paper (test)]"]
+    (small,) = build_tables(tmp_path, backbones=["*B-32*", "*B/32*"])
+    assert {r.split(" · ")[0] for r in small.frame.index if "paper" in r} == {"searle", "slerp-tat"}
 
 
 def test_confidence_intervals_are_shown_when_recorded(tmp_path):
@@ -212,6 +218,11 @@ def test_summary_puts_each_benchmarks_published_metrics_side_by_side(tmp_path):
     assert slerp["circo/test mAP@5"] == 30.0 and slerp["cirr/test1 Rs@3"] == 85.0 and slerp["precision"] == "fp32"
     assert fti["circo/test mAP@5"] == 15.05 and fti["cirr/test1 R@1"] == 25.90 and fti["source"] == "paper"
     assert frame.loc["image-only · ViT-L-14/openai"].isna()["cirr/test1 R@1"]
+    # a published row of the second benchmark alone keeps its source and backbone
+    weimocir = frame.loc["weimocir · ViT-L/14 (LAION-2B) [paper]"]
+    assert (weimocir["source"], weimocir["backbone"], weimocir["cirr/test1 R@1"]) == ("paper", "ViT-L/14 (LAION-2B)",
+                                                                                      30.94)
+    assert weimocir.isna()["circo/test mAP@5"]
     md = render_markdown([table])
     assert md.startswith("### summary") and "**30.00**" in md and "**30.94**" in md and "| 20.00 " in md
     res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path), "--summary", "--format", "latex"])
