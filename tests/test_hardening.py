@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import zipfile
 
 import pytest
@@ -170,6 +171,25 @@ def test_nan_in_a_cirbench_checkpoint_is_refused(tmp_path):
     save_checkpoint(tmp_path / "ck", {"w": torch.tensor([1.0, float("nan")])}, {"method": "m", "backbone": {}})
     with pytest.raises(CheckpointError, match="non-finite"):
         load_checkpoint(tmp_path / "ck", "m")
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda s: s.pop("1.bias"), "0 mismatched, 1 missing, 0 unexpected tensors (first: missing 1.bias)"),
+    (lambda s: s.update(extra=torch.zeros(1)), "0 mismatched, 0 missing, 1 unexpected tensors (first: unexpected "
+                                               "extra)"),
+    (lambda s: s.update({"0.weight": torch.zeros(3, 5)}), "1 mismatched, 0 missing, 0 unexpected tensors (first: "
+                                                           "0.weight (3, 5) vs (3, 4))"),
+])
+def test_weights_that_do_not_fit_the_module_name_the_first_misfit(change, said):
+    from cirbench.checkpoints import load_module_weights
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    tensors = {k: v.clone() + 1 for k, v in module.state_dict().items()}
+    load_module_weights(module, dict(tensors), "ok.pt")
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in tensors.items())
+    change(tensors)
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint bad.pt does not fit this backbone: {said}")):
+        load_module_weights(module, tensors, "bad.pt")
 
 
 def test_a_checkpoint_path_that_is_not_a_checkpoint_folder_says_why(tmp_path):
