@@ -155,6 +155,25 @@ def test_corpus_readers_count_bad_samples(tmp_path, monkeypatch):
         open_corpus(empty, pre)
 
 
+def test_tsv_corpora_and_shard_globs(tmp_path, monkeypatch):
+    """A ``.tsv`` corpus is tab-separated (its captions keep their commas, as in CC3M's); a glob of shards is read
+    in name order, whatever order the file system lists them in."""
+    import glob as globmod
+
+    from cirbench.corpora import _shard_urls
+
+    pre = Preprocessor("clip", size=8)
+    Image.new("RGB", (12, 12), COLOURS["red"]).save(tmp_path / "a.png")
+    (tmp_path / "pairs.tsv").write_text("filepath\ttitle\na.png\ta red, round thing\n")  # open_clip's columns
+    sample = open_corpus(tmp_path / "pairs.tsv", pre)[0]
+    assert sample is not None and sample["caption"] == "a red, round thing"
+    names = [str(tmp_path / f"s-{i}.tar") for i in (2, 0, 1)]
+    for name in names:
+        Path(name).write_bytes(b"")
+    monkeypatch.setattr(globmod, "glob", lambda pattern: list(names))  # the file system's own order
+    assert _shard_urls(str(tmp_path / "s-*.tar")) == sorted(names)
+
+
 def _train_args(tiny_config, corpus, out, *extra):
     return ["train", "--method", "slerp-tat", "--corpus", str(corpus), "--output", str(out), "--backbone",
             str(tiny_config), "--pretrained", "none", "--batch-size", "8", "--workers", "0", "--quiet",
