@@ -132,6 +132,29 @@ def test_misspelled_hook_is_reported(fake_entry_points):
         plugins.get_registry(third_party=True)
 
 
+def test_a_plugin_refused_for_an_unknown_hook_registers_nothing(fake_entry_points):
+    """Its valid hooks are not called either, and it is not left registered, where it would fail the check of every
+    plugin loaded after it."""
+    fake_entry_points("halfplugin", MISSPELLED + GOOD.replace("good-method", "half-method"))
+    fake_entry_points("goodplugin", GOOD)
+    with pytest.warns(plugins.PluginWarning, match="plugin 'halfplugin' implements an unknown hook"):
+        reg = plugins.get_registry(third_party=True)
+    assert "half-method" not in reg.methods and reg.methods["good-method"].plugin == "goodplugin"
+    assert set(reg.failed) == {"halfplugin"}  # no plugin loaded after it is blamed for its hook
+
+
+def test_ctrl_c_in_a_plugins_hook_stops_the_command_rather_than_the_plugin():
+    class Interrupted:
+        @hookimpl
+        def register_methods(self, register):
+            raise KeyboardInterrupt
+
+    reg = plugins.get_registry()
+    with pytest.raises(KeyboardInterrupt):
+        reg.register_plugin(Interrupted(), name="interrupted")
+    plugins.reset_registry()
+
+
 def test_load_plugins_env_selects_third_party_plugins(fake_entry_points, monkeypatch):
     fake_entry_points("goodplugin", GOOD)
     monkeypatch.setenv("CIRBENCH_LOAD_PLUGINS", "")
