@@ -93,14 +93,19 @@ def probe(data: bytes, name: str) -> tuple[str, str, int, int]:
         raise ImageError(f"corrupt or unreadable image {name}: {type(exc).__name__}: {exc}") from None
 
 
-def open_pil(data: bytes, name: str, max_pixels: int):
-    """A fully loaded PIL image, refused before decoding if its header declares more than ``max_pixels``."""
-    from PIL import Image
-
+def refuse_over_limit(data: bytes, name: str, max_pixels: int) -> None:
+    """ImageError if the header of ``data`` declares more than ``max_pixels`` pixels (nothing is decoded)."""
     _, _, width, height = probe(data, name)
     if width * height > max_pixels:
         raise ImageError(f"image {name} declares {width}x{height} pixels, over the pixel limit of {max_pixels:,} "
                          "(--max-image-pixels)")
+
+
+def open_pil(data: bytes, name: str, max_pixels: int):
+    """A fully loaded PIL image, refused before decoding if its header declares more than ``max_pixels``."""
+    from PIL import Image
+
+    refuse_over_limit(data, name, max_pixels)
     try:
         im = Image.open(io.BytesIO(data))
         im.load()
@@ -199,10 +204,7 @@ def decode_bytes(data: bytes | torch.Tensor, name: str = "<bytes>", max_pixels: 
         raise ImageError(f"image {name} is empty (0 bytes)")
     raw = buf.numpy().tobytes()
     if max_pixels is not None:
-        _, _, width, height = probe(raw, name)
-        if width * height > max_pixels:
-            raise ImageError(f"image {name} declares {width}x{height} pixels, over the pixel limit of "
-                             f"{max_pixels:,} (--max-image-pixels)")
+        refuse_over_limit(raw, name, max_pixels)
     decoder = tensor_decoder()
     if decoder is not None:
         try:

@@ -135,13 +135,22 @@ def test_decoder_falls_back_and_names_the_file(image_files, tmp_path):
 
 @pytest.mark.parametrize("size", [(40000, 40000), (30000, 1)])
 def test_pixel_bombs_are_refused_before_decoding(tmp_path, size):
-    """A tiny PNG whose header declares a huge (or extremely thin) image: refused from the header alone."""
+    """A tiny PNG whose header declares a huge (or extremely thin) image: refused from the header alone, on
+    every path an image is read by (the batched decoder, the reader processes, the PIL path of a view)."""
+    from cirbench.images import load_image
+
     path = tmp_path / "bomb.png"
     Image.new("1", size).save(path, optimize=True)
     assert path.stat().st_size < 200_000
-    with pytest.raises(ImageError, match="pixel limit"):
-        encode_images([ImageRef("b", path)], _pixels, Preprocessor("clip", 24, max_pixels=10_000_000),
-                      batch_size=1, workers=0, progress=False, path="batched")
+    for encode_path in ("batched", "workers"):
+        with pytest.raises(ImageError, match="pixel limit"):
+            encode_images([ImageRef("b", path)], _pixels, Preprocessor("clip", 24, max_pixels=10_000_000),
+                          batch_size=1, workers=0, progress=False, path=encode_path)
+    small = tmp_path / "small.png"  # the PIL path checks the declared pixels against the limit given
+    Image.new("RGB", (300, 200)).save(small)
+    with pytest.raises(ImageError, match="declares 300x200 pixels, over the pixel limit of 59,999"):
+        load_image(ImageRef("s", small), max_pixels=59_999)
+    assert load_image(ImageRef("s", small), max_pixels=60_000).size == (300, 200)
 
 
 def test_failure_part_way_keeps_finished_chunks(image_files, tmp_path):

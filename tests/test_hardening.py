@@ -353,3 +353,27 @@ def test_errors_raised_in_reader_processes_are_one_line_errors(item, message):
         assert res.exit_code == (1 if item == 2 else 2) and res.output.strip() == message, res.output
     finally:
         cli.commands.pop("reader-test", None)
+
+
+def test_image_files_that_are_empty_or_lead_to_a_look_alike_folder_are_refused(tmp_path):
+    """A sibling folder whose name starts with the data root's (``data`` and ``data-old``) is outside it."""
+    from cirbench.errors import ImageError
+    from cirbench.images import read_image_bytes
+    from cirbench.types import ImageRef
+
+    root, twin = tmp_path / "data", tmp_path / "data-old"
+    (root / "img").mkdir(parents=True)
+    twin.mkdir()
+    (twin / "a.png").write_bytes(b"\x89PNG from elsewhere")
+    (root / "inside.png").write_bytes(b"\x89PNG inside")
+    (root / "img" / "empty.png").write_bytes(b"")
+    (root / "img" / "linked.png").symlink_to(twin / "a.png")
+    (root / "img" / "ok.png").symlink_to(root / "inside.png")
+    (root / "twin").symlink_to(twin)
+    assert read_image_bytes(ImageRef("ok", root / "img" / "ok.png", root=root)) == b"\x89PNG inside"
+    with pytest.raises(ImageError, match=r"empty\.png is empty \(0 bytes\)"):
+        read_image_bytes(ImageRef("empty", root / "img" / "empty.png", root=root))
+    with pytest.raises(ImageError, match="is a link that leads outside the data root"):
+        read_image_bytes(ImageRef("linked", root / "img" / "linked.png", root=root))
+    with pytest.raises(ImageError, match="is in a folder that links outside the data root"):
+        read_image_bytes(ImageRef("twin", root / "twin" / "a.png", root=root))
