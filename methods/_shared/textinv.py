@@ -52,8 +52,9 @@ def nt_xent(v1: torch.Tensor, v2: torch.Tensor, temperature: float) -> torch.Ten
     """The contrastive loss SEARLE and FTI4CIR train with (their ``utils.contrastive_loss``, after PALAVRA's NT-Xent):
     over the 2B normalised rows of ``v1`` and ``v2``, ``-mean log(exp(s_ii'/t) / sum_{j != i} exp(s_ij/t))``, where
     i' is row i's partner in the other set (intra- and cross-modal negatives; the positive pair is in the
-    denominator too). Computed with log-sum-exp (the same value, without overflow at low temperatures). Under
-    torchrun the rows of every rank are gathered with gradients (the global batch)."""
+    denominator too). Computed with log-sum-exp (the same value, without overflow at low temperatures). The rows
+    of every rank (with gradients) and of every micro-batch of an accumulated step are gathered
+    (:func:`cirbench.global_batch.gather`: the global batch)."""
     v1 = global_batch.gather(F.normalize(v1.float(), dim=1))
     v2 = global_batch.gather(F.normalize(v2.float(), dim=1))
     positive = (v1 * v2).sum(dim=1) / temperature

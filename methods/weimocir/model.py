@@ -36,7 +36,7 @@ def modification_text(texts: tuple[str, ...] | list[str]) -> str:
 def read_captions(path: Path, per_image: int) -> dict[str, list[str]]:
     """``{image id: its first per_image captions}`` from the official captions file; a one-line error for a
     file that is missing, malformed, or gives an image fewer captions than are used."""
-    where = f"--captions {path}"
+    where = f"--captions: {path}"
     data = read_json_file(path, "--captions")
     if not isinstance(data, list):
         raise CirbenchError(f"{where}: expected a list of {{\"candidate\": id, \"captions\": [...]}} records, "

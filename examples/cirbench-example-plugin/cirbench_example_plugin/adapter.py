@@ -32,9 +32,9 @@ def build_adapter(width: int) -> torch.nn.Linear:
 
 
 def raw_text(backbone, texts: list[str]) -> torch.Tensor:
-    """CLIP text features before normalisation (the frozen backbone: no gradients)."""
-    with torch.no_grad(), backbone.autocast():
-        return backbone.model.encode_text(backbone.tokenize(texts)).float()
+    """CLIP text features before normalisation (the frozen backbone: no gradients; a corpus's captions, met once,
+    are not memoised on it)."""
+    return backbone.encode_text(texts, memoize=False, normalize=False)
 
 
 class TextAdapterTrainable(NetTrainable):
