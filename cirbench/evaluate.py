@@ -403,7 +403,8 @@ class Evaluator:
         blind = [dataclasses.replace(q, targets=(), candidates=None) for q in es.queries]  # what a method sees
         # before any encoding: what a method fetches or generates per query set (captions, rewrites) fails fast
         method.prepare(QuerySet(ctx.dspec.name, ctx.split, es.name, blind, {r.id: r for r in refs},
-                                Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.progress))
+                                Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.progress,
+                                {g.id: g for g in es.gallery}))
         gkey = self._feature_key(backbone, preprocessor, method.gallery_feature_kind())
         gallery = self._features(cache, gkey, es.gallery, method.encode_gallery, preprocessor, f"{es.name}: gallery")
         prepared_gallery = method.prepare_gallery([g.id for g in es.gallery], gallery)

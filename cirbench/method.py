@@ -23,9 +23,9 @@ A method subclasses :class:`Method` and registers a :class:`~cirbench.types.Meth
    the whole query set against the gallery, as LDRE does on CIRCO, does it there), and ranks the returned
    (normalised) query features against the gallery.
 
-A method never sees a dataset's metrics, targets or gallery files; it knows the dataset's name (for
-per-dataset defaults), the queries' texts, their reference images and (in :meth:`prepare_gallery` and
-:meth:`finalize_queries`) the gallery's features, and the gallery images' ids.
+A method never sees a dataset's metrics, targets or annotation files; it knows the dataset's name (for
+per-dataset defaults), the queries' texts, their reference images, the gallery's images (in :meth:`prepare`)
+and (in :meth:`prepare_gallery` and :meth:`finalize_queries`) the gallery's features, and the gallery images' ids.
 
 The backbone a method gets is shared: by the other methods and benchmarks of a ``cirbench run`` and, in
 training, by the training itself. Never change it in place (weights, hooks left behind, merged adapters):
@@ -34,7 +34,7 @@ copy what the method adapts, as Slerp+TAT copies the image tower.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,9 @@ from .types import ImageRef, Query
 @dataclass
 class QuerySet:
     """What :meth:`Method.prepare` sees of an evaluation set: its queries with targets and candidate subsets
-    removed, their reference images by id, where the run caches things, and whether to show progress."""
+    removed, their reference images by id, where the run caches things, whether to show progress, and the
+    gallery's images by id (the database a method may index, as WeiMoCIR captions each of its images; which
+    of them answers which query is never said)."""
 
     dataset: str
     split: str
@@ -56,6 +58,7 @@ class QuerySet:
     references: dict[str, ImageRef]
     cache_dir: Path | None = None
     progress: bool = True
+    gallery: dict[str, ImageRef] = field(default_factory=dict)
 
 
 class Method:

@@ -21,9 +21,9 @@ any model, and ``--import-generations FILE`` reads the texts CIReVL, LDRE or SEI
 the authors' prompt as a file (``--prompt prompt.txt``) for their exact wording.
 """
 
+from cirbench.generation.options import captioner_options, generation_options
 from cirbench.hookspecs import hookimpl
 from cirbench.types import MethodSpec, OptionSpec
-from cirbench.util import SEED_MAX
 
 CIREVL_CAPTION_PROMPT = ("Describe the image in complete detail. You must especially focus on all the objects in "
                          "the image")  # CIReVL's prompts.blip_prompt
@@ -34,9 +34,7 @@ LDRE_CAPTION_PROMPT = "a photo of"
 def _options(captioner: str, caption_prompt: str, captions: int, temperature: float, caption_per: str,
              max_tokens: int, stop: str, extra=()) -> tuple:
     return (
-        OptionSpec("captioner", "Image captioner: hf:PATH_OR_REPO (a transformers image-to-text model).", "str",
-                   captioner),
-        OptionSpec("caption_prompt", "Prompt given to the captioner ('' for plain captioning).", "str", caption_prompt),
+        *captioner_options(captioner, caption_prompt),
         OptionSpec("captions", "Captions per reference image (each rewritten; several are sampled).", "int", captions,
                    minimum=1, maximum=64),
         OptionSpec("caption_per", "query: caption each query's reference apart, so that queries of one image get "
@@ -56,14 +54,7 @@ def _options(captioner: str, caption_prompt: str, captions: int, temperature: fl
                    minimum=0, maximum=32_768),
         OptionSpec("stop", "Text that ends the answer (\\n for a newline), several as a JSON list, '' for none "
                    "(CIReVL's code stops at a blank line or <|endoftext|>, LDRE's at none).", "str", stop),
-        OptionSpec("sampling_seed", "Seed for sampled captions and answers.", "int", 0, minimum=0, maximum=SEED_MAX),
-        OptionSpec("generation_precision", "Weights dtype of the local (hf:) captioner and language model: fp32, "
-                   "or bf16/fp16 for half the GPU memory (LAVIS, which CIReVL and LDRE used, runs BLIP-2's FlanT5 in "
-                   "bf16 and its OPT in fp16). Recorded with every generated text.", "str", "fp32",
-                   choices=("fp32", "bf16", "fp16")),
-        OptionSpec("generation", "auto: use recorded generations, generate the rest; replay: recorded only (no "
-                   "model is loaded); refresh: generate everything again.", "str", "auto",
-                   choices=("auto", "replay", "refresh")),
+        *generation_options("captioner and language model", "captions and answers"),
         OptionSpec("import_generations", "Published generations to record first (CIReVL mods JSON, LDRE/SEIZE "
                    "annotation JSON); several files separated by commas.", "str", None),
         OptionSpec("import_fields", "Record fields holding captions and rewrites in LDRE/SEIZE files.", "str",

@@ -23,25 +23,22 @@ with ``a``/``b`` the cosine similarities of the two (the semantic editing increm
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from cirbench import distributed
-from cirbench.errors import CirbenchError, ImageError
+from cirbench.errors import CirbenchError
 from cirbench.generation import IMPORTED, GenerationCache, ReplayMiss
 from cirbench.generation.hf import free_memory
-from cirbench.images import load_image, read_image_bytes
+from cirbench.generation.images import caption_missing, caption_request, generate_once, image_digests, resumable, say
 from cirbench.method import Method, QuerySet
 from cirbench.types import Query
-from cirbench.util import default_cache_dir, json_hash, json_loads, making, one_line, sha256_bytes
+from cirbench.util import default_cache_dir, json_loads
 
 from .importers import import_generations
 from .prompts import Prompt, instruction_of, load_prompt
@@ -65,9 +62,8 @@ class CaptionRewrite(Method):
         self.prompt: Prompt = load_prompt(str(o.get("prompt") or "builtin"))
         self.mode = str(o.get("generation") or "auto")
         self.caption_per = str(o.get("caption_per") or "image")
-        self.caption_request: dict[str, Any] = {"task": "caption", "model": str(o["captioner"]),
-                                                "prompt": sha256_bytes(str(o.get("caption_prompt") or "").encode()),
-                                                "params": self._caption_params()}
+        self.caption_request = caption_request(str(o["captioner"]), str(o.get("caption_prompt") or ""), self.n,
+                                               int(o.get("sampling_seed") or 0), self._precision())
         self.rewrite_request: dict[str, Any] = {"task": "rewrite", "model": str(o["llm"]),
                                                 "prompt": self.prompt.identity, "params": self._llm_params()}
         self.texts: dict[str, dict[str, Any]] = {}  # query id -> captions, answers, rewrites, fallbacks
@@ -76,12 +72,6 @@ class CaptionRewrite(Method):
     # -- identity -------------------------------------------------------------------------------------
     def _precision(self) -> str:
         return str(self.options.get("generation_precision") or "fp32")
-
-    def _caption_params(self) -> dict[str, Any]:
-        return {"n": self.n, "num_beams": 5, "max_new_tokens": 30,
-                "sampling": {"top_p": 0.9, "top_k": 50, "seed": int(self.options.get("sampling_seed") or 0)}
-                if self.n > 1 else None,
-                "precision": self._precision()}
 
     def _llm_params(self) -> dict[str, Any]:
         """What the language model is asked with (every value is part of the rewrites' cache key)."""
@@ -127,29 +117,18 @@ class CaptionRewrite(Method):
         return (qs.cache_dir or default_cache_dir()) / "generations"
 
     def prepare(self, query_set: QuerySet) -> None:
-        if distributed.world_size() > 1 and not distributed.is_main():
-            distributed.long_barrier()  # rank 0 generates what is missing; the others replay what it recorded
-            self._prepare(query_set, GenerationCache(self._cache_folder(query_set), "replay"))
-            return
-        with self._generation_turn(query_set):
-            self._prepare(query_set, GenerationCache(self._cache_folder(query_set), self.mode))  # read in turn
-        if distributed.world_size() > 1:
-            distributed.long_barrier()
-
-    def _generation_turn(self, qs: QuerySet):
-        """Jobs on one cache that would generate the same texts (a job array sweeping CLIP backbones for one LLM
-        method, say) take turns: the first generates, the others wait, then read its texts from the cache, so no
-        text is paid for twice. Jobs that would generate other texts never wait on each other."""
-        if self.mode == "replay":
-            return contextlib.nullcontext()
-        same = json_hash({"caption": self.caption_request, "rewrite": self.rewrite_request, "per": self.caption_per,
-                          "set": [qs.dataset, qs.split, qs.name], "queries": [(q.id, q.reference) for q in qs.queries]})
-        return making(self._cache_folder(qs) / f"turn-{same[:24]}", waiting=(
-            f"{qs.name}: waiting for another process that is generating the same captions and rewrites; "
-            "its texts will be used"))
+        """Generate what is missing, once: the first of the jobs (or torchrun ranks) that would make the same
+        captions and rewrites makes them, the others wait and read them (see :func:`generate_once`)."""
+        qs = query_set
+        same = {"caption": self.caption_request, "rewrite": self.rewrite_request, "per": self.caption_per,
+                "set": [qs.dataset, qs.split, qs.name], "queries": [(q.id, q.reference) for q in qs.queries]}
+        generate_once(self._cache_folder(qs), self.mode, same,
+                      f"{qs.name}: waiting for another process that is generating the same captions and rewrites; "
+                      "its texts will be used", lambda cache: self._prepare(qs, cache))
 
     def _prepare(self, qs: QuerySet, cache: GenerationCache) -> None:
-        image_sha = {rid: _image_sha256(ref) for rid, ref in qs.references.items()}
+        image_sha = dict(zip(qs.references, image_digests(list(qs.references.values()), qs.name, qs.progress),
+                             strict=True))
         imports = [p for p in str(self.options.get("import_generations") or "").split(",") if p.strip()]
         if imports:
             if self.prompt.user is not None:
@@ -196,28 +175,12 @@ class CaptionRewrite(Method):
                 out.update(dict.fromkeys(qids, hit))
             else:
                 todo.append((unit, rid, key, qids))
-        if todo:
-            _, rid, _, qids = todo[0]
-            cache.require_live(f"query {qids[0]} (caption of reference image {rid} by "
-                               f"{self.caption_request['model']}; {len(todo)} {unit_name} "
-                               "in all)")
-            self._say(qs, f"loading the captioner {self.caption_request['model']} ({self._precision()}) for "
-                          f"{len(todo)} {unit_name}")
-            captioner = self._build_captioner()
-            batch = 8
-            with _resumable(cache, len(todo), f"{unit_name}' captions") as made:
-                for start in tqdm(range(0, len(todo), batch), desc=f"{qs.name}: captioning", unit="batch",
-                                  disable=not qs.progress, leave=False):
-                    chunk = todo[start : start + batch]
-                    images = [_load_image(qs.references[rid]) for _, rid, _, _ in chunk]
-                    # seeded by the batch's first unit: two queries of one image never share their draws
-                    captions = captioner.caption(images, salt=chunk[0][0])
-                    for (_, _, key, qids), caps in zip(chunk, captions, strict=True):
-                        cache.put(key, caps, captioner.source())
-                        out.update(dict.fromkeys(qids, caps))
-                        made[0] += 1
-            del captioner
-            free_memory()  # before the language model loads: both at once may not fit a GPU
+        made = caption_missing([(unit, qs.references[rid], key) for unit, rid, key, _ in todo], cache,
+                               self._build_captioner, model=self.caption_request["model"], precision=self._precision(),
+                               name=qs.name, progress=qs.progress, unit_name=unit_name,
+                               first=f"query {todo[0][3][0]}" if todo else "", role="reference image")
+        for unit, _, _, qids in todo:
+            out.update(dict.fromkeys(qids, made[unit]))
         return out
 
     def _rewrites(self, qs: QuerySet, cache: GenerationCache, captions: dict[str, list[str]]) -> None:
@@ -241,10 +204,11 @@ class CaptionRewrite(Method):
                                f"prompt {self.prompt.identity[:19]}; {len(missing)} rewrites in all)")
             model = self.rewrite_request["model"]
             if model.startswith("hf:"):
-                self._say(qs, f"loading the language model {model} ({self._precision()}) for {len(missing)} rewrites")
+                say(qs.name, qs.progress,
+                    f"loading the language model {model} ({self._precision()}) for {len(missing)} rewrites")
             llm = self._build_llm()
             pairs, batch = list(missing), self.rewrite_batch
-            with _resumable(cache, len(pairs), "rewrites") as made:
+            with resumable(cache, len(pairs), "rewrites") as made:
                 for start in tqdm(range(0, len(pairs), batch), desc=f"{qs.name}: rewriting", unit="batch",
                                   disable=not qs.progress, leave=False):
                     chunk = pairs[start : start + batch]
@@ -267,12 +231,6 @@ class CaptionRewrite(Method):
             self.stats["fallback_to_instruction"] += fallbacks
             self.texts[q.id] = {"captions": caps, "rewrites": [t for t, _ in parsed], "fallbacks": fallbacks}
 
-    @staticmethod
-    def _say(qs: QuerySet, message: str) -> None:
-        """One line before a step that shows no bar of its own for a while (loading a model of many GB)."""
-        if qs.progress and distributed.is_main():
-            tqdm.write(f"{qs.name}: {message}")
-
     def _build_captioner(self):
         """The captioner, loaded for one evaluation set's missing captions and dropped after them."""
         from cirbench.generation.captioner import build_captioner
@@ -292,8 +250,8 @@ class CaptionRewrite(Method):
 
     # -- retrieval ----------------------------------------------------------------------------------------
     def _raw_text(self, texts: list[str]) -> torch.Tensor:
-        with torch.no_grad(), self.backbone.autocast():
-            return self.backbone.model.encode_text(self.backbone.tokenize(texts)).float()
+        """Raw text features, in batches, not memoised (rewrites are met once)."""
+        return self.backbone.encode_text(texts, memoize=False, normalize=False)
 
     def _ensemble(self, groups: list[list[str]]) -> torch.Tensor:
         """Normalised mean of the raw text features of each group."""
@@ -413,15 +371,6 @@ class SEIZE(CaptionRewrite):
     query_vectors = 2
 
 
-def _image_sha256(ref) -> str:
-    """What the captioner sees: the file's bytes, and the view of it when the benchmark takes one."""
-    try:
-        digest = sha256_bytes(read_image_bytes(ref))
-    except ImageError as exc:
-        raise CirbenchError(str(exc)) from None
-    return digest if ref.view is None else f"{digest}|view:{ref.view.key}"
-
-
 def parse_stops(text: str) -> list[str]:
     """``--stop`` as typed on a command line: one text, where ``\\n`` and ``\\t`` stand for a newline and a
     tab, or several as a JSON list (``["\\n\\n", "<|endoftext|>"]``, CIReVL's two); '' for none."""
@@ -435,24 +384,6 @@ def parse_stops(text: str) -> list[str]:
         return [s for s in stops if s]
     text = re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
     return [text] if text else []
-
-
-@contextlib.contextmanager
-def _resumable(cache: GenerationCache, total: int, what: str) -> Iterator[list[int]]:
-    """Count what a generation loop records (``made[0]``); an error that stops it midway says that those texts
-    are kept and that running again goes on from there."""
-    made = [0]
-    try:
-        yield made
-    except CirbenchError as exc:
-        if not made[0]:
-            raise
-        raise CirbenchError(f"{one_line(exc)} ({made[0]} of the {total} {what} are recorded in {cache.path}: "
-                            "running again goes on from there)", exit_code=exc.exit_code) from None
-
-
-def _load_image(ref):
-    return load_image(ref).convert("RGB")
 
 
 __all__ = ["CIReVL", "LDRE", "SEIZE", "CaptionRewrite", "adaptive_weights", "instruction_of", "ReplayMiss"]

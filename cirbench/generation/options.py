@@ -1,0 +1,32 @@
+"""The options every method that generates text with local or remote models declares the same way.
+
+Imported when plugins register (``cirbench --help``, ``cirbench methods``): nothing heavy here.
+"""
+
+from __future__ import annotations
+
+from ..types import OptionSpec
+from ..util import SEED_MAX
+from .cache import GENERATION_MODES
+
+
+def captioner_options(captioner: str | None, caption_prompt: str, when: str = "") -> tuple[OptionSpec, OptionSpec]:
+    """``--captioner`` (default ``captioner``; ``when`` says when it is used) and ``--caption-prompt``."""
+    return (
+        OptionSpec("captioner", f"Image captioner: hf:PATH_OR_REPO (a transformers image-to-text model){when}.", "str",
+                   captioner),
+        OptionSpec("caption_prompt", "Prompt given to the captioner ('' for plain captioning).", "str", caption_prompt),
+    )
+
+
+def generation_options(models: str, sampled: str) -> tuple[OptionSpec, OptionSpec, OptionSpec]:
+    """``--sampling-seed``, ``--generation-precision`` and ``--generation`` of a method whose local models are
+    ``models`` ("captioner", "captioner and language model") and whose sampled texts are ``sampled``."""
+    return (
+        OptionSpec("sampling_seed", f"Seed for sampled {sampled}.", "int", 0, minimum=0, maximum=SEED_MAX),
+        OptionSpec("generation_precision", f"Weights dtype of the local (hf:) {models}: fp32, or bf16/fp16 for half "
+                   "the GPU memory (LAVIS, which CIReVL and LDRE used, runs BLIP-2's FlanT5 in bf16 and its OPT in "
+                   "fp16). Recorded with every generated text.", "str", "fp32", choices=("fp32", "bf16", "fp16")),
+        OptionSpec("generation", "auto: use recorded generations, generate the rest; replay: recorded only (no "
+                   "model is loaded); refresh: generate everything again.", "str", "auto", choices=GENERATION_MODES),
+    )
