@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -16,6 +17,7 @@ from cirbench.cli import cli
 from cirbench.encode import encode_images
 from cirbench.errors import CirbenchError
 from cirbench.evaluate import RunConfig, evaluate
+from cirbench.generation import ReplayMiss
 from cirbench.methods.weimocir.model import modification_text
 
 
@@ -109,6 +111,7 @@ def test_without_captions_beta_must_be_zero(tmp_path, tiny_config, toy_root):
                                        "--backbone", str(tiny_config), "--pretrained", "none", "--output",
                                        str(tmp_path / "r"), "--no-cache", "--workers", "0", "--quiet"])
     assert res.exit_code == 2 and "pass --captions FILE" in res.output and "--beta 0" in res.output, res.output
+    assert "--captioner hf:MODEL" in res.output
     assert len(res.output.strip().splitlines()) == 1
 
 
@@ -145,3 +148,92 @@ def test_a_gallery_that_is_not_one_normalised_row_per_image_is_refused(tmp_path,
     monkeypatch.setattr(WeiMoCIR, "prepare_gallery", lambda self, ids, feats: feats * 2)
     with registered(ToyPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="not L2-normalised"):
         evaluate(_cfg(tmp_path, tiny_config, toy_root, beta=0.0), reg)
+
+
+@pytest.fixture(scope="module")
+def blip2(tmp_path_factory):
+    from generation_models import write_tiny_blip2
+
+    return write_tiny_blip2(tmp_path_factory.mktemp("blip2"))
+
+
+def _generated_captions(cache_dir, toy_root):
+    """{toy image: captions} as recorded in the generation cache, found by each image's content digest."""
+    from cirbench.generation.images import image_digest
+    from cirbench.types import ImageRef
+
+    by_digest = {}
+    for line in (cache_dir / "generations" / "generations.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        by_digest[entry["request"]["image"]] = (entry["request"], entry["outputs"])
+    names = json.loads((toy_root / "queries.json").read_text())["gallery"]
+    found = {n: by_digest.get(image_digest(ImageRef(n, toy_root / "images" / n, root=toy_root))) for n in names}
+    return {n: v for n, v in found.items() if v is not None}
+
+
+def test_a_captioner_writes_the_captions_then_a_replay_reads_them(tmp_path, tiny_config, toy_root, blip2,
+                                                                   monkeypatch):
+    """--captioner captions every gallery image once (sampled, captions_per_image each), records them in the
+    generation cache, and ranks exactly as the official scoring does with those captions; a replay run on a
+    machine without the captioner ranks the same, loading no model; a missing one fails before encoding."""
+    options = {"alpha": 0.6, "beta": 0.5, "captioner": f"hf:{blip2}", "captions_per_image": 2, "sampling_seed": 3}
+    with registered(ToyPlugin(), "toy") as reg:
+        (live,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **options), reg)
+    recorded = _generated_captions(tmp_path / "cache", toy_root)
+    names = json.loads((toy_root / "queries.json").read_text())["gallery"]
+    assert sorted(recorded) == sorted(names)  # every gallery image, each once
+    request, _ = recorded[names[0]]
+    assert request["model"] == f"hf:{blip2}" and request["params"]["n"] == 2
+    assert request["params"]["sampling"]["seed"] == 3  # several captions are sampled, with the seed asked for
+    captions = {n: outputs for n, (_, outputs) in recorded.items()}
+    assert all(len(c) == 2 for c in captions.values())
+    summary = live.record["method"]["summary"]
+    assert summary["generations"] == {"cached": 0, "generated": len(names)}
+    assert summary["captioned_images"] == len(names)
+    assert live.record["method"]["info"]["captioner"] == f"hf:{blip2}"
+
+    def tops(result):
+        return {r["query"]: r["top"] for r in map(json.loads, result.predictions_path.read_text().splitlines())}
+
+    # the official scoring with the recorded captions ranks as the run did
+    _, queries, merged = _official(tiny_config, toy_root, captions, 0.6, 0.5, per_image=2)
+    pos = {n: i for i, n in enumerate(names)}
+    ours = tops(live)
+    for qi, q in enumerate(queries):
+        scores = merged[qi].copy()
+        scores[pos[q["reference"]]] = -np.inf
+        np.testing.assert_allclose([scores[pos[n]] for n in ours[q["id"]]], np.sort(scores)[::-1][:10], atol=1e-6)
+
+    from cirbench.generation import captioner
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a replay run loaded a model")
+
+    monkeypatch.setattr(captioner, "build_captioner", no_model)
+    replay = {**options, "generation": "replay"}
+    with registered(ToyPlugin(), "toy") as reg:
+        (again,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **replay), reg)
+    assert tops(again) == ours
+    assert again.record["method"]["summary"]["generations"] == {"cached": len(names), "generated": 0}
+    assert again.record["method"]["summary"]["captions_sha256"] == summary["captions_sha256"]
+    # another seed was never captioned: the replay names an image and fails before the gallery is encoded
+    fresh = dataclasses.replace(_cfg(tmp_path, tiny_config, toy_root, **{**replay, "sampling_seed": 4}),
+                                cache_dir=tmp_path / "fresh-cache")
+    (tmp_path / "fresh-cache" / "generations").mkdir(parents=True)
+    (tmp_path / "fresh-cache" / "generations" / "generations.jsonl").write_text(
+        (tmp_path / "cache" / "generations" / "generations.jsonl").read_text())
+    with registered(ToyPlugin(), "toy") as reg, pytest.raises(ReplayMiss, match=r"caption of image img_\w+\.png by "
+                                                              rf"hf:{blip2}; {len(names)} images in all"):
+        evaluate(fresh, reg)
+    assert not list((tmp_path / "fresh-cache").glob("features/*/shard-*.safetensors"))
+
+
+def test_captions_come_from_a_file_or_a_captioner_not_both(tmp_path, tiny_config, toy_root):
+    path, _ = _captions_file(tmp_path, toy_root)
+    with registered(ToyPlugin(), "toy"):
+        res = CliRunner().invoke(cli, ["run", "-m", "weimocir", "-d", "toy", "--data-root", str(toy_root),
+                                       "--backbone", str(tiny_config), "--pretrained", "none", "--output",
+                                       str(tmp_path / "r"), "--no-cache", "--workers", "0", "--quiet",
+                                       "--captions", str(path), "--captioner", "hf:some/model"])
+    assert res.exit_code == 2 and "--captions FILE or --captioner MODEL, not both" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -8,8 +8,15 @@ its image feature and by the captions a multimodal LLM wrote of it (``--captions
 is ``normalize((1 - alpha) * caption_j(reference) + alpha * text)`` against ``caption_j(gallery image)``, and the
 score is ``beta * mean_j(caption similarity) + (1 - beta) * image similarity``. An image the file lacks has the
 empty caption, as officially. FashionIQ's two captions are one text, ``"{c1, capitalised} and {c2}"``.
+
+Where no captions file exists (CIRCO, or the FashionIQ file that the repository keeps in Git LFS),
+``--captioner hf:MODEL`` writes them: every gallery and reference image gets ``captions_per_image`` sampled
+captions from any transformers image-to-text model (the paper's came from a multimodal LLM it does not name, so
+numbers made this way are the method with another captioner, not the paper's). They go through the generation
+cache, so a rerun, or ``--generation replay`` on a machine without the captioner, reads the same texts.
 """
 
+from cirbench.generation.options import captioner_options, generation_options
 from cirbench.hookspecs import hookimpl
 from cirbench.types import MethodSpec, OptionSpec
 
@@ -32,6 +39,10 @@ def register_methods(register):
                        "cirr_dataset/cirr_labeled_images_cir_cleaned.json); needed when beta > 0.", "path", None),
             OptionSpec("captions_per_image", "How many captions of each image are used (the first ones; official: 3).",
                        "int", 3, minimum=1, maximum=64),
+            *captioner_options(None, "", when=": caption every gallery and reference image with it instead of "
+                               "reading --captions (captions_per_image sampled captions each; recorded in the "
+                               "generation cache and shared with every method asking the same)"),
+            *generation_options("captioner", "captions"),
         ),
         default_backbone=("ViT-L-14", "laion2b_s32b_b82k"),  # laion/CLIP-ViT-L-14-laion2B-s32B-b82K
         default_preprocess="hf-clip",  # validate_clip.py's default transform: transformers' CLIPImageProcessor

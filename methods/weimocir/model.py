@@ -9,16 +9,20 @@ it, and the image features stay the shared, cached ones.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from cirbench.errors import CirbenchError
+from cirbench.generation import GenerationCache
+from cirbench.generation.images import caption_missing, caption_request, generate_once, image_digests
 from cirbench.method import Method, QuerySet
 from cirbench.methods._shared.textinv import RawImageReferences
-from cirbench.types import Query
-from cirbench.util import file_sha256, read_json_file
+from cirbench.types import ImageRef, Query
+from cirbench.util import default_cache_dir, file_sha256, read_json_file
 
 F = torch.nn.functional
 CAPTION_CHUNK = 8192  # captions encoded between two updates of the progress bar
@@ -63,22 +67,48 @@ class WeiMoCIR(RawImageReferences, Method):
         self.alpha = float(self.options["alpha"])
         self.beta = float(self.options["beta"])
         self.per_image = int(self.options["captions_per_image"])
-        path = self.options.get("captions")
+        path, captioner = self.options.get("captions"), self.options.get("captioner")
         self.captions: dict[str, list[str]] = {}
         self.captions_info: dict[str, str | int] | None = None
+        self.caption_request: dict[str, Any] | None = None  # captions written by --captioner
+        self.stats = {"cached": 0, "generated": 0}
         self.set_name, self.progress = "gallery", True  # what prepare() says of the evaluation set
-        if self.beta > 0:
-            if not path:
-                raise CirbenchError(f"weimocir scores gallery images by their captions too (--beta {self.beta:g}): "
-                                    "pass --captions FILE (captions of the benchmark's images; WeiMoCIR's repository "
-                                    "ships CIRR's, cirr_dataset/cirr_labeled_images_cir_cleaned.json), or --beta 0 "
-                                    "for the image similarity alone")
-            self.captions = read_captions(Path(path).expanduser(), self.per_image)
-            self.captions_info = {"path": str(path), "sha256": file_sha256(Path(path).expanduser()),
-                                  "images": len(self.captions)}
+        if self.beta == 0:
+            return
+        if path and captioner:
+            raise CirbenchError("weimocir: pass --captions FILE or --captioner MODEL, not both")
+        if captioner:
+            self.caption_request = caption_request(str(captioner), str(self.options.get("caption_prompt") or ""),
+                                                   self.per_image, int(self.options.get("sampling_seed") or 0),
+                                                   self._precision())
+            return
+        if not path:
+            raise CirbenchError(f"weimocir scores gallery images by their captions too (--beta {self.beta:g}): "
+                                "pass --captions FILE (captions of the benchmark's images; WeiMoCIR's repository "
+                                "ships CIRR's, cirr_dataset/cirr_labeled_images_cir_cleaned.json), --captioner "
+                                "hf:MODEL to write them, or --beta 0 for the image similarity alone")
+        self.captions = read_captions(Path(path).expanduser(), self.per_image)
+        self.captions_info = {"path": str(path), "sha256": file_sha256(Path(path).expanduser()),
+                              "images": len(self.captions)}
+
+    def _precision(self) -> str:
+        return str(self.options.get("generation_precision") or "fp32")
 
     def info(self) -> dict:
+        if self.caption_request is not None:
+            return {"captioner": self.caption_request["model"],
+                    "caption_prompt": self.options.get("caption_prompt") or "",
+                    "caption_decoding": self.caption_request["params"]}
         return {"captions": self.captions_info} if self.captions_info else {}
+
+    def summary(self) -> dict:
+        if self.caption_request is None:
+            return {}
+        digest = hashlib.sha256()
+        for image in sorted(self.captions):
+            digest.update(image.encode() + b"\0" + "\0".join(self.captions[image]).encode() + b"\n")
+        return {"generations": dict(self.stats), "captions_sha256": digest.hexdigest(),
+                "captioned_images": len(self.captions)}
 
     def _raw_texts(self, texts: list[str]) -> torch.Tensor:
         return self.backbone.encode_text(texts, normalize=False)
@@ -96,6 +126,43 @@ class WeiMoCIR(RawImageReferences, Method):
 
     def prepare(self, query_set: QuerySet) -> None:
         self.set_name, self.progress = query_set.name, query_set.progress
+        if self.caption_request is None:
+            return
+        qs = query_set
+        images = {i: ref for i, ref in {**qs.gallery, **qs.references}.items() if i not in self.captions}
+        if not images:  # captioned for an earlier evaluation set
+            return
+        folder = (qs.cache_dir or default_cache_dir()) / "generations"
+        mode = str(self.options.get("generation") or "auto")
+        generate_once(folder, mode, {"caption": self.caption_request, "images": sorted(images)},
+                      f"{qs.name}: waiting for another process that is captioning the same images; its captions "
+                      "will be used", lambda cache: self._caption_images(qs, images, cache))
+
+    def _caption_images(self, qs: QuerySet, images: dict[str, ImageRef], cache: GenerationCache) -> None:
+        """Each image's captions: recorded ones, else written by the captioner (see :func:`caption_missing`)."""
+        assert self.caption_request is not None
+        todo = []
+        digests = image_digests(list(images.values()), qs.name, qs.progress)
+        for (image, ref), digest in zip(images.items(), digests, strict=True):
+            key = {**self.caption_request, "image": digest}
+            hit = cache.lookup(key)
+            if hit is not None and len(hit) == self.per_image:
+                self.captions[image] = hit
+            else:
+                todo.append((image, ref, key))
+        self.captions.update(caption_missing(todo, cache, self._build_captioner,
+                                             model=self.caption_request["model"], precision=self._precision(),
+                                             name=qs.name, progress=qs.progress))
+        for count in self.stats:
+            self.stats[count] += cache.stats.get(count, 0)
+
+    def _build_captioner(self):
+        from cirbench.generation.captioner import build_captioner
+
+        assert self.caption_request is not None
+        return build_captioner(self.caption_request["model"], prompt=str(self.options.get("caption_prompt") or ""),
+                               n=self.per_image, seed=int(self.options.get("sampling_seed") or 0),
+                               device=str(self.backbone.device), precision=self._precision())
 
     def prepare_gallery(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
         if self.beta == 0:
