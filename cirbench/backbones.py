@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -143,6 +144,7 @@ class Backbone:
     activation: str = "gelu"
     weights_cast: bool = False
     _text_memo: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _derived: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     # -- identity ------------------------------------------------------------------------------------
     def identity(self) -> dict:
@@ -186,7 +188,16 @@ class Backbone:
         evaluate, without a second copy of the weights on the device."""
         if self.weights_cast:
             raise ValueError("a backbone whose weights were cast to low precision has no fp32 view")
-        return replace(self, precision="fp32", _text_memo={})
+        return replace(self, precision="fp32", _text_memo={}, _derived={})
+
+    def derived(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """What ``compute`` derives from this backbone, computed once per ``key`` (hashable, naming everything
+        the value depends on besides the backbone) for the backbone's life: the values of a sweep, and the
+        methods of one command, share it (WeiMoCIR's text features of a gallery's captions, hundreds of
+        thousands on CIRCO, encoded once for every alpha and beta)."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     @torch.no_grad()
     def state_token(self) -> tuple:

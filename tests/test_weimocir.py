@@ -237,3 +237,58 @@ def test_captions_come_from_a_file_or_a_captioner_not_both(tmp_path, tiny_config
                                        "--captions", str(path), "--captioner", "hf:some/model"])
     assert res.exit_code == 2 and "--captions FILE or --captioner MODEL, not both" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_a_sweep_reads_and_encodes_the_gallery_captions_once(tmp_path, tiny_config, toy_root, blip2, monkeypatch):
+    """The values of a beta sweep share the gallery's caption features (Backbone.derived) and the images'
+    digests, and each value ranks as it ranks run alone."""
+    from cirbench.generation import images as generation_images
+    from cirbench.methods.weimocir.model import WeiMoCIR
+
+    reads, encoded = [], []
+    read = generation_images.read_image_bytes
+    monkeypatch.setattr(generation_images, "read_image_bytes", lambda ref: reads.append(ref.id) or read(ref))
+    monkeypatch.setattr(generation_images, "_DIGESTS", {})
+    features = WeiMoCIR._caption_features
+    monkeypatch.setattr(WeiMoCIR, "_caption_features",
+                        lambda self, ids, j, bar=None: encoded.append(bar is not None) or features(self, ids, j, bar))
+    options = {"captioner": f"hf:{blip2}", "captions_per_image": 2}
+    with registered(ToyPlugin(), "toy") as reg:
+        swept = evaluate(_cfg(tmp_path, tiny_config, toy_root, beta="0.3,0.6", **options), reg)
+    gallery = len(json.loads((toy_root / "queries.json").read_text())["gallery"])
+    assert len(swept) == 2 and sorted(reads) == sorted(set(reads)) and len(reads) == gallery
+    assert encoded.count(True) == 2  # the gallery's two caption slots, once for both values of the sweep
+    for result, beta in zip(swept, (0.3, 0.6), strict=True):
+        with registered(ToyPlugin(), "toy") as reg:
+            cfg = _cfg(tmp_path, tiny_config, toy_root, beta=beta, **options, generation="replay")
+            (alone,) = evaluate(dataclasses.replace(cfg, output=tmp_path / f"alone{beta}"), reg)
+        assert alone.metrics == result.metrics
+    # a file changed in place is read again, and its captions asked for again
+    image = toy_root / "images" / "img_red_0.png"
+    image.write_bytes(image.read_bytes() + b"\0")
+    reads.clear()
+    with registered(ToyPlugin(), "toy") as reg, pytest.raises(ReplayMiss, match=r"1 images in all"):
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, beta=0.3, **options, generation="replay"), reg)
+    assert reads == ["img_red_0.png"]
+
+
+def test_methods_sharing_a_backbone_get_their_own_captions_features(tmp_path, tiny_config):
+    """The caption features kept on the backbone are keyed by the captions themselves: a second WeiMoCIR on the
+    same backbone with other captions (another file, more captions per image) never gets the first one's."""
+    from cirbench.methods.weimocir.model import WeiMoCIR
+
+    bb = load_backbone(str(tiny_config), "none", device="cpu", precision="fp32")
+    ids = ["a", "b", "c"]
+    images = torch.nn.functional.normalize(torch.randn(3, bb.embed_dim), dim=-1)
+
+    def gallery(captions, per_image=1):
+        path = tmp_path / f"captions{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps([{"candidate": i, "captions": c} for i, c in captions.items()]))
+        method = WeiMoCIR(bb, {"alpha": 0.8, "beta": 0.5, "captions": str(path), "captions_per_image": per_image})
+        return method.prepare_gallery(ids, images)
+
+    first = gallery({"a": ["a red car", "x"], "b": ["a blue sky", "y"], "c": ["a dog", "z"]})
+    assert torch.equal(gallery({"a": ["a red car", "w"], "b": ["a blue sky", "v"], "c": ["a dog", "u"]}), first)
+    assert not torch.allclose(gallery({"a": ["a red car"], "b": ["a green sky"], "c": ["a dog"]}), first)
+    assert gallery({"a": ["a red car", "x"], "b": ["a blue sky", "y"], "c": ["a dog", "z"]}, 2).shape[1] == \
+        3 * bb.embed_dim

@@ -167,11 +167,24 @@ class WeiMoCIR(RawImageReferences, Method):
     def prepare_gallery(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
         if self.beta == 0:
             return features
-        blocks = [F.normalize(features.float().to(self.backbone.device), dim=-1)]
-        with tqdm(total=len(ids) * self.per_image, desc=f"{self.set_name}: gallery captions",
-                  unit="text", disable=not self.progress, leave=False) as bar:
-            blocks += [F.normalize(self._caption_features(ids, j, bar), dim=-1) for j in range(self.per_image)]
-        return F.normalize(torch.cat(blocks, dim=-1), dim=-1)
+        image = F.normalize(features.float().to(self.backbone.device), dim=-1)
+        return F.normalize(torch.cat([image, self._gallery_captions(ids)], dim=-1), dim=-1)
+
+    def _gallery_captions(self, ids: list[str]) -> torch.Tensor:
+        """``[G, K*D]``: the normalised text features of each gallery image's K captions side by side, encoded
+        once per backbone for every value of a sweep (kept by :meth:`Backbone.derived` under the captions'
+        digest)."""
+        digest = hashlib.sha256()
+        for i in ids:
+            digest.update(i.encode() + b"\0" + "\0".join(self.captions.get(i, [""] * self.per_image)).encode() + b"\n")
+
+        def encode() -> torch.Tensor:
+            with tqdm(total=len(ids) * self.per_image, desc=f"{self.set_name}: gallery captions",
+                      unit="text", disable=not self.progress, leave=False) as bar:
+                return torch.cat([F.normalize(self._caption_features(ids, j, bar), dim=-1)
+                                  for j in range(self.per_image)], dim=-1)
+
+        return self.backbone.derived(("weimocir:gallery-captions", self.per_image, digest.hexdigest()), encode)
 
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         text = self._raw_texts([modification_text(q.texts) for q in queries])
