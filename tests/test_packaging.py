@@ -50,8 +50,11 @@ def test_wheel_installs_plugins_under_the_cirbench_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "cirbench/methods/basic/__init__.py" in names
     assert not any(n.startswith(("datasets/", "methods/")) for n in names), "top-level datasets/methods leaked"
-    for package in _declared_packages():
+    data_folders = _declared_packages() - _packages_on_disk()  # folders of data files (no __init__.py)
+    for package in _declared_packages() - data_folders:
         assert package.replace(".", "/") + "/__init__.py" in names
+    for folder in data_folders:
+        assert any(n.startswith(folder.replace(".", "/") + "/") for n in names), f"{folder}'s files are not installed"
     bundled = [n for n in names if n.startswith("cirbench/assets/")]
     if (REPO / "cirbench" / "assets").exists():
         assert bundled, "bundled assets missing from the wheel"
