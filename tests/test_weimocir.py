@@ -191,6 +191,8 @@ def test_a_captioner_writes_the_captions_then_a_replay_reads_them(tmp_path, tiny
     assert summary["generations"] == {"cached": 0, "generated": len(names)}
     assert summary["captioned_images"] == len(names)
     assert live.record["method"]["info"]["captioner"] == f"hf:{blip2}"
+    # not the paper's captions: the label says whose they are (weimocir+captions-<model>@alpha=..,beta=..)
+    assert live.record["method"]["label"].startswith(f"weimocir+captions-{blip2.name}@")
 
     def tops(result):
         return {r["query"]: r["top"] for r in map(json.loads, result.predictions_path.read_text().splitlines())}

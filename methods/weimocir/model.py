@@ -101,6 +101,13 @@ class WeiMoCIR(RawImageReferences, Method):
                     "caption_decoding": self.caption_request["params"]}
         return {"captions": self.captions_info} if self.captions_info else {}
 
+    def label_tag(self) -> str | None:
+        """``captions-<captioner>`` for captions a captioner wrote: such a result is WeiMoCIR with other captions
+        than the paper's, and must not pass for it (or for a run on another captioner's) in a leaderboard."""
+        if self.caption_request is None:
+            return None
+        return "captions-" + Path(self.caption_request["model"].partition(":")[2].rstrip("/")).name
+
     def summary(self) -> dict:
         if self.caption_request is None:
             return {}
