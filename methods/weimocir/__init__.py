@@ -36,11 +36,12 @@ def register_methods(register):
                        maximum=1.0),
             OptionSpec("captions", "JSON file of captions of the benchmark's images: [{\"candidate\": id, "
                        "\"captions\": [...]}, ...] (the official repository ships CIRR's, "
-                       "cirr_dataset/cirr_labeled_images_cir_cleaned.json); needed when beta > 0.", "path", None),
+                       "cirr_dataset/cirr_labeled_images_cir_cleaned.json); this or --captioner is needed when "
+                       "beta > 0.", "path", None),
             OptionSpec("captions_per_image", "How many captions of each image are used (the first ones; official: 3).",
                        "int", 3, minimum=1, maximum=64),
             *captioner_options(None, "", when=": caption every gallery and reference image with it instead of "
-                               "reading --captions (captions_per_image sampled captions each; recorded in the "
+                               "reading --captions (--captions-per-image sampled captions each; recorded in the "
                                "generation cache and shared with every method asking the same)"),
             *generation_options("captioner", "captions"),
         ),
