@@ -137,6 +137,29 @@ def test_generation_cache_records_replays_and_survives_a_torn_line(tmp_path):
         GenerationCache(tmp_path, "sometimes")
 
 
+def test_a_batch_of_generations_is_one_write_and_one_sync(tmp_path, monkeypatch):
+    """A captioner's batch is recorded with one fsync (a sync per text costs as much as the text on a network
+    file system), after a torn line too, and every entry of it reads back."""
+    import os
+
+    from cirbench.generation import cache as cache_module
+
+    syncs, fsync = [], os.fsync
+    monkeypatch.setattr(cache_module.os, "fsync", lambda fd: syncs.append(fd) or fsync(fd))
+    cache = GenerationCache(tmp_path)
+    with open(cache.path.parent / "generations.jsonl", "w") as fh:
+        fh.write('{"key": "torn')
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        cache = GenerationCache(tmp_path)
+    batch = [({"task": "caption", "image": f"sha{i}"}, [f"a photo {i}", f"another photo {i}"]) for i in range(8)]
+    cache.put_many(batch, "live:hf:x")
+    cache.put_many([], "live:hf:x")
+    assert len(syncs) == 1 and cache.stats["generated"] == 8
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        again = GenerationCache(tmp_path, "replay")
+    assert [again.lookup(request) for request, _ in batch] == [outputs for _, outputs in batch]
+
+
 # -- the OpenAI-compatible client -------------------------------------------------------------------------------
 def test_openai_client_sends_cirevls_request_and_cuts_at_the_stop(endpoint, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
@@ -522,6 +545,15 @@ def test_importers_record_published_generations(tmp_path, tiny_config, toy_root)
     with registered(ToyDatasetPlugin(), "toy") as reg, refused:
         evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", captions=2, import_generations=ldre_file,
                       prompt="name:ldre2", **nothing), reg)
+    # a file with a query short of captions records nothing of itself: an import is whole or not at all
+    records[0]["relative_caption"] = data["queries"][-1]["text"]
+    records[-1]["multi_caption_opt"] = records[-1]["multi_caption_opt"][:1]
+    ldre_file.write_text(json.dumps(records))
+    before = (tmp_path / "cache" / "generations" / "generations.jsonl").read_bytes()
+    with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="has 1 captions"):
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", captions=2, import_generations=ldre_file,
+                      prompt="name:ldre3", generation="replay", **nothing), reg)
+    assert (tmp_path / "cache" / "generations" / "generations.jsonl").read_bytes() == before
 
 
 def test_uncached_hub_models_fail_at_once_when_the_hub_is_unreachable(monkeypatch, tmp_path):

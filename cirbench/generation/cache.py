@@ -91,17 +91,26 @@ class GenerationCache:
 
     def put(self, request: dict[str, Any], outputs: list[str], source: str, count_as: str = "generated") -> None:
         """Record outputs (appended to the file at once)."""
-        key = request_key(request)
-        entry = {"key": key, "request": request, "outputs": list(outputs), "source": source,
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        line = json.dumps(entry, ensure_ascii=False) + "\n"
+        self.put_many([(request, outputs)], source, count_as)
+
+    def put_many(self, items: list[tuple[dict[str, Any], list[str]]], source: str,
+                 count_as: str = "generated") -> None:
+        """Record the outputs of several requests (a captioner's batch) with one write and one ``fsync``: on a
+        network file system a sync per text would cost as much as generating it."""
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        entries: list[dict[str, Any]] = [{"key": request_key(request), "request": request, "outputs": list(outputs),
+                                          "source": source, "created": created} for request, outputs in items]
+        if not entries:
+            return
+        text = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries)
         with self._lock:
-            self.entries[key] = entry
-            self.stats[count_as] = self.stats.get(count_as, 0) + 1
+            for entry in entries:
+                self.entries[entry["key"]] = entry
+            self.stats[count_as] = self.stats.get(count_as, 0) + len(entries)
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "a", encoding="utf-8") as fh:
-                    fh.write("\n" + line if self._torn else line)  # never glued to a torn last line
+                    fh.write("\n" + text if self._torn else text)  # never glued to a torn last line
                     self._torn = False
                     fh.flush()
                     os.fsync(fh.fileno())

@@ -122,10 +122,11 @@ def caption_missing(todo: Sequence[tuple[str, ImageRef, dict[str, Any]]], cache:
             images = [load_image(r).convert("RGB") for _, r, _ in chunk]
             # seeded by the batch's first unit: two units of one image never share their draws
             captions = captioner.caption(images, salt=chunk[0][0])
-            for (u, _, key), caps in zip(chunk, captions, strict=True):
-                cache.put(key, caps, captioner.source())
+            cache.put_many([(key, caps) for (_, _, key), caps in zip(chunk, captions, strict=True)],
+                           captioner.source())
+            for (u, _, _), caps in zip(chunk, captions, strict=True):
                 out[u] = caps
-                made[0] += 1
+            made[0] += len(chunk)
     del captioner
     free_memory()
     return out

@@ -114,6 +114,8 @@ def import_generations(paths: list[Path], qs: QuerySet, image_sha: dict[str, str
 
 
 def _record(rows, qs: QuerySet, image_sha: dict[str, str], method, cache: GenerationCache, source: str) -> None:
+    """Record every row's captions and rewrites, all at once (one write), or none when a row is short."""
+    items: list[tuple[dict, list[str]]] = []
     for qi, captions, rewrites in rows:
         q = qs.queries[qi]
         if len(captions) < method.n or len(rewrites) < method.n:
@@ -122,6 +124,7 @@ def _record(rows, qs: QuerySet, image_sha: dict[str, str], method, cache: Genera
         captions, rewrites = captions[: method.n], rewrites[: method.n]
         instruction = instruction_of(q)
         # every query's own captions (LDRE/SEIZE caption each query apart): its rewrites go with these
-        cache.put(method.query_caption_key(image_sha[q.reference], q), captions, source, count_as="imported")
-        for caption, rewrite in zip(captions, rewrites, strict=True):
-            cache.put(method.rewrite_key(caption, instruction), [rewrite], source, count_as="imported")
+        items.append((method.query_caption_key(image_sha[q.reference], q), captions))
+        items += [(method.rewrite_key(caption, instruction), [rewrite])
+                  for caption, rewrite in zip(captions, rewrites, strict=True)]
+    cache.put_many(items, source, count_as="imported")
