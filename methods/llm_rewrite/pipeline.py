@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,26 +48,26 @@ ENSEMBLES = ("single", "mean", "increment")
 LOCAL_MAX_TOKENS = 700  # a local model's answer length when --max-tokens 0 leaves it open
 
 
-class CaptionRewrite(Method):
-    """The caption-rewrite-retrieve family (see the module docstring); ``ensemble`` picks the member."""
+class LanguageModelMethod(Method):
+    """What the methods that ask a language model for the target's description share: the model and its
+    request (``task``: what it is asked, part of every answer's cache key), the prompt of ``prompt_kind``,
+    generating once per cache (:meth:`prepare`), asking for what the cache lacks (:meth:`_ask`), and retrieval
+    by the CLIP text features of the answers (``self.texts[query id]["rewrites"]``)."""
 
+    task = "rewrite"
+    prompt_kind = "rewrite"
+    generates = "texts"  # what a job waiting for another's generation is told it waits for
     ensemble = "single"
-    rewrite_batch = 32  # rewrites asked for at once (an endpoint answers them in parallel)
+    rewrite_batch = 32  # requests at once (an endpoint answers them in parallel)
 
     def __init__(self, backbone, options, dataset=None):
         super().__init__(backbone, options, dataset)
         o = self.options
-        self.n = int(o.get("captions") or 1)
-        if self.ensemble == "single" and self.n != 1:
-            raise CirbenchError(f"{type(self).__name__.lower()} rewrites one caption per query (--captions 1)")
-        self.prompt: Prompt = load_prompt(str(o.get("prompt") or "builtin"))
+        self.prompt: Prompt = load_prompt(str(o.get("prompt") or "builtin"), self.prompt_kind)
         self.mode = str(o.get("generation") or "auto")
-        self.caption_per = str(o.get("caption_per") or "image")
-        self.caption_request = caption_request(str(o["captioner"]), str(o.get("caption_prompt") or ""), self.n,
-                                               int(o.get("sampling_seed") or 0), self._precision())
-        self.rewrite_request: dict[str, Any] = {"task": "rewrite", "model": str(o["llm"]),
+        self.rewrite_request: dict[str, Any] = {"task": self.task, "model": str(o["llm"]),
                                                 "prompt": self.prompt.identity, "params": self._llm_params()}
-        self.texts: dict[str, dict[str, Any]] = {}  # query id -> captions, answers, rewrites, fallbacks
+        self.texts: dict[str, dict[str, Any]] = {}  # query id -> its generated texts, and what they gave
         self.stats = {"cached": 0, "generated": 0, "imported": 0, "fallback_to_instruction": 0}
 
     # -- identity -------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class CaptionRewrite(Method):
         return str(self.options.get("generation_precision") or "fp32")
 
     def _llm_params(self) -> dict[str, Any]:
-        """What the language model is asked with (every value is part of the rewrites' cache key)."""
+        """What the language model is asked with (every value is part of the answers' cache key)."""
         o = self.options
         seed = o.get("sampling_seed")
         local = str(o["llm"]).startswith("hf:")
@@ -91,12 +92,10 @@ class CaptionRewrite(Method):
         return {"kind": "image-global"}  # the plain CLIP image feature, shared with every other method
 
     def reference_feature_kind(self) -> None:
-        return None  # references are captioned from their files in prepare
+        return None  # references are read from their files in prepare
 
     def info(self) -> dict:
-        return {"captioner": self.caption_request["model"], "caption_prompt": self.options.get("caption_prompt") or "",
-                "captions": self.n, "caption_per": self.caption_per, "caption_decoding": self.caption_request["params"],
-                "llm": self.rewrite_request["model"], "prompt": self.prompt.identity, "prompt_parse": self.prompt.parse,
+        return {"llm": self.rewrite_request["model"], "prompt": self.prompt.identity, "prompt_parse": self.prompt.parse,
                 "llm_params": self.rewrite_request["params"], "ensemble": self.ensemble}
 
     def summary(self) -> dict:
@@ -107,24 +106,124 @@ class CaptionRewrite(Method):
                 "queries": len(self.texts)}
 
     def query_details(self, query: Query) -> dict[str, Any] | None:
-        t = self.texts.get(query.id)
-        return None if t is None else {"captions": t["captions"], "rewrites": t["rewrites"],
-                                       "fallbacks": t["fallbacks"]}
+        return self.texts.get(query.id)
 
     # -- generation -------------------------------------------------------------------------------------
     @staticmethod
     def _cache_folder(qs: QuerySet) -> Path:
         return (qs.cache_dir or default_cache_dir()) / "generations"
 
+    def _generation_identity(self) -> dict[str, Any]:
+        """Everything besides the queries that determines the generated texts."""
+        return {"llm": self.rewrite_request}
+
     def prepare(self, query_set: QuerySet) -> None:
         """Generate what is missing, once: the first of the jobs (or torchrun ranks) that would make the same
-        captions and rewrites makes them, the others wait and read them (see :func:`generate_once`)."""
+        texts makes them, the others wait and read them (see :func:`generate_once`)."""
         qs = query_set
-        same = {"caption": self.caption_request, "rewrite": self.rewrite_request, "per": self.caption_per,
-                "set": [qs.dataset, qs.split, qs.name], "queries": [(q.id, q.reference) for q in qs.queries]}
+        same = {**self._generation_identity(), "set": [qs.dataset, qs.split, qs.name],
+                "queries": [(q.id, q.reference) for q in qs.queries]}
         generate_once(self._cache_folder(qs), self.mode, same,
-                      f"{qs.name}: waiting for another process that is generating the same captions and rewrites; "
-                      "its texts will be used", lambda cache: self._prepare(qs, cache))
+                      f"{qs.name}: waiting for another process that is generating the same {self.generates}; its "
+                      "texts will be used",
+                      lambda cache: self._prepare_texts(qs, cache))
+
+    def _prepare_texts(self, qs: QuerySet, cache: GenerationCache) -> None:
+        self._prepare(qs, cache)
+        for key in ("cached", "generated", "imported"):
+            self.stats[key] += cache.stats.get(key, 0)
+
+    def _prepare(self, qs: QuerySet, cache: GenerationCache) -> None:
+        """Fill ``self.texts`` for every query of ``qs`` from ``cache``, generating what it lacks."""
+        raise NotImplementedError
+
+    def _ask(self, qs: QuerySet, cache: GenerationCache,
+             todo: Sequence[tuple[Any, dict[str, Any], Callable[[], Any]]], what: str, first: str) -> dict[Any, str]:
+        """Ask the language model each ``(name, cache key, messages maker)`` of ``todo`` (none of them cached);
+        record every answer as it arrives, so that none is lost to a later failure; return ``{name: answer}``.
+        The messages are made batch by batch (an image in each would otherwise all be held at once). A replay
+        run fails at once, with ``first`` naming what is missing."""
+        answers: dict[Any, str] = {}
+        if not todo:
+            return answers
+        cache.require_live(f"{first}; {len(todo)} {what} in all")
+        model = self.rewrite_request["model"]
+        if model.startswith("hf:"):
+            say(qs.name, qs.progress,
+                f"loading the language model {model} ({self._precision()}) for {len(todo)} {what}")
+        llm = self._build_llm()
+        source, batch = llm.source(), self.rewrite_batch
+        with resumable(cache, len(todo), what) as made:
+            for start in tqdm(range(0, len(todo), batch), desc=f"{qs.name}: asking {model}", unit="batch",
+                              disable=not qs.progress, leave=False):
+                chunk = todo[start : start + batch]
+
+                def keep(k: int, text: str, chunk=chunk) -> None:  # as each answer arrives: none is lost
+                    name, key, _ = chunk[k]
+                    cache.put(key, [text], source)
+                    answers[name] = text
+                    made[0] += 1
+
+                llm.generate([messages() for _, _, messages in chunk], on_result=keep)
+        del llm
+        free_memory()  # before the gallery is encoded
+        return answers
+
+    def _build_llm(self):
+        """The language model, loaded for one evaluation set's missing answers and dropped after them."""
+        from cirbench.generation.llm import build_llm
+
+        p = self.rewrite_request["params"]
+        return build_llm(self.rewrite_request["model"], url=self.options.get("llm_url"), temperature=p["temperature"],
+                         max_tokens=p["max_tokens"], stop=tuple(p["stop"]), seed=p["seed"],
+                         device=str(self.backbone.device), precision=self._precision())
+
+    # -- retrieval ----------------------------------------------------------------------------------------
+    def _raw_text(self, texts: list[str]) -> torch.Tensor:
+        """Raw text features, in batches, not memoised (rewrites are met once)."""
+        return self.backbone.encode_text(texts, memoize=False, normalize=False)
+
+    def _ensemble(self, groups: list[list[str]]) -> torch.Tensor:
+        """Normalised mean of the raw text features of each group."""
+        flat = [t for g in groups for t in g]
+        feats = self._raw_text(flat)
+        sizes = torch.tensor([len(g) for g in groups], device=feats.device)
+        owner = torch.repeat_interleave(torch.arange(len(groups), device=feats.device), sizes)
+        sums = torch.zeros(len(groups), feats.shape[1], device=feats.device).index_add_(0, owner, feats)
+        return torch.nn.functional.normalize(sums / sizes.unsqueeze(1), dim=-1)
+
+    def _rows(self, queries: list[Query]) -> list[dict[str, Any]]:
+        try:
+            return [self.texts[q.id] for q in queries]
+        except KeyError as exc:
+            raise CirbenchError(f"query {exc.args[0]} was not prepared (compose called before prepare)") from None
+
+    def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
+        return self._ensemble([r["rewrites"] for r in self._rows(queries)])
+
+
+class CaptionRewrite(LanguageModelMethod):
+    """The caption-rewrite-retrieve family (see the module docstring); ``ensemble`` picks the member."""
+
+    generates = "captions and rewrites"
+
+    def __init__(self, backbone, options, dataset=None):
+        super().__init__(backbone, options, dataset)
+        o = self.options
+        self.n = int(o.get("captions") or 1)
+        if self.ensemble == "single" and self.n != 1:
+            raise CirbenchError(f"{type(self).__name__.lower()} rewrites one caption per query (--captions 1)")
+        self.caption_per = str(o.get("caption_per") or "image")
+        self.caption_request = caption_request(str(o["captioner"]), str(o.get("caption_prompt") or ""), self.n,
+                                               int(o.get("sampling_seed") or 0), self._precision())
+
+    def info(self) -> dict:
+        return {"captioner": self.caption_request["model"], "caption_prompt": self.options.get("caption_prompt") or "",
+                "captions": self.n, "caption_per": self.caption_per, "caption_decoding": self.caption_request["params"],
+                **super().info()}
+
+    def _generation_identity(self) -> dict[str, Any]:
+        return {"caption": self.caption_request, "rewrite": self.rewrite_request, "per": self.caption_per}
 
     def _prepare(self, qs: QuerySet, cache: GenerationCache) -> None:
         image_sha = dict(zip(qs.references, image_digests(list(qs.references.values()), qs.name, qs.progress),
@@ -136,8 +235,6 @@ class CaptionRewrite(Method):
                                     "--prompt name:ID (e.g. name:cirevl-simple) so the records say so")
             import_generations([Path(p.strip()).expanduser() for p in imports], qs, image_sha, self, cache)
         self._rewrites(qs, cache, self._captions(qs, cache, image_sha))
-        for key in ("cached", "generated", "imported"):
-            self.stats[key] += cache.stats.get(key, 0)
 
     def caption_key(self, sha: str) -> dict[str, Any]:
         return {**self.caption_request, "image": sha}
@@ -198,30 +295,11 @@ class CaptionRewrite(Method):
                     answers[pair] = hit[0]
                 else:
                     missing[pair] = q
-        if missing:
-            first = next(iter(missing.values()))
-            cache.require_live(f"query {first.id} (rewrite of its caption by {self.rewrite_request['model']} with "
-                               f"prompt {self.prompt.identity[:19]}; {len(missing)} rewrites in all)")
-            model = self.rewrite_request["model"]
-            if model.startswith("hf:"):
-                say(qs.name, qs.progress,
-                    f"loading the language model {model} ({self._precision()}) for {len(missing)} rewrites")
-            llm = self._build_llm()
-            pairs, batch = list(missing), self.rewrite_batch
-            with resumable(cache, len(pairs), "rewrites") as made:
-                for start in tqdm(range(0, len(pairs), batch), desc=f"{qs.name}: rewriting", unit="batch",
-                                  disable=not qs.progress, leave=False):
-                    chunk = pairs[start : start + batch]
-
-                    def keep(k: int, text: str, chunk=chunk) -> None:  # as each answer arrives: none is lost
-                        c, i = chunk[k]
-                        cache.put(self.rewrite_key(c, i), [text], llm.source())
-                        answers[(c, i)] = text
-                        made[0] += 1
-
-                    llm.generate([self.prompt.messages(c, i) for c, i in chunk], on_result=keep)
-            del llm
-            free_memory()  # before the gallery is encoded
+        todo = [(pair, self.rewrite_key(*pair), lambda pair=pair: self.prompt.messages(*pair)) for pair in missing]
+        first = next(iter(missing.values()), None)
+        answers.update(self._ask(qs, cache, todo, "rewrites", f"query {first.id if first else ''} (rewrite of its "
+                                 f"caption by {self.rewrite_request['model']} with prompt "
+                                 f"{self.prompt.identity[:19]})"))
         for q in qs.queries:
             instruction = instruction_of(q)
             caps = captions[q.id]
@@ -239,42 +317,11 @@ class CaptionRewrite(Method):
                                n=self.n, seed=int(self.options.get("sampling_seed") or 0),
                                device=str(self.backbone.device), precision=self._precision())
 
-    def _build_llm(self):
-        """The language model, loaded for one evaluation set's missing rewrites and dropped after them."""
-        from cirbench.generation.llm import build_llm
-
-        p = self.rewrite_request["params"]
-        return build_llm(self.rewrite_request["model"], url=self.options.get("llm_url"), temperature=p["temperature"],
-                         max_tokens=p["max_tokens"], stop=tuple(p["stop"]), seed=p["seed"],
-                         device=str(self.backbone.device), precision=self._precision())
-
-    # -- retrieval ----------------------------------------------------------------------------------------
-    def _raw_text(self, texts: list[str]) -> torch.Tensor:
-        """Raw text features, in batches, not memoised (rewrites are met once)."""
-        return self.backbone.encode_text(texts, memoize=False, normalize=False)
-
-    def _ensemble(self, groups: list[list[str]]) -> torch.Tensor:
-        """Normalised mean of the raw text features of each group."""
-        flat = [t for g in groups for t in g]
-        feats = self._raw_text(flat)
-        sizes = torch.tensor([len(g) for g in groups], device=feats.device)
-        owner = torch.repeat_interleave(torch.arange(len(groups), device=feats.device), sizes)
-        sums = torch.zeros(len(groups), feats.shape[1], device=feats.device).index_add_(0, owner, feats)
-        return torch.nn.functional.normalize(sums / sizes.unsqueeze(1), dim=-1)
-
-    def _rows(self, queries: list[Query]) -> list[dict[str, Any]]:
-        try:
-            return [self.texts[q.id] for q in queries]
-        except KeyError as exc:
-            raise CirbenchError(f"query {exc.args[0]} was not prepared (compose called before prepare)") from None
-
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
-        rows = self._rows(queries)
-        after = self._ensemble([r["rewrites"] for r in rows])
+        after = super().compose(references, queries)
         if self.ensemble != "increment":
             return after
-        before = self._ensemble([r["captions"] for r in rows])
-        return torch.stack([after, before], dim=1)
+        return torch.stack([after, self._ensemble([r["captions"] for r in self._rows(queries)])], dim=1)
 
     def combine_scores(self, sims: torch.Tensor) -> torch.Tensor:
         after, before = sims[..., 0, :], sims[..., 1, :]
