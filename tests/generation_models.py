@@ -115,6 +115,15 @@ class FakeChatEndpoint:
                     self.wfile.write(b'{"error": "nope"}')
                     return
                 user = body["messages"][-1]["content"]
+                if isinstance(user, list):  # a multimodal request: answer as OSrCIR's model would
+                    content = endpoint.describe(user)
+                    answer = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(answer.encode())))
+                    self.end_headers()
+                    self.wfile.write(answer.encode())
+                    return
                 caption = re.search(r"Image Content: (.*)", user)
                 instruction = re.search(r"Instruction: (.*)", user)
                 inst = instruction.group(1) if instruction else ""
@@ -134,6 +143,32 @@ class FakeChatEndpoint:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    @staticmethod
+    def describe(parts: list[dict]) -> str:
+        """A vision model's JSON answer: the image's colour (its mean pixel, named among the toy colours) and the
+        manipulation text's; "nojson" in the text gives prose, "fenced" a ```json fence around the object."""
+        import base64
+        import io
+
+        from PIL import Image
+
+        from cirbench.testing import TOY_COLOURS
+
+        text = next(p["text"] for p in parts if p["type"] == "text")
+        url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+        pixels = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB").resize((1, 1))
+        mean = pixels.getpixel((0, 0))
+        colour = min(TOY_COLOURS, key=lambda c: sum((a - b) ** 2 for a, b in zip(TOY_COLOURS[c], mean, strict=True)))
+        manipulation = re.search(r'"Manipulation text": (.*)\.', text)
+        wanted = manipulation.group(1).replace("make it ", "") if manipulation else ""
+        if "nojson" in wanted:
+            return "The target image shows something else."
+        answer = json.dumps({"Original Image Description": f"a {colour} picture",
+                             "Thoughts": f"The change asks for {wanted} instead of {colour}.",
+                             "Reflections": "Only the colour changes.",
+                             "Target Image Description": f"a {wanted} picture"})
+        return f"```json\n{answer}\n```" if "fenced" in wanted else answer
 
     def close(self) -> None:
         self.server.shutdown()

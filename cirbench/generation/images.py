@@ -50,6 +50,32 @@ def image_digest(ref: ImageRef) -> str:
     return digest
 
 
+MIME = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png", b"GIF87a": "image/gif",
+        b"GIF89a": "image/gif"}
+
+
+def image_data_url(ref: ImageRef) -> str:
+    """``ref`` as a ``data:`` URL for a multimodal model's ``image_url``: the file's own bytes when it is a JPEG,
+    PNG, GIF or WebP (what such endpoints take), else, and for a view of the file (a crop), the image the
+    benchmark means encoded as PNG."""
+    import base64
+
+    try:
+        data = read_image_bytes(ref)
+        mime = next((m for magic, m in MIME.items() if data.startswith(magic)), None)
+        if mime is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            mime = "image/webp"
+        if ref.view is not None or mime is None:
+            import io
+
+            buffer = io.BytesIO()
+            load_image(ref).convert("RGB").save(buffer, format="PNG")
+            data, mime = buffer.getvalue(), "image/png"
+    except ImageError as exc:
+        raise CirbenchError(str(exc)) from None
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
 def image_digests(refs: Sequence[ImageRef], name: str, progress: bool) -> list[str]:
     """:func:`image_digest` of each image, in order: read by a few threads (file reads, often over a network
     file system, dominate), with a progress bar."""

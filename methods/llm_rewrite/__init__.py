@@ -1,4 +1,5 @@
-"""Built-in plugin: the caption-rewrite-retrieve family (CIReVL, LDRE, SEIZE).
+"""Built-in plugin: the language-model methods: the caption-rewrite-retrieve family (CIReVL, LDRE, SEIZE) and the
+one-stage OSrCIR.
 
 A captioner describes the reference image, a language model rewrites the description with the modification,
 and the CLIP text embedding of the rewrite is ranked against the gallery's image embeddings. The captioner
@@ -14,6 +15,9 @@ OpenAI-compatible endpoint (``openai:MODEL`` with ``--llm-url``) or a local tran
   ``--adaptive-temperature``).
 * ``seize`` (Yang et al., ACM MM 2024): LDRE's rewrites and captions, scored by the semantic editing
   increment (``--pos-factor``, ``--neg-factor``).
+* ``osrcir`` (Tang et al., CVPR 2025): one stage, no captioner: a multimodal model behind an OpenAI-compatible
+  endpoint sees the reference image with the modification, answers with a reflective chain of thought in JSON,
+  and its target description is retrieved by text (see :mod:`.onestage`).
 
 Every generation is cached by content under ``<cache>/generations``; ``--generation replay`` reruns without
 any model, and ``--import-generations FILE`` reads the texts CIReVL, LDRE or SEIZE published (with
@@ -31,6 +35,23 @@ CIREVL_CAPTION_PROMPT = ("Describe the image in complete detail. You must especi
 LDRE_CAPTION_PROMPT = "a photo of"
 
 
+def _llm_options(llm: str, llm_help: str, prompt_help: str, temperature: float, max_tokens: int,
+                 max_tokens_help: str, stop: str, stop_help: str) -> tuple:
+    """The language model, its endpoint, prompt and decoding."""
+    return (
+        OptionSpec("llm", llm_help, "str", llm),
+        OptionSpec("llm_url", "Base URL of the OpenAI-compatible endpoint (default $OPENAI_BASE_URL or the OpenAI "
+                   "API); the key is read from $OPENAI_API_KEY.", "str", None),
+        OptionSpec("prompt", prompt_help, "str", "builtin"),
+        OptionSpec("temperature", "Sampling temperature of the language model.", "float", temperature, minimum=0.0,
+                   maximum=2.0),
+        OptionSpec("max_tokens", f"Most tokens the language model may answer with{max_tokens_help}.", "int",
+                   max_tokens, minimum=0, maximum=32_768),
+        OptionSpec("stop", "Text that ends the answer (\\n for a newline), several as a JSON list, '' for none "
+                   f"({stop_help}).", "str", stop),
+    )
+
+
 def _options(captioner: str, caption_prompt: str, captions: int, temperature: float, caption_per: str,
              max_tokens: int, stop: str, extra=()) -> tuple:
     return (
@@ -41,19 +62,11 @@ def _options(captioner: str, caption_prompt: str, captions: int, temperature: fl
                    "their own sampled captions (LDRE's official script); image: caption each reference image once "
                    "for all its queries (cheaper: CIRR has about 1.9 queries per reference; the same result with "
                    "greedy or beam decoding).", "str", caption_per, choices=("query", "image")),
-        OptionSpec("llm", "Language model: openai:MODEL (an OpenAI-compatible endpoint) or hf:PATH_OR_REPO.", "str",
-                   "openai:gpt-3.5-turbo"),
-        OptionSpec("llm_url", "Base URL of the OpenAI-compatible endpoint (default $OPENAI_BASE_URL or the OpenAI "
-                   "API); the key is read from $OPENAI_API_KEY.", "str", None),
-        OptionSpec("prompt", "Rewriting prompt: builtin, a .toml/.txt file, or name:ID (recorded generations only).",
-                   "str", "builtin"),
-        OptionSpec("temperature", "Sampling temperature of the language model.", "float", temperature, minimum=0.0,
-                   maximum=2.0),
-        OptionSpec("max_tokens", "Most tokens the language model may answer with; 0: none sent to an endpoint "
-                   "(LDRE's script sends none, CIReVL's 700; a local model then stops at 700).", "int", max_tokens,
-                   minimum=0, maximum=32_768),
-        OptionSpec("stop", "Text that ends the answer (\\n for a newline), several as a JSON list, '' for none "
-                   "(CIReVL's code stops at a blank line or <|endoftext|>, LDRE's at none).", "str", stop),
+        *_llm_options("openai:gpt-3.5-turbo", "Language model: openai:MODEL (an OpenAI-compatible endpoint) or "
+                      "hf:PATH_OR_REPO.", "Rewriting prompt: builtin, a .toml/.txt file, or name:ID (recorded "
+                      "generations only).", temperature, max_tokens, "; 0: none sent to an endpoint (LDRE's script "
+                      "sends none, CIReVL's 700; a local model then stops at 700)", stop,
+                      "CIReVL's code stops at a blank line or <|endoftext|>, LDRE's at none"),
         *generation_options("captioner and language model", "captions and answers"),
         OptionSpec("import_generations", "Published generations to record first (CIReVL mods JSON, LDRE/SEIZE "
                    "annotation JSON); several files separated by commas.", "str", None),
@@ -62,6 +75,18 @@ def _options(captioner: str, caption_prompt: str, captions: int, temperature: fl
     ) + tuple(extra)
 
 
+def _osrcir_options() -> tuple:
+    seed, _, generation = generation_options("captioner", "answers")  # the model is an endpoint: no local dtype
+    return (
+        *_llm_options("openai:gpt-4o-2024-08-06", "Multimodal language model behind an OpenAI-compatible endpoint "
+                      "that takes images: openai:MODEL (the paper's GPT-4o by default; with --llm-url, vLLM, "
+                      "llama.cpp or Ollama serving a local vision-language model).", "Reflective chain-of-thought "
+                      "prompt: builtin, a .toml file (system, user with {instruction}), a .txt file (the system "
+                      "message, such as OSrCIR's prompts.mllm_structural_predictor_prompt_CoT), or name:ID "
+                      "(recorded generations only).", 0.0, 1024, "; 0: none sent (the official demo: 1024)",
+                      r'["\n\n", "<|endoftext|>"]', "the official demo stops at a blank line or <|endoftext|>"),
+        seed, generation,
+    )
 @hookimpl
 def register_methods(register):
     register(MethodSpec(
@@ -72,6 +97,15 @@ def register_methods(register):
                          r'["\n\n", "<|endoftext|>"]'),  # CIReVL's src/openai_api.py
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="targetpad",
+    ))
+    register(MethodSpec(
+        name="osrcir",
+        description="OSrCIR: a multimodal LLM sees the reference image and the change, reasons (reflective "
+                    "chain-of-thought) and describes the target; retrieve by text.",
+        factory="cirbench.methods.llm_rewrite.onestage:OSrCIR",
+        options=_osrcir_options(),
+        default_backbone=("ViT-L-14", "openai"),
+        default_preprocess="targetpad",  # its retrieval is CIReVL's
     ))
     register(MethodSpec(
         name="ldre",

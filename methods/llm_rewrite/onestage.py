@@ -1,0 +1,86 @@
+"""OSrCIR (Tang et al., "Reason-before-Retrieve: One-Stage Reflective Chain-of-Thoughts for Training-Free
+Zero-Shot Composed Image Retrieval", CVPR 2025; github.com/Pter61/osrcir, ``src/demo.py`` and ``src/utils.py``).
+
+One stage instead of two: a multimodal language model sees the reference image itself with the modification
+text, and answers, in one JSON object, a description of the reference, its thoughts on the change, its
+reflections, and the target image's description; the CLIP text feature of that description is ranked against
+the gallery's image features, as CIReVL ranks its rewrite. As the official demo: the system message is the
+reflective chain-of-thought prompt, the user message the modification (FashionIQ's two captions joined as
+CIReVL joins them) with the image after it as a ``data:`` URL, temperature 0, at most 1,024 tokens, stopped at a
+blank line or ``<|endoftext|>``; an answer that is not JSON, or whose target description is missing or empty,
+gives the modification text itself.
+
+The model is any OpenAI-compatible endpoint that takes images (OpenAI's GPT-4o, as the paper; vLLM, llama.cpp
+or Ollama serving a local one). Answers are cached by content like the other language-model methods' (the
+image's sha256, the instruction, the model, the prompt, the decoding), so a run replays offline exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cirbench.errors import CirbenchError
+from cirbench.generation import GenerationCache
+from cirbench.generation.images import image_data_url, image_digests
+from cirbench.method import QuerySet
+from cirbench.types import Query
+
+from .pipeline import LanguageModelMethod
+from .prompts import answer_fields, instruction_of
+
+ORIGINAL_FIELD = "Original Image Description"
+
+
+class OSrCIR(LanguageModelMethod):
+    """See the module docstring."""
+
+    task = "reason"
+    prompt_kind = "reason"
+    generates = "target descriptions"
+
+    def __init__(self, backbone, options, dataset=None):
+        super().__init__(backbone, options, dataset)
+        model = self.rewrite_request["model"]
+        if not model.startswith("openai:") or model == "openai:":
+            raise CirbenchError(f"osrcir shows the reference image to a multimodal model behind an OpenAI-compatible "
+                                f"endpoint: --llm openai:MODEL (with --llm-url for a local server such as vLLM "
+                                f"serving a vision-language model), not {model!r}")
+
+    def reason_key(self, image: str, instruction: str) -> dict[str, Any]:
+        return {**self.rewrite_request, "image": image, "instruction": instruction}
+
+    def _prepare(self, qs: QuerySet, cache: GenerationCache) -> None:
+        digest = dict(zip(qs.references, image_digests(list(qs.references.values()), qs.name, qs.progress),
+                          strict=True))
+        answers: dict[tuple[str, str], str] = {}
+        todo = []
+        asked: dict[tuple[str, str], Query] = {}
+        for q in qs.queries:
+            name = (digest[q.reference], instruction_of(q))  # one request per image and instruction
+            if name in answers or name in asked:
+                continue
+            hit = cache.lookup(self.reason_key(*name))
+            if hit:
+                answers[name] = hit[0]
+                continue
+            asked[name] = q
+            ref = qs.references[q.reference]
+            todo.append((name, self.reason_key(*name),
+                         lambda ref=ref, name=name: self.prompt.messages("", name[1], image_data_url(ref))))
+        first = next(iter(asked.values()), None)
+        answers.update(self._ask(qs, cache, todo, "queries", f"query {first.id if first else ''} (target "
+                                 f"description from reference image {first.reference if first else ''} by "
+                                 f"{self.rewrite_request['model']} with prompt {self.prompt.identity[:19]})"))
+        for q in qs.queries:
+            instruction = instruction_of(q)
+            answer = answers[(digest[q.reference], instruction)]
+            text, fell = self.prompt.parse_answer(answer, instruction)
+            original = (answer_fields(answer) or {}).get(ORIGINAL_FIELD)
+            self.stats["fallback_to_instruction"] += int(fell)
+            self.texts[q.id] = {"rewrites": [text], "fallbacks": int(fell),
+                                "original": original if isinstance(original, str) else None}
+
+    def query_details(self, query: Query) -> dict[str, Any] | None:
+        t = self.texts.get(query.id)
+        return None if t is None else {"target_description": t["rewrites"][0], "fallback": bool(t["fallbacks"]),
+                                       "original_description": t["original"]}
