@@ -52,25 +52,17 @@ class OSrCIR(LanguageModelMethod):
     def _prepare(self, qs: QuerySet, cache: GenerationCache) -> None:
         digest = dict(zip(qs.references, image_digests(list(qs.references.values()), qs.name, qs.progress),
                           strict=True))
-        answers: dict[tuple[str, str], str] = {}
-        todo = []
-        asked: dict[tuple[str, str], Query] = {}
-        for q in qs.queries:
-            name = (digest[q.reference], instruction_of(q))  # one request per image and instruction
-            if name in answers or name in asked:
-                continue
-            hit = cache.lookup(self.reason_key(*name))
-            if hit:
-                answers[name] = hit[0]
-                continue
-            asked[name] = q
-            ref = qs.references[q.reference]
-            todo.append((name, self.reason_key(*name),
-                         lambda ref=ref, name=name: self.prompt.messages("", name[1], image_data_url(ref))))
-        first = next(iter(asked.values()), None)
-        answers.update(self._ask(qs, cache, todo, "queries", f"query {first.id if first else ''} (target "
-                                 f"description from reference image {first.reference if first else ''} by "
-                                 f"{self.rewrite_request['model']} with prompt {self.prompt.identity[:19]})"))
+
+        def requests():
+            for q in qs.queries:
+                name = (digest[q.reference], instruction_of(q))  # one request per reference image and instruction
+                ref = qs.references[q.reference]
+                yield name, self.reason_key(*name), q, (
+                    lambda ref=ref, instruction=name[1]: self.prompt.messages("", instruction, image_data_url(ref)))
+
+        model, prompt = self.rewrite_request["model"], self.prompt.identity[:19]
+        answers = self._answers(qs, cache, requests(), "queries", lambda q: (
+            f"query {q.id} (target description from reference image {q.reference} by {model} with prompt {prompt})"))
         for q in qs.queries:
             instruction = instruction_of(q)
             answer = answers[(digest[q.reference], instruction)]

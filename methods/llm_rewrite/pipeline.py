@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,27 @@ class LanguageModelMethod(Method):
     def _prepare(self, qs: QuerySet, cache: GenerationCache) -> None:
         """Fill ``self.texts`` for every query of ``qs`` from ``cache``, generating what it lacks."""
         raise NotImplementedError
+
+    def _answers(self, qs: QuerySet, cache: GenerationCache,
+                 requests: Iterable[tuple[Any, dict[str, Any], Query, Callable[[], Any]]], what: str,
+                 first: Callable[[Query], str]) -> dict[Any, str]:
+        """The model's answer to each distinct ``(name, cache key, query, messages maker)`` of ``requests``: the
+        recorded one, else asked for (:meth:`_ask`; ``first(query)`` names the first missing one)."""
+        answers: dict[Any, str] = {}
+        todo: dict[Any, tuple[Any, dict[str, Any], Callable[[], Any]]] = {}
+        asking: Query | None = None
+        for name, key, query, messages in requests:
+            if name in answers or name in todo:
+                continue
+            hit = cache.lookup(key)
+            if hit:
+                answers[name] = hit[0]
+            else:
+                todo[name] = (name, key, messages)
+                asking = asking or query
+        if asking is not None:
+            answers.update(self._ask(qs, cache, list(todo.values()), what, first(asking)))
+        return answers
 
     def _ask(self, qs: QuerySet, cache: GenerationCache,
              todo: Sequence[tuple[Any, dict[str, Any], Callable[[], Any]]], what: str, first: str) -> dict[Any, str]:
@@ -282,24 +303,16 @@ class CaptionRewrite(LanguageModelMethod):
 
     def _rewrites(self, qs: QuerySet, cache: GenerationCache, captions: dict[str, list[str]]) -> None:
         """Rewrite every query's captions (``captions``: query id -> list) with its instruction."""
-        answers: dict[tuple[str, str], str] = {}
-        missing: dict[tuple[str, str], Query] = {}
-        for q in qs.queries:
-            instruction = instruction_of(q)
-            for caption in captions[q.id]:
-                pair = (caption, instruction)
-                if pair in answers or pair in missing:
-                    continue
-                hit = cache.lookup(self.rewrite_key(caption, instruction))
-                if hit:
-                    answers[pair] = hit[0]
-                else:
-                    missing[pair] = q
-        todo = [(pair, self.rewrite_key(*pair), lambda pair=pair: self.prompt.messages(*pair)) for pair in missing]
-        first = next(iter(missing.values()), None)
-        answers.update(self._ask(qs, cache, todo, "rewrites", f"query {first.id if first else ''} (rewrite of its "
-                                 f"caption by {self.rewrite_request['model']} with prompt "
-                                 f"{self.prompt.identity[:19]})"))
+        def requests():
+            for q in qs.queries:
+                instruction = instruction_of(q)
+                for caption in captions[q.id]:
+                    pair = (caption, instruction)
+                    yield pair, self.rewrite_key(*pair), q, lambda pair=pair: self.prompt.messages(*pair)
+
+        model, prompt = self.rewrite_request["model"], self.prompt.identity[:19]
+        answers = self._answers(qs, cache, requests(), "rewrites",
+                                lambda q: f"query {q.id} (rewrite of its caption by {model} with prompt {prompt})")
         for q in qs.queries:
             instruction = instruction_of(q)
             caps = captions[q.id]
