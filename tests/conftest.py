@@ -12,6 +12,16 @@ from cirbench.testing import TINY_CLIP, TOY_COLOURS, write_tiny_config, write_to
 COLOURS = TOY_COLOURS
 
 
+@pytest.fixture
+def endpoint():
+    """A fake OpenAI-compatible chat endpoint on the loopback address (see generation_models)."""
+    from generation_models import FakeChatEndpoint
+
+    server = FakeChatEndpoint()
+    yield server
+    server.close()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _a_cache_of_the_suites_own(tmp_path_factory):
     """Features, generated benchmarks and generations go to a cache of the suite's own (the processes it starts

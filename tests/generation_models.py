@@ -81,6 +81,15 @@ def write_tiny_lm(folder: Path, dtype=None, chat: bool = False) -> Path:
     return Path(folder)
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (an unreachable endpoint)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class FakeChatEndpoint:
     """An OpenAI-compatible chat endpoint on 127.0.0.1 (a random free port)."""
 

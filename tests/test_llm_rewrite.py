@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 
 import pytest
 import torch
 from annotations import ANNOTATIONS, copy_tree, needs_annotations, write_placeholder
-from generation_models import FakeChatEndpoint, write_tiny_blip2, write_tiny_lm
+from generation_models import free_port, write_tiny_blip2, write_tiny_lm
 
 from cirbench.errors import CirbenchError
 from cirbench.evaluate import RunConfig, evaluate
@@ -30,19 +29,6 @@ def blip2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     return write_tiny_lm(tmp_path_factory.mktemp("lm"))
-
-
-@pytest.fixture
-def endpoint():
-    server = FakeChatEndpoint()
-    yield server
-    server.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- CIReVL's answer parsing, transcribed from src/utils.py (generate_predictions) ------------------------------

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 
 import numpy as np
 import pytest
 import torch
-from generation_models import FakeChatEndpoint
+from generation_models import free_port
 
 from cirbench.backbones import load_backbone
 from cirbench.encode import encode_images
@@ -21,19 +20,6 @@ from cirbench.generation import ReplayMiss
 from cirbench.methods.llm_rewrite.prompts import REASON_USER, answer_fields, load_prompt
 from cirbench.testing import ToyDatasetPlugin, registered
 from cirbench.types import ImageRef
-
-
-@pytest.fixture
-def endpoint():
-    server = FakeChatEndpoint()
-    yield server
-    server.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(tmp_path, tiny_config, toy_root, **options):
@@ -180,7 +166,7 @@ def test_osrcir_asks_as_the_official_demo_ranks_by_the_description_and_replays(t
 
     # replay: the endpoint is gone; the same descriptions, the same rankings
     endpoint.close()
-    offline = {"llm_url": f"http://127.0.0.1:{_free_port()}/v1", "generation": "replay"}
+    offline = {"llm_url": f"http://127.0.0.1:{free_port()}/v1", "generation": "replay"}
     with registered(ToyDatasetPlugin(), "toy") as reg:
         (again,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **offline), reg)
     assert {q: r["top"] for q, r in _predictions(again).items()} == {q: r["top"] for q, r in rows.items()}
@@ -199,7 +185,7 @@ def test_osrcir_needs_a_multimodal_endpoint(tmp_path, tiny_config, toy_root):
     with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="--llm openai:MODEL"):
         evaluate(_cfg(tmp_path, tiny_config, toy_root, llm="hf:some/vlm"), reg)
     with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="unreachable"):
-        evaluate(_cfg(tmp_path, tiny_config, toy_root, llm_url=f"http://127.0.0.1:{_free_port()}/v1"), reg)
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, llm_url=f"http://127.0.0.1:{free_port()}/v1"), reg)
 
 
 def _crop_left_half(image):
