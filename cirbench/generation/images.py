@@ -1,11 +1,12 @@
-"""Captioning images through the generation cache: the step every method that describes images shares.
+"""Images meet generated text: what every method that captions images or shows them to a model shares.
 
 A caption request is keyed by the image's content (:func:`image_digest`), the captioner, the sha256 of its
 prompt and its decoding (:func:`caption_request`), so that every method asking the same captioner the same
 way about the same image (LDRE's references, WeiMoCIR's gallery) reads the same recorded texts.
 :func:`caption_missing` captions what the cache lacks, in batches, with a progress bar, recording each batch
-as it comes back; :func:`generate_once` runs a method's generation so that torchrun ranks and parallel jobs
-pay for each text once.
+as it comes back; :func:`image_data_url` is an image as a multimodal chat model receives it (OSrCIR);
+:func:`generate_once` runs a method's generation so that torchrun ranks and parallel jobs pay for each text
+once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import distributed
 from ..errors import CirbenchError, ImageError
 from ..images import load_image, read_image_bytes
 from ..types import ImageRef
@@ -104,6 +104,8 @@ def caption_request(model: str, prompt: str, n: int, seed: int, precision: str) 
 
 def say(name: str, progress: bool, message: str) -> None:
     """One line before a step that shows no bar of its own for a while (loading a model of many GB)."""
+    from .. import distributed
+
     if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
@@ -164,6 +166,8 @@ def generate_once(folder: Path, mode: str, same: Any, waiting: str, work: Callab
     one cache that would generate the same texts (``same``: everything that determines them) take turns, the
     later ones reading the first one's texts (``waiting`` is printed while one waits). Jobs that would generate
     other texts never wait on each other."""
+    from .. import distributed  # torch: only once a method runs
+
     if distributed.world_size() > 1 and not distributed.is_main():
         distributed.long_barrier()
         work(GenerationCache(folder, "replay"))
