@@ -19,6 +19,10 @@ code) the ensemble is weighted instead, once per query set, by :func:`adaptive_w
 :meth:`LDRE.finalize_queries`). SEIZE: two vectors per query, the LDRE feature and the same ensemble over the
 captions themselves; :meth:`combine_scores` then scores ``a + neg * min(a - b, 0) + pos * max(a - b, 0)``
 with ``a``/``b`` the cosine similarities of the two (the semantic editing increment).
+
+:class:`LanguageModelMethod` holds what every language-model method shares, OSrCIR's one stage
+(:mod:`.onestage`) included: the request and its cache key, the prompt, generating once, asking for what the
+cache lacks, and retrieval by the answers' text features.
 """
 
 from __future__ import annotations
