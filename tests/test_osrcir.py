@@ -82,13 +82,17 @@ def test_prompts_of_the_reasoning_kind(tmp_path):
     assert messages[0]["role"] == "system" and "Target Image Description" in messages[0]["content"]
     text, image = messages[1]["content"]
     assert text == {"type": "text", "text": REASON_USER.replace("{instruction}", "make it blue")}
-    assert '"Manipulation text": make it blue.' in text["text"]  # as the demo's user message: a period after it
+    # the demo's user message (src/utils.py), transcribed whitespace and all
+    official = ("\n                <Input>\n                    {\n                        \"Original Image\": "
+                "<image_url>\n                        \"Manipulation text\": %s.\n                    }\n"
+                "                ")
+    assert text["text"] == official % "make it blue"
     assert image == {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     # a .txt file is the system message (the official prompt constant), with the official user message
-    official = tmp_path / "osrcir_cot.txt"
-    official.write_text("- You are an image description expert.")
-    system = load_prompt(str(official), "reason")
-    assert (system.system, system.user, system.parse) == (official.read_text(), REASON_USER, "target-description")
+    prompt_file = tmp_path / "osrcir_cot.txt"
+    prompt_file.write_text("- You are an image description expert.")
+    system = load_prompt(str(prompt_file), "reason")
+    assert (system.system, system.user, system.parse) == (prompt_file.read_text(), REASON_USER, "target-description")
     assert system.identity != builtin.identity
     bad = tmp_path / "bad.toml"
     bad.write_text('user = "no placeholder"')

@@ -63,8 +63,9 @@ REASON_SYSTEM = (
     "Answer with one JSON object and nothing else, with these four keys in this order: "
     "\"Original Image Description\", \"Thoughts\", \"Reflections\", \"" + TARGET_FIELD + "\"."
 )
-# the official demo's user message: the image goes with it as an image_url part
-REASON_USER = '<Input>\n{\n    "Original Image": <image_url>\n    "Manipulation text": {instruction}.\n}'
+# the official demo's user message (src/utils.py), whitespace and all; the image goes after it as an image_url part
+REASON_USER = ("\n" + " " * 16 + "<Input>\n" + " " * 20 + "{\n" + " " * 24 + '"Original Image": <image_url>\n'
+               + " " * 24 + '"Manipulation text": {instruction}.\n' + " " * 20 + "}\n" + " " * 16)
 NEEDS = {"rewrite": ("{caption}", "{instruction}"), "reason": ("{instruction}",)}
 
 
