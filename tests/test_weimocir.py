@@ -294,3 +294,27 @@ def test_methods_sharing_a_backbone_get_their_own_captions_features(tmp_path, ti
     assert not torch.allclose(gallery({"a": ["a red car"], "b": ["a green sky"], "c": ["a dog"]}), first)
     assert gallery({"a": ["a red car", "x"], "b": ["a blue sky", "y"], "c": ["a dog", "z"]}, 2).shape[1] == \
         3 * bb.embed_dim
+
+
+def test_captions_are_shared_with_the_language_model_methods(tmp_path, tiny_config, toy_root, blip2, endpoint,
+                                                             monkeypatch):
+    """One captioner asked the same way about the same image writes one record: CIReVL (caption per image, the
+    same prompt and beam search) reads the captions WeiMoCIR's --captioner made, loading no captioner."""
+    with registered(ToyPlugin(), "toy") as reg:
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, captioner=f"hf:{blip2}", captions_per_image=1), reg)
+    recorded = {n: outputs for n, (_, outputs) in _generated_captions(tmp_path / "cache", toy_root).items()}
+
+    from cirbench.generation import captioner
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the captions were made again")
+
+    monkeypatch.setattr(captioner, "build_captioner", no_model)
+    cirevl = dataclasses.replace(_cfg(tmp_path, tiny_config, toy_root, captioner=f"hf:{blip2}", caption_prompt="",
+                                      llm="openai:gpt-test", llm_url=endpoint.url), method="cirevl", bootstrap=0)
+    with registered(ToyPlugin(), "toy") as reg:
+        (out,) = evaluate(cirevl, reg)
+    rows = list(map(json.loads, out.predictions_path.read_text().splitlines()))
+    references = {q["id"]: q["reference"] for q in json.loads((toy_root / "queries.json").read_text())["queries"]}
+    assert all(r["method"]["captions"] == recorded[references[r["query"]]] for r in rows)
+    assert out.record["method"]["summary"]["generations"]["generated"] == len(endpoint.requests)  # rewrites only
