@@ -81,6 +81,42 @@ def write_tiny_lm(folder: Path, dtype=None, chat: bool = False) -> Path:
     return Path(folder)
 
 
+LLAVA_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} | {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def write_tiny_llava(folder: Path) -> Path:
+    """A randomly initialised LLaVA (a one-layer CLIP vision tower at 28 px, a one-layer Llama) with a
+    processor whose chat template writes ``<image>`` where a message's image part is, saved as a transformers
+    folder (``hf:PATH``): a local vision-language model."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = _tokenizer()
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14, projection_dim=16)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                   chat_template=LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1).save_pretrained(folder)
+    return Path(folder)
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (an unreachable endpoint)."""
     import socket

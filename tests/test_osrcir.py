@@ -185,9 +185,12 @@ def test_osrcir_asks_as_the_official_demo_ranks_by_the_description_and_replays(t
         evaluate(_cfg(tmp_path, tiny_config, toy_root, prompt=other, **offline), reg)
 
 
-def test_osrcir_needs_a_multimodal_endpoint(tmp_path, tiny_config, toy_root):
-    with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="--llm openai:MODEL"):
+def test_osrcir_model_errors_are_one_line(tmp_path, tiny_config, toy_root):
+    with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(
+            CirbenchError, match="cannot load the vision-language model 'some/vlm'.*pass a local folder"):
         evaluate(_cfg(tmp_path, tiny_config, toy_root, llm="hf:some/vlm"), reg)
+    with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="unknown language model"):
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, llm="local:some/vlm"), reg)
     with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="unreachable"):
         evaluate(_cfg(tmp_path, tiny_config, toy_root, llm_url=f"http://127.0.0.1:{free_port()}/v1"), reg)
 
@@ -224,3 +227,62 @@ def test_images_go_to_the_model_as_data_urls(tmp_path):
     assert header == "data:image/png;base64" and crop.size == (4, 6) and crop.getpixel((0, 0)) == (200, 10, 10)
     with pytest.raises(CirbenchError, match="missing image"):
         image_data_url(ImageRef("x", tmp_path / "nope.png"))
+
+
+def test_split_images_turns_data_urls_into_placeholders_and_images(tmp_path):
+    from PIL import Image
+
+    from cirbench.generation.images import image_data_url
+    from cirbench.generation.llm import split_images
+
+    path = tmp_path / "red.png"
+    Image.new("RGB", (6, 4), (200, 10, 10)).save(path)
+    messages = load_prompt("builtin", "reason").messages("", "make it blue", image_data_url(ImageRef("x", path)))
+    converted, images = split_images(messages)
+    assert converted[0] == messages[0]
+    assert converted[1]["content"] == [messages[1]["content"][0], {"type": "image"}]
+    assert len(images) == 1 and images[0].size == (6, 4) and images[0].getpixel((0, 0)) == (200, 10, 10)
+    with pytest.raises(CirbenchError, match="data: URLs"):
+        split_images([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}])
+
+
+def test_osrcir_with_a_local_vision_language_model(tmp_path, tiny_config, toy_root, monkeypatch):
+    """hf:PATH runs a local image-text-to-text model: its processor's chat template places each reference image,
+    the image itself reaches the vision tower, the answers are recorded with the weights' precision, and a
+    replay loads no model."""
+    from generation_models import write_tiny_llava
+
+    from cirbench.generation import llm as llm_module
+
+    llava = write_tiny_llava(tmp_path / "llava")
+    seen = []
+    encode = llm_module.TransformersVLM._encode
+
+    def spy(self, prompts):
+        enc = encode(self, prompts)
+        seen.append((len(prompts), tuple(enc["pixel_values"].shape), self.tokenizer.decode(enc["input_ids"][0])))
+        return enc
+
+    monkeypatch.setattr(llm_module.TransformersVLM, "_encode", spy)
+    options = {"llm": f"hf:{llava}", "max_tokens": 6}
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (live,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **options), reg)
+    data = json.loads((toy_root / "queries.json").read_text())
+    pairs = {(q["reference"], q["text"]) for q in data["queries"]}
+    assert sum(n for n, _, _ in seen) == len(pairs)
+    assert all(shape == (n, 3, 28, 28) for n, shape, _ in seen)  # one image per prompt, through the processor
+    assert "system: " in seen[0][2] and '"Manipulation text": make it' in seen[0][2] and "assistant:" in seen[0][2]
+    summary = live.record["method"]["summary"]
+    assert summary["generations"]["generated"] == len(pairs)
+    # a random model writes no JSON: every query falls back to its own text, and says so
+    assert summary["generations"]["fallback_to_instruction"] == len(data["queries"])
+    entry = json.loads((tmp_path / "cache" / "generations" / "generations.jsonl").read_text().splitlines()[0])
+    assert entry["request"]["params"]["precision"] == "fp32" and entry["source"] == f"live:hf:{llava}"
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a replay run loaded a model")
+
+    monkeypatch.setattr(llm_module, "build_llm", no_model)
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (again,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, generation="replay", **options), reg)
+    assert again.record["method"]["summary"]["rewritten_texts_sha256"] == summary["rewritten_texts_sha256"]

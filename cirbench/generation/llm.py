@@ -1,10 +1,12 @@
-"""Language models that rewrite text: any OpenAI-compatible chat endpoint, or a local transformers model.
+"""Language models that rewrite text or reason over images: any OpenAI-compatible chat endpoint, or a local
+transformers model.
 
 ``build_llm("openai:gpt-4o-mini")`` talks to ``--llm-url`` (default ``$OPENAI_BASE_URL`` or the OpenAI API)
 with the key in ``$OPENAI_API_KEY`` (never written anywhere); vLLM, llama.cpp's server, Ollama and the like
 serve the same protocol locally. ``build_llm("hf:PATH_OR_REPO")`` runs a causal language model with
-transformers (its chat template when it has one). Both take a list of chat messages per prompt and return
-one text per prompt; a stop string ends the text.
+transformers (its chat template when it has one), and with ``vision=True`` an image-text-to-text model whose
+processor places the messages' images. All take a list of OpenAI-style chat messages per prompt (images as
+``image_url`` parts holding ``data:`` URLs) and return one text per prompt; a stop string ends the text.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ..errors import CirbenchError
 from ..util import one_line
 from .hf import from_pretrained_kwargs
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]  # OpenAI chat messages: content is a text, or a list of text and image_url parts
 OnResult = Callable[[int, str], None]  # (index of the prompt, its answer), called as each answer arrives
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 
@@ -151,17 +153,12 @@ class TransformersLM:
     def __init__(self, path: str, temperature: float = 0.0, max_tokens: int = 700, stop: tuple[str, ...] = ("\n\n",),
                  seed: int | None = 0, device: str = "cpu", batch_size: int = 8, precision: str = "fp32"):
         try:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # cirbench shows its own progress
-
-            load = from_pretrained_kwargs(path, precision)
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=load["local_files_only"])
-            model = AutoModelForCausalLM.from_pretrained(path, **load)
-            self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
+            self._load(path, from_pretrained_kwargs(path, precision), device)
         except (OSError, ValueError) as exc:
-            raise CirbenchError(f"cannot load the language model {path!r} ({one_line(exc)[:160]}): pass a local "
+            raise CirbenchError(f"cannot load the {self.kind} {path!r} ({one_line(exc)[:160]}): pass a local "
                                 "folder or a cached hub id") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -169,12 +166,28 @@ class TransformersLM:
         self.path, self.device, self.batch_size = path, device, batch_size
         self.temperature, self.max_tokens, self.stop, self.seed = temperature, max_tokens, tuple(stop), seed
 
+    kind = "language model"
+
+    def _load(self, path: str, load: dict[str, Any], device: str) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=load["local_files_only"])
+        model = AutoModelForCausalLM.from_pretrained(path, **load)
+        self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
+
     @property
     def id(self) -> str:
         return f"hf:{self.path}"
 
     def source(self) -> str:
         return f"live:{self.id}"
+
+    def _encode(self, prompts: list[Messages]) -> Any:
+        """The batch's model inputs (left-padded)."""
+        texts = [self._text(m) for m in prompts]
+        # a chat template writes the special tokens itself (BOS above all): the tokenizer must not add them again
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
+        return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
 
     def _text(self, messages: Messages) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -187,11 +200,7 @@ class TransformersLM:
 
         out: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
-            texts = [self._text(m) for m in prompts[start : start + self.batch_size]]
-            # a chat template writes the special tokens itself (BOS above all): the tokenizer must not add them again
-            templated = bool(getattr(self.tokenizer, "chat_template", None))
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated).to(
-                self.device)
+            enc = self._encode(prompts[start : start + self.batch_size]).to(self.device)
             kwargs: dict[str, Any] = {"max_new_tokens": self.max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
             if self.temperature > 0:
                 torch.manual_seed(self.seed or 0)
@@ -202,7 +211,8 @@ class TransformersLM:
                 kwargs.update(do_sample=False)
             with torch.no_grad():
                 ids = self.model.generate(**enc, **kwargs)
-            new = ids[:, enc["input_ids"].shape[1]:]
+            encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
+            new = ids if encoder_decoder else ids[:, enc["input_ids"].shape[1]:]  # a decoder repeats the prompt
             for text in self.tokenizer.batch_decode(new, skip_special_tokens=True):
                 out.append(cut_at_stop(text, self.stop))
                 if on_result is not None:
@@ -210,13 +220,76 @@ class TransformersLM:
         return out
 
 
+class TransformersVLM(TransformersLM):
+    """A local vision-language model (transformers image-text-to-text, e.g. LLaVA, Qwen2-VL), asked with the
+    same OpenAI-style messages as an endpoint: each ``image_url`` part (a ``data:`` URL) becomes an image
+    placeholder of the processor's chat template, and the image goes to the processor beside the text."""
+
+    kind = "vision-language model"
+
+    def _load(self, path: str, load: dict[str, Any], device: str) -> None:
+        import transformers
+
+        # AutoModelForVision2Seq before transformers 4.46 (since deprecated, then removed)
+        auto = (getattr(transformers, "AutoModelForImageTextToText", None)
+                or transformers.AutoModelForVision2Seq)  # type: ignore[attr-defined]
+        self.processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=load["local_files_only"])
+        if not getattr(self.processor, "chat_template", None):
+            raise ValueError("its processor has no chat template to place the image in the prompt")
+        self.tokenizer = self.processor.tokenizer
+        self.model = auto.from_pretrained(path, **load).to(device).eval()
+
+    def _encode(self, prompts: list[Messages]) -> Any:
+        texts, images = [], []
+        for messages in prompts:
+            converted, pictures = split_images(messages)
+            texts.append(str(self.processor.apply_chat_template(converted, add_generation_prompt=True,
+                                                                tokenize=False)))
+            images += pictures
+        enc = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        if "pixel_values" in enc:  # the processor makes fp32 pixels; the vision tower takes its own dtype
+            enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        return enc
+
+
+def split_images(messages: Messages) -> tuple[Messages, list[Any]]:
+    """OpenAI-style messages with their ``image_url`` parts (``data:`` URLs) replaced by ``{"type": "image"}``
+    placeholders, and the decoded images in order (RGB PIL images)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    converted: Messages = []
+    images: list[Any] = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") == "image_url":
+                    url = str(part["image_url"]["url"])
+                    if not url.startswith("data:") or "," not in url:
+                        raise CirbenchError("a local vision-language model takes images as data: URLs")
+                    images.append(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+                    parts.append({"type": "image"})
+                else:
+                    parts.append(part)
+            content = parts
+        converted.append({**message, "content": content})
+    return converted, images
+
+
 def build_llm(spec: str, *, url: str | None = None, temperature: float = 0.0, max_tokens: int | None = 700,
-              stop: tuple[str, ...] = ("\n\n",), seed: int | None = None, device: str = "cpu", precision: str = "fp32"):
-    """``openai:MODEL`` (an OpenAI-compatible endpoint) or ``hf:PATH_OR_REPO`` (local transformers)."""
+              stop: tuple[str, ...] = ("\n\n",), seed: int | None = None, device: str = "cpu", precision: str = "fp32",
+              vision: bool = False):
+    """``openai:MODEL`` (an OpenAI-compatible endpoint) or ``hf:PATH_OR_REPO`` (local transformers: a
+    vision-language model when the prompts hold images, ``vision``)."""
     kind, _, name = spec.partition(":")
     if kind == "openai" and name:
         return OpenAIChat(name, url, temperature, max_tokens, stop, seed)
     if kind == "hf" and name:
-        return TransformersLM(name, temperature, max_tokens or 700, stop, seed, device, precision=precision)
+        local = TransformersVLM if vision else TransformersLM
+        return local(name, temperature, max_tokens or 700, stop, seed, device, precision=precision)
     raise CirbenchError(f"unknown language model {spec!r}: use openai:MODEL (any OpenAI-compatible endpoint, "
                         "--llm-url) or hf:PATH_OR_REPO (a local transformers model)")

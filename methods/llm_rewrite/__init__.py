@@ -15,9 +15,10 @@ OpenAI-compatible endpoint (``openai:MODEL`` with ``--llm-url``) or a local tran
   ``--adaptive-temperature``).
 * ``seize`` (Yang et al., ACM MM 2024): LDRE's rewrites and captions, scored by the semantic editing
   increment (``--pos-factor``, ``--neg-factor``).
-* ``osrcir`` (Tang et al., CVPR 2025): one stage, no captioner: a multimodal model behind an OpenAI-compatible
-  endpoint sees the reference image with the modification, answers with a reflective chain of thought in JSON,
-  and its target description is retrieved by text (see :mod:`.onestage`).
+* ``osrcir`` (Tang et al., CVPR 2025): one stage, no captioner: a multimodal model (an OpenAI-compatible
+  endpoint, or a local transformers vision-language model) sees the reference image with the modification,
+  answers with a reflective chain of thought in JSON, and its target description is retrieved by text (see
+  :mod:`.onestage`).
 
 Every generation is cached by content under ``<cache>/generations``; ``--generation replay`` reruns without
 any model, and ``--import-generations FILE`` reads the texts CIReVL, LDRE or SEIZE published (with
@@ -76,16 +77,16 @@ def _options(captioner: str, caption_prompt: str, captions: int, temperature: fl
 
 
 def _osrcir_options() -> tuple:
-    seed, _, generation = generation_options("captioner", "answers")  # the model is an endpoint: no local dtype
     return (
-        *_llm_options("openai:gpt-4o-2024-08-06", "Multimodal language model behind an OpenAI-compatible endpoint "
-                      "that takes images: openai:MODEL (the paper's GPT-4o by default; with --llm-url, vLLM, "
-                      "llama.cpp or Ollama serving a local vision-language model).", "Reflective chain-of-thought "
+        *_llm_options("openai:gpt-4o-2024-08-06", "Multimodal language model: openai:MODEL, an OpenAI-compatible "
+                      "endpoint that takes images (the paper's GPT-4o by default; with --llm-url, vLLM, llama.cpp or "
+                      "Ollama serving a local one), or hf:PATH_OR_REPO, a local transformers vision-language model "
+                      "with a chat template (e.g. Qwen/Qwen2.5-VL-7B-Instruct).", "Reflective chain-of-thought "
                       "prompt: builtin, a .toml file (system, user with {instruction}), a .txt file (the system "
                       "message, such as OSrCIR's prompts.mllm_structural_predictor_prompt_CoT), or name:ID "
                       "(recorded generations only).", 0.0, 1024, "; 0: none sent (the official demo: 1024)",
                       r'["\n\n", "<|endoftext|>"]', "the official demo stops at a blank line or <|endoftext|>"),
-        seed, generation,
+        *generation_options("vision-language model", "answers"),
     )
 @hookimpl
 def register_methods(register):

@@ -11,7 +11,8 @@ blank line or ``<|endoftext|>``; an answer that is not JSON, or whose target des
 gives the modification text itself.
 
 The model is any OpenAI-compatible endpoint that takes images (OpenAI's GPT-4o, as the paper; vLLM, llama.cpp
-or Ollama serving a local one). Answers are cached by content like the other language-model methods' (the
+or Ollama serving a local one), or a local transformers vision-language model (``hf:``, with its processor's
+chat template). Answers are cached by content like the other language-model methods' (the
 image's sha256, the instruction, the model, the prompt, the decoding), so a run replays offline exactly.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from cirbench.errors import CirbenchError
 from cirbench.generation import GenerationCache
 from cirbench.generation.images import image_data_url, image_digests
 from cirbench.method import QuerySet
@@ -37,14 +37,7 @@ class OSrCIR(LanguageModelMethod):
     task = "reason"
     prompt_kind = "reason"
     generates = "target descriptions"
-
-    def __init__(self, backbone, options, dataset=None):
-        super().__init__(backbone, options, dataset)
-        model = self.rewrite_request["model"]
-        if not model.startswith("openai:") or model == "openai:":
-            raise CirbenchError(f"osrcir shows the reference image to a multimodal model behind an OpenAI-compatible "
-                                f"endpoint: --llm openai:MODEL (with --llm-url for a local server such as vLLM "
-                                f"serving a vision-language model), not {model!r}")
+    vision = True
 
     def reason_key(self, image: str, instruction: str) -> dict[str, Any]:
         return {**self.rewrite_request, "image": image, "instruction": instruction}

@@ -61,6 +61,7 @@ class LanguageModelMethod(Method):
     task = "rewrite"
     prompt_kind = "rewrite"
     generates = "texts"  # what a job waiting for another's generation is told it waits for
+    vision = False  # whether the prompts hold images (a local model is then a vision-language one)
     ensemble = "single"
     rewrite_batch = 32  # requests at once (an endpoint answers them in parallel)
 
@@ -201,7 +202,7 @@ class LanguageModelMethod(Method):
         p = self.rewrite_request["params"]
         return build_llm(self.rewrite_request["model"], url=self.options.get("llm_url"), temperature=p["temperature"],
                          max_tokens=p["max_tokens"], stop=tuple(p["stop"]), seed=p["seed"],
-                         device=str(self.backbone.device), precision=self._precision())
+                         device=str(self.backbone.device), precision=self._precision(), vision=self.vision)
 
     # -- retrieval ----------------------------------------------------------------------------------------
     def _raw_text(self, texts: list[str]) -> torch.Tensor:
