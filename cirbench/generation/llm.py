@@ -11,6 +11,7 @@ processor places the messages' images. All take a list of OpenAI-style chat mess
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -247,6 +248,8 @@ class TransformersVLM(TransformersLM):
                                                                 tokenize=False)))
             images += pictures
         enc = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        if "token_type_ids" in enc and "token_type_ids" not in inspect.signature(self.model.forward).parameters:
+            del enc["token_type_ids"]  # some processors' tokenizers add them; generate refuses what forward lacks
         if "pixel_values" in enc:  # the processor makes fp32 pixels; the vision tower takes its own dtype
             enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
         return enc
