@@ -19,4 +19,5 @@ PAPER_ROWS = (
     _row("fti4cir", "ViT-L/14", "15.05/16.32/18.06/19.05", "Lin et al., FTI4CIR, SIGIR 2024"),
     _row("slerp-tat", "ViT-B/32", "9.34/10.26/11.65/12.33", "Jang et al., Slerp+TAT, ECCV 2024"),
     _row("slerp-tat", "ViT-L/14", "18.46/19.41/21.43/22.41", "Jang et al., Slerp+TAT, ECCV 2024"),
+    _row("osrcir", "ViT-L/14", "23.87/25.33/27.84/28.97", "Tang et al., OSrCIR, CVPR 2025 (GPT-4o)"),
 )

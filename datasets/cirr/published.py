@@ -26,4 +26,5 @@ PAPER_ROWS = (
     # the test server's page for alpha 0.8, beta 0.1, as the official repository shows it (submission/CLIP-L14-01.png)
     _row("weimocir", "ViT-L/14 (LAION-2B)", "30.94/60.867/73.084/91.614", "58.554/79.06/90.072",
          "Wu et al., WeiMoCIR, TAAI 2024 (github.com/whats2000/WeiMoCIR, CIRR server result)"),
+    _row("osrcir", "ViT-L/14", "29.45/57.68/69.86/—", None, "Tang et al., OSrCIR, CVPR 2025 (GPT-4o)"),
 )

@@ -28,4 +28,6 @@ PAPER_ROWS = (
     _row("slerp-tat", "ViT-B/32", "19.24/42.14", "23.06/41.95", "26.57/47.78", "22.96/43.96",
          "Jang et al., Slerp+TAT, ECCV 2024"),
     _row("slerp-tat", "ViT-L/14", None, None, None, "28.32/47.60", "Jang et al., Slerp+TAT, ECCV 2024"),
+    _row("osrcir", "ViT-L/14", "29.70/51.81", "33.17/52.03", "36.92/59.27", "33.26/54.37",
+         "Tang et al., OSrCIR, CVPR 2025 (GPT-4o)"),
 )
