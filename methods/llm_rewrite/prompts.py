@@ -20,7 +20,7 @@ Parse rules:
 ``--prompt`` takes the built-in prompt of its kind (``builtin``, written for cirbench), a ``.toml`` file with
 ``system``, ``user`` and ``parse`` keys, a ``.txt`` file (a rewrite prompt: CIReVL's style, a base prompt
 followed by "Image Content:" and "Instruction:" lines, unless it holds ``{caption}`` itself; a reason prompt:
-the system message, as OSrCIR's ``prompts.py`` holds it, with the built-in user template), or ``name:ID``: a
+the system message, as OSrCIR's ``prompts.py`` holds it, with the demo's user message), or ``name:ID``: a
 prompt known only by name, which can only replay generations recorded under that name (imported ones).
 """
 
