@@ -161,7 +161,7 @@ class FakeChatEndpoint:
                     return
                 user = body["messages"][-1]["content"]
                 if isinstance(user, list):  # a multimodal request: answer as OSrCIR's model would
-                    content = endpoint.describe(user)
+                    content = endpoint.describe(user, body.get("seed"))
                     answer = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
@@ -190,9 +190,11 @@ class FakeChatEndpoint:
         self.thread.start()
 
     @staticmethod
-    def describe(parts: list[dict]) -> str:
-        """A vision model's JSON answer: the image's colour (its mean pixel, named among the toy colours) and the
-        manipulation text's; "nojson" in the text gives prose, "fenced" a ```json fence around the object."""
+    def describe(parts: list[dict], seed: int | None = None) -> str:
+        """A vision model's answer: asked without a manipulation text (a caption), "a <colour> picture" (the
+        image's mean pixel, named among the toy colours; ", take <seed>" when sampled); else OSrCIR's JSON
+        with the image's colour and the manipulation text's ("nojson" in the text gives prose, "fenced" a
+        ```json fence around the object)."""
         import base64
         import io
 
@@ -206,6 +208,8 @@ class FakeChatEndpoint:
         mean = pixels.getpixel((0, 0))
         colour = min(TOY_COLOURS, key=lambda c: sum((a - b) ** 2 for a, b in zip(TOY_COLOURS[c], mean, strict=True)))
         manipulation = re.search(r'"Manipulation text": (.*)\.', text)
+        if manipulation is None:
+            return f"a {colour} picture" + (f", take {seed}" if seed else "") + "\n"
         wanted = manipulation.group(1).replace("make it ", "") if manipulation else ""
         if "nojson" in wanted:
             return "The target image shows something else."

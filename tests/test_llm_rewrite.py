@@ -705,3 +705,43 @@ def test_imported_queries_of_one_image_keep_their_own_captions(tmp_path, tiny_co
         for qid in ("0", "1"):
             assert rows[qid]["captions"] == [f"c0 of query {qid}", f"c1 of query {qid}"]
             assert rows[qid]["rewrites"] == [f"r0 of query {qid}", f"r1 of query {qid}"]
+
+
+def test_a_chat_model_captions_for_cirevl_as_osrcirs_cirevl_star(tmp_path, tiny_config, toy_root, endpoint):
+    """--captioner openai:MODEL: a multimodal chat model captions each reference (the prompt as the user text,
+    the image after it, temperature 0, one request per caption), then the rewrites go as usual."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from cirbench.generation.images import caption_request
+    from cirbench.methods.llm_rewrite import CIREVL_CAPTION_PROMPT
+
+    options = dict(captioner="openai:gpt-4o-2024-08-06", captioner_url=endpoint.url, llm="openai:gpt-test",
+                   llm_url=endpoint.url)
+    with registered(ToyDatasetPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **options), reg)
+    captioning = [r for r in endpoint.requests if isinstance(r["messages"][-1]["content"], list)]
+    data = json.loads((toy_root / "queries.json").read_text())
+    assert len(captioning) == len({q["reference"] for q in data["queries"]})  # one per reference image
+    sent = captioning[0]
+    assert (sent["model"], sent["temperature"], sent["max_tokens"], sent["seed"]) == (
+        "gpt-4o-2024-08-06", 0.0, 300, 0) and "stop" not in sent
+    text, image = sent["messages"][0]["content"]
+    assert text == {"type": "text", "text": CIREVL_CAPTION_PROMPT}
+    pixels = Image.open(io.BytesIO(base64.b64decode(image["image_url"]["url"].split(",", 1)[1])))
+    assert pixels.mode == "RGB"
+    for row in _predictions(out):
+        reference = next(q["reference"] for q in data["queries"] if q["id"] == row["query"])
+        assert row["method"]["captions"] == [f"a {reference.split('_')[1]} picture"]
+    # the chat captioner's request says how it was asked, and the precision of weights it does not hold is not
+    # recorded; a transformers captioner's request is what it always was (recorded captions still match)
+    assert caption_request("openai:m", "", 2, 7, "bf16")["params"] == {"n": 2, "temperature": 1.0,
+                                                                       "max_tokens": 300, "seed": 7}
+    assert caption_request("openai:m", "", 1, 0, "fp32")["prompt"] != caption_request("openai:m", "x", 1, 0,
+                                                                                       "fp32")["prompt"]
+    sha_p = "148de9c5a7a44d19e56cd9ae1a554bf67847afb0c58f6e12fa29ac7ddfca9940"  # sha256 of "p"
+    assert caption_request("hf:m", "p", 1, 0, "fp32") == {
+        "task": "caption", "model": "hf:m", "prompt": sha_p,
+        "params": {"n": 1, "num_beams": 5, "max_new_tokens": 30, "sampling": None, "precision": "fp32"}}

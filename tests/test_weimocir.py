@@ -318,3 +318,33 @@ def test_captions_are_shared_with_the_language_model_methods(tmp_path, tiny_conf
     references = {q["id"]: q["reference"] for q in json.loads((toy_root / "queries.json").read_text())["queries"]}
     assert all(r["method"]["captions"] == recorded[references[r["query"]]] for r in rows)
     assert out.record["method"]["summary"]["generations"]["generated"] == len(endpoint.requests)  # rewrites only
+
+
+def test_a_chat_model_writes_sampled_captions(tmp_path, tiny_config, toy_root, endpoint):
+    """--captioner openai:MODEL (the paper's captions came from a multimodal LLM): each of the captions of an
+    image is its own request at temperature 1 with its own seed; a replay asks nothing."""
+    options = {"captioner": "openai:gpt-4o", "captioner_url": endpoint.url, "captions_per_image": 2}
+    with registered(ToyPlugin(), "toy") as reg:
+        (live,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **options), reg)
+    names = json.loads((toy_root / "queries.json").read_text())["gallery"]
+    assert len(endpoint.requests) == 2 * len(names)
+    assert {r["temperature"] for r in endpoint.requests} == {1.0}
+    seeds = [r["seed"] for r in endpoint.requests]
+    recorded = _generated_captions(tmp_path / "cache", toy_root)
+    for name, (request, captions) in recorded.items():
+        assert request["params"] == {"n": 2, "temperature": 1.0, "max_tokens": 300, "seed": 0}
+        colour = name.split("_")[1]
+        first, second = captions
+        assert first.startswith(f"a {colour} picture, take ") and second.startswith(f"a {colour} picture, take ")
+        assert first != second  # two samples, two seeds
+    # a batch's images share a sample's seed (the batch is seeded, as a transformers captioner's), each sample
+    # of a batch has its own
+    from cirbench.generation.images import CAPTION_BATCH
+
+    assert len(set(seeds)) == 2 * -(-len(names) // CAPTION_BATCH)
+    assert live.record["method"]["label"].startswith("weimocir+captions-gpt-4o@")
+    endpoint.requests.clear()
+    with registered(ToyPlugin(), "toy") as reg:
+        (again,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, generation="replay", **options), reg)
+    assert not endpoint.requests
+    assert again.record["method"]["summary"]["captions_sha256"] == live.record["method"]["summary"]["captions_sha256"]

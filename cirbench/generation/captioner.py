@@ -1,10 +1,16 @@
-"""Image captioners through transformers (BLIP-2 and any other image-to-text model it loads).
+"""Image captioners: transformers image-to-text models (BLIP-2 and any other it loads), or a multimodal chat
+model behind an OpenAI-compatible endpoint.
 
 ``build_captioner("hf:Salesforce/blip2-flan-t5-xxl")`` loads the processor and the model
 (``AutoModelForImageTextToText``, else ``AutoModelForVision2Seq``). Decoding follows LAVIS's BLIP-2
 ``generate`` defaults, which CIReVL and LDRE used: beam search with 5 beams, at most 30 new tokens, at least
 1, no repetition or length penalty; ``n > 1`` captions per image (LDRE's dense captions) use nucleus sampling
 (top-p 0.9, with transformers' default top-k 50 that LAVIS ran with, temperature 1) with a seed.
+
+``build_captioner("openai:gpt-4o", url=...)`` asks a multimodal chat model (GPT-4o, or a vision-language model
+that vLLM, llama.cpp or Ollama serve): one request per caption, the prompt as the user text and the image after
+it; one caption at temperature 0, several at temperature 1, each with its own seed (OSrCIR's "CIReVL*"
+baseline captions with GPT-4o this way).
 """
 
 from __future__ import annotations
@@ -88,10 +94,68 @@ class TransformersCaptioner:
         return out
 
 
+CHAT_CAPTION_TOKENS = 300  # a chat model's caption length limit
+CHAT_CAPTION_PROMPT = "Describe the image in one sentence."  # a chat captioner's prompt when none is given
+
+
+def chat_caption_decoding(n: int, seed: int) -> dict[str, Any]:
+    """How a chat captioner is asked (part of every caption's cache key)."""
+    return {"n": n, "temperature": 0.0 if n == 1 else 1.0, "max_tokens": CHAT_CAPTION_TOKENS, "seed": seed}
+
+
+class ChatCaptioner:
+    """Captions from a multimodal chat model behind an OpenAI-compatible endpoint (see the module docstring)."""
+
+    def __init__(self, model: str, url: str | None = None, prompt: str = "", n: int = 1, seed: int = 0):
+        from .llm import OpenAIChat
+
+        self.decoding = chat_caption_decoding(n, seed)
+        self.client = OpenAIChat(model, url, self.decoding["temperature"], CHAT_CAPTION_TOKENS, (), seed)
+        self.prompt = prompt or CHAT_CAPTION_PROMPT
+        self.n, self.seed = n, seed
+
+    def source(self) -> str:
+        return self.client.source()
+
+    def _seeds(self, salt: str) -> list[int]:
+        """The seed of each of the ``n`` samples: the run's own for one caption; for several, each its own,
+        mixed with ``salt`` (the caller's name for the image) so that two units of one image differ."""
+        import hashlib
+
+        if self.n == 1:
+            return [self.seed]
+        return [int.from_bytes(hashlib.sha256(f"{self.seed}\0{salt}\0{j}".encode()).digest()[:4], "little") >> 1
+                for j in range(self.n)]
+
+    def caption(self, images: list[Any], salt: str = "") -> list[list[str]]:
+        """``n`` captions for each PIL image, each the model's whole answer, stripped."""
+        import base64
+        import io
+
+        urls = []
+        for image in images:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
+        out: list[list[str]] = [[] for _ in images]
+        for seed in self._seeds(salt):
+            self.client.seed = seed  # the requests of one sample go out together, then the next sample's
+            answers = self.client.generate([[{"role": "user", "content": [
+                {"type": "text", "text": self.prompt}, {"type": "image_url", "image_url": {"url": url}}]}]
+                for url in urls])
+            for captions, answer in zip(out, answers, strict=True):
+                captions.append(answer.strip())
+        return out
+
+
 def build_captioner(spec: str, *, prompt: str = "", n: int = 1, seed: int = 0, device: str = "cpu",
-                    precision: str = "fp32"):
+                    precision: str = "fp32", url: str | None = None):
+    """``hf:PATH_OR_REPO`` (transformers) or ``openai:MODEL`` (a multimodal chat endpoint at ``url``)."""
     kind, _, name = spec.partition(":")
     if kind == "hf" and name:
         return TransformersCaptioner(name, prompt=prompt, n=n, seed=seed, device=device, precision=precision)
+    if kind == "openai" and name:
+        return ChatCaptioner(name, url, prompt=prompt, n=n, seed=seed)
     raise CirbenchError(f"unknown captioner {spec!r}: use hf:PATH_OR_REPO (a transformers image-to-text model such "
-                        "as hf:Salesforce/blip2-opt-2.7b)")
+                        "as hf:Salesforce/blip2-opt-2.7b) or openai:MODEL (a multimodal chat endpoint, "
+                        "--captioner-url)")

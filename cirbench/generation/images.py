@@ -97,9 +97,15 @@ def caption_decoding(n: int, seed: int, precision: str) -> dict[str, Any]:
 
 
 def caption_request(model: str, prompt: str, n: int, seed: int, precision: str) -> dict[str, Any]:
-    """A caption request without its image (add ``"image": image_digest(ref)``)."""
-    return {"task": "caption", "model": model, "prompt": sha256_bytes(prompt.encode()),
-            "params": caption_decoding(n, seed, precision)}
+    """A caption request without its image (add ``"image": image_digest(ref)``): a transformers captioner's
+    decoding, or a chat endpoint's (whose weights' precision is the server's, not ours to record)."""
+    if model.startswith("openai:"):
+        from .captioner import CHAT_CAPTION_PROMPT, chat_caption_decoding
+
+        params, prompt = chat_caption_decoding(n, seed), prompt or CHAT_CAPTION_PROMPT  # the prompt it is sent
+    else:
+        params = caption_decoding(n, seed, precision)
+    return {"task": "caption", "model": model, "prompt": sha256_bytes(prompt.encode()), "params": params}
 
 
 def say(name: str, progress: bool, message: str) -> None:

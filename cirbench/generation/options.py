@@ -10,12 +10,16 @@ from ..util import SEED_MAX
 from .cache import GENERATION_MODES
 
 
-def captioner_options(captioner: str | None, caption_prompt: str, when: str = "") -> tuple[OptionSpec, OptionSpec]:
-    """``--captioner`` (default ``captioner``; ``when`` says when it is used) and ``--caption-prompt``."""
+def captioner_options(captioner: str | None, caption_prompt: str,
+                      when: str = "") -> tuple[OptionSpec, OptionSpec, OptionSpec]:
+    """``--captioner`` (default ``captioner``; ``when`` says when it is used), ``--caption-prompt`` and
+    ``--captioner-url``."""
     return (
-        OptionSpec("captioner", f"Image captioner: hf:PATH_OR_REPO (a transformers image-to-text model){when}.", "str",
-                   captioner),
+        OptionSpec("captioner", "Image captioner: hf:PATH_OR_REPO (a transformers image-to-text model) or "
+                   f"openai:MODEL (a multimodal chat model, e.g. GPT-4o, at --captioner-url){when}.", "str", captioner),
         OptionSpec("caption_prompt", "Prompt given to the captioner ('' for plain captioning).", "str", caption_prompt),
+        OptionSpec("captioner_url", "Base URL of an openai: captioner's endpoint (default $OPENAI_BASE_URL or the "
+                   "OpenAI API); the key is read from $OPENAI_API_KEY.", "str", None),
     )
 
 

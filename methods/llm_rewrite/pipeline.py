@@ -333,7 +333,8 @@ class CaptionRewrite(LanguageModelMethod):
 
         return build_captioner(self.caption_request["model"], prompt=str(self.options.get("caption_prompt") or ""),
                                n=self.n, seed=int(self.options.get("sampling_seed") or 0),
-                               device=str(self.backbone.device), precision=self._precision())
+                               device=str(self.backbone.device), precision=self._precision(),
+                               url=self.options.get("captioner_url"))
 
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         after = super().compose(references, queries)

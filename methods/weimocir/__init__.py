@@ -10,9 +10,10 @@ score is ``beta * mean_j(caption similarity) + (1 - beta) * image similarity``. 
 empty caption, as officially. FashionIQ's two captions are one text, ``"{c1, capitalised} and {c2}"``.
 
 Where no captions file exists (CIRCO, or the FashionIQ file that the repository keeps in Git LFS),
-``--captioner hf:MODEL`` writes them: every gallery and reference image gets ``captions_per_image`` sampled
-captions from any transformers image-to-text model (the paper's came from a multimodal LLM it does not name, so
-numbers made this way are the method with another captioner, not the paper's). They go through the generation
+``--captioner`` writes them: every gallery and reference image gets ``captions_per_image`` sampled captions from
+any transformers image-to-text model (``hf:``) or multimodal chat model (``openai:MODEL``); the paper's came from
+a multimodal LLM it does not name, so numbers made this way are the method with another captioner, not the
+paper's. They go through the generation
 cache, so a rerun, or ``--generation replay`` on a machine without the captioner, reads the same texts.
 """
 

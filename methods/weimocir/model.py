@@ -169,7 +169,8 @@ class WeiMoCIR(RawImageReferences, Method):
         assert self.caption_request is not None
         return build_captioner(self.caption_request["model"], prompt=str(self.options.get("caption_prompt") or ""),
                                n=self.per_image, seed=int(self.options.get("sampling_seed") or 0),
-                               device=str(self.backbone.device), precision=self._precision())
+                               device=str(self.backbone.device), precision=self._precision(),
+                               url=self.options.get("captioner_url"))
 
     def prepare_gallery(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
         if self.beta == 0:
