@@ -348,3 +348,11 @@ def test_a_chat_model_writes_sampled_captions(tmp_path, tiny_config, toy_root, e
         (again,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, generation="replay", **options), reg)
     assert not endpoint.requests
     assert again.record["method"]["summary"]["captions_sha256"] == live.record["method"]["summary"]["captions_sha256"]
+
+
+def test_an_unreachable_chat_captioner_names_its_option(tmp_path, tiny_config, toy_root):
+    from generation_models import free_port
+
+    options = {"captioner": "openai:gpt-4o", "captioner_url": f"http://127.0.0.1:{free_port()}/v1"}
+    with registered(ToyPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="unreachable.*--captioner-url"):
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, **options), reg)

@@ -111,6 +111,7 @@ class ChatCaptioner:
 
         self.decoding = chat_caption_decoding(n, seed)
         self.client = OpenAIChat(model, url, self.decoding["temperature"], CHAT_CAPTION_TOKENS, (), seed)
+        self.client.url_option = "--captioner-url"
         self.prompt = prompt or CHAT_CAPTION_PROMPT
         self.n, self.seed = n, seed
 

@@ -68,6 +68,7 @@ class OpenAIChat:
         self.timeout, self.retries, self.parallel = timeout, retries, parallel
         self.api_key = os.environ.get(api_key_env)
         self.api_key_env = api_key_env
+        self.url_option = "--llm-url"  # the option an error tells the user to pass
 
     @property
     def id(self) -> str:
@@ -106,7 +107,8 @@ class OpenAIChat:
                     delay = min(2 * delay, MAX_RETRY_WAIT_S)
                     continue
                 raise CirbenchError(f"LLM endpoint {self.url} is unreachable ({one_line(str(reason))}): start it or "
-                                    "pass --llm-url; or replay cached generations with --generation replay") from None
+                                    f"pass {self.url_option}; or replay cached generations with --generation "
+                                    "replay") from None
             except ValueError:
                 raise CirbenchError(f"LLM endpoint {self.url} did not answer with JSON") from None
         raise CirbenchError(f"LLM endpoint {self.url} kept failing after {self.retries + 1} attempts")
