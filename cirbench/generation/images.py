@@ -145,7 +145,8 @@ def caption_missing(todo: Sequence[tuple[str, ImageRef, dict[str, Any]]], cache:
         return out
     what = f"caption of {role} {todo[0][1].id} by {model}; {len(todo)} {unit_name} in all"
     cache.require_live(f"{first} ({what})" if first else what)
-    say(name, progress, f"loading the captioner {model} ({precision}) for {len(todo)} {unit_name}")
+    say(name, progress, (f"asking {model} for the captions of {len(todo)} {unit_name}" if model.startswith("openai:")
+                         else f"loading the captioner {model} ({precision}) for {len(todo)} {unit_name}"))
     captioner = build()
     from tqdm.auto import tqdm
 
