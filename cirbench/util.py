@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +132,12 @@ def sha256_bytes(*parts: bytes | memoryview) -> str:
     for part in parts:
         h.update(part)
     return h.hexdigest()
+
+
+def keyed_texts_sha256(items: Iterable[tuple[str, Sequence[str]]]) -> str:
+    """The sha256 of texts by key, in the given order (``key NUL text NUL text ... LF`` each): what a result
+    records of the generated texts it used, and what identifies a set of them."""
+    return sha256_bytes(*(key.encode() + b"\0" + "\0".join(texts).encode() + b"\n" for key, texts in items))
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -27,7 +27,6 @@ cache lacks, and retrieval by the answers' text features.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -43,7 +42,7 @@ from cirbench.generation.hf import free_memory
 from cirbench.generation.images import caption_missing, caption_request, generate_once, image_digests, resumable, say
 from cirbench.method import Method, QuerySet
 from cirbench.types import Query
-from cirbench.util import default_cache_dir, json_loads
+from cirbench.util import default_cache_dir, json_loads, keyed_texts_sha256
 
 from .importers import import_generations
 from .prompts import Prompt, instruction_of, load_prompt
@@ -104,10 +103,8 @@ class LanguageModelMethod(Method):
                 "llm_params": self.rewrite_request["params"], "ensemble": self.ensemble}
 
     def summary(self) -> dict:
-        digest = hashlib.sha256()
-        for qid in sorted(self.texts):
-            digest.update(qid.encode() + b"\0" + "\0".join(self.texts[qid]["rewrites"]).encode() + b"\n")
-        return {"generations": dict(self.stats), "rewritten_texts_sha256": digest.hexdigest(),
+        digest = keyed_texts_sha256((qid, self.texts[qid]["rewrites"]) for qid in sorted(self.texts))
+        return {"generations": dict(self.stats), "rewritten_texts_sha256": digest,
                 "queries": len(self.texts)}
 
     def query_details(self, query: Query) -> dict[str, Any] | None:

@@ -9,7 +9,6 @@ it, and the image features stay the shared, cached ones.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from cirbench.generation.images import caption_missing, caption_request, generat
 from cirbench.method import Method, QuerySet
 from cirbench.methods._shared.textinv import RawImageReferences
 from cirbench.types import ImageRef, Query
-from cirbench.util import default_cache_dir, file_sha256, read_json_file
+from cirbench.util import default_cache_dir, file_sha256, keyed_texts_sha256, read_json_file
 
 F = torch.nn.functional
 CAPTION_CHUNK = 8192  # captions encoded between two updates of the progress bar
@@ -111,10 +110,8 @@ class WeiMoCIR(RawImageReferences, Method):
     def summary(self) -> dict:
         if self.caption_request is None:
             return {}
-        digest = hashlib.sha256()
-        for image in sorted(self.captions):
-            digest.update(image.encode() + b"\0" + "\0".join(self.captions[image]).encode() + b"\n")
-        return {"generations": dict(self.stats), "captions_sha256": digest.hexdigest(),
+        digest = keyed_texts_sha256((image, self.captions[image]) for image in sorted(self.captions))
+        return {"generations": dict(self.stats), "captions_sha256": digest,
                 "captioned_images": len(self.captions)}
 
     def _raw_texts(self, texts: list[str]) -> torch.Tensor:
@@ -182,9 +179,7 @@ class WeiMoCIR(RawImageReferences, Method):
         """``[G, K*D]``: the normalised text features of each gallery image's K captions side by side, encoded
         once per backbone for every value of a sweep (kept by :meth:`Backbone.derived` under the captions'
         digest)."""
-        digest = hashlib.sha256()
-        for i in ids:
-            digest.update(i.encode() + b"\0" + "\0".join(self.captions.get(i, [""] * self.per_image)).encode() + b"\n")
+        digest = keyed_texts_sha256((i, self.captions.get(i, [""] * self.per_image)) for i in ids)
 
         def encode() -> torch.Tensor:
             with tqdm(total=len(ids) * self.per_image, desc=f"{self.set_name}: gallery captions",
@@ -192,7 +187,7 @@ class WeiMoCIR(RawImageReferences, Method):
                 return torch.cat([F.normalize(self._caption_features(ids, j, bar), dim=-1)
                                   for j in range(self.per_image)], dim=-1)
 
-        return self.backbone.derived(("weimocir:gallery-captions", self.per_image, digest.hexdigest()), encode)
+        return self.backbone.derived(("weimocir:gallery-captions", self.per_image, digest), encode)
 
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         text = self._raw_texts([modification_text(q.texts) for q in queries])
