@@ -1,9 +1,12 @@
-"""The options every method that generates text with local or remote models declares the same way.
+"""The options every method that generates text with local or remote models declares the same way, and
+reading them back (a captioner's request and the captioner itself).
 
 Imported when plugins register (``cirbench --help``, ``cirbench methods``): nothing heavy here.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from ..types import OptionSpec
 from ..util import SEED_MAX
@@ -34,3 +37,26 @@ def generation_options(models: str, sampled: str) -> tuple[OptionSpec, OptionSpe
         OptionSpec("generation", "auto: use recorded generations, generate the rest; replay: recorded only (no "
                    "model is loaded); refresh: generate everything again.", "str", "auto", choices=GENERATION_MODES),
     )
+
+
+def generation_precision(options: dict[str, Any]) -> str:
+    """``--generation-precision``: the weights dtype of a method's local generation models."""
+    return str(options.get("generation_precision") or "fp32")
+
+
+def caption_request_of(options: dict[str, Any], n: int) -> dict[str, Any]:
+    """The caption request (its image aside) of the captioner that a method's options name, ``n`` captions an
+    image (see :func:`cirbench.generation.images.caption_request`)."""
+    from .images import caption_request
+
+    return caption_request(str(options["captioner"]), str(options.get("caption_prompt") or ""), n,
+                           int(options.get("sampling_seed") or 0), generation_precision(options))
+
+
+def captioner_of(options: dict[str, Any], n: int, device: str):
+    """The captioner that a method's options name, writing ``n`` captions an image, loaded on ``device``."""
+    from .captioner import build_captioner
+
+    return build_captioner(str(options["captioner"]), prompt=str(options.get("caption_prompt") or ""), n=n,
+                           seed=int(options.get("sampling_seed") or 0), device=device,
+                           precision=generation_precision(options), url=options.get("captioner_url"))

@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from cirbench.errors import CirbenchError
 from cirbench.generation import IMPORTED, GenerationCache, ReplayMiss
 from cirbench.generation.hf import free_memory
-from cirbench.generation.images import caption_missing, caption_request, generate_once, image_digests, resumable, say
+from cirbench.generation.images import caption_missing, generate_once, image_digests, resumable, say
+from cirbench.generation.options import caption_request_of, captioner_of, generation_precision
 from cirbench.method import Method, QuerySet
 from cirbench.types import Query
 from cirbench.util import default_cache_dir, json_loads, keyed_texts_sha256
@@ -76,7 +77,7 @@ class LanguageModelMethod(Method):
 
     # -- identity -------------------------------------------------------------------------------------
     def _precision(self) -> str:
-        return str(self.options.get("generation_precision") or "fp32")
+        return generation_precision(self.options)
 
     def _llm_params(self) -> dict[str, Any]:
         """What the language model is asked with (every value is part of the answers' cache key)."""
@@ -237,8 +238,7 @@ class CaptionRewrite(LanguageModelMethod):
         if self.ensemble == "single" and self.n != 1:
             raise CirbenchError(f"{type(self).__name__.lower()} rewrites one caption per query (--captions 1)")
         self.caption_per = str(o.get("caption_per") or "image")
-        self.caption_request = caption_request(str(o["captioner"]), str(o.get("caption_prompt") or ""), self.n,
-                                               int(o.get("sampling_seed") or 0), self._precision())
+        self.caption_request = caption_request_of(o, self.n)
 
     def info(self) -> dict:
         return {"captioner": self.caption_request["model"], "caption_prompt": self.options.get("caption_prompt") or "",
@@ -326,12 +326,7 @@ class CaptionRewrite(LanguageModelMethod):
 
     def _build_captioner(self):
         """The captioner, loaded for one evaluation set's missing captions and dropped after them."""
-        from cirbench.generation.captioner import build_captioner
-
-        return build_captioner(self.caption_request["model"], prompt=str(self.options.get("caption_prompt") or ""),
-                               n=self.n, seed=int(self.options.get("sampling_seed") or 0),
-                               device=str(self.backbone.device), precision=self._precision(),
-                               url=self.options.get("captioner_url"))
+        return captioner_of(self.options, self.n, str(self.backbone.device))
 
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         after = super().compose(references, queries)

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from cirbench.errors import CirbenchError
 from cirbench.generation import GenerationCache
-from cirbench.generation.images import caption_missing, caption_request, generate_once, image_digests
+from cirbench.generation.images import caption_missing, generate_once, image_digests
+from cirbench.generation.options import caption_request_of, captioner_of, generation_precision
 from cirbench.method import Method, QuerySet
 from cirbench.methods._shared.textinv import RawImageReferences
 from cirbench.types import ImageRef, Query
@@ -77,9 +78,7 @@ class WeiMoCIR(RawImageReferences, Method):
         if path and captioner:
             raise CirbenchError("weimocir: pass --captions FILE or --captioner MODEL, not both")
         if captioner:
-            self.caption_request = caption_request(str(captioner), str(self.options.get("caption_prompt") or ""),
-                                                   self.per_image, int(self.options.get("sampling_seed") or 0),
-                                                   self._precision())
+            self.caption_request = caption_request_of(self.options, self.per_image)
             return
         if not path:
             raise CirbenchError(f"weimocir scores gallery images by their captions too (--beta {self.beta:g}): "
@@ -89,9 +88,6 @@ class WeiMoCIR(RawImageReferences, Method):
         self.captions = read_captions(Path(path).expanduser(), self.per_image)
         self.captions_info = {"path": str(path), "sha256": file_sha256(Path(path).expanduser()),
                               "images": len(self.captions)}
-
-    def _precision(self) -> str:
-        return str(self.options.get("generation_precision") or "fp32")
 
     def info(self) -> dict:
         if self.caption_request is not None:
@@ -154,20 +150,14 @@ class WeiMoCIR(RawImageReferences, Method):
                 self.captions[image] = hit
             else:
                 todo.append((image, ref, key))
-        self.captions.update(caption_missing(todo, cache, self._build_captioner,
-                                             model=self.caption_request["model"], precision=self._precision(),
-                                             name=qs.name, progress=qs.progress))
+        self.captions.update(caption_missing(todo, cache, self._build_captioner, model=self.caption_request["model"],
+                                             precision=generation_precision(self.options), name=qs.name,
+                                             progress=qs.progress))
         for count in self.stats:
             self.stats[count] += cache.stats.get(count, 0)
 
     def _build_captioner(self):
-        from cirbench.generation.captioner import build_captioner
-
-        assert self.caption_request is not None
-        return build_captioner(self.caption_request["model"], prompt=str(self.options.get("caption_prompt") or ""),
-                               n=self.per_image, seed=int(self.options.get("sampling_seed") or 0),
-                               device=str(self.backbone.device), precision=self._precision(),
-                               url=self.options.get("captioner_url"))
+        return captioner_of(self.options, self.per_image, str(self.backbone.device))
 
     def prepare_gallery(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
         if self.beta == 0:
