@@ -22,6 +22,15 @@ from ..util import one_line
 from .hf import from_pretrained_kwargs
 
 
+def salted_seed(seed: int, salt: str, index: int, nbytes: int = 8) -> int:
+    """A seed of ``nbytes * 8 - 1`` bits drawn from the run's ``seed``, the caller's ``salt`` (its name for a
+    batch or an image) and an ``index`` within it: sampled captions that differ where their names differ."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}\0{salt}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:nbytes], "little") >> 1
+
+
 class TransformersCaptioner:
     def __init__(self, path: str, prompt: str = "", n: int = 1, num_beams: int = 5, max_new_tokens: int = 30,
                  top_p: float = 0.9, seed: int = 0, device: str = "cpu", batch_size: int = 8,
@@ -57,8 +66,6 @@ class TransformersCaptioner:
         """``n`` captions for each PIL image. Sampling is seeded per batch with the seed, mixed with ``salt`` when
         given: the caller's name for the batch, so that two batches holding the same image at the same place (two
         queries of one reference, captioned apart) draw different captions."""
-        import hashlib
-
         import torch
 
         out: list[list[str]] = []
@@ -75,11 +82,7 @@ class TransformersCaptioner:
                                         "num_beams": self.num_beams, "num_return_sequences": self.n,
                                         "repetition_penalty": 1.0, "length_penalty": 1.0, "do_sample": False}
             if self.n > 1:
-                seed = self.seed
-                if salt:
-                    digest = hashlib.sha256(f"{self.seed}\0{salt}\0{start}".encode()).digest()
-                    seed = int.from_bytes(digest[:8], "little") >> 1
-                torch.manual_seed(seed)
+                torch.manual_seed(salted_seed(self.seed, salt, start) if salt else self.seed)
                 # top-k 50: transformers' default, which LAVIS's nucleus sampling ran with (it passes none)
                 generate.update(do_sample=True, top_p=self.top_p, top_k=50, temperature=1.0)
             with torch.no_grad():
@@ -121,12 +124,9 @@ class ChatCaptioner:
     def _seeds(self, salt: str) -> list[int]:
         """The seed of each of the ``n`` samples: the run's own for one caption; for several, each its own,
         mixed with ``salt`` (the caller's name for the image) so that two units of one image differ."""
-        import hashlib
-
         if self.n == 1:
             return [self.seed]
-        return [int.from_bytes(hashlib.sha256(f"{self.seed}\0{salt}\0{j}".encode()).digest()[:4], "little") >> 1
-                for j in range(self.n)]
+        return [salted_seed(self.seed, salt, j, nbytes=4) for j in range(self.n)]  # an endpoint's seed: 31 bits
 
     def caption(self, images: list[Any], salt: str = "") -> list[list[str]]:
         """``n`` captions for each PIL image, each the model's whole answer, stripped."""
