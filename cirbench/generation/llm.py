@@ -153,6 +153,8 @@ class OpenAIChat:
 class TransformersLM:
     """A local causal language model (transformers): greedy at temperature 0, seeded sampling otherwise."""
 
+    kind = "language model"  # what a loading error calls it
+
     def __init__(self, path: str, temperature: float = 0.0, max_tokens: int = 700, stop: tuple[str, ...] = ("\n\n",),
                  seed: int | None = 0, device: str = "cpu", batch_size: int = 8, precision: str = "fp32"):
         try:
@@ -168,8 +170,6 @@ class TransformersLM:
         self.tokenizer.padding_side = "left"
         self.path, self.device, self.batch_size = path, device, batch_size
         self.temperature, self.max_tokens, self.stop, self.seed = temperature, max_tokens, tuple(stop), seed
-
-    kind = "language model"
 
     def _load(self, path: str, load: dict[str, Any], device: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
