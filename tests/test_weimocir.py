@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -356,3 +357,66 @@ def test_an_unreachable_chat_captioner_names_its_option(tmp_path, tiny_config, t
     options = {"captioner": "openai:gpt-4o", "captioner_url": f"http://127.0.0.1:{free_port()}/v1"}
     with registered(ToyPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="unreachable.*--captioner-url"):
         evaluate(_cfg(tmp_path, tiny_config, toy_root, **options), reg)
+
+
+def test_a_local_chat_model_writes_the_captions(tmp_path, tiny_config, toy_root, monkeypatch):
+    """--captioner hf-chat:PATH: a local vision-language model is asked each image as a chat endpoint is (the
+    prompt, then the image in its chat template's place), sampled at temperature 1 with a seed per sample; the
+    captions are recorded with the weights' precision and replayed without loading a model."""
+    from generation_models import write_tiny_llava
+
+    from cirbench.generation import captioner as captioner_module
+    from cirbench.generation import llm as llm_module
+
+    llava = write_tiny_llava(tmp_path / "llava")
+    seen = []
+    encode = llm_module.TransformersVLM._encode
+
+    def spy(self, prompts):
+        enc = encode(self, prompts)
+        seen.append((len(prompts), tuple(enc["pixel_values"].shape), self.tokenizer.decode(enc["input_ids"][-1]),
+                     self.seed, self.temperature))
+        return enc
+
+    monkeypatch.setattr(llm_module.TransformersVLM, "_encode", spy)
+    monkeypatch.setattr(captioner_module, "CHAT_CAPTION_TOKENS", 4)  # a random model never stops by itself
+    options = {"captioner": f"hf-chat:{llava}", "captions_per_image": 2, "caption_prompt": "Say what you see."}
+    with registered(ToyPlugin(), "toy") as reg:
+        (live,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **options), reg)
+    names = json.loads((toy_root / "queries.json").read_text())["gallery"]
+    assert sum(n for n, *_ in seen) == 2 * len(names)  # every image, once per sample
+    assert all(shape == (n, 3, 28, 28) for n, shape, *_ in seen)  # one image per prompt, through the processor
+    # the prompt, then the image's tokens (the processor expands its chat template's one placeholder)
+    assert all(re.fullmatch(r"(<pad>)*(<s>)?user: Say what you see\.(<image>)+ \| assistant:", text)
+               for _, _, text, _, _ in seen), seen[0][2]
+    assert {t for *_, t in seen} == {1.0} and len({s for *_, s, _ in seen}) == len(seen)  # a seed per sample
+    recorded = _generated_captions(tmp_path / "cache", toy_root)
+    assert set(recorded) == set(names)
+    for request, captions in recorded.values():
+        assert request["model"] == f"hf-chat:{llava}"
+        # the token limit it ran with (4 here) is part of the key, as the weights' precision is
+        assert request["params"] == {"n": 2, "temperature": 1.0, "max_tokens": 4, "seed": 0, "precision": "fp32"}
+        assert len(captions) == 2
+    assert live.record["method"]["label"].startswith("weimocir+captions-llava@")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a replay run loaded a model")
+
+    monkeypatch.setattr(llm_module.TransformersVLM, "__init__", no_model)
+    with registered(ToyPlugin(), "toy") as reg:
+        (again,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, generation="replay", **options), reg)
+    assert again.record["method"]["summary"]["captions_sha256"] == live.record["method"]["summary"]["captions_sha256"]
+
+
+def test_an_unknown_captioner_fails_before_any_image_is_read(tmp_path, tiny_config, toy_root, monkeypatch):
+    from cirbench import evaluate as evaluate_module
+    from cirbench.methods.weimocir import model as weimocir_module
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("images were read")
+
+    monkeypatch.setattr(evaluate_module, "encode_images", no_reading)
+    monkeypatch.setattr(weimocir_module, "image_digests", no_reading)
+    with registered(ToyPlugin(), "toy") as reg, pytest.raises(CirbenchError,
+                                                              match="unknown captioner 'llava:x'.*hf-chat"):
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, captioner="llava:x"), reg)

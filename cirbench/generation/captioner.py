@@ -1,5 +1,5 @@
 """Image captioners: transformers image-to-text models (BLIP-2 and any other it loads), or a multimodal chat
-model behind an OpenAI-compatible endpoint.
+model, behind an OpenAI-compatible endpoint or loaded locally.
 
 ``build_captioner("hf:Salesforce/blip2-flan-t5-xxl")`` loads the processor and the model
 (``AutoModelForImageTextToText``, else ``AutoModelForVision2Seq``). Decoding follows LAVIS's BLIP-2
@@ -11,6 +11,10 @@ model behind an OpenAI-compatible endpoint.
 that vLLM, llama.cpp or Ollama serve): one request per caption, the prompt as the user text and the image after
 it; one caption at temperature 0, several at temperature 1, each with its own seed (OSrCIR's "CIReVL*"
 baseline captions with GPT-4o this way).
+
+``build_captioner("hf-chat:llava-hf/llava-1.5-7b-hf")`` asks a local transformers vision-language model (LLaVA,
+Qwen2-VL, any image-text-to-text model whose processor has a chat template) the same messages with the same
+decoding as a chat endpoint: the multimodal-LLM captions of WeiMoCIR without a server.
 """
 
 from __future__ import annotations
@@ -107,14 +111,12 @@ def chat_caption_decoding(n: int, seed: int) -> dict[str, Any]:
 
 
 class ChatCaptioner:
-    """Captions from a multimodal chat model behind an OpenAI-compatible endpoint (see the module docstring)."""
+    """Captions from a multimodal chat model (see the module docstring): ``client`` is an endpoint
+    (:class:`~.llm.OpenAIChat`) or a local vision-language model (:class:`~.llm.TransformersVLM`), asked with
+    the same OpenAI-style messages and decoded as :func:`chat_caption_decoding` says."""
 
-    def __init__(self, model: str, url: str | None = None, prompt: str = "", n: int = 1, seed: int = 0):
-        from .llm import OpenAIChat
-
-        self.decoding = chat_caption_decoding(n, seed)
-        self.client = OpenAIChat(model, url, self.decoding["temperature"], CHAT_CAPTION_TOKENS, (), seed)
-        self.client.url_option = "--captioner-url"
+    def __init__(self, client: Any, prompt: str = "", n: int = 1, seed: int = 0):
+        self.client = client
         self.prompt = prompt or CHAT_CAPTION_PROMPT
         self.n, self.seed = n, seed
 
@@ -149,14 +151,36 @@ class ChatCaptioner:
         return out
 
 
+CAPTIONER_KINDS = ("hf", "hf-chat", "openai")
+
+
+def check_captioner(spec: str) -> str:
+    """``spec``, or a one-line error naming the captioners there are (checked before anything is encoded)."""
+    kind, _, name = spec.partition(":")
+    if kind in CAPTIONER_KINDS and name:
+        return spec
+    raise CirbenchError(f"unknown captioner {spec!r}: use hf:PATH_OR_REPO (a transformers image-to-text model such "
+                        "as hf:Salesforce/blip2-opt-2.7b), hf-chat:PATH_OR_REPO (a local vision-language chat "
+                        "model such as hf-chat:llava-hf/llava-1.5-7b-hf) or openai:MODEL (a multimodal chat "
+                        "endpoint, --captioner-url)")
+
+
 def build_captioner(spec: str, *, prompt: str = "", n: int = 1, seed: int = 0, device: str = "cpu",
                     precision: str = "fp32", url: str | None = None):
-    """``hf:PATH_OR_REPO`` (transformers) or ``openai:MODEL`` (a multimodal chat endpoint at ``url``)."""
-    kind, _, name = spec.partition(":")
-    if kind == "hf" and name:
+    """``hf:PATH_OR_REPO`` (transformers image-to-text), ``hf-chat:PATH_OR_REPO`` (a local vision-language chat
+    model) or ``openai:MODEL`` (a multimodal chat endpoint at ``url``)."""
+    kind, _, name = check_captioner(spec).partition(":")
+    if kind == "hf":
         return TransformersCaptioner(name, prompt=prompt, n=n, seed=seed, device=device, precision=precision)
-    if kind == "openai" and name:
-        return ChatCaptioner(name, url, prompt=prompt, n=n, seed=seed)
-    raise CirbenchError(f"unknown captioner {spec!r}: use hf:PATH_OR_REPO (a transformers image-to-text model such "
-                        "as hf:Salesforce/blip2-opt-2.7b) or openai:MODEL (a multimodal chat endpoint, "
-                        "--captioner-url)")
+    decoding = chat_caption_decoding(n, seed)
+    if kind == "hf-chat":
+        from .llm import TransformersVLM
+
+        client: Any = TransformersVLM(name, decoding["temperature"], CHAT_CAPTION_TOKENS, (), seed, device,
+                                      precision=precision)
+    else:
+        from .llm import OpenAIChat
+
+        client = OpenAIChat(name, url, decoding["temperature"], CHAT_CAPTION_TOKENS, (), seed)
+        client.url_option = "--captioner-url"
+    return ChatCaptioner(client, prompt=prompt, n=n, seed=seed)

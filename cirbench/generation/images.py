@@ -98,13 +98,17 @@ def caption_decoding(n: int, seed: int, precision: str) -> dict[str, Any]:
 
 def caption_request(model: str, prompt: str, n: int, seed: int, precision: str) -> dict[str, Any]:
     """A caption request without its image (add ``"image": image_digest(ref)``): a transformers captioner's
-    decoding, or a chat endpoint's (whose weights' precision is the server's, not ours to record)."""
-    if model.startswith("openai:"):
-        from .captioner import CHAT_CAPTION_PROMPT, chat_caption_decoding
+    decoding, or a chat model's, with the precision of local weights (an endpoint's is the server's, not ours to
+    record). An unknown kind of captioner is a one-line error here, before anything is encoded."""
+    from .captioner import CHAT_CAPTION_PROMPT, chat_caption_decoding, check_captioner
 
-        params, prompt = chat_caption_decoding(n, seed), prompt or CHAT_CAPTION_PROMPT  # the prompt it is sent
-    else:
+    kind = check_captioner(model).partition(":")[0]
+    if kind == "hf":
         params = caption_decoding(n, seed, precision)
+    else:
+        params, prompt = chat_caption_decoding(n, seed), prompt or CHAT_CAPTION_PROMPT  # the prompt it is sent
+        if kind == "hf-chat":
+            params["precision"] = precision
     return {"task": "caption", "model": model, "prompt": sha256_bytes(prompt.encode()), "params": params}
 
 

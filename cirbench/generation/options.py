@@ -18,8 +18,9 @@ def captioner_options(captioner: str | None, caption_prompt: str,
     """``--captioner`` (default ``captioner``; ``when`` says when it is used), ``--caption-prompt`` and
     ``--captioner-url``."""
     return (
-        OptionSpec("captioner", "Image captioner: hf:PATH_OR_REPO (a transformers image-to-text model) or "
-                   f"openai:MODEL (a multimodal chat model, e.g. GPT-4o, at --captioner-url){when}.", "str", captioner),
+        OptionSpec("captioner", "Image captioner: hf:PATH_OR_REPO (a transformers image-to-text model), "
+                   "hf-chat:PATH_OR_REPO (a local vision-language chat model, e.g. LLaVA) or openai:MODEL (a "
+                   f"multimodal chat model, e.g. GPT-4o, at --captioner-url){when}.", "str", captioner),
         OptionSpec("caption_prompt", "Prompt given to the captioner ('' for plain captioning).", "str", caption_prompt),
         OptionSpec("captioner_url", "Base URL of an openai: captioner's endpoint (default $OPENAI_BASE_URL or the "
                    "OpenAI API); the key is read from $OPENAI_API_KEY.", "str", None),
