@@ -252,6 +252,21 @@ def _cfg(tmp_path, tiny_config, toy_root, method="cirevl", **options):
                      progress=False, bootstrap=0, method_options={k: str(v) for k, v in options.items()})
 
 
+@pytest.mark.parametrize("options", [{"llm": "gpt-4"}, {"captioner": "blip2"}])
+def test_an_unknown_model_kind_fails_before_any_image_is_read(tmp_path, tiny_config, toy_root, monkeypatch, options):
+    """A language model or captioner named without its kind (openai:, hf:) is a one-line error when the method is
+    built: not after hours of captioning."""
+    from cirbench.methods.llm_rewrite import pipeline
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("images were read")
+
+    monkeypatch.setattr(pipeline, "image_digests", no_reading)
+    options = {"captioner": "hf:some/blip2", "llm": "openai:gpt-test", **options}
+    with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(CirbenchError, match="unknown (language|capt)"):
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, **options), reg)
+
+
 def _predictions(outcome):
     return [json.loads(line) for line in outcome.predictions_path.read_text().splitlines()]
 

@@ -285,16 +285,22 @@ def split_images(messages: Messages) -> tuple[Messages, list[Any]]:
     return converted, images
 
 
+def check_llm(spec: str) -> str:
+    """``spec``, or a one-line error naming the language models there are (checked before any work)."""
+    kind, _, name = spec.partition(":")
+    if kind in ("openai", "hf") and name:
+        return spec
+    raise CirbenchError(f"unknown language model {spec!r}: use openai:MODEL (any OpenAI-compatible endpoint, "
+                        "--llm-url) or hf:PATH_OR_REPO (a local transformers model)")
+
+
 def build_llm(spec: str, *, url: str | None = None, temperature: float = 0.0, max_tokens: int | None = 700,
               stop: tuple[str, ...] = ("\n\n",), seed: int | None = None, device: str = "cpu", precision: str = "fp32",
               vision: bool = False):
     """``openai:MODEL`` (an OpenAI-compatible endpoint) or ``hf:PATH_OR_REPO`` (local transformers: a
     vision-language model when the prompts hold images, ``vision``)."""
-    kind, _, name = spec.partition(":")
-    if kind == "openai" and name:
+    kind, _, name = check_llm(spec).partition(":")
+    if kind == "openai":
         return OpenAIChat(name, url, temperature, max_tokens, stop, seed)
-    if kind == "hf" and name:
-        local = TransformersVLM if vision else TransformersLM
-        return local(name, temperature, max_tokens or 700, stop, seed, device, precision=precision)
-    raise CirbenchError(f"unknown language model {spec!r}: use openai:MODEL (any OpenAI-compatible endpoint, "
-                        "--llm-url) or hf:PATH_OR_REPO (a local transformers model)")
+    local = TransformersVLM if vision else TransformersLM
+    return local(name, temperature, max_tokens or 700, stop, seed, device, precision=precision)

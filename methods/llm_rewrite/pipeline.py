@@ -40,6 +40,7 @@ from cirbench.errors import CirbenchError
 from cirbench.generation import IMPORTED, GenerationCache, ReplayMiss
 from cirbench.generation.hf import free_memory
 from cirbench.generation.images import caption_missing, generate_once, image_digests, resumable, say
+from cirbench.generation.llm import check_llm
 from cirbench.generation.options import caption_request_of, captioner_of, generation_precision
 from cirbench.method import Method, QuerySet
 from cirbench.types import Query
@@ -70,7 +71,7 @@ class LanguageModelMethod(Method):
         o = self.options
         self.prompt: Prompt = load_prompt(str(o.get("prompt") or "builtin"), self.prompt_kind)
         self.mode = str(o.get("generation") or "auto")
-        self.rewrite_request: dict[str, Any] = {"task": self.task, "model": str(o["llm"]),
+        self.rewrite_request: dict[str, Any] = {"task": self.task, "model": check_llm(str(o["llm"])),
                                                 "prompt": self.prompt.identity, "params": self._llm_params()}
         self.texts: dict[str, dict[str, Any]] = {}  # query id -> its generated texts, and what they gave
         self.stats = {"cached": 0, "generated": 0, "imported": 0, "fallback_to_instruction": 0}
