@@ -31,7 +31,7 @@ from .method import QuerySet
 from .metrics import means
 from .plugins import Registry, get_registry
 from .preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_KINDS, Preprocessor
-from .results import ResultWriter, environment_info, run_fingerprint, utc_now
+from .results import ResultWriter, environment_info, path_option_digests, run_fingerprint, utc_now
 from .retrieval import Ranking, rank, rank_candidates
 from .stats import DEFAULT_REPLICATES, bootstrap_ci
 from .types import EvalSet, MethodSpec, Query, resolve_options
@@ -377,8 +377,9 @@ class Evaluator:
         record = {
             "created": utc_now(),
             "method": {"name": mspec.name, "plugin": mspec.plugin, "label": label, "options": opts,
-                       "info": method.info()},
+                       "files": path_option_digests(mspec.options, opts), "info": method.info()},
             "dataset": {"name": dspec.name, "plugin": dspec.plugin, "split": split, "options": dataset_opts,
+                        "files": path_option_digests(dspec.options, dataset_opts),
                         "data_root": str(dataset.data_root.resolve()), "data_root_given": dataset.data_root_given,
                         "annotations": annotation_checksums(dataset, split)},
             "backbone": backbone.identity(),

@@ -156,7 +156,8 @@ class Method:
 
     def info(self) -> dict:
         """Extra identity for the result file (checkpoint path and hash, ...): configuration only, known when
-        the method is built (the run's fingerprint includes it)."""
+        the method is built (the run's fingerprint includes it). Record a file it read as ``{"path": ...,
+        "sha256": ...}`` (or ``"checkpoint"`` for the path): the fingerprint counts the sha256, not the path."""
         return {}
 
     def summary(self) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CirbenchError
-from .results import FINGERPRINT_FIELDS, comparable, read_predictions_of
+from .results import FINGERPRINT_FIELDS, comparable, read_predictions_of, without_paths
 from .types import DatasetSpec, MethodSpec
 
 
@@ -131,19 +131,16 @@ def _what_counts(section: str, record: dict[str, Any]) -> Any:
         return {k: v for k, v in value.items() if k != "jpeg_decoder"}
     if section not in ("method", "dataset") or not isinstance(value, dict):
         return value
-    reg, name = get_registry(), str(value.get("name"))
-    try:
-        spec: MethodSpec | DatasetSpec = reg.method(name) if section == "method" else reg.dataset(name)
-        paths = {o.name for o in spec.options if o.type == "path"}
-    except CirbenchError:
-        paths = set()
     keep = ("name", "options", "info") if section == "method" else ("name", "split", "options", "annotations")
-    out: dict[str, Any] = {k: value.get(k) for k in keep}
-    out["options"] = {k: v for k, v in (out.get("options") or {}).items() if k not in paths}
-    info = out.get("info")
-    if isinstance(info, dict):
-        out["info"] = {k: ({kk: vv for kk, vv in v.items() if kk != "path"} if isinstance(v, dict) else v)
-                       for k, v in info.items()}
+    out: dict[str, Any] = {k: v for k, v in without_paths(value).items() if k in keep}
+    if not isinstance(value.get("files"), dict):  # written before path options were recorded by their contents
+        reg, name = get_registry(), str(value.get("name"))
+        try:
+            spec: MethodSpec | DatasetSpec = reg.method(name) if section == "method" else reg.dataset(name)
+            paths = {o.name for o in spec.options if o.type == "path"}
+        except CirbenchError:
+            paths = set()
+        out["options"] = {k: v for k, v in (out.get("options") or {}).items() if k not in paths}
     return out
 
 

@@ -7,9 +7,10 @@ through a temporary file and a rename, so an interrupted run never corrupts a re
 A result and its predictions are one unit: the predictions are written first, and the result records their
 file name, row count and sha256; :func:`read_predictions_of` refuses predictions that do not match. A run's
 **fingerprint** hashes what determines its numbers (method, options and checkpoint, dataset, split, options
-and annotation checksums, backbone identity, preprocessing, precision, seed): a rerun of the same configuration
-replaces its own files, a different configuration (annotation files edited or updated included) never does; it
-is written beside them under ``<stem>~<fingerprint>``.
+and annotation checksums, backbone identity, preprocessing, precision, seed; files that options name by their
+contents, not where they lie): a rerun of the same configuration replaces its own files, a different
+configuration (annotation files edited or updated included) never does; it is written beside them under
+``<stem>~<fingerprint>``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from . import __version__
 from .errors import CirbenchError
-from .util import atomic_write_bytes, json_hash, json_loads, sha256_bytes
+from .util import atomic_write_bytes, content_digest, json_hash, json_loads, sha256_bytes
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -123,9 +124,39 @@ def result_stem(run_label: str, backbone_slug: str) -> str:
 FINGERPRINT_FIELDS = ("method", "dataset", "backbone", "preprocess", "precision", "seed")
 
 
+def path_option_digests(specs: Any, options: dict[str, Any]) -> dict[str, str]:
+    """``{option: content digest}`` of the path options set in ``options`` (``specs``: their OptionSpecs): what
+    the files are, which the fingerprint counts in place of where they lie."""
+    return {o.name: content_digest(options[o.name]) for o in specs
+            if o.type == "path" and options.get(o.name) not in (None, "")}
+
+
+def drop_file_paths(value: Any) -> Any:
+    """``value`` (a method's info) without where the files it names lie: a file is recorded as ``{"path": ...,
+    "sha256": ...}`` (or ``"checkpoint"`` for the path), and only its sha256 says what it is."""
+    if isinstance(value, dict):
+        named = "sha256" in value
+        return {k: drop_file_paths(v) for k, v in value.items() if not (named and k in ("path", "checkpoint"))}
+    if isinstance(value, list):
+        return [drop_file_paths(v) for v in value]
+    return value
+
+
+def without_paths(part: dict[str, Any]) -> dict[str, Any]:
+    """A method or dataset record as far as its numbers go: its path options' values replaced by their contents
+    (``files``; a record written before those were recorded keeps its paths) and its info without file paths
+    (:func:`drop_file_paths`)."""
+    options = part.get("options")
+    files = part.get("files")
+    options, files = (x if isinstance(x, dict) else {} for x in (options, files))
+    return {**part, "options": {k: files.get(k, v) for k, v in options.items()},
+            "info": drop_file_paths(part.get("info"))}
+
+
 def run_fingerprint(record: dict[str, Any]) -> str:
     """A short hash of what determines a run's numbers (see the module docstring)."""
-    method, dataset = (part if isinstance(part := record.get(k), dict) else {} for k in ("method", "dataset"))
+    method, dataset = (without_paths(part) if isinstance(part := record.get(k), dict) else {}
+                       for k in ("method", "dataset"))
     annotations = dataset.get("annotations")
     core = {"method": {k: method.get(k) for k in ("name", "options", "info")},
             "dataset": {**{k: dataset.get(k) for k in ("name", "split", "options")},
@@ -142,6 +173,9 @@ def comparable(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any], di
     def dataset(record: dict[str, Any]) -> dict[str, Any]:
         return part if isinstance(part := record.get("dataset"), dict) else {}
 
+    for part in ("method", "dataset"):  # one written before path options were counted by content: by path
+        if any(not isinstance((r.get(part) or {}).get("files"), dict) for r in (a, b)):
+            a, b = ({**r, part: {k: v for k, v in (r.get(part) or {}).items() if k != "files"}} for r in (a, b))
     if dataset(a).get("annotations") and dataset(b).get("annotations"):
         return a, b
     return {**a, "dataset": {**dataset(a), "annotations": None}}, {**b, "dataset": {**dataset(b), "annotations": None}}

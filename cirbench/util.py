@@ -165,6 +165,19 @@ def file_sha256(path: Path | str) -> str:
     return _FILE_HASHES[key]
 
 
+def content_digest(path: Path | str) -> str:
+    """What a path option names, by content: a file's sha256; a folder's (a checkpoint folder: its weights and
+    config beside its logs), over the names and sha256s of the files directly in it, hidden ones aside (not its
+    subfolders: a training run's resumable state); ``"missing"`` for nothing there. Where it lies is no part of it."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return file_sha256(path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+        return "folder:" + json_hash([[f.name, file_sha256(f)] for f in files])
+    return "missing"
+
+
 def json_loads(text: str | bytes) -> Any:
     """``json.loads`` for files a user or another program wrote: data nested too deeply for the parser (a
     corrupt or hostile file) is a ``json.JSONDecodeError`` like any other malformed JSON, not a RecursionError."""

@@ -152,3 +152,32 @@ def test_files_nested_past_the_parser_limit_are_malformed_not_a_crash(tmp_path):
     (folder / "config.json").write_bytes(b"{\"a\": " + b"[" * 100_000)
     with pytest.raises(CheckpointError, match="is corrupt: nested too deeply"):
         load_checkpoint(folder, "slerp-tat")
+
+
+def test_a_path_option_is_named_by_what_it_holds(tmp_path):
+    """A file: its sha256. A checkpoint folder: the names and contents of the files directly in it (its weights
+    and config), not its subfolders (a training run's resumable state) or hidden files; nothing there: missing."""
+    import hashlib
+
+    from cirbench.util import content_digest
+
+    weights = tmp_path / "run" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert content_digest(weights) == hashlib.sha256(b"weights").hexdigest()
+    folder = content_digest(tmp_path / "run")
+    assert folder.startswith("folder:")
+    (tmp_path / "run" / "checkpoint-latest").mkdir()
+    (tmp_path / "run" / "checkpoint-latest" / "optimizer.pt").write_bytes(b"state")
+    (tmp_path / "run" / ".lock").write_text("")
+    assert content_digest(tmp_path / "run") == folder
+    import shutil
+
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    assert content_digest(tmp_path / "copy") == folder  # wherever it lies
+    (tmp_path / "copy" / "config.json").write_text('{"step": 2}')
+    assert content_digest(tmp_path / "copy") != folder
+    (tmp_path / "copy" / "config.json").rename(tmp_path / "copy" / "config2.json")
+    assert content_digest(tmp_path / "copy") != folder
+    assert content_digest(tmp_path / "nothing") == "missing"

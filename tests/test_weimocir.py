@@ -420,3 +420,41 @@ def test_an_unknown_captioner_fails_before_any_image_is_read(tmp_path, tiny_conf
     with registered(ToyPlugin(), "toy") as reg, pytest.raises(CirbenchError,
                                                               match="unknown captioner 'llava:x'.*hf-chat"):
         evaluate(_cfg(tmp_path, tiny_config, toy_root, captioner="llava:x"), reg)
+
+
+def test_a_file_option_counts_by_its_contents_wherever_it_lies(tmp_path, tiny_config, toy_root, monkeypatch):
+    """--captions FILE is part of the configuration by what the file holds: the same captions at another path
+    (named relatively, from another folder) are the same configuration, whose rerun replaces its own result;
+    other captions at the same path are another, written beside it; and `cirbench reproduce` counts no path."""
+    from cirbench.reproduce import compare
+    from cirbench.results import same_configuration
+    from cirbench.util import file_sha256
+
+    path, _ = _captions_file(tmp_path, toy_root)
+    with registered(ToyPlugin(), "toy") as reg:
+        (first,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, captions=str(path)), reg)
+    assert first.record["method"]["files"] == {"captions": file_sha256(path)}
+    moved = tmp_path / "elsewhere" / "caps.json"
+    moved.parent.mkdir()
+    path.rename(moved)
+    monkeypatch.chdir(moved.parent)
+    with registered(ToyPlugin(), "toy") as reg:
+        (again,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, captions="caps.json"), reg)
+    assert again.record["fingerprint"] == first.record["fingerprint"]
+    assert again.result_path == first.result_path and again.note is None  # replaced, as a rerun is
+    report = compare(first.record, first.result_path, again.record, again.result_path, 0.0)
+    assert not report.configuration
+    # a result written before path options were recorded by content is compared by path, as it was
+    older = json.loads(json.dumps(first.record, default=str))
+    for part in ("method", "dataset"):
+        del older[part]["files"]
+    assert same_configuration(older, first.record) and not same_configuration(older, again.record)
+    rows = json.loads(moved.read_text())
+    rows[1]["captions"][0] = "another caption"
+    moved.write_text(json.dumps(rows))
+    with registered(ToyPlugin(), "toy") as reg:
+        (other,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, captions="caps.json"), reg)
+    assert other.record["fingerprint"] != first.record["fingerprint"]
+    assert other.result_path != again.result_path and other.note and again.result_path.exists()
+    report = compare(again.record, again.result_path, other.record, other.result_path, 0.0)
+    assert {path for path, *_ in report.configuration} == {"method.options.captions", "method.info.captions.sha256"}
