@@ -726,27 +726,34 @@ def test_a_chat_model_captions_for_cirevl_as_osrcirs_cirevl_star(tmp_path, tiny_
     """--captioner openai:MODEL: a multimodal chat model captions each reference (the prompt as the user text,
     the image after it, temperature 0, one request per caption), then the rewrites go as usual."""
     import base64
-    import io
 
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     from cirbench.generation.images import caption_request
     from cirbench.methods.llm_rewrite import CIREVL_CAPTION_PROMPT
 
     options = dict(captioner="openai:gpt-4o-2024-08-06", captioner_url=endpoint.url, llm="openai:gpt-test",
                    llm_url=endpoint.url)
+    data = json.loads((toy_root / "queries.json").read_text())
+    for name in {q["reference"] for q in data["queries"]}:  # files that a decode and re-encode would not give
+        meta = PngInfo()
+        meta.add_text("Source", "a camera")
+        path = toy_root / "images" / name
+        Image.open(path).save(path, pnginfo=meta)
     with registered(ToyDatasetPlugin(), "toy") as reg:
         (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, **options), reg)
     captioning = [r for r in endpoint.requests if isinstance(r["messages"][-1]["content"], list)]
-    data = json.loads((toy_root / "queries.json").read_text())
     assert len(captioning) == len({q["reference"] for q in data["queries"]})  # one per reference image
     sent = captioning[0]
     assert (sent["model"], sent["temperature"], sent["max_tokens"], sent["seed"]) == (
         "gpt-4o-2024-08-06", 0.0, 300, 0) and "stop" not in sent
     text, image = sent["messages"][0]["content"]
     assert text == {"type": "text", "text": CIREVL_CAPTION_PROMPT}
-    pixels = Image.open(io.BytesIO(base64.b64decode(image["image_url"]["url"].split(",", 1)[1])))
-    assert pixels.mode == "RGB"
+    # the reference file's own bytes, as the official chat-model pipelines send them (not decoded and re-encoded)
+    mime, payload = image["image_url"]["url"].split(",", 1)
+    references = {(toy_root / "images" / q["reference"]).read_bytes() for q in data["queries"]}
+    assert mime == "data:image/png;base64" and base64.b64decode(payload) in references
     for row in _predictions(out):
         reference = next(q["reference"] for q in data["queries"] if q["id"] == row["query"])
         assert row["method"]["captions"] == [f"a {reference.split('_')[1]} picture"]

@@ -115,6 +115,8 @@ class ChatCaptioner:
     (:class:`~.llm.OpenAIChat`) or a local vision-language model (:class:`~.llm.TransformersVLM`), asked with
     the same OpenAI-style messages and decoded as :func:`chat_caption_decoding` says."""
 
+    takes_urls = True  # caption() takes each image as its file's data: URL (the file's own bytes, as sent)
+
     def __init__(self, client: Any, prompt: str = "", n: int = 1, seed: int = 0):
         self.client = client
         self.prompt = prompt or CHAT_CAPTION_PROMPT
@@ -131,15 +133,18 @@ class ChatCaptioner:
         return [salted_seed(self.seed, salt, j, nbytes=4) for j in range(self.n)]  # an endpoint's seed: 31 bits
 
     def caption(self, images: list[Any], salt: str = "") -> list[list[str]]:
-        """``n`` captions for each PIL image, each the model's whole answer, stripped."""
+        """``n`` captions for each image (a ``data:`` URL, see :func:`~.images.image_data_url`, or a PIL image,
+        sent as PNG), each the model's whole answer, stripped."""
         import base64
         import io
 
         urls = []
         for image in images:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
+            if not isinstance(image, str):
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+            urls.append(image)
         out: list[list[str]] = [[] for _ in images]
         for seed in self._seeds(salt):
             self.client.seed = seed  # the requests of one sample go out together, then the next sample's

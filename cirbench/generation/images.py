@@ -158,7 +158,10 @@ def caption_missing(todo: Sequence[tuple[str, ImageRef, dict[str, Any]]], cache:
         for start in tqdm(range(0, len(todo), CAPTION_BATCH), desc=f"{name}: captioning", unit="batch",
                           disable=not progress, leave=False):
             chunk = todo[start : start + CAPTION_BATCH]
-            images = [load_image(r).convert("RGB") for _, r, _ in chunk]
+            # a chat model is sent each file's own bytes (as the official chat-model pipelines send them), a
+            # transformers captioner given the decoded image
+            images = [image_data_url(r) if getattr(captioner, "takes_urls", False) else load_image(r).convert("RGB")
+                      for _, r, _ in chunk]
             # seeded by the batch's first unit: two units of one image never share their draws
             captions = captioner.caption(images, salt=chunk[0][0])
             cache.put_many([(key, caps) for (_, _, key), caps in zip(chunk, captions, strict=True)],
