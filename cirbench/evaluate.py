@@ -145,10 +145,10 @@ def drop_missing(es: EvalSet, allow_missing: bool, root_hint: str | None = None)
 
 
 def check_composed(features: Any, n: int, dim: int, mspec: MethodSpec, vectors: int = 1,
-                   hook: str = "compose") -> torch.Tensor:
+                   hook: str = "compose", unit: bool = True) -> torch.Tensor:
     """What ``compose`` (or ``hook``) returned must be ``[n, dim]`` (``[n, vectors, dim]`` for a method with
-    several vectors per query), finite and L2-normalised; a CirbenchError names the method and its plugin
-    otherwise."""
+    several vectors per query), finite and (``unit``) L2-normalised; a CirbenchError names the method and its
+    plugin otherwise."""
     who = f"method '{mspec.name}' (plugin {mspec.plugin or '?'})"
     if not isinstance(features, torch.Tensor):
         raise CirbenchError(f"{who}: {hook} returned {type(features).__name__}, not a tensor")
@@ -160,7 +160,7 @@ def check_composed(features: Any, n: int, dim: int, mspec: MethodSpec, vectors: 
     if not bool(torch.isfinite(features).all()):
         raise CirbenchError(f"{who}: {hook} returned non-finite values (NaN or Inf)")
     norms = features.norm(dim=-1)
-    if n and not bool(((norms - 1).abs() < 1e-3).all()):
+    if unit and n and not bool(((norms - 1).abs() < 1e-3).all()):
         raise CirbenchError(f"{who}: {hook} returned features that are not L2-normalised (norms "
                             f"{float(norms.min()):.4g}..{float(norms.max()):.4g}); ranking would be by dot product")
     return features
@@ -401,7 +401,10 @@ class Evaluator:
     def _rank_set(self, ctx: _Context, es: EvalSet, method) -> Ranking:
         cfg, mspec, backbone, preprocessor, cache = self.cfg, ctx.mspec, ctx.backbone, ctx.preprocessor, ctx.cache
         refs = es.reference_images()
-        blind = [dataclasses.replace(q, targets=(), candidates=None) for q in es.queries]  # what a method sees
+        # what a method sees: no targets; a query's own gallery (sorted: GeneCIS lists the target first), no subset
+        blind = [dataclasses.replace(q, targets=(), candidates=tuple(sorted(q.candidates or ()))
+                                     if es.query_galleries else None) for q in es.queries]
+        unit = getattr(method, "unit_features", True)
         # before any encoding: what a method fetches or generates per query set (captions, rewrites) fails fast
         method.prepare(QuerySet(ctx.dspec.name, ctx.split, es.name, blind, {r.id: r for r in refs},
                                 Path(cfg.cache_dir) if cfg.cache_dir else None, cfg.progress,
@@ -411,7 +414,8 @@ class Evaluator:
         prepared_gallery = method.prepare_gallery([g.id for g in es.gallery], gallery)
         if prepared_gallery is not gallery:
             width = prepared_gallery.shape[-1] if isinstance(prepared_gallery, torch.Tensor) else 0
-            gallery = check_composed(prepared_gallery, len(es.gallery), width, mspec, hook="prepare_gallery")
+            gallery = check_composed(prepared_gallery, len(es.gallery), width, mspec, hook="prepare_gallery",
+                                     unit=unit)
         rkind = method.reference_feature_kind()
         if rkind is None:  # the method reads its references itself (in prepare)
             ref_feats = torch.empty(len(refs), 0)
@@ -427,13 +431,13 @@ class Evaluator:
                                 f"{got}, not one row for each of the {len(refs)} reference images")
         ref_feats = prepared.detach()
         dim = gallery.shape[-1] if gallery.ndim == 2 else 0
-        queries = self._compose(es, method, mspec, backbone, refs, ref_feats, dim)
+        queries = self._compose(es.name, blind, method, mspec, backbone, refs, ref_feats, dim, unit)
         gallery_dev = gallery.to(backbone.device)  # once: every ranking below reuses it
         with torch.no_grad():
             final = method.finalize_queries(blind, queries, gallery_dev)
         if final is not queries:  # a method that adjusts its queries against the gallery (LDRE on CIRCO)
             queries = check_composed(final, len(blind), dim, mspec, getattr(method, "query_vectors", 1),
-                                     "finalize_queries")
+                                     "finalize_queries", unit=unit)
         combine = method.combine_scores if queries.ndim == 3 else None
         gindex = {g.id: i for i, g in enumerate(es.gallery)}
         exclude = None
@@ -457,18 +461,20 @@ class Evaluator:
             candidate_order = [[es.gallery[i].id for i in row] for row in ordered]
         return Ranking(ids, [g.id for g in es.gallery], idx, scores, candidate_order)
 
-    def _compose(self, es, method, mspec, backbone, refs, ref_feats, dim) -> torch.Tensor:
+    def _compose(self, name: str, blind: list[Query], method, mspec, backbone, refs, ref_feats, dim,
+                 unit: bool) -> torch.Tensor:
+        """The query features of the set's queries as the method sees them (``blind``: no targets)."""
         ref_pos = {r.id: i for i, r in enumerate(refs)}
         out = []
         batch = max(1, (self.cfg.batch_size or 64) * 4)
-        with tqdm(total=len(es.queries), desc=f"{es.name}: queries", unit="q", disable=not self.cfg.progress,
+        with tqdm(total=len(blind), desc=f"{name}: queries", unit="q", disable=not self.cfg.progress,
                   leave=False) as bar:
-            for s in range(0, len(es.queries), batch):
-                chunk: list[Query] = es.queries[s : s + batch]
+            for s in range(0, len(blind), batch):
+                chunk: list[Query] = blind[s : s + batch]
                 r = ref_feats[[ref_pos[q.reference] for q in chunk]].to(backbone.device)
                 with torch.no_grad():
                     out.append(check_composed(method.compose(r, chunk), len(chunk), dim, mspec,
-                                              getattr(method, "query_vectors", 1)))
+                                              getattr(method, "query_vectors", 1), unit=unit))
                 bar.update(len(chunk))
         return torch.cat(out) if out else torch.empty(0, dim)
 

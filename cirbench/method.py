@@ -26,6 +26,9 @@ A method subclasses :class:`Method` and registers a :class:`~cirbench.types.Meth
 A method never sees a dataset's metrics, targets or annotation files; it knows the dataset's name (for
 per-dataset defaults), the queries' texts, their reference images, the gallery's images (in :meth:`prepare`)
 and (in :meth:`prepare_gallery` and :meth:`finalize_queries`) the gallery's features, and the gallery images' ids.
+Where each query ranks a gallery of its own (GeneCIS's templates, i-CIR's instances), a query's
+``candidates`` name that gallery (sorted by id, so that their order says nothing); elsewhere they are hidden
+(CIRR's subsets would give the target away).
 
 The backbone a method gets is shared: by the other methods and benchmarks of a ``cirbench run`` and, in
 training, by the training itself. Never change it in place (weights, hooks left behind, merged adapters):
@@ -67,6 +70,9 @@ class Method:
 
     spec: Any = None
     query_vectors: int = 1  # K > 1: compose returns [B, K, D], scored by combine_scores
+    # False: compose, finalize_queries and prepare_gallery return vectors of any length, ranked by their inner
+    # products as they are (BASIC's centred and projected features, whose similarities are fused by size)
+    unit_features: bool = True
 
     def bind_spec(self, spec: Any) -> None:
         self.spec = spec

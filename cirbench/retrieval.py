@@ -169,6 +169,9 @@ def _faiss_available() -> bool:
     return True
 
 
+CANDIDATE_BUDGET = 1 << 26  # candidate feature values gathered at once (256 MB in fp32)
+
+
 def rank_candidates(
     queries: torch.Tensor,
     gallery: torch.Tensor,
@@ -177,8 +180,10 @@ def rank_candidates(
     with_scores: bool = False,
 ):
     """For each query, its candidate gallery positions sorted by similarity (best first; equal scores by
-    gallery position), in one batched gather and product over a padded ``[Q, C]`` candidate matrix
-    (``[Q, K, D]`` queries are scored by ``combine``). ``with_scores`` also returns the ``[Q, C]`` sorted
+    gallery position); ``[Q, K, D]`` queries are scored by ``combine``. Queries that share one candidate list
+    (every query of an i-CIR instance ranks that instance's database) are scored together, one matrix product
+    per list; the others (GeneCIS's templates) in batched gathers over a padded ``[Q, C]`` candidate matrix, at
+    most :data:`CANDIDATE_BUDGET` gathered values at a time. ``with_scores`` also returns the ``[Q, C]`` sorted
     scores and positions as tensors, ``-inf``/``-1`` past each query's candidates."""
     width = max((len(c) for c in candidate_indices), default=0)
     if width == 0:
@@ -187,27 +192,49 @@ def rank_candidates(
             return empty, torch.full((len(candidate_indices), 0), -1, dtype=torch.long), torch.zeros(
                 len(candidate_indices), 0)
         return empty
+    if queries.ndim == 3 and combine is None:
+        raise ValueError("queries of several vectors ([Q, K, D]) need a combine function")
     device = gallery.device
     big = gallery.shape[0]
-    cands = torch.full((len(candidate_indices), width), big, dtype=torch.long)
-    for qi, row in enumerate(candidate_indices):
+    rows = [sorted(row) for row in candidate_indices]
+    cands = torch.full((len(rows), width), big, dtype=torch.long)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for qi, row in enumerate(rows):
         if row:
-            cands[qi, : len(row)] = torch.as_tensor(sorted(row), dtype=torch.long)
+            cands[qi, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+            groups.setdefault(tuple(row), []).append(qi)
     cands = cands.to(device)
     valid = cands < big
-    feats = gallery[cands.clamp(max=big - 1)].float()  # [Q, C, D]
-    if queries.ndim == 3:
-        if combine is None:
-            raise ValueError("queries of several vectors ([Q, K, D]) need a combine function")
-        scores = combine(torch.einsum("qcd,qkd->qkc", feats, queries.float().to(device)))
-    else:
-        scores = torch.einsum("qcd,qd->qc", feats, queries.float().to(device))
+    q = queries.float().to(device)
+    scores = torch.full((len(rows), width), float("-inf"), device=device)
+
+    def score(feats: torch.Tensor, chosen: torch.Tensor, shared: bool) -> torch.Tensor:
+        """``[n, C]`` scores of the queries ``chosen`` against ``feats`` (``[C, D]`` shared, else ``[n, C, D]``)."""
+        sub = q[chosen]
+        if sub.ndim == 3:
+            assert combine is not None
+            return combine(torch.einsum("cd,qkd->qkc" if shared else "qcd,qkd->qkc", feats, sub))
+        return sub @ feats.T if shared else torch.einsum("qcd,qd->qc", feats, sub)
+
+    alone = []
+    for shared_row, members in groups.items():
+        if len(members) == 1:
+            alone += members
+            continue
+        chosen = torch.as_tensor(members, device=device)
+        feats = gallery[torch.as_tensor(shared_row, device=device)].float()  # [C, D]
+        scores[chosen, : len(shared_row)] = score(feats, chosen, True)
+    step = max(1, CANDIDATE_BUDGET // (width * max(1, gallery.shape[-1])))
+    for start in range(0, len(alone), step):
+        chosen = torch.as_tensor(alone[start : start + step], device=device)
+        feats = gallery[cands[chosen].clamp(max=big - 1)].float()  # [n, C, D]
+        scores[chosen] = score(feats, chosen, False)
     scores = scores.masked_fill(~valid, float("-inf"))
     sorted_scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
     ranked = torch.gather(cands, 1, order).cpu()
     counts = valid.sum(dim=1).tolist()
-    rows = [ranked[qi, :n].tolist() for qi, n in enumerate(counts)]
+    out = [ranked[qi, :n].tolist() for qi, n in enumerate(counts)]
     if with_scores:
         padded = ranked.masked_fill(ranked >= big, -1)
-        return rows, padded, sorted_scores.cpu()
-    return rows
+        return out, padded, sorted_scores.cpu()
+    return out

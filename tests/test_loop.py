@@ -584,3 +584,46 @@ def test_what_a_method_returns_is_checked_and_the_plugin_named(tmp_path, tiny_co
             with pytest.raises(CirbenchError, match=r"method 'broken' \(plugin broken-plugin\): ") as err:
                 evaluate(_cfg(tmp_path, tiny_config, toy_root, method="broken", method_options={"mode": mode}), reg)
             assert message in str(err.value), str(err.value)
+
+
+def test_a_method_never_sees_targets_and_may_declare_unnormalised_features(tmp_path, tiny_config, toy_root):
+    """compose, prepare and finalize_queries get the queries without their targets (nor CIRR-like subsets);
+    a method with ``unit_features = False`` is ranked by the inner products of what it returns, unnormalised."""
+    import torch
+
+    from cirbench import Method, MethodSpec, OptionSpec, hookimpl
+
+    seen = []
+
+    class Peeking(Method):
+        def prepare(self, query_set):
+            seen.extend(q.targets for q in query_set.queries)
+
+        def compose(self, references, queries):
+            seen.extend(q.targets for q in queries)
+            scale = 5.0 if self.options["scale"] else 1.0
+            return torch.nn.functional.normalize(references.float(), dim=-1) * scale
+
+        def finalize_queries(self, queries, features, gallery):
+            seen.extend(q.targets or q.candidates for q in queries)
+            return features
+
+    class Scaled(Peeking):
+        unit_features = False
+
+    class PeekingPlugin:
+        @hookimpl
+        def register_methods(self, register):
+            for name, factory in (("peeking", Peeking), ("scaled", Scaled)):
+                register(MethodSpec(name=name, description="looks for targets", factory=factory,
+                                    options=(OptionSpec("scale", "unnormalised output", "bool", False),)))
+
+    with registered(ToyPlugin(), "toy") as reg:
+        reg.register_plugin(PeekingPlugin(), name="peeking-plugin")
+        (plain,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="peeking", bootstrap=0), reg)
+        assert seen and not any(seen)
+        with pytest.raises(CirbenchError, match="not L2-normalised"):
+            evaluate(_cfg(tmp_path, tiny_config, toy_root, method="peeking", method_options={"scale": True}), reg)
+        (scaled,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="scaled", method_options={"scale": True},
+                                  bootstrap=0), reg)
+    assert scaled.metrics == plain.metrics  # one positive scale per query: the same ranking

@@ -85,3 +85,32 @@ def test_candidates_ties_by_gallery_position():
     q = torch.tensor([[1.0, 0.0]])
     assert rank_candidates(q, g, [[3, 2, 0, 1]]) == [[0, 2, 3, 1]]
     assert rank_candidates(q, g, [[]]) == [[]]
+
+
+@pytest.mark.parametrize("vectors", [1, 2])
+def test_candidates_shared_and_alone_rank_as_one_query_at_a_time(vectors, monkeypatch):
+    """Queries sharing one candidate list (scored with one product per list) and queries with lists of their
+    own (gathered in chunks, a tiny budget here) rank exactly as each query scored on its own would."""
+    from cirbench import retrieval
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.nn.functional.normalize(torch.randn(40, 8, generator=gen), dim=-1)
+    shape = (9, vectors, 8) if vectors > 1 else (9, 8)
+    q = torch.nn.functional.normalize(torch.randn(*shape, generator=gen), dim=-1)
+    shared_a, shared_b = list(range(0, 40, 3)), [5, 1, 17, 33, 2]
+    cands = [shared_a, shared_b, shared_a, [7, 8, 9], shared_b, [], shared_a, [39, 0], list(range(20))]
+
+    def combine(s):  # a nonlinear fusion, as BASIC's
+        return s[..., 0, :] * s[..., 1, :].clamp(min=0) - 0.1 * s.sum(-2) ** 2
+
+    fuse = combine if vectors > 1 else None
+    monkeypatch.setattr(retrieval, "CANDIDATE_BUDGET", 8 * 20 * 2)  # two gathered queries at a time
+    rows, idx, scores = rank_candidates(q, g, cands, combine=fuse, with_scores=True)
+    for qi, row in enumerate(cands):
+        mine = sorted(row)
+        sims = (g[mine] @ q[qi].T).T if vectors > 1 else g[mine] @ q[qi]
+        own = fuse(sims) if fuse else sims
+        order = torch.sort(own, descending=True, stable=True).indices.tolist()
+        assert rows[qi] == [mine[i] for i in order]
+        assert torch.allclose(scores[qi, : len(row)], own[order], atol=1e-6)
+        assert (idx[qi, len(row):] == -1).all() and torch.isinf(scores[qi, len(row):]).all()
