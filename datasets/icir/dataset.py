@@ -1,0 +1,134 @@
+"""i-CIR: the official ``query_files.csv`` / ``database_files.csv``, one ranking per instance, mAP."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from cirbench.dataset import Dataset
+from cirbench.errors import AnnotationError
+from cirbench.metrics import hits_matrix
+from cirbench.types import EvalSet, ImageRef, Query
+
+QUERY_FILE, DATABASE_FILE = "query_files.csv", "database_files.csv"
+OWN_FOLDERS = ("query", "database")  # the dataset's image folders, as its tarball unpacks them
+EPSILON = 1e-5  # the official compute_ap's recall step is 1 / (positives + 1e-5): a perfect query scores 99.999
+
+
+def read_rows(path: Path) -> list[tuple[str, str, str]]:
+    """``image_path,text,instance`` lines, as the official ``icir_dataset`` splits them (no header, no
+    quoting: a text holds no comma); blank lines are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise AnnotationError(f"annotation file {path} is missing (i-CIR's tarball unpacks it into the data "
+                              "root, the icir folder)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnnotationError(f"cannot read annotation file {path}: {exc}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(",")
+        if len(parts) != 3 or not parts[0] or not parts[2]:
+            raise AnnotationError(f"annotation file {path}, line {n}: expected 'image_path,text,instance', found "
+                                  f"{line.strip()[:80]!r}")
+        rows.append((parts[0], parts[1], parts[2]))
+    if not rows:
+        raise AnnotationError(f"annotation file {path} is empty")
+    return rows
+
+
+def average_precision(hits: torch.Tensor) -> torch.Tensor:
+    """Per query (``hits``: ``[Q, N]`` bool, its whole ranking), the official ``compute_ap``: for the j-th
+    positive (from 0) at rank r (from 0), the mean of the precision before it (j / r; 1 at rank 0) and after it
+    ((j + 1) / (r + 1)), weighted by 1 / (positives + 1e-5); 0 for a query without positives."""
+    hits = hits.bool()
+    if hits.shape[1] == 0:
+        return torch.zeros(hits.shape[0], dtype=torch.float64)
+    rank = torch.arange(hits.shape[1], dtype=torch.float64).expand(hits.shape)
+    j = hits.double().cumsum(dim=1) - 1  # the positive's index among the query's positives
+    before = torch.where(rank > 0, j / rank.clamp(min=1), torch.ones_like(rank))
+    after = (j + 1) / (rank + 1)
+    terms = torch.where(hits, (before + after) / 2, torch.zeros_like(rank))
+    return terms.sum(dim=1) / (hits.sum(dim=1).double() + EPSILON)
+
+
+class ICIR(Dataset):
+    """``--data-root`` is the ``icir`` folder of the official tarball: ``query_files.csv``,
+    ``database_files.csv``, ``query/`` and ``database/``. The files name images relative to the folder above
+    it (the official scripts join them to ``./data``), so their first component, the folder's own name, is
+    dropped; names that already start at ``query/`` or ``database/`` are taken as they are."""
+
+    def annotation_files(self, split: str) -> list[Path]:
+        return [self.data_root / QUERY_FILE, self.data_root / DATABASE_FILE]
+
+    def _locate(self, first: str):
+        """How the files' image names map into the data root, decided on the first one (see the class)."""
+        parts = PurePosixPath(first).parts
+        inner = PurePosixPath(*parts[1:]).as_posix() if len(parts) > 1 else first
+        if (self.data_root / first).exists():
+            strip = False
+        elif (self.data_root / inner).exists():
+            strip = True
+        else:  # nothing there yet: the missing-image check names what it looked for
+            strip = parts[0] not in OWN_FOLDERS and len(parts) > 1
+
+        def locate(name: str) -> str:
+            named = PurePosixPath(name).parts
+            return PurePosixPath(*named[1:]).as_posix() if strip and len(named) > 1 else name
+
+        return locate
+
+    def load(self, split: str) -> list[EvalSet]:
+        self.check_split(split)
+        query_rows = read_rows(self.data_root / QUERY_FILE)
+        database_rows = read_rows(self.data_root / DATABASE_FILE)
+        locate = self._locate(query_rows[0][0])
+        gallery: list[ImageRef] = []
+        by_instance: dict[str, list[str]] = {}
+        positives: dict[tuple[str, str], list[str]] = {}
+        seen: dict[str, int] = {}
+        for name, text, instance in database_rows:
+            # a database row is one entry of its instance's ranking, as officially: an image listed twice is
+            # two entries (the second apart by its id)
+            copies = seen.get(name, 0)
+            seen[name] = copies + 1
+            ref = self.image(name if not copies else f"{name}#{copies}", locate(name))
+            gallery.append(ref)
+            by_instance.setdefault(instance, []).append(ref.id)
+            positives.setdefault((instance, text), []).append(ref.id)
+        images: dict[str, ImageRef] = {}
+        queries = []
+        for i, (name, text, instance) in enumerate(query_rows):
+            if instance not in by_instance:
+                raise AnnotationError(f"annotation file {self.data_root / QUERY_FILE}, line {i + 1}: instance "
+                                      f"{instance!r} has no image in {DATABASE_FILE}")
+            if name in seen:
+                raise AnnotationError(f"annotation file {self.data_root / QUERY_FILE}, line {i + 1}: query image "
+                                      f"{name} is also a database image")
+            ref = images.setdefault(name, self.image(name, locate(name)))
+            queries.append(Query(id=str(i), reference=ref.id, texts=(text,),
+                                 targets=tuple(positives.get((instance, text), ())),
+                                 candidates=tuple(by_instance[instance]), category=instance))
+        return [EvalSet("test", gallery, queries, images, topk=50, query_galleries=True,
+                        info={"instances": len({q.category for q in queries}), "database": len(gallery)})]
+
+    # -- metrics ------------------------------------------------------------------------------------------
+    def per_query_metrics(self, evalset: EvalSet, ranking) -> dict:
+        """Each query's AP (x100) over its instance's whole ranking: their mean is the reported mAP."""
+        targets = ranking.target_positions([q.targets for q in evalset.queries])
+        return {"mAP": average_precision(hits_matrix(ranking.indices, targets)) * 100}
+
+    def metrics(self, evalset: EvalSet, ranking) -> dict[str, float]:
+        """mAP over the queries, and per instance: the mean of the instances' mAP (mmAP) and of their worst
+        query's AP (minmAP), as the official ``save_results`` reports them."""
+        ap = self.per_query_metrics(evalset, ranking)["mAP"]
+        by_instance: dict[str, list[int]] = {}
+        for qi, q in enumerate(evalset.queries):
+            by_instance.setdefault(str(q.category), []).append(qi)
+        groups = [ap[torch.as_tensor(members)] for members in by_instance.values()]
+        return {"mAP": float(ap.mean()) if len(ap) else 0.0,
+                "mmAP": float(torch.stack([g.mean() for g in groups]).mean()) if groups else 0.0,
+                "minmAP": float(torch.stack([g.min() for g in groups]).mean()) if groups else 0.0}

@@ -1,0 +1,171 @@
+"""i-CIR: the official CSV files, one ranking per instance, and mAP / mmAP / minmAP as the official
+``compute_ap``, ``map_calc_icir`` and ``save_results`` compute them (transcribed below as the oracle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cirbench.backbones import load_backbone
+from cirbench.encode import encode_images
+from cirbench.errors import AnnotationError
+from cirbench.evaluate import RunConfig, evaluate
+from cirbench.plugins import get_registry
+from cirbench.retrieval import Ranking
+from cirbench.types import ImageRef
+
+INSTANCES = {"temple": ("at night", "in snow"), "teddy": ("as a drawing",), "bridge": ("at night", "in fog")}
+
+
+# -- the official code, transcribed (github.com/billpsomas/icir, utils.py and utils_retrieval.py) ---------------
+def official_compute_ap(ranks, nres):
+    ap = 0.0
+    recall_step = 1.0 / (nres + 1e-5)
+    for j in range(len(ranks)):
+        rank = ranks[j]
+        precision_0 = 1.0 if rank == 0 else float(j) / rank
+        precision_1 = float(j + 1) / (rank + 1)
+        ap += (precision_0 + precision_1) * recall_step / 2.0
+    return ap
+
+
+def official_aps(rankings, q_instances, q_texts, db_instances, db_texts):
+    """map_calc_icir's APs for one instance: ``rankings`` [Q, N] database positions, best first."""
+    correct = np.zeros(rankings.shape)
+    for q in range(rankings.shape[0]):
+        for pos, db in enumerate(rankings[q].tolist()):
+            if q_instances[q] == db_instances[db] and q_texts[q] == db_texts[db]:
+                correct[q, pos] = 1.0
+    return [official_compute_ap(np.where(row != 0)[0], len(np.where(row != 0)[0])) for row in correct]
+
+
+def official_summary(aps_by_instance):
+    """save_results: mAP over every query, mmAP over the instances' means, minmAP over their minima (x100)."""
+    every = [a for aps in aps_by_instance for a in aps]
+    return (np.mean(every) * 100, np.mean([np.mean(a) for a in aps_by_instance]) * 100,
+            np.mean([np.min(a) for a in aps_by_instance]) * 100)
+
+
+# -- a generated i-CIR folder ---------------------------------------------------------------------------------
+def write_icir(root, prefix="icir/"):
+    """``root`` (the icir folder) with both CSV files naming images from the folder above (``prefix``), as the
+    official scripts join them to ``./data``: per instance, positives for each text, hard negatives of another
+    text, and one or two query images."""
+    rng = np.random.default_rng(0)
+    query_rows, database_rows = [], []
+    for k, (instance, texts) in enumerate(INSTANCES.items()):
+        for folder, rows, count in (("query", query_rows, 2), ("database", database_rows, 9)):
+            (root / folder / instance).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                name = f"{folder}/{instance}/{i}.jpg"
+                colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+                Image.new("RGB", (24 + 4 * k, 20 + 2 * i), colour).save(root / name)
+                text = texts[i % len(texts)] if folder == "query" or i < 6 else "a hard negative"
+                if folder == "query" and instance == "teddy" and i == 1:
+                    continue  # an instance with one query
+                rows.append(f"{prefix}{name},{text},{instance}")
+    (root / "query_files.csv").write_text("\n".join(query_rows) + "\n")
+    (root / "database_files.csv").write_text("\n".join(database_rows) + "\n")
+    return root
+
+
+def _dataset(root):
+    spec = get_registry().dataset("icir")
+    return spec.create(root, {})
+
+
+def test_the_files_become_one_ranking_per_instance(tmp_path):
+    root = write_icir(tmp_path / "icir")
+    (es,) = _dataset(root).load("test")
+    assert es.query_galleries and len(es.gallery) == 27 and len(es.queries) == 5
+    first = es.queries[0]
+    assert first.reference == "icir/query/temple/0.jpg" and first.texts == ("at night",)
+    assert es.images[first.reference].path == root / "query/temple/0.jpg"  # the folder's own name dropped
+    assert set(first.candidates) == {f"icir/database/temple/{i}.jpg" for i in range(9)}
+    assert first.targets == tuple(f"icir/database/temple/{i}.jpg" for i in (0, 2, 4))  # same instance and text
+    assert {q.category for q in es.queries} == set(INSTANCES)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("icir/query/a.jpg,at night\n", "line 1: expected 'image_path,text,instance'"),
+    ("icir/query/a.jpg,at night, with a comma,temple\n", "line 1: expected"),
+    ("\n\n", "is empty"),
+    ("icir/query/a.jpg,at night,nowhere\n", "instance 'nowhere' has no image in database_files.csv"),
+])
+def test_malformed_files_are_one_line_errors(tmp_path, content, message):
+    root = write_icir(tmp_path / "icir")
+    (root / "query_files.csv").write_text(content)
+    with pytest.raises(AnnotationError, match=message):
+        _dataset(root).load("test")
+    (root / "query_files.csv").unlink()
+    with pytest.raises(AnnotationError, match="query_files.csv is missing"):
+        _dataset(root).load("test")
+
+
+def test_average_precision_is_the_official_one():
+    """Real-shaped rankings (an instance's database of hundreds, a few positives, none for one query)."""
+    from cirbench.datasets.icir.dataset import average_precision
+
+    gen = torch.Generator().manual_seed(3)
+    hits = torch.rand(40, 700, generator=gen) < 0.01
+    hits[:2] = False
+    hits[1, :5] = True
+    ours = average_precision(hits)
+    for q in range(hits.shape[0]):
+        positions = np.where(hits[q].numpy())[0]
+        assert ours[q].item() == pytest.approx(official_compute_ap(positions, len(positions)), abs=1e-12)
+    assert ours[0] == 0 and 0.9999 < ours[1] < 1  # the 1e-5 guard, kept
+
+
+def test_a_run_scores_as_the_official_evaluation(tmp_path, tiny_config):
+    """image-only on a generated i-CIR: each query ranks its instance's database only; mAP, mmAP and minmAP
+    equal the official code's on the same features, ranked per instance with argsort."""
+    root = write_icir(tmp_path / "icir")
+    cfg = RunConfig(method="image-only", dataset="icir", split="test", backbone=str(tiny_config),
+                    pretrained="none", data_root=root, output=tmp_path / "results", cache_dir=tmp_path / "cache",
+                    workers=0, progress=False, bootstrap=0)
+    (out,) = evaluate(cfg)
+    bb = load_backbone(str(tiny_config), "none", device="cpu", precision="fp32")
+    (es,) = _dataset(root).load("test")
+    refs = [ImageRef(g.id, g.path, root=root) for g in es.gallery] + [es.images[q.reference] for q in es.queries]
+    with torch.no_grad():
+        feats = encode_images(refs, bb.encode_image, bb.preprocessor(out.record["preprocess"]["kind"]), workers=0,
+                              progress=False).double()
+    db, queries = feats[: len(es.gallery)], feats[len(es.gallery):]
+    lines = [line.split(",") for line in (root / "database_files.csv").read_text().splitlines()]
+    db_texts, db_instances = [t for _, t, _ in lines], [i for _, _, i in lines]
+    qlines = [line.split(",") for line in (root / "query_files.csv").read_text().splitlines()]
+    aps_by_instance = []
+    for instance in sorted({i for _, _, i in qlines}):
+        qi = [k for k, (_, _, i) in enumerate(qlines) if i == instance]
+        di = [k for k, i in enumerate(db_instances) if i == instance]
+        rankings = torch.argsort(queries[qi] @ db[di].T, dim=1, descending=True).numpy()
+        aps_by_instance.append(official_aps(rankings, [instance] * len(qi), [qlines[k][1] for k in qi],
+                                            [db_instances[k] for k in di], [db_texts[k] for k in di]))
+    expected = official_summary(aps_by_instance)
+    got = out.metrics
+    assert (got["mAP"], got["mmAP"], got["minmAP"]) == pytest.approx(expected, abs=1e-6)
+    assert out.record["counts"]["queries"] == 5
+
+
+def test_metrics_group_queries_by_instance():
+    """mmAP and minmAP from a hand-made ranking: instance a's queries find their positive first and second, b's
+    has none."""
+    from cirbench.datasets.icir.dataset import ICIR
+    from cirbench.types import EvalSet, Query
+
+    gallery = [ImageRef(n, f"/x/{n}") for n in ("a0", "a1", "b0", "b1")]
+    queries = [Query("0", "qa", ("t",), ("a0",), ("a0", "a1"), "a"),
+               Query("1", "qa", ("t",), ("a0",), ("a0", "a1"), "a"),
+               Query("2", "qb", ("t",), (), ("b0", "b1"), "b")]
+    es = EvalSet("test", gallery, queries, {}, query_galleries=True)
+    ranking = Ranking(["0", "1", "2"], [g.id for g in gallery], torch.tensor([[0, 1], [1, 0], [2, 3]]),
+                      torch.zeros(3, 2))
+    metrics = ICIR(None).metrics(es, ranking)
+    perfect = 1 / (1 + 1e-5) * 100
+    second = (0 + 1 / 2) / 2 / (1 + 1e-5) * 100  # the only positive second: precisions 0/1 before, 1/2 after
+    assert metrics["mAP"] == pytest.approx((perfect + second + 0) / 3)
+    assert metrics["mmAP"] == pytest.approx(((perfect + second) / 2 + 0) / 2)
+    assert metrics["minmAP"] == pytest.approx((second + 0) / 2)
