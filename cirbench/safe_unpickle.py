@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .util import one_line
 
 MAX_PICKLE_BYTES = 256 << 20  # data.pkl of a checkpoint (module structure and names, not tensors)
 MAX_DEPTH = 64  # nesting of containers/modules when collecting tensors
@@ -326,3 +327,86 @@ def load_data_pickle(data: bytes, source: str) -> Any:
     if len(data) > MAX_PICKLE_BYTES:
         raise CheckpointError(f"{source} is {len(data)} bytes; refused")
     return _load(_DataUnpickler(io.BytesIO(data)), source, "is not a readable pickle")
+
+
+class _TensorPickleUnpickler(pickle._Unpickler):
+    """A plain ``pickle.dump`` of containers holding torch tensors (their storages saved by ``torch.save`` into
+    the pickle, as a tensor pickles itself): the storages are read by torch's own restricted loader
+    (``weights_only``), the tensors rebuilt from them; any other global is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return torch._utils._rebuild_tensor_v2
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _storage_from_bytes
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        raise RefusedPickle(f"refusing to unpickle: the file names {module}.{name}, which a pickle of tensors "
+                            "needs not; it may be malicious")
+
+    def persistent_load(self, pid):
+        raise RefusedPickle("refusing to unpickle: the file references external objects")
+
+
+def _storage_from_bytes(data: bytes) -> Any:
+    if not isinstance(data, bytes):
+        raise RefusedPickle("refusing to unpickle: a tensor storage that is not bytes")
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch's restricted loader refusing, or a corrupt storage
+        raise CheckpointError(f"a tensor storage in the file is unreadable ({type(exc).__name__})") from None
+
+
+def load_tensor_pickle(path: Path | str) -> Any:
+    """What a plain pickle of tensors holds (BASIC's LAION means: ``{"laion_1m_mean": tensor}``), read as
+    :class:`_TensorPickleUnpickler` allows."""
+    data = Path(path).read_bytes()
+    if len(data) > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{path} is {len(data)} bytes; refused")
+    return _load(_TensorPickleUnpickler(io.BytesIO(data)), str(path), "is not a readable pickle")
+
+
+_NUMPY_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                  ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                  ("numpy._core.multiarray", "scalar")}
+
+
+class _NumpyUnpickler(pickle._Unpickler):
+    """Numpy arrays in plain containers (what ``np.save`` writes for an object array): numpy's own array and
+    dtype rebuilders only."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _NUMPY_GLOBALS:
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+        raise RefusedPickle(f"refusing to unpickle: the file names {module}.{name}, which numpy arrays need not; "
+                            "it may be malicious")
+
+    def persistent_load(self, pid):
+        raise RefusedPickle("refusing to unpickle: the file references external objects")
+
+
+def load_object_npy(path: Path | str) -> Any:
+    """The object an ``.npy`` file of one pickled object holds (``np.save(path, {...})``, read back by
+    ``np.load(allow_pickle=True).item()``), unpickled as :class:`_NumpyUnpickler` allows."""
+    import numpy as np
+
+    path = Path(path)
+    with open(path, "rb") as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"npy format version {version}")
+            _shape, _fortran, dtype = read_header(fh)
+        except ValueError as exc:
+            raise CheckpointError(f"{path} is not a readable .npy file ({one_line(exc)[:120]})") from None
+        if not dtype.hasobject:
+            return np.lib.format.read_array(fh, allow_pickle=False)
+        data = fh.read(MAX_PICKLE_BYTES + 1)
+    if len(data) > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{path} holds more than {MAX_PICKLE_BYTES} bytes of pickled objects; refused")
+    array = _load(_NumpyUnpickler(io.BytesIO(data)), str(path), "is not a readable .npy file")
+    return array.item() if getattr(array, "shape", None) == () else array

@@ -413,9 +413,22 @@ def resolve_options(
     """Validate ``given`` raw options against ``specs``, fill defaults, expand sweeps.
 
     Returns one options dict per sweep point (a single dict when nothing is swept). ``command_options``
-    (the command's own option names) only feed the "did you mean" hint of an unknown option.
+    (the command's own option names) only feed the "did you mean" hint of an unknown option. A bool option is
+    switched on by a bare ``--name`` and off by a bare ``--no-name``.
     """
     by_name = {s.name: s for s in specs}
+    switched: dict[str, str | None] = {}
+    for key, raw in given.items():
+        on = key[3:] if key.startswith("no_") and key not in by_name else None
+        if on is not None and on in by_name and by_name[on].type == "bool":
+            if raw is not None:
+                raise CirbenchError(f"option {option_flag(key)} takes no value (it turns {option_flag(on)} off)")
+            if on in given:
+                raise CirbenchError(f"options {option_flag(on)} and {option_flag(key)} contradict each other")
+            switched[on] = "false"
+        else:
+            switched[key] = raw
+    given = switched
     for key in given:
         if key not in by_name:
             valid = [option_flag(n) for n in by_name] or ["(this " + what + " takes no options)"]

@@ -31,6 +31,19 @@ def test_options_defaults_per_dataset_and_sweeps():
         resolve_options([ALPHA], {"alpha": "0.9:0.1:0.1"}, None, "m")
 
 
+def test_a_bool_option_is_switched_on_and_off_by_bare_flags():
+    flag = OptionSpec("query_expansion", "expand", "bool", True)
+    assert resolve_options([flag], {"no_query_expansion": None}, None, "m") == [{"query_expansion": False}]
+    assert resolve_options([flag], {"query_expansion": None}, None, "m") == [{"query_expansion": True}]
+    assert resolve_options([flag], {"query_expansion": "off"}, None, "m") == [{"query_expansion": False}]
+    with pytest.raises(CirbenchError, match="--no-query-expansion takes no value"):
+        resolve_options([flag], {"no_query_expansion": "true"}, None, "m")
+    with pytest.raises(CirbenchError, match="--query-expansion and --no-query-expansion contradict"):
+        resolve_options([flag], {"no_query_expansion": None, "query_expansion": "1"}, None, "m")
+    with pytest.raises(CirbenchError, match="unknown option --no-alpha"):  # not a bool: no switch
+        resolve_options([ALPHA], {"no_alpha": None}, None, "m")
+
+
 def _official_targetpad(img: Image.Image, ratio: float = 1.25) -> Image.Image:
     """The PIL padding step as the official SEARLE/FTI4CIR TargetPad describes it: pad each side of the
     short dimension by int((max(w, h) / ratio - short) / 2)."""

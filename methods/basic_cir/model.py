@@ -1,0 +1,253 @@
+"""BASIC: the official ``calculate_rankings`` (``--method basic``) as a cirbench method (see the plugin docstring).
+
+What the official code does is followed to the operation, its quirks included: the corpus files are read with
+their header row (``object_name`` is the first object name), ``1e-5`` is added to every entry of the contrastive
+scatter matrix, only the query image is projected (the gallery is centred, not projected), and the expansion
+weights are ``exp(0.1 cos)`` over the nearest images and the query itself (similarity 1). The eigen-decomposition
+runs in float64 (the official one in float32 on the GPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cirbench.errors import CheckpointError, CirbenchError
+from cirbench.hub import url_file
+from cirbench.method import Method
+from cirbench.safe_unpickle import load_object_npy, load_tensor_pickle
+from cirbench.types import Query
+from cirbench.util import file_sha256
+
+COMMIT = "463cc1d4881854f9667977b6dab0e775902ea760"  # github.com/billpsomas/icir
+RAW = f"https://raw.githubusercontent.com/billpsomas/icir/{COMMIT}/"
+CORPUS, NEGATIVE_CORPUS = "corpora/generic_subjects.csv", "corpora/generic_styles.csv"
+LAION_MEAN = "data/laion_mean/laion_1m_mean_{kind}.pkl"
+SYNTHETIC = "synthetic_data/dataset_1_sd_{kind}.pkl.npy"
+SHA256 = {  # of the files at COMMIT (the synthetic features are not pinned: the mirror we read lacked them)
+    CORPUS: "c090d82e6e592fa9c0dc50b33e796b1fbc595c735bf8d1bf1166396bcf86e70a",
+    NEGATIVE_CORPUS: "5b7cdeb763e470c4b427a65e713bdd6c902e66d2ef5d82935f330cc93508a207",
+    LAION_MEAN.format(kind="clip"): "afacfa72119a0837aa031d3fcc570b051bb0074c17577fb86b2168f9689e23ab",
+    LAION_MEAN.format(kind="siglip"): "192bafe11847922f0a0d0868486ba5f132de467e70f10b4310f2863c9a2c5744",
+}
+SCATTER_SHIFT = 1e-5  # added to every entry of (1 - a) S_objects - a S_styles, as officially
+EXPANSION_TEMPERATURE = 0.1  # expansion weights exp(0.1 * cos)
+COMPONENTS = ("contextualize", "standardize", "laion_mean", "project", "query_expansion", "normalize")
+
+
+def official_kind(backbone) -> str | None:
+    """``clip`` or ``siglip``: the backbone the official LAION mean and synthetic features were made with."""
+    name, tag = str(backbone.model_name), str(backbone.pretrained or "")
+    if (name, tag) == ("ViT-L-14", "openai"):
+        return "clip"
+    if name.removeprefix("hf-hub:timm/") == "ViT-L-16-SigLIP-256" and (tag == "webli" or name.startswith("hf-hub:")):
+        return "siglip"
+    return None
+
+
+def read_corpus(path: Path) -> list[str]:
+    """The first column of every row, the header row included, as the official ``csv.reader`` loop reads it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CirbenchError(f"cannot read the corpus {path}: {exc}") from None
+    names = [row[0] for row in csv.reader(io.StringIO(text, newline="")) if row]
+    if not names:
+        raise CirbenchError(f"corpus {path} holds no names")
+    return names
+
+
+def contrastive_projection(objects: torch.Tensor, styles: torch.Tensor, weight: float, components: int) -> tuple[
+        torch.Tensor, int]:
+    """``V^T V`` over the top eigenvectors of ``(1 - a) S_objects - a S_styles + 1e-5`` (the scatter matrices of
+    the centred corpora, over ``n - 1``), at most ``components`` of them and only those of positive eigenvalue;
+    returns it and how many were kept."""
+    a, b = objects.double(), styles.double()
+    scatter = (1 - weight) * (a.T @ a / (a.shape[0] - 1)) - weight * (b.T @ b / (b.shape[0] - 1)) + SCATTER_SHIFT
+    values, vectors = torch.linalg.eigh(scatter)  # ascending
+    kept = min(components, int((values > 0).sum()))
+    top = vectors.flip(dims=[1])[:, :kept]  # [D, kept], descending eigenvalues
+    return (top @ top.T).float(), kept
+
+
+class Basic(Method):
+    """Two vectors per query, the expanded and projected image and the contextualised text, both centred;
+    the gallery centred; scores fused by :meth:`combine_scores`."""
+
+    query_vectors = 2
+    unit_features = False  # centred and projected: the fusion reads the similarities' sizes
+
+    def __init__(self, backbone, options, dataset=None):
+        super().__init__(backbone, options, dataset)
+        o = self.options
+        self.on = {name: bool(o.get(name, True)) for name in COMPONENTS}
+        self.sources: dict[str, dict[str, str]] = {}
+        needs_corpus = self.on["contextualize"] or self.on["standardize"] or self.on["project"]
+        self.words = read_corpus(self._file("corpus", CORPUS, "BASIC's object names")) if needs_corpus else []
+        self.styles = read_corpus(self._file("negative_corpus", NEGATIVE_CORPUS, "BASIC's style words")) \
+            if self.on["project"] else []
+        self.laion: torch.Tensor | None = None
+        if self.on["standardize"] and self.on["laion_mean"]:
+            self.laion = self._laion_mean(self._per_backbone("laion_mean_file", LAION_MEAN, "BASIC's LAION-1M mean"))
+        self.synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.on["normalize"]:
+            self.synthetic = self._synthetic(self._per_backbone("synthetic_data", SYNTHETIC,
+                                                                "BASIC's synthetic normalisation features"))
+        self.rows: dict[str, int] = {}
+        self.mean_image = self.mean_text = torch.zeros(backbone.embed_dim)
+        self.projection: torch.Tensor | None = None
+        self.kept = 0
+        self.limits = (0.0, 0.0)  # the synthetic pairs' least image-image and text-image similarity
+        self.texts: dict[str, torch.Tensor] = {}
+
+    # -- files -------------------------------------------------------------------------------------------
+    def _file(self, option: str, relative: str, what: str) -> Path:
+        given = self.options.get(option)
+        if given:
+            path = Path(given).expanduser()
+            if not path.is_file():
+                raise CirbenchError(f"--{option.replace('_', '-')} {path} is not a file")
+        else:
+            path = url_file(RAW + relative, what, option.replace("_", "-"))
+            expected = SHA256.get(relative)
+            if expected and file_sha256(path) != expected:
+                raise CheckpointError(f"{path} is not {what} at {RAW}{relative} (its sha256 differs): delete it "
+                                      "to download it again")
+        self.sources[option] = {"path": str(path), "sha256": file_sha256(path)}
+        return path
+
+    def _per_backbone(self, option: str, pattern: str, what: str) -> Path:
+        kind = official_kind(self.backbone)
+        if not self.options.get(option) and kind is None:
+            switch = "laion-mean" if option == "laion_mean_file" else "normalize"
+            raise CheckpointError(f"{what} is published for ViT-L-14/openai and ViT-L-16-SigLIP-256/webli only; for "
+                                  f"{self.backbone.model_name}/{self.backbone.pretrained} pass "
+                                  f"--{option.replace('_', '-')} FILE or --no-{switch}")
+        return self._file(option, pattern.format(kind=kind), what)
+
+    def _laion_mean(self, path: Path) -> torch.Tensor:
+        value: Any
+        if path.suffix == ".npy":
+            value = load_object_npy(path)
+        else:
+            value = load_tensor_pickle(path)
+            value = value.get("laion_1m_mean") if isinstance(value, dict) else value
+        mean = torch.as_tensor(value, dtype=torch.float32).reshape(-1) if value is not None else None
+        if mean is None or mean.numel() != self.backbone.embed_dim:
+            raise CheckpointError(f"LAION mean {path} is not one {self.backbone.embed_dim}-d vector (the backbone's "
+                                  "feature size): it was made for another backbone")
+        return mean
+
+    def _synthetic(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        data = load_object_npy(path)
+        try:
+            pair = tuple(torch.as_tensor(data[k], dtype=torch.float32) for k in ("image_features", "text_features"))
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"synthetic features {path} hold no 'image_features' and 'text_features' "
+                                  "arrays") from None
+        if any(t.ndim != 2 or t.shape[1] != self.backbone.embed_dim or not len(t) for t in pair):
+            raise CheckpointError(f"synthetic features {path} are not [N, {self.backbone.embed_dim}] arrays (the "
+                                  "backbone's feature size): they were made for another backbone")
+        return pair[0], pair[1]
+
+    def info(self) -> dict:
+        return {"components": {k: v for k, v in self.on.items()}, **self.sources}
+
+    def label_tag(self) -> str | None:
+        off = [f"no-{name.replace('_', '-')}" for name in COMPONENTS if not self.on[name]]
+        return "+".join(off) or None
+
+    def summary(self) -> dict:
+        return {"principal_components": self.kept, "normalisation_minima": list(self.limits)}
+
+    # -- statistics --------------------------------------------------------------------------------------
+    def _corpus_features(self, names: list[str]) -> torch.Tensor:
+        key = ("basic-corpus", tuple(names))
+        return self.backbone.derived(key, lambda: self.backbone.encode_text(names, memoize=False).float())
+
+    def prepare_gallery(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
+        """The gallery centred (by LAION's mean, or by its own), and every statistic the queries need."""
+        device = self.backbone.device
+        gallery = torch.nn.functional.normalize(features.float(), dim=-1)
+        self.rows = {image: i for i, image in enumerate(ids)}
+        zero = torch.zeros(self.backbone.embed_dim, device=device)
+        objects = self._corpus_features(self.words) if self.words else None
+        if self.on["standardize"]:
+            self.mean_image = self.laion.to(device) if self.laion is not None else gallery.mean(0).to(device)
+            self.mean_text = objects.mean(0) if objects is not None else zero
+        else:
+            self.mean_image, self.mean_text = zero, zero
+        if self.on["project"]:
+            assert objects is not None
+            styles = self._corpus_features(self.styles)
+            self.projection, self.kept = contrastive_projection(objects - self.mean_text, styles - self.mean_text,
+                                                                float(self.options.get("negative_weight", 0.2)),
+                                                                int(self.options.get("components", 250)))
+            self.projection = self.projection.to(device)
+        if self.synthetic is not None:
+            images, texts = (torch.nn.functional.normalize(t.to(device), dim=-1) for t in self.synthetic)
+            images, texts = images - self.mean_image, texts - self.mean_text
+            self.limits = (float((images @ images.T).min()), float((texts @ images.T).min()))
+        return gallery - self.mean_image.to(gallery.device)
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        """Each text's feature: contextualised (the mean of ``"{name} {text}"`` and ``"{text} {name}"`` over the
+        corpus's first names), then normalised."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self.texts]
+        if missing and self.on["contextualize"]:
+            words = self.words[: int(self.options.get("context_words", 100))]
+            for text in missing:
+                both = [f"{w} {text}" for w in words] + [f"{text} {w}" for w in words]
+                mean = self.backbone.encode_text(both, memoize=False).float().mean(0)
+                self.texts[text] = torch.nn.functional.normalize(mean, dim=-1)
+        elif missing:
+            for text, feature in zip(missing, self.backbone.encode_text(missing).float(), strict=True):
+                self.texts[text] = feature
+        return torch.stack([self.texts[t] for t in texts])
+
+    def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
+        device = self.backbone.device
+        image = torch.nn.functional.normalize(references.float().to(device), dim=-1) - self.mean_image
+        text = self._text_features([" and ".join(q.texts) for q in queries]).to(device) - self.mean_text
+        return torch.stack([image, text], dim=1)
+
+    def finalize_queries(self, queries: list[Query], features: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+        """The image vector projected, after (``query_expansion``) a weighted mean with its nearest gallery
+        images: a query ranking a gallery of its own (i-CIR's instance database) expands within it."""
+        image, text = features[:, 0], features[:, 1]
+        project = (lambda x: x @ self.projection) if self.projection is not None else (lambda x: x)
+        if not self.on["query_expansion"]:
+            return torch.stack([project(image), text], dim=1)
+        expanded = torch.empty_like(image)
+        groups: dict[tuple[str, ...] | None, list[int]] = {}
+        for qi, q in enumerate(queries):
+            groups.setdefault(q.candidates or None, []).append(qi)
+        k = int(self.options.get("expansion_k", 25))
+        for candidates, members in groups.items():
+            own = gallery if candidates is None else gallery[torch.as_tensor(
+                [self.rows[c] for c in candidates], device=gallery.device)]
+            for start in range(0, len(members), 256):
+                chosen = torch.as_tensor(members[start : start + 256], device=image.device)
+                values, nearest = (project(image[chosen]) @ own.float().T).topk(min(k, own.shape[0]), dim=1)
+                stack = torch.cat([own[nearest].float(), image[chosen].unsqueeze(1)], dim=1)  # [n, k + 1, D]
+                weights = torch.exp(EXPANSION_TEMPERATURE * torch.cat([values, torch.ones_like(values[:, :1])], 1))
+                weights = weights / weights.sum(dim=1, keepdim=True)
+                expanded[chosen] = (stack * weights.unsqueeze(-1)).sum(dim=1)
+        return torch.stack([project(expanded), text], dim=1)
+
+    def combine_scores(self, sims: torch.Tensor) -> torch.Tensor:
+        """Harris' corner score of the two similarities, shifted and scaled by the synthetic minima (both by
+        the image one's size, as officially), clipped at zero."""
+        image, text = sims[..., 0, :], sims[..., 1, :]
+        if self.synthetic is not None:
+            low_image, low_text = self.limits
+            text = (text - low_text) / abs(low_image)
+            image = (image - low_image) / abs(low_image)
+        image, text = image.clamp(min=0), text.clamp(min=0)
+        lam = float(self.options.get("harris_lambda", 0.1))
+        return text * image - lam * (text + image) ** 2
