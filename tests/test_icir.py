@@ -169,3 +169,41 @@ def test_metrics_group_queries_by_instance():
     assert metrics["mAP"] == pytest.approx((perfect + second + 0) / 3)
     assert metrics["mmAP"] == pytest.approx(((perfect + second) / 2 + 0) / 2)
     assert metrics["minmAP"] == pytest.approx((second + 0) / 2)
+
+
+def test_rankings_made_elsewhere_are_scored_whole(tmp_path, tiny_config):
+    """`cirbench score`: a file ranking every query's whole instance database scores as the live run did;
+    a ranking cut short, or holding another instance's image, is a one-line error."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cirbench.cli import cli
+
+    root = write_icir(tmp_path / "icir")
+    (es,) = _dataset(root).load("test")
+    rows = [{"query": q.id, "top": sorted(q.candidates, reverse=(int(q.id) % 2 == 0))} for q in es.queries]
+    good = tmp_path / "mine.predictions.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = CliRunner().invoke(cli, ["score", "--dataset", "icir", "--split", "test", "--data-root", str(root),
+                                   str(good), "--json"])
+    assert res.exit_code == 0, res.output
+    scored = json.loads(res.output)
+    aps_by_instance: dict[str, list[float]] = {}
+    for r in rows:
+        q = es.queries[int(r["query"])]
+        positions = [i for i, image in enumerate(r["top"]) if image in q.targets]
+        aps_by_instance.setdefault(str(q.category), []).append(official_compute_ap(positions, len(positions)))
+    assert (scored["mAP"], scored["mmAP"], scored["minmAP"]) == pytest.approx(
+        official_summary(list(aps_by_instance.values())), abs=1e-6)
+    short = [dict(r, top=r["top"][:5]) if r["query"] == "0" else r for r in rows]
+    bad = tmp_path / "short.predictions.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in short))
+    res = CliRunner().invoke(cli, ["score", "--dataset", "icir", "--split", "test", "--data-root", str(root),
+                                   str(bad)])
+    assert res.exit_code == 2 and "query 0: the ranking has 5 ids, at least 9 are needed" in res.output
+    other = [dict(r, top=[*r["top"][:-1], "icir/database/teddy/0.jpg"]) if r["query"] == "0" else r for r in rows]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in other))
+    res = CliRunner().invoke(cli, ["score", "--dataset", "icir", "--split", "test", "--data-root", str(root),
+                                   str(bad)])
+    assert res.exit_code == 2 and "is not in the database of the query's instance" in res.output
