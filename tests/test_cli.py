@@ -118,7 +118,7 @@ def test_errors_under_torchrun_say_which_rank_met_them():
 def test_unknown_names_suggest_the_closest_one():
     res = CliRunner().invoke(cli, ["run", "--method", "slerpp"])
     assert res.exit_code == 2 and "unknown method 'slerpp' (did you mean 'slerp'?); valid:" in res.output
-    res = CliRunner().invoke(cli, ["data", "check", "--dataset", "cir"])
+    res = CliRunner().invoke(cli, ["data", "check", "--dataset", "cirrr"])
     assert res.exit_code == 2 and "did you mean 'cirr'?" in res.output
 
 
