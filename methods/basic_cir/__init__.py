@@ -17,7 +17,8 @@ from cirbench.types import MethodSpec, OptionSpec
 OPTIONS = (
     OptionSpec("contextualize", "Average the text's features beside each of --context-words object names of "
                "--corpus (both orders).", "bool", True),
-    OptionSpec("context_words", "How many of --corpus's first names contextualise a text.", "int", 100, minimum=1),
+    OptionSpec("context_words", "How many of --corpus's first names contextualise a text.", "int", 100, minimum=1,
+               maximum=100_000),
     OptionSpec("standardize", "Centre the features (images by --laion-mean, texts by --corpus's mean).", "bool", True),
     OptionSpec("laion_mean", "Centre images by LAION-1M's mean image feature (off: by the gallery's mean).",
                "bool", True),
@@ -26,7 +27,7 @@ OPTIONS = (
                "path", None),
     OptionSpec("project", "Project the query image onto the contrastive principal components.", "bool", True),
     OptionSpec("components", "Principal components kept (at most those of positive eigenvalue).", "int", 250,
-               minimum=1),
+               minimum=1, maximum=65_536),
     OptionSpec("negative_weight", "Weight a of the style words' scatter in (1 - a) S_objects - a S_styles.",
                "float", 0.2, minimum=0.0, maximum=1.0),
     OptionSpec("corpus", "Object names, a CSV whose first column is read (default: download the official "
@@ -34,7 +35,8 @@ OPTIONS = (
     OptionSpec("negative_corpus", "Style words, a CSV whose first column is read (default: download the "
                "official generic_styles.csv).", "path", None),
     OptionSpec("query_expansion", "Expand the query image with its nearest gallery images.", "bool", True),
-    OptionSpec("expansion_k", "Gallery images a query image is expanded with.", "int", 25, minimum=1),
+    OptionSpec("expansion_k", "Gallery images a query image is expanded with.", "int", 25, minimum=1,
+               maximum=100_000),
     OptionSpec("normalize", "Shift and scale both similarities by the minima over synthetic image-text pairs.",
                "bool", True),
     OptionSpec("synthetic_data", "The synthetic pairs' features for the backbone: the official "
