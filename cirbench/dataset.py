@@ -16,7 +16,7 @@ whose ``factory`` points at the subclass. The evaluation loop calls, in order:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +236,29 @@ class Dataset:
         (``..``, an absolute path, a folder linked elsewhere) is refused here, a file that is a link leading
         outside it when it is read."""
         return ImageRef(image_id, check_inside(self.data_root, relative), root=self.data_root)
+
+    def relative_locator(self, first: str, own: tuple[str, ...] = ()) -> Callable[[str], str]:
+        """For annotation files that name images from the folder above the data root (official scripts that join
+        them to ``./data``, so that their first component is the dataset folder's own name): a function from
+        such a name to one relative to the data root. Decided on the ``first`` name: kept when the file is there
+        as written, its first component dropped when it is there without it; when neither is there (yet: the
+        missing-image check names what it looked for), dropped unless it is one of the dataset's ``own``
+        folders."""
+        from pathlib import PurePosixPath
+
+        parts = PurePosixPath(first).parts
+        if (self.data_root / first).exists():
+            strip = False
+        elif len(parts) > 1 and (self.data_root / PurePosixPath(*parts[1:])).exists():
+            strip = True
+        else:
+            strip = len(parts) > 1 and parts[0] not in own
+
+        def locate(name: str) -> str:
+            named = PurePosixPath(name).parts
+            return PurePosixPath(*named[1:]).as_posix() if strip and len(named) > 1 else name
+
+        return locate
 
     def folder(self, relative: str | Path) -> Path:
         """A folder under the data root, checked once (for datasets that list many files in one folder)."""

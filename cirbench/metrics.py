@@ -63,6 +63,25 @@ def ap_per_query(hits: torch.Tensor, n_relevant: torch.Tensor | Sequence[int],
     return out
 
 
+def trapezoid_ap_per_query(hits: torch.Tensor, epsilon: float = 1e-5) -> torch.Tensor:
+    """Average precision over each query's whole ranking (x100), the ``compute_ap`` of instance-level
+    retrieval's evaluation (cnnimageretrieval-pytorch, which i-CIR and FREEDOM's domain conversion use): for the
+    j-th positive (from 0) at rank r (from 0), the mean of the precision before it (j / r; 1 at rank 0) and
+    after it ((j + 1) / (r + 1)), weighted by ``1 / (positives + epsilon)``; 0 for a query without positives.
+    ``hits`` must cover the whole ranking: the positives it holds are all the query's positives."""
+    import torch
+
+    hits = hits.bool()
+    if hits.shape[1] == 0:
+        return torch.zeros(hits.shape[0], dtype=torch.float64)
+    rank = torch.arange(hits.shape[1], dtype=torch.float64).expand(hits.shape)
+    j = hits.double().cumsum(dim=1) - 1  # the positive's index among the query's positives
+    before = torch.where(rank > 0, j / rank.clamp(min=1), torch.ones_like(rank))
+    after = (j + 1) / (rank + 1)
+    terms = torch.where(hits, (before + after) / 2, torch.zeros_like(rank))
+    return terms.sum(dim=1) / (hits.sum(dim=1).double() + epsilon) * 100
+
+
 def mean(values: torch.Tensor) -> float:
     """The mean of a per-query tensor, ignoring ``nan`` (queries a metric does not count); 0 if empty."""
     import torch

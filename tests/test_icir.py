@@ -106,13 +106,13 @@ def test_malformed_files_are_one_line_errors(tmp_path, content, message):
 
 def test_average_precision_is_the_official_one():
     """Real-shaped rankings (an instance's database of hundreds, a few positives, none for one query)."""
-    from cirbench.datasets.icir.dataset import average_precision
+    from cirbench.metrics import trapezoid_ap_per_query
 
     gen = torch.Generator().manual_seed(3)
     hits = torch.rand(40, 700, generator=gen) < 0.01
     hits[:2] = False
     hits[1, :5] = True
-    ours = average_precision(hits)
+    ours = trapezoid_ap_per_query(hits) / 100
     for q in range(hits.shape[0]):
         positions = np.where(hits[q].numpy())[0]
         assert ours[q].item() == pytest.approx(official_compute_ap(positions, len(positions)), abs=1e-12)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 
 from cirbench.dataset import Dataset
 from cirbench.errors import AnnotationError
-from cirbench.metrics import hits_matrix
+from cirbench.metrics import hits_matrix, trapezoid_ap_per_query
 from cirbench.types import EvalSet, ImageRef, Query
 
 QUERY_FILE, DATABASE_FILE = "query_files.csv", "database_files.csv"
@@ -40,21 +40,6 @@ def read_rows(path: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def average_precision(hits: torch.Tensor) -> torch.Tensor:
-    """Per query (``hits``: ``[Q, N]`` bool, its whole ranking), the official ``compute_ap``: for the j-th
-    positive (from 0) at rank r (from 0), the mean of the precision before it (j / r; 1 at rank 0) and after it
-    ((j + 1) / (r + 1)), weighted by 1 / (positives + 1e-5); 0 for a query without positives."""
-    hits = hits.bool()
-    if hits.shape[1] == 0:
-        return torch.zeros(hits.shape[0], dtype=torch.float64)
-    rank = torch.arange(hits.shape[1], dtype=torch.float64).expand(hits.shape)
-    j = hits.double().cumsum(dim=1) - 1  # the positive's index among the query's positives
-    before = torch.where(rank > 0, j / rank.clamp(min=1), torch.ones_like(rank))
-    after = (j + 1) / (rank + 1)
-    terms = torch.where(hits, (before + after) / 2, torch.zeros_like(rank))
-    return terms.sum(dim=1) / (hits.sum(dim=1).double() + EPSILON)
-
-
 class ICIR(Dataset):
     """``--data-root`` is the ``icir`` folder of the official tarball: ``query_files.csv``,
     ``database_files.csv``, ``query/`` and ``database/``. The files name images relative to the folder above
@@ -64,28 +49,11 @@ class ICIR(Dataset):
     def annotation_files(self, split: str) -> list[Path]:
         return [self.data_root / QUERY_FILE, self.data_root / DATABASE_FILE]
 
-    def _locate(self, first: str):
-        """How the files' image names map into the data root, decided on the first one (see the class)."""
-        parts = PurePosixPath(first).parts
-        inner = PurePosixPath(*parts[1:]).as_posix() if len(parts) > 1 else first
-        if (self.data_root / first).exists():
-            strip = False
-        elif (self.data_root / inner).exists():
-            strip = True
-        else:  # nothing there yet: the missing-image check names what it looked for
-            strip = parts[0] not in OWN_FOLDERS and len(parts) > 1
-
-        def locate(name: str) -> str:
-            named = PurePosixPath(name).parts
-            return PurePosixPath(*named[1:]).as_posix() if strip and len(named) > 1 else name
-
-        return locate
-
     def load(self, split: str) -> list[EvalSet]:
         self.check_split(split)
         query_rows = read_rows(self.data_root / QUERY_FILE)
         database_rows = read_rows(self.data_root / DATABASE_FILE)
-        locate = self._locate(query_rows[0][0])
+        locate = self.relative_locator(query_rows[0][0], OWN_FOLDERS)
         gallery: list[ImageRef] = []
         by_instance: dict[str, list[str]] = {}
         positives: dict[tuple[str, str], list[str]] = {}
@@ -119,7 +87,7 @@ class ICIR(Dataset):
     def per_query_metrics(self, evalset: EvalSet, ranking) -> dict:
         """Each query's AP (x100) over its instance's whole ranking: their mean is the reported mAP."""
         targets = ranking.target_positions([q.targets for q in evalset.queries])
-        return {"mAP": average_precision(hits_matrix(ranking.indices, targets)) * 100}
+        return {"mAP": trapezoid_ap_per_query(hits_matrix(ranking.indices, targets), EPSILON)}
 
     def metrics(self, evalset: EvalSet, ranking) -> dict[str, float]:
         """mAP over the queries, and per instance: the mean of the instances' mAP (mmAP) and of their worst
