@@ -1,0 +1,113 @@
+"""Domain conversion (FREEDOM's protocol): the official file lists, one evaluation set per domain pair, and the
+official ``metrics_calc`` (mAP over the whole ranking, Recall@K, Precision@K)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cirbench.dataset import Dataset
+from cirbench.errors import AnnotationError, CirbenchError
+from cirbench.metrics import hits_matrix, trapezoid_ap_per_query
+from cirbench.types import EvalSet, ImageRef, Query
+
+from . import BENCHMARKS
+
+EPSILON = 1e-5  # the official denominators' guard: a perfect query scores 99.999
+
+
+def read_rows(path: Path) -> list[tuple[str, str, str]]:
+    """``<image> <domain> <class>`` lines, split on single spaces as the official ``ImageDomainLabels`` does
+    (FREEDOM's ``set_dataset.py`` removes the spaces from the image names first)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise AnnotationError(f"annotation file {path} is missing (FREEDOM's data/<benchmark>/ folder holds it; "
+                              "is --data-root that folder?)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnnotationError(f"cannot read annotation file {path}: {exc}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(" ")
+        if len(parts) != 3 or not all(parts):
+            raise AnnotationError(f"annotation file {path}, line {n}: expected '<image> <domain> <class>', found "
+                                  f"{line.strip()[:80]!r}")
+        rows.append((parts[0], parts[1], parts[2]))
+    if not rows:
+        raise AnnotationError(f"annotation file {path} is empty")
+    return rows
+
+
+class DomainConversion(Dataset):
+    """``--data-root`` is the benchmark's folder as FREEDOM's set-up leaves it (``data/nico``: the images and
+    the file lists). The lists name images from the folder above it (the official scripts join them to
+    ``./data``), so their first component, the folder's name, is dropped."""
+
+    @property
+    def benchmark(self) -> tuple[tuple[str, ...], dict[str, str], tuple[int, ...]]:
+        if self.name not in BENCHMARKS:
+            raise CirbenchError(f"domain conversion has no benchmark {self.name!r}")
+        return BENCHMARKS[self.name]
+
+    def annotation_files(self, split: str) -> list[Path]:
+        return [self.data_root / f for f in self.benchmark[0]]
+
+    def _chosen(self, option: str, words: list[str]) -> list[str]:
+        given = str(self.options.get(option) or "all")
+        if given == "all":
+            return words
+        chosen = [w.strip() for w in given.split(",") if w.strip()]
+        unknown = [w for w in chosen if w not in words]
+        if unknown:
+            raise CirbenchError(f"--{option}: {self.name} has no domain {unknown[0]!r}; valid: {', '.join(words)}")
+        return chosen
+
+    def load(self, split: str) -> list[EvalSet]:
+        self.check_split(split)
+        files, renames, ks = self.benchmark
+        query_rows = read_rows(self.data_root / files[0])
+        database_rows = query_rows if len(files) == 1 else read_rows(self.data_root / files[-1])
+        locate = self.relative_locator(query_rows[0][0], tuple(renames))
+        words = list(renames.values())
+        sources, targets = self._chosen("source", words), self._chosen("target", words)
+        images: dict[str, ImageRef] = {}
+        gallery: list[ImageRef] = []
+        positives: dict[tuple[str, str], list[str]] = {}
+        for name, domain, label in database_rows:
+            if name in images:
+                raise AnnotationError(f"annotation file {self.data_root / files[-1]} lists image {name} twice")
+            ref = images[name] = self.image(name, locate(name))
+            gallery.append(ref)
+            positives.setdefault((label, renames.get(domain, domain)), []).append(ref.id)
+        for name, _, _ in query_rows:
+            images.setdefault(name, self.image(name, locate(name)))
+        sets = []
+        for source in sources:
+            rows = [(i, name, label) for i, (name, domain, label) in enumerate(query_rows)
+                    if renames.get(domain, domain) == source]
+            for target in targets:
+                if target == source:
+                    continue
+                queries = [Query(id=str(i), reference=name, texts=(target,), category=f"{source}->{target}",
+                                 targets=tuple(positives.get((label, target), ()))) for i, name, label in rows]
+                sets.append(EvalSet(f"{source}->{target}", gallery, queries, images, topk=len(gallery),
+                                    info={"source": source, "target": target}))
+        if not sets:
+            raise CirbenchError(f"{self.name}: --source and --target leave no pair of distinct domains")
+        return sets
+
+    def per_query_metrics(self, evalset: EvalSet, ranking) -> dict:
+        """The official ``metrics_calc`` per query (x100): AP over the whole ranking; Recall@K the positives in
+        the top K over all positives (+1e-5); Precision@K over min(positives, K) (+1e-5)."""
+        import torch
+
+        targets = ranking.target_positions([q.targets for q in evalset.queries])
+        hits = hits_matrix(ranking.indices, targets).double()
+        total = torch.tensor([float(len(t)) for t in targets], dtype=torch.float64)
+        out = {"mAP": trapezoid_ap_per_query(hits, EPSILON)}
+        for k in self.benchmark[2]:
+            found = hits[:, :k].sum(dim=1)
+            out[f"R@{k}"] = found / (total + EPSILON) * 100
+            out[f"P@{k}"] = found / (torch.clamp(total, max=k) + EPSILON) * 100
+        return out

@@ -1,0 +1,147 @@
+"""Domain conversion (FREEDOM's protocol): the official file lists, one set per domain pair, and mAP / R@K / P@K
+as the official ``metrics_calc`` and ``compute_map`` compute them (transcribed below as the oracle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cirbench.backbones import load_backbone
+from cirbench.encode import encode_images
+from cirbench.errors import AnnotationError, CirbenchError
+from cirbench.evaluate import RunConfig, evaluate
+from cirbench.plugins import get_registry
+from cirbench.types import ImageRef
+
+DOMAINS = {"autumn": "autumn", "dim": "dimlight", "rock": "rock"}  # three of NICO++'s, one renamed as officially
+CLASSES = ("airplane", "bear", "cat")
+
+
+# -- the official code, transcribed (github.com/NikosEfth/freedom, utils.py and utils_retrieval.py) --------------
+def official_compute_ap(ranks, nres):
+    nimgranks = len(ranks)
+    ap = 0
+    recall_step = 1.0 / (nres + 1e-5)
+    for j in np.arange(nimgranks):
+        rank = ranks[j]
+        precision_0 = 1.0 if rank == 0 else float(j) / rank
+        precision_1 = float(j + 1) / (rank + 1)
+        ap += (precision_0 + precision_1) * recall_step / 2.0
+    return ap
+
+
+def official_metrics_calc(rankings, target_domain, current_query_classes, database_classes, database_domains, at):
+    """metrics_calc in its composed mode, without the rounding (which cirbench leaves to display)."""
+    metrics = {}
+    class_id_map = {class_name: idx for idx, class_name in enumerate(database_classes)}
+    domain_id_map = {domain_name: idx for idx, domain_name in enumerate(database_domains)}
+    database_classes_tensor = torch.tensor([class_id_map[c] for c in database_classes])
+    database_domains_tensor = torch.tensor([domain_id_map[d] for d in database_domains])
+    query_classes_tensor = torch.tensor([class_id_map[c] for c in current_query_classes])
+    target_domain_tensor = torch.tensor(domain_id_map[target_domain])
+    match_class = (database_classes_tensor[rankings] == query_classes_tensor.unsqueeze(1)).float()
+    match_domain = (database_domains_tensor[rankings] == target_domain_tensor).float()
+    correct = (match_class * match_domain).numpy()
+    aps = [official_compute_ap(np.where(row != 0)[0], len(np.where(row != 0)[0])) for row in correct]
+    metrics["mAP"] = np.mean(aps) * 100
+    correct = torch.from_numpy(correct)
+    for k in at:
+        correct_k = correct[:, :k]
+        num_correct = torch.sum(correct_k, dim=1)
+        num_predicted = torch.sum(torch.ones_like(correct_k), dim=1)
+        num_total = torch.sum(correct, dim=1)
+        metrics[f"R@{k}"] = torch.mean(num_correct / (num_total + 1e-5)).item() * 100
+        metrics[f"P@{k}"] = torch.mean(num_correct / (torch.minimum(num_total, num_predicted) + 1e-5)).item() * 100
+    return metrics
+
+
+# -- a generated benchmark ---------------------------------------------------------------------------------------
+def write_benchmark(root, full=False):
+    """A NICO++-like folder (query and database lists), or, ``full``, one list for both (as LTLL's)."""
+    rng = np.random.default_rng(0)
+    rows = {"query": [], "database": []}
+    for d, domain in enumerate(DOMAINS):
+        for c, label in enumerate(CLASSES):
+            folder = root / domain / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(4):
+                name = f"{domain}/{label}/{domain}_{i}.jpg"
+                colour = tuple(int(x) for x in rng.integers(0, 255, 3))
+                Image.new("RGB", (20 + 4 * c, 18 + 3 * d + i), colour).save(root / name)
+                rows["query" if i == 0 and not full else "database"].append(f"nico/{name} {domain} {label}")
+    if full:
+        (root / "full_files.csv").write_text("\n".join(rows["database"]) + "\n")
+    else:
+        (root / "query_files.csv").write_text("\n".join(rows["query"]) + "\n")
+        (root / "database_files.csv").write_text("\n".join(rows["database"]) + "\n")
+    return root
+
+
+def _cfg(tmp_path, tiny_config, root, dataset="dc-nico", method="image-only", **dataset_options):
+    return RunConfig(method=method, dataset=dataset, split="test", backbone=str(tiny_config), pretrained="none",
+                     data_root=root, output=tmp_path / "results", cache_dir=tmp_path / "cache", workers=0,
+                     progress=False, bootstrap=0, dataset_options=dataset_options)
+
+
+@pytest.mark.parametrize(("dataset", "full"), [("dc-nico", False), ("dc-ltll", True)])
+def test_a_run_scores_as_the_official_evaluation(tmp_path, tiny_config, monkeypatch, dataset, full):
+    """image-only and text-only, every pair of distinct domains: each pair's metrics and their mean equal the
+    official metrics_calc on the same features ranked over the whole database with argsort (which computes
+    Recall and Precision in float32: equal to 1e-4)."""
+    from cirbench.datasets import domain_conversion
+
+    ks = (2, 4)
+    monkeypatch.setitem(domain_conversion.BENCHMARKS, dataset,
+                        (("full_files.csv",) if full else ("query_files.csv", "database_files.csv"), DOMAINS, ks))
+    root = write_benchmark(tmp_path / "nico", full=full)
+    bb = load_backbone(str(tiny_config), "none", device="cpu", precision="fp32")
+    lists = ["full_files.csv"] * 2 if full else ["query_files.csv", "database_files.csv"]
+    qrows, drows = ([line.split(" ") for line in (root / f).read_text().splitlines()] for f in lists)
+    refs = [ImageRef(n, root / n.removeprefix("nico/"), root=root) for n, _, _ in drows]
+    with torch.no_grad():
+        db = encode_images(refs, bb.encode_image, bb.preprocessor("clip"), workers=0, progress=False).float()
+        q = encode_images([ImageRef(n, root / n.removeprefix("nico/"), root=root) for n, _, _ in qrows],
+                          bb.encode_image, bb.preprocessor("clip"), workers=0, progress=False).float()
+    for method in ("image-only", "text-only"):
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, root, dataset, method))
+        pairs = []
+        for source in DOMAINS.values():
+            idx = [i for i, (_, d, _) in enumerate(qrows) if DOMAINS[d] == source]
+            for target in DOMAINS.values():
+                if target == source:
+                    continue
+                feats = q[idx] if method == "image-only" else bb.encode_text([target]).float().expand(len(idx), -1)
+                rankings = torch.argsort(feats @ db.T, dim=1, descending=True)
+                expected = official_metrics_calc(rankings, target, [qrows[i][2] for i in idx],
+                                                 [c for _, _, c in drows], [DOMAINS[d] for _, d, _ in drows], ks)
+                pairs.append(expected)
+                for metric, value in expected.items():
+                    assert out.metrics[f"{source}->{target}/{metric}"] == pytest.approx(value, abs=1e-4), \
+                        (method, source, target, metric)
+        for metric in pairs[0]:
+            assert out.metrics[f"avg/{metric}"] == pytest.approx(np.mean([p[metric] for p in pairs]), abs=1e-4)
+        assert len(out.record["per_set_metrics"]) == 6
+
+
+def test_sources_and_targets_can_be_chosen_and_bad_files_are_one_line_errors(tmp_path):
+    root = write_benchmark(tmp_path / "nico")
+    spec = get_registry().dataset("dc-nico")
+    sets = spec.create(root, {"source": "dimlight", "target": "autumn,rock"}).load("test")
+    assert [s.name for s in sets] == ["dimlight->autumn", "dimlight->rock"]
+    (first,) = sets[:1]
+    assert all(q.texts == ("autumn",) for q in first.queries) and len(first.queries) == 3
+    assert first.queries[0].reference == "nico/dim/airplane/dim_0.jpg"
+    assert first.images[first.queries[0].reference].path == root / "dim/airplane/dim_0.jpg"
+    assert set(first.queries[0].targets) == {f"nico/autumn/airplane/autumn_{i}.jpg" for i in (1, 2, 3)}
+    with pytest.raises(CirbenchError, match="--target: dc-nico has no domain 'dim'; valid: autumn, dimlight"):
+        spec.create(root, {"target": "dim"}).load("test")
+    with pytest.raises(CirbenchError, match="leave no pair"):
+        spec.create(root, {"source": "rock", "target": "rock"}).load("test")
+    (root / "query_files.csv").write_text("nico/dim/airplane/dim_0.jpg dim\n")
+    with pytest.raises(AnnotationError, match="line 1: expected '<image> <domain> <class>'"):
+        spec.create(root, {}).load("test")
+    (root / "query_files.csv").unlink()
+    with pytest.raises(AnnotationError, match="query_files.csv is missing"):
+        spec.create(root, {}).load("test")
