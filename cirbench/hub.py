@@ -84,3 +84,23 @@ def url_file(url: str, what: str, option: str) -> Path:
         raise CheckpointError(f"cannot download {what} ({url}): {type(exc).__name__}: {one_line(exc)[:160]}. "
                               f"Download the file on a connected machine and pass --{option} PATH") from None
     return cached
+
+
+def given_or_pinned(given: str | Path | None, option: str, url: str, sha256: str | None, what: str) -> Path:
+    """The file an option names (``given``), or the one published at ``url`` (downloaded once, see
+    :func:`url_file`) and checked against its ``sha256`` when that is known; a one-line error for a missing
+    file or a download that is not the published one."""
+    from .errors import CirbenchError
+    from .util import file_sha256
+
+    flag = option.replace("_", "-")
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise CirbenchError(f"--{flag} {path} is not a file")
+        return path
+    path = url_file(url, what, flag)
+    if sha256 and file_sha256(path) != sha256:
+        raise CheckpointError(f"{path} is not {what} published at {url} (its sha256 differs): delete it to "
+                              f"download it again, or pass --{flag} FILE")
+    return path

@@ -184,6 +184,16 @@ def _owner(cls: type, name: str) -> type:
     return Method
 
 
+def gallery_groups(queries: list[Query]) -> dict[tuple[str, ...] | None, list[int]]:
+    """The positions of ``queries`` by the gallery each ranks: its own ``candidates`` where a set gives each
+    query a gallery of its own (i-CIR's instance databases), else the set's whole gallery (``None``). Methods
+    that look into the gallery for a query (query expansion, neighbours) look there."""
+    groups: dict[tuple[str, ...] | None, list[int]] = {}
+    for qi, q in enumerate(queries):
+        groups.setdefault(q.candidates or None, []).append(qi)
+    return groups
+
+
 def caption_variants(texts: tuple[str, ...] | list[str]) -> list[str]:
     """The texts a query's modification is encoded as.
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from cirbench.errors import CheckpointError, CirbenchError
-from cirbench.hub import url_file
-from cirbench.method import Method
+from cirbench.hub import given_or_pinned
+from cirbench.method import Method, gallery_groups
 from cirbench.safe_unpickle import load_object_npy, load_tensor_pickle
 from cirbench.types import Query
 from cirbench.util import file_sha256
@@ -106,17 +106,7 @@ class Basic(Method):
 
     # -- files -------------------------------------------------------------------------------------------
     def _file(self, option: str, relative: str, what: str) -> Path:
-        given = self.options.get(option)
-        if given:
-            path = Path(given).expanduser()
-            if not path.is_file():
-                raise CirbenchError(f"--{option.replace('_', '-')} {path} is not a file")
-        else:
-            path = url_file(RAW + relative, what, option.replace("_", "-"))
-            expected = SHA256.get(relative)
-            if expected and file_sha256(path) != expected:
-                raise CheckpointError(f"{path} is not {what} at {RAW}{relative} (its sha256 differs): delete it "
-                                      "to download it again")
+        path = given_or_pinned(self.options.get(option), option, RAW + relative, SHA256.get(relative), what)
         self.sources[option] = {"path": str(path), "sha256": file_sha256(path)}
         return path
 
@@ -224,11 +214,8 @@ class Basic(Method):
         if not self.on["query_expansion"]:
             return torch.stack([project(image), text], dim=1)
         expanded = torch.empty_like(image)
-        groups: dict[tuple[str, ...] | None, list[int]] = {}
-        for qi, q in enumerate(queries):
-            groups.setdefault(q.candidates or None, []).append(qi)
         k = int(self.options.get("expansion_k", 25))
-        for candidates, members in groups.items():
+        for candidates, members in gallery_groups(queries).items():
             own = gallery if candidates is None else gallery[torch.as_tensor(
                 [self.rows[c] for c in candidates], device=gallery.device)]
             for start in range(0, len(members), 256):
