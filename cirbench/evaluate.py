@@ -323,10 +323,12 @@ class Evaluator:
         stem = ctx.writer.stem(label, ctx.backbone.slug, record)
         per_set, per_query, submissions, predictions = {}, {}, [], []
         counts: dict[str, Any] = {"queries": 0, "gallery": 0, "sets": {}}
+        galleries: set[str] = set()
         for es in ctx.evalsets:
             ranking = self._rank_set(ctx, es, method)
             counts["queries"] += len(es.queries)
-            counts["gallery"] += len(es.gallery)
+            galleries.update(g.id for g in es.gallery)  # sets that share a gallery (domain pairs) count it once
+            counts["gallery"] = len(galleries)
             counts["sets"][es.name] = {"queries": len(es.queries), "gallery": len(es.gallery),
                                        **ctx.set_counts[es.name], **({"info": es.info} if es.info else {})}
             query_metrics = None
