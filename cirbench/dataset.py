@@ -26,6 +26,32 @@ from .types import EvalSet, ImageRef
 from .util import json_loads
 
 
+def read_split_lines(path: Path, separator: str, fields: tuple[str, ...], where: str,
+                     required: tuple[int, ...] = ()) -> list[tuple[str, ...]]:
+    """Lines of ``len(fields)`` values split on ``separator`` exactly as official loaders split them (no header,
+    no quoting), blank lines skipped; AnnotationError naming the file and line for another count of values or an
+    empty value at a ``required`` position, for an empty file, and for a missing one (``where`` says where the
+    file comes from)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise AnnotationError(f"annotation file {path} is missing ({where})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnnotationError(f"cannot read annotation file {path}: {exc}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = tuple(line.strip().split(separator))
+        if len(parts) != len(fields) or any(not parts[i] for i in required):
+            shape = separator.join(fields) if separator != " " else " ".join(f"<{f}>" for f in fields)
+            raise AnnotationError(f"annotation file {path}, line {n}: expected '{shape}', found {line.strip()[:80]!r}")
+        rows.append(parts)
+    if not rows:
+        raise AnnotationError(f"annotation file {path} is empty")
+    return rows
+
+
 class Dataset:
     """Base class for dataset plugins (see the module docstring).
 

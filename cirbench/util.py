@@ -178,6 +178,25 @@ def content_digest(path: Path | str) -> str:
     return "missing"
 
 
+def read_first_column(path: Path | str, what: str) -> list[str]:
+    """The first value of every non-empty row of a CSV file, its header row included, as a plain ``csv.reader``
+    loop reads a word list (BASIC's corpora, FREEDOM's vocabulary); a one-line CirbenchError naming ``what``
+    for an unreadable or empty file."""
+    import csv
+    import io
+
+    from .errors import CirbenchError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CirbenchError(f"cannot read the {what} {path}: {exc}") from None
+    values = [row[0] for row in csv.reader(io.StringIO(text, newline="")) if row]
+    if not values:
+        raise CirbenchError(f"{what} {path} holds no words")
+    return values
+
+
 def json_loads(text: str | bytes) -> Any:
     """``json.loads`` for files a user or another program wrote: data nested too deeply for the parser (a
     corrupt or hostile file) is a ``json.JSONDecodeError`` like any other malformed JSON, not a RecursionError."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cirbench.dataset import Dataset
+from cirbench.dataset import Dataset, read_split_lines
 from cirbench.errors import AnnotationError, CirbenchError
 from cirbench.metrics import hits_matrix, trapezoid_ap_per_query
 from cirbench.types import EvalSet, ImageRef, Query
@@ -15,28 +15,11 @@ from . import BENCHMARKS
 EPSILON = 1e-5  # the official denominators' guard: a perfect query scores 99.999
 
 
-def read_rows(path: Path) -> list[tuple[str, str, str]]:
+def read_rows(path: Path) -> list[tuple[str, ...]]:
     """``<image> <domain> <class>`` lines, split on single spaces as the official ``ImageDomainLabels`` does
     (FREEDOM's ``set_dataset.py`` removes the spaces from the image names first)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise AnnotationError(f"annotation file {path} is missing (FREEDOM's data/<benchmark>/ folder holds it; "
-                              "is --data-root that folder?)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AnnotationError(f"cannot read annotation file {path}: {exc}") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        parts = line.strip().split(" ")
-        if len(parts) != 3 or not all(parts):
-            raise AnnotationError(f"annotation file {path}, line {n}: expected '<image> <domain> <class>', found "
-                                  f"{line.strip()[:80]!r}")
-        rows.append((parts[0], parts[1], parts[2]))
-    if not rows:
-        raise AnnotationError(f"annotation file {path} is empty")
-    return rows
+    return read_split_lines(path, " ", ("image", "domain", "class"), "FREEDOM's data/<benchmark>/ folder holds "
+                            "it; is --data-root that folder?", required=(0, 1, 2))
 
 
 class DomainConversion(Dataset):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from cirbench.dataset import Dataset
+from cirbench.dataset import Dataset, read_split_lines
 from cirbench.errors import AnnotationError
 from cirbench.metrics import hits_matrix, trapezoid_ap_per_query
 from cirbench.types import EvalSet, ImageRef, Query
@@ -16,28 +16,11 @@ OWN_FOLDERS = ("query", "database")  # the dataset's image folders, as its tarba
 EPSILON = 1e-5  # the official compute_ap's recall step is 1 / (positives + 1e-5): a perfect query scores 99.999
 
 
-def read_rows(path: Path) -> list[tuple[str, str, str]]:
+def read_rows(path: Path) -> list[tuple[str, ...]]:
     """``image_path,text,instance`` lines, as the official ``icir_dataset`` splits them (no header, no
-    quoting: a text holds no comma); blank lines are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise AnnotationError(f"annotation file {path} is missing (i-CIR's tarball unpacks it into the data "
-                              "root, the icir folder)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AnnotationError(f"cannot read annotation file {path}: {exc}") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        parts = line.strip().split(",")
-        if len(parts) != 3 or not parts[0] or not parts[2]:
-            raise AnnotationError(f"annotation file {path}, line {n}: expected 'image_path,text,instance', found "
-                                  f"{line.strip()[:80]!r}")
-        rows.append((parts[0], parts[1], parts[2]))
-    if not rows:
-        raise AnnotationError(f"annotation file {path} is empty")
-    return rows
+    quoting: a text holds no comma)."""
+    return read_split_lines(path, ",", ("image_path", "text", "instance"), "i-CIR's tarball unpacks it into the "
+                            "data root, the icir folder", required=(0, 2))
 
 
 class ICIR(Dataset):

@@ -9,19 +9,17 @@ runs in float64 (the official one in float32 on the GPU).
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cirbench.errors import CheckpointError, CirbenchError
+from cirbench.errors import CheckpointError
 from cirbench.hub import given_or_pinned
 from cirbench.method import Method, gallery_groups
 from cirbench.safe_unpickle import load_object_npy, load_tensor_pickle
 from cirbench.types import Query
-from cirbench.util import file_sha256
+from cirbench.util import file_sha256, read_first_column
 
 COMMIT = "463cc1d4881854f9667977b6dab0e775902ea760"  # github.com/billpsomas/icir
 RAW = f"https://raw.githubusercontent.com/billpsomas/icir/{COMMIT}/"
@@ -51,14 +49,7 @@ def official_kind(backbone) -> str | None:
 
 def read_corpus(path: Path) -> list[str]:
     """The first column of every row, the header row included, as the official ``csv.reader`` loop reads it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CirbenchError(f"cannot read the corpus {path}: {exc}") from None
-    names = [row[0] for row in csv.reader(io.StringIO(text, newline="")) if row]
-    if not names:
-        raise CirbenchError(f"corpus {path} holds no names")
-    return names
+    return read_first_column(path, "corpus")
 
 
 def contrastive_projection(objects: torch.Tensor, styles: torch.Tensor, weight: float, components: int) -> tuple[

@@ -10,35 +10,19 @@ product with the gallery (its length changes no ranking, so it is normalised her
 
 from __future__ import annotations
 
-import csv
-import io
-from pathlib import Path
-
 import torch
 
 from cirbench.errors import CirbenchError
 from cirbench.hub import given_or_pinned
 from cirbench.method import Method, gallery_groups
 from cirbench.types import Query
-from cirbench.util import file_sha256
+from cirbench.util import file_sha256, read_first_column
 
 COMMIT = "5df4bca6f53b365ee2bc06da7b070bcdfdf2b516"  # github.com/NikosEfth/freedom
 VOCABULARY_URL = f"https://raw.githubusercontent.com/NikosEfth/freedom/{COMMIT}/data/open_image_v7_class_names.csv"
 VOCABULARY_SHA256 = "422cfba670f27ff984934e540caedf88ebe0091af2a3231a1be758147f7f1f6b"
 SELF_MATCH = 0.98  # a best gallery match at least this close is the query's own image
 WORD_CHUNK = 256  # queries whose neighbours are matched against the vocabulary at once
-
-
-def read_vocabulary(path: Path) -> list[str]:
-    """The first column of every row, as the official ``csv.reader`` loop reads it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CirbenchError(f"cannot read the vocabulary {path}: {exc}") from None
-    words = [row[0] for row in csv.reader(io.StringIO(text, newline="")) if row]
-    if not words:
-        raise CirbenchError(f"vocabulary {path} holds no words")
-    return words
 
 
 def frequent_words(named: list[list[list[str]]], miu: int) -> tuple[list[list[str]], list[list[float]]]:
@@ -65,7 +49,7 @@ class Freedom(Method):
         super().__init__(backbone, options, dataset)
         path = given_or_pinned(self.options.get("vocabulary"), "vocabulary", VOCABULARY_URL, VOCABULARY_SHA256,
                                "FREEDOM's vocabulary (Open Images v7 class names)")
-        self.vocabulary = read_vocabulary(path)
+        self.vocabulary = read_first_column(path, "vocabulary")
         self.source = {"path": str(path), "sha256": file_sha256(path)}
         self.kappa, self.ni, self.miu = (int(self.options.get(k) or d) for k, d in (("kappa", 20), ("ni", 7),
                                                                                     ("miu", 7)))
