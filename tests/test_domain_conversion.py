@@ -87,7 +87,8 @@ def _cfg(tmp_path, tiny_config, root, dataset="dc-nico", method="image-only", **
 
 @pytest.mark.parametrize(("dataset", "full"), [("dc-nico", False), ("dc-ltll", True)])
 def test_a_run_scores_as_the_official_evaluation(tmp_path, tiny_config, monkeypatch, dataset, full):
-    """image-only and text-only, every pair of distinct domains: each pair's metrics and their mean equal the
+    """image-only, text-only and their sum and product, every pair of distinct domains: each pair's metrics and
+    their mean equal the
     official metrics_calc on the same features ranked over the whole database with argsort (which computes
     Recall and Precision in float32: equal to 1e-4)."""
     from cirbench.datasets import domain_conversion
@@ -104,7 +105,7 @@ def test_a_run_scores_as_the_official_evaluation(tmp_path, tiny_config, monkeypa
         db = encode_images(refs, bb.encode_image, bb.preprocessor("clip"), workers=0, progress=False).float()
         q = encode_images([ImageRef(n, root / n.removeprefix("nico/"), root=root) for n, _, _ in qrows],
                           bb.encode_image, bb.preprocessor("clip"), workers=0, progress=False).float()
-    for method in ("image-only", "text-only"):
+    for method in ("image-only", "text-only", "image-text-sum", "image-text-product"):
         (out,) = evaluate(_cfg(tmp_path, tiny_config, root, dataset, method))
         pairs = []
         for source in DOMAINS.values():
@@ -112,8 +113,11 @@ def test_a_run_scores_as_the_official_evaluation(tmp_path, tiny_config, monkeypa
             for target in DOMAINS.values():
                 if target == source:
                     continue
-                feats = q[idx] if method == "image-only" else bb.encode_text([target]).float().expand(len(idx), -1)
-                rankings = torch.argsort(feats @ db.T, dim=1, descending=True)
+                # the official calculate_rankings' image, text, sum and product branches
+                sim_img, sim_text = q[idx] @ db.T, (bb.encode_text([target]).float() @ db.T).expand(len(idx), -1)
+                total = {"image-only": sim_img, "text-only": sim_text, "image-text-sum": sim_img + sim_text,
+                         "image-text-product": torch.mul(sim_img, sim_text)}[method]
+                rankings = torch.argsort(total, dim=1, descending=True)
                 expected = official_metrics_calc(rankings, target, [qrows[i][2] for i in idx],
                                                  [c for _, _, c in drows], [DOMAINS[d] for _, d, _ in drows], ks)
                 pairs.append(expected)

@@ -207,3 +207,39 @@ def test_rankings_made_elsewhere_are_scored_whole(tmp_path, tiny_config):
     res = CliRunner().invoke(cli, ["score", "--dataset", "icir", "--split", "test", "--data-root", str(root),
                                    str(bad)])
     assert res.exit_code == 2 and "is not in the database of the query's instance" in res.output
+
+
+def test_the_clamped_product_baseline_ranks_as_icirs(tmp_path, tiny_config):
+    """image-text-product --clamp is i-CIR's 'product' method: both similarities clipped at 0, multiplied."""
+    import json
+
+    root = write_icir(tmp_path / "icir")
+    cfg = RunConfig(method="image-text-product", dataset="icir", split="test", backbone=str(tiny_config),
+                    pretrained="none", data_root=root, output=tmp_path / "results", cache_dir=tmp_path / "cache",
+                    workers=0, progress=False, bootstrap=0, method_options={"clamp": True})
+    (out,) = evaluate(cfg)
+    assert out.record["method"]["label"] == "image-text-product+clamped"
+    bb = load_backbone(str(tiny_config), "none", device="cpu", precision="fp32")
+    (es,) = _dataset(root).load("test")
+    refs = [ImageRef(g.id, g.path, root=root) for g in es.gallery] + [es.images[q.reference] for q in es.queries]
+    with torch.no_grad():
+        feats = encode_images(refs, bb.encode_image, bb.preprocessor("clip"), workers=0, progress=False).float()
+        text = bb.encode_text([q.texts[0] for q in es.queries]).float()
+    db, queries = feats[: len(es.gallery)], feats[len(es.gallery):]
+    rows = {r["query"]: r["top"] for r in map(json.loads, out.predictions_path.read_text().splitlines())}
+    position = {g.id: i for i, g in enumerate(es.gallery)}
+    for qi, q in enumerate(es.queries):
+        di = [position[c] for c in sorted(q.candidates)]
+        sim_img = torch.clamp(queries[qi : qi + 1] @ db[di].T, min=0)
+        sim_text = torch.clamp(text[qi : qi + 1] @ db[di].T, min=0)
+        score = dict(zip((es.gallery[j].id for j in di), (sim_img * sim_text)[0].tolist(), strict=True))
+        # the official argsort orders equal scores (zeros, after the clip) arbitrarily: ours must be sorted
+        assert sorted(rows[q.id]) == sorted(score)
+        assert all(score[a] >= score[b] for a, b in zip(rows[q.id], rows[q.id][1:], strict=False))
+    # two negative similarities: 0 clipped (i-CIR), a positive product as they are (FREEDOM)
+    from cirbench.methods.basic.model import ImageTextProduct
+
+    sims = torch.tensor([[[-0.5, 0.2], [-0.5, 0.3]]])
+    for clamp, expected in ((True, [0.0, 0.06]), (False, [0.25, 0.06])):
+        method = ImageTextProduct(bb, {"clamp": clamp})
+        assert method.combine_scores(sims)[0].tolist() == pytest.approx(expected)

@@ -1,11 +1,11 @@
-"""Built-in plugin: the two single-modality baselines, ``image-only`` and ``text-only``.
+"""Built-in plugin: the baselines, ``image-only`` and ``text-only``, and their two late fusions,
+``image-text-sum`` (the tables' "Image + Text") and ``image-text-product`` ("Text x Image").
 
-They make the loop real from day one and bound every composing method from below: a method that
-cannot beat both is not composing anything.
+They bound every composing method from below: a method that cannot beat them is not composing anything.
 """
 
 from cirbench.hookspecs import hookimpl
-from cirbench.types import MethodSpec
+from cirbench.types import MethodSpec, OptionSpec
 
 
 @hookimpl
@@ -21,6 +21,22 @@ def register_methods(register):
         name="text-only",
         description="Rank by the modification text's embedding alone (ignores the image).",
         factory="cirbench.methods.basic.model:TextOnly",
+        default_backbone=("ViT-L-14", "openai"),
+        default_preprocess="clip",
+    ))
+    register(MethodSpec(
+        name="image-text-sum",
+        description="Rank by the sum of the image's and the text's cosine similarities (late fusion).",
+        factory="cirbench.methods.basic.model:ImageTextSum",
+        default_backbone=("ViT-L-14", "openai"),
+        default_preprocess="clip",
+    ))
+    register(MethodSpec(
+        name="image-text-product",
+        description="Rank by the product of the image's and the text's cosine similarities (late fusion).",
+        factory="cirbench.methods.basic.model:ImageTextProduct",
+        options=(OptionSpec("clamp", "Clip both similarities at 0 before multiplying (i-CIR's baseline; FREEDOM's "
+                            "multiplies them as they are).", "bool", False),),
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="clip",
     ))
