@@ -153,3 +153,12 @@ def test_freedom_fails_clearly(tmp_path, tiny_config, monkeypatch):
     cfg.method_options = {"vocabulary": str(tmp_path / "empty.csv")}
     with pytest.raises(CirbenchError, match="holds no words"):
         evaluate(cfg)
+
+
+def test_freedom_keeps_the_method_contract(tmp_path):
+    from cirbench.testing import check_method
+
+    vocabulary = tmp_path / "words.csv"
+    vocabulary.write_text("\n".join(w for w in VOCABULARY if w) + "\n")
+    (outcome,) = check_method("freedom", tmp_path / "check", options={"vocabulary": str(vocabulary), "kappa": 4})
+    assert outcome.metrics
