@@ -19,6 +19,9 @@ if TYPE_CHECKING:  # torch is imported when a metric is computed: dataset module
     import torch
 
 
+HITS_BLOCK = 1 << 24  # ranked entries looked up at once
+
+
 def hits_matrix(ranked: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch.Tensor:
     """``hits[q, r] = ranked[q, r] in targets[q]`` for ranked gallery indices ``[Q, K]``; negative entries
     (empty slots of a short ranking) are never hits."""
@@ -28,11 +31,21 @@ def hits_matrix(ranked: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch
     width = max((len(t) for t in targets), default=0)
     if width == 0:
         return torch.zeros_like(ranked, dtype=torch.bool)
-    padded = torch.full((n_q, width), -1, dtype=torch.long)
+    # each query's targets sorted (padded past every index), each ranked index looked up by binary search, a
+    # block of queries at a time: memory for [Q, K], however long the rankings and the target lists (a whole
+    # ranking of a domain-conversion database, a hundred positives a query)
+    padded = torch.full((n_q, width), torch.iinfo(torch.long).max, dtype=torch.long)
     for q, t in enumerate(targets):
         if t:
-            padded[q, : len(t)] = torch.as_tensor(list(t), dtype=torch.long)
-    return (ranked.unsqueeze(-1) == padded.unsqueeze(1)).any(-1) & (ranked >= 0)
+            padded[q, : len(t)] = torch.as_tensor(sorted(t), dtype=torch.long)
+    ranked = ranked.long()
+    out = torch.zeros(ranked.shape, dtype=torch.bool)
+    step = max(1, HITS_BLOCK // max(1, ranked.shape[1]))
+    for start in range(0, n_q, step):
+        block, keys = ranked[start : start + step], padded[start : start + step]
+        at = torch.searchsorted(keys, block).clamp(max=width - 1)
+        out[start : start + step] = (keys.gather(1, at) == block) & (block >= 0)
+    return out
 
 
 def recall_per_query(hits: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -72,14 +85,14 @@ def trapezoid_ap_per_query(hits: torch.Tensor, epsilon: float = 1e-5) -> torch.T
     import torch
 
     hits = hits.bool()
-    if hits.shape[1] == 0:
-        return torch.zeros(hits.shape[0], dtype=torch.float64)
-    rank = torch.arange(hits.shape[1], dtype=torch.float64).expand(hits.shape)
-    j = hits.double().cumsum(dim=1) - 1  # the positive's index among the query's positives
-    before = torch.where(rank > 0, j / rank.clamp(min=1), torch.ones_like(rank))
-    after = (j + 1) / (rank + 1)
-    terms = torch.where(hits, (before + after) / 2, torch.zeros_like(rank))
-    return terms.sum(dim=1) / (hits.sum(dim=1).double() + epsilon) * 100
+    rows, ranks = hits.nonzero(as_tuple=True)  # row by row, ranks ascending: memory for the positives only
+    counts = hits.sum(dim=1)
+    j = (torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows]).double()  # index among the row's positives
+    r = ranks.double()
+    before = torch.where(r > 0, j / r.clamp(min=1), torch.ones_like(r))
+    after = (j + 1) / (r + 1)
+    total = torch.zeros(hits.shape[0], dtype=torch.float64).index_add_(0, rows, (before + after) / 2)
+    return total / (counts.double() + epsilon) * 100
 
 
 def mean(values: torch.Tensor) -> float:

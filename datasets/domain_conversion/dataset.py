@@ -86,11 +86,11 @@ class DomainConversion(Dataset):
         import torch
 
         targets = ranking.target_positions([q.targets for q in evalset.queries])
-        hits = hits_matrix(ranking.indices, targets).double()
+        hits = hits_matrix(ranking.indices, targets)  # bool [Q, whole gallery]: no wider copy of it
         total = torch.tensor([float(len(t)) for t in targets], dtype=torch.float64)
         out = {"mAP": trapezoid_ap_per_query(hits, EPSILON)}
         for k in self.benchmark[2]:
-            found = hits[:, :k].sum(dim=1)
+            found = hits[:, :k].sum(dim=1).double()
             out[f"R@{k}"] = found / (total + EPSILON) * 100
             out[f"P@{k}"] = found / (torch.clamp(total, max=k) + EPSILON) * 100
         return out
