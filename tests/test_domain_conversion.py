@@ -143,6 +143,9 @@ def test_sources_and_targets_can_be_chosen_and_bad_files_are_one_line_errors(tmp
         spec.create(root, {"target": "dim"}).load("test")
     with pytest.raises(CirbenchError, match="leave no pair"):
         spec.create(root, {"source": "rock", "target": "rock"}).load("test")
+    # the generated benchmark holds three of NICO++'s six domains: the whole of it is refused, not averaged short
+    with pytest.raises(AnnotationError, match="has no query of domain 'grass' .*choose domains with --source"):
+        spec.create(root, {}).load("test")
     (root / "query_files.csv").write_text("nico/dim/airplane/dim_0.jpg dim\n")
     with pytest.raises(AnnotationError, match="line 1: expected '<image> <domain> <class>'"):
         spec.create(root, {}).load("test")

@@ -145,7 +145,7 @@ def test_freedom_fails_clearly(tmp_path, tiny_config, monkeypatch):
     monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
     cfg = RunConfig(method="freedom", dataset="dc-nico", split="test", backbone=str(tiny_config), pretrained="none",
                     data_root=root, output=tmp_path / "results", cache_dir=tmp_path / "cache", workers=0,
-                    progress=False, bootstrap=0)
+                    progress=False, bootstrap=0, dataset_options={"source": "autumn,rock", "target": "dimlight"})
     with pytest.raises(CirbenchError, match=r"cannot download FREEDOM's vocabulary .*raw.githubusercontent.com/"
                                             r"NikosEfth/freedom/5df4bca.*no network.*--vocabulary PATH"):
         evaluate(cfg)

@@ -55,5 +55,7 @@ def register_datasets(register):
                      OptionSpec("target", f"Target domains, comma-separated ({words}), or 'all'.", "str", "all")),
             main_metric="avg/mAP",
             metric_order=tuple(f"avg/{m}" for m in metric_names(ks)),
+            # each pair's metrics stay in the result files and `leaderboard --all-metrics`
+            detail_metrics=tuple(f"{s}->{t}/" for s in domains.values() for t in domains.values() if s != t),
             paper_rows=PAPER_ROWS.get(name, ()),
         ))

@@ -69,6 +69,10 @@ class DomainConversion(Dataset):
         for source in sources:
             rows = [(i, name, label) for i, (name, domain, label) in enumerate(query_rows)
                     if renames.get(domain, domain) == source]
+            if not rows:  # a partial benchmark would average fewer pairs than the papers do
+                raise AnnotationError(f"annotation file {self.data_root / files[0]} has no query of domain "
+                                      f"{source!r} ({self.name} has {', '.join(words)}); choose domains with "
+                                      "--source and --target to evaluate part of the benchmark")
             for target in targets:
                 if target == source:
                     continue
