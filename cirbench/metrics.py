@@ -39,7 +39,8 @@ def hits_matrix(ranked: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch
         if t:
             padded[q, : len(t)] = torch.as_tensor(sorted(t), dtype=torch.long)
     ranked = ranked.long()
-    out = torch.zeros(ranked.shape, dtype=torch.bool)
+    padded = padded.to(ranked.device)
+    out = torch.zeros(ranked.shape, dtype=torch.bool, device=ranked.device)
     step = max(1, HITS_BLOCK // max(1, ranked.shape[1]))
     for start in range(0, n_q, step):
         block, keys = ranked[start : start + step], padded[start : start + step]
@@ -87,11 +88,13 @@ def trapezoid_ap_per_query(hits: torch.Tensor, epsilon: float = 1e-5) -> torch.T
     hits = hits.bool()
     rows, ranks = hits.nonzero(as_tuple=True)  # row by row, ranks ascending: memory for the positives only
     counts = hits.sum(dim=1)
-    j = (torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows]).double()  # index among the row's positives
+    first = counts.cumsum(0) - counts  # where each row's positives start among all of them
+    j = (torch.arange(len(rows), device=hits.device) - first[rows]).double()  # index among the row's positives
     r = ranks.double()
     before = torch.where(r > 0, j / r.clamp(min=1), torch.ones_like(r))
     after = (j + 1) / (r + 1)
-    total = torch.zeros(hits.shape[0], dtype=torch.float64).index_add_(0, rows, (before + after) / 2)
+    total = torch.zeros(hits.shape[0], dtype=torch.float64, device=hits.device).index_add_(0, rows,
+                                                                                          (before + after) / 2)
     return total / (counts.double() + epsilon) * 100
 
 
