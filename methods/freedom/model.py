@@ -96,14 +96,21 @@ class Freedom(Method):
             top = (neighbours[start : start + WORD_CHUNK] @ vocabulary.T).topk(self.ni, dim=2).indices.cpu()
             named += [[[self.vocabulary[w] for w in listed] for listed in query] for query in top.tolist()]
         words, weights = frequent_words(named, self.miu)
-        out = torch.empty_like(images)
-        for qi, (q, kept, weight) in enumerate(zip(queries, words, weights, strict=True)):
-            text = " and ".join(q.texts)
-            feats = self.backbone.encode_text([f"{w} {text}" for w in kept]).float().to(device)
-            fused = (feats * torch.tensor(weight, device=device).unsqueeze(1)).sum(dim=0)
-            out[qi] = torch.nn.functional.normalize(fused, dim=-1)
+        # every query's "{word} {text}" encoded in one call (each distinct text once), then summed with weights
+        composed = [[f"{w} {' and '.join(q.texts)}" for w in kept] for q, kept in zip(queries, words, strict=True)]
+        distinct = list(dict.fromkeys(t for texts in composed for t in texts))
+        position = {t: i for i, t in enumerate(distinct)}
+        width = max((len(k) for k in words), default=0)
+        index = torch.zeros(len(queries), width, dtype=torch.long)
+        weight = torch.zeros(len(queries), width, dtype=torch.float32)
+        for qi, (texts, values) in enumerate(zip(composed, weights, strict=True)):
+            index[qi, : len(texts)] = torch.as_tensor([position[t] for t in texts], dtype=torch.long)
+            weight[qi, : len(values)] = torch.as_tensor(values, dtype=torch.float32)
+        feats = self.backbone.encode_text(distinct).float().to(device)
+        fused = (feats[index.to(device)] * weight.to(device).unsqueeze(-1)).sum(dim=1)
+        for q, kept in zip(queries, words, strict=True):
             self.words[q.id] = kept
-        return out
+        return torch.nn.functional.normalize(fused, dim=-1)
 
     def query_details(self, query: Query) -> dict | None:
         kept = self.words.get(query.id)
