@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .errors import CirbenchError, from_reader_process, out_of_memory, reader_process_origin
-from .types import PREPROCESS_KINDS, DatasetSpec, MethodSpec, OptionSpec, split_plugin_options
+from .types import PREPROCESS_KINDS, DatasetSpec, MethodSpec, OptionSpec, split_plugin_options, switch_off
 from .util import MAX_REPLICATES, MAX_WORKERS, SEED_MAX, launched_by_torchrun
 
 EPILOG_RUN = """\b
@@ -230,6 +230,15 @@ def refuse_undeclared(extra: dict[str, Any], specs: Sequence[MethodSpec | Datase
     resolve_options(list(declared.values()), unknown, dataset, what, command_option_names(command))
 
 
+def plugin_extras(args: Sequence[str], specs: Sequence[MethodSpec | DatasetSpec],
+                  command: click.Command) -> dict[str, Any]:
+    """A command's extra options for its plugins: each one that some method or dataset of ``specs`` declares
+    (each takes those it declares), a bare ``--no-name`` turning off a bool option that one of them declares."""
+    extra = switch_off(parse_extra_options(list(args)), [o for spec in specs for o in spec.options])
+    refuse_undeclared(extra, specs, command)
+    return extra
+
+
 def declared_by(extra: dict[str, Any], *specs: MethodSpec | DatasetSpec) -> dict[str, Any]:
     """The extra options that one of ``specs`` declares."""
     names = {o.name for s in specs for o in s.options}
@@ -327,8 +336,7 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     roots = data_root_per_dataset(data_roots, [d.name for d in dspecs])
     if label and len(specs) > 1:
         raise CirbenchError("--label names one run: give it with a single --method")
-    extra = parse_extra_options(ctx.args)
-    refuse_undeclared(extra, [*specs, *dspecs], ctx.command)  # each method and dataset takes those it declares
+    extra = plugin_extras(ctx.args, [*specs, *dspecs], ctx.command)
     runs, loaded = [], Loaded()  # one backbone, each benchmark read once, features kept in memory between runs
     for dspec, dsplit in benchmarks:
         for mspec in specs:

@@ -406,6 +406,25 @@ def expand_sweep(spec: OptionSpec, raw: str) -> list[Any]:
     return [parse_option_value(spec, text)]
 
 
+def switch_off(given: Mapping[str, str | None], specs: Sequence[OptionSpec]) -> dict[str, str | None]:
+    """``given`` with each bare ``--no-name`` of a bool option among ``specs`` turned into ``name=false``; a
+    value after it, or ``--name`` beside it, is a one-line error."""
+    names = {s.name for s in specs}
+    switches = {s.name for s in specs if s.type == "bool"}
+    out: dict[str, str | None] = {}
+    for key, raw in given.items():
+        on = key[3:] if key.startswith("no_") and key not in names else None
+        if on is None or on not in switches:
+            out[key] = raw
+            continue
+        if raw is not None:
+            raise CirbenchError(f"option {option_flag(key)} takes no value (it turns {option_flag(on)} off)")
+        if on in given:
+            raise CirbenchError(f"options {option_flag(on)} and {option_flag(key)} contradict each other")
+        out[on] = "false"
+    return out
+
+
 def resolve_options(
     specs: Sequence[OptionSpec], given: Mapping[str, str | None], dataset: str | None, what: str,
     command_options: Sequence[str] = (),
@@ -417,18 +436,7 @@ def resolve_options(
     switched on by a bare ``--name`` and off by a bare ``--no-name``.
     """
     by_name = {s.name: s for s in specs}
-    switched: dict[str, str | None] = {}
-    for key, raw in given.items():
-        on = key[3:] if key.startswith("no_") and key not in by_name else None
-        if on is not None and on in by_name and by_name[on].type == "bool":
-            if raw is not None:
-                raise CirbenchError(f"option {option_flag(key)} takes no value (it turns {option_flag(on)} off)")
-            if on in given:
-                raise CirbenchError(f"options {option_flag(on)} and {option_flag(key)} contradict each other")
-            switched[on] = "false"
-        else:
-            switched[key] = raw
-    given = switched
+    given = switch_off(given, specs)
     for key in given:
         if key not in by_name:
             valid = [option_flag(n) for n in by_name] or ["(this " + what + " takes no options)"]

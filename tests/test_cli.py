@@ -138,3 +138,39 @@ def test_an_unknown_option_names_the_closest_option_of_the_command_or_its_plugin
     for args, message in cases:
         res = runner.invoke(cli, args)
         assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_a_bare_no_flag_turns_off_the_bool_option_of_the_method_that_declares_it(tmp_path, monkeypatch):
+    """In a run of several methods, --no-expand reaches the method that declares --expand (default on), and only
+    it; a value after it, or --expand beside it, is a one-line error."""
+    import json
+
+    import torch
+
+    from cirbench import Method, MethodSpec, OptionSpec, hookimpl
+    from cirbench.plugins import get_registry, reset_registry
+
+    class Flagged(Method):
+        def compose(self, references, queries):
+            return torch.nn.functional.normalize(references.float(), dim=-1)
+
+    class FlaggedPlugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(MethodSpec(name="flagged", description="has a switch that is on", factory=Flagged,
+                                options=(OptionSpec("expand", "a switch", "bool", True),)))
+
+    monkeypatch.setenv("CIRBENCH_CACHE", str(tmp_path / "cache"))
+    get_registry().register_plugin(FlaggedPlugin(), name="flagged-plugin")
+    try:
+        res = CliRunner().invoke(cli, ["run", "--method", "flagged,image-only", "--no-expand", "--output",
+                                       str(tmp_path / "out"), "--bootstrap", "0", "--no-leaderboard", "--quiet"])
+        assert res.exit_code == 0, res.output
+        record = json.loads((tmp_path / "out/shapes/val/flagged__cirbench-shapes-clip-bundled.json").read_text())
+        assert record["method"]["options"]["expand"] is False
+        for args, message in ((["--no-expand", "yes"], "--no-expand takes no value"),
+                              (["--no-expand", "--expand"], "--expand and --no-expand contradict each other")):
+            res = CliRunner().invoke(cli, ["run", "--method", "flagged,image-only", *args])
+            assert res.exit_code == 2 and message in res.output, res.output
+    finally:
+        reset_registry()

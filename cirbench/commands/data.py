@@ -85,8 +85,7 @@ def check(ctx, dataset, split, data_roots, sample, as_json):
     benchmarks = cli.run_benchmarks(get_registry(), dataset, split)
     specs = list({spec.name: spec for spec, _ in benchmarks}.values())
     roots = cli.data_root_per_dataset(data_roots, [spec.name for spec in specs])
-    extra = cli.parse_extra_options(ctx.args)
-    cli.refuse_undeclared(extra, specs, ctx.command)  # each dataset takes the options it declares
+    extra = cli.plugin_extras(ctx.args, specs, ctx.command)
     reports = []
     for spec, sp in benchmarks:
         (options,) = resolve_options(spec.options, cli.declared_by(extra, spec), spec.name, f"dataset {spec.name}")
