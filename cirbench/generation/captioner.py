@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import CirbenchError
 from ..util import one_line
-from .hf import from_pretrained_kwargs
+from .hf import load_image_text_to_text
 
 
 def salted_seed(seed: int, salt: str, index: int, nbytes: int = 8) -> int:
@@ -40,18 +40,10 @@ class TransformersCaptioner:
                  top_p: float = 0.9, seed: int = 0, device: str = "cpu", batch_size: int = 8,
                  precision: str = "fp32"):
         try:
-            import transformers
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # cirbench shows its own progress
-            from transformers import AutoProcessor
-
-            # AutoModelForVision2Seq before transformers 4.46 (since deprecated, then removed)
-            auto = (getattr(transformers, "AutoModelForImageTextToText", None)
-                    or transformers.AutoModelForVision2Seq)  # type: ignore[attr-defined]
-            load = from_pretrained_kwargs(path, precision)
-            self.processor = AutoProcessor.from_pretrained(path, local_files_only=load["local_files_only"])
-            self.model = auto.from_pretrained(path, **load).to(device).eval()
+            self.processor, self.model = load_image_text_to_text(path, precision, device)
         except (OSError, ValueError, KeyError) as exc:
             raise CirbenchError(f"cannot load the captioner {path!r} ({one_line(exc)[:160]}): pass a local folder "
                                 "or a cached hub id (e.g. hf:Salesforce/blip2-flan-t5-xl)") from None
@@ -132,20 +124,10 @@ class ChatCaptioner:
             return [self.seed]
         return [salted_seed(self.seed, salt, j, nbytes=4) for j in range(self.n)]  # an endpoint's seed: 31 bits
 
-    def caption(self, images: list[Any], salt: str = "") -> list[list[str]]:
-        """``n`` captions for each image (a ``data:`` URL, see :func:`~.images.image_data_url`, or a PIL image,
-        sent as PNG), each the model's whole answer, stripped."""
-        import base64
-        import io
-
-        urls = []
-        for image in images:
-            if not isinstance(image, str):
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-            urls.append(image)
-        out: list[list[str]] = [[] for _ in images]
+    def caption(self, urls: list[str], salt: str = "") -> list[list[str]]:
+        """``n`` captions for each image, given as its ``data:`` URL (:func:`~.images.image_data_url`), each the
+        model's whole answer, stripped."""
+        out: list[list[str]] = [[] for _ in urls]
         for seed in self._seeds(salt):
             self.client.seed = seed  # the requests of one sample go out together, then the next sample's
             answers = self.client.generate([[{"role": "user", "content": [

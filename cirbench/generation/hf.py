@@ -29,6 +29,22 @@ def from_pretrained_kwargs(path: str, precision: str) -> dict[str, Any]:
     return {"local_files_only": local_files_only(path), key: dtypes[precision]}
 
 
+def load_image_text_to_text(path: str, precision: str, device: str, chat: bool = False) -> tuple[Any, Any]:
+    """The processor and the image-text-to-text model at ``path`` (a captioner, a vision-language model), the
+    model's weights in ``precision``, on ``device`` and in eval mode. ``chat``: a processor without a chat
+    template (to place images in the messages) is a ValueError, before the weights are read."""
+    import transformers
+
+    # AutoModelForVision2Seq before transformers 4.46 (since deprecated, then removed)
+    auto = (getattr(transformers, "AutoModelForImageTextToText", None)
+            or transformers.AutoModelForVision2Seq)  # type: ignore[attr-defined]
+    load = from_pretrained_kwargs(path, precision)
+    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=load["local_files_only"])
+    if chat and not getattr(processor, "chat_template", None):
+        raise ValueError("its processor has no chat template to place the image in the prompt")
+    return processor, auto.from_pretrained(path, **load).to(device).eval()
+
+
 def free_memory() -> None:
     """Return what dropped generation models held (their GPU memory above all): call it after the last
     reference to a model is gone, before the next model loads or the images are encoded."""

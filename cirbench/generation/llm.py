@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import CirbenchError
 from ..util import one_line
-from .hf import from_pretrained_kwargs
+from .hf import from_pretrained_kwargs, load_image_text_to_text
 
 Messages = list[dict[str, Any]]  # OpenAI chat messages: content is a text, or a list of text and image_url parts
 OnResult = Callable[[int, str], None]  # (index of the prompt, its answer), called as each answer arrives
@@ -161,7 +161,7 @@ class TransformersLM:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # cirbench shows its own progress
-            self._load(path, from_pretrained_kwargs(path, precision), device)
+            self._load(path, precision, device)
         except (OSError, ValueError) as exc:
             raise CirbenchError(f"cannot load the {self.kind} {path!r} ({one_line(exc)[:160]}): pass a local "
                                 "folder or a cached hub id") from None
@@ -171,9 +171,10 @@ class TransformersLM:
         self.path, self.device, self.batch_size = path, device, batch_size
         self.temperature, self.max_tokens, self.stop, self.seed = temperature, max_tokens, tuple(stop), seed
 
-    def _load(self, path: str, load: dict[str, Any], device: str) -> None:
+    def _load(self, path: str, precision: str, device: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        load = from_pretrained_kwargs(path, precision)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=load["local_files_only"])
         model = AutoModelForCausalLM.from_pretrained(path, **load)
         self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
@@ -230,17 +231,9 @@ class TransformersVLM(TransformersLM):
 
     kind = "vision-language model"
 
-    def _load(self, path: str, load: dict[str, Any], device: str) -> None:
-        import transformers
-
-        # AutoModelForVision2Seq before transformers 4.46 (since deprecated, then removed)
-        auto = (getattr(transformers, "AutoModelForImageTextToText", None)
-                or transformers.AutoModelForVision2Seq)  # type: ignore[attr-defined]
-        self.processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=load["local_files_only"])
-        if not getattr(self.processor, "chat_template", None):
-            raise ValueError("its processor has no chat template to place the image in the prompt")
+    def _load(self, path: str, precision: str, device: str) -> None:
+        self.processor, self.model = load_image_text_to_text(path, precision, device, chat=True)
         self.tokenizer = self.processor.tokenizer
-        self.model = auto.from_pretrained(path, **load).to(device).eval()
 
     def _encode(self, prompts: list[Messages]) -> Any:
         texts, images = [], []
