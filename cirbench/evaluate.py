@@ -328,7 +328,6 @@ class Evaluator:
             ranking = self._rank_set(ctx, es, method)
             counts["queries"] += len(es.queries)
             galleries.update(g.id for g in es.gallery)  # sets that share a gallery (domain pairs) count it once
-            counts["gallery"] = len(galleries)
             counts["sets"][es.name] = {"queries": len(es.queries), "gallery": len(es.gallery),
                                        **ctx.set_counts[es.name], **({"info": es.info} if es.info else {})}
             query_metrics = None
@@ -344,6 +343,7 @@ class Evaluator:
                 if query_metrics is not None:
                     per_query[es.name] = query_metrics
             predictions += _prediction_rows(es, ranking, cfg.save_topk, query_metrics, method.query_details)
+        counts["gallery"] = len(galleries)
         metrics = ctx.dataset.aggregate(per_set) if per_set else {}
         summary = method.summary() if hasattr(method, "summary") else {}
         if summary:

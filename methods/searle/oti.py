@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from cirbench import distributed as dist_utils
 from cirbench.errors import CirbenchError
-from cirbench.hub import url_file
+from cirbench.hub import given_or_pinned
 from cirbench.method import QuerySet
 from cirbench.methods._shared.textinv import SearleProtocol, encode_with_pseudo_tokens, token_width
 from cirbench.safe_unpickle import load_data_pickle
@@ -204,13 +204,8 @@ def invert_batch(backbone, image_features: torch.Tensor, phrase_pools: list[list
 def source_files(options: dict[str, Any]) -> tuple[Path, Path]:
     """The concepts and phrases files: ``--concepts``/``--phrases``, or SEARLE's, downloaded (once) now, so that
     a missing file or an offline download fails before any image is encoded."""
-    concepts = Path(options["concepts"]) if options.get("concepts") else url_file(
-        CONCEPTS_URL, "SEARLE's concept list", "concepts")
-    phrases = Path(options["phrases"]) if options.get("phrases") else url_file(
-        PHRASES_URL, "SEARLE's GPT-Neo phrases", "phrases")
-    for path, option in ((concepts, "concepts"), (phrases, "phrases")):
-        if not path.is_file():
-            raise CirbenchError(f"--{option} {path} is not a file")
+    concepts = given_or_pinned(options.get("concepts"), "concepts", CONCEPTS_URL, None, "SEARLE's concept list")
+    phrases = given_or_pinned(options.get("phrases"), "phrases", PHRASES_URL, None, "SEARLE's GPT-Neo phrases")
     return concepts, phrases
 
 
