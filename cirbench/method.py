@@ -37,6 +37,7 @@ copy what the method adapts, as Slerp+TAT copies the image tower.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,14 +185,20 @@ def _owner(cls: type, name: str) -> type:
     return Method
 
 
-def gallery_groups(queries: list[Query]) -> dict[tuple[str, ...] | None, list[int]]:
-    """The positions of ``queries`` by the gallery each ranks: its own ``candidates`` where a set gives each
-    query a gallery of its own (i-CIR's instance databases), else the set's whole gallery (``None``). Methods
-    that look into the gallery for a query (query expansion, neighbours) look there."""
+def gallery_groups(queries: list[Query], gallery: torch.Tensor,
+                   rows: dict[str, int]) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """The positions of ``queries`` that rank one gallery, with that gallery's rows of ``gallery`` (the set's
+    prepared gallery; ``rows``: each image id's row, as :meth:`Method.prepare_gallery` was given them): a query's
+    own ``candidates`` where a set gives each query a gallery of its own (i-CIR's instance databases), else the
+    whole gallery. Methods that look into the gallery for a query (query expansion, neighbours) look there."""
     groups: dict[tuple[str, ...] | None, list[int]] = {}
     for qi, q in enumerate(queries):
         groups.setdefault(q.candidates or None, []).append(qi)
-    return groups
+    for candidates, members in groups.items():
+        if candidates is None:
+            yield members, gallery
+        else:
+            yield members, gallery[torch.as_tensor([rows[c] for c in candidates], device=gallery.device)]
 
 
 def caption_variants(texts: tuple[str, ...] | list[str]) -> list[str]:

@@ -206,9 +206,7 @@ class Basic(Method):
             return torch.stack([project(image), text], dim=1)
         expanded = torch.empty_like(image)
         k = int(self.options.get("expansion_k", 25))
-        for candidates, members in gallery_groups(queries).items():
-            own = gallery if candidates is None else gallery[torch.as_tensor(
-                [self.rows[c] for c in candidates], device=gallery.device)]
+        for members, own in gallery_groups(queries, gallery, self.rows):
             for start in range(0, len(members), 256):
                 chosen = torch.as_tensor(members[start : start + 256], device=image.device)
                 values, nearest = (project(image[chosen]) @ own.float().T).topk(min(k, own.shape[0]), dim=1)

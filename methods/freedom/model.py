@@ -78,9 +78,7 @@ class Freedom(Method):
         images = features.float()
         neighbours = torch.empty(len(queries), self.kappa, images.shape[1], device=device)
         best = torch.empty(len(queries), device=device)
-        for candidates, members in gallery_groups(queries).items():
-            own = gallery if candidates is None else gallery[torch.as_tensor(
-                [self.rows[c] for c in candidates], device=gallery.device)]
+        for members, own in gallery_groups(queries, gallery, self.rows):
             chosen = torch.as_tensor(members, device=device)
             sims = images[chosen] @ own.float().T
             if own.shape[0] < self.kappa:
