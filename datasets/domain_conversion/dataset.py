@@ -63,8 +63,9 @@ class DomainConversion(Dataset):
             ref = images[name] = self.image(name, locate(name))
             gallery.append(ref)
             positives.setdefault((label, renames.get(domain, domain)), []).append(ref.id)
-        for name, _, _ in query_rows:
-            images.setdefault(name, self.image(name, locate(name)))
+        for name, _, _ in query_rows:  # ImageNet-R's and LTLL's queries are database images: already there
+            if name not in images:
+                images[name] = self.image(name, locate(name))
         sets = []
         for source in sources:
             rows = [(i, name, label) for i, (name, domain, label) in enumerate(query_rows)

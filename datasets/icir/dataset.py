@@ -59,7 +59,9 @@ class ICIR(Dataset):
             if name in seen:
                 raise AnnotationError(f"annotation file {self.data_root / QUERY_FILE}, line {i + 1}: query image "
                                       f"{name} is also a database image")
-            ref = images.setdefault(name, self.image(name, locate(name)))
+            if name not in images:  # an image that queries several texts is one reference
+                images[name] = self.image(name, locate(name))
+            ref = images[name]
             queries.append(Query(id=str(i), reference=ref.id, texts=(text,),
                                  targets=tuple(positives.get((instance, text), ())),
                                  candidates=tuple(by_instance[instance]), category=instance))
