@@ -310,15 +310,19 @@ def load_state_dict(path: Path | str, key: str | None = None, obj: Any = None) -
     return _tensors(obj, path)
 
 
-class _DataUnpickler(pickle._Unpickler):
+class _SelfContained(pickle._Unpickler):
+    """An unpickler for files that hold everything themselves: a reference to anything outside is refused."""
+
+    def persistent_load(self, pid):
+        raise RefusedPickle("refusing to unpickle: the file references external objects")
+
+
+class _DataUnpickler(_SelfContained):
     """Plain data only (dicts, lists, strings, numbers): a pickle that names any global is refused."""
 
     def find_class(self, module: str, name: str):
         raise RefusedPickle(f"refusing to unpickle: the file names {module}.{name}, but plain data needs no class; "
                             "it may be malicious")
-
-    def persistent_load(self, pid):
-        raise RefusedPickle("refusing to unpickle: the file references external objects")
 
 
 def load_data_pickle(data: bytes, source: str) -> Any:
@@ -329,7 +333,7 @@ def load_data_pickle(data: bytes, source: str) -> Any:
     return _load(_DataUnpickler(io.BytesIO(data)), source, "is not a readable pickle")
 
 
-class _TensorPickleUnpickler(pickle._Unpickler):
+class _TensorPickleUnpickler(_SelfContained):
     """A plain ``pickle.dump`` of containers holding torch tensors (their storages saved by ``torch.save`` into
     the pickle, as a tensor pickles itself): the storages are read by torch's own restricted loader
     (``weights_only``), the tensors rebuilt from them; any other global is refused."""
@@ -343,9 +347,6 @@ class _TensorPickleUnpickler(pickle._Unpickler):
             return collections.OrderedDict
         raise RefusedPickle(f"refusing to unpickle: the file names {module}.{name}, which a pickle of tensors "
                             "needs not; it may be malicious")
-
-    def persistent_load(self, pid):
-        raise RefusedPickle("refusing to unpickle: the file references external objects")
 
 
 def _storage_from_bytes(data: bytes) -> Any:
@@ -371,7 +372,7 @@ _NUMPY_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiar
                   ("numpy._core.multiarray", "scalar")}
 
 
-class _NumpyUnpickler(pickle._Unpickler):
+class _NumpyUnpickler(_SelfContained):
     """Numpy arrays in plain containers (what ``np.save`` writes for an object array): numpy's own array and
     dtype rebuilders only."""
 
@@ -382,9 +383,6 @@ class _NumpyUnpickler(pickle._Unpickler):
             return getattr(importlib.import_module(module), name)
         raise RefusedPickle(f"refusing to unpickle: the file names {module}.{name}, which numpy arrays need not; "
                             "it may be malicious")
-
-    def persistent_load(self, pid):
-        raise RefusedPickle("refusing to unpickle: the file references external objects")
 
 
 def load_object_npy(path: Path | str) -> Any:
