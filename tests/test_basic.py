@@ -214,9 +214,11 @@ def test_basic_files_fail_clearly(tmp_path, tiny_config, monkeypatch):
 def test_basic_keeps_the_method_contract_on_a_shared_gallery(tmp_path, tiny_config):
     """On a benchmark with one gallery for every query (the toy one), BASIC expands within the whole gallery;
     it is deterministic and shares the backbone well (cirbench.testing.check_method)."""
-    from cirbench.testing import check_method
+    from cirbench.testing import ToyDatasetPlugin, check_method, registered
 
     bb = load_backbone(str(tiny_config), "none", device="cpu", precision="fp32")
     files, _, _ = write_files(tmp_path / "files", bb.embed_dim)
-    (outcome,) = check_method("basic", tmp_path / "check", options={**files, "components": 4, "expansion_k": 2})
+    with registered(ToyDatasetPlugin(), "toy") as reg:  # the toy dataset for this test alone
+        (outcome,) = check_method("basic", tmp_path / "check", options={**files, "components": 4, "expansion_k": 2},
+                                  registry=reg)
     assert outcome.metrics and outcome.record["method"]["summary"]["principal_components"] == 4

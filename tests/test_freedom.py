@@ -156,9 +156,11 @@ def test_freedom_fails_clearly(tmp_path, tiny_config, monkeypatch):
 
 
 def test_freedom_keeps_the_method_contract(tmp_path):
-    from cirbench.testing import check_method
+    from cirbench.testing import ToyDatasetPlugin, check_method, registered
 
     vocabulary = tmp_path / "words.csv"
     vocabulary.write_text("\n".join(w for w in VOCABULARY if w) + "\n")
-    (outcome,) = check_method("freedom", tmp_path / "check", options={"vocabulary": str(vocabulary), "kappa": 4})
+    with registered(ToyDatasetPlugin(), "toy") as reg:  # the toy dataset for this test alone
+        (outcome,) = check_method("freedom", tmp_path / "check", options={"vocabulary": str(vocabulary), "kappa": 4},
+                                  registry=reg)
     assert outcome.metrics
