@@ -29,7 +29,9 @@ def official_rankings(args, image_features, text_features, database_features, co
     image_features = image_features / image_features.norm(dim=1, keepdim=True)
     text_features = text_features / text_features.norm(dim=1, keepdim=True)
     database_features = database_features / database_features.norm(dim=1, keepdim=True)
-    mean_img = laion_mean
+    mean_img = database_features.mean(0, keepdim=True)
+    if laion_mean is not None:  # args.use_laion_mean
+        mean_img = laion_mean
     mean_txt = corpus_pos.mean(0, keepdim=True)
     centered_database_features = database_features - mean_img
     centered_image_features = image_features - mean_img
@@ -119,16 +121,20 @@ def _cfg(tmp_path, tiny_config, root, **options):
                      progress=False, bootstrap=0, method_options=options)
 
 
-@pytest.mark.parametrize("expansion", [True, False])
-def test_basic_ranks_as_the_official_code(tmp_path, tiny_config, expansion):
+@pytest.mark.parametrize("expansion,use_laion", [(True, True), (False, True), (True, False)])
+def test_basic_ranks_as_the_official_code(tmp_path, tiny_config, expansion, use_laion):
+    """Without the LAION mean, each instance is centred by its own database's mean (the gallery the loop
+    prepared is all instances' databases)."""
     import json
 
     root = write_icir(tmp_path / "icir")
     bb = load_backbone(str(tiny_config), "none", device="cpu", precision="fp32")
     files, laion, synthetic = write_files(tmp_path / "files", bb.embed_dim)
-    options = {**files, "components": 6, "expansion_k": 3, "context_words": 5, "query_expansion": expansion}
+    options = {**files, "components": 6, "expansion_k": 3, "context_words": 5, "query_expansion": expansion,
+               "laion_mean": use_laion}
     (out,) = evaluate(_cfg(tmp_path, tiny_config, root, **options))
-    assert out.record["method"]["label"] == ("basic" if expansion else "basic+no-query-expansion")
+    label = "basic" + ("" if expansion else "+no-query-expansion") + ("" if use_laion else "+no-laion-mean")
+    assert out.record["method"]["label"] == label
 
     def encode(texts):
         with torch.no_grad():
@@ -153,7 +159,8 @@ def test_basic_ranks_as_the_official_code(tmp_path, tiny_config, expansion):
         qi = [k for k, (_, _, i) in enumerate(qrows) if i == instance]
         di = [k for k, (_, _, i) in enumerate(drows) if i == instance]
         text = official_contextualize(encode, [qrows[k][1] for k in qi], WORDS, 5)
-        ranking = official_rankings(args, queries[qi], text, db[di], corpus_pos, corpus_neg, laion, synthetic)
+        ranking = official_rankings(args, queries[qi], text, db[di], corpus_pos, corpus_neg,
+                                    laion if use_laion else None, synthetic)
         for row, k in zip(ranking.tolist(), qi, strict=True):
             assert predictions[str(k)] == [drows[di[j]][0] for j in row], (instance, k)
         aps_by_instance.append(official_aps(ranking.numpy(), [instance] * len(qi), [qrows[k][1] for k in qi],
@@ -162,7 +169,12 @@ def test_basic_ranks_as_the_official_code(tmp_path, tiny_config, expansion):
     assert (out.metrics["mAP"], out.metrics["mmAP"], out.metrics["minmAP"]) == pytest.approx(expected, abs=1e-6)
     info = out.record["method"]["info"]
     assert info["corpus"]["sha256"] and info["synthetic_data"]["sha256"]
-    assert out.record["method"]["summary"]["principal_components"] == 6
+    summary = out.record["method"]["summary"]
+    assert summary["principal_components"] == 6
+    if use_laion:  # one mean: one pair of minima
+        assert len(summary["normalisation_minima"]) == 2
+    else:  # a mean per instance: as many pairs
+        assert summary["normalisation_minima"]["galleries"] == len({i for _, _, i in qrows}) > 1
 
 
 def test_basic_runs_with_every_component_off_as_the_product_baseline(tmp_path, tiny_config):

@@ -20,8 +20,8 @@ OPTIONS = (
     OptionSpec("context_words", "How many of --corpus's first names contextualise a text.", "int", 100, minimum=1,
                maximum=100_000),
     OptionSpec("standardize", "Centre the features (images by --laion-mean, texts by --corpus's mean).", "bool", True),
-    OptionSpec("laion_mean", "Centre images by LAION-1M's mean image feature (off: by the gallery's mean).",
-               "bool", True),
+    OptionSpec("laion_mean", "Centre images by LAION-1M's mean image feature (off: by the mean of the gallery a "
+               "query ranks, on i-CIR its instance's database, as officially).", "bool", True),
     OptionSpec("laion_mean_file", "The LAION-1M mean for the backbone: the official .pkl or a .npy vector "
                "(default: download the official one for ViT-L-14/openai or ViT-L-16-SigLIP-256/webli).",
                "path", None),

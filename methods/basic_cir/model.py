@@ -66,8 +66,9 @@ def contrastive_projection(objects: torch.Tensor, styles: torch.Tensor, weight: 
 
 
 class Basic(Method):
-    """Two vectors per query, the expanded and projected image and the contextualised text, both centred;
-    the gallery centred; scores fused by :meth:`combine_scores`."""
+    """Two vectors per query, the expanded and projected image and the contextualised text, both centred and
+    folded with the gallery's centring and normalisation; the gallery's unit features with a 1 appended; scores
+    fused by :meth:`combine_scores`."""
 
     query_vectors = 2
     unit_features = False  # centred and projected: the fusion reads the similarities' sizes
@@ -89,10 +90,10 @@ class Basic(Method):
             self.synthetic = self._synthetic(self._per_backbone("synthetic_data", SYNTHETIC,
                                                                 "BASIC's synthetic normalisation features"))
         self.rows: dict[str, int] = {}
-        self.mean_image = self.mean_text = torch.zeros(backbone.embed_dim)
+        self.mean_text = torch.zeros(backbone.embed_dim)
         self.projection: torch.Tensor | None = None
         self.kept = 0
-        self.limits = (0.0, 0.0)  # the synthetic pairs' least image-image and text-image similarity
+        self.limits: dict[tuple[float, ...], tuple[float, float]] = {}  # per image mean: see _normalisation
         self.texts: dict[str, torch.Tensor] = {}
 
     # -- files -------------------------------------------------------------------------------------------
@@ -143,7 +144,14 @@ class Basic(Method):
         return "+".join(off) or None
 
     def summary(self) -> dict:
-        return {"principal_components": self.kept, "normalisation_minima": list(self.limits)}
+        summary: dict[str, Any] = {"principal_components": self.kept}
+        if len(self.limits) == 1:
+            summary["normalisation_minima"] = list(next(iter(self.limits.values())))
+        elif self.limits:  # one per gallery centred by its own mean
+            summary["normalisation_minima"] = {"galleries": len(self.limits), **{
+                what: [min(v[i] for v in self.limits.values()), max(v[i] for v in self.limits.values())]
+                for i, what in enumerate(("image_range", "text_range"))}}
+        return summary
 
     # -- statistics --------------------------------------------------------------------------------------
     def _corpus_features(self, names: list[str]) -> torch.Tensor:
@@ -151,29 +159,46 @@ class Basic(Method):
         return self.backbone.derived(key, lambda: self.backbone.encode_text(names, memoize=False).float())
 
     def prepare_gallery(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
-        """The gallery centred (by LAION's mean, or by its own), and every statistic the queries need."""
+        """The gallery's unit features with a constant 1 appended, and the statistics that hold for every gallery.
+
+        Centring and the synthetic normalisation are affine in each similarity, so the queries carry them
+        (:meth:`finalize_queries`): ``q . (g - m)`` is ``[q, -q . m] . [g, 1]``. That keeps one prepared gallery
+        right for queries centred by different means: officially, without the LAION mean, each i-CIR instance's
+        images and queries are centred by the mean of that instance's database."""
         device = self.backbone.device
         gallery = torch.nn.functional.normalize(features.float(), dim=-1)
         self.rows = {image: i for i, image in enumerate(ids)}
-        zero = torch.zeros(self.backbone.embed_dim, device=device)
         objects = self._corpus_features(self.words) if self.words else None
-        if self.on["standardize"]:
-            self.mean_image = self.laion.to(device) if self.laion is not None else gallery.mean(0).to(device)
-            self.mean_text = objects.mean(0) if objects is not None else zero
-        else:
-            self.mean_image, self.mean_text = zero, zero
+        zero = torch.zeros(self.backbone.embed_dim, device=device)
+        self.mean_text = objects.mean(0).to(device) if self.on["standardize"] and objects is not None else zero
         if self.on["project"]:
             assert objects is not None
             styles = self._corpus_features(self.styles)
-            self.projection, self.kept = contrastive_projection(objects - self.mean_text, styles - self.mean_text,
+            self.projection, self.kept = contrastive_projection(objects - self.mean_text.to(objects.device),
+                                                                styles - self.mean_text.to(styles.device),
                                                                 float(self.options.get("negative_weight", 0.2)),
                                                                 int(self.options.get("components", 250)))
             self.projection = self.projection.to(device)
-        if self.synthetic is not None:
-            images, texts = (torch.nn.functional.normalize(t.to(device), dim=-1) for t in self.synthetic)
-            images, texts = images - self.mean_image, texts - self.mean_text
-            self.limits = (float((images @ images.T).min()), float((texts @ images.T).min()))
-        return gallery - self.mean_image.to(gallery.device)
+        self.limits.clear()
+        return torch.cat([gallery, torch.ones(len(gallery), 1, device=gallery.device)], dim=1)
+
+    def _image_mean(self, own: torch.Tensor) -> torch.Tensor:
+        """What the images ranking the gallery ``own`` (unit features) are centred by: LAION's mean, or the mean
+        of ``own`` (the whole gallery, or an i-CIR instance's database, as officially), or nothing."""
+        if not self.on["standardize"]:
+            return torch.zeros(own.shape[1], device=own.device)
+        return self.laion.to(own.device) if self.laion is not None else own.mean(0)
+
+    def _normalisation(self, mean_image: torch.Tensor) -> tuple[float, float]:
+        """The synthetic pairs' least image-image and text-image similarity, both centred (images by
+        ``mean_image``, texts by the corpus mean), as ``(low_image, low_text)``; memoised per mean."""
+        key = tuple(mean_image.tolist())
+        if key not in self.limits:
+            assert self.synthetic is not None
+            images, texts = (torch.nn.functional.normalize(t.to(mean_image.device), dim=-1) for t in self.synthetic)
+            images, texts = images - mean_image, texts - self.mean_text.to(mean_image.device)
+            self.limits[key] = (float((images @ images.T).min()), float((texts @ images.T).min()))
+        return self.limits[key]
 
     # -- queries -------------------------------------------------------------------------------------------
     def _text_features(self, texts: list[str]) -> torch.Tensor:
@@ -192,38 +217,46 @@ class Basic(Method):
         return torch.stack([self.texts[t] for t in texts])
 
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
+        """The unit image feature and the centred text feature (a last entry 0 to match the gallery's width);
+        what depends on the gallery a query ranks is done in :meth:`finalize_queries`."""
         device = self.backbone.device
-        image = torch.nn.functional.normalize(references.float().to(device), dim=-1) - self.mean_image
+        image = torch.nn.functional.normalize(references.float().to(device), dim=-1)
         text = self._text_features([" and ".join(q.texts) for q in queries]).to(device) - self.mean_text
-        return torch.stack([image, text], dim=1)
+        pair = torch.stack([image, text], dim=1)
+        return torch.cat([pair, torch.zeros(len(pair), 2, 1, device=device)], dim=2)
 
     def finalize_queries(self, queries: list[Query], features: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-        """The image vector projected, after (``query_expansion``) a weighted mean with its nearest gallery
-        images: a query ranking a gallery of its own (i-CIR's instance database) expands within it."""
-        image, text = features[:, 0], features[:, 1]
+        """Per gallery a query ranks (i-CIR's instance database, else the whole gallery): the image centred,
+        expanded (``query_expansion``: a weighted mean with its nearest centred gallery images) and projected;
+        then both vectors folded with the gallery's centring and the synthetic normalisation, so that their
+        product with ``[g, 1]`` is ``(v . (g - m) - low) / |low_image|``."""
+        dim = features.shape[-1] - 1
+        image, text = features[:, 0, :dim], features[:, 1, :dim]
         project = (lambda x: x @ self.projection) if self.projection is not None else (lambda x: x)
-        if not self.on["query_expansion"]:
-            return torch.stack([project(image), text], dim=1)
-        expanded = torch.empty_like(image)
+        out = torch.empty_like(features)
         k = int(self.options.get("expansion_k", 25))
         for members, own in gallery_groups(queries, gallery, self.rows):
+            own = own[:, :dim].float()
+            mean = self._image_mean(own)
+            low_image, low_text = self._normalisation(mean) if self.synthetic is not None else (0.0, 0.0)
+            scale = 1.0 / abs(low_image) if self.synthetic is not None else 1.0
+            centred = own - mean if self.on["query_expansion"] else own
             for start in range(0, len(members), 256):
                 chosen = torch.as_tensor(members[start : start + 256], device=image.device)
-                values, nearest = (project(image[chosen]) @ own.float().T).topk(min(k, own.shape[0]), dim=1)
-                stack = torch.cat([own[nearest].float(), image[chosen].unsqueeze(1)], dim=1)  # [n, k + 1, D]
-                weights = torch.exp(EXPANSION_TEMPERATURE * torch.cat([values, torch.ones_like(values[:, :1])], 1))
-                weights = weights / weights.sum(dim=1, keepdim=True)
-                expanded[chosen] = (stack * weights.unsqueeze(-1)).sum(dim=1)
-        return torch.stack([project(expanded), text], dim=1)
+                query = image[chosen] - mean
+                if self.on["query_expansion"]:
+                    values, nearest = (project(query) @ centred.T).topk(min(k, len(centred)), dim=1)
+                    stack = torch.cat([centred[nearest], query.unsqueeze(1)], dim=1)  # [n, k + 1, D]
+                    weights = torch.exp(EXPANSION_TEMPERATURE * torch.cat([values, torch.ones_like(values[:, :1])], 1))
+                    query = (stack * (weights / weights.sum(dim=1, keepdim=True)).unsqueeze(-1)).sum(dim=1)
+                for slot, vector, low in ((0, project(query), low_image), (1, text[chosen], low_text)):
+                    out[chosen, slot, :dim] = vector * scale
+                    out[chosen, slot, dim] = (-(vector @ mean) - low) * scale
+        return out
 
     def combine_scores(self, sims: torch.Tensor) -> torch.Tensor:
-        """Harris' corner score of the two similarities, shifted and scaled by the synthetic minima (both by
-        the image one's size, as officially), clipped at zero."""
-        image, text = sims[..., 0, :], sims[..., 1, :]
-        if self.synthetic is not None:
-            low_image, low_text = self.limits
-            text = (text - low_text) / abs(low_image)
-            image = (image - low_image) / abs(low_image)
-        image, text = image.clamp(min=0), text.clamp(min=0)
+        """Harris' corner score of the two similarities (already shifted and scaled by the synthetic minima, both by
+        the image one's size as officially: see :meth:`finalize_queries`), clipped at zero."""
+        image, text = sims[..., 0, :].clamp(min=0), sims[..., 1, :].clamp(min=0)
         lam = float(self.options.get("harris_lambda", 0.1))
         return text * image - lam * (text + image) ** 2
