@@ -26,6 +26,7 @@ Examples:
   cirbench run --method slerp --dataset cirr --alpha 0.5:1.0:0.05   # alpha sweep, one encoding pass
   cirbench run --method image-only --dataset fashioniq --category dress --allow-missing
   cirbench run --method slerp --dataset circo:test,cirr:test1 --data-root circo=data/CIRCO --data-root cirr=data/CIRR
+  cirbench run --method basic --dataset icir --data-root data/icir --save-top all   # whole rankings, to score again
 """
 
 
@@ -262,6 +263,19 @@ def cli() -> None:
     """
 
 
+def _save_top(ctx, param, value: str) -> int | None:
+    """``--save-top``: a count of at least 1, or ``all`` (None)."""
+    if str(value).strip().lower() == "all":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise click.BadParameter(f"{value!r} is neither a count of at least 1 nor 'all'")
+    return number
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, epilog=EPILOG_RUN)
 @click.option("--method", "-m", default="slerp,image-only,text-only", show_default=True,
               help="Method name, or several separated by commas (see `cirbench methods`). The default runs Slerp "
@@ -310,12 +324,15 @@ def cli() -> None:
                    "device. auto: batched on CUDA, workers on the CPU.")
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(0, MAX_REPLICATES),
               help="Bootstrap replicates for the 95% confidence intervals recorded with every metric (0: none).")
+@click.option("--save-top", default="50", show_default=True, metavar="N|all", callback=_save_top,
+              help="Ranked ids written per query to the predictions file; all: every id the benchmark ranks (on "
+                   "i-CIR the instance's whole database, which `cirbench score` needs to score the file again).")
 @click.option("--no-leaderboard", is_flag=True, help="Do not print the leaderboard after the run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.pass_context
 def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision, device, data_roots, output,
         cache_dir, no_cache, cache_identity, label, seed, batch_size, workers, max_image_pixels, allow_missing,
-        retrieval_backend, encode_path, bootstrap, no_leaderboard, quiet):
+        retrieval_backend, encode_path, bootstrap, save_top, no_leaderboard, quiet):
     """Evaluate METHOD on DATASET/SPLIT and write results/<dataset>/<split>/<run>__<backbone>.json.
 
     Method and dataset options are given as extra --name value pairs (e.g. --alpha 0.8, --category dress);
@@ -348,7 +365,7 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
                             dataset_options=d_opts, label=label, seed=seed, batch_size=batch_size, workers=workers,
                             max_image_pixels=max_image_pixels, allow_missing=allow_missing,
                             retrieval_backend=retrieval_backend, encode_path=encode_path, bootstrap=bootstrap,
-                            progress=speaks and not quiet)
+                            save_topk=save_top, progress=speaks and not quiet)
             runs.append(Evaluator(cfg, reg, loaded=loaded))
     for planned in runs:  # every benchmark's data and every plugin, before the first model is loaded
         planned.check()

@@ -66,7 +66,7 @@ class RunConfig:
     workers: int | None = None
     allow_missing: bool = False
     retrieval_backend: str = "auto"
-    save_topk: int = 50
+    save_topk: int | None = 50  # ranked ids kept per query in the predictions file (None: all that were ranked)
     encode_path: str = "auto"  # auto | workers | batched (see cirbench.encode)
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     bootstrap: int = DEFAULT_REPLICATES  # bootstrap replicates for confidence intervals (0: none)
@@ -391,6 +391,7 @@ class Evaluator:
             "device": str(backbone.device),
             "world_size": distributed.world_size(),
             "retrieval": {"backend": cfg.retrieval_backend, "ties": "equal scores ordered by gallery position"},
+            "predictions": {"top": "all" if cfg.save_topk is None else cfg.save_topk},
             "encode": {"path": resolve_path(cfg.encode_path, backbone.device), "requested_path": cfg.encode_path,
                        "jpeg_decoder": jpeg_decoder(cfg.encode_path, backbone.device),
                        "image_library": image_library(),
@@ -491,9 +492,10 @@ def _score_set(dataset, es: EvalSet, ranking: Ranking) -> tuple[dict[str, float]
     return metrics, per_query
 
 
-def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int, per_query: dict[str, Any] | None = None,
+def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int | None, per_query: dict[str, Any] | None = None,
                      details: Callable[[Query], dict[str, Any] | None] | None = None) -> list[dict[str, Any]]:
-    k = min(save_topk, ranking.indices.shape[1])
+    width = ranking.indices.shape[1]
+    k = width if save_topk is None else min(save_topk, width)
     table = {m: (v.tolist() if hasattr(v, "tolist") else list(v)) for m, v in (per_query or {}).items()}
     rows = []
     for qi, q in enumerate(es.queries):

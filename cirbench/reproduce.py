@@ -54,7 +54,14 @@ def config_of(record: dict[str, Any], *, output: Path, data_root: str | None = N
         retrieval_backend=str((record.get("retrieval") or {}).get("backend") or "auto"),
         encode_path=str(encode.get("requested_path") or "auto"),
         max_image_pixels=int(encode.get("max_image_pixels") or DEFAULT_MAX_PIXELS),
-        bootstrap=int((record.get("ci") or {}).get("replicates") or 0), progress=progress)
+        bootstrap=int((record.get("ci") or {}).get("replicates") or 0), save_topk=_saved_top(record),
+        progress=progress)
+
+
+def _saved_top(record: dict[str, Any]) -> int | None:
+    """How many ranked ids the run wrote per query (a record from before this was recorded: 50)."""
+    top = (record.get("predictions") or {}).get("top", 50)
+    return None if top == "all" else int(top)
 
 
 @dataclass

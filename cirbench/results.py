@@ -239,7 +239,8 @@ class ResultWriter:
         if self.enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
             _, digest = write_predictions(pred_path, predictions)
-            record["predictions"] = {"file": pred_path.name, "rows": len(predictions), "sha256": digest}
+            record["predictions"] = {**(record.get("predictions") or {}), "file": pred_path.name,
+                                     "rows": len(predictions), "sha256": digest}
             write_result(result_path, record)
         return result_path, pred_path
 

@@ -243,3 +243,53 @@ def test_the_clamped_product_baseline_ranks_as_icirs(tmp_path, tiny_config):
     for clamp, expected in ((True, [0.0, 0.06]), (False, [0.25, 0.06])):
         method = ImageTextProduct(bb, {"clamp": clamp})
         assert method.combine_scores(sims)[0].tolist() == pytest.approx(expected)
+
+
+def test_a_run_saving_whole_rankings_scores_again_as_it_ran(tmp_path, tiny_config):
+    """`run --save-top all` writes every query's whole instance database, ranked, and `cirbench score` on that
+    predictions file gives the run's numbers; a run keeping fewer (`--save-top 3`) writes a file that score refuses
+    rather than scoring short rankings; a count below 1 is a usage error."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cirbench.cli import cli
+
+    root = write_icir(tmp_path / "icir")
+    base = ["run", "--method", "image-only", "--dataset", "icir", "--data-root", str(root), "--backbone",
+            str(tiny_config), "--pretrained", "none", "--cache-dir", str(tmp_path / "cache"), "--workers", "0",
+            "--bootstrap", "0", "--no-leaderboard", "--quiet"]
+
+    def run(top, output):
+        res = CliRunner().invoke(cli, [*base, "--output", str(tmp_path / output), "--save-top", top])
+        assert res.exit_code == 0, res.output
+        (result,) = (tmp_path / output).glob("icir/test/*.json")
+        return json.loads(result.read_text()), result.with_name(result.name[: -len(".json")] + ".predictions.jsonl")
+
+    def score(path):
+        return CliRunner().invoke(cli, ["score", "--dataset", "icir", "--split", "test", "--data-root", str(root),
+                                        str(path), "--json"])
+
+    record, whole = run("all", "all")
+    assert record["predictions"]["top"] == "all" and record["predictions"]["rows"] == 5
+    (es,) = _dataset(root).load("test")
+    rows = [json.loads(line) for line in whole.read_text().splitlines()]
+    assert [len(r["top"]) for r in rows] == [len(q.candidates) for q in es.queries]
+    res = score(whole)
+    assert res.exit_code == 0, res.output
+    again = json.loads(res.output)
+    assert {k: again[k] for k in ("mAP", "mmAP", "minmAP")} == pytest.approx(
+        {k: record["metrics"][k] for k in ("mAP", "mmAP", "minmAP")}, abs=1e-6)
+    from cirbench.reproduce import config_of
+
+    assert config_of(record, output=tmp_path / "again").save_topk is None  # reproduce writes what the run wrote
+    record, cut = run("3", "three")
+    assert record["predictions"]["top"] == 3 and config_of(record, output=tmp_path / "again").save_topk == 3
+    older = {**record, "predictions": {k: v for k, v in record["predictions"].items() if k != "top"}}
+    assert config_of(older, output=tmp_path / "again").save_topk == 50  # written before the count was recorded
+    assert {len(json.loads(line)["top"]) for line in cut.read_text().splitlines()} == {3}
+    res = score(cut)
+    assert res.exit_code == 2 and "the ranking has 3 ids, at least" in res.output
+    res = CliRunner().invoke(cli, [*base, "--output", str(tmp_path / "zero"), "--save-top", "0"])
+    assert res.exit_code == 2 and "'0' is neither a count of at least 1 nor 'all'" in res.output
+    assert not (tmp_path / "zero").exists()
