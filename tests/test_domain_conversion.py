@@ -150,5 +150,5 @@ def test_sources_and_targets_can_be_chosen_and_bad_files_are_one_line_errors(tmp
     with pytest.raises(AnnotationError, match="line 1: expected '<image> <domain> <class>'"):
         spec.create(root, {}).load("test")
     (root / "query_files.csv").unlink()
-    with pytest.raises(AnnotationError, match="query_files.csv is missing"):
+    with pytest.raises(AnnotationError, match="query_files.csv is missing .*is --data-root .* right"):
         spec.create(root, {}).load("test")

@@ -100,7 +100,7 @@ def test_malformed_files_are_one_line_errors(tmp_path, content, message):
     with pytest.raises(AnnotationError, match=message):
         _dataset(root).load("test")
     (root / "query_files.csv").unlink()
-    with pytest.raises(AnnotationError, match="query_files.csv is missing"):
+    with pytest.raises(AnnotationError, match="query_files.csv is missing .*is --data-root .*icir right"):
         _dataset(root).load("test")
 
 

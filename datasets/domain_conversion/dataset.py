@@ -15,11 +15,12 @@ from . import BENCHMARKS
 EPSILON = 1e-5  # the official denominators' guard: a perfect query scores 99.999
 
 
-def read_rows(path: Path) -> list[tuple[str, ...]]:
+def read_rows(path: Path, hint: str) -> list[tuple[str, ...]]:
     """``<image> <domain> <class>`` lines, split on single spaces as the official ``ImageDomainLabels`` does
-    (FREEDOM's ``set_dataset.py`` removes the spaces from the image names first)."""
+    (FREEDOM's ``set_dataset.py`` removes the spaces from the image names first); ``hint``: where the data root
+    was looked for."""
     return read_split_lines(path, " ", ("image", "domain", "class"), "FREEDOM's data/<benchmark>/ folder holds "
-                            "it; is --data-root that folder?", required=(0, 1, 2))
+                            f"it; {hint}", required=(0, 1, 2))
 
 
 class DomainConversion(Dataset):
@@ -49,8 +50,8 @@ class DomainConversion(Dataset):
     def load(self, split: str) -> list[EvalSet]:
         self.check_split(split)
         files, renames, ks = self.benchmark
-        query_rows = read_rows(self.data_root / files[0])
-        database_rows = query_rows if len(files) == 1 else read_rows(self.data_root / files[-1])
+        query_rows = read_rows(self.data_root / files[0], self.root_hint())
+        database_rows = query_rows if len(files) == 1 else read_rows(self.data_root / files[-1], self.root_hint())
         locate = self.relative_locator(query_rows[0][0], tuple(renames))
         words = list(renames.values())
         sources, targets = self._chosen("source", words), self._chosen("target", words)

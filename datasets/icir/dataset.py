@@ -16,11 +16,11 @@ OWN_FOLDERS = ("query", "database")  # the dataset's image folders, as its tarba
 EPSILON = 1e-5  # the official compute_ap's recall step is 1 / (positives + 1e-5): a perfect query scores 99.999
 
 
-def read_rows(path: Path) -> list[tuple[str, ...]]:
+def read_rows(path: Path, hint: str) -> list[tuple[str, ...]]:
     """``image_path,text,instance`` lines, as the official ``icir_dataset`` splits them (no header, no
-    quoting: a text holds no comma)."""
+    quoting: a text holds no comma); ``hint``: where the data root was looked for."""
     return read_split_lines(path, ",", ("image_path", "text", "instance"), "i-CIR's tarball unpacks it into the "
-                            "data root, the icir folder", required=(0, 2))
+                            f"icir folder, the data root; {hint}", required=(0, 2))
 
 
 class ICIR(Dataset):
@@ -34,8 +34,8 @@ class ICIR(Dataset):
 
     def load(self, split: str) -> list[EvalSet]:
         self.check_split(split)
-        query_rows = read_rows(self.data_root / QUERY_FILE)
-        database_rows = read_rows(self.data_root / DATABASE_FILE)
+        query_rows = read_rows(self.data_root / QUERY_FILE, self.root_hint())
+        database_rows = read_rows(self.data_root / DATABASE_FILE, self.root_hint())
         locate = self.relative_locator(query_rows[0][0], OWN_FOLDERS)
         gallery: list[ImageRef] = []
         by_instance: dict[str, list[str]] = {}
