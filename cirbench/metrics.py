@@ -38,7 +38,7 @@ def hits_matrix(ranked: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch
     for q, t in enumerate(targets):
         if t:
             padded[q, : len(t)] = torch.as_tensor(sorted(t), dtype=torch.long)
-    ranked = ranked.long()
+    ranked = ranked.long().contiguous()  # a column slice is a strided view: searchsorted wants rows
     padded = padded.to(ranked.device)
     out = torch.zeros(ranked.shape, dtype=torch.bool, device=ranked.device)
     step = max(1, HITS_BLOCK // max(1, ranked.shape[1]))
