@@ -127,8 +127,25 @@ class Dataset:
         return []
 
     def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
-        """Score a ranking file made elsewhere (official submission format or per-query rankings)."""
-        raise CirbenchError(f"dataset '{self.name}' cannot score ranking files")
+        """Score a ranking file made elsewhere (official submission format or per-query rankings).
+
+        The default, for benchmarks without a submission format of their own, scores a ``*.predictions.jsonl``
+        file (rows with ``set``, ``query`` and ``top``, as ``cirbench run`` writes them; ``set`` may be left out
+        where the split has one set) by :meth:`score_predictions_by_set`: each ranking holds ids of the query's
+        gallery (its ``candidates`` in a set of per-query galleries), never its reference where the protocol
+        removes it, and as many as the set ranks (``EvalSet.topk``, or all there are)."""
+        self.check_split(split)
+        if split in self.hidden_splits:
+            raise CirbenchError(f"{self.name}/{split} has hidden targets: there is nothing to score a file against")
+
+        def gallery_of(evalset: EvalSet):
+            gallery = set(evalset.gallery_ids)
+            own = {q.id: set(q.candidates) for q in evalset.queries if evalset.query_galleries and q.candidates}
+            return lambda qid: own.get(qid, gallery)
+
+        return self.score_predictions_by_set(split, path, label=self.name, unit="set", min_length=None,
+                                             allowed=gallery_of,
+                                             allowed_name="an image of the query's gallery")
 
     # -- scoring rankings made elsewhere ---------------------------------------------------------------
     @staticmethod
@@ -161,26 +178,36 @@ class Dataset:
                 raise AnnotationError(f"{where}: '{unknown}' in the {what} is not {allowed_name}")
         return ids
 
-    def score_predictions_by_set(self, split: str, path: Path, *, label: str, unit: str, min_length: int,
+    def score_predictions_by_set(self, split: str, path: Path, *, label: str, unit: str, min_length: int | None,
                                  allowed: Any, allowed_name: str = "an image of the split's gallery"
                                  ) -> dict[str, float]:
         """Score a ``*.predictions.jsonl`` file (rows with ``set``, ``query`` and ``top``) set by set, for datasets
         without an official submission format: every set of the split must have rankings (``unit`` names a set
-        in the error), each checked by :meth:`check_ranked` against ``allowed(evalset)(query id)``, and the sets'
-        metrics combined by :meth:`aggregate`. ``label`` is the dataset's name in the error for other files."""
+        in the error; rows without ``set`` serve a split of one set), each checked by :meth:`check_ranked` against
+        ``allowed(evalset)(query id)`` (and never holding the query's reference in a set that removes it), at
+        least ``min_length`` ids long (None: as many as the set ranks, ``EvalSet.topk``, or all there are), and
+        the sets' metrics combined by :meth:`aggregate`. ``label`` is the dataset's name in the error for other
+        files."""
         if not str(path).endswith(".jsonl"):
             raise CirbenchError(f"{label} has no official submission format: score a per-query ranking file "
                                 "(*.predictions.jsonl rows with set, query and top)")
         rows = self.read_predictions(path)
         per_set = {}
-        for evalset in self.load(split):
-            ranked = rows.get(evalset.name)
+        evalsets = self.load(split)
+        for evalset in evalsets:
+            ranked = rows.get(evalset.name, rows.get("") if len(evalsets) == 1 else None)
             if ranked is None:
                 raise AnnotationError(f"{path} has no rankings for {unit} {evalset.name}")
-            allowed_for = allowed(evalset)
-            ranked = {qid: self.check_ranked(qid, ids, path, min_length=min_length, allowed=allowed_for(qid),
-                                             allowed_name=allowed_name) for qid, ids in ranked.items()}
-            per_set[evalset.name] = self.metrics(evalset, self.ranking_from_ids(evalset, ranked, source=path))
+            allowed_for, queries = allowed(evalset), {q.id: q for q in evalset.queries}
+            checked = {}
+            for qid, ids in ranked.items():
+                pool = allowed_for(qid)
+                reference = queries[qid].reference if evalset.exclude_reference and qid in queries else None
+                need = min_length if min_length is not None else \
+                    min(evalset.topk, len(pool) - (reference in pool))
+                checked[qid] = self.check_ranked(qid, ids, path, min_length=need, allowed=pool,
+                                                 allowed_name=allowed_name, reference=reference)
+            per_set[evalset.name] = self.metrics(evalset, self.ranking_from_ids(evalset, checked, source=path))
         return self.aggregate(per_set)
 
     @staticmethod

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from cirbench.dataset import Dataset
-from cirbench.errors import AnnotationError, CirbenchError
+from cirbench.errors import AnnotationError
 from cirbench.metrics import hits_matrix, recall_per_query
 from cirbench.schema import Record, validate_records
 from cirbench.types import EvalSet, Query
@@ -116,29 +116,17 @@ class MACIR(Dataset):
     def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
         """Score per-query rankings made elsewhere: ``*.predictions.jsonl`` rows with ``query`` (the triplet's
         position in the meta file, from 0) and ``top`` (ranked gallery images, the reference left out; on the
-        restricted splits, images of the query's source)."""
-        from cirbench.metrics import means
-
+        restricted splits, images of the query's source); Recall@1 reads the first."""
         self.check_split(split)
-        if not str(path).endswith(".jsonl"):
-            raise CirbenchError("MA-CIR has no official submission format: score a per-query ranking file "
-                                "(*.predictions.jsonl rows with query and top)")
-        (evalset,) = self.load(split)
-        rows = self.read_predictions(path)
-        ranked = rows.get(evalset.name, rows.get(""))
-        if ranked is None:
-            raise AnnotationError(f"{path} has no rankings")
-        gallery = set(evalset.gallery_ids)
-        queries = {q.id: q for q in evalset.queries}
-        checked = {}
-        for qid, ids in ranked.items():
-            q = queries.get(qid)
-            allowed = set(q.candidates) if q is not None and q.candidates else gallery
-            checked[qid] = self.check_ranked(qid, ids, path, min_length=1,
-                                             reference=q.reference if q is not None else None, allowed=allowed,
-                                             allowed_name="an image of the query's source" if split != "full"
-                                             else "an image of the split's gallery")
-        return means(self.per_query_metrics(evalset, self.ranking_from_ids(evalset, checked, source=path)))
+
+        def pool(evalset: EvalSet):
+            gallery = set(evalset.gallery_ids)
+            own = {q.id: set(q.candidates) for q in evalset.queries if q.candidates}
+            return lambda qid: own.get(qid, gallery)
+
+        return self.score_predictions_by_set(split, path, label="MA-CIR", unit="split", min_length=1,
+                                             allowed=pool, allowed_name="an image of the query's source"
+                                             if split != "full" else "an image of the split's gallery")
 
 
 def _only(values: torch.Tensor, keep: list[bool]) -> torch.Tensor:
