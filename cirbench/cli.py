@@ -16,7 +16,15 @@ import click
 
 from . import __version__
 from .errors import CirbenchError, from_reader_process, out_of_memory, reader_process_origin
-from .types import PREPROCESS_KINDS, DatasetSpec, MethodSpec, OptionSpec, split_plugin_options, switch_off
+from .types import (
+    BOOL_WORDS,
+    PREPROCESS_KINDS,
+    DatasetSpec,
+    MethodSpec,
+    OptionSpec,
+    split_plugin_options,
+    switch_off,
+)
 from .util import MAX_REPLICATES, MAX_WORKERS, SEED_MAX, launched_by_torchrun
 
 EPILOG_RUN = """\b
@@ -170,6 +178,32 @@ def parse_extra_options(args: list[str]) -> dict[str, str | None]:
         out[name.replace("-", "_")] = value
         i += 1
     return out
+
+
+def split_positional(args: list[str], options: Sequence[OptionSpec]) -> tuple[list[str], list[str]]:
+    """``args`` parted into positional arguments and ``--name [value]`` plugin options, as
+    :func:`parse_extra_options` will read the latter: an option takes the next argument as its value unless that
+    is an option, or unless it is a bool option (``options`` say which; ``--no-name`` is one too) and the next
+    argument is not a bool word."""
+    kinds = {o.name: o.type for o in options}
+    positional, rest = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            positional.append(arg)
+            i += 1
+            continue
+        rest.append(arg)
+        name = arg[2:].replace("-", "_")
+        boolean = kinds.get(name) == "bool" or (name.startswith("no_") and kinds.get(name[3:]) == "bool")
+        following = args[i + 1] if i + 1 < len(args) else None
+        takes = following is not None and not following.startswith("--") and "=" not in arg and (
+            not boolean or following.lower() in BOOL_WORDS)
+        if takes and following is not None:
+            rest.append(following)
+        i += 2 if takes else 1
+    return positional, rest
 
 
 def run_benchmarks(reg, datasets: str, split: str | None) -> list[tuple[DatasetSpec, str]]:
@@ -528,9 +562,11 @@ def plugins(as_json):
             click.echo(f"  datasets: {', '.join(row['datasets'])}")
 
 
-@cli.command(epilog="\b\nExamples:\n  cirbench score --dataset circo --split val submission_val.json\n"
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+             epilog="\b\nExamples:\n  cirbench score --dataset circo --split val submission_val.json\n"
              "  cirbench score -d cirr -s val recall.json --input subset=recall_subset.json --json\n"
              "  cirbench score -d circo -s test run.circo-test.json   # checks a test-server file\n"
+             "  cirbench score -d fashioniq -s val --category dress dress-run.predictions.jsonl\n"
              "  cirbench score -d shapes -s val results/shapes/val/slerp@alpha=0.7__cirbench-shapes-clip-bundled"
              ".predictions.jsonl")
 @click.option("--dataset", "-d", required=True, help="Dataset name.")
@@ -540,10 +576,14 @@ def plugins(as_json):
               help="An extra file the dataset scores with the main one (`cirbench datasets` lists them, e.g. CIRR's "
                    "subset=recall_subset.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
-@click.argument("file", type=click.Path(dir_okay=False, exists=True))
-def score(dataset, split, data_root, inputs, as_json, file):
+@click.argument("file")
+@click.pass_context
+def score(ctx, dataset, split, data_root, inputs, as_json, file):
     """Score a ranking FILE made by any code (official submission format, or per-query rankings), as the
     official scorer does; a file it would reject is refused with the reason.
+
+    Dataset options follow as on `cirbench run` (--category dress, --task, --domain, --source/--target): they
+    choose the queries the file must rank, before or after FILE.
 
     On a split whose targets are hidden (CIRCO test, CIRR test1) nothing can be scored here: the file is checked
     as the test server takes it, so that a submission is not wasted on a malformed file.
@@ -555,6 +595,17 @@ def score(dataset, split, data_root, inputs, as_json, file):
 
     spec = get_registry().dataset(dataset)
     split = spec.resolve_split(split)
+    # click hands FILE the first argument it does not know, which may be a dataset option: FILE is the one
+    # argument that is neither an option nor an option's value
+    positional, tokens = split_positional([file, *ctx.args], spec.options)
+    if len(positional) != 1:
+        raise CirbenchError("no ranking FILE given (see 'cirbench score --help')" if not positional else
+                            f"unexpected argument {positional[1]!r}: score takes one ranking FILE")
+    file = positional[0]
+    if not Path(file).is_file():
+        raise CirbenchError(f"ranking file {file} does not exist" if not Path(file).is_dir() else
+                            f"ranking file {file} is a folder")
+    given = declared_by(plugin_extras(tokens, [spec], ctx.command), spec)
     allowed = {o.name for o in spec.score_inputs}
     extra: dict[str, Path] = {}
     for item in inputs:
@@ -567,7 +618,7 @@ def score(dataset, split, data_root, inputs, as_json, file):
         if not Path(path).is_file():
             raise CirbenchError(f"--input {name}: file {path} does not exist")
         extra[name] = Path(path)
-    opts = resolve_options(spec.options, {}, spec.name, f"dataset {spec.name}")[0]
+    opts = resolve_options(spec.options, given, spec.name, f"dataset {spec.name}")[0]
     ds = spec.create(data_root, opts)
     metrics = ds.score_file(split, Path(file), extra or None)
     if not metrics and split in spec.hidden_splits and not as_json:

@@ -355,6 +355,10 @@ class EvalSet:
         return list(seen.values())
 
 
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+BOOL_WORDS = TRUE_WORDS | {"0", "false", "no", "off"}  # what a bool option's value may be
+
+
 def parse_option_value(spec: OptionSpec, raw: Any) -> Any:
     """Convert a raw (string) value to the option's type; raise CirbenchError on a bad value."""
     if raw is None or not isinstance(raw, str):
@@ -366,9 +370,9 @@ def parse_option_value(spec: OptionSpec, raw: Any) -> Any:
             value = float(raw)
         elif spec.type == "bool":
             low = raw.strip().lower()
-            if low not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+            if low not in BOOL_WORDS:
                 raise ValueError(raw)
-            value = low in {"1", "true", "yes", "on"}
+            value = low in TRUE_WORDS
         elif spec.type == "path":
             value = Path(raw).expanduser()
         else:

@@ -8,7 +8,7 @@ import warnings
 import pytest
 from click.testing import CliRunner
 
-from cirbench.cli import cli, parse_extra_options
+from cirbench.cli import cli, parse_extra_options, split_positional
 from cirbench.errors import CirbenchError, show_warnings_as_lines
 from cirbench.feature_cache import CacheWarning
 from cirbench.plugins import PluginWarning
@@ -64,6 +64,20 @@ def test_extra_options_parsing():
     assert parse_extra_options(["--alpha", "--category", "dress"]) == {"alpha": None, "category": "dress"}
     with pytest.raises(CirbenchError, match="unexpected argument"):
         parse_extra_options(["stray"])
+
+
+def test_a_file_among_plugin_options_is_told_from_their_values():
+    """score's FILE may stand before, between or after dataset options: an option takes the next argument as its
+    value, a bool option only a bool word (so `--flag file` leaves the file positional)."""
+    specs = [OptionSpec("category", "c", "str"), OptionSpec("flag", "f", "bool", False)]
+    assert split_positional(["--category", "dress", "f.jsonl"], specs) == (["f.jsonl"], ["--category", "dress"])
+    assert split_positional(["f.jsonl", "--category=dress"], specs) == (["f.jsonl"], ["--category=dress"])
+    assert split_positional(["--flag", "f.jsonl", "--category", "x"], specs) == (
+        ["f.jsonl"], ["--flag", "--category", "x"])
+    assert split_positional(["--flag", "no", "f.jsonl"], specs) == (["f.jsonl"], ["--flag", "no"])
+    assert split_positional(["--no-flag", "f.jsonl", "g"], specs) == (["f.jsonl", "g"], ["--no-flag"])
+    assert parse_extra_options(split_positional(["--category", "dress", "f", "--flag"], specs)[1]) == {
+        "category": "dress", "flag": None}
 
 
 def test_a_bare_option_is_a_switch_for_bool_options_and_a_missing_value_otherwise():

@@ -152,3 +152,38 @@ def test_sources_and_targets_can_be_chosen_and_bad_files_are_one_line_errors(tmp
     (root / "query_files.csv").unlink()
     with pytest.raises(AnnotationError, match="query_files.csv is missing .*is --data-root .* right"):
         spec.create(root, {}).load("test")
+
+
+def test_rankings_made_elsewhere_are_scored_with_the_runs_domains(tmp_path, tiny_config):
+    """`cirbench score` takes the dataset's options as `run` does (before or after the file): a run's own
+    predictions over chosen domains score as the run did; the whole database must be ranked (AP reads every
+    positive's rank), and without the run's domains the partial benchmark is refused as in a run."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cirbench.cli import cli
+
+    root = write_benchmark(tmp_path / "nico")
+    (out,) = evaluate(_cfg(tmp_path, tiny_config, root, source="dimlight,rock", target="autumn"))
+    pred = str(out.predictions_path)
+    base = ["score", "-d", "dc-nico", "-s", "test", "--data-root", str(root)]
+    for args in (["--source", "dimlight,rock", pred, "--target", "autumn"],
+                 ["--source=dimlight,rock", "--target", "autumn", pred], [pred, "--source", "dimlight,rock",
+                                                                          "--target=autumn"]):
+        res = CliRunner().invoke(cli, [*base, *args, "--json"])
+        assert res.exit_code == 0, (args, res.output)
+        assert json.loads(res.output) == pytest.approx(out.metrics, abs=1e-9)
+    res = CliRunner().invoke(cli, [*base, pred])
+    assert res.exit_code == 2 and "has no query of domain" in res.output
+    res = CliRunner().invoke(cli, [*base, pred, "--source", "dimlight", "--target", "autumn", "--colour", "red"])
+    assert res.exit_code == 2 and "--colour" in res.output
+    rows = [json.loads(line) for line in out.predictions_path.read_text().splitlines()]
+    database = len(rows[0]["top"])
+    short = tmp_path / "short.predictions.jsonl"
+    short.write_text("".join(json.dumps(dict(r, top=r["top"][:-1]) if i == 0 else r) + "\n"
+                             for i, r in enumerate(rows)))
+    res = CliRunner().invoke(cli, [*base, str(short), "--source", "dimlight,rock", "--target", "autumn"])
+    assert res.exit_code == 2 and f"the ranking has {database - 1} ids, at least {database} are needed" in res.output
+    res = CliRunner().invoke(cli, [*base, "--source", "dimlight", str(tmp_path / "nowhere.jsonl")])
+    assert res.exit_code == 2 and "ranking file" in res.output and "does not exist" in res.output

@@ -146,6 +146,15 @@ def test_imagenet_r_full_run_with_small_lists(tmp_path, tiny_config, monkeypatch
     # the data root may also be the imgnet folder itself
     (again,) = evaluate(RunConfig(**{**cfg.__dict__, "method": "slerp", "data_root": root / "imgnet"}))
     assert again.record["metrics"] == out.record["metrics"]
+    # `cirbench score` on the run's own predictions (one set per domain; the default per-query scoring)
+    res = CliRunner().invoke(cli, ["score", "-d", "imagenet-r", "-s", "test", "--data-root", str(root),
+                                   str(again.predictions_path), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == pytest.approx(again.metrics)
+    res = CliRunner().invoke(cli, ["score", "-d", "imagenet-r", "-s", "test", "--data-root", str(root), "--domain",
+                                   "cartoon", str(again.predictions_path), "--json"])
+    assert res.exit_code == 0, res.output  # --domain as on run: that domain's set alone, read from its rows
+    assert json.loads(res.output) == pytest.approx({k: again.metrics[f"cartoon/{k}"] for k in ("R@10", "R@50")})
 
 
 # -- coco-object ------------------------------------------------------------------------------------------------
