@@ -17,37 +17,61 @@ Examples:
 """
 
 
+def aligned_queries(paths: list[Path]) -> tuple[list[dict], list[tuple[tuple[str, str], list[dict]]]]:
+    """The records of result files on one split and the queries every run scored: ``((set, query id), [each
+    run's per-query metrics, in the order of paths])``."""
+    from cirbench.errors import CirbenchError
+    from cirbench.results import read_predictions_of, read_result
+
+    records = [read_result(p) for p in paths]
+    first = records[0]["dataset"]
+    for path, record in zip(paths[1:], records[1:], strict=True):
+        ds = record["dataset"]
+        if (ds.get("name"), ds.get("split")) != (first.get("name"), first.get("split")):
+            raise CirbenchError(f"{paths[0].name} is {first.get('name')}/{first.get('split')} but {path.name} is "
+                                f"{ds.get('name')}/{ds.get('split')}: compare runs on the same split")
+    rows = [read_predictions_of(p, r) for p, r in zip(paths, records, strict=True)]
+    if not all(any("metrics" in r for r in run) for run in rows):
+        raise CirbenchError("these results carry no per-query metrics (hidden-target split, or written by an older "
+                            "cirbench): nothing to compare")
+    others = [{(r.get("set", ""), str(r["query"])): r for r in run} for run in rows[1:]]
+    aligned = []
+    for row in rows[0]:
+        key = (str(row.get("set", "")), str(row["query"]))
+        matched = [m for by_key in others if (m := by_key.get(key)) is not None]
+        if len(matched) == len(others):
+            aligned.append((key, [r.get("metrics") or {} for r in (row, *matched)]))
+    if not aligned:
+        raise CirbenchError("the runs share no scored query (different query sets?)")
+    return records, aligned
+
+
+def metric_columns(aligned: list[tuple[tuple[str, str], list[dict]]]) -> dict[str, list[list]]:
+    """Per metric (prefixed by the set when the queries come from several), the values of the queries every run
+    scored it for, one list per run."""
+    several = len({key[0] for key, _ in aligned}) > 1
+    table: dict[str, list[list]] = {}
+    for (set_name, _), metrics in aligned:
+        for metric in metrics[0]:
+            values = [m.get(metric) for m in metrics]
+            if any(v is None for v in values):
+                continue
+            columns = table.setdefault(f"{set_name}/{metric}" if several else metric, [[] for _ in metrics])
+            for column, v in zip(columns, values, strict=True):
+                column.append(v)
+    return table
+
+
 def paired_rows(path_a: Path, path_b: Path) -> tuple[dict, dict, dict[str, tuple[list, list]]]:
     """Both records and, per metric (prefixed by the set when a split has several), the paired per-query
     values of the queries both runs scored."""
     from cirbench.errors import CirbenchError
-    from cirbench.results import read_predictions_of, read_result
 
-    rec_a, rec_b = read_result(path_a), read_result(path_b)
-    ds_a, ds_b = rec_a["dataset"], rec_b["dataset"]
-    if (ds_a.get("name"), ds_a.get("split")) != (ds_b.get("name"), ds_b.get("split")):
-        raise CirbenchError(f"{path_a.name} is {ds_a.get('name')}/{ds_a.get('split')} but {path_b.name} is "
-                            f"{ds_b.get('name')}/{ds_b.get('split')}: compare runs on the same split")
-    rows_a, rows_b = read_predictions_of(path_a, rec_a), read_predictions_of(path_b, rec_b)
-    if not any("metrics" in r for r in rows_a) or not any("metrics" in r for r in rows_b):
-        raise CirbenchError("these results carry no per-query metrics (hidden-target split, or written by an older "
-                            "cirbench): nothing to compare")
-    by_b = {(r.get("set", ""), str(r["query"])): r for r in rows_b}
-    sets = {r.get("set", "") for r in rows_a}
-    paired: dict[str, tuple[list, list]] = {}
-    for row in rows_a:
-        other = by_b.get((row.get("set", ""), str(row["query"])))
-        if other is None:
-            continue
-        for metric, value in (row.get("metrics") or {}).items():
-            if metric in (other.get("metrics") or {}):
-                name = f"{row.get('set', '')}/{metric}" if len(sets) > 1 else metric
-                a, b = paired.setdefault(name, ([], []))
-                a.append(value)
-                b.append(other["metrics"][metric])
-    if not paired:
-        raise CirbenchError("the two runs share no scored query (different query sets?)")
-    return rec_a, rec_b, paired
+    (rec_a, rec_b), aligned = aligned_queries([path_a, path_b])
+    table = metric_columns(aligned)
+    if not table:
+        raise CirbenchError("the two runs share no scored metric")
+    return rec_a, rec_b, {name: (a, b) for name, (a, b) in table.items()}
 
 
 @click.command(name="compare", epilog=EPILOG)
