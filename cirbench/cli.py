@@ -43,7 +43,7 @@ Examples:
 BUILTIN_COMMAND_MODULES: tuple[str, ...] = ("cirbench.commands.train", "cirbench.commands.bench",
                                              "cirbench.commands.compare", "cirbench.commands.data",
                                              "cirbench.commands.report", "cirbench.commands.cache",
-                                             "cirbench.commands.reproduce")
+                                             "cirbench.commands.reproduce", "cirbench.commands.shortcuts")
 
 
 def _error(line: str) -> None:

@@ -627,3 +627,38 @@ def test_a_method_never_sees_targets_and_may_declare_unnormalised_features(tmp_p
         (scaled,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="scaled", method_options={"scale": True},
                                   bootstrap=0), reg)
     assert scaled.metrics == plain.metrics  # one positive scale per query: the same ranking
+
+
+def test_shortcuts_class_queries_by_what_the_unimodal_runs_solve(tmp_path, tiny_config, toy_root):
+    """`cirbench shortcuts`: each query classed by whether the image-only and the text-only run solve it (the
+    metric above 0), the run's means on each class equal to those computed from the three prediction files."""
+    from cirbench.commands.shortcuts import classify
+
+    assert classify(100.0, 0.0) == ("all", "shortcut-solvable", "image solves")
+    assert classify(0.0, 0.0) == ("all", "composition required")
+    assert classify(50.0, 10.0) == ("all", "shortcut-solvable", "both solve")
+    with registered(ToyPlugin(), "toy") as reg:
+        runs = [evaluate(_cfg(tmp_path, tiny_config, toy_root, method=m), reg)[0]
+                for m in ("image-text-sum", "image-only", "text-only")]
+    res = CliRunner().invoke(cli, ["shortcuts", str(runs[0].result_path), "--image", str(runs[1].result_path),
+                                   "--text", str(runs[2].result_path), "--metric", "R@5", "--json"])
+    assert res.exit_code == 0, res.output
+    table = json.loads(res.output)
+    rows = [{r["query"]: r["metrics"] for r in map(json.loads, run.predictions_path.read_text().splitlines())}
+            for run in runs]
+    expected: dict[str, list[float]] = {}
+    for query, metrics in rows[0].items():
+        image, text = rows[1][query]["R@5"] > 0, rows[2][query]["R@5"] > 0
+        group = "composition required" if not (image or text) else "both solve" if image and text else \
+            "image solves" if image else "text solves"
+        for name in ("all", group, *(["shortcut-solvable"] if image or text else [])):
+            expected.setdefault(name, []).append(metrics["R@1"])
+    assert {g: row["queries"] for g, row in table["groups"].items()} == {
+        g: len(expected.get(g, [])) for g in table["groups"]}
+    for group, values in expected.items():
+        assert table["groups"][group]["metrics"]["R@1"] == pytest.approx(sum(values) / len(values))
+    assert list(table["groups"]["all"]["metrics"])[0] == "R@5" and table["solved_by"] == "R@5 > 0"
+    assert table["groups"]["all"]["metrics"]["R@1"] == pytest.approx(runs[0].metrics["R@1"])
+    res = CliRunner().invoke(cli, ["shortcuts", str(runs[0].result_path), "--image", str(runs[1].result_path),
+                                   "--text", str(runs[2].result_path), "--metric", "mAP@3"])
+    assert res.exit_code == 2 and "record no per-query 'mAP@3'" in res.output
