@@ -61,7 +61,11 @@ def config_of(record: dict[str, Any], *, output: Path, data_root: str | None = N
 def _saved_top(record: dict[str, Any]) -> int | None:
     """How many ranked ids the run wrote per query (a record from before this was recorded: 50)."""
     top = (record.get("predictions") or {}).get("top", 50)
-    return None if top == "all" else int(top)
+    if top == "all":
+        return None
+    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        raise CirbenchError(f"the result file's predictions.top is {top!r}, neither a count nor 'all'")
+    return top
 
 
 @dataclass

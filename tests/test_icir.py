@@ -10,7 +10,7 @@ from PIL import Image
 
 from cirbench.backbones import load_backbone
 from cirbench.encode import encode_images
-from cirbench.errors import AnnotationError
+from cirbench.errors import AnnotationError, CirbenchError
 from cirbench.evaluate import RunConfig, evaluate
 from cirbench.plugins import get_registry
 from cirbench.retrieval import Ranking
@@ -287,6 +287,9 @@ def test_a_run_saving_whole_rankings_scores_again_as_it_ran(tmp_path, tiny_confi
     assert record["predictions"]["top"] == 3 and config_of(record, output=tmp_path / "again").save_topk == 3
     older = {**record, "predictions": {k: v for k, v in record["predictions"].items() if k != "top"}}
     assert config_of(older, output=tmp_path / "again").save_topk == 50  # written before the count was recorded
+    edited = {**record, "predictions": {**record["predictions"], "top": "most"}}
+    with pytest.raises(CirbenchError, match="predictions.top is 'most', neither a count nor 'all'"):
+        config_of(edited, output=tmp_path / "again")
     assert {len(json.loads(line)["top"]) for line in cut.read_text().splitlines()} == {3}
     res = score(cut)
     assert res.exit_code == 2 and "the ranking has 3 ids, at least" in res.output
