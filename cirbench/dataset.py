@@ -197,7 +197,8 @@ class Dataset:
         for evalset in evalsets:
             ranked = rows.get(evalset.name, rows.get("") if len(evalsets) == 1 else None)
             if ranked is None:
-                raise AnnotationError(f"{path} has no rankings for {unit} {evalset.name}")
+                raise AnnotationError(f"{path} has no rankings for {unit} {evalset.name} (a run over part of the "
+                                      "benchmark: give score the dataset options it ran with)")
             allowed_for, queries = allowed(evalset), {q.id: q for q in evalset.queries}
             checked = {}
             for qid, ids in ranked.items():

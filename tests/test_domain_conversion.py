@@ -176,6 +176,9 @@ def test_rankings_made_elsewhere_are_scored_with_the_runs_domains(tmp_path, tiny
         assert json.loads(res.output) == pytest.approx(out.metrics, abs=1e-9)
     res = CliRunner().invoke(cli, [*base, pred])
     assert res.exit_code == 2 and "has no query of domain" in res.output
+    res = CliRunner().invoke(cli, [*base, pred, "--source", "dimlight,rock", "--target", "autumn,dimlight"])
+    assert res.exit_code == 2 and "no rankings for set rock->dimlight (a run over part of the benchmark: give " \
+        "score the dataset options it ran with)" in res.output
     res = CliRunner().invoke(cli, [*base, pred, "--source", "dimlight", "--target", "autumn", "--colour", "red"])
     assert res.exit_code == 2 and "--colour" in res.output
     rows = [json.loads(line) for line in out.predictions_path.read_text().splitlines()]
