@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_icir import official_norm_cdf
 
 from cirbench.backbones import load_backbone
 from cirbench.encode import encode_images
@@ -105,7 +106,7 @@ def test_a_run_scores_as_the_official_evaluation(tmp_path, tiny_config, monkeypa
         db = encode_images(refs, bb.encode_image, bb.preprocessor("clip"), workers=0, progress=False).float()
         q = encode_images([ImageRef(n, root / n.removeprefix("nico/"), root=root) for n, _, _ in qrows],
                           bb.encode_image, bb.preprocessor("clip"), workers=0, progress=False).float()
-    for method in ("image-only", "text-only", "image-text-sum", "image-text-product"):
+    for method in ("image-only", "text-only", "image-text-sum", "image-text-product", "weicom"):
         (out,) = evaluate(_cfg(tmp_path, tiny_config, root, dataset, method))
         pairs = []
         for source in DOMAINS.values():
@@ -115,8 +116,11 @@ def test_a_run_scores_as_the_official_evaluation(tmp_path, tiny_config, monkeypa
                     continue
                 # the official calculate_rankings' image, text, sum and product branches
                 sim_img, sim_text = q[idx] @ db.T, (bb.encode_text([target]).float() @ db.T).expand(len(idx), -1)
-                total = {"image-only": sim_img, "text-only": sim_text, "image-text-sum": sim_img + sim_text,
-                         "image-text-product": torch.mul(sim_img, sim_text)}[method]
+                if method == "weicom":  # rscir's "Weighted Similarities Norm", lam 0.5, over the database
+                    total = 0.5 * official_norm_cdf(sim_img, dim=1) + 0.5 * official_norm_cdf(sim_text, dim=1)
+                else:
+                    total = {"image-only": sim_img, "text-only": sim_text, "image-text-sum": sim_img + sim_text,
+                             "image-text-product": torch.mul(sim_img, sim_text)}[method]
                 rankings = torch.argsort(total, dim=1, descending=True)
                 expected = official_metrics_calc(rankings, target, [qrows[i][2] for i in idx],
                                                  [c for _, _, c in drows], [DOMAINS[d] for _, d, _ in drows], ks)

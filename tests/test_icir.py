@@ -296,3 +296,49 @@ def test_a_run_saving_whole_rankings_scores_again_as_it_ran(tmp_path, tiny_confi
     res = CliRunner().invoke(cli, [*base, "--output", str(tmp_path / "zero"), "--save-top", "0"])
     assert res.exit_code == 2 and "'0' is neither a count of at least 1 nor 'all'" in res.output
     assert not (tmp_path / "zero").exists()
+
+
+# -- WeiCom (github.com/billpsomas/rscir, utils.py norm_cdf and evaluate.py calculate_rankings), transcribed ------
+def official_norm_cdf(matrix, dim=0):
+    row_means = matrix.mean(dim=dim, keepdim=True)
+    row_stds = matrix.std(dim=dim, keepdim=True)
+    matrix = 0.5 * (1 + torch.erf((matrix - row_means) / (row_stds * torch.sqrt(torch.tensor(2.0)))))
+    return matrix
+
+
+def official_weicom_scores(query_features, text_features, database_features, lam=0.5):
+    """calculate_rankings("Weighted Similarities Norm") for one query (1-D features), before its argsort."""
+    sim_img = (query_features @ database_features.t())
+    sim_text = (text_features @ database_features.t())
+    sim_img = official_norm_cdf(sim_img)
+    sim_text = official_norm_cdf(sim_text)
+    return (1 - lam) * sim_img + lam * sim_text
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.3])
+def test_weicom_ranks_each_instance_as_the_official_code(tmp_path, tiny_config, lam):
+    """weicom on i-CIR: each query's similarities standardised over its own instance's database (not the
+    union of the databases the run encodes), as the official scoring of that database alone ranks them."""
+    import json
+
+    root = write_icir(tmp_path / "icir")
+    cfg = RunConfig(method="weicom", dataset="icir", split="test", backbone=str(tiny_config), pretrained="none",
+                    data_root=root, output=tmp_path / "results", cache_dir=tmp_path / "cache", workers=0,
+                    progress=False, bootstrap=0, method_options={"lam": lam})
+    (out,) = evaluate(cfg)
+    bb = load_backbone(str(tiny_config), "none", device="cpu", precision="fp32")
+    (es,) = _dataset(root).load("test")
+    refs = [ImageRef(g.id, g.path, root=root) for g in es.gallery] + [es.images[q.reference] for q in es.queries]
+    with torch.no_grad():
+        feats = encode_images(refs, bb.encode_image, bb.preprocessor("clip"), workers=0, progress=False).float()
+        text = torch.nn.functional.normalize(bb.encode_text([q.texts[0] for q in es.queries]).float(), dim=-1)
+    feats = torch.nn.functional.normalize(feats, dim=-1)  # extract_features.py stores unit features
+    db, queries = feats[: len(es.gallery)], feats[len(es.gallery):]
+    rows = {r["query"]: r for r in map(json.loads, out.predictions_path.read_text().splitlines())}
+    position = {g.id: i for i, g in enumerate(es.gallery)}
+    for qi, q in enumerate(es.queries):
+        di = [position[c] for c in sorted(q.candidates)]
+        score = official_weicom_scores(queries[qi], text[qi], db[di], lam)
+        ranking = torch.argsort(score, descending=True)
+        assert rows[q.id]["top"] == [es.gallery[di[j]].id for j in ranking.tolist()], q.id
+        assert rows[q.id]["scores"] == pytest.approx(score[ranking].tolist(), abs=1e-5)

@@ -364,7 +364,7 @@ def test_check_method_holds_for_the_built_in_methods_and_catches_what_breaks_the
     reg = plugins.get_registry()
     try:
         reg.register_plugin(Plugin(), name="contract-breakers")
-        for name in ("image-only", "text-only", "image-text-sum", "image-text-product", "slerp", "seeded"):
+        for name in ("image-only", "text-only", "image-text-sum", "image-text-product", "weicom", "slerp", "seeded"):
             (outcome,) = check_method(name, tmp_path / name, registry=reg)
             assert outcome.metrics
         with pytest.raises(AssertionError, match="method 'restless' is not deterministic"):
