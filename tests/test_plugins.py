@@ -373,3 +373,22 @@ def test_check_method_holds_for_the_built_in_methods_and_catches_what_breaks_the
             check_method("poisoning", tmp_path / "poisoning", registry=reg)
     finally:
         plugins.reset_registry()
+
+
+def test_every_builtin_method_and_dataset_is_documented():
+    """Each built-in method and dataset has a row in README.md's tables, and each dataset a heading in
+    datasets/README.md that names it (its expected files): a plugin added without them fails here."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    layouts = (REPO / "datasets" / "README.md").read_text()
+    in_tables = {name for line in readme.splitlines() if line.startswith("| `")
+                 for name in re.findall(r"`([^`]+)`", line.split("|")[1])}
+    headings = " ".join(line for line in layouts.splitlines() if line.startswith("#"))
+    reg = plugins.get_registry()
+    builtin = [spec for spec in [*reg.methods.values(), *reg.datasets.values()]
+               if spec.plugin.startswith("cirbench.")]
+    assert len(builtin) > 20
+    assert [s.name for s in builtin if s.name not in in_tables] == []
+    assert [s.name for s in reg.datasets.values() if s.plugin.startswith("cirbench.")
+            and not re.search(rf"(?<![\w-]){re.escape(s.name)}(?![\w-])", headings)] == []
