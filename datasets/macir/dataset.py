@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
 
 import torch
@@ -35,6 +36,16 @@ def source_prefix(reference: str) -> str:
     return reference.split(EDIT_MARK)[0] if EDIT_MARK in reference else reference.split(".")[0]
 
 
+def starting_with(ordered: list[str], prefix: str) -> list[str]:
+    """The names of the sorted list ``ordered`` that start with ``prefix`` (one run of it, found by bisection)."""
+    out = []
+    i = bisect.bisect_left(ordered, prefix)
+    while i < len(ordered) and ordered[i].startswith(prefix):
+        out.append(ordered[i])
+        i += 1
+    return out
+
+
 class MACIR(Dataset):
     """``--data-root`` is the dataset folder as downloaded: ``meta_data/macir_meta_full.json`` and
     ``meta_data/image_ids.json`` (split ``full``), ``meta_data/macir_meta_<condition>.json`` and
@@ -64,7 +75,8 @@ class MACIR(Dataset):
                                   "evaluator takes each gallery image once)")
         images = self.folder("images")
         gallery = [self.image(n, images.relative_to(self.data_root) / n) for n in names]
-        known = set(names)
+        known, ordered = set(names), sorted(names)
+        position = {n: i for i, n in enumerate(names)}
         refs = {g.id: g for g in gallery}
         queries, too_few = [], 0
         for i, t in enumerate(triplets):
@@ -77,8 +89,8 @@ class MACIR(Dataset):
                                       "the reference (the official evaluator needs exactly one match per query)")
             candidates = None
             if split != "full":  # restricted: the images named after the reference's source, the reference aside
-                prefix = source_prefix(t.reference_image)
-                candidates = tuple(n for n in names if n != t.reference_image and n.startswith(prefix))
+                candidates = tuple(sorted((n for n in starting_with(ordered, source_prefix(t.reference_image))
+                                           if n != t.reference_image), key=position.__getitem__))
                 if len(candidates) < 2:  # not counted, as officially
                     too_few += 1
                     continue
@@ -103,11 +115,12 @@ class MACIR(Dataset):
         out = {"R@1": hit}
         kinds = [str(q.category) for q in evalset.queries]
         found = set(kinds)
-        for kind in [*(t for t in COMPOSITION_TYPES if t in found), *sorted(found - set(COMPOSITION_TYPES))]:
+        order = [*(t for t in COMPOSITION_TYPES if t in found), *sorted(found - set(COMPOSITION_TYPES))]
+        for kind in order:
             out[f"R@1/{kind}"] = _only(hit, [k == kind for k in kinds])
         if evalset.name == "full":
             pairs = [(str(q.category), str(q.extra.get("condition"))) for q in evalset.queries]
-            for kind in [*(t for t in COMPOSITION_TYPES if t in found), *sorted(found - set(COMPOSITION_TYPES))]:
+            for kind in order:
                 for condition in sorted({c for k, c in pairs if k == kind}, key=_condition_order):
                     out[f"by-condition/{kind}_{condition}"] = _only(hit, [p == (kind, condition) for p in pairs])
         return out
