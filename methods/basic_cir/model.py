@@ -240,7 +240,7 @@ class Basic(Method):
             mean = self._image_mean(own)
             low_image, low_text = self._normalisation(mean) if self.synthetic is not None else (0.0, 0.0)
             scale = 1.0 / abs(low_image) if self.synthetic is not None else 1.0
-            centred = own - mean if self.on["query_expansion"] else own
+            centred = own - mean if self.on["query_expansion"] else own  # read only to expand
             for start in range(0, len(members), 256):
                 chosen = torch.as_tensor(members[start : start + 256], device=image.device)
                 query = image[chosen] - mean
