@@ -137,14 +137,7 @@ class Dataset:
         self.check_split(split)
         if split in self.hidden_splits:
             raise CirbenchError(f"{self.name}/{split} has hidden targets: there is nothing to score a file against")
-
-        def gallery_of(evalset: EvalSet):
-            gallery = set(evalset.gallery_ids)
-            own = {q.id: set(q.candidates) for q in evalset.queries if evalset.query_galleries and q.candidates}
-            return lambda qid: own.get(qid, gallery)
-
         return self.score_predictions_by_set(split, path, label=self.name, unit="set", min_length=None,
-                                             allowed=gallery_of,
                                              allowed_name="an image of the query's gallery")
 
     # -- scoring rankings made elsewhere ---------------------------------------------------------------
@@ -178,14 +171,23 @@ class Dataset:
                 raise AnnotationError(f"{where}: '{unknown}' in the {what} is not {allowed_name}")
         return ids
 
+    @staticmethod
+    def query_pools(evalset: EvalSet) -> Callable[[str], set[str]]:
+        """What each query of ``evalset`` ranks, by query id: its ``candidates`` where each query has a gallery of
+        its own (``query_galleries``), else the set's gallery."""
+        gallery = set(evalset.gallery_ids)
+        own = {q.id: set(q.candidates) for q in evalset.queries if evalset.query_galleries and q.candidates}
+        return lambda qid: own.get(qid, gallery)
+
     def score_predictions_by_set(self, split: str, path: Path, *, label: str, unit: str, min_length: int | None,
-                                 allowed: Any, allowed_name: str = "an image of the split's gallery"
-                                 ) -> dict[str, float]:
+                                 allowed: Any = None, allowed_name: str = "an image of the split's gallery",
+                                 whole: bool = False) -> dict[str, float]:
         """Score a ``*.predictions.jsonl`` file (rows with ``set``, ``query`` and ``top``) set by set, for datasets
         without an official submission format: every set of the split must have rankings (``unit`` names a set
         in the error; rows without ``set`` serve a split of one set), each checked by :meth:`check_ranked` against
-        ``allowed(evalset)(query id)`` (and never holding the query's reference in a set that removes it), at
-        least ``min_length`` ids long (None: as many as the set ranks, ``EvalSet.topk``, or all there are), and
+        ``allowed(evalset)(query id)`` (default :meth:`query_pools`; never holding the query's reference in a set
+        that removes it), at least ``min_length`` ids long (None: as many as the set ranks, ``EvalSet.topk``, or
+        all there are; ``whole``: all of the query's pool, for metrics that read every positive's rank), and
         the sets' metrics combined by :meth:`aggregate`. ``label`` is the dataset's name in the error for other
         files."""
         if not str(path).endswith(".jsonl"):
@@ -197,15 +199,17 @@ class Dataset:
         for evalset in evalsets:
             ranked = rows.get(evalset.name, rows.get("") if len(evalsets) == 1 else None)
             if ranked is None:
-                raise AnnotationError(f"{path} has no rankings for {unit} {evalset.name} (a run over part of the "
-                                      "benchmark: give score the dataset options it ran with)")
-            allowed_for, queries = allowed(evalset), {q.id: q for q in evalset.queries}
+                hint = " (a run over part of the benchmark: give score the dataset options it ran with)" \
+                    if len(evalsets) > 1 else ""
+                raise AnnotationError(f"{path} has no rankings for {unit} {evalset.name}{hint}")
+            allowed_for, queries = (allowed or self.query_pools)(evalset), {q.id: q for q in evalset.queries}
             checked = {}
             for qid, ids in ranked.items():
                 pool = allowed_for(qid)
                 reference = queries[qid].reference if evalset.exclude_reference and qid in queries else None
-                need = min_length if min_length is not None else \
-                    min(evalset.topk, len(pool) - (reference in pool))
+                available = len(pool) - (reference in pool)
+                need = available if whole else min_length if min_length is not None else \
+                    min(evalset.topk, available)
                 checked[qid] = self.check_ranked(qid, ids, path, min_length=need, allowed=pool,
                                                  allowed_name=allowed_name, reference=reference)
             per_set[evalset.name] = self.metrics(evalset, self.ranking_from_ids(evalset, checked, source=path))

@@ -90,20 +90,6 @@ class ICIR(Dataset):
         """Score per-query rankings made elsewhere: ``*.predictions.jsonl`` rows with ``query`` (the query's line
         in ``query_files.csv``, from 0) and ``top``, each the whole database of the query's instance, ranked (an
         AP reads every positive's rank: a ranking cut short would score the positives it holds as all)."""
-        from cirbench.errors import CirbenchError
-
         self.check_split(split)
-        if not str(path).endswith(".jsonl"):
-            raise CirbenchError("i-CIR has no official submission format: score a per-query ranking file "
-                                "(*.predictions.jsonl rows with query and top)")
-        rows = self.read_predictions(path)
-        (evalset,) = self.load(split)
-        ranked = rows.get(evalset.name, rows.get(""))
-        if ranked is None:
-            raise AnnotationError(f"{path} has no rankings")
-        databases = {q.id: set(q.candidates or ()) for q in evalset.queries}
-        checked = {qid: self.check_ranked(qid, ids, path, min_length=len(databases.get(qid, ())),
-                                          allowed=databases.get(qid, set()),
-                                          allowed_name="in the database of the query's instance")
-                   for qid, ids in ranked.items()}
-        return self.metrics(evalset, self.ranking_from_ids(evalset, checked, source=path))
+        return self.score_predictions_by_set(split, path, label="i-CIR", unit="set", min_length=None, whole=True,
+                                             allowed_name="in the database of the query's instance")

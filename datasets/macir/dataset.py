@@ -131,14 +131,8 @@ class MACIR(Dataset):
         position in the meta file, from 0) and ``top`` (ranked gallery images, the reference left out; on the
         restricted splits, images of the query's source); Recall@1 reads the first."""
         self.check_split(split)
-
-        def pool(evalset: EvalSet):
-            gallery = set(evalset.gallery_ids)
-            own = {q.id: set(q.candidates) for q in evalset.queries if q.candidates}
-            return lambda qid: own.get(qid, gallery)
-
         return self.score_predictions_by_set(split, path, label="MA-CIR", unit="split", min_length=1,
-                                             allowed=pool, allowed_name="an image of the query's source"
+                                             allowed_name="an image of the query's source"
                                              if split != "full" else "an image of the split's gallery")
 
 
