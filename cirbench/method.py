@@ -201,6 +201,22 @@ def gallery_groups(queries: list[Query], gallery: torch.Tensor,
             yield members, gallery[torch.as_tensor([rows[c] for c in candidates], device=gallery.device)]
 
 
+def with_constant(features: torch.Tensor, value: float) -> torch.Tensor:
+    """``features`` with one more entry, ``value``, on their last axis: a gallery's 1 (and a composed query's
+    placeholder 0) for methods whose queries carry an affine map of each similarity (:func:`affine_queries`)."""
+    return torch.cat([features, features.new_full((*features.shape[:-1], 1), value)], dim=-1)
+
+
+def affine_queries(vectors: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor | float,
+                   shift: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """``[v * scale, (-v . mean - shift) * scale]`` for each vector ``v`` of ``vectors`` (``[..., D]``; ``scale``
+    and ``shift`` per vector, ``[...]``, or one for all): its product with a gallery row ``[g, 1]``
+    (:func:`with_constant`) is ``(v . (g - mean) - shift) * scale``. A method that centres, standardises or
+    shifts its similarities per query gallery (BASIC, WeiCom) keeps one prepared gallery this way."""
+    scale = torch.as_tensor(scale, dtype=vectors.dtype, device=vectors.device)
+    return torch.cat([vectors * scale.unsqueeze(-1), ((-(vectors @ mean) - shift) * scale).unsqueeze(-1)], dim=-1)
+
+
 def caption_variants(texts: tuple[str, ...] | list[str]) -> list[str]:
     """The texts a query's modification is encoded as.
 

@@ -7,7 +7,14 @@ import math
 
 import torch
 
-from cirbench.method import Method, average_variants, caption_variants, gallery_groups
+from cirbench.method import (
+    Method,
+    affine_queries,
+    average_variants,
+    caption_variants,
+    gallery_groups,
+    with_constant,
+)
 from cirbench.types import Query
 
 
@@ -73,13 +80,11 @@ class WeiCom(TextOnly):
 
     def prepare_gallery(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
         self.rows = {image: i for i, image in enumerate(ids)}
-        gallery = torch.nn.functional.normalize(features.float(), dim=-1)
-        return torch.cat([gallery, torch.ones(len(gallery), 1, device=gallery.device)], dim=1)
+        return with_constant(torch.nn.functional.normalize(features.float(), dim=-1), 1.0)
 
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         image = torch.nn.functional.normalize(references.float(), dim=-1)
-        pair = torch.stack([image, super().compose(references, queries).to(image.device)], dim=1)
-        return torch.cat([pair, torch.zeros(len(pair), 2, 1, device=pair.device)], dim=2)
+        return with_constant(torch.stack([image, super().compose(references, queries).to(image.device)], dim=1), 0.0)
 
     def finalize_queries(self, queries: list[Query], features: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
         dim = features.shape[-1] - 1
@@ -93,8 +98,7 @@ class WeiCom(TextOnly):
                 vectors = features[chosen, :, :dim]  # [n, 2, D]
                 spread = centred @ vectors.reshape(-1, dim).T  # [G, n * 2]: each similarity less its mean
                 std = (spread.square().sum(0) / max(1, len(own) - 1)).sqrt().clamp(min=1e-12).reshape(-1, 2)
-                out[chosen, :, :dim] = vectors / std.unsqueeze(-1)
-                out[chosen, :, dim] = -(vectors @ mean) / std
+                out[chosen] = affine_queries(vectors, mean, 1.0 / std)
         return out
 
     def combine_scores(self, sims: torch.Tensor) -> torch.Tensor:

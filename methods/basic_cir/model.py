@@ -16,7 +16,7 @@ import torch
 
 from cirbench.errors import CheckpointError
 from cirbench.hub import given_or_pinned
-from cirbench.method import Method, gallery_groups
+from cirbench.method import Method, affine_queries, gallery_groups, with_constant
 from cirbench.safe_unpickle import load_object_npy, load_tensor_pickle
 from cirbench.types import Query
 from cirbench.util import file_sha256, read_first_column
@@ -180,7 +180,7 @@ class Basic(Method):
                                                                 int(self.options.get("components", 250)))
             self.projection = self.projection.to(device)
         self.limits.clear()
-        return torch.cat([gallery, torch.ones(len(gallery), 1, device=gallery.device)], dim=1)
+        return with_constant(gallery, 1.0)
 
     def _image_mean(self, own: torch.Tensor) -> torch.Tensor:
         """What the images ranking the gallery ``own`` (unit features) are centred by: LAION's mean, or the mean
@@ -222,8 +222,7 @@ class Basic(Method):
         device = self.backbone.device
         image = torch.nn.functional.normalize(references.float().to(device), dim=-1)
         text = self._text_features([" and ".join(q.texts) for q in queries]).to(device) - self.mean_text
-        pair = torch.stack([image, text], dim=1)
-        return torch.cat([pair, torch.zeros(len(pair), 2, 1, device=device)], dim=2)
+        return with_constant(torch.stack([image, text], dim=1), 0.0)
 
     def finalize_queries(self, queries: list[Query], features: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
         """Per gallery a query ranks (i-CIR's instance database, else the whole gallery): the image centred,
@@ -250,8 +249,7 @@ class Basic(Method):
                     weights = torch.exp(EXPANSION_TEMPERATURE * torch.cat([values, torch.ones_like(values[:, :1])], 1))
                     query = (stack * (weights / weights.sum(dim=1, keepdim=True)).unsqueeze(-1)).sum(dim=1)
                 for slot, vector, low in ((0, project(query), low_image), (1, text[chosen], low_text)):
-                    out[chosen, slot, :dim] = vector * scale
-                    out[chosen, slot, dim] = (-(vector @ mean) - low) * scale
+                    out[chosen, slot] = affine_queries(vector, mean, scale, low)
         return out
 
     def combine_scores(self, sims: torch.Tensor) -> torch.Tensor:
