@@ -79,12 +79,11 @@ class Freedom(Method):
         neighbours = torch.empty(len(queries), self.kappa, images.shape[1], device=device)
         best = torch.empty(len(queries), device=device)
         for members, own in gallery_groups(queries, gallery, self.rows):
-            chosen = torch.as_tensor(members, device=device)
-            sims = images[chosen] @ own.float().T
             if own.shape[0] < self.kappa:
                 raise CirbenchError(f"freedom: --kappa {self.kappa} is more than the {own.shape[0]} images of a "
                                     "query's gallery")
-            values, nearest = sims.topk(self.kappa, dim=1)
+            chosen = torch.as_tensor(members, device=device)
+            values, nearest = (images[chosen] @ own.float().T).topk(self.kappa, dim=1)
             neighbours[chosen] = own[nearest].float()
             best[chosen] = values[:, 0]
         if len(queries) and float(best.min()) < SELF_MATCH:  # a query whose own image is not in the gallery
