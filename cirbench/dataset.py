@@ -27,11 +27,11 @@ from .util import json_loads
 
 
 def read_split_lines(path: Path, separator: str, fields: tuple[str, ...], where: str,
-                     required: tuple[int, ...] = ()) -> list[tuple[str, ...]]:
+                     required: tuple[int, ...] = (), at_least: bool = False) -> list[tuple[str, ...]]:
     """Lines of ``len(fields)`` values split on ``separator`` exactly as official loaders split them (no header,
-    no quoting), blank lines skipped; AnnotationError naming the file and line for another count of values or an
-    empty value at a ``required`` position, for an empty file, and for a missing one (``where`` says where the
-    file comes from)."""
+    no quoting), blank lines skipped; AnnotationError naming the file and line for another count of values (fewer,
+    with ``at_least``: an official loader that only indexes the first ones), or an empty value at a ``required``
+    position, for an empty file, and for a missing one (``where`` says where the file comes from)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -43,8 +43,9 @@ def read_split_lines(path: Path, separator: str, fields: tuple[str, ...], where:
         if not line.strip():
             continue
         parts = tuple(line.strip().split(separator))
-        if len(parts) != len(fields) or any(not parts[i] for i in required):
+        if (len(parts) < len(fields) if at_least else len(parts) != len(fields)) or any(not parts[i] for i in required):
             shape = separator.join(fields) if separator != " " else " ".join(f"<{f}>" for f in fields)
+            shape += separator + "..." if at_least else ""
             raise AnnotationError(f"annotation file {path}, line {n}: expected '{shape}', found {line.strip()[:80]!r}")
         rows.append(parts)
     if not rows:
@@ -327,6 +328,19 @@ class Dataset:
         if self.spec is not None:
             self.spec.resolve_split(split)
 
+    def chosen(self, option: str, valid: list[str] | tuple[str, ...], what: str) -> list[str]:
+        """The values a comma-separated option names, or all of ``valid`` for ``all`` (the default); CirbenchError
+        naming the valid ones for another (``what`` says what a value is: a domain, an attribute)."""
+        given = str(self.options.get(option) or "all")
+        if given == "all":
+            return list(valid)
+        chosen = list(dict.fromkeys(w.strip() for w in given.split(",") if w.strip()))
+        unknown = [w for w in chosen if w not in valid]
+        if unknown or not chosen:
+            raise CirbenchError(f"--{option}: {self.name} has no {what} {(unknown or [given])[0]!r}; valid: "
+                                f"{', '.join(valid)}, all")
+        return chosen
+
     def root_hint(self) -> str:
         """What to check when the data is not found: the data root given, or that none was."""
         if self.data_root_given:
@@ -354,6 +368,16 @@ class Dataset:
         missing = [f for f in fields if f not in record]
         if missing:
             raise AnnotationError(f"annotation file {path}: record {index} lacks field(s) {', '.join(missing)}")
+
+
+def prefixed_with_mean(per_set: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Every set's metrics prefixed with its name (``task/R@1``), even for one set; with several, each metric's
+    mean over them as ``avg/`` (the sets of such a benchmark report the same metrics)."""
+    out = {f"{name}/{m}": v for name, metrics in per_set.items() for m, v in metrics.items()}
+    if len(per_set) > 1:
+        for m in next(iter(per_set.values())):
+            out[f"avg/{m}"] = sum(metrics[m] for metrics in per_set.values()) / len(per_set)
+    return out
 
 
 def annotation_checksums(dataset: Dataset, split: str) -> dict[str, str]:

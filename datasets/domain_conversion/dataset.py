@@ -37,16 +37,6 @@ class DomainConversion(Dataset):
     def annotation_files(self, split: str) -> list[Path]:
         return [self.data_root / f for f in self.benchmark[0]]
 
-    def _chosen(self, option: str, words: list[str]) -> list[str]:
-        given = str(self.options.get(option) or "all")
-        if given == "all":
-            return words
-        chosen = [w.strip() for w in given.split(",") if w.strip()]
-        unknown = [w for w in chosen if w not in words]
-        if unknown:
-            raise CirbenchError(f"--{option}: {self.name} has no domain {unknown[0]!r}; valid: {', '.join(words)}")
-        return chosen
-
     def load(self, split: str) -> list[EvalSet]:
         self.check_split(split)
         files, renames, ks = self.benchmark
@@ -54,7 +44,7 @@ class DomainConversion(Dataset):
         database_rows = query_rows if len(files) == 1 else read_rows(self.data_root / files[-1], self.root_hint())
         locate = self.relative_locator(query_rows[0][0], tuple(renames))
         words = list(renames.values())
-        sources, targets = self._chosen("source", words), self._chosen("target", words)
+        sources, targets = self.chosen("source", words, "domain"), self.chosen("target", words, "domain")
         images: dict[str, ImageRef] = {}
         gallery: list[ImageRef] = []
         positives: dict[tuple[str, str], list[str]] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from cirbench.dataset import Dataset
+from cirbench.dataset import Dataset, prefixed_with_mean
 from cirbench.errors import AnnotationError
 from cirbench.metrics import hits_matrix, recall_per_query
 from cirbench.schema import Record, validate_records
@@ -189,11 +189,7 @@ class GeneCIS(Dataset):
 
     def aggregate(self, per_set: dict[str, dict[str, float]]) -> dict[str, float]:
         """Every task's metrics prefixed with its name; with several tasks, their mean as ``avg/``."""
-        out = {f"{task}/{m}": v for task, metrics in per_set.items() for m, v in metrics.items()}
-        if len(per_set) > 1:
-            for m in next(iter(per_set.values())):
-                out[f"avg/{m}"] = sum(metrics[m] for metrics in per_set.values()) / len(per_set)
-        return out
+        return prefixed_with_mean(per_set)
 
     def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
         """Score per-template rankings made elsewhere (``*.predictions.jsonl`` rows with ``set`` (the task),
