@@ -5,8 +5,9 @@ A backbone is named by ``--backbone`` and ``--pretrained``:
 * ``--backbone``: an open_clip model name (``ViT-L-14``), or a path to an open_clip model-config JSON
   (registered under the file's stem), or ``cirbench-shapes-clip`` (the small CLIP bundled with cirbench).
 * ``--pretrained``: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``), a path to a weights
-  file (``.safetensors``, ``.pt``, ``.bin``), ``bundled`` (the weights shipped with cirbench), or
-  ``none`` (random initialisation from ``--seed``; for tests and timing only).
+  file (``.safetensors``, ``.pt``, ``.bin``), ``remoteclip`` (RemoteCLIP's remote-sensing weights for
+  ``RN50``, ``ViT-B-32`` and ``ViT-L-14``, from the Hugging Face hub), ``bundled`` (the weights shipped with
+  cirbench), or ``none`` (random initialisation from ``--seed``; for tests and timing only).
 
 **Activation.** OpenAI's CLIP weights were trained with QuickGELU; open_clip 3.x builds ``nn.GELU`` for
 ``ViT-L-14`` unless told otherwise (it only warns). cirbench builds the activation the weights need: QuickGELU
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, CirbenchError, UnknownNameError
-from .hub import host_reachable, hub_reachable
+from .hub import host_reachable, hub_file, hub_reachable
 from .preprocess import Preprocessor
 from .util import file_sha256, json_loads, one_line
 
@@ -44,6 +45,9 @@ ASSETS = Path(__file__).parent / "assets"
 BUNDLED_MODEL = "cirbench-shapes-clip"
 BUNDLED_DIR = ASSETS / BUNDLED_MODEL
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: RemoteCLIP (Liu et al., IEEE TGRS 2024): CLIP tuned on remote-sensing image-text pairs, one open_clip state dict
+#: per model on the hub (its README's ``hf_hub_download``), built as open_clip builds the model (nn.GELU)
+REMOTECLIP = ("remoteclip", "chendelong/RemoteCLIP", "RemoteCLIP-{model}.pt", ("RN50", "ViT-B-32", "ViT-L-14"))
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -362,6 +366,16 @@ def _build(model: str, model_name: str, pre: str, quick_gelu: bool, seed: int, c
         clip, weights = empty(), BUNDLED_DIR / "model.safetensors"
         _load_weights_file(clip, weights)
         return clip, {"kind": "bundled", "sha256": file_sha256(weights)}
+    if pre.lower() == REMOTECLIP[0]:
+        _, repo, pattern, models = REMOTECLIP
+        if model_name not in models:
+            raise CirbenchError(f"--pretrained remoteclip: RemoteCLIP has weights for {', '.join(models)}, not "
+                                f"{model_name}")
+        path = hub_file(repo, pattern.format(model=model_name), "RemoteCLIP's weights", option="pretrained")
+        clip = empty()
+        _load_weights_file(clip, path)
+        return clip, {"kind": "hub-file", "tag": REMOTECLIP[0], "source": f"hf-hub:{repo}/{path.name}",
+                      "sha256": file_sha256(path)}
     if os.path.sep in pre or pre.endswith((".safetensors", ".pt", ".bin", ".pth")) or Path(pre).exists():
         path = Path(pre).expanduser()
         if not path.exists():

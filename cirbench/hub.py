@@ -43,14 +43,15 @@ def local_files_only(path: str) -> bool:
     return Path(path).is_dir() or not hub_reachable()
 
 
-def hub_file(repo_id: str, filename: str, what: str) -> Path:
+def hub_file(repo_id: str, filename: str, what: str, option: str = "checkpoint") -> Path:
     """A file of a Hugging Face hub model repository: from the local hub cache when it is there, downloaded
-    otherwise; CheckpointError naming the file and how to supply it when neither works (offline, no access)."""
+    otherwise; CheckpointError naming the file and how to supply it (``--option PATH``) when neither works
+    (offline, no access)."""
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
     except ImportError:
         raise CheckpointError(f"{what} come from the Hugging Face hub ({repo_id}/{filename}): pip install "
-                              "huggingface_hub, or download the file and pass --checkpoint PATH") from None
+                              f"huggingface_hub, or download the file and pass --{option} PATH") from None
     cached = try_to_load_from_cache(repo_id, filename)
     if isinstance(cached, str) and Path(cached).is_file():
         return Path(cached)
@@ -61,7 +62,7 @@ def hub_file(repo_id: str, filename: str, what: str) -> Path:
     except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: every failure is the same one line
         raise CheckpointError(f"cannot get {what} (https://huggingface.co/{repo_id}/blob/main/{filename}): "
                               f"{type(exc).__name__}: {one_line(exc)[:160]}. Download the file on a connected "
-                              "machine and pass --checkpoint PATH") from None
+                              f"machine and pass --{option} PATH") from None
 
 
 def url_file(url: str, what: str, option: str) -> Path:

@@ -60,6 +60,33 @@ def test_offline_pretrained_tag_fails_fast_with_a_clear_message(monkeypatch):
     assert time.perf_counter() - start < 30
 
 
+def test_remoteclip_weights_come_from_the_hub_and_fail_offline_with_the_file_to_fetch(monkeypatch, tmp_path,
+                                                                                   tiny_config):
+    """``--pretrained remoteclip``: RemoteCLIP's state dict for the model, from the hub (or its cache), built with
+    the activation open_clip gives the model name (RemoteCLIP's own loading); offline, one line naming the file
+    and ``--pretrained PATH``; a model RemoteCLIP has no weights for is refused."""
+    from cirbench import hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    with pytest.raises(CheckpointError, match=r"cannot get RemoteCLIP's weights \(https://huggingface.co/chendelong"
+                                              r"/RemoteCLIP/blob/main/RemoteCLIP-ViT-B-32.pt\).* --pretrained PATH"):
+        load_backbone("ViT-B-32", "remoteclip", device="cpu")
+    with pytest.raises(CirbenchError, match="RemoteCLIP has weights for RN50, ViT-B-32, ViT-L-14, not ViT-B-16"):
+        load_backbone("ViT-B-16", "remoteclip", device="cpu")
+    src = load_backbone(str(tiny_config), "none", device="cpu", seed=5)
+    weights = tmp_path / "RemoteCLIP-cirbench-tiny-test.pt"
+    torch.save(src.model.state_dict(), weights)
+    asked = []
+    monkeypatch.setattr(backbones, "REMOTECLIP", (*backbones.REMOTECLIP[:3], ("cirbench-tiny-test",)))
+    monkeypatch.setattr(backbones, "hub_file", lambda repo, name, what, option: asked.append((repo, name)) or weights)
+    bb = load_backbone(str(tiny_config), "remoteclip", device="cpu", seed=0)
+    assert asked == [("chendelong/RemoteCLIP", "RemoteCLIP-cirbench-tiny-test.pt")]
+    assert bb.identity()["weights"] == {"kind": "hub-file", "tag": "remoteclip", "sha256": backbones.file_sha256(
+        weights), "source": "hf-hub:chendelong/RemoteCLIP/RemoteCLIP-cirbench-tiny-test.pt"}
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(src.encode_image(x), bb.encode_image(x))
+
+
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(CirbenchError, match="unknown pretrained tag for ViT-B-32 'nosuchtag'.*openai"):
         load_backbone("ViT-B-32", "nosuchtag", device="cpu")
