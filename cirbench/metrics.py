@@ -77,6 +77,20 @@ def ap_per_query(hits: torch.Tensor, n_relevant: torch.Tensor | Sequence[int],
     return out
 
 
+def _positive_ranks(hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every positive of ``hits``, row by row with ranks ascending: its row, its index among the row's positives
+    (from 0) and its rank (from 0), both float64; and each row's positive count. Memory for the positives only,
+    however long the rankings."""
+    import torch
+
+    hits = hits.bool()
+    rows, ranks = hits.nonzero(as_tuple=True)
+    counts = hits.sum(dim=1)
+    first = counts.cumsum(0) - counts  # where each row's positives start among all of them
+    j = (torch.arange(len(rows), device=hits.device) - first[rows]).double()
+    return rows, j, ranks.double(), counts
+
+
 def trapezoid_ap_per_query(hits: torch.Tensor, epsilon: float = 1e-5) -> torch.Tensor:
     """Average precision over each query's whole ranking (x100), the ``compute_ap`` of instance-level
     retrieval's evaluation (cnnimageretrieval-pytorch, which i-CIR and FREEDOM's domain conversion use): for the
@@ -85,17 +99,24 @@ def trapezoid_ap_per_query(hits: torch.Tensor, epsilon: float = 1e-5) -> torch.T
     ``hits`` must cover the whole ranking: the positives it holds are all the query's positives."""
     import torch
 
-    hits = hits.bool()
-    rows, ranks = hits.nonzero(as_tuple=True)  # row by row, ranks ascending: memory for the positives only
-    counts = hits.sum(dim=1)
-    first = counts.cumsum(0) - counts  # where each row's positives start among all of them
-    j = (torch.arange(len(rows), device=hits.device) - first[rows]).double()  # index among the row's positives
-    r = ranks.double()
+    rows, j, r, counts = _positive_ranks(hits)
     before = torch.where(r > 0, j / r.clamp(min=1), torch.ones_like(r))
     after = (j + 1) / (r + 1)
     total = torch.zeros(hits.shape[0], dtype=torch.float64, device=hits.device).index_add_(0, rows,
                                                                                           (before + after) / 2)
     return total / (counts.double() + epsilon) * 100
+
+
+def average_precision_per_query(hits: torch.Tensor) -> torch.Tensor:
+    """Average precision over each query's whole ranking (x100), the textbook one: the mean of the precision at
+    each positive's rank, ``(j + 1) / (r + 1)`` for the j-th positive at rank r (both from 0); 0 for a query
+    without positives. ``hits`` must cover the whole ranking: the positives it holds are all the query's
+    positives (:func:`ap_per_query` is the same sum cut at k, CIRCO's)."""
+    import torch
+
+    rows, j, r, counts = _positive_ranks(hits)
+    total = torch.zeros(hits.shape[0], dtype=torch.float64, device=hits.device).index_add_(0, rows, (j + 1) / (r + 1))
+    return total / counts.double().clamp(min=1) * 100
 
 
 def mean(values: torch.Tensor) -> float:
