@@ -79,9 +79,9 @@ def _lexicographic(scores: torch.Tensor, indices: torch.Tensor, k: int) -> tuple
 def _chunk_topk(sims: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The lexicographic top-``k`` of each row of ``sims`` (columns are gallery positions ``offset + j``)."""
     width = sims.shape[1]
-    if k >= width:
-        idx = torch.arange(offset, offset + width, device=sims.device).expand(sims.shape[0], -1)
-        return _lexicographic(sims, idx, k)
+    if k >= width:  # the whole chunk, already in position order: a stable sort is the lexicographic order
+        order = torch.sort(sims, dim=1, descending=True, stable=True)
+        return order.values, order.indices + offset
     values, idx = torch.topk(sims, k + 1, dim=1)
     idx = idx + offset
     boundary = values[:, k - 1] == values[:, k]  # ties at the k-th place: topk's choice is arbitrary there
