@@ -18,6 +18,6 @@ PAPER_ROWS = (
     PaperRow("image-text-product+clamped", "ViT-L/14", "test", {"mAP": 17.48}, SOURCE),
     PaperRow("basic", "ViT-L/14", "test", {"mAP": 31.64}, SOURCE),
     PaperRow("basic+no-query-expansion", "ViT-L/14", "test", {"mAP": 34.35}, SOURCE),
-    PaperRow("weicom", "ViT-L/14", "test", {"mAP": 18.03}, SOURCE),
+    PaperRow("weicom@lam=0.5", "ViT-L/14", "test", {"mAP": 18.03}, SOURCE),
     PaperRow("freedom", "ViT-L/14", "test", {"mAP": 17.24}, SOURCE),
 )
