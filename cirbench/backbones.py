@@ -149,6 +149,8 @@ class Backbone:
     weights_cast: bool = False
     _text_memo: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _derived: dict[Any, Any] = field(default_factory=dict, repr=False)
+    #: the run's feature cache (set by the evaluation loop): :meth:`encode_text_rows` keeps its rows there
+    feature_store: Any = field(default=None, repr=False, compare=False)
 
     # -- identity ------------------------------------------------------------------------------------
     def identity(self) -> dict:
@@ -192,7 +194,7 @@ class Backbone:
         evaluate, without a second copy of the weights on the device."""
         if self.weights_cast:
             raise ValueError("a backbone whose weights were cast to low precision has no fp32 view")
-        return replace(self, precision="fp32", _text_memo={}, _derived={})
+        return replace(self, precision="fp32", _text_memo={}, _derived={}, feature_store=None)
 
     def derived(self, key: Any, compute: Callable[[], Any]) -> Any:
         """What ``compute`` derives from this backbone, computed once per ``key`` (hashable, naming everything
@@ -258,6 +260,35 @@ class Backbone:
                     self._text_memo[text] = feat
             feats = torch.stack([self._text_memo[t] for t in texts])
         return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_text_rows(self, texts: list[str], batch_size: int = 512, bar: Any = None) -> torch.Tensor:
+        """Raw (unnormalised) float32 text features of many texts that later runs meet again (a gallery's captions,
+        a method's vocabulary), on the backbone's device: rows of the run's feature cache (:attr:`feature_store`),
+        keyed by this backbone, its precision and each text's sha256, so they are encoded once, not on every run
+        (in memory only under ``--no-cache``; simply encoded outside a run). ``bar`` (a tqdm) counts the texts
+        encoded."""
+        def compute(todo: list[str], on_chunk: Callable[[torch.Tensor, torch.Tensor], None] | None = None):
+            out = []
+            for start in range(0, len(todo), batch_size):
+                feats = self._encode_texts(todo[start : start + batch_size])
+                if on_chunk is not None:
+                    on_chunk(torch.arange(start, start + len(feats)), feats)
+                out.append(feats)
+                if bar is not None:
+                    bar.update(len(feats))
+            return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+        if not texts:
+            return torch.empty(0, self.embed_dim, device=self.device)
+        if self.feature_store is None:
+            return compute(list(texts))
+        key = {"format": 2, "backbone": self.identity(), "precision": self.precision,
+               "feature": {"kind": "text", "normalized": False}}
+        before = bar.n if bar is not None else 0
+        rows = self.feature_store.text_rows(key, list(texts), compute).to(self.device)
+        if bar is not None:  # the texts served from the cache (and repeated ones) count as done too
+            bar.update(len(texts) - (bar.n - before))
+        return rows
 
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Raw (unnormalised) float32 text embeddings."""

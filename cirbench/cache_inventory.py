@@ -39,6 +39,8 @@ class Entry:
 
     @property
     def preprocess(self) -> str:
+        if self.key is not None and "preprocess" not in self.key:  # text features: no pixels
+            return "-"
         pre = (self.key or {}).get("preprocess", {})
         text = f"{pre.get('kind', '?')} {pre.get('size', '?')}px"
         return text + (f", {pre['jpeg_decoder']}" if pre.get("jpeg_decoder") else "")

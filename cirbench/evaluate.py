@@ -305,6 +305,7 @@ class Evaluator:
                                  writer=distributed.is_main(), identity=cfg.cache_identity)
             if loaded.keep_features:
                 loaded.caches[ckey] = cache
+        backbone.feature_store = cache  # text rows methods keep (Backbone.encode_text_rows) follow --no-cache too
         return _Context(**vars(ctx), backbone=backbone, cache=cache, writer=writer,
                         preprocessor=backbone.preprocessor(ctx.preprocess_kind, cfg.max_image_pixels))
 

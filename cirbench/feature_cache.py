@@ -15,7 +15,8 @@ time (one ``stat``): an in-place rewrite changes mtime and ctime (ctime cannot b
 data to another disk or restoring a backup also change inode/ctime and cost a re-encode, never a wrong row.
 With ``identity="content"`` (``--cache-identity content``) a row is keyed by the sha256 of the file's bytes
 instead: robust to anything, and features survive moving the data, but every file is read and hashed on
-every run (about 10 s per 10 GB from the page cache, disk speed otherwise).
+every run (about 10 s per 10 GB from the page cache, disk speed otherwise). Text rows (:meth:`FeatureCache.
+text_rows`: a gallery's captions, a method's vocabulary) are keyed by the sha256 of the text.
 
 **Integrity**: each shard records the sha256 of its payload; a shard whose payload, key or shape does not
 match is deleted and its rows recomputed, never served. Shards are written (temporary file, then rename) as
@@ -272,16 +273,24 @@ class FeatureCache:
         ``compute(missing_images, on_chunk)`` for the rest. ``compute`` may call ``on_chunk(positions,
         features)`` as rows finish (they are stored at once); rows it returns without reporting are stored
         when it returns."""
+        return self._rows(key, [image_identity(im, self.identity) for im in images], images, compute)
+
+    def text_rows(self, key: dict, texts: Sequence[str], compute: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """Features for ``texts`` (in order), as :meth:`get_or_compute` serves images: a row's identity is the
+        sha256 of its text (``compute(missing_texts, on_chunk)`` encodes the rest). For texts met again across
+        runs: a gallery's captions, a method's vocabulary."""
+        return self._rows(key, ["text:" + sha256_bytes(t.encode("utf-8")) for t in texts], texts, compute)
+
+    def _rows(self, key: dict, identities: list[str], items: Sequence, compute: Callable[..., torch.Tensor]):
         rows = self._load(key)
-        identities = [image_identity(im, self.identity) for im in images]
         with self._encoding_turn(key, rows, identities):
-            self._fill(key, rows, images, identities, compute)
+            self._fill(key, rows, items, identities, compute)
         return rows.gather(identities)
 
-    def _fill(self, key: dict, rows: _Folder, images: Sequence[ImageRef], identities: list[str],
+    def _fill(self, key: dict, rows: _Folder, items: Sequence, identities: list[str],
               compute: Callable[..., torch.Tensor]) -> None:
-        """Compute and store the rows of ``images`` that ``rows`` lacks."""
-        first: dict[str, ImageRef] = dict(zip(reversed(identities), reversed(images), strict=True))
+        """Compute and store the rows of ``items`` (images, texts) that ``rows`` lacks."""
+        first = dict(zip(reversed(identities), reversed(items), strict=True))
         where = rows.where
         todo_ids = [i for i in dict.fromkeys(identities) if i not in where]
         self.stats["hits"] += len(first) - len(todo_ids)

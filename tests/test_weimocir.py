@@ -80,7 +80,6 @@ def _official(tiny_config, toy_root, captions, alpha, beta, per_image=3):
 
 @pytest.mark.parametrize("alpha, beta", [(0.8, 0.1), (0.5, 0.6), (0.3, 0.0)])
 def test_rankings_equal_the_official_scoring(tmp_path, tiny_config, toy_root, alpha, beta, monkeypatch):
-    monkeypatch.setattr("cirbench.methods.weimocir.model.CAPTION_CHUNK", 5)  # a gallery's captions in 3 chunks
     path, captions = _captions_file(tmp_path, toy_root, skip=("img_blue_2.png",))  # no captions: "" as officially
     options = {"alpha": alpha, "beta": beta, "captions": str(path)}
     with registered(ToyPlugin(), "toy") as reg:
@@ -104,6 +103,37 @@ def test_rankings_equal_the_official_scoring(tmp_path, tiny_config, toy_root, al
         assert rows[queries[0]["id"]]["method"]["reference_captions"] == captions[queries[0]["reference"]][:3]
     else:
         assert record["method"]["info"] == {}  # no captions read: the file is not part of the configuration
+
+
+def test_caption_features_are_encoded_once_across_runs(tmp_path, tiny_config, toy_root, monkeypatch):
+    """The captions' text features are rows of the feature cache: a later command encodes none of them and
+    ranks the same; under --no-cache they are encoded and nothing is written."""
+    import dataclasses
+
+    from cirbench.backbones import Backbone
+    from cirbench.cache_inventory import feature_entries
+
+    path, captions = _captions_file(tmp_path, toy_root)
+    used = {c for texts in captions.values() for c in texts[:3]}
+    encoded: list[str] = []
+    real = Backbone._encode_texts
+    monkeypatch.setattr(Backbone, "_encode_texts", lambda self, texts: encoded.extend(texts) or real(self, texts))
+    cfg = _cfg(tmp_path, tiny_config, toy_root, alpha=0.5, beta=0.6, captions=str(path))
+    with registered(ToyPlugin(), "toy") as reg:
+        (first,) = evaluate(cfg, reg)
+        assert used <= set(encoded)
+        encoded.clear()
+        (second,) = evaluate(cfg, reg)  # another command: a new backbone, the cache on disk
+        assert not used & set(encoded) and encoded  # the queries' own texts are still encoded
+        assert second.metrics == first.metrics
+        assert second.predictions_path.read_text() == first.predictions_path.read_text()
+        texts = [e for e in feature_entries(tmp_path / "cache") if (e.key or {})["feature"]["kind"] == "text"]
+        assert len(texts) == 1 and texts[0].rows == len(used) and texts[0].preprocess == "-"
+        encoded.clear()
+        other = tmp_path / "no-cache"
+        (third,) = evaluate(dataclasses.replace(cfg, use_cache=False, cache_dir=other), reg)
+        assert used <= set(encoded) and third.metrics == first.metrics
+        assert not list(other.rglob("*.safetensors"))
 
 
 def test_without_captions_beta_must_be_zero(tmp_path, tiny_config, toy_root):

@@ -156,7 +156,8 @@ class Basic(Method):
     # -- statistics --------------------------------------------------------------------------------------
     def _corpus_features(self, names: list[str]) -> torch.Tensor:
         key = ("basic-corpus", tuple(names))
-        return self.backbone.derived(key, lambda: self.backbone.encode_text(names, memoize=False).float())
+        return self.backbone.derived(key, lambda: torch.nn.functional.normalize(
+            self.backbone.encode_text_rows(names), dim=-1))
 
     def prepare_gallery(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
         """The gallery's unit features with a constant 1 appended, and the statistics that hold for every gallery.

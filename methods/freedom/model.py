@@ -69,7 +69,8 @@ class Freedom(Method):
 
     def _vocabulary_features(self) -> torch.Tensor:
         return self.backbone.derived(("freedom-vocabulary", tuple(self.vocabulary)),
-                                     lambda: self.backbone.encode_text(self.vocabulary, memoize=False).float())
+                                     lambda: torch.nn.functional.normalize(
+                                         self.backbone.encode_text_rows(self.vocabulary), dim=-1))
 
     def finalize_queries(self, queries: list[Query], features: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
         """Each query as the weighted sum of ``"{word} {text}"`` over its frequent words (see the module)."""

@@ -25,7 +25,6 @@ from cirbench.types import ImageRef, Query
 from cirbench.util import default_cache_dir, file_sha256, keyed_texts_sha256, read_json_file
 
 F = torch.nn.functional
-CAPTION_CHUNK = 8192  # captions encoded between two updates of the progress bar
 
 
 def modification_text(texts: tuple[str, ...] | list[str]) -> str:
@@ -114,15 +113,11 @@ class WeiMoCIR(RawImageReferences, Method):
         return self.backbone.encode_text(texts, normalize=False)
 
     def _caption_features(self, ids: list[str], j: int, bar=None) -> torch.Tensor:
-        """Raw text features of caption ``j`` of each image (the empty caption for an image the file lacks); not
-        memoised on the backbone (a gallery's captions, hundreds of thousands on CIRCO, would fill it)."""
-        texts = [self.captions[i][j] if i in self.captions else "" for i in ids]
-        out = []
-        for start in range(0, len(texts), CAPTION_CHUNK):
-            out.append(self.backbone.encode_text(texts[start : start + CAPTION_CHUNK], memoize=False, normalize=False))
-            if bar is not None:
-                bar.update(len(out[-1]))
-        return torch.cat(out) if out else self.backbone.encode_text([], normalize=False)
+        """Raw text features of caption ``j`` of each image (the empty caption for an image the file lacks): rows
+        of the run's feature cache (a gallery's captions, hundreds of thousands on CIRCO, are encoded once, not on
+        every run), never the backbone's text memo (they would fill it)."""
+        return self.backbone.encode_text_rows([self.captions[i][j] if i in self.captions else "" for i in ids],
+                                              bar=bar)
 
     def prepare(self, query_set: QuerySet) -> None:
         self.set_name, self.progress = query_set.name, query_set.progress
