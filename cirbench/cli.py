@@ -440,7 +440,8 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
 @click.argument("results_dir", type=click.Path(file_okay=False), default="results")
 @click.option("--dataset", default=None, help="Only this dataset.")
 @click.option("--method", "methods", multiple=True, help="Only rows whose label matches (glob or substring; repeat).")
-@click.option("--backbone", "backbones", multiple=True, help="Only rows whose backbone matches (glob or substring).")
+@click.option("--backbone", "backbones", multiple=True,
+              help="Only rows whose backbone matches (glob or substring; ViT-B/32 and ViT-B-32 alike, any case).")
 @click.option("--no-paper", is_flag=True, help="Leave out the published numbers.")
 @click.option("--ci", is_flag=True, help="Show the 95% bootstrap confidence intervals recorded in result files.")
 @click.option("--write/--no-write", default=True, show_default=True,

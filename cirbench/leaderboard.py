@@ -93,7 +93,8 @@ def build_tables(root: Path, include_paper: bool = True, datasets: list[tuple[st
     """Read every result under ``root`` and build one :class:`Table` per dataset/split.
 
     Unreadable result files are skipped with a warning line on stderr, never fatal. ``methods`` and
-    ``backbones`` filter rows (glob patterns or substrings of the label / backbone).
+    ``backbones`` filter rows (glob patterns or substrings of the label / backbone; a backbone pattern matches
+    whatever the case and however the model is spelled: ``ViT-B/32``, the papers', is ``ViT-B-32``, open_clip's).
     """
     groups: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
     for path in find_results(Path(root)):
@@ -114,6 +115,16 @@ def build_tables(root: Path, include_paper: bool = True, datasets: list[tuple[st
     return tables
 
 
+def backbone_matches(backbone: str, patterns: list[str] | tuple[str, ...] | None) -> bool:
+    """:func:`matches_any` for backbones, spelled as our rows (``ViT-L-14/openai``, open_clip's name and the
+    weights) and the published ones (``ViT-L/14 (RemoteCLIP)``) spell them: both sides lower-cased, every ``/``
+    a ``-``."""
+    def norm(text: str) -> str:
+        return text.lower().replace("/", "-")
+
+    return not patterns or matches_any(norm(backbone), [norm(p) for p in patterns])
+
+
 def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones) -> Table | None:
     spec = _dataset_spec(ds)
     details = tuple(spec.detail_metrics) if spec else ()
@@ -124,7 +135,7 @@ def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones) -> Tabl
     for _path, rec in sorted(recs, key=lambda pr: str(pr[1].get("created", ""))):
         backbone = f"{rec['backbone'].get('model')}/{rec['backbone'].get('pretrained')}"
         label = str(rec["method"].get("label") or rec["method"].get("name"))
-        if matches_any(label, methods) and matches_any(backbone, backbones):  # a configuration run again: its newest
+        if matches_any(label, methods) and backbone_matches(backbone, backbones):  # a rerun: its newest result
             name = f"{label}{_dataset_tag(spec, rec['dataset'].get('options'))} · {backbone}"
             latest[(name, rec.get("fingerprint"))] = (backbone, rec)
     configurations = Counter(name for name, _ in latest)
@@ -143,7 +154,7 @@ def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones) -> Tabl
     if include_paper and spec is not None:
         paper = [r for r in spec.paper_rows if r.split == sp] or list(spec.paper_rows)
         for r in paper:
-            if not matches_any(r.method, methods) or not matches_any(r.backbone, backbones):
+            if not matches_any(r.method, methods) or not backbone_matches(r.backbone, backbones):
                 continue
             tag = "paper" if r.split == sp else f"paper ({r.split})"
             rows[f"{r.method} · {r.backbone} [{tag}]"] = {"source": tag, "backbone": r.backbone, **r.metrics}
