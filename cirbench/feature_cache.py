@@ -130,7 +130,7 @@ class FeatureCache:
         self.identity = identity
         self._memory: dict[str, _Folder] = {}
         self._lock = threading.Lock()
-        self.stats = {"hits": 0, "misses": 0}
+        self.stats = {"hits": 0, "misses": 0}  # text_hits and text_misses join them once texts are served
         self.write_error: str | None = None
 
     # -- folders and shards ---------------------------------------------------------------------------------
@@ -279,22 +279,24 @@ class FeatureCache:
         """Features for ``texts`` (in order), as :meth:`get_or_compute` serves images: a row's identity is the
         sha256 of its text (``compute(missing_texts, on_chunk)`` encodes the rest). For texts met again across
         runs: a gallery's captions, a method's vocabulary."""
-        return self._rows(key, ["text:" + sha256_bytes(t.encode("utf-8")) for t in texts], texts, compute)
+        return self._rows(key, ["text:" + sha256_bytes(t.encode("utf-8")) for t in texts], texts, compute, "text_")
 
-    def _rows(self, key: dict, identities: list[str], items: Sequence, compute: Callable[..., torch.Tensor]):
+    def _rows(self, key: dict, identities: list[str], items: Sequence, compute: Callable[..., torch.Tensor],
+              counted: str = ""):
         rows = self._load(key)
         with self._encoding_turn(key, rows, identities):
-            self._fill(key, rows, items, identities, compute)
+            self._fill(key, rows, items, identities, compute, counted)
         return rows.gather(identities)
 
     def _fill(self, key: dict, rows: _Folder, items: Sequence, identities: list[str],
-              compute: Callable[..., torch.Tensor]) -> None:
-        """Compute and store the rows of ``items`` (images, texts) that ``rows`` lacks."""
+              compute: Callable[..., torch.Tensor], counted: str = "") -> None:
+        """Compute and store the rows of ``items`` (images, texts) that ``rows`` lacks; count them in ``stats``
+        (``hits``/``misses`` for images, ``text_hits``/``text_misses`` for texts)."""
         first = dict(zip(reversed(identities), reversed(items), strict=True))
         where = rows.where
         todo_ids = [i for i in dict.fromkeys(identities) if i not in where]
-        self.stats["hits"] += len(first) - len(todo_ids)
-        self.stats["misses"] += len(todo_ids)
+        self.stats[counted + "hits"] = self.stats.get(counted + "hits", 0) + len(first) - len(todo_ids)
+        self.stats[counted + "misses"] = self.stats.get(counted + "misses", 0) + len(todo_ids)
         if todo_ids:
             todo = [first[i] for i in todo_ids]
             stored = np.zeros(len(todo), dtype=bool)

@@ -126,6 +126,8 @@ def test_caption_features_are_encoded_once_across_runs(tmp_path, tiny_config, to
         (second,) = evaluate(cfg, reg)  # another command: a new backbone, the cache on disk
         assert not used & set(encoded) and encoded  # the queries' own texts are still encoded
         assert second.metrics == first.metrics
+        assert first.record["cache"]["text_misses"] == len(used) and second.record["cache"]["text_misses"] == 0
+        assert second.record["cache"]["text_hits"] > 0 and second.record["cache"]["misses"] == 0
         assert second.predictions_path.read_text() == first.predictions_path.read_text()
         texts = [e for e in feature_entries(tmp_path / "cache") if (e.key or {})["feature"]["kind"] == "text"]
         assert len(texts) == 1 and texts[0].rows == len(used) and texts[0].preprocess == "-"
