@@ -19,6 +19,7 @@ from .errors import CirbenchError, from_reader_process, out_of_memory, reader_pr
 from .types import (
     BOOL_WORDS,
     PREPROCESS_KINDS,
+    SAVED_TOP,
     DatasetSpec,
     MethodSpec,
     OptionSpec,
@@ -358,7 +359,7 @@ def _save_top(ctx, param, value: str) -> int | None:
                    "device. auto: batched on CUDA, workers on the CPU.")
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(0, MAX_REPLICATES),
               help="Bootstrap replicates for the 95% confidence intervals recorded with every metric (0: none).")
-@click.option("--save-top", default="50", show_default=True, metavar="N|all", callback=_save_top,
+@click.option("--save-top", default=str(SAVED_TOP), show_default=True, metavar="N|all", callback=_save_top,
               help="Ranked ids written per query to the predictions file; all: every id the benchmark ranks (on "
                    "i-CIR the instance's whole database, which `cirbench score` needs to score the file again).")
 @click.option("--no-leaderboard", is_flag=True, help="Do not print the leaderboard after the run.")

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import AnnotationError, CirbenchError
 from .images import check_inside
-from .types import EvalSet, ImageRef
+from .types import SAVED_TOP, EvalSet, ImageRef
 from .util import json_loads
 
 
@@ -145,11 +145,13 @@ class Dataset:
     @staticmethod
     def check_ranked(query_id: str, ids: Any, source: Path | str, *, min_length: int = 0, max_length: int | None = None,
                      reference: str | None = None, allowed: set[str] | None = None,
-                     allowed_name: str = "an image of the split's gallery", what: str = "ranking") -> list[str]:
+                     allowed_name: str = "an image of the split's gallery", what: str = "ranking",
+                     short_hint: str = "") -> list[str]:
         """Validate one query's ranked ids from a file made elsewhere, as the official scorers would: a list,
         no duplicates (the CIRCO evaluator refuses them), at least ``min_length`` entries (and at most
         ``max_length``: a test server takes lists of one length), never the query's ``reference`` (CIRR), only ids
-        from ``allowed`` (``allowed_name`` says what they are). AnnotationError with a one-line reason otherwise."""
+        from ``allowed`` (``allowed_name`` says what they are). AnnotationError with a one-line reason otherwise
+        (``short_hint`` follows the reason a list is too short)."""
         where = f"{source}, query {query_id}"
         if not isinstance(ids, list):
             raise AnnotationError(f"{where}: the {what} is a {type(ids).__name__}, not a list of ids")
@@ -162,7 +164,8 @@ class Dataset:
             need = (f"the test server takes exactly {max_length}" if min_length == max_length else
                     f"at least {min_length} are needed" if len(ids) < min_length else
                     f"the test server takes at most {max_length}")
-            raise AnnotationError(f"{where}: the {what} has {len(ids)} ids, {need}")
+            raise AnnotationError(f"{where}: the {what} has {len(ids)} ids, {need}"
+                                  + (short_hint if len(ids) < min_length else ""))
         if reference is not None and reference in ids:
             raise AnnotationError(f"{where}: the {what} contains the reference image {reference}, which the "
                                   "protocol removes from every ranking")
@@ -212,7 +215,10 @@ class Dataset:
                 need = available if whole else min_length if min_length is not None else \
                     min(evalset.topk, available)
                 checked[qid] = self.check_ranked(qid, ids, path, min_length=need, allowed=pool,
-                                                 allowed_name=allowed_name, reference=reference)
+                                                 allowed_name=allowed_name, reference=reference,
+                                                 short_hint=f" (`cirbench run` keeps each query's top {SAVED_TOP} in "
+                                                 "its predictions: run it with --save-top all)"
+                                                 if need > SAVED_TOP else "")
             per_set[evalset.name] = self.metrics(evalset, self.ranking_from_ids(evalset, checked, source=path))
         return self.aggregate(per_set)
 

@@ -34,7 +34,7 @@ from .preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_KINDS, Preprocessor
 from .results import ResultWriter, environment_info, path_option_digests, run_fingerprint, utc_now
 from .retrieval import Ranking, rank, rank_candidates
 from .stats import DEFAULT_REPLICATES, bootstrap_ci
-from .types import EvalSet, MethodSpec, Query, resolve_options
+from .types import SAVED_TOP, EvalSet, MethodSpec, Query, resolve_options
 from .util import json_hash
 
 DEFAULT_BACKBONE = ("ViT-L-14", "openai")
@@ -66,7 +66,7 @@ class RunConfig:
     workers: int | None = None
     allow_missing: bool = False
     retrieval_backend: str = "auto"
-    save_topk: int | None = 50  # ranked ids kept per query in the predictions file (None: all that were ranked)
+    save_topk: int | None = SAVED_TOP  # ranked ids kept per query in the predictions file (None: all that were ranked)
     encode_path: str = "auto"  # auto | workers | batched (see cirbench.encode)
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     bootstrap: int = DEFAULT_REPLICATES  # bootstrap replicates for confidence intervals (0: none)

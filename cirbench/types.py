@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # torch stays out of `cirbench --help`
 
 # image preprocessing recipes (cirbench.preprocess reproduces each one): named here, without torch, for the CLI
 PREPROCESS_KINDS = ("targetpad", "clip", "hf-clip")
+SAVED_TOP = 50  # ranked ids a run keeps per query in its predictions unless told otherwise (`run --save-top`)
 
 
 def option_flag(name: str) -> str:

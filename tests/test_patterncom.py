@@ -278,7 +278,8 @@ def test_rankings_made_elsewhere_are_scored_as_the_run_and_the_leaderboard_shows
     short = tmp_path / "short.predictions.jsonl"
     short.write_text("".join(json.dumps(dict(r, top=r["top"][:50])) + "\n" for r in rows))
     res = CliRunner().invoke(cli, [*base, str(short)])
-    assert res.exit_code == 2 and f"at least {PER_CLASS * len(CLASSES)} are needed" in res.output
+    assert res.exit_code == 2 and f"at least {PER_CLASS * len(CLASSES)} are needed (`cirbench run` keeps each " \
+        "query's top 50 in its predictions: run it with --save-top all)" in res.output
     res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path / "results"), "--dataset", "patterncom"])
     assert res.exit_code == 0, res.output
     header = next(line for line in res.output.splitlines() if line.startswith("|") and "avg/mAP" in line)
