@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from cirbench.backbones import load_backbone
 from cirbench.cli import cli
 from cirbench.errors import CheckpointError, CirbenchError
+from cirbench.methods._shared import textinv
 from cirbench.methods._shared.textinv import Phi, encode_with_pseudo_tokens
 from cirbench.methods.lincir import model as lincir
 from cirbench.types import Query
@@ -149,15 +150,15 @@ def test_demo_weights_are_labelled_and_offline_is_one_clear_line(tmp_path, backb
     from cirbench.hub import hub_file
 
     with pytest.raises(CheckpointError) as info:
-        hub_file(lincir.DEMO_REPO, lincir.DEMO_FILE, "LinCIR's demo weights")
+        hub_file(*textinv.LINCIR_DEMO[:2], "LinCIR's demo weights")
     message = str(info.value)
     assert "\n" not in message and "lincir_large.pt" in message and "--checkpoint PATH" in message
     # a demo file in the hub cache is used without the network, and the run is labelled as demo weights
     phi = Phi(32, 128, 32)
     demo = tmp_path / "lincir_large.pt"
     torch.save({"Phi": phi.state_dict()}, demo)
-    monkeypatch.setattr(lincir, "hub_file", lambda *a: demo)
-    monkeypatch.setattr(lincir, "DEMO_BACKBONE", (backbone.model_name, backbone.pretrained))
+    monkeypatch.setattr("cirbench.hub.hub_file", lambda *a: demo)
+    monkeypatch.setattr(textinv, "LINCIR_DEMO", (*textinv.LINCIR_DEMO[:2], (backbone.model_name, backbone.pretrained)))
     method = lincir.LinCIR(backbone, {"checkpoint": None}, "cirr")
     assert method.label_tag() == "demo-weights" and "not the paper's" in method.info()["weights"]
 

@@ -246,8 +246,42 @@ class SearleProtocol(RawImageReferences, Method):
         prompts = [benchmark_prompt(q, self.placeholder) or searle_prompt(t, self.placeholder)
                    for q, v in zip(queries, variants, strict=True) for t in v]
         repeated = tokens.repeat_interleave(torch.tensor(counts, device=tokens.device), dim=0)
-        feats = encode_with_pseudo_tokens(self.backbone, prompts, repeated, self.placeholder)
+        feats = encode_with_pseudo_tokens(self.text_encoder(), prompts, repeated, self.placeholder)
         return average_variants(feats, counts)
+
+    def text_encoder(self) -> Backbone:
+        """What encodes the prompts: the backbone (RTD: the backbone with its own tuned text tower)."""
+        return self.backbone
 
     def info(self) -> dict:
         return {"checkpoint": self.checkpoint, "sha256": self.sha256}
+
+
+LINCIR_DEMO = ("navervision/zeroshot-cir-models", "lincir_large.pt", ("ViT-L-14", "openai"))
+
+
+def lincir_demo_weights(backbone: Backbone, what: str = "train Phi (cirbench train --method lincir) and pass "
+                        "--checkpoint"):
+    """The file of LinCIR's demo Phi (the Hugging Face hub's ``navervision/zeroshot-cir-models``
+    ``lincir_large.pt``, trained on openai/clip-vit-large-patch14), for ViT-L-14/openai only; ``what`` tells
+    what to do on another backbone."""
+    from cirbench.errors import CheckpointError
+    from cirbench.hub import hub_file
+
+    repo, name, (model, pretrained) = LINCIR_DEMO
+    if (backbone.model_name, backbone.pretrained) != (model, pretrained):
+        raise CheckpointError(f"LinCIR's demo weights are for {model}/{pretrained}; for {backbone.model_name}/"
+                              f"{backbone.pretrained} {what}")
+    return hub_file(repo, name, "LinCIR's demo weights")
+
+
+class LinCIRProtocol(SearleProtocol):
+    """The SEARLE protocol as LinCIR's ``validate.py`` runs it (and RTD's, which is LinCIR's): its own
+    preprocessing, and the reference pixels handed to the float32 vision tower as ``images.half()``
+    (``utils.extract_pseudo_tokens_with_phi``): rounded to fp16 on the way in (the gallery's are not)."""
+
+    def reference_feature_kind(self) -> dict:
+        return {**super().reference_feature_kind(), "pixels": "fp16"}
+
+    def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
+        return raw_image_features(self.backbone, pixels.to(self.backbone.device).half().float())

@@ -11,24 +11,21 @@ import torch
 import torch.nn.functional as F
 
 from cirbench.backbones import Backbone
-from cirbench.errors import CheckpointError, CirbenchError
-from cirbench.hub import hub_file
+from cirbench.errors import CirbenchError
 from cirbench.methods._shared.textinv import (
+    LinCIRProtocol,
     PhiTrainable,
-    SearleProtocol,
     encode_with_pseudo_tokens,
+    lincir_demo_weights,
     load_phi_weights,
     placeholder_id,
-    raw_image_features,
 )
 
 PLACEHOLDER = "$"
-DEMO_REPO, DEMO_FILE = "navervision/zeroshot-cir-models", "lincir_large.pt"
-DEMO_BACKBONE = ("ViT-L-14", "openai")  # the demo Phi was trained on openai/clip-vit-large-patch14
 KEYWORD_TAGS = ("NOUN", "PROPN", "ADJ", "DET")
 
 
-class LinCIR(SearleProtocol):
+class LinCIR(LinCIRProtocol):
     """Query feature = text feature of "a photo of $ that {caption}" with $ = Phi(image embedding)."""
 
     def __init__(self, backbone, options, dataset=None):
@@ -36,25 +33,13 @@ class LinCIR(SearleProtocol):
         path = options.get("checkpoint")
         self.demo = path is None
         if self.demo:
-            if (backbone.model_name, backbone.pretrained) != DEMO_BACKBONE:
-                raise CheckpointError(f"LinCIR's demo weights are for ViT-L-14/openai; for {backbone.model_name}/"
-                                      f"{backbone.pretrained} train Phi (cirbench train --method lincir) and pass "
-                                      "--checkpoint")
-            path = hub_file(DEMO_REPO, DEMO_FILE, "LinCIR's demo weights")
+            path = lincir_demo_weights(backbone)
         tensors, self.sha256 = load_phi_weights(path, "lincir", backbone)
         self.build_phi(tensors, str(path))
         self.checkpoint = str(path)
 
     def label_tag(self) -> str | None:
         return "demo-weights" if self.demo else None
-
-    def reference_feature_kind(self) -> dict:
-        return {**super().reference_feature_kind(), "pixels": "fp16"}
-
-    def encode_references(self, pixels: torch.Tensor) -> torch.Tensor:
-        # LinCIR's utils.extract_pseudo_tokens_with_phi hands the reference pixels to its float32 vision tower as
-        # images.half(): they are rounded to fp16 on the way in (the gallery's are not)
-        return raw_image_features(self.backbone, pixels.to(self.backbone.device).half().float())
 
     def info(self) -> dict:
         weights = ("demo weights (navervision/zeroshot-cir-models lincir_large.pt), not the paper's, which were "
