@@ -132,6 +132,13 @@ def _folder(path: Path) -> Path:
 def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Load ``tensors`` into ``module`` strictly; a CheckpointError names the first mismatch."""
     own = module.state_dict()
+    check_fit(own, tensors, source)
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+
+
+def check_fit(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """That ``tensors`` are exactly the entries of the state ``own`` (names and shapes), all finite; a
+    CheckpointError naming the first mismatch otherwise."""
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
     wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in own
@@ -144,4 +151,3 @@ def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor
         first = (wrong + [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected])[0]
         raise CheckpointError(f"checkpoint {source} does not fit this backbone: {len(wrong)} mismatched, "
                               f"{len(missing)} missing, {len(unexpected)} unexpected tensors (first: {first})")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})

@@ -14,7 +14,11 @@
 
 Language-only methods (LinCIR) open a corpus with ``images=False``: images are then neither needed nor
 read, a CSV/TSV needs only its caption column, a ``.txt`` file is one caption per line, a folder's ``.txt``
-files are one caption each, and shards only need their captions; batches carry empty ``pixels``.
+files are one caption each, a ``.jsonl`` file is one JSON object per line and a ``.json`` file a list of them
+(records whose other fields are ``extra``, as Hugging Face ``datasets`` reads such files), and shards only need
+their captions; batches carry empty ``pixels``. A method whose caption is another column (RTD's
+``target_caption``) names it (``caption_columns``), and the columns it needs besides (``required_columns``)
+are checked when the corpus is opened.
 
 Methods that learn from images alone (SEARLE's Phi, trained on unlabelled ImageNet images) open it with
 ``captions=False``: a CSV/TSV then needs only its image column, a folder's images need no sidecar, shards no
@@ -178,17 +182,18 @@ class PairsCorpus(torch.utils.data.Dataset):
         return _sample(self, data, caption, str(path), extra, f"{self.epoch}:{index}", self.key(index))
 
 
-def _read_table(path: Path, images: bool = True, captions: bool = True) -> Rows:
+def _read_table(path: Path, images: bool = True, captions: bool = True,
+                caption_columns: tuple[str, ...] = CAPTION_COLUMNS) -> Rows:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh, delimiter=delimiter)
             header = reader.fieldnames or []
             image_col = next((c for c in IMAGE_COLUMNS if c in header), None)
-            caption_col = next((c for c in CAPTION_COLUMNS if c in header), None)
+            caption_col = next((c for c in caption_columns if c in header), None)
             if (images and image_col is None) or (captions and caption_col is None):
                 needs = ([f"an image column ({'/'.join(IMAGE_COLUMNS)})"] if images and image_col is None else []) + (
-                    [f"a caption column ({'/'.join(CAPTION_COLUMNS)})"] if captions and caption_col is None else [])
+                    [f"a caption column ({'/'.join(caption_columns)})"] if captions and caption_col is None else [])
                 raise CirbenchError(f"corpus {path}: needs {' and '.join(needs)}; found {header}")
             rows = []
             for row in reader:
@@ -198,6 +203,29 @@ def _read_table(path: Path, images: bool = True, captions: bool = True) -> Rows:
             return rows
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CirbenchError(f"corpus {path} is unreadable: {exc}") from None
+
+
+def _read_records(path: Path, caption_columns: tuple[str, ...]) -> Rows:
+    """A language-only corpus of JSON records: a ``.jsonl`` file (one object per line) or a ``.json`` file (a
+    list of objects); the first of ``caption_columns`` a record has is its caption, its other fields ``extra``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".jsonl":
+            records = [json_loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json_loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CirbenchError(f"corpus {path} is unreadable: {type(exc).__name__}: {exc}") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise CirbenchError(f"corpus {path}: expected JSON objects (a list of them in a .json file, one per line in "
+                            "a .jsonl file)")
+    rows: Rows = []
+    for record in records:
+        column = next((c for c in caption_columns if c in record), None)
+        caption = record.get(column) if column is not None else ""
+        rows.append((None, caption if isinstance(caption, str) else "",
+                     {k: v for k, v in record.items() if k != column}))
+    return rows
 
 
 def _read_folder(folder: Path) -> Rows:
@@ -396,11 +424,14 @@ def _shard_folder(path: Path) -> list[str] | None:
 
 
 def open_corpus(spec: str | Path, preprocessor: Preprocessor | None = None, *,
-                images: bool = True, captions: bool = True) -> PairsCorpus | ShardCorpus:
+                images: bool = True, captions: bool = True, caption_columns: tuple[str, ...] = CAPTION_COLUMNS,
+                required_columns: tuple[str, ...] = ()) -> PairsCorpus | ShardCorpus:
     """The corpus reader for ``spec`` (see the module docstring); CirbenchError if it is absent, malformed or
     empty. ``images=False`` opens it language-only (captions, no images); ``captions=False`` for images alone;
     neither, for the keys of its images. An image corpus may be opened before its backbone exists (so that a bad
-    corpus fails before a backbone is loaded or downloaded); its ``preprocessor`` is then set before it is read."""
+    corpus fails before a backbone is loaded or downloaded); its ``preprocessor`` is then set before it is read.
+    ``caption_columns``: where a table or record holds its caption (the first found); ``required_columns``: the
+    other columns every row of a table or record file must have."""
     text = str(spec)
     path = Path(text).expanduser()
     if images:
@@ -409,19 +440,27 @@ def open_corpus(spec: str | Path, preprocessor: Preprocessor | None = None, *,
     if urls:
         return ShardCorpus(urls, text, images, preprocessor, captions=captions, num_samples=shard_sizes(urls))
     text_only = not images and captions  # captions without images; otherwise the corpus lists its images
+    suffix = path.suffix.lower()
     if path.is_dir():
         rows = _read_captions(path) if text_only else _read_folder(path)
-    elif path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
-        rows = _read_table(path, images=not text_only, captions=captions)
-    elif text_only and path.is_file() and path.suffix.lower() == ".txt":
+    elif path.is_file() and suffix in (".csv", ".tsv"):
+        rows = _read_table(path, images=not text_only, captions=captions, caption_columns=caption_columns)
+    elif text_only and path.is_file() and suffix == ".txt":
         rows = _read_captions(path)
+    elif text_only and path.is_file() and suffix in (".json", ".jsonl"):
+        rows = _read_records(path, caption_columns)
     elif not path.exists():
         raise CirbenchError(f"corpus {path} does not exist")
     else:
-        lines = ", a .txt file of captions" if text_only else ""
+        lines = ", a .txt file of captions, a .json/.jsonl file of records" if text_only else ""
         raise CirbenchError(f"corpus {path}: expected a .csv/.tsv file{lines}, a folder of images with .txt "
                             "captions, or webdataset .tar shards")
     if not rows:
         raise CirbenchError(f"corpus {path} is empty")
+    for i, (_, _, extra) in enumerate(rows if required_columns else ()):
+        lacking = [c for c in required_columns if c not in extra]
+        if lacking:
+            raise CirbenchError(f"corpus {path}: row {i + 1} has no {', '.join(lacking)} (the method reads "
+                                f"{'/'.join(caption_columns)} and {', '.join(required_columns)} from each row)")
     root = None if text_only else (path if path.is_dir() else path.parent)
     return PairsCorpus(rows, text, images, preprocessor, captions, root)

@@ -52,7 +52,7 @@ from . import distributed as dist_utils
 from . import global_batch
 from .backbones import Backbone, autocast_context
 from .checkpoints import load_checkpoint, save_checkpoint
-from .corpora import Batch, PairsCorpus, ShardCorpus, collate, open_corpus, reader_turns
+from .corpora import CAPTION_COLUMNS, Batch, PairsCorpus, ShardCorpus, collate, open_corpus, reader_turns
 from .errors import CheckpointError, CirbenchError, CirbenchWarning
 from .preprocess import Preprocessor, RandomResizedCrop
 from .results import environment_info
@@ -112,6 +112,8 @@ class TrainableMethod:
     preprocess_kind = "clip"
     needs_images = True  # False: a language-only method (LinCIR); its corpus is read for captions alone
     needs_captions = True  # False: images alone; with needs_images False too, each step reads only the sample keys
+    caption_columns: tuple[str, ...] = CAPTION_COLUMNS  # where a table or record holds the caption (the first found)
+    required_columns: tuple[str, ...] = ()  # other columns each row must have (``batch.extra``), checked on opening
     defaults: dict[str, Any] = {}
     adam_betas: tuple[float, float] = (0.9, 0.999)  # torch's AdamW defaults unless the official code says otherwise
     adam_eps: float = 1e-8
@@ -354,7 +356,8 @@ def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardC
             raise ValueError(f"corpus opened with images={corpus.images}, captions={corpus.captions} for a method "
                              f"with needs_images={trainable.needs_images}, needs_captions={trainable.needs_captions}")
     else:
-        corpus = open_corpus(corpus, images=trainable.needs_images, captions=trainable.needs_captions)
+        corpus = open_corpus(corpus, images=trainable.needs_images, captions=trainable.needs_captions,
+                             caption_columns=trainable.caption_columns, required_columns=trainable.required_columns)
     if corpus.images:
         corpus.preprocessor = trainable.train_preprocessor(cfg.seed)
     plan = plan_steps(corpus, cfg, world)

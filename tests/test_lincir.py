@@ -101,9 +101,9 @@ def test_masking_equals_the_official_loader_token_for_token(tagged, backbone, hf
 
 
 def test_clean_caption_is_the_official_cleaning(backbone):
-    assert lincir.clean_caption("<PERSON> holds a $5 Note ", backbone.tokenizer) == "person holds a 5 note"
+    assert textinv.clean_caption("<PERSON> holds a $5 Note ", backbone.tokenizer) == "person holds a 5 note"
     long = " ".join(["word"] * 100)
-    cleaned = lincir.clean_caption(long, backbone.tokenizer)
+    cleaned = textinv.clean_caption(long, backbone.tokenizer)
     assert len(backbone.tokenizer.encode(cleaned)) == 75  # the official code keeps 75 BPE tokens
 
 

@@ -124,7 +124,9 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     elif validate_data_roots:
         raise CirbenchError("--validate-data-root is the folder of a --validate benchmark: give --validate too")
     # a bad corpus fails before the backbone is loaded
-    corpus_data = open_corpus(corpus, images=trainer_cls.needs_images, captions=trainer_cls.needs_captions)
+    corpus_data = open_corpus(corpus, images=trainer_cls.needs_images, captions=trainer_cls.needs_captions,
+                              caption_columns=trainer_cls.caption_columns,
+                              required_columns=trainer_cls.required_columns)
     dev = distributed.init_from_env(device)
     given = {"epochs": epochs, "max_steps": max_steps, "train_num_samples": train_num_samples,
              "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,

@@ -11,6 +11,7 @@ for ``model.text`` towers alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -255,6 +256,18 @@ class SearleProtocol(RawImageReferences, Method):
 
     def info(self) -> dict:
         return {"checkpoint": self.checkpoint, "sha256": self.sha256}
+
+
+def clean_caption(caption: str, tokenizer: Any, limit: int = 75) -> str:
+    """LinCIR's (and RTD's) official cleaning of a caption: '<PERSON>' -> 'person', lower case, no '$', at most
+    ``limit`` BPE tokens."""
+    caption = (caption or "").replace("<PERSON>", "person").lower().replace("$", "").strip()
+    encode, decode = getattr(tokenizer, "encode", None), getattr(tokenizer, "decode", None)
+    if callable(encode) and callable(decode):
+        ids = encode(caption)
+        if len(ids) > limit:
+            caption = decode(ids[:limit]).strip()
+    return caption
 
 
 LINCIR_DEMO = ("navervision/zeroshot-cir-models", "lincir_large.pt", ("ViT-L-14", "openai"))

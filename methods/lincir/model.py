@@ -15,6 +15,7 @@ from cirbench.errors import CirbenchError
 from cirbench.methods._shared.textinv import (
     LinCIRProtocol,
     PhiTrainable,
+    clean_caption,
     encode_with_pseudo_tokens,
     lincir_demo_weights,
     load_phi_weights,
@@ -77,17 +78,6 @@ def mask_caption(caption: str, keywords: Sequence[str], rng: random.Random | Mod
             replaced = replaced.replace(word, mark)
             break
     return " ".join(replaced.split())
-
-
-def clean_caption(caption: str, tokenizer: Any, limit: int = 75) -> str:
-    """The official cleaning: '<PERSON>' -> 'person', lower case, no '$', at most ``limit`` BPE tokens."""
-    caption = (caption or "").replace("<PERSON>", "person").lower().replace(PLACEHOLDER, "").strip()
-    encode, decode = getattr(tokenizer, "encode", None), getattr(tokenizer, "decode", None)
-    if callable(encode) and callable(decode):
-        ids = encode(caption)
-        if len(ids) > limit:
-            caption = decode(ids[:limit]).strip()
-    return caption
 
 
 class SpacyTagger:

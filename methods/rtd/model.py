@@ -1,0 +1,176 @@
+"""RTD: LinCIR's evaluation through a tuned copy of CLIP's text tower, and the post-hoc training that tunes it
+(the official ``train_text_encoder.py``)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from cirbench.backbones import Backbone
+from cirbench.checkpoints import check_fit, checkpoint_sha256, load_checkpoint, load_module_weights
+from cirbench.errors import CheckpointError
+from cirbench.methods._shared.textinv import (
+    LinCIRProtocol,
+    Phi,
+    clean_caption,
+    clean_text,
+    encode_with_pseudo_tokens,
+    lincir_demo_weights,
+    load_phi_weights,
+    nt_xent,
+    searle_prompt,
+    token_width,
+)
+from cirbench.training import TrainableMethod
+
+PLACEHOLDER = "$"
+PHI = "phi."  # the frozen Phi's tensors in an RTD checkpoint, beside the text tower's
+# open_clip's text tower: CLIP's own parts, or CustomTextCLIP's one ``text`` module
+TEXT_PARTS = ("text", "token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+
+
+def text_tower_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A view of the open_clip model whose text tower is a copy of its own (to tune, or to load tuned weights
+    into): the image tower and everything else are the model's, shared, never changed."""
+    view = copy.copy(model)
+    for registry in ("_modules", "_parameters", "_buffers"):
+        view.__dict__[registry] = dict(model.__dict__[registry])
+    for name, module in model._modules.items():
+        if name in TEXT_PARTS and module is not None:
+            view._modules[name] = copy.deepcopy(module)
+    for name, param in model._parameters.items():
+        if name in TEXT_PARTS and param is not None:
+            view._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+    return view
+
+
+def text_state(view: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The text tower's entries of ``view``'s state dict (the tensors themselves)."""
+    return {name: tensor for name, tensor in view.state_dict(keep_vars=True).items()
+            if name.split(".", 1)[0] in TEXT_PARTS}
+
+
+def text_parameters(view: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in view.named_parameters() if name.split(".", 1)[0] in TEXT_PARTS]
+
+
+@torch.no_grad()
+def load_text_state(view: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a saved text tower into ``view``'s; CheckpointError naming the first tensor that does not fit."""
+    own = text_state(view)
+    check_fit(own, tensors, source)
+    for name, tensor in own.items():
+        tensor.data.copy_(tensors[name].to(tensor.dtype))
+
+
+def tuned_backbone(backbone: Backbone, view: torch.nn.Module) -> Backbone:
+    """``backbone`` with ``view`` as its model: its text features are the tuned tower's (its own memo)."""
+    return replace(backbone, model=view, _text_memo={}, _derived={}, feature_store=None)
+
+
+def frozen_phi(backbone: Backbone, tensors: dict[str, torch.Tensor], source: str) -> Phi:
+    embed = backbone.embed_dim
+    phi = Phi(embed, 4 * embed, token_width(backbone), dropout=0.5)
+    load_module_weights(phi, tensors, source)
+    phi = phi.to(backbone.device).eval()
+    for p in phi.parameters():
+        p.requires_grad_(False)
+    return phi
+
+
+class RTD(LinCIRProtocol):
+    """Query feature = the tuned text tower's feature of "a photo of $ that {caption}", $ = Phi(image
+    embedding); gallery features are the backbone's own."""
+
+    def __init__(self, backbone, options, dataset=None):
+        super().__init__(backbone, options, dataset)
+        path = options.get("checkpoint")
+        if path is None:
+            raise CheckpointError("rtd needs --checkpoint: RTD's authors released no weights; tune a text tower with "
+                                  "`cirbench train --method rtd --corpus TRIPLETS.jsonl --output DIR` and pass DIR")
+        tensors, config = load_checkpoint(path, "rtd", backbone.identity())
+        phi = {k.removeprefix(PHI): v for k, v in tensors.items() if k.startswith(PHI)}
+        self.phi = frozen_phi(backbone, phi, str(path))
+        view = text_tower_copy(backbone.model)
+        load_text_state(view, {k: v for k, v in tensors.items() if not k.startswith(PHI)}, str(path))
+        self.tuned = tuned_backbone(backbone, view)
+        self.checkpoint, self.sha256 = str(path), checkpoint_sha256(path)
+        self.phi_source = config.get("phi")
+
+    def text_encoder(self) -> Backbone:
+        return self.tuned
+
+    def info(self) -> dict:
+        return {**super().info(), **({"phi": self.phi_source} if self.phi_source else {})}
+
+
+class RTDTrainable(TrainableMethod):
+    """Frozen-target text contrastive learning (the official ``train_text_encoder.py``): for a batch of B
+    triplets, the tuned tower encodes "a photo of $ that {conditioning}" and "a photo of $" (2B prompts, refined
+    batch sampling), $ = Phi(frozen embedding of the reference caption + noise) (refined concatenation); the
+    frozen tower encodes the target and the reference captions (2B); NT-Xent between the two sets."""
+
+    name = "rtd"
+    needs_images = False
+    caption_columns = ("target_caption",)
+    required_columns = ("reference_caption", "conditioning_caption")
+    # the official run.sh: batch 128 x 4 GPUs, lr 1e-5 constant (constant_with_warmup, 0 warm-up steps), 2,000
+    # steps, fp16; its AdamW: weight decay 0.01 on every parameter of the text encoder, torch's betas and eps
+    defaults = {"lr": 1e-5, "weight_decay": 0.01, "batch_size": 512, "max_steps": 2000, "warmup_steps": 0,
+                "schedule": "constant"}
+
+    def __init__(self, backbone: Backbone, options: dict[str, Any]):
+        super().__init__(backbone, options)
+        path = options.get("phi") or lincir_demo_weights(
+            backbone, "pass --phi (a LinCIR Phi for this backbone: `cirbench train --method lincir`)")
+        tensors, sha256 = load_phi_weights(path, "lincir", backbone)
+        self.phi = frozen_phi(backbone, tensors, str(path))
+        self.phi_record = {"source": str(path), "sha256": sha256}
+        self.view = text_tower_copy(backbone.model)
+        for _, p in text_parameters(self.view):
+            p.requires_grad_(True)
+        self.tuned = tuned_backbone(backbone, self.view)
+        self.noise, self.tau = float(options.get("noise", 0.5)), float(options.get("tau", 0.07))
+
+    def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return text_parameters(self.view)
+
+    def decays(self, name, param):
+        return True  # the official AdamW decays every parameter it is given
+
+    def train_mode(self, training: bool) -> None:
+        for name, module in self.view.named_children():
+            if name in TEXT_PARTS:
+                module.train(training)
+
+    def training_step(self, batch):
+        inner = getattr(self.backbone.tokenizer, "tokenizer", self.backbone.tokenizer)
+        references = [clean_caption(str(c or ""), inner) for c in batch.extra["reference_caption"]]
+        targets = [clean_caption(c, inner) for c in batch.captions]
+        conditions = [clean_text(str(c or ""), PLACEHOLDER) for c in batch.extra["conditioning_caption"]]
+        n = len(references)
+        with torch.no_grad():  # the frozen tower: T_t, then T_r (the targets of the refined batch's second half)
+            frozen = self.backbone.model.encode_text(self.backbone.tokenize(targets + references)).float()
+            reference = frozen[n:]
+            # drawn on the CPU generator (saved in checkpoints), so a resumed run draws what an uninterrupted one would
+            scale = torch.rand(n).unsqueeze(-1)
+            inputs = reference + (self.noise * scale * torch.randn(reference.shape)).to(reference.device)
+            pseudo = self.phi(inputs)
+        prompts = [searle_prompt(c, PLACEHOLDER) for c in conditions] + [f"a photo of {PLACEHOLDER}"] * n
+        composed = encode_with_pseudo_tokens(self.tuned, prompts, torch.cat([pseudo, pseudo]), PLACEHOLDER,
+                                             normalize=False)
+        return nt_xent(frozen, composed, self.tau), {}
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return {**{k: v.detach() for k, v in text_state(self.view).items()},
+                **{PHI + k: v for k, v in self.phi.state_dict().items()}}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        load_text_state(self.view, {k: v for k, v in tensors.items() if not k.startswith(PHI)}, "resumed state")
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {"phi": self.phi_record, "noise": self.noise, "tau": self.tau,
+                "tuned": "the text tower, every parameter; Phi frozen"}
