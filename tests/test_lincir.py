@@ -157,7 +157,7 @@ def test_demo_weights_are_labelled_and_offline_is_one_clear_line(tmp_path, backb
     phi = Phi(32, 128, 32)
     demo = tmp_path / "lincir_large.pt"
     torch.save({"Phi": phi.state_dict()}, demo)
-    monkeypatch.setattr("cirbench.hub.hub_file", lambda *a: demo)
+    monkeypatch.setattr("cirbench.hub.hub_file", lambda *a, **kw: demo)
     monkeypatch.setattr(textinv, "LINCIR_DEMO", (*textinv.LINCIR_DEMO[:2], (backbone.model_name, backbone.pretrained)))
     method = lincir.LinCIR(backbone, {"checkpoint": None}, "cirr")
     assert method.label_tag() == "demo-weights" and "not the paper's" in method.info()["weights"]

@@ -143,7 +143,7 @@ def test_training_writes_a_checkpoint_that_evaluates_as_lincir_through_its_tower
     assert tuned.record["method"]["info"]["phi"]["source"] == str(phi_file)
 
 
-def test_bad_input_is_one_line(tiny_config, phi_file, tmp_path):
+def test_bad_input_is_one_line(tiny_config, phi_file, tmp_path, monkeypatch):
     corpus = _corpus(tmp_path / "no-condition.jsonl", drop="conditioning_caption")
     res = CliRunner().invoke(cli, ["train", "--method", "rtd", "--corpus", str(corpus), "--output",
                                    str(tmp_path / "o"), "--backbone", str(tiny_config), "--pretrained", "none",
@@ -153,6 +153,15 @@ def test_bad_input_is_one_line(tiny_config, phi_file, tmp_path):
     with pytest.raises(CheckpointError, match="rtd needs --checkpoint: RTD's authors released no weights"):
         rtd.RTD(bb, {"checkpoint": None}, "cirr")
     with pytest.raises(CheckpointError, match="LinCIR's demo weights are for ViT-L-14/openai.* pass --phi"):
+        rtd.RTDTrainable(bb, {})
+    # on ViT-L-14/openai the default Phi is LinCIR's demo file; offline, the error says where to pass one
+    from cirbench import hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(bb, "model_name", "ViT-L-14")
+    monkeypatch.setattr(bb, "pretrained", "openai")
+    with pytest.raises(CheckpointError, match=r"lincir_large.pt\).*pass --phi PATH"):
         rtd.RTDTrainable(bb, {})
 
 

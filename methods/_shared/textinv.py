@@ -274,10 +274,10 @@ LINCIR_DEMO = ("navervision/zeroshot-cir-models", "lincir_large.pt", ("ViT-L-14"
 
 
 def lincir_demo_weights(backbone: Backbone, what: str = "train Phi (cirbench train --method lincir) and pass "
-                        "--checkpoint"):
+                        "--checkpoint", option: str = "checkpoint"):
     """The file of LinCIR's demo Phi (the Hugging Face hub's ``navervision/zeroshot-cir-models``
     ``lincir_large.pt``, trained on openai/clip-vit-large-patch14), for ViT-L-14/openai only; ``what`` tells
-    what to do on another backbone."""
+    what to do on another backbone, ``--option`` where to pass the file when it cannot be fetched."""
     from cirbench.errors import CheckpointError
     from cirbench.hub import hub_file
 
@@ -285,7 +285,7 @@ def lincir_demo_weights(backbone: Backbone, what: str = "train Phi (cirbench tra
     if (backbone.model_name, backbone.pretrained) != (model, pretrained):
         raise CheckpointError(f"LinCIR's demo weights are for {model}/{pretrained}; for {backbone.model_name}/"
                               f"{backbone.pretrained} {what}")
-    return hub_file(repo, name, "LinCIR's demo weights")
+    return hub_file(repo, name, "LinCIR's demo weights", option=option)
 
 
 class LinCIRProtocol(SearleProtocol):

@@ -125,7 +125,7 @@ class RTDTrainable(TrainableMethod):
     def __init__(self, backbone: Backbone, options: dict[str, Any]):
         super().__init__(backbone, options)
         path = options.get("phi") or lincir_demo_weights(
-            backbone, "pass --phi (a LinCIR Phi for this backbone: `cirbench train --method lincir`)")
+            backbone, "pass --phi (a LinCIR Phi for this backbone: `cirbench train --method lincir`)", option="phi")
         tensors, sha256 = load_phi_weights(path, "lincir", backbone)
         self.phi = frozen_phi(backbone, tensors, str(path))
         self.phi_record = {"source": str(path), "sha256": sha256}
