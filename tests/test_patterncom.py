@@ -294,6 +294,9 @@ def test_bad_files_and_options_are_one_line_errors(tmp_path):
     (root / "PatternCom" / "shape.csv").write_text("swimmingpool001.jpg,shape,round\nswimmingpool009.jpg,shape,oval\n")
     with pytest.raises(AnnotationError, match=r"shape.csv, line 2: image swimmingpool009.jpg is not in patternnet"):
         _dataset(root, attribute="shape").load("test")
+    (root / "PatternCom" / "shape.csv").write_text("image,attribute,value\nswimmingpool001.jpg,shape,round\n")
+    with pytest.raises(AnnotationError, match=r"line 1: image image is not in patternnet.csv \(a header row\?"):
+        _dataset(root, attribute="shape").load("test")
     (root / "PatternCom" / "shape.csv").write_text("swimmingpool001.jpg,shape,round\nswimmingpool002.jpg,shape\n")
     with pytest.raises(AnnotationError, match="shape.csv, line 2: expected 'image,attribute,value'"):
         _dataset(root, attribute="shape").load("test")

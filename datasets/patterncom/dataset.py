@@ -77,7 +77,9 @@ class PatternCom(Dataset):
         rows = read_attribute_rows(path, self.root_hint())
         for n, name, _, _ in rows:
             if name not in images:
-                raise AnnotationError(f"annotation file {path}, line {n}: image {name} is not in {GALLERY_FILE}")
+                header = " (a header row? the official reader takes every row as an image's)" if n == 1 else ""
+                raise AnnotationError(f"annotation file {path}, line {n}: image {name} is not in {GALLERY_FILE}"
+                                      f"{header}")
         groups: dict[str, set[str]] = {}
         for _, name, annotated, value in rows:
             groups.setdefault(group_key(attribute, annotated, name), set()).add(value)
