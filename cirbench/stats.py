@@ -7,7 +7,10 @@ average over categories gets an interval too), and reports the 2.5th and 97.5th 
 
 **Paired comparison** of two runs on the same queries (``cirbench compare A B``): the per-query differences
 ``d`` of a metric; the mean difference, its paired-bootstrap interval, and a two-sided p-value from a
-sign-flip permutation test (under "no difference" each ``d`` is equally likely to have either sign).
+sign-flip permutation test (under "no difference" each ``d`` is equally likely to have either sign). A split of
+several sets (FashionIQ's categories, PatternCom's attributes, domain pairs) is compared on its combined metrics
+too (``avg/mAP``): the sets' mean differences combined by the dataset's ``aggregate``, the queries resampled
+(and their signs flipped) within their own set.
 """
 
 from __future__ import annotations
@@ -94,3 +97,53 @@ def paired_comparison(a: Any, b: Any, replicates: int = 10000, seed: int = 0, le
     return {"queries": n, "difference": observed, "low": float(np.percentile(boot, tail)),
             "high": float(np.percentile(boot, 100 - tail)), "p_value": float(min(1.0, p)),
             "a_wins": int((d > 0).sum()), "b_wins": int((d < 0).sum()), "ties": int((d == 0).sum())}
+
+
+def paired_aggregate(per_set: dict[str, dict[str, tuple[Any, Any]]],
+                     aggregate: Callable[[dict[str, dict[str, float]]], dict[str, float]], names: list[str],
+                     replicates: int = 10000, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
+    """:func:`paired_comparison` of the split-level metrics ``names`` that ``aggregate`` combines from the sets'
+    means (``avg/mAP``): ``per_set[set][metric]`` holds both runs' paired per-query values; the difference is the
+    aggregate of the sets' mean differences (the aggregates here are linear: the difference of the runs'
+    numbers), its interval resamples each set's queries, its p-value flips each query's sign; wins count the
+    queries of every set on the named metric."""
+    diffs: dict[str, dict[str, np.ndarray]] = {}
+    for set_name, metrics in per_set.items():
+        for metric, (a, b) in metrics.items():
+            a, b = _as_array(a), _as_array(b)
+            keep = ~(np.isnan(a) | np.isnan(b))
+            if keep.any():
+                diffs.setdefault(set_name, {})[metric] = a[keep] - b[keep]
+    if not diffs:
+        return {}
+    observed = {k: v for k, v in aggregate({s: {m: float(d.mean()) for m, d in ms.items()}
+                                            for s, ms in diffs.items()}).items() if k in names}
+    boot_rng, flip_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    boot: dict[str, list[float]] = {k: [] for k in observed}
+    extreme = dict.fromkeys(observed, 0)
+    largest = max(len(d) for ms in diffs.values() for d in ms.values())
+    for size in _blocks(replicates, largest):
+        # each set's values of each metric drawn on their own (an aggregate reads one metric of every set)
+        resampled = {s: {m: d[boot_rng.integers(0, len(d), size=(size, len(d)))].mean(axis=1) for m, d in ms.items()}
+                     for s, ms in diffs.items()}
+        flipped = {s: {m: (2.0 * np.unpackbits(flip_rng.integers(0, 256, size=(size, (len(d) + 7) // 8),
+                                                                   dtype=np.uint8), axis=1, count=len(d)) - 1.0) @ d
+                       / len(d) for m, d in ms.items()} for s, ms in diffs.items()}
+        for r in range(size):
+            again = aggregate({s: {m: float(v[r]) for m, v in ms.items()} for s, ms in resampled.items()})
+            null = aggregate({s: {m: float(v[r]) for m, v in ms.items()} for s, ms in flipped.items()})
+            for name, value in observed.items():
+                boot[name].append(again[name])
+                extreme[name] += abs(null[name]) >= abs(value) - 1e-9 * max(1.0, abs(value))
+    tail = (1 - level) / 2 * 100
+    out = {}
+    for name, value in observed.items():
+        base = name.rsplit("/", 1)[-1]
+        d = [ms[base] for ms in diffs.values() if base in ms]
+        low, high = np.percentile(boot[name], [tail, 100 - tail])
+        out[name] = {"queries": int(sum(len(x) for x in d)), "difference": float(value), "low": float(low),
+                     "high": float(high),
+                     "p_value": float(min(1.0, (1 + extreme[name]) / (replicates + 1))),
+                     "a_wins": int(sum((x > 0).sum() for x in d)), "b_wins": int(sum((x < 0).sum() for x in d)),
+                     "ties": int(sum((x == 0).sum() for x in d))}
+    return out

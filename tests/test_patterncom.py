@@ -260,7 +260,7 @@ def test_a_run_scores_as_the_official_evaluation(tmp_path, tiny_config, method, 
     assert len(out.record["per_set_metrics"]) == 6
 
 
-def test_rankings_made_elsewhere_are_scored_as_the_run_and_the_leaderboard_shows_the_papers(tmp_path, tiny_config):
+def test_rankings_made_elsewhere_are_scored_compared_and_shown_beside_the_papers(tmp_path, tiny_config):
     """`cirbench score` on a run's whole rankings gives its numbers (AP reads every positive: a ranking cut short
     is refused); the leaderboard puts each attribute's mAP beside the published tables, the R@K and P@K kept as
     detail."""
@@ -280,6 +280,25 @@ def test_rankings_made_elsewhere_are_scored_as_the_run_and_the_leaderboard_shows
     res = CliRunner().invoke(cli, [*base, str(short)])
     assert res.exit_code == 2 and f"at least {PER_CLASS * len(CLASSES)} are needed (`cirbench run` keeps each " \
         "query's top 50 in its predictions: run it with --save-top all)" in res.output
+    # compare: each attribute's mAP and the split's combined numbers (avg/, the queries resampled within their
+    # attribute); the attributes' R@K and P@K only with --all-metrics, as in the leaderboard
+    (other,) = evaluate(_cfg(tmp_path, tiny_config, root, "image-only"))
+    res = CliRunner().invoke(cli, ["compare", str(out.result_path), str(other.result_path), "--json",
+                                   "--replicates", "500"])
+    assert res.exit_code == 0, res.output
+    compared = json.loads(res.output)["comparisons"]
+    assert "color/mAP" in compared and "color/R@5" not in compared and "avg/P@20" in compared
+    for name in ("avg/mAP", "avg/R@10", "shape/mAP"):
+        r = compared[name]
+        assert r["difference"] == pytest.approx(out.metrics[name] - other.metrics[name], abs=1e-4)  # rounded rows
+        assert r["low"] <= r["difference"] <= r["high"] and 0 < r["p_value"] <= 1
+    assert compared["avg/mAP"]["queries"] == len(rows)
+    full = CliRunner().invoke(cli, ["compare", str(out.result_path), str(other.result_path), "--json",
+                                    "--replicates", "200", "--all-metrics"])
+    assert "color/R@5" in json.loads(full.output)["comparisons"]
+    itself = CliRunner().invoke(cli, ["compare", str(out.result_path), str(out.result_path), "--json",
+                                      "--replicates", "200"])
+    assert json.loads(itself.output)["comparisons"]["avg/mAP"]["p_value"] == 1.0
     res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path / "results"), "--dataset", "patterncom"])
     assert res.exit_code == 0, res.output
     header = next(line for line in res.output.splitlines() if line.startswith("|") and "avg/mAP" in line)

@@ -62,6 +62,31 @@ def metric_columns(aligned: list[tuple[tuple[str, str], list[dict]]]) -> dict[st
     return table
 
 
+def split_aggregate(record: dict):
+    """The recorded dataset's ``aggregate`` and detail-metric prefixes (None and () for a dataset whose plugin is
+    not installed here, or that cannot be built without its data)."""
+    from cirbench.errors import CirbenchError
+    from cirbench.plugins import get_registry
+
+    try:
+        spec = get_registry().dataset(str(record["dataset"].get("name")))
+        return spec.create(None, dict(record["dataset"].get("options") or {})).aggregate, tuple(spec.detail_metrics)
+    except (CirbenchError, TypeError, ValueError, OSError):
+        return None, ()
+
+
+def set_columns(aligned: list[tuple[tuple[str, str], list[dict]]]) -> dict[str, dict[str, tuple[list, list]]]:
+    """Per set, per metric, the two runs' values of the queries both scored (for the split-level metrics)."""
+    out: dict[str, dict[str, tuple[list, list]]] = {}
+    for (set_name, _), (a, b) in aligned:
+        for metric, value in a.items():
+            if b.get(metric) is not None and value is not None:
+                pair = out.setdefault(set_name, {}).setdefault(metric, ([], []))
+                pair[0].append(value)
+                pair[1].append(b[metric])
+    return out
+
+
 def paired_rows(path_a: Path, path_b: Path) -> tuple[dict, dict, dict[str, tuple[list, list]]]:
     """Both records and, per metric (prefixed by the set when a split has several), the paired per-query
     values of the queries both runs scored."""
@@ -80,15 +105,31 @@ def paired_rows(path_a: Path, path_b: Path) -> tuple[dict, dict, dict[str, tuple
 @click.option("--metric", "metrics", multiple=True, help="Only these metrics (default: all shared ones).")
 @click.option("--replicates", type=click.IntRange(100, MAX_REPLICATES), default=10000, show_default=True,
               help="Bootstrap and permutation samples.")
+@click.option("--all-metrics", is_flag=True, help="Also the breakdown metrics a leaderboard keeps out (CIRCO's "
+              "per-aspect mAP@10, each domain pair's numbers).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def command(result_a, result_b, metrics, replicates, as_json):
+def command(result_a, result_b, metrics, replicates, all_metrics, as_json):
     """Paired comparison of two result files on the same split: per metric, the mean per-query difference A - B,
-    its 95% paired-bootstrap interval, a sign-flip permutation p-value, and how many queries each run wins."""
-    from cirbench.stats import paired_comparison
+    its 95% paired-bootstrap interval, a sign-flip permutation p-value, and how many queries each run wins. A split
+    of several sets (FashionIQ's categories, domain pairs) is compared on its combined metrics too (avg/...), the
+    queries resampled within their set."""
+    from cirbench.stats import paired_aggregate, paired_comparison
 
-    rec_a, rec_b, paired = paired_rows(Path(result_a), Path(result_b))
-    names = [m for m in paired if not metrics or m in metrics or m.split("/")[-1] in metrics]
-    out = {name: paired_comparison(*paired[name], replicates=replicates) for name in names}
+    path_a, path_b = Path(result_a), Path(result_b)
+    rec_a, rec_b, paired = paired_rows(path_a, path_b)
+    aggregate, details = split_aggregate(rec_a)
+    per_set = set_columns(aligned_queries([path_a, path_b])[1])
+
+    def wanted(name: str) -> bool:
+        if metrics:
+            return name in metrics or name.split("/")[-1] in metrics
+        return all_metrics or not name.startswith(details)
+
+    out = {name: paired_comparison(*paired[name], replicates=replicates) for name in paired if wanted(name)}
+    if aggregate is not None and len(per_set) > 1:
+        combined = [m for m in aggregate({s: {m: 0.0 for m in ms} for s, ms in per_set.items()})
+                    if m not in paired and wanted(m)]
+        out.update(paired_aggregate(per_set, aggregate, combined, replicates=replicates))
     if as_json:
         click.echo(json.dumps({"a": rec_a["method"].get("label"), "b": rec_b["method"].get("label"),
                                "dataset": rec_a["dataset"].get("name"), "split": rec_a["dataset"].get("split"),
