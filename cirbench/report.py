@@ -339,12 +339,10 @@ def build_report(result_paths: list[Path], output: Path | None = None, top: int 
     query_html = "".join(_query_html(i, e, labels, thumb, top) for i, e in enumerate(rows))
     comparison = None
     if len(records) == 2:
-        from .commands.compare import paired_rows
-        from .stats import paired_comparison
+        from .commands.compare import compare_runs
 
         try:
-            _, _, paired = paired_rows(Path(result_paths[0]), Path(result_paths[1]))
-            comparison = {m: paired_comparison(*v, replicates=2000) for m, v in paired.items()}
+            comparison = compare_runs(Path(result_paths[0]), Path(result_paths[1]), replicates=2000)[2]
         except CirbenchError:
             comparison = None
     plot_list = make_plots(result_paths, records, out)

@@ -99,23 +99,13 @@ def paired_rows(path_a: Path, path_b: Path) -> tuple[dict, dict, dict[str, tuple
     return rec_a, rec_b, {name: (a, b) for name, (a, b) in table.items()}
 
 
-@click.command(name="compare", epilog=EPILOG)
-@click.argument("result_a", type=click.Path(dir_okay=False, exists=True))
-@click.argument("result_b", type=click.Path(dir_okay=False, exists=True))
-@click.option("--metric", "metrics", multiple=True, help="Only these metrics (default: all shared ones).")
-@click.option("--replicates", type=click.IntRange(100, MAX_REPLICATES), default=10000, show_default=True,
-              help="Bootstrap and permutation samples.")
-@click.option("--all-metrics", is_flag=True, help="Also the breakdown metrics a leaderboard keeps out (CIRCO's "
-              "per-aspect mAP@10, each domain pair's numbers).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def command(result_a, result_b, metrics, replicates, all_metrics, as_json):
-    """Paired comparison of two result files on the same split: per metric, the mean per-query difference A - B,
-    its 95% paired-bootstrap interval, a sign-flip permutation p-value, and how many queries each run wins. A split
-    of several sets (FashionIQ's categories, domain pairs) is compared on its combined metrics too (avg/...), the
-    queries resampled within their set."""
+def compare_runs(path_a: Path, path_b: Path, replicates: int, metrics: tuple[str, ...] = (),
+                 all_metrics: bool = False) -> tuple[dict, dict, dict[str, dict[str, float]]]:
+    """Both records and the paired comparison of every metric both runs scored (``metrics``: only these, by full
+    or bare name; breakdown metrics only with ``all_metrics``), and of the split's combined metrics when it has
+    several sets (see :func:`cirbench.stats.paired_aggregate`)."""
     from cirbench.stats import paired_aggregate, paired_comparison
 
-    path_a, path_b = Path(result_a), Path(result_b)
     rec_a, rec_b, paired = paired_rows(path_a, path_b)
     aggregate, details = split_aggregate(rec_a)
     per_set = set_columns(aligned_queries([path_a, path_b])[1])
@@ -130,6 +120,24 @@ def command(result_a, result_b, metrics, replicates, all_metrics, as_json):
         combined = [m for m in aggregate({s: {m: 0.0 for m in ms} for s, ms in per_set.items()})
                     if m not in paired and wanted(m)]
         out.update(paired_aggregate(per_set, aggregate, combined, replicates=replicates))
+    return rec_a, rec_b, out
+
+
+@click.command(name="compare", epilog=EPILOG)
+@click.argument("result_a", type=click.Path(dir_okay=False, exists=True))
+@click.argument("result_b", type=click.Path(dir_okay=False, exists=True))
+@click.option("--metric", "metrics", multiple=True, help="Only these metrics (default: all shared ones).")
+@click.option("--replicates", type=click.IntRange(100, MAX_REPLICATES), default=10000, show_default=True,
+              help="Bootstrap and permutation samples.")
+@click.option("--all-metrics", is_flag=True, help="Also the breakdown metrics a leaderboard keeps out (CIRCO's "
+              "per-aspect mAP@10, each domain pair's numbers).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def command(result_a, result_b, metrics, replicates, all_metrics, as_json):
+    """Paired comparison of two result files on the same split: per metric, the mean per-query difference A - B,
+    its 95% paired-bootstrap interval, a sign-flip permutation p-value, and how many queries each run wins. A split
+    of several sets (FashionIQ's categories, domain pairs) is compared on its combined metrics too (avg/...), the
+    queries resampled within their set."""
+    rec_a, rec_b, out = compare_runs(Path(result_a), Path(result_b), replicates, metrics, all_metrics)
     if as_json:
         click.echo(json.dumps({"a": rec_a["method"].get("label"), "b": rec_b["method"].get("label"),
                                "dataset": rec_a["dataset"].get("name"), "split": rec_a["dataset"].get("split"),
