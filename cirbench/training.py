@@ -463,6 +463,10 @@ def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, fa
     loss_sum = 0.0
 
     def run(j: int) -> tuple[torch.Tensor, dict[str, float]]:
+        lacking = [c for c in trainable.required_columns if c not in micro[j].extra]
+        if lacking and micro[j].captions:  # webdataset shards: their samples' fields are only seen as they are read
+            raise CirbenchError(f"the corpus's samples have no {', '.join(lacking)}, which method '{trainable.name}' "
+                                "reads from each of them")
         # moved on each use: only one micro-batch's pixels are on the device at a time, as without accumulation
         with autocast_context(trainable.backbone.precision, device):
             return trainable.training_step(micro[j].to(device))

@@ -149,6 +149,15 @@ def test_bad_input_is_one_line(tiny_config, phi_file, tmp_path, monkeypatch):
                                    str(tmp_path / "o"), "--backbone", str(tiny_config), "--pretrained", "none",
                                    "--phi", str(phi_file), "--max-steps", "1", "--quiet"])
     assert res.exit_code == 2 and "row 1 has no conditioning_caption" in res.output
+    # shards carry a caption per sample, not the triplet's other fields: one line when the first batch comes
+    from test_training import _shards
+
+    spec = _shards(tmp_path / "shards", [6])
+    res = CliRunner().invoke(cli, ["train", "--method", "rtd", "--corpus", spec, "--output", str(tmp_path / "s"),
+                                   "--backbone", str(tiny_config), "--pretrained", "none", "--phi", str(phi_file),
+                                   "--max-steps", "1", "--batch-size", "2", "--workers", "0", "--quiet"])
+    assert res.exit_code == 2 and "samples have no reference_caption, conditioning_caption, which method 'rtd'" \
+        in res.output, res.output
     bb = load_backbone(str(tiny_config), "none", device="cpu", seed=0)
     with pytest.raises(CheckpointError, match="rtd needs --checkpoint: RTD's authors released no weights"):
         rtd.RTD(bb, {"checkpoint": None}, "cirr")
