@@ -87,39 +87,34 @@ def set_columns(aligned: list[tuple[tuple[str, str], list[dict]]]) -> dict[str, 
     return out
 
 
-def paired_rows(path_a: Path, path_b: Path) -> tuple[dict, dict, dict[str, tuple[list, list]]]:
-    """Both records and, per metric (prefixed by the set when a split has several), the paired per-query
-    values of the queries both runs scored."""
-    from cirbench.errors import CirbenchError
-
-    (rec_a, rec_b), aligned = aligned_queries([path_a, path_b])
-    table = metric_columns(aligned)
-    if not table:
-        raise CirbenchError("the two runs share no scored metric")
-    return rec_a, rec_b, {name: (a, b) for name, (a, b) in table.items()}
-
-
 def compare_runs(path_a: Path, path_b: Path, replicates: int, metrics: tuple[str, ...] = (),
                  all_metrics: bool = False) -> tuple[dict, dict, dict[str, dict[str, float]]]:
     """Both records and the paired comparison of every metric both runs scored (``metrics``: only these, by full
     or bare name; breakdown metrics only with ``all_metrics``), and of the split's combined metrics when it has
     several sets (see :func:`cirbench.stats.paired_aggregate`)."""
+    from cirbench.errors import CirbenchError
     from cirbench.stats import paired_aggregate, paired_comparison
 
-    rec_a, rec_b, paired = paired_rows(path_a, path_b)
+    (rec_a, rec_b), aligned = aligned_queries([path_a, path_b])
+    paired = metric_columns(aligned)
+    if not paired:
+        raise CirbenchError("the two runs share no scored metric")
     aggregate, details = split_aggregate(rec_a)
-    per_set = set_columns(aligned_queries([path_a, path_b])[1])
+    per_set = set_columns(aligned)
 
     def wanted(name: str) -> bool:
         if metrics:
             return name in metrics or name.split("/")[-1] in metrics
         return all_metrics or not name.startswith(details)
 
-    out = {name: paired_comparison(*paired[name], replicates=replicates) for name in paired if wanted(name)}
+    out = {name: paired_comparison(a, b, replicates=replicates) for name, (a, b) in paired.items() if wanted(name)}
     if aggregate is not None and len(per_set) > 1:
-        combined = [m for m in aggregate({s: {m: 0.0 for m in ms} for s, ms in per_set.items()})
-                    if m not in paired and wanted(m)]
-        out.update(paired_aggregate(per_set, aggregate, combined, replicates=replicates))
+        try:  # a third-party aggregate that wants other metrics than both runs scored: no combined rows
+            combined = [m for m in aggregate({s: {m: 0.0 for m in ms} for s, ms in per_set.items()})
+                        if m not in paired and wanted(m)]
+            out.update(paired_aggregate(per_set, aggregate, combined, replicates=replicates))
+        except (KeyError, ValueError, ZeroDivisionError):
+            pass
     return rec_a, rec_b, out
 
 
