@@ -196,17 +196,18 @@ def test_a_path_option_is_named_by_what_it_holds(tmp_path):
     assert content_digest(tmp_path / "nothing") == "missing"
 
 
-def test_hits_are_the_ranked_entries_among_the_targets(monkeypatch):
+@pytest.mark.parametrize("span", [60, 400])  # rankings of much of the gallery (a target mask) or a top few (searches)
+def test_hits_are_the_ranked_entries_among_the_targets(monkeypatch, span):
     """Against the definition, with empty slots (-1), empty and repeated target lists, in small blocks."""
     from cirbench import metrics
 
     gen = torch.Generator().manual_seed(0)
-    ranked = torch.randint(-1, 60, (37, 25), generator=gen)
-    targets = [sorted(set(torch.randint(0, 60, (int(n),), generator=gen).tolist())) if n else []
+    ranked = torch.randint(-1, span, (37, 25), generator=gen)
+    targets = [sorted(set(torch.randint(0, span, (int(n),), generator=gen).tolist())) if n else []
                for n in torch.randint(0, 12, (37,), generator=gen)]
     targets[3] = [5, 5, 7]
     expected = torch.tensor([[r >= 0 and r in set(t) for r in row] for row, t in zip(ranked.tolist(), targets,
                                                                                    strict=True)])
-    monkeypatch.setattr(metrics, "HITS_BLOCK", 50)  # two queries a block
+    monkeypatch.setattr(metrics, "HITS_BLOCK", 130)  # a few queries a block
     assert torch.equal(hits_matrix(ranked, targets), expected)
     assert not hits_matrix(ranked, [[] for _ in targets]).any()
