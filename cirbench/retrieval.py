@@ -132,7 +132,8 @@ def rank(
         return faiss_rank(queries, gallery, k, exclude)
     device = gallery.device
     gallery_chunk = gallery_chunk or max(4096, SCORE_BLOCK // max(1, min(query_chunk, n_queries) * vectors))
-    out_idx, out_scores = [], []
+    # filled in place, chunk by chunk: no second copy of a whole-gallery ranking at the end
+    out_idx, out_scores = torch.empty(n_queries, k, dtype=torch.long), torch.empty(n_queries, k)
     for qs in range(0, n_queries, query_chunk):
         q = queries[qs : qs + query_chunk].to(device=device, dtype=torch.float32)
         ex = exclude[qs : qs + query_chunk].to(device) if exclude is not None else None
@@ -150,9 +151,9 @@ def rank(
             else:
                 best_s, best_i = _lexicographic(torch.cat([best_s, s], 1), torch.cat([best_i, i], 1), k)
         assert best_s is not None and best_i is not None  # the gallery has at least one chunk (k > 0)
-        out_idx.append(best_i.cpu())
-        out_scores.append(best_s.cpu())
-    return torch.cat(out_idx), torch.cat(out_scores)
+        out_idx[qs : qs + len(q)] = best_i.cpu()
+        out_scores[qs : qs + len(q)] = best_s.cpu()
+    return out_idx, out_scores
 
 
 def _scores(q: torch.Tensor, g: torch.Tensor, combine) -> torch.Tensor:
