@@ -62,6 +62,7 @@ class BenchConfig:
     agreement: bool = False
     folder: str | None = None
     sections: tuple[str, ...] = ("encode", "rank")
+    whole: bool = False  # rank: also each query against the whole gallery, with its hits and AP
 
 
 def _sync(device: torch.device) -> None:
@@ -321,7 +322,33 @@ def bench_rank(cfg: BenchConfig) -> dict[str, Any]:
     if _faiss_available():
         r["faiss_s"] = timed(lambda: rank(q, g, 50, backend="faiss"), dev, cfg.reps)["seconds"]
     r["auto_s"] = timed(lambda: rank(q, g, 50, backend="auto"), dev, cfg.reps)["seconds"]
+    if cfg.whole:
+        r["whole"] = bench_whole_ranking(q, g, dev, cfg.reps)
     return r
+
+
+def bench_whole_ranking(q: torch.Tensor, g: torch.Tensor, dev: torch.device, reps: int) -> dict[str, Any]:
+    """What benchmarks with AP over a whole ranking pay (domain conversion, i-CIR, PatternCom): every query ranked
+    against the whole gallery, then its hits and AP (a positive every 401 gallery images), and the peak memory
+    (the process's resident set on the CPU, allocated memory on CUDA)."""
+    import resource
+
+    from .metrics import average_precision_per_query, hits_matrix
+    from .retrieval import rank
+
+    n = g.shape[0]
+    targets = [list(range(i % 401, n, 401)) for i in range(q.shape[0])]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    out: dict[str, Any] = {"rank_s": timed(lambda: rank(q, g, n, backend="torch"), dev, reps)["seconds"]}
+    indices, _ = rank(q, g, n, backend="torch")
+    out["hits_and_ap_s"] = timed(lambda: average_precision_per_query(hits_matrix(indices, targets)), dev,
+                                 reps)["seconds"]
+    if dev.type == "cuda":
+        out["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
+    else:
+        out["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    return out
 
 
 def bench_cache(cfg: BenchConfig, folder: Path) -> dict[str, Any]:
@@ -439,6 +466,12 @@ def format_report(result: dict[str, Any]) -> str:
         if "faiss_s" in r:
             lines.append(f"  faiss                {r['faiss_s']:.4f} s")
         lines.append(f"  auto                 {r['auto_s']:.4f} s")
+        if "whole" in r:
+            w = r["whole"]
+            memory = (f"peak GPU memory {w['peak_gpu_mem_gib']} GiB" if "peak_gpu_mem_gib" in w else
+                      f"peak RSS {w['peak_rss_gib']} GiB")
+            lines.append(f"  whole gallery        {w['rank_s']:.4f} s ranked, {w['hits_and_ap_s']:.4f} s hits and AP; "
+                         f"{memory}")
     c = result.get("cache")
     if c:
         lines.append(f"cache  {c['rows']:,} rows x {c['dim']}")

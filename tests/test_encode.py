@@ -205,7 +205,8 @@ def test_bench_measures_every_section(tiny_config, tmp_path):
 
     res = CliRunner().invoke(cli, ["bench", "--model", str(tiny_config), "--images", "10", "--batch-size", "4",
                                    "--workers", "0", "--queries", "20", "--gallery", "300", "--reps", "1",
-                                   "--cache-rows", "50", "--agreement", "--folder", str(tmp_path), "--json"])
+                                   "--cache-rows", "50", "--agreement", "--whole", "--folder", str(tmp_path),
+                                   "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     e, r, c = out["encode"], out["rank"], out["cache"]
@@ -216,6 +217,7 @@ def test_bench_measures_every_section(tiny_config, tmp_path):
     pixels = e["agreement"]["pixels_batched_vs_official"]  # the CPU decodes as PIL does: nothing may differ
     assert pixels["images"] == 10 and pixels["max_levels"] == 0 and pixels["values_differing"] == 0
     assert r["ratio_cirbench_over_topk"] == pytest.approx(r["cirbench_torch_s"] / r["plain_topk_s"])
+    assert r["whole"]["rank_s"] > 0 and r["whole"]["hits_and_ap_s"] > 0 and r["whole"]["peak_rss_gib"] > 0
     assert c["rows"] == 50 and c["warm_identify_read_verify_s"] > 0
     assert len(list(tmp_path.glob("jpegs/*.jpg"))) == 10  # the synthetic files are kept for the next run
 

@@ -12,6 +12,7 @@ Examples:
   cirbench bench                                          # small CPU-friendly defaults
   cirbench bench --model ViT-L-14 --images 6144 --batch-size 256 --workers 16 --gallery 123403   # a GPU
   cirbench bench --section rank --gallery 123403 --queries 800
+  cirbench bench --section rank --whole --gallery 30400 --queries 5000 --reps 1   # AP over whole rankings
   cirbench bench --section cache --cache-rows 123403
   cirbench bench --model ViT-B-32 --agreement --json
 """
@@ -41,12 +42,14 @@ Examples:
               help="Feature width for rank/cache.")
 @click.option("--cache-rows", type=click.IntRange(0, 100_000_000), default=0, show_default=True,
               help="Measure the feature cache at this many images (CIRCO: 123403).")
+@click.option("--whole", is_flag=True, help="rank: also every query against the whole gallery, with its hits and AP "
+              "(the cost of benchmarks that score whole rankings: domain conversion, i-CIR, PatternCom).")
 @click.option("--agreement", is_flag=True, help="Also measure fp32 vs bf16 feature agreement.")
 @click.option("--folder", type=click.Path(file_okay=False), default=None,
               help="Keep the synthetic files here (reused by later runs) instead of a temporary folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def command(model, pretrained, sections, images, batch_size, precision, device, workers, reps, no_official,
-            official_images, queries, gallery, dim, cache_rows, agreement, folder, as_json):
+            official_images, queries, gallery, dim, cache_rows, whole, agreement, folder, as_json):
     """Measure images/s of the model alone, of the full encode path (files -> features) and of the official
     scripts' pipeline, each piece alone, peak GPU memory, ranking time against a plain topk, and the feature
     cache's warm-run overhead."""
@@ -64,6 +67,6 @@ def command(model, pretrained, sections, images, batch_size, precision, device, 
                       workers=workers if workers is not None else min(16, cpus), reps=reps, official=not no_official,
                       official_images=official_images,
                       queries=queries, gallery=gallery or (123403 if cuda else 20000), dim=dim, cache_rows=cache_rows,
-                      agreement=agreement, folder=folder, sections=chosen)
+                      agreement=agreement, folder=folder, sections=chosen, whole=whole)
     result = run_bench(cfg)
     click.echo(json.dumps(result) if as_json else format_report(result))
