@@ -15,7 +15,7 @@ too (``avg/mAP``): the sets' mean differences combined by the dataset's ``aggreg
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -99,11 +99,11 @@ def paired_comparison(a: Any, b: Any, replicates: int = 10000, seed: int = 0, le
             "a_wins": int((d > 0).sum()), "b_wins": int((d < 0).sum()), "ties": int((d == 0).sum())}
 
 
-def paired_aggregate(per_set: dict[str, dict[str, tuple[Any, Any]]],
+def paired_aggregate(per_set: Mapping[str, Mapping[str, Sequence[Any]]],
                      aggregate: Callable[[dict[str, dict[str, float]]], dict[str, float]], names: list[str],
                      replicates: int = 10000, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
     """:func:`paired_comparison` of the split-level metrics ``names`` that ``aggregate`` combines from the sets'
-    means (``avg/mAP``): ``per_set[set][metric]`` holds both runs' paired per-query values; the difference is the
+    means (``avg/mAP``): ``per_set[set][metric]`` holds both runs' paired per-query values (a, b); the difference is the
     aggregate of the sets' mean differences (the aggregates here are linear: the difference of the runs'
     numbers), its interval resamples each set's queries, its p-value flips each query's sign; wins count the
     queries of every set on the named metric."""

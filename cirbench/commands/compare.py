@@ -46,20 +46,18 @@ def aligned_queries(paths: list[Path]) -> tuple[list[dict], list[tuple[tuple[str
     return records, aligned
 
 
-def metric_columns(aligned: list[tuple[tuple[str, str], list[dict]]]) -> dict[str, list[list]]:
-    """Per metric (prefixed by the set when the queries come from several), the values of the queries every run
-    scored it for, one list per run."""
-    several = len({key[0] for key, _ in aligned}) > 1
-    table: dict[str, list[list]] = {}
+def set_columns(aligned: list[tuple[tuple[str, str], list[dict]]]) -> dict[str, dict[str, list[list]]]:
+    """Per set, per metric, the values of the queries every run scored it for, one list per run."""
+    out: dict[str, dict[str, list[list]]] = {}
     for (set_name, _), metrics in aligned:
         for metric in metrics[0]:
             values = [m.get(metric) for m in metrics]
             if any(v is None for v in values):
                 continue
-            columns = table.setdefault(f"{set_name}/{metric}" if several else metric, [[] for _ in metrics])
+            columns = out.setdefault(set_name, {}).setdefault(metric, [[] for _ in metrics])
             for column, v in zip(columns, values, strict=True):
                 column.append(v)
-    return table
+    return out
 
 
 def split_aggregate(record: dict):
@@ -75,18 +73,6 @@ def split_aggregate(record: dict):
         return None, ()
 
 
-def set_columns(aligned: list[tuple[tuple[str, str], list[dict]]]) -> dict[str, dict[str, tuple[list, list]]]:
-    """Per set, per metric, the two runs' values of the queries both scored (for the split-level metrics)."""
-    out: dict[str, dict[str, tuple[list, list]]] = {}
-    for (set_name, _), (a, b) in aligned:
-        for metric, value in a.items():
-            if b.get(metric) is not None and value is not None:
-                pair = out.setdefault(set_name, {}).setdefault(metric, ([], []))
-                pair[0].append(value)
-                pair[1].append(b[metric])
-    return out
-
-
 def compare_runs(path_a: Path, path_b: Path, replicates: int, metrics: tuple[str, ...] = (),
                  all_metrics: bool = False) -> tuple[dict, dict, dict[str, dict[str, float]]]:
     """Both records and the paired comparison of every metric both runs scored (``metrics``: only these, by full
@@ -96,11 +82,12 @@ def compare_runs(path_a: Path, path_b: Path, replicates: int, metrics: tuple[str
     from cirbench.stats import paired_aggregate, paired_comparison
 
     (rec_a, rec_b), aligned = aligned_queries([path_a, path_b])
-    paired = metric_columns(aligned)
+    per_set = set_columns(aligned)
+    several = len({key[0] for key, _ in aligned}) > 1
+    paired = {f"{s}/{m}" if several else m: columns for s, ms in per_set.items() for m, columns in ms.items()}
     if not paired:
         raise CirbenchError("the two runs share no scored metric")
     aggregate, details = split_aggregate(rec_a)
-    per_set = set_columns(aligned)
 
     def wanted(name: str) -> bool:
         if metrics:
