@@ -144,6 +144,19 @@ class Phi(torch.nn.Module):
         return self.layers(x)
 
 
+def loaded_phi(backbone: Backbone, tensors: dict[str, torch.Tensor], source: str, dropout: float = 0.5) -> Phi:
+    """A :class:`Phi` for ``backbone`` (input: its embedding, hidden 4x, output: its token width) holding
+    ``tensors``, on the backbone's device, in eval mode and frozen (a trained Phi that other weights are evaluated
+    or tuned around)."""
+    embed = backbone.embed_dim
+    phi = Phi(embed, 4 * embed, token_width(backbone), dropout=dropout)
+    load_module_weights(phi, tensors, source)
+    phi = phi.to(backbone.device).eval()
+    for p in phi.parameters():
+        p.requires_grad_(False)
+    return phi
+
+
 class PhiTrainable(NetTrainable):
     """The trainer of a SEARLE-shaped :class:`Phi` (SEARLE, LinCIR): ``self.net`` maps the frozen CLIP's image
     (or text) embedding to a pseudo-word, with the ``dropout`` option; both official optimizers decay every
@@ -230,10 +243,7 @@ class SearleProtocol(RawImageReferences, Method):
 
     def build_phi(self, tensors: dict[str, torch.Tensor], source: str, dropout: float = 0.5) -> None:
         """``self.phi`` (input: the image embedding, hidden 4x, output: the token width) with ``tensors``."""
-        embed = self.backbone.embed_dim
-        phi = Phi(embed, 4 * embed, token_width(self.backbone), dropout=dropout)
-        load_module_weights(phi, tensors, source)
-        self.phi = phi.to(self.backbone.device).eval()
+        self.phi = loaded_phi(self.backbone, tensors, source, dropout)
 
     def pseudo_words(self, references: torch.Tensor) -> torch.Tensor:
         """One pseudo-word ``[B, width]`` per reference (what :meth:`compose` receives for it)."""

@@ -10,19 +10,18 @@ from typing import Any
 import torch
 
 from cirbench.backbones import Backbone
-from cirbench.checkpoints import check_fit, checkpoint_sha256, load_checkpoint, load_module_weights
+from cirbench.checkpoints import check_fit, checkpoint_sha256, load_checkpoint
 from cirbench.errors import CheckpointError
 from cirbench.methods._shared.textinv import (
     LinCIRProtocol,
-    Phi,
     clean_caption,
     clean_text,
     encode_with_pseudo_tokens,
     lincir_demo_weights,
     load_phi_weights,
+    loaded_phi,
     nt_xent,
     searle_prompt,
-    token_width,
 )
 from cirbench.training import TrainableMethod
 
@@ -71,16 +70,6 @@ def tuned_backbone(backbone: Backbone, view: torch.nn.Module) -> Backbone:
     return replace(backbone, model=view, _text_memo={}, _derived={}, feature_store=None)
 
 
-def frozen_phi(backbone: Backbone, tensors: dict[str, torch.Tensor], source: str) -> Phi:
-    embed = backbone.embed_dim
-    phi = Phi(embed, 4 * embed, token_width(backbone), dropout=0.5)
-    load_module_weights(phi, tensors, source)
-    phi = phi.to(backbone.device).eval()
-    for p in phi.parameters():
-        p.requires_grad_(False)
-    return phi
-
-
 class RTD(LinCIRProtocol):
     """Query feature = the tuned text tower's feature of "a photo of $ that {caption}", $ = Phi(image
     embedding); gallery features are the backbone's own."""
@@ -93,7 +82,7 @@ class RTD(LinCIRProtocol):
                                   "`cirbench train --method rtd --corpus TRIPLETS.jsonl --output DIR` and pass DIR")
         tensors, config = load_checkpoint(path, "rtd", backbone.identity())
         phi = {k.removeprefix(PHI): v for k, v in tensors.items() if k.startswith(PHI)}
-        self.phi = frozen_phi(backbone, phi, str(path))
+        self.build_phi(phi, str(path))
         view = text_tower_copy(backbone.model)
         load_text_state(view, {k: v for k, v in tensors.items() if not k.startswith(PHI)}, str(path))
         self.tuned = tuned_backbone(backbone, view)
@@ -127,7 +116,7 @@ class RTDTrainable(TrainableMethod):
         path = options.get("phi") or lincir_demo_weights(
             backbone, "pass --phi (a LinCIR Phi for this backbone: `cirbench train --method lincir`)", option="phi")
         tensors, sha256 = load_phi_weights(path, "lincir", backbone)
-        self.phi = frozen_phi(backbone, tensors, str(path))
+        self.phi = loaded_phi(backbone, tensors, str(path))
         self.phi_record = {"source": str(path), "sha256": sha256}
         self.view = text_tower_copy(backbone.model)
         for _, p in text_parameters(self.view):
