@@ -340,8 +340,13 @@ def bench_whole_ranking(q: torch.Tensor, g: torch.Tensor, dev: torch.device, rep
     targets = [list(range(i % 401, n, 401)) for i in range(q.shape[0])]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    out: dict[str, Any] = {"rank_s": timed(lambda: rank(q, g, n, backend="torch"), dev, reps)["seconds"]}
-    indices, _ = rank(q, g, n, backend="torch")
+    ranked: dict[str, torch.Tensor] = {}
+
+    def whole() -> None:
+        ranked["indices"] = rank(q, g, n, backend="torch")[0]  # the last call's ranking is what AP reads
+
+    out: dict[str, Any] = {"rank_s": timed(whole, dev, reps)["seconds"]}
+    indices = ranked["indices"]
     out["hits_and_ap_s"] = timed(lambda: average_precision_per_query(hits_matrix(indices, targets)), dev,
                                  reps)["seconds"]
     if dev.type == "cuda":
