@@ -91,9 +91,10 @@ class PatternCom(Dataset):
         for i, (_, name, annotated, value) in enumerate(rows):
             others = sorted(groups[group_key(attribute, annotated, name)] - {value})
             unqueried += not others
-            queries += [Query(id=f"{i}:{wanted}", reference=name, texts=(wanted,), category=relevance_class(name),
-                              targets=tuple(positives.get((relevance_class(name), wanted), ())),
-                              extra={"value": value}) for wanted in others]
+            kind = relevance_class(name)
+            queries += [Query(id=f"{i}:{wanted}", reference=name, texts=(wanted,), category=kind,
+                              targets=tuple(positives.get((kind, wanted), ())), extra={"value": value})
+                        for wanted in others]
         if not queries:
             raise AnnotationError(f"annotation file {path}: no image has a value of its attribute to be changed to "
                                   "(each class group shows one value only)")
