@@ -288,9 +288,25 @@ def command_option_names(command: click.Command) -> list[str]:
             for opt in p.opts if opt.startswith("--")]
 
 
+def _add_local_plugins(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """``--plugin``: noted as the option is parsed, before the command is looked up, so that a plugin's commands,
+    methods and datasets are there for it; loaded (strictly) with the built-ins on first use of the registry."""
+    if value:
+        from .plugins import add_local_plugins
+
+        add_local_plugins(value)
+    return value
+
+
 @click.group(cls=CirbenchGroup, epilog="\b\nExamples:\n  cirbench run\n  cirbench methods\n  "
-             "cirbench leaderboard results/")
+             "cirbench leaderboard results/\n"
+             "  cirbench --plugin my_method.py run --method mine   # a method in one file, not installed")
 @click.version_option(__version__, prog_name="cirbench")
+@click.option("--plugin", "local_plugins", multiple=True, metavar="FILE.py|FOLDER|MODULE", expose_value=False,
+              callback=_add_local_plugins,
+              help="Load a plugin that is not installed: a .py file, a package folder or a module's dotted name "
+                   "(repeat for several; also CIRBENCH_PLUGINS, separated by ':'). Result files record the "
+                   "sha256 of its code.")
 def cli() -> None:
     """cirbench: evaluate zero-shot composed image retrieval methods on CIR benchmarks, one loop for all.
 
@@ -553,7 +569,9 @@ def plugins(as_json):
         click.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
-        click.echo(f"{row['name']}  {row['version']}")
+        source = row.get("source") or {}
+        where = f"{source['path']} (sha256 {source['sha256'][:12]})" if source.get("sha256") else row["version"]
+        click.echo(f"{row['name']}  {where}")
         if row.get("error"):
             click.echo(f"  FAILED: {row['error']}")
             continue

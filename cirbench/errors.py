@@ -27,6 +27,7 @@ class UnknownNameError(CirbenchError):
         close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         super().__init__(f"unknown {kind} '{name}'{hint}; valid: {valid_list}")
+        self.kind = kind
         self.name = name
         self.valid = list(valid)
 

@@ -377,11 +377,16 @@ class Evaluator:
     def _record(self, cfg, mspec, dspec, dataset, split, method, label, opts, dataset_opts, backbone,
                 preprocessor) -> dict[str, Any]:
         """What determines this run's numbers (its fingerprint is computed from it) and how it ran."""
+        from .plugins import get_registry
+
+        sources = get_registry().source  # where the plugins' code came from: built-in, a version, a file's sha256
         record = {
             "created": utc_now(),
-            "method": {"name": mspec.name, "plugin": mspec.plugin, "label": label, "options": opts,
+            "method": {"name": mspec.name, "plugin": mspec.plugin, "plugin_source": sources(mspec.plugin),
+                       "label": label, "options": opts,
                        "files": path_option_digests(mspec.options, opts), "info": method.info()},
-            "dataset": {"name": dspec.name, "plugin": dspec.plugin, "split": split, "options": dataset_opts,
+            "dataset": {"name": dspec.name, "plugin": dspec.plugin, "plugin_source": sources(dspec.plugin),
+                        "split": split, "options": dataset_opts,
                         "files": path_option_digests(dspec.options, dataset_opts),
                         "data_root": str(dataset.data_root.resolve()), "data_root_given": dataset.data_root_given,
                         "annotations": annotation_checksums(dataset, split)},

@@ -17,18 +17,33 @@ Environment variables:
 * ``CIRBENCH_LOAD_PLUGINS=name1,name2``: load only these third-party plugins (entry-point names);
   an empty value loads none. Built-ins always load.
 * ``CIRBENCH_TRACE_PLUGINS=1``: print every hook call (pluggy's tracing) to stderr.
+* ``CIRBENCH_PLUGINS=FILE.py:FOLDER:module``: plugins that are not installed (``os.pathsep``-separated), as the
+  global option ``cirbench --plugin``: a ``.py`` file, a package folder, or an importable module's dotted name.
+
+Local plugins (``--plugin``/``CIRBENCH_PLUGINS``) are what a researcher iterates on: a method in one file, run
+without packaging it. They load right after the built-ins, always strictly (the user named them: a failure is an
+error, never a warning), and every result file records where each plugin's code came from
+(:meth:`Registry.source`): built-in, a distribution and its version, or a file and the sha256 of its code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
 import os
 import pkgutil
 import sys
 import threading
+import traceback
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -38,6 +53,7 @@ from .errors import CirbenchWarning, PluginError, UnknownNameError
 from .types import DatasetSpec, MethodSpec
 
 ENTRY_POINT_GROUP = "cirbench"
+LOCAL_PLUGINS_ENV = "CIRBENCH_PLUGINS"
 
 # Built-in plugins: every subpackage of these packages (names starting with "_" are shared code, not plugins),
 # registered through the same hooks as third-party plugins. A subpackage's __init__ holds the light
@@ -61,8 +77,21 @@ class PluginWarning(CirbenchWarning):
     """A plugin failed to load or registered a name that was taken; the rest still works."""
 
 
+_forced_strict = 0  # > 0 while loading a plugin the user named: its problems are errors
+
+
 def _strict() -> bool:
-    return os.environ.get("CIRBENCH_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes"}
+    return _forced_strict > 0 or os.environ.get("CIRBENCH_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes"}
+
+
+@contextlib.contextmanager
+def _strictly() -> Iterator[None]:
+    global _forced_strict
+    _forced_strict += 1
+    try:
+        yield
+    finally:
+        _forced_strict -= 1
 
 
 def _problem(message: str, exc: BaseException | None = None) -> None:
@@ -99,6 +128,108 @@ def _load_isolated(ep, timeout: float) -> Any:
     return result["plugin"]
 
 
+_cli_local_specs: list[str] = []  # what `cirbench --plugin` named (the option's callback fills it)
+_local_modules: set[str] = set()  # sys.modules names of the local plugin files imported (reset_registry drops them)
+
+
+def add_local_plugins(specs: Iterable[str]) -> None:
+    """Plugins named on the command line (``cirbench --plugin``), loaded with the built-ins by
+    :func:`get_registry` (before those of ``CIRBENCH_PLUGINS``)."""
+    for spec in specs:
+        if spec not in _cli_local_specs:
+            _cli_local_specs.append(spec)
+
+
+def local_plugin_specs() -> list[str]:
+    """The local plugins to load: ``cirbench --plugin`` values, then ``CIRBENCH_PLUGINS``'s."""
+    from_env = [s.strip() for s in os.environ.get(LOCAL_PLUGINS_ENV, "").split(os.pathsep) if s.strip()]
+    return list(dict.fromkeys([*_cli_local_specs, *from_env]))
+
+
+def _is_path(spec: str) -> bool:
+    return spec.endswith(".py") or "/" in spec or os.sep in spec or Path(spec).expanduser().exists()
+
+
+def code_digest(location: Path) -> str:
+    """sha256 of a plugin's code: a file's bytes, or a package folder's ``.py`` files (relative names and bytes,
+    in sorted order; caches and data files left out)."""
+    h = hashlib.sha256()
+    if location.is_dir():
+        for file in sorted(f for f in location.rglob("*.py") if "__pycache__" not in f.parts):
+            h.update(file.relative_to(location).as_posix().encode() + b"\0")
+            h.update(file.read_bytes() + b"\0")
+    else:
+        h.update(location.read_bytes())
+    return h.hexdigest()
+
+
+def _where(exc: BaseException, location: Path) -> str:
+    """`` (file.py:LINE)``: the innermost frame of the plugin's own code in ``exc``'s traceback, if any."""
+    if isinstance(exc, SyntaxError) or exc.__traceback__ is None:
+        return ""  # a SyntaxError's message names the file and line already
+    root = location if location.is_dir() else location.parent
+    inside = [f for f in traceback.extract_tb(exc.__traceback__)
+              if Path(f.filename).resolve().is_relative_to(root.resolve())]
+    return f" ({Path(inside[-1].filename).name}:{inside[-1].lineno})" if inside else ""
+
+
+def _import_local(spec: str) -> tuple[str, ModuleType, dict[str, Any]]:
+    """Import the local plugin ``spec`` (a ``.py`` file, a package folder or a module's dotted name): its plugin
+    name, module and source (what results record). PluginError, in one line, when it cannot be."""
+    if not _is_path(spec):
+        try:
+            module = importlib.import_module(spec)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit included: the plugin's failure
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise PluginError(f"plugin '{spec}' failed to import: {_describe(exc)}") from None
+        source: dict[str, Any] = {"kind": "module", "module": spec}
+        if file := getattr(module, "__file__", None):
+            location = Path(file).parent if Path(file).name == "__init__.py" else Path(file)
+            source.update(path=str(location), sha256=code_digest(location))
+        top = spec.partition(".")[0]
+        dists = importlib.metadata.packages_distributions().get(top) or []
+        if dists:
+            source["distribution"] = f"{dists[0]} {importlib.metadata.version(dists[0])}"
+        return spec, module, source
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise PluginError(f"plugin {spec}: no such file or folder")
+    path = path.resolve()
+    if path.is_dir():
+        if not (path / "__init__.py").is_file():
+            raise PluginError(f"plugin {spec}: a folder without __init__.py is not a Python package")
+        name, entry, search = path.name, path / "__init__.py", [str(path)]
+    elif path.suffix != ".py":
+        raise PluginError(f"plugin {spec}: neither a .py file nor a package folder")
+    else:
+        name, entry, search = path.stem, path, None
+    if not name.isidentifier():
+        raise PluginError(f"plugin {spec}: '{name}' is not a Python module name (letters, digits, _): rename it")
+    if (old := sys.modules.get(name)) is not None:
+        if getattr(old, "__file__", None) == str(entry):  # loaded already (another registry, same process)
+            return name, old, {"kind": "file", "path": str(path), "sha256": code_digest(path)}
+        raise PluginError(f"plugin {spec}: a module named '{name}' is imported already "
+                          f"(from {getattr(old, '__file__', None) or 'built-in'}): rename the plugin")
+    module_spec = importlib.util.spec_from_file_location(name, entry, submodule_search_locations=search)
+    if module_spec is None or module_spec.loader is None:
+        raise PluginError(f"plugin {spec}: Python cannot load it as a module")
+    module = importlib.util.module_from_spec(module_spec)
+    # importable by its name, so that lazy "name:Class" factories and its neighbours' imports resolve
+    sys.modules[name] = module
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as exc:  # noqa: BLE001
+        sys.modules.pop(name, None)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise PluginError(f"plugin {spec} failed to load: {_describe(exc)}{_where(exc, path)}") from None
+    _local_modules.add(name)
+    return name, module, {"kind": "file", "path": str(path), "sha256": code_digest(path)}
+
+
 class Registry:
     """All registered methods and datasets, and the pluggy manager that produced them."""
 
@@ -112,6 +243,8 @@ class Registry:
         self.datasets: dict[str, DatasetSpec] = {}
         self.failed: dict[str, str] = {}
         self.distributions: dict[str, str] = {}  # plugin name -> "dist version"
+        self.sources: dict[str, dict[str, Any]] = {}  # plugin name -> where its code comes from (see source())
+        self._local_loaded: set[str] = set()
         self._order: list[Any] = []  # registration order: built-ins first, so a clash keeps the built-in
         self.third_party_loaded = False
 
@@ -145,7 +278,26 @@ class Registry:
                 continue
             if self._register(plugin, ep.name) and ep.dist is not None:
                 self.distributions[ep.name] = f"{ep.dist.name} {ep.dist.version}"
+                self.sources[ep.name] = {"kind": "distribution", "distribution": ep.dist.name,
+                                         "version": ep.dist.version}
                 self._collect(only=plugin)
+
+    def load_local(self, specs: Iterable[str]) -> None:
+        """Load the local plugins ``specs`` (see :func:`local_plugin_specs`) not loaded yet, strictly: a plugin
+        that fails to import, implements an unknown hook or registers a name that is taken raises PluginError."""
+        for spec in specs:
+            if spec in self._local_loaded:
+                continue
+            self._local_loaded.add(spec)
+            with _strictly():
+                name, module, source = _import_local(spec)
+                if self.pm.has_plugin(name):
+                    if self.sources.get(name) == source:
+                        continue  # the same code named twice (a path and its CIRBENCH_PLUGINS twin)
+                    raise PluginError(f"plugin {spec}: a plugin named '{name}' is loaded already: rename one")
+                self._register(module, name)
+                self.sources[name] = source
+                self._collect(only=module)
 
     def _register(self, plugin: Any, name: str) -> bool:
         try:
@@ -166,6 +318,7 @@ class Registry:
         self.pm.register(plugin, name=name)
         self.pm.check_pending()
         self._order.append(plugin)
+        self.sources[self.pm.get_name(plugin) or repr(plugin)] = {"kind": "in-process"}
         self._collect(only=plugin)
 
     # -- calling hooks, attributed to their plugin --------------------------------------------------
@@ -202,7 +355,8 @@ class Registry:
                         return
                     if spec.name in _store:
                         _problem(f"plugin '{_pname}' registers {_expected.__name__[:-4].lower()} '{spec.name}', "
-                                 f"already registered by '{_store[spec.name].plugin}'; keeping the first")
+                                 f"already registered by '{_store[spec.name].plugin}'"
+                                 + ("" if _strict() else "; keeping the first"))
                         return
                     _store[spec.name] = replace(spec, plugin=_pname)
 
@@ -223,6 +377,16 @@ class Registry:
             raise UnknownNameError("dataset", name, list(self.datasets))
         return self.datasets[name]
 
+    def source(self, plugin: str) -> dict[str, Any]:
+        """Where ``plugin``'s code comes from, as result files record it: ``{"kind": "built-in"}`` (cirbench's
+        version and git revision say the rest), ``{"kind": "distribution", "distribution", "version"}`` (an
+        entry point), ``{"kind": "file", "path", "sha256"}`` (``--plugin FILE.py`` or a package folder),
+        ``{"kind": "module", "module", "path", "sha256"[, "distribution"]}`` (``--plugin dotted.name``) or
+        ``{"kind": "in-process"}`` (registered by Python code, as tests do)."""
+        if plugin in self.sources:
+            return dict(self.sources[plugin])
+        return {"kind": "built-in"} if plugin.startswith("cirbench.") else {"kind": "unknown"}
+
     def plugin_rows(self) -> list[dict[str, Any]]:
         """One row per loaded plugin: name, version, hooks, and what it registered."""
         self.load_third_party()
@@ -230,10 +394,12 @@ class Registry:
         for plugin in self._order:
             name = self.pm.get_name(plugin) or repr(plugin)
             hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+            source = self.source(name)
             rows.append(
                 {
                     "name": name,
                     "version": self.distributions.get(name, "built-in" if name.startswith("cirbench.") else ""),
+                    "source": source,
                     "hooks": hooks,
                     "methods": sorted(m for m, s in self.methods.items() if s.plugin == name),
                     "datasets": sorted(d for d, s in self.datasets.items() if s.plugin == name),
@@ -256,15 +422,21 @@ def get_registry(refresh: bool = False, third_party: bool = False) -> Registry:
         reg.load_builtins()
         reg._collect()
         _registry = reg
+    _registry.load_local(local_plugin_specs())
     if third_party:
         _registry.load_third_party()
     return _registry
 
 
 def reset_registry() -> None:
-    """Forget the loaded registry (tests use this after changing plugins or environment)."""
+    """Forget the loaded registry and the ``--plugin`` values (tests use this after changing plugins or
+    environment)."""
     global _registry
     _registry = None
+    _cli_local_specs.clear()
+    for name in [m for m in sys.modules if m in _local_modules or m.partition(".")[0] in _local_modules]:
+        del sys.modules[name]  # a later registry imports its files afresh (tests write one per test)
+    _local_modules.clear()
 
 
 def register_commands(cli: Any, third_party: bool = False) -> None:
@@ -274,4 +446,5 @@ def register_commands(cli: Any, third_party: bool = False) -> None:
         reg.call(plugin, "register_commands", cli=cli)
 
 
-__all__ = ["Registry", "get_registry", "reset_registry", "ENTRY_POINT_GROUP", "builtin_plugin_modules"]
+__all__ = ["Registry", "get_registry", "reset_registry", "ENTRY_POINT_GROUP", "LOCAL_PLUGINS_ENV",
+           "add_local_plugins", "local_plugin_specs", "builtin_plugin_modules", "code_digest"]

@@ -35,7 +35,7 @@ def config_of(record: dict[str, Any], *, output: Path, data_root: str | None = N
     if not name or not dataset.get("name"):
         raise CirbenchError("the result file names no method or dataset")
     reg = get_registry()
-    mspec, dspec = reg.method(str(name)), reg.dataset(str(dataset["name"]))
+    mspec, dspec = _spec(reg.method, method), _spec(reg.dataset, dataset)
     given_method, given_dataset = split_plugin_options(options or {}, mspec, dspec)
     # given on the command line: they win over the recorded values
     method_options = {**(method.get("options") or {}), **given_method}
@@ -56,6 +56,49 @@ def config_of(record: dict[str, Any], *, output: Path, data_root: str | None = N
         max_image_pixels=int(encode.get("max_image_pixels") or DEFAULT_MAX_PIXELS),
         bootstrap=int((record.get("ci") or {}).get("replicates") or 0), save_topk=_saved_top(record),
         progress=progress)
+
+
+def _spec(lookup, section: dict[str, Any]):
+    """The registered spec of a record's method or dataset section; when it is not registered and came from a
+    plugin that is not installed (``--plugin``), the error says which file to load (it is never loaded from
+    what a result file says: that would run code a shared file names)."""
+    from .errors import UnknownNameError
+
+    try:
+        return lookup(str(section["name"]))
+    except UnknownNameError as exc:
+        source = section.get("plugin_source") or {}
+        if source.get("kind") in ("file", "module"):
+            where = source.get("module") or source.get("path")
+            raise CirbenchError(f"{exc.kind} '{exc.name}' is not registered: the result was run with the plugin "
+                                f"{where} (sha256 {str(source.get('sha256'))[:12]}); load it with "
+                                f"`cirbench --plugin {where} reproduce ...`") from None
+        if source.get("kind") == "distribution":
+            raise CirbenchError(f"{exc.kind} '{exc.name}' is not registered: the result was run with the plugin "
+                                f"distribution {source.get('distribution')} {source.get('version')}; install it"
+                                ) from None
+        raise
+
+
+def _plugin_sources(original: dict[str, Any], again: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Where a plugin's code differs between the two runs (a version, a file's sha256): told as the environment,
+    since the configuration (method, options, weights) is the same."""
+    out = []
+    for section in ("method", "dataset"):
+        a, b = ((record.get(section) or {}).get("plugin_source") for record in (original, again))
+        if a is not None and a != b:  # a record from before plugin sources were recorded says nothing
+            out.append((f"{section} plugin", _source_text(a), _source_text(b)))
+    return out
+
+
+def _source_text(source: dict[str, Any] | None) -> str:
+    if not source:
+        return "not recorded"
+    if source.get("sha256"):  # the file's name (its folder is in the records): the digest must fit the line
+        return f"{source.get('module') or Path(str(source.get('path'))).name} sha256 {source['sha256'][:12]}"
+    if source.get("kind") == "distribution":
+        return f"{source.get('distribution')} {source.get('version')}"
+    return str(source.get("kind"))
 
 
 def _saved_top(record: dict[str, Any]) -> int | None:
@@ -119,6 +162,7 @@ def compare(original: dict[str, Any], original_path: Path, again: dict[str, Any]
                    for record in (original, again))
     if before != now:  # the GPU's decoder may move a pixel by a grey level: --tolerance decides
         out.environment.append(("jpeg decoder", before, now))
+    out.environment += _plugin_sources(original, again)
     env_a, env_b = original.get("environment") or {}, again.get("environment") or {}
     for name in ("cirbench", "git", "torch", "torchvision", "open_clip", "pillow", "numpy", "device"):
         if env_a.get(name) != env_b.get(name):

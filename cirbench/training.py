@@ -538,7 +538,12 @@ class _Trainer:
     def environment(self) -> dict[str, Any]:
         """What each save records of the machine and versions that trained it (a resumed run: the latest's);
         made once, by rank 0, which alone saves."""
-        return {**environment_info(str(self.device)), "world_size": self.world}
+        from .plugins import get_registry
+
+        reg = get_registry()
+        spec = reg.methods.get(self.trainable.name)
+        plugin = {"method_plugin_source": reg.source(spec.plugin)} if spec is not None else {}
+        return {**environment_info(str(self.device)), "world_size": self.world, **plugin}
 
     def run_config(self) -> dict[str, Any]:
         """The method options, training settings and corpus that a checkpoint records (and a resume checks)."""

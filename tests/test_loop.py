@@ -48,6 +48,9 @@ def test_run_writes_result_with_provenance(tmp_path, tiny_config, toy_root):
     assert rec["counts"]["queries"] == 12 and rec["counts"]["gallery"] == 12
     assert rec["environment"]["torch"] and rec["environment"]["open_clip"] == metadata.version("open_clip_torch")
     assert rec["environment"]["torchvision"] and rec["environment"]["pillow"] and rec["environment"]["numpy"]
+    # where the plugins' code came from: cirbench's own (its version and git say which), the test's in-process one
+    assert rec["method"]["plugin_source"] == {"kind": "built-in"}
+    assert rec["dataset"]["plugin_source"] == {"kind": "in-process"}
     assert rec["encode"]["image_library"].split()[0] in ("torchcodec", "torchvision", "pil")
     assert rec["encode"]["path"] == "workers" and rec["encode"]["requested_path"] == "auto"
     assert rec["encode"]["jpeg_decoder"] == "libjpeg-turbo" and "jpeg_decoder" not in rec["preprocess"]

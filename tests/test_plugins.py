@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -392,3 +393,155 @@ def test_every_builtin_method_and_dataset_is_documented():
     assert [s.name for s in builtin if s.name not in in_tables] == []
     assert [s.name for s in reg.datasets.values() if s.plugin.startswith("cirbench.")
             and not re.search(rf"(?<![\w-]){re.escape(s.name)}(?![\w-])", headings)] == []
+
+
+# -- local plugins: `cirbench --plugin FILE.py|FOLDER|MODULE` and CIRBENCH_PLUGINS ------------------------------
+
+LOCAL_METHOD = '''
+"""A method in one file, not installed: image + beta * text."""
+from cirbench import MethodSpec, OptionSpec, hookimpl
+
+
+@hookimpl
+def register_methods(register):
+    register(MethodSpec(name="{name}", description="image + beta * text (a local plugin)",
+                        factory="{module}:Sharp", options=(OptionSpec("beta", "text weight", "float", 1.0),)))
+
+
+def _sharp():
+    import torch
+
+    from cirbench.method import Method
+
+    class Sharp(Method):
+        def compose(self, references, queries):
+            text = self.backbone.encode_text([q.text for q in queries])
+            return torch.nn.functional.normalize(references + self.options["beta"] * text, dim=-1)
+
+    return Sharp
+
+
+def __getattr__(name):  # the method class is built lazily: listing methods imports no torch
+    if name == "Sharp":
+        return _sharp()
+    raise AttributeError(name)
+'''
+
+
+@pytest.fixture
+def local_plugins():
+    """Local plugins leave nothing behind: the registry, the --plugin values and the imported modules go."""
+    yield
+    plugins.reset_registry()
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_plugin_file_runs_through_the_loop_and_results_record_its_code(tmp_path, tiny_config, toy_root,
+                                                                         local_plugins):
+    """`cirbench --plugin my_sharp.py run --method sharp` runs a method kept in one file (its lazy "module:Class"
+    factory resolves to the file); the result records the file and the sha256 of its code; `reproduce` without
+    the file says which to load, and with an edited file says the code changed."""
+    from helpers import registered
+    from toy_plugin import ToyPlugin
+
+    plugin = tmp_path / "lab" / "my_sharp.py"
+    plugin.parent.mkdir()
+    plugin.write_text(LOCAL_METHOD.format(name="sharp", module="my_sharp"))
+
+    def invoke(*args):
+        with registered(ToyPlugin(), "toy"):
+            return CliRunner().invoke(cli, list(args))
+
+    res = invoke("--plugin", str(plugin), "plugins", "--json")
+    assert res.exit_code == 0, res.output
+    row = {r["name"]: r for r in json.loads(res.output)}["my_sharp"]
+    assert row["methods"] == ["sharp"] and row["source"] == {"kind": "file", "path": str(plugin),
+                                                            "sha256": _sha256(plugin)}
+    res = invoke("--plugin", str(plugin), "run", "--method", "sharp", "--beta", "2", "--dataset", "toy",
+                 "--data-root", str(toy_root), "--backbone", str(tiny_config), "--pretrained", "none",
+                 "--output", str(tmp_path / "out"), "--workers", "0", "--quiet", "--bootstrap", "0",
+                 "--no-leaderboard")
+    assert res.exit_code == 0, res.output
+    (result,) = (tmp_path / "out" / "toy" / "val").glob("*.json")
+    record = json.loads(result.read_text())
+    assert record["method"]["plugin"] == "my_sharp" and record["method"]["options"] == {"beta": 2.0}
+    assert record["method"]["plugin_source"] == {"kind": "file", "path": str(plugin), "sha256": _sha256(plugin)}
+
+    again = ("reproduce", str(result), "--backbone", str(tiny_config), "--quiet")
+    res = invoke(*again)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert (f"method 'sharp' is not registered: the result was run with the plugin {plugin} (sha256 "
+            f"{_sha256(plugin)[:12]}); load it with `cirbench --plugin {plugin} reproduce ...`") in res.output
+    before = _sha256(plugin)
+    plugin.write_text(plugin.read_text() + "\n# edited\n")
+    res = invoke("--plugin", str(plugin), *again)
+    assert res.exit_code == 0, res.output
+    assert (f"environment: method plugin my_sharp.py sha256 {before[:12]} -> my_sharp.py sha256 "
+            f"{_sha256(plugin)[:12]}") in res.output
+    assert "(identical)" in res.output
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    ("syntax.py", "x = (\n", "plugin {path} failed to load: SyntaxError: '(' was never closed (syntax.py, line 1)"),
+    ("raises.py", "def f():\n    raise ValueError('bad config')\n\n\nf()\n",
+     "plugin {path} failed to load: ValueError: bad config (raises.py:2)"),
+    ("exits.py", "import sys\nsys.exit(3)\n", "plugin {path} failed to load: it called sys.exit(3) (exits.py:2)"),
+    ("json.py", "", "plugin {path}: a module named 'json' is imported already"),
+    ("my-plugin.py", "", "plugin {path}: 'my-plugin' is not a Python module name"),
+    ("notes.txt", "", "plugin {path}: neither a .py file nor a package folder"),
+    ("absent.py", None, "plugin {path}: no such file or folder"),
+    ("takes_slerp.py", LOCAL_METHOD.format(name="slerp", module="takes_slerp"),
+     "plugin 'takes_slerp' registers method 'slerp', already registered by 'cirbench.methods.slerp'"),
+    ("typo_hook.py", "from cirbench import hookimpl\n\n\n@hookimpl\ndef register_method(register):\n    pass\n",
+     "plugin 'typo_hook' implements an unknown hook"),
+])
+def test_a_plugin_the_user_names_fails_with_one_line(tmp_path, local_plugins, name, text, expected):
+    """A plugin named with --plugin is loaded strictly: whatever is wrong with it is an error line (exit 2),
+    never a traceback, and never a warning followed by 'unknown method'."""
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    res = CliRunner().invoke(cli, ["--plugin", str(path), "methods"])
+    assert res.exit_code == 2, res.output
+    assert expected.format(path=path) in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert "; keeping the first" not in res.output  # strict: nothing was kept
+
+
+def test_plugin_folders_modules_and_the_environment_variable(tmp_path, monkeypatch, local_plugins):
+    """A package folder (its factory in a submodule), a module's dotted name and CIRBENCH_PLUGINS all load;
+    each records what its code is; the same plugin named twice loads once."""
+    folder = tmp_path / "labpkg"
+    folder.mkdir()
+    (folder / "__init__.py").write_text(LOCAL_METHOD.format(name="sharp-pkg", module="labpkg.impl")
+                                        .split("def _sharp")[0])
+    (folder / "impl.py").write_text("from labpkg_helpers import Sharp  # noqa: F401\n")
+    (tmp_path / "labpkg_helpers.py").write_text(
+        "from cirbench.method import Method\n\n\nclass Sharp(Method):\n    pass\n")
+    installed = tmp_path / "site"
+    (installed / "lab_methods").mkdir(parents=True)
+    (installed / "lab_methods" / "__init__.py").write_text("")
+    (installed / "lab_methods" / "cir.py").write_text(LOCAL_METHOD.format(name="sharp-mod", module="x"))
+    monkeypatch.syspath_prepend(str(installed))
+    monkeypatch.setenv(plugins.LOCAL_PLUGINS_ENV, os.pathsep.join([str(folder), "lab_methods.cir", str(folder)]))
+
+    reg = plugins.get_registry(refresh=True)
+    assert {"sharp-pkg", "sharp-mod"} <= set(reg.methods)
+    assert reg.methods["sharp-pkg"].plugin == "labpkg" and reg.methods["sharp-mod"].plugin == "lab_methods.cir"
+    assert reg.source("labpkg") == {"kind": "file", "path": str(folder), "sha256": plugins.code_digest(folder)}
+    assert reg.source("lab_methods.cir") == {"kind": "module", "module": "lab_methods.cir",
+                                              "path": str(installed / "lab_methods" / "cir.py"),
+                                              "sha256": _sha256(installed / "lab_methods" / "cir.py")}
+    # the folder plugin's lazy factory imports its submodule, which imports a neighbour of the folder
+    assert reg.methods["sharp-pkg"].load().__name__ == "Sharp"
+    digest = plugins.code_digest(folder)
+    (folder / "impl.py").write_text((folder / "impl.py").read_text() + "# edited\n")
+    assert plugins.code_digest(folder) != digest  # a folder's digest covers every module in it
+    res = CliRunner().invoke(cli, ["--plugin", str(folder), "plugins"])
+    assert res.exit_code == 0, res.output
+    assert f"labpkg  {folder} (sha256 " in res.output and res.output.count("labpkg  ") == 1

@@ -245,6 +245,7 @@ def test_tat_changes_only_lora_and_round_trips(tmp_path, tiny_config):
     assert config["train"]["max_grad_norm"] == 5
     env = config["environment"]  # which versions and machine trained these weights
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["world_size"] == 1 and "git" in env
+    assert env["method_plugin_source"] == {"kind": "built-in"}
     assert config["backbone"]["weights"] == {"kind": "random-init", "seed": 0}
     lora = load_file(str(out / "model.safetensors"))
     assert lora and all("lora_" in k for k in lora)
