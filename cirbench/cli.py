@@ -44,7 +44,8 @@ Examples:
 BUILTIN_COMMAND_MODULES: tuple[str, ...] = ("cirbench.commands.train", "cirbench.commands.bench",
                                              "cirbench.commands.compare", "cirbench.commands.data",
                                              "cirbench.commands.report", "cirbench.commands.cache",
-                                             "cirbench.commands.reproduce", "cirbench.commands.shortcuts")
+                                             "cirbench.commands.reproduce", "cirbench.commands.shortcuts",
+                                             "cirbench.commands.check")
 
 
 def _error(line: str) -> None:
@@ -149,10 +150,14 @@ class CirbenchGroup(click.Group):
             if debug_enabled():
                 traceback.print_exc()
             else:
+                from .plugins import blame
+
                 origin = reader_process_origin(exc)  # a worker's error: its own type and line, not torch's wrapper
                 what = (f"{origin[0]}: {one_line(origin[1])} (in a DataLoader worker)" if origin
                         else f"{type(exc).__name__}: {one_line(exc)}")
-                _error(f"internal error: {what} (set CIRBENCH_DEBUG=1 for the traceback)")
+                culprit = blame(exc)  # a plugin's bug is its author's to fix: say where, not "internal error"
+                _error(f"{f'error in {culprit}' if culprit else 'internal error'}: {what} "
+                       "(set CIRBENCH_DEBUG=1 for the traceback)")
             ctx.exit(1)
 
 

@@ -428,6 +428,32 @@ def get_registry(refresh: bool = False, third_party: bool = False) -> Registry:
     return _registry
 
 
+def blame(exc: BaseException) -> str | None:
+    """Which plugin that cirbench does not ship raised ``exc``: ``plugin 'name' at file.py:LINE in function`` for
+    the innermost frame of its code on the traceback (a method's ``compose`` that fails deep inside torch is
+    still the plugin's line), or None when no such plugin's code is on it."""
+    if _registry is None:
+        return None
+    owners: dict[str, str] = {}  # top-level module name -> plugin name
+    for plugin in _registry._order:
+        name = _registry.pm.get_name(plugin)
+        module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
+        top = module.partition(".")[0]
+        if name and top != "cirbench":
+            owners[top] = name
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        top = str(tb.tb_frame.f_globals.get("__name__", "")).partition(".")[0]
+        if top in owners:
+            found = (owners[top], tb.tb_frame.f_code, tb.tb_lineno)
+        tb = tb.tb_next
+    if found is None:
+        return None
+    name, code, line = found
+    return f"plugin '{name}' at {Path(code.co_filename).name}:{line} in {code.co_name}"
+
+
 def reset_registry() -> None:
     """Forget the loaded registry and the ``--plugin`` values (tests use this after changing plugins or
     environment)."""
@@ -447,4 +473,4 @@ def register_commands(cli: Any, third_party: bool = False) -> None:
 
 
 __all__ = ["Registry", "get_registry", "reset_registry", "ENTRY_POINT_GROUP", "LOCAL_PLUGINS_ENV",
-           "add_local_plugins", "local_plugin_specs", "builtin_plugin_modules", "code_digest"]
+           "add_local_plugins", "local_plugin_specs", "blame", "builtin_plugin_modules", "code_digest"]
