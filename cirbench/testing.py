@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+try:
+    import pytest
+except ImportError:  # `cirbench check` runs check_method without a test environment: no fixtures then
+    pytest = None  # type: ignore[assignment]
 
 from .dataset import Dataset
 from .hookspecs import hookimpl
@@ -117,7 +120,16 @@ def registered(plugin: Any, name: str) -> Iterator[Any]:
         plugins.reset_registry()
 
 
-def check_method(method: str, folder: Path, options: dict[str, Any] | None = None, registry: Any = None) -> list:
+# what check_method checks, in order (``cirbench check`` prints each as it holds)
+CONTRACT_CHECKS = (
+    "runs through the loop: valid query features (shape, finite, unit norm), the shared backbone unchanged",
+    "deterministic: a second run gives the same metrics and rankings",
+    "shares a command: beside another method, each gives what it gives alone",
+)
+
+
+def check_method(method: str, folder: Path, options: dict[str, Any] | None = None, registry: Any = None,
+                 report: Callable[[str], None] | None = None) -> list:
     """What cirbench asks of a method plugin, checked on the toy dataset with the tiny backbone (in ``folder``):
 
     * it runs through the loop, which checks what it returns (shapes, finite and L2-normalised features) and
@@ -126,8 +138,9 @@ def check_method(method: str, folder: Path, options: dict[str, Any] | None = Non
     * it shares well: run after and before another method in one command (one backbone, features kept in
       memory), it gives what it gives alone, and the other method gives what it gives alone.
 
-    ``options`` are the method's options (a checkpoint, say), as in ``RunConfig.method_options``. Returns the
-    first run's outcomes; raises AssertionError saying what does not hold."""
+    ``options`` are the method's options (a checkpoint, say), as in ``RunConfig.method_options``; ``report`` is
+    called with each of :data:`CONTRACT_CHECKS` as it holds. Returns the first run's outcomes; raises
+    AssertionError saying what does not hold (or the loop's CirbenchError, or the method's own exception)."""
     import dataclasses
 
     from . import plugins
@@ -147,10 +160,16 @@ def check_method(method: str, folder: Path, options: dict[str, Any] | None = Non
     def seen(outcomes) -> list[tuple[str, dict, list]]:
         return [(o.label, o.metrics, [r.get("top") for r in read_predictions_of(o.result_path)]) for o in outcomes]
 
+    def held(number: int) -> None:
+        if report is not None:
+            report(CONTRACT_CHECKS[number])
+
     alone = Evaluator(cfg, reg).run()
     expected = seen(alone)
+    held(0)
     again = Evaluator(dataclasses.replace(cfg, output=folder / "again"), reg).run()
     assert seen(again) == expected, f"method '{method}' is not deterministic: a second run ranks differently"
+    held(1)
     other_alone = seen(Evaluator(dataclasses.replace(other, output=folder / "other"), reg).run())
     loaded = Loaded()
     runs = [dataclasses.replace(c, output=folder / "together" / str(i)) for i, c in enumerate((other, cfg, other))]
@@ -159,40 +178,39 @@ def check_method(method: str, folder: Path, options: dict[str, Any] | None = Non
                                  "one command (sharing the backbone and features)")
     assert before == after == other_alone, (f"method '{other.method}' gives other numbers after method '{method}' "
                                             "ran in the same command: it changed something they share")
+    held(2)
     return alone
 
 
-# -- pytest fixtures -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def cirbench_tiny_config(tmp_path_factory) -> Path:
-    """Path to a tiny open_clip model config (random weights with ``--pretrained none``)."""
-    return write_tiny_config(tmp_path_factory.mktemp("cirbench-cfg"))
+# -- pytest fixtures (defined where pytest is installed) -----------------------------------------------------
+if pytest is not None:
+    @pytest.fixture(scope="session")
+    def cirbench_tiny_config(tmp_path_factory) -> Path:
+        """Path to a tiny open_clip model config (random weights with ``--pretrained none``)."""
+        return write_tiny_config(tmp_path_factory.mktemp("cirbench-cfg"))
 
+    @pytest.fixture
+    def cirbench_toy_root(tmp_path) -> Path:
+        """A tiny composed-retrieval dataset on disk (see :func:`write_toy_dataset`)."""
+        return write_toy_dataset(tmp_path / "toy")
 
-@pytest.fixture
-def cirbench_toy_root(tmp_path) -> Path:
-    """A tiny composed-retrieval dataset on disk (see :func:`write_toy_dataset`)."""
-    return write_toy_dataset(tmp_path / "toy")
+    @pytest.fixture
+    def cirbench_register():
+        """``cirbench_register(plugin, name)``: register an in-process plugin for this test only, in a registry of its
+        own (an earlier test's command may have loaded the installed plugins, the one under test among them)."""
+        from . import plugins
 
+        plugins.reset_registry()
 
-@pytest.fixture
-def cirbench_register():
-    """``cirbench_register(plugin, name)``: register an in-process plugin for this test only, in a registry of its
-    own (an earlier test's command may have loaded the installed plugins, the one under test among them)."""
-    from . import plugins
+        def register(plugin: Any, name: str):
+            reg = plugins.get_registry()
+            reg.register_plugin(plugin, name=name)
+            return reg
 
-    plugins.reset_registry()
+        yield register
+        plugins.reset_registry()
 
-    def register(plugin: Any, name: str):
-        reg = plugins.get_registry()
-        reg.register_plugin(plugin, name=name)
-        return reg
-
-    yield register
-    plugins.reset_registry()
-
-
-@pytest.fixture
-def cirbench_toy(cirbench_register):
-    """The toy dataset plugin registered for this test; returns the registry."""
-    return cirbench_register(ToyDatasetPlugin(), "toy")
+    @pytest.fixture
+    def cirbench_toy(cirbench_register):
+        """The toy dataset plugin registered for this test; returns the registry."""
+        return cirbench_register(ToyDatasetPlugin(), "toy")

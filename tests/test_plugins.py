@@ -545,3 +545,76 @@ def test_plugin_folders_modules_and_the_environment_variable(tmp_path, monkeypat
     res = CliRunner().invoke(cli, ["--plugin", str(folder), "plugins"])
     assert res.exit_code == 0, res.output
     assert f"labpkg  {folder} (sha256 " in res.output and res.output.count("labpkg  ") == 1
+
+
+BUGGY_METHODS = '''
+import itertools
+
+from cirbench import MethodSpec, hookimpl
+from cirbench.method import Method
+
+_calls = itertools.count()
+
+
+class Raises(Method):
+    def compose(self, references, queries):
+        return references @ "text"
+
+
+class Drifts(Method):  # a state that outlives the run: the second run ranks otherwise
+    def compose(self, references, queries):
+        import torch
+
+        turn = next(_calls)
+        return torch.nn.functional.normalize(references + turn * self.backbone.encode_text(["x"]), dim=-1)
+
+
+class Tunes(Method):  # adapts the shared backbone in place instead of a copy
+    def compose(self, references, queries):
+        self.backbone.model.logit_scale.data += 1
+        return references
+
+
+@hookimpl
+def register_methods(register):
+    for name, cls in (("raises", Raises), ("drifts", Drifts), ("tunes", Tunes)):
+        register(MethodSpec(name=name, description="broken on purpose", factory=cls))
+'''
+
+
+def test_check_holds_a_plugin_file_to_the_contract(tmp_path, local_plugins):
+    """`cirbench check` runs check_method's three checks, printing each as it holds; a method that raises, that
+    ranks differently the second time, or that changes the shared backbone fails at the right check, with the
+    plugin's file and line where the method's own code raised, and exit 1."""
+    good = tmp_path / "sharp_ok.py"
+    good.write_text(LOCAL_METHOD.format(name="sharp", module="sharp_ok"))
+    res = CliRunner().invoke(cli, ["--plugin", str(good), "check", "--method", "sharp", "--beta", "0.5",
+                                   "--keep", str(tmp_path / "kept")])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("  ok    ") == 3 and "'sharp' keeps the contract" in res.output
+    kept = json.loads(next((tmp_path / "kept" / "sharp" / "alone" / "toy" / "val").glob("*.json")).read_text())
+    assert kept["method"]["options"] == {"beta": 0.5}
+
+    plugins.reset_registry()
+    broken = tmp_path / "broken_methods.py"
+    broken.write_text(BUGGY_METHODS)
+    res = CliRunner().invoke(cli, ["--plugin", str(broken), "check", "--method", "raises,drifts,tunes"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    blocks = res.output.split("checking ")[1:]
+    assert "FAIL  runs through the loop" in blocks[0] and (
+        "TypeError: unsupported operand type(s) for @: 'Tensor' and 'str' (raised in plugin 'broken_methods' at "
+        "broken_methods.py:12 in compose)") in blocks[0]
+    assert "ok    runs through the loop" in blocks[1] and "FAIL  deterministic" in blocks[1]
+    assert "method 'drifts' is not deterministic" in blocks[1]
+    assert "FAIL  runs through the loop" in blocks[2] and "changed the backbone in place" in blocks[2]
+    assert "3 of 3 method(s) break the contract: raises, drifts, tunes" in res.output
+
+
+def test_a_plugins_bug_names_the_plugin_and_its_line_not_an_internal_error(tmp_path, local_plugins):
+    broken = tmp_path / "buggy_run.py"
+    broken.write_text(BUGGY_METHODS)
+    res = CliRunner().invoke(cli, ["--plugin", str(broken), "run", "--method", "raises", "--output",
+                                   str(tmp_path / "out"), "--quiet", "--bootstrap", "0"])
+    assert res.exit_code == 1
+    assert res.output.strip() == ("error in plugin 'buggy_run' at buggy_run.py:12 in compose: TypeError: unsupported "
+                                  "operand type(s) for @: 'Tensor' and 'str' (set CIRBENCH_DEBUG=1 for the traceback)")
