@@ -458,7 +458,8 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
 
 @cli.command(epilog="\b\nExamples:\n  cirbench leaderboard\n  cirbench leaderboard results/ --no-paper --ci\n"
              "  cirbench leaderboard results/ --dataset circo --method 'slerp*' --format latex\n"
-             "  cirbench leaderboard results/ --summary --format latex   # one table across benchmarks")
+             "  cirbench leaderboard results/ --summary --format latex   # one table across benchmarks\n"
+             "  cirbench leaderboard results/ --seeds   # mean ± sd over each label's training seeds")
 @click.argument("results_dir", type=click.Path(file_okay=False), default="results")
 @click.option("--dataset", default=None, help="Only this dataset.")
 @click.option("--method", "methods", multiple=True, help="Only rows whose label matches (glob or substring; repeat).")
@@ -474,7 +475,10 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
 @click.option("--summary", is_flag=True,
               help="One table across benchmarks, as a paper's main table: each benchmark's published metrics as "
                    "columns (written as summary.md/.html/.tex/.csv).")
-def leaderboard(results_dir, dataset, methods, backbones, no_paper, ci, write, fmt, all_metrics, summary):
+@click.option("--seeds", is_flag=True,
+              help="One row per label whose runs differ only in --seed and in the trained weights (each training "
+                   "seed's checkpoint, evaluated with one --label): mean ± standard deviation, with n.")
+def leaderboard(results_dir, dataset, methods, backbones, no_paper, ci, write, fmt, all_metrics, summary, seeds):
     """Tables of all results under RESULTS_DIR: one per dataset/split, runs as rows (sorted by the dataset's
     main metric), metrics as columns.
 
@@ -489,7 +493,7 @@ def leaderboard(results_dir, dataset, methods, backbones, no_paper, ci, write, f
         raise CirbenchError(f"results folder {root} does not exist")
     tables = build_tables(root, include_paper=not no_paper, all_metrics=all_metrics,
                           datasets=None if dataset is None else [(dataset, None)], methods=list(methods) or None,
-                          backbones=list(backbones) or None)
+                          backbones=list(backbones) or None, seeds=seeds)
     if not tables:
         raise CirbenchError(f"no result files under {root}" + (" match the filters" if methods or backbones or dataset
                                                                   else ""))

@@ -9,12 +9,19 @@ metrics in the dataset's declared order, rows sorted by the dataset's main metri
 The best value of each column among the rows of the table's own split (ours and papers') is marked: bold in
 markdown, HTML and LaTeX, a trailing ``*`` in CSV. Paper rows for another split (CIRR/CIRCO papers report
 test, runs are usually on val) are shown, labelled with their split, and never marked best.
+
+With ``seeds=True`` the runs of one row name (one ``--label``, benchmark options and backbone) whose
+configurations differ only in their seed and in the trained weights they evaluate (the same method, options,
+annotations, preprocessing and precision) become one row ``name (n=K)``: each metric's mean, ± the sample
+standard deviation over the runs, as papers report a trained method over training seeds. Which checkpoints are
+seeds of one recipe is the label's to say: a result records a checkpoint's sha256, not how it was trained.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import statistics
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,6 +47,7 @@ class Table:
     heading: str | None = None  # the title, where it is not "dataset / split" (the summary)
     # the summary's benchmarks over their metric columns, in order: (``dataset/split``, how many columns)
     column_groups: list[tuple[str, int]] | None = None
+    spread: dict[tuple[str, str], float] = field(default_factory=dict)  # (row, metric) -> sd over seeds
 
     @property
     def title(self) -> str:
@@ -89,12 +97,13 @@ def _dataset_tag(spec, options: Any) -> str:
 
 def build_tables(root: Path, include_paper: bool = True, datasets: list[tuple[str, str | None]] | None = None,
                  all_metrics: bool = False, methods: list[str] | None = None,
-                 backbones: list[str] | None = None) -> list[Table]:
+                 backbones: list[str] | None = None, seeds: bool = False) -> list[Table]:
     """Read every result under ``root`` and build one :class:`Table` per dataset/split.
 
     Unreadable result files are skipped with a warning line on stderr, never fatal. ``methods`` and
     ``backbones`` filter rows (glob patterns or substrings of the label / backbone; a backbone pattern matches
     whatever the case and however the model is spelled: ``ViT-B/32``, the papers', is ``ViT-B-32``, open_clip's).
+    ``seeds``: one row (mean ± sd) per training recipe run with several seeds (see the module docstring).
     """
     groups: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
     for path in find_results(Path(root)):
@@ -109,7 +118,7 @@ def build_tables(root: Path, include_paper: bool = True, datasets: list[tuple[st
     for (ds, sp), recs in sorted(groups.items()):
         if datasets is not None and not any(ds == d and (s is None or s == sp) for d, s in datasets):
             continue
-        table = _table(ds, sp, recs, include_paper, all_metrics, methods, backbones)
+        table = _table(ds, sp, recs, include_paper, all_metrics, methods, backbones, seeds)
         if table is not None:
             tables.append(table)
     return tables
@@ -125,7 +134,35 @@ def backbone_matches(backbone: str, patterns: list[str] | tuple[str, ...] | None
     return not patterns or matches_any(norm(backbone), [norm(p) for p in patterns])
 
 
-def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones) -> Table | None:
+def recipe_key(rec: dict[str, Any]) -> str:
+    """What a run's configuration is apart from its seed and the trained weights it evaluates (the method's path
+    options, whose contents its ``files`` and ``info`` record: a checkpoint): runs with one key are one recipe's
+    seeds."""
+    from .results import FINGERPRINT_FIELDS, without_paths
+    from .util import json_hash
+
+    method: dict[str, Any] = part if isinstance(part := rec.get("method"), dict) else {}
+    files: dict[str, Any] = found if isinstance(found := method.get("files"), dict) else {}
+    options = {k: v for k, v in (method.get("options") or {}).items() if k not in files}
+    dataset = without_paths(part) if isinstance(part := rec.get("dataset"), dict) else {}
+    annotations = dataset.get("annotations")
+    core = {"method": {"name": method.get("name"), "options": options},
+            "dataset": {**{k: dataset.get(k) for k in ("name", "split", "options")},
+                        "annotations": sorted(map(str, annotations.values())) if isinstance(annotations, dict)
+                        else annotations},
+            **{k: rec.get(k) for k in FINGERPRINT_FIELDS[2:] if k != "seed"}}
+    return json_hash(core)[:12]
+
+
+def _over_seeds(latest: dict[tuple[str, Any], tuple[str, dict]]) -> dict[tuple[str, Any], tuple[str, list[dict]]]:
+    """``latest``'s runs, those of one name and one recipe (:func:`recipe_key`) together."""
+    grouped: dict[tuple[str, Any], tuple[str, list[dict]]] = {}
+    for (name, _fingerprint), (backbone, rec) in latest.items():
+        grouped.setdefault((name, recipe_key(rec)), (backbone, []))[1].append(rec)
+    return grouped
+
+
+def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones, seeds=False) -> Table | None:
     spec = _dataset_spec(ds)
     details = tuple(spec.detail_metrics) if spec else ()
     rows: dict[str, dict[str, Any]] = {}
@@ -138,14 +175,24 @@ def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones) -> Tabl
         if matches_any(label, methods) and backbone_matches(backbone, backbones):  # a rerun: its newest result
             name = f"{label}{_dataset_tag(spec, rec['dataset'].get('options'))} · {backbone}"
             latest[(name, rec.get("fingerprint"))] = (backbone, rec)
-    configurations = Counter(name for name, _ in latest)
-    for (name, fingerprint), (backbone, rec) in latest.items():
+    spread: dict[tuple[str, str], float] = {}
+    runs = _over_seeds(latest) if seeds else {key: (b, [rec]) for key, (b, rec) in latest.items()}
+    configurations = Counter(name for name, _ in runs)
+    for (name, key), (backbone, group) in runs.items():
+        rec = group[0]
         if configurations[name] > 1:  # one label, several configurations (e.g. fp32 and bf16): each shown, told
-            name = f"{name} ~{fingerprint}"  # apart as their result files are
-        metrics = {k: v for k, v in (rec.get("metrics") or {}).items() if isinstance(v, (int, float))}
+            name = f"{name} ~{rec.get('fingerprint') if len(group) == 1 else 'recipe-' + key}"  # as their files are
+        if len(group) > 1:
+            name = f"{name} (n={len(group)})"
+        values = [{k: v for k, v in (r.get("metrics") or {}).items() if isinstance(v, (int, float))} for r in group]
+        common = [m for m in values[0] if all(m in v for v in values)]
+        metrics = {m: sum(v[m] for v in values) / len(values) for m in common}
         rows[name] = {"source": "cirbench", "backbone": backbone, "precision": rec.get("precision"),
                       "queries": (rec.get("counts") or {}).get("queries"), **metrics}
         ours |= {m for m in metrics if all_metrics or not m.startswith(details)}
+        if len(group) > 1:  # the spread over seeds, in place of one run's bootstrap interval
+            spread.update({(name, m): statistics.stdev(v[m] for v in values) for m in common})
+            continue
         for metric, interval in (rec.get("metrics_ci") or {}).items():
             if isinstance(interval, (list, tuple)) and len(interval) == 2:
                 ci[(name, metric)] = (float(interval[0]), float(interval[1]))
@@ -168,7 +215,7 @@ def _table(ds, sp, recs, include_paper, all_metrics, methods, backbones) -> Tabl
         frame["_main"] = pd.to_numeric(frame[main], errors="coerce").fillna(-math.inf)
         frame = frame.sort_values(["_ours", "_main"], ascending=[False, False], kind="stable")
         frame = frame.drop(columns=["_ours", "_main"])
-    return Table(ds, sp, frame, main, ci)
+    return Table(ds, sp, frame, main, ci, spread=spread)
 
 
 def summary_table(tables: list[Table]) -> Table:
@@ -176,7 +223,7 @@ def summary_table(tables: list[Table]) -> Table:
     the metrics its published rows report (its main metric where it has none), headed ``dataset/split metric``.
     Rows keep their per-benchmark names, so a published row of another split stays a row of its own; the best of
     each column is marked as in the benchmark's own table."""
-    frames, ci, groups = [], {}, []
+    frames, ci, spread, groups = [], {}, {}, []
     for t in tables:
         spec = _dataset_spec(t.dataset)
         published = {m for r in (spec.paper_rows if spec else ()) for m in r.metrics}
@@ -186,6 +233,7 @@ def summary_table(tables: list[Table]) -> Table:
         part = t.frame[["source", "backbone", "precision", *metrics]].rename(columns=columns)
         frames.append(part)
         ci.update({(row, columns[m]): v for (row, m), v in t.ci.items() if m in columns})
+        spread.update({(row, columns[m]): v for (row, m), v in t.spread.items() if m in columns})
     if not frames:
         raise CirbenchError("no table to summarise")
     frame = frames[0]
@@ -194,7 +242,7 @@ def summary_table(tables: list[Table]) -> Table:
     ours = frame["source"] == "cirbench"
     frame = pd.concat([frame[ours], frame[~ours]])
     return Table("summary", "all", frame, None, ci, heading="summary: each benchmark's published metrics",
-                 column_groups=[g for g in groups if g[1]])
+                 column_groups=[g for g in groups if g[1]], spread=spread)
 
 
 def _outer(left: pd.DataFrame, right: pd.DataFrame) -> pd.DataFrame:
@@ -216,6 +264,8 @@ def _cell(table: Table, row: str, col: str, value: Any, mark, ci: bool, sep: str
     best = table.best(col)
     if best is not None and table.frame.at[row, "source"] in ("cirbench", "paper") and abs(float(value) - best) < 5e-3:
         text = mark(text)
+    if (row, col) in table.spread:  # a mean over seeds: always with its spread
+        text += f" ± {table.spread[(row, col)]:.2f}"
     if ci and (row, col) in table.ci:
         lo, hi = table.ci[(row, col)]
         text += f"{sep}[{lo:.2f}, {hi:.2f}]"
@@ -280,7 +330,8 @@ def render_html(tables: list[Table], ci: bool = False) -> str:
 
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "·": r"$\cdot$"}
+          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "·": r"$\cdot$",
+          "±": r"$\pm$"}
 
 
 def latex_escape(text: str) -> str:

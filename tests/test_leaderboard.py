@@ -235,3 +235,46 @@ def test_summary_puts_each_benchmarks_published_metrics_side_by_side(tmp_path):
     assert r"\cmidrule(lr){2-5} \cmidrule(lr){6-12}" in res.output and "\nMethod & mAP@5 & mAP@10" in res.output
     assert {p.name for p in (tmp_path / "leaderboard").iterdir()} == {"summary.md", "summary.html", "summary.tex",
                                                                       "summary_all.csv"}
+
+
+def test_seeds_makes_one_row_of_a_recipes_runs_with_mean_and_spread(tmp_path):
+    """Runs of one label that differ only in seed and trained weights (each training seed's checkpoint) are one
+    row with --seeds: mean ± sample sd, n in the name; a run of another configuration (bf16) under the same
+    label stays a row of its own; without --seeds each run is shown."""
+    from cirbench.leaderboard import recipe_key, render_latex
+    from cirbench.results import run_fingerprint
+
+    def run(seed, sha, map5, r1, precision="fp32"):
+        path = _result(tmp_path, "circo", "val", "pic2word", {"mAP@5": map5, "R@1": r1})
+        rec = json.loads(path.read_text())
+        rec.update(seed=seed, precision=precision)
+        rec["method"].update(options={"checkpoint": f"runs/p2w-s{seed}", "alpha": 0.5}, files={"checkpoint": sha},
+                             info={"checkpoint": f"runs/p2w-s{seed}", "sha256": sha})
+        rec["fingerprint"] = run_fingerprint(rec)
+        path.with_name(f"pic2word__{seed}{precision}.json").write_text(json.dumps(rec))
+        path.unlink()
+        return rec
+
+    recs = [run(0, "a" * 64, 20.0, 10.0), run(1, "b" * 64, 22.0, 12.0), run(2, "c" * 64, 24.0, 11.0)]
+    assert len({r["fingerprint"] for r in recs}) == 3 and len({recipe_key(r) for r in recs}) == 1
+    other = json.loads(json.dumps(recs[0]))
+    other["method"]["options"]["alpha"] = 0.8  # another option value is another recipe, not a seed
+    assert recipe_key(other) != recipe_key(recs[0])
+    (table,) = build_tables(tmp_path, include_paper=False)
+    assert len(table.frame) == 3 and all("~" in name for name in table.frame.index)
+
+    (table,) = build_tables(tmp_path, include_paper=False, seeds=True)
+    (name,) = table.frame.index
+    assert name == "pic2word · ViT-B-32/openai (n=3)"
+    assert table.frame.at[name, "mAP@5"] == 22.0 and table.frame.at[name, "R@1"] == 11.0
+    assert table.spread[(name, "mAP@5")] == 2.0 and table.spread[(name, "R@1")] == 1.0
+    assert "**22.00** ± 2.00" in render_markdown([table]) and "$\\pm$" in render_latex([table])
+    assert "22.00* ± 2.00" in render_csv([table])
+
+    bf16 = run(3, "d" * 64, 30.0, 15.0, precision="bf16")
+    (table,) = build_tables(tmp_path, include_paper=False, seeds=True)
+    assert list(table.frame.index) == [f"pic2word · ViT-B-32/openai ~{bf16['fingerprint']}",
+                                       f"pic2word · ViT-B-32/openai ~recipe-{recipe_key(recs[0])} (n=3)"]
+    res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path), "--seeds", "--no-write", "--no-paper",
+                                   "--summary"])
+    assert res.exit_code == 0 and "22.00 ± 2.00" in res.output, res.output
