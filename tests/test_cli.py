@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -188,3 +189,22 @@ def test_a_bare_no_flag_turns_off_the_bool_option_of_the_method_that_declares_it
             assert res.exit_code == 2 and message in res.output, res.output
     finally:
         reset_registry()
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    """README's "From Python" example, run as it stands (in a folder of its own: it writes results/)."""
+    import contextlib
+    import io
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### From Python", 1)[1].split("\n### ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        exec(compile(code, "README.md", "exec"), {})
+    lines = printed.getvalue().splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["slerp@alpha=0.6", "slerp@alpha=0.8"], lines
+    assert lines[2].startswith("val-0 ['square-"), lines
+    assert sorted(p.name for p in (tmp_path / "results" / "shapes" / "val").glob("*.json")) == [
+        "slerp@alpha=0.6__cirbench-shapes-clip-bundled.json", "slerp@alpha=0.8__cirbench-shapes-clip-bundled.json"]
