@@ -182,6 +182,145 @@ def check_method(method: str, folder: Path, options: dict[str, Any] | None = Non
     return alone
 
 
+# what check_dataset checks, in order (``cirbench check --dataset`` prints each as it holds)
+DATASET_CHECKS = (
+    "loads: unique query and gallery ids; every reference, target and candidate an image the set knows",
+    "a perfect ranking (each query's targets first) scores 100 on the main metric",
+    "a ranking with the targets last scores lower: the metrics read the ranking",
+    "per-query metrics: one value per query, and their means are the set's metrics",
+)
+
+
+def _oracle(es: EvalSet, targets_first: Callable[[int], bool]) -> Any:
+    """The ranking a perfect method would return for ``es`` (its targets first, the rest in gallery order), or for
+    the queries where ``targets_first(index)`` is false the worst one (targets last), laid out as the loop lays
+    out its rankings: the set's top-k over the gallery less an excluded reference, each query's own gallery
+    ranked whole, and CIRR-style candidate subsets ranked whole."""
+    import torch
+
+    from .retrieval import Ranking
+
+    gindex = {g.id: i for i, g in enumerate(es.gallery)}
+
+    rows: list[list[int]] = []
+    subsets: list[list[str]] | None = [] if any(q.candidates for q in es.queries) and not es.query_galleries else None
+    for qi, q in enumerate(es.queries):
+        first = targets_first(qi)
+
+        def order(pool: list[int], targets: set[int], first: bool = first) -> list[int]:
+            hits, rest = [i for i in pool if i in targets], [i for i in pool if i not in targets]
+            return hits + rest if first else rest + hits
+
+        targets = {gindex[t] for t in q.targets if t in gindex}
+        skip = gindex.get(q.reference, -1) if es.exclude_reference else -1
+        if es.query_galleries:
+            rows.append(order(sorted({gindex[c] for c in q.candidates or () if c in gindex}), targets))
+            continue
+        rows.append(order([i for i in range(len(es.gallery)) if i != skip], targets)[:es.topk])
+        if subsets is not None:
+            pool = sorted({gindex[c] for c in q.candidates or () if c in gindex and gindex[c] != skip})
+            subsets.append([es.gallery[i].id for i in order(pool, targets)])
+    width = max((len(r) for r in rows), default=0)
+    indices = torch.full((len(rows), width), -1, dtype=torch.long)
+    scores = torch.full((len(rows), width), float("-inf"))
+    for qi, row in enumerate(rows):
+        indices[qi, :len(row)] = torch.tensor(row, dtype=torch.long)
+        scores[qi, :len(row)] = torch.arange(len(row), 0, -1, dtype=torch.float32)
+    return Ranking([q.id for q in es.queries], [g.id for g in es.gallery], indices, scores, subsets)
+
+
+def check_dataset(name: str, split: str | None = None, data_root: Any = None, options: dict[str, Any] | None = None,
+                  registry: Any = None, report: Callable[[str], None] | None = None,
+                  note: Callable[[str], None] | None = None) -> dict[str, float]:
+    """What cirbench asks of a dataset plugin, checked on its data (no model: the rankings are made from the
+    annotations): :data:`DATASET_CHECKS`, in order. A split whose targets are hidden is checked for its
+    structure alone. ``report`` is called with each check as it holds, ``note`` with what is worth knowing but
+    breaks nothing (targets no ranking can reach). Returns the perfect ranking's metrics; raises AssertionError
+    saying what does not hold (or the dataset's CirbenchError)."""
+    import math
+
+    from . import plugins
+    from .evaluate import _score_set, load_eval_sets
+    from .types import resolve_options
+
+    reg = registry or plugins.get_registry()
+    spec = reg.dataset(name)
+    split = spec.resolve_split(split)
+    (resolved,) = resolve_options(spec.options, dict(options or {}), spec.name, f"dataset {spec.name}")
+    dataset, evalsets, _ = load_eval_sets(spec, split, data_root, resolved)
+
+    def held(number: int) -> None:
+        if report is not None:
+            report(DATASET_CHECKS[number])
+
+    unreachable = 0
+    for es in evalsets:
+        gallery = [g.id for g in es.gallery]
+        assert len(set(gallery)) == len(gallery), f"set '{es.name}': the gallery lists an image twice"
+        ids = [q.id for q in es.queries]
+        assert len(set(ids)) == len(ids), f"set '{es.name}': two queries share an id"
+        known = set(gallery)
+        for q in es.queries:
+            assert q.reference in es.images, f"set '{es.name}', query {q.id}: reference {q.reference} is no image"
+            strays = [c for c in q.candidates or () if c not in known]
+            assert not strays, f"set '{es.name}', query {q.id}: candidate {strays[0]} is not in the gallery"
+            pool = set(q.candidates) if es.query_galleries else known
+            if es.exclude_reference:
+                pool = pool - {q.reference}
+            unreachable += not es.hidden_targets and (not q.targets or any(t not in pool for t in q.targets))
+    held(0)
+    if unreachable and note is not None:
+        note(f"{unreachable} queries have no target, or one outside the gallery they rank (or their excluded "
+             "reference): no ranking scores them fully, and a perfect one scores below 100")
+    if split in spec.hidden_splits or all(es.hidden_targets for es in evalsets):
+        if note is not None:
+            note(f"the targets of '{split}' are hidden: its metrics are the test server's to check")
+        return {}
+
+    def scored(targets_first: Callable[[int], bool]) -> tuple[dict[str, float], dict[str, dict[str, float]],
+                                                             dict[str, Any]]:
+        per_set, per_query = {}, {}
+        for es in evalsets:
+            if es.hidden_targets:
+                continue
+            per_set[es.name], per_query[es.name] = _score_set(dataset, es, _oracle(es, targets_first))
+        return dataset.aggregate(per_set), per_set, per_query
+
+    perfect, _, _ = scored(lambda qi: True)
+    # the main metric as the benchmark names it, or as one of its sets names it (one FashionIQ category: R@10)
+    declared = spec.main_metric or next(iter(perfect), "")
+    main = next((m for m in (declared, declared.rsplit("/", 1)[-1]) if m in perfect), None)
+    assert main is not None, f"the metrics lack the main metric {declared!r}: {sorted(perfect)[:8]}"
+    if not unreachable:  # (the trapezoid AP of instance retrieval is 100 less 1e-5 relative: shown as 100.00)
+        assert abs(perfect[main] - 100.0) < 5e-3, (f"a perfect ranking scores {main} {perfect[main]:.4f}, not 100: "
+                                                   "the metric or the ids it compares are off")
+    held(1)
+    worst, _, _ = scored(lambda qi: False)
+    assert worst[main] < perfect[main], (f"{main} is {worst[main]:.4f} with the targets last, as with them first: "
+                                         "the metric does not read the ranking")
+    held(2)
+    _, set_metrics, per_query = scored(lambda qi: qi % 2 == 0)  # queries that score apart: their mean is checked
+    sets = {es.name: es for es in evalsets}
+    for set_name, metrics in per_query.items():
+        if metrics is None:
+            continue
+        for metric, values in metrics.items():
+            values = list(values.tolist() if hasattr(values, "tolist") else values)
+            assert len(values) == len(sets[set_name].queries), (
+                f"set '{set_name}': per-query {metric} has {len(values)} values for {len(sets[set_name].queries)} "
+                "queries")
+            counted = [v for v in values if not math.isnan(v)]
+            reported = set_metrics[set_name].get(metric)
+            if counted and reported is not None:
+                mean = sum(counted) / len(counted)
+                assert abs(mean - reported) < 1e-4 * max(1.0, abs(mean)), (
+                    f"set '{set_name}': {metric} is {reported:.4f}, its per-query values average "
+                    f"{mean:.4f}: the bootstrap intervals and paired tests, made from the per-query values, would "
+                    "not be of the reported metric")
+    held(3)
+    return perfect
+
+
 # -- pytest fixtures (defined where pytest is installed) -----------------------------------------------------
 if pytest is not None:
     @pytest.fixture(scope="session")

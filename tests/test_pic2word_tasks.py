@@ -20,6 +20,7 @@ from cirbench.errors import AnnotationError, CirbenchError
 from cirbench.evaluate import RunConfig, evaluate
 from cirbench.plugins import get_registry
 from cirbench.retrieval import Ranking, rank
+from cirbench.testing import DATASET_CHECKS, check_dataset
 
 
 def dataset(name, root, **options):
@@ -155,6 +156,13 @@ def test_imagenet_r_full_run_with_small_lists(tmp_path, tiny_config, monkeypatch
                                    "cartoon", str(again.predictions_path), "--json"])
     assert res.exit_code == 0, res.output  # --domain as on run: that domain's set alone, read from its rows
     assert json.loads(res.output) == pytest.approx({k: again.metrics[f"cartoon/{k}"] for k in ("R@10", "R@50")})
+    held, notes = [], []  # the dataset contract (cirbench check --dataset) holds on these lists
+    check_dataset("imagenet-r", "test", root, report=held.append, note=notes.append)
+    assert held == list(DATASET_CHECKS)
+    # a class without an image in a domain leaves its 3 queries there without a target: no ranking scores them
+    empty = 3 * sum(1 for wnid in ("n01443537", "n01484850", "n01494475") for domain in imr.DOMAINS
+                    if not any(f"/{wnid}/{domain}_" in line for line in t_lines))
+    assert empty and [n.split(" queries")[0] for n in notes] == [str(empty)], notes
 
 
 # -- coco-object ------------------------------------------------------------------------------------------------
@@ -269,6 +277,9 @@ def test_coco_object_prepare_matches_the_official_masking_and_runs(tmp_path, tin
         region = Image.open(ref.path).crop(box)
         official = np.asarray(T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC)(region).convert("RGB"))
         assert torch.equal(ours[i], torch.from_numpy(official.copy()).permute(2, 0, 1))
+    held = []  # the dataset contract (cirbench check --dataset) holds on the prepared queries
+    check_dataset("coco-object", "val", root, {"queries": str(queries)}, report=held.append)
+    assert held == list(DATASET_CHECKS)
     cfg = RunConfig(method="slerp", dataset="coco-object", split="val", backbone=str(tiny_config), pretrained="none",
                     data_root=root, output=tmp_path / "results", cache_dir=tmp_path / "cache", workers=0,
                     progress=False, bootstrap=0, dataset_options={"queries": str(queries)})
