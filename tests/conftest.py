@@ -33,12 +33,13 @@ def _a_cache_of_the_suites_own(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_config(tmp_path_factory) -> Path:
-    """Path to a tiny open_clip model config (random weights with --pretrained none)."""
-    return write_tiny_config(tmp_path_factory.mktemp("cfg"))
+def tiny_config(cirbench_tiny_config) -> Path:
+    """Path to a tiny open_clip model config (random weights with --pretrained none): the fixture cirbench.testing
+    gives plugin authors, under the suite's short name."""
+    return cirbench_tiny_config
 
 
 @pytest.fixture
-def toy_root(tmp_path) -> Path:
-    """A tiny CIR dataset on disk: colour images, queries 'make it <colour>'."""
-    return write_toy_dataset(tmp_path / "toy")
+def toy_root(cirbench_toy_root) -> Path:
+    """A tiny CIR dataset on disk: colour images, queries 'make it <colour>' (cirbench.testing's)."""
+    return cirbench_toy_root
