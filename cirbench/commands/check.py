@@ -60,24 +60,33 @@ def command(ctx, method, dataset, split, data_root, keep):
     names = list(dict.fromkeys(m.strip() for m in method.split(",") if m.strip()))
     if not names:
         raise CirbenchError("--method names no method")
-    specs = [reg.method(n) for n in names]
-    extra = _extras(ctx, specs)
-    failed: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="cirbench-check-") as scratch:
-        for spec in specs:
-            from ..cli import declared_by
-            from ..testing import CONTRACT_CHECKS, check_method
-
-            folder = Path(keep) / spec.name if keep else Path(scratch) / spec.name
-            if not _checked(f"'{spec.name}'", _origin(reg, spec), CONTRACT_CHECKS, "on the toy dataset with a tiny "
-                            "random CLIP", lambda report, spec=spec, folder=folder: check_method(
-                                spec.name, folder, declared_by(extra, spec), registry=reg, report=report)):
-                failed.append(spec.name)
+    failed = _check_methods(ctx, reg, [reg.method(n) for n in names], keep)
     if keep:
         click.echo(f"the checks' runs: {keep}")
     if failed:
-        click.echo(f"{len(failed)} of {len(specs)} method(s) break the contract: {', '.join(failed)}", err=True)
+        click.echo(f"{len(failed)} of {len(names)} method(s) break the contract: {', '.join(failed)}", err=True)
         ctx.exit(1)
+
+
+def _check_methods(ctx, reg, specs, keep: str | None) -> list[str]:
+    """The method checks, each method in a folder of its own; the names of those that failed."""
+    from ..cli import declared_by
+    from ..testing import CONTRACT_CHECKS, check_method
+
+    extra = _extras(ctx, specs)
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="cirbench-check-") as scratch:
+        for spec in specs:
+            folder = Path(keep or scratch) / spec.name
+            options = declared_by(extra, spec)
+
+            def run(report, spec=spec, folder=folder, options=options):
+                return check_method(spec.name, folder, options, registry=reg, report=report)
+
+            if not _checked(f"'{spec.name}'", _origin(reg, spec), CONTRACT_CHECKS,
+                            "on the toy dataset with a tiny random CLIP", run):
+                failed.append(spec.name)
+    return failed
 
 
 def _extras(ctx, specs):
