@@ -45,7 +45,7 @@ BUILTIN_COMMAND_MODULES: tuple[str, ...] = ("cirbench.commands.train", "cirbench
                                              "cirbench.commands.compare", "cirbench.commands.data",
                                              "cirbench.commands.report", "cirbench.commands.cache",
                                              "cirbench.commands.reproduce", "cirbench.commands.shortcuts",
-                                             "cirbench.commands.check")
+                                             "cirbench.commands.check", "cirbench.commands.new")
 
 
 def _error(line: str) -> None:

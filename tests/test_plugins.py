@@ -618,3 +618,41 @@ def test_a_plugins_bug_names_the_plugin_and_its_line_not_an_internal_error(tmp_p
     assert res.exit_code == 1
     assert res.output.strip() == ("error in plugin 'buggy_run' at buggy_run.py:12 in compose: TypeError: unsupported "
                                   "operand type(s) for @: 'Tensor' and 'str' (set CIRBENCH_DEBUG=1 for the traceback)")
+
+
+def test_new_writes_plugins_that_keep_the_contract_as_written(tmp_path, monkeypatch, local_plugins):
+    """`cirbench new method|dataset NAME` writes a file that `cirbench check` passes and `cirbench run` runs, with
+    no edit; an existing file is never overwritten, a bad name is refused."""
+    from cirbench.testing import write_tiny_config, write_toy_dataset
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["new", "method", "my-method"])
+    assert res.exit_code == 0 and "wrote my_method.py" in res.output, res.output
+    res = runner.invoke(cli, ["new", "dataset", "my-bench", "--output", "plugins/my_bench.py"])
+    assert res.exit_code == 2 and "plugins is not a folder" in res.output
+    (tmp_path / "plugins").mkdir()
+    res = runner.invoke(cli, ["new", "dataset", "my-bench", "--output", "plugins/my_bench.py"])
+    assert res.exit_code == 0, res.output
+    before = (tmp_path / "my_method.py").read_text()
+    res = runner.invoke(cli, ["new", "method", "my-method"])
+    assert res.exit_code == 2 and "my_method.py exists already" in res.output
+    assert (tmp_path / "my_method.py").read_text() == before
+    for bad in ("My Method", "9lives", "x--y"):
+        res = runner.invoke(cli, ["new", "method", bad])
+        assert res.exit_code == 2 and "is no plugin name" in res.output, bad
+
+    res = runner.invoke(cli, ["--plugin", "my_method.py", "check", "--method", "my-method", "--weight", "0.5"])
+    assert res.exit_code == 0 and "'my-method' keeps the contract" in res.output, res.output
+    data = write_toy_dataset(tmp_path / "data")  # the template's layout: queries.json + images/
+    res = runner.invoke(cli, ["--plugin", "plugins/my_bench.py", "check", "--dataset", "my-bench", "--data-root",
+                              str(data)])
+    assert res.exit_code == 0 and "'my-bench' keeps the contract" in res.output, res.output
+    res = runner.invoke(cli, ["--plugin", "my_method.py", "--plugin", "plugins/my_bench.py", "run", "--method",
+                              "my-method,image-only", "--dataset", "my-bench", "--data-root", str(data), "--backbone",
+                              str(write_tiny_config(tmp_path)), "--pretrained", "none", "--workers", "0", "--quiet",
+                              "--bootstrap", "0", "--no-leaderboard"])
+    assert res.exit_code == 0, res.output
+    record = json.loads(next((tmp_path / "results" / "my-bench" / "val").glob("my-method*.json")).read_text())
+    assert set(record["metrics"]) == {"R@1", "R@5", "R@10", "mAP@10"} and record["counts"]["queries"] == 12
+    assert record["dataset"]["plugin_source"]["path"] == str(tmp_path / "plugins" / "my_bench.py")
