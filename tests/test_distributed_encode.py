@@ -154,3 +154,26 @@ def test_gather_with_grad_takes_ranks_with_different_row_counts(tmp_path):
     assert rows[0]["out"] == rows[1]["out"] == expected
     assert rows[0]["grad"] == [[0.0, 2.0]] and rows[1]["grad"] == [[4.0, 6.0], [8.0, 10.0]]
     assert rows[0]["empty"] == rows[1]["empty"] == [[], [[1.0, 1.0]]]
+
+
+def test_a_plugin_file_runs_under_torchrun(tmp_path):
+    """`torchrun -m cirbench --plugin FILE run`: every rank loads the file (its argv names it), rank 0 writes one
+    result, which records the file's sha256."""
+    import hashlib
+
+    from test_plugins import LOCAL_METHOD
+
+    plugin = tmp_path / "ranked_sharp.py"
+    plugin.write_text(LOCAL_METHOD.format(name="ranked-sharp", module="ranked_sharp"))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CIRBENCH_LOAD_PLUGINS": "", "CIRBENCH_CACHE": str(tmp_path / "gen")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "cirbench",
+           "--plugin", str(plugin), "run", "--method", "ranked-sharp", "--beta", "0.5", "--dataset", "shapes",
+           "--queries", "40", "--instances", "1", "--device", "cpu", "--output", str(out), "--workers", "0",
+           "--no-leaderboard", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = (out / "shapes" / "val").glob("*.json")
+    record = json.loads(result.read_text())
+    assert record["world_size"] == 2 and record["method"]["plugin_source"] == {
+        "kind": "file", "path": str(plugin), "sha256": hashlib.sha256(plugin.read_bytes()).hexdigest()}
