@@ -201,30 +201,36 @@ def _oracle(es: EvalSet, targets_first: Callable[[int], bool]) -> Any:
     from .retrieval import Ranking
 
     gindex = {g.id: i for i, g in enumerate(es.gallery)}
+    size = len(es.gallery)
 
-    rows: list[list[int]] = []
+    def order(pool: torch.Tensor, targets: list[int], first: bool) -> torch.Tensor:
+        """``pool`` (gallery positions, ascending) with ``targets`` first (or last), each part in gallery order."""
+        hit = torch.zeros(size, dtype=torch.bool)
+        hit[targets] = True
+        hits, rest = pool[hit[pool]], pool[~hit[pool]]
+        return torch.cat([hits, rest] if first else [rest, hits])
+
+    rows: list[torch.Tensor] = []
     subsets: list[list[str]] | None = [] if any(q.candidates for q in es.queries) and not es.query_galleries else None
+    everything = torch.arange(size)
     for qi, q in enumerate(es.queries):
         first = targets_first(qi)
-
-        def order(pool: list[int], targets: set[int], first: bool = first) -> list[int]:
-            hits, rest = [i for i in pool if i in targets], [i for i in pool if i not in targets]
-            return hits + rest if first else rest + hits
-
-        targets = {gindex[t] for t in q.targets if t in gindex}
+        targets = [gindex[t] for t in q.targets if t in gindex]
         skip = gindex.get(q.reference, -1) if es.exclude_reference else -1
         if es.query_galleries:
-            rows.append(order(sorted({gindex[c] for c in q.candidates or () if c in gindex}), targets))
+            pool = torch.tensor(sorted({gindex[c] for c in q.candidates or () if c in gindex}), dtype=torch.long)
+            rows.append(order(pool, targets, first))
             continue
-        rows.append(order([i for i in range(len(es.gallery)) if i != skip], targets)[:es.topk])
+        rows.append(order(everything[everything != skip], targets, first)[:es.topk])
         if subsets is not None:
-            pool = sorted({gindex[c] for c in q.candidates or () if c in gindex and gindex[c] != skip})
-            subsets.append([es.gallery[i].id for i in order(pool, targets)])
+            pool = torch.tensor(sorted({gindex[c] for c in q.candidates or () if c in gindex and gindex[c] != skip}),
+                                dtype=torch.long)
+            subsets.append([es.gallery[i].id for i in order(pool, targets, first).tolist()])
     width = max((len(r) for r in rows), default=0)
     indices = torch.full((len(rows), width), -1, dtype=torch.long)
     scores = torch.full((len(rows), width), float("-inf"))
     for qi, row in enumerate(rows):
-        indices[qi, :len(row)] = torch.tensor(row, dtype=torch.long)
+        indices[qi, :len(row)] = row
         scores[qi, :len(row)] = torch.arange(len(row), 0, -1, dtype=torch.float32)
     return Ranking([q.id for q in es.queries], [g.id for g in es.gallery], indices, scores, subsets)
 
