@@ -428,6 +428,18 @@ def get_registry(refresh: bool = False, third_party: bool = False) -> Registry:
     return _registry
 
 
+def describe_source(source: dict[str, Any] | None) -> str:
+    """A recorded plugin source (:meth:`Registry.source`) in a few words: ``my_method.py sha256 52fb883c04a9``,
+    ``cirbench-example-plugin 0.1.0``, ``built-in``."""
+    if not source:
+        return "not recorded"
+    if source.get("sha256"):  # the file's name (its folder is in the record): the digest must fit the line
+        return f"{source.get('module') or Path(str(source.get('path'))).name} sha256 {source['sha256'][:12]}"
+    if source.get("kind") == "distribution":
+        return f"{source.get('distribution')} {source.get('version')}"
+    return str(source.get("kind"))
+
+
 def blame(exc: BaseException) -> str | None:
     """Which plugin that cirbench does not ship raised ``exc``: ``plugin 'name' at file.py:LINE in function`` for
     the innermost frame of its code on the traceback (a method's ``compose`` that fails deep inside torch is
@@ -473,4 +485,5 @@ def register_commands(cli: Any, third_party: bool = False) -> None:
 
 
 __all__ = ["Registry", "get_registry", "reset_registry", "ENTRY_POINT_GROUP", "LOCAL_PLUGINS_ENV",
-           "add_local_plugins", "local_plugin_specs", "blame", "builtin_plugin_modules", "code_digest"]
+           "add_local_plugins", "local_plugin_specs", "blame", "describe_source", "builtin_plugin_modules",
+           "code_digest"]

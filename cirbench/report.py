@@ -268,6 +268,8 @@ def _metrics_table(records: list[dict], comparison: dict[str, dict] | None) -> s
 
 
 def _provenance(record: dict) -> str:
+    from .plugins import describe_source
+
     env = record.get("environment") or {}
     counts = record.get("counts") or {}
     rows = [
@@ -275,6 +277,8 @@ def _provenance(record: dict) -> str:
         ("dataset", f"{record['dataset'].get('name')}/{record['dataset'].get('split')} "
                     f"({record['dataset'].get('data_root')})"),
         ("annotations", ", ".join(f"{k} {v[:12]}" for k, v in (record["dataset"].get("annotations") or {}).items())),
+        ("plugin code", " · ".join(f"{part} {describe_source(record[part].get('plugin_source'))}"
+                                   for part in ("method", "dataset") if record[part].get("plugin_source"))),
         ("backbone", json.dumps(record.get("backbone") or {})),
         ("preprocessing", json.dumps(record.get("preprocess") or {})),
         ("precision / seed", f"{record.get('precision')} / {record.get('seed')}"),

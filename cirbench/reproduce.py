@@ -83,22 +83,14 @@ def _spec(lookup, section: dict[str, Any]):
 def _plugin_sources(original: dict[str, Any], again: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """Where a plugin's code differs between the two runs (a version, a file's sha256): told as the environment,
     since the configuration (method, options, weights) is the same."""
+    from .plugins import describe_source
+
     out = []
     for section in ("method", "dataset"):
         a, b = ((record.get(section) or {}).get("plugin_source") for record in (original, again))
         if a is not None and a != b:  # a record from before plugin sources were recorded says nothing
-            out.append((f"{section} plugin", _source_text(a), _source_text(b)))
+            out.append((f"{section} plugin", describe_source(a), describe_source(b)))
     return out
-
-
-def _source_text(source: dict[str, Any] | None) -> str:
-    if not source:
-        return "not recorded"
-    if source.get("sha256"):  # the file's name (its folder is in the records): the digest must fit the line
-        return f"{source.get('module') or Path(str(source.get('path'))).name} sha256 {source['sha256'][:12]}"
-    if source.get("kind") == "distribution":
-        return f"{source.get('distribution')} {source.get('version')}"
-    return str(source.get("kind"))
 
 
 def _saved_top(record: dict[str, Any]) -> int | None:

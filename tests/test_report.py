@@ -70,6 +70,7 @@ def test_report_in_a_headless_browser(two_runs, tmp_path):
     assert (run_folder / "val").exists() == had_val
     text = page.read_text()
     assert "<script src=" not in text and "http" not in text.split("<h2>Provenance")[0]  # self-contained
+    assert "<td>plugin code</td><td>method built-in · dataset built-in</td>" in text
     assert {p.name for p in (tmp_path / "rep" / "plots").iterdir()} >= {"leaderboard.png", "leaderboard.svg",
                                                                        "sweep-slerp-alpha.png"}
     rows = [json.loads(line) for line in slerp.with_suffix(".predictions.jsonl").read_text().splitlines()]
