@@ -523,7 +523,8 @@ def methods(as_json):
 
     reg = get_registry(third_party=True)
     if as_json:
-        click.echo(json.dumps({n: {"description": s.description, "plugin": s.plugin, "trainable": s.trainer is not None,
+        click.echo(json.dumps({n: {"description": s.description, "plugin": s.plugin,
+                                   "plugin_source": reg.source(s.plugin), "trainable": s.trainer is not None,
                                    "default_backbone": s.default_backbone, "default_preprocess": s.default_preprocess,
                                    "options": {o.name: {"type": o.type, "default": o.default,
                                                         "per_dataset": o.per_dataset, "help": o.help}
@@ -554,7 +555,8 @@ def datasets(as_json):
 
     reg = get_registry(third_party=True)
     if as_json:
-        click.echo(json.dumps({n: {"description": s.description, "plugin": s.plugin, "splits": s.splits,
+        click.echo(json.dumps({n: {"description": s.description, "plugin": s.plugin,
+                                   "plugin_source": reg.source(s.plugin), "splits": s.splits,
                                    "hidden_splits": s.hidden_splits,
                                    "options": {o.name: {"type": o.type, "default": o.default, "help": o.help}
                                                for o in s.options}}

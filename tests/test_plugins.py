@@ -462,6 +462,10 @@ def test_a_plugin_file_runs_through_the_loop_and_results_record_its_code(tmp_pat
     row = {r["name"]: r for r in json.loads(res.output)}["my_sharp"]
     assert row["methods"] == ["sharp"] and row["source"] == {"kind": "file", "path": str(plugin),
                                                             "sha256": _sha256(plugin)}
+    res = invoke("--plugin", str(plugin), "methods", "--json")
+    listed = json.loads(res.output)
+    assert listed["sharp"]["plugin_source"] == row["source"]
+    assert listed["slerp"]["plugin_source"] == {"kind": "built-in"}
     res = invoke("--plugin", str(plugin), "run", "--method", "sharp", "--beta", "2", "--dataset", "toy",
                  "--data-root", str(toy_root), "--backbone", str(tiny_config), "--pretrained", "none",
                  "--output", str(tmp_path / "out"), "--workers", "0", "--quiet", "--bootstrap", "0",
