@@ -54,6 +54,29 @@ def _error(line: str) -> None:
     click.echo(f"[rank {os.environ['RANK']}] {line}" if launched_by_torchrun() else line, err=True)
 
 
+def hoist_plugin_options(args: list[str]) -> list[str]:
+    """``--plugin FILE`` (or ``--plugin=FILE``) written after the command (``cirbench run --plugin x.py ...``) moved
+    before it, where the global option is parsed: a plugin's methods must be known before the command reads
+    ``--method``. Nothing after a bare ``--`` moves."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg.startswith("--plugin="):
+            front.append(arg)
+        elif arg == "--plugin" and i + 1 < len(args):
+            front += [arg, args[i + 1]]
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return [*front, *rest]
+
+
 class CirbenchGroup(click.Group):
     """A click group that turns :class:`CirbenchError` and click's usage errors into one line on stderr and
     their exit code, and adds the commands that plugins register (``register_commands`` hook) on first use."""
@@ -76,6 +99,9 @@ class CirbenchGroup(click.Group):
             click.echo("aborted", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_plugin_options(args))
 
     _builtin_commands_loaded = False
     _third_party_commands_loaded = False

@@ -77,12 +77,13 @@ class OptionSpec:
         return text
 
 
-# Options of `cirbench run` itself: a plugin option of the same name would be hidden by them.
+# Options of `cirbench run` itself, and cirbench's own `--plugin` (taken wherever it is written): a plugin option of
+# the same name would be hidden by them.
 RESERVED_OPTION_NAMES = frozenset({
     "method", "dataset", "split", "backbone", "pretrained", "preprocess", "precision", "device", "data_root",
     "output", "cache_dir", "no_cache", "cache_identity", "label", "seed", "batch_size", "workers",
     "max_image_pixels", "allow_missing", "retrieval", "encode_path", "bootstrap", "save_top", "no_leaderboard", "quiet",
-    "help", "method_option", "dataset_option", "checkpoint_dir",
+    "help", "method_option", "dataset_option", "checkpoint_dir", "plugin",
 })
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 

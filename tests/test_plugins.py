@@ -466,7 +466,7 @@ def test_a_plugin_file_runs_through_the_loop_and_results_record_its_code(tmp_pat
     listed = json.loads(res.output)
     assert listed["sharp"]["plugin_source"] == row["source"]
     assert listed["slerp"]["plugin_source"] == {"kind": "built-in"}
-    res = invoke("--plugin", str(plugin), "run", "--method", "sharp", "--beta", "2", "--dataset", "toy",
+    res = invoke("run", "--plugin", str(plugin), "--method", "sharp", "--beta", "2", "--dataset", "toy",
                  "--data-root", str(toy_root), "--backbone", str(tiny_config), "--pretrained", "none",
                  "--output", str(tmp_path / "out"), "--workers", "0", "--quiet", "--bootstrap", "0",
                  "--no-leaderboard")
@@ -660,3 +660,17 @@ def test_new_writes_plugins_that_keep_the_contract_as_written(tmp_path, monkeypa
     record = json.loads(next((tmp_path / "results" / "my-bench" / "val").glob("my-method*.json")).read_text())
     assert set(record["metrics"]) == {"R@1", "R@5", "R@10", "mAP@10"} and record["counts"]["queries"] == 12
     assert record["dataset"]["plugin_source"]["path"] == str(tmp_path / "plugins" / "my_bench.py")
+
+
+def test_plugin_options_after_the_command_are_taken_as_the_global_one():
+    """`cirbench run --plugin x.py --method mine` means what `cirbench --plugin x.py run --method mine` does (the
+    method must be known before run reads --method); nothing after a bare `--` moves; no plugin may declare an
+    option named `plugin`."""
+    from cirbench.cli import hoist_plugin_options
+    from cirbench.types import RESERVED_OPTION_NAMES
+
+    assert hoist_plugin_options(["run", "--method", "m", "--plugin", "a.py", "--plugin=b.py", "-q"]) == [
+        "--plugin", "a.py", "--plugin=b.py", "run", "--method", "m", "-q"]
+    assert hoist_plugin_options(["run", "--", "--plugin", "a.py"]) == ["run", "--", "--plugin", "a.py"]
+    assert hoist_plugin_options(["run", "--plugin"]) == ["run", "--plugin"]  # no value: click says so
+    assert "plugin" in RESERVED_OPTION_NAMES
