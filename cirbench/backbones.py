@@ -428,6 +428,43 @@ def _build(model: str, model_name: str, pre: str, quick_gelu: bool, seed: int, c
     return clip, {"kind": "open_clip-tag", "tag": pre, "source": source}
 
 
+def weights_status(model: str, pretrained: str | None, cache_dir: str | None = None) -> str:
+    """Where a backbone's weights would come from, found without loading (``cirbench run --dry-run``): bundled,
+    random, a file (present or not), an open_clip tag in the local cache or to download (or that cannot be: no
+    network). CirbenchError for a backbone or tag that does not exist, as loading would say."""
+    import open_clip
+
+    model_name = _register_config(model)
+    pre = (pretrained or "none").strip()
+    if pre.lower() in ("none", "random"):
+        return "random initialisation"
+    if pre in ("", "bundled"):
+        if model != BUNDLED_MODEL:
+            raise CirbenchError(f"--pretrained bundled is only available for --backbone {BUNDLED_MODEL}")
+        return "bundled with cirbench"
+    if pre.lower() == REMOTECLIP[0]:
+        from huggingface_hub import try_to_load_from_cache
+
+        _, repo, pattern, models = REMOTECLIP
+        if model_name not in models:
+            raise CirbenchError(f"--pretrained remoteclip: RemoteCLIP has weights for {', '.join(models)}, not "
+                                f"{model_name}")
+        cached = isinstance(try_to_load_from_cache(repo, pattern.format(model=model_name)), str)
+        return ("in the Hugging Face cache" if cached else "to download" if hub_reachable()
+                else "NOT AVAILABLE: not in the Hugging Face cache and no network") + f" (hf-hub:{repo})"
+    if os.path.sep in pre or pre.endswith((".safetensors", ".pt", ".bin", ".pth")) or Path(pre).exists():
+        path = Path(pre).expanduser()
+        return f"file {path}" if path.is_file() else f"NOT AVAILABLE: weights file {path} does not exist"
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pre not in tags:
+        raise UnknownNameError(f"pretrained tag for {model_name}", pre, tags + ["none", "<path/to/weights>"])
+    cfg = open_clip.get_pretrained_cfg(model_name, pre)
+    source = cfg.get("hf_hub") or cfg.get("url") or ""
+    if _weights_cached(cfg, cache_dir):
+        return f"in the local cache ({source})"
+    return f"to download ({source})" if _weights_reachable() else f"NOT AVAILABLE: no network to download {source}"
+
+
 def _preprocess_cfg(clip: Any) -> dict:
     cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
     cfg.setdefault("size", getattr(clip.visual, "image_size", 224))

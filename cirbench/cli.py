@@ -36,6 +36,7 @@ Examples:
   cirbench run --method image-only --dataset fashioniq --category dress --allow-missing
   cirbench run --method slerp --dataset circo:test,cirr:test1 --data-root circo=data/CIRCO --data-root cirr=data/CIRR
   cirbench run --method basic --dataset icir --data-root data/icir --save-top all   # whole rankings, to score again
+  cirbench run --method slerp,searle --dataset circo --data-root data/CIRCO --dry-run   # check it all, run nothing
 """
 
 
@@ -297,6 +298,39 @@ def refuse_undeclared(extra: dict[str, Any], specs: Sequence[MethodSpec | Datase
     resolve_options(list(declared.values()), unknown, dataset, what, command_option_names(command))
 
 
+def _plan(runs: list[Any]) -> str:
+    """What ``cirbench run`` would do (``--dry-run``), from its checked runs: per method and benchmark, the
+    results it would write, the backbone and where its weights would come from, the queries and images."""
+    from .backbones import weights_status
+    from .evaluate import choose_backbone, run_label
+
+    lines, weights, results = [], {}, 0
+    for number, planned in enumerate(runs, 1):
+        cfg, checked = planned.cfg, planned.check()
+        model, pretrained = choose_backbone(cfg, checked.mspec, checked.dspec)
+        if (model, pretrained) not in weights:
+            weights[(model, pretrained)] = weights_status(model, pretrained)
+        labels = [run_label(cfg, checked.mspec, opts) for opts in checked.option_sets]
+        results += len(labels)
+        queries = sum(len(es.queries) for es in checked.evalsets)
+        images = len({ref.id for es in checked.evalsets for ref in es.images.values()})
+        missing = sum(c.get("missing_images", 0) for c in checked.set_counts.values())
+        dropped = sum(c.get("queries_dropped", 0) for c in checked.set_counts.values())
+        hidden = " (hidden targets: submission files)" if all(es.hidden_targets for es in checked.evalsets) else ""
+        lines += [f"[{number}/{len(runs)}] {checked.mspec.name} on {checked.dspec.name}/{checked.split}{hidden}: "
+                  f"{len(labels)} result(s) in {Path(cfg.output) / checked.dspec.name / checked.split}: "
+                  f"{', '.join(labels[:6])}{' ...' if len(labels) > 6 else ''}",
+                  f"    backbone {model} / {pretrained}: weights {weights[(model, pretrained)]}; preprocessing "
+                  f"{checked.preprocess_kind}, {cfg.precision}, device {cfg.device}",
+                  f"    {queries:,} queries, {images:,} images"
+                  + (f" ({missing:,} missing: {dropped:,} queries dropped, --allow-missing)" if missing else "")]
+    unavailable = [f"{m} / {p}" for (m, p), status in weights.items() if status.startswith("NOT AVAILABLE")]
+    lines.append(f"dry run: {results} result(s) planned; names, options, plugins and data checked; no model loaded, "
+                 "nothing written" + (f"; the weights of {', '.join(unavailable)} are not available here"
+                                      if unavailable else ""))
+    return "\n".join(lines)
+
+
 def plugin_extras(args: Sequence[str], specs: Sequence[MethodSpec | DatasetSpec],
                   command: click.Command) -> dict[str, Any]:
     """A command's extra options for its plugins: each one that some method or dataset of ``specs`` declares
@@ -410,11 +444,14 @@ def _save_top(ctx, param, value: str) -> int | None:
               help="Ranked ids written per query to the predictions file; all: every id the benchmark ranks (on "
                    "i-CIR the instance's whole database, which `cirbench score` needs to score the file again).")
 @click.option("--no-leaderboard", is_flag=True, help="Do not print the leaderboard after the run.")
+@click.option("--dry-run", is_flag=True,
+              help="Check names, options, plugins and every benchmark's data, say what would run (results, backbone "
+                   "and where its weights come from, queries and images), and stop: no model loaded, nothing written.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.pass_context
 def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision, device, data_roots, output,
         cache_dir, no_cache, cache_identity, label, seed, batch_size, workers, max_image_pixels, allow_missing,
-        retrieval_backend, encode_path, bootstrap, save_top, no_leaderboard, quiet):
+        retrieval_backend, encode_path, bootstrap, save_top, no_leaderboard, dry_run, quiet):
     """Evaluate METHOD on DATASET/SPLIT and write results/<dataset>/<split>/<run>__<backbone>.json.
 
     Method and dataset options are given as extra --name value pairs (e.g. --alpha 0.8, --category dress);
@@ -451,6 +488,13 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
             runs.append(Evaluator(cfg, reg, loaded=loaded))
     for planned in runs:  # every benchmark's data and every plugin, before the first model is loaded
         planned.check()
+    if dry_run:
+        plan = _plan(runs)
+        if speaks:
+            click.echo(plan)
+        if "are not available here" in plan.rsplit("\n", 1)[-1]:
+            ctx.exit(1)  # the run itself would stop there
+        return
     outcomes = []
     for number, planned in enumerate(runs, 1):
         if len(runs) > 1 and speaks and not quiet:  # which run the progress bars below belong to

@@ -208,3 +208,26 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     assert lines[2].startswith("val-0 ['square-"), lines
     assert sorted(p.name for p in (tmp_path / "results" / "shapes" / "val").glob("*.json")) == [
         "slerp@alpha=0.6__cirbench-shapes-clip-bundled.json", "slerp@alpha=0.8__cirbench-shapes-clip-bundled.json"]
+
+
+def test_run_dry_run_checks_and_says_what_would_run_and_writes_nothing(tmp_path, tiny_config):
+    """--dry-run: the checks of a real run (names, options, data), then the plan: results per method and
+    benchmark, the backbone and where its weights would come from, counts; no model loaded, nothing written;
+    exit 1 when the weights cannot be had here (the run would stop there), 2 for what the checks refuse."""
+    out = tmp_path / "results"
+    res = CliRunner().invoke(cli, ["run", "--dry-run", "--alpha", "0.6,0.8", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == f"[1/3] slerp on shapes/val: 2 result(s) in {out / 'shapes' / 'val'}: slerp@alpha=0.6, " \
+                       "slerp@alpha=0.8"
+    assert "backbone cirbench-shapes-clip / bundled: weights bundled with cirbench" in lines[1]
+    assert lines[2].strip() == "400 queries, 1,296 images"
+    assert lines[-1].startswith("dry run: 4 result(s) planned") and not out.exists()
+
+    res = CliRunner().invoke(cli, ["run", "--dry-run", "-m", "image-only", "--backbone", str(tiny_config),
+                                   "--pretrained", str(tmp_path / "absent.safetensors"), "--output", str(out)])
+    assert res.exit_code == 1 and "weights NOT AVAILABLE: weights file" in res.output, res.output
+    assert "are not available here" in res.output.splitlines()[-1] and not out.exists()
+    res = CliRunner().invoke(cli, ["run", "--dry-run", "-m", "image-only", "--backbone", str(tiny_config),
+                                   "--pretrained", "no-such-tag", "--output", str(out)])
+    assert res.exit_code == 2 and "unknown pretrained tag" in res.output, res.output
