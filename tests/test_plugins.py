@@ -660,6 +660,10 @@ def test_new_writes_plugins_that_keep_the_contract_as_written(tmp_path, monkeypa
     record = json.loads(next((tmp_path / "results" / "my-bench" / "val").glob("my-method*.json")).read_text())
     assert set(record["metrics"]) == {"R@1", "R@5", "R@10", "mAP@10"} and record["counts"]["queries"] == 12
     assert record["dataset"]["plugin_source"]["path"] == str(tmp_path / "plugins" / "my_bench.py")
+    (data / "queries.json").write_text('{"queries": []}')  # what the template refuses in one line
+    res = runner.invoke(cli, ["--plugin", "plugins/my_bench.py", "run", "--dataset", "my-bench", "--data-root",
+                              str(data), "--dry-run"])
+    assert res.exit_code == 2 and "expected an object with 'gallery' and 'queries'" in res.output, res.output
 
 
 def test_plugin_options_after_the_command_are_taken_as_the_global_one():

@@ -80,7 +80,7 @@ Check it, then run methods on it, without installing anything:
 
 from pathlib import Path
 
-from cirbench import Dataset, DatasetSpec, EvalSet, Query, hookimpl
+from cirbench import AnnotationError, Dataset, DatasetSpec, EvalSet, Query, hookimpl
 
 KS = (1, 5, 10)
 IMAGES = Path("images")
@@ -92,7 +92,10 @@ class $cls(Dataset):
     def load(self, split):
         self.check_split(split)
         path = self.data_root / "queries.json"
-        data = self.read_json(path)
+        data = self.read_json(path)  # a missing or malformed file: one line naming it
+        if not isinstance(data, dict) or not {"gallery", "queries"} <= data.keys():
+            expected = "an object with 'gallery' and 'queries'"
+            raise AnnotationError(f"{path}: expected {expected}")
         images = {n: self.image(n, IMAGES / n) for n in data["gallery"]}
         gallery = list(images.values())
         queries = []
