@@ -298,9 +298,10 @@ def refuse_undeclared(extra: dict[str, Any], specs: Sequence[MethodSpec | Datase
     resolve_options(list(declared.values()), unknown, dataset, what, command_option_names(command))
 
 
-def _plan(runs: list[Any]) -> str:
+def _plan(runs: list[Any]) -> tuple[str, list[str]]:
     """What ``cirbench run`` would do (``--dry-run``), from its checked runs: per method and benchmark, the
-    results it would write, the backbone and where its weights would come from, the queries and images."""
+    results it would write, the backbone and where its weights would come from, the queries and images; and the
+    backbones whose weights cannot be had here."""
     from .backbones import weights_status
     from .evaluate import choose_backbone, run_label
 
@@ -328,7 +329,7 @@ def _plan(runs: list[Any]) -> str:
     lines.append(f"dry run: {results} result(s) planned; names, options, plugins and data checked; no model loaded, "
                  "nothing written" + (f"; the weights of {', '.join(unavailable)} are not available here"
                                       if unavailable else ""))
-    return "\n".join(lines)
+    return "\n".join(lines), unavailable
 
 
 def plugin_extras(args: Sequence[str], specs: Sequence[MethodSpec | DatasetSpec],
@@ -489,10 +490,10 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     for planned in runs:  # every benchmark's data and every plugin, before the first model is loaded
         planned.check()
     if dry_run:
-        plan = _plan(runs)
+        plan, unavailable = _plan(runs)
         if speaks:
             click.echo(plan)
-        if "are not available here" in plan.rsplit("\n", 1)[-1]:
+        if unavailable:
             ctx.exit(1)  # the run itself would stop there
         return
     outcomes = []
