@@ -1,5 +1,6 @@
-"""``cirbench data``: what a dataset needs on disk. ``prepare`` writes files a benchmark derives from its
-sources (coco-object's masked queries); ``check`` says what is present and missing (see that command)."""
+"""``cirbench data``: what a dataset needs on disk. ``fetch`` downloads its official annotation files (checked
+against their sha256), ``prepare`` writes files a benchmark derives from its sources (coco-object's masked
+queries); ``check`` says what is present and missing (see that command)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import click
 
 EPILOG_GROUP = """\b
 Examples:
+  cirbench data fetch circo --data-root data/CIRCO
   cirbench data check --dataset cirr --data-root data/CIRR
   cirbench data prepare coco-object --data-root data/coco
 """
@@ -16,6 +18,13 @@ Examples:
   cirbench data check --dataset cirr --split val --data-root data/CIRR
   cirbench data check --dataset fashioniq --data-root data/FashionIQ --category dress --json
   cirbench data check --dataset circo:test,cirr:test1 --data-root circo=data/CIRCO --data-root cirr=data/CIRR
+"""
+
+EPILOG_FETCH = """\b
+Examples:
+  cirbench data fetch circo --data-root data/CIRCO        # annotations/{val,test}.json, checked against sha256
+  cirbench data fetch cirr --data-root data/CIRR          # cirr/captions/ and cirr/image_splits/ (val, test1)
+  CIRBENCH_FETCH_MIRROR=/shared/cir cirbench data fetch fashioniq --data-root data/FashionIQ   # no internet
 """
 
 EPILOG_PREPARE = """\b
@@ -95,3 +104,22 @@ def check(ctx, dataset, split, data_roots, sample, as_json):
     else:
         click.echo("\n\n".join(render(report) for report in reports))
     return 0 if all(healthy(report) for report in reports) else 1
+
+
+@command.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, epilog=EPILOG_FETCH)
+@click.argument("dataset")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Dataset root folder.")
+@click.option("--force", is_flag=True, help="Replace files in place that are not the official ones.")
+@click.pass_context
+def fetch(ctx, dataset, data_root, force):
+    """Download DATASET's official annotation files from their public sources (pinned revisions) into the data
+    root, each kept only when its sha256 is the official one; files already in place are left alone. Exit 1 when
+    a file in place differs from the official one (kept unless --force). Images are not fetched: their licences
+    ask for each benchmark's own download (datasets/README.md says where)."""
+    from cirbench.fetch import fetch as fetch_files
+
+    spec, ds = build_dataset(ctx, dataset, data_root)
+    status = fetch_files(ds, spec.name, force=force, say=click.echo)
+    differs = [path for path, state in status.items() if state == "differs"]
+    if differs:
+        ctx.exit(1)

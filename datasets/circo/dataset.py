@@ -34,6 +34,10 @@ ASPECTS = ("cardinality", "addition", "negation", "direct_addressing", "compare_
 
 
 class CIRCO(Dataset):
+    #: where ``cirbench data fetch`` gets them: github.com/miccunifi/CIRCO, pinned
+    OFFICIAL_SOURCES = {f"annotations/{split}.json": "https://raw.githubusercontent.com/miccunifi/CIRCO/"
+                        f"267b5c9087d856ce1b41d2daf8f385ae5b629a3b/annotations/{split}.json"
+                        for split in ("val", "test")}
     OFFICIAL_SHA256 = {  # the official repository's annotations/
         "val.json": "6b31a1dbc3c85627501d9a250f87708f24a27d74d6a65360b6ddd2537a154d04",
         "test.json": "2f7c37e89220c990b6b0525d6f3ed63d3fc02e03ce336aa42a3b822841b14886",

@@ -33,6 +33,8 @@ class CIRRQuery(Record):
     target_hard: ImageName | None = None
 SUBSET_KS = (1, 2, 3)
 VERSION = "rc2"
+#: github.com/Cuberick-Orion/CIRR, branch cirr_dataset at the commit whose files the checksums below are
+SOURCE = "https://raw.githubusercontent.com/Cuberick-Orion/CIRR/2276fba2d2c53862c8ae79ea18e1f1ae03719f56"
 
 
 class CIRR(Dataset):
@@ -40,6 +42,11 @@ class CIRR(Dataset):
     ``cirr/image_splits/split.rc2.<split>.json`` (or ``captions/``/``image_splits/`` at the root), and the
     images where the split file says (``./dev/<name>.png``, ``./test1/<name>.png``), relative to the root."""
 
+    #: where ``cirbench data fetch`` gets them: the official repository's cirr_dataset branch, pinned
+    OFFICIAL_SOURCES = {f"cirr/{folder}/{name}": f"{SOURCE}/{folder}/{name}"
+                        for folder, name in (("captions", "cap.rc2.val.json"), ("captions", "cap.rc2.test1.json"),
+                                             ("image_splits", "split.rc2.val.json"),
+                                             ("image_splits", "split.rc2.test1.json"))}
     OFFICIAL_SHA256 = {  # the rc2 files of the official repository (cirr_dataset branch)
         "cap.rc2.val.json": "a85c3a1aa464f1af7229918e8018d08b8b20ce5dab479ffdf39d61113140f919",
         "cap.rc2.test1.json": "26a2b2e7a5c96c903491aefc7d5f237f03d3cca97712e1b6bb3b231db5ff8001",

@@ -28,6 +28,11 @@ EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 class FashionIQ(Dataset):
+    #: where ``cirbench data fetch`` gets them: github.com/XiaoxiaoGuo/fashion-iq, pinned
+    OFFICIAL_SOURCES = {f"{folder}/{kind}.{category}.{split}.json": "https://raw.githubusercontent.com/XiaoxiaoGuo/"
+                        f"fashion-iq/f71b16c3b09ef03b02c0fed160fa072fb3b8aa16/{folder}/{kind}.{category}.{split}.json"
+                        for folder, kind in (("captions", "cap"), ("image_splits", "split"))
+                        for category in ("dress", "shirt", "toptee") for split in ("val", "test")}
     OFFICIAL_SHA256 = {  # the official repository's captions/ and image_splits/
         "cap.dress.val.json": "5e5117d45695df9c3ca91fac3e0bc49e6422ae9c8b3793f0ac9b3ab83adb7de9",
         "cap.shirt.val.json": "7b7ca3797b85dddfd83e74cdb4454cb63e3e7c09acef2590155efbacea6d7feb",

@@ -80,6 +80,9 @@ def _number(v: float) -> str:
 
 class GeneCIS(Dataset):
     OFFICIAL_SHA256 = {f"{task}.json": sha for task, (_, sha) in OFFICIAL_FILES.items() if sha}
+    #: where ``cirbench data fetch`` gets the files whose checksums are known: github.com/facebookresearch/genecis
+    OFFICIAL_SOURCES = {f"genecis/{name}": "https://raw.githubusercontent.com/facebookresearch/genecis/"
+                        f"0c5c968c01b8ccffcc0990af2b430d21d7a12f49/genecis/{name}" for name in OFFICIAL_SHA256}
     """The official layout under ``--data-root`` (see datasets/README.md): the template files as the official
     repository ships them (``genecis/<task>.json``, or ``<task>.json`` at the root), COCO 2017 val images
     (``coco/val2017/<id:012d>.jpg`` or ``val2017/``) and Visual Genome 1.2 images (``<image_id>.jpg`` in
