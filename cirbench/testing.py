@@ -125,6 +125,7 @@ CONTRACT_CHECKS = (
     "runs through the loop: valid query features (shape, finite, unit norm), the shared backbone unchanged",
     "deterministic: a second run gives the same metrics and rankings",
     "shares a command: beside another method, each gives what it gives alone",
+    "batch-independent: composed four queries at a time (--batch-size 1), it scores as in one batch",
 )
 
 
@@ -136,7 +137,8 @@ def check_method(method: str, folder: Path, options: dict[str, Any] | None = Non
       that it leaves the shared backbone as it found it;
     * it is deterministic: a second run gives the same metrics and the same rankings;
     * it shares well: run after and before another method in one command (one backbone, features kept in
-      memory), it gives what it gives alone, and the other method gives what it gives alone.
+      memory), it gives what it gives alone, and the other method gives what it gives alone;
+    * it is batch-independent: composed four queries at a time (``--batch-size 1``), it scores as in one batch.
 
     ``options`` are the method's options (a checkpoint, say), as in ``RunConfig.method_options``; ``report`` is
     called with each of :data:`CONTRACT_CHECKS` as it holds. Returns the first run's outcomes; raises
@@ -179,6 +181,21 @@ def check_method(method: str, folder: Path, options: dict[str, Any] | None = Non
     assert before == after == other_alone, (f"method '{other.method}' gives other numbers after method '{method}' "
                                             "ran in the same command: it changed something they share")
     held(2)
+    # a query's features must depend on it alone, not on the queries composed with it (a batch statistic, a
+    # chunk's first row): the loop composes --batch-size x 4 queries at a time, so the batch size must not matter.
+    # Compared by each query's ranked scores (sorted, so that near-ties between look-alike images may swap)
+    small = Evaluator(dataclasses.replace(cfg, output=folder / "small-batches", batch_size=1), reg).run()
+
+    def scores(outcome) -> list[list[float]]:
+        return [r.get("scores") or [] for r in read_predictions_of(outcome.result_path)]
+
+    for one, few in zip(alone, small, strict=True):
+        worst = max((abs(a - b) for x, y in zip(scores(one), scores(few), strict=True)
+                     for a, b in zip(x, y, strict=True)), default=0.0)
+        assert worst < 1e-4, (f"method '{method}' ({one.label}) ranks with other scores when its queries are "
+                              f"composed four at a time (a score moved by {worst:.4f}): a query's features depend on "
+                              "the others composed with it")
+    held(3)
     return alone
 
 

@@ -579,9 +579,18 @@ class Tunes(Method):  # adapts the shared backbone in place instead of a copy
         return references
 
 
+class Batchy(Method):  # centres each query on the batch it is composed in
+    def compose(self, references, queries):
+        import torch
+
+        text = self.backbone.encode_text([q.text for q in queries])
+        mixed = references + text - 0.5 * text.mean(0, keepdim=True)
+        return torch.nn.functional.normalize(mixed, dim=-1)
+
+
 @hookimpl
 def register_methods(register):
-    for name, cls in (("raises", Raises), ("drifts", Drifts), ("tunes", Tunes)):
+    for name, cls in (("raises", Raises), ("drifts", Drifts), ("tunes", Tunes), ("batchy", Batchy)):
         register(MethodSpec(name=name, description="broken on purpose", factory=cls))
 '''
 
@@ -595,14 +604,14 @@ def test_check_holds_a_plugin_file_to_the_contract(tmp_path, local_plugins):
     res = CliRunner().invoke(cli, ["--plugin", str(good), "check", "--method", "sharp", "--beta", "0.5",
                                    "--keep", str(tmp_path / "kept")])
     assert res.exit_code == 0, res.output
-    assert res.output.count("  ok    ") == 3 and "'sharp' keeps the contract" in res.output
+    assert res.output.count("  ok    ") == 4 and "'sharp' keeps the contract" in res.output
     kept = json.loads(next((tmp_path / "kept" / "sharp" / "alone" / "toy" / "val").glob("*.json")).read_text())
     assert kept["method"]["options"] == {"beta": 0.5}
 
     plugins.reset_registry()
     broken = tmp_path / "broken_methods.py"
     broken.write_text(BUGGY_METHODS)
-    res = CliRunner().invoke(cli, ["--plugin", str(broken), "check", "--method", "raises,drifts,tunes"])
+    res = CliRunner().invoke(cli, ["--plugin", str(broken), "check", "--method", "raises,drifts,tunes,batchy"])
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     blocks = res.output.split("checking ")[1:]
     assert "FAIL  runs through the loop" in blocks[0] and (
@@ -611,7 +620,9 @@ def test_check_holds_a_plugin_file_to_the_contract(tmp_path, local_plugins):
     assert "ok    runs through the loop" in blocks[1] and "FAIL  deterministic" in blocks[1]
     assert "method 'drifts' is not deterministic" in blocks[1]
     assert "FAIL  runs through the loop" in blocks[2] and "changed the backbone in place" in blocks[2]
-    assert "3 of 3 method(s) break the contract: raises, drifts, tunes" in res.output
+    assert blocks[3].count("ok    ") == 3 and "FAIL  batch-independent" in blocks[3]
+    assert "a query's features depend on the others composed with it" in blocks[3]
+    assert "4 of 4 method(s) break the contract: raises, drifts, tunes, batchy" in res.output
 
 
 def test_a_plugins_bug_names_the_plugin_and_its_line_not_an_internal_error(tmp_path, local_plugins):

@@ -36,7 +36,8 @@ def command(ctx, method, dataset, split, data_root, keep):
 
     --method: on a tiny random CLIP and a toy dataset (offline, seconds), the method must run through the loop
     (query features of the right shape, finite and unit-norm; the backbone it shares with other methods left as
-    it was), rank the same way twice, and give the same numbers beside another method in one command as alone.
+    it was), rank the same way twice, give the same numbers beside another method in one command as alone, and
+    score the same when its queries are composed a few at a time (a query's features depend on it alone).
 
     --dataset: on its data, with rankings made from its annotations (no model), a perfect ranking must score 100
     on the main metric, a ranking with the targets last lower, and the per-query values must average to the
