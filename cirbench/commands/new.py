@@ -50,18 +50,7 @@ class $cls(Method):
         return torch.nn.functional.normalize(mixed, dim=-1)
 
 
-@hookimpl
-def register_methods(register):
-    register(MethodSpec(
-        name="$name",
-        description="normalize(image + weight * text) (a local plugin)",
-        factory=$cls,
-        options=(OptionSpec("weight", "Weight of the text feature.", "float", 1.0,
-                            sweepable=True, minimum=0.0, maximum=100.0),),
-        default_backbone=("ViT-L-14", "openai"),
-        default_preprocess="clip",
-    ))
-''')
+$register''')
 
 DATASET = Template('''"""$name: a cirbench dataset plugin (from `cirbench new dataset $name`).
 
@@ -122,17 +111,30 @@ class $cls(Dataset):
         return out
 
 
-@hookimpl
-def register_datasets(register):
-    register(DatasetSpec(
+$register''')
+
+# the hook that registers the plugin's class, the same in both files but for the spec and its fields
+REGISTER = Template('''@hookimpl
+def register_${kind}s(register):
+    register($spec(
         name="$name",
-        description="queries.json + images/ (a local plugin)",
+        description="$description (a local plugin)",
         factory=$cls,
-        splits=("val",),
+$fields    ))
+''')
+FIELDS = {
+    "method": ("MethodSpec", "normalize(image + weight * text)",
+               '''        options=(OptionSpec("weight", "Weight of the text feature.", "float", 1.0,
+                            sweepable=True, minimum=0.0, maximum=100.0),),
+        default_backbone=("ViT-L-14", "openai"),
+        default_preprocess="clip",
+'''),
+    "dataset": ("DatasetSpec", "queries.json + images/",
+                '''        splits=("val",),
         main_metric="R@1",
         metric_order=(*(f"R@{k}" for k in KS), f"mAP@{max(KS)}"),
-    ))
-''')
+'''),
+}
 
 
 @click.command(name="new", epilog=EPILOG)
@@ -155,7 +157,10 @@ def command(kind, name, output):
     if not path.parent.is_dir():
         raise CirbenchError(f"{path.parent} is not a folder")
     cls = "".join(part.capitalize() for part in re.split(r"[-_.]", name))
-    text = (METHOD if kind == "method" else DATASET).substitute(name=name, cls=cls, file=path.as_posix())
+    spec, description, fields = FIELDS[kind]
+    register = REGISTER.substitute(kind=kind, spec=spec, name=name, description=description, cls=cls, fields=fields)
+    text = (METHOD if kind == "method" else DATASET).substitute(name=name, cls=cls, file=path.as_posix(),
+                                                                 register=register)
     try:
         with open(path, "x", encoding="utf-8") as handle:  # "x": never over a file made meanwhile
             handle.write(text)
