@@ -287,10 +287,10 @@ def check_dataset(name: str, split: str | None = None, data_root: Any = None, op
             assert q.reference in es.images, f"set '{es.name}', query {q.id}: reference {q.reference} is no image"
             strays = [c for c in q.candidates or () if c not in known]
             assert not strays, f"set '{es.name}', query {q.id}: candidate {strays[0]} is not in the gallery"
-            pool = set(q.candidates) if es.query_galleries else known
-            if es.exclude_reference:
-                pool = pool - {q.reference}
-            unreachable += not es.hidden_targets and (not q.targets or any(t not in pool for t in q.targets))
+            pool = set(q.candidates or ()) if es.query_galleries else known
+            excluded = q.reference if es.exclude_reference else None
+            unreachable += not es.hidden_targets and (
+                not q.targets or any(t not in pool or t == excluded for t in q.targets))
     held(0)
     if unreachable and note is not None:
         note(f"{unreachable} queries have no target, or one outside the gallery they rank (or their excluded "
