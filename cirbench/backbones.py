@@ -428,6 +428,11 @@ def _build(model: str, model_name: str, pre: str, quick_gelu: bool, seed: int, c
     return clip, {"kind": "open_clip-tag", "tag": pre, "source": source}
 
 
+def model_name_of(model: str) -> str:
+    """The open_clip name ``model`` is registered under (a config file's stem), without registering it."""
+    return Path(model).stem if model.endswith(".json") else model
+
+
 def weights_status(model: str, pretrained: str | None, cache_dir: str | None = None) -> str:
     """Where a backbone's weights would come from, found without loading (``cirbench run --dry-run``): bundled,
     random, a file (present or not), an open_clip tag in the local cache or to download (or that cannot be: no

@@ -70,6 +70,14 @@ def is_official_file(path: Path | str | None, suffixes: tuple[str, ...]) -> bool
     return path is not None and Path(path).is_file() and Path(path).suffix in suffixes
 
 
+def checkpoint_required(options: dict[str, Any], model: str, pretrained: str) -> list[tuple[str, str]]:
+    """``MethodSpec.downloads`` of a method that fetches nothing but cannot run without ``--checkpoint``
+    (``cirbench run --dry-run`` says so before the job starts, as :func:`load_checkpoint` would after)."""
+    if options.get("checkpoint") is None:
+        raise CheckpointError("it needs --checkpoint (a folder written by `cirbench train`)")
+    return []
+
+
 def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dict[str, Any] | None = None,
                     official_suffixes: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint folder (or its ``model.safetensors``); check its method and backbone.

@@ -302,10 +302,11 @@ def _plan(runs: list[Any]) -> tuple[str, list[str]]:
     """What ``cirbench run`` would do (``--dry-run``), from its checked runs: per method and benchmark, the
     results it would write, the backbone and where its weights would come from, the queries and images; and the
     backbones whose weights cannot be had here."""
-    from .backbones import weights_status
+    from .backbones import model_name_of, weights_status
     from .evaluate import choose_backbone, run_label
+    from .hub import availability
 
-    lines, weights, results = [], {}, 0
+    lines, weights, results, missing_files = [], {}, 0, []
     for number, planned in enumerate(runs, 1):
         cfg, checked = planned.cfg, planned.check()
         model, pretrained = choose_backbone(cfg, checked.mspec, checked.dspec)
@@ -325,10 +326,25 @@ def _plan(runs: list[Any]) -> tuple[str, list[str]]:
                   f"{checked.preprocess_kind}, {cfg.precision}, device {cfg.device}",
                   f"    {queries:,} queries, {images:,} images"
                   + (f" ({missing:,} missing: {dropped:,} queries dropped, --allow-missing)" if missing else "")]
-    unavailable = [f"{m} / {p}" for (m, p), status in weights.items() if status.startswith("NOT AVAILABLE")]
+        files: dict[str, str] = {}  # what the method fetches, over the values of a sweep
+        for opts in checked.option_sets:
+            try:
+                for what, source in checked.mspec.download_plan(opts, model_name_of(model), pretrained):
+                    if source not in files:
+                        status, ok = availability(source)
+                        files[source] = f"{what} ({source}): {status}"
+                        if not ok:
+                            missing_files.append(checked.mspec.name)
+            except CirbenchError as exc:
+                files[str(exc)] = f"NOT AVAILABLE: {exc}"
+                missing_files.append(checked.mspec.name)
+        lines += [f"    method file: {line}" for line in files.values()]
+    unavailable = [f"the weights of {m} / {p}" for (m, p), status in weights.items()
+                   if status.startswith("NOT AVAILABLE")]
+    if missing_files:
+        unavailable.append(f"what {', '.join(dict.fromkeys(missing_files))} need (above)")
     lines.append(f"dry run: {results} result(s) planned; names, options, plugins and data checked; no model loaded, "
-                 "nothing written" + (f"; the weights of {', '.join(unavailable)} are not available here"
-                                      if unavailable else ""))
+                 "nothing written" + (f"; not available here: {'; '.join(unavailable)}" if unavailable else ""))
     return "\n".join(lines), unavailable
 
 

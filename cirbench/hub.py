@@ -65,6 +65,30 @@ def hub_file(repo_id: str, filename: str, what: str, option: str = "checkpoint")
                               f"machine and pass --{option} PATH") from None
 
 
+def availability(source: str) -> tuple[str, bool]:
+    """Where a file a method would fetch comes from, found without fetching it (``cirbench run --dry-run``):
+    ``(words, available)`` for a URL (torch's hub cache, as :func:`url_file` keeps it) or ``hf-hub:REPO/FILE``
+    (the Hugging Face cache, as :func:`hub_file`)."""
+    if source.startswith("hf-hub:"):
+        repo, _, filename = source.removeprefix("hf-hub:").rpartition("/")
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            if isinstance(try_to_load_from_cache(repo, filename), str):
+                return "in the Hugging Face cache", True
+        except ImportError:
+            return "NOT AVAILABLE: huggingface_hub is not installed", False
+        return ("to download", True) if hub_reachable() else ("NOT AVAILABLE: no network", False)
+    parts = urllib.parse.urlparse(source)
+    import torch
+
+    if (Path(torch.hub.get_dir()) / "checkpoints" / Path(parts.path).name).is_file():
+        return "in the torch hub cache", True
+    if host_reachable(parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)):
+        return "to download", True
+    return "NOT AVAILABLE: no network", False
+
+
 def url_file(url: str, what: str, option: str) -> Path:
     """A file published at ``url`` (a release asset, a data file in a repository): from torch's hub cache
     (``<torch hub dir>/checkpoints/<name>``) when it is there, downloaded into it otherwise; CheckpointError

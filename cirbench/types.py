@@ -128,6 +128,11 @@ class MethodSpec:
     nor the dataset names one. ``default_preprocess`` is the method's official image preprocessing (one of
     ``PREPROCESS_KINDS``: ``"targetpad"``, ``"clip"``, ``"hf-clip"``). ``trainer``, when set, is a lazy factory
     of the method's trainer, which ``cirbench train --method NAME`` runs through the shared training loop.
+    ``downloads``, when set, is a lazy factory of ``downloads(options, model, pretrained) -> [(what, source)]``:
+    the files the method would fetch with these options on this backbone (``source`` a URL or
+    ``hf-hub:REPO/FILE``), or a CirbenchError when it cannot run there without one that is given; ``cirbench
+    run --dry-run`` says where each would come from. It must agree with what the method fetches: built-in
+    methods compute both from one function.
     """
 
     name: str
@@ -139,6 +144,7 @@ class MethodSpec:
     trainer: str | Callable[..., Any] | None = None
     train_options: tuple[OptionSpec, ...] = ()
     plugin: str = ""
+    downloads: str | Callable[..., Any] | None = None
 
     def validate(self, plugin: str = "") -> None:
         """Refuse a malformed spec (bad name, duplicate or reserved option names) with a PluginError."""
@@ -157,6 +163,12 @@ class MethodSpec:
         if hasattr(method, "bind_spec"):
             method.bind_spec(self)
         return method
+
+    def download_plan(self, options: dict[str, Any], model: str, pretrained: str) -> list[tuple[str, str]]:
+        """The files the method would fetch (see ``downloads``); none when it declares none."""
+        if self.downloads is None:
+            return []
+        return list(_resolve_factory(self.downloads, self.plugin)(options, model, pretrained))
 
     def load_trainer(self) -> type[TrainableMethod]:
         """Import and return the method's trainer factory."""

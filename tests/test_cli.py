@@ -227,7 +227,41 @@ def test_run_dry_run_checks_and_says_what_would_run_and_writes_nothing(tmp_path,
     res = CliRunner().invoke(cli, ["run", "--dry-run", "-m", "image-only", "--backbone", str(tiny_config),
                                    "--pretrained", str(tmp_path / "absent.safetensors"), "--output", str(out)])
     assert res.exit_code == 1 and "weights NOT AVAILABLE: weights file" in res.output, res.output
-    assert "are not available here" in res.output.splitlines()[-1] and not out.exists()
+    assert f"not available here: the weights of {tiny_config} / " in res.output.splitlines()[-1]
+    assert not out.exists()
     res = CliRunner().invoke(cli, ["run", "--dry-run", "-m", "image-only", "--backbone", str(tiny_config),
                                    "--pretrained", "no-such-tag", "--output", str(out)])
     assert res.exit_code == 2 and "unknown pretrained tag" in res.output, res.output
+
+
+def test_dry_run_says_what_each_method_would_fetch(tmp_path, tiny_config, monkeypatch):
+    """Each method's declared downloads (MethodSpec.downloads): found in torch's hub cache, to download, or not
+    available (no network here), or the option it cannot run without; an option that names the file fetches
+    nothing. The declarations are the functions the methods fetch with (BASIC's files follow its switches)."""
+    from cirbench.methods.basic_cir.model import downloads as basic_downloads
+    from cirbench.methods.freedom.model import VOCABULARY_URL
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    base = ["run", "--dry-run", "--backbone", str(tiny_config), "--pretrained", "none", "--output", str(tmp_path / "o")]
+    res = CliRunner().invoke(cli, [*base, "-m", "searle,pic2word"])
+    assert res.exit_code == 1, res.output
+    assert ("method file: NOT AVAILABLE: SEARLE publishes weights for ViT-B-32 and ViT-L-14 with OpenAI weights "
+            "only; for cirbench-tiny-test/none pass --checkpoint") in res.output
+    assert "method file: NOT AVAILABLE: it needs --checkpoint" in res.output
+    assert res.output.splitlines()[-1].endswith("not available here: what searle, pic2word need (above)")
+
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / VOCABULARY_URL.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    cached.write_text("cat\ndog\n")
+    res = CliRunner().invoke(cli, [*base, "-m", "freedom"])
+    assert res.exit_code == 0 and f"FREEDOM's vocabulary ({VOCABULARY_URL}): in the torch hub cache" in res.output
+    res = CliRunner().invoke(cli, [*base, "-m", "freedom", "--vocabulary", str(cached)])
+    assert res.exit_code == 0 and "method file" not in res.output, res.output
+
+    official = basic_downloads({}, "ViT-L-14", "openai")
+    assert [what for what, _ in official] == ["BASIC's object names", "BASIC's style words", "BASIC's LAION-1M mean",
+                                              "BASIC's synthetic normalisation features"]
+    assert [w for w, _ in basic_downloads({"normalize": False, "project": False}, "ViT-L-14", "openai")] == [
+        "BASIC's object names", "BASIC's LAION-1M mean"]
+    with pytest.raises(CirbenchError, match="pass --synthetic-data FILE or --no-normalize"):
+        basic_downloads({"laion_mean": False}, "ViT-B-32", "openai")

@@ -288,14 +288,23 @@ def lincir_demo_weights(backbone: Backbone, what: str = "train Phi (cirbench tra
     """The file of LinCIR's demo Phi (the Hugging Face hub's ``navervision/zeroshot-cir-models``
     ``lincir_large.pt``, trained on openai/clip-vit-large-patch14), for ViT-L-14/openai only; ``what`` tells
     what to do on another backbone, ``--option`` where to pass the file when it cannot be fetched."""
-    from cirbench.errors import CheckpointError
     from cirbench.hub import hub_file
 
-    repo, name, (model, pretrained) = LINCIR_DEMO
-    if (backbone.model_name, backbone.pretrained) != (model, pretrained):
-        raise CheckpointError(f"LinCIR's demo weights are for {model}/{pretrained}; for {backbone.model_name}/"
-                              f"{backbone.pretrained} {what}")
+    repo, _, name = lincir_demo_source(backbone.model_name, backbone.pretrained, what).removeprefix(
+        "hf-hub:").rpartition("/")
     return hub_file(repo, name, "LinCIR's demo weights", option=option)
+
+
+def lincir_demo_source(model: str, pretrained: str, what: str = "train Phi (cirbench train --method lincir) and "
+                       "pass --checkpoint") -> str:
+    """``hf-hub:REPO/FILE`` of LinCIR's demo Phi; CheckpointError (saying ``what`` to do) on another backbone."""
+    from cirbench.errors import CheckpointError
+
+    repo, name, (demo_model, demo_pretrained) = LINCIR_DEMO
+    if (model, pretrained) != (demo_model, demo_pretrained):
+        raise CheckpointError(f"LinCIR's demo weights are for {demo_model}/{demo_pretrained}; for {model}/"
+                              f"{pretrained} {what}")
+    return f"hf-hub:{repo}/{name}"
 
 
 class LinCIRProtocol(SearleProtocol):

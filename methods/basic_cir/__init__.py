@@ -53,6 +53,7 @@ def register_methods(register):
         description="BASIC (NeurIPS 2025): centred, projected, expanded image and contextualised text "
                     "similarities, fused by Harris' corner score (training-free).",
         factory="cirbench.methods.basic_cir.model:Basic",
+        downloads="cirbench.methods.basic_cir.model:downloads",
         options=OPTIONS,
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="clip",

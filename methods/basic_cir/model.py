@@ -39,12 +39,55 @@ COMPONENTS = ("contextualize", "standardize", "laion_mean", "project", "query_ex
 
 def official_kind(backbone) -> str | None:
     """``clip`` or ``siglip``: the backbone the official LAION mean and synthetic features were made with."""
-    name, tag = str(backbone.model_name), str(backbone.pretrained or "")
+    return kind_of(str(backbone.model_name), str(backbone.pretrained or ""))
+
+
+def kind_of(name: str, tag: str) -> str | None:
+    """:func:`official_kind` of an open_clip model name and pretrained tag."""
     if (name, tag) == ("ViT-L-14", "openai"):
         return "clip"
     if name.removeprefix("hf-hub:timm/") == "ViT-L-16-SigLIP-256" and (tag == "webli" or name.startswith("hf-hub:")):
         return "siglip"
     return None
+
+
+def needed_files(options: dict[str, Any], model: str, pretrained: str) -> dict[str, tuple[str | None, str]]:
+    """``{option: (file in the official repository, what it is)}`` of each file BASIC reads with these options, in
+    the order it reads them (an option given names the file instead); the file is None where it is published for
+    other backbones only (:func:`unpublished` says what to do). What ``Basic`` reads and what --dry-run foresees
+    (:func:`downloads`)."""
+    on = {name: bool(options.get(name, True)) for name in COMPONENTS}
+    files: dict[str, tuple[str | None, str]] = {}
+    if on["contextualize"] or on["standardize"] or on["project"]:
+        files["corpus"] = (CORPUS, "BASIC's object names")
+    if on["project"]:
+        files["negative_corpus"] = (NEGATIVE_CORPUS, "BASIC's style words")
+    kind = kind_of(model, pretrained)
+    if on["standardize"] and on["laion_mean"]:
+        files["laion_mean_file"] = (LAION_MEAN.format(kind=kind) if kind else None, "BASIC's LAION-1M mean")
+    if on["normalize"]:
+        files["synthetic_data"] = (SYNTHETIC.format(kind=kind) if kind else None,
+                                   "BASIC's synthetic normalisation features")
+    return files
+
+
+def unpublished(option: str, what: str, model: str, pretrained: str) -> CheckpointError:
+    """The error for a per-backbone file BASIC's authors did not publish for this backbone, none given."""
+    switch = "laion-mean" if option == "laion_mean_file" else "normalize"
+    return CheckpointError(f"{what} is published for ViT-L-14/openai and ViT-L-16-SigLIP-256/webli only; for "
+                           f"{model}/{pretrained} pass --{option.replace('_', '-')} FILE or --no-{switch}")
+
+
+def downloads(options: dict[str, Any], model: str, pretrained: str) -> list[tuple[str, str]]:
+    """MethodSpec.downloads of ``Basic``: the official files of :func:`needed_files` that no option names."""
+    out = []
+    for option, (relative, what) in needed_files(options, model, pretrained).items():
+        if options.get(option):
+            continue
+        if relative is None:
+            raise unpublished(option, what, model, pretrained)
+        out.append((what, RAW + relative))
+    return out
 
 
 def read_corpus(path: Path) -> list[str]:
@@ -78,17 +121,16 @@ class Basic(Method):
         o = self.options
         self.on = {name: bool(o.get(name, True)) for name in COMPONENTS}
         self.sources: dict[str, dict[str, str]] = {}
-        needs_corpus = self.on["contextualize"] or self.on["standardize"] or self.on["project"]
-        self.words = read_corpus(self._file("corpus", CORPUS, "BASIC's object names")) if needs_corpus else []
-        self.styles = read_corpus(self._file("negative_corpus", NEGATIVE_CORPUS, "BASIC's style words")) \
-            if self.on["project"] else []
+        files = needed_files(o, backbone.model_name, backbone.pretrained)
+        self.words = read_corpus(self._file("corpus", *files["corpus"])) if "corpus" in files else []
+        self.styles = read_corpus(self._file("negative_corpus", *files["negative_corpus"])) \
+            if "negative_corpus" in files else []
         self.laion: torch.Tensor | None = None
-        if self.on["standardize"] and self.on["laion_mean"]:
-            self.laion = self._laion_mean(self._per_backbone("laion_mean_file", LAION_MEAN, "BASIC's LAION-1M mean"))
+        if "laion_mean_file" in files:
+            self.laion = self._laion_mean(self._file("laion_mean_file", *files["laion_mean_file"]))
         self.synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
-        if self.on["normalize"]:
-            self.synthetic = self._synthetic(self._per_backbone("synthetic_data", SYNTHETIC,
-                                                                "BASIC's synthetic normalisation features"))
+        if "synthetic_data" in files:
+            self.synthetic = self._synthetic(self._file("synthetic_data", *files["synthetic_data"]))
         self.rows: dict[str, int] = {}
         self.mean_text = torch.zeros(backbone.embed_dim)
         self.projection: torch.Tensor | None = None
@@ -97,19 +139,13 @@ class Basic(Method):
         self.texts: dict[str, torch.Tensor] = {}
 
     # -- files -------------------------------------------------------------------------------------------
-    def _file(self, option: str, relative: str, what: str) -> Path:
-        path = given_or_pinned(self.options.get(option), option, RAW + relative, SHA256.get(relative), what)
+    def _file(self, option: str, relative: str | None, what: str) -> Path:
+        if relative is None and not self.options.get(option):
+            raise unpublished(option, what, self.backbone.model_name, self.backbone.pretrained)
+        path = given_or_pinned(self.options.get(option), option, RAW + (relative or ""), SHA256.get(relative or ""),
+                               what)
         self.sources[option] = {"path": str(path), "sha256": file_sha256(path)}
         return path
-
-    def _per_backbone(self, option: str, pattern: str, what: str) -> Path:
-        kind = official_kind(self.backbone)
-        if not self.options.get(option) and kind is None:
-            switch = "laion-mean" if option == "laion_mean_file" else "normalize"
-            raise CheckpointError(f"{what} is published for ViT-L-14/openai and ViT-L-16-SigLIP-256/webli only; for "
-                                  f"{self.backbone.model_name}/{self.backbone.pretrained} pass "
-                                  f"--{option.replace('_', '-')} FILE or --no-{switch}")
-        return self._file(option, pattern.format(kind=kind), what)
 
     def _laion_mean(self, path: Path) -> torch.Tensor:
         value: Any

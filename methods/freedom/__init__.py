@@ -29,6 +29,7 @@ def register_methods(register):
         description="FREEDOM (WACV 2025): the query image named by the frequent words of its nearest gallery "
                     "images, each composed with the text (training-free).",
         factory="cirbench.methods.freedom.model:Freedom",
+        downloads="cirbench.methods.freedom.model:downloads",
         options=OPTIONS,
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="clip",

@@ -113,3 +113,8 @@ class Freedom(Method):
     def query_details(self, query: Query) -> dict | None:
         kept = self.words.get(query.id)
         return {"words": kept} if kept is not None else None
+
+
+def downloads(options: dict, model: str, pretrained: str) -> list[tuple[str, str]]:
+    """What ``Freedom`` fetches (MethodSpec.downloads): the official vocabulary, unless --vocabulary names one."""
+    return [] if options.get("vocabulary") else [("FREEDOM's vocabulary", VOCABULARY_URL)]

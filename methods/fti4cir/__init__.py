@@ -26,6 +26,7 @@ def register_methods(register):
         name="fti4cir",
         description="Fine-grained textual inversion: subject + 1..12 attribute pseudo-words from patch features.",
         factory="cirbench.methods.fti4cir.model:FTI4CIR",
+        downloads="cirbench.checkpoints:checkpoint_required",
         options=(OptionSpec("checkpoint", "A `cirbench train --method fti4cir` folder, or the official checkpoint "
                             "(a module saved with torch.save).", "path", None),),
         default_backbone=("ViT-L-14", "openai"),

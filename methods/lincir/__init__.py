@@ -22,6 +22,7 @@ def register_methods(register):
         name="lincir",
         description="LinCIR: SEARLE protocol, Phi trained on text only (demo weights by default on ViT-L/14).",
         factory="cirbench.methods.lincir.model:LinCIR",
+        downloads="cirbench.methods.lincir.model:downloads",
         options=(OptionSpec("checkpoint", "A `cirbench train --method lincir` folder or a LinCIR .pt (dict with "
                             "'Phi'); default: the authors' demo weights for ViT-L-14/openai from the HF hub.",
                             "path", None),),

@@ -151,3 +151,10 @@ class LinCIRTrainable(PhiTrainable):
 
     def checkpoint_config(self):
         return {**super().checkpoint_config(), "keywords": self.mode}
+
+
+def downloads(options: dict, model: str, pretrained: str) -> list[tuple[str, str]]:
+    """What ``LinCIR`` fetches (MethodSpec.downloads): the demo weights, unless --checkpoint names some."""
+    from cirbench.methods._shared.textinv import lincir_demo_source
+
+    return [] if options.get("checkpoint") else [("LinCIR's demo weights", lincir_demo_source(model, pretrained))]

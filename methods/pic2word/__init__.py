@@ -15,6 +15,7 @@ def register_methods(register):
         name="pic2word",
         description="One pseudo-word from the image (Pic2Word): 'a photo of * , {caption}'.",
         factory="cirbench.methods.pic2word.model:Pic2Word",
+        downloads="cirbench.checkpoints:checkpoint_required",
         options=(OptionSpec("checkpoint", "A `cirbench train --method pic2word` folder, or the official checkpoint "
                             "(.pt with state_dict_img2text).", "path", None),),
         default_backbone=("ViT-L-14", "openai"),

@@ -25,6 +25,7 @@ def register_methods(register):
         description="RTD (ICCV 2025): LinCIR's protocol with a text tower tuned post hoc on text triplets "
                     "(frozen-target contrastive); needs a `cirbench train --method rtd` checkpoint.",
         factory="cirbench.methods.rtd.model:RTD",
+        downloads="cirbench.methods.rtd.model:downloads",
         options=(OptionSpec("checkpoint", "A `cirbench train --method rtd` folder (the tuned text tower and the "
                             "Phi it was tuned with).", "path", None),),
         default_backbone=("ViT-L-14", "openai"),

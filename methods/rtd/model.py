@@ -76,10 +76,8 @@ class RTD(LinCIRProtocol):
 
     def __init__(self, backbone, options, dataset=None):
         super().__init__(backbone, options, dataset)
-        path = options.get("checkpoint")
-        if path is None:
-            raise CheckpointError("rtd needs --checkpoint: RTD's authors released no weights; tune a text tower with "
-                                  "`cirbench train --method rtd --corpus TRIPLETS.jsonl --output DIR` and pass DIR")
+        downloads(options, backbone.model_name, backbone.pretrained)  # no --checkpoint: what to do, in one line
+        path = options["checkpoint"]
         tensors, config = load_checkpoint(path, "rtd", backbone.identity())
         phi = {k.removeprefix(PHI): v for k, v in tensors.items() if k.startswith(PHI)}
         self.build_phi(phi, str(path))
@@ -163,3 +161,11 @@ class RTDTrainable(TrainableMethod):
     def checkpoint_config(self) -> dict[str, Any]:
         return {"phi": self.phi_record, "noise": self.noise, "tau": self.tau,
                 "tuned": "the text tower, every parameter; Phi frozen"}
+
+
+def downloads(options: dict, model: str, pretrained: str) -> list[tuple[str, str]]:
+    """MethodSpec.downloads of ``RTD``: nothing to fetch, but no run without --checkpoint (no weights exist)."""
+    if options.get("checkpoint") is None:
+        raise CheckpointError("rtd needs --checkpoint: RTD's authors released no weights; tune a text tower with "
+                              "`cirbench train --method rtd --corpus TRIPLETS.jsonl --output DIR` and pass DIR")
+    return []

@@ -54,6 +54,7 @@ def register_methods(register):
         name="searle",
         description="SEARLE textual inversion: 'a photo of $ that {caption}' (official weights).",
         factory="cirbench.methods.searle.model:Searle",
+        downloads="cirbench.methods.searle.model:downloads",
         options=(OptionSpec("checkpoint", "Official SEARLE .pt (dict with 'Phi') or a `cirbench train --method "
                             "searle` folder; default: download the official weights for the backbone.", "path", None),),
         default_backbone=("ViT-B-32", "openai"),
@@ -77,6 +78,7 @@ def register_methods(register):
         name="searle-oti",
         description="SEARLE-OTI: a pseudo-word optimised for each reference image (no network), SEARLE's prompt.",
         factory="cirbench.methods.searle.oti:SearleOTI",
+        downloads="cirbench.methods.searle.oti:downloads",
         options=(
             CONCEPTS, PHRASES,
             *OTI_OPTIONS,

@@ -14,13 +14,24 @@ RELEASE = "https://github.com/miccunifi/SEARLE/releases/download/weights/SEARLE_
 OFFICIAL = {("ViT-B-32", "openai"): "ViT-B32", ("ViT-L-14", "openai"): "ViT-L14"}
 
 
-def official_weights(backbone: Backbone) -> Path:
-    """Download (once, into torch's hub cache) the official Phi for this backbone."""
-    tag = OFFICIAL.get((backbone.model_name, backbone.pretrained))
+def release_url(model: str, pretrained: str) -> str:
+    """The official Phi's release URL for this backbone; CheckpointError for a backbone without one."""
+    tag = OFFICIAL.get((model, pretrained))
     if tag is None:
         raise CheckpointError(f"SEARLE publishes weights for ViT-B-32 and ViT-L-14 with OpenAI weights only; "
-                              f"for {backbone.model_name}/{backbone.pretrained} pass --checkpoint")
-    return url_file(RELEASE.format(tag=tag), "the official SEARLE weights", "checkpoint")
+                              f"for {model}/{pretrained} pass --checkpoint")
+    return RELEASE.format(tag=tag)
+
+
+def official_weights(backbone: Backbone) -> Path:
+    """Download (once, into torch's hub cache) the official Phi for this backbone."""
+    return url_file(release_url(backbone.model_name, backbone.pretrained), "the official SEARLE weights",
+                    "checkpoint")
+
+
+def downloads(options: dict, model: str, pretrained: str) -> list[tuple[str, str]]:
+    """What ``Searle`` fetches (MethodSpec.downloads): the official weights, unless --checkpoint names some."""
+    return [] if options.get("checkpoint") else [("the official SEARLE weights", release_url(model, pretrained))]
 
 
 def prompt(text: str) -> str:

@@ -201,12 +201,19 @@ def invert_batch(backbone, image_features: torch.Tensor, phrase_pools: list[list
     return ema.cpu(), float(loss.detach())  # the last step's loss: one host sync per batch, not per step
 
 
+SOURCES = (("concepts", CONCEPTS_URL, "SEARLE's concept list"), ("phrases", PHRASES_URL, "SEARLE's GPT-Neo phrases"))
+
+
 def source_files(options: dict[str, Any]) -> tuple[Path, Path]:
     """The concepts and phrases files: ``--concepts``/``--phrases``, or SEARLE's, downloaded (once) now, so that
     a missing file or an offline download fails before any image is encoded."""
-    concepts = given_or_pinned(options.get("concepts"), "concepts", CONCEPTS_URL, None, "SEARLE's concept list")
-    phrases = given_or_pinned(options.get("phrases"), "phrases", PHRASES_URL, None, "SEARLE's GPT-Neo phrases")
+    concepts, phrases = (given_or_pinned(options.get(option), option, url, None, what) for option, url, what in SOURCES)
     return concepts, phrases
+
+
+def downloads(options: dict, model: str, pretrained: str) -> list[tuple[str, str]]:
+    """What SEARLE-OTI fetches (MethodSpec.downloads): the concept and phrase files not given."""
+    return [(what, url) for option, url, what in SOURCES if not options.get(option)]
 
 
 class Inversion:

@@ -51,6 +51,7 @@ def register_methods(register):
         name="slerp-tat",
         description="Slerp with a Text-Anchored-Tuned image encoder (LoRA on the image tower, text tower frozen).",
         factory="cirbench.methods.slerp.model:SlerpTAT",
+        downloads="cirbench.checkpoints:checkpoint_required",
         options=(ALPHA, CHECKPOINT),
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="clip",
