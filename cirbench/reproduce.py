@@ -85,10 +85,13 @@ def _plugin_sources(original: dict[str, Any], again: dict[str, Any]) -> list[tup
     since the configuration (method, options, weights) is the same."""
     from .plugins import describe_source
 
+    def code(source: Any) -> Any:  # the same code wherever its file lies (a colleague's copy, another clone)
+        return source.get("sha256") or source if isinstance(source, dict) else source
+
     out = []
     for section in ("method", "dataset"):
         a, b = ((record.get(section) or {}).get("plugin_source") for record in (original, again))
-        if a is not None and a != b:  # a record from before plugin sources were recorded says nothing
+        if a is not None and code(a) != code(b):  # a record from before plugin sources were recorded says nothing
             out.append((f"{section} plugin", describe_source(a), describe_source(b)))
     return out
 

@@ -481,6 +481,12 @@ def test_a_plugin_file_runs_through_the_loop_and_results_record_its_code(tmp_pat
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert (f"method 'sharp' is not registered: the result was run with the plugin {plugin} (sha256 "
             f"{_sha256(plugin)[:12]}); load it with `cirbench --plugin {plugin} reproduce ...`") in res.output
+    copy = tmp_path / "colleague" / "my_sharp.py"  # the same code elsewhere: no difference to tell
+    copy.parent.mkdir()
+    copy.write_bytes(plugin.read_bytes())
+    res = invoke("--plugin", str(copy), *again)
+    assert res.exit_code == 0 and "method plugin" not in res.output and "(identical)" in res.output, res.output
+    plugins.reset_registry()
     before = _sha256(plugin)
     plugin.write_text(plugin.read_text() + "\n# edited\n")
     res = invoke("--plugin", str(plugin), *again)
