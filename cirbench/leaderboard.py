@@ -138,20 +138,9 @@ def recipe_key(rec: dict[str, Any]) -> str:
     """What a run's configuration is apart from its seed and the trained weights it evaluates (the method's path
     options, whose contents its ``files`` and ``info`` record: a checkpoint): runs with one key are one recipe's
     seeds."""
-    from .results import FINGERPRINT_FIELDS, without_paths
-    from .util import json_hash
+    from .results import run_fingerprint
 
-    method: dict[str, Any] = part if isinstance(part := rec.get("method"), dict) else {}
-    files: dict[str, Any] = found if isinstance(found := method.get("files"), dict) else {}
-    options = {k: v for k, v in (method.get("options") or {}).items() if k not in files}
-    dataset = without_paths(part) if isinstance(part := rec.get("dataset"), dict) else {}
-    annotations = dataset.get("annotations")
-    core = {"method": {"name": method.get("name"), "options": options},
-            "dataset": {**{k: dataset.get(k) for k in ("name", "split", "options")},
-                        "annotations": sorted(map(str, annotations.values())) if isinstance(annotations, dict)
-                        else annotations},
-            **{k: rec.get(k) for k in FINGERPRINT_FIELDS[2:] if k != "seed"}}
-    return json_hash(core)[:12]
+    return run_fingerprint(rec, recipe=True)
 
 
 def _over_seeds(latest: dict[tuple[str, Any], tuple[str, dict]]) -> dict[tuple[str, Any], tuple[str, list[dict]]]:

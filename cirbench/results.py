@@ -153,17 +153,24 @@ def without_paths(part: dict[str, Any]) -> dict[str, Any]:
             "info": drop_file_paths(part.get("info"))}
 
 
-def run_fingerprint(record: dict[str, Any]) -> str:
-    """A short hash of what determines a run's numbers (see the module docstring)."""
+def run_fingerprint(record: dict[str, Any], recipe: bool = False) -> str:
+    """A short hash of what determines a run's numbers (see the module docstring). ``recipe``: of what does
+    apart from the seed and the files the method reads (its path options: a checkpoint), so that the runs of one
+    training recipe with several seeds share it (``cirbench leaderboard --seeds``)."""
     method, dataset = (without_paths(part) if isinstance(part := record.get(k), dict) else {}
                        for k in ("method", "dataset"))
+    if recipe:
+        files = raw.get("files") if isinstance(raw := record.get("method"), dict) else None
+        named = set(files) if isinstance(files, dict) else set()
+        method = {"name": method.get("name"),
+                  "options": {k: v for k, v in (method.get("options") or {}).items() if k not in named}}
     annotations = dataset.get("annotations")
     core = {"method": {k: method.get(k) for k in ("name", "options", "info")},
             "dataset": {**{k: dataset.get(k) for k in ("name", "split", "options")},
                         # their contents, wherever the files lie (a name is absolute outside the data root)
                         "annotations": sorted(map(str, annotations.values())) if isinstance(annotations, dict)
                         else annotations},
-            **{k: record.get(k) for k in FINGERPRINT_FIELDS[2:]}}
+            **{k: record.get(k) for k in FINGERPRINT_FIELDS[2:] if not (recipe and k == "seed")}}
     return json_hash(core)[:12]
 
 
