@@ -354,9 +354,7 @@ def load_backbone(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev, training=training)
     model_name = _register_config(model)
-    pre = (pretrained or "none").strip()
-    if model == BUNDLED_MODEL and pre in ("", "bundled"):
-        pre = "bundled"
+    pre = _pretrained_of(model, pretrained)
     torch.manual_seed(seed)
     try:
         clip, weights_identity = _build(model, model_name, pre, needs_quick_gelu(model_name, pre), seed, cache_dir)
@@ -381,6 +379,39 @@ def load_backbone(
                     seed=seed, activation=activation_of(clip), weights_cast=cast)
 
 
+def _pretrained_of(model: str, pretrained: str | None) -> str:
+    """``--pretrained`` as loading reads it: none when unset; the bundled model's own weights when it is empty."""
+    pre = (pretrained or "none").strip()
+    return "bundled" if model == BUNDLED_MODEL and pre in ("", "bundled") else pre
+
+
+def _weights_source(model: str, model_name: str, pre: str) -> tuple[str, Any]:
+    """What ``--pretrained`` names, checked as loading checks it (a name that cannot be is a one-line error):
+    ``("random", None)``, ``("bundled", file)``, ``("hub", (repo, filename))`` (RemoteCLIP), ``("file", path)``
+    or ``("tag", open_clip's pretrained config)``. Loading (:func:`_build`) and ``--dry-run``
+    (:func:`weights_status`) both read it."""
+    import open_clip
+
+    if pre.lower() in ("none", "random"):
+        return "random", None
+    if pre == "bundled":
+        if model != BUNDLED_MODEL:
+            raise CirbenchError(f"--pretrained bundled is only available for --backbone {BUNDLED_MODEL}")
+        return "bundled", BUNDLED_DIR / "model.safetensors"
+    if pre.lower() == REMOTECLIP[0]:
+        _, repo, pattern, models = REMOTECLIP
+        if model_name not in models:
+            raise CirbenchError(f"--pretrained remoteclip: RemoteCLIP has weights for {', '.join(models)}, not "
+                                f"{model_name}")
+        return "hub", (repo, pattern.format(model=model_name))
+    if os.path.sep in pre or pre.endswith((".safetensors", ".pt", ".bin", ".pth")) or Path(pre).exists():
+        return "file", Path(pre).expanduser()
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pre not in tags:
+        raise UnknownNameError(f"pretrained tag for {model_name}", pre, tags + ["none", "<path/to/weights>"])
+    return "tag", open_clip.get_pretrained_cfg(model_name, pre)
+
+
 def _build(model: str, model_name: str, pre: str, quick_gelu: bool, seed: int, cache_dir: str | None):
     """The open_clip model (on the CPU) and the identity of its weights, for each kind of ``--pretrained``."""
     import open_clip
@@ -389,37 +420,28 @@ def _build(model: str, model_name: str, pre: str, quick_gelu: bool, seed: int, c
         with _quiet_random_init():
             return open_clip.create_model(model_name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu)
 
-    if pre.lower() in ("none", "random"):
+    kind, where = _weights_source(model, model_name, pre)
+    if kind == "random":
         return empty(), {"kind": "random-init", "seed": seed}
-    if pre == "bundled":
-        if model != BUNDLED_MODEL:
-            raise CirbenchError(f"--pretrained bundled is only available for --backbone {BUNDLED_MODEL}")
-        clip, weights = empty(), BUNDLED_DIR / "model.safetensors"
-        _load_weights_file(clip, weights)
-        return clip, {"kind": "bundled", "sha256": file_sha256(weights)}
-    if pre.lower() == REMOTECLIP[0]:
-        _, repo, pattern, models = REMOTECLIP
-        if model_name not in models:
-            raise CirbenchError(f"--pretrained remoteclip: RemoteCLIP has weights for {', '.join(models)}, not "
-                                f"{model_name}")
-        path = hub_file(repo, pattern.format(model=model_name), "RemoteCLIP's weights", option="pretrained")
+    if kind == "bundled":
+        clip = empty()
+        _load_weights_file(clip, where)
+        return clip, {"kind": "bundled", "sha256": file_sha256(where)}
+    if kind == "hub":
+        repo, filename = where
+        path = hub_file(repo, filename, "RemoteCLIP's weights", option="pretrained")
         clip = empty()
         _load_weights_file(clip, path)
         return clip, {"kind": "hub-file", "tag": REMOTECLIP[0], "source": f"hf-hub:{repo}/{path.name}",
                       "sha256": file_sha256(path)}
-    if os.path.sep in pre or pre.endswith((".safetensors", ".pt", ".bin", ".pth")) or Path(pre).exists():
-        path = Path(pre).expanduser()
-        if not path.exists():
-            raise CheckpointError(f"weights file {path} does not exist")
+    if kind == "file":
+        if not where.exists():
+            raise CheckpointError(f"weights file {where} does not exist")
         clip = empty()
-        _load_weights_file(clip, path)
-        return clip, {"kind": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if pre not in tags:
-        raise UnknownNameError(f"pretrained tag for {model_name}", pre, tags + ["none", "<path/to/weights>"])
-    cfg = open_clip.get_pretrained_cfg(model_name, pre)
-    source = cfg.get("hf_hub") or cfg.get("url") or ""
-    if not _weights_cached(cfg, cache_dir) and not _weights_reachable():
+        _load_weights_file(clip, where)
+        return clip, {"kind": "file", "path": str(where.resolve()), "sha256": file_sha256(where)}
+    source = where.get("hf_hub") or where.get("url") or ""
+    if not _weights_cached(where, cache_dir) and not _weights_reachable():
         raise CirbenchError(f"cannot download pretrained weights '{pre}' for {model_name} ({source}): no network. "
                             "Download them on a connected machine (they land in the Hugging Face cache) or pass "
                             "--pretrained /path/to/weights")
@@ -435,37 +457,23 @@ def model_name_of(model: str) -> str:
 
 def weights_status(model: str, pretrained: str | None, cache_dir: str | None = None) -> str:
     """Where a backbone's weights would come from, found without loading (``cirbench run --dry-run``): bundled,
-    random, a file (present or not), an open_clip tag in the local cache or to download (or that cannot be: no
-    network). CirbenchError for a backbone or tag that does not exist, as loading would say."""
-    import open_clip
+    random, a file (present or not), RemoteCLIP's or an open_clip tag's in the local cache or to download (or
+    that cannot be: no network). CirbenchError for a backbone or tag that does not exist, as loading would say."""
+    from .hub import availability
 
     model_name = _register_config(model)
-    pre = (pretrained or "none").strip()
-    if pre.lower() in ("none", "random"):
+    kind, where = _weights_source(model, model_name, _pretrained_of(model, pretrained))
+    if kind == "random":
         return "random initialisation"
-    if pre in ("", "bundled"):
-        if model != BUNDLED_MODEL:
-            raise CirbenchError(f"--pretrained bundled is only available for --backbone {BUNDLED_MODEL}")
+    if kind == "bundled":
         return "bundled with cirbench"
-    if pre.lower() == REMOTECLIP[0]:
-        from huggingface_hub import try_to_load_from_cache
-
-        _, repo, pattern, models = REMOTECLIP
-        if model_name not in models:
-            raise CirbenchError(f"--pretrained remoteclip: RemoteCLIP has weights for {', '.join(models)}, not "
-                                f"{model_name}")
-        cached = isinstance(try_to_load_from_cache(repo, pattern.format(model=model_name)), str)
-        return ("in the Hugging Face cache" if cached else "to download" if hub_reachable()
-                else "NOT AVAILABLE: not in the Hugging Face cache and no network") + f" (hf-hub:{repo})"
-    if os.path.sep in pre or pre.endswith((".safetensors", ".pt", ".bin", ".pth")) or Path(pre).exists():
-        path = Path(pre).expanduser()
-        return f"file {path}" if path.is_file() else f"NOT AVAILABLE: weights file {path} does not exist"
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if pre not in tags:
-        raise UnknownNameError(f"pretrained tag for {model_name}", pre, tags + ["none", "<path/to/weights>"])
-    cfg = open_clip.get_pretrained_cfg(model_name, pre)
-    source = cfg.get("hf_hub") or cfg.get("url") or ""
-    if _weights_cached(cfg, cache_dir):
+    if kind == "hub":
+        status, _ = availability(f"hf-hub:{where[0]}/{where[1]}")
+        return f"{status} (hf-hub:{where[0]})"
+    if kind == "file":
+        return f"file {where}" if where.is_file() else f"NOT AVAILABLE: weights file {where} does not exist"
+    source = where.get("hf_hub") or where.get("url") or ""
+    if _weights_cached(where, cache_dir):
         return f"in the local cache ({source})"
     return f"to download ({source})" if _weights_reachable() else f"NOT AVAILABLE: no network to download {source}"
 

@@ -79,27 +79,35 @@ def availability(source: str) -> tuple[str, bool]:
         except ImportError:
             return "NOT AVAILABLE: huggingface_hub is not installed", False
         return ("to download", True) if hub_reachable() else ("NOT AVAILABLE: no network", False)
-    parts = urllib.parse.urlparse(source)
-    import torch
-
-    if (Path(torch.hub.get_dir()) / "checkpoints" / Path(parts.path).name).is_file():
+    if _url_cache(source).is_file():
         return "in the torch hub cache", True
-    if host_reachable(parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)):
+    if _url_reachable(source):
         return "to download", True
     return "NOT AVAILABLE: no network", False
+
+
+def _url_cache(url: str) -> Path:
+    """Where :func:`url_file` keeps the file published at ``url``: ``<torch hub dir>/checkpoints/<name>``."""
+    import torch  # only on the path that needs the file
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+
+
+def _url_reachable(url: str) -> bool:
+    parts = urllib.parse.urlparse(url)
+    return host_reachable(parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443))
 
 
 def url_file(url: str, what: str, option: str) -> Path:
     """A file published at ``url`` (a release asset, a data file in a repository): from torch's hub cache
     (``<torch hub dir>/checkpoints/<name>``) when it is there, downloaded into it otherwise; CheckpointError
     naming the URL and ``--option PATH`` when the host cannot be reached or the download fails."""
-    import torch  # only on the path that needs the file
+    import torch
 
-    parts = urllib.parse.urlparse(url)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(parts.path).name
+    cached = _url_cache(url)
     if cached.is_file():
         return cached
-    if not host_reachable(parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)):
+    if not _url_reachable(url):
         raise CheckpointError(f"cannot download {what} ({url}): no network. Download the file on a connected "
                               f"machine and pass --{option} PATH")
     cached.parent.mkdir(parents=True, exist_ok=True)
