@@ -184,6 +184,24 @@ def raw_image_features(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor
         return backbone.model.encode_image(pixels).float()
 
 
+def vision_tokens(backbone: Backbone, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw global image embedding ``[B, D]``, the last vision block's tokens before ``ln_post`` ``[B, N, width]``:
+    the class token then the patch tokens), both float32 and without gradient, from one pass of the image tower.
+    FTI4CIR's attribute queries and Context-I2W's mapping network read these tokens (the official ``get_tokens``)."""
+    captured: dict[str, torch.Tensor] = {}
+    handle = backbone.model.visual.transformer.register_forward_hook(
+        lambda _m, _i, out: captured.__setitem__("tokens", out))
+    try:
+        with torch.no_grad(), backbone.autocast():
+            global_feat = backbone.model.encode_image(pixels.to(backbone.device))
+    finally:
+        handle.remove()
+    tokens = captured["tokens"]
+    if tokens.shape[0] != pixels.shape[0]:  # sequence-first transformer (older open_clip)
+        tokens = tokens.permute(1, 0, 2)
+    return global_feat.float(), tokens.float()
+
+
 class RawImageReferences:
     """Method mixin: reference images are encoded as raw (unnormalised) CLIP embeddings, the input of the
     mapping networks of Pic2Word and SEARLE; every method using it shares those cached features."""
@@ -223,6 +241,18 @@ def benchmark_prompt(query: Query, image_words: str) -> str | None:
     if not sep:
         raise ValueError(f"query {query.id}: the benchmark prompt {query.prompt!r} has no '*' for the image")
     return before + image_words + after
+
+
+def pic2word_prompt(query: Query, placeholder: str = "*") -> str:
+    """Pic2Word's official prompts (which Context-I2W keeps, with its own placeholder token): CIRR/CIRCO "a photo
+    of * , {caption}"; FashionIQ "a photo of * , {cap2} and {cap1}"; the benchmark's own prompt where it fixes one
+    (its domain-conversion and object-composition tasks)."""
+    own = benchmark_prompt(query, placeholder)
+    if own is not None:
+        return own
+    caps = [clean_text(t, placeholder) for t in query.texts]
+    text = f"{caps[1]} and {caps[0]}" if len(caps) == 2 else caps[0]
+    return f"a photo of {placeholder} , {text}"
 
 
 def searle_prompt(text: str, placeholder: str = "$") -> str:

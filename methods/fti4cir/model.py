@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from typing import Any, cast
@@ -14,6 +13,7 @@ from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint
 from cirbench.errors import CirbenchError
 from cirbench.method import Method, average_variants
+from cirbench.methods._shared.captions import split_subject_attribute
 from cirbench.methods._shared.textinv import (
     Phi,
     benchmark_prompt,
@@ -23,6 +23,7 @@ from cirbench.methods._shared.textinv import (
     nt_xent,
     placeholder_id,
     token_width,
+    vision_tokens,
 )
 from cirbench.safe_unpickle import load_pickled_module_tensors
 from cirbench.training import NetTrainable
@@ -126,22 +127,6 @@ class FTI4CIRNet(torch.nn.Module):
         return F.normalize(torch.stack(rows), dim=-1), counts
 
 
-def patch_tokens(backbone: Backbone, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw global image embedding, last vision block's tokens before ``ln_post``), both without gradient."""
-    captured: dict[str, torch.Tensor] = {}
-    handle = backbone.model.visual.transformer.register_forward_hook(
-        lambda _m, _i, out: captured.__setitem__("tokens", out))
-    try:
-        with torch.no_grad(), backbone.autocast():
-            global_feat = backbone.model.encode_image(pixels.to(backbone.device))
-    finally:
-        handle.remove()
-    tokens = captured["tokens"]
-    if tokens.shape[0] != pixels.shape[0]:  # sequence-first transformer
-        tokens = tokens.permute(1, 0, 2)
-    return global_feat.float(), tokens.float()
-
-
 def build_net(backbone: Backbone, options: dict[str, Any]) -> FTI4CIRNet:
     most = int(options.get("max_attributes", 12))
     kept = int((backbone.tokenize([inference_prompt(most, "")]) == placeholder_id(backbone, PLACEHOLDER)).sum())
@@ -156,7 +141,7 @@ def build_net(backbone: Backbone, options: dict[str, Any]) -> FTI4CIRNet:
 def pseudo_words(net: FTI4CIRNet, backbone: Backbone, pixels: torch.Tensor):
     """Subject word ``[B, W]``, attribute words ``[B, Q, W]`` (kept ones first), kept counts, and the
     intermediate features the losses need."""
-    global_feat, patches = patch_tokens(backbone, pixels)
+    global_feat, patches = vision_tokens(backbone, pixels)
     local = net.local_features(patches)
     selected, counts = net.select(local, global_feat)
     return net.phi_s(global_feat), net.phi_a(selected), counts, global_feat, selected
@@ -237,34 +222,6 @@ class FTI4CIR(Method):
 
 
 # -- training -----------------------------------------------------------------------------------------
-_SPLIT_WORDS = {"with", "in", "on", "at", "near", "and", "that", "while", "under", "over", "behind", "next", "of",
-                "wearing", "holding", "sitting", "standing", "is", "are", "which", "who", "by", "from", "for"}
-
-
-def split_subject_attribute(caption: str) -> tuple[str, str]:
-    """Split a caption at its first noun into (subject, attribute): spaCy's parser when an English model is
-    installed; otherwise a rule: the subject runs up to the first preposition/conjunction/verb-like word."""
-    if importlib.util.find_spec("spacy") is not None:
-        try:
-            import spacy
-
-            nlp = _SPACY.setdefault("nlp", spacy.load("en_core_web_sm"))
-            doc = nlp(caption)
-            for tok in doc:
-                if tok.pos_ in ("NOUN", "PROPN"):
-                    return doc[: tok.i + 1].text, doc[tok.i + 1 :].text.strip() or caption
-        except OSError:
-            pass
-    words = caption.split()
-    for i, w in enumerate(words[1:], start=1):
-        if w.lower().strip(",.") in _SPLIT_WORDS:
-            return " ".join(words[:i]), " ".join(words[i:])
-    return caption, caption
-
-
-_SPACY: dict[str, Any] = {}
-
-
 class FTI4CIRTrainable(NetTrainable):
     """Contrastive(global, pseudo sentence) + orthogonality + reg_weight x (three caption regularisers)."""
 

@@ -12,10 +12,9 @@ from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_check
 from cirbench.method import Method
 from cirbench.methods._shared.textinv import (
     RawImageReferences,
-    benchmark_prompt,
-    clean_text,
     encode_with_pseudo_tokens,
     load_module_weights,
+    pic2word_prompt,
     raw_image_features,
     token_width,
 )
@@ -56,14 +55,8 @@ def build_net(backbone: Backbone, options: dict[str, Any]) -> Img2Text:
 
 
 def prompt(query: Query, dataset: str | None) -> str:
-    """The official prompts: CIRR/CIRCO "a photo of * , {caption}"; FashionIQ "... {cap2} and {cap1}"; the
-    benchmark's own prompt where it fixes one (its domain-conversion and object-composition tasks)."""
-    own = benchmark_prompt(query, PLACEHOLDER)
-    if own is not None:
-        return own
-    caps = [clean_text(t, PLACEHOLDER) for t in query.texts]
-    text = f"{caps[1]} and {caps[0]}" if len(caps) == 2 else caps[0]
-    return f"a photo of {PLACEHOLDER} , {text}"
+    """The official prompt of ``query`` with Pic2Word's ``*`` (see :func:`pic2word_prompt`)."""
+    return pic2word_prompt(query, PLACEHOLDER)
 
 
 def load_official_or_cirbench(path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
