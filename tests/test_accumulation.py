@@ -212,6 +212,10 @@ def _trainable(name: str, tiny_config, tmp_path) -> training.TrainableMethod:
 
         return FTI4CIRTrainable(backbone, {"num_queries": 24, "max_attributes": 12, "threshold": 0.05, "layers": 1,
                                            "temperature": 0.2, "reg_weight": 1.4})
+    if name == "context-i2w":
+        from cirbench.methods.context_i2w.model import ContextI2WTrainable
+
+        return ContextI2WTrainable(backbone, {"middle_dim": 16, "dropout": 0.0})
     if name == "lincir":
         from cirbench.methods.lincir.model import LinCIRTrainable
 
@@ -219,7 +223,7 @@ def _trainable(name: str, tiny_config, tmp_path) -> training.TrainableMethod:
     return _searle(backbone, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["slerp-tat", "pic2word", "fti4cir", "searle", "lincir"])
+@pytest.mark.parametrize("name", ["slerp-tat", "pic2word", "context-i2w", "fti4cir", "searle", "lincir"])
 def test_every_built_in_trainer_accumulates_to_the_whole_batch(name, tiny_config, tmp_path):
     """Each built-in loss, one batch of 8 against 2 micro-batches of 4: the same loss and gradients. Its terms that
     compare samples must take their rows from global_batch.gather (a method that compared its samples among
@@ -230,7 +234,9 @@ def test_every_built_in_trainer_accumulates_to_the_whole_batch(name, tiny_config
     attributes = ["on a couch", "of tea", "in the rain", "asleep", "at dusk", "with a hat", "at sea", "in a tree"]
     whole = Batch(pixels=torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1)),
                   captions=[f"{s} {a}" for s, a in zip(subjects, attributes, strict=True)],
-                  extra={"subject": subjects, "attribute": attributes}, keys=[f"img{i}.png" for i in range(8)])
+                  extra={"subject": subjects, "attribute": attributes,
+                         "masked_caption": [f"<|replace|> {a}" for a in attributes]},
+                  keys=[f"img{i}.png" for i in range(8)])
     results = [_step(trainable, micro, dropout=False) for micro in ([whole], _split(whole, 2))]
     (loss, grads), (acc_loss, acc_grads) = results
     assert acc_loss == pytest.approx(loss, rel=1e-5)

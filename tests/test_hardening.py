@@ -215,7 +215,7 @@ def test_a_checkpoint_path_that_is_not_a_checkpoint_folder_says_why(tmp_path):
         load_checkpoint(tmp_path / "ck" / "other.safetensors", "m", official_suffixes=(".pt", ".pth"))
 
 
-@pytest.mark.parametrize("method", ["fti4cir", "pic2word", "searle"])
+@pytest.mark.parametrize("method", ["fti4cir", "pic2word", "context-i2w", "searle"])
 def test_a_wrong_checkpoint_file_names_what_the_method_takes(tmp_path, method):
     (tmp_path / "notes.txt").write_text("not weights")
     res = CliRunner().invoke(cli, ["run", "-m", method, "-d", "shapes", "--checkpoint", str(tmp_path / "notes.txt"),

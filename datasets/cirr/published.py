@@ -18,6 +18,8 @@ PAPER_ROWS = (
     _row("pic2word", "ViT-L/14", "23.90/51.70/65.30/87.80", None, "Saito et al., Pic2Word, CVPR 2023"),
     _row("searle", "ViT-B/32", "24.00/53.42/66.82/89.78", "54.89/76.60/88.19", "Baldrati et al., SEARLE, ICCV 2023"),
     _row("searle-xl", "ViT-L/14", "24.24/52.48/66.29/88.84", "53.76/75.01/88.19", "Baldrati et al., SEARLE, ICCV 2023"),
+    _row("context-i2w", "ViT-L/14", "25.60/55.10/68.50/89.80", None,
+         "Tang et al., Context-I2W, AAAI 2024 (as FiRE's comparison table reports it)"),
     _row("fti4cir", "ViT-L/14", "25.90/55.61/67.66/89.66", "55.21/75.88/87.98", "Lin et al., FTI4CIR, SIGIR 2024"),
     _row("slerp-tat", "ViT-B/32", "28.19/55.88/68.77/88.51", "61.13/80.63/90.68", "Jang et al., Slerp+TAT, ECCV 2024"),
     _row("slerp-tat", "ViT-L/14", "30.94/59.40/70.94/89.18", "64.70/82.92/92.31", "Jang et al., Slerp+TAT, ECCV 2024"),

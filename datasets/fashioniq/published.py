@@ -23,6 +23,8 @@ PAPER_ROWS = (
          "Baldrati et al., SEARLE, ICCV 2023"),
     _row("searle-xl", "ViT-L/14", "20.48/43.13", "26.89/45.58", "29.32/49.97", "25.56/46.23",
          "Baldrati et al., SEARLE, ICCV 2023"),
+    _row("context-i2w", "ViT-L/14", "23.10/45.30", "29.70/48.60", "30.60/52.90", "27.80/48.93",
+         "Tang et al., Context-I2W, AAAI 2024 (as FiRE's comparison table reports it)"),
     _row("fti4cir", "ViT-L/14", "24.39/47.84", "31.35/50.59", "32.43/54.21", "29.39/50.88",
          "Lin et al., FTI4CIR, SIGIR 2024"),
     _row("slerp-tat", "ViT-B/32", "19.24/42.14", "23.06/41.95", "26.57/47.78", "22.96/43.96",
