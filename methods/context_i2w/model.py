@@ -1,6 +1,6 @@
 """Context-I2W: the context-dependent mapping network, its prompts, checkpoints (cirbench and official), training.
 
-Transcribed from the official repository (github.com/Pter61/context-i2w, ``model/model.py`` ``IM2TEXT_OWM_Attn``,
+Follows the official repository (github.com/Pter61/context-i2w: ``model/model.py`` ``IM2TEXT_OWM_Attn``,
 ``src/eval_utils.py``, ``src/trainer.py``). What its code does, as this port does it:
 
 * The context ``c`` is CLIP's text feature (projected, not normalised) of the very prompt the pseudo-word goes
