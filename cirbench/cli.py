@@ -342,7 +342,8 @@ def _plan(runs: list[Any]) -> tuple[str, list[str]]:
     unavailable = [f"the weights of {m} / {p}" for (m, p), status in weights.items()
                    if status.startswith("NOT AVAILABLE")]
     if missing_files:
-        unavailable.append(f"what {', '.join(dict.fromkeys(missing_files))} need (above)")
+        names = list(dict.fromkeys(missing_files))
+        unavailable.append(f"what {', '.join(names)} {'need' if len(names) > 1 else 'needs'} (above)")
     lines.append(f"dry run: {results} result(s) planned; names, options, plugins and data checked; no model loaded, "
                  "nothing written" + (f"; not available here: {'; '.join(unavailable)}" if unavailable else ""))
     return "\n".join(lines), unavailable

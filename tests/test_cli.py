@@ -249,6 +249,8 @@ def test_dry_run_says_what_each_method_would_fetch(tmp_path, tiny_config, monkey
             "only; for cirbench-tiny-test/none pass --checkpoint") in res.output
     assert "method file: NOT AVAILABLE: it needs --checkpoint" in res.output
     assert res.output.splitlines()[-1].endswith("not available here: what searle, pic2word need (above)")
+    res = CliRunner().invoke(cli, [*base, "-m", "context-i2w"])
+    assert res.exit_code == 1 and res.output.splitlines()[-1].endswith("what context-i2w needs (above)"), res.output
 
     cached = tmp_path / "torch" / "hub" / "checkpoints" / VOCABULARY_URL.rsplit("/", 1)[-1]
     cached.parent.mkdir(parents=True)
