@@ -129,21 +129,26 @@ def test_pic2word_loss_is_the_official_one():
     torch.testing.assert_close(contrastive_loss(image, text, 1.0 / float(scale)), official(image, text, scale))
 
 
-def test_pic2word_step_takes_its_temperature_from_the_backbones_logit_scale(tiny_config, monkeypatch):
+@pytest.mark.parametrize("method", ["pic2word", "context-i2w"])
+def test_pic2word_family_steps_take_their_temperature_from_the_backbones_logit_scale(method, tiny_config, monkeypatch):
     """The step's temperature is 1 / logit_scale.exp() of the CLIP it trains on (100 for a trained CLIP; a random
     initialisation's 1 / 0.07 would hide a fixed 0.07)."""
     from cirbench.corpora import Batch
-    from cirbench.methods.pic2word import model as p2w
+    from cirbench.methods._shared import textinv
+    from cirbench.methods.context_i2w.model import ContextI2WTrainable
+    from cirbench.methods.pic2word.model import Pic2WordTrainable
 
     bb = load_backbone(str(tiny_config), "none", device="cpu", seed=0, training=True)
     with torch.no_grad():
         bb.model.logit_scale.fill_(4.6052)
-    seen, real = [], p2w.contrastive_loss
-    monkeypatch.setattr(p2w, "contrastive_loss", lambda i, t, temperature: seen.append(temperature) or real(
+    seen, real = [], textinv.contrastive_loss
+    monkeypatch.setattr(textinv, "contrastive_loss", lambda i, t, temperature: seen.append(temperature) or real(
         i, t, temperature))
-    trainable = p2w.Pic2WordTrainable(bb, {"middle_dim": 32, "dropout": 0.0})
+    trainable = (Pic2WordTrainable if method == "pic2word" else ContextI2WTrainable)(bb, {"middle_dim": 32,
+                                                                                       "dropout": 0.0})
     size = bb.preprocessor("clip").size
-    loss, _ = trainable.training_step(Batch(torch.randn(4, 3, size, size), [""] * 4))
+    batch = Batch(torch.randn(4, 3, size, size), ["a red square"] * 4, {"masked_caption": ["a red <|replace|>"] * 4})
+    loss, _ = trainable.training_step(batch)
     assert torch.isfinite(loss) and seen == [pytest.approx(1 / torch.tensor(4.6052).exp().item())]
 
 

@@ -21,7 +21,8 @@ from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint, load_module_weights
 from cirbench.errors import CirbenchError
 from cirbench.method import Method, average_variants, caption_variants
-from cirbench.training import NetTrainable
+from cirbench.preprocess import Preprocessor, RandomResizedCrop
+from cirbench.training import NetTrainable, contrastive_loss
 from cirbench.types import Query
 
 PLACEHOLDERS = ("*", "$")
@@ -175,6 +176,43 @@ class PhiTrainable(NetTrainable):
 
     def checkpoint_config(self) -> dict:
         return {"architecture": {"phi": "SEARLE (4x hidden, GELU, dropout)", "token_width": token_width(self.backbone)}}
+
+
+def loaded_eval_net(net: torch.nn.Module, tensors: dict[str, torch.Tensor], backbone: Backbone,
+                    source: str) -> torch.nn.Module:
+    """``net`` holding ``tensors`` (strictly: a CheckpointError names the first mismatch), on the backbone's
+    device, in evaluation mode: a method's trained network as its evaluation uses it."""
+    load_module_weights(net, tensors, source)
+    return net.to(backbone.device).eval()
+
+
+class Pic2WordFamilyTrainable(NetTrainable):
+    """What the trainers built on Pic2Word's code share (Pic2Word, Context-I2W): CLIP frozen, ``self.net``'s
+    pseudo-word trained so that "a photo of *" holding it matches the image under CLIP's own contrastive loss;
+    AdamW with betas 0.9/0.98 and eps 1e-6 (the code's settings for ViT models), no weight decay on parameters
+    named "bn"/"ln"/"bias"/"logit_scale"; the training images through the code's RandomResizedCrop (scale 0.9-1.0),
+    or the evaluation preprocessing with ``--augment none``."""
+
+    preprocess_kind = "clip"
+    adam_betas = (0.9, 0.98)
+    adam_eps = 1e-6
+
+    def decays(self, name, param):
+        return not any(part in name for part in ("bn", "ln", "bias", "logit_scale"))
+
+    def photo_of_loss(self, image: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """The official loss: "a photo of *" with each image's pseudo-word ``words`` ``[B, width]`` against the raw
+        image features ``image``, symmetric InfoNCE at CLIP's own temperature (1 / logit_scale.exp()) over the
+        global batch."""
+        text = encode_with_pseudo_tokens(self.backbone, ["a photo of *"] * len(words), words, "*", normalize=False)
+        return contrastive_loss(image, text, 1.0 / float(self.backbone.model.logit_scale.exp()))
+
+    def train_preprocessor(self, seed):
+        base = super().train_preprocessor(seed)
+        assert isinstance(base, Preprocessor)  # the evaluation recipe, which the crop draws from
+        if self.options.get("augment", "random-resized-crop") == "none":
+            return base
+        return RandomResizedCrop(base, scale=(0.9, 1.0), seed=seed)
 
 
 def raw_image_features(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ image-caption pairs whose subject is masked.
 """
 
 from cirbench.hookspecs import hookimpl
+from cirbench.methods._shared.options import AUGMENT_RANDOM_RESIZED_CROP
 from cirbench.types import MethodSpec, OptionSpec
 
 
@@ -28,8 +29,5 @@ def register_methods(register):
         train_options=(OptionSpec("middle_dim", "Hidden width of the two mapping MLPs.", "int", 512, minimum=1,
                                   maximum=65_536),
                        OptionSpec("dropout", "Dropout of the mapping MLPs.", "float", 0.1, minimum=0.0, maximum=1.0),
-                       OptionSpec("augment", "Training images: 'random-resized-crop' (the official training transform: "
-                                  "RandomResizedCrop(scale 0.9-1.0, bicubic) then RGB) or 'none' (the evaluation "
-                                  "preprocessing).", "str", "random-resized-crop",
-                                  choices=("random-resized-crop", "none"))),
+                       AUGMENT_RANDOM_RESIZED_CROP),
     ))

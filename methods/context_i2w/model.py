@@ -27,21 +27,21 @@ import torch
 import torch.nn.functional as F
 
 from cirbench.backbones import Backbone
-from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint, load_module_weights
+from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint
 from cirbench.errors import CheckpointError, CirbenchError
 from cirbench.method import Method
 from cirbench.methods._shared.captions import mask_subject
 from cirbench.methods._shared.textinv import (
+    Pic2WordFamilyTrainable,
     clean_text,
     encode_with_pseudo_tokens,
+    loaded_eval_net,
     pic2word_prompt,
     token_embedding_module,
     token_width,
     vision_tokens,
 )
-from cirbench.preprocess import Preprocessor, RandomResizedCrop
 from cirbench.safe_unpickle import load_state_dict
-from cirbench.training import NetTrainable, contrastive_loss
 from cirbench.types import Query
 from cirbench.util import file_sha256
 
@@ -218,9 +218,7 @@ class ContextI2W(Method):
     def __init__(self, backbone, options, dataset=None):
         super().__init__(backbone, options, dataset)
         tensors, self.arch, self.sha256 = load_weights(options.get("checkpoint"), backbone)
-        self.net = build_net(backbone, self.arch)
-        load_module_weights(self.net, tensors, str(options.get("checkpoint")))
-        self.net = self.net.to(backbone.device).eval()
+        self.net = loaded_eval_net(build_net(backbone, self.arch), tensors, backbone, str(options.get("checkpoint")))
 
     def reference_feature_kind(self) -> dict:
         # the tokens alone, not the checkpoint: every Context-I2W checkpoint on this backbone shares them
@@ -253,22 +251,16 @@ def masked_prompt(caption: str, masked: str | None) -> str | None:
     return mask_subject(clean_text(caption, PLACEHOLDER), PLACEHOLDER)
 
 
-class ContextI2WTrainable(NetTrainable):
+class ContextI2WTrainable(Pic2WordFamilyTrainable):
     """Train the mapping so that "a photo of *" holding the pseudo-word, mapped under the context of the caption
     whose subject is masked, matches the image (CLIP frozen; the official ``get_loss_img2text_replace_token``)."""
 
     name = "context-i2w"
-    preprocess_kind = "clip"
     # the official src/params.py defaults (its README gives no training command): AdamW with get_default_params'
-    # ViT settings (lr 5e-4, betas 0.9/0.98, eps 1e-6), weight decay 0.2 except on "bn"/"ln"/"bias"/"logit_scale"
-    # parameters, 32 epochs, a cosine schedule after 10,000 warm-up steps, 64 pairs per GPU (ours: the global batch)
+    # ViT settings (lr 5e-4; betas and eps as Pic2WordFamilyTrainable's), weight decay 0.2, 32 epochs, a cosine
+    # schedule after 10,000 warm-up steps, 64 pairs per GPU (ours: the global batch)
     defaults = {"lr": 5e-4, "weight_decay": 0.2, "batch_size": 64, "epochs": 32, "warmup_steps": 10000,
                 "schedule": "cosine"}
-    adam_betas = (0.9, 0.98)
-    adam_eps = 1e-6
-
-    def decays(self, name, param):
-        return not any(part in name for part in ("bn", "ln", "bias", "logit_scale"))
 
     def __init__(self, backbone: Backbone, options: dict[str, Any]):
         super().__init__(backbone, options)
@@ -287,19 +279,8 @@ class ContextI2WTrainable(NetTrainable):
         image, tokens = vision_tokens(self.backbone, batch.pixels)
         with torch.no_grad():
             context = context_features(self.backbone, prompts)
-        words = self.net(context.float(), tokens)
-        text = encode_with_pseudo_tokens(self.backbone, [f"a photo of {PLACEHOLDER}"] * len(batch), words,
-                                         PLACEHOLDER, normalize=False)
-        temperature = 1.0 / float(self.backbone.model.logit_scale.exp())
-        return contrastive_loss(image, text, temperature), {"gate": float(torch.tanh(self.net.local_gate.detach()))}
+        loss = self.photo_of_loss(image, self.net(context.float(), tokens))
+        return loss, {"gate": float(torch.tanh(self.net.local_gate.detach()))}
 
     def checkpoint_config(self):
         return {"architecture": {k: self.options.get(k, v) for k, v in DEFAULTS.items()}}
-
-    def train_preprocessor(self, seed):
-        # the official training images go through model/clip.py's _transform(is_train=True), as Pic2Word's
-        base = super().train_preprocessor(seed)
-        assert isinstance(base, Preprocessor)
-        if self.options.get("augment", "random-resized-crop") == "none":
-            return base
-        return RandomResizedCrop(base, scale=(0.9, 1.0), seed=seed)

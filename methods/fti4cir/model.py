@@ -19,7 +19,7 @@ from cirbench.methods._shared.textinv import (
     benchmark_prompt,
     clean_text,
     encode_with_pseudo_tokens,
-    load_module_weights,
+    loaded_eval_net,
     nt_xent,
     placeholder_id,
     token_width,
@@ -180,9 +180,7 @@ class FTI4CIR(Method):
     def __init__(self, backbone, options, dataset=None):
         super().__init__(backbone, options, dataset)
         tensors, self.arch, self.sha256 = load_weights(options.get("checkpoint"), backbone)
-        self.net = build_net(backbone, self.arch)
-        load_module_weights(self.net, tensors, str(options.get("checkpoint")))
-        self.net = self.net.to(backbone.device).eval()
+        self.net = loaded_eval_net(build_net(backbone, self.arch), tensors, backbone, str(options.get("checkpoint")))
 
     def reference_feature_kind(self) -> dict:
         return {"kind": "fti4cir-pseudo-words", "checkpoint_sha256": self.sha256}

@@ -6,6 +6,7 @@ A mapping network turns the (frozen) CLIP image embedding into one token embeddi
 """
 
 from cirbench.hookspecs import hookimpl
+from cirbench.methods._shared.options import AUGMENT_RANDOM_RESIZED_CROP
 from cirbench.types import MethodSpec, OptionSpec
 
 
@@ -24,8 +25,5 @@ def register_methods(register):
         train_options=(OptionSpec("middle_dim", "Hidden width of the mapping network.", "int", 512, minimum=1,
                                   maximum=65_536),
                        OptionSpec("dropout", "Dropout of the mapping network.", "float", 0.1, minimum=0.0, maximum=1.0),
-                       OptionSpec("augment", "Training images: 'random-resized-crop' (the official training transform: "
-                                  "RandomResizedCrop(scale 0.9-1.0, bicubic) then RGB) or 'none' (the evaluation "
-                                  "preprocessing).", "str", "random-resized-crop",
-                                  choices=("random-resized-crop", "none"))),
+                       AUGMENT_RANDOM_RESIZED_CROP),
     ))

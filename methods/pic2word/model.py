@@ -11,16 +11,15 @@ from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint
 from cirbench.method import Method
 from cirbench.methods._shared.textinv import (
+    Pic2WordFamilyTrainable,
     RawImageReferences,
     encode_with_pseudo_tokens,
-    load_module_weights,
+    loaded_eval_net,
     pic2word_prompt,
     raw_image_features,
     token_width,
 )
-from cirbench.preprocess import Preprocessor, RandomResizedCrop
 from cirbench.safe_unpickle import load_state_dict
-from cirbench.training import NetTrainable, contrastive_loss
 from cirbench.types import Query
 from cirbench.util import file_sha256
 
@@ -76,9 +75,7 @@ class Pic2Word(RawImageReferences, Method):
     def __init__(self, backbone, options, dataset=None):
         super().__init__(backbone, options, dataset)
         tensors, net_options, self.sha256 = load_official_or_cirbench(options.get("checkpoint"), backbone)
-        self.net = build_net(backbone, net_options)
-        load_module_weights(self.net, tensors, str(options.get("checkpoint")))
-        self.net = self.net.to(backbone.device).eval()
+        self.net = loaded_eval_net(build_net(backbone, net_options), tensors, backbone, str(options.get("checkpoint")))
 
     @torch.no_grad()
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
@@ -90,22 +87,16 @@ class Pic2Word(RawImageReferences, Method):
         return {"checkpoint": str(self.options.get("checkpoint")), "sha256": self.sha256}
 
 
-class Pic2WordTrainable(NetTrainable):
+class Pic2WordTrainable(Pic2WordFamilyTrainable):
     """Train the mapping so that "a photo of *" with the image's pseudo-word matches the image (CLIP frozen)."""
 
     name = "pic2word"
-    preprocess_kind = "clip"
     # the official README's training command (lr 1e-4, wd 0.1, 30 epochs, 10k warm-up, batch 128) and its code's
-    # AdamW settings for ViT models (betas 0.9/0.98, eps 1e-6; no decay on "bn"/"ln"/"bias"/"logit_scale" params).
-    # The official --batch-size is per GPU (main.py spawns a process per visible GPU and trainer.py gathers their
-    # features for the loss); ours is the global batch, so 128 is the official command on one GPU.
+    # AdamW settings for ViT models (Pic2WordFamilyTrainable). The official --batch-size is per GPU (main.py spawns
+    # a process per visible GPU and trainer.py gathers their features for the loss); ours is the global batch, so
+    # 128 is the official command on one GPU.
     defaults = {"lr": 1e-4, "weight_decay": 0.1, "batch_size": 128, "epochs": 30, "warmup_steps": 10000,
                 "schedule": "cosine"}
-    adam_betas = (0.9, 0.98)
-    adam_eps = 1e-6
-
-    def decays(self, name, param):
-        return not any(part in name for part in ("bn", "ln", "bias", "logit_scale"))
 
     def __init__(self, backbone: Backbone, options: dict[str, Any]):
         super().__init__(backbone, options)
@@ -113,20 +104,8 @@ class Pic2WordTrainable(NetTrainable):
 
     def training_step(self, batch):
         image = raw_image_features(self.backbone, batch.pixels)
-        tokens = self.net(image)
-        text = encode_with_pseudo_tokens(self.backbone, [f"a photo of {PLACEHOLDER}"] * len(batch), tokens,
-                                         PLACEHOLDER, normalize=False)
-        temperature = 1.0 / float(self.backbone.model.logit_scale.exp())
-        return contrastive_loss(image, text, temperature), {}
+        return self.photo_of_loss(image, self.net(image)), {}
 
     def checkpoint_config(self):
         return {"architecture": {"middle_dim": self.options.get("middle_dim"),
                                  "token_width": token_width(self.backbone)}}
-
-    def train_preprocessor(self, seed):
-        # the official training images go through model/clip.py's _transform(is_train=True)
-        base = super().train_preprocessor(seed)
-        assert isinstance(base, Preprocessor)  # the evaluation recipe, which the crop draws from
-        if self.options.get("augment", "random-resized-crop") == "none":
-            return base
-        return RandomResizedCrop(base, scale=(0.9, 1.0), seed=seed)
