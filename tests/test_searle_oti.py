@@ -345,3 +345,19 @@ def test_torchrun_ranks_share_the_batches(tmp_path, monkeypatch):
     one = json.loads(one.read_text())
     assert one["method"]["summary"]["oti"]["batches_cached"] == batches
     assert one["metrics"] == two["metrics"]
+
+
+def test_the_concept_list_is_pinned_to_a_commit_and_its_sha256(tmp_path, monkeypatch):
+    """SEARLE's concept list is read at the commit that last changed it, and a file in its place that is not the
+    published one (another version, a truncated download) is refused in one line, not used."""
+    from cirbench import hub
+    from cirbench.errors import CheckpointError
+    from cirbench.methods.searle import oti
+
+    assert f"/{oti.CONCEPTS_COMMIT}/" in oti.CONCEPTS_URL and "/main/" not in oti.CONCEPTS_URL
+    other = tmp_path / "oidv7-class-descriptions.csv"
+    other.write_text("LabelName,DisplayName\n/m/0,cat\n")
+    monkeypatch.setattr(hub, "url_file", lambda url, what, option: other)
+    with pytest.raises(CheckpointError, match="is not SEARLE's concept list published at .*9afa4f3c.*sha256 differs"):
+        oti.source_files({"phrases": str(other)})
+    assert oti.source_files({"concepts": str(other), "phrases": str(other)}) == (other, other)  # given: as it is

@@ -54,7 +54,10 @@ from cirbench.util import (
     tensor_bytes,
 )
 
-CONCEPTS_URL = "https://raw.githubusercontent.com/miccunifi/SEARLE/main/data/oidv7-class-descriptions.csv"
+# the concept list at the last commit that changed it (github.com/miccunifi/SEARLE, 2023-07-05), and its sha256
+CONCEPTS_COMMIT = "9afa4f3cda218cb74a0bdeb4543ee1b9c28642ae"
+CONCEPTS_URL = f"https://raw.githubusercontent.com/miccunifi/SEARLE/{CONCEPTS_COMMIT}/data/oidv7-class-descriptions.csv"
+CONCEPTS_SHA256 = "485af96e4f9813d8abcab1126ffcd79e07bb1048ee27f0fb209c62f1da1a3293"
 PHRASES_URL = "https://github.com/miccunifi/SEARLE/releases/download/weights/GPTNeo27B.zip"
 CONCEPTS_PER_IMAGE = 250  # image_concepts_association.py: the nearest concepts kept per image
 # SEARLE's utils.get_templates (the PALAVRA templates)
@@ -201,19 +204,22 @@ def invert_batch(backbone, image_features: torch.Tensor, phrase_pools: list[list
     return ema.cpu(), float(loss.detach())  # the last step's loss: one host sync per batch, not per step
 
 
-SOURCES = (("concepts", CONCEPTS_URL, "SEARLE's concept list"), ("phrases", PHRASES_URL, "SEARLE's GPT-Neo phrases"))
+# (option, url, sha256 when known, what): the phrases' release asset could not be read from here to pin its sha256
+SOURCES = (("concepts", CONCEPTS_URL, CONCEPTS_SHA256, "SEARLE's concept list"),
+           ("phrases", PHRASES_URL, None, "SEARLE's GPT-Neo phrases"))
 
 
 def source_files(options: dict[str, Any]) -> tuple[Path, Path]:
     """The concepts and phrases files: ``--concepts``/``--phrases``, or SEARLE's, downloaded (once) now, so that
     a missing file or an offline download fails before any image is encoded."""
-    concepts, phrases = (given_or_pinned(options.get(option), option, url, None, what) for option, url, what in SOURCES)
+    concepts, phrases = (given_or_pinned(options.get(option), option, url, sha256, what)
+                         for option, url, sha256, what in SOURCES)
     return concepts, phrases
 
 
 def downloads(options: dict, model: str, pretrained: str) -> list[tuple[str, str]]:
     """What SEARLE-OTI fetches (MethodSpec.downloads): the concept and phrase files not given."""
-    return [(what, url) for option, url, what in SOURCES if not options.get(option)]
+    return [(what, url) for option, url, _, what in SOURCES if not options.get(option)]
 
 
 class Inversion:
