@@ -238,6 +238,8 @@ def test_training_step_is_the_official_loss(tmp_path, backbone):
 
     assert masked_prompt("a red square", "a red <|replace|>") == "a red *"
     assert masked_prompt("a red square", "a red * on a table") == "a red * on a table"
+    with pytest.raises(CirbenchError, match=r"'a red \[MASK\]' marks no subject"):
+        masked_prompt("a red square", "a red [MASK]")
     trainable = ContextI2WTrainable(backbone, {"dropout": 0.0})
     state = random_official_state(backbone, seed=5)
     trainable.net.load_state_dict(state)
@@ -300,3 +302,48 @@ def test_a_tower_without_vision_tokens_is_refused():
     resnet = SimpleNamespace(model=SimpleNamespace(visual=SimpleNamespace()), model_name="RN50")
     with pytest.raises(CirbenchError, match="ViT image tower; RN50 has none"):
         build_net(resnet, {})
+
+
+class _Token:
+    def __init__(self, i, text, pos, ws):
+        self.i, self.text, self.pos_, self.whitespace_ = i, text, pos, ws
+        self.text_with_ws = text + ws
+
+
+class _Span:
+    def __init__(self, tokens):
+        self.tokens = tokens
+        self.text_with_ws = "".join(t.text_with_ws for t in tokens)
+        self.text = self.text_with_ws.strip()
+
+
+class _Doc(_Span):
+    def __iter__(self):
+        return iter(self.tokens)
+
+    def __getitem__(self, key):
+        return _Span(self.tokens[key])
+
+
+def _tagger(tags):
+    """A stand-in for spaCy's pipeline: whitespace tokens, the part of speech from ``tags`` (else DET)."""
+    def nlp(text):
+        words = text.split(" ")
+        return _Doc([_Token(i, w, tags.get(w, "DET"), " " if i < len(words) - 1 else "")
+                     for i, w in enumerate(words)])
+    return nlp
+
+
+def test_the_subject_spacy_finds_is_what_gets_masked(monkeypatch):
+    """With an English parser, the caption's first noun is the masked subject (Context-I2W) and ends FTI4CIR's
+    subject phrase; the rest of the caption stays as it was."""
+    from cirbench.methods._shared import captions
+    from cirbench.methods.context_i2w.model import masked_prompt
+
+    monkeypatch.setitem(captions._SPACY, "nlp", _tagger({"dog": "NOUN", "couch": "NOUN", "running": "VERB"}))
+    assert captions.mask_subject("a brown dog running on a couch", "*") == "a brown * running on a couch"
+    assert captions.split_subject_attribute("a brown dog running on a couch") == ("a brown dog",
+                                                                                  "running on a couch")
+    assert masked_prompt("a brown dog running on a couch", None) == "a brown * running on a couch"
+    with pytest.raises(CirbenchError, match="spaCy finds no noun"):
+        masked_prompt("running fast", None)

@@ -30,7 +30,7 @@ from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint
 from cirbench.errors import CheckpointError, CirbenchError
 from cirbench.method import Method
-from cirbench.methods._shared.captions import mask_subject
+from cirbench.methods._shared.captions import english_parser, mask_subject
 from cirbench.methods._shared.textinv import (
     Pic2WordFamilyTrainable,
     clean_text,
@@ -239,16 +239,23 @@ class ContextI2W(Method):
         return {"checkpoint": str(self.options.get("checkpoint")), "sha256": self.sha256, "architecture": self.arch}
 
 
-def masked_prompt(caption: str, masked: str | None) -> str | None:
+def masked_prompt(caption: str, masked: str | None) -> str:
     """The training caption with its subject's name replaced by ``*``: the corpus's ``masked_caption`` (marked with
-    ``<|replace|>`` as the official CSV's, or ``*``), else the first noun by spaCy's parser (None: neither)."""
+    ``<|replace|>`` as the official CSV's, or ``*``), else the first noun by spaCy's parser; a one-line error when
+    the masked caption marks nothing, or when there is none and no parser to find the subject."""
     if masked:
         for mark in MASK_MARKS:
             if mark in masked:
                 before, _, after = masked.partition(mark)
                 return f"{clean_text(before, PLACEHOLDER)} {PLACEHOLDER} {clean_text(after, PLACEHOLDER)}".strip()
-        return None
-    return mask_subject(clean_text(caption, PLACEHOLDER), PLACEHOLDER)
+        raise CirbenchError(f"the masked_caption {masked!r} marks no subject: write its name as <|replace|> or *")
+    found = mask_subject(clean_text(caption, PLACEHOLDER), PLACEHOLDER)
+    if found is None:
+        why = ("spaCy's en_core_web_sm, which would find it, is not installed" if english_parser() is None else
+               "spaCy finds no noun in it")
+        raise CirbenchError(f"context-i2w trains on captions whose subject is masked: the caption {caption!r} has no "
+                            f"masked_caption column (its subject's name as <|replace|> or *) and {why}")
+    return found
 
 
 class ContextI2WTrainable(Pic2WordFamilyTrainable):
@@ -267,15 +274,8 @@ class ContextI2WTrainable(Pic2WordFamilyTrainable):
         self.net = build_net(backbone, options).to(backbone.device)
 
     def training_step(self, batch):
-        masked_col = batch.extra.get("masked_caption") or [None] * len(batch)
-        prompts = []
-        for caption, masked in zip(batch.captions, masked_col, strict=True):
-            prompt = masked_prompt(caption, masked)
-            if prompt is None:
-                raise CirbenchError(f"context-i2w trains on captions whose subject is masked: the caption {caption!r} "
-                                    "has no masked_caption column (its subject's name as <|replace|> or *) and "
-                                    "spaCy's en_core_web_sm, which would find it, is not installed")
-            prompts.append(prompt)
+        masked = batch.extra.get("masked_caption") or [None] * len(batch)
+        prompts = [masked_prompt(caption, m) for caption, m in zip(batch.captions, masked, strict=True)]
         image, tokens = vision_tokens(self.backbone, batch.pixels)
         with torch.no_grad():
             context = context_features(self.backbone, prompts)
