@@ -68,7 +68,16 @@ def hub_file(repo_id: str, filename: str, what: str, option: str = "checkpoint")
 def availability(source: str) -> tuple[str, bool]:
     """Where a file a method would fetch comes from, found without fetching it (``cirbench run --dry-run``):
     ``(words, available)`` for a URL (torch's hub cache, as :func:`url_file` keeps it) or ``hf-hub:REPO/FILE``
-    (the Hugging Face cache, as :func:`hub_file`)."""
+    (the Hugging Face cache, as :func:`hub_file`), a transformers model ``hf-model:PATH_OR_REPO`` (a local folder,
+    or the hub's cache, as ``from_pretrained`` finds it) or a chat endpoint ``openai-endpoint:URL`` (its host
+    answers; the OpenAI API also needs ``$OPENAI_API_KEY``)."""
+    if source.startswith("hf-model:"):
+        return _model_availability(source.removeprefix("hf-model:"))
+    if source.startswith("openai-endpoint:"):
+        url = source.removeprefix("openai-endpoint:")
+        if urllib.parse.urlparse(url).hostname == "api.openai.com" and not os.environ.get("OPENAI_API_KEY"):
+            return "NOT AVAILABLE: $OPENAI_API_KEY is not set", False
+        return ("its host answers", True) if _url_reachable(url) else ("NOT AVAILABLE: its host does not answer", False)
     if source.startswith("hf-hub:"):
         repo, _, filename = source.removeprefix("hf-hub:").rpartition("/")
         try:
@@ -84,6 +93,26 @@ def availability(source: str) -> tuple[str, bool]:
     if _url_reachable(source):
         return "to download", True
     return "NOT AVAILABLE: no network", False
+
+
+def _model_availability(name: str) -> tuple[str, bool]:
+    """Where ``from_pretrained(name)`` would find a transformers model: a local folder, the hub's cache (its
+    config.json there), a download, or nowhere."""
+    if Path(name).expanduser().is_dir():
+        return "a local folder", True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return "NOT AVAILABLE: huggingface_hub is not installed", False
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - not a repository id (a missing folder): not cached
+        cached = None
+    if isinstance(cached, str):
+        return "in the Hugging Face cache", True
+    if hub_reachable():
+        return "to download", True
+    return "NOT AVAILABLE: neither a local folder nor in the Hugging Face cache, and no network", False
 
 
 def _url_cache(url: str) -> Path:

@@ -129,8 +129,9 @@ class MethodSpec:
     ``PREPROCESS_KINDS``: ``"targetpad"``, ``"clip"``, ``"hf-clip"``). ``trainer``, when set, is a lazy factory
     of the method's trainer, which ``cirbench train --method NAME`` runs through the shared training loop.
     ``downloads``, when set, is a lazy factory of ``downloads(options, model, pretrained) -> [(what, source)]``:
-    the files the method would fetch with these options on this backbone (``source`` a URL or
-    ``hf-hub:REPO/FILE``), or a CirbenchError when it cannot run there without one that is given; ``cirbench
+    the files the method would fetch with these options on this backbone (``source`` a URL,
+    ``hf-hub:REPO/FILE``, a transformers model ``hf-model:PATH_OR_REPO`` or a chat endpoint
+    ``openai-endpoint:URL``), or a CirbenchError when it cannot run there without one that is given; ``cirbench
     run --dry-run`` says where each would come from. It must agree with what the method fetches: built-in
     methods compute both from one function.
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import warnings
 from pathlib import Path
 
@@ -234,7 +235,7 @@ def test_run_dry_run_checks_and_says_what_would_run_and_writes_nothing(tmp_path,
     assert res.exit_code == 2 and "unknown pretrained tag" in res.output, res.output
 
 
-def test_dry_run_says_what_each_method_would_fetch(tmp_path, tiny_config, monkeypatch):
+def test_dry_run_says_what_each_method_would_fetch(tmp_path, tiny_config, monkeypatch, endpoint):
     """Each method's declared downloads (MethodSpec.downloads): found in torch's hub cache, to download, or not
     available (no network here), or the option it cannot run without; an option that names the file fetches
     nothing. The declarations are the functions the methods fetch with (BASIC's files follow its switches)."""
@@ -259,6 +260,34 @@ def test_dry_run_says_what_each_method_would_fetch(tmp_path, tiny_config, monkey
     assert res.exit_code == 0 and f"FREEDOM's vocabulary ({VOCABULARY_URL}): in the torch hub cache" in res.output
     res = CliRunner().invoke(cli, [*base, "-m", "freedom", "--vocabulary", str(cached)])
     assert res.exit_code == 0 and "method file" not in res.output, res.output
+
+    # the language-model methods: the models they would load and the endpoints they would ask
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    res = CliRunner().invoke(cli, [*base, "-m", "cirevl"])
+    assert res.exit_code == 1, res.output
+    assert ("the captioner hf:Salesforce/blip2-flan-t5-xxl (for the texts not recorded yet; --generation replay needs "
+            "none) (hf-model:Salesforce/blip2-flan-t5-xxl): NOT AVAILABLE: neither a local folder nor in the Hugging "
+            "Face cache, and no network") in res.output
+    assert "(openai-endpoint:https://api.openai.com/v1): NOT AVAILABLE: $OPENAI_API_KEY is not set" in res.output
+    local = tmp_path / "blip2"
+    local.mkdir()
+    res = CliRunner().invoke(cli, [*base, "-m", "cirevl", "--captioner", f"hf:{local}", "--llm-url", endpoint.url])
+    assert res.exit_code == 0, res.output
+    assert f"(hf-model:{local}): a local folder" in res.output
+    assert f"(openai-endpoint:{endpoint.url}): its host answers" in res.output
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{free.getsockname()[1]}/v1"
+    res = CliRunner().invoke(cli, [*base, "-m", "osrcir", "--llm-url", closed])
+    assert res.exit_code == 1 and f"(openai-endpoint:{closed}): NOT AVAILABLE: its host does not answer" in res.output
+    res = CliRunner().invoke(cli, [*base, "-m", "ldre,osrcir", "--generation", "replay"])
+    assert res.exit_code == 0 and "method file" not in res.output, res.output  # replay loads no model
+    res = CliRunner().invoke(cli, [*base, "-m", "weimocir", "--beta", "0", "--captioner", "hf:Salesforce/blip2"])
+    assert res.exit_code == 0 and "method file" not in res.output, res.output  # no captions: no captioner
+    res = CliRunner().invoke(cli, [*base, "-m", "weimocir", "--captioner", f"hf-chat:{local}"])
+    assert res.exit_code == 0 and f"the captioner hf-chat:{local} (for the texts" in res.output, res.output
 
     official = basic_downloads({}, "ViT-L-14", "openai")
     assert [what for what, _ in official] == ["BASIC's object names", "BASIC's style words", "BASIC's LAION-1M mean",

@@ -6,6 +6,7 @@ Imported when plugins register (``cirbench --help``, ``cirbench methods``): noth
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..types import OptionSpec
@@ -61,3 +62,31 @@ def captioner_of(options: dict[str, Any], n: int, device: str):
     return build_captioner(str(options["captioner"]), prompt=str(options.get("caption_prompt") or ""), n=n,
                            seed=int(options.get("sampling_seed") or 0), device=device,
                            precision=generation_precision(options), url=options.get("captioner_url"))
+
+
+# (option naming the model, option naming its endpoint, what it is): the models a generating method may use
+_MODEL_OPTIONS = (("captioner", "captioner_url", "the captioner"), ("llm", "llm_url", "the language model"))
+
+
+def generation_downloads(options: dict[str, Any], model: str, pretrained: str) -> list[tuple[str, str]]:
+    """``MethodSpec.downloads`` of a method that generates text (``cirbench run --dry-run``): the local models
+    (``hf:``/``hf-chat:``, ``hf-model:PATH_OR_REPO``) it would load and the endpoints (``openai:``,
+    ``openai-endpoint:URL``) it would ask for the texts not recorded yet; nothing under ``--generation replay``,
+    which loads no model."""
+    if options.get("generation") == "replay":
+        return []
+    from .llm import DEFAULT_OPENAI_URL
+
+    out = []
+    for option, url_option, what in _MODEL_OPTIONS:
+        spec = options.get(option)
+        if not spec:
+            continue
+        kind, _, name = str(spec).partition(":")
+        named = f"{what} {spec} (for the texts not recorded yet; --generation replay needs none)"
+        if kind in ("hf", "hf-chat"):
+            out.append((named, f"hf-model:{name}"))
+        elif kind == "openai":
+            url = options.get(url_option) or os.environ.get("OPENAI_BASE_URL") or DEFAULT_OPENAI_URL
+            out.append((named, f"openai-endpoint:{url}"))
+    return out

@@ -98,6 +98,7 @@ def register_methods(register):
                          r'["\n\n", "<|endoftext|>"]'),  # CIReVL's src/openai_api.py
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="targetpad",
+        downloads="cirbench.generation.options:generation_downloads",
     ))
     register(MethodSpec(
         name="osrcir",
@@ -107,6 +108,7 @@ def register_methods(register):
         options=_osrcir_options(),
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="targetpad",  # its retrieval is CIReVL's
+        downloads="cirbench.generation.options:generation_downloads",
     ))
     register(MethodSpec(
         name="ldre",
@@ -124,6 +126,7 @@ def register_methods(register):
         )),
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="targetpad",
+        downloads="cirbench.generation.options:generation_downloads",
     ))
     register(MethodSpec(
         name="seize",
@@ -137,4 +140,5 @@ def register_methods(register):
         )),
         default_backbone=("ViT-L-14", "openai"),
         default_preprocess="targetpad",
+        downloads="cirbench.generation.options:generation_downloads",
     ))

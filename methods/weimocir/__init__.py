@@ -17,7 +17,7 @@ paper's. They go through the generation
 cache, so a rerun, or ``--generation replay`` on a machine without the captioner, reads the same texts.
 """
 
-from cirbench.generation.options import captioner_options, generation_options
+from cirbench.generation.options import captioner_options, generation_downloads, generation_options
 from cirbench.hookspecs import hookimpl
 from cirbench.types import MethodSpec, OptionSpec
 
@@ -48,4 +48,12 @@ def register_methods(register):
         ),
         default_backbone=("ViT-L-14", "laion2b_s32b_b82k"),  # laion/CLIP-ViT-L-14-laion2B-s32B-b82K
         default_preprocess="hf-clip",  # validate_clip.py's default transform: transformers' CLIPImageProcessor
+        downloads="cirbench.methods.weimocir:downloads",
     ))
+
+
+def downloads(options, model, pretrained):
+    """The captioner ``--captioner`` names, when the gallery is scored by captions (beta > 0) it writes."""
+    if not options.get("beta") or not options.get("captioner"):
+        return []
+    return generation_downloads(options, model, pretrained)
