@@ -268,6 +268,19 @@ def test_training_step_is_the_official_loss(tmp_path, backbone):
     torch.testing.assert_close(loss.detach(), expected, atol=1e-4, rtol=1e-4)
     loss.backward()
     assert trainable.net.local_gate.grad is not None and trainable.net.to_c.weight.grad.abs().sum() > 0
+    # a caption whose mask lies beyond the 77-token context: the official tokenizer cuts <|replace|> off with the
+    # rest, and c is the cut caption's feature; the step goes on
+    long = "a very long caption that goes on " * 12 + "about a <|replace|>"
+    batch = Batch(pixels[:2], ["x", "a red square"], {"masked_caption": [long, "a red <|replace|>"]}, 0, [],
+                  ["0", "1"])
+    loss, _ = trainable.training_step(batch)
+    assert torch.isfinite(loss)
+    from cirbench.methods.context_i2w.model import context_features
+
+    with torch.no_grad():
+        ours = context_features(backbone, [masked_prompt("x", long), "a red *"])
+        official = official_encode_text(model, official_tokens(backbone, [long, "a red <|replace|>"]))
+    torch.testing.assert_close(ours, official, atol=2e-5, rtol=1e-4)
 
 
 def test_trains_from_the_cli_and_without_masks_says_what_is_missing(tmp_path, tiny_config, toy_root):

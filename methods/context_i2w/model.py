@@ -37,6 +37,7 @@ from cirbench.methods._shared.textinv import (
     encode_with_pseudo_tokens,
     loaded_eval_net,
     pic2word_prompt,
+    placeholder_id,
     token_embedding_module,
     token_width,
     vision_tokens,
@@ -206,9 +207,13 @@ def load_weights(path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dic
 
 
 def context_features(backbone: Backbone, prompts: list[str]) -> torch.Tensor:
-    """The official ``c``: text features (unnormalised) of the prompts with ``<|replace|>``'s row at their ``*``."""
+    """The official ``c``: text features (unnormalised) of the prompts with ``<|replace|>``'s row at their ``*``.
+    A long training caption whose mask lies beyond the text context loses it as the official tokenizer's
+    truncation does: its ``c`` is the cut caption's feature."""
     row = replace_row(backbone)
-    return encode_with_pseudo_tokens(backbone, prompts, row.expand(len(prompts), -1), PLACEHOLDER, normalize=False)
+    kept = (backbone.tokenize(prompts) == placeholder_id(backbone, PLACEHOLDER)).sum(dim=1).tolist()
+    return encode_with_pseudo_tokens(backbone, prompts, [row.expand(n, -1) for n in kept], PLACEHOLDER,
+                                     normalize=False)
 
 
 class ContextI2W(Method):
