@@ -64,6 +64,10 @@ class Dataset:
     spec: Any = None
     #: sha256 of the official annotation files, by file name (``cirbench data check`` compares them)
     OFFICIAL_SHA256: dict[str, str] = {}
+    #: each query's :meth:`per_query_metrics` depend on its own ranking alone (no statistic across queries): the
+    #: loop may then rank and score a set whose ranking is too large to hold at once (the whole gallery for many
+    #: queries) in parts of its queries, with the same numbers; ``cirbench check --dataset`` verifies it
+    queries_score_apart: bool = False
 
     def bind_spec(self, spec: Any) -> None:
         self.spec = spec

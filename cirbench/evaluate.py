@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,15 @@ from .metrics import means
 from .plugins import Registry, get_registry
 from .preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_KINDS, Preprocessor
 from .results import ResultWriter, environment_info, path_option_digests, run_fingerprint, utc_now
-from .retrieval import Ranking, rank, rank_candidates
+from .retrieval import RANK_QUERY_CHUNK, Ranking, choose_backend, rank, rank_candidates
 from .stats import DEFAULT_REPLICATES, bootstrap_ci
 from .types import SAVED_TOP, EvalSet, MethodSpec, Query, resolve_options
 from .util import json_hash
 
 DEFAULT_BACKBONE = ("ViT-L-14", "openai")
+# ranked entries (queries x ranking width) held at once: a set whose ranking would hold more is ranked and scored in
+# parts of its queries, where its dataset allows it (Dataset.queries_score_apart); about 0.8 GB of indices and scores
+STREAM_ENTRIES = 1 << 26
 
 
 @dataclass
@@ -326,24 +329,32 @@ class Evaluator:
         counts: dict[str, Any] = {"queries": 0, "gallery": 0, "sets": {}}
         galleries: set[str] = set()
         for es in ctx.evalsets:
-            ranking = self._rank_set(ctx, es, method)
             counts["queries"] += len(es.queries)
             galleries.update(g.id for g in es.gallery)  # sets that share a gallery (domain pairs) count it once
             counts["sets"][es.name] = {"queries": len(es.queries), "gallery": len(es.gallery),
                                        **ctx.set_counts[es.name], **({"info": es.info} if es.info else {})}
-            query_metrics = None
-            if es.hidden_targets:
-                if distributed.is_main():
-                    submissions += ctx.dataset.write_submission(es, ranking, ctx.writer.submissions_dir(), stem)
-                    dropped = ctx.set_counts[es.name]["queries_dropped"]
-                    if dropped:
-                        self.log(f"warning: {es.name}: the test-server files lack the {dropped} queries dropped for "
-                                 "missing images (--allow-missing); the server expects every query")
-            else:
-                per_set[es.name], query_metrics = _score_set(ctx.dataset, es, ranking)
-                if query_metrics is not None:
-                    per_query[es.name] = query_metrics
-            predictions += _prediction_rows(es, ranking, cfg.save_topk, query_metrics, method.query_details)
+            parts = []  # a set ranked in parts (a whole-gallery ranking too large at once): their per-query values
+            for part, ranking in self._ranked_parts(ctx, es, method):
+                query_metrics = None
+                if es.hidden_targets:
+                    if distributed.is_main():
+                        submissions += ctx.dataset.write_submission(es, ranking, ctx.writer.submissions_dir(), stem)
+                        dropped = ctx.set_counts[es.name]["queries_dropped"]
+                        if dropped:
+                            self.log(f"warning: {es.name}: the test-server files lack the {dropped} queries dropped "
+                                     "for missing images (--allow-missing); the server expects every query")
+                elif part is es:
+                    per_set[es.name], query_metrics = _score_set(ctx.dataset, es, ranking)
+                    if query_metrics is not None:
+                        per_query[es.name] = query_metrics
+                else:
+                    query_metrics = ctx.dataset.per_query_metrics(part, ranking)
+                    parts.append(query_metrics)
+                predictions += _prediction_rows(part, ranking, cfg.save_topk, query_metrics, method.query_details)
+                del ranking  # a part's ranking goes before the next one is made
+            if parts:
+                per_query[es.name] = joined = {m: torch.cat([torch.as_tensor(p[m]) for p in parts]) for m in parts[0]}
+                per_set[es.name] = means(joined)
         counts["gallery"] = len(galleries)
         metrics = ctx.dataset.aggregate(per_set) if per_set else {}
         summary = method.summary() if hasattr(method, "summary") else {}
@@ -407,7 +418,24 @@ class Evaluator:
         record["fingerprint"] = run_fingerprint(record)
         return record
 
-    def _rank_set(self, ctx: _Context, es: EvalSet, method) -> Ranking:
+    def _stream_step(self, ctx: _Context, es: EvalSet) -> int:
+        """How many queries of ``es`` are ranked and scored at a time: all of them, or, when their ranking would hold
+        more than ``STREAM_ENTRIES`` entries (a whole-gallery ranking: domain conversion, PatternCom), as many as
+        fit, where the dataset scores each query on its own ranking alone (``queries_score_apart``) and reports
+        the means of those values. The rankings are the set's at once (a part of fewer queries than the ranking's
+        own query chunk may round a score's last bit otherwise)."""
+        n, width = len(es.queries), min(es.topk, len(es.gallery))
+        if (n * width <= STREAM_ENTRIES or es.hidden_targets or es.query_galleries
+                or not getattr(ctx.dataset, "queries_score_apart", False)
+                or type(ctx.dataset).metrics is not Dataset.metrics or any(q.candidates for q in es.queries)):
+            return max(n, 1)
+        step = max(1, STREAM_ENTRIES // max(width, 1))
+        # whole blocks of the ranking's own query chunks where they fit: the same products, bit for bit, as at once
+        return step - step % RANK_QUERY_CHUNK if step >= RANK_QUERY_CHUNK else step
+
+    def _ranked_parts(self, ctx: _Context, es: EvalSet, method) -> Iterator[tuple[EvalSet, Ranking]]:
+        """The set's ranking: ``(es, ranking)``, or ``(part, its ranking)`` for consecutive parts of its queries
+        (see :meth:`_stream_step`); the queries are composed once, before the first."""
         cfg, mspec, backbone, preprocessor, cache = self.cfg, ctx.mspec, ctx.backbone, ctx.preprocessor, ctx.cache
         refs = es.reference_images()
         # what a method sees: no targets; a query's own gallery (sorted: GeneCIS lists the target first), no subset
@@ -460,15 +488,22 @@ class Evaluator:
         if es.query_galleries:  # each query ranks its own small gallery (GeneCIS)
             cand_idx = [[gindex[c] for c in dict.fromkeys(q.candidates or ()) if c in gindex] for q in es.queries]
             _, idx, scores = rank_candidates(queries, gallery_dev, cand_idx, combine=combine, with_scores=True)
-            return Ranking(ids, [g.id for g in es.gallery], idx, scores)
-        idx, scores = rank(queries, gallery_dev, es.topk, exclude=exclude, backend=backend, combine=combine)
-        candidate_order = None
-        if any(q.candidates for q in es.queries):
-            cand_idx = [[gindex[c] for c in dict.fromkeys(q.candidates or ()) if c in gindex
-                         and not (es.exclude_reference and c == q.reference)] for q in es.queries]
-            ordered = rank_candidates(queries, gallery_dev, cand_idx, combine=combine)
-            candidate_order = [[es.gallery[i].id for i in row] for row in ordered]
-        return Ranking(ids, [g.id for g in es.gallery], idx, scores, candidate_order)
+            yield es, Ranking(ids, [g.id for g in es.gallery], idx, scores)
+            return
+        step = self._stream_step(ctx, es)
+        if step < len(es.queries):  # one backend for every part, as for the whole set at once
+            backend = choose_backend(backend, len(es.queries), gallery_dev)
+        for s in range(0, len(es.queries), step):
+            part = es if step >= len(es.queries) else dataclasses.replace(es, queries=es.queries[s : s + step])
+            idx, scores = rank(queries[s : s + step], gallery_dev, es.topk, backend=backend, combine=combine,
+                               exclude=None if exclude is None else exclude[s : s + step])
+            candidate_order = None
+            if any(q.candidates for q in part.queries):  # never ranked in parts
+                cand_idx = [[gindex[c] for c in dict.fromkeys(q.candidates or ()) if c in gindex
+                             and not (es.exclude_reference and c == q.reference)] for q in es.queries]
+                ordered = rank_candidates(queries, gallery_dev, cand_idx, combine=combine)
+                candidate_order = [[es.gallery[i].id for i in row] for row in ordered]
+            yield part, Ranking(ids[s : s + step], [g.id for g in es.gallery], idx, scores, candidate_order)
 
     def _compose(self, name: str, blind: list[Query], method, mspec, backbone, refs, ref_feats, dim,
                  unit: bool) -> torch.Tensor:

@@ -94,12 +94,25 @@ def _chunk_topk(sims: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, 
     return _lexicographic(values, idx, k)  # topk's order among equal scores inside the top k is arbitrary too
 
 
+RANK_QUERY_CHUNK = 1024  # queries scored against the gallery at a time (rank's query_chunk)
+
+
+def choose_backend(backend: str, n_queries: int, gallery: torch.Tensor) -> str:
+    """The backend ``auto`` means for ``n_queries`` queries against ``gallery``: faiss for large rankings on the
+    CPU when it is installed, torch otherwise (a set ranked in parts decides once, for all its queries)."""
+    if backend != "auto":
+        return backend
+    n_gallery = gallery.shape[0]
+    return "faiss" if gallery.device.type == "cpu" and n_queries >= FAISS_CPU_MIN_QUERIES \
+        and n_queries * n_gallery >= FAISS_CPU_MIN_WORK and _faiss_available() else "torch"
+
+
 def rank(
     queries: torch.Tensor,
     gallery: torch.Tensor,
     k: int,
     exclude: torch.Tensor | None = None,
-    query_chunk: int = 1024,
+    query_chunk: int = RANK_QUERY_CHUNK,
     gallery_chunk: int | None = None,
     backend: str = "auto",
     combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -123,9 +136,7 @@ def rank(
     k = max(0, min(k, n_gallery - (1 if exclude is not None else 0)))
     if n_queries == 0 or k == 0:
         return torch.empty(n_queries, k, dtype=torch.long), torch.empty(n_queries, k)
-    if backend == "auto":
-        backend = "faiss" if gallery.device.type == "cpu" and n_queries >= FAISS_CPU_MIN_QUERIES \
-            and n_queries * n_gallery >= FAISS_CPU_MIN_WORK and _faiss_available() else "torch"
+    backend = choose_backend(backend, n_queries, gallery)
     if backend == "faiss":
         from .faiss_search import faiss_rank
 

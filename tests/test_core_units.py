@@ -213,3 +213,17 @@ def test_hits_are_the_ranked_entries_among_the_targets(monkeypatch, span):
     monkeypatch.setattr(metrics, "HITS_BLOCK", 130)  # a few queries a block
     assert torch.equal(hits_matrix(ranked, targets), expected)
     assert not hits_matrix(ranked, [[] for _ in targets]).any()
+
+
+def test_a_ranking_made_in_parts_of_whole_query_chunks_is_the_ranking_at_once():
+    """The loop ranks a set too large at once in parts of whole RANK_QUERY_CHUNK blocks: the same products, so the
+    same scores bit for bit and the same order."""
+    from cirbench.retrieval import RANK_QUERY_CHUNK
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(torch.randn(2 * RANK_QUERY_CHUNK + 5, 24, generator=gen), dim=-1)
+    g = torch.nn.functional.normalize(torch.randn(300, 24, generator=gen), dim=-1)
+    idx, scores = rank(q, g, 300, backend="torch")
+    step = RANK_QUERY_CHUNK
+    parts = [rank(q[s : s + step], g, 300, backend="torch") for s in range(0, len(q), step)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), idx) and torch.equal(torch.cat([p[1] for p in parts]), scores)

@@ -107,10 +107,22 @@ class _Skewed(ToyDataset):
         return {k: min(100.0, float(v.mean()) + 1.0) for k, v in self.per_query_metrics(evalset, ranking).items()}
 
 
+class _Relative(ToyDataset):
+    """Says its queries score apart, but scores each against the mean of the queries scored with it."""
+
+    queries_score_apart = True
+
+    def per_query_metrics(self, evalset, ranking):
+        values = super().per_query_metrics(evalset, ranking)
+        return {k: (v + v.mean()) / 2 for k, v in values.items()}
+
+
 @pytest.mark.parametrize(("cls", "failing", "why"), [
     (_OffByOne, 1, "a perfect ranking scores R@1 0.0000, not 100"),
     (_Unread, 2, "R@1 is 100.0000 with the targets last, as with them first"),
     (_Skewed, 3, "its per-query values average"),
+    (_Relative, 3, "scored alone differs from their values scored with the whole set, yet the dataset says its "
+                   "queries score apart"),
 ])
 def test_check_dataset_catches_what_breaks_the_contract(tmp_path, cls, failing, why):
     class Broken:

@@ -3,6 +3,8 @@ as the official ``metrics_calc`` and ``compute_map`` compute them (transcribed b
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +133,40 @@ def test_a_run_scores_as_the_official_evaluation(tmp_path, tiny_config, monkeypa
         for metric in pairs[0]:
             assert out.metrics[f"avg/{metric}"] == pytest.approx(np.mean([p[metric] for p in pairs]), abs=1e-4)
         assert len(out.record["per_set_metrics"]) == 6
+
+
+def test_a_whole_gallery_ranking_too_large_at_once_is_scored_in_parts_with_the_same_numbers(tmp_path, tiny_config,
+                                                                                           monkeypatch):
+    """A set whose whole-gallery ranking would hold more than STREAM_ENTRIES entries is ranked and scored a part of
+    its queries at a time: the metrics, per-query values and predictions are those of the set at once (WeiCom too,
+    which standardises each query's similarities over the whole gallery)."""
+    from cirbench import evaluate as loop
+    from cirbench.datasets import domain_conversion
+
+    monkeypatch.setitem(domain_conversion.BENCHMARKS, "dc-nico", (("query_files.csv", "database_files.csv"), DOMAINS,
+                                                                  (2, 4)))
+    root = write_benchmark(tmp_path / "nico")  # 27 database images; 3 queries per source domain, 6 pairs
+    for method in ("image-only", "weicom"):
+        (whole,) = evaluate(_cfg(tmp_path / "whole", tiny_config, root, method=method))
+        with monkeypatch.context() as patch:
+            patch.setattr(loop, "STREAM_ENTRIES", 2 * 27)  # parts of 2 queries
+            (parts,) = evaluate(_cfg(tmp_path / "parts", tiny_config, root, method=method))
+        assert parts.metrics == whole.metrics and parts.record["counts"] == whole.record["counts"]
+        rows = [[json.loads(line) for line in o.predictions_path.read_text().splitlines()] for o in (whole, parts)]
+        assert len(rows[0]) == len(rows[1]) == 6 * 3  # every pair's 3 queries, in order, ranked alike
+        for a, b in zip(*rows, strict=True):  # a part of one query may round a score's last bit otherwise
+            assert a["scores"] == pytest.approx(b["scores"], abs=2e-6)
+            assert {k: v for k, v in a.items() if k != "scores"} == {k: v for k, v in b.items() if k != "scores"}
+    seen, real = [], loop.rank
+
+    def spy(queries, *args, **kwargs):
+        seen.append(len(queries))
+        return real(queries, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "rank", spy)
+    monkeypatch.setattr(loop, "STREAM_ENTRIES", 2 * 27)
+    evaluate(_cfg(tmp_path / "spy", tiny_config, root))
+    assert seen == [2, 1] * 6  # each pair's 3 queries in parts of at most 2
 
 
 def test_sources_and_targets_can_be_chosen_and_bad_files_are_one_line_errors(tmp_path):

@@ -28,6 +28,8 @@ class DomainConversion(Dataset):
     the file lists). The lists name images from the folder above it (the official scripts join them to
     ``./data``), so their first component, the folder's name, is dropped."""
 
+    queries_score_apart = True  # mAP over the whole ranking, per query: large sets are scored in parts
+
     @property
     def benchmark(self) -> tuple[tuple[str, ...], dict[str, str], tuple[int, ...]]:
         if self.name not in BENCHMARKS:

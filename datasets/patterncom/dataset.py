@@ -47,6 +47,8 @@ class PatternCom(Dataset):
     ``PatternCom/<attribute>.csv``. Images are known by their file names, as the official evaluation matches the
     annotated names to the gallery's paths."""
 
+    queries_score_apart = True  # mAP over the whole ranking, per query: large sets are scored in parts
+
     def annotation_files(self, split: str) -> list[Path]:
         return [self.data_root / GALLERY_FILE,
                 *(self.data_root / FOLDER / f"{a}.csv" for a in self.chosen("attribute", ATTRIBUTES, "attribute"))]
