@@ -504,6 +504,7 @@ class Evaluator:
                 ordered = rank_candidates(queries, gallery_dev, cand_idx, combine=combine)
                 candidate_order = [[es.gallery[i].id for i in row] for row in ordered]
             yield part, Ranking(ids[s : s + step], [g.id for g in es.gallery], idx, scores, candidate_order)
+            del idx, scores  # one part's ranking alive at a time
 
     def _compose(self, name: str, blind: list[Query], method, mspec, backbone, refs, ref_feats, dim,
                  unit: bool) -> torch.Tensor:
