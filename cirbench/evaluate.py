@@ -493,7 +493,7 @@ class Evaluator:
         step = self._stream_step(ctx, es)
         if step < len(es.queries):  # one backend for every part, as for the whole set at once
             backend = choose_backend(backend, len(es.queries), gallery_dev)
-        for s in range(0, len(es.queries), step):
+        for s in range(0, max(len(es.queries), 1), step):  # a set without queries is still ranked (empty), once
             part = es if step >= len(es.queries) else dataclasses.replace(es, queries=es.queries[s : s + step])
             idx, scores = rank(queries[s : s + step], gallery_dev, es.topk, backend=backend, combine=combine,
                                exclude=None if exclude is None else exclude[s : s + step])
