@@ -242,7 +242,6 @@ class Registry:
         self.methods: dict[str, MethodSpec] = {}
         self.datasets: dict[str, DatasetSpec] = {}
         self.failed: dict[str, str] = {}
-        self.distributions: dict[str, str] = {}  # plugin name -> "dist version"
         self.sources: dict[str, dict[str, Any]] = {}  # plugin name -> where its code comes from (see source())
         self._local_loaded: set[str] = set()
         self._order: list[Any] = []  # registration order: built-ins first, so a clash keeps the built-in
@@ -277,7 +276,6 @@ class Registry:
                 _problem(f"plugin '{ep.name}' ({ep.value}) failed to load: {_describe(exc)}", exc)
                 continue
             if self._register(plugin, ep.name) and ep.dist is not None:
-                self.distributions[ep.name] = f"{ep.dist.name} {ep.dist.version}"
                 self.sources[ep.name] = {"kind": "distribution", "distribution": ep.dist.name,
                                          "version": ep.dist.version}
                 self._collect(only=plugin)
@@ -398,7 +396,7 @@ class Registry:
             rows.append(
                 {
                     "name": name,
-                    "version": self.distributions.get(name, "built-in" if name.startswith("cirbench.") else ""),
+                    "version": describe_source(source) if source["kind"] in ("distribution", "built-in") else "",
                     "source": source,
                     "hooks": hooks,
                     "methods": sorted(m for m, s in self.methods.items() if s.plugin == name),
