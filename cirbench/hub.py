@@ -80,14 +80,7 @@ def availability(source: str) -> tuple[str, bool]:
         return ("its host answers", True) if _url_reachable(url) else ("NOT AVAILABLE: its host does not answer", False)
     if source.startswith("hf-hub:"):
         repo, _, filename = source.removeprefix("hf-hub:").rpartition("/")
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            if isinstance(try_to_load_from_cache(repo, filename), str):
-                return "in the Hugging Face cache", True
-        except ImportError:
-            return "NOT AVAILABLE: huggingface_hub is not installed", False
-        return ("to download", True) if hub_reachable() else ("NOT AVAILABLE: no network", False)
+        return _hub_availability(repo, filename, "no network")
     if _url_cache(source).is_file():
         return "in the torch hub cache", True
     if _url_reachable(source):
@@ -95,24 +88,29 @@ def availability(source: str) -> tuple[str, bool]:
     return "NOT AVAILABLE: no network", False
 
 
-def _model_availability(name: str) -> tuple[str, bool]:
-    """Where ``from_pretrained(name)`` would find a transformers model: a local folder, the hub's cache (its
-    config.json there), a download, or nowhere."""
-    if Path(name).expanduser().is_dir():
-        return "a local folder", True
+def _hub_availability(repo: str, filename: str, unavailable: str) -> tuple[str, bool]:
+    """A hub repository's file: in the Hugging Face cache, to download, or not available (``unavailable`` says
+    why)."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return "NOT AVAILABLE: huggingface_hub is not installed", False
     try:
-        cached = try_to_load_from_cache(name, "config.json")
+        cached = try_to_load_from_cache(repo, filename)
     except Exception:  # noqa: BLE001 - not a repository id (a missing folder): not cached
         cached = None
     if isinstance(cached, str):
         return "in the Hugging Face cache", True
-    if hub_reachable():
-        return "to download", True
-    return "NOT AVAILABLE: neither a local folder nor in the Hugging Face cache, and no network", False
+    return ("to download", True) if hub_reachable() else (f"NOT AVAILABLE: {unavailable}", False)
+
+
+def _model_availability(name: str) -> tuple[str, bool]:
+    """Where ``from_pretrained(name)`` would find a transformers model: a local folder, the hub's cache (its
+    config.json there), a download, or nowhere."""
+    if Path(name).expanduser().is_dir():
+        return "a local folder", True
+    return _hub_availability(name, "config.json",
+                             "neither a local folder nor in the Hugging Face cache, and no network")
 
 
 def _url_cache(url: str) -> Path:
