@@ -210,6 +210,11 @@ DATASET_CHECKS = (
 )
 
 
+def _values(per_query: Any) -> list[float]:
+    """One metric's per-query values (a tensor or a sequence) as a list."""
+    return list(per_query.tolist() if hasattr(per_query, "tolist") else per_query)
+
+
 def _even_from(start: int, qi: int) -> bool:
     """Whether query ``qi`` of a part starting at ``start`` is an even query of its set (its targets first)."""
     return (qi + start) % 2 == 0
@@ -329,13 +334,14 @@ def check_dataset(name: str, split: str | None = None, data_root: Any = None, op
     assert worst[main] < perfect[main], (f"{main} is {worst[main]:.4f} with the targets last, as with them first: "
                                          "the metric does not read the ranking")
     held(2)
-    _, set_metrics, per_query = scored(lambda qi: qi % 2 == 0)  # queries that score apart: their mean is checked
+    # every other query's targets first: queries that score apart, whose mean is checked
+    _, set_metrics, per_query = scored(functools.partial(_even_from, 0))
     sets = {es.name: es for es in evalsets}
     for set_name, metrics in per_query.items():
         if metrics is None:
             continue
         for metric, values in metrics.items():
-            values = list(values.tolist() if hasattr(values, "tolist") else values)
+            values = _values(values)
             assert len(values) == len(sets[set_name].queries), (
                 f"set '{set_name}': per-query {metric} has {len(values)} values for {len(sets[set_name].queries)} "
                 "queries")
@@ -358,10 +364,9 @@ def check_dataset(name: str, split: str | None = None, data_root: Any = None, op
                 part = dataclasses.replace(es, queries=es.queries[start:stop])
                 alone = dataset.per_query_metrics(part, _oracle(part, functools.partial(_even_from, start)))
                 for metric, values in whole.items():
-                    mine = list(values.tolist() if hasattr(values, "tolist") else values)[start:stop]
-                    got = list(alone[metric].tolist() if hasattr(alone[metric], "tolist") else alone[metric])
-                    same = all((math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-9 for a, b in zip(mine, got,
-                                                                                                       strict=True))
+                    mine, got = _values(values)[start:stop], _values(alone[metric])
+                    same = all((math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-9
+                               for a, b in zip(mine, got, strict=True))
                     assert same, (f"set '{es.name}': {metric} of queries {start}-{stop - 1} scored alone differs from "
                                   "their values scored with the whole set, yet the dataset says its queries score "
                                   "apart (queries_score_apart)")
