@@ -78,6 +78,7 @@ def encode_with_pseudo_tokens(
     placeholder: str = "*",
     normalize: bool = True,
     first_only: bool = False,
+    drop_cut: bool = False,
 ) -> torch.Tensor:
     """Text features of ``prompts`` with the k-th ``placeholder`` of prompt i replaced by ``pseudo[i][k]``.
 
@@ -85,6 +86,8 @@ def encode_with_pseudo_tokens(
     each), or a list of ``[n_i, width]`` tensors (any number per prompt). Gradients flow into ``pseudo``.
     ``first_only``: only the first placeholder of each prompt is replaced, later ones stay the plain word (as
     SEARLE's own ``encode_with_pseudo_tokens`` does for text that has its own ``$``, such as generated phrases).
+    A prompt too long for the text context loses the placeholders past it: an error, unless ``drop_cut``, where
+    their pseudo-words go with them (as a tokenizer's truncation drops a special token there).
     """
     tokens = backbone.tokenize(list(prompts))
     pid = placeholder_id(backbone, placeholder)
@@ -100,6 +103,9 @@ def encode_with_pseudo_tokens(
     counts = mask.sum(dim=1).tolist()
     for i, (row, n) in enumerate(zip(rows, counts, strict=True)):
         if row.shape[0] > n and int(tokens[i, -1]) != 0:  # the prompt fills the text context: it was cut short
+            if drop_cut:
+                rows[i] = row[:n]
+                continue
             raise CirbenchError(f"the prompt {prompts[i]!r} keeps {n} of its {row.shape[0]} pseudo-words "
                                 f"'{placeholder}' within this backbone's text context of {tokens.shape[1]} tokens: "
                                 "fewer pseudo-words (e.g. --max-attributes) or a backbone with a longer context")

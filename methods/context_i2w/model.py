@@ -37,7 +37,6 @@ from cirbench.methods._shared.textinv import (
     encode_with_pseudo_tokens,
     loaded_eval_net,
     pic2word_prompt,
-    placeholder_id,
     token_embedding_module,
     token_width,
     vision_tokens,
@@ -203,7 +202,7 @@ def load_weights(path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dic
         tensors = {renamed.get(k, k): v for k, v in tensors.items()}
         return tensors, architecture_of(tensors), file_sha256(p)
     tensors, config = load_checkpoint(path, "context-i2w", backbone.identity(), OFFICIAL_SUFFIXES)
-    return tensors, {**DEFAULTS, **config.get("options", {}), **architecture_of(tensors)}, checkpoint_sha256(path)
+    return tensors, {**config.get("options", {}), **architecture_of(tensors)}, checkpoint_sha256(path)
 
 
 def context_features(backbone: Backbone, prompts: list[str]) -> torch.Tensor:
@@ -211,9 +210,8 @@ def context_features(backbone: Backbone, prompts: list[str]) -> torch.Tensor:
     A long training caption whose mask lies beyond the text context loses it as the official tokenizer's
     truncation does: its ``c`` is the cut caption's feature."""
     row = replace_row(backbone)
-    kept = (backbone.tokenize(prompts) == placeholder_id(backbone, PLACEHOLDER)).sum(dim=1).tolist()
-    return encode_with_pseudo_tokens(backbone, prompts, [row.expand(n, -1) for n in kept], PLACEHOLDER,
-                                     normalize=False)
+    return encode_with_pseudo_tokens(backbone, prompts, row.expand(len(prompts), -1), PLACEHOLDER, normalize=False,
+                                     drop_cut=True)
 
 
 class ContextI2W(Method):
