@@ -26,15 +26,19 @@ def english_parser() -> Any | None:
     return _SPACY["nlp"]
 
 
+def _first_noun(doc: Any) -> Any | None:
+    """The first noun (or proper noun) of a parsed caption, or None."""
+    return next((tok for tok in doc if tok.pos_ in ("NOUN", "PROPN")), None)
+
+
 def split_subject_attribute(caption: str) -> tuple[str, str]:
     """Split a caption at its first noun into (subject, attribute): spaCy's parser when an English model is
     installed; otherwise a rule: the subject runs up to the first preposition/conjunction/verb-like word."""
     nlp = english_parser()
     if nlp is not None:
         doc = nlp(caption)
-        for tok in doc:
-            if tok.pos_ in ("NOUN", "PROPN"):
-                return doc[: tok.i + 1].text, doc[tok.i + 1 :].text.strip() or caption
+        if (tok := _first_noun(doc)) is not None:
+            return doc[: tok.i + 1].text, doc[tok.i + 1 :].text.strip() or caption
     words = caption.split()
     for i, w in enumerate(words[1:], start=1):
         if w.lower().strip(",.") in _SPLIT_WORDS:
@@ -49,7 +53,6 @@ def mask_subject(caption: str, placeholder: str) -> str | None:
     if nlp is None:
         return None
     doc = nlp(caption)
-    for tok in doc:
-        if tok.pos_ in ("NOUN", "PROPN"):
-            return (doc[: tok.i].text_with_ws + placeholder + tok.whitespace_ + doc[tok.i + 1 :].text).strip()
-    return None
+    if (tok := _first_noun(doc)) is None:
+        return None
+    return (doc[: tok.i].text_with_ws + placeholder + tok.whitespace_ + doc[tok.i + 1 :].text).strip()
