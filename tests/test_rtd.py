@@ -19,6 +19,7 @@ from cirbench.cli import cli
 from cirbench.corpora import Batch, open_corpus
 from cirbench.errors import CheckpointError, CirbenchError
 from cirbench.evaluate import RunConfig, evaluate
+from cirbench.methods._shared import towers
 from cirbench.methods._shared.textinv import Phi, encode_with_pseudo_tokens
 from cirbench.methods.rtd import model as rtd
 
@@ -53,15 +54,15 @@ TRIPLETS = [("a red car on a road", "is blue instead", "a blue car on a road"),
 def test_the_text_tower_copy_leaves_the_shared_backbone_alone(tiny_config):
     bb = load_backbone(str(tiny_config), "none", device="cpu", seed=0)
     before = bb.state_token()
-    view = rtd.text_tower_copy(bb.model)
+    view = towers.text_tower_copy(bb.model)
     assert view.visual is bb.model.visual  # the image tower is shared, not copied
-    assert all(p is not q for (_, p), (_, q) in zip(rtd.text_parameters(view), rtd.text_parameters(bb.model),
+    assert all(p is not q for (_, p), (_, q) in zip(towers.part_parameters(view), towers.part_parameters(bb.model),
                                                       strict=True))
     tokens = bb.tokenize(["a red car"])
     plain = bb.model.encode_text(tokens)
     assert torch.equal(view.encode_text(tokens), plain)
     with torch.no_grad():
-        for _, p in rtd.text_parameters(view):
+        for _, p in towers.part_parameters(view):
             p.add_(0.01)
     assert not torch.allclose(view.encode_text(tokens), plain)
     assert torch.equal(bb.model.encode_text(tokens), plain) and bb.state_token() == before
@@ -93,7 +94,7 @@ def test_the_training_step_is_the_official_one(tiny_config, phi_file):
     assert torch.allclose(loss, want, atol=1e-5), (float(loss), float(want))
     loss.backward()
     grads = {name for name, p in trainable.named_trainable_parameters() if p.grad is not None}
-    assert grads and {n.split(".")[0] for n in grads} <= set(rtd.TEXT_PARTS)
+    assert grads and {n.split(".")[0] for n in grads} <= set(towers.TEXT_PARTS)
     assert all(p.grad is None for p in trainable.phi.parameters()) and bb.state_token() == before
 
 
@@ -121,7 +122,7 @@ def test_training_writes_a_checkpoint_that_evaluates_as_lincir_through_its_tower
     assert config["train"]["lr"] == 1e-3 and config["train"]["weight_decay"] == 0.01
     bb = load_backbone(str(tiny_config), "none", device="cpu", seed=0)
     untouched = tmp_path / "untouched"
-    save_checkpoint(untouched, {**{k: v for k, v in rtd.text_state(bb.model).items()},
+    save_checkpoint(untouched, {**{k: v for k, v in towers.part_state(bb.model).items()},
                                 **{"phi." + k: v for k, v in torch.load(phi_file)["Phi"].items()}},
                     {"method": "rtd", "backbone": bb.identity(), "phi": {"source": str(phi_file)}})
 

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import copy
-from dataclasses import replace
 from typing import Any
 
 import torch
 
 from cirbench.backbones import Backbone
-from cirbench.checkpoints import check_fit, checkpoint_sha256, load_checkpoint
+from cirbench.checkpoints import checkpoint_sha256, load_checkpoint
 from cirbench.errors import CheckpointError
 from cirbench.methods._shared.textinv import (
     LinCIRProtocol,
@@ -23,51 +21,18 @@ from cirbench.methods._shared.textinv import (
     nt_xent,
     searle_prompt,
 )
+from cirbench.methods._shared.towers import (
+    TEXT_PARTS,
+    load_part_state,
+    part_parameters,
+    part_state,
+    text_tower_copy,
+    tuned_backbone,
+)
 from cirbench.training import TrainableMethod
 
 PLACEHOLDER = "$"
 PHI = "phi."  # the frozen Phi's tensors in an RTD checkpoint, beside the text tower's
-# open_clip's text tower: CLIP's own parts, or CustomTextCLIP's one ``text`` module
-TEXT_PARTS = ("text", "token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
-
-
-def text_tower_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A view of the open_clip model whose text tower is a copy of its own (to tune, or to load tuned weights
-    into): the image tower and everything else are the model's, shared, never changed."""
-    view = copy.copy(model)
-    for registry in ("_modules", "_parameters", "_buffers"):
-        view.__dict__[registry] = dict(model.__dict__[registry])
-    for name, module in model._modules.items():
-        if name in TEXT_PARTS and module is not None:
-            view._modules[name] = copy.deepcopy(module)
-    for name, param in model._parameters.items():
-        if name in TEXT_PARTS and param is not None:
-            view._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
-    return view
-
-
-def text_state(view: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The text tower's entries of ``view``'s state dict (the tensors themselves)."""
-    return {name: tensor for name, tensor in view.state_dict(keep_vars=True).items()
-            if name.split(".", 1)[0] in TEXT_PARTS}
-
-
-def text_parameters(view: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(name, p) for name, p in view.named_parameters() if name.split(".", 1)[0] in TEXT_PARTS]
-
-
-@torch.no_grad()
-def load_text_state(view: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy a saved text tower into ``view``'s; CheckpointError naming the first tensor that does not fit."""
-    own = text_state(view)
-    check_fit(own, tensors, source)
-    for name, tensor in own.items():
-        tensor.data.copy_(tensors[name].to(tensor.dtype))
-
-
-def tuned_backbone(backbone: Backbone, view: torch.nn.Module) -> Backbone:
-    """``backbone`` with ``view`` as its model: its text features are the tuned tower's (its own memo)."""
-    return replace(backbone, model=view, _text_memo={}, _derived={}, feature_store=None)
 
 
 class RTD(LinCIRProtocol):
@@ -82,7 +47,7 @@ class RTD(LinCIRProtocol):
         phi = {k.removeprefix(PHI): v for k, v in tensors.items() if k.startswith(PHI)}
         self.build_phi(phi, str(path))
         view = text_tower_copy(backbone.model)
-        load_text_state(view, {k: v for k, v in tensors.items() if not k.startswith(PHI)}, str(path))
+        load_part_state(view, {k: v for k, v in tensors.items() if not k.startswith(PHI)}, str(path))
         self.tuned = tuned_backbone(backbone, view)
         self.checkpoint, self.sha256 = str(path), checkpoint_sha256(path)
         self.phi_source = config.get("phi")
@@ -117,13 +82,13 @@ class RTDTrainable(TrainableMethod):
         self.phi = loaded_phi(backbone, tensors, str(path))
         self.phi_record = {"source": str(path), "sha256": sha256}
         self.view = text_tower_copy(backbone.model)
-        for _, p in text_parameters(self.view):
+        for _, p in part_parameters(self.view):
             p.requires_grad_(True)
         self.tuned = tuned_backbone(backbone, self.view)
         self.noise, self.tau = float(options.get("noise", 0.5)), float(options.get("tau", 0.07))
 
     def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return text_parameters(self.view)
+        return part_parameters(self.view)
 
     def decays(self, name, param):
         return True  # the official AdamW decays every parameter it is given
@@ -152,11 +117,11 @@ class RTDTrainable(TrainableMethod):
         return nt_xent(frozen, composed, self.tau), {}
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
-        return {**{k: v.detach() for k, v in text_state(self.view).items()},
+        return {**{k: v.detach() for k, v in part_state(self.view).items()},
                 **{PHI + k: v for k, v in self.phi.state_dict().items()}}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        load_text_state(self.view, {k: v for k, v in tensors.items() if not k.startswith(PHI)}, "resumed state")
+        load_part_state(self.view, {k: v for k, v in tensors.items() if not k.startswith(PHI)}, "resumed state")
 
     def checkpoint_config(self) -> dict[str, Any]:
         return {"phi": self.phi_record, "noise": self.noise, "tau": self.tau,

@@ -1,0 +1,72 @@
+"""Tuned copies of a backbone's towers, for methods that fine-tune CLIP itself (RTD's text tower, PLI's two).
+
+The backbone a method gets is shared (see :mod:`cirbench.method`): it is never changed in place. A method that
+tunes a tower, or loads tuned weights into one, works on a *view* of the open_clip model: a shallow copy whose
+named top-level parts (``visual``; the text tower's ``token_embedding``, ``positional_embedding``,
+``transformer``, ``ln_final``, ``text_projection``, or a custom model's ``text``) are deep copies, everything
+else the model's own. :func:`tuned_backbone` wraps a view as a :class:`~cirbench.backbones.Backbone` with a
+text memo of its own, so that its features are never served for the shared model's, nor the other way round.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+
+from cirbench.backbones import Backbone
+from cirbench.checkpoints import check_fit
+
+# open_clip's text tower: CLIP's own parts, or CustomTextCLIP's one ``text`` module
+TEXT_PARTS = ("text", "token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+IMAGE_PARTS = ("visual",)
+
+
+def tower_view(model: torch.nn.Module, parts: tuple[str, ...]) -> torch.nn.Module:
+    """A view of the open_clip model whose top-level ``parts`` are copies of its own (to tune, or to load tuned
+    weights into): everything else is the model's, shared, never changed."""
+    view = copy.copy(model)
+    for registry in ("_modules", "_parameters", "_buffers"):
+        view.__dict__[registry] = dict(model.__dict__[registry])
+    for name, module in model._modules.items():
+        if name in parts and module is not None:
+            view._modules[name] = copy.deepcopy(module)
+    for name, param in model._parameters.items():
+        if name in parts and param is not None:
+            view._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+    return view
+
+
+def text_tower_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """:func:`tower_view` with a copy of the text tower."""
+    return tower_view(model, TEXT_PARTS)
+
+
+def _of(name: str, parts: tuple[str, ...]) -> bool:
+    return name.split(".", 1)[0] in parts
+
+
+def part_state(view: torch.nn.Module, parts: tuple[str, ...] = TEXT_PARTS) -> dict[str, torch.Tensor]:
+    """The entries of ``view``'s state dict that belong to ``parts`` (the tensors themselves)."""
+    return {name: tensor for name, tensor in view.state_dict(keep_vars=True).items() if _of(name, parts)}
+
+
+def part_parameters(view: torch.nn.Module,
+                    parts: tuple[str, ...] = TEXT_PARTS) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in view.named_parameters() if _of(name, parts)]
+
+
+@torch.no_grad()
+def load_part_state(view: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str,
+                    parts: tuple[str, ...] = TEXT_PARTS) -> None:
+    """Copy saved ``parts`` into ``view``'s; CheckpointError naming the first tensor that does not fit."""
+    own = part_state(view, parts)
+    check_fit(own, tensors, source)
+    for name, tensor in own.items():
+        tensor.data.copy_(tensors[name].to(tensor.dtype))
+
+
+def tuned_backbone(backbone: Backbone, view: torch.nn.Module) -> Backbone:
+    """``backbone`` with ``view`` as its model: its features are the tuned towers' (its own text memo)."""
+    return replace(backbone, model=view, _text_memo={}, _derived={}, feature_store=None)
