@@ -77,6 +77,11 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    # a warm-up counted in epochs, as torch's LinearLR stepped once an epoch (PLI's official schedule): during epoch
+    # e < warmup_epochs the lr is scaled by warmup_start + (1 - warmup_start) * e / warmup_epochs (a method default;
+    # --warmup-steps replaces it)
+    warmup_epochs: int = 0
+    warmup_start: float = 0.0
     schedule: str = "cosine"  # cosine | constant | step
     step_epochs: tuple[int, ...] = ()  # schedule "step": multiply lr by step_gamma after each of these epochs
     step_gamma: float = 0.1
@@ -227,6 +232,13 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
 
 def _lr_factor(cfg: TrainConfig, step: int, epoch: int, total_steps: int) -> float:
+    ramp = 1.0
+    if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
+        ramp = cfg.warmup_start + (1 - cfg.warmup_start) * epoch / cfg.warmup_epochs
+    return ramp * _schedule_factor(cfg, step, epoch, total_steps)
+
+
+def _schedule_factor(cfg: TrainConfig, step: int, epoch: int, total_steps: int) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
@@ -373,8 +385,8 @@ def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardC
 # sees and how a step changes the weights. The length (--epochs, --max-steps) may grow, and how the run is
 # carried out (device, workers, world size, logging) may change: the global batch of each step is the same
 # whatever the number of ranks (EpochSampler).
-RESUME_FIXED = ("batch_size", "lr", "weight_decay", "warmup_steps", "schedule", "step_epochs", "step_gamma",
-                "max_grad_norm", "precision", "seed")
+RESUME_FIXED = ("batch_size", "lr", "weight_decay", "warmup_steps", "warmup_epochs", "warmup_start", "schedule",
+                "step_epochs", "step_gamma", "max_grad_norm", "precision", "seed")
 
 
 SHARD_READING = "shuffled per epoch"  # how shards are read (recorded; earlier versions read them in order)
@@ -679,6 +691,9 @@ class _Trainer:
             ([f"in {cfg.accum_steps} micro-batches of {self.per_step}"] if cfg.accum_steps > 1 else [])
         ranks = f" ({', '.join(parts)})" if parts else ""
         warmup = f", {cfg.warmup_steps:,} warm-up steps" if cfg.warmup_steps else ""
+        if cfg.warmup_epochs:
+            warmup += (f", warm-up over {cfg.warmup_epochs} epoch{'s' if cfg.warmup_epochs != 1 else ''} from "
+                       f"{cfg.warmup_start:g} x lr")
         if self.train_preprocess is not None:
             images = f"; images: {self.train_preprocess['kind']}"
         else:
