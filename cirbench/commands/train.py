@@ -132,6 +132,8 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
              "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
              "schedule": schedule}
     values = {**trainer_cls.defaults, **{k: v for k, v in given.items() if v is not None}}
+    if warmup_steps is not None:  # a warm-up given in steps replaces the method's own, in epochs
+        values.pop("warmup_epochs", None)
     cfg = TrainConfig(output=Path(output), accum_steps=accum_steps, max_grad_norm=max_grad_norm, precision=precision,
                       device=str(dev), seed=seed, workers=workers, save_every=save_every, log_every=log_every,
                       resume=not no_resume, progress=not quiet, validate=validate,
@@ -148,5 +150,9 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     distributed.shutdown()
     if distributed.speaks():
         click.echo(f"trained {method}: {out / 'model.safetensors'}")
+        # trained on images preprocessed otherwise than the method evaluates by default: evaluate them alike
+        kind = getattr(trainable, "preprocess_kind", None)
+        preprocess = f" --preprocess {kind}" if trainer_cls.needs_images and kind not in (
+            None, spec.default_preprocess) else ""
         click.echo(f"use it: cirbench run --method {method} --checkpoint {out} "
-                   f"{backbone_flags(bb.identity(), model_name)}")
+                   f"{backbone_flags(bb.identity(), model_name)}{preprocess}")
