@@ -18,6 +18,9 @@ $CB train --method pic2word --corpus "$CORPUS" --output "$OUT/pic2word" "${BB[@]
 "${PYTHON:-python}" "$(dirname "$0")/shapes_masked_corpus.py" "$CORPUS" "$OUT/masked/train.csv"
 $CB train --method context-i2w --corpus "$OUT/masked/train.csv" --output "$OUT/context-i2w" "${BB[@]}" \
     --max-steps 600 --batch-size 128 --lr 1e-3 --warmup-steps 50 --workers 1 --quiet
+# PLI at the official lr (1e-6) and per-epoch warm-up: 300 steps are 7.7 epochs of the 5,000 pairs
+$CB train --method pli --corpus "$CORPUS" --output "$OUT/pli" "${BB[@]}" --max-steps 300 --batch-size 128 \
+    --workers 1 --quiet
 $CB train --method fti4cir --corpus "$CORPUS" --output "$OUT/fti4cir" "${BB[@]}" --max-steps 300 \
     --batch-size 64 --lr 2e-4 --schedule cosine --workers 1 --quiet
 # SEARLE needs a concept list and phrases: shapes' own stand-ins for Open Images and GPT-Neo's
@@ -27,7 +30,7 @@ $CB train --method searle --corpus "$CORPUS" --output "$OUT/searle" "${BB[@]}" "
     --epochs 20 --workers 1 --quiet
 for split in val test; do
   for m in image-only text-only slerp; do $CB run -m $m -s $split --quiet --no-leaderboard --output "$OUT/results"; done
-  for m in slerp-tat pic2word context-i2w fti4cir searle; do
+  for m in slerp-tat pic2word context-i2w pli fti4cir searle; do
     $CB run -m $m -s $split --checkpoint "$OUT/$m" --quiet --no-leaderboard --output "$OUT/results"
   done
   $CB run -m searle-oti -s $split "${SOURCES[@]}" --quiet --no-leaderboard --output "$OUT/results"

@@ -235,7 +235,7 @@ def test_training_then_evaluation_through_the_cli(tiny_config, tmp_path, toy_roo
     assert config["train"]["weight_decay"] == 5e-5 and config["options"]["tune"] == "text"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {round(e["lr"] / 1e-3, 6) for e in log if "lr" in e} == {0.01, round(0.01 + 0.99 / 5, 6)}
-    res = _train(tiny_config, corpus, tmp_path / "w", "--max-steps", "1", "--warmup-steps", "3")
+    res = _train(tiny_config, corpus, tmp_path / "w", "--max-steps", "2", "--warmup-steps", "1")
     assert res.exit_code == 0, res.output  # a warm-up in steps replaces the method's own
     assert json.loads((tmp_path / "w" / "config.json").read_text())["train"]["warmup_epochs"] == 0
 
@@ -280,3 +280,15 @@ def test_a_cirbench_checkpoint_of_another_method_or_backbone_is_refused(backbone
     save_checkpoint(tmp_path / "rtd", {"x": torch.ones(1)}, {"method": "rtd", "backbone": backbone.identity()})
     with pytest.raises(CheckpointError, match="for method 'rtd', not 'pli'"):
         pli.PLI(backbone, {"image_weight": 0.25, "checkpoint": str(tmp_path / "rtd")}, "cirr")
+
+
+def test_only_the_last_checkpoints_towers_stay_loaded(backbone, tmp_path):
+    """A sweep shares one load; another checkpoint (training's validation loads one per step) replaces it, so that
+    copies of CLIP do not pile up on the backbone."""
+    first = _official_file(tmp_path / "a.pth", _perturbed(backbone.model, 1))
+    second = _official_file(tmp_path / "b.pth", _perturbed(backbone.model, 2))
+    a1 = pli.PLI(backbone, {"image_weight": 0.25, "checkpoint": str(first)}, "cirr")
+    a2 = pli.PLI(backbone, {"image_weight": 0.5, "checkpoint": str(first)}, "cirr")
+    assert a1.tuned is a2.tuned
+    b = pli.PLI(backbone, {"image_weight": 0.25, "checkpoint": str(second)}, "cirr")
+    assert b.tuned is not a1.tuned and len(backbone.derived("pli-towers", dict)) == 1

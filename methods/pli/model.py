@@ -129,9 +129,14 @@ class PLI(Method):
         downloads(options, backbone.model_name, backbone.pretrained)
         path = Path(options["checkpoint"]).expanduser()
         stat = path.stat() if path.exists() else None
-        # one load per checkpoint for the backbone's life: the values of an --image-weight sweep share it
-        key = ("pli-towers", str(path.resolve()), stat and (stat.st_size, stat.st_mtime_ns))
-        self.tuned, self.record = backbone.derived(key, lambda: self._load(path, backbone))
+        # the values of an --image-weight sweep share one load; only the last checkpoint's towers are kept (training's
+        # validation loads a new one at every step: a copy of CLIP each would pile up)
+        loaded = backbone.derived("pli-towers", dict)
+        identity = (str(path.resolve()), stat and (stat.st_size, stat.st_mtime_ns))
+        if identity not in loaded:
+            loaded.clear()
+            loaded[identity] = self._load(path, backbone)
+        self.tuned, self.record = loaded[identity]
         self.marks = bool(options.get("official_text", True)) and dataset in MARKED_DATASETS
 
     @staticmethod
