@@ -22,9 +22,11 @@ code does, as this port does it:
   (``. ? & *`` become ``dotmark questionmark andmark starmark``), CIRCO's do not. FashionIQ's text is
   ``"{c1} and {c2}"``.
 
-One departure, on FashionIQ: the official evaluation (CoSMo's) makes two queries of each triplet, "{c1} and {c2}"
-and "{c2} and {c1}", and averages its recalls over both; cirbench's FashionIQ has one query per triplet, so this
-port scores the first order alone (the official number is the mean of this and the reversed order).
+One departure, on FashionIQ: the official evaluation is CoSMo's (VAL's) protocol, on the repository's own
+``captions_pairs`` files (fewer, deduplicated reference-target pairs than ``cap.*.val.json``), each pair queried in
+both caption orders, against a gallery of the images those pairs name, the reference removed. cirbench's FashionIQ is
+the standard protocol (one query per triplet of the official files, the whole split's gallery), on which this port
+scores "{c1} and {c2}"; its FashionIQ numbers are not comparable with the paper's.
 """
 
 from __future__ import annotations
