@@ -12,7 +12,8 @@ set-up:
 
 Outside pytest: :func:`write_tiny_config`, :func:`write_toy_dataset`, :func:`registered` and
 :class:`ToyDatasetPlugin`. :func:`check_method` checks a method plugin against what the loop asks of one, in a
-single call. Importing this module does not import torch.
+single call; :func:`train_for_check` first trains a trainable one briefly (on :func:`write_toy_corpus`), for the
+checkpoint to check it with. Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -119,6 +120,78 @@ def registered(plugin: Any, name: str) -> Iterator[Any]:
         yield reg
     finally:
         plugins.reset_registry()
+
+
+# what train_for_check checks (``cirbench check --train`` prints it before CONTRACT_CHECKS)
+TRAINING_CHECK = "trains: two steps on a toy corpus with the tiny CLIP write a checkpoint"
+# the corpus columns cirbench's built-in trainers read besides image and caption (write_toy_corpus fills them)
+TOY_CORPUS_COLUMNS = ("masked_caption", "subject", "attribute", "reference_caption", "conditioning_caption",
+                      "target_caption")
+
+
+def write_toy_corpus(root: Path, columns: tuple[str, ...] = ()) -> Path:
+    """A tiny training corpus, ``<root>/pairs.csv``: the toy dataset's twelve images captioned "a <colour> square",
+    with the columns of :data:`TOY_CORPUS_COLUMNS` (the caption with its object masked, its subject and attribute,
+    a text triplet "a <colour> square" / "make it <next colour>" / "a <next colour> square") and each other of
+    ``columns`` (a plugin's own, holding the caption); returns the CSV's path."""
+    import csv
+
+    root = Path(root)
+    write_toy_dataset(root)
+    colours = list(TOY_COLOURS)
+    rows = []
+    for i, colour in enumerate(colours):
+        after = colours[(i + 1) % len(colours)]
+        for j in range(3):
+            caption = f"a {colour} square"
+            rows.append({"image": f"images/img_{colour}_{j}.png", "caption": caption,
+                         "masked_caption": f"a {colour} <|replace|>", "subject": "square", "attribute": colour,
+                         "reference_caption": caption, "conditioning_caption": f"make it {after}",
+                         "target_caption": f"a {after} square", **{c: caption for c in columns
+                                                                   if c not in TOY_CORPUS_COLUMNS}})
+    path = root / "pairs.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def train_for_check(method: str, folder: Path, options: dict[str, Any] | None = None,
+                    registry: Any = None) -> Path:
+    """Train a trainable method for two steps of four samples on :func:`write_toy_corpus` with the tiny CLIP (the
+    backbone :func:`check_method` uses in the same ``folder``), on the CPU in fp32, its other training settings its
+    own defaults (warm-ups off); returns the checkpoint folder, for ``check_method(..., {"checkpoint": it})``.
+    ``options`` are the method's training options as the command line gives them (``{"lora_rank": "4"}``)."""
+    from . import plugins
+    from .backbones import load_backbone
+    from .corpora import open_corpus
+    from .errors import CirbenchError
+    from .training import TrainConfig, train
+    from .types import resolve_options
+
+    reg = registry or plugins.get_registry()
+    spec = reg.method(method)
+    if not spec.trainer:
+        raise CirbenchError(f"method '{method}' is not trainable: --train has nothing to train")
+    if "checkpoint" not in {o.name for o in spec.options}:
+        raise CirbenchError(f"method '{method}' has no 'checkpoint' option to evaluate trained weights with")
+    trainer_cls = spec.load_trainer()
+    (opts,) = resolve_options(spec.train_options, dict(options or {}), None, f"training of {method}")
+    folder = Path(folder)
+    columns = (*trainer_cls.caption_columns[:1], *trainer_cls.required_columns)
+    corpus = open_corpus(write_toy_corpus(folder / "corpus", columns), images=trainer_cls.needs_images,
+                         captions=trainer_cls.needs_captions, caption_columns=trainer_cls.caption_columns,
+                         required_columns=trainer_cls.required_columns)
+    backbone = load_backbone(str(write_tiny_config(folder / "cfg")), "none", device="cpu", precision="fp32", seed=0,
+                             training=True)
+    trainable = trainer_cls(backbone, opts)
+    trainable.name = spec.name
+    own = {k: v for k, v in trainer_cls.defaults.items()
+           if k not in ("epochs", "max_steps", "batch_size", "train_num_samples", "warmup_steps", "warmup_epochs")}
+    cfg = TrainConfig(output=folder / "trained", max_steps=2, batch_size=4, workers=0, progress=False, device="cpu",
+                      precision="fp32", save_every=2, resume=False, **own)
+    return train(trainable, corpus, cfg)
 
 
 # what check_method checks, in order (``cirbench check`` prints each as it holds)

@@ -631,6 +631,27 @@ def test_check_holds_a_plugin_file_to_the_contract(tmp_path, local_plugins):
     assert "4 of 4 method(s) break the contract: raises, drifts, tunes, batchy" in res.output
 
 
+def test_check_train_checks_a_trainable_method_with_weights_it_trained(tmp_path):
+    """`cirbench check --method NAME --train` trains the method two steps on the toy corpus (its training options
+    as in `cirbench train`), then runs the contract checks with that checkpoint; a method that cannot be trained
+    fails the training check in one line."""
+    res = CliRunner().invoke(cli, ["check", "--method", "pli", "--train", "--tune", "text", "--image-weight", "0.5",
+                                   "--keep", str(tmp_path / "kept")])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("  ok    ") == 5 and "  ok    trains: two steps on a toy corpus" in res.output
+    trained = json.loads((tmp_path / "kept" / "pli" / "trained" / "config.json").read_text())
+    assert trained["options"]["tune"] == "text" and trained["train"]["max_steps"] == 2
+    kept = json.loads(next((tmp_path / "kept" / "pli" / "alone" / "toy" / "val").glob("*.json")).read_text())
+    assert kept["method"]["options"]["image_weight"] == 0.5
+    assert kept["method"]["info"]["checkpoint"] == str(tmp_path / "kept" / "pli" / "trained")
+    res = CliRunner().invoke(cli, ["check", "--method", "slerp", "--train"])
+    assert res.exit_code == 1 and "FAIL  trains" in res.output and "method 'slerp' is not trainable" in res.output
+    res = CliRunner().invoke(cli, ["check", "--method", "pli", "--train", "--lora-rank", "4"])
+    assert res.exit_code == 2 and "lora" in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    res = CliRunner().invoke(cli, ["check", "--dataset", "cirr", "--train"])
+    assert res.exit_code != 0 and "--train is for the method checks" in res.output, res.output
+
+
 def test_a_plugins_bug_names_the_plugin_and_its_line_not_an_internal_error(tmp_path, local_plugins):
     broken = tmp_path / "buggy_run.py"
     broken.write_text(BUGGY_METHODS)

@@ -16,6 +16,7 @@ Examples:
   cirbench --plugin my_method.py check --method mine          # a method kept in one file
   cirbench check --method weighted-sum --weight 0.3           # an installed plugin's, with an option
   cirbench check --method slerp,searle --keep /tmp/checks     # keep the checks' runs to look at
+  cirbench check --method pli --train --tune text             # train it briefly, then check the trained weights
   cirbench --plugin my_bench.py check --dataset mine --data-root data/mine --split val   # a dataset plugin
 """
 
@@ -29,8 +30,12 @@ Examples:
 @click.option("--keep", type=click.Path(file_okay=False), default=None,
               help="Write the method checks' runs (results, predictions) into this folder and keep them "
                    "(default: a temporary folder, removed).")
+@click.option("--train", is_flag=True,
+              help="First train each method two steps on a toy corpus with the tiny CLIP, then check it with that "
+                   "checkpoint (for trainable methods that need one; their training options follow as in "
+                   "`cirbench train`).")
 @click.pass_context
-def command(ctx, method, dataset, split, data_root, keep):
+def command(ctx, method, dataset, split, data_root, keep, train):
     """Check a method or a dataset plugin against the contract cirbench asks of it; exit 0 when every check
     holds, 1 when one does not (it says which and why).
 
@@ -38,6 +43,10 @@ def command(ctx, method, dataset, split, data_root, keep):
     (query features of the right shape, finite and unit-norm; the backbone it shares with other methods left as
     it was), rank the same way twice, give the same numbers beside another method in one command as alone, and
     score the same when its queries are composed a few at a time (a query's features depend on it alone).
+
+    --train: a trainable method is first trained for two steps of four samples on a toy corpus (the toy
+    images, their captions and the columns the built-in trainers read), and the checks run with that checkpoint:
+    its weights must save, load and run through the loop.
 
     --dataset: on its data, with rankings made from its annotations (no model), a perfect ranking must score 100
     on the main metric, a ranking with the targets last lower, and the per-query values must average to the
@@ -48,8 +57,9 @@ def command(ctx, method, dataset, split, data_root, keep):
 
     if (method is None) == (dataset is None):
         raise CirbenchError("give --method or --dataset (one of them)")
-    if method is None and keep:
-        raise CirbenchError("--keep keeps the runs of the method checks: the dataset check runs no method")
+    if method is None and (keep or train):
+        raise CirbenchError(f"{'--keep' if keep else '--train'} is for the method checks: the dataset check runs no "
+                            "method")
     reg = get_registry()
     if dataset is not None:
         if _check_dataset(ctx, reg, dataset, split, data_root):
@@ -61,7 +71,7 @@ def command(ctx, method, dataset, split, data_root, keep):
     names = list(dict.fromkeys(m.strip() for m in method.split(",") if m.strip()))
     if not names:
         raise CirbenchError("--method names no method")
-    failed = _check_methods(ctx, reg, [reg.method(n) for n in names], keep)
+    failed = _check_methods(ctx, reg, [reg.method(n) for n in names], keep, train)
     if keep:
         click.echo(f"the checks' runs: {keep}")
     if failed:
@@ -69,22 +79,32 @@ def command(ctx, method, dataset, split, data_root, keep):
         ctx.exit(1)
 
 
-def _check_methods(ctx, reg, specs, keep: str | None) -> list[str]:
-    """The method checks, each method in a folder of its own; the names of those that failed."""
-    from ..cli import declared_by
-    from ..testing import CONTRACT_CHECKS, check_method
+def _check_methods(ctx, reg, specs, keep: str | None, train: bool = False) -> list[str]:
+    """The method checks, each method in a folder of its own (``train``: after training it briefly); the names of
+    those that failed."""
+    import dataclasses
 
-    extra = _extras(ctx, specs)
+    from ..cli import declared_by
+    from ..testing import CONTRACT_CHECKS, TRAINING_CHECK, check_method, train_for_check
+
+    # with --train, the training options are the methods' too
+    extra = _extras(ctx, [dataclasses.replace(s, options=(*s.options, *s.train_options)) if train else s
+                          for s in specs])
+    checks = (TRAINING_CHECK, *CONTRACT_CHECKS) if train else CONTRACT_CHECKS
     failed = []
     with tempfile.TemporaryDirectory(prefix="cirbench-check-") as scratch:
         for spec in specs:
             folder = Path(keep or scratch) / spec.name
             options = declared_by(extra, spec)
+            training = {o.name: extra[o.name] for o in spec.train_options if o.name in extra}
 
-            def run(report, spec=spec, folder=folder, options=options):
+            def run(report, spec=spec, folder=folder, options=options, training=training):
+                if train:
+                    options = {**options, "checkpoint": str(train_for_check(spec.name, folder, training, reg))}
+                    report(TRAINING_CHECK)
                 return check_method(spec.name, folder, options, registry=reg, report=report)
 
-            if not _checked(f"'{spec.name}'", _origin(reg, spec), CONTRACT_CHECKS,
+            if not _checked(f"'{spec.name}'", _origin(reg, spec), checks,
                             "on the toy dataset with a tiny random CLIP", run):
                 failed.append(spec.name)
     return failed
