@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from cirbench.cli import cli
-from cirbench.testing import TOY_COLOURS, check_method
+from cirbench.testing import TOY_COLOURS, check_method, train_for_check
 
 
 def _corpus(root, folder):
@@ -49,3 +49,13 @@ def test_trained_with_cirbench_train_and_evaluated_with_its_checkpoint(cirbench_
     res = CliRunner().invoke(cli, ["run", "--method", "text-adapter", "--dataset", "toy", "--data-root",
                                    str(cirbench_toy_root), *backbone, "--output", str(tmp_path / "r")])
     assert res.exit_code == 2 and "needs --checkpoint" in res.output and "Traceback" not in res.output
+
+
+def test_the_contract_holds_for_weights_trained_on_the_toy_corpus(cirbench_toy, tmp_path):
+    """What `cirbench check --method text-adapter --train` does: two training steps on the toy corpus with the
+    check's tiny CLIP, then the contract checks with that checkpoint."""
+    cirbench_toy.register_plugin(cirbench_example_plugin, name="example")
+    folder = tmp_path / "check"
+    trained = train_for_check("text-adapter", folder, {"temperature": "0.05"}, registry=cirbench_toy)
+    assert json.loads((trained / "config.json").read_text())["options"] == {"temperature": 0.05}
+    check_method("text-adapter", folder, options={"checkpoint": str(trained)}, registry=cirbench_toy)
