@@ -10,7 +10,8 @@ from cirbench.types import PaperRow
 def _row(method: str, backbone: str, recall: str, subset: str | None, source: str) -> PaperRow:
     metrics = {k: float(v) for k, v in zip(("R@1", "R@5", "R@10", "R@50"), recall.split("/"), strict=True) if v != "—"}
     if subset:
-        metrics.update({k: float(v) for k, v in zip(("Rs@1", "Rs@2", "Rs@3"), subset.split("/"), strict=True)})
+        metrics.update({k: float(v) for k, v in zip(("Rs@1", "Rs@2", "Rs@3"), subset.split("/"), strict=True)
+                        if v != "—"})
     return PaperRow(method, backbone, "test1", metrics, source)
 
 
@@ -21,6 +22,9 @@ PAPER_ROWS = (
     _row("context-i2w", "ViT-L/14", "25.60/55.10/68.50/89.80", None,
          "Tang et al., Context-I2W, AAAI 2024 (as FiRE's comparison table reports it)"),
     _row("fti4cir", "ViT-L/14", "25.90/55.61/67.66/89.66", "55.21/75.88/87.98", "Lin et al., FTI4CIR, SIGIR 2024"),
+    # the released ViT-L/14 checkpoint (ImageNet images with LLaVA captions, targetpad); R@50 and Rs@2/3 unquoted
+    _row("pli", "ViT-L/14", "26.15/56.82/69.30/—", "56.22/—/—",
+         "Chen & Lai, PLI (masked tuning), ICME 2025, as github.com/fedasaro62/peft-cir's notes on its port quote it"),
     _row("slerp-tat", "ViT-B/32", "28.19/55.88/68.77/88.51", "61.13/80.63/90.68", "Jang et al., Slerp+TAT, ECCV 2024"),
     _row("slerp-tat", "ViT-L/14", "30.94/59.40/70.94/89.18", "64.70/82.92/92.31", "Jang et al., Slerp+TAT, ECCV 2024"),
     _row("slerp (unconfirmed)", "ViT-L/14", "24.43/49.93/62.29/—", "57.71/77.59/88.80",
