@@ -46,7 +46,8 @@ Examples:
 @click.option("--weight-decay", type=FiniteFloatRange(min=0), default=None,
               help="AdamW weight decay (default: the method's).")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
-              help="Linear warm-up steps (default: the method's).")
+              help="Linear warm-up steps (default: the method's); given, it also replaces a method's default "
+                   "warm-up counted in epochs, so --warmup-steps 0 turns any warm-up off.")
 @click.option("--schedule", type=click.Choice(["cosine", "constant", "step"]), default=None,
               help="Learning-rate schedule after the warm-up (default: the method's).")
 @click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True,
