@@ -89,6 +89,8 @@ def pixels_identity(preprocessor: Preprocessor, path: str, device: torch.device 
     made from them are never served to a run that asked for the official pipeline, and its results are told
     apart). The official decoder adds nothing, so keys and fingerprints made before this field stay valid."""
     ident = preprocessor.identity()
+    if preprocessor.floating:  # decoded by PIL on every path (see BatchFiles)
+        return ident
     decoder = jpeg_decoder(path, device)
     return ident if decoder == "libjpeg-turbo" else {**ident, "jpeg_decoder": decoder}
 
@@ -116,6 +118,10 @@ class BatchFiles(torch.utils.data.Dataset):
         for i, ref in enumerate(refs):
             name = str(ref.path)
             try:
+                if pre.floating:  # resized in floating point, as its official code: never the batched JPEG path
+                    done.append(pre.pil_float(load_image(ref, pre.max_pixels)))
+                    done_index.append(i)
+                    continue
                 if ref.view is not None:  # a region of the file: the PIL path, as the benchmark's code
                     view_pre = pre if ref.view.resize is None else dataclasses.replace(
                         pre, kind="clip", resize_mode=ref.view.resize)
@@ -136,7 +142,8 @@ class BatchFiles(torch.utils.data.Dataset):
                 errors.append((i, _with_name(str(exc), name)))
             except Exception as exc:  # noqa: BLE001 - any decoder failure is reported with the file name
                 errors.append((i, f"corrupt or unreadable image {name}: {type(exc).__name__}: {exc}"))
-        done_pixels = handover_tensor((len(done), 3, pre.size, pre.size))
+        done_pixels = handover_tensor((len(done), 3, pre.size, pre.size),
+                                      torch.float32 if pre.floating else torch.uint8)
         if done:
             torch.stack(done, out=done_pixels)
         return {
@@ -152,14 +159,14 @@ class BatchFiles(torch.utils.data.Dataset):
         }
 
 
-def handover_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An empty uint8 tensor to hand to the main process: in a DataLoader worker it is allocated in shared
-    memory, so the hand-off passes it without the copy into shared memory it would otherwise make."""
+def handover_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An empty tensor (uint8 by default) to hand to the main process: in a DataLoader worker it is allocated in
+    shared memory, so the hand-off passes it without the copy into shared memory it would otherwise make."""
     numel = math.prod(shape)
     if numel and torch.utils.data.get_worker_info() is not None:
-        storage = torch.UntypedStorage._new_shared(numel)
-        return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-    return torch.empty(shape, dtype=torch.uint8)
+        storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    return torch.empty(shape, dtype=dtype)
 
 
 def pack_bytes(chunks: Sequence[bytes]) -> torch.Tensor:

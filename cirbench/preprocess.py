@@ -41,6 +41,15 @@ applies ``ToTensor`` and ``Normalize`` with the same float32 operations as torch
 Resize geometry follows torchvision: the short side becomes ``size`` and the long side
 ``int(size * long / short)`` (floored); the crop offsets are ``int(round((side - size) / 2))`` (``hf-clip``:
 ``(side - size) // 2``).
+
+One kind is computed in floating point instead, as its official code (JAX) computes it:
+
+    magiclens:  convert("RGB") -> / max pixel value -> jax.image.resize(size x size, bilinear, antialias) -> normalize
+
+MagicLens's ``process_img`` divides each image by its own largest pixel value (not by 255) and squashes it to a
+square without keeping its aspect ratio; ``jax.image.resize`` weighs the input pixels with a triangle kernel
+widened by the downscale factor (:func:`jax_linear_weights`, its ``compute_weight_mat``), in float32. Its pixels
+are handed over as float32 (:meth:`Preprocessor.pil_float`), never as uint8, and take no batched JPEG path.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
 
 PRECISION_BITS = 22  # PIL: 32 - 8 - 2
+FLOAT_KINDS = ("magiclens",)  # resized in floating point (see the module docstring), handed over as float32
 
 
 def targetpad_amounts(width: int, height: int, ratio: float) -> tuple[int, int, int, int]:
@@ -77,6 +87,37 @@ def targetpad_amounts(width: int, height: int, ratio: float) -> tuple[int, int, 
     hp = max(int((scaled - width) / 2), 0)
     vp = max(int((scaled - height) / 2), 0)
     return (hp, vp, hp, vp)
+
+
+@lru_cache(maxsize=1024)
+def jax_linear_weights(in_size: int, out_size: int) -> torch.Tensor:
+    """``[in_size, out_size]`` float32 weights of ``jax.image.resize(..., "bilinear", antialias=True)`` along one
+    axis, as its ``compute_weight_mat`` makes them (scale ``out/in``, no translation): the triangle kernel,
+    widened by the downscale factor, at half-pixel-centred sample positions, each column normalised to sum 1, and
+    zero where the sample falls outside the input. Computed in float32, as JAX computes it."""
+    f32 = np.float32
+    inv_scale = f32(1.0 / (out_size / in_size))
+    kernel_scale = max(inv_scale, f32(1.0))
+    sample = (np.arange(out_size, dtype=np.int32) + f32(0.5)).astype(f32) * inv_scale - f32(0.5)
+    x = np.abs(sample[np.newaxis, :] - np.arange(in_size, dtype=f32)[:, np.newaxis]) / kernel_scale
+    weights = np.maximum(f32(0.0), f32(1.0) - np.abs(x)).astype(f32)
+    total = weights.sum(axis=0, keepdims=True, dtype=f32)
+    safe = np.where(total != 0, total, f32(1.0))
+    weights = np.where(np.abs(total) > f32(1000.0) * np.finfo(np.float32).eps, weights / safe, f32(0.0))
+    inside = (sample >= -0.5) & (sample <= in_size - 0.5)
+    return torch.from_numpy(np.where(inside[np.newaxis, :], weights, f32(0.0)).astype(f32))
+
+
+def jax_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """A float ``[C, H, W]`` image resized to ``[C, size, size]`` as ``jax.image.resize`` (bilinear, antialias)
+    does: an axis whose length does not change is left as it is (JAX skips it)."""
+    out = pixels.to(torch.float32)
+    h, w = int(out.shape[-2]), int(out.shape[-1])
+    if h != size:
+        out = torch.einsum("chw,hs->csw", out, jax_linear_weights(h, size).to(out.device))
+    if w != size:
+        out = torch.einsum("chw,ws->chs", out, jax_linear_weights(w, size).to(out.device))
+    return out.contiguous()
 
 
 @dataclass(frozen=True)
@@ -289,7 +330,16 @@ class Preprocessor:
         if self.resize_mode not in RESIZE_MODES:
             raise UnknownNameError("resize mode", self.resize_mode, RESIZE_MODES)
 
+    @property
+    def floating(self) -> bool:
+        """Whether this kind resizes in floating point and hands its pixels over as float32 (``magiclens``)."""
+        return self.kind in FLOAT_KINDS
+
     def identity(self) -> dict:
+        if self.floating:
+            return {"kind": self.kind, "size": self.size, "mean": list(self.mean), "std": list(self.std),
+                    "scale": "per-image-max", "interpolation": "jax-bilinear-antialias", "resize": "squash",
+                    "rgb": "first"}
         hf = self.kind == "hf-clip"
         ident = {"kind": self.kind, "size": self.size, "mean": list(self.mean), "std": list(self.std),
                  "interpolation": f"pil-{self.interpolation}", "resize": self.resize_mode,
@@ -309,7 +359,7 @@ class Preprocessor:
                              "(--max-image-pixels)")
         pad = targetpad_amounts(width, height, self.ratio) if self.kind == "targetpad" else (0, 0, 0, 0)
         pw, ph = width + pad[0] + pad[2], height + pad[1] + pad[3]
-        if self.resize_mode == "squash":
+        if self.resize_mode == "squash" or self.floating:
             rw, rh = self.size, self.size
         else:
             short, long = (pw, ph) if pw <= ph else (ph, pw)
@@ -330,6 +380,8 @@ class Preprocessor:
         import torchvision.transforms.functional as TF
         from torchvision.transforms import InterpolationMode
 
+        if self.floating:
+            raise ValueError(f"preprocessing '{self.kind}' works in floating point: use pil_float")
         plan = self.plan(*image.size)
         if self.kind == "hf-clip":
             image = image.convert("RGB")
@@ -340,13 +392,30 @@ class Preprocessor:
         image = TF.resize(image, target, interpolation=mode)
         return rgb_tensor(TF.crop(image, plan.crop[1], plan.crop[0], self.size, self.size))
 
+    def pil_float(self, image) -> torch.Tensor:
+        """A floating kind's official composition on a PIL image (or a uint8 ``[3, H, W]`` RGB tensor): float32
+        ``[3, size, size]`` before normalisation (``magiclens``: divided by its largest pixel value, then
+        :func:`jax_resize`d)."""
+        if not self.floating:
+            raise ValueError(f"preprocessing '{self.kind}' is computed on uint8 pixels: use pil_uint8")
+        rgb = image if isinstance(image, torch.Tensor) else rgb_tensor(image)
+        self.plan(int(rgb.shape[-1]), int(rgb.shape[-2]))  # the pixel limit
+        pixels = rgb.to(torch.float32)
+        pixels = pixels / (pixels.max() + 1e-12)  # MagicLens's process_img: ima / (ima.max() + 1e-12)
+        return jax_resize(pixels, self.size)
+
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``ToTensor`` then ``Normalize``, in float32, on uint8-valued ``[..., 3, H, W]`` pixels."""
+        """``ToTensor`` then ``Normalize``, in float32, on uint8-valued ``[..., 3, H, W]`` pixels (a floating
+        kind's pixels, already in [0, 1]: ``Normalize`` alone)."""
         mean, std = _per_channel(self.mean, pixels.device), _per_channel(self.std, pixels.device)
+        if self.floating:
+            return pixels.to(torch.float32).sub(mean).div_(std)
         return pixels.to(torch.float32).div(255).sub_(mean).div_(std)  # torchvision's operations, in its order
 
     def from_pil(self, image) -> torch.Tensor:
         """A normalised float32 ``[3, size, size]`` tensor from a PIL image (the official pipeline)."""
+        if self.floating:
+            return self.normalize(self.pil_float(image))
         return self.normalize(self.pil_uint8(image))
 
     def from_bytes(self, data: bytes, name: str, key: str = "") -> torch.Tensor:
@@ -359,6 +428,8 @@ class Preprocessor:
     def __call__(self, image) -> torch.Tensor:
         """Preprocess one image (a PIL image, or a uint8 ``[C, H, W]`` RGB tensor) to normalised float32."""
         if isinstance(image, torch.Tensor):
+            if self.floating:
+                return self.normalize(self.pil_float(image))
             return self.normalize(self.batch_uint8([image])[0])
         return self.from_pil(image)
 
@@ -374,6 +445,8 @@ class Preprocessor:
         ``"auto"``: :func:`auto_products`. A batch whose float32 sums could exceed 2**24 (an extreme downscale)
         takes float64 whatever was asked.
         """
+        if self.floating:
+            raise ValueError(f"preprocessing '{self.kind}' works in floating point: use pil_float")
         if not images:
             return torch.empty(0, 3, self.size, self.size)
         if len(images) <= chunk:

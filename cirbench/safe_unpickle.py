@@ -333,6 +333,19 @@ def load_data_pickle(data: bytes, source: str) -> Any:
     return _load(_DataUnpickler(io.BytesIO(data)), source, "is not a readable pickle")
 
 
+def load_bytes_pickle(path: Path | str) -> bytes:
+    """The one bytes object a pickle file holds (MagicLens's ``.pkl``: ``pickle.dump`` of flax's serialized
+    weights, gigabytes), read from the file as plain data (no size cap: it is bytes, not structure); a
+    CheckpointError when the file holds anything else or names a global."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        obj = _load(_DataUnpickler(fh), f"checkpoint {path}", "is not a readable pickle")
+    if not isinstance(obj, (bytes, bytearray)):
+        raise CheckpointError(f"checkpoint {path} holds a pickled {type(obj).__name__}, not the bytes of serialized "
+                              "weights")
+    return bytes(obj)
+
+
 class _TensorPickleUnpickler(_SelfContained):
     """A plain ``pickle.dump`` of containers holding torch tensors (their storages saved by ``torch.save`` into
     the pickle, as a tensor pickles itself): the storages are read by torch's own restricted loader

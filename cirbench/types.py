@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # torch stays out of `cirbench --help`
     from .training import TrainableMethod
 
 # image preprocessing recipes (cirbench.preprocess reproduces each one): named here, without torch, for the CLI
-PREPROCESS_KINDS = ("targetpad", "clip", "hf-clip")
+PREPROCESS_KINDS = ("targetpad", "clip", "hf-clip", "magiclens")
 SAVED_TOP = 50  # ranked ids a run keeps per query in its predictions unless told otherwise (`run --save-top`)
 
 
@@ -126,8 +126,8 @@ class MethodSpec:
     ``factory`` builds a :class:`cirbench.method.Method` with ``factory(backbone, options, dataset)``.
     ``default_backbone`` is an ``(open_clip model name, pretrained tag)`` pair used when neither the run
     nor the dataset names one. ``default_preprocess`` is the method's official image preprocessing (one of
-    ``PREPROCESS_KINDS``: ``"targetpad"``, ``"clip"``, ``"hf-clip"``). ``trainer``, when set, is a lazy factory
-    of the method's trainer, which ``cirbench train --method NAME`` runs through the shared training loop.
+    ``PREPROCESS_KINDS``: ``"targetpad"``, ``"clip"``, ``"hf-clip"``, ``"magiclens"``). ``trainer``, when set, is a
+    lazy factory of the method's trainer, which ``cirbench train --method NAME`` runs through the shared training loop.
     ``downloads``, when set, is a lazy factory of ``downloads(options, model, pretrained) -> [(what, source)]``:
     the files the method would fetch with these options on this backbone (``source`` a URL,
     ``hf-hub:REPO/FILE``, a transformers model ``hf-model:PATH_OR_REPO`` or a chat endpoint
