@@ -90,11 +90,11 @@ def targetpad_amounts(width: int, height: int, ratio: float) -> tuple[int, int, 
 
 
 @lru_cache(maxsize=1024)
-def jax_linear_weights(in_size: int, out_size: int) -> torch.Tensor:
+def jax_linear_weights(in_size: int, out_size: int) -> np.ndarray:
     """``[in_size, out_size]`` float32 weights of ``jax.image.resize(..., "bilinear", antialias=True)`` along one
     axis, as its ``compute_weight_mat`` makes them (scale ``out/in``, no translation): the triangle kernel,
     widened by the downscale factor, at half-pixel-centred sample positions, each column normalised to sum 1, and
-    zero where the sample falls outside the input. Computed in float32, as JAX computes it."""
+    zero where the sample falls outside the input. Computed in float32, as JAX computes it (read-only: cached)."""
     f32 = np.float32
     inv_scale = f32(1.0 / (out_size / in_size))
     kernel_scale = max(inv_scale, f32(1.0))
@@ -105,19 +105,22 @@ def jax_linear_weights(in_size: int, out_size: int) -> torch.Tensor:
     safe = np.where(total != 0, total, f32(1.0))
     weights = np.where(np.abs(total) > f32(1000.0) * np.finfo(np.float32).eps, weights / safe, f32(0.0))
     inside = (sample >= -0.5) & (sample <= in_size - 0.5)
-    return torch.from_numpy(np.where(inside[np.newaxis, :], weights, f32(0.0)).astype(f32))
+    out = np.where(inside[np.newaxis, :], weights, f32(0.0)).astype(f32)
+    out.setflags(write=False)
+    return out
 
 
-def jax_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
+def jax_resize(pixels: np.ndarray, size: int) -> np.ndarray:
     """A float ``[C, H, W]`` image resized to ``[C, size, size]`` as ``jax.image.resize`` (bilinear, antialias)
-    does: an axis whose length does not change is left as it is (JAX skips it)."""
-    out = pixels.to(torch.float32)
-    h, w = int(out.shape[-2]), int(out.shape[-1])
+    does, in float32: an axis whose length does not change is left as it is (JAX skips it). numpy's products, not
+    torch's: reader workers run it, and torch's thread pool does not survive the fork that made them."""
+    out = np.asarray(pixels, dtype=np.float32)
+    h, w = out.shape[-2:]
     if h != size:
-        out = torch.einsum("chw,hs->csw", out, jax_linear_weights(h, size).to(out.device))
+        out = np.matmul(jax_linear_weights(h, size).T, out)  # [size, H] @ [C, H, W] -> [C, size, W]
     if w != size:
-        out = torch.einsum("chw,ws->chs", out, jax_linear_weights(w, size).to(out.device))
-    return out.contiguous()
+        out = np.matmul(out, jax_linear_weights(w, size))  # [C, size, W] @ [W, size]
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -398,11 +401,12 @@ class Preprocessor:
         :func:`jax_resize`d)."""
         if not self.floating:
             raise ValueError(f"preprocessing '{self.kind}' is computed on uint8 pixels: use pil_uint8")
-        rgb = image if isinstance(image, torch.Tensor) else rgb_tensor(image)
+        rgb = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image.convert("RGB")).transpose(
+            2, 0, 1)
         self.plan(int(rgb.shape[-1]), int(rgb.shape[-2]))  # the pixel limit
-        pixels = rgb.to(torch.float32)
-        pixels = pixels / (pixels.max() + 1e-12)  # MagicLens's process_img: ima / (ima.max() + 1e-12)
-        return jax_resize(pixels, self.size)
+        pixels = rgb.astype(np.float32)
+        pixels = pixels / (pixels.max() + np.float32(1e-12))  # MagicLens's process_img: ima / (ima.max() + 1e-12)
+        return torch.from_numpy(jax_resize(pixels, self.size))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """``ToTensor`` then ``Normalize``, in float32, on uint8-valued ``[..., 3, H, W]`` pixels (a floating
