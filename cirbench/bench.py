@@ -333,26 +333,42 @@ def bench_whole_ranking(q: torch.Tensor, g: torch.Tensor, dev: torch.device, rep
     (the process's resident set on the CPU, allocated memory on CUDA)."""
     import resource
 
+    from .evaluate import stream_step
     from .metrics import average_precision_per_query, hits_matrix
     from .retrieval import rank
 
     n = g.shape[0]
     targets = [list(range(i % 401, n, 401)) for i in range(q.shape[0])]
+
+    def peak() -> float:
+        if dev.type == "cuda":
+            return round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    # first in the parts a run ranks and scores such a set in (the process's peak only grows: this one comes first)
+    step = stream_step(q.shape[0], n)
+    parts = []
+    for s in range(0, q.shape[0], step):
+        part = rank(q[s : s + step], g, n, backend="torch")[0]
+        parts.append(average_precision_per_query(hits_matrix(part, targets[s : s + step])))
+        del part
+    out: dict[str, Any] = {"stream_parts": -(-q.shape[0] // step), "stream_queries_per_part": step,
+                           "stream_peak_gib": peak()}
     ranked: dict[str, torch.Tensor] = {}
 
     def whole() -> None:
         ranked["indices"] = rank(q, g, n, backend="torch")[0]  # the last call's ranking is what AP reads
 
-    out: dict[str, Any] = {"rank_s": timed(whole, dev, reps)["seconds"]}
+    out["rank_s"] = timed(whole, dev, reps)["seconds"]
     indices = ranked["indices"]
-    out["hits_and_ap_s"] = timed(lambda: average_precision_per_query(hits_matrix(indices, targets)), dev,
-                                 reps)["seconds"]
-    if dev.type == "cuda":
-        out["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
-    else:
-        out["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    aps: dict[str, torch.Tensor] = {}
+    out["hits_and_ap_s"] = timed(lambda: aps.update(ap=average_precision_per_query(hits_matrix(indices, targets))),
+                                 dev, reps)["seconds"]
+    out["peak_gpu_mem_gib" if dev.type == "cuda" else "peak_rss_gib"] = peak()
+    out["stream_equals_whole"] = bool(torch.equal(torch.cat([torch.as_tensor(p) for p in parts]),
+                                                  torch.as_tensor(aps["ap"])))
     return out
 
 
@@ -477,6 +493,9 @@ def format_report(result: dict[str, Any]) -> str:
                       f"peak RSS {w['peak_rss_gib']} GiB")
             lines.append(f"  whole gallery        {w['rank_s']:.4f} s ranked, {w['hits_and_ap_s']:.4f} s hits and AP; "
                          f"{memory}")
+            lines.append(f"  in a run's parts     {w['stream_parts']} part(s) of {w['stream_queries_per_part']:,} "
+                         f"queries: peak {w['stream_peak_gib']} GiB; the same APs as at once: "
+                         f"{w['stream_equals_whole']}")
     c = result.get("cache")
     if c:
         lines.append(f"cache  {c['rows']:,} rows x {c['dim']}")

@@ -43,6 +43,16 @@ DEFAULT_BACKBONE = ("ViT-L-14", "openai")
 STREAM_ENTRIES = 1 << 26
 
 
+def stream_step(queries: int, width: int) -> int:
+    """How many of ``queries`` rankings of ``width`` entries are made and scored at a time: all of them, or as many
+    as hold ``STREAM_ENTRIES`` entries, in whole blocks of the ranking's own query chunks where they fit (the same
+    products, bit for bit, as at once)."""
+    if queries * width <= STREAM_ENTRIES:
+        return max(queries, 1)
+    step = max(1, STREAM_ENTRIES // max(width, 1))
+    return step - step % RANK_QUERY_CHUNK if step >= RANK_QUERY_CHUNK else step
+
+
 @dataclass
 class RunConfig:
     """Everything ``cirbench run`` is asked to do. ``None`` means "the plugin's (or the device's) default"."""
@@ -425,13 +435,10 @@ class Evaluator:
         the means of those values. The rankings are the set's at once (a part of fewer queries than the ranking's
         own query chunk may round a score's last bit otherwise)."""
         n, width = len(es.queries), min(es.topk, len(es.gallery))
-        if (n * width <= STREAM_ENTRIES or es.hidden_targets or es.query_galleries
-                or not getattr(ctx.dataset, "queries_score_apart", False)
+        if (es.hidden_targets or es.query_galleries or not getattr(ctx.dataset, "queries_score_apart", False)
                 or type(ctx.dataset).metrics is not Dataset.metrics or any(q.candidates for q in es.queries)):
             return max(n, 1)
-        step = max(1, STREAM_ENTRIES // max(width, 1))
-        # whole blocks of the ranking's own query chunks where they fit: the same products, bit for bit, as at once
-        return step - step % RANK_QUERY_CHUNK if step >= RANK_QUERY_CHUNK else step
+        return stream_step(n, width)
 
     def _ranked_parts(self, ctx: _Context, es: EvalSet, method) -> Iterator[tuple[EvalSet, Ranking]]:
         """The set's ranking: ``(es, ranking)``, or ``(part, its ranking)`` for consecutive parts of its queries

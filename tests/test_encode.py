@@ -194,6 +194,20 @@ def test_symlink_leaving_the_root_is_refused(tmp_path, image_files):
         encode_images([ImageRef("x", root / "link.png", root=root)], _pixels, pre, workers=0, progress=False)
 
 
+def test_bench_whole_ranking_also_runs_in_the_parts_a_run_scores_in(monkeypatch):
+    """The whole-gallery section ranks and scores first in the parts a run would use (STREAM_ENTRIES), then at
+    once: the same APs, and the two peaks reported."""
+    from cirbench import bench, evaluate
+
+    monkeypatch.setattr(evaluate, "STREAM_ENTRIES", 300 * 7)  # 7 queries of 300 images a part
+    gen = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(20, 16, generator=gen), dim=-1)
+    g = torch.nn.functional.normalize(torch.randn(300, 16, generator=gen), dim=-1)
+    out = bench.bench_whole_ranking(q, g, torch.device("cpu"), reps=1)
+    assert out["stream_parts"] == 3 and out["stream_queries_per_part"] == 7 and out["stream_equals_whole"] is True
+    assert 0 < out["stream_peak_gib"] <= out["peak_rss_gib"]
+
+
 def test_bench_measures_every_section(tiny_config, tmp_path):
     """Figures that come from measurement: positive rates, ratios that are the quotient of the rates they
     relate, ranking and cache sections that really ran (their asserts check results, not just times)."""
