@@ -58,19 +58,21 @@ def test_fashioniq_finds_images_in_each_official_layout_in_the_documented_order(
     root = copy_tree(ANNOTATIONS / "fashioniq", tmp_path / "FashionIQ")
     split = root / "image_splits" / "split.dress.val.json"
     names = json.loads(split.read_text())
-    a, b, c, d = names[:4]
+    a, b, c, d, e = names[:5]
     split.write_text(json.dumps(names + [a]))  # a name listed twice is one gallery image
     write_placeholder(root / "images" / f"{a}.jpg", 1)  # SEARLE's flat folder, first
     write_placeholder(root / "dress" / f"{a}.png", 2)
     write_placeholder(root / "dress" / f"{b}.png", 3)  # FTI4CIR's per-category folder
     write_placeholder(root / "resized_images" / "dress" / f"{c}.jpeg", 4)  # the starter kit's
     write_placeholder(root / "images" / "dress" / f"{d}.png", 5)
+    write_placeholder(root / "image_data" / "dress" / f"{e}.jpg", 6)  # CoSMo's and PLI's
     (es,) = dataset("fashioniq", root, category="dress").load("val")
     assert len(es.gallery) == len(names) and len(set(es.gallery_ids)) == len(names)
     where = {g.id: g.path.relative_to(root).as_posix() for g in es.gallery}
-    assert [where[n] for n in (a, b, c, d)] == [f"images/{a}.jpg", f"dress/{b}.png",
-                                                f"resized_images/dress/{c}.jpeg", f"images/dress/{d}.png"]
-    assert where[names[4]] == f"images/{names[4]}.png"  # not found anywhere: reported missing there
+    assert [where[n] for n in (a, b, c, d, e)] == [f"images/{a}.jpg", f"dress/{b}.png",
+                                                   f"resized_images/dress/{c}.jpeg", f"images/dress/{d}.png",
+                                                   f"image_data/dress/{e}.jpg"]
+    assert where[names[5]] == f"images/{names[5]}.png"  # not found anywhere: reported missing there
 
 
 # -- metrics -------------------------------------------------------------------------------------------

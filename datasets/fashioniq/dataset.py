@@ -50,8 +50,9 @@ class FashionIQ(Dataset):
     """The official layout under ``--data-root``: ``captions/cap.<cat>.<split>.json``,
     ``image_splits/split.<cat>.<split>.json``, and the images in any of the layouts the official code reads,
     as ``.png``, ``.jpg`` or ``.jpeg``: ``images/<asin>`` (SEARLE reads ``.jpg``, Pic2Word ``.png``),
-    ``<category>/<asin>`` (FTI4CIR), ``resized_images/<category>/<asin>`` (the starter kit), or
-    ``images/<category>/<asin>``. Each image is looked up in those folders in that order."""
+    ``<category>/<asin>`` (FTI4CIR), ``resized_images/<category>/<asin>`` (the starter kit),
+    ``images/<category>/<asin>``, or ``image_data/<category>/<asin>`` (CoSMo's, PLI's). Each image is looked up
+    in those folders in that order."""
 
     def categories(self) -> tuple[str, ...]:
         chosen = self.options.get("category", "all")
@@ -59,7 +60,7 @@ class FashionIQ(Dataset):
 
     def _image_locator(self, category: str):
         folders = [self.folder(rel) for rel in ("images", category, f"resized_images/{category}",
-                                                  f"images/{category}")]
+                                                  f"images/{category}", f"image_data/{category}")]
         listing: dict[Path, set[str]] = {}
         for folder in folders:
             if folder.is_dir():
