@@ -35,7 +35,7 @@ def test_every_source_is_pinned_and_checksummed():
             assert relative.rsplit("/", 1)[-1] in cls.OFFICIAL_SHA256, (name, relative)
         if sources:
             fetchable.append(name)
-    assert sorted(fetchable) == ["circo", "cirr", "fashioniq", "genecis"]
+    assert sorted(fetchable) == ["circo", "cirr", "fashioniq", "fashioniq-pairs", "genecis"]
 
 
 @needs_annotations

@@ -33,3 +33,9 @@ PAPER_ROWS = (
     _row("osrcir", "ViT-L/14", "29.70/51.81", "33.17/52.03", "36.92/59.27", "33.26/54.37",
          "Tang et al., OSrCIR, CVPR 2025 (GPT-4o)"),
 )
+
+# FashionIQ under the caption-pairs protocol (VAL's, CoSMo's: dataset fashioniq-pairs), which PLI reports
+PAIRS_ROWS = (
+    _row("pli", "ViT-L/14", None, None, None, "36.37/58.78",
+         "Chen & Lai, PLI (masked tuning), ICME 2025, as github.com/fedasaro62/peft-cir's notes on its port quote it"),
+)

@@ -22,11 +22,10 @@ code does, as this port does it:
   (``. ? & *`` become ``dotmark questionmark andmark starmark``), CIRCO's do not. FashionIQ's text is
   ``"{c1} and {c2}"``.
 
-One departure, on FashionIQ: the official evaluation is CoSMo's (VAL's) protocol, on the repository's own
-``captions_pairs`` files (fewer, deduplicated reference-target pairs than ``cap.*.val.json``), each pair queried in
-both caption orders, against a gallery of the images those pairs name, the reference removed. cirbench's FashionIQ is
-the standard protocol (one query per triplet of the official files, the whole split's gallery), on which this port
-scores "{c1} and {c2}"; its FashionIQ numbers are not comparable with the paper's.
+On FashionIQ the official evaluation is CoSMo's (VAL's) caption-pairs protocol (the repository's own, deduplicated
+``captions_pairs`` files, each pair queried in both caption orders, a gallery of the pairs' images, the reference
+removed): the ``fashioniq-pairs`` dataset runs it, its queries' two texts in the line's order, which this port joins
+as the official does. On ``fashioniq`` (the standard protocol) it scores "{c1} and {c2}".
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ OFFICIAL_TEXT = "text_encoder."  # ClipTextEncoder holds CLIP's text parts under
 TUNED = {"both": IMAGE_PARTS + TEXT_PARTS, "text": TEXT_PARTS, "image": IMAGE_PARTS}
 # CoSMo's caption_post_process, which the official CIRR and FashionIQ datasets apply to every modification text
 TEXT_MARKS = ((".", "dotmark"), ("?", "questionmark"), ("&", "andmark"), ("*", "starmark"))
-MARKED_DATASETS = ("cirr", "fashioniq")
+MARKED_DATASETS = ("cirr", "fashioniq", "fashioniq-pairs")
 
 
 def official_text(text: str) -> str:
