@@ -11,7 +11,10 @@ text memo of its own, so that its features are never served for the shared model
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,3 +73,17 @@ def load_part_state(view: torch.nn.Module, tensors: dict[str, torch.Tensor], sou
 def tuned_backbone(backbone: Backbone, view: torch.nn.Module) -> Backbone:
     """``backbone`` with ``view`` as its model: its features are the tuned towers' (its own text memo)."""
     return replace(backbone, model=view, _text_memo={}, _derived={}, feature_store=None)
+
+
+def last_loaded(backbone: Backbone, slot: str, path: Path, load: Callable[[], Any]) -> Any:
+    """``load()``'s result for the checkpoint at ``path``, kept on the backbone under ``slot`` while it is the last
+    checkpoint loaded there (the same file: the same path, size and modification time): the values of a sweep
+    share one load, and a new checkpoint replaces the last (training's validation loads one at every step, and a
+    copy of CLIP each would pile up)."""
+    stat = path.stat() if path.exists() else None
+    loaded = backbone.derived(slot, dict)
+    identity = (str(path.resolve()), stat and (stat.st_size, stat.st_mtime_ns))
+    if identity not in loaded:
+        loaded.clear()
+        loaded[identity] = load()
+    return loaded[identity]

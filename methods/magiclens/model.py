@@ -36,7 +36,14 @@ from cirbench.backbones import Backbone
 from cirbench.checkpoints import check_fit
 from cirbench.errors import CheckpointError
 from cirbench.method import Method
-from cirbench.methods._shared.towers import IMAGE_PARTS, TEXT_PARTS, load_part_state, tower_view, tuned_backbone
+from cirbench.methods._shared.towers import (
+    IMAGE_PARTS,
+    TEXT_PARTS,
+    last_loaded,
+    load_part_state,
+    tower_view,
+    tuned_backbone,
+)
 from cirbench.safe_unpickle import load_bytes_pickle
 from cirbench.types import Query
 from cirbench.util import file_sha256
@@ -377,13 +384,8 @@ class MagicLens(Method):
         path = Path(options["checkpoint"]).expanduser()
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} not found (MagicLens's weights are a .pkl file)")
-        stat = path.stat()
-        loaded = backbone.derived("magiclens", dict)  # one load for a command's methods and sweeps; the last kept
-        identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if identity not in loaded:
-            loaded.clear()
-            loaded[identity] = load_magiclens(path, backbone)
-        self.tuned, self.head, self.record = loaded[identity]
+        self.tuned, self.head, self.record = last_loaded(backbone, "magiclens", path,
+                                                         lambda: load_magiclens(path, backbone))
 
     def reference_feature_kind(self) -> dict:
         return {"kind": "magiclens-clip-image", "magiclens_sha256": self.record["sha256"]}

@@ -46,6 +46,7 @@ from cirbench.method import Method
 from cirbench.methods._shared.towers import (
     IMAGE_PARTS,
     TEXT_PARTS,
+    last_loaded,
     load_part_state,
     part_parameters,
     part_state,
@@ -107,18 +108,18 @@ def load_towers(path: Any, backbone: Backbone) -> tuple[torch.nn.Module, dict[st
     if is_official_file(path, OFFICIAL_SUFFIXES):
         p = Path(path)
         tensors, parts = official_tensors(p), IMAGE_PARTS + TEXT_PARTS
-        record = {"checkpoint": str(p), "sha256": file_sha256(p), "format": "official"}
+        record = {"checkpoint": str(p), "sha256": file_sha256(p), "format": "official", "tuned": "both"}
     else:
         tensors, config = load_checkpoint(path, "pli", backbone.identity(), OFFICIAL_SUFFIXES)
         tune = (config.get("options") or {}).get("tune", "both")
         if tune not in TUNED:
             raise CheckpointError(f"checkpoint {path} records tune={tune!r}; valid: {', '.join(TUNED)}")
         parts = TUNED[tune]
-        record = {"checkpoint": str(path), "sha256": checkpoint_sha256(path), "format": "cirbench", "tune": tune}
+        record = {"checkpoint": str(path), "sha256": checkpoint_sha256(path), "format": "cirbench", "tuned": tune}
     view = tower_view(backbone.model, parts)
     load_part_state(view, tensors, str(path), parts)
     view.eval()
-    return view, {**record, "tuned": "image" if parts == IMAGE_PARTS else "text" if parts == TEXT_PARTS else "both"}
+    return view, record
 
 
 class PLI(Method):
@@ -129,15 +130,7 @@ class PLI(Method):
         super().__init__(backbone, options, dataset)
         downloads(options, backbone.model_name, backbone.pretrained)
         path = Path(options["checkpoint"]).expanduser()
-        stat = path.stat() if path.exists() else None
-        # the values of an --image-weight sweep share one load; only the last checkpoint's towers are kept (training's
-        # validation loads a new one at every step: a copy of CLIP each would pile up)
-        loaded = backbone.derived("pli-towers", dict)
-        identity = (str(path.resolve()), stat and (stat.st_size, stat.st_mtime_ns))
-        if identity not in loaded:
-            loaded.clear()
-            loaded[identity] = self._load(path, backbone)
-        self.tuned, self.record = loaded[identity]
+        self.tuned, self.record = last_loaded(backbone, "pli-towers", path, lambda: self._load(path, backbone))
         self.marks = bool(options.get("official_text", True)) and dataset in MARKED_DATASETS
 
     @staticmethod
