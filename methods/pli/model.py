@@ -195,8 +195,7 @@ class PLITrainable(TrainableMethod):
 
     def __init__(self, backbone: Backbone, options: dict[str, Any]):
         super().__init__(backbone, options)
-        self.tune = str(options.get("tune", "both"))
-        self.parts = TUNED[self.tune]
+        self.parts = TUNED[str(options.get("tune", "both"))]
         if not hasattr(backbone.model, "visual") or not hasattr(backbone.model.visual, "patch_dropout"):
             raise CirbenchError(f"pli masks the patch tokens of a ViT image tower; {backbone.model_name}'s image "
                                 "tower has none (a ResNet?)")
