@@ -327,7 +327,7 @@ class MagicLensHead(torch.nn.Module):
 def head_of(flat: dict[str, torch.Tensor], source: str) -> MagicLensHead:
     """The head with its sizes read off the checkpoint's shapes, holding its weights."""
     tensors = {k.removeprefix("params/").replace("/", "."): v for k, v in flat.items()
-               if k.split("/")[1:2] and k.split("/")[1] in HEAD_PARTS}
+               if k.startswith(tuple(f"params/{part}/" for part in HEAD_PARTS))}
     try:
         dim = int(tensors["contrastive_multimodal_pooler.pooling_attn_query"].shape[1])
         queries = int(tensors["contrastive_multimodal_pooler.pooling_attn_query"].shape[0])
