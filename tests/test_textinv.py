@@ -70,8 +70,7 @@ def test_mapping_networks_compute_as_the_official_modules():
     evaluation."""
     from torch.nn.functional import gelu, linear, relu
 
-    from cirbench.methods._shared.textinv import Phi
-    from cirbench.methods.pic2word.model import Img2Text
+    from cirbench.methods._shared.textinv import Img2Text, Phi
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 16, generator=gen)

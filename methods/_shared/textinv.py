@@ -151,6 +151,27 @@ class Phi(torch.nn.Module):
         return self.layers(x)
 
 
+class Img2Text(torch.nn.Module):
+    """Pic2Word's mapping network (its ``IM2TEXT``, which KEDs keeps): ``Linear(d, m)-Dropout-ReLU-Linear(m, m)-
+    Dropout-ReLU`` then ``fc_out: Linear(m, token width)``.
+
+    Names follow the official module (``layers.0.0``, ``layers.1.0``, ``fc_out``) so its weights load as is.
+    """
+
+    def __init__(self, embed_dim: int, middle_dim: int, output_dim: int, dropout: float = 0.1, n_layer: int = 2):
+        super().__init__()
+        blocks, dim = [], embed_dim
+        for _ in range(n_layer):
+            blocks.append(torch.nn.Sequential(torch.nn.Linear(dim, middle_dim), torch.nn.Dropout(dropout),
+                                              torch.nn.ReLU()))
+            dim = middle_dim
+        self.layers = torch.nn.Sequential(*blocks)
+        self.fc_out = torch.nn.Linear(middle_dim, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.layers(x))
+
+
 def loaded_phi(backbone: Backbone, tensors: dict[str, torch.Tensor], source: str, dropout: float = 0.5) -> Phi:
     """A :class:`Phi` for ``backbone`` (input: its embedding, hidden 4x, output: its token width) holding
     ``tensors``, on the backbone's device, in eval mode and frozen (a trained Phi that other weights are evaluated
@@ -287,16 +308,18 @@ def benchmark_prompt(query: Query, image_words: str) -> str | None:
     return before + image_words + after
 
 
-def pic2word_prompt(query: Query, placeholder: str = "*") -> str:
-    """Pic2Word's official prompts (which Context-I2W keeps, with its own placeholder token): CIRR/CIRCO "a photo
-    of * , {caption}"; FashionIQ "a photo of * , {cap2} and {cap1}"; the benchmark's own prompt where it fixes one
-    (its domain-conversion and object-composition tasks)."""
-    own = benchmark_prompt(query, placeholder)
+def pic2word_prompt(query: Query, placeholder: str = "*", words: int = 1) -> str:
+    """Pic2Word's official prompts (which Context-I2W and KEDs keep, with their own placeholder token): CIRR/CIRCO
+    "a photo of * , {caption}"; FashionIQ "a photo of * , {cap2} and {cap1}"; the benchmark's own prompt where it
+    fixes one (its domain-conversion and object-composition tasks). ``words``: how many placeholders stand where
+    the image goes (KEDs writes three pseudo-words there)."""
+    image = " ".join([placeholder] * words)
+    own = benchmark_prompt(query, image)
     if own is not None:
         return own
     caps = [clean_text(t, placeholder) for t in query.texts]
     text = f"{caps[1]} and {caps[0]}" if len(caps) == 2 else caps[0]
-    return f"a photo of {placeholder} , {text}"
+    return f"a photo of {image} , {text}"
 
 
 def searle_prompt(text: str, placeholder: str = "$") -> str:

@@ -1,4 +1,5 @@
-"""Tuned copies of a backbone's towers, for methods that fine-tune CLIP itself (RTD's text tower, PLI's two).
+"""Tuned copies of a backbone's towers, for methods that fine-tune CLIP itself (RTD's text tower, PLI's two),
+and :func:`last_loaded`, which keeps a method's big files loaded once across a sweep.
 
 The backbone a method gets is shared (see :mod:`cirbench.method`): it is never changed in place. A method that
 tunes a tower, or loads tuned weights into one, works on a *view* of the open_clip model: a shallow copy whose
@@ -11,7 +12,8 @@ text memo of its own, so that its features are never served for the shared model
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -75,15 +77,19 @@ def tuned_backbone(backbone: Backbone, view: torch.nn.Module) -> Backbone:
     return replace(backbone, model=view, _text_memo={}, _derived={}, feature_store=None)
 
 
-def last_loaded(backbone: Backbone, slot: str, path: Path, load: Callable[[], Any]) -> Any:
-    """``load()``'s result for the checkpoint at ``path``, kept on the backbone under ``slot`` while it is the last
-    checkpoint loaded there (the same file: the same path, size and modification time): the values of a sweep
-    share one load, and a new checkpoint replaces the last (training's validation loads one at every step, and a
-    copy of CLIP each would pile up)."""
-    stat = path.stat() if path.exists() else None
+def last_loaded(backbone: Backbone, slot: str, path: Path | Sequence[Path], load: Callable[[], Any]) -> Any:
+    """``load()``'s result for the checkpoint at ``path`` (or the files ``path`` lists, read together), kept on the
+    backbone under ``slot`` while it is the last checkpoint loaded there (the same files: the same paths, sizes and
+    modification times): the values of a sweep share one load, and a new checkpoint replaces the last (training's
+    validation loads one at every step, and a copy of CLIP each would pile up)."""
+    paths = [path] if isinstance(path, Path) else list(path)
     loaded = backbone.derived(slot, dict)
-    identity = (str(path.resolve()), stat and (stat.st_size, stat.st_mtime_ns))
+    identity = tuple((str(p.resolve()), (st.st_size, st.st_mtime_ns) if (st := _stat(p)) else None) for p in paths)
     if identity not in loaded:
         loaded.clear()
         loaded[identity] = load()
     return loaded[identity]
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    return path.stat() if path.exists() else None

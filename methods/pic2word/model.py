@@ -11,6 +11,7 @@ from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint
 from cirbench.method import Method
 from cirbench.methods._shared.textinv import (
+    Img2Text,
     Pic2WordFamilyTrainable,
     RawImageReferences,
     encode_with_pseudo_tokens,
@@ -26,26 +27,6 @@ from cirbench.util import file_sha256
 PLACEHOLDER = "*"
 
 OFFICIAL_SUFFIXES = (".pt", ".pth", ".bin")  # the official release's checkpoint, read by the safe unpickler
-
-
-class Img2Text(torch.nn.Module):
-    """``Linear(d, m)-Dropout-ReLU-Linear(m, m)-Dropout-ReLU`` then ``fc_out: Linear(m, token width)``.
-
-    Names follow the official module (``layers.0.0``, ``layers.1.0``, ``fc_out``) so its weights load as is.
-    """
-
-    def __init__(self, embed_dim: int, middle_dim: int, output_dim: int, dropout: float = 0.1, n_layer: int = 2):
-        super().__init__()
-        blocks, dim = [], embed_dim
-        for _ in range(n_layer):
-            blocks.append(torch.nn.Sequential(torch.nn.Linear(dim, middle_dim), torch.nn.Dropout(dropout),
-                                              torch.nn.ReLU()))
-            dim = middle_dim
-        self.layers = torch.nn.Sequential(*blocks)
-        self.fc_out = torch.nn.Linear(middle_dim, output_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(self.layers(x))
 
 
 def build_net(backbone: Backbone, options: dict[str, Any]) -> Img2Text:
