@@ -15,7 +15,7 @@ from toy_plugin import ToyPlugin
 
 from cirbench.backbones import load_backbone
 from cirbench.cli import cli
-from cirbench.errors import CheckpointError
+from cirbench.errors import CheckpointError, CirbenchError
 from cirbench.types import Query
 
 K = 4  # neighbours in these tests (the official 16 needs a bigger database than a test wants)
@@ -189,7 +189,7 @@ def test_the_database_search_is_l2_as_stored(released):
     from cirbench.methods.keds.model import Database
 
     db = Database(released.images, released.captions, torch.device("cpu"))
-    assert db.searched[0] is not None and db.searched[1] is None  # only the non-unit rows need the norm column
+    assert [m.shape[1] for m in db.matrices] == [33, 32]  # only the non-unit rows carry their squared norm
     queries = torch.randn(6, 32, generator=torch.Generator().manual_seed(9)) * 4
     images, captions = db.nearest(queries, 5)
     q = F.normalize(queries, dim=-1)
@@ -231,6 +231,8 @@ def test_wrong_files_say_what_is_wrong(tmp_path, backbone, released):
     refused("non-finite", text_database=tmp_path / "nan.npy")
     torch.save({"a": torch.zeros(40, 32)}, tmp_path / "dict.pt")
     refused("not a \\[rows, 32\\] matrix", image_database=tmp_path / "dict.pt")
+    with pytest.raises(CirbenchError, match="--neighbours 41 exceeds the database's 40 rows"):
+        KEDs(backbone, {**released.options, "neighbours": 41}, "cirr").prepare_references(["a"], torch.ones(1, 32))
 
 
 def test_released_files_are_for_vit_l14_openai_and_fail_offline_in_one_line(monkeypatch, tmp_path):

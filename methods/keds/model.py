@@ -189,29 +189,25 @@ def read_features(path: Path, what: str, dim: int) -> torch.Tensor:
 class Database:
     """The bi-modality knowledge: image and caption features, row for row, on the backbone's device, searched
     by L2 distance as the official ``IndexFlatL2``. Rows of unit length are searched by inner product (the same
-    order, no copy); others by ``2 q.x - |x|^2`` on a copy with the squared norm appended."""
+    order); others by ``2 q.x - |x|^2``, their squared norm kept as a last column (the rows are its first ``D``)."""
 
     def __init__(self, images: torch.Tensor, captions: torch.Tensor, device: torch.device):
-        self.images, self.captions = images.to(device), captions.to(device)
-        self.searched = [self._searchable(m) for m in (self.images, self.captions)]
+        self.rows, self.dim = len(images), images.shape[1]
+        self.matrices = [self._searchable(m.to(device)) for m in (images, captions)]
 
     @staticmethod
-    def _searchable(rows: torch.Tensor) -> torch.Tensor | None:
+    def _searchable(rows: torch.Tensor) -> torch.Tensor:
         squared = (rows * rows).sum(dim=1, keepdim=True)
-        if bool(((squared - 1).abs() < 1e-4).all()):
-            return None
-        return torch.cat([rows, squared], dim=1)
+        return rows if bool(((squared - 1).abs() < 1e-4).all()) else torch.cat([rows, squared], dim=1)
 
     def nearest(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest images and captions ``[B, k, D]`` each of the normalised ``queries``."""
-        q = F.normalize(queries.float(), dim=-1).to(self.images.device)
+        q = F.normalize(queries.float(), dim=-1).to(self.matrices[0].device)
+        with_norm = torch.cat([2 * q, -torch.ones(len(q), 1, device=q.device)], dim=1)
         found = []
-        for rows, searched in zip((self.images, self.captions), self.searched, strict=True):
-            if searched is None:
-                idx, _ = rank(q, rows, k)
-            else:
-                idx, _ = rank(torch.cat([2 * q, -torch.ones(len(q), 1, device=q.device)], dim=1), searched, k)
-            found.append(rows[idx.to(rows.device)])
+        for matrix in self.matrices:
+            idx, _ = rank(q if matrix.shape[1] == self.dim else with_norm, matrix, k)
+            found.append(matrix[idx.to(matrix.device), :self.dim])
         return found[0], found[1]
 
 
@@ -274,9 +270,8 @@ class KEDs(RawImageReferences, Method):
     def prepare_references(self, ids: list[str], features: torch.Tensor) -> torch.Tensor:
         """Each reference's raw embedding followed by its nearest database images and captions: ``[N, 1 + 2k,
         D]``, searched once per evaluation set."""
-        if len(self.bundle["database"].images) < self.k:
-            raise CirbenchError(f"--neighbours {self.k} exceeds the database's {len(self.bundle['database'].images)} "
-                                "rows")
+        if self.bundle["database"].rows < self.k:
+            raise CirbenchError(f"--neighbours {self.k} exceeds the database's {self.bundle['database'].rows} rows")
         out = []
         for start in range(0, len(features), 1024):
             raw = features[start:start + 1024].to(self.backbone.device).float()
