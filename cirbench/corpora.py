@@ -20,6 +20,11 @@ their captions; batches carry empty ``pixels``. A method whose caption is anothe
 ``target_caption``) names it (``caption_columns``), and the columns it needs besides (``required_columns``)
 are checked when the corpus is opened.
 
+A method trained on image triplets (TransAgg: reference image, relative caption, target image) names the
+columns of a CSV/TSV that hold its other images (``image_columns``, e.g. ``target``): each is a path relative to
+the file's folder, read and preprocessed as the sample's image is, and batches carry them stacked in
+``images[column]``; a row whose image of either kind is missing or corrupt is skipped.
+
 Methods that learn from images alone (SEARLE's Phi, trained on unlabelled ImageNet images) open it with
 ``captions=False``: a CSV/TSV then needs only its image column, a folder's images need no sidecar, shards no
 caption. Opened with neither (``images=False, captions=False``) a corpus lists its images without reading
@@ -78,14 +83,17 @@ class Batch:
     unreadable_shards: list[tuple[str, str]] = field(default_factory=list)  # (shard, why)
     keys: list[str] = field(default_factory=list)
     reader: int = 0  # the loader's reader process that made it (its worker id; 0 without reader processes)
+    images: dict[str, torch.Tensor] = field(default_factory=dict)  # the corpus's other image columns, preprocessed
 
     def to(self, device: torch.device) -> Batch:
-        return replace(self, pixels=self.pixels.to(device, non_blocking=True))
+        return replace(self, pixels=self.pixels.to(device, non_blocking=True),
+                       images={k: v.to(device, non_blocking=True) for k, v in self.images.items()})
 
     def pin_memory(self) -> Batch:
         """Page-locked pixels (the DataLoader's pinning thread calls this under ``pin_memory=True``), so that
         :meth:`to` copies them to the GPU asynchronously; without it the loader hands the batch on unpinned."""
-        return replace(self, pixels=self.pixels.pin_memory())
+        return replace(self, pixels=self.pixels.pin_memory(),
+                       images={k: v.pin_memory() for k, v in self.images.items()})
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -110,9 +118,10 @@ def collate(samples: list[dict[str, Any] | None]) -> Batch | None:
     if not good:
         return Batch(torch.empty(0), [], {}, skipped, shards, reader=reader)
     columns = [k for k in good[0]["extra"]]
+    images = {k: torch.stack([s["images"][k] for s in good]) for k in good[0].get("images", {})}
     return Batch(torch.stack([s["pixels"] for s in good]), [s["caption"] for s in good],
                  {k: [s["extra"].get(k) for s in good] for k in columns}, skipped, shards, [s["key"] for s in good],
-                 reader)
+                 reader, images)
 
 
 NO_PIXELS = torch.empty(0)
@@ -149,13 +158,14 @@ class PairsCorpus(torch.utils.data.Dataset):
 
     def __init__(self, rows: Rows, source: str, images: bool,
                  preprocessor: Preprocessor | RandomResizedCrop | None, captions: bool = True,
-                 root: Path | None = None):
+                 root: Path | None = None, image_columns: tuple[str, ...] = ()):
         self.rows = rows
         self.source = source
         self.images = images
         self.captions = captions
         self.preprocessor = preprocessor
         self.root = root  # image keys are paths relative to it
+        self.image_columns = image_columns  # extra columns naming more images of a sample (relative to root)
         self.epoch = 0  # set by the training loop: part of each sample's augmentation draw
 
     def __len__(self) -> int:
@@ -169,7 +179,7 @@ class PairsCorpus(torch.utils.data.Dataset):
 
     def with_images(self, preprocessor: Preprocessor | RandomResizedCrop) -> PairsCorpus:
         """The same samples with their images read and preprocessed (captions as this corpus needs them)."""
-        return PairsCorpus(self.rows, self.source, True, preprocessor, self.captions, self.root)
+        return PairsCorpus(self.rows, self.source, True, preprocessor, self.captions, self.root, self.image_columns)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         path, caption, extra = self.rows[index]
@@ -179,7 +189,19 @@ class PairsCorpus(torch.utils.data.Dataset):
             data = Path(path).read_bytes()
         except OSError:
             return None
-        return _sample(self, data, caption, str(path), extra, f"{self.epoch}:{index}", self.key(index))
+        sample = _sample(self, data, caption, str(path), extra, f"{self.epoch}:{index}", self.key(index))
+        if sample is None or not self.image_columns:
+            return sample
+        assert self.preprocessor is not None and self.root is not None  # _sample read the first image with it
+        sample["images"] = {}
+        for column in self.image_columns:
+            other = self.root / str(extra.get(column) or "")
+            try:
+                sample["images"][column] = self.preprocessor.from_bytes(other.read_bytes(), str(other),
+                                                                        f"{self.epoch}:{index}:{column}")
+            except (OSError, ImageError, ValueError):  # missing, corrupt, or a mode PIL cannot resample
+                return None
+        return sample
 
 
 def _read_table(path: Path, images: bool = True, captions: bool = True,
@@ -425,18 +447,23 @@ def _shard_folder(path: Path) -> list[str] | None:
 
 def open_corpus(spec: str | Path, preprocessor: Preprocessor | None = None, *,
                 images: bool = True, captions: bool = True, caption_columns: tuple[str, ...] = CAPTION_COLUMNS,
-                required_columns: tuple[str, ...] = ()) -> PairsCorpus | ShardCorpus:
+                required_columns: tuple[str, ...] = (),
+                image_columns: tuple[str, ...] = ()) -> PairsCorpus | ShardCorpus:
     """The corpus reader for ``spec`` (see the module docstring); CirbenchError if it is absent, malformed or
     empty. ``images=False`` opens it language-only (captions, no images); ``captions=False`` for images alone;
     neither, for the keys of its images. An image corpus may be opened before its backbone exists (so that a bad
     corpus fails before a backbone is loaded or downloaded); its ``preprocessor`` is then set before it is read.
     ``caption_columns``: where a table or record holds its caption (the first found); ``required_columns``: the
-    other columns every row of a table or record file must have."""
+    other columns every row of a table or record file must have; ``image_columns``: those of them that name more
+    images of each sample (a CSV/TSV's), read with its image."""
     text = str(spec)
     path = Path(text).expanduser()
     if images:
         tensor_decoder()  # a bad CIRBENCH_IMAGE_DECODER fails here, not in a reader process
     urls = _existing_shards(text) if _names_shards(text) else _shard_folder(path)
+    if image_columns and (urls or not (path.is_file() and path.suffix.lower() in (".csv", ".tsv"))):
+        raise CirbenchError(f"corpus {text}: this method trains on images named in the columns "
+                            f"image and {', '.join(image_columns)} of a .csv/.tsv file (paths relative to it)")
     if urls:
         return ShardCorpus(urls, text, images, preprocessor, captions=captions, num_samples=shard_sizes(urls))
     text_only = not images and captions  # captions without images; otherwise the corpus lists its images
@@ -463,4 +490,4 @@ def open_corpus(spec: str | Path, preprocessor: Preprocessor | None = None, *,
             raise CirbenchError(f"corpus {path}: row {i + 1} has no {', '.join(lacking)} (the method reads "
                                 f"{'/'.join(caption_columns)} and {', '.join(required_columns)} from each row)")
     root = None if text_only else (path if path.is_dir() else path.parent)
-    return PairsCorpus(rows, text, images, preprocessor, captions, root)
+    return PairsCorpus(rows, text, images, preprocessor, captions, root, image_columns)

@@ -126,14 +126,15 @@ def registered(plugin: Any, name: str) -> Iterator[Any]:
 TRAINING_CHECK = "trains: two steps on a toy corpus with the tiny CLIP write a checkpoint"
 # the corpus columns cirbench's built-in trainers read besides image and caption (write_toy_corpus fills them)
 TOY_CORPUS_COLUMNS = ("masked_caption", "subject", "attribute", "reference_caption", "conditioning_caption",
-                      "target_caption")
+                      "target_caption", "relative_caption", "target")
 
 
 def write_toy_corpus(root: Path, columns: tuple[str, ...] = ()) -> Path:
     """A tiny training corpus, ``<root>/pairs.csv``: the toy dataset's twelve images captioned "a <colour> square",
     with the columns of :data:`TOY_CORPUS_COLUMNS` (the caption with its object masked, its subject and attribute,
-    a text triplet "a <colour> square" / "make it <next colour>" / "a <next colour> square") and each other of
-    ``columns`` (a plugin's own, holding the caption); returns the CSV's path."""
+    a text triplet "a <colour> square" / "make it <next colour>" / "a <next colour> square", an image triplet: the
+    image, "make it <next colour>" and an image of that colour as ``target``) and each other of ``columns`` (a
+    plugin's own, holding the caption); returns the CSV's path."""
     import csv
 
     root = Path(root)
@@ -147,7 +148,8 @@ def write_toy_corpus(root: Path, columns: tuple[str, ...] = ()) -> Path:
             rows.append({"image": f"images/img_{colour}_{j}.png", "caption": caption,
                          "masked_caption": f"a {colour} <|replace|>", "subject": "square", "attribute": colour,
                          "reference_caption": caption, "conditioning_caption": f"make it {after}",
-                         "target_caption": f"a {after} square", **{c: caption for c in columns
+                         "target_caption": f"a {after} square", "relative_caption": f"make it {after}",
+                         "target": f"images/img_{after}_{j}.png", **{c: caption for c in columns
                                                                    if c not in TOY_CORPUS_COLUMNS}})
     path = root / "pairs.csv"
     with open(path, "w", newline="") as fh:
@@ -182,7 +184,7 @@ def train_for_check(method: str, folder: Path, options: dict[str, Any] | None = 
     columns = (*trainer_cls.caption_columns[:1], *trainer_cls.required_columns)
     corpus = open_corpus(write_toy_corpus(folder / "corpus", columns), images=trainer_cls.needs_images,
                          captions=trainer_cls.needs_captions, caption_columns=trainer_cls.caption_columns,
-                         required_columns=trainer_cls.required_columns)
+                         required_columns=trainer_cls.required_columns, image_columns=trainer_cls.image_columns)
     backbone = load_backbone(str(write_tiny_config(folder / "cfg")), "none", device="cpu", precision="fp32", seed=0,
                              training=True)
     trainable = trainer_cls(backbone, opts)

@@ -83,6 +83,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     warmup_start: float = 0.0
     schedule: str = "cosine"  # cosine | constant | step
+    min_lr: float = 0.0  # the schedule's floor (torch's eta_min; a method default): see group_lr
     step_epochs: tuple[int, ...] = ()  # schedule "step": multiply lr by step_gamma after each of these epochs
     step_gamma: float = 0.1
     accum_steps: int = 1
@@ -119,6 +120,7 @@ class TrainableMethod:
     needs_captions = True  # False: images alone; with needs_images False too, each step reads only the sample keys
     caption_columns: tuple[str, ...] = CAPTION_COLUMNS  # where a table or record holds the caption (the first found)
     required_columns: tuple[str, ...] = ()  # other columns each row must have (``batch.extra``), checked on opening
+    image_columns: tuple[str, ...] = ()  # those of them naming more images of a sample (``batch.images``; triplets)
     defaults: dict[str, Any] = {}
     adam_betas: tuple[float, float] = (0.9, 0.999)  # torch's AdamW defaults unless the official code says otherwise
     adam_eps: float = 1e-8
@@ -137,6 +139,11 @@ class TrainableMethod:
     def decays(self, name: str, param: torch.nn.Parameter) -> bool:
         """Whether weight decay applies to a parameter (default: matrices, not biases and norms)."""
         return param.ndim >= 2
+
+    def lr_scale(self, name: str, param: torch.nn.Parameter) -> float:
+        """A parameter's learning rate as a multiple of ``--lr`` (default 1; TransAgg tunes CLIP's text tower at
+        1e-6 beside its head's 1e-4)."""
+        return 1.0
 
     def train_mode(self, training: bool) -> None:
         """Switch the trained modules between train and eval mode (dropout)."""
@@ -256,11 +263,19 @@ def build_optimizer(trainable: TrainableMethod, cfg: TrainConfig) -> torch.optim
     named = trainable.named_trainable_parameters()
     if not named:
         raise CirbenchError(f"method '{trainable.name}' has nothing to train")
-    decay = [p for n, p in named if trainable.decays(n, p)]
-    no_decay = [p for n, p in named if not trainable.decays(n, p)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    for n, p in named:
+        groups.setdefault((trainable.decays(n, p), float(trainable.lr_scale(n, p))), []).append(p)
+    return torch.optim.AdamW([{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0,
+                               "lr_scale": scale} for (decays, scale), params in groups.items()], lr=cfg.lr,
                              betas=trainable.adam_betas, eps=trainable.adam_eps)
+
+
+def group_lr(cfg: TrainConfig, factor: float, scale: float = 1.0) -> float:
+    """The learning rate of a parameter group at schedule ``factor``: ``--lr`` x its scale, or, with a floor
+    (``min_lr``, as torch's ``eta_min``, shared by every group), ``min_lr + (lr x scale - min_lr) x factor``."""
+    base = cfg.lr * scale
+    return cfg.min_lr + (base - cfg.min_lr) * factor if cfg.min_lr else base * factor
 
 
 LOG_FILE = "train_log.jsonl"
@@ -369,7 +384,8 @@ def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardC
                              f"with needs_images={trainable.needs_images}, needs_captions={trainable.needs_captions}")
     else:
         corpus = open_corpus(corpus, images=trainable.needs_images, captions=trainable.needs_captions,
-                             caption_columns=trainable.caption_columns, required_columns=trainable.required_columns)
+                             caption_columns=trainable.caption_columns, required_columns=trainable.required_columns,
+                             image_columns=getattr(trainable, "image_columns", ()))
     if corpus.images:
         corpus.preprocessor = trainable.train_preprocessor(cfg.seed)
     plan = plan_steps(corpus, cfg, world)
@@ -386,7 +402,7 @@ def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardC
 # carried out (device, workers, world size, logging) may change: the global batch of each step is the same
 # whatever the number of ranks (EpochSampler).
 RESUME_FIXED = ("batch_size", "lr", "weight_decay", "warmup_steps", "warmup_epochs", "warmup_start", "schedule",
-                "step_epochs", "step_gamma", "max_grad_norm", "precision", "seed")
+                "min_lr", "step_epochs", "step_gamma", "max_grad_norm", "precision", "seed")
 
 
 SHARD_READING = "shuffled per epoch"  # how shards are read (recorded; earlier versions read them in order)
@@ -469,7 +485,7 @@ def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, fa
     ``scaler`` (enabled for fp16 training, a pass-through otherwise) scales the loss so that small gradients
     survive fp16, and skips a step whose gradients overflowed, lowering the scale, as torch's AMP recipe does."""
     for group in optimizer.param_groups:
-        group["lr"] = cfg.lr * factor
+        group["lr"] = group_lr(cfg, factor, group.get("lr_scale", 1.0))
     optimizer.zero_grad(set_to_none=True)
     logs: dict[str, float] = {}
     loss_sum = 0.0
@@ -844,9 +860,9 @@ class _Trainer:
             bar.update(1)
             if run.step % cfg.log_every == 0 or run.step == self.total_steps:
                 rate = run.seen / max(1e-9, time.perf_counter() - self.start)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{cfg.lr * factor:.2e}", img_s=f"{rate:.0f}",
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{group_lr(cfg, factor):.2e}", img_s=f"{rate:.0f}",
                                 **{k: f"{v:.3f}" for k, v in logs.items()})
-                self.log.write({"step": run.step, "epoch": run.epoch, "loss": loss, "lr": cfg.lr * factor,
+                self.log.write({"step": run.step, "epoch": run.epoch, "loss": loss, "lr": group_lr(cfg, factor),
                                 "img_s": round(rate, 1), **logs})
             if run.step % cfg.save_every == 0 and run.step < self.total_steps:
                 self.save(self.latest, final=False)

@@ -56,7 +56,7 @@ Examples:
                    "more, without gradients.")
 @click.option("--max-grad-norm", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Clip the gradients' global norm to this before each step (open_clip's --grad-clip-norm); "
-                   "default: no clipping, as the official trainers.")
+                   "default: the method's (TransAgg's official trainer clips at 5; the others do not clip).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Autocast over fp32 weights; auto = bf16 on a GPU, fp32 on the CPU.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
@@ -127,15 +127,15 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     # a bad corpus fails before the backbone is loaded
     corpus_data = open_corpus(corpus, images=trainer_cls.needs_images, captions=trainer_cls.needs_captions,
                               caption_columns=trainer_cls.caption_columns,
-                              required_columns=trainer_cls.required_columns)
+                              required_columns=trainer_cls.required_columns, image_columns=trainer_cls.image_columns)
     dev = distributed.init_from_env(device)
     given = {"epochs": epochs, "max_steps": max_steps, "train_num_samples": train_num_samples,
              "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
-             "schedule": schedule}
+             "schedule": schedule, "max_grad_norm": max_grad_norm}
     values = {**trainer_cls.defaults, **{k: v for k, v in given.items() if v is not None}}
     if warmup_steps is not None:  # a warm-up given in steps replaces the method's own, in epochs
         values.pop("warmup_epochs", None)
-    cfg = TrainConfig(output=Path(output), accum_steps=accum_steps, max_grad_norm=max_grad_norm, precision=precision,
+    cfg = TrainConfig(output=Path(output), accum_steps=accum_steps, precision=precision,
                       device=str(dev), seed=seed, workers=workers, save_every=save_every, log_every=log_every,
                       resume=not no_resume, progress=not quiet, validate=validate,
                       validate_data_roots=roots, validate_every=validate_every, **values)
