@@ -29,3 +29,17 @@ def record_training(events: list[list[Any]], patch: Callable[[Any, str, Any], No
 
     patch(training, "_loader", loader)
     patch(training, "_optimizer_step", step)
+
+
+def official_vit_tokens(model: Any, image: Any) -> Any:
+    """The tokens OpenAI's CLIP ViT has after its transformer, before ``ln_post`` (class token first), written out as
+    the official repositories' copies of ``VisualTransformer`` compute them (Context-I2W's ``get_tokens``, TransAgg's
+    modified ``forward``), over an open_clip model's weights (open_clip >= 2.24: batch-first tokens)."""
+    import torch
+
+    v = model.visual
+    x = v.conv1(image)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    x = torch.cat([v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype), x], dim=1)
+    x = v.ln_pre(x + v.positional_embedding.to(x.dtype))
+    return v.transformer(x)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from helpers import registered
+from helpers import official_vit_tokens, registered
 from toy_plugin import ToyPlugin
 
 from cirbench.backbones import load_backbone
@@ -39,17 +39,6 @@ def random_official_state(backbone, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 # -- the official code, transcribed (model/model.py, src/eval_utils.py) over the open_clip model's weights ------
-def official_get_tokens(model, image):
-    """VisualTransformer.get_tokens: the tokens after the transformer, before ln_post."""
-    v = model.visual
-    x = v.conv1(image)
-    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-    x = torch.cat([v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype), x], dim=1)
-    x = x + v.positional_embedding.to(x.dtype)
-    x = v.ln_pre(x)
-    return v.transformer(x)  # open_clip >= 2.24 takes and returns batch-first tokens
-
-
 def official_encode_text(model, text):
     x = model.token_embedding(text) + model.positional_embedding
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
@@ -131,7 +120,7 @@ def test_compose_is_the_official_evaluation(tmp_path, backbone):
     refs = vision_tokens(backbone, pixels)[1]
     model = backbone.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(refs, official_get_tokens(model, pixels))
+        torch.testing.assert_close(refs, official_vit_tokens(model, pixels))
     cases = [
         ([Query("0", "r", ("has two dogs on the grass",)), Query("1", "r", ("is at night",)),
           Query("2", "r", ("shows the same cat, sleeping",))],
@@ -252,7 +241,7 @@ def test_training_step_is_the_official_loss(tmp_path, backbone):
     model = backbone.model.eval()
     with torch.no_grad():
         image = model.encode_image(pixels)
-        tokens = official_get_tokens(model, pixels)
+        tokens = official_vit_tokens(model, pixels)
         c = official_encode_text(model, official_tokens(backbone, replaced))
         token = official_im2text_owm_attn(state, c, tokens)
         text = backbone.tokenizer(["a photo of"] * 4)  # encode_text_img: the token goes where the end token was

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from helpers import registered
+from helpers import official_vit_tokens, registered
 from toy_plugin import ToyPlugin
 
 from cirbench.backbones import load_backbone
@@ -41,12 +41,8 @@ def random_head_state(dim: int, seed: int, layers: int = 2) -> dict[str, torch.T
 # -- the official code, transcribed (model/clip/model.py, model/model.py) over the open_clip model's weights ------
 def official_encode_image(model, image):
     """VisionTransformer.forward of the modified CLIP: (ln_post(x[:, 0]) @ proj, ln_post(x) @ proj)."""
+    x = official_vit_tokens(model, image)
     v = model.visual
-    x = v.conv1(image)
-    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-    x = torch.cat([v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype), x], dim=1)
-    x = v.ln_pre(x + v.positional_embedding.to(x.dtype))
-    x = v.transformer(x)  # open_clip >= 2.24 takes and returns batch-first tokens
     return v.ln_post(x[:, 0, :]) @ v.proj, v.ln_post(x) @ v.proj
 
 
