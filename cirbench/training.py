@@ -263,7 +263,9 @@ def build_optimizer(trainable: TrainableMethod, cfg: TrainConfig) -> torch.optim
     named = trainable.named_trainable_parameters()
     if not named:
         raise CirbenchError(f"method '{trainable.name}' has nothing to train")
-    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    # the decayed and the plain group at --lr come first, even empty, so that an optimizer state saved by an
+    # earlier version (those two groups) resumes; a scaled learning rate adds groups after them
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     for n, p in named:
         groups.setdefault((trainable.decays(n, p), float(trainable.lr_scale(n, p))), []).append(p)
     return torch.optim.AdamW([{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0,

@@ -257,8 +257,11 @@ def test_training_step_and_schedule_are_the_official_ones(backbone):
     cfg = TrainConfig(output=None, **{k: v for k, v in TransAggTrainable.defaults.items() if k != "epochs"},
                       epochs=3)
     optimizer = build_optimizer(trainer, cfg)
-    scales = sorted(g["lr_scale"] for g in optimizer.param_groups)
-    assert scales == [0.01, 1.0] and all(g["weight_decay"] == 0.05 for g in optimizer.param_groups)
+    used = [g for g in optimizer.param_groups if g["params"]]
+    assert sorted(g["lr_scale"] for g in used) == [0.01, 1.0] and all(g["weight_decay"] == 0.05 for g in used)
+    towers = next(g for g in used if g["lr_scale"] == 0.01)["params"]
+    assert sum(p.numel() for p in towers) == sum(p.numel() for name, p in trainer.named_trainable_parameters()
+                                                 if name.startswith("pretrained_model."))
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     official = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "lr": 1e-6}], lr=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(official, T_0=3, eta_min=1e-2 * 1e-4)
