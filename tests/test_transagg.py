@@ -298,3 +298,44 @@ def test_trains_and_runs_through_the_cli(tmp_path, tiny_config, toy_root):
                                    str(tiny_config), "--pretrained", "none", "--max-steps", "1", "--output",
                                    str(tmp_path / "t2"), "--quiet"])
     assert res.exit_code == 2 and "has no target" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_the_released_laion_cir_json_becomes_a_triplet_corpus(tmp_path, capsys):
+    """scripts/laion_cir_to_csv.py writes the official records (ids, the official <id:07>.png names) as rows the
+    trainer reads; a file of other records is one error line."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from cirbench.corpora import collate, open_corpus
+    from cirbench.methods.transagg.model import TransAggTrainable
+    from cirbench.preprocess import Preprocessor
+
+    spec = importlib.util.spec_from_file_location("laion_cir_to_csv",
+                                                  Path(__file__).parents[1] / "scripts" / "laion_cir_to_csv.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    write_toy_corpus(tmp_path / "toy")
+    images = tmp_path / "laion" / "images"
+    images.mkdir(parents=True)
+    for image_id, colour in ((12, "red"), (345, "green"), (6789, "blue")):
+        shutil.copy(tmp_path / "toy" / "images" / f"img_{colour}_0.png", images / f"{image_id:07d}.png")
+    records = [{"ref_image_id": 12, "relative_cap": "make it green", "tgt_image_id": 345},
+               {"ref_image_id": 345, "relative_cap": "make it blue", "tgt_image_id": 6789},
+               {"ref_image_id": 6789, "relative_cap": "make it red", "tgt_image_id": 99}]
+    (tmp_path / "info.json").write_text(json.dumps(records))
+    out = tmp_path / "csv" / "combined.csv"
+    assert script.main([str(tmp_path / "info.json"), "--images", str(images), "--out", str(out)]) == 0
+    assert "3 triplets" in capsys.readouterr().out
+    corpus = open_corpus(out, Preprocessor("targetpad", 16), caption_columns=TransAggTrainable.caption_columns,
+                         required_columns=TransAggTrainable.required_columns,
+                         image_columns=TransAggTrainable.image_columns)
+    batch = collate([corpus[i] for i in range(len(corpus))])
+    assert batch.captions == ["make it green", "make it blue"] and batch.skipped == 1  # image 99 is not there
+    assert batch.images["target"].shape == (2, 3, 16, 16)
+    assert script.main([str(tmp_path / "info.json"), "--images", str(images), "--out", str(out), "--only-present"]) == 0
+    assert "2 triplets, 1 left out" in capsys.readouterr().out
+    (tmp_path / "other.json").write_text(json.dumps([{"image": "a.png", "caption": "a dog"}]))
+    assert script.main([str(tmp_path / "other.json"), "--images", str(images), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "record 0 has no ref_image_id, relative_cap, tgt_image_id" in err and len(err.strip().splitlines()) == 1
