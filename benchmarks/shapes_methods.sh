@@ -23,6 +23,10 @@ $CB train --method pli --corpus "$CORPUS" --output "$OUT/pli" "${BB[@]}" --max-s
     --workers 1 --quiet
 $CB train --method fti4cir --corpus "$CORPUS" --output "$OUT/fti4cir" "${BB[@]}" --max-steps 300 \
     --batch-size 64 --lr 2e-4 --schedule cosine --workers 1 --quiet
+# TransAgg trains on image triplets: each corpus image changed by the benchmark's own query generator
+"${PYTHON:-python}" "$(dirname "$0")/shapes_triplets.py" "$CORPUS" "$OUT/triplets/train.csv"
+$CB train --method transagg --corpus "$OUT/triplets/train.csv" --output "$OUT/transagg" "${BB[@]}" \
+    --max-steps 300 --batch-size 64 --workers 1 --quiet
 # SEARLE needs a concept list and phrases: shapes' own stand-ins for Open Images and GPT-Neo's
 "${PYTHON:-python}" "$(dirname "$0")/shapes_concepts.py" "$OUT/concepts"
 SOURCES=(--concepts "$OUT/concepts/concepts.txt" --phrases "$OUT/concepts/phrases.json")
@@ -30,7 +34,7 @@ $CB train --method searle --corpus "$CORPUS" --output "$OUT/searle" "${BB[@]}" "
     --epochs 20 --workers 1 --quiet
 for split in val test; do
   for m in image-only text-only slerp; do $CB run -m $m -s $split --quiet --no-leaderboard --output "$OUT/results"; done
-  for m in slerp-tat pic2word context-i2w pli fti4cir searle; do
+  for m in slerp-tat pic2word context-i2w pli fti4cir transagg searle; do
     $CB run -m $m -s $split --checkpoint "$OUT/$m" --quiet --no-leaderboard --output "$OUT/results"
   done
   $CB run -m searle-oti -s $split "${SOURCES[@]}" --quiet --no-leaderboard --output "$OUT/results"

@@ -197,3 +197,44 @@ def test_plain_cirbench_run_is_slerp_and_baselines_on_shapes_with_the_bundled_ba
     assert sorted(again["dataset"]["annotations"]) == ["val/gallery.json", "val/queries.json"]
     assert again["fingerprint"] == rec["fingerprint"] and again["created"] != rec["created"]
     assert sorted(p.name for p in folder.glob("slerp*.json")) == [SLERP_RESULT]
+
+
+def test_the_triplets_benchmark_script_reads_the_attributes_back_and_pairs_real_targets(tmp_path, capsys):
+    """benchmarks/shapes_triplets.py (TransAgg's shapes corpus): the attributes it parses from the corpus's subject
+    and attribute columns are the generator's own, for every combination; each triplet's target shows the
+    combination the generator's query asks for, and its text is that query's."""
+    import csv
+    import importlib.util
+    import random
+
+    from cirbench.datasets.shapes import generator as G
+
+    spec = importlib.util.spec_from_file_location("shapes_triplets",
+                                                  Path(__file__).parents[1] / "benchmarks" / "shapes_triplets.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    combos = G.all_combinations()
+    assert all(script.attributes(*G.subject_attribute(a)) == a for a in combos)
+    rng = random.Random(1)
+    chosen = [rng.choice(combos[:12]) for _ in range(60)]  # a few combinations, several images each
+    with open(tmp_path / "train.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "caption", "subject", "attribute"])
+        for i, a in enumerate(chosen):
+            writer.writerow([f"images/train-{i:06d}.png", "a caption", *G.subject_attribute(a)])
+    script.main([str(tmp_path / "train.csv"), str(tmp_path / "triplets.csv"), "--seed", "3"])
+    with open(tmp_path / "triplets.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    attrs_of = {str(tmp_path / f"images/train-{i:06d}.png"): a for i, a in enumerate(chosen)}
+    replay = random.Random(3)
+    expected = []
+    for i, a in enumerate(chosen):  # the script's own draws, replayed
+        target, text = G.make_query(a, replay)
+        found = [p for p, b in attrs_of.items() if b == target]
+        if found:
+            expected.append((str(tmp_path / f"images/train-{i:06d}.png"), text, target))
+            replay.choice(found)
+    assert 0 < len(rows) == len(expected) < len(chosen)  # targets the corpus lacks are left out
+    for row, (image, text, target) in zip(rows, expected, strict=True):
+        assert (row["image"], row["relative_caption"]) == (image, text) and attrs_of[row["target"]] == target
+    assert f"{len(rows)} triplets of 60 references" in capsys.readouterr().out
