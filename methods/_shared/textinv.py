@@ -10,7 +10,7 @@ for ``model.text`` towers alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -249,21 +249,33 @@ def raw_image_features(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor
         return backbone.model.encode_image(pixels).float()
 
 
+def output_during(module: torch.nn.Module, run: Callable[[], Any]) -> tuple[Any, Any]:
+    """``run()``'s result and what ``module`` returned while it ran (the last call's; a forward hook, removed
+    after): a layer's tokens read from one ordinary forward pass of open_clip's own code."""
+    captured: dict[str, Any] = {}
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.__setitem__("out", out))
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    return result, captured["out"]
+
+
+def image_and_tokens(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``model.encode_image(pixels)``, the last vision block's tokens before ``ln_post`` ``[B, N, width]``: the
+    class token then the patch tokens), from one pass of the image tower, gradients and dtypes as they come."""
+    global_feat, tokens = output_during(model.visual.transformer, lambda: model.encode_image(pixels))
+    if tokens.shape[0] != pixels.shape[0]:  # sequence-first transformer (older open_clip)
+        tokens = tokens.permute(1, 0, 2)
+    return global_feat, tokens
+
+
 def vision_tokens(backbone: Backbone, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(raw global image embedding ``[B, D]``, the last vision block's tokens before ``ln_post`` ``[B, N, width]``:
     the class token then the patch tokens), both float32 and without gradient, from one pass of the image tower.
     FTI4CIR's attribute queries and Context-I2W's mapping network read these tokens (the official ``get_tokens``)."""
-    captured: dict[str, torch.Tensor] = {}
-    handle = backbone.model.visual.transformer.register_forward_hook(
-        lambda _m, _i, out: captured.__setitem__("tokens", out))
-    try:
-        with torch.no_grad(), backbone.autocast():
-            global_feat = backbone.model.encode_image(pixels.to(backbone.device))
-    finally:
-        handle.remove()
-    tokens = captured["tokens"]
-    if tokens.shape[0] != pixels.shape[0]:  # sequence-first transformer (older open_clip)
-        tokens = tokens.permute(1, 0, 2)
+    with torch.no_grad(), backbone.autocast():
+        global_feat, tokens = image_and_tokens(backbone.model, pixels.to(backbone.device))
     return global_feat.float(), tokens.float()
 
 

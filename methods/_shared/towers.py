@@ -77,6 +77,16 @@ def tuned_backbone(backbone: Backbone, view: torch.nn.Module) -> Backbone:
     return replace(backbone, model=view, _text_memo={}, _derived={}, feature_store=None)
 
 
+def tuned_copy(backbone: Backbone, tensors: dict[str, torch.Tensor], source: str,
+               parts: tuple[str, ...]) -> Backbone:
+    """``backbone`` with copies of its ``parts`` holding a checkpoint's ``tensors`` for them, in evaluation mode
+    (:func:`tower_view`, :func:`load_part_state`, :func:`tuned_backbone`): what a method evaluates tuned towers
+    with. CheckpointError naming the first tensor that does not fit."""
+    view = tower_view(backbone.model, parts)
+    load_part_state(view, tensors, source, parts)
+    return tuned_backbone(backbone, view.eval())
+
+
 def last_loaded(backbone: Backbone, slot: str, path: Path | Sequence[Path], load: Callable[[], Any]) -> Any:
     """``load()``'s result for the checkpoint at ``path`` (or the files ``path`` lists, read together), kept on the
     backbone under ``slot`` while it is the last checkpoint loaded there (the same files: the same paths, sizes and

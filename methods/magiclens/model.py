@@ -40,9 +40,7 @@ from cirbench.methods._shared.towers import (
     IMAGE_PARTS,
     TEXT_PARTS,
     last_loaded,
-    load_part_state,
-    tower_view,
-    tuned_backbone,
+    tuned_copy,
 )
 from cirbench.safe_unpickle import load_bytes_pickle
 from cirbench.types import Query
@@ -354,16 +352,13 @@ def load_magiclens(path: Path, backbone: Backbone) -> tuple[Backbone, MagicLensH
         raise CheckpointError(f"MagicLens's CLIP uses QuickGELU; this {backbone.model_name} backbone uses "
                               f"{backbone.activation}: pass --backbone {model} --pretrained openai (its weights are "
                               "replaced by MagicLens's own)")
-    parts = IMAGE_PARTS + TEXT_PARTS
-    view = tower_view(backbone.model, parts)
     try:
-        load_part_state(view, clip_state(flat), str(path), parts)
+        tuned = tuned_copy(backbone, clip_state(flat), str(path), IMAGE_PARTS + TEXT_PARTS)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; MagicLens-{size} runs on CLIP {model}: pass --backbone {model} --pretrained "
                               "openai") from None
-    view.eval()
     record = {"checkpoint": str(path), "sha256": file_sha256(path), "size": size}
-    return tuned_backbone(backbone, view), head.to(backbone.device), record
+    return tuned, head.to(backbone.device), record
 
 
 def query_text(query: Query, dataset: str | None) -> str:

@@ -51,7 +51,7 @@ from cirbench.methods._shared.towers import (
     part_parameters,
     part_state,
     tower_view,
-    tuned_backbone,
+    tuned_copy,
 )
 from cirbench.safe_unpickle import load_state_dict
 from cirbench.training import TrainableMethod
@@ -102,9 +102,9 @@ def official_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_towers(path: Any, backbone: Backbone) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A view of the backbone's model holding the tuned towers of a cirbench folder or the official checkpoint,
-    and what the result file records of it."""
+def load_towers(path: Any, backbone: Backbone) -> tuple[Backbone, dict[str, Any]]:
+    """The backbone with the tuned towers of a cirbench folder or the official checkpoint, and what the result file
+    records of it."""
     if is_official_file(path, OFFICIAL_SUFFIXES):
         p = Path(path)
         tensors, parts = official_tensors(p), IMAGE_PARTS + TEXT_PARTS
@@ -116,10 +116,7 @@ def load_towers(path: Any, backbone: Backbone) -> tuple[torch.nn.Module, dict[st
             raise CheckpointError(f"checkpoint {path} records tune={tune!r}; valid: {', '.join(TUNED)}")
         parts = TUNED[tune]
         record = {"checkpoint": str(path), "sha256": checkpoint_sha256(path), "format": "cirbench", "tuned": tune}
-    view = tower_view(backbone.model, parts)
-    load_part_state(view, tensors, str(path), parts)
-    view.eval()
-    return view, record
+    return tuned_copy(backbone, tensors, str(path), parts), record
 
 
 class PLI(Method):
@@ -130,13 +127,8 @@ class PLI(Method):
         super().__init__(backbone, options, dataset)
         downloads(options, backbone.model_name, backbone.pretrained)
         path = Path(options["checkpoint"]).expanduser()
-        self.tuned, self.record = last_loaded(backbone, "pli-towers", path, lambda: self._load(path, backbone))
+        self.tuned, self.record = last_loaded(backbone, "pli-towers", path, lambda: load_towers(path, backbone))
         self.marks = bool(options.get("official_text", True)) and dataset in MARKED_DATASETS
-
-    @staticmethod
-    def _load(path: Path, backbone: Backbone) -> tuple[Backbone, dict[str, Any]]:
-        view, record = load_towers(path, backbone)
-        return tuned_backbone(backbone, view), record
 
     def gallery_feature_kind(self) -> dict:
         if self.record["tuned"] == "text":  # the image tower is the backbone's: its features are everyone's

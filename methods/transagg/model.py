@@ -40,6 +40,7 @@ from cirbench.backbones import Backbone
 from cirbench.checkpoints import check_fit, checkpoint_sha256, is_official_file, load_checkpoint, load_module_weights
 from cirbench.errors import CheckpointError, CirbenchError
 from cirbench.method import Method
+from cirbench.methods._shared.textinv import image_and_tokens, output_during
 from cirbench.methods._shared.towers import (
     IMAGE_PARTS,
     TEXT_PARTS,
@@ -48,7 +49,7 @@ from cirbench.methods._shared.towers import (
     part_parameters,
     part_state,
     tower_view,
-    tuned_backbone,
+    tuned_copy,
 )
 from cirbench.safe_unpickle import load_state_dict
 from cirbench.training import TrainableMethod
@@ -123,30 +124,15 @@ def check_towers(model: torch.nn.Module, name: str) -> None:
 def image_token_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Every image token's feature ``[B, N, D]`` as the official modified CLIP returns it: the last vision layer's
     tokens through ``ln_post`` and the projection (row 0, the class token's, is the image feature)."""
-    captured: dict[str, torch.Tensor] = {}
-    visual = model.visual
-    handle = visual.transformer.register_forward_hook(lambda _m, _i, out: captured.__setitem__("tokens", out))
-    try:
-        model.encode_image(pixels)
-    finally:
-        handle.remove()
-    tokens = captured["tokens"]
-    if tokens.shape[0] != pixels.shape[0]:  # sequence-first transformer (older open_clip)
-        tokens = tokens.permute(1, 0, 2)
-    return visual.ln_post(tokens) @ visual.proj
+    _, tokens = image_and_tokens(model, pixels)
+    return model.visual.ln_post(tokens) @ model.visual.proj
 
 
 def text_token_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Every text token's feature ``[B, L, D]``: the text tower's tokens through ``ln_final`` and the projection (the
     end token's is the text feature)."""
-    captured: dict[str, torch.Tensor] = {}
-    handle = model.ln_final.register_forward_hook(lambda _m, _i, out: captured.__setitem__("tokens", out))
-    try:
-        model.encode_text(tokens)
-    finally:
-        handle.remove()
+    _, out = output_during(model.ln_final, lambda: model.encode_text(tokens))
     projection = model.text_projection
-    out = captured["tokens"]
     return projection(out) if isinstance(projection, torch.nn.Module) else out @ projection
 
 
@@ -224,12 +210,8 @@ def load_weights(path: Any, backbone: Backbone) -> dict[str, Any]:
 def load_model(path: Path, backbone: Backbone) -> dict[str, Any]:
     """:func:`load_weights`, with the tuned towers in a view of the backbone's model."""
     loaded = load_weights(path, backbone)
-    view = backbone.model
-    if loaded["parts"]:
-        view = tower_view(backbone.model, loaded["parts"])
-        load_part_state(view, loaded.pop("towers"), str(path), loaded["parts"])
-        view.eval()
-    loaded["backbone"] = tuned_backbone(backbone, view) if loaded["parts"] else backbone
+    towers = loaded.pop("towers")
+    loaded["backbone"] = tuned_copy(backbone, towers, str(path), loaded["parts"]) if loaded["parts"] else backbone
     return loaded
 
 
