@@ -387,7 +387,7 @@ def _setup(trainable: TrainableMethod, corpus: str | Path | PairsCorpus | ShardC
     else:
         corpus = open_corpus(corpus, images=trainable.needs_images, captions=trainable.needs_captions,
                              caption_columns=trainable.caption_columns, required_columns=trainable.required_columns,
-                             image_columns=getattr(trainable, "image_columns", ()))
+                             image_columns=trainable.image_columns)
     if corpus.images:
         corpus.preprocessor = trainable.train_preprocessor(cfg.seed)
     plan = plan_steps(corpus, cfg, world)

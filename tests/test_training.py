@@ -1087,7 +1087,8 @@ def test_too_few_shards_for_the_ranks_is_refused(tmp_path):
     """Each rank reads whole shards: one shard for two ranks would leave a rank with nothing to read."""
     spec = _shards(tmp_path, [4])
     language_only = types.SimpleNamespace(needs_images=False, needs_captions=True,
-                                          caption_columns=training.CAPTION_COLUMNS, required_columns=())
+                                          caption_columns=training.CAPTION_COLUMNS, required_columns=(),
+                                          image_columns=())
     cfg = training.TrainConfig(output=tmp_path, batch_size=2, max_steps=1)
     assert training._setup(language_only, spec, cfg, 1)[1].total_steps == 1
     with pytest.raises(CirbenchError, match=r"has 1 shard\(s\) for 2 ranks: .* at least 2"):
