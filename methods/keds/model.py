@@ -235,9 +235,8 @@ def resolve_files(options: dict, backbone: Backbone) -> dict[str, Path]:
         if given:
             out[option] = Path(given).expanduser()
         else:
-            repo, _, name = _released(option, backbone.model_name, backbone.pretrained).removeprefix(
-                "hf-hub:").rpartition("/")
-            out[option] = hub_file(repo, name, FILES[option][1], option=option.replace("_", "-"))
+            _released(option, backbone.model_name, backbone.pretrained)  # another backbone: one line
+            out[option] = hub_file(HUB_REPO, FILES[option][0], FILES[option][1], option=option.replace("_", "-"))
     return out
 
 
@@ -272,12 +271,9 @@ class KEDs(RawImageReferences, Method):
         D]``, searched once per evaluation set."""
         if self.bundle["database"].rows < self.k:
             raise CirbenchError(f"--neighbours {self.k} exceeds the database's {self.bundle['database'].rows} rows")
-        out = []
-        for start in range(0, len(features), 1024):
-            raw = features[start:start + 1024].to(self.backbone.device).float()
-            images, captions = self.bundle["database"].nearest(raw, self.k)
-            out.append(torch.cat([raw.unsqueeze(1), images, captions], dim=1))
-        return torch.cat(out) if out else features.new_zeros(0, 1 + 2 * self.k, features.shape[-1])
+        raw = features.to(self.backbone.device).float()
+        images, captions = self.bundle["database"].nearest(raw, self.k)  # ranked in chunks by cirbench.retrieval
+        return torch.cat([raw.unsqueeze(1), images, captions], dim=1)
 
     @torch.no_grad()
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
