@@ -48,18 +48,19 @@ def text_tower_copy(model: torch.nn.Module) -> torch.nn.Module:
     return tower_view(model, TEXT_PARTS)
 
 
-def _of(name: str, parts: tuple[str, ...]) -> bool:
+def in_parts(name: str, parts: tuple[str, ...]) -> bool:
+    """Whether a state-dict entry ``name`` belongs to one of the top-level ``parts``."""
     return name.split(".", 1)[0] in parts
 
 
 def part_state(view: torch.nn.Module, parts: tuple[str, ...] = TEXT_PARTS) -> dict[str, torch.Tensor]:
     """The entries of ``view``'s state dict that belong to ``parts`` (the tensors themselves)."""
-    return {name: tensor for name, tensor in view.state_dict(keep_vars=True).items() if _of(name, parts)}
+    return {name: tensor for name, tensor in view.state_dict(keep_vars=True).items() if in_parts(name, parts)}
 
 
 def part_parameters(view: torch.nn.Module,
                     parts: tuple[str, ...] = TEXT_PARTS) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(name, p) for name, p in view.named_parameters() if _of(name, parts)]
+    return [(name, p) for name, p in view.named_parameters() if in_parts(name, parts)]
 
 
 @torch.no_grad()

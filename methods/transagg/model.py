@@ -44,6 +44,7 @@ from cirbench.methods._shared.textinv import image_and_tokens, output_during
 from cirbench.methods._shared.towers import (
     IMAGE_PARTS,
     TEXT_PARTS,
+    in_parts,
     last_loaded,
     load_part_state,
     part_parameters,
@@ -147,10 +148,9 @@ def query_text(query: Query) -> str:
 
 def split_state(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(the head's tensors, the CLIP's under ``pretrained_model.`` with the prefix dropped)."""
-    head = {k.removeprefix("module."): v for k, v in tensors.items()
-            if not k.removeprefix("module.").startswith(TOWER_PREFIX)}
-    towers = {k.removeprefix("module.").removeprefix(TOWER_PREFIX): v for k, v in tensors.items()
-              if k.removeprefix("module.").startswith(TOWER_PREFIX)}
+    named = {k.removeprefix("module."): v for k, v in tensors.items()}  # DDP's prefix dropped
+    head = {k: v for k, v in named.items() if not k.startswith(TOWER_PREFIX)}
+    towers = {k.removeprefix(TOWER_PREFIX): v for k, v in named.items() if k.startswith(TOWER_PREFIX)}
     return head, towers
 
 
@@ -160,10 +160,10 @@ def changed_parts(backbone: Backbone, towers: dict[str, torch.Tensor], source: s
     own = backbone.model.state_dict()
     changed = []
     for parts in (IMAGE_PARTS, TEXT_PARTS):
-        mine = {k: v for k, v in towers.items() if k.split(".", 1)[0] in parts}
+        mine = {k: v for k, v in towers.items() if in_parts(k, parts)}
         if not mine:
             continue
-        theirs = {k: v for k, v in own.items() if k.split(".", 1)[0] in parts}
+        theirs = {k: v for k, v in own.items() if in_parts(k, parts)}
         check_fit(theirs, mine, source)
         if any(not torch.equal(mine[k].to(v.dtype).cpu(), v.detach().cpu()) for k, v in theirs.items()):
             changed.extend(parts)
@@ -183,10 +183,9 @@ def load_weights(path: Any, backbone: Backbone) -> dict[str, Any]:
                               "github.com/Code-kunkun/ZS-CIR) or a folder of `cirbench train --method transagg`")
     if is_official_file(path, OFFICIAL_SUFFIXES):
         p = Path(path)
-        content = load_state_dict(p)
-        if "combiner_layer.weight" not in {k.removeprefix("module.") for k in content}:
+        head, towers = split_state(load_state_dict(p))
+        if "combiner_layer.weight" not in head:
             raise CheckpointError(f"checkpoint {p} has no combiner_layer: not a TransAgg checkpoint")
-        head, towers = split_state(content)
         if any(k.startswith(("visual_encoder.", "text_encoder.")) for k in towers):
             raise CheckpointError(f"checkpoint {p} is a TransAgg of BLIP (visual_encoder, text_encoder): not an "
                                   "open_clip model; cirbench runs TransAgg's CLIP checkpoints")
@@ -202,8 +201,7 @@ def load_weights(path: Any, backbone: Backbone) -> dict[str, Any]:
     load_module_weights(net, head, str(path))
     tuned = changed_parts(backbone, towers, str(path))
     record["tuned"] = "both" if IMAGE_PARTS[0] in tuned else "text" if tuned else "neither"
-    return {"head": net.to(backbone.device).eval(), "towers": {k: v for k, v in towers.items()
-                                                                if k.split(".", 1)[0] in tuned},
+    return {"head": net.to(backbone.device).eval(), "towers": {k: v for k, v in towers.items() if in_parts(k, tuned)},
             "parts": tuned, "record": {**record, "architecture": arch}}
 
 
