@@ -417,7 +417,8 @@ class Preprocessor:
         return pixels.to(torch.float32).div(255).sub_(mean).div_(std)  # torchvision's operations, in its order
 
     def from_pil(self, image) -> torch.Tensor:
-        """A normalised float32 ``[3, size, size]`` tensor from a PIL image (the official pipeline)."""
+        """A normalised float32 ``[3, size, size]`` tensor from a PIL image (the official pipeline; a floating kind
+        takes a uint8 ``[3, H, W]`` RGB tensor too, as :meth:`pil_float` does)."""
         if self.floating:
             return self.normalize(self.pil_float(image))
         return self.normalize(self.pil_uint8(image))
@@ -431,9 +432,7 @@ class Preprocessor:
 
     def __call__(self, image) -> torch.Tensor:
         """Preprocess one image (a PIL image, or a uint8 ``[C, H, W]`` RGB tensor) to normalised float32."""
-        if isinstance(image, torch.Tensor):
-            if self.floating:
-                return self.normalize(self.pil_float(image))
+        if isinstance(image, torch.Tensor) and not self.floating:
             return self.normalize(self.batch_uint8([image])[0])
         return self.from_pil(image)
 
