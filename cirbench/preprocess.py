@@ -556,10 +556,9 @@ class RandomResizedCrop:
                 "interpolation": "pil-bicubic", "rgb": "after-crop", "seed": self.seed}
 
     def sample_seed(self, key: str) -> int:
-        import hashlib
+        from .util import keyed_seed
 
-        digest = hashlib.sha256(f"{self.seed}\0{key}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+        return keyed_seed(self.seed, key)
 
     def from_bytes(self, data: bytes, name: str, key: str) -> torch.Tensor:
         """:meth:`__call__` on one encoded image, decoded with PIL as the official training transform reads it;

@@ -134,6 +134,13 @@ def sha256_bytes(*parts: bytes | memoryview) -> str:
     return h.hexdigest()
 
 
+def keyed_seed(seed: int, key: str) -> int:
+    """A 63-bit seed for one item (a training sample's crop, a query's noise) from the run's ``seed`` and the item's
+    ``key``: the same draw whatever the batch, order, reader or rank that meets the item."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def keyed_texts_sha256(items: Iterable[tuple[str, Sequence[str]]]) -> str:
     """The sha256 of texts by key, in the given order (``key NUL text NUL text ... LF`` each): what a result
     records of the generated texts it used, and what identifies a set of them."""
