@@ -2,6 +2,8 @@
 
 * :func:`write_tiny_blip2` / :func:`write_tiny_lm`: randomly initialised BLIP-2 (OPT) and GPT-2 models with a
   small byte-level BPE tokenizer trained here, saved as transformers folders (``hf:PATH``);
+* :func:`write_tiny_clip_text`: a randomly initialised CLIP text tower with CLIP's own tokenizer (CompoDiff's text
+  encoder);
 * :class:`FakeChatEndpoint`: ``POST /v1/chat/completions`` answering "Edited Description: ..." made from the
   prompt's instruction, recording every request; it can be told to fail.
 """
@@ -28,6 +30,33 @@ def _tokenizer():
                              "yellow square image content instruction"], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="</s>",
                                    unk_token="<unk>")
+
+
+def write_tiny_clip_text(folder: Path, width: int = 24, pad_token: str = "!") -> Path:
+    """A randomly initialised transformers ``CLIPTextModel`` (``width``-d, 2 layers) with a ``CLIPTokenizer`` of
+    CLIP's own BPE (open_clip's vocabulary and merges, the special tokens under transformers' names), padding with
+    ``pad_token`` as LAION's CLIP repositories do; saved as a transformers folder."""
+    import open_clip
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe = open_clip.tokenizer.SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {names.get(k, k): v for k, v in bpe.encoder.items()}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    merges = sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m, _ in merges) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token,
+                              model_max_length=77)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                            projection_dim=width, pad_token_id=vocab[pad_token], bos_token_id=49406,
+                            eos_token_id=49407)
+    CLIPTextModel(config).save_pretrained(folder)
+    return folder
 
 
 def write_tiny_blip2(folder: Path, dtype=None) -> Path:
