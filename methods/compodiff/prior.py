@@ -295,7 +295,8 @@ def sample(net: Denoiser, schedule: Schedule, image_cond: torch.Tensor, text_con
     noise = torch.stack(draws, dim=1).flatten(1, 2).to(device)  # [1 + steps, B * r, 1, D]
     ic, tc, nc, m = (t.repeat_interleave(r, dim=0) for t in (image_cond, text_cond, negative, mask))
     x = noise[0]
-    alphas = schedule.alphas_cumprod_prev.to(device)
+    alphas, recip, recipm1 = (v.to(device) for v in (schedule.alphas_cumprod_prev, schedule.sqrt_recip,
+                                                      schedule.sqrt_recipm1))
     for step, (time, after) in enumerate(pairs, start=1):
         a, a_next = alphas[time], alphas[after]
         t = torch.full((len(x),), time, device=device, dtype=torch.long)
@@ -303,7 +304,7 @@ def sample(net: Denoiser, schedule: Schedule, image_cond: torch.Tensor, text_con
         if after < 0:
             x = x0
             continue
-        eps = (schedule.sqrt_recip[time].to(device) * x - x0) / schedule.sqrt_recipm1[time].to(device)
+        eps = (recip[time] * x - x0) / recipm1[time]
         c1 = ETA * ((1 - a / a_next) * (1 - a_next) / (1 - a)).sqrt()
         c2 = ((1 - a_next) - c1 ** 2).sqrt()
         fresh = noise[step] if after > 0 else torch.zeros_like(x)
