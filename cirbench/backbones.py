@@ -5,9 +5,10 @@ A backbone is named by ``--backbone`` and ``--pretrained``:
 * ``--backbone``: an open_clip model name (``ViT-L-14``), or a path to an open_clip model-config JSON
   (registered under the file's stem), or ``cirbench-shapes-clip`` (the small CLIP bundled with cirbench).
 * ``--pretrained``: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``), a path to a weights
-  file (``.safetensors``, ``.pt``, ``.bin``), ``remoteclip`` (RemoteCLIP's remote-sensing weights for
-  ``RN50``, ``ViT-B-32`` and ``ViT-L-14``, from the Hugging Face hub), ``bundled`` (the weights shipped with
-  cirbench), or ``none`` (random initialisation from ``--seed``; for tests and timing only).
+  file (``.safetensors``, ``.pt``, ``.bin``), ``hf:REPO_OR_FOLDER`` (a CLIP saved by transformers, as
+  fine-tuned CLIPs such as BGE-VL are published: see :mod:`cirbench.hf_clip`), ``remoteclip`` (RemoteCLIP's
+  remote-sensing weights for ``RN50``, ``ViT-B-32`` and ``ViT-L-14``, from the Hugging Face hub), ``bundled`` (the
+  weights shipped with cirbench), or ``none`` (random initialisation from ``--seed``; for tests and timing only).
 
 **Activation.** OpenAI's CLIP weights were trained with QuickGELU; open_clip 3.x builds ``nn.GELU`` for
 ``ViT-L-14`` unless told otherwise (it only warns). cirbench builds the activation the weights need: QuickGELU
@@ -47,6 +48,7 @@ BUNDLED_DIR = ASSETS / BUNDLED_MODEL
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: RemoteCLIP (Liu et al., IEEE TGRS 2024): CLIP tuned on remote-sensing image-text pairs, one open_clip state dict
 #: per model on the hub (its README's ``hf_hub_download``), built as open_clip builds the model (nn.GELU)
+HF_PREFIX = "hf:"  # --pretrained hf:REPO_OR_FOLDER, a CLIPModel saved by transformers
 REMOTECLIP = ("remoteclip", "chendelong/RemoteCLIP", "RemoteCLIP-{model}.pt", ("RN50", "ViT-B-32", "ViT-L-14"))
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -387,9 +389,9 @@ def _pretrained_of(model: str, pretrained: str | None) -> str:
 
 def _weights_source(model: str, model_name: str, pre: str) -> tuple[str, Any]:
     """What ``--pretrained`` names, checked as loading checks it (a name that cannot be is a one-line error):
-    ``("random", None)``, ``("bundled", file)``, ``("hub", (repo, filename))`` (RemoteCLIP), ``("file", path)``
-    or ``("tag", open_clip's pretrained config)``. Loading (:func:`_build`) and ``--dry-run``
-    (:func:`weights_status`) both read it."""
+    ``("random", None)``, ``("bundled", file)``, ``("hub", (repo, filename))`` (RemoteCLIP), ``("transformers",
+    "hf:REPO_OR_FOLDER")``, ``("file", path)`` or ``("tag", open_clip's pretrained config)``. Loading
+    (:func:`_build`) and ``--dry-run`` (:func:`weights_status`) both read it."""
     import open_clip
 
     if pre.lower() in ("none", "random"):
@@ -404,6 +406,8 @@ def _weights_source(model: str, model_name: str, pre: str) -> tuple[str, Any]:
             raise CirbenchError(f"--pretrained remoteclip: RemoteCLIP has weights for {', '.join(models)}, not "
                                 f"{model_name}")
         return "hub", (repo, pattern.format(model=model_name))
+    if pre.startswith(HF_PREFIX):
+        return "transformers", pre
     if os.path.sep in pre or pre.endswith((".safetensors", ".pt", ".bin", ".pth")) or Path(pre).exists():
         return "file", Path(pre).expanduser()
     tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -416,9 +420,9 @@ def _build(model: str, model_name: str, pre: str, quick_gelu: bool, seed: int, c
     """The open_clip model (on the CPU) and the identity of its weights, for each kind of ``--pretrained``."""
     import open_clip
 
-    def empty():
+    def empty(quick: bool = quick_gelu):
         with _quiet_random_init():
-            return open_clip.create_model(model_name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu)
+            return open_clip.create_model(model_name, pretrained=None, device="cpu", force_quick_gelu=quick)
 
     kind, where = _weights_source(model, model_name, pre)
     if kind == "random":
@@ -434,6 +438,14 @@ def _build(model: str, model_name: str, pre: str, quick_gelu: bool, seed: int, c
         _load_weights_file(clip, path)
         return clip, {"kind": "hub-file", "tag": REMOTECLIP[0], "source": f"hf-hub:{repo}/{path.name}",
                       "sha256": file_sha256(path)}
+    if kind == "transformers":
+        from . import hf_clip
+
+        config_path, weights = hf_clip.files_of(where)
+        clip = empty(hf_clip.quick_gelu(hf_clip.read_config(config_path, where)))
+        _load_state(clip, hf_clip.open_clip_state(_read_state(weights), str(weights)), weights)
+        return clip, {"kind": "transformers", "source": where, "sha256": file_sha256(weights),
+                      "config_sha256": file_sha256(config_path)}
     if kind == "file":
         if not where.exists():
             raise CheckpointError(f"weights file {where} does not exist")
@@ -470,6 +482,9 @@ def weights_status(model: str, pretrained: str | None, cache_dir: str | None = N
     if kind == "hub":
         status, _ = availability(f"hf-hub:{where[0]}/{where[1]}")
         return f"{status} (hf-hub:{where[0]})"
+    if kind == "transformers":
+        status, _ = availability(f"hf-model:{where.removeprefix(HF_PREFIX)}")
+        return f"{status} ({where})"
     if kind == "file":
         return f"file {where}" if where.is_file() else f"NOT AVAILABLE: weights file {where} does not exist"
     source = where.get("hf_hub") or where.get("url") or ""
@@ -514,6 +529,11 @@ def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:
 
 def _load_weights_file(clip: Any, path: Path) -> None:
     """Load a state dict from safetensors (preferred) or a torch file (weights only, no pickled code)."""
+    _load_state(clip, _read_state(path), path)
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a safetensors file or a torch file (``state_dict`` inside, ``module.`` prefixes dropped)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -529,6 +549,11 @@ def _load_weights_file(clip: Any, path: Path) -> None:
         raise
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"cannot read weights {path}: {type(exc).__name__}: {one_line(exc)}") from None
+    return state
+
+
+def _load_state(clip: Any, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load ``state`` (read from ``path``) into ``clip`` strictly; CheckpointError naming the first misfits."""
     model_state = clip.state_dict()
     missing = [k for k in model_state if k not in state]
     unexpected = [k for k in state if k not in model_state]

@@ -420,7 +420,8 @@ def _save_top(ctx, param, value: str) -> int | None:
 @click.option("--split", "-s", default=None,
               help="Split (default: the dataset's default split); a split named in --dataset wins.")
 @click.option("--backbone", default=None, help="open_clip model name or config JSON (default: dataset's or method's).")
-@click.option("--pretrained", default=None, help="open_clip pretrained tag, weights file, 'bundled' or 'none'.")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag, weights file, hf:REPO_OR_FOLDER (a CLIP "
+              "saved by transformers), 'remoteclip', 'bundled' or 'none'.")
 @click.option("--preprocess", type=click.Choice(PREPROCESS_KINDS), default=None,
               help="Image preprocessing (default: the method's official choice): targetpad (SEARLE's), clip (the "
                    "backbone's own, as CLIP/open_clip), hf-clip (transformers' CLIPImageProcessor, as LinCIR).")

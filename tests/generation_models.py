@@ -3,7 +3,7 @@
 * :func:`write_tiny_blip2` / :func:`write_tiny_lm`: randomly initialised BLIP-2 (OPT) and GPT-2 models with a
   small byte-level BPE tokenizer trained here, saved as transformers folders (``hf:PATH``);
 * :func:`write_tiny_clip_text`: a randomly initialised CLIP text tower with CLIP's own tokenizer (CompoDiff's text
-  encoder);
+  encoder); :func:`save_hf_clip`: a transformers CLIPModel of the tiny backbone's shape (``--pretrained hf:``);
 * :class:`FakeChatEndpoint`: ``POST /v1/chat/completions`` answering "Edited Description: ..." made from the
   prompt's instruction, recording every request; it can be told to fail.
 """
@@ -30,6 +30,34 @@ def _tokenizer():
                              "yellow square image content instruction"], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="</s>",
                                    unk_token="<unk>")
+
+
+TINY_HF = {"text_config": {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "max_position_embeddings": 77},
+           "vision_config": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+           "projection_dim": 32}  # cirbench.testing's TINY_CLIP, as transformers configures it
+
+
+def save_hf_clip(folder: Path, act: str = "quick_gelu", seed: int = 0, safetensors: bool = True, **vision):
+    """A randomly initialised transformers CLIPModel of the tiny backbone's shape, saved as save_pretrained does."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = json.loads(json.dumps(TINY_HF))
+    for tower in ("text_config", "vision_config"):
+        cfg[tower]["hidden_act"] = act
+    cfg["vision_config"].update(vision)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(**cfg)).eval()
+    with torch.no_grad():  # the norms and biases too, so that every mapped tensor counts
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    if not safetensors:  # as transformers before 4.35 saved by default (transformers 5 writes safetensors only)
+        (folder / "model.safetensors").unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return model
 
 
 def write_tiny_clip_text(folder: Path, width: int = 24, pad_token: str = "!") -> Path:

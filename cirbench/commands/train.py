@@ -33,7 +33,8 @@ Examples:
               "least one shard per rank). A method that trains on images alone, like searle, needs no caption.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Checkpoint folder.")
 @click.option("--backbone", default=None, help="open_clip model name or config JSON (default: the method's).")
-@click.option("--pretrained", default=None, help="open_clip tag, weights file, 'bundled' or 'none'.")
+@click.option("--pretrained", default=None, help="open_clip tag, weights file, hf:REPO_OR_FOLDER (a CLIP saved by "
+              "transformers), 'bundled' or 'none'.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the method's).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps.")
 @click.option("--train-num-samples", type=click.IntRange(min=1), default=None,
