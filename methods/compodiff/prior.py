@@ -131,18 +131,27 @@ def relative_buckets(i: int, j: int, device: torch.device) -> torch.Tensor:
     return torch.where(n < exact, n, far.clamp(max=BUCKETS - 1))
 
 
-class SelfAttention(nn.Module):
-    """The official ``Attention`` as ``CrossTransformer`` builds it: multi-query, cosine similarity, rotary, null
-    key/value, relative-position bias; output projected and gain-normed."""
+class _Attention(nn.Module):
+    """What both official attentions hold: a pre-norm, bias-free query and key/value projections (``kv_heads``
+    heads of keys and values), a learned null key/value of one head's width, and the output projection, gain-normed
+    (the official parameter names)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, kv_heads: int):
         super().__init__()
         self.heads = heads
         self.norm = GainNorm(dim)
         self.null_kv = nn.Parameter(torch.randn(2, dim_head))
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * kv_heads * dim_head, bias=False)
         self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim, bias=False), GainNorm(dim))
+
+
+class SelfAttention(_Attention):
+    """The official ``Attention`` as ``CrossTransformer`` builds it: multi-query (one head of keys and values),
+    cosine similarity, rotary, null key/value, relative-position bias."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__(dim, heads, dim_head, kv_heads=1)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -160,18 +169,12 @@ class SelfAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
-class CrossAttention(nn.Module):
-    """The official ``CrossAttention`` (``cosine_sim=False``): dot products at ``dim_head^-0.5``, a null
-    key/value per head in front of the context; output projected and gain-normed."""
+class CrossAttention(_Attention):
+    """The official ``CrossAttention`` (``cosine_sim=False``): dot products at ``dim_head^-0.5``, the null
+    key/value in front of the context in every head."""
 
     def __init__(self, dim: int, heads: int, dim_head: int):
-        super().__init__()
-        self.heads = heads
-        self.norm = GainNorm(dim)
-        self.null_kv = nn.Parameter(torch.randn(2, dim_head))
-        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim, bias=False), GainNorm(dim))
+        super().__init__(dim, heads, dim_head, kv_heads=heads)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
