@@ -46,9 +46,9 @@ ASSETS = Path(__file__).parent / "assets"
 BUNDLED_MODEL = "cirbench-shapes-clip"
 BUNDLED_DIR = ASSETS / BUNDLED_MODEL
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+HF_PREFIX = "hf:"  # --pretrained hf:REPO_OR_FOLDER, a CLIPModel saved by transformers
 #: RemoteCLIP (Liu et al., IEEE TGRS 2024): CLIP tuned on remote-sensing image-text pairs, one open_clip state dict
 #: per model on the hub (its README's ``hf_hub_download``), built as open_clip builds the model (nn.GELU)
-HF_PREFIX = "hf:"  # --pretrained hf:REPO_OR_FOLDER, a CLIPModel saved by transformers
 REMOTECLIP = ("remoteclip", "chendelong/RemoteCLIP", "RemoteCLIP-{model}.pt", ("RN50", "ViT-B-32", "ViT-L-14"))
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
