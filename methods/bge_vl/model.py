@@ -38,9 +38,10 @@ class BGEVL(RawImageReferences, Method):
     @torch.no_grad()
     def compose(self, references: torch.Tensor, queries: list[Query]) -> torch.Tensor:
         bb = self.backbone
-        tokens = bb.tokenizer([query_text(q, self.dataset) for q in queries], context_length=TEXT_TOKENS)
         width = int(getattr(bb.tokenizer, "context_length", 77))
-        tokens = F.pad(tokens, (0, width - TEXT_TOKENS)).to(bb.device)  # padding after the end token changes nothing
+        cut = min(TEXT_TOKENS, width)  # a backbone of a shorter context (not BGE-VL's) keeps its own
+        tokens = bb.tokenizer([query_text(q, self.dataset) for q in queries], context_length=cut)
+        tokens = F.pad(tokens, (0, width - cut)).to(bb.device)  # padding after the end token changes nothing
         with bb.autocast():
             text = bb.model.encode_text(tokens).float()
         return F.normalize(references.to(bb.device).float() + text, dim=-1)
