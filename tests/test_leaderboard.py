@@ -207,7 +207,7 @@ def test_summary_puts_each_benchmarks_published_metrics_side_by_side(tmp_path):
     the benchmark's own table; written as summary.md/.html/.tex/.csv."""
     from cirbench.leaderboard import summary_table
 
-    _result(tmp_path, "circo", "test", "slerp", {"mAP@5": 30.0, "mAP@10": 31.0, "mAP@25": 33.0, "mAP@50": 34.0,
+    _result(tmp_path, "circo", "test", "slerp", {"mAP@5": 45.0, "mAP@10": 31.0, "mAP@25": 33.0, "mAP@50": 34.0,
                                                 "R@5": 1.0}, backbone="ViT-L-14")
     _result(tmp_path, "circo", "test", "image-only", {"mAP@5": 3.0, "mAP@10": 4.0, "mAP@25": 4.0, "mAP@50": 4.5},
             backbone="ViT-L-14")
@@ -220,7 +220,7 @@ def test_summary_puts_each_benchmarks_published_metrics_side_by_side(tmp_path):
     assert "circo/test R@5" not in frame.columns  # no paper reports it: not a column of the paper's table
     assert list(frame.index[:2]) == ["slerp · ViT-L-14/openai", "image-only · ViT-L-14/openai"]
     slerp, fti = frame.loc["slerp · ViT-L-14/openai"], frame.loc["fti4cir · ViT-L/14 [paper]"]
-    assert slerp["circo/test mAP@5"] == 30.0 and slerp["cirr/test1 Rs@3"] == 85.0 and slerp["precision"] == "fp32"
+    assert slerp["circo/test mAP@5"] == 45.0 and slerp["cirr/test1 Rs@3"] == 85.0 and slerp["precision"] == "fp32"
     assert fti["circo/test mAP@5"] == 15.05 and fti["cirr/test1 R@1"] == 25.90 and fti["source"] == "paper"
     assert frame.loc["image-only · ViT-L-14/openai"].isna()["cirr/test1 R@1"]
     # a published row of the second benchmark alone keeps its source and backbone
@@ -229,9 +229,9 @@ def test_summary_puts_each_benchmarks_published_metrics_side_by_side(tmp_path):
                                                                                       30.94)
     assert weimocir.isna()["circo/test mAP@5"]
     md = render_markdown([table])
-    assert md.startswith("### summary") and "**30.00**" in md and "**30.94**" in md and "| 20.00 " in md
+    assert md.startswith("### summary") and "**45.00**" in md and "**38.00**" in md and "| 20.00 " in md
     res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path), "--summary", "--format", "latex"])
-    assert res.exit_code == 0 and r"\textbf{30.00}" in res.output
+    assert res.exit_code == 0 and r"\textbf{45.00}" in res.output
     # LaTeX groups each benchmark's columns under its name, as a paper's table does
     assert r"& \multicolumn{4}{c}{circo/test} & \multicolumn{7}{c}{cirr/test1} \\" in res.output
     assert r"\cmidrule(lr){2-5} \cmidrule(lr){6-12}" in res.output and "\nMethod & mAP@5 & mAP@10" in res.output

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from cirbench.types import PaperRow
 
+MEGAPAIRS = "Zhou et al., MegaPairs (BGE-VL), ACL 2025: Table 1 of the paper as the official README shows it"
+COMPODIFF = ("Gu et al., CompoDiff, TMLR 2024, as MegaPairs' Table 1 (ACL 2025) quotes it: the paper's CLIP-L model "
+             "trained on SynthTriplets18M, not the released CompoDiff-Aesthetic that cirbench runs")
+
 
 def _row(method: str, backbone: str, recall: str, subset: str | None, source: str) -> PaperRow:
     metrics = {k: float(v) for k, v in zip(("R@1", "R@5", "R@10", "R@50"), recall.split("/"), strict=True) if v != "—"}
@@ -33,4 +37,8 @@ PAPER_ROWS = (
     _row("weimocir", "ViT-L/14 (LAION-2B)", "30.94/60.867/73.084/91.614", "58.554/79.06/90.072",
          "Wu et al., WeiMoCIR, TAAI 2024 (github.com/whats2000/WeiMoCIR, CIRR server result)"),
     _row("osrcir", "ViT-L/14", "29.45/57.68/69.86/—", None, "Tang et al., OSrCIR, CVPR 2025 (GPT-4o)"),
+    _row("bge-vl", "ViT-B/16", "36.1/—/—/—", "71.6/—/—", MEGAPAIRS),
+    _row("bge-vl", "ViT-L/14", "38.0/—/—/—", "73.2/—/—", MEGAPAIRS),
+    _row("compodiff (paper's model)", "ViT-L/14", "18.2/—/—/—", "57.4/—/—",
+         COMPODIFF),
 )
