@@ -46,7 +46,8 @@ BUILTIN_COMMAND_MODULES: tuple[str, ...] = ("cirbench.commands.train", "cirbench
                                              "cirbench.commands.compare", "cirbench.commands.data",
                                              "cirbench.commands.report", "cirbench.commands.cache",
                                              "cirbench.commands.reproduce", "cirbench.commands.shortcuts",
-                                             "cirbench.commands.check", "cirbench.commands.new")
+                                             "cirbench.commands.check", "cirbench.commands.new",
+                                             "cirbench.commands.agree")
 
 
 def _error(line: str) -> None:

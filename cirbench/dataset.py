@@ -270,7 +270,8 @@ class Dataset:
         return Ranking([q.id for q in evalset.queries], gallery_ids, indices, torch.zeros(indices.shape),
                        candidate_order)
 
-    def read_predictions(self, path: Path) -> dict[str, dict[str, list[str]]]:
+    @staticmethod
+    def read_predictions(path: Path) -> dict[str, dict[str, list[str]]]:
         """Read a per-query ranking file (``*.predictions.jsonl`` as ``cirbench run`` writes it:
         one JSON object per line with ``query``, ``top`` (ranked ids) and optionally ``set`` and
         ``subset``). Returns ``{set name or "": {query id: ids}}`` and subsets under key ``"subset:"+set``."""
