@@ -440,10 +440,11 @@ def _build(model: str, model_name: str, pre: str, quick_gelu: bool, seed: int, c
                       "sha256": file_sha256(path)}
     if kind == "transformers":
         from . import hf_clip
+        from .checkpoints import read_weights_file
 
         config_path, weights = hf_clip.files_of(where)
         clip = empty(hf_clip.quick_gelu(hf_clip.read_config(config_path, where)))
-        _load_state(clip, hf_clip.open_clip_state(_read_state(weights), str(weights)), weights)
+        _load_state(clip, hf_clip.open_clip_state(read_weights_file(weights), str(weights)), weights)
         return clip, {"kind": "transformers", "source": where, "sha256": file_sha256(weights),
                       "config_sha256": file_sha256(config_path)}
     if kind == "file":
@@ -529,27 +530,9 @@ def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:
 
 def _load_weights_file(clip: Any, path: Path) -> None:
     """Load a state dict from safetensors (preferred) or a torch file (weights only, no pickled code)."""
-    _load_state(clip, _read_state(path), path)
+    from .checkpoints import read_weights_file
 
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict in a safetensors file or a torch file (``state_dict`` inside, ``module.`` prefixes dropped)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            from .safe_unpickle import load_state_dict, load_torch_file
-
-            raw = load_torch_file(path)
-            key = "state_dict" if isinstance(raw, dict) and "state_dict" in raw else None
-            state = {k.removeprefix("module."): v for k, v in load_state_dict(path, key, raw).items()}
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot read weights {path}: {type(exc).__name__}: {one_line(exc)}") from None
-    return state
+    _load_state(clip, read_weights_file(path), path)
 
 
 def _load_state(clip: Any, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -137,6 +137,25 @@ def _folder(path: Path) -> Path:
     return path.parent if path.is_file() else path
 
 
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a safetensors file or a ``torch.save`` file read without running anything from it (its
+    ``state_dict`` entry where it holds one, ``module.`` prefixes dropped); CheckpointError in one line otherwise."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        from .safe_unpickle import load_state_dict, load_torch_file
+
+        raw = load_torch_file(path)
+        key = "state_dict" if isinstance(raw, dict) and "state_dict" in raw else None
+        return {k.removeprefix("module."): v for k, v in load_state_dict(path, key, raw).items()}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is one line
+        raise CheckpointError(f"cannot read weights {path}: {type(exc).__name__}: {one_line(exc)}") from None
+
+
 def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Load ``tensors`` into ``module`` strictly; a CheckpointError names the first mismatch."""
     own = module.state_dict()

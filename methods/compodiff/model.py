@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cirbench.backbones import Backbone
+from cirbench.checkpoints import read_weights_file
 from cirbench.errors import CheckpointError
 from cirbench.method import Method, caption_variants
 from cirbench.methods._shared.textinv import RawImageReferences
@@ -81,21 +82,6 @@ def weights_file(options: dict, backbone: Backbone) -> Path:
     return hub_file(HUB_REPO, WEIGHT_FILES[0], WHAT)
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict in a ``.safetensors`` file or a ``torch.save`` file (read without running anything)."""
-    from cirbench.safe_unpickle import load_state_dict
-
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is one line
-            raise CheckpointError(f"checkpoint {path} could not be read: {type(exc).__name__}: "
-                                  f"{one_line(exc)[:160]}") from None
-    return load_state_dict(path)
-
-
 class TextEncoder:
     """CLIP-G/14's text tower as the official ``CLIPHF.encode_texts`` runs it: transformers' ``CLIPTokenizer``
     (padded to the model's 77 positions, truncated) and ``CLIPTextModel``'s ``last_hidden_state`` with the attention
@@ -140,7 +126,7 @@ class TextEncoder:
 
 
 def load_bundle(weights: Path, text_encoder: str, backbone: Backbone) -> dict[str, Any]:
-    net, schedule = build(read_weights(weights), str(weights))
+    net, schedule = build(read_weights_file(weights), str(weights))
     if net.arch.dim != backbone.embed_dim:
         raise CheckpointError(f"checkpoint {weights} denoises {net.arch.dim}-d image embeddings; this backbone's are "
                               f"{backbone.embed_dim}-d")
