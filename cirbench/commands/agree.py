@@ -94,11 +94,11 @@ def agreement(a: Path, b: Path, ks: tuple[int, ...] = DEFAULT_KS, worst: int = 5
     per_query = []
     for key in shared:
         x, y = left[key], right[key]
+        shares = {k: len(set(x[:k]) & set(y[:k])) / k for k in cuts}
         for k in cuts:
-            overlap[k] += len(set(x[:k]) & set(y[:k])) / k
+            overlap[k] += shares[k]
             identical[k] += x[:k] == y[:k]
-        top = cuts[-1]
-        per_query.append((len(set(x[:top]) & set(y[:top])) / top, key))
+        per_query.append((shares[cuts[-1]], key))
     n = len(shared)
     per_query.sort()
     return {
