@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from annotations import ANNOTATIONS, needs_annotations
 from click.testing import CliRunner
 from generation_models import save_hf_clip, write_tiny_clip_text
 from helpers import registered
@@ -14,6 +16,7 @@ from toy_plugin import ToyPlugin
 
 from cirbench.backbones import load_backbone
 from cirbench.cli import cli
+from cirbench.plugins import get_registry
 from cirbench.types import Query
 
 
@@ -35,6 +38,39 @@ def test_query_texts_are_the_released_query_files():
         "is shiny and silver with shorter sleeves, and fit and flare",
         "is grey with black design, and is a light printed short dress"]
     assert query_text(Query("2", "r", ("has two dogs",)), "cirr") == "has two dogs"
+
+
+# sha256 of "reference<TAB>text" lines, one per row, of the released query files (github.com/VectorSpaceLab/MegaPairs
+# at ad99aca2f2e07d58e61e0c1825ea4ed6208cfc7c, eval/data/*_query*.jsonl: q_img's id, q_text), in their order
+RELEASED_QUERY_FILES = {
+    ("circo", "test"): (800, "fd94f03e667d010ece49602e3179524acdae4b24cb27da0c6270cc52828c2279"),
+    ("dress", "val"): (2017, "48dccf752ecebad2d6e9acb2d78cdafecdea7a6887671fbc5152c244c81a4007"),
+    ("shirt", "val"): (2038, "8263e5b38c13adb8791bb8e34b40179b8403617d498377c1bf01b3f6bf340640"),
+    ("toptee", "val"): (1961, "b49ff41ff557d09889c11f0720edced3d5426b5a76afad69fc7d28dbab1dec90"),
+}
+
+
+@needs_annotations
+@pytest.mark.parametrize("benchmark", sorted(RELEASED_QUERY_FILES), ids="-".join)
+def test_every_query_text_is_the_released_query_files(benchmark, tmp_path):
+    """Every query of CIRCO test and FashionIQ val, read by cirbench's loaders from the official annotation files,
+    pairs its reference with the very text of BGE-VL's released query files (800 and 2,017 + 2,038 + 1,961 rows)."""
+    from cirbench.methods.bge_vl.model import query_text
+
+    name, split = benchmark
+    if name == "circo":
+        root = tmp_path / "circo"
+        (root / "COCO2017_unlabeled" / "unlabeled2017").mkdir(parents=True)  # no gallery needed for the texts
+        (root / "annotations").symlink_to(ANNOTATIONS / "circo" / "annotations")
+        dataset, options = "circo", {}
+    else:
+        root, dataset, options = ANNOTATIONS / "fashioniq", "fashioniq", {"category": name}
+    evalsets = get_registry().dataset(dataset).create(root, options).load(split)
+    queries = [q for es in evalsets for q in es.queries]
+    lines = [f"{int(q.reference) if dataset == 'circo' else q.reference}\t{query_text(q, dataset)}" for q in queries]
+    count, digest = RELEASED_QUERY_FILES[benchmark]
+    assert len(lines) == count
+    assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == digest, lines[:3]
 
 
 @pytest.fixture(scope="module")
