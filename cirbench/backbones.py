@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, CirbenchError, UnknownNameError
-from .hub import host_reachable, hub_file, hub_reachable
+from .hub import HubFile, host_reachable, hub_reachable
 from .preprocess import Preprocessor
 from .util import file_sha256, json_loads, one_line
 
@@ -48,8 +48,14 @@ BUNDLED_DIR = ASSETS / BUNDLED_MODEL
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HF_PREFIX = "hf:"  # --pretrained hf:REPO_OR_FOLDER, a CLIPModel saved by transformers
 #: RemoteCLIP (Liu et al., IEEE TGRS 2024): CLIP tuned on remote-sensing image-text pairs, one open_clip state dict
-#: per model on the hub (its README's ``hf_hub_download``), built as open_clip builds the model (nn.GELU)
-REMOTECLIP = ("remoteclip", "chendelong/RemoteCLIP", "RemoteCLIP-{model}.pt", ("RN50", "ViT-B-32", "ViT-L-14"))
+#: per model on the hub (its README's ``hf_hub_download``), built as open_clip builds the model (nn.GELU); the
+#: files of the repository's commit bf1d8a3 (2023-07-27, its only upload), by their Git LFS sha256
+REMOTECLIP = ("remoteclip", "chendelong/RemoteCLIP", "RemoteCLIP-{model}.pt", {
+    "RN50": "11657d33a87fc197e19a7654a76a632415ebea42feb8a61025ef389f8990c0f9",
+    "ViT-B-32": "60014e395d930a3f2963d1d89c8522bf4ad56775571e4356e866864789af85c4",
+    "ViT-L-14": "fcc2a7e21e171f4ffcb7a9c0206b8b74ac0c9eb83c67b576958b7a4ed6c8cecb",
+})
+REMOTECLIP_REVISION = "bf1d8a3ccf2ddbf7c875705e46373bfe542bce38"
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -389,7 +395,7 @@ def _pretrained_of(model: str, pretrained: str | None) -> str:
 
 def _weights_source(model: str, model_name: str, pre: str) -> tuple[str, Any]:
     """What ``--pretrained`` names, checked as loading checks it (a name that cannot be is a one-line error):
-    ``("random", None)``, ``("bundled", file)``, ``("hub", (repo, filename))`` (RemoteCLIP), ``("transformers",
+    ``("random", None)``, ``("bundled", file)``, ``("hub", HubFile)`` (RemoteCLIP), ``("transformers",
     "hf:REPO_OR_FOLDER")``, ``("file", path)`` or ``("tag", open_clip's pretrained config)``. Loading
     (:func:`_build`) and ``--dry-run`` (:func:`weights_status`) both read it."""
     import open_clip
@@ -405,7 +411,7 @@ def _weights_source(model: str, model_name: str, pre: str) -> tuple[str, Any]:
         if model_name not in models:
             raise CirbenchError(f"--pretrained remoteclip: RemoteCLIP has weights for {', '.join(models)}, not "
                                 f"{model_name}")
-        return "hub", (repo, pattern.format(model=model_name))
+        return "hub", HubFile(repo, pattern.format(model=model_name), REMOTECLIP_REVISION, models[model_name])
     if pre.startswith(HF_PREFIX):
         return "transformers", pre
     if os.path.sep in pre or pre.endswith((".safetensors", ".pt", ".bin", ".pth")) or Path(pre).exists():
@@ -432,11 +438,10 @@ def _build(model: str, model_name: str, pre: str, quick_gelu: bool, seed: int, c
         _load_weights_file(clip, where)
         return clip, {"kind": "bundled", "sha256": file_sha256(where)}
     if kind == "hub":
-        repo, filename = where
-        path = hub_file(repo, filename, "RemoteCLIP's weights", option="pretrained")
+        path = where.fetch("RemoteCLIP's weights", option="pretrained")
         clip = empty()
         _load_weights_file(clip, path)
-        return clip, {"kind": "hub-file", "tag": REMOTECLIP[0], "source": f"hf-hub:{repo}/{path.name}",
+        return clip, {"kind": "hub-file", "tag": REMOTECLIP[0], "source": f"hf-hub:{where.repo}/{path.name}",
                       "sha256": file_sha256(path)}
     if kind == "transformers":
         from . import hf_clip
@@ -481,8 +486,8 @@ def weights_status(model: str, pretrained: str | None, cache_dir: str | None = N
     if kind == "bundled":
         return "bundled with cirbench"
     if kind == "hub":
-        status, _ = availability(f"hf-hub:{where[0]}/{where[1]}")
-        return f"{status} (hf-hub:{where[0]})"
+        status, _ = availability(where.source)
+        return f"{status} ({where.source})"
     if kind == "transformers":
         status, _ = availability(f"hf-model:{where.removeprefix(HF_PREFIX)}")
         return f"{status} ({where})"

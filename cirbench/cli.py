@@ -422,7 +422,8 @@ def _save_top(ctx, param, value: str) -> int | None:
               help="Split (default: the dataset's default split); a split named in --dataset wins.")
 @click.option("--backbone", default=None, help="open_clip model name or config JSON (default: dataset's or method's).")
 @click.option("--pretrained", default=None, help="open_clip pretrained tag, weights file, hf:REPO_OR_FOLDER (a CLIP "
-              "saved by transformers), 'remoteclip', 'bundled' or 'none'.")
+              "saved by transformers; hf:OWNER/NAME@REVISION at a branch, tag or commit), 'remoteclip', 'bundled' "
+              "or 'none'.")
 @click.option("--preprocess", type=click.Choice(PREPROCESS_KINDS), default=None,
               help="Image preprocessing (default: the method's official choice): targetpad (SEARLE's), clip (the "
                    "backbone's own, as CLIP/open_clip), hf-clip (transformers' CLIPImageProcessor, as LinCIR).")

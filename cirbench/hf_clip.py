@@ -78,15 +78,16 @@ def open_clip_state(tensors: dict[str, torch.Tensor], source: str) -> dict[str, 
     return out
 
 
-def _hub_files(repo: str) -> tuple[Path, Path]:
-    """The config and weights of a hub repository: from the local hub cache, or downloaded."""
+def _hub_files(repo: str, revision: str | None) -> tuple[Path, Path]:
+    """The config and weights of a hub repository (at ``revision`` when given): from the local hub cache, or
+    downloaded."""
     from .hub import hub_file
 
-    config = hub_file(repo, "config.json", f"the config of {repo}", option="pretrained")
+    config = hub_file(repo, "config.json", f"the config of {repo}", option="pretrained", revision=revision)
     error: CheckpointError | None = None
     for name in WEIGHT_FILES:
         try:
-            return config, hub_file(repo, name, f"the weights of {repo}", option="pretrained")
+            return config, hub_file(repo, name, f"the weights of {repo}", option="pretrained", revision=revision)
         except CheckpointError as exc:  # a repository saved as .bin has no model.safetensors
             error = error or exc
     assert error is not None
@@ -95,7 +96,8 @@ def _hub_files(repo: str) -> tuple[Path, Path]:
 
 def files_of(source: str) -> tuple[Path, Path]:
     """``(config.json, weights)`` of ``hf:REPO_OR_FOLDER``: a folder as ``save_pretrained`` writes it, or a hub
-    repository (its cache, or a download); CheckpointError when either is missing."""
+    repository, ``hf:OWNER/NAME@REVISION`` at a branch, tag or commit (its cache, or a download); CheckpointError
+    when either is missing."""
     name = source.removeprefix("hf:").strip()
     folder = Path(name).expanduser()
     if folder.is_dir():
@@ -104,10 +106,11 @@ def files_of(source: str) -> tuple[Path, Path]:
             raise CheckpointError(f"--pretrained {source}: the folder needs config.json and {' or '.join(WEIGHT_FILES)}"
                                   " (as CLIPModel.save_pretrained writes them)")
         return folder / "config.json", weights[0]
-    if "/" not in name or name.startswith((".", "/", "~")):
+    repo, _, revision = name.partition("@")
+    if repo.count("/") != 1 or repo.startswith((".", "/", "~")) or (name.count("@") and not revision):
         raise CheckpointError(f"--pretrained {source}: neither a folder nor a Hugging Face hub repository id "
-                              "(owner/name)")
-    return _hub_files(name)
+                              "(owner/name, or owner/name@revision)")
+    return _hub_files(repo, revision or None)
 
 
 def read_config(path: Path, source: str) -> dict[str, Any]:

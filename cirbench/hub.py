@@ -11,6 +11,7 @@ import functools
 import os
 import socket
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -43,26 +44,93 @@ def local_files_only(path: str) -> bool:
     return Path(path).is_dir() or not hub_reachable()
 
 
-def hub_file(repo_id: str, filename: str, what: str, option: str = "checkpoint") -> Path:
+@dataclass(frozen=True)
+class HubFile:
+    """A file of a Hugging Face hub model repository, pinned where its publication is known: the ``revision``
+    (a commit) it is downloaded at, so that a later push to the repository does not change what a default
+    fetches, and its ``sha256`` (the Git LFS oid the hub shows), so that what is used is the published file."""
+
+    repo: str
+    filename: str
+    revision: str | None = None
+    sha256: str | None = None
+
+    @property
+    def source(self) -> str:
+        """``hf-hub:REPO[@REVISION]/FILE``, as ``MethodSpec.downloads`` and ``--dry-run`` name it."""
+        return f"hf-hub:{self.repo}{'@' + self.revision if self.revision else ''}/{self.filename}"
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo}/blob/{self.revision or 'main'}/{self.filename}"
+
+    def fetch(self, what: str, option: str = "checkpoint") -> Path:
+        """The file, from the local hub cache or downloaded, checked: :func:`hub_file`."""
+        return hub_file(self.repo, self.filename, what, option, revision=self.revision, sha256=self.sha256)
+
+    @classmethod
+    def parse(cls, source: str) -> HubFile:
+        """The file a ``hf-hub:REPO[@REVISION]/FILE`` source names."""
+        repo, _, filename = source.removeprefix("hf-hub:").rpartition("/")
+        repo, _, revision = repo.partition("@")
+        return cls(repo, filename, revision or None)
+
+
+def _cached(file: HubFile) -> Path | None:
+    """The file in the local hub cache: at its revision, or, when its sha256 is known, the copy a download at the
+    repository's head left (the same file when the hash says so, so it is not fetched again)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    revisions = [file.revision] + ([None] if file.revision and file.sha256 else [])
+    for revision in revisions:
+        try:
+            cached = try_to_load_from_cache(file.repo, file.filename, revision=revision)
+        except Exception:  # noqa: BLE001 - not a repository id (a missing folder): not cached
+            cached = None
+        if not isinstance(cached, str) or not Path(cached).is_file():
+            continue
+        if revision == file.revision or _sha256_of(Path(cached)) == file.sha256:
+            return Path(cached)
+    return None
+
+
+def _sha256_of(path: Path) -> str:
+    from .util import file_sha256
+
+    return file_sha256(path)
+
+
+def _checked(path: Path, file: HubFile, what: str, option: str) -> Path:
+    """``path`` when it is the published file (or no sha256 is known); CheckpointError otherwise."""
+    if file.sha256 and _sha256_of(path) != file.sha256:
+        raise CheckpointError(f"{path} is not {what} published at {file.url} (its sha256 differs from "
+                              f"{file.sha256[:12]}...): delete it to download it again, or pass --{option} PATH")
+    return path
+
+
+def hub_file(repo_id: str, filename: str, what: str, option: str = "checkpoint", *, revision: str | None = None,
+             sha256: str | None = None) -> Path:
     """A file of a Hugging Face hub model repository: from the local hub cache when it is there, downloaded
-    otherwise; CheckpointError naming the file and how to supply it (``--option PATH``) when neither works
-    (offline, no access)."""
+    otherwise, at ``revision`` when given (a commit: what was published then) and checked against ``sha256``
+    when given; CheckpointError naming the file and how to supply it (``--option PATH``) when neither works
+    (offline, no access) or the file is not the published one."""
+    file = HubFile(repo_id, filename, revision, sha256)
     try:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub import hf_hub_download
     except ImportError:
-        raise CheckpointError(f"{what} come from the Hugging Face hub ({repo_id}/{filename}): pip install "
-                              f"huggingface_hub, or download the file and pass --{option} PATH") from None
-    cached = try_to_load_from_cache(repo_id, filename)
-    if isinstance(cached, str) and Path(cached).is_file():
-        return Path(cached)
+        raise CheckpointError(f"{what} come from the Hugging Face hub ({file.url}): pip install huggingface_hub, "
+                              f"or download the file and pass --{option} PATH") from None
+    cached = _cached(file)
+    if cached is not None:
+        return _checked(cached, file, what, option)
     try:
         if not hub_reachable():
             raise ConnectionError("the hub is not reachable from this machine")
-        return Path(hf_hub_download(repo_id, filename))
+        path = Path(hf_hub_download(repo_id, filename, revision=revision))
     except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: every failure is the same one line
-        raise CheckpointError(f"cannot get {what} (https://huggingface.co/{repo_id}/blob/main/{filename}): "
-                              f"{type(exc).__name__}: {one_line(exc)[:160]}. Download the file on a connected "
-                              f"machine and pass --{option} PATH") from None
+        raise CheckpointError(f"cannot get {what} ({file.url}): {type(exc).__name__}: {one_line(exc)[:160]}. "
+                              f"Download the file on a connected machine and pass --{option} PATH") from None
+    return _checked(path, file, what, option)
 
 
 def availability(source: str) -> tuple[str, bool]:
@@ -79,8 +147,7 @@ def availability(source: str) -> tuple[str, bool]:
             return "NOT AVAILABLE: $OPENAI_API_KEY is not set", False
         return ("its host answers", True) if _url_reachable(url) else ("NOT AVAILABLE: its host does not answer", False)
     if source.startswith("hf-hub:"):
-        repo, _, filename = source.removeprefix("hf-hub:").rpartition("/")
-        return _hub_availability(repo, filename, "no network")
+        return _hub_availability(HubFile.parse(source), "no network")
     if _url_cache(source).is_file():
         return "in the torch hub cache", True
     if _url_reachable(source):
@@ -88,18 +155,14 @@ def availability(source: str) -> tuple[str, bool]:
     return "NOT AVAILABLE: no network", False
 
 
-def _hub_availability(repo: str, filename: str, unavailable: str) -> tuple[str, bool]:
+def _hub_availability(file: HubFile, unavailable: str) -> tuple[str, bool]:
     """A hub repository's file: in the Hugging Face cache, to download, or not available (``unavailable`` says
     why)."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        cached = _cached(file)
     except ImportError:
         return "NOT AVAILABLE: huggingface_hub is not installed", False
-    try:
-        cached = try_to_load_from_cache(repo, filename)
-    except Exception:  # noqa: BLE001 - not a repository id (a missing folder): not cached
-        cached = None
-    if isinstance(cached, str):
+    if cached is not None:
         return "in the Hugging Face cache", True
     return ("to download", True) if hub_reachable() else (f"NOT AVAILABLE: {unavailable}", False)
 
@@ -109,7 +172,8 @@ def _model_availability(name: str) -> tuple[str, bool]:
     config.json there), a download, or nowhere."""
     if Path(name).expanduser().is_dir():
         return "a local folder", True
-    return _hub_availability(name, "config.json",
+    repo, _, revision = name.partition("@")
+    return _hub_availability(HubFile(repo, "config.json", revision or None),
                              "neither a local folder nor in the Hugging Face cache, and no network")
 
 

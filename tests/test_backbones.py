@@ -69,7 +69,8 @@ def test_remoteclip_weights_come_from_the_hub_and_fail_offline_with_the_file_to_
 
     monkeypatch.setattr(hub, "hub_reachable", lambda: False)
     with pytest.raises(CheckpointError, match=r"cannot get RemoteCLIP's weights \(https://huggingface.co/chendelong"
-                                              r"/RemoteCLIP/blob/main/RemoteCLIP-ViT-B-32.pt\).* --pretrained PATH"):
+                                              rf"/RemoteCLIP/blob/{backbones.REMOTECLIP_REVISION}/RemoteCLIP-ViT-B-32"
+                                              r".pt\).* --pretrained PATH"):
         load_backbone("ViT-B-32", "remoteclip", device="cpu")
     with pytest.raises(CirbenchError, match="RemoteCLIP has weights for RN50, ViT-B-32, ViT-L-14, not ViT-B-16"):
         load_backbone("ViT-B-16", "remoteclip", device="cpu")
@@ -77,10 +78,11 @@ def test_remoteclip_weights_come_from_the_hub_and_fail_offline_with_the_file_to_
     weights = tmp_path / "RemoteCLIP-cirbench-tiny-test.pt"
     torch.save(src.model.state_dict(), weights)
     asked = []
-    monkeypatch.setattr(backbones, "REMOTECLIP", (*backbones.REMOTECLIP[:3], ("cirbench-tiny-test",)))
-    monkeypatch.setattr(backbones, "hub_file", lambda repo, name, what, option: asked.append((repo, name)) or weights)
+    monkeypatch.setattr(backbones, "REMOTECLIP", (*backbones.REMOTECLIP[:3], {"cirbench-tiny-test": "ab" * 32}))
+    monkeypatch.setattr(hub, "hub_file", lambda *args, **kw: asked.append((args, kw)) or weights)
     bb = load_backbone(str(tiny_config), "remoteclip", device="cpu", seed=0)
-    assert asked == [("chendelong/RemoteCLIP", "RemoteCLIP-cirbench-tiny-test.pt")]
+    assert asked == [(("chendelong/RemoteCLIP", "RemoteCLIP-cirbench-tiny-test.pt", "RemoteCLIP's weights",
+                       "pretrained"), {"revision": backbones.REMOTECLIP_REVISION, "sha256": "ab" * 32})]
     assert bb.identity()["weights"] == {"kind": "hub-file", "tag": "remoteclip", "sha256": backbones.file_sha256(
         weights), "source": "hf-hub:chendelong/RemoteCLIP/RemoteCLIP-cirbench-tiny-test.pt"}
     x = torch.randn(1, 3, 32, 32)

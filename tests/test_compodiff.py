@@ -556,7 +556,8 @@ def test_released_weights_are_for_vit_l14_openai_and_fail_offline_in_one_line(mo
     from cirbench.methods.compodiff.model import downloads, weights_file
 
     assert downloads({}, "ViT-L-14", "openai") == [
-        ("CompoDiff-Aesthetic's weights", "hf-hub:navervision/CompoDiff-Aesthetic/pytorch_model.bin"),
+        ("CompoDiff-Aesthetic's weights",
+         "hf-hub:navervision/CompoDiff-Aesthetic@9e26bd4a9305ca1b8572dd3a699dd4e3c14f5dcd/pytorch_model.bin"),
         ("CompoDiff's text encoder (CLIP-G/14's text tower)", "hf-model:laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")]
     assert downloads({"checkpoint": "x.bin", "text_encoder": "t"}, "ViT-B-32", "openai") == [
         ("CompoDiff's text encoder (CLIP-G/14's text tower)", "hf-model:t")]

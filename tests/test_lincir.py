@@ -147,10 +147,8 @@ def test_demo_weights_are_labelled_and_offline_is_one_clear_line(tmp_path, backb
         lincir.LinCIR(backbone, {"checkpoint": None}, "cirr")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
-    from cirbench.hub import hub_file
-
     with pytest.raises(CheckpointError) as info:
-        hub_file(*textinv.LINCIR_DEMO[:2], "LinCIR's demo weights")
+        textinv.LINCIR_DEMO[0].fetch("LinCIR's demo weights")
     message = str(info.value)
     assert "\n" not in message and "lincir_large.pt" in message and "--checkpoint PATH" in message
     # a demo file in the hub cache is used without the network, and the run is labelled as demo weights
@@ -158,7 +156,7 @@ def test_demo_weights_are_labelled_and_offline_is_one_clear_line(tmp_path, backb
     demo = tmp_path / "lincir_large.pt"
     torch.save({"Phi": phi.state_dict()}, demo)
     monkeypatch.setattr("cirbench.hub.hub_file", lambda *a, **kw: demo)
-    monkeypatch.setattr(textinv, "LINCIR_DEMO", (*textinv.LINCIR_DEMO[:2], (backbone.model_name, backbone.pretrained)))
+    monkeypatch.setattr(textinv, "LINCIR_DEMO", (textinv.LINCIR_DEMO[0], (backbone.model_name, backbone.pretrained)))
     method = lincir.LinCIR(backbone, {"checkpoint": None}, "cirr")
     assert method.label_tag() == "demo-weights" and "not the paper's" in method.info()["weights"]
 

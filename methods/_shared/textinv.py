@@ -20,6 +20,7 @@ from cirbench import global_batch
 from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint, load_module_weights
 from cirbench.errors import CirbenchError
+from cirbench.hub import HubFile
 from cirbench.method import Method, average_variants, caption_variants
 from cirbench.preprocess import Preprocessor, RandomResizedCrop
 from cirbench.training import NetTrainable, contrastive_loss
@@ -389,7 +390,10 @@ def clean_caption(caption: str, tokenizer: Any, limit: int = 75) -> str:
     return caption
 
 
-LINCIR_DEMO = ("navervision/zeroshot-cir-models", "lincir_large.pt", ("ViT-L-14", "openai"))
+#: LinCIR's demo Phi and the backbone it was trained on: ``lincir_large.pt`` of the commit that uploaded it
+#: (5118df4, "upload all large models"), by its Git LFS sha256
+LINCIR_DEMO = (HubFile("navervision/zeroshot-cir-models", "lincir_large.pt", "5118df4683de6efa09f8e5336d86ca626ed21c44",
+                       "5ba98d52db7a5e9a78f9ba7436991235477b89544caf246e4659642bf9b409bd"), ("ViT-L-14", "openai"))
 
 
 def lincir_demo_weights(backbone: Backbone, what: str = "train Phi (cirbench train --method lincir) and pass "
@@ -397,23 +401,21 @@ def lincir_demo_weights(backbone: Backbone, what: str = "train Phi (cirbench tra
     """The file of LinCIR's demo Phi (the Hugging Face hub's ``navervision/zeroshot-cir-models``
     ``lincir_large.pt``, trained on openai/clip-vit-large-patch14), for ViT-L-14/openai only; ``what`` tells
     what to do on another backbone, ``--option`` where to pass the file when it cannot be fetched."""
-    from cirbench.hub import hub_file
-
-    repo, _, name = lincir_demo_source(backbone.model_name, backbone.pretrained, what).removeprefix(
-        "hf-hub:").rpartition("/")
-    return hub_file(repo, name, "LinCIR's demo weights", option=option)
+    lincir_demo_source(backbone.model_name, backbone.pretrained, what)
+    return LINCIR_DEMO[0].fetch("LinCIR's demo weights", option=option)
 
 
 def lincir_demo_source(model: str, pretrained: str, what: str = "train Phi (cirbench train --method lincir) and "
                        "pass --checkpoint") -> str:
-    """``hf-hub:REPO/FILE`` of LinCIR's demo Phi; CheckpointError (saying ``what`` to do) on another backbone."""
+    """``hf-hub:REPO@REVISION/FILE`` of LinCIR's demo Phi; CheckpointError (saying ``what`` to do) on another
+    backbone."""
     from cirbench.errors import CheckpointError
 
-    repo, name, (demo_model, demo_pretrained) = LINCIR_DEMO
+    demo, (demo_model, demo_pretrained) = LINCIR_DEMO
     if (model, pretrained) != (demo_model, demo_pretrained):
         raise CheckpointError(f"LinCIR's demo weights are for {demo_model}/{demo_pretrained}; for {model}/"
                               f"{pretrained} {what}")
-    return f"hf-hub:{repo}/{name}"
+    return demo.source
 
 
 class LinCIRProtocol(SearleProtocol):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from cirbench.backbones import Backbone
 from cirbench.checkpoints import read_weights_file
 from cirbench.errors import CheckpointError
+from cirbench.hub import HubFile
 from cirbench.method import Method, caption_variants
 from cirbench.methods._shared.textinv import RawImageReferences
 from cirbench.methods._shared.towers import last_loaded
@@ -39,6 +40,10 @@ from .prior import Denoiser, Guidance, Schedule, build, sample
 
 HUB_REPO = "navervision/CompoDiff-Aesthetic"
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")  # what CompoDiffModel.save_pretrained writes
+#: the released file: the repository's head since 2023-04-27 (9e26bd4; the weights are e13da22's of 2023-04-23,
+#: which replaced those of the first upload), by its Git LFS sha256
+RELEASED = HubFile(HUB_REPO, WEIGHT_FILES[0], "9e26bd4a9305ca1b8572dd3a699dd4e3c14f5dcd",
+                   "1f22dc90a1cb8b18ca1a05deb3afe299aa0d8a38f2b92cdfa10c217d5e5f4692")
 RELEASED_FOR = ("ViT-L-14", "openai")  # the embeddings CompoDiff-Aesthetic denoises: openai/clip-vit-large-patch14
 TEXT_ENCODER = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 WHAT = "CompoDiff-Aesthetic's weights"
@@ -50,7 +55,7 @@ def downloads(options: dict, model: str, pretrained: str) -> list[tuple[str, str
     out = []
     if not options.get("checkpoint"):
         _check_released_backbone(model, pretrained)
-        out.append((WHAT, f"hf-hub:{HUB_REPO}/{WEIGHT_FILES[0]}"))
+        out.append((WHAT, RELEASED.source))
     out.append(("CompoDiff's text encoder (CLIP-G/14's text tower)",
                 f"hf-model:{options.get('text_encoder') or TEXT_ENCODER}"))
     return out
@@ -65,8 +70,6 @@ def _check_released_backbone(model: str, pretrained: str) -> None:
 def weights_file(options: dict, backbone: Backbone) -> Path:
     """The denoiser's weights: the file (or ``save_pretrained`` folder) ``--checkpoint`` names, or the released
     file from the Hugging Face hub (its cache, or downloaded)."""
-    from cirbench.hub import hub_file
-
     given = options.get("checkpoint")
     if given:
         path = Path(given).expanduser()
@@ -79,7 +82,7 @@ def weights_file(options: dict, backbone: Backbone) -> Path:
             raise CheckpointError(f"--checkpoint {path} is not a file")
         return path
     _check_released_backbone(backbone.model_name, backbone.pretrained)
-    return hub_file(HUB_REPO, WEIGHT_FILES[0], WHAT)
+    return RELEASED.fetch(WHAT)
 
 
 class TextEncoder:

@@ -1,0 +1,128 @@
+"""Hub files pinned to the commit they were published at and to their sha256: taken from the local Hugging Face
+cache (at that commit, or a copy of the repository's head whose hash says it is the same file), downloaded at
+that commit otherwise, and refused, in one line, when they are not the published file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from cirbench import hub
+from cirbench.errors import CheckpointError
+from cirbench.hub import HubFile, availability, hub_file
+
+REPO = "someone/released-weights"
+PINNED = "1" * 40  # the commit the file was published at
+HEAD = "2" * 40  # the repository's head when a user downloaded it without a revision
+PUBLISHED = b"the published weights"
+SHA256 = hashlib.sha256(PUBLISHED).hexdigest()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache, and no network: ``put`` adds a file at a commit (``main`` names ``HEAD``)."""
+    import huggingface_hub.constants
+
+    root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    repo = root / f"models--{REPO.replace('/', '--')}"
+
+    def put(commit: str, content: bytes, name: str = "phi.pt") -> Path:
+        path = repo / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(HEAD)
+        return path
+
+    return put
+
+
+def fetch(**pin):
+    return hub_file(REPO, "phi.pt", "the released weights", **pin)
+
+
+def test_the_file_at_its_commit_or_the_same_file_at_head_comes_from_the_cache(cache):
+    head_copy = cache(HEAD, PUBLISHED)
+    assert fetch(revision=PINNED, sha256=SHA256) == head_copy  # same bytes: not fetched again
+    assert fetch() == head_copy  # unpinned: the head
+    pinned_copy = cache(PINNED, PUBLISHED)
+    assert fetch(revision=PINNED, sha256=SHA256) == pinned_copy
+    assert availability(HubFile(REPO, "phi.pt", PINNED).source) == ("in the Hugging Face cache", True)
+
+
+def test_a_head_that_moved_on_is_not_taken_for_the_published_file(cache):
+    cache(HEAD, b"weights pushed later")
+    with pytest.raises(CheckpointError, match=rf"cannot get the released weights \(https://huggingface.co/{REPO}/blob/"
+                                              rf"{PINNED}/phi.pt\): ConnectionError.*pass --checkpoint PATH"):
+        fetch(revision=PINNED, sha256=SHA256)
+    assert availability(HubFile(REPO, "phi.pt", PINNED).source) == ("NOT AVAILABLE: no network", False)
+    assert availability(HubFile(REPO, "phi.pt").source) == ("in the Hugging Face cache", True)
+
+
+def test_a_cached_file_that_is_not_the_published_one_is_refused_in_one_line(cache):
+    path = cache(PINNED, b"truncated")
+    with pytest.raises(CheckpointError) as info:
+        fetch(revision=PINNED, sha256=SHA256)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and f"blob/{PINNED}/phi.pt" in message
+    assert "sha256 differs" in message and "delete it to download it again, or pass --checkpoint PATH" in message
+
+
+@pytest.mark.parametrize("content, ok", [(PUBLISHED, True), (b"something else", False)])
+def test_a_download_is_made_at_the_pinned_commit_and_checked(cache, monkeypatch, tmp_path, content, ok):
+    import huggingface_hub
+
+    asked = []
+
+    def download(repo_id, filename, revision=None):
+        asked.append((repo_id, filename, revision))
+        return str(cache(revision or HEAD, content))
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    if ok:
+        assert fetch(revision=PINNED, sha256=SHA256).read_bytes() == PUBLISHED
+    else:
+        with pytest.raises(CheckpointError, match="is not the released weights published at .*sha256 differs"):
+            fetch(revision=PINNED, sha256=SHA256)
+    assert asked == [(REPO, "phi.pt", PINNED)]
+
+
+def test_sources_name_the_commit_and_read_back():
+    pinned = HubFile(REPO, "phi.pt", PINNED, SHA256)
+    assert pinned.source == f"hf-hub:{REPO}@{PINNED}/phi.pt"
+    assert HubFile.parse(pinned.source) == HubFile(REPO, "phi.pt", PINNED)
+    assert HubFile.parse(f"hf-hub:{REPO}/phi.pt") == HubFile(REPO, "phi.pt")
+    assert HubFile(REPO, "phi.pt").url == f"https://huggingface.co/{REPO}/blob/main/phi.pt"
+
+
+def test_the_built_in_pins_are_whole_commits_and_hashes():
+    """Every default a method or backbone fetches from the hub with a known publication names a full commit id and
+    a sha256 (an abbreviated commit is not a revision the hub resolves for a download)."""
+    from cirbench.backbones import REMOTECLIP, REMOTECLIP_REVISION
+    from cirbench.methods._shared.textinv import LINCIR_DEMO
+    from cirbench.methods.compodiff.model import RELEASED
+
+    hexdigits = set("0123456789abcdef")
+    pins = [LINCIR_DEMO[0], RELEASED, *(HubFile(REMOTECLIP[1], REMOTECLIP[2].format(model=m), REMOTECLIP_REVISION,
+                                                sha) for m, sha in REMOTECLIP[3].items())]
+    for pin in pins:
+        assert pin.revision and len(pin.revision) == 40 and set(pin.revision) <= hexdigits, pin
+        assert pin.sha256 and len(pin.sha256) == 64 and set(pin.sha256) <= hexdigits, pin
+
+
+def test_a_transformers_clip_at_a_revision_is_fetched_there(monkeypatch):
+    from cirbench import hf_clip
+
+    asked = []
+    monkeypatch.setattr(hub, "hub_file", lambda repo, name, what, option, revision=None: asked.append(
+        (repo, name, revision)) or Path(name))
+    assert hf_clip.files_of("hf:BAAI/BGE-VL-base@v1.0") == (Path("config.json"), Path(hf_clip.WEIGHT_FILES[0]))
+    assert asked == [("BAAI/BGE-VL-base", "config.json", "v1.0"), ("BAAI/BGE-VL-base", hf_clip.WEIGHT_FILES[0], "v1.0")]
+    for bad in ("hf:BAAI/BGE-VL-base@", "hf:BAAI", "hf:a/b/c"):
+        with pytest.raises(CheckpointError, match="neither a folder nor a Hugging Face hub repository id"):
+            hf_clip.files_of(bad)
