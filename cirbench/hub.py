@@ -13,6 +13,7 @@ import socket
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import CheckpointError
 from .util import one_line
@@ -42,6 +43,15 @@ def local_files_only(path: str) -> bool:
     """``local_files_only`` for a transformers ``from_pretrained(path)``: True for a local folder or when the
     hub cannot be reached (a cached hub model still loads; an uncached one fails at once)."""
     return Path(path).is_dir() or not hub_reachable()
+
+
+def pretrained_source(name: str) -> tuple[str, dict[str, Any]]:
+    """What transformers' ``from_pretrained`` takes for ``name``: ``(path_or_id, {"local_files_only", "revision"})``
+    for a local folder, a hub id ``OWNER/NAME``, or ``OWNER/NAME@REVISION`` at a branch, tag or commit."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser()), {"local_files_only": True}
+    repo, _, revision = name.partition("@")
+    return repo, {"local_files_only": local_files_only(repo), **({"revision": revision} if revision else {})}
 
 
 @dataclass(frozen=True)

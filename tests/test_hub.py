@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from cirbench import hub
 from cirbench.errors import CheckpointError
@@ -126,3 +127,23 @@ def test_a_transformers_clip_at_a_revision_is_fetched_there(monkeypatch):
     for bad in ("hf:BAAI/BGE-VL-base@", "hf:BAAI", "hf:a/b/c"):
         with pytest.raises(CheckpointError, match="neither a folder nor a Hugging Face hub repository id"):
             hf_clip.files_of(bad)
+
+
+def test_transformers_models_are_loaded_at_the_revision_their_name_gives(tmp_path, monkeypatch):
+    """``OWNER/NAME@REVISION`` (a captioner, a language model, CompoDiff's text encoder) is the hub id at that
+    revision; a local folder is itself, even with an @ in its name, and never looks at the hub."""
+    from cirbench.generation.hf import from_pretrained_args
+    from cirbench.hub import pretrained_source
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    assert pretrained_source("Salesforce/blip2-opt-2.7b@51572668") == (
+        "Salesforce/blip2-opt-2.7b", {"local_files_only": False, "revision": "51572668"})
+    assert pretrained_source("Salesforce/blip2-opt-2.7b") == ("Salesforce/blip2-opt-2.7b", {"local_files_only": False})
+    folder = tmp_path / "model@v2"
+    folder.mkdir()
+    assert pretrained_source(str(folder)) == (str(folder), {"local_files_only": True})
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    name, where, load = from_pretrained_args("someone/llm@main", "bf16")
+    assert (name, where) == ("someone/llm", {"local_files_only": True, "revision": "main"})
+    assert {k: v for k, v in load.items() if k not in where} in ({"dtype": torch.bfloat16},
+                                                                   {"torch_dtype": torch.bfloat16})

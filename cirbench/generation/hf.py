@@ -11,13 +11,15 @@ import gc
 from typing import Any
 
 from ..errors import UnknownNameError
-from ..hub import local_files_only
+from ..hub import pretrained_source
 
 GENERATION_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def from_pretrained_kwargs(path: str, precision: str) -> dict[str, Any]:
-    """Keyword arguments for ``from_pretrained(path, ...)``: where to look, and the weights' dtype."""
+def from_pretrained_args(path: str, precision: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """What ``from_pretrained`` takes for ``path`` (a local folder, a hub id, or ``OWNER/NAME@REVISION``):
+    ``(path_or_id, where, weights)``, ``where`` the keywords that find the files (for processors and tokenizers),
+    ``weights`` those plus the weights' dtype (for models)."""
     import torch
     import transformers
 
@@ -26,7 +28,8 @@ def from_pretrained_kwargs(path: str, precision: str) -> dict[str, Any]:
         raise UnknownNameError("generation precision", precision, GENERATION_PRECISIONS)
     major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
     key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56; the old name warns in 5
-    return {"local_files_only": local_files_only(path), key: dtypes[precision]}
+    name, where = pretrained_source(path)
+    return name, where, {**where, key: dtypes[precision]}
 
 
 def load_image_text_to_text(path: str, precision: str, device: str, chat: bool = False) -> tuple[Any, Any]:
@@ -38,11 +41,11 @@ def load_image_text_to_text(path: str, precision: str, device: str, chat: bool =
     # AutoModelForVision2Seq before transformers 4.46 (since deprecated, then removed)
     auto = (getattr(transformers, "AutoModelForImageTextToText", None)
             or transformers.AutoModelForVision2Seq)  # type: ignore[attr-defined]
-    load = from_pretrained_kwargs(path, precision)
-    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=load["local_files_only"])
+    name, where, load = from_pretrained_args(path, precision)
+    processor = transformers.AutoProcessor.from_pretrained(name, **where)
     if chat and not getattr(processor, "chat_template", None):
         raise ValueError("its processor has no chat template to place the image in the prompt")
-    return processor, auto.from_pretrained(path, **load).to(device).eval()
+    return processor, auto.from_pretrained(name, **load).to(device).eval()
 
 
 def free_memory() -> None:

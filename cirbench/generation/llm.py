@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import CirbenchError
 from ..util import one_line
-from .hf import from_pretrained_kwargs, load_image_text_to_text
+from .hf import from_pretrained_args, load_image_text_to_text
 
 Messages = list[dict[str, Any]]  # OpenAI chat messages: content is a text, or a list of text and image_url parts
 OnResult = Callable[[int, str], None]  # (index of the prompt, its answer), called as each answer arrives
@@ -174,9 +174,9 @@ class TransformersLM:
     def _load(self, path: str, precision: str, device: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        load = from_pretrained_kwargs(path, precision)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=load["local_files_only"])
-        model = AutoModelForCausalLM.from_pretrained(path, **load)
+        name, where, load = from_pretrained_args(path, precision)
+        self.tokenizer = AutoTokenizer.from_pretrained(name, **where)
+        model = AutoModelForCausalLM.from_pretrained(name, **load)
         self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to oddly
 
     @property

@@ -93,13 +93,13 @@ class TextEncoder:
     def __init__(self, name: str, device: torch.device):
         import transformers
 
-        from cirbench.generation.hf import from_pretrained_kwargs
+        from cirbench.generation.hf import from_pretrained_args
 
         self.name = name
         try:
-            load = from_pretrained_kwargs(name, "fp32")
-            self.tokenizer = transformers.CLIPTokenizer.from_pretrained(name, local_files_only=load["local_files_only"])
-            self.model = transformers.CLIPTextModel.from_pretrained(name, **load).to(device).eval()
+            source, where, load = from_pretrained_args(name, "fp32")
+            self.tokenizer = transformers.CLIPTokenizer.from_pretrained(source, **where)
+            self.model = transformers.CLIPTextModel.from_pretrained(source, **load).to(device).eval()
         except Exception as exc:  # noqa: BLE001 - offline, a wrong folder, another architecture: one line
             raise CheckpointError(f"cannot load CompoDiff's text encoder {name}: {type(exc).__name__}: "
                                   f"{one_line(exc)[:200]}. Download it on a connected machine and pass "
