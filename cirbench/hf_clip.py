@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .hub import split_revision
 from .util import one_line
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -106,11 +107,11 @@ def files_of(source: str) -> tuple[Path, Path]:
             raise CheckpointError(f"--pretrained {source}: the folder needs config.json and {' or '.join(WEIGHT_FILES)}"
                                   " (as CLIPModel.save_pretrained writes them)")
         return folder / "config.json", weights[0]
-    repo, _, revision = name.partition("@")
-    if repo.count("/") != 1 or repo.startswith((".", "/", "~")) or (name.count("@") and not revision):
+    repo, revision = split_revision(name)
+    if repo.count("/") != 1 or repo.startswith((".", "/", "~")) or revision == "":
         raise CheckpointError(f"--pretrained {source}: neither a folder nor a Hugging Face hub repository id "
                               "(owner/name, or owner/name@revision)")
-    return _hub_files(repo, revision or None)
+    return _hub_files(repo, revision)
 
 
 def read_config(path: Path, source: str) -> dict[str, Any]:

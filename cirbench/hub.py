@@ -45,12 +45,18 @@ def local_files_only(path: str) -> bool:
     return Path(path).is_dir() or not hub_reachable()
 
 
+def split_revision(name: str) -> tuple[str, str | None]:
+    """``OWNER/NAME@REVISION`` as ``(OWNER/NAME, REVISION)``; ``(name, None)`` without a revision."""
+    repo, at, revision = name.partition("@")
+    return repo, (revision if at else None)
+
+
 def pretrained_source(name: str) -> tuple[str, dict[str, Any]]:
     """What transformers' ``from_pretrained`` takes for ``name``: ``(path_or_id, {"local_files_only", "revision"})``
     for a local folder, a hub id ``OWNER/NAME``, or ``OWNER/NAME@REVISION`` at a branch, tag or commit."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser()), {"local_files_only": True}
-    repo, _, revision = name.partition("@")
+    repo, revision = split_revision(name)
     return repo, {"local_files_only": local_files_only(repo), **({"revision": revision} if revision else {})}
 
 
@@ -81,8 +87,8 @@ class HubFile:
     @classmethod
     def parse(cls, source: str) -> HubFile:
         """The file a ``hf-hub:REPO[@REVISION]/FILE`` source names."""
-        repo, _, filename = source.removeprefix("hf-hub:").rpartition("/")
-        repo, _, revision = repo.partition("@")
+        pinned, _, filename = source.removeprefix("hf-hub:").rpartition("/")
+        repo, revision = split_revision(pinned)
         return cls(repo, filename, revision or None)
 
 
@@ -182,7 +188,7 @@ def _model_availability(name: str) -> tuple[str, bool]:
     config.json there), a download, or nowhere."""
     if Path(name).expanduser().is_dir():
         return "a local folder", True
-    repo, _, revision = name.partition("@")
+    repo, revision = split_revision(name)
     return _hub_availability(HubFile(repo, "config.json", revision or None),
                              "neither a local folder nor in the Hugging Face cache, and no network")
 
