@@ -499,6 +499,34 @@ def weights_status(model: str, pretrained: str | None, cache_dir: str | None = N
     return f"to download ({source})" if _weights_reachable() else f"NOT AVAILABLE: no network to download {source}"
 
 
+def download_weights(model: str, pretrained: str | None, cache_dir: str | None = None) -> str:
+    """Fetch a backbone's weights into the local caches without building the model (``cirbench run
+    --download-only``), and say where they are: an open_clip tag's file, RemoteCLIP's, a transformers CLIP's
+    config and weights; nothing for bundled, random or file weights. CheckpointError/CirbenchError, in one line,
+    when they cannot be had."""
+    import open_clip
+
+    model_name = _register_config(model)
+    kind, where = _weights_source(model, model_name, _pretrained_of(model, pretrained))
+    if kind in ("random", "bundled", "file"):
+        return weights_status(model, pretrained, cache_dir)
+    if kind == "hub":
+        return str(where.fetch("RemoteCLIP's weights", option="pretrained"))
+    if kind == "transformers":
+        from . import hf_clip
+
+        return str(hf_clip.files_of(where)[1])
+    source = where.get("hf_hub") or where.get("url") or ""
+    if not _weights_cached(where, cache_dir) and not _weights_reachable():
+        raise CirbenchError(f"cannot download pretrained weights '{pretrained}' for {model_name} ({source}): no "
+                            "network")
+    try:
+        return str(open_clip.download_pretrained(where, cache_dir=cache_dir))
+    except Exception as exc:  # noqa: BLE001 - a moved file, a proxy: one line
+        raise CirbenchError(f"cannot download pretrained weights '{pretrained}' for {model_name} ({source}): "
+                            f"{type(exc).__name__}: {one_line(exc)[:160]}") from None
+
+
 def _preprocess_cfg(clip: Any) -> dict:
     cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
     cfg.setdefault("size", getattr(clip.visual, "image_size", 224))

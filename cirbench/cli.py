@@ -3,12 +3,13 @@ so ``cirbench --help`` and the listing commands stay fast."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ Examples:
   cirbench run --method slerp --dataset circo:test,cirr:test1 --data-root circo=data/CIRCO --data-root cirr=data/CIRR
   cirbench run --method basic --dataset icir --data-root data/icir --save-top all   # whole rankings, to score again
   cirbench run --method slerp,searle --dataset circo --data-root data/CIRCO --dry-run   # check it all, run nothing
+  cirbench run --method lincir,cirevl --dataset circo --download-only   # fetch weights and models, then run offline
 """
 
 
@@ -350,6 +352,45 @@ def _plan(runs: list[Any]) -> tuple[str, list[str]]:
     return "\n".join(lines), unavailable
 
 
+def _download_all(runs: list[Any]) -> tuple[int, list[str]]:
+    """Fetch what the runs would download (``--download-only``), reading no benchmark data: each backbone's
+    weights and each method's files over the values of its sweeps, once each; a line per file (where it now
+    is, or why it could not be fetched). Returns how many there were and the ones that could not be fetched."""
+    from .backbones import download_weights, model_name_of
+    from .evaluate import choose_backbone
+    from .hub import download
+    from .types import resolve_options
+
+    wanted: dict[str, tuple[str, Callable[[], str]]] = {}  # key: (what, how to fetch it), in order
+    for planned in runs:
+        cfg, reg = planned.cfg, planned.registry
+        mspec, dspec = reg.method(cfg.method), reg.dataset(cfg.dataset)
+        model, pretrained = choose_backbone(cfg, mspec, dspec)
+        wanted.setdefault(f"backbone:{model}:{pretrained}", (f"the weights of {model} / {pretrained}",
+                                                             functools.partial(download_weights, model, pretrained)))
+        for opts in resolve_options(mspec.options, cfg.method_options, dspec.name, f"method {mspec.name}"):
+            try:
+                plan = mspec.download_plan(opts, model_name_of(model), pretrained)
+            except CirbenchError as exc:  # a method that cannot run on this backbone without --checkpoint
+                wanted.setdefault(f"plan:{mspec.name}:{exc}", (f"what {mspec.name} needs",
+                                                               functools.partial(_raise, exc)))
+                continue
+            for what, source in plan:
+                wanted.setdefault(source, (f"{what} ({source})", functools.partial(download, source, what)))
+    failed = []
+    for what, action in wanted.values():
+        try:
+            click.echo(f"{what}: {action()}")
+        except CirbenchError as exc:
+            click.echo(f"NOT FETCHED: {exc}", err=True)
+            failed.append(what)
+    return len(wanted), failed
+
+
+def _raise(exc: Exception) -> str:
+    raise exc
+
+
 def plugin_extras(args: Sequence[str], specs: Sequence[MethodSpec | DatasetSpec],
                   command: click.Command) -> dict[str, Any]:
     """A command's extra options for its plugins: each one that some method or dataset of ``specs`` declares
@@ -468,11 +509,15 @@ def _save_top(ctx, param, value: str) -> int | None:
 @click.option("--dry-run", is_flag=True,
               help="Check names, options, plugins and every benchmark's data, say what would run (results, backbone "
                    "and where its weights come from, queries and images), and stop: no model loaded, nothing written.")
+@click.option("--download-only", is_flag=True,
+              help="Fetch what the run would download (the backbone's weights, the methods' released files, "
+                   "captioners and language models) into the local caches, and stop: on a machine with a network, "
+                   "before the same command runs where there is none. Reads no benchmark data.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.pass_context
 def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision, device, data_roots, output,
         cache_dir, no_cache, cache_identity, label, seed, batch_size, workers, max_image_pixels, allow_missing,
-        retrieval_backend, encode_path, bootstrap, save_top, no_leaderboard, dry_run, quiet):
+        retrieval_backend, encode_path, bootstrap, save_top, no_leaderboard, dry_run, download_only, quiet):
     """Evaluate METHOD on DATASET/SPLIT and write results/<dataset>/<split>/<run>__<backbone>.json.
 
     Method and dataset options are given as extra --name value pairs (e.g. --alpha 0.8, --category dress);
@@ -507,6 +552,16 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
                             retrieval_backend=retrieval_backend, encode_path=encode_path, bootstrap=bootstrap,
                             save_topk=save_top, progress=speaks and not quiet)
             runs.append(Evaluator(cfg, reg, loaded=loaded))
+    if download_only:
+        if dry_run:
+            raise CirbenchError("--download-only and --dry-run: give one of them")
+        wanted, failed = _download_all(runs) if speaks else (0, [])
+        if failed:
+            raise CirbenchError(f"{len(failed)} of the {wanted} things the run needs not fetched (above)")
+        if speaks:
+            click.echo(f"download only: the {wanted} things the run needs are here; the same command without "
+                       "--download-only runs without a network")
+        return
     for planned in runs:  # every benchmark's data and every plugin, before the first model is loaded
         planned.check()
     if dry_run:

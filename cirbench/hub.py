@@ -171,6 +171,49 @@ def availability(source: str) -> tuple[str, bool]:
     return "NOT AVAILABLE: no network", False
 
 
+def download(source: str, what: str) -> str:
+    """Fetch what a method would (a ``MethodSpec.downloads`` source, see :func:`availability`) into the local
+    caches, and say where it is: a URL's file into torch's hub cache, a hub file at its revision, a transformers
+    model's files (``from_pretrained``'s: configs, tokenizer, one format of weights) into the hub cache; an
+    endpoint has nothing to fetch. CheckpointError, in one line, when it cannot be had."""
+    if source.startswith("openai-endpoint:"):
+        return "an endpoint: nothing to download"
+    if source.startswith("hf-hub:"):
+        return str(HubFile.parse(source).fetch(what))
+    if source.startswith("hf-model:"):
+        return str(_download_model(source.removeprefix("hf-model:"), what))
+    return str(url_file(source, what, "file"))
+
+
+#: what ``from_pretrained`` reads besides the weights: configs, tokenizers and processors, remote code, templates
+MODEL_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.py", "*.jinja")
+#: the weights, in the one format ``from_pretrained`` prefers: safetensors, else PyTorch's (whole or sharded)
+WEIGHT_FORMATS = (("model.safetensors", "model-*-of-*.safetensors"), ("pytorch_model.bin", "pytorch_model-*-of-*.bin"))
+
+
+def _download_model(name: str, what: str) -> Path:
+    """A transformers model's files (a local folder is itself): the hub repository's configs, tokenizer and
+    processor files and its weights in one format, at its revision (``OWNER/NAME@REVISION``)."""
+    import fnmatch
+
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    repo, revision = split_revision(name)
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+
+        if not hub_reachable():
+            raise ConnectionError("the hub is not reachable from this machine")
+        files = HfApi().list_repo_files(repo, revision=revision)
+        weights = next((list(patterns) for patterns in WEIGHT_FORMATS
+                        if any(fnmatch.fnmatch(f, p) for f in files for p in patterns)), [])
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=[*MODEL_FILES, *weights]))
+    except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: one line
+        raise CheckpointError(f"cannot get {what} (https://huggingface.co/{repo}"
+                              f"{'/tree/' + revision if revision else ''}): {type(exc).__name__}: "
+                              f"{one_line(exc)[:160]}") from None
+
+
 def _hub_availability(file: HubFile, unavailable: str) -> tuple[str, bool]:
     """A hub repository's file: in the Hugging Face cache, to download, or not available (``unavailable`` says
     why)."""

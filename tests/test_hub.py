@@ -147,3 +147,124 @@ def test_transformers_models_are_loaded_at_the_revision_their_name_gives(tmp_pat
     assert (name, where) == ("someone/llm", {"local_files_only": True, "revision": "main"})
     assert {k: v for k, v in load.items() if k not in where} in ({"dtype": torch.bfloat16},
                                                                    {"torch_dtype": torch.bfloat16})
+
+
+# -- cirbench run --download-only -----------------------------------------------------------------------------
+def _fetching_plugin():
+    """A method that declares one file of every kind, and a second one that shares one of them."""
+    from cirbench import Method, MethodSpec, OptionSpec, hookimpl
+
+    sources = [("its weights", f"hf-hub:{REPO}@{PINNED}/phi.pt"), ("a word list", "https://example.org/words.csv"),
+               ("its captioner", "hf-model:someone/captioner@v1"), ("its LLM", "openai-endpoint:http://localhost:1/v1")]
+
+    def downloads(options, model, pretrained):
+        if options["scale"] > 2:
+            raise CheckpointError("no released weights at this scale: pass --checkpoint")
+        return sources[: 4 if options["scale"] == 1 else 1]
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            for name in ("fetching", "fetching-too"):
+                register(MethodSpec(name=name, description="declares downloads", factory=Method, downloads=downloads,
+                                    options=(OptionSpec("scale", "a sweepable number", "float", 1.0,
+                                                        sweepable=True),)))
+
+    return Plugin()
+
+
+def test_download_only_fetches_each_thing_once_and_reads_no_benchmark(tmp_path, monkeypatch, tiny_config):
+    from click.testing import CliRunner
+
+    from cirbench.cli import cli
+    from cirbench.plugins import get_registry, reset_registry
+
+    fetched = []
+    monkeypatch.setattr(hub, "hub_file", lambda repo, name, what, option="checkpoint", **pin: fetched.append(
+        ("hub", repo, name, pin["revision"])) or tmp_path / name)
+    monkeypatch.setattr(hub, "url_file", lambda url, what, option: fetched.append(("url", url)) or tmp_path / "w")
+    monkeypatch.setattr(hub, "_download_model", lambda name, what: fetched.append(("model", name)) or tmp_path)
+    get_registry().register_plugin(_fetching_plugin(), name="fetching-plugin")
+    try:
+        res = CliRunner().invoke(cli, ["run", "--method", "fetching,fetching-too", "--scale", "1,2", "--dataset",
+                                       "circo", "--data-root", str(tmp_path / "no-such-folder"), "--backbone",
+                                       str(tiny_config), "--pretrained", "none", "--download-only"])
+        assert res.exit_code == 0, res.output
+        assert fetched == [("hub", REPO, "phi.pt", PINNED), ("url", "https://example.org/words.csv"),
+                           ("model", "someone/captioner@v1")]
+        assert "random initialisation" in res.output and "an endpoint: nothing to download" in res.output
+        assert "the 5 things the run needs are here" in res.output
+        assert not (tmp_path / "results").exists()
+
+        fetched.clear()  # one that cannot be fetched: the others still are, then one line and exit 2
+        monkeypatch.setattr(hub, "url_file", lambda url, what, option: (_ for _ in ()).throw(
+            CheckpointError(f"cannot download {what} ({url}): no network")))
+        res = CliRunner().invoke(cli, ["run", "--method", "fetching", "--scale", "1,3", "--backbone", str(tiny_config),
+                                       "--pretrained", "none", "--download-only"])
+        assert res.exit_code == 2, res.output
+        assert "NOT FETCHED: cannot download a word list (https://example.org/words.csv): no network" in res.output
+        assert "NOT FETCHED: no released weights at this scale" in res.output
+        assert res.output.strip().splitlines()[-1] == "error: 2 of the 6 things the run needs not fetched (above)"
+        assert ("model", "someone/captioner@v1") in fetched and "Traceback" not in res.output
+        res = CliRunner().invoke(cli, ["run", "--method", "fetching", "--download-only", "--dry-run"])
+        assert res.exit_code == 2 and "give one of them" in res.output
+    finally:
+        reset_registry()
+
+
+@pytest.mark.parametrize("files, weights", [
+    (["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "tokenizer.json"], ["model.safetensors"]),
+    (["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+      "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin"],
+     ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]),
+    (["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+      "model.safetensors.index.json", "pytorch_model.bin", "open_clip_model.safetensors", "model.fp16.safetensors"],
+     ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]),
+])
+def test_a_transformers_model_is_fetched_with_one_format_of_weights(monkeypatch, files, weights):
+    """What ``from_pretrained`` reads (configs, tokenizer files, remote code) and the weights in the format it
+    prefers, at the revision named; not TensorFlow's or open_clip's copies of the weights."""
+    import fnmatch
+
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot(repo, revision=None, allow_patterns=()):
+        asked.append((repo, revision, [f for f in files if any(fnmatch.fnmatch(f, p) for p in allow_patterns)]))
+        return "/hub/snapshot"
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, revision=None: files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    assert hub._download_model("someone/model@abc", "a model") == Path("/hub/snapshot")
+    ((repo, revision, chosen),) = asked
+    assert (repo, revision) == ("someone/model", "abc")
+    assert [f for f in chosen if not f.endswith(".json")] == weights and "config.json" in chosen
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    with pytest.raises(CheckpointError, match=r"cannot get a model \(https://huggingface.co/someone/model/tree/abc\)"):
+        hub._download_model("someone/model@abc", "a model")
+
+
+def test_backbone_weights_are_fetched_without_building_the_model(monkeypatch, tmp_path, tiny_config):
+    """An open_clip tag's file through open_clip's own download, RemoteCLIP's at its pinned commit; offline, one
+    line; random, bundled and file weights need nothing."""
+    import open_clip
+
+    from cirbench import backbones
+    from cirbench.backbones import download_weights
+    from cirbench.errors import CirbenchError
+
+    asked = []
+    monkeypatch.setattr(backbones, "_weights_cached", lambda cfg, cache_dir: False)
+    monkeypatch.setattr(backbones, "_weights_reachable", lambda: True)
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg, cache_dir=None: asked.append(cfg) or "/w.bin")
+    assert download_weights("ViT-B-32", "openai") == "/w.bin"
+    assert asked == [open_clip.get_pretrained_cfg("ViT-B-32", "openai")]
+    monkeypatch.setattr(hub, "hub_file", lambda repo, name, what, option, **pin: tmp_path / f"{name}@{pin['revision']}")
+    fetched = download_weights("ViT-L-14", "remoteclip")
+    assert fetched.endswith(f"RemoteCLIP-ViT-L-14.pt@{backbones.REMOTECLIP_REVISION}")
+    assert download_weights(str(tiny_config), "none") == "random initialisation"
+    monkeypatch.setattr(backbones, "_weights_reachable", lambda: False)
+    with pytest.raises(CirbenchError, match="cannot download pretrained weights 'openai' for ViT-B-32 .*no network"):
+        download_weights("ViT-B-32", "openai")
