@@ -83,7 +83,7 @@ RESERVED_OPTION_NAMES = frozenset({
     "method", "dataset", "split", "backbone", "pretrained", "preprocess", "precision", "device", "data_root",
     "output", "cache_dir", "no_cache", "cache_identity", "label", "seed", "batch_size", "workers",
     "max_image_pixels", "allow_missing", "retrieval", "encode_path", "bootstrap", "save_top", "no_leaderboard", "quiet",
-    "help", "method_option", "dataset_option", "checkpoint_dir", "plugin", "dry_run",
+    "help", "method_option", "dataset_option", "checkpoint_dir", "plugin", "dry_run", "download_only",
 })
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
