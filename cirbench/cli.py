@@ -559,8 +559,9 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
         if failed:
             raise CirbenchError(f"{len(failed)} of the {wanted} things the run needs not fetched (above)")
         if speaks:
-            click.echo(f"download only: the {wanted} things the run needs are here; the same command without "
-                       "--download-only runs without a network")
+            things = "the one thing the run needs is" if wanted == 1 else f"the {wanted} things the run needs are"
+            click.echo(f"download only: {things} here; the same command without --download-only runs without a "
+                       "network")
         return
     for planned in runs:  # every benchmark's data and every plugin, before the first model is loaded
         planned.check()
