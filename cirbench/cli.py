@@ -352,31 +352,33 @@ def _plan(runs: list[Any]) -> tuple[str, list[str]]:
     return "\n".join(lines), unavailable
 
 
-def _download_all(runs: list[Any]) -> tuple[int, list[str]]:
-    """Fetch what the runs would download (``--download-only``), reading no benchmark data: each backbone's
-    weights and each method's files over the values of its sweeps, once each; a line per file (where it now
-    is, or why it could not be fetched). Returns how many there were and the ones that could not be fetched."""
-    from .backbones import download_weights, model_name_of
-    from .evaluate import choose_backbone
-    from .hub import download
-    from .types import resolve_options
+Downloads = dict[str, tuple[str, Callable[[], str]]]  # key: (what, how to fetch it), in the order to fetch
 
-    wanted: dict[str, tuple[str, Callable[[], str]]] = {}  # key: (what, how to fetch it), in order
-    for planned in runs:
-        cfg, reg = planned.cfg, planned.registry
-        mspec, dspec = reg.method(cfg.method), reg.dataset(cfg.dataset)
-        model, pretrained = choose_backbone(cfg, mspec, dspec)
-        wanted.setdefault(f"backbone:{model}:{pretrained}", (f"the weights of {model} / {pretrained}",
-                                                             functools.partial(download_weights, model, pretrained)))
-        for opts in resolve_options(mspec.options, cfg.method_options, dspec.name, f"method {mspec.name}"):
-            try:
-                plan = mspec.download_plan(opts, model_name_of(model), pretrained)
-            except CirbenchError as exc:  # a method that cannot run on this backbone without --checkpoint
-                wanted.setdefault(f"plan:{mspec.name}:{exc}", (f"what {mspec.name} needs",
-                                                               functools.partial(_raise, exc)))
-                continue
-            for what, source in plan:
-                wanted.setdefault(source, (f"{what} ({source})", functools.partial(download, source, what)))
+
+def backbone_download(model: str, pretrained: str) -> Downloads:
+    """The backbone's weights, as :func:`fetch_all` takes them."""
+    from .backbones import download_weights
+
+    return {f"backbone:{model}:{pretrained}": (f"the weights of {model} / {pretrained}",
+                                               functools.partial(download_weights, model, pretrained))}
+
+
+def file_downloads(declared: Callable[[], list[tuple[str, str]]], who: str) -> Downloads:
+    """What a method or trainer declares it fetches (``[(what, source)]``, see ``MethodSpec.downloads``), as
+    :func:`fetch_all` takes them; a declaration that refuses (no file for this backbone without one given) is a
+    thing that cannot be fetched."""
+    from .hub import download
+
+    try:
+        plan = declared()
+    except CirbenchError as exc:
+        return {f"plan:{who}:{exc}": (f"what {who} needs", functools.partial(_raise, exc))}
+    return {source: (f"{what} ({source})", functools.partial(download, source, what)) for what, source in plan}
+
+
+def fetch_all(wanted: Downloads, command: str) -> None:
+    """Fetch each of ``wanted`` (``--download-only``), a line each (where it now is, or why it could not be
+    fetched); CirbenchError after the last when some could not be."""
     failed = []
     for what, action in wanted.values():
         try:
@@ -384,7 +386,32 @@ def _download_all(runs: list[Any]) -> tuple[int, list[str]]:
         except CirbenchError as exc:
             click.echo(f"NOT FETCHED: {exc}", err=True)
             failed.append(what)
-    return len(wanted), failed
+    if failed:
+        raise CirbenchError(f"{len(failed)} of the {len(wanted)} things the {command} needs not fetched (above)")
+    things = f"the one thing the {command} needs is" if len(wanted) == 1 else \
+        f"the {len(wanted)} things the {command} needs are"
+    click.echo(f"download only: {things} here; the same command without --download-only runs without a network")
+
+
+def _run_downloads(runs: list[Any]) -> Downloads:
+    """What the runs would download, read from names and options alone (no benchmark data): each backbone's
+    weights and each method's files over the values of its sweeps, once each."""
+    from .backbones import model_name_of
+    from .evaluate import choose_backbone
+    from .types import resolve_options
+
+    wanted: Downloads = {}
+    for planned in runs:
+        cfg, reg = planned.cfg, planned.registry
+        mspec, dspec = reg.method(cfg.method), reg.dataset(cfg.dataset)
+        model, pretrained = choose_backbone(cfg, mspec, dspec)
+        for key, value in backbone_download(model, pretrained).items():
+            wanted.setdefault(key, value)
+        for opts in resolve_options(mspec.options, cfg.method_options, dspec.name, f"method {mspec.name}"):
+            plan = functools.partial(mspec.download_plan, opts, model_name_of(model), pretrained)
+            for key, value in file_downloads(plan, mspec.name).items():
+                wanted.setdefault(key, value)
+    return wanted
 
 
 def _raise(exc: Exception) -> str:
@@ -555,13 +582,8 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     if download_only:
         if dry_run:
             raise CirbenchError("--download-only and --dry-run: give one of them")
-        wanted, failed = _download_all(runs) if speaks else (0, [])
-        if failed:
-            raise CirbenchError(f"{len(failed)} of the {wanted} things the run needs not fetched (above)")
         if speaks:
-            things = "the one thing the run needs is" if wanted == 1 else f"the {wanted} things the run needs are"
-            click.echo(f"download only: {things} here; the same command without --download-only runs without a "
-                       "network")
+            fetch_all(_run_downloads(runs), "run")
         return
     for planned in runs:  # every benchmark's data and every plugin, before the first model is loaded
         planned.check()

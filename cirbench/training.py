@@ -129,6 +129,13 @@ class TrainableMethod:
         self.backbone = backbone
         self.options = dict(options)
 
+    @classmethod
+    def downloads(cls, options: dict[str, Any], model: str, pretrained: str) -> list[tuple[str, str]]:
+        """What training fetches besides the backbone's weights, named as ``MethodSpec.downloads`` names files
+        (``[(what, source)]``; a CirbenchError when it cannot train there without one given): ``cirbench train
+        --download-only`` fetches them. It must agree with what the trainer fetches. None by default."""
+        return []
+
     def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """``(name, parameter)`` pairs the optimizer updates (everything else stays frozen)."""
         raise NotImplementedError

@@ -268,3 +268,26 @@ def test_backbone_weights_are_fetched_without_building_the_model(monkeypatch, tm
     monkeypatch.setattr(backbones, "_weights_reachable", lambda: False)
     with pytest.raises(CirbenchError, match="cannot download pretrained weights 'openai' for ViT-B-32 .*no network"):
         download_weights("ViT-B-32", "openai")
+
+
+def test_train_download_only_fetches_the_backbone_and_what_the_trainer_needs(tmp_path, monkeypatch, tiny_config):
+    """SEARLE's training fetches the concept and phrase files, RTD's the frozen LinCIR Phi unless --phi names one;
+    the corpus is not read (it need not exist yet) and nothing is written."""
+    from click.testing import CliRunner
+
+    from cirbench.cli import cli
+
+    fetched = []
+    monkeypatch.setattr(hub, "url_file", lambda url, what, option: fetched.append(url) or tmp_path / "file")
+    common = ["--corpus", str(tmp_path / "not-yet"), "--output", str(tmp_path / "run"), "--backbone",
+              str(tiny_config), "--pretrained", "none", "--download-only"]
+    res = CliRunner().invoke(cli, ["train", "--method", "searle", *common])
+    assert res.exit_code == 0, res.output
+    assert len(fetched) == 2 and all(url.startswith("https://") for url in fetched)
+    assert "random initialisation" in res.output and "the 3 things the training needs are here" in res.output
+    res = CliRunner().invoke(cli, ["train", "--method", "rtd", *common])  # LinCIR's demo Phi is for ViT-L-14 only
+    assert res.exit_code == 2 and "NOT FETCHED: LinCIR's demo weights are for ViT-L-14/openai" in res.output
+    assert "pass --phi" in res.output and "1 of the 2 things the training needs not fetched" in res.output
+    res = CliRunner().invoke(cli, ["train", "--method", "rtd", *common, "--phi", str(tmp_path / "phi.pt")])
+    assert res.exit_code == 0 and "the one thing the training needs is here" in res.output, res.output
+    assert not (tmp_path / "run").exists()

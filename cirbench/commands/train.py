@@ -19,6 +19,7 @@ Examples:
   torchrun --nproc-per-node 8 -m cirbench train --method slerp-tat --corpus pairs.csv --output runs/tat
   cirbench train --method slerp-tat --corpus pairs.csv --output runs/tat \\
       --batch-size 1024 --accum-steps 8   # on one GPU: 8 micro-batches of 128, still 1024 negatives
+  cirbench train --method rtd --corpus LLM_triplets.jsonl --output runs/rtd --download-only   # on a login node
   cirbench data prepare shapes   # writes the offline shapes benchmark's training corpus and prints its path
   cirbench train --method slerp-tat --backbone cirbench-shapes-clip --pretrained bundled \\
       --corpus ~/.cache/cirbench/shapes/v1-seed0/train/train.csv --output runs/tat-shapes --batch-size 128
@@ -82,11 +83,15 @@ Examples:
               help="The --validate benchmark's data root; with several, NAME=DIR for each (repeat).")
 @click.option("--validate-every", type=click.IntRange(min=1), default=None,
               help="Validate every N steps (default: at each checkpoint, --save-every).")
+@click.option("--download-only", is_flag=True,
+              help="Fetch what the training would download (the backbone's weights, the method's files: SEARLE's "
+                   "concepts and phrases, RTD's frozen LinCIR Phi) into the local caches, and stop: on a machine with "
+                   "a network, before the same command runs where there is none. Reads no corpus.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps, train_num_samples, batch_size, lr,
             weight_decay, warmup_steps, schedule, accum_steps, max_grad_norm, precision, device, seed, workers,
-            save_every, log_every, no_resume, validate, validate_data_roots, validate_every, quiet):
+            save_every, log_every, no_resume, validate, validate_data_roots, validate_every, download_only, quiet):
     """Train METHOD on a CORPUS of images and/or captions; resumable; torchrun for several GPUs or nodes.
 
     Method training options follow as --name value (e.g. --lora-rank 8); `cirbench methods` lists them.
@@ -99,7 +104,6 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
     from cirbench.cli import command_option_names, data_root_per_dataset, parse_extra_options
     from cirbench.corpora import open_corpus
     from cirbench.errors import CirbenchError
-    from cirbench.evaluate import DEFAULT_BACKBONE
     from cirbench.plugins import get_registry
     from cirbench.training import (
         TrainConfig,
@@ -117,6 +121,14 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
                               command_option_names(ctx.command))
     if len(options) != 1:
         raise CirbenchError("training options cannot be swept")
+    model_name, weights = training_backbone(spec, backbone, pretrained)
+    if download_only:
+        from cirbench.backbones import model_name_of
+        from cirbench.cli import backbone_download, fetch_all, file_downloads
+
+        fetch_all({**backbone_download(model_name, weights), **file_downloads(
+            lambda: trainer_cls.downloads(options[0], model_name_of(model_name), weights), method)}, "training")
+        return
     check_not_resumable_elsewhere(Path(output), method)
     roots: dict[str, str] = {}
     if validate:
@@ -141,10 +153,6 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
                       resume=not no_resume, progress=not quiet, validate=validate,
                       validate_data_roots=roots, validate_every=validate_every, **values)
     plan_steps(corpus_data, cfg, distributed.world_size())  # a length it cannot know fails before the backbone loads
-    default = spec.default_backbone or DEFAULT_BACKBONE
-    model_name = backbone or default[0]
-    weights = pretrained or ("none" if model_name.endswith(".json") else
-                             ("bundled" if backbone == "cirbench-shapes-clip" else default[1]))
     bb = load_backbone(model_name, weights, device=str(dev), precision=precision, seed=seed, training=True)
     trainable = trainer_cls(bb, options[0])
     trainable.name = spec.name  # the registered name is the one source of truth (checkpoints record it)
@@ -158,3 +166,15 @@ def command(ctx, method, corpus, output, backbone, pretrained, epochs, max_steps
             None, spec.default_preprocess) else ""
         click.echo(f"use it: cirbench run --method {method} --checkpoint {out} "
                    f"{backbone_flags(bb.identity(), model_name)}{preprocess}")
+
+
+def training_backbone(spec, backbone: str | None, pretrained: str | None) -> tuple[str, str]:
+    """The backbone a training runs on: ``--backbone``/``--pretrained``, else the method's default (ViT-L-14 with
+    OpenAI's weights when it has none); a config file without ``--pretrained`` starts from random weights."""
+    from cirbench.evaluate import DEFAULT_BACKBONE
+
+    default = spec.default_backbone or DEFAULT_BACKBONE
+    model_name = backbone or default[0]
+    weights = pretrained or ("none" if model_name.endswith(".json") else
+                             ("bundled" if backbone == "cirbench-shapes-clip" else default[1]))
+    return model_name, weights

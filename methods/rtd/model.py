@@ -15,6 +15,7 @@ from cirbench.methods._shared.textinv import (
     clean_caption,
     clean_text,
     encode_with_pseudo_tokens,
+    lincir_demo_source,
     lincir_demo_weights,
     load_phi_weights,
     loaded_phi,
@@ -59,6 +60,9 @@ class RTD(LinCIRProtocol):
         return {**super().info(), **({"phi": self.phi_source} if self.phi_source else {})}
 
 
+PHI_HINT = "pass --phi (a LinCIR Phi for this backbone: `cirbench train --method lincir`)"
+
+
 class RTDTrainable(TrainableMethod):
     """Frozen-target text contrastive learning (the official ``train_text_encoder.py``): for a batch of B
     triplets, the tuned tower encodes "a photo of $ that {conditioning}" and "a photo of $" (2B prompts, refined
@@ -74,10 +78,16 @@ class RTDTrainable(TrainableMethod):
     defaults = {"lr": 1e-5, "weight_decay": 0.01, "batch_size": 512, "max_steps": 2000, "warmup_steps": 0,
                 "schedule": "constant"}
 
+    @classmethod
+    def downloads(cls, options: dict[str, Any], model: str, pretrained: str) -> list[tuple[str, str]]:
+        """LinCIR's demo Phi, the frozen Phi when ``--phi`` names none."""
+        if options.get("phi"):
+            return []
+        return [("LinCIR's demo weights", lincir_demo_source(model, pretrained, PHI_HINT))]
+
     def __init__(self, backbone: Backbone, options: dict[str, Any]):
         super().__init__(backbone, options)
-        path = options.get("phi") or lincir_demo_weights(
-            backbone, "pass --phi (a LinCIR Phi for this backbone: `cirbench train --method lincir`)", option="phi")
+        path = options.get("phi") or lincir_demo_weights(backbone, PHI_HINT, option="phi")
         tensors, sha256 = load_phi_weights(path, "lincir", backbone)
         self.phi = loaded_phi(backbone, tensors, str(path))
         self.phi_record = {"source": str(path), "sha256": sha256}

@@ -62,6 +62,7 @@ from cirbench.methods.searle.oti import (
     oti_params,
     source_files,
 )
+from cirbench.methods.searle.oti import downloads as oti_downloads
 from cirbench.training import TrainConfig
 from cirbench.util import atomic_write_bytes, default_cache_dir, json_hash, making
 
@@ -110,6 +111,10 @@ class SearleTrainable(PhiTrainable):
     needs_captions = False
     defaults = {"lr": 1e-4, "weight_decay": 0.01, "batch_size": 256, "epochs": 100, "warmup_steps": 0,
                 "schedule": "constant"}
+
+    @classmethod
+    def downloads(cls, options: dict[str, Any], model: str, pretrained: str) -> list[tuple[str, str]]:
+        return oti_downloads(options, model, pretrained)  # the concept and phrase files source_files fetches
 
     def __init__(self, backbone: Backbone, options: dict[str, Any]):
         super().__init__(backbone, options)
