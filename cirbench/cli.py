@@ -310,6 +310,7 @@ def _plan(runs: list[Any]) -> tuple[str, list[str]]:
     from .hub import availability
 
     lines, weights, results, missing_files = [], {}, 0, []
+    offline = False  # something is missing only for want of a network: --download-only would fetch it
     for number, planned in enumerate(runs, 1):
         cfg, checked = planned.cfg, planned.check()
         model, pretrained = choose_backbone(cfg, checked.mspec, checked.dspec)
@@ -338,6 +339,7 @@ def _plan(runs: list[Any]) -> tuple[str, list[str]]:
                         files[source] = f"{what} ({source}): {status}"
                         if not ok:
                             missing_files.append(checked.mspec.name)
+                            offline = offline or "no network" in status
             except CirbenchError as exc:
                 files[str(exc)] = f"NOT AVAILABLE: {exc}"
                 missing_files.append(checked.mspec.name)
@@ -347,8 +349,11 @@ def _plan(runs: list[Any]) -> tuple[str, list[str]]:
     if missing_files:
         names = list(dict.fromkeys(missing_files))
         unavailable.append(f"what {', '.join(names)} {'need' if len(names) > 1 else 'needs'} (above)")
+    offline = offline or any(s.startswith("NOT AVAILABLE") and "no network" in s for s in weights.values())
     lines.append(f"dry run: {results} result(s) planned; names, options, plugins and data checked; no model loaded, "
-                 "nothing written" + (f"; not available here: {'; '.join(unavailable)}" if unavailable else ""))
+                 "nothing written" + (f"; not available here: {'; '.join(unavailable)}" if unavailable else "")
+                 + ("; where there is a network, the same command with --download-only fetches what needs one"
+                    if offline else ""))
     return "\n".join(lines), unavailable
 
 

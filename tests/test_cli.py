@@ -271,6 +271,8 @@ def test_dry_run_says_what_each_method_would_fetch(tmp_path, tiny_config, monkey
             "none) (hf-model:Salesforce/blip2-flan-t5-xxl): NOT AVAILABLE: neither a local folder nor in the Hugging "
             "Face cache, and no network") in res.output
     assert "(openai-endpoint:https://api.openai.com/v1): NOT AVAILABLE: $OPENAI_API_KEY is not set" in res.output
+    assert res.output.splitlines()[-1].endswith("; where there is a network, the same command with --download-only "
+                                                 "fetches what needs one")
     local = tmp_path / "blip2"
     local.mkdir()
     res = CliRunner().invoke(cli, [*base, "-m", "cirevl", "--captioner", f"hf:{local}", "--llm-url", endpoint.url])
