@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-from .util import one_line
+from .util import file_sha256, one_line
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -80,7 +80,7 @@ class HubFile:
     def url(self) -> str:
         return f"https://huggingface.co/{self.repo}/blob/{self.revision or 'main'}/{self.filename}"
 
-    def fetch(self, what: str, option: str = "checkpoint") -> Path:
+    def fetch(self, what: str, option: str | None = "checkpoint") -> Path:
         """The file, from the local hub cache or downloaded, checked: :func:`hub_file`."""
         return hub_file(self.repo, self.filename, what, option, revision=self.revision, sha256=self.sha256)
 
@@ -105,48 +105,48 @@ def _cached(file: HubFile) -> Path | None:
             cached = None
         if not isinstance(cached, str) or not Path(cached).is_file():
             continue
-        if revision == file.revision or _sha256_of(Path(cached)) == file.sha256:
+        if revision == file.revision or file_sha256(cached) == file.sha256:
             return Path(cached)
     return None
 
 
-def _sha256_of(path: Path) -> str:
-    from .util import file_sha256
+def _or_pass(option: str | None) -> str:
+    """How to supply a file by hand, where an option takes it (none: a plain download, ``--download-only``)."""
+    return f" and pass --{option} PATH" if option else ""
 
-    return file_sha256(path)
 
-
-def _checked(path: Path, file: HubFile, what: str, option: str) -> Path:
-    """``path`` when it is the published file (or no sha256 is known); CheckpointError otherwise."""
-    if file.sha256 and _sha256_of(path) != file.sha256:
-        raise CheckpointError(f"{path} is not {what} published at {file.url} (its sha256 differs from "
-                              f"{file.sha256[:12]}...): delete it to download it again, or pass --{option} PATH")
+def published(path: Path, sha256: str | None, what: str, url: str, option: str | None) -> Path:
+    """``path`` when it is the file published at ``url`` (its sha256 is ``sha256``, or none is known);
+    CheckpointError otherwise."""
+    if sha256 and file_sha256(path) != sha256:
+        raise CheckpointError(f"{path} is not {what} published at {url} (its sha256 differs from {sha256[:12]}...): "
+                              "delete it to download it again" + (f", or pass --{option} PATH" if option else ""))
     return path
 
 
-def hub_file(repo_id: str, filename: str, what: str, option: str = "checkpoint", *, revision: str | None = None,
-             sha256: str | None = None) -> Path:
+def hub_file(repo_id: str, filename: str, what: str, option: str | None = "checkpoint", *,
+             revision: str | None = None, sha256: str | None = None) -> Path:
     """A file of a Hugging Face hub model repository: from the local hub cache when it is there, downloaded
     otherwise, at ``revision`` when given (a commit: what was published then) and checked against ``sha256``
-    when given; CheckpointError naming the file and how to supply it (``--option PATH``) when neither works
-    (offline, no access) or the file is not the published one."""
+    when given; CheckpointError naming the file and how to supply it (``--option PATH``, when an option takes it)
+    when neither works (offline, no access) or the file is not the published one."""
     file = HubFile(repo_id, filename, revision, sha256)
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise CheckpointError(f"{what} come from the Hugging Face hub ({file.url}): pip install huggingface_hub, "
-                              f"or download the file and pass --{option} PATH") from None
+                              f"or download the file{_or_pass(option)}") from None
     cached = _cached(file)
     if cached is not None:
-        return _checked(cached, file, what, option)
+        return published(cached, sha256, what, file.url, option)
     try:
         if not hub_reachable():
             raise ConnectionError("the hub is not reachable from this machine")
         path = Path(hf_hub_download(repo_id, filename, revision=revision))
     except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: every failure is the same one line
         raise CheckpointError(f"cannot get {what} ({file.url}): {type(exc).__name__}: {one_line(exc)[:160]}. "
-                              f"Download the file on a connected machine and pass --{option} PATH") from None
-    return _checked(path, file, what, option)
+                              f"Download the file on a connected machine{_or_pass(option)}") from None
+    return published(path, sha256, what, file.url, option)
 
 
 def availability(source: str) -> tuple[str, bool]:
@@ -179,10 +179,10 @@ def download(source: str, what: str) -> str:
     if source.startswith("openai-endpoint:"):
         return "an endpoint: nothing to download"
     if source.startswith("hf-hub:"):
-        return str(HubFile.parse(source).fetch(what))
+        return str(HubFile.parse(source).fetch(what, option=None))
     if source.startswith("hf-model:"):
         return str(_download_model(source.removeprefix("hf-model:"), what))
-    return str(url_file(source, what, "file"))
+    return str(url_file(source, what, None))
 
 
 #: what ``from_pretrained`` reads besides the weights: configs, tokenizers and processors, remote code, templates
@@ -248,10 +248,11 @@ def _url_reachable(url: str) -> bool:
     return host_reachable(parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443))
 
 
-def url_file(url: str, what: str, option: str) -> Path:
+def url_file(url: str, what: str, option: str | None) -> Path:
     """A file published at ``url`` (a release asset, a data file in a repository): from torch's hub cache
     (``<torch hub dir>/checkpoints/<name>``) when it is there, downloaded into it otherwise; CheckpointError
-    naming the URL and ``--option PATH`` when the host cannot be reached or the download fails."""
+    naming the URL and ``--option PATH`` (when an option takes it) when the host cannot be reached or the
+    download fails."""
     import torch
 
     cached = _url_cache(url)
@@ -259,13 +260,13 @@ def url_file(url: str, what: str, option: str) -> Path:
         return cached
     if not _url_reachable(url):
         raise CheckpointError(f"cannot download {what} ({url}): no network. Download the file on a connected "
-                              f"machine and pass --{option} PATH")
+                              f"machine{_or_pass(option)}")
     cached.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(cached), progress=True)  # writes a temporary file, then renames
     except Exception as exc:  # noqa: BLE001 - a moved asset, a proxy: every failure is the same one line
         raise CheckpointError(f"cannot download {what} ({url}): {type(exc).__name__}: {one_line(exc)[:160]}. "
-                              f"Download the file on a connected machine and pass --{option} PATH") from None
+                              f"Download the file on a connected machine{_or_pass(option)}") from None
     return cached
 
 
@@ -274,7 +275,6 @@ def given_or_pinned(given: str | Path | None, option: str, url: str, sha256: str
     :func:`url_file`) and checked against its ``sha256`` when that is known; a one-line error for a missing
     file or a download that is not the published one."""
     from .errors import CirbenchError
-    from .util import file_sha256
 
     flag = option.replace("_", "-")
     if given:
@@ -282,8 +282,4 @@ def given_or_pinned(given: str | Path | None, option: str, url: str, sha256: str
         if not path.is_file():
             raise CirbenchError(f"--{flag} {path} is not a file")
         return path
-    path = url_file(url, what, flag)
-    if sha256 and file_sha256(path) != sha256:
-        raise CheckpointError(f"{path} is not {what} published at {url} (its sha256 differs): delete it to "
-                              f"download it again, or pass --{flag} FILE")
-    return path
+    return published(url_file(url, what, flag), sha256, what, url, flag)

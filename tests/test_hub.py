@@ -291,3 +291,18 @@ def test_train_download_only_fetches_the_backbone_and_what_the_trainer_needs(tmp
     res = CliRunner().invoke(cli, ["train", "--method", "rtd", *common, "--phi", str(tmp_path / "phi.pt")])
     assert res.exit_code == 0 and "the one thing the training needs is here" in res.output, res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_plain_download_names_no_option_to_pass(cache, monkeypatch, tmp_path):
+    """What ``--download-only`` fetches is not an option's file: its errors say what failed, not a made-up flag;
+    where an option takes the file, the error names it."""
+    from cirbench.hub import download
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(hub, "_url_reachable", lambda url: False)
+    for source in ("https://example.org/words.csv", f"hf-hub:{REPO}@{PINNED}/phi.pt"):
+        with pytest.raises(CheckpointError) as info:
+            download(source, "a word list")
+        assert "pass --" not in str(info.value) and str(info.value).endswith("on a connected machine")
+    with pytest.raises(CheckpointError, match=r"on a connected machine and pass --vocabulary PATH$"):
+        hub.url_file("https://example.org/words.csv", "a word list", "vocabulary")
