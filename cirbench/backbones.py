@@ -453,19 +453,31 @@ def _build(model: str, model_name: str, pre: str, quick_gelu: bool, seed: int, c
         return clip, {"kind": "transformers", "source": where, "sha256": file_sha256(weights),
                       "config_sha256": file_sha256(config_path)}
     if kind == "file":
-        if not where.exists():
-            raise CheckpointError(f"weights file {where} does not exist")
         clip = empty()
-        _load_weights_file(clip, where)
+        _load_weights_file(clip, _existing(where))
         return clip, {"kind": "file", "path": str(where.resolve()), "sha256": file_sha256(where)}
-    source = where.get("hf_hub") or where.get("url") or ""
-    if not _weights_cached(where, cache_dir) and not _weights_reachable():
-        raise CirbenchError(f"cannot download pretrained weights '{pre}' for {model_name} ({source}): no network. "
-                            "Download them on a connected machine (they land in the Hugging Face cache) or pass "
-                            "--pretrained /path/to/weights")
+    source = _tag_source(where, pre, model_name, cache_dir)
     clip = open_clip.create_model(model_name, pretrained=pre, device="cpu", cache_dir=cache_dir,
                                   require_pretrained=True, force_quick_gelu=quick_gelu)
     return clip, {"kind": "open_clip-tag", "tag": pre, "source": source}
+
+
+def _existing(path: Path) -> Path:
+    """A ``--pretrained`` weights file that is there; CheckpointError otherwise."""
+    if not path.exists():
+        raise CheckpointError(f"weights file {path} does not exist")
+    return path
+
+
+def _tag_source(cfg: dict, pre: str, model_name: str, cache_dir: str | None) -> str:
+    """Where an open_clip tag's weights come from (its hub file or URL); CirbenchError at once when they are
+    neither in the local cache nor reachable (open_clip would retry for minutes)."""
+    source = cfg.get("hf_hub") or cfg.get("url") or ""
+    if not _weights_cached(cfg, cache_dir) and not _weights_reachable():
+        raise CirbenchError(f"cannot download pretrained weights '{pre}' for {model_name} ({source}): no network. "
+                            "Download them on a connected machine (they land in the Hugging Face cache) or pass "
+                            "--pretrained /path/to/weights")
+    return source
 
 
 def model_name_of(model: str) -> str:
@@ -502,28 +514,27 @@ def weights_status(model: str, pretrained: str | None, cache_dir: str | None = N
 def download_weights(model: str, pretrained: str | None, cache_dir: str | None = None) -> str:
     """Fetch a backbone's weights into the local caches without building the model (``cirbench run
     --download-only``), and say where they are: an open_clip tag's file, RemoteCLIP's, a transformers CLIP's
-    config and weights; nothing for bundled, random or file weights. CheckpointError/CirbenchError, in one line,
-    when they cannot be had."""
+    config and weights; nothing to fetch for bundled, random or file weights (a weights file that is not there
+    cannot be had either). CheckpointError/CirbenchError, in one line, when they cannot be had."""
     import open_clip
 
-    model_name = _register_config(model)
-    kind, where = _weights_source(model, model_name, _pretrained_of(model, pretrained))
-    if kind in ("random", "bundled", "file"):
+    model_name, pre = _register_config(model), _pretrained_of(model, pretrained)
+    kind, where = _weights_source(model, model_name, pre)
+    if kind in ("random", "bundled"):
         return weights_status(model, pretrained, cache_dir)
+    if kind == "file":
+        return f"file {_existing(where)}"
     if kind == "hub":
         return str(where.fetch("RemoteCLIP's weights", option="pretrained"))
     if kind == "transformers":
         from . import hf_clip
 
         return str(hf_clip.files_of(where)[1])
-    source = where.get("hf_hub") or where.get("url") or ""
-    if not _weights_cached(where, cache_dir) and not _weights_reachable():
-        raise CirbenchError(f"cannot download pretrained weights '{pretrained}' for {model_name} ({source}): no "
-                            "network")
+    source = _tag_source(where, pre, model_name, cache_dir)
     try:
         return str(open_clip.download_pretrained(where, cache_dir=cache_dir))
     except Exception as exc:  # noqa: BLE001 - a moved file, a proxy: one line
-        raise CirbenchError(f"cannot download pretrained weights '{pretrained}' for {model_name} ({source}): "
+        raise CirbenchError(f"cannot download pretrained weights '{pre}' for {model_name} ({source}): "
                             f"{type(exc).__name__}: {one_line(exc)[:160]}") from None
 
 

@@ -265,6 +265,10 @@ def test_backbone_weights_are_fetched_without_building_the_model(monkeypatch, tm
     fetched = download_weights("ViT-L-14", "remoteclip")
     assert fetched.endswith(f"RemoteCLIP-ViT-L-14.pt@{backbones.REMOTECLIP_REVISION}")
     assert download_weights(str(tiny_config), "none") == "random initialisation"
+    with pytest.raises(CheckpointError, match="weights file .*absent.safetensors does not exist"):
+        download_weights(str(tiny_config), str(tmp_path / "absent.safetensors"))  # not reported as there
+    (tmp_path / "here.safetensors").write_bytes(b"")
+    assert download_weights(str(tiny_config), str(tmp_path / "here.safetensors")) == f"file {tmp_path}/here.safetensors"
     monkeypatch.setattr(backbones, "_weights_reachable", lambda: False)
     with pytest.raises(CirbenchError, match="cannot download pretrained weights 'openai' for ViT-B-32 .*no network"):
         download_weights("ViT-B-32", "openai")
