@@ -403,16 +403,14 @@ def _run_downloads(runs: list[Any]) -> Downloads:
     weights and each method's files over the values of its sweeps, once each."""
     from .backbones import model_name_of
     from .evaluate import choose_backbone
-    from .types import resolve_options
 
     wanted: Downloads = {}
     for planned in runs:
-        cfg, reg = planned.cfg, planned.registry
-        mspec, dspec = reg.method(cfg.method), reg.dataset(cfg.dataset)
-        model, pretrained = choose_backbone(cfg, mspec, dspec)
+        mspec, dspec, option_sets = planned.method_plan()
+        model, pretrained = choose_backbone(planned.cfg, mspec, dspec)
         for key, value in backbone_download(model, pretrained).items():
             wanted.setdefault(key, value)
-        for opts in resolve_options(mspec.options, cfg.method_options, dspec.name, f"method {mspec.name}"):
+        for opts in option_sets:
             plan = functools.partial(mspec.download_plan, opts, model_name_of(model), pretrained)
             for key, value in file_downloads(plan, mspec.name).items():
                 wanted.setdefault(key, value)

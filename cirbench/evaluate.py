@@ -268,16 +268,22 @@ class Evaluator:
             outcomes.append(self._evaluate(ctx, opts, time_origin=start if not outcomes else t0))
         return outcomes
 
+    def method_plan(self) -> tuple[MethodSpec, Any, list[dict[str, Any]]]:
+        """The method's and the dataset's specs and the method's option sets (one per value of a sweep), from
+        names and options alone: what ``--download-only`` reads, and where :meth:`check` starts."""
+        mspec = self.registry.method(self.cfg.method)
+        dspec = self.registry.dataset(self.cfg.dataset)
+        return mspec, dspec, resolve_options(mspec.options, self.cfg.method_options, dspec.name,
+                                             f"method {mspec.name}")
+
     def check(self) -> _Checked:
         """Everything but the model: names, options, plugins that import, the benchmark's data read (once per
         :class:`Loaded`). ``cirbench run`` checks every run of a command this way before the first one starts."""
         if self._checked is not None:
             return self._checked
         cfg = self.cfg
-        mspec = self.registry.method(cfg.method)
-        dspec = self.registry.dataset(cfg.dataset)
+        mspec, dspec, option_sets = self.method_plan()
         split = dspec.resolve_split(cfg.split)
-        option_sets = resolve_options(mspec.options, cfg.method_options, dspec.name, f"method {mspec.name}")
         dataset_options = resolve_options(dspec.options, cfg.dataset_options, dspec.name, f"dataset {dspec.name}")
         if len(dataset_options) != 1:
             raise CirbenchError("dataset options cannot be swept")
