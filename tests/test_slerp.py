@@ -36,6 +36,11 @@ def test_slerp_matches_float64_reference(alpha):
     w[:4] = v[:4] * 3 + 1e-4 * rng.normal(size=(4, 32))  # nearly parallel rows take the linear fallback
     w[4:8] = -v[4:8] * 2 + 1e-4 * rng.normal(size=(4, 32))  # nearly opposite rows too (|v . w| > 0.9995, as
     # in the official slerp.py), where the spherical formula divides by a vanishing sine
+    for row, cos in zip(range(8, 14), [0.6, 0.9, 0.98, -0.6, -0.9, -0.98], strict=True):
+        # aligned but not parallel (|v . w| <= 0.9995): the spherical formula, whose result differs from the
+        # linear one by 1e-2 (cos 0.6) to 3e-4 (cos 0.98) here, so a lower parallel threshold cannot pass
+        u = w[row] - (w[row] @ v[row]) / (v[row] @ v[row]) * v[row]
+        w[row] = cos * v[row] / np.linalg.norm(v[row]) + np.sqrt(1 - cos**2) * u / np.linalg.norm(u)
     ours = slerp(torch.tensor(v, dtype=torch.float32), torch.tensor(w, dtype=torch.float32), alpha).double().numpy()
     np.testing.assert_allclose(ours, _reference(v, w, alpha), atol=2e-5)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
