@@ -27,7 +27,7 @@ from typing import Any
 
 from . import __version__
 from .errors import CirbenchError
-from .util import atomic_write_bytes, content_digest, json_hash, json_loads, sha256_bytes
+from .util import atomic_write_bytes, atomic_write_files, content_digest, json_hash, json_loads, sha256_bytes
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -196,17 +196,18 @@ def same_configuration(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return run_fingerprint(a) == run_fingerprint(b)
 
 
-def write_result(path: Path, record: dict[str, Any]) -> Path:
+def result_bytes(record: dict[str, Any]) -> bytes:
     record = {"schema_version": SCHEMA_VERSION, **record}
-    atomic_write_bytes(Path(path), (json.dumps(record, indent=2, sort_keys=False, default=str) + "\n").encode())
-    return Path(path)
+    return (json.dumps(record, indent=2, sort_keys=False, default=str) + "\n").encode()
 
 
-def write_predictions(path: Path, rows: list[dict[str, Any]]) -> tuple[Path, str]:
-    """Write the rows as JSON Lines; return the path and the sha256 of the bytes written."""
-    data = "".join(json.dumps(r, default=str) + "\n" for r in rows).encode()
-    atomic_write_bytes(Path(path), data)
-    return Path(path), sha256_bytes(data)
+def predictions_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """The rows as JSON Lines."""
+    return "".join(json.dumps(r, default=str) + "\n" for r in rows).encode()
+
+
+def write_result(path: Path, record: dict[str, Any]) -> Path:
+    return atomic_write_bytes(Path(path), result_bytes(record))
 
 
 class ResultWriter:
@@ -245,10 +246,11 @@ class ResultWriter:
         pred_path = self.directory / (stem + PREDICTIONS_SUFFIX)
         if self.enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _, digest = write_predictions(pred_path, predictions)
+            data = predictions_bytes(predictions)
             record["predictions"] = {**(record.get("predictions") or {}), "file": pred_path.name,
-                                     "rows": len(predictions), "sha256": digest}
-            write_result(result_path, record)
+                                     "rows": len(predictions), "sha256": sha256_bytes(data)}
+            # one pair: both staged before either replaces the earlier run's (a full disk leaves that one whole)
+            atomic_write_files([(pred_path, data), (result_path, result_bytes(record))])
         return result_path, pred_path
 
 

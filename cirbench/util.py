@@ -78,21 +78,32 @@ def recover_folder(folder: Path, complete: str) -> None:
 def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename: readers see the old file or the new
     one, never half of one. The file gets the user's umask (``mkstemp`` alone would leave it 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    atomic_write_files([(Path(path), data)], fsync=fsync)
+    return Path(path)
+
+
+def atomic_write_files(files: Sequence[tuple[Path, bytes]], fsync: bool = True) -> None:
+    """Write files that belong together (a result and its predictions): every one is staged (written and
+    synced beside its target) before any is renamed into place, in the order given, so that running out of
+    space or failing to write any of them leaves every target as it was, and no temporary file behind."""
+    staged: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if fsync:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        for path, data in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                if fsync:
+                    os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 @contextlib.contextmanager

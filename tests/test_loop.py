@@ -412,6 +412,46 @@ def test_results_survive_a_failed_rerun(tmp_path, tiny_config, toy_root):
     assert out.result_path.read_bytes() == before
 
 
+def test_a_disk_that_fills_while_a_rerun_writes_keeps_the_earlier_result_whole(tmp_path, tiny_config, toy_root,
+                                                                               monkeypatch):
+    """The result file and its predictions are one pair: a rerun whose rankings differ (an image changed) and
+    that runs out of space on its result file after its predictions are written must leave the earlier pair as
+    it was (not new predictions beside an old result whose checksum no longer matches them), fail with one
+    line, and leave no temporary files."""
+    import os
+
+    from PIL import Image
+
+    from cirbench.results import read_predictions_of
+
+    args = ["run", "-m", "image-only", "-d", "toy", "--split", "val", "--backbone", str(tiny_config), "--pretrained",
+            "none", "--data-root", str(toy_root), "--output", str(tmp_path / "results"), "--no-cache", "--workers",
+            "0", "--quiet"]
+    fsync = os.fsync
+
+    def full_on_results(fd):  # the disk fills on the result file's own bytes (staged as ".<name>.json.*.tmp")
+        if ".json." in os.path.basename(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(28, "No space left on device")
+        return fsync(fd)
+
+    with registered(ToyPlugin(), "toy"):
+        assert CliRunner().invoke(cli, args).exit_code == 0
+        folder = tmp_path / "results" / "toy" / "val"
+        (result,) = folder.glob("*[!s].json")
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        image = toy_root / "images" / "img_blue_1.png"
+        size = Image.open(image).size
+        Image.new("RGB", size, (250, 20, 200)).save(image)  # the rankings of this rerun differ
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fsync", full_on_results)
+            res = CliRunner().invoke(cli, args)
+        assert res.exit_code != 0 and res.output.strip() == "error: No space left on device", res.output
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+        assert read_predictions_of(result)  # still the pair it was
+        assert CliRunner().invoke(cli, args).exit_code == 0  # with space, the rerun replaces the pair: it differs
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} != before and read_predictions_of(result)
+
+
 def test_a_rerun_replaces_its_own_result_and_never_one_of_other_annotations(tmp_path, tiny_config, toy_root):
     """The fingerprint covers the annotation files' checksums: a rerun on edited annotations writes beside the
     result of the old ones; a rerun of the same configuration replaces its own file, also one an older cirbench
