@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .errors import CheckpointError, CirbenchWarning
-from .util import atomic_write_bytes, json_loads, one_line
+from .util import atomic_write_files, json_loads, one_line
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -27,15 +27,16 @@ OWN_CONFIG = "cirbench_config"  # the key of the record in the weights file's me
 
 
 def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write ``tensors`` and ``config`` into ``folder`` (each file atomically, weights with their own copy of
-    ``config`` first, ``config.json`` last)."""
+    """Write ``tensors`` and ``config`` into ``folder``: the weights (with their own copy of ``config``) and
+    ``config.json`` are both staged before either replaces an earlier checkpoint's, so a full disk leaves that
+    one whole."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     record = json.dumps(config, default=str)
     metadata = {"method": str(config.get("method", "")), OWN_CONFIG: record}
-    atomic_write_bytes(folder / WEIGHTS, save(clean, metadata=metadata))
-    atomic_write_bytes(folder / CONFIG, (json.dumps(json.loads(record), indent=2) + "\n").encode())
+    atomic_write_files([(folder / WEIGHTS, save(clean, metadata=metadata)),
+                        (folder / CONFIG, (json.dumps(json.loads(record), indent=2) + "\n").encode())])
     return folder
 
 

@@ -377,3 +377,32 @@ def test_image_files_that_are_empty_or_lead_to_a_look_alike_folder_are_refused(t
         read_image_bytes(ImageRef("linked", root / "img" / "linked.png", root=root))
     with pytest.raises(ImageError, match="is in a folder that links outside the data root"):
         read_image_bytes(ImageRef("twin", root / "twin" / "a.png", root=root))
+
+
+def test_files_written_as_one_set_are_all_replaced_or_none(tmp_path, monkeypatch):
+    """A checkpoint's weights and config.json (as a result and its predictions) are one set: a disk that fills on
+    the second file leaves the earlier set whole, with no temporary file beside it, and then a write with space
+    replaces both."""
+    import os
+
+    from cirbench.checkpoints import CONFIG, WEIGHTS, load_checkpoint, save_checkpoint
+
+    folder = save_checkpoint(tmp_path / "ckpt", {"w": torch.zeros(3)}, {"method": "pic2word", "step": 1})
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    fsync, calls = os.fsync, []
+
+    def full_on_the_second(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return fsync(fd)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", full_on_the_second)
+        with pytest.raises(OSError, match="No space"):
+            save_checkpoint(folder, {"w": torch.ones(3)}, {"method": "pic2word", "step": 2})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before and sorted(before) == sorted([WEIGHTS,
+                                                                                                      CONFIG])
+    save_checkpoint(folder, {"w": torch.ones(3)}, {"method": "pic2word", "step": 2})
+    tensors, config = load_checkpoint(folder, "pic2word")
+    assert torch.equal(tensors["w"], torch.ones(3)) and config["step"] == 2
