@@ -27,6 +27,18 @@ def test_multi_set_average_gets_an_interval_and_nan_is_not_counted():
     assert bootstrap_ci(per_set, Dataset(None).aggregate, 500, seed=1) == ci  # seeded
 
 
+def test_metrics_of_one_query_are_resampled_together():
+    """A replicate draws queries, not values: a combined metric (CIRR's ``(R@5 + R_s@1) / 2``) of two metrics
+    that move together keeps their spread, where independent draws per metric would narrow its interval."""
+    hits = np.random.default_rng(3).choice([0.0, 100.0], 400)
+
+    def combined(sets):
+        return {"R@5": sets["all"]["R@5"], "Avg": (sets["all"]["R@5"] + sets["all"]["Rs@1"]) / 2}
+
+    ci = bootstrap_ci({"all": {"R@5": hits, "Rs@1": hits.copy()}}, combined, 500, seed=4)
+    assert ci["Avg"] == ci["R@5"] and ci["R@5"][1] - ci["R@5"][0] > 5
+
+
 def test_paired_comparison():
     rng = np.random.default_rng(2)
     a = rng.normal(50, 10, 400)
