@@ -335,6 +335,7 @@ class ChunkWriter:
     def __init__(self, total: int, names: Callable[[int], str], on_chunk: Callable | None, device: torch.device):
         self.total, self.names, self.on_chunk, self.device = total, names, on_chunk, device
         self.out: torch.Tensor | None = None
+        self.rows = 0  # rows written: the output is uninitialised memory until every one has been
         self.error: BaseException | None = None
         self.queue: queue.Queue = queue.Queue()
         self.thread = None
@@ -377,6 +378,7 @@ class ChunkWriter:
         if self.out is None:
             self.out = torch.empty((self.total, *feats.shape[1:]), dtype=torch.float32)
         self.out[positions] = feats
+        self.rows += len(positions)
         if self.on_chunk is not None:
             self.on_chunk(positions, feats)
 
@@ -386,6 +388,9 @@ class ChunkWriter:
             self.thread.join()
         if self.error is not None:
             raise self.error
+        if self.rows != self.total:
+            raise CirbenchError(f"the encoder handed over the features of {self.rows} of {self.total} images: an "
+                                "internal error of the encoding pipeline (a batch was lost between its stages)")
         return self.out if self.out is not None else torch.empty(0)
 
 

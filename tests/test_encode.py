@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from cirbench.backbones import load_backbone
-from cirbench.encode import BatchFiles, decode_jpegs, encode_images
+from cirbench.encode import BatchFiles, ChunkWriter, Prefetcher, decode_jpegs, encode_images
 from cirbench.errors import CirbenchError, ImageError
 from cirbench.preprocess import Preprocessor
 from cirbench.types import ImageRef
@@ -67,6 +67,26 @@ def test_worker_processes_and_threads_keep_the_order(image_files, tiny_config):
     many = encode_images(image_files, bb.encode_image, pre, batch_size=2, workers=2, progress=False,
                          prefetch_threads=3, path="batched")
     assert torch.allclose(one, many, atol=1e-6)
+
+
+def test_the_prefetcher_waits_for_every_thread_not_the_first_to_finish():
+    """A thread that finds the batches exhausted is done while another still stages the last one it took: every
+    batch is yielded, whichever thread finishes first."""
+    import time
+
+    def stage(item):
+        time.sleep(0.3 if item == 0 else 0.0)  # the thread holding batch 0 is the last to finish
+        return item, torch.full((1,), float(item))
+
+    got = dict(Prefetcher(iter(range(4)), stage, torch.device("cpu"), threads=3))
+    assert sorted(got) == [0, 1, 2, 3]
+
+
+def test_rows_never_handed_over_are_an_error_not_uninitialised_features():
+    writer = ChunkWriter(4, str, None, torch.device("cpu"))
+    writer.submit(torch.arange(0, 3), torch.ones(3, 2))
+    with pytest.raises(CirbenchError, match="3 of 4 images"):
+        writer.close()
 
 
 def test_packed_batches_are_a_few_tensors(image_files):
