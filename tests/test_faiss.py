@@ -63,3 +63,18 @@ def test_faiss_ties_straddling_k_equal_the_stable_sort():
         idx, _ = rank(queries, gallery, k, backend="faiss")
         expected = torch.sort(queries @ gallery.T, dim=1, descending=True, stable=True).indices[:, :k]
         assert torch.equal(idx, expected), k
+
+
+def test_faiss_ties_straddling_k_behind_an_excluded_reference():
+    """The excluded reference (CIRR's) sits among equal scores at the top of every ranking: the rows faiss hands
+    to the exact re-rank (ties at the k-th place) must keep their exclusion (no other test has an excluded item
+    inside a tie)."""
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randint(-1, 2, (5, 8), generator=gen).float() * 0.25
+    gallery = base[torch.randint(0, 5, (60,), generator=gen)]  # every vector many times: ties at every place
+    queries = torch.randint(-1, 2, (40, 8), generator=gen).float() * 0.25
+    exclude = torch.argmax(queries @ gallery.T, dim=1)  # each query's first place
+    for k in (1, 2, 3, 5):
+        idx, _ = rank(queries, gallery, k, exclude=exclude, backend="faiss")
+        expected, _ = rank(queries, gallery, k, exclude=exclude, backend="torch")
+        assert torch.equal(idx, expected), k
