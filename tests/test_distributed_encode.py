@@ -67,7 +67,8 @@ def test_two_ranks_match_one(tmp_path):
 
 
 def test_a_rank_with_nothing_to_encode_joins_the_gather(tmp_path):
-    """Fewer images than ranks: rank 1 encodes nothing, yet the gather completes with the right rows."""
+    """Fewer images than ranks: rank 1 encodes nothing, yet the gather completes with the right rows; and counts
+    that do not divide among the ranks come back whole and in order (a row tells its position)."""
     script = tmp_path / "gather.py"
     script.write_text(
         "import json, sys, torch, torch.distributed as dist\n"
@@ -76,10 +77,16 @@ def test_a_rank_with_nothing_to_encode_joins_the_gather(tmp_path):
         "items = d.shard(['only-image'])\n"
         "local = torch.full((len(items), 3), 7.0) if items else None\n"
         "out = d.gather_sharded_rows(local, 1)\n"
-        "print(json.dumps({'rank': d.rank(), 'shape': list(out.shape), 'sum': float(out.sum())}))\n"
+        "orders = []\n"
+        "for total in (2, 3, 5):\n"
+        "    mine = d.shard(list(range(total)))\n"
+        "    rows = torch.tensor(mine, dtype=torch.float32).view(-1, 1).repeat(1, 2)\n"
+        "    orders.append(d.gather_sharded_rows(rows, total)[:, 0].tolist())\n"
+        "print(json.dumps({'rank': d.rank(), 'shape': list(out.shape), 'sum': float(out.sum()), 'orders': orders}))\n"
         "d.shutdown()\n")
     _, rows = _torchrun_script(script)
     assert all(r["shape"] == [1, 3] and r["sum"] == 21.0 for r in rows)
+    assert all(r["orders"] == [[0, 1], [0, 1, 2], [0, 1, 2, 3, 4]] for r in rows), rows
 
 
 def test_ranks_waiting_for_rank_0_outlast_the_collective_timeout(tmp_path):
