@@ -13,7 +13,7 @@ from cirbench.errors import AnnotationError, CirbenchError
 from cirbench.metrics import hits_matrix, recall_per_query
 from cirbench.schema import ImageName, Record, validate_records, validate_value
 from cirbench.types import EvalSet, Query
-from cirbench.util import atomic_write_bytes
+from cirbench.util import atomic_write_files
 
 RECALL_KS = (1, 5, 10, 50)
 
@@ -157,12 +157,10 @@ class CIRR(Dataset):
 
     def write_submission(self, evalset: EvalSet, ranking, out_dir: Path, stem: str) -> list[Path]:
         recall, subset = self.submission_dicts(evalset, ranking)
-        paths = []
-        for metric, data in (("recall", recall), ("recall_subset", subset)):
-            path = Path(out_dir) / f"{stem}.cirr-{evalset.name}-{metric}.json"
-            atomic_write_bytes(path, json.dumps(data).encode())
-            paths.append(path)
-        return paths
+        files = [(Path(out_dir) / f"{stem}.cirr-{evalset.name}-{metric}.json", json.dumps(data).encode())
+                 for metric, data in (("recall", recall), ("recall_subset", subset))]
+        atomic_write_files(files)  # one pair: both of this run's, or (a full disk) both of the earlier run's
+        return [path for path, _ in files]
 
     # -- scoring files made elsewhere --------------------------------------------------------------
     def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
