@@ -280,3 +280,60 @@ def test_seeds_makes_one_row_of_a_recipes_runs_with_mean_and_spread(tmp_path):
     res = CliRunner().invoke(cli, ["leaderboard", str(tmp_path), "--seeds", "--no-write", "--no-paper",
                                    "--summary"])
     assert res.exit_code == 0 and "22.00 ± 2.00" in res.output, res.output
+
+
+# REFERENCE.md section 3, transcribed here a second time and on its own, so that a typo in a plugin's table of
+# published numbers (the rows every leaderboard prints beside ours) cannot pass unnoticed
+_CIRR = ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3")
+_CIRCO = ("mAP@5", "mAP@10", "mAP@25", "mAP@50")
+_FIQ = tuple(f"{c}/R@{k}" for c in ("dress", "shirt", "toptee", "avg") for k in (10, 50))
+REFERENCE_TABLES = {
+    ("cirr", "test1", _CIRR): {
+        ("pic2word", "ViT-L/14"): (23.90, 51.70, 65.30, 87.80),
+        ("searle", "ViT-B/32"): (24.00, 53.42, 66.82, 89.78, 54.89, 76.60, 88.19),
+        ("searle-xl", "ViT-L/14"): (24.24, 52.48, 66.29, 88.84, 53.76, 75.01, 88.19),
+        ("fti4cir", "ViT-L/14"): (25.90, 55.61, 67.66, 89.66, 55.21, 75.88, 87.98),
+        ("slerp-tat", "ViT-B/32"): (28.19, 55.88, 68.77, 88.51, 61.13, 80.63, 90.68),
+        ("slerp-tat", "ViT-L/14"): (30.94, 59.40, 70.94, 89.18, 64.70, 82.92, 92.31),
+    },
+    ("circo", "test", _CIRCO): {
+        ("pic2word", "ViT-L/14"): (8.72, 9.51, 10.64, 11.29),
+        ("searle", "ViT-B/32"): (9.35, 9.94, 11.13, 11.84),
+        ("searle-xl", "ViT-L/14"): (11.68, 12.73, 14.33, 15.12),
+        ("fti4cir", "ViT-L/14"): (15.05, 16.32, 18.06, 19.05),
+        ("slerp-tat", "ViT-B/32"): (9.34, 10.26, 11.65, 12.33),
+        ("slerp-tat", "ViT-L/14"): (18.46, 19.41, 21.43, 22.41),
+    },
+    ("fashioniq", "val", _FIQ): {
+        ("pic2word", "ViT-L/14"): (20.00, 40.20, 26.20, 43.60, 27.90, 47.40, 24.70, 43.70),
+        ("searle", "ViT-B/32"): (18.54, 39.51, 24.44, 41.61, 25.70, 46.46, 22.89, 42.53),
+        ("searle-xl", "ViT-L/14"): (20.48, 43.13, 26.89, 45.58, 29.32, 49.97, 25.56, 46.23),
+        ("fti4cir", "ViT-L/14"): (24.39, 47.84, 31.35, 50.59, 32.43, 54.21, 29.39, 50.88),
+        ("slerp-tat", "ViT-B/32"): (19.24, 42.14, 23.06, 41.95, 26.57, 47.78, 22.96, 43.96),
+    },
+}
+
+
+def test_published_rows_are_the_reference_numbers():
+    registry = plugins.get_registry()
+    for (dataset, split, metrics), table in REFERENCE_TABLES.items():
+        rows = {(r.method, r.backbone): r for r in registry.dataset(dataset).paper_rows}
+        for (method, backbone), numbers in table.items():
+            row = rows[(method, backbone)]
+            assert row.split == split, (dataset, method, backbone)
+            assert row.metrics == dict(zip(metrics, numbers, strict=False)), (dataset, method, backbone)
+    fiq = {(r.method, r.backbone): r for r in registry.dataset("fashioniq").paper_rows}
+    assert fiq[("slerp-tat", "ViT-L/14")].metrics == {"avg/R@10": 28.32, "avg/R@50": 47.60}
+
+
+def test_published_fashioniq_averages_are_the_mean_of_their_categories():
+    """Where a source gives all three categories, its average is their mean, rounded as the source rounds (two
+    decimals; one in Pic2Word's paper, whose 43.7 is the mean 43.73): a check of every FashionIQ row, the ones
+    REFERENCE.md does not list too."""
+    for row in plugins.get_registry().dataset("fashioniq").paper_rows:
+        tenths = all(abs(v * 10 - round(v * 10)) < 1e-6 for v in row.metrics.values())
+        for k in (10, 50):
+            parts = [row.metrics.get(f"{c}/R@{k}") for c in ("dress", "shirt", "toptee")]
+            if None not in parts and f"avg/R@{k}" in row.metrics:
+                error = abs(sum(parts) / 3 - row.metrics[f"avg/R@{k}"])
+                assert error <= (0.05 if tenths else 0.005) + 1e-9, (row.method, row.backbone, k, error)
