@@ -40,6 +40,9 @@ def cirr_val_records():
     (lambda r: r[2].__setitem__("caption", ["not", "text"]), "field 'caption'"),
     (lambda r: r[2].__setitem__("pairid", "12"), "field 'pairid'"),
     (lambda r: r.__setitem__(4, "just a string"), "record 4: not an object"),
+    # names that are valid but not in the split file: the target and the img_set, not only the reference
+    (lambda r: r[6].__setitem__("target_hard", "dev-0-0-img9"), "image 'dev-0-0-img9' is not in split.rc2.val.json"),
+    (lambda r: r[6]["img_set"]["members"].append("dev-0-0-img9"), "record 6 (pairid"),
 ])
 def test_cirr_bad_records(tmp_path, cirr_val_records, mutate, message):
     root = copy_tree(ANNOTATIONS / "cirr", tmp_path / "cirr")
