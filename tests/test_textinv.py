@@ -56,6 +56,23 @@ def test_substituting_a_real_word_embedding_equals_encoding_the_word(backbone):
         encode_with_pseudo_tokens(backbone, ["no placeholder here"], [emb.weight[ids[0]].unsqueeze(0)], "*")
 
 
+def test_a_placeholder_character_in_a_caption_is_text_not_a_second_pseudo_word(backbone):
+    """Real captions hold the placeholders' characters ("sh*t" in FashionIQ's, prices with "$"): the prompts keep
+    one placeholder, for the image, and encode as the caption with that character made a space."""
+    from cirbench.methods._shared.textinv import pic2word_prompt, searle_prompt
+    from cirbench.types import Query
+
+    word = token_embedding_module(backbone.model).weight[backbone.tokenizer(["dog"])[0][1]].unsqueeze(0)
+    for prompt, placeholder, plain in (
+            (pic2word_prompt(Query("1", "r", ("a shirt saying sh*t",))), "*", "a photo of dog , a shirt saying sh t"),
+            (pic2word_prompt(Query("2", "r", ("is *red", "has a * on it"))), "*",
+             "a photo of dog , has a   on it and is  red"),
+            (searle_prompt("costs $5 less", "$"), "$", "a photo of dog that costs  5 less")):
+        assert prompt.count(placeholder) == 1, prompt
+        ours = encode_with_pseudo_tokens(backbone, [prompt], [word], placeholder)
+        assert torch.allclose(ours, backbone.encode_text([plain]), atol=1e-5), prompt
+
+
 def test_gradients_flow_into_pseudo_words(backbone):
     pseudo = torch.randn(2, backbone.model.token_embedding.weight.shape[1], requires_grad=True)
     encode_with_pseudo_tokens(backbone, ["a photo of *", "a photo of * ,  red"], pseudo, "*").sum().backward()
