@@ -213,6 +213,17 @@ def test_learning_rate_schedules_are_the_official_ones(tmp_path, tiny_config):
         pytest.approx(official_fti4cir_lrs(4e-5, 10, 0.1, 13, 2))
     cfg = training.TrainConfig(output=tmp_path, lr=1e-4, schedule="constant")
     assert {training._lr_factor(cfg, s, s // 3, 9) for s in range(9)} == {1.0}
+    # PLI's per-epoch warm-up: torch's LinearLR from 0.01 over 5 epochs, stepped once an epoch, then constant
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1e-6)
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=5)
+    official = []
+    for _epoch in range(8):
+        official.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        linear.step()
+    cfg = training.TrainConfig(output=tmp_path, lr=1e-6, schedule="constant", warmup_epochs=5, warmup_start=0.01)
+    assert [1e-6 * training._lr_factor(cfg, 3 * e + 1, e, 24) for e in range(8)] == pytest.approx(official)
 
     # the loop: the rate it logs for each step is the one the optimizer stepped with
     seen = []
@@ -232,6 +243,24 @@ def test_learning_rate_schedules_are_the_official_ones(tmp_path, tiny_config):
     logged = [e["lr"] for e in map(json.loads, (tmp_path / "o" / "train_log.jsonl").read_text().splitlines())
               if "lr" in e]
     assert logged == pytest.approx([cosine(s) for s in range(8)]) and seen == pytest.approx(logged)
+
+
+def test_weight_decay_falls_on_matrices_and_never_on_biases_or_norms(tmp_path):
+    """The default parameter groups (as open_clip's and the official trainers' ``exclude``): decay on weight
+    matrices; biases, LayerNorm gains and other vectors in a group of their own without it."""
+
+    class Net(training.TrainableMethod):
+        def __init__(self):
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+
+        def named_trainable_parameters(self):
+            return list(self.net.named_parameters())
+
+    net = Net()
+    names = {id(p): n for n, p in net.named_trainable_parameters()}
+    optimizer = training.build_optimizer(net, training.TrainConfig(output=tmp_path, weight_decay=0.2))
+    groups = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups}
+    assert groups == {0.2: ["0.weight", "2.weight"], 0.0: ["0.bias", "1.bias", "1.weight", "2.bias"]}
 
 
 def test_tat_changes_only_lora_and_round_trips(tmp_path, tiny_config):
