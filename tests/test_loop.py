@@ -500,6 +500,26 @@ def test_annotation_files_are_named_inside_the_data_root_and_fingerprinted_by_co
     assert run_fingerprint(moved) != record["fingerprint"]
 
 
+def test_a_methods_weights_are_fingerprinted_by_content_not_by_where_they_lie(tmp_path, tiny_config, toy_root):
+    """A method's ``info`` names the weights it ran (official weights fetched by tag have no path option): other
+    weights are another configuration, whose result never replaces this one's; the same weights moved elsewhere
+    are the same configuration."""
+    from cirbench.results import run_fingerprint, same_configuration
+
+    with registered(ToyPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+    record = json.loads(json.dumps(out.record))
+    record["method"]["info"] = {"checkpoint": "/data/ckpt/phi.pt", "sha256": "a" * 64, "nested": [
+        {"path": "/data/ckpt/extra.bin", "sha256": "b" * 64}]}
+    moved = json.loads(json.dumps(record))
+    moved["method"]["info"]["checkpoint"] = "/elsewhere/phi.pt"
+    moved["method"]["info"]["nested"][0]["path"] = "/elsewhere/extra.bin"
+    assert run_fingerprint(moved) == run_fingerprint(record) and same_configuration(moved, record)
+    other = json.loads(json.dumps(record))
+    other["method"]["info"]["nested"][0]["sha256"] = "c" * 64
+    assert run_fingerprint(other) != run_fingerprint(record) and not same_configuration(other, record)
+
+
 def test_results_carry_confidence_intervals_and_per_query_metrics(tmp_path, tiny_config, toy_root):
     with registered(ToyPlugin(), "toy") as reg:
         (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, bootstrap=300), reg)
