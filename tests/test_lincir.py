@@ -182,6 +182,34 @@ def _train(tiny_config, corpus, out, *extra):
                                     "--workers", "0", "--quiet", "--log-every", "1", *extra])
 
 
+@pytest.mark.parametrize("caption, keywords", [
+    ("a red dog sits on a mat", ["red", "cat", "mat"]),  # a keyword not in the caption: one random word, then stop
+    ("a red dog sits on a mat", ["a red dog", "sofa"]),
+    ("two cups", ["bowl", "two"]),
+])
+def test_keywords_of_a_corpus_column_missing_from_the_caption_stop_the_masking(caption, keywords, backbone,
+                                                                                hf_clip_tokenizer):
+    """--keywords column: keywords need not be in the caption; the first one that is not ends the loop with one
+    random word masked, whatever keywords follow (the official loader's ``break``)."""
+    for seed in range(8):
+        random.seed(seed)
+        official = official_replace(caption, keywords)
+        ours = lincir.mask_caption(caption, keywords, random.Random(seed))
+        ids = hf_clip_tokenizer(text=official, padding="max_length", truncation=True, max_length=77)["input_ids"]
+        assert backbone.tokenize([ours])[0].tolist() == [259 if i == 49408 else i for i in ids], (official, ours)
+
+
+def test_a_caption_whose_mask_is_cut_off_falls_back_to_a_photo_of(tiny_config):
+    """A mask past the text context leaves no "$": the prompt is then "a photo of $" (the official loader's
+    fallback), and the batch's shares say so."""
+    bb = load_backbone(str(tiny_config), "none", device="cpu", seed=0, training=True)
+    trainable = lincir.LinCIRTrainable(bb, {"keywords": "column", "noise": 1.0, "dropout": 0.0})
+    long = " ".join(["word"] * 90) + " lamp"
+    prompts, shares = trainable.masked_prompts([long, "a red lamp"], [["lamp"], ["lamp"]])
+    assert prompts == ["a photo of $", "a red $"]
+    assert shares == {"masked_by_keywords": 1.0, "kept_placeholder": 0.5}
+
+
 def test_training_step_is_the_official_loss(tiny_config, tmp_path):
     bb = load_backbone(str(tiny_config), "none", device="cpu", seed=0, training=True)
     trainable = lincir.LinCIRTrainable(bb, {"keywords": "random", "noise": 1.0, "dropout": 0.0})
@@ -204,7 +232,8 @@ def test_training_step_is_the_official_loss(tiny_config, tmp_path):
     rows = [pseudo[i].unsqueeze(0).expand(n, -1) for i, n in enumerate(counts)]
     want = torch.nn.functional.mse_loss(encode_with_pseudo_tokens(bb, prompts, rows, "$", normalize=False), original)
     assert torch.allclose(loss, want, atol=1e-6)
-    assert logs["masked_by_keywords"] == 1.0
+    # --keywords random: every caption masked by a random word (none by keywords), each keeping its "$"
+    assert logs == {"masked_by_keywords": 0.0, "kept_placeholder": 1.0}
     assert all(not p.requires_grad for p in bb.model.parameters())
 
 
@@ -214,7 +243,7 @@ def test_language_only_training_lowers_the_loss_and_loads_back(tiny_config, tmp_
     res = _train(tiny_config, corpus, out, "--keywords", "column", "--max-steps", "30", "--lr", "3e-3")
     assert res.exit_code == 0, res.output
     log = [e for e in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in e]
-    assert len(log) == 30 and all(e["masked_by_keywords"] == 1.0 for e in log)
+    assert len(log) == 30 and all(e["masked_by_keywords"] == e["kept_placeholder"] == 1.0 for e in log)
     first, last = sum(e["loss"] for e in log[:5]) / 5, sum(e["loss"] for e in log[-5:]) / 5
     assert last < 0.7 * first, (first, last)
     config = json.loads((out / "config.json").read_text())

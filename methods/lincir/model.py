@@ -124,19 +124,24 @@ class LinCIRTrainable(PhiTrainable):
             return [[k.strip().lower() for k in str(v or "").split("|") if k.strip()] for v in extra["keywords"]]
         return [[] for _ in captions]
 
-    def masked_prompts(self, captions: list[str], keywords: list[list[str]]) -> tuple[list[str], float]:
+    def masked_prompts(self, captions: list[str], keywords: list[list[str]]) -> tuple[list[str], dict[str, float]]:
         """Masked captions; one whose ``$`` did not survive truncation becomes "a photo of $" (as officially).
-        Also the share of captions masked by the keyword rule (the official 'preproc_rate')."""
+        Also what the batch's masks were, as shares of its captions: ``masked_by_keywords`` (every keyword
+        found and masked, no random word) and ``kept_placeholder`` (a ``$`` left after truncation, the rest
+        being "a photo of $"). The official log's ``preproc_rate`` is neither: its only zero case, a caption
+        that splits into no words, cannot occur, so it reads 1 for every batch."""
         prompts = [mask_caption(c, k, random) for c, k in zip(captions, keywords, strict=True)]
         found = (self.backbone.tokenize(prompts) == self.placeholder).any(dim=1).tolist()
         prompts = [p if ok else f"a photo of {PLACEHOLDER}" for p, ok in zip(prompts, found, strict=True)]
-        return prompts, sum(found) / max(1, len(found))
+        by_keywords = [bool(k) and all(w and w in c for w in k) for c, k in zip(captions, keywords, strict=True)]
+        n = max(1, len(found))
+        return prompts, {"masked_by_keywords": sum(by_keywords) / n, "kept_placeholder": sum(found) / n}
 
     def training_step(self, batch):
         tokenizer = self.backbone.tokenizer
         inner = getattr(tokenizer, "tokenizer", tokenizer)
         captions = [clean_caption(c, inner) for c in batch.captions]
-        prompts, rate = self.masked_prompts(captions, self.keywords(captions, batch.extra))
+        prompts, shares = self.masked_prompts(captions, self.keywords(captions, batch.extra))
         with torch.no_grad():
             original = self.backbone.model.encode_text(self.backbone.tokenize(captions)).float()
         noise = float(self.options.get("noise", 1.0))
@@ -147,7 +152,7 @@ class LinCIRTrainable(PhiTrainable):
         counts = (self.backbone.tokenize(prompts) == self.placeholder).sum(dim=1).tolist()
         rows = [pseudo[i].unsqueeze(0).expand(n, -1) for i, n in enumerate(counts)]
         masked = encode_with_pseudo_tokens(self.backbone, prompts, rows, PLACEHOLDER, normalize=False)
-        return F.mse_loss(masked.float(), original), {"masked_by_keywords": rate}
+        return F.mse_loss(masked.float(), original), shares
 
     def checkpoint_config(self):
         return {**super().checkpoint_config(), "keywords": self.mode}
