@@ -88,6 +88,31 @@ def _cfg(tmp_path, tiny_config, root, dataset="dc-nico", method="image-only", **
                      progress=False, bootstrap=0, dataset_options=dataset_options)
 
 
+# FREEDOM's utils_retrieval.py (commit 5df4bca), per --dataset: the domain names of its files mapped to the words
+# of the text queries, and the Recall/Precision cut-offs `at` its metrics_calc reports
+OFFICIAL_SETTINGS = {
+    "dc-imagenet-r": ({"real": "photo", "cartoon": "cartoon", "origami": "origami", "toy": "toy",
+                       "sculpture": "sculpture"}, [10, 50]),
+    "dc-nico": ({"autumn": "autumn", "dim": "dimlight", "grass": "grass", "outdoor": "outdoor", "rock": "rock",
+                 "water": "water"}, [50, 100]),
+    "dc-minidn": ({"clipart": "clipart", "painting": "painting", "real": "photo", "sketch": "sketch"}, [50, 100]),
+    "dc-ltll": ({"New": "Today", "Old": "Archive"}, [5, 10]),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(OFFICIAL_SETTINGS))
+def test_each_benchmark_takes_the_official_domains_and_cut_offs(dataset):
+    """The runs below patch the cut-offs for a tiny database: the real ones are checked here, as the metrics a
+    leaderboard orders too."""
+    from cirbench.datasets import domain_conversion
+
+    domains, at = OFFICIAL_SETTINGS[dataset]
+    _files, ours, ks = domain_conversion.BENCHMARKS[dataset]
+    assert ours == domains and list(ks) == at
+    metrics = ["mAP", *(f"R@{k}" for k in at), *(f"P@{k}" for k in at)]
+    assert get_registry().dataset(dataset).metric_order == tuple(f"avg/{m}" for m in metrics)
+
+
 @pytest.mark.parametrize(("dataset", "full"), [("dc-nico", False), ("dc-ltll", True)])
 def test_a_run_scores_as_the_official_evaluation(tmp_path, tiny_config, monkeypatch, dataset, full):
     """image-only, text-only and their sum and product, every pair of distinct domains: each pair's metrics and
