@@ -520,6 +520,23 @@ def test_a_methods_weights_are_fingerprinted_by_content_not_by_where_they_lie(tm
     assert run_fingerprint(other) != run_fingerprint(record) and not same_configuration(other, record)
 
 
+def test_a_set_ranked_in_parts_removes_each_querys_own_reference(tmp_path, tiny_config, toy_root, monkeypatch):
+    """A dataset that scores its queries apart may be ranked a part of its queries at a time (no built-in one
+    that does also removes the reference, but a plugin may): each part must remove its own queries' references,
+    so the parts rank as the whole set does."""
+    from cirbench import evaluate as loop
+    from cirbench.testing import ToyDataset
+
+    monkeypatch.setattr(ToyDataset, "queries_score_apart", True, raising=False)
+    with registered(ToyPlugin(), "toy") as reg:
+        (whole,) = evaluate(_cfg(tmp_path / "whole", tiny_config, toy_root), reg)
+        monkeypatch.setattr(loop, "STREAM_ENTRIES", 2 * 10)  # parts of 2 queries (top 10 each)
+        (parts,) = evaluate(_cfg(tmp_path / "parts", tiny_config, toy_root), reg)
+    rows = [[json.loads(line) for line in o.predictions_path.read_text().splitlines()] for o in (whole, parts)]
+    assert len(rows[0]) > 2 and [r["top"] for r in rows[0]] == [r["top"] for r in rows[1]]
+    assert all(r["reference"] not in r["top"] for r in rows[1]) and parts.metrics == whole.metrics
+
+
 def test_results_carry_confidence_intervals_and_per_query_metrics(tmp_path, tiny_config, toy_root):
     with registered(ToyPlugin(), "toy") as reg:
         (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, bootstrap=300), reg)
