@@ -63,6 +63,12 @@ def keyword_runs(tagged: Sequence[tuple[str, str]]) -> list[str]:
     return runs
 
 
+def keyword_found(keyword: str, caption: str) -> bool:
+    """Whether the official masking loop masks ``keyword`` in ``caption`` (a plain substring test); at the first
+    keyword for which it is not, the loop masks one random word instead and stops."""
+    return bool(keyword) and keyword in caption
+
+
 def mask_caption(caption: str, keywords: Sequence[str], rng: random.Random | ModuleType) -> str:
     """The official masking loop: every keyword found in the caption becomes ``$`` (plain substring
     replacement, as the official code does); at the first keyword not found (or when there are none) one
@@ -71,7 +77,7 @@ def mask_caption(caption: str, keywords: Sequence[str], rng: random.Random | Mod
     mark = f" {PLACEHOLDER} "
     replaced = caption
     for keyword in list(keywords) or [""]:
-        if keyword and keyword in caption:
+        if keyword_found(keyword, caption):
             replaced = replaced.replace(keyword, mark)
         else:
             word = rng.sample(caption.split(" "), 1)[0]  # may be "" (double spaces): replaced between every character
@@ -133,7 +139,7 @@ class LinCIRTrainable(PhiTrainable):
         prompts = [mask_caption(c, k, random) for c, k in zip(captions, keywords, strict=True)]
         found = (self.backbone.tokenize(prompts) == self.placeholder).any(dim=1).tolist()
         prompts = [p if ok else f"a photo of {PLACEHOLDER}" for p, ok in zip(prompts, found, strict=True)]
-        by_keywords = [bool(k) and all(w and w in c for w in k) for c, k in zip(captions, keywords, strict=True)]
+        by_keywords = [bool(k) and all(keyword_found(w, c) for w in k) for c, k in zip(captions, keywords, strict=True)]
         n = max(1, len(found))
         return prompts, {"masked_by_keywords": sum(by_keywords) / n, "kept_placeholder": sum(found) / n}
 
