@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CirbenchError
-from .results import read_predictions_of, read_result
+from .results import main_metric_of, read_predictions_of, read_result
 from .util import atomic_write_bytes, one_line
 
 THUMB = 112  # pixels, longest side
@@ -126,19 +126,6 @@ def query_rows(runs: list[tuple[dict, list[dict]]], queries: dict, top: int, lim
 
 
 # -- plots -------------------------------------------------------------------------------------------------
-def _main_metric(record: dict) -> str | None:
-    from .plugins import get_registry
-
-    try:
-        spec = get_registry().dataset(record["dataset"]["name"])
-    except CirbenchError:
-        spec = None
-    metrics = record.get("metrics") or {}
-    if spec is not None and spec.main_metric in metrics:
-        return spec.main_metric
-    return next(iter(metrics), None)
-
-
 def make_plots(result_paths: list[Path], records: list[dict], out: Path) -> list[tuple[str, str]]:
     """``[(title, png relative path)]``: the split's leaderboard bars, sweeps of any numeric option among the
     runs of the same method in the folder, and the training loss of a checkpoint that kept its log."""
@@ -146,7 +133,7 @@ def make_plots(result_paths: list[Path], records: list[dict], out: Path) -> list
 
     plots_dir = out / "plots"
     made: list[tuple[str, str]] = []
-    metric = _main_metric(records[0])
+    metric = main_metric_of(records[0])
     if metric is None:
         return made
     folder_records = []

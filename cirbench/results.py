@@ -261,6 +261,8 @@ def read_result(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CirbenchError(f"result file {path} is unreadable: {exc}") from None
     version = record.get("schema_version") if isinstance(record, dict) else None
+    if version is None:
+        raise CirbenchError(f"{path} is not a cirbench result file (it records no schema_version)")
     if version not in READABLE_VERSIONS:
         raise CirbenchError(f"result file {path} has schema_version {version!r} "
                             f"(this cirbench reads {', '.join(map(str, READABLE_VERSIONS))})")
@@ -270,6 +272,20 @@ def read_result(path: Path) -> dict[str, Any]:
     if not isinstance(record.get("metrics", {}), dict):
         raise CirbenchError(f"result file {path}: 'metrics' is not an object")
     return record
+
+
+def main_metric_of(record: dict[str, Any], available: list[str] | None = None) -> str | None:
+    """The metric a record's numbers are judged by: its dataset's main metric where that is among ``available``
+    (default: the record's metrics), else the first of them (a dataset whose plugin is not installed here, or
+    that declares none); None when there is none."""
+    from .plugins import get_registry
+
+    names = list(record.get("metrics") or {}) if available is None else list(available)
+    try:
+        main = get_registry().dataset(str((record.get("dataset") or {}).get("name"))).main_metric
+    except CirbenchError:  # a dataset plugin not installed here: its results still read
+        main = None
+    return main if main in names else next(iter(names), None)
 
 
 def predictions_path_of(result_path: Path) -> Path:
@@ -290,7 +306,8 @@ def read_predictions_of(result_path: Path, record: dict[str, Any] | None = None)
                             "file reads its per-query rankings from the file beside it)") from None
     if link.get("sha256") and sha256_bytes(data) != link["sha256"]:
         raise CirbenchError(f"predictions file {path} does not belong to {Path(result_path).name} (its checksum "
-                            "differs: it was overwritten by another run)")
+                            "differs from the one the result recorded: another run overwrote it, or it was edited or "
+                            "truncated)")
     rows = []
     for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
         if line.strip():

@@ -569,6 +569,46 @@ def test_compare_two_runs(tmp_path, tiny_config, toy_root):
     assert res.exit_code == 2 and "does not belong" in res.output  # predictions no longer match their result
 
 
+def test_compare_shortcuts_and_agree_refuse_what_they_cannot_pair_in_one_line(tmp_path, tiny_config, toy_root):
+    """Runs of different splits, a hidden-target split (no per-query metrics) and a JSON file that is no result are
+    each a one-line error (exit 2); the text tables print every metric the JSON gives."""
+    with registered(ToyPlugin(), "toy") as reg:
+        runs = [evaluate(_cfg(tmp_path, tiny_config, toy_root, method=m, bootstrap=0), reg)[0]
+                for m in ("image-text-sum", "image-only", "text-only")]
+        (hidden,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, split="test"), reg)
+    run, image, text = (str(r.result_path) for r in runs)
+    not_a_result = tmp_path / "list.json"
+    not_a_result.write_text("[1, 2]")
+    for args, said in ((["compare", run, str(hidden.result_path)], "toy/val but"),
+                       (["shortcuts", str(hidden.result_path), "--image", str(hidden.result_path), "--text",
+                         str(hidden.result_path)], "carry no per-query metrics"),
+                       (["compare", run, str(not_a_result)], "is not a cirbench result file"),
+                       (["shortcuts", run, "--image", str(not_a_result), "--text", text],
+                        "is not a cirbench result file")):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2 and said in res.output, (args, res.output)
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["shortcuts", run, "--image", image, "--text", text])
+    assert res.exit_code == 0, res.output
+    table = json.loads(CliRunner().invoke(cli, ["shortcuts", run, "--image", image, "--text", text,
+                                                "--json"]).output)
+    # no R@10 here, and the toy dataset is not installed where the CLI looks: the first per-query metric decides
+    first_row = json.loads(runs[0].predictions_path.read_text().splitlines()[0])
+    assert "R@10" not in first_row["metrics"] and table["metric"] == next(iter(first_row["metrics"]))
+    lines = res.output.splitlines()
+    for group, row in table["groups"].items():
+        line = next(x for x in lines if x.startswith(group + " "))
+        assert f"{row['queries']:7d}" in line and f"{row['share']:6.1f}%" in line
+        for name, value in list(row["metrics"].items())[:6]:
+            assert f"{value:10.2f}" in line, (group, name, line)
+    res = CliRunner().invoke(cli, ["compare", run, image, "--replicates", "200"])
+    table = json.loads(CliRunner().invoke(cli, ["compare", run, image, "--replicates", "200", "--json"]).output)
+    assert res.exit_code == 0, res.output
+    for name, row in table["comparisons"].items():
+        line = next(x for x in res.output.splitlines() if x.startswith(name + " "))
+        assert f"{row['difference']:8.2f}" in line and f"{row['a_wins']:7d}" in line
+
+
 def test_a_method_that_changes_the_shared_backbone_is_stopped(tmp_path, tiny_config, toy_root):
     """The backbone is shared by a run's methods and benchmarks (and by training in --validate): a method that
     changes it in place (an edit through .data as an adapter merge does, a replaced parameter, an in-place write,

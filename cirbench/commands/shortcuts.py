@@ -39,15 +39,16 @@ def classify(image: float, text: float) -> tuple[str, ...]:
 def shortcut_table(paths: list[Path], metric: str | None) -> dict:
     """The run (``paths[0]``) on the queries each group holds, the probes being ``paths[1]`` (image) and
     ``paths[2]`` (text); ``metric`` decides what solved means (default: R@10 where the split has it, else the
-    dataset's main metric)."""
+    dataset's main metric, else the first per-query metric the runs record)."""
     from cirbench.errors import CirbenchError
+    from cirbench.results import main_metric_of
 
     from .compare import aligned_queries
 
     records, aligned = aligned_queries(paths)
-    names = {m for _, (run, *_) in aligned for m in run}
+    names = list(dict.fromkeys(m for _, (run, *_) in aligned for m in run))
     if metric is None:
-        metric = "R@10" if "R@10" in names else _main_metric(records[0])
+        metric = "R@10" if "R@10" in names else main_metric_of(records[0], names)
     if metric not in names:
         raise CirbenchError(f"the runs record no per-query {metric!r}; they have: {', '.join(sorted(names))}")
     members: dict[str, list[dict]] = {g: [] for g in GROUPS}
@@ -73,16 +74,6 @@ def shortcut_table(paths: list[Path], metric: str | None) -> dict:
     return {"run": label[0], "image": label[1], "text": label[2], "dataset": records[0]["dataset"].get("name"),
             "split": records[0]["dataset"].get("split"), "solved_by": f"{metric} > 0", "metric": metric,
             "unclassified": unclassified, "groups": groups}
-
-
-def _main_metric(record: dict) -> str:
-    from cirbench.errors import CirbenchError
-    from cirbench.plugins import get_registry
-
-    try:
-        return get_registry().dataset(str(record["dataset"].get("name"))).main_metric or "R@10"
-    except CirbenchError:  # a dataset not installed here: its results still read
-        return "R@10"
 
 
 @click.command(name="shortcuts", epilog=EPILOG)
