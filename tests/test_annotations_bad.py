@@ -180,6 +180,25 @@ def test_unparseable_ranking_files_are_one_line_errors(tmp_path, name, content, 
         assert len(res.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("rows, message", [
+    (['{"query": "0", "top": ["1"]}', "{not json"], "line 2: not JSON"),
+    (["[1, 2]"], "line 1: not a ranking row (needs 'query' and 'top')"),
+    (['{"query": "0"}'], "line 1: not a ranking row (needs 'query' and 'top')"),
+    (['{"query": "0", "top": "12"}'], "line 1: 'top' and 'subset' must be lists of ids"),
+    (['{"query": "0", "top": ["1"], "subset": "12"}'], "line 1: 'top' and 'subset' must be lists of ids"),
+    (['{"query": "0", "top": ["1"]}', "", '{"query": 0, "top": ["2"]}'], "line 3: query 0 is ranked twice"),
+])
+def test_malformed_ranking_rows_are_refused_by_line(tmp_path, rows, message):
+    """A per-query ranking file (``*.predictions.jsonl`` rows from any code) is refused at its first bad line: not
+    JSON, not a row, a ranking that is no list, a query ranked twice (as text: 0 and "0" are one query)."""
+    path = tmp_path / "rankings.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    res = CliRunner().invoke(cli, ["score", "-d", "circo", "-s", "val", "--data-root", str(ANNOTATIONS / "circo"),
+                                   str(path)])
+    assert res.exit_code == 2 and res.output.startswith(f"error: ranking file {path}, {message}"), res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
 def test_an_annotation_file_nested_too_deeply_is_malformed(tmp_path):
     root = copy_tree(ANNOTATIONS / "circo", tmp_path / "circo")
     (root / "COCO2017_unlabeled" / "unlabeled2017").mkdir(parents=True)
