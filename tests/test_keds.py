@@ -235,6 +235,28 @@ def test_wrong_files_say_what_is_wrong(tmp_path, backbone, released):
         KEDs(backbone, {**released.options, "neighbours": 41}, "cirr").prepare_references(["a"], torch.ones(1, 32))
 
 
+def test_a_database_reads_alike_from_npy_safetensors_and_torch_files(tmp_path, backbone, released):
+    """The caption/image databases in any of the three formats give the same matrix (float32); a safetensors file
+    of several tensors, a truncated .npy and a missing file are one-line errors naming the file."""
+    from safetensors.torch import save_file
+
+    from cirbench.methods.keds.model import KEDs, read_features
+
+    matrix = released.images.to(torch.float16)
+    np.save(tmp_path / "db.npy", matrix.numpy())
+    save_file({"features": matrix}, str(tmp_path / "db.safetensors"))
+    torch.save(matrix, tmp_path / "db.pt")
+    read = [read_features(tmp_path / name, "image database", 32) for name in ("db.npy", "db.safetensors", "db.pt")]
+    for value in read:
+        assert value.dtype == torch.float32 and torch.equal(value, matrix.float())
+    save_file({"a": matrix, "b": matrix.clone()}, str(tmp_path / "two.safetensors"))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "db.npy").read_bytes()[:100])
+    for name, said in (("two.safetensors", "holds 2 tensors; one \\[rows, 32\\] matrix needed"),
+                       ("cut.npy", "could not be read: ValueError"), ("none.npy", "is not a file")):
+        with pytest.raises(CheckpointError, match=f"image features {tmp_path / name} {said}"):
+            KEDs(backbone, {**released.options, "image_database": tmp_path / name}, "cirr")
+
+
 def test_released_files_are_for_vit_l14_openai_and_fail_offline_in_one_line(monkeypatch, tmp_path):
     """Defaults are the hub's released files for ViT-L-14/openai (what --dry-run lists); another backbone must name
     its files; offline and not cached, each default is one line saying which option supplies it."""
