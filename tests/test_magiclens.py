@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import re
 
 import msgpack
 import numpy as np
@@ -291,6 +292,21 @@ def test_the_released_weights_read_as_flax_wrote_them(tmp_path):
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps(print))
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
         ml.read_flax_weights(tmp_path / "evil.pkl")
+
+
+@pytest.mark.parametrize("tree, said", [
+    ({"w": np.array([1.0, np.nan], np.float32)}, " holds non-finite values \\(NaN or Inf\\) in w"),
+    ({"a": {"w": np.array([np.inf], np.float16)}}, " holds non-finite values \\(NaN or Inf\\) in a/w"),
+    ({"w": np.ones(2, np.complex64)}, ": an array of dtype 'complex64', which cirbench does not read"),
+    ({"a": {"name": "kernel"}}, ": a/name holds a str, not an array"),
+    ({"w": msgpack.ExtType(7, b"")}, ": a msgpack extension of type 7"),
+])
+def test_flax_weights_that_are_not_arrays_of_numbers_are_refused(tmp_path, tree, said):
+    """A released .pkl whose arrays hold NaN/Inf, a dtype torch cannot hold, a leaf that is no array or an
+    extension flax does not write is a one-line CheckpointError naming the file (never a half-read model)."""
+    path = flax_pickle(tmp_path / "w.pkl", tree)
+    with pytest.raises(CheckpointError, match=f"^checkpoint {re.escape(str(path))}{said}"):
+        ml.read_flax_weights(path)
 
 
 def test_the_clip_weights_map_back_onto_open_clip(backbone, release):

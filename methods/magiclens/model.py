@@ -104,7 +104,10 @@ def read_flax_weights(path: Path | str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} is not flax-serialized weights: {type(exc).__name__}: "
                               f"{str(exc)[:200]}") from None
     out: dict[str, torch.Tensor] = {}
-    _flatten(tree, "", out)
+    try:
+        _flatten(tree, "", out)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
     bad = next((k for k, v in out.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} holds non-finite values (NaN or Inf) in {bad}")
