@@ -101,3 +101,23 @@ def test_what_cannot_be_compared_is_one_line(tmp_path):
         res = agree(*args)
         assert res.exit_code == 2 and message in res.output, (args, res.output)
         assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_depths_stop_at_the_shortest_ranking_and_the_least_agreeing_come_first(tmp_path):
+    """Depths beyond the shortest ranking either file gives are dropped (not compared on a cut list); the least
+    agreeing queries are listed worst first; --fail-below passes at exactly the threshold; CIRR's subset rankings
+    in a predictions file are not queries of their own."""
+    a = write_jsonl(tmp_path / "a.predictions.jsonl", [
+        {"query": "1", "top": ["a", "b", "c", "d"]},
+        {"query": "2", "top": ["a", "b", "c", "d"], "subset": ["b", "a"]},
+        {"query": "3", "top": ["a", "b", "c", "d"]},
+    ])
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps({"1": ["a", "b", "x", "y"], "2": ["x", "y", "z"], "3": ["a", "b", "c", "y"]}))
+    table = json.loads(agree(a, b, "--k", "1,3,4", "--json").output)
+    assert table["k"] == [1, 3] and table["queries"] == 3 and table["only_in_a"] == 0
+    assert table["overlap"]["3"] == pytest.approx(100 * (2 / 3 + 0 + 1) / 3)
+    assert [r["query"] for r in table["least_agreeing"]] == ["2", "1"]  # 0 of 3, then 2 of 3; query 3 agrees
+    assert agree(a, b, "--k", "1", "--fail-below", f"{200 / 3}").exit_code == 0  # 2 of 3 top-1s agree: 66.67%
+    res = agree(a, b, "--k", "1", "--fail-below", "67")
+    assert res.exit_code == 1 and "overlap@1 66.67% is below --fail-below 67%" in res.output

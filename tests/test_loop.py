@@ -599,6 +599,7 @@ def test_compare_shortcuts_and_agree_refuse_what_they_cannot_pair_in_one_line(tm
     for group, row in table["groups"].items():
         line = next(x for x in lines if x.startswith(group + " "))
         assert f"{row['queries']:7d}" in line and f"{row['share']:6.1f}%" in line
+        assert row["share"] == pytest.approx(100 * row["queries"] / table["groups"]["all"]["queries"])
         for name, value in list(row["metrics"].items())[:6]:
             assert f"{value:10.2f}" in line, (group, name, line)
     res = CliRunner().invoke(cli, ["compare", run, image, "--replicates", "200"])
@@ -607,6 +608,25 @@ def test_compare_shortcuts_and_agree_refuse_what_they_cannot_pair_in_one_line(tm
     for name, row in table["comparisons"].items():
         line = next(x for x in res.output.splitlines() if x.startswith(name + " "))
         assert f"{row['difference']:8.2f}" in line and f"{row['a_wins']:7d}" in line
+
+
+def test_shortcuts_leave_out_the_queries_a_probe_did_not_rank(tmp_path, tiny_config, toy_root):
+    """A probe run that dropped queries (a missing image, --allow-missing) classes only the queries all three runs
+    scored; the others are in no group, not an error."""
+    with registered(ToyPlugin(), "toy") as reg:
+        run, image = (evaluate(_cfg(tmp_path, tiny_config, toy_root, method=m, bootstrap=0), reg)[0]
+                      for m in ("image-text-sum", "image-only"))
+        (toy_root / "images" / "img_red_0.png").unlink()
+        (text,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="text-only", bootstrap=0,
+                                allow_missing=True, output=tmp_path / "probe"), reg)
+    kept = text.record["counts"]["queries"]
+    assert kept < run.record["counts"]["queries"]
+    res = CliRunner().invoke(cli, ["shortcuts", str(run.result_path), "--image", str(image.result_path), "--text",
+                                   str(text.result_path), "--metric", "R@5", "--json"])
+    assert res.exit_code == 0, res.output
+    groups = json.loads(res.output)["groups"]
+    assert groups["all"]["queries"] == kept
+    assert groups["shortcut-solvable"]["queries"] + groups["composition required"]["queries"] == kept
 
 
 def test_a_method_that_changes_the_shared_backbone_is_stopped(tmp_path, tiny_config, toy_root):

@@ -131,3 +131,35 @@ def test_reproduce_holds_the_data_and_the_rankings_to_the_record(tmp_path, tiny_
     test.write_text(json.dumps(hidden))
     res = invoke("reproduce", str(test), *again)
     assert res.exit_code == 1 and "not reproduced" in res.output, res.output
+
+
+def test_reproduce_runs_the_way_the_record_says_it_ran(tmp_path, tiny_config, toy_root):
+    """A run that dropped the queries of a missing image is rerun with --allow-missing, with the bootstrap's
+    replicates and the saved ranking depth it recorded; weights the record names by checksum (method info) that
+    the rerun does not have are a configuration difference."""
+    def invoke(*args):
+        with registered(ToyPlugin(), "toy"):
+            return CliRunner().invoke(cli, list(args))
+
+    (toy_root / "images" / "img_red_0.png").unlink()
+    res = invoke("run", "--method", "slerp", "--dataset", "toy", "--data-root", str(toy_root), "--backbone",
+                 str(tiny_config), "--pretrained", "none", "--output", str(tmp_path / "out"), "--workers", "0",
+                 "--quiet", "--allow-missing", "--bootstrap", "40", "--save-top", "all", "--no-leaderboard")
+    assert res.exit_code == 0, res.output
+    (result,) = (tmp_path / "out" / "toy" / "val").glob("*.json")
+    record = json.loads(result.read_text())
+    assert record["counts"]["sets"]["all"]["queries_dropped"] and record["ci"]["replicates"] == 40
+    again = ("reproduce", str(result), "--backbone", str(tiny_config), "--quiet", "--json", "--output",
+             str(tmp_path / "again"))
+    res = invoke(*again)
+    assert res.exit_code == 0, res.output
+    (report,) = json.loads(res.output)
+    assert report["reproduced"] and report["rankings"]["identical"] == 1.0
+    rerun = json.loads(open(report["result"]).read())
+    assert rerun["ci"]["replicates"] == 40 and rerun["predictions"]["top"] == "all"
+    assert rerun["counts"] == record["counts"]
+
+    result.write_text(json.dumps({**record, "method": {**record["method"], "info": {"weights_sha256": "0" * 64}}}))
+    res = invoke(*again)
+    assert res.exit_code == 1 and json.loads(res.output)[0]["configuration"] == [
+        ["method.info.weights_sha256", "0" * 64, None]], res.output
