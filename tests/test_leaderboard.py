@@ -55,6 +55,19 @@ def test_published_rows_of_another_split_are_never_the_best(tmp_path):
     assert "**1.00**" in md and md.count("**") == 2 * 4  # one mark a column, all ours
 
 
+def test_only_a_tie_at_the_shown_precision_shares_the_mark(tmp_path):
+    """Ours equal to a published test number on val: ours is marked, the other split's row is not, even tied; a run
+    0.04 below the best is not marked (it shows another number)."""
+    _result(tmp_path, "circo", "val", "tied", {"mAP@5": 15.05, "mAP@10": 1.5, "mAP@25": 2.0, "mAP@50": 2.5})
+    _result(tmp_path, "circo", "val", "close", {"mAP@5": 15.01, "mAP@10": 1.0, "mAP@25": 1.0, "mAP@50": 1.0})
+    _result(tmp_path, "circo", "val", "same", {"mAP@5": 15.0501, "mAP@10": 1.0, "mAP@25": 1.0, "mAP@50": 1.0})
+    (table,) = build_tables(tmp_path)
+    assert table.frame.loc["fti4cir · ViT-L/14 [paper (test)]", "mAP@5"] == 15.05
+    rows = {line.split("|")[1].strip(): line for line in render_markdown([table]).splitlines() if line.startswith("|")}
+    assert "**15.05**" in rows["tied · ViT-B-32/openai"] and "**15.05**" in rows["same · ViT-B-32/openai"]
+    assert "**" not in rows["close · ViT-B-32/openai"] and "**" not in rows["fti4cir · ViT-L/14 [paper (test)]"]
+
+
 def test_a_table_shows_the_published_rows_of_its_own_split(tmp_path):
     """A benchmark with published numbers for two splits: each table shows its split's (and marks the best among
     them and ours); a split without any shows the others, labelled with their split."""
@@ -213,8 +226,12 @@ def test_summary_puts_each_benchmarks_published_metrics_side_by_side(tmp_path):
             backbone="ViT-L-14")
     _result(tmp_path, "cirr", "test1", "slerp", {"R@1": 20.0, "R@5": 50.0, "R@10": 60.0, "R@50": 80.0, "Rs@1": 50.0,
                                                 "Rs@2": 70.0, "Rs@3": 85.0}, backbone="ViT-L-14")
+    _result(tmp_path, "cirr", "test1", "text-only", {"R@1": 2.0, "R@5": 5.0, "R@10": 6.0, "R@50": 8.0},
+            backbone="ViT-L-14")
     table = summary_table(build_tables(tmp_path))
     frame = table.frame
+    # our runs first, a run of the second benchmark alone too, then the published rows
+    assert list(frame["source"]).index("paper") == 3 and "text-only · ViT-L-14/openai" in frame.index[:3]
     assert table.metric_columns[:5] == ["circo/test mAP@5", "circo/test mAP@10", "circo/test mAP@25",
                                         "circo/test mAP@50", "cirr/test1 R@1"]
     assert "circo/test R@5" not in frame.columns  # no paper reports it: not a column of the paper's table
