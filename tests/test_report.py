@@ -194,3 +194,47 @@ def test_data_check_answers_without_torch(tmp_path):
     status = {Path(a["file"]).name: a["status"] for a in report["annotations"]}
     assert status == {"split.rc2.val.json": "official", "cap.rc2.val.json": "differs from the official file"}
     assert report["sample"]["modes"] == {"RGB": 200} and report["sample"]["width"]["max"] == 12
+
+
+def test_query_rows_put_the_queries_two_runs_disagree_on_first():
+    """Per query, each run's rank of its first target in the saved list; queries one run did not answer are left
+    out; with two runs the largest rank difference comes first, a target missing from a list counting as one past
+    its end; ``top`` cuts each shown list and ``limit`` the queries."""
+    from cirbench.report import query_rows
+
+    def row(query, top, targets=("t",)):
+        return {"set": "val", "query": query, "reference": "r" + query, "top": list(top), "targets": list(targets)}
+
+    a = [row("1", "tabcd"), row("2", "abtcd"), row("3", "abcdt"), row("4", "tabcd")]
+    b = [row("1", "abcdx"), row("2", "abtcd"), row("3", "tabcd")]  # query 4: not answered by b
+    out = query_rows([({}, a), ({}, b)], {}, top=3, limit=0)
+    assert [e["query"] for e in out] == ["1", "3", "2"]
+    assert [[r["rank"] for r in e["runs"]] for e in out] == [[1, None], [5, 1], [3, 3]]
+    assert [e["disagreement"] for e in out] == [5, 4, 0]  # b's 5 ids without the target: rank 6
+    assert out[0]["runs"][0]["top"] == ["t", "a", "b"] and out[0]["reference"] == "r1"
+    assert [e["query"] for e in query_rows([({}, a), ({}, b)], {}, top=3, limit=2)] == ["1", "3"]
+    assert [e["query"] for e in query_rows([({}, a)], {}, top=10, limit=0)] == ["1", "2", "3", "4"]  # one run: as is
+
+
+def test_a_thumbnail_is_made_again_when_its_image_changes(tmp_path):
+    """Thumbnails are named by the file's path, size and modification time: an image rewritten in place with the
+    same size gets a new thumbnail, an unchanged one is reused, an unreadable one is counted, not raised."""
+    from PIL import Image
+
+    from cirbench.report import Thumbnails
+    from cirbench.types import ImageRef
+
+    path = tmp_path / "a.bmp"  # an uncompressed format: the same size whatever the pixels
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(path)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    thumbs = Thumbnails(tmp_path / "thumbs", {"a": ImageRef("a", path), "bad": ImageRef("bad", tmp_path / "bad.png")})
+    (tmp_path / "thumbs").mkdir()
+    first = thumbs("a")
+    assert thumbs("a") == first and (thumbs.made, thumbs.reused) == (1, 1)
+    size = path.stat().st_size
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
+    assert path.stat().st_size == size
+    second = thumbs("a")
+    assert second != first and thumbs.made == 2
+    assert thumbs("bad") is None and thumbs("unknown") is None and thumbs.failed == 1
