@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cirbench.dataset import Dataset
-from cirbench.stats import bootstrap_ci, paired_comparison
+from cirbench.stats import bootstrap_ci, paired_aggregate, paired_comparison
 
 
 def test_constant_values_have_a_zero_width_interval():
@@ -44,6 +44,7 @@ def test_paired_comparison():
     a = rng.normal(50, 10, 400)
     same = paired_comparison(a, a, replicates=2000)
     assert same["difference"] == 0 and same["p_value"] == 1.0 and same["ties"] == 400
+    assert same["a_wins"] == same["b_wins"] == 0  # a tie is nobody's win
     better = paired_comparison(a + 3 + rng.normal(0, 1, 400), a, replicates=2000)
     assert better["p_value"] < 0.01 and better["low"] > 2 and better["a_wins"] > 350
     # no sign pattern of 2,000 is as extreme: a sampled permutation test says p = 1 / (replicates + 1), never 0
@@ -105,3 +106,25 @@ def test_bootstrap_ci_in_small_blocks_agrees_with_the_normal_interval(monkeypatc
     ((low, high),) = bootstrap_ci({"all": {"R@1": values}}, Dataset(None).aggregate, 3000, seed=2).values()
     half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
     assert abs(low - (values.mean() - half)) < 0.1 * half and abs(high - (values.mean() + half)) < 0.1 * half
+
+
+def test_the_combined_metric_of_several_sets_is_compared_within_each_set():
+    """``avg/R@10`` of two categories: the difference is the mean of the categories' mean differences (not of the
+    pooled queries), the queries and wins count both sets, a difference no flip reaches has p = 1 / (R + 1), and
+    the p-value of a small split is the exact enumeration of sign flips within each set."""
+    rng = np.random.default_rng(6)
+    a1, a2 = rng.normal(60, 5, 30), rng.normal(40, 5, 10)
+    per_set = {"dress": {"R@10": (a1 + 5, a1)}, "shirt": {"R@10": (a2 + 1, a2)}}
+    (avg,) = paired_aggregate(per_set, Dataset(None).aggregate, ["avg/R@10"], replicates=999).values()
+    assert avg["difference"] == pytest.approx((5 + 1) / 2) and avg["queries"] == 40
+    assert (avg["a_wins"], avg["b_wins"], avg["ties"]) == (40, 0, 0)
+    assert avg["p_value"] == 1 / 1000 and avg["low"] == pytest.approx(3) and avg["high"] == pytest.approx(3)
+
+    d1, d2 = np.array([3.0, -1.0, 2.0, 0.5, -0.5, 1.0]), np.array([-2.0, 4.0, 1.0, -3.0])
+    signs1 = ((np.arange(2 ** 6)[:, None] >> np.arange(6)) & 1) * 2.0 - 1.0
+    signs2 = ((np.arange(2 ** 4)[:, None] >> np.arange(4)) & 1) * 2.0 - 1.0
+    null = ((signs1 * d1).mean(axis=1)[:, None] + (signs2 * d2).mean(axis=1)[None, :]) / 2
+    exact = float((np.abs(null) >= abs((d1.mean() + d2.mean()) / 2) - 1e-9).mean())
+    small = {"dress": {"R@10": (d1, np.zeros(6))}, "shirt": {"R@10": (d2, np.zeros(4))}}
+    (got,) = paired_aggregate(small, Dataset(None).aggregate, ["avg/R@10"], replicates=20000, seed=2).values()
+    assert 0.05 < exact < 0.95 and abs(got["p_value"] - exact) < 0.015, (got["p_value"], exact)
