@@ -342,3 +342,32 @@ def test_weicom_ranks_each_instance_as_the_official_code(tmp_path, tiny_config, 
         ranking = torch.argsort(score, descending=True)
         assert rows[q.id]["top"] == [es.gallery[di[j]].id for j in ranking.tolist()], q.id
         assert rows[q.id]["scores"] == pytest.approx(score[ranking].tolist(), abs=1e-5)
+
+
+def test_weicom_standardises_every_query_of_a_large_set():
+    """More queries than one chunk of the standardisation (256), some ranking their own candidates: every query's
+    fused scores are the official ``norm_cdf`` mix over its own gallery."""
+    from types import SimpleNamespace
+
+    from cirbench.method import with_constant
+    from cirbench.methods.basic.model import WeiCom
+    from cirbench.types import Query
+
+    gen = torch.Generator().manual_seed(0)
+
+    def unit(*shape):
+        return torch.nn.functional.normalize(torch.randn(*shape, generator=gen), dim=-1)
+
+    ids = [f"g{i}" for i in range(40)]
+    image, text, gallery = unit(600, 16), unit(600, 16), unit(40, 16)
+    own = {qi: tuple(ids[qi % 7: qi % 7 + 9]) for qi in range(0, 600, 97)}  # a few queries with a database of 9
+    queries = [Query(id=str(qi), reference="g0", texts=("x",), candidates=own.get(qi)) for qi in range(600)]
+    weicom = SimpleNamespace(rows={image_id: i for i, image_id in enumerate(ids)}, options={"lam": 0.3})
+    prepared = with_constant(gallery, 1.0)
+    composed = with_constant(torch.stack([image, text], dim=1), 0.0)
+    finalized = WeiCom.finalize_queries(weicom, queries, composed, prepared)
+    for qi in range(600):
+        rows = [weicom.rows[c] for c in own[qi]] if qi in own else list(range(40))
+        scores = WeiCom.combine_scores(weicom, torch.einsum("kd,gd->kg", finalized[qi], prepared[rows]))
+        want = official_weicom_scores(image[qi], text[qi], gallery[rows], 0.3)
+        torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
