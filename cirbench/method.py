@@ -201,6 +201,17 @@ def gallery_groups(queries: list[Query], gallery: torch.Tensor,
             yield members, gallery[torch.as_tensor([rows[c] for c in candidates], device=gallery.device)]
 
 
+QUERY_CHUNK = 256  # queries whose per-query maps (standardisation, expansion) are made at once
+
+
+def query_chunks(members: list[int], device: torch.device) -> Iterator[torch.Tensor]:
+    """``members`` (query positions, as :func:`gallery_groups` gives them) in chunks of :data:`QUERY_CHUNK`, as
+    index tensors on ``device``: what a method that maps each query against its gallery holds at once stays
+    bounded however many queries share one gallery."""
+    for start in range(0, len(members), QUERY_CHUNK):
+        yield torch.as_tensor(members[start : start + QUERY_CHUNK], device=device)
+
+
 def with_constant(features: torch.Tensor, value: float) -> torch.Tensor:
     """``features`` with one more entry, ``value``, on their last axis: a gallery's 1 (and a composed query's
     placeholder 0) for methods whose queries carry an affine map of each similarity (:func:`affine_queries`)."""

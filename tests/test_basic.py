@@ -122,10 +122,15 @@ def _cfg(tmp_path, tiny_config, root, **options):
 
 
 @pytest.mark.parametrize("expansion,use_laion", [(True, True), (False, True), (True, False)])
-def test_basic_ranks_as_the_official_code(tmp_path, tiny_config, expansion, use_laion):
+def test_basic_ranks_as_the_official_code(tmp_path, tiny_config, expansion, use_laion, monkeypatch):
     """Without the LAION mean, each instance is centred by its own database's mean (the gallery the loop
-    prepared is all instances' databases)."""
+    prepared is all instances' databases). Queries are mapped two at a time, so that every chunk boundary of
+    an instance's queries is crossed."""
     import json
+
+    from cirbench import method
+
+    monkeypatch.setattr(method, "QUERY_CHUNK", 2)
 
     root = write_icir(tmp_path / "icir")
     bb = load_backbone(str(tiny_config), "none", device="cpu", precision="fp32")

@@ -87,8 +87,12 @@ def official_freedom(image_features, real_text, database_features, corpus_featur
 
 @pytest.mark.parametrize(("dataset", "full"), [("dc-nico", False), ("dc-ltll", True)])
 def test_freedom_ranks_as_the_official_code(tmp_path, tiny_config, monkeypatch, dataset, full):
-    """Queries outside the gallery (the image joins its neighbours) and inside it (it is its own neighbour)."""
+    """Queries outside the gallery (the image joins its neighbours) and inside it (it is its own neighbour); their
+    neighbours named by words three queries at a time (every chunk boundary crossed)."""
     from cirbench.datasets import domain_conversion
+    from cirbench.methods.freedom import model as freedom
+
+    monkeypatch.setattr(freedom, "WORD_CHUNK", 3)
 
     ks = (2, 4)
     monkeypatch.setitem(domain_conversion.BENCHMARKS, dataset,

@@ -13,6 +13,7 @@ from cirbench.method import (
     average_variants,
     caption_variants,
     gallery_groups,
+    query_chunks,
     with_constant,
 )
 from cirbench.types import Query
@@ -93,8 +94,7 @@ class WeiCom(TextOnly):
             own = own[:, :dim].float()
             mean = own.mean(0)
             centred = own - mean
-            for start in range(0, len(members), 256):
-                chosen = torch.as_tensor(members[start : start + 256], device=features.device)
+            for chosen in query_chunks(members, features.device):
                 vectors = features[chosen, :, :dim]  # [n, 2, D]
                 spread = centred @ vectors.reshape(-1, dim).T  # [G, n * 2]: each similarity less its mean
                 std = (spread.square().sum(0) / max(1, len(own) - 1)).sqrt().clamp(min=1e-12).reshape(-1, 2)

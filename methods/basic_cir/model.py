@@ -16,7 +16,7 @@ import torch
 
 from cirbench.errors import CheckpointError
 from cirbench.hub import given_or_pinned
-from cirbench.method import Method, affine_queries, gallery_groups, with_constant
+from cirbench.method import Method, affine_queries, gallery_groups, query_chunks, with_constant
 from cirbench.safe_unpickle import load_object_npy, load_tensor_pickle
 from cirbench.types import Query
 from cirbench.util import file_sha256, read_first_column
@@ -277,8 +277,7 @@ class Basic(Method):
             low_image, low_text = self._normalisation(mean) if self.synthetic is not None else (0.0, 0.0)
             scale = 1.0 / abs(low_image) if self.synthetic is not None else 1.0
             centred = own - mean if self.on["query_expansion"] else own  # read only to expand
-            for start in range(0, len(members), 256):
-                chosen = torch.as_tensor(members[start : start + 256], device=image.device)
+            for chosen in query_chunks(members, image.device):
                 query = image[chosen] - mean
                 if self.on["query_expansion"]:
                     values, nearest = (project(query) @ centred.T).topk(min(k, len(centred)), dim=1)
