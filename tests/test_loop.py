@@ -802,3 +802,16 @@ def test_shortcuts_class_queries_by_what_the_unimodal_runs_solve(tmp_path, tiny_
     res = CliRunner().invoke(cli, ["shortcuts", str(runs[0].result_path), "--image", str(runs[1].result_path),
                                    "--text", str(runs[2].result_path), "--metric", "mAP@3"])
     assert res.exit_code == 2 and "record no per-query 'mAP@3'" in res.output
+
+
+def test_batch_sizes_do_not_change_the_numbers(tmp_path, tiny_config, toy_root):
+    """Images encoded and queries composed a few at a time (--batch-size 1: queries 4 at a time) rank exactly as
+    in one batch: every query is composed once, in order."""
+    with registered(ToyPlugin(), "toy") as reg:
+        (whole,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="slerp", bootstrap=0, use_cache=False), reg)
+        (small,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, method="slerp", bootstrap=0, use_cache=False,
+                                 batch_size=1, output=tmp_path / "small"), reg)
+    assert small.metrics == whole.metrics
+    tops = [[json.loads(line)["top"] for line in run.predictions_path.read_text().splitlines()]
+            for run in (whole, small)]
+    assert tops[0] == tops[1] and len(tops[0]) == whole.record["counts"]["queries"] > 4

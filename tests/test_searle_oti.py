@@ -361,3 +361,13 @@ def test_the_concept_list_is_pinned_to_a_commit_and_its_sha256(tmp_path, monkeyp
     with pytest.raises(CheckpointError, match="is not SEARLE's concept list published at .*9afa4f3c.*sha256 differs"):
         oti.source_files({"phrases": str(other)})
     assert oti.source_files({"concepts": str(other), "phrases": str(other)}) == (other, other)  # given: as it is
+
+
+def test_nearest_concepts_in_chunks_are_the_whole_matrix_topk():
+    """Images matched against the concepts a few at a time give each image's nearest concepts as one product does."""
+    gen = torch.Generator().manual_seed(0)
+    images, concepts = torch.randn(10, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    concepts = torch.nn.functional.normalize(concepts, dim=-1)
+    want = torch.topk(torch.nn.functional.normalize(images, dim=-1) @ concepts.T, 5, dim=-1).indices
+    for chunk in (1, 3, 1024):
+        assert torch.equal(oti.nearest_concepts(images, concepts, 5, chunk=chunk), want), chunk
