@@ -140,3 +140,17 @@ def test_fp32_view_shares_the_weights_and_evaluates_as_a_fresh_fp32_backbone(tin
         with registered(ToyDatasetPlugin(), "toy"):
             evaluator.run()
         assert (evaluator.backbone is view) == reused and evaluator.backbone.precision == precision
+
+
+def test_texts_encoded_in_small_batches_are_encoded_alike(tiny_config):
+    """Texts encoded a few at a time, memoised or not, raw rows or normalised features, equal one batch's: every
+    text once, in order (repeats included)."""
+    backbone = load_backbone(str(tiny_config), "none", device="cpu", seed=0)
+    texts = [f"a photo of {i % 7} things" for i in range(17)]
+    with torch.no_grad():
+        want = backbone.model.encode_text(backbone.tokenize(texts)).float()
+    rows = backbone.encode_text_rows(texts, batch_size=3)
+    assert torch.allclose(rows, want, atol=1e-5)
+    for memoize in (False, True):
+        feats = backbone.encode_text(texts, batch_size=2, memoize=memoize)
+        assert torch.allclose(feats, torch.nn.functional.normalize(want, dim=-1), atol=1e-5), memoize

@@ -30,6 +30,18 @@ def test_faiss_equals_torch(exclude):
         assert not (f_idx == ex.view(-1, 1)).any()
 
 
+def test_faiss_in_query_chunks_ranks_every_query():
+    """Queries searched a few at a time (with their exclusions and the tie re-rank) rank as the torch path."""
+    from cirbench.faiss_search import faiss_rank
+
+    queries, gallery = _features(40, 16, 3), _features(300, 16, 4)
+    gallery[7] = gallery[8]  # a tie at the k-th place for the queries that rank it there
+    ex = torch.randint(-1, 300, (40,), generator=torch.Generator().manual_seed(5))
+    t_idx, t_scores = rank(queries, gallery, 10, exclude=ex, backend="torch")
+    f_idx, f_scores = faiss_rank(queries, gallery, 10, exclude=ex, query_chunk=7)
+    assert torch.equal(t_idx, f_idx) and torch.allclose(t_scores, f_scores, atol=1e-5)
+
+
 def test_faiss_breaks_ties_by_gallery_order():
     q = torch.tensor([[1.0, 0.0]])
     g = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
