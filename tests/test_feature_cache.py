@@ -204,6 +204,30 @@ def test_a_changed_key_never_serves_rows(tmp_path, files):
     assert cache.stats["misses"] == 10
 
 
+def test_a_folder_whose_key_file_disagrees_is_rebuilt_not_served(tmp_path, files):
+    """A folder named by the key's hash whose key.json holds another key (edited, or torn by a crash) serves no
+    row: the writer warns, removes it and computes; a read-only process (a torchrun rank) computes and leaves it."""
+    FeatureCache(tmp_path / "c").get_or_compute(KEY, files, _content_features)
+    (key_file,) = (tmp_path / "c").rglob("key.json")
+    key_file.write_text('{"format": 2, "backbone": {"model": "another"}}')
+    reader = FeatureCache(tmp_path / "c", writer=False)
+    assert torch.equal(reader.get_or_compute(KEY, files, _content_features), _expected(files))
+    assert reader.stats["misses"] == 10 and key_file.is_file()
+    cache = FeatureCache(tmp_path / "c")
+    with pytest.warns(CacheWarning, match="does not match its key; rebuilding it"):
+        out = cache.get_or_compute(KEY, files, _content_features)
+    assert torch.equal(out, _expected(files)) and cache.stats["misses"] == 10
+    again = FeatureCache(tmp_path / "c")
+    assert torch.equal(again.get_or_compute(KEY, files, _content_features), out) and again.stats["hits"] == 10
+
+
+def test_a_missing_image_has_an_identity_that_never_matches_a_present_one(tmp_path, files):
+    for mode in ("stat", "content"):
+        gone = ImageRef("x", tmp_path / "img" / "gone.bin")
+        assert image_identity(gone, mode) == f"{gone.path}|missing"
+        assert image_identity(files[0], mode) != f"{files[0].path}|missing"
+
+
 def test_without_locks_the_cache_still_works(tmp_path, files, monkeypatch):
     """The lock only saves work: a file system without flock (some network mounts) or a lock file that cannot
     be created leaves the run unlocked, never failed."""
