@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import warnings
@@ -298,3 +299,19 @@ def test_dry_run_says_what_each_method_would_fetch(tmp_path, tiny_config, monkey
         "BASIC's object names", "BASIC's LAION-1M mean"]
     with pytest.raises(CirbenchError, match="pass --synthetic-data FILE or --no-normalize"):
         basic_downloads({"laion_mean": False}, "ViT-B-32", "openai")
+
+
+def test_training_into_another_methods_checkpoint_folder_is_refused(tmp_path):
+    """`cirbench train --output` over a folder that holds another method's checkpoint is a one-line error before
+    anything is read or written; the checkpoint stays as it was."""
+    out = tmp_path / "runs" / "searle-b32"
+    out.mkdir(parents=True)
+    config = json.dumps({"method": "searle", "step": 300}).encode()
+    (out / "config.json").write_bytes(config)
+    (out / "model.safetensors").write_bytes(b"weights")
+    res = CliRunner().invoke(cli, ["train", "--method", "pic2word", "--corpus", str(tmp_path / "none.csv"),
+                                   "--output", str(out)])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == f"error: {out} holds a 'searle' checkpoint; choose another --output for 'pic2word'"
+    assert (out / "config.json").read_bytes() == config and sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model.safetensors"]
