@@ -155,6 +155,30 @@ def test_corpus_readers_count_bad_samples(tmp_path, monkeypatch):
         open_corpus(empty, pre)
 
 
+def test_shard_captions_come_from_txt_else_the_json_caption(tmp_path):
+    """img2dataset writes each sample's caption as .txt and in its .json; a shard with the .json alone is read from
+    its "caption" (bytes decoded as UTF-8); a .json without one, or one that is not JSON, is a sample without a
+    caption (dropped, as an empty caption is), never an error."""
+    import io
+    import json
+
+    pre = Preprocessor("clip", size=16)
+    image = io.BytesIO()
+    Image.new("RGB", (20, 20), COLOURS["red"]).save(image, format="PNG")
+    members = [("0000", {"png": image.getvalue(), "txt": b"from the txt", "json": b'{"caption": "no"}'}),
+               ("0001", {"png": image.getvalue(), "json": json.dumps({"caption": "caf\u00e9 au lait"}).encode()}),
+               ("0002", {"png": image.getvalue(), "json": b'{"url": "http://x"}'}),
+               ("0003", {"png": image.getvalue(), "json": b"not json"})]
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for key, files in members:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    samples = list(open_corpus(str(tmp_path / "shard-000.tar"), pre))
+    assert [s["caption"] if s else None for s in samples] == ["from the txt", "café au lait", None, None]
+
+
 def test_tsv_corpora_and_shard_globs(tmp_path, monkeypatch):
     """A ``.tsv`` corpus is tab-separated (its captions keep their commas, as in CC3M's); a glob of shards is read
     in name order, whatever order the file system lists them in."""
