@@ -98,8 +98,11 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: 
     try:
         meta = json_loads((folder / META).read_bytes())
         blob = (folder / TENSORS).read_bytes()
+        if not isinstance(meta, dict):
+            raise ValueError(f"{META} holds a {type(meta).__name__}, not an object")
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"training state in {folder} is unreadable: {exc}") from None
+        raise CheckpointError(f"training state in {folder} is unreadable ({exc}); start over with --no-resume"
+                              ) from None
     if meta.get("format") != FORMAT or sha256_bytes(blob) != meta.get("tensors_sha256"):
         raise CheckpointError(f"training state in {folder} is inconsistent (its two files come from different "
                               "saves); start over with --no-resume")

@@ -557,6 +557,41 @@ def test_a_pickled_training_state_is_never_loaded(tmp_path, tiny_config):
     assert state["step"] == 2
 
 
+def test_a_damaged_training_state_is_a_one_line_error_and_the_checkpoint_stays(tmp_path, tiny_config):
+    """Resuming from a training state that is missing, unreadable, not an object, torn between two saves, or made
+    for other parameters says so in one line (with --no-resume as the way out) and changes nothing."""
+    corpus = make_corpus(tmp_path / "c")
+    runner = CliRunner()
+    out = tmp_path / "o"
+    assert runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "2")).exit_code == 0
+    latest = out / "checkpoint-latest"
+    meta, blob = (latest / "train_state.json").read_bytes(), (latest / "train_state.safetensors").read_bytes()
+    weights = (out / "model.safetensors").read_bytes()
+    other_params = json.loads(meta)
+    other_params["optimizer"]["param_groups"][0]["params"] = other_params["optimizer"]["param_groups"][0][
+        "params"][:-1]
+    cases = [({"train_state.json": None, "train_state.safetensors": None}, "has no train_state.json: cannot resume"),
+             ({"train_state.safetensors": None}, "is unreadable"),
+             ({"train_state.json": b"{torn"}, "is unreadable"),
+             ({"train_state.json": b"[1, 2]"}, "is unreadable"),
+             ({"train_state.safetensors": blob[:-8] + b"00000000"}, "is inconsistent"),
+             ({"train_state.json": json.dumps(other_params).encode()}, "does not fit this run")]
+    for files, said in cases:
+        for name, data in files.items():
+            if data is None:
+                (latest / name).unlink()
+            else:
+                (latest / name).write_bytes(data)
+        res = runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "4"))
+        assert res.exit_code == 2 and said in res.output and "--no-resume" in res.output, (said, res.output)
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output, res.output
+        assert (out / "model.safetensors").read_bytes() == weights
+        (latest / "train_state.json").write_bytes(meta)
+        (latest / "train_state.safetensors").write_bytes(blob)
+    res = runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "4"))
+    assert res.exit_code == 0 and json.loads((out / "config.json").read_text())["step"] == 4, res.output
+
+
 def test_torchrun_two_processes_match_one(tmp_path, tiny_config):
     """The same global batch of 8, as 1 process, as 2 ranks of 4, and as 2 ranks of 2 micro-batches of 2: the
     contrastive loss sees all 8 samples each time, so the weights trained are the same."""
