@@ -312,9 +312,12 @@ def read_predictions_of(result_path: Path, record: dict[str, Any] | None = None)
     for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json_loads(line))
+                row = json_loads(line)
             except ValueError:
                 raise CirbenchError(f"predictions file {path}, line {n}: not JSON") from None
+            if not isinstance(row, dict) or "query" not in row:
+                raise CirbenchError(f"predictions file {path}, line {n}: not a ranking row (an object with 'query')")
+            rows.append(row)
     return rows
 
 

@@ -306,10 +306,11 @@ class TrainLog:
         if resumed_step and self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
-                    if json_loads(line).get("step", 0) <= resumed_step:
-                        self.kept.append(line)
+                    entry = json_loads(line)
                 except ValueError:
                     continue
+                if isinstance(entry, dict) and entry.get("step", 0) <= resumed_step:
+                    self.kept.append(line)
 
     def write(self, entry: dict[str, Any]) -> None:
         if not self.enabled:
@@ -619,6 +620,8 @@ class _Trainer:
         try:
             record = json_loads((self.output / "best" / "validation.json").read_bytes())
         except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict):
             return None
         same = record.get("validate") == self.cfg.validate and 0 < record.get("step", 0) <= self.state.step
         return float(record["value"]) if same and isinstance(record.get("value"), (int, float)) else None
@@ -985,10 +988,10 @@ def check_not_resumable_elsewhere(output: Path, method: str) -> None:
     """Refuse to write a method's checkpoints over another method's."""
     cfg = Path(output) / "config.json"
     if cfg.is_file():
-
         try:
-            saved = json_loads(cfg.read_bytes()).get("method")
+            saved = json_loads(cfg.read_bytes())
         except (OSError, ValueError):
             return
+        saved = saved.get("method") if isinstance(saved, dict) else None
         if saved and saved != method:
             raise CheckpointError(f"{output} holds a '{saved}' checkpoint; choose another --output for '{method}'")

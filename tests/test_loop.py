@@ -629,6 +629,24 @@ def test_shortcuts_leave_out_the_queries_a_probe_did_not_rank(tmp_path, tiny_con
     assert groups["shortcut-solvable"]["queries"] + groups["composition required"]["queries"] == kept
 
 
+def test_a_predictions_row_that_is_no_object_is_refused_by_line(tmp_path, tiny_config, toy_root):
+    """A result written before predictions carried a checksum reads its rows unchecked: a row that is JSON but no
+    ranking object is a one-line error naming its line, in every command that reads rankings."""
+    with registered(ToyPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, bootstrap=0), reg)
+    record = json.loads(out.result_path.read_text())
+    del record["predictions"]["sha256"]
+    out.result_path.write_text(json.dumps(record))
+    lines = out.predictions_path.read_text().splitlines()
+    out.predictions_path.write_text("\n".join([lines[0], "[1, 2]", *lines[2:]]) + "\n")
+    for args in (["compare", str(out.result_path), str(out.result_path)], ["agree", str(out.result_path),
+                                                                            str(out.result_path)]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2 and res.output.strip() == (
+            f"error: predictions file {out.predictions_path}, line 2: not a ranking row (an object with 'query')"), \
+            res.output
+
+
 def test_a_method_that_changes_the_shared_backbone_is_stopped(tmp_path, tiny_config, toy_root):
     """The backbone is shared by a run's methods and benchmarks (and by training in --validate): a method that
     changes it in place (an edit through .data as an adapter merge does, a replaced parameter, an in-place write,

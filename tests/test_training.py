@@ -592,6 +592,29 @@ def test_a_damaged_training_state_is_a_one_line_error_and_the_checkpoint_stays(t
     assert res.exit_code == 0 and json.loads((out / "config.json").read_text())["step"] == 4, res.output
 
 
+def test_json_files_of_a_run_that_hold_no_object_are_passed_over(tmp_path):
+    """A training log line, a best/validation.json or an output's config.json that parses as JSON but is no object
+    (a hand edit, another tool's file) is treated as unreadable: dropped, ignored, never an internal error."""
+    from cirbench.training import TrainLog, check_not_resumable_elsewhere
+
+    lines = ['{"step": 1, "loss": 2.0}', "[1, 2]", "3", '{"step": 2, "loss": 1.5}', '{"step": 3, "loss": 1.0}']
+    (tmp_path / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+    log = TrainLog(tmp_path, resumed_step=2, enabled=True)
+    assert log.kept == [lines[0], lines[3]]
+    log.write({"step": 3, "loss": 0.9})
+    assert [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    for content in ("[1]", '"searle"', "null"):
+        (tmp_path / "config.json").write_text(content)
+        check_not_resumable_elsewhere(tmp_path, "pic2word")  # nothing says whose it is: not refused
+    from types import SimpleNamespace
+
+    (tmp_path / "best").mkdir()
+    trainer = SimpleNamespace(output=tmp_path, cfg=SimpleNamespace(validate="cirr:val"), state=SimpleNamespace(step=9))
+    for content, best in (('{"validate": "cirr:val", "step": 4, "value": 31.5}', 31.5), ("[31.5]", None)):
+        (tmp_path / "best" / "validation.json").write_text(content)
+        assert training._Trainer._best_so_far(trainer) == best
+
+
 def test_torchrun_two_processes_match_one(tmp_path, tiny_config):
     """The same global batch of 8, as 1 process, as 2 ranks of 4, and as 2 ranks of 2 micro-batches of 2: the
     contrastive loss sees all 8 samples each time, so the weights trained are the same."""
