@@ -243,10 +243,39 @@ def test_coco_object_query_file_errors(tmp_path):
     for text, message in (("id,regions\n", "expected the header"),
                           ("id,query_regions,query_class,classes\n000000000001.jpg,1;2;3 ,dog,\n", "x1;y1;x2;y2"),
                           ("id,query_regions,query_class,classes\n000000000001.jpg,5;2;3;4 ,dog,\n", "x2 > x1"),
-                          ("id,query_regions,query_class,classes\n", "holds no queries")):
+                          ("id,query_regions,query_class,classes\n", "holds no queries"),
+                          ("id,query_regions,query_class,classes\n000000000001.jpg,1;2;3;4,dog\n",
+                           "line 2: expected 4 fields, found 3"),
+                          ("id,query_regions,query_class,classes\n000000000001.jpg,1;2;3;4,dog,\n"
+                           "000000000001.jpg,1;2;3;4,cat,\n", "line 3: bad or repeated image '000000000001.jpg'"),
+                          ("id,query_regions,query_class,classes\nimg/1.jpg,1;2;3;4,dog,\n", "bad or repeated image"),
+                          ("id,query_regions,query_class,classes\n000000000001.jpg,1;2;3;4,,\n", "empty class")):
         bad.write_text(text)
         with pytest.raises(AnnotationError, match=message):
             dataset("coco-object", tmp_path, queries=bad).load("val")
+    bad.write_bytes(bytes(range(0x80, 0xFF)))
+    with pytest.raises(AnnotationError, match="cannot read query file"):
+        dataset("coco-object", tmp_path, queries=bad).load("val")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a/1.jpg 0\na/2.jpg\n", "line 2: expected '<path> <label>', found 'a/2.jpg'"),
+    ("a/1.jpg x\n", "line 1: expected '<path> <label>'"),
+    ("a/1.jpg -3\n", "line 1: expected '<path> <label>'"),
+    ("a/1 b.jpg 3\n", "line 1: expected '<path> <label>'"),
+    ("\n\n", "is empty"),
+])
+def test_imagenet_r_image_lists_that_are_not_the_official_format_are_refused(tmp_path, text, message):
+    from cirbench.datasets.imagenet_r import dataset as imr
+
+    path = tmp_path / "list.txt"
+    path.write_text(text)
+    with pytest.raises(AnnotationError, match=f"image list {path}"):
+        imr.read_list(path)
+    with pytest.raises(AnnotationError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        imr.read_list(path)
+    (tmp_path / "ok.txt").write_text(" a/1.jpg  7 \n\n")  # spaces around and blank lines are fine
+    assert imr.read_list(tmp_path / "ok.txt") == [("a/1.jpg", 7)]
 
 
 def test_coco_object_prepare_matches_the_official_masking_and_runs(tmp_path, tiny_config):
