@@ -162,6 +162,22 @@ def test_slerp_clearly_beats_both_baselines_and_is_repeatable(tmp_path, val_root
     assert again["cache"]["enabled"] is False
     assert again["cache"]["misses"] == again["counts"]["gallery"]  # encoded again
     assert again["metrics"] == metrics["slerp"]  # identical across runs (and with a cold cache)
+    # the run's rankings, scored as any code's would be, give its numbers; a ranking holding the query's own
+    # reference (which the protocol removes) or a non-JSONL file is refused
+    predictions = tmp_path / "r" / "shapes" / "val" / SLERP_RESULT.replace(".json", ".predictions.jsonl")
+    score = ["score", "--dataset", "shapes", "--split", "val", "--data-root", str(val_root)]
+    res = runner.invoke(cli, [*score, "--json", str(predictions)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == pytest.approx(metrics["slerp"], abs=1e-3)
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    rows[0]["top"][3] = rows[0]["reference"]
+    bad = tmp_path / "bad.predictions.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = runner.invoke(cli, [*score, str(bad)])
+    assert res.exit_code == 2 and rows[0]["query"] in res.output and "reference" in res.output, res.output
+    bad.with_suffix(".json").write_text("{}")
+    res = runner.invoke(cli, [*score, str(bad.with_suffix(".json"))])
+    assert res.exit_code == 2 and "per-query ranking files" in res.output, res.output
 
 
 def test_plain_cirbench_run_is_slerp_and_baselines_on_shapes_with_the_bundled_backbone(tmp_path, val_root, monkeypatch):
