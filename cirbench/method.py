@@ -241,6 +241,16 @@ def caption_variants(texts: tuple[str, ...] | list[str]) -> list[str]:
     return [f"{caps[0]} and {caps[1]}", f"{caps[1]} and {caps[0]}"]
 
 
+def capitalized_forward_text(texts: tuple[str, ...] | list[str]) -> str:
+    """One text: itself. FashionIQ's two captions as CLIP4Cir's evaluation joins them, and the methods built on
+    it after (TransAgg, FTI4CIR, WeiMoCIR): ``"{c1} and {c2}"``, both stripped of ``.?, `` at their ends and the
+    first through Python's ``str.capitalize`` (which lowercases the rest of it)."""
+    if len(texts) == 1:
+        return texts[0]
+    c1, c2 = (t.strip(".?, ") for t in texts[:2])
+    return f"{c1.capitalize()} and {c2}"
+
+
 def average_variants(features: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Average consecutive groups of normalised features (``counts`` per query) and renormalise."""
     out = []

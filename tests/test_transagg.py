@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from annotations import ANNOTATIONS, needs_annotations
 from click.testing import CliRunner
 from helpers import official_vit_tokens, registered
 from toy_plugin import ToyPlugin
@@ -166,6 +167,25 @@ def test_compose_is_the_official_evaluation(tmp_path, backbone):
     # the gallery is the backbone's image feature; the tuned text tower is not the backbone's
     torch.testing.assert_close(method.encode_gallery(pixels), backbone.encode_image(pixels))
     assert not torch.allclose(method.tuned.encode_text(["a dog"]), backbone.encode_text(["a dog"]), atol=1e-4)
+
+
+@needs_annotations
+def test_fashioniq_text_is_the_official_evaluations_on_the_real_captions():
+    """``trainer.py``'s ``compute_fiq_val_metrics`` (Code-kunkun/ZS-CIR), transcribed: the captions of each
+    triplet joined forward, the first through ``str.capitalize``; on every FashionIQ val triplet's captions."""
+    from cirbench.methods.transagg.model import query_text
+
+    def official(c1, c2):
+        return f"{c1.strip('.?, ').capitalize()} and {c2.strip('.?, ')}"
+
+    checked = 0
+    for category in ("dress", "shirt", "toptee"):
+        path = ANNOTATIONS / "fashioniq" / "captions" / f"cap.{category}.val.json"
+        for record in json.loads(path.read_text()):
+            assert query_text(Query("q", "r", tuple(record["captions"]))) == official(*record["captions"])
+            checked += 1
+    assert checked > 6000
+    assert query_text(Query("q", "r", ("has two dogs",))) == "has two dogs"  # CIRR/CIRCO: as written
 
 
 def test_checkpoints_say_what_they_hold(tmp_path, backbone):

@@ -39,7 +39,7 @@ from cirbench import global_batch
 from cirbench.backbones import Backbone
 from cirbench.checkpoints import check_fit, checkpoint_sha256, is_official_file, load_checkpoint, load_module_weights
 from cirbench.errors import CheckpointError, CirbenchError
-from cirbench.method import Method
+from cirbench.method import Method, capitalized_forward_text
 from cirbench.methods._shared.textinv import image_and_tokens, output_during
 from cirbench.methods._shared.towers import (
     IMAGE_PARTS,
@@ -138,12 +138,9 @@ def text_token_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
 
 
 def query_text(query: Query) -> str:
-    """The official evaluation's text: FashionIQ's two captions as ``"{c1.strip('.?, ').capitalize()} and
-    {c2.strip('.?, ')}"``, any other benchmark's as it is."""
-    if len(query.texts) == 2:
-        first, second = query.texts
-        return f"{first.strip('.?, ').capitalize()} and {second.strip('.?, ')}"
-    return " and ".join(query.texts)
+    """The official evaluation's text (``trainer.py``'s ``compute_fiq_val_metrics``): FashionIQ's two captions as
+    :func:`~cirbench.method.capitalized_forward_text` joins them, any other benchmark's as it is."""
+    return capitalized_forward_text(query.texts) if len(query.texts) <= 2 else " and ".join(query.texts)
 
 
 def split_state(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -19,7 +19,7 @@ from cirbench.errors import CirbenchError
 from cirbench.generation import GenerationCache
 from cirbench.generation.images import caption_missing, generate_once, image_digests
 from cirbench.generation.options import caption_request_of, captioner_of, generation_precision
-from cirbench.method import Method, QuerySet
+from cirbench.method import Method, QuerySet, capitalized_forward_text
 from cirbench.methods._shared.textinv import RawImageReferences
 from cirbench.types import ImageRef, Query
 from cirbench.util import default_cache_dir, file_sha256, keyed_texts_sha256, read_json_file
@@ -29,11 +29,8 @@ F = torch.nn.functional
 
 def modification_text(texts: tuple[str, ...] | list[str]) -> str:
     """The modification text of a query: its one caption, or FashionIQ's two as WeiMoCIR's ``validate_clip.py``
-    joins them (stripped of ``.?, ``, the first through ``str.capitalize``, forward order only)."""
-    if len(texts) == 1:
-        return texts[0]
-    c1, c2 = (t.strip(".?, ") for t in texts[:2])
-    return f"{c1.capitalize()} and {c2}"
+    joins them (forward order only, :func:`~cirbench.method.capitalized_forward_text`)."""
+    return capitalized_forward_text(texts)
 
 
 def read_captions(path: Path, per_image: int) -> dict[str, list[str]]:
