@@ -84,7 +84,7 @@ def shortcut_table(paths: list[Path], metric: str | None) -> dict:
               help="The text-only run on the same split (the text probe).")
 @click.option("--metric", default=None,
               help="Per-query metric that says a probe solved a query (above 0) and is reported first (default: "
-                   "R@10 where the split has it, else the dataset's main metric).")
+                   "R@10 where the split has it, else the dataset's main metric, else the first the runs record).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def command(result, image, text, metric, as_json):
     """How a run scores where composition is needed: the split's queries classed by whether the image alone or
