@@ -117,7 +117,27 @@ class _Relative(ToyDataset):
         return {k: (v + v.mean()) / 2 for k, v in values.items()}
 
 
+class _Twice(ToyDataset):
+    """Lists one gallery image twice (a file joined with another that repeats it)."""
+
+    def load(self, split):
+        (es,) = super().load(split)
+        return [dataclasses.replace(es, gallery=[*es.gallery, es.gallery[0]])]
+
+
+class _Stray(ToyDataset):
+    """Gives a query a candidate image that is not in the gallery it ranks."""
+
+    def load(self, split):
+        (es,) = super().load(split)
+        queries = [dataclasses.replace(q, candidates=(*(g.id for g in es.gallery), "elsewhere.png")) if i == 2 else q
+                   for i, q in enumerate(es.queries)]
+        return [dataclasses.replace(es, queries=queries)]
+
+
 @pytest.mark.parametrize(("cls", "failing", "why"), [
+    (_Twice, 0, "the gallery lists an image twice"),
+    (_Stray, 0, "query 2: candidate elsewhere.png is not in the gallery"),
     (_OffByOne, 1, "a perfect ranking scores R@1 0.0000, not 100"),
     (_Unread, 2, "R@1 is 100.0000 with the targets last, as with them first"),
     (_Skewed, 3, "its per-query values average"),

@@ -329,7 +329,8 @@ def test_check_method_holds_for_the_built_in_methods_and_catches_what_breaks_the
     """cirbench.testing.check_method: the offline built-in methods pass, and so does a method that draws from
     torch's random state (the loop seeds it before each method, and encoding leaves it alone, so a draw does not
     depend on what ran or was cached before); a method whose rankings change from run to run, or that changes
-    what methods share (here: the backbone's memoised text features), is caught and named."""
+    what methods share (here: the backbone's memoised text features), is caught and named, and so is one whose
+    numbers depend on what ran before it in the command."""
     import os
 
     import torch
@@ -355,9 +356,16 @@ def test_check_method_holds_for_the_built_in_methods_and_catches_what_breaks_the
                 self.backbone._text_memo[text] = -feat  # what another method will read as this text's feature
             return references
 
+    class Following(Method):
+        def compose(self, references, queries):  # reads what the methods before it left in a shared memo
+            shift = torch.zeros_like(references)
+            shift[:, 0] = float(len(self.backbone._text_memo))
+            return torch.nn.functional.normalize(references + shift, dim=-1)
+
     class Plugin:
         @hookimpl
         def register_methods(self, register):
+            register(MethodSpec(name="following", description="depends on what ran before", factory=Following))
             register(MethodSpec(name="seeded", description="random queries, seeded", factory=Seeded))
             register(MethodSpec(name="restless", description="random queries", factory=Restless))
             register(MethodSpec(name="poisoning", description="spoils shared features", factory=Poisoning))
@@ -372,6 +380,9 @@ def test_check_method_holds_for_the_built_in_methods_and_catches_what_breaks_the
             check_method("restless", tmp_path / "restless", registry=reg)
         with pytest.raises(AssertionError, match="method 'text-only' gives other numbers after method 'poisoning'"):
             check_method("poisoning", tmp_path / "poisoning", registry=reg)
+        with pytest.raises(AssertionError, match="method 'following' gives other numbers when it follows method "
+                                                 "'text-only' in one command"):
+            check_method("following", tmp_path / "following", registry=reg)
     finally:
         plugins.reset_registry()
 
