@@ -246,16 +246,19 @@ def check_method(method: str, folder: Path, options: dict[str, Any] | None = Non
     expected = seen(alone)
     held(0)
     again = Evaluator(dataclasses.replace(cfg, output=folder / "again"), reg).run()
-    assert seen(again) == expected, f"method '{method}' is not deterministic: a second run ranks differently"
+    if seen(again) != expected:
+        raise AssertionError(f"method '{method}' is not deterministic: a second run ranks differently")
     held(1)
     other_alone = seen(Evaluator(dataclasses.replace(other, output=folder / "other"), reg).run())
     loaded = Loaded()
     runs = [dataclasses.replace(c, output=folder / "together" / str(i)) for i, c in enumerate((other, cfg, other))]
     before, mine, after = (seen(Evaluator(c, reg, loaded=loaded).run()) for c in runs)
-    assert mine == expected, (f"method '{method}' gives other numbers when it follows method '{other.method}' in "
-                                 "one command (sharing the backbone and features)")
-    assert before == after == other_alone, (f"method '{other.method}' gives other numbers after method '{method}' "
-                                            "ran in the same command: it changed something they share")
+    if mine != expected:
+        raise AssertionError(f"method '{method}' gives other numbers when it follows method '{other.method}' in one "
+                             "command (sharing the backbone and features)")
+    if not before == after == other_alone:
+        raise AssertionError(f"method '{other.method}' gives other numbers after method '{method}' ran in the same "
+                             "command: it changed something they share")
     held(2)
     # a query's features must depend on it alone, not on the queries composed with it (a batch statistic, a
     # chunk's first row): the loop composes --batch-size x 4 queries at a time, so the batch size must not matter.
@@ -268,9 +271,10 @@ def check_method(method: str, folder: Path, options: dict[str, Any] | None = Non
     for one, few in zip(alone, small, strict=True):
         worst = max((abs(a - b) for x, y in zip(scores(one), scores(few), strict=True)
                      for a, b in zip(x, y, strict=True)), default=0.0)
-        assert worst < 1e-4, (f"method '{method}' ({one.label}) ranks with other scores when its queries are "
-                              f"composed four at a time (a score moved by {worst:.4f}): a query's features depend on "
-                              "the others composed with it")
+        if worst >= 1e-4:
+            raise AssertionError(f"method '{method}' ({one.label}) ranks with other scores when its queries are "
+                                 f"composed four at a time (a score moved by {worst:.4f}): a query's features depend "
+                                 "on the others composed with it")
     held(3)
     return alone
 
@@ -366,14 +370,18 @@ def check_dataset(name: str, split: str | None = None, data_root: Any = None, op
     unreachable = 0
     for es in evalsets:
         gallery = [g.id for g in es.gallery]
-        assert len(set(gallery)) == len(gallery), f"set '{es.name}': the gallery lists an image twice"
+        if len(set(gallery)) != len(gallery):
+            raise AssertionError(f"set '{es.name}': the gallery lists an image twice")
         ids = [q.id for q in es.queries]
-        assert len(set(ids)) == len(ids), f"set '{es.name}': two queries share an id"
+        if len(set(ids)) != len(ids):
+            raise AssertionError(f"set '{es.name}': two queries share an id")
         known = set(gallery)
         for q in es.queries:
-            assert q.reference in es.images, f"set '{es.name}', query {q.id}: reference {q.reference} is no image"
+            if q.reference not in es.images:
+                raise AssertionError(f"set '{es.name}', query {q.id}: reference {q.reference} is no image")
             strays = [c for c in q.candidates or () if c not in known]
-            assert not strays, f"set '{es.name}', query {q.id}: candidate {strays[0]} is not in the gallery"
+            if strays:
+                raise AssertionError(f"set '{es.name}', query {q.id}: candidate {strays[0]} is not in the gallery")
             pool = set(q.candidates or ()) if es.query_galleries else known
             excluded = q.reference if es.exclude_reference else None
             unreachable += not es.hidden_targets and (
@@ -400,14 +408,17 @@ def check_dataset(name: str, split: str | None = None, data_root: Any = None, op
     # the main metric as the benchmark names it, or as one of its sets names it (one FashionIQ category: R@10)
     declared = spec.main_metric or next(iter(perfect), "")
     main = next((m for m in (declared, declared.rsplit("/", 1)[-1]) if m in perfect), None)
-    assert main is not None, f"the metrics lack the main metric {declared!r}: {sorted(perfect)[:8]}"
+    if main is None:
+        raise AssertionError(f"the metrics lack the main metric {declared!r}: {sorted(perfect)[:8]}")
     if not unreachable:  # (the trapezoid AP of instance retrieval is 100 less 1e-5 relative: shown as 100.00)
-        assert abs(perfect[main] - 100.0) < 5e-3, (f"a perfect ranking scores {main} {perfect[main]:.4f}, not 100: "
-                                                   "the metric or the ids it compares are off")
+        if abs(perfect[main] - 100.0) >= 5e-3:
+            raise AssertionError(f"a perfect ranking scores {main} {perfect[main]:.4f}, not 100: the metric or the "
+                                 "ids it compares are off")
     held(1)
     worst, _, _ = scored(lambda qi: False)
-    assert worst[main] < perfect[main], (f"{main} is {worst[main]:.4f} with the targets last, as with them first: "
-                                         "the metric does not read the ranking")
+    if worst[main] >= perfect[main]:
+        raise AssertionError(f"{main} is {worst[main]:.4f} with the targets last, as with them first: the metric "
+                             "does not read the ranking")
     held(2)
     # every other query's targets first: queries that score apart, whose mean is checked
     _, set_metrics, per_query = scored(functools.partial(_even_from, 0))
@@ -417,17 +428,18 @@ def check_dataset(name: str, split: str | None = None, data_root: Any = None, op
             continue
         for metric, values in metrics.items():
             values = _values(values)
-            assert len(values) == len(sets[set_name].queries), (
-                f"set '{set_name}': per-query {metric} has {len(values)} values for {len(sets[set_name].queries)} "
-                "queries")
+            if len(values) != len(sets[set_name].queries):
+                raise AssertionError(f"set '{set_name}': per-query {metric} has {len(values)} values for "
+                                     f"{len(sets[set_name].queries)} queries")
             counted = [v for v in values if not math.isnan(v)]
             reported = set_metrics[set_name].get(metric)
             if counted and reported is not None:
                 mean = sum(counted) / len(counted)
-                assert abs(mean - reported) < 1e-4 * max(1.0, abs(mean)), (
-                    f"set '{set_name}': {metric} is {reported:.4f}, its per-query values average "
-                    f"{mean:.4f}: the bootstrap intervals and paired tests, made from the per-query values, would "
-                    "not be of the reported metric")
+                if abs(mean - reported) >= 1e-4 * max(1.0, abs(mean)):
+                    raise AssertionError(
+                        f"set '{set_name}': {metric} is {reported:.4f}, its per-query values average "
+                        f"{mean:.4f}: the bootstrap intervals and paired tests, made from the per-query values, would "
+                        "not be of the reported metric")
     if getattr(dataset, "queries_score_apart", False):  # the loop may score a large set in parts of its queries
         import dataclasses
 
@@ -442,9 +454,11 @@ def check_dataset(name: str, split: str | None = None, data_root: Any = None, op
                     mine, got = _values(values)[start:stop], _values(alone[metric])
                     same = all((math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-9
                                for a, b in zip(mine, got, strict=True))
-                    assert same, (f"set '{es.name}': {metric} of queries {start}-{stop - 1} scored alone differs from "
-                                  "their values scored with the whole set, yet the dataset says its queries score "
-                                  "apart (queries_score_apart)")
+                    if not same:
+                        raise AssertionError(
+                            f"set '{es.name}': {metric} of queries {start}-{stop - 1} scored alone differs from their "
+                            "values scored with the whole set, yet the dataset says its queries score apart "
+                            "(queries_score_apart)")
     held(3)
     return perfect
 
