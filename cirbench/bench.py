@@ -403,11 +403,11 @@ def bench_cache(cfg: BenchConfig, folder: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         out = cache.get_or_compute(key, refs, lambda todo, on_chunk=None: feats)
         r["cold_identify_and_write_s"] = time.perf_counter() - t0
-        assert torch.equal(out, feats)
         t0 = time.perf_counter()
         warm = FeatureCache(Path(tmp) / "cache").get_or_compute(key, refs, _never)
         r["warm_identify_read_verify_s"] = time.perf_counter() - t0
-        assert torch.equal(warm, feats)
+        if not (torch.equal(out, feats) and torch.equal(warm, feats)):  # a timing of a cache that loses rows is none
+            raise RuntimeError("the feature cache returned other features than it was given")
     return r
 
 
