@@ -296,6 +296,9 @@ def test_cache_list_and_clear(tmp_path, files, monkeypatch):
     for folder in folders.values():
         os.utime(folder / "key.json", (month_ago, month_ago))
     FeatureCache(root).get_or_compute(keys["l14"], files, _content_features)
+    assert (folders["l14"] / "key.json").stat().st_mtime > month_ago + 39 * 86400  # marked used by the read
+    ten_days_ago = time.time() - 10 * 86400  # read ten days ago: kept by a 30-day filter (days, not hours)
+    os.utime(folders["l14"] / "key.json", (ten_days_ago, ten_days_ago))
     res = cache("clear", "--unused-for", "30", "--dry-run")
     assert res.exit_code == 0 and "would remove 1 entry" in res.output and folders["b32"].is_dir()
     res = cache("clear", "--unused-for", "30", input="n\n")
