@@ -520,6 +520,40 @@ def test_a_methods_weights_are_fingerprinted_by_content_not_by_where_they_lie(tm
     assert run_fingerprint(other) != run_fingerprint(record) and not same_configuration(other, record)
 
 
+def test_the_fingerprint_moves_with_everything_that_decides_the_numbers(tmp_path, tiny_config, toy_root):
+    """Each field a run's numbers depend on (method, its options and weights, dataset, split, options and
+    annotations, backbone, preprocessing, precision, seed) changes the fingerprint, so a result of another
+    configuration never replaces this one's; the recipe key (``leaderboard --seeds``) ignores only the seed and the
+    trained weights evaluated."""
+    from cirbench.results import run_fingerprint
+
+    with registered(ToyPlugin(), "toy") as reg:
+        (out,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, bootstrap=0), reg)
+    record = json.loads(json.dumps(out.record))
+    base = run_fingerprint(record)
+    assert base == record["fingerprint"]
+    changes = {"method.name": lambda r: r["method"].update(name="other"),
+               "method.options": lambda r: r["method"].update(options={"alpha": 0.5}),
+               "method.info": lambda r: r["method"].update(info={"sha256": "a" * 64}),
+               "dataset.name": lambda r: r["dataset"].update(name="other"),
+               "dataset.split": lambda r: r["dataset"].update(split="test"),
+               "dataset.options": lambda r: r["dataset"].update(options={"category": "dress"}),
+               "dataset.annotations": lambda r: r["dataset"].update(annotations={"queries.json": "0" * 64}),
+               "backbone": lambda r: r["backbone"].update(pretrained="openai"),
+               "preprocess": lambda r: r["preprocess"].update(kind="targetpad"),
+               "precision": lambda r: r.update(precision="bf16"),
+               "seed": lambda r: r.update(seed=7)}
+    for what, change in changes.items():
+        changed = json.loads(json.dumps(record))
+        change(changed)
+        assert run_fingerprint(changed) != base, what
+        same_recipe = run_fingerprint(changed, recipe=True) == run_fingerprint(record, recipe=True)
+        assert same_recipe == (what in ("seed", "method.info")), what  # a recipe's seeds: other seeds and weights
+    unchanged = json.loads(json.dumps(record))
+    unchanged.update(created="2030-01-01", metrics={}, environment={"torch": "9"})  # how and when, not what
+    assert run_fingerprint(unchanged) == base
+
+
 def test_a_set_ranked_in_parts_removes_each_querys_own_reference(tmp_path, tiny_config, toy_root, monkeypatch):
     """A dataset that scores its queries apart may be ranked a part of its queries at a time (no built-in one
     that does also removes the reference, but a plugin may): each part must remove its own queries' references,
