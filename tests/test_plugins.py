@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 
 from cirbench import hookspecs, plugins
 from cirbench.cli import cli
+from cirbench.errors import CirbenchError
 from cirbench.hookspecs import hookimpl
 from cirbench.types import MethodSpec
 
@@ -277,6 +279,47 @@ def test_plugin_import_errors_name_the_plugin(tmp_path):
                       plugin="someplugin")
     with pytest.raises(PluginError, match="plugin 'someplugin': cannot import a_module_that_is_not_installed"):
         spec.load()
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"name": "bad name!"}, "registers a dataset with an invalid name 'bad name!'"),
+    ({"splits": ()}, "dataset 'd' declares no splits"),
+    ({"splits": ("val", "")}, "dataset 'd' declares no splits"),
+    ({"default_split": "train"}, "default split 'train' is not one of its splits"),
+    ({"hidden_splits": ("test1",)}, "hides splits it does not have"),
+    ({"paper_rows": ({"method": "x"},)}, "paper rows that are not PaperRow objects"),
+    ({"paper_rows": "PAPER_ROW_OF_ANOTHER_SPLIT"}, "paper rows that are not PaperRow objects for one of its splits"),
+    ({"options": "TWICE"}, "dataset 'd' declares an option twice"),
+    ({"options": "RESERVED"}, "option --split is an option of"),
+])
+def test_a_malformed_dataset_spec_is_refused_naming_the_plugin(change, said):
+    """What a third-party dataset plugin gets wrong in its spec is a PluginError naming the plugin, before any run."""
+    from cirbench.errors import PluginError
+    from cirbench.types import DatasetSpec, OptionSpec, PaperRow
+
+    values = {"PAPER_ROW_OF_ANOTHER_SPLIT": (PaperRow("x", "ViT-B/32", "train", {"R@1": 1.0}, "a paper"),),
+              "TWICE": (OptionSpec("k", "k", "int", 1), OptionSpec("k", "k", "int", 2)),
+              "RESERVED": (OptionSpec("split", "s", "str", "val"),)}
+    fields = {"name": "d", "description": "a dataset", "factory": "x:y", "splits": ("val", "test"),
+              "hidden_splits": ("test",)}
+    fields.update({k: values.get(v, v) if isinstance(v, str) else v for k, v in change.items()})
+    with pytest.raises(PluginError, match=f"plugin 'mine'.*{re.escape(said)}"):
+        DatasetSpec(**fields).validate("mine")
+
+
+@pytest.mark.parametrize("raw, said", [
+    ("0.1:0.5", "must be start:stop:step"),
+    ("0.1:x:0.1", "must be numbers start:stop:step"),
+    ("0.1:inf:0.1", "must be finite numbers"),
+    ("0:1:0.00001", "has 100001 values (at most 10,001)"),
+    ("0:2:0.5", "above its maximum"),
+])
+def test_malformed_sweeps_are_one_line_errors(raw, said):
+    from cirbench.types import OptionSpec, expand_sweep
+
+    alpha = OptionSpec("alpha", "weight", "float", 0.5, minimum=0.0, maximum=1.0, sweepable=True)
+    with pytest.raises(CirbenchError, match=f"option --alpha: .*{re.escape(said)}"):
+        expand_sweep(alpha, raw)
 
 
 def test_hook_calls_can_be_traced(monkeypatch, capsys):
