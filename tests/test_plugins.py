@@ -489,6 +489,33 @@ def local_plugins():
     plugins.reset_registry()
 
 
+def _file(folder: Path, name: str, text: str = "") -> Path:
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def _folder(folder: Path, name: str) -> Path:
+    (folder / name).mkdir()
+    return folder / name
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda d: d / "missing.py", "no such file or folder"),
+    (lambda d: _folder(d, "pkg"), "a folder without __init__.py is not a Python package"),
+    (lambda d: _file(d, "notes.txt", "x"), "neither a .py file nor a package folder"),
+    (lambda d: _file(d, "my-plugin.py"), "'my-plugin' is not a Python module name"),
+    (lambda d: _file(d, "json.py"), "a module named 'json' is imported already"),
+    (lambda d: _file(d, "broken_plugin.py", "import not_installed_anywhere\n"), "failed to load: ModuleNotFoundError"),
+    (lambda d: "no_such_module_anywhere", "plugin 'no_such_module_anywhere' failed to import: ModuleNotFoundError"),
+])
+def test_a_local_plugin_that_cannot_be_loaded_is_one_line(tmp_path, local_plugins, make, said):
+    """``--plugin`` with a path that is not there, a folder that is no package, a file that is no Python module or
+    whose name clashes with an imported module, or code that fails to import: one line, exit 2, nothing run."""
+    res = CliRunner().invoke(cli, ["--plugin", str(make(tmp_path)), "methods"])
+    assert res.exit_code == 2 and said in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
 def _sha256(path: Path) -> str:
     import hashlib
 
