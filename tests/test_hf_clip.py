@@ -94,3 +94,31 @@ def test_a_run_on_transformers_weights_records_them(tmp_path, tiny_config, toy_r
     (result,) = (tmp_path / "res").rglob("image-only*.json")
     weights = json.loads(result.read_text())["backbone"]["weights"]
     assert weights["kind"] == "transformers" and len(weights["config_sha256"]) == 64
+
+
+def test_a_hub_repository_saved_as_bin_loads_from_the_hub_cache(tmp_path, tiny_config, monkeypatch):
+    """A hub repository without model.safetensors (saved by an older transformers as pytorch_model.bin) is read
+    from the Hugging Face cache offline, as the same files in a folder are."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from cirbench import hub
+
+    save_hf_clip(tmp_path / "bin", safetensors=False)
+    snapshot = tmp_path / "hub" / "models--lab--tiny-clip" / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "pytorch_model.bin"):
+        shutil.copy(tmp_path / "bin" / name, snapshot / name)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    from cirbench.hf_clip import files_of
+
+    assert files_of("hf:lab/tiny-clip") == (snapshot / "config.json", snapshot / "pytorch_model.bin")
+    from_hub = load_backbone(str(tiny_config), "hf:lab/tiny-clip", device="cpu")
+    from_folder = load_backbone(str(tiny_config), f"hf:{tmp_path / 'bin'}", device="cpu")
+    assert from_hub.weights_identity["sha256"] == from_folder.weights_identity["sha256"]
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(from_hub.encode_image(pixels), from_folder.encode_image(pixels))
