@@ -379,6 +379,26 @@ def test_image_files_that_are_empty_or_lead_to_a_look_alike_folder_are_refused(t
         read_image_bytes(ImageRef("twin", root / "twin" / "a.png", root=root))
 
 
+def test_a_link_inside_the_data_root_to_nothing_a_nul_in_a_name_and_many_missing_images_are_said_plainly(tmp_path):
+    """A link inside the data root whose target is gone is unreadable (named), a name holding NUL is refused before
+    any file is touched, and a list of missing images names the first in full, then four, then how many more."""
+    from cirbench.errors import ImageError
+    from cirbench.images import check_inside, describe_missing, read_image_bytes
+    from cirbench.types import ImageRef
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "gone.png").symlink_to(root / "was-here.png")
+    with pytest.raises(ImageError, match=r"cannot read image .*gone\.png: No such file"):
+        read_image_bytes(ImageRef("gone", root / "gone.png", root=root))
+    with pytest.raises(ImageError, match="contains a NUL character"):
+        check_inside(root, "a\x00.png")
+    missing = [ImageRef(str(i), root / f"{i}.jpg") for i in range(8)]
+    assert describe_missing(missing, 100) == (f"8 of 100 images are missing: {root / '0.jpg'}, 1.jpg, 2.jpg, 3.jpg, "
+                                              "4.jpg (and 3 more)")
+    assert describe_missing([], 100) == "0 of 100 images are missing"
+
+
 def test_files_written_as_one_set_are_all_replaced_or_none(tmp_path, monkeypatch):
     """A checkpoint's weights and config.json (as a result and its predictions) are one set: a disk that fills on
     the second file leaves the earlier set whole, with no temporary file beside it, and then a write with space
