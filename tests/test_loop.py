@@ -778,6 +778,60 @@ def test_what_a_method_returns_is_checked_and_the_plugin_named(tmp_path, tiny_co
             assert message in str(err.value), str(err.value)
 
 
+def test_a_method_never_sees_a_subset_nor_the_order_its_candidates_were_listed_in(tmp_path, tiny_config, toy_root):
+    """A CIRR-like subset (candidates that hold the target, the whole gallery ranked) is hidden from the method; a
+    per-query gallery (GeneCIS lists the target first) reaches it sorted, so that its order says nothing."""
+    import dataclasses
+
+    import torch
+
+    from cirbench import DatasetSpec, Method, MethodSpec, hookimpl
+    from cirbench.testing import ToyDataset
+
+    def listed(es, q):  # the target first, as GeneCIS's files list it, then the rest of the gallery
+        others = [g.id for g in es.gallery if g.id not in q.targets and g.id != q.reference][:5]
+        return (q.targets[0], *others)
+
+    class Subsets(ToyDataset):
+        def load(self, split):
+            (es,) = super().load(split)
+            return [dataclasses.replace(es, queries=[dataclasses.replace(q, candidates=listed(es, q))
+                                                     for q in es.queries])]
+
+    class OwnGalleries(Subsets):
+        def load(self, split):
+            (es,) = super().load(split)
+            return [dataclasses.replace(es, query_galleries=True, exclude_reference=False)]
+
+    seen: list = []
+
+    class FirstCandidate(Method):
+        def prepare(self, query_set):
+            seen.extend(q.candidates for q in query_set.queries)
+
+        def compose(self, references, queries):
+            seen.extend(q.candidates for q in queries)
+            return torch.nn.functional.normalize(references.float(), dim=-1)
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(MethodSpec(name="first-candidate", description="peeks", factory=FirstCandidate))
+
+        @hookimpl
+        def register_datasets(self, register):
+            for name, cls in (("subsets", Subsets), ("own-galleries", OwnGalleries)):
+                register(DatasetSpec(name=name, description="d", factory=cls, splits=("val",), main_metric="R@1"))
+
+    with registered(Plugin(), "peek") as reg:
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, method="first-candidate", dataset="subsets", bootstrap=0), reg)
+        assert seen and all(c is None for c in seen)
+        seen.clear()
+        evaluate(_cfg(tmp_path, tiny_config, toy_root, method="first-candidate", dataset="own-galleries",
+                      bootstrap=0), reg)
+    assert seen and all(c is not None and list(c) == sorted(c) for c in seen)
+
+
 def test_a_method_never_sees_targets_and_may_declare_unnormalised_features(tmp_path, tiny_config, toy_root):
     """compose, prepare and finalize_queries get the queries without their targets (nor CIRR-like subsets);
     a method with ``unit_features = False`` is ranked by the inner products of what it returns, unnormalised."""
