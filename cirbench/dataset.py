@@ -68,6 +68,10 @@ class Dataset:
     #: loop may then rank and score a set whose ranking is too large to hold at once (the whole gallery for many
     #: queries) in parts of its queries, with the same numbers; ``cirbench check --dataset`` verifies it
     queries_score_apart: bool = False
+    #: keys of a query's ``extra`` that tell its answer (CIRCO's ``target_img_id``): the metrics read them, methods
+    #: never see them (the loop drops them, with the targets, from the queries a method is given);
+    #: ``cirbench check --dataset`` refuses an undeclared key whose value names a query's target
+    target_extras: tuple[str, ...] = ()
 
     def bind_spec(self, spec: Any) -> None:
         self.spec = spec

@@ -451,9 +451,12 @@ class Evaluator:
         (see :meth:`_stream_step`); the queries are composed once, before the first."""
         cfg, mspec, backbone, preprocessor, cache = self.cfg, ctx.mspec, ctx.backbone, ctx.preprocessor, ctx.cache
         refs = es.reference_images()
-        # what a method sees: no targets; a query's own gallery (sorted: GeneCIS lists the target first), no subset
+        # what a method sees: no targets nor extras that tell them; a query's own gallery (sorted: GeneCIS lists the
+        # target first), no subset
+        answers = set(getattr(ctx.dataset, "target_extras", ()))
         blind = [dataclasses.replace(q, targets=(), candidates=tuple(sorted(q.candidates or ()))
-                                     if es.query_galleries else None) for q in es.queries]
+                                     if es.query_galleries else None,
+                                     extra={k: v for k, v in q.extra.items() if k not in answers}) for q in es.queries]
         unit = getattr(method, "unit_features", True)
         # before any encoding: what a method fetches or generates per query set (captions, rewrites) fails fast
         method.prepare(QuerySet(ctx.dspec.name, ctx.split, es.name, blind, {r.id: r for r in refs},

@@ -281,12 +281,26 @@ def check_method(method: str, folder: Path, options: dict[str, Any] | None = Non
 
 # what check_dataset checks, in order (``cirbench check --dataset`` prints each as it holds)
 DATASET_CHECKS = (
-    "loads: unique query and gallery ids; every reference, target and candidate an image the set knows",
+    "loads: unique query and gallery ids; every reference, target and candidate an image the set knows; no "
+    "extra a method sees names a target",
     "a perfect ranking (each query's targets first) scores 100 on the main metric",
     "a ranking with the targets last scores lower: the metrics read the ranking",
     "per-query metrics: one value per query, and their means are the set's metrics (where the dataset says its "
     "queries score apart, each query's values the same when a part of the queries is scored alone)",
 )
+
+
+def _extra_naming_a_target(query: Any, declared: set[str]) -> str | None:
+    """The first key of ``query.extra`` not in ``declared`` whose value (an id, or a list of ids) is one of the
+    query's targets: what a method would read the answer from."""
+    targets = set(query.targets)
+    for key, value in (query.extra or {}).items():
+        if key in declared:
+            continue
+        values = value if isinstance(value, (list, tuple, set)) else [value]
+        if any(isinstance(v, (str, int)) and str(v) in targets for v in values):
+            return str(key)
+    return None
 
 
 def _values(per_query: Any) -> list[float]:
@@ -382,6 +396,10 @@ def check_dataset(name: str, split: str | None = None, data_root: Any = None, op
             strays = [c for c in q.candidates or () if c not in known]
             if strays:
                 raise AssertionError(f"set '{es.name}', query {q.id}: candidate {strays[0]} is not in the gallery")
+            told = _extra_naming_a_target(q, set(getattr(dataset, "target_extras", ())))
+            if told is not None:
+                raise AssertionError(f"set '{es.name}', query {q.id}: its extra '{told}' names its target, and methods "
+                                     "see the extras: list the key in the dataset's target_extras")
             pool = set(q.candidates or ()) if es.query_galleries else known
             excluded = q.reference if es.exclude_reference else None
             unreachable += not es.hidden_targets and (

@@ -135,8 +135,18 @@ class _Stray(ToyDataset):
         return [dataclasses.replace(es, queries=queries)]
 
 
+class _Telling(ToyDataset):
+    """Carries each query's target in an extra it does not declare as an answer: methods would read it."""
+
+    def load(self, split):
+        (es,) = super().load(split)
+        return [dataclasses.replace(es, queries=[dataclasses.replace(q, extra={"best": [q.targets[-1]]})
+                                                 for q in es.queries])]
+
+
 @pytest.mark.parametrize(("cls", "failing", "why"), [
     (_Twice, 0, "the gallery lists an image twice"),
+    (_Telling, 0, "query 0: its extra 'best' names its target, and methods see the extras"),
     (_Stray, 0, "query 2: candidate elsewhere.png is not in the gallery"),
     (_OffByOne, 1, "a perfect ranking scores R@1 0.0000, not 100"),
     (_Unread, 2, "R@1 is 100.0000 with the targets last, as with them first"),

@@ -780,7 +780,8 @@ def test_what_a_method_returns_is_checked_and_the_plugin_named(tmp_path, tiny_co
 
 def test_a_method_never_sees_a_subset_nor_the_order_its_candidates_were_listed_in(tmp_path, tiny_config, toy_root):
     """A CIRR-like subset (candidates that hold the target, the whole gallery ranked) is hidden from the method; a
-    per-query gallery (GeneCIS lists the target first) reaches it sorted, so that its order says nothing."""
+    per-query gallery (GeneCIS lists the target first) reaches it sorted, so that its order says nothing; an extra
+    that tells the answer (``target_extras``) is dropped."""
     import dataclasses
 
     import torch
@@ -793,10 +794,13 @@ def test_a_method_never_sees_a_subset_nor_the_order_its_candidates_were_listed_i
         return (q.targets[0], *others)
 
     class Subsets(ToyDataset):
+        target_extras = ("target_img_id",)
+
         def load(self, split):
             (es,) = super().load(split)
-            return [dataclasses.replace(es, queries=[dataclasses.replace(q, candidates=listed(es, q))
-                                                     for q in es.queries])]
+            return [dataclasses.replace(es, queries=[dataclasses.replace(
+                q, candidates=listed(es, q), extra={"target_img_id": q.targets[0], "shared_concept": "a dog"})
+                for q in es.queries])]
 
     class OwnGalleries(Subsets):
         def load(self, split):
@@ -804,6 +808,7 @@ def test_a_method_never_sees_a_subset_nor_the_order_its_candidates_were_listed_i
             return [dataclasses.replace(es, query_galleries=True, exclude_reference=False)]
 
     seen: list = []
+    extras: list = []
 
     class FirstCandidate(Method):
         def prepare(self, query_set):
@@ -811,6 +816,7 @@ def test_a_method_never_sees_a_subset_nor_the_order_its_candidates_were_listed_i
 
         def compose(self, references, queries):
             seen.extend(q.candidates for q in queries)
+            extras.extend(q.extra for q in queries)
             return torch.nn.functional.normalize(references.float(), dim=-1)
 
     class Plugin:
@@ -830,6 +836,8 @@ def test_a_method_never_sees_a_subset_nor_the_order_its_candidates_were_listed_i
         evaluate(_cfg(tmp_path, tiny_config, toy_root, method="first-candidate", dataset="own-galleries",
                       bootstrap=0), reg)
     assert seen and all(c is not None and list(c) == sorted(c) for c in seen)
+    # an extra the dataset declares an answer (CIRCO's target_img_id) is dropped; the others reach the method
+    assert extras and all(e == {"shared_concept": "a dog"} for e in extras)
 
 
 def test_a_method_never_sees_targets_and_may_declare_unnormalised_features(tmp_path, tiny_config, toy_root):

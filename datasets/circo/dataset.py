@@ -34,6 +34,7 @@ ASPECTS = ("cardinality", "addition", "negation", "direct_addressing", "compare_
 
 
 class CIRCO(Dataset):
+    target_extras = ("target_img_id",)  # Recall@K reads it; a method must not
     #: where ``cirbench data fetch`` gets them: github.com/miccunifi/CIRCO, pinned
     OFFICIAL_SOURCES = {f"annotations/{split}.json": "https://raw.githubusercontent.com/miccunifi/CIRCO/"
                         f"267b5c9087d856ce1b41d2daf8f385ae5b629a3b/annotations/{split}.json"

@@ -30,6 +30,8 @@ RECALL_KS = (1, 5, 10)
 class Shapes(Dataset):
     """Generated CIR benchmark; ``val``/``test`` are query splits, ``train`` an image-caption corpus."""
 
+    target_extras = ("target_attributes",)  # the answer, spelled out: for the report, never for a method
+
     def __init__(self, data_root: Path | str | None, options: dict[str, Any] | None = None):
         super().__init__(data_root, options)
         if not self.data_root_given:  # generated into the cache, and read (and its files named) from there
