@@ -929,3 +929,19 @@ def test_batch_sizes_do_not_change_the_numbers(tmp_path, tiny_config, toy_root):
     tops = [[json.loads(line)["top"] for line in run.predictions_path.read_text().splitlines()]
             for run in (whole, small)]
     assert tops[0] == tops[1] and len(tops[0]) == whole.record["counts"]["queries"] > 4
+
+
+def test_composed_features_must_be_unit_vectors_to_a_thousandth():
+    """A query vector off unit length by a percent ranks by its length too: refused; float32 round-off is not."""
+    import torch
+
+    from cirbench.evaluate import check_composed
+    from cirbench.types import MethodSpec
+
+    spec = MethodSpec(name="m", description="d", factory=lambda *a: None, plugin="p")
+    unit = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert torch.equal(check_composed(unit * 1.0004, 4, 8, spec), unit * 1.0004)
+    with pytest.raises(CirbenchError, match=r"method 'm' \(plugin p\): compose returned features that are not "
+                                            r"L2-normalised \(norms 1\.01\.\.1\.01\)"):
+        check_composed(unit * 1.01, 4, 8, spec)
+    assert torch.equal(check_composed(unit * 1.01, 4, 8, spec, unit=False), unit * 1.01)  # unit_features = False
