@@ -3,7 +3,8 @@ plugins (a changed default moves every number a method prints, and no other test
 
 Sources: ``../shared/REFERENCE.md`` §1 (preprocessing) and §2 (Slerp, Slerp+TAT, Pic2Word, SEARLE, FTI4CIR), and
 SEARLE's official argparse defaults (``src/oti_inversion.py`` and ``src/train_phi.py`` at miccunifi/SEARLE), and
-LinCIR's (``train_phi.py`` at navervision/lincir, with its README's training command).
+LinCIR's (``train_phi.py`` at navervision/lincir, with its README's training command), and TransAgg's
+(``config.py``, ``main.py`` and ``utils.py``'s ``get_optimizer`` at Code-kunkun/ZS-CIR).
 Where a source leaves a value open (TAT's temperature and LoRA targets, SEARLE's Phi schedule) nothing is asserted.
 """
 
@@ -48,6 +49,9 @@ TRAIN_OPTIONS = [
     ("fti4cir", "reg_weight", 1.4, "REFERENCE §2 FTI4CIR: 1.4 x (three cosine regularisers)"),
     ("lincir", "dropout", 0.5, "lincir train_phi.py --phi_dropout"),
     ("lincir", "noise", 1.0, "lincir train_phi.py: features += 1.0 * rand * randn"),
+    ("transagg", "layers", 2, "ZS-CIR config.py num_layers"),
+    ("transagg", "dropout", 0.5, "ZS-CIR config.py dropout"),
+    ("transagg", "clip_lr_scale", 0.01, "ZS-CIR get_optimizer: the pretrained model at lr 1e-6 beside 1e-4"),
 ]
 
 # (method, trainer default, value, source)
@@ -76,6 +80,13 @@ TRAINER_DEFAULTS = [
     ("lincir", "batch_size", 512, "lincir README: --batch_size 64 on 8 processes"),
     ("lincir", "max_steps", 20000, "lincir README: --max_train_steps 20000"),
     ("lincir", "warmup_steps", 0, "lincir README: constant_with_warmup --lr_warmup_steps 0"),
+    ("transagg", "lr", 1e-4, "ZS-CIR config.py learning_rate"),
+    ("transagg", "weight_decay", 0.05, "ZS-CIR config.py weight_decay (every group)"),
+    ("transagg", "batch_size", 64, "ZS-CIR config.py batch_size"),
+    ("transagg", "epochs", 100, "ZS-CIR config.py num_epochs"),
+    ("transagg", "schedule", "cosine", "ZS-CIR main.py CosineAnnealingWarmRestarts(T_0=num_epochs)"),
+    ("transagg", "min_lr", 1e-6, "ZS-CIR main.py eta_min=1e-2 * learning_rate"),
+    ("transagg", "max_grad_norm", 5.0, "ZS-CIR trainer.py clip_grad_norm_(max_norm=5)"),
 ]
 
 # (method, preprocessing, source)
@@ -84,6 +95,7 @@ PREPROCESSING = [
     ("searle-oti", "targetpad", "oti_inversion.py --preprocess-type targetpad"),
     ("fti4cir", "targetpad", "REFERENCE §1 Preprocessing: targetpad (SEARLE, FTI4CIR)"),
     ("pic2word", "clip", "REFERENCE §1 Preprocessing: clip (Pic2Word, LinCIR)"),
+    ("transagg", "targetpad", "ZS-CIR config.py transform targetpad, target_ratio 1.25"),
 ]
 
 
