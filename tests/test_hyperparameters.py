@@ -4,7 +4,9 @@ plugins (a changed default moves every number a method prints, and no other test
 Sources: ``../shared/REFERENCE.md`` §1 (preprocessing) and §2 (Slerp, Slerp+TAT, Pic2Word, SEARLE, FTI4CIR), and
 SEARLE's official argparse defaults (``src/oti_inversion.py`` and ``src/train_phi.py`` at miccunifi/SEARLE), and
 LinCIR's (``train_phi.py`` at navervision/lincir, with its README's training command), and TransAgg's
-(``config.py``, ``main.py`` and ``utils.py``'s ``get_optimizer`` at Code-kunkun/ZS-CIR).
+(``config.py``, ``main.py`` and ``utils.py``'s ``get_optimizer`` at Code-kunkun/ZS-CIR), and PLI's
+(``options/command_line.py`` and the README's ViT-L/14 targetpad command, whose checkpoint was released, at
+Chen-Junyang-cn/PLI).
 Where a source leaves a value open (TAT's temperature and LoRA targets, SEARLE's Phi schedule) nothing is asserted.
 """
 
@@ -27,6 +29,7 @@ OPTIONS = [
     ("searle-oti", "lambda_cos", 1.0, "oti_inversion.py --lambda_cos"),
     ("searle-oti", "ema_decay", 0.99, "oti_inversion.py --ema-decay"),
     ("searle-oti", "oti_seed", 42, "oti_inversion.py --seed"),
+    ("pli", "image_weight", 0.25, "PLI README CLIP commands: --img_weight=0.25"),
 ]
 
 # (method, training option, value, source)
@@ -52,6 +55,7 @@ TRAIN_OPTIONS = [
     ("transagg", "layers", 2, "ZS-CIR config.py num_layers"),
     ("transagg", "dropout", 0.5, "ZS-CIR config.py dropout"),
     ("transagg", "clip_lr_scale", 0.01, "ZS-CIR get_optimizer: the pretrained model at lr 1e-6 beside 1e-4"),
+    ("pli", "mask_ratio", 0.75, "PLI README CLIP commands: --mask_ratio=0.75"),
 ]
 
 # (method, trainer default, value, source)
@@ -87,6 +91,11 @@ TRAINER_DEFAULTS = [
     ("transagg", "schedule", "cosine", "ZS-CIR main.py CosineAnnealingWarmRestarts(T_0=num_epochs)"),
     ("transagg", "min_lr", 1e-6, "ZS-CIR main.py eta_min=1e-2 * learning_rate"),
     ("transagg", "max_grad_norm", 5.0, "ZS-CIR trainer.py clip_grad_norm_(max_norm=5)"),
+    ("pli", "lr", 1e-6, "PLI README: --lr=1e-6"),
+    ("pli", "weight_decay", 5e-5, "PLI command_line.py --weight_decay"),
+    ("pli", "batch_size", 64, "PLI README ViT-L/14 targetpad command: --batch_size=64"),
+    ("pli", "epochs", 5, "PLI README ViT-L/14 targetpad command: --epoch=5"),
+    ("pli", "warmup_epochs", 5, "PLI command_line.py --warmup_iters (epochs)"),
 ]
 
 # (method, preprocessing, source)

@@ -180,8 +180,9 @@ class PLITrainable(TrainableMethod):
     """Masked tuning: (image with its patches masked, its caption) -> the image, within the global batch."""
 
     name = "pli"
-    # the README's CLIP commands: batch 64, lr 1e-6, 5 (ViT-L/14) or 10 (ViT-B/32) epochs; weight decay 5e-5 and
-    # the per-epoch warm-up (LinearLR from gamma**2 = 0.01 over --warmup_iters 5 epochs) are its defaults
+    # the README's CLIP commands: lr 1e-6; its ViT-L/14 targetpad command (the released checkpoint's) batch 64 and
+    # 5 epochs (its other commands train 10); weight decay 5e-5 and the per-epoch warm-up (LinearLR from
+    # gamma**2 = 0.01 over --warmup_iters 5 epochs) are its defaults
     defaults = {"lr": 1e-6, "weight_decay": 5e-5, "batch_size": 64, "epochs": 5, "schedule": "constant",
                 "warmup_steps": 0, "warmup_epochs": 5, "warmup_start": 0.01}
 
