@@ -6,7 +6,8 @@ SEARLE's official argparse defaults (``src/oti_inversion.py`` and ``src/train_ph
 LinCIR's (``train_phi.py`` at navervision/lincir, with its README's training command), and TransAgg's
 (``config.py``, ``main.py`` and ``utils.py``'s ``get_optimizer`` at Code-kunkun/ZS-CIR), and PLI's
 (``options/command_line.py`` and the README's ViT-L/14 targetpad command, whose checkpoint was released, at
-Chen-Junyang-cn/PLI).
+Chen-Junyang-cn/PLI), Context-I2W's (``src/params.py`` at Pter61/context-i2w) and RTD's (``run.sh`` and
+``train_text_encoder.py`` at jaeseokbyun/RTD).
 Where a source leaves a value open (TAT's temperature and LoRA targets, SEARLE's Phi schedule) nothing is asserted.
 """
 
@@ -56,6 +57,10 @@ TRAIN_OPTIONS = [
     ("transagg", "dropout", 0.5, "ZS-CIR config.py dropout"),
     ("transagg", "clip_lr_scale", 0.01, "ZS-CIR get_optimizer: the pretrained model at lr 1e-6 beside 1e-4"),
     ("pli", "mask_ratio", 0.75, "PLI README CLIP commands: --mask_ratio=0.75"),
+    ("context-i2w", "middle_dim", 512, "context-i2w params.py --middle_dim"),
+    ("context-i2w", "dropout", 0.1, "context-i2w params.py --droprate"),
+    ("rtd", "noise", 0.5, "RTD train_text_encoder.py --noise_scale"),
+    ("rtd", "tau", 0.07, "RTD train_text_encoder.py --tau"),
 ]
 
 # (method, trainer default, value, source)
@@ -96,6 +101,17 @@ TRAINER_DEFAULTS = [
     ("pli", "batch_size", 64, "PLI README ViT-L/14 targetpad command: --batch_size=64"),
     ("pli", "epochs", 5, "PLI README ViT-L/14 targetpad command: --epoch=5"),
     ("pli", "warmup_epochs", 5, "PLI command_line.py --warmup_iters (epochs)"),
+    ("context-i2w", "lr", 5e-4, "context-i2w params.py get_default_params (ViT)"),
+    ("context-i2w", "weight_decay", 0.2, "context-i2w params.py --wd"),
+    ("context-i2w", "batch_size", 64, "context-i2w params.py --batch-size (per GPU; one GPU)"),
+    ("context-i2w", "epochs", 32, "context-i2w params.py --epochs"),
+    ("context-i2w", "warmup_steps", 10000, "context-i2w params.py --warmup"),
+    ("context-i2w", "schedule", "cosine", "context-i2w main.py: cosine_lr(optimizer, lr, warmup, total_steps)"),
+    ("rtd", "lr", 1e-5, "RTD run.sh --learning_rate 1e-5"),
+    ("rtd", "weight_decay", 0.01, "RTD train_text_encoder.py --weight_decay"),
+    ("rtd", "batch_size", 512, "RTD run.sh --batch_size 128 on 4 processes"),
+    ("rtd", "max_steps", 2000, "RTD run.sh --max_train_steps 2000"),
+    ("rtd", "warmup_steps", 0, "RTD run.sh constant_with_warmup --lr_warmup_steps 0"),
 ]
 
 # (method, preprocessing, source)
