@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .util import json_loads, making, matches_any
+from .util import json_object_file, making, matches_any
 
 
 @dataclass
@@ -75,11 +75,7 @@ def feature_entries(root: Path) -> list[Entry]:
         if not folder.is_dir():
             continue
         manifest = folder / "key.json"
-        try:
-            key = json_loads(manifest.read_bytes())
-            key = key if isinstance(key, dict) else None
-        except (OSError, ValueError):
-            key = None
+        key = json_object_file(manifest)
         rows, shards, size, bad = 0, 0, 0, []
         for item in folder.iterdir():
             try:

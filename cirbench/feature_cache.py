@@ -53,7 +53,7 @@ from .util import (
     default_cache_dir,
     file_sha256,
     json_hash,
-    json_loads,
+    json_object_file,
     making,
     sha256_bytes,
     tensor_bytes,
@@ -153,10 +153,7 @@ class FeatureCache:
         folder = self._folder(key)
         if not folder.is_dir():
             return rows
-        try:
-            stored = json_loads((folder / "key.json").read_bytes())
-        except (OSError, ValueError):
-            stored = None
+        stored = json_object_file(folder / "key.json")
         if stored != json.loads(json.dumps(key, sort_keys=True, default=str)):
             if self.writer:
                 warnings.warn(f"feature cache {folder} does not match its key; rebuilding it", CacheWarning,

@@ -57,7 +57,7 @@ from .errors import CheckpointError, CirbenchError, CirbenchWarning
 from .preprocess import Preprocessor, RandomResizedCrop
 from .results import environment_info
 from .train_state import load_train_state, rng_state, save_train_state, set_rng_state
-from .util import atomic_write_bytes, json_loads, partial_folder, recover_folder, replace_folder
+from .util import atomic_write_bytes, json_loads, json_object_file, partial_folder, recover_folder, replace_folder
 
 if TYPE_CHECKING:
     from .evaluate import Loaded
@@ -617,11 +617,8 @@ class _Trainer:
     def _best_so_far(self) -> float | None:
         """The score of ``<output>/best``, if this run continues the run that validated it on the same benchmark
         (a run started over, or validated on another benchmark, replaces it at its first validation)."""
-        try:
-            record = json_loads((self.output / "best" / "validation.json").read_bytes())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(record, dict):
+        record = json_object_file(self.output / "best" / "validation.json")
+        if record is None:
             return None
         same = record.get("validate") == self.cfg.validate and 0 < record.get("step", 0) <= self.state.step
         return float(record["value"]) if same and isinstance(record.get("value"), (int, float)) else None
@@ -988,10 +985,6 @@ def check_not_resumable_elsewhere(output: Path, method: str) -> None:
     """Refuse to write a method's checkpoints over another method's."""
     cfg = Path(output) / "config.json"
     if cfg.is_file():
-        try:
-            saved = json_loads(cfg.read_bytes())
-        except (OSError, ValueError):
-            return
-        saved = saved.get("method") if isinstance(saved, dict) else None
+        saved = (json_object_file(cfg) or {}).get("method")
         if saved and saved != method:
             raise CheckpointError(f"{output} holds a '{saved}' checkpoint; choose another --output for '{method}'")

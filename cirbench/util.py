@@ -240,6 +240,17 @@ def read_json_file(path: Path | str, option: str) -> Any:
         raise CirbenchError(f"{option}: {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
 
 
+def json_object_file(path: Path | str) -> dict[str, Any] | None:
+    """The JSON object in a file cirbench wrote itself (a marker, a record, a key), or None when the file is
+    missing, unreadable, not JSON (a write torn by a crash) or not an object (edited by hand, another tool's):
+    each caller then treats it as absent."""
+    try:
+        value = json_loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def json_hash(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj`` (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -78,13 +78,9 @@ def object_key(r: Row) -> str:
 def read_made_for(folder: Path) -> dict[str, str]:
     """``{file: object_key}`` of the masked images ``cirbench data prepare`` wrote ({} for images it did not
     write, e.g. those of the official script)."""
-    from cirbench.util import json_loads
+    from cirbench.util import json_object_file
 
-    try:
-        data = json_loads((folder / MADE_FOR).read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    return {str(k): str(v) for k, v in (json_object_file(folder / MADE_FOR) or {}).items()}
 
 
 def region_crop(image, box: tuple[int, int, int, int]):

@@ -15,7 +15,7 @@ from cirbench.dataset import Dataset
 from cirbench.errors import CirbenchError
 from cirbench.metrics import ap_per_query, hits_matrix, recall_per_query
 from cirbench.types import EvalSet, ImageRef, Query
-from cirbench.util import default_cache_dir, json_loads, making, replace_folder
+from cirbench.util import default_cache_dir, json_object_file, making, replace_folder
 
 from . import CORPUS_OPTIONS, QUERY_SPLIT_OPTIONS
 from . import generator as G
@@ -57,11 +57,8 @@ class Shapes(Dataset):
 
     def _is_complete(self, target: Path, split: str) -> bool:
         """The folder was generated to the end, by this format, from these options."""
-        try:
-            stamp = json_loads((target / COMPLETE).read_bytes())
-        except (OSError, ValueError):
-            return False
-        if not isinstance(stamp, dict) or not isinstance(stored := stamp.get("options"), dict):
+        stamp = json_object_file(target / COMPLETE)
+        if stamp is None or not isinstance(stored := stamp.get("options"), dict):
             return False
         seed = int(self.options.get("generator_seed", 0))
         return (stamp.get("version") == FORMAT_VERSION
