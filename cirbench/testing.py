@@ -382,6 +382,7 @@ def check_dataset(name: str, split: str | None = None, data_root: Any = None, op
             report(DATASET_CHECKS[number])
 
     unreachable = 0
+    answer_keys = set(getattr(dataset, "target_extras", ()))
     for es in evalsets:
         gallery = [g.id for g in es.gallery]
         if len(set(gallery)) != len(gallery):
@@ -396,7 +397,7 @@ def check_dataset(name: str, split: str | None = None, data_root: Any = None, op
             strays = [c for c in q.candidates or () if c not in known]
             if strays:
                 raise AssertionError(f"set '{es.name}', query {q.id}: candidate {strays[0]} is not in the gallery")
-            told = _extra_naming_a_target(q, set(getattr(dataset, "target_extras", ())))
+            told = _extra_naming_a_target(q, answer_keys)
             if told is not None:
                 raise AssertionError(f"set '{es.name}', query {q.id}: its extra '{told}' names its target, and methods "
                                      "see the extras: list the key in the dataset's target_extras")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from cirbench.backbones import Backbone
 from cirbench.checkpoints import checkpoint_sha256, is_official_file, load_checkpoint
 from cirbench.errors import CirbenchError
-from cirbench.method import Method, average_variants, capitalized_forward_text
+from cirbench.method import Method, average_variants, capitalized_forward_text, caption_variants
 from cirbench.methods._shared.captions import split_subject_attribute
 from cirbench.methods._shared.textinv import (
     Phi,
@@ -156,8 +156,7 @@ def caption_variants_fti4cir(texts: tuple[str, ...]) -> list[str]:
     ``str.capitalize`` (which also lowercases the rest of it), as FTI4CIR's ``evaluate.py`` writes it."""
     if len(texts) == 1:
         return [texts[0]]
-    c1, c2 = (t.strip(".?, ") for t in texts[:2])
-    return [capitalized_forward_text(texts), f"{c2} and {c1}"]
+    return [capitalized_forward_text(texts), caption_variants(texts)[1]]
 
 
 def load_weights(path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
