@@ -1,14 +1,36 @@
 """Test helpers: register a plugin for a test and always unregister it (``cirbench.testing.registered``); record
-what the training loop does."""
+what the training loop does; serve a folder over HTTP on the loopback."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from cirbench.testing import registered
 
-__all__ = ["record_training", "registered"]
+__all__ = ["record_training", "registered", "serving"]
+
+
+@contextlib.contextmanager
+def serving(folder: Path) -> Iterator[str]:
+    """The files of ``folder`` served over HTTP on the loopback while the block runs (a download host or a mirror,
+    for the real download paths); yields the base URL. The server's request lines stay out of the output."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
 
 
 def record_training(events: list[list[Any]], patch: Callable[[Any, str, Any], None] = setattr) -> None:

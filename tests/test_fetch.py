@@ -10,6 +10,7 @@ import shutil
 import pytest
 from annotations import ANNOTATIONS, needs_annotations
 from click.testing import CliRunner
+from helpers import serving
 
 from cirbench.cli import cli
 from cirbench.fetch import MIRROR_ENV
@@ -72,18 +73,7 @@ def test_fetch_writes_the_official_files_and_keeps_what_is_in_place(tmp_path):
 def test_fetch_from_an_http_mirror_of_the_annotations(tmp_path):
     """A mirror given as a URL (a lab's web server) is read as the folder mirror is: the data root's layout or one
     folder per dataset under it, each file held to its official checksum."""
-    import functools
-    import http.server
-    import threading
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):  # the server's request lines are not the command's output
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(ANNOTATIONS)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        mirror = f"http://127.0.0.1:{server.server_address[1]}"
+    with serving(ANNOTATIONS) as mirror:
         res = _fetch("circo", "--data-root", str(tmp_path / "CIRCO"), mirror=mirror)
         assert res.exit_code == 0 and res.output.count("fetched   ") == 2, res.output
         assert (tmp_path / "CIRCO" / "annotations" / "val.json").read_bytes() == (
@@ -92,8 +82,6 @@ def test_fetch_from_an_http_mirror_of_the_annotations(tmp_path):
         assert res.exit_code == 2 and "HTTP Error 404" in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1, res.output
         assert not (tmp_path / "other" / "annotations" / "val.json").exists()
-    finally:
-        server.shutdown()
 
 
 @needs_annotations

@@ -285,9 +285,7 @@ def test_an_image_without_usable_phrases_is_optimised_on_the_template_loss(backb
 def test_published_files_download_once_into_the_hub_cache(tmp_path, monkeypatch):
     """The real download path (here from a loopback server): fetched once into torch's hub cache, then read
     from there; a failed download is one line naming the URL and the option, and leaves no file behind."""
-    import functools
-    import http.server
-    import threading
+    from helpers import serving
 
     from cirbench import hub
     from cirbench.errors import CheckpointError
@@ -295,13 +293,8 @@ def test_published_files_download_once_into_the_hub_cache(tmp_path, monkeypatch)
     served = tmp_path / "site"
     served.mkdir()
     (served / "concepts.csv").write_text("LabelName,DisplayName\n/m/1,dog\n")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(served) as base:
         got = hub.url_file(f"{base}/concepts.csv", "a concept list", "concepts")
         assert got == tmp_path / "hub" / "checkpoints" / "concepts.csv" and oti.load_concepts(got) == ["dog"]
         (served / "concepts.csv").unlink()
@@ -310,8 +303,6 @@ def test_published_files_download_once_into_the_hub_cache(tmp_path, monkeypatch)
                                                   r"HTTPError.*--phrases PATH"):
             hub.url_file(f"{base}/gone.zip", "a phrase file", "phrases")
         assert not (tmp_path / "hub" / "checkpoints" / "gone.zip").exists()
-    finally:
-        server.shutdown()
 
 
 def test_torchrun_ranks_share_the_batches(tmp_path, monkeypatch):
