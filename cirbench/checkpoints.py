@@ -24,6 +24,14 @@ from .util import atomic_write_files, json_loads, one_line
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 OWN_CONFIG = "cirbench_config"  # the key of the record in the weights file's metadata
+#: the weights a transformers ``save_pretrained`` folder holds, in the order ``from_pretrained`` prefers them
+PRETRAINED_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def pretrained_weights_in(folder: Path) -> Path | None:
+    """The weights file ``from_pretrained`` would read in a ``save_pretrained`` folder (safetensors before a
+    pickle, as transformers chooses), or None when the folder has neither."""
+    return next((folder / name for name in PRETRAINED_WEIGHTS if (folder / name).is_file()), None)
 
 
 def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:

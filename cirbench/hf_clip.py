@@ -20,11 +20,10 @@ from typing import Any
 
 import torch
 
+from .checkpoints import PRETRAINED_WEIGHTS, pretrained_weights_in
 from .errors import CheckpointError
 from .hub import split_revision
 from .util import one_line
-
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 _TOWER = {"vision_model": "visual.transformer", "text_model": "transformer"}
 _BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
@@ -86,7 +85,7 @@ def _hub_files(repo: str, revision: str | None) -> tuple[Path, Path]:
 
     config = hub_file(repo, "config.json", f"the config of {repo}", option="pretrained", revision=revision)
     error: CheckpointError | None = None
-    for name in WEIGHT_FILES:
+    for name in PRETRAINED_WEIGHTS:
         try:
             return config, hub_file(repo, name, f"the weights of {repo}", option="pretrained", revision=revision)
         except CheckpointError as exc:  # a repository saved as .bin has no model.safetensors
@@ -102,11 +101,11 @@ def files_of(source: str) -> tuple[Path, Path]:
     name = source.removeprefix("hf:").strip()
     folder = Path(name).expanduser()
     if folder.is_dir():
-        weights = [folder / n for n in WEIGHT_FILES if (folder / n).is_file()]
-        if not (folder / "config.json").is_file() or not weights:
-            raise CheckpointError(f"--pretrained {source}: the folder needs config.json and {' or '.join(WEIGHT_FILES)}"
-                                  " (as CLIPModel.save_pretrained writes them)")
-        return folder / "config.json", weights[0]
+        weights = pretrained_weights_in(folder)
+        if not (folder / "config.json").is_file() or weights is None:
+            raise CheckpointError(f"--pretrained {source}: the folder needs config.json and "
+                                  f"{' or '.join(PRETRAINED_WEIGHTS)} (as CLIPModel.save_pretrained writes them)")
+        return folder / "config.json", weights
     repo, revision = split_revision(name)
     if repo.count("/") != 1 or repo.startswith((".", "/", "~")) or revision == "":
         raise CheckpointError(f"--pretrained {source}: neither a folder nor a Hugging Face hub repository id "

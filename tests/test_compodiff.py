@@ -523,7 +523,7 @@ def test_wrong_files_say_what_is_wrong(tmp_path, backbone, released):
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
     refused("junk.bin", checkpoint=str(tmp_path / "junk.bin"))
     refused("is not a file", checkpoint=str(tmp_path / "missing.bin"))
-    refused("folder without pytorch_model.bin or model.safetensors", checkpoint=str(tmp_path))
+    refused("folder without model.safetensors or pytorch_model.bin", checkpoint=str(tmp_path))
     torch.save({"state_dict_img2text": {"layers.0.0.weight": torch.zeros(4, 4)}}, tmp_path / "p2w.pt")
     refused("not a CompoDiff denoiser's tensor", checkpoint=str(tmp_path / "p2w.pt"))
     state = released.official.state_dict()
@@ -548,6 +548,10 @@ def test_wrong_files_say_what_is_wrong(tmp_path, backbone, released):
     folder.mkdir()
     shared = [k for k in state if k.endswith("rotary_emb.freqs")][1:]  # save_pretrained keeps one shared tensor
     save_file({k: v.contiguous() for k, v in state.items() if k not in shared}, folder / "model.safetensors")
+    method = CompoDiff(backbone, {**released.options, "checkpoint": str(folder)}, "cirr")
+    assert method.info()["checkpoint"]["path"].endswith("model.safetensors")
+    # beside a pytorch_model.bin, the safetensors file is the one read, as from_pretrained chooses
+    (folder / "pytorch_model.bin").write_bytes(b"stale pickle")
     method = CompoDiff(backbone, {**released.options, "checkpoint": str(folder)}, "cirr")
     assert method.info()["checkpoint"]["path"].endswith("model.safetensors")
 

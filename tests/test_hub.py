@@ -122,8 +122,8 @@ def test_a_transformers_clip_at_a_revision_is_fetched_there(monkeypatch):
     asked = []
     monkeypatch.setattr(hub, "hub_file", lambda repo, name, what, option, revision=None: asked.append(
         (repo, name, revision)) or Path(name))
-    assert hf_clip.files_of("hf:BAAI/BGE-VL-base@v1.0") == (Path("config.json"), Path(hf_clip.WEIGHT_FILES[0]))
-    assert asked == [("BAAI/BGE-VL-base", "config.json", "v1.0"), ("BAAI/BGE-VL-base", hf_clip.WEIGHT_FILES[0], "v1.0")]
+    assert hf_clip.files_of("hf:BAAI/BGE-VL-base@v1.0") == (Path("config.json"), Path("model.safetensors"))
+    assert asked == [("BAAI/BGE-VL-base", "config.json", "v1.0"), ("BAAI/BGE-VL-base", "model.safetensors", "v1.0")]
     for bad in ("hf:BAAI/BGE-VL-base@", "hf:BAAI", "hf:a/b/c"):
         with pytest.raises(CheckpointError, match="neither a folder nor a Hugging Face hub repository id"):
             hf_clip.files_of(bad)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cirbench.backbones import Backbone
-from cirbench.checkpoints import read_weights_file
+from cirbench.checkpoints import PRETRAINED_WEIGHTS, pretrained_weights_in, read_weights_file
 from cirbench.errors import CheckpointError
 from cirbench.hub import HubFile
 from cirbench.method import Method, caption_variants
@@ -39,10 +39,9 @@ from cirbench.util import file_sha256, keyed_seed, one_line
 from .prior import Denoiser, Guidance, Schedule, build, sample
 
 HUB_REPO = "navervision/CompoDiff-Aesthetic"
-WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")  # what CompoDiffModel.save_pretrained writes
 #: the released file: the repository's head since 2023-04-27 (9e26bd4; the weights are e13da22's of 2023-04-23,
 #: which replaced those of the first upload), by its Git LFS sha256
-RELEASED = HubFile(HUB_REPO, WEIGHT_FILES[0], "9e26bd4a9305ca1b8572dd3a699dd4e3c14f5dcd",
+RELEASED = HubFile(HUB_REPO, "pytorch_model.bin", "9e26bd4a9305ca1b8572dd3a699dd4e3c14f5dcd",
                    "1f22dc90a1cb8b18ca1a05deb3afe299aa0d8a38f2b92cdfa10c217d5e5f4692")
 RELEASED_FOR = ("ViT-L-14", "openai")  # the embeddings CompoDiff-Aesthetic denoises: openai/clip-vit-large-patch14
 TEXT_ENCODER = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
@@ -74,10 +73,10 @@ def weights_file(options: dict, backbone: Backbone) -> Path:
     if given:
         path = Path(given).expanduser()
         if path.is_dir():
-            found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
-            if not found:
-                raise CheckpointError(f"--checkpoint {path} is a folder without {' or '.join(WEIGHT_FILES)}")
-            return found[0]
+            found = pretrained_weights_in(path)  # what CompoDiffModel.save_pretrained wrote, as from_pretrained picks
+            if found is None:
+                raise CheckpointError(f"--checkpoint {path} is a folder without {' or '.join(PRETRAINED_WEIGHTS)}")
+            return found
         if not path.is_file():
             raise CheckpointError(f"--checkpoint {path} is not a file")
         return path
