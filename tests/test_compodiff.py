@@ -469,6 +469,27 @@ def test_sampling_is_the_official_ddim_loop(released, steps, scales, samples):
     assert ours.shape == (3, 32) and bool(torch.isfinite(ours).all())
 
 
+def test_a_denoiser_trained_on_another_number_of_timesteps_samples_on_its_own_schedule(tmp_path):
+    """CompoDiffConfig's ``timesteps`` is read from the file's schedule (its betas), not assumed to be 1000."""
+    from cirbench.methods.compodiff.prior import Guidance, build, sample
+    from cirbench.util import keyed_seed
+
+    official = randomised(OfficialCompoDiffModel(text_width=TEXT_WIDTH, timesteps=500, **SIZES), 2)
+    torch.save(official.state_dict(), tmp_path / "short.bin")
+    net, schedule = build(torch.load(tmp_path / "short.bin"), "short.bin")
+    assert net.arch.timesteps == 500 and schedule.ddim_pairs(10)[0] == (449, 399)
+    gen = torch.Generator().manual_seed(4)
+    image, mask = torch.randn(2, 1, 32, generator=gen), torch.zeros(2, 64, 64)
+    text, negative = torch.randn(2, 77, TEXT_WIDTH, generator=gen), torch.randn(2, 77, TEXT_WIDTH, generator=gen)
+    ids = ["a", "b"]
+    ours = sample(net, schedule, image, text, negative, mask, Guidance(steps=10, samples=1),
+                  [torch.Generator().manual_seed(keyed_seed(0, q)) for q in ids])
+    draws = iter(port_draws(ids, 0, len(schedule.ddim_pairs(10)), 1, 32))
+    expected = official.model.sample(image, text, negative, mask, draws, num_samples_per_batch=1,
+                                     cond_scale=(1.5, 7.5), timesteps=10)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_compose_is_the_official_query(backbone, released):
     """The method's query on CIRR-, FashionIQ- and a domain-conversion-shaped query is the official pipeline's:
     transformers' text tower (with the text's mask for the negative text), the denoised embedding, the source
