@@ -7,7 +7,8 @@ LinCIR's (``train_phi.py`` at navervision/lincir, with its README's training com
 (``config.py``, ``main.py`` and ``utils.py``'s ``get_optimizer`` at Code-kunkun/ZS-CIR), and PLI's
 (``options/command_line.py`` and the README's ViT-L/14 targetpad command, whose checkpoint was released, at
 Chen-Junyang-cn/PLI), Context-I2W's (``src/params.py`` at Pter61/context-i2w) and RTD's (``run.sh`` and
-``train_text_encoder.py`` at jaeseokbyun/RTD).
+``train_text_encoder.py`` at jaeseokbyun/RTD), KEDs' (``src/eval_utils.py`` at suoych/KEDs) and CompoDiff's (its
+README's CIR usage and ``demo_search.py`` at navervision/CompoDiff).
 Where a source leaves a value open (TAT's temperature and LoRA targets, SEARLE's Phi schedule) nothing is asserted.
 """
 
@@ -31,6 +32,13 @@ OPTIONS = [
     ("searle-oti", "ema_decay", 0.99, "oti_inversion.py --ema-decay"),
     ("searle-oti", "oti_seed", 42, "oti_inversion.py --seed"),
     ("pli", "image_weight", 0.25, "PLI README CLIP commands: --img_weight=0.25"),
+    ("keds", "neighbours", 16, "KEDs eval_utils.py get_retrieved_features(topk=16)"),
+    ("keds", "text_stream_weight", 0.5, "KEDs eval_utils.py evaluate_cirr: 0.5 x each stream"),
+    ("compodiff", "steps", 10, "CompoDiff README CIR usage: timesteps=10; demo_search.py steps 10"),
+    ("compodiff", "image_scale", 1.5, "CompoDiff README CIR usage / demo_search.py cfg_image_scale 1.5"),
+    ("compodiff", "text_scale", 7.5, "CompoDiff README CIR usage / demo_search.py cfg_text_scale 7.5"),
+    ("compodiff", "samples", 2, "CompoDiff README / demo_search.py num_samples_per_batch=2"),
+    ("compodiff", "source_weight", 0.1, "CompoDiff demo_search.py source_mixing_weight 0.1"),
 ]
 
 # (method, training option, value, source)

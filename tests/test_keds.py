@@ -221,6 +221,8 @@ def test_wrong_files_say_what_is_wrong(tmp_path, backbone, released):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     refused("junk.pt", text_stream=tmp_path / "junk.pt")
     refused("is not a file", image_stream=tmp_path / "missing.pt")
+    np.save(tmp_path / "stream.npy", np.zeros((40, 32), dtype=np.float32))  # a database passed for a stream
+    refused(r"is not a \.pt/\.pth checkpoint \(the released image_stream.pt", image_stream=tmp_path / "stream.npy")
     torch.save(torch.zeros(10, 48), tmp_path / "db48.pt")
     refused(r"\(10, 48\), not a \[rows, 32\] matrix", image_database=tmp_path / "db48.pt")
     torch.save(torch.zeros(12, 32), tmp_path / "db12.pt")
@@ -233,6 +235,30 @@ def test_wrong_files_say_what_is_wrong(tmp_path, backbone, released):
     refused("not a \\[rows, 32\\] matrix", image_database=tmp_path / "dict.pt")
     with pytest.raises(CirbenchError, match="--neighbours 41 exceeds the database's 40 rows"):
         KEDs(backbone, {**released.options, "neighbours": 41}, "cirr").prepare_references(["a"], torch.ones(1, 32))
+
+
+def test_a_stream_of_other_depths_loads_with_the_depths_its_file_has(tmp_path, backbone, released):
+    """A stream trained with a 3-layer mapping and 1-layer fusions (the official IM2TEXT's n_layer and CrossFormer's
+    num_layers are arguments) is built as its tensors say and recorded so."""
+    from cirbench.methods._shared.textinv import token_width
+    from cirbench.methods.keds.model import KnowledgeStream, load_stream
+
+    gen = torch.Generator().manual_seed(9)
+    own = KnowledgeStream(backbone.embed_dim, token_width(backbone), middle_dim=48, n_layer=3,
+                          fuse_layers=1).state_dict()
+    parts: dict[str, dict[str, torch.Tensor]] = {"img2text": {}, "retrieval_fuse": {}, "text_condition": {}}
+    for name, value in own.items():
+        part, _, rest = name.partition(".")
+        parts[part][rest] = torch.randn(value.shape, generator=gen) * 0.3
+    save_stream(tmp_path / "deep.pt", parts)
+    stream, arch = load_stream(tmp_path / "deep.pt", backbone)
+    assert arch == {"middle_dim": 48, "n_layer": 3, "fuse_layers": 1}
+    raw, rows = torch.randn(2, 32, generator=gen), torch.randn(2, K, 32, generator=gen)
+    mapped = official_im2text(parts["img2text"], raw)
+    fused = official_cross_attention(parts["retrieval_fuse"], "cross_layers.0.", mapped.unsqueeze(1),
+                                     *[official_im2text(parts["img2text"], rows)] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(stream(raw, rows, rows)[:, 0:1], fused, atol=2e-5, rtol=1e-4)
 
 
 def test_a_database_reads_alike_from_npy_safetensors_and_torch_files(tmp_path, backbone, released):
@@ -269,6 +295,10 @@ def test_released_files_are_for_vit_l14_openai_and_fail_offline_in_one_line(monk
     with pytest.raises(CheckpointError, match="released for ViT-L-14/openai only; for ViT-B-32/openai pass "
                                               "--image-stream FILE"):
         downloads({}, "ViT-B-32", "openai")
+    other = SimpleNamespace(model_name="ViT-B-32", pretrained="openai")
+    with pytest.raises(CheckpointError, match="released for ViT-L-14/openai only; for ViT-B-32/openai pass "
+                                              "--image-database FILE"):  # before any download is tried
+        resolve_files({"image_stream": "a.pt", "text_stream": "b.pt"}, other)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     fake = SimpleNamespace(model_name="ViT-L-14", pretrained="openai")
