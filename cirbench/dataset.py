@@ -95,6 +95,18 @@ class Dataset:
         self.data_root = Path(data_root if data_root is not None else ".").expanduser()
         self.options = dict(options or {})
 
+    def refuse_inconsistent(self, split: str, evalsets: list[EvalSet]) -> None:
+        """AnnotationError naming the first set that cannot be scored as :meth:`load` built it
+        (:meth:`EvalSet.inconsistency`: an image twice in a gallery, two queries of one id, a reference that is no
+        image, a candidate outside the gallery)."""
+        for es in evalsets:
+            problem = es.inconsistency()
+            if problem is not None:
+                plugin = getattr(self.spec, "plugin", "")
+                loader = f"the loader of plugin '{plugin}'" if plugin else "its loader"
+                raise AnnotationError(f"{self.name}/{split}, set '{es.name}': {problem}; its annotation files or "
+                                      f"{loader} are wrong (cirbench check --dataset {self.name}), nothing was scored")
+
     # -- to implement --------------------------------------------------------------------------------
     def load(self, split: str) -> list[EvalSet]:
         raise NotImplementedError
@@ -208,6 +220,7 @@ class Dataset:
         rows = self.read_predictions(path)
         per_set = {}
         evalsets = self.load(split)
+        self.refuse_inconsistent(split, evalsets)
         for evalset in evalsets:
             ranked = rows.get(evalset.name, rows.get("") if len(evalsets) == 1 else None)
             if ranked is None:

@@ -573,12 +573,16 @@ def _prediction_rows(es: EvalSet, ranking: Ranking, save_topk: int | None, per_q
     return rows
 
 
-def load_eval_sets(dspec, split: str, data_root, options: dict[str, Any], allow_missing: bool = False):
+def load_eval_sets(dspec, split: str, data_root, options: dict[str, Any], allow_missing: bool = False,
+                   consistent: bool = True):
     """The dataset, its evaluation sets of ``split`` read from ``data_root`` (default: the dataset's), and what
-    each set dropped for missing images; CirbenchError for bad annotations, missing images (unless
+    each set dropped for missing images; CirbenchError for bad annotations, sets that cannot be scored as built
+    (:meth:`EvalSet.inconsistency`; ``consistent=False`` leaves that to the caller), missing images (unless
     ``allow_missing``) or no query left."""
     dataset = dspec.create(data_root, options)
     evalsets = dataset.load(split)
+    if consistent:
+        dataset.refuse_inconsistent(split, evalsets)
     hint = dataset.root_hint() if hasattr(dataset, "root_hint") else None
     set_counts = {es.name: drop_missing(es, allow_missing, hint) for es in evalsets}
     if not any(es.queries for es in evalsets):

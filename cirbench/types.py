@@ -10,6 +10,7 @@ These are plain dataclasses with no torch dependency, so that listing plugins st
 
 from __future__ import annotations
 
+import collections
 import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -360,6 +361,26 @@ class EvalSet:
     @property
     def gallery_ids(self) -> list[str]:
         return [g.id for g in self.gallery]
+
+    def inconsistency(self) -> str | None:
+        """What makes this set unscorable as built, or None: an image listed twice in the gallery, two queries of
+        one id (their predictions and per-query rows would merge), a reference that is no image, a candidate
+        outside the gallery."""
+        gallery = self.gallery_ids
+        known = set(gallery)
+        if len(known) != len(gallery):
+            twice = next(g for g, n in collections.Counter(gallery).items() if n > 1)
+            return f"the gallery lists image {twice} twice"
+        ids = collections.Counter(q.id for q in self.queries)
+        if len(ids) != len(self.queries):
+            return f"two queries share the id {next(i for i, n in ids.items() if n > 1)!r}"
+        for q in self.queries:
+            if q.reference not in self.images:
+                return f"query {q.id}: its reference {q.reference} is no image of the set"
+            strays = [c for c in q.candidates or () if c not in known]
+            if strays:
+                return f"query {q.id}: its candidate {strays[0]} is not in the gallery"
+        return None
 
     def reference_images(self) -> list[ImageRef]:
         """The distinct reference images of the queries, in first-use order."""

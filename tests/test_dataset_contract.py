@@ -135,6 +135,23 @@ class _Stray(ToyDataset):
         return [dataclasses.replace(es, queries=queries)]
 
 
+class _SameId(ToyDataset):
+    """Gives two queries one id (a file joined with another that repeats a query)."""
+
+    def load(self, split):
+        (es,) = super().load(split)
+        return [dataclasses.replace(es, queries=[*es.queries, es.queries[5]])]
+
+
+class _Unknown(ToyDataset):
+    """Gives a query a reference that is no image of the set."""
+
+    def load(self, split):
+        (es,) = super().load(split)
+        return [dataclasses.replace(es, queries=[dataclasses.replace(q, reference="elsewhere.png") if i == 3 else q
+                                                 for i, q in enumerate(es.queries)])]
+
+
 class _Telling(ToyDataset):
     """Carries each query's target in an extra it does not declare as an answer: methods would read it."""
 
@@ -145,9 +162,11 @@ class _Telling(ToyDataset):
 
 
 @pytest.mark.parametrize(("cls", "failing", "why"), [
-    (_Twice, 0, "the gallery lists an image twice"),
+    (_Twice, 0, "the gallery lists image img_red_0.png twice"),
+    (_SameId, 0, "two queries share the id '5'"),
+    (_Unknown, 0, "query 3: its reference elsewhere.png is no image of the set"),
     (_Telling, 0, "query 0: its extra 'best' names its target, and methods see the extras"),
-    (_Stray, 0, "query 2: candidate elsewhere.png is not in the gallery"),
+    (_Stray, 0, "query 2: its candidate elsewhere.png is not in the gallery"),
     (_OffByOne, 1, "a perfect ranking scores R@1 0.0000, not 100"),
     (_Unread, 2, "R@1 is 100.0000 with the targets last, as with them first"),
     (_Skewed, 3, "its per-query values average"),
@@ -168,6 +187,38 @@ def test_check_dataset_catches_what_breaks_the_contract(tmp_path, cls, failing, 
     lines = res.output.splitlines()
     assert [line.split()[0] for line in lines[1:failing + 2]] == ["ok"] * failing + ["FAIL"], res.output
     assert why in res.output
+
+
+@pytest.mark.parametrize(("cls", "why"), [
+    (_Twice, "the gallery lists image img_red_0.png twice"),
+    (_SameId, "two queries share the id '5'"),
+    (_Unknown, "query 3: its reference elsewhere.png is no image of the set"),
+    (_Stray, "query 2: its candidate elsewhere.png is not in the gallery"),
+])
+def test_a_run_refuses_a_set_it_cannot_score_as_built(tmp_path, tiny_config, cls, why):
+    """Without a contract check first, a run on such a set would merge two queries' rows, score a duplicated
+    gallery image twice or stop on an internal KeyError; it stops in one line, before any result is written."""
+    class Broken:
+        @hookimpl
+        def register_datasets(self, register):
+            register(DatasetSpec(name="broken", description="broken on purpose", factory=cls, splits=("val",),
+                                 main_metric="R@1"))
+
+    root = write_toy_dataset(tmp_path / "toy")
+    with registered(Broken(), "broken"):
+        res = CliRunner().invoke(cli, ["run", "--method", "image-text-sum", "--dataset", "broken", "--data-root",
+                                       str(root), "--backbone", str(tiny_config), "--pretrained", "none", "--no-cache",
+                                       "--quiet", "--output", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == (f"error: broken/val, set 'all': {why}; its annotation files or the loader of plugin "
+                                  "'broken' are wrong (cirbench check --dataset broken), nothing was scored")
+    assert not (tmp_path / "out").exists()
+    ranking = tmp_path / "run.predictions.jsonl"  # a ranking file is not scored against such a set either
+    ranking.write_text('{"set": "all", "query": "0", "top": ["img_red_1.png"]}\n')
+    with registered(Broken(), "broken"):
+        res = CliRunner().invoke(cli, ["score", "--dataset", "broken", "--split", "val", "--data-root", str(root),
+                                       str(ranking)])
+    assert res.exit_code == 2 and f"broken/val, set 'all': {why}; " in res.output, res.output
 
 
 def test_check_dataset_from_the_command_line(tmp_path):
