@@ -117,13 +117,23 @@ def test_scores_are_the_official_evaluations(tmp_path):
 
 @pytest.mark.parametrize("edit,said", [
     (lambda lines: lines[:-1], "holds 69 lines: the protocol pairs them"),
-    (lambda lines: [lines[1], lines[0].replace(";", ",")] + lines[2:], "line 2 is not '<reference>;<target>;"),
+    (lambda lines: [lines[1], lines[0].replace(";", ",")] + lines[2:],
+     r"line 2: expected 'reference;target;caption;\.\.\.'"),
     (lambda lines: [lines[0], lines[2]] + lines[1:2] + lines[3:], "lines 1 and 2 are not one pair's captions"),
+    (lambda lines: [";" + lines[0].split(";", 1)[1]] + lines[1:], "line 1: expected 'reference;target;caption"),
+    (lambda lines: ["dress/.jpg;" + lines[0].split(";", 1)[1]] + lines[1:], r"line 1 names no image \('dress/\.jpg'\)"),
 ])
 def test_malformed_files_are_one_line_errors(tmp_path, edit, said):
     lines = write_pairs(tmp_path)
     (tmp_path / "captions_pairs" / f"fashion_iq-val-cap-{CATEGORY}.txt").write_text("\n".join(edit(lines)) + "\n")
     with pytest.raises(AnnotationError, match=said):
+        _load(tmp_path)
+
+
+def test_a_file_in_another_encoding_is_a_one_line_error(tmp_path):
+    write_pairs(tmp_path)
+    (tmp_path / "captions_pairs" / f"fashion_iq-val-cap-{CATEGORY}.txt").write_bytes(b"B00;B01;caf\xe9\n" * 2)
+    with pytest.raises(AnnotationError, match="cannot read annotation file .*'utf-8' codec can't decode"):
         _load(tmp_path)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cirbench.dataset import read_split_lines
 from cirbench.errors import AnnotationError
 from cirbench.types import EvalSet, ImageRef, Query
 
@@ -51,20 +52,10 @@ class FashionIQPairs(FashionIQ):
 
     def _category(self, split: str, category: str) -> EvalSet:
         path = self.data_root / "captions_pairs" / f"fashion_iq-{split}-cap-{category}.txt"
-        if not path.is_file():
-            raise AnnotationError(f"annotation file {path} is missing ({self.root_hint()}; `cirbench data fetch "
-                                  "fashioniq-pairs` puts it in place)")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AnnotationError(f"cannot read annotation file {path}: {exc}") from None
-        rows = []
-        for i, line in enumerate(lines):
-            fields = line.split(";")
-            if len(fields) < 3:
-                raise AnnotationError(f"annotation file {path}: line {i + 1} is not "
-                                      "'<reference>;<target>;<caption>' ({line[:80]!r})")
-            rows.append((_asin(fields[0], path, i), _asin(fields[1], path, i), fields[-1].strip()))
+        lines = read_split_lines(path, ";", ("reference", "target", "caption"),
+                                 f"{self.root_hint()}; `cirbench data fetch fashioniq-pairs` puts it in place",
+                                 required=(0, 1), at_least=True)  # officially split(';'): [0], [1] and [-1]
+        rows = [(_asin(f[0], path, i), _asin(f[1], path, i), f[-1].strip()) for i, f in enumerate(lines)]
         if not rows or len(rows) % 2:
             raise AnnotationError(f"annotation file {path} holds {len(rows)} lines: the protocol pairs them (two "
                                   "captions of one reference-target pair each)")
