@@ -205,3 +205,26 @@ def test_an_annotation_file_nested_too_deeply_is_malformed(tmp_path):
     (root / "annotations" / "val.json").write_bytes(b"[" * 100_000)
     with pytest.raises(AnnotationError, match="val.json is malformed or truncated: nested too deeply"):
         _load("circo", root, "val")
+
+
+def test_a_submission_whose_ranking_is_no_list_and_a_hidden_split_are_refused(tmp_path):
+    """A submission mapping a query to a string (not a list of ids) is refused by query; a per-query ranking file
+    cannot be scored on a split whose targets are hidden."""
+    from cirbench.testing import ToyDatasetPlugin, registered, write_toy_dataset
+
+    for dataset, content, said in (
+            ("cirr", {"version": "rc2", "metric": "recall", "12060": "dev-190-0-img0"},
+             "query 12060: the ranking is a str, not a list of ids"),
+            ("circo", {"0": "000000123456"}, "query 0: expected a list of image ids")):
+        path = tmp_path / f"{dataset}.json"
+        path.write_text(json.dumps(content))
+        res = CliRunner().invoke(cli, ["score", "-d", dataset, "-s", "val", "--data-root", str(ANNOTATIONS / dataset),
+                                       str(path)])
+        assert res.exit_code == 2 and res.output.strip() == f"error: {path}, {said}", res.output
+    root = write_toy_dataset(tmp_path / "toy")
+    ranking = tmp_path / "run.predictions.jsonl"
+    ranking.write_text('{"query": "0", "top": ["img_red_1.png"]}\n')
+    with registered(ToyDatasetPlugin(), "toy"):
+        res = CliRunner().invoke(cli, ["score", "-d", "toy", "-s", "test", "--data-root", str(root), str(ranking)])
+    assert res.exit_code == 2 and res.output.strip() == (
+        "error: toy/test has hidden targets: there is nothing to score a file against"), res.output
