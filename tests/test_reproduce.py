@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 from click.testing import CliRunner
 from helpers import registered
@@ -163,3 +164,23 @@ def test_reproduce_runs_the_way_the_record_says_it_ran(tmp_path, tiny_config, to
     res = invoke(*again)
     assert res.exit_code == 1 and json.loads(res.output)[0]["configuration"] == [
         ["method.info.weights_sha256", "0" * 64, None]], res.output
+
+
+def test_a_record_written_before_path_options_had_checksums_compares_without_its_paths():
+    """A result that records no ``files`` (written before path options were recorded by their contents) is not
+    told apart from its reproduction by where its checkpoint lay, only by what else differs; for a method no
+    longer installed nothing says which options are paths, and every one counts."""
+    from cirbench.reproduce import compare
+
+    def record(name, checkpoint, files=None, **options):
+        method = {"name": name, "options": {"checkpoint": checkpoint, **options}, "info": {}}
+        return {"method": {**method, **({"files": files} if files else {})}, "metrics": {"R@1": 1.0}}
+
+    old, new = record("pic2word", "/old/p2w.pt"), record("pic2word", "/new/p2w.pt", {"checkpoint": "ab12"})
+    assert compare(old, Path("a.json"), new, Path("b.json"), 0.0).configuration == []
+    moved = compare(record("pic2word", "/old/p2w.pt", prompt="x"), Path("a.json"),
+                    record("pic2word", "/new/p2w.pt", {"checkpoint": "ab12"}, prompt="y"), Path("b.json"), 0.0)
+    assert moved.configuration == [("method.options.prompt", "x", "y")]
+    gone = compare(record("gone", "/old/p2w.pt"), Path("a.json"), record("gone", "/new/p2w.pt", {"checkpoint": "ab"}),
+                   Path("b.json"), 0.0)
+    assert gone.configuration == [("method.options.checkpoint", "/old/p2w.pt", "/new/p2w.pt")]
