@@ -452,6 +452,20 @@ def test_a_disk_that_fills_while_a_rerun_writes_keeps_the_earlier_result_whole(t
     assert {p.name: p.read_bytes() for p in folder.iterdir()} != before and read_predictions_of(result)
 
 
+def test_a_damaged_result_under_the_runs_name_is_kept_and_the_new_one_written_beside_it(tmp_path, tiny_config,
+                                                                                       toy_root):
+    """A file at the result's name that does not parse (cut short, or edited by hand) may be the only copy of a
+    number: the run cannot tell it is its own configuration's, so it writes under its fingerprinted name."""
+    with registered(ToyPlugin(), "toy") as reg:
+        (first,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+        damaged = first.result_path.read_bytes()[:200]
+        first.result_path.write_bytes(damaged)
+        (again,) = evaluate(_cfg(tmp_path, tiny_config, toy_root), reg)
+    assert first.result_path.read_bytes() == damaged
+    assert again.result_path.name == first.result_path.name.replace(
+        ".json", f"~{again.record['fingerprint'][:8]}.json")
+
+
 def test_a_rerun_replaces_its_own_result_and_never_one_of_other_annotations(tmp_path, tiny_config, toy_root):
     """The fingerprint covers the annotation files' checksums: a rerun on edited annotations writes beside the
     result of the old ones; a rerun of the same configuration replaces its own file, also one an older cirbench
