@@ -169,6 +169,33 @@ def test_cirr_scores_as_the_official_val_evaluator(tmp_path, cirr_val):
     assert json.loads(res.output) == pytest.approx(expected, abs=1e-6)
 
 
+def test_score_prints_a_table_and_refuses_its_arguments_in_one_line(tmp_path, cirr_val):
+    """Without --json, one aligned line per metric, the values the JSON gives; a missing or second FILE and a
+    malformed, unknown or missing --input are one-line errors."""
+    es = cirr_val
+    full = _full_rankings(es, np.random.default_rng(4))
+    path = tmp_path / "cirr.predictions.jsonl"
+    path.write_text("".join(json.dumps({"query": q.id, "top": [x for x in row if x != q.reference][:50]}) + "\n"
+                            for q, row in zip(es.queries, full, strict=True)))
+    common = ["score", "-d", "cirr", "-s", "val", "--data-root", str(ANNOTATIONS / "cirr")]
+    as_json = json.loads(CliRunner().invoke(cli, [*common, str(path), "--json"]).output)
+    res = CliRunner().invoke(cli, [*common, str(path)])
+    assert res.exit_code == 0, res.output
+    width = max(map(len, as_json))
+    assert res.output.splitlines() == [f"{k:<{width}}  {v:8.4f}" for k, v in as_json.items()]
+    for args, said in (
+            ([str(path), str(path)], f"unexpected argument {str(path)!r}: score takes one ranking FILE"),
+            ([str(path), "--input", "subset"], "--input 'subset': expected NAME=PATH"),
+            ([str(path), "--input", f"relevance={path}"], "--input relevance: dataset cirr takes subset"),
+            ([str(path), "--input", f"subset={tmp_path / 'none.json'}"],
+             f"--input subset: file {tmp_path / 'none.json'} does not exist")):
+        res = CliRunner().invoke(cli, [*common, *args])
+        assert res.exit_code == 2 and res.output.strip() == f"error: {said}", (args, res.output)
+    # a dataset option's value is not taken for FILE
+    res = CliRunner().invoke(cli, ["score", "-d", "fashioniq", "-s", "val", "--category", "dress"])
+    assert res.exit_code == 2 and res.output.strip() == "error: no ranking FILE given (see 'cirbench score --help')"
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("reference", "contains the reference image"),
     ("short", "at least 50 are needed"),
