@@ -253,6 +253,11 @@ def test_legacy_and_torchscript_files_get_a_clear_reason(tmp_path):
     (["--queries", "99999999999999999999"], "queries"),  # used to generate until the disk or memory ran out
     (["--instances", "1000"], "instances"),
     (["--method", "cirevl", "--sampling-seed", "-1"], "sampling-seed"),
+    (["--method", " , "], "--method names no method"),
+    (["--dataset", ","], "--dataset names no dataset"),
+    (["--method", "slerp,image-only", "--label", "mine"], "--label names one run: give it with a single --method"),
+    (["--dataset", "cirr,circo", "--data-root", "cirr=/a", "--data-root", "cirr=/b"],
+     "--data-root: dataset 'cirr' is given two folders (/a, /b)"),
 ])
 def test_bad_values_are_one_line_errors(tmp_path, args, message):
     res = CliRunner().invoke(cli, ["run", "--output", str(tmp_path / "o"), "--quiet", *args])
