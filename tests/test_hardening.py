@@ -253,6 +253,8 @@ def test_legacy_and_torchscript_files_get_a_clear_reason(tmp_path):
     (["--queries", "99999999999999999999"], "queries"),  # used to generate until the disk or memory ran out
     (["--instances", "1000"], "instances"),
     (["--method", "cirevl", "--sampling-seed", "-1"], "sampling-seed"),
+    (["--save-top", "ten"], "'ten' is neither a count of at least 1 nor 'all'"),
+    (["--save-top", "0"], "'0' is neither a count of at least 1 nor 'all'"),
     (["--method", " , "], "--method names no method"),
     (["--dataset", ","], "--dataset names no dataset"),
     (["--method", "slerp,image-only", "--label", "mine"], "--label names one run: give it with a single --method"),
