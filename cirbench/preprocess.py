@@ -21,10 +21,12 @@ cirbench reproduces them in two ways that give the same bytes:
   PIL, RGB conversion *after* pad/resize/crop, so palette and RGBA images are handled as officially). The
   per-image CPU path uses it.
 * :meth:`Preprocessor.batch` reproduces PIL's 8-bit resampling exactly on whole batches of decoded RGB images
-  on any device. PIL resizes in two passes (horizontal, then vertical), each a sum of pixels times fixed-point
-  coefficients (22 fractional bits) rounded to uint8. Both passes are integer matrix products here: the
-  coefficients of every output pixel are computed exactly as PIL computes them (:func:`axis_taps`), padding
-  (targetpad) and the centre crop are folded into the matrices, and the products are exact: float64 on the
+  on any device. PIL resizes in two passes (horizontal, then vertical; Pillow 13 and later vertical first where
+  the height shrinks by more than twice as many pixels as the width, :func:`pil_vertical_first`), each a sum of
+  pixels times fixed-point coefficients (22 fractional bits) rounded to uint8. Both passes are integer matrix
+  products here, in the order the installed Pillow runs them: the coefficients of every output pixel are
+  computed exactly as PIL computes them (:func:`axis_taps`), padding (targetpad) and the centre crop are folded
+  into the matrices, and the products are exact: float64 on the
   CPU; on a GPU, three products of the coefficients' signed 8-bit digits (:func:`_digits`) accumulated in
   float32: on bf16 tensor cores with float32 output where that kernel exists and a probe finds it exact, else
   in float32. Both are exact because every operand has at most 8 significant bits (bf16, TF32 and float32 hold
@@ -138,6 +140,29 @@ class Plan:
     def padded(self) -> tuple[int, int]:
         left, top, right, bottom = self.pad
         return self.width + left + right, self.height + top + bottom
+
+    @property
+    def vertical_first(self) -> bool:
+        """Whether the installed Pillow resizes this image's rows before its columns (:func:`pil_vertical_first`)."""
+        return pil_vertical_first(*self.padded, *self.resized)
+
+
+def _pillow_orders_passes() -> bool:
+    import PIL
+
+    return int(PIL.__version__.split(".")[0]) >= 13
+
+
+#: Pillow 13 runs the vertical pass first where the height shrinks by more than twice what the width does (its
+#: ``ImagingResampleInner``'s ``horizontal_first``); every earlier Pillow runs the horizontal pass first. Each pass
+#: rounds to uint8, so the order moves pixels by a few grey levels: the batched path follows the installed Pillow.
+PILLOW_ORDERS_PASSES = _pillow_orders_passes()
+
+
+def pil_vertical_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
+    """Whether the installed Pillow's ``resize`` of an ``in_w`` x ``in_h`` image to ``out_w`` x ``out_h`` runs the
+    vertical pass first (Pillow 13 and later: the height shrinks, by more than twice as many pixels as the width)."""
+    return PILLOW_ORDERS_PASSES and in_h - out_h > 0 and in_h - out_h > 2 * (in_w - out_w)
 
 
 # -- PIL's resampling coefficients ----------------------------------------------------------------------
@@ -350,6 +375,8 @@ class Preprocessor:
                  "rgb": "first" if hf else "after-crop"}
         if self.kind == "targetpad":
             ident["ratio"] = self.ratio
+        elif PILLOW_ORDERS_PASSES:  # other pixels for some shapes than an earlier Pillow's (targetpad's never qualify)
+            ident["pass_order"] = "pillow-13"
         return ident
 
     # -- geometry --------------------------------------------------------------------------------------
@@ -471,9 +498,22 @@ class Preprocessor:
     def _batch_chunk(self, images: list[torch.Tensor], products: str = "auto") -> torch.Tensor:
         if products not in PRODUCTS:
             raise ValueError(f"unknown products {products!r}; valid: {', '.join(PRODUCTS)}")
-        device = images[0].device
         images = [im if im.shape[0] == 3 else im[:1].expand(3, -1, -1) for im in images]
         plans = [self.plan(int(im.shape[-1]), int(im.shape[-2])) for im in images]
+        rows_first = [p.vertical_first for p in plans]
+        if any(rows_first) and not all(rows_first):  # the two pass orders: each group its own products
+            groups = [[i for i, v in enumerate(rows_first) if v == first] for first in (False, True)]
+            parts = [self._batch_chunk([images[i] for i in group], products) for group in groups]
+            result = torch.empty(len(images), *parts[0].shape[1:], dtype=parts[0].dtype, device=parts[0].device)
+            for group, part in zip(groups, parts, strict=True):
+                result[host_to_device(torch.tensor(group), part.device)] = part
+            return result
+        return self._resample(images, plans, products, vertical_first=rows_first[0])
+
+    def _resample(self, images: list[torch.Tensor], plans: list[Plan], products: str, vertical_first: bool
+                  ) -> torch.Tensor:
+        """Both passes over images of one pass order, as two batched products."""
+        device = images[0].device
         s = self.size
         hmax = max(int(im.shape[-2]) for im in images)
         wmax = max(int(im.shape[-1]) for im in images)
@@ -494,11 +534,16 @@ class Preprocessor:
             x = torch.stack(images).permute(0, 2, 1, 3).to(compute, memory_format=torch.contiguous_format)
         else:
             x = self._canvas(images, hmax, wmax, compute)
-        rows = _combine_round(_bmm(x.view(len(images), hmax * 3, wmax), wh.transpose(1, 2)), 2, s)  # [B, 3*Hmax, S]
-        rows = rows.reshape(len(images), hmax, 3 * s).to(compute)
-        out = _combine_round(_bmm(wv, rows), 1, s)  # [B, S, 3*S]
-        return out.reshape(len(images), s, 3, s).permute(0, 2, 1, 3).to(torch.float32,
-                                                                        memory_format=torch.contiguous_format)
+        b = len(images)
+        if vertical_first:
+            cols = _combine_round(_bmm(wv, x.view(b, hmax, 3 * wmax)), 1, s)  # [B, S, 3*Wmax]
+            cols = cols.reshape(b, s * 3, wmax).to(compute)
+            out = _combine_round(_bmm(cols, wh.transpose(1, 2)), 2, s)  # [B, 3*S, S]
+        else:
+            rows = _combine_round(_bmm(x.view(b, hmax * 3, wmax), wh.transpose(1, 2)), 2, s)  # [B, 3*Hmax, S]
+            rows = rows.reshape(b, hmax, 3 * s).to(compute)
+            out = _combine_round(_bmm(wv, rows), 1, s)  # [B, S, 3*S]
+        return out.reshape(b, s, 3, s).permute(0, 2, 1, 3).to(torch.float32, memory_format=torch.contiguous_format)
 
     @staticmethod
     def _canvas(images: list[torch.Tensor], hmax: int, wmax: int, dtype: torch.dtype) -> torch.Tensor:

@@ -125,6 +125,81 @@ def test_preprocessing_equals_the_official_pipelines(real_images, kind, path):
                                       if float(d.max()) > 0}
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
+@pytest.mark.parametrize("path", ["workers", "batched"])
+def test_every_clip_resize_a_backbone_may_declare_equals_open_clips_transform(real_images, interpolation, resize_mode,
+                                                                              path):
+    """``clip`` preprocessing follows the backbone's own ``interpolation`` and ``resize_mode``: each pair cirbench
+    accepts gives the pixels of open_clip's ``image_transform`` for it (the transform open_clip builds for that
+    model), on both encoding paths."""
+    from open_clip.transform import image_transform
+
+    from cirbench.preprocess import CLIP_MEAN, CLIP_STD, INTERPOLATIONS, RESIZE_MODES
+
+    assert (interpolation, resize_mode) in {(i, r) for i in INTERPOLATIONS for r in RESIZE_MODES}
+    oracle = image_transform(224, is_train=False, mean=CLIP_MEAN, std=CLIP_STD, resize_mode=resize_mode,
+                             interpolation=interpolation)
+    refs = real_images[::3]
+    expected = torch.stack([oracle(Image.open(r.path)) for r in refs])
+    pre = Preprocessor("clip", 224, interpolation=interpolation, resize_mode=resize_mode)
+    got = encode_images(refs, lambda x: x.reshape(x.shape[0], -1), pre, batch_size=8, workers=0, progress=False,
+                        path=path).view(-1, 3, 224, 224)
+    diff = (got - expected).abs()
+    assert float(diff.max()) == 0.0, {r.id: float(d.max()) for r, d in zip(refs, diff, strict=True)
+                                      if float(d.max()) > 0}
+
+
+# shapes on both sides of Pillow 13's pass order (rows first where the height shrinks by more than twice as many
+# pixels as the width): tall images beyond 2:1 resized by their short side, and squashed portraits
+PASS_ORDER_SHAPES = [(333, 500), (400, 500), (225, 500), (300, 700), (230, 470), (240, 480), (500, 1200), (700, 300),
+                     (224, 900), (200, 600), (500, 750)]
+
+
+@pytest.mark.parametrize(("kind", "resize_mode"), [("clip", "shortest"), ("clip", "squash"), ("hf-clip", "shortest"),
+                                                   ("targetpad", "shortest")])
+@pytest.mark.parametrize("products", ["float64", "digits-float32", "digits-float64"])
+def test_the_batched_path_runs_the_passes_in_the_installed_pillows_order(kind, resize_mode, products):
+    """Each PIL pass rounds to uint8, so the order of the two passes moves pixels (up to a dozen grey levels on
+    noise); Pillow 13 runs rows first for some shapes, earlier ones never. One chunk mixing both orders gives, image
+    for image, the pixels of PIL's own resize (the per-image path), with every kind of products."""
+    import PIL
+
+    from cirbench.preprocess import PILLOW_ORDERS_PASSES, pil_vertical_first
+
+    rng = np.random.default_rng(7)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in PASS_ORDER_SHAPES]
+    pre = Preprocessor(kind, 112, resize_mode=resize_mode)
+    expected = torch.stack([pre.pil_uint8(Image.fromarray(a)) for a in arrays]).float()
+    got = pre.batch_uint8([torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays], products=products)
+    assert torch.equal(got, expected), [PASS_ORDER_SHAPES[i] for i in range(len(arrays))
+                                        if not torch.equal(got[i], expected[i])]
+    orders = [pre.plan(w, h).vertical_first for w, h in PASS_ORDER_SHAPES]
+    assert PILLOW_ORDERS_PASSES == (int(PIL.__version__.split(".")[0]) >= 13)
+    if PILLOW_ORDERS_PASSES and kind != "targetpad":  # both orders are in the chunk (targetpad's never turn)
+        assert any(orders) and not all(orders)
+    elif kind == "targetpad":
+        assert not any(orders)
+    assert not pil_vertical_first(500, 400, 112, 112) and pil_vertical_first(200, 600, 112, 112) == PILLOW_ORDERS_PASSES
+
+
+def test_pillows_own_resize_turns_where_the_rule_says(monkeypatch):
+    """The rule transcribed from Pillow's ``ImagingResampleInner`` against the installed Pillow itself: a one-shot
+    resize equals the two one-axis resizes in the order the rule gives, and not the other order."""
+    from cirbench.preprocess import pil_vertical_first
+
+    rng = np.random.default_rng(8)
+    for w, h in [(333, 500), (400, 500), (101, 300), (120, 300), (60, 40)]:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        out = (56, 56)
+        once = np.asarray(image.resize(out, Image.Resampling.BICUBIC)).astype(int)
+        across = np.asarray(image.resize((out[0], h), Image.Resampling.BICUBIC).resize(out, Image.Resampling.BICUBIC))
+        down = np.asarray(image.resize((w, out[1]), Image.Resampling.BICUBIC).resize(out, Image.Resampling.BICUBIC))
+        first, other = (down, across) if pil_vertical_first(w, h, *out) else (across, down)
+        assert np.array_equal(once, first.astype(int)), (w, h)
+        assert not np.array_equal(once, other.astype(int)), (w, h)  # noise: the two orders never agree
+
+
 @pytest.mark.parametrize("path", ["workers", "batched"])
 def test_hf_clip_preprocessing_equals_the_transformers_processor_lincir_uses(real_images, path):
     expected = torch.stack([official_hf_clip_processor(Image.open(r.path)) for r in real_images])
