@@ -481,12 +481,17 @@ class Preprocessor:
             return torch.empty(0, 3, self.size, self.size)
         if len(images) <= chunk:
             return self._batch_chunk(list(images), products)
-        # chunks of like sizes: each chunk's products run over its largest image, so a mixed chunk pays for
-        # every image as if it were the tallest and widest
-        order = sorted(range(len(images)), key=lambda i: (int(images[i].shape[-2]), int(images[i].shape[-1])))
-        outs = [self._batch_chunk([images[i] for i in order[s : s + chunk]], products)
-                for s in range(0, len(images), chunk)]
-        by_size = torch.cat(outs)
+        # chunks of like sizes and one pass order: each chunk's products run over its largest image, so a mixed
+        # chunk pays for every image as if it were the tallest and widest (and for each order apart)
+        keys = [(self.plan(int(im.shape[-1]), int(im.shape[-2])).vertical_first, int(im.shape[-2]), int(im.shape[-1]))
+                for im in images]
+        order = sorted(range(len(images)), key=keys.__getitem__)
+        chunks: list[list[int]] = []
+        for i in order:
+            if not chunks or len(chunks[-1]) == chunk or keys[chunks[-1][0]][0] != keys[i][0]:
+                chunks.append([])
+            chunks[-1].append(i)
+        by_size = torch.cat([self._batch_chunk([images[i] for i in part], products) for part in chunks])
         result = torch.empty_like(by_size)
         result[host_to_device(torch.tensor(order), by_size.device)] = by_size
         return result

@@ -174,7 +174,20 @@ def test_the_batched_path_runs_the_passes_in_the_installed_pillows_order(kind, r
     got = pre.batch_uint8([torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays], products=products)
     assert torch.equal(got, expected), [PASS_ORDER_SHAPES[i] for i in range(len(arrays))
                                         if not torch.equal(got[i], expected[i])]
+    # past one chunk, each chunk holds one pass order (one pair of products each), in the images' own order back
+    calls = []
+    resample = Preprocessor._resample
+
+    def counted(self, images, plans, products, vertical_first):
+        calls.append({p.vertical_first for p in plans} == {vertical_first})
+        return resample(self, images, plans, products, vertical_first)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Preprocessor, "_resample", counted)
+        tensors = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays]
+        assert torch.equal(pre.batch_uint8(tensors, chunk=4, products=products), expected)
     orders = [pre.plan(w, h).vertical_first for w, h in PASS_ORDER_SHAPES]
+    assert all(calls) and len(calls) == -(-sum(orders) // 4) - (-(len(orders) - sum(orders)) // 4)
     assert PILLOW_ORDERS_PASSES == (int(PIL.__version__.split(".")[0]) >= 13)
     if PILLOW_ORDERS_PASSES and kind != "targetpad":  # both orders are in the chunk (targetpad's never turn)
         assert any(orders) and not all(orders)
