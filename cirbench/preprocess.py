@@ -21,8 +21,8 @@ cirbench reproduces them in two ways that give the same bytes:
   PIL, RGB conversion *after* pad/resize/crop, so palette and RGBA images are handled as officially). The
   per-image CPU path uses it.
 * :meth:`Preprocessor.batch` reproduces PIL's 8-bit resampling exactly on whole batches of decoded RGB images
-  on any device. PIL resizes in two passes (horizontal, then vertical; Pillow 13 and later vertical first where
-  the height shrinks by more than twice as many pixels as the width, :func:`pil_vertical_first`), each a sum of
+  on any device. PIL resizes in two passes (horizontal, then vertical; Pillow 13 vertical first where the
+  height shrinks by more than twice as many pixels as the width, :data:`PASS_ORDER`), each a sum of
   pixels times fixed-point coefficients (22 fractional bits) rounded to uint8. Both passes are integer matrix
   products here, in the order the installed Pillow runs them: the coefficients of every output pixel are
   computed exactly as PIL computes them (:func:`axis_taps`), padding (targetpad) and the centre crop are folded
@@ -147,22 +147,30 @@ class Plan:
         return pil_vertical_first(*self.padded, *self.resized)
 
 
-def _pillow_orders_passes() -> bool:
+def _pass_order() -> str:
     import PIL
 
-    return int(PIL.__version__.split(".")[0]) >= 13
+    version = tuple(int(part) for part in PIL.__version__.split(".")[:2] if part.isdigit())
+    return "pillow-13" if version >= (13,) else "pillow-12.2" if version >= (12, 2) else "horizontal-first"
 
 
-#: Pillow 13 runs the vertical pass first where the height shrinks by more than twice what the width does (its
-#: ``ImagingResampleInner``'s ``horizontal_first``); every earlier Pillow runs the horizontal pass first. Each pass
-#: rounds to uint8, so the order moves pixels by a few grey levels: the batched path follows the installed Pillow.
-PILLOW_ORDERS_PASSES = _pillow_orders_passes()
+#: How the installed Pillow orders the two passes of a resize. Each pass rounds to uint8, so the order moves pixels
+#: by a few grey levels, and the batched path follows the installed Pillow. Before 12.2: the horizontal pass first,
+#: always. 12.2 and 12.3 (``Image.resize``): the vertical pass first for an image over 100 times taller than wide
+#: whose height shrinks. 13 (``ImagingResampleInner``'s ``horizontal_first``): the vertical pass first where the
+#: height shrinks by more than twice as many pixels as the width.
+PASS_ORDER = _pass_order()
 
 
-def pil_vertical_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
-    """Whether the installed Pillow's ``resize`` of an ``in_w`` x ``in_h`` image to ``out_w`` x ``out_h`` runs the
-    vertical pass first (Pillow 13 and later: the height shrinks, by more than twice as many pixels as the width)."""
-    return PILLOW_ORDERS_PASSES and in_h - out_h > 0 and in_h - out_h > 2 * (in_w - out_w)
+def pil_vertical_first(in_w: int, in_h: int, out_w: int, out_h: int, rule: str | None = None) -> bool:
+    """Whether Pillow's ``resize`` of an ``in_w`` x ``in_h`` image to ``out_w`` x ``out_h`` runs the vertical pass
+    first, under ``rule`` (a :data:`PASS_ORDER`; default: the installed Pillow's)."""
+    rule = rule or PASS_ORDER
+    if rule == "pillow-13":
+        return in_h - out_h > 0 and in_h - out_h > 2 * (in_w - out_w)
+    if rule == "pillow-12.2":
+        return in_h > in_w * 100 and out_h < in_h
+    return False
 
 
 # -- PIL's resampling coefficients ----------------------------------------------------------------------
@@ -375,8 +383,8 @@ class Preprocessor:
                  "rgb": "first" if hf else "after-crop"}
         if self.kind == "targetpad":
             ident["ratio"] = self.ratio
-        elif PILLOW_ORDERS_PASSES:  # other pixels for some shapes than an earlier Pillow's (targetpad's never qualify)
-            ident["pass_order"] = "pillow-13"
+        elif PASS_ORDER != "horizontal-first":  # other pixels for some shapes (targetpad's never qualify)
+            ident["pass_order"] = PASS_ORDER
         return ident
 
     # -- geometry --------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def test_the_batched_path_runs_the_passes_in_the_installed_pillows_order(kind, r
     for image, the pixels of PIL's own resize (the per-image path), with every kind of products."""
     import PIL
 
-    from cirbench.preprocess import PILLOW_ORDERS_PASSES, pil_vertical_first
+    from cirbench.preprocess import PASS_ORDER, pil_vertical_first
 
     rng = np.random.default_rng(7)
     arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in PASS_ORDER_SHAPES]
@@ -188,12 +188,31 @@ def test_the_batched_path_runs_the_passes_in_the_installed_pillows_order(kind, r
         assert torch.equal(pre.batch_uint8(tensors, chunk=4, products=products), expected)
     orders = [pre.plan(w, h).vertical_first for w, h in PASS_ORDER_SHAPES]
     assert all(calls) and len(calls) == -(-sum(orders) // 4) - (-(len(orders) - sum(orders)) // 4)
-    assert PILLOW_ORDERS_PASSES == (int(PIL.__version__.split(".")[0]) >= 13)
-    if PILLOW_ORDERS_PASSES and kind != "targetpad":  # both orders are in the chunk (targetpad's never turn)
+    assert (PASS_ORDER == "pillow-13") == (int(PIL.__version__.split(".")[0]) >= 13)
+    if PASS_ORDER == "pillow-13" and kind != "targetpad":  # both orders are in the chunk (targetpad's never turn)
         assert any(orders) and not all(orders)
     elif kind == "targetpad":
         assert not any(orders)
-    assert not pil_vertical_first(500, 400, 112, 112) and pil_vertical_first(200, 600, 112, 112) == PILLOW_ORDERS_PASSES
+    assert not pil_vertical_first(500, 400, 112, 112)
+    assert pil_vertical_first(200, 600, 112, 112) == (PASS_ORDER == "pillow-13")
+
+
+@pytest.mark.parametrize(("rule", "shape", "first"), [
+    ("horizontal-first", (10, 5000, 10, 224), False),
+    ("pillow-12.2", (10, 1001, 10, 224), True),  # Image.resize: over 100 times taller than wide, the height shrinking
+    ("pillow-12.2", (10, 1000, 10, 224), False),
+    ("pillow-12.2", (10, 1001, 10, 2000), False),
+    ("pillow-12.2", (200, 600, 112, 112), False),
+    ("pillow-13", (200, 600, 112, 112), True),  # ImagingResampleInner: 488 > 2 x 88
+    ("pillow-13", (240, 480, 112, 223), True),  # 257 > 2 x 128
+    ("pillow-13", (240, 480, 112, 224), False),  # 256 > 256 fails: the comparison is strict
+    ("pillow-13", (100, 200, 300, 150), True),  # the width grows: any shrinking height qualifies
+    ("pillow-13", (100, 200, 50, 200), False),  # the height does not shrink
+])
+def test_each_pillows_pass_order_as_its_source_has_it(rule, shape, first):
+    from cirbench.preprocess import pil_vertical_first
+
+    assert pil_vertical_first(*shape, rule=rule) is first
 
 
 def test_pillows_own_resize_turns_where_the_rule_says(monkeypatch):
