@@ -161,6 +161,17 @@ class _Telling(ToyDataset):
                                                  for q in es.queries])]
 
 
+def _broken(cls):
+    """A plugin registering the dataset class ``cls`` as ``broken``."""
+    class Broken:
+        @hookimpl
+        def register_datasets(self, register):
+            register(DatasetSpec(name="broken", description="broken on purpose", factory=cls, splits=("val",),
+                                 main_metric="R@1"))
+
+    return Broken()
+
+
 @pytest.mark.parametrize(("cls", "failing", "why"), [
     (_Twice, 0, "the gallery lists image img_red_0.png twice"),
     (_SameId, 0, "two queries share the id '5'"),
@@ -174,14 +185,8 @@ class _Telling(ToyDataset):
                    "queries score apart"),
 ])
 def test_check_dataset_catches_what_breaks_the_contract(tmp_path, cls, failing, why):
-    class Broken:
-        @hookimpl
-        def register_datasets(self, register):
-            register(DatasetSpec(name="broken", description="broken on purpose", factory=cls, splits=("val",),
-                                 main_metric="R@1"))
-
     root = write_toy_dataset(tmp_path / "toy")
-    with registered(Broken(), "broken"):
+    with registered(_broken(cls), "broken"):
         res = CliRunner().invoke(cli, ["check", "--dataset", "broken", "--data-root", str(root)])
     assert res.exit_code == 1, res.output
     lines = res.output.splitlines()
@@ -198,14 +203,8 @@ def test_check_dataset_catches_what_breaks_the_contract(tmp_path, cls, failing, 
 def test_a_run_refuses_a_set_it_cannot_score_as_built(tmp_path, tiny_config, cls, why):
     """Without a contract check first, a run on such a set would merge two queries' rows, score a duplicated
     gallery image twice or stop on an internal KeyError; it stops in one line, before any result is written."""
-    class Broken:
-        @hookimpl
-        def register_datasets(self, register):
-            register(DatasetSpec(name="broken", description="broken on purpose", factory=cls, splits=("val",),
-                                 main_metric="R@1"))
-
     root = write_toy_dataset(tmp_path / "toy")
-    with registered(Broken(), "broken"):
+    with registered(_broken(cls), "broken"):
         res = CliRunner().invoke(cli, ["run", "--method", "image-text-sum", "--dataset", "broken", "--data-root",
                                        str(root), "--backbone", str(tiny_config), "--pretrained", "none", "--no-cache",
                                        "--quiet", "--output", str(tmp_path / "out")])
@@ -215,7 +214,7 @@ def test_a_run_refuses_a_set_it_cannot_score_as_built(tmp_path, tiny_config, cls
     assert not (tmp_path / "out").exists()
     ranking = tmp_path / "run.predictions.jsonl"  # a ranking file is not scored against such a set either
     ranking.write_text('{"set": "all", "query": "0", "top": ["img_red_1.png"]}\n')
-    with registered(Broken(), "broken"):
+    with registered(_broken(cls), "broken"):
         res = CliRunner().invoke(cli, ["score", "--dataset", "broken", "--split", "val", "--data-root", str(root),
                                        str(ranking)])
     assert res.exit_code == 2 and f"broken/val, set 'all': {why}; " in res.output, res.output
