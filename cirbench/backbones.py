@@ -552,17 +552,30 @@ def _check_finite_weights(model: Any, what: str) -> None:
             raise CheckpointError(f"weights of {what} hold non-finite values (NaN or Inf) in {name}")
 
 
+OPEN_CLIP_HUB_WEIGHTS = "open_clip_pytorch_model.bin"  # open_clip's HF_WEIGHTS_NAME
+
+
+def hub_weights_candidates(hf_hub: str) -> tuple[str, list[str]]:
+    """The repository of an open_clip tag's ``hf_hub`` entry and the files ``download_pretrained_from_hf`` takes
+    from it, in its order: ``org/name/`` names the repository (its ``open_clip_model.safetensors``, else
+    ``open_clip_pytorch_model.bin``), ``org/name/file.bin`` a file in it (its ``.safetensors`` twin first)."""
+    repo, filename = os.path.split(hf_hub)
+    filename = filename or OPEN_CLIP_HUB_WEIGHTS
+    if filename == OPEN_CLIP_HUB_WEIGHTS:
+        return repo, ["open_clip_model.safetensors", filename]
+    if filename.endswith((".bin", ".pth")):
+        return repo, [filename[:-4] + ".safetensors", filename]
+    return repo, [filename]
+
+
 def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:
     hub = cfg.get("hf_hub")
     if hub:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            repo = hub.rstrip("/")
-            for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-                hit = try_to_load_from_cache(repo, fname, cache_dir=cache_dir)
-                if isinstance(hit, str):
-                    return True
+            repo, names = hub_weights_candidates(hub)
+            return any(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir), str) for name in names)
         except Exception:  # noqa: BLE001
             return False
     url = cfg.get("url")

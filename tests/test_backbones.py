@@ -154,3 +154,41 @@ def test_texts_encoded_in_small_batches_are_encoded_alike(tiny_config):
     for memoize in (False, True):
         feats = backbone.encode_text(texts, batch_size=2, memoize=memoize)
         assert torch.allclose(feats, torch.nn.functional.normalize(want, dim=-1), atol=1e-5), memoize
+
+
+@pytest.mark.parametrize(("model", "tag", "repo", "cached"), [
+    ("ViT-B-32", "openai", "timm/vit_base_patch32_clip_224.openai", "open_clip_model.safetensors"),
+    ("ViT-B-32", "openai", "timm/vit_base_patch32_clip_224.openai", "open_clip_pytorch_model.bin"),
+    ("ViTamin-S", "datacomp1b", "jienengchen/ViTamin-S", "pytorch_model.bin"),  # hf_hub names a file of the repo
+    ("ViTamin-S", "datacomp1b", "jienengchen/ViTamin-S", "pytorch_model.safetensors"),  # its safetensors twin
+])
+def test_an_open_clip_tags_weights_in_the_hub_cache_are_found_offline(monkeypatch, tmp_path, model, tag, repo,
+                                                                       cached):
+    """Weights fetched on a connected machine are found in the hub cache where open_clip's
+    download_pretrained_from_hf looks (``org/name/`` or ``org/name/file``, safetensors first): --dry-run says so and
+    an offline load is not refused for want of a network. A file open_clip would not read is not taken for them."""
+    import huggingface_hub.constants
+
+    root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(backbones, "_weights_reachable", lambda: False)
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    snapshot = folder / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text("not weights")
+    assert backbones.weights_status(model, tag).startswith("NOT AVAILABLE: no network")
+    (snapshot / cached).write_bytes(b"weights")
+    assert backbones.weights_status(model, tag) == f"in the local cache ({open_clip_hub(model, tag)})"
+    assert backbones._tag_source(open_clip_cfg(model, tag), tag, model, None) == open_clip_hub(model, tag)
+
+
+def open_clip_cfg(model, tag):
+    import open_clip
+
+    return open_clip.get_pretrained_cfg(model, tag)
+
+
+def open_clip_hub(model, tag):
+    return open_clip_cfg(model, tag)["hf_hub"]
