@@ -310,3 +310,24 @@ def test_a_plain_download_names_no_option_to_pass(cache, monkeypatch, tmp_path):
         assert "pass --" not in str(info.value) and str(info.value).endswith("on a connected machine")
     with pytest.raises(CheckpointError, match=r"on a connected machine and pass --vocabulary PATH$"):
         hub.url_file("https://example.org/words.csv", "a word list", "vocabulary")
+
+
+def test_a_published_urls_availability_reads_torchs_hub_cache_then_the_host(monkeypatch, tmp_path):
+    """A file published at a URL (what --dry-run says of it): in torch's hub cache under its name, else to
+    download when its host answers (on the URL's port), else not available; an OpenAI endpoint without a key is
+    refused before any host is asked."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    asked = []
+    monkeypatch.setattr(hub, "host_reachable", lambda host, port=443: asked.append((host, port)) or host == "up.org")
+    assert availability("https://down.org/releases/v1/phi.pt") == ("NOT AVAILABLE: no network", False)
+    assert availability("http://up.org:8080/phi.pt") == ("to download", True)
+    assert asked == [("down.org", 443), ("up.org", 8080)]
+    cached = tmp_path / "torch-hub" / "checkpoints" / "phi.pt"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    assert availability("https://down.org/releases/v1/phi.pt") == ("in the torch hub cache", True)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert availability("openai-endpoint:https://api.openai.com/v1") == ("NOT AVAILABLE: $OPENAI_API_KEY is not set",
+                                                                         False)
+    assert availability("openai-endpoint:http://up.org:8080/v1") == ("its host answers", True)
+    assert availability("openai-endpoint:https://down.org/v1") == ("NOT AVAILABLE: its host does not answer", False)
