@@ -4,6 +4,7 @@ lost when a run fails part-way, and workers, threads and chunks behave."""
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -331,3 +332,49 @@ def test_sync_audit_counts_synchronisations_by_thread_and_place(monkeypatch):
     assert audit["calling_thread"] == 1 and audit["other_threads"] == 3
     assert list(audit["places"].values()) == [3, 1]
     assert next(iter(audit["places"])).startswith("cirbench-prefetch-0 test_encode.py:")
+
+
+def test_the_cuda_chunk_writer_thread_hands_rows_over_in_order_and_raises_in_the_caller(monkeypatch):
+    """On CUDA the finished rows are copied to the host asynchronously and written by a thread of their own, each
+    after the event recorded behind its copy: every chunk lands in its rows in submission order, ``on_chunk`` runs
+    in that thread, and a non-finite chunk's error reaches the caller (at its next submit or at close) while no
+    later chunk is written. Run here with CUDA's stream and event stood in for (the same code, no GPU)."""
+    import threading
+
+    from cirbench.encode import ChunkWriter
+
+    synced = []
+
+    class Event:
+        def record(self, stream):
+            self.stream = stream
+
+        def synchronize(self):
+            synced.append(self.stream)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
+    seen = []
+    writer = ChunkWriter(6, lambda i: f"img{i}.jpg", lambda pos, feats: seen.append(
+        (pos.tolist(), threading.current_thread().name)), torch.device("cuda:0"))
+    assert writer.thread is not None and writer.thread.is_alive()
+    for pos in ([4, 5], [0, 1], [2, 3]):
+        writer.submit(torch.tensor(pos), torch.tensor(pos, dtype=torch.float16)[:, None].repeat(1, 3))
+    out = writer.close()
+    assert torch.equal(out, torch.arange(6, dtype=torch.float32)[:, None].repeat(1, 3)) and out.dtype == torch.float32
+    assert seen == [([4, 5], "cirbench-chunk-writer"), ([0, 1], "cirbench-chunk-writer"),
+                    ([2, 3], "cirbench-chunk-writer")]
+    assert synced == ["stream of cuda:0"] * 3 and not writer.thread.is_alive()
+
+    seen.clear()
+    broken = ChunkWriter(6, lambda i: f"img{i}.jpg", lambda pos, feats: seen.append(pos.tolist()),
+                         torch.device("cuda:0"))
+    broken.submit(torch.tensor([0, 1]), torch.tensor([[1.0], [float("nan")]]))
+    deadline = time.monotonic() + 30
+    while broken.error is None and time.monotonic() < deadline:  # the thread reaches the bad chunk
+        time.sleep(0.01)
+    with pytest.raises(CirbenchError, match="features of image img1.jpg are not finite"):
+        broken.submit(torch.tensor([2, 3]), torch.ones(2, 1))
+    with pytest.raises(CirbenchError, match="features of image img1.jpg are not finite"):
+        broken.close()
+    assert seen == [] and broken.rows == 0
