@@ -329,7 +329,10 @@ def _probe_bf16_digits(device: torch.device) -> bool:
     images = [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8).to(device)
               for h, w in ((480, 640), (640, 427), (375, 500))]
     pre = Preprocessor("targetpad", 224)
-    return bool(torch.equal(pre._batch_chunk(images, "digits-bf16"), pre._batch_chunk(images, "float64")))
+    plans = [pre.plan(int(im.shape[-1]), int(im.shape[-2])) for im in images]
+    return all(torch.equal(pre._resample(images, plans, "digits-bf16", rows_first),
+                           pre._resample(images, plans, "float64", rows_first))
+               for rows_first in (False, True))  # both pass orders' operands
 
 
 def auto_products(device: torch.device) -> str:

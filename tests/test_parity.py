@@ -429,7 +429,8 @@ def test_bf16_products_with_bf16_output_are_never_exact(monkeypatch):
 
 def test_the_probe_runs_the_real_operand_layouts(monkeypatch):
     """A bf16 kernel exact on contiguous operands but misreading a transposed, sliced one (as the horizontal
-    pass passes it) would give wrong pixels silently: the probe runs a real chunk and refuses it."""
+    pass passes it), or one of the other pass order's shapes, would give wrong pixels silently: the probe runs a
+    real chunk in both orders and refuses it."""
     import cirbench.preprocess as P
 
     def misreads_strides(a, b):
@@ -437,7 +438,13 @@ def test_the_probe_runs_the_real_operand_layouts(monkeypatch):
             b = b.contiguous().view(b.shape[0], b.shape[2], b.shape[1]).transpose(1, 2)  # ignores the layout
         return _emulated_bf16_tensor_cores(a, b)
 
+    def misreads_wide_rows(a, b):  # wrong only on the rows-first pass order's first product (3 x 640 columns)
+        out = _emulated_bf16_tensor_cores(a, b)
+        return out + 1 if a.dtype == torch.bfloat16 and b.shape[2] > 3 * 224 else out
+
     monkeypatch.setattr(P, "_bmm", misreads_strides)
+    assert not P._probe_bf16_digits(torch.device("cpu"))
+    monkeypatch.setattr(P, "_bmm", misreads_wide_rows)
     assert not P._probe_bf16_digits(torch.device("cpu"))
     monkeypatch.setattr(P, "_bmm", _emulated_bf16_tensor_cores)
     assert P._probe_bf16_digits(torch.device("cpu"))
