@@ -590,6 +590,8 @@ def test_a_plugin_file_runs_through_the_loop_and_results_record_its_code(tmp_pat
      "plugin 'takes_slerp' registers method 'slerp', already registered by 'cirbench.methods.slerp'"),
     ("typo_hook.py", "from cirbench import hookimpl\n\n\n@hookimpl\ndef register_method(register):\n    pass\n",
      "plugin 'typo_hook' implements an unknown hook"),
+    ("no_spec.py", "from cirbench import hookimpl\n\n\n@hookimpl\ndef register_methods(register):\n"
+                   "    register({'name': 'mine'})\n", "plugin 'no_spec' registered a dict, not a MethodSpec"),
 ])
 def test_a_plugin_the_user_names_fails_with_one_line(tmp_path, local_plugins, name, text, expected):
     """A plugin named with --plugin is loaded strictly: whatever is wrong with it is an error line (exit 2),
