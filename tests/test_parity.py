@@ -215,6 +215,25 @@ def test_each_pillows_pass_order_as_its_source_has_it(rule, shape, first):
     assert pil_vertical_first(*shape, rule=rule) is first
 
 
+EDGE_SIZES = [(1, 1), (1, 500), (500, 1), (2, 3), (223, 225), (224, 224), (225, 223), (100, 80), (80, 100),
+              (300, 90), (90, 300), (1000, 40), (40, 1000), (224, 1000), (1000, 224), (1500, 1499), (447, 1001)]
+
+
+@pytest.mark.parametrize(("kind", "resize_mode", "interpolation"), [
+    ("clip", "shortest", "bicubic"), ("clip", "squash", "bicubic"), ("clip", "shortest", "bilinear"),
+    ("clip", "squash", "bilinear"), ("hf-clip", "shortest", "bicubic"), ("targetpad", "shortest", "bicubic")])
+def test_the_batched_path_gives_pils_pixels_at_every_size(kind, resize_mode, interpolation):
+    """Edge sizes (one pixel, a single row or column, one pixel off the input side, up- and downscaling on either
+    axis, extreme aspect ratios) and random ones, in chunks of mixed sizes: PIL's own pixels, image for image."""
+    rng = np.random.default_rng(11)
+    sizes = EDGE_SIZES + [(int(w), int(h)) for w, h in rng.integers(1, 1200, (12, 2))]
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
+    pre = Preprocessor(kind, 224, resize_mode=resize_mode, interpolation=interpolation)
+    expected = torch.stack([pre.pil_uint8(Image.fromarray(a)) for a in arrays]).float()
+    got = pre.batch_uint8([torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays], chunk=8)
+    assert [sizes[i] for i in range(len(sizes)) if not torch.equal(got[i], expected[i])] == []
+
+
 def test_pillows_own_resize_turns_where_the_rule_says(monkeypatch):
     """The rule transcribed from Pillow's ``ImagingResampleInner`` against the installed Pillow itself: a one-shot
     resize equals the two one-axis resizes in the order the rule gives, and not the other order."""
