@@ -516,7 +516,8 @@ def _optimizer_step(trainable, optimizer, scheduler, micro, cfg: TrainConfig, fa
         with accumulation.second_pass(j):
             loss, logs = run(j)
         if not bool(torch.isfinite(loss.detach())):
-            raise CirbenchError(f"the {trainable.name} loss became {float(loss)}: training diverged (lower --lr?)")
+            raise CirbenchError(f"the {trainable.name} loss became {float(loss.detach())}: training diverged "
+                                "(lower --lr?)")
         scaler.scale(loss / len(micro)).backward()
         loss_sum += float(loss.detach()) / len(micro)
     stop = dist_utils.average_gradients(params, stop)  # every rank then holds the same (scaled) gradients

@@ -432,6 +432,30 @@ def test_ctrl_c_finishes_the_step_saves_and_the_same_command_resumes(tmp_path, t
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
+def test_a_diverging_loss_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_config, monkeypatch):
+    """A loss that turns NaN or infinite stops training before its gradients touch the weights: one line naming
+    the method and suggesting a lower --lr, exit 2, and the checkpoint of the last good step as it was."""
+    from cirbench.methods.slerp.tat import TATTrainable
+
+    corpus = make_corpus(tmp_path / "c")
+    out = tmp_path / "run"
+    runner = CliRunner()
+    assert runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "2")).exit_code == 0
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint-latest").iterdir()}
+    real_step = TATTrainable.training_step
+    for bad in (float("nan"), float("inf")):
+        def diverges(self, batch, _bad=bad):
+            loss, logs = real_step(self, batch)
+            return loss * _bad, logs
+
+        monkeypatch.setattr(TATTrainable, "training_step", diverges)
+        res = runner.invoke(cli, _train_args(tiny_config, corpus, out, "--max-steps", "4", "--save-every", "1"))
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert res.output.strip().splitlines()[0] == (
+            f"error: the slerp-tat loss became {bad}: training diverged (lower --lr?)"), res.output
+        assert {p.name: p.read_bytes() for p in (out / "checkpoint-latest").iterdir()} == before
+
+
 def test_a_save_cut_short_keeps_the_previous_checkpoint_whole(tmp_path, tiny_config, monkeypatch):
     """checkpoint-latest is written into a new folder and renamed into place: stopped half-way (here, between its
     weights and its optimizer state), the previous step's checkpoint stays, whole; stopped between the two
