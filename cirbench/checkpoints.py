@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .errors import CheckpointError, CirbenchWarning
-from .util import atomic_write_files, json_loads, one_line
+from .util import atomic_write_files, checkpoint_folder, json_loads, one_line
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -103,7 +103,7 @@ def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dic
             official = " or the official checkpoint"
         raise CheckpointError(f"checkpoint {path} is {what}: pass the folder written by `cirbench train` (it holds "
                               f"{WEIGHTS} and {CONFIG}){official}")
-    folder = _folder(path)
+    folder = checkpoint_folder(path)
     missing = [name for name in (WEIGHTS, CONFIG) if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a cirbench checkpoint: {folder} has no "
@@ -138,12 +138,7 @@ def load_checkpoint(path: Path | str | None, method: str, backbone_identity: dic
 def checkpoint_sha256(path: Path | str) -> str:
     from .util import file_sha256
 
-    return file_sha256(_folder(Path(path).expanduser()) / WEIGHTS)
-
-
-def _folder(path: Path) -> Path:
-    """The checkpoint folder of ``path``: the folder itself, or the folder of its ``model.safetensors``."""
-    return path.parent if path.is_file() else path
+    return file_sha256(checkpoint_folder(Path(path).expanduser()) / WEIGHTS)
 
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import CirbenchError
 from .results import main_metric_of, read_predictions_of, read_result
-from .util import atomic_write_bytes, one_line
+from .util import atomic_write_bytes, checkpoint_folder, one_line
 
 THUMB = 112  # pixels, longest side
 
@@ -171,8 +171,8 @@ def make_plots(result_paths: list[Path], records: list[dict], out: Path) -> list
             png = plots.sweep_plot(pts, option, metric, plots_dir / f"sweep-{name}-{option}")
             made.append((f"{name}: {metric} against {option}", f"plots/{png.name}"))
     for rec in records:
-        ckpt = (rec["method"].get("options") or {}).get("checkpoint")
-        train_log = Path(str(ckpt)) / "train_log.jsonl" if ckpt else None
+        ckpt = (rec["method"].get("options") or {}).get("checkpoint")  # a checkpoint folder or its weights file
+        train_log = checkpoint_folder(Path(str(ckpt)).expanduser()) / "train_log.jsonl" if ckpt else None
         if train_log is not None and train_log.is_file():
             loss_png = plots.loss_plot(train_log, plots_dir / f"loss-{rec['method'].get('label')}")
             if loss_png is not None:

@@ -288,3 +288,9 @@ def one_line(exc: BaseException | str, limit: int = 800) -> str:
 
 def debug_enabled() -> bool:
     return os.environ.get("CIRBENCH_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def checkpoint_folder(path: Path) -> Path:
+    """The checkpoint folder of ``path``: the folder itself, or the folder of its ``model.safetensors`` (what
+    ``--checkpoint`` may name; the training log lies beside the weights)."""
+    return path.parent if path.is_file() else path

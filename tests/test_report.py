@@ -238,3 +238,25 @@ def test_a_thumbnail_is_made_again_when_its_image_changes(tmp_path):
     second = thumbs("a")
     assert second != first and thumbs.made == 2
     assert thumbs("bad") is None and thumbs("unknown") is None and thumbs.failed == 1
+
+
+def test_a_run_of_trained_weights_plots_their_training_loss(two_runs, tmp_path):
+    """A run whose --checkpoint names the training output (its folder or the model.safetensors in it) gets the
+    loss curve of the log kept beside the weights; one of weights without a log gets none."""
+    from cirbench.report import make_plots
+
+    slerp, _, _ = two_runs
+    record = json.loads(slerp.read_text())
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "model.safetensors").write_bytes(b"weights")
+    (trained / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / (s + 1)}) + "\n"
+                                                     for s in range(10)))
+    for checkpoint in (trained, trained / "model.safetensors"):
+        record["method"]["options"] = {**record["method"]["options"], "checkpoint": str(checkpoint)}
+        made = make_plots([slerp], [record], tmp_path / f"out-{checkpoint.name}")
+        loss = [(title, png) for title, png in made if title.startswith("Training loss of")]
+        assert len(loss) == 1 and (tmp_path / f"out-{checkpoint.name}" / loss[0][1]).is_file(), made
+    (trained / "train_log.jsonl").unlink()
+    made = make_plots([slerp], [record], tmp_path / "out-none")
+    assert not [title for title, _ in made if title.startswith("Training loss of")]
