@@ -260,3 +260,25 @@ def test_a_run_of_trained_weights_plots_their_training_loss(two_runs, tmp_path):
     (trained / "train_log.jsonl").unlink()
     made = make_plots([slerp], [record], tmp_path / "out-none")
     assert not [title for title, _ in made if title.startswith("Training loss of")]
+
+
+def test_data_check_lists_missing_and_unreadable_images_and_unknown_checksums(tmp_path):
+    """The text report names the missing images and the headers it could not read (exit 1), and says of a
+    dataset without official checksums that none is known."""
+    from cirbench.testing import ToyDatasetPlugin, registered, write_toy_dataset
+
+    root = write_toy_dataset(tmp_path / "toy")
+    (root / "images" / "img_red_0.png").unlink()
+    (root / "images" / "img_green_1.png").write_bytes(b"not a png")
+    with registered(ToyDatasetPlugin(), "toy"):
+        res = CliRunner().invoke(cli, ["data", "check", "-d", "toy", "--data-root", str(root)])
+    assert res.exit_code == 1, res.output
+    lines = res.output.splitlines()
+    assert any(line.startswith("  annotation  queries.json: no official checksum known (sha256 ")
+               for line in lines), res.output
+    assert "  images      11 of 12 present, 1 missing" in lines
+    assert f"    missing   {root / 'images' / 'img_red_0.png'}" in lines
+    unreadable = [line for line in lines if line.startswith("    unreadable ")]
+    assert len(unreadable) == 1 and unreadable[0].startswith(
+        f"    unreadable {root / 'images' / 'img_green_1.png'}: UnidentifiedImageError"), res.output
+    assert "  sample      11 headers: PNG 10; modes RGB 10" in lines, res.output
