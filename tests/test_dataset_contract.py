@@ -79,6 +79,9 @@ def test_the_generated_benchmarks_keep_the_contract(tmp_path, monkeypatch):
         held, _, metrics = _held(name, root, split)
         assert held == list(DATASET_CHECKS), (name, held)
         assert metrics, name
+    # one task of a benchmark whose main metric is their mean (avg/R@1): judged by that task's own (it failed)
+    held, _, metrics = _held("genecis", tmp_path / "GeneCIS", None, task="change_object")
+    assert held == list(DATASET_CHECKS) and metrics["change_object/R@1"] == 100.0 and "avg/R@1" not in metrics
 
 
 class _OffByOne(ToyDataset):
