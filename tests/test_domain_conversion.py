@@ -255,3 +255,38 @@ def test_rankings_made_elsewhere_are_scored_with_the_runs_domains(tmp_path, tiny
     assert res.exit_code == 2 and f"the ranking has {database - 1} ids, at least {database} are needed" in res.output
     res = CliRunner().invoke(cli, [*base, "--source", "dimlight", str(tmp_path / "nowhere.jsonl")])
     assert res.exit_code == 2 and "ranking file" in res.output and "does not exist" in res.output
+
+
+def test_the_lists_are_pinned_to_freedoms_repository_and_checked(tmp_path, monkeypatch):
+    """NICO++'s and LTLL's lists are fetched from FREEDOM's repository at a pinned commit and kept only with their
+    official sha256; mini-DomainNet's query list is pinned (its database list was not at hand, so nothing is
+    fetched for it) and ImageNet-R's, which FREEDOM's set-up writes, is not. `cirbench data check` says which
+    file in place is the official one."""
+    from click.testing import CliRunner
+
+    from cirbench.cli import cli
+
+    def built(name, root=tmp_path):
+        return get_registry().dataset(name).create(root, {})
+
+    nico = built("dc-nico")
+    assert sorted(nico.OFFICIAL_SOURCES) == ["database_files.csv", "query_files.csv"]
+    assert all(url.startswith("https://raw.githubusercontent.com/NikosEfth/freedom/5df4bca6f53b365ee2bc06da7b070bcdfd"
+                              "f2b516/data/nico/") for url in nico.OFFICIAL_SOURCES.values())
+    assert set(nico.OFFICIAL_SHA256) == {"query_files.csv", "database_files.csv"}
+    assert list(built("dc-ltll").OFFICIAL_SOURCES) == ["full_files.csv"]
+    assert built("dc-minidn").OFFICIAL_SOURCES == {} and list(built("dc-minidn").OFFICIAL_SHA256) == ["query_files.csv"]
+    assert built("dc-imagenet-r").OFFICIAL_SOURCES == {} == built("dc-imagenet-r").OFFICIAL_SHA256
+
+    root = write_benchmark(tmp_path / "nico")  # lists in the official layout, not the official lists
+    res = CliRunner().invoke(cli, ["data", "check", "-d", "dc-nico", "--data-root", str(root), "--sample", "0",
+                                   "--source", "autumn,dimlight,rock", "--target", "autumn,dimlight,rock"])
+    assert "  annotation  query_files.csv: differs from the official file" in res.output, res.output
+    mirror = tmp_path / "mirror" / "dc-nico"
+    mirror.mkdir(parents=True)
+    for name in ("query_files.csv", "database_files.csv"):
+        (mirror / name).write_bytes((root / name).read_bytes())
+    monkeypatch.setenv("CIRBENCH_FETCH_MIRROR", str(tmp_path / "mirror"))
+    res = CliRunner().invoke(cli, ["data", "fetch", "dc-nico", "--data-root", str(tmp_path / "empty")])
+    assert res.exit_code == 2 and "query_files.csv" in res.output and "sha256" in res.output, res.output
+    assert not (tmp_path / "empty" / "query_files.csv").exists()

@@ -13,6 +13,16 @@ from cirbench.types import EvalSet, ImageRef, Query
 from . import BENCHMARKS
 
 EPSILON = 1e-5  # the official denominators' guard: a perfect query scores 99.999
+SOURCE_COMMIT = "5df4bca6f53b365ee2bc06da7b070bcdfdf2b516"  # github.com/NikosEfth/freedom, whose data/ ships the lists
+SOURCE_FOLDERS = {"dc-minidn": "minidn", "dc-nico": "nico", "dc-ltll": "ltll"}
+# sha256 of the lists as that commit has them (ImageNet-R's is written by set_dataset.py; mini-DomainNet's database
+# list was not at hand)
+PINNED_SHA256 = {
+    "dc-minidn": {"query_files.csv": "4c6ee96b541d4f5ef6855019f206f746893462f7e4b5d9aa2500cabc5a8dc496"},
+    "dc-nico": {"query_files.csv": "95301abc79823077ae96a01b5ead22c536eed95ff97409ba8ceb5d505b9a4191",
+                "database_files.csv": "76591323d4b5b638ac25a81e4542d6d60d4e5b455891da42a86998a525b14905"},
+    "dc-ltll": {"full_files.csv": "7deb04d632feb03412e30b9214ebfb088dacc08e7a3a2a2b4cdbdd69984a7f03"},
+}
 
 
 def read_rows(path: Path, hint: str) -> list[tuple[str, ...]]:
@@ -38,6 +48,20 @@ class DomainConversion(Dataset):
 
     def annotation_files(self, split: str) -> list[Path]:
         return [self.data_root / f for f in self.benchmark[0]]
+
+    @property
+    def OFFICIAL_SHA256(self) -> dict[str, str]:  # type: ignore[override]  # noqa: N802 - every dataset's name
+        """The benchmark's lists as FREEDOM's repository ships them (``cirbench data check`` compares them)."""
+        return dict(PINNED_SHA256.get(self.name, {}))
+
+    @property
+    def OFFICIAL_SOURCES(self) -> dict[str, str]:  # type: ignore[override]  # noqa: N802
+        """Where ``cirbench data fetch`` gets the lists: a benchmark all of whose lists are pinned."""
+        files, pinned = self.benchmark[0], PINNED_SHA256.get(self.name, {})
+        if self.name not in SOURCE_FOLDERS or any(f not in pinned for f in files):
+            return {}
+        return {f: f"https://raw.githubusercontent.com/NikosEfth/freedom/{SOURCE_COMMIT}/data/"
+                   f"{SOURCE_FOLDERS[self.name]}/{f}" for f in files}
 
     def load(self, split: str) -> list[EvalSet]:
         self.check_split(split)
