@@ -490,19 +490,22 @@ class Preprocessor:
             raise ValueError(f"preprocessing '{self.kind}' works in floating point: use pil_float")
         if not images:
             return torch.empty(0, 3, self.size, self.size)
-        if len(images) <= chunk:
-            return self._batch_chunk(list(images), products)
-        # chunks of like sizes and one pass order: each chunk's products run over its largest image, so a mixed
+        if products not in PRODUCTS:
+            raise ValueError(f"unknown products {products!r}; valid: {', '.join(PRODUCTS)}")
+        plans = [self.plan(int(im.shape[-1]), int(im.shape[-2])) for im in images]
+        if len(images) <= chunk and len({p.vertical_first for p in plans}) == 1:  # the usual batch: one product pair
+            return self._resample(list(images), plans, products, plans[0].vertical_first)
+        # chunks of one pass order and like sizes: each chunk's products run over its largest image, so a mixed
         # chunk pays for every image as if it were the tallest and widest (and for each order apart)
-        keys = [(self.plan(int(im.shape[-1]), int(im.shape[-2])).vertical_first, int(im.shape[-2]), int(im.shape[-1]))
-                for im in images]
+        keys = [(p.vertical_first, p.height, p.width) for p in plans]
         order = sorted(range(len(images)), key=keys.__getitem__)
         chunks: list[list[int]] = []
         for i in order:
             if not chunks or len(chunks[-1]) == chunk or keys[chunks[-1][0]][0] != keys[i][0]:
                 chunks.append([])
             chunks[-1].append(i)
-        by_size = torch.cat([self._batch_chunk([images[i] for i in part], products) for part in chunks])
+        by_size = torch.cat([self._resample([images[i] for i in part], [plans[i] for i in part], products,
+                                            keys[part[0]][0]) for part in chunks])
         result = torch.empty_like(by_size)
         result[host_to_device(torch.tensor(order), by_size.device)] = by_size
         return result
@@ -511,24 +514,10 @@ class Preprocessor:
         """:meth:`batch_uint8` then :meth:`normalize`, cast to ``dtype``."""
         return self.normalize(self.batch_uint8(images)).to(dtype)
 
-    def _batch_chunk(self, images: list[torch.Tensor], products: str = "auto") -> torch.Tensor:
-        if products not in PRODUCTS:
-            raise ValueError(f"unknown products {products!r}; valid: {', '.join(PRODUCTS)}")
-        images = [im if im.shape[0] == 3 else im[:1].expand(3, -1, -1) for im in images]
-        plans = [self.plan(int(im.shape[-1]), int(im.shape[-2])) for im in images]
-        rows_first = [p.vertical_first for p in plans]
-        if any(rows_first) and not all(rows_first):  # the two pass orders: each group its own products
-            groups = [[i for i, v in enumerate(rows_first) if v == first] for first in (False, True)]
-            parts = [self._batch_chunk([images[i] for i in group], products) for group in groups]
-            result = torch.empty(len(images), *parts[0].shape[1:], dtype=parts[0].dtype, device=parts[0].device)
-            for group, part in zip(groups, parts, strict=True):
-                result[host_to_device(torch.tensor(group), part.device)] = part
-            return result
-        return self._resample(images, plans, products, vertical_first=rows_first[0])
-
     def _resample(self, images: list[torch.Tensor], plans: list[Plan], products: str, vertical_first: bool
                   ) -> torch.Tensor:
-        """Both passes over images of one pass order, as two batched products."""
+        """Both passes over images of one pass order (their ``plans``), as two batched products."""
+        images = [im if im.shape[0] == 3 else im[:1].expand(3, -1, -1) for im in images]
         device = images[0].device
         s = self.size
         hmax = max(int(im.shape[-2]) for im in images)
