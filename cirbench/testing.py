@@ -421,8 +421,8 @@ def check_dataset(name: str, split: str | None = None, data_root: Any = None, op
     declared = spec.main_metric or next(iter(perfect), "")
     tail = declared.rsplit("/", 1)[-1]
     scored_sets = [es.name for es in evalsets if not es.hidden_targets]
-    alone = [f"{scored_sets[0]}/{tail}"] if len(scored_sets) == 1 else []
-    main = next((m for m in (declared, tail, *alone) if m in perfect), None)
+    set_named = [f"{scored_sets[0]}/{tail}"] if len(scored_sets) == 1 else []
+    main = next((m for m in (declared, tail, *set_named) if m in perfect), None)
     if main is None:
         raise AssertionError(f"the metrics lack the main metric {declared!r}: {sorted(perfect)[:8]}")
     if not unreachable:  # (the trapezoid AP of instance retrieval is 100 less 1e-5 relative: shown as 100.00)
