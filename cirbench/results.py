@@ -27,7 +27,15 @@ from typing import Any
 
 from . import __version__
 from .errors import CirbenchError
-from .util import atomic_write_bytes, atomic_write_files, content_digest, json_hash, json_loads, sha256_bytes
+from .util import (
+    atomic_write_bytes,
+    atomic_write_files,
+    content_digest,
+    json_hash,
+    json_loads,
+    json_object_file,
+    sha256_bytes,
+)
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -227,12 +235,8 @@ class ResultWriter:
             return base
         existing = self.directory / (base + RESULT_SUFFIX)
         if existing.exists():
-            try:
-                old = json_loads(existing.read_bytes())
-                same = isinstance(old, dict) and same_configuration(old, record)
-            except (OSError, ValueError):
-                same = False
-            if not same:
+            old = json_object_file(existing)  # a damaged file may be the only copy of a number: never replaced
+            if old is None or not same_configuration(old, record):
                 return f"{base}~{record['fingerprint'][:8]}"
         return base
 
