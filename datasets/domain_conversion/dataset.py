@@ -14,7 +14,7 @@ from . import BENCHMARKS
 
 EPSILON = 1e-5  # the official denominators' guard: a perfect query scores 99.999
 SOURCE_COMMIT = "5df4bca6f53b365ee2bc06da7b070bcdfdf2b516"  # github.com/NikosEfth/freedom, whose data/ ships the lists
-SOURCE_FOLDERS = {"dc-minidn": "minidn", "dc-nico": "nico", "dc-ltll": "ltll"}
+SOURCE_FOLDERS = {"dc-nico": "nico", "dc-ltll": "ltll"}  # the benchmarks whose every list is pinned: fetched
 # sha256 of the lists as that commit has them (ImageNet-R's is written by set_dataset.py; mini-DomainNet's database
 # list was not at hand)
 PINNED_SHA256 = {
@@ -56,12 +56,10 @@ class DomainConversion(Dataset):
 
     @property
     def OFFICIAL_SOURCES(self) -> dict[str, str]:  # type: ignore[override]  # noqa: N802
-        """Where ``cirbench data fetch`` gets the lists: a benchmark all of whose lists are pinned."""
-        files, pinned = self.benchmark[0], PINNED_SHA256.get(self.name, {})
-        if self.name not in SOURCE_FOLDERS or any(f not in pinned for f in files):
-            return {}
-        return {f: f"https://raw.githubusercontent.com/NikosEfth/freedom/{SOURCE_COMMIT}/data/"
-                   f"{SOURCE_FOLDERS[self.name]}/{f}" for f in files}
+        """Where ``cirbench data fetch`` gets the lists (of a benchmark all of whose lists are pinned)."""
+        folder = SOURCE_FOLDERS.get(self.name)
+        return {f: f"https://raw.githubusercontent.com/NikosEfth/freedom/{SOURCE_COMMIT}/data/{folder}/{f}"
+                for f in self.benchmark[0]} if folder else {}
 
     def load(self, split: str) -> list[EvalSet]:
         self.check_split(split)
