@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CirbenchError, ImageError
-from .images import JPEG_MODES, decode_bytes, load_image, open_pil, probe, read_image_bytes, tensor_decoder
+from .images import decode_bytes, load_image, open_pil, probe, read_image_bytes, tensor_decodable, tensor_decoder
 from .preprocess import Preprocessor, host_to_device
 from .types import ImageRef
 
@@ -131,7 +131,7 @@ class BatchFiles(torch.utils.data.Dataset):
                 data = read_image_bytes(ref)
                 fmt, mode, width, height = probe(data, name)
                 pre.plan(width, height)  # the pixel limit, before anything is decoded
-                if self.batched and fmt == "JPEG" and mode in JPEG_MODES:
+                if self.batched and tensor_decodable(fmt, mode):
                     jpeg_index.append(i)
                     jpeg_bytes.append(data)
                     jpeg_sizes.append((height, width))

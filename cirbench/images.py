@@ -27,6 +27,14 @@ if TYPE_CHECKING:
 JPEG_MODES = ("RGB", "L")  # JPEGs the batched decoder turns into the same RGB pixels as PIL's convert("RGB")
 
 
+def tensor_decodable(fmt: str, mode: str) -> bool:
+    """Whether a file of this PIL format and mode decodes through the tensor decoder to the pixels PIL's
+    ``convert("RGB")`` gives: JPEGs in :data:`JPEG_MODES`. Not other formats: on 16-bit PNGs torchvision returns
+    uint16 and TorchCodec scales by 1/257 where PIL clips at 255, on animated GIFs both return every frame where
+    PIL reads the first."""
+    return fmt == "JPEG" and mode in JPEG_MODES
+
+
 @functools.lru_cache(maxsize=4096)
 def _real_dir(path: str) -> str:
     return os.path.realpath(path)
@@ -93,12 +101,14 @@ def probe(data: bytes, name: str) -> tuple[str, str, int, int]:
         raise ImageError(f"corrupt or unreadable image {name}: {type(exc).__name__}: {exc}") from None
 
 
-def refuse_over_limit(data: bytes, name: str, max_pixels: int) -> None:
-    """ImageError if the header of ``data`` declares more than ``max_pixels`` pixels (nothing is decoded)."""
-    _, _, width, height = probe(data, name)
-    if width * height > max_pixels:
-        raise ImageError(f"image {name} declares {width}x{height} pixels, over the pixel limit of {max_pixels:,} "
-                         "(--max-image-pixels)")
+def refuse_over_limit(data: bytes, name: str, max_pixels: int) -> tuple[str, str, int, int]:
+    """:func:`probe`'s header of ``data``; ImageError if it declares more than ``max_pixels`` pixels (nothing
+    is decoded)."""
+    header = probe(data, name)
+    if header[2] * header[3] > max_pixels:
+        raise ImageError(f"image {name} declares {header[2]}x{header[3]} pixels, over the pixel limit of "
+                         f"{max_pixels:,} (--max-image-pixels)")
+    return header
 
 
 def open_pil(data: bytes, name: str, max_pixels: int):
@@ -119,25 +129,23 @@ IMAGE_DECODERS = ("auto", "torchcodec", "torchvision", "pil")
 
 @dataclass(frozen=True)
 class TensorDecoder:
-    """A library that decodes encoded bytes (1-D uint8 CPU tensors) into uint8 RGB ``[3, H, W]`` tensors.
-    ``jpeg(data_or_list, device)`` decodes one JPEG or a list (one batched nvJPEG call on CUDA); ``image(data)``
-    any format the library knows, on the CPU. Both raise RuntimeError or ValueError on bytes they cannot
-    decode."""
+    """A library that decodes JPEG bytes (1-D uint8 CPU tensors) into uint8 RGB ``[3, H, W]`` tensors:
+    ``jpeg(data_or_list, device)`` decodes one JPEG or a list (one batched nvJPEG call on CUDA), and raises
+    RuntimeError or ValueError on bytes it cannot decode. Other formats are PIL's (:func:`tensor_decodable`)."""
 
     name: str
     version: str
     jpeg: Callable[[Any, Any], Any]
-    image: Callable[[Any], Any]
 
 
 def _torchcodec() -> TensorDecoder:
     import torchcodec
-    from torchcodec.decoders import decode_image, decode_jpeg
+    from torchcodec.decoders import decode_jpeg
 
     def jpeg(data, device):
         return decode_jpeg(data, mode="RGB", device=device)
 
-    return TensorDecoder("torchcodec", torchcodec.__version__, jpeg, lambda data: decode_image(data, mode="RGB"))
+    return TensorDecoder("torchcodec", torchcodec.__version__, jpeg)
 
 
 def _torchvision() -> TensorDecoder:
@@ -147,10 +155,10 @@ def _torchvision() -> TensorDecoder:
 
     with warnings.catch_warnings():  # deprecated since 0.29 (see the module docstring), yet what 0.19-0.28 have
         warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg
     rgb = ImageReadMode.RGB
     return TensorDecoder("torchvision", torchvision.__version__,
-                         lambda d, device: decode_jpeg(d, mode=rgb, device=device), lambda d: decode_image(d, mode=rgb))
+                         lambda d, device: decode_jpeg(d, mode=rgb, device=device))
 
 
 @functools.cache
@@ -195,20 +203,20 @@ def _tiny_jpeg() -> bytes:
 
 
 def decode_bytes(data: bytes | torch.Tensor, name: str = "<bytes>", max_pixels: int | None = None) -> torch.Tensor:
-    """Decode encoded image bytes to a uint8 RGB ``[3, H, W]`` tensor on the CPU (the tensor decoder, PIL for
-    formats it lacks); ImageError if they are not an image or exceed ``max_pixels``."""
+    """Decode encoded image bytes to a uint8 RGB ``[3, H, W]`` tensor on the CPU, PIL's pixels: the tensor
+    decoder for the files it decodes as PIL does (:func:`tensor_decodable`), PIL for the rest; ImageError if they
+    are not an image or exceed ``max_pixels``."""
     import torch
 
     buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
     if buf.numel() == 0:
         raise ImageError(f"image {name} is empty (0 bytes)")
     raw = buf.numpy().tobytes()
-    if max_pixels is not None:
-        refuse_over_limit(raw, name, max_pixels)
-    decoder = tensor_decoder()
+    fmt, mode, _, _ = probe(raw, name) if max_pixels is None else refuse_over_limit(raw, name, max_pixels)
+    decoder = tensor_decoder() if tensor_decodable(fmt, mode) else None
     if decoder is not None:
         try:
-            return decoder.image(buf)
+            return decoder.jpeg(buf, "cpu")
         except (RuntimeError, ValueError):
             pass
     return rgb_tensor(open_pil(raw, name, max_pixels or (1 << 62)))

@@ -463,10 +463,15 @@ class Preprocessor:
 
     def from_bytes(self, data: bytes, name: str, key: str = "") -> torch.Tensor:
         """The normalised float32 tensor of one encoded image (``key``, a random augmentation's draw, is unused
-        here); ImageError if it is not an image or exceeds ``max_pixels``."""
-        from .images import decode_bytes
+        here), the pixels of :meth:`from_pil` on the file: JPEGs the tensor decoder reads as PIL does go through
+        it and the batched resize, other files through PIL, resized in their own mode as the official transforms
+        do (converted to RGB after the crop). ImageError if it is not an image or exceeds ``max_pixels``."""
+        from .images import decode_bytes, open_pil, refuse_over_limit, tensor_decodable
 
-        return self(decode_bytes(data, name, self.max_pixels))
+        fmt, mode, _, _ = refuse_over_limit(data, name, self.max_pixels)
+        if tensor_decodable(fmt, mode):
+            return self(decode_bytes(data, name))
+        return self.from_pil(open_pil(data, name, self.max_pixels))
 
     def __call__(self, image) -> torch.Tensor:
         """Preprocess one image (a PIL image, or a uint8 ``[C, H, W]`` RGB tensor) to normalised float32."""

@@ -8,6 +8,8 @@ and of transformers 4.36's ``CLIPImageProcessor.preprocess`` as LinCIR's ``model
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -552,3 +554,46 @@ def test_normalising_a_batch_builds_no_tensor_from_host_lists(monkeypatch):
 
     monkeypatch.setattr(P.torch, "tensor", no_host_lists)
     assert torch.equal(pre.normalize(pixels), first)
+
+
+def _encoded(image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", "torchcodec"])
+def test_decoded_bytes_are_pils_pixels_in_every_format(monkeypatch, decoder):
+    """Training corpora read any format through ``Preprocessor.from_bytes`` (and :func:`decode_bytes`): its
+    pixels are PIL's and the official transform's. The tensor decoders disagree with PIL on 16-bit PNGs
+    (torchvision returns uint16, TorchCodec scales by 1/257, PIL clips at 255) and animated GIFs (every frame,
+    not the first), and converting RGBA or palette images to RGB before the resize (as decoding them to tensors
+    does) moves pixels by up to 2 in normalised units: such files go through PIL."""
+    if decoder == "torchcodec":
+        _skip_without_torchcodec()
+    from cirbench import images
+    from cirbench.preprocess import Preprocessor
+
+    rng = np.random.default_rng(3)
+    frames = [Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)) for _ in range(3)]
+    cases = {
+        "16-bit PNG": _encoded(Image.fromarray(rng.integers(0, 600, (20, 30), dtype=np.uint16)), "PNG"),
+        "animated GIF": _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "RGBA PNG": _encoded(Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8)), "PNG"),
+        "palette PNG": _encoded(frames[1].convert("P"), "PNG", transparency=3),
+        "CMYK JPEG": _encoded(frames[2].convert("CMYK"), "JPEG"),
+        "RGB JPEG": _encoded(frames[2], "JPEG"),
+        "WEBP": _encoded(frames[0], "WEBP", lossless=True),
+    }
+    monkeypatch.setenv("CIRBENCH_IMAGE_DECODER", decoder)
+    images.tensor_decoder.cache_clear()
+    try:
+        assert images.tensor_decoder().name == decoder
+        pre = Preprocessor("clip", 16)
+        for what, data in cases.items():
+            official = images.rgb_tensor(Image.open(io.BytesIO(data)))
+            decoded = images.decode_bytes(data, what)
+            assert decoded.dtype == torch.uint8 and torch.equal(decoded, official), what
+            assert torch.equal(pre.from_bytes(data, what), pre.from_pil(Image.open(io.BytesIO(data)))), what
+    finally:
+        images.tensor_decoder.cache_clear()

@@ -72,15 +72,17 @@ def test_corpus_images_over_the_pixel_limit_are_skipped_before_decoding(tmp_path
     from cirbench import images
 
     decoded = []
-    real = images.tensor_decoder()
+    real, real_open_pil = images.tensor_decoder(), images.open_pil
     monkeypatch.setattr(images, "tensor_decoder", lambda: dataclasses.replace(
-        real, image=lambda data: decoded.append(1) or real.image(data)))
-    Image.new("RGB", (40, 30), COLOURS["red"]).save(tmp_path / "big.png")
-    Image.new("RGB", (8, 8), COLOURS["blue"]).save(tmp_path / "small.png")
-    (tmp_path / "pairs.csv").write_text("image,caption\nbig.png,a big one\nsmall.png,a small one\n")
+        real, jpeg=lambda data, device: decoded.append("jpeg") or real.jpeg(data, device)))
+    monkeypatch.setattr(images, "open_pil", lambda *a: decoded.append("pil") or real_open_pil(*a))
+    for name, size in [("big.png", (40, 30)), ("big.jpg", (40, 30)), ("small.png", (8, 8)), ("small.jpg", (8, 8))]:
+        Image.new("RGB", size, COLOURS["blue"]).save(tmp_path / name)
+    (tmp_path / "pairs.csv").write_text("image,caption\nbig.png,a\nbig.jpg,b\nsmall.png,c\nsmall.jpg,d\n")
     corpus = open_corpus(tmp_path / "pairs.csv", Preprocessor("clip", size=8, max_pixels=1000))
-    assert corpus[0] is None and corpus[1]["caption"] == "a small one"
-    assert len(decoded) == 1  # the small image only
+    assert corpus[0] is None and corpus[1] is None
+    assert corpus[2]["caption"] == "c" and corpus[3]["caption"] == "d"
+    assert decoded == ["pil", "jpeg"]  # the small images only, the JPEG through the tensor decoder
 
 
 def test_batches_are_pinned_by_the_loaders_pinning_thread(tmp_path, monkeypatch):
