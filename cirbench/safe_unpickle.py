@@ -11,7 +11,8 @@ guarded:
 * ``BUILD`` (which sets attributes) only applies to the stand-ins and fresh ``OrderedDict``s, never to an
   allow-listed function or class (a pickle could otherwise set attributes on torch functions in the running
   process);
-* nesting is bounded (no recursion bombs); the pickle and every storage are size-checked from the zip
+* nesting and the number of tensors and containers walked are bounded (no recursion bombs, no containers
+  shared at every level); the pickle and every storage are size-checked from the zip
   directory *before* they are read: storages must be stored uncompressed (torch never compresses them) and
   exactly as long as their header claims (a shorter storage would be silently resized and read uninitialised
   memory); a tensor view may not reach past its storage nor have more elements than it (stride-0 views that
@@ -255,36 +256,68 @@ def _load(unpickler: pickle._Unpickler, source: str, unreadable: str) -> Any:
         raise CheckpointError(f"{source} {unreadable}: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
-def _walk(obj: Any, prefix: str, out: dict[str, torch.Tensor], seen: set[int], depth: int) -> None:
+class _Collected:
+    """The tensors :func:`_walk` found, by name: a tensor reached under several names (tied weights, a shared
+    submodule) is kept under each, as ``torch.load`` keeps it, cloned once."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.clones: dict[int, torch.Tensor] = {}
+        self.ancestors: set[int] = set()  # the containers being walked: a container inside itself is a cycle
+        self.visits = 0
+
+    def visit(self) -> None:
+        """Count one tensor or container walked (plain values are not counted): containers shared at every level
+        would otherwise be walked 2**depth times."""
+        self.visits += 1
+        if self.visits > MAX_ENTRIES:
+            raise CheckpointError(f"checkpoint names more than {MAX_ENTRIES:,} tensors and containers; refused")
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        clone = self.clones.get(id(tensor))
+        if clone is None:
+            clone = self.clones[id(tensor)] = tensor.detach().clone()
+        self.tensors[name] = clone
+
+
+def _walk(obj: Any, prefix: str, out: _Collected, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise CheckpointError(f"checkpoint nests modules or containers deeper than {MAX_DEPTH} levels; refused")
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
     if isinstance(obj, torch.Tensor):
-        out[prefix.rstrip(".")] = obj.detach().clone()
+        out.visit()
+        out.put(prefix.rstrip("."), obj)
         return
+    if id(obj) in out.ancestors or not isinstance(obj, (_Inert, dict)):
+        return
+    out.visit()
+    out.ancestors.add(id(obj))
     if isinstance(obj, _Inert):
         state = obj.__dict__.get("_state")
         if isinstance(state, dict):
             for group in ("_parameters", "_buffers"):
                 for name, value in (state.get(group) or {}).items():
                     if isinstance(value, torch.Tensor):
-                        out[prefix + str(name)] = value.detach().clone()
+                        out.visit()
+                        out.put(prefix + str(name), value)
             for name, child in (state.get("_modules") or {}).items():
-                _walk(child, f"{prefix}{name}.", out, seen, depth + 1)
-        return
-    if isinstance(obj, dict):
+                _walk(child, f"{prefix}{name}.", out, depth + 1)
+    else:
         for name, value in obj.items():
-            _walk(value, f"{prefix}{name}.", out, seen, depth + 1)
+            _walk(value, f"{prefix}{name}.", out, depth + 1)
+    out.ancestors.discard(id(obj))
 
 
 def _tensors(root: Any, path: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    _walk(root, "", tensors, set(), 0)
+    collected = _Collected()
+    _walk(root, "", collected, 0)
+    tensors = collected.tensors
     if not tensors:
         raise CheckpointError(f"checkpoint {path} holds no tensors")
+    checked: set[int] = set()
     for name, t in tensors.items():
+        if id(t) in checked:  # a tied tensor, checked under its first name
+            continue
+        checked.add(id(t))
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"checkpoint {path} holds non-finite values (NaN or Inf) in {name}")
     return tensors

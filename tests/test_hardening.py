@@ -81,6 +81,109 @@ def test_deep_nesting_is_bounded(tmp_path):
         load_pickled_module_tensors(tmp_path / "deep.pt")
 
 
+def test_tied_and_shared_tensors_keep_every_name(tmp_path):
+    """A tensor under two names (tied weights) or a submodule shared by two parents is in ``torch.load``'s
+    result under each name: so in cirbench's. (The reader once kept only the first name it met.)"""
+    t = torch.arange(3.0)
+    torch.save({"a": t, "b": {"c": t}, "d": t[:2]}, tmp_path / "tied.pt")
+    state = load_state_dict(tmp_path / "tied.pt")
+    assert sorted(state) == ["a", "b.c", "d"] and torch.equal(state["b.c"], t) and torch.equal(state["d"], t[:2])
+    assert state["a"] is state["b.c"]  # tied, as torch.load returns it, and cloned once
+    shared = torch.nn.Linear(2, 2)
+    module = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    torch.save(module, tmp_path / "module.pt")
+    tensors = load_pickled_module_tensors(tmp_path / "module.pt")
+    assert sorted(tensors) == sorted(module.state_dict()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+
+
+def test_containers_inside_themselves_or_shared_at_every_level_are_bounded(tmp_path):
+    """A dict holding itself ends the walk; dicts shared at every level (2**60 paths) are refused, not walked."""
+    loop: dict = {"w": torch.ones(1)}
+    loop["again"] = loop
+    torch.save(loop, tmp_path / "loop.pt")
+    assert sorted(load_state_dict(tmp_path / "loop.pt")) == ["w"]
+    level: dict = {}
+    for _ in range(60):
+        level = {"a": level, "b": level}
+    level["w"] = torch.ones(1)
+    torch.save(level, tmp_path / "shared.pt")
+    assert (tmp_path / "shared.pt").stat().st_size < 10_000
+    with pytest.raises(CheckpointError, match="more than 1,000,000 tensors and containers"):
+        load_state_dict(tmp_path / "shared.pt")
+
+
+class _Call:
+    """Pickles as a call of ``func`` on ``args`` (the ``__reduce__`` a tensor uses), whatever the arguments."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (lambda ref: _Call(torch._utils._rebuild_tensor_v2, ref, 0, "abc", (1,), False, {}), "not a short tuple"),
+    (lambda ref: _Call(torch._utils._rebuild_tensor_v2, ref, 0, (-1,), (1,), False, {}), "negative or non-integer"),
+    (lambda ref: _Call(torch._utils._rebuild_tensor_v2, ref, 0, (2.5,), (1,), False, {}), "negative or non-integer"),
+    (lambda ref: _Call(torch._utils._rebuild_tensor_v2, 7, 0, (1,), (1,), False, {}), "storage is not a storage"),
+    (lambda ref: _Call(torch._utils._rebuild_tensor_v2, ref, -1, (1,), (1,), False, {}), "offset -1 is not"),
+    (lambda ref: _Call(torch._utils._rebuild_tensor_v2, ref, 0, (2, 2), (1,), False, {}), "differ in length"),
+    (lambda ref: _Call(torch._utils._rebuild_parameter, "weights", False, {}), "data is not a tensor"),
+    (lambda ref: _Call(torch._tensor._rebuild_from_type_v2, torch.Size, torch.Tensor, ((1,),), {}),
+     "outside the allow-list"),
+])
+def test_malformed_tensor_records_are_refused(tmp_path, value, message):
+    storage = {"0": torch.zeros(4).numpy().tobytes()}
+    path = _torch_zip(tmp_path / "bad.pt", _dumps_with_storage({"w": value(_PersistentRef())}), storage)
+    with pytest.raises(CheckpointError, match=message):
+        load_state_dict(path)
+
+
+@pytest.mark.parametrize(("pid", "message"), [
+    (("storage", torch.FloatStorage, "0", "cpu"), "unsupported persistent id"),
+    (("module", torch.FloatStorage, "0", "cpu", 4), "unsupported persistent id"),
+    (("storage", "FloatStorage", "0", "cpu", 4), "unsupported storage type"),
+    (("storage", torch.FloatStorage, 0, "cpu", 4), "malformed storage reference"),
+    (("storage", torch.FloatStorage, "0", "cpu", -4), "malformed storage reference"),
+    (("storage", torch.FloatStorage, "9", "cpu", 4), "lacks storage 9: it is truncated"),
+])
+def test_malformed_storage_references_are_refused(tmp_path, pid, message):
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf, protocol=2)
+    pickler.persistent_id = lambda obj: pid if isinstance(obj, _PersistentRef) else None
+    pickler.dump({"w": _FakeTensor((4,), (1,))})
+    path = _torch_zip(tmp_path / "bad.pt", buf.getvalue(), {"0": torch.zeros(4).numpy().tobytes()})
+    with pytest.raises(CheckpointError, match=message):
+        load_state_dict(path)
+
+
+def test_files_that_are_no_torch_checkpoint_say_what_they_are(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_torch_file(tmp_path / "absent.pt")
+    (tmp_path / "legacy.pt").write_bytes(pickle.dumps({"w": 1}, protocol=2))  # pre-1.6 files start with a pickle
+    with pytest.raises(CheckpointError, match="legacy .pre-1.6. format"):
+        load_torch_file(tmp_path / "legacy.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="is not a torch checkpoint"):
+        load_torch_file(tmp_path / "text.pt")
+    with zipfile.ZipFile(tmp_path / "script.pt", "w") as zf:  # what torch.jit.save lays out
+        zf.writestr("model/constants.pkl", b"")
+        zf.writestr("model/code/__torch__.py", b"")
+    with pytest.raises(CheckpointError, match="no data.pkl .a TorchScript archive"):
+        load_torch_file(tmp_path / "script.pt")
+    with zipfile.ZipFile(tmp_path / "deflated.pt", "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({"w": 1}), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match="data.pkl is .* bytes and compressed; refused"):
+        load_torch_file(tmp_path / "deflated.pt")
+    torch.save([torch.ones(2)], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="does not hold a state dict"):
+        load_state_dict(tmp_path / "list.pt")
+    torch.save({"step": 3}, tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match="holds no tensors"):
+        load_state_dict(tmp_path / "empty.pt")
+
+
 def test_a_storage_shorter_than_its_header_is_refused(tmp_path):
     torch.save({"w": torch.arange(1000, dtype=torch.float32)}, tmp_path / "ok.pt")
     assert torch.equal(load_state_dict(tmp_path / "ok.pt")["w"], torch.arange(1000, dtype=torch.float32))
