@@ -58,6 +58,15 @@ def _error(line: str) -> None:
     click.echo(f"[rank {os.environ['RANK']}] {line}" if launched_by_torchrun() else line, err=True)
 
 
+def _silence_stdout() -> None:
+    """Point standard output at the null device: Python's flush at exit would otherwise meet the closed pipe
+    again and print an error of its own."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind it (captured output): nothing left to flush
+        pass
+
+
 def hoist_plugin_options(args: list[str]) -> list[str]:
     """``--plugin FILE`` (or ``--plugin=FILE``) written after the command (``cirbench run --plugin x.py ...``) moved
     before it, where the global option is parsed: a plugin's methods must be known before the command reads
@@ -161,6 +170,9 @@ class CirbenchGroup(click.Group):
             ctx.exit(130)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except BrokenPipeError:  # the reader of the output left (``cirbench methods | head``): stop, say nothing
+            _silence_stdout()
+            ctx.exit(1)
         except OSError as exc:  # a file the user named or the disk (unwritable, not a folder, full): not a bug
             if debug_enabled():
                 traceback.print_exc()

@@ -315,3 +315,21 @@ def test_training_into_another_methods_checkpoint_folder_is_refused(tmp_path):
     assert res.output.strip() == f"error: {out} holds a 'searle' checkpoint; choose another --output for 'pic2word'"
     assert (out / "config.json").read_bytes() == config and sorted(p.name for p in out.iterdir()) == [
         "config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("args", [["methods"], ["datasets"]])
+def test_output_to_a_reader_that_left_stops_quietly(args):
+    """``cirbench methods | head -1``: the pipe closes under the listing; cirbench stops without an error line
+    (it printed "error: Broken pipe") and with a non-zero status, as a command killed by SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        out = subprocess.run([sys.executable, "-m", "cirbench", *args], stdout=write, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert out.returncode == 1 and out.stderr == "", out.stderr
