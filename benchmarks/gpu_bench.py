@@ -387,6 +387,8 @@ def goal_table(out: dict) -> str:
     if pixels:
         lines.append("\nbatched path (JPEGs decoded on the device) vs the official PIL path, targetpad: "
                      + describe_pixels(pixels))
+    variants = eB.get("agreement", {}).get("pixels_by_jpeg_variant", {})
+    lines += [f"* {name}: {describe_pixels(p)}" for name, p in variants.items()]
     t = out.get("train", {})
     if t and "repeat_max_abs_diff" in t:
         scale = (t.get("grad_scaler") or {}).get("scale")

@@ -118,17 +118,52 @@ def audit_syncs(run: Callable[[], Any]) -> dict[str, Any]:
             "places": {f"{thread} {place}": n for (thread, place), n in places.most_common(12)}}
 
 
-def _write_jpeg(path: Path, index: int, seed: int) -> None:
+def _photo(width: int, height: int, rng: np.random.Generator):
+    """A PIL RGB image of smooth gradients plus noise (JPEG sizes like a photo's)."""
     from PIL import Image
 
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) * 127 / (width + height)], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8))
+
+
+def _write_jpeg(path: Path, index: int, seed: int) -> None:
     w, h = COCO_SIZES[index % len(COCO_SIZES)]
-    rng = np.random.default_rng(seed * 100_003 + index)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], axis=-1)
-    arr = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
     tmp = path.with_suffix(".tmp")
-    Image.fromarray(arr).save(tmp, format="JPEG", quality=90)
+    _photo(w, h, np.random.default_rng(seed * 100_003 + index)).save(tmp, format="JPEG", quality=90)
     os.replace(tmp, path)
+
+
+# JPEG encodings a gallery holds besides baseline 4:2:0 (COCO has greyscale and CMYK files, web images
+# progressive and 4:4:4 ones): (PIL mode, size, save options). A GPU decoder may treat them otherwise than
+# libjpeg-turbo, PIL's decoder; CMYK files take the PIL path on every device (not in ``JPEG_MODES``).
+JPEG_VARIANTS: dict[str, tuple[str, tuple[int, int], dict[str, Any]]] = {
+    "baseline-420": ("RGB", (640, 480), {"quality": 90}),
+    "422": ("RGB", (640, 427), {"quality": 90, "subsampling": 1}),
+    "444": ("RGB", (500, 375), {"quality": 90, "subsampling": 0}),
+    "progressive": ("RGB", (480, 640), {"quality": 90, "progressive": True}),
+    "optimized-q100": ("RGB", (612, 612), {"quality": 100, "optimize": True}),
+    "odd-size": ("RGB", (333, 517), {"quality": 85}),
+    "greyscale": ("L", (640, 480), {"quality": 90}),
+    "cmyk": ("CMYK", (500, 375), {"quality": 90}),
+}
+
+
+def make_jpeg_variants(folder: Path, per_variant: int = 4, seed: int = 0) -> dict[str, list[ImageRef]]:
+    """``per_variant`` JPEG files of each of :data:`JPEG_VARIANTS`, by variant (written once, then reused)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, list[ImageRef]] = {}
+    for v, (name, (mode, (w, h), options)) in enumerate(JPEG_VARIANTS.items()):
+        out[name] = []
+        for i in range(per_variant):
+            path = folder / f"{name}-{i}.jpg"
+            if not path.exists():
+                tmp = path.with_suffix(".tmp")
+                image = _photo(w, h, np.random.default_rng((seed * 100 + v) * 100 + i)).convert(mode)
+                image.save(tmp, format="JPEG", **options)
+                os.replace(tmp, path)
+            out[name].append(ImageRef(f"{name}-{i}", path))
+    return out
 
 
 def _write_range(args: tuple[str, int, int, int]) -> None:
@@ -259,12 +294,14 @@ def bench_encode(cfg: BenchConfig, folder: Path) -> dict[str, Any]:
     if dev.type == "cuda":
         r["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
     if cfg.agreement:
-        r["agreement"] = bench_agreement(cfg, refs)
+        r["agreement"] = bench_agreement(cfg, refs, folder)
     return r
 
 
-def bench_agreement(cfg: BenchConfig, refs: list[ImageRef]) -> dict[str, Any]:
-    """fp32 vs bf16 features of the same images through the same path: cosine and top-10 rank overlap."""
+def bench_agreement(cfg: BenchConfig, refs: list[ImageRef], folder: Path) -> dict[str, Any]:
+    """fp32 vs bf16 features of the same images through the same path: cosine and top-10 rank overlap; the
+    batched path's pixels beside the official path's, on ``refs`` and on each JPEG encoding of
+    :data:`JPEG_VARIANTS`."""
     from .backbones import load_backbone
     from .encode import encode_images
 
@@ -280,7 +317,17 @@ def bench_agreement(cfg: BenchConfig, refs: list[ImageRef]) -> dict[str, Any]:
     overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(top32, top16, strict=True)])
     return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), f"top{k}_overlap": float(overlap),
             "pixels_batched_vs_official": pixel_agreement(refs[:512], bb.preprocessor("targetpad"), bb.device,
-                                                          cfg.batch_size, cfg.workers)}
+                                                          cfg.batch_size, cfg.workers),
+            "pixels_by_jpeg_variant": jpeg_variant_agreement(folder, bb.preprocessor("targetpad"), bb.device,
+                                                             cfg.batch_size, cfg.workers)}
+
+
+def jpeg_variant_agreement(folder: Path, pre, device: torch.device, batch_size: int, workers: int
+                           ) -> dict[str, dict[str, Any]]:
+    """:func:`pixel_agreement` on each of :data:`JPEG_VARIANTS` (files written under ``folder/jpeg-variants``):
+    where a GPU decoder departs from PIL's pixels, which encodings it is."""
+    return {name: pixel_agreement(refs, pre, device, batch_size, workers)
+            for name, refs in make_jpeg_variants(folder / "jpeg-variants").items()}
 
 
 def pixel_agreement(refs: list[ImageRef], pre, device: torch.device, batch_size: int, workers: int
@@ -478,6 +525,7 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"  fp32 vs bf16         cosine min {a['cosine_min']:.5f}, mean {a['cosine_mean']:.5f}; "
                          + ", ".join(f"{k} {v:.3f}" for k, v in a.items() if k.startswith("top")))
             lines.append(f"  batched vs official  {describe_pixels(a['pixels_batched_vs_official'])}")
+            lines += [f"    {name:<18} {describe_pixels(p)}" for name, p in a.get("pixels_by_jpeg_variant", {}).items()]
     r = result.get("rank")
     if r:
         lines.append(f"rank  {r['queries']} x {r['gallery']:,} (dim {r['dim']}, top {r['k']}, {r['device']})")

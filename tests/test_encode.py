@@ -251,6 +251,10 @@ def test_bench_measures_every_section(tiny_config, tmp_path):
     assert 0.9 < e["agreement"]["cosine_mean"] <= 1.0 + 1e-6 and "peak_gpu_mem_gib" not in e
     pixels = e["agreement"]["pixels_batched_vs_official"]  # the CPU decodes as PIL does: nothing may differ
     assert pixels["images"] == 10 and pixels["max_levels"] == 0 and pixels["values_differing"] == 0
+    from cirbench.bench import JPEG_VARIANTS  # greyscale, progressive, 4:4:4, CMYK...: all PIL's pixels on the CPU
+    variants = e["agreement"]["pixels_by_jpeg_variant"]
+    assert list(variants) == list(JPEG_VARIANTS) and all(v["images"] == 4 for v in variants.values())
+    assert all(v["max_levels"] == 0 for v in variants.values()), variants
     assert r["ratio_cirbench_over_topk"] == pytest.approx(r["cirbench_torch_s"] / r["plain_topk_s"])
     assert r["whole"]["rank_s"] > 0 and r["whole"]["hits_and_ap_s"] > 0 and r["whole"]["peak_rss_gib"] > 0
     assert c["rows"] == 50 and c["warm_identify_read_verify_s"] > 0
@@ -378,3 +382,22 @@ def test_the_cuda_chunk_writer_thread_hands_rows_over_in_order_and_raises_in_the
     with pytest.raises(CirbenchError, match="features of image img1.jpg are not finite"):
         broken.close()
     assert seen == [] and broken.rows == 0
+
+
+def test_jpeg_variants_are_the_encodings_they_are_named_for(tmp_path):
+    """The agreement set of ``cirbench bench`` holds what its names say (a GPU decoder's departures are reported
+    by encoding): checked from the files' own headers."""
+    from PIL import Image, JpegImagePlugin
+
+    from cirbench.bench import make_jpeg_variants
+
+    refs = make_jpeg_variants(tmp_path, per_variant=1)
+    opened = {name: Image.open(r[0].path) for name, r in refs.items()}
+    sampling = {name: JpegImagePlugin.get_sampling(im) for name, im in opened.items()}  # 0 4:4:4, 1 4:2:2, 2 4:2:0
+    assert sampling["baseline-420"] == 2 and sampling["422"] == 1 and sampling["444"] == 0
+    assert opened["progressive"].info.get("progressive") and not opened["baseline-420"].info.get("progressive")
+    assert opened["greyscale"].mode == "L" and opened["cmyk"].mode == "CMYK" and opened["odd-size"].size == (333, 517)
+    assert all(im.format == "JPEG" for im in opened.values())
+    before = {r[0].path: r[0].path.stat().st_mtime_ns for r in refs.values()}
+    make_jpeg_variants(tmp_path, per_variant=1)  # kept for the next run, not rewritten
+    assert {r[0].path: r[0].path.stat().st_mtime_ns for r in refs.values()} == before

@@ -97,3 +97,7 @@ def test_the_table_reports_host_syncs_and_decoder_pixels(monkeypatch, tmp_path):
     table = bench.goal_table({"encode_B": {**encode_b, "agreement": {"pixels_batched_vs_official": pixels}}})
     assert ("batched path (JPEGs decoded on the device) vs the official PIL path, targetpad: pixels of 512 images: "
             "1.23% of values differ in 50% of images, by at most 3 levels (mean 0.013)") in table
+    grey = {**pixels, "images": 4, "max_levels": 40}
+    table = bench.goal_table({"encode_B": {**encode_b, "agreement": {"pixels_batched_vs_official": pixels,
+                                                                     "pixels_by_jpeg_variant": {"greyscale": grey}}}})
+    assert "* greyscale: pixels of 4 images: 1.23% of values differ in 50% of images, by at most 40 levels" in table
