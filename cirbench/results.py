@@ -275,6 +275,11 @@ def read_result(path: Path) -> dict[str, Any]:
             raise CirbenchError(f"result file {path} lacks its '{name}' section")
     if not isinstance(record.get("metrics", {}), dict):
         raise CirbenchError(f"result file {path}: 'metrics' is not an object")
+    from .schema import result_record_problem
+
+    problem = result_record_problem(record)
+    if problem is not None:
+        raise CirbenchError(f"result file {path} is malformed: {problem}")
     return record
 
 

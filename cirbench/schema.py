@@ -7,6 +7,7 @@ refused too. Nothing here knows any dataset.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -37,7 +38,7 @@ def describe(error: ValidationError) -> str:
     """The first problem of a pydantic error as ``field 'a.b.2': message``."""
     first = error.errors()[0]
     loc = ".".join(str(x) for x in first.get("loc", ()))
-    msg = first.get("msg", "invalid")
+    msg = re.sub(r" or instance of \w+", "", first.get("msg", "invalid"))  # the model's class is no help to a user
     return f"field '{loc}': {msg}" if loc else msg
 
 
@@ -79,3 +80,87 @@ def validate_value(model_type: Any, value: Any, path: Path | str, what: str) -> 
         return TypeAdapter(model_type, config=ConfigDict(strict=True)).validate_python(value)
     except ValidationError as exc:
         raise AnnotationError(f"annotation file {path}: {what}: {describe(exc)}") from None
+
+
+# -- result files -------------------------------------------------------------------------------------------
+# The sections of a result file that commands read (reproduce, compare, report, leaderboard), each of the type
+# cirbench writes; anything else a record holds is kept as it is (extra fields, sections of later versions).
+class _Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+Number = float | int | None  # a metric (None: a metric the run could not compute)
+
+
+class _MethodSection(_Section):
+    name: str
+    options: dict[str, Any] = {}
+    plugin_source: dict[str, Any] | None = None
+
+
+class _DatasetSection(_Section):
+    name: str
+    split: str | None = None
+    options: dict[str, Any] = {}
+    data_root: str | None = None
+    data_root_given: bool = False
+    plugin_source: dict[str, Any] | None = None
+
+
+class _BackboneSection(_Section):
+    model: str | None = None
+    pretrained: str | None = None
+
+
+class _EncodeSection(_Section):
+    requested_path: str | None = None
+    max_image_pixels: int | None = None
+
+
+class _RetrievalSection(_Section):
+    backend: str | None = None
+
+
+class _CiSection(_Section):
+    replicates: int | None = None
+
+
+class _PreprocessSection(_Section):
+    kind: str | None = None
+
+
+class _CountsSection(_Section):
+    sets: dict[str, dict[str, Any]] = {}
+
+
+class ResultRecord(_Section):
+    """A result file as commands read it: :func:`cirbench.results.read_result` validates against it."""
+
+    schema_version: int
+    method: _MethodSection
+    dataset: _DatasetSection
+    backbone: _BackboneSection
+    preprocess: _PreprocessSection | None = None
+    precision: str | None = None
+    seed: int | None = None
+    encode: _EncodeSection | None = None
+    retrieval: _RetrievalSection | None = None
+    ci: _CiSection | None = None
+    predictions: dict[str, Any] | None = None
+    counts: _CountsSection | None = None
+    metrics: dict[str, Number] = {}
+    per_set_metrics: dict[str, dict[str, Number]] | None = None
+    metrics_ci: dict[str, Any] | None = None
+    submissions: list[Any] | None = None
+    environment: dict[str, Any] | None = None
+    fingerprint: str | None = None
+    created: str | None = None
+
+
+def result_record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a result record's sections (``field 'encode.max_image_pixels': ...``), or None."""
+    try:
+        ResultRecord.model_validate(record)
+    except ValidationError as exc:
+        return describe(exc)
+    return None

@@ -184,3 +184,44 @@ def test_a_record_written_before_path_options_had_checksums_compares_without_its
     gone = compare(record("gone", "/old/p2w.pt"), Path("a.json"), record("gone", "/new/p2w.pt", {"checkpoint": "ab"}),
                    Path("b.json"), 0.0)
     assert gone.configuration == [("method.options.checkpoint", "/old/p2w.pt", "/new/p2w.pt")]
+
+
+def test_a_result_file_with_sections_of_the_wrong_type_is_one_line(tmp_path, tiny_config, toy_root):
+    """A result file edited by hand (or by other code) whose sections have other types than cirbench writes is
+    named, field by field, before anything reads it: ``reproduce`` stopped on 'internal error: AttributeError'."""
+
+    with registered(ToyPlugin(), "toy"):
+        res = CliRunner().invoke(cli, ["run", "--method", "slerp", "--dataset", "toy", "--data-root", str(toy_root),
+                                       "--backbone", str(tiny_config), "--pretrained", "none", "--output",
+                                       str(tmp_path / "out"), "--workers", "0", "--quiet", "--bootstrap", "0",
+                                       "--no-leaderboard"])
+    assert res.exit_code == 0, res.output
+    (result,) = (tmp_path / "out" / "toy" / "val").glob("*.json")
+    record = json.loads(result.read_text())
+    edits = [
+        (("encode",), 7, "field 'encode': Input should be a valid dictionary"),
+        (("encode", "max_image_pixels"), "lots", "field 'encode.max_image_pixels'"),
+        (("retrieval",), "faiss", "field 'retrieval'"),
+        (("counts", "sets"), "val", "field 'counts.sets'"),
+        (("counts", "sets", "val"), 3, "field 'counts.sets.val'"),
+        (("dataset", "options"), ["a"], "field 'dataset.options'"),
+        (("method", "name"), 5, "field 'method.name'"),
+        (("seed",), "0", "field 'seed'"),
+        (("ci", "replicates"), True, "field 'ci.replicates'"),
+        (("metrics", "R@1"), "high", "field 'metrics.R@1"),
+    ]
+    for keys, value, said in edits:
+        broken = json.loads(json.dumps(record))
+        node = broken
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+        path = tmp_path / "broken" / result.name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(broken))
+        for args in (["reproduce", str(path)], ["compare", str(path), str(result)], ["report", str(path)]):
+            with registered(ToyPlugin(), "toy"):
+                out = CliRunner().invoke(cli, args)
+            assert out.exit_code == 2, (args, out.output)
+            assert f"result file {path} is malformed: {said}" in out.output, (args, out.output)
+            assert len(out.output.strip().splitlines()) == 1 and "instance of" not in out.output, out.output
