@@ -264,6 +264,12 @@ def read_result(path: Path) -> dict[str, Any]:
         record = json_loads(Path(path).read_bytes())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CirbenchError(f"result file {path} is unreadable: {exc}") from None
+    return checked_result(record, path)
+
+
+def checked_result(record: Any, path: Path) -> dict[str, Any]:
+    """``record`` (the JSON of result file ``path``) if it is one this cirbench reads; CirbenchError naming what is
+    wrong otherwise (the schema version, a missing section, a field of another type)."""
     version = record.get("schema_version") if isinstance(record, dict) else None
     if version is None:
         raise CirbenchError(f"{path} is not a cirbench result file (it records no schema_version)")

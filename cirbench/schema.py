@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import AnnotationError
 
@@ -38,7 +38,8 @@ def describe(error: ValidationError) -> str:
     """The first problem of a pydantic error as ``field 'a.b.2': message``."""
     first = error.errors()[0]
     loc = ".".join(str(x) for x in first.get("loc", ()))
-    msg = re.sub(r" or instance of \w+", "", first.get("msg", "invalid"))  # the model's class is no help to a user
+    # the model's class and pydantic's "Value error, " before a validator's own message are no help to a user
+    msg = re.sub(r" or instance of \w+", "", first.get("msg", "invalid")).removeprefix("Value error, ")
     return f"field '{loc}': {msg}" if loc else msg
 
 
@@ -89,7 +90,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
 
-Number = float | int | None  # a metric (None: a metric the run could not compute)
+Number = float | None  # a metric (an int passes as a float, strictly too), or None where the run could not compute it
 
 
 class _MethodSection(_Section):
@@ -129,6 +130,19 @@ class _PreprocessSection(_Section):
     kind: str | None = None
 
 
+def _file_name(value: str) -> str:
+    if not value or "/" in value or "\\" in value or value in (".", "..") or "\x00" in value:
+        raise ValueError(f"{value!r} is not a file name beside the result")
+    return value
+
+
+class _PredictionsSection(_Section):
+    file: Annotated[str, AfterValidator(_file_name)] | None = None
+    top: int | Literal["all"] | None = None
+    rows: int | None = None
+    sha256: str | None = None
+
+
 class _CountsSection(_Section):
     sets: dict[str, dict[str, Any]] = {}
 
@@ -146,11 +160,11 @@ class ResultRecord(_Section):
     encode: _EncodeSection | None = None
     retrieval: _RetrievalSection | None = None
     ci: _CiSection | None = None
-    predictions: dict[str, Any] | None = None
+    predictions: _PredictionsSection | None = None
     counts: _CountsSection | None = None
     metrics: dict[str, Number] = {}
     per_set_metrics: dict[str, dict[str, Number]] | None = None
-    metrics_ci: dict[str, Any] | None = None
+    metrics_ci: dict[str, Annotated[list[Number], Field(min_length=2, max_length=2)] | None] | None = None
     submissions: list[Any] | None = None
     environment: dict[str, Any] | None = None
     fingerprint: str | None = None

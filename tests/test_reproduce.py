@@ -209,6 +209,10 @@ def test_a_result_file_with_sections_of_the_wrong_type_is_one_line(tmp_path, tin
         (("seed",), "0", "field 'seed'"),
         (("ci", "replicates"), True, "field 'ci.replicates'"),
         (("metrics", "R@1"), "high", "field 'metrics.R@1"),
+        (("metrics_ci",), {"R@1": [1.0, "x"]}, "field 'metrics_ci.R@1.1'"),
+        (("predictions", "file"), 3, "field 'predictions.file'"),
+        (("predictions", "file"), "../other.jsonl",
+         "field 'predictions.file': '../other.jsonl' is not a file name beside the result"),
     ]
     for keys, value, said in edits:
         broken = json.loads(json.dumps(record))
@@ -219,7 +223,8 @@ def test_a_result_file_with_sections_of_the_wrong_type_is_one_line(tmp_path, tin
         path = tmp_path / "broken" / result.name
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(broken))
-        for args in (["reproduce", str(path)], ["compare", str(path), str(result)], ["report", str(path)]):
+        for args in (["reproduce", str(path)], ["compare", str(path), str(result)], ["report", str(path)],
+                     ["agree", str(path), str(result)]):
             with registered(ToyPlugin(), "toy"):
                 out = CliRunner().invoke(cli, args)
             assert out.exit_code == 2, (args, out.output)

@@ -34,7 +34,7 @@ def read_rankings(path: Path) -> dict[Key, list[str]]:
     """Ranked ids per (set, query) from a result file, a predictions JSONL file or a submission JSON file."""
     from cirbench.dataset import Dataset
     from cirbench.errors import CirbenchError
-    from cirbench.results import read_predictions_of
+    from cirbench.results import checked_result, read_predictions_of
     from cirbench.util import json_loads
 
     if path.suffix == ".jsonl":
@@ -47,7 +47,7 @@ def read_rankings(path: Path) -> dict[Key, list[str]]:
         raise CirbenchError(f"{path} is not a readable JSON file: {exc}") from None
     if isinstance(data, dict) and "schema_version" in data:  # a cirbench result: its predictions
         out: dict[Key, list[str]] = {}
-        for row in read_predictions_of(path, data):
+        for row in read_predictions_of(path, checked_result(data, path)):
             out[(str(row.get("set", "")), str(row["query"]))] = [str(x) for x in row.get("top") or []]
         return out
     if not isinstance(data, dict):
