@@ -149,7 +149,8 @@ class SearleTrainable(PhiTrainable):
     def _features(self, corpus, cfg: TrainConfig, cache: Path, progress: bool) -> tuple[list[str], torch.Tensor, int]:
         """Every readable image's key and raw CLIP features (sorted by key), cached; and the unreadable count."""
         pre = self.backbone.preprocessor(self.preprocess_kind)
-        key = json_hash({"v": 2, "backbone": self.backbone.identity(), "device": self.backbone.device.type,
+        # v3: corpus files other than JPEGs are read by PIL in their own mode (before, decoded to RGB tensors first)
+        key = json_hash({"v": 3, "backbone": self.backbone.identity(), "device": self.backbone.device.type,
                          "preprocess": pre.identity(), "source": str(corpus.source), "listing": _listing(corpus)})
         path = cache / "searle-teacher" / f"{key}.safetensors"
         loaded = None
