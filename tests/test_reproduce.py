@@ -211,6 +211,7 @@ def test_a_result_file_with_sections_of_the_wrong_type_is_one_line(tmp_path, tin
         (("metrics", "R@1"), "high", "field 'metrics.R@1"),
         (("metrics_ci",), {"R@1": [1.0, "x"]}, "field 'metrics_ci.R@1.1'"),
         (("predictions", "file"), 3, "field 'predictions.file'"),
+        (("predictions", "top"), "most", "field 'predictions.top"),
         (("predictions", "file"), "../other.jsonl",
          "field 'predictions.file': '../other.jsonl' is not a file name beside the result"),
     ]
