@@ -64,7 +64,7 @@ from . import distributed as dist_utils
 from .errors import CirbenchError, ImageError
 from .images import tensor_decoder
 from .preprocess import Preprocessor, RandomResizedCrop
-from .util import json_loads
+from .util import TEXT_ENCODING, json_loads
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 IMAGE_COLUMNS = ("image", "filepath", "path", "file")
@@ -208,7 +208,7 @@ def _read_table(path: Path, images: bool = True, captions: bool = True,
                 caption_columns: tuple[str, ...] = CAPTION_COLUMNS) -> Rows:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding=TEXT_ENCODING) as fh:
             reader = csv.DictReader(fh, delimiter=delimiter)
             header = reader.fieldnames or []
             image_col = next((c for c in IMAGE_COLUMNS if c in header), None)
@@ -231,7 +231,7 @@ def _read_records(path: Path, caption_columns: tuple[str, ...]) -> Rows:
     """A language-only corpus of JSON records: a ``.jsonl`` file (one object per line) or a ``.json`` file (a
     list of objects); the first of ``caption_columns`` a record has is its caption, its other fields ``extra``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding=TEXT_ENCODING)
         if path.suffix.lower() == ".jsonl":
             records = [json_loads(line) for line in text.splitlines() if line.strip()]
         else:
@@ -254,7 +254,7 @@ def _read_folder(folder: Path) -> Rows:
     rows: Rows = []
     for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
         sidecar = image.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8", errors="replace") if sidecar.is_file() else ""
+        caption = sidecar.read_text(encoding=TEXT_ENCODING, errors="replace") if sidecar.is_file() else ""
         rows.append((image, caption, {}))
     return rows
 
@@ -383,8 +383,9 @@ def _read_captions(path: Path) -> Rows:
     """A language-only corpus: one caption per line of a ``.txt`` file, or one per ``.txt`` file of a folder."""
     try:
         if path.is_dir():
-            return [(None, p.read_text(encoding="utf-8", errors="replace"), {}) for p in sorted(path.rglob("*.txt"))]
-        return [(None, line, {}) for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            return [(None, p.read_text(encoding=TEXT_ENCODING, errors="replace"), {})
+                    for p in sorted(path.rglob("*.txt"))]
+        return [(None, line, {}) for line in path.read_text(encoding=TEXT_ENCODING, errors="replace").splitlines()
                 if line.strip()]
     except OSError as exc:
         raise CirbenchError(f"corpus {path} is unreadable: {exc}") from None

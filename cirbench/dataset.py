@@ -23,7 +23,7 @@ from typing import Any
 from .errors import AnnotationError, CirbenchError
 from .images import check_inside
 from .types import SAVED_TOP, EvalSet, ImageRef
-from .util import json_loads
+from .util import TEXT_ENCODING, json_loads
 
 
 def read_split_lines(path: Path, separator: str, fields: tuple[str, ...], where: str,
@@ -33,7 +33,7 @@ def read_split_lines(path: Path, separator: str, fields: tuple[str, ...], where:
     with ``at_least``: an official loader that only indexes the first ones), or an empty value at a ``required``
     position, for an empty file, and for a missing one (``where`` says where the file comes from)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding=TEXT_ENCODING).splitlines()
     except FileNotFoundError:
         raise AnnotationError(f"annotation file {path} is missing ({where})") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -294,7 +294,7 @@ class Dataset:
         ``subset``). Returns ``{set name or "": {query id: ids}}`` and subsets under key ``"subset:"+set``."""
         out: dict[str, dict[str, list[str]]] = {}
         try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
+            lines = Path(path).read_text(encoding=TEXT_ENCODING).splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise AnnotationError(f"cannot read ranking file {path}: {exc}") from None
         for n, line in enumerate(lines, 1):

@@ -28,6 +28,7 @@ from typing import Any
 from . import __version__
 from .errors import CirbenchError
 from .util import (
+    TEXT_ENCODING,
     atomic_write_bytes,
     atomic_write_files,
     content_digest,
@@ -324,7 +325,7 @@ def read_predictions_of(result_path: Path, record: dict[str, Any] | None = None)
                             "differs from the one the result recorded: another run overwrote it, or it was edited or "
                             "truncated)")
     rows = []
-    for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+    for n, line in enumerate(data.decode(TEXT_ENCODING, errors="replace").splitlines(), 1):
         if line.strip():
             try:
                 row = json_loads(line)

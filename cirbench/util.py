@@ -40,6 +40,11 @@ def _current_umask() -> int:
 
 _UMASK = _current_umask()
 
+# Text files a user or another program wrote (annotation lists, corpora, word lists, prompts) are read as UTF-8
+# with an optional byte-order mark: editors on Windows (Excel's "CSV UTF-8") start files with one, which would
+# otherwise become an invisible first character of the first image name or column. Files without it read the same.
+TEXT_ENCODING = "utf-8-sig"
+
 
 def partial_folder(folder: Path) -> Path:
     """A new name beside ``folder`` to write its next version into, for :func:`replace_folder` (and one that
@@ -206,7 +211,7 @@ def read_first_column(path: Path | str, what: str) -> list[str]:
     from .errors import CirbenchError
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding=TEXT_ENCODING)
     except (OSError, UnicodeDecodeError) as exc:
         raise CirbenchError(f"cannot read the {what} {path}: {exc}") from None
     values = [row[0] for row in csv.reader(io.StringIO(text, newline="")) if row]

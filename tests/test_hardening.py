@@ -536,3 +536,49 @@ def test_files_written_as_one_set_are_all_replaced_or_none(tmp_path, monkeypatch
     save_checkpoint(folder, {"w": torch.ones(3)}, {"method": "pic2word", "step": 2})
     tensors, config = load_checkpoint(folder, "pic2word")
     assert torch.equal(tensors["w"], torch.ones(3)) and config["step"] == 2
+
+
+def _with_bom(folder, suffixes=(".csv", ".txt")) -> int:
+    """Start every text file under ``folder`` with a UTF-8 byte-order mark, as Excel's "CSV UTF-8" saves it."""
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes]
+    for p in files:
+        p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    return len(files)
+
+
+@pytest.mark.parametrize("name", ["icir", "patterncom", "dc-nico"])
+def test_annotation_lists_saved_with_a_byte_order_mark_read_the_same(tmp_path, name):
+    """The mark became an invisible first character of the first image name ("missing image \\ufeffnico/...")."""
+    from test_domain_conversion import write_benchmark
+    from test_icir import write_icir
+    from test_patterncom import write_patternnet
+
+    from cirbench.plugins import get_registry
+
+    write = {"icir": lambda r: write_icir(r), "patterncom": write_patternnet, "dc-nico": write_benchmark}[name]
+    options = {"source": "autumn", "target": "rock"} if name == "dc-nico" else {}
+
+    def loaded(root):
+        spec = get_registry().dataset(name)
+        sets = spec.create(root, {**{o.name: o.default for o in spec.options}, **options}).load(spec.splits[0])
+        sets = sets if isinstance(sets, list) else [sets]
+        return [(s.name, [(q.id, q.reference, q.text, q.targets) for q in s.queries], [g.id for g in s.gallery])
+                for s in sets]
+
+    write(tmp_path / "plain")
+    write(tmp_path / "bom")
+    assert _with_bom(tmp_path / "bom") > 0
+    assert loaded(tmp_path / "bom") == loaded(tmp_path / "plain")
+
+
+def test_a_corpus_saved_with_a_byte_order_mark_reads_its_header(tmp_path):
+    from cirbench.corpora import open_corpus
+    from cirbench.preprocess import Preprocessor
+    from cirbench.testing import write_toy_corpus
+
+    path = write_toy_corpus(tmp_path)
+    plain = open_corpus(path, Preprocessor("clip", 8))
+    _with_bom(tmp_path)
+    marked = open_corpus(path, Preprocessor("clip", 8))  # its first column was "\ufeffimage": no image column
+    assert len(marked) == len(plain) == 12
+    assert [marked[i]["caption"] for i in range(3)] == [plain[i]["caption"] for i in range(3)]

@@ -13,6 +13,7 @@ from cirbench.dataset import Dataset
 from cirbench.errors import AnnotationError, CirbenchError
 from cirbench.metrics import hits_matrix, recall_per_query
 from cirbench.types import EvalSet, ImageRef, ImageView, Query
+from cirbench.util import TEXT_ENCODING
 
 from . import KS
 
@@ -35,7 +36,7 @@ def read_queries(path: Path) -> list[Row]:
     """The official ``coco_eval.csv``: ``id,query_regions,query_class,classes`` with ``x1;y1;x2;y2`` regions
     and ``;``-separated other classes (empty: none, read as one empty class as pandas' NaN is officially)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding=TEXT_ENCODING)
     except (OSError, UnicodeDecodeError) as exc:
         raise AnnotationError(f"cannot read query file {path}: {exc}") from None
     reader = csv.reader(io.StringIO(text))

@@ -8,7 +8,7 @@ from cirbench.dataset import Dataset
 from cirbench.errors import AnnotationError
 from cirbench.metrics import hits_matrix
 from cirbench.types import EvalSet, ImageRef, Query
-from cirbench.util import file_sha256
+from cirbench.util import TEXT_ENCODING, file_sha256
 
 from . import DOMAINS, KS
 
@@ -25,7 +25,7 @@ EPSILON = 1e-5  # the official recall's denominator guard, kept: it makes a perf
 def read_list(path: Path) -> list[tuple[str, int]]:
     """``<relative path> <label>`` lines (the official ``ImageList`` format)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding=TEXT_ENCODING).splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise AnnotationError(f"cannot read image list {path}: {exc}") from None
     out = []

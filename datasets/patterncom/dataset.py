@@ -10,6 +10,7 @@ from cirbench.dataset import Dataset, prefixed_with_mean, read_split_lines
 from cirbench.errors import AnnotationError
 from cirbench.metrics import average_precision_per_query, hits_matrix
 from cirbench.types import EvalSet, ImageRef, Query
+from cirbench.util import TEXT_ENCODING
 
 from .protocol import ATTRIBUTES, KS, group_key, relevance_class
 
@@ -21,7 +22,7 @@ def read_attribute_rows(path: Path, hint: str) -> list[tuple[int, str, str, str]
     columns read), as ``(line, image, attribute, value)``; AnnotationError naming the file and line for a row with
     fewer columns or an empty image name or value, and for an empty, missing or unreadable file."""
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding=TEXT_ENCODING) as handle:
             lines = list(csv.reader(handle))
     except FileNotFoundError:
         raise AnnotationError(f"annotation file {path} is missing (PatternCom's files go in PatternNet/{FOLDER}/; "

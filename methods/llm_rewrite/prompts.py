@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cirbench.errors import CirbenchError
-from cirbench.util import json_hash
+from cirbench.util import TEXT_ENCODING, json_hash
 
 try:
     import tomllib
@@ -143,7 +143,7 @@ def load_prompt(spec: str, kind: str = "rewrite") -> Prompt:
         raise CirbenchError(f"prompt file {path} does not exist (--prompt takes builtin, a .toml or .txt file, or "
                             "name:ID)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding=TEXT_ENCODING)
     except (OSError, UnicodeDecodeError) as exc:
         raise CirbenchError(f"cannot read prompt file {path}: {exc}") from None
     if path.suffix.lower() == ".toml":

@@ -44,6 +44,7 @@ from cirbench.method import QuerySet
 from cirbench.methods._shared.textinv import SearleProtocol, encode_with_pseudo_tokens, token_width
 from cirbench.safe_unpickle import load_data_pickle
 from cirbench.util import (
+    TEXT_ENCODING,
     atomic_write_bytes,
     default_cache_dir,
     file_sha256,
@@ -82,7 +83,7 @@ def load_concepts(path: Path) -> list[str]:
     """Concept names: a CSV with a ``DisplayName`` column (Open Images' class descriptions), or a text file
     with one name per line."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding=TEXT_ENCODING)
     except (OSError, UnicodeDecodeError) as exc:
         raise CirbenchError(f"cannot read the concepts file {path}: {exc}") from None
     if Path(path).suffix.lower() == ".csv":
