@@ -324,10 +324,16 @@ def bench_agreement(cfg: BenchConfig, refs: list[ImageRef], folder: Path) -> dic
 
 def jpeg_variant_agreement(folder: Path, pre, device: torch.device, batch_size: int, workers: int
                            ) -> dict[str, dict[str, Any]]:
-    """:func:`pixel_agreement` on each of :data:`JPEG_VARIANTS` (files written under ``folder/jpeg-variants``):
-    where a GPU decoder departs from PIL's pixels, which encodings it is."""
-    return {name: pixel_agreement(refs, pre, device, batch_size, workers)
-            for name, refs in make_jpeg_variants(folder / "jpeg-variants").items()}
+    """:func:`pixel_agreement`'s figures for each of :data:`JPEG_VARIANTS` (files written under
+    ``folder/jpeg-variants``), all encoded in one pass per path: where a GPU decoder departs from PIL's pixels,
+    which encodings it is."""
+    variants = make_jpeg_variants(folder / "jpeg-variants")
+    diff = pixel_differences([r for refs in variants.values() for r in refs], pre, device, batch_size, workers)
+    out, start = {}, 0
+    for name, refs in variants.items():
+        out[name] = _difference_figures(diff[start : start + len(refs)])
+        start += len(refs)
+    return out
 
 
 def pixel_agreement(refs: list[ImageRef], pre, device: torch.device, batch_size: int, workers: int
@@ -335,6 +341,13 @@ def pixel_agreement(refs: list[ImageRef], pre, device: torch.device, batch_size:
     """The batched path's preprocessed pixels (on CUDA: the GPU JPEG decoder) beside the official per-image PIL
     path's, on the same files, in uint8 levels: how many values and images differ, and by how much. The
     resampling is exact, so on the CPU (the same libjpeg-turbo decoding) nothing differs."""
+    return _difference_figures(pixel_differences(refs, pre, device, batch_size, workers))
+
+
+def pixel_differences(refs: list[ImageRef], pre, device: torch.device, batch_size: int, workers: int
+                      ) -> torch.Tensor:
+    """``[images, values]``: how many uint8 levels each preprocessed value of the batched path is from the
+    official per-image PIL path's."""
     from .encode import encode_images
 
     mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
@@ -346,8 +359,11 @@ def pixel_agreement(refs: list[ImageRef], pre, device: torch.device, batch_size:
     got = {path: encode_images(refs, levels, pre, batch_size=batch_size, workers=workers, progress=False, path=path,
                                device=device, dtype=torch.float32).to(torch.int16)
            for path in ("batched", "workers")}
-    diff = (got["batched"] - got["workers"]).abs()
-    return {"images": len(refs), "values_differing": float((diff > 0).float().mean()),
+    return (got["batched"] - got["workers"]).abs()
+
+
+def _difference_figures(diff: torch.Tensor) -> dict[str, Any]:
+    return {"images": diff.shape[0], "values_differing": float((diff > 0).float().mean()),
             "images_differing": float((diff > 0).any(dim=1).float().mean()), "max_levels": int(diff.max()),
             "mean_levels": float(diff.float().mean())}
 

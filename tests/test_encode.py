@@ -401,3 +401,16 @@ def test_jpeg_variants_are_the_encodings_they_are_named_for(tmp_path):
     before = {r[0].path: r[0].path.stat().st_mtime_ns for r in refs.values()}
     make_jpeg_variants(tmp_path, per_variant=1)  # kept for the next run, not rewritten
     assert {r[0].path: r[0].path.stat().st_mtime_ns for r in refs.values()} == before
+
+
+def test_jpeg_variant_figures_are_each_variants_own(tmp_path, monkeypatch):
+    """The variants are encoded in one pass per path and their rows then split by variant: each variant's
+    figures come from its own files' rows (here, a fake difference of k levels on the k-th file)."""
+    from cirbench import bench
+
+    monkeypatch.setattr(bench, "pixel_differences",
+                        lambda refs, *a: torch.arange(len(refs)).view(-1, 1).repeat(1, 5))
+    figures = bench.jpeg_variant_agreement(tmp_path, None, torch.device("cpu"), 4, 0)
+    assert list(figures) == list(bench.JPEG_VARIANTS)
+    assert [f["max_levels"] for f in figures.values()] == [4 * v + 3 for v in range(len(bench.JPEG_VARIANTS))]
+    assert figures["baseline-420"]["images_differing"] == 0.75 and figures["444"]["images"] == 4
