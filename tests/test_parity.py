@@ -589,11 +589,15 @@ def test_decoded_bytes_are_pils_pixels_in_every_format(monkeypatch, decoder):
     images.tensor_decoder.cache_clear()
     try:
         assert images.tensor_decoder().name == decoder
-        pre = Preprocessor("clip", 16)
+        from cirbench.types import PREPROCESS_KINDS
+
         for what, data in cases.items():
             official = images.rgb_tensor(Image.open(io.BytesIO(data)))
             decoded = images.decode_bytes(data, what)
             assert decoded.dtype == torch.uint8 and torch.equal(decoded, official), what
-            assert torch.equal(pre.from_bytes(data, what), pre.from_pil(Image.open(io.BytesIO(data)))), what
+            for kind in PREPROCESS_KINDS:  # every kind, the floating one (magiclens) included
+                pre = Preprocessor(kind, 16)
+                assert torch.equal(pre.from_bytes(data, what), pre.from_pil(Image.open(io.BytesIO(data)))), (what,
+                                                                                                             kind)
     finally:
         images.tensor_decoder.cache_clear()
