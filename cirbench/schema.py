@@ -1,8 +1,10 @@
-"""Validating annotation records with pydantic: one-line errors naming the file, the record and the field.
+"""Validating annotation records and result files with pydantic: one-line errors naming the file, the record
+and the field.
 
 Dataset plugins describe their record formats as pydantic models (strict types: a number where a name is
 expected is an error, not a silent conversion) and call :func:`validate_records`; duplicate query ids are
-refused too. Nothing here knows any dataset.
+refused too. Nothing here knows any dataset. :class:`ResultRecord` is the shape of the result files that
+``cirbench run`` writes, as the commands that read them need it (:func:`cirbench.results.read_result`).
 """
 
 from __future__ import annotations
