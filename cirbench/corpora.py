@@ -343,7 +343,7 @@ class ShardCorpus(torch.utils.data.IterableDataset):
                 except (ValueError, AttributeError):
                     caption = None
             if isinstance(caption, bytes):
-                caption = caption.decode("utf-8", errors="replace")
+                caption = caption.decode(TEXT_ENCODING, errors="replace")
             key, url = raw.get("__key__", "?"), raw.get("__url__", "")
             yield _sample(self, image, caption, key, None, f"{self.epoch}:{url}:{key}", f"{url}#{key}")
 
