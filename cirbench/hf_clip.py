@@ -23,7 +23,7 @@ import torch
 from .checkpoints import PRETRAINED_WEIGHTS, pretrained_weights_in
 from .errors import CheckpointError
 from .hub import split_revision
-from .util import one_line
+from .util import json_loads, one_line
 
 _TOWER = {"vision_model": "visual.transformer", "text_model": "transformer"}
 _BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
@@ -115,7 +115,7 @@ def files_of(source: str) -> tuple[Path, Path]:
 
 def read_config(path: Path, source: str) -> dict[str, Any]:
     try:
-        config = json.loads(path.read_text())
+        config = json_loads(path.read_bytes())  # JSON bytes: UTF-8 (or -16/-32, a BOM), whatever the locale
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"--pretrained {source}: config.json is unreadable: {one_line(exc)}") from None
     if not isinstance(config, dict) or not isinstance(config.get("vision_config"), dict) or not isinstance(
