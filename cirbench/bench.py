@@ -136,7 +136,8 @@ def _write_jpeg(path: Path, index: int, seed: int) -> None:
 
 # JPEG encodings a gallery holds besides baseline 4:2:0 (COCO has greyscale and CMYK files, web images
 # progressive and 4:4:4 ones): (PIL mode, size, save options). A GPU decoder may treat them otherwise than
-# libjpeg-turbo, PIL's decoder; CMYK files take the PIL path on every device (not in ``JPEG_MODES``).
+# libjpeg-turbo, PIL's decoder; CMYK files take the PIL path on every device (not in ``JPEG_MODES``). Pillow
+# writes restart markers and RGB components from 10.2 on (before, those two are plain baseline files).
 JPEG_VARIANTS: dict[str, tuple[str, tuple[int, int], dict[str, Any]]] = {
     "baseline-420": ("RGB", (640, 480), {"quality": 90}),
     "422": ("RGB", (640, 427), {"quality": 90, "subsampling": 1}),
@@ -144,6 +145,8 @@ JPEG_VARIANTS: dict[str, tuple[str, tuple[int, int], dict[str, Any]]] = {
     "progressive": ("RGB", (480, 640), {"quality": 90, "progressive": True}),
     "optimized-q100": ("RGB", (612, 612), {"quality": 100, "optimize": True}),
     "odd-size": ("RGB", (333, 517), {"quality": 85}),
+    "restart-markers": ("RGB", (640, 480), {"quality": 90, "restart_marker_rows": 1}),  # as many cameras write
+    "rgb-no-ycc": ("RGB", (500, 375), {"quality": 90, "keep_rgb": True}),  # RGB components (Adobe transform 0)
     "greyscale": ("L", (640, 480), {"quality": 90}),
     "cmyk": ("CMYK", (500, 375), {"quality": 90}),
 }

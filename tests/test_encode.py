@@ -398,6 +398,12 @@ def test_jpeg_variants_are_the_encodings_they_are_named_for(tmp_path):
     assert opened["progressive"].info.get("progressive") and not opened["baseline-420"].info.get("progressive")
     assert opened["greyscale"].mode == "L" and opened["cmyk"].mode == "CMYK" and opened["odd-size"].size == (333, 517)
     assert all(im.format == "JPEG" for im in opened.values())
+    import PIL
+
+    if tuple(int(x) for x in PIL.__version__.split(".")[:2]) >= (10, 2):  # the release that writes them
+        restart = refs["restart-markers"][0].path.read_bytes()
+        assert b"\xff\xdd" in restart and b"\xff\xd0" in restart  # DRI, then RST0 in the scan
+        assert opened["rgb-no-ycc"].info.get("adobe_transform") == 0
     before = {r[0].path: r[0].path.stat().st_mtime_ns for r in refs.values()}
     make_jpeg_variants(tmp_path, per_variant=1)  # kept for the next run, not rewritten
     assert {r[0].path: r[0].path.stat().st_mtime_ns for r in refs.values()} == before
