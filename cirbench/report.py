@@ -37,13 +37,17 @@ def _rank(row: dict[str, Any]) -> int | None:
 def _load_images(record: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple[str, str], Any], str | None]:
     """``{image id: ImageRef}`` and ``{(set, query id): Query}`` from the run's dataset as recorded, or why not."""
     from .plugins import get_registry
+    from .types import resolve_options
 
     ds = record["dataset"]
     try:
         spec = get_registry().dataset(ds["name"])
+        # the recorded options the plugin still declares, checked as a run checks them (the file may be edited)
+        known = {o.name for o in spec.options}
+        recorded = {k: v for k, v in (ds.get("options") or {}).items() if k in known}
+        (options,) = resolve_options(spec.options, recorded, spec.name, f"dataset {spec.name}")
         # a run that named no data root used the dataset's own default (shapes: its cache folder), so must this
-        dataset = spec.create(ds.get("data_root") if ds.get("data_root_given", True) else None,
-                              dict(ds.get("options") or {}))
+        dataset = spec.create(ds.get("data_root") if ds.get("data_root_given", True) else None, options)
         sets = dataset.load(ds["split"])
     except CirbenchError as exc:
         return {}, {}, f"images unavailable ({one_line(exc)})"

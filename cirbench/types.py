@@ -396,9 +396,14 @@ BOOL_WORDS = TRUE_WORDS | {"0", "false", "no", "off"}  # what a bool option's va
 
 
 def parse_option_value(spec: OptionSpec, raw: Any) -> Any:
-    """Convert a raw (string) value to the option's type; raise CirbenchError on a bad value."""
-    if raw is None or not isinstance(raw, str):
+    """Convert a raw (string) value to the option's type; raise CirbenchError on a bad value. A value that is
+    already typed (a result file's recorded options, the Python API) is checked, not converted."""
+    if raw is None:
         return raw
+    if not isinstance(raw, str):
+        if spec.type == "bool" and not isinstance(raw, bool):
+            raise CirbenchError(f"option {option_flag(spec.name)}: {raw!r} is not a bool")
+        return spec.check(raw)
     try:
         if spec.type == "int":
             value: Any = int(raw)

@@ -227,3 +227,19 @@ def test_a_ranking_made_in_parts_of_whole_query_chunks_is_the_ranking_at_once():
     step = RANK_QUERY_CHUNK
     parts = [rank(q[s : s + step], g, 300, backend="torch") for s in range(0, len(q), step)]
     assert torch.equal(torch.cat([p[0] for p in parts]), idx) and torch.equal(torch.cat([p[1] for p in parts]), scores)
+
+
+def test_typed_option_values_are_checked_not_converted():
+    """Recorded options (a result file's) and the Python API's come typed: each is checked against its option."""
+    from cirbench.types import parse_option_value
+
+    flag, count, ratio = OptionSpec("flag", "", "bool", False), OptionSpec("n", "", "int", 1, minimum=1), \
+        OptionSpec("alpha", "", "float", 0.5, maximum=1.0)
+    assert parse_option_value(flag, True) is True and parse_option_value(count, 3) == 3
+    assert parse_option_value(ratio, 1) == 1 and parse_option_value(flag, "yes") is True
+    for spec, value, said in [(flag, 1, "is not a bool"), (flag, "maybe", "is not a valid bool"),
+                              (count, True, "is not a finite int"), (count, {"a": 1}, "is not a finite int"),
+                              (count, 0, "below its minimum"), (ratio, 2.0, "above its maximum"),
+                              (ratio, float("nan"), "is not a finite float")]:
+        with pytest.raises(CirbenchError, match=said):
+            parse_option_value(spec, value)

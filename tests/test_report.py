@@ -282,3 +282,31 @@ def test_data_check_lists_missing_and_unreadable_images_and_unknown_checksums(tm
     assert len(unreadable) == 1 and unreadable[0].startswith(
         f"    unreadable {root / 'images' / 'img_green_1.png'}: UnidentifiedImageError"), res.output
     assert "  sample      11 headers: PNG 10; modes RGB 10" in lines, res.output
+
+
+def test_recorded_dataset_options_are_checked_before_the_dataset_is_built(two_runs, tmp_path):
+    """The report rebuilds the run's dataset from the options its result recorded: an edited option of the wrong
+    type is said in the page ("images unavailable") instead of stopping on 'internal error: TypeError'; an option
+    the plugin no longer declares is left out."""
+    import shutil
+
+    slerp, _, env = two_runs
+    edited = tmp_path / "edited" / slerp.name
+    edited.parent.mkdir()
+    shutil.copy(slerp.with_name(json.loads(slerp.read_text())["predictions"]["file"]), edited.parent)
+    record = json.loads(slerp.read_text())
+    record["dataset"]["options"]["queries"] = {"many": True}
+    edited.write_text(json.dumps(record))
+    res = CliRunner(env=env).invoke(cli, ["report", str(edited), "-o", str(tmp_path / "r1")])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "r1" / "report.html").read_text()
+    assert "images unavailable (option --queries: {&#x27;many&#x27;: True} is not a finite int)" in text, text[:3000]
+    record["dataset"]["options"]["queries"] = True  # a bool is no int either
+    edited.write_text(json.dumps(record))
+    res = CliRunner(env=env).invoke(cli, ["report", str(edited), "-o", str(tmp_path / "r2")])
+    assert res.exit_code == 0 and "is not a finite int" in (tmp_path / "r2" / "report.html").read_text()
+    del record["dataset"]["options"]["queries"]
+    record["dataset"]["options"]["renamed_since"] = 3
+    edited.write_text(json.dumps(record))
+    res = CliRunner(env=env).invoke(cli, ["report", str(edited), "-o", str(tmp_path / "r3")])
+    assert res.exit_code == 0 and "images unavailable" not in (tmp_path / "r3" / "report.html").read_text()
