@@ -210,6 +210,7 @@ def test_a_result_file_with_sections_of_the_wrong_type_is_one_line(tmp_path, tin
         (("ci", "replicates"), True, "field 'ci.replicates'"),
         (("metrics", "R@1"), "high", "field 'metrics.R@1"),
         (("metrics_ci",), {"R@1": [1.0, "x"]}, "field 'metrics_ci.R@1.1'"),
+        (("metrics", "R@1"), 10**30, "field 'metrics.R@1': 1e+30 is no metric value"),  # the report's plot overflowed
         (("predictions", "file"), 3, "field 'predictions.file'"),
         (("predictions", "top"), "most", "field 'predictions.top"),
         (("predictions", "file"), "../other.jsonl",
