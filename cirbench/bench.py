@@ -127,11 +127,17 @@ def _photo(width: int, height: int, rng: np.random.Generator):
     return Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8))
 
 
+def _save_jpeg(image, path: Path, **options: Any) -> None:
+    """``image`` as a JPEG at ``path``, written beside it and renamed into place (a stopped run leaves no half
+    file that a later run would reuse)."""
+    tmp = path.with_suffix(".tmp")
+    image.save(tmp, format="JPEG", **options)
+    os.replace(tmp, path)
+
+
 def _write_jpeg(path: Path, index: int, seed: int) -> None:
     w, h = COCO_SIZES[index % len(COCO_SIZES)]
-    tmp = path.with_suffix(".tmp")
-    _photo(w, h, np.random.default_rng(seed * 100_003 + index)).save(tmp, format="JPEG", quality=90)
-    os.replace(tmp, path)
+    _save_jpeg(_photo(w, h, np.random.default_rng(seed * 100_003 + index)), path, quality=90)
 
 
 # JPEG encodings a gallery holds besides baseline 4:2:0 (COCO has greyscale and CMYK files, web images
@@ -161,10 +167,8 @@ def make_jpeg_variants(folder: Path, per_variant: int = 4, seed: int = 0) -> dic
         for i in range(per_variant):
             path = folder / f"{name}-{i}.jpg"
             if not path.exists():
-                tmp = path.with_suffix(".tmp")
-                image = _photo(w, h, np.random.default_rng((seed * 100 + v) * 100 + i)).convert(mode)
-                image.save(tmp, format="JPEG", **options)
-                os.replace(tmp, path)
+                _save_jpeg(_photo(w, h, np.random.default_rng((seed * 100 + v) * 100 + i)).convert(mode), path,
+                           **options)
             out[name].append(ImageRef(f"{name}-{i}", path))
     return out
 
