@@ -93,13 +93,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
 
+METRIC_LIMIT = 1e6  # cirbench's metrics are percentages
+
+
 def _metric_value(value: float) -> float:
     if not math.isnan(value) and abs(value) > METRIC_LIMIT:  # nan: a metric no query counted towards
         raise ValueError(f"{value!r:.40} is no metric value (cirbench's are percentages)")
     return value
 
 
-METRIC_LIMIT = 1e6
 # a metric (an int passes as a float, strictly too), or None where the run could not compute it
 Number = Annotated[float, AfterValidator(_metric_value)] | None
 
