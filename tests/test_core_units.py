@@ -107,6 +107,29 @@ def test_recall_and_map_hand_worked():
     assert map_at_k(hits, [2, 1], (2,))[2] == pytest.approx(12.5)
 
 
+def test_whole_ranking_average_precision_is_the_mean_precision_at_the_positives():
+    """PatternCom's official ``metrics_calc`` AP, transcribed: the mean of the precision at each positive's rank, 0
+    for a query without positives; rows with none, one (first and last place) and many positives."""
+    from cirbench.metrics import average_precision_per_query
+
+    def official(row):
+        precisions, found = [], 0
+        for k, rel in enumerate(row, start=1):
+            if rel:
+                found += 1
+                precisions.append(found / k)
+        return sum(precisions) / len(precisions) * 100 if precisions else 0
+
+    gen = torch.Generator().manual_seed(5)
+    hits = torch.rand(12, 60, generator=gen) < 0.1
+    hits[0], hits[1], hits[2] = False, False, False
+    hits[1, 0], hits[2, -1] = True, True
+    ours = average_precision_per_query(hits)
+    assert ours[:3].tolist() == [0.0, 100.0, pytest.approx(100 / 60)]
+    for q in range(hits.shape[0]):
+        assert ours[q].item() == pytest.approx(official(hits[q].tolist()), abs=1e-12)
+
+
 def test_metric_edge_cases_stay_finite():
     from cirbench.metrics import ap_per_query, mean
 
@@ -207,10 +230,14 @@ def test_hits_are_the_ranked_entries_among_the_targets(monkeypatch, span):
     ranked = torch.randint(-1, span, (37, 25), generator=gen)
     targets = [sorted(set(torch.randint(0, span, (int(n),), generator=gen).tolist())) if n else []
                for n in torch.randint(0, 12, (37,), generator=gen)]
+    for q in range(0, 37, 2):  # every other query (the first and the last among them) holds ranked entries
+        targets[q] = sorted(set(targets[q]) | {r for r in ranked[q, q % 5 :: 7].tolist() if r >= 0})
     targets[3] = [5, 5, 7]
+    ranked[5, 3], targets[5] = 0, [0, *targets[5]]  # gallery position 0 is a position like any other
     expected = torch.tensor([[r >= 0 and r in set(t) for r in row] for row, t in zip(ranked.tolist(), targets,
                                                                                    strict=True)])
     monkeypatch.setattr(metrics, "HITS_BLOCK", 130)  # a few queries a block
+    assert expected[0].any() and expected[-1].any() and int(expected.sum()) >= 40
     assert torch.equal(hits_matrix(ranked, targets), expected)
     assert not hits_matrix(ranked, [[] for _ in targets]).any()
 
