@@ -85,6 +85,11 @@ def test_candidates_ties_by_gallery_position():
     q = torch.tensor([[1.0, 0.0]])
     assert rank_candidates(q, g, [[3, 2, 0, 1]]) == [[0, 2, 3, 1]]
     assert rank_candidates(q, g, [[]]) == [[]]
+    # a hundred candidates in two tied groups (duplicate images), listed backwards: each group by position
+    many = torch.tensor([[1.0, 0.0] if i % 7 == 0 else [0.6, 0.8] for i in range(100)])
+    best = [i for i in range(100) if i % 7 == 0]
+    expected = best + [i for i in range(100) if i % 7]
+    assert rank_candidates(q.repeat(2, 1), many, [list(range(99, -1, -1)), list(range(100))]) == [expected] * 2
 
 
 @pytest.mark.parametrize("vectors", [1, 2])
