@@ -78,6 +78,12 @@ def test_empty_and_small_inputs():
     assert idx.shape == (2, 3)
     idx, _ = rank(_unit(2, 4, 0), _unit(3, 4, 1), 50, exclude=torch.tensor([0, -1]))
     assert idx.shape == (2, 2) and 0 not in idx[0].tolist()
+    idx, scores = rank(_unit(2, 4, 0), _unit(1, 4, 1), 5, exclude=torch.tensor([0, 0]))  # nothing left to rank
+    assert idx.shape == scores.shape == (2, 0)
+    with pytest.raises(ValueError, match="several vectors each need a combine rule"):
+        rank(_unit(2, 4, 0).reshape(1, 2, 4), _unit(3, 4, 1), 2)
+    with pytest.raises(ValueError, match="the faiss backend ranks one vector per query"):
+        rank(_unit(2, 4, 0).reshape(1, 2, 4), _unit(3, 4, 1), 2, backend="faiss", combine=lambda s: s.sum(-2))
 
 
 def test_candidates_ties_by_gallery_position():
@@ -85,6 +91,8 @@ def test_candidates_ties_by_gallery_position():
     q = torch.tensor([[1.0, 0.0]])
     assert rank_candidates(q, g, [[3, 2, 0, 1]]) == [[0, 2, 3, 1]]
     assert rank_candidates(q, g, [[]]) == [[]]
+    with pytest.raises(ValueError, match=r"several vectors \(\[Q, K, D\]\) need a combine function"):
+        rank_candidates(q.reshape(1, 1, 2), g, [[0, 1]])
     # a hundred candidates in two tied groups (duplicate images), listed backwards: each group by position
     many = torch.tensor([[1.0, 0.0] if i % 7 == 0 else [0.6, 0.8] for i in range(100)])
     best = [i for i in range(100) if i % 7 == 0]
