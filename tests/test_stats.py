@@ -128,3 +128,73 @@ def test_the_combined_metric_of_several_sets_is_compared_within_each_set():
     small = {"dress": {"R@10": (d1, np.zeros(6))}, "shirt": {"R@10": (d2, np.zeros(4))}}
     (got,) = paired_aggregate(small, Dataset(None).aggregate, ["avg/R@10"], replicates=20000, seed=2).values()
     assert 0.05 < exact < 0.95 and abs(got["p_value"] - exact) < 0.015, (got["p_value"], exact)
+
+
+def _means_of(values, idx):
+    """Each row of ``idx`` a replicate: the mean of the queries it draws, nan not counted (0 for a draw of nan
+    only, as a metric no query counts)."""
+    return np.array([np.nanmean(row) if (~np.isnan(row)).any() else 0.0 for row in values[idx]])
+
+
+def _resampled_means(rng, values, replicates):
+    """``replicates`` means of ``len(values)`` queries drawn with replacement from ``rng``."""
+    return _means_of(values, rng.integers(0, len(values), size=(replicates, len(values))))
+
+
+def test_intervals_are_the_percentile_bootstrap_of_the_resampled_means():
+    """The textbook percentile bootstrap, written out (one draw of queries per set and replicate, shared by the
+    set's metrics; the sets combined by the dataset's aggregate; the (1 - level) / 2 tails), at a level other than
+    95% and with a metric most draws of which hold no counted query: the same numbers to the last digit."""
+    rng = np.random.default_rng(9)
+    dress = {"R@10": rng.choice([0.0, 100.0], 40), "R@50": rng.normal(60, 20, 40)}
+    shirt = {"R@10": np.where(np.arange(7) == 3, 100.0, np.nan), "R@50": rng.normal(50, 20, 7)}
+    per_set = {"dress": dress, "shirt": shirt}
+    ci = bootstrap_ci(per_set, Dataset(None).aggregate, 300, seed=11, level=0.8)
+
+    oracle = np.random.default_rng(11)
+    reps = {}
+    for name, metrics in per_set.items():
+        n = len(metrics["R@10"])
+        idx = oracle.integers(0, n, size=(300, n))
+        reps[name] = {m: _means_of(v, idx) for m, v in metrics.items()}
+    combined = [Dataset(None).aggregate({s: {m: float(v[r]) for m, v in ms.items()} for s, ms in reps.items()})
+                for r in range(300)]
+    assert set(ci) == set(combined[0])
+    for name, (low, high) in ci.items():
+        values = [c[name] for c in combined]
+        assert [low, high] == [round(float(np.percentile(values, 10)), 4), round(float(np.percentile(values, 90)), 4)]
+    assert ci["shirt/R@10"][0] == 0.0 < ci["shirt/R@10"][1]  # draws without the one counted query score 0
+
+
+def test_paired_intervals_and_wins_are_the_percentile_bootstrap_and_the_signs():
+    """paired_comparison and paired_aggregate: the interval is the percentile bootstrap of the mean difference
+    (its own random stream, at an 80% level here), queries with nan on either side are left out, and wins, losses
+    and ties are the signs of the differences, however small."""
+    rng = np.random.default_rng(12)
+    a = rng.normal(50, 10, 60)
+    b = a - rng.choice([0.25, 0.0, -0.5, 3.0], 60)
+    a[5], b[9] = np.nan, np.nan
+    keep = ~(np.isnan(a) | np.isnan(b))
+    d = a[keep] - b[keep]
+    got = paired_comparison(a, b, replicates=500, seed=4, level=0.8)
+    boot_rng = np.random.default_rng(np.random.SeedSequence(4).spawn(2)[0])
+    boot = _resampled_means(boot_rng, d, 500)
+    assert [got["low"], got["high"]] == pytest.approx(np.percentile(boot, [10, 90]), rel=1e-12, abs=1e-12)
+    assert (got["queries"], got["a_wins"], got["b_wins"], got["ties"]) == (
+        58, int((d > 0).sum()), int((d < 0).sum()), int((d == 0).sum()))
+    assert got["ties"] > 5 and got["a_wins"] > 5 and got["b_wins"] > 5
+
+    second_a, second_b = rng.normal(40, 10, 9), rng.normal(40, 10, 9)
+    per_set = {"dress": {"R@10": (a, b)}, "shirt": {"R@10": (second_a, second_b)}}
+    (avg,) = paired_aggregate(per_set, Dataset(None).aggregate, ["avg/R@10"], replicates=500, seed=4,
+                              level=0.8).values()
+    boot_rng = np.random.default_rng(np.random.SeedSequence(4).spawn(2)[0])
+    first = _resampled_means(boot_rng, d, 500)
+    second = _resampled_means(boot_rng, second_a - second_b, 500)
+    assert [avg["low"], avg["high"]] == pytest.approx(np.percentile((first + second) / 2, [10, 90]), rel=1e-12,
+                                                      abs=1e-12)
+    both = np.concatenate([d, second_a - second_b])
+    assert (avg["queries"], avg["a_wins"], avg["b_wins"], avg["ties"]) == (
+        67, int((both > 0).sum()), int((both < 0).sum()), int((both == 0).sum()))
+    nothing = paired_comparison([1.0, np.nan], [np.nan, 2.0])
+    assert nothing["queries"] == 0 and nothing["p_value"] == 1.0 and np.isnan(nothing["difference"])
