@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -349,6 +350,82 @@ def test_coco_object_masked_images_follow_the_query_file(tmp_path):
     assert len(dataset("coco-object", root, queries=other).load("val")[0].queries) == 12
     with pytest.raises(AnnotationError, match="show another object"):  # and now the first file is the stale one
         dataset("coco-object", root, queries=queries).load("val")
+
+
+def _edit_instances(root, edit):
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _set(obj, key, value):
+    obj[key] = value
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda d: d.pop("categories"), r"has no 'categories' list \(is it COCO's instances_val2017.json\?\)"),
+    (lambda d: _set(d["annotations"][2], "bbox", 7.5), r"\('annotations'\), record 2 \(id \d+\): field 'bbox'"),
+    (lambda d: _set(d["annotations"][0], "segmentation", [[1.0, 2.0, 3.0]]),
+     r"record 0 .*field 'segmentation.*a polygon is x, y pairs, at least three of them: found 3 numbers"),
+    (lambda d: _set(d["images"][1], "width", 0), r"\('images'\), record 1 \(id \d+\): field 'width'"),
+    (lambda d: _set(d["categories"][0], "name", None), r"\('categories'\), record 0 \(id 1\): field 'name'"),
+    (lambda d: d["images"].pop(0), r"query image 000000000100.jpg: image id 100 is not among the annotation "
+                                   r"file's images"),
+    (lambda d: _set(d, "annotations", {}), r"\('annotations'\): expected a list of records, found dict"),
+])
+def test_coco_object_preparation_refuses_a_malformed_instances_file_in_one_line(tmp_path, edit, said):
+    """Each field pycocotools and the masking read is checked before pycocotools sees the file (a bbox, polygon,
+    size or name of the wrong type or shape stopped the preparation on an internal error)."""
+    root = tmp_path / "coco"
+    queries = write_coco(root)
+    _edit_instances(root, edit)
+    res = CliRunner().invoke(cli, ["data", "prepare", "coco-object", "--data-root", str(root), "-q", "--queries",
+                                   str(queries)])
+    assert res.exit_code == 2 and "internal error" not in res.output, res.output
+    assert re.search(said, res.output) and len(res.output.strip().splitlines()) == 1, res.output
+
+
+@pytest.mark.parametrize("image, said", [
+    (lambda size: Image.new("RGB", (size[0] + 1, size[1])), r"is \d+x\d+, the annotation file's image 100 \d+x\d+: "
+                                                            r"is it COCO 2017's\?"),
+    (lambda size: Image.new("CMYK", size), r"is CMYK: COCO 2017's images are RGB or greyscale"),
+    (lambda size: Image.new("I;16", size), r"is I;16: COCO 2017's images are RGB or greyscale"),
+])
+def test_coco_object_preparation_refuses_an_image_the_annotations_do_not_describe(tmp_path, image, said):
+    """An image of another size than the annotation file's (the mask could not cover it) or of a mode the masking
+    does not make a JPEG of: one line naming the image, and no masked image written for it."""
+    root = tmp_path / "coco"
+    queries = write_coco(root)
+    path = root / "val2017" / "000000000100.jpg"
+    image(Image.open(path).size).save(path, format="TIFF")
+    res = CliRunner().invoke(cli, ["data", "prepare", "coco-object", "--data-root", str(root), "-q", "--queries",
+                                   str(queries)])
+    assert res.exit_code != 0 and "internal error" not in res.output, res.output
+    assert re.search(said, res.output) and "000000000100.jpg" in res.output, res.output
+    assert not (root / "val2017_masked" / "000000000100.jpg").exists()
+
+
+@pytest.mark.parametrize("row, said", [
+    ("000000000100.jpg,1;2;inf;4 ,person,dog", r"query_regions '1;2;inf;4 ' is not x1;y1;x2;y2"),
+    ("000000000100.jpg,1;2;1e400;4 ,person,dog", r"query_regions '1;2;1e400;4 ' is not x1;y1;x2;y2"),
+    ("000000000100.jpg,-1;2;3;4 ,person,dog", r"query_regions '-1;2;3;4 ' is not x1;y1;x2;y2 \(pixel coordinates\)"),
+])
+def test_coco_object_query_regions_are_pixel_coordinates(tmp_path, row, said):
+    queries = tmp_path / "q.csv"
+    queries.write_text("id,query_regions,query_class,classes\n" + row + "\n")
+    with pytest.raises(AnnotationError, match=said):
+        dataset("coco-object", tmp_path, queries=queries).load("val")
+
+
+def test_coco_object_preparation_needs_images_named_by_their_coco_id(tmp_path):
+    root = tmp_path / "coco"
+    write_coco(root)
+    queries = tmp_path / "q.csv"
+    queries.write_text("id,query_regions,query_class,classes\nkitchen.jpg,1;2;3;4 ,person,dog\n")
+    res = CliRunner().invoke(cli, ["data", "prepare", "coco-object", "--data-root", str(root), "-q", "--queries",
+                                   str(queries)])
+    assert res.exit_code == 2 and "query image kitchen.jpg is not named by its COCO image id" in res.output
 
 
 def test_coco_object_recall_matches_the_official_formula():

@@ -6,12 +6,16 @@ import csv
 import functools
 import io
 import json
+import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
+
+from pydantic import AfterValidator, Field, FiniteFloat
 
 from cirbench.dataset import Dataset
-from cirbench.errors import AnnotationError, CirbenchError
+from cirbench.errors import AnnotationError, CirbenchError, ImageError
 from cirbench.metrics import hits_matrix, recall_per_query
+from cirbench.schema import Record, validate_records
 from cirbench.types import EvalSet, ImageRef, ImageView, Query
 from cirbench.util import TEXT_ENCODING
 
@@ -55,9 +59,10 @@ def read_queries(path: Path) -> list[Row]:
             box = tuple(float(x) for x in parts)
         except ValueError:
             box = ()
-        if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
-            raise AnnotationError(f"query file {path}, line {n}: query_regions {region!r} is not x1;y1;x2;y2 with "
-                                  "x2 > x1 and y2 > y1")
+        if len(box) != 4 or not all(math.isfinite(v) and v >= 0 for v in box) or not (box[2] > box[0] and
+                                                                                      box[3] > box[1]):
+            raise AnnotationError(f"query file {path}, line {n}: query_regions {region!r} is not x1;y1;x2;y2 (pixel "
+                                  "coordinates) with x2 > x1 and y2 > y1")
         if not file.endswith(".jpg") or "/" in file or file in seen or not query_class:
             raise AnnotationError(f"query file {path}, line {n}: bad or repeated image {file!r} or empty class")
         seen.add(file)
@@ -82,6 +87,65 @@ def read_made_for(folder: Path) -> dict[str, str]:
     from cirbench.util import json_object_file
 
     return {str(k): str(v) for k, v in (json_object_file(folder / MADE_FOR) or {}).items()}
+
+
+# -- COCO's instances file, as far as the masking reads it -------------------------------------------------------
+def _polygon(points: list[float]) -> list[float]:
+    if len(points) < 6 or len(points) % 2:
+        raise ValueError(f"a polygon is x, y pairs, at least three of them: found {len(points)} numbers")
+    return points
+
+
+class _CocoImage(Record):
+    id: int
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+
+
+class _CocoCategory(Record):
+    id: int
+    name: str
+
+
+class _CocoRLE(Record):
+    counts: list[int] | str
+    size: Annotated[list[int], Field(min_length=2, max_length=2)]
+
+
+class _CocoAnnotation(Record):
+    id: int
+    image_id: int
+    category_id: int
+    bbox: Annotated[list[FiniteFloat], Field(min_length=4, max_length=4)]
+    segmentation: list[Annotated[list[FiniteFloat], AfterValidator(_polygon)]] | _CocoRLE
+
+
+def read_instances(path: Path):
+    """COCO's ``instances_val2017.json`` as a pycocotools ``COCO`` index, its images, objects and categories
+    checked first (each field pycocotools and the masking read, of the type COCO writes): a malformed file is a
+    one-line error naming the list, the record and the field, not an error deep inside pycocotools."""
+    import contextlib
+
+    from pycocotools.coco import COCO
+
+    from cirbench.util import json_loads
+
+    try:
+        data = json_loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise AnnotationError(f"cannot read annotation file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise AnnotationError(f"annotation file {path}: expected COCO's object of images, annotations and "
+                              f"categories, found {type(data).__name__}")
+    for key, model in (("images", _CocoImage), ("annotations", _CocoAnnotation), ("categories", _CocoCategory)):
+        if key not in data:
+            raise AnnotationError(f"annotation file {path} has no '{key}' list (is it COCO's instances_val2017.json?)")
+        validate_records(model, data[key], f"{path} ('{key}')", id_field="id")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco.createIndex()
+    return coco
 
 
 def region_crop(image, box: tuple[int, int, int, int]):
@@ -152,10 +216,9 @@ class CocoObject(Dataset):
         ``prepare_data.py``. The query's object is the annotation of its image whose class and box are the ones
         the query file names."""
         try:
-            from pycocotools.coco import COCO
+            import pycocotools  # noqa: F401
         except ImportError:
             raise CirbenchError("preparing coco-object needs pycocotools: pip install 'cirbench[coco]'") from None
-        import numpy as np
         from PIL import Image
         from tqdm import tqdm
 
@@ -165,13 +228,7 @@ class CocoObject(Dataset):
         ann_path = self.data_root / "annotations" / "instances_val2017.json"
         if not ann_path.is_file():
             raise AnnotationError(f"{ann_path} is missing: download COCO 2017's annotations (instances_val2017.json)")
-        import contextlib
-
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            try:
-                coco = COCO(str(ann_path))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise AnnotationError(f"annotation file {ann_path} is malformed: {type(exc).__name__}: {exc}") from None
+        coco = read_instances(ann_path)
         names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
         out_dir = self.folder(MASKED)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,8 +241,12 @@ class CocoObject(Dataset):
                 continue
             ann = self._annotation(coco, names, r)
             source = ImageRef(r.file, self.folder("val2017") / r.file, root=self.data_root)
-            image = np.array(Image.open(io.BytesIO(read_image_bytes(source))))
+            image = self._image(source, read_image_bytes(source), coco.imgs[ann["image_id"]])
             mask = coco.annToMask(ann)
+            if mask.shape != image.shape[:2]:
+                raise AnnotationError(f"the segmentation of annotation {ann['id']} in {ann_path} is "
+                                      f"{mask.shape[1]}x{mask.shape[0]}, its image {r.file} "
+                                      f"{image.shape[1]}x{image.shape[0]}")
             h, w = mask.shape
             mask = mask.reshape(h, w, 1)
             if image.ndim == 2:
@@ -205,8 +266,35 @@ class CocoObject(Dataset):
         return f"coco-object: wrote {written} masked query images to {out_dir} ({skipped} already there)"
 
     @staticmethod
+    def _image(source: ImageRef, data: bytes, info: dict):
+        """The pixels the official script masks (``np.array(Image.open(path))``), if the image is the one the
+        annotation file describes: of its size, RGB or greyscale as COCO's images are."""
+        import numpy as np
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                if image.mode not in ("RGB", "L"):
+                    raise ImageError(f"image {source.path} is {image.mode}: COCO 2017's images are RGB or greyscale "
+                                     "(L), as the masking reads them")
+                if image.size != (info["width"], info["height"]):
+                    raise ImageError(f"image {source.path} is {image.width}x{image.height}, the annotation file's "
+                                     f"image {info['id']} {info['width']}x{info['height']}: is it COCO 2017's?")
+                return np.array(image)
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for files it cannot read
+            raise ImageError(f"cannot read image {source.path}: {exc}") from None
+
+    @staticmethod
     def _annotation(coco, names: dict[int, str], r: Row) -> dict:
-        image_id = int(r.file.removesuffix(".jpg"))
+        stem = r.file.removesuffix(".jpg")
+        if not stem.isdigit() or not stem.isascii():
+            raise AnnotationError(f"query image {r.file} is not named by its COCO image id (<id:012d>.jpg): the "
+                                  "masking finds its objects by that id")
+        image_id = int(stem)
+        if image_id not in coco.imgs:
+            raise AnnotationError(f"query image {r.file}: image id {image_id} is not among the annotation file's "
+                                  "images (is annotations/instances_val2017.json COCO 2017's?)")
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None)):
             x, y, w, h = ann["bbox"]
             if names.get(ann["category_id"]) == r.query_class and all(
