@@ -217,6 +217,10 @@ def test_bad_template_files_are_one_line_errors(tmp_path):
     path.write_text(json.dumps(rows))
     with pytest.raises(AnnotationError, match="record 2: a box .* has no area"):
         dataset(root, task="focus_attribute").load("test")
+    for bad in ("NaN", "Infinity"):  # JSON as Python writes it: NaN would crop the whole image, quietly
+        path.write_text(json.dumps(rows).replace("[1, 2, 0, 5]", f"[1, 2, {bad}, 5]"))
+        with pytest.raises(AnnotationError, match=r"record 2: field 'target.instance_bbox.2': .* finite number"):
+            dataset(root, task="focus_attribute").load("test")
     del rows[3]["gallery"]
     path.write_text(json.dumps(rows))
     with pytest.raises(AnnotationError, match="record 3: field 'gallery'"):

@@ -6,7 +6,7 @@ import functools
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, FiniteFloat
 
 from cirbench.dataset import Dataset, prefixed_with_mean
 from cirbench.errors import AnnotationError
@@ -37,7 +37,7 @@ class CocoImage(Record):
 
 class VGInstance(Record):
     image_id: int | str
-    instance_bbox: list[float | int] = Field(min_length=4, max_length=4)
+    instance_bbox: list[FiniteFloat] = Field(min_length=4, max_length=4)  # NaN would crop the whole image
 
 
 class ObjectTemplate(Record):
