@@ -546,6 +546,13 @@ def test_importers_record_published_generations(tmp_path, tiny_config, toy_root)
     with registered(ToyDatasetPlugin(), "toy") as reg, refused:
         evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", captions=2, import_generations=ldre_file,
                       prompt="name:ldre2", **nothing), reg)
+    for text in ([1, 2], 7, {"text": "make it green"}):  # no text: one line naming the record
+        records[0]["relative_caption"] = text
+        ldre_file.write_text(json.dumps(records))
+        with registered(ToyDatasetPlugin(), "toy") as reg, pytest.raises(
+                CirbenchError, match=r"test.json record 0's modification text is not a text or a list of texts"):
+            evaluate(_cfg(tmp_path, tiny_config, toy_root, method="ldre", captions=2, import_generations=ldre_file,
+                          prompt="name:ldre2", **nothing), reg)
     # a file with a query short of captions records nothing of itself: an import is whole or not at all
     records[0]["relative_caption"] = data["queries"][-1]["text"]
     records[-1]["multi_caption_opt"] = records[-1]["multi_caption_opt"][:1]

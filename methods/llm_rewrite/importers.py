@@ -74,7 +74,7 @@ def _ldre_rows(data: list, qs: QuerySet, path: Path, fields: tuple[str, str]) ->
         q = qs.queries[qi]
         text = next((rec[f] for f in INSTRUCTION_FIELDS if f in rec), None)
         if text is not None:
-            given = join_instruction(text if isinstance(text, list) else str(text))
+            given = join_instruction(_texts(text, f"{path} record {n}'s modification text"))
             if given.strip() != instruction_of(q).strip():
                 raise _Mismatch(f"record {n}'s modification text {given[:40]!r} is not query {q.id}'s")
         missing = [f for f in fields if f not in rec]
