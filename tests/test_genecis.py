@@ -152,6 +152,9 @@ def test_crops_equal_the_official_crop(tmp_path):
     for box in ([45, 25, 10, 10], [0, 0, 50, 30], [10.5, 3.25, 7.75, 20.5]):
         ours = dilated_square_crop(Image.open(tmp_path / "g.jpg"), tuple(box))
         assert ours.tobytes() == official_crop(tmp_path / "g.jpg", box).tobytes()
+    # a box outside the image (an annotation of another image): said in words, not as PIL's coordinate error
+    with pytest.raises(ValueError, match=r"the box \(x, y, w, h\) = \(80, 3, 5, 5\) lies outside the image \(50x30\)"):
+        dilated_square_crop(Image.open(tmp_path / "g.jpg"), (80, 3, 5, 5))
 
 
 def test_recall_matches_the_official_get_recall():

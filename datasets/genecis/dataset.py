@@ -64,6 +64,9 @@ def dilated_square_crop(image, box: tuple[float, float, float, float], dilation:
     width, height = image.size
     left, top = max(0, x - dilation * w), max(0, y - dilation * h)
     right, bottom = min(width, left + (1 + dilation) * w), min(height, top + (1 + dilation) * h)
+    if right <= left or bottom <= top:  # an annotation of another image (or of another version of it)
+        raise ValueError(f"the box (x, y, w, h) = ({', '.join(_number(v) for v in box)}) lies outside the image "
+                         f"({width}x{height})")
     image = image.crop((left, top, right, bottom))
     cw, ch = image.size
     if cw == ch:
