@@ -354,3 +354,17 @@ def test_published_fashioniq_averages_are_the_mean_of_their_categories():
             if None not in parts and f"avg/R@{k}" in row.metrics:
                 error = abs(sum(parts) / 3 - row.metrics[f"avg/R@{k}"])
                 assert error <= (0.05 if tenths else 0.005) + 1e-9, (row.method, row.backbone, k, error)
+
+
+def test_tables_are_chosen_by_dataset_and_split(tmp_path):
+    """``datasets`` keeps the named benchmarks: a name alone keeps each of its splits, a split the one table."""
+    for dataset, split in (("circo", "val"), ("circo", "test"), ("cirr", "val")):
+        _result(tmp_path, dataset, split, "slerp", {"R@1": 10.0} if dataset == "cirr" else {"mAP@5": 10.0})
+
+    def chosen(datasets):
+        return [(t.dataset, t.split) for t in build_tables(tmp_path, include_paper=False, datasets=datasets)]
+
+    assert chosen(None) == [("circo", "test"), ("circo", "val"), ("cirr", "val")]
+    assert chosen([("circo", None)]) == [("circo", "test"), ("circo", "val")]
+    assert chosen([("circo", "val"), ("cirr", None)]) == [("circo", "val"), ("cirr", "val")]
+    assert chosen([("cirr", "test1")]) == [] and chosen([]) == []
