@@ -363,6 +363,12 @@ def _set(obj, key, value):
     obj[key] = value
 
 
+def _rle_taller(image, rows):
+    """An uncompressed RLE mask (all background) ``rows`` taller than ``image``."""
+    size = [image["height"] + rows, image["width"]]
+    return {"counts": [size[0] * size[1]], "size": size}
+
+
 @pytest.mark.parametrize("edit, said", [
     (lambda d: d.pop("categories"), r"has no 'categories' list \(is it COCO's instances_val2017.json\?\)"),
     (lambda d: _set(d["annotations"][2], "bbox", 7.5), r"\('annotations'\), record 2 \(id \d+\): field 'bbox'"),
@@ -373,6 +379,10 @@ def _set(obj, key, value):
     (lambda d: d["images"].pop(0), r"query image 000000000100.jpg: image id 100 is not among the annotation "
                                    r"file's images"),
     (lambda d: _set(d, "annotations", {}), r"\('annotations'\): expected a list of records, found dict"),
+    (lambda d: _set(d["annotations"][0], "segmentation", {"counts": "!!garbage", "size": [9, 9]}),
+     r"the segmentation of annotation 1000 in \S+instances_val2017.json is no mask: Invalid RLE"),
+    (lambda d: _set(d["annotations"][0], "segmentation", _rle_taller(d["images"][0], 5)),
+     r"the segmentation of annotation 1000 in \S+ is (\d+)x\d+, its image 000000000100.jpg \1x\d+"),
 ])
 def test_coco_object_preparation_refuses_a_malformed_instances_file_in_one_line(tmp_path, edit, said):
     """Each field pycocotools and the masking read is checked before pycocotools sees the file (a bbox, polygon,

@@ -242,7 +242,11 @@ class CocoObject(Dataset):
             ann = self._annotation(coco, names, r)
             source = ImageRef(r.file, self.folder("val2017") / r.file, root=self.data_root)
             image = self._image(source, read_image_bytes(source), coco.imgs[ann["image_id"]])
-            mask = coco.annToMask(ann)
+            try:
+                mask = coco.annToMask(ann)
+            except ValueError as exc:  # pycocotools' "Invalid RLE mask representation"
+                raise AnnotationError(f"the segmentation of annotation {ann['id']} in {ann_path} is no mask: "
+                                      f"{exc}") from None
             if mask.shape != image.shape[:2]:
                 raise AnnotationError(f"the segmentation of annotation {ann['id']} in {ann_path} is "
                                       f"{mask.shape[1]}x{mask.shape[0]}, its image {r.file} "
