@@ -107,6 +107,15 @@ def _resolve_factory(factory: str | Callable[..., Any], plugin: str = "") -> Cal
         raise PluginError(f"{who}factory {factory!r}: module has no attribute {attr!r}") from None
 
 
+def _check_made(made: Any, base: type, kind: str, name: str, factory: Any, plugin: str) -> None:
+    """A factory's product must be what the loop drives (else the loop fails later on a missing attribute, in
+    cirbench's code, and the error could not say whose it is)."""
+    if not isinstance(made, base):
+        where = factory if isinstance(factory, str) else getattr(factory, "__qualname__", repr(factory))
+        raise PluginError(f"plugin '{plugin}': the factory of {kind} '{name}' ({where}) made a "
+                          f"{type(made).__name__}, not a {base.__module__}.{base.__name__} (subclass it)")
+
+
 def _validate_common(kind: str, name: Any, options: Any, plugin: str) -> None:
     if not isinstance(name, str) or not name or not set(name.lower()) <= _NAME_CHARS:
         raise PluginError(f"plugin '{plugin}' registers a {kind} with an invalid name {name!r} (letters, digits, "
@@ -161,9 +170,11 @@ class MethodSpec:
 
     def create(self, backbone: Any, options: dict[str, Any], dataset: str | None) -> Any:
         """Build the method and bind this spec to it (the spec is the one source of its name)."""
+        from .method import Method
+
         method = self.load()(backbone, options, dataset)
-        if hasattr(method, "bind_spec"):
-            method.bind_spec(self)
+        _check_made(method, Method, "method", self.name, self.factory, self.plugin)
+        method.bind_spec(self)
         return method
 
     def download_plan(self, options: dict[str, Any], model: str, pretrained: str) -> list[tuple[str, str]]:
@@ -256,10 +267,12 @@ class DatasetSpec:
     def create(self, data_root: Path | str | None, options: dict[str, Any]) -> Any:
         """Build the dataset from ``data_root`` (none given: ``default_data_root``, or None) and bind this spec to it
         (the spec is the one source of its name and splits)."""
+        from .dataset import Dataset
+
         root = data_root or self.default_data_root
         dataset = self.load()(Path(root) if root else None, options)
-        if hasattr(dataset, "bind_spec"):
-            dataset.bind_spec(self)
+        _check_made(dataset, Dataset, "dataset", self.name, self.factory, self.plugin)
+        dataset.bind_spec(self)
         return dataset
 
 

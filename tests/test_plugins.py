@@ -281,6 +281,53 @@ def test_plugin_import_errors_name_the_plugin(tmp_path):
         spec.load()
 
 
+class _NotAMethod:
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_a_factory_that_makes_no_method_or_dataset_names_the_plugin(tmp_path):
+    """A factory whose product is not a Method (Dataset) subclass: one line naming the plugin and the factory,
+    where the loop would fail later on a missing attribute, in cirbench's code, as an internal error."""
+    from cirbench.errors import PluginError
+    from cirbench.types import DatasetSpec, MethodSpec
+
+    method = MethodSpec(name="m", description="d", factory=_NotAMethod, plugin="mine")
+    with pytest.raises(PluginError, match=r"^plugin 'mine': the factory of method 'm' \(_NotAMethod\) made a "
+                                          r"_NotAMethod, not a cirbench.method.Method \(subclass it\)$"):
+        method.create(None, {}, None)
+    dataset = DatasetSpec(name="d", description="d", factory="builtins:slice", splits=("val",),
+                          plugin="mine")
+    with pytest.raises(PluginError, match=r"'d' \(builtins:slice\) made a slice, not a "
+                                          r"cirbench.dataset.Dataset"):
+        dataset.create(tmp_path, {})
+    res = CliRunner().invoke(cli, ["--plugin", str(_write(tmp_path / "fake.py", FAKE_FACTORY)), "run", "-m", "fake",
+                                   "-d", "shapes", "-q", "--no-leaderboard", "--output", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "internal error" not in res.output, res.output
+    assert "plugin 'fake': the factory of method 'fake' (fake:Fake) made a Fake" in res.output
+
+
+FAKE_FACTORY = """
+from cirbench import hookimpl
+from cirbench.types import MethodSpec
+
+
+class Fake:
+    def __init__(self, backbone, options, dataset):
+        pass
+
+
+@hookimpl
+def register_methods(register):
+    register(MethodSpec(name="fake", description="not a Method", factory="fake:Fake"))
+"""
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
 @pytest.mark.parametrize("change, said", [
     ({"name": "bad name!"}, "registers a dataset with an invalid name 'bad name!'"),
     ({"splits": ()}, "dataset 'd' declares no splits"),
