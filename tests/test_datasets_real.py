@@ -49,6 +49,8 @@ def test_circo_and_fashioniq_sets(tmp_path):
     sets = {es.name: es for es in fiq.load("val")}
     assert {n: (len(s.queries), len(s.gallery)) for n, s in sets.items()} == {
         "dress": (2017, 3817), "shirt": (2038, 6346), "toptee": (1961, 5373)}
+    assert not any(s.exclude_reference or s.hidden_targets for s in sets.values())  # the reference stays ranked
+    assert all(es.hidden_targets and not es.queries[0].targets for es in fiq.load("test"))
     shirts = dataset("fashioniq", ANNOTATIONS / "fashioniq", category="shirt").load("val")
     assert [es.name for es in shirts] == ["shirt"]
     assert any(not t.strip() for es in sets.values() for q in es.queries for t in q.texts)  # empty captions kept
