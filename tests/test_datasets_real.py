@@ -274,8 +274,12 @@ def test_full_run_circo_val_from_image_folder(tmp_path, tiny_config):
     ann = json.loads((root / "annotations" / "val.json").read_text())
     ids = {q["reference_img_id"] for q in ann} | {g for q in ann for g in q["gt_img_ids"]}
     ids |= set(range(1, 300))  # distractors
+    folder = root / "COCO2017_unlabeled" / "unlabeled2017"
     for i in sorted(ids):
-        write_placeholder(root / "COCO2017_unlabeled" / "unlabeled2017" / f"{i:012d}.jpg", i)
+        write_placeholder(folder / f"{i:012d}.jpg", i)
+    for stray in ("000000999999.png", "thumbs.jpg"):  # not gallery images (a partial download neither): left out
+        write_placeholder(folder / stray, 0)
+    (folder / "000000999998.jpg.part").write_bytes(b"\xff\xd8")
     res = _run(["-m", "image-only", "-d", "circo", "-s", "val", "--data-root", str(root)], tmp_path, tiny_config)
     assert res.exit_code == 0, res.output
     rec = json.loads(next((tmp_path / "results" / "circo" / "val").glob("*.json")).read_text())
