@@ -352,6 +352,11 @@ def test_coco_object_masked_images_follow_the_query_file(tmp_path):
         dataset("coco-object", root, queries=queries).load("val")
 
 
+def _prepare(root, queries):
+    return CliRunner().invoke(cli, ["data", "prepare", "coco-object", "--data-root", str(root), "-q", "--queries",
+                                    str(queries)])
+
+
 def _edit_instances(root, edit):
     path = root / "annotations" / "instances_val2017.json"
     data = json.loads(path.read_text())
@@ -390,8 +395,7 @@ def test_coco_object_preparation_refuses_a_malformed_instances_file_in_one_line(
     root = tmp_path / "coco"
     queries = write_coco(root)
     _edit_instances(root, edit)
-    res = CliRunner().invoke(cli, ["data", "prepare", "coco-object", "--data-root", str(root), "-q", "--queries",
-                                   str(queries)])
+    res = _prepare(root, queries)
     assert res.exit_code == 2 and "internal error" not in res.output, res.output
     assert re.search(said, res.output) and len(res.output.strip().splitlines()) == 1, res.output
 
@@ -409,8 +413,7 @@ def test_coco_object_preparation_refuses_an_image_the_annotations_do_not_describ
     queries = write_coco(root)
     path = root / "val2017" / "000000000100.jpg"
     image(Image.open(path).size).save(path, format="TIFF")
-    res = CliRunner().invoke(cli, ["data", "prepare", "coco-object", "--data-root", str(root), "-q", "--queries",
-                                   str(queries)])
+    res = _prepare(root, queries)
     assert res.exit_code != 0 and "internal error" not in res.output, res.output
     assert re.search(said, res.output) and "000000000100.jpg" in res.output, res.output
     assert not (root / "val2017_masked" / "000000000100.jpg").exists()
@@ -433,8 +436,7 @@ def test_coco_object_preparation_needs_images_named_by_their_coco_id(tmp_path):
     write_coco(root)
     queries = tmp_path / "q.csv"
     queries.write_text("id,query_regions,query_class,classes\nkitchen.jpg,1;2;3;4 ,person,dog\n")
-    res = CliRunner().invoke(cli, ["data", "prepare", "coco-object", "--data-root", str(root), "-q", "--queries",
-                                   str(queries)])
+    res = _prepare(root, queries)
     assert res.exit_code == 2 and "query image kitchen.jpg is not named by its COCO image id" in res.output
 
 

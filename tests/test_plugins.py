@@ -301,8 +301,10 @@ def test_a_factory_that_makes_no_method_or_dataset_names_the_plugin(tmp_path):
     with pytest.raises(PluginError, match=r"'d' \(builtins:slice\) made a slice, not a "
                                           r"cirbench.dataset.Dataset"):
         dataset.create(tmp_path, {})
-    res = CliRunner().invoke(cli, ["--plugin", str(_write(tmp_path / "fake.py", FAKE_FACTORY)), "run", "-m", "fake",
-                                   "-d", "shapes", "-q", "--no-leaderboard", "--output", str(tmp_path / "out")])
+    plugin = tmp_path / "fake.py"
+    plugin.write_text(FAKE_FACTORY)
+    res = CliRunner().invoke(cli, ["--plugin", str(plugin), "run", "-m", "fake", "-d", "shapes", "-q",
+                                   "--no-leaderboard", "--output", str(tmp_path / "out")])
     assert res.exit_code == 2 and "internal error" not in res.output, res.output
     assert "plugin 'fake': the factory of method 'fake' (fake:Fake) made a Fake" in res.output
 
@@ -321,11 +323,6 @@ class Fake:
 def register_methods(register):
     register(MethodSpec(name="fake", description="not a Method", factory="fake:Fake"))
 """
-
-
-def _write(path, text):
-    path.write_text(text)
-    return path
 
 
 @pytest.mark.parametrize("change, said", [

@@ -8,7 +8,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import AfterValidator, Field, FiniteFloat
 
@@ -120,20 +120,15 @@ class _CocoAnnotation(Record):
     segmentation: list[Annotated[list[FiniteFloat], AfterValidator(_polygon)]] | _CocoRLE
 
 
-def read_instances(path: Path):
-    """COCO's ``instances_val2017.json`` as a pycocotools ``COCO`` index, its images, objects and categories
-    checked first (each field pycocotools and the masking read, of the type COCO writes): a malformed file is a
-    one-line error naming the list, the record and the field, not an error deep inside pycocotools."""
+def coco_index(data: Any, path: Path):
+    """COCO's ``instances_val2017.json`` (``data``, as read from ``path``) as a pycocotools ``COCO`` index, its
+    images, objects and categories checked first (each field pycocotools and the masking read, of the type COCO
+    writes): a malformed file is a one-line error naming the list, the record and the field, not an error deep
+    inside pycocotools."""
     import contextlib
 
     from pycocotools.coco import COCO
 
-    from cirbench.util import json_loads
-
-    try:
-        data = json_loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise AnnotationError(f"cannot read annotation file {path}: {exc}") from None
     if not isinstance(data, dict):
         raise AnnotationError(f"annotation file {path}: expected COCO's object of images, annotations and "
                               f"categories, found {type(data).__name__}")
@@ -228,7 +223,7 @@ class CocoObject(Dataset):
         ann_path = self.data_root / "annotations" / "instances_val2017.json"
         if not ann_path.is_file():
             raise AnnotationError(f"{ann_path} is missing: download COCO 2017's annotations (instances_val2017.json)")
-        coco = read_instances(ann_path)
+        coco = coco_index(self.read_json(ann_path), ann_path)
         names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
         out_dir = self.folder(MASKED)
         out_dir.mkdir(parents=True, exist_ok=True)
