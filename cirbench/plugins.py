@@ -130,6 +130,7 @@ def _load_isolated(ep, timeout: float) -> Any:
 
 _cli_local_specs: list[str] = []  # what `cirbench --plugin` named (the option's callback fills it)
 _local_modules: set[str] = set()  # sys.modules names of the local plugin files imported (reset_registry drops them)
+_local_paths: list[str] = []  # the folders of local plugin files put on sys.path (reset_registry takes them off)
 
 
 def add_local_plugins(specs: Iterable[str]) -> None:
@@ -173,6 +174,22 @@ def _where(exc: BaseException, location: Path) -> str:
     return f" ({Path(inside[-1].filename).name}:{inside[-1].lineno})" if inside else ""
 
 
+def shadowed_module(name: str, entry: Path | None = None) -> str | None:
+    """Where an importable module named ``name`` lives (its file, or "built-in"), unless it is ``entry`` itself:
+    a plugin file loaded under that name would take its place for every later ``import name`` (a ``torch.py``
+    plugin would be what cirbench gets for torch). None when no such module is installed; a namespace package
+    (a bare folder on the path) is no module to shadow."""
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if found is None or found.origin is None:
+        return None
+    if found.has_location and entry is not None and Path(found.origin).resolve() == entry.resolve():
+        return None
+    return found.origin if found.has_location else "built-in"
+
+
 def _import_local(spec: str) -> tuple[str, ModuleType, dict[str, Any]]:
     """Import the local plugin ``spec`` (a ``.py`` file, a package folder or a module's dotted name): its plugin
     name, module and source (what results record). PluginError, in one line, when it cannot be."""
@@ -211,6 +228,9 @@ def _import_local(spec: str) -> tuple[str, ModuleType, dict[str, Any]]:
             return name, old, {"kind": "file", "path": str(path), "sha256": code_digest(path)}
         raise PluginError(f"plugin {spec}: a module named '{name}' is imported already "
                           f"(from {getattr(old, '__file__', None) or 'built-in'}): rename the plugin")
+    if (other := shadowed_module(name, entry)) is not None:
+        raise PluginError(f"plugin {spec}: a module named '{name}' is installed already (at {other}): loaded under "
+                          "that name the plugin would stand in for it; rename the plugin")
     module_spec = importlib.util.spec_from_file_location(name, entry, submodule_search_locations=search)
     if module_spec is None or module_spec.loader is None:
         raise PluginError(f"plugin {spec}: Python cannot load it as a module")
@@ -219,6 +239,7 @@ def _import_local(spec: str) -> tuple[str, ModuleType, dict[str, Any]]:
     sys.modules[name] = module
     if str(path.parent) not in sys.path:
         sys.path.append(str(path.parent))
+        _local_paths.append(str(path.parent))
     try:
         module_spec.loader.exec_module(module)
     except BaseException as exc:  # noqa: BLE001
@@ -473,6 +494,10 @@ def reset_registry() -> None:
     for name in [m for m in sys.modules if m in _local_modules or m.partition(".")[0] in _local_modules]:
         del sys.modules[name]  # a later registry imports its files afresh (tests write one per test)
     _local_modules.clear()
+    for folder in _local_paths:  # else a later plugin of a name seen before would find its file "installed"
+        if folder in sys.path:
+            sys.path.remove(folder)
+    _local_paths.clear()
 
 
 def register_commands(cli: Any, third_party: bool = False) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -650,6 +651,30 @@ def test_a_plugin_the_user_names_fails_with_one_line(tmp_path, local_plugins, na
     assert "; keeping the first" not in res.output  # strict: nothing was kept
 
 
+def test_a_plugin_file_named_as_an_installed_module_is_refused(tmp_path, monkeypatch, local_plugins):
+    """A plugin file named as a module that is installed but not imported yet (torch.py before torch is imported,
+    as in every fresh `cirbench` process) would stand in for that module for every later import: refused in one
+    line, the module left importable. A plugin file that is itself on the path (`python -m cirbench` in its
+    folder) is no clash."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "lab_installed_mod.py").write_text("REAL = True\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "lab_installed_mod", raising=False)
+    plugin = _file(_folder(tmp_path, "plugins"), "lab_installed_mod.py", LOCAL_METHOD.format(
+        name="shadow", module="lab_installed_mod"))
+    res = CliRunner().invoke(cli, ["--plugin", str(plugin), "methods"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert res.output.strip() == (f"error: plugin {plugin}: a module named 'lab_installed_mod' is installed already "
+                                  f"(at {site / 'lab_installed_mod.py'}): loaded under that name the plugin would "
+                                  "stand in for it; rename the plugin")
+    assert importlib.import_module("lab_installed_mod").REAL
+    own = _file(tmp_path / "plugins", "lab_own_mod.py", LOCAL_METHOD.format(name="own", module="lab_own_mod"))
+    monkeypatch.syspath_prepend(str(own.parent))
+    res = CliRunner().invoke(cli, ["--plugin", str(own), "methods"])
+    assert res.exit_code == 0 and "own" in res.output, res.output
+
+
 def test_plugin_folders_modules_and_the_environment_variable(tmp_path, monkeypatch, local_plugins):
     """A package folder (its factory in a submodule), a module's dotted name and CIRBENCH_PLUGINS all load;
     each records what its code is; the same plugin named twice loads once."""
@@ -810,6 +835,14 @@ def test_new_writes_plugins_that_keep_the_contract_as_written(tmp_path, monkeypa
     for bad in ("My Method", "9lives", "x--y"):
         res = runner.invoke(cli, ["new", "method", bad])
         assert res.exit_code == 2 and "is no plugin name" in res.output, bad
+    # a file `check` would refuse: a name taken, a module installed under the file's name (torch.py)
+    res = runner.invoke(cli, ["new", "method", "slerp", "--output", "mine.py"])
+    assert res.exit_code == 2 and "method 'slerp' is registered already (by cirbench.methods.slerp)" in res.output
+    res = runner.invoke(cli, ["new", "method", "torch"])
+    assert res.exit_code == 2 and "torch.py: a module named 'torch' is installed already" in res.output, res.output
+    assert not (tmp_path / "mine.py").exists() and not (tmp_path / "torch.py").exists()
+    res = runner.invoke(cli, ["new", "dataset", "slerp", "--output", "slerp_bench.py"])  # a method's name: free
+    assert res.exit_code == 0, res.output
 
     res = runner.invoke(cli, ["--plugin", "my_method.py", "check", "--method", "my-method", "--weight", "0.5"])
     assert res.exit_code == 0 and "'my-method' keeps the contract" in res.output, res.output

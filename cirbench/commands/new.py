@@ -158,6 +158,16 @@ def command(kind, name, output):
         raise CirbenchError(f"{path}: a plugin file is a .py file named as a Python module (letters, digits, _)")
     if path.exists():
         raise CirbenchError(f"{path} exists already: it is left as it is (give another --output)")
+    # what `check` would refuse: a name another plugin registers, a file named as an installed module
+    from ..plugins import get_registry, shadowed_module
+
+    registry = get_registry(third_party=True)
+    taken = registry.methods if kind == "method" else registry.datasets
+    if name in taken:
+        raise CirbenchError(f"{kind} '{name}' is registered already (by {taken[name].plugin}): choose another name")
+    if (other := shadowed_module(path.stem)) is not None:
+        raise CirbenchError(f"{path}: a module named '{path.stem}' is installed already (at {other}) and the "
+                            "plugin would stand in for it: give another NAME or --output")
     if not path.parent.is_dir():
         raise CirbenchError(f"{path.parent} is not a folder")
     cls = "".join(part.capitalize() for part in re.split(r"[-_.]", name))
