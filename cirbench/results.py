@@ -50,9 +50,10 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=,+@_-]+", "_", text).strip("_") or "run"
 
 
-def git_revision() -> dict[str, Any] | None:
-    """The git revision of the cirbench source tree, if it is a checkout (with a dirty flag)."""
-    here = Path(__file__).resolve().parent.parent
+def git_revision(root: Path | None = None) -> dict[str, Any] | None:
+    """The git revision of the cirbench source tree (or of ``root``), if it is a checkout, with a dirty flag:
+    tracked files changed since that commit (untracked files do not change cirbench's code)."""
+    here = Path(root) if root is not None else Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5, check=True).stdout.strip()

@@ -14,7 +14,7 @@ from cirbench import hookimpl
 from cirbench.cli import cli
 from cirbench.errors import CirbenchError
 from cirbench.evaluate import Evaluator, RunConfig, evaluate
-from cirbench.results import SCHEMA_VERSION
+from cirbench.results import SCHEMA_VERSION, git_revision
 from cirbench.util import file_sha256
 
 
@@ -48,6 +48,7 @@ def test_run_writes_result_with_provenance(tmp_path, tiny_config, toy_root):
     assert rec["counts"]["queries"] == 12 and rec["counts"]["gallery"] == 12
     assert rec["environment"]["torch"] and rec["environment"]["open_clip"] == metadata.version("open_clip_torch")
     assert rec["environment"]["torchvision"] and rec["environment"]["pillow"] and rec["environment"]["numpy"]
+    assert rec["environment"]["git"] == git_revision()  # this checkout's commit (None outside a checkout)
     # where the plugins' code came from: cirbench's own (its version and git say which), the test's in-process one
     assert rec["method"]["plugin_source"] == {"kind": "built-in"}
     assert rec["dataset"]["plugin_source"] == {"kind": "in-process"}
@@ -959,3 +960,29 @@ def test_composed_features_must_be_unit_vectors_to_a_thousandth():
                                             r"L2-normalised \(norms 1\.01\.\.1\.01\)"):
         check_composed(unit * 1.01, 4, 8, spec)
     assert torch.equal(check_composed(unit * 1.01, 4, 8, spec, unit=False), unit * 1.01)  # unit_features = False
+
+
+def test_the_git_revision_says_whether_tracked_files_changed(tmp_path):
+    """Result files record cirbench's commit and whether its tracked files differ from it (a run of edited code is
+    not that commit's number); an untracked file (a result, a notebook) leaves the checkout clean."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "one")
+    commit = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert git_revision(tmp_path) == {"commit": commit, "dirty": False}
+    (tmp_path / "notes.txt").write_text("untracked")
+    assert git_revision(tmp_path) == {"commit": commit, "dirty": False}
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_revision(tmp_path) == {"commit": commit, "dirty": True}
