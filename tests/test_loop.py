@@ -618,6 +618,32 @@ def test_compare_two_runs(tmp_path, tiny_config, toy_root):
     assert res.exit_code == 2 and "does not belong" in res.output  # predictions no longer match their result
 
 
+def test_predictions_are_read_beside_their_result_and_each_row_checked(tmp_path, tiny_config, toy_root):
+    """A result's rankings come from the file its record names (else, as older results have it, the file of the
+    same stem); a file whose checksum is the recorded one but whose lines are no ranking rows is refused naming
+    the line."""
+    import hashlib
+
+    from cirbench.results import read_predictions_of, read_result
+
+    with registered(ToyPlugin(), "toy") as reg:
+        (run,) = evaluate(_cfg(tmp_path, tiny_config, toy_root, bootstrap=0), reg)
+    record = read_result(run.result_path)
+    rows = read_predictions_of(run.result_path, record)
+    assert [r["query"] for r in rows] == [str(i) for i in range(12)]
+    unlinked = {k: v for k, v in record.items() if k != "predictions"}
+    assert read_predictions_of(run.result_path, unlinked) == rows  # <stem>.predictions.jsonl
+    for text, said in (("[1, 2]", "line 2: not a ranking row (an object with 'query')"),
+                       ('{"top": ["1"]}', "line 2: not a ranking row (an object with 'query')"),
+                       ("{oops", "line 2: not JSON")):
+        data = ('{"query": "0", "top": []}\n' + text + "\n").encode()
+        run.predictions_path.write_bytes(data)
+        linked = {**record, "predictions": {**record["predictions"], "sha256": hashlib.sha256(data).hexdigest()}}
+        with pytest.raises(CirbenchError) as info:
+            read_predictions_of(run.result_path, linked)
+        assert str(info.value) == f"predictions file {run.predictions_path}, {said}"
+
+
 def test_compare_shortcuts_and_agree_refuse_what_they_cannot_pair_in_one_line(tmp_path, tiny_config, toy_root):
     """Runs of different splits, a hidden-target split (no per-query metrics) and a JSON file that is no result are
     each a one-line error (exit 2); the text tables print every metric the JSON gives."""
