@@ -387,6 +387,18 @@ def test_sizes_of_other_commands_have_ceilings(args, message):
     assert len(res.output.strip().splitlines()) == 1
 
 
+def test_bench_ranks_a_gallery_smaller_than_its_top_k():
+    """`bench --section rank` keeps a run's top 50; a smaller gallery (a quick try) stopped on topk's "selected index
+    k out of range": its whole gallery is ranked instead, and the rankings say so."""
+    import json
+
+    res = CliRunner().invoke(cli, ["bench", "--section", "rank", "--queries", "2", "--gallery", "3", "--dim", "8",
+                                   "--reps", "1", "--whole", "--json"])
+    assert res.exit_code == 0, res.output
+    rank = json.loads(res.output)["rank"]
+    assert rank["k"] == 3 and rank["gallery"] == 3 and rank["whole"]["stream_equals_whole"] is True
+
+
 def test_multi_line_library_errors_are_reduced_to_one_line(monkeypatch):
     from cirbench.errors import CheckpointError as CE
 
