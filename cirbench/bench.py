@@ -318,11 +318,12 @@ def bench_agreement(cfg: BenchConfig, refs: list[ImageRef], folder: Path) -> dic
         feats[prec] = encode_images(refs, bb.encode_image, bb.preprocessor("clip"), batch_size=cfg.batch_size,
                                     workers=cfg.workers, progress=False, device=bb.device, dtype=bb.input_dtype)
     cos = (feats["fp32"] * feats["bf16"]).sum(-1)
-    k = min(10, len(refs) - 1)
+    k = min(10, len(refs) - 1)  # each image's nearest others (none beside a single image: no overlap to tell)
     top32 = torch.topk(feats["fp32"] @ feats["fp32"].T, k + 1, dim=1).indices[:, 1:]
     top16 = torch.topk(feats["bf16"] @ feats["bf16"].T, k + 1, dim=1).indices[:, 1:]
-    overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(top32, top16, strict=True)])
-    return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), f"top{k}_overlap": float(overlap),
+    overlap = ({f"top{k}_overlap": float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k
+                                                   for a, b in zip(top32, top16, strict=True)]))} if k else {})
+    return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), **overlap,
             "pixels_batched_vs_official": pixel_agreement(refs[:512], bb.preprocessor("targetpad"), bb.device,
                                                           cfg.batch_size, cfg.workers),
             "pixels_by_jpeg_variant": jpeg_variant_agreement(folder, bb.preprocessor("targetpad"), bb.device,
@@ -546,8 +547,8 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"  peak GPU memory      {e['peak_gpu_mem_gib']} GiB")
         if "agreement" in e:
             a = e["agreement"]
-            lines.append(f"  fp32 vs bf16         cosine min {a['cosine_min']:.5f}, mean {a['cosine_mean']:.5f}; "
-                         + ", ".join(f"{k} {v:.3f}" for k, v in a.items() if k.startswith("top")))
+            lines.append(f"  fp32 vs bf16         cosine min {a['cosine_min']:.5f}, mean {a['cosine_mean']:.5f}"
+                         + "".join(f"; {k} {v:.3f}" for k, v in a.items() if k.startswith("top")))
             lines.append(f"  batched vs official  {describe_pixels(a['pixels_batched_vs_official'])}")
             lines += [f"    {name:<18} {describe_pixels(p)}" for name, p in a.get("pixels_by_jpeg_variant", {}).items()]
     r = result.get("rank")

@@ -399,6 +399,22 @@ def test_bench_ranks_a_gallery_smaller_than_its_top_k():
     assert rank["k"] == 3 and rank["gallery"] == 3 and rank["whole"]["stream_equals_whole"] is True
 
 
+def test_bench_agreement_of_a_single_image_and_a_cache_section_without_rows(tiny_config, tmp_path):
+    """fp32 vs bf16 agreement on one image: its cosine, and no rank overlap (it has no neighbours; the division by
+    their count stopped the bench); `--section cache` without `--cache-rows` printed nothing: now it says what to
+    give."""
+    import json
+
+    res = CliRunner().invoke(cli, ["bench", "--section", "encode", "--model", str(tiny_config), "--pretrained",
+                                   "none", "--images", "1", "--batch-size", "1", "--workers", "0", "--reps", "1",
+                                   "--no-official", "--agreement", "--folder", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    agreement = json.loads(res.output.strip().splitlines()[-1])["encode"]["agreement"]
+    assert 0.9 < agreement["cosine_min"] <= 1 + 1e-6 and not [k for k in agreement if k.startswith("top")]
+    res = CliRunner().invoke(cli, ["bench", "--section", "cache"])
+    assert res.exit_code == 2 and "--section cache measures the cache at --cache-rows images" in res.output
+
+
 def test_multi_line_library_errors_are_reduced_to_one_line(monkeypatch):
     from cirbench.errors import CheckpointError as CE
 

@@ -62,6 +62,9 @@ def command(model, pretrained, sections, images, batch_size, precision, device, 
     cuda = resolve_device(device).type == "cuda"
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     chosen = tuple(sections) or (("encode", "rank") + (("cache",) if cache_rows else ()))
+    if "cache" in chosen and not cache_rows:
+        raise click.UsageError("--section cache measures the cache at --cache-rows images: give that count "
+                               "(CIRCO: 123403)")
     cfg = BenchConfig(model=model, pretrained=pretrained, device=device, precision=precision,
                       images=images or (6144 if cuda else 128), batch_size=batch_size or (256 if cuda else 32),
                       workers=workers if workers is not None else min(16, cpus), reps=reps, official=not no_official,
