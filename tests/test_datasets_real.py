@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from cirbench.cli import cli
 from cirbench.errors import AnnotationError, CirbenchError, ImageError
 from cirbench.plugins import get_registry
+from cirbench.results import find_results
 from cirbench.retrieval import Ranking
 
 pytestmark = needs_annotations
@@ -256,10 +257,15 @@ def test_full_run_cirr_val_and_test1(tmp_path, tiny_config):
     rec = json.loads(next((tmp_path / "results" / "cirr" / "val").glob("slerp@alpha=0.9__*.json")).read_text())
     assert rec["counts"]["queries"] == 4181 and rec["counts"]["gallery"] == 2297
     assert set(rec["metrics"]) == {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3"}
-    res = _run(["-m", "slerp", "-d", "cirr", "-s", "test1", "--data-root", str(root)], tmp_path, tiny_config)
+    res = _run(["-m", "slerp,image-only", "-d", "cirr", "-s", "test1", "--data-root", str(root)], tmp_path,
+               tiny_config)  # two runs: the second writes into the submissions folder the first made
     assert res.exit_code == 0, res.output
-    subs = sorted((tmp_path / "results" / "cirr" / "test1" / "submissions").glob("*.json"))
+    subs = sorted((tmp_path / "results" / "cirr" / "test1" / "submissions").glob("slerp*.json"))
     assert [p.name.split(".cirr-")[1] for p in subs] == ["test1-recall.json", "test1-recall_subset.json"]
+    assert len(list(subs[0].parent.glob("image-only*.json"))) == 2
+    # submission files are for the test server: no command reads them as results
+    assert [p.relative_to(tmp_path / "results").parts[:2] for p in find_results(tmp_path / "results")] == [
+        ("cirr", "test1")] * 2 + [("cirr", "val")]
     recall = json.loads(subs[0].read_text())
     assert recall["version"] == "rc2" and recall["metric"] == "recall" and len(recall) == 4148 + 2
     # the predictions written by the val run score identically through `cirbench score`
