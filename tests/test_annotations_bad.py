@@ -39,6 +39,7 @@ def cirr_val_records():
     (lambda r: r[9].__setitem__("pairid", r[8]["pairid"]), "duplicate pairid"),
     (lambda r: r[2].__setitem__("caption", ["not", "text"]), "field 'caption'"),
     (lambda r: r[2].__setitem__("pairid", "12"), "field 'pairid'"),
+    (lambda r: r[2].pop("pairid"), "record 2: field 'pairid': Field required"),  # no id to name the record by
     (lambda r: r.__setitem__(4, "just a string"), "record 4: not an object"),
     # names that are valid but not in the split file: the target and the img_set, not only the reference
     (lambda r: r[6].__setitem__("target_hard", "dev-0-0-img9"), "image 'dev-0-0-img9' is not in split.rc2.val.json"),
