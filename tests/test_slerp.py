@@ -50,6 +50,10 @@ def test_slerp_endpoints_and_midpoint():
     v = torch.tensor([[1.0, 0.0]])
     w = torch.tensor([[0.0, 1.0]])
     assert torch.allclose(slerp(v, w, 0.0), v) and torch.allclose(slerp(v, w, 1.0), w, atol=1e-6)
+    rng = torch.Generator().manual_seed(0)  # the endpoints are the normalised inputs exactly, not a round-off away
+    a, b = torch.randn(16, 32, generator=rng), torch.randn(16, 32, generator=rng)
+    normalize = torch.nn.functional.normalize
+    assert torch.equal(slerp(a, b, 0.0), normalize(a, dim=-1)) and torch.equal(slerp(a, b, 1.0), normalize(b, dim=-1))
     mid = slerp(v, w, 0.5)
     assert torch.allclose(mid, torch.tensor([[2**-0.5, 2**-0.5]]), atol=1e-6)
 
