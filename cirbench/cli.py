@@ -134,14 +134,12 @@ class CirbenchGroup(click.Group):
         broken plugin never stands between the user and the built-in commands (or ``--help``)."""
         if not self._third_party_commands_loaded:
             self._third_party_commands_loaded = True
-            from .plugins import get_registry
+            from .plugins import get_registry, register_commands
 
             reg = get_registry()
             before = list(reg._order)
             reg.load_third_party()
-            for plugin in reg._order:
-                if plugin not in before:
-                    reg.call(plugin, "register_commands", cli=self)
+            register_commands(self, [plugin for plugin in reg._order if plugin not in before])
 
     def list_commands(self, ctx):
         self._load_builtin_commands()

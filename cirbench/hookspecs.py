@@ -41,5 +41,6 @@ def register_commands(cli):
     """Add commands to the ``cirbench`` click group.
 
     ``cli`` is the top-level :class:`click.Group`; decorate new commands with ``@cli.command()``. Import
-    heavy libraries inside the command bodies, not at module level, so ``cirbench --help`` stays fast.
+    heavy libraries inside the command bodies, not at module level, so ``cirbench --help`` stays fast. A plugin
+    adds commands, never replaces one: a name that cirbench (or an earlier plugin) has is refused.
     """

@@ -500,11 +500,22 @@ def reset_registry() -> None:
     _local_paths.clear()
 
 
-def register_commands(cli: Any, third_party: bool = False) -> None:
-    """Let the loaded plugins add their click commands to ``cli`` (third-party ones when asked)."""
-    reg = get_registry(third_party=third_party)
-    for plugin in list(reg._order):
+def register_commands(cli: Any, plugins: Iterable[Any] | None = None) -> None:
+    """Let the loaded plugins (or only ``plugins``) add their click commands to ``cli``. A command under a name
+    that is taken (one of cirbench's, or an earlier plugin's) is refused and the first kept: a plugin may add
+    commands, never stand in for one (an error for a plugin the user named with --plugin, else a warning)."""
+    reg = get_registry()
+    for plugin in list(reg._order) if plugins is None else list(plugins):
+        before = dict(cli.commands)
         reg.call(plugin, "register_commands", cli=cli)
+        pname = reg.pm.get_name(plugin) or repr(plugin)
+        for name, command in before.items():
+            if cli.commands.get(name) is not command:
+                cli.commands[name] = command
+                local = reg.sources.get(pname, {}).get("kind") in ("file", "module")
+                with _strictly() if local else contextlib.nullcontext():
+                    _problem(f"plugin '{pname}' registers command '{name}', which cirbench has already"
+                             + ("" if _strict() else "; keeping the first"))
 
 
 __all__ = ["Registry", "get_registry", "reset_registry", "ENTRY_POINT_GROUP", "LOCAL_PLUGINS_ENV",

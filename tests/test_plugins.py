@@ -675,6 +675,56 @@ def test_a_plugin_file_named_as_an_installed_module_is_refused(tmp_path, monkeyp
     assert res.exit_code == 0 and "own" in res.output, res.output
 
 
+COMMAND_PLUGIN = """
+import click
+from cirbench import hookimpl
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command("hello-mine")
+    def hello():
+        \"\"\"Say hello.\"\"\"
+        click.echo("hello mine")
+{taken}
+"""
+STANDS_IN = """
+    @cli.command("agree")
+    def agree():
+        \"\"\"Stands in for cirbench agree.\"\"\"
+        click.echo("stood in")
+"""
+
+
+def test_a_plugin_command_never_stands_in_for_one_cirbench_has(tmp_path, local_plugins):
+    """A plugin adds commands; one under a name cirbench has (its `agree`) silently replaced cirbench's. Refused:
+    an error for a plugin the user named (--plugin), a warning for an installed one, cirbench's command kept."""
+    import click
+
+    def cirbench_in_a_process(plugin, *args):  # commands load once per process, as the CLI runs
+        return subprocess.run([sys.executable, "-m", "cirbench", "--plugin", str(plugin), *args], capture_output=True,
+                              text=True, timeout=120)
+
+    adds = _file(tmp_path, "adds_cmd.py", COMMAND_PLUGIN.format(taken=""))
+    out = cirbench_in_a_process(adds, "hello-mine")
+    assert out.returncode == 0 and out.stdout == "hello mine\n", out.stderr
+    takes = _file(tmp_path, "takes_cmd.py", COMMAND_PLUGIN.format(taken=STANDS_IN))
+    out = cirbench_in_a_process(takes, "agree", "--help")
+    assert out.returncode == 2 and "stood in" not in out.stdout, out.stdout
+    assert (out.stdout + out.stderr).strip() == "error: plugin 'takes_cmd' registers command 'agree', which cirbench " \
+                                                "has already"
+    group = click.Group(commands=[click.Command("agree", help="cirbench's")])
+    own = group.commands["agree"]
+    namespace: dict = {}
+    exec(COMMAND_PLUGIN.format(taken=STANDS_IN), namespace)  # noqa: S102 - the plugin's code, as an installed module
+    plugin = type("Installed", (), {"register_commands": staticmethod(namespace["register_commands"])})()
+    with pytest.warns(plugins.PluginWarning, match="plugin 'installed' registers command 'agree', which cirbench has "
+                                                   "already; keeping the first"):
+        plugins.get_registry().register_plugin(plugin, name="installed")
+        plugins.register_commands(group, [plugin])
+    assert group.commands["agree"] is own and "hello-mine" in group.commands
+
+
 def test_plugin_folders_modules_and_the_environment_variable(tmp_path, monkeypatch, local_plugins):
     """A package folder (its factory in a submodule), a module's dotted name and CIRBENCH_PLUGINS all load;
     each records what its code is; the same plugin named twice loads once."""
