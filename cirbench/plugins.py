@@ -520,4 +520,4 @@ def register_commands(cli: Any, plugins: Iterable[Any] | None = None) -> None:
 
 __all__ = ["Registry", "get_registry", "reset_registry", "ENTRY_POINT_GROUP", "LOCAL_PLUGINS_ENV",
            "add_local_plugins", "local_plugin_specs", "blame", "describe_source", "builtin_plugin_modules",
-           "code_digest"]
+           "code_digest", "register_commands", "shadowed_module"]
