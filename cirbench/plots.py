@@ -3,11 +3,10 @@ Each is written as PNG and SVG; the functions return the PNG path."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .util import json_loads
+from .util import train_log_entries
 
 
 def _pyplot():
@@ -65,15 +64,7 @@ def bar_plot(rows: list[tuple[str, float, tuple[float, float] | None]], metric: 
 
 
 def _log_entries(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            row = json_loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by an interrupted run
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
+    return [entry for _, entry in train_log_entries(path)]
 
 
 def read_validation(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -81,6 +72,10 @@ def read_validation(path: Path) -> dict[str, list[tuple[int, float]]]:
     the benchmark is not registered here) against the step, from the validation entries of ``train_log.jsonl``
     (``{"validation": {benchmark: {run label: {metric: value}}}}``)."""
     return _validation_series(_log_entries(path))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _main_metric(benchmark: str) -> str | None:
@@ -98,7 +93,8 @@ def _validation_series(entries: list[dict[str, Any]]) -> dict[str, list[tuple[in
     series: dict[str, list[tuple[int, float]]] = {}
     mains: dict[str, str | None] = {}  # benchmark -> main metric, looked up once
     for row in entries:
-        for benchmark, runs in (row.get("validation") or {}).items():
+        validation = row.get("validation")
+        for benchmark, runs in validation.items() if isinstance(validation, dict) else ():
             if not isinstance(runs, dict) or not runs:
                 continue
             metrics = next(iter(runs.values()))
@@ -107,8 +103,8 @@ def _validation_series(entries: list[dict[str, Any]]) -> dict[str, list[tuple[in
             if benchmark not in mains:
                 mains[benchmark] = _main_metric(benchmark)
             metric = mains[benchmark] if mains[benchmark] in metrics else next(iter(metrics))
-            if isinstance(metrics.get(metric), (int, float)):
-                series.setdefault(f"{benchmark} {metric}", []).append((int(row["step"]), float(metrics[metric])))
+            if _number(metrics.get(metric)):
+                series.setdefault(f"{benchmark} {metric}", []).append((row["step"], float(metrics[metric])))
     return series
 
 
@@ -116,7 +112,7 @@ def loss_plot(log: Path, path: Path, title: str = "training loss") -> Path | Non
     """The loss and, on a second axis, each validated benchmark's main metric against the step, from
     ``train_log.jsonl``."""
     entries = _log_entries(log)  # read once: the loss and the validation entries
-    rows = [row for row in entries if "loss" in row]
+    rows = [row for row in entries if _number(row.get("loss"))]
     if not rows:
         return None
     plt = _pyplot()

@@ -83,6 +83,52 @@ def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: 
     atomic_write_json(Path(folder) / META, meta)
 
 
+def _meta_problem(raw: bytes) -> str | None:
+    """What is wrong with the shape of a ``train_state.json`` (``field 'rng.0.python': ...``), or None: the file is
+    checked before any of it is applied, so an edited or damaged one is refused whole (read as JSON, strictly:
+    arrays are tuples there)."""
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+    from .schema import describe
+
+    class Part(BaseModel):
+        model_config = ConfigDict(strict=True, extra="allow")
+
+    class Position(Part):
+        step: int = Field(ge=0)
+        epoch: int = Field(ge=0)
+        epoch_step: int = Field(ge=0)
+        skipped: int = Field(0, ge=0)
+        unreadable_shards: dict[str, Any] | None = None
+
+    class Optimizer(Part):
+        param_groups: list[dict[str, Any]]
+        state: dict[str, dict[str, Any]]
+
+    class Numpy(Part):
+        kind: str
+        pos: int
+        has_gauss: int
+        cached_gaussian: float
+
+    class Rng(Part):
+        python: tuple[int, list[int], float | None]
+        numpy: Numpy
+
+    class Meta(Part):
+        position: Position
+        optimizer: Optimizer
+        scheduler: dict[str, Any]
+        rng: list[Rng] = Field(min_length=1)
+        grad_scaler: dict[str, Any] | None = None
+
+    try:
+        Meta.model_validate_json(raw)
+    except ValidationError as exc:
+        return describe(exc)
+    return None
+
+
 def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int,
                      scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
     """Restore optimizer, scheduler, loss scale and this rank's RNG; return the saved position (step, epoch,
@@ -96,7 +142,8 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: 
                                   "read (a pickle can run code). Start over with --no-resume")
         raise CheckpointError(f"{folder} has no {META}: cannot resume (start over with --no-resume)")
     try:
-        meta = json_loads((folder / META).read_bytes())
+        raw = (folder / META).read_bytes()
+        meta = json_loads(raw)
         blob = (folder / TENSORS).read_bytes()
         if not isinstance(meta, dict):
             raise ValueError(f"{META} holds a {type(meta).__name__}, not an object")
@@ -106,27 +153,30 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: 
     if meta.get("format") != FORMAT or sha256_bytes(blob) != meta.get("tensors_sha256"):
         raise CheckpointError(f"training state in {folder} is inconsistent (its two files come from different "
                               "saves); start over with --no-resume")
+    if (problem := _meta_problem(raw)) is not None:
+        raise CheckpointError(f"training state in {folder} is malformed ({META}: {problem}); start over with "
+                              "--no-resume")
     tensors = load(blob)
     opt_meta = meta["optimizer"]
-    state = {}
-    for pid, entry in opt_meta["state"].items():
-        state[int(pid)] = {name: tensors[f"optimizer.{pid}.{name}"] if value == "tensor" else value
-                           for name, value in entry.items()}
-    groups = opt_meta["param_groups"]
-    for group in groups:
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
     try:
+        state = {}
+        for pid, entry in opt_meta["state"].items():
+            state[int(pid)] = {name: tensors[f"optimizer.{pid}.{name}"] if value == "tensor" else value
+                               for name, value in entry.items()}
+        groups = opt_meta["param_groups"]
+        for group in groups:
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
         optimizer.load_state_dict({"state": state, "param_groups": groups})
         scheduler.load_state_dict(meta["scheduler"])
         if scaler is not None and scaler.is_enabled() and meta.get("grad_scaler"):
             scaler.load_state_dict(meta["grad_scaler"])
-    except (ValueError, KeyError, RuntimeError) as exc:
+        rngs = meta["rng"]
+        r = rank if rank < len(rngs) else 0
+        set_rng_state({"torch": tensors[f"rng.{r}.torch"], "python": rngs[r]["python"],
+                       "numpy": {**rngs[r]["numpy"], "keys": tensors[f"rng.{r}.numpy_keys"]},
+                       "cuda": tensors.get(f"rng.{r}.cuda")})
+    except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as exc:
         raise CheckpointError(f"training state in {folder} does not fit this run ({exc}); start over with "
                               "--no-resume") from None
-    rngs = meta["rng"]
-    r = rank if rank < len(rngs) else 0
-    set_rng_state({"torch": tensors[f"rng.{r}.torch"], "python": rngs[r]["python"],
-                   "numpy": {**rngs[r]["numpy"], "keys": tensors[f"rng.{r}.numpy_keys"]},
-                   "cuda": tensors.get(f"rng.{r}.cuda")})
     return meta["position"]

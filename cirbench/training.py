@@ -57,7 +57,14 @@ from .errors import CheckpointError, CirbenchError, CirbenchWarning
 from .preprocess import Preprocessor, RandomResizedCrop
 from .results import environment_info
 from .train_state import load_train_state, rng_state, save_train_state, set_rng_state
-from .util import atomic_write_bytes, json_loads, json_object_file, partial_folder, recover_folder, replace_folder
+from .util import (
+    atomic_write_bytes,
+    json_object_file,
+    partial_folder,
+    recover_folder,
+    replace_folder,
+    train_log_entries,
+)
 
 if TYPE_CHECKING:
     from .evaluate import Loaded
@@ -304,13 +311,7 @@ class TrainLog:
             return
         self.kept = []
         if resumed_step and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    entry = json_loads(line)
-                except ValueError:
-                    continue
-                if isinstance(entry, dict) and entry.get("step", 0) <= resumed_step:
-                    self.kept.append(line)
+            self.kept = [line for line, entry in train_log_entries(self.path) if entry["step"] <= resumed_step]
 
     def write(self, entry: dict[str, Any]) -> None:
         if not self.enabled:

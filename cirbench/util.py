@@ -230,6 +230,22 @@ def json_loads(text: str | bytes) -> Any:
         raise json.JSONDecodeError("nested too deeply", doc[:100], 0) from None
 
 
+def train_log_entries(path: Path | str) -> list[tuple[str, dict[str, Any]]]:
+    """The entries of a training log (``train_log.jsonl``), each with its line: JSON objects with an integer
+    ``step``. A line torn by an interrupted run, damaged on disk (not UTF-8, not JSON) or of another shape is
+    left out."""
+    out = []
+    for raw in Path(path).read_bytes().splitlines():
+        try:
+            line = raw.decode("utf-8")
+            entry = json_loads(line)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError both
+            continue
+        if isinstance(entry, dict) and type(entry.get("step")) is int:
+            out.append((line, entry))
+    return out
+
+
 def read_json_file(path: Path | str, option: str) -> Any:
     """The JSON file a user passed with ``option`` (e.g. ``--captions``); a one-line CirbenchError naming both
     when it is missing, unreadable or not valid JSON."""

@@ -596,7 +596,19 @@ def test_a_damaged_training_state_is_a_one_line_error_and_the_checkpoint_stays(t
     other_params = json.loads(meta)
     other_params["optimizer"]["param_groups"][0]["params"] = other_params["optimizer"]["param_groups"][0][
         "params"][:-1]
+    short_rng = json.loads(meta)  # the shape of a state, Python's generator cut short (a hand edit, a damaged disk)
+    short_rng["rng"][0]["python"][1] = short_rng["rng"][0]["python"][1][:10]
+    no_group = json.loads(meta)
+    no_group["optimizer"]["param_groups"][0] = "lr"
+    no_step = json.loads(meta)
+    no_step["position"]["step"] = "2"
     cases = [({"train_state.json": None, "train_state.safetensors": None}, "has no train_state.json: cannot resume"),
+             ({"train_state.json": json.dumps(short_rng).encode()}, "does not fit this run (state vector is the wrong "
+                                                                    "size)"),
+             ({"train_state.json": json.dumps(no_group).encode()},
+              "is malformed (train_state.json: field 'optimizer.param_groups.0': Input should be an object)"),
+             ({"train_state.json": json.dumps(no_step).encode()},
+              "is malformed (train_state.json: field 'position.step': Input should be a valid integer)"),
              ({"train_state.safetensors": None}, "is unreadable"),
              ({"train_state.json": b"{torn"}, "is unreadable"),
              ({"train_state.json": b"[1, 2]"}, "is unreadable"),
@@ -623,10 +635,18 @@ def test_json_files_of_a_run_that_hold_no_object_are_passed_over(tmp_path):
     (a hand edit, another tool's file) is treated as unreadable: dropped, ignored, never an internal error."""
     from cirbench.training import TrainLog, check_not_resumable_elsewhere
 
-    lines = ['{"step": 1, "loss": 2.0}', "[1, 2]", "3", '{"step": 2, "loss": 1.5}', '{"step": 3, "loss": 1.0}']
-    (tmp_path / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+    lines = ['{"step": 1, "loss": 2.0}', "[1, 2]", "3", '{"step": 2, "loss": 1.5}', '{"step": 3, "loss": 1.0}',
+             '{"step": "2", "loss": 1.2}', '{"loss": 1.1}']  # and no step of a number
+    damaged = b'{"step": 2, "lo\xf2ss": 1.4}'  # a byte flipped on disk: not UTF-8 (UnicodeDecodeError before)
+    (tmp_path / "train_log.jsonl").write_bytes("\n".join(lines).encode() + b"\n" + damaged + b"\n")
     log = TrainLog(tmp_path, resumed_step=2, enabled=True)
     assert log.kept == [lines[0], lines[3]]
+    from cirbench.plots import _log_entries, _validation_series
+
+    assert [e["step"] for e in _log_entries(tmp_path / "train_log.jsonl")] == [1, 2, 3]
+    assert _validation_series([{"step": 1, "validation": ["cirr:val"]}, {"step": 2, "validation": {"cirr:val": {
+        "run": {"R@1": "high"}}}}, {"step": 3, "validation": {"cirr:val": {"run": {"R@1": 20.5}}}}]) == {
+        "cirr:val R@1": [(3, 20.5)]}  # the report's plot reads the numbers and passes over the rest
     log.write({"step": 3, "loss": 0.9})
     assert [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
     for content in ("[1]", '"searle"', "null"):
