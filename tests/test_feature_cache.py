@@ -204,6 +204,21 @@ def test_a_changed_key_never_serves_rows(tmp_path, files):
     assert cache.stats["misses"] == 10
 
 
+def test_a_shard_of_another_key_moved_into_a_folder_is_never_served(tmp_path, files):
+    """Each shard records its key's hash: one copied into another key's folder (files moved by hand, a bf16 run's
+    rows beside the fp32 ones) holds valid rows of the same images, computed otherwise; it is dropped, not served."""
+    FeatureCache(tmp_path / "c").get_or_compute(KEY, files, _content_features)
+    other = {**KEY, "precision": "bf16"}
+    FeatureCache(tmp_path / "c").get_or_compute(other, files, lambda todo, on_chunk=None: _content_features(
+        todo, None if on_chunk is None else (lambda pos, rows: on_chunk(pos, rows + 100))) + 100)
+    mine, theirs = (next(FeatureCache(tmp_path / "c")._folder(k).glob("shard-*.safetensors")) for k in (KEY, other))
+    theirs.replace(mine)  # its checksum holds: only the key it records tells it apart
+    cache = FeatureCache(tmp_path / "c")
+    with pytest.warns(CacheWarning, match="shard key or format does not match"):
+        out = cache.get_or_compute(KEY, files, _content_features)
+    assert torch.equal(out, _expected(files)) and cache.stats["misses"] == 10
+
+
 def test_a_folder_whose_key_file_disagrees_is_rebuilt_not_served(tmp_path, files):
     """A folder named by the key's hash whose key.json holds another key (edited, or torn by a crash) serves no
     row: the writer warns, removes it and computes; a read-only process (a torchrun rank) computes and leaves it."""
