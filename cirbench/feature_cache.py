@@ -219,7 +219,8 @@ class FeatureCache:
             warnings.warn(f"dropping feature-cache shard {shard.name} ({exc}); its rows will be recomputed",
                           CacheWarning, stacklevel=4)
             if self.writer:
-                shard.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # not removable (a folder under that name): passed over each time
+                    shard.unlink(missing_ok=True)
             return None
         return identities, feats
 

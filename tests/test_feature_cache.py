@@ -217,6 +217,12 @@ def test_a_shard_of_another_key_moved_into_a_folder_is_never_served(tmp_path, fi
     with pytest.warns(CacheWarning, match="shard key or format does not match"):
         out = cache.get_or_compute(KEY, files, _content_features)
     assert torch.equal(out, _expected(files)) and cache.stats["misses"] == 10
+    stray = mine.with_name("shard-0.safetensors")
+    stray.mkdir()  # a folder under a shard's name (a stray copy): no row, and the run goes on
+    cache = FeatureCache(tmp_path / "c")
+    with pytest.warns(CacheWarning, match="dropping feature-cache shard shard-0.safetensors"):
+        out = cache.get_or_compute(KEY, files, _content_features)
+    assert torch.equal(out, _expected(files)) and cache.stats["hits"] == 10 and stray.is_dir()
 
 
 def test_a_folder_whose_key_file_disagrees_is_rebuilt_not_served(tmp_path, files):
