@@ -277,11 +277,18 @@ def _formatted(table: Table, mark, ci: bool = False) -> pd.DataFrame:
     return frame
 
 
+def _markdown_cell(value: Any) -> Any:
+    """A cell's text with its pipes escaped: a label such as ``a|b`` would otherwise split the table's row."""
+    return value.replace("|", r"\|") if isinstance(value, str) else value
+
+
 def render_markdown(tables: list[Table], ci: bool = False) -> str:
     parts = []
     for t in tables:
         main = f" (sorted by {t.main_metric})" if t.main_metric else ""
-        parts.append(f"### {t.title}{main}\n\n" + _formatted(t, lambda s: f"**{s}**", ci).to_markdown() + "\n")
+        frame = _formatted(t, lambda s: f"**{s}**", ci).apply(lambda column: column.map(_markdown_cell))
+        frame.index = frame.index.map(_markdown_cell)
+        parts.append(f"### {t.title}{main}\n\n" + frame.to_markdown() + "\n")
     return "\n".join(parts)
 
 
