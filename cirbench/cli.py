@@ -576,6 +576,9 @@ def run(ctx, method, dataset, split, backbone, pretrained, preprocess, precision
     benchmarks = run_benchmarks(reg, dataset, split)
     dspecs = list({d.name: d for d, _ in benchmarks}.values())
     roots = data_root_per_dataset(data_roots, [d.name for d in dspecs])
+    if label is not None and (not label.strip() or not label.isprintable()):
+        raise CirbenchError(f"--label {label!r} is no run name: text on one line, not blank (it heads the run's row "
+                            "in every leaderboard)")
     if label and len(specs) > 1:
         raise CirbenchError("--label names one run: give it with a single --method")
     extra = plugin_extras(ctx.args, [*specs, *dspecs], ctx.command)

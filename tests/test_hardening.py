@@ -361,6 +361,8 @@ def test_legacy_and_torchscript_files_get_a_clear_reason(tmp_path):
     (["--method", " , "], "--method names no method"),
     (["--dataset", ","], "--dataset names no dataset"),
     (["--method", "slerp,image-only", "--label", "mine"], "--label names one run: give it with a single --method"),
+    (["--label", "a\nb"], "--label 'a\\nb' is no run name: text on one line, not blank"),  # broke table rows
+    (["--label", " "], "--label ' ' is no run name"),
     (["--dataset", "cirr,circo", "--data-root", "cirr=/a", "--data-root", "cirr=/b"],
      "--data-root: dataset 'cirr' is given two folders (/a, /b)"),
 ])
