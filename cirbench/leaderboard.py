@@ -278,8 +278,9 @@ def _formatted(table: Table, mark, ci: bool = False) -> pd.DataFrame:
 
 
 def _markdown_cell(value: Any) -> Any:
-    """A cell's text with its pipes escaped: a label such as ``a|b`` would otherwise split the table's row."""
-    return value.replace("|", r"\|") if isinstance(value, str) else value
+    """A cell's text on one line, its pipes escaped: a label such as ``a|b`` (or one with a line break, edited into a
+    result file) would otherwise split the table's row."""
+    return " ".join(value.splitlines()).replace("|", r"\|") if isinstance(value, str) else value
 
 
 def render_markdown(tables: list[Table], ci: bool = False) -> str:

@@ -138,9 +138,12 @@ def test_labels_are_escaped_and_latex_is_valid(tmp_path):
     tex = render_latex(tables)
     assert r"\_50\%" in tex and r"\textbf{20.00}" in tex and r"\begin{tabular}{lrr}" in tex
     _result(tmp_path, "circo", "val", "a|b", {"mAP@5": 3.0, "mAP@10": 3.0})  # a pipe split the markdown row
-    rows = [line for line in render_markdown(build_tables(tmp_path, include_paper=False)).splitlines()
-            if line.startswith("| a")]
+    _result(tmp_path, "circo", "val", "x\ny", {"mAP@5": 3.0, "mAP@10": 3.0})  # a line break, edited into the file
+    lines = render_markdown(build_tables(tmp_path, include_paper=False)).splitlines()
+    rows = [line for line in lines if line.startswith("| a")]
     assert len(rows) == 1 and rows[0].startswith(r"| a\|b · ViT-B-32/openai ")
+    assert [line for line in lines if line.startswith(("| x", "y"))] == [
+        next(line for line in lines if line.startswith("| x y · ViT-B-32/openai "))]
     assert len(rows[0].replace(r"\|", "").split("|")) == len(tables[0].frame.columns) + 3  # index and both edges
 
 
