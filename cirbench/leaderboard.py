@@ -332,7 +332,8 @@ _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"
 
 
 def latex_escape(text: str) -> str:
-    return "".join(_LATEX.get(ch, ch) for ch in str(text))
+    """``text`` on one line (a blank line would end the tabular's paragraph), LaTeX's special characters escaped."""
+    return "".join(_LATEX.get(ch, ch) for ch in " ".join(str(text).splitlines()))
 
 
 def render_latex(tables: list[Table], ci: bool = False) -> str:

@@ -144,6 +144,8 @@ def test_labels_are_escaped_and_latex_is_valid(tmp_path):
     assert len(rows) == 1 and rows[0].startswith(r"| a\|b · ViT-B-32/openai ")
     assert [line for line in lines if line.startswith(("| x", "y"))] == [
         next(line for line in lines if line.startswith("| x y · ViT-B-32/openai "))]
+    _result(tmp_path, "circo", "val", "p\n\nq", {"mAP@5": 3.0, "mAP@10": 3.0})  # a blank line ends LaTeX's tabular
+    assert "p  q $\\cdot$ ViT-B-32/openai &" in render_latex(build_tables(tmp_path, include_paper=False))
     assert len(rows[0].replace(r"\|", "").split("|")) == len(tables[0].frame.columns) + 3  # index and both edges
 
 
