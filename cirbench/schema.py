@@ -4,7 +4,8 @@ and the field.
 Dataset plugins describe their record formats as pydantic models (strict types: a number where a name is
 expected is an error, not a silent conversion) and call :func:`validate_records`; duplicate query ids are
 refused too. Nothing here knows any dataset. :class:`ResultRecord` is the shape of the result files that
-``cirbench run`` writes, as the commands that read them need it (:func:`cirbench.results.read_result`).
+``cirbench run`` writes, as the commands that read them need it (:func:`cirbench.results.read_result`), and
+:class:`TrainStateRecord` that of the training state a resume applies (:mod:`cirbench.train_state`).
 """
 
 from __future__ import annotations
@@ -188,6 +189,54 @@ def result_record_problem(record: dict[str, Any]) -> str | None:
     """What is wrong with a result record's sections (``field 'encode.max_image_pixels': ...``), or None."""
     try:
         ResultRecord.model_validate(record)
+    except ValidationError as exc:
+        return describe(exc)
+    return None
+
+
+# -- training states ----------------------------------------------------------------------------------------
+# train_state.json (cirbench.train_state) as a resume applies it: checked whole first, so that an edited or damaged
+# file is refused rather than half-applied.
+class _Position(_Section):
+    step: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    epoch_step: int = Field(ge=0)
+    skipped: int = Field(0, ge=0)
+    unreadable_shards: dict[str, Any] | None = None
+
+
+class _OptimizerState(_Section):
+    param_groups: list[dict[str, Any]]
+    state: dict[str, dict[str, Any]]
+
+
+class _NumpyRng(_Section):
+    kind: str
+    pos: int
+    has_gauss: int
+    cached_gaussian: float
+
+
+class _Rng(_Section):
+    python: tuple[int, list[int], float | None]  # random.getstate()
+    numpy: _NumpyRng
+
+
+class TrainStateRecord(_Section):
+    """``train_state.json``: what :func:`cirbench.train_state.load_train_state` applies."""
+
+    position: _Position
+    optimizer: _OptimizerState
+    scheduler: dict[str, Any]
+    rng: list[_Rng] = Field(min_length=1)
+    grad_scaler: dict[str, Any] | None = None
+
+
+def train_state_problem(raw: bytes) -> str | None:
+    """What is wrong with a ``train_state.json``'s contents (``field 'rng.0.python': ...``), or None. Read as JSON,
+    strictly (arrays are tuples there)."""
+    try:
+        TrainStateRecord.model_validate_json(raw)
     except ValidationError as exc:
         return describe(exc)
     return None

@@ -83,52 +83,6 @@ def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: 
     atomic_write_json(Path(folder) / META, meta)
 
 
-def _meta_problem(raw: bytes) -> str | None:
-    """What is wrong with the shape of a ``train_state.json`` (``field 'rng.0.python': ...``), or None: the file is
-    checked before any of it is applied, so an edited or damaged one is refused whole (read as JSON, strictly:
-    arrays are tuples there)."""
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-    from .schema import describe
-
-    class Part(BaseModel):
-        model_config = ConfigDict(strict=True, extra="allow")
-
-    class Position(Part):
-        step: int = Field(ge=0)
-        epoch: int = Field(ge=0)
-        epoch_step: int = Field(ge=0)
-        skipped: int = Field(0, ge=0)
-        unreadable_shards: dict[str, Any] | None = None
-
-    class Optimizer(Part):
-        param_groups: list[dict[str, Any]]
-        state: dict[str, dict[str, Any]]
-
-    class Numpy(Part):
-        kind: str
-        pos: int
-        has_gauss: int
-        cached_gaussian: float
-
-    class Rng(Part):
-        python: tuple[int, list[int], float | None]
-        numpy: Numpy
-
-    class Meta(Part):
-        position: Position
-        optimizer: Optimizer
-        scheduler: dict[str, Any]
-        rng: list[Rng] = Field(min_length=1)
-        grad_scaler: dict[str, Any] | None = None
-
-    try:
-        Meta.model_validate_json(raw)
-    except ValidationError as exc:
-        return describe(exc)
-    return None
-
-
 def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int,
                      scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
     """Restore optimizer, scheduler, loss scale and this rank's RNG; return the saved position (step, epoch,
@@ -153,7 +107,9 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: 
     if meta.get("format") != FORMAT or sha256_bytes(blob) != meta.get("tensors_sha256"):
         raise CheckpointError(f"training state in {folder} is inconsistent (its two files come from different "
                               "saves); start over with --no-resume")
-    if (problem := _meta_problem(raw)) is not None:
+    from .schema import train_state_problem
+
+    if (problem := train_state_problem(raw)) is not None:
         raise CheckpointError(f"training state in {folder} is malformed ({META}: {problem}); start over with "
                               "--no-resume")
     tensors = load(blob)
