@@ -217,7 +217,7 @@ class CocoObject(Dataset):
         from PIL import Image
         from tqdm import tqdm
 
-        from cirbench.images import read_image_bytes
+        from cirbench.images import load_image
         from cirbench.util import atomic_write_bytes
 
         ann_path = self.data_root / "annotations" / "instances_val2017.json"
@@ -236,7 +236,7 @@ class CocoObject(Dataset):
                 continue
             ann = self._annotation(coco, names, r)
             source = ImageRef(r.file, self.folder("val2017") / r.file, root=self.data_root)
-            image = self._image(source, read_image_bytes(source), coco.imgs[ann["image_id"]])
+            image = self._image(source, load_image(source), coco.imgs[ann["image_id"]])
             try:
                 mask = coco.annToMask(ann)
             except ValueError as exc:  # pycocotools' "Invalid RLE mask representation"
@@ -265,24 +265,19 @@ class CocoObject(Dataset):
         return f"coco-object: wrote {written} masked query images to {out_dir} ({skipped} already there)"
 
     @staticmethod
-    def _image(source: ImageRef, data: bytes, info: dict):
-        """The pixels the official script masks (``np.array(Image.open(path))``), if the image is the one the
-        annotation file describes: of its size, RGB or greyscale as COCO's images are."""
+    def _image(source: ImageRef, image, info: dict):
+        """The pixels the official script masks (``np.array(Image.open(path))``) of ``image`` (``source`` as
+        :func:`cirbench.images.load_image` decodes it), if it is the image the annotation file describes: of its
+        size, RGB or greyscale as COCO's images are."""
         import numpy as np
-        from PIL import Image
 
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                if image.mode not in ("RGB", "L"):
-                    raise ImageError(f"image {source.path} is {image.mode}: COCO 2017's images are RGB or greyscale "
-                                     "(L), as the masking reads them")
-                if image.size != (info["width"], info["height"]):
-                    raise ImageError(f"image {source.path} is {image.width}x{image.height}, the annotation file's "
-                                     f"image {info['id']} {info['width']}x{info['height']}: is it COCO 2017's?")
-                return np.array(image)
-        except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for files it cannot read
-            raise ImageError(f"cannot read image {source.path}: {exc}") from None
+        if image.mode not in ("RGB", "L"):
+            raise ImageError(f"image {source.path} is {image.mode}: COCO 2017's images are RGB or greyscale (L), as "
+                             "the masking reads them")
+        if image.size != (info["width"], info["height"]):
+            raise ImageError(f"image {source.path} is {image.width}x{image.height}, the annotation file's image "
+                             f"{info['id']} {info['width']}x{info['height']}: is it COCO 2017's?")
+        return np.array(image)
 
     @staticmethod
     def _annotation(coco, names: dict[int, str], r: Row) -> dict:
