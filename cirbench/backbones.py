@@ -39,7 +39,7 @@ import torch
 
 from .errors import CheckpointError, CirbenchError, UnknownNameError
 from .hub import HubFile, host_reachable, hub_reachable
-from .preprocess import Preprocessor
+from .preprocess import CLIP_MEAN, CLIP_STD, Preprocessor
 from .util import file_sha256, json_loads, one_line
 
 ASSETS = Path(__file__).parent / "assets"
@@ -541,8 +541,8 @@ def download_weights(model: str, pretrained: str | None, cache_dir: str | None =
 def _preprocess_cfg(clip: Any) -> dict:
     cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
     cfg.setdefault("size", getattr(clip.visual, "image_size", 224))
-    cfg.setdefault("mean", (0.48145466, 0.4578275, 0.40821073))
-    cfg.setdefault("std", (0.26862954, 0.26130258, 0.27577711))
+    cfg.setdefault("mean", CLIP_MEAN)
+    cfg.setdefault("std", CLIP_STD)
     return cfg
 
 

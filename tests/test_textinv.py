@@ -223,10 +223,9 @@ def official_pic2word_train_transform(n_px=224):
     """Pic2Word's ``model/clip.py`` ``_transform(n_px, is_train=True)``, transcribed."""
     from torchvision.transforms import Compose, InterpolationMode, Normalize, RandomResizedCrop, ToTensor
 
-    from cirbench.preprocess import CLIP_MEAN, CLIP_STD
-
     return Compose([RandomResizedCrop(n_px, scale=(0.9, 1.0), interpolation=InterpolationMode.BICUBIC),
-                    lambda image: image.convert("RGB"), ToTensor(), Normalize(CLIP_MEAN, CLIP_STD)])
+                    lambda image: image.convert("RGB"), ToTensor(),
+                    Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
 
 
 def test_pic2word_training_crops_are_the_official_transform_drawn_per_sample(tmp_path):
