@@ -70,6 +70,22 @@ def test_targetpad_amounts_reach_the_ratio(size):
         assert left == right and top == bottom  # symmetric
 
 
+def test_the_default_pixel_limit_is_pils_and_its_edge_is_inclusive():
+    """The default limit is PIL's own decompression-bomb threshold (``Image.MAX_IMAGE_PIXELS`` as PIL sets it);
+    an image of exactly that many pixels passes, one more is refused, before and after the resize."""
+    from cirbench.errors import ImageError
+    from cirbench.preprocess import DEFAULT_MAX_PIXELS
+
+    assert DEFAULT_MAX_PIXELS == int(1024 * 1024 * 1024 // 4 // 3)
+    pre = Preprocessor("clip", 224, max_pixels=224 * 300)
+    assert pre.plan(224, 300).resized == (224, 300)
+    with pytest.raises(ImageError, match="exceeds the pixel limit of 67,200"):
+        pre.plan(225, 300)
+    assert pre.plan(100, 134).resized == (224, 300)  # a small image upscaled to exactly the limit
+    with pytest.raises(ImageError, match="would be resized to 224x302, over the pixel limit of 67,200"):
+        pre.plan(100, 135)
+
+
 def test_preprocessing_matches_pil_bicubic():
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 256, (90, 300, 3), dtype=np.uint8)
