@@ -174,6 +174,18 @@ def test_pixel_bombs_are_refused_before_decoding(tmp_path, size):
     assert load_image(ImageRef("s", small), max_pixels=60_000).size == (300, 200)
 
 
+def test_finished_rows_are_handed_over_every_chunk_rows_images(image_files):
+    """``on_chunk`` gets the rows in chunks of ``chunk_rows`` (the last one shorter), each row once, with the
+    features ``encode_images`` returns for it."""
+    chunks = []
+    feats = encode_images(image_files, _pixels, Preprocessor("clip", 24), batch_size=1, workers=0, progress=False,
+                          prefetch_threads=1, chunk_rows=2, on_chunk=lambda pos, f: chunks.append((pos, f)))
+    assert [len(pos) for pos, _ in chunks] == [2, 2, 2, 1]
+    positions = torch.cat([pos for pos, _ in chunks])
+    assert sorted(positions.tolist()) == list(range(len(image_files)))
+    assert torch.equal(torch.cat([f for _, f in chunks]), feats[positions])
+
+
 def test_failure_part_way_keeps_finished_chunks(image_files, tmp_path):
     bad = tmp_path / "late.png"
     bad.write_bytes(b"not an image")
