@@ -12,7 +12,17 @@ import torch
 from PIL import Image
 
 from cirbench.backbones import load_backbone
-from cirbench.encode import BatchFiles, ChunkWriter, Prefetcher, decode_jpegs, encode_images
+from cirbench.encode import (
+    BatchFiles,
+    ChunkWriter,
+    Prefetcher,
+    decode_jpegs,
+    default_batch_size,
+    default_workers,
+    encode_images,
+    jpeg_decoder,
+    resolve_path,
+)
 from cirbench.errors import CirbenchError, ImageError
 from cirbench.preprocess import Preprocessor
 from cirbench.types import ImageRef
@@ -172,6 +182,22 @@ def test_pixel_bombs_are_refused_before_decoding(tmp_path, size):
     with pytest.raises(ImageError, match="declares 300x200 pixels, over the pixel limit of 59,999"):
         load_image(ImageRef("s", small), max_pixels=59_999)
     assert load_image(ImageRef("s", small), max_pixels=60_000).size == (300, 200)
+
+
+def test_encoding_defaults_follow_the_device(monkeypatch):
+    """Batches of 256 on CUDA, 64 on the CPU; reader processes up to 16 on CUDA and 8 on the CPU, never more than
+    the cores this process may use; ``auto`` is the batched path on CUDA and the reader processes elsewhere (no GPU
+    is needed to ask)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert (default_batch_size("cuda"), default_batch_size(cpu)) == (256, 64)
+    for cores, want in ((3, (3, 3)), (12, (12, 8)), (64, (16, 8))):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert (default_workers(cuda), default_workers("cpu")) == want
+    assert [resolve_path(p, cuda) for p in ("auto", "workers", "batched")] == ["batched", "workers", "batched"]
+    assert [resolve_path(p, cpu) for p in ("auto", "workers", "batched")] == ["workers", "workers", "batched"]
+    with pytest.raises(CirbenchError, match="unknown encode path 'gpu'; valid: auto, workers, batched"):
+        resolve_path("gpu", cpu)
+    assert jpeg_decoder("auto", cpu) == jpeg_decoder("batched", cpu) == jpeg_decoder("workers", cuda) == "libjpeg-turbo"
 
 
 def test_finished_rows_are_handed_over_every_chunk_rows_images(image_files):
