@@ -222,6 +222,18 @@ def test_each_pillows_pass_order_as_its_source_has_it(rule, shape, first):
     assert pil_vertical_first(*shape, rule=rule) is first
 
 
+@pytest.mark.parametrize(("version", "rule"), [
+    ("11.3.0", "horizontal-first"), ("12.1.1", "horizontal-first"), ("12.2.0", "pillow-12.2"),
+    ("12.3.0", "pillow-12.2"), ("13.0.0", "pillow-13"), ("13", "pillow-13"), ("14.1.0.dev0", "pillow-13")])
+def test_the_pass_order_rule_follows_the_installed_pillows_version(monkeypatch, version, rule):
+    import PIL
+
+    from cirbench.preprocess import _pass_order
+
+    monkeypatch.setattr(PIL, "__version__", version)
+    assert _pass_order() == rule
+
+
 EDGE_SIZES = [(1, 1), (1, 500), (500, 1), (2, 3), (223, 225), (224, 224), (225, 223), (100, 80), (80, 100),
               (300, 90), (90, 300), (1000, 40), (40, 1000), (224, 1000), (1000, 224), (1500, 1499), (447, 1001)]
 
