@@ -212,20 +212,39 @@ def test_stride_zero_views_are_refused(tmp_path):
         load_state_dict(tmp_path / "expand.pt")
 
 
-def test_views_past_their_storage_are_refused(tmp_path):
-    storage = {"0": torch.zeros(4).numpy().tobytes()}
-    payload = _dumps_with_storage({"w": _FakeTensor((10,), (1,))})
+@pytest.mark.parametrize(("offset", "size", "stride", "fits"), [
+    (0, (4,), (1,), True), (0, (10,), (1,), False), (1, (3,), (1,), True), (1, (4,), (1,), False),
+    (0, (2, 2), (2, 1), True), (0, (2, 2), (3, 1), False), (3, (1,), (1,), True), (4, (1,), (1,), False),
+    (0, (0,), (1,), True), (9, (0, 3), (3, 1), True)])  # an empty view reaches nothing
+def test_views_past_their_storage_are_refused(tmp_path, offset, size, stride, fits):
+    """A view may reach the last element of its storage of 4 and no further."""
+    storage = {"0": torch.arange(4.0).numpy().tobytes()}
+    payload = _dumps_with_storage({"w": _FakeTensor(size, stride, offset)})
     path = _torch_zip(tmp_path / "past.pt", payload, storage)
-    with pytest.raises(CheckpointError, match="reaches element"):
-        load_state_dict(path)
+    if fits:
+        assert torch.equal(load_state_dict(path)["w"], torch.arange(4.0).as_strided(size, stride, offset))
+    else:
+        with pytest.raises(CheckpointError, match="reaches element"):
+            load_state_dict(path)
+
+
+def test_tensors_torch_saves_as_a_subclass_or_with_attributes_load(tmp_path):
+    """torch.save writes a tensor that carries Python attributes through ``_rebuild_from_type_v2`` and a
+    parameter through ``_rebuild_parameter``: both come back as their plain tensors (the attributes dropped)."""
+    tagged = torch.arange(3.0)
+    tagged.note = "kept by torch.save"
+    torch.save({"w": tagged, "p": torch.nn.Parameter(torch.ones(2))}, tmp_path / "sub.pt")
+    state = load_state_dict(tmp_path / "sub.pt")
+    assert torch.equal(state["w"], torch.arange(3.0)) and torch.equal(state["p"], torch.ones(2))
+    assert type(state["w"]) is torch.Tensor and type(state["p"]) is torch.Tensor
 
 
 class _FakeTensor:
-    def __init__(self, size, stride):
-        self.size, self.stride = size, stride
+    def __init__(self, size, stride, offset=0):
+        self.size, self.stride, self.offset = size, stride, offset
 
     def __reduce__(self):
-        return (torch._utils._rebuild_tensor_v2, (_PersistentRef(), 0, self.size, self.stride, False, {}))
+        return (torch._utils._rebuild_tensor_v2, (_PersistentRef(), self.offset, self.size, self.stride, False, {}))
 
 
 class _PersistentRef:
