@@ -155,6 +155,10 @@ def test_crops_equal_the_official_crop(tmp_path):
     # a box outside the image (an annotation of another image): said in words, not as PIL's coordinate error
     with pytest.raises(ValueError, match=r"the box \(x, y, w, h\) = \(80, 3, 5, 5\) lies outside the image \(50x30\)"):
         dilated_square_crop(Image.open(tmp_path / "g.jpg"), (80, 3, 5, 5))
+    # dilated, a box may start exactly at the right or bottom edge: no pixel of the image is left to crop
+    for box in ((53.5, 3, 5, 5), (3, 33.5, 5, 5)):
+        with pytest.raises(ValueError, match="lies outside the image"):
+            dilated_square_crop(Image.open(tmp_path / "g.jpg"), box)
 
 
 def test_recall_matches_the_official_get_recall():
@@ -207,6 +211,12 @@ def test_full_run_all_tasks_averages_them_and_scores_its_own_predictions(tmp_pat
     res = CliRunner().invoke(cli, ["score", "-d", "genecis", "-s", "test", "--data-root", str(root),
                                    str(tmp_path / "bad.predictions.jsonl")])
     assert res.exit_code == 2 and f"'{stray}' in the ranking is not in the template's gallery" in res.output
+    # R@3 needs three ranked images of each template's gallery
+    short = [{**rows[0], "top": rows[0]["top"][:2]}, *rows[1:]]
+    (tmp_path / "short.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short))
+    res = CliRunner().invoke(cli, ["score", "-d", "genecis", "-s", "test", "--data-root", str(root),
+                                   str(tmp_path / "short.predictions.jsonl")])
+    assert res.exit_code == 2 and "at least 3 are needed" in res.output, res.output
     # the crops are cached per view: a second run encodes nothing and ranks identically
     (again,) = evaluate(cfg)
     assert again.record["metrics"] == metrics

@@ -17,7 +17,6 @@ from cirbench.types import EvalSet, ImageRef, ImageView, Query
 from . import KS, TASKS
 
 DILATION = 0.7  # the official VAWDataset's crop dilation
-GALLERY_SIZE = 14  # distractors per template; the target makes 15
 #: the official template files: (templates, sha256) where read from the official repository; the attribute
 #: files were not in the snapshot we read, so their counts and checksums are not checked
 OFFICIAL_FILES: dict[str, tuple[int | None, str | None]] = {
