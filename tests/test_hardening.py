@@ -239,6 +239,18 @@ def test_tensors_torch_saves_as_a_subclass_or_with_attributes_load(tmp_path):
     assert type(state["w"]) is torch.Tensor and type(state["p"]) is torch.Tensor
 
 
+def test_a_state_dict_under_a_key_the_file_lacks_is_named(tmp_path):
+    """SEARLE keeps its weights under "Phi": a file holding them under another key, or a list, says so."""
+    torch.save({"phi": {"w": torch.zeros(2)}}, tmp_path / "other.pt")
+    torch.save([{"w": torch.zeros(2)}], tmp_path / "list.pt")
+    for name in ("other.pt", "list.pt"):
+        with pytest.raises(CheckpointError, match=f"checkpoint .*{name} has no 'Phi' entry"):
+            load_state_dict(tmp_path / name, key="Phi")
+    assert torch.equal(load_state_dict(tmp_path / "other.pt", key="phi")["w"], torch.zeros(2))
+    with pytest.raises(CheckpointError, match="does not hold a state dict"):
+        load_state_dict(tmp_path / "list.pt")
+
+
 class _FakeTensor:
     def __init__(self, size, stride, offset=0):
         self.size, self.stride, self.offset = size, stride, offset
