@@ -226,10 +226,11 @@ def test_bad_template_files_are_one_line_errors(tmp_path):
     root = write_genecis(tmp_path / "GeneCIS")
     path = root / "genecis" / "focus_attribute.json"
     rows = json.loads(path.read_text())
-    rows[2]["target"]["instance_bbox"] = [1, 2, 0, 5]
-    path.write_text(json.dumps(rows))
-    with pytest.raises(AnnotationError, match="record 2: a box .* has no area"):
-        dataset(root, task="focus_attribute").load("test")
+    for box in ([1, 2, 5, 0], [1, 2, -3, 5], [1, 2, 4, -0.5], [1, 2, 0, 5]):  # no width or no height
+        rows[2]["target"]["instance_bbox"] = box
+        path.write_text(json.dumps(rows))
+        with pytest.raises(AnnotationError, match="record 2: a box .* has no area"):
+            dataset(root, task="focus_attribute").load("test")
     for bad in ("NaN", "Infinity"):  # JSON as Python writes it: NaN would crop the whole image, quietly
         path.write_text(json.dumps(rows).replace("[1, 2, 0, 5]", f"[1, 2, {bad}, 5]"))
         with pytest.raises(AnnotationError, match=r"record 2: field 'target.instance_bbox.2': .* finite number"):
