@@ -32,6 +32,12 @@ def read_split_lines(path: Path, separator: str, fields: tuple[str, ...], where:
     no quoting), blank lines skipped; AnnotationError naming the file and line for another count of values (fewer,
     with ``at_least``: an official loader that only indexes the first ones), or an empty value at a ``required``
     position, for an empty file, and for a missing one (``where`` says where the file comes from)."""
+    return [parts for _, parts in read_numbered_lines(path, separator, fields, where, required, at_least)]
+
+
+def read_numbered_lines(path: Path, separator: str, fields: tuple[str, ...], where: str,
+                        required: tuple[int, ...] = (), at_least: bool = False) -> list[tuple[int, tuple[str, ...]]]:
+    """:func:`read_split_lines` with each line's number in the file (from 1), for errors found later."""
     try:
         lines = Path(path).read_text(encoding=TEXT_ENCODING).splitlines()
     except FileNotFoundError:
@@ -47,7 +53,7 @@ def read_split_lines(path: Path, separator: str, fields: tuple[str, ...], where:
             shape = separator.join(fields) if separator != " " else " ".join(f"<{f}>" for f in fields)
             shape += separator + "..." if at_least else ""
             raise AnnotationError(f"annotation file {path}, line {n}: expected '{shape}', found {line.strip()[:80]!r}")
-        rows.append(parts)
+        rows.append((n, parts))
     if not rows:
         raise AnnotationError(f"annotation file {path} is empty")
     return rows

@@ -104,6 +104,34 @@ def test_malformed_files_are_one_line_errors(tmp_path, content, message):
         _dataset(root).load("test")
 
 
+def test_errors_found_after_reading_name_the_files_line(tmp_path):
+    """A query whose instance has no database image, or whose image is a database image: the line number counts
+    the blank lines before it, as an editor shows the file."""
+    root = write_icir(tmp_path / "icir")
+    rows = (root / "query_files.csv").read_text().splitlines()
+    (root / "query_files.csv").write_text("\n".join([rows[0], "", rows[1], "icir/query/a.jpg,at night,nowhere"]))
+    with pytest.raises(AnnotationError, match=r"query_files.csv, line 4: instance 'nowhere' has no image"):
+        _dataset(root).load("test")
+    database = (root / "database_files.csv").read_text().splitlines()[0]
+    (root / "query_files.csv").write_text("\n".join(["", "", rows[0], database]))
+    with pytest.raises(AnnotationError, match=r"line 4: query image icir/database/.*0.jpg is also a database image"):
+        _dataset(root).load("test")
+
+
+def test_an_image_listed_twice_in_the_database_is_two_entries(tmp_path):
+    """As the official loader ranks the database rows as listed: a repeated row is another entry of its instance's
+    ranking (a second positive where its text matches), told apart by its id."""
+    root = write_icir(tmp_path / "icir")
+    rows = (root / "database_files.csv").read_text().splitlines()
+    (root / "database_files.csv").write_text("\n".join([*rows, rows[0], rows[0]]) + "\n")
+    (es,) = _dataset(root).load("test")
+    first = rows[0].split(",")[0]
+    assert [im.id for im in es.gallery[-2:]] == [f"{first}#1", f"{first}#2"]
+    assert es.gallery[-1].path == es.gallery[0].path
+    assert es.queries[0].targets == (first, *es.queries[0].targets[1:3], f"{first}#1", f"{first}#2")
+    assert len(es.queries[0].candidates) == 11
+
+
 def test_average_precision_is_the_official_one():
     """Real-shaped rankings (an instance's database of hundreds, a few positives, none for one query)."""
     from cirbench.metrics import trapezoid_ap_per_query

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from cirbench.dataset import Dataset, read_split_lines
+from cirbench.dataset import Dataset, read_numbered_lines
 from cirbench.errors import AnnotationError
 from cirbench.metrics import hits_matrix, trapezoid_ap_per_query
 from cirbench.types import EvalSet, ImageRef, Query
@@ -16,10 +16,10 @@ OWN_FOLDERS = ("query", "database")  # the dataset's image folders, as its tarba
 EPSILON = 1e-5  # the official compute_ap's recall step is 1 / (positives + 1e-5): a perfect query scores 99.999
 
 
-def read_rows(path: Path, hint: str) -> list[tuple[str, ...]]:
-    """``image_path,text,instance`` lines, as the official ``icir_dataset`` splits them (no header, no
-    quoting: a text holds no comma); ``hint``: where the data root was looked for."""
-    return read_split_lines(path, ",", ("image_path", "text", "instance"), "i-CIR's tarball unpacks it into the "
+def read_rows(path: Path, hint: str) -> list[tuple[int, tuple[str, ...]]]:
+    """``image_path,text,instance`` lines with their line numbers, as the official ``icir_dataset`` splits them
+    (no header, no quoting: a text holds no comma); ``hint``: where the data root was looked for."""
+    return read_numbered_lines(path, ",", ("image_path", "text", "instance"), "i-CIR's tarball unpacks it into the "
                             f"icir folder, the data root; {hint}", required=(0, 2))
 
 
@@ -36,12 +36,12 @@ class ICIR(Dataset):
         self.check_split(split)
         query_rows = read_rows(self.data_root / QUERY_FILE, self.root_hint())
         database_rows = read_rows(self.data_root / DATABASE_FILE, self.root_hint())
-        locate = self.relative_locator(query_rows[0][0], OWN_FOLDERS)
+        locate = self.relative_locator(query_rows[0][1][0], OWN_FOLDERS)
         gallery: list[ImageRef] = []
         by_instance: dict[str, list[str]] = {}
         positives: dict[tuple[str, str], list[str]] = {}
         seen: dict[str, int] = {}
-        for name, text, instance in database_rows:
+        for _, (name, text, instance) in database_rows:
             # a database row is one entry of its instance's ranking, as officially: an image listed twice is
             # two entries (the second apart by its id)
             copies = seen.get(name, 0)
@@ -52,12 +52,12 @@ class ICIR(Dataset):
             positives.setdefault((instance, text), []).append(ref.id)
         images: dict[str, ImageRef] = {}
         queries = []
-        for i, (name, text, instance) in enumerate(query_rows):
+        for i, (line, (name, text, instance)) in enumerate(query_rows):
             if instance not in by_instance:
-                raise AnnotationError(f"annotation file {self.data_root / QUERY_FILE}, line {i + 1}: instance "
+                raise AnnotationError(f"annotation file {self.data_root / QUERY_FILE}, line {line}: instance "
                                       f"{instance!r} has no image in {DATABASE_FILE}")
             if name in seen:
-                raise AnnotationError(f"annotation file {self.data_root / QUERY_FILE}, line {i + 1}: query image "
+                raise AnnotationError(f"annotation file {self.data_root / QUERY_FILE}, line {line}: query image "
                                       f"{name} is also a database image")
             if name not in images:  # an image that queries several texts is one reference
                 images[name] = self.image(name, locate(name))
@@ -87,9 +87,10 @@ class ICIR(Dataset):
                 "minmAP": float(torch.stack([g.min() for g in groups]).mean()) if groups else 0.0}
 
     def score_file(self, split: str, path: Path, extra: dict[str, Path] | None = None) -> dict[str, float]:
-        """Score per-query rankings made elsewhere: ``*.predictions.jsonl`` rows with ``query`` (the query's line
-        in ``query_files.csv``, from 0) and ``top``, each the whole database of the query's instance, ranked (an
-        AP reads every positive's rank: a ranking cut short would score the positives it holds as all)."""
+        """Score per-query rankings made elsewhere: ``*.predictions.jsonl`` rows with ``query`` (the query's row
+        in ``query_files.csv``, from 0, blank lines not counted) and ``top``, each the whole database of the
+        query's instance, ranked (an AP reads every positive's rank: a ranking cut short would score the
+        positives it holds as all)."""
         self.check_split(split)
         return self.score_predictions_by_set(split, path, label="i-CIR", unit="set", min_length=None, whole=True,
                                              allowed_name="in the database of the query's instance")
