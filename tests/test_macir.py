@@ -243,3 +243,21 @@ def test_missing_files_say_where_they_were_looked_for(tmp_path):
     (root / "meta_data" / "macir_meta_replace.json").unlink()
     with pytest.raises(AnnotationError, match=r"macir_meta_replace.json is missing .*is --data-root .* right"):
         _dataset(root).load("replace")
+
+
+def test_names_of_a_source_are_found_to_the_end_of_the_sorted_list():
+    """The bisection stops at the list's end (a source whose images sort last) and at the first other name."""
+    from cirbench.datasets.macir.dataset import starting_with
+
+    ordered = sorted(["img_1.jpg", "img_10_edit_0.jpg", "img_2.jpg", "img_2_edit_0.jpg", "img_2_edit_1.jpg"])
+    assert starting_with(ordered, "img_2") == ["img_2.jpg", "img_2_edit_0.jpg", "img_2_edit_1.jpg"]
+    assert starting_with(ordered, "img_1") == ["img_1.jpg", "img_10_edit_0.jpg"]
+    assert starting_with(ordered, "img_3") == [] and starting_with([], "img_1") == []
+
+
+def test_conditions_print_in_the_official_order_then_any_other_by_name():
+    from cirbench.datasets.macir import CONDITIONS
+    from cirbench.datasets.macir.dataset import _condition_order
+
+    shuffled = ["zeta", *reversed(CONDITIONS), "alpha"]
+    assert sorted(shuffled, key=_condition_order) == [*CONDITIONS, "alpha", "zeta"]
