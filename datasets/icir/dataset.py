@@ -20,7 +20,7 @@ def read_rows(path: Path, hint: str) -> list[tuple[int, tuple[str, ...]]]:
     """``image_path,text,instance`` lines with their line numbers, as the official ``icir_dataset`` splits them
     (no header, no quoting: a text holds no comma); ``hint``: where the data root was looked for."""
     return read_numbered_lines(path, ",", ("image_path", "text", "instance"), "i-CIR's tarball unpacks it into the "
-                            f"icir folder, the data root; {hint}", required=(0, 2))
+                               f"icir folder, the data root; {hint}", required=(0, 2))
 
 
 class ICIR(Dataset):
