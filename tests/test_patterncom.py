@@ -327,9 +327,43 @@ def test_bad_files_and_options_are_one_line_errors(tmp_path):
         _dataset(root, attribute="shape").load("test")
     listing = root / "patternnet.csv"
     lines = listing.read_text().splitlines()
-    listing.write_text("\n".join([*lines, lines[0].replace("images/tennis_court", "images/other")]) + "\n")
-    with pytest.raises(AnnotationError, match="names image tenniscourt001.jpg twice .*matched by file name"):
+    listing.write_text("\n".join(["", *lines, "", lines[0].replace("images/tennis_court", "images/other")]) + "\n")
+    twice = rf"names image tenniscourt001.jpg twice \(lines 2 and {len(lines) + 3}\): images are matched by file name"
+    with pytest.raises(AnnotationError, match=twice):
         _dataset(root, attribute="color").load("test")
     listing.write_text("images/tennis_court/tenniscourt001.jpg\n")
     with pytest.raises(AnnotationError, match=r"patternnet.csv, line 1: expected '<path> <n> <class> \.\.\.'"):
         _dataset(root, attribute="color").load("test")
+
+
+def test_precision_and_recall_of_queries_with_one_positive_or_none():
+    """Recall@K divides by the query's own positives (one here: found or not), and is 0 for a query without any;
+    Precision@K divides by K."""
+    from cirbench.datasets.patterncom.dataset import PatternCom
+    from cirbench.retrieval import Ranking
+    from cirbench.types import EvalSet, Query
+
+    ids = [f"g{i}" for i in range(25)]
+    queries = [Query("one", "r", ("x",), ("g3",)), Query("late", "r", ("x",), ("g12",)),
+               Query("none", "r", ("x",), ()), Query("three", "r", ("x",), ("g0", "g6", "g24"))]
+    es = EvalSet("color", [ImageRef(i, None) for i in ids], queries, {})
+    order = torch.arange(25).repeat(4, 1)
+    got = PatternCom(None).per_query_metrics(es, Ranking([q.id for q in queries], ids, order, -order.double()))
+    assert got["R@5"].tolist() == [100.0, 0.0, 0.0, pytest.approx(100 / 3)]
+    assert got["R@15"].tolist() == [100.0, 100.0, 0.0, pytest.approx(200 / 3)]
+    assert got["P@5"].tolist() == [20.0, 0.0, 0.0, 20.0] and got["P@20"].tolist() == [5.0, 5.0, 0.0, 10.0]
+    assert got["mAP"].tolist() == pytest.approx([25.0, 100 / 13, 0.0, (1 + 2 / 7 + 3 / 25) / 3 * 100])
+
+
+def test_attribute_rows_need_an_image_and_a_value_not_an_attribute_column(tmp_path):
+    """The official reader indexes the image (column 0) and the value (column 2): an empty middle column is a row
+    like any other, an empty image or value is refused with its line, and a row of empty cells is skipped."""
+    root = write_patternnet(tmp_path / "PatternNet")
+    shape = root / "PatternCom" / "shape.csv"
+    shape.write_text("swimmingpool001.jpg,,round\n,,\nswimmingpool002.jpg,,oval\n")
+    (es,) = _dataset(root, attribute="shape").load("test")
+    assert {q.reference for q in es.queries} == {"swimmingpool001.jpg", "swimmingpool002.jpg"}
+    for bad in (",shape,round", "swimmingpool003.jpg,shape, "):
+        shape.write_text(f"swimmingpool001.jpg,shape,round\n\n{bad}\n")
+        with pytest.raises(AnnotationError, match="shape.csv, line 3: expected 'image,attribute,value'"):
+            _dataset(root, attribute="shape").load("test")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path, PurePosixPath
 
-from cirbench.dataset import Dataset, prefixed_with_mean, read_split_lines
+from cirbench.dataset import Dataset, prefixed_with_mean, read_numbered_lines
 from cirbench.errors import AnnotationError
 from cirbench.metrics import average_precision_per_query, hits_matrix
 from cirbench.types import EvalSet, ImageRef, Query
@@ -58,17 +58,17 @@ class PatternCom(Dataset):
         self.check_split(split)
         attributes = self.chosen("attribute", ATTRIBUTES, "attribute")
         listing = self.data_root / GALLERY_FILE
-        lines = read_split_lines(listing, " ", ("path", "n", "class"), f"PatternCom's README has it downloaded into "
-                                 f"the PatternNet folder; {self.root_hint()}", required=(0,), at_least=True)
+        lines = read_numbered_lines(listing, " ", ("path", "n", "class"), f"PatternCom's README has it downloaded "
+                                    f"into the PatternNet folder; {self.root_hint()}", required=(0,), at_least=True)
         gallery: list[ImageRef] = []
-        for path, *_rest in lines:
-            gallery.append(self.image(PurePosixPath(path).name, path))
         seen: dict[str, int] = {}
-        for i, ref in enumerate(gallery):
+        for line, (path, *_rest) in lines:
+            ref = self.image(PurePosixPath(path).name, path)
             if ref.id in seen:
-                raise AnnotationError(f"annotation file {listing} names image {ref.id} twice (lines "
-                                      f"{seen[ref.id] + 1} and {i + 1}): images are matched by file name")
-            seen[ref.id] = i
+                raise AnnotationError(f"annotation file {listing} names image {ref.id} twice (lines {seen[ref.id]} "
+                                      f"and {line}): images are matched by file name")
+            seen[ref.id] = line
+            gallery.append(ref)
         images = {ref.id: ref for ref in gallery}
         return [self._attribute_set(attribute, gallery, images) for attribute in attributes]
 
