@@ -122,6 +122,9 @@ def test_scores_are_the_official_evaluations(tmp_path):
     (lambda lines: [lines[0], lines[2]] + lines[1:2] + lines[3:], "lines 1 and 2 are not one pair's captions"),
     (lambda lines: [";" + lines[0].split(";", 1)[1]] + lines[1:], "line 1: expected 'reference;target;caption"),
     (lambda lines: ["dress/.jpg;" + lines[0].split(";", 1)[1]] + lines[1:], r"line 1 names no image \('dress/\.jpg'\)"),
+    # lines are counted as in the file, blank ones too
+    (lambda lines: ["", lines[0], "", lines[2]] + lines[1:2] + lines[3:], "lines 2 and 4 are not one pair's captions"),
+    (lambda lines: ["", "", "dress/.jpg;" + lines[0].split(";", 1)[1]] + lines[1:], r"line 3 names no image"),
 ])
 def test_malformed_files_are_one_line_errors(tmp_path, edit, said):
     lines = write_pairs(tmp_path)

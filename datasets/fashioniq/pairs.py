@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cirbench.dataset import read_split_lines
+from cirbench.dataset import read_numbered_lines
 from cirbench.errors import AnnotationError
 from cirbench.types import EvalSet, ImageRef, Query
 
@@ -31,7 +31,7 @@ def _asin(field: str, path: Path, line: int) -> str:
     """``dress/B005X4PL1G.jpg`` -> ``B005X4PL1G`` (the official ``split('/')[-1].split('.')[0]``)."""
     asin = field.strip().split("/")[-1].split(".")[0]
     if not asin:
-        raise AnnotationError(f"annotation file {path}: line {line + 1} names no image ({field!r})")
+        raise AnnotationError(f"annotation file {path}: line {line} names no image ({field!r})")
     return asin
 
 
@@ -52,17 +52,18 @@ class FashionIQPairs(FashionIQ):
 
     def _category(self, split: str, category: str) -> EvalSet:
         path = self.data_root / "captions_pairs" / f"fashion_iq-{split}-cap-{category}.txt"
-        lines = read_split_lines(path, ";", ("reference", "target", "caption"),
-                                 f"{self.root_hint()}; `cirbench data fetch fashioniq-pairs` puts it in place",
-                                 required=(0, 1), at_least=True)  # officially split(';'): [0], [1] and [-1]
-        rows = [(_asin(f[0], path, i), _asin(f[1], path, i), f[-1].strip()) for i, f in enumerate(lines)]
+        lines = read_numbered_lines(path, ";", ("reference", "target", "caption"),
+                                    f"{self.root_hint()}; `cirbench data fetch fashioniq-pairs` puts it in place",
+                                    required=(0, 1), at_least=True)  # officially split(';'): [0], [1] and [-1]
+        rows = [(_asin(f[0], path, n), _asin(f[1], path, n), f[-1].strip()) for n, f in lines]
         if not rows or len(rows) % 2:
             raise AnnotationError(f"annotation file {path} holds {len(rows)} lines: the protocol pairs them (two "
                                   "captions of one reference-target pair each)")
         for k in range(0, len(rows), 2):
             if rows[k][:2] != rows[k + 1][:2]:
-                raise AnnotationError(f"annotation file {path}: lines {k + 1} and {k + 2} are not one pair's "
-                                      f"captions ({rows[k][0]};{rows[k][1]} against {rows[k + 1][0]};{rows[k + 1][1]})")
+                raise AnnotationError(f"annotation file {path}: lines {lines[k][0]} and {lines[k + 1][0]} are not one "
+                                      f"pair's captions ({rows[k][0]};{rows[k][1]} against "
+                                      f"{rows[k + 1][0]};{rows[k + 1][1]})")
         locate = self._image_locator(category)
         names = sorted({name for ref, target, _ in rows for name in (ref, target)})
         gallery = [ImageRef(n, locate(n), root=self.data_root) for n in names]
