@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .util import train_log_entries
+from .util import is_number, train_log_entries
 
 
 def _pyplot():
@@ -74,10 +74,6 @@ def read_validation(path: Path) -> dict[str, list[tuple[int, float]]]:
     return _validation_series(_log_entries(path))
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _main_metric(benchmark: str) -> str | None:
     from .errors import CirbenchError
     from .plugins import get_registry
@@ -103,7 +99,7 @@ def _validation_series(entries: list[dict[str, Any]]) -> dict[str, list[tuple[in
             if benchmark not in mains:
                 mains[benchmark] = _main_metric(benchmark)
             metric = mains[benchmark] if mains[benchmark] in metrics else next(iter(metrics))
-            if _number(metrics.get(metric)):
+            if is_number(metrics.get(metric)):
                 series.setdefault(f"{benchmark} {metric}", []).append((row["step"], float(metrics[metric])))
     return series
 
@@ -112,7 +108,7 @@ def loss_plot(log: Path, path: Path, title: str = "training loss") -> Path | Non
     """The loss and, on a second axis, each validated benchmark's main metric against the step, from
     ``train_log.jsonl``."""
     entries = _log_entries(log)  # read once: the loss and the validation entries
-    rows = [row for row in entries if _number(row.get("loss"))]
+    rows = [row for row in entries if is_number(row.get("loss"))]
     if not rows:
         return None
     plt = _pyplot()

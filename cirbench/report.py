@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import CirbenchError
 from .results import main_metric_of, read_predictions_of, read_result
-from .util import atomic_write_bytes, checkpoint_folder, one_line
+from .util import atomic_write_bytes, checkpoint_folder, is_number, one_line
 
 THUMB = 112  # pixels, longest side
 
@@ -165,8 +165,7 @@ def make_plots(result_paths: list[Path], records: list[dict], out: Path) -> list
         if len(recs) < 3:
             continue
         options = [r["method"].get("options") or {} for r in recs]
-        varying = [k for k, v in options[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and len({o.get(k) for o in options}) > 2]
+        varying = [k for k, v in options[0].items() if is_number(v) and len({o.get(k) for o in options}) > 2]
         for option in varying:
             rest = [{k: v for k, v in o.items() if k != option} for o in options]
             if any(r != rest[0] for r in rest):
@@ -227,7 +226,7 @@ def _e(x: Any) -> str:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.2f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else _e(v)
+    return f"{v:.2f}" if is_number(v) else _e(v)
 
 
 def _figure(src: str | None, caption: str, cls: str = "") -> str:

@@ -230,6 +230,11 @@ def json_loads(text: str | bytes) -> Any:
         raise json.JSONDecodeError("nested too deeply", doc[:100], 0) from None
 
 
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is an int or a float, not a bool (which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def train_log_entries(path: Path | str) -> list[tuple[str, dict[str, Any]]]:
     """The entries of a training log (``train_log.jsonl``), each with its line: JSON objects with an integer
     ``step``. A line torn by an interrupted run, damaged on disk (not UTF-8, not JSON) or of another shape is
